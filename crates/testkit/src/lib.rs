@@ -1,0 +1,8 @@
+//! Test infrastructure shared by the integration tests and the simulated
+//! cluster: everything here creates resources only inside network namespaces
+//! it made itself, and deletes them on drop (success or panic).
+
+pub mod etcd;
+pub mod netns;
+pub mod ovs;
+pub mod plugin;

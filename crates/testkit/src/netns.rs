@@ -1,0 +1,130 @@
+//! Named network namespaces owned by a test. Creating one is the only way the
+//! tests get a place to put links, addresses and rules: nothing goes into the
+//! machine's root namespace.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name that is unique across parallel tests and test binaries: prefix,
+/// pid and a per-process counter. Kept short because derived interface names
+/// are limited to 15 bytes.
+pub fn unique_name(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+/// Runs a command and panics with its output if it fails: for test set-up
+/// steps that must not fail silently.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A named netns (`ip netns add`), deleted on drop. Links inside it vanish
+/// with it; veth peers in other namespaces vanish too.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `<prefix><pid>x<n>` with loopback up.
+    pub fn new(prefix: &str) -> Netns {
+        let name = unique_name(prefix);
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        ns.ok(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/run/netns/NAME`: what CNI_NETNS points at.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// A command that will run inside this namespace. `nsenter --net` rather
+    /// than `ip netns exec`: the latter remounts /sys, which breaks programs
+    /// (podman) that need the host's cgroup view.
+    pub fn command(&self, argv: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .args(argv);
+        c
+    }
+
+    /// Runs `argv` in the namespace; returns its output whatever the status.
+    pub fn exec(&self, argv: &[&str]) -> Output {
+        self.command(argv)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"))
+    }
+
+    /// Runs `argv` in the namespace and panics if it fails; returns stdout.
+    pub fn ok(&self, argv: &[&str]) -> String {
+        let out = run_ok(&mut self.command(argv));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Whether a link of that name exists in the namespace.
+    pub fn has_link(&self, name: &str) -> bool {
+        self.exec(&["ip", "link", "show", "dev", name])
+            .status
+            .success()
+    }
+
+    /// Names of all links in the namespace (without the `@peer` suffix).
+    pub fn links(&self) -> Vec<String> {
+        let out = self.ok(&["ip", "-o", "link", "show"]);
+        out.lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+
+    /// Kills every process still running inside the namespace, so that
+    /// deleting it really frees it.
+    fn kill_all(&self) {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .stdin(Stdio::null())
+            .output();
+        if let Ok(out) = out {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.kill_all();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -133,9 +133,9 @@ impl NetConf {
             }
         };
         let ovsdb = opt_str(&o, "ovsdb")?.unwrap_or(DEFAULT_OVSDB).to_string();
-        if !(ovsdb.starts_with("unix:") && ovsdb.len() > 5)
-            && !(ovsdb.starts_with("tcp:") && ovsdb.len() > 4)
-        {
+        let endpoint_ok =
+            matches!(ovsdb.split_once(':'), Some(("unix" | "tcp", rest)) if !rest.is_empty());
+        if !endpoint_ok {
             return Err(CniError::invalid_config(format!(
                 "ovsdb {ovsdb:?} is not an OVSDB endpoint: expected unix:PATH or tcp:HOST:PORT"
             )));

@@ -1,1 +1,24 @@
-//! evio-subnet
+//! Per-node pod subnets for evio: the arithmetic that splits a pod CIDR into
+//! `2^nodeBits` node subnets, and the stores (`file://`, `etcd://`) that hand
+//! each node one of them exactly once, across processes and machines.
+//!
+//! The contract (key layout, ranges, error cases) is `shared/DESIGN.md`,
+//! sections "Subnet arithmetic" and "The allocator contract".
+
+mod arith;
+mod choose;
+mod error;
+mod etcd;
+mod file;
+mod record;
+mod store;
+
+pub use arith::{parse_node_bits, NodeSubnet, PodNetwork};
+pub use choose::UsedSet;
+pub use error::SubnetError;
+pub use etcd::{EtcdOptions, EtcdStore};
+pub use file::{write_file_atomic, FileStore};
+pub use record::{node_key, parse_subnet_key, subnet_key, validate_name, OwnerRecord};
+pub use store::{
+    open_store, Allocation, Lease, StoreOptions, StoreUrl, SubnetStore, DEFAULT_STORE,
+};

@@ -1,0 +1,279 @@
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::store::existing;
+use crate::{
+    parse_subnet_key, subnet_key, validate_name, Allocation, Lease, OwnerRecord, PodNetwork,
+    SubnetError, SubnetStore, UsedSet,
+};
+
+/// The embedded store: one JSON file mirroring the etcd layout, guarded by
+/// an exclusive `flock` on a sibling `.lock` file (the data file itself is
+/// replaced by rename on every write, so it cannot carry the lock).
+pub struct FileStore {
+    path: PathBuf,
+    lock_path: PathBuf,
+    timeout: Duration,
+    trips: AtomicU64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct FileData {
+    #[serde(default)]
+    networks: BTreeMap<String, NetData>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct NetData {
+    /// node name -> subnet (CIDR text), as `/evio/<net>/nodes/<node>`.
+    #[serde(default)]
+    nodes: BTreeMap<String, String>,
+    /// `<addr>-<prefix>` -> owner, as `/evio/<net>/subnets/<key>`.
+    #[serde(default)]
+    subnets: BTreeMap<String, OwnerRecord>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SubnetError + '_ {
+    move |source| SubnetError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Replaces `path` with `bytes` so that readers see either the old or the
+/// new content, never a mix, and a crash or full disk leaves the old file:
+/// write a temp file in the same directory, fsync it, rename over, fsync the
+/// directory so the rename itself is durable.
+pub fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), SubnetError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.tmp.{}.{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The umask must not decide what the kubelet (or another node) can read.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io_err(path))
+}
+
+impl FileStore {
+    /// `timeout` bounds waiting for the lock.
+    pub fn new(path: PathBuf, timeout: Duration) -> FileStore {
+        let mut lock = path.clone().into_os_string();
+        lock.push(".lock");
+        FileStore {
+            path,
+            lock_path: PathBuf::from(lock),
+            timeout,
+            trips: AtomicU64::new(0),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn lock(&self) -> Result<Flock<File>, SubnetError> {
+        if let Some(dir) = self.path.parent() {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&self.lock_path)
+            .map_err(io_err(&self.lock_path))?;
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        // Non-blocking attempts with a growing pause: a blocking flock could
+        // not be abandoned when the timeout expires.
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(guard) => return Ok(guard),
+                Err((f, Errno::EWOULDBLOCK)) | Err((f, Errno::EINTR)) => {
+                    if start.elapsed() >= self.timeout {
+                        return Err(SubnetError::LockTimeout {
+                            path: self.lock_path.clone(),
+                            after: self.timeout,
+                        });
+                    }
+                    file = f;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                Err((_, e)) => {
+                    return Err(SubnetError::Io {
+                        path: self.lock_path.clone(),
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+    }
+
+    fn read(&self) -> Result<FileData, SubnetError> {
+        self.trips.fetch_add(1, Ordering::Relaxed);
+        match fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| SubnetError::Corrupt {
+                location: self.path.display().to_string(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileData::default()),
+            Err(e) => Err(io_err(&self.path)(e)),
+        }
+    }
+
+    fn write(&self, data: &FileData) -> Result<(), SubnetError> {
+        let mut bytes = serde_json::to_vec_pretty(data).map_err(|e| SubnetError::Corrupt {
+            location: self.path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        bytes.push(b'\n');
+        write_file_atomic(&self.path, &bytes, 0o644)
+    }
+
+    fn parse_node_value(&self, network: &str, node: &str, v: &str) -> Result<IpNet, SubnetError> {
+        v.parse().map_err(|_| SubnetError::Corrupt {
+            location: format!("{} networks.{network}.nodes.{node}", self.path.display()),
+            reason: format!("{v:?} is not a CIDR"),
+        })
+    }
+}
+
+#[async_trait]
+impl SubnetStore for FileStore {
+    async fn allocate(
+        &self,
+        network: &str,
+        node: &str,
+        pod: &PodNetwork,
+    ) -> Result<Allocation, SubnetError> {
+        validate_name("network name", network)?;
+        validate_name("node name", node)?;
+        let _guard = self.lock().await?;
+        let mut data = self.read()?;
+        let net = data.networks.entry(network.to_string()).or_default();
+        if let Some(v) = net.nodes.get(node) {
+            let subnet = self.parse_node_value(network, node, v)?;
+            return Ok(Allocation {
+                subnet: existing(pod, node, subnet)?,
+                existing: true,
+            });
+        }
+        let used =
+            UsedSet::from_subnets(*pod, net.subnets.keys().filter_map(|k| parse_subnet_key(k)));
+        let index = used.first_free().ok_or_else(|| SubnetError::Exhausted {
+            network: network.to_string(),
+            cidr: pod.cidr(),
+            capacity: pod.capacity(),
+        })?;
+        let ns = pod.node(index)?;
+        net.nodes.insert(node.to_string(), ns.subnet.to_string());
+        net.subnets
+            .insert(subnet_key(&ns.subnet), OwnerRecord::now(node, &ns.subnet));
+        self.write(&data)?;
+        Ok(Allocation {
+            subnet: ns,
+            existing: false,
+        })
+    }
+
+    async fn lookup(&self, network: &str, node: &str) -> Result<Option<IpNet>, SubnetError> {
+        validate_name("network name", network)?;
+        validate_name("node name", node)?;
+        // Unlocked: writers replace the file by rename, so any read sees a
+        // complete version.
+        let data = self.read()?;
+        match data.networks.get(network).and_then(|n| n.nodes.get(node)) {
+            Some(v) => Ok(Some(self.parse_node_value(network, node, v)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list(&self, network: &str) -> Result<Vec<Lease>, SubnetError> {
+        validate_name("network name", network)?;
+        let data = self.read()?;
+        let mut out: Vec<Lease> = data
+            .networks
+            .get(network)
+            .map(|n| {
+                n.subnets
+                    .iter()
+                    .filter_map(|(k, r)| {
+                        parse_subnet_key(k).map(|subnet| Lease {
+                            subnet,
+                            record: r.clone(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by_key(|l| (l.subnet.network(), l.subnet.prefix_len()));
+        Ok(out)
+    }
+
+    async fn release(&self, network: &str, node: &str) -> Result<IpNet, SubnetError> {
+        validate_name("network name", network)?;
+        validate_name("node name", node)?;
+        let _guard = self.lock().await?;
+        let mut data = self.read()?;
+        let not_found = || SubnetError::NotFound {
+            network: network.to_string(),
+            node: node.to_string(),
+        };
+        let net = data.networks.get_mut(network).ok_or_else(not_found)?;
+        let v = net.nodes.remove(node).ok_or_else(not_found)?;
+        let subnet = self.parse_node_value(network, node, &v)?;
+        let key = subnet_key(&subnet);
+        // Only free the subnet key if it is really this node's: never take a
+        // subnet away from another node because of an inconsistent record.
+        if net.subnets.get(&key).is_some_and(|r| r.node == node) {
+            net.subnets.remove(&key);
+        }
+        self.write(&data)?;
+        Ok(subnet)
+    }
+
+    fn round_trips(&self) -> u64 {
+        self.trips.load(Ordering::Relaxed)
+    }
+
+    fn describe(&self) -> String {
+        format!("file://{}", self.path.display())
+    }
+}

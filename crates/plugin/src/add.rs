@@ -1,0 +1,394 @@
+//! ADD: all or nothing. The order of the steps is chosen so that a crash
+//! between any two of them leaves only state that DEL or GC can find from the
+//! attachment identity alone: the IPAM allocation (keyed by container ID and
+//! ifname), the host veth (named and aliased from the identity at creation),
+//! the OVS port (external_ids carry the identity from the insert on).
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use evio_cni::config::{BridgeAddr, NetConf};
+use evio_cni::env::{Command, Env};
+use evio_cni::ipam::Delegate;
+use evio_cni::result::{CniResult, Interface, Route as CniRoute};
+use evio_cni::{code, CniError, Result};
+use evio_net::{ethtool, sysctl, Handle, Link, Netns, Route};
+use ipnet::IpNet;
+
+use crate::naming::{alias, host_veth_name, MAX_CONTAINER_ID};
+use crate::switch::{self, Attachment, Switch};
+use crate::{neterr, Log};
+
+pub fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<CniResult> {
+    if env.container_id.len() > MAX_CONTAINER_ID {
+        return Err(CniError::invalid_env(format!(
+            "CNI_CONTAINERID is {} bytes long, at most {MAX_CONTAINER_ID} are supported",
+            env.container_id.len()
+        )));
+    }
+    let netns_path = env
+        .netns
+        .as_deref()
+        .ok_or_else(|| CniError::invalid_env("required env variables [CNI_NETNS] missing"))?;
+    let pod_ns = open_netns(netns_path)?;
+    let host_ns = Netns::current().map_err(neterr("open the node's netns"))?;
+    let mut host = Handle::new().map_err(neterr("open netlink in the node's netns"))?;
+    let veth_name = host_veth_name(&env.container_id, &env.ifname);
+
+    // A second ADD of a live attachment must fail before it touches
+    // anything, IPAM included (host-local would hand out a second address).
+    if host
+        .link_by_name(&veth_name)
+        .map_err(neterr(format!("look up {veth_name}")))?
+        .is_some()
+    {
+        return Err(already_exists(
+            env,
+            &format!("host veth {veth_name} exists"),
+        ));
+    }
+    let mut pod = {
+        let _in_pod = pod_ns.enter().map_err(neterr("enter the pod's netns"))?;
+        Handle::new().map_err(neterr("open netlink in the pod's netns"))?
+    };
+    if pod
+        .link_by_name(&env.ifname)
+        .map_err(neterr(format!("look up {} in the pod", env.ifname)))?
+        .is_some()
+    {
+        return Err(already_exists(
+            env,
+            &format!(
+                "interface {} exists in {}",
+                env.ifname,
+                netns_path.display()
+            ),
+        ));
+    }
+
+    let mut sw = switch::for_conf(conf);
+    let bridge = sw.ensure_bridge(&mut host)?;
+    let ipam = Delegate::find(&conf.ipam_type, &env.path)?;
+    let ipam_result = ipam.add(&conf.raw, conf.version)?;
+
+    let att = Attachment {
+        network: &conf.name,
+        container_id: &env.container_id,
+        ifname: &env.ifname,
+        netns: netns_path.to_str(),
+    };
+    let mut plumbing = Plumbing {
+        env,
+        conf,
+        netns_path,
+        veth_name: &veth_name,
+        veth_created: false,
+        port_attached: false,
+    };
+    let res = plumbing.run(
+        &mut host,
+        &mut pod,
+        &pod_ns,
+        &host_ns,
+        sw.as_mut(),
+        &bridge,
+        &att,
+        ipam_result,
+    );
+    match res {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            plumbing.rollback(&mut host, sw.as_mut(), &att, log);
+            if let Err(e2) = ipam.run(Command::Del, &conf.raw, conf.version) {
+                log.warn(format_args!(
+                    "rollback: ipam DEL for {} failed: {e2}",
+                    env.container_id
+                ));
+            }
+            Err(e)
+        }
+    }
+}
+
+fn already_exists(env: &Env, what: &str) -> CniError {
+    CniError::new(
+        code::ALREADY_EXISTS,
+        format!(
+            "attachment {}/{} already exists: {what}",
+            env.container_id, env.ifname
+        ),
+    )
+}
+
+pub(crate) fn open_netns(path: &Path) -> Result<Netns> {
+    Netns::open(path).map_err(|e| {
+        CniError::invalid_env(format!("CNI_NETNS {} cannot be opened", path.display()))
+            .with_details(e.to_string())
+    })
+}
+
+struct Plumbing<'a> {
+    env: &'a Env,
+    conf: &'a NetConf,
+    netns_path: &'a Path,
+    veth_name: &'a str,
+    veth_created: bool,
+    port_attached: bool,
+}
+
+impl Plumbing<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        host: &mut Handle,
+        pod: &mut Handle,
+        pod_ns: &Netns,
+        host_ns: &Netns,
+        sw: &mut dyn Switch,
+        bridge: &Link,
+        att: &Attachment,
+        mut result: CniResult,
+    ) -> Result<CniResult> {
+        let conf = self.conf;
+        let ifname = &self.env.ifname;
+        if result.ips.is_empty() {
+            return Err(CniError::new(
+                code::IPAM,
+                format!("ipam plugin {} returned no IP address", conf.ipam_type),
+            ));
+        }
+        let has_v6 = result.ips.iter().any(|ip| ip.address.addr().is_ipv6());
+        let tx_off = sw.needs_tx_checksum_off();
+
+        // The veth is created from inside the pod with its peer put straight
+        // into the node: the pod's ifname (often eth0) never appears in the
+        // node's namespace, where it could clash with a real interface.
+        let tag = alias(&conf.name, &self.env.container_id, ifname);
+        pod.create_veth(ifname, self.veth_name, host_ns.fd(), conf.mtu, Some(&tag))
+            .map_err(|e| {
+                if e.is_exists() {
+                    already_exists(self.env, "created concurrently")
+                } else {
+                    neterr(format!("create veth {ifname}/{}", self.veth_name))(e)
+                }
+            })?;
+        self.veth_created = true;
+
+        {
+            let _in_pod = pod_ns.enter().map_err(neterr("enter the pod's netns"))?;
+            // Neighbours learn the new MAC from a gratuitous ARP when the
+            // link comes up.
+            sysctl::set(&format!("net/ipv4/conf/{ifname}/arp_notify"), "1")
+                .map_err(neterr("sysctl arp_notify"))?;
+            if has_v6 {
+                // Duplicate address detection would leave the address
+                // tentative (unusable) for a second or more after ADD
+                // returns; IPAM already guarantees uniqueness.
+                sysctl::set(&format!("net/ipv6/conf/{ifname}/accept_dad"), "0")
+                    .map_err(neterr("sysctl accept_dad"))?;
+            }
+            if tx_off {
+                ethtool::set_tx_checksum(ifname, false)
+                    .map_err(neterr(format!("turn off TX checksum offload on {ifname}")))?;
+            }
+        }
+
+        let pod_link = pod
+            .link_by_name(ifname)
+            .map_err(neterr(format!("look up {ifname}")))?
+            .ok_or_else(|| {
+                CniError::new(code::NETWORK, format!("{ifname} vanished from the pod"))
+            })?;
+        for ip in &result.ips {
+            pod.add_address(pod_link.index, ip.address)
+                .map_err(neterr(format!("add {} to {ifname}", ip.address)))?;
+        }
+        pod.set_up(pod_link.index)
+            .map_err(neterr(format!("bring up {ifname}")))?;
+
+        let mut routes = result.routes.clone();
+        if conf.is_default_gateway {
+            for ip in &result.ips {
+                let Some(gw) = ip.gateway else { continue };
+                let default: IpNet = if gw.is_ipv4() {
+                    IpNet::V4(Default::default())
+                } else {
+                    IpNet::V6(Default::default())
+                };
+                if !routes.iter().any(|r| r.dst == default) {
+                    routes.push(CniRoute {
+                        dst: default,
+                        gw: Some(gw),
+                        mtu: None,
+                        advmss: None,
+                        priority: None,
+                        table: None,
+                        scope: None,
+                    });
+                }
+            }
+        }
+        for r in &routes {
+            let gw = r.gw.or_else(|| family_gateway(&result, r.dst.addr()));
+            let route = Route {
+                gateway: gw,
+                oif: Some(pod_link.index),
+                metric: r.priority,
+                ..Route::new(r.dst)
+            };
+            pod.add_route(&route).map_err(|e| {
+                if e.is_exists() {
+                    CniError::invalid_config(format!("route {} is given twice", r.dst))
+                } else {
+                    neterr(format!("add route {} via {gw:?}", r.dst))(e)
+                }
+            })?;
+        }
+        result.routes = routes;
+
+        let veth = host
+            .link_by_name(self.veth_name)
+            .map_err(neterr(format!("look up {}", self.veth_name)))?
+            .ok_or_else(|| CniError::new(code::NETWORK, format!("{} vanished", self.veth_name)))?;
+        if tx_off {
+            ethtool::set_tx_checksum(self.veth_name, false).map_err(neterr(format!(
+                "turn off TX checksum offload on {}",
+                self.veth_name
+            )))?;
+        }
+        host.set_up(veth.index)
+            .map_err(neterr(format!("bring up {}", self.veth_name)))?;
+        sw.attach(host, bridge, &veth, att)?;
+        self.port_attached = true;
+
+        if conf.is_gateway {
+            self.configure_gateway(host, bridge, &result)?;
+        } else if !bridge.up {
+            host.set_up(bridge.index)
+                .map_err(neterr(format!("bring up bridge {}", bridge.name)))?;
+        }
+
+        if conf.ip_masq {
+            let cidrs: Vec<IpNet> = result.ips.iter().map(|ip| ip.address.trunc()).collect();
+            evio_net::nft::ensure_masquerade(&conf.name, &cidrs)
+                .map_err(neterr("set up IP masquerade"))?;
+        }
+
+        let bridge_mac = host
+            .link_by_index(bridge.index)
+            .ok()
+            .flatten()
+            .and_then(|l| l.mac)
+            .or(bridge.mac);
+        result.interfaces = vec![
+            Interface {
+                name: bridge.name.clone(),
+                mac: bridge_mac.map(fmt_mac),
+                ..Default::default()
+            },
+            Interface {
+                name: veth.name.clone(),
+                mac: veth.mac.map(fmt_mac),
+                ..Default::default()
+            },
+            Interface {
+                name: ifname.clone(),
+                mac: pod_link.mac.map(fmt_mac),
+                mtu: Some(conf.mtu),
+                sandbox: Some(self.netns_path.display().to_string()),
+                ..Default::default()
+            },
+        ];
+        for ip in &mut result.ips {
+            ip.interface = Some(2);
+        }
+        Ok(result)
+    }
+
+    /// The gateway of each family goes on the bridge with the pod
+    /// address's prefix (the pod CIDR's): that is what makes the pod
+    /// overlay one flat L2 network across nodes.
+    fn configure_gateway(
+        &self,
+        host: &mut Handle,
+        bridge: &Link,
+        result: &CniResult,
+    ) -> Result<()> {
+        let mut v6 = false;
+        let mut v4 = false;
+        for ip in &result.ips {
+            let addr = match (ip.address.addr(), self.conf.bridge_ipv4) {
+                (IpAddr::V4(_), Some(BridgeAddr::Cidr(n))) => n,
+                (IpAddr::V4(_), Some(BridgeAddr::Addr(a))) => net(a, ip.address.prefix_len())?,
+                (_, _) => match ip.gateway {
+                    Some(gw) => net(gw, ip.address.prefix_len())?,
+                    None => continue,
+                },
+            };
+            if addr.addr().is_ipv6() {
+                if !v6 {
+                    sysctl::set(&format!("net/ipv6/conf/{}/accept_dad", bridge.name), "0")
+                        .map_err(neterr("sysctl accept_dad on the bridge"))?;
+                }
+                v6 = true;
+            } else {
+                v4 = true;
+            }
+            match host.add_address(bridge.index, addr) {
+                Ok(()) => {}
+                Err(e) if e.is_exists() => {}
+                Err(e) => return Err(neterr(format!("add gateway {addr} to {}", bridge.name))(e)),
+            }
+        }
+        if !bridge.up {
+            host.set_up(bridge.index)
+                .map_err(neterr(format!("bring up bridge {}", bridge.name)))?;
+        }
+        if v4 {
+            sysctl::set("net/ipv4/ip_forward", "1").map_err(neterr("enable IPv4 forwarding"))?;
+        }
+        if v6 {
+            sysctl::set("net/ipv6/conf/all/forwarding", "1")
+                .map_err(neterr("enable IPv6 forwarding"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes what this ADD created on the host. The pod side goes with
+    /// the veth pair.
+    fn rollback(&self, host: &mut Handle, sw: &mut dyn Switch, att: &Attachment, log: &Log) {
+        if self.port_attached {
+            if let Err(e) = sw.detach(self.veth_name, att) {
+                log.warn(format_args!("rollback: detach {}: {e}", self.veth_name));
+            }
+        }
+        if self.veth_created {
+            if let Err(e) = host.delete_link_by_name(self.veth_name) {
+                log.warn(format_args!("rollback: delete {}: {e}", self.veth_name));
+            }
+        }
+    }
+}
+
+fn family_gateway(result: &CniResult, dst: IpAddr) -> Option<IpAddr> {
+    result
+        .ips
+        .iter()
+        .filter_map(|ip| ip.gateway)
+        .find(|gw| gw.is_ipv4() == dst.is_ipv4())
+}
+
+fn net(addr: IpAddr, prefix: u8) -> Result<IpNet> {
+    IpNet::new(addr, prefix).map_err(|e| {
+        CniError::invalid_config(format!(
+            "gateway {addr}/{prefix} is not a valid network: {e}"
+        ))
+    })
+}
+
+pub(crate) fn fmt_mac(m: [u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}

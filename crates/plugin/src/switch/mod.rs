@@ -1,0 +1,73 @@
+//! The node bridge a pod's host veth is plugged into: a Linux bridge or an
+//! Open vSwitch bridge. Everything else of ADD/DEL is the same for both.
+
+use evio_cni::config::{BridgeType, NetConf};
+use evio_cni::Result;
+use evio_net::{Handle, Link};
+
+pub mod linux;
+pub mod ovs;
+
+/// Who a host veth belongs to.
+pub struct Attachment<'a> {
+    pub network: &'a str,
+    pub container_id: &'a str,
+    pub ifname: &'a str,
+    pub netns: Option<&'a str>,
+}
+
+pub trait Switch {
+    /// Creates the bridge if missing (racing plugin processes both succeed)
+    /// and returns its link in the node namespace.
+    fn ensure_bridge(&mut self, host: &mut Handle) -> Result<Link>;
+
+    /// The bridge as it exists, without creating it (CHECK). Missing is a
+    /// failed check.
+    fn existing_bridge(&mut self, host: &mut Handle) -> Result<Link>;
+
+    /// Plugs the host veth in. On error nothing of the port is left.
+    fn attach(
+        &mut self,
+        host: &mut Handle,
+        bridge: &Link,
+        veth: &Link,
+        att: &Attachment,
+    ) -> Result<()>;
+
+    /// Unplugs the attachment's port, if the switch keeps one apart from the
+    /// link (OVS does). Succeeds when it is already gone.
+    fn detach(&mut self, veth_name: &str, att: &Attachment) -> Result<()>;
+
+    /// Verifies the host veth is plugged into the bridge as this attachment.
+    fn check(
+        &mut self,
+        host: &mut Handle,
+        bridge: &Link,
+        veth: &Link,
+        att: &Attachment,
+    ) -> Result<()>;
+
+    /// Removes evio's ports of this network whose attachment (container
+    /// ID, ifname) `keep` rejects or whose interface is gone. Returns the
+    /// names it removed.
+    fn gc(
+        &mut self,
+        host: &mut Handle,
+        network: &str,
+        keep: &dyn Fn(&str, &str) -> bool,
+    ) -> Result<Vec<String>>;
+
+    /// Whether the switch can take pods now (STATUS).
+    fn status(&mut self) -> Result<()>;
+
+    /// The userspace OVS datapath corrupts TCP from veths that leave the
+    /// checksum to offload: such veths need TX checksumming off.
+    fn needs_tx_checksum_off(&self) -> bool;
+}
+
+pub fn for_conf(conf: &NetConf) -> Box<dyn Switch> {
+    match conf.bridge_type {
+        BridgeType::Linux => Box::new(linux::LinuxBridge::new(conf)),
+        BridgeType::Ovs => Box::new(ovs::OvsBridge::new(conf)),
+    }
+}

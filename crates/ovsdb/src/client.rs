@@ -244,7 +244,7 @@ impl Client {
 
     fn request_within(&mut self, method: &str, params: Value, timeout: Duration) -> Result<Value> {
         let timeout = timeout.max(MIN_IO_TIMEOUT);
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let id = self.next_id;
         self.next_id += 1;
         self.send(
@@ -358,6 +358,15 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// `now + d`, saturating: a caller may pass `Duration::MAX` for "no limit
+/// worth mentioning" and must not get a panic.
+pub(crate) fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
 fn is_timeout(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -393,5 +402,301 @@ fn rpc_error_text(e: &Value) -> String {
     match e.get("details").and_then(Value::as_str) {
         Some(d) if !d.is_empty() => format!("{main} ({d})"),
         _ => main,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread::JoinHandle;
+
+    /// The far end of a socketpair, speaking raw bytes, standing in for a
+    /// server that misbehaves in ways a real ovsdb-server will not on demand.
+    struct Peer {
+        sock: UnixStream,
+        framer: Framer,
+    }
+
+    impl Peer {
+        fn recv(&mut self) -> Value {
+            let mut buf = [0u8; 4096];
+            loop {
+                if let Some(v) = self.framer.next_message().unwrap() {
+                    return v;
+                }
+                let n = self.sock.read(&mut buf).unwrap();
+                assert!(n > 0, "client closed");
+                self.framer.push(&buf[..n]);
+            }
+        }
+
+        fn send(&mut self, bytes: &[u8]) {
+            self.sock.write_all(bytes).unwrap();
+        }
+
+        fn send_json(&mut self, v: Value) {
+            self.send(&serde_json::to_vec(&v).unwrap());
+        }
+    }
+
+    fn pair(
+        timeout: Duration,
+        script: impl FnOnce(Peer) + Send + 'static,
+    ) -> (Client, JoinHandle<()>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let h = std::thread::spawn(move || {
+            script(Peer {
+                sock: b,
+                framer: Framer::new(),
+            })
+        });
+        (Client::from_unix_stream(a, timeout, "test"), h)
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn answers_echo_and_skips_notifications_and_stale_replies() {
+        let (mut c, h) = pair(T, |mut p| {
+            let req = p.recv();
+            assert_eq!(req["method"], "list_dbs");
+            let id = req["id"].clone();
+            // An echo split across writes, glued to a notification.
+            p.send(br#"{"method":"echo","par"#);
+            std::thread::sleep(Duration::from_millis(20));
+            p.send(
+                br#"ams":["ping",1],"id":"e1"}{"method":"update","params":[null,{}],"id":null}"#,
+            );
+            let reply = p.recv();
+            assert_eq!(reply, json!({"id":"e1","result":["ping",1],"error":null}));
+            // A reply to some earlier request, then the real one.
+            p.send_json(json!({"id": 999, "result": ["stale"], "error": null}));
+            p.send_json(json!({"id": id, "result": ["Open_vSwitch"], "error": null}));
+            // Unknown requests get an error reply rather than silence.
+            let req = p.recv();
+            p.send_json(json!({"method":"lock","params":["x"],"id":5}));
+            let reply = p.recv();
+            assert_eq!(reply["id"], 5);
+            assert!(!reply["error"].is_null());
+            p.send_json(json!({"id": req["id"], "result": ["evio"], "error": null}));
+        });
+        assert_eq!(c.list_dbs().unwrap(), ["Open_vSwitch"]);
+        c.echo().unwrap();
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn request_error_becomes_rpc_error() {
+        let (mut c, h) = pair(T, |mut p| {
+            let req = p.recv();
+            p.send_json(json!({"id": req["id"], "result": null,
+                "error": {"error": "unknown database", "details": "no db X"}}));
+        });
+        match c.transact("X", vec![]) {
+            Err(Error::Rpc { method, error }) => {
+                assert_eq!(method, "transact");
+                assert_eq!(error, "unknown database (no db X)");
+            }
+            other => panic!("{other:?}"),
+        }
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn transaction_results_are_checked() {
+        let (mut c, h) = pair(T, |mut p| {
+            let req = p.recv();
+            assert_eq!(
+                req["params"],
+                json!(["db", {"op": "comment", "comment": "a"}, {"op": "comment", "comment": "b"}])
+            );
+            p.send_json(json!({"id": req["id"], "error": null, "result": [{}, {"error": "constraint violation", "details": "dup"}]}));
+            let req = p.recv();
+            // Both operations fine, the commit itself failed.
+            p.send_json(json!({"id": req["id"], "error": null, "result": [{}, {}, {"error": "referential integrity violation"}]}));
+            let req = p.recv();
+            p.send_json(json!({"id": req["id"], "error": null, "result": [{}]}));
+            let req = p.recv();
+            p.send_json(json!({"id": req["id"], "error": null, "result": {"rows": []}}));
+            let req = p.recv();
+            p.send_json(
+                json!({"id": req["id"], "error": null, "result": [{"rows": []}, {"count": 1}]}),
+            );
+        });
+        let ops = || vec![crate::ops::comment("a"), crate::ops::comment("b")];
+        match c.transact("db", ops()) {
+            Err(Error::Transaction {
+                op: 1,
+                error,
+                details,
+            }) => {
+                assert_eq!(error, "constraint violation");
+                assert_eq!(details.as_deref(), Some("dup"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            c.transact("db", ops()),
+            Err(Error::Transaction { op: 2, .. })
+        ));
+        assert!(matches!(c.transact("db", ops()), Err(Error::Protocol(_))));
+        assert!(matches!(c.transact("db", ops()), Err(Error::Protocol(_))));
+        assert_eq!(
+            c.transact("db", ops()).unwrap(),
+            vec![json!({"rows": []}), json!({"count": 1})]
+        );
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn silent_server_times_out_and_late_reply_is_ignored() {
+        let (mut c, h) = pair(Duration::from_millis(200), |mut p| {
+            let late = p.recv();
+            let next = p.recv();
+            p.send_json(json!({"id": late["id"], "result": ["late"], "error": null}));
+            p.send_json(json!({"id": next["id"], "result": ["evio"], "error": null}));
+        });
+        let t0 = Instant::now();
+        assert!(matches!(c.list_dbs(), Err(Error::Timeout { .. })));
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(190) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        c.echo().unwrap();
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn huge_timeout_is_not_an_overflow() {
+        let (mut c, h) = pair(Duration::MAX, |mut p| {
+            let req = p.recv();
+            p.send_json(json!({"id": req["id"], "result": ["evio"], "error": null}));
+        });
+        c.echo().unwrap();
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn closed_connection() {
+        let (mut c, h) = pair(T, |mut p| {
+            p.recv();
+        });
+        let e = c.list_dbs().unwrap_err();
+        assert!(matches!(e, Error::Closed), "{e:?}");
+        assert!(e.is_unavailable());
+        h.join().unwrap();
+        // Writing to the dead peer fails cleanly too (no SIGPIPE death).
+        let e = c.list_dbs().unwrap_err();
+        assert!(matches!(e, Error::Closed), "{e:?}");
+    }
+
+    #[test]
+    fn connection_cut_mid_message() {
+        let (mut c, h) = pair(T, |mut p| {
+            p.recv();
+            p.send(br#"{"id":1,"result":["Open_v"#);
+        });
+        assert!(matches!(c.list_dbs(), Err(Error::Protocol(_))));
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn malformed_replies_are_protocol_errors() {
+        for bad in [
+            &br#"[1,2]"#[..],
+            br#"{"id":1}"#,
+            br#"{"id":1,"result":[1]}"#,
+            br#"{"id":1,"result":{"x":1}}"#,
+            br#"17"#,
+            b"{\"id\":1,\"result\":[\"a\xff\"]}",
+        ] {
+            let (mut c, h) = pair(T, move |mut p| {
+                p.recv();
+                p.send(bad);
+            });
+            let e = c.list_dbs().unwrap_err();
+            assert!(
+                matches!(e, Error::Protocol(_)),
+                "{}: {e:?}",
+                String::from_utf8_lossy(bad)
+            );
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn tcp_endpoint_on_loopback() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(T)).unwrap();
+            let mut f = Framer::new();
+            let mut buf = [0u8; 1024];
+            let req = loop {
+                if let Some(v) = f.next_message().unwrap() {
+                    break v;
+                }
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0);
+                f.push(&buf[..n]);
+            };
+            let reply =
+                json!({"id": req["id"], "result": ["Open_vSwitch", "_Server"], "error": null});
+            s.write_all(reply.to_string().as_bytes()).unwrap();
+        });
+        let mut c = Client::connect(&format!("tcp:127.0.0.1:{port}"), T).unwrap();
+        assert_eq!(c.list_dbs().unwrap(), ["Open_vSwitch", "_Server"]);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            Endpoint::parse("unix:/run/openvswitch/db.sock").unwrap(),
+            Endpoint::Unix("/run/openvswitch/db.sock".into())
+        );
+        assert_eq!(
+            Endpoint::parse("tcp:10.0.0.1:6640").unwrap(),
+            Endpoint::Tcp {
+                host: "10.0.0.1".into(),
+                port: 6640
+            }
+        );
+        assert_eq!(
+            Endpoint::parse("tcp:[::1]:6640").unwrap(),
+            Endpoint::Tcp {
+                host: "::1".into(),
+                port: 6640
+            }
+        );
+        assert_eq!(
+            Endpoint::parse("tcp:ovs.local:1").unwrap(),
+            Endpoint::Tcp {
+                host: "ovs.local".into(),
+                port: 1
+            }
+        );
+        for bad in [
+            "",
+            "unix:",
+            "/run/db.sock",
+            "tcp:",
+            "tcp:1.2.3.4",
+            "tcp:1.2.3.4:0",
+            "tcp:1.2.3.4:70000",
+            "tcp::6640",
+            "tcp:::1:6640",
+            "tcp:[::1:6640",
+            "ssl:1.2.3.4:6640",
+            "punix:/x",
+        ] {
+            assert!(
+                matches!(Endpoint::parse(bad), Err(Error::Endpoint(_))),
+                "{bad}"
+            );
+        }
     }
 }

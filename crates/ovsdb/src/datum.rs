@@ -389,3 +389,206 @@ pub(crate) fn brief(v: &Value) -> String {
     }
     format!("{}…", &s[..end])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const U: &str = "36bb8e7c-8a63-4a5e-a6a2-6fde1c1fe5b7";
+
+    #[test]
+    fn atoms_decode_and_encode() {
+        let cases = [
+            (json!(5), Atom::Integer(5)),
+            (json!(-1), Atom::Integer(-1)),
+            (json!(1.5), Atom::Real(1.5)),
+            (json!(true), Atom::Boolean(true)),
+            (json!("x"), Atom::String("x".into())),
+            (json!(["uuid", U]), Atom::Uuid(U.into())),
+            (
+                json!(["named-uuid", "row_1"]),
+                Atom::NamedUuid("row_1".into()),
+            ),
+        ];
+        for (j, a) in cases {
+            assert_eq!(Atom::from_json(&j).unwrap(), a, "{j}");
+            assert_eq!(a.to_json(), j);
+        }
+    }
+
+    #[test]
+    fn malformed_atoms_are_protocol_errors() {
+        for j in [
+            json!(null),
+            json!({}),
+            json!(u64::MAX),
+            json!(["uuid", "not-a-uuid"]),
+            json!(["uuid", "36bb8e7c-8a63-4a5e-a6a2-6fde1c1fe5bZ"]),
+            json!(["uuid", 5]),
+            json!(["uuid"]),
+            json!(["named-uuid", "1abc"]),
+            json!(["named-uuid", ""]),
+            json!(["foo", "bar"]),
+            json!([]),
+            json!(["set", []]),
+        ] {
+            assert!(
+                matches!(Atom::from_json(&j), Err(Error::Protocol(_))),
+                "{j}"
+            );
+        }
+    }
+
+    #[test]
+    fn sets_and_maps() {
+        let empty = json!(["set", []]);
+        assert_eq!(Datum::from_json(&empty).unwrap(), Datum::Set(vec![]));
+        assert_eq!(Datum::Set(vec![]).to_json(), empty);
+        // A one-element set is written as the bare atom, and read back.
+        let one = Datum::Set(vec![Atom::Integer(3)]);
+        assert_eq!(one.to_json(), json!(3));
+        assert_eq!(Datum::from_json(&json!(["set", [3]])).unwrap(), one);
+        let two = json!(["set", [["uuid", U], ["uuid", U]]]);
+        assert_eq!(Datum::from_json(&two).unwrap().to_json(), two);
+
+        let m = json!(["map", [["a", "1"], ["b", "2"]]]);
+        let d = Datum::from_json(&m).unwrap();
+        assert_eq!(d.to_json(), m);
+        assert_eq!(
+            d.string_map().unwrap(),
+            BTreeMap::from([("a".into(), "1".into()), ("b".into(), "2".into())])
+        );
+        assert_eq!(string_map(&[("a", "1"), ("b", "2")]), m);
+        assert_eq!(string_map::<&str, &str>(&[]), json!(["map", []]));
+        assert!(Datum::from_json(&json!(["map", []]))
+            .unwrap()
+            .string_map()
+            .unwrap()
+            .is_empty());
+        assert_eq!(set(vec![uuid(U)]), json!(["set", [["uuid", U]]]));
+        assert_eq!(named_uuid("p"), json!(["named-uuid", "p"]));
+    }
+
+    #[test]
+    fn malformed_sets_and_maps() {
+        for j in [
+            json!(["set", [["set", []]]]),
+            json!(["set", [null]]),
+            json!(["set", "x"]),
+            json!(["map", [["a"]]]),
+            json!(["map", [["a", "b", "c"]]]),
+            json!(["map", ["a"]]),
+            json!(["map", [[["map", []], "b"]]]),
+            json!(["map", {}]),
+        ] {
+            assert!(
+                matches!(Datum::from_json(&j), Err(Error::Protocol(_))),
+                "{j}"
+            );
+        }
+    }
+
+    #[test]
+    fn typed_accessors() {
+        let d = |j: Value| Datum::from_json(&j).unwrap();
+        assert_eq!(d(json!(["set", []])).optional_integer().unwrap(), None);
+        assert_eq!(d(json!(7)).optional_integer().unwrap(), Some(7));
+        assert!(d(json!(["set", [1, 2]])).optional_integer().is_err());
+        assert!(d(json!("7")).optional_integer().is_err());
+        assert_eq!(d(json!(["set", []])).optional_string().unwrap(), None);
+        assert_eq!(
+            d(json!("e")).optional_string().unwrap().as_deref(),
+            Some("e")
+        );
+        assert_eq!(d(json!("s")).string().unwrap(), "s");
+        assert!(d(json!(["set", []])).string().is_err());
+        assert_eq!(d(json!(["uuid", U])).uuid().unwrap(), U);
+        assert_eq!(d(json!(["set", [["uuid", U]]])).uuids().unwrap(), [U]);
+        assert!(d(json!(["set", ["x"]])).uuids().is_err());
+        assert!(d(json!(["map", [["a", 1]]])).string_map().is_err());
+        assert!(d(json!(["set", ["a"]])).string_map().is_err());
+        assert!(d(json!(["map", []])).string().is_err());
+    }
+
+    #[test]
+    fn rows_and_results() {
+        let r = json!({"rows": [{"name": "br0", "ofport": ["set", []], "_uuid": ["uuid", U]}]});
+        let rows = rows(&r).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].string("name").unwrap(), "br0");
+        assert_eq!(rows[0].uuid("_uuid").unwrap(), U);
+        assert_eq!(rows[0].optional_integer("ofport").unwrap(), None);
+        match rows[0].string("missing") {
+            Err(Error::Protocol(m)) => assert!(m.contains("missing"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        match rows[0].string("ofport") {
+            Err(Error::Protocol(m)) => assert!(m.contains("ofport"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(super::rows(&json!({})).is_err());
+        assert!(super::rows(&json!({"rows": [1]})).is_err());
+        assert!(super::rows(&json!({"rows": {}})).is_err());
+        assert_eq!(count(&json!({"count": 2})).unwrap(), 2);
+        assert!(count(&json!({"count": -1})).is_err());
+        assert_eq!(inserted_uuid(&json!({"uuid": ["uuid", U]})).unwrap(), U);
+        assert!(inserted_uuid(&json!({"uuid": "x"})).is_err());
+    }
+
+    #[test]
+    fn brief_cuts_long_text_on_a_char_boundary() {
+        let long = Value::String("é".repeat(200));
+        let b = brief(&long);
+        assert!(b.ends_with('…'));
+        assert!(b.len() < 130);
+    }
+
+    fn atom() -> impl Strategy<Value = Atom> {
+        prop_oneof![
+            any::<i64>().prop_map(Atom::Integer),
+            any::<bool>().prop_map(Atom::Boolean),
+            ".*".prop_map(Atom::String),
+            "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}".prop_map(Atom::Uuid),
+            "[a-z_][a-z0-9_]{0,8}".prop_map(Atom::NamedUuid),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn datum_round_trips(
+            s in prop::collection::vec(atom(), 0..5),
+            m in prop::collection::vec((atom(), atom()), 0..5),
+        ) {
+            let set = Datum::Set(s);
+            prop_assert_eq!(Datum::from_json(&set.to_json()).unwrap(), set);
+            let map = Datum::Map(m);
+            prop_assert_eq!(Datum::from_json(&map.to_json()).unwrap(), map);
+        }
+
+        #[test]
+        fn decoding_arbitrary_json_never_panics(text in ".{0,64}") {
+            if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                if let Ok(d) = Datum::from_json(&v) {
+                    let _ = (d.string(), d.uuids(), d.string_map(), d.optional_integer());
+                }
+                let _ = rows(&v);
+            }
+        }
+
+        #[test]
+        fn decoding_arbitrary_tagged_arrays_never_panics(
+            tag in prop_oneof![
+                Just("set".to_string()), Just("map".to_string()), Just("uuid".to_string()),
+                Just("named-uuid".to_string()), ".{0,4}"
+            ],
+            body in prop_oneof![
+                Just(json!([])), Just(json!([[1]])), Just(json!([[1, 2, 3]])),
+                Just(json!("x")), Just(json!(null)), Just(json!([["uuid", "x"], 1]))
+            ],
+        ) {
+            let _ = Datum::from_json(&json!([tag, body]));
+        }
+    }
+}

@@ -148,3 +148,182 @@ impl Framer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn drain(f: &mut Framer) -> Vec<Value> {
+        let mut out = Vec::new();
+        while let Some(v) = f.next_message().unwrap() {
+            out.push(v);
+        }
+        out
+    }
+
+    #[test]
+    fn concatenated_messages_in_one_read() {
+        let mut f = Framer::new();
+        f.push(br#"{"id":1,"result":[]}{"id":2,"result":{"a":[1,2]}}  [3]"#);
+        assert_eq!(
+            drain(&mut f),
+            vec![
+                json!({"id":1,"result":[]}),
+                json!({"id":2,"result":{"a":[1,2]}}),
+                json!([3])
+            ]
+        );
+        assert!(!f.is_partial());
+    }
+
+    #[test]
+    fn message_split_byte_by_byte() {
+        let text = br#" {"method":"echo","params":["x"],"id":"echo"}
+{"id":7,"error":null,"result":"ok"}"#;
+        let mut f = Framer::new();
+        let mut out = Vec::new();
+        for b in text {
+            f.push(&[*b]);
+            out.extend(drain(&mut f));
+        }
+        assert_eq!(
+            out,
+            vec![
+                json!({"method":"echo","params":["x"],"id":"echo"}),
+                json!({"id":7,"error":null,"result":"ok"})
+            ]
+        );
+    }
+
+    #[test]
+    fn brackets_and_quotes_inside_strings() {
+        let msg = json!({"s": "a}]\"{[\\", "t": "\\\"", "u": "é🦀"});
+        let mut text = serde_json::to_vec(&msg).unwrap();
+        text.extend_from_slice(b"{}");
+        let mut f = Framer::new();
+        // Stop right after an escaped quote, which must not end the string.
+        let cut = text.windows(2).position(|w| w == b"\\\"").unwrap() + 2;
+        f.push(&text[..cut]);
+        assert!(drain(&mut f).is_empty());
+        assert!(f.is_partial());
+        f.push(&text[cut..]);
+        assert_eq!(drain(&mut f), vec![msg, json!({})]);
+    }
+
+    #[test]
+    fn partial_message_waits_for_more() {
+        let mut f = Framer::new();
+        f.push(br#"{"id":1,"res"#);
+        assert_eq!(f.next_message().unwrap(), None);
+        assert!(f.is_partial());
+        f.push(br#"ult":null}"#);
+        assert_eq!(
+            f.next_message().unwrap(),
+            Some(json!({"id":1,"result":null}))
+        );
+        assert_eq!(f.next_message().unwrap(), None);
+    }
+
+    #[test]
+    fn garbage_between_messages_poisons_the_stream() {
+        let mut f = Framer::new();
+        f.push(br#"{"a":1} 42 {"b":2}"#);
+        assert_eq!(f.next_message().unwrap(), Some(json!({"a":1})));
+        let e = f.next_message().unwrap_err();
+        assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+        // Stays broken: a later valid message is not resynchronised onto.
+        assert!(f.next_message().is_err());
+    }
+
+    #[test]
+    fn invalid_json_inside_a_frame_is_an_error() {
+        for bad in [
+            &b"{]"[..],
+            b"{\"a\":}",
+            b"[1,,2]",
+            b"{\"a\":tru}",
+            b"{\"\xff\":1}",
+        ] {
+            let mut f = Framer::new();
+            f.push(bad);
+            assert!(
+                matches!(f.next_message(), Err(Error::Protocol(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_message_is_refused() {
+        let mut f = Framer::with_limit(16);
+        f.push(br#"{"a":"0123456789abcdef"#);
+        assert!(matches!(f.next_message(), Err(Error::Protocol(_))));
+    }
+
+    #[test]
+    fn whitespace_only_is_consumed() {
+        let mut f = Framer::new();
+        f.push(b"  \n\t ");
+        assert_eq!(f.next_message().unwrap(), None);
+        assert!(!f.is_partial());
+        f.push(b"{}");
+        assert_eq!(f.next_message().unwrap(), Some(json!({})));
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            ".*".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,8}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_of_any_messages_round_trips(
+            msgs in prop::collection::vec(
+                prop::collection::btree_map(".{0,6}", json_value(), 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                1..5,
+            ),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let mut text = Vec::new();
+            for m in &msgs {
+                text.extend(serde_json::to_vec(m).unwrap());
+            }
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(text.len() + 1)).collect();
+            points.push(0);
+            points.push(text.len());
+            points.sort_unstable();
+            let mut f = Framer::new();
+            let mut out = Vec::new();
+            for w in points.windows(2) {
+                f.push(&text[w[0]..w[1]]);
+                out.extend(drain(&mut f));
+            }
+            prop_assert_eq!(out, msgs);
+            prop_assert!(!f.is_partial());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..8)) {
+            let mut f = Framer::with_limit(256);
+            for c in chunks {
+                f.push(&c);
+                while let Ok(Some(_)) = f.next_message() {}
+            }
+        }
+    }
+}

@@ -150,3 +150,97 @@ pub fn wait(
 pub fn comment(text: &str) -> Value {
     json!({"op": "comment", "comment": text})
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datum::{named_uuid, set, uuid};
+
+    #[test]
+    fn operations_encode_as_rfc7047() {
+        assert_eq!(
+            insert("Port", json!({"name": "p"}), Some("new_port")),
+            json!({"op": "insert", "table": "Port", "row": {"name": "p"}, "uuid-name": "new_port"})
+        );
+        assert_eq!(
+            insert("Port", json!({}), None),
+            json!({"op": "insert", "table": "Port", "row": {}})
+        );
+        assert_eq!(
+            select("Bridge", vec![eq("name", "br0")], Some(&["_uuid", "ports"])),
+            json!({"op": "select", "table": "Bridge", "where": [["name", "==", "br0"]], "columns": ["_uuid", "ports"]})
+        );
+        assert_eq!(
+            select("Bridge", vec![], None),
+            json!({"op": "select", "table": "Bridge", "where": []})
+        );
+        assert_eq!(
+            mutate(
+                "Bridge",
+                vec![eq("_uuid", uuid("u"))],
+                vec![mutation(
+                    "ports",
+                    Mutator::Insert,
+                    set(vec![named_uuid("p")])
+                )]
+            ),
+            json!({"op": "mutate", "table": "Bridge", "where": [["_uuid", "==", ["uuid", "u"]]],
+                   "mutations": [["ports", "insert", ["set", [["named-uuid", "p"]]]]]})
+        );
+        assert_eq!(
+            wait(
+                "Port",
+                vec![includes("external_ids", json!(["map", []]))],
+                &["name"],
+                Until::Ne,
+                vec![],
+                0
+            ),
+            json!({"op": "wait", "table": "Port", "where": [["external_ids", "includes", ["map", []]]],
+                   "columns": ["name"], "until": "!=", "rows": [], "timeout": 0})
+        );
+        assert_eq!(
+            update("Interface", vec![], json!({"mtu_request": 1400})),
+            json!({"op": "update", "table": "Interface", "where": [], "row": {"mtu_request": 1400}})
+        );
+        assert_eq!(
+            delete("Port", vec![cond("name", Function::Ne, json!("x"))]),
+            json!({"op": "delete", "table": "Port", "where": [["name", "!=", "x"]]})
+        );
+        assert_eq!(comment("hi"), json!({"op": "comment", "comment": "hi"}));
+    }
+
+    #[test]
+    fn function_and_mutator_spellings() {
+        let f: Vec<_> = [
+            Function::Eq,
+            Function::Ne,
+            Function::Lt,
+            Function::Le,
+            Function::Gt,
+            Function::Ge,
+            Function::Includes,
+            Function::Excludes,
+        ]
+        .iter()
+        .map(|f| f.as_str())
+        .collect();
+        assert_eq!(
+            f,
+            ["==", "!=", "<", "<=", ">", ">=", "includes", "excludes"]
+        );
+        let m: Vec<_> = [
+            Mutator::Add,
+            Mutator::Sub,
+            Mutator::Mul,
+            Mutator::Div,
+            Mutator::Mod,
+            Mutator::Insert,
+            Mutator::Delete,
+        ]
+        .iter()
+        .map(|m| m.as_str())
+        .collect();
+        assert_eq!(m, ["+=", "-=", "*=", "/=", "%=", "insert", "delete"]);
+    }
+}

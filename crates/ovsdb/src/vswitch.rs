@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::client::Client;
+use crate::client::{deadline_after, Client};
 use crate::datum::{self, named_uuid, rows, set, string_map, uuid, Row};
 use crate::error::{Error, Result};
 use crate::ops::{self, eq, includes, insert, mutate, mutation, select, wait, Mutator, Until};
@@ -21,6 +21,10 @@ pub const DB: &str = "Open_vSwitch";
 
 /// The error text ovsdb-server gives a `wait` whose condition did not hold.
 const WAIT_FAILED: &str = "timed out";
+
+/// Cap on a server-side `wait` (ovsdb-server wants a signed integer): a
+/// longer `wait_ofport` timeout is cut to this.
+const MAX_WAIT_MS: u64 = 30 * 86_400 * 1000;
 
 /// A port to add: one port with one interface of the same name, both
 /// tagged with the same `external_ids`.
@@ -190,7 +194,7 @@ impl Client {
     /// `ofport`/`error` to differ from what was last seen, so the client
     /// sleeps in the server until vswitchd writes something.
     pub fn wait_ofport(&mut self, iface: &str, timeout: Duration) -> Result<i64> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let cols: &[&str] = &["ofport", "error"];
         let query = select("Interface", vec![eq("name", iface)], Some(cols));
         let mut results = self.transact(DB, vec![query.clone()])?;
@@ -211,7 +215,10 @@ impl Client {
                 });
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let remaining_ms = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
+            // ovsdb-server takes a signed integer; a month is plenty.
+            let remaining_ms = u64::try_from(remaining.as_millis())
+                .unwrap_or(u64::MAX)
+                .min(MAX_WAIT_MS);
             if remaining_ms == 0 {
                 return Err(ofport_timeout(iface, timeout));
             }
@@ -229,7 +236,7 @@ impl Client {
             ];
             // The reply comes only when the server-side wait ends: give
             // the socket the wait's time plus the usual reply allowance.
-            let io_timeout = remaining + self.timeout();
+            let io_timeout = Duration::from_millis(remaining_ms).saturating_add(self.timeout());
             match self.transact_within(DB, ops, io_timeout) {
                 Ok(r) => {
                     results = r;

@@ -339,6 +339,11 @@ fn wait_ofport_on_unknown_interface_is_not_found() {
         Err(Error::NotFound(what)) => assert!(what.contains("nosuch")),
         other => panic!("expected NotFound, got {other:?}"),
     }
+    // An absurd timeout is not an overflow panic.
+    assert!(matches!(
+        n.client.wait_ofport("nosuch", Duration::MAX),
+        Err(Error::NotFound(_))
+    ));
 }
 
 #[test]

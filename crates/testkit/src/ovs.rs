@@ -205,6 +205,36 @@ impl Ovs {
         stop(&mut self.ovsdb);
     }
 
+    /// Kills ovs-vswitchd with SIGKILL: a crash, with no exit handlers run
+    /// (stale pid file and control socket left behind).
+    pub fn crash_vswitchd(&mut self) {
+        crash(&mut self.vswitchd);
+    }
+
+    /// Kills ovsdb-server with SIGKILL (its socket file stays behind,
+    /// refusing connections).
+    pub fn crash_ovsdb(&mut self) {
+        crash(&mut self.ovsdb);
+    }
+
+    /// Runs `ovs-appctl` against a daemon's control socket (`"ovsdb"` or
+    /// `"vswitchd"`) and returns stdout; panics on failure.
+    pub fn appctl(&self, daemon: &str, args: &[&str]) -> String {
+        let ctl = self.path(&format!("{daemon}.ctl"));
+        let mut cmd = self.host_command("ovs-appctl");
+        cmd.arg("--timeout=10").arg("-t").arg(&ctl).args(args);
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("spawn ovs-appctl {args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "ovs-appctl -t {} {args:?} failed: {}",
+            ctl.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The last lines of a daemon's log (`"ovsdb"` or `"vswitchd"`), for
     /// failure messages.
     pub fn log(&self, which: &str) -> String {
@@ -300,6 +330,13 @@ fn stop(child: &mut Option<Child>) {
     }
     let _ = c.kill();
     let _ = c.wait();
+}
+
+fn crash(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
 
 fn check_output(what: &str, out: std::io::Result<Output>) {

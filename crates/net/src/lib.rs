@@ -1,1 +1,20 @@
-//! evio-net
+//! Synchronous host networking for the `evio` CNI plugin and `evio-node`.
+//!
+//! The plugin is a short-lived, single-threaded process run once per pod, so
+//! everything here is blocking and cheap to start: one rtnetlink socket per
+//! network namespace ([`Handle`]), plain files for sysctls, one ioctl for
+//! ethtool. The only program ever executed is `nft` (see [`nft`]).
+
+mod error;
+pub mod ethtool;
+pub mod ipv6;
+mod link;
+mod netlink;
+mod netns;
+pub mod nft;
+pub mod sysctl;
+
+pub use error::{Error, Result};
+pub use link::{Address, Family, Link, Route};
+pub use netlink::Handle;
+pub use netns::{run_in_netns, Netns, NetnsGuard};

@@ -439,3 +439,40 @@ fn transaction_errors_name_the_operation() {
     // The connection survives both.
     n.client.echo().unwrap();
 }
+
+#[test]
+fn ovsdb_server_crash_leaves_refusing_socket() {
+    let mut n = node();
+    n.ovs.crash_ovsdb();
+    assert!(
+        n.ovs.db_sock().exists(),
+        "stale socket expected after SIGKILL"
+    );
+    let t0 = Instant::now();
+    let err = n.client.bridge_datapath_type("x").unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    let err = Client::connect(&n.ovs.endpoint(), Duration::from_secs(10)).unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    assert!(err.to_string().contains("refused"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+}
+
+#[test]
+fn ensure_bridge_without_root_row_is_an_error() {
+    let mut n = node();
+    n.client
+        .transact(
+            "Open_vSwitch",
+            vec![evio_ovsdb::ops::delete("Open_vSwitch", vec![])],
+        )
+        .unwrap();
+    match n.client.ensure_bridge("brz", "netdev") {
+        Err(Error::NotFound(what)) => assert!(what.contains("Open_vSwitch"), "{what}"),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    assert!(n
+        .ovs
+        .vsctl(&["--bare", "--columns=name", "find", "Bridge"])
+        .trim()
+        .is_empty());
+}

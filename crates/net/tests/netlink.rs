@@ -613,3 +613,29 @@ fn masquerade_lets_pod_traffic_out() {
     .unwrap();
     assert!(ping(), "masqueraded traffic must get replies");
 }
+
+/// Dumps larger than one datagram (the kernel starts with ~8 KiB ones) are
+/// read to the end, and the socket stays usable for the next request.
+#[test]
+fn large_dumps_span_several_datagrams() {
+    let ns = TestNs::new("nbig");
+    let (links, addrs, after) = in_ns(&ns, |h| {
+        for i in 0..80 {
+            h.create_bridge(&format!("b{i}"), 0).unwrap();
+        }
+        let b0 = index(h, "b0");
+        for i in 0..300u32 {
+            let a = format!("10.{}.{}.1/24", 100 + i / 256, i % 256);
+            h.add_address(b0, net(&a)).unwrap();
+        }
+        let links = h.links().unwrap();
+        let addrs = h.addresses(Some(b0)).unwrap();
+        // A targeted request right after the dumps still gets its answer.
+        let after = h.link_by_name("b79").unwrap();
+        (links, addrs, after)
+    });
+    assert_eq!(links.len(), 81);
+    assert_eq!(addrs.len(), 300);
+    assert!(addrs.iter().any(|a| a.addr == net("10.101.43.1/24")));
+    assert_eq!(after.map(|l| l.name), Some("b79".to_string()));
+}

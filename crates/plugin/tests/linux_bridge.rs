@@ -1,50 +1,15 @@
 //! The plugin on the Linux-bridge backend (`"bridgeType": "linux"`), run as
 //! a runtime runs it inside a node netns against the real host-local.
-//! The shared behaviour bodies live in common/behaviour.rs; an OVS test file
-//! runs the same list with `Backend::Ovs`.
+//! The shared behaviour bodies live in common/behaviour.rs; ovs_bridge.rs
+//! runs the same suite with `Backend::Ovs`. Linux-bridge-only details
+//! (kernel bridge kind, hairpin, name clashes) are below.
 
 mod common;
 
-use common::{backend_tests, host_veth, Backend, Fixture};
+use common::{behaviour_suite, host_veth, Backend, Fixture};
 use evio_testkit::plugin::{link, Pod};
 
-backend_tests!(Backend::Linux =>
-    add_result_shape_v0_3_0,
-    add_result_shape_v0_3_1,
-    add_result_shape_v0_4_0,
-    add_result_shape_v1_0_0,
-    add_result_shape_v1_1_0,
-    add_configures_pod_and_node,
-    add_without_default_gateway_adds_no_default_route,
-    is_gateway_false_puts_no_address_on_bridge,
-    fifteen_byte_ifname_is_accepted,
-    host_veth_name_is_deterministic,
-    second_ifname_for_same_container_is_independent,
-    pod_reaches_gateway_by_ping_and_tcp,
-    pods_reach_each_other_by_ping_and_tcp,
-    check_passes_after_add,
-    check_fails_after_pod_lost_its_address,
-    check_fails_when_host_veth_left_the_bridge,
-    check_fails_when_pod_interface_is_gone,
-    del_twice_succeeds_and_releases_everything,
-    del_after_netns_is_gone_releases_veth_and_address,
-    del_without_netns_releases_address_and_veth,
-    ipam_exhaustion_rolls_back_everything,
-    failure_after_ipam_releases_allocation,
-    add_to_missing_netns_fails_and_keeps_nothing,
-    duplicate_add_fails_and_existing_pod_keeps_working,
-    parallel_adds_and_dels_leave_nothing_behind,
-    parallel_first_adds_on_fresh_node_do_not_race,
-    gc_valid_attachments_releases_stale_pod_and_keeps_live_one,
-    gc_legacy_attachments_key_releases_stale_pod_and_keeps_live_one,
-    status_is_ok_with_host_local,
-    status_is_50_when_ipam_plugin_is_missing,
-    ip_masq_installs_masquerade_for_pod_cidr,
-    is_ip_masq_alias_installs_masquerade,
-    ip_masq_lets_pod_reach_network_without_route_back,
-    ipv6_add_gives_usable_address,
-    dual_stack_add_configures_both_families,
-);
+behaviour_suite!(Backend::Linux);
 
 fn slave_data(f: &Fixture, veth: &str) -> serde_json::Value {
     let l = link(&f.node, veth).unwrap_or_else(|| panic!("no host veth {veth}"));

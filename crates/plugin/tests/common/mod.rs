@@ -2,6 +2,9 @@
 //! own netns, IPAM data dir and bridge name) and the plugin under test run
 //! through `evio_testkit::plugin::Cni` exactly as a runtime runs it.
 //!
+//! `behaviour_suite!(Backend::Linux)` / `(Backend::Ovs)` expands to one test
+//! per body of behaviour.rs.
+//!
 //! Which binary is tested: `evio` built from this crate, unless
 //! `EVIO_TEST_PLUGIN` names another one. Pointing it at the reference plugin
 //! (`EVIO_TEST_PLUGIN=/usr/lib/cni/bridge EVIO_TEST_CNI_VERSION=1.0.0`) is
@@ -20,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use evio_testkit::netns::{unique_name, Netns};
+use evio_testkit::ovs::Ovs;
 use evio_testkit::plugin::{
     conf, ipam_allocations, link, test_dir, Cni, CniOutput, Leaks, NetConf, OvsPorts, Pod, TempDir,
 };
@@ -32,7 +36,8 @@ pub enum Backend {
     /// `"bridgeType": "linux"`: a kernel bridge.
     Linux,
     /// `"bridgeType": "ovs"`: an Open vSwitch bridge of an OVS instance
-    /// running inside the node netns.
+    /// (`evio_testkit::ovs::Ovs`) running inside the node netns; the
+    /// userspace datapath on machines without the kernel module.
     Ovs,
 }
 
@@ -44,13 +49,60 @@ macro_rules! backend_tests {
         $(
             #[test]
             fn $name() {
-                common::behaviour::$name($backend)
+                $crate::common::behaviour::$name($backend)
             }
         )+
     };
 }
 #[allow(unused_imports)]
 pub(crate) use backend_tests;
+
+/// The whole behaviour suite for one backend: every body in
+/// behaviour.rs, so that no backend silently misses a test.
+#[allow(unused_macros)]
+macro_rules! behaviour_suite {
+    ($backend:expr) => {
+        $crate::common::backend_tests!($backend =>
+            add_result_shape_v0_3_0,
+            add_result_shape_v0_3_1,
+            add_result_shape_v0_4_0,
+            add_result_shape_v1_0_0,
+            add_result_shape_v1_1_0,
+            add_configures_pod_and_node,
+            add_without_default_gateway_adds_no_default_route,
+            is_gateway_false_puts_no_address_on_bridge,
+            fifteen_byte_ifname_is_accepted,
+            host_veth_name_is_deterministic,
+            second_ifname_for_same_container_is_independent,
+            pod_reaches_gateway_by_ping_and_tcp,
+            pods_reach_each_other_by_ping_and_tcp,
+            check_passes_after_add,
+            check_fails_after_pod_lost_its_address,
+            check_fails_when_host_veth_left_the_bridge,
+            check_fails_when_pod_interface_is_gone,
+            del_twice_succeeds_and_releases_everything,
+            del_after_netns_is_gone_releases_veth_and_address,
+            del_without_netns_releases_address_and_veth,
+            ipam_exhaustion_rolls_back_everything,
+            failure_after_ipam_releases_allocation,
+            add_to_missing_netns_fails_and_keeps_nothing,
+            duplicate_add_fails_and_existing_pod_keeps_working,
+            parallel_adds_and_dels_leave_nothing_behind,
+            parallel_first_adds_on_fresh_node_do_not_race,
+            gc_valid_attachments_releases_stale_pod_and_keeps_live_one,
+            gc_legacy_attachments_key_releases_stale_pod_and_keeps_live_one,
+            status_is_ok_with_host_local,
+            status_is_50_when_ipam_plugin_is_missing,
+            ip_masq_installs_masquerade_for_pod_cidr,
+            is_ip_masq_alias_installs_masquerade,
+            ip_masq_lets_pod_reach_network_without_route_back,
+            ipv6_add_gives_usable_address,
+            dual_stack_add_configures_both_families,
+        );
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use behaviour_suite;
 
 pub fn plugin_bin() -> PathBuf {
     std::env::var_os("EVIO_TEST_PLUGIN")
@@ -74,40 +126,38 @@ pub fn default_version() -> String {
 /// A simulated node: netns, a temp dir for host-local's `dataDir`, and a
 /// bridge and network name unique to this test.
 pub struct Fixture {
+    /// Declared first so it stops before the node netns is deleted.
+    pub ovs: Option<Ovs>,
     pub backend: Backend,
     pub node: Netns,
     pub dir: TempDir,
     pub bridge: String,
     pub net: String,
     pub version: String,
-    /// OVSDB endpoint of the node's OVS instance (OVS backend only).
-    pub ovsdb: Option<String>,
 }
 
 impl Fixture {
     pub fn new(backend: Backend) -> Fixture {
         let node = Netns::new("evn");
         let dir = test_dir("evio-plugin-test");
-        let ovsdb = match backend {
+        let ovs = match backend {
             Backend::Linux => None,
-            // Hook for the OVS backend: start `evio_testkit::ovs::Ovs` inside
-            // `node` here (keep it in the fixture so it stops on drop), set
-            // `ovsdb` to its endpoint, then add an `ovs_bridge.rs` test file
-            // calling `backend_tests!(Backend::Ovs => ...)` with the same list
-            // as linux_bridge.rs.
-            Backend::Ovs => {
-                panic!("OVS backend fixture not wired yet: needs evio_testkit::ovs::Ovs")
-            }
+            Backend::Ovs => Some(Ovs::start(&node)),
         };
         Fixture {
+            ovs,
             backend,
             bridge: unique_name("evb"),
             net: format!("net-{}", node.name()),
             node,
             dir,
             version: default_version(),
-            ovsdb,
         }
+    }
+
+    /// OVSDB endpoint of the node's OVS instance (OVS backend only).
+    pub fn ovsdb(&self) -> Option<String> {
+        self.ovs.as_ref().map(Ovs::endpoint)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -128,9 +178,9 @@ impl Fixture {
             &self.bridge,
             &self.data_dir(),
         );
-        match (self.backend, &self.ovsdb) {
-            (Backend::Ovs, Some(db)) => c.bridge_type("ovs").ovsdb(db),
-            _ => c.bridge_type("linux"),
+        match self.ovsdb() {
+            Some(db) => c.bridge_type("ovs").ovsdb(&db),
+            None => c.bridge_type("linux"),
         }
     }
 
@@ -213,8 +263,8 @@ impl Fixture {
     }
 
     pub fn ovs_ports(&self) -> Option<OvsPorts> {
-        self.ovsdb.as_ref().map(|db| OvsPorts {
-            db: db.clone(),
+        self.ovsdb().map(|db| OvsPorts {
+            db,
             bridge: self.bridge.clone(),
         })
     }
@@ -276,7 +326,7 @@ impl Fixture {
                     .ok(&["ip", "link", "set", "dev", veth, "nomaster"]);
             }
             Backend::Ovs => {
-                let db = self.ovsdb.clone().unwrap_or_default();
+                let db = self.ovsdb().unwrap_or_default();
                 self.node.ok(&[
                     "ovs-vsctl",
                     &format!("--db={db}"),

@@ -234,6 +234,16 @@ impl Handle {
         self.set_link(msg, &|| format!("set interface index {index} up"))
     }
 
+    /// Sets the link-layer address. On a Linux bridge this also pins it:
+    /// without an explicit address the bridge takes the lowest MAC of its
+    /// ports and changes it whenever that port leaves.
+    pub fn set_mac(&mut self, index: u32, mac: [u8; 6]) -> Result<()> {
+        let msg = Self::link_msg(index, LinkAttribute::Address(mac.to_vec()));
+        self.set_link(msg, &|| {
+            format!("set MAC address of interface index {index}")
+        })
+    }
+
     pub fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<()> {
         let msg = Self::link_msg(index, LinkAttribute::Mtu(mtu));
         self.set_link(msg, &|| format!("set mtu {mtu} on interface index {index}"))

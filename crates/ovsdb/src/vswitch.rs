@@ -117,6 +117,35 @@ impl Client {
         Err(last.unwrap_or_else(|| Error::NotFound(format!("bridge {name}"))))
     }
 
+    /// Sets one key of the bridge's `other_config` (e.g. `hwaddr`), keeping
+    /// the others. `NotFound` if there is no such bridge.
+    pub fn set_bridge_other_config(&mut self, name: &str, key: &str, value: &str) -> Result<()> {
+        let m = string_map(&[(key, value)]);
+        let results = self.transact(
+            DB,
+            vec![
+                mutate(
+                    "Bridge",
+                    vec![eq("name", name)],
+                    vec![mutation(
+                        "other_config",
+                        Mutator::Delete,
+                        set(vec![json!(key)]),
+                    )],
+                ),
+                mutate(
+                    "Bridge",
+                    vec![eq("name", name)],
+                    vec![mutation("other_config", Mutator::Insert, m)],
+                ),
+            ],
+        )?;
+        match results.get(1).map(datum::count).transpose()? {
+            Some(0) | None => Err(Error::NotFound(format!("bridge {name}"))),
+            Some(_) => Ok(()),
+        }
+    }
+
     /// The bridge's `datapath_type` (`""` means the default, `system`), or
     /// `None` if there is no such bridge.
     pub fn bridge_datapath_type(&mut self, name: &str) -> Result<Option<String>> {

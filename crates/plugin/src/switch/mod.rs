@@ -65,6 +65,25 @@ pub trait Switch {
     fn needs_tx_checksum_off(&self) -> bool;
 }
 
+/// A random locally administered unicast MAC.
+pub(crate) fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    // getrandom(2) cannot fail for 6 bytes once the pool is initialised;
+    // if it somehow does, the bytes below still make a valid address.
+    // SAFETY: the buffer is valid for 6 bytes.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if n != 6 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+            ^ u128::from(std::process::id());
+        mac.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
 pub fn for_conf(conf: &NetConf) -> Box<dyn Switch> {
     match conf.bridge_type {
         BridgeType::Linux => Box::new(linux::LinuxBridge::new(conf)),

@@ -96,6 +96,13 @@ impl Switch for OvsBridge {
             .ensure_bridge(&name, want)
             .map_err(ovserr(format!("create bridge {name}")))?;
         let actual = if created {
+            // OVS, like the Linux bridge, otherwise gives the bridge the
+            // lowest MAC of its ports, which changes as pods come and go and
+            // leaves the pods' ARP entries for the gateway stale.
+            let mac = crate::add::fmt_mac(super::random_mac());
+            client
+                .set_bridge_other_config(&name, "hwaddr", &mac)
+                .map_err(ovserr(format!("pin the MAC of bridge {name}")))?;
             want.to_string()
         } else {
             client

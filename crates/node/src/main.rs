@@ -1,1 +1,76 @@
-fn main() {}
+//! `evio-node`: the node-side companion of the `evio` CNI plugin. One
+//! module per subcommand; this file only dispatches and reports errors.
+
+mod config_gen;
+mod conflist;
+mod error;
+mod netconf;
+mod store_args;
+mod subnets;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "evio-node",
+    version,
+    about = "evio node agent: pod subnet allocation and CNI config"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Allocate this node's pod subnet and write the CNI config (init container).
+    ConfigGen(Box<config_gen::Args>),
+    /// Inspect or free subnet allocations.
+    Subnets(subnets::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            // One line, like every other failure: clap's message up to its
+            // usage section, joined, without the "error: " prefix.
+            let text = e.render().to_string();
+            let msg: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!(
+                "evio-node: {} (see --help)",
+                msg.join(" ").trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.cmd {
+        Cmd::ConfigGen(a) => config_gen::run(*a),
+        Cmd::Subnets(a) => subnets::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("evio-node: {}", e.to_string().replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

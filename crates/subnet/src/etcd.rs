@@ -87,21 +87,37 @@ fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>, SubnetError> {
     })
 }
 
-/// The error and its causes on one line: tonic's transport errors say only
-/// "transport error" at the top and the useful part ("connection refused",
-/// a certificate problem) in the source chain.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
+/// The error in a few words plus its root cause, on one line: tonic's
+/// errors say "transport error" at the top, keep the useful part
+/// ("Connection refused", a certificate problem) at the bottom of the
+/// source chain, and embed Debug dumps in between.
+fn chain(e: &etcd_client::Error) -> String {
+    use std::error::Error as _;
+    let top = match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let m = s.message();
+            if m.is_empty() {
+                format!("{:?}", s.code())
+            } else {
+                format!("{:?}: {m}", s.code())
+            }
         }
-        cur = c.source();
+        other => other.to_string(),
+    };
+    let mut root: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::GRpcStatus(s) => s.source(),
+        etcd_client::Error::TransportError(t) => t.source(),
+        other => other.source(),
+    };
+    while let Some(next) = root.and_then(|r| r.source()) {
+        root = Some(next);
     }
-    s.replace('\n', " ")
+    let mut s = match root.map(|r| r.to_string()) {
+        Some(r) if !top.contains(&r) => format!("{top}: {r}"),
+        _ => top,
+    };
+    s = s.replace('\n', " ");
+    s
 }
 
 /// Whether trying again (possibly on another member) can help.

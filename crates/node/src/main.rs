@@ -28,7 +28,7 @@ enum Cmd {
     /// Allocate this node's pod subnet and write the CNI config (init container).
     ConfigGen(Box<config_gen::Args>),
     /// Inspect or free subnet allocations.
-    Subnets(subnets::Args),
+    Subnets(Box<subnets::Args>),
 }
 
 fn main() -> ExitCode {
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.cmd {
         Cmd::ConfigGen(a) => config_gen::run(*a),
-        Cmd::Subnets(a) => subnets::run(a),
+        Cmd::Subnets(a) => subnets::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use evio_testkit::netns::Netns;
 use evio_testkit::plugin::{
-    addrs, link, nft_ruleset, ping, range4, range6, routes, sysctl, tcp_roundtrip, NetConf, Pod,
-    GATEWAY4, GATEWAY6, POD_CIDR4, RANGE4_START,
+    addrs, ipam_allocations, link, nft_ruleset, ping, range4, range6, routes, sysctl,
+    tcp_roundtrip, NetConf, Pod, GATEWAY4, GATEWAY6, POD_CIDR4, RANGE4_START,
 };
 use serde_json::{json, Value};
 
@@ -146,6 +146,45 @@ pub fn add_result_shape_v1_0_0(b: Backend) {
 }
 pub fn add_result_shape_v1_1_0(b: Backend) {
     add_result_shape(b, "1.1.0")
+}
+
+/// A dual-stack result in `version`: one IP per family, both on the pod
+/// interface, each with its family's gateway, and `"version": "4"/"6"` only
+/// before 1.0.0.
+fn add_result_shape_dual_stack(b: Backend, version: &str) {
+    let f = Fixture::new(b);
+    let pod = Pod::new();
+    let c = f
+        .conf()
+        .version(version)
+        .ranges(json!([[range4()], [range6()]]));
+    let res = f.add_ok(&pod, &c);
+    let pi = pod_iface_index(&res, &pod.ifname) as u64;
+    let ips = res["ips"].as_array().cloned().unwrap_or_default();
+    assert_eq!(ips.len(), 2, "one IP per family: {res}");
+    for entry in &ips {
+        let (addr, prefix) = parse_cidr(entry["address"].as_str().unwrap_or(""));
+        let (fam, gw, want_prefix) = if addr.is_ipv4() {
+            ("4", GATEWAY4, 16)
+        } else {
+            ("6", GATEWAY6, 64)
+        };
+        assert_eq!(entry["interface"].as_u64(), Some(pi), "{res}");
+        assert_eq!(prefix, want_prefix, "pod CIDR prefix: {res}");
+        assert_eq!(entry["gateway"].as_str(), Some(gw), "{res}");
+        if version.starts_with("0.") {
+            assert_eq!(entry["version"].as_str(), Some(fam), "{version}: {res}");
+        } else {
+            assert!(entry.get("version").is_none(), "{version}: {res}");
+        }
+    }
+}
+
+pub fn add_result_shape_dual_stack_v0_4_0(b: Backend) {
+    add_result_shape_dual_stack(b, "0.4.0")
+}
+pub fn add_result_shape_dual_stack_v1_1_0(b: Backend) {
+    add_result_shape_dual_stack(b, "1.1.0")
 }
 
 // ------------------------------------------------------------ ADD host state
@@ -365,6 +404,37 @@ pub fn pods_reach_each_other_by_ping_and_tcp(b: Backend) {
     tcp_roundtrip(&a.ns, ia, &z.ns).unwrap_or_else(|e| panic!("TCP Z -> A: {e}"));
 }
 
+/// A new pod that gets a just-freed address (with a new MAC) is reachable at
+/// once from a pod that still has the old MAC cached: the gratuitous ARP
+/// (arp_notify) of the new pod's interface updates the neighbour entry.
+pub fn reused_address_is_reachable_at_once(b: Backend) {
+    let f = Fixture::new(b);
+    let c = f.conf().ranges(json!([[{
+        "subnet": POD_CIDR4,
+        "rangeStart": "10.244.3.2",
+        "rangeEnd": "10.244.3.3",
+        "gateway": GATEWAY4,
+    }]]));
+    let a = Pod::new();
+    let z = Pod::new();
+    f.add_ok(&a, &c);
+    let rz = f.add_ok(&z, &c);
+    let iz = pod_ip(&rz, 4).to_string();
+    assert!(ping(&a.ns, &iz), "A cannot ping Z");
+    f.del_ok(&z, &c, Some(&rz));
+    let y = Pod::new();
+    let ry = f.add_ok(&y, &c);
+    assert_eq!(
+        pod_ip(&ry, 4).to_string(),
+        iz,
+        "the only free address is Z's"
+    );
+    assert!(
+        ping(&a.ns, &iz),
+        "A cannot reach the new owner of {iz} at once (stale neighbour entry: no gratuitous ARP?)"
+    );
+}
+
 // --------------------------------------------------------------------- CHECK
 
 pub fn check_passes_after_add(b: Backend) {
@@ -477,6 +547,21 @@ pub fn del_without_netns_releases_address_and_veth(b: Backend) {
     );
 }
 
+/// DEL of an attachment that was never added (the runtime retries after a
+/// failed ADD) succeeds and touches nothing.
+pub fn del_of_never_added_attachment_succeeds(b: Backend) {
+    let f = Fixture::new(b);
+    let c = f.conf().ip_masq(true);
+    let other = Pod::new();
+    let other_res = f.add_ok(&other, &c);
+    let pod = Pod::new();
+    let before = f.leaks(&[&pod.ns, &other.ns]);
+    f.del_ok(&pod, &c, None);
+    before.assert_no_leaks(&f.leaks(&[&pod.ns, &other.ns]), "after DEL of nothing");
+    f.check(&other, &c, &other_res)
+        .expect_success("CHECK of another pod after DEL of nothing");
+}
+
 // --------------------------------------------------------- ADD all-or-nothing
 
 /// A range of two addresses: two pods fit, the third ADD fails and leaves
@@ -496,8 +581,18 @@ pub fn ipam_exhaustion_rolls_back_everything(b: Backend) {
     f.add_ok(&z, &c);
     let third = Pod::new();
     let before = f.leaks(&[&third.ns]);
-    f.add(&third, &c)
-        .expect_error("ADD with the range exhausted");
+    let out = f.add(&third, &c);
+    out.expect_error("ADD with the range exhausted");
+    // host-local's own explanation must reach the runtime (error JSON or
+    // the passed-through stderr), or an operator cannot tell why.
+    assert!(
+        out.error_text().contains("no ip addresses available")
+            || out
+                .stderr
+                .to_lowercase()
+                .contains("no ip addresses available"),
+        "IPAM's error is lost: {out}"
+    );
     before.assert_no_leaks(&f.leaks(&[&third.ns]), "after the failed ADD");
     assert!(ping(&a.ns, GATEWAY4), "pod A lost connectivity");
     assert!(ping(&z.ns, GATEWAY4), "pod Z lost connectivity");
@@ -705,6 +800,70 @@ fn mentions_addr(text: &str, addr: &str) -> bool {
     })
 }
 
+/// DELs of 8 pods racing ADDs of 8 others: all succeed, exactly the new
+/// pods hold addresses and veths afterwards, and once they are gone too the
+/// node is as before.
+pub fn concurrent_adds_and_dels_of_different_pods(b: Backend) {
+    let f = Fixture::new(b);
+    let c = f.conf().ip_masq(true);
+    f.warm_up(&c);
+    let before = f.leaks(&[]);
+    let old: Vec<Pod> = (0..PARALLEL / 2).map(|_| Pod::new()).collect();
+    let old_res = add_all(&f, &old, &c);
+    let new: Vec<Pod> = (0..PARALLEL / 2).map(|_| Pod::new()).collect();
+
+    let new_res = std::thread::scope(|s| {
+        let dels: Vec<_> = old
+            .iter()
+            .zip(&old_res)
+            .map(|(p, r)| {
+                let (f, c) = (&f, &c);
+                s.spawn(move || f.del(p, c, Some(r)))
+            })
+            .collect();
+        let adds: Vec<_> = new
+            .iter()
+            .map(|p| {
+                let (f, c) = (&f, &c);
+                s.spawn(move || f.add(p, c))
+            })
+            .collect();
+        for h in dels {
+            h.join()
+                .unwrap_or_else(|_| panic!("DEL thread panicked"))
+                .expect_success("DEL racing ADDs");
+        }
+        adds.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| panic!("ADD thread panicked"))
+                    .expect_success("ADD racing DELs")
+            })
+            .collect::<Vec<_>>()
+    });
+
+    let owners: BTreeSet<String> = f.allocations().values().map(|(id, _)| id.clone()).collect();
+    let want: BTreeSet<String> = new.iter().map(|p| p.id.clone()).collect();
+    assert_eq!(
+        owners, want,
+        "allocations must belong to exactly the new pods"
+    );
+    for (p, r) in new.iter().zip(&new_res) {
+        f.assert_port_on_bridge(&host_veth(r, &f.bridge));
+        assert!(
+            ping(&p.ns, GATEWAY4),
+            "{} cannot reach the gateway",
+            p.ns.name()
+        );
+    }
+    for r in &old_res {
+        let v = host_veth(r, &f.bridge);
+        assert!(!f.node.has_link(&v), "deleted pod's veth {v} still there");
+    }
+    del_all(&f, &new, &c, &new_res);
+    before.assert_no_leaks(&f.leaks(&[]), "after the racing ADDs/DELs and cleanup");
+}
+
 // ------------------------------------------------------------------------ GC
 
 fn gc_releases_stale_attachment(b: Backend, key: &str) {
@@ -743,6 +902,57 @@ fn gc_releases_stale_attachment(b: Backend, key: &str) {
     f.gc(&c, key, &[(&live.id, &live.ifname)])
         .expect_success("second GC");
     before.assert_no_leaks(&f.leaks(&[]), "after the second GC");
+}
+
+/// GC of one network leaves another network on the same node (same IPAM
+/// dataDir, its own bridge) alone, and never removes bridge ports it did not
+/// create (an uplink or overlay tunnel port added by someone else).
+pub fn gc_leaves_other_networks_and_foreign_ports_alone(b: Backend) {
+    let f = Fixture::new(b);
+    let c = f.conf();
+    let stale = Pod::new();
+    f.add_ok(&stale, &c);
+    let foreign = f.attach_foreign_port();
+
+    let net2 = format!("{}-2", f.net);
+    let bridge2 = evio_testkit::netns::unique_name("evc");
+    let c2 = f.conf().name(&net2).bridge(&bridge2).ranges(json!([[{
+        "subnet": "10.245.0.0/16",
+        "rangeStart": "10.245.3.2",
+        "rangeEnd": "10.245.3.254",
+        "gateway": "10.245.3.1",
+    }]]));
+    let other = Pod::new();
+    let other_res = f.add_ok(&other, &c2);
+    let other_ip = pod_ip(&other_res, 4);
+    let other_veth = host_veth(&other_res, &bridge2);
+
+    f.gc(&c, LIVE, &[])
+        .expect_success("GC with no valid attachments");
+    assert!(
+        f.allocations().is_empty(),
+        "stale pod's allocation kept: {:?}",
+        f.allocations()
+    );
+    let alloc2 = ipam_allocations(&f.data_dir(), &net2);
+    assert!(
+        alloc2.contains_key(&other_ip),
+        "GC of {} released {other_ip} of network {net2}: {alloc2:?}",
+        f.net
+    );
+    assert!(
+        f.node.has_link(&other_veth),
+        "GC removed the other network's veth {other_veth}"
+    );
+    assert!(
+        ping(&other.ns, "10.245.3.1"),
+        "other network's pod lost connectivity after GC"
+    );
+    assert!(
+        f.node.has_link(&foreign),
+        "GC deleted the foreign port {foreign}"
+    );
+    f.assert_port_on_bridge(&foreign);
 }
 
 pub fn gc_valid_attachments_releases_stale_pod_and_keeps_live_one(b: Backend) {

@@ -68,6 +68,8 @@ macro_rules! behaviour_suite {
             add_result_shape_v0_4_0,
             add_result_shape_v1_0_0,
             add_result_shape_v1_1_0,
+            add_result_shape_dual_stack_v0_4_0,
+            add_result_shape_dual_stack_v1_1_0,
             add_configures_pod_and_node,
             add_without_default_gateway_adds_no_default_route,
             is_gateway_false_puts_no_address_on_bridge,
@@ -76,6 +78,7 @@ macro_rules! behaviour_suite {
             second_ifname_for_same_container_is_independent,
             pod_reaches_gateway_by_ping_and_tcp,
             pods_reach_each_other_by_ping_and_tcp,
+            reused_address_is_reachable_at_once,
             check_passes_after_add,
             check_fails_after_pod_lost_its_address,
             check_fails_when_host_veth_left_the_bridge,
@@ -83,14 +86,17 @@ macro_rules! behaviour_suite {
             del_twice_succeeds_and_releases_everything,
             del_after_netns_is_gone_releases_veth_and_address,
             del_without_netns_releases_address_and_veth,
+            del_of_never_added_attachment_succeeds,
             ipam_exhaustion_rolls_back_everything,
             failure_after_ipam_releases_allocation,
             add_to_missing_netns_fails_and_keeps_nothing,
             duplicate_add_fails_and_existing_pod_keeps_working,
             parallel_adds_and_dels_leave_nothing_behind,
             parallel_first_adds_on_fresh_node_do_not_race,
+            concurrent_adds_and_dels_of_different_pods,
             gc_valid_attachments_releases_stale_pod_and_keeps_live_one,
             gc_legacy_attachments_key_releases_stale_pod_and_keeps_live_one,
+            gc_leaves_other_networks_and_foreign_ports_alone,
             status_is_ok_with_host_local,
             status_is_50_when_ipam_plugin_is_missing,
             ip_masq_installs_masquerade_for_pod_cidr,
@@ -316,6 +322,34 @@ impl Fixture {
                 );
             }
         }
+    }
+
+    /// Plugs a veth the plugin did not create into the bridge (as an uplink
+    /// or overlay tunnel port would be); returns its name.
+    pub fn attach_foreign_port(&self) -> String {
+        let name = "evforeign0";
+        self.node.ok(&[
+            "ip",
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "evforeign1",
+        ]);
+        self.node.ok(&["ip", "link", "set", name, "up"]);
+        match &self.ovs {
+            None => {
+                self.node
+                    .ok(&["ip", "link", "set", "dev", name, "master", &self.bridge]);
+            }
+            Some(ovs) => {
+                ovs.vsctl(&["add-port", &self.bridge, name]);
+            }
+        }
+        name.to_string()
     }
 
     /// Unplugs `veth` from the bridge behind the plugin's back.

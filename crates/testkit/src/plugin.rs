@@ -543,6 +543,14 @@ pub struct OvsPorts {
 }
 
 impl OvsPorts {
+    /// The ports of `bridge` on a test's OVS instance.
+    pub fn of(ovs: &crate::ovs::Ovs, bridge: &str) -> OvsPorts {
+        OvsPorts {
+            db: ovs.endpoint(),
+            bridge: bridge.to_string(),
+        }
+    }
+
     pub fn list(&self) -> BTreeSet<String> {
         let out = Command::new("ovs-vsctl")
             .arg(format!("--db={}", self.db))

@@ -269,10 +269,7 @@ impl Fixture {
     }
 
     pub fn ovs_ports(&self) -> Option<OvsPorts> {
-        self.ovsdb().map(|db| OvsPorts {
-            db,
-            bridge: self.bridge.clone(),
-        })
+        self.ovs.as_ref().map(|o| OvsPorts::of(o, &self.bridge))
     }
 
     pub fn leaks(&self, pods: &[&Netns]) -> Leaks {

@@ -1,0 +1,782 @@
+//! The manifests in deploy/ parsed into the Kubernetes API types, and their
+//! wiring checked: what kubectl would accept is not enough, the pieces have
+//! to point at each other (volumes, flags, ports, names, RBAC subjects).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use common::*;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, HTTPGetAction, PodSpec, Probe};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::Value;
+
+const NAMESPACE: &str = "kube-system";
+const CONF_FILE_KEY: &str = "net-conf.json";
+
+/// Containers allowed to run privileged, each justified by a
+/// `# evio: privileged <container>: <reason>` comment in the manifest.
+/// None needs it: NET_ADMIN is enough for what evio-node does.
+const JUSTIFIED_PRIVILEGED: &[&str] = &[];
+const ALLOWED_ADDED_CAPS: &[&str] = &["NET_ADMIN", "NET_RAW"];
+
+fn setup() -> (Vec<Doc>, PodSpec) {
+    let docs = load_manifests();
+    let spec = pod_spec(&daemonset(&docs));
+    (docs, spec)
+}
+
+fn config_map(docs: &[Doc]) -> ConfigMap {
+    let cms: Vec<ConfigMap> = docs
+        .iter()
+        .filter_map(|d| match &d.object {
+            Object::ConfigMap(c) => Some((**c).clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cms.len(), 1, "expected exactly one ConfigMap");
+    cms.into_iter().next().expect("one ConfigMap")
+}
+
+fn net_conf(docs: &[Doc]) -> Value {
+    let cm = config_map(docs);
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(CONF_FILE_KEY))
+        .unwrap_or_else(|| panic!("ConfigMap has no {CONF_FILE_KEY}"));
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{CONF_FILE_KEY} is not JSON: {e}"))
+}
+
+fn namespace_of(d: &Doc) -> Option<String> {
+    let meta = match &d.object {
+        Object::Namespace(_) | Object::ClusterRole(_) | Object::ClusterRoleBinding(_) => {
+            return None
+        }
+        Object::ServiceAccount(o) => &o.metadata,
+        Object::Role(o) => &o.metadata,
+        Object::RoleBinding(o) => &o.metadata,
+        Object::ConfigMap(o) => &o.metadata,
+        Object::Secret(o) => &o.metadata,
+        Object::DaemonSet(o) => &o.metadata,
+    };
+    Some(meta.namespace.clone().unwrap_or_default())
+}
+
+#[test]
+fn every_document_parses_into_the_api_types_without_lost_fields() {
+    let docs = load_manifests();
+    let kinds: BTreeSet<&str> = docs
+        .iter()
+        .map(|d| match &d.object {
+            Object::Namespace(_) => "Namespace",
+            Object::ServiceAccount(_) => "ServiceAccount",
+            Object::ClusterRole(_) => "ClusterRole",
+            Object::ClusterRoleBinding(_) => "ClusterRoleBinding",
+            Object::Role(_) => "Role",
+            Object::RoleBinding(_) => "RoleBinding",
+            Object::ConfigMap(_) => "ConfigMap",
+            Object::Secret(_) => "Secret",
+            Object::DaemonSet(_) => "DaemonSet",
+        })
+        .collect();
+    for k in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "DaemonSet",
+    ] {
+        assert!(kinds.contains(k), "deploy/ has no {k}");
+    }
+    for d in &docs {
+        if let Some(ns) = namespace_of(d) {
+            assert_eq!(ns, NAMESPACE, "{}: namespace", d.origin);
+        }
+    }
+}
+
+#[test]
+fn the_parser_rejects_unknown_kinds_misspelt_fields_and_wrong_api_versions() {
+    let unknown = "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n";
+    assert!(parse_stream("t", unknown)
+        .unwrap_err()
+        .contains("unknown kind"));
+    let typo = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: x}\nautomountToken: false\n";
+    assert!(parse_stream("t", typo)
+        .unwrap_err()
+        .contains("automountToken"));
+    let nested_typo = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x, namespce: y}\n";
+    assert!(parse_stream("t", nested_typo)
+        .unwrap_err()
+        .contains("namespce"));
+    let wrong_api = "apiVersion: apps/v1beta2\nkind: DaemonSet\nmetadata: {name: x}\n";
+    assert!(parse_stream("t", wrong_api).is_err());
+    let ok = "# comment only\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: x}\n";
+    assert_eq!(parse_stream("t", ok).map(|d| d.len()), Ok(1));
+}
+
+#[test]
+fn daemonset_runs_on_every_node_in_the_host_network() {
+    let docs = load_manifests();
+    let ds = daemonset(&docs);
+    let spec = pod_spec(&ds);
+    assert_eq!(spec.host_network, Some(true), "hostNetwork");
+    assert_ne!(spec.host_pid, Some(true), "hostPID is not needed");
+    assert_ne!(spec.host_ipc, Some(true), "hostIPC is not needed");
+    assert_eq!(
+        spec.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    // Cluster DNS needs the pod network, so it cannot be what evio resolves with.
+    assert_eq!(spec.dns_policy.as_deref(), Some("Default"));
+    let tolerations = spec.tolerations.clone().unwrap_or_default();
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists")
+                && t.key.is_none()
+                && t.effect.is_none()),
+        "needs a toleration for every taint (operator Exists, no key, no effect): {tolerations:?}"
+    );
+    let selector = ds.spec.selector.match_labels.clone().unwrap_or_default();
+    let labels = ds
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    assert!(!selector.is_empty(), "selector matchLabels");
+    for (k, v) in &selector {
+        assert_eq!(
+            labels.get(k),
+            Some(v),
+            "template labels must match selector {k}"
+        );
+    }
+    let sa_names: Vec<String> = docs
+        .iter()
+        .filter_map(|d| match &d.object {
+            Object::ServiceAccount(sa) => sa.metadata.name.clone(),
+            _ => None,
+        })
+        .collect();
+    let sa = spec.service_account_name.clone().unwrap_or_default();
+    assert!(
+        sa_names.contains(&sa),
+        "serviceAccountName {sa:?} not declared"
+    );
+}
+
+#[test]
+fn containers_are_install_cni_then_config_gen_then_run_from_one_image() {
+    let (_, spec) = setup();
+    let init: Vec<String> = spec
+        .init_containers
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(subcommand)
+        .collect();
+    assert_eq!(init, ["install-cni", "config-gen"]);
+    let main: Vec<String> = spec.containers.iter().map(subcommand).collect();
+    assert_eq!(main, ["run"]);
+    // The tag deploy/build-image.sh builds by default.
+    let image = format!("localhost/evio-cni:{}", workspace_version());
+    for c in all_containers(&spec) {
+        assert_eq!(c.image.as_deref(), Some(image.as_str()), "{} image", c.name);
+    }
+}
+
+#[test]
+fn every_volume_mount_refers_to_a_declared_volume_and_every_volume_is_used() {
+    let (_, spec) = setup();
+    let declared: Vec<&str> = spec
+        .volumes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    let unique: BTreeSet<&str> = declared.iter().copied().collect();
+    assert_eq!(unique.len(), declared.len(), "duplicate volume names");
+    let mut used = BTreeSet::new();
+    for c in all_containers(&spec) {
+        let mut paths = BTreeSet::new();
+        for m in c.volume_mounts.as_deref().unwrap_or_default() {
+            assert!(
+                unique.contains(m.name.as_str()),
+                "{}: mount of undeclared volume {}",
+                c.name,
+                m.name
+            );
+            assert!(
+                paths.insert(m.mount_path.clone()),
+                "{}: two mounts at {}",
+                c.name,
+                m.mount_path
+            );
+            used.insert(m.name.clone());
+        }
+    }
+    for v in unique {
+        assert!(used.contains(v), "volume {v} is declared but never mounted");
+    }
+}
+
+#[test]
+fn cni_bin_host_path_is_where_install_cni_writes() {
+    let (_, spec) = setup();
+    let vol = host_path_volume(&spec, "/opt/cni/bin");
+    for c in all_containers(&spec) {
+        let m = mount(&c, &vol.name);
+        if subcommand(&c) == "install-cni" {
+            let m = m.expect("install-cni mounts the host's /opt/cni/bin");
+            assert_ne!(m.read_only, Some(true), "install-cni must write it");
+            assert_eq!(flag(&c, "--dest").as_deref(), Some(m.mount_path.as_str()));
+            let src = flag(&c, "--src").expect("install-cni --src");
+            assert!(src.starts_with('/'), "--src {src} must be absolute");
+            // --src is inside the image, not a mount.
+            assert!(c
+                .volume_mounts
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .all(|other| !src.starts_with(&other.mount_path)));
+        } else {
+            assert!(m.is_none(), "{} has no business in /opt/cni/bin", c.name);
+        }
+    }
+}
+
+#[test]
+fn cni_conf_dir_host_path_is_where_config_gen_and_run_write() {
+    let (_, spec) = setup();
+    let vol = host_path_volume(&spec, "/etc/cni/net.d");
+    for sub in ["config-gen", "run"] {
+        let c = container_by_sub(&spec, sub);
+        let m = mount(&c, &vol.name).unwrap_or_else(|| panic!("{sub} mounts /etc/cni/net.d"));
+        assert_ne!(m.read_only, Some(true), "{sub} writes the conflist");
+        assert_eq!(
+            flag(&c, "--cni-conf-dir").as_deref(),
+            Some(m.mount_path.as_str()),
+            "{sub} --cni-conf-dir"
+        );
+    }
+    assert!(mount(&container_by_sub(&spec, "install-cni"), &vol.name).is_none());
+}
+
+#[test]
+fn config_flag_points_at_the_mounted_configmap_key() {
+    let (docs, spec) = setup();
+    let cm = config_map(&docs);
+    let cm_name = cm.metadata.name.clone().unwrap_or_default();
+    let vols: Vec<_> = spec
+        .volumes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter(|v| v.config_map.as_ref().map(|c| c.name.as_str()) == Some(cm_name.as_str()))
+        .collect();
+    assert_eq!(vols.len(), 1, "one volume of ConfigMap {cm_name}");
+    let vol = vols[0];
+    assert!(
+        vol.config_map
+            .as_ref()
+            .and_then(|c| c.items.as_ref())
+            .is_none(),
+        "all keys are projected, so the file is named after the key"
+    );
+    for sub in ["config-gen", "run"] {
+        let c = container_by_sub(&spec, sub);
+        let m = mount(&c, &vol.name).unwrap_or_else(|| panic!("{sub} mounts the ConfigMap"));
+        let want = format!("{}/{CONF_FILE_KEY}", m.mount_path.trim_end_matches('/'));
+        assert_eq!(flag(&c, "--config"), Some(want), "{sub} --config");
+    }
+}
+
+#[test]
+fn file_store_lives_on_the_host_at_the_same_path_in_every_container() {
+    let (docs, spec) = setup();
+    let conf = net_conf(&docs);
+    let store = conf["dataStore"].as_str().expect("dataStore string");
+    let evio_subnet::StoreUrl::File(path) =
+        evio_subnet::StoreUrl::parse(store).expect("dataStore parses")
+    else {
+        // An etcd default would need no host path; the shipped default is file.
+        panic!("the shipped default dataStore should be the embedded file store, is {store}");
+    };
+    let dir = path.parent().expect("file has a directory");
+    let dir = dir.to_str().expect("utf-8 path");
+    let vol = host_path_volume(&spec, dir);
+    for sub in ["config-gen", "run"] {
+        let c = container_by_sub(&spec, sub);
+        let m = mount(&c, &vol.name).unwrap_or_else(|| panic!("{sub} mounts {dir}"));
+        // Same path inside and out: `evio-node subnets list` on the host must
+        // read the same file the URL names.
+        assert_eq!(m.mount_path.trim_end_matches('/'), dir, "{sub}");
+        assert_ne!(m.read_only, Some(true), "{sub} updates the store");
+    }
+}
+
+#[test]
+fn etcd_credentials_come_from_an_optional_secret_not_literals() {
+    let (docs, spec) = setup();
+    let secrets: Vec<_> = spec
+        .volumes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| v.secret.as_ref().map(|s| (v.name.clone(), s.clone())))
+        .collect();
+    assert_eq!(secrets.len(), 1, "one Secret volume for etcd credentials");
+    let (vol, secret) = &secrets[0];
+    assert_eq!(
+        secret.optional,
+        Some(true),
+        "the file store needs no Secret"
+    );
+    let name = secret.secret_name.clone().expect("secretName");
+    assert!(
+        secret.default_mode.is_some_and(|m| m & 0o077 == 0),
+        "credentials readable by their owner only: {:?}",
+        secret.default_mode.map(|m| format!("{m:o}"))
+    );
+    for d in &docs {
+        if let Object::Secret(s) = &d.object {
+            assert!(
+                s.data.is_none() && s.string_data.is_none(),
+                "{}: Secret {name} with literal data in deploy/",
+                d.origin
+            );
+        }
+    }
+    for sub in ["config-gen", "run"] {
+        let c = container_by_sub(&spec, sub);
+        let m = mount(&c, vol).unwrap_or_else(|| panic!("{sub} mounts the etcd Secret"));
+        assert_eq!(m.read_only, Some(true), "{sub}");
+        assert_eq!(
+            flag(&c, "--etcd-secret-dir").as_deref(),
+            Some(m.mount_path.as_str()),
+            "{sub} --etcd-secret-dir"
+        );
+    }
+    // No credential travels through env or args.
+    for c in all_containers(&spec) {
+        for e in c.env.as_deref().unwrap_or_default() {
+            let n = e.name.to_ascii_lowercase();
+            assert!(
+                !(n.contains("password") || n.contains("token") || n.contains("key")),
+                "{}: env {} looks like a credential",
+                c.name,
+                e.name
+            );
+        }
+    }
+}
+
+#[test]
+fn node_name_comes_from_the_downward_api() {
+    let (_, spec) = setup();
+    for sub in ["config-gen", "run"] {
+        let c = container_by_sub(&spec, sub);
+        let env = c.env.clone().unwrap_or_default();
+        let nn = env
+            .iter()
+            .find(|e| e.name == "NODE_NAME")
+            .unwrap_or_else(|| panic!("{sub}: no NODE_NAME"));
+        let field = nn
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str());
+        assert_eq!(field, Some("spec.nodeName"), "{sub}: NODE_NAME source");
+        assert!(nn.value.is_none());
+    }
+}
+
+/// Kubernetes expands `$(VAR)` in args only for variables the container
+/// defines; anything else is passed literally.
+#[test]
+fn every_variable_reference_in_args_is_defined() {
+    let (_, spec) = setup();
+    for c in all_containers(&spec) {
+        let defined: BTreeSet<String> = c
+            .env
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect();
+        for a in args(&c) {
+            let mut rest = a.as_str();
+            while let Some(start) = rest.find("$(") {
+                let after = &rest[start + 2..];
+                let end = after
+                    .find(')')
+                    .unwrap_or_else(|| panic!("{}: unclosed $( in {a}", c.name));
+                let var = &after[..end];
+                assert!(defined.contains(var), "{}: $({var}) undefined", c.name);
+                rest = &after[end..];
+            }
+        }
+    }
+}
+
+/// Reasons in `# evio: privileged <container>: <reason>` comments.
+fn privileged_justifications() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for f in manifest_files() {
+        let text = std::fs::read_to_string(&f).expect("read manifest");
+        for line in text.lines() {
+            if let Some(rest) = line.trim_start().strip_prefix("# evio: privileged ") {
+                if let Some((name, reason)) = rest.split_once(':') {
+                    if !reason.trim().is_empty() {
+                        out.insert(name.trim().to_string());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn capabilities_not_privileged() {
+    let (_, spec) = setup();
+    let mut privileged = BTreeSet::new();
+    for c in all_containers(&spec) {
+        let sc = c
+            .security_context
+            .clone()
+            .unwrap_or_else(|| panic!("{}: no securityContext", c.name));
+        if sc.privileged == Some(true) {
+            privileged.insert(c.name.clone());
+        }
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+        assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
+        let caps = sc.capabilities.clone().unwrap_or_default();
+        assert_eq!(
+            caps.drop.as_deref(),
+            Some(&["ALL".to_string()][..]),
+            "{}: start from no capabilities",
+            c.name
+        );
+        let added = caps.add.clone().unwrap_or_default();
+        for cap in &added {
+            assert!(
+                ALLOWED_ADDED_CAPS.contains(&cap.as_str()),
+                "{}: capability {cap} beyond NET_ADMIN/NET_RAW",
+                c.name
+            );
+        }
+        let wants_net_admin = subcommand(&c) == "run";
+        assert_eq!(
+            added.iter().any(|a| a == "NET_ADMIN"),
+            wants_net_admin,
+            "{}: NET_ADMIN only where the pod network is managed",
+            c.name
+        );
+    }
+    let justified = privileged_justifications();
+    assert_eq!(
+        privileged, justified,
+        "privileged containers and their justifying comments must match"
+    );
+    let expected: BTreeSet<String> = JUSTIFIED_PRIVILEGED.iter().map(|s| s.to_string()).collect();
+    assert_eq!(privileged, expected, "privileged containers");
+}
+
+fn http_get(p: &Option<Probe>, what: &str) -> HTTPGetAction {
+    p.as_ref()
+        .and_then(|p| p.http_get.clone())
+        .unwrap_or_else(|| panic!("{what}: needs an httpGet probe"))
+}
+
+fn resolve_port(c: &Container, port: &IntOrString) -> i32 {
+    let ports = c.ports.clone().unwrap_or_default();
+    let n = match port {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(name) => {
+            ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .unwrap_or_else(|| panic!("{}: probe port {name} not declared", c.name))
+                .container_port
+        }
+    };
+    assert!(
+        ports.iter().any(|p| p.container_port == n),
+        "{}: probe port {n} not exposed",
+        c.name
+    );
+    n
+}
+
+#[test]
+fn probes_hit_healthz_on_the_port_run_listens_on() {
+    let (docs, spec) = setup();
+    let c = container_by_sub(&spec, "run");
+    let listen: SocketAddr = flag(&c, "--listen")
+        .expect("run --listen")
+        .parse()
+        .expect("--listen is ADDR:PORT");
+    assert_eq!(listen.port(), 9471);
+    // hostNetwork: kubelet probes the node's address, so a loopback-only
+    // listener would fail every probe.
+    assert!(listen.ip().is_unspecified(), "--listen {listen}");
+    for (what, probe) in [
+        ("livenessProbe", &c.liveness_probe),
+        ("readinessProbe", &c.readiness_probe),
+    ] {
+        let g = http_get(probe, what);
+        assert_eq!(g.path.as_deref(), Some("/healthz"), "{what} path");
+        assert_eq!(
+            resolve_port(&c, &g.port),
+            i32::from(listen.port()),
+            "{what} port"
+        );
+        assert!(g.host.is_none(), "{what}: the pod IP is the node IP");
+    }
+    for p in c.ports.as_deref().unwrap_or_default() {
+        assert!(
+            p.host_port.is_none() || p.host_port == Some(p.container_port),
+            "hostNetwork requires hostPort == containerPort"
+        );
+    }
+    let ann = daemonset(&docs)
+        .spec
+        .template
+        .metadata
+        .and_then(|m| m.annotations)
+        .unwrap_or_default();
+    assert_eq!(
+        ann.get("prometheus.io/port").map(String::as_str),
+        Some(listen.port().to_string().as_str())
+    );
+    for c in all_containers(&spec) {
+        if subcommand(&c) != "run" {
+            assert!(c.liveness_probe.is_none() && c.readiness_probe.is_none());
+        }
+    }
+}
+
+#[test]
+fn net_conf_json_parses_and_has_the_documented_defaults() {
+    let docs = load_manifests();
+    let conf = net_conf(&docs);
+    let cidr = conf["podCIDR"].as_str().expect("podCIDR string");
+    let bits = conf["nodeBits"].as_u64().expect("nodeBits number");
+    let pod = evio_subnet::PodNetwork::parse(cidr, u32::try_from(bits).expect("small"))
+        .expect("podCIDR + nodeBits accepted by evio-subnet");
+    assert_eq!(pod.capacity(), 256);
+    let store = conf["dataStore"].as_str().expect("dataStore");
+    evio_subnet::StoreUrl::parse(store).expect("dataStore accepted by evio-subnet");
+    let bridge = conf["bridge"].as_str().expect("bridge");
+    assert!(!bridge.is_empty() && bridge.len() <= 15);
+    let want = serde_json::json!({
+        "name": "evio",
+        "podCIDR": "10.244.0.0/16",
+        "nodeBits": 8,
+        "bridge": "evio0",
+        "bridgeType": "ovs",
+        "ovsDatapath": "auto",
+        "ipMasq": true,
+        "mtu": 1500,
+        "dataStore": "file:///var/lib/evio/subnets.json",
+    });
+    assert_eq!(conf, want);
+}
+
+#[test]
+fn configmap_tells_operators_the_file_store_is_single_node() {
+    let text = std::fs::read_to_string(deploy_dir().join("evio-cni.yaml")).expect("read");
+    assert!(text.contains("only") && text.contains("coordinates one machine"));
+    assert!(text.contains("etcd://"));
+}
+
+#[test]
+fn rbac_is_read_nodes_only_and_bound_to_the_service_account() {
+    let docs = load_manifests();
+    let mut roles = BTreeMap::new();
+    let mut bindings = Vec::new();
+    let mut sas = BTreeSet::new();
+    for d in &docs {
+        match &d.object {
+            Object::ClusterRole(r) => {
+                roles.insert(r.metadata.name.clone().unwrap_or_default(), r.clone());
+            }
+            Object::ClusterRoleBinding(b) => bindings.push(b.clone()),
+            Object::ServiceAccount(sa) => {
+                sas.insert((
+                    sa.metadata.namespace.clone().unwrap_or_default(),
+                    sa.metadata.name.clone().unwrap_or_default(),
+                ));
+                assert_eq!(
+                    sa.automount_service_account_token,
+                    Some(false),
+                    "nothing calls the API, so no token"
+                );
+            }
+            Object::Role(_) | Object::RoleBinding(_) => panic!("no namespaced RBAC expected"),
+            _ => {}
+        }
+    }
+    assert_eq!(roles.len(), 1);
+    for r in roles.values() {
+        let rules = r.rules.clone().unwrap_or_default();
+        assert_eq!(rules.len(), 1, "one rule");
+        let rule = &rules[0];
+        assert_eq!(rule.api_groups.as_deref(), Some(&[String::new()][..]));
+        assert_eq!(rule.resources.as_deref(), Some(&["nodes".to_string()][..]));
+        assert_eq!(rule.verbs, ["get"]);
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+        assert!(r.aggregation_rule.is_none());
+    }
+    assert_eq!(bindings.len(), 1);
+    let b = &bindings[0];
+    assert_eq!(b.role_ref.kind, "ClusterRole");
+    assert!(
+        roles.contains_key(&b.role_ref.name),
+        "binding to a declared role"
+    );
+    for s in b.subjects.as_deref().unwrap_or_default() {
+        assert_eq!(s.kind, "ServiceAccount");
+        let key = (s.namespace.clone().unwrap_or_default(), s.name.clone());
+        assert!(sas.contains(&key), "binding subject {key:?} not declared");
+    }
+    let spec = pod_spec(&daemonset(&docs));
+    assert_eq!(spec.automount_service_account_token, Some(false));
+}
+
+/// CPU in millicores, memory in bytes; only the suffixes the manifests use.
+fn quantity(resource: &str, q: &str) -> u64 {
+    let num = |s: &str| {
+        s.parse::<u64>()
+            .unwrap_or_else(|_| panic!("{resource} quantity {q}"))
+    };
+    match resource {
+        "cpu" => match q.strip_suffix('m') {
+            Some(m) => num(m),
+            None => num(q) * 1000,
+        },
+        "memory" => {
+            for (suf, mul) in [("Ki", 1u64 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30)] {
+                if let Some(n) = q.strip_suffix(suf) {
+                    return num(n) * mul;
+                }
+            }
+            num(q)
+        }
+        _ => panic!("unexpected resource {resource}"),
+    }
+}
+
+#[test]
+fn every_container_has_bounded_resources() {
+    let (_, spec) = setup();
+    for c in all_containers(&spec) {
+        let r = c.resources.clone().unwrap_or_default();
+        let req = r.requests.clone().unwrap_or_default();
+        let lim = r.limits.clone().unwrap_or_default();
+        for res in ["cpu", "memory"] {
+            let rq = req
+                .get(res)
+                .unwrap_or_else(|| panic!("{}: no {res} request", c.name));
+            let lm = lim
+                .get(res)
+                .unwrap_or_else(|| panic!("{}: no {res} limit", c.name));
+            assert!(
+                quantity(res, &rq.0) <= quantity(res, &lm.0),
+                "{}: {res} request above limit",
+                c.name
+            );
+        }
+    }
+}
+
+/// Lines of `text` that look like a literal credential.
+fn credential_findings(text: &str) -> Vec<String> {
+    const SECRET_KEYS: &[&str] = &[
+        "password",
+        "passwd",
+        "token",
+        "secret-key",
+        "apikey",
+        "api-key",
+        "client-key-data",
+    ];
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let l = line.to_ascii_lowercase();
+        let pem = l.contains("-----begin") && (l.contains("key-----") || l.contains("certificate"));
+        let literal_flag = l.contains("--from-literal");
+        let key_value = SECRET_KEYS.iter().any(|k| {
+            l.match_indices(k).any(|(i, _)| {
+                let before_ok = l[..i]
+                    .chars()
+                    .last()
+                    .is_none_or(|c| !c.is_ascii_alphanumeric() && c != '_');
+                let after = l[i + k.len()..].trim_start_matches(['"', '\'']);
+                after
+                    .strip_prefix(':')
+                    .is_some_and(|v| !v.trim().is_empty())
+                    && before_ok
+            })
+        });
+        if pem || literal_flag || key_value {
+            out.push(format!("line {}: {}", n + 1, line.trim()));
+        }
+    }
+    out
+}
+
+#[test]
+fn credential_scan_catches_planted_secrets() {
+    for bad in [
+        "  password: hunter2",
+        "  \"password\": \"hunter2\"",
+        "# password: s3cret",
+        "  token: abcdef",
+        "-----BEGIN RSA PRIVATE KEY-----",
+        "-----BEGIN PRIVATE KEY-----",
+        "-----BEGIN CERTIFICATE-----",
+        "kubectl create secret generic x --from-literal=password=x",
+    ] {
+        assert_eq!(credential_findings(bad).len(), 1, "missed: {bad}");
+    }
+    for fine in [
+        "#   username  password   etcd user authentication",
+        "  --from-file=tls.key=/etc/kubernetes/pki/x.key",
+        "  passwordFile:",
+        "  password:",
+        "            - --etcd-secret-dir",
+    ] {
+        assert!(credential_findings(fine).is_empty(), "false alarm: {fine}");
+    }
+}
+
+#[test]
+fn no_literal_credentials_anywhere_in_deploy() {
+    let mut findings = Vec::new();
+    let mut files = 0;
+    for e in std::fs::read_dir(deploy_dir()).expect("deploy/") {
+        let p = e.expect("entry").path();
+        if !p.is_file() {
+            continue;
+        }
+        files += 1;
+        let bytes = std::fs::read(&p).expect("read");
+        let text = String::from_utf8_lossy(&bytes);
+        for f in credential_findings(&text) {
+            findings.push(format!("{}: {f}", p.display()));
+        }
+    }
+    assert!(
+        files >= 3,
+        "manifests, Containerfile and build script expected"
+    );
+    assert!(findings.is_empty(), "literal credentials: {findings:#?}");
+}

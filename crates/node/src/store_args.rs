@@ -90,11 +90,20 @@ impl StoreArgs {
         Ok((
             url,
             StoreOptions {
-                timeout: self.timeout,
+                timeout: store_budget(self.timeout),
                 etcd,
             },
         ))
     }
+}
+
+/// The store's own retry deadline ends a little before the hard stop so
+/// that a store that cannot be reached is reported with its last error
+/// ("connection refused", a TLS failure) rather than a bare timeout.
+fn store_budget(total: Duration) -> Duration {
+    total
+        .saturating_sub((total / 20).max(Duration::from_millis(100)))
+        .max(total / 2)
 }
 
 /// Runs `fut` on a single-threaded runtime (one request at a time is all a
@@ -126,6 +135,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budget_leaves_room_for_the_hard_stop() {
+        assert_eq!(
+            store_budget(Duration::from_secs(30)),
+            Duration::from_millis(28_500)
+        );
+        assert_eq!(
+            store_budget(Duration::from_secs(2)),
+            Duration::from_millis(1900)
+        );
+        assert_eq!(
+            store_budget(Duration::from_millis(100)),
+            Duration::from_millis(50)
+        );
+    }
 
     #[test]
     fn secs() {

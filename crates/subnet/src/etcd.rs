@@ -225,14 +225,17 @@ impl EtcdStore {
                 }
                 Err(_) => "connect timed out".to_string(),
             };
-            if Instant::now() + pause >= deadline {
+            // Use the whole budget: the last attempt may be the one that
+            // finds a member back.
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
                 return Err(SubnetError::Unreachable {
                     store: store_desc,
                     after: timeout,
                     last,
                 });
             }
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(pause.min(remaining)).await;
             pause = (pause * 2).min(Duration::from_secs(1));
         }
     }
@@ -259,17 +262,19 @@ impl EtcdStore {
                 }
                 Err(_) => "request timed out".to_string(),
             };
-            let jitter = Duration::from_millis(
-                rand::thread_rng().gen_range(0..=pause.as_millis() as u64 / 2),
-            );
-            if Instant::now() + pause + jitter >= deadline {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
                 return Err(SubnetError::Unreachable {
                     store: format!("etcd://{}", self.endpoints),
                     after: self.timeout,
                     last,
                 });
             }
-            tokio::time::sleep(pause + jitter).await;
+            // Jitter spreads the retries of nodes that failed together.
+            let jitter = Duration::from_millis(
+                rand::thread_rng().gen_range(0..=pause.as_millis() as u64 / 2),
+            );
+            tokio::time::sleep((pause + jitter).min(remaining)).await;
             pause = (pause * 2).min(Duration::from_secs(1));
         }
     }

@@ -1,0 +1,237 @@
+//! The `etcd://` store against a real etcd (one shared instance per test
+//! binary; each test uses its own network name).
+
+use std::time::{Duration, Instant};
+
+use evio_subnet::{
+    open_store, EtcdOptions, EtcdStore, PodNetwork, StoreOptions, StoreUrl, SubnetError,
+    SubnetStore,
+};
+use evio_testkit::etcd::Etcd;
+use evio_testkit::netns::unique_name;
+
+async fn connect(e: &Etcd) -> EtcdStore {
+    EtcdStore::connect(
+        &e.endpoints(),
+        &EtcdOptions::default(),
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn keys_round_trips_existing_release() {
+    let e = Etcd::shared();
+    let net = unique_name("t");
+    let pod = PodNetwork::parse("10.244.0.0/16", 8).unwrap();
+    rt().block_on(async {
+        let s = connect(e).await;
+        let a = s.allocate(&net, "node-a", &pod).await.unwrap();
+        assert!(!a.existing);
+        // One read (own key + taken slots), one create.
+        assert_eq!(s.round_trips(), 2);
+        let again = s.allocate(&net, "node-a", &pod).await.unwrap();
+        assert!(again.existing);
+        assert_eq!(again.subnet, a.subnet);
+        assert_eq!(s.round_trips(), 3);
+
+        let kv = e.get_prefix(&format!("/evio/{net}/"));
+        let sub = a.subnet.subnet;
+        let skey = format!("/evio/{net}/subnets/{}-{}", sub.network(), sub.prefix_len());
+        assert_eq!(kv.len(), 2, "{kv:?}");
+        assert_eq!(
+            kv[0],
+            (format!("/evio/{net}/nodes/node-a"), sub.to_string())
+        );
+        assert_eq!(kv[1].0, skey);
+        let rec: serde_json::Value = serde_json::from_str(&kv[1].1).unwrap();
+        assert_eq!(rec["node"], "node-a");
+        assert!(rec["time"].as_str().unwrap().ends_with('Z'));
+
+        let list = s.list(&net).await.unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].subnet, sub);
+        assert_eq!(s.lookup(&net, "node-a").await.unwrap(), Some(sub));
+        assert_eq!(s.release(&net, "node-a").await.unwrap(), sub);
+        assert!(e.get_prefix(&format!("/evio/{net}/")).is_empty());
+        assert!(matches!(
+            s.release(&net, "node-a").await,
+            Err(SubnetError::NotFound { .. })
+        ));
+    });
+}
+
+#[test]
+fn precreated_keys_are_respected() {
+    let e = Etcd::shared();
+    let net = unique_name("t");
+    // Another writer (an older layout, or an admin) holds everything but one
+    // slot, with keys only in the subnets/ space.
+    let pod = PodNetwork::parse("10.9.0.0/24", 3).unwrap();
+    for i in 0..8u128 {
+        if i == 5 {
+            continue;
+        }
+        let n = pod.node(i).unwrap().subnet;
+        let key = format!("/evio/{net}/subnets/{}-{}", n.network(), n.prefix_len());
+        assert!(e
+            .etcdctl(&[
+                "put",
+                &key,
+                r#"{"node":"someone","time":"2024-01-01T00:00:00Z"}"#
+            ])
+            .status
+            .success());
+    }
+    rt().block_on(async {
+        let s = connect(e).await;
+        let a = s.allocate(&net, "x", &pod).await.unwrap();
+        assert_eq!(a.subnet.index, 5);
+        let err = s.allocate(&net, "y", &pod).await.unwrap_err();
+        assert!(
+            matches!(err, SubnetError::Exhausted { capacity: 8, .. }),
+            "{err}"
+        );
+        // A foreign-layout node value is refused, naming the fix.
+        let other = PodNetwork::parse("10.9.0.0/24", 2).unwrap();
+        let err = s.allocate(&net, "x", &other).await.unwrap_err();
+        assert!(matches!(err, SubnetError::ForeignSubnet { .. }), "{err}");
+    });
+}
+
+#[test]
+fn concurrent_clients_in_process_get_distinct_subnets() {
+    let e = Etcd::shared();
+    let net = unique_name("t");
+    let pod = PodNetwork::parse("10.60.0.0/16", 4).unwrap();
+    rt().block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let eps = e.endpoints();
+            let net = net.clone();
+            tasks.push(tokio::spawn(async move {
+                let s = EtcdStore::connect(&eps, &EtcdOptions::default(), Duration::from_secs(20))
+                    .await
+                    .unwrap();
+                s.allocate(&net, &format!("n{i}"), &pod).await
+            }));
+        }
+        let mut ok = Vec::new();
+        let mut exhausted = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(a) => ok.push(a.subnet.subnet),
+                Err(SubnetError::Exhausted { .. }) => exhausted += 1,
+                Err(other) => panic!("{other}"),
+            }
+        }
+        ok.sort();
+        ok.dedup();
+        assert_eq!(ok.len(), 16, "exactly the capacity is handed out");
+        assert_eq!(exhausted, 8);
+    });
+}
+
+#[test]
+fn unreachable_gives_up_within_timeout() {
+    // A port nothing listens on: bind, note, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = StoreUrl::parse(&format!("etcd://127.0.0.1:{port}")).unwrap();
+    let opts = StoreOptions {
+        timeout: Duration::from_millis(1500),
+        etcd: EtcdOptions::default(),
+    };
+    let pod = PodNetwork::parse("10.244.0.0/16", 8).unwrap();
+    let t = Instant::now();
+    let r = rt().block_on(async {
+        let s = open_store(&url, &opts).await?;
+        s.allocate("n", "a", &pod).await
+    });
+    let err = r.unwrap_err();
+    assert!(matches!(err, SubnetError::Unreachable { .. }), "{err}");
+    assert!(err.to_string().contains("refused"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+}
+
+/// Benchmark, not a test: `cargo test -p evio-subnet --release --test
+/// etcd_store -- --ignored --nocapture bench_`. 256 allocations at
+/// concurrency 32 into a /16 split 8 ways (256 slots: the last joiners
+/// contend for the last free slots), each with its own client as separate
+/// nodes would have.
+#[test]
+#[ignore]
+fn bench_fill_256_at_concurrency_32() {
+    let e = Etcd::shared();
+    let pod = PodNetwork::parse("10.200.0.0/16", 8).unwrap();
+    let rt = rt();
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        v[((v.len() as f64 - 1.0) * p).round() as usize]
+    };
+
+    // Uncontended baseline: one allocation at a time.
+    let net = unique_name("bench");
+    let mut solo = Vec::new();
+    rt.block_on(async {
+        for i in 0..32 {
+            let s = connect(e).await;
+            let t = Instant::now();
+            s.allocate(&net, &format!("solo{i}"), &pod).await.unwrap();
+            solo.push(t.elapsed());
+        }
+    });
+    let solo_median = pct(&mut solo, 0.5);
+
+    let net = unique_name("bench");
+    let started = Instant::now();
+    let (mut lat, trips) = rt.block_on(async {
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+        let mut tasks = Vec::new();
+        for i in 0..256 {
+            let sem = sem.clone();
+            let eps = e.endpoints();
+            let net = net.clone();
+            tasks.push(tokio::spawn(async move {
+                let _permit = sem.acquire().await.unwrap();
+                let s = EtcdStore::connect(&eps, &EtcdOptions::default(), Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                let t = Instant::now();
+                s.allocate(&net, &format!("node{i}"), &pod).await.unwrap();
+                (t.elapsed(), s.round_trips())
+            }));
+        }
+        let mut lat = Vec::new();
+        let mut trips = 0;
+        for t in tasks {
+            let (l, r) = t.await.unwrap();
+            lat.push(l);
+            trips += r;
+        }
+        (lat, trips)
+    });
+    let total = started.elapsed();
+    let median = pct(&mut lat, 0.5);
+    let p99 = pct(&mut lat, 0.99);
+    println!(
+        "uncontended median {solo_median:?}; 256 @ 32: median {median:?} p99 {p99:?} \
+         ({:.1}x uncontended median), {:.2} round trips/allocation, fill {total:?}",
+        p99.as_secs_f64() / solo_median.as_secs_f64(),
+        trips as f64 / 256.0
+    );
+    let s = rt.block_on(connect(e));
+    assert_eq!(rt.block_on(s.list(&net)).unwrap().len(), 256);
+}

@@ -1,0 +1,210 @@
+//! The embedded `file://` store: allocation semantics, locking between
+//! independent openers, and what it refuses to touch.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use evio_subnet::{FileStore, PodNetwork, SubnetError, SubnetStore};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn store(dir: &tempfile::TempDir) -> FileStore {
+    FileStore::new(
+        dir.path().join("state/subnets.json"),
+        Duration::from_secs(10),
+    )
+}
+
+#[test]
+fn allocate_existing_release_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let pod = PodNetwork::parse("10.244.0.0/16", 8).unwrap();
+    rt().block_on(async {
+        let a = s.allocate("net1", "a", &pod).await.unwrap();
+        assert!(!a.existing);
+        assert_eq!(a.subnet.subnet.to_string(), "10.244.0.0/24");
+        let b = s.allocate("net1", "b", &pod).await.unwrap();
+        assert_eq!(b.subnet.subnet.to_string(), "10.244.1.0/24");
+        // Networks are independent namespaces.
+        let other = s.allocate("net2", "a", &pod).await.unwrap();
+        assert_eq!(other.subnet.index, 0);
+        let again = s.allocate("net1", "a", &pod).await.unwrap();
+        assert!(again.existing);
+        assert_eq!(again.subnet, a.subnet);
+        assert_eq!(s.lookup("net1", "b").await.unwrap(), Some(b.subnet.subnet));
+        let list = s.list("net1").await.unwrap();
+        let names: Vec<_> = list
+            .iter()
+            .map(|l| (l.subnet.to_string(), l.record.node.clone()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("10.244.0.0/24".into(), "a".into()),
+                ("10.244.1.0/24".into(), "b".into())
+            ]
+        );
+        assert!(!list[0].record.time.is_empty());
+        assert_eq!(s.release("net1", "a").await.unwrap(), a.subnet.subnet);
+        assert!(matches!(
+            s.release("net1", "a").await,
+            Err(SubnetError::NotFound { .. })
+        ));
+        assert_eq!(s.lookup("net1", "a").await.unwrap(), None);
+        // The freed slot is handed out again.
+        let c = s.allocate("net1", "c", &pod).await.unwrap();
+        assert_eq!(c.subnet.subnet.to_string(), "10.244.0.0/24");
+    });
+    let meta = std::fs::metadata(dir.path().join("state/subnets.json")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+}
+
+#[test]
+fn exhaustion_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let pod = PodNetwork::parse("192.168.7.0/24", 2).unwrap();
+    rt().block_on(async {
+        for n in ["n0", "n1", "n2", "n3"] {
+            s.allocate("x", n, &pod).await.unwrap();
+        }
+        let before = std::fs::read(s.path()).unwrap();
+        let e = s.allocate("x", "n4", &pod).await.unwrap_err();
+        assert!(
+            matches!(e, SubnetError::Exhausted { capacity: 4, .. }),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(s.path()).unwrap(), before);
+        // An existing node still gets its subnet when the space is full.
+        assert!(s.allocate("x", "n2", &pod).await.unwrap().existing);
+    });
+}
+
+#[test]
+fn layout_change_is_refused_and_overlaps_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let old = PodNetwork::parse("10.244.0.0/16", 8).unwrap();
+    let new = PodNetwork::parse("10.244.0.0/16", 4).unwrap();
+    rt().block_on(async {
+        s.allocate("n", "a", &old).await.unwrap();
+        let e = s.allocate("n", "a", &new).await.unwrap_err();
+        assert!(matches!(e, SubnetError::ForeignSubnet { .. }), "{e}");
+        assert!(e.to_string().contains("release"), "{e}");
+        // 10.244.0.0/24 (old layout) lies inside new slot 0 (10.244.0.0/20).
+        let b = s.allocate("n", "b", &new).await.unwrap();
+        assert_eq!(b.subnet.subnet.to_string(), "10.244.16.0/20");
+    });
+}
+
+#[test]
+fn corrupt_file_is_reported_not_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    std::fs::create_dir_all(s.path().parent().unwrap()).unwrap();
+    std::fs::write(s.path(), b"{ not json").unwrap();
+    let pod = PodNetwork::parse("10.244.0.0/16", 8).unwrap();
+    let e = rt().block_on(s.allocate("n", "a", &pod)).unwrap_err();
+    assert!(matches!(e, SubnetError::Corrupt { .. }), "{e}");
+    assert_eq!(std::fs::read(s.path()).unwrap(), b"{ not json");
+}
+
+#[test]
+fn bad_names_rejected_before_touching_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let pod = PodNetwork::parse("10.244.0.0/16", 8).unwrap();
+    rt().block_on(async {
+        for (net, node) in [("n", "../x"), ("a/b", "x"), ("", "x"), ("n", "")] {
+            assert!(matches!(
+                s.allocate(net, node, &pod).await,
+                Err(SubnetError::InvalidName { .. })
+            ));
+        }
+    });
+    assert!(!s.path().exists());
+}
+
+/// Separate `FileStore`s open separate file descriptions, so their flocks
+/// exclude each other exactly as separate processes' would.
+#[test]
+fn concurrent_openers_get_distinct_subnets() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let pod = PodNetwork::parse("10.50.0.0/16", 5).unwrap();
+    let handles: Vec<_> = (0..32)
+        .map(|i| {
+            let dir = Arc::clone(&dir);
+            std::thread::spawn(move || {
+                let s = store(&dir);
+                rt().block_on(s.allocate("c", &format!("node{i}"), &pod))
+                    .unwrap()
+                    .subnet
+                    .subnet
+            })
+        })
+        .collect();
+    let mut got: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), 32);
+    let s = store(&dir);
+    assert_eq!(rt().block_on(s.list("c")).unwrap().len(), 32);
+    assert!(matches!(
+        rt().block_on(s.allocate("c", "one-too-many", &pod)),
+        Err(SubnetError::Exhausted { .. })
+    ));
+}
+
+#[test]
+fn lock_wait_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("subnets.json");
+    let lock = dir.path().join("subnets.json.lock");
+    std::fs::write(&lock, b"").unwrap();
+    // Another process holds the lock for longer than our timeout.
+    // --no-fork: the lock holder is the process we kill below, not a child
+    // that would keep the lock after flock itself dies.
+    let mut holder = Command::new("flock")
+        .arg("--no-fork")
+        .arg(&lock)
+        .args(["sleep", "5"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the holder really has it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Command::new("flock")
+        .args(["-n"])
+        .arg(&lock)
+        .arg("true")
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "flock holder never took the lock"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = FileStore::new(path.clone(), Duration::from_millis(300));
+    let pod = PodNetwork::parse("10.244.0.0/16", 8).unwrap();
+    let t = Instant::now();
+    let e = rt().block_on(s.allocate("n", "a", &pod)).unwrap_err();
+    assert!(matches!(e, SubnetError::LockTimeout { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(!path.exists());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    // Released: now it works.
+    let s = FileStore::new(path, Duration::from_secs(5));
+    rt().block_on(s.allocate("n", "a", &pod)).unwrap();
+}

@@ -4,7 +4,7 @@
 //! ifname), the host veth (named and aliased from the identity at creation),
 //! the OVS port (external_ids carry the identity from the insert on).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
 use evio_cni::config::{BridgeAddr, NetConf};
@@ -12,7 +12,7 @@ use evio_cni::env::{Command, Env};
 use evio_cni::ipam::Delegate;
 use evio_cni::result::{CniResult, Interface, Route as CniRoute};
 use evio_cni::{code, CniError, Result};
-use evio_net::{ethtool, sysctl, Handle, Link, Netns, Route};
+use evio_net::{arp, ethtool, sysctl, Handle, Link, Netns, Route};
 use ipnet::IpNet;
 
 use crate::naming::{alias, host_veth_name, MAX_CONTAINER_ID};
@@ -84,6 +84,7 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<CniResult> {
         veth_name: &veth_name,
         veth_created: false,
         port_attached: false,
+        log,
     };
     let res = plumbing.run(
         &mut host,
@@ -98,7 +99,7 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<CniResult> {
     match res {
         Ok(r) => Ok(r),
         Err(e) => {
-            plumbing.rollback(&mut host, sw.as_mut(), &att, log);
+            plumbing.rollback(&mut host, sw.as_mut(), &att);
             if let Err(e2) = ipam.run(Command::Del, &conf.raw, conf.version) {
                 log.warn(format_args!(
                     "rollback: ipam DEL for {} failed: {e2}",
@@ -134,6 +135,7 @@ struct Plumbing<'a> {
     veth_name: &'a str,
     veth_created: bool,
     port_attached: bool,
+    log: &'a Log,
 }
 
 impl Plumbing<'_> {
@@ -193,16 +195,37 @@ impl Plumbing<'_> {
             }
         }
 
-        let pod_link = pod
+        let mut pod_link = pod
             .link_by_name(ifname)
             .map_err(neterr(format!("look up {ifname}")))?
             .ok_or_else(|| {
                 CniError::new(code::NETWORK, format!("{ifname} vanished from the pod"))
             })?;
+        if let Some(mac) = mac_for(&result) {
+            pod.set_mac(pod_link.index, mac)
+                .map_err(neterr(format!("set MAC of {ifname}")))?;
+            pod_link.mac = Some(mac);
+        }
         for ip in &result.ips {
             pod.add_address(pod_link.index, ip.address)
                 .map_err(neterr(format!("add {} to {ifname}", ip.address)))?;
         }
+        // The host end is plugged in before the pod end comes up, so that the
+        // pod's first packets (and its gratuitous ARP) find a forwarding port.
+        let veth = host
+            .link_by_name(self.veth_name)
+            .map_err(neterr(format!("look up {}", self.veth_name)))?
+            .ok_or_else(|| CniError::new(code::NETWORK, format!("{} vanished", self.veth_name)))?;
+        if tx_off {
+            ethtool::set_tx_checksum(self.veth_name, false).map_err(neterr(format!(
+                "turn off TX checksum offload on {}",
+                self.veth_name
+            )))?;
+        }
+        host.set_up(veth.index)
+            .map_err(neterr(format!("bring up {}", self.veth_name)))?;
+        sw.attach(host, bridge, &veth, att)?;
+        self.port_attached = true;
         pod.set_up(pod_link.index)
             .map_err(neterr(format!("bring up {ifname}")))?;
 
@@ -246,26 +269,15 @@ impl Plumbing<'_> {
         }
         result.routes = routes;
 
-        let veth = host
-            .link_by_name(self.veth_name)
-            .map_err(neterr(format!("look up {}", self.veth_name)))?
-            .ok_or_else(|| CniError::new(code::NETWORK, format!("{} vanished", self.veth_name)))?;
-        if tx_off {
-            ethtool::set_tx_checksum(self.veth_name, false).map_err(neterr(format!(
-                "turn off TX checksum offload on {}",
-                self.veth_name
-            )))?;
-        }
-        host.set_up(veth.index)
-            .map_err(neterr(format!("bring up {}", self.veth_name)))?;
-        sw.attach(host, bridge, &veth, att)?;
-        self.port_attached = true;
-
         if conf.is_gateway {
             self.configure_gateway(host, bridge, &result)?;
         } else if !bridge.up {
             host.set_up(bridge.index)
                 .map_err(neterr(format!("bring up bridge {}", bridge.name)))?;
+        }
+
+        if let Some(mac) = pod_link.mac {
+            self.announce(pod_ns, pod_link.index, mac, &result);
         }
 
         if conf.ip_masq {
@@ -354,9 +366,39 @@ impl Plumbing<'_> {
         Ok(())
     }
 
+    /// Gratuitous ARP for the pod's IPv4 addresses, so that neighbours
+    /// holding the previous owner of a re-used address switch at once.
+    /// Best effort: the pod works without it, only neighbours with a stale
+    /// entry wait for it to expire.
+    fn announce(&self, pod_ns: &Netns, index: u32, mac: [u8; 6], result: &CniResult) {
+        let v4: Vec<Ipv4Addr> = result
+            .ips
+            .iter()
+            .filter_map(|ip| match ip.address.addr() {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        if v4.is_empty() {
+            return;
+        }
+        let sent = pod_ns
+            .enter()
+            .map_err(|e| e.to_string())
+            .and_then(|_in_pod| {
+                v4.iter()
+                    .try_for_each(|ip| arp::announce(index, mac, *ip))
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = sent {
+            self.log.warn(format_args!("gratuitous ARP: {e}"));
+        }
+    }
+
     /// Removes what this ADD created on the host. The pod side goes with
     /// the veth pair.
-    fn rollback(&self, host: &mut Handle, sw: &mut dyn Switch, att: &Attachment, log: &Log) {
+    fn rollback(&self, host: &mut Handle, sw: &mut dyn Switch, att: &Attachment) {
+        let log = self.log;
         if self.port_attached {
             if let Err(e) = sw.detach(self.veth_name, att) {
                 log.warn(format_args!("rollback: detach {}: {e}", self.veth_name));
@@ -368,6 +410,30 @@ impl Plumbing<'_> {
             }
         }
     }
+}
+
+/// The pod's MAC is derived from its address (`0a:58:` + the IPv4 address,
+/// or the last four bytes of the IPv6 one, as OVN-Kubernetes does). A pod
+/// that gets a recently freed address then also gets the previous owner's
+/// MAC, so neighbours' cached ARP/ND entries stay right. A gratuitous ARP
+/// alone cannot guarantee that: the kernel may still drop it while the new
+/// bridge port waits for linkwatch to see its carrier. Pod addresses are
+/// unique across the flat L2 pod network, and so are these MACs.
+fn mac_for(result: &CniResult) -> Option<[u8; 6]> {
+    let pick = |v4: bool| {
+        result
+            .ips
+            .iter()
+            .find(|ip| ip.address.addr().is_ipv4() == v4)
+    };
+    let tail: [u8; 4] = match pick(true).or_else(|| pick(false))?.address.addr() {
+        IpAddr::V4(a) => a.octets(),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            [o[12], o[13], o[14], o[15]]
+        }
+    };
+    Some([0x0a, 0x58, tail[0], tail[1], tail[2], tail[3]])
 }
 
 fn family_gateway(result: &CniResult, dst: IpAddr) -> Option<IpAddr> {
@@ -391,4 +457,35 @@ pub(crate) fn fmt_mac(m: [u8; 6]) -> String {
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         m[0], m[1], m[2], m[3], m[4], m[5]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(addrs: &[&str]) -> CniResult {
+        let ips = addrs
+            .iter()
+            .map(|a| evio_cni::result::IpConfig {
+                address: a.parse().unwrap(),
+                gateway: None,
+                interface: None,
+            })
+            .collect();
+        CniResult {
+            ips,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn mac_follows_the_address_v4_first() {
+        let m = mac_for(&result(&["fd00::1:2/64", "10.244.3.2/16"])).unwrap();
+        assert_eq!(fmt_mac(m), "0a:58:0a:f4:03:02");
+        let m = mac_for(&result(&["fd00::a0b:c0d/64"])).unwrap();
+        assert_eq!(fmt_mac(m), "0a:58:0a:0b:0c:0d");
+        assert!(mac_for(&result(&[])).is_none());
+        // Locally administered, unicast.
+        assert_eq!(m[0] & 0x03, 0x02);
+    }
 }

@@ -19,7 +19,7 @@ pub const DEFAULT_NETWORK: &str = "evio";
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Overrides {
     /// Network name (`name`): the CNI network and the store namespace.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, visible_alias = "network", value_name = "NAME")]
     pub name: Option<String>,
     /// Pod CIDR (`podCIDR`), e.g. 10.244.0.0/16.
     #[arg(long, value_name = "CIDR")]

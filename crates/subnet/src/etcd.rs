@@ -203,11 +203,12 @@ impl EtcdStore {
         let store_desc = format!("etcd://{desc}");
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_millis(50);
+        let mut last = String::new();
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let res =
                 tokio::time::timeout(remaining, Client::connect(&urls, Some(co.clone()))).await;
-            let last = match res {
+            last = match res {
                 Ok(Ok(client)) => {
                     return Ok(EtcdStore {
                         client,
@@ -223,6 +224,9 @@ impl EtcdStore {
                         message: chain(&e),
                     })
                 }
+                // An attempt cut short by the deadline says less than the
+                // error before it ("connection refused").
+                Err(_) if !last.is_empty() => last,
                 Err(_) => "connect timed out".to_string(),
             };
             // Use the whole budget: the last attempt may be the one that
@@ -248,10 +252,11 @@ impl EtcdStore {
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let mut pause = Duration::from_millis(25);
+        let mut last = String::new();
         loop {
             self.trips.fetch_add(1, Ordering::Relaxed);
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let last = match tokio::time::timeout(remaining, f(self.client.clone())).await {
+            last = match tokio::time::timeout(remaining, f(self.client.clone())).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) if retryable(&e) => chain(&e),
                 Ok(Err(e)) => {
@@ -260,6 +265,7 @@ impl EtcdStore {
                         message: chain(&e),
                     })
                 }
+                Err(_) if !last.is_empty() => last,
                 Err(_) => "request timed out".to_string(),
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -311,6 +317,80 @@ impl EtcdStore {
                 parse_subnet_key(k.strip_prefix(prefix)?)
             })
             .collect()
+    }
+
+    /// The node key survived but its subnet key did not (deleted by hand, a
+    /// partial restore). Without the subnet key the slot looks free to every
+    /// other node, so it is recreated before the subnet is handed out again.
+    async fn repair_subnet_key(
+        &self,
+        deadline: Instant,
+        k: &Keys,
+        node: &str,
+        subnet: &IpNet,
+        node_rev: i64,
+    ) -> Result<(), SubnetError> {
+        let skey = format!("{}{}", k.subnets, subnet_key(subnet));
+        let record = serde_json::to_string(&OwnerRecord::now(node, subnet))
+            .map_err(|e| self.corrupt(&skey, e.to_string()))?;
+        let r = self
+            .txn(
+                deadline,
+                Txn::new()
+                    .when(vec![
+                        Compare::create_revision(skey.clone(), CompareOp::Equal, 0),
+                        Compare::mod_revision(k.node.clone(), CompareOp::Equal, node_rev),
+                    ])
+                    .and_then(vec![TxnOp::put(skey.clone(), record, None)])
+                    .or_else(vec![TxnOp::get(skey.clone(), None)]),
+            )
+            .await?;
+        if r.succeeded() {
+            return Ok(());
+        }
+        let ops = r.op_responses();
+        let owner = ops
+            .first()
+            .and_then(|o| get_kvs(o).first())
+            .map(|kv| serde_json::from_slice::<OwnerRecord>(kv.value()).map(|r| r.node));
+        match owner {
+            // A concurrent run for the same node repaired it first.
+            Some(Ok(o)) if o == node => Ok(()),
+            Some(Ok(o)) => Err(self.corrupt(
+                &skey,
+                format!("node {node:?} records {subnet} but the subnet is owned by {o:?}"),
+            )),
+            Some(Err(e)) => Err(self.corrupt(&skey, format!("owner record: {e}"))),
+            None => Err(self.corrupt(
+                &k.node,
+                "changed while its subnet key was being repaired; run again".into(),
+            )),
+        }
+    }
+
+    /// Subnet keys whose owner record names `node`, with their revisions.
+    async fn owned_by(
+        &self,
+        deadline: Instant,
+        prefix: &str,
+        node: &str,
+    ) -> Result<Vec<(String, i64, IpNet)>, SubnetError> {
+        let resp = self
+            .call(deadline, |mut c| {
+                let p = prefix.to_string();
+                async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = std::str::from_utf8(kv.key()).ok()?;
+                let subnet = parse_subnet_key(key.strip_prefix(prefix)?)?;
+                let rec: OwnerRecord = serde_json::from_slice(kv.value()).ok()?;
+                (rec.node == node).then(|| (key.to_string(), kv.mod_revision(), subnet))
+            })
+            .collect())
     }
 
     /// Ensures the client can talk to the cluster (one round trip).
@@ -372,8 +452,14 @@ impl SubnetStore for EtcdStore {
                 return Err(self.corrupt(&k.node, "short transaction response".into()));
             };
             if let Some(kv) = get_kvs(node_r).first() {
+                let subnet = self.parse_node_value(kv)?;
+                let ns = existing(pod, node, subnet)?;
+                if !Self::subnets_of(get_kvs(subnets_r), &k.subnets).contains(&subnet) {
+                    self.repair_subnet_key(deadline, &k, node, &subnet, kv.mod_revision())
+                        .await?;
+                }
                 return Ok(Allocation {
-                    subnet: existing(pod, node, self.parse_node_value(kv)?)?,
+                    subnet: ns,
                     existing: true,
                 });
             }
@@ -469,10 +555,31 @@ impl SubnetStore for EtcdStore {
                 })
                 .await?;
             let Some(kv) = resp.kvs().first() else {
-                return Err(SubnetError::NotFound {
-                    network: network.to_string(),
-                    node: node.to_string(),
-                });
+                // No node key, but maybe subnet keys still naming the node
+                // (a partial delete): free those so their slots come back.
+                let orphans = self.owned_by(deadline, &k.subnets, node).await?;
+                let Some(first) = orphans.first().map(|o| o.2) else {
+                    return Err(SubnetError::NotFound {
+                        network: network.to_string(),
+                        node: node.to_string(),
+                    });
+                };
+                let when: Vec<Compare> = orphans
+                    .iter()
+                    .map(|(key, rev, _)| Compare::mod_revision(key.clone(), CompareOp::Equal, *rev))
+                    .collect();
+                let ops: Vec<TxnOp> = orphans
+                    .iter()
+                    .map(|(key, _, _)| TxnOp::delete(key.clone(), None))
+                    .collect();
+                if self
+                    .txn(deadline, Txn::new().when(when).and_then(ops))
+                    .await?
+                    .succeeded()
+                {
+                    return Ok(first);
+                }
+                continue;
             };
             let subnet = self.parse_node_value(kv)?;
             let node_rev = kv.mod_revision();

@@ -190,8 +190,31 @@ impl SubnetStore for FileStore {
         let net = data.networks.entry(network.to_string()).or_default();
         if let Some(v) = net.nodes.get(node) {
             let subnet = self.parse_node_value(network, node, v)?;
+            let ns = existing(pod, node, subnet)?;
+            let key = subnet_key(&subnet);
+            // Without its subnet entry the slot would look free to others:
+            // put it back (hand edits, partial restores).
+            match net.subnets.get(&key) {
+                Some(r) if r.node == node => {}
+                Some(r) => {
+                    return Err(SubnetError::Corrupt {
+                        location: format!(
+                            "{} networks.{network}.subnets.{key}",
+                            self.path.display()
+                        ),
+                        reason: format!(
+                            "node {node:?} records {subnet} but the subnet is owned by {:?}",
+                            r.node
+                        ),
+                    })
+                }
+                None => {
+                    net.subnets.insert(key, OwnerRecord::now(node, &subnet));
+                    self.write(&data)?;
+                }
+            }
             return Ok(Allocation {
-                subnet: existing(pod, node, subnet)?,
+                subnet: ns,
                 existing: true,
             });
         }
@@ -257,7 +280,25 @@ impl SubnetStore for FileStore {
             node: node.to_string(),
         };
         let net = data.networks.get_mut(network).ok_or_else(not_found)?;
-        let v = net.nodes.remove(node).ok_or_else(not_found)?;
+        let Some(v) = net.nodes.remove(node) else {
+            // No node entry, but maybe subnet entries still naming the node
+            // (a partial edit): free those so their slots come back.
+            let orphans: Vec<String> = net
+                .subnets
+                .iter()
+                .filter(|(_, r)| r.node == node)
+                .map(|(k, _)| k.clone())
+                .collect();
+            let first = orphans
+                .first()
+                .and_then(|k| parse_subnet_key(k))
+                .ok_or_else(not_found)?;
+            for k in &orphans {
+                net.subnets.remove(k);
+            }
+            self.write(&data)?;
+            return Ok(first);
+        };
         let subnet = self.parse_node_value(network, node, &v)?;
         let key = subnet_key(&subnet);
         // Only free the subnet key if it is really this node's: never take a

@@ -235,3 +235,37 @@ fn bench_fill_256_at_concurrency_32() {
     let s = rt.block_on(connect(e));
     assert_eq!(rt.block_on(s.list(&net)).unwrap().len(), 256);
 }
+
+#[test]
+fn lost_subnet_key_is_repaired_and_orphans_are_releasable() {
+    let e = Etcd::shared();
+    let net = unique_name("t");
+    let pod = PodNetwork::parse("10.70.0.0/24", 2).unwrap();
+    rt().block_on(async {
+        let s = connect(e).await;
+        let a = s.allocate(&net, "a", &pod).await.unwrap().subnet.subnet;
+        let skey = format!("/evio/{net}/subnets/{}-{}", a.network(), a.prefix_len());
+        // The subnet key vanishes (hand edit): the restart puts it back, so
+        // the slot cannot be given to someone else.
+        assert!(e.etcdctl(&["del", &skey]).status.success());
+        let again = s.allocate(&net, "a", &pod).await.unwrap();
+        assert!(again.existing);
+        let kv = e.get_prefix(&skey);
+        assert_eq!(kv.len(), 1, "subnet key recreated");
+        assert!(kv[0].1.contains("\"node\":\"a\""));
+        for n in ["b", "c", "d"] {
+            assert_ne!(s.allocate(&net, n, &pod).await.unwrap().subnet.subnet, a);
+        }
+        // Now the node key vanishes instead: release still frees the slot.
+        assert!(e
+            .etcdctl(&["del", &format!("/evio/{net}/nodes/a")])
+            .status
+            .success());
+        assert!(matches!(
+            s.allocate(&net, "e", &pod).await,
+            Err(SubnetError::Exhausted { .. })
+        ));
+        assert_eq!(s.release(&net, "a").await.unwrap(), a);
+        assert_eq!(s.allocate(&net, "e", &pod).await.unwrap().subnet.subnet, a);
+    });
+}

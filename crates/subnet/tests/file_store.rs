@@ -208,3 +208,40 @@ fn lock_wait_is_bounded() {
     let s = FileStore::new(path, Duration::from_secs(5));
     rt().block_on(s.allocate("n", "a", &pod)).unwrap();
 }
+
+#[test]
+fn lost_subnet_entry_is_repaired_and_orphans_are_releasable() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let pod = PodNetwork::parse("10.70.0.0/24", 1).unwrap();
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(s.path()).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(s.path(), serde_json::to_vec(&v).unwrap()).unwrap();
+    };
+    rt().block_on(async {
+        let a = s.allocate("n", "a", &pod).await.unwrap().subnet.subnet;
+        edit(&|v| {
+            v["networks"]["n"]["subnets"]
+                .as_object_mut()
+                .unwrap()
+                .clear();
+        });
+        assert!(s.allocate("n", "a", &pod).await.unwrap().existing);
+        let b = s.allocate("n", "b", &pod).await.unwrap().subnet.subnet;
+        assert_ne!(a, b, "repaired entry keeps the slot taken");
+        edit(&|v| {
+            v["networks"]["n"]["nodes"]
+                .as_object_mut()
+                .unwrap()
+                .remove("a");
+        });
+        assert!(matches!(
+            s.allocate("n", "c", &pod).await,
+            Err(SubnetError::Exhausted { .. })
+        ));
+        assert_eq!(s.release("n", "a").await.unwrap(), a);
+        assert_eq!(s.allocate("n", "c", &pod).await.unwrap().subnet.subnet, a);
+    });
+}

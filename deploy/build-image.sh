@@ -110,6 +110,6 @@ printf 'hosts: files dns\n' >"$rootfs/etc/nsswitch.conf"
 cp "$repo/deploy/Containerfile" "$context/Containerfile"
 
 read -r -a podman_opts <<<"${PODMAN_OPTS:-}"
-"${PODMAN:-podman}" "${podman_opts[@]}" build --pull=never \
+"${PODMAN:-podman}" "${podman_opts[@]}" build --pull=never --layers=false \
   --build-arg "VERSION=$version" -f "$context/Containerfile" -t "$tag" "$context"
 echo "build-image: built $tag"

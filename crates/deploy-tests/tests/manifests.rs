@@ -14,6 +14,16 @@ use serde_json::Value;
 
 const NAMESPACE: &str = "kube-system";
 const CONF_FILE_KEY: &str = "net-conf.json";
+const ETCD_EXAMPLE: &str = "examples/net-conf-etcd.json";
+/// net-conf.json keys naming etcd credential files, and the Secret key each
+/// is documented to come from.
+const ETCD_FILE_KEYS: &[(&str, &str)] = &[
+    ("etcdCACert", "ca.crt"),
+    ("etcdCert", "tls.crt"),
+    ("etcdKey", "tls.key"),
+    ("etcdUsernameFile", "username"),
+    ("etcdPasswordFile", "password"),
+];
 
 /// Containers allowed to run privileged, each justified by a
 /// `# evio: privileged <container>: <reason>` comment in the manifest.
@@ -353,14 +363,56 @@ fn etcd_credentials_come_from_an_optional_secret_not_literals() {
             );
         }
     }
+    let mut mount_paths = BTreeSet::new();
     for sub in ["config-gen", "run"] {
         let c = container_by_sub(&spec, sub);
         let m = mount(&c, vol).unwrap_or_else(|| panic!("{sub} mounts the etcd Secret"));
         assert_eq!(m.read_only, Some(true), "{sub}");
-        assert_eq!(
-            flag(&c, "--etcd-secret-dir").as_deref(),
-            Some(m.mount_path.as_str()),
-            "{sub} --etcd-secret-dir"
+        mount_paths.insert(m.mount_path.trim_end_matches('/').to_string());
+    }
+    assert_eq!(
+        mount_paths.len(),
+        1,
+        "one path, so one net-conf.json serves both"
+    );
+    let dir = mount_paths.into_iter().next().expect("one path");
+
+    // The etcd example operators copy into the ConfigMap points into that
+    // mount, at the Secret keys the ConfigMap comment tells them to create.
+    let example_path = deploy_dir().join(ETCD_EXAMPLE);
+    let example: Value =
+        serde_json::from_str(&std::fs::read_to_string(&example_path).expect("read etcd example"))
+            .expect("etcd example is JSON");
+    let store = example["dataStore"].as_str().expect("dataStore");
+    assert!(matches!(
+        evio_subnet::StoreUrl::parse(store),
+        Ok(evio_subnet::StoreUrl::Etcd(_))
+    ));
+    let mut files = 0;
+    let shipped = net_conf(&docs);
+    for (k, v) in example.as_object().expect("object") {
+        if let Some(file_key) = ETCD_FILE_KEYS.iter().find(|(key, _)| key == k) {
+            let want = format!("{dir}/{}", file_key.1);
+            assert_eq!(v.as_str(), Some(want.as_str()), "{k}");
+            files += 1;
+        } else if k != "dataStore" {
+            assert_eq!(
+                Some(v),
+                shipped.get(k),
+                "{k} differs from the shipped ConfigMap"
+            );
+        }
+    }
+    assert!(files >= 1, "the example sets no etcd credential file");
+    let yaml = std::fs::read_to_string(deploy_dir().join("evio-cni.yaml")).expect("read");
+    assert!(
+        yaml.contains(ETCD_EXAMPLE),
+        "the ConfigMap comment names the example"
+    );
+    for (key, secret_key) in ETCD_FILE_KEYS {
+        assert!(
+            yaml.contains(key) && yaml.contains(secret_key),
+            "the ConfigMap comment documents {key} ({secret_key})"
         );
     }
     // No credential travels through env or args.
@@ -762,16 +814,20 @@ fn credential_scan_catches_planted_secrets() {
 fn no_literal_credentials_anywhere_in_deploy() {
     let mut findings = Vec::new();
     let mut files = 0;
-    for e in std::fs::read_dir(deploy_dir()).expect("deploy/") {
-        let p = e.expect("entry").path();
-        if !p.is_file() {
-            continue;
-        }
-        files += 1;
-        let bytes = std::fs::read(&p).expect("read");
-        let text = String::from_utf8_lossy(&bytes);
-        for f in credential_findings(&text) {
-            findings.push(format!("{}: {f}", p.display()));
+    let mut dirs = vec![deploy_dir()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).expect("read deploy dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                dirs.push(p);
+                continue;
+            }
+            files += 1;
+            let bytes = std::fs::read(&p).expect("read");
+            let text = String::from_utf8_lossy(&bytes);
+            for f in credential_findings(&text) {
+                findings.push(format!("{}: {f}", p.display()));
+            }
         }
     }
     assert!(

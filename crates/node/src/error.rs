@@ -10,6 +10,9 @@ pub enum NodeError {
     #[error(transparent)]
     Subnet(#[from] SubnetError),
 
+    #[error(transparent)]
+    Doctor(#[from] evio_doctor::DoctorError),
+
     #[error("{source_name}: {reason}")]
     Config { source_name: String, reason: String },
 

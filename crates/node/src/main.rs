@@ -3,6 +3,7 @@
 
 mod config_gen;
 mod conflist;
+mod doctor;
 mod error;
 mod netconf;
 mod store_args;
@@ -29,6 +30,8 @@ enum Cmd {
     ConfigGen(Box<config_gen::Args>),
     /// Inspect or free subnet allocations.
     Subnets(Box<subnets::Args>),
+    /// Report orphaned or inconsistent evio state on this node (exit 1 if any).
+    Doctor(Box<doctor::Args>),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::ConfigGen(a) => config_gen::run(*a),
         Cmd::Subnets(a) => subnets::run(*a),
+        Cmd::Doctor(a) => doctor::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

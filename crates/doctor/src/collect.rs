@@ -1,0 +1,295 @@
+//! What exists on the node for one network: host-local's files, links of
+//! the calling thread's network namespace, OVS ports, the masquerade chain.
+//! Read-only: nothing here changes anything.
+
+use std::collections::BTreeMap;
+use std::io::ErrorKind;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use evio_cni::config::BridgeType;
+use evio_net::Handle;
+use evio_plugin::naming::{ovs_ids as ids, parse_alias};
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::conf::Network;
+use crate::error::{DoctorError, Result};
+use crate::AttachmentId;
+
+/// How long to wait for ovsdb-server; the doctor must not hang on a dead
+/// daemon, it reports it.
+const OVSDB_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One address host-local holds for this network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Allocation {
+    pub ip: IpAddr,
+    /// Container ID from the file; empty when the file is empty (host-local
+    /// killed between creating and writing it).
+    pub container_id: String,
+    /// Absent in files written before CNI 0.4.
+    pub ifname: Option<String>,
+}
+
+/// A host veth evio tagged for this network (its alias).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Veth {
+    pub name: String,
+    pub id: AttachmentId,
+    /// Name of the bridge (or other master) it is a port of.
+    pub master: Option<String>,
+    pub up: bool,
+}
+
+/// An OVS port of the network's bridge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Port {
+    pub name: String,
+    /// `evio-owner=evio`.
+    pub evio_owned: bool,
+    /// `evio-network`.
+    pub network: Option<String>,
+    /// `evio-container-id` / `evio-ifname`.
+    pub id: Option<AttachmentId>,
+    pub ofport: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// The node bridge's link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Bridge {
+    pub name: String,
+    pub kind: Option<String>,
+    pub up: bool,
+    pub addresses: Vec<IpNet>,
+}
+
+/// OVS side of the inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "value", rename_all = "kebab-case")]
+pub enum Ports {
+    /// Linux bridge network: no port table apart from the links.
+    NotOvs,
+    /// The bridge is not in the OVS database.
+    NoBridge,
+    Listed(Vec<Port>),
+    /// ovsdb-server could not be asked; why.
+    Unavailable(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "value", rename_all = "kebab-case")]
+pub enum Masquerade {
+    Absent,
+    /// The chain exists with these source prefixes.
+    Present(Vec<IpNet>),
+    Unavailable(String),
+}
+
+/// Everything found for one network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Inventory {
+    pub allocations: Vec<Allocation>,
+    pub veths: Vec<Veth>,
+    /// Links named like evio's host veths (`ev` + 13 hex digits) that carry
+    /// no evio alias at all: an ADD stopped between creating the pair and
+    /// tagging it. Which network they belong to is unknown.
+    pub untagged: Vec<String>,
+    pub bridge: Option<Bridge>,
+    pub ports: Ports,
+    pub masquerade: Masquerade,
+}
+
+/// Takes the inventory of `net` in the calling thread's network namespace.
+pub fn collect(net: &Network) -> Result<Inventory> {
+    let allocations = read_allocations(&net.ipam_dir)?;
+    let mut host = Handle::new().map_err(|source| DoctorError::Net {
+        what: "open netlink".into(),
+        source,
+    })?;
+    let links = host.links().map_err(|source| DoctorError::Net {
+        what: "list links".into(),
+        source,
+    })?;
+    let name_of: BTreeMap<u32, &str> = links.iter().map(|l| (l.index, l.name.as_str())).collect();
+    let mut veths = Vec::new();
+    let mut untagged = Vec::new();
+    for l in &links {
+        match l.alias.as_deref() {
+            Some(a) if a.starts_with("evio|") => {
+                if let Some((cid, ifname)) = parse_alias(a, net.name()) {
+                    veths.push(Veth {
+                        name: l.name.clone(),
+                        id: (cid.to_string(), ifname.to_string()),
+                        master: l
+                            .master
+                            .and_then(|m| name_of.get(&m).map(|n| n.to_string())),
+                        up: l.up,
+                    });
+                }
+            }
+            _ if looks_like_host_veth(&l.name) => untagged.push(l.name.clone()),
+            _ => {}
+        }
+    }
+    let bridge = match links.iter().find(|l| l.name == net.conf.bridge) {
+        Some(l) => {
+            let addresses = host
+                .addresses(Some(l.index))
+                .map_err(|source| DoctorError::Net {
+                    what: format!("list addresses of {}", l.name),
+                    source,
+                })?
+                .into_iter()
+                .map(|a| a.addr)
+                .collect();
+            Some(Bridge {
+                name: l.name.clone(),
+                kind: l.kind.clone(),
+                up: l.up,
+                addresses,
+            })
+        }
+        None => None,
+    };
+    let ports = match net.conf.bridge_type {
+        BridgeType::Linux => Ports::NotOvs,
+        BridgeType::Ovs => ovs_ports(&net.conf.ovsdb, &net.conf.bridge),
+    };
+    let masquerade = match evio_net::nft::masquerade_cidrs(net.name()) {
+        Ok(None) => Masquerade::Absent,
+        Ok(Some(cidrs)) => Masquerade::Present(cidrs),
+        Err(e) => Masquerade::Unavailable(e.to_string()),
+    };
+    Ok(Inventory {
+        allocations,
+        veths,
+        untagged,
+        bridge,
+        ports,
+        masquerade,
+    })
+}
+
+/// `ev` + 13 lowercase hex digits: the plugin's host veth names.
+pub fn looks_like_host_veth(name: &str) -> bool {
+    name.len() == 15
+        && name.starts_with("ev")
+        && name[2..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// host-local's allocation files in `dir`: one per IP, named by the IP,
+/// holding `<container id>\r\n<ifname>`. A missing directory is no
+/// allocation at all.
+pub fn read_allocations(dir: &Path) -> Result<Vec<Allocation>> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(DoctorError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut out = Vec::new();
+    for entry in rd.flatten() {
+        let name = entry.file_name();
+        let Some(ip) = name.to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
+            continue;
+        };
+        let content = match std::fs::read(entry.path()) {
+            Ok(c) => c,
+            // Released between listing and reading.
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(DoctorError::Io {
+                    path: entry.path(),
+                    source,
+                })
+            }
+        };
+        let (container_id, ifname) = parse_allocation(&content);
+        out.push(Allocation {
+            ip,
+            container_id,
+            ifname,
+        });
+    }
+    out.sort_by_key(|a| a.ip);
+    Ok(out)
+}
+
+/// The owner in a host-local allocation file.
+pub fn parse_allocation(content: &[u8]) -> (String, Option<String>) {
+    let text = String::from_utf8_lossy(content);
+    let mut lines = text.split("\r\n").map(str::trim);
+    let cid = lines.next().unwrap_or("").to_string();
+    let ifname = lines.next().filter(|s| !s.is_empty()).map(str::to_string);
+    (cid, ifname)
+}
+
+fn ovs_ports(endpoint: &str, bridge: &str) -> Ports {
+    let mut client = match evio_ovsdb::Client::connect(endpoint, OVSDB_TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => return Ports::Unavailable(format!("{endpoint}: {e}")),
+    };
+    match client.ports(bridge) {
+        Ok(ports) => Ports::Listed(
+            ports
+                .into_iter()
+                .map(|p| {
+                    let id = |k: &str| p.external_ids.get(k).cloned();
+                    let cid = id(ids::CONTAINER_ID);
+                    let ifname = id(ids::IFNAME);
+                    Port {
+                        evio_owned: id(ids::OWNER).as_deref() == Some(ids::OWNER_VALUE),
+                        network: id(ids::NETWORK),
+                        id: cid.zip(ifname),
+                        name: p.name,
+                        ofport: p.ofport,
+                        error: p.error,
+                    }
+                })
+                .collect(),
+        ),
+        Err(evio_ovsdb::Error::NotFound(_)) => Ports::NoBridge,
+        Err(e) => Ports::Unavailable(format!("{endpoint}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_veth_names() {
+        assert!(looks_like_host_veth("ev0123456789abc"));
+        assert!(!looks_like_host_veth("ev0123456789abC"));
+        assert!(!looks_like_host_veth("ev0123456789ab"));
+        assert!(!looks_like_host_veth("eth0"));
+        assert!(!looks_like_host_veth("evio0"));
+    }
+
+    #[test]
+    fn allocation_files() {
+        assert_eq!(
+            parse_allocation(b"abc\r\neth0"),
+            ("abc".into(), Some("eth0".into()))
+        );
+        assert_eq!(parse_allocation(b"abc"), ("abc".into(), None));
+        assert_eq!(parse_allocation(b""), (String::new(), None));
+        let d = tempfile::tempdir().unwrap();
+        assert!(read_allocations(&d.path().join("none")).unwrap().is_empty());
+        std::fs::write(d.path().join("10.0.0.2"), "c1\r\neth0").unwrap();
+        std::fs::write(d.path().join("lock"), "").unwrap();
+        std::fs::write(d.path().join("last_reserved_ip.0"), "10.0.0.2").unwrap();
+        let a = read_allocations(d.path()).unwrap();
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].container_id, "c1");
+    }
+}

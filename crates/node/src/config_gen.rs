@@ -1,6 +1,7 @@
 //! `evio-node config-gen`: the init container. Gets this node a pod subnet
 //! from the store and writes the CNI config the kubelet picks up.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use evio_subnet::{open_store, validate_name, write_file_atomic};
@@ -60,7 +61,22 @@ pub fn node_name(flag: Option<&str>) -> Result<String, NodeError> {
     }
 }
 
-pub fn run(args: Args) -> Result<(), NodeError> {
+/// What one allocation + conflist pass did.
+pub struct Outcome {
+    pub node: String,
+    pub gen: GenConfig,
+    pub subnet: evio_subnet::NodeSubnet,
+    pub existing: bool,
+    pub url: String,
+    pub path: PathBuf,
+    /// The conflist was missing or differed from what the store says.
+    pub rewritten: bool,
+}
+
+/// Gets (or keeps) this node's subnet and makes the conflist say so. The
+/// file is rewritten only when it is missing, differs, or has the wrong
+/// mode, so a periodic reconcile does not make the kubelet re-read it.
+pub fn reconcile(args: &Args) -> Result<Outcome, NodeError> {
     let conf = RawConf::load(args.config.as_deref())?;
     let gen = GenConfig::resolve(&conf, &args.overrides)?;
     let node = node_name(args.node_name.as_deref())?;
@@ -71,23 +87,46 @@ pub fn run(args: Args) -> Result<(), NodeError> {
         Ok(store.allocate(&gen.name, &node, &gen.pod).await?)
     })?;
 
-    // Always rewritten: if a previous file disagrees with the store (a
-    // restored disk, a hand edit), the store is the truth.
+    // If a previous file disagrees with the store (a restored disk, a hand
+    // edit), the store is the truth.
     // Created only now so that a failed allocation leaves nothing behind; a
     // failure here is retried by the kubelet and gets the same subnet back.
     std::fs::create_dir_all(&args.cni_conf_dir).map_err(NodeError::io(&args.cni_conf_dir))?;
     let path = args.cni_conf_dir.join(CONFLIST_NAME);
-    write_file_atomic(&path, &gen.render(&alloc.subnet)?, 0o644)?;
-    let ns = alloc.subnet;
+    let want = gen.render(&alloc.subnet)?;
+    let current = std::fs::read(&path).ok();
+    let mode_ok = std::fs::metadata(&path)
+        .map(|m| m.permissions().mode() & 0o777 == 0o644)
+        .unwrap_or(false);
+    let rewritten = current.as_deref() != Some(want.as_slice()) || !mode_ok;
+    if rewritten {
+        write_file_atomic(&path, &want, 0o644)?;
+    }
+    Ok(Outcome {
+        node,
+        gen,
+        subnet: alloc.subnet,
+        existing: alloc.existing,
+        url: url.to_string(),
+        path,
+        rewritten,
+    })
+}
+
+pub fn run(args: Args) -> Result<(), NodeError> {
+    let o = reconcile(&args)?;
+    let ns = &o.subnet;
     println!(
-        "node={node} subnet={} gateway={} range={}-{} allocation={} network={} store={url} conf={}",
+        "node={} subnet={} gateway={} range={}-{} allocation={} network={} store={} conf={}",
+        o.node,
         ns.subnet,
         ns.gateway,
         ns.range_start,
         ns.range_end,
-        if alloc.existing { "existing" } else { "new" },
-        gen.name,
-        path.display()
+        if o.existing { "existing" } else { "new" },
+        o.gen.name,
+        o.url,
+        o.path.display()
     );
     Ok(())
 }

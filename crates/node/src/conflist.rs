@@ -173,6 +173,11 @@ fn check_routes(routes: &Value) -> Result<(), NodeError> {
 }
 
 impl GenConfig {
+    /// The bridge name pods of this network are plugged into.
+    pub fn bridge(&self) -> &str {
+        &self.plugin.bridge
+    }
+
     /// Merges flags over the file and validates the result, including by
     /// the plugin's own config parser so that nothing is written that the
     /// `evio` plugin would refuse at the first pod.

@@ -5,7 +5,9 @@ mod config_gen;
 mod conflist;
 mod doctor;
 mod error;
+mod install_cni;
 mod netconf;
+mod run;
 mod store_args;
 mod subnets;
 
@@ -28,6 +30,10 @@ struct Cli {
 enum Cmd {
     /// Allocate this node's pod subnet and write the CNI config (init container).
     ConfigGen(Box<config_gen::Args>),
+    /// Copy the plugin binaries onto the host atomically (init container).
+    InstallCni(install_cni::Args),
+    /// Long-running: keep the allocation and conflist right, serve /healthz and /metrics.
+    Run(Box<run::RunArgs>),
     /// Inspect or free subnet allocations.
     Subnets(Box<subnets::Args>),
     /// Report orphaned or inconsistent evio state on this node (exit 1 if any).
@@ -68,6 +74,8 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::ConfigGen(a) => config_gen::run(*a),
         Cmd::Subnets(a) => subnets::run(*a),
+        Cmd::InstallCni(a) => install_cni::run(a),
+        Cmd::Run(a) => run::run(*a),
         Cmd::Doctor(a) => doctor::run(*a),
     };
     match result {

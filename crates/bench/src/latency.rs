@@ -1,0 +1,433 @@
+//! Section 1: per-pod ADD and DEL latency, reference vs evio, sequential and
+//! concurrent, next to the floors (process spawn, host-local exec).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use evio_testkit::netns::Netns;
+use serde_json::json;
+
+use crate::cleanup;
+use crate::error::{BenchError, Result};
+use crate::exec::{self, Spec};
+use crate::node::{Attach, Mode, Node, Tools, CNI_VERSION};
+use crate::report::Table;
+use crate::stats::{ms, ratio_d, Summary};
+
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub pods: usize,
+    pub concurrency: usize,
+}
+
+/// ADD and DEL timings of one phase; index i is pod i.
+#[derive(Debug, Clone, Default)]
+pub struct Phase {
+    pub add: Vec<Duration>,
+    pub del: Vec<Duration>,
+    pub add_wall: Duration,
+    pub del_wall: Duration,
+}
+
+impl Phase {
+    /// Per-pod ADD+DEL of the same pod.
+    pub fn sum(&self) -> Vec<Duration> {
+        self.add
+            .iter()
+            .zip(&self.del)
+            .map(|(a, d)| *a + *d)
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModeResult {
+    pub mode: Mode,
+    pub seq: Phase,
+    pub conc: Phase,
+}
+
+/// Runs `job(i)` for i in 0..n on `workers` threads; returns each job's
+/// duration (by index) and the wall time of the whole set. Stops at the
+/// first error.
+pub fn fan_out(
+    n: usize,
+    workers: usize,
+    job: impl Fn(usize) -> Result<Duration> + Sync,
+) -> Result<(Vec<Duration>, Duration)> {
+    let next = AtomicUsize::new(0);
+    let times = Mutex::new(vec![Duration::ZERO; n]);
+    let error: Mutex<Option<BenchError>> = Mutex::new(None);
+    let failed = || error.lock().map(|e| e.is_some()).unwrap_or(true);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..workers.clamp(1, n.max(1)) {
+            s.spawn(|| loop {
+                if failed() {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= n {
+                    return;
+                }
+                match cleanup::check().and_then(|()| job(i)) {
+                    Ok(d) => {
+                        if let Ok(mut t) = times.lock() {
+                            t[i] = d;
+                        }
+                    }
+                    Err(e) => {
+                        if let Ok(mut slot) = error.lock() {
+                            slot.get_or_insert(e);
+                        }
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let wall = start.elapsed();
+    if let Some(e) = error.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    let times = times
+        .into_inner()
+        .map_err(|_| BenchError::failed("collect timings", "a worker panicked"))?;
+    Ok((times, wall))
+}
+
+/// All pods ADDed, then all DELeted, `workers` at a time, with checks that
+/// the node really holds N attachments in between and none after.
+fn phase(node: &Node, pods: &[Netns], workers: usize) -> Result<Phase> {
+    let atts: Vec<Attach> = pods.iter().map(Attach::new).collect();
+    let n = atts.len();
+    let label = node.mode.label();
+    let (add, add_wall) = fan_out(n, workers, |i| node.add(&atts[i]).map(|o| o.wall))?;
+    let veths = node.veth_count()?;
+    if veths != n {
+        return Err(BenchError::failed(
+            format!("{label} after {n} ADDs"),
+            format!("the node has {veths} veths, expected {n}"),
+        ));
+    }
+    let (del, del_wall) = fan_out(n, workers, |i| node.del(&atts[i]).map(|o| o.wall))?;
+    let (veths, ips) = (node.veth_count()?, node.ipam_count());
+    if veths != 0 || ips != 0 {
+        return Err(BenchError::failed(
+            format!("{label} after {n} DELs"),
+            format!("{veths} veths and {ips} IPAM allocations left behind"),
+        ));
+    }
+    Ok(Phase {
+        add,
+        del,
+        add_wall,
+        del_wall,
+    })
+}
+
+fn bench_mode(mode: Mode, tools: &Tools, pods: &[Netns], opts: &Opts) -> Result<ModeResult> {
+    let node = Node::new(mode, tools, 3)?;
+    // The first ADD creates the bridge; every later pod finds it. Measured
+    // pods are the steady state, as on a node that already runs pods.
+    let warm = Attach::new(&pods[0]);
+    node.add(&warm)?;
+    node.del(&warm)?;
+    let seq = phase(&node, pods, 1)?;
+    cleanup::check()?;
+    let conc = phase(&node, pods, opts.concurrency)?;
+    Ok(ModeResult { mode, seq, conc })
+}
+
+/// Floors, all exec'd into a node namespace exactly like the plugins.
+#[derive(Debug, Clone, Default)]
+pub struct Floors {
+    pub spawn: Vec<Duration>,
+    pub evio_version: Vec<Duration>,
+    pub bridge_version: Vec<Duration>,
+    /// host-local ADD then DEL with the plugins' config, per pod.
+    pub hl_add: Vec<Duration>,
+    pub hl_del: Vec<Duration>,
+}
+
+fn floors(tools: &Tools, pods: &[Netns]) -> Result<Floors> {
+    // A Linux-bridge node, only for its namespace and IPAM directory.
+    let node = Node::new(Mode::EvioLinux, tools, 3)?;
+    let mut f = Floors::default();
+    let version = json!({ "cniVersion": CNI_VERSION })
+        .to_string()
+        .into_bytes();
+    for _ in pods {
+        cleanup::check()?;
+        let t = exec::run(&Spec::new("/bin/true").netns(&node.fd))?.ok("/bin/true")?;
+        f.spawn.push(t.wall);
+        for (prog, out) in [
+            (&tools.evio, &mut f.evio_version),
+            (&tools.bridge(), &mut f.bridge_version),
+        ] {
+            let spec = Spec::new(prog)
+                .env("CNI_COMMAND", "VERSION")
+                .stdin(version.clone())
+                .netns(&node.fd);
+            let o = exec::run(&spec)?.ok(&format!("{} VERSION", prog.display()))?;
+            out.push(o.wall);
+        }
+    }
+    let atts: Vec<Attach> = pods.iter().map(Attach::new).collect();
+    let hl = tools.host_local();
+    for (cmd, out) in [("ADD", &mut f.hl_add), ("DEL", &mut f.hl_del)] {
+        for a in &atts {
+            cleanup::check()?;
+            let spec = node.spec_for(&hl, cmd, a, &node.conf);
+            let o = exec::run(&spec)?.ok(&format!("host-local {cmd}"))?;
+            out.push(o.wall);
+        }
+    }
+    if node.ipam_count() != 0 {
+        return Err(BenchError::failed(
+            "host-local floor",
+            "allocations left after DEL",
+        ));
+    }
+    Ok(f)
+}
+
+pub fn run(tools: &Tools, opts: &Opts) -> Result<String> {
+    tools.require(&[&tools.evio, &tools.bridge(), &tools.host_local()])?;
+    if opts.pods == 0 {
+        return Err(BenchError::failed("latency", "--pods must be at least 1"));
+    }
+    let pods: Vec<Netns> = (0..opts.pods).map(|_| cleanup::netns("ebp")).collect();
+    let floors = floors(tools, &pods)?;
+    let mut results = Vec::new();
+    for mode in [Mode::Reference, Mode::EvioLinux, Mode::EvioOvs] {
+        cleanup::check()?;
+        results.push(bench_mode(mode, tools, &pods, opts)?);
+    }
+    Ok(render(opts, &floors, &results))
+}
+
+fn phase_table(results: &[ModeResult], floor: &[Duration], conc: bool) -> Table {
+    let mut t = Table::new([
+        "plugin",
+        "ADD median",
+        "ADD p95",
+        "DEL median",
+        "DEL p95",
+        "ADD+DEL median",
+        "ADD+DEL p95",
+        "ADD+DEL vs reference",
+        "ADD+DEL vs host-local floor",
+        "all ADDs / all DELs (wall)",
+    ]);
+    let reference = results
+        .iter()
+        .find(|r| r.mode == Mode::Reference)
+        .map(|r| Summary::of(&pick(r, conc).sum()).median);
+    let floor = Summary::of(floor).median;
+    for r in results {
+        let p = pick(r, conc);
+        let (a, d, s) = (
+            Summary::of(&p.add),
+            Summary::of(&p.del),
+            Summary::of(&p.sum()),
+        );
+        t.row([
+            r.mode.label().to_string(),
+            ms(a.median),
+            ms(a.p95),
+            ms(d.median),
+            ms(d.p95),
+            ms(s.median),
+            ms(s.p95),
+            reference.map_or("n/a".into(), |x| ratio_d(s.median, x)),
+            ratio_d(s.median, floor),
+            format!("{} / {}", ms(p.add_wall), ms(p.del_wall)),
+        ]);
+    }
+    t
+}
+
+fn pick(r: &ModeResult, conc: bool) -> &Phase {
+    if conc {
+        &r.conc
+    } else {
+        &r.seq
+    }
+}
+
+/// One target line: measured ratio, target, and whether (and by how much)
+/// it is missed.
+pub fn verdict(measured: f64, target: f64) -> String {
+    if !measured.is_finite() {
+        return "n/a".into();
+    }
+    if measured <= target {
+        "met".into()
+    } else {
+        format!(
+            "MISSED by {:.1}× ({:.2} vs ≤ {target})",
+            measured / target,
+            measured
+        )
+    }
+}
+
+fn render(opts: &Opts, f: &Floors, results: &[ModeResult]) -> String {
+    let floor_sum: Vec<Duration> = f
+        .hl_add
+        .iter()
+        .zip(&f.hl_del)
+        .map(|(a, d)| *a + *d)
+        .collect();
+    let mut out = format!(
+        "{} pods per plugin, each ADDed then DELeted inside one simulated node (a netns; \
+         OVS with its own ovsdb-server/vswitchd for evio ovs); every pod is its own netns. \
+         One untimed warm-up pod first creates the bridge. Times are per plugin process, \
+         fork to reap, in ms; the plugin enters the node netns itself (setns before exec), as a \
+         runtime's child would be there already. The host-local floor is host-local exec'd \
+         directly with the same config and environment (ADD then DEL).\n\n",
+        opts.pods
+    );
+    out.push_str("### Sequential (one pod at a time)\n\n");
+    let mut seq = phase_table(results, &floor_sum, false);
+    floor_row(&mut seq, f);
+    out.push_str(&seq.render());
+    out.push_str(&format!(
+        "\n### {}-way concurrent\n\n",
+        opts.concurrency.min(opts.pods)
+    ));
+    out.push_str(&phase_table(results, &floor_sum, true).render());
+
+    out.push_str("\n### Start-up floors (median of the same count, ms)\n\n");
+    let mut t = Table::new(["exec", "median", "p95"]);
+    for (label, v) in [
+        ("/bin/true (fork+setns+exec+reap)", &f.spawn),
+        ("evio VERSION (start-up, parse, print)", &f.evio_version),
+        ("reference bridge VERSION", &f.bridge_version),
+        ("host-local ADD", &f.hl_add),
+        ("host-local DEL", &f.hl_del),
+    ] {
+        let s = Summary::of(v);
+        t.row([label.to_string(), ms(s.median), ms(s.p95)]);
+    }
+    out.push_str(&t.render());
+
+    let med = |m: Mode, conc: bool| {
+        results
+            .iter()
+            .find(|r| r.mode == m)
+            .map(|r| Summary::of(&pick(r, conc).sum()).median.as_secs_f64())
+            .unwrap_or(f64::NAN)
+    };
+    let floor = Summary::of(&floor_sum).median.as_secs_f64();
+    out.push_str("\n### Targets (ADD+DEL medians)\n\n");
+    let mut t = Table::new(["target", "sequential", "verdict", "concurrent", "verdict"]);
+    for (label, num, den, target) in [
+        (
+            "evio linux ≤ 0.15× reference",
+            Mode::EvioLinux,
+            Some(Mode::Reference),
+            0.15,
+        ),
+        (
+            "evio ovs ≤ 0.2× reference",
+            Mode::EvioOvs,
+            Some(Mode::Reference),
+            0.2,
+        ),
+        (
+            "evio linux ≤ 3× host-local floor",
+            Mode::EvioLinux,
+            None,
+            3.0,
+        ),
+        ("evio ovs ≤ 3× host-local floor", Mode::EvioOvs, None, 3.0),
+        (
+            "evio ovs ≤ 1.5× evio linux (issue 3)",
+            Mode::EvioOvs,
+            Some(Mode::EvioLinux),
+            1.5,
+        ),
+    ] {
+        let mut cells = vec![label.to_string()];
+        for conc in [false, true] {
+            let d = match den {
+                Some(m) => med(m, conc),
+                // The floor is measured sequentially only.
+                None => floor,
+            };
+            let r = med(num, conc) / d;
+            cells.push(format!("{r:.2}×"));
+            cells.push(verdict(r, target));
+        }
+        t.row(cells);
+    }
+    out.push_str(&t.render());
+    out
+}
+
+fn floor_row(t: &mut Table, f: &Floors) {
+    let (a, d) = (Summary::of(&f.hl_add), Summary::of(&f.hl_del));
+    let s = Summary::of(
+        &f.hl_add
+            .iter()
+            .zip(&f.hl_del)
+            .map(|(a, d)| *a + *d)
+            .collect::<Vec<_>>(),
+    );
+    t.row([
+        "host-local alone (floor)".to_string(),
+        ms(a.median),
+        ms(a.p95),
+        ms(d.median),
+        ms(d.p95),
+        ms(s.median),
+        ms(s.p95),
+        String::new(),
+        "1.00×".into(),
+        String::new(),
+    ]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fan_out_runs_every_job_once_and_keeps_order() {
+        let seen = Mutex::new(Vec::new());
+        let (t, _) = fan_out(20, 4, |i| {
+            seen.lock().unwrap().push(i);
+            Ok(Duration::from_millis(i as u64))
+        })
+        .unwrap();
+        let mut s = seen.into_inner().unwrap();
+        s.sort();
+        assert_eq!(s, (0..20).collect::<Vec<_>>());
+        assert_eq!(t[7], Duration::from_millis(7));
+    }
+
+    #[test]
+    fn fan_out_stops_at_the_first_error() {
+        let count = AtomicUsize::new(0);
+        let r = fan_out(100, 1, |i| {
+            count.fetch_add(1, Ordering::SeqCst);
+            if i == 3 {
+                Err(BenchError::failed("job", "boom"))
+            } else {
+                Ok(Duration::ZERO)
+            }
+        });
+        assert!(matches!(r, Err(BenchError::Failed { .. })));
+        assert_eq!(count.load(Ordering::SeqCst), 4);
+    }
+
+    #[test]
+    fn verdicts_say_by_how_much() {
+        assert_eq!(verdict(0.1, 0.15), "met");
+        assert_eq!(verdict(0.3, 0.15), "MISSED by 2.0× (0.30 vs ≤ 0.15)");
+        assert_eq!(verdict(f64::NAN, 1.0), "n/a");
+    }
+}

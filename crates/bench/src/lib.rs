@@ -1,0 +1,121 @@
+//! The evio benchmark suite: evio against the reference CNI plugins on the
+//! same machine in the same run, printed as markdown tables. See
+//! docs/benchmarks.md for the latest figures and what they mean.
+//!
+//! Nothing here asserts a timing: a run fails only when something it
+//! measures fails (a plugin error, a leak, a dead daemon).
+
+pub mod alloc;
+pub mod cleanup;
+pub mod datapath;
+pub mod error;
+pub mod exec;
+pub mod footprint;
+pub mod latency;
+pub mod machine;
+pub mod node;
+pub mod report;
+pub mod stats;
+
+use std::str::FromStr;
+
+pub use error::{BenchError, Result};
+use node::Tools;
+use report::Section;
+
+/// The parts of the benchmark, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Latency,
+    Alloc,
+    Datapath,
+    Footprint,
+}
+
+impl Part {
+    pub const ALL: [Part; 4] = [Part::Latency, Part::Alloc, Part::Datapath, Part::Footprint];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Latency => "latency",
+            Part::Alloc => "alloc",
+            Part::Datapath => "datapath",
+            Part::Footprint => "footprint",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Part::Latency => "1. Pod ADD/DEL latency",
+            Part::Alloc => "2. Node subnet allocation (config-gen)",
+            Part::Datapath => "3. Datapath: pod-to-pod TCP throughput",
+            Part::Footprint => "4. Footprint",
+        }
+    }
+}
+
+impl FromStr for Part {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Part, String> {
+        Part::ALL
+            .into_iter()
+            .find(|p| p.name() == s || (s == "allocation" && *p == Part::Alloc))
+            .ok_or_else(|| {
+                format!(
+                    "unknown section {s:?}; one of: {}",
+                    Part::ALL.map(Part::name).join(", ")
+                )
+            })
+    }
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub tools: Tools,
+    pub parts: Vec<Part>,
+    pub latency: latency::Opts,
+    pub alloc: alloc::Opts,
+    pub datapath: datapath::Opts,
+    pub footprint_samples: usize,
+}
+
+/// Runs the selected parts; `each` sees every section as it completes.
+pub fn run(cfg: &Config, mut each: impl FnMut(&Section)) -> Vec<Section> {
+    let mut out = Vec::new();
+    for part in &cfg.parts {
+        let started = std::time::Instant::now();
+        eprintln!("evio-bench: {} ...", part.name());
+        let r = match cleanup::check() {
+            Err(e) => Err(e),
+            Ok(()) => match part {
+                Part::Latency => latency::run(&cfg.tools, &cfg.latency),
+                Part::Alloc => alloc::run(&cfg.tools, &cfg.alloc),
+                Part::Datapath => datapath::run(&cfg.tools, &cfg.datapath),
+                Part::Footprint => footprint::run(&cfg.tools, cfg.footprint_samples),
+            },
+        };
+        eprintln!(
+            "evio-bench: {} {} in {:.1} s",
+            part.name(),
+            if r.is_ok() { "done" } else { "FAILED" },
+            started.elapsed().as_secs_f64()
+        );
+        let s = match r {
+            Ok(body) => Section {
+                title: part.title().into(),
+                body,
+                error: None,
+            },
+            Err(e) => Section {
+                title: part.title().into(),
+                body: String::new(),
+                error: Some(e.to_string()),
+            },
+        };
+        each(&s);
+        out.push(s);
+    }
+    out
+}

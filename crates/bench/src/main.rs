@@ -1,0 +1,176 @@
+//! `evio-bench`: see the crate docs and `--help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use evio_bench::node::Tools;
+use evio_bench::report::write_into;
+use evio_bench::{alloc, cleanup, datapath, latency, machine, Config, Part};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "evio-bench",
+    about = "Benchmarks evio against the reference CNI plugins on this machine and prints markdown tables",
+    long_about = "Benchmarks evio against the reference CNI plugins on this machine and prints \
+                  markdown tables. Needs root (it creates network namespaces; nothing is \
+                  configured in the root namespace) and the programs of .ci/install-deps. Exits \
+                  non-zero only if a run failed, never because of a figure."
+)]
+struct Cli {
+    /// Pods per plugin in the latency section.
+    #[arg(long, default_value_t = 40)]
+    pods: usize,
+
+    /// Concurrent plugin invocations in the concurrent latency phase.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+
+    /// Small counts and short runs: a smoke run that proves the benchmark works.
+    #[arg(long)]
+    quick: bool,
+
+    /// Run only these sections (comma-separated): latency, alloc, datapath, footprint.
+    #[arg(long, value_delimiter = ',', value_name = "SECTION")]
+    only: Vec<Part>,
+
+    /// Also write the report into this markdown file, between its generated-part
+    /// markers (text outside them is kept).
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+
+    /// The evio plugin [default: `evio` next to this program].
+    #[arg(long, value_name = "PATH")]
+    plugin: Option<PathBuf>,
+
+    /// evio-node [default: `evio-node` next to this program].
+    #[arg(long, value_name = "PATH")]
+    node_bin: Option<PathBuf>,
+
+    /// Directory of the reference plugins (bridge, host-local).
+    #[arg(long, value_name = "DIR", default_value = "/usr/lib/cni")]
+    cni_dir: PathBuf,
+
+    /// config-gen allocations in the allocation section.
+    #[arg(long, default_value_t = 256)]
+    allocations: usize,
+
+    /// Concurrent config-gen processes.
+    #[arg(long, default_value_t = 32)]
+    alloc_concurrency: usize,
+
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 3)]
+    iperf_seconds: u32,
+
+    /// iperf3 runs per topology (evio and hand-built alternate).
+    #[arg(long, default_value_t = 2)]
+    iperf_repeats: usize,
+
+    /// Traced ADDs per plugin in the footprint section.
+    #[arg(long, default_value_t = 5)]
+    footprint_samples: usize,
+}
+
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// The command line as the report shows it: without `--output FILE`, which
+/// says where the report went, not how it was measured.
+fn shown_args(args: impl Iterator<Item = String>) -> String {
+    let mut out = String::new();
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a == "--output" {
+            skip = true;
+            continue;
+        }
+        if a.starts_with("--output=") {
+            continue;
+        }
+        out.push(' ');
+        out.push_str(&a);
+    }
+    out
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cleanup::install();
+    if nix::unistd::geteuid().as_raw() != 0 {
+        eprintln!("evio-bench: needs root (it creates network namespaces)");
+        return ExitCode::from(2);
+    }
+    let explicit = |name: &str| {
+        std::env::args().any(|a| a == format!("--{name}") || a.starts_with(&format!("--{name}=")))
+    };
+    let q = |name: &str, normal: usize, quick: usize| {
+        if cli.quick && !explicit(name) {
+            quick
+        } else {
+            normal
+        }
+    };
+    let cfg = Config {
+        tools: Tools {
+            evio: cli.plugin.clone().unwrap_or_else(|| sibling("evio")),
+            evio_node: cli.node_bin.clone().unwrap_or_else(|| sibling("evio-node")),
+            cni_dir: cli.cni_dir.clone(),
+        },
+        parts: if cli.only.is_empty() {
+            Part::ALL.to_vec()
+        } else {
+            cli.only.clone()
+        },
+        latency: latency::Opts {
+            pods: q("pods", cli.pods, 4),
+            concurrency: q("concurrency", cli.concurrency, 4),
+        },
+        alloc: alloc::Opts {
+            allocations: q("allocations", cli.allocations, 32),
+            concurrency: q("alloc-concurrency", cli.alloc_concurrency, 8),
+        },
+        datapath: datapath::Opts {
+            seconds: q("iperf-seconds", cli.iperf_seconds as usize, 1) as u32,
+            repeats: q("iperf-repeats", cli.iperf_repeats, 1),
+        },
+        footprint_samples: q("footprint-samples", cli.footprint_samples, 2),
+    };
+
+    let mut doc = format!(
+        "Generated by `scripts/bench.sh` (`evio-bench{}`). Ratios are what compare across \
+         machines; absolute times are this machine's.\n\n## Machine\n\n{}\n",
+        shown_args(std::env::args().skip(1)),
+        machine::describe(&cfg.tools)
+    );
+    println!("{doc}");
+    let sections = evio_bench::run(&cfg, |s| println!("{}", s.render()));
+    for s in &sections {
+        doc.push_str(&s.render());
+        doc.push('\n');
+    }
+    let failed = sections.iter().filter(|s| s.error.is_some()).count();
+    if let Some(path) = &cli.output {
+        if let Err(e) = write_into(path, &doc) {
+            eprintln!("evio-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+        eprintln!("evio-bench: wrote {}", path.display());
+    }
+    if cleanup::check().is_err() {
+        return ExitCode::from(130);
+    }
+    if failed > 0 {
+        eprintln!("evio-bench: {failed} section(s) failed");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}

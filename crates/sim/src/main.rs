@@ -1,0 +1,235 @@
+//! `evio-sim up`: brings up a simulated evio cluster on this machine (one
+//! network namespace with its own Open vSwitch per node, pods attached by the
+//! real `evio` plugin, subnets from the real `evio-node config-gen`), prints
+//! it and a pod-to-pod reachability matrix, then tears everything down, also
+//! on failure, Ctrl-C or SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use evio_testkit::cluster::{emergency_cleanup, BridgeType, Cluster, ClusterError, ClusterOpts};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+#[derive(Debug, thiserror::Error)]
+enum SimError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("cannot install the signal handler: {0}")]
+    Signals(nix::Error),
+    #[error("cannot locate the evio-sim executable (to find the binaries next to it): {0}")]
+    SelfPath(std::io::Error),
+}
+
+#[derive(Parser)]
+#[command(name = "evio-sim", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Bring up a simulated cluster, print its nodes, pods and reachability
+    /// matrix, then tear it down. Exits non-zero if any probe fails.
+    Up(UpArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Bridge {
+    Ovs,
+    Linux,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Number of simulated nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=32))]
+    nodes: u16,
+    /// Pods per node.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=32))]
+    pods: u16,
+    /// Node bridge type (the plugin's `bridgeType`).
+    #[arg(long, value_enum, default_value_t = Bridge::Ovs)]
+    bridge_type: Bridge,
+    /// Cluster pod CIDR (`podCIDR`).
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pod_cidr: String,
+    /// Bits of the pod CIDR that number the nodes (`nodeBits`).
+    #[arg(long, default_value_t = 8)]
+    node_bits: u8,
+    /// Keep the cluster up for inspection until Ctrl-C / SIGTERM.
+    #[arg(long)]
+    keep: bool,
+    /// The `evio` plugin executable [default: next to evio-sim].
+    #[arg(long, env = "EVIO_BIN")]
+    evio: Option<PathBuf>,
+    /// The `evio-node` executable [default: next to evio-sim].
+    #[arg(long, env = "EVIO_NODE_BIN")]
+    evio_node: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cancel = Arc::new(AtomicBool::new(false));
+    if let Err(e) = install_signal_handler(cancel.clone()) {
+        eprintln!("evio-sim: {e}");
+        return ExitCode::from(2);
+    }
+    install_panic_cleanup();
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Up(args) => match up(args, cancel.clone()) {
+            Ok(code) => code,
+            // Teardown problems are reported whatever caused the teardown.
+            Err(e @ SimError::Cluster(ClusterError::Teardown(_))) => {
+                eprintln!("evio-sim: {e}");
+                ExitCode::from(2)
+            }
+            // A signal also reaches the commands we run (same process group),
+            // so the step that failed failed because of the interruption.
+            Err(_) if cancel.load(Ordering::Relaxed) || SIGNALLED.load(Ordering::Relaxed) => {
+                eprintln!("evio-sim: interrupted; everything was torn down");
+                ExitCode::from(130)
+            }
+            Err(e) => {
+                eprintln!("evio-sim: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
+    let here = std::env::current_exe()
+        .map_err(SimError::SelfPath)?
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let mut opts = ClusterOpts::new(
+        args.evio.unwrap_or_else(|| here.join("evio")),
+        args.evio_node.unwrap_or_else(|| here.join("evio-node")),
+    );
+    opts.nodes = usize::from(args.nodes);
+    opts.pods_per_node = usize::from(args.pods);
+    opts.bridge_type = match args.bridge_type {
+        Bridge::Ovs => BridgeType::Ovs,
+        Bridge::Linux => BridgeType::Linux,
+    };
+    opts.pod_cidr = args.pod_cidr;
+    opts.node_bits = args.node_bits;
+    opts.cancel = Some(cancel.clone());
+
+    eprintln!(
+        "evio-sim: bringing up {} node(s) × {} pod(s) on {} bridges ({}, nodeBits {})…",
+        opts.nodes, opts.pods_per_node, opts.bridge_type, opts.pod_cidr, opts.node_bits
+    );
+    let started = Instant::now();
+    let cluster = Cluster::up(opts)?;
+    eprintln!(
+        "evio-sim: up in {:.1} s; probing every pod pair…",
+        started.elapsed().as_secs_f64()
+    );
+    println!("\n{}", cluster.summary());
+    let probed = Instant::now();
+    let reach = cluster.reachability()?;
+    println!("{}", reach.render());
+    let failures = reach.failures();
+    for f in &failures {
+        println!("  ✗ {f}");
+    }
+    eprintln!(
+        "evio-sim: probes took {:.1} s",
+        probed.elapsed().as_secs_f64()
+    );
+
+    if args.keep {
+        println!(
+            "\nThe cluster stays up until Ctrl-C (or SIGTERM). To look inside:\n{}",
+            cluster.enter_hints()
+        );
+        while !cancel.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    eprintln!("evio-sim: tearing down (DEL of every pod through the plugin)…");
+    let footprint = cluster.footprint();
+    let down = cluster.down();
+    let leftovers = footprint.leftovers();
+    for l in &leftovers {
+        eprintln!("evio-sim: left behind: {l}");
+    }
+    down?;
+    if leftovers.is_empty() {
+        eprintln!(
+            "evio-sim: torn down: {} namespace(s), {} process(es), {} dir(s) removed",
+            footprint.netns.len(),
+            footprint.processes.len(),
+            footprint.paths.len()
+        );
+    }
+    if !failures.is_empty() {
+        eprintln!("evio-sim: {} probe(s) failed", failures.len());
+        return Ok(ExitCode::from(1));
+    }
+    if !leftovers.is_empty() {
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Set by the signal handler; nothing else is async-signal-safe enough.
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::Relaxed);
+}
+
+/// SIGINT/SIGTERM/SIGHUP only raise a flag, which a watcher thread turns
+/// into `cancel`: the main flow then stops at its next bounded step and
+/// tears down through the normal code path. A handler rather than blocking
+/// the signals: a blocked mask would be inherited by the OVS daemons we
+/// spawn, which then ignore the SIGTERM that stops them; handlers are reset
+/// by exec.
+fn install_signal_handler(cancel: Arc<AtomicBool>) -> Result<(), SimError> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(s, &action) }.map_err(SimError::Signals)?;
+    }
+    std::thread::spawn(move || {
+        let mut told = false;
+        loop {
+            if SIGNALLED.swap(false, Ordering::Relaxed) {
+                cancel.store(true, Ordering::Relaxed);
+                if told {
+                    eprintln!("evio-sim: still tearing down, please wait");
+                } else {
+                    eprintln!("\nevio-sim: signal received: stopping and tearing everything down…");
+                    told = true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    Ok(())
+}
+
+/// Release builds abort on panic without running destructors: remove the
+/// namespaces (killing what runs in them) and temp dirs from the hook.
+fn install_panic_cleanup() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        if cfg!(panic = "abort") {
+            emergency_cleanup();
+        }
+    }));
+}

@@ -1,0 +1,1393 @@
+//! A simulated multi-node cluster on one machine, shared by the `evio-sim`
+//! binary (the README's main job) and the integration tests, so that the
+//! code that builds simulated nodes exists once.
+//!
+//! Layout:
+//! * a "fabric" netns holding a Linux bridge that stands in for the overlay:
+//!   every node has exactly one uplink veth into it, so the node bridges form
+//!   one loop-free L2 segment;
+//! * per node: a netns with its own Open vSwitch (userspace datapath) or none
+//!   for the Linux-bridge type, and the conflist written by the real
+//!   `evio-node config-gen` against one embedded file store shared by all
+//!   nodes of the cluster;
+//! * per pod: a netns attached by the real `evio` plugin, invoked exactly as
+//!   a runtime invokes the first plugin of a conflist.
+//!
+//! Everything lives in namespaces and temp dirs created here and is removed
+//! by [`Cluster::down`] or on drop. Set-up steps return errors instead of
+//! panicking because `evio-sim` is built with `panic = "abort"` in release,
+//! where a panic would skip every destructor; for the remaining panics of the
+//! lower layers (netns creation, OVS start-up) [`emergency_cleanup`] removes
+//! what a panic hook can still reach.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::netns::Netns;
+use crate::ovs::Ovs;
+use crate::plugin::{ping, run_bounded, tcp_roundtrip, Cni, Pod, CNI_PLUGIN_DIR};
+
+/// The Linux bridge in the fabric netns that joins the node uplinks.
+pub const FABRIC_BRIDGE: &str = "fabric0";
+/// Name of a node's uplink veth inside the node netns (its bridge port).
+pub const UPLINK: &str = "uplink";
+/// Name of the conflist `evio-node config-gen` writes.
+pub const CONFLIST: &str = "10-evio.conflist";
+/// Bound for one `ip`/`ovs-vsctl` set-up command.
+const CMD_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound for one `config-gen` run; its own store timeout defaults to 30 s.
+const CONFIG_GEN_TIMEOUT: Duration = Duration::from_secs(45);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("interrupted")]
+    Interrupted,
+    #[error("{what} not found at {path}: build it first with `{build}`")]
+    MissingBinary {
+        what: &'static str,
+        path: PathBuf,
+        build: &'static str,
+    },
+    #[error("invalid option: {0}")]
+    Option(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} failed: {detail}")]
+    Step { what: String, detail: String },
+    #[error("teardown incomplete:\n{}", .0.join("\n"))]
+    Teardown(Vec<String>),
+}
+
+impl ClusterError {
+    fn step(what: impl Into<String>, detail: impl fmt::Display) -> ClusterError {
+        ClusterError::Step {
+            what: what.into(),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
+        move |source| ClusterError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BridgeType {
+    Ovs,
+    Linux,
+}
+
+impl BridgeType {
+    /// The `bridgeType` value of the plugin config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BridgeType::Ovs => "ovs",
+            BridgeType::Linux => "linux",
+        }
+    }
+}
+
+impl fmt::Display for BridgeType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What to bring up.
+#[derive(Debug, Clone)]
+pub struct ClusterOpts {
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    pub bridge_type: BridgeType,
+    pub pod_cidr: String,
+    pub node_bits: u8,
+    /// Network name (`name` of net-conf.json and of the conflist).
+    pub network: String,
+    /// The `evio` plugin executable; its directory goes first in `CNI_PATH`.
+    pub evio_bin: PathBuf,
+    /// The `evio-node` executable.
+    pub evio_node_bin: PathBuf,
+    /// Set (e.g. by a signal handler) to make set-up and probes stop at the
+    /// next step with [`ClusterError::Interrupted`].
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl ClusterOpts {
+    /// Defaults: 3 nodes × 2 pods on OVS, 10.244.0.0/16 split with 8 node bits.
+    pub fn new(evio_bin: impl Into<PathBuf>, evio_node_bin: impl Into<PathBuf>) -> ClusterOpts {
+        ClusterOpts {
+            nodes: 3,
+            pods_per_node: 2,
+            bridge_type: BridgeType::Ovs,
+            pod_cidr: "10.244.0.0/16".into(),
+            node_bits: 8,
+            network: "evio-sim".into(),
+            evio_bin: evio_bin.into(),
+            evio_node_bin: evio_node_bin.into(),
+            cancel: None,
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+
+    fn check_cancel(&self) -> Result<(), ClusterError> {
+        if self.cancelled() {
+            Err(ClusterError::Interrupted)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn pod_prefix(&self) -> Result<u8, ClusterError> {
+        let (addr, prefix) = self
+            .pod_cidr
+            .split_once('/')
+            .ok_or_else(|| ClusterError::Option(format!("pod CIDR {:?}", self.pod_cidr)))?;
+        let bad = || ClusterError::Option(format!("pod CIDR {:?}", self.pod_cidr));
+        let ip: IpAddr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if prefix > max_prefix(ip) {
+            return Err(bad());
+        }
+        Ok(prefix)
+    }
+}
+
+/// Where the binaries of the current cargo profile are when running from a
+/// test executable (`target/<profile>/deps/NAME`): `target/<profile>`.
+pub fn profile_dir_of_current_exe() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.parent()?.to_path_buf())
+}
+
+/// One pod of the cluster.
+pub struct SimPod {
+    /// Short label, `n<node>p<pod>`.
+    pub name: String,
+    pub pod: Pod,
+    pub ip: IpAddr,
+    pub prefix: u8,
+    /// The plugin's ADD result, kept as a runtime's cache keeps it: it is the
+    /// `prevResult` of the DEL.
+    pub result: Value,
+}
+
+/// One node of the cluster. Field order is drop order: pods, then OVS, then
+/// the node netns (killing the daemons by netns first would skip their
+/// orderly stop).
+pub struct SimNode {
+    pub pods: Vec<SimPod>,
+    pub ovs: Option<Ovs>,
+    pub ns: Netns,
+    /// The Kubernetes node name given to config-gen.
+    pub name: String,
+    pub conf_dir: PathBuf,
+    /// The conflist exactly as config-gen wrote it.
+    pub conflist: Value,
+    /// The conflist's `evio` entry with `name` and `cniVersion` copied in and
+    /// `ipam.dataDir` pointing into the cluster's temp dir.
+    pub plugin_conf: Value,
+    /// Whether config-gen itself put our `dataDir` into the conflist (else
+    /// only `plugin_conf` has it).
+    pub conflist_has_data_dir: bool,
+    /// host-local's data dir for this node.
+    pub data_dir: PathBuf,
+    pub subnet: String,
+    pub gateway: IpAddr,
+    pub bridge: String,
+    /// config-gen's one-line report on stdout.
+    pub config_gen_output: String,
+}
+
+impl SimNode {
+    pub fn cni<'a>(&'a self, evio_bin: &Path) -> Cni<'a> {
+        Cni::new(evio_bin, &self.ns)
+    }
+
+    /// Restarts OVS daemons that died (a terminal's Ctrl-C reaches them too,
+    /// being in our process group), so that DEL can still remove ports.
+    fn revive_ovs(&mut self, errors: &mut Vec<String>) {
+        let Some(ovs) = self.ovs.as_mut() else { return };
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            if !ovs.ovsdb_running() {
+                ovs.kill_ovsdb();
+                ovs.start_ovsdb();
+            }
+            if !ovs.vswitchd_running() {
+                ovs.kill_vswitchd();
+                ovs.start_vswitchd();
+            }
+        }));
+        if let Err(p) = r {
+            errors.push(format!(
+                "{}: restarting OVS for teardown: {}",
+                self.name,
+                panic_message(&p)
+            ));
+        }
+    }
+}
+
+/// A running simulated cluster. See the module docs.
+pub struct Cluster {
+    nodes: Vec<SimNode>,
+    fabric: Option<Netns>,
+    dir: Option<tempfile::TempDir>,
+    opts: ClusterOpts,
+    tracked: Vec<Tracked>,
+}
+
+impl Cluster {
+    /// Builds the whole cluster. On any error (or cancellation) everything
+    /// built so far is torn down before returning.
+    pub fn up(opts: ClusterOpts) -> Result<Cluster, ClusterError> {
+        let cancel = opts.cancel.clone();
+        Cluster::build(opts).map_err(|e| interrupted_or(e, cancel.as_deref()))
+    }
+
+    fn build(opts: ClusterOpts) -> Result<Cluster, ClusterError> {
+        check_binaries(&opts)?;
+        if opts.nodes == 0 {
+            return Err(ClusterError::Option("at least one node".into()));
+        }
+        let pod_prefix = opts.pod_prefix()?;
+        let dir = tempfile::Builder::new()
+            .prefix("evio-sim-")
+            .tempdir()
+            .map_err(ClusterError::io(Path::new("temp dir")))?;
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            fabric: None,
+            tracked: Vec::new(),
+            dir: None,
+            opts,
+        };
+        c.track(Tracked::Dir(dir.path().to_path_buf()));
+        c.dir = Some(dir);
+
+        c.opts.check_cancel()?;
+        let fabric = c.new_netns("evf")?;
+        cmd_ok(
+            fabric.command(&["ip", "link", "add", FABRIC_BRIDGE, "type", "bridge"]),
+            "create the fabric bridge",
+        )?;
+        cmd_ok(
+            fabric.command(&["ip", "link", "set", FABRIC_BRIDGE, "up"]),
+            "bring up the fabric bridge",
+        )?;
+        c.fabric = Some(fabric);
+
+        for i in 0..c.opts.nodes {
+            c.opts.check_cancel()?;
+            let node = c.new_node(i, pod_prefix)?;
+            c.nodes.push(node);
+        }
+        for i in 0..c.nodes.len() {
+            for j in 0..c.opts.pods_per_node {
+                c.opts.check_cancel()?;
+                c.add_pod(i, j)?;
+            }
+        }
+        for i in 0..c.nodes.len() {
+            c.opts.check_cancel()?;
+            c.plug_uplink(i)?;
+        }
+        Ok(c)
+    }
+
+    pub fn opts(&self) -> &ClusterOpts {
+        &self.opts
+    }
+
+    pub fn nodes(&self) -> &[SimNode] {
+        &self.nodes
+    }
+
+    /// All pods, node by node, with the index of their node.
+    pub fn pods(&self) -> Vec<(usize, &SimPod)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.pods.iter().map(move |p| (i, p)))
+            .collect()
+    }
+
+    pub fn fabric(&self) -> Option<&Netns> {
+        self.fabric.as_ref()
+    }
+
+    /// The cluster's temp dir (file store, conf dirs, host-local data).
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_ref().map(|d| d.path())
+    }
+
+    /// The shared embedded store, as config-gen's `--store` takes it.
+    pub fn store_url(&self) -> String {
+        format!("file://{}", self.store_path().display())
+    }
+
+    fn store_path(&self) -> PathBuf {
+        self.dir
+            .as_ref()
+            .map(|d| d.path().join("subnets.json"))
+            .unwrap_or_default()
+    }
+
+    fn track(&mut self, t: Tracked) {
+        if let Ok(mut live) = LIVE.lock() {
+            live.push(t.clone());
+        }
+        self.tracked.push(t);
+    }
+
+    fn new_netns(&mut self, prefix: &str) -> Result<Netns, ClusterError> {
+        let ns = guarded("create a network namespace", || Netns::new(prefix))?;
+        self.track(Tracked::Netns(ns.name().to_string()));
+        Ok(ns)
+    }
+
+    fn new_node(&mut self, i: usize, pod_prefix: u8) -> Result<SimNode, ClusterError> {
+        let name = format!("node-{i}");
+        let ns = self.new_netns("evn")?;
+        let ovs = match self.opts.bridge_type {
+            BridgeType::Ovs => Some(guarded(&format!("start OVS for {name}"), || {
+                Ovs::start(&ns)
+            })?),
+            BridgeType::Linux => None,
+        };
+        if let Some(o) = &ovs {
+            self.track(Tracked::Dir(o.dir().to_path_buf()));
+        }
+        let base = self
+            .dir()
+            .map(|d| d.join(&name))
+            .ok_or_else(|| ClusterError::step("node dir", "cluster dir is gone"))?;
+        let conf_dir = base.join("net.d");
+        let data_dir = base.join("ipam");
+        std::fs::create_dir_all(&conf_dir).map_err(ClusterError::io(&conf_dir))?;
+
+        // The ConfigMap's net-conf.json for this node: the same for every
+        // node except the OVSDB endpoint, which points at the node's own OVS.
+        let mut netconf = json!({
+            "name": self.opts.network,
+            "podCIDR": self.opts.pod_cidr,
+            "nodeBits": self.opts.node_bits,
+            "bridgeType": self.opts.bridge_type.as_str(),
+            "dataDir": data_dir.display().to_string(),
+            "dataStore": self.store_url(),
+        });
+        if let Some(o) = &ovs {
+            netconf["ovsdb"] = json!(o.endpoint());
+            // vswitchd here runs in userspace whatever modules the machine
+            // has: a kernel datapath would be shared by all simulated nodes.
+            netconf["ovsDatapath"] = json!("netdev");
+        }
+        let netconf_path = base.join("net-conf.json");
+        std::fs::write(&netconf_path, netconf.to_string())
+            .map_err(ClusterError::io(&netconf_path))?;
+
+        let bin = self.opts.evio_node_bin.display().to_string();
+        let store = self.store_url();
+        let conf_path = netconf_path.display().to_string();
+        let conf_dir_s = conf_dir.display().to_string();
+        let cmd = ns.command(&[
+            &bin,
+            "config-gen",
+            "--config",
+            &conf_path,
+            "--node-name",
+            &name,
+            "--store",
+            &store,
+            "--cni-conf-dir",
+            &conf_dir_s,
+        ]);
+        let out = guarded("run config-gen", || {
+            run_bounded(cmd, b"", CONFIG_GEN_TIMEOUT)
+        })?;
+        if !out.success() {
+            return Err(ClusterError::step(format!("config-gen for {name}"), out));
+        }
+        let conflist_path = conf_dir.join(CONFLIST);
+        let text =
+            std::fs::read_to_string(&conflist_path).map_err(ClusterError::io(&conflist_path))?;
+        let conflist: Value = serde_json::from_str(&text)
+            .map_err(|e| ClusterError::step(format!("parse {}", conflist_path.display()), e))?;
+        let (plugin_conf, conflist_has_data_dir) = plugin_entry(&conflist, &data_dir)
+            .map_err(|e| ClusterError::step(format!("use {}", conflist_path.display()), e))?;
+        let gateway = range_gateway(&plugin_conf)
+            .map_err(|e| ClusterError::step(format!("use {}", conflist_path.display()), e))?;
+        let node_prefix = pod_prefix.saturating_add(self.opts.node_bits);
+        let subnet = format!("{}/{node_prefix}", network_of(gateway, node_prefix));
+        let bridge = plugin_conf
+            .get("bridge")
+            .and_then(Value::as_str)
+            .unwrap_or("evio0")
+            .to_string();
+        Ok(SimNode {
+            pods: Vec::new(),
+            ovs,
+            ns,
+            name,
+            conf_dir,
+            conflist,
+            plugin_conf,
+            conflist_has_data_dir,
+            data_dir,
+            subnet,
+            gateway,
+            bridge,
+            config_gen_output: out.stdout.trim().to_string(),
+        })
+    }
+
+    /// ADD of one pod through the plugin, as a runtime does it.
+    fn add_pod(&mut self, node: usize, j: usize) -> Result<(), ClusterError> {
+        let pod = guarded("create a pod namespace", Pod::new)?;
+        self.track(Tracked::Netns(pod.ns.name().to_string()));
+        let evio = self.opts.evio_bin.clone();
+        let n = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| ClusterError::step("add pod", "no such node"))?;
+        let name = format!("n{node}p{j}");
+        let out = guarded("run the plugin", || {
+            n.cni(&evio).run(
+                "ADD",
+                &pod.id,
+                Some(&pod.path()),
+                &pod.ifname,
+                Some(&pod.k8s_args()),
+                &n.plugin_conf,
+            )
+        })?;
+        if !out.success() {
+            return Err(ClusterError::step(
+                format!("ADD of pod {name} on {}", n.name),
+                out,
+            ));
+        }
+        let result = out.json.clone().unwrap_or(Value::Null);
+        let (ip, prefix) = first_ip(&result)
+            .ok_or_else(|| ClusterError::step(format!("ADD of pod {name}"), out))?;
+        n.pods.push(SimPod {
+            name,
+            pod,
+            ip,
+            prefix,
+            result,
+        });
+        Ok(())
+    }
+
+    /// Joins node `i` to the fabric: a veth from the fabric bridge to the
+    /// node bridge.
+    fn plug_uplink(&mut self, i: usize) -> Result<(), ClusterError> {
+        let fabric = self
+            .fabric
+            .as_ref()
+            .ok_or_else(|| ClusterError::step("plug uplink", "no fabric"))?;
+        let node = self
+            .nodes
+            .get(i)
+            .ok_or_else(|| ClusterError::step("plug uplink", "no such node"))?;
+        ensure_bridge(node)?;
+        let far = format!("up{i}");
+        // Created in the fabric with the peer put straight into the node:
+        // nothing passes through the root namespace.
+        cmd_ok(
+            fabric.command(&[
+                "ip",
+                "link",
+                "add",
+                &far,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                UPLINK,
+                "netns",
+                node.ns.name(),
+            ]),
+            &format!("create uplink of {}", node.name),
+        )?;
+        cmd_ok(
+            fabric.command(&["ip", "link", "set", &far, "master", FABRIC_BRIDGE, "up"]),
+            &format!("attach uplink of {} to the fabric", node.name),
+        )?;
+        match &node.ovs {
+            Some(ovs) => {
+                let out = guarded("ovs-vsctl", || {
+                    ovs.try_vsctl(&["add-port", &node.bridge, UPLINK])
+                })?;
+                if !out.status.success() {
+                    return Err(ClusterError::step(
+                        format!("add {UPLINK} to {} on {}", node.bridge, node.name),
+                        String::from_utf8_lossy(&out.stderr),
+                    ));
+                }
+                cmd_ok(
+                    node.ns.command(&["ip", "link", "set", UPLINK, "up"]),
+                    &format!("bring up {UPLINK} on {}", node.name),
+                )?;
+                // add-port returns once vswitchd reconfigured; a port it
+                // could not open has ofport -1 and an error set.
+                let out = guarded("ovs-vsctl", || {
+                    ovs.try_vsctl(&["get", "Interface", UPLINK, "ofport"])
+                })?;
+                let ofport = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                if !out.status.success() || ofport.parse::<i64>().map_or(true, |p| p <= 0) {
+                    return Err(ClusterError::step(
+                        format!("OVS port {UPLINK} on {}", node.name),
+                        format!("ofport {ofport:?}\n{}", ovs.log("vswitchd")),
+                    ));
+                }
+            }
+            None => cmd_ok(
+                node.ns
+                    .command(&["ip", "link", "set", UPLINK, "master", &node.bridge, "up"]),
+                &format!("attach {UPLINK} to {} on {}", node.bridge, node.name),
+            )?,
+        }
+        Ok(())
+    }
+
+    /// Every pod pings and opens a TCP connection (256 KiB echoed) to every
+    /// other pod and to its own node's gateway. Probes from different pods
+    /// run in parallel; each one is bounded (ping 3 s, TCP 10 s per step).
+    pub fn reachability(&self) -> Result<Reachability, ClusterError> {
+        let pods = self.pods();
+        let labels: Vec<PodLabel> = pods
+            .iter()
+            .map(|(n, p)| PodLabel {
+                name: p.name.clone(),
+                node: *n,
+                ip: p.ip,
+            })
+            .collect();
+        let n = pods.len();
+        let mut checks: Vec<Check> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n)
+                .map(|from| {
+                    s.spawn(move || {
+                        let targets = (0..n)
+                            .filter(|&t| t != from)
+                            .map(Target::Pod)
+                            .chain(std::iter::once(Target::Gateway));
+                        let mut out = Vec::new();
+                        for to in targets {
+                            if self.opts.cancelled() {
+                                break;
+                            }
+                            out.extend(self.probe(from, to));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        self.opts.check_cancel()?;
+        checks.sort_by_key(|c| (c.from, c.to));
+        Ok(Reachability {
+            pods: labels,
+            gateways: self.nodes.iter().map(|n| n.gateway).collect(),
+            checks,
+        })
+    }
+
+    /// One probe (ping, then a TCP echo) from pod `from` (an index into
+    /// [`Cluster::pods`]) to `to`. `None` if `from` or `to` does not exist.
+    pub fn probe(&self, from: usize, to: Target) -> Option<Check> {
+        let pods = self.pods();
+        let (node, src) = pods.get(from)?;
+        let (server, ip) = match to {
+            Target::Pod(t) => pods.get(t).map(|(_, p)| (&p.pod.ns, p.ip))?,
+            Target::Gateway => self.nodes.get(*node).map(|n| (&n.ns, n.gateway))?,
+        };
+        let ping_ok =
+            catch_unwind(AssertUnwindSafe(|| ping(&src.pod.ns, &ip.to_string()))).unwrap_or(false);
+        let tcp = catch_unwind(AssertUnwindSafe(|| tcp_roundtrip(server, ip, &src.pod.ns)))
+            .unwrap_or_else(|p| Err(panic_message(&p)));
+        Some(Check {
+            from,
+            to,
+            ping: ping_ok,
+            tcp,
+        })
+    }
+
+    /// The table `evio-sim up` prints: node, subnet, gateway, pods with
+    /// addresses.
+    pub fn summary(&self) -> String {
+        let mut rows = Vec::new();
+        for n in &self.nodes {
+            let bridge = format!("{} ({})", n.bridge, self.opts.bridge_type);
+            if n.pods.is_empty() {
+                rows.push(vec![
+                    n.name.clone(),
+                    n.subnet.clone(),
+                    n.gateway.to_string(),
+                    bridge.clone(),
+                    "-".into(),
+                    "-".into(),
+                ]);
+            }
+            for (k, p) in n.pods.iter().enumerate() {
+                let first = k == 0;
+                let cell = |s: String| if first { s } else { String::new() };
+                rows.push(vec![
+                    cell(n.name.clone()),
+                    cell(n.subnet.clone()),
+                    cell(n.gateway.to_string()),
+                    cell(bridge.clone()),
+                    p.name.clone(),
+                    format!("{}/{}", p.ip, p.prefix),
+                ]);
+            }
+        }
+        render_table(
+            &["NODE", "SUBNET", "GATEWAY", "BRIDGE", "POD", "ADDRESS"],
+            &rows,
+        )
+    }
+
+    /// How to look inside: one `nsenter` line per node and pod.
+    pub fn enter_hints(&self) -> String {
+        let mut s = String::new();
+        if let Some(f) = &self.fabric {
+            s.push_str(&format!(
+                "fabric      nsenter --net={}   (bridge {FABRIC_BRIDGE})\n",
+                f.path().display()
+            ));
+        }
+        for n in &self.nodes {
+            s.push_str(&format!(
+                "{:<11} nsenter --net={}\n",
+                n.name,
+                n.ns.path().display()
+            ));
+            if let Some(o) = &n.ovs {
+                s.push_str(&format!(
+                    "{:<11} ovs-vsctl --db={} show\n",
+                    "",
+                    o.endpoint()
+                ));
+            }
+            s.push_str(&format!(
+                "{:<11} conflist {}\n",
+                "",
+                n.conf_dir.join(CONFLIST).display()
+            ));
+            for p in &n.pods {
+                s.push_str(&format!(
+                    "  {:<9} nsenter --net={}\n",
+                    p.name,
+                    p.pod.path().display()
+                ));
+            }
+        }
+        s
+    }
+
+    /// Everything of this cluster that must be gone after teardown.
+    pub fn footprint(&self) -> Footprint {
+        let mut netns = Vec::new();
+        if let Some(f) = &self.fabric {
+            netns.push(f.name().to_string());
+        }
+        let mut paths: Vec<PathBuf> = self.dir().map(Path::to_path_buf).into_iter().collect();
+        let mut pids = Vec::new();
+        for n in &self.nodes {
+            netns.push(n.ns.name().to_string());
+            netns.extend(n.pods.iter().map(|p| p.pod.ns.name().to_string()));
+            if let Some(o) = &n.ovs {
+                paths.push(o.dir().to_path_buf());
+                for f in ["ovsdb.pid", "vswitchd.pid"] {
+                    if let Ok(s) = std::fs::read_to_string(o.dir().join(f)) {
+                        pids.extend(s.trim().parse::<i32>().ok());
+                    }
+                }
+            }
+        }
+        for ns in &netns {
+            pids.extend(netns_pids(ns));
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        let processes = pids
+            .into_iter()
+            .filter_map(|p| proc_comm(p).map(|c| (p, c)))
+            .collect();
+        Footprint {
+            netns,
+            processes,
+            paths,
+        }
+    }
+
+    /// Tears down: DEL of every pod through the plugin, then OVS, the
+    /// namespaces and the temp dir. Errors of the DELs are reported, but the
+    /// rest is removed regardless.
+    pub fn down(mut self) -> Result<(), ClusterError> {
+        let errors = self.teardown();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ClusterError::Teardown(errors))
+        }
+    }
+
+    fn teardown(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let evio = self.opts.evio_bin.clone();
+        for node in self.nodes.iter_mut().rev() {
+            if !node.pods.is_empty() {
+                node.revive_ovs(&mut errors);
+            }
+            while let Some(p) = node.pods.pop() {
+                let mut conf = node.plugin_conf.clone();
+                if let Some(o) = conf.as_object_mut() {
+                    if !p.result.is_null() {
+                        o.insert("prevResult".into(), p.result.clone());
+                    }
+                }
+                let out = catch_unwind(AssertUnwindSafe(|| {
+                    node.cni(&evio).run(
+                        "DEL",
+                        &p.pod.id,
+                        Some(&p.pod.path()),
+                        &p.pod.ifname,
+                        Some(&p.pod.k8s_args()),
+                        &conf,
+                    )
+                }));
+                match out {
+                    Ok(o) if o.success() => {}
+                    Ok(o) => errors.push(format!("DEL of {} on {}: {o}", p.name, node.name)),
+                    Err(e) => errors.push(format!(
+                        "DEL of {} on {}: {}",
+                        p.name,
+                        node.name,
+                        panic_message(&e)
+                    )),
+                }
+                drop(p);
+            }
+        }
+        // SimNode's field order stops OVS before its netns goes.
+        while let Some(n) = self.nodes.pop() {
+            drop(n);
+        }
+        self.fabric = None;
+        if let Some(d) = self.dir.take() {
+            let path = d.path().to_path_buf();
+            if let Err(e) = d.close() {
+                errors.push(format!("remove {}: {e}", path.display()));
+            }
+        }
+        if let Ok(mut live) = LIVE.lock() {
+            live.retain(|t| !self.tracked.contains(t));
+        }
+        self.tracked.clear();
+        errors
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for e in self.teardown() {
+            eprintln!("evio-sim teardown: {e}");
+        }
+    }
+}
+
+/// A signal that interrupts us also reaches the commands we run (they are
+/// in our process group): their failure is then the interruption, not an
+/// error to report.
+fn interrupted_or(e: ClusterError, cancel: Option<&AtomicBool>) -> ClusterError {
+    if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+        ClusterError::Interrupted
+    } else {
+        e
+    }
+}
+
+/// The bridge normally appears with the first pod's ADD; a node without pods
+/// gets it here, the way the plugin would make it.
+fn ensure_bridge(node: &SimNode) -> Result<(), ClusterError> {
+    if node.ns.has_link(&node.bridge) {
+        return Ok(());
+    }
+    match &node.ovs {
+        Some(ovs) => {
+            let datapath = node
+                .plugin_conf
+                .get("ovsDatapath")
+                .and_then(Value::as_str)
+                .filter(|d| *d != "auto")
+                .unwrap_or("netdev");
+            let out = guarded("ovs-vsctl", || {
+                ovs.try_vsctl(&[
+                    "--may-exist",
+                    "add-br",
+                    &node.bridge,
+                    "--",
+                    "set",
+                    "Bridge",
+                    &node.bridge,
+                    &format!("datapath_type={datapath}"),
+                ])
+            })?;
+            if !out.status.success() {
+                return Err(ClusterError::step(
+                    format!("create bridge {} on {}", node.bridge, node.name),
+                    String::from_utf8_lossy(&out.stderr),
+                ));
+            }
+            cmd_ok(
+                node.ns.command(&["ip", "link", "set", &node.bridge, "up"]),
+                "bring up the bridge",
+            )
+        }
+        None => {
+            cmd_ok(
+                node.ns
+                    .command(&["ip", "link", "add", &node.bridge, "type", "bridge"]),
+                "create the bridge",
+            )?;
+            cmd_ok(
+                node.ns.command(&["ip", "link", "set", &node.bridge, "up"]),
+                "bring up the bridge",
+            )
+        }
+    }
+}
+
+fn check_binaries(opts: &ClusterOpts) -> Result<(), ClusterError> {
+    let want = [
+        (
+            "the evio plugin",
+            opts.evio_bin.clone(),
+            "cargo build --release -p evio-plugin",
+        ),
+        (
+            "evio-node",
+            opts.evio_node_bin.clone(),
+            "cargo build --release -p evio-node",
+        ),
+        (
+            "host-local",
+            Path::new(CNI_PLUGIN_DIR).join("host-local"),
+            ".ci/install-deps",
+        ),
+    ];
+    for (what, path, build) in want {
+        if !path.is_file() {
+            return Err(ClusterError::MissingBinary { what, path, build });
+        }
+    }
+    Ok(())
+}
+
+/// The conflist's `evio` entry as libcni hands it to the plugin: with the
+/// list's `name` and `cniVersion` copied in. `ipam.dataDir` is set to
+/// `data_dir` when config-gen did not already write exactly that; the bool
+/// says whether it had.
+pub fn plugin_entry(conflist: &Value, data_dir: &Path) -> Result<(Value, bool), String> {
+    let plugins = conflist
+        .get("plugins")
+        .and_then(Value::as_array)
+        .ok_or("no plugins list")?;
+    let mut entry = plugins
+        .iter()
+        .find(|p| p.get("type").and_then(Value::as_str) == Some("evio"))
+        .cloned()
+        .ok_or("no plugin of type evio")?;
+    let obj = entry.as_object_mut().ok_or("evio entry is not an object")?;
+    for key in ["name", "cniVersion"] {
+        let v = conflist.get(key).cloned().ok_or(format!("no {key}"))?;
+        obj.insert(key.into(), v);
+    }
+    let want = data_dir.display().to_string();
+    let ipam = obj
+        .get_mut("ipam")
+        .and_then(Value::as_object_mut)
+        .ok_or("evio entry has no ipam object")?;
+    let had = ipam.get("dataDir").and_then(Value::as_str) == Some(want.as_str());
+    ipam.insert("dataDir".into(), json!(want));
+    Ok((entry, had))
+}
+
+/// `ipam.ranges[0][0].gateway` of a plugin config.
+pub fn range_gateway(plugin: &Value) -> Result<IpAddr, String> {
+    let gw = plugin
+        .pointer("/ipam/ranges/0/0/gateway")
+        .and_then(Value::as_str)
+        .ok_or("no ipam.ranges[0][0].gateway")?;
+    gw.parse().map_err(|e| format!("gateway {gw:?}: {e}"))
+}
+
+/// First address of a CNI result (any version): `ips[0].address`.
+pub fn first_ip(result: &Value) -> Option<(IpAddr, u8)> {
+    let addr = result.pointer("/ips/0/address")?.as_str()?;
+    let (ip, prefix) = addr.split_once('/')?;
+    Some((ip.parse().ok()?, prefix.parse().ok()?))
+}
+
+fn max_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+/// `ip` with all bits past `prefix` cleared.
+pub fn network_of(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => {
+            let bits = u32::from(a);
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
+            IpAddr::V4((bits & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6((bits & mask).into())
+        }
+    }
+}
+
+/// Runs a set-up command (bounded) and turns a failure into an error that
+/// carries its output.
+fn cmd_ok(cmd: Command, what: &str) -> Result<(), ClusterError> {
+    let out = guarded(what, || run_bounded(cmd, b"", CMD_TIMEOUT))?;
+    if out.success() {
+        Ok(())
+    } else {
+        Err(ClusterError::step(what, out))
+    }
+}
+
+/// Runs a lower-layer helper that reports failure by panicking (the test
+/// kit's style) and turns the panic into an error, so that set-up failures
+/// unwind through our own teardown rather than through a test harness.
+fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, ClusterError> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|p| ClusterError::step(what, panic_message(&p)))
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else {
+        "panic".into()
+    }
+}
+
+/// Where a probe goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Target {
+    /// Index into [`Reachability::pods`].
+    Pod(usize),
+    /// The gateway of the source pod's own node.
+    Gateway,
+}
+
+#[derive(Debug, Clone)]
+pub struct PodLabel {
+    pub name: String,
+    pub node: usize,
+    pub ip: IpAddr,
+}
+
+/// One probe: ping and TCP from one pod to one target.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub from: usize,
+    pub to: Target,
+    pub ping: bool,
+    pub tcp: Result<(), String>,
+}
+
+impl Check {
+    pub fn ok(&self) -> bool {
+        self.ping && self.tcp.is_ok()
+    }
+}
+
+/// The reachability matrix.
+#[derive(Debug, Clone)]
+pub struct Reachability {
+    pub pods: Vec<PodLabel>,
+    /// Gateway of each node.
+    pub gateways: Vec<IpAddr>,
+    pub checks: Vec<Check>,
+}
+
+impl Reachability {
+    pub fn get(&self, from: usize, to: Target) -> Option<&Check> {
+        self.checks.iter().find(|c| c.from == from && c.to == to)
+    }
+
+    /// Every pair that was expected: each pod to each other pod and to its
+    /// gateway. A probe that did not run (interrupted) counts as failed.
+    pub fn expected(&self) -> Vec<(usize, Target)> {
+        let n = self.pods.len();
+        let mut v = Vec::new();
+        for from in 0..n {
+            v.extend(
+                (0..n)
+                    .filter(|&t| t != from)
+                    .map(|t| (from, Target::Pod(t))),
+            );
+            v.push((from, Target::Gateway));
+        }
+        v
+    }
+
+    /// One line per failed or missing probe.
+    pub fn failures(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (from, to) in self.expected() {
+            let src = &self.pods[from];
+            let dst = match to {
+                Target::Pod(t) => format!("{} ({})", self.pods[t].name, self.pods[t].ip),
+                Target::Gateway => format!(
+                    "gateway ({})",
+                    self.gateways
+                        .get(src.node)
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                ),
+            };
+            match self.get(from, to) {
+                None => out.push(format!("{} -> {dst}: not probed", src.name)),
+                Some(c) => {
+                    if !c.ping {
+                        out.push(format!("{} -> {dst}: ping failed", src.name));
+                    }
+                    if let Err(e) = &c.tcp {
+                        out.push(format!("{} -> {dst}: TCP failed: {e}", src.name));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn all_ok(&self) -> bool {
+        self.failures().is_empty()
+    }
+
+    /// The matrix: rows are sources, columns targets (pods, then the
+    /// source's own gateway); each cell is ping then TCP.
+    pub fn render(&self) -> String {
+        if self.pods.is_empty() {
+            return "no pods: nothing to probe\n".into();
+        }
+        let mark = |b: bool| if b { "✓" } else { "✗" };
+        let mut headers: Vec<String> = vec!["FROM \\ TO".into()];
+        headers.extend(self.pods.iter().map(|p| p.name.clone()));
+        headers.push("gateway".into());
+        let mut rows = Vec::new();
+        for (from, p) in self.pods.iter().enumerate() {
+            let mut row = vec![p.name.clone()];
+            let targets = (0..self.pods.len())
+                .map(Target::Pod)
+                .chain(std::iter::once(Target::Gateway));
+            for to in targets {
+                let cell = if to == Target::Pod(from) {
+                    "·".to_string()
+                } else {
+                    match self.get(from, to) {
+                        Some(c) => format!("{}{}", mark(c.ping), mark(c.tcp.is_ok())),
+                        None => "??".into(),
+                    }
+                };
+                row.push(cell);
+            }
+            rows.push(row);
+        }
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        let ok = self.expected().len() - self.failed_pairs();
+        format!(
+            "{}each cell: ping then TCP (256 KiB echoed), ✓ ok, ✗ failed, ?? not probed\n{ok}/{} pairs fully reachable\n",
+            render_table(&headers, &rows),
+            self.expected().len()
+        )
+    }
+
+    fn failed_pairs(&self) -> usize {
+        self.expected()
+            .into_iter()
+            .filter(|(f, t)| !self.get(*f, *t).is_some_and(Check::ok))
+            .count()
+    }
+}
+
+/// A plain text table, columns padded to the widest cell (in characters).
+pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let cols = headers.len();
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(cols) {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let pad = width[i].saturating_sub(c.chars().count());
+            s.push_str(c);
+            if i + 1 < cells.len() {
+                s.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// What a cluster consists of, recorded before teardown and checked after.
+#[derive(Debug, Clone)]
+pub struct Footprint {
+    pub netns: Vec<String>,
+    /// (pid, comm) of every process that ran in one of the namespaces,
+    /// OVS daemons included.
+    pub processes: Vec<(i32, String)>,
+    pub paths: Vec<PathBuf>,
+}
+
+impl Footprint {
+    /// What of this footprint still exists, one line each.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let list = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let live: Vec<&str> = list
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        for ns in &self.netns {
+            if live.contains(&ns.as_str()) || Path::new("/run/netns").join(ns).exists() {
+                out.push(format!("netns {ns}"));
+            }
+        }
+        for (pid, comm) in &self.processes {
+            // Same pid and same command: not a recycled pid.
+            if proc_comm(*pid).as_deref() == Some(comm.as_str()) {
+                out.push(format!("process {pid} ({comm})"));
+            }
+        }
+        for p in &self.paths {
+            if p.exists() {
+                out.push(format!("path {}", p.display()));
+            }
+        }
+        out
+    }
+}
+
+fn netns_pids(ns: &str) -> Vec<i32> {
+    Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn proc_comm(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Something a cluster created that [`emergency_cleanup`] can remove
+/// without the `Cluster` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tracked {
+    Netns(String),
+    Dir(PathBuf),
+}
+
+static LIVE: Mutex<Vec<Tracked>> = Mutex::new(Vec::new());
+
+/// Removes what every live cluster of this process created, without running
+/// any destructor: kills the processes in its namespaces (OVS daemons
+/// included), deletes the namespaces and temp dirs. For a panic hook in a
+/// `panic = "abort"` build, where `Drop` never runs. Pods are not DELeted
+/// through the plugin: their state goes with the namespaces and temp dirs.
+pub fn emergency_cleanup() {
+    // try_lock: the panic may have happened while the lock was held.
+    let items: Vec<Tracked> = match LIVE.try_lock() {
+        Ok(mut live) => live.drain(..).collect(),
+        Err(_) => return,
+    };
+    for t in items.iter().rev() {
+        match t {
+            Tracked::Netns(ns) => {
+                for pid in netns_pids(ns) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            }
+            Tracked::Dir(d) => {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_of_masks_host_bits() {
+        let ip: IpAddr = "10.244.17.1".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(network_of(ip, 24).to_string(), "10.244.17.0");
+        assert_eq!(network_of(ip, 0).to_string(), "0.0.0.0");
+        assert_eq!(network_of(ip, 32).to_string(), "10.244.17.1");
+        let ip6: IpAddr = "fd10:244::3:1".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(network_of(ip6, 112).to_string(), "fd10:244::3:0");
+    }
+
+    fn conflist() -> Value {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "evio-sim",
+            "plugins": [
+                {"type": "evio", "bridge": "evio0", "ipam": {"type": "host-local",
+                  "ranges": [[{"subnet": "10.244.0.0/16", "rangeStart": "10.244.5.2",
+                               "rangeEnd": "10.244.5.254", "gateway": "10.244.5.1"}]]}},
+                {"type": "portmap", "capabilities": {"portMappings": true}}
+            ]
+        })
+    }
+
+    #[test]
+    fn plugin_entry_copies_name_and_version_and_sets_data_dir() {
+        let (e, had) =
+            plugin_entry(&conflist(), Path::new("/tmp/x/ipam")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!had);
+        assert_eq!(e["name"], "evio-sim");
+        assert_eq!(e["cniVersion"], "1.0.0");
+        assert_eq!(e["type"], "evio");
+        assert_eq!(e["ipam"]["dataDir"], "/tmp/x/ipam");
+        assert_eq!(
+            range_gateway(&e).map(|g| g.to_string()),
+            Ok("10.244.5.1".to_string())
+        );
+    }
+
+    #[test]
+    fn plugin_entry_reports_a_data_dir_config_gen_already_wrote() {
+        let mut c = conflist();
+        c["plugins"][0]["ipam"]["dataDir"] = json!("/tmp/x/ipam");
+        let (_, had) = plugin_entry(&c, Path::new("/tmp/x/ipam")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(had);
+    }
+
+    #[test]
+    fn plugin_entry_rejects_a_conflist_without_evio() {
+        let mut c = conflist();
+        c["plugins"] = json!([{"type": "portmap"}]);
+        assert!(plugin_entry(&c, Path::new("/x")).is_err());
+    }
+
+    #[test]
+    fn first_ip_reads_any_result_version() {
+        let r = json!({"ips": [{"version": "4", "address": "10.244.5.2/16"}]});
+        assert_eq!(
+            first_ip(&r),
+            Some(("10.244.5.2".parse().unwrap_or_else(|e| panic!("{e}")), 16))
+        );
+        assert_eq!(first_ip(&json!({})), None);
+    }
+
+    fn label(name: &str, node: usize) -> PodLabel {
+        PodLabel {
+            name: name.into(),
+            node,
+            ip: "10.0.0.1".parse().unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+
+    #[test]
+    fn reachability_counts_missing_and_failed_probes() {
+        let mut r = Reachability {
+            pods: vec![label("a", 0), label("b", 1)],
+            gateways: vec![
+                "10.0.0.1".parse().unwrap_or_else(|e| panic!("{e}")),
+                "10.0.1.1".parse().unwrap_or_else(|e| panic!("{e}")),
+            ],
+            checks: Vec::new(),
+        };
+        assert_eq!(r.expected().len(), 4);
+        assert_eq!(r.failures().len(), 4, "nothing probed is not success");
+        for (from, to) in r.expected() {
+            r.checks.push(Check {
+                from,
+                to,
+                ping: true,
+                tcp: Ok(()),
+            });
+        }
+        assert!(r.all_ok());
+        r.checks[0].tcp = Err("timeout".into());
+        assert!(!r.all_ok());
+        assert_eq!(r.failures().len(), 1);
+        let text = r.render();
+        assert!(text.contains("✓✗"), "{text}");
+        assert!(text.contains("3/4 pairs"), "{text}");
+    }
+
+    #[test]
+    fn table_pads_columns() {
+        let t = render_table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+}

@@ -212,7 +212,24 @@ impl NetConf {
         };
         let log_file = opt_str(&o, "logFile")?
             .filter(|s| !s.is_empty())
-            .map(PathBuf::from);
+            .map(|s| checked_path("logFile", s))
+            .transpose()?;
+        // host-local writes there, and GC deletes files there: a relative
+        // or `..` path would make both act outside the directory meant.
+        if let Some(dir) = ipam.get("dataDir") {
+            match dir {
+                Value::Null => {}
+                Value::String(s) if s.is_empty() => {}
+                Value::String(s) => {
+                    checked_path("ipam.dataDir", s)?;
+                }
+                other => {
+                    return Err(CniError::invalid_config(format!(
+                        "ipam.dataDir must be a string, got {other}"
+                    )))
+                }
+            }
+        }
         let valid_attachments = match o
             .get("cni.dev/valid-attachments")
             .or_else(|| o.get("cni.dev/attachments"))
@@ -242,6 +259,23 @@ impl NetConf {
             raw: raw.to_vec(),
         })
     }
+}
+
+/// A path the plugin (or its delegate) writes to: absolute, without `..`
+/// and without NUL, so it means the same whatever the working directory.
+fn checked_path(key: &str, s: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(s);
+    let bad = |why: &str| Err(CniError::invalid_config(format!("{key} {s:?} {why}")));
+    if s.contains('\0') {
+        return bad("contains a NUL character");
+    }
+    if !p.is_absolute() {
+        return bad("must be an absolute path");
+    }
+    if p.components().any(|c| c == std::path::Component::ParentDir) {
+        return bad("must not contain ..");
+    }
+    Ok(p)
 }
 
 fn parse_bridge_addr(s: &str) -> Result<BridgeAddr> {
@@ -389,6 +423,33 @@ mod tests {
             (conf(json!({"cniVersion": "0.2.0"})), 1, "incompatible"),
             (conf(json!({"cniVersion": "x"})), 6, "cniVersion"),
             (conf(json!({"prevResult": []})), 7, "prevResult"),
+            (conf(json!({"logFile": "evio.log"})), 7, "logFile"),
+            (
+                conf(json!({"logFile": "/var/log/../../etc/x"})),
+                7,
+                "logFile",
+            ),
+            (
+                conf(json!({"ipam": {"type": "host-local", "dataDir": "../x"}})),
+                7,
+                "ipam.dataDir",
+            ),
+            (
+                conf(json!({"ipam": {"type": "host-local", "dataDir": "/var/lib/cni/../../etc"}})),
+                7,
+                "ipam.dataDir",
+            ),
+            (
+                conf(json!({"ipam": {"type": "host-local", "dataDir": "/a\u{0}b"}})),
+                7,
+                "ipam.dataDir",
+            ),
+            (
+                conf(json!({"ipam": {"type": "host-local", "dataDir": 5}})),
+                7,
+                "ipam.dataDir",
+            ),
+            (conf(json!({"bridge": "br\u{0}x"})), 7, "bridge"),
             (
                 conf(json!({"cni.dev/valid-attachments": [{"containerID": 1}]})),
                 7,

@@ -201,6 +201,12 @@ pub fn validate_ifname(name: &str) -> Result<()> {
             "interface name {name:?} contains / or : or whitespace characters"
         )));
     }
+    // The kernel stops a name at NUL: "br\0x" would silently be "br".
+    if name.chars().any(char::is_control) {
+        return Err(CniError::invalid_env(format!(
+            "interface name {name:?} contains control characters"
+        )));
+    }
     Ok(())
 }
 
@@ -291,6 +297,8 @@ mod tests {
             "a:b",
             "a b",
             "a\tb",
+            "br\0x",
+            "a\u{7f}b",
         ] {
             assert_eq!(validate_ifname(bad).unwrap_err().code, 4, "{bad:?}");
         }

@@ -15,7 +15,7 @@ use evio_cni::{code, CniError, Result};
 use evio_net::{arp, ethtool, sysctl, Handle, Link, Netns, Route};
 use ipnet::IpNet;
 
-use crate::naming::{alias, host_veth_name, MAX_CONTAINER_ID};
+use crate::naming::{alias, host_veth_name, MAX_ALIAS, MAX_CONTAINER_ID};
 use crate::switch::{self, Attachment, Switch};
 use crate::{neterr, Log};
 
@@ -30,8 +30,30 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<CniResult> {
         .netns
         .as_deref()
         .ok_or_else(|| CniError::invalid_env("required env variables [CNI_NETNS] missing"))?;
+    // Checked before anything is touched: the kernel refuses a longer tag
+    // only after the IPAM allocation, the bridge and the veth exist.
+    let tag = alias(&conf.name, &env.container_id, &env.ifname);
+    if tag.len() > MAX_ALIAS {
+        return Err(CniError::invalid_config(format!(
+            "network name is {} bytes long: with this container ID the host veth's tag \
+             would be {} bytes, at most {MAX_ALIAS} are possible",
+            conf.name.len(),
+            tag.len()
+        )));
+    }
     let pod_ns = open_netns(netns_path)?;
     let host_ns = Netns::current().map_err(neterr("open the node's netns"))?;
+    // The node's own namespace given as the pod's (e.g. /proc/self/ns/net)
+    // would have the node plumbed as if it were a pod.
+    if pod_ns
+        .is_same(&host_ns)
+        .map_err(neterr("compare the pod's and the node's netns"))?
+    {
+        return Err(CniError::invalid_env(format!(
+            "CNI_NETNS {} is the node's own network namespace",
+            netns_path.display()
+        )));
+    }
     let mut host = Handle::new().map_err(neterr("open netlink in the node's netns"))?;
     let veth_name = host_veth_name(&env.container_id, &env.ifname);
 
@@ -66,9 +88,11 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<CniResult> {
         ));
     }
 
+    // Found before the bridge is created: a missing delegate is a config
+    // error that must leave a fresh node untouched.
+    let ipam = Delegate::find(&conf.ipam_type, &env.path)?;
     let mut sw = switch::for_conf(conf);
     let bridge = sw.ensure_bridge(&mut host)?;
-    let ipam = Delegate::find(&conf.ipam_type, &env.path)?;
     let ipam_result = ipam.add(&conf.raw, conf.version)?;
 
     let att = Attachment {

@@ -7,6 +7,9 @@
 //  kernel caps aliases at 255 bytes.
 pub const MAX_CONTAINER_ID: usize = 200;
 
+/// Longest alias the kernel keeps on a link (IFALIASZ - 1).
+pub const MAX_ALIAS: usize = 255;
+
 /// Host end of the pod's veth: `ev` + 13 hex digits of a 64-bit FNV-1a hash
 /// of the identity (15 bytes, the kernel's limit). Deterministic, so DEL
 /// needs no state; 52 bits make a collision between two live pods on one

@@ -424,7 +424,11 @@ impl Cluster {
             run_bounded(cmd, b"", CONFIG_GEN_TIMEOUT)
         })?;
         if !out.success() {
-            return Err(ClusterError::step(format!("config-gen for {name}"), out));
+            let why = match out.stderr.trim() {
+                "" => out.to_string(),
+                e => format!("exit code {}: {e}", out.code),
+            };
+            return Err(ClusterError::step(format!("config-gen for {name}"), why));
         }
         let conflist_path = conf_dir.join(CONFLIST);
         let text =

@@ -1,0 +1,199 @@
+//! The `evio-sim` binary as a user runs it: the printed table and matrix,
+//! exit codes, and teardown on SIGTERM of a kept cluster.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use evio_testkit::plugin::run_bounded;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const SIM: &str = env!("CARGO_BIN_EXE_evio-sim");
+
+fn sim(args: &[&str]) -> Command {
+    let (evio, node) = common::bins();
+    let mut c = Command::new(SIM);
+    c.arg("up")
+        .args(args)
+        .arg("--evio")
+        .arg(evio)
+        .arg("--evio-node")
+        .arg(node);
+    c
+}
+
+#[test]
+fn up_prints_the_cluster_and_a_full_matrix_then_tears_down() {
+    let out = run_bounded(
+        sim(&["--nodes", "2", "--pods", "1"]),
+        b"",
+        Duration::from_secs(120),
+    );
+    assert!(out.success(), "{out}");
+    for want in [
+        "NODE",
+        "SUBNET",
+        "GATEWAY",
+        "node-0",
+        "node-1",
+        "n0p0",
+        "n1p0",
+        "4/4 pairs fully reachable",
+    ] {
+        assert!(out.stdout.contains(want), "no {want:?} in:\n{}", out.stdout);
+    }
+    let failed_cells = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with('n') && l.contains('✗'))
+        .count();
+    assert_eq!(failed_cells, 0, "{}", out.stdout);
+    assert!(out.stderr.contains("torn down"), "{}", out.stderr);
+}
+
+#[test]
+fn a_failing_set_up_exits_non_zero_with_one_clear_error() {
+    // A /30 pod CIDR leaves no host bits for 8 node bits: config-gen refuses.
+    let out = run_bounded(
+        sim(&["--nodes", "1", "--pods", "1", "--pod-cidr", "10.244.0.0/30"]),
+        b"",
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, 2, "{out}");
+    assert!(out.stderr.contains("config-gen"), "{out}");
+}
+
+/// Stops a kept `evio-sim` whatever happens to the test.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn sigterm_tears_down_a_kept_cluster() {
+    let mut cmd = sim(&["--nodes", "2", "--pods", "1", "--keep"]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn evio-sim: {e}"));
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let mut running = Running(child);
+
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        if let Some(s) = stdout {
+            for line in BufReader::new(s).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let (etx, erx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(s) = stderr {
+            for line in BufReader::new(s).lines().map_while(Result::ok) {
+                text.push_str(&line);
+                text.push('\n');
+            }
+        }
+        let _ = etx.send(text);
+    });
+
+    // The hints are printed once the cluster is up and probed; the last
+    // one is the last pod's.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut lines = Vec::new();
+    let mut hints = 0;
+    // fabric, 2 nodes, 2 pods
+    while hints < 5 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no hints within 120 s:\n{}", lines.join("\n")));
+        if line.contains("nsenter --net=") {
+            hints += 1;
+        }
+        lines.push(line);
+    }
+    let text = lines.join("\n");
+    assert!(text.contains("stays up until Ctrl-C"), "{text}");
+    let netns: Vec<String> = text
+        .split("nsenter --net=/run/netns/")
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    let paths: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace().find_map(|w| {
+                w.strip_prefix("--db=unix:")
+                    .or_else(|| w.starts_with('/').then_some(w))
+            })
+        })
+        .map(|p| {
+            PathBuf::from(p)
+                .parent()
+                .map(PathBuf::from)
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(netns.len(), 5, "fabric, 2 nodes, 2 pods: {text}");
+    assert_eq!(paths.len(), 4, "2 OVS dirs, 2 conf dirs: {text}");
+    for ns in &netns {
+        assert!(PathBuf::from("/run/netns").join(ns).exists(), "{ns}");
+    }
+
+    // Still up a while later: --keep really keeps.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(matches!(running.0.try_wait(), Ok(None)), "exited early");
+
+    kill(Pid::from_raw(running.0.id() as i32), Signal::SIGTERM)
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Ok(Some(st)) = running.0.try_wait() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no exit within 60 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = erx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_default();
+    assert!(status.success(), "{status:?}\n{err}");
+    assert!(err.contains("tearing"), "{err}");
+    for ns in &netns {
+        assert!(
+            !PathBuf::from("/run/netns").join(ns).exists(),
+            "netns {ns} left"
+        );
+    }
+    for p in &paths {
+        assert!(!p.exists(), "{} left", p.display());
+    }
+}

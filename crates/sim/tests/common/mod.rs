@@ -26,6 +26,8 @@ pub fn bins() -> (PathBuf, PathBuf) {
     (evio, node)
 }
 
+// Not every test binary that includes this module builds a cluster itself.
+#[allow(dead_code)]
 pub fn opts() -> ClusterOpts {
     let (evio, node) = bins();
     ClusterOpts::new(evio, node)

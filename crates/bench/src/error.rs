@@ -35,6 +35,13 @@ pub enum BenchError {
         source: evio_subnet::SubnetError,
     },
 
+    #[error("{what}: {source}")]
+    Net {
+        what: String,
+        #[source]
+        source: evio_net::Error,
+    },
+
     #[error("required program {0} is missing (build it first, or run scripts/bench.sh)")]
     Missing(PathBuf),
 
@@ -46,6 +53,11 @@ impl BenchError {
     pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
         let what = what.into();
         move |source| BenchError::Io { what, source }
+    }
+
+    pub fn net(what: impl Into<String>) -> impl FnOnce(evio_net::Error) -> BenchError {
+        let what = what.into();
+        move |source| BenchError::Net { what, source }
     }
 
     pub fn failed(what: impl Into<String>, detail: impl Into<String>) -> BenchError {

@@ -11,9 +11,10 @@ use serde_json::json;
 use crate::cleanup;
 use crate::error::{BenchError, Result};
 use crate::exec::{self, Spec};
-use crate::node::{Attach, Mode, Node, Tools, CNI_VERSION};
+use crate::node::{label, Attach, Mode, Node, Tools, CNI_VERSION};
 use crate::report::Table;
 use crate::stats::{ms, ratio_d, Summary};
+use evio_net::Handle;
 
 #[derive(Debug, Clone)]
 pub struct Opts {
@@ -44,6 +45,7 @@ impl Phase {
 #[derive(Debug, Clone)]
 pub struct ModeResult {
     pub mode: Mode,
+    pub masq: bool,
     pub seq: Phase,
     pub conc: Phase,
 }
@@ -102,7 +104,7 @@ pub fn fan_out(
 fn phase(node: &Node, pods: &[Netns], workers: usize) -> Result<Phase> {
     let atts: Vec<Attach> = pods.iter().map(Attach::new).collect();
     let n = atts.len();
-    let label = node.mode.label();
+    let label = node.label();
     let (add, add_wall) = fan_out(n, workers, |i| node.add(&atts[i]).map(|o| o.wall))?;
     let veths = node.veth_count()?;
     if veths != n {
@@ -127,8 +129,14 @@ fn phase(node: &Node, pods: &[Netns], workers: usize) -> Result<Phase> {
     })
 }
 
-fn bench_mode(mode: Mode, tools: &Tools, pods: &[Netns], opts: &Opts) -> Result<ModeResult> {
-    let node = Node::new(mode, tools, 3)?;
+fn bench_mode(
+    mode: Mode,
+    masq: bool,
+    tools: &Tools,
+    pods: &[Netns],
+    opts: &Opts,
+) -> Result<ModeResult> {
+    let node = Node::with_masq(mode, tools, 3, masq)?;
     // The first ADD creates the bridge; every later pod finds it. Measured
     // pods are the steady state, as on a node that already runs pods.
     let warm = Attach::new(&pods[0]);
@@ -137,7 +145,12 @@ fn bench_mode(mode: Mode, tools: &Tools, pods: &[Netns], opts: &Opts) -> Result<
     let seq = phase(&node, pods, 1)?;
     cleanup::check()?;
     let conc = phase(&node, pods, opts.concurrency)?;
-    Ok(ModeResult { mode, seq, conc })
+    Ok(ModeResult {
+        mode,
+        masq,
+        seq,
+        conc,
+    })
 }
 
 /// Floors, all exec'd into a node namespace exactly like the plugins.
@@ -149,6 +162,55 @@ pub struct Floors {
     /// host-local ADD then DEL with the plugins' config, per pod.
     pub hl_add: Vec<Duration>,
     pub hl_del: Vec<Duration>,
+    /// The kernel's part alone: one RTM_NEWLINK creating a veth pair from
+    /// the pod into the node, and one RTM_DELLINK deleting it, from this
+    /// process (no exec).
+    pub veth_add: Vec<Duration>,
+    pub veth_del: Vec<Duration>,
+}
+
+/// Runs `f` on a fresh thread that first enters `ns` and ends with `f`, so
+/// no thread of this process is left in a foreign namespace.
+fn in_netns<T: Send>(ns: &evio_net::Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(ns.fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| BenchError::failed("setns", e.to_string()))?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| BenchError::failed("netns worker", "panicked"))?
+    })
+}
+
+/// Creates and deletes a veth pair per pod the way a plugin does, timing
+/// each netlink request.
+fn kernel_floor(node: &Node, pods: &[Netns], f: &mut Floors) -> Result<()> {
+    let node_ns =
+        evio_net::Netns::open(&node.ns.path()).map_err(BenchError::net("open node netns"))?;
+    for (i, pod) in pods.iter().enumerate() {
+        cleanup::check()?;
+        let pod_ns =
+            evio_net::Netns::open(&pod.path()).map_err(BenchError::net("open pod netns"))?;
+        let host = format!("evkf{i}");
+        let t = in_netns(&pod_ns, || -> Result<Duration> {
+            let mut h = Handle::new().map_err(BenchError::net("netlink in pod"))?;
+            let start = Instant::now();
+            h.create_veth("eth0", &host, node_ns.fd(), 1500, None)
+                .map_err(BenchError::net(format!("create veth eth0/{host}")))?;
+            Ok(start.elapsed())
+        })??;
+        f.veth_add.push(t);
+        let t = in_netns(&node_ns, || -> Result<Duration> {
+            let mut h = Handle::new().map_err(BenchError::net("netlink in node"))?;
+            let start = Instant::now();
+            h.delete_link_by_name(&host)
+                .map_err(BenchError::net(format!("delete {host}")))?;
+            Ok(start.elapsed())
+        })??;
+        f.veth_del.push(t);
+    }
+    Ok(())
 }
 
 fn floors(tools: &Tools, pods: &[Netns]) -> Result<Floors> {
@@ -190,6 +252,7 @@ fn floors(tools: &Tools, pods: &[Netns]) -> Result<Floors> {
             "allocations left after DEL",
         ));
     }
+    kernel_floor(&node, pods, &mut f)?;
     Ok(f)
 }
 
@@ -201,9 +264,11 @@ pub fn run(tools: &Tools, opts: &Opts) -> Result<String> {
     let pods: Vec<Netns> = (0..opts.pods).map(|_| cleanup::netns("ebp")).collect();
     let floors = floors(tools, &pods)?;
     let mut results = Vec::new();
-    for mode in [Mode::Reference, Mode::EvioLinux, Mode::EvioOvs] {
-        cleanup::check()?;
-        results.push(bench_mode(mode, tools, &pods, opts)?);
+    for masq in [false, true] {
+        for mode in [Mode::Reference, Mode::EvioLinux, Mode::EvioOvs] {
+            cleanup::check()?;
+            results.push(bench_mode(mode, masq, tools, &pods, opts)?);
+        }
     }
     Ok(render(opts, &floors, &results))
 }
@@ -221,12 +286,12 @@ fn phase_table(results: &[ModeResult], floor: &[Duration], conc: bool) -> Table 
         "ADD+DEL vs host-local floor",
         "all ADDs / all DELs (wall)",
     ]);
-    let reference = results
-        .iter()
-        .find(|r| r.mode == Mode::Reference)
-        .map(|r| Summary::of(&pick(r, conc).sum()).median);
     let floor = Summary::of(floor).median;
     for r in results {
+        let reference = results
+            .iter()
+            .find(|x| x.mode == Mode::Reference && x.masq == r.masq)
+            .map(|x| Summary::of(&pick(x, conc).sum()).median);
         let p = pick(r, conc);
         let (a, d, s) = (
             Summary::of(&p.add),
@@ -234,7 +299,7 @@ fn phase_table(results: &[ModeResult], floor: &[Duration], conc: bool) -> Table 
             Summary::of(&p.sum()),
         );
         t.row([
-            r.mode.label().to_string(),
+            label(r.mode, r.masq),
             ms(a.median),
             ms(a.p95),
             ms(d.median),
@@ -282,12 +347,14 @@ fn render(opts: &Opts, f: &Floors, results: &[ModeResult]) -> String {
         .map(|(a, d)| *a + *d)
         .collect();
     let mut out = format!(
-        "{} pods per plugin, each ADDed then DELeted inside one simulated node (a netns; \
+        "{} pods per plugin configuration, each ADDed then DELeted inside one simulated node (a netns; \
          OVS with its own ovsdb-server/vswitchd for evio ovs); every pod is its own netns. \
          One untimed warm-up pod first creates the bridge. Times are per plugin process, \
          fork to reap, in ms; the plugin enters the node netns itself (setns before exec), as a \
          runtime's child would be there already. The host-local floor is host-local exec'd \
-         directly with the same config and environment (ADD then DEL).\n\n",
+         directly with the same config and environment (ADD then DEL). Every configuration \
+         runs twice: `ipMasq` off (both plugins' default) and on (the reference then runs \
+         iptables, evio programs nftables over netlink).\n\n",
         opts.pods
     );
     out.push_str("### Sequential (one pod at a time)\n\n");
@@ -308,61 +375,72 @@ fn render(opts: &Opts, f: &Floors, results: &[ModeResult]) -> String {
         ("reference bridge VERSION", &f.bridge_version),
         ("host-local ADD", &f.hl_add),
         ("host-local DEL", &f.hl_del),
+        (
+            "kernel: create veth pair (one netlink request)",
+            &f.veth_add,
+        ),
+        (
+            "kernel: delete veth pair (one netlink request)",
+            &f.veth_del,
+        ),
     ] {
         let s = Summary::of(v);
         t.row([label.to_string(), ms(s.median), ms(s.p95)]);
     }
     out.push_str(&t.render());
 
-    let med = |m: Mode, conc: bool| {
+    let med = |m: Mode, masq: bool, conc: bool| {
         results
             .iter()
-            .find(|r| r.mode == m)
+            .find(|r| r.mode == m && r.masq == masq)
             .map(|r| Summary::of(&pick(r, conc).sum()).median.as_secs_f64())
             .unwrap_or(f64::NAN)
     };
     let floor = Summary::of(&floor_sum).median.as_secs_f64();
     out.push_str("\n### Targets (ADD+DEL medians)\n\n");
     let mut t = Table::new(["target", "sequential", "verdict", "concurrent", "verdict"]);
-    for (label, num, den, target) in [
-        (
-            "evio linux ≤ 0.15× reference",
-            Mode::EvioLinux,
-            Some(Mode::Reference),
-            0.15,
-        ),
-        (
-            "evio ovs ≤ 0.2× reference",
-            Mode::EvioOvs,
-            Some(Mode::Reference),
-            0.2,
-        ),
-        (
-            "evio linux ≤ 3× host-local floor",
-            Mode::EvioLinux,
-            None,
-            3.0,
-        ),
-        ("evio ovs ≤ 3× host-local floor", Mode::EvioOvs, None, 3.0),
-        (
-            "evio ovs ≤ 1.5× evio linux (issue 3)",
-            Mode::EvioOvs,
-            Some(Mode::EvioLinux),
-            1.5,
-        ),
-    ] {
-        let mut cells = vec![label.to_string()];
-        for conc in [false, true] {
-            let d = match den {
-                Some(m) => med(m, conc),
-                // The floor is measured sequentially only.
-                None => floor,
-            };
-            let r = med(num, conc) / d;
-            cells.push(format!("{r:.2}×"));
-            cells.push(verdict(r, target));
+    for masq in [false, true] {
+        let cfg = if masq { ", both ipMasq" } else { "" };
+        for (what, num, den, target) in [
+            (
+                "evio linux ≤ 0.15× reference",
+                Mode::EvioLinux,
+                Some(Mode::Reference),
+                0.15,
+            ),
+            (
+                "evio ovs ≤ 0.2× reference",
+                Mode::EvioOvs,
+                Some(Mode::Reference),
+                0.2,
+            ),
+            (
+                "evio linux ≤ 3× host-local floor",
+                Mode::EvioLinux,
+                None,
+                3.0,
+            ),
+            ("evio ovs ≤ 3× host-local floor", Mode::EvioOvs, None, 3.0),
+            (
+                "evio ovs ≤ 1.5× evio linux (issue 3)",
+                Mode::EvioOvs,
+                Some(Mode::EvioLinux),
+                1.5,
+            ),
+        ] {
+            let mut cells = vec![format!("{what}{cfg}")];
+            for conc in [false, true] {
+                let d = match den {
+                    Some(m) => med(m, masq, conc),
+                    // The floor is measured sequentially only.
+                    None => floor,
+                };
+                let r = med(num, masq, conc) / d;
+                cells.push(format!("{r:.2}×"));
+                cells.push(verdict(r, target));
+            }
+            t.row(cells);
         }
-        t.row(cells);
     }
     out.push_str(&t.render());
     out

@@ -88,6 +88,15 @@ pub fn range(octet: u8) -> Value {
     })
 }
 
+/// A plugin configuration's name in the tables.
+pub fn label(mode: Mode, masq: bool) -> String {
+    if masq {
+        format!("{}, ipMasq", mode.label())
+    } else {
+        mode.label().to_string()
+    }
+}
+
 /// A pod's attachment identity for one ADD/DEL pair.
 pub struct Attach {
     pub netns: PathBuf,
@@ -113,6 +122,8 @@ pub struct Node {
     pub ns: Netns,
     pub ipam_dir: TempDir,
     pub mode: Mode,
+    /// `ipMasq` on: the reference then runs iptables, evio nftables.
+    pub masq: bool,
     pub conf: Value,
     plugin: PathBuf,
     cni_path: String,
@@ -120,6 +131,10 @@ pub struct Node {
 
 impl Node {
     pub fn new(mode: Mode, tools: &Tools, octet: u8) -> Result<Node> {
+        Node::with_masq(mode, tools, octet, false)
+    }
+
+    pub fn with_masq(mode: Mode, tools: &Tools, octet: u8, masq: bool) -> Result<Node> {
         let ns = cleanup::netns("ebn");
         let fd = NsFd::open(&ns.path())?;
         let ipam_dir = tempfile::Builder::new()
@@ -136,7 +151,7 @@ impl Node {
         };
         let mut c = conf(plugin_type, CNI_VERSION, NETWORK, BRIDGE, ipam_dir.path())
             .mtu(1500)
-            .ip_masq(false)
+            .ip_masq(masq)
             .ranges(json!([[range(octet)]]));
         match mode {
             Mode::Reference => {}
@@ -155,10 +170,15 @@ impl Node {
             ns,
             ipam_dir,
             mode,
+            masq,
             conf: c.json(),
             plugin: mode.plugin(tools),
             cni_path: tools.cni_dir.display().to_string(),
         })
+    }
+
+    pub fn label(&self) -> String {
+        label(self.mode, self.masq)
     }
 
     /// The plugin invocation a runtime would make for `cmd` on `att`.
@@ -187,14 +207,14 @@ impl Node {
 
     /// ADD; fails unless the plugin succeeded with at least one address.
     pub fn add(&self, att: &Attach) -> Result<Outcome> {
-        let what = format!("{} ADD {}", self.mode.label(), att.name);
+        let what = format!("{} ADD {}", self.label(), att.name);
         let o = exec::run(&self.spec("ADD", att))?.ok(&what)?;
         check_add_result(&what, &o.stdout)?;
         Ok(o)
     }
 
     pub fn del(&self, att: &Attach) -> Result<Outcome> {
-        let what = format!("{} DEL {}", self.mode.label(), att.name);
+        let what = format!("{} DEL {}", self.label(), att.name);
         exec::run(&self.spec("DEL", att))?.ok(&what)
     }
 

@@ -1213,8 +1213,10 @@ impl Footprint {
             }
         }
         for (pid, comm) in &self.processes {
-            // Same pid and same command: not a recycled pid.
-            if proc_comm(*pid).as_deref() == Some(comm.as_str()) {
+            // Same pid and same command: not a recycled pid. A zombie has
+            // exited: it only waits for a parent that may never reap it
+            // (PID 1 on this kind of machine does not).
+            if proc_comm(*pid).as_deref() == Some(comm.as_str()) && !is_zombie(*pid) {
                 out.push(format!("process {pid} ({comm})"));
             }
         }
@@ -1238,6 +1240,16 @@ fn netns_pids(ns: &str) -> Vec<i32> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, t)| t.split_whitespace().next().map(|st| st == "Z"))
+        })
+        .unwrap_or(false)
 }
 
 fn proc_comm(pid: i32) -> Option<String> {

@@ -4,13 +4,14 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use evio_testkit::plugin::run_bounded;
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
 const SIM: &str = env!("CARGO_BIN_EXE_evio-sim");
@@ -90,7 +91,22 @@ impl Drop for Running {
 
 #[test]
 fn sigterm_tears_down_a_kept_cluster() {
+    kept_cluster_stops_on(Signal::SIGTERM, false);
+}
+
+/// A terminal's Ctrl-C: SIGINT to the whole foreground process group, so the
+/// OVS daemons (children of evio-sim) get it too. The pods must still be
+/// DELeted through the plugin (exit 0 means every DEL succeeded).
+#[test]
+fn ctrl_c_to_the_process_group_still_dels_every_pod() {
+    kept_cluster_stops_on(Signal::SIGINT, true);
+}
+
+fn kept_cluster_stops_on(signal: Signal, whole_group: bool) {
     let mut cmd = sim(&["--nodes", "2", "--pods", "1", "--keep"]);
+    if whole_group {
+        cmd.process_group(0);
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -172,14 +188,21 @@ fn sigterm_tears_down_a_kept_cluster() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(matches!(running.0.try_wait(), Ok(None)), "exited early");
 
-    kill(Pid::from_raw(running.0.id() as i32), Signal::SIGTERM)
-        .unwrap_or_else(|e| panic!("kill: {e}"));
+    let pid = Pid::from_raw(running.0.id() as i32);
+    if whole_group {
+        killpg(pid, signal).unwrap_or_else(|e| panic!("killpg: {e}"));
+    } else {
+        kill(pid, signal).unwrap_or_else(|e| panic!("kill: {e}"));
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Ok(Some(st)) = running.0.try_wait() {
             break st;
         }
-        assert!(Instant::now() < deadline, "no exit within 60 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "no exit within 60 s of {signal:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let err = erx

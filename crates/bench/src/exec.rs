@@ -140,6 +140,17 @@ pub struct Outcome {
     /// The process's own peak RSS (VmHWM read at its exit), KiB; only from
     /// [`run_traced`].
     pub own_hwm_kib: Option<u64>,
+    /// User + system CPU time from wait4, including the children it waited
+    /// for (the delegated IPAM plugin, nft): what is not waiting.
+    pub cpu: Duration,
+}
+
+fn cpu_of(ru: &libc::rusage) -> Duration {
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 impl Outcome {
@@ -358,6 +369,7 @@ pub fn run(spec: &Spec) -> Result<Outcome> {
         stderr: read_all(err),
         maxrss_kib: u64::try_from(ru.ru_maxrss).unwrap_or(0),
         own_hwm_kib: None,
+        cpu: cpu_of(&ru),
     })
 }
 
@@ -442,6 +454,7 @@ pub fn run_traced(spec: &Spec) -> Result<Outcome> {
         stderr: read_all(err),
         maxrss_kib: u64::try_from(ru.ru_maxrss).unwrap_or(0),
         own_hwm_kib: hwm,
+        cpu: cpu_of(&ru),
     })
 }
 
@@ -519,6 +532,7 @@ impl Background {
             stderr: read_all(err),
             maxrss_kib: 0,
             own_hwm_kib: None,
+            cpu: Duration::ZERO,
         })
     }
 
@@ -553,7 +567,21 @@ mod tests {
         assert_eq!(o.stdout, "hello");
         assert_eq!(o.stderr, "err\n");
         assert!(o.maxrss_kib > 0);
+        assert!(o.cpu <= o.wall, "{:?} > {:?}", o.cpu, o.wall);
         assert!(o.clone().ok("sh").is_err());
+    }
+
+    #[test]
+    fn cpu_time_counts_busy_children_but_not_sleep() {
+        let busy = run(&Spec::new("/bin/sh").inherit_env().args([
+            "-c",
+            "head -c 30000000 /dev/urandom | md5sum >/dev/null; exit 0",
+        ]))
+        .unwrap();
+        assert!(busy.cpu > Duration::from_millis(20), "{:?}", busy.cpu);
+        let idle = run(&Spec::new("/bin/sleep").args(["0.2"])).unwrap();
+        assert!(idle.cpu < Duration::from_millis(50), "{:?}", idle.cpu);
+        assert!(idle.wall >= Duration::from_millis(200));
     }
 
     #[test]

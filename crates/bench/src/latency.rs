@@ -29,6 +29,9 @@ pub struct Phase {
     pub del: Vec<Duration>,
     pub add_wall: Duration,
     pub del_wall: Duration,
+    /// CPU time (user+sys, incl. the IPAM child) of each ADD / DEL.
+    pub add_cpu: Vec<Duration>,
+    pub del_cpu: Vec<Duration>,
 }
 
 impl Phase {
@@ -105,7 +108,17 @@ fn phase(node: &Node, pods: &[Netns], workers: usize) -> Result<Phase> {
     let atts: Vec<Attach> = pods.iter().map(Attach::new).collect();
     let n = atts.len();
     let label = node.label();
-    let (add, add_wall) = fan_out(n, workers, |i| node.add(&atts[i]).map(|o| o.wall))?;
+    let add_cpu = Mutex::new(vec![Duration::ZERO; n]);
+    let del_cpu = Mutex::new(vec![Duration::ZERO; n]);
+    let timed = |cpu: &Mutex<Vec<Duration>>, i: usize, o: crate::exec::Outcome| {
+        if let Ok(mut c) = cpu.lock() {
+            c[i] = o.cpu;
+        }
+        o.wall
+    };
+    let (add, add_wall) = fan_out(n, workers, |i| {
+        node.add(&atts[i]).map(|o| timed(&add_cpu, i, o))
+    })?;
     let veths = node.veth_count()?;
     if veths != n {
         return Err(BenchError::failed(
@@ -113,7 +126,9 @@ fn phase(node: &Node, pods: &[Netns], workers: usize) -> Result<Phase> {
             format!("the node has {veths} veths, expected {n}"),
         ));
     }
-    let (del, del_wall) = fan_out(n, workers, |i| node.del(&atts[i]).map(|o| o.wall))?;
+    let (del, del_wall) = fan_out(n, workers, |i| {
+        node.del(&atts[i]).map(|o| timed(&del_cpu, i, o))
+    })?;
     let (veths, ips) = (node.veth_count()?, node.ipam_count());
     if veths != 0 || ips != 0 {
         return Err(BenchError::failed(
@@ -126,6 +141,8 @@ fn phase(node: &Node, pods: &[Netns], workers: usize) -> Result<Phase> {
         del,
         add_wall,
         del_wall,
+        add_cpu: add_cpu.into_inner().unwrap_or_default(),
+        del_cpu: del_cpu.into_inner().unwrap_or_default(),
     })
 }
 
@@ -361,6 +378,47 @@ fn render(opts: &Opts, f: &Floors, results: &[ModeResult]) -> String {
     let mut seq = phase_table(results, &floor_sum, false);
     floor_row(&mut seq, f);
     out.push_str(&seq.render());
+    out.push_str(
+        "\n#### Where the sequential time goes: CPU vs waiting\n\nCPU is user+system time \
+         from wait4 (the plugin and the children it waited for: host-local, nft, iptables); \
+         the rest of the wall time the process sat blocked (kernel waits such as RCU grace \
+         periods, IPC with OVS, children's exec).\n\n",
+    );
+    let mut t = Table::new([
+        "plugin",
+        "ADD wall",
+        "ADD CPU",
+        "DEL wall",
+        "DEL CPU",
+        "blocked share of ADD+DEL",
+    ]);
+    for r in results {
+        let p = &r.seq;
+        let (aw, ac, dw, dc) = (
+            Summary::of(&p.add).median,
+            Summary::of(&p.add_cpu).median,
+            Summary::of(&p.del).median,
+            Summary::of(&p.del_cpu).median,
+        );
+        let wall = (aw + dw).as_secs_f64();
+        let blocked = if wall > 0.0 {
+            format!(
+                "{:.0}%",
+                100.0 * (1.0 - (ac + dc).as_secs_f64() / wall).max(0.0)
+            )
+        } else {
+            "n/a".into()
+        };
+        t.row([
+            label(r.mode, r.masq),
+            ms(aw),
+            ms(ac),
+            ms(dw),
+            ms(dc),
+            blocked,
+        ]);
+    }
+    out.push_str(&t.render());
     out.push_str(&format!(
         "\n### {}-way concurrent\n\n",
         opts.concurrency.min(opts.pods)

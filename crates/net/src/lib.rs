@@ -5,7 +5,6 @@
 //! network namespace ([`Handle`]), plain files for sysctls, one ioctl for
 //! ethtool. The only program ever executed is `nft` (see [`nft`]).
 
-pub mod arp;
 mod error;
 pub mod ethtool;
 pub mod ipv6;

@@ -4,7 +4,7 @@
 //! ifname), the host veth (named and aliased from the identity at creation),
 //! the OVS port (external_ids carry the identity from the insert on).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::Path;
 
 use evio_cni::config::{BridgeAddr, NetConf};
@@ -12,7 +12,7 @@ use evio_cni::env::{Command, Env};
 use evio_cni::ipam::Delegate;
 use evio_cni::result::{CniResult, Interface, Route as CniRoute};
 use evio_cni::{code, CniError, Result};
-use evio_net::{arp, ethtool, sysctl, Handle, Link, Netns, Route};
+use evio_net::{ethtool, sysctl, Handle, Link, Netns, Route};
 use ipnet::IpNet;
 
 use crate::naming::{alias, host_veth_name, MAX_ALIAS, MAX_CONTAINER_ID};
@@ -235,7 +235,7 @@ impl Plumbing<'_> {
                 .map_err(neterr(format!("add {} to {ifname}", ip.address)))?;
         }
         // The host end is plugged in before the pod end comes up, so that the
-        // pod's first packets (and its gratuitous ARP) find a forwarding port.
+        // pod's first packets (and arp_notify's announcement) find a port.
         let veth = host
             .link_by_name(self.veth_name)
             .map_err(neterr(format!("look up {}", self.veth_name)))?
@@ -298,10 +298,6 @@ impl Plumbing<'_> {
         } else if !bridge.up {
             host.set_up(bridge.index)
                 .map_err(neterr(format!("bring up bridge {}", bridge.name)))?;
-        }
-
-        if let Some(mac) = pod_link.mac {
-            self.announce(pod_ns, pod_link.index, mac, &result);
         }
 
         if conf.ip_masq {
@@ -390,35 +386,6 @@ impl Plumbing<'_> {
         Ok(())
     }
 
-    /// Gratuitous ARP for the pod's IPv4 addresses, so that neighbours
-    /// holding the previous owner of a re-used address switch at once.
-    /// Best effort: the pod works without it, only neighbours with a stale
-    /// entry wait for it to expire.
-    fn announce(&self, pod_ns: &Netns, index: u32, mac: [u8; 6], result: &CniResult) {
-        let v4: Vec<Ipv4Addr> = result
-            .ips
-            .iter()
-            .filter_map(|ip| match ip.address.addr() {
-                IpAddr::V4(a) => Some(a),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        if v4.is_empty() {
-            return;
-        }
-        let sent = pod_ns
-            .enter()
-            .map_err(|e| e.to_string())
-            .and_then(|_in_pod| {
-                v4.iter()
-                    .try_for_each(|ip| arp::announce(index, mac, *ip))
-                    .map_err(|e| e.to_string())
-            });
-        if let Err(e) = sent {
-            self.log.warn(format_args!("gratuitous ARP: {e}"));
-        }
-    }
-
     /// Removes what this ADD created on the host. The pod side goes with
     /// the veth pair.
     fn rollback(&self, host: &mut Handle, sw: &mut dyn Switch, att: &Attachment) {
@@ -440,9 +407,11 @@ impl Plumbing<'_> {
 /// or the last four bytes of the IPv6 one, as OVN-Kubernetes does). A pod
 /// that gets a recently freed address then also gets the previous owner's
 /// MAC, so neighbours' cached ARP/ND entries stay right. A gratuitous ARP
-/// alone cannot guarantee that: the kernel may still drop it while the new
-/// bridge port waits for linkwatch to see its carrier. Pod addresses are
-/// unique across the flat L2 pod network, and so are these MACs.
+/// cannot guarantee that: arp_notify's goes out while a new Linux bridge
+/// port still waits for linkwatch to see its carrier and is dropped, and an
+/// explicit one needs an AF_PACKET socket, whose close() waits for an RCU
+/// grace period (~13 ms, most of an ADD). Pod addresses are unique across
+/// the flat L2 pod network, and so are these MACs.
 fn mac_for(result: &CniResult) -> Option<[u8; 6]> {
     let pick = |v4: bool| {
         result

@@ -106,6 +106,15 @@ pub fn describe(tools: &Tools) -> String {
         "date (UTC)".to_string(),
         first_line("date", &["-u", "+%F %T"]),
     ]);
+    // Other work on the machine skews absolute times (less so ratios).
+    t.row([
+        "load average at start (1/5/15 min)".to_string(),
+        read("/proc/loadavg")
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    ]);
     t.render()
 }
 

@@ -63,3 +63,68 @@ fn status_is_50_when_ovsdb_is_unreachable() {
     f.status(&c)
         .expect_error_code("STATUS with an unreachable OVSDB", 50);
 }
+
+/// Each pod port carries the attachment identity in `external_ids` (on the
+/// Port and the Interface): that is how DEL and GC find exactly their own
+/// ports, and how an operator finds a pod's port.
+#[test]
+fn pod_port_external_ids_identify_the_attachment() {
+    let f = Fixture::new(Backend::Ovs);
+    let pod = Pod::new();
+    let res = f.add_ok(&pod, &f.conf());
+    let veth = host_veth(&res, &f.bridge);
+    let ovs = f.ovs.as_ref().unwrap_or_else(|| panic!("no OVS"));
+    for table in ["Port", "Interface"] {
+        let get = |key: &str| {
+            ovs.vsctl(&["get", table, &veth, &format!("external_ids:{key}")])
+                .trim()
+                .trim_matches('"')
+                .to_string()
+        };
+        assert_eq!(get("evio-owner"), "evio", "{table} {veth}");
+        assert_eq!(get("evio-network"), f.net, "{table} {veth}");
+        assert_eq!(get("evio-container-id"), pod.id, "{table} {veth}");
+        assert_eq!(get("evio-ifname"), pod.ifname, "{table} {veth}");
+        assert_eq!(
+            get("evio-netns"),
+            pod.path().display().to_string(),
+            "{table} {veth}"
+        );
+    }
+}
+
+/// With ovsdb-server down, ADD fails with "try again later" (11) within a
+/// bounded time and leaves nothing behind (no veth, no allocation); STATUS
+/// says not ready; once the database is back, ADD works again.
+#[test]
+fn add_fails_cleanly_while_ovsdb_server_is_down() {
+    let mut f = Fixture::new(Backend::Ovs);
+    let c = f.conf();
+    f.warm_up(&c);
+    let pod = Pod::new();
+    let before = f.leaks(&[&pod.ns]);
+
+    f.ovs
+        .as_mut()
+        .unwrap_or_else(|| panic!("no OVS"))
+        .kill_ovsdb();
+    let started = std::time::Instant::now();
+    let out = f.add(&pod, &c);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "ADD took {:?} with OVSDB down",
+        started.elapsed()
+    );
+    out.expect_error_code("ADD with ovsdb-server down", 11);
+    f.status(&c.clone().version("1.1.0"))
+        .expect_error_code("STATUS with ovsdb-server down", 50);
+
+    f.ovs
+        .as_mut()
+        .unwrap_or_else(|| panic!("no OVS"))
+        .start_ovsdb();
+    let after = f.leaks(&[&pod.ns]);
+    before.assert_no_leaks(&after, "failed ADD with ovsdb-server down");
+    let res = f.add_ok(&pod, &c);
+    f.assert_port_on_bridge(&host_veth(&res, &f.bridge));
+}

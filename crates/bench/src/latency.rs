@@ -371,7 +371,7 @@ fn render(opts: &Opts, f: &Floors, results: &[ModeResult]) -> String {
          runtime's child would be there already. The host-local floor is host-local exec'd \
          directly with the same config and environment (ADD then DEL). Every configuration \
          runs twice: `ipMasq` off (both plugins' default) and on (the reference then runs \
-         iptables, evio programs nftables over netlink).\n\n",
+         iptables, evio execs `nft -f -`).\n\n",
         opts.pods
     );
     out.push_str("### Sequential (one pod at a time)\n\n");

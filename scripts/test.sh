@@ -16,3 +16,6 @@ cargo clippy --workspace --all-targets --release -- -D warnings
 # Release: the same build serves the tests, the e2e binaries they exec and
 # the benchmark. Two test threads per binary match the 2-core target machine.
 cargo test --workspace --release -- --test-threads=2
+# Parsers of outside input: seed/mutation replay on stable, then 3 s of
+# coverage-guided libFuzzer per target (docs/fuzzing.md).
+fuzz/run.sh ci 3

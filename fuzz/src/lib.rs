@@ -1,0 +1,351 @@
+//! The fuzz targets' bodies: one function per parser evio feeds with input
+//! from outside its trust boundary. Each must never panic, whatever the
+//! bytes, and each asserts what must hold of whatever the parser accepts
+//! (a violated assertion is a finding just like a crash). They are plain
+//! functions so that `tests/smoke.rs` replays them on the stable toolchain
+//! and `fuzz_targets/*` hands them to libFuzzer.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+
+use std::sync::OnceLock;
+
+use evio_cni::config::{peek_version, NetConf, MAX_MTU, MIN_MTU};
+use evio_cni::env::{parse_args, Command, Env};
+use evio_cni::result::CniResult;
+use evio_cni::version::SUPPORTED;
+use evio_ovsdb::datum::{self, Atom, Datum};
+use evio_ovsdb::framing::Framer;
+use serde_json::Value;
+
+// `evio-node` is a binary crate: its net-conf.json parser is compiled in
+// here from its own sources, so what is fuzzed is exactly what ships.
+#[allow(dead_code)]
+#[path = "../../crates/node/src/conflist.rs"]
+mod conflist;
+#[allow(dead_code)]
+#[path = "../../crates/node/src/error.rs"]
+mod error;
+#[allow(dead_code)]
+#[path = "../../crates/node/src/netconf.rs"]
+mod netconf;
+
+/// Larger inputs only slow the fuzzer down: every parser bounds its input
+/// before parsing (4 MiB for the plugin's stdin) or is fed by a framer.
+const MAX_INPUT: usize = 1 << 20;
+
+/// The plugin's network config (stdin of every CNI command).
+pub fn netconf(data: &[u8]) {
+    if data.len() > MAX_INPUT {
+        return;
+    }
+    let v = peek_version(data);
+    assert!(SUPPORTED.contains(&v.as_str()), "peek_version gave {v:?}");
+    match NetConf::parse(data) {
+        Ok(c) => {
+            assert!(SUPPORTED.contains(&c.cni_version.as_str()));
+            assert!(
+                !c.bridge.is_empty() && c.bridge.len() <= 15,
+                "{:?}",
+                c.bridge
+            );
+            assert!(!c.bridge.contains(['/', ':', '\0']), "{:?}", c.bridge);
+            assert!((MIN_MTU..=MAX_MTU).contains(&c.mtu), "mtu {}", c.mtu);
+            assert!(
+                !c.ipam_type.is_empty() && !c.ipam_type.contains('/'),
+                "{:?}",
+                c.ipam_type
+            );
+            assert!(c
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')));
+            if let Some(l) = &c.log_file {
+                assert!(l.is_absolute(), "{l:?}");
+            }
+            assert_eq!(c.raw, data);
+        }
+        Err(e) => assert!(matches!(e.code, 1 | 6 | 7), "code {} for {e}", e.code),
+    }
+}
+
+/// The `CNI_*` environment: the input is the six variables separated by
+/// NUL (COMMAND, CONTAINERID, NETNS, IFNAME, ARGS, PATH), any of them
+/// possibly not UTF-8; a missing field is an unset variable.
+pub fn cni_env(data: &[u8]) {
+    if data.len() > MAX_INPUT {
+        return;
+    }
+    const KEYS: [&str; 6] = [
+        "CNI_COMMAND",
+        "CNI_CONTAINERID",
+        "CNI_NETNS",
+        "CNI_IFNAME",
+        "CNI_ARGS",
+        "CNI_PATH",
+    ];
+    let vars: HashMap<&str, OsString> = KEYS
+        .iter()
+        .copied()
+        .zip(
+            data.split(|b| *b == 0)
+                .map(|f| OsString::from_vec(f.to_vec())),
+        )
+        .collect();
+    match Env::from_lookup(|k| vars.get(k).cloned()) {
+        Ok(env) => {
+            // GC, STATUS and VERSION ignore the container ID and ifname.
+            if matches!(env.command, Command::Add | Command::Del | Command::Check) {
+                assert!(env.ifname.len() <= 15, "{:?}", env.ifname);
+                assert!(!env.ifname.contains(['/', ':', '\0']), "{:?}", env.ifname);
+                assert!(env
+                    .container_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')));
+            }
+            for (k, _) in &env.args {
+                assert!(!k.is_empty() && !k.contains(';'));
+            }
+        }
+        Err(e) => assert!(matches!(e.code, 3 | 4), "code {} for {e}", e.code),
+    }
+    if let Ok(s) = std::str::from_utf8(data) {
+        if let Ok(pairs) = parse_args(s) {
+            for (k, v) in pairs {
+                assert!(!k.is_empty() && !k.contains(';') && !v.contains(';'));
+            }
+        }
+    }
+}
+
+/// A result: the IPAM delegate's stdout and `prevResult`.
+pub fn cni_result(data: &[u8]) {
+    if data.len() > MAX_INPUT {
+        return;
+    }
+    let r = match CniResult::from_slice(data) {
+        Ok(r) => r,
+        Err(e) => {
+            assert!(matches!(e.code, 1 | 6), "code {} for {e}", e.code);
+            return;
+        }
+    };
+    for v in SUPPORTED {
+        let out = r
+            .to_value(v)
+            .unwrap_or_else(|e| panic!("{v}: cannot write a result it read: {e}"));
+        let back = CniResult::from_value(&out)
+            .unwrap_or_else(|e| panic!("{v}: cannot read its own output {out}: {e}"));
+        assert_eq!(back.ips, r.ips, "{v}: ips changed in a round trip");
+        assert_eq!(back.interfaces, r.interfaces, "{v}: interfaces changed");
+        let dst = |r: &CniResult| -> Vec<_> { r.routes.iter().map(|x| (x.dst, x.gw)).collect() };
+        assert_eq!(dst(&back), dst(&r), "{v}: routes changed");
+        assert_eq!(back.dns, r.dns, "{v}: dns changed");
+    }
+    // The config the plugin re-sends to an older delegate.
+    let conf = serde_json::json!({"cniVersion": "1.1.0", "name": "n", "prevResult":
+        serde_json::from_slice::<Value>(data).unwrap_or(Value::Null)});
+    let _ = evio_cni::ipam::with_version(conf.to_string().as_bytes(), "0.4.0");
+}
+
+/// The ConfigMap's net-conf.json through `evio-node config-gen`'s resolver
+/// and renderer: whatever it accepts must render a conflist the plugin
+/// accepts and whose range the doctor finds consistent with the subnet.
+pub fn node_netconf(data: &[u8]) {
+    if data.len() > MAX_INPUT {
+        return;
+    }
+    let Ok(conf) = netconf::RawConf::parse("fuzz.json", data) else {
+        return;
+    };
+    let Ok(gen) = conflist::GenConfig::resolve(&conf, &conflist::Overrides::default()) else {
+        return;
+    };
+    let last = gen.pod.capacity() - 1;
+    for index in [0, last / 2, last] {
+        let ns = gen
+            .pod
+            .node(index)
+            .unwrap_or_else(|e| panic!("node {index} of {}: {e}", gen.pod.capacity()));
+        let bytes = gen
+            .render(&ns)
+            .unwrap_or_else(|e| panic!("render node {index}: {e}"));
+        let nets = evio_doctor::conf::networks_in(Path::new("fuzz.conflist"), &bytes)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the plugin refuses the rendered conflist: {e}\n{}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            });
+        assert_eq!(nets.len(), 1);
+        assert_eq!(
+            evio_doctor::check::store_mismatch(&nets[0], ns.subnet),
+            None,
+            "rendered range disagrees with subnet {}",
+            ns.subnet
+        );
+    }
+}
+
+/// OVSDB replies: framing of the byte stream and decoding of the values.
+/// The first byte picks the read size, so messages split at any point.
+pub fn ovsdb_reply(data: &[u8]) {
+    if data.len() > MAX_INPUT {
+        return;
+    }
+    let Some((ctl, stream)) = data.split_first() else {
+        return;
+    };
+    let chunk = usize::from(*ctl % 64) + 1;
+    let whole = frame(stream, stream.len().max(1));
+    let pieces = frame(stream, chunk);
+    assert_eq!(
+        whole, pieces,
+        "framing depends on how the stream is split (chunk {chunk})"
+    );
+    for v in whole.0.iter() {
+        decode(v);
+    }
+}
+
+/// Messages, and whether the stream ended in an error, for one split.
+fn frame(stream: &[u8], chunk: usize) -> (Vec<Value>, bool) {
+    let mut f = Framer::with_limit(1 << 16);
+    let mut out = Vec::new();
+    for c in stream.chunks(chunk) {
+        f.push(c);
+        loop {
+            match f.next_message() {
+                Ok(Some(v)) => out.push(v),
+                Ok(None) => break,
+                Err(_) => return (out, true),
+            }
+        }
+    }
+    (out, false)
+}
+
+fn decode(v: &Value) {
+    if let Ok(a) = Atom::from_json(v) {
+        let _ = (a.as_str(), a.as_uuid(), a.as_integer());
+    }
+    if let Ok(d) = Datum::from_json(v) {
+        let again = Datum::from_json(&d.to_json())
+            .unwrap_or_else(|e| panic!("cannot decode its own encoding of {v}: {e}"));
+        assert_eq!(again, d, "datum round trip of {v}");
+        let _ = (d.string(), d.uuid(), d.uuids(), d.string_map());
+        let _ = (d.optional_integer(), d.optional_string());
+    }
+    let results = match v.get("result") {
+        Some(Value::Array(r)) => r.as_slice(),
+        Some(r) => std::slice::from_ref(r),
+        None => &[],
+    };
+    for r in results {
+        let _ = datum::count(r);
+        let _ = datum::inserted_uuid(r);
+        let Ok(rows) = datum::rows(r) else { continue };
+        for row in rows {
+            for col in [
+                "_uuid",
+                "name",
+                "ofport",
+                "error",
+                "external_ids",
+                "interfaces",
+                "ports",
+                "datapath_type",
+                "other_config",
+            ] {
+                let _ = row.datum(col);
+                let _ = (row.string(col), row.uuid(col), row.uuids(col));
+                let _ = (row.optional_integer(col), row.optional_string(col));
+                let _ = row.string_map(col);
+            }
+        }
+    }
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap_or_else(|e| panic!("tokio runtime: {e}"))
+    })
+}
+
+/// The file store's file: an in-memory file (memfd) reached through
+/// `/proc/self/fd`, so the fuzzer neither touches the disk nor leaves
+/// anything behind.
+fn store_file() -> Option<&'static (std::fs::File, PathBuf)> {
+    static F: OnceLock<Option<(std::fs::File, PathBuf)>> = OnceLock::new();
+    F.get_or_init(|| {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: a NUL-terminated name and no flags; the fd is checked.
+        let fd = unsafe { libc::memfd_create(c"evio-fuzz-store".as_ptr(), 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: memfd_create just returned this descriptor to us alone.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        Some((file, path))
+    })
+    .as_ref()
+}
+
+/// What the stores read back: owner records, subnet keys, node values, the
+/// file store's whole file, and the store URL itself.
+pub fn store_record(data: &[u8]) {
+    if data.len() > MAX_INPUT {
+        return;
+    }
+    if let Ok(r) = serde_json::from_slice::<evio_subnet::OwnerRecord>(data) {
+        let v = serde_json::to_value(&r).unwrap_or_else(|e| panic!("encode {r:?}: {e}"));
+        let back: evio_subnet::OwnerRecord =
+            serde_json::from_value(v).unwrap_or_else(|e| panic!("decode own record: {e}"));
+        assert_eq!(back, r);
+    }
+    if let Ok(s) = std::str::from_utf8(data) {
+        if let Some(n) = evio_subnet::parse_subnet_key(s) {
+            assert_eq!(
+                evio_subnet::parse_subnet_key(&evio_subnet::subnet_key(&n)),
+                Some(n)
+            );
+        }
+        if evio_subnet::validate_name("node name", s).is_ok() {
+            assert!(!s.contains(['/', '\0']) && !s.starts_with('.'));
+        }
+        if let Ok(bits) = evio_subnet::parse_node_bits(s) {
+            let _ = evio_subnet::PodNetwork::parse("10.244.0.0/16", bits);
+        }
+        if let Ok(u) = evio_subnet::StoreUrl::parse(s) {
+            assert_eq!(
+                evio_subnet::StoreUrl::parse(&u.to_string()).ok(),
+                Some(u.clone()),
+                "store URL round trip of {s:?}"
+            );
+        }
+    }
+    // The file store reading whatever is in its file.
+    let Some((file, path)) = store_file() else {
+        return;
+    };
+    use std::io::{Seek, Write};
+    let mut f = file;
+    let written = f
+        .set_len(0)
+        .and_then(|()| f.rewind())
+        .and_then(|()| f.write_all(data));
+    if written.is_ok() {
+        let store = evio_subnet::FileStore::new(path.clone(), std::time::Duration::from_secs(1));
+        use evio_subnet::SubnetStore;
+        let rt = runtime();
+        let _ = rt.block_on(store.list("net"));
+        let _ = rt.block_on(store.lookup("net", "node-1"));
+    }
+}

@@ -36,7 +36,8 @@ enum Cmd {
     Run(Box<run::RunArgs>),
     /// Inspect or free subnet allocations.
     Subnets(Box<subnets::Args>),
-    /// Report orphaned or inconsistent evio state on this node (exit 1 if any).
+    /// Report orphaned or inconsistent evio state on this node (exit 1 if any);
+    /// the allocation store is checked only when --store is given.
     Doctor(Box<doctor::Args>),
 }
 

@@ -301,9 +301,7 @@ impl Plumbing<'_> {
         }
 
         if conf.ip_masq {
-            let cidrs: Vec<IpNet> = result.ips.iter().map(|ip| ip.address.trunc()).collect();
-            evio_net::nft::ensure_masquerade(&conf.name, &cidrs)
-                .map_err(neterr("set up IP masquerade"))?;
+            ensure_masquerade(&conf.name, &result)?;
         }
 
         let bridge_mac = host
@@ -427,6 +425,28 @@ fn mac_for(result: &CniResult) -> Option<[u8; 6]> {
         }
     };
     Some([0x0a, 0x58, tail[0], tail[1], tail[2], tail[3]])
+}
+
+/// The network's masquerade rule is the same for every pod, so it is
+/// written only when missing or different: listing the chain is one short
+/// `nft` exec, while rewriting it (flush + add, atomically) costs an nft
+/// transaction commit, 15-20 ms here (docs/benchmarks.md).
+fn ensure_masquerade(network: &str, result: &CniResult) -> Result<()> {
+    let mut want: Vec<IpNet> = result.ips.iter().map(|ip| ip.address.trunc()).collect();
+    want.sort();
+    want.dedup();
+    let have = evio_net::nft::masquerade_cidrs(network)
+        .ok()
+        .flatten()
+        .map(|mut h| {
+            h.sort();
+            h.dedup();
+            h
+        });
+    if have.as_ref() == Some(&want) {
+        return Ok(());
+    }
+    evio_net::nft::ensure_masquerade(network, &want).map_err(neterr("set up IP masquerade"))
 }
 
 fn family_gateway(result: &CniResult, dst: IpAddr) -> Option<IpAddr> {

@@ -435,6 +435,57 @@ pub fn reused_address_is_reachable_at_once(b: Backend) {
     );
 }
 
+/// The bridge (the pods' gateway) keeps its MAC while pods come and go:
+/// unpinned, a Linux or OVS bridge takes the lowest MAC of its ports, so the
+/// gateway's MAC would change whenever that pod left and every other pod's
+/// ARP entry for the gateway would go stale.
+pub fn gateway_mac_survives_pods_leaving(b: Backend) {
+    let f = Fixture::new(b);
+    let c = f.conf();
+    let pods: Vec<Pod> = (0..3).map(|_| Pod::new()).collect();
+    let results: Vec<Value> = pods.iter().map(|p| f.add_ok(p, &c)).collect();
+    let mac = mac_of(&f.node, &f.bridge);
+    for (p, r) in pods.iter().zip(&results).take(2) {
+        f.del_ok(p, &c, Some(r));
+        assert_eq!(
+            mac_of(&f.node, &f.bridge),
+            mac,
+            "bridge MAC changed after a DEL"
+        );
+    }
+    let last = &pods[2];
+    assert!(
+        ping(&last.ns, GATEWAY4),
+        "the remaining pod cannot reach the gateway"
+    );
+    // Without ports an unpinned Linux bridge falls back to 00:00:00:00:00:00.
+    f.del_ok(last, &c, Some(&results[2]));
+    assert_eq!(
+        mac_of(&f.node, &f.bridge),
+        mac,
+        "bridge MAC changed after the last DEL"
+    );
+}
+
+/// The pod's MAC is derived from its address (0a:58 + the IPv4 address), so
+/// a re-used address keeps its MAC; the result reports it.
+pub fn pod_mac_follows_its_address(b: Backend) {
+    let f = Fixture::new(b);
+    let pod = Pod::new();
+    let res = f.add_ok(&pod, &f.conf());
+    let ip = match pod_ip(&res, 4) {
+        IpAddr::V4(a) => a.octets(),
+        other => panic!("not IPv4: {other}"),
+    };
+    let want = format!(
+        "0a:58:{:02x}:{:02x}:{:02x}:{:02x}",
+        ip[0], ip[1], ip[2], ip[3]
+    );
+    assert_eq!(mac_of(&pod.ns, &pod.ifname), want);
+    let idx = pod_iface_index(&res, &pod.ifname);
+    assert_eq!(res["interfaces"][idx]["mac"], want.as_str(), "{res}");
+}
+
 // --------------------------------------------------------------------- CHECK
 
 pub fn check_passes_after_add(b: Backend) {

@@ -79,6 +79,8 @@ macro_rules! behaviour_suite {
             pod_reaches_gateway_by_ping_and_tcp,
             pods_reach_each_other_by_ping_and_tcp,
             reused_address_is_reachable_at_once,
+            gateway_mac_survives_pods_leaving,
+            pod_mac_follows_its_address,
             check_passes_after_add,
             check_fails_after_pod_lost_its_address,
             check_fails_when_host_veth_left_the_bridge,

@@ -21,7 +21,7 @@ use std::process::{Child, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use common::{plugin_bin, pod_ip, Backend, Fixture};
+use common::{plugin_bin, pod_ip, write_conflist, Backend, Fixture};
 use evio_doctor::{AttachmentId, Options, Report};
 use evio_plugin::naming::host_veth_name;
 use evio_testkit::plugin::{nft_ruleset, ping, Pod, GATEWAY4, POD_CIDR4, RUNTIME_PATH};
@@ -192,20 +192,6 @@ fn doctor(f: &Fixture, conf_dir: &std::path::Path, valid: &BTreeSet<AttachmentId
     evio_net::run_in_netns(&ns, move || evio_doctor::examine(&dir, &opts))
         .unwrap_or_else(|e| panic!("enter node netns: {e}"))
         .unwrap_or_else(|e| panic!("doctor: {e}"))
-}
-
-/// Writes the network config as the node's conflist, for the doctor.
-fn write_conflist(dir: &std::path::Path, config: &Value) {
-    let mut plugin = config.clone();
-    let (version, name) = (plugin["cniVersion"].clone(), plugin["name"].clone());
-    if let Some(o) = plugin.as_object_mut() {
-        o.remove("cniVersion");
-        o.remove("name");
-    }
-    let list = serde_json::json!({"cniVersion": version, "name": name, "plugins": [plugin]});
-    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(dir.join("10-evio.conflist"), list.to_string())
-        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn ev_links(f: &Fixture) -> BTreeSet<String> {

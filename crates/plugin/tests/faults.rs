@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{pod_ip, Backend, Fixture};
+use common::{pod_ip, write_conflist, Backend, Fixture};
 use evio_doctor::{AttachmentId, Options};
 use evio_plugin::naming::host_veth_name;
 use evio_testkit::plugin::{ping, Leaks, Pod, GATEWAY4};
@@ -33,19 +33,6 @@ struct Added {
     pod: Pod,
     started: Instant,
     result: Result<Value, (u64, String)>,
-}
-
-fn write_conflist(dir: &std::path::Path, config: &Value) {
-    let mut plugin = config.clone();
-    let (version, name) = (plugin["cniVersion"].clone(), plugin["name"].clone());
-    if let Some(o) = plugin.as_object_mut() {
-        o.remove("cniVersion");
-        o.remove("name");
-    }
-    let list = serde_json::json!({"cniVersion": version, "name": name, "plugins": [plugin]});
-    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(dir.join("10-evio.conflist"), list.to_string())
-        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn ping_within(from: &Pod, to: &str, within: Duration) -> bool {

@@ -458,3 +458,18 @@ pub fn parse_cidr(s: &str) -> (IpAddr, u8) {
 pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
 }
+
+/// Writes a plugin config as the node's conflist (`cniVersion` and `name`
+/// lifted to the list, as libcni reads it), for the doctor.
+pub fn write_conflist(dir: &Path, config: &Value) {
+    let mut plugin = config.clone();
+    let (version, name) = (plugin["cniVersion"].clone(), plugin["name"].clone());
+    if let Some(o) = plugin.as_object_mut() {
+        o.remove("cniVersion");
+        o.remove("name");
+    }
+    let list = serde_json::json!({"cniVersion": version, "name": name, "plugins": [plugin]});
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.join("10-evio.conflist"), list.to_string())
+        .unwrap_or_else(|e| panic!("{e}"));
+}

@@ -1,0 +1,8 @@
+//! The overlay's protocol core, free of I/O (docs/overlay-design.md): every
+//! function takes the current time and bytes and returns decisions or writes
+//! into buffers the caller owns, so it is unit-testable and the agent's data
+//! plane stays allocation-free per frame.
+
+pub mod l2;
+pub mod offload;
+pub mod packet;

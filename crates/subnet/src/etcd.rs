@@ -59,10 +59,12 @@ impl EtcdOptions {
 
 /// The cluster store: keys under `/evio/<network>/` in etcd v3.
 pub struct EtcdStore {
-    client: Client,
-    endpoints: String,
-    timeout: Duration,
+    pub(crate) client: Client,
+    pub(crate) endpoints: String,
+    pub(crate) timeout: Duration,
     trips: AtomicU64,
+    /// The lease this process's overlay record hangs on (peers_etcd).
+    pub(crate) lease: std::sync::Mutex<Option<i64>>,
 }
 
 fn read_secret(what: &str, path: &Path) -> Result<String, SubnetError> {
@@ -91,7 +93,7 @@ fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>, SubnetError> {
 /// errors say "transport error" at the top, keep the useful part
 /// ("Connection refused", a certificate problem) at the bottom of the
 /// source chain, and embed Debug dumps in between.
-fn chain(e: &etcd_client::Error) -> String {
+pub(crate) fn chain(e: &etcd_client::Error) -> String {
     use std::error::Error as _;
     let top = match e {
         etcd_client::Error::GRpcStatus(s) => {
@@ -215,6 +217,7 @@ impl EtcdStore {
                         endpoints: desc,
                         timeout,
                         trips: AtomicU64::new(0),
+                        lease: std::sync::Mutex::new(None),
                     })
                 }
                 Ok(Err(e)) if retryable(&e) => chain(&e),
@@ -246,7 +249,11 @@ impl EtcdStore {
 
     /// Runs one request, retrying transient failures with jittered
     /// exponential backoff until `deadline`.
-    async fn call<T, F, Fut>(&self, deadline: Instant, mut f: F) -> Result<T, SubnetError>
+    pub(crate) async fn call<T, F, Fut>(
+        &self,
+        deadline: Instant,
+        mut f: F,
+    ) -> Result<T, SubnetError>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
@@ -285,7 +292,11 @@ impl EtcdStore {
         }
     }
 
-    async fn txn(&self, deadline: Instant, txn: Txn) -> Result<TxnResponse, SubnetError> {
+    pub(crate) async fn txn(
+        &self,
+        deadline: Instant,
+        txn: Txn,
+    ) -> Result<TxnResponse, SubnetError> {
         self.call(deadline, |mut c| {
             let t = txn.clone();
             async move { c.txn(t).await }

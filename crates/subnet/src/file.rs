@@ -29,19 +29,28 @@ pub struct FileStore {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct FileData {
+pub(crate) struct FileData {
     #[serde(default)]
-    networks: BTreeMap<String, NetData>,
+    pub(crate) networks: BTreeMap<String, NetData>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct NetData {
+pub(crate) struct NetData {
     /// node name -> subnet (CIDR text), as `/evio/<net>/nodes/<node>`.
     #[serde(default)]
     nodes: BTreeMap<String, String>,
     /// `<addr>-<prefix>` -> owner, as `/evio/<net>/subnets/<key>`.
     #[serde(default)]
     subnets: BTreeMap<String, OwnerRecord>,
+    /// node name -> overlay record, as `/evio/<net>/peers/<node>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) peers: BTreeMap<String, crate::PeerRecord>,
+    /// host address -> owner, as `/evio/<net>/hostaddrs/<ip>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) hostaddrs: BTreeMap<String, OwnerRecord>,
+    /// node name -> host address, as `/evio/<net>/hostnodes/<node>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) hostnodes: BTreeMap<String, String>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SubnetError + '_ {
@@ -106,7 +115,7 @@ impl FileStore {
         &self.path
     }
 
-    async fn lock(&self) -> Result<Flock<File>, SubnetError> {
+    pub(crate) async fn lock(&self) -> Result<Flock<File>, SubnetError> {
         if let Some(dir) = self.path.parent() {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
@@ -149,7 +158,7 @@ impl FileStore {
         }
     }
 
-    fn read(&self) -> Result<FileData, SubnetError> {
+    pub(crate) fn read(&self) -> Result<FileData, SubnetError> {
         self.trips.fetch_add(1, Ordering::Relaxed);
         match fs::read(&self.path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| SubnetError::Corrupt {
@@ -161,7 +170,7 @@ impl FileStore {
         }
     }
 
-    fn write(&self, data: &FileData) -> Result<(), SubnetError> {
+    pub(crate) fn write(&self, data: &FileData) -> Result<(), SubnetError> {
         let mut bytes = serde_json::to_vec_pretty(data).map_err(|e| SubnetError::Corrupt {
             location: self.path.display().to_string(),
             reason: e.to_string(),

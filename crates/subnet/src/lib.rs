@@ -10,6 +10,9 @@ mod choose;
 mod error;
 mod etcd;
 mod file;
+mod peers;
+mod peers_etcd;
+mod peers_file;
 mod record;
 mod store;
 
@@ -18,6 +21,10 @@ pub use choose::UsedSet;
 pub use error::SubnetError;
 pub use etcd::{EtcdOptions, EtcdStore};
 pub use file::{write_file_atomic, FileStore};
+pub use peers::{
+    now_rfc3339, preferred_host, Candidate, CandidateKind, HostAllocation, Liveness, OverlayStore,
+    PeerRecord, PeerSnapshot,
+};
 pub use record::{node_key, parse_subnet_key, subnet_key, validate_name, OwnerRecord};
 pub use store::{
     open_store, Allocation, Lease, StoreOptions, StoreUrl, SubnetStore, DEFAULT_STORE,

@@ -269,3 +269,112 @@ fn lost_subnet_key_is_repaired_and_orphans_are_releasable() {
         assert_eq!(s.allocate(&net, "e", &pod).await.unwrap().subnet.subnet, a);
     });
 }
+
+mod overlay {
+    use super::*;
+    use evio_subnet::{Liveness, OverlayStore, PeerRecord};
+    use std::net::IpAddr;
+
+    fn record(node: &str, key: &str) -> PeerRecord {
+        serde_json::from_value(serde_json::json!({
+            "node": node, "publicKey": key, "podSubnet": "10.244.3.0/24",
+            "endpoints": [], "heartbeat": "2026-01-01T00:00:00Z"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn host_addresses_race_to_distinct_values_and_survive_reconnects() {
+        let e = Etcd::shared();
+        let net = unique_name("h");
+        let cidr: ipnet::IpNet = "10.10.0.0/27".parse().unwrap();
+        rt().block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..16 {
+                let (eps, net) = (e.endpoints(), net.clone());
+                tasks.push(tokio::spawn(async move {
+                    let s =
+                        EtcdStore::connect(&eps, &EtcdOptions::default(), Duration::from_secs(20))
+                            .await
+                            .unwrap();
+                    s.allocate_host(
+                        &net,
+                        &format!("n{i}"),
+                        cidr,
+                        Some("10.10.0.1".parse().unwrap()),
+                    )
+                    .await
+                    .unwrap()
+                    .addr
+                }));
+            }
+            let mut got: Vec<IpAddr> = Vec::new();
+            for t in tasks {
+                got.push(t.await.unwrap());
+            }
+            got.sort();
+            got.dedup();
+            assert_eq!(got.len(), 16);
+            let s = connect(e).await;
+            let first = s.allocate_host(&net, "n0", cidr, None).await.unwrap();
+            assert!(first.existing);
+            assert_eq!(s.release_host(&net, "n0").await.unwrap(), Some(first.addr));
+            assert_eq!(s.release_host(&net, "n0").await.unwrap(), None);
+        });
+    }
+
+    #[test]
+    fn records_hang_on_a_lease_and_watchers_see_changes() {
+        let e = Etcd::shared();
+        let net = unique_name("p");
+        rt().block_on(async {
+            let s = connect(e).await;
+            let w = connect(e).await;
+            let empty = w.peers(&net).await.unwrap();
+            assert!(empty.records.is_empty());
+            let watch = {
+                let net = net.clone();
+                tokio::spawn(
+                    async move { w.watch_peers(&net, &empty, Duration::from_secs(10)).await },
+                )
+            };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            s.publish(&net, &record("a", "k"), Duration::from_secs(5))
+                .await
+                .unwrap();
+            let seen = watch.await.unwrap().unwrap().expect("the watch fires");
+            assert_eq!(seen.records.len(), 1);
+            assert_eq!(s.refresh(&net, "a").await.unwrap(), Liveness::Alive);
+            // The key carries a lease.
+            let kv = e.get_prefix(&format!("/evio/{net}/peers/"));
+            assert_eq!(kv.len(), 1);
+            // Deleted by someone else while our lease lives: revoked.
+            assert!(s.remove_peer(&net, "a").await.unwrap());
+            assert_eq!(s.refresh(&net, "a").await.unwrap(), Liveness::Revoked);
+        });
+    }
+
+    #[test]
+    fn a_record_whose_lease_is_not_kept_alive_disappears() {
+        let e = Etcd::shared();
+        let net = unique_name("l");
+        rt().block_on(async {
+            let s = connect(e).await;
+            // etcd's minimum TTL is 5 s (the store clamps to it).
+            s.publish(&net, &record("a", "k"), Duration::from_secs(5))
+                .await
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !s.peers(&net).await.unwrap().records.is_empty() {
+                assert!(Instant::now() < deadline, "record outlived its lease");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            assert_eq!(s.refresh(&net, "a").await.unwrap(), Liveness::Expired);
+            // Publishing again takes a fresh lease.
+            s.publish(&net, &record("a", "k"), Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert_eq!(s.refresh(&net, "a").await.unwrap(), Liveness::Alive);
+        });
+    }
+}

@@ -245,3 +245,121 @@ fn lost_subnet_entry_is_repaired_and_orphans_are_releasable() {
         assert_eq!(s.allocate("n", "c", &pod).await.unwrap().subnet.subnet, a);
     });
 }
+
+mod overlay {
+    use super::*;
+    use evio_subnet::{Liveness, OverlayStore, PeerRecord, PeerSnapshot};
+    use std::net::IpAddr;
+
+    pub fn record(node: &str, key: &str) -> PeerRecord {
+        serde_json::from_value(serde_json::json!({
+            "node": node, "publicKey": key, "hostAddress": "10.10.0.3/16",
+            "podSubnet": "10.244.3.0/24", "endpoints": ["192.168.1.2:5800"],
+            "candidates": [{"addr": "192.168.1.2:5800", "kind": "local"}],
+            "heartbeat": "2026-01-01T00:00:00Z"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn host_addresses_are_unique_preferred_and_restart_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let cidr: ipnet::IpNet = "10.10.0.0/16".parse().unwrap();
+        let pref: IpAddr = "10.10.0.3".parse().unwrap();
+        rt().block_on(async {
+            let s = store(&dir);
+            let a = s.allocate_host("n", "a", cidr, Some(pref)).await.unwrap();
+            assert_eq!((a.addr, a.existing), (pref, false));
+            // Another node preferring the same address gets another one.
+            let b = s.allocate_host("n", "b", cidr, Some(pref)).await.unwrap();
+            assert_ne!(b.addr, pref);
+            assert!(cidr.contains(&b.addr));
+            // A second opener of the same file (a restarted agent) gets the
+            // same address back, whatever it prefers now.
+            let again = store(&dir)
+                .allocate_host("n", "a", cidr, Some("10.10.0.9".parse().unwrap()))
+                .await
+                .unwrap();
+            assert_eq!((again.addr, again.existing), (pref, true));
+            assert_eq!(s.release_host("n", "a").await.unwrap(), Some(pref));
+            assert_eq!(s.release_host("n", "a").await.unwrap(), None);
+            let c = s.allocate_host("n", "c", cidr, Some(pref)).await.unwrap();
+            assert_eq!(c.addr, pref, "a released address is free again");
+        });
+    }
+
+    #[test]
+    fn concurrent_host_allocations_never_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/subnets.json");
+        // A /27 has 30 usable addresses: 24 nodes racing, all preferring the
+        // same one, must end up with 24 distinct addresses.
+        let cidr: ipnet::IpNet = "10.10.0.0/27".parse().unwrap();
+        let handles: Vec<_> = (0..24)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let s = FileStore::new(path, Duration::from_secs(20));
+                    rt().block_on(s.allocate_host(
+                        "n",
+                        &format!("node{i}"),
+                        cidr,
+                        Some("10.10.0.1".parse().unwrap()),
+                    ))
+                    .unwrap()
+                    .addr
+                })
+            })
+            .collect();
+        let mut got: Vec<IpAddr> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len(), 24);
+    }
+
+    #[test]
+    fn publish_refresh_watch_and_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let s = store(&dir);
+            let empty = s.peers("n").await.unwrap();
+            assert!(empty.records.is_empty());
+            // Nothing changes: the watch times out.
+            assert_eq!(
+                s.watch_peers("n", &empty, Duration::from_millis(300))
+                    .await
+                    .unwrap(),
+                None
+            );
+            let mut r = record("a", "k1");
+            s.publish("n", &r, Duration::from_secs(30)).await.unwrap();
+            let snap: PeerSnapshot = s
+                .watch_peers("n", &empty, Duration::from_secs(5))
+                .await
+                .unwrap()
+                .expect("a publish is seen by a watcher");
+            assert_eq!(snap.records, vec![r.clone()]);
+            // A heartbeat changes the record's liveness time.
+            let before = s.peers("n").await.unwrap().records[0].heartbeat.clone();
+            assert_eq!(s.refresh("n", "a").await.unwrap(), Liveness::Alive);
+            let after = s.peers("n").await.unwrap().records[0].heartbeat.clone();
+            assert_ne!(before, after);
+            r.endpoints.push("203.0.113.9:5800".into());
+            s.publish("n", &r, Duration::from_secs(30)).await.unwrap();
+            assert_eq!(s.peers("n").await.unwrap().records[0].endpoints.len(), 2);
+            // Someone deletes the record: the owner learns it was revoked.
+            assert!(s.remove_peer("n", "a").await.unwrap());
+            assert!(!s.remove_peer("n", "a").await.unwrap());
+            assert_eq!(s.refresh("n", "a").await.unwrap(), Liveness::Revoked);
+            assert!(s.peers("n").await.unwrap().records.is_empty());
+            // Subnet allocations in the same file are untouched by all this.
+            let pod = PodNetwork::parse("10.244.0.0/16", 8).unwrap();
+            s.allocate("n", "a", &pod).await.unwrap();
+            s.publish("n", &r, Duration::from_secs(30)).await.unwrap();
+            assert_eq!(
+                s.lookup("n", "a").await.unwrap().map(|n| n.to_string()),
+                Some("10.244.0.0/24".into())
+            );
+        });
+    }
+}

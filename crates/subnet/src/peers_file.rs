@@ -1,0 +1,232 @@
+//! [`OverlayStore`] over the embedded file store: the records live in the
+//! same JSON file as the subnets, under the same lock.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+
+use crate::peers::{host_key, now_rfc3339, pick_host};
+use crate::{
+    validate_name, FileStore, HostAllocation, Liveness, OverlayStore, OwnerRecord, PeerRecord,
+    PeerSnapshot, SubnetError,
+};
+
+/// How often a watcher looks at the file. A `stat` is all it costs, and
+/// this bounds how late a new peer is seen.
+const POLL: Duration = Duration::from_millis(200);
+
+fn owner(node: &str, addr: IpAddr) -> OwnerRecord {
+    let mut extra = serde_json::Map::new();
+    extra.insert("address".into(), addr.to_string().into());
+    OwnerRecord {
+        node: node.to_string(),
+        time: now_rfc3339(),
+        subnet: None,
+        extra,
+    }
+}
+
+impl FileStore {
+    /// Identity of the current file version: the file is replaced by rename
+    /// on every write, so inode, size and mtime change with every version.
+    fn version_token(&self) -> u128 {
+        match std::fs::metadata(self.path()) {
+            Ok(m) => {
+                let mut h = DefaultHasher::new();
+                (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()).hash(&mut h);
+                u128::from(h.finish()) | 1
+            }
+            Err(_) => 0,
+        }
+    }
+
+    fn snapshot(&self, network: &str) -> Result<PeerSnapshot, SubnetError> {
+        // Token first: a write between the two reads then shows up as a
+        // change at the next poll instead of being missed.
+        let token = self.version_token();
+        let data = self.read()?;
+        let records = data
+            .networks
+            .get(network)
+            .map(|n| n.peers.values().cloned().collect())
+            .unwrap_or_default();
+        Ok(PeerSnapshot { records, token })
+    }
+}
+
+#[async_trait]
+impl OverlayStore for FileStore {
+    async fn allocate_host(
+        &self,
+        network: &str,
+        node: &str,
+        cidr: IpNet,
+        preferred: Option<IpAddr>,
+    ) -> Result<HostAllocation, SubnetError> {
+        validate_name("network name", network)?;
+        validate_name("node name", node)?;
+        let _guard = self.lock().await?;
+        let mut data = self.read()?;
+        let net = data.networks.entry(network.to_string()).or_default();
+        if let Some(v) = net.hostnodes.get(node) {
+            let addr: IpAddr = v.parse().map_err(|_| SubnetError::Corrupt {
+                location: format!(
+                    "{} networks.{network}.hostnodes.{node}",
+                    self.path().display()
+                ),
+                reason: format!("{v:?} is not an IP address"),
+            })?;
+            if cidr.contains(&addr) {
+                let key = host_key(addr);
+                match net.hostaddrs.get(&key) {
+                    Some(r) if r.node == node => {}
+                    Some(r) => {
+                        return Err(SubnetError::Corrupt {
+                            location: format!(
+                                "{} networks.{network}.hostaddrs.{key}",
+                                self.path().display()
+                            ),
+                            reason: format!(
+                                "node {node:?} records {addr} but it is owned by {:?}",
+                                r.node
+                            ),
+                        })
+                    }
+                    None => {
+                        net.hostaddrs.insert(key, owner(node, addr));
+                        self.write(&data)?;
+                    }
+                }
+                return Ok(HostAllocation {
+                    addr,
+                    existing: true,
+                });
+            }
+            // The host CIDR changed: the old address is meaningless now.
+            net.hostnodes.remove(node);
+            net.hostaddrs.remove(&host_key(addr));
+        }
+        let taken = |a: IpAddr| net.hostaddrs.contains_key(&host_key(a));
+        let addr =
+            pick_host(cidr, preferred, &taken, &mut rand::thread_rng())?.ok_or_else(|| {
+                SubnetError::Exhausted {
+                    network: network.to_string(),
+                    cidr,
+                    capacity: net.hostaddrs.len() as u128,
+                }
+            })?;
+        net.hostnodes.insert(node.to_string(), addr.to_string());
+        net.hostaddrs.insert(host_key(addr), owner(node, addr));
+        self.write(&data)?;
+        Ok(HostAllocation {
+            addr,
+            existing: false,
+        })
+    }
+
+    async fn release_host(&self, network: &str, node: &str) -> Result<Option<IpAddr>, SubnetError> {
+        validate_name("network name", network)?;
+        validate_name("node name", node)?;
+        let _guard = self.lock().await?;
+        let mut data = self.read()?;
+        let Some(net) = data.networks.get_mut(network) else {
+            return Ok(None);
+        };
+        let Some(v) = net.hostnodes.remove(node) else {
+            return Ok(None);
+        };
+        let addr = v.parse::<IpAddr>().ok();
+        if let Some(a) = addr {
+            if net
+                .hostaddrs
+                .get(&host_key(a))
+                .is_some_and(|r| r.node == node)
+            {
+                net.hostaddrs.remove(&host_key(a));
+            }
+        }
+        self.write(&data)?;
+        Ok(addr)
+    }
+
+    async fn publish(
+        &self,
+        network: &str,
+        record: &PeerRecord,
+        _ttl: Duration,
+    ) -> Result<(), SubnetError> {
+        validate_name("network name", network)?;
+        validate_name("node name", &record.node)?;
+        let _guard = self.lock().await?;
+        let mut data = self.read()?;
+        let net = data.networks.entry(network.to_string()).or_default();
+        if net.peers.get(&record.node) == Some(record) {
+            return Ok(());
+        }
+        net.peers.insert(record.node.clone(), record.clone());
+        self.write(&data)
+    }
+
+    async fn refresh(&self, network: &str, node: &str) -> Result<Liveness, SubnetError> {
+        validate_name("network name", network)?;
+        validate_name("node name", node)?;
+        let _guard = self.lock().await?;
+        let mut data = self.read()?;
+        let Some(rec) = data
+            .networks
+            .get_mut(network)
+            .and_then(|n| n.peers.get_mut(node))
+        else {
+            return Ok(Liveness::Revoked);
+        };
+        rec.heartbeat = now_rfc3339();
+        self.write(&data)?;
+        Ok(Liveness::Alive)
+    }
+
+    async fn peers(&self, network: &str) -> Result<PeerSnapshot, SubnetError> {
+        validate_name("network name", network)?;
+        self.snapshot(network)
+    }
+
+    async fn watch_peers(
+        &self,
+        network: &str,
+        since: &PeerSnapshot,
+        wait: Duration,
+    ) -> Result<Option<PeerSnapshot>, SubnetError> {
+        validate_name("network name", network)?;
+        let deadline = Instant::now() + wait;
+        loop {
+            if self.version_token() != since.token {
+                return self.snapshot(network).map(Some);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            tokio::time::sleep(POLL.min(left)).await;
+        }
+    }
+
+    async fn remove_peer(&self, network: &str, node: &str) -> Result<bool, SubnetError> {
+        validate_name("network name", network)?;
+        validate_name("node name", node)?;
+        let _guard = self.lock().await?;
+        let mut data = self.read()?;
+        let removed = data
+            .networks
+            .get_mut(network)
+            .and_then(|n| n.peers.remove(node))
+            .is_some();
+        if removed {
+            self.write(&data)?;
+        }
+        Ok(removed)
+    }
+}

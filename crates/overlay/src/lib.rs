@@ -3,6 +3,10 @@
 //! into buffers the caller owns, so it is unit-testable and the agent's data
 //! plane stays allocation-free per frame.
 
+pub mod crypto;
 pub mod l2;
 pub mod offload;
 pub mod packet;
+pub mod replay;
+pub mod tunnel;
+pub mod wire;

@@ -1,0 +1,560 @@
+//! Paths to one peer and which one carries its traffic. A path is where
+//! datagrams go (`remote`) and how they leave (`via` our own socket or one of
+//! our TURN allocations). Paths come from the peer's published candidates
+//! and from authenticated datagrams that arrive from somewhere new (NAT
+//! rebinding, the Linux NAT's port reallocation, a peer sending through its
+//! relay). Every path is checked with authenticated probes inside the
+//! session; only a path that answered is ever used, so "direct" in `peers`
+//! means a direct path that carries authenticated traffic right now.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// How a datagram leaves this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Via {
+    /// The agent's UDP socket.
+    Direct,
+    /// Through our allocation on TURN server `n` (index into the config).
+    Turn(u8),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PathAddr {
+    pub via: Via,
+    pub remote: SocketAddr,
+}
+
+impl PathAddr {
+    pub fn direct(remote: SocketAddr) -> PathAddr {
+        PathAddr {
+            via: Via::Direct,
+            remote,
+        }
+    }
+}
+
+/// Ranking class: lower is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Class {
+    /// To a local-interface candidate of the peer: same LAN, no hairpin.
+    Local = 0,
+    Direct = 1,
+    Relay = 2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Published by the peer in the store.
+    Candidate,
+    /// Learned from an authenticated datagram.
+    Learned,
+}
+
+/// Timing of path checks.
+#[derive(Debug, Clone)]
+pub struct PathConfig {
+    /// Probe interval of the path in use (when nothing else arrived on it).
+    pub active_interval: Duration,
+    /// Probe interval of other paths that answer.
+    pub standby_interval: Duration,
+    /// Probe interval of paths that never answered (hole punching retries).
+    pub unproven_interval: Duration,
+    /// A probe not answered within this is lost.
+    pub probe_timeout: Duration,
+    /// Consecutive lost probes that make a path dead.
+    pub dead_after: u32,
+    /// A better path must beat the current one's RTT by this fraction.
+    pub hysteresis: f64,
+    /// Keep at most this many paths per peer.
+    pub max_paths: usize,
+}
+
+impl Default for PathConfig {
+    fn default() -> Self {
+        PathConfig {
+            active_interval: Duration::from_secs(1),
+            standby_interval: Duration::from_secs(5),
+            unproven_interval: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(1),
+            dead_after: 3,
+            hysteresis: 0.2,
+            max_paths: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Path {
+    pub addr: PathAddr,
+    pub class: Class,
+    pub origin: Origin,
+    /// Last authenticated datagram that arrived on it.
+    pub last_rx: Option<Instant>,
+    /// Probe in flight: id and when it left.
+    pub probe: Option<(u64, Instant)>,
+    pub next_probe: Instant,
+    /// Consecutive probes lost.
+    pub lost: u32,
+    /// Smoothed round-trip time.
+    pub rtt: Option<Duration>,
+    /// Unanswered since it was added: backs off.
+    pub tries: u32,
+}
+
+impl Path {
+    fn new(addr: PathAddr, class: Class, origin: Origin, now: Instant) -> Path {
+        Path {
+            addr,
+            class,
+            origin,
+            last_rx: None,
+            probe: None,
+            next_probe: now,
+            lost: 0,
+            rtt: None,
+            tries: 0,
+        }
+    }
+
+    /// Answered, and not lost since.
+    pub fn alive(&self, cfg: &PathConfig) -> bool {
+        self.last_rx.is_some() && self.lost < cfg.dead_after
+    }
+
+    fn score(&self) -> (Class, Duration) {
+        (self.class, self.rtt.unwrap_or(Duration::from_secs(1)))
+    }
+}
+
+/// The path set of one peer.
+#[derive(Debug, Clone, Default)]
+pub struct Paths {
+    pub list: Vec<Path>,
+    /// Index of the path in use.
+    pub active: Option<usize>,
+    /// When `active` last changed (for `peers`).
+    pub changed: Option<Instant>,
+}
+
+/// What [`Paths::poll`] wants sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeDue {
+    pub addr: PathAddr,
+    pub id: u64,
+}
+
+impl Paths {
+    pub fn active(&self) -> Option<&Path> {
+        self.active.and_then(|i| self.list.get(i))
+    }
+
+    pub fn active_addr(&self) -> Option<PathAddr> {
+        self.active().map(|p| p.addr)
+    }
+
+    pub fn find(&self, addr: &PathAddr) -> Option<usize> {
+        self.list.iter().position(|p| &p.addr == addr)
+    }
+
+    /// Replaces the published candidates with `cands` (address, class),
+    /// keeping the state of those that stay. Learned paths stay too; the
+    /// active path stays while it works, wherever it came from.
+    pub fn set_candidates(
+        &mut self,
+        now: Instant,
+        cfg: &PathConfig,
+        cands: &[(PathAddr, Class)],
+    ) {
+        let active = self.active_addr();
+        self.list.retain(|p| {
+            p.origin == Origin::Learned
+                || Some(p.addr) == active
+                || cands.iter().any(|(a, _)| *a == p.addr)
+        });
+        for (a, class) in cands {
+            match self.list.iter_mut().find(|p| p.addr == *a) {
+                Some(p) => {
+                    p.class = *class;
+                    p.origin = Origin::Candidate;
+                }
+                None => self.list.push(Path::new(*a, *class, Origin::Candidate, now)),
+            }
+        }
+        self.trim(cfg);
+        self.active = active.and_then(|a| self.find(&a));
+    }
+
+    /// Drops the worst surplus paths, never the active one.
+    fn trim(&mut self, cfg: &PathConfig) {
+        while self.list.len() > cfg.max_paths {
+            let active = self.active_addr();
+            let victim = self
+                .list
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| Some(p.addr) != active)
+                .max_by_key(|(_, p)| (p.alive(cfg) as u8 ^ 1, p.origin == Origin::Learned, p.lost))
+                .map(|(i, _)| i);
+            match victim {
+                Some(i) => {
+                    self.list.remove(i);
+                    self.active = active.and_then(|a| self.find(&a));
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// An authenticated datagram arrived on `addr`. Returns true when the
+    /// path was new (learned). `class` classifies it if new.
+    pub fn on_rx(&mut self, now: Instant, cfg: &PathConfig, addr: PathAddr, class: Class) -> bool {
+        let learned = match self.find(&addr) {
+            Some(i) => {
+                let p = &mut self.list[i];
+                p.last_rx = Some(now);
+                p.lost = 0;
+                p.tries = 0;
+                false
+            }
+            None => {
+                let mut p = Path::new(addr, class, Origin::Learned, now);
+                p.last_rx = Some(now);
+                // Probe it right away to learn its RTT.
+                p.next_probe = now;
+                self.list.push(p);
+                self.trim(cfg);
+                true
+            }
+        };
+        // Roaming: the path in use went quiet while the peer reaches us on
+        // another one (its NAT mapping changed): switch now rather than
+        // after the dead-path timeout.
+        let quiet = self.active().is_none_or(|a| {
+            a.addr != addr
+                && a.last_rx
+                    .is_none_or(|t| now.saturating_duration_since(t) > cfg.active_interval * 2)
+        });
+        if quiet {
+            self.reselect(now, cfg, true);
+        }
+        learned
+    }
+
+    /// A probe reply with `id` arrived (on any path of this peer).
+    pub fn on_probe_reply(&mut self, now: Instant, cfg: &PathConfig, id: u64) {
+        let Some(p) = self
+            .list
+            .iter_mut()
+            .find(|p| p.probe.is_some_and(|(pid, _)| pid == id))
+        else {
+            return;
+        };
+        if let Some((_, sent)) = p.probe.take() {
+            let sample = now.saturating_duration_since(sent);
+            p.rtt = Some(match p.rtt {
+                // RFC 6298's smoothing.
+                Some(r) => (r * 7 + sample) / 8,
+                None => sample,
+            });
+        }
+        p.last_rx = Some(now);
+        p.lost = 0;
+        p.tries = 0;
+        self.reselect(now, cfg, false);
+    }
+
+    /// Picks the path to use. `force` switches even within the hysteresis
+    /// (the current one went quiet).
+    pub fn reselect(&mut self, now: Instant, cfg: &PathConfig, force: bool) {
+        let best = self
+            .list
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.alive(cfg))
+            .min_by_key(|(_, p)| p.score())
+            .map(|(i, _)| i);
+        let Some(b) = best else {
+            if self.active.is_some_and(|a| !self.list[a].alive(cfg)) {
+                self.active = None;
+                self.changed = Some(now);
+            }
+            return;
+        };
+        let switch = match self.active.and_then(|a| self.list.get(a).map(|p| (a, p))) {
+            None => true,
+            Some((a, _)) if a == b => false,
+            Some((_, cur)) if !cur.alive(cfg) || force => true,
+            Some((_, cur)) => {
+                let new = &self.list[b];
+                if new.class != cur.class {
+                    new.class < cur.class
+                } else {
+                    match (new.rtt, cur.rtt) {
+                        (Some(n), Some(c)) => n.as_secs_f64() < c.as_secs_f64() * (1.0 - cfg.hysteresis),
+                        _ => false,
+                    }
+                }
+            }
+        };
+        if switch {
+            self.active = Some(b);
+            self.changed = Some(now);
+        }
+    }
+
+    /// Expires lost probes and returns the probes due now (at most one per
+    /// path), given fresh `ids`.
+    pub fn poll(
+        &mut self,
+        now: Instant,
+        cfg: &PathConfig,
+        next_id: &mut u64,
+        out: &mut Vec<ProbeDue>,
+    ) {
+        let active = self.active;
+        let mut lost_any = false;
+        for (i, p) in self.list.iter_mut().enumerate() {
+            if let Some((_, sent)) = p.probe {
+                if now.saturating_duration_since(sent) >= cfg.probe_timeout {
+                    p.probe = None;
+                    p.lost += 1;
+                    lost_any = true;
+                }
+            }
+            if p.probe.is_some() || now < p.next_probe {
+                continue;
+            }
+            let interval = if Some(i) == active {
+                cfg.active_interval
+            } else if p.alive(cfg) {
+                cfg.standby_interval
+            } else {
+                // Unproven or dead: keep punching, backing off to twice
+                // the interval (a relayed pair retries direct paths at
+                // least every 10 s).
+                p.tries = p.tries.saturating_add(1);
+                cfg.unproven_interval * (1 + (p.tries > 3) as u32)
+            };
+            // Traffic that arrived on the active path proves it: skip the
+            // probe this round.
+            let recent = Some(i) == active
+                && p.last_rx
+                    .is_some_and(|t| now.saturating_duration_since(t) < cfg.active_interval);
+            p.next_probe = now + interval;
+            if recent {
+                continue;
+            }
+            *next_id = next_id.wrapping_add(1);
+            p.probe = Some((*next_id, now));
+            out.push(ProbeDue {
+                addr: p.addr,
+                id: *next_id,
+            });
+        }
+        if lost_any {
+            self.reselect(now, cfg, false);
+        }
+    }
+
+    /// Earliest moment `poll` has something to do.
+    pub fn next_deadline(&self, cfg: &PathConfig) -> Option<Instant> {
+        self.list
+            .iter()
+            .map(|p| match p.probe {
+                Some((_, sent)) => (sent + cfg.probe_timeout).min(p.next_probe.max(sent)),
+                None => p.next_probe,
+            })
+            .min()
+    }
+
+    /// Every path a handshake initiation should be sent on: all of them,
+    /// the active one first (up to `max`).
+    pub fn handshake_targets(&self, max: usize) -> impl Iterator<Item = PathAddr> + '_ {
+        let active = self.active_addr();
+        active
+            .into_iter()
+            .chain(self.list.iter().map(|p| p.addr).filter(move |a| Some(*a) != active))
+            .take(max)
+    }
+
+    /// Forgets RTTs and liveness (the session was reset).
+    pub fn reset(&mut self, now: Instant) {
+        for p in &mut self.list {
+            p.last_rx = None;
+            p.probe = None;
+            p.lost = 0;
+            p.tries = 0;
+            p.next_probe = now;
+        }
+        self.list.retain(|p| p.origin == Origin::Candidate);
+        self.active = None;
+        self.changed = Some(now);
+    }
+}
+
+/// Whether `ip` belongs to a relay: then a path to it is a relayed one even
+/// when it leaves through our own socket.
+pub fn is_relay_ip(relay_ips: &[IpAddr], ip: IpAddr) -> bool {
+    relay_ips.contains(&ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pa(s: &str) -> PathAddr {
+        PathAddr::direct(s.parse().unwrap())
+    }
+
+    fn probe_all(p: &mut Paths, now: Instant, cfg: &PathConfig, id: &mut u64) -> Vec<ProbeDue> {
+        let mut v = Vec::new();
+        p.poll(now, cfg, id, &mut v);
+        v
+    }
+
+    #[test]
+    fn candidates_are_probed_and_the_best_answering_one_wins() {
+        let cfg = PathConfig::default();
+        let t0 = Instant::now();
+        let mut p = Paths::default();
+        let relay = PathAddr {
+            via: Via::Turn(0),
+            remote: "203.0.113.1:50000".parse().unwrap(),
+        };
+        p.set_candidates(
+            t0,
+            &cfg,
+            &[
+                (pa("192.168.1.2:5800"), Class::Local),
+                (pa("203.0.113.20:5800"), Class::Direct),
+                (relay, Class::Relay),
+            ],
+        );
+        let mut id = 0;
+        let probes = probe_all(&mut p, t0, &cfg, &mut id);
+        assert_eq!(probes.len(), 3);
+        assert!(p.active.is_none(), "nothing answered yet");
+        // The relay answers first: used at once.
+        let relay_probe = probes.iter().find(|d| d.addr == relay).unwrap().id;
+        p.on_probe_reply(t0 + Duration::from_millis(5), &cfg, relay_probe);
+        assert_eq!(p.active_addr(), Some(relay));
+        // The direct reflexive path answers: it replaces the relay.
+        let direct = probes.iter().find(|d| d.addr == pa("203.0.113.20:5800")).unwrap().id;
+        p.on_probe_reply(t0 + Duration::from_millis(8), &cfg, direct);
+        assert_eq!(p.active_addr(), Some(pa("203.0.113.20:5800")));
+        // The LAN candidate beats both.
+        let local = probes.iter().find(|d| d.addr == pa("192.168.1.2:5800")).unwrap().id;
+        p.on_probe_reply(t0 + Duration::from_millis(9), &cfg, local);
+        assert_eq!(p.active_addr(), Some(pa("192.168.1.2:5800")));
+        assert!(p.list.iter().all(|x| x.rtt.is_some()));
+    }
+
+    #[test]
+    fn a_dead_active_path_falls_back_within_the_dead_time() {
+        let cfg = PathConfig::default();
+        let t0 = Instant::now();
+        let mut p = Paths::default();
+        let direct = pa("203.0.113.20:5800");
+        let relay = PathAddr {
+            via: Via::Turn(0),
+            remote: "203.0.113.1:50000".parse().unwrap(),
+        };
+        p.set_candidates(t0, &cfg, &[(direct, Class::Direct), (relay, Class::Relay)]);
+        let mut id = 0;
+        for d in probe_all(&mut p, t0, &cfg, &mut id) {
+            p.on_probe_reply(t0 + Duration::from_millis(2), &cfg, d.id);
+        }
+        assert_eq!(p.active_addr(), Some(direct));
+        // From now on the direct path drops everything; the relay answers.
+        let mut now = t0;
+        let mut switched = None;
+        for step in 1..=100 {
+            now = t0 + Duration::from_millis(100 * step);
+            for d in probe_all(&mut p, now, &cfg, &mut id) {
+                if d.addr == relay {
+                    p.on_probe_reply(now, &cfg, d.id);
+                }
+            }
+            if p.active_addr() == Some(relay) {
+                switched = Some(now);
+                break;
+            }
+        }
+        let took = switched.expect("fell back").duration_since(t0);
+        assert!(took <= Duration::from_secs(5), "fell back after {took:?}");
+        assert!(took >= Duration::from_secs(2), "not on a single lost probe: {took:?}");
+        let _ = now;
+    }
+
+    #[test]
+    fn roaming_switches_to_a_new_source_when_the_old_went_quiet() {
+        let cfg = PathConfig::default();
+        let t0 = Instant::now();
+        let mut p = Paths::default();
+        let old = pa("203.0.113.20:5800");
+        p.set_candidates(t0, &cfg, &[(old, Class::Direct)]);
+        p.on_rx(t0, &cfg, old, Class::Direct);
+        assert_eq!(p.active_addr(), Some(old));
+        // Traffic from a new port while the old one is still fresh: learned
+        // but not used yet.
+        let new = pa("203.0.113.20:40001");
+        assert!(p.on_rx(t0 + Duration::from_millis(100), &cfg, new, Class::Direct));
+        assert_eq!(p.active_addr(), Some(old));
+        // The old one is quiet for a while: the next datagram from the new
+        // address moves us.
+        p.on_rx(t0 + Duration::from_secs(3), &cfg, new, Class::Direct);
+        assert_eq!(p.active_addr(), Some(new));
+    }
+
+    #[test]
+    fn candidate_updates_keep_state_and_bound_the_list() {
+        let cfg = PathConfig {
+            max_paths: 4,
+            ..PathConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut p = Paths::default();
+        let a = pa("203.0.113.20:5800");
+        p.set_candidates(t0, &cfg, &[(a, Class::Direct)]);
+        p.on_rx(t0, &cfg, a, Class::Direct);
+        p.set_candidates(t0, &cfg, &[(pa("203.0.113.21:5800"), Class::Direct)]);
+        // The active path stays although no longer published.
+        assert_eq!(p.active_addr(), Some(a));
+        for i in 0..10 {
+            p.on_rx(t0, &cfg, pa(&format!("203.0.113.30:{}", 1000 + i)), Class::Direct);
+        }
+        assert!(p.list.len() <= 4);
+        assert!(p.active().is_some());
+    }
+
+    #[test]
+    fn idle_active_path_is_probed_once_per_interval_and_busy_one_not_at_all() {
+        let cfg = PathConfig::default();
+        let t0 = Instant::now();
+        let mut p = Paths::default();
+        let a = pa("203.0.113.20:5800");
+        p.set_candidates(t0, &cfg, &[(a, Class::Direct)]);
+        let mut id = 0;
+        let d = probe_all(&mut p, t0, &cfg, &mut id);
+        p.on_probe_reply(t0, &cfg, d[0].id);
+        let mut sent = 0;
+        for ms in (0..10_000).step_by(50) {
+            let now = t0 + Duration::from_millis(ms);
+            for d in probe_all(&mut p, now, &cfg, &mut id) {
+                sent += 1;
+                p.on_probe_reply(now, &cfg, d.id);
+            }
+        }
+        assert!((9..=11).contains(&sent), "{sent} probes in 10 s");
+        // Traffic arriving all the time: no probes.
+        let t1 = t0 + Duration::from_secs(20);
+        let mut busy = 0;
+        for ms in (0..10_000).step_by(50) {
+            let now = t1 + Duration::from_millis(ms);
+            p.on_rx(now, &cfg, a, Class::Direct);
+            busy += probe_all(&mut p, now, &cfg, &mut id).len();
+        }
+        assert!(busy <= 1, "{busy} probes while traffic flowed");
+    }
+}

@@ -59,7 +59,7 @@ pub fn is_link_local_group(mac: &Mac) -> bool {
 /// The MAC the CNI plugin gives a pod with this address (`mac_for` in
 /// crates/plugin/src/add.rs): `0a:58` (locally administered, unicast) and the
 /// four address bytes, so any node can answer ARP for any pod.
-pub fn pod_mac(ip: Ipv4Addr) -> Mac {
+pub const fn pod_mac(ip: Ipv4Addr) -> Mac {
     let [a, b, c, d] = ip.octets();
     [0x0a, 0x58, a, b, c, d]
 }

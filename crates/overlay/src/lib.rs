@@ -4,9 +4,11 @@
 //! plane stays allocation-free per frame.
 
 pub mod crypto;
+pub mod engine;
 pub mod l2;
 pub mod offload;
 pub mod packet;
+pub mod path;
 pub mod replay;
 pub mod tunnel;
 pub mod wire;

@@ -1,0 +1,143 @@
+//! The node bridge and the agent's port on it. The bridge is made by the
+//! plugin's own switch code from the same network config, so it is exactly
+//! what the first pod's ADD would make (name, type, datapath, pinned MAC,
+//! MTU), and then given the gateway `.1` with the pod CIDR's prefix as ADD
+//! does. The agent's port is its TAP: on OVS a port whose `external_ids` say
+//! `evio-owner=evio-agent` (the plugin's DEL and GC only touch
+//! `evio-owner=evio` ports); on a Linux bridge a TAP, which the plugin's GC
+//! (tagged veths only) never looks at. The agent touches no other port.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use evio_cni::config::{BridgeAddr, BridgeType, NetConf};
+use evio_net::{sysctl, Handle, Link};
+use evio_ovsdb::vswitch::PortSpec;
+use evio_ovsdb::Client;
+use ipnet::IpNet;
+
+use crate::AgentError;
+
+pub const OWNER_KEY: &str = "evio-owner";
+/// Distinct from the plugin's `evio`: GC keeps its hands off.
+pub const OWNER_AGENT: &str = "evio-agent";
+pub const NETWORK_KEY: &str = "evio-network";
+
+const OVSDB_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn err(what: impl std::fmt::Display) -> impl FnOnce(String) -> AgentError {
+    move |e| AgentError::Port(format!("{what}: {e}"))
+}
+
+/// Makes sure the bridge exists with the gateway on it, as the plugin
+/// would; returns its link.
+pub fn ensure_bridge(
+    host: &mut Handle,
+    conf: &NetConf,
+    gateway: IpNet,
+) -> Result<Link, AgentError> {
+    let mut sw = evio_plugin::switch::for_conf(conf);
+    let bridge = sw
+        .ensure_bridge(host)
+        .map_err(|e| AgentError::Port(format!("bridge {}: {}", conf.bridge, e.msg)))?;
+    let addr = match (gateway.addr(), conf.bridge_ipv4) {
+        (IpAddr::V4(_), Some(BridgeAddr::Cidr(n))) => n,
+        (IpAddr::V4(_), Some(BridgeAddr::Addr(a))) => {
+            IpNet::new(a, gateway.prefix_len()).map_err(|e| AgentError::Port(e.to_string()))?
+        }
+        _ => gateway,
+    };
+    if conf.is_gateway {
+        if addr.addr().is_ipv6() {
+            sysctl::set(&format!("net/ipv6/conf/{}/accept_dad", bridge.name), "0")
+                .map_err(|e| err("accept_dad on the bridge")(e.to_string()))?;
+        }
+        match host.add_address(bridge.index, addr) {
+            Ok(()) => {}
+            Err(e) if e.is_exists() => {}
+            Err(e) => return Err(err(format!("gateway {addr} on {}", bridge.name))(e.to_string())),
+        }
+        let key = if addr.addr().is_ipv4() {
+            "net/ipv4/ip_forward"
+        } else {
+            "net/ipv6/conf/all/forwarding"
+        };
+        sysctl::set(key, "1").map_err(|e| err("enable forwarding")(e.to_string()))?;
+    }
+    if !bridge.up {
+        host.set_up(bridge.index)
+            .map_err(|e| err(format!("bring up {}", bridge.name))(e.to_string()))?;
+    }
+    host.link_by_name(&conf.bridge)
+        .map_err(|e| err("look up the bridge")(e.to_string()))?
+        .ok_or_else(|| AgentError::Port(format!("bridge {} vanished", conf.bridge)))
+}
+
+/// Plugs the TAP `tap` into the bridge. On OVS a port of that name left by
+/// a killed agent is ours and is reused (vswitchd re-opens the new device
+/// of the same name), never duplicated; a port of that name owned by
+/// anyone else is an error.
+pub fn attach(host: &mut Handle, conf: &NetConf, bridge: &Link, tap: &str) -> Result<(), AgentError> {
+    let link = host
+        .link_by_name(tap)
+        .map_err(|e| err(format!("look up {tap}"))(e.to_string()))?
+        .ok_or_else(|| AgentError::Port(format!("{tap} does not exist")))?;
+    match conf.bridge_type {
+        BridgeType::Linux => {
+            if link.master != Some(bridge.index) {
+                host.set_master(link.index, bridge.index)
+                    .map_err(|e| err(format!("plug {tap} into {}", bridge.name))(e.to_string()))?;
+            }
+        }
+        BridgeType::Ovs => {
+            let mut c = Client::connect(&conf.ovsdb, OVSDB_TIMEOUT)
+                .map_err(|e| err(format!("OVSDB at {}", conf.ovsdb))(e.to_string()))?;
+            match c.port(tap).map_err(|e| err("read OVS ports")(e.to_string()))? {
+                Some(p) if p.external_ids.get(OWNER_KEY).map(String::as_str) == Some(OWNER_AGENT) => {
+                    if p.bridge != bridge.name {
+                        return Err(AgentError::Port(format!(
+                            "OVS port {tap} of a previous agent is on bridge {}, not {}",
+                            p.bridge, bridge.name
+                        )));
+                    }
+                }
+                Some(p) => {
+                    return Err(AgentError::Port(format!(
+                        "OVS port {tap} exists on bridge {} and is not the agent's",
+                        p.bridge
+                    )))
+                }
+                None => {
+                    let ids = [(OWNER_KEY, OWNER_AGENT), (NETWORK_KEY, conf.name.as_str())];
+                    c.add_port(
+                        &bridge.name,
+                        &PortSpec {
+                            name: tap,
+                            external_ids: &ids,
+                        },
+                    )
+                    .map_err(|e| err(format!("add OVS port {tap}"))(e.to_string()))?;
+                }
+            }
+            c.wait_ofport(tap, OVSDB_TIMEOUT)
+                .map_err(|e| err(format!("OVS did not take {tap}"))(e.to_string()))?;
+        }
+    }
+    host.set_mtu(link.index, conf.mtu.max(1500))
+        .map_err(|e| err(format!("MTU of {tap}"))(e.to_string()))?;
+    host.set_up(link.index)
+        .map_err(|e| err(format!("bring up {tap}"))(e.to_string()))?;
+    Ok(())
+}
+
+/// Removes the agent's port (SIGTERM). The TAP device itself goes when
+/// its file descriptor closes.
+pub fn detach(conf: &NetConf, tap: &str) -> Result<(), AgentError> {
+    if conf.bridge_type == BridgeType::Ovs {
+        let mut c = Client::connect(&conf.ovsdb, OVSDB_TIMEOUT)
+            .map_err(|e| err(format!("OVSDB at {}", conf.ovsdb))(e.to_string()))?;
+        c.del_port_if(tap, &[(OWNER_KEY, OWNER_AGENT)])
+            .map_err(|e| err(format!("remove OVS port {tap}"))(e.to_string()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,874 @@
+//! The overlay of one node as a state machine: peers from the store, their
+//! tunnels and paths, the L2 switch of the pod overlay and the router of the
+//! host overlay. The agent feeds it datagrams, frames and time; it answers
+//! through [`Io`] (datagrams to send, frames and packets to deliver) and
+//! says when it next needs the time ([`Overlay::next_wake`]).
+//!
+//! Split horizon holds by construction: a frame from a peer only ever goes
+//! to [`Io::pod`] or [`Io::host`], never back into a tunnel.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use rand::Rng;
+
+use crate::crypto::{CookieJar, Key};
+use crate::l2::{DropReason, LocalVerdict, PeerAddrs, PeerId, PeerVerdict, Switch, SwitchConfig};
+use crate::offload::{segments, Csum, Framing, VnetHdr};
+use crate::path::{Class, PathAddr, PathConfig, Paths, ProbeDue, Via};
+use crate::tunnel::{self, Identity, Reject, TimerAction, Tunnel, TunnelConfig};
+use crate::wire::{self, kind, Inner, INNER_HEADER};
+
+/// Largest frame the data path handles (a TSO super-frame plus headers).
+pub const MAX_FRAME: usize = 65_550;
+/// Largest datagram the core writes (an inner frame of `mtu` + Ethernet +
+/// transport overhead; generous so a misconfigured MTU fails visibly in the
+/// switch rather than in a buffer).
+pub const MAX_DATAGRAM: usize = 9_216;
+/// Handshake initiations go to at most this many paths of a peer.
+const MAX_HANDSHAKE_TARGETS: usize = 8;
+
+/// How the agent hands results back.
+pub trait Io {
+    /// A buffer for the next datagram, at least [`MAX_DATAGRAM`] bytes.
+    fn datagram(&mut self) -> &mut [u8];
+    /// Sends the first `len` bytes of [`Io::datagram`] on `to`.
+    fn commit(&mut self, to: PathAddr, len: usize);
+    /// A frame for the local bridge (the TAP).
+    fn pod(&mut self, frame: &mut [u8], csum: Csum);
+    /// A packet for the host overlay interface (the TUN).
+    fn host(&mut self, packet: &mut [u8], csum: Csum);
+}
+
+#[derive(Debug, Clone)]
+pub struct OverlayConfig {
+    pub network: String,
+    /// This node's pod subnet.
+    pub pod_subnet: IpNet,
+    /// This node's host-overlay address, if there is a host overlay.
+    pub host_addr: Option<IpAddr>,
+    /// Largest IP packet carried across (the pods' MTU).
+    pub mtu: usize,
+    pub tunnel: TunnelConfig,
+    pub paths: PathConfig,
+    /// Handshake messages per second before flood protection starts
+    /// demanding cookies (mac2).
+    pub handshake_load: u32,
+    /// Valid-cookie handshakes per second and source IP under load.
+    pub handshake_per_ip: u32,
+    /// Broadcast / unknown-unicast floods per second (and burst).
+    pub flood_rate: u32,
+    pub flood_burst: u32,
+    /// A peer without a working path for this long gets a new handshake.
+    pub path_loss_rehandshake: Duration,
+}
+
+impl OverlayConfig {
+    pub fn new(network: &str, pod_subnet: IpNet, mtu: usize) -> OverlayConfig {
+        OverlayConfig {
+            network: network.to_string(),
+            pod_subnet,
+            host_addr: None,
+            mtu,
+            tunnel: TunnelConfig::default(),
+            paths: PathConfig::default(),
+            handshake_load: 64,
+            handshake_per_ip: 8,
+            flood_rate: 200,
+            flood_burst: 400,
+            path_loss_rehandshake: Duration::from_secs(4),
+        }
+    }
+}
+
+/// A candidate endpoint of a peer, as published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub addr: SocketAddr,
+    pub class: Class,
+}
+
+/// A peer as the store describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerInfo {
+    pub node: String,
+    pub key: Key,
+    pub pod_subnet: IpNet,
+    /// Host-overlay address with the host CIDR's prefix.
+    pub host_addr: Option<IpNet>,
+    pub candidates: Vec<Candidate>,
+}
+
+/// Per-peer counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PeerStats {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub handshakes: u64,
+    pub spoofed: u64,
+    pub dropped: u64,
+}
+
+struct Peer {
+    info: PeerInfo,
+    tunnel: Tunnel,
+    paths: Paths,
+    /// Local session indices registered in the index map for this peer.
+    indices: Vec<u32>,
+    /// The peer with the larger key waits this long before initiating, so
+    /// that two nodes meeting do not both handshake (both would work; one
+    /// is enough).
+    initiate_after: Instant,
+    /// Since when the peer has a session but no working path.
+    pathless_since: Option<Instant>,
+    stats: PeerStats,
+}
+
+/// The state `peers` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    Connected,
+    Connecting,
+    Down,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Connected => "connected",
+            PeerState::Connecting => "connecting",
+            PeerState::Down => "down",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    pub node: String,
+    pub key: Key,
+    pub pod_subnet: IpNet,
+    pub host_addr: Option<IpNet>,
+    pub state: PeerState,
+    /// `Some(true)` relayed, `Some(false)` direct, `None` no path.
+    pub relayed: Option<bool>,
+    pub path: Option<PathAddr>,
+    pub rtt: Option<Duration>,
+    pub session_born: Option<Instant>,
+    pub path_changed: Option<Instant>,
+    pub stats: PeerStats,
+    /// Paths known, alive ones.
+    pub paths: usize,
+    pub alive_paths: usize,
+}
+
+/// Node-wide counters of refused datagrams and frames.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub rejects: HashMap<&'static str, u64>,
+    pub switch_drops: HashMap<&'static str, u64>,
+    /// Frames for a peer without a session or path (dropped).
+    pub no_path: u64,
+    pub cookies_sent: u64,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+pub struct Overlay {
+    cfg: OverlayConfig,
+    id: Identity,
+    switch: Switch,
+    peers: Vec<Option<Peer>>,
+    by_key: HashMap<Key, PeerId>,
+    by_node: HashMap<String, PeerId>,
+    /// Local session index -> peer.
+    index: HashMap<u32, PeerId>,
+    cookies: CookieJar,
+    hs_window: (Instant, u32),
+    hs_per_ip: HashMap<IpAddr, Bucket>,
+    /// Addresses of TURN relays (ours and the peers'): a path to one is
+    /// relayed even when it leaves through our own socket.
+    relay_ips: Vec<IpAddr>,
+    /// Plaintext scratch: inner header + frame.
+    scratch: Vec<u8>,
+    reply: Vec<u8>,
+    probe_id: u64,
+    probes: Vec<ProbeDue>,
+    stats: Stats,
+    next_wake: Option<Instant>,
+}
+
+impl Overlay {
+    pub fn new(now: Instant, cfg: OverlayConfig, id: Identity) -> Overlay {
+        let switch = Switch::new(SwitchConfig {
+            local_subnet: cfg.pod_subnet,
+            mtu: cfg.mtu,
+            flood_rate: cfg.flood_rate,
+            flood_burst: cfg.flood_burst,
+            max_macs_per_peer: 1024,
+            mac_ttl: Duration::from_secs(300),
+        });
+        let cookies = CookieJar::new(id.keys.public());
+        Overlay {
+            cfg,
+            id,
+            switch,
+            peers: Vec::new(),
+            by_key: HashMap::new(),
+            by_node: HashMap::new(),
+            index: HashMap::new(),
+            cookies,
+            hs_window: (now, 0),
+            hs_per_ip: HashMap::new(),
+            relay_ips: Vec::new(),
+            scratch: vec![0; MAX_FRAME + INNER_HEADER],
+            reply: vec![0; 2048],
+            probe_id: rand::thread_rng().gen(),
+            probes: Vec::with_capacity(64),
+            stats: Stats::default(),
+            next_wake: Some(now),
+        }
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.id
+    }
+
+    pub fn config(&self) -> &OverlayConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// When [`Overlay::tick`] must run next.
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.next_wake
+    }
+
+    /// IP addresses of TURN relays, for path classification.
+    pub fn set_relay_ips(&mut self, ips: Vec<IpAddr>) {
+        self.relay_ips = ips;
+    }
+
+    fn count_reject(&mut self, r: Reject) {
+        *self.stats.rejects.entry(r.as_str()).or_default() += 1;
+    }
+
+    fn count_drop(&mut self, r: DropReason) {
+        *self.stats.switch_drops.entry(r.as_str()).or_default() += 1;
+    }
+
+    /// Replaces the peer set with what the store says. Peers whose key
+    /// changed start over; peers that disappeared are forgotten with
+    /// everything learned from them.
+    pub fn set_peers(&mut self, now: Instant, infos: &[PeerInfo]) {
+        let own = *self.id.keys.public();
+        let mut keep: Vec<PeerId> = Vec::new();
+        for info in infos {
+            if info.key == own || !self.id.valid_peer_key(&info.key) {
+                continue;
+            }
+            let pid = match self.by_node.get(&info.node).copied() {
+                Some(pid) => {
+                    let key_changed = self
+                        .peer(pid)
+                        .is_some_and(|p| p.info.key != info.key);
+                    if key_changed {
+                        self.remove_peer(pid);
+                        self.add_peer(now, info.clone())
+                    } else {
+                        pid
+                    }
+                }
+                None => {
+                    // The same key under another name: the node was renamed.
+                    if let Some(old) = self.by_key.get(&info.key).copied() {
+                        self.remove_peer(old);
+                    }
+                    self.add_peer(now, info.clone())
+                }
+            };
+            self.update_peer(now, pid, info);
+            keep.push(pid);
+        }
+        let gone: Vec<PeerId> = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|_| i as PeerId))
+            .filter(|pid| !keep.contains(pid))
+            .collect();
+        for pid in gone {
+            self.remove_peer(pid);
+        }
+        self.next_wake = Some(now);
+    }
+
+    fn peer(&self, pid: PeerId) -> Option<&Peer> {
+        self.peers.get(pid as usize).and_then(Option::as_ref)
+    }
+
+    fn add_peer(&mut self, now: Instant, info: PeerInfo) -> PeerId {
+        let tunnel = Tunnel::new(&self.id, info.key);
+        let delay = if self.id.keys.public() < &info.key {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(1)
+        };
+        let peer = Peer {
+            tunnel,
+            paths: Paths::default(),
+            indices: Vec::new(),
+            initiate_after: now + delay,
+            pathless_since: None,
+            stats: PeerStats::default(),
+            info,
+        };
+        let pid = match self.peers.iter().position(Option::is_none) {
+            Some(i) => {
+                self.peers[i] = Some(peer);
+                i as PeerId
+            }
+            None => {
+                self.peers.push(Some(peer));
+                (self.peers.len() - 1) as PeerId
+            }
+        };
+        if let Some(p) = self.peer(pid) {
+            self.by_key.insert(p.info.key, pid);
+            self.by_node.insert(p.info.node.clone(), pid);
+        }
+        pid
+    }
+
+    fn update_peer(&mut self, now: Instant, pid: PeerId, info: &PeerInfo) {
+        let relay_ips = &self.relay_ips;
+        let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        p.info = info.clone();
+        let cands: Vec<(PathAddr, Class)> = info
+            .candidates
+            .iter()
+            .map(|c| {
+                let class = if relay_ips.contains(&c.addr.ip()) {
+                    Class::Relay
+                } else {
+                    c.class
+                };
+                (PathAddr::direct(c.addr), class)
+            })
+            .collect();
+        p.paths.set_candidates(now, &self.cfg.paths, &cands);
+        self.switch.set_peer(
+            pid,
+            PeerAddrs {
+                pod_subnet: info.pod_subnet,
+                host_addr: info.host_addr.map(|n| n.addr()),
+            },
+        );
+    }
+
+    fn remove_peer(&mut self, pid: PeerId) {
+        let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::take) else {
+            return;
+        };
+        for i in &p.indices {
+            self.index.remove(i);
+        }
+        self.by_key.remove(&p.info.key);
+        self.by_node.remove(&p.info.node);
+        self.switch.remove_peer(pid);
+    }
+
+    /// A fresh random local index.
+    fn alloc_index(&mut self) -> u32 {
+        let mut rng = rand::thread_rng();
+        loop {
+            let i: u32 = rng.gen();
+            if !self.index.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    /// Makes the index map agree with the peer's tunnel after sessions came
+    /// or went.
+    fn sync_indices(&mut self, pid: PeerId) {
+        let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let live: Vec<u32> = p.tunnel.indices().collect();
+        for i in p.indices.iter().filter(|i| !live.contains(i)) {
+            self.index.remove(i);
+        }
+        for &i in &live {
+            self.index.insert(i, pid);
+        }
+        p.indices = live;
+    }
+
+    fn classify(&self, pid: PeerId, addr: PathAddr) -> Class {
+        if matches!(addr.via, Via::Turn(_)) || self.relay_ips.contains(&addr.remote.ip()) {
+            return Class::Relay;
+        }
+        self.peer(pid)
+            .and_then(|p| p.info.candidates.iter().find(|c| c.addr == addr.remote))
+            .map_or(Class::Direct, |c| c.class)
+    }
+
+    fn under_load(&mut self, now: Instant) -> bool {
+        let (start, n) = &mut self.hs_window;
+        if now.saturating_duration_since(*start) >= Duration::from_secs(1) {
+            *start = now;
+            *n = 0;
+        }
+        *n += 1;
+        *n > self.cfg.handshake_load
+    }
+
+    fn per_ip_allows(&mut self, now: Instant, ip: IpAddr) -> bool {
+        let rate = f64::from(self.cfg.handshake_per_ip);
+        if self.hs_per_ip.len() > 4096 {
+            // Spoofed sources cannot get here (they hold no cookie), so the
+            // table is small in practice; clearing bounds it regardless.
+            self.hs_per_ip.clear();
+        }
+        let b = self.hs_per_ip.entry(ip).or_insert(Bucket {
+            tokens: rate,
+            at: now,
+        });
+        let dt = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + dt * rate).min(rate);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A datagram of ours (first byte >= 0x81) that arrived on `from`.
+    /// Errors are also counted in [`Overlay::stats`].
+    pub fn from_network(
+        &mut self,
+        now: Instant,
+        from: PathAddr,
+        d: &[u8],
+        io: &mut dyn Io,
+    ) -> Result<(), Reject> {
+        let r = match wire::message_type(d) {
+            Some(wire::INITIATION) => self.on_initiation(now, from, d, io),
+            Some(wire::RESPONSE) => self.on_response(now, from, d, io),
+            Some(wire::COOKIE_REPLY) => self.on_cookie(now, d),
+            Some(wire::TRANSPORT) => self.on_transport(now, from, d, io),
+            _ => Err(Reject::Malformed),
+        };
+        if let Err(e) = r {
+            self.count_reject(e);
+        }
+        r
+    }
+
+    fn handshake_gate(&mut self, now: Instant, from: PathAddr, d: &[u8], io: &mut dyn Io) -> Result<(), Reject> {
+        if !tunnel::check_mac1(&self.id.mac1_key, d) {
+            return Err(Reject::Auth);
+        }
+        if self.under_load(now) {
+            let l = d.len();
+            if !self.cookies.check_mac2(now, from.remote, &d[..l - 16], &d[l - 16..]) {
+                // Answer with a cookie instead of doing any DH work: a
+                // flood from spoofed addresses never gets one.
+                let sender = wire::u32_at(d, 4).unwrap_or(0);
+                let mac1 = tunnel::mac1_of(d).unwrap_or(&[0; 16]).to_vec();
+                let mut body = [0u8; 56];
+                self.cookies.seal(now, from.remote, &mac1, &mut body);
+                let out = io.datagram();
+                wire::put_prefix(out, wire::COOKIE_REPLY);
+                out[4..8].copy_from_slice(&sender.to_le_bytes());
+                out[8..64].copy_from_slice(&body);
+                io.commit(from, wire::COOKIE_REPLY_LEN);
+                self.stats.cookies_sent += 1;
+                return Err(Reject::RateLimited);
+            }
+            if !self.per_ip_allows(now, from.remote.ip()) {
+                return Err(Reject::RateLimited);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_initiation(&mut self, now: Instant, from: PathAddr, d: &[u8], io: &mut dyn Io) -> Result<(), Reject> {
+        if d.len() != wire::INITIATION_LEN {
+            return Err(Reject::Malformed);
+        }
+        self.handshake_gate(now, from, d, io)?;
+        let init = tunnel::read_initiation(&self.id, d)?;
+        let pid = *self.by_key.get(&init.peer).ok_or(Reject::UnknownPeer)?;
+        let local = self.alloc_index();
+        let mut msg = [0u8; wire::RESPONSE_LEN];
+        let network_key = self.id.network_key;
+        let class = self.classify(pid, from);
+        let p = self
+            .peers
+            .get_mut(pid as usize)
+            .and_then(Option::as_mut)
+            .ok_or(Reject::UnknownPeer)?;
+        p.tunnel.respond(now, init, &network_key, local, &mut msg)?;
+        p.stats.handshakes += 1;
+        p.paths.on_rx(now, &self.cfg.paths, from, class);
+        p.pathless_since = None;
+        self.sync_indices(pid);
+        let out = io.datagram();
+        out[..msg.len()].copy_from_slice(&msg);
+        io.commit(from, msg.len());
+        self.next_wake = Some(now);
+        Ok(())
+    }
+
+    fn on_response(&mut self, now: Instant, from: PathAddr, d: &[u8], io: &mut dyn Io) -> Result<(), Reject> {
+        if d.len() != wire::RESPONSE_LEN {
+            return Err(Reject::Malformed);
+        }
+        self.handshake_gate(now, from, d, io)?;
+        let receiver = wire::u32_at(d, 8).ok_or(Reject::Malformed)?;
+        let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
+        let class = self.classify(pid, from);
+        let p = self
+            .peers
+            .get_mut(pid as usize)
+            .and_then(Option::as_mut)
+            .ok_or(Reject::NoSession)?;
+        p.tunnel.on_response(now, d)?;
+        p.stats.handshakes += 1;
+        p.paths.on_rx(now, &self.cfg.paths, from, class);
+        p.pathless_since = None;
+        self.sync_indices(pid);
+        // The first transport message confirms the session to the
+        // responder; with nothing queued, that is a keepalive.
+        self.send_inner(now, pid, Some(from), Inner::plain(kind::KEEPALIVE), 0, io);
+        self.next_wake = Some(now);
+        Ok(())
+    }
+
+    fn on_cookie(&mut self, now: Instant, d: &[u8]) -> Result<(), Reject> {
+        let receiver = wire::u32_at(d, 4).ok_or(Reject::Malformed)?;
+        let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
+        let p = self
+            .peers
+            .get_mut(pid as usize)
+            .and_then(Option::as_mut)
+            .ok_or(Reject::NoSession)?;
+        p.tunnel.on_cookie(now, d)
+    }
+
+    fn on_transport(&mut self, now: Instant, from: PathAddr, d: &[u8], io: &mut dyn Io) -> Result<(), Reject> {
+        let receiver = wire::u32_at(d, 4).ok_or(Reject::Malformed)?;
+        let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
+        let class = self.classify(pid, from);
+        let tcfg = &self.cfg.tunnel;
+        let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
+            return Err(Reject::NoSession);
+        };
+        let n = p.tunnel.decrypt(now, tcfg, receiver, d, &mut self.scratch)?;
+        p.stats.rx_packets += 1;
+        p.stats.rx_bytes += d.len() as u64;
+        p.paths.on_rx(now, &self.cfg.paths, from, class);
+        p.pathless_since = None;
+        self.sync_indices(pid);
+        let inner = Inner::parse(&self.scratch[..n]).ok_or(Reject::Malformed)?;
+        let body = INNER_HEADER..n;
+        match inner.kind {
+            kind::KEEPALIVE => Ok(()),
+            kind::POD_FRAME => {
+                match self.switch.from_peer(now, pid, &self.scratch[body.clone()]) {
+                    PeerVerdict::Deliver => io.pod(&mut self.scratch[body], csum_of(inner)),
+                    PeerVerdict::Drop(r) => self.drop_from_peer(pid, r),
+                }
+                Ok(())
+            }
+            kind::HOST_PACKET => {
+                match self.switch.host_from_peer(pid, &self.scratch[body.clone()]) {
+                    PeerVerdict::Deliver => io.host(&mut self.scratch[body], csum_of(inner)),
+                    PeerVerdict::Drop(r) => self.drop_from_peer(pid, r),
+                }
+                Ok(())
+            }
+            kind::PROBE => {
+                let id = wire::u64_at(&self.scratch, INNER_HEADER).ok_or(Reject::Malformed)?;
+                self.scratch[INNER_HEADER..INNER_HEADER + 8].copy_from_slice(&id.to_le_bytes());
+                // Answer on the path it came by: that is the path being
+                // checked.
+                self.send_inner(now, pid, Some(from), Inner::plain(kind::PROBE_REPLY), 8, io);
+                Ok(())
+            }
+            kind::PROBE_REPLY => {
+                let id = wire::u64_at(&self.scratch, INNER_HEADER).ok_or(Reject::Malformed)?;
+                if let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) {
+                    p.paths.on_probe_reply(now, &self.cfg.paths, id);
+                }
+                Ok(())
+            }
+            // A kind from a newer version: authenticated, so not an attack;
+            // ignore it.
+            _ => Ok(()),
+        }
+    }
+
+    fn drop_from_peer(&mut self, pid: PeerId, r: DropReason) {
+        if let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) {
+            p.stats.dropped += 1;
+            if r == DropReason::Spoofed {
+                p.stats.spoofed += 1;
+            }
+        }
+        self.count_drop(r);
+    }
+
+    /// Encrypts `scratch[..INNER_HEADER + body]` (header written here) to
+    /// peer `pid` on `to` (default: its active path) and sends it.
+    fn send_inner(
+        &mut self,
+        now: Instant,
+        pid: PeerId,
+        to: Option<PathAddr>,
+        inner: Inner,
+        body: usize,
+        io: &mut dyn Io,
+    ) -> bool {
+        let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        let Some(to) = to.or_else(|| p.paths.active_addr()) else {
+            self.stats.no_path += 1;
+            return false;
+        };
+        inner.write(&mut self.scratch[..INNER_HEADER]);
+        let plain = &self.scratch[..INNER_HEADER + body];
+        match p.tunnel.encrypt(now, &self.cfg.tunnel, plain, io.datagram()) {
+            Some(n) => {
+                p.stats.tx_packets += 1;
+                p.stats.tx_bytes += n as u64;
+                io.commit(to, n);
+                true
+            }
+            None => {
+                self.stats.no_path += 1;
+                false
+            }
+        }
+    }
+
+    /// A frame the local bridge sent into the TAP, with its vnet header
+    /// (all zero when the device has no offloads).
+    pub fn from_pod(&mut self, now: Instant, hdr: &VnetHdr, frame: &[u8], io: &mut dyn Io) {
+        let gso = hdr.gso_type != 0;
+        match self.switch.from_local(now, frame, gso, &mut self.reply) {
+            LocalVerdict::Unicast(pid) => self.send_frame(now, pid, kind::POD_FRAME, hdr, frame, Framing::Ethernet, io),
+            LocalVerdict::Flood => {
+                for pid in 0..self.peers.len() as PeerId {
+                    if self.peer(pid).is_some_and(|p| p.tunnel.has_session()) {
+                        self.send_frame(now, pid, kind::POD_FRAME, hdr, frame, Framing::Ethernet, io);
+                    }
+                }
+            }
+            LocalVerdict::Reply(n) => {
+                let n = n.min(self.reply.len());
+                io.pod(&mut self.reply[..n], Csum::Complete);
+            }
+            LocalVerdict::Drop(r) => self.count_drop(r),
+        }
+    }
+
+    /// A packet the host sent into the host-overlay interface.
+    pub fn from_host(&mut self, now: Instant, hdr: &VnetHdr, packet: &[u8], io: &mut dyn Io) {
+        match self.switch.host_from_local(packet) {
+            LocalVerdict::Unicast(pid) => self.send_frame(now, pid, kind::HOST_PACKET, hdr, packet, Framing::Ip, io),
+            LocalVerdict::Drop(r) => self.count_drop(r),
+            LocalVerdict::Flood | LocalVerdict::Reply(_) => self.count_drop(DropReason::NoRoute),
+        }
+    }
+
+    /// Cuts a (possibly TSO) frame into segments and sends each as one
+    /// transport message.
+    #[allow(clippy::too_many_arguments)]
+    fn send_frame(
+        &mut self,
+        now: Instant,
+        pid: PeerId,
+        k: u8,
+        hdr: &VnetHdr,
+        frame: &[u8],
+        framing: Framing,
+        io: &mut dyn Io,
+    ) {
+        let Ok(mut segs) = segments(hdr, frame, framing) else {
+            self.count_drop(DropReason::Malformed);
+            return;
+        };
+        loop {
+            let Ok(Some((n, csum))) = segs.next_into(&mut self.scratch[INNER_HEADER..]) else {
+                break;
+            };
+            let inner = match csum {
+                Csum::Partial { start, offset } => Inner {
+                    kind: k,
+                    csum_offset: offset as u8,
+                    csum_start: start,
+                },
+                Csum::Complete => Inner::plain(k),
+            };
+            if !self.send_inner(now, pid, None, inner, n, io) {
+                break;
+            }
+        }
+    }
+
+    /// Runs the timers: handshakes (initial, retransmitted, rekey), path
+    /// probes, expiry. Call when [`Overlay::next_wake`] has passed.
+    pub fn tick(&mut self, now: Instant, wall: Duration, io: &mut dyn Io) {
+        if self.hs_per_ip.len() > 256 {
+            self.hs_per_ip.clear();
+        }
+        self.switch.expire(now);
+        let mut wake: Option<Instant> = None;
+        for pid in 0..self.peers.len() as PeerId {
+            let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            // A session but no path that answers for a while (the peer
+            // restarted and lost its keys, or every path broke): handshake
+            // again on every path.
+            if p.tunnel.has_session() && p.paths.active().is_none() {
+                let since = *p.pathless_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= self.cfg.path_loss_rehandshake {
+                    p.tunnel.reset();
+                    p.paths.reset(now);
+                    p.pathless_since = None;
+                }
+            }
+            let action = if now >= p.initiate_after {
+                p.tunnel.tick(now, &self.cfg.tunnel, true)
+            } else {
+                TimerAction::None
+            };
+            if action == TimerAction::Initiate {
+                self.send_initiation(now, wall, pid, io);
+            }
+            let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            if p.tunnel.has_session() {
+                self.probes.clear();
+                p.paths.poll(now, &self.cfg.paths, &mut self.probe_id, &mut self.probes);
+                let probes = std::mem::take(&mut self.probes);
+                for d in &probes {
+                    self.scratch[INNER_HEADER..INNER_HEADER + 8].copy_from_slice(&d.id.to_le_bytes());
+                    self.send_inner(now, pid, Some(d.addr), Inner::plain(kind::PROBE), 8, io);
+                }
+                self.probes = probes;
+            }
+            self.sync_indices(pid);
+            let Some(p) = self.peer(pid) else { continue };
+            let mut at = |t: Option<Instant>| {
+                if let Some(t) = t {
+                    wake = Some(wake.map_or(t, |w| w.min(t)));
+                }
+            };
+            if p.initiate_after > now {
+                at(Some(p.initiate_after));
+            }
+            at(p.tunnel.next_deadline(&self.cfg.tunnel, true));
+            if p.tunnel.has_session() {
+                at(p.paths.next_deadline(&self.cfg.paths));
+                if let Some(s) = p.pathless_since {
+                    at(Some(s + self.cfg.path_loss_rehandshake));
+                }
+            }
+        }
+        // Learned MACs expire lazily; a slow tick keeps the tables tidy.
+        let housekeeping = now + Duration::from_secs(30);
+        self.next_wake = Some(wake.map_or(housekeeping, |w| w.min(housekeeping)).max(now));
+    }
+
+    fn send_initiation(&mut self, now: Instant, wall: Duration, pid: PeerId, io: &mut dyn Io) {
+        let local = self.alloc_index();
+        let mut msg = [0u8; wire::INITIATION_LEN];
+        let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if p.tunnel.initiate(&self.id, now, wall, local, &mut msg).is_err() {
+            return;
+        }
+        let targets: Vec<PathAddr> = p.paths.handshake_targets(MAX_HANDSHAKE_TARGETS).collect();
+        self.sync_indices(pid);
+        for t in targets {
+            let out = io.datagram();
+            out[..msg.len()].copy_from_slice(&msg);
+            io.commit(t, msg.len());
+        }
+    }
+
+    /// The state of every peer, for `peers` and metrics.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        let pc = &self.cfg.paths;
+        self.peers
+            .iter()
+            .flatten()
+            .map(|p| {
+                let active = p.paths.active();
+                let connected = p.tunnel.has_session() && active.is_some();
+                let state = if connected {
+                    PeerState::Connected
+                } else if p.tunnel.handshaking() || p.tunnel.has_session() {
+                    PeerState::Connecting
+                } else {
+                    PeerState::Down
+                };
+                PeerStatus {
+                    node: p.info.node.clone(),
+                    key: p.info.key,
+                    pod_subnet: p.info.pod_subnet,
+                    host_addr: p.info.host_addr,
+                    state,
+                    relayed: active.map(|a| a.class == Class::Relay),
+                    path: active.map(|a| a.addr),
+                    rtt: active.and_then(|a| a.rtt),
+                    session_born: p.tunnel.session_born(),
+                    path_changed: p.paths.changed,
+                    stats: PeerStats {
+                        handshakes: p.tunnel.handshakes,
+                        ..p.stats
+                    },
+                    paths: p.paths.list.len(),
+                    alive_paths: p.paths.list.iter().filter(|x| x.alive(pc)).count(),
+                }
+            })
+            .collect()
+    }
+
+    /// Learned-table sizes of the switch (metrics).
+    pub fn switch_stats(&self) -> crate::l2::SwitchStats {
+        self.switch.stats()
+    }
+}
+
+fn csum_of(inner: Inner) -> Csum {
+    if inner.csum_offset == 0 {
+        Csum::Complete
+    } else {
+        Csum::Partial {
+            start: inner.csum_start,
+            offset: u16::from(inner.csum_offset),
+        }
+    }
+}

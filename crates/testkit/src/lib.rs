@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod etcd;
+mod keeper;
 pub mod netns;
 pub mod ovs;
 pub mod plugin;

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod etcd;
 mod keeper;
+pub mod natlab;
 pub mod netns;
 pub mod ovs;
 pub mod plugin;

@@ -1214,6 +1214,11 @@ impl Coturn {
         &self.realm
     }
 
+    /// coturn's directory (log, pid file, user database); removed on drop.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// coturn's log and whatever it printed on stderr, for diagnostics.
     pub fn log(&self) -> String {
         let read = |n: &str| std::fs::read_to_string(self.dir.path().join(n)).unwrap_or_default();

@@ -584,23 +584,36 @@ fn netns_run_is_confined_to_its_thread() {
 
 #[test]
 fn everything_is_removed_on_drop_even_after_a_panic() {
-    let (names, turn_dir_marker) = {
+    let (names, markers) = {
         let mut lab = Lab::new();
+        let mut names: Vec<String> = vec![lab.internet().name().to_string()];
         for kind in ALL_TYPES {
             let s = lab.add_site(kind);
             lab.add_node(s);
+            for r in [lab.router(s), lab.inner_router(s)].into_iter().flatten() {
+                names.push(r.name().to_string());
+            }
         }
-        let turn = lab.start_coturn();
-        let mut names: Vec<String> = vec![lab.internet().name().to_string()];
         names.extend(lab.nodes().iter().map(|n| n.ns.name().to_string()));
-        let marker = lab.internet().path().display().to_string();
+        assert_eq!(names.len(), 1 + 6 + 5 + 1, "{names:?}");
+        let turn = lab.start_coturn();
+        let etcd = lab.start_etcd();
+        // turnserver's and etcd's command lines name their directories.
+        let markers = [
+            turn.dir().display().to_string(),
+            etcd.root().display().to_string(),
+        ];
+        for m in &markers {
+            assert!(!pgrep(m).is_empty(), "no process found by {m}");
+        }
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
             let _lab = lab;
             let _turn = turn;
+            let _etcd = etcd;
             panic!("test failure");
         }));
         assert!(r.is_err());
-        (names, marker)
+        (names, markers)
     };
     let list = String::from_utf8_lossy(
         &Command::new("ip")
@@ -616,15 +629,17 @@ fn everything_is_removed_on_drop_even_after_a_panic() {
             "{n} left"
         );
     }
-    let pg = Command::new("pgrep")
-        .args(["-f", &turn_dir_marker])
+    for m in &markers {
+        assert_eq!(pgrep(m), "", "processes left");
+    }
+}
+
+fn pgrep(pattern: &str) -> String {
+    let out = Command::new("pgrep")
+        .args(["-f", pattern])
         .output()
         .expect("pgrep");
-    assert!(
-        pg.stdout.is_empty(),
-        "processes left: {}",
-        String::from_utf8_lossy(&pg.stdout)
-    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 // ---------------------------------------------------------------------------

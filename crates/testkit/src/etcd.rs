@@ -5,22 +5,22 @@
 //! one, so fsyncs are cheap) and is removed on drop.
 //!
 //! Lifetime without drop (a shared `static` instance, or a test binary that
-//! panics or is killed): each etcd runs under a small `sh` keeper whose stdin
-//! is a pipe from the test process. When the test process goes away, for
-//! whatever reason, the pipe closes, the keeper's `read` returns and it kills
-//! etcd and removes the data. etcd itself is started through
-//! `setpriv --pdeathsig KILL`, so it also dies if its keeper dies. (A
-//! `PR_SET_PDEATHSIG` on etcd from the test process would fire when the
-//! spawning *thread* ends, which for a lazily-started shared instance is the
-//! first test's thread, not the process.)
+//! panics or is killed): each member runs under a [`Keeper`] that kills it
+//! when the test process goes away, and a janitor keeper then removes the
+//! data.
+//!
+//! With [`EtcdConfig::netns`] the members run inside that network namespace
+//! (the NAT lab's "internet") and serve clients on [`EtcdConfig::host`];
+//! ports are then picked inside that namespace and `etcdctl` runs there too.
 
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::netns::{run_ok, unique_name};
+use crate::keeper::{Keeper, KEEPER_SCRIPT};
+use crate::netns::{run_in_netns_path, run_ok, unique_name};
 
 const ROOT_USER: &str = "root";
 const ROOT_PASSWORD: &str = "evio-root-pw";
@@ -36,6 +36,12 @@ pub struct EtcdConfig {
     pub tls: bool,
     /// Enable auth with a non-root user limited to the `/evio/` prefix.
     pub auth: bool,
+    /// Run the members inside this network namespace (`/run/netns/NAME`)
+    /// instead of the caller's; `None`: the caller's namespace.
+    pub netns: Option<PathBuf>,
+    /// Address the members serve clients on; `None`: 127.0.0.1. Members
+    /// always talk to each other over the namespace's loopback.
+    pub host: Option<IpAddr>,
 }
 
 /// Client-side TLS material generated for the instance.
@@ -63,46 +69,6 @@ struct Member {
     keeper: Option<Keeper>,
 }
 
-/// A `sh` process holding a job until its stdin closes.
-struct Keeper {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl Keeper {
-    fn spawn(script: &str, args: &[String], log: Option<&Path>) -> Keeper {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(script).arg("sh").args(args);
-        cmd.stdin(Stdio::piped()).stdout(Stdio::null());
-        match log.and_then(|p| std::fs::File::create(p).ok()) {
-            Some(f) => cmd.stderr(f),
-            None => cmd.stderr(Stdio::null()),
-        };
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn sh keeper: {e}"));
-        let stdin = child.stdin.take();
-        Keeper { child, stdin }
-    }
-
-    fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
-
-    fn stop(mut self) {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// One or more etcd members forming a cluster.
 pub struct EtcdCluster {
     root: PathBuf,
@@ -110,29 +76,27 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     tls: Option<EtcdTlsFiles>,
     auth: Option<EtcdAuth>,
+    netns: Option<PathBuf>,
+    host: IpAddr,
     /// Removes `root` once everything else has stopped (or the process died).
     janitor: Option<Keeper>,
 }
-
-/// Runs etcd (`$@`) until either it exits or stdin closes, whichever comes
-/// first; in the second case it kills etcd. The keeper exiting therefore
-/// means etcd is gone. The watcher reads a copy of stdin (fd 3) because
-/// background jobs get /dev/null as stdin. etcd's output goes to the
-/// keeper's stderr (the member's log).
-const MEMBER_SCRIPT: &str = r#"exec 3<&0
-setpriv --pdeathsig KILL -- "$@" </dev/null 1>&2 &
-p=$!
-( read _ignored <&3; kill -9 "$p" 2>/dev/null ) &
-wait "$p"
-exit 0"#;
 
 const JANITOR_SCRIPT: &str = r#"read _ignored
 sleep 0.2
 rm -rf -- "$1"
 exit 0"#;
 
-fn free_port() -> (TcpListener, u16) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+/// A port that is free on `host` (in `netns` when given), with the listener
+/// that holds it until the caller lets it go.
+fn free_port(netns: Option<&Path>, host: IpAddr) -> (TcpListener, u16) {
+    let bind = move || {
+        TcpListener::bind(SocketAddr::new(host, 0)).unwrap_or_else(|e| panic!("bind {host}: {e}"))
+    };
+    let l = match netns {
+        Some(ns) => run_in_netns_path(ns, bind),
+        None => bind(),
+    };
     let p = l
         .local_addr()
         .unwrap_or_else(|e| panic!("local_addr: {e}"))
@@ -159,8 +123,12 @@ fn rand_u32() -> u32 {
     t ^ std::process::id().rotate_left(16)
 }
 
-/// CA, server and client certificates (EC P-256) made with the `openssl` CLI.
-fn make_certs(dir: &Path) -> (EtcdTlsFiles, PathBuf, PathBuf) {
+/// CA, server and client certificates (EC P-256) made with the `openssl` CLI;
+/// the server certificate is valid for 127.0.0.1 and `host`.
+fn make_certs(dir: &Path, host: IpAddr) -> (EtcdTlsFiles, PathBuf, PathBuf) {
+    let server_ext = format!(
+        "subjectAltName=IP:127.0.0.1,IP:{host},DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+    );
     let p = |n: &str| dir.join(n);
     let s = |n: &str| p(n).to_string_lossy().into_owned();
     run_ok(Command::new("openssl").args([
@@ -181,11 +149,7 @@ fn make_certs(dir: &Path) -> (EtcdTlsFiles, PathBuf, PathBuf) {
         "/CN=evio-test-ca",
     ]));
     for (name, cn, ext) in [
-        (
-            "server",
-            "etcd-server",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n",
-        ),
+        ("server", "etcd-server", server_ext.as_str()),
         (
             "client",
             "evio-node",
@@ -242,14 +206,16 @@ impl EtcdCluster {
         let n = cfg.members.max(1);
         let root = scratch_root();
         let janitor = Keeper::spawn(JANITOR_SCRIPT, &[root.to_string_lossy().into_owned()], None);
-        let tls = cfg.tls.then(|| make_certs(&root));
+        let host = cfg.host.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let netns = cfg.netns.clone();
+        let tls = cfg.tls.then(|| make_certs(&root, host));
         // Hold every listener until all ports are known so that no two
         // members (or roles) get the same port from the kernel.
         let mut held = Vec::new();
         let mut members = Vec::new();
         for i in 0..n {
-            let (l1, client_port) = free_port();
-            let (l2, peer_port) = free_port();
+            let (l1, client_port) = free_port(netns.as_deref(), host);
+            let (l2, peer_port) = free_port(netns.as_deref(), IpAddr::V4(Ipv4Addr::LOCALHOST));
             held.push(l1);
             held.push(l2);
             members.push(Member {
@@ -266,6 +232,8 @@ impl EtcdCluster {
             members,
             tls: tls.as_ref().map(|t| t.0.clone()),
             auth: None,
+            netns,
+            host,
             janitor: Some(janitor),
         };
         let server = tls.map(|t| (t.1, t.2));
@@ -291,9 +259,9 @@ impl EtcdCluster {
 
     fn client_url(&self, i: usize) -> String {
         format!(
-            "{}://127.0.0.1:{}",
+            "{}://{}",
             self.scheme(),
-            self.members[i].client_port
+            SocketAddr::new(self.host, self.members[i].client_port)
         )
     }
 
@@ -308,7 +276,16 @@ impl EtcdCluster {
         let client = self.client_url(i);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let data = self.root.join(&m.name);
-        let mut args: Vec<String> = vec![
+        // nsenter execs etcd in place, so the keeper's pid is etcd's.
+        let mut args: Vec<String> = match &self.netns {
+            Some(ns) => vec![
+                "nsenter".into(),
+                format!("--net={}", ns.display()),
+                "--".into(),
+            ],
+            None => Vec::new(),
+        };
+        let etcd_args: Vec<String> = vec![
             "etcd".into(),
             format!("--name={}", m.name),
             format!("--data-dir={}", data.display()),
@@ -326,6 +303,7 @@ impl EtcdCluster {
             "--logger=zap".into(),
             "--log-outputs=stderr".into(),
         ];
+        args.extend(etcd_args);
         if let Some((cert, key)) = server {
             let ca = self.tls.as_ref().map(|t| t.ca.clone()).unwrap_or_default();
             args.push(format!("--cert-file={}", cert.display()));
@@ -334,7 +312,7 @@ impl EtcdCluster {
             args.push("--client-cert-auth".into());
         }
         let log = self.root.join(format!("{}.log", m.name));
-        let keeper = Keeper::spawn(MEMBER_SCRIPT, &args, Some(&log));
+        let keeper = Keeper::spawn(KEEPER_SCRIPT, &args, Some(&log));
         self.members[i].keeper = Some(keeper);
     }
 
@@ -422,7 +400,7 @@ impl EtcdCluster {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("127.0.0.1:{}", m.client_port))
+            .map(|m| SocketAddr::new(self.host, m.client_port).to_string())
             .collect()
     }
 
@@ -442,6 +420,11 @@ impl EtcdCluster {
     /// Directory holding data, logs, certificates and credential files.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The network namespace the members run in, if not the caller's.
+    pub fn netns(&self) -> Option<&Path> {
+        self.netns.as_deref()
     }
 
     pub fn len(&self) -> usize {
@@ -480,7 +463,15 @@ impl EtcdCluster {
     }
 
     fn etcdctl_at(&self, endpoints: &str, args: &[&str]) -> Output {
-        let mut cmd = Command::new("etcdctl");
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .args(["--", "etcdctl"]);
+                c
+            }
+            None => Command::new("etcdctl"),
+        };
         cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={endpoints}"))
             .arg("--dial-timeout=2s")
@@ -554,7 +545,7 @@ impl Etcd {
         Etcd(EtcdCluster::start_with(EtcdConfig {
             members: 1,
             tls: true,
-            auth: false,
+            ..EtcdConfig::default()
         }))
     }
 
@@ -562,8 +553,20 @@ impl Etcd {
     pub fn start_auth() -> Etcd {
         Etcd(EtcdCluster::start_with(EtcdConfig {
             members: 1,
-            tls: false,
             auth: true,
+            ..EtcdConfig::default()
+        }))
+    }
+
+    /// A plain single member inside network namespace `netns`, serving
+    /// clients on `host` (e.g. the NAT lab's internet, reachable from every
+    /// lab node over TCP).
+    pub fn start_in(netns: &Path, host: IpAddr) -> Etcd {
+        Etcd(EtcdCluster::start_with(EtcdConfig {
+            members: 1,
+            netns: Some(netns.to_path_buf()),
+            host: Some(host),
+            ..EtcdConfig::default()
         }))
     }
 

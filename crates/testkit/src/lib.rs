@@ -4,6 +4,8 @@
 
 pub mod cluster;
 pub mod etcd;
+mod keeper;
+pub mod natlab;
 pub mod netns;
 pub mod ovs;
 pub mod plugin;

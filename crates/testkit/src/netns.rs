@@ -2,9 +2,15 @@
 //! tests get a place to put links, addresses and rules: nothing goes into the
 //! machine's root namespace.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use nix::sched::{setns, CloneFlags};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -30,6 +36,34 @@ pub fn run_ok(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Runs `f` inside the network namespace at `path` and returns its result.
+///
+/// `setns` changes the namespace of the calling *thread* only, for good: so
+/// `f` runs on a fresh thread that does nothing else and ends with it, and the
+/// caller's thread never leaves its namespace. Sockets created by `f` stay
+/// in the namespace they were created in wherever they are used afterwards,
+/// which is how a test drives traffic of many namespaces from one thread.
+/// A panic in `f` is re-raised in the caller.
+pub fn run_in_netns_path<T, F>(path: &Path, f: F) -> T
+where
+    F: FnOnce() -> T + Send,
+    T: Send,
+{
+    let ns = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    std::thread::scope(|s| {
+        let handle = s.spawn(move || {
+            setns(&ns, CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+            drop(ns);
+            f()
+        });
+        match handle.join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }
 
 /// A named netns (`ip netns add`), deleted on drop. Links inside it vanish
@@ -66,6 +100,32 @@ impl Netns {
             .arg("--")
             .args(argv);
         c
+    }
+
+    /// Runs `f` on a dedicated thread inside this namespace; see
+    /// [`run_in_netns_path`].
+    pub fn run<T, F>(&self, f: F) -> T
+    where
+        F: FnOnce() -> T + Send,
+        T: Send,
+    {
+        run_in_netns_path(&self.path(), f)
+    }
+
+    /// A UDP socket bound to `addr` inside this namespace.
+    pub fn udp_bind(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
+        self.run(|| UdpSocket::bind(addr))
+    }
+
+    /// A TCP listener bound to `addr` inside this namespace.
+    pub fn tcp_listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        self.run(|| TcpListener::bind(addr))
+    }
+
+    /// A TCP connection to `addr` made from inside this namespace, bounded
+    /// by `timeout`.
+    pub fn tcp_connect(&self, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        self.run(|| TcpStream::connect_timeout(&addr, timeout))
     }
 
     /// Runs `argv` in the namespace; returns its output whatever the status.

@@ -99,6 +99,9 @@ pub struct PeerInfo {
     /// Host-overlay address with the host CIDR's prefix.
     pub host_addr: Option<IpNet>,
     pub candidates: Vec<Candidate>,
+    /// The record's liveness is too old (file store): the agent behind it
+    /// is presumably gone; do not initiate, but answer if it speaks.
+    pub stale: bool,
 }
 
 /// Per-peer counters.
@@ -111,6 +114,10 @@ pub struct PeerStats {
     pub handshakes: u64,
     pub spoofed: u64,
     pub dropped: u64,
+    /// Transport datagrams of this peer's sessions refused as replays.
+    pub replay: u64,
+    /// Transport datagrams of this peer's sessions that failed to decrypt.
+    pub auth: u64,
 }
 
 struct Peer {
@@ -202,6 +209,9 @@ pub struct Overlay {
     probes: Vec<ProbeDue>,
     stats: Stats,
     next_wake: Option<Instant>,
+    /// Active paths that changed or died since the last
+    /// [`Overlay::take_path_losses`]: a hint to gather candidates again.
+    path_losses: u32,
 }
 
 impl Overlay {
@@ -233,7 +243,13 @@ impl Overlay {
             probes: Vec::with_capacity(64),
             stats: Stats::default(),
             next_wake: Some(now),
+            path_losses: 0,
         }
+    }
+
+    /// How many active paths changed or died since the last call.
+    pub fn take_path_losses(&mut self) -> u32 {
+        std::mem::take(&mut self.path_losses)
     }
 
     pub fn identity(&self) -> &Identity {
@@ -579,7 +595,17 @@ impl Overlay {
         let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
             return Err(Reject::NoSession);
         };
-        let n = p.tunnel.decrypt(now, tcfg, receiver, d, &mut self.scratch)?;
+        let n = match p.tunnel.decrypt(now, tcfg, receiver, d, &mut self.scratch) {
+            Ok(n) => n,
+            Err(e) => {
+                match e {
+                    Reject::Replay => p.stats.replay += 1,
+                    Reject::Auth => p.stats.auth += 1,
+                    _ => {}
+                }
+                return Err(e);
+            }
+        };
         p.stats.rx_packets += 1;
         p.stats.rx_bytes += d.len() as u64;
         p.paths.on_rx(now, &self.cfg.paths, from, class);
@@ -756,7 +782,7 @@ impl Overlay {
                     p.pathless_since = None;
                 }
             }
-            let action = if now >= p.initiate_after {
+            let action = if now >= p.initiate_after && !p.info.stale {
                 p.tunnel.tick(now, &self.cfg.tunnel, true)
             } else {
                 TimerAction::None
@@ -769,7 +795,11 @@ impl Overlay {
             };
             if p.tunnel.has_session() {
                 self.probes.clear();
+                let before = p.paths.active_addr();
                 p.paths.poll(now, &self.cfg.paths, &mut self.probe_id, &mut self.probes);
+                if before.is_some() && p.paths.active_addr() != before {
+                    self.path_losses += 1;
+                }
                 let probes = std::mem::take(&mut self.probes);
                 for d in &probes {
                     self.scratch[INNER_HEADER..INNER_HEADER + 8].copy_from_slice(&d.id.to_le_bytes());
@@ -829,7 +859,7 @@ impl Overlay {
                 let connected = p.tunnel.has_session() && active.is_some();
                 let state = if connected {
                     PeerState::Connected
-                } else if p.tunnel.handshaking() || p.tunnel.has_session() {
+                } else if !p.info.stale && (p.tunnel.handshaking() || p.tunnel.has_session()) {
                     PeerState::Connecting
                 } else {
                     PeerState::Down

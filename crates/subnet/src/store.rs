@@ -149,6 +149,17 @@ pub async fn open_store(
     })
 }
 
+/// Opens the store `url` names for the overlay's records.
+pub async fn open_overlay_store(
+    url: &StoreUrl,
+    opts: &StoreOptions,
+) -> Result<Box<dyn crate::OverlayStore>, SubnetError> {
+    Ok(match url {
+        StoreUrl::File(p) => Box::new(FileStore::new(p.clone(), opts.timeout)),
+        StoreUrl::Etcd(eps) => Box::new(EtcdStore::connect(eps, &opts.etcd, opts.timeout).await?),
+    })
+}
+
 /// Checks that a subnet a node already holds fits the current layout.
 pub(crate) fn existing(
     pod: &PodNetwork,

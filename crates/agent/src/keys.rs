@@ -1,0 +1,108 @@
+//! The node's private key file and the cluster's network key file.
+//!
+//! The private key is created on first start (32 random bytes, base64, as
+//! `wg genkey` writes it) with mode 0600 and `O_EXCL`, so two agents
+//! starting at once cannot both write one; it is reused after every
+//! restart, which keeps the node's public key, and so its identity in the
+//! store, stable.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use evio_overlay::crypto::{b64, parse_key, Key, StaticKeys};
+
+use crate::AgentError;
+
+fn key_err(path: &Path, reason: impl Into<String>) -> AgentError {
+    AgentError::Key {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Loads the private key at `path`, creating it if missing.
+pub fn load_or_create(path: &Path) -> Result<Key, AgentError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let mode = std::fs::metadata(path)
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or(0);
+            if mode & 0o077 != 0 {
+                // WireGuard's tools warn; a readable private key lets any
+                // local user impersonate the node, so we refuse.
+                return Err(key_err(
+                    path,
+                    format!("mode {mode:o} lets others read the private key; chmod 600 it"),
+                ));
+            }
+            parse_key(&text).ok_or_else(|| key_err(path, "not a base64-encoded 32-byte key"))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| key_err(path, e.to_string()))?;
+            }
+            let keys = StaticKeys::generate();
+            let mut f = match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(f) => f,
+                // Another agent created it first: use that one.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return load_or_create(path)
+                }
+                Err(e) => return Err(key_err(path, e.to_string())),
+            };
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .and_then(|_| f.write_all(format!("{}\n", b64(keys.private())).as_bytes()))
+                .and_then(|_| f.sync_all())
+                .map_err(|e| key_err(path, e.to_string()))?;
+            Ok(*keys.private())
+        }
+        Err(e) => Err(key_err(path, e.to_string())),
+    }
+}
+
+/// Reads the network key (`overlay.networkKeyFile`): 32 bytes in base64,
+/// a trailing newline allowed.
+pub fn network_key(path: &Path) -> Result<Key, AgentError> {
+    let text = std::fs::read_to_string(path).map_err(|e| key_err(path, e.to_string()))?;
+    parse_key(&text).ok_or_else(|| {
+        key_err(
+            path,
+            "must hold 32 random bytes in base64 (head -c 32 /dev/urandom | base64)",
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_0600_and_reused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("sub/agent.key");
+        let k1 = load_or_create(&p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(load_or_create(&p).unwrap(), k1);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load_or_create(&p).unwrap_err().to_string().contains("chmod 600"));
+    }
+
+    #[test]
+    fn network_key_format() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("nk");
+        std::fs::write(&p, format!("{}\n", b64(&[7u8; 32]))).unwrap();
+        assert_eq!(network_key(&p).unwrap(), [7u8; 32]);
+        std::fs::write(&p, "short").unwrap();
+        assert!(network_key(&p).is_err());
+        assert!(network_key(&d.path().join("missing")).is_err());
+    }
+}

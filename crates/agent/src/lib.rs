@@ -1,0 +1,382 @@
+//! `evio-node agent`: the overlay of one node (docs/overlay-design.md).
+//!
+//! [`run`] sets the node up (bridge and the agent's port on it, the host
+//! overlay interface, the UDP socket), starts the threads (engine, store,
+//! control socket, address watcher), waits for SIGTERM/SIGINT and removes
+//! what it created on the node: the OVS port, the TAP and TUN devices (and
+//! with them the host address and its route), its record in the store.
+
+pub mod control;
+pub mod dataplane;
+pub mod device;
+pub mod keys;
+pub mod metrics;
+pub mod nat;
+pub mod netwatch;
+pub mod port;
+pub mod signal;
+pub mod udp;
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use evio_cni::config::NetConf;
+use evio_overlay::crypto::{b64, Key};
+use evio_overlay::engine::{Overlay, OverlayConfig};
+use evio_overlay::tunnel::Identity;
+use evio_subnet::{PeerRecord, StoreOptions, StoreUrl};
+use ipnet::IpNet;
+
+use crate::dataplane::{Command, Dataplane};
+use crate::device::{Device, Kind};
+use crate::nat::{Nat, TurnServer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Config(String),
+    #[error("key file {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("node bridge: {0}")]
+    Port(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("host networking: {0}")]
+    Net(String),
+}
+
+impl AgentError {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+        let what = what.into();
+        move |source| AgentError::Io { what, source }
+    }
+}
+
+/// Everything the agent needs, resolved by `evio-node agent` from the
+/// network config, the flags and the store.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub network: String,
+    pub node: String,
+    /// The plugin's network config (the conflist's `evio` entry), parsed:
+    /// the bridge is made from exactly this.
+    pub plugin: NetConf,
+    pub pod_cidr: IpNet,
+    pub pod_subnet: IpNet,
+    /// The bridge's gateway with the pod CIDR's prefix.
+    pub gateway: IpNet,
+    /// The host-overlay address with the host CIDR's prefix.
+    pub host_addr: Option<IpNet>,
+    pub host_interface: String,
+    pub tap_name: String,
+    pub listen_port: u16,
+    pub stun: Vec<SocketAddr>,
+    pub turn: Vec<TurnServer>,
+    pub private_key: Key,
+    pub network_key: Option<Key>,
+    pub store_url: StoreUrl,
+    pub store_opts: StoreOptions,
+    pub control_socket: PathBuf,
+}
+
+/// Wakes the engine thread (an eventfd it polls).
+#[derive(Clone)]
+pub struct Waker(Arc<OwnedFd>);
+
+impl Waker {
+    fn new() -> Result<Waker, AgentError> {
+        // SAFETY: plain eventfd(2).
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(AgentError::io("eventfd")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd was just created and is owned here.
+        Ok(Waker(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })))
+    }
+
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64.
+        unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(&*self.0),
+                (&one as *const u64).cast(),
+                8,
+            )
+        };
+    }
+
+    fn raw(&self) -> RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&*self.0)
+    }
+}
+
+/// The handle other threads use to talk to the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    pub commands: mpsc::Sender<Command>,
+    pub waker: Waker,
+}
+
+impl EngineHandle {
+    pub fn send(&self, c: Command) {
+        let _ = self.commands.send(c);
+        self.waker.wake();
+    }
+
+    /// A status snapshot from the engine, or None if it does not answer.
+    pub fn snapshot(&self, timeout: Duration) -> Option<dataplane::Snapshot> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Command::Status(tx));
+        rx.recv_timeout(timeout).ok()
+    }
+}
+
+/// What `peers` prints about this node.
+#[derive(Debug, Clone)]
+pub struct SelfInfo {
+    pub node: String,
+    pub public_key: String,
+    pub host_address: Option<IpNet>,
+    pub pod_subnet: IpNet,
+    pub listen: SocketAddr,
+    pub started: Instant,
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and so in every
+/// thread spawned after), so the main thread can wait for them.
+fn block_signals() -> Result<nix::sys::signal::SigSet, AgentError> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
+        .map_err(|e| AgentError::Net(format!("block signals: {e}")))?;
+    Ok(set)
+}
+
+/// Runs the agent until SIGTERM/SIGINT; returns after cleaning up.
+pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    let sigs = block_signals()?;
+    let started = Instant::now();
+    let keys = evio_overlay::crypto::StaticKeys::from_private(cfg.private_key);
+    let public_key = b64(keys.public());
+    let id = Identity::new(keys, cfg.network_key, &cfg.network);
+
+    let mut host = evio_net::Handle::new().map_err(|e| AgentError::Net(e.to_string()))?;
+    let bridge = port::ensure_bridge(&mut host, &cfg.plugin, cfg.gateway)?;
+    // Offloads on the TAP only where the bridge's reader takes GSO frames:
+    // the kernel's bridge does, OVS's userspace datapath does not.
+    let offload = cfg.plugin.bridge_type == evio_cni::config::BridgeType::Linux;
+    let tap = Device::open(&cfg.tap_name, Kind::Tap, offload)
+        .map_err(AgentError::io(format!("create TAP {}", cfg.tap_name)))?;
+    let mut cleanup = Cleanup {
+        plugin: cfg.plugin.clone(),
+        tap: cfg.tap_name.clone(),
+        attached: false,
+    };
+    port::attach(&mut host, &cfg.plugin, &bridge, &cfg.tap_name)?;
+    cleanup.attached = true;
+
+    let tun = match cfg.host_addr {
+        Some(addr) => {
+            let t = Device::open(&cfg.host_interface, Kind::Tun, true)
+                .map_err(AgentError::io(format!("create {}", cfg.host_interface)))?;
+            let link = host
+                .link_by_name(&cfg.host_interface)
+                .map_err(|e| AgentError::Net(e.to_string()))?
+                .ok_or_else(|| AgentError::Net(format!("{} vanished", cfg.host_interface)))?;
+            host.set_mtu(link.index, cfg.plugin.mtu)
+                .map_err(|e| AgentError::Net(format!("MTU of {}: {e}", cfg.host_interface)))?;
+            match host.add_address(link.index, addr) {
+                Ok(()) => {}
+                Err(e) if e.is_exists() => {}
+                Err(e) => {
+                    return Err(AgentError::Net(format!(
+                        "address {addr} on {}: {e}",
+                        cfg.host_interface
+                    )))
+                }
+            }
+            host.set_up(link.index)
+                .map_err(|e| AgentError::Net(format!("bring up {}: {e}", cfg.host_interface)))?;
+            Some(t)
+        }
+        None => None,
+    };
+
+    let udp = udp::Udp::bind(cfg.listen_port)
+        .map_err(AgentError::io(format!("UDP port {}", cfg.listen_port)))?;
+    let listen = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), udp.port());
+    // SAFETY: plain epoll_create1(2).
+    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epoll < 0 {
+        return Err(AgentError::io("epoll")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: epoll was just created and is owned here.
+    let epoll_owned = unsafe { OwnedFd::from_raw_fd(epoll) };
+    let now = Instant::now();
+    let mut ocfg = OverlayConfig::new(&cfg.network, cfg.pod_subnet, cfg.plugin.mtu as usize);
+    ocfg.host_addr = cfg.host_addr.map(|a| a.addr());
+    let overlay = Overlay::new(now, ocfg, id);
+    let nat = Nat::new(now, udp.port(), cfg.stun.clone(), cfg.turn.clone(), epoll, 100);
+    let waker = Waker::new()?;
+    let (cmd_tx, cmd_rx) = mpsc::channel();
+    let (cand_tx, cand_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (cand_std_tx, cand_std_rx) = mpsc::channel::<Vec<(SocketAddr, evio_subnet::CandidateKind)>>();
+    let dp = Dataplane::new(
+        overlay,
+        udp,
+        Some(tap),
+        tun,
+        nat,
+        cmd_rx,
+        waker.raw(),
+        epoll,
+        cand_std_tx,
+    )
+    .map_err(AgentError::io("engine set-up"))?;
+    let engine = EngineHandle {
+        commands: cmd_tx,
+        waker: waker.clone(),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(Mutex::new(signal::StoreHealth::default()));
+
+    // Candidates flow engine -> store thread (std channel bridged into the
+    // store's async world by a forwarding thread that ends with the engine).
+    let fwd = std::thread::Builder::new()
+        .name("evio-cand".into())
+        .spawn(move || {
+            while let Ok(c) = cand_std_rx.recv() {
+                if cand_tx.send(c).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(AgentError::io("spawn thread"))?;
+    let engine_thread = std::thread::Builder::new()
+        .name("evio-engine".into())
+        .spawn(move || dp.run())
+        .map_err(AgentError::io("spawn thread"))?;
+
+    let record = PeerRecord {
+        node: cfg.node.clone(),
+        public_key: public_key.clone(),
+        host_address: cfg.host_addr.map(|a| a.to_string()),
+        pod_subnet: cfg.pod_subnet.to_string(),
+        endpoints: Vec::new(),
+        candidates: Vec::new(),
+        heartbeat: evio_subnet::now_rfc3339(),
+        extra: serde_json::Map::new(),
+    };
+    let sig = signal::Signalling {
+        network: cfg.network.clone(),
+        url: cfg.store_url.clone(),
+        opts: cfg.store_opts.clone(),
+        record,
+        commands: engine.commands.clone(),
+        waker: waker.clone(),
+        stop: stop.clone(),
+        health: health.clone(),
+        candidates: cand_rx,
+    };
+    let store_thread = std::thread::Builder::new()
+        .name("evio-store".into())
+        .spawn(move || sig.run())
+        .map_err(AgentError::io("spawn thread"))?;
+
+    let exclude = vec![
+        cfg.plugin.bridge.clone(),
+        cfg.tap_name.clone(),
+        cfg.host_interface.clone(),
+    ];
+    let mut nets = vec![cfg.pod_cidr];
+    if let Some(h) = cfg.host_addr {
+        nets.push(h.trunc());
+    }
+    let watch_thread = netwatch::spawn(engine.clone(), stop.clone(), listen.port(), exclude, nets)?;
+
+    let me = SelfInfo {
+        node: cfg.node.clone(),
+        public_key,
+        host_address: cfg.host_addr,
+        pod_subnet: cfg.pod_subnet,
+        listen,
+        started,
+    };
+    let control_thread = control::spawn(
+        &cfg.control_socket,
+        engine.clone(),
+        me,
+        health.clone(),
+        stop.clone(),
+    )?;
+    tracing::info!(
+        node = %cfg.node,
+        subnet = %cfg.pod_subnet,
+        host = ?cfg.host_addr.map(|a| a.to_string()),
+        port = listen.port(),
+        "agent up"
+    );
+
+    // Wait for a signal (or for the engine to die on its own).
+    let sig = loop {
+        match sigs.wait() {
+            Ok(s) => break Some(s),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break None,
+        }
+    };
+    tracing::info!(signal = ?sig, "stopping");
+    // Bounded teardown: whatever hangs, the process exits within 5 s.
+    let deadline = Instant::now() + Duration::from_millis(4500);
+    std::thread::spawn(move || {
+        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+        std::process::exit(0);
+    });
+    stop.store(true, Ordering::Relaxed);
+    engine.send(Command::Shutdown);
+    let _ = engine_thread.join();
+    let _ = store_thread.join();
+    let _ = watch_thread.join();
+    let _ = control_thread.join();
+    let _ = fwd.join();
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    drop(epoll_owned);
+    cleanup.run();
+    Ok(())
+}
+
+/// What SIGTERM removes; the devices go by themselves when their file
+/// descriptors close.
+struct Cleanup {
+    plugin: NetConf,
+    tap: String,
+    attached: bool,
+}
+
+impl Cleanup {
+    fn run(&mut self) {
+        if std::mem::take(&mut self.attached) {
+            if let Err(e) = port::detach(&self.plugin, &self.tap) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.run();
+    }
+}

@@ -1,0 +1,277 @@
+//! What the control socket answers: `peers` as the JSON of OVERLAY.md (plus
+//! a few extra fields), Prometheus metrics, and a health summary.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant, SystemTime};
+
+use evio_overlay::crypto::b64;
+use evio_overlay::engine::PeerState;
+use evio_overlay::l2::DropReason;
+use evio_overlay::path::Via;
+use evio_overlay::tunnel::Reject;
+use serde_json::{json, Value};
+
+use crate::dataplane::Snapshot;
+use crate::nat::TurnState;
+use crate::signal::StoreHealth;
+use crate::SelfInfo;
+
+fn wall_of(taken: Instant, t: Instant) -> String {
+    let ago = taken.saturating_duration_since(t);
+    let when = SystemTime::now()
+        .checked_sub(ago)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    humantime::format_rfc3339_seconds(when).to_string()
+}
+
+fn round_ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value {
+    let mut peers: Vec<Value> = snap
+        .peers
+        .iter()
+        .map(|p| {
+            let path = p.relayed.map(|r| if r { "relay" } else { "direct" });
+            let via = p.path.map(|a| match a.via {
+                Via::Direct => "socket".to_string(),
+                Via::Turn(i) => snap
+                    .turn
+                    .get(usize::from(i))
+                    .map(|t| format!("turn:{}", t.0))
+                    .unwrap_or_else(|| "turn".into()),
+            });
+            json!({
+                "node": p.node,
+                "publicKey": b64(&p.key),
+                "hostAddress": p.host_addr.map(|a| a.to_string()),
+                "podSubnet": p.pod_subnet.to_string(),
+                "state": p.state.as_str(),
+                "path": path,
+                "endpoint": p.path.map(|a| a.remote.to_string()),
+                "rttMs": p.rtt.map(round_ms),
+                "lastHandshake": p.session_born.map(|t| wall_of(snap.taken, t)),
+                "rxBytes": p.stats.rx_bytes,
+                "txBytes": p.stats.tx_bytes,
+                "rxPackets": p.stats.rx_packets,
+                "txPackets": p.stats.tx_packets,
+                "handshakes": p.stats.handshakes,
+                "pathChanged": p.path_changed.map(|t| wall_of(snap.taken, t)),
+                "via": via,
+                "paths": p.paths,
+                "alivePaths": p.alive_paths,
+            })
+        })
+        .collect();
+    peers.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
+    json!({
+        "node": me.node,
+        "publicKey": me.public_key,
+        "hostAddress": me.host_address.map(|a| a.to_string()),
+        "podSubnet": me.pod_subnet.to_string(),
+        "listen": me.listen.to_string(),
+        "peers": peers,
+        "candidates": snap.candidates.iter().map(|(a, k)| json!({"addr": a.to_string(), "kind": k.as_str()})).collect::<Vec<_>>(),
+        "turn": snap.turn.iter().map(|(s, t, st)| json!({
+            "server": s.to_string(),
+            "transport": format!("{t:?}").to_lowercase(),
+            "state": match st {
+                TurnState::Ready(_) => "ready",
+                TurnState::Idle => "idle",
+                TurnState::Connecting => "connecting",
+                TurnState::Allocating => "allocating",
+                TurnState::Failed(_) => "failed",
+            },
+            "relayed": match st { TurnState::Ready(a) => Some(a.to_string()), _ => None },
+            "error": match st { TurnState::Failed(e) => Some(e.clone()), _ => None },
+        })).collect::<Vec<_>>(),
+        "store": {
+            "published": health.published,
+            "revoked": health.revoked,
+            "error": health.last_error,
+        },
+    })
+}
+
+/// A table for a person, from the JSON (so the CLI can render what any
+/// agent version sends).
+pub fn peers_table(v: &Value) -> String {
+    let s = |x: &Value| x.as_str().unwrap_or("-").to_string();
+    let mut out = format!(
+        "node {}  key {}  host {}  pods {}  listen {}\n",
+        s(&v["node"]),
+        s(&v["publicKey"]),
+        s(&v["hostAddress"]),
+        s(&v["podSubnet"]),
+        s(&v["listen"])
+    );
+    let mut rows = vec![vec![
+        "PEER".to_string(),
+        "STATE".into(),
+        "PATH".into(),
+        "ENDPOINT".into(),
+        "RTT".into(),
+        "HOST".into(),
+        "PODS".into(),
+        "HANDSHAKE".into(),
+        "RX".into(),
+        "TX".into(),
+    ]];
+    for p in v["peers"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            s(&p["node"]),
+            s(&p["state"]),
+            s(&p["path"]),
+            s(&p["endpoint"]),
+            p["rttMs"]
+                .as_f64()
+                .map(|r| format!("{r:.2} ms"))
+                .unwrap_or_else(|| "-".into()),
+            s(&p["hostAddress"]),
+            s(&p["podSubnet"]),
+            s(&p["lastHandshake"]),
+            bytes(p["rxBytes"].as_u64().unwrap_or(0)),
+            bytes(p["txBytes"].as_u64().unwrap_or(0)),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    if let Some(t) = v["turn"].as_array() {
+        for t in t {
+            let _ = writeln!(
+                out,
+                "turn {} ({}): {}{}",
+                s(&t["server"]),
+                s(&t["transport"]),
+                s(&t["state"]),
+                t["error"]
+                    .as_str()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if v["store"]["revoked"].as_bool() == Some(true) {
+        out.push_str("this node's record was deleted from the store: restart the agent to rejoin\n");
+    }
+    out
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+/// Label values are node names (validated: no quotes or backslashes),
+/// escaped anyway.
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+pub fn prometheus(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> String {
+    let mut o = String::new();
+    let node = label(&me.node);
+    let mut counter = |name: &str, help: &str, rows: Vec<(String, u64)>| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (labels, v) in rows {
+            let _ = writeln!(o, "{name}{{node=\"{node}\"{labels}}} {v}");
+        }
+    };
+    let per_peer = |f: &dyn Fn(&evio_overlay::engine::PeerStatus) -> u64| {
+        snap.peers
+            .iter()
+            .map(|p| (format!(",peer=\"{}\"", label(&p.node)), f(p)))
+            .collect::<Vec<_>>()
+    };
+    counter("evio_peer_rx_bytes_total", "Bytes received from the peer (datagrams).", per_peer(&|p| p.stats.rx_bytes));
+    counter("evio_peer_tx_bytes_total", "Bytes sent to the peer (datagrams).", per_peer(&|p| p.stats.tx_bytes));
+    counter("evio_peer_rx_packets_total", "Authenticated datagrams received from the peer.", per_peer(&|p| p.stats.rx_packets));
+    counter("evio_peer_tx_packets_total", "Datagrams sent to the peer.", per_peer(&|p| p.stats.tx_packets));
+    counter("evio_peer_handshakes_total", "Completed handshakes with the peer.", per_peer(&|p| p.stats.handshakes));
+    let mut drops = Vec::new();
+    for p in &snap.peers {
+        let pl = label(&p.node);
+        drops.push((format!(",peer=\"{pl}\",reason=\"spoofed\""), p.stats.spoofed));
+        drops.push((format!(",peer=\"{pl}\",reason=\"replay\""), p.stats.replay));
+        drops.push((format!(",peer=\"{pl}\",reason=\"auth\""), p.stats.auth));
+        drops.push((format!(",peer=\"{pl}\",reason=\"switch\""), p.stats.dropped.saturating_sub(p.stats.spoofed)));
+    }
+    counter("evio_peer_drops_total", "Datagrams or frames from the peer that were dropped, by reason.", drops);
+    let rejects: Vec<(String, u64)> = Reject::ALL
+        .iter()
+        .map(|r| {
+            (
+                format!(",reason=\"{}\"", r.as_str()),
+                snap.stats.rejects.get(r.as_str()).copied().unwrap_or(0),
+            )
+        })
+        .chain(std::iter::once((",reason=\"stun_turn_junk\"".to_string(), snap.nat_junk)))
+        .collect();
+    counter(
+        "evio_overlay_rejected_total",
+        "Datagrams refused before reaching a peer's session (replay, auth, no_session, malformed, rate_limited, unknown_peer).",
+        rejects,
+    );
+    let sw: Vec<(String, u64)> = DropReason::ALL
+        .iter()
+        .map(|r| {
+            (
+                format!(",reason=\"{}\"", r.as_str()),
+                snap.stats.switch_drops.get(r.as_str()).copied().unwrap_or(0),
+            )
+        })
+        .collect();
+    counter("evio_overlay_switch_drops_total", "Frames the L2 switch dropped, by reason.", sw);
+    counter(
+        "evio_overlay_no_path_total",
+        "Frames for a peer without a session or working path.",
+        vec![(String::new(), snap.stats.no_path)],
+    );
+    counter(
+        "evio_overlay_udp_send_drops_total",
+        "Datagrams the kernel refused to send.",
+        vec![(String::new(), snap.udp_dropped)],
+    );
+    let _ = writeln!(o, "# HELP evio_peer_up Whether the peer is connected.\n# TYPE evio_peer_up gauge");
+    for p in &snap.peers {
+        let _ = writeln!(o, "evio_peer_up{{node=\"{node}\",peer=\"{}\"}} {}", label(&p.node), u8::from(p.state == PeerState::Connected));
+    }
+    let _ = writeln!(o, "# HELP evio_peer_relayed Whether the peer's path goes through a TURN relay.\n# TYPE evio_peer_relayed gauge");
+    for p in &snap.peers {
+        let _ = writeln!(o, "evio_peer_relayed{{node=\"{node}\",peer=\"{}\"}} {}", label(&p.node), u8::from(p.relayed == Some(true)));
+    }
+    let _ = writeln!(o, "# HELP evio_peer_rtt_seconds Smoothed round-trip time of the peer's path.\n# TYPE evio_peer_rtt_seconds gauge");
+    for p in &snap.peers {
+        if let Some(r) = p.rtt {
+            let _ = writeln!(o, "evio_peer_rtt_seconds{{node=\"{node}\",peer=\"{}\"}} {:.6}", label(&p.node), r.as_secs_f64());
+        }
+    }
+    let connected = snap.peers.iter().filter(|p| p.state == PeerState::Connected).count();
+    let _ = writeln!(o, "# HELP evio_overlay_peers Peers known from the store, and connected.\n# TYPE evio_overlay_peers gauge");
+    let _ = writeln!(o, "evio_overlay_peers{{node=\"{node}\",state=\"known\"}} {}", snap.peers.len());
+    let _ = writeln!(o, "evio_overlay_peers{{node=\"{node}\",state=\"connected\"}} {connected}");
+    let _ = writeln!(o, "# HELP evio_overlay_turn_ready Whether the allocation on each TURN server is up.\n# TYPE evio_overlay_turn_ready gauge");
+    for (s, _, st) in &snap.turn {
+        let _ = writeln!(o, "evio_overlay_turn_ready{{node=\"{node}\",server=\"{s}\"}} {}", u8::from(matches!(st, TurnState::Ready(_))));
+    }
+    let _ = writeln!(o, "# HELP evio_overlay_learned_macs MACs learned from peers.\n# TYPE evio_overlay_learned_macs gauge");
+    let _ = writeln!(o, "evio_overlay_learned_macs{{node=\"{node}\"}} {}", snap.learned_macs);
+    let _ = writeln!(o, "# HELP evio_overlay_store_ok Whether this node's record is published and not revoked.\n# TYPE evio_overlay_store_ok gauge");
+    let _ = writeln!(o, "evio_overlay_store_ok{{node=\"{node}\"}} {}", u8::from(health.published && !health.revoked));
+    o
+}

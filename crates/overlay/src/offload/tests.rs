@@ -1403,3 +1403,284 @@ fn damaged_ipv4_header_checksum_is_not_merged() {
         "passed on as it came"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Properties
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn framing() -> impl Strategy<Value = Framing> {
+        prop_oneof![Just(Framing::Ethernet), Just(Framing::Ip)]
+    }
+
+    fn csum() -> impl Strategy<Value = Csum> {
+        prop_oneof![
+            Just(Csum::Complete),
+            (any::<u16>(), any::<u16>())
+                .prop_map(|(start, offset)| Csum::Partial { start, offset }),
+            (0u16..100, prop_oneof![Just(6u16), Just(16u16)])
+                .prop_map(|(start, offset)| Csum::Partial { start, offset }),
+        ]
+    }
+
+    fn vnet() -> impl Strategy<Value = VnetHdr> {
+        (
+            0u8..4,
+            prop_oneof![Just(0u8), Just(1), Just(4), Just(0x81), any::<u8>()],
+            any::<u16>(),
+            prop_oneof![Just(0u16), 1u16..3000, any::<u16>()],
+            prop_oneof![0u16..80, any::<u16>()],
+            prop_oneof![Just(16u16), Just(6), any::<u16>()],
+        )
+            .prop_map(
+                |(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)| VnetHdr {
+                    flags,
+                    gso_type,
+                    hdr_len,
+                    gso_size,
+                    csum_start,
+                    csum_offset,
+                },
+            )
+    }
+
+    /// A valid super-frame with a few bytes overwritten at random.
+    fn mangled() -> impl Strategy<Value = (Framing, VnetHdr, Vec<u8>)> {
+        (
+            framing(),
+            any::<bool>(),
+            0usize..5000,
+            1u16..2000,
+            proptest::collection::vec((0usize..200, any::<u8>()), 0..4),
+            0usize..40,
+        )
+            .prop_map(|(framing, v6, len, mss, edits, cut)| {
+                let t = Tcp::new(framing, v6);
+                let (hdr, mut f) = t.super_frame(&payload(len, 5), mss);
+                for (i, b) in edits {
+                    if let Some(x) = f.get_mut(i) {
+                        *x = b;
+                    }
+                }
+                f.truncate(f.len().saturating_sub(cut));
+                (framing, hdr, f)
+            })
+    }
+
+    /// `n` consecutive segments of one flow (after skipping `skip`), with
+    /// `edits` damaging the first and the `complete`-th completed.
+    fn segment_run(
+        v6: bool,
+        skip: usize,
+        n: usize,
+        edits: &[(usize, u8)],
+        complete: usize,
+    ) -> Vec<(Vec<u8>, Csum)> {
+        let mut f = Flow::new(Tcp::new(Framing::Ethernet, v6));
+        let mut run: Vec<_> = (0..skip + n)
+            .map(|_| f.seg(100, false))
+            .skip(skip)
+            .collect();
+        for &(j, b) in edits {
+            if let Some(x) = run[0].0.get_mut(j) {
+                *x = b;
+            }
+        }
+        if let Some((fr, c)) = run.get_mut(complete) {
+            complete_checksum(fr, *c).unwrap();
+            *c = Csum::Complete;
+        }
+        run
+    }
+
+    fn drain(hdr: &VnetHdr, frame: &[u8], framing: Framing) {
+        if let Ok(mut s) = segments(hdr, frame, framing) {
+            let max = s.max_segment_len();
+            let mut out = vec![0u8; max];
+            let mut n = 0;
+            while let Ok(Some((len, csum))) = s.next_into(&mut out) {
+                assert!(len <= max);
+                let mut seg = out[..len].to_vec();
+                assert!(complete_checksum(&mut seg, csum).is_ok());
+                n += 1;
+            }
+            assert_eq!(n, s.count());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn checksum_add_is_rfc1071(data in proptest::collection::vec(any::<u8>(), 0..3000), cut in 0usize..1500) {
+            let cut = (cut * 2).min(data.len() & !1);
+            let split = checksum_add(checksum_add(0, &data[..cut]), &data[cut..]);
+            prop_assert_eq!(fold(split), ref_fold(ref_sum(&data)));
+        }
+
+        #[test]
+        fn segments_never_panics_on_random_input(
+            framing in framing(),
+            hdr in vnet(),
+            frame in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            drain(&hdr, &frame, framing);
+        }
+
+        #[test]
+        fn segments_never_panics_on_mangled_super_frames((framing, hdr, frame) in mangled(), other in vnet()) {
+            drain(&hdr, &frame, framing);
+            drain(&other, &frame, framing);
+        }
+
+        #[test]
+        fn complete_checksum_never_panics(frame in proptest::collection::vec(any::<u8>(), 0..200), csum in csum()) {
+            let mut f = frame.clone();
+            let r = complete_checksum(&mut f, csum);
+            if r.is_err() || csum == Csum::Complete {
+                prop_assert_eq!(f, frame);
+            }
+        }
+
+        /// Random and mangled frames never panic the coalescer, and what it
+        /// emits as GSO is always a frame segments() accepts.
+        #[test]
+        fn coalescer_never_panics_and_emits_valid_gso(
+            framing in framing(),
+            max_flows in 0usize..4,
+            max_len in prop_oneof![Just(65_549usize), 0usize..3000],
+            runs in proptest::collection::vec(
+                prop_oneof![
+                    (proptest::collection::vec(any::<u8>(), 0..120), csum()).prop_map(|(f, c)| vec![(f, c)]),
+                    (any::<bool>(), 0usize..3, 1usize..6, proptest::collection::vec((0usize..80, any::<u8>()), 0..3), 0usize..8)
+                        .prop_map(|(v6, skip, n, edits, complete)| segment_run(v6, skip, n, &edits, complete)),
+                ],
+                0..12,
+            ),
+        ) {
+            let frames: Vec<(Vec<u8>, Csum)> = runs.into_iter().flatten().collect();
+            let mut co = Coalescer::new(framing, max_flows, max_len);
+            let mut out: Emitted = Vec::new();
+            let mut emit = |h: &VnetHdr, f: &[u8]| out.push((*h, f.to_vec()));
+            for (f, c) in &frames {
+                co.push(f, *c, &mut emit);
+            }
+            co.flush(&mut emit);
+            prop_assert_eq!(co.pending(), 0);
+            prop_assert!(out.len() <= frames.len());
+            for (h, f) in &out {
+                if h.gso_type != 0 {
+                    prop_assert!(f.len() <= max_len);
+                    let segs = split(h, f, framing);
+                    prop_assert!(segs.is_ok(), "{:?}", segs);
+                }
+            }
+        }
+    }
+
+    /// One step of a generated batch.
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// A segment of flow `flow`; `kind` picks gaps, PSH, FIN, complete
+        /// checksums, option and window changes, short segments.
+        Seg {
+            flow: usize,
+            len: usize,
+            kind: u8,
+        },
+        Udp,
+        Arp,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            8 => (0usize..3, prop_oneof![3 => Just(1000usize), 1 => 1usize..1200], 0u8..40)
+                .prop_map(|(flow, len, kind)| Step::Seg { flow, len, kind }),
+            1 => Just(Step::Udp),
+            1 => Just(Step::Arp),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The central property: whatever the batch, re-segmenting what
+        /// the coalescer emits gives back exactly the frames pushed, in
+        /// order per connection, and other frames unchanged and in order.
+        #[test]
+        fn coalescing_preserves_every_flow(
+            framing in framing(),
+            v6 in proptest::collection::vec(any::<bool>(), 3),
+            df in proptest::collection::vec(any::<bool>(), 3),
+            steps in proptest::collection::vec(step(), 0..60),
+            max_flows in 0usize..4,
+            max_len in prop_oneof![Just(65_549usize), 100usize..8000],
+        ) {
+            let mut flows: Vec<Flow> = (0..3)
+                .map(|i| Flow::new(Tcp { sport: 1000 + i as u16, v6: v6[i], df: df[i], ..Tcp::new(framing, v6[i]) }))
+                .collect();
+            let mut input: Vec<(Vec<u8>, Csum)> = Vec::new();
+            for s in &steps {
+                match *s {
+                    Step::Seg { flow, len, kind } => {
+                        let f = &mut flows[flow];
+                        let seg = match kind {
+                            0 => { f.t.seq = f.t.seq.wrapping_add(77); f.seg(len, false) }
+                            1 => f.seg(len, true),
+                            2 => f.seg_with(len, |t| t.flags = TCP_ACK | TCP_FIN | TCP_PSH),
+                            3 => {
+                                let (mut fr, c) = f.seg(len, false);
+                                complete_checksum(&mut fr, c).unwrap();
+                                (fr, Csum::Complete)
+                            }
+                            4 => { f.t.ts = Some((u32::from(kind) + f.t.seq, 1)); f.seg(len, false) }
+                            5 => { f.t.window = f.t.window.wrapping_add(1); f.seg(len, false) }
+                            6 => { f.t.seq = f.t.seq.wrapping_sub(len as u32); f.seg(len, false) }
+                            7 => { f.t.ip_id = f.t.ip_id.wrapping_add(3); f.seg(len, false) }
+                            _ => f.seg(len, false),
+                        };
+                        input.push(seg);
+                    }
+                    Step::Udp => input.push((udp_frame(framing, false, b"dns?", CsumMode::Complete), Csum::Complete)),
+                    Step::Arp if framing == Framing::Ethernet => input.push((arp_frame(), Csum::Complete)),
+                    Step::Arp => input.push((icmp_frame(framing), Csum::Complete)),
+                }
+            }
+            let out = coalesce(&mut Coalescer::new(framing, max_flows, max_len), &input);
+            for (h, f) in &out {
+                if h.gso_type != 0 {
+                    prop_assert!(f.len() <= max_len);
+                }
+            }
+            let back = resegment(&out, framing);
+            // Group by TCP source port (1000..1003), others separately.
+            let key = |f: &[u8]| -> u16 {
+                if framing == Framing::Ethernet && be16(f, 12) == 0x0806 {
+                    return 0;
+                }
+                let lay = Layout::of(f, framing);
+                let proto = if lay.v6 { f[lay.l3 + 6] } else { f[lay.l3 + 9] };
+                if proto == PROTO_TCP { be16(f, lay.l4) } else { 0 }
+            };
+            // The id of an IPv4 datagram with DF carries no meaning: the
+            // coalescer merges regardless and re-segmentation renumbers.
+            let normalise = |(f, c): &(Vec<u8>, Csum)| -> (Vec<u8>, Csum) {
+                let mut f = f.clone();
+                let lay = Layout::of(&f, framing);
+                if key(&f) != 0 && !lay.v6 && f[lay.l3 + 6] & 0x40 != 0 {
+                    f[lay.l3 + 4..lay.l3 + 6].fill(0);
+                    f[lay.l3 + 10..lay.l3 + 12].fill(0);
+                }
+                (f, *c)
+            };
+            for k in [0u16, 1000, 1001, 1002] {
+                let a: Vec<_> = input.iter().filter(|(f, _)| key(f) == k).map(normalise).collect();
+                let b: Vec<_> = back.iter().filter(|(f, _)| key(f) == k).map(normalise).collect();
+                prop_assert_eq!(a, b, "flow {}", k);
+            }
+            prop_assert_eq!(back.len(), input.len());
+        }
+    }
+}

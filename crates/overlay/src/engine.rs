@@ -358,9 +358,9 @@ impl Overlay {
                 (self.peers.len() - 1) as PeerId
             }
         };
-        if let Some(p) = self.peer(pid) {
-            self.by_key.insert(p.info.key, pid);
-            self.by_node.insert(p.info.node.clone(), pid);
+        if let Some((key, node)) = self.peer(pid).map(|p| (p.info.key, p.info.node.clone())) {
+            self.by_key.insert(key, pid);
+            self.by_node.insert(node, pid);
         }
         pid
     }
@@ -899,6 +899,481 @@ fn csum_of(inner: Inner) -> Csum {
         Csum::Partial {
             start: inner.csum_start,
             offset: u16::from(inner.csum_offset),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::StaticKeys;
+    use crate::packet::{checksum, pod_mac};
+    use std::net::Ipv4Addr;
+
+    /// A datagram in flight between simulated nodes.
+    struct Wire {
+        from: usize,
+        to: PathAddr,
+        data: Vec<u8>,
+    }
+
+    #[derive(Default)]
+    struct FakeIo {
+        buf: Vec<u8>,
+        out: Vec<(PathAddr, Vec<u8>)>,
+        pod: Vec<Vec<u8>>,
+        host: Vec<Vec<u8>>,
+    }
+
+    impl Io for FakeIo {
+        fn datagram(&mut self) -> &mut [u8] {
+            self.buf.resize(MAX_DATAGRAM, 0);
+            &mut self.buf
+        }
+        fn commit(&mut self, to: PathAddr, len: usize) {
+            self.out.push((to, self.buf[..len].to_vec()));
+        }
+        fn pod(&mut self, frame: &mut [u8], _csum: Csum) {
+            self.pod.push(frame.to_vec());
+        }
+        fn host(&mut self, packet: &mut [u8], _csum: Csum) {
+            self.host.push(packet.to_vec());
+        }
+    }
+
+    struct Node {
+        ov: Overlay,
+        io: FakeIo,
+        addr: SocketAddr,
+        info: PeerInfo,
+    }
+
+    struct Net {
+        nodes: Vec<Node>,
+        now: Instant,
+        start: Instant,
+        /// Datagrams a test wants to look at (all that crossed).
+        log: Vec<(usize, usize, Vec<u8>)>,
+        /// Drop datagrams for which this returns true.
+        drop: Box<dyn FnMut(usize, usize, &[u8]) -> bool>,
+    }
+
+    fn subnet(i: usize) -> IpNet {
+        format!("10.244.{}.0/24", i + 1).parse().unwrap()
+    }
+
+    fn pod_ip(node: usize, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, node as u8 + 1, host)
+    }
+
+    fn net(n: usize, tweak: impl Fn(usize, &mut OverlayConfig)) -> Net {
+        let now = Instant::now();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let keys = StaticKeys::generate();
+            let info = PeerInfo {
+                node: format!("n{i}"),
+                key: *keys.public(),
+                pod_subnet: subnet(i),
+                host_addr: Some(format!("10.10.0.{}/16", i + 1).parse().unwrap()),
+                candidates: vec![Candidate {
+                    addr: format!("203.0.113.{}:5800", i + 10).parse().unwrap(),
+                    class: Class::Direct,
+                }],
+                stale: false,
+            };
+            let mut cfg = OverlayConfig::new("test", subnet(i), 1380);
+            cfg.host_addr = info.host_addr.map(|a| a.addr());
+            tweak(i, &mut cfg);
+            let id = Identity::new(keys, None, "test");
+            nodes.push(Node {
+                ov: Overlay::new(now, cfg, id),
+                io: FakeIo::default(),
+                addr: info.candidates[0].addr,
+                info,
+            });
+        }
+        let infos: Vec<PeerInfo> = nodes.iter().map(|n| n.info.clone()).collect();
+        for n in &mut nodes {
+            n.ov.set_peers(now, &infos);
+        }
+        Net {
+            nodes,
+            now,
+            start: now,
+            log: Vec::new(),
+            drop: Box::new(|_, _, _| false),
+        }
+    }
+
+    impl Net {
+        /// Wall clock for handshake timestamps: it moves with `now`.
+        fn wall(&self) -> Duration {
+            Duration::from_secs(1_700_000_000) + self.now.duration_since(self.start)
+        }
+
+        /// Delivers everything in flight until the network is quiet.
+        fn settle(&mut self) {
+            for _ in 0..100 {
+                let mut flight = Vec::new();
+                for (i, n) in self.nodes.iter_mut().enumerate() {
+                    for (to, data) in n.io.out.drain(..) {
+                        flight.push(Wire { from: i, to, data });
+                    }
+                }
+                if flight.is_empty() {
+                    return;
+                }
+                for w in flight {
+                    let Some(dst) = self.nodes.iter().position(|n| n.addr == w.to.remote) else {
+                        continue;
+                    };
+                    if (self.drop)(w.from, dst, &w.data) {
+                        continue;
+                    }
+                    self.log.push((w.from, dst, w.data.clone()));
+                    let from = PathAddr::direct(self.nodes[w.from].addr);
+                    let now = self.now;
+                    let n = &mut self.nodes[dst];
+                    let _ = n.ov.from_network(now, from, &w.data, &mut n.io);
+                }
+            }
+            panic!("network never settled");
+        }
+
+        /// Advances time in steps, running timers and delivering.
+        fn run(&mut self, d: Duration) {
+            let end = self.now + d;
+            while self.now < end {
+                self.now += Duration::from_millis(50);
+                for i in 0..self.nodes.len() {
+                    let wall = self.wall();
+                    let now = self.now;
+                    let n = &mut self.nodes[i];
+                    if n.ov.next_wake().is_some_and(|w| now >= w) {
+                        n.ov.tick(now, wall, &mut n.io);
+                    }
+                }
+                self.settle();
+            }
+        }
+
+        fn connected(&self, a: usize, b: usize) -> bool {
+            self.nodes[a]
+                .ov
+                .status()
+                .iter()
+                .any(|s| s.node == format!("n{b}") && s.state == PeerState::Connected)
+        }
+
+        fn send_pod(&mut self, from: usize, frame: &[u8]) {
+            let now = self.now;
+            let n = &mut self.nodes[from];
+            n.ov.from_pod(now, &VnetHdr::default(), frame, &mut n.io);
+            self.settle();
+        }
+    }
+
+    /// An Ethernet/IPv4/UDP frame between two pod addresses.
+    fn udp_frame(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&pod_mac(dst));
+        f.extend_from_slice(&pod_mac(src));
+        f.extend_from_slice(&[0x08, 0x00]);
+        let total = 20 + 8 + payload.len();
+        let mut ip = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, 17, 0, 0];
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        let c = checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&ip);
+        let ulen = 8 + payload.len();
+        f.extend_from_slice(&[0x30, 0x39, 0x30, 0x3a, (ulen >> 8) as u8, ulen as u8, 0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn connect_all(n: usize) -> Net {
+        let mut net = net(n, |_, _| {});
+        net.run(Duration::from_secs(3));
+        for a in 0..n {
+            for b in 0..n {
+                if a != b {
+                    assert!(net.connected(a, b), "n{a} -> n{b} not connected");
+                }
+            }
+        }
+        net
+    }
+
+    #[test]
+    fn three_nodes_connect_and_carry_pod_frames_both_ways() {
+        let mut net = connect_all(3);
+        let f = udp_frame(pod_ip(0, 2), pod_ip(2, 7), b"hello across");
+        net.send_pod(0, &f);
+        assert_eq!(net.nodes[2].io.pod, vec![f.clone()]);
+        assert!(net.nodes[1].io.pod.is_empty(), "unicast went to one peer only");
+        let back = udp_frame(pod_ip(2, 7), pod_ip(0, 2), b"and back");
+        net.send_pod(2, &back);
+        assert_eq!(net.nodes[0].io.pod, vec![back]);
+        // Nothing readable crossed the wire.
+        for (_, _, d) in &net.log {
+            assert!(!d.windows(12).any(|w| w == b"hello across"));
+        }
+        let st = net.nodes[0].ov.status();
+        let p2 = st.iter().find(|s| s.node == "n2").unwrap();
+        assert_eq!(p2.relayed, Some(false));
+        assert!(p2.rtt.is_some());
+        assert!(p2.stats.tx_bytes > 0 && p2.stats.rx_bytes > 0);
+    }
+
+    #[test]
+    fn host_overlay_packets_go_to_the_owner_and_sources_are_enforced() {
+        let mut net = connect_all(2);
+        let mut pkt = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"x")[14..].to_vec();
+        // Host address 10.10.0.1 -> 10.10.0.2.
+        pkt[12..16].copy_from_slice(&[10, 10, 0, 1]);
+        pkt[16..20].copy_from_slice(&[10, 10, 0, 2]);
+        let now = net.now;
+        let n = &mut net.nodes[0];
+        n.ov.from_host(now, &VnetHdr::default(), &pkt, &mut n.io);
+        net.settle();
+        assert_eq!(net.nodes[1].io.host, vec![pkt]);
+    }
+
+    #[test]
+    fn a_replayed_datagram_is_dropped_and_counted() {
+        let mut net = connect_all(2);
+        let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"once");
+        net.send_pod(0, &f);
+        assert_eq!(net.nodes[1].io.pod.len(), 1);
+        let (_, _, captured) = net
+            .log
+            .iter()
+            .rev()
+            .find(|(a, b, d)| *a == 0 && *b == 1 && d[0] == wire::TRANSPORT && d.len() > 60)
+            .cloned()
+            .unwrap();
+        let from = PathAddr::direct(net.nodes[0].addr);
+        let now = net.now;
+        let n = &mut net.nodes[1];
+        assert_eq!(n.ov.from_network(now, from, &captured, &mut n.io), Err(Reject::Replay));
+        assert_eq!(n.io.pod.len(), 1, "the replay delivered nothing");
+        assert_eq!(n.ov.stats().rejects.get("replay"), Some(&1));
+        let st = n.ov.status();
+        assert_eq!(st[0].stats.replay, 1);
+    }
+
+    #[test]
+    fn forged_and_garbage_datagrams_are_refused_and_counted() {
+        let mut net = connect_all(2);
+        let from = PathAddr::direct("198.51.100.9:4444".parse().unwrap());
+        let now = net.now;
+        let n = &mut net.nodes[1];
+        // A transport message for a real index with a bad tag.
+        let (_, _, mut d) = net
+            .log
+            .iter()
+            .rev()
+            .find(|(a, b, d)| *a == 0 && *b == 1 && d[0] == wire::TRANSPORT)
+            .cloned()
+            .unwrap();
+        let last = d.len() - 1;
+        d[last] ^= 0x55;
+        d[8] = d[8].wrapping_add(100); // a fresh counter, so not a replay
+        assert_eq!(n.ov.from_network(now, from, &d, &mut n.io), Err(Reject::Auth));
+        // A forged initiation (random bytes with the right length).
+        let mut init = vec![0xab; wire::INITIATION_LEN];
+        init[..4].copy_from_slice(&[wire::INITIATION, 0, 0, 0]);
+        assert_eq!(n.ov.from_network(now, from, &init, &mut n.io), Err(Reject::Auth));
+        // Truncated and unknown messages.
+        assert_eq!(n.ov.from_network(now, from, &[0x84, 0, 0, 0, 1], &mut n.io), Err(Reject::Malformed));
+        let mut unknown = vec![0x84, 0, 0, 0, 7, 7, 7, 7];
+        unknown.resize(64, 0);
+        assert_eq!(n.ov.from_network(now, from, &unknown, &mut n.io), Err(Reject::NoSession));
+        assert_eq!(n.ov.from_network(now, from, &[0x99; 40], &mut n.io), Err(Reject::Malformed));
+        assert!(n.io.out.is_empty(), "nothing answered a forgery");
+        assert!(n.io.pod.is_empty());
+        assert_eq!(n.ov.stats().rejects.get("auth"), Some(&2));
+    }
+
+    #[test]
+    fn a_node_with_the_wrong_network_key_gets_nowhere() {
+        let mut net = net(2, |_, _| {});
+        // Rebuild node 1 with a network key the other does not have.
+        let keys = StaticKeys::generate();
+        net.nodes[1].info.key = *keys.public();
+        let cfg = OverlayConfig::new("test", subnet(1), 1380);
+        net.nodes[1].ov = Overlay::new(net.now, cfg, Identity::new(keys, Some([9; 32]), "test"));
+        let infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
+        let now = net.now;
+        for n in &mut net.nodes {
+            n.ov.set_peers(now, &infos);
+        }
+        net.run(Duration::from_secs(5));
+        assert!(!net.connected(0, 1) && !net.connected(1, 0));
+        // Its handshakes fail mac1 before any DH work.
+        assert!(net.nodes[0].ov.stats().rejects.get("auth").copied().unwrap_or(0) > 0);
+        let f = udp_frame(pod_ip(1, 2), pod_ip(0, 3), b"let me in");
+        net.send_pod(1, &f);
+        assert!(net.nodes[0].io.pod.is_empty());
+    }
+
+    #[test]
+    fn a_key_not_in_the_store_is_refused() {
+        let mut net = net(2, |_, _| {});
+        // Node 0 does not list node 1.
+        let now = net.now;
+        let only0 = vec![net.nodes[0].info.clone()];
+        net.nodes[0].ov.set_peers(now, &only0);
+        net.run(Duration::from_secs(3));
+        assert!(!net.connected(1, 0));
+        assert!(net.nodes[0].ov.stats().rejects.get("unknown_peer").copied().unwrap_or(0) > 0);
+        assert!(net.nodes[0].ov.status().is_empty());
+    }
+
+    #[test]
+    fn frames_spoofing_another_nodes_subnet_are_dropped() {
+        let mut net = connect_all(3);
+        // A pod on node 0 claims an address of node 1's subnet.
+        let f = udp_frame(pod_ip(1, 9), pod_ip(2, 3), b"spoof");
+        // It leaves node 0 (its switch routes by destination) ...
+        net.send_pod(0, &f);
+        // ... and node 2 refuses it: the source is not node 0's.
+        assert!(net.nodes[2].io.pod.is_empty());
+        let st = net.nodes[2].ov.status();
+        assert_eq!(st.iter().find(|s| s.node == "n0").unwrap().stats.spoofed, 1);
+        assert_eq!(net.nodes[2].ov.stats().switch_drops.get("spoofed"), Some(&1));
+    }
+
+    #[test]
+    fn arp_for_remote_pods_is_answered_locally() {
+        let mut net = connect_all(2);
+        let mut arp = Vec::new();
+        arp.extend_from_slice(&[0xff; 6]);
+        arp.extend_from_slice(&pod_mac(pod_ip(0, 2)));
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&pod_mac(pod_ip(0, 2)));
+        arp.extend_from_slice(&pod_ip(0, 2).octets());
+        arp.extend_from_slice(&[0; 6]);
+        arp.extend_from_slice(&pod_ip(1, 5).octets());
+        let before = net.log.len();
+        net.send_pod(0, &arp);
+        assert_eq!(net.log.len(), before, "nothing crossed");
+        let reply = net.nodes[0].io.pod.pop().expect("answered");
+        assert_eq!(&reply[6..12], &pod_mac(pod_ip(1, 5)));
+    }
+
+    #[test]
+    fn sessions_rekey_on_time_and_traffic_continues() {
+        let mut net = connect_all(2);
+        let hs = |net: &Net| net.nodes[0].ov.status()[0].stats.handshakes;
+        let before = hs(&net);
+        net.run(Duration::from_secs(125));
+        assert!(hs(&net) > before, "rekeyed after REKEY_AFTER_TIME");
+        net.run(Duration::from_secs(70));
+        assert!(net.connected(0, 1), "still connected after the first session expired");
+        let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"after rekey");
+        net.send_pod(0, &f);
+        assert_eq!(net.nodes[1].io.pod.last(), Some(&f));
+    }
+
+    #[test]
+    fn sessions_rekey_on_message_count() {
+        let mut net = net(2, |_, c| {
+            c.tunnel.rekey_after_messages = 50;
+            c.tunnel.reject_after_messages = 80;
+        });
+        net.run(Duration::from_secs(2));
+        assert!(net.connected(0, 1));
+        let before = net.nodes[0].ov.status()[0].stats.handshakes;
+        for i in 0..200u32 {
+            let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), &i.to_be_bytes());
+            net.send_pod(0, &f);
+            net.run(Duration::from_millis(50));
+        }
+        assert!(net.nodes[0].ov.status()[0].stats.handshakes >= before + 2);
+        // Frames sent while a fresh session was being made may be lost,
+        // but most arrive.
+        assert!(net.nodes[1].io.pod.len() > 150, "{}", net.nodes[1].io.pod.len());
+    }
+
+    #[test]
+    fn lost_initiations_are_retransmitted_quickly() {
+        let mut net = net(2, |_, _| {});
+        let mut dropped = 0;
+        net.drop = Box::new(move |_, _, d| {
+            if d[0] == wire::INITIATION && dropped < 2 {
+                dropped += 1;
+                return true;
+            }
+            false
+        });
+        net.run(Duration::from_secs(2));
+        assert!(net.connected(0, 1), "connected despite two lost initiations");
+    }
+
+    #[test]
+    fn under_a_handshake_flood_cookies_are_demanded_and_honest_peers_still_connect() {
+        let mut net = net(2, |_, c| c.handshake_load = 4);
+        // Flood node 1 with valid-looking initiations (right mac1) from
+        // node 0's key but no cookie: beyond the load, cookie replies.
+        let flood_src = PathAddr::direct("198.51.100.1:1".parse().unwrap());
+        let now = net.now;
+        let wall = net.wall();
+        let n1_key = net.nodes[1].info.key;
+        for i in 0..20u32 {
+            let id = Identity::new(StaticKeys::generate(), None, "test");
+            let mut t = Tunnel::new(&id, n1_key);
+            let mut msg = [0u8; wire::INITIATION_LEN];
+            t.initiate(&id, now, wall, i, &mut msg).unwrap();
+            let n = &mut net.nodes[1];
+            let _ = n.ov.from_network(now, flood_src, &msg, &mut n.io);
+        }
+        assert!(net.nodes[1].ov.stats().cookies_sent > 0);
+        assert!(net.nodes[1].ov.stats().rejects.get("rate_limited").copied().unwrap_or(0) > 0);
+        net.nodes[1].io.out.clear();
+        net.run(Duration::from_secs(6));
+        assert!(net.connected(0, 1), "the honest peer connected through the cookie round");
+    }
+
+    #[test]
+    fn a_removed_peer_is_forgotten() {
+        let mut net = connect_all(3);
+        let now = net.now;
+        let keep: Vec<PeerInfo> = net.nodes[..2].iter().map(|n| n.info.clone()).collect();
+        net.nodes[0].ov.set_peers(now, &keep);
+        assert!(net.nodes[0].ov.status().iter().all(|s| s.node != "n2"));
+        let f = udp_frame(pod_ip(2, 2), pod_ip(0, 3), b"from the removed node");
+        net.send_pod(2, &f);
+        assert!(net.nodes[0].io.pod.is_empty(), "its old session is gone");
+    }
+
+    #[test]
+    fn idle_nodes_send_only_probes_at_a_bounded_rate() {
+        let mut net = connect_all(2);
+        let before = net.log.len();
+        net.run(Duration::from_secs(60));
+        let per_sec = (net.log.len() - before) as f64 / 60.0;
+        // Each side probes its active path once a second and answers the
+        // other's: about 4 datagrams a second for the pair.
+        assert!(per_sec <= 5.0, "{per_sec} datagrams/s when idle");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_datagrams_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let mut net = net(1, |_, _| {});
+            let from = PathAddr::direct("198.51.100.9:4444".parse().unwrap());
+            let now = net.now;
+            let n = &mut net.nodes[0];
+            let mut d = data.clone();
+            let _ = n.ov.from_network(now, from, &d, &mut n.io);
+            if d.len() > 4 {
+                d[0] = 0x81 + (d[1] % 4);
+                d[1..4].fill(0);
+                let _ = n.ov.from_network(now, from, &d, &mut n.io);
+            }
         }
     }
 }

@@ -209,12 +209,17 @@ impl Paths {
     /// An authenticated datagram arrived on `addr`. Returns true when the
     /// path was new (learned). `class` classifies it if new.
     pub fn on_rx(&mut self, now: Instant, cfg: &PathConfig, addr: PathAddr, class: Class) -> bool {
+        let is_active = self.active_addr() == Some(addr);
         let learned = match self.find(&addr) {
             Some(i) => {
                 let p = &mut self.list[i];
                 p.last_rx = Some(now);
                 p.lost = 0;
                 p.tries = 0;
+                if is_active && p.probe.is_none() {
+                    // Traffic proves the path: no probe until it stops.
+                    p.next_probe = p.next_probe.max(now + cfg.active_interval);
+                }
                 false
             }
             None => {
@@ -236,7 +241,14 @@ impl Paths {
                     .is_none_or(|t| now.saturating_duration_since(t) > cfg.active_interval * 2)
         });
         if quiet {
-            self.reselect(now, cfg, true);
+            match self.find(&addr) {
+                Some(i) if self.active != Some(i) => {
+                    self.active = Some(i);
+                    self.changed = Some(now);
+                    self.list[i].next_probe = self.list[i].next_probe.min(now);
+                }
+                _ => self.reselect(now, cfg, false),
+            }
         }
         learned
     }
@@ -264,8 +276,8 @@ impl Paths {
         self.reselect(now, cfg, false);
     }
 
-    /// Picks the path to use. `force` switches even within the hysteresis
-    /// (the current one went quiet).
+    /// Picks the path to use. `force` switches to the best path even within
+    /// the hysteresis.
     pub fn reselect(&mut self, now: Instant, cfg: &PathConfig, force: bool) {
         let best = self
             .list
@@ -300,6 +312,8 @@ impl Paths {
         if switch {
             self.active = Some(b);
             self.changed = Some(now);
+            let p = &mut self.list[b];
+            p.next_probe = p.next_probe.min(now + cfg.active_interval);
         }
     }
 
@@ -336,15 +350,7 @@ impl Paths {
                 p.tries = p.tries.saturating_add(1);
                 cfg.unproven_interval * (1 + (p.tries > 3) as u32)
             };
-            // Traffic that arrived on the active path proves it: skip the
-            // probe this round.
-            let recent = Some(i) == active
-                && p.last_rx
-                    .is_some_and(|t| now.saturating_duration_since(t) < cfg.active_interval);
             p.next_probe = now + interval;
-            if recent {
-                continue;
-            }
             *next_id = next_id.wrapping_add(1);
             p.probe = Some((*next_id, now));
             out.push(ProbeDue {

@@ -82,10 +82,10 @@ mod tests {
         assert!(w.accept(1));
         assert!(!w.accept(1));
         assert!(w.accept(5000));
-        // 5000 - 2048 = 2952: the oldest still acceptable.
-        assert!(!w.check(2951));
-        assert!(w.accept(2952));
-        assert!(!w.accept(2952));
+        // 5001 - 2048 = 2953: the oldest still acceptable.
+        assert!(!w.check(2952));
+        assert!(w.accept(2953));
+        assert!(!w.accept(2953));
         assert!(w.accept(4999));
         // A huge jump wipes the window: old counters are too old, not "seen".
         assert!(w.accept(1 << 40));

@@ -27,7 +27,8 @@ pub fn spawn(
     stop: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, AgentError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(AgentError::io(format!("create {}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(AgentError::io(format!("create {}", dir.display())))?;
     }
     // A socket file left by a killed agent: nobody listens on it any more.
     if UnixStream::connect(path).is_ok() {
@@ -37,7 +38,8 @@ pub fn spawn(
         )));
     }
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(AgentError::io(format!("bind {}", path.display())))?;
+    let listener =
+        UnixListener::bind(path).map_err(AgentError::io(format!("bind {}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(AgentError::io(format!("chmod {}", path.display())))?;
     listener
@@ -93,7 +95,10 @@ fn serve(s: UnixStream, engine: &EngineHandle, me: &SelfInfo, health: &Mutex<Sto
                 })
                 .to_string()
             }
-            other => json!({"error": format!("unknown request {other:?}: peers, metrics or health")}).to_string(),
+            other => {
+                json!({"error": format!("unknown request {other:?}: peers, metrics or health")})
+                    .to_string()
+            }
         },
     };
     let mut w = &s;

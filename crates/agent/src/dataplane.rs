@@ -225,12 +225,14 @@ impl Dataplane {
             if let Some(w) = self.overlay.next_wake() {
                 wake = wake.min(w);
             }
-            let timeout_ms = wake
-                .saturating_duration_since(now)
-                .as_millis()
-                .min(60_000) as libc::c_int;
+            let timeout_ms =
+                wake.saturating_duration_since(now).as_millis().min(60_000) as libc::c_int;
             // Round up: waking a millisecond early would spin once more.
-            let timeout_ms = if wake > now && timeout_ms == 0 { 1 } else { timeout_ms };
+            let timeout_ms = if wake > now && timeout_ms == 0 {
+                1
+            } else {
+                timeout_ms
+            };
             // SAFETY: events is a live buffer of the stated length.
             let n = unsafe {
                 libc::epoll_wait(
@@ -283,7 +285,12 @@ impl Dataplane {
                                 for d in r.data.chunks(seg) {
                                     match d.first() {
                                         Some(0x80..=0xff) => {
-                                            let _ = ov.from_network(now, PathAddr::direct(from), d, &mut ctx);
+                                            let _ = ov.from_network(
+                                                now,
+                                                PathAddr::direct(from),
+                                                d,
+                                                &mut ctx,
+                                            );
                                         }
                                         Some(_) => {
                                             let mut relayed: Vec<(PathAddr, Vec<u8>)> = Vec::new();
@@ -292,7 +299,8 @@ impl Dataplane {
                                             });
                                             for (p, data) in relayed {
                                                 if data.first().is_some_and(|b| *b >= 0x80) {
-                                                    let _ = ov.from_network(now, p, &data, &mut ctx);
+                                                    let _ =
+                                                        ov.from_network(now, p, &data, &mut ctx);
                                                 }
                                             }
                                         }
@@ -316,7 +324,11 @@ impl Dataplane {
                         });
                     }
                     TOKEN_TAP | TOKEN_TUN => {
-                        let dev = if token == TOKEN_TAP { self.tap.as_ref() } else { self.tun.as_ref() };
+                        let dev = if token == TOKEN_TAP {
+                            self.tap.as_ref()
+                        } else {
+                            self.tun.as_ref()
+                        };
                         let Some(dev) = dev else { continue };
                         for _ in 0..DEVICE_BUDGET {
                             match dev.read(&mut dev_buf) {
@@ -339,7 +351,9 @@ impl Dataplane {
                     t if t >= TOKEN_TCP => {
                         let idx = (t - TOKEN_TCP) as usize;
                         let mut relayed: Vec<(PathAddr, Vec<u8>)> = Vec::new();
-                        ctx.nat.on_tcp(now, idx, writable, &mut |p, data| relayed.push((p, data.to_vec())));
+                        ctx.nat.on_tcp(now, idx, writable, &mut |p, data| {
+                            relayed.push((p, data.to_vec()))
+                        });
                         for (p, data) in relayed {
                             if data.first().is_some_and(|b| *b >= 0x80) {
                                 let _ = self.overlay.from_network(now, p, &data, &mut ctx);

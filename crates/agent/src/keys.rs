@@ -92,7 +92,10 @@ mod tests {
         assert_eq!(mode, 0o600);
         assert_eq!(load_or_create(&p).unwrap(), k1);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(load_or_create(&p).unwrap_err().to_string().contains("chmod 600"));
+        assert!(load_or_create(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("chmod 600"));
     }
 
     #[test]

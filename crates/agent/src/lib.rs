@@ -228,11 +228,19 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut ocfg = OverlayConfig::new(&cfg.network, cfg.pod_subnet, cfg.plugin.mtu as usize);
     ocfg.host_addr = cfg.host_addr.map(|a| a.addr());
     let overlay = Overlay::new(now, ocfg, id);
-    let nat = Nat::new(now, udp.port(), cfg.stun.clone(), cfg.turn.clone(), epoll, 100);
+    let nat = Nat::new(
+        now,
+        udp.port(),
+        cfg.stun.clone(),
+        cfg.turn.clone(),
+        epoll,
+        100,
+    );
     let waker = Waker::new()?;
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let (cand_tx, cand_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (cand_std_tx, cand_std_rx) = mpsc::channel::<Vec<(SocketAddr, evio_subnet::CandidateKind)>>();
+    let (cand_std_tx, cand_std_rx) =
+        mpsc::channel::<Vec<(SocketAddr, evio_subnet::CandidateKind)>>();
     let dp = Dataplane::new(
         overlay,
         udp,

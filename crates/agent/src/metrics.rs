@@ -163,7 +163,9 @@ pub fn peers_table(v: &Value) -> String {
         }
     }
     if v["store"]["revoked"].as_bool() == Some(true) {
-        out.push_str("this node's record was deleted from the store: restart the agent to rejoin\n");
+        out.push_str(
+            "this node's record was deleted from the store: restart the agent to rejoin\n",
+        );
     }
     out
 }
@@ -180,7 +182,9 @@ fn bytes(n: u64) -> String {
 /// Label values are node names (validated: no quotes or backslashes),
 /// escaped anyway.
 fn label(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 pub fn prometheus(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> String {
@@ -198,20 +202,50 @@ pub fn prometheus(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Strin
             .map(|p| (format!(",peer=\"{}\"", label(&p.node)), f(p)))
             .collect::<Vec<_>>()
     };
-    counter("evio_peer_rx_bytes_total", "Bytes received from the peer (datagrams).", per_peer(&|p| p.stats.rx_bytes));
-    counter("evio_peer_tx_bytes_total", "Bytes sent to the peer (datagrams).", per_peer(&|p| p.stats.tx_bytes));
-    counter("evio_peer_rx_packets_total", "Authenticated datagrams received from the peer.", per_peer(&|p| p.stats.rx_packets));
-    counter("evio_peer_tx_packets_total", "Datagrams sent to the peer.", per_peer(&|p| p.stats.tx_packets));
-    counter("evio_peer_handshakes_total", "Completed handshakes with the peer.", per_peer(&|p| p.stats.handshakes));
+    counter(
+        "evio_peer_rx_bytes_total",
+        "Bytes received from the peer (datagrams).",
+        per_peer(&|p| p.stats.rx_bytes),
+    );
+    counter(
+        "evio_peer_tx_bytes_total",
+        "Bytes sent to the peer (datagrams).",
+        per_peer(&|p| p.stats.tx_bytes),
+    );
+    counter(
+        "evio_peer_rx_packets_total",
+        "Authenticated datagrams received from the peer.",
+        per_peer(&|p| p.stats.rx_packets),
+    );
+    counter(
+        "evio_peer_tx_packets_total",
+        "Datagrams sent to the peer.",
+        per_peer(&|p| p.stats.tx_packets),
+    );
+    counter(
+        "evio_peer_handshakes_total",
+        "Completed handshakes with the peer.",
+        per_peer(&|p| p.stats.handshakes),
+    );
     let mut drops = Vec::new();
     for p in &snap.peers {
         let pl = label(&p.node);
-        drops.push((format!(",peer=\"{pl}\",reason=\"spoofed\""), p.stats.spoofed));
+        drops.push((
+            format!(",peer=\"{pl}\",reason=\"spoofed\""),
+            p.stats.spoofed,
+        ));
         drops.push((format!(",peer=\"{pl}\",reason=\"replay\""), p.stats.replay));
         drops.push((format!(",peer=\"{pl}\",reason=\"auth\""), p.stats.auth));
-        drops.push((format!(",peer=\"{pl}\",reason=\"switch\""), p.stats.dropped.saturating_sub(p.stats.spoofed)));
+        drops.push((
+            format!(",peer=\"{pl}\",reason=\"switch\""),
+            p.stats.dropped.saturating_sub(p.stats.spoofed),
+        ));
     }
-    counter("evio_peer_drops_total", "Datagrams or frames from the peer that were dropped, by reason.", drops);
+    counter(
+        "evio_peer_drops_total",
+        "Datagrams or frames from the peer that were dropped, by reason.",
+        drops,
+    );
     let rejects: Vec<(String, u64)> = Reject::ALL
         .iter()
         .map(|r| {
@@ -220,7 +254,10 @@ pub fn prometheus(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Strin
                 snap.stats.rejects.get(r.as_str()).copied().unwrap_or(0),
             )
         })
-        .chain(std::iter::once((",reason=\"stun_turn_junk\"".to_string(), snap.nat_junk)))
+        .chain(std::iter::once((
+            ",reason=\"stun_turn_junk\"".to_string(),
+            snap.nat_junk,
+        )))
         .collect();
     counter(
         "evio_overlay_rejected_total",
@@ -232,11 +269,19 @@ pub fn prometheus(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Strin
         .map(|r| {
             (
                 format!(",reason=\"{}\"", r.as_str()),
-                snap.stats.switch_drops.get(r.as_str()).copied().unwrap_or(0),
+                snap.stats
+                    .switch_drops
+                    .get(r.as_str())
+                    .copied()
+                    .unwrap_or(0),
             )
         })
         .collect();
-    counter("evio_overlay_switch_drops_total", "Frames the L2 switch dropped, by reason.", sw);
+    counter(
+        "evio_overlay_switch_drops_total",
+        "Frames the L2 switch dropped, by reason.",
+        sw,
+    );
     counter(
         "evio_overlay_no_path_total",
         "Frames for a peer without a session or working path.",
@@ -247,31 +292,72 @@ pub fn prometheus(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Strin
         "Datagrams the kernel refused to send.",
         vec![(String::new(), snap.udp_dropped)],
     );
-    let _ = writeln!(o, "# HELP evio_peer_up Whether the peer is connected.\n# TYPE evio_peer_up gauge");
+    let _ = writeln!(
+        o,
+        "# HELP evio_peer_up Whether the peer is connected.\n# TYPE evio_peer_up gauge"
+    );
     for p in &snap.peers {
-        let _ = writeln!(o, "evio_peer_up{{node=\"{node}\",peer=\"{}\"}} {}", label(&p.node), u8::from(p.state == PeerState::Connected));
+        let _ = writeln!(
+            o,
+            "evio_peer_up{{node=\"{node}\",peer=\"{}\"}} {}",
+            label(&p.node),
+            u8::from(p.state == PeerState::Connected)
+        );
     }
     let _ = writeln!(o, "# HELP evio_peer_relayed Whether the peer's path goes through a TURN relay.\n# TYPE evio_peer_relayed gauge");
     for p in &snap.peers {
-        let _ = writeln!(o, "evio_peer_relayed{{node=\"{node}\",peer=\"{}\"}} {}", label(&p.node), u8::from(p.relayed == Some(true)));
+        let _ = writeln!(
+            o,
+            "evio_peer_relayed{{node=\"{node}\",peer=\"{}\"}} {}",
+            label(&p.node),
+            u8::from(p.relayed == Some(true))
+        );
     }
     let _ = writeln!(o, "# HELP evio_peer_rtt_seconds Smoothed round-trip time of the peer's path.\n# TYPE evio_peer_rtt_seconds gauge");
     for p in &snap.peers {
         if let Some(r) = p.rtt {
-            let _ = writeln!(o, "evio_peer_rtt_seconds{{node=\"{node}\",peer=\"{}\"}} {:.6}", label(&p.node), r.as_secs_f64());
+            let _ = writeln!(
+                o,
+                "evio_peer_rtt_seconds{{node=\"{node}\",peer=\"{}\"}} {:.6}",
+                label(&p.node),
+                r.as_secs_f64()
+            );
         }
     }
-    let connected = snap.peers.iter().filter(|p| p.state == PeerState::Connected).count();
+    let connected = snap
+        .peers
+        .iter()
+        .filter(|p| p.state == PeerState::Connected)
+        .count();
     let _ = writeln!(o, "# HELP evio_overlay_peers Peers known from the store, and connected.\n# TYPE evio_overlay_peers gauge");
-    let _ = writeln!(o, "evio_overlay_peers{{node=\"{node}\",state=\"known\"}} {}", snap.peers.len());
-    let _ = writeln!(o, "evio_overlay_peers{{node=\"{node}\",state=\"connected\"}} {connected}");
+    let _ = writeln!(
+        o,
+        "evio_overlay_peers{{node=\"{node}\",state=\"known\"}} {}",
+        snap.peers.len()
+    );
+    let _ = writeln!(
+        o,
+        "evio_overlay_peers{{node=\"{node}\",state=\"connected\"}} {connected}"
+    );
     let _ = writeln!(o, "# HELP evio_overlay_turn_ready Whether the allocation on each TURN server is up.\n# TYPE evio_overlay_turn_ready gauge");
     for (s, _, st) in &snap.turn {
-        let _ = writeln!(o, "evio_overlay_turn_ready{{node=\"{node}\",server=\"{s}\"}} {}", u8::from(matches!(st, TurnState::Ready(_))));
+        let _ = writeln!(
+            o,
+            "evio_overlay_turn_ready{{node=\"{node}\",server=\"{s}\"}} {}",
+            u8::from(matches!(st, TurnState::Ready(_)))
+        );
     }
     let _ = writeln!(o, "# HELP evio_overlay_learned_macs MACs learned from peers.\n# TYPE evio_overlay_learned_macs gauge");
-    let _ = writeln!(o, "evio_overlay_learned_macs{{node=\"{node}\"}} {}", snap.learned_macs);
+    let _ = writeln!(
+        o,
+        "evio_overlay_learned_macs{{node=\"{node}\"}} {}",
+        snap.learned_macs
+    );
     let _ = writeln!(o, "# HELP evio_overlay_store_ok Whether this node's record is published and not revoked.\n# TYPE evio_overlay_store_ok gauge");
-    let _ = writeln!(o, "evio_overlay_store_ok{{node=\"{node}\"}} {}", u8::from(health.published && !health.revoked));
+    let _ = writeln!(
+        o,
+        "evio_overlay_store_ok{{node=\"{node}\"}} {}",
+        u8::from(health.published && !health.revoked)
+    );
     o
 }

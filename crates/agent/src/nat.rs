@@ -121,7 +121,11 @@ pub struct Nat {
 }
 
 fn sio(base: Instant, t: Instant) -> SioInstant {
-    SioInstant::from_nanos(t.saturating_duration_since(base).as_nanos().min(i64::MAX as u128) as i64)
+    SioInstant::from_nanos(
+        t.saturating_duration_since(base)
+            .as_nanos()
+            .min(i64::MAX as u128) as i64,
+    )
 }
 
 fn std_of(base: Instant, t: SioInstant) -> Instant {
@@ -254,7 +258,13 @@ impl Nat {
     /// A datagram from the UDP socket whose first byte says STUN or
     /// ChannelData. Relayed peer data goes to `deliver`. False when it was
     /// nobody's (junk).
-    pub fn on_udp(&mut self, now: Instant, from: SocketAddr, data: &[u8], deliver: &mut Deliver<'_>) -> bool {
+    pub fn on_udp(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        data: &[u8],
+        deliver: &mut Deliver<'_>,
+    ) -> bool {
         let t = sio(self.base, now);
         if let Ok(msg) = Message::from_bytes(data) {
             if msg.is_response() {
@@ -290,7 +300,13 @@ impl Nat {
                     pd.data(),
                 ),
                 TurnRecvRet::PeerIcmp { .. } => {}
-                TurnRecvRet::Ignored(tr) => note_auth_error(s_conf_name(&s.conf), &mut s.auth_error, c, tr.data, &s.state),
+                TurnRecvRet::Ignored(tr) => note_auth_error(
+                    s_conf_name(&s.conf),
+                    &mut s.auth_error,
+                    c,
+                    tr.data,
+                    &s.state,
+                ),
             }
             self.process_events(now);
             return true;
@@ -304,7 +320,9 @@ impl Nat {
         let t = sio(self.base, now);
         let epoll = self.epoll;
         let token = self.token_base + idx as u64;
-        let Some(s) = self.slots.get_mut(idx) else { return };
+        let Some(s) = self.slots.get_mut(idx) else {
+            return;
+        };
         let Some(conn) = s.tcp.as_mut() else { return };
         if !conn.connected {
             if !writable {
@@ -313,19 +331,39 @@ impl Nat {
             match conn.stream.take_error() {
                 Ok(None) => {}
                 Ok(Some(e)) | Err(e) => {
-                    fail(s, epoll, now, format!("TCP connect to {}: {e}", s.conf.server));
+                    fail(
+                        s,
+                        epoll,
+                        now,
+                        format!("TCP connect to {}: {e}", s.conf.server),
+                    );
                     return;
                 }
             }
             let Ok(local) = conn.stream.local_addr() else {
-                fail(s, epoll, now, format!("TCP connect to {}: not connected", s.conf.server));
+                fail(
+                    s,
+                    epoll,
+                    now,
+                    format!("TCP connect to {}: not connected", s.conf.server),
+                );
                 return;
             };
             conn.connected = true;
             conn.local = local;
-            epoll_set(epoll, libc::EPOLL_CTL_MOD, conn.stream.as_raw_fd(), libc::EPOLLIN as u32, token);
+            epoll_set(
+                epoll,
+                libc::EPOLL_CTL_MOD,
+                conn.stream.as_raw_fd(),
+                libc::EPOLLIN as u32,
+                token,
+            );
             let cfg = TurnConfig::new(TurnCredentials::new(&s.conf.username, &s.conf.password));
-            s.client = Some(TurnClient::Tcp(TurnClientTcp::allocate(local, s.conf.server, cfg)));
+            s.client = Some(TurnClient::Tcp(TurnClientTcp::allocate(
+                local,
+                s.conf.server,
+                cfg,
+            )));
             s.state = TurnState::Allocating;
             self.poll(now, None);
             return;
@@ -337,7 +375,12 @@ impl Nat {
         loop {
             match conn.stream.read(&mut buf) {
                 Ok(0) => {
-                    fail(s, epoll, now, format!("TURN server {} closed the TCP connection", s.conf.server));
+                    fail(
+                        s,
+                        epoll,
+                        now,
+                        format!("TURN server {} closed the TCP connection", s.conf.server),
+                    );
                     self.changed = true;
                     return;
                 }
@@ -362,7 +405,12 @@ impl Nat {
                 0x00..=0x3f => (20 + len, 20 + len),
                 0x40..=0x7f => (4 + len, (4 + len + 3) & !3),
                 _ => {
-                    fail(s, epoll, now, format!("TURN server {server}: garbage on the TCP stream"));
+                    fail(
+                        s,
+                        epoll,
+                        now,
+                        format!("TURN server {server}: garbage on the TCP stream"),
+                    );
                     self.changed = true;
                     return;
                 }
@@ -372,7 +420,10 @@ impl Nat {
             }
             let local = conn.local;
             if let Some(c) = s.client.as_mut() {
-                match c.recv(Transmit::new(&b[..frame], TransportType::Tcp, server, local), t) {
+                match c.recv(
+                    Transmit::new(&b[..frame], TransportType::Tcp, server, local),
+                    t,
+                ) {
                     TurnRecvRet::PeerData(pd) => deliver(
                         PathAddr {
                             via: Via::Turn(idx as u8),
@@ -380,7 +431,13 @@ impl Nat {
                         },
                         pd.data(),
                     ),
-                    TurnRecvRet::Ignored(tr) => note_auth_error(s_conf_name(&s.conf), &mut s.auth_error, c, tr.data, &s.state),
+                    TurnRecvRet::Ignored(tr) => note_auth_error(
+                        s_conf_name(&s.conf),
+                        &mut s.auth_error,
+                        c,
+                        tr.data,
+                        &s.state,
+                    ),
                     _ => {}
                 }
                 while let Some(pd) = c.poll_recv(t) {
@@ -400,7 +457,14 @@ impl Nat {
     }
 
     /// Sends `data` to `to` through our allocation on server `idx`.
-    pub fn send_via(&mut self, now: Instant, idx: u8, to: SocketAddr, data: &[u8], udp: &Udp) -> bool {
+    pub fn send_via(
+        &mut self,
+        now: Instant,
+        idx: u8,
+        to: SocketAddr,
+        data: &[u8],
+        udp: &Udp,
+    ) -> bool {
         let t = sio(self.base, now);
         let Some(s) = self.slots.get_mut(usize::from(idx)) else {
             return false;
@@ -465,7 +529,8 @@ impl Nat {
                     wake = wake.min(std_of(self.base, w));
                     break;
                 }
-                StunAgentPollRet::TransactionTimedOut(id) | StunAgentPollRet::TransactionCancelled(id) => {
+                StunAgentPollRet::TransactionTimedOut(id)
+                | StunAgentPollRet::TransactionCancelled(id) => {
                     self.bindings.remove(&id);
                 }
             }
@@ -489,10 +554,13 @@ impl Nat {
             if matches!(s.state, TurnState::Connecting | TurnState::Allocating)
                 && now.saturating_duration_since(s.started) > SETUP_TIMEOUT
             {
-                let why = s
-                    .auth_error
-                    .clone()
-                    .unwrap_or_else(|| format!("no allocation from {} within {}s", s.conf.server, SETUP_TIMEOUT.as_secs()));
+                let why = s.auth_error.clone().unwrap_or_else(|| {
+                    format!(
+                        "no allocation from {} within {}s",
+                        s.conf.server,
+                        SETUP_TIMEOUT.as_secs()
+                    )
+                });
                 fail(s, epoll, now, why);
                 self.changed = true;
                 continue;
@@ -551,7 +619,10 @@ impl Nat {
                         self.changed = true;
                     }
                     TurnEvent::AllocationCreateFailed(_) => {
-                        let why = s.auth_error.clone().unwrap_or_else(|| "allocation refused".into());
+                        let why = s
+                            .auth_error
+                            .clone()
+                            .unwrap_or_else(|| "allocation refused".into());
                         s.state = TurnState::Failed(why);
                     }
                     _ => {}
@@ -589,11 +660,19 @@ fn s_conf_name(c: &TurnServer) -> String {
 
 /// turn-client-proto hands back an error answer to the authenticated
 /// Allocate as "ignored"; that is how wrong credentials show.
-fn note_auth_error(server: String, slot_err: &mut Option<String>, c: &mut TurnClient, data: &[u8], state: &TurnState) {
+fn note_auth_error(
+    server: String,
+    slot_err: &mut Option<String>,
+    c: &mut TurnClient,
+    data: &[u8],
+    state: &TurnState,
+) {
     if matches!(state, TurnState::Ready(_)) {
         return;
     }
-    let Ok(msg) = Message::from_bytes(data) else { return };
+    let Ok(msg) = Message::from_bytes(data) else {
+        return;
+    };
     if !msg.has_class(MessageClass::Error) {
         return;
     }
@@ -624,7 +703,11 @@ fn start(s: &mut Slot, local: SocketAddr, epoll: RawFd, token: u64, now: Instant
     let cfg = TurnConfig::new(TurnCredentials::new(&s.conf.username, &s.conf.password));
     match s.conf.transport {
         TurnTransport::Udp => {
-            s.client = Some(TurnClient::Udp(TurnClientUdp::allocate(local, s.conf.server, cfg)));
+            s.client = Some(TurnClient::Udp(TurnClientUdp::allocate(
+                local,
+                s.conf.server,
+                cfg,
+            )));
             s.state = TurnState::Allocating;
         }
         TurnTransport::Tcp => match connect_nonblocking(s.conf.server) {
@@ -660,7 +743,11 @@ fn fail(s: &mut Slot, epoll: RawFd, now: Instant, why: String) {
         epoll_set(epoll, libc::EPOLL_CTL_DEL, conn.stream.as_raw_fd(), 0, 0);
     }
     s.client = None;
-    let pause = if s.auth_error.is_some() { RETRY_AUTH } else { s.backoff };
+    let pause = if s.auth_error.is_some() {
+        RETRY_AUTH
+    } else {
+        s.backoff
+    };
     s.retry_at = now + pause;
     s.backoff = (s.backoff * 2).min(RETRY_MAX);
     s.state = TurnState::Failed(why);
@@ -683,7 +770,10 @@ fn connect_nonblocking(to: SocketAddr) -> io::Result<TcpStream> {
     // SAFETY: fd is ours; TcpStream owns and closes it.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
     let SocketAddr::V4(v4) = to else {
-        return Err(io::Error::new(io::ErrorKind::Unsupported, "IPv6 TURN server"));
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "IPv6 TURN server",
+        ));
     };
     // SAFETY: sockaddr_in is plain old data.
     let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };

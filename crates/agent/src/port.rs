@@ -55,7 +55,11 @@ pub fn ensure_bridge(
         match host.add_address(bridge.index, addr) {
             Ok(()) => {}
             Err(e) if e.is_exists() => {}
-            Err(e) => return Err(err(format!("gateway {addr} on {}", bridge.name))(e.to_string())),
+            Err(e) => {
+                return Err(err(format!("gateway {addr} on {}", bridge.name))(
+                    e.to_string(),
+                ))
+            }
         }
         let key = if addr.addr().is_ipv4() {
             "net/ipv4/ip_forward"
@@ -77,7 +81,12 @@ pub fn ensure_bridge(
 /// a killed agent is ours and is reused (vswitchd re-opens the new device
 /// of the same name), never duplicated; a port of that name owned by
 /// anyone else is an error.
-pub fn attach(host: &mut Handle, conf: &NetConf, bridge: &Link, tap: &str) -> Result<(), AgentError> {
+pub fn attach(
+    host: &mut Handle,
+    conf: &NetConf,
+    bridge: &Link,
+    tap: &str,
+) -> Result<(), AgentError> {
     let link = host
         .link_by_name(tap)
         .map_err(|e| err(format!("look up {tap}"))(e.to_string()))?
@@ -92,8 +101,13 @@ pub fn attach(host: &mut Handle, conf: &NetConf, bridge: &Link, tap: &str) -> Re
         BridgeType::Ovs => {
             let mut c = Client::connect(&conf.ovsdb, OVSDB_TIMEOUT)
                 .map_err(|e| err(format!("OVSDB at {}", conf.ovsdb))(e.to_string()))?;
-            match c.port(tap).map_err(|e| err("read OVS ports")(e.to_string()))? {
-                Some(p) if p.external_ids.get(OWNER_KEY).map(String::as_str) == Some(OWNER_AGENT) => {
+            match c
+                .port(tap)
+                .map_err(|e| err("read OVS ports")(e.to_string()))?
+            {
+                Some(p)
+                    if p.external_ids.get(OWNER_KEY).map(String::as_str) == Some(OWNER_AGENT) =>
+                {
                     if p.bridge != bridge.name {
                         return Err(AgentError::Port(format!(
                             "OVS port {tap} of a previous agent is on bridge {}, not {}",

@@ -71,7 +71,10 @@ pub fn peer_info(rec: &PeerRecord, own: &str, file_store: bool) -> Option<PeerIn
         tracing::warn!(node = %rec.node, "peer record: podSubnet {:?} is not a CIDR; ignored", rec.pod_subnet);
         return None;
     };
-    let host_addr = rec.host_address.as_deref().and_then(|h| h.parse::<IpNet>().ok());
+    let host_addr = rec
+        .host_address
+        .as_deref()
+        .and_then(|h| h.parse::<IpNet>().ok());
     let mut candidates: Vec<Candidate> = rec
         .candidates
         .iter()

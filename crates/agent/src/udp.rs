@@ -27,7 +27,12 @@ pub struct Udp {
     port: u16,
 }
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: passes a pointer to a live c_int and its size.
     let r = unsafe {
         libc::setsockopt(
@@ -136,7 +141,8 @@ fn local_port(fd: RawFd) -> io::Result<u16> {
     // SAFETY: getsockname fills at most len bytes of addr.
     let mut addr: libc::sockaddr_in = unsafe { zeroed() };
     let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let r = unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_in).cast(), &mut len) };
+    let r =
+        unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_in).cast(), &mut len) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -213,14 +213,32 @@ impl GenConfig {
                 )))
             }
         };
+        // With the overlay, pod frames travel inside the tunnel: the MTU
+        // must leave room for its headers on the underlay, or large
+        // transfers between nodes stall while ping works.
+        let overlay = crate::overlay::OverlayConf::parse(conf)?;
         let mtu = match o.mtu {
-            Some(m) => m,
+            Some(m) => Some(m),
             None => match conf.number("mtu")? {
-                None => 1500,
-                Some(m) => {
-                    u32::try_from(m).map_err(|_| invalid(format!("mtu {m} is out of range")))?
-                }
+                None => None,
+                Some(m) => Some(
+                    u32::try_from(m).map_err(|_| invalid(format!("mtu {m} is out of range")))?,
+                ),
             },
+        };
+        let mtu = match (mtu, overlay.configured) {
+            (None, false) => 1500,
+            (None, true) => overlay.default_mtu(),
+            (Some(m), true) if m > overlay.max_mtu() => {
+                return Err(invalid(format!(
+                    "mtu {m} does not fit the overlay: pod frames cross a {}-byte underlay inside the tunnel, \
+                     so at most {} (default {}); set overlay.underlayMTU if the underlay is larger",
+                    overlay.underlay_mtu,
+                    overlay.max_mtu(),
+                    overlay.default_mtu()
+                )))
+            }
+            (Some(m), _) => m,
         };
         if pod.cidr().addr().is_ipv6() && mtu < 1280 {
             return Err(invalid(format!(
@@ -320,6 +338,13 @@ impl GenConfig {
             m.insert("name".into(), Value::String(list.name));
         }
         serde_json::to_vec(&v).map_err(|e| invalid(e.to_string()))
+    }
+
+    /// The plugin's network config for this node, parsed as the plugin
+    /// parses it (what the agent builds the bridge from).
+    pub fn plugin_conf(&self, ns: &NodeSubnet) -> Result<evio_cni::config::NetConf, NodeError> {
+        let raw = self.plugin_json(ns)?;
+        evio_cni::config::NetConf::parse(&raw).map_err(|e| invalid(e.to_string()))
     }
 
     /// The file content for this node.

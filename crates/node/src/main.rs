@@ -1,12 +1,15 @@
 //! `evio-node`: the node-side companion of the `evio` CNI plugin. One
 //! module per subcommand; this file only dispatches and reports errors.
 
+mod agent;
 mod config_gen;
 mod conflist;
 mod doctor;
 mod error;
 mod install_cni;
 mod netconf;
+mod overlay;
+mod peers;
 mod run;
 mod store_args;
 mod subnets;
@@ -19,7 +22,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "evio-node",
     version,
-    about = "evio node agent: pod subnet allocation and CNI config"
+    about = "evio node side: pod subnet allocation, CNI config, the overlay agent"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,6 +39,11 @@ enum Cmd {
     Run(Box<run::RunArgs>),
     /// Inspect or free subnet allocations.
     Subnets(Box<subnets::Args>),
+    /// Run the overlay agent: encrypted tunnels joining the node bridges, and
+    /// the host overlay (long-running; SIGTERM removes what it created).
+    Agent(Box<agent::Args>),
+    /// Show the agent's peers: state, path (direct/relay), endpoint, RTT.
+    Peers(peers::Args),
     /// Report orphaned or inconsistent evio state on this node (exit 1 if any);
     /// the allocation store is checked only when --store is given.
     Doctor(Box<doctor::Args>),
@@ -78,6 +86,8 @@ fn main() -> ExitCode {
         Cmd::InstallCni(a) => install_cni::run(a),
         Cmd::Run(a) => run::run(*a),
         Cmd::Doctor(a) => doctor::run(*a),
+        Cmd::Agent(a) => agent::run(*a),
+        Cmd::Peers(a) => peers::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

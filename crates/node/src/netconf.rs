@@ -35,6 +35,9 @@ const KNOWN_KEYS: &[&str] = &[
     "etcdKey",
     "etcdUsernameFile",
     "etcdPasswordFile",
+    "hostCIDR",
+    "hostInterface",
+    "overlay",
 ];
 
 /// A loaded (or empty, without `--config`) configuration object with typed,
@@ -90,6 +93,11 @@ impl RawConf {
 
     fn get(&self, key: &str) -> Option<&Value> {
         self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    /// A key's raw JSON value (for nested objects such as `overlay`).
+    pub fn raw(&self, key: &str) -> Option<&Value> {
+        self.get(key)
     }
 
     pub fn string(&self, key: &str) -> Result<Option<String>, NodeError> {

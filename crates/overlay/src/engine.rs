@@ -294,9 +294,7 @@ impl Overlay {
             }
             let pid = match self.by_node.get(&info.node).copied() {
                 Some(pid) => {
-                    let key_changed = self
-                        .peer(pid)
-                        .is_some_and(|p| p.info.key != info.key);
+                    let key_changed = self.peer(pid).is_some_and(|p| p.info.key != info.key);
                     if key_changed {
                         self.remove_peer(pid);
                         self.add_peer(now, info.clone())
@@ -495,13 +493,22 @@ impl Overlay {
         r
     }
 
-    fn handshake_gate(&mut self, now: Instant, from: PathAddr, d: &[u8], io: &mut dyn Io) -> Result<(), Reject> {
+    fn handshake_gate(
+        &mut self,
+        now: Instant,
+        from: PathAddr,
+        d: &[u8],
+        io: &mut dyn Io,
+    ) -> Result<(), Reject> {
         if !tunnel::check_mac1(&self.id.mac1_key, d) {
             return Err(Reject::Auth);
         }
         if self.under_load(now) {
             let l = d.len();
-            if !self.cookies.check_mac2(now, from.remote, &d[..l - 16], &d[l - 16..]) {
+            if !self
+                .cookies
+                .check_mac2(now, from.remote, &d[..l - 16], &d[l - 16..])
+            {
                 // Answer with a cookie instead of doing any DH work: a
                 // flood from spoofed addresses never gets one.
                 let sender = wire::u32_at(d, 4).unwrap_or(0);
@@ -523,7 +530,13 @@ impl Overlay {
         Ok(())
     }
 
-    fn on_initiation(&mut self, now: Instant, from: PathAddr, d: &[u8], io: &mut dyn Io) -> Result<(), Reject> {
+    fn on_initiation(
+        &mut self,
+        now: Instant,
+        from: PathAddr,
+        d: &[u8],
+        io: &mut dyn Io,
+    ) -> Result<(), Reject> {
         if d.len() != wire::INITIATION_LEN {
             return Err(Reject::Malformed);
         }
@@ -551,7 +564,13 @@ impl Overlay {
         Ok(())
     }
 
-    fn on_response(&mut self, now: Instant, from: PathAddr, d: &[u8], io: &mut dyn Io) -> Result<(), Reject> {
+    fn on_response(
+        &mut self,
+        now: Instant,
+        from: PathAddr,
+        d: &[u8],
+        io: &mut dyn Io,
+    ) -> Result<(), Reject> {
         if d.len() != wire::RESPONSE_LEN {
             return Err(Reject::Malformed);
         }
@@ -587,7 +606,13 @@ impl Overlay {
         p.tunnel.on_cookie(now, d)
     }
 
-    fn on_transport(&mut self, now: Instant, from: PathAddr, d: &[u8], io: &mut dyn Io) -> Result<(), Reject> {
+    fn on_transport(
+        &mut self,
+        now: Instant,
+        from: PathAddr,
+        d: &[u8],
+        io: &mut dyn Io,
+    ) -> Result<(), Reject> {
         let receiver = wire::u32_at(d, 4).ok_or(Reject::Malformed)?;
         let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
         let class = self.classify(pid, from);
@@ -613,6 +638,13 @@ impl Overlay {
         self.sync_indices(pid);
         let inner = Inner::parse(&self.scratch[..n]).ok_or(Reject::Malformed)?;
         let body = INNER_HEADER..n;
+        // A checksum position outside the frame would make the device
+        // refuse the write (or the completion fail): drop it here.
+        if inner.csum_offset != 0
+            && usize::from(inner.csum_start) + usize::from(inner.csum_offset) + 2 > n - INNER_HEADER
+        {
+            return Err(Reject::Malformed);
+        }
         match inner.kind {
             kind::KEEPALIVE => Ok(()),
             kind::POD_FRAME => {
@@ -680,7 +712,10 @@ impl Overlay {
         };
         inner.write(&mut self.scratch[..INNER_HEADER]);
         let plain = &self.scratch[..INNER_HEADER + body];
-        match p.tunnel.encrypt(now, &self.cfg.tunnel, plain, io.datagram()) {
+        match p
+            .tunnel
+            .encrypt(now, &self.cfg.tunnel, plain, io.datagram())
+        {
             Some(n) => {
                 p.stats.tx_packets += 1;
                 p.stats.tx_bytes += n as u64;
@@ -699,11 +734,21 @@ impl Overlay {
     pub fn from_pod(&mut self, now: Instant, hdr: &VnetHdr, frame: &[u8], io: &mut dyn Io) {
         let gso = hdr.gso_type != 0;
         match self.switch.from_local(now, frame, gso, &mut self.reply) {
-            LocalVerdict::Unicast(pid) => self.send_frame(now, pid, kind::POD_FRAME, hdr, frame, Framing::Ethernet, io),
+            LocalVerdict::Unicast(pid) => {
+                self.send_frame(now, pid, kind::POD_FRAME, hdr, frame, Framing::Ethernet, io)
+            }
             LocalVerdict::Flood => {
                 for pid in 0..self.peers.len() as PeerId {
                     if self.peer(pid).is_some_and(|p| p.tunnel.has_session()) {
-                        self.send_frame(now, pid, kind::POD_FRAME, hdr, frame, Framing::Ethernet, io);
+                        self.send_frame(
+                            now,
+                            pid,
+                            kind::POD_FRAME,
+                            hdr,
+                            frame,
+                            Framing::Ethernet,
+                            io,
+                        );
                     }
                 }
             }
@@ -718,7 +763,9 @@ impl Overlay {
     /// A packet the host sent into the host-overlay interface.
     pub fn from_host(&mut self, now: Instant, hdr: &VnetHdr, packet: &[u8], io: &mut dyn Io) {
         match self.switch.host_from_local(packet) {
-            LocalVerdict::Unicast(pid) => self.send_frame(now, pid, kind::HOST_PACKET, hdr, packet, Framing::Ip, io),
+            LocalVerdict::Unicast(pid) => {
+                self.send_frame(now, pid, kind::HOST_PACKET, hdr, packet, Framing::Ip, io)
+            }
             LocalVerdict::Drop(r) => self.count_drop(r),
             LocalVerdict::Flood | LocalVerdict::Reply(_) => self.count_drop(DropReason::NoRoute),
         }
@@ -796,13 +843,15 @@ impl Overlay {
             if p.tunnel.has_session() {
                 self.probes.clear();
                 let before = p.paths.active_addr();
-                p.paths.poll(now, &self.cfg.paths, &mut self.probe_id, &mut self.probes);
+                p.paths
+                    .poll(now, &self.cfg.paths, &mut self.probe_id, &mut self.probes);
                 if before.is_some() && p.paths.active_addr() != before {
                     self.path_losses += 1;
                 }
                 let probes = std::mem::take(&mut self.probes);
                 for d in &probes {
-                    self.scratch[INNER_HEADER..INNER_HEADER + 8].copy_from_slice(&d.id.to_le_bytes());
+                    self.scratch[INNER_HEADER..INNER_HEADER + 8]
+                        .copy_from_slice(&d.id.to_le_bytes());
                     self.send_inner(now, pid, Some(d.addr), Inner::plain(kind::PROBE), 8, io);
                 }
                 self.probes = probes;
@@ -836,7 +885,10 @@ impl Overlay {
         let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
             return;
         };
-        if p.tunnel.initiate(&self.id, now, wall, local, &mut msg).is_err() {
+        if p.tunnel
+            .initiate(&self.id, now, wall, local, &mut msg)
+            .is_err()
+        {
             return;
         }
         let targets: Vec<PathAddr> = p.paths.handshake_targets(MAX_HANDSHAKE_TARGETS).collect();
@@ -1081,7 +1133,20 @@ mod tests {
         f.extend_from_slice(&pod_mac(src));
         f.extend_from_slice(&[0x08, 0x00]);
         let total = 20 + 8 + payload.len();
-        let mut ip = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, 17, 0, 0];
+        let mut ip = vec![
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            1,
+            0x40,
+            0,
+            64,
+            17,
+            0,
+            0,
+        ];
         ip.extend_from_slice(&src.octets());
         ip.extend_from_slice(&dst.octets());
         let c = checksum(&ip);
@@ -1112,7 +1177,10 @@ mod tests {
         let f = udp_frame(pod_ip(0, 2), pod_ip(2, 7), b"hello across");
         net.send_pod(0, &f);
         assert_eq!(net.nodes[2].io.pod, vec![f.clone()]);
-        assert!(net.nodes[1].io.pod.is_empty(), "unicast went to one peer only");
+        assert!(
+            net.nodes[1].io.pod.is_empty(),
+            "unicast went to one peer only"
+        );
         let back = udp_frame(pod_ip(2, 7), pod_ip(0, 2), b"and back");
         net.send_pod(2, &back);
         assert_eq!(net.nodes[0].io.pod, vec![back]);
@@ -1157,7 +1225,10 @@ mod tests {
         let from = PathAddr::direct(net.nodes[0].addr);
         let now = net.now;
         let n = &mut net.nodes[1];
-        assert_eq!(n.ov.from_network(now, from, &captured, &mut n.io), Err(Reject::Replay));
+        assert_eq!(
+            n.ov.from_network(now, from, &captured, &mut n.io),
+            Err(Reject::Replay)
+        );
         assert_eq!(n.io.pod.len(), 1, "the replay delivered nothing");
         assert_eq!(n.ov.stats().rejects.get("replay"), Some(&1));
         let st = n.ov.status();
@@ -1181,17 +1252,32 @@ mod tests {
         let last = d.len() - 1;
         d[last] ^= 0x55;
         d[8] = d[8].wrapping_add(100); // a fresh counter, so not a replay
-        assert_eq!(n.ov.from_network(now, from, &d, &mut n.io), Err(Reject::Auth));
+        assert_eq!(
+            n.ov.from_network(now, from, &d, &mut n.io),
+            Err(Reject::Auth)
+        );
         // A forged initiation (random bytes with the right length).
         let mut init = vec![0xab; wire::INITIATION_LEN];
         init[..4].copy_from_slice(&[wire::INITIATION, 0, 0, 0]);
-        assert_eq!(n.ov.from_network(now, from, &init, &mut n.io), Err(Reject::Auth));
+        assert_eq!(
+            n.ov.from_network(now, from, &init, &mut n.io),
+            Err(Reject::Auth)
+        );
         // Truncated and unknown messages.
-        assert_eq!(n.ov.from_network(now, from, &[0x84, 0, 0, 0, 1], &mut n.io), Err(Reject::Malformed));
+        assert_eq!(
+            n.ov.from_network(now, from, &[0x84, 0, 0, 0, 1], &mut n.io),
+            Err(Reject::Malformed)
+        );
         let mut unknown = vec![0x84, 0, 0, 0, 7, 7, 7, 7];
         unknown.resize(64, 0);
-        assert_eq!(n.ov.from_network(now, from, &unknown, &mut n.io), Err(Reject::NoSession));
-        assert_eq!(n.ov.from_network(now, from, &[0x99; 40], &mut n.io), Err(Reject::Malformed));
+        assert_eq!(
+            n.ov.from_network(now, from, &unknown, &mut n.io),
+            Err(Reject::NoSession)
+        );
+        assert_eq!(
+            n.ov.from_network(now, from, &[0x99; 40], &mut n.io),
+            Err(Reject::Malformed)
+        );
         assert!(n.io.out.is_empty(), "nothing answered a forgery");
         assert!(n.io.pod.is_empty());
         assert_eq!(n.ov.stats().rejects.get("auth"), Some(&2));
@@ -1213,7 +1299,16 @@ mod tests {
         net.run(Duration::from_secs(5));
         assert!(!net.connected(0, 1) && !net.connected(1, 0));
         // Its handshakes fail mac1 before any DH work.
-        assert!(net.nodes[0].ov.stats().rejects.get("auth").copied().unwrap_or(0) > 0);
+        assert!(
+            net.nodes[0]
+                .ov
+                .stats()
+                .rejects
+                .get("auth")
+                .copied()
+                .unwrap_or(0)
+                > 0
+        );
         let f = udp_frame(pod_ip(1, 2), pod_ip(0, 3), b"let me in");
         net.send_pod(1, &f);
         assert!(net.nodes[0].io.pod.is_empty());
@@ -1228,7 +1323,16 @@ mod tests {
         net.nodes[0].ov.set_peers(now, &only0);
         net.run(Duration::from_secs(3));
         assert!(!net.connected(1, 0));
-        assert!(net.nodes[0].ov.stats().rejects.get("unknown_peer").copied().unwrap_or(0) > 0);
+        assert!(
+            net.nodes[0]
+                .ov
+                .stats()
+                .rejects
+                .get("unknown_peer")
+                .copied()
+                .unwrap_or(0)
+                > 0
+        );
         assert!(net.nodes[0].ov.status().is_empty());
     }
 
@@ -1243,7 +1347,10 @@ mod tests {
         assert!(net.nodes[2].io.pod.is_empty());
         let st = net.nodes[2].ov.status();
         assert_eq!(st.iter().find(|s| s.node == "n0").unwrap().stats.spoofed, 1);
-        assert_eq!(net.nodes[2].ov.stats().switch_drops.get("spoofed"), Some(&1));
+        assert_eq!(
+            net.nodes[2].ov.stats().switch_drops.get("spoofed"),
+            Some(&1)
+        );
     }
 
     #[test]
@@ -1272,7 +1379,10 @@ mod tests {
         net.run(Duration::from_secs(125));
         assert!(hs(&net) > before, "rekeyed after REKEY_AFTER_TIME");
         net.run(Duration::from_secs(70));
-        assert!(net.connected(0, 1), "still connected after the first session expired");
+        assert!(
+            net.connected(0, 1),
+            "still connected after the first session expired"
+        );
         let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"after rekey");
         net.send_pod(0, &f);
         assert_eq!(net.nodes[1].io.pod.last(), Some(&f));
@@ -1295,7 +1405,11 @@ mod tests {
         assert!(net.nodes[0].ov.status()[0].stats.handshakes >= before + 2);
         // Frames sent while a fresh session was being made may be lost,
         // but most arrive.
-        assert!(net.nodes[1].io.pod.len() > 150, "{}", net.nodes[1].io.pod.len());
+        assert!(
+            net.nodes[1].io.pod.len() > 150,
+            "{}",
+            net.nodes[1].io.pod.len()
+        );
     }
 
     #[test]
@@ -1310,7 +1424,10 @@ mod tests {
             false
         });
         net.run(Duration::from_secs(2));
-        assert!(net.connected(0, 1), "connected despite two lost initiations");
+        assert!(
+            net.connected(0, 1),
+            "connected despite two lost initiations"
+        );
     }
 
     #[test]
@@ -1331,10 +1448,22 @@ mod tests {
             let _ = n.ov.from_network(now, flood_src, &msg, &mut n.io);
         }
         assert!(net.nodes[1].ov.stats().cookies_sent > 0);
-        assert!(net.nodes[1].ov.stats().rejects.get("rate_limited").copied().unwrap_or(0) > 0);
+        assert!(
+            net.nodes[1]
+                .ov
+                .stats()
+                .rejects
+                .get("rate_limited")
+                .copied()
+                .unwrap_or(0)
+                > 0
+        );
         net.nodes[1].io.out.clear();
         net.run(Duration::from_secs(6));
-        assert!(net.connected(0, 1), "the honest peer connected through the cookie round");
+        assert!(
+            net.connected(0, 1),
+            "the honest peer connected through the cookie round"
+        );
     }
 
     #[test]

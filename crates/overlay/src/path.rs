@@ -160,12 +160,7 @@ impl Paths {
     /// Replaces the published candidates with `cands` (address, class),
     /// keeping the state of those that stay. Learned paths stay too; the
     /// active path stays while it works, wherever it came from.
-    pub fn set_candidates(
-        &mut self,
-        now: Instant,
-        cfg: &PathConfig,
-        cands: &[(PathAddr, Class)],
-    ) {
+    pub fn set_candidates(&mut self, now: Instant, cfg: &PathConfig, cands: &[(PathAddr, Class)]) {
         let active = self.active_addr();
         self.list.retain(|p| {
             p.origin == Origin::Learned
@@ -178,7 +173,9 @@ impl Paths {
                     p.class = *class;
                     p.origin = Origin::Candidate;
                 }
-                None => self.list.push(Path::new(*a, *class, Origin::Candidate, now)),
+                None => self
+                    .list
+                    .push(Path::new(*a, *class, Origin::Candidate, now)),
             }
         }
         self.trim(cfg);
@@ -303,7 +300,9 @@ impl Paths {
                     new.class < cur.class
                 } else {
                     match (new.rtt, cur.rtt) {
-                        (Some(n), Some(c)) => n.as_secs_f64() < c.as_secs_f64() * (1.0 - cfg.hysteresis),
+                        (Some(n), Some(c)) => {
+                            n.as_secs_f64() < c.as_secs_f64() * (1.0 - cfg.hysteresis)
+                        }
                         _ => false,
                     }
                 }
@@ -380,7 +379,12 @@ impl Paths {
         let active = self.active_addr();
         active
             .into_iter()
-            .chain(self.list.iter().map(|p| p.addr).filter(move |a| Some(*a) != active))
+            .chain(
+                self.list
+                    .iter()
+                    .map(|p| p.addr)
+                    .filter(move |a| Some(*a) != active),
+            )
             .take(max)
     }
 
@@ -446,11 +450,19 @@ mod tests {
         p.on_probe_reply(t0 + Duration::from_millis(5), &cfg, relay_probe);
         assert_eq!(p.active_addr(), Some(relay));
         // The direct reflexive path answers: it replaces the relay.
-        let direct = probes.iter().find(|d| d.addr == pa("203.0.113.20:5800")).unwrap().id;
+        let direct = probes
+            .iter()
+            .find(|d| d.addr == pa("203.0.113.20:5800"))
+            .unwrap()
+            .id;
         p.on_probe_reply(t0 + Duration::from_millis(8), &cfg, direct);
         assert_eq!(p.active_addr(), Some(pa("203.0.113.20:5800")));
         // The LAN candidate beats both.
-        let local = probes.iter().find(|d| d.addr == pa("192.168.1.2:5800")).unwrap().id;
+        let local = probes
+            .iter()
+            .find(|d| d.addr == pa("192.168.1.2:5800"))
+            .unwrap()
+            .id;
         p.on_probe_reply(t0 + Duration::from_millis(9), &cfg, local);
         assert_eq!(p.active_addr(), Some(pa("192.168.1.2:5800")));
         assert!(p.list.iter().all(|x| x.rtt.is_some()));
@@ -489,7 +501,10 @@ mod tests {
         }
         let took = switched.expect("fell back").duration_since(t0);
         assert!(took <= Duration::from_secs(5), "fell back after {took:?}");
-        assert!(took >= Duration::from_secs(2), "not on a single lost probe: {took:?}");
+        assert!(
+            took >= Duration::from_secs(2),
+            "not on a single lost probe: {took:?}"
+        );
         let _ = now;
     }
 
@@ -528,7 +543,12 @@ mod tests {
         // The active path stays although no longer published.
         assert_eq!(p.active_addr(), Some(a));
         for i in 0..10 {
-            p.on_rx(t0, &cfg, pa(&format!("203.0.113.30:{}", 1000 + i)), Class::Direct);
+            p.on_rx(
+                t0,
+                &cfg,
+                pa(&format!("203.0.113.30:{}", 1000 + i)),
+                Class::Direct,
+            );
         }
         assert!(p.list.len() <= 4);
         assert!(p.active().is_some());

@@ -398,16 +398,14 @@ impl Tunnel {
             return Err(Reject::NoSession);
         };
         let mut empty = [0u8; 16];
-        p.hs
-            .read_message(&msg[12..12 + wire::NOISE_RESP_LEN], &mut empty)
+        p.hs.read_message(&msg[12..12 + wire::NOISE_RESP_LEN], &mut empty)
             .map_err(|_| Reject::Auth)?;
         let Some(p) = self.pending.take() else {
             return Err(Reject::NoSession);
         };
-        let transport = p
-            .hs
-            .into_stateless_transport_mode()
-            .map_err(|_| Reject::Auth)?;
+        let transport =
+            p.hs.into_stateless_transport_mode()
+                .map_err(|_| Reject::Auth)?;
         self.previous = self.current.take();
         self.current = Some(Session {
             local_index: p.local_index,
@@ -570,7 +568,10 @@ impl Tunnel {
     pub fn next_deadline(&self, cfg: &TunnelConfig, wanted: bool) -> Option<Instant> {
         let mut d: Option<Instant> = None;
         let mut at = |t: Instant| d = Some(d.map_or(t, |x| x.min(t)));
-        for s in [&self.current, &self.previous, &self.next].into_iter().flatten() {
+        for s in [&self.current, &self.previous, &self.next]
+            .into_iter()
+            .flatten()
+        {
             at(s.born + cfg.reject_after_time);
         }
         if !wanted {
@@ -620,7 +621,11 @@ fn retry_delay(cfg: &TunnelConfig, attempts: u32) -> Duration {
 /// Checks mac1 of a handshake message addressed to `mac1_key`'s owner.
 pub fn check_mac1(mac1_key: &Key, msg: &[u8]) -> bool {
     let l = msg.len();
-    l >= 32 && crypto::ct_eq(&crypto::mac(mac1_key, &[&msg[..l - 32]]), &msg[l - 32..l - 16])
+    l >= 32
+        && crypto::ct_eq(
+            &crypto::mac(mac1_key, &[&msg[..l - 32]]),
+            &msg[l - 32..l - 16],
+        )
 }
 
 /// The mac1 field of a handshake message (a cookie reply is bound to it).

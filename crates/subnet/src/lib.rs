@@ -27,5 +27,6 @@ pub use peers::{
 };
 pub use record::{node_key, parse_subnet_key, subnet_key, validate_name, OwnerRecord};
 pub use store::{
-    open_overlay_store, open_store, Allocation, Lease, StoreOptions, StoreUrl, SubnetStore, DEFAULT_STORE,
+    open_overlay_store, open_store, Allocation, Lease, StoreOptions, StoreUrl, SubnetStore,
+    DEFAULT_STORE,
 };

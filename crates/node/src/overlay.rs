@@ -1,0 +1,380 @@
+//! The overlay keys of net-conf.json (OVERLAY.md, "Configuration"):
+//! `hostCIDR`, `hostInterface` and the `overlay` object. Secrets (the
+//! network key, TURN passwords) are only ever named by file.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde_json::Value;
+
+use crate::error::NodeError;
+use crate::netconf::RawConf;
+
+pub const DEFAULT_LISTEN_PORT: u16 = 5800;
+pub const DEFAULT_KEY_FILE: &str = "/var/lib/evio/agent.key";
+pub const DEFAULT_HOST_INTERFACE: &str = "evio-host";
+pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+/// What a pod frame costs on the underlay, worst case: IPv6 40 + UDP 8 +
+/// transport header 16 + inner header 4 + tag 16 + Ethernet 14 + TURN
+/// ChannelData 4 = 102 bytes.
+pub const OVERHEAD: u32 = 102;
+/// The default leaves 18 more bytes for underlays that are themselves
+/// encapsulated (PPPoE, VLAN): 1500 gives the pods 1380.
+pub const DEFAULT_MARGIN: u32 = 18;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TurnTransport {
+    Udp,
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnConf {
+    /// `host:port` as written.
+    pub server: String,
+    pub transport: TurnTransport,
+    pub username: String,
+    pub password_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayConf {
+    /// Whether any overlay key was present: then the conflist's MTU must
+    /// fit inside the tunnel.
+    pub configured: bool,
+    pub host_cidr: Option<IpNet>,
+    pub host_interface: String,
+    pub listen_port: u16,
+    pub stun: Vec<String>,
+    pub turn: Vec<TurnConf>,
+    pub key_file: PathBuf,
+    pub network_key_file: Option<PathBuf>,
+    pub underlay_mtu: u32,
+}
+
+fn invalid(key: &str, why: impl std::fmt::Display) -> NodeError {
+    NodeError::Invalid(format!("{key}: {why}"))
+}
+
+fn string(v: &Value, key: &str) -> Result<String, NodeError> {
+    match v {
+        Value::String(s) if !s.is_empty() => Ok(s.clone()),
+        other => Err(invalid(
+            key,
+            format!("expected a non-empty string, got {other}"),
+        )),
+    }
+}
+
+fn host_port(s: &str, key: &str) -> Result<(), NodeError> {
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0) => Ok(()),
+        _ => Err(invalid(key, format!("{s:?} is not host:port"))),
+    }
+}
+
+const OVERLAY_KEYS: &[&str] = &[
+    "listenPort",
+    "stun",
+    "turn",
+    "keyFile",
+    "networkKeyFile",
+    "underlayMTU",
+];
+
+impl OverlayConf {
+    pub fn parse(conf: &RawConf) -> Result<OverlayConf, NodeError> {
+        let host_cidr = match conf.string("hostCIDR")? {
+            None => None,
+            Some(s) => {
+                let n: IpNet = s
+                    .parse()
+                    .map_err(|_| invalid("hostCIDR", format!("{s:?} is not a CIDR")))?;
+                if n.trunc() != n {
+                    return Err(invalid(
+                        "hostCIDR",
+                        format!("{s} has host bits set: the network is {}", n.trunc()),
+                    ));
+                }
+                let max = if n.addr().is_ipv4() { 30 } else { 126 };
+                if n.prefix_len() > max {
+                    return Err(invalid("hostCIDR", format!("{s} has no room for hosts")));
+                }
+                Some(n)
+            }
+        };
+        let host_interface = conf
+            .string("hostInterface")?
+            .unwrap_or_else(|| DEFAULT_HOST_INTERFACE.into());
+        if host_interface.is_empty()
+            || host_interface.len() > 15
+            || !host_interface
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return Err(invalid(
+                "hostInterface",
+                format!(
+                    "{host_interface:?} is not an interface name (1-15 letters, digits, -, _, .)"
+                ),
+            ));
+        }
+        let ov = conf.raw("overlay");
+        let empty = serde_json::Map::new();
+        let o = match ov {
+            None => &empty,
+            Some(Value::Object(m)) => m,
+            Some(other) => {
+                return Err(invalid(
+                    "overlay",
+                    format!("expected an object, got {other}"),
+                ))
+            }
+        };
+        for k in o.keys() {
+            if !OVERLAY_KEYS.contains(&k.as_str()) {
+                let hint = OVERLAY_KEYS
+                    .iter()
+                    .find(|x| x.eq_ignore_ascii_case(k))
+                    .map(|x| format!(" (did you mean {x:?}?)"))
+                    .unwrap_or_default();
+                return Err(invalid("overlay", format!("unknown key {k:?}{hint}")));
+            }
+        }
+        let listen_port = match o.get("listenPort") {
+            None | Some(Value::Null) => DEFAULT_LISTEN_PORT,
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    invalid("overlay.listenPort", format!("{n} is not a port (1-65535)"))
+                })?,
+            Some(other) => {
+                return Err(invalid(
+                    "overlay.listenPort",
+                    format!("expected a number, got {other}"),
+                ))
+            }
+        };
+        let stun = match o.get("stun") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => {
+                let mut v = Vec::new();
+                for (i, s) in a.iter().enumerate() {
+                    let key = format!("overlay.stun[{i}]");
+                    let s = string(s, &key)?;
+                    host_port(&s, &key)?;
+                    v.push(s);
+                }
+                v
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "overlay.stun",
+                    format!("expected a list of \"host:port\", got {other}"),
+                ))
+            }
+        };
+        let turn = match o.get("turn") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => {
+                let mut v = Vec::new();
+                for (i, t) in a.iter().enumerate() {
+                    let key = format!("overlay.turn[{i}]");
+                    let Value::Object(m) = t else {
+                        return Err(invalid(&key, "expected an object"));
+                    };
+                    for k in m.keys() {
+                        if ![
+                            "server",
+                            "transport",
+                            "username",
+                            "passwordFile",
+                            "password",
+                        ]
+                        .contains(&k.as_str())
+                        {
+                            return Err(invalid(&key, format!("unknown key {k:?}")));
+                        }
+                    }
+                    if m.contains_key("password") {
+                        return Err(invalid(
+                            &key,
+                            "a password must not be in the config (a ConfigMap is not secret): use passwordFile",
+                        ));
+                    }
+                    let server = string(
+                        m.get("server").unwrap_or(&Value::Null),
+                        &format!("{key}.server"),
+                    )?;
+                    host_port(&server, &format!("{key}.server"))?;
+                    let transport = match m.get("transport").and_then(Value::as_str) {
+                        None | Some("udp") => TurnTransport::Udp,
+                        Some("tcp") => TurnTransport::Tcp,
+                        Some(x) => {
+                            return Err(invalid(
+                                &format!("{key}.transport"),
+                                format!("{x:?} is not \"udp\" or \"tcp\""),
+                            ))
+                        }
+                    };
+                    let username = string(
+                        m.get("username").unwrap_or(&Value::Null),
+                        &format!("{key}.username"),
+                    )?;
+                    let password_file = PathBuf::from(string(
+                        m.get("passwordFile").unwrap_or(&Value::Null),
+                        &format!("{key}.passwordFile"),
+                    )?);
+                    v.push(TurnConf {
+                        server,
+                        transport,
+                        username,
+                        password_file,
+                    });
+                }
+                v
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "overlay.turn",
+                    format!("expected a list of objects, got {other}"),
+                ))
+            }
+        };
+        let path = |k: &str| -> Result<Option<PathBuf>, NodeError> {
+            match o.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => {
+                    let s = string(v, &format!("overlay.{k}"))?;
+                    if !s.starts_with('/') {
+                        return Err(invalid(
+                            &format!("overlay.{k}"),
+                            format!("{s:?} must be an absolute path"),
+                        ));
+                    }
+                    Ok(Some(PathBuf::from(s)))
+                }
+            }
+        };
+        let key_file = path("keyFile")?.unwrap_or_else(|| PathBuf::from(DEFAULT_KEY_FILE));
+        let network_key_file = path("networkKeyFile")?;
+        let underlay_mtu = match o.get("underlayMTU") {
+            None | Some(Value::Null) => DEFAULT_UNDERLAY_MTU,
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|m| u32::try_from(m).ok())
+                .filter(|m| (1280..=65535).contains(m))
+                .ok_or_else(|| {
+                    invalid(
+                        "overlay.underlayMTU",
+                        format!("{n} is not an MTU (1280-65535)"),
+                    )
+                })?,
+            Some(other) => {
+                return Err(invalid(
+                    "overlay.underlayMTU",
+                    format!("expected a number, got {other}"),
+                ))
+            }
+        };
+        Ok(OverlayConf {
+            configured: ov.is_some() || host_cidr.is_some(),
+            host_cidr,
+            host_interface,
+            listen_port,
+            stun,
+            turn,
+            key_file,
+            network_key_file,
+            underlay_mtu,
+        })
+    }
+
+    /// The largest pod MTU whose frames fit the underlay.
+    pub fn max_mtu(&self) -> u32 {
+        self.underlay_mtu - OVERHEAD
+    }
+
+    pub fn default_mtu(&self) -> u32 {
+        self.underlay_mtu - OVERHEAD - DEFAULT_MARGIN
+    }
+}
+
+/// `host:port` to an IPv4 socket address (the underlay is IPv4).
+pub fn resolve(hp: &str, key: &str) -> Result<SocketAddr, NodeError> {
+    let addrs = hp
+        .to_socket_addrs()
+        .map_err(|e| invalid(key, format!("cannot resolve {hp:?}: {e}")))?;
+    addrs.into_iter().find(SocketAddr::is_ipv4).ok_or_else(|| {
+        invalid(
+            key,
+            format!("{hp:?} has no IPv4 address (the underlay is IPv4)"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(j: &str) -> Result<OverlayConf, NodeError> {
+        OverlayConf::parse(&RawConf::parse("t.json", j.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn defaults_and_full_config() {
+        let d = parse("{}").unwrap();
+        assert!(!d.configured);
+        assert_eq!(d.listen_port, 5800);
+        assert_eq!(d.host_interface, "evio-host");
+        assert_eq!(d.default_mtu(), 1380);
+        let f = parse(
+            r#"{"hostCIDR":"10.10.0.0/16","hostInterface":"ovl0","overlay":{"listenPort":5900,
+            "stun":["203.0.113.1:3478"],"turn":[{"server":"203.0.113.1:3478","transport":"tcp",
+            "username":"u","passwordFile":"/etc/evio/turn"}],"keyFile":"/k","networkKeyFile":"/n"}}"#,
+        )
+        .unwrap();
+        assert!(f.configured);
+        assert_eq!(f.host_cidr.unwrap().to_string(), "10.10.0.0/16");
+        assert_eq!(f.turn[0].transport, TurnTransport::Tcp);
+        assert_eq!(
+            f.network_key_file.as_deref(),
+            Some(std::path::Path::new("/n"))
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (j, key) in [
+            (r#"{"hostCIDR":"10.10.0.1/16"}"#, "hostCIDR"),
+            (r#"{"hostCIDR":"x"}"#, "hostCIDR"),
+            (
+                r#"{"hostInterface":"way-too-long-interface"}"#,
+                "hostInterface",
+            ),
+            (r#"{"overlay":{"listenPort":0}}"#, "overlay.listenPort"),
+            (r#"{"overlay":{"listenPort":"5800"}}"#, "overlay.listenPort"),
+            (r#"{"overlay":{"stun":["nohost"]}}"#, "overlay.stun[0]"),
+            (
+                r#"{"overlay":{"turn":[{"server":"a:1","username":"u","password":"p"}]}}"#,
+                "overlay.turn[0]",
+            ),
+            (
+                r#"{"overlay":{"turn":[{"server":"a:1","transport":"sctp","username":"u","passwordFile":"/p"}]}}"#,
+                "overlay.turn[0].transport",
+            ),
+            (r#"{"overlay":{"keyFile":"rel/key"}}"#, "overlay.keyFile"),
+            (
+                r#"{"overlay":{"listenport":1}}"#,
+                "did you mean \"listenPort\"",
+            ),
+            (r#"{"overlay":[]}"#, "overlay"),
+        ] {
+            let e = parse(j).unwrap_err().to_string();
+            assert!(e.contains(key), "{j}: {e}");
+        }
+    }
+}

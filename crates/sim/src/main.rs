@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use evio_testkit::cluster::{emergency_cleanup, BridgeType, Cluster, ClusterError, ClusterOpts};
+use evio_testkit::cluster::{
+    emergency_cleanup, BridgeType, Cluster, ClusterError, ClusterOpts, OverlayOpts,
+};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,12 @@ enum Cmd {
     Up(UpArgs),
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Store {
+    File,
+    Etcd,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Bridge {
     Ovs,
@@ -46,9 +54,22 @@ enum Bridge {
 
 #[derive(Args)]
 struct UpArgs {
-    /// Number of simulated nodes.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=32))]
-    nodes: u16,
+    /// No NAT: the nodes have public addresses on one routed internet (still
+    /// joined by the agent's encrypted tunnels).
+    #[arg(long, conflicts_with = "plain_link")]
+    no_nat: bool,
+    /// No overlay agent: node bridges joined by a plain link (the
+    /// pre-overlay topology, for comparison).
+    #[arg(long)]
+    plain_link: bool,
+    /// Number of simulated nodes [default: 6 on the NAT lab (its sites),
+    /// 3 otherwise].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
+    nodes: Option<u16>,
+    /// The cluster store: the embedded file store, or etcd in the lab's
+    /// internet namespace.
+    #[arg(long, value_enum, default_value_t = Store::File)]
+    store: Store,
     /// Pods per node.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=32))]
     pods: u16,
@@ -112,8 +133,42 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
         args.evio.unwrap_or_else(|| here.join("evio")),
         args.evio_node.unwrap_or_else(|| here.join("evio-node")),
     );
-    opts.nodes = usize::from(args.nodes);
     opts.pods_per_node = usize::from(args.pods);
+    opts.overlay = if args.plain_link {
+        None
+    } else if args.no_nat {
+        Some(OverlayOpts::flat(usize::from(args.nodes.unwrap_or(3))))
+    } else {
+        let mut o = OverlayOpts::nat_lab();
+        if let Some(n) = args.nodes {
+            // More nodes than the lab's sites: extra ones join the first
+            // (cone) site; fewer: the first sites only.
+            let mut left = usize::from(n);
+            let mut sites = Vec::new();
+            for (nat, count) in o.sites {
+                let take = count.min(left);
+                if take > 0 {
+                    sites.push((nat, take));
+                }
+                left -= take;
+            }
+            if left > 0 {
+                sites[0].1 += left;
+            }
+            o.sites = sites;
+        }
+        Some(o)
+    };
+    if let Some(o) = opts.overlay.as_mut() {
+        o.etcd = args.store == Store::Etcd;
+        if args.no_nat {
+            o.turn = false;
+        }
+    }
+    opts.nodes = match &opts.overlay {
+        Some(o) => o.nodes(),
+        None => usize::from(args.nodes.unwrap_or(3)),
+    };
     opts.bridge_type = match args.bridge_type {
         Bridge::Ovs => BridgeType::Ovs,
         Bridge::Linux => BridgeType::Linux,
@@ -122,8 +177,26 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
     opts.node_bits = args.node_bits;
     opts.cancel = Some(cancel.clone());
 
+    let topology = match &opts.overlay {
+        None => "joined by a plain link".to_string(),
+        Some(o)
+            if o.sites
+                .iter()
+                .all(|(n, _)| *n == evio_testkit::natlab::NatType::Public) =>
+        {
+            "joined by evio-node agent, no NAT".to_string()
+        }
+        Some(o) => format!(
+            "joined by evio-node agent across NATs ({})",
+            o.sites
+                .iter()
+                .map(|(n, c)| format!("{c}×{n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     eprintln!(
-        "evio-sim: bringing up {} node(s) × {} pod(s) on {} bridges ({}, nodeBits {})…",
+        "evio-sim: bringing up {} node(s) × {} pod(s) on {} bridges ({}, nodeBits {}), {topology}…",
         opts.nodes, opts.pods_per_node, opts.bridge_type, opts.pod_cidr, opts.node_bits
     );
     let started = Instant::now();
@@ -135,8 +208,13 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
     println!("\n{}", cluster.summary());
     let probed = Instant::now();
     let reach = cluster.reachability()?;
-    println!("{}", reach.render());
-    let failures = reach.failures();
+    println!("pods:\n{}", reach.render());
+    let mut failures = reach.failures();
+    if cluster.opts().overlay.is_some() {
+        let overlay = cluster.overlay_report();
+        println!("nodes (host overlay and paths):\n{}", overlay.render());
+        failures.extend(overlay.failures());
+    }
     for f in &failures {
         println!("  ✗ {f}");
     }

@@ -31,9 +31,12 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::agent::{Agent, AgentSpec};
+use crate::etcd::Etcd;
+use crate::natlab::{Coturn, Lab, NatType, NodeId};
 use crate::netns::Netns;
 use crate::ovs::Ovs;
-use crate::plugin::{ping, run_bounded, tcp_roundtrip, Cni, Pod, CNI_PLUGIN_DIR};
+use crate::plugin::{ping, run_bounded, tcp_roundtrip_n, Cni, Pod, CNI_PLUGIN_DIR};
 
 /// The Linux bridge in the fabric netns that joins the node uplinks.
 pub const FABRIC_BRIDGE: &str = "fabric0";
@@ -124,6 +127,65 @@ pub struct ClusterOpts {
     /// Set (e.g. by a signal handler) to make set-up and probes stop at the
     /// next step with [`ClusterError::Interrupted`].
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Join the nodes with `evio-node agent` over a NAT lab instead of the
+    /// plain fabric link.
+    pub overlay: Option<OverlayOpts>,
+}
+
+/// How an overlay cluster is laid out.
+#[derive(Debug, Clone)]
+pub struct OverlayOpts {
+    /// Sites of the NAT lab: each a NAT type and how many nodes sit behind
+    /// it. The cluster's node count is their sum.
+    pub sites: Vec<(NatType, usize)>,
+    pub host_cidr: String,
+    /// etcd in the internet namespace instead of the embedded file store.
+    pub etcd: bool,
+    /// coturn in the internet namespace as every node's STUN and TURN
+    /// server (TURN over TCP for a site where UDP cannot get out).
+    pub turn: bool,
+    /// A network key every node holds (`overlay.networkKeyFile`).
+    pub network_key: bool,
+    /// Environment for the agents (e.g. `EVIO_LOG`).
+    pub agent_env: Vec<(String, String)>,
+}
+
+impl OverlayOpts {
+    /// `n` nodes with public addresses on one routed internet: no NAT.
+    pub fn flat(n: usize) -> OverlayOpts {
+        OverlayOpts {
+            sites: vec![(NatType::Public, n)],
+            host_cidr: "10.10.0.0/16".into(),
+            etcd: false,
+            turn: false,
+            network_key: true,
+            agent_env: Vec::new(),
+        }
+    }
+
+    /// The main job's lab: sites behind different NATs, one pair that only
+    /// a relay can join (symmetric-symmetric), a site where UDP cannot get
+    /// out, and two nodes behind one router.
+    pub fn nat_lab() -> OverlayOpts {
+        OverlayOpts {
+            sites: vec![
+                (NatType::PortRestrictedCone, 2),
+                (NatType::Symmetric, 1),
+                (NatType::Symmetric, 1),
+                (NatType::FullCone, 1),
+                (NatType::Public, 1),
+            ],
+            host_cidr: "10.10.0.0/16".into(),
+            etcd: false,
+            turn: true,
+            network_key: true,
+            agent_env: Vec::new(),
+        }
+    }
+
+    pub fn nodes(&self) -> usize {
+        self.sites.iter().map(|(_, n)| n).sum()
+    }
 }
 
 impl ClusterOpts {
@@ -139,6 +201,7 @@ impl ClusterOpts {
             evio_bin: evio_bin.into(),
             evio_node_bin: evio_node_bin.into(),
             cancel: None,
+            overlay: None,
         }
     }
 
@@ -195,6 +258,8 @@ pub struct SimPod {
 /// orderly stop).
 pub struct SimNode {
     pub pods: Vec<SimPod>,
+    /// The overlay agent (stopped after the pods' DEL, before OVS).
+    pub agent: Option<Agent>,
     pub ovs: Option<Ovs>,
     pub ns: Netns,
     /// The Kubernetes node name given to config-gen.
@@ -215,6 +280,10 @@ pub struct SimNode {
     pub bridge: String,
     /// config-gen's one-line report on stdout.
     pub config_gen_output: String,
+    /// The node's net-conf.json.
+    pub netconf_path: PathBuf,
+    /// Overlay clusters: the lab node, its site's NAT type and site index.
+    pub lab: Option<(NodeId, NatType, usize)>,
 }
 
 impl SimNode {
@@ -253,6 +322,10 @@ pub struct Cluster {
     dir: Option<tempfile::TempDir>,
     opts: ClusterOpts,
     tracked: Vec<Tracked>,
+    // Servers and the lab go after the nodes (field order is drop order).
+    coturn: Option<Coturn>,
+    etcd: Option<Etcd>,
+    lab: Option<Lab>,
 }
 
 impl Cluster {
@@ -279,10 +352,17 @@ impl Cluster {
             tracked: Vec::new(),
             dir: None,
             opts,
+            coturn: None,
+            etcd: None,
+            lab: None,
         };
         c.track(Tracked::Dir(dir.path().to_path_buf()));
         c.dir = Some(dir);
 
+        if c.opts.overlay.is_some() {
+            c.build_overlay(pod_prefix)?;
+            return Ok(c);
+        }
         c.opts.check_cancel()?;
         let fabric = c.new_netns("evf")?;
         cmd_ok(
@@ -297,7 +377,8 @@ impl Cluster {
 
         for i in 0..c.opts.nodes {
             c.opts.check_cancel()?;
-            let node = c.new_node(i, pod_prefix)?;
+            let ns = c.new_netns("evn")?;
+            let node = c.new_node(i, pod_prefix, ns, None)?;
             c.nodes.push(node);
         }
         for i in 0..c.nodes.len() {
@@ -339,9 +420,30 @@ impl Cluster {
         self.dir.as_ref().map(|d| d.path())
     }
 
-    /// The shared embedded store, as config-gen's `--store` takes it.
+    /// The shared store, as config-gen's `--store` takes it: the embedded
+    /// file store, or etcd in the lab's internet namespace.
     pub fn store_url(&self) -> String {
-        format!("file://{}", self.store_path().display())
+        match &self.etcd {
+            Some(e) => format!("etcd://{}", e.endpoint()),
+            None => format!("file://{}", self.store_path().display()),
+        }
+    }
+
+    /// The NAT lab of an overlay cluster.
+    pub fn lab(&self) -> Option<&Lab> {
+        self.lab.as_ref()
+    }
+
+    pub fn coturn(&mut self) -> Option<&mut Coturn> {
+        self.coturn.as_mut()
+    }
+
+    pub fn etcd(&self) -> Option<&Etcd> {
+        self.etcd.as_ref()
+    }
+
+    pub fn node_mut(&mut self, i: usize) -> Option<&mut SimNode> {
+        self.nodes.get_mut(i)
     }
 
     fn store_path(&self) -> PathBuf {
@@ -364,9 +466,14 @@ impl Cluster {
         Ok(ns)
     }
 
-    fn new_node(&mut self, i: usize, pod_prefix: u8) -> Result<SimNode, ClusterError> {
+    fn new_node(
+        &mut self,
+        i: usize,
+        pod_prefix: u8,
+        ns: Netns,
+        lab: Option<(NodeId, NatType, usize)>,
+    ) -> Result<SimNode, ClusterError> {
         let name = format!("node-{i}");
-        let ns = self.new_netns("evn")?;
         let ovs = match self.opts.bridge_type {
             BridgeType::Ovs => Some(guarded(&format!("start OVS for {name}"), || {
                 Ovs::start(&ns)
@@ -399,6 +506,9 @@ impl Cluster {
             // vswitchd here runs in userspace whatever modules the machine
             // has: a kernel datapath would be shared by all simulated nodes.
             netconf["ovsDatapath"] = json!("netdev");
+        }
+        if let Some(ov) = self.opts.overlay.clone() {
+            self.overlay_netconf(&mut netconf, &ov, &base, lab.map(|l| l.1))?;
         }
         let netconf_path = base.join("net-conf.json");
         std::fs::write(&netconf_path, netconf.to_string())
@@ -448,6 +558,7 @@ impl Cluster {
             .to_string();
         Ok(SimNode {
             pods: Vec::new(),
+            agent: None,
             ovs,
             ns,
             name,
@@ -460,7 +571,277 @@ impl Cluster {
             gateway,
             bridge,
             config_gen_output: out.stdout.trim().to_string(),
+            netconf_path,
+            lab,
         })
+    }
+
+    /// Overlay clusters: the NAT lab, its servers, one lab node per cluster
+    /// node, config-gen and `evio-node agent` on each, then the pods.
+    fn build_overlay(&mut self, pod_prefix: u8) -> Result<(), ClusterError> {
+        let ov = self
+            .opts
+            .overlay
+            .clone()
+            .ok_or_else(|| ClusterError::Option("no overlay options".into()))?;
+        if ov.nodes() == 0 {
+            return Err(ClusterError::Option("at least one node".into()));
+        }
+        let lab = guarded("build the NAT lab", Lab::new)?;
+        self.track(Tracked::Netns(lab.internet().name().to_string()));
+        self.lab = Some(lab);
+        let lab = self
+            .lab
+            .as_ref()
+            .ok_or_else(|| ClusterError::step("lab", "gone"))?;
+        if ov.turn {
+            self.coturn = Some(guarded("start coturn", || lab.start_coturn())?);
+        }
+        if ov.etcd {
+            self.etcd = Some(guarded("start etcd", || lab.start_etcd())?);
+        }
+        let mut plan = Vec::new();
+        for (si, (nat, count)) in ov.sites.iter().enumerate() {
+            self.opts.check_cancel()?;
+            let lab = self
+                .lab
+                .as_mut()
+                .ok_or_else(|| ClusterError::step("lab", "gone"))?;
+            let site = guarded("add a lab site", || lab.add_site(*nat))?;
+            for _ in 0..*count {
+                let id = guarded("add a lab node", || lab.add_node(site).id)?;
+                plan.push((id, *nat, si));
+            }
+        }
+        let names: Vec<String> = {
+            let lab = self
+                .lab
+                .as_ref()
+                .ok_or_else(|| ClusterError::step("lab", "gone"))?;
+            let mut v: Vec<String> = lab
+                .nodes()
+                .iter()
+                .map(|n| n.ns.name().to_string())
+                .collect();
+            for si in 0..ov.sites.len() {
+                let s = crate::natlab::SiteId(si);
+                v.extend(lab.router(s).map(|r| r.name().to_string()));
+                v.extend(lab.inner_router(s).map(|r| r.name().to_string()));
+            }
+            v
+        };
+        for n in names {
+            self.track(Tracked::Netns(n));
+        }
+        for (i, (id, nat, si)) in plan.iter().enumerate() {
+            self.opts.check_cancel()?;
+            let name = self
+                .lab
+                .as_ref()
+                .map(|l| l.node(*id).ns.name().to_string())
+                .ok_or_else(|| ClusterError::step("lab", "gone"))?;
+            let node = self.new_node(
+                i,
+                pod_prefix,
+                Netns::borrowed(&name),
+                Some((*id, *nat, *si)),
+            )?;
+            self.nodes.push(node);
+        }
+        for i in 0..self.nodes.len() {
+            self.opts.check_cancel()?;
+            self.start_agent(i)?;
+        }
+        // Not an error if some pair does not connect in time: the report
+        // (and the tests' assertions) say which.
+        let _ = self.wait_overlay(Duration::from_secs(20));
+        for i in 0..self.nodes.len() {
+            for j in 0..self.opts.pods_per_node {
+                self.opts.check_cancel()?;
+                self.add_pod(i, j)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The overlay keys of a node's net-conf.json.
+    fn overlay_netconf(
+        &self,
+        netconf: &mut Value,
+        ov: &OverlayOpts,
+        base: &Path,
+        nat: Option<NatType>,
+    ) -> Result<(), ClusterError> {
+        let dir = self
+            .dir()
+            .ok_or_else(|| ClusterError::step("node dir", "cluster dir is gone"))?;
+        netconf["hostCIDR"] = json!(ov.host_cidr);
+        let mut o = json!({
+            "keyFile": base.join("agent.key").display().to_string(),
+            "listenPort": 5800,
+        });
+        if ov.network_key {
+            let path = dir.join("network.key");
+            if !path.exists() {
+                let mut k = [0u8; 32];
+                std::fs::File::open("/dev/urandom")
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut k))
+                    .map_err(ClusterError::io(Path::new("/dev/urandom")))?;
+                std::fs::write(&path, format!("{}\n", b64(&k))).map_err(ClusterError::io(&path))?;
+            }
+            o["networkKeyFile"] = json!(path.display().to_string());
+        }
+        if let Some(t) = &self.coturn {
+            let pw = dir.join("turn.password");
+            if !pw.exists() {
+                std::fs::write(&pw, t.password()).map_err(ClusterError::io(&pw))?;
+            }
+            let server = t.addr().to_string();
+            // UDP cannot leave that site: TURN over TCP is its only way out.
+            let transport = if nat == Some(NatType::UdpBlocked) {
+                "tcp"
+            } else {
+                "udp"
+            };
+            o["stun"] = json!([server]);
+            o["turn"] = json!([{
+                "server": server,
+                "transport": transport,
+                "username": t.user(),
+                "passwordFile": pw.display().to_string(),
+            }]);
+        }
+        netconf["overlay"] = o;
+        Ok(())
+    }
+
+    /// Starts node `i`'s agent.
+    pub fn start_agent(&mut self, i: usize) -> Result<(), ClusterError> {
+        let store = self.store_url();
+        let env = self
+            .opts
+            .overlay
+            .as_ref()
+            .map(|o| o.agent_env.clone())
+            .unwrap_or_default();
+        let bin = self.opts.evio_node_bin.clone();
+        let node = self
+            .nodes
+            .get_mut(i)
+            .ok_or_else(|| ClusterError::step("start agent", "no such node"))?;
+        let base = node
+            .conf_dir
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let spec = AgentSpec {
+            bin,
+            netns: node.ns.name().to_string(),
+            config: node.netconf_path.clone(),
+            node: node.name.clone(),
+            store,
+            socket: base.join("agent.sock"),
+            log: base.join("agent.log"),
+            extra: Vec::new(),
+            env,
+        };
+        let a = Agent::start(spec)
+            .map_err(|e| ClusterError::step(format!("agent of {}", node.name), e))?;
+        node.agent = Some(a);
+        Ok(())
+    }
+
+    /// Waits until every agent has every other node connected; the time it
+    /// took (or the first agent still waiting).
+    pub fn wait_overlay(&self, timeout: Duration) -> Result<Duration, ClusterError> {
+        let t = std::time::Instant::now();
+        let want = self.nodes.len().saturating_sub(1);
+        for n in &self.nodes {
+            let Some(a) = &n.agent else { continue };
+            let left = timeout.saturating_sub(t.elapsed());
+            a.wait_connected(want, left)
+                .map_err(|e| ClusterError::step(format!("overlay of {}", n.name), e))?;
+        }
+        Ok(t.elapsed())
+    }
+
+    /// Every node's `peers --json` (None for a node without an answering
+    /// agent).
+    pub fn peers(&self) -> Vec<Option<Value>> {
+        self.nodes
+            .iter()
+            .map(|n| n.agent.as_ref().and_then(|a| a.peers().ok()))
+            .collect()
+    }
+
+    /// The overlay from every node to every other: host-overlay ping and
+    /// the path its agent uses. Probes from different nodes run in parallel.
+    pub fn overlay_report(&self) -> OverlayReport {
+        let peers = self.peers();
+        let hosts: Vec<Option<IpAddr>> = peers
+            .iter()
+            .map(|p| {
+                p.as_ref()
+                    .and_then(|v| v["hostAddress"].as_str())
+                    .and_then(|h| h.split('/').next())
+                    .and_then(|h| h.parse().ok())
+            })
+            .collect();
+        let n = self.nodes.len();
+        let mut checks: Vec<HostCheck> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n)
+                .map(|from| {
+                    let hosts = &hosts;
+                    let peers = &peers;
+                    s.spawn(move || {
+                        let mut out = Vec::new();
+                        for to in (0..n).filter(|&t| t != from) {
+                            if self.opts.cancelled() {
+                                break;
+                            }
+                            let ping_ok = hosts[to].is_some_and(|h| {
+                                catch_unwind(AssertUnwindSafe(|| {
+                                    ping(&self.nodes[from].ns, &h.to_string())
+                                }))
+                                .unwrap_or(false)
+                            });
+                            let entry = peers[from]
+                                .as_ref()
+                                .and_then(|v| crate::agent::peer(v, &self.nodes[to].name).cloned());
+                            let get = |k: &str| {
+                                entry
+                                    .as_ref()
+                                    .and_then(|e| e[k].as_str().map(str::to_string))
+                            };
+                            out.push(HostCheck {
+                                from,
+                                to,
+                                ping: ping_ok,
+                                state: get("state"),
+                                path: get("path"),
+                                endpoint: get("endpoint"),
+                                rtt_ms: entry.as_ref().and_then(|e| e["rttMs"].as_f64()),
+                            });
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        checks.sort_by_key(|c| (c.from, c.to));
+        OverlayReport {
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.lab.map(|l| l.1)))
+                .collect(),
+            hosts,
+            checks,
+        }
     }
 
     /// ADD of one pod through the plugin, as a runtime does it.
@@ -632,8 +1013,17 @@ impl Cluster {
         };
         let ping_ok =
             catch_unwind(AssertUnwindSafe(|| ping(&src.pod.ns, &ip.to_string()))).unwrap_or(false);
-        let tcp = catch_unwind(AssertUnwindSafe(|| tcp_roundtrip(server, ip, &src.pod.ns)))
-            .unwrap_or_else(|p| Err(panic_message(&p)));
+        // Across the overlay: 1 MiB, so that a path MTU problem cannot hide
+        // behind small segments.
+        let bytes = if self.opts.overlay.is_some() {
+            1 << 20
+        } else {
+            256 * 1024
+        };
+        let tcp = catch_unwind(AssertUnwindSafe(|| {
+            tcp_roundtrip_n(server, ip, &src.pod.ns, bytes)
+        }))
+        .unwrap_or_else(|p| Err(panic_message(&p)));
         Some(Check {
             from,
             to,
@@ -645,6 +1035,9 @@ impl Cluster {
     /// The table `evio-sim up` prints: node, subnet, gateway, pods with
     /// addresses.
     pub fn summary(&self) -> String {
+        if self.opts.overlay.is_some() {
+            return self.overlay_summary();
+        }
         let mut rows = Vec::new();
         for n in &self.nodes {
             let bridge = format!("{} ({})", n.bridge, self.opts.bridge_type);
@@ -673,6 +1066,58 @@ impl Cluster {
         }
         render_table(
             &["NODE", "SUBNET", "GATEWAY", "BRIDGE", "POD", "ADDRESS"],
+            &rows,
+        )
+    }
+
+    /// Nodes of an overlay cluster: site, NAT type, underlay and host
+    /// addresses, subnet, pods.
+    fn overlay_summary(&self) -> String {
+        let peers = self.peers();
+        let mut rows = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let (site, nat, underlay) = match (n.lab, self.lab.as_ref()) {
+                (Some((id, nat, si)), Some(lab)) => (
+                    format!("site{si}"),
+                    nat.to_string(),
+                    format!("{} (public {})", lab.node(id).addr, lab.public_addr(id)),
+                ),
+                _ => ("-".into(), "-".into(), "-".into()),
+            };
+            let host = peers
+                .get(i)
+                .and_then(|p| p.as_ref())
+                .and_then(|v| v["hostAddress"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "-".into());
+            let pods: Vec<String> = n
+                .pods
+                .iter()
+                .map(|p| format!("{} {}", p.name, p.ip))
+                .collect();
+            rows.push(vec![
+                n.name.clone(),
+                site,
+                nat,
+                underlay,
+                host,
+                n.subnet.clone(),
+                if pods.is_empty() {
+                    "-".into()
+                } else {
+                    pods.join(", ")
+                },
+            ]);
+        }
+        render_table(
+            &[
+                "NODE",
+                "SITE",
+                "NAT",
+                "UNDERLAY",
+                "HOST OVERLAY",
+                "POD SUBNET",
+                "PODS",
+            ],
             &rows,
         )
     }
@@ -799,12 +1244,26 @@ impl Cluster {
                 }
                 drop(p);
             }
+            if let Some(mut a) = node.agent.take() {
+                match a.terminate(Duration::from_secs(6)) {
+                    Some((st, took)) if st.success() && took <= Duration::from_secs(5) => {}
+                    Some((st, took)) => errors.push(format!(
+                        "agent of {}: exit {st} after {took:?} on SIGTERM\n{}",
+                        node.name,
+                        a.log_tail(20)
+                    )),
+                    None => {}
+                }
+            }
         }
         // SimNode's field order stops OVS before its netns goes.
         while let Some(n) = self.nodes.pop() {
             drop(n);
         }
         self.fabric = None;
+        self.coturn = None;
+        self.etcd = None;
+        self.lab = None;
         if let Some(d) = self.dir.take() {
             let path = d.path().to_path_buf();
             if let Err(e) = d.close() {
@@ -1155,6 +1614,119 @@ impl Reachability {
             .filter(|(f, t)| !self.get(*f, *t).is_some_and(Check::ok))
             .count()
     }
+}
+
+/// One node-to-node check of the overlay.
+#[derive(Debug, Clone)]
+pub struct HostCheck {
+    pub from: usize,
+    pub to: usize,
+    /// The source node pinged the target's host-overlay address.
+    pub ping: bool,
+    /// What the source's agent says of the target.
+    pub state: Option<String>,
+    pub path: Option<String>,
+    pub endpoint: Option<String>,
+    pub rtt_ms: Option<f64>,
+}
+
+impl HostCheck {
+    pub fn ok(&self) -> bool {
+        self.ping && self.state.as_deref() == Some("connected")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OverlayReport {
+    /// Node name and site NAT type.
+    pub nodes: Vec<(String, Option<NatType>)>,
+    pub hosts: Vec<Option<IpAddr>>,
+    pub checks: Vec<HostCheck>,
+}
+
+impl OverlayReport {
+    pub fn get(&self, from: usize, to: usize) -> Option<&HostCheck> {
+        self.checks.iter().find(|c| c.from == from && c.to == to)
+    }
+
+    pub fn failures(&self) -> Vec<String> {
+        let n = self.nodes.len();
+        let mut out = Vec::new();
+        for from in 0..n {
+            for to in (0..n).filter(|&t| t != from) {
+                let name = |i: usize| self.nodes[i].0.clone();
+                match self.get(from, to) {
+                    None => out.push(format!("{} -> {}: not probed", name(from), name(to))),
+                    Some(c) if !c.ok() => out.push(format!(
+                        "{} -> {}: host ping {}, peer state {}",
+                        name(from),
+                        name(to),
+                        if c.ping { "ok" } else { "failed" },
+                        c.state.as_deref().unwrap_or("unknown")
+                    )),
+                    Some(_) => {}
+                }
+            }
+        }
+        out
+    }
+
+    /// Rows are sources, columns targets; each cell is the host-overlay
+    /// ping, then the path (direct/relay) with its RTT.
+    pub fn render(&self) -> String {
+        let n = self.nodes.len();
+        let mut headers: Vec<String> = vec!["FROM \\ TO".into()];
+        headers.extend(self.nodes.iter().map(|(name, _)| name.clone()));
+        let mut rows = Vec::new();
+        for from in 0..n {
+            let mut row = vec![self.nodes[from].0.clone()];
+            for to in 0..n {
+                if to == from {
+                    row.push("·".into());
+                    continue;
+                }
+                row.push(match self.get(from, to) {
+                    None => "??".into(),
+                    Some(c) => format!(
+                        "{} {} {}",
+                        if c.ping { "✓" } else { "✗" },
+                        c.path
+                            .as_deref()
+                            .unwrap_or(c.state.as_deref().unwrap_or("down")),
+                        c.rtt_ms.map(|r| format!("{r:.2}ms")).unwrap_or_default()
+                    )
+                    .trim_end()
+                    .to_string(),
+                });
+            }
+            rows.push(row);
+        }
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        let ok = self.checks.iter().filter(|c| c.ok()).count();
+        format!(
+            "{}each cell: host-overlay ping (✓/✗), then the path the source's agent uses and its RTT\n{ok}/{} node pairs connected and reachable\n",
+            render_table(&headers, &rows),
+            n * n.saturating_sub(1)
+        )
+    }
+}
+
+fn b64(b: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let v = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[((v >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// A plain text table, columns padded to the widest cell (in characters).

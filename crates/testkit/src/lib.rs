@@ -2,6 +2,7 @@
 //! cluster: everything here creates resources only inside network namespaces
 //! it made itself, and deletes them on drop (success or panic).
 
+pub mod agent;
 pub mod cluster;
 pub mod etcd;
 mod keeper;

@@ -70,6 +70,9 @@ where
 /// with it; veth peers in other namespaces vanish too.
 pub struct Netns {
     name: String,
+    /// Deleted on drop; false for a handle on a namespace someone else
+    /// owns (a NAT lab node used as a cluster node).
+    owned: bool,
 }
 
 impl Netns {
@@ -77,9 +80,18 @@ impl Netns {
     pub fn new(prefix: &str) -> Netns {
         let name = unique_name(prefix);
         run_ok(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Netns { name };
+        let ns = Netns { name, owned: true };
         ns.ok(&["ip", "link", "set", "lo", "up"]);
         ns
+    }
+
+    /// A handle on an existing namespace that its owner deletes: dropping
+    /// it does nothing.
+    pub fn borrowed(name: &str) -> Netns {
+        Netns {
+            name: name.to_string(),
+            owned: false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -180,6 +192,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         self.kill_all();
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])

@@ -824,8 +824,18 @@ pub fn in_netns<T: Send + 'static>(
 /// segments, so checksum/offload problems show) and checking the echo. Every
 /// step is bounded; the error says which step failed.
 pub fn tcp_roundtrip(server: &Netns, server_ip: IpAddr, client: &Netns) -> Result<(), String> {
+    tcp_roundtrip_n(server, server_ip, client, 256 * 1024)
+}
+
+/// [`tcp_roundtrip`] with `bytes` echoed.
+pub fn tcp_roundtrip_n(
+    server: &Netns,
+    server_ip: IpAddr,
+    client: &Netns,
+    bytes: usize,
+) -> Result<(), String> {
     const STEP: Duration = Duration::from_secs(10);
-    let payload: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
     let (port_tx, port_rx) = mpsc::channel::<Result<u16, String>>();
 
     let srv = in_netns(server.path(), move || -> Result<(), String> {

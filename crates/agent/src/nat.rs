@@ -84,6 +84,10 @@ struct TcpConn {
     local: SocketAddr,
     rx: Vec<u8>,
     tx: Vec<u8>,
+    epoll: RawFd,
+    token: u64,
+    /// Whether EPOLLOUT is asked for (only while a backlog waits).
+    want_out: bool,
 }
 
 struct Slot {
@@ -725,6 +729,9 @@ fn start(s: &mut Slot, local: SocketAddr, epoll: RawFd, token: u64, now: Instant
                     local,
                     rx: Vec::with_capacity(64 * 1024),
                     tx: Vec::new(),
+                    epoll,
+                    token,
+                    want_out: true,
                 });
                 s.state = TurnState::Connecting;
             }
@@ -819,14 +826,21 @@ fn flush_tcp(conn: &mut TcpConn) {
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            // Full: the rest waits for EPOLLOUT... which we only watch while
-            // connecting; a relay over TCP is the slow path, so bound the
-            // backlog and drop beyond it like a congested link would.
             Err(_) => break,
         }
     }
     conn.tx.drain(..done);
+    // A relay over TCP is the slow path: bound the backlog and drop beyond
+    // it, as a congested link would.
     if conn.tx.len() > 4 << 20 {
         conn.tx.clear();
+    }
+    // Ask for EPOLLOUT only while something waits, so an idle connection
+    // never wakes the engine.
+    let want = !conn.tx.is_empty();
+    if want != conn.want_out {
+        conn.want_out = want;
+        let ev = libc::EPOLLIN as u32 | if want { libc::EPOLLOUT as u32 } else { 0 };
+        epoll_set(conn.epoll, libc::EPOLL_CTL_MOD, conn.stream.as_raw_fd(), ev, conn.token);
     }
 }

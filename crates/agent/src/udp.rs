@@ -22,7 +22,9 @@ const CMSG_SPACE: usize = 64;
 
 pub struct Udp {
     fd: OwnedFd,
-    gro: bool,
+    /// Whether the kernel coalesces received runs (else one datagram per
+    /// buffer; the receive path handles both).
+    pub gro: bool,
     gso: bool,
     port: u16,
 }

@@ -93,7 +93,7 @@ pub fn run(args: Args) -> Result<(), NodeError> {
         let host = match ov.host_cidr {
             Some(cidr) => {
                 let ostore = open_overlay_store(&url, &opts).await?;
-                let pref = preferred_host(cidr, alloc.subnet.index);
+                let pref = preferred_host(cidr, alloc.subnet.index, gen.pod.capacity());
                 let h = ostore.allocate_host(&network, &node, cidr, pref).await?;
                 Some(
                     IpNet::new(h.addr, cidr.prefix_len())

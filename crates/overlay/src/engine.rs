@@ -733,6 +733,9 @@ impl Overlay {
     /// (all zero when the device has no offloads).
     pub fn from_pod(&mut self, now: Instant, hdr: &VnetHdr, frame: &[u8], io: &mut dyn Io) {
         let gso = hdr.gso_type != 0;
+        if gso && self.gso_too_big(hdr, frame, io) {
+            return;
+        }
         match self.switch.from_local(now, frame, gso, &mut self.reply) {
             LocalVerdict::Unicast(pid) => {
                 self.send_frame(now, pid, kind::POD_FRAME, hdr, frame, Framing::Ethernet, io)
@@ -758,6 +761,36 @@ impl Overlay {
             }
             LocalVerdict::Drop(r) => self.count_drop(r),
         }
+    }
+
+    /// A TSO super-frame whose segments would not fit the tunnel (a pod
+    /// whose MTU is larger than the overlay's): answered like an oversized
+    /// frame, with "fragmentation needed" / "packet too big", so the sender
+    /// lowers its segment size instead of losing every segment.
+    fn gso_too_big(&mut self, hdr: &VnetHdr, frame: &[u8], io: &mut dyn Io) -> bool {
+        let l4 = usize::from(hdr.csum_start);
+        let Some(off) = frame.get(l4 + 12) else {
+            return false;
+        };
+        let seg_l3 = l4.saturating_sub(14) + usize::from(off >> 4) * 4 + usize::from(hdr.gso_size);
+        if seg_l3 <= self.cfg.mtu {
+            return false;
+        }
+        let mtu = self.cfg.mtu;
+        let n = match frame.get(12..14) {
+            Some([0x08, 0x00]) => {
+                crate::packet::build_icmpv4_frag_needed(frame, mtu as u16, &mut self.reply)
+            }
+            Some([0x86, 0xdd]) => {
+                crate::packet::build_icmpv6_packet_too_big(frame, mtu as u32, &mut self.reply)
+            }
+            _ => None,
+        };
+        match n {
+            Some(n) => io.pod(&mut self.reply[..n], Csum::Complete),
+            None => self.count_drop(DropReason::TooBig),
+        }
+        true
     }
 
     /// A packet the host sent into the host-overlay interface.

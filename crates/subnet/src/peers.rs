@@ -239,13 +239,15 @@ pub fn host_key(a: IpAddr) -> String {
     a.to_string()
 }
 
-/// The address `preferred_host` suggests for a node: the host CIDR's base
-/// plus the node's subnet index, so that node 10.244.3.0/24 gets 10.10.0.3
-/// (the seed's figure pairs them this way).
-pub fn preferred_host(cidr: IpNet, index: u128) -> Option<IpAddr> {
+/// The address suggested for the node with subnet `index` of `capacity`:
+/// the host CIDR's base plus the index, so that node 10.244.3.0/24 gets
+/// 10.10.0.3 (the seed's figure pairs them this way). Index 0 would be the
+/// network address: it gets base + capacity (10.10.1.0 with 256 subnets).
+pub fn preferred_host(cidr: IpNet, index: u128, capacity: u128) -> Option<IpAddr> {
     let (lo, hi) = host_range(cidr).ok()?;
     let base = lo - 1;
-    let v = base.checked_add(index)?;
+    let offset = if index == 0 { capacity } else { index };
+    let v = base.checked_add(offset)?;
     (lo..=hi).contains(&v).then(|| addr_from(cidr, v))
 }
 
@@ -276,19 +278,15 @@ mod tests {
         assert_eq!(addr_from(c, lo).to_string(), "10.10.0.1");
         assert_eq!(addr_from(c, hi).to_string(), "10.10.255.254");
         assert!(host_range("10.0.0.0/31".parse().unwrap()).is_err());
-        assert_eq!(
-            preferred_host(c, 3).map(|a| a.to_string()).as_deref(),
-            Some("10.10.0.3")
-        );
-        // Index 0 would be the network address.
-        assert_eq!(preferred_host(c, 0), None);
+        let pref = |c, i, n| preferred_host(c, i, n).map(|a| a.to_string());
+        assert_eq!(pref(c, 3, 256).as_deref(), Some("10.10.0.3"));
+        // Index 0 would be the network address: it goes past the others.
+        assert_eq!(pref(c, 0, 256).as_deref(), Some("10.10.1.0"));
         let small: IpNet = "10.0.0.0/30".parse().unwrap();
-        assert_eq!(preferred_host(small, 3), None);
+        assert_eq!(pref(small, 3, 4), None);
+        assert_eq!(pref(small, 0, 4), None);
         let v6: IpNet = "fd00::/64".parse().unwrap();
-        assert_eq!(
-            preferred_host(v6, 7).map(|a| a.to_string()).as_deref(),
-            Some("fd00::7")
-        );
+        assert_eq!(pref(v6, 7, 256).as_deref(), Some("fd00::7"));
     }
 
     #[test]

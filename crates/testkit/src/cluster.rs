@@ -996,6 +996,7 @@ impl Cluster {
         self.opts.check_cancel()?;
         checks.sort_by_key(|c| (c.from, c.to));
         Ok(Reachability {
+            tcp_bytes: if self.opts.overlay.is_some() { 1 << 20 } else { 256 * 1024 },
             pods: labels,
             gateways: self.nodes.iter().map(|n| n.gateway).collect(),
             checks,
@@ -1509,6 +1510,8 @@ impl Check {
 /// The reachability matrix.
 #[derive(Debug, Clone)]
 pub struct Reachability {
+    /// Bytes each TCP probe echoed.
+    pub tcp_bytes: usize,
     pub pods: Vec<PodLabel>,
     /// Gateway of each node.
     pub gateways: Vec<IpAddr>,
@@ -1602,8 +1605,9 @@ impl Reachability {
         let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
         let ok = self.expected().len() - self.failed_pairs();
         format!(
-            "{}each cell: ping then TCP (256 KiB echoed), ✓ ok, ✗ failed, ?? not probed\n{ok}/{} pairs fully reachable\n",
+            "{}each cell: ping then TCP ({} echoed), ✓ ok, ✗ failed, ?? not probed\n{ok}/{} pairs fully reachable\n",
             render_table(&headers, &rows),
+            if self.tcp_bytes >= 1 << 20 { "1 MiB" } else { "256 KiB" },
             self.expected().len()
         )
     }
@@ -1947,6 +1951,7 @@ mod tests {
     #[test]
     fn reachability_counts_missing_and_failed_probes() {
         let mut r = Reachability {
+            tcp_bytes: 256 * 1024,
             pods: vec![label("a", 0), label("b", 1)],
             gateways: vec![
                 "10.0.0.1".parse().unwrap_or_else(|e| panic!("{e}")),

@@ -841,6 +841,12 @@ fn flush_tcp(conn: &mut TcpConn) {
     if want != conn.want_out {
         conn.want_out = want;
         let ev = libc::EPOLLIN as u32 | if want { libc::EPOLLOUT as u32 } else { 0 };
-        epoll_set(conn.epoll, libc::EPOLL_CTL_MOD, conn.stream.as_raw_fd(), ev, conn.token);
+        epoll_set(
+            conn.epoll,
+            libc::EPOLL_CTL_MOD,
+            conn.stream.as_raw_fd(),
+            ev,
+            conn.token,
+        );
     }
 }

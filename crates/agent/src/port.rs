@@ -105,15 +105,16 @@ pub fn attach(
                 .port(tap)
                 .map_err(|e| err("read OVS ports")(e.to_string()))?
             {
+                // A killed agent's port: its device is gone and the new TAP
+                // of that name is a different device, which the userspace
+                // datapath does not pick up on its own. Reclaim the port by
+                // replacing its record (same name: never a duplicate).
                 Some(p)
                     if p.external_ids.get(OWNER_KEY).map(String::as_str) == Some(OWNER_AGENT) =>
                 {
-                    if p.bridge != bridge.name {
-                        return Err(AgentError::Port(format!(
-                            "OVS port {tap} of a previous agent is on bridge {}, not {}",
-                            p.bridge, bridge.name
-                        )));
-                    }
+                    c.del_port_if(tap, &[(OWNER_KEY, OWNER_AGENT)])
+                        .map_err(|e| err(format!("reclaim OVS port {tap}"))(e.to_string()))?;
+                    tracing::info!(port = tap, bridge = %p.bridge, "reclaimed the OVS port of a previous agent");
                 }
                 Some(p) => {
                     return Err(AgentError::Port(format!(
@@ -121,18 +122,17 @@ pub fn attach(
                         p.bridge
                     )))
                 }
-                None => {
-                    let ids = [(OWNER_KEY, OWNER_AGENT), (NETWORK_KEY, conf.name.as_str())];
-                    c.add_port(
-                        &bridge.name,
-                        &PortSpec {
-                            name: tap,
-                            external_ids: &ids,
-                        },
-                    )
-                    .map_err(|e| err(format!("add OVS port {tap}"))(e.to_string()))?;
-                }
+                None => {}
             }
+            let ids = [(OWNER_KEY, OWNER_AGENT), (NETWORK_KEY, conf.name.as_str())];
+            c.add_port(
+                &bridge.name,
+                &PortSpec {
+                    name: tap,
+                    external_ids: &ids,
+                },
+            )
+            .map_err(|e| err(format!("add OVS port {tap}"))(e.to_string()))?;
             c.wait_ofport(tap, OVSDB_TIMEOUT)
                 .map_err(|e| err(format!("OVS did not take {tap}"))(e.to_string()))?;
         }

@@ -219,6 +219,20 @@ impl Drop for Agent {
     }
 }
 
+/// The frames of a pcap capture (classic pcap, as tcpdump -w writes).
+pub fn pcap_frames(pcap: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let incl =
+            u32::from_le_bytes([pcap[at + 8], pcap[at + 9], pcap[at + 10], pcap[at + 11]]) as usize;
+        let end = (at + 16 + incl).min(pcap.len());
+        out.push(&pcap[at + 16..end]);
+        at = end;
+    }
+    out
+}
+
 /// How many peers a `peers --json` answer lists as connected.
 pub fn connected(v: &Value) -> usize {
     v["peers"]
@@ -235,20 +249,37 @@ pub fn peer<'a>(v: &'a Value, node: &str) -> Option<&'a Value> {
 /// Runs `tcpdump` in `ns` on `iface` while `f` runs; returns the raw
 /// capture (pcap bytes) for byte searches.
 pub fn capture<T>(ns: &Netns, iface: &str, filter: &str, f: impl FnOnce() -> T) -> (T, Vec<u8>) {
+    capture_with(ns, iface, &[], filter, f)
+}
+
+/// [`capture`] with more tcpdump options (e.g. `-Q in`).
+pub fn capture_with<T>(
+    ns: &Netns,
+    iface: &str,
+    opts: &[&str],
+    filter: &str,
+    f: impl FnOnce() -> T,
+) -> (T, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let file = dir.path().join("cap.pcap");
+    let file_s = file.display().to_string();
+    // --immediate-mode: without it tcpdump hands packets over in blocks and
+    // drops the last, partly filled block when it is stopped.
+    let mut argv = vec![
+        "tcpdump",
+        "--immediate-mode",
+        "-i",
+        iface,
+        "-U",
+        "-s",
+        "0",
+        "-w",
+        &file_s,
+    ];
+    argv.extend_from_slice(opts);
+    argv.push(filter);
     let mut child = ns
-        .command(&[
-            "tcpdump",
-            "-i",
-            iface,
-            "-U",
-            "-s",
-            "0",
-            "-w",
-            &file.display().to_string(),
-            filter,
-        ])
+        .command(&argv)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -148,6 +148,9 @@ pub struct OverlayOpts {
     pub network_key: bool,
     /// Environment for the agents (e.g. `EVIO_LOG`).
     pub agent_env: Vec<(String, String)>,
+    /// Per node (by index): JSON merged into its net-conf.json (an
+    /// `overlay` object is merged key by key), e.g. a different network key.
+    pub node_netconf: Vec<(usize, Value)>,
 }
 
 impl OverlayOpts {
@@ -160,6 +163,7 @@ impl OverlayOpts {
             turn: false,
             network_key: true,
             agent_env: Vec::new(),
+            node_netconf: Vec::new(),
         }
     }
 
@@ -173,6 +177,8 @@ impl OverlayOpts {
                 (NatType::Symmetric, 1),
                 (NatType::Symmetric, 1),
                 (NatType::FullCone, 1),
+                (NatType::DoubleNat, 1),
+                (NatType::UdpBlocked, 1),
                 (NatType::Public, 1),
             ],
             host_cidr: "10.10.0.0/16".into(),
@@ -180,6 +186,7 @@ impl OverlayOpts {
             turn: true,
             network_key: true,
             agent_env: Vec::new(),
+            node_netconf: Vec::new(),
         }
     }
 
@@ -446,6 +453,19 @@ impl Cluster {
         self.nodes.get_mut(i)
     }
 
+    pub fn lab_mut(&mut self) -> Option<&mut Lab> {
+        self.lab.as_mut()
+    }
+
+    /// The agent of node `i`.
+    pub fn agent(&self, i: usize) -> Option<&Agent> {
+        self.nodes.get(i).and_then(|n| n.agent.as_ref())
+    }
+
+    pub fn agent_mut(&mut self, i: usize) -> Option<&mut Agent> {
+        self.nodes.get_mut(i).and_then(|n| n.agent.as_mut())
+    }
+
     fn store_path(&self) -> PathBuf {
         self.dir
             .as_ref()
@@ -508,7 +528,7 @@ impl Cluster {
             netconf["ovsDatapath"] = json!("netdev");
         }
         if let Some(ov) = self.opts.overlay.clone() {
-            self.overlay_netconf(&mut netconf, &ov, &base, lab.map(|l| l.1))?;
+            self.overlay_netconf(&mut netconf, &ov, &base, lab.map(|l| l.1), i)?;
         }
         let netconf_path = base.join("net-conf.json");
         std::fs::write(&netconf_path, netconf.to_string())
@@ -671,6 +691,7 @@ impl Cluster {
         ov: &OverlayOpts,
         base: &Path,
         nat: Option<NatType>,
+        index: usize,
     ) -> Result<(), ClusterError> {
         let dir = self
             .dir()
@@ -712,6 +733,20 @@ impl Cluster {
             }]);
         }
         netconf["overlay"] = o;
+        for (_, extra) in ov.node_netconf.iter().filter(|(i, _)| *i == index) {
+            if let Some(m) = extra.as_object() {
+                for (k, v) in m {
+                    match (k.as_str(), v.as_object()) {
+                        ("overlay", Some(o)) => {
+                            for (ok, ov) in o {
+                                netconf["overlay"][ok] = ov.clone();
+                            }
+                        }
+                        _ => netconf[k] = v.clone(),
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -996,7 +1031,11 @@ impl Cluster {
         self.opts.check_cancel()?;
         checks.sort_by_key(|c| (c.from, c.to));
         Ok(Reachability {
-            tcp_bytes: if self.opts.overlay.is_some() { 1 << 20 } else { 256 * 1024 },
+            tcp_bytes: if self.opts.overlay.is_some() {
+                1 << 20
+            } else {
+                256 * 1024
+            },
             pods: labels,
             gateways: self.nodes.iter().map(|n| n.gateway).collect(),
             checks,

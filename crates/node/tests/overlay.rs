@@ -1,0 +1,648 @@
+//! `evio-node agent` end to end: simulated nodes (each a netns on a lab
+//! "internet" or behind a NAT router), the real `config-gen`, the real
+//! agent, pods attached by the real `evio` plugin, OVS or Linux bridges,
+//! the file store or etcd, coturn for NAT traversal. Everything lives in
+//! namespaces the tests create and is removed on drop.
+//!
+//! Uses the release binaries next to this test (`cargo test --release`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use evio_testkit::agent::{capture, capture_with, connected, pcap_frames, peer};
+use evio_testkit::cluster::{
+    profile_dir_of_current_exe, BridgeType, Cluster, ClusterOpts, OverlayOpts,
+};
+use evio_testkit::natlab::{NatType, NodeId};
+use evio_testkit::netns::Netns;
+use evio_testkit::plugin::{ping, tcp_roundtrip_n};
+use serde_json::{json, Value};
+
+const NODE_BIN: &str = env!("CARGO_BIN_EXE_evio-node");
+
+fn plugin_bin() -> PathBuf {
+    profile_dir_of_current_exe()
+        .map(|d| d.join("evio"))
+        .unwrap_or_else(|| PathBuf::from("target/release/evio"))
+}
+
+fn opts(bridge: BridgeType, pods: usize, ov: OverlayOpts) -> ClusterOpts {
+    let mut o = ClusterOpts::new(plugin_bin(), NODE_BIN);
+    o.bridge_type = bridge;
+    o.pods_per_node = pods;
+    o.nodes = ov.nodes();
+    o.network = evio_testkit::netns::unique_name("ov");
+    o.overlay = Some(ov);
+    o
+}
+
+fn up(o: ClusterOpts) -> Cluster {
+    Cluster::up(o).unwrap_or_else(|e| panic!("cluster: {e}"))
+}
+
+/// Node i's name as the agents list it.
+fn name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    loop {
+        if f() {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < timeout, "timed out after {timeout:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Everything reachable: pods (ping + 1 MiB TCP, and their gateways),
+/// host overlay, every peer connected. Returns the overlay report.
+fn assert_all_reachable(c: &Cluster) -> evio_testkit::cluster::OverlayReport {
+    c.wait_overlay(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = c.reachability().unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.all_ok(), "pods:\n{}\n{:#?}", r.render(), r.failures());
+    let o = c.overlay_report();
+    assert!(
+        o.failures().is_empty(),
+        "overlay:\n{}\n{:#?}",
+        o.render(),
+        o.failures()
+    );
+    o
+}
+
+fn peers(c: &Cluster, i: usize) -> Value {
+    c.agent(i)
+        .unwrap_or_else(|| panic!("node {i} has no agent"))
+        .peers()
+        .unwrap_or_else(|e| panic!("peers of node {i}: {e}"))
+}
+
+fn pod_ip(c: &Cluster, node: usize, pod: usize) -> IpAddr {
+    c.nodes()[node].pods[pod].ip
+}
+
+fn lab_node(c: &Cluster, i: usize) -> NodeId {
+    c.nodes()[i]
+        .lab
+        .map(|l| l.0)
+        .unwrap_or_else(|| panic!("node {i} not in a lab"))
+}
+
+// ---------------------------------------------------------------------------
+// Issue 10: the agent on a routed internet (no NAT).
+
+#[test]
+fn linux_bridges_file_store_pods_hosts_and_peers() {
+    let c = up(opts(BridgeType::Linux, 2, OverlayOpts::flat(3)));
+    let o = assert_all_reachable(&c);
+    for ch in &o.checks {
+        assert_eq!(ch.path.as_deref(), Some("direct"), "{}", o.render());
+    }
+    for i in 0..3 {
+        let v = peers(&c, i);
+        assert_eq!(v["node"], name(i));
+        assert!(v["hostAddress"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("10.10.")));
+        assert!(v["listen"]
+            .as_str()
+            .is_some_and(|l| l.parse::<SocketAddr>().is_ok()));
+        let list = v["peers"].as_array().expect("peers list");
+        assert_eq!(list.len(), 2);
+        for p in list {
+            for k in [
+                "node",
+                "publicKey",
+                "hostAddress",
+                "podSubnet",
+                "state",
+                "path",
+                "endpoint",
+                "rttMs",
+                "lastHandshake",
+                "rxBytes",
+                "txBytes",
+            ] {
+                assert!(p.get(k).is_some(), "peers entry lacks {k}: {p}");
+            }
+            assert_eq!(p["state"], "connected");
+        }
+        // config-gen gave the pods an MTU that fits inside the tunnel.
+        let mtu = c.nodes()[i].conflist["plugins"][0]["mtu"].as_u64();
+        assert_eq!(mtu, Some(1380));
+    }
+}
+
+#[test]
+fn ovs_bridges_pods_hosts_and_peers() {
+    let c = up(opts(BridgeType::Ovs, 1, OverlayOpts::flat(3)));
+    assert_all_reachable(&c);
+    // The agent's port is on the bridge, marked as the agent's (the
+    // plugin's GC never touches it).
+    let n = &c.nodes()[0];
+    let ovs = n.ovs.as_ref().expect("ovs");
+    let ids = ovs.vsctl(&["get", "Port", "evio0-ovl", "external_ids"]);
+    assert!(
+        ids.contains("evio-owner=evio-agent") || ids.contains("\"evio-owner\"=evio-agent"),
+        "{ids}"
+    );
+}
+
+#[test]
+fn etcd_store_and_a_deleted_record_tears_the_tunnels_down() {
+    let mut ov = OverlayOpts::flat(3);
+    ov.etcd = true;
+    let c = up(opts(BridgeType::Linux, 1, ov));
+    assert_all_reachable(&c);
+    let net = c.opts().network.clone();
+    let etcd = c.etcd().expect("etcd");
+    let key = format!("/evio/{net}/peers/{}", name(2));
+    let rec = etcd.get_prefix(&key);
+    assert_eq!(rec.len(), 1, "node-2's record is in etcd: {rec:?}");
+    let out = etcd.etcdctl(&["del", &key]);
+    assert!(out.status.success());
+    // The others drop node-2 at once (watch), its pods become unreachable.
+    let took = wait(
+        "node-2 gone from the others' peers",
+        Duration::from_secs(10),
+        || (0..2).all(|i| peer(&peers(&c, i), &name(2)).is_none()),
+    );
+    eprintln!("record deletion seen by both peers after {took:?}");
+    let from = &c.nodes()[0].pods[0].pod.ns;
+    assert!(
+        !ping(from, &pod_ip(&c, 2, 0).to_string()),
+        "node-2's pod still reachable"
+    );
+    // node-2 knows it was removed and does not put itself back.
+    wait(
+        "node-2 reports the revocation",
+        Duration::from_secs(20),
+        || {
+            c.agent(2)
+                .and_then(|a| a.request("health").ok())
+                .is_some_and(|h| h.contains("\"revoked\":true"))
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        etcd.get_prefix(&key).is_empty(),
+        "a revoked node must not republish"
+    );
+    // The remaining pair is unaffected.
+    assert!(ping(from, &pod_ip(&c, 1, 0).to_string()));
+}
+
+/// UDP payloads of a pcap capture (Ethernet, IPv4, UDP). A GSO run shows
+/// up as one frame whose payload is the concatenated datagrams; those come
+/// out as one entry (their UDP length field covers one segment only).
+fn udp_payloads(pcap: &[u8]) -> Vec<(SocketAddr, SocketAddr, Vec<u8>)> {
+    let mut out = Vec::new();
+    for f in pcap_frames(pcap) {
+        if f.len() < 42 || f[12..14] != [8, 0] || f[23] != 17 {
+            continue;
+        }
+        let ihl = usize::from(f[14] & 15) * 4;
+        let u = 14 + ihl;
+        if f.len() < u + 8 {
+            continue;
+        }
+        let src = SocketAddr::new(
+            IpAddr::from([f[26], f[27], f[28], f[29]]),
+            u16::from_be_bytes([f[u], f[u + 1]]),
+        );
+        let dst = SocketAddr::new(
+            IpAddr::from([f[30], f[31], f[32], f[33]]),
+            u16::from_be_bytes([f[u + 2], f[u + 3]]),
+        );
+        out.push((src, dst, f[u + 8..].to_vec()));
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn the_underlay_carries_no_plaintext_and_replays_and_garbage_are_dropped() {
+    let c = up(opts(BridgeType::Linux, 1, OverlayOpts::flat(2)));
+    assert_all_reachable(&c);
+    let lab = c.lab().expect("lab");
+    // 16 bytes ping repeats in its payload, and a run of the byte pattern
+    // the TCP echo carries (i % 251) must not appear on the underlay. As a
+    // control that the capture and the search work, the node itself pings
+    // its peer's underlay address with another marker, in clear.
+    let marker = b"EVIO-PLAINTEXT!!";
+    let control = b"EVIO-CONTROL-!!!";
+    let hexof = |m: &[u8]| m.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let tcp_run: Vec<u8> = (100..140u8).collect();
+    let server = &c.nodes()[1].pods[0].pod.ns;
+    let client = &c.nodes()[0].pods[0].pod.ns;
+    let dst = pod_ip(&c, 1, 0);
+    let underlay1 = lab.public_addr(lab_node(&c, 1)).to_string();
+    let (tcp, outside) = capture(lab.internet(), "inet0", "", || {
+        let r = tcp_roundtrip_n(server, dst, client, 256 * 1024);
+        let out = client.exec(&[
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-p",
+            &hexof(marker),
+            &dst.to_string(),
+        ]);
+        assert!(out.status.success(), "marker ping over the overlay failed");
+        let out = c.nodes()[0].ns.exec(&[
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-p",
+            &hexof(control),
+            &underlay1,
+        ]);
+        assert!(out.status.success(), "control ping on the underlay failed");
+        r
+    });
+    tcp.unwrap_or_else(|e| panic!("transfer: {e}"));
+    assert!(
+        contains(&outside, control),
+        "the capture missed the control ping: it proves nothing"
+    );
+    let dgrams = udp_payloads(&outside);
+    assert!(
+        dgrams.len() > 10,
+        "the underlay capture saw the tunnel ({} datagrams)",
+        dgrams.len()
+    );
+    assert!(
+        !contains(&outside, marker),
+        "ping payload in clear on the underlay"
+    );
+    assert!(
+        !contains(&outside, &tcp_run),
+        "TCP payload in clear on the underlay"
+    );
+    // Replay one captured transport datagram to node-1.
+    let to1: SocketAddr = SocketAddr::new(lab.public_addr(lab_node(&c, 1)), 5800);
+    // A single datagram (not a GSO run): an ACK, a probe or a keepalive.
+    let (_, _, d) = dgrams
+        .iter()
+        .rev()
+        .find(|(_, dst, d)| *dst == to1 && d.first() == Some(&0x84) && d.len() < 300)
+        .cloned()
+        .expect("a transport datagram to node-1");
+    let a1 = c.agent(1).expect("agent");
+    let replays = |a: &evio_testkit::agent::Agent| {
+        a.metric("evio_peer_drops_total{node=\"node-1\",peer=\"node-0\",reason=\"replay\"}")
+    };
+    let before = replays(a1);
+    let sock = lab
+        .internet()
+        .udp_bind("203.0.113.1:0".parse().unwrap_or_else(|e| panic!("{e}")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    sock.send_to(&d, to1).unwrap_or_else(|e| panic!("{e}"));
+    wait("the replay counted", Duration::from_secs(5), || {
+        replays(a1) > before
+    });
+    // Garbage: random bytes of every kind, truncated messages, forged
+    // handshakes, fake STUN: nothing crashes, everything is counted.
+    let rejected = |a: &evio_testkit::agent::Agent| a.metric("evio_overlay_rejected_total");
+    let before = rejected(a1);
+    let mut junk: Vec<Vec<u8>> = vec![
+        vec![0x84],
+        vec![0x84, 0, 0, 0, 1, 2, 3, 4],
+        vec![0x81, 0, 0, 0],
+        vec![0x82; 92],
+        vec![0x83; 64],
+        vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42],
+        vec![0x40, 0x00, 0xff, 0xff, 1, 2],
+    ];
+    let mut forged = vec![0u8; 148];
+    forged[0] = 0x81;
+    junk.push(forged);
+    for i in 1..200u32 {
+        junk.push((0..(i % 300)).map(|k| (k * 7 + i) as u8).collect());
+    }
+    for j in &junk {
+        let _ = sock.send_to(j, to1);
+    }
+    wait("garbage counted", Duration::from_secs(5), || {
+        rejected(a1) >= before + 150
+    });
+    assert!(
+        ping(client, &dst.to_string()),
+        "the agent survived the garbage"
+    );
+}
+
+#[test]
+fn rogue_nodes_get_no_frames_through() {
+    // node-3 holds a different network key.
+    let mut ov = OverlayOpts::flat(4);
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let wrong = dir.path().join("wrong.key");
+    std::fs::write(&wrong, "d3JvbmctbmV0d29yay1rZXktMzItYnl0ZXMtbG9uZyE=\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    ov.node_netconf = vec![(
+        3,
+        json!({"overlay": {"networkKeyFile": wrong.display().to_string()}}),
+    )];
+    let mut c = up(opts(BridgeType::Linux, 1, ov));
+    for i in 0..3 {
+        c.agent(i)
+            .expect("agent")
+            .wait_connected(2, Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    for i in 0..3 {
+        let v = peers(&c, i);
+        let p3 = peer(&v, &name(3)).expect("node-3 is in the store");
+        assert_ne!(
+            p3["state"], "connected",
+            "node {i} lists the rogue connected"
+        );
+    }
+    assert_eq!(connected(&peers(&c, 3)), 0);
+    // Its handshakes fail mac1 on the others, before any DH.
+    let auth = c
+        .agent(0)
+        .expect("agent")
+        .metric("evio_overlay_rejected_total{node=\"node-0\",reason=\"auth\"}");
+    assert!(auth > 0, "no auth rejections counted");
+    let rogue_pod = &c.nodes()[3].pods[0].pod.ns;
+    assert!(!ping(rogue_pod, &pod_ip(&c, 0, 0).to_string()));
+
+    // A node whose key is not in the store: it reads a copy of the store
+    // (so it knows everyone) but nobody knows it.
+    let store = c.store_url();
+    let path = store
+        .strip_prefix("file://")
+        .expect("file store")
+        .to_string();
+    let copy = dir.path().join("copy.json");
+    std::fs::copy(&path, &copy).unwrap_or_else(|e| panic!("{e}"));
+    let lab = c.lab_mut().expect("lab");
+    let site = lab.add_site(NatType::Public);
+    let ns_name = lab.add_node(site).ns.name().to_string();
+    let conf = dir.path().join("rogue.json");
+    let mut nc: Value = serde_json::from_str(
+        &std::fs::read_to_string(&c.nodes()[0].netconf_path).unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    nc["overlay"]["keyFile"] = json!(dir.path().join("rogue.key").display().to_string());
+    nc["dataStore"] = json!(format!("file://{}", copy.display()));
+    nc.as_object_mut().map(|m| m.remove("ovsdb"));
+    std::fs::write(&conf, nc.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let rogue = evio_testkit::agent::Agent::start(evio_testkit::agent::AgentSpec {
+        bin: NODE_BIN.into(),
+        netns: ns_name,
+        config: conf,
+        node: "rogue".into(),
+        store: format!("file://{}", copy.display()),
+        socket: dir.path().join("rogue.sock"),
+        log: dir.path().join("rogue.log"),
+        extra: Vec::new(),
+        env: Vec::new(),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let a0 = c.agent(0).expect("agent");
+    wait(
+        "the unknown key is refused",
+        Duration::from_secs(15),
+        || a0.metric("evio_overlay_rejected_total{node=\"node-0\",reason=\"unknown_peer\"}") > 0,
+    );
+    assert_eq!(
+        connected(&rogue.peers().unwrap_or_default()),
+        0,
+        "{}",
+        rogue.log_tail(20)
+    );
+    assert!(peer(&peers(&c, 0), "rogue").is_none());
+    drop(rogue);
+}
+
+#[test]
+fn a_pod_spoofing_another_nodes_subnet_reaches_nothing() {
+    let c = up(opts(BridgeType::Linux, 1, OverlayOpts::flat(3)));
+    assert_all_reachable(&c);
+    // A pod on node-0 with an address of node-1's subnet.
+    let node0 = &c.nodes()[0];
+    let spoof = Netns::new("spf");
+    let subnet1: ipnet::IpNet = c.nodes()[1]
+        .subnet
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ip = match subnet1.network() {
+        IpAddr::V4(a) => std::net::Ipv4Addr::from(u32::from(a) + 200),
+        IpAddr::V6(_) => panic!("v4 only"),
+    };
+    let o = ip.octets();
+    let mac = format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+    let host_if = evio_testkit::netns::unique_name("spf");
+    node0.ns.ok(&[
+        "ip",
+        "link",
+        "add",
+        &host_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        spoof.name(),
+    ]);
+    node0.ns.ok(&[
+        "ip", "link", "set", &host_if, "master", "evio0", "mtu", "1380", "up",
+    ]);
+    spoof.ok(&[
+        "ip", "link", "set", "eth0", "address", &mac, "mtu", "1380", "up",
+    ]);
+    spoof.ok(&["ip", "addr", "add", &format!("{ip}/16"), "dev", "eth0"]);
+    let victim = pod_ip(&c, 2, 0);
+    assert!(
+        !ping(&spoof, &victim.to_string()),
+        "the spoofing pod got through"
+    );
+    let a2 = c.agent(2).expect("agent");
+    let spoofed =
+        a2.metric("evio_peer_drops_total{node=\"node-2\",peer=\"node-0\",reason=\"spoofed\"}");
+    assert!(spoofed > 0, "node-2 counted no spoofed frames from node-0");
+    // Legitimate traffic from node-0 still flows.
+    assert!(ping(&node0.pods[0].pod.ns, &victim.to_string()));
+}
+
+fn links(ns: &Netns) -> Vec<String> {
+    ns.links()
+}
+
+#[test]
+fn sigkill_then_restart_keeps_the_key_reclaims_the_port_and_traffic_resumes() {
+    let mut c = up(opts(BridgeType::Ovs, 1, OverlayOpts::flat(2)));
+    assert_all_reachable(&c);
+    let key = peers(&c, 1)["publicKey"].clone();
+    let from = c.nodes()[0].pods[0].pod.ns.name().to_string();
+    let dst = pod_ip(&c, 1, 0).to_string();
+    // Traffic flowing while the agent dies.
+    let mut pinger = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{from}"))
+        .args(["--", "ping", "-i", "0.1", "-q", &dst])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(500));
+    let a = c.agent_mut(1).expect("agent");
+    a.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    a.restart().unwrap_or_else(|e| panic!("{e}"));
+    let took = wait(
+        "the restarted agent reconnects",
+        Duration::from_secs(20),
+        || {
+            c.agent(1)
+                .and_then(|a| a.peers().ok())
+                .is_some_and(|v| connected(&v) == 1)
+        },
+    );
+    eprintln!("reconnected {took:?} after the restart");
+    let _ = pinger.kill();
+    let _ = pinger.wait();
+    assert_eq!(
+        peers(&c, 1)["publicKey"],
+        key,
+        "same public key after the restart"
+    );
+    // One agent port, one TAP: no leftover, no duplicate.
+    let n = &c.nodes()[1];
+    let ports = n.ovs.as_ref().expect("ovs").vsctl(&["list-ports", "evio0"]);
+    assert_eq!(
+        ports.lines().filter(|l| l.contains("ovl")).count(),
+        1,
+        "{ports}"
+    );
+    assert_eq!(links(&n.ns).iter().filter(|l| l.contains("ovl")).count(), 1);
+    let from_ns = &c.nodes()[0].pods[0].pod.ns;
+    wait("pod traffic resumes", Duration::from_secs(10), || {
+        ping(from_ns, &dst)
+    });
+}
+
+#[test]
+fn sigterm_leaves_nothing_behind() {
+    let mut c = up(opts(BridgeType::Ovs, 1, OverlayOpts::flat(2)));
+    assert_all_reachable(&c);
+    let store = c.store_url();
+    let path = store
+        .strip_prefix("file://")
+        .expect("file store")
+        .to_string();
+    let net = c.opts().network.clone();
+    let a = c.agent_mut(1).expect("agent");
+    let (st, took) = a.terminate(Duration::from_secs(10)).expect("it ran");
+    assert!(st.success(), "exit status {st}");
+    assert!(took <= Duration::from_secs(5), "took {took:?}");
+    let n = &c.nodes()[1];
+    let l = links(&n.ns);
+    assert!(
+        !l.iter().any(|x| x.contains("ovl") || x == "evio-host"),
+        "{l:?}"
+    );
+    let ports = n.ovs.as_ref().expect("ovs").vsctl(&["list-ports", "evio0"]);
+    assert!(!ports.contains("ovl"), "{ports}");
+    assert!(
+        !n.ns
+            .exec(&["ip", "-o", "addr"])
+            .stdout
+            .windows(6)
+            .any(|w| w == b"10.10."),
+        "host address left"
+    );
+    let data: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_default())
+        .unwrap_or_default();
+    assert!(
+        data["networks"][&net]["peers"].get(name(1)).is_none(),
+        "record left in the store"
+    );
+    // The other side drops it.
+    wait("node-0 drops node-1", Duration::from_secs(10), || {
+        peer(&peers(&c, 0), &name(1)).is_none()
+    });
+    c.node_mut(1).map(|n| n.agent = None);
+}
+
+#[test]
+fn steady_state_pod_traffic_sends_no_arp_broadcast_across_nodes() {
+    let c = up(opts(BridgeType::Linux, 1, OverlayOpts::flat(2)));
+    assert_all_reachable(&c);
+    let a = &c.nodes()[0].pods[0].pod.ns;
+    let b_ns = &c.nodes()[1].ns;
+    let dst = pod_ip(&c, 1, 0).to_string();
+    // Fresh caches: the pod must ARP again.
+    a.ok(&["ip", "neigh", "flush", "all"]);
+    c.nodes()[1].pods[0]
+        .pod
+        .ns
+        .ok(&["ip", "neigh", "flush", "all"]);
+    // `-Q in` on the TAP: what the agent wrote into node-1's bridge, i.e.
+    // what crossed the tunnel (node-1's own ARP toward its port is not).
+    let (ok, pcap) = capture_with(b_ns, "evio0-ovl", &["-Q", "in"], "arp", || {
+        (0..20).all(|_| ping(a, &dst))
+    });
+    assert!(ok);
+    let frames = pcap_frames(&pcap);
+    let bcast = frames
+        .iter()
+        .filter(|f| f.len() >= 6 && f[..6] == [0xff; 6])
+        .count();
+    assert_eq!(
+        bcast,
+        0,
+        "{bcast} ARP broadcasts crossed ({} ARP frames in)",
+        frames.len()
+    );
+}
+
+#[test]
+fn an_oversized_frame_gets_fragmentation_needed_not_a_black_hole() {
+    let c = up(opts(BridgeType::Linux, 1, OverlayOpts::flat(2)));
+    assert_all_reachable(&c);
+    // A pod (and its host end) left at 1500 by an old config.
+    let n0 = &c.nodes()[0];
+    let pod = &n0.pods[0].pod;
+    let host_if = n0
+        .ns
+        .links()
+        .into_iter()
+        .find(|l| l.starts_with("ev") && l.len() == 15)
+        .expect("the pod's host veth");
+    n0.ns.ok(&["ip", "link", "set", &host_if, "mtu", "1500"]);
+    pod.ns.ok(&["ip", "link", "set", "eth0", "mtu", "1500"]);
+    let dst = pod_ip(&c, 1, 0).to_string();
+    let out = pod
+        .ns
+        .exec(&["ping", "-c", "2", "-M", "do", "-s", "1472", "-W", "2", &dst]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("mtu = 1380") || text.contains("mtu=1380") || text.contains("Frag needed"),
+        "no fragmentation-needed answer: {text}"
+    );
+    // The pod learned the path MTU: a large TCP transfer now works.
+    tcp_roundtrip_n(
+        &c.nodes()[1].pods[0].pod.ns,
+        pod_ip(&c, 1, 0),
+        &pod.ns,
+        1 << 20,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}

@@ -114,6 +114,12 @@ pub fn attach(
                 {
                     c.del_port_if(tap, &[(OWNER_KEY, OWNER_AGENT)])
                         .map_err(|e| err(format!("reclaim OVS port {tap}"))(e.to_string()))?;
+                    // Let vswitchd drop the port before it comes back, or
+                    // it folds both changes into none and keeps reading
+                    // the dead device.
+                    if let Err(e) = c.wait_reconfigured(OVSDB_TIMEOUT) {
+                        tracing::warn!("reclaiming OVS port {tap}: {e}");
+                    }
                     tracing::info!(port = tap, bridge = %p.bridge, "reclaimed the OVS port of a previous agent");
                 }
                 Some(p) => {

@@ -532,9 +532,31 @@ fn sigkill_then_restart_keeps_the_key_reclaims_the_port_and_traffic_resumes() {
     );
     assert_eq!(links(&n.ns).iter().filter(|l| l.contains("ovl")).count(), 1);
     let from_ns = &c.nodes()[0].pods[0].pod.ns;
-    wait("pod traffic resumes", Duration::from_secs(10), || {
-        ping(from_ns, &dst)
-    });
+    let t = Instant::now();
+    while !ping(from_ns, &dst) {
+        if t.elapsed() > Duration::from_secs(10) {
+            for i in 0..2 {
+                let a = c.agent(i).expect("agent");
+                eprintln!(
+                    "node-{i}: {}\n{}",
+                    a.peers().map(|v| v.to_string()).unwrap_or_default(),
+                    a.log_tail(30)
+                );
+            }
+            let ovs = c.nodes()[1]
+                .ovs
+                .as_ref()
+                .map(|o| o.vsctl(&["list", "interface", "evio0-ovl"]));
+            let link = c.nodes()[1]
+                .ns
+                .exec(&["ip", "-s", "link", "show", "evio0-ovl"]);
+            panic!(
+                "pod traffic did not resume\n{}\n{}",
+                ovs.unwrap_or_default(),
+                String::from_utf8_lossy(&link.stdout)
+            );
+        }
+    }
 }
 
 #[test]

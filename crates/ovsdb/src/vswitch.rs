@@ -279,6 +279,53 @@ impl Client {
         }
     }
 
+    /// Waits until ovs-vswitchd has applied every change committed so far,
+    /// as `ovs-vsctl` does unless `--no-wait`: bumps `next_cfg` and waits
+    /// (server-side) for vswitchd to copy it to `cur_cfg`. A database change
+    /// followed at once by its reverse can otherwise be folded by vswitchd
+    /// into "nothing changed" (a port deleted and re-added under the same
+    /// name keeps its stale device handle).
+    pub fn wait_reconfigured(&mut self, timeout: Duration) -> Result<()> {
+        let results = self.transact(
+            DB,
+            vec![
+                mutate(
+                    "Open_vSwitch",
+                    vec![],
+                    vec![mutation("next_cfg", Mutator::Add, json!(1))],
+                ),
+                select("Open_vSwitch", vec![], Some(&["next_cfg"])),
+            ],
+        )?;
+        let rows = first_rows(&results, 1)?;
+        let next = rows
+            .first()
+            .and_then(|r| r.optional_integer("next_cfg").ok().flatten())
+            .ok_or_else(|| Error::NotFound("Open_vSwitch next_cfg".into()))?;
+        let ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(MAX_WAIT_MS);
+        let ops = vec![wait(
+            "Open_vSwitch",
+            vec![],
+            &["cur_cfg"],
+            Until::Eq,
+            vec![json!({"cur_cfg": next})],
+            ms,
+        )];
+        let io_timeout = Duration::from_millis(ms).saturating_add(self.timeout());
+        match self.transact_within(DB, ops, io_timeout) {
+            Ok(_) => Ok(()),
+            Err(Error::Transaction { op: 0, error, .. }) if error == WAIT_FAILED => {
+                Err(Error::Timeout {
+                    what: "ovs-vswitchd to apply the configuration".into(),
+                    after: timeout,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The port named `name` on whichever bridge holds it.
     pub fn port(&mut self, name: &str) -> Result<Option<PortInfo>> {
         let results = self.transact(

@@ -1149,6 +1149,15 @@ fn agent_config_secrets_and_ovsdb_are_mounted_read_only() {
     let m = mount(&c, &vol.name).expect("the agent mounts OVSDB's directory");
     assert_eq!(m.mount_path.trim_end_matches('/'), dir);
     assert_eq!(m.read_only, Some(true));
+    // Nothing writes there: connecting to a unix socket needs no write
+    // access to its file system.
+    let main = pod_spec(&daemonset(&docs));
+    let vol = host_path_volume(&main, dir);
+    for c in all_containers(&main) {
+        if let Some(m) = mount(&c, &vol.name) {
+            assert_eq!(m.read_only, Some(true), "{} mounts {dir} writable", c.name);
+        }
+    }
     // Every Secret is optional, owner-only, mounted read-only.
     for v in spec.volumes.as_deref().unwrap_or_default() {
         if let Some(sec) = &v.secret {

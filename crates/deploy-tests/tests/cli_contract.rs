@@ -60,37 +60,83 @@ fn remapped(c: &Container, node: &str, remap: &[(&str, &Path)]) -> Vec<String> {
     out
 }
 
+/// `evio-node SUB ARGS...` as a container command or an exec probe: the
+/// subcommand exists and lists every flag.
+fn check_command(bin: &Path, top: &str, what: &str, sub: &str, argv: &[String]) {
+    assert!(
+        top.lines()
+            .any(|l| l.split_whitespace().next() == Some(sub)),
+        "evio-node has no `{sub}` subcommand (needed by {what}):\n{top}"
+    );
+    let help = run_bounded(Command::new(bin).args([sub, "--help"]), None, LIMIT);
+    assert!(help.ok(), "evio-node {sub} --help:\n{}", show(&help));
+    for a in argv.iter().filter(|a| a.starts_with("--")) {
+        let flag = a.split('=').next().unwrap_or(a);
+        let listed = help
+            .stdout
+            .split_whitespace()
+            .any(|w| w.trim_end_matches(',') == flag || w.starts_with(&format!("{flag}=")));
+        assert!(
+            listed,
+            "`evio-node {sub}` has no {flag} ({what}):\n{}",
+            help.stdout
+        );
+    }
+}
+
 #[test]
-fn built_evio_node_accepts_every_flag_the_daemonset_passes() {
+fn built_evio_node_accepts_every_flag_the_daemonsets_pass() {
     let bin = evio_node();
     let docs = load_manifests();
-    let spec = pod_spec(&daemonset(&docs));
     let top = run_bounded(Command::new(&bin).arg("--help"), None, LIMIT);
     assert!(top.ok(), "evio-node --help:\n{}", show(&top));
-    for c in all_containers(&spec) {
-        let sub = subcommand(&c);
-        assert!(
-            top.stdout
-                .lines()
-                .any(|l| l.split_whitespace().next() == Some(sub.as_str())),
-            "evio-node has no `{sub}` subcommand (needed by container {}):\n{}",
-            c.name,
-            top.stdout
-        );
-        let help = run_bounded(Command::new(&bin).args([&sub, "--help"]), None, LIMIT);
-        assert!(help.ok(), "evio-node {sub} --help:\n{}", show(&help));
-        for a in args(&c).iter().filter(|a| a.starts_with("--")) {
-            let flag = a.split('=').next().unwrap_or(a);
-            let listed = help
-                .stdout
-                .split_whitespace()
-                .any(|w| w.trim_end_matches(',') == flag || w.starts_with(&format!("{flag}=")));
+    for c in every_container(&docs) {
+        let what = format!("container {}", c.name);
+        check_command(&bin, &top.stdout, &what, &subcommand(&c), &args(&c));
+        // Exec probes run evio-node too.
+        for (kind, p) in [
+            ("startupProbe", &c.startup_probe),
+            ("livenessProbe", &c.liveness_probe),
+            ("readinessProbe", &c.readiness_probe),
+        ] {
+            let Some(cmd) = p
+                .as_ref()
+                .and_then(|p| p.exec.as_ref())
+                .and_then(|e| e.command.clone())
+            else {
+                continue;
+            };
             assert!(
-                listed,
-                "`evio-node {sub}` has no {flag} (container {}):\n{}",
-                c.name, help.stdout
+                cmd.len() >= 2 && cmd[0].ends_with("/evio-node"),
+                "{what} {kind}: {cmd:?}"
+            );
+            check_command(
+                &bin,
+                &top.stdout,
+                &format!("{what} {kind}"),
+                &cmd[1],
+                &cmd[2..],
             );
         }
+    }
+}
+
+/// `evio-node run` looks for the agent where the agent DaemonSet puts its
+/// socket (the main DaemonSet names no --agent-socket).
+#[test]
+fn run_looks_for_the_agent_where_the_agent_daemonset_binds() {
+    let bin = evio_node();
+    let docs = load_manifests();
+    let agent = container_by_sub(&pod_spec(&agent_daemonset(&docs)), "agent");
+    let sock = flag(&agent, "--control-socket").expect("--control-socket");
+    for sub in ["run", "peers", "agent"] {
+        let help = run_bounded(Command::new(&bin).args([sub, "--help"]), None, LIMIT);
+        assert!(help.ok(), "{}", show(&help));
+        assert!(
+            help.stdout.contains(&sock),
+            "`{sub} --help` does not name {sock}:\n{}",
+            help.stdout
+        );
     }
 }
 
@@ -135,6 +181,9 @@ fn shipped_configmap_and_config_gen_args_write_a_conflist_with_built_evio_node()
         plugin["ipam"]["ranges"][0][0]["subnet"], "10.244.0.0/16",
         "{list}"
     );
+    // The shipped ConfigMap configures the overlay: the pods' MTU fits the
+    // tunnel on a 1500-byte underlay.
+    assert_eq!(plugin["mtu"], 1380, "{list}");
     let mode = std::fs::metadata(net_d.join("10-evio.conflist"))
         .expect("stat")
         .permissions()

@@ -163,13 +163,22 @@ fn image_from_workspace_built_evio_and_evio_node_builds_offline_and_runs() {
     let want = format!("evio-node {}", workspace_version());
     assert_eq!(v.stdout.trim(), want, "{}", show(&v));
 
-    // The exact executables the DaemonSet runs exist in the image.
+    // The exact executables the DaemonSets run, and their exec probes run,
+    // exist in the image.
     let docs = load_manifests();
     let spec = pod_spec(&daemonset(&docs));
-    let commands: BTreeSet<String> = all_containers(&spec)
-        .iter()
-        .filter_map(|c| c.command.as_ref().and_then(|cmd| cmd.first().cloned()))
-        .collect();
+    let mut commands = BTreeSet::new();
+    for c in every_container(&docs) {
+        commands.extend(c.command.as_ref().and_then(|cmd| cmd.first().cloned()));
+        for p in [&c.startup_probe, &c.liveness_probe, &c.readiness_probe] {
+            commands.extend(
+                p.as_ref()
+                    .and_then(|p| p.exec.as_ref())
+                    .and_then(|e| e.command.as_ref())
+                    .and_then(|cmd| cmd.first().cloned()),
+            );
+        }
+    }
     for exe in &commands {
         let r = podman.run_in(&tag, &[], &[exe, "--version"], None);
         assert!(r.ok(), "{exe} from the DaemonSet:\n{}", show(&r));

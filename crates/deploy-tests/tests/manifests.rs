@@ -193,16 +193,21 @@ fn containers_are_install_cni_then_config_gen_then_run_from_one_image() {
     assert_eq!(init, ["install-cni", "config-gen"]);
     let main: Vec<String> = spec.containers.iter().map(subcommand).collect();
     assert_eq!(main, ["run"]);
-    // The tag deploy/build-image.sh builds by default.
+    // The tag deploy/build-image.sh builds by default, for both DaemonSets.
     let image = format!("localhost/evio-cni:{}", workspace_version());
-    for c in all_containers(&spec) {
+    for c in every_container(&load_manifests()) {
         assert_eq!(c.image.as_deref(), Some(image.as_str()), "{} image", c.name);
     }
 }
 
 #[test]
 fn every_volume_mount_refers_to_a_declared_volume_and_every_volume_is_used() {
-    let (_, spec) = setup();
+    for (_, ds) in daemonsets(&load_manifests()) {
+        volumes_are_consistent(&pod_spec(&ds));
+    }
+}
+
+fn volumes_are_consistent(spec: &PodSpec) {
     let declared: Vec<&str> = spec
         .volumes
         .as_deref()
@@ -213,7 +218,7 @@ fn every_volume_mount_refers_to_a_declared_volume_and_every_volume_is_used() {
     let unique: BTreeSet<&str> = declared.iter().copied().collect();
     assert_eq!(unique.len(), declared.len(), "duplicate volume names");
     let mut used = BTreeSet::new();
-    for c in all_containers(&spec) {
+    for c in all_containers(spec) {
         let mut paths = BTreeSet::new();
         for m in c.volume_mounts.as_deref().unwrap_or_default() {
             assert!(
@@ -416,7 +421,7 @@ fn etcd_credentials_come_from_an_optional_secret_not_literals() {
         );
     }
     // No credential travels through env or args.
-    for c in all_containers(&spec) {
+    for c in every_container(&docs) {
         for e in c.env.as_deref().unwrap_or_default() {
             let n = e.name.to_ascii_lowercase();
             assert!(
@@ -431,9 +436,14 @@ fn etcd_credentials_come_from_an_optional_secret_not_literals() {
 
 #[test]
 fn node_name_comes_from_the_downward_api() {
-    let (_, spec) = setup();
-    for sub in ["config-gen", "run"] {
-        let c = container_by_sub(&spec, sub);
+    let docs = load_manifests();
+    let spec = pod_spec(&daemonset(&docs));
+    let agent = pod_spec(&agent_daemonset(&docs));
+    for (sub, c) in [
+        ("config-gen", container_by_sub(&spec, "config-gen")),
+        ("run", container_by_sub(&spec, "run")),
+        ("agent", container_by_sub(&agent, "agent")),
+    ] {
         let env = c.env.clone().unwrap_or_default();
         let nn = env
             .iter()
@@ -453,8 +463,7 @@ fn node_name_comes_from_the_downward_api() {
 /// defines; anything else is passed literally.
 #[test]
 fn every_variable_reference_in_args_is_defined() {
-    let (_, spec) = setup();
-    for c in all_containers(&spec) {
+    for c in every_container(&load_manifests()) {
         let defined: BTreeSet<String> = c
             .env
             .as_deref()
@@ -497,9 +506,9 @@ fn privileged_justifications() -> BTreeSet<String> {
 
 #[test]
 fn capabilities_not_privileged() {
-    let (_, spec) = setup();
+    let docs = load_manifests();
     let mut privileged = BTreeSet::new();
-    for c in all_containers(&spec) {
+    for c in every_container(&docs) {
         let sc = c
             .security_context
             .clone()
@@ -524,11 +533,18 @@ fn capabilities_not_privileged() {
                 c.name
             );
         }
-        let wants_net_admin = subcommand(&c) == "run";
+        // run brings the bridge up; the agent creates TAP/TUN devices and
+        // configures links. Nothing opens raw sockets: no NET_RAW.
+        let wants_net_admin = matches!(subcommand(&c).as_str(), "run" | "agent");
         assert_eq!(
             added.iter().any(|a| a == "NET_ADMIN"),
             wants_net_admin,
-            "{}: NET_ADMIN only where the pod network is managed",
+            "{}: NET_ADMIN only where the node's network is managed",
+            c.name
+        );
+        assert!(
+            !added.iter().any(|a| a == "NET_RAW"),
+            "{}: NET_RAW is not needed",
             c.name
         );
     }
@@ -568,7 +584,7 @@ fn resolve_port(c: &Container, port: &IntOrString) -> i32 {
 }
 
 #[test]
-fn probes_hit_healthz_on_the_port_run_listens_on() {
+fn probes_hit_livez_and_healthz_on_the_port_run_listens_on() {
     let (docs, spec) = setup();
     let c = container_by_sub(&spec, "run");
     let listen: SocketAddr = flag(&c, "--listen")
@@ -579,12 +595,14 @@ fn probes_hit_healthz_on_the_port_run_listens_on() {
     // hostNetwork: kubelet probes the node's address, so a loopback-only
     // listener would fail every probe.
     assert!(listen.ip().is_unspecified(), "--listen {listen}");
-    for (what, probe) in [
-        ("livenessProbe", &c.liveness_probe),
-        ("readinessProbe", &c.readiness_probe),
+    // Liveness is run's own health (/livez): restarting run cannot repair
+    // the agent. Readiness (/healthz) includes the agent's.
+    for (what, probe, want) in [
+        ("livenessProbe", &c.liveness_probe, "/livez"),
+        ("readinessProbe", &c.readiness_probe, "/healthz"),
     ] {
         let g = http_get(probe, what);
-        assert_eq!(g.path.as_deref(), Some("/healthz"), "{what} path");
+        assert_eq!(g.path.as_deref(), Some(want), "{what} path");
         assert_eq!(
             resolve_port(&c, &g.port),
             i32::from(listen.port()),
@@ -636,10 +654,21 @@ fn net_conf_json_parses_and_has_the_documented_defaults() {
         "bridgeType": "ovs",
         "ovsDatapath": "auto",
         "ipMasq": true,
-        "mtu": 1500,
         "dataStore": "file:///var/lib/evio/subnets.json",
+        "hostCIDR": "10.10.0.0/16",
+        "hostInterface": "evio-host",
+        "overlay": {
+            "listenPort": 5800,
+            "stun": [],
+            "turn": [],
+            "keyFile": "/var/lib/evio/agent.key",
+            "networkKeyFile": "/etc/evio/network-key/network.key",
+        },
     });
     assert_eq!(conf, want);
+    // With the overlay configured, config-gen picks the MTU that fits the
+    // tunnel (1380 on a 1500 underlay): an explicit 1500 would be refused.
+    assert!(conf.get("mtu").is_none(), "mtu left to config-gen");
 }
 
 #[test]
@@ -699,8 +728,15 @@ fn rbac_is_read_nodes_only_and_bound_to_the_service_account() {
         let key = (s.namespace.clone().unwrap_or_default(), s.name.clone());
         assert!(sas.contains(&key), "binding subject {key:?} not declared");
     }
-    let spec = pod_spec(&daemonset(&docs));
-    assert_eq!(spec.automount_service_account_token, Some(false));
+    for (_, ds) in daemonsets(&docs) {
+        let spec = pod_spec(&ds);
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let sa = spec.service_account_name.clone().unwrap_or_default();
+        assert!(
+            sas.contains(&(NAMESPACE.to_string(), sa.clone())),
+            "serviceAccountName {sa:?} not declared"
+        );
+    }
 }
 
 /// CPU in millicores, memory in bytes; only the suffixes the manifests use.
@@ -726,17 +762,29 @@ fn quantity(resource: &str, q: &str) -> u64 {
     }
 }
 
+/// Every container requests CPU and memory and has a memory limit. CPU is
+/// limited everywhere but in the agent: it is the data path between nodes
+/// (all the encryption), and CFS throttling would cap every pod's
+/// throughput and add latency spikes.
 #[test]
 fn every_container_has_bounded_resources() {
-    let (_, spec) = setup();
-    for c in all_containers(&spec) {
+    for c in every_container(&load_manifests()) {
         let r = c.resources.clone().unwrap_or_default();
         let req = r.requests.clone().unwrap_or_default();
         let lim = r.limits.clone().unwrap_or_default();
+        let is_agent = subcommand(&c) == "agent";
         for res in ["cpu", "memory"] {
             let rq = req
                 .get(res)
                 .unwrap_or_else(|| panic!("{}: no {res} request", c.name));
+            if res == "cpu" && is_agent {
+                assert!(
+                    !lim.contains_key(res),
+                    "{}: no CPU limit on the data path",
+                    c.name
+                );
+                continue;
+            }
             let lm = lim
                 .get(res)
                 .unwrap_or_else(|| panic!("{}: no {res} limit", c.name));
@@ -835,4 +883,681 @@ fn no_literal_credentials_anywhere_in_deploy() {
         "manifests, Containerfile and build script expected"
     );
     assert!(findings.is_empty(), "literal credentials: {findings:#?}");
+}
+
+// ---- The overlay agent (deploy/evio-agent.yaml) and the overlay keys ----
+
+/// The label that keeps the agent DaemonSet off nodes whose agent runs
+/// from systemd (the bootstrap sets it with the kubelet's --node-labels).
+const SYSTEMD_AGENT_LABEL: (&str, &str) = ("evio-cni/agent", "systemd");
+const AGENT_FILE: &str = "evio-agent.yaml";
+const MAIN_FILE: &str = "evio-cni.yaml";
+/// The agent exits within 5 s of SIGTERM (OVERLAY.md).
+const AGENT_CLEANUP_SECS: i64 = 5;
+
+fn agent_setup() -> (Vec<Doc>, PodSpec, Container) {
+    let docs = load_manifests();
+    let spec = pod_spec(&agent_daemonset(&docs));
+    let c = container_by_sub(&spec, "agent");
+    (docs, spec, c)
+}
+
+fn readme() -> String {
+    std::fs::read_to_string(workspace_root().join("README.md")).expect("read README.md")
+}
+
+#[test]
+fn the_agent_daemonset_is_alone_in_its_optional_file_and_the_main_one_never_runs_the_agent() {
+    let docs = load_manifests();
+    let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (file, ds) in daemonsets(&docs) {
+        by_file
+            .entry(file)
+            .or_default()
+            .push(ds.metadata.name.clone().unwrap_or_default());
+    }
+    let want: BTreeMap<String, Vec<String>> = [
+        (AGENT_FILE.to_string(), vec![AGENT_DAEMONSET.to_string()]),
+        (MAIN_FILE.to_string(), vec![MAIN_DAEMONSET.to_string()]),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(by_file, want, "DaemonSets per manifest file");
+    // Everything but the agent DaemonSet is in the main file: applying it
+    // alone gives a complete deployment without the agent.
+    for d in &docs {
+        if d.origin.starts_with(AGENT_FILE) {
+            assert!(
+                matches!(d.object, Object::DaemonSet(_)),
+                "{}: only the DaemonSet belongs in {AGENT_FILE}",
+                d.origin
+            );
+        }
+    }
+    let main = pod_spec(&daemonset(&docs));
+    assert!(
+        all_containers(&main)
+            .iter()
+            .all(|c| subcommand(c) != "agent"),
+        "the main DaemonSet must not run the agent: on a node with the systemd \
+         agent two agents would fight over the TAP and the port"
+    );
+    let spec = pod_spec(&agent_daemonset(&docs));
+    assert!(spec.init_containers.is_none());
+    let subs: Vec<String> = spec.containers.iter().map(subcommand).collect();
+    assert_eq!(subs, ["agent"]);
+    // The install instructions apply the main file by name: `kubectl apply
+    // -f deploy/` would start the optional agent everywhere too.
+    let text = readme();
+    assert!(text.contains(&format!("kubectl apply -f deploy/{MAIN_FILE}")));
+    assert!(
+        !text.contains("kubectl apply -f deploy/`") && !text.contains("kubectl apply -f deploy/\n"),
+        "README still applies the whole deploy/ directory"
+    );
+}
+
+#[test]
+fn agent_daemonset_runs_in_the_host_network_on_every_node_without_a_systemd_agent() {
+    let (docs, spec, _) = agent_setup();
+    let ds = agent_daemonset(&docs);
+    assert_eq!(
+        spec.host_network,
+        Some(true),
+        "the tunnels and devices are the host's"
+    );
+    assert_eq!(spec.dns_policy.as_deref(), Some("Default"));
+    assert_eq!(
+        spec.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert_ne!(spec.host_pid, Some(true));
+    assert_ne!(spec.host_ipc, Some(true));
+    assert!(spec
+        .tolerations
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()));
+    let selector = ds.spec.selector.match_labels.clone().unwrap_or_default();
+    let labels = ds
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    assert!(!selector.is_empty());
+    for (k, v) in &selector {
+        assert_eq!(
+            labels.get(k),
+            Some(v),
+            "template labels must match selector {k}"
+        );
+    }
+    // Disjoint from the main DaemonSet's pods.
+    let main_sel = daemonset(&docs)
+        .spec
+        .selector
+        .match_labels
+        .unwrap_or_default();
+    assert_ne!(selector, main_sel);
+
+    let (key, value) = SYSTEMD_AGENT_LABEL;
+    let terms = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| {
+            n.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .map(|r| r.node_selector_terms.clone())
+        .expect("required node affinity");
+    // Every term must exclude the label (terms are ORed).
+    for t in &terms {
+        let ex = t.match_expressions.clone().unwrap_or_default();
+        assert!(
+            ex.iter().any(|e| e.key == key
+                && e.operator == "NotIn"
+                && e.values.as_deref() == Some(&[value.to_string()][..])),
+            "term {t:?} does not keep the agent off {key}={value} nodes"
+        );
+    }
+    assert!(!terms.is_empty());
+    // The bootstrap that runs the agent from systemd sets that label.
+    let label = format!("--node-labels={key}={value}");
+    assert!(readme().contains(&label), "README's bootstrap sets {label}");
+    let yaml = std::fs::read_to_string(deploy_dir().join(AGENT_FILE)).expect("read");
+    assert!(
+        yaml.contains(&format!("{key}={value}")),
+        "{AGENT_FILE} explains the label"
+    );
+}
+
+#[test]
+fn agent_gets_net_admin_and_the_tun_device_and_nothing_more() {
+    let (_, spec, c) = agent_setup();
+    let sc = c.security_context.clone().expect("securityContext");
+    assert_ne!(sc.privileged, Some(true));
+    let caps = sc.capabilities.clone().unwrap_or_default();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]));
+    // /dev/net/tun is not in a container's /dev: a CharDevice hostPath.
+    let tun = host_path_volume(&spec, "/dev/net/tun");
+    assert_eq!(
+        tun.host_path.as_ref().and_then(|h| h.type_.as_deref()),
+        Some("CharDevice")
+    );
+    let m = mount(&c, &tun.name).expect("the agent mounts /dev/net/tun");
+    assert_eq!(m.mount_path, "/dev/net/tun");
+    // The reason is written next to it.
+    let yaml = std::fs::read_to_string(deploy_dir().join(AGENT_FILE)).expect("read");
+    assert!(yaml.contains("CAP_NET_ADMIN") && yaml.contains("no NET_RAW"));
+}
+
+/// The agent's socket path from its DaemonSet args.
+fn agent_socket(c: &Container) -> String {
+    flag(c, "--control-socket").expect("agent --control-socket")
+}
+
+#[test]
+fn agent_state_and_control_socket_live_on_the_host_where_run_and_peers_find_them() {
+    let (docs, spec, c) = agent_setup();
+    let conf = net_conf(&docs);
+    // The key: overlay.keyFile or its default, on the host at the same path.
+    let key = conf["overlay"]["keyFile"]
+        .as_str()
+        .unwrap_or("/var/lib/evio/agent.key");
+    let key_dir = std::path::Path::new(key)
+        .parent()
+        .expect("dir")
+        .to_str()
+        .expect("utf-8");
+    let vol = host_path_volume(&spec, key_dir);
+    let m = mount(&c, &vol.name).expect("the agent mounts the key's directory");
+    assert_eq!(
+        m.mount_path.trim_end_matches('/'),
+        key_dir,
+        "same path inside and out"
+    );
+    assert_ne!(m.read_only, Some(true), "the key is created on first start");
+
+    // The control socket: a host directory, shared with run in the main DaemonSet.
+    let sock = agent_socket(&c);
+    let sock_dir = std::path::Path::new(&sock)
+        .parent()
+        .expect("dir")
+        .to_str()
+        .expect("utf-8");
+    let vol = host_path_volume(&spec, sock_dir);
+    let m = mount(&c, &vol.name).expect("the agent mounts its socket's directory");
+    assert_eq!(m.mount_path.trim_end_matches('/'), sock_dir);
+    assert_ne!(m.read_only, Some(true), "the agent binds its socket there");
+
+    let main = pod_spec(&daemonset(&docs));
+    let run = container_by_sub(&main, "run");
+    let vol = host_path_volume(&main, sock_dir);
+    let m = mount(&run, &vol.name).expect("run mounts the agent's socket directory");
+    assert_eq!(m.mount_path.trim_end_matches('/'), sock_dir);
+    assert_eq!(
+        m.read_only,
+        Some(true),
+        "connecting to a unix socket needs no write access"
+    );
+    // run uses its default socket (this path, checked against the binary in
+    // cli_contract) and does not name it: named, it would require an agent
+    // on every node.
+    assert!(flag(&run, "--agent-socket").is_none());
+    assert_eq!(sock, "/run/evio/agent.sock");
+}
+
+#[test]
+fn agent_config_secrets_and_ovsdb_are_mounted_read_only() {
+    let (docs, spec, c) = agent_setup();
+    // The same ConfigMap as the main DaemonSet, same mount path.
+    let cm_name = config_map(&docs).metadata.name.unwrap_or_default();
+    let vol = spec
+        .volumes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|v| v.config_map.as_ref().map(|c| c.name.as_str()) == Some(cm_name.as_str()))
+        .expect("the agent mounts the ConfigMap")
+        .clone();
+    let m = mount(&c, &vol.name).expect("mounted");
+    assert_eq!(m.read_only, Some(true));
+    let want = format!("{}/{CONF_FILE_KEY}", m.mount_path.trim_end_matches('/'));
+    assert_eq!(flag(&c, "--config"), Some(want.clone()));
+    let run = container_by_sub(&pod_spec(&daemonset(&docs)), "run");
+    assert_eq!(
+        flag(&run, "--config"),
+        Some(want),
+        "one path for both DaemonSets"
+    );
+    // OVSDB's socket directory (the plugin key `ovsdb`, default below).
+    let conf = net_conf(&docs);
+    let ovsdb = conf["ovsdb"]
+        .as_str()
+        .unwrap_or("unix:/var/run/openvswitch/db.sock");
+    let sock = ovsdb.strip_prefix("unix:").expect("a unix ovsdb endpoint");
+    let dir = std::path::Path::new(sock)
+        .parent()
+        .expect("dir")
+        .to_str()
+        .expect("utf-8");
+    let vol = host_path_volume(&spec, dir);
+    let m = mount(&c, &vol.name).expect("the agent mounts OVSDB's directory");
+    assert_eq!(m.mount_path.trim_end_matches('/'), dir);
+    assert_eq!(m.read_only, Some(true));
+    // Nothing writes there: connecting to a unix socket needs no write
+    // access to its file system.
+    let main = pod_spec(&daemonset(&docs));
+    let vol = host_path_volume(&main, dir);
+    for c in all_containers(&main) {
+        if let Some(m) = mount(&c, &vol.name) {
+            assert_eq!(m.read_only, Some(true), "{} mounts {dir} writable", c.name);
+        }
+    }
+    // Every Secret is optional, owner-only, mounted read-only.
+    for v in spec.volumes.as_deref().unwrap_or_default() {
+        if let Some(sec) = &v.secret {
+            assert_eq!(sec.optional, Some(true), "{}", v.name);
+            assert!(
+                sec.default_mode.is_some_and(|m| m & 0o077 == 0),
+                "{}",
+                v.name
+            );
+            assert_eq!(
+                mount(&c, &v.name).and_then(|m| m.read_only),
+                Some(true),
+                "{}",
+                v.name
+            );
+        }
+    }
+}
+
+fn exec_probe(p: &Option<Probe>, what: &str) -> (Vec<String>, Probe) {
+    let p = p.clone().unwrap_or_else(|| panic!("agent {what} missing"));
+    let cmd = p
+        .exec
+        .as_ref()
+        .and_then(|e| e.command.clone())
+        .unwrap_or_else(|| panic!("agent {what}: an exec probe"));
+    (cmd, p)
+}
+
+#[test]
+fn agent_probes_ask_its_control_socket_and_the_grace_period_covers_its_cleanup() {
+    let (_, spec, c) = agent_setup();
+    let sock = agent_socket(&c);
+    let exe = c.command.clone().unwrap_or_default()[0].clone();
+    for (what, p) in [
+        ("startupProbe", &c.startup_probe),
+        ("livenessProbe", &c.liveness_probe),
+        ("readinessProbe", &c.readiness_probe),
+    ] {
+        let (cmd, probe) = exec_probe(p, what);
+        assert_eq!(
+            cmd,
+            [
+                exe.clone(),
+                "peers".into(),
+                "--control-socket".into(),
+                sock.clone()
+            ],
+            "{what}"
+        );
+        // The agent gives its engine 2 s to answer.
+        assert!(probe.timeout_seconds.unwrap_or(1) >= 3, "{what} timeout");
+    }
+    // Start-up may wait for the store (--timeout, 30 s by default) before
+    // the socket exists.
+    let (_, s) = exec_probe(&c.startup_probe, "startupProbe");
+    let window = s.period_seconds.unwrap_or(10) * s.failure_threshold.unwrap_or(3);
+    assert!(window >= 45, "startupProbe allows only {window} s");
+    let grace = spec.termination_grace_period_seconds.unwrap_or(30);
+    assert!(
+        grace >= 2 * AGENT_CLEANUP_SECS,
+        "terminationGracePeriodSeconds {grace} leaves no margin over the agent's {AGENT_CLEANUP_SECS} s cleanup"
+    );
+    assert!(
+        c.ports.is_none(),
+        "the agent serves nothing over TCP; run reports it"
+    );
+}
+
+// ---- Secrets: named by file in the ConfigMap, mounted from Secrets ----
+
+/// Where a file named by net-conf.json must come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// A Secret of this name, the file name being one of its keys.
+    Secret(&'static str),
+    /// A host directory at the same path inside and out (the node's key).
+    HostPath,
+}
+
+/// The net-conf.json keys that name files: (JSON pointer pattern, source,
+/// the evio-node subcommands that read the file). `[]` stands for every
+/// element of a list.
+const FILE_KEYS: &[(&str, Source, &[&str])] = &[
+    (
+        "/etcdCACert",
+        Source::Secret("evio-etcd"),
+        &["config-gen", "run", "agent"],
+    ),
+    (
+        "/etcdCert",
+        Source::Secret("evio-etcd"),
+        &["config-gen", "run", "agent"],
+    ),
+    (
+        "/etcdKey",
+        Source::Secret("evio-etcd"),
+        &["config-gen", "run", "agent"],
+    ),
+    (
+        "/etcdUsernameFile",
+        Source::Secret("evio-etcd"),
+        &["config-gen", "run", "agent"],
+    ),
+    (
+        "/etcdPasswordFile",
+        Source::Secret("evio-etcd"),
+        &["config-gen", "run", "agent"],
+    ),
+    (
+        "/overlay/networkKeyFile",
+        Source::Secret("evio-network-key"),
+        &["agent"],
+    ),
+    (
+        "/overlay/turn/[]/passwordFile",
+        Source::Secret("evio-turn"),
+        &["agent"],
+    ),
+    ("/overlay/keyFile", Source::HostPath, &["agent"]),
+];
+
+/// Every (pointer, path) a net-conf.json names, for the patterns above.
+fn named_files(conf: &Value) -> Vec<(String, String, Source, &'static [&'static str])> {
+    let mut out = Vec::new();
+    for (pattern, source, readers) in FILE_KEYS {
+        let mut ptrs = vec![String::new()];
+        for part in pattern.trim_start_matches('/').split('/') {
+            let mut next = Vec::new();
+            for p in ptrs {
+                if part == "[]" {
+                    if let Some(a) = conf.pointer(&p).and_then(Value::as_array) {
+                        next.extend((0..a.len()).map(|i| format!("{p}/{i}")));
+                    }
+                } else {
+                    next.push(format!("{p}/{part}"));
+                }
+            }
+            ptrs = next;
+        }
+        for p in ptrs {
+            if let Some(v) = conf.pointer(&p) {
+                let path = v.as_str().unwrap_or_else(|| panic!("{p} is not a path"));
+                out.push((p, path.to_string(), *source, *readers));
+            }
+        }
+    }
+    out
+}
+
+/// Keys and values that would be a secret written into the config.
+fn literal_secrets(v: &Value, at: &str, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let l = k.to_ascii_lowercase();
+                let secretish = [
+                    "password",
+                    "passwd",
+                    "secret",
+                    "token",
+                    "psk",
+                    "privatekey",
+                    "networkkey",
+                ]
+                .iter()
+                .any(|w| l.contains(w));
+                if secretish && !k.ends_with("File") {
+                    out.push(format!(
+                        "{at}/{k}: a secret-looking key that is not a file name"
+                    ));
+                }
+                literal_secrets(x, &format!("{at}/{k}"), out);
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                literal_secrets(x, &format!("{at}/{i}"), out);
+            }
+        }
+        Value::String(s) => {
+            // A 32-byte key in base64 (what wg genkey/genpsk and `head -c
+            // 32 /dev/urandom | base64` print), or PEM.
+            let t = s.trim();
+            let b64 = t.len() == 44
+                && t.ends_with('=')
+                && t[..43]
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
+            if b64 || t.contains("-----BEGIN") {
+                out.push(format!("{at}: a literal key"));
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn literal_secret_scan_catches_planted_ones() {
+    for bad in [
+        r#"{"overlay":{"turn":[{"server":"a:1","username":"u","password":"hunter2"}]}}"#,
+        r#"{"overlay":{"networkKey":"x"}}"#,
+        r#"{"overlay":{"networkKeyFile":"Ot+QAOH8i4p/1W8XkFhtW3snRk3L/yKiLTa8JQwy4wY="}}"#,
+        r#"{"etcdKey":"-----BEGIN PRIVATE KEY-----"}"#,
+    ] {
+        let mut out = Vec::new();
+        literal_secrets(&serde_json::from_str(bad).expect("json"), "", &mut out);
+        assert!(!out.is_empty(), "missed: {bad}");
+    }
+    let mut out = Vec::new();
+    let fine = r#"{"overlay":{"networkKeyFile":"/etc/evio/network-key/network.key","turn":[{"passwordFile":"/p","username":"evio"}]}}"#;
+    literal_secrets(&serde_json::from_str(fine).expect("json"), "", &mut out);
+    assert!(out.is_empty(), "{out:?}");
+}
+
+/// Every net-conf.json operators are given: the shipped ConfigMap's, the
+/// examples, and the host's (systemd) example, which is also pasted into
+/// the ConfigMap.
+fn every_net_conf(docs: &[Doc]) -> Vec<(String, Value)> {
+    let mut v = vec![("ConfigMap net-conf.json".to_string(), net_conf(docs))];
+    for rel in [ETCD_EXAMPLE, "systemd/net-conf.json"] {
+        let text = std::fs::read_to_string(deploy_dir().join(rel)).expect("read example");
+        v.push((
+            rel.to_string(),
+            serde_json::from_str(&text).expect("example is JSON"),
+        ));
+    }
+    v
+}
+
+/// The ConfigMap (and every example of it) carries no secret; every file it
+/// names reaches each container that reads it from the right Secret
+/// (read-only, owner-only), or, for the node's own key, from the host
+/// directory at the same path. Nothing secret is under the ConfigMap's
+/// mount.
+#[test]
+fn no_secret_in_the_configmap_and_every_file_it_names_is_mounted_from_a_secret() {
+    let docs = load_manifests();
+    let yaml = std::fs::read_to_string(deploy_dir().join(MAIN_FILE)).expect("read");
+    let mut covered = BTreeSet::new();
+    for (what, conf) in every_net_conf(&docs) {
+        let mut found = Vec::new();
+        literal_secrets(&conf, "", &mut found);
+        assert!(found.is_empty(), "{what}: {found:?}");
+        for (ptr, path, source, readers) in named_files(&conf) {
+            assert!(
+                path.starts_with('/'),
+                "{what} {ptr}: {path} must be absolute"
+            );
+            for (_, ds) in daemonsets(&docs) {
+                let spec = pod_spec(&ds);
+                for c in all_containers(&spec) {
+                    if !readers.contains(&subcommand(&c).as_str()) {
+                        continue;
+                    }
+                    // The deepest mount holding the path.
+                    let m = c
+                        .volume_mounts
+                        .as_deref()
+                        .unwrap_or_default()
+                        .iter()
+                        .filter(|m| {
+                            path.starts_with(&format!("{}/", m.mount_path.trim_end_matches('/')))
+                        })
+                        .max_by_key(|m| m.mount_path.len())
+                        .unwrap_or_else(|| {
+                            panic!("{what} {ptr} = {path}: not mounted in {}", c.name)
+                        });
+                    let vol = volume(&spec, &m.name).expect("declared");
+                    match source {
+                        Source::Secret(name) => {
+                            let sec = vol.secret.as_ref().unwrap_or_else(|| {
+                                panic!(
+                                    "{what} {ptr} = {path}: {} has it from {}, not a Secret",
+                                    c.name, m.name
+                                )
+                            });
+                            assert_eq!(
+                                sec.secret_name.as_deref(),
+                                Some(name),
+                                "{what} {ptr} in {}",
+                                c.name
+                            );
+                            assert_eq!(m.read_only, Some(true), "{what} {ptr} in {}", c.name);
+                            assert!(sec.default_mode.is_some_and(|m| m & 0o077 == 0));
+                            // The file is a key of the Secret, and the
+                            // manifests say how to create it.
+                            let file = &path[m.mount_path.trim_end_matches('/').len() + 1..];
+                            assert!(!file.contains('/'), "{path}: Secret keys are flat");
+                            let agent_yaml = std::fs::read_to_string(deploy_dir().join(AGENT_FILE))
+                                .expect("read");
+                            assert!(
+                                yaml.contains(name)
+                                    && (yaml.contains(file) || agent_yaml.contains(file)),
+                                "the manifests document Secret {name} with key {file}"
+                            );
+                        }
+                        Source::HostPath => {
+                            let hp = vol.host_path.as_ref().unwrap_or_else(|| {
+                                panic!(
+                                    "{what} {ptr} = {path}: must be on the host, {} has it from {}",
+                                    c.name, m.name
+                                )
+                            });
+                            assert_eq!(
+                                hp.path.trim_end_matches('/'),
+                                m.mount_path.trim_end_matches('/')
+                            );
+                            assert_ne!(m.read_only, Some(true), "{ptr}: created on first start");
+                        }
+                    }
+                    covered.insert(ptr.split('/').nth(1).unwrap_or_default().to_string());
+                }
+            }
+        }
+    }
+    // The overlay's files are all exercised by some example.
+    for k in ["overlay", "etcdCACert", "etcdCert", "etcdKey"] {
+        assert!(covered.contains(k), "no example names a file under {k}");
+    }
+    // And the ConfigMap mount itself holds no secret: it is the config only.
+    let cm_name = config_map(&docs).metadata.name.unwrap_or_default();
+    for (_, ds) in daemonsets(&docs) {
+        let spec = pod_spec(&ds);
+        for c in all_containers(&spec) {
+            for m in c.volume_mounts.as_deref().unwrap_or_default() {
+                let v = volume(&spec, &m.name).expect("declared");
+                if v.config_map.as_ref().map(|x| x.name.as_str()) == Some(cm_name.as_str()) {
+                    for (_, conf) in every_net_conf(&docs) {
+                        for (ptr, path, _, _) in named_files(&conf) {
+                            assert!(
+                                !path.starts_with(&format!(
+                                    "{}/",
+                                    m.mount_path.trim_end_matches('/')
+                                )),
+                                "{ptr} = {path} is inside the ConfigMap's mount"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The host's net-conf.json (deploy/systemd/net-conf.json) is the
+/// ConfigMap's plus the store's and NAT servers' settings: the same file
+/// serves both, with the same paths.
+#[test]
+fn host_net_conf_example_is_the_configmap_with_a_store_and_nat_servers() {
+    let docs = load_manifests();
+    let shipped = net_conf(&docs);
+    let text = std::fs::read_to_string(deploy_dir().join("systemd/net-conf.json")).expect("read");
+    let host: Value = serde_json::from_str(&text).expect("JSON");
+    let store = host["dataStore"].as_str().expect("dataStore");
+    assert!(
+        matches!(
+            evio_subnet::StoreUrl::parse(store),
+            Ok(evio_subnet::StoreUrl::Etcd(_))
+        ),
+        "a host overlay spans machines: the example's store must be etcd"
+    );
+    for (k, v) in host.as_object().expect("object") {
+        if k == "dataStore" || ETCD_FILE_KEYS.iter().any(|(e, _)| e == k) {
+            continue;
+        }
+        if k == "overlay" {
+            for (ok, ov) in v.as_object().expect("overlay object") {
+                if ok == "stun" || ok == "turn" {
+                    assert!(
+                        ov.as_array().is_some_and(|a| !a.is_empty()),
+                        "the example shows {ok}"
+                    );
+                    continue;
+                }
+                assert_eq!(
+                    Some(ov),
+                    shipped["overlay"].get(ok),
+                    "overlay.{ok} differs from the ConfigMap"
+                );
+            }
+            continue;
+        }
+        assert_eq!(Some(v), shipped.get(k), "{k} differs from the ConfigMap");
+    }
+    for k in shipped.as_object().expect("object").keys() {
+        assert!(host.get(k).is_some(), "the host example lacks {k}");
+    }
+    assert!(
+        host["hostCIDR"].is_string(),
+        "the host example configures the host overlay"
+    );
+    let turn = host["overlay"]["turn"].as_array().expect("turn");
+    let transports: BTreeSet<&str> = turn
+        .iter()
+        .filter_map(|t| t["transport"].as_str())
+        .collect();
+    assert_eq!(
+        transports,
+        ["tcp", "udp"].into_iter().collect(),
+        "TURN over UDP and TCP"
+    );
 }

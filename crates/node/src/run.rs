@@ -3,14 +3,23 @@
 //! conflist if it was removed or drifted, and brings the node bridge back up
 //! if it went down (ovs-vswitchd recreates a userspace bridge's device down
 //! after a restart, which cuts pods off from their gateway). It serves
-//! `/healthz` and Prometheus `/metrics`, and exits cleanly on SIGTERM.
+//! `/healthz`, `/livez` and Prometheus `/metrics`, and exits cleanly on
+//! SIGTERM.
+//!
+//! The overlay agent (`evio-node agent`, usually a systemd unit) is a
+//! separate process; `run` reports on it through its control socket
+//! (`--agent-socket`): `/metrics` appends the agent's metrics and `/healthz`
+//! its health. `/livez` is `run`'s own health only, so that a liveness
+//! probe does not restart this container for an agent it cannot repair.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::agent::DEFAULT_CONTROL_SOCKET;
 use crate::config_gen;
 use crate::error::NodeError;
 use crate::store_args::parse_secs;
@@ -27,6 +36,115 @@ pub struct RunArgs {
     /// Time between reconciles.
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
     pub interval: Duration,
+
+    /// The overlay agent's control socket. Given explicitly, the agent is
+    /// required: /healthz fails while it does not answer. By default
+    /// /run/evio/agent.sock is used when it exists (a node without the agent
+    /// is not unhealthy).
+    #[arg(long, value_name = "PATH")]
+    pub agent_socket: Option<PathBuf>,
+}
+
+/// How long /healthz and /metrics wait for the agent. The agent answers
+/// within 2 s (it gives its engine that long), so more than that.
+const AGENT_TIMEOUT: Duration = Duration::from_millis(2500);
+
+/// Where the agent is and whether it must be there.
+struct AgentProbe {
+    path: PathBuf,
+    required: bool,
+}
+
+/// What the agent said, if it is configured at all.
+enum AgentAnswer {
+    NotConfigured,
+    /// Configured but not answering, or answering with an error.
+    Down(String),
+    /// The JSON of its `health` request (`ok`, `node`, `peers`, ...).
+    Health {
+        ok: bool,
+        json: String,
+    },
+}
+
+impl AgentProbe {
+    fn from_args(path: Option<&Path>) -> AgentProbe {
+        match path {
+            Some(p) => AgentProbe {
+                path: p.to_path_buf(),
+                required: true,
+            },
+            None => AgentProbe {
+                path: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+                required: false,
+            },
+        }
+    }
+
+    /// A socket left behind by a killed agent still counts: the agent was
+    /// running here and is not now.
+    fn configured(&self) -> bool {
+        self.required || self.path.symlink_metadata().is_ok()
+    }
+
+    fn ask(&self, what: &str) -> Result<String, String> {
+        let text = evio_agent::control::request(&self.path, what, AGENT_TIMEOUT)
+            .map_err(|e| format!("the agent does not answer on {}: {e}", self.path.display()))?;
+        // Errors come back as {"error": "..."}; metrics never start with '{'.
+        if text.trim_start().starts_with('{') {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(text.trim()) {
+                if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                    return Err(format!("the agent: {e}"));
+                }
+            }
+        }
+        if text.trim().is_empty() {
+            return Err(format!(
+                "the agent closed {} without answering",
+                self.path.display()
+            ));
+        }
+        Ok(text)
+    }
+
+    fn health(&self) -> AgentAnswer {
+        if !self.configured() {
+            return AgentAnswer::NotConfigured;
+        }
+        let text = match self.ask("health") {
+            Ok(t) => t,
+            Err(e) => return AgentAnswer::Down(e),
+        };
+        let json = text.trim().to_string();
+        match serde_json::from_str::<serde_json::Value>(&json)
+            .ok()
+            .and_then(|v| v.get("ok").and_then(|o| o.as_bool()))
+        {
+            Some(ok) => AgentAnswer::Health { ok, json },
+            None => AgentAnswer::Down(format!("the agent's health answer has no \"ok\": {json}")),
+        }
+    }
+
+    /// The agent's Prometheus text preceded by `evio_node_agent_up`, or
+    /// nothing when there is no agent on this node.
+    fn metrics(&self) -> String {
+        if !self.configured() {
+            return String::new();
+        }
+        let head = "# HELP evio_node_agent_up Whether the overlay agent answered on its control socket.\n# TYPE evio_node_agent_up gauge\n";
+        match self.ask("metrics") {
+            Ok(mut text) => {
+                if !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                format!("{head}evio_node_agent_up 1\n{text}")
+            }
+            Err(e) => {
+                eprintln!("evio-node run: /metrics: {e}");
+                format!("{head}evio_node_agent_up 0\n")
+            }
+        }
+    }
 }
 
 /// What /metrics and /healthz report; updated by the reconcile loop.
@@ -71,14 +189,22 @@ pub fn run(args: RunArgs) -> Result<(), NodeError> {
         source: e,
     })?;
     let state = Arc::new(Mutex::new(State::default()));
+    let agent = AgentProbe::from_args(args.agent_socket.as_deref());
+    eprintln!(
+        "evio-node run: serving /healthz, /livez and /metrics on {}; the overlay agent's socket: {} ({})",
+        args.listen,
+        agent.path.display(),
+        if agent.required {
+            "required"
+        } else {
+            "used when it exists"
+        }
+    );
     {
         let state = Arc::clone(&state);
-        std::thread::spawn(move || serve(listener, state, args.interval));
+        let interval = args.interval;
+        std::thread::spawn(move || serve(listener, state, interval, agent));
     }
-    eprintln!(
-        "evio-node run: serving /healthz and /metrics on {}",
-        args.listen
-    );
     while !TERMINATE.load(Ordering::SeqCst) {
         reconcile_once(&args, &state);
         let until = Instant::now() + args.interval;
@@ -154,29 +280,49 @@ fn inspect_bridge(bridge: &str, network: &str) -> (Option<usize>, Option<bool>, 
     }
 }
 
-fn serve(listener: TcpListener, state: Arc<Mutex<State>>, interval: Duration) {
+fn serve(listener: TcpListener, state: Arc<Mutex<State>>, interval: Duration, agent: AgentProbe) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         // One request per connection, bounded in time and size: a slow or
-        // hostile client cannot hold the (single) serving thread.
+        // hostile client cannot hold the (single) serving thread. The agent
+        // is asked with its own bound (AGENT_TIMEOUT).
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-        let _ = handle(stream, &state, interval);
+        let _ = handle(stream, &state, interval, &agent);
     }
 }
 
-fn handle(stream: TcpStream, state: &Mutex<State>, interval: Duration) -> std::io::Result<()> {
+fn handle(
+    stream: TcpStream,
+    state: &Mutex<State>,
+    interval: Duration,
+    agent: &AgentProbe,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(std::io::Read::take(stream.try_clone()?, 8192));
     let mut line = String::new();
     reader.read_line(&mut line)?;
-    let path = line.split_whitespace().nth(1).unwrap_or("");
-    let (status, ctype, body) = {
-        let st = state.lock().unwrap_or_else(|p| p.into_inner());
-        match path {
-            "/healthz" => healthz(&st, interval),
-            "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics(&st)),
-            _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+    let target = line.split_whitespace().nth(1).unwrap_or("");
+    let path = target.split('?').next().unwrap_or("");
+    // The agent is asked before the state is locked: the reconcile loop
+    // never waits for the agent.
+    let (status, ctype, body) = match path {
+        "/healthz" => {
+            let a = agent.health();
+            let st = state.lock().unwrap_or_else(|p| p.into_inner());
+            healthz(&st, interval, &a)
         }
+        "/livez" => {
+            let st = state.lock().unwrap_or_else(|p| p.into_inner());
+            healthz(&st, interval, &AgentAnswer::NotConfigured)
+        }
+        "/metrics" => {
+            let a = agent.metrics();
+            let st = state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = metrics(&st);
+            m.push_str(&a);
+            ("200 OK", "text/plain; version=0.0.4", m)
+        }
+        _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
     };
     let mut out = stream;
     write!(
@@ -188,20 +334,52 @@ fn handle(stream: TcpStream, state: &Mutex<State>, interval: Duration) -> std::i
 }
 
 /// Healthy once a reconcile succeeded and the last success is recent (three
-/// intervals): a store that stays unreachable makes the pod unready.
-fn healthz(st: &State, interval: Duration) -> (&'static str, &'static str, String) {
+/// intervals): a store that stays unreachable makes the pod unready. With
+/// an agent configured, it must also answer and say `ok` (its record is
+/// published and not revoked). The first line is `ok` or the first reason;
+/// an `agent: ` line follows whenever an agent is configured.
+fn healthz(
+    st: &State,
+    interval: Duration,
+    agent: &AgentAnswer,
+) -> (&'static str, &'static str, String) {
     let fresh = st
         .last_ok
         .and_then(|t| t.elapsed().ok())
         .is_some_and(|age| age <= interval * 3 + Duration::from_secs(5));
-    if fresh {
-        ("200 OK", "text/plain", "ok\n".into())
+    let mut problems = Vec::new();
+    if !fresh {
+        problems.push(
+            st.last_error
+                .clone()
+                .unwrap_or_else(|| "no successful reconcile yet".into()),
+        );
+    }
+    let agent_line = match agent {
+        AgentAnswer::NotConfigured => None,
+        AgentAnswer::Down(why) => {
+            problems.push(why.clone());
+            Some(format!("agent: down: {why}"))
+        }
+        AgentAnswer::Health { ok, json } => {
+            if !ok {
+                problems.push("the agent reports ok=false".into());
+            }
+            Some(format!("agent: {json}"))
+        }
+    };
+    let mut body = match problems.first() {
+        None => "ok\n".to_string(),
+        Some(p) => format!("{}\n", p.replace('\n', " ")),
+    };
+    if let Some(l) = agent_line {
+        body.push_str(&l);
+        body.push('\n');
+    }
+    if problems.is_empty() {
+        ("200 OK", "text/plain", body)
     } else {
-        let why = st
-            .last_error
-            .as_deref()
-            .unwrap_or("no successful reconcile yet");
-        ("503 Service Unavailable", "text/plain", format!("{why}\n"))
+        ("503 Service Unavailable", "text/plain", body)
     }
 }
 

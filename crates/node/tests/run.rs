@@ -1,12 +1,21 @@
 //! `evio-node run` and `install-cni`, as the DaemonSet runs them: run inside a
 //! node netns the test creates (it may bring a bridge up, and it listens on
 //! that namespace's loopback), and stopped with SIGTERM.
+//!
+//! `run` also gets a private mount namespace whose /run/evio is a directory
+//! of the test: the default agent socket (/run/evio/agent.sock) is then the
+//! test's to create or not, whatever runs on the machine.
 
-use std::io::{Read, Write};
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use evio_testkit::netns::Netns;
@@ -25,6 +34,92 @@ impl Drop for Daemon {
     }
 }
 
+/// Starts `evio-node run ARGS` in `ns` with `run_dir` mounted at /run/evio
+/// (over a private tmpfs /run), stdio discarded.
+fn spawn_run(ns: &Netns, run_dir: &Path, args: &[&OsStr]) -> Daemon {
+    const SCRIPT: &str = "mount -t tmpfs evio-test /run && mkdir /run/evio \
+        && mount --bind \"$1\" /run/evio && shift && exec \"$@\"";
+    let child = ns
+        .command(&["unshare", "--mount", "--propagation", "private", "--"])
+        .args(["sh", "-c", SCRIPT, "sh"])
+        .arg(run_dir)
+        .args([BIN, "run"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Daemon(child)
+}
+
+/// Stands in for the agent's control socket (crates/agent/src/control.rs):
+/// one request line, one answer, close. A unit-level seam for `run`'s HTTP
+/// side; the real agent is exercised by the agent's and the cluster's tests.
+struct FakeAgent {
+    stop: Arc<AtomicBool>,
+    health: Arc<Mutex<String>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+const AGENT_METRICS: &str = "# HELP evio_peer_up Whether the peer is connected.\n# TYPE evio_peer_up gauge\nevio_peer_up{node=\"node-a\",peer=\"node-b\"} 1\n";
+
+fn agent_health(ok: bool, revoked: bool) -> String {
+    serde_json::json!({
+        "ok": ok, "node": "node-a", "peers": 1, "connected": u8::from(ok),
+        "revoked": revoked, "storeError": null, "uptimeSeconds": 3
+    })
+    .to_string()
+}
+
+impl FakeAgent {
+    fn start(path: &Path) -> FakeAgent {
+        let listener = UnixListener::bind(path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let health = Arc::new(Mutex::new(agent_health(true, false)));
+        let thread = {
+            let (stop, health) = (stop.clone(), health.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((s, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    s.set_nonblocking(false).unwrap();
+                    let mut line = String::new();
+                    let _ = BufReader::new(&s).read_line(&mut line);
+                    let answer = match line.trim() {
+                        "health" => format!("{}\n", health.lock().unwrap()),
+                        "metrics" => AGENT_METRICS.to_string(),
+                        other => format!("{{\"error\":\"unknown request {other:?}\"}}\n"),
+                    };
+                    let _ = (&s).write_all(answer.as_bytes());
+                }
+            })
+        };
+        FakeAgent {
+            stop,
+            health,
+            thread: Some(thread),
+        }
+    }
+
+    fn set_health(&self, json: String) {
+        *self.health.lock().unwrap() = json;
+    }
+}
+
+impl Drop for FakeAgent {
+    /// Stops answering; the socket file stays, as after a killed agent.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -35,9 +130,13 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 /// GET `path` from the daemon inside `ns`; (status line, body).
 fn get(ns: &Netns, path: &str) -> Option<(String, String)> {
+    get_port(ns, PORT, path)
+}
+
+fn get_port(ns: &Netns, port: u16, path: &str) -> Option<(String, String)> {
     let path = path.to_string();
     in_netns(ns.path(), move || -> Option<(String, String)> {
-        let mut s = TcpStream::connect(("127.0.0.1", PORT)).ok()?;
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
         let mut text = String::new();
@@ -78,23 +177,27 @@ fn run_rewrites_deleted_conflist_repairs_bridge_serves_health_and_metrics_and_st
     let conf = write_conf(tmp.path(), "evrun0");
     let net_d = tmp.path().join("net.d");
     let store = format!("file://{}/subnets.json", tmp.path().display());
-    let child = ns
-        .command(&[BIN, "run"])
-        .args(["--config".as_ref(), conf.as_os_str()])
-        .args(["--node-name", "node-r", "--store", &store])
-        .args(["--cni-conf-dir".as_ref(), net_d.as_os_str()])
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{PORT}"),
-            "--interval",
-            "0.2",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut daemon = Daemon(child);
+    let run_dir = tmp.path().join("run-evio");
+    std::fs::create_dir(&run_dir).unwrap();
+    let listen = format!("127.0.0.1:{PORT}");
+    let mut daemon = spawn_run(
+        &ns,
+        &run_dir,
+        &[
+            "--config".as_ref(),
+            conf.as_os_str(),
+            "--node-name".as_ref(),
+            "node-r".as_ref(),
+            "--store".as_ref(),
+            store.as_ref(),
+            "--cni-conf-dir".as_ref(),
+            net_d.as_os_str(),
+            "--listen".as_ref(),
+            listen.as_ref(),
+            "--interval".as_ref(),
+            "0.2".as_ref(),
+        ],
+    );
     let conflist = net_d.join("10-evio.conflist");
 
     wait_for("the first conflist", Duration::from_secs(10), || {
@@ -185,26 +288,30 @@ fn run_is_unhealthy_while_the_store_is_unusable() {
     // A store path under a regular file can never be created.
     std::fs::write(tmp.path().join("file"), b"").unwrap();
     let store = format!("file://{}/file/subnets.json", tmp.path().display());
-    let child = ns
-        .command(&[BIN, "run"])
-        .args(["--config".as_ref(), conf.as_os_str()])
-        .args(["--node-name", "node-b", "--store", &store, "--timeout", "2"])
-        .args([
+    let run_dir = tmp.path().join("run-evio");
+    std::fs::create_dir(&run_dir).unwrap();
+    let listen = format!("127.0.0.1:{PORT}");
+    let net_d = tmp.path().join("net.d");
+    let _daemon = spawn_run(
+        &ns,
+        &run_dir,
+        &[
+            "--config".as_ref(),
+            conf.as_os_str(),
+            "--node-name".as_ref(),
+            "node-b".as_ref(),
+            "--store".as_ref(),
+            store.as_ref(),
+            "--timeout".as_ref(),
+            "2".as_ref(),
             "--cni-conf-dir".as_ref(),
-            tmp.path().join("net.d").as_os_str(),
-        ])
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{PORT}"),
-            "--interval",
-            "0.2",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _daemon = Daemon(child);
+            net_d.as_os_str(),
+            "--listen".as_ref(),
+            listen.as_ref(),
+            "--interval".as_ref(),
+            "0.2".as_ref(),
+        ],
+    );
     wait_for("/metrics", Duration::from_secs(10), || {
         get(&ns, "/metrics").is_some_and(|(_, b)| {
             metric(&b, "evio_node_reconcile_failures_total").unwrap_or(0.0) >= 1.0
@@ -213,6 +320,103 @@ fn run_is_unhealthy_while_the_store_is_unusable() {
     let (status, body) = get(&ns, "/healthz").unwrap();
     assert!(status.contains("503"), "{status} {body}");
     assert!(!tmp.path().join("net.d/10-evio.conflist").exists());
+}
+
+/// The agent seen through `run`: absent (no socket at the default path) is
+/// fine; present, its health decides /healthz and its metrics follow
+/// `run`'s; gone without cleaning up (socket left, nobody answering) or
+/// reporting ok=false is a 503; /livez ignores it. An explicitly named
+/// socket is required.
+#[test]
+fn run_reports_the_agents_health_and_metrics_from_its_control_socket() {
+    let ns = Netns::new("evruna");
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = write_conf(tmp.path(), "evruna0");
+    let store = format!("file://{}/subnets.json", tmp.path().display());
+    let net_d = tmp.path().join("net.d");
+    let run_dir = tmp.path().join("run-evio");
+    std::fs::create_dir(&run_dir).unwrap();
+    let socket = run_dir.join("agent.sock");
+    let common = |port: u16| -> Vec<std::ffi::OsString> {
+        let listen = format!("127.0.0.1:{port}");
+        [
+            "--config".as_ref(),
+            conf.as_os_str(),
+            "--node-name".as_ref(),
+            "node-a".as_ref(),
+            "--store".as_ref(),
+            store.as_ref(),
+            "--cni-conf-dir".as_ref(),
+            net_d.as_os_str(),
+            "--listen".as_ref(),
+            listen.as_ref(),
+            "--interval".as_ref(),
+            "0.2".as_ref(),
+        ]
+        .iter()
+        .map(|s: &&OsStr| s.to_os_string())
+        .collect()
+    };
+    let args = common(PORT);
+    let argv: Vec<&OsStr> = args.iter().map(|s| s.as_os_str()).collect();
+    let _daemon = spawn_run(&ns, &run_dir, &argv);
+
+    // No agent on this node: healthy, and no agent series.
+    wait_for("/healthz without an agent", Duration::from_secs(10), || {
+        get(&ns, "/healthz").is_some_and(|(s, b)| s.contains("200") && b == "ok\n")
+    });
+    let (_, body) = get(&ns, "/metrics").unwrap();
+    assert!(!body.contains("evio_node_agent_up"), "{body}");
+
+    let agent = FakeAgent::start(&socket);
+    let (status, body) = get(&ns, "/healthz").unwrap();
+    assert!(status.contains("200"), "{status} {body}");
+    assert!(body.starts_with("ok\nagent: {"), "{body}");
+    assert!(body.contains("\"connected\":1"), "{body}");
+    let (_, body) = get(&ns, "/metrics").unwrap();
+    assert_eq!(metric(&body, "evio_node_agent_up"), Some(1.0), "{body}");
+    assert!(body.contains(AGENT_METRICS), "{body}");
+    assert!(
+        metric(&body, "evio_node_reconciles_total").unwrap() >= 1.0,
+        "run's own metrics come first: {body}"
+    );
+
+    agent.set_health(agent_health(false, true));
+    let (status, body) = get(&ns, "/healthz").unwrap();
+    assert!(status.contains("503"), "{status} {body}");
+    assert!(
+        body.contains("ok=false") && body.contains("\"revoked\":true"),
+        "{body}"
+    );
+    let (status, body) = get(&ns, "/livez").unwrap();
+    assert!(status.contains("200") && body == "ok\n", "{status} {body}");
+
+    // Killed: the socket file stays and nobody answers.
+    drop(agent);
+    let (status, body) = get(&ns, "/healthz").unwrap();
+    assert!(status.contains("503"), "{status} {body}");
+    assert!(body.contains("does not answer"), "{body}");
+    let (_, body) = get(&ns, "/metrics").unwrap();
+    assert_eq!(metric(&body, "evio_node_agent_up"), Some(0.0), "{body}");
+    assert!(get(&ns, "/livez").unwrap().0.contains("200"));
+
+    // Stopped cleanly (the agent removes its socket): no agent again.
+    std::fs::remove_file(&socket).unwrap();
+    let (status, body) = get(&ns, "/healthz").unwrap();
+    assert!(status.contains("200") && body == "ok\n", "{status} {body}");
+
+    // Named explicitly, the agent is required even before its socket exists.
+    let mut args = common(PORT + 1);
+    args.push("--agent-socket".into());
+    args.push(run_dir.join("other.sock").into_os_string());
+    let argv: Vec<&OsStr> = args.iter().map(|s| s.as_os_str()).collect();
+    let _required = spawn_run(&ns, &run_dir, &argv);
+    wait_for("/livez of the second run", Duration::from_secs(10), || {
+        get_port(&ns, PORT + 1, "/livez").is_some_and(|(s, _)| s.contains("200"))
+    });
+    let (status, body) = get_port(&ns, PORT + 1, "/healthz").unwrap();
+    assert!(status.contains("503"), "{status} {body}");
+    assert!(body.contains("other.sock"), "{body}");
 }
 
 #[test]

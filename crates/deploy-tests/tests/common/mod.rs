@@ -162,17 +162,50 @@ pub fn load_manifests() -> Vec<Doc> {
     all
 }
 
-/// The single DaemonSet of the deployment.
-pub fn daemonset(docs: &[Doc]) -> DaemonSet {
-    let ds: Vec<DaemonSet> = docs
-        .iter()
+/// The DaemonSet every cluster applies (plugin, config-gen, run).
+pub const MAIN_DAEMONSET: &str = "evio-cni";
+/// The optional DaemonSet running the overlay agent (deploy/evio-agent.yaml).
+pub const AGENT_DAEMONSET: &str = "evio-agent";
+
+/// Every DaemonSet with the manifest file it comes from.
+pub fn daemonsets(docs: &[Doc]) -> Vec<(String, DaemonSet)> {
+    docs.iter()
         .filter_map(|d| match &d.object {
-            Object::DaemonSet(ds) => Some((**ds).clone()),
+            Object::DaemonSet(ds) => {
+                let file = d.origin.split('#').next().unwrap_or_default();
+                Some((file.to_string(), (**ds).clone()))
+            }
             _ => None,
         })
+        .collect()
+}
+
+pub fn daemonset_named(docs: &[Doc], name: &str) -> DaemonSet {
+    let found: Vec<DaemonSet> = daemonsets(docs)
+        .into_iter()
+        .map(|(_, ds)| ds)
+        .filter(|ds| ds.metadata.name.as_deref() == Some(name))
         .collect();
-    assert_eq!(ds.len(), 1, "expected exactly one DaemonSet");
-    ds.into_iter().next().expect("one DaemonSet")
+    assert_eq!(found.len(), 1, "expected exactly one DaemonSet {name}");
+    found.into_iter().next().expect("one DaemonSet")
+}
+
+/// The main DaemonSet of the deployment.
+pub fn daemonset(docs: &[Doc]) -> DaemonSet {
+    daemonset_named(docs, MAIN_DAEMONSET)
+}
+
+/// The optional overlay agent DaemonSet.
+pub fn agent_daemonset(docs: &[Doc]) -> DaemonSet {
+    daemonset_named(docs, AGENT_DAEMONSET)
+}
+
+/// Every container of every DaemonSet, init containers first.
+pub fn every_container(docs: &[Doc]) -> Vec<Container> {
+    daemonsets(docs)
+        .iter()
+        .flat_map(|(_, ds)| all_containers(&pod_spec(ds)))
+        .collect()
 }
 
 pub fn pod_spec(ds: &DaemonSet) -> PodSpec {

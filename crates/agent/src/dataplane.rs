@@ -286,10 +286,7 @@ impl Dataplane {
                     TOKEN_UDP => {
                         let ov = &mut self.overlay;
                         loop {
-                            let got = match recv.recv(&self.udp) {
-                                Ok(g) => g,
-                                Err(_) => 0,
-                            };
+                            let got = recv.recv(&self.udp).unwrap_or_default();
                             for i in 0..got {
                                 let Some(r) = recv.get(i) else { break };
                                 let from = r.from;

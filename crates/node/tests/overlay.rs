@@ -400,7 +400,9 @@ fn rogue_nodes_get_no_frames_through() {
     .unwrap_or_default();
     nc["overlay"]["keyFile"] = json!(dir.path().join("rogue.key").display().to_string());
     nc["dataStore"] = json!(format!("file://{}", copy.display()));
-    nc.as_object_mut().map(|m| m.remove("ovsdb"));
+    if let Some(m) = nc.as_object_mut() {
+        m.remove("ovsdb");
+    }
     std::fs::write(&conf, nc.to_string()).unwrap_or_else(|e| panic!("{e}"));
     let rogue = evio_testkit::agent::Agent::start(evio_testkit::agent::AgentSpec {
         bin: NODE_BIN.into(),
@@ -599,7 +601,9 @@ fn sigterm_leaves_nothing_behind() {
     wait("node-0 drops node-1", Duration::from_secs(10), || {
         peer(&peers(&c, 0), &name(1)).is_none()
     });
-    c.node_mut(1).map(|n| n.agent = None);
+    if let Some(n) = c.node_mut(1) {
+        n.agent = None;
+    }
 }
 
 #[test]

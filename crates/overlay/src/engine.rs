@@ -821,10 +821,7 @@ impl Overlay {
             self.count_drop(DropReason::Malformed);
             return;
         };
-        loop {
-            let Ok(Some((n, csum))) = segs.next_into(&mut self.scratch[INNER_HEADER..]) else {
-                break;
-            };
+        while let Ok(Some((n, csum))) = segs.next_into(&mut self.scratch[INNER_HEADER..]) {
             let inner = match csum {
                 Csum::Partial { start, offset } => Inner {
                     kind: k,
@@ -995,6 +992,9 @@ mod tests {
     use crate::packet::{checksum, pod_mac};
     use std::net::Ipv4Addr;
 
+    /// Which datagrams the simulated network loses: (from, to, bytes).
+    type DropRule = Box<dyn FnMut(usize, usize, &[u8]) -> bool>;
+
     /// A datagram in flight between simulated nodes.
     struct Wire {
         from: usize,
@@ -1040,7 +1040,7 @@ mod tests {
         /// Datagrams a test wants to look at (all that crossed).
         log: Vec<(usize, usize, Vec<u8>)>,
         /// Drop datagrams for which this returns true.
-        drop: Box<dyn FnMut(usize, usize, &[u8]) -> bool>,
+        drop: DropRule,
     }
 
     fn subnet(i: usize) -> IpNet {

@@ -150,11 +150,46 @@ impl Signalling {
         }
     }
 
-    fn send_peers(&self, snap: &PeerSnapshot) {
+    /// Hands the peer set to the engine. A record is believed only where
+    /// it agrees with the allocation records: its pod subnet must be the one
+    /// `nodes/<node>` holds and its host address the one `hostnodes/<node>`
+    /// holds, so a record cannot claim another node's addresses (and pass
+    /// source enforcement for them).
+    async fn send_peers(&self, store: &dyn OverlayStore, snap: &PeerSnapshot) {
         let file = matches!(self.url, StoreUrl::File(_));
+        let alloc = match store.allocations(&self.network).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("reading allocations to check peer records: {e}");
+                return;
+            }
+        };
         let peers: Vec<PeerInfo> = snap
             .records
             .iter()
+            .filter(|r| {
+                let subnet_ok = r
+                    .pod_subnet
+                    .parse::<IpNet>()
+                    .ok()
+                    .is_some_and(|n| alloc.subnets.get(&r.node) == Some(&n));
+                let host_ok = match r.host_address.as_deref() {
+                    None => true,
+                    Some(h) => h
+                        .parse::<IpNet>()
+                        .ok()
+                        .is_some_and(|n| alloc.hosts.get(&r.node) == Some(&n.addr())),
+                };
+                if !(subnet_ok && host_ok) && r.node != self.record.node {
+                    tracing::warn!(
+                        node = %r.node,
+                        "peer record ignored: its podSubnet {} / hostAddress {:?} are not what the store allocated to it",
+                        r.pod_subnet,
+                        r.host_address
+                    );
+                }
+                subnet_ok && host_ok
+            })
             .filter_map(|r| peer_info(r, &self.record.node, file))
             .collect();
         set_health(&self.health, |h| h.peers_seen = peers.len());
@@ -187,7 +222,7 @@ impl Signalling {
         let mut snap = PeerSnapshot::default();
         match store.peers(&self.network).await {
             Ok(s) => {
-                self.send_peers(&s);
+                self.send_peers(store.as_ref(), &s).await;
                 snap = s;
             }
             Err(e) => tracing::warn!("reading peer records: {e}"),
@@ -247,7 +282,7 @@ impl Signalling {
                     match w {
                         Ok(Some(s)) => {
                             if s.records != snap.records && !revoked {
-                                self.send_peers(&s);
+                                self.send_peers(store.as_ref(), &s).await;
                             }
                             snap = s;
                         }

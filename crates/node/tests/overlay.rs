@@ -430,6 +430,34 @@ fn rogue_nodes_get_no_frames_through() {
     );
     assert!(peer(&peers(&c, 0), "rogue").is_none());
     drop(rogue);
+
+    // A record that claims another node's subnet (written by someone who
+    // can write the store) is not believed: node-2 claims node-1's.
+    let net = c.opts().network.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    rt.block_on(async {
+        use evio_subnet::OverlayStore;
+        let fs = evio_subnet::FileStore::new(path.clone().into(), Duration::from_secs(10));
+        let snap = fs.peers(&net).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut rec = snap
+            .records
+            .into_iter()
+            .find(|r| r.node == name(2))
+            .expect("node-2's record");
+        rec.pod_subnet = c.nodes()[1].subnet.clone();
+        fs.publish(&net, &rec, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    });
+    wait(
+        "node-0 ignores the forged record",
+        Duration::from_secs(10),
+        || peer(&peers(&c, 0), &name(2)).is_none(),
+    );
+    assert!(peer(&peers(&c, 0), &name(1)).is_some_and(|p| p["state"] == "connected"));
 }
 
 #[test]

@@ -38,7 +38,7 @@ pub(crate) struct FileData {
 pub(crate) struct NetData {
     /// node name -> subnet (CIDR text), as `/evio/<net>/nodes/<node>`.
     #[serde(default)]
-    nodes: BTreeMap<String, String>,
+    pub(crate) nodes: BTreeMap<String, String>,
     /// `<addr>-<prefix>` -> owner, as `/evio/<net>/subnets/<key>`.
     #[serde(default)]
     subnets: BTreeMap<String, OwnerRecord>,

@@ -158,6 +158,18 @@ pub trait OverlayStore: Send + Sync {
 
     /// Deletes a node's record; whether there was one.
     async fn remove_peer(&self, network: &str, node: &str) -> Result<bool, SubnetError>;
+
+    /// What the allocation records say each node holds: its pod subnet
+    /// (`nodes/`) and host address (`hostnodes/`). A peer record is only
+    /// believed where it agrees with them.
+    async fn allocations(&self, network: &str) -> Result<Allocations, SubnetError>;
+}
+
+/// The allocation records of a network, by node name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allocations {
+    pub subnets: std::collections::BTreeMap<String, IpNet>,
+    pub hosts: std::collections::BTreeMap<String, IpAddr>,
 }
 
 /// The usable host addresses of `cidr`: all but the network address and,

@@ -13,8 +13,8 @@ use ipnet::IpNet;
 
 use crate::peers::{host_key, now_rfc3339, pick_host};
 use crate::{
-    validate_name, EtcdStore, HostAllocation, Liveness, OverlayStore, OwnerRecord, PeerRecord,
-    PeerSnapshot, SubnetError,
+    peers::Allocations, validate_name, EtcdStore, HostAllocation, Liveness, OverlayStore,
+    OwnerRecord, PeerRecord, PeerSnapshot, SubnetError,
 };
 
 /// Bound on create attempts that lose a race for the same address.
@@ -373,5 +373,38 @@ impl OverlayStore for EtcdStore {
             })
             .await?;
         Ok(r.deleted() > 0)
+    }
+
+    async fn allocations(&self, network: &str) -> Result<Allocations, SubnetError> {
+        validate_name("network name", network)?;
+        let deadline = Instant::now() + self.timeout;
+        let mut out = Allocations::default();
+        for (prefix, hosts) in [
+            (format!("/evio/{network}/nodes/"), false),
+            (format!("/evio/{network}/hostnodes/"), true),
+        ] {
+            let resp = self
+                .call(deadline, |mut c| {
+                    let p = prefix.clone();
+                    async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
+                })
+                .await?;
+            for kv in resp.kvs() {
+                let (Ok(k), Ok(v)) = (kv.key_str(), kv.value_str()) else {
+                    continue;
+                };
+                let Some(node) = k.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if hosts {
+                    if let Ok(a) = v.parse() {
+                        out.hosts.insert(node.to_string(), a);
+                    }
+                } else if let Ok(n) = v.parse() {
+                    out.subnets.insert(node.to_string(), n);
+                }
+            }
+        }
+        Ok(out)
     }
 }

@@ -12,8 +12,8 @@ use ipnet::IpNet;
 
 use crate::peers::{host_key, now_rfc3339, pick_host};
 use crate::{
-    validate_name, FileStore, HostAllocation, Liveness, OverlayStore, OwnerRecord, PeerRecord,
-    PeerSnapshot, SubnetError,
+    peers::Allocations, validate_name, FileStore, HostAllocation, Liveness, OverlayStore,
+    OwnerRecord, PeerRecord, PeerSnapshot, SubnetError,
 };
 
 /// How often a watcher looks at the file. A `stat` is all it costs, and
@@ -228,5 +228,24 @@ impl OverlayStore for FileStore {
             self.write(&data)?;
         }
         Ok(removed)
+    }
+
+    async fn allocations(&self, network: &str) -> Result<Allocations, SubnetError> {
+        validate_name("network name", network)?;
+        let data = self.read()?;
+        let mut out = Allocations::default();
+        if let Some(n) = data.networks.get(network) {
+            for (node, v) in &n.nodes {
+                if let Ok(net) = v.parse() {
+                    out.subnets.insert(node.clone(), net);
+                }
+            }
+            for (node, v) in &n.hostnodes {
+                if let Ok(a) = v.parse() {
+                    out.hosts.insert(node.clone(), a);
+                }
+            }
+        }
+        Ok(out)
     }
 }

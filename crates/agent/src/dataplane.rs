@@ -454,6 +454,10 @@ impl Dataplane {
                     ctx.nat.gather_soon(now);
                     nat_wake = now;
                 }
+                for i in self.overlay.take_turn_losses() {
+                    ctx.nat.renew(now, usize::from(i));
+                    nat_wake = now;
+                }
             }
             if !send.is_empty() {
                 send.flush(&self.udp);

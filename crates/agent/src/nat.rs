@@ -50,6 +50,8 @@ const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Wrong credentials will not fix themselves quickly.
 const RETRY_AUTH: Duration = Duration::from_secs(30);
+/// Least time between two renewals of one allocation for dead paths.
+const RENEW_PAUSE: Duration = Duration::from_secs(30);
 /// A TCP connect or an allocation that takes longer failed.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -101,6 +103,8 @@ struct Slot {
     channels: HashSet<SocketAddr>,
     /// Error class responses seen while allocating (401 and friends).
     auth_error: Option<String>,
+    /// Last [`Nat::renew`] of this allocation.
+    renewed: Option<Instant>,
 }
 
 /// What arrived for the overlay through a relay.
@@ -113,6 +117,10 @@ pub struct Nat {
     stun: StunAgent,
     bindings: HashMap<TransactionId, usize>,
     reflexive: Vec<Option<(SocketAddr, Instant)>>,
+    /// STUN transactions to each server that timed out since its last
+    /// answer: a server that answers again after that has restarted or
+    /// been unreachable, and our allocation on it is probably gone.
+    stun_misses: Vec<u32>,
     next_gather: Instant,
     slots: Vec<Slot>,
     peer_ips: BTreeSet<IpAddr>,
@@ -175,14 +183,26 @@ impl Nat {
                 backoff: RETRY_MIN,
                 channels: HashSet::new(),
                 auth_error: None,
+                renewed: None,
             })
             .collect();
         Nat {
             base: now,
             local,
             reflexive: vec![None; stun_list.len()],
+            stun_misses: vec![0; stun_list.len()],
             stun_servers: stun_list,
-            stun: StunAgent::builder(TransportType::Udp, local).build(),
+            // Short transactions (about 3.5 s in all): a binding that goes
+            // unanswered must end before the server is back, so that its
+            // next answer is seen as a return (and allocations renewed).
+            stun: StunAgent::builder(TransportType::Udp, local)
+                .request_retransmits(
+                    Duration::from_millis(500),
+                    Duration::from_secs(1),
+                    3,
+                    Duration::from_secs(1),
+                )
+                .build(),
             bindings: HashMap::new(),
             next_gather: now,
             slots,
@@ -235,6 +255,34 @@ impl Nat {
         std::mem::take(&mut self.changed)
     }
 
+    /// Re-allocates on TURN server `idx` at once: a path through our
+    /// allocation died, and a restarted server forgets allocations without
+    /// telling (the client would notice only at its next refresh, minutes
+    /// away). At most once per [`RENEW_PAUSE`], so a peer that is simply gone
+    /// does not churn allocations.
+    pub fn renew(&mut self, now: Instant, idx: usize) {
+        let epoll = self.epoll;
+        let Some(s) = self.slots.get_mut(idx) else {
+            return;
+        };
+        if !matches!(s.state, TurnState::Ready(_))
+            || s.renewed
+                .is_some_and(|t| now.saturating_duration_since(t) < RENEW_PAUSE)
+        {
+            return;
+        }
+        s.renewed = Some(now);
+        let server = s.conf.server;
+        fail(
+            s,
+            epoll,
+            now,
+            format!("a relayed path through {server} stopped answering: renewing the allocation"),
+        );
+        s.retry_at = now;
+        self.changed = true;
+    }
+
     /// Gathers reflexive candidates again as soon as possible (an address
     /// changed, a path died).
     pub fn gather_soon(&mut self, now: Instant) {
@@ -275,6 +323,18 @@ impl Nat {
                 if let Some(i) = self.bindings.get(&msg.transaction_id()).copied() {
                     if self.stun.handle_stun_message_with_time(&msg, from, t) {
                         self.bindings.remove(&msg.transaction_id());
+                        if std::mem::take(&mut self.stun_misses[i]) > 0 {
+                            let server = self.stun_servers[i];
+                            for s in self.slots.iter_mut() {
+                                if s.conf.server == server && matches!(s.state, TurnState::Ready(_))
+                                {
+                                    tracing::info!(%server, "TURN server answers again: renewing the allocation");
+                                    fail(s, self.epoll, now, format!("{server} was unreachable"));
+                                    s.retry_at = now;
+                                    self.changed = true;
+                                }
+                            }
+                        }
                         if let Ok(x) = msg.attribute::<XorMappedAddress>() {
                             let a = x.addr(msg.transaction_id());
                             let old = self.reflexive[i].map(|(o, _)| o);
@@ -535,7 +595,9 @@ impl Nat {
                 }
                 StunAgentPollRet::TransactionTimedOut(id)
                 | StunAgentPollRet::TransactionCancelled(id) => {
-                    self.bindings.remove(&id);
+                    if let Some(i) = self.bindings.remove(&id) {
+                        self.stun_misses[i] = self.stun_misses[i].saturating_add(1);
+                    }
                 }
             }
         }
@@ -609,7 +671,8 @@ impl Nat {
 
     fn process_events(&mut self, now: Instant) {
         let t = sio(self.base, now);
-        for s in self.slots.iter_mut() {
+        let mut lost = Vec::new();
+        for (idx, s) in self.slots.iter_mut().enumerate() {
             let Some(c) = s.client.as_mut() else { continue };
             while let Some(ev) = c.poll_event() {
                 match ev {
@@ -622,6 +685,13 @@ impl Nat {
                         permit(c, &self.peer_ips, t);
                         self.changed = true;
                     }
+                    // A refresh of a permission or channel refused: the
+                    // server no longer knows the allocation (it restarted).
+                    TurnEvent::PermissionCreateFailed(..) | TurnEvent::ChannelCreateFailed(..)
+                        if matches!(s.state, TurnState::Ready(_)) =>
+                    {
+                        lost.push(idx);
+                    }
                     TurnEvent::AllocationCreateFailed(_) => {
                         let why = s
                             .auth_error
@@ -631,6 +701,19 @@ impl Nat {
                     }
                     _ => {}
                 }
+            }
+        }
+        for idx in lost {
+            if let Some(s) = self.slots.get_mut(idx) {
+                let server = s.conf.server;
+                fail(
+                    s,
+                    self.epoll,
+                    now,
+                    format!("{server} no longer knows our allocation"),
+                );
+                s.retry_at = now;
+                self.changed = true;
             }
         }
     }

@@ -68,9 +68,11 @@ fn read_secret(path: &std::path::Path, what: &str) -> Result<String, NodeError> 
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    // The TURN/STUN crates log every event at INFO: keep them to warnings.
-    let filter = EnvFilter::try_from_env("EVIO_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,turn_client_proto=warn,stun_proto=warn"));
+    // The TURN/STUN crates log every event (and benign races as errors);
+    // the agent logs what matters itself (nat.rs): keep them quiet.
+    let filter = EnvFilter::try_from_env("EVIO_LOG").unwrap_or_else(|_| {
+        EnvFilter::new("info,turn_client_proto=off,stun_proto=off,stun_types=off,turn_types=off")
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -700,3 +700,325 @@ fn an_oversized_frame_gets_fragmentation_needed_not_a_black_hole() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
 }
+
+// ---------------------------------------------------------------------------
+// Issue 11: NAT traversal on the NAT lab.
+
+/// The path two nodes must end up on, given their sites.
+fn expected_path(a: NatType, b: NatType, same_site: bool) -> &'static str {
+    use NatType::*;
+    if same_site {
+        return "direct";
+    }
+    if a == UdpBlocked || b == UdpBlocked {
+        return "relay";
+    }
+    let cone = |t: NatType| matches!(t, PortRestrictedCone | DoubleNat);
+    match (a, b) {
+        (Symmetric, Symmetric) => "relay",
+        (Symmetric, x) | (x, Symmetric) if cone(x) => "relay",
+        _ => "direct",
+    }
+}
+
+fn site_of(c: &Cluster, i: usize) -> (NatType, usize) {
+    c.nodes()[i]
+        .lab
+        .map(|l| (l.1, l.2))
+        .unwrap_or_else(|| panic!("node {i} not in a lab"))
+}
+
+fn path_of(c: &Cluster, from: usize, to: usize) -> Option<String> {
+    peer(&peers(c, from), &name(to)).and_then(|p| p["path"].as_str().map(str::to_string))
+}
+
+/// Pod ping from node `from` to node `to`, one echo, bounded.
+fn pod_ping_once(c: &Cluster, from: usize, to: usize) -> bool {
+    let ns = &c.nodes()[from].pods[0].pod.ns;
+    ns.exec(&["ping", "-c", "1", "-W", "1", &pod_ip(c, to, 0).to_string()])
+        .status
+        .success()
+}
+
+/// Time until a pod ping from `from` to `to` succeeds again.
+fn recovery(c: &Cluster, from: usize, to: usize, limit: Duration) -> Duration {
+    let t = Instant::now();
+    while !pod_ping_once(c, from, to) {
+        if t.elapsed() >= limit {
+            panic!("no recovery within {limit:?}:\n{}", dump(c));
+        }
+    }
+    t.elapsed()
+}
+
+/// Every agent's peers and log tail, for a failure message.
+fn dump(c: &Cluster) -> String {
+    let mut out = String::new();
+    for i in 0..c.nodes().len() {
+        if let Some(a) = c.agent(i) {
+            out.push_str(&format!(
+                "--- {} ({:?})\n{}\n{}\n",
+                name(i),
+                c.nodes()[i].lab.map(|l| l.1),
+                a.peers().map(|v| v.to_string()).unwrap_or_default(),
+                a.log_tail(25)
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_pair_of_lab_nodes_takes_the_path_its_nats_allow() {
+    use NatType::*;
+    let ov = OverlayOpts {
+        sites: vec![
+            (PortRestrictedCone, 2),
+            (PortRestrictedCone, 1),
+            (Symmetric, 1),
+            (Symmetric, 1),
+            (FullCone, 1),
+            (DoubleNat, 1),
+            (UdpBlocked, 1),
+            (Public, 1),
+        ],
+        turn: true,
+        ..OverlayOpts::flat(0)
+    };
+    let t = Instant::now();
+    let c = up(opts(BridgeType::Linux, 1, ov));
+    let n = c.nodes().len();
+    let o = assert_all_reachable(&c);
+    eprintln!("9 nodes behind NATs: up and connected in {:?}", t.elapsed());
+    let mut wrong = Vec::new();
+    let mut table = String::new();
+    for a in 0..n {
+        for b in 0..n {
+            if a == b {
+                continue;
+            }
+            let (ta, sa) = site_of(&c, a);
+            let (tb, sb) = site_of(&c, b);
+            let want = expected_path(ta, tb, sa == sb);
+            let got = o.get(a, b).and_then(|ch| ch.path.clone());
+            table.push_str(&format!(
+                "{:>18} -> {:<18} {:<6} {}\n",
+                format!("{ta}"),
+                format!("{tb}"),
+                got.as_deref().unwrap_or("-"),
+                o.get(a, b)
+                    .and_then(|ch| ch.endpoint.clone())
+                    .unwrap_or_default()
+            ));
+            if got.as_deref() != Some(want) {
+                wrong.push(format!(
+                    "{} ({ta}) -> {} ({tb}): {got:?}, want {want}",
+                    name(a),
+                    name(b)
+                ));
+            }
+            if sa == sb && ta != Public {
+                // Same router: the LAN address, no hairpin through the NAT.
+                let ep = o
+                    .get(a, b)
+                    .and_then(|ch| ch.endpoint.clone())
+                    .unwrap_or_default();
+                assert!(ep.starts_with("192.168."), "same-site pair uses {ep}");
+            }
+        }
+    }
+    eprintln!("{table}");
+    assert!(wrong.is_empty(), "{wrong:#?}\n{}", o.render());
+}
+
+/// A smaller lab for the recovery steps: two cone sites, a symmetric one,
+/// a public node. Returns the cluster and the node indices.
+fn recovery_lab() -> Cluster {
+    use NatType::*;
+    let ov = OverlayOpts {
+        sites: vec![
+            (PortRestrictedCone, 1),
+            (PortRestrictedCone, 1),
+            (Symmetric, 1),
+            (Public, 1),
+        ],
+        turn: true,
+        ..OverlayOpts::flat(0)
+    };
+    let c = up(opts(BridgeType::Linux, 1, ov));
+    assert_all_reachable(&c);
+    c
+}
+
+#[test]
+fn recovery_after_mapping_loss_address_change_dead_paths_relay_outage_and_nat_change() {
+    let mut c = recovery_lab();
+    let (x, y, s, p) = (0, 1, 2, 3);
+    assert_eq!(path_of(&c, x, y).as_deref(), Some("direct"));
+    assert_eq!(path_of(&c, x, s).as_deref(), Some("relay"));
+    let site = |c: &Cluster, i: usize| evio_testkit::natlab::SiteId(site_of(c, i).1);
+
+    // 1. The NAT forgets every mapping.
+    c.lab().expect("lab").flush_conntrack(site(&c, x));
+    let r = recovery(&c, x, y, Duration::from_secs(10));
+    eprintln!("conntrack -F: traffic back after {r:?}");
+
+    // 2. The site's public address changes.
+    c.lab().expect("lab").change_wan_address(site(&c, x));
+    let r = recovery(&c, y, x, Duration::from_secs(10));
+    eprintln!("WAN address change: traffic back after {r:?}");
+    let r = recovery(&c, x, p, Duration::from_secs(10));
+    eprintln!("WAN address change: x->public back after {r:?}");
+
+    // 3. The direct path starts dropping everything: relay within 5 s.
+    let (nx, np) = (lab_node(&c, x), lab_node(&c, p));
+    c.lab().expect("lab").block_udp_between(nx, np);
+    let t = wait(
+        "x falls back to the relay for p",
+        Duration::from_secs(5),
+        || path_of(&c, x, p).as_deref() == Some("relay"),
+    );
+    eprintln!("direct path dropped: relay after {t:?}");
+    assert!(
+        pod_ping_once(&c, x, p) || pod_ping_once(&c, x, p),
+        "traffic over the relay"
+    );
+    c.lab().expect("lab").unblock_udp_between(nx, np);
+    let t = wait("x upgrades back to direct", Duration::from_secs(30), || {
+        path_of(&c, x, p).as_deref() == Some("direct")
+    });
+    eprintln!("direct path back: upgraded after {t:?}");
+
+    // 4. The TURN server dies: direct pairs do not notice; relayed pairs
+    //    come back when it returns.
+    c.coturn().expect("coturn").stop();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(path_of(&c, x, y).as_deref(), Some("direct"));
+    assert!(
+        pod_ping_once(&c, x, y),
+        "direct pair broken by the relay outage"
+    );
+    c.coturn().expect("coturn").start();
+    let r = recovery(&c, x, s, Duration::from_secs(45));
+    eprintln!("TURN server back: relayed pair back after {r:?}");
+
+    // 5. The symmetric site becomes a cone: its relayed pairs go direct.
+    let lab = c.lab().expect("lab");
+    lab.set_nat(site(&c, s), NatType::PortRestrictedCone);
+    lab.flush_conntrack(site(&c, s));
+    let t = wait(
+        "s's pairs upgrade to direct",
+        Duration::from_secs(30),
+        || {
+            path_of(&c, x, s).as_deref() == Some("direct")
+                && path_of(&c, s, y).as_deref() == Some("direct")
+        },
+    );
+    eprintln!("symmetric -> cone: direct after {t:?}");
+    assert!(pod_ping_once(&c, x, s) || pod_ping_once(&c, x, s));
+    let _ = c.lab_mut();
+}
+
+#[test]
+fn an_idle_minute_past_the_nat_timeout_costs_nothing() {
+    use NatType::*;
+    let ov = OverlayOpts {
+        sites: vec![(PortRestrictedCone, 1), (PortRestrictedCone, 1)],
+        turn: true,
+        ..OverlayOpts::flat(0)
+    };
+    let c = up(opts(BridgeType::Linux, 1, ov));
+    let lab = c.lab().expect("lab");
+    for i in 0..2 {
+        lab.set_udp_timeout(evio_testkit::natlab::SiteId(site_of(&c, i).1), 30);
+        lab.flush_conntrack(evio_testkit::natlab::SiteId(site_of(&c, i).1));
+    }
+    assert_all_reachable(&c);
+    std::thread::sleep(Duration::from_secs(60));
+    assert!(
+        pod_ping_once(&c, 0, 1),
+        "the first ping after an idle minute failed"
+    );
+    assert_eq!(path_of(&c, 0, 1).as_deref(), Some("direct"));
+}
+
+#[test]
+fn wrong_turn_credentials_are_a_clear_error_and_direct_paths_keep_working() {
+    use NatType::*;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let wrong = dir.path().join("wrong-turn-password");
+    std::fs::write(&wrong, "not-the-password\n").unwrap_or_else(|e| panic!("{e}"));
+    let ov = OverlayOpts {
+        sites: vec![(PortRestrictedCone, 1), (Public, 1)],
+        turn: true,
+        node_netconf: vec![(
+            0,
+            json!({"overlay": {"turn": [{
+            "server": "203.0.113.1:3478", "transport": "udp", "username": "evio",
+            "passwordFile": wrong.display().to_string()}]}}),
+        )],
+        ..OverlayOpts::flat(0)
+    };
+    let c = up(opts(BridgeType::Linux, 1, ov));
+    assert_all_reachable(&c);
+    assert_eq!(path_of(&c, 0, 1).as_deref(), Some("direct"));
+    let a = c.agent(0).expect("agent");
+    wait(
+        "the TURN error is reported",
+        Duration::from_secs(15),
+        || {
+            a.peers().ok().is_some_and(|v| {
+                v["turn"][0]["state"] == "failed"
+                    && v["turn"][0]["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("401"))
+            })
+        },
+    );
+    assert!(
+        a.log().contains("refused the allocation"),
+        "{}",
+        a.log_tail(20)
+    );
+    assert!(pod_ping_once(&c, 0, 1));
+}
+
+#[test]
+fn forged_stun_turn_and_probe_packets_are_counted_and_harmless() {
+    use NatType::*;
+    let ov = OverlayOpts {
+        sites: vec![(PortRestrictedCone, 1), (Public, 1)],
+        turn: true,
+        ..OverlayOpts::flat(0)
+    };
+    let c = up(opts(BridgeType::Linux, 1, ov));
+    assert_all_reachable(&c);
+    let lab = c.lab().expect("lab");
+    let to: SocketAddr = SocketAddr::new(lab.public_addr(lab_node(&c, 1)), 5800);
+    let a = c.agent(1).expect("agent");
+    let before = a.metric("evio_overlay_rejected_total");
+    // From the TURN server's own address too: a spoofed relay.
+    let sock = lab
+        .internet()
+        .udp_bind("203.0.113.1:0".parse().unwrap_or_else(|e| panic!("{e}")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut sent = 0;
+    for i in 0..100u8 {
+        // STUN-looking (first two bits 0, magic cookie), truncated and not.
+        let mut stun = vec![0x01, 0x01, 0x00, i, 0x21, 0x12, 0xa4, 0x42];
+        stun.extend((0..usize::from(i % 40)).map(|k| k as u8));
+        // ChannelData for a channel never bound.
+        let chan = vec![0x40, i, 0x00, 0x10, 9, 9, 9, 9];
+        // A transport message posing as a probe from an unknown index.
+        let mut probe = vec![0x84, 0, 0, 0, i, i, i, i, 0, 0, 0, 0, 0, 0, 0, 0];
+        probe.extend([0u8; 28]);
+        for d in [stun, chan, probe] {
+            let _ = sock.send_to(&d, to);
+            sent += 1;
+        }
+    }
+    wait("the forgeries counted", Duration::from_secs(5), || {
+        a.metric("evio_overlay_rejected_total") >= before + sent / 2
+    });
+    assert!(pod_ping_once(&c, 0, 1), "traffic still flows");
+}

@@ -212,6 +212,9 @@ pub struct Overlay {
     /// Active paths that changed or died since the last
     /// [`Overlay::take_path_losses`]: a hint to gather candidates again.
     path_losses: u32,
+    /// TURN allocations a path through which died (see
+    /// [`Overlay::take_turn_losses`]).
+    turn_losses: Vec<u8>,
 }
 
 impl Overlay {
@@ -244,7 +247,15 @@ impl Overlay {
             stats: Stats::default(),
             next_wake: Some(now),
             path_losses: 0,
+            turn_losses: Vec::new(),
         }
+    }
+
+    /// TURN allocations (by index) a path through which stopped answering
+    /// since the last call: the agent renews them (a restarted TURN server
+    /// has forgotten them, and nothing else would say so for minutes).
+    pub fn take_turn_losses(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.turn_losses)
     }
 
     /// How many active paths changed or died since the last call.
@@ -877,6 +888,11 @@ impl Overlay {
                     .poll(now, &self.cfg.paths, &mut self.probe_id, &mut self.probes);
                 if before.is_some() && p.paths.active_addr() != before {
                     self.path_losses += 1;
+                }
+                for i in p.paths.dead_turns.drain(..) {
+                    if !self.turn_losses.contains(&i) {
+                        self.turn_losses.push(i);
+                    }
                 }
                 let probes = std::mem::take(&mut self.probes);
                 for d in &probes {

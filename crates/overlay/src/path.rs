@@ -135,6 +135,9 @@ pub struct Paths {
     pub active: Option<usize>,
     /// When `active` last changed (for `peers`).
     pub changed: Option<Instant>,
+    /// TURN allocations (by index) one of whose paths just died: the
+    /// allocation may be gone (the server restarted); drained by the engine.
+    pub dead_turns: Vec<u8>,
 }
 
 /// What [`Paths::poll`] wants sent.
@@ -333,6 +336,11 @@ impl Paths {
                     p.probe = None;
                     p.lost += 1;
                     lost_any = true;
+                    if p.lost == cfg.dead_after && p.last_rx.is_some() {
+                        if let Via::Turn(i) = p.addr.via {
+                            self.dead_turns.push(i);
+                        }
+                    }
                 }
             }
             if p.probe.is_some() || now < p.next_probe {

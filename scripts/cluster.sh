@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # The README's main command: on a fresh Debian machine (as root), installs
-# what is missing, builds the plugin, evio-node and the simulator, and brings
-# up a simulated cluster on this machine: one network namespace with its own
-# Open vSwitch per node, pods attached by the real `evio` plugin, subnets from
-# the real `evio-node config-gen`. It prints the nodes, pods and a pod-to-pod
-# reachability matrix, then tears everything down (also on Ctrl-C).
+# what is missing (coturn among it), builds the plugin, evio-node and the
+# simulator, and brings up a simulated cluster on this machine: nodes on a
+# NAT lab (sites behind port-restricted cone, symmetric, full-cone, double
+# and UDP-blocked NATs, and a public node; coturn as STUN/TURN server in the
+# lab's "internet"), each a network namespace with its own Open vSwitch,
+# subnets from the real `evio-node config-gen`, the real `evio-node agent`
+# joining the node bridges and hosts over encrypted tunnels, pods attached by
+# the real `evio` plugin. It prints the nodes (site, NAT type, addresses),
+# the pod reachability matrix and the node matrix with each pair's path
+# (direct or relay, RTT), then tears everything down (also on Ctrl-C).
 #
-#   scripts/cluster.sh [--nodes N] [--pods M] [--bridge-type ovs|linux] [--keep]
+#   scripts/cluster.sh [--no-nat] [--nodes N] [--pods M]
+#                      [--bridge-type ovs|linux] [--store file|etcd] [--keep]
+#   scripts/cluster.sh --plain-link      # the pre-overlay topology
 #
 # Everything it creates lives in namespaces and temp dirs of its own; the
 # machine's root namespace is not touched.

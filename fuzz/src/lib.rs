@@ -31,6 +31,9 @@ mod error;
 #[allow(dead_code)]
 #[path = "../../crates/node/src/netconf.rs"]
 mod netconf;
+#[allow(dead_code)]
+#[path = "../../crates/node/src/overlay.rs"]
+mod overlay;
 
 /// Larger inputs only slow the fuzzer down: every parser bounds its input
 /// before parsing (4 MiB for the plugin's stdin) or is fed by a framer.
@@ -160,6 +163,11 @@ pub fn node_netconf(data: &[u8]) {
     let Ok(conf) = netconf::RawConf::parse("fuzz.json", data) else {
         return;
     };
+    if let Ok(o) = overlay::OverlayConf::parse(&conf) {
+        assert!(o.listen_port != 0);
+        assert!(o.default_mtu() <= o.max_mtu());
+        assert!(!o.host_interface.is_empty() && o.host_interface.len() <= 15);
+    }
     let Ok(gen) = conflist::GenConfig::resolve(&conf, &conflist::Overrides::default()) else {
         return;
     };
@@ -304,6 +312,13 @@ pub fn store_record(data: &[u8]) {
     if data.len() > MAX_INPUT {
         return;
     }
+    if let Ok(r) = serde_json::from_slice::<evio_subnet::PeerRecord>(data) {
+        let v = serde_json::to_value(&r).unwrap_or_else(|e| panic!("encode {r:?}: {e}"));
+        let back: evio_subnet::PeerRecord =
+            serde_json::from_value(v).unwrap_or_else(|e| panic!("decode own record: {e}"));
+        assert_eq!(back, r);
+        let _ = r.heartbeat_age(std::time::SystemTime::now());
+    }
     if let Ok(r) = serde_json::from_slice::<evio_subnet::OwnerRecord>(data) {
         let v = serde_json::to_value(&r).unwrap_or_else(|e| panic!("encode {r:?}: {e}"));
         let back: evio_subnet::OwnerRecord =
@@ -347,5 +362,103 @@ pub fn store_record(data: &[u8]) {
         let rt = runtime();
         let _ = rt.block_on(store.list("net"));
         let _ = rt.block_on(store.lookup("net", "node-1"));
+    }
+}
+
+/// A node of the overlay, built once: what an attacker's datagram or a
+/// pod's frame meets.
+struct OverlayNode {
+    ov: evio_overlay::engine::Overlay,
+}
+
+struct NullIo(Vec<u8>);
+
+impl evio_overlay::engine::Io for NullIo {
+    fn datagram(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+    fn commit(&mut self, _: evio_overlay::path::PathAddr, len: usize) {
+        assert!(len <= self.0.len());
+    }
+    fn pod(&mut self, frame: &mut [u8], _: evio_overlay::offload::Csum) {
+        assert!(frame.len() >= 14);
+    }
+    fn host(&mut self, _: &mut [u8], _: evio_overlay::offload::Csum) {}
+}
+
+fn overlay_node() -> &'static std::sync::Mutex<OverlayNode> {
+    static NODE: OnceLock<std::sync::Mutex<OverlayNode>> = OnceLock::new();
+    NODE.get_or_init(|| {
+        use evio_overlay::crypto::StaticKeys;
+        use evio_overlay::engine::{Candidate, Overlay, OverlayConfig, PeerInfo};
+        use evio_overlay::path::Class;
+        let now = std::time::Instant::now();
+        let me = StaticKeys::from_private([1; 32]);
+        let peer = StaticKeys::from_private([2; 32]);
+        let cfg = OverlayConfig::new("fuzz", "10.244.1.0/24".parse().unwrap_or_else(|e| panic!("{e}")), 1380);
+        let mut ov = Overlay::new(now, cfg, evio_overlay::tunnel::Identity::new(me, None, "fuzz"));
+        ov.set_peers(
+            now,
+            &[PeerInfo {
+                node: "peer".into(),
+                key: *peer.public(),
+                pod_subnet: "10.244.2.0/24".parse().unwrap_or_else(|e| panic!("{e}")),
+                host_addr: Some("10.10.0.2/16".parse().unwrap_or_else(|e| panic!("{e}"))),
+                candidates: vec![Candidate {
+                    addr: "203.0.113.2:5800".parse().unwrap_or_else(|e| panic!("{e}")),
+                    class: Class::Direct,
+                }],
+                stale: false,
+            }],
+        );
+        std::sync::Mutex::new(OverlayNode { ov })
+    })
+}
+
+/// The overlay's entry points for outside bytes: a datagram from anyone
+/// (handshakes, cookies, transport), a frame from a pod (with a vnet
+/// header from the device), a packet from the host, and the offload
+/// segmenter and coalescer on their own.
+pub fn overlay(data: &[u8]) {
+    use evio_overlay::offload::{segments, Coalescer, Csum, Framing, VnetHdr};
+    use evio_overlay::path::PathAddr;
+    if data.len() > 70_000 {
+        return;
+    }
+    let mut node = overlay_node().lock().unwrap_or_else(|p| p.into_inner());
+    let mut io = NullIo(vec![0; evio_overlay::engine::MAX_DATAGRAM]);
+    let now = std::time::Instant::now();
+    let from = PathAddr::direct("198.51.100.7:4242".parse().unwrap_or_else(|e| panic!("{e}")));
+    let _ = node.ov.from_network(now, from, data, &mut io);
+    if data.len() > 10 {
+        let hdr = VnetHdr::parse(&data[..10]).unwrap_or_default();
+        node.ov.from_pod(now, &hdr, &data[10..], &mut io);
+        node.ov.from_host(now, &hdr, &data[10..], &mut io);
+        for framing in [Framing::Ethernet, Framing::Ip] {
+            if let Ok(mut segs) = segments(&hdr, &data[10..], framing) {
+                let mut out = vec![0u8; 65_600];
+                let mut gro = Coalescer::new(framing, 4, 65_000);
+                let mut n = 0;
+                while let Ok(Some((len, csum))) = segs.next_into(&mut out) {
+                    n += 1;
+                    assert!(n <= segs.count(), "more segments than planned");
+                    gro.push(&out[..len], csum, &mut |h, f| {
+                        assert!(f.len() <= 65_535);
+                        let _ = VnetHdr::parse(&h.to_bytes());
+                    });
+                    let mut copy = out[..len].to_vec();
+                    let _ = evio_overlay::offload::complete_checksum(&mut copy, csum);
+                }
+                gro.flush(&mut |_, _| {});
+            }
+            let mut copy = data[10..].to_vec();
+            let _ = evio_overlay::offload::complete_checksum(
+                &mut copy,
+                Csum::Partial {
+                    start: u16::from(data[0]) * 2,
+                    offset: u16::from(data[1] % 32),
+                },
+            );
+        }
     }
 }

@@ -17,6 +17,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("node_netconf", evio_fuzz::node_netconf),
     ("ovsdb_reply", evio_fuzz::ovsdb_reply),
     ("store_record", evio_fuzz::store_record),
+    ("overlay", evio_fuzz::overlay),
 ];
 
 struct Rng(u64);

@@ -279,6 +279,8 @@ pub struct SendBatch {
     iovs: Vec<libc::iovec>,
     cmsgs: Vec<[u8; CMSG_SPACE]>,
     msgs: Vec<libc::mmsghdr>,
+    /// Runs of `queued` sent as one message: (first, one past last).
+    groups: Vec<(usize, usize)>,
     /// Datagrams the kernel refused (counted, dropped: the peers' TCP
     /// recovers, as it would from a lossy link).
     pub dropped: u64,
@@ -298,6 +300,7 @@ impl SendBatch {
             iovs: Vec::with_capacity(256),
             cmsgs: vec![[0u8; CMSG_SPACE]; 256],
             msgs: Vec::with_capacity(256),
+            groups: Vec::with_capacity(256),
             dropped: 0,
             syscalls: 0,
         }
@@ -333,8 +336,8 @@ impl SendBatch {
             self.msgs.clear();
             // Group runs: same destination, contiguous, equal size (the
             // last of a run may be shorter), within the GSO limits.
-            let mut groups: Vec<(usize, usize)> = Vec::new();
-            while i < self.queued.len() && groups.len() < self.cmsgs.len() {
+            self.groups.clear();
+            while i < self.queued.len() && self.groups.len() < self.cmsgs.len() {
                 let (to, off, len) = self.queued[i];
                 let mut j = i + 1;
                 let mut total = len;
@@ -351,7 +354,7 @@ impl SendBatch {
                         }
                     }
                 }
-                groups.push((i, j));
+                self.groups.push((i, j));
                 self.addrs.push(to_sockaddr(to));
                 self.iovs.push(libc::iovec {
                     iov_base: self.data[off..].as_mut_ptr().cast(),
@@ -359,7 +362,7 @@ impl SendBatch {
                 });
                 i = j;
             }
-            for (g, &(a, b)) in groups.iter().enumerate() {
+            for (g, &(a, b)) in self.groups.iter().enumerate() {
                 // SAFETY: plain old data, all-zero valid.
                 let mut h: libc::mmsghdr = unsafe { zeroed() };
                 h.msg_hdr.msg_name = (&mut self.addrs[g] as *mut libc::sockaddr_in).cast();
@@ -405,7 +408,7 @@ impl SendBatch {
                     }
                     // Unreachable destinations (ICMP errors reported on the
                     // socket), a full buffer: drop this message, go on.
-                    let (a, b) = groups[sent];
+                    let (a, b) = self.groups[sent];
                     self.dropped += (b - a) as u64;
                     sent += 1;
                     continue;

@@ -431,14 +431,26 @@ impl Overlay {
         let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
             return;
         };
-        let live: Vec<u32> = p.tunnel.indices().collect();
+        // At most four sessions/handshakes per tunnel: a fixed array keeps
+        // this off the heap (it runs for every transport message).
+        let mut live = [0u32; 4];
+        let mut n = 0;
+        for i in p.tunnel.indices().take(4) {
+            live[n] = i;
+            n += 1;
+        }
+        let live = &live[..n];
+        if p.indices.as_slice() == live {
+            return;
+        }
         for i in p.indices.iter().filter(|i| !live.contains(i)) {
             self.index.remove(i);
         }
-        for &i in &live {
+        for &i in live {
             self.index.insert(i, pid);
         }
-        p.indices = live;
+        p.indices.clear();
+        p.indices.extend_from_slice(live);
     }
 
     fn classify(&self, pid: PeerId, addr: PathAddr) -> Class {

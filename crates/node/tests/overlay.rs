@@ -1023,3 +1023,43 @@ fn forged_stun_turn_and_probe_packets_are_counted_and_harmless() {
     });
     assert!(pod_ping_once(&c, 0, 1), "traffic still flows");
 }
+
+/// The plugin's GC with only the live pod listed keeps the agent's port
+/// (and the pod), and traffic across nodes still flows afterwards.
+fn gc_keeps_the_agents_port(bridge: BridgeType) {
+    let c = up(opts(bridge, 1, OverlayOpts::flat(2)));
+    assert_all_reachable(&c);
+    let n = &c.nodes()[0];
+    let pod = &n.pods[0];
+    let mut conf = n.plugin_conf.clone();
+    conf["cniVersion"] = json!("1.1.0");
+    conf["cni.dev/valid-attachments"] =
+        json!([{"containerID": pod.pod.id, "ifname": pod.pod.ifname}]);
+    let out = n.cni(&plugin_bin()).run("GC", "", None, "", None, &conf);
+    assert!(out.success(), "GC: {out}");
+    assert!(
+        n.ns.links().iter().any(|l| l == "evio0-ovl"),
+        "the TAP is gone"
+    );
+    if let Some(ovs) = &n.ovs {
+        let ports = ovs.vsctl(&["list-ports", "evio0"]);
+        assert!(
+            ports.contains("evio0-ovl"),
+            "GC removed the agent's port: {ports}"
+        );
+    } else {
+        let master = n.ns.ok(&["ip", "-o", "link", "show", "evio0-ovl"]);
+        assert!(master.contains("master evio0"), "{master}");
+    }
+    assert!(ping(&pod.pod.ns, &pod_ip(&c, 1, 0).to_string()));
+}
+
+#[test]
+fn the_plugins_gc_never_touches_the_agents_port_linux() {
+    gc_keeps_the_agents_port(BridgeType::Linux);
+}
+
+#[test]
+fn the_plugins_gc_never_touches_the_agents_port_ovs() {
+    gc_keeps_the_agents_port(BridgeType::Ovs);
+}

@@ -58,7 +58,13 @@ impl Wire {
         Wire {
             slot: vec![0; MAX_DATAGRAM],
             ring: (0..256)
-                .map(|_| (PathAddr::direct(SocketAddr::from(([0, 0, 0, 0], 0))), 0, [0u8; 2048]))
+                .map(|_| {
+                    (
+                        PathAddr::direct(SocketAddr::from(([0, 0, 0, 0], 0))),
+                        0,
+                        [0u8; 2048],
+                    )
+                })
                 .collect(),
             len: 0,
             delivered: 0,
@@ -103,7 +109,20 @@ fn tcp_frame(src: Ipv4Addr, dst: Ipv4Addr, payload: usize) -> Vec<u8> {
     f.extend_from_slice(&pod_mac(src));
     f.extend_from_slice(&[0x08, 0x00]);
     let total = 20 + 20 + payload;
-    let mut ip = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, 6, 0, 0];
+    let mut ip = vec![
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        1,
+        0x40,
+        0,
+        64,
+        6,
+        0,
+        0,
+    ];
     ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
     let c = checksum(&ip);
@@ -111,7 +130,9 @@ fn tcp_frame(src: Ipv4Addr, dst: Ipv4Addr, payload: usize) -> Vec<u8> {
     f.extend_from_slice(&ip);
     // TCP: ports, seq, ack, data offset 5, ACK, window; checksum field
     // holds the pseudo-header seed (partial, as the kernel hands it over).
-    f.extend_from_slice(&[0x9c, 0x40, 0x14, 0x51, 0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x10, 0x01, 0xf5, 0, 0, 0, 0]);
+    f.extend_from_slice(&[
+        0x9c, 0x40, 0x14, 0x51, 0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x10, 0x01, 0xf5, 0, 0, 0, 0,
+    ]);
     f.extend((0..payload).map(|i| i as u8));
     f
 }
@@ -122,8 +143,16 @@ fn steady_state_frames_allocate_nothing() {
     let ka = StaticKeys::generate();
     let kb = StaticKeys::generate();
     let (ia, ib) = (info(1, &ka), info(2, &kb));
-    let mut a = Overlay::new(start, OverlayConfig::new("t", ia.pod_subnet, 1380), Identity::new(ka, None, "t"));
-    let mut b = Overlay::new(start, OverlayConfig::new("t", ib.pod_subnet, 1380), Identity::new(kb, None, "t"));
+    let mut a = Overlay::new(
+        start,
+        OverlayConfig::new("t", ia.pod_subnet, 1380),
+        Identity::new(ka, None, "t"),
+    );
+    let mut b = Overlay::new(
+        start,
+        OverlayConfig::new("t", ib.pod_subnet, 1380),
+        Identity::new(kb, None, "t"),
+    );
     a.set_peers(start, &[ia.clone(), ib.clone()]);
     b.set_peers(start, &[ia.clone(), ib.clone()]);
     let (mut wa, mut wb) = (Wire::new(), Wire::new());
@@ -148,10 +177,25 @@ fn steady_state_frames_allocate_nothing() {
             pump(now, addr_b, &mut wb, &mut a, &mut wa);
         }
     }
-    let plain = tcp_frame(Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 2, 3), 1000);
-    let back = tcp_frame(Ipv4Addr::new(10, 244, 2, 3), Ipv4Addr::new(10, 244, 1, 2), 100);
-    let tso = tcp_frame(Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 2, 3), 1300 * 40);
-    let partial = VnetHdr::single(Csum::Partial { start: 34, offset: 16 });
+    let plain = tcp_frame(
+        Ipv4Addr::new(10, 244, 1, 2),
+        Ipv4Addr::new(10, 244, 2, 3),
+        1000,
+    );
+    let back = tcp_frame(
+        Ipv4Addr::new(10, 244, 2, 3),
+        Ipv4Addr::new(10, 244, 1, 2),
+        100,
+    );
+    let tso = tcp_frame(
+        Ipv4Addr::new(10, 244, 1, 2),
+        Ipv4Addr::new(10, 244, 2, 3),
+        1300 * 40,
+    );
+    let partial = VnetHdr::single(Csum::Partial {
+        start: 34,
+        offset: 16,
+    });
     let gso = VnetHdr {
         flags: VnetHdr::F_NEEDS_CSUM,
         gso_type: VnetHdr::GSO_TCPV4,
@@ -160,15 +204,16 @@ fn steady_state_frames_allocate_nothing() {
         csum_start: 34,
         csum_offset: 16,
     };
-    let mut round = |count: bool, a: &mut Overlay, b: &mut Overlay, wa: &mut Wire, wb: &mut Wire| {
-        WATCH.with(|w| w.set(count));
-        a.from_pod(now, &partial, &plain, wa);
-        a.from_pod(now, &gso, &tso, wa);
-        b.from_pod(now, &partial, &back, wb);
-        pump(now, addr_a, wa, b, wb);
-        pump(now, addr_b, wb, a, wa);
-        WATCH.with(|w| w.set(false));
-    };
+    let mut round =
+        |count: bool, a: &mut Overlay, b: &mut Overlay, wa: &mut Wire, wb: &mut Wire| {
+            WATCH.with(|w| w.set(count));
+            a.from_pod(now, &partial, &plain, wa);
+            a.from_pod(now, &gso, &tso, wa);
+            b.from_pod(now, &partial, &back, wb);
+            pump(now, addr_a, wa, b, wb);
+            pump(now, addr_b, wb, a, wa);
+            WATCH.with(|w| w.set(false));
+        };
     // Warm-up: first frames teach the switch, size the tables.
     for _ in 0..20 {
         round(false, &mut a, &mut b, &mut wa, &mut wb);

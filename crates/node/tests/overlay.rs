@@ -520,6 +520,7 @@ fn sigkill_then_restart_keeps_the_key_reclaims_the_port_and_traffic_resumes() {
     let mut c = up(opts(BridgeType::Ovs, 1, OverlayOpts::flat(2)));
     assert_all_reachable(&c);
     let key = peers(&c, 1)["publicKey"].clone();
+    let host = peers(&c, 1)["hostAddress"].clone();
     let from = c.nodes()[0].pods[0].pod.ns.name().to_string();
     let dst = pod_ip(&c, 1, 0).to_string();
     // Traffic flowing while the agent dies.
@@ -552,6 +553,7 @@ fn sigkill_then_restart_keeps_the_key_reclaims_the_port_and_traffic_resumes() {
         key,
         "same public key after the restart"
     );
+    assert_eq!(peers(&c, 1)["hostAddress"], host, "same host address");
     // One agent port, one TAP: no leftover, no duplicate.
     let n = &c.nodes()[1];
     let ports = n.ovs.as_ref().expect("ovs").vsctl(&["list-ports", "evio0"]);

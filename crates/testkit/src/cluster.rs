@@ -1141,6 +1141,7 @@ impl Cluster {
                 underlay,
                 host,
                 n.subnet.clone(),
+                n.gateway.to_string(),
                 if pods.is_empty() {
                     "-".into()
                 } else {
@@ -1155,7 +1156,8 @@ impl Cluster {
                 "NAT",
                 "UNDERLAY",
                 "HOST OVERLAY",
-                "POD SUBNET",
+                "SUBNET",
+                "GATEWAY",
                 "PODS",
             ],
             &rows,

@@ -84,6 +84,24 @@ struct Ctx<'a> {
     write_errors: &'a mut u64,
 }
 
+/// The engine's [`Io`] over the loop's buffers (a macro: the borrows of
+/// `self`'s fields must stay disjoint from the overlay's).
+macro_rules! ctx {
+    ($self:ident, $send:ident, $pod:ident, $host:ident, $errors:ident, $now:expr) => {
+        Ctx {
+            send: &mut $send,
+            udp: &$self.udp,
+            tap: $self.tap.as_ref(),
+            tun: $self.tun.as_ref(),
+            pod_gro: &mut $pod,
+            host_gro: &mut $host,
+            nat: &mut $self.nat,
+            now: $now,
+            write_errors: &mut $errors,
+        }
+    };
+}
+
 fn write_dev(dev: &Device, hdr: &VnetHdr, frame: &[u8], errors: &mut u64) {
     if dev.write2(&hdr.to_bytes(), frame).is_err() {
         *errors += 1;
@@ -108,6 +126,26 @@ fn deliver(
             return;
         }
         write_dev(dev, &VnetHdr::default(), frame, errors);
+    }
+}
+
+impl Ctx<'_> {
+    /// End of a receive batch: what the coalescers still hold goes to the
+    /// devices.
+    fn flush_gro(&mut self) {
+        let errors = &mut *self.write_errors;
+        let tap = self.tap;
+        self.pod_gro.flush(&mut |h, f| {
+            if let Some(t) = tap {
+                write_dev(t, h, f, errors)
+            }
+        });
+        let tun = self.tun;
+        self.host_gro.flush(&mut |h, f| {
+            if let Some(t) = tun {
+                write_dev(t, h, f, errors)
+            }
+        });
     }
 }
 
@@ -266,17 +304,7 @@ impl Dataplane {
             for ev in &events[..n as usize] {
                 let token = ev.u64;
                 let writable = ev.events & libc::EPOLLOUT as u32 != 0;
-                let mut ctx = Ctx {
-                    send: &mut send,
-                    udp: &self.udp,
-                    tap: self.tap.as_ref(),
-                    tun: self.tun.as_ref(),
-                    pod_gro: &mut pod_gro,
-                    host_gro: &mut host_gro,
-                    nat: &mut self.nat,
-                    now,
-                    write_errors: &mut write_errors,
-                };
+                let mut ctx = ctx!(self, send, pod_gro, host_gro, write_errors, now);
                 match token {
                     TOKEN_EVENT => {
                         let mut v = 0u64;
@@ -321,16 +349,7 @@ impl Dataplane {
                                 break;
                             }
                         }
-                        ctx.pod_gro.flush(&mut |h, f| {
-                            if let Some(t) = ctx.tap {
-                                write_dev(t, h, f, ctx.write_errors)
-                            }
-                        });
-                        ctx.host_gro.flush(&mut |h, f| {
-                            if let Some(t) = ctx.tun {
-                                write_dev(t, h, f, ctx.write_errors)
-                            }
-                        });
+                        ctx.flush_gro();
                     }
                     TOKEN_TAP | TOKEN_TUN => {
                         let dev = if token == TOKEN_TAP {
@@ -368,16 +387,7 @@ impl Dataplane {
                                 let _ = self.overlay.from_network(now, p, &data, &mut ctx);
                             }
                         }
-                        ctx.pod_gro.flush(&mut |h, f| {
-                            if let Some(t) = ctx.tap {
-                                write_dev(t, h, f, ctx.write_errors)
-                            }
-                        });
-                        ctx.host_gro.flush(&mut |h, f| {
-                            if let Some(t) = ctx.tun {
-                                write_dev(t, h, f, ctx.write_errors)
-                            }
-                        });
+                        ctx.flush_gro();
                         nat_wake = now;
                     }
                     _ => {}
@@ -436,17 +446,7 @@ impl Dataplane {
             if self.nat.take_changed() {
                 self.publish_candidates();
             }
-            let mut ctx = Ctx {
-                send: &mut send,
-                udp: &self.udp,
-                tap: self.tap.as_ref(),
-                tun: self.tun.as_ref(),
-                pod_gro: &mut pod_gro,
-                host_gro: &mut host_gro,
-                nat: &mut self.nat,
-                now,
-                write_errors: &mut write_errors,
-            };
+            let mut ctx = ctx!(self, send, pod_gro, host_gro, write_errors, now);
             if self.overlay.next_wake().is_some_and(|w| now >= w) {
                 self.overlay.tick(now, wall(), &mut ctx);
                 if self.overlay.take_path_losses() > 0 {

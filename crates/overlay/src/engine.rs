@@ -576,7 +576,6 @@ impl Overlay {
             .and_then(Option::as_mut)
             .ok_or(Reject::UnknownPeer)?;
         p.tunnel.respond(now, init, &network_key, local, &mut msg)?;
-        p.stats.handshakes += 1;
         p.paths.on_rx(now, &self.cfg.paths, from, class);
         p.pathless_since = None;
         self.sync_indices(pid);
@@ -607,7 +606,6 @@ impl Overlay {
             .and_then(Option::as_mut)
             .ok_or(Reject::NoSession)?;
         p.tunnel.on_response(now, d)?;
-        p.stats.handshakes += 1;
         p.paths.on_rx(now, &self.cfg.paths, from, class);
         p.pathless_since = None;
         self.sync_indices(pid);

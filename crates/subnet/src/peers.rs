@@ -246,6 +246,18 @@ pub(crate) fn pick_host(
     Ok(None)
 }
 
+/// The owner record of a host address (`hostaddrs/<ip>`).
+pub(crate) fn host_owner(node: &str, addr: IpAddr) -> crate::OwnerRecord {
+    let mut extra = serde_json::Map::new();
+    extra.insert("address".into(), addr.to_string().into());
+    crate::OwnerRecord {
+        node: node.to_string(),
+        time: now_rfc3339(),
+        subnet: None,
+        extra,
+    }
+}
+
 /// The key of a host address: the address itself (no `/` to add a level).
 pub fn host_key(a: IpAddr) -> String {
     a.to_string()

@@ -11,10 +11,10 @@ use etcd_client::{
 };
 use ipnet::IpNet;
 
-use crate::peers::{host_key, now_rfc3339, pick_host};
+use crate::peers::{host_key, host_owner as owner, pick_host};
 use crate::{
     peers::Allocations, validate_name, EtcdStore, HostAllocation, Liveness, OverlayStore,
-    OwnerRecord, PeerRecord, PeerSnapshot, SubnetError,
+    PeerRecord, PeerSnapshot, SubnetError,
 };
 
 /// Bound on create attempts that lose a race for the same address.
@@ -26,17 +26,6 @@ fn peers_prefix(network: &str) -> String {
 
 fn peer_key(network: &str, node: &str) -> String {
     format!("/evio/{network}/peers/{node}")
-}
-
-fn owner(node: &str, addr: IpAddr) -> OwnerRecord {
-    let mut extra = serde_json::Map::new();
-    extra.insert("address".into(), addr.to_string().into());
-    OwnerRecord {
-        node: node.to_string(),
-        time: now_rfc3339(),
-        subnet: None,
-        extra,
-    }
 }
 
 impl EtcdStore {

@@ -10,26 +10,15 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use ipnet::IpNet;
 
-use crate::peers::{host_key, now_rfc3339, pick_host};
+use crate::peers::{host_key, host_owner as owner, now_rfc3339, pick_host};
 use crate::{
     peers::Allocations, validate_name, FileStore, HostAllocation, Liveness, OverlayStore,
-    OwnerRecord, PeerRecord, PeerSnapshot, SubnetError,
+    PeerRecord, PeerSnapshot, SubnetError,
 };
 
 /// How often a watcher looks at the file. A `stat` is all it costs, and
 /// this bounds how late a new peer is seen.
 const POLL: Duration = Duration::from_millis(200);
-
-fn owner(node: &str, addr: IpAddr) -> OwnerRecord {
-    let mut extra = serde_json::Map::new();
-    extra.insert("address".into(), addr.to_string().into());
-    OwnerRecord {
-        node: node.to_string(),
-        time: now_rfc3339(),
-        subnet: None,
-        extra,
-    }
-}
 
 impl FileStore {
     /// Identity of the current file version: the file is replaced by rename

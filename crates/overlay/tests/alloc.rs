@@ -204,7 +204,7 @@ fn steady_state_frames_allocate_nothing() {
         csum_start: 34,
         csum_offset: 16,
     };
-    let mut round =
+    let round =
         |count: bool, a: &mut Overlay, b: &mut Overlay, wa: &mut Wire, wb: &mut Wire| {
             WATCH.with(|w| w.set(count));
             a.from_pod(now, &partial, &plain, wa);

@@ -348,11 +348,14 @@ pub fn verdict(measured: f64, target: f64) -> String {
     if measured <= target {
         "met".into()
     } else {
-        format!(
-            "MISSED by {:.1}× ({:.2} vs ≤ {target})",
-            measured / target,
-            measured
-        )
+        let by = measured / target;
+        // Near the target one decimal would say "by 1.0×".
+        let by = if by < 1.1 {
+            format!("{by:.2}")
+        } else {
+            format!("{by:.1}")
+        };
+        format!("MISSED by {by}× ({measured:.2} vs ≤ {target})")
     }
 }
 
@@ -611,5 +614,6 @@ mod tests {
         assert_eq!(verdict(0.1, 0.15), "met");
         assert_eq!(verdict(0.3, 0.15), "MISSED by 2.0× (0.30 vs ≤ 0.15)");
         assert_eq!(verdict(f64::NAN, 1.0), "n/a");
+        assert_eq!(verdict(1.34, 1.3), "MISSED by 1.03× (1.34 vs ≤ 1.3)");
     }
 }

@@ -79,6 +79,11 @@ struct Cli {
     #[arg(long, default_value_t = 200)]
     overlay_pings: usize,
 
+    /// Before each overlay path, wait up to this many seconds for other work
+    /// on the machine to drop below 10% of its CPUs.
+    #[arg(long, default_value_t = 60)]
+    quiet_wait: u64,
+
     /// Nodes of the overlay connect-time run without NAT.
     #[arg(long, default_value_t = 8)]
     connect_nodes: usize,
@@ -107,6 +112,11 @@ struct Cli {
     /// column is skipped when there is none].
     #[arg(long, value_name = "PATH")]
     boringtun: Option<PathBuf>,
+
+    /// Parts of the overlay section to run (comma-separated): paths,
+    /// connect, nat, idle, large [default: all].
+    #[arg(long, value_delimiter = ',', value_name = "PART")]
+    overlay_parts: Vec<String>,
 
     /// boringtun thread counts to run (its best is compared).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
@@ -186,6 +196,9 @@ fn main() -> ExitCode {
         footprint_samples: q("footprint-samples", cli.footprint_samples, 2),
         overlay: overlay::Opts {
             seconds: q("overlay-seconds", cli.overlay_seconds as usize, 1) as u32,
+            quiet_wait: std::time::Duration::from_secs(
+                q("quiet-wait", cli.quiet_wait as usize, 0) as u64
+            ),
             pings: q("overlay-pings", cli.overlay_pings, 30),
             quick: cli.quick,
             connect_nodes: cli.connect_nodes,
@@ -199,6 +212,7 @@ fn main() -> ExitCode {
                 Some(p) => Some(p.clone()).filter(|p| p.is_file()),
                 None => overlay::find_boringtun(),
             },
+            parts: cli.overlay_parts.clone(),
             boringtun_threads: if cli.quick && !explicit("boringtun-threads") {
                 vec![2]
             } else {

@@ -34,6 +34,9 @@ const PORT: &str = "5201";
 /// boringtun's interface MTU, as WireGuard's default.
 const WG_MTU: &str = "1420";
 const WG_PORT: u16 = 51820;
+/// The share of all CPUs that other work may take for the machine to count
+/// as quiet before a throughput measurement.
+const QUIET: f64 = 0.1;
 /// How often connect timing asks every agent for its peers.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -41,6 +44,9 @@ const POLL: Duration = Duration::from_millis(50);
 pub struct Opts {
     /// Seconds per iperf3 run.
     pub seconds: u32,
+    /// Before each path, wait up to this long for the machine to be quiet
+    /// (other work below [`QUIET`] of its CPUs); zero: only sample.
+    pub quiet_wait: Duration,
     /// Pings per RTT measurement (10 ms apart).
     pub pings: usize,
     /// Small run: two nodes only, no OVS, no NAT lab, no large clusters.
@@ -59,6 +65,8 @@ pub struct Opts {
     pub recovery_rounds: usize,
     /// `boringtun-cli`, when installed.
     pub boringtun: Option<PathBuf>,
+    /// Which parts run (all when empty): paths, connect, nat, idle, large.
+    pub parts: Vec<String>,
     /// boringtun thread counts to try; its best is compared.
     pub boringtun_threads: Vec<usize>,
 }
@@ -170,6 +178,33 @@ fn machine_busy() -> f64 {
         / clk_tck()
 }
 
+/// The share of all CPUs busy over `d` (nothing of ours runs meanwhile
+/// but idle agents: this is other work on the machine).
+fn background(d: Duration) -> f64 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let b0 = machine_busy();
+    let t = Instant::now();
+    std::thread::sleep(d);
+    (machine_busy() - b0) / t.elapsed().as_secs_f64() / cpus
+}
+
+/// Samples the background load for up to `max` until it is below
+/// [`QUIET`]; returns the last sample.
+fn wait_quiet(max: Duration) -> Result<f64> {
+    let end = Instant::now() + max;
+    loop {
+        cleanup::check()?;
+        let b = background(if max.is_zero() {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(1)
+        });
+        if b < QUIET || Instant::now() >= end {
+            return Ok(b);
+        }
+    }
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -186,7 +221,11 @@ fn mem_total_kib() -> Option<u64> {
 // ---------------------------------------------------------------------------
 // Clusters
 
-fn up(tools: &Tools, bridge: BridgeType, ov: OverlayOpts, pods: usize) -> Result<Cluster> {
+fn up(tools: &Tools, bridge: BridgeType, mut ov: OverlayOpts, pods: usize) -> Result<Cluster> {
+    // The agents log what EVIO_LOG asks for (see `logs` of the NAT run).
+    if let Ok(v) = std::env::var("EVIO_LOG") {
+        ov.agent_env.push(("EVIO_LOG".into(), v));
+    }
     let mut o = ClusterOpts::new(&tools.evio, &tools.evio_node);
     o.nodes = ov.nodes();
     o.pods_per_node = pods;
@@ -430,6 +469,9 @@ struct PathRow {
     proc_per_gb: Option<f64>,
     /// Busy CPU seconds of the whole machine per GB, same runs.
     machine_per_gb: f64,
+    /// Other work on the machine just before and just after, share of all
+    /// CPUs.
+    background: [f64; 2],
 }
 
 /// The two nodes and their pods, as the alternatives need them.
@@ -474,6 +516,7 @@ impl<'a> Two<'a> {
 /// `pids` and of the machine around the transfers.
 fn measure(label: &str, t: &Two, pids: &[u32], opts: &Opts) -> Result<PathRow> {
     cleanup::check()?;
+    let before = wait_quiet(opts.quiet_wait)?;
     let (mut proc_cpu, mut machine, mut bytes) = (0.0, 0.0, 0.0);
     let mut rates = Vec::new();
     let mut retransmits = [0; 2];
@@ -489,6 +532,7 @@ fn measure(label: &str, t: &Two, pids: &[u32], opts: &Opts) -> Result<PathRow> {
     }
     let rtt = rtts(t.pod(1), t.ip(0), opts.pings, "0.01")?;
     let rtt_busy = rtts(t.pod(1), t.ip(0), opts.pings * 5, "0.0002")?;
+    let after = background(Duration::from_millis(300));
     let gb = bytes / 1e9;
     Ok(PathRow {
         label: label.into(),
@@ -499,6 +543,7 @@ fn measure(label: &str, t: &Two, pids: &[u32], opts: &Opts) -> Result<PathRow> {
         retransmits,
         proc_per_gb: (!pids.is_empty() && gb > 0.0).then(|| proc_cpu / gb),
         machine_per_gb: if gb > 0.0 { machine / gb } else { f64::NAN },
+        background: [before, after],
     })
 }
 
@@ -1011,6 +1056,8 @@ struct Recovery {
 
 #[derive(Debug, Clone)]
 struct NatRun {
+    /// Where the agents' logs were kept because a pair did not connect.
+    logs: Option<PathBuf>,
     connect: Connect,
     /// (flushed node, far node) and their NAT types.
     pair: Option<(String, String)>,
@@ -1021,6 +1068,11 @@ fn nat_run(tools: &Tools, opts: &Opts) -> Result<NatRun> {
     let mut c = up(tools, BridgeType::Linux, OverlayOpts::nat_lab(), 1)?;
     let connect = restart_and_time(&mut c, Duration::from_secs(30), Duration::from_secs(3))?;
     cleanup::check()?;
+    let logs = if connect.pairs.iter().any(|p| p.connected.is_none()) {
+        keep_logs(&c)
+    } else {
+        None
+    };
     // A direct pair, both behind NATs, on different sites.
     let pick = connect.pairs.iter().find(|p| {
         let (a, b) = (&c.nodes()[p.a], &c.nodes()[p.b]);
@@ -1029,6 +1081,7 @@ fn nat_run(tools: &Tools, opts: &Opts) -> Result<NatRun> {
     });
     let Some(p) = pick.cloned() else {
         return Ok(NatRun {
+            logs,
             connect,
             pair: None,
             recovery: Vec::new(),
@@ -1099,10 +1152,24 @@ fn nat_run(tools: &Tools, opts: &Opts) -> Result<NatRun> {
     let pair = Some((label(near), label(far)));
     drop(c);
     Ok(NatRun {
+        logs,
         connect,
         pair,
         recovery,
     })
+}
+
+/// Copies every agent's log out of the cluster (whose directory goes with
+/// it) into `/tmp/evio-bench-logs-<pid>`.
+fn keep_logs(c: &Cluster) -> Option<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("evio-bench-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    for n in c.nodes() {
+        if let Some(a) = &n.agent {
+            std::fs::write(dir.join(format!("{}.log", n.name)), a.log()).ok()?;
+        }
+    }
+    Some(dir)
 }
 
 // ---------------------------------------------------------------------------
@@ -1225,12 +1292,15 @@ pub fn run(tools: &Tools, opts: &Opts) -> (String, Option<BenchError>) {
     let mut out = String::new();
     let mut body = String::new();
 
-    eprintln!("evio-bench: overlay: pod-to-pod paths ...");
+    let wants = |p: &str| opts.parts.is_empty() || opts.parts.iter().any(|x| x == p);
     let mut d = Datapath::default();
-    let dp = datapath(tools, opts, &mut d);
-    body.push_str(&render_datapath(opts, &d));
-    if let Err(e) = dp {
-        fail("pod-to-pod", e, &mut body);
+    if wants("paths") {
+        eprintln!("evio-bench: overlay: pod-to-pod paths ...");
+        let dp = datapath(tools, opts, &mut d);
+        body.push_str(&render_datapath(opts, &d));
+        if let Err(e) = dp {
+            fail("pod-to-pod", e, &mut body);
+        }
     }
 
     let mut flat: Vec<Connect> = Vec::new();
@@ -1243,25 +1313,33 @@ pub fn run(tools: &Tools, opts: &Opts) -> (String, Option<BenchError>) {
         }
         idle16 = d.quick_idle.clone();
     } else {
-        eprintln!("evio-bench: overlay: {} nodes flat ...", opts.connect_nodes);
-        match flat_run(tools, opts, opts.connect_nodes, opts.connect_rounds) {
-            Ok((runs, _)) => flat = runs,
-            Err(e) => fail("connect (flat)", e, &mut body),
+        if wants("connect") {
+            eprintln!("evio-bench: overlay: {} nodes flat ...", opts.connect_nodes);
+            match flat_run(tools, opts, opts.connect_nodes, opts.connect_rounds) {
+                Ok((runs, _)) => flat = runs,
+                Err(e) => fail("connect (flat)", e, &mut body),
+            }
         }
-        eprintln!("evio-bench: overlay: NAT lab ...");
-        match nat_run(tools, opts) {
-            Ok(r) => nat = Some(r),
-            Err(e) => fail("NAT lab", e, &mut body),
+        if wants("nat") {
+            eprintln!("evio-bench: overlay: NAT lab ...");
+            match nat_run(tools, opts) {
+                Ok(r) => nat = Some(r),
+                Err(e) => fail("NAT lab", e, &mut body),
+            }
         }
-        eprintln!("evio-bench: overlay: {} nodes idle ...", opts.idle_nodes);
-        match flat_run(tools, opts, opts.idle_nodes, 1) {
-            Ok((_, s)) => idle16 = s.map(|s| s.idle),
-            Err(e) => fail("idle", e, &mut body),
+        if wants("idle") {
+            eprintln!("evio-bench: overlay: {} nodes idle ...", opts.idle_nodes);
+            match flat_run(tools, opts, opts.idle_nodes, 1) {
+                Ok((_, s)) => idle16 = s.map(|s| s.idle),
+                Err(e) => fail("idle", e, &mut body),
+            }
         }
-        eprintln!("evio-bench: overlay: {} nodes ...", opts.large_nodes);
-        match flat_run(tools, opts, opts.large_nodes, 1) {
-            Ok((_, s)) => large = s,
-            Err(e) => fail("large", e, &mut body),
+        if wants("large") {
+            eprintln!("evio-bench: overlay: {} nodes ...", opts.large_nodes);
+            match flat_run(tools, opts, opts.large_nodes, 1) {
+                Ok((_, s)) => large = s,
+                Err(e) => fail("large", e, &mut body),
+            }
         }
     }
     body.push_str(&render_connect(opts, &flat, nat.as_ref()));
@@ -1282,6 +1360,14 @@ pub fn run(tools: &Tools, opts: &Opts) -> (String, Option<BenchError>) {
     (out, first_err)
 }
 
+fn secs_or_never(x: f64) -> String {
+    if x == f64::INFINITY {
+        "never".into()
+    } else {
+        format!("{} s", f2(x))
+    }
+}
+
 /// [`verdict`], with "never" for a time that never came.
 fn within(measured: f64, target: f64) -> String {
     if measured == f64::INFINITY {
@@ -1294,6 +1380,9 @@ fn within(measured: f64, target: f64) -> String {
 fn f2(x: f64) -> String {
     if x.is_finite() {
         format!("{x:.2}")
+    } else if x == f64::INFINITY {
+        // Times: a time that never came.
+        "never".into()
     } else {
         "n/a".into()
     }
@@ -1340,6 +1429,7 @@ fn render_datapath(opts: &Opts, d: &Datapath) -> String {
         "RTT median, pings 0.2 ms apart",
         "tunnel process CPU s/GB",
         "whole machine CPU s/GB",
+        "other work before / after, % of all CPUs",
     ]);
     let busy_base = d
         .rows
@@ -1368,6 +1458,11 @@ fn render_datapath(opts: &Opts, d: &Datapath) -> String {
             ),
             r.proc_per_gb.map_or("n/a (kernel)".into(), f2),
             f2(r.machine_per_gb),
+            format!(
+                "{:.0} / {:.0}",
+                100.0 * r.background[0],
+                100.0 * r.background[1]
+            ),
         ]);
     };
     for r in &d.rows {
@@ -1425,10 +1520,14 @@ fn render_datapath(opts: &Opts, d: &Datapath) -> String {
          the busy time of every CPU (user, system, irq, softirq from /proc/stat) over the \
          same runs per GB: iperf3 at both ends, the kernel and the tunnel together, \
          comparable across all rows (and moved by anything else running on the \
-         machine).\n\n{}",
+         machine). *Other work* is the machine's busy share sampled while nothing of the \
+         benchmark runs but idle agents, just before the path (after waiting up to {} s for it \
+         to drop below {:.0}%) and just after: a row with much other work is noise.\n\n{}",
         opts.seconds,
         opts.pings,
         opts.pings * 5,
+        opts.quiet_wait.as_secs(),
+        QUIET * 100.0,
         t.render()
     );
     if !d.boringtun.is_empty() {
@@ -1489,18 +1588,25 @@ fn render_connect(opts: &Opts, flat: &[Connect], nat: Option<&NatRun>) -> String
             f2(median(&v)),
             f2(max(&v)),
         ]);
-        for class in ["direct", "relay", "mixed"] {
+        for class in ["direct", "relay", "mixed", "never"] {
             let ps: Vec<&PairTime> = c
                 .pairs
                 .iter()
-                .filter(|p| p.path.as_deref() == Some(class))
+                .filter(|p| match class {
+                    "never" => p.connected.is_none(),
+                    _ => p.connected.is_some() && p.path.as_deref() == Some(class),
+                })
                 .collect();
             if ps.is_empty() {
                 continue;
             }
             let v = dsecs(&ps.iter().map(|p| p.connected).collect::<Vec<_>>());
             t.row([
-                format!("NAT lab, pairs ending {class}: connected"),
+                if class == "never" {
+                    "NAT lab, pairs never connected within 30 s".to_string()
+                } else {
+                    format!("NAT lab, pairs ending {class}: connected")
+                },
                 String::new(),
                 ps.len().to_string(),
                 String::new(),
@@ -1548,6 +1654,12 @@ fn render_connect(opts: &Opts, flat: &[Connect], nat: Option<&NatRun>) -> String
             ]);
         }
         s.push_str(&format!("\nNAT lab, every pair:\n\n{}", p.render()));
+        if let Some(l) = &n.logs {
+            s.push_str(&format!(
+                "\nA pair did not connect: the agents' logs are kept in {}.\n",
+                l.display()
+            ));
+        }
     }
     s
 }
@@ -1751,20 +1863,31 @@ fn render_targets(
         ]);
     }
     if let Some(n) = nat {
-        let v = dsecs(
-            &n.connect
-                .pairs
-                .iter()
-                .filter(|p| p.path.as_deref() == Some("relay"))
-                .map(|p| p.connected)
-                .collect::<Vec<_>>(),
-        );
+        // Pairs that do not end direct need the relay; one that never
+        // connected counts as never.
+        let relayed: Vec<&PairTime> = n
+            .connect
+            .pairs
+            .iter()
+            .filter(|p| p.path.as_deref() != Some("direct"))
+            .collect();
+        let v = dsecs(&relayed.iter().map(|p| p.connected).collect::<Vec<_>>());
+        let never = relayed.iter().filter(|p| p.connected.is_none()).count();
         if v.is_empty() {
             t.row(["relayed pairs connected ≤ 5 s", "no relayed pair", "n/a"]);
         } else {
             t.row([
                 "relayed pairs connected ≤ 5 s".to_string(),
-                format!("max {} s over {} pair(s)", f2(max(&v)), v.len()),
+                format!(
+                    "max {} over {} pair(s) not ending direct{}",
+                    secs_or_never(max(&v)),
+                    v.len(),
+                    if never > 0 {
+                        format!(", {never} never connected within 30 s")
+                    } else {
+                        String::new()
+                    }
+                ),
                 within(max(&v), 5.0),
             ]);
         }

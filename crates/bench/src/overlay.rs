@@ -214,6 +214,27 @@ fn loadavg() -> String {
         .join(" ")
 }
 
+/// `table_fulls` of the kernel's ARP table (/proc/net/stat/arp_cache, hex,
+/// one row per CPU): how often it refused an entry. The table is shared
+/// by every network namespace.
+pub fn arp_table_fulls(stat: &str) -> u64 {
+    let mut lines = stat.lines();
+    let Some(col) = lines
+        .next()
+        .and_then(|h| h.split_whitespace().position(|c| c == "table_fulls"))
+    else {
+        return 0;
+    };
+    lines
+        .filter_map(|l| l.split_whitespace().nth(col))
+        .filter_map(|v| u64::from_str_radix(v, 16).ok())
+        .sum()
+}
+
+fn arp_fulls() -> u64 {
+    arp_table_fulls(&std::fs::read_to_string("/proc/net/stat/arp_cache").unwrap_or_default())
+}
+
 fn mem_total_kib() -> Option<u64> {
     status_kib(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemTotal")
 }
@@ -1248,8 +1269,11 @@ fn flat_run(
     rounds: usize,
 ) -> Result<(Vec<Connect>, Option<Scale>)> {
     let t = Instant::now();
+    let fulls = arp_fulls();
     let mut c = up(tools, BridgeType::Linux, OverlayOpts::flat(n), 0)?;
-    wait_all(&c, Duration::from_secs(60))?;
+    if wait_all(&c, Duration::from_secs(60)).is_err() {
+        return Err(not_converged(&c, t.elapsed(), arp_fulls() - fulls));
+    }
     let setup = t.elapsed();
     let timeout = Duration::from_secs(30 + n as u64);
     let mut runs = Vec::new();
@@ -1269,6 +1293,58 @@ fn flat_run(
             setup,
         }),
     ))
+}
+
+/// What a cluster that did not converge looks like: pairs connected, and
+/// the first agent's refusals and handshake counters.
+fn not_converged(c: &Cluster, after: Duration, arp_fulls: u64) -> BenchError {
+    let n = c.nodes().len();
+    let connected: usize = c
+        .peers()
+        .iter()
+        .map(|p| p.as_ref().map_or(0, evio_testkit::agent::connected))
+        .sum();
+    let m = c
+        .nodes()
+        .first()
+        .and_then(|x| x.agent.as_ref())
+        .and_then(|a| a.metrics().ok())
+        .unwrap_or_default();
+    let counters: Vec<String> = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("evio_overlay_rejected_total") || l.starts_with("evio_overlay_cookie")
+        })
+        .filter(|l| !l.ends_with(" 0"))
+        .map(|l| l.replace("evio_overlay_", ""))
+        .collect();
+    BenchError::failed(
+        format!("{n}-node cluster"),
+        format!(
+            "not every pair connected {:.0} s after set-up began: {connected} of {} \
+             directed pairs; node-0's refusals: {}{}",
+            after.as_secs_f64(),
+            n * (n - 1),
+            if counters.is_empty() {
+                "none".to_string()
+            } else {
+                counters.join(", ")
+            },
+            if arp_fulls > 0 {
+                format!(
+                    "; the kernel's ARP table, shared by all namespaces, refused {arp_fulls} \
+                     entries (net.ipv4.neigh.default.gc_thresh3 = {}; a flat mesh of {n} nodes \
+                     needs {} neighbour entries)",
+                    std::fs::read_to_string("/proc/sys/net/ipv4/neigh/default/gc_thresh3")
+                        .unwrap_or_default()
+                        .trim(),
+                    n * (n - 1)
+                )
+            } else {
+                String::new()
+            }
+        ),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -1933,6 +2009,14 @@ mod tests {
         assert_eq!(status_kib(st, "VmHWM"), None);
         let m = "cpu  10 1 5 1000 7 2 3 50 0 0\ncpu0 1 1 1 1 1 1 1 1 0 0\n";
         assert_eq!(machine_busy_ticks(m), Some(21));
+    }
+
+    #[test]
+    fn arp_table_fulls_are_summed_over_cpus() {
+        let s =
+            "entries  allocs table_fulls\n00000000 0000000a 00000010\n00000000 00000001 00000002\n";
+        assert_eq!(arp_table_fulls(s), 18);
+        assert_eq!(arp_table_fulls(""), 0);
     }
 
     #[test]

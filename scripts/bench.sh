@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The benchmark: evio against the reference CNI plugins (Debian's
 # containernetworking-plugins bridge + host-local), on this machine, in one
-# run. Prints markdown tables and writes them, with a description of the
+# run, and the overlay agent against boringtun, kernel VXLAN and a plain
+# link. Prints markdown tables and writes them, with a description of the
 # machine, into docs/benchmarks.md (between its generated-part markers; the
 # hand-written findings around them are kept).
 #
 #   scripts/bench.sh                 # full run (a few minutes)
 #   scripts/bench.sh --quick         # smoke run
-#   scripts/bench.sh --only latency  # one section: latency, alloc, datapath, footprint
+#   scripts/bench.sh --only latency  # one section: latency, alloc, datapath, footprint, overlay
 #   scripts/bench.sh --help          # every option
 #
 # Needs root: it creates network namespaces (and configures nothing outside
@@ -21,6 +22,15 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 bash .ci/install-deps
+# The overlay section compares with boringtun (configured with `wg`): only
+# the benchmark needs them, CI does not (its quick run skips that column).
+if ! command -v wg >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wireguard-tools \
+    || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wireguard-tools; }
+fi
+if ! command -v boringtun-cli >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/boringtun-cli" ]; then
+  cargo install boringtun-cli --locked
+fi
 cargo build --release -p evio-plugin -p evio-node -p evio-bench
 out=(--output docs/benchmarks.md)
 for a in "$@"; do

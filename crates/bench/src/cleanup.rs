@@ -10,7 +10,7 @@
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use evio_testkit::netns::Netns;
 
@@ -18,6 +18,9 @@ use crate::error::{BenchError, Result};
 
 static NAMESPACES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The same flag for testkit clusters (`ClusterOpts::cancel`), set by the
+/// signal handler too.
+static CANCEL: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 
 /// A namespace (see [`Netns::new`]) that is also removed if the process
 /// panics.
@@ -31,6 +34,17 @@ pub fn netns(prefix: &str) -> Netns {
 
 extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
+    // OnceLock::get is an atomic load: fine in a signal handler.
+    if let Some(c) = CANCEL.get() {
+        c.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The flag to hand a testkit cluster: set when Ctrl-C or SIGTERM arrived.
+pub fn cancel_flag() -> Arc<AtomicBool> {
+    CANCEL
+        .get_or_init(|| Arc::new(AtomicBool::new(check().is_err())))
+        .clone()
 }
 
 /// Installs the panic hook and the SIGINT/SIGTERM flag. Call once, first.
@@ -38,8 +52,11 @@ pub fn install() {
     let prev = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         prev(info);
+        // testkit clusters (overlay section) track their own namespaces.
+        evio_testkit::cluster::emergency_cleanup();
         remove_all();
     }));
+    let _ = cancel_flag();
     let handler: extern "C" fn(libc::c_int) = on_signal;
     // SAFETY: the handler only stores to an atomic, which is
     // async-signal-safe; handlers are reset to default in exec'd children.

@@ -14,6 +14,7 @@ pub mod footprint;
 pub mod latency;
 pub mod machine;
 pub mod node;
+pub mod overlay;
 pub mod report;
 pub mod stats;
 
@@ -30,10 +31,17 @@ pub enum Part {
     Alloc,
     Datapath,
     Footprint,
+    Overlay,
 }
 
 impl Part {
-    pub const ALL: [Part; 4] = [Part::Latency, Part::Alloc, Part::Datapath, Part::Footprint];
+    pub const ALL: [Part; 5] = [
+        Part::Latency,
+        Part::Alloc,
+        Part::Datapath,
+        Part::Footprint,
+        Part::Overlay,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -41,6 +49,7 @@ impl Part {
             Part::Alloc => "alloc",
             Part::Datapath => "datapath",
             Part::Footprint => "footprint",
+            Part::Overlay => "overlay",
         }
     }
 
@@ -50,6 +59,7 @@ impl Part {
             Part::Alloc => "2. Node subnet allocation (config-gen)",
             Part::Datapath => "3. Datapath: pod-to-pod TCP throughput",
             Part::Footprint => "4. Footprint",
+            Part::Overlay => "5. Overlay: evio-node agent vs boringtun, VXLAN and a plain link",
         }
     }
 }
@@ -79,6 +89,14 @@ pub struct Config {
     pub alloc: alloc::Opts,
     pub datapath: datapath::Opts,
     pub footprint_samples: usize,
+    pub overlay: overlay::Opts,
+}
+
+fn whole(r: Result<String>) -> (String, Option<BenchError>) {
+    match r {
+        Ok(body) => (body, None),
+        Err(e) => (String::new(), Some(e)),
+    }
 }
 
 /// Runs the selected parts; `each` sees every section as it completes.
@@ -87,32 +105,27 @@ pub fn run(cfg: &Config, mut each: impl FnMut(&Section)) -> Vec<Section> {
     for part in &cfg.parts {
         let started = std::time::Instant::now();
         eprintln!("evio-bench: {} ...", part.name());
-        let r = match cleanup::check() {
-            Err(e) => Err(e),
+        // (text, error): a section may have a report and have failed too.
+        let (body, err) = match cleanup::check() {
+            Err(e) => (String::new(), Some(e)),
             Ok(()) => match part {
-                Part::Latency => latency::run(&cfg.tools, &cfg.latency),
-                Part::Alloc => alloc::run(&cfg.tools, &cfg.alloc),
-                Part::Datapath => datapath::run(&cfg.tools, &cfg.datapath),
-                Part::Footprint => footprint::run(&cfg.tools, cfg.footprint_samples),
+                Part::Latency => whole(latency::run(&cfg.tools, &cfg.latency)),
+                Part::Alloc => whole(alloc::run(&cfg.tools, &cfg.alloc)),
+                Part::Datapath => whole(datapath::run(&cfg.tools, &cfg.datapath)),
+                Part::Footprint => whole(footprint::run(&cfg.tools, cfg.footprint_samples)),
+                Part::Overlay => overlay::run(&cfg.tools, &cfg.overlay),
             },
         };
         eprintln!(
             "evio-bench: {} {} in {:.1} s",
             part.name(),
-            if r.is_ok() { "done" } else { "FAILED" },
+            if err.is_none() { "done" } else { "FAILED" },
             started.elapsed().as_secs_f64()
         );
-        let s = match r {
-            Ok(body) => Section {
-                title: part.title().into(),
-                body,
-                error: None,
-            },
-            Err(e) => Section {
-                title: part.title().into(),
-                body: String::new(),
-                error: Some(e.to_string()),
-            },
+        let s = Section {
+            title: part.title().into(),
+            body,
+            error: err.map(|e| e.to_string()),
         };
         each(&s);
         out.push(s);

@@ -87,6 +87,18 @@ pub fn describe(tools: &Tools) -> String {
     ]);
     t.row(["etcd".to_string(), first_line("etcd", &["--version"])]);
     t.row(["iperf3".to_string(), first_line("iperf3", &["--version"])]);
+    t.row([
+        "boringtun (overlay section)".to_string(),
+        match crate::overlay::find_boringtun() {
+            Some(p) => format!(
+                "{} ({}); wireguard-tools {}",
+                first_line(&p.display().to_string(), &["--version"]),
+                p.display(),
+                dpkg_version("wireguard-tools")
+            ),
+            None => "not installed".into(),
+        },
+    ]);
     t.row(["evio commit".to_string(), {
         let rev = first_line("git", &["rev-parse", "--short", "HEAD"]);
         let dirty = Command::new("git")

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use evio_bench::node::Tools;
 use evio_bench::report::write_into;
-use evio_bench::{alloc, cleanup, datapath, latency, machine, Config, Part};
+use evio_bench::{alloc, cleanup, datapath, latency, machine, overlay, Config, Part};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,7 +30,7 @@ struct Cli {
     #[arg(long)]
     quick: bool,
 
-    /// Run only these sections (comma-separated): latency, alloc, datapath, footprint.
+    /// Run only these sections (comma-separated): latency, alloc, datapath, footprint, overlay.
     #[arg(long, value_delimiter = ',', value_name = "SECTION")]
     only: Vec<Part>,
 
@@ -70,6 +70,57 @@ struct Cli {
     /// Traced ADDs per plugin in the footprint section.
     #[arg(long, default_value_t = 5)]
     footprint_samples: usize,
+
+    /// Seconds per iperf3 run in the overlay section.
+    #[arg(long, default_value_t = 5)]
+    overlay_seconds: u32,
+
+    /// Pings per path in the overlay section (10 ms apart).
+    #[arg(long, default_value_t = 200)]
+    overlay_pings: usize,
+
+    /// Before each overlay path, wait up to this many seconds for other work
+    /// on the machine to drop below 10% of its CPUs.
+    #[arg(long, default_value_t = 60)]
+    quiet_wait: u64,
+
+    /// Nodes of the overlay connect-time run without NAT.
+    #[arg(long, default_value_t = 8)]
+    connect_nodes: usize,
+
+    /// Restarts of every agent timed in that run.
+    #[arg(long, default_value_t = 3)]
+    connect_rounds: usize,
+
+    /// Nodes of the overlay idle run (each agent has one peer fewer).
+    #[arg(long, default_value_t = 17)]
+    idle_nodes: usize,
+
+    /// Nodes of the largest overlay run.
+    #[arg(long, default_value_t = 32)]
+    large_nodes: usize,
+
+    /// Seconds of idle CPU measurement per overlay cluster.
+    #[arg(long, default_value_t = 30)]
+    idle_seconds: u32,
+
+    /// Conntrack flushes per side in the overlay recovery run.
+    #[arg(long, default_value_t = 3)]
+    recovery_rounds: usize,
+
+    /// boringtun-cli [default: from PATH or cargo's bin directory; the
+    /// column is skipped when there is none].
+    #[arg(long, value_name = "PATH")]
+    boringtun: Option<PathBuf>,
+
+    /// Parts of the overlay section to run (comma-separated): paths,
+    /// connect, nat, idle, large [default: all].
+    #[arg(long, value_delimiter = ',', value_name = "PART")]
+    overlay_parts: Vec<String>,
+
+    /// boringtun thread counts to run (its best is compared).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    boringtun_threads: Vec<usize>,
 }
 
 fn sibling(name: &str) -> PathBuf {
@@ -143,6 +194,31 @@ fn main() -> ExitCode {
             repeats: q("iperf-repeats", cli.iperf_repeats, 1),
         },
         footprint_samples: q("footprint-samples", cli.footprint_samples, 2),
+        overlay: overlay::Opts {
+            seconds: q("overlay-seconds", cli.overlay_seconds as usize, 1) as u32,
+            quiet_wait: std::time::Duration::from_secs(
+                q("quiet-wait", cli.quiet_wait as usize, 0) as u64
+            ),
+            pings: q("overlay-pings", cli.overlay_pings, 30),
+            quick: cli.quick,
+            connect_nodes: cli.connect_nodes,
+            connect_rounds: cli.connect_rounds,
+            idle_nodes: cli.idle_nodes,
+            large_nodes: cli.large_nodes,
+            idle_seconds: q("idle-seconds", cli.idle_seconds as usize, 2) as u32,
+            recovery_rounds: cli.recovery_rounds,
+            boringtun: match &cli.boringtun {
+                // An explicit path that is not there: the column says so.
+                Some(p) => Some(p.clone()).filter(|p| p.is_file()),
+                None => overlay::find_boringtun(),
+            },
+            parts: cli.overlay_parts.clone(),
+            boringtun_threads: if cli.quick && !explicit("boringtun-threads") {
+                vec![2]
+            } else {
+                cli.boringtun_threads.clone()
+            },
+        },
     };
 
     let mut doc = format!(

@@ -786,6 +786,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops node `i`'s agent as its teardown does (SIGTERM, SIGKILL after
+    /// 6 s); the bridge, the pods and the store stay. Returns its exit
+    /// status and how long it took, `None` if it had no agent.
+    /// [`Cluster::start_agent`] starts it again.
+    pub fn stop_agent(&mut self, i: usize) -> Option<(std::process::ExitStatus, Duration)> {
+        let mut a = self.nodes.get_mut(i)?.agent.take()?;
+        a.terminate(Duration::from_secs(6))
+    }
+
     /// Waits until every agent has every other node connected; the time it
     /// took (or the first agent still waiting).
     pub fn wait_overlay(&self, timeout: Duration) -> Result<Duration, ClusterError> {

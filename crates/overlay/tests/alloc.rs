@@ -204,16 +204,15 @@ fn steady_state_frames_allocate_nothing() {
         csum_start: 34,
         csum_offset: 16,
     };
-    let round =
-        |count: bool, a: &mut Overlay, b: &mut Overlay, wa: &mut Wire, wb: &mut Wire| {
-            WATCH.with(|w| w.set(count));
-            a.from_pod(now, &partial, &plain, wa);
-            a.from_pod(now, &gso, &tso, wa);
-            b.from_pod(now, &partial, &back, wb);
-            pump(now, addr_a, wa, b, wb);
-            pump(now, addr_b, wb, a, wa);
-            WATCH.with(|w| w.set(false));
-        };
+    let round = |count: bool, a: &mut Overlay, b: &mut Overlay, wa: &mut Wire, wb: &mut Wire| {
+        WATCH.with(|w| w.set(count));
+        a.from_pod(now, &partial, &plain, wa);
+        a.from_pod(now, &gso, &tso, wa);
+        b.from_pod(now, &partial, &back, wb);
+        pump(now, addr_a, wa, b, wb);
+        pump(now, addr_b, wb, a, wa);
+        WATCH.with(|w| w.set(false));
+    };
     // Warm-up: first frames teach the switch, size the tables.
     for _ in 0..20 {
         round(false, &mut a, &mut b, &mut wa, &mut wb);

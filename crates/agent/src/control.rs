@@ -7,7 +7,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::signal::StoreHealth;
-use crate::{metrics, AgentError, EngineHandle, SelfInfo};
+use crate::{metrics, wait_readable, AgentError, EngineHandle, SelfInfo, Stop};
 
 const ENGINE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -24,7 +23,7 @@ pub fn spawn(
     engine: EngineHandle,
     me: SelfInfo,
     health: Arc<Mutex<StoreHealth>>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Stop>,
 ) -> Result<JoinHandle<()>, AgentError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
@@ -48,15 +47,13 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("evio-control".into())
         .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) => serve(s, &engine, &me, &health),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        // Accept is polled: the thread must notice `stop`,
-                        // and 10 polls a second cost nothing measurable.
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            use std::os::fd::AsRawFd;
+            while !stop.is_set() {
+                if !wait_readable(listener.as_raw_fd(), &stop, None) {
+                    continue;
+                }
+                while let Ok((s, _)) = listener.accept() {
+                    serve(s, &engine, &me, &health);
                 }
             }
         })

@@ -446,6 +446,9 @@ impl Dataplane {
             if self.nat.take_changed() {
                 self.publish_candidates();
             }
+            if self.nat.take_poll_soon() {
+                nat_wake = self.nat.poll(Instant::now(), Some(&self.udp));
+            }
             let mut ctx = ctx!(self, send, pod_gro, host_gro, write_errors, now);
             if self.overlay.next_wake().is_some_and(|w| now >= w) {
                 self.overlay.tick(now, wall(), &mut ctx);
@@ -463,7 +466,8 @@ impl Dataplane {
                 send.flush(&self.udp);
             }
             if shutdown {
-                self.nat.shutdown(Instant::now(), &self.udp);
+                self.nat
+                    .shutdown(Instant::now(), &self.udp, Duration::from_millis(1500));
                 return Ok(());
             }
         }

@@ -119,6 +119,80 @@ impl Waker {
     }
 }
 
+/// Tells the helper threads to end: a flag, an eventfd they can poll next
+/// to their own file descriptor, and a watch for the async store thread.
+/// Nobody wakes up to check it: an idle agent's threads sleep.
+pub struct Stop {
+    flag: AtomicBool,
+    fd: OwnedFd,
+    tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl Stop {
+    fn new() -> Result<Arc<Stop>, AgentError> {
+        // SAFETY: plain eventfd(2).
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(AgentError::io("eventfd")(std::io::Error::last_os_error()));
+        }
+        let (tx, _) = tokio::sync::watch::channel(false);
+        Ok(Arc::new(Stop {
+            flag: AtomicBool::new(false),
+            // SAFETY: fd was just created and is owned here.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            tx,
+        }))
+    }
+
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64.
+        unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                (&one as *const u64).cast(),
+                8,
+            )
+        };
+        self.tx.send_replace(true);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Becomes readable once [`Stop::stop`] was called.
+    pub fn fd(&self) -> RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+}
+
+/// Waits until `fd` is readable or `stop` fires or `timeout` passes;
+/// true when `fd` is readable.
+pub fn wait_readable(fd: RawFd, stop: &Stop, timeout: Option<Duration>) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
+    // SAFETY: fds is a live array of two pollfd.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    n > 0 && fds[0].revents & libc::POLLIN != 0 && !stop.is_set()
+}
+
 /// The handle other threads use to talk to the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -257,7 +331,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         commands: cmd_tx,
         waker: waker.clone(),
     };
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Stop::new()?;
     let health = Arc::new(Mutex::new(signal::StoreHealth::default()));
 
     // Candidates flow engine -> store thread (std channel bridged into the
@@ -352,7 +426,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
         std::process::exit(0);
     });
-    stop.store(true, Ordering::Relaxed);
+    stop.stop();
     engine.send(Command::Shutdown);
     let _ = engine_thread.join();
     let _ = store_thread.join();

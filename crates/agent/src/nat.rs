@@ -128,6 +128,9 @@ pub struct Nat {
     /// Base of the epoll tokens of the TURN TCP sockets.
     token_base: u64,
     changed: bool,
+    /// A TURN request was queued outside [`Nat::poll`] (a permission, a
+    /// channel): the engine polls at once instead of at the next timer.
+    poll_soon: bool,
     /// STUN/TURN datagrams that were neither (counted as malformed).
     pub junk: u64,
 }
@@ -210,6 +213,7 @@ impl Nat {
             epoll,
             token_base,
             changed: false,
+            poll_soon: false,
             junk: 0,
         }
     }
@@ -253,6 +257,11 @@ impl Nat {
     /// Whether candidates changed since the last call.
     pub fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
+    }
+
+    /// Whether something waits to be sent by [`Nat::poll`] now.
+    pub fn take_poll_soon(&mut self) -> bool {
+        std::mem::take(&mut self.poll_soon)
     }
 
     /// Re-allocates on TURN server `idx` at once: a path through our
@@ -305,6 +314,7 @@ impl Nat {
                 permit(c, &self.peer_ips, t);
             }
         }
+        self.poll_soon = true;
     }
 
     /// A datagram from the UDP socket whose first byte says STUN or
@@ -541,9 +551,11 @@ impl Nat {
         }
         if !c.have_permission(TransportType::Udp, to.ip()) {
             let _ = c.create_permission(TransportType::Udp, to.ip(), t);
+            self.poll_soon = true;
         }
         if s.channels.insert(to) {
             let _ = c.bind_channel(TransportType::Udp, to, t);
+            self.poll_soon = true;
         }
         let Ok(Some(tb)) = c.send_to(TransportType::Udp, to, data, t) else {
             return false;
@@ -718,23 +730,57 @@ impl Nat {
         }
     }
 
-    /// Deletes the allocations (shutdown), best effort.
-    pub fn shutdown(&mut self, now: Instant, udp: &Udp) {
+    /// Deletes the allocations (shutdown) and waits, at most `wait`, for
+    /// the servers to confirm: an allocation left behind would refuse the
+    /// next agent on this address (the server keys it by the 5-tuple) until
+    /// it expires, minutes later. A stale-nonce answer is retried by the
+    /// client, which is why this keeps reading.
+    pub fn shutdown(&mut self, now: Instant, udp: &Udp, wait: Duration) {
         let t = sio(self.base, now);
         for s in &mut self.slots {
             if let Some(c) = s.client.as_mut() {
-                if c.delete(t).is_ok() {
-                    while let Some(tr) = c.poll_transmit(t) {
-                        match s.tcp.as_mut() {
-                            Some(conn) => {
-                                write_tcp(conn, &tr.data);
-                                flush_tcp(conn);
-                            }
-                            None => {
-                                let _ = udp.send_to(&tr.data, tr.to);
-                            }
-                        }
-                    }
+                if !matches!(s.state, TurnState::Ready(_)) || c.delete(t).is_err() {
+                    s.client = None;
+                }
+            }
+        }
+        let deadline = now + wait;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let now = Instant::now();
+            self.poll(now, Some(udp));
+            let pending: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| self.slots[i].client.is_some())
+                .collect();
+            if pending.is_empty() || now >= deadline {
+                return;
+            }
+            let mut fds = vec![libc::pollfd {
+                fd: udp.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            for &i in &pending {
+                if let Some(conn) = &self.slots[i].tcp {
+                    fds.push(libc::pollfd {
+                        fd: conn.stream.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                }
+            }
+            let ms = deadline.saturating_duration_since(now).as_millis().min(50) as libc::c_int;
+            // SAFETY: fds is a live array of pollfd of the stated length.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms.max(1)) };
+            while let Ok(Some((n, from))) = udp.recv_from(&mut buf) {
+                if buf.first().is_some_and(|b| *b < 0x80) {
+                    let data = buf[..n].to_vec();
+                    self.on_udp(Instant::now(), from, &data, &mut |_, _| {});
+                }
+            }
+            for &i in &pending {
+                if self.slots[i].tcp.is_some() {
+                    self.on_tcp(Instant::now(), i, false, &mut |_, _| {});
                 }
             }
         }
@@ -764,8 +810,20 @@ fn note_auth_error(
         return;
     }
     if let Ok(e) = msg.attribute::<ErrorCode>() {
+        let hint = match e.code() {
+            401 | 431 => "check username and passwordFile",
+            // The server keys allocations by our address and port: an
+            // agent killed without deleting its allocation leaves one that
+            // refuses the next until its lifetime (10 min by default) ends.
+            437 => {
+                "it still holds the allocation of a previous agent on this address \
+                    (killed without deleting it); relayed paths resume when that expires"
+            }
+            486 => "its allocation quota for this user is used up",
+            _ => "see the TURN server's log",
+        };
         let why = format!(
-            "TURN server {server} refused the allocation: {} {} (check username and passwordFile)",
+            "TURN server {server} refused the allocation: {} {} ({hint})",
             e.code(),
             e.reason()
         );

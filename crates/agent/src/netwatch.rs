@@ -6,7 +6,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,7 +14,7 @@ use ipnet::IpNet;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr as NlAddr};
 
 use crate::dataplane::Command;
-use crate::{AgentError, EngineHandle};
+use crate::{wait_readable, AgentError, EngineHandle, Stop};
 
 const RTMGRP_LINK: u32 = 0x1;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
@@ -51,7 +50,7 @@ pub fn local_candidates(port: u16, exclude: &[String], nets: &[IpNet]) -> Vec<So
 
 pub fn spawn(
     engine: EngineHandle,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Stop>,
     port: u16,
     exclude: Vec<String>,
     nets: Vec<IpNet>,
@@ -59,29 +58,18 @@ pub fn spawn(
     let mut sock = Socket::new(NETLINK_ROUTE).map_err(AgentError::io("netlink socket"))?;
     sock.bind(&NlAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
         .map_err(AgentError::io("netlink subscribe"))?;
-    // A receive timeout lets the thread notice `stop`.
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 250_000,
-    };
-    // SAFETY: sets SO_RCVTIMEO from a live timeval.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        );
-    }
+    // Non-blocking: the thread sleeps in poll() on the socket and the stop
+    // fd, never on a timer of its own.
+    let _ = sock.set_non_blocking(true);
     std::thread::Builder::new()
         .name("evio-netwatch".into())
         .spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             let mut last: Option<Vec<SocketAddr>> = None;
             let mut due = Instant::now();
-            while !stop.load(Ordering::Relaxed) {
-                if Instant::now() >= due {
+            while !stop.is_set() {
+                let now = Instant::now();
+                if now >= due {
                     let c = local_candidates(port, &exclude, &nets);
                     if last.as_ref() != Some(&c) {
                         engine.send(Command::LocalCandidates(c.clone()));
@@ -89,11 +77,16 @@ pub fn spawn(
                     }
                     due = Instant::now() + BACKSTOP;
                 }
-                match sock.recv(&mut &mut buf[..], 0) {
-                    // Something changed: look again shortly (changes come
-                    // in bursts: link up, then its addresses).
-                    Ok(n) if n > 0 => due = due.min(Instant::now() + Duration::from_millis(100)),
-                    _ => {}
+                let left = due.saturating_duration_since(Instant::now());
+                if wait_readable(sock.as_raw_fd(), &stop, Some(left)) {
+                    // Something changed: look again shortly (changes come in
+                    // bursts: link up, then its addresses).
+                    while let Ok(n) = sock.recv(&mut &mut buf[..], 0) {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    due = due.min(Instant::now() + Duration::from_millis(100));
                 }
             }
         })

@@ -4,7 +4,6 @@
 //! records (etcd watch / file stat) and hand the peer set to the engine.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -44,7 +43,7 @@ pub struct Signalling {
     pub record: PeerRecord,
     pub commands: Sender<Command>,
     pub waker: Waker,
-    pub stop: Arc<AtomicBool>,
+    pub stop: Arc<crate::Stop>,
     pub health: Arc<Mutex<StoreHealth>>,
     pub candidates: tokio::sync::mpsc::UnboundedReceiver<Vec<(SocketAddr, CandidateKind)>>,
 }
@@ -132,18 +131,20 @@ impl Signalling {
         rt.block_on(self.main());
     }
 
-    async fn connect(&self) -> Box<dyn OverlayStore> {
+    /// The store, retried until it answers; None if the agent stops first.
+    async fn connect(&self) -> Option<Box<dyn OverlayStore>> {
         let mut pause = Duration::from_millis(200);
+        let mut stopped = self.stop.subscribe();
         loop {
             match open_overlay_store(&self.url, &self.opts).await {
-                Ok(s) => return s,
+                Ok(s) => return Some(s),
                 Err(e) => {
                     tracing::warn!("store {}: {e}; retrying", self.url);
                     set_health(&self.health, |h| h.last_error = Some(e.to_string()));
-                    if self.stop.load(Ordering::Relaxed) {
-                        // Return something that fails fast; the caller exits.
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stopped.changed() => return None,
                     }
-                    tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
             }
@@ -216,7 +217,9 @@ impl Signalling {
     }
 
     async fn main(&mut self) {
-        let store = self.connect().await;
+        let Some(store) = self.connect().await else {
+            return;
+        };
         let mut published = self.publish(store.as_ref()).await;
         let mut revoked = false;
         let mut snap = PeerSnapshot::default();
@@ -230,13 +233,13 @@ impl Signalling {
         let mut refresh = tokio::time::interval(REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         refresh.tick().await;
-        let mut stop_check = tokio::time::interval(Duration::from_millis(100));
+        let mut stopped = self.stop.subscribe();
         loop {
-            if self.stop.load(Ordering::Relaxed) {
+            if self.stop.is_set() {
                 break;
             }
             tokio::select! {
-                _ = stop_check.tick() => {}
+                _ = stopped.changed() => {}
                 c = self.candidates.recv() => {
                     let Some(c) = c else { break };
                     self.record.candidates = c

@@ -27,6 +27,8 @@ pub const MAX_FRAME: usize = 65_550;
 /// transport overhead; generous so a misconfigured MTU fails visibly in the
 /// switch rather than in a buffer).
 pub const MAX_DATAGRAM: usize = 9_216;
+/// Step of the timer grid (see `Overlay::on_grid`).
+const TIMER_GRID: Duration = Duration::from_millis(250);
 /// Handshake initiations go to at most this many paths of a peer.
 const MAX_HANDSHAKE_TARGETS: usize = 8;
 
@@ -209,6 +211,8 @@ pub struct Overlay {
     probes: Vec<ProbeDue>,
     stats: Stats,
     next_wake: Option<Instant>,
+    /// Origin of the timer grid.
+    epoch: Instant,
     /// Active paths that changed or died since the last
     /// [`Overlay::take_path_losses`]: a hint to gather candidates again.
     path_losses: u32,
@@ -246,6 +250,7 @@ impl Overlay {
             probes: Vec::with_capacity(64),
             stats: Stats::default(),
             next_wake: Some(now),
+            epoch: now,
             path_losses: 0,
             turn_losses: Vec::new(),
         }
@@ -392,7 +397,11 @@ impl Overlay {
                 (PathAddr::direct(c.addr), class)
             })
             .collect();
-        p.paths.set_candidates(now, &self.cfg.paths, &cands);
+        if p.paths.set_candidates(now, &self.cfg.paths, &cands) && !p.tunnel.has_session() {
+            // A candidate to try (a relay allocation came up, a NAT mapping
+            // was learned): handshake on it now, not at the next retry.
+            p.tunnel.retry_now(&self.cfg.tunnel);
+        }
         self.switch.set_peer(
             pid,
             PeerAddrs {
@@ -932,7 +941,19 @@ impl Overlay {
         }
         // Learned MACs expire lazily; a slow tick keeps the tables tidy.
         let housekeeping = now + Duration::from_secs(30);
-        self.next_wake = Some(wake.map_or(housekeeping, |w| w.min(housekeeping)).max(now));
+        let w = wake.map_or(housekeeping, |w| w.min(housekeeping)).max(now);
+        self.next_wake = Some(self.on_grid(w));
+    }
+
+    /// `t` rounded up to the timer grid: every peer's probes and
+    /// retransmissions due within one grid step are handled in one wake-up,
+    /// so an idle agent wakes a few times a second however many peers it
+    /// has (its timers are a second or longer; a step delays them little).
+    fn on_grid(&self, t: Instant) -> Instant {
+        let step = TIMER_GRID.as_nanos();
+        let since = t.saturating_duration_since(self.epoch).as_nanos();
+        let up = since.div_ceil(step) * step;
+        self.epoch + Duration::from_nanos(u64::try_from(up).unwrap_or(u64::MAX))
     }
 
     fn send_initiation(&mut self, now: Instant, wall: Duration, pid: PeerId, io: &mut dyn Io) {

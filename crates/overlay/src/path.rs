@@ -163,26 +163,36 @@ impl Paths {
     /// Replaces the published candidates with `cands` (address, class),
     /// keeping the state of those that stay. Learned paths stay too; the
     /// active path stays while it works, wherever it came from.
-    pub fn set_candidates(&mut self, now: Instant, cfg: &PathConfig, cands: &[(PathAddr, Class)]) {
+    /// Returns whether a candidate is new (not known before).
+    pub fn set_candidates(
+        &mut self,
+        now: Instant,
+        cfg: &PathConfig,
+        cands: &[(PathAddr, Class)],
+    ) -> bool {
         let active = self.active_addr();
         self.list.retain(|p| {
             p.origin == Origin::Learned
                 || Some(p.addr) == active
                 || cands.iter().any(|(a, _)| *a == p.addr)
         });
+        let mut added = false;
         for (a, class) in cands {
             match self.list.iter_mut().find(|p| p.addr == *a) {
                 Some(p) => {
                     p.class = *class;
                     p.origin = Origin::Candidate;
                 }
-                None => self
-                    .list
-                    .push(Path::new(*a, *class, Origin::Candidate, now)),
+                None => {
+                    self.list
+                        .push(Path::new(*a, *class, Origin::Candidate, now));
+                    added = true;
+                }
             }
         }
         self.trim(cfg);
         self.active = active.and_then(|a| self.find(&a));
+        added
     }
 
     /// Drops the worst surplus paths, never the active one.
@@ -238,7 +248,7 @@ impl Paths {
         let quiet = self.active().is_none_or(|a| {
             a.addr != addr
                 && a.last_rx
-                    .is_none_or(|t| now.saturating_duration_since(t) > cfg.active_interval * 2)
+                    .is_none_or(|t| now.saturating_duration_since(t) > cfg.active_interval)
         });
         if quiet {
             match self.find(&addr) {

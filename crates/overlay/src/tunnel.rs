@@ -280,6 +280,17 @@ impl Tunnel {
             .chain(self.pending.as_ref().map(|p| p.local_index))
     }
 
+    /// Makes a pending initiation due now (a new candidate of the peer
+    /// appeared: no reason to wait for the retransmission timer).
+    pub fn retry_now(&mut self, cfg: &TunnelConfig) {
+        if let Some(p) = self.pending.as_mut() {
+            if let Some(t) = p.sent.checked_sub(cfg.rekey_timeout) {
+                p.sent = t;
+            }
+        }
+        self.backoff_until = None;
+    }
+
     pub fn has_session(&self) -> bool {
         self.current.is_some()
     }

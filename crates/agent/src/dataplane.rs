@@ -31,8 +31,6 @@ const TOKEN_TCP: u64 = 100;
 /// Frames read from a device per wake-up before the socket gets a turn.
 const DEVICE_BUDGET: usize = 64;
 const RECV_BATCH: usize = 32;
-/// How long the engine keeps polling after an event before it sleeps.
-const SPIN: Duration = Duration::from_micros(200);
 
 /// What the other threads ask of the engine.
 pub enum Command {
@@ -259,11 +257,6 @@ impl Dataplane {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 16];
         let mut nat_wake = Instant::now();
         let mut peer_ips_seen: BTreeSet<IpAddr> = BTreeSet::new();
-        // After traffic, poll without sleeping for a moment: the answer to
-        // what we just forwarded usually comes back within it, and waking a
-        // sleeping thread costs more than the whole forwarding. An idle
-        // agent never spins.
-        let mut spin_until = Instant::now();
         loop {
             let now = Instant::now();
             let mut wake = nat_wake;
@@ -273,9 +266,7 @@ impl Dataplane {
             let timeout_ms =
                 wake.saturating_duration_since(now).as_millis().min(60_000) as libc::c_int;
             // Round up: waking a millisecond early would spin once more.
-            let timeout_ms = if now < spin_until {
-                0
-            } else if wake > now && timeout_ms == 0 {
+            let timeout_ms = if wake > now && timeout_ms == 0 {
                 1
             } else {
                 timeout_ms
@@ -297,9 +288,6 @@ impl Dataplane {
                 return Err(e);
             }
             let now = Instant::now();
-            if n > 0 && SPIN > Duration::ZERO {
-                spin_until = now + SPIN;
-            }
             let mut shutdown = false;
             for ev in &events[..n as usize] {
                 let token = ev.u64;

@@ -1065,3 +1065,55 @@ fn the_plugins_gc_never_touches_the_agents_port_linux() {
 fn the_plugins_gc_never_touches_the_agents_port_ovs() {
     gc_keeps_the_agents_port(BridgeType::Ovs);
 }
+
+#[test]
+fn candidates_follow_the_hosts_addresses_and_never_name_the_overlay() {
+    let c = up(opts(BridgeType::Linux, 1, OverlayOpts::flat(2)));
+    assert_all_reachable(&c);
+    let cands = |c: &Cluster, i: usize| -> Vec<String> {
+        peers(c, i)["candidates"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x["addr"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Neither the bridge's gateway nor the host-overlay address is ever a
+    // candidate: the tunnel must not route over itself.
+    let host = peers(&c, 0)["hostAddress"]
+        .as_str()
+        .unwrap_or_default()
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let gw = c.nodes()[0].gateway.to_string();
+    for a in cands(&c, 0) {
+        assert!(
+            !a.starts_with(&format!("{gw}:")) && !a.starts_with(&format!("{host}:")),
+            "{a}"
+        );
+    }
+    // A new address on the node's uplink shows up in the candidates it
+    // publishes well before the periodic gathering (every 10 s) would add
+    // it: the agent follows netlink address events.
+    c.nodes()[0]
+        .ns
+        .ok(&["ip", "addr", "add", "203.0.113.222/24", "dev", "eth0"]);
+    let t = wait(
+        "the new address is a candidate",
+        Duration::from_secs(5),
+        || cands(&c, 0).iter().any(|a| a == "203.0.113.222:5800"),
+    );
+    eprintln!("new address published after {t:?}");
+    c.nodes()[0]
+        .ns
+        .ok(&["ip", "addr", "del", "203.0.113.222/24", "dev", "eth0"]);
+    wait(
+        "the removed address is gone",
+        Duration::from_secs(5),
+        || !cands(&c, 0).iter().any(|a| a == "203.0.113.222:5800"),
+    );
+}

@@ -1173,7 +1173,8 @@ impl Cluster {
         )
     }
 
-    /// How to look inside: one `nsenter` line per node and pod.
+    /// How to look inside: one `nsenter` line per namespace of the lab
+    /// (internet, routers), node and pod.
     pub fn enter_hints(&self) -> String {
         let mut s = String::new();
         if let Some(f) = &self.fabric {
@@ -1181,6 +1182,29 @@ impl Cluster {
                 "fabric      nsenter --net={}   (bridge {FABRIC_BRIDGE})\n",
                 f.path().display()
             ));
+        }
+        if let Some(lab) = &self.lab {
+            s.push_str(&format!(
+                "internet    nsenter --net={}   (bridge {}; coturn and etcd run here)\n",
+                lab.internet().path().display(),
+                crate::natlab::INTERNET_BRIDGE
+            ));
+            for site in lab.site_ids() {
+                let routers = [
+                    ("router", lab.router(site)),
+                    ("inner", lab.inner_router(site)),
+                ];
+                for (what, r) in routers {
+                    if let Some(r) = r {
+                        s.push_str(&format!(
+                            "{:<11} nsenter --net={}   ({:?} NAT: nft list ruleset, conntrack -L)\n",
+                            format!("site{}-{what}", site.0),
+                            r.path().display(),
+                            lab.kind(site)
+                        ));
+                    }
+                }
+            }
         }
         for n in &self.nodes {
             s.push_str(&format!(

@@ -603,6 +603,11 @@ impl Lab {
         &self.nodes
     }
 
+    /// The sites, in the order they were added.
+    pub fn site_ids(&self) -> impl Iterator<Item = SiteId> {
+        (0..self.sites.len()).map(SiteId)
+    }
+
     /// The type the site was created with.
     pub fn kind(&self, site: SiteId) -> NatType {
         self.site(site).kind

@@ -992,6 +992,10 @@ pub fn stun_binding(
                         io::ErrorKind::WouldBlock
                             | io::ErrorKind::TimedOut
                             | io::ErrorKind::ConnectionRefused
+                            // A socket with SO_RCVTIMEO returns EINTR after
+                            // the process was stopped and continued, even
+                            // without a signal handler (signal(7)).
+                            | io::ErrorKind::Interrupted
                     ) => {}
                 Err(e) => break 'outer Err(e),
             }

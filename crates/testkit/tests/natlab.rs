@@ -57,8 +57,14 @@ fn recv_all(sock: &UdpSocket, wait: Duration) -> Vec<(String, SocketAddr)> {
             {
                 return got
             }
-            // An ICMP error from an earlier send: not a datagram.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            // An ICMP error from an earlier send: not a datagram. EINTR:
+            // a socket with SO_RCVTIMEO returns it after the process was
+            // stopped and continued, even without a signal handler.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::Interrupted
+                ) => {}
             Err(e) => panic!("recv: {e}"),
         }
     }

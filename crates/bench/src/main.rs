@@ -1,4 +1,6 @@
 //! `evio-bench`: see the crate docs and `--help`.
+// Test support: a harness that unwraps fails the test that called it, loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

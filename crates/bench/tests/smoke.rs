@@ -5,6 +5,8 @@
 //! Needs the `evio` plugin and `evio-node` built next to `evio-bench` (as
 //! `cargo test --workspace` does) and root. boringtun is optional: without
 //! `boringtun-cli` its column says "not installed".
+// Test support: a harness that unwraps fails the test that called it, loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::Read;
 use std::process::{Command, Stdio};

@@ -2,6 +2,8 @@
 //! workspace's binaries, run with podman, removed again. Everything podman
 //! stores goes to a private temporary root, so the test neither depends on
 //! nor changes the machine's images and containers.
+// Test support: a harness that unwraps fails the test that called it, loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -6,6 +6,8 @@
 //! (capability bounding set, no_new_privs, a read-only file system but for
 //! ReadWritePaths) in a network namespace it creates, as ExecStart,
 //! ExecStartPost and KillSignal would.
+// Test support: a harness that unwraps fails the test that called it, loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

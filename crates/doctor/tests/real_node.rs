@@ -4,6 +4,8 @@
 //! The plugin-driven crash and fault tests (crates/plugin/tests) use the
 //! doctor as their leak detector; this test keeps the detector honest on its
 //! own, independently of the plugin.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
 use std::path::Path;

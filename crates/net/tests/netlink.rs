@@ -2,6 +2,8 @@
 //! it creates (testkit `Netns`, deleted on drop) and runs the crate's code
 //! on threads entered into them (`run_in_netns`): the test threads never
 //! change namespace and nothing touches the root namespace.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};

@@ -1,5 +1,7 @@
 //! `evio-node config-gen` and `subnets` as the init container runs them:
 //! the built binary against real etcd instances and the file store.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -8,6 +8,8 @@
 //!   with one clear line, the old store file and the old conflist stay
 //!   intact and readable, nothing half-written is left, and allocation works
 //!   again once there is space.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;

@@ -5,6 +5,8 @@
 //! namespaces the tests create and is removed on drop.
 //!
 //! Uses the release binaries next to this test (`cargo test --release`).
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -5,6 +5,8 @@
 //! `run` also gets a private mount namespace whose /run/evio is a directory
 //! of the test: the default agent socket (/run/evio/agent.sock) is then the
 //! test's to create or not, whatever runs on the machine.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,6 +1,8 @@
 //! The data path allocates nothing per frame: two overlays joined by an
 //! in-memory wire carry pod frames (plain and TSO super-frames) both ways
 //! while a counting global allocator watches the steady state.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

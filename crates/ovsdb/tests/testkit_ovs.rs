@@ -1,5 +1,7 @@
 //! The per-node OVS launcher itself: isolated instances, restartable
 //! daemons, nothing left running.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use evio_testkit::netns::Netns;
 use evio_testkit::ovs::Ovs;

@@ -1,6 +1,8 @@
 //! The client against real ovsdb-server + ovs-vswitchd (userspace datapath)
 //! running in a network namespace of the test's own; results are checked
 //! with `ovs-vsctl`, not with the client itself.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Barrier};

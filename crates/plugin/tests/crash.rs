@@ -11,6 +11,8 @@
 //! alone (its delegate, orphaned, runs to completion and leaves whatever it
 //! did). The RNG is seeded; the seed is printed and `EVIO_CRASH_SEED`
 //! replays a run.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -6,6 +6,8 @@
 //! vswitchd is back, every ADD started after the restart must succeed, and
 //! in the end exactly the live pods hold state (the doctor as leak detector
 //! plus direct checks).
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

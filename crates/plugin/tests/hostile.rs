@@ -17,6 +17,8 @@
 //!      too long) and delegates/paths that are not what they claim;
 //!   4  a `CNI_*` variable that is missing or malformed, or a CNI_NETNS that
 //!      is not a network namespace other than the node's own.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

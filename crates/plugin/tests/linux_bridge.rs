@@ -3,6 +3,8 @@
 //! The shared behaviour bodies live in common/behaviour.rs; ovs_bridge.rs
 //! runs the same suite with `Backend::Ovs`. Linux-bridge-only details
 //! (kernel bridge kind, hairpin, name clashes) are below.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -3,6 +3,8 @@
 //! (ovsdb-server + ovs-vswitchd) inside its node netns. This machine has no
 //! OVS kernel module, so the plugin must pick the userspace datapath (and
 //! turn TX checksum offload off, or the TCP tests fail while ping works).
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

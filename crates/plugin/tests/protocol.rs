@@ -2,6 +2,8 @@
 //! VERSION, decoding, version negotiation, environment and name validation,
 //! and the error codes. Every refused invocation must leave the node as it
 //! was. These do not depend on the backend, so they run on the Linux bridge.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! The simulated cluster end to end: real OVS per node, the real plugin and
 //! config-gen, pods probing each other across the fabric.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

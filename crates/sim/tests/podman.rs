@@ -3,6 +3,8 @@
 //! config-gen wrote and execs `evio` unmodified. Its own test binary: it
 //! makes the test process a child subreaper to collect podman's daemonised
 //! conmon processes, which nobody else would reap here.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! The `evio-sim` binary as a user runs it: the printed table and matrix,
 //! exit codes, and teardown on SIGTERM of a kept cluster.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! built: pods DELeted through the plugin, OVS stopped, namespaces and temp
 //! dirs gone. Its own test binary, because it points TMPDIR at a private dir
 //! to see every temp dir the cluster creates.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

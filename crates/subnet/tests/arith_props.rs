@@ -1,6 +1,8 @@
 //! Property tests of the subnet arithmetic: for any valid pod CIDR and
 //! nodeBits, node subnets tile the CIDR without overlap and every range
 //! stays inside its subnet.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

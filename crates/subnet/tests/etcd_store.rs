@@ -1,5 +1,7 @@
 //! The `etcd://` store against a real etcd (one shared instance per test
 //! binary; each test uses its own network name).
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::{Duration, Instant};
 

@@ -1,5 +1,7 @@
 //! The embedded `file://` store: allocation semantics, locking between
 //! independent openers, and what it refuses to touch.
+// A test that unwraps fails loudly, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;

@@ -7,7 +7,7 @@ use evio_testkit::ovs::Ovs;
 use crate::cleanup;
 use crate::error::{BenchError, Result};
 use crate::iperf;
-use crate::node::{add_result_ip, sh, Attach, Mode, Node, Tools, BRIDGE};
+use crate::node::{add_result_ip, sh, veth, Attach, Mode, Node, Tools, BRIDGE};
 use crate::report::Table;
 
 #[derive(Debug, Clone)]
@@ -48,22 +48,7 @@ fn ovs_ok(ovs: &Ovs, args: &[&str]) -> Result<()> {
 /// Joins the bridges of two nodes with a veth pair (the "uplink" that the
 /// overlay provides between real nodes).
 fn uplink(a: &Netns, b: &Netns, kind: Kind, ovs: [Option<&Ovs>; 2]) -> Result<()> {
-    sh(
-        a,
-        &[
-            "ip",
-            "link",
-            "add",
-            "evup",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "evup",
-            "netns",
-            b.name(),
-        ],
-    )?;
+    veth(a, "evup", b, "evup")?;
     for (ns, o) in [(a, ovs[0]), (b, ovs[1])] {
         plug(ns, kind, o, "evup")?;
     }
@@ -121,22 +106,7 @@ fn hand_node(kind: Kind, octet: u8) -> Result<(Netns, Option<Ovs>)> {
 
 fn hand_pod(node: &Netns, kind: Kind, ovs: Option<&Ovs>, ip: &str, host: &str) -> Result<Netns> {
     let pod = cleanup::netns("ebp");
-    sh(
-        node,
-        &[
-            "ip",
-            "link",
-            "add",
-            host,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ],
-    )?;
+    veth(node, host, &pod, "eth0")?;
     if kind == Kind::Ovs {
         sh(&pod, &["ethtool", "-K", "eth0", "tx", "off"])?;
     }
@@ -211,22 +181,7 @@ fn evio_bed(tools: &Tools, kind: Kind, cross: bool) -> Result<Bed> {
 fn veth_bed() -> Result<Bed> {
     let server = cleanup::netns("ebp");
     let client = cleanup::netns("ebp");
-    sh(
-        &server,
-        &[
-            "ip",
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            client.name(),
-        ],
-    )?;
+    veth(&server, "eth0", &client, "eth0")?;
     for (ns, ip) in [(&server, "10.244.3.10/16"), (&client, "10.244.3.11/16")] {
         sh(ns, &["ip", "addr", "add", ip, "dev", "eth0"])?;
         sh(ns, &["ip", "link", "set", "eth0", "up"])?;

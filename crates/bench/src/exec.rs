@@ -384,15 +384,9 @@ fn outcome(
 
 /// Runs `spec` to completion (or its timeout) and measures it.
 pub fn run(spec: &Spec) -> Result<Outcome> {
-    let Launched {
-        start,
-        child,
-        pidfd,
-        out,
-        err,
-    } = launch(spec, false)?;
-    let pid = child.id() as i32;
-    let exited = poll_exit(&pidfd, spec.timeout);
+    let l = launch(spec, false)?;
+    let pid = l.child.id() as i32;
+    let exited = poll_exit(&l.pidfd, spec.timeout);
     if !exited {
         // Not reaped yet, so the group id is still certainly ours.
         // SAFETY: plain killpg.
@@ -401,26 +395,27 @@ pub fn run(spec: &Spec) -> Result<Outcome> {
         }
     }
     let (status, ru) = wait4(pid, 0)?;
-    let wall = start.elapsed();
-    Ok(outcome(wall, exited.then_some(status), &ru, out, err, None))
+    let wall = l.start.elapsed();
+    Ok(outcome(
+        wall,
+        exited.then_some(status),
+        &ru,
+        l.out,
+        l.err,
+        None,
+    ))
 }
 
 /// Like [`run`] but under ptrace, stopping the process at its exit to read
 /// its own peak RSS (VmHWM) before its memory is gone: wait4's figure also
 /// covers its children. Slower; not for timing.
 pub fn run_traced(spec: &Spec) -> Result<Outcome> {
-    let Launched {
-        start,
-        child,
-        pidfd,
-        out,
-        err,
-    } = launch(spec, true)?;
-    let pid = child.id() as i32;
+    let l = launch(spec, true)?;
+    let pid = l.child.id() as i32;
     // A tracee's stops do not make the pidfd readable, so the timeout is a
     // watchdog thread; the pidfd makes its kill safe against pid reuse.
     let (done_tx, done_rx) = mpsc::channel::<()>();
-    let timeout = spec.timeout;
+    let (timeout, pidfd) = (spec.timeout, l.pidfd);
     let watchdog = std::thread::spawn(move || {
         if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
             pidfd_kill(&pidfd);
@@ -474,7 +469,7 @@ pub fn run_traced(spec: &Spec) -> Result<Outcome> {
             );
         }
     };
-    let wall = start.elapsed();
+    let wall = l.start.elapsed();
     let _ = done_tx.send(());
     let timed_out = watchdog.join().unwrap_or(false);
     let (status, ru) = result?;
@@ -482,8 +477,8 @@ pub fn run_traced(spec: &Spec) -> Result<Outcome> {
         wall,
         (!timed_out).then_some(status),
         &ru,
-        out,
-        err,
+        l.out,
+        l.err,
         hwm,
     ))
 }

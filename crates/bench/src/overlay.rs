@@ -27,7 +27,7 @@ use crate::error::{BenchError, Result};
 use crate::exec::{self, Background, NsFd, Spec};
 use crate::iperf;
 use crate::latency::verdict;
-use crate::node::{sh, Tools};
+use crate::node::{sh, veth, Tools};
 use crate::report::Table;
 
 /// boringtun's interface MTU, as WireGuard's default.
@@ -530,22 +530,7 @@ fn plain_link(t: &Two, up: bool) -> Result<()> {
         sh(&a.ns, &["ip", "link", "del", "evpl"])?;
         return Ok(());
     }
-    sh(
-        &a.ns,
-        &[
-            "ip",
-            "link",
-            "add",
-            "evpl",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "evpl",
-            "netns",
-            b.ns.name(),
-        ],
-    )?;
+    veth(&a.ns, "evpl", &b.ns, "evpl")?;
     for n in [a, b] {
         match &n.ovs {
             None => {
@@ -738,15 +723,30 @@ struct Datapath {
     quick_idle: Option<Idle>,
 }
 
-fn datapath(tools: &Tools, opts: &Opts, d: &mut Datapath) -> Result<()> {
-    let mut c = up(tools, BridgeType::Linux, OverlayOpts::flat(2), 1)?;
+/// A two-node cluster on `bridge` with its agents connected, and the row of
+/// evio's own path through it.
+fn measure_evio(
+    tools: &Tools,
+    bridge: BridgeType,
+    label: &str,
+    opts: &Opts,
+) -> Result<(Cluster, PathRow)> {
+    let c = up(tools, bridge, OverlayOpts::flat(2), 1)?;
     wait_all(&c, Duration::from_secs(20))?;
-    {
-        let t = Two::of(&c)?;
-        let pids = evio_pids(&t)?;
-        d.rows
-            .push(measure("evio overlay (Linux bridge)", &t, &pids, opts)?);
-    }
+    let t = Two::of(&c)?;
+    let pids = evio_pids(&t)?;
+    let row = measure(label, &t, &pids, opts)?;
+    Ok((c, row))
+}
+
+fn datapath(tools: &Tools, opts: &Opts, d: &mut Datapath) -> Result<()> {
+    let (mut c, row) = measure_evio(
+        tools,
+        BridgeType::Linux,
+        "evio overlay (Linux bridge)",
+        opts,
+    )?;
+    d.rows.push(row);
     if opts.quick {
         // The small cluster stands in for the connect and idle runs.
         d.quick_connect = Some(restart_and_time(
@@ -810,14 +810,8 @@ fn datapath(tools: &Tools, opts: &Opts, d: &mut Datapath) -> Result<()> {
         return Ok(());
     }
     cleanup::check()?;
-    let mut c = up(tools, BridgeType::Ovs, OverlayOpts::flat(2), 1)?;
-    wait_all(&c, Duration::from_secs(20))?;
-    {
-        let t = Two::of(&c)?;
-        let pids = evio_pids(&t)?;
-        d.rows
-            .push(measure("evio overlay (OVS netdev)", &t, &pids, opts)?);
-    }
+    let (mut c, row) = measure_evio(tools, BridgeType::Ovs, "evio overlay (OVS netdev)", opts)?;
+    d.rows.push(row);
     stop_agents(&mut c)?;
     {
         let t = Two::of(&c)?;

@@ -952,15 +952,11 @@ impl Cluster {
         )?;
         match &node.ovs {
             Some(ovs) => {
-                let out = guarded("ovs-vsctl", || {
-                    ovs.try_vsctl(&["add-port", &node.bridge, UPLINK])
-                })?;
-                if !out.status.success() {
-                    return Err(ClusterError::step(
-                        format!("add {UPLINK} to {} on {}", node.bridge, node.name),
-                        String::from_utf8_lossy(&out.stderr),
-                    ));
-                }
+                vsctl_ok(
+                    ovs,
+                    &["add-port", &node.bridge, UPLINK],
+                    &format!("add {UPLINK} to {} on {}", node.bridge, node.name),
+                )?;
                 cmd_ok(
                     node.ns.command(&["ip", "link", "set", UPLINK, "up"]),
                     &format!("bring up {UPLINK} on {}", node.name),
@@ -1364,8 +1360,9 @@ fn ensure_bridge(node: &SimNode) -> Result<(), ClusterError> {
                 .and_then(Value::as_str)
                 .filter(|d| *d != "auto")
                 .unwrap_or("netdev");
-            let out = guarded("ovs-vsctl", || {
-                ovs.try_vsctl(&[
+            vsctl_ok(
+                ovs,
+                &[
                     "--may-exist",
                     "add-br",
                     &node.bridge,
@@ -1374,14 +1371,9 @@ fn ensure_bridge(node: &SimNode) -> Result<(), ClusterError> {
                     "Bridge",
                     &node.bridge,
                     &format!("datapath_type={datapath}"),
-                ])
-            })?;
-            if !out.status.success() {
-                return Err(ClusterError::step(
-                    format!("create bridge {} on {}", node.bridge, node.name),
-                    String::from_utf8_lossy(&out.stderr),
-                ));
-            }
+                ],
+                &format!("create bridge {} on {}", node.bridge, node.name),
+            )?;
             cmd_ok(
                 node.ns.command(&["ip", "link", "set", &node.bridge, "up"]),
                 "bring up the bridge",
@@ -1508,6 +1500,20 @@ fn cmd_ok(cmd: Command, what: &str) -> Result<(), ClusterError> {
         Ok(())
     } else {
         Err(ClusterError::step(what, out))
+    }
+}
+
+/// Runs `ovs-vsctl` (bounded by its own --timeout) and turns a failure into
+/// an error that carries its stderr.
+fn vsctl_ok(ovs: &Ovs, args: &[&str], what: &str) -> Result<(), ClusterError> {
+    let out = guarded("ovs-vsctl", || ovs.try_vsctl(args))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ClusterError::step(
+            what,
+            String::from_utf8_lossy(&out.stderr),
+        ))
     }
 }
 

@@ -196,50 +196,56 @@ pub fn prometheus(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Strin
             let _ = writeln!(o, "{name}{{node=\"{node}\"{labels}}} {v}");
         }
     };
-    let per_peer = |f: &dyn Fn(&evio_overlay::engine::PeerStatus) -> u64| {
+    type PeerStatus = evio_overlay::engine::PeerStatus;
+    type PeerValue = fn(&PeerStatus) -> u64;
+    let per_peer = |f: PeerValue| {
         snap.peers
             .iter()
             .map(|p| (format!(",peer=\"{}\"", label(&p.node)), f(p)))
             .collect::<Vec<_>>()
     };
-    counter(
-        "evio_peer_rx_bytes_total",
-        "Bytes received from the peer (datagrams).",
-        per_peer(&|p| p.stats.rx_bytes),
-    );
-    counter(
-        "evio_peer_tx_bytes_total",
-        "Bytes sent to the peer (datagrams).",
-        per_peer(&|p| p.stats.tx_bytes),
-    );
-    counter(
-        "evio_peer_rx_packets_total",
-        "Authenticated datagrams received from the peer.",
-        per_peer(&|p| p.stats.rx_packets),
-    );
-    counter(
-        "evio_peer_tx_packets_total",
-        "Datagrams sent to the peer.",
-        per_peer(&|p| p.stats.tx_packets),
-    );
-    counter(
-        "evio_peer_handshakes_total",
-        "Completed handshakes with the peer.",
-        per_peer(&|p| p.stats.handshakes),
-    );
+    let per_peer_counters: [(&str, &str, PeerValue); 5] = [
+        (
+            "evio_peer_rx_bytes_total",
+            "Bytes received from the peer (datagrams).",
+            |p| p.stats.rx_bytes,
+        ),
+        (
+            "evio_peer_tx_bytes_total",
+            "Bytes sent to the peer (datagrams).",
+            |p| p.stats.tx_bytes,
+        ),
+        (
+            "evio_peer_rx_packets_total",
+            "Authenticated datagrams received from the peer.",
+            |p| p.stats.rx_packets,
+        ),
+        (
+            "evio_peer_tx_packets_total",
+            "Datagrams sent to the peer.",
+            |p| p.stats.tx_packets,
+        ),
+        (
+            "evio_peer_handshakes_total",
+            "Completed handshakes with the peer.",
+            |p| p.stats.handshakes,
+        ),
+    ];
+    for (name, help, f) in per_peer_counters {
+        counter(name, help, per_peer(f));
+    }
     let mut drops = Vec::new();
     for p in &snap.peers {
         let pl = label(&p.node);
-        drops.push((
-            format!(",peer=\"{pl}\",reason=\"spoofed\""),
-            p.stats.spoofed,
-        ));
-        drops.push((format!(",peer=\"{pl}\",reason=\"replay\""), p.stats.replay));
-        drops.push((format!(",peer=\"{pl}\",reason=\"auth\""), p.stats.auth));
-        drops.push((
-            format!(",peer=\"{pl}\",reason=\"switch\""),
-            p.stats.dropped.saturating_sub(p.stats.spoofed),
-        ));
+        let switch = p.stats.dropped.saturating_sub(p.stats.spoofed);
+        for (reason, v) in [
+            ("spoofed", p.stats.spoofed),
+            ("replay", p.stats.replay),
+            ("auth", p.stats.auth),
+            ("switch", switch),
+        ] {
+            drops.push((format!(",peer=\"{pl}\",reason=\"{reason}\""), v));
+        }
     }
     counter(
         "evio_peer_drops_total",

@@ -1,19 +1,14 @@
 //! Section 3: pod-to-pod TCP throughput (iperf3) through what evio built,
 //! next to the same topology built by hand and a bare veth pair.
 
-use std::time::{Duration, Instant};
-
 use evio_testkit::netns::Netns;
 use evio_testkit::ovs::Ovs;
-use serde_json::Value;
 
 use crate::cleanup;
 use crate::error::{BenchError, Result};
-use crate::exec::{self, Background, NsFd, Spec};
-use crate::node::{add_result_ip, sh, Attach, Mode, Node, Tools, BRIDGE};
+use crate::iperf;
+use crate::node::{add_result_ip, sh, veth, Attach, Mode, Node, Tools, BRIDGE};
 use crate::report::Table;
-
-const PORT: &str = "5201";
 
 #[derive(Debug, Clone)]
 pub struct Opts {
@@ -53,22 +48,7 @@ fn ovs_ok(ovs: &Ovs, args: &[&str]) -> Result<()> {
 /// Joins the bridges of two nodes with a veth pair (the "uplink" that the
 /// overlay provides between real nodes).
 fn uplink(a: &Netns, b: &Netns, kind: Kind, ovs: [Option<&Ovs>; 2]) -> Result<()> {
-    sh(
-        a,
-        &[
-            "ip",
-            "link",
-            "add",
-            "evup",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "evup",
-            "netns",
-            b.name(),
-        ],
-    )?;
+    veth(a, "evup", b, "evup")?;
     for (ns, o) in [(a, ovs[0]), (b, ovs[1])] {
         plug(ns, kind, o, "evup")?;
     }
@@ -126,22 +106,7 @@ fn hand_node(kind: Kind, octet: u8) -> Result<(Netns, Option<Ovs>)> {
 
 fn hand_pod(node: &Netns, kind: Kind, ovs: Option<&Ovs>, ip: &str, host: &str) -> Result<Netns> {
     let pod = cleanup::netns("ebp");
-    sh(
-        node,
-        &[
-            "ip",
-            "link",
-            "add",
-            host,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ],
-    )?;
+    veth(node, host, &pod, "eth0")?;
     if kind == Kind::Ovs {
         sh(&pod, &["ethtool", "-K", "eth0", "tx", "off"])?;
     }
@@ -216,22 +181,7 @@ fn evio_bed(tools: &Tools, kind: Kind, cross: bool) -> Result<Bed> {
 fn veth_bed() -> Result<Bed> {
     let server = cleanup::netns("ebp");
     let client = cleanup::netns("ebp");
-    sh(
-        &server,
-        &[
-            "ip",
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            client.name(),
-        ],
-    )?;
+    veth(&server, "eth0", &client, "eth0")?;
     for (ns, ip) in [(&server, "10.244.3.10/16"), (&client, "10.244.3.11/16")] {
         sh(ns, &["ip", "addr", "add", ip, "dev", "eth0"])?;
         sh(ns, &["ip", "link", "set", "eth0", "up"])?;
@@ -246,56 +196,9 @@ fn veth_bed() -> Result<Bed> {
     })
 }
 
-/// `end.sum_received.bits_per_second` of iperf3's JSON, in Gbit/s.
-pub fn gbits(json: &str) -> Option<f64> {
-    let v: Value = serde_json::from_str(json).ok()?;
-    let bps = v.pointer("/end/sum_received/bits_per_second")?.as_f64()?;
-    Some(bps / 1e9)
-}
-
-/// One bounded iperf3 run from the client pod to the server pod.
+/// One bounded iperf3 run from the client pod to the server pod, Gbit/s.
 fn iperf(bed: &Bed, seconds: u32) -> Result<f64> {
-    let sfd = NsFd::open(&bed.server.path())?;
-    let cfd = NsFd::open(&bed.client.path())?;
-    let mut srv = Background::start(
-        &Spec::new("iperf3")
-            .args(["-s", "-1", "-B", &bed.server_ip, "-p", PORT])
-            .netns(&sfd),
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let o = exec::run(&Spec::new("ss").args(["-Hltn"]).netns(&sfd))?.ok("ss -Hltn")?;
-        if o.stdout.contains(&format!(":{PORT}")) {
-            break;
-        }
-        if !srv.running() || Instant::now() >= deadline {
-            return Err(BenchError::failed(
-                "iperf3 server",
-                format!("not listening: {}", srv.output().trim()),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let client = exec::run(
-        &Spec::new("iperf3")
-            .args([
-                "-c",
-                &bed.server_ip,
-                "-p",
-                PORT,
-                "-t",
-                &seconds.to_string(),
-                "-J",
-                "--connect-timeout",
-                "3000",
-            ])
-            .netns(&cfd)
-            .timeout(Duration::from_secs(u64::from(seconds) + 20)),
-    )?;
-    let what = format!("iperf3 client to {}", bed.server_ip);
-    let client = client.ok(&what)?;
-    let _ = srv.wait(Duration::from_secs(5));
-    gbits(&client.stdout).ok_or_else(|| BenchError::output(what, client.stdout.clone()))
+    iperf::run(&bed.server, &bed.server_ip, &bed.client, seconds, 1).map(|t| t.gbits)
 }
 
 /// Verdict for a higher-is-better ratio.
@@ -392,13 +295,6 @@ pub fn run(tools: &Tools, opts: &Opts) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn iperf_json_is_read_in_gbits() {
-        let j = r#"{"end":{"sum_sent":{"bits_per_second":2.1e9},"sum_received":{"bits_per_second":2.0e9}}}"#;
-        assert_eq!(gbits(j), Some(2.0));
-        assert_eq!(gbits(r#"{"error":"unable to connect"}"#), None);
-    }
 
     #[test]
     fn higher_is_better_verdict() {

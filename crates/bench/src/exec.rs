@@ -334,21 +334,59 @@ fn prepare(spec: &Spec, trace: bool) -> Result<Prepared> {
     Ok(Prepared { cmd, out, err })
 }
 
-fn spawn(cmd: &mut Command, program: &Path) -> Result<Child> {
-    cmd.spawn().map_err(|source| BenchError::Spawn {
-        program: program.to_path_buf(),
+/// A process started from a [`Spec`], its output going to files.
+struct Launched {
+    /// Taken just before the spawn, so that the setup is not timed.
+    start: Instant,
+    child: Child,
+    pidfd: OwnedFd,
+    out: File,
+    err: File,
+}
+
+fn launch(spec: &Spec, trace: bool) -> Result<Launched> {
+    let Prepared { mut cmd, out, err } = prepare(spec, trace)?;
+    let start = Instant::now();
+    let child = cmd.spawn().map_err(|source| BenchError::Spawn {
+        program: spec.program.to_path_buf(),
         source,
+    })?;
+    let pidfd = pidfd_open(child.id() as i32)?;
+    Ok(Launched {
+        start,
+        child,
+        pidfd,
+        out,
+        err,
     })
+}
+
+/// What a reaped process did: `ru` from wait4, `status` unless it was
+/// killed for running past its timeout.
+fn outcome(
+    wall: Duration,
+    status: Option<i32>,
+    ru: &libc::rusage,
+    out: File,
+    err: File,
+    own_hwm_kib: Option<u64>,
+) -> Outcome {
+    Outcome {
+        wall,
+        status: status.map_or(Status::TimedOut, decode),
+        stdout: read_all(out),
+        stderr: read_all(err),
+        maxrss_kib: u64::try_from(ru.ru_maxrss).unwrap_or(0),
+        own_hwm_kib,
+        cpu: cpu_of(ru),
+    }
 }
 
 /// Runs `spec` to completion (or its timeout) and measures it.
 pub fn run(spec: &Spec) -> Result<Outcome> {
-    let Prepared { mut cmd, out, err } = prepare(spec, false)?;
-    let start = Instant::now();
-    let child = spawn(&mut cmd, &spec.program)?;
-    let pid = child.id() as i32;
-    let pidfd = pidfd_open(pid)?;
-    let exited = poll_exit(&pidfd, spec.timeout);
+    let l = launch(spec, false)?;
+    let pid = l.child.id() as i32;
+    let exited = poll_exit(&l.pidfd, spec.timeout);
     if !exited {
         // Not reaped yet, so the group id is still certainly ours.
         // SAFETY: plain killpg.
@@ -357,35 +395,27 @@ pub fn run(spec: &Spec) -> Result<Outcome> {
         }
     }
     let (status, ru) = wait4(pid, 0)?;
-    let wall = start.elapsed();
-    Ok(Outcome {
+    let wall = l.start.elapsed();
+    Ok(outcome(
         wall,
-        status: if exited {
-            decode(status)
-        } else {
-            Status::TimedOut
-        },
-        stdout: read_all(out),
-        stderr: read_all(err),
-        maxrss_kib: u64::try_from(ru.ru_maxrss).unwrap_or(0),
-        own_hwm_kib: None,
-        cpu: cpu_of(&ru),
-    })
+        exited.then_some(status),
+        &ru,
+        l.out,
+        l.err,
+        None,
+    ))
 }
 
 /// Like [`run`] but under ptrace, stopping the process at its exit to read
 /// its own peak RSS (VmHWM) before its memory is gone: wait4's figure also
 /// covers its children. Slower; not for timing.
 pub fn run_traced(spec: &Spec) -> Result<Outcome> {
-    let Prepared { mut cmd, out, err } = prepare(spec, true)?;
-    let start = Instant::now();
-    let child = spawn(&mut cmd, &spec.program)?;
-    let pid = child.id() as i32;
-    let pidfd = pidfd_open(pid)?;
+    let l = launch(spec, true)?;
+    let pid = l.child.id() as i32;
     // A tracee's stops do not make the pidfd readable, so the timeout is a
     // watchdog thread; the pidfd makes its kill safe against pid reuse.
     let (done_tx, done_rx) = mpsc::channel::<()>();
-    let timeout = spec.timeout;
+    let (timeout, pidfd) = (spec.timeout, l.pidfd);
     let watchdog = std::thread::spawn(move || {
         if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
             pidfd_kill(&pidfd);
@@ -439,23 +469,18 @@ pub fn run_traced(spec: &Spec) -> Result<Outcome> {
             );
         }
     };
-    let wall = start.elapsed();
+    let wall = l.start.elapsed();
     let _ = done_tx.send(());
     let timed_out = watchdog.join().unwrap_or(false);
     let (status, ru) = result?;
-    Ok(Outcome {
+    Ok(outcome(
         wall,
-        status: if timed_out {
-            Status::TimedOut
-        } else {
-            decode(status)
-        },
-        stdout: read_all(out),
-        stderr: read_all(err),
-        maxrss_kib: u64::try_from(ru.ru_maxrss).unwrap_or(0),
-        own_hwm_kib: hwm,
-        cpu: cpu_of(&ru),
-    })
+        (!timed_out).then_some(status),
+        &ru,
+        l.out,
+        l.err,
+        hwm,
+    ))
 }
 
 fn read_hwm(pid: i32) -> Option<u64> {
@@ -483,9 +508,13 @@ pub struct Background {
 
 impl Background {
     pub fn start(spec: &Spec) -> Result<Background> {
-        let Prepared { mut cmd, out, err } = prepare(spec, false)?;
-        let child = spawn(&mut cmd, &spec.program)?;
-        let pidfd = pidfd_open(child.id() as i32)?;
+        let Launched {
+            child,
+            pidfd,
+            out,
+            err,
+            ..
+        } = launch(spec, false)?;
         Ok(Background {
             child: Some(child),
             pidfd,
@@ -501,10 +530,7 @@ impl Background {
     }
 
     pub fn running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
+        evio_testkit::process::running(&mut self.child)
     }
 
     /// Waits (bounded) for it to exit on its own; kills it past `timeout`.

@@ -37,12 +37,29 @@ pub struct Phase {
 impl Phase {
     /// Per-pod ADD+DEL of the same pod.
     pub fn sum(&self) -> Vec<Duration> {
-        self.add
-            .iter()
-            .zip(&self.del)
-            .map(|(a, d)| *a + *d)
-            .collect()
+        add_del(&self.add, &self.del)
     }
+}
+
+/// Per-pod ADD+DEL: the `i`th DEL undid the `i`th ADD.
+fn add_del(add: &[Duration], del: &[Duration]) -> Vec<Duration> {
+    add.iter().zip(del).map(|(a, d)| *a + *d).collect()
+}
+
+/// The median and p95 of ADD, DEL and ADD+DEL, as table cells; and the
+/// ADD+DEL median.
+fn timing_cells(add: &[Duration], del: &[Duration]) -> ([String; 6], Duration) {
+    let (a, d) = (Summary::of(add), Summary::of(del));
+    let s = Summary::of(&add_del(add, del));
+    let cells = [
+        ms(a.median),
+        ms(a.p95),
+        ms(d.median),
+        ms(d.p95),
+        ms(s.median),
+        ms(s.p95),
+    ];
+    (cells, s.median)
 }
 
 #[derive(Debug, Clone)]
@@ -310,23 +327,12 @@ fn phase_table(results: &[ModeResult], floor: &[Duration], conc: bool) -> Table 
             .find(|x| x.mode == Mode::Reference && x.masq == r.masq)
             .map(|x| Summary::of(&pick(x, conc).sum()).median);
         let p = pick(r, conc);
-        let (a, d, s) = (
-            Summary::of(&p.add),
-            Summary::of(&p.del),
-            Summary::of(&p.sum()),
-        );
-        t.row([
-            label(r.mode, r.masq),
-            ms(a.median),
-            ms(a.p95),
-            ms(d.median),
-            ms(d.p95),
-            ms(s.median),
-            ms(s.p95),
-            reference.map_or("n/a".into(), |x| ratio_d(s.median, x)),
-            ratio_d(s.median, floor),
+        let (cells, sum) = timing_cells(&p.add, &p.del);
+        t.row(std::iter::once(label(r.mode, r.masq)).chain(cells).chain([
+            reference.map_or("n/a".into(), |x| ratio_d(sum, x)),
+            ratio_d(sum, floor),
             format!("{} / {}", ms(p.add_wall), ms(p.del_wall)),
-        ]);
+        ]));
     }
     t
 }
@@ -554,26 +560,12 @@ fn targets(f: &Floors, results: &[ModeResult]) -> String {
 }
 
 fn floor_row(t: &mut Table, f: &Floors) {
-    let (a, d) = (Summary::of(&f.hl_add), Summary::of(&f.hl_del));
-    let s = Summary::of(
-        &f.hl_add
-            .iter()
-            .zip(&f.hl_del)
-            .map(|(a, d)| *a + *d)
-            .collect::<Vec<_>>(),
+    let (cells, _) = timing_cells(&f.hl_add, &f.hl_del);
+    t.row(
+        std::iter::once("host-local alone (floor)".to_string())
+            .chain(cells)
+            .chain([String::new(), "1.00×".into(), String::new()]),
     );
-    t.row([
-        "host-local alone (floor)".to_string(),
-        ms(a.median),
-        ms(a.p95),
-        ms(d.median),
-        ms(d.p95),
-        ms(s.median),
-        ms(s.p95),
-        String::new(),
-        "1.00×".into(),
-        String::new(),
-    ]);
 }
 
 #[cfg(test)]

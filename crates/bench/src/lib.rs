@@ -13,6 +13,7 @@ pub mod datapath;
 pub mod error;
 pub mod exec;
 pub mod footprint;
+pub mod iperf;
 pub mod latency;
 pub mod machine;
 pub mod node;

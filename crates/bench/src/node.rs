@@ -260,6 +260,27 @@ fn check_add_result(what: &str, stdout: &str) -> Result<()> {
 }
 
 /// Runs `argv` in `ns` via nsenter, bounded; stdout on success.
+/// A veth pair: `name` in `ns`, `peer` in `peer_ns`, both down.
+pub fn veth(ns: &Netns, name: &str, peer_ns: &Netns, peer: &str) -> Result<()> {
+    sh(
+        ns,
+        &[
+            "ip",
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            peer_ns.name(),
+        ],
+    )
+    .map(drop)
+}
+
 pub fn sh(ns: &Netns, argv: &[&str]) -> Result<String> {
     let path = ns.path();
     let mut full = vec![format!("--net={}", path.display()), "--".to_string()];

@@ -20,17 +20,16 @@ use evio_testkit::agent::Agent;
 use evio_testkit::cluster::{BridgeType, Cluster, ClusterOpts, OverlayOpts, SimNode};
 use evio_testkit::natlab::{NatType, SiteId};
 use evio_testkit::netns::Netns;
-use serde_json::Value;
 
 use crate::cleanup;
 use crate::datapath::at_least;
 use crate::error::{BenchError, Result};
 use crate::exec::{self, Background, NsFd, Spec};
+use crate::iperf;
 use crate::latency::verdict;
-use crate::node::{sh, Tools};
+use crate::node::{sh, veth, Tools};
 use crate::report::Table;
 
-const PORT: &str = "5201";
 /// boringtun's interface MTU, as WireGuard's default.
 const WG_MTU: &str = "1420";
 const WG_PORT: u16 = 51820;
@@ -314,82 +313,6 @@ fn sleep_checked(d: Duration) -> Result<()> {
 // ---------------------------------------------------------------------------
 // Traffic
 
-#[derive(Debug, Clone, Copy)]
-struct Transfer {
-    gbits: f64,
-    bytes: f64,
-    /// TCP retransmissions the sender counted (lost or reordered segments).
-    retransmits: u64,
-}
-
-/// `end.sum_received` of iperf3's JSON (Gbit/s, bytes) and the sender's
-/// retransmissions.
-fn transfer(json: &str) -> Option<Transfer> {
-    let v: Value = serde_json::from_str(json).ok()?;
-    let s = v.pointer("/end/sum_received")?;
-    Some(Transfer {
-        gbits: s.get("bits_per_second")?.as_f64()? / 1e9,
-        bytes: s.get("bytes")?.as_f64()?,
-        retransmits: v
-            .pointer("/end/sum_sent/retransmits")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-    })
-}
-
-fn iperf(
-    server: &Netns,
-    ip: IpAddr,
-    client: &Netns,
-    secs: u32,
-    streams: usize,
-) -> Result<Transfer> {
-    let sfd = NsFd::open(&server.path())?;
-    let cfd = NsFd::open(&client.path())?;
-    let ip = ip.to_string();
-    let mut srv = Background::start(
-        &Spec::new("iperf3")
-            .args(["-s", "-1", "-B", &ip, "-p", PORT])
-            .netns(&sfd),
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let o = exec::run(&Spec::new("ss").args(["-Hltn"]).netns(&sfd))?.ok("ss -Hltn")?;
-        if o.stdout.contains(&format!(":{PORT}")) {
-            break;
-        }
-        if !srv.running() || Instant::now() >= deadline {
-            return Err(BenchError::failed(
-                "iperf3 server",
-                format!("not listening: {}", srv.output().trim()),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let what = format!("iperf3 -P {streams} to {ip}");
-    let o = exec::run(
-        &Spec::new("iperf3")
-            .args([
-                "-c",
-                &ip,
-                "-p",
-                PORT,
-                "-t",
-                &secs.to_string(),
-                "-P",
-                &streams.to_string(),
-                "-J",
-                "--connect-timeout",
-                "3000",
-            ])
-            .netns(&cfd)
-            .timeout(Duration::from_secs(u64::from(secs) + 20)),
-    )?
-    .ok(&what)?;
-    let _ = srv.wait(Duration::from_secs(5));
-    transfer(&o.stdout).ok_or_else(|| BenchError::output(what, o.stdout))
-}
-
 /// The `time=X ms` of every reply in ping's output.
 pub fn ping_times(out: &str) -> Vec<f64> {
     out.lines()
@@ -543,7 +466,13 @@ fn measure(label: &str, t: &Two, pids: &[u32], opts: &Opts) -> Result<PathRow> {
     let mut retransmits = [0; 2];
     for (k, streams) in [1, 4].into_iter().enumerate() {
         let (p0, m0) = (cpu_of(pids)?, machine_busy());
-        let r = iperf(t.pod(0), t.ip(0), t.pod(1), opts.seconds, streams)?;
+        let r = iperf::run(
+            t.pod(0),
+            &t.ip(0).to_string(),
+            t.pod(1),
+            opts.seconds,
+            streams,
+        )?;
         let (p1, m1) = (cpu_of(pids)?, machine_busy());
         proc_cpu += p1 - p0;
         machine += m1 - m0;
@@ -568,6 +497,22 @@ fn measure(label: &str, t: &Two, pids: &[u32], opts: &Opts) -> Result<PathRow> {
     })
 }
 
+/// Measures a path that `link` builds by hand (no evio process to watch)
+/// and takes it down again, also when the measurement failed, so that the
+/// next row starts from the bare cluster.
+fn measure_over(
+    label: &str,
+    t: &Two,
+    link: fn(&Two, bool) -> Result<()>,
+    opts: &Opts,
+) -> Result<PathRow> {
+    link(t, true)?;
+    let row = measure(label, t, &[], opts);
+    let down = link(t, false);
+    let row = row?;
+    down.map(|()| row)
+}
+
 fn evio_pids(t: &Two) -> Result<Vec<u32>> {
     t.nodes.iter().map(|n| agent_pid(n)).collect()
 }
@@ -585,22 +530,7 @@ fn plain_link(t: &Two, up: bool) -> Result<()> {
         sh(&a.ns, &["ip", "link", "del", "evpl"])?;
         return Ok(());
     }
-    sh(
-        &a.ns,
-        &[
-            "ip",
-            "link",
-            "add",
-            "evpl",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "evpl",
-            "netns",
-            b.ns.name(),
-        ],
-    )?;
+    veth(&a.ns, "evpl", &b.ns, "evpl")?;
     for n in [a, b] {
         match &n.ovs {
             None => {
@@ -793,15 +723,30 @@ struct Datapath {
     quick_idle: Option<Idle>,
 }
 
-fn datapath(tools: &Tools, opts: &Opts, d: &mut Datapath) -> Result<()> {
-    let mut c = up(tools, BridgeType::Linux, OverlayOpts::flat(2), 1)?;
+/// A two-node cluster on `bridge` with its agents connected, and the row of
+/// evio's own path through it.
+fn measure_evio(
+    tools: &Tools,
+    bridge: BridgeType,
+    label: &str,
+    opts: &Opts,
+) -> Result<(Cluster, PathRow)> {
+    let c = up(tools, bridge, OverlayOpts::flat(2), 1)?;
     wait_all(&c, Duration::from_secs(20))?;
-    {
-        let t = Two::of(&c)?;
-        let pids = evio_pids(&t)?;
-        d.rows
-            .push(measure("evio overlay (Linux bridge)", &t, &pids, opts)?);
-    }
+    let t = Two::of(&c)?;
+    let pids = evio_pids(&t)?;
+    let row = measure(label, &t, &pids, opts)?;
+    Ok((c, row))
+}
+
+fn datapath(tools: &Tools, opts: &Opts, d: &mut Datapath) -> Result<()> {
+    let (mut c, row) = measure_evio(
+        tools,
+        BridgeType::Linux,
+        "evio overlay (Linux bridge)",
+        opts,
+    )?;
+    d.rows.push(row);
     if opts.quick {
         // The small cluster stands in for the connect and idle runs.
         d.quick_connect = Some(restart_and_time(
@@ -814,22 +759,18 @@ fn datapath(tools: &Tools, opts: &Opts, d: &mut Datapath) -> Result<()> {
     }
     stop_agents(&mut c)?;
     let t = Two::of(&c)?;
-    plain_link(&t, true)?;
-    d.rows.push(measure(
+    d.rows.push(measure_over(
         "plain veth between the node bridges (the limit)",
         &t,
-        &[],
+        plain_link,
         opts,
     )?);
-    plain_link(&t, false)?;
-    vxlan(&t, true)?;
-    d.rows.push(measure(
+    d.rows.push(measure_over(
         "kernel VXLAN, unencrypted (Linux bridge)",
         &t,
-        &[],
+        vxlan,
         opts,
     )?);
-    vxlan(&t, false)?;
     match &opts.boringtun {
         None => {
             d.boringtun_note = Some(
@@ -869,25 +810,17 @@ fn datapath(tools: &Tools, opts: &Opts, d: &mut Datapath) -> Result<()> {
         return Ok(());
     }
     cleanup::check()?;
-    let mut c = up(tools, BridgeType::Ovs, OverlayOpts::flat(2), 1)?;
-    wait_all(&c, Duration::from_secs(20))?;
-    {
-        let t = Two::of(&c)?;
-        let pids = evio_pids(&t)?;
-        d.rows
-            .push(measure("evio overlay (OVS netdev)", &t, &pids, opts)?);
-    }
+    let (mut c, row) = measure_evio(tools, BridgeType::Ovs, "evio overlay (OVS netdev)", opts)?;
+    d.rows.push(row);
     stop_agents(&mut c)?;
     {
         let t = Two::of(&c)?;
-        plain_link(&t, true)?;
-        d.rows.push(measure(
+        d.rows.push(measure_over(
             "plain veth between the OVS bridges (OVS limit)",
             &t,
-            &[],
+            plain_link,
             opts,
         )?);
-        plain_link(&t, false)?;
     }
     c.down()
         .map_err(|e| BenchError::failed("overlay cluster down", e.to_string()))?;
@@ -2026,15 +1959,6 @@ mod tests {
                  64 bytes from 10.0.0.1: icmp_seq=2 ttl=64 time=1.10 ms\n\n\
                  rtt min/avg/max/mdev = 0.045/0.5/1.1/0.4 ms\n";
         assert_eq!(ping_times(o), vec![0.045, 1.10]);
-    }
-
-    #[test]
-    fn iperf_totals_are_read() {
-        let j = r#"{"end":{"sum_received":{"bits_per_second":4.5e9,"bytes":2.0e9},
-                   "sum_sent":{"retransmits":17}}}"#;
-        let t = transfer(j).unwrap();
-        assert_eq!((t.gbits, t.bytes, t.retransmits), (4.5, 2.0e9, 17));
-        assert!(transfer("{}").is_none());
     }
 
     #[test]

@@ -381,7 +381,7 @@ impl Overlay {
 
     fn update_peer(&mut self, now: Instant, pid: PeerId, info: &PeerInfo) {
         let relay_ips = &self.relay_ips;
-        let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
+        let Some(p) = slot(&mut self.peers, pid) else {
             return;
         };
         p.info = info.clone();
@@ -437,7 +437,7 @@ impl Overlay {
     /// Makes the index map agree with the peer's tunnel after sessions came
     /// or went.
     fn sync_indices(&mut self, pid: PeerId) {
-        let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
+        let Some(p) = slot(&mut self.peers, pid) else {
             return;
         };
         // At most four sessions/handshakes per tunnel: a fixed array keeps
@@ -460,6 +460,17 @@ impl Overlay {
         }
         p.indices.clear();
         p.indices.extend_from_slice(live);
+    }
+
+    /// A datagram from `from` authenticated as peer `pid`: the path it came
+    /// by works, and the tunnel may have gained or lost sessions.
+    fn heard_from(&mut self, now: Instant, pid: PeerId, from: PathAddr) {
+        let class = self.classify(pid, from);
+        if let Some(p) = slot(&mut self.peers, pid) {
+            p.paths.on_rx(now, &self.cfg.paths, from, class);
+            p.pathless_since = None;
+        }
+        self.sync_indices(pid);
     }
 
     fn classify(&self, pid: PeerId, addr: PathAddr) -> Class {
@@ -525,13 +536,20 @@ impl Overlay {
         r
     }
 
+    /// What a handshake message of length `len` must pass before any DH
+    /// work is spent on it: its exact length, mac1, and under load a cookie
+    /// and the per-address rate.
     fn handshake_gate(
         &mut self,
         now: Instant,
         from: PathAddr,
         d: &[u8],
+        len: usize,
         io: &mut dyn Io,
     ) -> Result<(), Reject> {
+        if d.len() != len {
+            return Err(Reject::Malformed);
+        }
         if !tunnel::check_mac1(&self.id.mac1_key, d) {
             return Err(Reject::Auth);
         }
@@ -569,25 +587,17 @@ impl Overlay {
         d: &[u8],
         io: &mut dyn Io,
     ) -> Result<(), Reject> {
-        if d.len() != wire::INITIATION_LEN {
-            return Err(Reject::Malformed);
-        }
-        self.handshake_gate(now, from, d, io)?;
+        self.handshake_gate(now, from, d, wire::INITIATION_LEN, io)?;
         let init = tunnel::read_initiation(&self.id, d)?;
         let pid = *self.by_key.get(&init.peer).ok_or(Reject::UnknownPeer)?;
         let local = self.alloc_index();
         let mut msg = [0u8; wire::RESPONSE_LEN];
         let network_key = self.id.network_key;
-        let class = self.classify(pid, from);
-        let p = self
-            .peers
-            .get_mut(pid as usize)
-            .and_then(Option::as_mut)
-            .ok_or(Reject::UnknownPeer)?;
-        p.tunnel.respond(now, init, &network_key, local, &mut msg)?;
-        p.paths.on_rx(now, &self.cfg.paths, from, class);
-        p.pathless_since = None;
-        self.sync_indices(pid);
+        slot(&mut self.peers, pid)
+            .ok_or(Reject::UnknownPeer)?
+            .tunnel
+            .respond(now, init, &network_key, local, &mut msg)?;
+        self.heard_from(now, pid, from);
         let out = io.datagram();
         out[..msg.len()].copy_from_slice(&msg);
         io.commit(from, msg.len());
@@ -602,22 +612,14 @@ impl Overlay {
         d: &[u8],
         io: &mut dyn Io,
     ) -> Result<(), Reject> {
-        if d.len() != wire::RESPONSE_LEN {
-            return Err(Reject::Malformed);
-        }
-        self.handshake_gate(now, from, d, io)?;
+        self.handshake_gate(now, from, d, wire::RESPONSE_LEN, io)?;
         let receiver = wire::u32_at(d, 8).ok_or(Reject::Malformed)?;
         let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
-        let class = self.classify(pid, from);
-        let p = self
-            .peers
-            .get_mut(pid as usize)
-            .and_then(Option::as_mut)
-            .ok_or(Reject::NoSession)?;
-        p.tunnel.on_response(now, d)?;
-        p.paths.on_rx(now, &self.cfg.paths, from, class);
-        p.pathless_since = None;
-        self.sync_indices(pid);
+        slot(&mut self.peers, pid)
+            .ok_or(Reject::NoSession)?
+            .tunnel
+            .on_response(now, d)?;
+        self.heard_from(now, pid, from);
         // The first transport message confirms the session to the
         // responder; with nothing queued, that is a keepalive.
         self.send_inner(now, pid, Some(from), Inner::plain(kind::KEEPALIVE), 0, io);
@@ -628,12 +630,10 @@ impl Overlay {
     fn on_cookie(&mut self, now: Instant, d: &[u8]) -> Result<(), Reject> {
         let receiver = wire::u32_at(d, 4).ok_or(Reject::Malformed)?;
         let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
-        let p = self
-            .peers
-            .get_mut(pid as usize)
-            .and_then(Option::as_mut)
-            .ok_or(Reject::NoSession)?;
-        p.tunnel.on_cookie(now, d)
+        slot(&mut self.peers, pid)
+            .ok_or(Reject::NoSession)?
+            .tunnel
+            .on_cookie(now, d)
     }
 
     fn on_transport(
@@ -645,11 +645,8 @@ impl Overlay {
     ) -> Result<(), Reject> {
         let receiver = wire::u32_at(d, 4).ok_or(Reject::Malformed)?;
         let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
-        let class = self.classify(pid, from);
         let tcfg = &self.cfg.tunnel;
-        let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
-            return Err(Reject::NoSession);
-        };
+        let p = slot(&mut self.peers, pid).ok_or(Reject::NoSession)?;
         let n = match p.tunnel.decrypt(now, tcfg, receiver, d, &mut self.scratch) {
             Ok(n) => n,
             Err(e) => {
@@ -663,9 +660,7 @@ impl Overlay {
         };
         p.stats.rx_packets += 1;
         p.stats.rx_bytes += d.len() as u64;
-        p.paths.on_rx(now, &self.cfg.paths, from, class);
-        p.pathless_since = None;
-        self.sync_indices(pid);
+        self.heard_from(now, pid, from);
         let inner = Inner::parse(&self.scratch[..n]).ok_or(Reject::Malformed)?;
         let body = INNER_HEADER..n;
         // A checksum position outside the frame would make the device
@@ -701,7 +696,7 @@ impl Overlay {
             }
             kind::PROBE_REPLY => {
                 let id = wire::u64_at(&self.scratch, INNER_HEADER).ok_or(Reject::Malformed)?;
-                if let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) {
+                if let Some(p) = slot(&mut self.peers, pid) {
                     p.paths.on_probe_reply(now, &self.cfg.paths, id);
                 }
                 Ok(())
@@ -713,7 +708,7 @@ impl Overlay {
     }
 
     fn drop_from_peer(&mut self, pid: PeerId, r: DropReason) {
-        if let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) {
+        if let Some(p) = slot(&mut self.peers, pid) {
             p.stats.dropped += 1;
             if r == DropReason::Spoofed {
                 p.stats.spoofed += 1;
@@ -733,7 +728,7 @@ impl Overlay {
         body: usize,
         io: &mut dyn Io,
     ) -> bool {
-        let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
+        let Some(p) = slot(&mut self.peers, pid) else {
             return false;
         };
         let Some(to) = to.or_else(|| p.paths.active_addr()) else {
@@ -875,7 +870,7 @@ impl Overlay {
         self.switch.expire(now);
         let mut wake: Option<Instant> = None;
         for pid in 0..self.peers.len() as PeerId {
-            let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
+            let Some(p) = slot(&mut self.peers, pid) else {
                 continue;
             };
             // A session but no path that answers for a while (the peer
@@ -897,7 +892,7 @@ impl Overlay {
             if action == TimerAction::Initiate {
                 self.send_initiation(now, wall, pid, io);
             }
-            let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
+            let Some(p) = slot(&mut self.peers, pid) else {
                 continue;
             };
             if p.tunnel.has_session() {
@@ -959,7 +954,7 @@ impl Overlay {
     fn send_initiation(&mut self, now: Instant, wall: Duration, pid: PeerId, io: &mut dyn Io) {
         let local = self.alloc_index();
         let mut msg = [0u8; wire::INITIATION_LEN];
-        let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::as_mut) else {
+        let Some(p) = slot(&mut self.peers, pid) else {
             return;
         };
         if p.tunnel
@@ -1021,6 +1016,12 @@ impl Overlay {
     }
 }
 
+/// Peer `pid`, if it is still there. A free function rather than a method so
+/// that callers can hold it while they read the engine's other fields.
+fn slot(peers: &mut [Option<Peer>], pid: PeerId) -> Option<&mut Peer> {
+    peers.get_mut(pid as usize).and_then(Option::as_mut)
+}
+
 fn csum_of(inner: Inner) -> Csum {
     if inner.csum_offset == 0 {
         Csum::Complete
@@ -1036,7 +1037,7 @@ fn csum_of(inner: Inner) -> Csum {
 mod tests {
     use super::*;
     use crate::crypto::StaticKeys;
-    use crate::packet::{checksum, pod_mac};
+    use crate::packet::{pod_ipv4_frame, pod_mac, IPPROTO_UDP};
     use std::net::Ipv4Addr;
 
     /// Which datagrams the simulated network loses: (from, to, bytes).
@@ -1208,34 +1209,10 @@ mod tests {
 
     /// An Ethernet/IPv4/UDP frame between two pod addresses.
     fn udp_frame(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
-        let mut f = Vec::new();
-        f.extend_from_slice(&pod_mac(dst));
-        f.extend_from_slice(&pod_mac(src));
-        f.extend_from_slice(&[0x08, 0x00]);
-        let total = 20 + 8 + payload.len();
-        let mut ip = vec![
-            0x45,
-            0,
-            (total >> 8) as u8,
-            total as u8,
-            0,
-            1,
-            0x40,
-            0,
-            64,
-            17,
-            0,
-            0,
-        ];
-        ip.extend_from_slice(&src.octets());
-        ip.extend_from_slice(&dst.octets());
-        let c = checksum(&ip);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        f.extend_from_slice(&ip);
         let ulen = 8 + payload.len();
-        f.extend_from_slice(&[0x30, 0x39, 0x30, 0x3a, (ulen >> 8) as u8, ulen as u8, 0, 0]);
-        f.extend_from_slice(payload);
-        f
+        let mut udp = vec![0x30, 0x39, 0x30, 0x3a, (ulen >> 8) as u8, ulen as u8, 0, 0];
+        udp.extend_from_slice(payload);
+        pod_ipv4_frame(src, dst, IPPROTO_UDP, &udp).unwrap()
     }
 
     fn connect_all(n: usize) -> Net {

@@ -207,52 +207,10 @@ pub enum OffloadError {
 // ---------------------------------------------------------------------------
 // Internet checksum (RFC 1071)
 
-/// Adds `b` to the one's complement accumulator `a` (end-around carry), so
-/// accumulators never overflow whatever they are fed.
-#[inline]
-fn add(a: u64, b: u64) -> u64 {
-    let (s, carry) = a.overflowing_add(b);
-    s + u64::from(carry)
-}
-
-/// Adds `data` to a one's complement sum. The sum is kept in 64 bits:
-/// 2^64 - 1 is a multiple of 2^16 - 1, so summing big-endian 64-bit words
-/// with end-around carry and folding later gives the RFC 1071 16-bit sum,
-/// eight bytes per add. `data` must start at an even offset of the region
-/// being summed; an odd trailing byte is padded with zero.
-pub fn checksum_add(sum: u64, data: &[u8]) -> u64 {
-    let mut acc = sum;
-    let mut rest = data;
-    while let Some((word, tail)) = rest.split_first_chunk::<8>() {
-        acc = add(acc, u64::from_be_bytes(*word));
-        rest = tail;
-    }
-    if !rest.is_empty() {
-        let mut last = [0u8; 8];
-        last[..rest.len()].copy_from_slice(rest);
-        acc = add(acc, u64::from_be_bytes(last));
-    }
-    acc
-}
-
-/// Folds a sum to 16 bits, NOT inverted (the form of a seed; invert it for
-/// a final checksum).
-pub fn fold(sum: u64) -> u16 {
-    let s = (sum & 0xffff_ffff) + (sum >> 32); // < 2^33
-    let s = (s & 0xffff) + (s >> 16); // < 2^17 + 2^16
-    let s = (s & 0xffff) + (s >> 16); // <= 0xffff + 2
-    let s = (s & 0xffff) + (s >> 16); // <= 0xffff
-    s as u16
-}
-
-/// Sum of the TCP/UDP pseudo-header: `src` and `dst` are the 4- or 16-byte
-/// addresses as they appear in the IP header, `len` the L4 length.
-pub fn pseudo_header_sum(src: &[u8], dst: &[u8], proto: u8, len: u32) -> u64 {
-    // The zero byte and the protocol form one 16-bit word; the length's two
-    // halves are congruent to the length itself modulo 0xffff.
-    let sum = checksum_add(checksum_add(0, src), dst);
-    add(add(sum, u64::from(proto)), u64::from(len))
-}
+// One implementation for the whole crate: the switch's ICMP answers and
+// the offload engine must agree on every sum.
+use crate::packet::ones_add as add;
+pub use crate::packet::{checksum_add, checksum_fold as fold, pseudo_header_sum};
 
 /// Completes a partial checksum in place, as the kernel's
 /// `skb_checksum_help` does: sums from `start` to the end of the frame (the

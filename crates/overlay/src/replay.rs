@@ -50,7 +50,10 @@ impl ReplayWindow {
         if counter >= self.next {
             // Clear the words that the window slides over. Counting in
             // whole words from the old head keeps this O(WORDS) at most.
-            let old_word = self.next / 64;
+            // The head is the highest counter, not `next`: when that one
+            // ends a word, `next` starts the following word, which still
+            // holds bits of a lap ago and must be cleared too.
+            let old_word = self.next.saturating_sub(1) / 64;
             let new_word = counter / 64;
             let clear = (new_word - old_word).min(WORDS as u64);
             for i in 1..=clear {
@@ -107,6 +110,19 @@ mod tests {
         assert!(w.accept(64 + WINDOW));
         assert!(w.accept(65 + WINDOW));
         assert!(!w.accept(64 + WINDOW));
+    }
+
+    #[test]
+    fn a_head_at_the_end_of_a_word_does_not_keep_last_laps_bits() {
+        // Found by `matches_a_model`: 5823 ends word 90, so the next
+        // counters start word 91, which shares its slot with word 58, where
+        // 3728 left a bit at the position 5840 takes.
+        let mut w = ReplayWindow::default();
+        for c in [3728, 5823, 5841] {
+            assert!(w.accept(c), "{c}");
+        }
+        assert!(w.accept(5840));
+        assert!(!w.accept(5840));
     }
 
     proptest! {

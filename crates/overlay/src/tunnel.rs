@@ -158,6 +158,26 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session fresh from a completed handshake: nothing sent, nothing
+    /// received yet.
+    fn new(
+        now: Instant,
+        local_index: u32,
+        remote_index: u32,
+        transport: StatelessTransportState,
+        we_initiated: bool,
+    ) -> Self {
+        Session {
+            local_index,
+            remote_index,
+            transport,
+            sent: 0,
+            replay: ReplayWindow::default(),
+            born: now,
+            we_initiated,
+        }
+    }
+
     fn expired(&self, now: Instant, cfg: &TunnelConfig) -> bool {
         now.saturating_duration_since(self.born) >= cfg.reject_after_time
             || self.sent >= cfg.reject_after_messages
@@ -383,15 +403,13 @@ impl Tunnel {
             .map_err(|_| Reject::Auth)?;
         self.seal_macs(now, &mut out[..]);
         self.last_timestamp = init.timestamp;
-        self.next = Some(Session {
+        self.next = Some(Session::new(
+            now,
             local_index,
-            remote_index: init.sender_index,
+            init.sender_index,
             transport,
-            sent: 0,
-            replay: ReplayWindow::default(),
-            born: now,
-            we_initiated: false,
-        });
+            false,
+        ));
         self.handshakes += 1;
         Ok(())
     }
@@ -418,15 +436,7 @@ impl Tunnel {
             p.hs.into_stateless_transport_mode()
                 .map_err(|_| Reject::Auth)?;
         self.previous = self.current.take();
-        self.current = Some(Session {
-            local_index: p.local_index,
-            remote_index: sender,
-            transport,
-            sent: 0,
-            replay: ReplayWindow::default(),
-            born: now,
-            we_initiated: true,
-        });
+        self.current = Some(Session::new(now, p.local_index, sender, transport, true));
         self.backoff_until = None;
         self.handshakes += 1;
         Ok(())

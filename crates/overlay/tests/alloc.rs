@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use evio_overlay::crypto::StaticKeys;
 use evio_overlay::engine::{Candidate, Io, Overlay, OverlayConfig, PeerInfo, MAX_DATAGRAM};
 use evio_overlay::offload::{Csum, VnetHdr};
-use evio_overlay::packet::{checksum, pod_mac};
+use evio_overlay::packet::{pod_ipv4_frame, IPPROTO_TCP};
 use evio_overlay::path::{Class, PathAddr};
 use evio_overlay::tunnel::Identity;
 
@@ -106,37 +106,14 @@ fn info(i: u8, key: &StaticKeys) -> PeerInfo {
 }
 
 fn tcp_frame(src: Ipv4Addr, dst: Ipv4Addr, payload: usize) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&pod_mac(dst));
-    f.extend_from_slice(&pod_mac(src));
-    f.extend_from_slice(&[0x08, 0x00]);
-    let total = 20 + 20 + payload;
-    let mut ip = vec![
-        0x45,
-        0,
-        (total >> 8) as u8,
-        total as u8,
-        0,
-        1,
-        0x40,
-        0,
-        64,
-        6,
-        0,
-        0,
-    ];
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    let c = checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&ip);
+    let mut tcp = Vec::with_capacity(20 + payload);
     // TCP: ports, seq, ack, data offset 5, ACK, window; checksum field
     // holds the pseudo-header seed (partial, as the kernel hands it over).
-    f.extend_from_slice(&[
+    tcp.extend_from_slice(&[
         0x9c, 0x40, 0x14, 0x51, 0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x10, 0x01, 0xf5, 0, 0, 0, 0,
     ]);
-    f.extend((0..payload).map(|i| i as u8));
-    f
+    tcp.extend((0..payload).map(|i| i as u8));
+    pod_ipv4_frame(src, dst, IPPROTO_TCP, &tcp).unwrap()
 }
 
 #[test]

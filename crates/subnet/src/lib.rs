@@ -23,7 +23,7 @@ pub use etcd::{EtcdOptions, EtcdStore};
 pub use file::{write_file_atomic, FileStore};
 pub use peers::{
     now_rfc3339, preferred_host, Allocations, Candidate, CandidateKind, HostAllocation, Liveness,
-    OverlayStore, PeerRecord, PeerSnapshot,
+    Name, OverlayBackend, OverlayStore, PeerRecord, PeerSnapshot,
 };
 pub use record::{node_key, parse_subnet_key, subnet_key, validate_name, OwnerRecord};
 pub use store::{

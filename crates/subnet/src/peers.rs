@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::SubnetError;
+use crate::{validate_name, SubnetError};
 
 /// How a candidate was learned; the peer uses it to rank paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -114,6 +114,41 @@ pub struct HostAllocation {
     pub existing: bool,
 }
 
+/// A network or node name that passed [`validate_name`]. Backends take
+/// only these, so the check that keeps a name inside its key prefix or file
+/// entry is made once, in [`OverlayStore`], and no backend can skip it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Name<'a>(&'a str);
+
+impl<'a> Name<'a> {
+    pub fn network(name: &'a str) -> Result<Self, SubnetError> {
+        validate_name("network name", name).map(|()| Name(name))
+    }
+
+    pub fn node(name: &'a str) -> Result<Self, SubnetError> {
+        validate_name("node name", name).map(|()| Name(name))
+    }
+
+    pub fn as_str(self) -> &'a str {
+        self.0
+    }
+}
+
+impl std::ops::Deref for Name<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Name<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// The overlay's store as the agent uses it. Implemented for every
+/// [`OverlayBackend`]: it validates the names, then hands them on.
 #[async_trait]
 pub trait OverlayStore: Send + Sync {
     /// The node's host address in `cidr`, allocating one if it has none:
@@ -163,6 +198,120 @@ pub trait OverlayStore: Send + Sync {
     /// (`nodes/`) and host address (`hostnodes/`). A peer record is only
     /// believed where it agrees with them.
     async fn allocations(&self, network: &str) -> Result<Allocations, SubnetError>;
+}
+
+/// A store of overlay records (etcd, the file store). Names arrive
+/// validated; see [`OverlayStore`] for what each method means.
+#[async_trait]
+pub trait OverlayBackend: Send + Sync {
+    /// The node's host address in `cidr`, allocating one if it has none:
+    /// `preferred` when free, else a random free one. Restart-stable.
+    async fn allocate_host(
+        &self,
+        network: Name<'_>,
+        node: Name<'_>,
+        cidr: IpNet,
+        preferred: Option<IpAddr>,
+    ) -> Result<HostAllocation, SubnetError>;
+
+    /// Frees the node's host address; `None` if it had none.
+    async fn release_host(
+        &self,
+        network: Name<'_>,
+        node: Name<'_>,
+    ) -> Result<Option<IpAddr>, SubnetError>;
+
+    /// Creates or replaces the node's record. etcd attaches it to a lease of
+    /// `ttl` that [`OverlayBackend::refresh`] keeps alive, so a dead agent's
+    /// record disappears by itself; the file store relies on the heartbeat.
+    async fn publish(
+        &self,
+        network: Name<'_>,
+        node: Name<'_>,
+        record: &PeerRecord,
+        ttl: Duration,
+    ) -> Result<(), SubnetError>;
+
+    /// Keeps the node's published record alive (etcd: lease keep-alive;
+    /// file: a new heartbeat) and tells whether it is still there.
+    async fn refresh(&self, network: Name<'_>, node: Name<'_>) -> Result<Liveness, SubnetError>;
+
+    /// Every record of the network.
+    async fn peers(&self, network: Name<'_>) -> Result<PeerSnapshot, SubnetError>;
+
+    /// Waits until the store changed after `since`, at most `wait`; returns
+    /// the new snapshot (whose records may still equal the old ones: the
+    /// caller compares), or `None` when nothing changed in time.
+    async fn watch_peers(
+        &self,
+        network: Name<'_>,
+        since: &PeerSnapshot,
+        wait: Duration,
+    ) -> Result<Option<PeerSnapshot>, SubnetError>;
+
+    /// Deletes a node's record; whether there was one.
+    async fn remove_peer(&self, network: Name<'_>, node: Name<'_>) -> Result<bool, SubnetError>;
+
+    /// What the allocation records say each node holds: its pod subnet
+    /// (`nodes/`) and host address (`hostnodes/`). A peer record is only
+    /// believed where it agrees with them.
+    async fn allocations(&self, network: Name<'_>) -> Result<Allocations, SubnetError>;
+}
+
+#[async_trait]
+impl<T: OverlayBackend + ?Sized> OverlayStore for T {
+    async fn allocate_host(
+        &self,
+        network: &str,
+        node: &str,
+        cidr: IpNet,
+        preferred: Option<IpAddr>,
+    ) -> Result<HostAllocation, SubnetError> {
+        let (network, node) = (Name::network(network)?, Name::node(node)?);
+        OverlayBackend::allocate_host(self, network, node, cidr, preferred).await
+    }
+
+    async fn release_host(&self, network: &str, node: &str) -> Result<Option<IpAddr>, SubnetError> {
+        let (network, node) = (Name::network(network)?, Name::node(node)?);
+        OverlayBackend::release_host(self, network, node).await
+    }
+
+    async fn publish(
+        &self,
+        network: &str,
+        record: &PeerRecord,
+        ttl: Duration,
+    ) -> Result<(), SubnetError> {
+        let (network, node) = (Name::network(network)?, Name::node(&record.node)?);
+        OverlayBackend::publish(self, network, node, record, ttl).await
+    }
+
+    async fn refresh(&self, network: &str, node: &str) -> Result<Liveness, SubnetError> {
+        let (network, node) = (Name::network(network)?, Name::node(node)?);
+        OverlayBackend::refresh(self, network, node).await
+    }
+
+    async fn peers(&self, network: &str) -> Result<PeerSnapshot, SubnetError> {
+        OverlayBackend::peers(self, Name::network(network)?).await
+    }
+
+    async fn watch_peers(
+        &self,
+        network: &str,
+        since: &PeerSnapshot,
+        wait: Duration,
+    ) -> Result<Option<PeerSnapshot>, SubnetError> {
+        OverlayBackend::watch_peers(self, Name::network(network)?, since, wait).await
+    }
+
+    async fn remove_peer(&self, network: &str, node: &str) -> Result<bool, SubnetError> {
+        let (network, node) = (Name::network(network)?, Name::node(node)?);
+        OverlayBackend::remove_peer(self, network, node).await
+    }
+
+    async fn allocations(&self, network: &str) -> Result<Allocations, SubnetError> {
+        OverlayBackend::allocations(self, Name::network(network)?).await
+    }
 }
 
 /// The allocation records of a network, by node name.
@@ -279,6 +428,48 @@ pub fn preferred_host(cidr: IpNet, index: u128, capacity: u128) -> Option<IpAddr
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    /// Every method of every backend goes through the one check: a name
+    /// that could leave its key prefix or file entry is refused before the
+    /// store is read or written.
+    #[test]
+    fn bad_names_are_refused_before_any_backend_sees_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("subnets.json");
+        let s: Box<dyn OverlayStore> =
+            Box::new(crate::FileStore::new(path.clone(), Duration::from_secs(5)));
+        let cidr: IpNet = "10.10.0.0/16".parse().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let invalid = |r: Result<(), SubnetError>| {
+            assert!(matches!(r, Err(SubnetError::InvalidName { .. })), "{r:?}");
+        };
+        rt.block_on(async {
+            for (net, node) in [("n", "../x"), ("a/b", "x"), ("", "x"), ("n", "")] {
+                let mut rec: PeerRecord = serde_json::from_str(
+                    r#"{"node":"x","publicKey":"k","hostAddress":"10.10.0.3/16",
+                    "podSubnet":"10.244.3.0/24","endpoints":[],"heartbeat":"2026-01-01T00:00:00Z"}"#,
+                )
+                .unwrap();
+                rec.node = node.to_string();
+                let since = PeerSnapshot::default();
+                invalid(s.allocate_host(net, node, cidr, None).await.map(drop));
+                invalid(s.release_host(net, node).await.map(drop));
+                invalid(s.publish(net, &rec, Duration::from_secs(1)).await);
+                invalid(s.refresh(net, node).await.map(drop));
+                invalid(s.remove_peer(net, node).await.map(drop));
+                if net != "n" {
+                    invalid(s.peers(net).await.map(drop));
+                    invalid(s.allocations(net).await.map(drop));
+                    let w = s.watch_peers(net, &since, Duration::from_millis(1)).await;
+                    invalid(w.map(drop));
+                }
+            }
+        });
+        assert!(!path.exists(), "the store was written");
+    }
 
     #[test]
     fn record_roundtrip_and_unknown_fields() {

@@ -11,10 +11,10 @@ use etcd_client::{
 };
 use ipnet::IpNet;
 
-use crate::peers::{host_key, host_owner as owner, pick_host};
+use crate::peers::{host_key, host_owner as owner, pick_host, Name};
 use crate::{
-    peers::Allocations, validate_name, EtcdStore, HostAllocation, Liveness, OverlayStore,
-    PeerRecord, PeerSnapshot, SubnetError,
+    peers::Allocations, EtcdStore, HostAllocation, Liveness, OverlayBackend, PeerRecord,
+    PeerSnapshot, SubnetError,
 };
 
 /// Bound on create attempts that lose a race for the same address.
@@ -24,7 +24,7 @@ fn peers_prefix(network: &str) -> String {
     format!("/evio/{network}/peers/")
 }
 
-fn peer_key(network: &str, node: &str) -> String {
+fn peer_key(network: Name<'_>, node: Name<'_>) -> String {
     format!("/evio/{network}/peers/{node}")
 }
 
@@ -92,16 +92,14 @@ impl EtcdStore {
 }
 
 #[async_trait]
-impl OverlayStore for EtcdStore {
+impl OverlayBackend for EtcdStore {
     async fn allocate_host(
         &self,
-        network: &str,
-        node: &str,
+        network: Name<'_>,
+        node: Name<'_>,
         cidr: IpNet,
         preferred: Option<IpAddr>,
     ) -> Result<HostAllocation, SubnetError> {
-        validate_name("network name", network)?;
-        validate_name("node name", node)?;
         let deadline = Instant::now() + self.timeout;
         let node_key = format!("/evio/{network}/hostnodes/{node}");
         let addrs = format!("/evio/{network}/hostaddrs/");
@@ -131,7 +129,7 @@ impl OverlayStore for EtcdStore {
                     // Restart-stable; put the address key back if someone
                     // removed it by hand, so it does not look free.
                     let akey = format!("{addrs}{}", host_key(addr));
-                    let rec = serde_json::to_string(&owner(node, addr)).unwrap_or_default();
+                    let rec = serde_json::to_string(&owner(&node, addr)).unwrap_or_default();
                     self.txn(
                         deadline,
                         Txn::new()
@@ -181,7 +179,7 @@ impl OverlayStore for EtcdStore {
                 })?;
             let akey = format!("{addrs}{}", host_key(addr));
             let rec =
-                serde_json::to_string(&owner(node, addr)).map_err(|e| SubnetError::Corrupt {
+                serde_json::to_string(&owner(&node, addr)).map_err(|e| SubnetError::Corrupt {
                     location: akey.clone(),
                     reason: e.to_string(),
                 })?;
@@ -213,9 +211,11 @@ impl OverlayStore for EtcdStore {
         })
     }
 
-    async fn release_host(&self, network: &str, node: &str) -> Result<Option<IpAddr>, SubnetError> {
-        validate_name("network name", network)?;
-        validate_name("node name", node)?;
+    async fn release_host(
+        &self,
+        network: Name<'_>,
+        node: Name<'_>,
+    ) -> Result<Option<IpAddr>, SubnetError> {
         let deadline = Instant::now() + self.timeout;
         let node_key = format!("/evio/{network}/hostnodes/{node}");
         let resp = self
@@ -241,12 +241,11 @@ impl OverlayStore for EtcdStore {
 
     async fn publish(
         &self,
-        network: &str,
+        network: Name<'_>,
+        node: Name<'_>,
         record: &PeerRecord,
         ttl: Duration,
     ) -> Result<(), SubnetError> {
-        validate_name("network name", network)?;
-        validate_name("node name", &record.node)?;
         let deadline = Instant::now() + self.timeout;
         let lease = match self.lease() {
             Some(l) if self.keep_alive(deadline, l).await? > 0 => l,
@@ -256,7 +255,7 @@ impl OverlayStore for EtcdStore {
                 l
             }
         };
-        let key = peer_key(network, &record.node);
+        let key = peer_key(network, node);
         let value = serde_json::to_string(record).map_err(|e| SubnetError::Corrupt {
             location: key.clone(),
             reason: e.to_string(),
@@ -269,9 +268,7 @@ impl OverlayStore for EtcdStore {
         Ok(())
     }
 
-    async fn refresh(&self, network: &str, node: &str) -> Result<Liveness, SubnetError> {
-        validate_name("network name", network)?;
-        validate_name("node name", node)?;
+    async fn refresh(&self, network: Name<'_>, node: Name<'_>) -> Result<Liveness, SubnetError> {
         let deadline = Instant::now() + self.timeout;
         let Some(lease) = self.lease() else {
             return Ok(Liveness::Expired);
@@ -297,20 +294,18 @@ impl OverlayStore for EtcdStore {
         })
     }
 
-    async fn peers(&self, network: &str) -> Result<PeerSnapshot, SubnetError> {
-        validate_name("network name", network)?;
+    async fn peers(&self, network: Name<'_>) -> Result<PeerSnapshot, SubnetError> {
         let deadline = Instant::now() + self.timeout;
-        self.snapshot(deadline, network).await
+        self.snapshot(deadline, &network).await
     }
 
     async fn watch_peers(
         &self,
-        network: &str,
+        network: Name<'_>,
         since: &PeerSnapshot,
         wait: Duration,
     ) -> Result<Option<PeerSnapshot>, SubnetError> {
-        validate_name("network name", network)?;
-        let prefix = peers_prefix(network);
+        let prefix = peers_prefix(&network);
         let start = i64::try_from(since.token).unwrap_or(0) + 1;
         let waited = tokio::time::timeout(wait, async {
             let mut client = self.client.clone();
@@ -345,14 +340,12 @@ impl OverlayStore for EtcdStore {
             }),
             Ok(Ok(())) => {
                 let deadline = Instant::now() + self.timeout;
-                self.snapshot(deadline, network).await.map(Some)
+                self.snapshot(deadline, &network).await.map(Some)
             }
         }
     }
 
-    async fn remove_peer(&self, network: &str, node: &str) -> Result<bool, SubnetError> {
-        validate_name("network name", network)?;
-        validate_name("node name", node)?;
+    async fn remove_peer(&self, network: Name<'_>, node: Name<'_>) -> Result<bool, SubnetError> {
         let deadline = Instant::now() + self.timeout;
         let key = peer_key(network, node);
         let r = self
@@ -364,8 +357,7 @@ impl OverlayStore for EtcdStore {
         Ok(r.deleted() > 0)
     }
 
-    async fn allocations(&self, network: &str) -> Result<Allocations, SubnetError> {
-        validate_name("network name", network)?;
+    async fn allocations(&self, network: Name<'_>) -> Result<Allocations, SubnetError> {
         let deadline = Instant::now() + self.timeout;
         let mut out = Allocations::default();
         for (prefix, hosts) in [

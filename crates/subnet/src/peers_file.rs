@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use ipnet::IpNet;
 
-use crate::peers::{host_key, host_owner as owner, now_rfc3339, pick_host};
+use crate::peers::{host_key, host_owner as owner, now_rfc3339, pick_host, Name};
 use crate::{
-    peers::Allocations, validate_name, FileStore, HostAllocation, Liveness, OverlayStore,
-    PeerRecord, PeerSnapshot, SubnetError,
+    peers::Allocations, FileStore, HostAllocation, Liveness, OverlayBackend, PeerRecord,
+    PeerSnapshot, SubnetError,
 };
 
 /// How often a watcher looks at the file. A `stat` is all it costs, and
@@ -49,16 +49,15 @@ impl FileStore {
 }
 
 #[async_trait]
-impl OverlayStore for FileStore {
+impl OverlayBackend for FileStore {
     async fn allocate_host(
         &self,
-        network: &str,
-        node: &str,
+        network: Name<'_>,
+        node: Name<'_>,
         cidr: IpNet,
         preferred: Option<IpAddr>,
     ) -> Result<HostAllocation, SubnetError> {
-        validate_name("network name", network)?;
-        validate_name("node name", node)?;
+        let (network, node) = (network.as_str(), node.as_str());
         let _guard = self.lock().await?;
         let mut data = self.read()?;
         let net = data.networks.entry(network.to_string()).or_default();
@@ -118,9 +117,12 @@ impl OverlayStore for FileStore {
         })
     }
 
-    async fn release_host(&self, network: &str, node: &str) -> Result<Option<IpAddr>, SubnetError> {
-        validate_name("network name", network)?;
-        validate_name("node name", node)?;
+    async fn release_host(
+        &self,
+        network: Name<'_>,
+        node: Name<'_>,
+    ) -> Result<Option<IpAddr>, SubnetError> {
+        let (network, node) = (network.as_str(), node.as_str());
         let _guard = self.lock().await?;
         let mut data = self.read()?;
         let Some(net) = data.networks.get_mut(network) else {
@@ -145,25 +147,23 @@ impl OverlayStore for FileStore {
 
     async fn publish(
         &self,
-        network: &str,
+        network: Name<'_>,
+        node: Name<'_>,
         record: &PeerRecord,
         _ttl: Duration,
     ) -> Result<(), SubnetError> {
-        validate_name("network name", network)?;
-        validate_name("node name", &record.node)?;
         let _guard = self.lock().await?;
         let mut data = self.read()?;
         let net = data.networks.entry(network.to_string()).or_default();
-        if net.peers.get(&record.node) == Some(record) {
+        if net.peers.get(node.as_str()) == Some(record) {
             return Ok(());
         }
-        net.peers.insert(record.node.clone(), record.clone());
+        net.peers.insert(node.to_string(), record.clone());
         self.write(&data)
     }
 
-    async fn refresh(&self, network: &str, node: &str) -> Result<Liveness, SubnetError> {
-        validate_name("network name", network)?;
-        validate_name("node name", node)?;
+    async fn refresh(&self, network: Name<'_>, node: Name<'_>) -> Result<Liveness, SubnetError> {
+        let (network, node) = (network.as_str(), node.as_str());
         let _guard = self.lock().await?;
         let mut data = self.read()?;
         let Some(rec) = data
@@ -178,18 +178,18 @@ impl OverlayStore for FileStore {
         Ok(Liveness::Alive)
     }
 
-    async fn peers(&self, network: &str) -> Result<PeerSnapshot, SubnetError> {
-        validate_name("network name", network)?;
+    async fn peers(&self, network: Name<'_>) -> Result<PeerSnapshot, SubnetError> {
+        let network = network.as_str();
         self.snapshot(network)
     }
 
     async fn watch_peers(
         &self,
-        network: &str,
+        network: Name<'_>,
         since: &PeerSnapshot,
         wait: Duration,
     ) -> Result<Option<PeerSnapshot>, SubnetError> {
-        validate_name("network name", network)?;
+        let network = network.as_str();
         let deadline = Instant::now() + wait;
         loop {
             if self.version_token() != since.token {
@@ -203,9 +203,8 @@ impl OverlayStore for FileStore {
         }
     }
 
-    async fn remove_peer(&self, network: &str, node: &str) -> Result<bool, SubnetError> {
-        validate_name("network name", network)?;
-        validate_name("node name", node)?;
+    async fn remove_peer(&self, network: Name<'_>, node: Name<'_>) -> Result<bool, SubnetError> {
+        let (network, node) = (network.as_str(), node.as_str());
         let _guard = self.lock().await?;
         let mut data = self.read()?;
         let removed = data
@@ -219,8 +218,8 @@ impl OverlayStore for FileStore {
         Ok(removed)
     }
 
-    async fn allocations(&self, network: &str) -> Result<Allocations, SubnetError> {
-        validate_name("network name", network)?;
+    async fn allocations(&self, network: Name<'_>) -> Result<Allocations, SubnetError> {
+        let network = network.as_str();
         let data = self.read()?;
         let mut out = Allocations::default();
         if let Some(n) = data.networks.get(network) {

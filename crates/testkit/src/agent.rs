@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::netns::Netns;
+use crate::process;
 
 /// How an agent is started (kept for restarts).
 #[derive(Debug, Clone)]
@@ -89,10 +90,7 @@ impl Agent {
 
     /// Whether the process still runs (reaps it if it exited).
     pub fn running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
+        process::running(&mut self.child)
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -106,21 +104,8 @@ impl Agent {
     pub fn terminate(&mut self, grace: Duration) -> Option<(ExitStatus, Duration)> {
         let mut child = self.child.take()?;
         let t = Instant::now();
-        if let Ok(Some(st)) = child.try_wait() {
-            return Some((st, Duration::ZERO));
-        }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        while t.elapsed() < grace {
-            if let Ok(Some(st)) = child.try_wait() {
-                return Some((st, t.elapsed()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        child.wait().ok().map(|st| (st, t.elapsed()))
+        let st = process::stop(&mut child, nix::sys::signal::Signal::SIGTERM, grace)?;
+        Some((st, t.elapsed()))
     }
 
     /// SIGKILL (a crash): nothing of the agent's cleanup runs.
@@ -306,19 +291,12 @@ pub fn capture_with<T>(
     let _ = rx.recv_timeout(Duration::from_secs(10));
     let out = f();
     std::thread::sleep(Duration::from_millis(300));
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+    // SIGINT: tcpdump writes out what it holds and exits.
+    let _ = process::stop(
+        &mut child,
         nix::sys::signal::Signal::SIGINT,
+        Duration::from_secs(5),
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
     let bytes = std::fs::read(&file).unwrap_or_default();
     (out, bytes)
 }

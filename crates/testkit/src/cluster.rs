@@ -832,49 +832,37 @@ impl Cluster {
             })
             .collect();
         let n = self.nodes.len();
-        let mut checks: Vec<HostCheck> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..n)
-                .map(|from| {
-                    let hosts = &hosts;
-                    let peers = &peers;
-                    s.spawn(move || {
-                        let mut out = Vec::new();
-                        for to in (0..n).filter(|&t| t != from) {
-                            if self.opts.cancelled() {
-                                break;
-                            }
-                            let ping_ok = hosts[to].is_some_and(|h| {
-                                catch_unwind(AssertUnwindSafe(|| {
-                                    ping(&self.nodes[from].ns, &h.to_string())
-                                }))
-                                .unwrap_or(false)
-                            });
-                            let entry = peers[from]
-                                .as_ref()
-                                .and_then(|v| crate::agent::peer(v, &self.nodes[to].name).cloned());
-                            let get = |k: &str| {
-                                entry
-                                    .as_ref()
-                                    .and_then(|e| e[k].as_str().map(str::to_string))
-                            };
-                            out.push(HostCheck {
-                                from,
-                                to,
-                                ping: ping_ok,
-                                state: get("state"),
-                                path: get("path"),
-                                endpoint: get("endpoint"),
-                                rtt_ms: entry.as_ref().and_then(|e| e["rttMs"].as_f64()),
-                            });
-                        }
-                        out
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
+        let mut checks: Vec<HostCheck> = from_every_source(n, |from| {
+            let mut out = Vec::new();
+            for to in (0..n).filter(|&t| t != from) {
+                if self.opts.cancelled() {
+                    break;
+                }
+                let ping_ok = hosts[to].is_some_and(|h| {
+                    catch_unwind(AssertUnwindSafe(|| {
+                        ping(&self.nodes[from].ns, &h.to_string())
+                    }))
+                    .unwrap_or(false)
+                });
+                let entry = peers[from]
+                    .as_ref()
+                    .and_then(|v| crate::agent::peer(v, &self.nodes[to].name).cloned());
+                let get = |k: &str| {
+                    entry
+                        .as_ref()
+                        .and_then(|e| e[k].as_str().map(str::to_string))
+                };
+                out.push(HostCheck {
+                    from,
+                    to,
+                    ping: ping_ok,
+                    state: get("state"),
+                    path: get("path"),
+                    endpoint: get("endpoint"),
+                    rtt_ms: entry.as_ref().and_then(|e| e["rttMs"].as_f64()),
+                });
+            }
+            out
         });
         checks.sort_by_key(|c| (c.from, c.to));
         OverlayReport {
@@ -964,15 +952,11 @@ impl Cluster {
         )?;
         match &node.ovs {
             Some(ovs) => {
-                let out = guarded("ovs-vsctl", || {
-                    ovs.try_vsctl(&["add-port", &node.bridge, UPLINK])
-                })?;
-                if !out.status.success() {
-                    return Err(ClusterError::step(
-                        format!("add {UPLINK} to {} on {}", node.bridge, node.name),
-                        String::from_utf8_lossy(&out.stderr),
-                    ));
-                }
+                vsctl_ok(
+                    ovs,
+                    &["add-port", &node.bridge, UPLINK],
+                    &format!("add {UPLINK} to {} on {}", node.bridge, node.name),
+                )?;
                 cmd_ok(
                     node.ns.command(&["ip", "link", "set", UPLINK, "up"]),
                     &format!("bring up {UPLINK} on {}", node.name),
@@ -1013,29 +997,19 @@ impl Cluster {
             })
             .collect();
         let n = pods.len();
-        let mut checks: Vec<Check> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..n)
-                .map(|from| {
-                    s.spawn(move || {
-                        let targets = (0..n)
-                            .filter(|&t| t != from)
-                            .map(Target::Pod)
-                            .chain(std::iter::once(Target::Gateway));
-                        let mut out = Vec::new();
-                        for to in targets {
-                            if self.opts.cancelled() {
-                                break;
-                            }
-                            out.extend(self.probe(from, to));
-                        }
-                        out
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
+        let mut checks: Vec<Check> = from_every_source(n, |from| {
+            let targets = (0..n)
+                .filter(|&t| t != from)
+                .map(Target::Pod)
+                .chain(std::iter::once(Target::Gateway));
+            let mut out = Vec::new();
+            for to in targets {
+                if self.opts.cancelled() {
+                    break;
+                }
+                out.extend(self.probe(from, to));
+            }
+            out
         });
         self.opts.check_cancel()?;
         checks.sort_by_key(|c| (c.from, c.to));
@@ -1386,8 +1360,9 @@ fn ensure_bridge(node: &SimNode) -> Result<(), ClusterError> {
                 .and_then(Value::as_str)
                 .filter(|d| *d != "auto")
                 .unwrap_or("netdev");
-            let out = guarded("ovs-vsctl", || {
-                ovs.try_vsctl(&[
+            vsctl_ok(
+                ovs,
+                &[
                     "--may-exist",
                     "add-br",
                     &node.bridge,
@@ -1396,14 +1371,9 @@ fn ensure_bridge(node: &SimNode) -> Result<(), ClusterError> {
                     "Bridge",
                     &node.bridge,
                     &format!("datapath_type={datapath}"),
-                ])
-            })?;
-            if !out.status.success() {
-                return Err(ClusterError::step(
-                    format!("create bridge {} on {}", node.bridge, node.name),
-                    String::from_utf8_lossy(&out.stderr),
-                ));
-            }
+                ],
+                &format!("create bridge {} on {}", node.bridge, node.name),
+            )?;
             cmd_ok(
                 node.ns.command(&["ip", "link", "set", &node.bridge, "up"]),
                 "bring up the bridge",
@@ -1530,6 +1500,20 @@ fn cmd_ok(cmd: Command, what: &str) -> Result<(), ClusterError> {
         Ok(())
     } else {
         Err(ClusterError::step(what, out))
+    }
+}
+
+/// Runs `ovs-vsctl` (bounded by its own --timeout) and turns a failure into
+/// an error that carries its stderr.
+fn vsctl_ok(ovs: &Ovs, args: &[&str], what: &str) -> Result<(), ClusterError> {
+    let out = guarded("ovs-vsctl", || ovs.try_vsctl(args))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ClusterError::step(
+            what,
+            String::from_utf8_lossy(&out.stderr),
+        ))
     }
 }
 
@@ -1945,6 +1929,20 @@ pub fn emergency_cleanup() {
             }
         }
     }
+}
+
+/// `each(from)` for every source `0..n` at once, one thread each (the
+/// checks wait on pings and timeouts), the results in one list; a source
+/// whose thread panicked contributes nothing.
+fn from_every_source<T: Send>(n: usize, each: impl Fn(usize) -> Vec<T> + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let each = &each;
+        let handles: Vec<_> = (0..n).map(|from| s.spawn(move || each(from))).collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
 }
 
 #[cfg(test)]

@@ -12,3 +12,4 @@ pub mod natlab;
 pub mod netns;
 pub mod ovs;
 pub mod plugin;
+pub mod process;

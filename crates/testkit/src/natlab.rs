@@ -183,6 +183,40 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Runs `argv` inside `ns`, bounded, and panics with its output on failure.
+/// A veth pair: `name` in `ns`, `port` in `bridge_ns` on `bridge`, up.
+fn plug(ns: &Netns, name: &str, bridge_ns: &Netns, port: &str, bridge: &str) {
+    must(
+        bridge_ns,
+        &[
+            "ip",
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            name,
+            "netns",
+            ns.name(),
+        ],
+    );
+    must(
+        bridge_ns,
+        &["ip", "link", "set", port, "master", bridge, "up"],
+    );
+}
+
+/// `dev` in `ns` up with `cidr`, and the default route via `gw`.
+fn uplink(ns: &Netns, dev: &str, cidr: &str, gw: Ipv4Addr) {
+    must(ns, &["ip", "addr", "add", cidr, "dev", dev]);
+    must(ns, &["ip", "link", "set", dev, "up"]);
+    must(
+        ns,
+        &["ip", "route", "add", "default", "via", &gw.to_string()],
+    );
+}
+
 fn must(ns: &Netns, argv: &[&str]) -> String {
     must_stdin(ns, argv, "")
 }
@@ -362,37 +396,13 @@ impl Lab {
     /// Puts a veth into `ns` named `name`, its peer `peer` into the internet
     /// netns on the internet bridge.
     fn plug_into_internet(&self, ns: &Netns, name: &str, peer: &str) {
-        must(
-            ns,
-            &[
-                "ip",
-                "link",
-                "add",
-                name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                peer,
-                "netns",
-                self.internet.name(),
-            ],
-        );
-        must(
-            &self.internet,
-            &["ip", "link", "set", peer, "master", INTERNET_BRIDGE, "up"],
-        );
+        plug(ns, name, &self.internet, peer, INTERNET_BRIDGE);
     }
 
     /// A router netns: `wan` with `wan_addr/prefix`, default route via `gw`,
     /// forwarding on, its rules loaded.
     fn setup_router(ns: &Netns, wan_cidr: &str, gw: Ipv4Addr) {
-        must(ns, &["ip", "addr", "add", wan_cidr, "dev", WAN_IF]);
-        must(ns, &["ip", "link", "set", WAN_IF, "up"]);
-        must(
-            ns,
-            &["ip", "route", "add", "default", "via", &gw.to_string()],
-        );
+        uplink(ns, WAN_IF, wan_cidr, gw);
         must(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     }
 
@@ -507,22 +517,7 @@ impl Lab {
             None => {
                 let addr = self.alloc_public();
                 self.plug_into_internet(&ns, NODE_IF, &format!("p{}", id.0));
-                must(
-                    &ns,
-                    &["ip", "addr", "add", &format!("{addr}/24"), "dev", NODE_IF],
-                );
-                must(&ns, &["ip", "link", "set", NODE_IF, "up"]);
-                must(
-                    &ns,
-                    &[
-                        "ip",
-                        "route",
-                        "add",
-                        "default",
-                        "via",
-                        &SERVER_ADDR.to_string(),
-                    ],
-                );
+                uplink(&ns, NODE_IF, &format!("{addr}/24"), SERVER_ADDR);
                 addr
             }
             Some(router) => {
@@ -532,42 +527,9 @@ impl Lab {
                     .unwrap_or_else(|| panic!("too many nodes on site {site:?}"));
                 let addr = Ipv4Addr::new(192, 168, s.lan, host);
                 let port = format!("n{}", id.0);
-                must(
-                    router,
-                    &[
-                        "ip",
-                        "link",
-                        "add",
-                        &port,
-                        "type",
-                        "veth",
-                        "peer",
-                        "name",
-                        NODE_IF,
-                        "netns",
-                        ns.name(),
-                    ],
-                );
-                must(
-                    router,
-                    &["ip", "link", "set", &port, "master", LAN_BRIDGE, "up"],
-                );
-                must(
-                    &ns,
-                    &["ip", "addr", "add", &format!("{addr}/24"), "dev", NODE_IF],
-                );
-                must(&ns, &["ip", "link", "set", NODE_IF, "up"]);
-                must(
-                    &ns,
-                    &[
-                        "ip",
-                        "route",
-                        "add",
-                        "default",
-                        "via",
-                        &format!("192.168.{}.1", s.lan),
-                    ],
-                );
+                plug(&ns, NODE_IF, router, &port, LAN_BRIDGE);
+                let gw = Ipv4Addr::new(192, 168, s.lan, 1);
+                uplink(&ns, NODE_IF, &format!("{addr}/24"), gw);
                 addr
             }
         };

@@ -573,6 +573,57 @@ fn nft_masquerade_idempotent_concurrent_and_removable() {
         .contains("masq-net2"));
 }
 
+/// Masquerade runs no program: this test re-runs itself (filtered to
+/// itself) in a mount namespace where the `nft` binary is covered by
+/// /dev/null and PATH is empty, which is where an nft exec failed or, with
+/// PATH's empty entry meaning the working directory, ran whatever `nft` lay
+/// there.
+#[test]
+fn masquerade_needs_no_nft_program() {
+    const CHILD: &str = "EVIO_TEST_NO_NFT_NETNS";
+    if let Some(path) = std::env::var_os(CHILD) {
+        let target = Netns::open(std::path::Path::new(&path)).unwrap();
+        run_in_netns(&target, || {
+            assert_eq!(nft::masquerade_cidrs("plain").unwrap(), None);
+            nft::ensure_masquerade("plain", &[net("10.244.0.0/16")]).unwrap();
+            assert_eq!(
+                nft::masquerade_cidrs("plain").unwrap(),
+                Some(vec![net("10.244.0.0/16")])
+            );
+            nft::ensure_masquerade("gone", &[net("10.9.0.0/16")]).unwrap();
+            nft::remove_masquerade("gone").unwrap();
+        })
+        .unwrap();
+        return;
+    }
+    let ns = TestNs::new("nnon");
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+        .arg(
+            "mount --bind /dev/null \"$(command -v nft)\" && \
+             PATH= exec \"$0\" --exact masquerade_needs_no_nft_program --test-threads=1",
+        )
+        .arg(std::env::current_exe().unwrap())
+        .env(CHILD, ns.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A filter that matched nothing would succeed too.
+    assert!(stdout.contains("1 passed"), "{stdout}");
+    // Checked from outside, with the real nft, in the test's netns.
+    let table = ns.ok(&["nft", "list", "table", "inet", "evio"]);
+    assert!(
+        table.contains("ip saddr 10.244.0.0/16 ip daddr != 10.244.0.0/16 masquerade"),
+        "{table}"
+    );
+    assert!(!table.contains("masq-gone"), "{table}");
+}
+
 /// End to end: pod -> node (forwarding, masquerade) -> outside, where the
 /// outside has no route back to the pod network. Replies only come back if
 /// the node really rewrites the source address.

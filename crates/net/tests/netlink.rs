@@ -573,6 +573,48 @@ fn nft_masquerade_idempotent_concurrent_and_removable() {
         .contains("masq-net2"));
 }
 
+/// A refused change is a kernel errno, names the request refused, and
+/// changes nothing: the flush in the same batch is rolled back too.
+#[test]
+fn nft_refusal_is_an_errno_and_atomic() {
+    let ns = TestNs::new("nnfr");
+    let target = open(&ns);
+    // Not ours to take over: a filter chain of that name, with a rule.
+    let script = "add table inet evio\n\
+                  add chain inet evio masq-taken { type filter hook input priority 0; }\n\
+                  add rule inet evio masq-taken ip saddr 10.1.0.0/16 accept\n";
+    let mut child = ns
+        .command(&["nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let before = ns.ok(&["nft", "list", "table", "inet", "evio"]);
+
+    let err = run_in_netns(&target, || {
+        nft::ensure_masquerade("taken", &[net("10.244.0.0/16")]).unwrap_err()
+    })
+    .unwrap();
+    // The errno is the kernel's choice (EOPNOTSUPP on 6.18 for a changed
+    // chain type); what matters is that it is one.
+    assert!(
+        matches!(err, Error::Netlink { errno, .. } if errno > 0),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("add chain masq-taken"), "{err}");
+    assert_eq!(ns.ok(&["nft", "list", "table", "inet", "evio"]), before);
+    // Not a masquerade chain, so nothing reads as masqueraded.
+    let cidrs = run_in_netns(&target, || nft::masquerade_cidrs("taken").unwrap()).unwrap();
+    assert_eq!(cidrs, Some(vec![]));
+}
+
 /// Masquerade runs no program: this test re-runs itself (filtered to
 /// itself) in a mount namespace where the `nft` binary is covered by
 /// /dev/null and PATH is empty, which is where an nft exec failed or, with

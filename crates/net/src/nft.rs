@@ -70,10 +70,6 @@ fn comment(network: &str) -> String {
     c
 }
 
-fn table(attrs: Vec<TableAttribute>) -> NfTablesMessage {
-    NfTablesMessage::NewTable(TableMessage { attributes: attrs })
-}
-
 fn chain_attrs(chain: &str) -> Vec<ChainAttribute> {
     vec![
         ChainAttribute::Table(TABLE.to_string()),
@@ -85,10 +81,12 @@ fn chain_attrs(chain: &str) -> Vec<ChainAttribute> {
 /// it without NLM_F_CREATE, and so do we, to stay byte-identical.
 fn add_table() -> Request {
     Request {
-        msg: table(vec![
-            TableAttribute::Name(TABLE.to_string()),
-            TableAttribute::Flags(TableFlags::empty()),
-        ]),
+        msg: NfTablesMessage::NewTable(TableMessage {
+            attributes: vec![
+                TableAttribute::Name(TABLE.to_string()),
+                TableAttribute::Flags(TableFlags::empty()),
+            ],
+        }),
         flags: 0,
         what: format!("add table inet {TABLE}"),
     }
@@ -206,6 +204,8 @@ pub fn masquerade_cidrs(network: &str) -> Result<Option<Vec<IpNet>>> {
             RuleAttribute::Chain(chain.clone()),
         ],
     });
+    // A chain deleted in between dumps as empty, Some([]): ADD then
+    // rewrites it and doctor reports it, as for a missing chain.
     let rules = sock.dump(dump, &what)?;
     Ok(Some(
         rules

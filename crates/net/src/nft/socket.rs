@@ -156,7 +156,9 @@ impl NfSocket {
                         Some(code) => {
                             let what = match offset.checked_sub(1).and_then(|i| requests.get(i)) {
                                 Some(r) => format!("{op}: {}", r.what),
-                                None => format!("{op}: commit"),
+                                // The batch as a whole: refused (EPERM) or
+                                // its commit failed.
+                                None => op.to_string(),
                             };
                             return Err(Error::Netlink {
                                 op: what,

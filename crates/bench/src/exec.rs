@@ -141,7 +141,7 @@ pub struct Outcome {
     /// [`run_traced`].
     pub own_hwm_kib: Option<u64>,
     /// User + system CPU time from wait4, including the children it waited
-    /// for (the delegated IPAM plugin, nft): what is not waiting.
+    /// for (the delegated IPAM plugin): what is not waiting.
     pub cpu: Duration,
 }
 

@@ -51,10 +51,6 @@ pub enum Error {
     /// A bounded wait ran out.
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout { what: String, after: Duration },
-
-    /// The `nft` program failed.
-    #[error("nft {what}: {detail}")]
-    Nft { what: String, detail: String },
 }
 
 fn netlink_display(op: &str, errno: &i32, message: &Option<String>) -> String {

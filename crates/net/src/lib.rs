@@ -3,7 +3,8 @@
 //! The plugin is a short-lived, single-threaded process run once per pod, so
 //! everything here is blocking and cheap to start: one rtnetlink socket per
 //! network namespace ([`Handle`]), plain files for sysctls, one ioctl for
-//! ethtool. The only program ever executed is `nft` (see [`nft`]).
+//! ethtool, one nf_tables netlink socket per masquerade change ([`nft`]).
+//! No program is ever executed.
 
 mod error;
 pub mod ethtool;

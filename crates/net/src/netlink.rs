@@ -533,7 +533,7 @@ fn describe(route: &Route) -> String {
 /// The kernel's extended-ack text, if it sent one. For NLMSG_ERROR the
 /// attributes follow the echoed request (only its header when the kernel
 /// capped it); for NLMSG_DONE they follow the error code directly.
-fn extack_message(flags: u16, payload: &[u8], echoes_request: bool) -> Option<String> {
+pub(crate) fn extack_message(flags: u16, payload: &[u8], echoes_request: bool) -> Option<String> {
     if flags & NLM_F_ACK_TLVS == 0 {
         return None;
     }

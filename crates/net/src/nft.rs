@@ -1,25 +1,34 @@
 //! IP masquerade for pod traffic leaving the pod network, with nftables.
 //!
-//! This is the one place a program is executed: the `nft` binary, given a
-//! script on stdin (`nft -f -`, never a shell). Only typed [`IpNet`] values
-//! and a validated network name end up in the script. Everything lives in
-//! table `inet evio`, one chain per network, so networks never touch each
-//! other's rules. `nft` runs in the network namespace of the calling thread.
+//! Spoken to the kernel over netlink (nf_tables messages, no `nft` program
+//! and no text): each change is one batch, which the kernel applies
+//! atomically, and refusals are errnos. Everything lives in table
+//! `inet evio`, one chain per network, so networks never touch each other's
+//! rules. The socket is opened in the network namespace of the calling
+//! thread, per call.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+mod rule;
+mod socket;
 
 use ipnet::IpNet;
+use netlink_packet_core::{NLM_F_APPEND, NLM_F_CREATE};
+use netlink_packet_netfilter::nftables::{
+    ChainAttribute, ChainMessage, Hook, InetHookNumber, NfTablesMessage, RuleAttribute,
+    RuleMessage, TableAttribute, TableFlags, TableMessage,
+};
 
 use crate::{Error, Result};
+use socket::{NfSocket, Request};
 
 const TABLE: &str = "evio";
 /// nftables limits names to 255 bytes (NFT_NAME_MAXLEN - 1).
 const MAX_CHAIN: usize = 255;
 /// nftables limits rule comments to 128 bytes.
 const MAX_COMMENT: usize = 128;
+/// NF_ACCEPT: the base chain's policy; it only rewrites, never drops.
+const POLICY_ACCEPT: u32 = 1;
+/// NF_IP_PRI_NAT_SRC, nft's `srcnat` priority.
+const PRIORITY_SRCNAT: u32 = 100;
 
 /// A CNI network name as the spec allows it: `[A-Za-z0-9_.-]+`. Those
 /// characters are also all valid inside an unquoted nft identifier.
@@ -61,54 +70,116 @@ fn comment(network: &str) -> String {
     c
 }
 
-/// The whole `ensure` transaction; pure so it can be checked without nft.
-fn ensure_script(network: &str, pod_cidrs: &[IpNet]) -> Result<String> {
-    let chain = chain_name(network)?;
-    let comment = comment(network);
-    let mut s = format!(
-        "add table inet {TABLE}\n\
-         add chain inet {TABLE} {chain} {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
-         flush chain inet {TABLE} {chain}\n"
-    );
-    for cidr in pod_cidrs {
-        // A pod address with the pod prefix (10.244.3.2/16) means its network.
-        let net = cidr.trunc();
-        let proto = match net {
-            IpNet::V4(_) => "ip",
-            IpNet::V6(_) => "ip6",
-        };
-        s += &format!(
-            "add rule inet {TABLE} {chain} {proto} saddr {net} {proto} daddr != {net} masquerade comment \"{comment}\"\n"
-        );
-    }
-    Ok(s)
+fn chain_attrs(chain: &str) -> Vec<ChainAttribute> {
+    vec![
+        ChainAttribute::Table(TABLE.to_string()),
+        ChainAttribute::Name(chain.to_string()),
+    ]
 }
 
-fn remove_script(network: &str) -> Result<String> {
+/// Creating the table is a no-op when it exists (no NLM_F_EXCL); nft sends
+/// it without NLM_F_CREATE, and so do we, to stay byte-identical.
+fn add_table() -> Request {
+    Request {
+        msg: NfTablesMessage::NewTable(TableMessage {
+            attributes: vec![
+                TableAttribute::Name(TABLE.to_string()),
+                TableAttribute::Flags(TableFlags::empty()),
+            ],
+        }),
+        flags: 0,
+        what: format!("add table inet {TABLE}"),
+    }
+}
+
+/// The whole `ensure` transaction, as nft would send it for
+/// add table / add chain (postrouting nat) / flush chain / add rule... .
+fn ensure_requests(network: &str, pod_cidrs: &[IpNet]) -> Result<Vec<Request>> {
+    let chain = chain_name(network)?;
+    let mut chain_msg = chain_attrs(&chain);
+    chain_msg.extend([
+        ChainAttribute::Type("nat".to_string()),
+        ChainAttribute::Policy(POLICY_ACCEPT),
+        ChainAttribute::Hook(vec![
+            Hook::Number(InetHookNumber::PostRouting.into()),
+            Hook::Priority(PRIORITY_SRCNAT),
+        ]),
+    ]);
+    let rule_target = || {
+        vec![
+            RuleAttribute::Table(TABLE.to_string()),
+            RuleAttribute::Chain(chain.clone()),
+        ]
+    };
+    let mut requests = vec![
+        add_table(),
+        Request {
+            msg: NfTablesMessage::NewChain(ChainMessage {
+                attributes: chain_msg,
+            }),
+            flags: NLM_F_CREATE,
+            what: format!("add chain {chain}"),
+        },
+        // A DELRULE naming only the chain flushes it.
+        Request {
+            msg: NfTablesMessage::DeleteRule(RuleMessage {
+                attributes: rule_target(),
+            }),
+            flags: 0,
+            what: format!("flush chain {chain}"),
+        },
+    ];
+    let userdata = rule::comment_userdata(&comment(network));
+    for cidr in pod_cidrs {
+        let mut attributes = rule_target();
+        attributes.push(RuleAttribute::Expressions(rule::masquerade(*cidr)));
+        attributes.push(RuleAttribute::UserData(userdata.clone()));
+        requests.push(Request {
+            msg: NfTablesMessage::NewRule(RuleMessage { attributes }),
+            flags: NLM_F_CREATE | NLM_F_APPEND,
+            what: format!("add masquerade rule for {}", cidr.trunc()),
+        });
+    }
+    Ok(requests)
+}
+
+fn remove_requests(network: &str) -> Result<Vec<Request>> {
     let chain = chain_name(network)?;
     // Adding first makes deleting an absent chain a no-op, in the same
     // atomic transaction; deleting a chain also deletes its rules.
-    Ok(format!(
-        "add table inet {TABLE}\n\
-         add chain inet {TABLE} {chain}\n\
-         delete chain inet {TABLE} {chain}\n"
-    ))
+    Ok(vec![
+        add_table(),
+        Request {
+            msg: NfTablesMessage::NewChain(ChainMessage {
+                attributes: chain_attrs(&chain),
+            }),
+            flags: NLM_F_CREATE,
+            what: format!("add chain {chain}"),
+        },
+        Request {
+            msg: NfTablesMessage::DeleteChain(ChainMessage {
+                attributes: chain_attrs(&chain),
+            }),
+            flags: 0,
+            what: format!("delete chain {chain}"),
+        },
+    ])
 }
 
 /// Installs (or replaces) the masquerade rules of `network`: traffic from
-/// each pod CIDR to anywhere outside it is masqueraded. One atomic `nft -f`
-/// transaction that creates what is missing and flushes the chain before
-/// adding the rules, so repeated or concurrent calls (from several plugin
-/// processes) always leave exactly one rule per CIDR.
+/// each pod CIDR to anywhere outside it is masqueraded. One atomic
+/// nf_tables transaction that creates what is missing and flushes the chain
+/// before adding the rules, so repeated or concurrent calls (from several
+/// plugin processes) always leave exactly one rule per CIDR.
 pub fn ensure_masquerade(network: &str, pod_cidrs: &[IpNet]) -> Result<()> {
-    let script = ensure_script(network, pod_cidrs)?;
-    run_script(&script, &format!("ensure masquerade for {network}"))
+    let requests = ensure_requests(network, pod_cidrs)?;
+    NfSocket::new()?.transaction(&requests, &format!("ensure masquerade for {network}"))
 }
 
 /// Removes the masquerade rules of `network`; `Ok` if there were none.
 pub fn remove_masquerade(network: &str) -> Result<()> {
-    let script = remove_script(network)?;
-    run_script(&script, &format!("remove masquerade for {network}"))
+    let requests = remove_requests(network)?;
+    NfSocket::new()?.transaction(&requests, &format!("remove masquerade for {network}"))
 }
 
 /// The pod CIDRs currently masqueraded for `network` (for CHECK and tests),
@@ -116,124 +187,49 @@ pub fn remove_masquerade(network: &str) -> Result<()> {
 pub fn masquerade_cidrs(network: &str) -> Result<Option<Vec<IpNet>>> {
     let chain = chain_name(network)?;
     let what = format!("list masquerade for {network}");
-    let out = Command::new(nft_path()?)
-        .args(["-j", "list", "chain", "inet", TABLE, &chain])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| Error::io(format!("{what}: run nft"), e))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        // nft's wording for ENOENT, for a missing table as for a missing chain.
-        if stderr.contains("No such file or directory") {
-            return Ok(None);
-        }
-        return Err(Error::Nft {
-            what,
-            detail: failure(&out.status, &stderr),
-        });
+    let mut sock = NfSocket::new()?;
+    // A rule dump filtered on a missing chain is merely empty; the chain
+    // itself answers ENOENT, for a missing table as for a missing chain.
+    let get = NfTablesMessage::GetChain(ChainMessage {
+        attributes: chain_attrs(&chain),
+    });
+    match sock.get(get, &what) {
+        Ok(_) => {}
+        Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
     }
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| Error::Nft {
-        what: what.clone(),
-        detail: format!("unreadable JSON output: {e}"),
-    })?;
-    Ok(Some(parse_cidrs(&json, &chain)))
+    let dump = NfTablesMessage::GetRule(RuleMessage {
+        attributes: vec![
+            RuleAttribute::Table(TABLE.to_string()),
+            RuleAttribute::Chain(chain.clone()),
+        ],
+    });
+    // A chain deleted in between dumps as empty, Some([]): ADD then
+    // rewrites it and doctor reports it, as for a missing chain.
+    let rules = sock.dump(dump, &what)?;
+    Ok(Some(
+        rules
+            .iter()
+            .filter_map(|m| match m {
+                NfTablesMessage::NewRule(r) => Some(r),
+                _ => None,
+            })
+            .filter(|r| in_chain(r, &chain))
+            .filter_map(|r| {
+                r.attributes.iter().find_map(|a| match a {
+                    RuleAttribute::Expressions(e) => rule::masqueraded_source(e),
+                    _ => None,
+                })
+            })
+            .collect(),
+    ))
 }
 
-/// Source prefixes of the masquerade rules of `chain` in `nft -j` output.
-fn parse_cidrs(json: &serde_json::Value, chain: &str) -> Vec<IpNet> {
-    let items = json
-        .get("nftables")
-        .and_then(|v| v.as_array())
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    items
-        .iter()
-        .filter_map(|item| item.get("rule"))
-        .filter(|rule| rule.get("chain").and_then(|c| c.as_str()) == Some(chain))
-        .filter_map(|rule| {
-            let exprs = rule.get("expr")?.as_array()?;
-            if !exprs.iter().any(|e| e.get("masquerade").is_some()) {
-                return None;
-            }
-            exprs.iter().find_map(saddr_match)
-        })
-        .collect()
-}
-
-/// `{"match": {"op": "==", "left": {"payload": {"field": "saddr"}}, "right": R}}`
-/// where R is `{"prefix": {"addr", "len"}}` or a bare address (full length).
-fn saddr_match(expr: &serde_json::Value) -> Option<IpNet> {
-    let m = expr.get("match")?;
-    if m.get("op")?.as_str()? != "==" {
-        return None;
-    }
-    let field = m.get("left")?.get("payload")?.get("field")?.as_str()?;
-    if field != "saddr" {
-        return None;
-    }
-    let right = m.get("right")?;
-    if let Some(p) = right.get("prefix") {
-        let addr: std::net::IpAddr = p.get("addr")?.as_str()?.parse().ok()?;
-        let len = u8::try_from(p.get("len")?.as_u64()?).ok()?;
-        return IpNet::new(addr, len).ok();
-    }
-    let addr: std::net::IpAddr = right.as_str()?.parse().ok()?;
-    Some(IpNet::from(addr))
-}
-
-fn failure(status: &std::process::ExitStatus, stderr: &str) -> String {
-    format!("{status}: {}", stderr.trim())
-}
-
-fn run_script(script: &str, what: &str) -> Result<()> {
-    let mut child = Command::new(nft_path()?)
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| Error::io(format!("{what}: run nft"), e))?;
-    // The script is far smaller than a pipe buffer, so writing it all before
-    // reading stderr cannot deadlock.
-    let written = child
-        .stdin
-        .take()
-        .map(|mut stdin| stdin.write_all(script.as_bytes()));
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::io(format!("{what}: wait for nft"), e))?;
-    if !out.status.success() {
-        return Err(Error::Nft {
-            what: what.to_string(),
-            detail: failure(&out.status, &String::from_utf8_lossy(&out.stderr)),
-        });
-    }
-    if let Some(Err(e)) = written {
-        return Err(Error::io(format!("{what}: write script to nft"), e));
-    }
-    Ok(())
-}
-
-/// /usr/sbin/nft (Debian's location), else the first `nft` on PATH; looked
-/// up once per process.
-fn nft_path() -> Result<&'static Path> {
-    static PATH: OnceLock<Option<PathBuf>> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let default = PathBuf::from("/usr/sbin/nft");
-        if default.is_file() {
-            return Some(default);
-        }
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("nft"))
-                .find(|p| p.is_file())
-        })
-    })
-    .as_deref()
-    .ok_or_else(|| Error::Nft {
-        what: "lookup".to_string(),
-        detail: "the nft program was found neither at /usr/sbin/nft nor on PATH".to_string(),
-    })
+/// The kernel filters the dump already; this guards against one that
+/// does not.
+fn in_chain(rule: &RuleMessage, chain: &str) -> bool {
+    let has = |want: &RuleAttribute| rule.attributes.iter().any(|a| a == want);
+    has(&RuleAttribute::Table(TABLE.to_string())) && has(&RuleAttribute::Chain(chain.to_string()))
 }
 
 #[cfg(test)]
@@ -261,68 +257,96 @@ mod tests {
         assert!(comment(&a).len() <= MAX_COMMENT);
     }
 
-    #[test]
-    fn ensure_script_shape() {
-        let s = ensure_script(
-            "net1",
-            &[
-                "10.244.3.2/16".parse().unwrap(),
-                "fd00:10::5/64".parse().unwrap(),
-            ],
-        )
-        .unwrap();
-        let lines: Vec<&str> = s.lines().collect();
-        assert_eq!(
-            lines,
-            [
-                "add table inet evio",
-                "add chain inet evio masq-net1 { type nat hook postrouting priority srcnat; policy accept; }",
-                "flush chain inet evio masq-net1",
-                "add rule inet evio masq-net1 ip saddr 10.244.0.0/16 ip daddr != 10.244.0.0/16 masquerade comment \"evio:net1\"",
-                "add rule inet evio masq-net1 ip6 saddr fd00:10::/64 ip6 daddr != fd00:10::/64 masquerade comment \"evio:net1\"",
-            ]
-        );
-        assert!(ensure_script("bad name", &[]).is_err());
+    /// The bytes of a `testdata/*.hex` capture: hex pairs, `#` comments.
+    fn hex(text: &str) -> Vec<u8> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .flat_map(|l| l.split_whitespace())
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    /// The capture's CIDRs: whole-byte and masked prefixes of both families.
+    fn fixture_cidrs() -> Vec<IpNet> {
+        [
+            "10.244.0.0/16",
+            "fd00:10::/60",
+            "10.240.16.0/20",
+            "10.1.2.3/32",
+            "fd00:10::/64",
+        ]
+        .iter()
+        .map(|s| net(s))
+        .collect()
     }
 
     #[test]
-    fn remove_script_shape() {
+    fn ensure_batch_is_byte_identical_to_nfts() {
+        let requests = ensure_requests("net1", &fixture_cidrs()).unwrap();
+        let ours = socket::encode_batch(&requests, 0, false);
+        assert_eq!(ours, hex(include_str!("nft/testdata/ensure.hex")));
+        // A pod address with its prefix means its network.
+        let host = ensure_requests("net1", &[net("10.244.3.2/16")]).unwrap();
+        let first = ensure_requests("net1", &fixture_cidrs()[..1]).unwrap();
         assert_eq!(
-            remove_script("n").unwrap(),
-            "add table inet evio\nadd chain inet evio masq-n\ndelete chain inet evio masq-n\n"
+            socket::encode_batch(&host, 0, false),
+            socket::encode_batch(&first, 0, false)
         );
+        assert!(ensure_requests("bad name", &[]).is_err());
     }
 
     #[test]
-    fn parses_nft_json() {
-        // Trimmed from real `nft -j list chain` output (nftables 1.0.6).
-        let json: serde_json::Value = serde_json::from_str(
-            r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
-            {"chain": {"family": "inet", "table": "evio", "name": "masq-a", "hook": "postrouting"}},
-            {"rule": {"chain": "masq-a", "expr": [
-              {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": {"prefix": {"addr": "10.244.0.0", "len": 16}}}},
-              {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": {"prefix": {"addr": "10.244.0.0", "len": 16}}}},
-              {"masquerade": null}]}},
-            {"rule": {"chain": "masq-a", "expr": [
-              {"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": {"prefix": {"addr": "fd00::", "len": 64}}}},
-              {"masquerade": null}]}},
-            {"rule": {"chain": "masq-a", "expr": [
-              {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "10.1.2.3"}},
-              {"masquerade": null}]}},
-            {"rule": {"chain": "masq-a", "expr": [
-              {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "10.9.9.9"}},
-              {"accept": null}]}},
-            {"rule": {"chain": "other", "expr": [
-              {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "10.7.7.7"}},
-              {"masquerade": null}]}}]}"#,
-        )
-        .unwrap();
-        let got = parse_cidrs(&json, "masq-a");
-        let want: Vec<IpNet> = ["10.244.0.0/16", "fd00::/64", "10.1.2.3/32"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        assert_eq!(got, want);
-        assert!(parse_cidrs(&serde_json::json!({}), "masq-a").is_empty());
+    fn remove_batch_is_byte_identical_to_nfts() {
+        let ours = socket::encode_batch(&remove_requests("net1").unwrap(), 0, false);
+        assert_eq!(ours, hex(include_str!("nft/testdata/remove.hex")));
+    }
+
+    #[test]
+    fn acks_are_asked_of_every_request_and_nothing_else() {
+        let requests = remove_requests("net1").unwrap();
+        let plain = socket::encode_batch(&requests, 0, false);
+        let acked = socket::encode_batch(&requests, 0, true);
+        let diff: Vec<usize> = (0..plain.len()).filter(|&i| plain[i] != acked[i]).collect();
+        // The flags byte of the 2nd, 3rd and 4th message (20, 40, 48, 48 long).
+        assert_eq!(diff, [20 + 6, 60 + 6, 108 + 6]);
+        assert!(diff.iter().all(|&i| acked[i] == plain[i] | 0x04));
+    }
+
+    /// The rules as the kernel dumps them (with attributes it adds, such as
+    /// the rule handle and bitwise op) read back as the CIDRs written.
+    #[test]
+    fn reads_the_kernels_rule_dump() {
+        let bytes = hex(include_str!("nft/testdata/dump.hex"));
+        let mut got = Vec::new();
+        let mut off = 0;
+        while off < bytes.len() {
+            let len = u32::from_ne_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+            let msg = netlink_packet_core::NetlinkMessage::<
+                netlink_packet_netfilter::NetfilterMessage,
+            >::deserialize(&bytes[off..off + len])
+            .unwrap();
+            let netlink_packet_core::NetlinkPayload::InnerMessage(m) = msg.payload else {
+                panic!("not a rule: {msg:?}")
+            };
+            let netlink_packet_netfilter::NetfilterMessageInner::NfTables(
+                NfTablesMessage::NewRule(rule),
+            ) = m.inner
+            else {
+                panic!("not a rule: {m:?}")
+            };
+            assert!(in_chain(&rule, "masq-net1"));
+            assert!(!in_chain(&rule, "masq-net2"));
+            let exprs = rule.attributes.iter().find_map(|a| match a {
+                RuleAttribute::Expressions(e) => Some(e),
+                _ => None,
+            });
+            got.push(rule::masqueraded_source(exprs.unwrap()).unwrap());
+            off += (len + 3) & !3;
+        }
+        assert_eq!(got, fixture_cidrs());
     }
 }

@@ -573,6 +573,99 @@ fn nft_masquerade_idempotent_concurrent_and_removable() {
         .contains("masq-net2"));
 }
 
+/// A refused change is a kernel errno, names the request refused, and
+/// changes nothing: the flush in the same batch is rolled back too.
+#[test]
+fn nft_refusal_is_an_errno_and_atomic() {
+    let ns = TestNs::new("nnfr");
+    let target = open(&ns);
+    // Not ours to take over: a filter chain of that name, with a rule.
+    let script = "add table inet evio\n\
+                  add chain inet evio masq-taken { type filter hook input priority 0; }\n\
+                  add rule inet evio masq-taken ip saddr 10.1.0.0/16 accept\n";
+    let mut child = ns
+        .command(&["nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let before = ns.ok(&["nft", "list", "table", "inet", "evio"]);
+
+    let err = run_in_netns(&target, || {
+        nft::ensure_masquerade("taken", &[net("10.244.0.0/16")]).unwrap_err()
+    })
+    .unwrap();
+    // The errno is the kernel's choice (EOPNOTSUPP on 6.18 for a changed
+    // chain type); what matters is that it is one.
+    assert!(
+        matches!(err, Error::Netlink { errno, .. } if errno > 0),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("add chain masq-taken"), "{err}");
+    assert_eq!(ns.ok(&["nft", "list", "table", "inet", "evio"]), before);
+    // Not a masquerade chain, so nothing reads as masqueraded.
+    let cidrs = run_in_netns(&target, || nft::masquerade_cidrs("taken").unwrap()).unwrap();
+    assert_eq!(cidrs, Some(vec![]));
+}
+
+/// Masquerade runs no program: this test re-runs itself (filtered to
+/// itself) in a mount namespace where the `nft` binary is covered by
+/// /dev/null and PATH is empty, which is where an nft exec failed or, with
+/// PATH's empty entry meaning the working directory, ran whatever `nft` lay
+/// there.
+#[test]
+fn masquerade_needs_no_nft_program() {
+    const CHILD: &str = "EVIO_TEST_NO_NFT_NETNS";
+    if let Some(path) = std::env::var_os(CHILD) {
+        let target = Netns::open(std::path::Path::new(&path)).unwrap();
+        run_in_netns(&target, || {
+            assert_eq!(nft::masquerade_cidrs("plain").unwrap(), None);
+            nft::ensure_masquerade("plain", &[net("10.244.0.0/16")]).unwrap();
+            assert_eq!(
+                nft::masquerade_cidrs("plain").unwrap(),
+                Some(vec![net("10.244.0.0/16")])
+            );
+            nft::ensure_masquerade("gone", &[net("10.9.0.0/16")]).unwrap();
+            nft::remove_masquerade("gone").unwrap();
+        })
+        .unwrap();
+        return;
+    }
+    let ns = TestNs::new("nnon");
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+        .arg(
+            "mount --bind /dev/null \"$(command -v nft)\" && \
+             PATH= exec \"$0\" --exact masquerade_needs_no_nft_program --test-threads=1",
+        )
+        .arg(std::env::current_exe().unwrap())
+        .env(CHILD, ns.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A filter that matched nothing would succeed too.
+    assert!(stdout.contains("1 passed"), "{stdout}");
+    // Checked from outside, with the real nft, in the test's netns.
+    let table = ns.ok(&["nft", "list", "table", "inet", "evio"]);
+    assert!(
+        table.contains("ip saddr 10.244.0.0/16 ip daddr != 10.244.0.0/16 masquerade"),
+        "{table}"
+    );
+    assert!(!table.contains("masq-gone"), "{table}");
+}
+
 /// End to end: pod -> node (forwarding, masquerade) -> outside, where the
 /// outside has no route back to the pod network. Replies only come back if
 /// the node really rewrites the source address.

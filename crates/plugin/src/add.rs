@@ -428,9 +428,9 @@ fn mac_for(result: &CniResult) -> Option<[u8; 6]> {
 }
 
 /// The network's masquerade rule is the same for every pod, so it is
-/// written only when missing or different: listing the chain is one short
-/// `nft` exec, while rewriting it (flush + add, atomically) costs an nft
-/// transaction commit, 15-20 ms here (docs/benchmarks.md).
+/// written only when missing or different: reading the chain is two
+/// netlink round trips (~0.06 ms, docs/benchmarks.md), and not rewriting it
+/// keeps concurrent ADDs from queueing on the kernel's nf_tables commit.
 fn ensure_masquerade(network: &str, result: &CniResult) -> Result<()> {
     let mut want: Vec<IpNet> = result.ips.iter().map(|ip| ip.address.trunc()).collect();
     want.sort();

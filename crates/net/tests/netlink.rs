@@ -52,9 +52,9 @@ fn veth_pair(h: &mut Handle, a: &str, b: &str) -> (u32, u32) {
 fn bridge_create_lookup_and_exists() {
     let ns = TestNs::new("nbr");
     let (br, again, by_index, all) = in_ns(&ns, |h| {
-        h.create_bridge("br0", 1400).unwrap();
+        h.create_bridge("br0", 1400, None).unwrap();
         let br = h.link_by_name("br0").unwrap().unwrap();
-        let again = h.create_bridge("br0", 1400).unwrap_err();
+        let again = h.create_bridge("br0", 1400, None).unwrap_err();
         let by_index = h.link_by_index(br.index).unwrap();
         let all = h.links().unwrap();
         (br, again, by_index, all)
@@ -74,6 +74,30 @@ fn bridge_create_lookup_and_exists() {
     // Cross-check with iproute2.
     let out = ns.ok(&["ip", "-d", "link", "show", "br0"]);
     assert!(out.contains("mtu 1400") && out.contains("bridge "), "{out}");
+}
+
+/// The MAC given at creation is the bridge's from the first moment and stays
+/// when a port with a lower MAC joins and leaves (addr_assign_type 3,
+/// NET_ADDR_SET): no second message, so no crash window leaves it unpinned.
+#[test]
+fn bridge_created_with_its_mac_keeps_it() {
+    let ns = TestNs::new("nbrmac");
+    let want = [0x0a, 0xee, 0x00, 0x00, 0x00, 0x42];
+    let (created, with_port, after) = in_ns(&ns, |h| {
+        h.create_bridge("brm", 0, Some(want)).unwrap();
+        let br = h.link_by_name("brm").unwrap().unwrap();
+        let (v0, _) = veth_pair(h, "vlow0", "vlow1");
+        h.set_mac(v0, [0x02, 0, 0, 0, 0, 1]).unwrap();
+        h.set_master(v0, br.index).unwrap();
+        let with_port = h.link_by_index(br.index).unwrap().unwrap().mac;
+        h.delete_link(v0).unwrap();
+        let after = h.link_by_index(br.index).unwrap().unwrap().mac;
+        (br.mac, with_port, after)
+    });
+    assert_eq!(created, Some(want));
+    assert_eq!(with_port, Some(want));
+    // A port with a lower MAC would otherwise have lent the bridge its own.
+    assert_eq!(after, Some(want));
 }
 
 #[test]
@@ -146,7 +170,7 @@ fn veth_peer_created_in_other_netns_with_alias() {
 fn bridge_port_master_up_mtu_hairpin_alias() {
     let ns = TestNs::new("nport");
     let (br, port, not_port_err) = in_ns(&ns, |h| {
-        h.create_bridge("br0", 0).unwrap();
+        h.create_bridge("br0", 0, None).unwrap();
         let br = index(h, "br0");
         let (v0, v1) = veth_pair(h, "v0", "v1");
         h.set_master(v0, br).unwrap();
@@ -394,8 +418,8 @@ fn routes_v4_v6_add_dump_delete() {
 fn delete_links_present_and_absent() {
     let ns = TestNs::new("ndel");
     in_ns(&ns, |h| {
-        h.create_bridge("br0", 0).unwrap();
-        h.create_bridge("br1", 0).unwrap();
+        h.create_bridge("br0", 0, None).unwrap();
+        h.create_bridge("br1", 0, None).unwrap();
         let br0 = index(h, "br0");
         h.delete_link(br0).unwrap();
         assert_eq!(h.link_by_name("br0").unwrap(), None);
@@ -452,7 +476,7 @@ fn run_in_netns_and_enter_leave_the_caller_alone() {
 
         let mut h = Handle::new_in(&target2).unwrap();
         assert!(Netns::current().unwrap().is_same(&start).unwrap());
-        h.create_bridge("brin", 0).unwrap();
+        h.create_bridge("brin", 0, None).unwrap();
     })
     .join()
     .unwrap();
@@ -623,7 +647,7 @@ fn large_dumps_span_several_datagrams() {
     let ns = TestNs::new("nbig");
     let (links, addrs, after) = in_ns(&ns, |h| {
         for i in 0..80 {
-            h.create_bridge(&format!("b{i}"), 0).unwrap();
+            h.create_bridge(&format!("b{i}"), 0, None).unwrap();
         }
         let b0 = index(h, "b0");
         for i in 0..300u32 {

@@ -45,31 +45,21 @@ impl Switch for LinuxBridge {
         if let Some(l) = self.lookup(host)? {
             return Ok(l);
         }
-        let created = match host.create_bridge(&self.name, self.mtu) {
-            Ok(()) => true,
+        // The gateway's MAC must not change when the pod whose veth has the
+        // lowest MAC leaves, or every pod's ARP entry for the gateway goes
+        // stale; it is pinned in the creating message itself.
+        match host.create_bridge(&self.name, self.mtu, Some(random_mac())) {
+            Ok(()) => {}
             // Another plugin process created it between our lookup and now.
-            Err(e) if e.is_exists() => false,
+            Err(e) if e.is_exists() => {}
             Err(e) => return Err(neterr(format!("create bridge {}", self.name))(e)),
-        };
-        let bridge = self.lookup(host)?.ok_or_else(|| {
+        }
+        self.lookup(host)?.ok_or_else(|| {
             CniError::new(
                 code::NETWORK,
                 format!("bridge {} vanished right after creation", self.name),
             )
-        })?;
-        if created {
-            // The gateway's MAC must not change when the pod whose veth has
-            // the lowest MAC leaves, or every pod's ARP entry for the
-            // gateway goes stale.
-            let mac = random_mac();
-            host.set_mac(bridge.index, mac)
-                .map_err(neterr(format!("set MAC of bridge {}", self.name)))?;
-            return Ok(Link {
-                mac: Some(mac),
-                ..bridge
-            });
-        }
-        Ok(bridge)
+        })
     }
 
     fn existing_bridge(&mut self, host: &mut Handle) -> Result<Link> {

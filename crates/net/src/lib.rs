@@ -19,4 +19,4 @@ pub use error::{Error, Result};
 pub use hash::fnv1a;
 pub use link::{Address, Family, Link, Route};
 pub use netlink::Handle;
-pub use netns::{run_in_netns, Netns, NetnsGuard};
+pub use netns::{run_in_netns, NetnsFd, NetnsGuard};

@@ -22,7 +22,7 @@ use crate::link::{
     address_from_msg, address_msg, link_from_msg, route_from_msg, route_msg, validate_ifname,
 };
 use crate::netns::enter_fd;
-use crate::{Address, Error, Family, Link, Netns, Result, Route};
+use crate::{Address, Error, Family, Link, NetnsFd, Result, Route};
 
 /// Large enough for any single dump datagram: the kernel sizes dump
 /// datagrams from the reader's buffer, capped at 32 KiB.
@@ -74,8 +74,8 @@ impl Handle {
     }
 
     /// A handle for `ns`, created by briefly entering it on the calling
-    /// thread (see [`Netns::enter`] for when that is allowed).
-    pub fn new_in(ns: &Netns) -> Result<Handle> {
+    /// thread (see [`NetnsFd::enter`] for when that is allowed).
+    pub fn new_in(ns: &NetnsFd) -> Result<Handle> {
         let guard = ns.enter()?;
         let handle = Handle::new();
         guard.restore()?;

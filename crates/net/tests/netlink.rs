@@ -1,5 +1,5 @@
 //! evio-net against the real kernel. Every test works in network namespaces
-//! it creates (testkit `Netns`, deleted on drop) and runs the crate's code
+//! it creates (testkit `NetnsFd`, deleted on drop) and runs the crate's code
 //! on threads entered into them (`run_in_netns`): the test threads never
 //! change namespace and nothing touches the root namespace.
 // A test that unwraps fails loudly, which is what a test should do.
@@ -8,12 +8,12 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use evio_net::{ethtool, ipv6, nft, run_in_netns, sysctl, Error, Family, Handle, Netns, Route};
+use evio_net::{ethtool, ipv6, nft, run_in_netns, sysctl, Error, Family, Handle, NetnsFd, Route};
 use evio_testkit::netns::Netns as TestNs;
 use ipnet::IpNet;
 
-fn open(ns: &TestNs) -> Netns {
-    Netns::open(&ns.path()).expect("open test netns")
+fn open(ns: &TestNs) -> NetnsFd {
+    NetnsFd::open(&ns.path()).expect("open test netns")
 }
 
 /// Runs `f` with a fresh handle inside `ns`, on a thread entered into it.
@@ -43,7 +43,7 @@ fn index(h: &mut Handle, name: &str) -> u32 {
 
 /// A veth pair with both ends in the handle's namespace.
 fn veth_pair(h: &mut Handle, a: &str, b: &str) -> (u32, u32) {
-    let here = Netns::current().unwrap();
+    let here = NetnsFd::current().unwrap();
     h.create_veth(a, b, here.fd(), 0, None).unwrap();
     (index(h, a), index(h, b))
 }
@@ -434,13 +434,13 @@ fn delete_links_present_and_absent() {
 
 #[test]
 fn netns_open_missing_and_not_a_netns() {
-    let err = Netns::open(std::path::Path::new(
+    let err = NetnsFd::open(std::path::Path::new(
         "/run/netns/evio-net-test-does-not-exist",
     ))
     .unwrap_err();
     assert!(matches!(err, Error::NetnsNotFound(_)), "{err}");
     assert!(err.is_not_found());
-    let err = Netns::open(std::path::Path::new("/proc/self/status")).unwrap_err();
+    let err = NetnsFd::open(std::path::Path::new("/proc/self/status")).unwrap_err();
     assert!(matches!(err, Error::NotNetns(_)), "{err}");
 }
 
@@ -448,13 +448,13 @@ fn netns_open_missing_and_not_a_netns() {
 fn run_in_netns_and_enter_leave_the_caller_alone() {
     let ns = TestNs::new("nenter");
     let target = open(&ns);
-    let before = Netns::current().unwrap();
+    let before = NetnsFd::current().unwrap();
     let inside_is_target = run_in_netns(&target, || {
-        Netns::current().unwrap().is_same(&target).unwrap()
+        NetnsFd::current().unwrap().is_same(&target).unwrap()
     })
     .unwrap();
     assert!(inside_is_target);
-    assert!(Netns::current().unwrap().is_same(&before).unwrap());
+    assert!(NetnsFd::current().unwrap().is_same(&before).unwrap());
     assert!(!before.is_same(&target).unwrap());
 
     // A panic inside is the caller's panic.
@@ -464,18 +464,18 @@ fn run_in_netns_and_enter_leave_the_caller_alone() {
     // enter()/guard and Handle::new_in on a dedicated thread.
     let target2 = open(&ns);
     std::thread::spawn(move || {
-        let start = Netns::current().unwrap();
+        let start = NetnsFd::current().unwrap();
         {
             let _guard = target2.enter().unwrap();
-            assert!(Netns::current().unwrap().is_same(&target2).unwrap());
+            assert!(NetnsFd::current().unwrap().is_same(&target2).unwrap());
         }
-        assert!(Netns::current().unwrap().is_same(&start).unwrap());
+        assert!(NetnsFd::current().unwrap().is_same(&start).unwrap());
         let guard = target2.enter().unwrap();
         guard.restore().unwrap();
-        assert!(Netns::current().unwrap().is_same(&start).unwrap());
+        assert!(NetnsFd::current().unwrap().is_same(&start).unwrap());
 
         let mut h = Handle::new_in(&target2).unwrap();
-        assert!(Netns::current().unwrap().is_same(&start).unwrap());
+        assert!(NetnsFd::current().unwrap().is_same(&start).unwrap());
         h.create_bridge("brin", 0, None).unwrap();
     })
     .join()

@@ -4,7 +4,7 @@ use evio_cni::config::NetConf;
 use evio_cni::{code, CniError, Result};
 use evio_net::{Handle, Link};
 
-use super::{random_mac, Attachment, Switch};
+use super::{random_mac, Port, Switch, VethOwner};
 use crate::neterr;
 
 pub struct LinuxBridge {
@@ -71,13 +71,8 @@ impl Switch for LinuxBridge {
         })
     }
 
-    fn attach(
-        &mut self,
-        host: &mut Handle,
-        bridge: &Link,
-        veth: &Link,
-        _att: &Attachment,
-    ) -> Result<()> {
+    fn attach(&mut self, host: &mut Handle, port: &Port) -> Result<()> {
+        let (bridge, veth) = (port.bridge, port.veth);
         host.set_master(veth.index, bridge.index)
             .map_err(neterr(format!(
                 "attach {} to bridge {}",
@@ -90,24 +85,18 @@ impl Switch for LinuxBridge {
         Ok(())
     }
 
-    fn detach(&mut self, _veth_name: &str, _att: &Attachment) -> Result<()> {
+    fn detach(&mut self, _veth_name: &str, _owner: &VethOwner) -> Result<()> {
         // A bridge port is the link itself: deleting the veth unplugs it.
         Ok(())
     }
 
-    fn check(
-        &mut self,
-        _host: &mut Handle,
-        bridge: &Link,
-        veth: &Link,
-        _att: &Attachment,
-    ) -> Result<()> {
-        if veth.master != Some(bridge.index) {
+    fn check(&mut self, _host: &mut Handle, port: &Port) -> Result<()> {
+        if port.veth.master != Some(port.bridge.index) {
             return Err(CniError::new(
                 code::CHECK_FAILED,
                 format!(
                     "host veth {} is not attached to bridge {}",
-                    veth.name, bridge.name
+                    port.veth.name, port.bridge.name
                 ),
             ));
         }

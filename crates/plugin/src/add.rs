@@ -155,11 +155,12 @@ fn already_exists(env: &Env, what: &str) -> CniError {
 }
 
 /// A CNI_NETNS that does not exist is "container unknown" (code 3), like
-/// a netns that vanishes later; one that is no netns is a bad variable (4).
+/// a netns that vanishes later; one that is no netns, or a relative path
+/// (which names nothing in particular), is a bad variable (4).
 pub(crate) fn open_netns(path: &Path) -> Result<NetnsFd> {
     NetnsFd::open(path).map_err(|e| {
         let code = match e {
-            evio_net::Error::NetnsNotFound(_) => code::UNKNOWN_CONTAINER,
+            evio_net::Error::NetnsNotFound(_) if path.is_absolute() => code::UNKNOWN_CONTAINER,
             _ => code::INVALID_ENV,
         };
         CniError::new(

@@ -210,7 +210,7 @@ pub struct Floors {
 
 /// Runs `f` on a fresh thread that first enters `ns` and ends with `f`, so
 /// no thread of this process is left in a foreign namespace.
-fn in_netns<T: Send>(ns: &evio_net::Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
+fn in_netns<T: Send>(ns: &evio_net::NetnsFd, f: impl FnOnce() -> T + Send) -> Result<T> {
     std::thread::scope(|s| {
         s.spawn(move || {
             nix::sched::setns(ns.fd(), nix::sched::CloneFlags::CLONE_NEWNET)
@@ -226,11 +226,11 @@ fn in_netns<T: Send>(ns: &evio_net::Netns, f: impl FnOnce() -> T + Send) -> Resu
 /// each netlink request.
 fn kernel_floor(node: &Node, pods: &[Netns], f: &mut Floors) -> Result<()> {
     let node_ns =
-        evio_net::Netns::open(&node.ns.path()).map_err(BenchError::net("open node netns"))?;
+        evio_net::NetnsFd::open(&node.ns.path()).map_err(BenchError::net("open node netns"))?;
     for (i, pod) in pods.iter().enumerate() {
         cleanup::check()?;
         let pod_ns =
-            evio_net::Netns::open(&pod.path()).map_err(BenchError::net("open pod netns"))?;
+            evio_net::NetnsFd::open(&pod.path()).map_err(BenchError::net("open pod netns"))?;
         let host = format!("evkf{i}");
         let t = in_netns(&pod_ns, || -> Result<Duration> {
             let mut h = Handle::new().map_err(BenchError::net("netlink in pod"))?;

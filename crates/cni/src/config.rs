@@ -8,6 +8,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde_json::{Map, Value};
@@ -54,7 +55,7 @@ pub enum BridgeAddr {
 
 /// One entry of `cni.dev/valid-attachments` (GC).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Attachment {
+pub struct ValidAttachment {
     pub container_id: String,
     pub ifname: String,
 }
@@ -76,13 +77,19 @@ pub struct NetConf {
     pub hairpin_mode: bool,
     pub bridge_ipv4: Option<BridgeAddr>,
     pub ipam_type: String,
+    /// Bound on each exec of the IPAM delegate (`ipamTimeoutSeconds`).
+    pub ipam_timeout: Duration,
     pub prev_result: Option<Value>,
     pub log_file: Option<PathBuf>,
-    pub valid_attachments: Option<Vec<Attachment>>,
+    pub valid_attachments: Option<Vec<ValidAttachment>>,
     /// The config exactly as received: what the IPAM delegate gets on stdin.
     pub raw: Vec<u8>,
 }
 
+/// The plugin's own `type`: never a valid `ipam.type`.
+pub const OWN_TYPE: &str = "evio";
+/// Longest `ipamTimeoutSeconds`: runtimes give a CNI call minutes at most.
+pub const MAX_IPAM_TIMEOUT_SECONDS: f64 = 300.0;
 pub const DEFAULT_BRIDGE: &str = "evio0";
 pub const DEFAULT_OVSDB: &str = "unix:/var/run/openvswitch/db.sock";
 pub const DEFAULT_MTU: u32 = 1500;
@@ -201,6 +208,27 @@ impl NetConf {
                 "ipam.type {ipam_type:?} is not a plugin name"
             )));
         }
+        // evio as its own IPAM would execute itself with the same input,
+        // level after level, without end (each level a process and an OVSDB
+        // connection). A renamed copy is stopped by DEPTH_ENV instead.
+        if ipam_type == OWN_TYPE || ipam_type == plugin_type {
+            return Err(CniError::invalid_config(format!(
+                "ipam.type {ipam_type:?} is this plugin itself: it would delegate to itself \
+                 without end; use an IPAM plugin such as host-local"
+            )));
+        }
+        let ipam_timeout = match o.get("ipamTimeoutSeconds") {
+            None | Some(Value::Null) => crate::ipam::DEFAULT_TIMEOUT,
+            Some(v) => match v.as_f64() {
+                Some(n) if n > 0.0 && n <= MAX_IPAM_TIMEOUT_SECONDS => Duration::from_secs_f64(n),
+                _ => {
+                    return Err(CniError::invalid_config(format!(
+                        "ipamTimeoutSeconds must be a number of seconds above 0 and at most \
+                         {MAX_IPAM_TIMEOUT_SECONDS}, got {v}"
+                    )))
+                }
+            },
+        };
         let prev_result = match o.get("prevResult") {
             None | Some(Value::Null) => None,
             Some(v @ Value::Object(_)) => Some(v.clone()),
@@ -253,6 +281,7 @@ impl NetConf {
             hairpin_mode,
             bridge_ipv4,
             ipam_type,
+            ipam_timeout,
             prev_result,
             log_file,
             valid_attachments,
@@ -290,7 +319,7 @@ fn parse_bridge_addr(s: &str) -> Result<BridgeAddr> {
     )))
 }
 
-fn parse_attachments(v: &Value) -> Result<Vec<Attachment>> {
+fn parse_attachments(v: &Value) -> Result<Vec<ValidAttachment>> {
     let bad = || {
         CniError::invalid_config(
             "cni.dev/valid-attachments must be a list of {\"containerID\", \"ifname\"}",
@@ -304,7 +333,7 @@ fn parse_attachments(v: &Value) -> Result<Vec<Attachment>> {
                 .and_then(Value::as_str)
                 .ok_or_else(bad)?;
             let ifname = a.get("ifname").and_then(Value::as_str).ok_or_else(bad)?;
-            Ok(Attachment {
+            Ok(ValidAttachment {
                 container_id: cid.to_string(),
                 ifname: ifname.to_string(),
             })
@@ -367,6 +396,9 @@ mod tests {
     #[test]
     fn defaults_follow_the_contract() {
         let c = parse(&conf(json!({}))).unwrap();
+        assert_eq!(c.ipam_timeout, crate::ipam::DEFAULT_TIMEOUT);
+        let t = parse(&conf(json!({"ipamTimeoutSeconds": 1.5}))).unwrap();
+        assert_eq!(t.ipam_timeout, Duration::from_millis(1500));
         assert_eq!(c.bridge, "evio0");
         assert_eq!(c.bridge_type, BridgeType::Ovs);
         assert_eq!(c.ovsdb, DEFAULT_OVSDB);
@@ -418,6 +450,31 @@ mod tests {
                 conf(json!({"ipam": {"type": "../../bin/sh"}})),
                 7,
                 "ipam.type",
+            ),
+            (
+                conf(json!({"ipam": {"type": "evio"}})),
+                7,
+                "this plugin itself",
+            ),
+            (
+                conf(json!({"type": "evio-renamed", "ipam": {"type": "evio-renamed"}})),
+                7,
+                "this plugin itself",
+            ),
+            (
+                conf(json!({"ipamTimeoutSeconds": 0})),
+                7,
+                "ipamTimeoutSeconds",
+            ),
+            (
+                conf(json!({"ipamTimeoutSeconds": "5"})),
+                7,
+                "ipamTimeoutSeconds",
+            ),
+            (
+                conf(json!({"ipamTimeoutSeconds": 301})),
+                7,
+                "ipamTimeoutSeconds",
             ),
             (conf(json!({"name": "a/b"})), 7, "network name"),
             (conf(json!({"cniVersion": "0.2.0"})), 1, "incompatible"),

@@ -1,12 +1,25 @@
 //! Delegation to the IPAM plugin, as the spec's "Delegated plugin protocol"
 //! says: found by name in `CNI_PATH`, run with our environment (only
-//! `CNI_COMMAND` may differ), the network config on stdin, its stderr passed
-//! through, its stdout a result or a CNI error.
+//! `CNI_COMMAND` may differ, plus [`DEPTH_ENV`]), the network config on
+//! stdin, its stderr passed through, its stdout a result or a CNI error.
+//!
+//! The delegate is outside this process, so every wait on it is bounded
+//! ([`Delegate::timeout`], [`DEFAULT_TIMEOUT`] unless the config's
+//! `ipamTimeoutSeconds` says otherwise). It runs in its own process group,
+//! and on overrun the whole group is SIGKILLed and the delegate reaped: a
+//! hanging plugin and whatever it forked are gone before the error returns.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command as Proc, Stdio};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command as Proc, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::env::Command;
@@ -14,9 +27,39 @@ use crate::error::{code, CniError, Result};
 use crate::result::CniResult;
 use crate::version::{Version, SUPPORTED};
 
+/// Set by evio on every delegate it starts: how many evio processes are
+/// above it. evio refuses to run (except VERSION) when it is set at all,
+/// so a config that names evio as its own IPAM, under any file name, stops
+/// after one level instead of forking itself until the node runs out of
+/// processes.
+pub const DEPTH_ENV: &str = "EVIO_DELEGATION_DEPTH";
+
+/// How long a delegate may take by default: well inside the runtime's
+/// patience (the kubelet gives the whole sandbox set-up minutes, CRI-O and
+/// containerd their CNI calls no less), far above host-local's milliseconds.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Largest output accepted from a delegate: a result is a few hundred bytes.
+const MAX_OUTPUT: usize = 4 << 20;
+
+/// How deep in a delegation chain this process is (0: started by the
+/// runtime). A value that is not a number is refused: it was not set by
+/// evio.
+pub fn delegation_depth() -> Result<u32> {
+    match std::env::var_os(DEPTH_ENV) {
+        None => Ok(0),
+        Some(v) => v
+            .to_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| CniError::invalid_env(format!("{DEPTH_ENV} is not a number"))),
+    }
+}
+
 pub struct Delegate {
     pub name: String,
     pub path: PathBuf,
+    /// Bound on each exec of the delegate, output and exit included.
+    pub timeout: Duration,
 }
 
 impl Delegate {
@@ -28,6 +71,7 @@ impl Delegate {
                 return Ok(Delegate {
                     name: name.to_string(),
                     path: p,
+                    timeout: DEFAULT_TIMEOUT,
                 });
             }
         }
@@ -41,41 +85,83 @@ impl Delegate {
         )))
     }
 
+    /// The config's delegate (`ipam.type`), bounded by its
+    /// `ipamTimeoutSeconds`.
+    pub fn of(conf: &crate::config::NetConf, cni_path: &[PathBuf]) -> Result<Delegate> {
+        Ok(Delegate::find(&conf.ipam_type, cni_path)?.with_timeout(conf.ipam_timeout))
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Delegate {
+        self.timeout = timeout;
+        self
+    }
+
     /// Runs one command; stdout on success. A failure that printed a CNI
-    /// error keeps its code; anything else is our IPAM error code.
+    /// error keeps its code; anything else is our IPAM error code. Past
+    /// [`Delegate::timeout`] the delegate's process group is killed and the
+    /// error is code 11 (try again later): a stuck delegate is transient
+    /// from the runtime's point of view, and nothing of it is left running.
     pub fn exec(&self, cmd: Command, stdin: &[u8]) -> Result<Vec<u8>> {
-        let mut child = Proc::new(&self.path)
-            .env("CNI_COMMAND", cmd.as_str())
+        let depth = delegation_depth()?;
+        let parent = std::process::id();
+        let mut proc = Proc::new(&self.path);
+        proc.env("CNI_COMMAND", cmd.as_str())
+            .env(DEPTH_ENV, (depth + 1).to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| {
-                CniError::new(
-                    code::IO,
-                    format!("cannot execute ipam plugin {}", self.path.display()),
-                )
-                .with_details(e.to_string())
-            })?;
-        if let Some(mut input) = child.stdin.take() {
-            // A delegate that exits without reading stdin closes the pipe:
-            // its exit status tells what happened, so EPIPE is not an error.
-            if let Err(e) = input.write_all(stdin) {
-                if e.kind() != std::io::ErrorKind::BrokenPipe {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(CniError::new(code::IO, "cannot write to ipam plugin")
-                        .with_details(e.to_string()));
+            // Its own group: the timeout kills it and everything it forked
+            // without touching the runtime's group, which evio is in.
+            .process_group(0);
+        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork
+        // and exec.
+        unsafe {
+            proc.pre_exec(move || {
+                // Leaving its own group, the delegate would no longer die
+                // with evio when the runtime kills evio's group: it dies
+                // when evio does instead.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
-            }
+                // evio died before the prctl took effect.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("evio exited"));
+                }
+                Ok(())
+            });
         }
-        let out = child.wait_with_output().map_err(|e| {
-            CniError::new(code::IO, "cannot read ipam plugin output").with_details(e.to_string())
+        let mut child = proc.spawn().map_err(|e| {
+            CniError::new(
+                code::IO,
+                format!("cannot execute ipam plugin {}", self.path.display()),
+            )
+            .with_details(e.to_string())
         })?;
-        if out.status.success() {
-            return Ok(out.stdout);
+        let deadline = Instant::now() + self.timeout;
+        let outcome = talk(&mut child, stdin, deadline);
+        let (status, stdout) = match outcome {
+            Ok(done) => done,
+            Err(Talk::TimedOut) => {
+                kill_group(&mut child);
+                return Err(CniError::new(
+                    code::TRY_AGAIN,
+                    format!(
+                        "ipam plugin {} {} did not finish within {:?}; it and its children were killed",
+                        self.name,
+                        cmd.as_str(),
+                        self.timeout
+                    ),
+                ));
+            }
+            Err(Talk::Failed(e)) => {
+                kill_group(&mut child);
+                return Err(e.context(format!("ipam plugin {} {}", self.name, cmd.as_str())));
+            }
+        };
+        if status.success() {
+            return Ok(stdout);
         }
-        Err(match CniError::from_plugin_output(&out.stdout) {
+        Err(match CniError::from_plugin_output(&stdout) {
             Some(e) => e.context(format!("ipam plugin {} {}", self.name, cmd.as_str())),
             None => CniError::new(
                 code::IPAM,
@@ -83,10 +169,10 @@ impl Delegate {
                     "ipam plugin {} {} failed: {}",
                     self.name,
                     cmd.as_str(),
-                    out.status
+                    status
                 ),
             )
-            .with_details(String::from_utf8_lossy(&out.stdout).trim().to_string()),
+            .with_details(String::from_utf8_lossy(&stdout).trim().to_string()),
         })
     }
 
@@ -164,15 +250,128 @@ pub fn with_version(conf: &[u8], version: &str) -> Result<Vec<u8>> {
     serde_json::to_vec(&v).map_err(|e| CniError::new(code::IO, e.to_string()))
 }
 
-/// The directory `host-local` keeps its allocations in for this network.
-pub fn host_local_dir(conf: &Value, network: &str) -> PathBuf {
-    let base = conf
-        .get("ipam")
-        .and_then(|i| i.get("dataDir"))
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .unwrap_or("/var/lib/cni/networks");
-    Path::new(base).join(network)
+enum Talk {
+    TimedOut,
+    Failed(CniError),
+}
+
+/// Feeds `stdin` to the child and collects its stdout until it closes it,
+/// then waits for its exit, all before `deadline`. Single-threaded (poll),
+/// like the rest of the plugin.
+fn talk(
+    child: &mut Child,
+    input: &[u8],
+    deadline: Instant,
+) -> std::result::Result<(ExitStatus, Vec<u8>), Talk> {
+    let io = |what: &str, e: std::io::Error| {
+        Talk::Failed(CniError::new(code::IO, what.to_string()).with_details(e.to_string()))
+    };
+    let mut stdin: Option<ChildStdin> = child.stdin.take();
+    let mut stdout: Option<ChildStdout> = child.stdout.take();
+    for fd in [
+        stdin.as_ref().map(|s| s.as_fd()),
+        stdout.as_ref().map(|s| s.as_fd()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+            .map_err(|e| io("cannot set up the pipes", e.into()))?;
+    }
+    let mut written = 0;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    if input.is_empty() {
+        stdin = None;
+    }
+    while stdin.is_some() || stdout.is_some() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Talk::TimedOut);
+        }
+        let (w_ready, r_ready) = {
+            let mut fds = Vec::with_capacity(2);
+            if let Some(s) = &stdin {
+                fds.push(PollFd::new(s.as_fd(), PollFlags::POLLOUT));
+            }
+            if let Some(s) = &stdout {
+                fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
+            }
+            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            match poll(&mut fds, timeout) {
+                Ok(_) => {}
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(io("cannot wait for the ipam plugin", e.into())),
+            }
+            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+            let w = stdin.is_some() && ready(&fds[0]);
+            let r = stdout.is_some() && ready(&fds[fds.len() - 1]);
+            (w, r)
+        };
+        if w_ready {
+            if let Some(s) = stdin.as_mut() {
+                match s.write(&input[written..]) {
+                    Ok(n) => written += n,
+                    // A delegate that exits without reading stdin closes the
+                    // pipe: its exit status tells what happened.
+                    Err(e) if e.kind() == ErrorKind::BrokenPipe => written = input.len(),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io("cannot write to ipam plugin", e)),
+                }
+                if written >= input.len() {
+                    // Closing it is the delegate's end of input.
+                    stdin = None;
+                }
+            }
+        }
+        if r_ready {
+            if let Some(s) = stdout.as_mut() {
+                match s.read(&mut buf) {
+                    Ok(0) => stdout = None,
+                    Ok(n) => {
+                        out.extend_from_slice(&buf[..n]);
+                        if out.len() > MAX_OUTPUT {
+                            return Err(Talk::Failed(CniError::new(
+                                code::IPAM,
+                                format!("output is larger than {MAX_OUTPUT} bytes"),
+                            )));
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io("cannot read ipam plugin output", e)),
+                }
+            }
+        }
+    }
+    // Stdout is closed; the exit follows at once for any real plugin, but
+    // it is a wait on another process all the same.
+    let mut pause = Duration::from_micros(50);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok((status, out)),
+            Ok(None) => {}
+            Err(e) => return Err(io("cannot wait for the ipam plugin", e)),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Talk::TimedOut);
+        }
+        std::thread::sleep(pause.min(left));
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// SIGKILLs the delegate's whole process group and reaps the delegate.
+/// The group is the delegate's pid (`process_group(0)`), still ours while
+/// the delegate is not reaped.
+fn kill_group(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[cfg(test)]
@@ -188,6 +387,84 @@ mod tests {
         assert_eq!(v["prevResult"]["ips"][0]["version"], "4");
     }
 
+    /// A delegate script in a fresh directory.
+    fn script(body: &str) -> (tempfile::TempDir, Delegate) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipam-under-test");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let d = Delegate::find("ipam-under-test", &[dir.path().to_path_buf()]).unwrap();
+        (dir, d)
+    }
+
+    /// Whether `pid` has exited (gone, or a zombie waiting for its reaper).
+    fn exited(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        }
+    }
+
+    /// A delegate that hangs after forking a child that also hangs: exec
+    /// gives up with code 11 and leaves neither running. Before the fix it
+    /// waited for ever (the test's own wait is bounded, so it fails).
+    #[test]
+    fn hanging_delegate_and_its_children_are_killed() {
+        let (dir, d) = script(&format!(
+            "sleep 1000 &\necho $! > {}/child.pid\nexec sleep 1000",
+            "$(dirname \"$0\")"
+        ));
+        let d = d.with_timeout(Duration::from_millis(500));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(d.exec(Command::Add, b"{}"));
+        });
+        let res = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("exec of a hanging delegate must give up");
+        let e = res.unwrap_err();
+        assert_eq!(e.code, code::TRY_AGAIN, "{e}");
+        assert!(e.msg.contains("did not finish"), "{e}");
+        let pid: i32 = std::fs::read_to_string(dir.path().join("child.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !exited(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "the delegate's child {pid} survived"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The delegate reads all of stdin, answers, and sees the depth.
+    #[test]
+    fn delegate_gets_input_and_depth() {
+        let (_dir, d) = script(&format!(
+            "in=$(cat)\nprintf '%s|%s|%s' \"$CNI_COMMAND\" \"${DEPTH_ENV}\" \"$in\""
+        ));
+        let big = vec![b'x'; 200_000];
+        let out = d.exec(Command::Del, &big).unwrap();
+        let want = format!("DEL|1|{}", "x".repeat(200_000));
+        assert!(out == want.as_bytes(), "{} bytes back", out.len());
+    }
+
+    /// A delegate that exits without reading stdin: its exit status and
+    /// output count, not the broken pipe.
+    #[test]
+    fn delegate_that_ignores_stdin() {
+        let (_dir, d) = script(r#"echo '{"code":11,"msg":"busy"}'; exit 1"#);
+        let e = d.exec(Command::Add, &vec![b'x'; 1 << 20]).unwrap_err();
+        assert_eq!(e.code, 11);
+        assert!(e.msg.contains("busy"), "{e}");
+    }
+
     #[test]
     fn find_rejects_missing() {
         let e = Delegate::find("no-such-ipam", &[PathBuf::from("/nonexistent")])
@@ -195,15 +472,5 @@ mod tests {
             .unwrap();
         assert_eq!(e.code, 7);
         assert!(e.msg.contains("no-such-ipam"));
-    }
-
-    #[test]
-    fn host_local_dir_default_and_custom() {
-        let v: Value = serde_json::json!({"ipam": {"dataDir": "/tmp/x"}});
-        assert_eq!(host_local_dir(&v, "n"), PathBuf::from("/tmp/x/n"));
-        assert_eq!(
-            host_local_dir(&serde_json::json!({}), "n"),
-            PathBuf::from("/var/lib/cni/networks/n")
-        );
     }
 }

@@ -5,6 +5,8 @@
 pub mod config;
 pub mod env;
 pub mod error;
+pub mod files;
+pub mod host_local;
 pub mod ipam;
 pub mod result;
 pub mod version;

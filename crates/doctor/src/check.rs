@@ -21,8 +21,8 @@ use crate::AttachmentId;
 pub enum Kind {
     /// host-local holds an address for an attachment that has no host veth.
     AllocationWithoutVeth,
-    /// host-local's file for an address is empty: nobody can release it
-    /// by container ID, only GC can.
+    /// host-local's file for an address names nobody (empty, or not
+    /// UTF-8): nobody can release it by container ID, only GC can.
     AllocationWithoutOwner,
     /// An address outside every range of the config (the node's range
     /// changed, or a foreign file).
@@ -215,7 +215,8 @@ pub fn diagnose(
                 Kind::AllocationWithoutOwner,
                 a.ip.to_string(),
                 format!(
-                    "host-local's file in {} is empty: DEL cannot release it, GC will",
+                    "host-local's file in {} names no container (empty or not UTF-8): \
+                     DEL cannot release it, GC will",
                     net.ipam_dir.display()
                 ),
             );
@@ -312,7 +313,7 @@ pub fn diagnose(
             Kind::UntaggedVeth,
             u.clone(),
             "named like an evio host veth but carries no evio alias: an ADD stopped \
-             right after creating it; DEL of its attachment removes it, GC cannot"
+             right after creating it; DEL of its attachment or the next GC removes it"
                 .to_string(),
         );
     }

@@ -3,14 +3,14 @@
 //! Read-only: nothing here changes anything.
 
 use std::collections::BTreeMap;
-use std::io::ErrorKind;
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use evio_cni::config::BridgeType;
+use evio_cni::host_local::NetworkDir;
 use evio_net::Handle;
-use evio_plugin::naming::{ovs_ids as ids, parse_alias};
+use evio_plugin::naming::{host_veth_of, ovs_ids as ids, HostVeth};
 use ipnet::IpNet;
 use serde::Serialize;
 
@@ -117,21 +117,17 @@ pub fn collect(net: &Network) -> Result<Inventory> {
     let mut veths = Vec::new();
     let mut untagged = Vec::new();
     for l in &links {
-        match l.alias.as_deref() {
-            Some(a) if a.starts_with("evio|") => {
-                if let Some((cid, ifname)) = parse_alias(a, net.name()) {
-                    veths.push(Veth {
-                        name: l.name.clone(),
-                        id: (cid.to_string(), ifname.to_string()),
-                        master: l
-                            .master
-                            .and_then(|m| name_of.get(&m).map(|n| n.to_string())),
-                        up: l.up,
-                    });
-                }
-            }
-            _ if looks_like_host_veth(&l.name) => untagged.push(l.name.clone()),
-            _ => {}
+        match host_veth_of(l, net.name()) {
+            Some(HostVeth::Tagged(cid, ifname)) => veths.push(Veth {
+                name: l.name.clone(),
+                id: (cid.to_string(), ifname.to_string()),
+                master: l
+                    .master
+                    .and_then(|m| name_of.get(&m).map(|n| n.to_string())),
+                up: l.up,
+            }),
+            Some(HostVeth::Untagged) => untagged.push(l.name.clone()),
+            None => {}
         }
     }
     let bridge = match links.iter().find(|l| l.name == net.conf.bridge) {
@@ -173,64 +169,27 @@ pub fn collect(net: &Network) -> Result<Inventory> {
     })
 }
 
-/// `ev` + 13 lowercase hex digits: the plugin's host veth names.
-pub fn looks_like_host_veth(name: &str) -> bool {
-    name.len() == 15
-        && name.starts_with("ev")
-        && name[2..]
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-/// host-local's allocation files in `dir`: one per IP, named by the IP,
-/// holding `<container id>\r\n<ifname>`. A missing directory is no
-/// allocation at all.
+/// host-local's allocations in `dir`, read by the same code as the
+/// plugin's GC (`evio_cni::host_local`): what GC would release is exactly
+/// what is reported stale here. A missing directory is no allocation at all.
 pub fn read_allocations(dir: &Path) -> Result<Vec<Allocation>> {
-    let rd = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(DoctorError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })
-        }
+    let io = |e: evio_cni::CniError| DoctorError::Io {
+        path: dir.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
     };
-    let mut out = Vec::new();
-    for entry in rd.flatten() {
-        let name = entry.file_name();
-        let Some(ip) = name.to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
-            continue;
-        };
-        let content = match std::fs::read(entry.path()) {
-            Ok(c) => c,
-            // Released between listing and reading.
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(source) => {
-                return Err(DoctorError::Io {
-                    path: entry.path(),
-                    source,
-                })
-            }
-        };
-        let (container_id, ifname) = parse_allocation(&content);
-        out.push(Allocation {
-            ip,
-            container_id,
-            ifname,
-        });
-    }
-    out.sort_by_key(|a| a.ip);
-    Ok(out)
-}
-
-/// The owner in a host-local allocation file.
-pub fn parse_allocation(content: &[u8]) -> (String, Option<String>) {
-    let text = String::from_utf8_lossy(content);
-    let mut lines = text.split("\r\n").map(str::trim);
-    let cid = lines.next().unwrap_or("").to_string();
-    let ifname = lines.next().filter(|s| !s.is_empty()).map(str::to_string);
-    (cid, ifname)
+    let Some(d) = NetworkDir::open(dir).map_err(io)? else {
+        return Ok(Vec::new());
+    };
+    let listing = d.allocations().map_err(io)?;
+    Ok(listing
+        .allocations
+        .into_iter()
+        .map(|a| Allocation {
+            ip: a.ip,
+            container_id: a.owner.container_id,
+            ifname: a.owner.ifname,
+        })
+        .collect())
 }
 
 fn ovs_ports(endpoint: &str, bridge: &str) -> Ports {
@@ -267,29 +226,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_veth_names() {
-        assert!(looks_like_host_veth("ev0123456789abc"));
-        assert!(!looks_like_host_veth("ev0123456789abC"));
-        assert!(!looks_like_host_veth("ev0123456789ab"));
-        assert!(!looks_like_host_veth("eth0"));
-        assert!(!looks_like_host_veth("evio0"));
-    }
-
-    #[test]
     fn allocation_files() {
-        assert_eq!(
-            parse_allocation(b"abc\r\neth0"),
-            ("abc".into(), Some("eth0".into()))
-        );
-        assert_eq!(parse_allocation(b"abc"), ("abc".into(), None));
-        assert_eq!(parse_allocation(b""), (String::new(), None));
         let d = tempfile::tempdir().unwrap();
         assert!(read_allocations(&d.path().join("none")).unwrap().is_empty());
         std::fs::write(d.path().join("10.0.0.2"), "c1\r\neth0").unwrap();
         std::fs::write(d.path().join("lock"), "").unwrap();
         std::fs::write(d.path().join("last_reserved_ip.0"), "10.0.0.2").unwrap();
+        // Not UTF-8: nobody's, as GC sees it (shown as an empty owner).
+        std::fs::write(d.path().join("10.0.0.3"), b"c\xff\r\neth0").unwrap();
+        // Not a file host-local wrote: not an allocation.
+        std::os::unix::fs::symlink("/dev/zero", d.path().join("10.0.0.4")).unwrap();
         let a = read_allocations(d.path()).unwrap();
-        assert_eq!(a.len(), 1);
+        assert_eq!(a.len(), 2);
         assert_eq!(a[0].container_id, "c1");
+        assert_eq!(a[0].ifname.as_deref(), Some("eth0"));
+        assert_eq!(a[1].container_id, "");
+        assert_eq!(a[1].ifname, None);
     }
 }

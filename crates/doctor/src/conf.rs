@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use evio_cni::config::NetConf;
-use evio_cni::ipam::host_local_dir;
+use evio_cni::host_local;
 use ipnet::IpNet;
 use serde_json::{Map, Value};
 
@@ -67,7 +67,7 @@ impl Network {
         let ranges = parse_ranges(&ipam).map_err(|e| bad(format!("ipam: {e}")))?;
         Ok(Network {
             source: source.to_path_buf(),
-            ipam_dir: host_local_dir(plugin, &conf.name),
+            ipam_dir: host_local::network_dir(plugin, &conf.name),
             conf,
             ranges,
         })

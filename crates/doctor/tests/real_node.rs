@@ -60,7 +60,7 @@ fn plant_veth(node: &Netns, name: &str, alias: Option<&str>, master: Option<&str
 }
 
 fn run(node: &Netns, dir: &Path, opts: Options) -> Report {
-    let ns = evio_net::Netns::open(&node.path()).unwrap_or_else(|e| panic!("{e}"));
+    let ns = evio_net::NetnsFd::open(&node.path()).unwrap_or_else(|e| panic!("{e}"));
     let conf = dir.join("conf");
     evio_net::run_in_netns(&ns, move || examine(&conf, &opts))
         .unwrap_or_else(|e| panic!("{e}"))

@@ -8,6 +8,7 @@
 
 mod error;
 pub mod ethtool;
+mod hash;
 pub mod ipv6;
 mod link;
 mod netlink;
@@ -16,6 +17,7 @@ pub mod nft;
 pub mod sysctl;
 
 pub use error::{Error, Result};
+pub use hash::fnv1a;
 pub use link::{Address, Family, Link, Route};
 pub use netlink::Handle;
-pub use netns::{run_in_netns, Netns, NetnsGuard};
+pub use netns::{run_in_netns, NetnsFd, NetnsGuard};

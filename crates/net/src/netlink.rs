@@ -22,7 +22,7 @@ use crate::link::{
     address_from_msg, address_msg, link_from_msg, route_from_msg, route_msg, validate_ifname,
 };
 use crate::netns::enter_fd;
-use crate::{Address, Error, Family, Link, Netns, Result, Route};
+use crate::{Address, Error, Family, Link, NetnsFd, Result, Route};
 
 /// Large enough for any single dump datagram: the kernel sizes dump
 /// datagrams from the reader's buffer, capped at 32 KiB.
@@ -74,8 +74,8 @@ impl Handle {
     }
 
     /// A handle for `ns`, created by briefly entering it on the calling
-    /// thread (see [`Netns::enter`] for when that is allowed).
-    pub fn new_in(ns: &Netns) -> Result<Handle> {
+    /// thread (see [`NetnsFd::enter`] for when that is allowed).
+    pub fn new_in(ns: &NetnsFd) -> Result<Handle> {
         let guard = ns.enter()?;
         let handle = Handle::new();
         guard.restore()?;
@@ -127,12 +127,20 @@ impl Handle {
 
     /// Creates a Linux bridge; an existing link of that name is an error
     /// for which [`Error::is_exists`] holds. `mtu` 0 keeps the default.
-    pub fn create_bridge(&mut self, name: &str, mtu: u32) -> Result<()> {
+    ///
+    /// `mac` goes in the creating message: the kernel then marks the address
+    /// as set by the user (NET_ADDR_SET) and the bridge keeps it whatever
+    /// ports come and go. Set in a second message, a crash in between would
+    /// leave a bridge whose MAC follows its lowest port's.
+    pub fn create_bridge(&mut self, name: &str, mtu: u32, mac: Option<[u8; 6]>) -> Result<()> {
         validate_ifname(name)?;
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
         if mtu != 0 {
             msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        if let Some(mac) = mac {
+            msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
         }
         msg.attributes
             .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(

@@ -11,15 +11,15 @@ use crate::{Error, Result};
 /// A network namespace, held open by a file descriptor (so it stays valid
 /// even if its bind mount is removed meanwhile).
 #[derive(Debug)]
-pub struct Netns {
+pub struct NetnsFd {
     fd: OwnedFd,
 }
 
-impl Netns {
+impl NetnsFd {
     /// Opens a namespace file such as `/run/netns/NAME` or `/proc/PID/ns/net`
     /// (what `CNI_NETNS` points at). A missing path is
     /// [`Error::NetnsNotFound`]; any other file is [`Error::NotNetns`].
-    pub fn open(path: &Path) -> Result<Netns> {
+    pub fn open(path: &Path) -> Result<NetnsFd> {
         let fd = match open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()) {
             Ok(fd) => fd,
             Err(nix::Error::ENOENT) => return Err(Error::NetnsNotFound(path.to_path_buf())),
@@ -32,18 +32,18 @@ impl Netns {
         if st.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
             return Err(Error::NotNetns(path.to_path_buf()));
         }
-        Ok(Netns { fd })
+        Ok(NetnsFd { fd })
     }
 
     /// The namespace of the calling thread (not of the process: after
-    /// [`Netns::enter`] they differ).
-    pub fn current() -> Result<Netns> {
-        Netns::open(Path::new("/proc/thread-self/ns/net"))
+    /// [`NetnsFd::enter`] they differ).
+    pub fn current() -> Result<NetnsFd> {
+        NetnsFd::open(Path::new("/proc/thread-self/ns/net"))
     }
 
     /// Wraps an already open namespace descriptor.
-    pub fn from_fd(fd: OwnedFd) -> Netns {
-        Netns { fd }
+    pub fn from_fd(fd: OwnedFd) -> NetnsFd {
+        NetnsFd { fd }
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -51,7 +51,7 @@ impl Netns {
     }
 
     /// Whether both handles refer to the same namespace.
-    pub fn is_same(&self, other: &Netns) -> Result<bool> {
+    pub fn is_same(&self, other: &NetnsFd) -> Result<bool> {
         let a = ns_id(&self.fd)?;
         let b = ns_id(&other.fd)?;
         Ok(a == b)
@@ -73,7 +73,7 @@ impl Netns {
 }
 
 pub(crate) fn enter_fd(fd: BorrowedFd) -> Result<NetnsGuard> {
-    let prev = Netns::current()?;
+    let prev = NetnsFd::current()?;
     setns(fd, CloneFlags::CLONE_NEWNET).map_err(|e| Error::nix("setns into netns", e))?;
     Ok(NetnsGuard {
         prev: Some(prev),
@@ -81,7 +81,7 @@ pub(crate) fn enter_fd(fd: BorrowedFd) -> Result<NetnsGuard> {
     })
 }
 
-impl AsFd for Netns {
+impl AsFd for NetnsFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -93,10 +93,10 @@ fn ns_id(fd: &OwnedFd) -> Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
-/// Returned by [`Netns::enter`]; restores the previous namespace on drop.
+/// Returned by [`NetnsFd::enter`]; restores the previous namespace on drop.
 #[must_use = "the namespace is restored when the guard is dropped"]
 pub struct NetnsGuard {
-    prev: Option<Netns>,
+    prev: Option<NetnsFd>,
     // setns() is per thread: restoring from another thread would move the
     // wrong thread.
     _not_send: PhantomData<*const ()>,
@@ -131,7 +131,7 @@ impl Drop for NetnsGuard {
 /// with `f`, so no thread is ever left (or reused) in a foreign namespace and
 /// the caller's thread never changes namespace. A panic in `f` is resumed
 /// on the caller's thread.
-pub fn run_in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
+pub fn run_in_netns<T: Send>(ns: &NetnsFd, f: impl FnOnce() -> T + Send) -> Result<T> {
     std::thread::scope(|s| {
         let worker = s.spawn(move || -> Result<T> {
             setns(ns.fd(), CloneFlags::CLONE_NEWNET)

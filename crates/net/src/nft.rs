@@ -44,12 +44,8 @@ fn validate_network(network: &str) -> Result<()> {
     }
 }
 
-/// FNV-1a: a stable, dependency-free hash to keep long chain names unique.
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
+// Keeps long chain names unique (the same hash as the host veth names).
+use crate::hash::fnv1a;
 
 /// The chain holding `network`'s rules: `masq-<network>`, or for names too
 /// long for nftables a truncated name plus a hash of the full one.

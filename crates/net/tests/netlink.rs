@@ -1,5 +1,5 @@
 //! evio-net against the real kernel. Every test works in network namespaces
-//! it creates (testkit `Netns`, deleted on drop) and runs the crate's code
+//! it creates (testkit `NetnsFd`, deleted on drop) and runs the crate's code
 //! on threads entered into them (`run_in_netns`): the test threads never
 //! change namespace and nothing touches the root namespace.
 // A test that unwraps fails loudly, which is what a test should do.
@@ -8,12 +8,12 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use evio_net::{ethtool, ipv6, nft, run_in_netns, sysctl, Error, Family, Handle, Netns, Route};
+use evio_net::{ethtool, ipv6, nft, run_in_netns, sysctl, Error, Family, Handle, NetnsFd, Route};
 use evio_testkit::netns::Netns as TestNs;
 use ipnet::IpNet;
 
-fn open(ns: &TestNs) -> Netns {
-    Netns::open(&ns.path()).expect("open test netns")
+fn open(ns: &TestNs) -> NetnsFd {
+    NetnsFd::open(&ns.path()).expect("open test netns")
 }
 
 /// Runs `f` with a fresh handle inside `ns`, on a thread entered into it.
@@ -43,7 +43,7 @@ fn index(h: &mut Handle, name: &str) -> u32 {
 
 /// A veth pair with both ends in the handle's namespace.
 fn veth_pair(h: &mut Handle, a: &str, b: &str) -> (u32, u32) {
-    let here = Netns::current().unwrap();
+    let here = NetnsFd::current().unwrap();
     h.create_veth(a, b, here.fd(), 0, None).unwrap();
     (index(h, a), index(h, b))
 }
@@ -52,9 +52,9 @@ fn veth_pair(h: &mut Handle, a: &str, b: &str) -> (u32, u32) {
 fn bridge_create_lookup_and_exists() {
     let ns = TestNs::new("nbr");
     let (br, again, by_index, all) = in_ns(&ns, |h| {
-        h.create_bridge("br0", 1400).unwrap();
+        h.create_bridge("br0", 1400, None).unwrap();
         let br = h.link_by_name("br0").unwrap().unwrap();
-        let again = h.create_bridge("br0", 1400).unwrap_err();
+        let again = h.create_bridge("br0", 1400, None).unwrap_err();
         let by_index = h.link_by_index(br.index).unwrap();
         let all = h.links().unwrap();
         (br, again, by_index, all)
@@ -74,6 +74,30 @@ fn bridge_create_lookup_and_exists() {
     // Cross-check with iproute2.
     let out = ns.ok(&["ip", "-d", "link", "show", "br0"]);
     assert!(out.contains("mtu 1400") && out.contains("bridge "), "{out}");
+}
+
+/// The MAC given at creation is the bridge's from the first moment and stays
+/// when a port with a lower MAC joins and leaves (addr_assign_type 3,
+/// NET_ADDR_SET): no second message, so no crash window leaves it unpinned.
+#[test]
+fn bridge_created_with_its_mac_keeps_it() {
+    let ns = TestNs::new("nbrmac");
+    let want = [0x0a, 0xee, 0x00, 0x00, 0x00, 0x42];
+    let (created, with_port, after) = in_ns(&ns, |h| {
+        h.create_bridge("brm", 0, Some(want)).unwrap();
+        let br = h.link_by_name("brm").unwrap().unwrap();
+        let (v0, _) = veth_pair(h, "vlow0", "vlow1");
+        h.set_mac(v0, [0x02, 0, 0, 0, 0, 1]).unwrap();
+        h.set_master(v0, br.index).unwrap();
+        let with_port = h.link_by_index(br.index).unwrap().unwrap().mac;
+        h.delete_link(v0).unwrap();
+        let after = h.link_by_index(br.index).unwrap().unwrap().mac;
+        (br.mac, with_port, after)
+    });
+    assert_eq!(created, Some(want));
+    assert_eq!(with_port, Some(want));
+    // A port with a lower MAC would otherwise have lent the bridge its own.
+    assert_eq!(after, Some(want));
 }
 
 #[test]
@@ -146,7 +170,7 @@ fn veth_peer_created_in_other_netns_with_alias() {
 fn bridge_port_master_up_mtu_hairpin_alias() {
     let ns = TestNs::new("nport");
     let (br, port, not_port_err) = in_ns(&ns, |h| {
-        h.create_bridge("br0", 0).unwrap();
+        h.create_bridge("br0", 0, None).unwrap();
         let br = index(h, "br0");
         let (v0, v1) = veth_pair(h, "v0", "v1");
         h.set_master(v0, br).unwrap();
@@ -394,8 +418,8 @@ fn routes_v4_v6_add_dump_delete() {
 fn delete_links_present_and_absent() {
     let ns = TestNs::new("ndel");
     in_ns(&ns, |h| {
-        h.create_bridge("br0", 0).unwrap();
-        h.create_bridge("br1", 0).unwrap();
+        h.create_bridge("br0", 0, None).unwrap();
+        h.create_bridge("br1", 0, None).unwrap();
         let br0 = index(h, "br0");
         h.delete_link(br0).unwrap();
         assert_eq!(h.link_by_name("br0").unwrap(), None);
@@ -410,13 +434,13 @@ fn delete_links_present_and_absent() {
 
 #[test]
 fn netns_open_missing_and_not_a_netns() {
-    let err = Netns::open(std::path::Path::new(
+    let err = NetnsFd::open(std::path::Path::new(
         "/run/netns/evio-net-test-does-not-exist",
     ))
     .unwrap_err();
     assert!(matches!(err, Error::NetnsNotFound(_)), "{err}");
     assert!(err.is_not_found());
-    let err = Netns::open(std::path::Path::new("/proc/self/status")).unwrap_err();
+    let err = NetnsFd::open(std::path::Path::new("/proc/self/status")).unwrap_err();
     assert!(matches!(err, Error::NotNetns(_)), "{err}");
 }
 
@@ -424,13 +448,13 @@ fn netns_open_missing_and_not_a_netns() {
 fn run_in_netns_and_enter_leave_the_caller_alone() {
     let ns = TestNs::new("nenter");
     let target = open(&ns);
-    let before = Netns::current().unwrap();
+    let before = NetnsFd::current().unwrap();
     let inside_is_target = run_in_netns(&target, || {
-        Netns::current().unwrap().is_same(&target).unwrap()
+        NetnsFd::current().unwrap().is_same(&target).unwrap()
     })
     .unwrap();
     assert!(inside_is_target);
-    assert!(Netns::current().unwrap().is_same(&before).unwrap());
+    assert!(NetnsFd::current().unwrap().is_same(&before).unwrap());
     assert!(!before.is_same(&target).unwrap());
 
     // A panic inside is the caller's panic.
@@ -440,19 +464,19 @@ fn run_in_netns_and_enter_leave_the_caller_alone() {
     // enter()/guard and Handle::new_in on a dedicated thread.
     let target2 = open(&ns);
     std::thread::spawn(move || {
-        let start = Netns::current().unwrap();
+        let start = NetnsFd::current().unwrap();
         {
             let _guard = target2.enter().unwrap();
-            assert!(Netns::current().unwrap().is_same(&target2).unwrap());
+            assert!(NetnsFd::current().unwrap().is_same(&target2).unwrap());
         }
-        assert!(Netns::current().unwrap().is_same(&start).unwrap());
+        assert!(NetnsFd::current().unwrap().is_same(&start).unwrap());
         let guard = target2.enter().unwrap();
         guard.restore().unwrap();
-        assert!(Netns::current().unwrap().is_same(&start).unwrap());
+        assert!(NetnsFd::current().unwrap().is_same(&start).unwrap());
 
         let mut h = Handle::new_in(&target2).unwrap();
-        assert!(Netns::current().unwrap().is_same(&start).unwrap());
-        h.create_bridge("brin", 0).unwrap();
+        assert!(NetnsFd::current().unwrap().is_same(&start).unwrap());
+        h.create_bridge("brin", 0, None).unwrap();
     })
     .join()
     .unwrap();
@@ -716,7 +740,7 @@ fn large_dumps_span_several_datagrams() {
     let ns = TestNs::new("nbig");
     let (links, addrs, after) = in_ns(&ns, |h| {
         for i in 0..80 {
-            h.create_bridge(&format!("b{i}"), 0).unwrap();
+            h.create_bridge(&format!("b{i}"), 0, None).unwrap();
         }
         let b0 = index(h, "b0");
         for i in 0..300u32 {

@@ -263,7 +263,7 @@ fn inspect_bridge(bridge: &str, network: &str) -> (Option<usize>, Option<bool>, 
     let Ok(mut h) = evio_net::Handle::new() else {
         return (None, None, false);
     };
-    let prefix = format!("evio|{network}|");
+    let prefix = evio_plugin::naming::network_alias_prefix(network);
     let pods = h.links().ok().map(|links| {
         links
             .iter()

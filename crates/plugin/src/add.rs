@@ -12,11 +12,11 @@ use evio_cni::env::{Command, Env};
 use evio_cni::ipam::Delegate;
 use evio_cni::result::{CniResult, Interface, Route as CniRoute};
 use evio_cni::{code, CniError, Result};
-use evio_net::{ethtool, sysctl, Handle, Link, Netns, Route};
+use evio_net::{ethtool, sysctl, Handle, Link, NetnsFd, Route};
 use ipnet::IpNet;
 
 use crate::naming::{alias, host_veth_name, MAX_ALIAS, MAX_CONTAINER_ID};
-use crate::switch::{self, Attachment, Switch};
+use crate::switch::{self, Port, Switch, VethOwner};
 use crate::{neterr, Log};
 
 pub fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<CniResult> {
@@ -42,7 +42,7 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<CniResult> {
         )));
     }
     let pod_ns = open_netns(netns_path)?;
-    let host_ns = Netns::current().map_err(neterr("open the node's netns"))?;
+    let host_ns = NetnsFd::current().map_err(neterr("open the node's netns"))?;
     // The node's own namespace given as the pod's (e.g. /proc/self/ns/net)
     // would have the node plumbed as if it were a pod.
     if pod_ns
@@ -90,12 +90,20 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<CniResult> {
 
     // Found before the bridge is created: a missing delegate is a config
     // error that must leave a fresh node untouched.
-    let ipam = Delegate::find(&conf.ipam_type, &env.path)?;
+    let ipam = Delegate::of(conf, &env.path)?;
     let mut sw = switch::for_conf(conf);
     let bridge = sw.ensure_bridge(&mut host)?;
-    let ipam_result = ipam.add(&conf.raw, conf.version)?;
+    let ipam_result = match ipam.add(&conf.raw, conf.version) {
+        Ok(r) => r,
+        Err(e) => {
+            // A delegate killed on timeout (or one that failed half-way) may
+            // hold an address already; releasing is a no-op otherwise.
+            release_ipam(&ipam, env, conf, log);
+            return Err(e);
+        }
+    };
 
-    let att = Attachment {
+    let owner = VethOwner {
         network: &conf.name,
         container_id: &env.container_id,
         ifname: &env.ifname,
@@ -105,33 +113,34 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<CniResult> {
         env,
         conf,
         netns_path,
+        pod_ns: &pod_ns,
+        host_ns: &host_ns,
+        bridge: &bridge,
+        owner: &owner,
         veth_name: &veth_name,
         veth_created: false,
         port_attached: false,
         log,
     };
-    let res = plumbing.run(
-        &mut host,
-        &mut pod,
-        &pod_ns,
-        &host_ns,
-        sw.as_mut(),
-        &bridge,
-        &att,
-        ipam_result,
-    );
+    let res = plumbing.run(&mut host, &mut pod, sw.as_mut(), ipam_result);
     match res {
         Ok(r) => Ok(r),
         Err(e) => {
-            plumbing.rollback(&mut host, sw.as_mut(), &att);
-            if let Err(e2) = ipam.run(Command::Del, &conf.raw, conf.version) {
-                log.warn(format_args!(
-                    "rollback: ipam DEL for {} failed: {e2}",
-                    env.container_id
-                ));
-            }
+            plumbing.rollback(&mut host, sw.as_mut());
+            release_ipam(&ipam, env, conf, log);
             Err(e)
         }
+    }
+}
+
+/// Rollback's IPAM DEL: its failure is logged, the ADD's error is what the
+/// runtime gets (and its DEL of the failed ADD retries the release).
+fn release_ipam(ipam: &Delegate, env: &Env, conf: &NetConf, log: &Log) {
+    if let Err(e) = ipam.run(Command::Del, &conf.raw, conf.version) {
+        log.warn(format_args!(
+            "rollback: ipam DEL for {} failed: {e}",
+            env.container_id
+        ));
     }
 }
 
@@ -145,17 +154,33 @@ fn already_exists(env: &Env, what: &str) -> CniError {
     )
 }
 
-pub(crate) fn open_netns(path: &Path) -> Result<Netns> {
-    Netns::open(path).map_err(|e| {
-        CniError::invalid_env(format!("CNI_NETNS {} cannot be opened", path.display()))
-            .with_details(e.to_string())
+/// A CNI_NETNS that does not exist is "container unknown" (code 3), like
+/// a netns that vanishes later; one that is no netns, or a relative path
+/// (which names nothing in particular), is a bad variable (4).
+pub(crate) fn open_netns(path: &Path) -> Result<NetnsFd> {
+    NetnsFd::open(path).map_err(|e| {
+        let code = match e {
+            evio_net::Error::NetnsNotFound(_) if path.is_absolute() => code::UNKNOWN_CONTAINER,
+            _ => code::INVALID_ENV,
+        };
+        CniError::new(
+            code,
+            format!("CNI_NETNS {} cannot be opened", path.display()),
+        )
+        .with_details(e.to_string())
     })
 }
 
+/// One ADD's plumbing after IPAM: what it works on, and how far it got
+/// (what rollback must undo).
 struct Plumbing<'a> {
     env: &'a Env,
     conf: &'a NetConf,
     netns_path: &'a Path,
+    pod_ns: &'a NetnsFd,
+    host_ns: &'a NetnsFd,
+    bridge: &'a Link,
+    owner: &'a VethOwner<'a>,
     veth_name: &'a str,
     veth_created: bool,
     port_attached: bool,
@@ -163,20 +188,16 @@ struct Plumbing<'a> {
 }
 
 impl Plumbing<'_> {
-    #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
         host: &mut Handle,
         pod: &mut Handle,
-        pod_ns: &Netns,
-        host_ns: &Netns,
         sw: &mut dyn Switch,
-        bridge: &Link,
-        att: &Attachment,
         mut result: CniResult,
     ) -> Result<CniResult> {
         let conf = self.conf;
         let ifname = &self.env.ifname;
+        let (pod_ns, host_ns, bridge) = (self.pod_ns, self.host_ns, self.bridge);
         if result.ips.is_empty() {
             return Err(CniError::new(
                 code::IPAM,
@@ -248,7 +269,14 @@ impl Plumbing<'_> {
         }
         host.set_up(veth.index)
             .map_err(neterr(format!("bring up {}", self.veth_name)))?;
-        sw.attach(host, bridge, &veth, att)?;
+        sw.attach(
+            host,
+            &Port {
+                bridge,
+                veth: &veth,
+                owner: self.owner,
+            },
+        )?;
         self.port_attached = true;
         pod.set_up(pod_link.index)
             .map_err(neterr(format!("bring up {ifname}")))?;
@@ -386,10 +414,10 @@ impl Plumbing<'_> {
 
     /// Removes what this ADD created on the host. The pod side goes with
     /// the veth pair.
-    fn rollback(&self, host: &mut Handle, sw: &mut dyn Switch, att: &Attachment) {
+    fn rollback(&self, host: &mut Handle, sw: &mut dyn Switch) {
         let log = self.log;
         if self.port_attached {
-            if let Err(e) = sw.detach(self.veth_name, att) {
+            if let Err(e) = sw.detach(self.veth_name, self.owner) {
                 log.warn(format_args!("rollback: detach {}: {e}", self.veth_name));
             }
         }

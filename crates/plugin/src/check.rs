@@ -10,7 +10,7 @@ use evio_net::{ethtool, Family, Handle};
 use crate::add::{fmt_mac, open_netns};
 use crate::naming::host_veth_name;
 use crate::neterr;
-use crate::switch::{self, Attachment};
+use crate::switch::{self, Port, VethOwner};
 
 fn failed(msg: String) -> CniError {
     CniError::new(code::CHECK_FAILED, msg)
@@ -23,7 +23,7 @@ pub fn check(env: &Env, conf: &NetConf) -> Result<()> {
         .ok_or_else(|| CniError::invalid_config("CHECK needs prevResult"))?;
     let prev = CniResult::from_value(prev).map_err(|e| e.context("prevResult"))?;
 
-    let ipam = Delegate::find(&conf.ipam_type, &env.path)?;
+    let ipam = Delegate::of(conf, &env.path)?;
     ipam.run(Command::Check, &conf.raw, conf.version)?;
 
     let netns_path = env
@@ -106,13 +106,20 @@ pub fn check(env: &Env, conf: &NetConf) -> Result<()> {
         .map_err(neterr(format!("look up {veth_name}")))?
         .ok_or_else(|| failed(format!("host veth {veth_name} is missing")))?;
     let bridge = sw.existing_bridge(&mut host)?;
-    let att = Attachment {
+    let owner = VethOwner {
         network: &conf.name,
         container_id: &env.container_id,
         ifname,
         netns: netns_path.to_str(),
     };
-    sw.check(&mut host, &bridge, &veth, &att)?;
+    sw.check(
+        &mut host,
+        &Port {
+            bridge: &bridge,
+            veth: &veth,
+            owner: &owner,
+        },
+    )?;
     if sw.needs_tx_checksum_off() && tx_on != Some(false) {
         return Err(failed(format!(
             "TX checksum offload is on for {ifname} on a userspace OVS bridge: TCP would fail"

@@ -11,13 +11,13 @@ use evio_cni::{CniError, Result};
 use evio_net::Handle;
 
 use crate::naming::host_veth_name;
-use crate::switch::{self, Attachment};
+use crate::switch::{self, VethOwner};
 use crate::{neterr, Log};
 
 pub fn del(env: &Env, conf: &NetConf, log: &Log) -> Result<()> {
     let mut errors: Vec<CniError> = Vec::new();
     let veth_name = host_veth_name(&env.container_id, &env.ifname);
-    let att = Attachment {
+    let owner = VethOwner {
         network: &conf.name,
         container_id: &env.container_id,
         ifname: &env.ifname,
@@ -34,10 +34,10 @@ pub fn del(env: &Env, conf: &NetConf, log: &Log) -> Result<()> {
         Err(e) => errors.push(neterr("open netlink in the node's netns")(e)),
     }
     let mut sw = switch::for_conf(conf);
-    if let Err(e) = sw.detach(&veth_name, &att) {
+    if let Err(e) = sw.detach(&veth_name, &owner) {
         errors.push(e);
     }
-    match Delegate::find(&conf.ipam_type, &env.path) {
+    match Delegate::of(conf, &env.path) {
         Ok(ipam) => {
             if let Err(e) = ipam.run(Command::Del, &conf.raw, conf.version) {
                 errors.push(e);

@@ -2,20 +2,16 @@
 //! that the runtime no longer lists in `cni.dev/valid-attachments`.
 
 use std::collections::HashSet;
-use std::fs;
-use std::io::ErrorKind;
-use std::net::IpAddr;
-use std::path::Path;
 
 use evio_cni::config::NetConf;
 use evio_cni::env::{Command, Env};
-use evio_cni::ipam::{host_local_dir, Delegate};
+use evio_cni::host_local::{self, NetworkDir};
+use evio_cni::ipam::Delegate;
 use evio_cni::version::Version;
 use evio_cni::{code, CniError, Result};
 use evio_net::Handle;
-use nix::fcntl::{Flock, FlockArg};
 
-use crate::naming::parse_alias;
+use crate::naming::{host_veth_name, host_veth_of, HostVeth};
 use crate::switch;
 use crate::{neterr, Log};
 
@@ -28,24 +24,25 @@ pub fn gc(env: &Env, conf: &NetConf, log: &Log) -> Result<()> {
         .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
         .collect();
     let keep = |cid: &str, ifname: &str| valid.contains(&(cid, ifname));
+    let valid_veths: HashSet<String> = valid
+        .iter()
+        .map(|(cid, ifname)| host_veth_name(cid, ifname))
+        .collect();
     let mut errors: Vec<CniError> = Vec::new();
 
     // Host veths first: a stale pod loses its connectivity before its
     // address can be handed to someone else.
     let mut host = Handle::new().map_err(neterr("open netlink in the node's netns"))?;
     for link in host.links().map_err(neterr("list links"))? {
-        let Some((cid, ifname)) = link
-            .alias
-            .as_deref()
-            .and_then(|a| parse_alias(a, &conf.name))
-        else {
-            continue;
+        let whose = match host_veth_of(&link, &conf.name) {
+            Some(HostVeth::Tagged(cid, ifname)) if keep(cid, ifname) => continue,
+            Some(HostVeth::Tagged(cid, ifname)) => format!("{cid}/{ifname}"),
+            Some(HostVeth::Untagged) if valid_veths.contains(&link.name) => continue,
+            Some(HostVeth::Untagged) => "untagged: its ADD stopped before tagging it".into(),
+            None => continue,
         };
-        if keep(cid, ifname) {
-            continue;
-        }
         match host.delete_link(link.index) {
-            Ok(()) => log.info(format_args!("GC: removed {} ({cid}/{ifname})", link.name)),
+            Ok(()) => log.info(format_args!("GC: removed {} ({whose})", link.name)),
             Err(e) if e.is_not_found() => {}
             Err(e) => errors.push(neterr(format!("GC: delete {}", link.name))(e)),
         }
@@ -76,7 +73,7 @@ pub fn gc(env: &Env, conf: &NetConf, log: &Log) -> Result<()> {
 }
 
 fn gc_ipam(env: &Env, conf: &NetConf, valid: &HashSet<(&str, &str)>, log: &Log) -> Result<()> {
-    let ipam = Delegate::find(&conf.ipam_type, &env.path)?;
+    let ipam = Delegate::of(conf, &env.path)?;
     // A delegate that speaks 1.1.0 does its own GC.
     if ipam
         .versions()
@@ -96,59 +93,40 @@ fn gc_ipam(env: &Env, conf: &NetConf, valid: &HashSet<(&str, &str)>, log: &Log) 
     }
     let raw: serde_json::Value = serde_json::from_slice(&conf.raw)
         .map_err(|e| CniError::new(code::DECODE, "config").with_details(e.to_string()))?;
-    let dir = host_local_dir(&raw, &conf.name);
-    for f in host_local_release(&dir, valid)? {
-        log.info(format_args!("GC: released {f} in {}", dir.display()));
+    let dir = host_local::network_dir(&raw, &conf.name);
+    let Some(dir) = NetworkDir::open(&dir)? else {
+        return Ok(());
+    };
+    for ip in host_local_release(&dir, valid, log)? {
+        log.info(format_args!(
+            "GC: released {ip} in {}",
+            dir.path().display()
+        ));
     }
     Ok(())
 }
 
-/// host-local keeps one file per allocated IP, named by the IP and holding
-/// `<containerID>\r\n<ifname>` (before CNI 0.4 just the container ID),
-/// guarded by an flock on `<dir>/lock`. It has no GC of its own (not even
-/// upstream), so the entries of dead attachments are removed here under the
-/// same lock. Returns the released IPs.
-pub fn host_local_release(dir: &Path, valid: &HashSet<(&str, &str)>) -> Result<Vec<String>> {
-    fn io(what: String) -> impl FnOnce(std::io::Error) -> CniError {
-        move |e| CniError::new(code::IO, what).with_details(e.to_string())
+/// host-local has no GC of its own (not even upstream), so the entries of
+/// dead attachments are removed here, under host-local's lock (bounded: a
+/// stuck holder makes GC fail with code 11 instead of hanging). Entries that
+/// are not plain files are left alone and logged. Returns the released IPs.
+pub fn host_local_release(
+    dir: &NetworkDir,
+    valid: &HashSet<(&str, &str)>,
+    log: &Log,
+) -> Result<Vec<String>> {
+    let _locked = dir.lock(host_local::LOCK_TIMEOUT)?;
+    let listing = dir.allocations()?;
+    for (name, why) in &listing.refused {
+        log.warn(format_args!(
+            "GC: {}/{name} is {why}: not host-local's, left alone",
+            dir.path().display()
+        ));
     }
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(format!("read {}", dir.display()))(e)),
-    };
-    let lock = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("lock"))
-        .map_err(io(format!("open {}/lock", dir.display())))?;
-    let _locked = Flock::lock(lock, FlockArg::LockExclusive)
-        .map_err(|(_, e)| io(format!("lock {}/lock", dir.display()))(e.into()))?;
     let mut released = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        // Only files named by an IP are allocations (not `lock`, not
-        // `last_reserved_ip.N`).
-        let Some(name) = name.to_str().filter(|n| n.parse::<IpAddr>().is_ok()) else {
-            continue;
-        };
-        let Ok(content) = fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        let mut lines = content.split("\r\n").map(str::trim);
-        let cid = lines.next().unwrap_or("");
-        let stale = match lines.next().filter(|i| !i.is_empty()) {
-            Some(ifname) => !valid.contains(&(cid, ifname)),
-            // Old format: kept while any valid attachment has this ID.
-            None => !valid.iter().any(|(c, _)| *c == cid),
-        };
-        if stale {
-            match fs::remove_file(entry.path()) {
-                Ok(()) => released.push(name.to_string()),
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(io(format!("remove {}", entry.path().display()))(e)),
-            }
+    for a in listing.allocations {
+        if a.owner.is_stale(valid.iter().copied()) && dir.release(a.ip)? {
+            released.push(a.ip.to_string());
         }
     }
     Ok(released)

@@ -2,7 +2,7 @@
 //! spec 1.1.0 over a Linux bridge or an Open vSwitch bridge.
 //!
 //! The process is single-threaded on purpose: it switches network namespace
-//! with `setns` (see `evio_net::Netns::enter`), which is only safe when no
+//! with `setns` (see `evio_net::NetnsFd::enter`), which is only safe when no
 //! other thread can observe the switch. Stdout carries the CNI protocol and
 //! nothing else; logs go to stderr (errors) and to `logFile` (everything).
 
@@ -25,9 +25,34 @@ pub mod switch;
 pub use log::Log;
 
 /// Maps a host networking error to a CNI error that says what was being
-/// done; a netns that disappeared mid-way is "container unknown".
+/// done; a netns that disappeared mid-way is "container unknown" (code 3:
+/// the spec's "container unknown or does not exist", which tells the runtime
+/// there is nothing to clean up in it).
 pub(crate) fn neterr(what: impl std::fmt::Display) -> impl FnOnce(evio_net::Error) -> CniError {
-    move |e| CniError::new(code::NETWORK, format!("{what}: {e}"))
+    move |e| {
+        let code = match e {
+            evio_net::Error::NetnsNotFound(_) => code::UNKNOWN_CONTAINER,
+            _ => code::NETWORK,
+        };
+        CniError::new(code, format!("{what}: {e}"))
+    }
+}
+
+/// evio never runs as anyone's IPAM delegate: when evio started this
+/// process as one (a config whose `ipam.type` is evio under another file
+/// name, or a symlink to it), it stops here instead of delegating again,
+/// level after level. VERSION delegates nothing and stays allowed.
+fn refuse_self_delegation(command: Command) -> Result<()> {
+    let depth = evio_cni::ipam::delegation_depth()?;
+    if depth > 0 && command != Command::Version {
+        return Err(CniError::invalid_config(format!(
+            "evio was started as an IPAM delegate ({}={depth}): the config's ipam.type \
+             names evio itself (perhaps renamed or through a symlink); use an IPAM plugin \
+             such as host-local",
+            evio_cni::ipam::DEPTH_ENV
+        )));
+    }
+    Ok(())
 }
 
 /// Runs the plugin; returns the process exit code.
@@ -59,6 +84,9 @@ pub fn main() -> i32 {
     };
     if env.command == Command::Version {
         return print(&evio_cni::version::version_info());
+    }
+    if let Err(e) = refuse_self_delegation(env.command) {
+        return fail(&e, &version);
     }
     let conf = match NetConf::parse(&raw) {
         Ok(c) => c,
@@ -137,4 +165,22 @@ fn fail(e: &CniError, version: &str) -> i32 {
     let _ = writeln!(std::io::stderr(), "evio: {e}");
     print(&e.to_json(version));
     1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vanished_netns_is_container_unknown() {
+        let e = neterr("enter the pod's netns")(evio_net::Error::NetnsNotFound(
+            "/run/netns/gone".into(),
+        ));
+        assert_eq!(e.code, code::UNKNOWN_CONTAINER);
+        let e = neterr("x")(evio_net::Error::Invalid {
+            what: "interface name",
+            value: "a/b".into(),
+        });
+        assert_eq!(e.code, code::NETWORK);
+    }
 }

@@ -3,9 +3,8 @@
 //! runs once per pod and its start-up time matters.
 
 use std::fmt::Arguments;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,15 +14,13 @@ pub struct Log {
 
 impl Log {
     /// Opens (appends to) the log file; a log file that cannot be opened
-    /// must not fail the pod, so it is reported once and ignored.
+    /// must not fail the pod, so it is reported once and ignored. Only a
+    /// regular file is used: a symlink would send the plugin's (root's)
+    /// writes elsewhere, and a FIFO nobody reads would block every command.
     pub fn open(path: Option<&Path>) -> Log {
         let file = path.and_then(|p| {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o640)
-                .open(p)
-                .map_err(|e| eprintln!("evio: cannot open logFile {}: {e}", p.display()))
+            evio_cni::files::open_append_regular(p, 0o640)
+                .map_err(|e| eprintln!("evio: cannot use logFile {}: {e}", p.display()))
                 .ok()
         });
         Log { file }

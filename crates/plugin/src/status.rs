@@ -16,7 +16,7 @@ pub fn status(env: &Env, conf: &NetConf) -> Result<()> {
         }
     };
     switch::for_conf(conf).status().map_err(not_ready)?;
-    let ipam = Delegate::find(&conf.ipam_type, &env.path).map_err(not_ready)?;
+    let ipam = Delegate::of(conf, &env.path).map_err(not_ready)?;
     // A delegate older than 1.1.0 has no STATUS: it is ready if it runs.
     let versions = ipam.versions().map_err(not_ready)?;
     if versions.iter().any(|v| v == "1.1.0") {

@@ -172,7 +172,7 @@ fn vswitchd_killed_and_restarted_during_pod_churn() {
         .chain(anchors.iter())
         .map(|p| (p.id.clone(), p.ifname.clone()))
         .collect();
-    let node = evio_net::Netns::open(&f.node.path()).unwrap_or_else(|e| panic!("{e}"));
+    let node = evio_net::NetnsFd::open(&f.node.path()).unwrap_or_else(|e| panic!("{e}"));
     let doctor = |valid: &BTreeSet<AttachmentId>| {
         let opts = Options {
             valid: Some(valid.clone()),

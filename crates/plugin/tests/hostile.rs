@@ -6,7 +6,7 @@
 //! no OVS bridge or port. The node is fresh (never warmed up) so that any
 //! side effect before validation shows.
 //!
-//! Codes (CNI spec 1.1.0 "Error" and shared/DESIGN.md):
+//! Codes (CNI spec 1.1.0 "Error" and docs/design.md):
 //!   6  the bytes are not a JSON object at all (not JSON, not UTF-8, too
 //!      large, nested past the parser's limit, a number JSON cannot hold)
 //!      or a field that must be decoded is not decodable (`cniVersion`
@@ -16,7 +16,9 @@
 //!      including names that would escape their namespace (`../`, NUL,
 //!      too long) and delegates/paths that are not what they claim;
 //!   4  a `CNI_*` variable that is missing or malformed, or a CNI_NETNS that
-//!      is not a network namespace other than the node's own.
+//!      is not a network namespace other than the node's own;
+//!   3  a CNI_NETNS that does not exist (the spec's "container unknown or
+//!      does not exist").
 // A test that unwraps fails loudly, which is what a test should do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -427,7 +429,7 @@ fn cases() -> Vec<Case> {
         env("CNI_NETNS missing", 4, &["cni_netns"], |i| {
             i.unset_env("CNI_NETNS")
         }),
-        env("CNI_NETNS does not exist", 4, &["cni_netns"], |i| {
+        env("CNI_NETNS does not exist", 3, &["cni_netns"], |i| {
             i.set_env("CNI_NETNS", "/run/netns/evio-no-such-netns")
         }),
         env("CNI_NETNS a regular file", 4, &["cni_netns"], |i| {

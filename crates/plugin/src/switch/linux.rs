@@ -4,7 +4,7 @@ use evio_cni::config::NetConf;
 use evio_cni::{code, CniError, Result};
 use evio_net::{Handle, Link};
 
-use super::{random_mac, Attachment, Switch};
+use super::{random_mac, Port, Switch, VethOwner};
 use crate::neterr;
 
 pub struct LinuxBridge {
@@ -45,31 +45,21 @@ impl Switch for LinuxBridge {
         if let Some(l) = self.lookup(host)? {
             return Ok(l);
         }
-        let created = match host.create_bridge(&self.name, self.mtu) {
-            Ok(()) => true,
+        // The gateway's MAC must not change when the pod whose veth has the
+        // lowest MAC leaves, or every pod's ARP entry for the gateway goes
+        // stale; it is pinned in the creating message itself.
+        match host.create_bridge(&self.name, self.mtu, Some(random_mac())) {
+            Ok(()) => {}
             // Another plugin process created it between our lookup and now.
-            Err(e) if e.is_exists() => false,
+            Err(e) if e.is_exists() => {}
             Err(e) => return Err(neterr(format!("create bridge {}", self.name))(e)),
-        };
-        let bridge = self.lookup(host)?.ok_or_else(|| {
+        }
+        self.lookup(host)?.ok_or_else(|| {
             CniError::new(
                 code::NETWORK,
                 format!("bridge {} vanished right after creation", self.name),
             )
-        })?;
-        if created {
-            // The gateway's MAC must not change when the pod whose veth has
-            // the lowest MAC leaves, or every pod's ARP entry for the
-            // gateway goes stale.
-            let mac = random_mac();
-            host.set_mac(bridge.index, mac)
-                .map_err(neterr(format!("set MAC of bridge {}", self.name)))?;
-            return Ok(Link {
-                mac: Some(mac),
-                ..bridge
-            });
-        }
-        Ok(bridge)
+        })
     }
 
     fn existing_bridge(&mut self, host: &mut Handle) -> Result<Link> {
@@ -81,13 +71,8 @@ impl Switch for LinuxBridge {
         })
     }
 
-    fn attach(
-        &mut self,
-        host: &mut Handle,
-        bridge: &Link,
-        veth: &Link,
-        _att: &Attachment,
-    ) -> Result<()> {
+    fn attach(&mut self, host: &mut Handle, port: &Port) -> Result<()> {
+        let (bridge, veth) = (port.bridge, port.veth);
         host.set_master(veth.index, bridge.index)
             .map_err(neterr(format!(
                 "attach {} to bridge {}",
@@ -100,24 +85,18 @@ impl Switch for LinuxBridge {
         Ok(())
     }
 
-    fn detach(&mut self, _veth_name: &str, _att: &Attachment) -> Result<()> {
+    fn detach(&mut self, _veth_name: &str, _owner: &VethOwner) -> Result<()> {
         // A bridge port is the link itself: deleting the veth unplugs it.
         Ok(())
     }
 
-    fn check(
-        &mut self,
-        _host: &mut Handle,
-        bridge: &Link,
-        veth: &Link,
-        _att: &Attachment,
-    ) -> Result<()> {
-        if veth.master != Some(bridge.index) {
+    fn check(&mut self, _host: &mut Handle, port: &Port) -> Result<()> {
+        if port.veth.master != Some(port.bridge.index) {
             return Err(CniError::new(
                 code::CHECK_FAILED,
                 format!(
                     "host veth {} is not attached to bridge {}",
-                    veth.name, bridge.name
+                    port.veth.name, port.bridge.name
                 ),
             ));
         }

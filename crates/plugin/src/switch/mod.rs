@@ -8,12 +8,20 @@ use evio_net::{Handle, Link};
 pub mod linux;
 pub mod ovs;
 
-/// Who a host veth belongs to.
-pub struct Attachment<'a> {
+/// Who a host veth belongs to: the attachment identity plus the network
+/// and netns it was made for (what OVS ports carry in external_ids).
+pub struct VethOwner<'a> {
     pub network: &'a str,
     pub container_id: &'a str,
     pub ifname: &'a str,
     pub netns: Option<&'a str>,
+}
+
+/// A host veth as a port of the node bridge, and whose it is.
+pub struct Port<'a> {
+    pub bridge: &'a Link,
+    pub veth: &'a Link,
+    pub owner: &'a VethOwner<'a>,
 }
 
 pub trait Switch {
@@ -26,26 +34,14 @@ pub trait Switch {
     fn existing_bridge(&mut self, host: &mut Handle) -> Result<Link>;
 
     /// Plugs the host veth in. On error nothing of the port is left.
-    fn attach(
-        &mut self,
-        host: &mut Handle,
-        bridge: &Link,
-        veth: &Link,
-        att: &Attachment,
-    ) -> Result<()>;
+    fn attach(&mut self, host: &mut Handle, port: &Port) -> Result<()>;
 
     /// Unplugs the attachment's port, if the switch keeps one apart from the
     /// link (OVS does). Succeeds when it is already gone.
-    fn detach(&mut self, veth_name: &str, att: &Attachment) -> Result<()>;
+    fn detach(&mut self, veth_name: &str, owner: &VethOwner) -> Result<()>;
 
     /// Verifies the host veth is plugged into the bridge as this attachment.
-    fn check(
-        &mut self,
-        host: &mut Handle,
-        bridge: &Link,
-        veth: &Link,
-        att: &Attachment,
-    ) -> Result<()>;
+    fn check(&mut self, host: &mut Handle, port: &Port) -> Result<()>;
 
     /// Removes evio's ports of this network whose attachment (container
     /// ID, ifname) `keep` rejects or whose interface is gone. Returns the

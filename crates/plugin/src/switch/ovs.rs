@@ -10,7 +10,7 @@ use evio_net::{Handle, Link};
 use evio_ovsdb::vswitch::PortSpec;
 use evio_ovsdb::Client;
 
-use super::{Attachment, Switch};
+use super::{Port, Switch, VethOwner};
 use crate::naming::ovs_ids as ids;
 use crate::neterr;
 
@@ -74,11 +74,13 @@ impl OvsBridge {
         }
     }
 
-    fn identity<'a>(att: &'a Attachment) -> [(&'static str, &'a str); 3] {
+    /// The external_ids that make a port this attachment's: a port is only
+    /// ever deleted when all of them match.
+    fn identity<'a>(container_id: &'a str, ifname: &'a str) -> [(&'static str, &'a str); 3] {
         [
             (ids::OWNER, ids::OWNER_VALUE),
-            (ids::CONTAINER_ID, att.container_id),
-            (ids::IFNAME, att.ifname),
+            (ids::CONTAINER_ID, container_id),
+            (ids::IFNAME, ifname),
         ]
     }
 }
@@ -158,26 +160,21 @@ impl Switch for OvsBridge {
             })
     }
 
-    fn attach(
-        &mut self,
-        _host: &mut Handle,
-        bridge: &Link,
-        veth: &Link,
-        att: &Attachment,
-    ) -> Result<()> {
-        let netns = att.netns.unwrap_or("");
+    fn attach(&mut self, _host: &mut Handle, port: &Port) -> Result<()> {
+        let (bridge, veth, owner) = (port.bridge, port.veth, port.owner);
+        let netns = owner.netns.unwrap_or("");
         let external_ids = [
             (ids::OWNER, ids::OWNER_VALUE),
-            (ids::NETWORK, att.network),
-            (ids::CONTAINER_ID, att.container_id),
-            (ids::IFNAME, att.ifname),
+            (ids::NETWORK, owner.network),
+            (ids::CONTAINER_ID, owner.container_id),
+            (ids::IFNAME, owner.ifname),
             (ids::NETNS, netns),
         ];
         let spec = PortSpec {
             name: &veth.name,
             external_ids: &external_ids,
         };
-        let identity = Self::identity(att);
+        let identity = Self::identity(owner.container_id, owner.ifname);
         let client = self.client()?;
         client
             .add_port(&bridge.name, &spec)
@@ -203,21 +200,16 @@ impl Switch for OvsBridge {
         }
     }
 
-    fn detach(&mut self, veth_name: &str, att: &Attachment) -> Result<()> {
-        let identity = Self::identity(att);
+    fn detach(&mut self, veth_name: &str, owner: &VethOwner) -> Result<()> {
+        let identity = Self::identity(owner.container_id, owner.ifname);
         self.client()?
             .del_port_if(veth_name, &identity)
             .map_err(ovserr(format!("delete port {veth_name}")))?;
         Ok(())
     }
 
-    fn check(
-        &mut self,
-        _host: &mut Handle,
-        bridge: &Link,
-        veth: &Link,
-        att: &Attachment,
-    ) -> Result<()> {
+    fn check(&mut self, _host: &mut Handle, port: &Port) -> Result<()> {
+        let (bridge, veth, owner) = (port.bridge, port.veth, port.owner);
         let port = self
             .client()?
             .port(&veth.name)
@@ -235,7 +227,7 @@ impl Switch for OvsBridge {
                 veth.name, port.bridge, bridge.name
             ));
         }
-        for (k, v) in Self::identity(att) {
+        for (k, v) in Self::identity(owner.container_id, owner.ifname) {
             if port.external_ids.get(k).map(String::as_str) != Some(v) {
                 return fail(format!(
                     "OVS port {} does not belong to this attachment ({k} is {:?}, expected {v:?})",
@@ -282,11 +274,7 @@ impl Switch for OvsBridge {
             if keep(cid, ifname) && !gone {
                 continue;
             }
-            let identity = [
-                (ids::OWNER, ids::OWNER_VALUE),
-                (ids::CONTAINER_ID, cid),
-                (ids::IFNAME, ifname),
-            ];
+            let identity = Self::identity(cid, ifname);
             if self
                 .client()?
                 .del_port_if(&p.name, &identity)

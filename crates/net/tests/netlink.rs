@@ -1,5 +1,5 @@
 //! evio-net against the real kernel. Every test works in network namespaces
-//! it creates (testkit `NetnsFd`, deleted on drop) and runs the crate's code
+//! it creates (testkit `Netns`, deleted on drop) and runs the crate's code
 //! on threads entered into them (`run_in_netns`): the test threads never
 //! change namespace and nothing touches the root namespace.
 // A test that unwraps fails loudly, which is what a test should do.
@@ -648,7 +648,7 @@ fn nft_refusal_is_an_errno_and_atomic() {
 fn masquerade_needs_no_nft_program() {
     const CHILD: &str = "EVIO_TEST_NO_NFT_NETNS";
     if let Some(path) = std::env::var_os(CHILD) {
-        let target = Netns::open(std::path::Path::new(&path)).unwrap();
+        let target = NetnsFd::open(std::path::Path::new(&path)).unwrap();
         run_in_netns(&target, || {
             assert_eq!(nft::masquerade_cidrs("plain").unwrap(), None);
             nft::ensure_masquerade("plain", &[net("10.244.0.0/16")]).unwrap();

@@ -20,20 +20,7 @@ use evio_ovsdb::datum::{self, Atom, Datum};
 use evio_ovsdb::framing::Framer;
 use serde_json::Value;
 
-// `evio-node` is a binary crate: its net-conf.json parser is compiled in
-// here from its own sources, so what is fuzzed is exactly what ships.
-#[allow(dead_code)]
-#[path = "../../crates/node/src/conflist.rs"]
-mod conflist;
-#[allow(dead_code)]
-#[path = "../../crates/node/src/error.rs"]
-mod error;
-#[allow(dead_code)]
-#[path = "../../crates/node/src/netconf.rs"]
-mod netconf;
-#[allow(dead_code)]
-#[path = "../../crates/node/src/overlay.rs"]
-mod overlay;
+use evio_node::{conflist, netconf, overlay};
 
 /// Larger inputs only slow the fuzzer down: every parser bounds its input
 /// before parsing (4 MiB for the plugin's stdin) or is fed by a framer.

@@ -27,6 +27,27 @@ pub enum BridgeType {
     Linux,
 }
 
+impl BridgeType {
+    /// `bridgeType` as docs/design.md gives it: `ovs` or `linux`, or the
+    /// original plugin's spellings `OVS` and `LXBR`; nothing else (no other
+    /// case), so that every reader of a config agrees on it.
+    pub fn parse(s: &str) -> Option<BridgeType> {
+        match s {
+            "ovs" | "OVS" => Some(BridgeType::Ovs),
+            "linux" | "LXBR" => Some(BridgeType::Linux),
+            _ => None,
+        }
+    }
+
+    /// The canonical spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BridgeType::Ovs => "ovs",
+            BridgeType::Linux => "linux",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Datapath {
     Auto,
@@ -93,6 +114,12 @@ pub const MAX_IPAM_TIMEOUT_SECONDS: f64 = 300.0;
 pub const DEFAULT_BRIDGE: &str = "evio0";
 pub const DEFAULT_OVSDB: &str = "unix:/var/run/openvswitch/db.sock";
 pub const DEFAULT_MTU: u32 = 1500;
+pub const DEFAULT_BRIDGE_TYPE: BridgeType = BridgeType::Ovs;
+pub const DEFAULT_DATAPATH: Datapath = Datapath::Auto;
+pub const DEFAULT_IS_GATEWAY: bool = true;
+pub const DEFAULT_IS_DEFAULT_GATEWAY: bool = false;
+pub const DEFAULT_IP_MASQ: bool = false;
+pub const DEFAULT_HAIRPIN_MODE: bool = false;
 /// IPv4's minimum MTU (RFC 791); below it the kernel refuses the address.
 pub const MIN_MTU: u32 = 68;
 /// Largest MTU a veth accepts (ETH_MAX_MTU).
@@ -131,13 +158,12 @@ impl NetConf {
             CniError::invalid_config(format!("bridge: {}", e.msg)).with_details(e.details)
         })?;
         let bridge_type = match opt_str(&o, "bridgeType")? {
-            None | Some("ovs") | Some("OVS") => BridgeType::Ovs,
-            Some("linux") | Some("LXBR") => BridgeType::Linux,
-            Some(other) => {
-                return Err(CniError::invalid_config(format!(
-                    "bridgeType {other:?} is not supported: use \"ovs\" or \"linux\""
-                )))
-            }
+            None => DEFAULT_BRIDGE_TYPE,
+            Some(t) => BridgeType::parse(t).ok_or_else(|| {
+                CniError::invalid_config(format!(
+                    "bridgeType {t:?} is not supported: use \"ovs\" or \"linux\""
+                ))
+            })?,
         };
         let ovsdb = opt_str(&o, "ovsdb")?.unwrap_or(DEFAULT_OVSDB).to_string();
         let endpoint_ok =
@@ -148,7 +174,8 @@ impl NetConf {
             )));
         }
         let ovs_datapath = match opt_str(&o, "ovsDatapath")? {
-            None | Some("auto") => Datapath::Auto,
+            None => DEFAULT_DATAPATH,
+            Some("auto") => Datapath::Auto,
             Some("system") => Datapath::System,
             Some("netdev") => Datapath::Netdev,
             Some(other) => {
@@ -157,13 +184,15 @@ impl NetConf {
                 )))
             }
         };
-        let is_default_gateway = opt_bool(&o, "isDefaultGateway")?.unwrap_or(false);
+        let is_default_gateway =
+            opt_bool(&o, "isDefaultGateway")?.unwrap_or(DEFAULT_IS_DEFAULT_GATEWAY);
         // A default route via the gateway needs the gateway on the bridge.
-        let is_gateway = opt_bool(&o, "isGateway")?.unwrap_or(true) || is_default_gateway;
+        let is_gateway =
+            opt_bool(&o, "isGateway")?.unwrap_or(DEFAULT_IS_GATEWAY) || is_default_gateway;
         let ip_masq = match (opt_bool(&o, "ipMasq")?, opt_bool(&o, "isIPMasq")?) {
             (Some(a), _) => a,
             (None, Some(b)) => b,
-            (None, None) => false,
+            (None, None) => DEFAULT_IP_MASQ,
         };
         let mtu = match o.get("mtu") {
             None | Some(Value::Null) => DEFAULT_MTU,
@@ -179,7 +208,7 @@ impl NetConf {
                 n as u32
             }
         };
-        let hairpin_mode = opt_bool(&o, "hairpinMode")?.unwrap_or(false);
+        let hairpin_mode = opt_bool(&o, "hairpinMode")?.unwrap_or(DEFAULT_HAIRPIN_MODE);
         let bridge_ipv4 = match opt_str(&o, "bridgeIPv4")? {
             None | Some("") => None,
             Some(s) => Some(parse_bridge_addr(s)?),
@@ -406,6 +435,21 @@ mod tests {
         assert!(c.is_gateway && !c.is_default_gateway && !c.ip_masq && !c.hairpin_mode);
         assert_eq!(c.mtu, 1500);
         assert_eq!(c.ipam_type, "host-local");
+    }
+
+    #[test]
+    fn bridge_type_spellings_are_exact() {
+        for (s, want) in [
+            ("ovs", BridgeType::Ovs),
+            ("OVS", BridgeType::Ovs),
+            ("linux", BridgeType::Linux),
+            ("LXBR", BridgeType::Linux),
+        ] {
+            assert_eq!(BridgeType::parse(s), Some(want), "{s}");
+        }
+        for s in ["Ovs", "oVs", "Linux", "LINUX", "lxbr", "Lxbr", " ovs", ""] {
+            assert_eq!(BridgeType::parse(s), None, "{s:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 
 use common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, HTTPGetAction, PodSpec, Probe};
@@ -589,14 +588,33 @@ fn resolve_port(c: &Container, port: &IntOrString) -> i32 {
 fn probes_hit_livez_and_healthz_on_the_port_run_listens_on() {
     let (docs, spec) = setup();
     let c = container_by_sub(&spec, "run");
-    let listen: SocketAddr = flag(&c, "--listen")
-        .expect("run --listen")
-        .parse()
-        .expect("--listen is ADDR:PORT");
-    assert_eq!(listen.port(), 9471);
     // hostNetwork: kubelet probes the node's address, so a loopback-only
-    // listener would fail every probe.
-    assert!(listen.ip().is_unspecified(), "--listen {listen}");
+    // listener would fail every probe; the wildcard address would also
+    // serve the pod bridge and the overlay. `run` serves HOST_IP, the
+    // node's IP from the downward API, and --listen must not override it.
+    assert!(
+        flag(&c, "--listen").is_none(),
+        "run --listen overrides HOST_IP"
+    );
+    let host_ip = c
+        .env
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|e| e.name == "HOST_IP")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.clone());
+    assert_eq!(
+        host_ip.as_deref(),
+        Some("status.hostIP"),
+        "run: HOST_IP source"
+    );
+    let port: u16 = flag(&c, "--port")
+        .unwrap_or_else(|| "9471".into())
+        .parse()
+        .expect("--port is a port");
+    assert_eq!(port, 9471);
     // Liveness is run's own health (/livez): restarting run cannot repair
     // the agent. Readiness (/healthz) includes the agent's.
     for (what, probe, want) in [
@@ -605,11 +623,7 @@ fn probes_hit_livez_and_healthz_on_the_port_run_listens_on() {
     ] {
         let g = http_get(probe, what);
         assert_eq!(g.path.as_deref(), Some(want), "{what} path");
-        assert_eq!(
-            resolve_port(&c, &g.port),
-            i32::from(listen.port()),
-            "{what} port"
-        );
+        assert_eq!(resolve_port(&c, &g.port), i32::from(port), "{what} port");
         assert!(g.host.is_none(), "{what}: the pod IP is the node IP");
     }
     for p in c.ports.as_deref().unwrap_or_default() {
@@ -626,7 +640,7 @@ fn probes_hit_livez_and_healthz_on_the_port_run_listens_on() {
         .unwrap_or_default();
     assert_eq!(
         ann.get("prometheus.io/port").map(String::as_str),
-        Some(listen.port().to_string().as_str())
+        Some(port.to_string().as_str())
     );
     for c in all_containers(&spec) {
         if subcommand(&c) != "run" {
@@ -1151,14 +1165,13 @@ fn agent_config_secrets_and_ovsdb_are_mounted_read_only() {
     let m = mount(&c, &vol.name).expect("the agent mounts OVSDB's directory");
     assert_eq!(m.mount_path.trim_end_matches('/'), dir);
     assert_eq!(m.read_only, Some(true));
-    // Nothing writes there: connecting to a unix socket needs no write
-    // access to its file system.
+    // evio-cni's DaemonSet has no use for OVSDB (`run` watches the bridge
+    // through netlink), and a read-only mount would not stop connect(2):
+    // it does not mount the socket's directory at all.
     let main = pod_spec(&daemonset(&docs));
-    let vol = host_path_volume(&main, dir);
-    for c in all_containers(&main) {
-        if let Some(m) = mount(&c, &vol.name) {
-            assert_eq!(m.read_only, Some(true), "{} mounts {dir} writable", c.name);
-        }
+    for v in main.volumes.as_deref().unwrap_or_default() {
+        let path = v.host_path.as_ref().map(|h| h.path.trim_end_matches('/'));
+        assert_ne!(path, Some(dir), "evio-cni mounts {dir} (volume {})", v.name);
     }
     // Every Secret is optional, owner-only, mounted read-only.
     for v in spec.volumes.as_deref().unwrap_or_default() {

@@ -8,11 +8,12 @@ use std::net::IpAddr;
 
 use evio_cni::config::BridgeType;
 use evio_plugin::naming::host_veth_name;
+use evio_subnet::PodNetwork;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::collect::{Inventory, Masquerade, Ports};
-use crate::conf::{add, Network};
+use crate::collect::{Inventory, Masquerade, Ports, Veth};
+use crate::conf::Network;
 use crate::AttachmentId;
 
 /// What kind of inconsistency. The kebab-case name is what the CLI prints.
@@ -183,25 +184,52 @@ pub fn diagnose(
     valid: Option<&BTreeSet<AttachmentId>>,
     store: Option<&StoreView>,
 ) -> Vec<Problem> {
-    let name = net.name();
-    let mut out = Vec::new();
-    let mut problem = |kind: Kind, subject: String, detail: String| {
-        out.push(Problem {
+    let mut f = Findings {
+        network: net.name().to_string(),
+        out: Vec::new(),
+    };
+    check_allocations(&mut f, net, inv);
+    check_links(&mut f, net, inv);
+    check_ports(&mut f, net, inv);
+    check_bridge(&mut f, net, inv);
+    check_masquerade(&mut f, net, inv);
+    if let Some(valid) = valid {
+        check_runtime_view(&mut f, net, inv, valid);
+    }
+    if let Some(s) = store {
+        check_store_view(&mut f, net, s);
+    }
+    f.out.sort();
+    f.out
+}
+
+/// The problems found so far in one network.
+struct Findings {
+    network: String,
+    out: Vec<Problem>,
+}
+
+impl Findings {
+    fn add(&mut self, kind: Kind, subject: String, detail: String) {
+        self.out.push(Problem {
             kind,
-            network: name.to_string(),
+            network: self.network.clone(),
             subject,
             detail,
         })
-    };
+    }
+}
+
+/// host-local's side: every address in a range, owned, by an attachment
+/// with a host veth, and one per range.
+fn check_allocations(f: &mut Findings, net: &Network, inv: &Inventory) {
     let veth_ids: BTreeSet<&AttachmentId> = inv.veths.iter().map(|v| &v.id).collect();
     let veth_cids: BTreeSet<&str> = inv.veths.iter().map(|v| v.id.0.as_str()).collect();
-
-    // host-local's side.
     let mut per_range: BTreeMap<(AttachmentId, usize), Vec<IpAddr>> = BTreeMap::new();
     for a in &inv.allocations {
         let range = net.ranges.iter().position(|r| r.contains(a.ip));
         if range.is_none() {
-            problem(
+            f.add(
                 Kind::AllocationOutOfRange,
                 a.ip.to_string(),
                 format!(
@@ -211,7 +239,7 @@ pub fn diagnose(
             );
         }
         if a.container_id.is_empty() {
-            problem(
+            f.add(
                 Kind::AllocationWithoutOwner,
                 a.ip.to_string(),
                 format!(
@@ -232,7 +260,7 @@ pub fn diagnose(
             a.ifname.as_deref().unwrap_or("<any ifname>")
         );
         if !has_veth {
-            problem(
+            f.add(
                 Kind::AllocationWithoutVeth,
                 a.ip.to_string(),
                 format!("held by {owner} but that attachment has no host veth"),
@@ -246,7 +274,7 @@ pub fn diagnose(
     for ((id, _), ips) in &per_range {
         if ips.len() > 1 {
             let list: Vec<String> = ips.iter().map(ToString::to_string).collect();
-            problem(
+            f.add(
                 Kind::DuplicateAllocation,
                 fmt_id(id),
                 format!(
@@ -257,8 +285,11 @@ pub fn diagnose(
             );
         }
     }
+}
 
-    // Links.
+/// The host veths: each with an address, named after its alias, and (Linux
+/// bridge) a port of the bridge; links named like ours without an alias.
+fn check_links(f: &mut Findings, net: &Network, inv: &Inventory) {
     let alloc_ids: BTreeSet<(&str, Option<&str>)> = inv
         .allocations
         .iter()
@@ -269,7 +300,7 @@ pub fn diagnose(
         if !alloc_ids.contains(&(cid.as_str(), Some(ifname.as_str())))
             && !alloc_ids.contains(&(cid.as_str(), None))
         {
-            problem(
+            f.add(
                 Kind::VethWithoutAllocation,
                 v.name.clone(),
                 format!(
@@ -281,7 +312,7 @@ pub fn diagnose(
         }
         let want = host_veth_name(cid, ifname);
         if v.name != want {
-            problem(
+            f.add(
                 Kind::VethNameMismatch,
                 v.name.clone(),
                 format!(
@@ -293,7 +324,7 @@ pub fn diagnose(
         if net.conf.bridge_type == BridgeType::Linux
             && v.master.as_deref() != Some(net.conf.bridge.as_str())
         {
-            problem(
+            f.add(
                 Kind::VethNotOnBridge,
                 v.name.clone(),
                 format!(
@@ -309,7 +340,7 @@ pub fn diagnose(
         }
     }
     for u in &inv.untagged {
-        problem(
+        f.add(
             Kind::UntaggedVeth,
             u.clone(),
             "named like an evio host veth but carries no evio alias: an ADD stopped \
@@ -317,26 +348,20 @@ pub fn diagnose(
                 .to_string(),
         );
     }
+}
 
-    // OVS.
+/// OVS: ports and host veths name each other, and vswitchd attached them.
+fn check_ports(f: &mut Findings, net: &Network, inv: &Inventory) {
     match &inv.ports {
         Ports::NotOvs => {}
-        Ports::Unavailable(why) => problem(
+        Ports::Unavailable(why) => f.add(
             Kind::Unverifiable,
             format!("ovs bridge {}", net.conf.bridge),
             format!("cannot list OVS ports: {why}"),
         ),
         Ports::NoBridge => {
             for v in &inv.veths {
-                problem(
-                    Kind::LinkWithoutPort,
-                    v.name.clone(),
-                    format!(
-                        "host veth of {} but OVS has no bridge {}",
-                        fmt_id(&v.id),
-                        net.conf.bridge
-                    ),
-                );
+                link_without_port(f, v, "but OVS has no bridge", &net.conf.bridge);
             }
         }
         Ports::Listed(ports) => {
@@ -344,7 +369,7 @@ pub fn diagnose(
                 inv.veths.iter().map(|v| (v.name.as_str(), &v.id)).collect();
             let mut ported = BTreeSet::new();
             for p in ports {
-                if !p.evio_owned || p.network.as_deref() != Some(name) {
+                if !p.evio_owned || p.network.as_deref() != Some(net.name()) {
                     continue;
                 }
                 ported.insert(p.name.as_str());
@@ -353,12 +378,12 @@ pub fn diagnose(
                         .map(fmt_id)
                         .unwrap_or_else(|| "<no identity>".into());
                 match link_names.get(p.name.as_str()) {
-                    None => problem(
+                    None => f.add(
                         Kind::PortWithoutLink,
                         p.name.clone(),
                         format!("evio port of {pid} but no such host veth of this network"),
                     ),
-                    Some(id) if p.id.as_ref() != Some(*id) => problem(
+                    Some(id) if p.id.as_ref() != Some(*id) => f.add(
                         Kind::PortIdentityMismatch,
                         p.name.clone(),
                         format!("port says {pid}, host veth says {}", fmt_id(id)),
@@ -366,13 +391,13 @@ pub fn diagnose(
                     Some(_) => {}
                 }
                 if let Some(err) = &p.error {
-                    problem(
+                    f.add(
                         Kind::PortNotAttached,
                         p.name.clone(),
                         format!("ovs-vswitchd cannot use it: {err}"),
                     );
                 } else if p.ofport == Some(-1) {
-                    problem(
+                    f.add(
                         Kind::PortNotAttached,
                         p.name.clone(),
                         "ovs-vswitchd failed to attach it (ofport -1)".to_string(),
@@ -381,24 +406,23 @@ pub fn diagnose(
             }
             for v in &inv.veths {
                 if !ported.contains(v.name.as_str()) {
-                    problem(
-                        Kind::LinkWithoutPort,
-                        v.name.clone(),
-                        format!(
-                            "host veth of {} is not a port of OVS bridge {}",
-                            fmt_id(&v.id),
-                            net.conf.bridge
-                        ),
-                    );
+                    link_without_port(f, v, "is not a port of OVS bridge", &net.conf.bridge);
                 }
             }
         }
     }
+}
 
-    // The bridge, when pods depend on it.
+fn link_without_port(f: &mut Findings, v: &Veth, why: &str, bridge: &str) {
+    let detail = format!("host veth of {} {why} {bridge}", fmt_id(&v.id));
+    f.add(Kind::LinkWithoutPort, v.name.clone(), detail);
+}
+
+/// The bridge, when pods depend on it: present, up, holding the gateway.
+fn check_bridge(f: &mut Findings, net: &Network, inv: &Inventory) {
     if !inv.veths.is_empty() {
         match &inv.bridge {
-            None => problem(
+            None => f.add(
                 Kind::BridgeBroken,
                 net.conf.bridge.clone(),
                 format!(
@@ -408,7 +432,7 @@ pub fn diagnose(
             ),
             Some(b) => {
                 if !b.up {
-                    problem(
+                    f.add(
                         Kind::BridgeBroken,
                         b.name.clone(),
                         "pods are attached but the bridge is down (after an ovs-vswitchd \
@@ -421,7 +445,7 @@ pub fn diagnose(
                         let want = IpNet::new(r.gateway, r.subnet.prefix_len()).ok();
                         if let Some(want) = want {
                             if !b.addresses.contains(&want) {
-                                problem(
+                                f.add(
                                     Kind::BridgeBroken,
                                     b.name.clone(),
                                     format!("gateway {want} is not on the bridge"),
@@ -433,16 +457,18 @@ pub fn diagnose(
             }
         }
     }
+}
 
-    // Masquerade.
+/// Masquerading matches `ipMasq` and the pod CIDR.
+fn check_masquerade(f: &mut Findings, net: &Network, inv: &Inventory) {
     let want_masq: BTreeSet<IpNet> = net.ranges.iter().map(|r| r.subnet.trunc()).collect();
     match &inv.masquerade {
-        Masquerade::Unavailable(why) => problem(
+        Masquerade::Unavailable(why) => f.add(
             Kind::Unverifiable,
             "masquerade".into(),
             format!("cannot read nftables: {why}"),
         ),
-        Masquerade::Present(cidrs) if !net.conf.ip_masq => problem(
+        Masquerade::Present(cidrs) if !net.conf.ip_masq => f.add(
             Kind::MasqueradeStale,
             "masquerade".into(),
             format!("chain with {cidrs:?} exists but ipMasq is off"),
@@ -450,7 +476,7 @@ pub fn diagnose(
         Masquerade::Present(cidrs) => {
             let have: BTreeSet<IpNet> = cidrs.iter().map(IpNet::trunc).collect();
             if !inv.veths.is_empty() && have != want_masq {
-                problem(
+                f.add(
                     Kind::MasqueradeMissing,
                     "masquerade".into(),
                     format!("chain masquerades {have:?}, pods need {want_masq:?}"),
@@ -459,7 +485,7 @@ pub fn diagnose(
         }
         Masquerade::Absent => {
             if net.conf.ip_masq && !inv.veths.is_empty() {
-                problem(
+                f.add(
                     Kind::MasqueradeMissing,
                     "masquerade".into(),
                     format!(
@@ -470,51 +496,54 @@ pub fn diagnose(
             }
         }
     }
+}
 
-    // The runtime's view.
-    if let Some(valid) = valid {
-        let held = attachments(inv, name);
-        for (id, st) in &held {
-            let live =
-                valid.contains(id) || (id.1.is_empty() && valid.iter().any(|(c, _)| *c == id.0));
-            if !live {
-                problem(Kind::StaleAttachment, fmt_id(id), describe(st));
-            }
+/// The runtime's view: what it lists as valid holds state, and nothing else does.
+fn check_runtime_view(
+    f: &mut Findings,
+    net: &Network,
+    inv: &Inventory,
+    valid: &BTreeSet<AttachmentId>,
+) {
+    let held = attachments(inv, net.name());
+    for (id, st) in &held {
+        let live = valid.contains(id) || (id.1.is_empty() && valid.iter().any(|(c, _)| *c == id.0));
+        if !live {
+            f.add(Kind::StaleAttachment, fmt_id(id), describe(st));
         }
-        for id in valid {
-            let has = held.get(id).is_some_and(|s| !s.is_empty())
-                || held.contains_key(&(id.0.clone(), String::new()));
-            if !has {
-                problem(
-                    Kind::MissingAttachment,
-                    fmt_id(id),
-                    "listed as valid but evio holds nothing for it".into(),
+    }
+    for id in valid {
+        let has = held.get(id).is_some_and(|s| !s.is_empty())
+            || held.contains_key(&(id.0.clone(), String::new()));
+        if !has {
+            f.add(
+                Kind::MissingAttachment,
+                fmt_id(id),
+                "listed as valid but evio holds nothing for it".into(),
+            );
+        }
+    }
+}
+
+/// The store's view: it has a subnet for this node, the one the config's
+/// range was derived from.
+fn check_store_view(f: &mut Findings, net: &Network, s: &StoreView) {
+    match s.subnet {
+        None => f.add(
+            Kind::StoreNoRecord,
+            s.node.clone(),
+            format!("{} has no subnet for this node", s.store),
+        ),
+        Some(subnet) => {
+            if let Some(why) = store_mismatch(net, subnet) {
+                f.add(
+                    Kind::StoreMismatch,
+                    s.node.clone(),
+                    format!("{} says {subnet}, but {why}", s.store),
                 );
             }
         }
     }
-
-    // The store's view.
-    if let Some(s) = store {
-        match s.subnet {
-            None => problem(
-                Kind::StoreNoRecord,
-                s.node.clone(),
-                format!("{} has no subnet for this node", s.store),
-            ),
-            Some(subnet) => {
-                if let Some(why) = store_mismatch(net, subnet) {
-                    problem(
-                        Kind::StoreMismatch,
-                        s.node.clone(),
-                        format!("{} says {subnet}, but {why}", s.store),
-                    );
-                }
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 fn describe(st: &AttachmentState) -> String {
@@ -547,9 +576,22 @@ pub fn store_mismatch(net: &Network, subnet: IpNet) -> Option<String> {
             if subnet.addr().is_ipv4() { 4 } else { 6 }
         ));
     };
-    let gateway = add(subnet.network(), 1);
-    let start = add(subnet.network(), 2);
-    let end = add(subnet.broadcast(), -1);
+    // The pod CIDR is the range's subnet and the node prefix the store's:
+    // evio-subnet's layout says which node subnet it is and what its
+    // gateway and pod range are.
+    let pod_prefix = r.subnet.prefix_len();
+    let node_bits = u32::from(subnet.prefix_len().saturating_sub(pod_prefix));
+    let Some(ns) = PodNetwork::new(r.subnet.trunc(), node_bits)
+        .ok()
+        .and_then(|pod| pod.node(pod.index_of(&subnet)?).ok())
+    else {
+        return Some(format!(
+            "{} has pod CIDR {}, of which {subnet} is not a node subnet",
+            net.source.display(),
+            r.subnet.trunc()
+        ));
+    };
+    let (gateway, start, end) = (ns.gateway, ns.range_start, ns.range_end);
     if r.gateway == gateway && r.start == start && r.end == end {
         return None;
     }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use evio_cni::config::NetConf;
 use evio_cni::host_local;
+use evio_subnet::{ip_offset, ip_to_u128};
 use ipnet::IpNet;
 use serde_json::{Map, Value};
 
@@ -32,8 +33,8 @@ pub struct Range {
 impl Range {
     pub fn contains(&self, ip: IpAddr) -> bool {
         ip.is_ipv4() == self.start.is_ipv4()
-            && to_u128(ip) >= to_u128(self.start)
-            && to_u128(ip) <= to_u128(self.end)
+            && ip_to_u128(ip) >= ip_to_u128(self.start)
+            && ip_to_u128(ip) <= ip_to_u128(self.end)
     }
 }
 
@@ -202,9 +203,9 @@ fn parse_range(r: &Value) -> std::result::Result<Range, String> {
         .map_err(|_| "subnet is not a CIDR".to_string())?;
     let net = subnet.trunc();
     // host-local's defaults: the first and last usable address, gateway .1.
-    let first = add(net.network(), 1);
+    let first = ip_offset(net.network(), 1);
     let last = match net {
-        IpNet::V4(_) => add(net.broadcast(), -1),
+        IpNet::V4(_) => ip_offset(net.broadcast(), -1),
         IpNet::V6(_) => net.broadcast(),
     };
     Ok(Range {
@@ -213,22 +214,6 @@ fn parse_range(r: &Value) -> std::result::Result<Range, String> {
         end: ip("rangeEnd")?.unwrap_or(last),
         gateway: ip("gateway")?.unwrap_or(first),
     })
-}
-
-pub(crate) fn to_u128(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(a) => u128::from(u32::from(a)),
-        IpAddr::V6(a) => u128::from(a),
-    }
-}
-
-/// `ip + delta`, wrapping within the family (callers stay inside a subnet).
-pub(crate) fn add(ip: IpAddr, delta: i64) -> IpAddr {
-    let n = to_u128(ip).wrapping_add_signed(i128::from(delta));
-    match ip {
-        IpAddr::V4(_) => IpAddr::V4((n as u32).into()),
-        IpAddr::V6(_) => IpAddr::V6(n.into()),
-    }
 }
 
 #[cfg(test)]

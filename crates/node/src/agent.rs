@@ -7,27 +7,20 @@ use std::path::PathBuf;
 
 use evio_agent::nat::{TurnServer, TurnTransport as AgentTransport};
 use evio_agent::AgentConfig;
-use evio_subnet::{open_overlay_store, open_store, preferred_host, validate_name};
+use evio_subnet::{open_overlay_store, open_store, preferred_host, read_secret};
 use ipnet::IpNet;
 
-use crate::config_gen::node_name;
-use crate::conflist::{GenConfig, Overrides};
+use crate::config_gen::{NodeArgs, Resolved};
 use crate::error::NodeError;
-use crate::netconf::RawConf;
 use crate::overlay::{resolve, OverlayConf, TurnTransport};
-use crate::store_args::{block_on_with_timeout, StoreArgs};
+use crate::store_args::block_on_with_timeout;
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/evio/agent.sock";
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The network config (the ConfigMap's net-conf.json).
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-
-    /// This node's name [default: $NODE_NAME, else the hostname in lower case].
-    #[arg(long, value_name = "NAME")]
-    pub node_name: Option<String>,
+    #[command(flatten)]
+    pub node: NodeArgs,
 
     /// Where `evio-node peers` and `evio-node run` reach the agent.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
@@ -36,12 +29,6 @@ pub struct Args {
     /// The agent's port on the node bridge [default: <bridge>-ovl].
     #[arg(long, value_name = "IFNAME")]
     pub tap_name: Option<String>,
-
-    #[command(flatten)]
-    pub store: StoreArgs,
-
-    #[command(flatten)]
-    pub overrides: Overrides,
 }
 
 fn tap_name(bridge: &str) -> String {
@@ -51,19 +38,6 @@ fn tap_name(bridge: &str) -> String {
     } else {
         "evio-ovl".to_string()
     }
-}
-
-fn read_secret(path: &std::path::Path, what: &str) -> Result<String, NodeError> {
-    let s = std::fs::read_to_string(path)
-        .map_err(|e| NodeError::Invalid(format!("{what} {}: {e}", path.display())))?;
-    let s = s.trim_end_matches(['\n', '\r']).to_string();
-    if s.is_empty() {
-        return Err(NodeError::Invalid(format!(
-            "{what} {} is empty",
-            path.display()
-        )));
-    }
-    Ok(s)
 }
 
 fn init_logging() {
@@ -82,14 +56,16 @@ fn init_logging() {
 
 pub fn run(args: Args) -> Result<(), NodeError> {
     init_logging();
-    let conf = RawConf::load(args.config.as_deref())?;
-    let gen = GenConfig::resolve(&conf, &args.overrides)?;
+    let Resolved {
+        conf,
+        gen,
+        node,
+        url,
+        opts,
+    } = args.node.resolve()?;
     let ov = OverlayConf::parse(&conf)?;
-    let node = node_name(args.node_name.as_deref())?;
-    validate_name("node name", &node)?;
-    let (url, opts) = args.store.resolve(&conf)?;
     let network = gen.name.clone();
-    let (alloc, host) = block_on_with_timeout(&url, args.store.timeout, async {
+    let (alloc, host) = block_on_with_timeout(&url, args.node.store.timeout, async {
         let store = open_store(&url, &opts).await?;
         let alloc = store.allocate(&network, &node, &gen.pod).await?;
         let host = match ov.host_cidr {
@@ -137,8 +113,8 @@ pub fn run(args: Args) -> Result<(), NodeError> {
                 },
                 username: t.username.clone(),
                 password: read_secret(
-                    &t.password_file,
                     &format!("overlay.turn[{i}].passwordFile"),
+                    &t.password_file,
                 )?,
             })
         })

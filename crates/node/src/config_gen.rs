@@ -3,16 +3,22 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use evio_subnet::{open_store, validate_name, write_file_atomic};
+use evio_subnet::{
+    open_store, remove_leftover_temps, validate_name, write_file_atomic, Allocation, StoreOptions,
+    StoreUrl, SubnetStore,
+};
 
 use crate::conflist::{GenConfig, Overrides, CONFLIST_NAME};
 use crate::error::NodeError;
 use crate::netconf::RawConf;
-use crate::store_args::{block_on_with_timeout, StoreArgs};
+use crate::store_args::{block_on_with_timeout, runtime, timeout_on, StoreArgs};
 
+/// What every command that allocates for this node is told: the config,
+/// the node, the store, and flags over the config's keys.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub struct NodeArgs {
     /// The network config (the ConfigMap's net-conf.json).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -21,15 +27,49 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub node_name: Option<String>,
 
-    /// Directory the kubelet reads CNI configs from.
-    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
-    pub cni_conf_dir: PathBuf,
-
     #[command(flatten)]
     pub store: StoreArgs,
 
     #[command(flatten)]
     pub overrides: Overrides,
+}
+
+/// [`NodeArgs`] read and checked.
+pub struct Resolved {
+    pub conf: RawConf,
+    pub gen: GenConfig,
+    pub node: String,
+    pub url: StoreUrl,
+    pub opts: StoreOptions,
+}
+
+impl NodeArgs {
+    /// Reads the config (again on every call: an edited ConfigMap takes
+    /// effect without a restart) and merges the flags over it.
+    pub fn resolve(&self) -> Result<Resolved, NodeError> {
+        let conf = RawConf::load(self.config.as_deref())?;
+        let gen = GenConfig::resolve(&conf, &self.overrides)?;
+        let node = node_name(self.node_name.as_deref())?;
+        validate_name("node name", &node)?;
+        let (url, opts) = self.store.resolve(&conf)?;
+        Ok(Resolved {
+            conf,
+            gen,
+            node,
+            url,
+            opts,
+        })
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub node: NodeArgs,
+
+    /// Directory the kubelet reads CNI configs from.
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
 }
 
 fn hostname() -> Result<String, NodeError> {
@@ -73,44 +113,118 @@ pub struct Outcome {
     pub rewritten: bool,
 }
 
-/// Gets (or keeps) this node's subnet and makes the conflist say so. The
-/// file is rewritten only when it is missing, differs, or has the wrong
-/// mode, so a periodic reconcile does not make the kubelet re-read it.
-pub fn reconcile(args: &Args) -> Result<Outcome, NodeError> {
-    let conf = RawConf::load(args.config.as_deref())?;
-    let gen = GenConfig::resolve(&conf, &args.overrides)?;
-    let node = node_name(args.node_name.as_deref())?;
-    validate_name("node name", &node)?;
-    let (url, opts) = args.store.resolve(&conf)?;
-    let alloc = block_on_with_timeout(&url, args.store.timeout, async {
-        let store = open_store(&url, &opts).await?;
-        Ok(store.allocate(&gen.name, &node, &gen.pod).await?)
-    })?;
-
-    // If a previous file disagrees with the store (a restored disk, a hand
-    // edit), the store is the truth.
-    // Created only now so that a failed allocation leaves nothing behind; a
-    // failure here is retried by the kubelet and gets the same subnet back.
-    std::fs::create_dir_all(&args.cni_conf_dir).map_err(NodeError::io(&args.cni_conf_dir))?;
-    let path = args.cni_conf_dir.join(CONFLIST_NAME);
-    let want = gen.render(&alloc.subnet)?;
-    let current = std::fs::read(&path).ok();
-    let mode_ok = std::fs::metadata(&path)
-        .map(|m| m.permissions().mode() & 0o777 == 0o644)
-        .unwrap_or(false);
-    let rewritten = current.as_deref() != Some(want.as_slice()) || !mode_ok;
-    if rewritten {
-        write_file_atomic(&path, &want, 0o644)?;
+impl Resolved {
+    /// Makes the conflist say `alloc`. The file is rewritten only when it
+    /// is missing, differs, or has the wrong mode, so a periodic reconcile
+    /// does not make the kubelet re-read it.
+    fn write(self, args: &Args, alloc: Allocation) -> Result<Outcome, NodeError> {
+        // If a previous file disagrees with the store (a restored disk, a
+        // hand edit), the store is the truth.
+        // Created only now so that a failed allocation leaves nothing behind;
+        // a failure here is retried by the kubelet and gets the same subnet back.
+        std::fs::create_dir_all(&args.cni_conf_dir).map_err(NodeError::io(&args.cni_conf_dir))?;
+        remove_leftover_temps(&args.cni_conf_dir, CONFLIST_NAME);
+        let path = args.cni_conf_dir.join(CONFLIST_NAME);
+        let want = self.gen.render(&alloc.subnet)?;
+        let current = std::fs::read(&path).ok();
+        let mode_ok = std::fs::metadata(&path)
+            .map(|m| m.permissions().mode() & 0o777 == 0o644)
+            .unwrap_or(false);
+        let rewritten = current.as_deref() != Some(want.as_slice()) || !mode_ok;
+        if rewritten {
+            write_file_atomic(&path, &want, 0o644)?;
+        }
+        Ok(Outcome {
+            node: self.node,
+            gen: self.gen,
+            subnet: alloc.subnet,
+            existing: alloc.existing,
+            url: self.url.to_string(),
+            path,
+            rewritten,
+        })
     }
-    Ok(Outcome {
-        node,
-        gen,
-        subnet: alloc.subnet,
-        existing: alloc.existing,
-        url: url.to_string(),
-        path,
-        rewritten,
-    })
+}
+
+/// Gets (or keeps) this node's subnet and makes the conflist say so, with
+/// a store connection of its own (the init container's single pass).
+pub fn reconcile(args: &Args) -> Result<Outcome, NodeError> {
+    let plan = args.node.resolve()?;
+    let alloc = block_on_with_timeout(&plan.url, args.node.store.timeout, async {
+        let store = open_store(&plan.url, &plan.opts).await?;
+        Ok(store
+            .allocate(&plan.gen.name, &plan.node, &plan.gen.pod)
+            .await?)
+    })?;
+    plan.write(args, alloc)
+}
+
+/// An open store and what it was opened with.
+struct Connection {
+    url: StoreUrl,
+    opts: StoreOptions,
+    store: Box<dyn SubnetStore>,
+}
+
+/// The long-running side of [`reconcile`]: one runtime and one store
+/// connection (one etcd login) for the life of the process, opened again
+/// only after a failure or when the config names another store.
+pub struct Reconciler {
+    rt: tokio::runtime::Runtime,
+    conn: Option<Connection>,
+}
+
+impl Reconciler {
+    pub fn new() -> Result<Reconciler, NodeError> {
+        Ok(Reconciler {
+            rt: runtime()?,
+            conn: None,
+        })
+    }
+
+    /// Whether a store connection is being kept (for tests and metrics).
+    pub fn connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    pub fn reconcile(&mut self, args: &Args) -> Result<Outcome, NodeError> {
+        let plan = args.node.resolve()?;
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.url != plan.url || c.opts != plan.opts)
+        {
+            self.conn = None;
+        }
+        let result = self.allocate(&plan, args.node.store.timeout);
+        if result.is_err() {
+            // The connection may be what failed (a member gone, a revoked
+            // token): the next pass starts from a fresh one.
+            self.conn = None;
+        }
+        plan.write(args, result?)
+    }
+
+    fn allocate(&mut self, plan: &Resolved, timeout: Duration) -> Result<Allocation, NodeError> {
+        let conn = &mut self.conn;
+        timeout_on(&self.rt, &plan.url, timeout, async {
+            if conn.is_none() {
+                let store = open_store(&plan.url, &plan.opts).await?;
+                *conn = Some(Connection {
+                    url: plan.url.clone(),
+                    opts: plan.opts.clone(),
+                    store,
+                });
+            }
+            match conn.as_ref() {
+                Some(c) => Ok(c
+                    .store
+                    .allocate(&plan.gen.name, &plan.node, &plan.gen.pod)
+                    .await?),
+                None => Err(NodeError::Invalid("no store connection".into())),
+            }
+        })
+    }
 }
 
 pub fn run(args: Args) -> Result<(), NodeError> {

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
+use evio_cni::config as cni;
 use evio_subnet::{NodeSubnet, PodNetwork};
 use serde::Serialize;
 use serde_json::Value;
@@ -30,24 +31,40 @@ pub struct Overrides {
     /// `cniVersion` of the written conflist.
     #[arg(long, value_name = "VERSION")]
     pub cni_version: Option<String>,
+    /// Bridge the pods are plugged into, at most 15 bytes (`bridge`)
+    /// [default: evio0].
     #[arg(long, value_name = "IFNAME")]
     pub bridge: Option<String>,
-    /// ovs or linux (OVS and LXBR accepted).
+    /// `bridgeType`: ovs (Open vSwitch) or linux; the original plugin's
+    /// OVS and LXBR are accepted [default: ovs].
     #[arg(long, value_name = "TYPE")]
     pub bridge_type: Option<String>,
+    /// OVSDB endpoint, unix:PATH or tcp:HOST:PORT (`ovsdb`)
+    /// [default: unix:/var/run/openvswitch/db.sock].
     #[arg(long, value_name = "ENDPOINT")]
     pub ovsdb: Option<String>,
-    /// auto, system or netdev.
+    /// `ovsDatapath`: auto (system when the kernel module is loaded),
+    /// system or netdev (userspace) [default: auto].
     #[arg(long, value_name = "DATAPATH")]
     pub ovs_datapath: Option<String>,
+    /// Put the node's gateway address on the bridge and enable forwarding
+    /// (`isGateway`) [default: true].
     #[arg(long, value_name = "BOOL", value_parser = bool_flag)]
     pub is_gateway: Option<bool>,
+    /// Give pods a default route via the gateway (`isDefaultGateway`;
+    /// implies --is-gateway) [default: false].
     #[arg(long, value_name = "BOOL", value_parser = bool_flag)]
     pub is_default_gateway: Option<bool>,
+    /// Masquerade pod traffic leaving the pod CIDR (`ipMasq`, alias
+    /// `isIPMasq`) [default: false].
     #[arg(long, value_name = "BOOL", value_parser = bool_flag)]
     pub ip_masq: Option<bool>,
+    /// MTU of the bridge and the pods' veths (`mtu`) [default: 1500; with
+    /// the overlay, what fits its tunnel: 1380 on a 1500-byte underlay].
     #[arg(long, value_name = "BYTES")]
     pub mtu: Option<u32>,
+    /// Linux bridge: let a pod reach itself through a service (`hairpinMode`)
+    /// [default: false].
     #[arg(long, value_name = "BOOL", value_parser = bool_flag)]
     pub hairpin_mode: Option<bool>,
     /// Explicit bridge address (`bridgeIPv4`).
@@ -201,18 +218,18 @@ impl GenConfig {
         .ok_or_else(|| invalid("nodeBits is required (in --config or --node-bits)"))?;
         let pod = PodNetwork::parse(&cidr, node_bits)?;
 
+        // The plugin's rule, so that config-gen writes the canonical name
+        // of exactly the spellings the plugin accepts.
         let bridge_type = match pick_str(&o.bridge_type, conf, "bridgeType")?.as_deref() {
-            None => "ovs".to_string(),
-            Some(t) if t.eq_ignore_ascii_case("ovs") => "ovs".into(),
-            Some(t) if t.eq_ignore_ascii_case("linux") || t.eq_ignore_ascii_case("lxbr") => {
-                "linux".into()
-            }
-            Some(t) => {
-                return Err(invalid(format!(
+            None => cni::DEFAULT_BRIDGE_TYPE,
+            Some(t) => cni::BridgeType::parse(t).ok_or_else(|| {
+                invalid(format!(
                     "bridgeType {t:?} is not supported: use \"ovs\" or \"linux\""
-                )))
-            }
-        };
+                ))
+            })?,
+        }
+        .as_str()
+        .to_string();
         // With the overlay, pod frames travel inside the tunnel: the MTU
         // must leave room for its headers on the underlay, or large
         // transfers between nodes stall while ping works.
@@ -227,7 +244,7 @@ impl GenConfig {
             },
         };
         let mtu = match (mtu, overlay.configured) {
-            (None, false) => 1500,
+            (None, false) => cni::DEFAULT_MTU,
             (None, true) => overlay.default_mtu(),
             (Some(m), true) if m > overlay.max_mtu() => {
                 return Err(invalid(format!(
@@ -250,7 +267,7 @@ impl GenConfig {
             None => conf
                 .boolean("ipMasq")?
                 .or(conf.boolean("isIPMasq")?)
-                .unwrap_or(false),
+                .unwrap_or(cni::DEFAULT_IP_MASQ),
         };
         let routes = conf.ipam_value("routes");
         if let Some(r) = &routes {
@@ -270,18 +287,20 @@ impl GenConfig {
         };
         let plugin = EvioPlugin {
             plugin_type: "evio",
-            bridge: pick_str(&o.bridge, conf, "bridge")?.unwrap_or_else(|| "evio0".into()),
+            bridge: pick_str(&o.bridge, conf, "bridge")?
+                .unwrap_or_else(|| cni::DEFAULT_BRIDGE.into()),
             bridge_type,
-            ovsdb: pick_str(&o.ovsdb, conf, "ovsdb")?
-                .unwrap_or_else(|| "unix:/var/run/openvswitch/db.sock".into()),
+            ovsdb: pick_str(&o.ovsdb, conf, "ovsdb")?.unwrap_or_else(|| cni::DEFAULT_OVSDB.into()),
             ovs_datapath: pick_str(&o.ovs_datapath, conf, "ovsDatapath")?
-                .unwrap_or_else(|| "auto".into()),
-            is_gateway: pick_bool(o.is_gateway, conf, "isGateway")?.unwrap_or(true),
+                .unwrap_or_else(|| cni::DEFAULT_DATAPATH.as_str().into()),
+            is_gateway: pick_bool(o.is_gateway, conf, "isGateway")?
+                .unwrap_or(cni::DEFAULT_IS_GATEWAY),
             is_default_gateway: pick_bool(o.is_default_gateway, conf, "isDefaultGateway")?
-                .unwrap_or(false),
+                .unwrap_or(cni::DEFAULT_IS_DEFAULT_GATEWAY),
             ip_masq,
             mtu,
-            hairpin_mode: pick_bool(o.hairpin_mode, conf, "hairpinMode")?.unwrap_or(false),
+            hairpin_mode: pick_bool(o.hairpin_mode, conf, "hairpinMode")?
+                .unwrap_or(cni::DEFAULT_HAIRPIN_MODE),
             bridge_ipv4: pick_str(&o.bridge_ipv4, conf, "bridgeIPv4")?.filter(|s| !s.is_empty()),
             ipam: Ipam {
                 ipam_type: "host-local",
@@ -452,6 +471,10 @@ mod tests {
         for extra in [
             r#","bridge":"this-name-is-too-long""#,
             r#","bridgeType":"vpp""#,
+            // Only the spellings the plugin accepts (docs/design.md).
+            r#","bridgeType":"Linux""#,
+            r#","bridgeType":"lxbr""#,
+            r#","bridgeType":"Ovs""#,
             r#","ovsDatapath":"dpdk""#,
             r#","ovsdb":"nonsense""#,
             r#","mtu":10"#,

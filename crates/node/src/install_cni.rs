@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use evio_subnet::write_file_atomic;
+use evio_subnet::{remove_leftover_temps, write_file_atomic};
 
 use crate::error::NodeError;
 
@@ -36,6 +36,9 @@ pub fn run(args: Args) -> Result<(), NodeError> {
             continue;
         }
         let bytes = std::fs::read(&path).map_err(NodeError::io(&path))?;
+        // A crash between writing the temp file and the rename left it on
+        // the host, where nothing else would ever remove it.
+        remove_leftover_temps(&args.dest, &entry.file_name().to_string_lossy());
         let dest = args.dest.join(entry.file_name());
         write_file_atomic(&dest, &bytes, 0o755)?;
         installed.push(dest.display().to_string());

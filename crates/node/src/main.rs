@@ -1,22 +1,11 @@
-//! `evio-node`: the node-side companion of the `evio` CNI plugin. One
-//! module per subcommand; this file only dispatches and reports errors.
-
-mod agent;
-mod config_gen;
-mod conflist;
-mod doctor;
-mod error;
-mod install_cni;
-mod netconf;
-mod overlay;
-mod peers;
-mod run;
-mod store_args;
-mod subnets;
+//! `evio-node`: the node-side companion of the `evio` CNI plugin. The
+//! subcommands live in the `evio_node` library; this file only dispatches
+//! and reports errors.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use evio_node::{agent, config_gen, doctor, install_cni, peers, run, subnets};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -35,6 +35,7 @@ const KNOWN_KEYS: &[&str] = &[
     "etcdKey",
     "etcdUsernameFile",
     "etcdPasswordFile",
+    "etcdAllowPlaintextPassword",
     "hostCIDR",
     "hostInterface",
     "overlay",

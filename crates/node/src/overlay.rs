@@ -1,4 +1,4 @@
-//! The overlay keys of net-conf.json (OVERLAY.md, "Configuration"):
+//! The overlay keys of net-conf.json (docs/design.md, "The overlay's keys"):
 //! `hostCIDR`, `hostInterface` and the `overlay` object. Secrets (the
 //! network key, TURN passwords) are only ever named by file.
 
@@ -72,6 +72,83 @@ fn host_port(s: &str, key: &str) -> Result<(), NodeError> {
         Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0) => Ok(()),
         _ => Err(invalid(key, format!("{s:?} is not host:port"))),
     }
+}
+
+/// `overlay.<name>`: absent or null is empty; otherwise a list whose items
+/// `item` parses, given their key (`overlay.<name>[i]`).
+fn list<T>(
+    o: &serde_json::Map<String, Value>,
+    name: &str,
+    expected: &str,
+    mut item: impl FnMut(&str, &Value) -> Result<T, NodeError>,
+) -> Result<Vec<T>, NodeError> {
+    match o.get(name) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| item(&format!("overlay.{name}[{i}]"), v))
+            .collect(),
+        Some(other) => Err(invalid(
+            &format!("overlay.{name}"),
+            format!("expected {expected}, got {other}"),
+        )),
+    }
+}
+
+/// One entry of `overlay.turn`, whose key is `key`.
+fn turn_server(key: &str, t: &Value) -> Result<TurnConf, NodeError> {
+    let Value::Object(m) = t else {
+        return Err(invalid(key, "expected an object"));
+    };
+    for k in m.keys() {
+        if ![
+            "server",
+            "transport",
+            "username",
+            "passwordFile",
+            "password",
+        ]
+        .contains(&k.as_str())
+        {
+            return Err(invalid(key, format!("unknown key {k:?}")));
+        }
+    }
+    if m.contains_key("password") {
+        return Err(invalid(
+            key,
+            "a password must not be in the config (a ConfigMap is not secret): use passwordFile",
+        ));
+    }
+    let server = string(
+        m.get("server").unwrap_or(&Value::Null),
+        &format!("{key}.server"),
+    )?;
+    host_port(&server, &format!("{key}.server"))?;
+    let transport = match m.get("transport").and_then(Value::as_str) {
+        None | Some("udp") => TurnTransport::Udp,
+        Some("tcp") => TurnTransport::Tcp,
+        Some(x) => {
+            return Err(invalid(
+                &format!("{key}.transport"),
+                format!("{x:?} is not \"udp\" or \"tcp\""),
+            ))
+        }
+    };
+    let username = string(
+        m.get("username").unwrap_or(&Value::Null),
+        &format!("{key}.username"),
+    )?;
+    let password_file = PathBuf::from(string(
+        m.get("passwordFile").unwrap_or(&Value::Null),
+        &format!("{key}.passwordFile"),
+    )?);
+    Ok(TurnConf {
+        server,
+        transport,
+        username,
+        password_file,
+    })
 }
 
 const OVERLAY_KEYS: &[&str] = &[
@@ -158,92 +235,12 @@ impl OverlayConf {
                 ))
             }
         };
-        let stun = match o.get("stun") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) => {
-                let mut v = Vec::new();
-                for (i, s) in a.iter().enumerate() {
-                    let key = format!("overlay.stun[{i}]");
-                    let s = string(s, &key)?;
-                    host_port(&s, &key)?;
-                    v.push(s);
-                }
-                v
-            }
-            Some(other) => {
-                return Err(invalid(
-                    "overlay.stun",
-                    format!("expected a list of \"host:port\", got {other}"),
-                ))
-            }
-        };
-        let turn = match o.get("turn") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) => {
-                let mut v = Vec::new();
-                for (i, t) in a.iter().enumerate() {
-                    let key = format!("overlay.turn[{i}]");
-                    let Value::Object(m) = t else {
-                        return Err(invalid(&key, "expected an object"));
-                    };
-                    for k in m.keys() {
-                        if ![
-                            "server",
-                            "transport",
-                            "username",
-                            "passwordFile",
-                            "password",
-                        ]
-                        .contains(&k.as_str())
-                        {
-                            return Err(invalid(&key, format!("unknown key {k:?}")));
-                        }
-                    }
-                    if m.contains_key("password") {
-                        return Err(invalid(
-                            &key,
-                            "a password must not be in the config (a ConfigMap is not secret): use passwordFile",
-                        ));
-                    }
-                    let server = string(
-                        m.get("server").unwrap_or(&Value::Null),
-                        &format!("{key}.server"),
-                    )?;
-                    host_port(&server, &format!("{key}.server"))?;
-                    let transport = match m.get("transport").and_then(Value::as_str) {
-                        None | Some("udp") => TurnTransport::Udp,
-                        Some("tcp") => TurnTransport::Tcp,
-                        Some(x) => {
-                            return Err(invalid(
-                                &format!("{key}.transport"),
-                                format!("{x:?} is not \"udp\" or \"tcp\""),
-                            ))
-                        }
-                    };
-                    let username = string(
-                        m.get("username").unwrap_or(&Value::Null),
-                        &format!("{key}.username"),
-                    )?;
-                    let password_file = PathBuf::from(string(
-                        m.get("passwordFile").unwrap_or(&Value::Null),
-                        &format!("{key}.passwordFile"),
-                    )?);
-                    v.push(TurnConf {
-                        server,
-                        transport,
-                        username,
-                        password_file,
-                    });
-                }
-                v
-            }
-            Some(other) => {
-                return Err(invalid(
-                    "overlay.turn",
-                    format!("expected a list of objects, got {other}"),
-                ))
-            }
-        };
+        let stun = list(o, "stun", "a list of \"host:port\"", |key, s| {
+            let s = string(s, key)?;
+            host_port(&s, key)?;
+            Ok(s)
+        })?;
+        let turn = list(o, "turn", "a list of objects", turn_server)?;
         let path = |k: &str| -> Result<Option<PathBuf>, NodeError> {
             match o.get(k) {
                 None | Some(Value::Null) => Ok(None),

@@ -9,7 +9,7 @@ use crate::error::NodeError;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The JSON of OVERLAY.md instead of a table.
+    /// JSON instead of a table (the fields: docs/design.md, "The overlay's keys").
     #[arg(long)]
     pub json: bool,
 

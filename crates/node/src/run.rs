@@ -12,10 +12,10 @@
 //! its health. `/livez` is `run`'s own health only, so that a liveness
 //! probe does not restart this container for an agent it cannot repair.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,9 +29,22 @@ pub struct RunArgs {
     #[command(flatten)]
     pub gen: config_gen::Args,
 
-    /// Address for /healthz and /metrics.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9471")]
-    pub listen: SocketAddr,
+    /// This node's IP, where /healthz and /metrics are served (the
+    /// DaemonSet sets HOST_IP from the downward API's status.hostIP). The
+    /// kubelet probes it there; loopback would fail its probes and the
+    /// wildcard address would expose the server on every interface.
+    #[arg(long, value_name = "IP", env = "HOST_IP")]
+    pub host_ip: Option<IpAddr>,
+
+    /// Port for /healthz and /metrics on --host-ip.
+    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+
+    /// Serve on exactly this address instead of --host-ip:--port (any
+    /// address but the wildcard: 127.0.0.1:9471 when only local scrapers
+    /// and probes need it).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
 
     /// Time between reconciles.
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
@@ -45,6 +58,49 @@ pub struct RunArgs {
     pub agent_socket: Option<PathBuf>,
 }
 
+pub const DEFAULT_PORT: u16 = 9471;
+
+/// How long a client has to send its request line, in total: a per-read
+/// timeout would let a client that sends a byte now and then hold a
+/// connection for hours.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Bound on writing the answer, in total.
+const WRITE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Connections served at once. Beyond that a connection gets a 503 at once
+/// rather than a place in a queue slow clients could fill; with the
+/// deadlines above, a slot frees within seconds.
+const MAX_CONNECTIONS: usize = 8;
+
+/// Longest request line read.
+const MAX_REQUEST_LINE: usize = 8192;
+
+impl RunArgs {
+    /// The address to serve on: --listen, else --host-ip:--port, and never
+    /// the wildcard address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, NodeError> {
+        let addr = match (self.listen, self.host_ip) {
+            (Some(a), _) => a,
+            (None, Some(ip)) => SocketAddr::new(ip, self.port),
+            (None, None) => {
+                return Err(NodeError::Invalid(
+                    "no address to serve /healthz and /metrics on: set HOST_IP (the \
+                     downward API's status.hostIP), --host-ip or --listen"
+                        .into(),
+                ))
+            }
+        };
+        if addr.ip().is_unspecified() {
+            return Err(NodeError::Invalid(format!(
+                "refusing to serve /healthz and /metrics on {addr}, every interface of the \
+                 node: give this node's IP (--host-ip, HOST_IP) or --listen with an address"
+            )));
+        }
+        Ok(addr)
+    }
+}
+
 /// How long /healthz and /metrics wait for the agent. The agent answers
 /// within 2 s (it gives its engine that long), so more than that.
 const AGENT_TIMEOUT: Duration = Duration::from_millis(2500);
@@ -53,17 +109,19 @@ const AGENT_TIMEOUT: Duration = Duration::from_millis(2500);
 struct AgentProbe {
     path: PathBuf,
     required: bool,
+    /// The last reason logged for the agent being unhealthy: probes come
+    /// every few seconds, the log gets each new reason once.
+    logged: Mutex<Option<String>>,
 }
 
 /// What the agent said, if it is configured at all.
 enum AgentAnswer {
     NotConfigured,
-    /// Configured but not answering, or answering with an error.
-    Down(String),
-    /// The JSON of its `health` request (`ok`, `node`, `peers`, ...).
+    /// Configured but not answering, or answering with an error (logged).
+    Down,
+    /// Its `health` answer's `ok` (a `false` one is logged with its JSON).
     Health {
         ok: bool,
-        json: String,
     },
 }
 
@@ -73,10 +131,12 @@ impl AgentProbe {
             Some(p) => AgentProbe {
                 path: p.to_path_buf(),
                 required: true,
+                logged: Mutex::new(None),
             },
             None => AgentProbe {
                 path: PathBuf::from(DEFAULT_CONTROL_SOCKET),
                 required: false,
+                logged: Mutex::new(None),
             },
         }
     }
@@ -113,15 +173,38 @@ impl AgentProbe {
         }
         let text = match self.ask("health") {
             Ok(t) => t,
-            Err(e) => return AgentAnswer::Down(e),
+            Err(e) => return self.down(e),
         };
         let json = text.trim().to_string();
         match serde_json::from_str::<serde_json::Value>(&json)
             .ok()
             .and_then(|v| v.get("ok").and_then(|o| o.as_bool()))
         {
-            Some(ok) => AgentAnswer::Health { ok, json },
-            None => AgentAnswer::Down(format!("the agent's health answer has no \"ok\": {json}")),
+            Some(true) => {
+                self.log(None);
+                AgentAnswer::Health { ok: true }
+            }
+            Some(false) => {
+                self.log(Some(format!("the agent reports ok=false: {json}")));
+                AgentAnswer::Health { ok: false }
+            }
+            None => self.down(format!("the agent's health answer has no \"ok\": {json}")),
+        }
+    }
+
+    fn down(&self, why: String) -> AgentAnswer {
+        self.log(Some(why));
+        AgentAnswer::Down
+    }
+
+    /// Logs `why` unless it is what was logged last.
+    fn log(&self, why: Option<String>) {
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if *logged != why {
+            if let Some(w) = &why {
+                eprintln!("evio-node run: /healthz: {w}");
+            }
+            *logged = why;
         }
     }
 
@@ -155,7 +238,8 @@ struct State {
     rewrites: u64,
     bridge_repairs: u64,
     last_ok: Option<SystemTime>,
-    last_error: Option<String>,
+    /// The last pass failed (its error is in the log, not in /healthz).
+    failing: bool,
     node: String,
     network: String,
     subnet: String,
@@ -184,15 +268,17 @@ pub fn run(args: RunArgs) -> Result<(), NodeError> {
         unsafe { sigaction(sig, &act) }
             .map_err(|e| NodeError::Invalid(format!("cannot install the {sig} handler: {e}")))?;
     }
-    let listener = TcpListener::bind(args.listen).map_err(|e| NodeError::Io {
-        path: args.listen.to_string().into(),
+    let listen = args.listen_addr()?;
+    let listener = TcpListener::bind(listen).map_err(|e| NodeError::Io {
+        path: listen.to_string().into(),
         source: e,
     })?;
+    let mut reconciler = config_gen::Reconciler::new()?;
     let state = Arc::new(Mutex::new(State::default()));
     let agent = AgentProbe::from_args(args.agent_socket.as_deref());
     eprintln!(
         "evio-node run: serving /healthz, /livez and /metrics on {}; the overlay agent's socket: {} ({})",
-        args.listen,
+        listen,
         agent.path.display(),
         if agent.required {
             "required"
@@ -206,7 +292,7 @@ pub fn run(args: RunArgs) -> Result<(), NodeError> {
         std::thread::spawn(move || serve(listener, state, interval, agent));
     }
     while !TERMINATE.load(Ordering::SeqCst) {
-        reconcile_once(&args, &state);
+        reconcile_once(&mut reconciler, &args, &state);
         let until = Instant::now() + args.interval;
         while Instant::now() < until && !TERMINATE.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(100));
@@ -216,8 +302,8 @@ pub fn run(args: RunArgs) -> Result<(), NodeError> {
     Ok(())
 }
 
-fn reconcile_once(args: &RunArgs, state: &Mutex<State>) {
-    let result = config_gen::reconcile(&args.gen);
+fn reconcile_once(reconciler: &mut config_gen::Reconciler, args: &RunArgs, state: &Mutex<State>) {
+    let result = reconciler.reconcile(&args.gen);
     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
     st.reconciles += 1;
     match result {
@@ -231,7 +317,7 @@ fn reconcile_once(args: &RunArgs, state: &Mutex<State>) {
                 );
             }
             st.last_ok = Some(SystemTime::now());
-            st.last_error = None;
+            st.failing = false;
             st.node = o.node;
             st.network = o.gen.name.clone();
             st.subnet = o.subnet.subnet.to_string();
@@ -251,7 +337,7 @@ fn reconcile_once(args: &RunArgs, state: &Mutex<State>) {
         Err(e) => {
             st.failures += 1;
             eprintln!("evio-node run: reconcile failed: {e}");
-            st.last_error = Some(e.to_string());
+            st.failing = true;
         }
     }
 }
@@ -280,27 +366,72 @@ fn inspect_bridge(bridge: &str, network: &str) -> (Option<usize>, Option<bool>, 
     }
 }
 
+/// One thread per connection, at most MAX_CONNECTIONS of them, each
+/// bounded in time (REQUEST_DEADLINE, WRITE_DEADLINE, AGENT_TIMEOUT): a
+/// slow or hostile client holds one slot for seconds, and a probe still
+/// gets an answer.
 fn serve(listener: TcpListener, state: Arc<Mutex<State>>, interval: Duration, agent: AgentProbe) {
+    let agent = Arc::new(agent);
+    let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        // One request per connection, bounded in time and size: a slow or
-        // hostile client cannot hold the (single) serving thread. The agent
-        // is asked with its own bound (AGENT_TIMEOUT).
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-        let _ = handle(stream, &state, interval, &agent);
+        let _ = stream.set_write_timeout(Some(WRITE_DEADLINE));
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            let _ = respond(stream, "503 Service Unavailable", "text/plain", "busy\n");
+            continue;
+        }
+        let slot = Slot(Arc::clone(&active));
+        let (state, agent) = (Arc::clone(&state), Arc::clone(&agent));
+        let spawned = std::thread::Builder::new()
+            .name("evio-http".into())
+            .spawn(move || {
+                let _slot = slot;
+                let _ = handle(stream, &state, interval, &agent);
+            });
+        if let Err(e) = spawned {
+            eprintln!("evio-node run: cannot start a thread for a connection: {e}");
+        }
     }
 }
 
+/// Frees a connection slot however the handler ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The request line, read within REQUEST_DEADLINE in total.
+fn read_request_line(stream: &mut TcpStream) -> std::io::Result<String> {
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let mut line = Vec::new();
+    let mut buf = [0u8; 512];
+    while !line.contains(&b'\n') && line.len() < MAX_REQUEST_LINE {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..n]);
+    }
+    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
+    Ok(String::from_utf8_lossy(&line[..end]).into_owned())
+}
+
 fn handle(
-    stream: TcpStream,
+    mut stream: TcpStream,
     state: &Mutex<State>,
     interval: Duration,
     agent: &AgentProbe,
 ) -> std::io::Result<()> {
-    let mut reader = BufReader::new(std::io::Read::take(stream.try_clone()?, 8192));
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
+    let line = read_request_line(&mut stream)?;
     let target = line.split_whitespace().nth(1).unwrap_or("");
     let path = target.split('?').next().unwrap_or("");
     // The agent is asked before the state is locked: the reconcile loop
@@ -324,7 +455,10 @@ fn handle(
         }
         _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
     };
-    let mut out = stream;
+    respond(stream, status, ctype, &body)
+}
+
+fn respond(mut out: TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
     write!(
         out,
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -347,30 +481,33 @@ fn healthz(
         .last_ok
         .and_then(|t| t.elapsed().ok())
         .is_some_and(|age| age <= interval * 3 + Duration::from_secs(5));
-    let mut problems = Vec::new();
+    // Anyone who reaches the node's port may ask: the answer names the
+    // kind of problem and leaves the details (store addresses, paths,
+    // errors) to the container log, where each is written when it happens.
+    let mut problems: Vec<&str> = Vec::new();
     if !fresh {
-        problems.push(
-            st.last_error
-                .clone()
-                .unwrap_or_else(|| "no successful reconcile yet".into()),
-        );
+        problems.push(if st.failing {
+            "reconcile failing (see the log of evio-node run)"
+        } else {
+            "no successful reconcile yet"
+        });
     }
     let agent_line = match agent {
         AgentAnswer::NotConfigured => None,
-        AgentAnswer::Down(why) => {
-            problems.push(why.clone());
-            Some(format!("agent: down: {why}"))
+        AgentAnswer::Down => {
+            problems.push("the agent does not answer (see the log of evio-node run)");
+            Some("agent: down".to_string())
         }
-        AgentAnswer::Health { ok, json } => {
-            if !ok {
-                problems.push("the agent reports ok=false".into());
-            }
-            Some(format!("agent: {json}"))
+        // The agent's own JSON may carry a store error: it goes to the log.
+        AgentAnswer::Health { ok: true } => Some("agent: ok".to_string()),
+        AgentAnswer::Health { ok: false } => {
+            problems.push("the agent reports ok=false (see the log of evio-node run)");
+            Some("agent: not ok".to_string())
         }
     };
     let mut body = match problems.first() {
         None => "ok\n".to_string(),
-        Some(p) => format!("{}\n", p.replace('\n', " ")),
+        Some(p) => format!("{p}\n"),
     };
     if let Some(l) = agent_line {
         body.push_str(&l);
@@ -389,68 +526,83 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// One series in Prometheus' text format with its HELP and TYPE lines;
+/// `labels` is empty or `{k="v",...}`.
+fn series(m: &mut String, name: &str, help: &str, kind: &str, labels: &str, value: &str) {
+    m.push_str(&format!(
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {value}\n"
+    ));
+}
+
 fn metrics(st: &State) -> String {
     let mut m = String::new();
-    let mut put = |name: &str, help: &str, kind: &str, value: String| {
-        m.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
-    };
-    put(
-        "evio_node_reconciles_total",
-        "Reconcile passes run.",
-        "counter",
-        st.reconciles.to_string(),
-    );
-    put(
-        "evio_node_reconcile_failures_total",
-        "Reconcile passes that failed.",
-        "counter",
-        st.failures.to_string(),
-    );
-    put(
-        "evio_node_conflist_rewrites_total",
-        "Times the conflist was missing or drifted and was rewritten.",
-        "counter",
-        st.rewrites.to_string(),
-    );
-    put(
-        "evio_node_bridge_repairs_total",
-        "Times the node bridge was found down and brought up.",
-        "counter",
-        st.bridge_repairs.to_string(),
-    );
     let last = st
         .last_ok
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
-    put(
-        "evio_node_last_reconcile_success_timestamp_seconds",
-        "Unix time of the last successful reconcile (0: none yet).",
-        "gauge",
-        format!("{last}"),
-    );
+    let always = [
+        (
+            "evio_node_reconciles_total",
+            "Reconcile passes run.",
+            "counter",
+            st.reconciles.to_string(),
+        ),
+        (
+            "evio_node_reconcile_failures_total",
+            "Reconcile passes that failed.",
+            "counter",
+            st.failures.to_string(),
+        ),
+        (
+            "evio_node_conflist_rewrites_total",
+            "Times the conflist was missing or drifted and was rewritten.",
+            "counter",
+            st.rewrites.to_string(),
+        ),
+        (
+            "evio_node_bridge_repairs_total",
+            "Times the node bridge was found down and brought up.",
+            "counter",
+            st.bridge_repairs.to_string(),
+        ),
+        (
+            "evio_node_last_reconcile_success_timestamp_seconds",
+            "Unix time of the last successful reconcile (0: none yet).",
+            "gauge",
+            format!("{last}"),
+        ),
+    ];
+    for (name, help, kind, value) in always {
+        series(&mut m, name, help, kind, "", &value);
+    }
     if !st.subnet.is_empty() {
-        m.push_str(&format!(
-            "# HELP evio_node_allocation_info This node's pod subnet allocation.\n# TYPE evio_node_allocation_info gauge\nevio_node_allocation_info{{node=\"{}\",network=\"{}\",subnet=\"{}\",gateway=\"{}\",bridge=\"{}\"}} 1\n",
+        let labels = format!(
+            "{{node=\"{}\",network=\"{}\",subnet=\"{}\",gateway=\"{}\",bridge=\"{}\"}}",
             label(&st.node),
             label(&st.network),
             label(&st.subnet),
             label(&st.gateway),
             label(&st.bridge)
-        ));
+        );
+        let help = "This node's pod subnet allocation.";
+        series(
+            &mut m,
+            "evio_node_allocation_info",
+            help,
+            "gauge",
+            &labels,
+            "1",
+        );
     }
     if let Some(p) = st.pods {
-        m.push_str(&format!(
-            "# HELP evio_node_pods Pods of this network attached on this node.\n# TYPE evio_node_pods gauge\nevio_node_pods {p}\n"
-        ));
+        let help = "Pods of this network attached on this node.";
+        series(&mut m, "evio_node_pods", help, "gauge", "", &p.to_string());
     }
     if let Some(up) = st.bridge_up {
-        m.push_str(&format!(
-            "# HELP evio_node_bridge_up Whether the node bridge is up.\n# TYPE evio_node_bridge_up gauge\nevio_node_bridge_up {}\n",
-            u8::from(up)
-        ));
+        let help = "Whether the node bridge is up.";
+        let v = u8::from(up).to_string();
+        series(&mut m, "evio_node_bridge_up", help, "gauge", "", &v);
     }
     m
 }

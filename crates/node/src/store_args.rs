@@ -2,7 +2,7 @@
 //! to the allocation store.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use evio_subnet::{EtcdOptions, StoreOptions, StoreUrl, DEFAULT_STORE};
@@ -52,6 +52,20 @@ pub struct StoreArgs {
     #[arg(long, value_name = "FILE")]
     pub etcd_password_file: Option<PathBuf>,
 
+    /// Where the etcd credentials Secret is mounted. Credential files named
+    /// in the config file (etcdCACert, etcdCert, etcdKey, etcdUsernameFile,
+    /// etcdPasswordFile) must resolve inside it, so that whoever edits the
+    /// ConfigMap cannot make evio send another file (a TLS key) to a store
+    /// of their choosing. Files given by flags are taken as they are.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_SECRET_DIR)]
+    pub etcd_secret_dir: PathBuf,
+
+    /// Send the etcd password without TLS (config key
+    /// etcdAllowPlaintextPassword); only on a network where nobody can
+    /// listen.
+    #[arg(long)]
+    pub etcd_allow_plaintext_password: bool,
+
     /// Limit for establishing one connection to an etcd member.
     #[arg(long, value_name = "SECS", default_value = "3", value_parser = parse_secs)]
     pub etcd_connect_timeout: Duration,
@@ -75,7 +89,10 @@ impl StoreArgs {
         let pick = |flag: &Option<PathBuf>, key: &str| -> Result<Option<PathBuf>, NodeError> {
             match flag {
                 Some(p) => Ok(Some(p.clone())),
-                None => conf.path(key),
+                None => conf
+                    .path(key)?
+                    .map(|p| inside(&self.etcd_secret_dir, key, p))
+                    .transpose(),
             }
         };
         let etcd = EtcdOptions {
@@ -84,6 +101,8 @@ impl StoreArgs {
             key_file: pick(&self.etcd_key, "etcdKey")?,
             username_file: pick(&self.etcd_username_file, "etcdUsernameFile")?,
             password_file: pick(&self.etcd_password_file, "etcdPasswordFile")?,
+            allow_plaintext_password: self.etcd_allow_plaintext_password
+                || conf.boolean("etcdAllowPlaintextPassword")?.unwrap_or(false),
             connect_timeout: self.etcd_connect_timeout,
             request_timeout: self.etcd_request_timeout,
         };
@@ -97,6 +116,31 @@ impl StoreArgs {
     }
 }
 
+/// Where deploy/evio-cni.yaml and the systemd unit's hosts keep the etcd
+/// credentials.
+pub const DEFAULT_SECRET_DIR: &str = "/etc/evio/etcd";
+
+/// `path` (from the config file's `key`) if it resolves, through every
+/// symlink, to a file inside `dir`. The Secret's own `..data` links stay
+/// inside it; a path elsewhere, or a link out of it, does not.
+fn inside(dir: &Path, key: &str, path: PathBuf) -> Result<PathBuf, NodeError> {
+    let refuse = |why: String| NodeError::Invalid(format!("{key} {}: {why}", path.display()));
+    let real_dir = std::fs::canonicalize(dir).map_err(|e| {
+        refuse(format!(
+            "the credentials directory {} (--etcd-secret-dir): {e}",
+            dir.display()
+        ))
+    })?;
+    let real = std::fs::canonicalize(&path).map_err(|e| refuse(e.to_string()))?;
+    if !real.starts_with(&real_dir) {
+        return Err(refuse(format!(
+            "credential files named in the config must be inside {} (--etcd-secret-dir)",
+            dir.display()
+        )));
+    }
+    Ok(path)
+}
+
 /// The store's own retry deadline ends a little before the hard stop so
 /// that a store that cannot be reached is reported with its last error
 /// ("connection refused", a TLS failure) rather than a bare timeout.
@@ -106,10 +150,18 @@ fn store_budget(total: Duration) -> Duration {
         .max(total / 2)
 }
 
-/// Runs `fut` on a single-threaded runtime (one request at a time is all a
-/// command needs) and turns running past `timeout` into an error: a hard
-/// stop on top of the store's own retry deadline.
-pub fn block_on_with_timeout<T, F>(
+/// A single-threaded runtime: one request at a time is all a command needs.
+pub fn runtime() -> Result<tokio::runtime::Runtime, NodeError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(NodeError::Runtime)
+}
+
+/// Runs `fut` on `rt` and turns running past `timeout` into an error: a
+/// hard stop on top of the store's own retry deadline.
+pub fn timeout_on<T, F>(
+    rt: &tokio::runtime::Runtime,
     store: &StoreUrl,
     timeout: Duration,
     fut: F,
@@ -117,10 +169,6 @@ pub fn block_on_with_timeout<T, F>(
 where
     F: Future<Output = Result<T, NodeError>>,
 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(NodeError::Runtime)?;
     rt.block_on(async {
         match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
@@ -130,6 +178,19 @@ where
             }),
         }
     })
+}
+
+/// [`timeout_on`] a runtime of its own, for commands that talk to the
+/// store once.
+pub fn block_on_with_timeout<T, F>(
+    store: &StoreUrl,
+    timeout: Duration,
+    fut: F,
+) -> Result<T, NodeError>
+where
+    F: Future<Output = Result<T, NodeError>>,
+{
+    timeout_on(&runtime()?, store, timeout, fut)
 }
 
 #[cfg(test)]
@@ -150,6 +211,76 @@ mod tests {
             store_budget(Duration::from_millis(100)),
             Duration::from_millis(50)
         );
+    }
+
+    fn args(secret_dir: &Path) -> StoreArgs {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            store: StoreArgs,
+        }
+        let mut a = Cli::parse_from(["x"]).store;
+        a.etcd_secret_dir = secret_dir.to_path_buf();
+        a
+    }
+
+    fn conf(v: serde_json::Value) -> RawConf {
+        RawConf::parse("t.json", v.to_string().as_bytes()).unwrap()
+    }
+
+    /// A ConfigMap editor must not be able to name any file as a
+    /// credential: only files inside the Secret's mount.
+    #[test]
+    fn config_credential_paths_stay_inside_the_secret_dir() {
+        let root = tempfile::tempdir().unwrap();
+        let secrets = root.path().join("etcd");
+        std::fs::create_dir(&secrets).unwrap();
+        // As the kubelet mounts a Secret: names linking into ..data.
+        std::fs::create_dir(secrets.join("..data")).unwrap();
+        std::fs::write(secrets.join("..data/password"), "pw").unwrap();
+        std::os::unix::fs::symlink("..data/password", secrets.join("password")).unwrap();
+        let elsewhere = root.path().join("tls.key");
+        std::fs::write(&elsewhere, "PRIVATE KEY").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, secrets.join("escape")).unwrap();
+        let a = args(&secrets);
+        let ok = conf(serde_json::json!({
+            "dataStore": "etcd://127.0.0.1:2379",
+            "etcdPasswordFile": secrets.join("password"),
+            "etcdUsernameFile": secrets.join("password"),
+        }));
+        let (_, o) = a.resolve(&ok).unwrap();
+        assert_eq!(o.etcd.password_file, Some(secrets.join("password")));
+        for (key, path) in [
+            ("etcdPasswordFile", elsewhere.clone()),
+            ("etcdKey", secrets.join("escape")),
+            ("etcdCACert", secrets.join("../tls.key")),
+            ("etcdCert", secrets.join("missing")),
+            ("etcdUsernameFile", PathBuf::from("/etc/passwd")),
+        ] {
+            let c = conf(serde_json::json!({ key: path }));
+            let e = a.resolve(&c).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        // A flag is the pod spec's, not the ConfigMap's: taken as given.
+        let mut flagged = args(&secrets);
+        flagged.etcd_key = Some(elsewhere.clone());
+        let (_, o) = flagged.resolve(&conf(serde_json::json!({}))).unwrap();
+        assert_eq!(o.etcd.key_file, Some(elsewhere));
+    }
+
+    #[test]
+    fn plaintext_password_needs_an_explicit_opt_in() {
+        let d = tempfile::tempdir().unwrap();
+        let a = args(d.path());
+        let (_, o) = a.resolve(&conf(serde_json::json!({}))).unwrap();
+        assert!(!o.etcd.allow_plaintext_password);
+        let c = conf(serde_json::json!({"etcdAllowPlaintextPassword": true}));
+        assert!(a.resolve(&c).unwrap().1.etcd.allow_plaintext_password);
+        let mut flagged = args(d.path());
+        flagged.etcd_allow_plaintext_password = true;
+        let (_, o) = flagged.resolve(&conf(serde_json::json!({}))).unwrap();
+        assert!(o.etcd.allow_plaintext_password);
     }
 
     #[test]

@@ -391,7 +391,10 @@ fn etcd_with_tls_client_certificates() {
                 "etcdCACert":"{ca}","etcdCert":"{cert}","etcdKey":"{key}"}}"#
         ),
     );
-    let out = run(&[
+    // Named by the config file, credentials must be in the Secret's mount:
+    // refused under the default, read from the directory the flag names.
+    let secret_dir = t.ca.parent().unwrap().to_string_lossy().into_owned();
+    let mut args: Vec<String> = [
         "config-gen",
         "--config",
         &conf2,
@@ -399,7 +402,12 @@ fn etcd_with_tls_client_certificates() {
         "t1",
         "--cni-conf-dir",
         &sc.s("t1b"),
-    ]);
+    ]
+    .map(String::from)
+    .to_vec();
+    assert_clean_failure(&run(&args), &sc.path("t1b"), "etcd-secret-dir");
+    args.extend(["--etcd-secret-dir".to_string(), secret_dir]);
+    let out = run(&args);
     assert_eq!(fields(&out)["subnet"], first["subnet"]);
 
     // Without a client certificate the server refuses us: clean failure.
@@ -427,8 +435,13 @@ fn etcd_with_username_and_password_files() {
         a.username_file.to_string_lossy().into_owned(),
         a.password_file.to_string_lossy().into_owned(),
     );
+    // This etcd speaks plain HTTP: the password is refused until the
+    // operator says the network may see it.
     let mut args = gen_args(&conf, "u1", &store, &sc.s("u1"));
     args.extend(["--etcd-username-file", &uf, "--etcd-password-file", &pf].map(String::from));
+    assert_clean_failure(&run(&args), &sc.path("u1"), "clear text");
+    assert!(e.get_prefix("/evio/auth/nodes/").is_empty());
+    args.push("--etcd-allow-plaintext-password".into());
     let f = fields(&run(&args));
     assert_eq!(f["allocation"], "new");
     assert_eq!(e.get_prefix("/evio/auth/nodes/").len(), 1);
@@ -444,6 +457,7 @@ fn etcd_with_username_and_password_files() {
         &uf,
         "--etcd-password-file",
         &pf,
+        "--etcd-allow-plaintext-password",
     ]);
     assert!(text(&list.stdout).contains("u1"), "{}", text(&list.stderr));
 
@@ -456,6 +470,7 @@ fn etcd_with_username_and_password_files() {
             &uf,
             "--etcd-password-file",
             &bad,
+            "--etcd-allow-plaintext-password",
             "--timeout",
             "10",
         ]
@@ -920,4 +935,27 @@ fn bad_configurations_fail_cleanly() {
         !sc.path("store/subnets.json").exists(),
         "a bad config allocated something"
     );
+}
+
+/// Every flag of the commands an operator configures says what it does.
+#[test]
+fn every_flag_has_a_help_line() {
+    for cmd in ["config-gen", "run", "agent", "doctor", "install-cni"] {
+        let out = run(&[cmd, "--help"]);
+        let help = text(&out.stdout);
+        let flags: Vec<&str> = help
+            .lines()
+            .filter(|l| l.trim_start().starts_with('-'))
+            .collect();
+        assert!(flags.len() > 2, "{cmd}: {help}");
+        for l in flags {
+            // `  -x, --flag <VALUE>   What it does`: the text after the
+            // flag and its value name, separated by two or more spaces.
+            let described = l
+                .trim()
+                .split_once("  ")
+                .is_some_and(|(_, d)| !d.trim().is_empty());
+            assert!(described, "{cmd}: no help for {l:?}");
+        }
+    }
 }

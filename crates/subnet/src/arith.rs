@@ -27,7 +27,7 @@ pub struct NodeSubnet {
 impl NodeSubnet {
     /// Number of pod addresses in the range.
     pub fn pod_count(&self) -> u128 {
-        to_u128(self.range_end) - to_u128(self.range_start) + 1
+        ip_to_u128(self.range_end) - ip_to_u128(self.range_start) + 1
     }
 }
 
@@ -38,10 +38,22 @@ fn width(cidr: &IpNet) -> u8 {
     }
 }
 
-fn to_u128(a: IpAddr) -> u128 {
+/// An address as a number (IPv4 in the low 32 bits): the one conversion
+/// every range computation of evio uses.
+pub fn ip_to_u128(a: IpAddr) -> u128 {
     match a {
         IpAddr::V4(v4) => u128::from(u32::from(v4)),
         IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+/// `ip + delta`, wrapping within the address family (callers stay inside
+/// a subnet).
+pub fn ip_offset(ip: IpAddr, delta: i128) -> IpAddr {
+    let n = ip_to_u128(ip).wrapping_add_signed(delta);
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(n as u32)),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(n)),
     }
 }
 
@@ -142,7 +154,7 @@ impl PodNetwork {
     }
 
     fn base(&self) -> u128 {
-        to_u128(self.cidr.network())
+        ip_to_u128(self.cidr.network())
     }
 
     /// Node `index` subnet: `P + (index << h)`, gateway `+1`, range `+2 ..= +2^h-2`.
@@ -175,7 +187,7 @@ impl PodNetwork {
         {
             return None;
         }
-        Some((to_u128(subnet.network()) - self.base()) >> self.host_bits())
+        Some((ip_to_u128(subnet.network()) - self.base()) >> self.host_bits())
     }
 
     /// Inclusive range of node indices whose subnets overlap `net`, if any.
@@ -185,8 +197,8 @@ impl PodNetwork {
         if width(net) != width(&self.cidr) {
             return None;
         }
-        let (a0, a1) = (to_u128(net.network()), to_u128(net.broadcast()));
-        let (b0, b1) = (self.base(), to_u128(self.cidr.broadcast()));
+        let (a0, a1) = (ip_to_u128(net.network()), ip_to_u128(net.broadcast()));
+        let (b0, b1) = (self.base(), ip_to_u128(self.cidr.broadcast()));
         if a1 < b0 || a0 > b1 {
             return None;
         }

@@ -24,7 +24,7 @@ use crate::{
 const MAX_ATTEMPTS: u32 = 64;
 
 /// Connection settings for an `etcd://` store.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdOptions {
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
@@ -33,6 +33,10 @@ pub struct EtcdOptions {
     /// never show up in `ps` or the ConfigMap.
     pub username_file: Option<PathBuf>,
     pub password_file: Option<PathBuf>,
+    /// Send the password even without TLS, where anyone on the path reads
+    /// it (config key `etcdAllowPlaintextPassword`). Off: a password
+    /// without TLS is refused before any file is read.
+    pub allow_plaintext_password: bool,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
 }
@@ -45,6 +49,7 @@ impl Default for EtcdOptions {
             key_file: None,
             username_file: None,
             password_file: None,
+            allow_plaintext_password: false,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
         }
@@ -67,7 +72,9 @@ pub struct EtcdStore {
     pub(crate) lease: std::sync::Mutex<Option<i64>>,
 }
 
-fn read_secret(what: &str, path: &Path) -> Result<String, SubnetError> {
+/// A secret kept in a file (a mounted Secret): its content without the
+/// trailing newline such files usually end in; an empty one is an error.
+pub fn read_secret(what: &str, path: &Path) -> Result<String, SubnetError> {
     let s = std::fs::read_to_string(path).map_err(|e| {
         SubnetError::Credentials(format!("cannot read {what} file {}: {e}", path.display()))
     })?;
@@ -143,6 +150,57 @@ fn get_kvs(resp: &TxnOpResponse) -> &[KeyValue] {
     }
 }
 
+/// Runs `attempt` until it succeeds, fails for good, or `deadline` passes,
+/// pausing between transient failures with jittered exponential backoff
+/// (the jitter spreads the retries of nodes that failed together). Used
+/// for connecting and for every request: one retry policy for the store.
+/// `budget` is what the caller was given, for the message.
+async fn retry<T, F, Fut>(
+    endpoints: &str,
+    deadline: Instant,
+    budget: Duration,
+    timed_out: &str,
+    mut attempt: F,
+) -> Result<T, SubnetError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut pause = Duration::from_millis(25);
+    let mut last = String::new();
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        last = match tokio::time::timeout(remaining, attempt()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if retryable(&e) => chain(&e),
+            Ok(Err(e)) => {
+                return Err(SubnetError::Etcd {
+                    endpoints: endpoints.to_string(),
+                    message: chain(&e),
+                })
+            }
+            // An attempt cut short by the deadline says less than the
+            // error before it ("connection refused").
+            Err(_) if !last.is_empty() => last,
+            Err(_) => timed_out.to_string(),
+        };
+        // Use the whole budget: the last attempt may be the one that finds
+        // a member back.
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(SubnetError::Unreachable {
+                store: format!("etcd://{endpoints}"),
+                after: budget,
+                last,
+            });
+        }
+        let jitter =
+            Duration::from_millis(rand::thread_rng().gen_range(0..=pause.as_millis() as u64 / 2));
+        tokio::time::sleep((pause + jitter).min(remaining)).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
 impl EtcdStore {
     /// Builds the client for `endpoints` (`host:port`). With credentials this
     /// authenticates right away, retrying with backoff until `timeout`.
@@ -153,6 +211,12 @@ impl EtcdStore {
     ) -> Result<EtcdStore, SubnetError> {
         let desc = endpoints.join(",");
         let tls = opts.uses_tls();
+        if opts.password_file.is_some() && !tls && !opts.allow_plaintext_password {
+            return Err(SubnetError::Credentials(format!(
+                "refusing to send the etcd password to {desc} in clear text: configure TLS \
+                 (etcdCACert) or, on a network you trust, set etcdAllowPlaintextPassword"
+            )));
+        }
         let mut co = ConnectOptions::new()
             .with_connect_timeout(opts.connect_timeout.min(timeout))
             .with_timeout(opts.request_timeout.min(timeout))
@@ -202,49 +266,18 @@ impl EtcdStore {
             .iter()
             .map(|e| format!("{scheme}://{e}"))
             .collect();
-        let store_desc = format!("etcd://{desc}");
         let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_millis(50);
-        let mut last = String::new();
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let res =
-                tokio::time::timeout(remaining, Client::connect(&urls, Some(co.clone()))).await;
-            last = match res {
-                Ok(Ok(client)) => {
-                    return Ok(EtcdStore {
-                        client,
-                        endpoints: desc,
-                        timeout,
-                        trips: AtomicU64::new(0),
-                        lease: std::sync::Mutex::new(None),
-                    })
-                }
-                Ok(Err(e)) if retryable(&e) => chain(&e),
-                Ok(Err(e)) => {
-                    return Err(SubnetError::Etcd {
-                        endpoints: desc,
-                        message: chain(&e),
-                    })
-                }
-                // An attempt cut short by the deadline says less than the
-                // error before it ("connection refused").
-                Err(_) if !last.is_empty() => last,
-                Err(_) => "connect timed out".to_string(),
-            };
-            // Use the whole budget: the last attempt may be the one that
-            // finds a member back.
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(SubnetError::Unreachable {
-                    store: store_desc,
-                    after: timeout,
-                    last,
-                });
-            }
-            tokio::time::sleep(pause.min(remaining)).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
-        }
+        let client = retry(&desc, deadline, timeout, "connect timed out", || {
+            Client::connect(&urls, Some(co.clone()))
+        })
+        .await?;
+        Ok(EtcdStore {
+            client,
+            endpoints: desc,
+            timeout,
+            trips: AtomicU64::new(0),
+            lease: std::sync::Mutex::new(None),
+        })
     }
 
     /// Runs one request, retrying transient failures with jittered
@@ -258,38 +291,17 @@ impl EtcdStore {
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let mut pause = Duration::from_millis(25);
-        let mut last = String::new();
-        loop {
-            self.trips.fetch_add(1, Ordering::Relaxed);
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            last = match tokio::time::timeout(remaining, f(self.client.clone())).await {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if retryable(&e) => chain(&e),
-                Ok(Err(e)) => {
-                    return Err(SubnetError::Etcd {
-                        endpoints: self.endpoints.clone(),
-                        message: chain(&e),
-                    })
-                }
-                Err(_) if !last.is_empty() => last,
-                Err(_) => "request timed out".to_string(),
-            };
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(SubnetError::Unreachable {
-                    store: format!("etcd://{}", self.endpoints),
-                    after: self.timeout,
-                    last,
-                });
-            }
-            // Jitter spreads the retries of nodes that failed together.
-            let jitter = Duration::from_millis(
-                rand::thread_rng().gen_range(0..=pause.as_millis() as u64 / 2),
-            );
-            tokio::time::sleep((pause + jitter).min(remaining)).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
-        }
+        retry(
+            &self.endpoints,
+            deadline,
+            self.timeout,
+            "request timed out",
+            || {
+                self.trips.fetch_add(1, Ordering::Relaxed);
+                f(self.client.clone())
+            },
+        )
+        .await
     }
 
     pub(crate) async fn txn(
@@ -640,5 +652,42 @@ impl SubnetStore for EtcdStore {
 
     fn describe(&self) -> String {
         format!("etcd://{}", self.endpoints)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The password file is a path in a ConfigMap: without TLS, anyone
+    /// who can point dataStore at their own server would receive what it
+    /// names. Refused before the file is read or anything is dialled.
+    #[tokio::test]
+    async fn a_password_without_tls_is_refused_unless_allowed() {
+        let d = tempfile::tempdir().unwrap();
+        let (user, pass) = (d.path().join("u"), d.path().join("p"));
+        std::fs::write(&user, "evio").unwrap();
+        std::fs::write(&pass, "secret").unwrap();
+        let mut opts = EtcdOptions {
+            username_file: Some(user),
+            password_file: Some(pass),
+            ..EtcdOptions::default()
+        };
+        // A port nothing listens on: only the refusal can answer at once.
+        let eps = ["127.0.0.1:9".to_string()];
+        let e = EtcdStore::connect(&eps, &opts, Duration::from_millis(300))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&e, SubnetError::Credentials(m) if m.contains("clear text")),
+            "{e}"
+        );
+        opts.allow_plaintext_password = true;
+        let e = EtcdStore::connect(&eps, &opts, Duration::from_millis(300))
+            .await
+            .err()
+            .unwrap();
+        assert!(!matches!(e, SubnetError::Credentials(_)), "{e}");
     }
 }

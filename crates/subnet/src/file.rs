@@ -74,7 +74,8 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Sub
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(
-        ".{name}.tmp.{}.{:08x}",
+        "{}{}.{:08x}",
+        temp_prefix(&name),
         std::process::id(),
         rand::random::<u32>()
     ));
@@ -96,6 +97,60 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Sub
         let _ = fs::remove_file(&tmp);
     }
     result.map_err(io_err(path))
+}
+
+fn temp_prefix(name: &str) -> String {
+    format!(".{name}.tmp.")
+}
+
+/// Whether `file` is exactly a temp name [`write_file_atomic`] gives
+/// `name`: `.NAME.tmp.PID.XXXXXXXX` (PID in decimal, 8 hex digits).
+fn is_temp_of(file: &std::ffi::OsStr, name: &str) -> bool {
+    let Some(rest) = file
+        .to_str()
+        .and_then(|f| f.strip_prefix(temp_prefix(name).as_str()))
+    else {
+        return false;
+    };
+    let Some((pid, random)) = rest.split_once('.') else {
+        return false;
+    };
+    !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && random.len() == 8
+        && random.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A writer that is still running renames its temp file within
+/// milliseconds; anything older was left by a crash.
+const LEFTOVER_AGE: Duration = Duration::from_secs(60);
+
+/// Removes the temp files a crashed [`write_file_atomic`] of `dir/name`
+/// left behind. Only regular files (never through a symlink) named
+/// exactly as that function names them and older than a live writer's
+/// are removed; the paths removed are returned. Failures are not errors:
+/// a leftover costs disk space, not correctness.
+pub fn remove_leftover_temps(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        if !is_temp_of(&entry.file_name(), name) {
+            continue;
+        }
+        // DirEntry::metadata does not follow symlinks.
+        let Ok(meta) = entry.metadata() else { continue };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age >= LEFTOVER_AGE);
+        if meta.file_type().is_file() && old && fs::remove_file(entry.path()).is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
 }
 
 impl FileStore {
@@ -328,5 +383,81 @@ impl SubnetStore for FileStore {
 
     fn describe(&self) -> String {
         format!("file://{}", self.path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+
+    /// Backdates `path` itself (not a symlink's target) past LEFTOVER_AGE.
+    fn age(path: &Path) {
+        let old = TimeSpec::new(1_000_000_000, 0);
+        utimensat(
+            nix::fcntl::AT_FDCWD,
+            path,
+            &old,
+            &old,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn only_old_regular_temps_of_the_exact_pattern_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("precious");
+        fs::write(&target, b"keep").unwrap();
+        let p = |n: &str| d.path().join(n);
+
+        let leftover = p(".evio.tmp.4242.0a1b2c3d");
+        fs::write(&leftover, b"x").unwrap();
+        age(&leftover);
+        let live = p(".evio.tmp.4243.0a1b2c3d");
+        fs::write(&live, b"x").unwrap();
+        let link = p(".evio.tmp.4244.0a1b2c3d");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        age(&link);
+        let dir = p(".evio.tmp.4245.0a1b2c3d");
+        fs::create_dir(&dir).unwrap();
+        age(&dir);
+        let mut near_misses = Vec::new();
+        for n in [
+            ".evio.tmp.x.0a1b2c3d",
+            ".evio.tmp.1.0a1b2c3g",
+            ".evio.tmp.1.0a1b2c3",
+            ".evio.tmp..0a1b2c3d",
+            ".evio.tmp.1.0a1b2c3d.more",
+            ".other.tmp.1.0a1b2c3d",
+            "evio.tmp.1.0a1b2c3d",
+            "evio",
+        ] {
+            fs::write(p(n), b"x").unwrap();
+            age(&p(n));
+            near_misses.push(p(n));
+        }
+
+        assert_eq!(
+            remove_leftover_temps(d.path(), "evio"),
+            vec![leftover.clone()]
+        );
+        assert!(!leftover.exists());
+        assert!(live.exists(), "a live writer's temp file");
+        assert!(link.symlink_metadata().is_ok(), "symlinks are not removed");
+        assert_eq!(fs::read(&target).unwrap(), b"keep");
+        assert!(dir.is_dir());
+        for n in near_misses {
+            assert!(n.exists(), "{}", n.display());
+        }
+        assert!(remove_leftover_temps(&d.path().join("missing"), "evio").is_empty());
+    }
+
+    #[test]
+    fn the_writer_names_temps_as_the_cleaner_expects() {
+        let name = format!("{}{}.{:08x}", temp_prefix("evio"), std::process::id(), 7u32);
+        assert!(is_temp_of(std::ffi::OsStr::new(&name), "evio"));
     }
 }

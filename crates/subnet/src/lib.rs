@@ -2,8 +2,8 @@
 //! `2^nodeBits` node subnets, and the stores (`file://`, `etcd://`) that hand
 //! each node one of them exactly once, across processes and machines.
 //!
-//! The contract (key layout, ranges, error cases) is `shared/DESIGN.md`,
-//! sections "Subnet arithmetic" and "The allocator contract".
+//! The contract (key layout, ranges, error cases) is `docs/design.md`,
+//! sections "Subnet arithmetic", "config-gen" and "Stores and their layout".
 
 mod arith;
 mod choose;
@@ -16,11 +16,11 @@ mod peers_file;
 mod record;
 mod store;
 
-pub use arith::{parse_node_bits, NodeSubnet, PodNetwork};
+pub use arith::{ip_offset, ip_to_u128, parse_node_bits, NodeSubnet, PodNetwork};
 pub use choose::UsedSet;
 pub use error::SubnetError;
-pub use etcd::{EtcdOptions, EtcdStore};
-pub use file::{write_file_atomic, FileStore};
+pub use etcd::{read_secret, EtcdOptions, EtcdStore};
+pub use file::{remove_leftover_temps, write_file_atomic, FileStore};
 pub use peers::{
     now_rfc3339, preferred_host, Allocations, Candidate, CandidateKind, HostAllocation, Liveness,
     Name, OverlayBackend, OverlayStore, PeerRecord, PeerSnapshot,

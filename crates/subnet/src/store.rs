@@ -120,7 +120,7 @@ impl fmt::Display for StoreUrl {
 }
 
 /// Knobs shared by all stores.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreOptions {
     /// Upper bound for one store operation including retries (and, for the
     /// file store, waiting for the lock).

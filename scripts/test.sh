@@ -14,7 +14,7 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 # A dependency no source uses is compile time and attack surface for nothing.
-cargo machete crates
+cargo machete
 # Release: the same build serves the tests, the e2e binaries they exec and
 # the benchmark. Two test threads per binary match the 2-core target machine.
 cargo test --workspace --release -- --test-threads=2

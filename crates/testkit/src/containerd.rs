@@ -105,7 +105,9 @@ impl Containerd {
 
     /// Where the CRI plugin mounts sandbox netns.
     pub fn netns_dir(&self) -> PathBuf {
-        self.dir.path().join("state/io.containerd.grpc.v1.cri/netns")
+        self.dir
+            .path()
+            .join("state/io.containerd.grpc.v1.cri/netns")
     }
 
     /// The cgroup parent to give sandboxes (cgroupfs path).
@@ -212,7 +214,7 @@ disabled_plugins = [
                 match Cri::connect(&self.socket(), Duration::from_secs(5))
                     .and_then(|mut c| c.status())
                 {
-                    Ok((conds, _)) => {
+                    Ok(conds) => {
                         let ready = |t: &str| conds.get(t).is_some_and(|(ok, _)| *ok);
                         if ready("RuntimeReady") && ready("NetworkReady") {
                             return Ok(());

@@ -11,8 +11,8 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     LinuxPodSandboxConfig, ListPodSandboxRequest, PodSandbox, PodSandboxMetadata,
     PodSandboxStatusRequest, PodSandboxStatusResponse, PortMapping, Protocol,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StatusRequest, StatusResponse,
-    StopPodSandboxRequest, VersionRequest, VersionResponse,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StatusRequest, StopPodSandboxRequest,
+    VersionRequest, VersionResponse,
 };
 use serde_json::Value;
 use tokio::net::UnixStream;
@@ -120,21 +120,18 @@ impl Cri {
         })
     }
 
-    /// The runtime's conditions (`RuntimeReady`, `NetworkReady`) by type.
-    pub fn status(
-        &mut self,
-    ) -> Result<(BTreeMap<String, (bool, String)>, StatusResponse), CriError> {
+    /// The runtime's conditions (`RuntimeReady`, `NetworkReady`): status
+    /// and message by type.
+    pub fn status(&mut self) -> Result<BTreeMap<String, (bool, String)>, CriError> {
         let mut c = self.client.clone();
         let r = self.call("Status", async move {
-            c.status(StatusRequest { verbose: true }).await
+            c.status(StatusRequest { verbose: false }).await
         })?;
-        let conditions = r
-            .status
+        Ok(r.status
             .iter()
             .flat_map(|s| s.conditions.iter())
             .map(|c| (c.r#type.clone(), (c.status, c.message.clone())))
-            .collect();
-        Ok((conditions, r))
+            .collect())
     }
 
     pub fn run_pod_sandbox(&mut self, config: PodSandboxConfig) -> Result<String, CriError> {
@@ -240,6 +237,9 @@ impl Cri {
 #[derive(Debug, Clone)]
 pub struct SandboxStatus {
     pub id: String,
+    /// The pod's name and UID from the sandbox metadata.
+    pub name: String,
+    pub uid: String,
     pub ready: bool,
     /// The pod IP as reported (empty when the runtime has none).
     pub ip: String,
@@ -272,8 +272,11 @@ impl SandboxStatus {
             .filter(|p| !p.is_empty())
             .map(PathBuf::from);
         let pid = info["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
+        let (name, uid) = s.metadata.map(|m| (m.name, m.uid)).unwrap_or_default();
         Ok(SandboxStatus {
             id: s.id,
+            name,
+            uid,
             // SANDBOX_READY is 0 in the protocol.
             ready: s.state == k8s_cri::v1::PodSandboxState::SandboxReady as i32,
             ip: s.network.map(|n| n.ip).unwrap_or_default(),

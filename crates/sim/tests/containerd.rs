@@ -389,7 +389,7 @@ fn demo_pause(h: &Harness, st: &[(SandboxStatus, IpAddr, PathBuf)]) {
          containerd: socket {}, log {}/containerd.log\n\
          ctr --address {} -n k8s.io containers ls\n\
          conflist: {}\n",
-        node.plugin_conf["bridgeType"],
+        node.plugin_conf["bridgeType"].as_str().unwrap_or("?"),
         node.name,
         node.ns.name(),
         node.ns.path().display(),

@@ -351,14 +351,18 @@ disabled_plugins = [
         v
     }
 
-    /// Our sandbox cgroups' parent dirs that still exist, per hierarchy.
+    /// Our sandbox cgroups' parent dirs that still exist: per v1 hierarchy,
+    /// or the one of the unified (v2) hierarchy.
     pub fn cgroups(&self) -> Vec<PathBuf> {
         let rel = self.cgroup_parent.trim_start_matches('/');
-        std::fs::read_dir("/sys/fs/cgroup")
+        let root = PathBuf::from("/sys/fs/cgroup");
+        std::fs::read_dir(&root)
             .into_iter()
             .flatten()
             .flatten()
-            .map(|e| e.path().join(rel))
+            .map(|e| e.path())
+            .chain(std::iter::once(root))
+            .map(|h| h.join(rel))
             .filter(|p| p.is_dir())
             .collect()
     }

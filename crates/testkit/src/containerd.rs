@@ -6,7 +6,9 @@
 //!
 //! What it cannot confine: the shims' sockets live in `/run/containerd/s`
 //! (1.6 hard-codes that dir; each shim removes its own socket when it
-//! exits) and libcni's result cache in `/var/lib/cni/results`. Sandbox
+//! exits, the empty dir stays) and libcni's result cache in
+//! `/var/lib/cni/results`. runc's state goes under our dir (the runc
+//! options' `Root`; the default is `/run/containerd/runc`). Sandbox
 //! netns mounts go under our state dir (`netns_mounts_under_state_dir`),
 //! not `/run/netns`, and sandbox cgroups under a cgroup parent of our own.
 //! Drop stops and removes every sandbox through the CRI, then stops
@@ -159,6 +161,8 @@ disabled_plugins = [
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "{runc_root}"
 "#,
             root = d.join("root").display(),
             state = d.join("state").display(),
@@ -166,6 +170,7 @@ disabled_plugins = [
             pause = PAUSE_IMAGE,
             bin = cni.bin_dir.display(),
             conf = cni.conf_dir.display(),
+            runc_root = d.join("runc").display(),
         );
         let path = d.join("config.toml");
         std::fs::write(&path, config).map_err(io(path.display().to_string()))

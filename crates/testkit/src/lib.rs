@@ -6,6 +6,8 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod containerd;
+pub mod cri;
 pub mod etcd;
 mod keeper;
 pub mod natlab;

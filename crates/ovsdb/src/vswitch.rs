@@ -64,7 +64,17 @@ impl Client {
     /// Safe to race: the transaction asserts that the bridge is absent, so
     /// of several concurrent callers exactly one creates it and the others
     /// get `Ok(false)`.
-    pub fn ensure_bridge(&mut self, name: &str, datapath_type: &str) -> Result<bool> {
+    ///
+    /// `other_config` is set by the creating transaction itself (e.g. the
+    /// pinned `hwaddr`): a caller killed right after creation must not leave
+    /// a bridge without it, since later callers see the bridge existing and
+    /// never set it.
+    pub fn ensure_bridge(
+        &mut self,
+        name: &str,
+        datapath_type: &str,
+        other_config: &[(&str, &str)],
+    ) -> Result<bool> {
         let mut last = None;
         // A second attempt covers a commit that lost a race in a way the
         // leading `wait` cannot see (e.g. the internal port's name index).
@@ -83,7 +93,12 @@ impl Client {
                 ),
                 insert(
                     "Bridge",
-                    json!({"name": name, "ports": named_uuid("port"), "datapath_type": datapath_type}),
+                    json!({
+                        "name": name,
+                        "ports": named_uuid("port"),
+                        "datapath_type": datapath_type,
+                        "other_config": string_map(other_config),
+                    }),
                     Some("bridge"),
                 ),
                 mutate(
@@ -115,35 +130,6 @@ impl Client {
             }
         }
         Err(last.unwrap_or_else(|| Error::NotFound(format!("bridge {name}"))))
-    }
-
-    /// Sets one key of the bridge's `other_config` (e.g. `hwaddr`), keeping
-    /// the others. `NotFound` if there is no such bridge.
-    pub fn set_bridge_other_config(&mut self, name: &str, key: &str, value: &str) -> Result<()> {
-        let m = string_map(&[(key, value)]);
-        let results = self.transact(
-            DB,
-            vec![
-                mutate(
-                    "Bridge",
-                    vec![eq("name", name)],
-                    vec![mutation(
-                        "other_config",
-                        Mutator::Delete,
-                        set(vec![json!(key)]),
-                    )],
-                ),
-                mutate(
-                    "Bridge",
-                    vec![eq("name", name)],
-                    vec![mutation("other_config", Mutator::Insert, m)],
-                ),
-            ],
-        )?;
-        match results.get(1).map(datum::count).transpose()? {
-            Some(0) | None => Err(Error::NotFound(format!("bridge {name}"))),
-            Some(_) => Ok(()),
-        }
     }
 
     /// The bridge's `datapath_type` (`""` means the default, `system`), or

@@ -47,10 +47,20 @@ fn lines(s: &str) -> Vec<String> {
 fn ensure_bridge_creates_once_with_datapath_type() {
     let mut n = node();
     assert_eq!(n.client.bridge_datapath_type("br0").unwrap(), None);
-    assert!(n.client.ensure_bridge("br0", "netdev").unwrap());
-    assert!(!n.client.ensure_bridge("br0", "netdev").unwrap());
+    assert!(n
+        .client
+        .ensure_bridge("br0", "netdev", &[("hwaddr", "02:00:00:00:00:aa")])
+        .unwrap());
+    // Set by the creating transaction itself: nothing else ran in between.
+    assert_eq!(
+        n.ovs
+            .vsctl(&["get", "Bridge", "br0", "other_config:hwaddr"])
+            .trim(),
+        "\"02:00:00:00:00:aa\""
+    );
+    assert!(!n.client.ensure_bridge("br0", "netdev", &[]).unwrap());
     // An existing bridge is not changed, whatever was asked for.
-    assert!(!n.client.ensure_bridge("br0", "system").unwrap());
+    assert!(!n.client.ensure_bridge("br0", "system", &[]).unwrap());
 
     assert_eq!(lines(&n.ovs.vsctl(&["list-br"])), ["br0"]);
     assert_eq!(
@@ -86,7 +96,7 @@ fn ensure_bridge_races_create_exactly_one() {
             std::thread::spawn(move || {
                 let mut c = Client::connect(&endpoint, T).unwrap();
                 barrier.wait();
-                c.ensure_bridge("brace", "netdev").unwrap()
+                c.ensure_bridge("brace", "netdev", &[]).unwrap()
             })
         })
         .collect();
@@ -114,7 +124,7 @@ fn ensure_bridge_races_create_exactly_one() {
 #[test]
 fn veth_port_lifecycle_with_identity() {
     let mut n = node();
-    n.client.ensure_bridge("brp", "netdev").unwrap();
+    n.client.ensure_bridge("brp", "netdev", &[]).unwrap();
     veth(&n.ns, "vp1", "vp1c");
     let ids = [
         ("evio.owner", "evio"),
@@ -172,7 +182,7 @@ fn veth_port_lifecycle_with_identity() {
     assert_eq!(n.client.port("nope").unwrap(), None);
 
     // Same name again, on this or another bridge: refused, nothing changed.
-    n.client.ensure_bridge("brq", "netdev").unwrap();
+    n.client.ensure_bridge("brq", "netdev", &[]).unwrap();
     for br in ["brp", "brq"] {
         match n.client.add_port(
             br,
@@ -239,7 +249,7 @@ fn veth_port_lifecycle_with_identity() {
 #[test]
 fn foreign_port_is_not_deleted() {
     let mut n = node();
-    n.client.ensure_bridge("brf", "netdev").unwrap();
+    n.client.ensure_bridge("brf", "netdev", &[]).unwrap();
     veth(&n.ns, "vf1", "vf1c");
     n.ovs.vsctl(&["add-port", "brf", "vf1"]);
     n.ovs.vsctl(&[
@@ -269,7 +279,7 @@ fn foreign_port_is_not_deleted() {
 #[test]
 fn missing_device_reports_vswitchd_error_quickly() {
     let mut n = node();
-    n.client.ensure_bridge("brg", "netdev").unwrap();
+    n.client.ensure_bridge("brg", "netdev", &[]).unwrap();
     n.client
         .add_port(
             "brg",
@@ -296,7 +306,7 @@ fn missing_device_reports_vswitchd_error_quickly() {
 #[test]
 fn wait_ofport_is_bounded_and_resumes_after_vswitchd_restart() {
     let mut n = node();
-    n.client.ensure_bridge("brw", "netdev").unwrap();
+    n.client.ensure_bridge("brw", "netdev", &[]).unwrap();
     veth(&n.ns, "vw1", "vw1c");
     n.ovs.kill_vswitchd();
     n.client
@@ -382,7 +392,7 @@ fn missing_or_refusing_socket_fails_fast() {
 #[test]
 fn ovsdb_server_killed_gives_clear_error() {
     let mut n = node();
-    n.client.ensure_bridge("brk", "netdev").unwrap();
+    n.client.ensure_bridge("brk", "netdev", &[]).unwrap();
     assert!(n
         .client
         .list_dbs()
@@ -460,7 +470,7 @@ fn ensure_bridge_without_root_row_is_an_error() {
             vec![evio_ovsdb::ops::delete("Open_vSwitch", vec![])],
         )
         .unwrap();
-    match n.client.ensure_bridge("brz", "netdev") {
+    match n.client.ensure_bridge("brz", "netdev", &[]) {
         Err(Error::NotFound(what)) => assert!(what.contains("Open_vSwitch"), "{what}"),
         other => panic!("expected NotFound, got {other:?}"),
     }

@@ -94,17 +94,15 @@ impl Switch for OvsBridge {
         let want = self.wanted_datapath();
         let name = self.name.clone();
         let client = self.client()?;
+        // OVS, like the Linux bridge, otherwise gives the bridge the lowest
+        // MAC of its ports, which changes as pods come and go and leaves the
+        // pods' ARP entries for the gateway stale. Pinned in the creating
+        // transaction, so no crash window leaves it unpinned.
+        let mac = crate::add::fmt_mac(super::random_mac());
         let created = client
-            .ensure_bridge(&name, want)
+            .ensure_bridge(&name, want, &[("hwaddr", &mac)])
             .map_err(ovserr(format!("create bridge {name}")))?;
         let actual = if created {
-            // OVS, like the Linux bridge, otherwise gives the bridge the
-            // lowest MAC of its ports, which changes as pods come and go and
-            // leaves the pods' ARP entries for the gateway stale.
-            let mac = crate::add::fmt_mac(super::random_mac());
-            client
-                .set_bridge_other_config(&name, "hwaddr", &mac)
-                .map_err(ovserr(format!("pin the MAC of bridge {name}")))?;
             want.to_string()
         } else {
             client

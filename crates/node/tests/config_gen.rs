@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use evio_subnet::{EtcdOptions, EtcdStore, Liveness, OverlayStore, PeerRecord};
 use evio_testkit::etcd::{Etcd, EtcdCluster};
 use evio_testkit::netns::unique_name;
 use serde_json::Value;
@@ -488,6 +489,154 @@ fn etcd_with_username_and_password_files() {
     args.extend(["--etcd-username-file", &uf].map(String::from));
     assert_clean_failure(&run(&args), &sc.path("u4"), "together");
     assert_eq!(e.get_prefix("/evio/auth/nodes/").len(), 1);
+}
+
+/// Least privilege: etcd with auth on, the user `evio` holding only the
+/// role `evio` (readwrite on the prefix `/evio/`, as docs/operations.md
+/// sets it up), logged in by password over TLS and by a client certificate
+/// whose CN is the user. With either, everything evio does works: config-gen,
+/// `subnets list` and `release`, and the agent's overlay store (host
+/// address, peer record on a lease, peer list). Outside the prefix the same
+/// login is refused for reading and writing.
+#[test]
+fn etcd_least_privilege_role_by_password_and_by_certificate() {
+    let e = Etcd::start_tls_auth();
+    let t = e.tls().unwrap().clone();
+    let a = e.auth().unwrap().clone();
+    let sc = Scratch::new();
+    let store = e.store_url();
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    assert!(e.etcdctl(&["put", "/other", "root's"]).status.success());
+    // Over TLS the server wants a certificate from every client; this
+    // one's CN names no user, so only the password grants anything.
+    let by_password = vec![
+        "--etcd-ca".to_string(),
+        s(&t.ca),
+        "--etcd-cert".into(),
+        s(&t.client_cert),
+        "--etcd-key".into(),
+        s(&t.client_key),
+        "--etcd-username-file".into(),
+        s(&a.username_file),
+        "--etcd-password-file".into(),
+        s(&a.password_file),
+    ];
+    let by_cert = vec![
+        "--etcd-ca".to_string(),
+        s(&t.ca),
+        "--etcd-cert".into(),
+        s(&t.user_cert),
+        "--etcd-key".into(),
+        s(&t.user_key),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (variant, cert, creds) in [("pw", false, by_password), ("cert", true, by_cert)] {
+        let net = format!("lp{variant}");
+        let conf = sc.write(&format!("{net}.json"), &net_conf(&net, "10.42.0.0/16", "8"));
+        let mut args = gen_args(&conf, "n1", &store, &sc.s(&net));
+        args.extend(creds.iter().cloned());
+        assert_eq!(fields(&run(&args))["allocation"], "new", "{variant}");
+        let nodes = format!("/evio/{net}/nodes/");
+        assert_eq!(e.get_prefix(&nodes).len(), 1, "{variant}");
+
+        let common: Vec<String> = ["--store", &store, "--network", &net]
+            .map(String::from)
+            .into_iter()
+            .chain(creds.iter().cloned())
+            .collect();
+        let list = run(&[vec!["subnets".to_string(), "list".into()], common.clone()].concat());
+        assert!(list.status.success(), "{variant}: {}", text(&list.stderr));
+        assert!(text(&list.stdout).contains("n1"), "{variant}");
+        let release = run(&[
+            vec!["subnets".to_string(), "release".into()],
+            common,
+            vec!["--node".into(), "n1".into()],
+        ]
+        .concat());
+        assert!(
+            release.status.success(),
+            "{variant}: {}",
+            text(&release.stderr)
+        );
+        assert!(e.get_prefix(&nodes).is_empty(), "{variant}: not released");
+
+        // The agent's store operations, through the library the agent uses.
+        let opts = EtcdOptions {
+            ca_file: Some(t.ca.clone()),
+            cert_file: Some(if cert { &t.user_cert } else { &t.client_cert }.clone()),
+            key_file: Some(if cert { &t.user_key } else { &t.client_key }.clone()),
+            username_file: (!cert).then(|| a.username_file.clone()),
+            password_file: (!cert).then(|| a.password_file.clone()),
+            ..EtcdOptions::default()
+        };
+        rt.block_on(async {
+            let st = EtcdStore::connect(&e.endpoints(), &opts, Duration::from_secs(10))
+                .await
+                .unwrap();
+            let h = st
+                .allocate_host(&net, "n1", "10.99.0.0/24".parse().unwrap(), None)
+                .await
+                .unwrap();
+            let rec: PeerRecord = serde_json::from_value(serde_json::json!({
+                "node": "n1", "publicKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                "hostAddress": format!("{}/24", h.addr), "podSubnet": "10.42.1.0/24",
+                "endpoints": ["192.0.2.1:5800"], "heartbeat": "2026-01-01T00:00:00Z"
+            }))
+            .unwrap();
+            st.publish(&net, &rec, Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert_eq!(st.refresh(&net, "n1").await.unwrap(), Liveness::Alive);
+            let snap = st.peers(&net).await.unwrap();
+            assert_eq!(snap.records.len(), 1, "{variant}");
+            assert_eq!(snap.records[0].node, "n1");
+            assert_eq!(st.release_host(&net, "n1").await.unwrap(), Some(h.addr));
+        });
+        assert_eq!(e.get_prefix(&format!("/evio/{net}/peers/")).len(), 1);
+
+        // The same login inside the prefix works, so the refusals below
+        // are the role's, not a failed login.
+        let ok = e.etcdctl_as_user(cert, &["put", "/evio/probe", variant]);
+        assert!(ok.status.success(), "{variant}: {}", text(&ok.stderr));
+        for op in [
+            &["get", "/other"][..],
+            &["put", "/other", "x"],
+            &["get", "--prefix", "/"],
+        ] {
+            let out = e.etcdctl_as_user(cert, op);
+            assert!(!out.status.success(), "{variant} {op:?} allowed");
+            assert!(
+                text(&out.stderr).contains("permission denied"),
+                "{variant} {op:?}: {}",
+                text(&out.stderr)
+            );
+        }
+    }
+    assert_eq!(
+        e.get_prefix("/other"),
+        vec![("/other".into(), "root's".into())]
+    );
+    // A certificate whose CN is no user, without a password, gets nothing.
+    let conf = sc.write("nouser.json", &net_conf("lpnone", "10.42.0.0/16", "8"));
+    let mut args = gen_args(&conf, "n2", &store, &sc.s("nouser"));
+    args.extend(
+        [
+            "--etcd-ca",
+            &s(&t.ca),
+            "--etcd-cert",
+            &s(&t.client_cert),
+            "--etcd-key",
+            &s(&t.client_key),
+            "--timeout",
+            "3",
+        ]
+        .map(String::from),
+    );
+    assert_clean_failure(&run(&args), &sc.path("nouser"), "etcd");
+    assert!(e.get_prefix("/evio/lpnone/").is_empty());
 }
 
 #[test]

@@ -24,6 +24,9 @@ use crate::netns::{run_in_netns_path, run_ok, unique_name};
 
 const ROOT_USER: &str = "root";
 const ROOT_PASSWORD: &str = "evio-root-pw";
+/// The limited user (and its role) that auth creates; also the CN of
+/// [`EtcdTlsFiles::user_cert`].
+const AUTH_USER: &str = "evio";
 /// Generous: a 3-member cluster on a busy 2-core machine, while other tests
 /// compile and run, can take several seconds to elect a leader.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,6 +53,12 @@ pub struct EtcdTlsFiles {
     pub ca: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// A client certificate with CN = `evio`, the name of the limited user
+    /// that [`EtcdConfig::auth`] creates: with auth on, etcd takes the user
+    /// from the CN of a certificate sent without a password, so this one
+    /// authenticates as that user (`client_cert`'s CN names no user).
+    pub user_cert: PathBuf,
+    pub user_key: PathBuf,
 }
 
 /// Credentials of the non-root user, also written to files (with a
@@ -60,6 +69,14 @@ pub struct EtcdAuth {
     pub password: String,
     pub username_file: PathBuf,
     pub password_file: PathBuf,
+}
+
+/// Whom `etcdctl` authenticates as.
+#[derive(Clone, Copy)]
+enum Identity {
+    Root,
+    UserPassword,
+    UserCert,
 }
 
 struct Member {
@@ -155,6 +172,11 @@ fn make_certs(dir: &Path, host: IpAddr) -> (EtcdTlsFiles, PathBuf, PathBuf) {
             "evio-node",
             "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n",
         ),
+        (
+            "user",
+            AUTH_USER,
+            "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n",
+        ),
     ] {
         std::fs::write(p(&format!("{name}.ext")), ext)
             .unwrap_or_else(|e| panic!("write ext: {e}"));
@@ -174,6 +196,8 @@ fn make_certs(dir: &Path, host: IpAddr) -> (EtcdTlsFiles, PathBuf, PathBuf) {
             ca: p("ca.crt"),
             client_cert: p("client.crt"),
             client_key: p("client.key"),
+            user_cert: p("user.crt"),
+            user_key: p("user.key"),
         },
         p("server.crt"),
         p("server.key"),
@@ -343,7 +367,7 @@ impl EtcdCluster {
     }
 
     fn enable_auth(&mut self) {
-        let user = "evio".to_string();
+        let user = AUTH_USER.to_string();
         let password = "evio-pw".to_string();
         let steps: [&[&str]; 6] = [
             &[
@@ -463,6 +487,10 @@ impl EtcdCluster {
     }
 
     fn etcdctl_at(&self, endpoints: &str, args: &[&str]) -> Output {
+        self.etcdctl_as_at(endpoints, Identity::Root, args)
+    }
+
+    fn etcdctl_as_at(&self, endpoints: &str, who: Identity, args: &[&str]) -> Output {
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
@@ -477,12 +505,24 @@ impl EtcdCluster {
             .arg("--dial-timeout=2s")
             .arg("--command-timeout=5s");
         if let Some(t) = &self.tls {
+            // The server wants a certificate from every client; only the
+            // certificate identity authenticates by it (CN = user).
+            let (cert, key) = match who {
+                Identity::UserCert => (&t.user_cert, &t.user_key),
+                Identity::Root | Identity::UserPassword => (&t.client_cert, &t.client_key),
+            };
             cmd.arg(format!("--cacert={}", t.ca.display()))
-                .arg(format!("--cert={}", t.client_cert.display()))
-                .arg(format!("--key={}", t.client_key.display()));
+                .arg(format!("--cert={}", cert.display()))
+                .arg(format!("--key={}", key.display()));
         }
-        if self.auth.is_some() {
-            cmd.arg(format!("--user={ROOT_USER}:{ROOT_PASSWORD}"));
+        match (who, &self.auth) {
+            (Identity::Root, Some(_)) => {
+                cmd.arg(format!("--user={ROOT_USER}:{ROOT_PASSWORD}"));
+            }
+            (Identity::UserPassword, Some(a)) => {
+                cmd.arg(format!("--user={}:{}", a.user, a.password));
+            }
+            _ => {}
         }
         cmd.args(args)
             .stdin(Stdio::null())
@@ -490,15 +530,31 @@ impl EtcdCluster {
             .unwrap_or_else(|e| panic!("spawn etcdctl: {e}"))
     }
 
-    /// Runs `etcdctl` (v3 API) against the running members, as root when
-    /// auth is on, with the TLS client certificate when TLS is on.
-    pub fn etcdctl(&self, args: &[&str]) -> Output {
-        let eps = (0..self.members.len())
+    fn running_urls(&self) -> String {
+        (0..self.members.len())
             .filter(|&i| self.is_running(i))
             .map(|i| self.client_url(i))
             .collect::<Vec<_>>()
-            .join(",");
-        self.etcdctl_at(&eps, args)
+            .join(",")
+    }
+
+    /// Runs `etcdctl` (v3 API) against the running members, as root when
+    /// auth is on, with the TLS client certificate when TLS is on.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        self.etcdctl_at(&self.running_urls(), args)
+    }
+
+    /// Runs `etcdctl` as the limited auth user: with its password
+    /// (`cert: false`; over TLS with [`EtcdTlsFiles::client_cert`], whose CN
+    /// is no user, so only the password can grant anything), or with
+    /// [`EtcdTlsFiles::user_cert`] and no password (`cert: true`).
+    pub fn etcdctl_as_user(&self, cert: bool, args: &[&str]) -> Output {
+        let who = if cert {
+            Identity::UserCert
+        } else {
+            Identity::UserPassword
+        };
+        self.etcdctl_as_at(&self.running_urls(), who, args)
     }
 
     /// `etcdctl get --prefix KEY` as `(key, value)` pairs.
@@ -553,6 +609,17 @@ impl Etcd {
     pub fn start_auth() -> Etcd {
         Etcd(EtcdCluster::start_with(EtcdConfig {
             members: 1,
+            auth: true,
+            ..EtcdConfig::default()
+        }))
+    }
+
+    /// TLS with client certificates and auth: the limited user can log in
+    /// with its password or with [`EtcdTlsFiles::user_cert`].
+    pub fn start_tls_auth() -> Etcd {
+        Etcd(EtcdCluster::start_with(EtcdConfig {
+            members: 1,
+            tls: true,
             auth: true,
             ..EtcdConfig::default()
         }))

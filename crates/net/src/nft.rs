@@ -178,6 +178,38 @@ pub fn remove_masquerade(network: &str) -> Result<()> {
     NfSocket::new()?.transaction(&requests, &format!("remove masquerade for {network}"))
 }
 
+/// Removes the whole `inet evio` table, every network's chain with it (for
+/// `evio-node uninstall`); returns whether it existed. The delete is
+/// preceded by an add in the same transaction, so a table removed
+/// concurrently makes this a no-op rather than an error.
+pub fn remove_table() -> Result<bool> {
+    let mut sock = NfSocket::new()?;
+    let what = format!("delete table inet {TABLE}");
+    let get = NfTablesMessage::GetTable(TableMessage {
+        attributes: vec![TableAttribute::Name(TABLE.to_string())],
+    });
+    match sock.get(get, &what) {
+        Ok(_) => {}
+        Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    sock.transaction(&remove_table_requests(), &what)?;
+    Ok(true)
+}
+
+fn remove_table_requests() -> Vec<Request> {
+    vec![
+        add_table(),
+        Request {
+            msg: NfTablesMessage::DeleteTable(TableMessage {
+                attributes: vec![TableAttribute::Name(TABLE.to_string())],
+            }),
+            flags: 0,
+            what: format!("delete table inet {TABLE}"),
+        },
+    ]
+}
+
 /// The pod CIDRs currently masqueraded for `network` (for CHECK and tests),
 /// `None` if its chain does not exist.
 pub fn masquerade_cidrs(network: &str) -> Result<Option<Vec<IpNet>>> {

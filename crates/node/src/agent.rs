@@ -31,7 +31,8 @@ pub struct Args {
     pub tap_name: Option<String>,
 }
 
-fn tap_name(bridge: &str) -> String {
+/// The agent's TAP on the node bridge (also what `uninstall` removes).
+pub(crate) fn tap_name(bridge: &str) -> String {
     let n = format!("{bridge}-ovl");
     if n.len() <= 15 {
         n

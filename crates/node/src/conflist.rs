@@ -195,6 +195,21 @@ impl GenConfig {
         &self.plugin.bridge
     }
 
+    /// The canonical `bridgeType` written: "ovs" or "linux".
+    pub fn bridge_type(&self) -> &str {
+        &self.plugin.bridge_type
+    }
+
+    /// The OVSDB endpoint written (`ovsdb`).
+    pub fn ovsdb(&self) -> &str {
+        &self.plugin.ovsdb
+    }
+
+    /// host-local's `dataDir` if the config sets one.
+    pub fn ipam_data_dir(&self) -> Option<&str> {
+        self.plugin.ipam.data_dir.as_deref()
+    }
+
     /// Merges flags over the file and validates the result, including by
     /// the plugin's own config parser so that nothing is written that the
     /// `evio` plugin would refuse at the first pod.

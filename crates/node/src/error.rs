@@ -34,6 +34,10 @@ pub enum NodeError {
 
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+
+    /// What `uninstall` could not remove, every item on one line.
+    #[error("{0}")]
+    Uninstall(String),
 }
 
 impl NodeError {

@@ -15,3 +15,4 @@ pub mod peers;
 pub mod run;
 pub mod store_args;
 pub mod subnets;
+pub mod uninstall;

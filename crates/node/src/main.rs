@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use evio_node::{agent, config_gen, doctor, install_cni, peers, run, subnets};
+use evio_node::{agent, config_gen, doctor, install_cni, peers, run, subnets, uninstall};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +36,10 @@ enum Cmd {
     /// Report orphaned or inconsistent evio state on this node (exit 1 if any);
     /// the allocation store is checked only when --store is given.
     Doctor(Box<doctor::Args>),
+    /// Remove evio from this node: conflist, plugin binary, bridge, agent
+    /// interfaces, pod veths, nftables table, data dir; --release frees the
+    /// node's allocations in the store. Idempotent.
+    Uninstall(Box<uninstall::Args>),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Cmd::Doctor(a) => doctor::run(*a),
         Cmd::Agent(a) => agent::run(*a),
         Cmd::Peers(a) => peers::run(a),
+        Cmd::Uninstall(a) => uninstall::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

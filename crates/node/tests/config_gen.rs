@@ -1089,7 +1089,14 @@ fn bad_configurations_fail_cleanly() {
 /// Every flag of the commands an operator configures says what it does.
 #[test]
 fn every_flag_has_a_help_line() {
-    for cmd in ["config-gen", "run", "agent", "doctor", "install-cni"] {
+    for cmd in [
+        "config-gen",
+        "run",
+        "agent",
+        "doctor",
+        "install-cni",
+        "uninstall",
+    ] {
         let out = run(&[cmd, "--help"]);
         let help = text(&out.stdout);
         let flags: Vec<&str> = help
@@ -1107,4 +1114,225 @@ fn every_flag_has_a_help_line() {
             assert!(described, "{cmd}: no help for {l:?}");
         }
     }
+}
+
+// ---- uninstall ----------------------------------------------------------
+
+fn plugin_bin() -> PathBuf {
+    evio_testkit::cluster::profile_dir_of_current_exe()
+        .map(|d| d.join("evio"))
+        .unwrap_or_else(|| PathBuf::from("target/release/evio"))
+}
+
+/// The conflist's evio entry as the runtime hands it to the plugin.
+fn plugin_conf(conflist: &Value) -> Value {
+    let mut p = conflist["plugins"][0].clone();
+    p["name"] = conflist["name"].clone();
+    p["cniVersion"] = conflist["cniVersion"].clone();
+    p
+}
+
+/// A node netns where config-gen ran, the plugin was installed, pods were
+/// added (one deleted again, one left behind as after a drained node),
+/// and the agent's TAP exists: everything uninstall has to take away.
+fn uninstall_scenario(ovs: bool) {
+    use evio_testkit::netns::Netns;
+    use evio_testkit::plugin::{Cni, Pod};
+
+    let ns = Netns::new("evun");
+    let ovs_daemons = ovs.then(|| evio_testkit::ovs::Ovs::start(&ns));
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |p: &str| tmp.path().join(p);
+    let network = unique_name("un");
+    let mut conf = serde_json::json!({
+        "name": network, "podCIDR": "10.244.0.0/16", "nodeBits": 8,
+        "bridge": "evun0", "bridgeType": if ovs { "ovs" } else { "linux" },
+        "ipMasq": true,
+    });
+    if let Some(o) = &ovs_daemons {
+        conf["ovsdb"] = o.endpoint().into();
+    }
+    std::fs::write(d("net-conf.json"), conf.to_string()).unwrap();
+    std::fs::create_dir_all(d("bin")).unwrap();
+    std::fs::copy(plugin_bin(), d("bin/evio")).unwrap();
+    std::fs::create_dir_all(d("data")).unwrap();
+    std::fs::write(d("data/agent.key"), "k").unwrap();
+    let store = format!("file://{}", d("subnets.json").display());
+    let s = |p: &str| d(p).display().to_string();
+    let common = [
+        "--config".to_string(),
+        s("net-conf.json"),
+        "--node-name".into(),
+        "n1".into(),
+        "--store".into(),
+        store.clone(),
+        "--cni-conf-dir".into(),
+        s("net.d"),
+        "--ipam-data-dir".into(),
+        s("ipam"),
+    ];
+    let mut gen = vec![BIN.to_string(), "config-gen".into()];
+    gen.extend(common.iter().cloned());
+    let argv: Vec<&str> = gen.iter().map(String::as_str).collect();
+    ns.ok(&argv);
+    let conflist_json = conflist(&d("net.d"));
+    let pconf = plugin_conf(&conflist_json);
+
+    let cni = Cni::new(d("bin/evio"), &ns);
+    let (p1, p2) = (Pod::new(), Pod::new());
+    for p in [&p1, &p2] {
+        cni.run("ADD", &p.id, Some(&p.path()), &p.ifname, None, &pconf)
+            .expect_success("ADD");
+    }
+    cni.run("DEL", &p1.id, Some(&p1.path()), &p1.ifname, None, &pconf)
+        .expect_success("DEL");
+    ns.ok(&["ip", "tuntap", "add", "evun0-ovl", "mode", "tap"]);
+    if let Some(o) = &ovs_daemons {
+        o.vsctl(&[
+            "add-port",
+            "evun0",
+            "evun0-ovl",
+            "--",
+            "set",
+            "port",
+            "evun0-ovl",
+            "external_ids:evio-owner=evio-agent",
+        ]);
+    } else {
+        ns.ok(&["ip", "link", "set", "evun0-ovl", "master", "evun0"]);
+    }
+    // Foreign interfaces: a veth pair of someone else's, and (for now) a
+    // port evio did not add on the bridge.
+    ns.ok(&[
+        "ip",
+        "link",
+        "add",
+        "vethforeign",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vethforeign1",
+    ]);
+    ns.ok(&[
+        "ip",
+        "link",
+        "add",
+        "foreignport",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "foreignpeer",
+    ]);
+    match &ovs_daemons {
+        Some(o) => {
+            o.vsctl(&["add-port", "evun0", "foreignport"]);
+        }
+        None => {
+            ns.ok(&["ip", "link", "set", "foreignport", "master", "evun0"]);
+        }
+    }
+    assert!(ns
+        .links()
+        .iter()
+        .any(|l| l.starts_with("ev") && l.len() == 15));
+    assert!(ns.ok(&["nft", "list", "tables"]).contains("inet evio"));
+    assert!(d(&format!("ipam/{network}")).exists());
+
+    let mut un = vec![BIN.to_string(), "uninstall".into()];
+    un.extend(common[..8].iter().cloned());
+    un.extend(
+        [
+            "--cni-bin-dir",
+            &s("bin"),
+            "--data-dir",
+            &s("data"),
+            "--ipam-data-dir",
+            &s("ipam"),
+            "--release",
+        ]
+        .map(String::from),
+    );
+    let argv: Vec<&str> = un.iter().map(String::as_str).collect();
+
+    // The foreign port keeps the bridge: reported, non-zero, and every
+    // other item is removed all the same.
+    let out = ns.exec(&argv);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("foreignport"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(ns.has_link("evun0"));
+    assert!(!d("net.d/10-evio.conflist").exists());
+    assert!(!d("bin/evio").exists());
+    assert!(!d("data").exists());
+    match &ovs_daemons {
+        Some(o) => {
+            o.vsctl(&["del-port", "evun0", "foreignport"]);
+        }
+        None => {
+            ns.ok(&["ip", "link", "set", "foreignport", "nomaster"]);
+        }
+    }
+
+    let out = ns.exec(&argv);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("evun0"), "{}", text(&out.stdout));
+
+    // Nothing of evio's is left; the foreign interfaces are.
+    let links = ns.links();
+    assert!(
+        !links
+            .iter()
+            .any(|l| (l.starts_with("ev") && l.len() == 15) || l.starts_with("evun0")),
+        "{links:?}"
+    );
+    for keep in ["vethforeign", "vethforeign1", "foreignport", "foreignpeer"] {
+        assert!(links.iter().any(|l| l == keep), "{keep} removed: {links:?}");
+    }
+    if let Some(o) = &ovs_daemons {
+        assert_eq!(o.vsctl(&["list-br"]).trim(), "");
+    }
+    assert!(!ns.ok(&["nft", "list", "tables"]).contains("inet evio"));
+    assert!(!d(&format!("ipam/{network}")).exists());
+    let stored = std::fs::read_to_string(d("subnets.json")).unwrap();
+    assert!(!stored.contains("\"n1\""), "{stored}");
+    // The doctor, given the old conflist back, finds nothing of evio's.
+    std::fs::create_dir_all(d("old.d")).unwrap();
+    std::fs::write(d("old.d/10-evio.conflist"), conflist_json.to_string()).unwrap();
+    let doc = ns.exec(&[BIN, "doctor", "--conf-dir", &s("old.d")]);
+    let said = text(&doc.stdout);
+    assert!(doc.status.success(), "{said}{}", text(&doc.stderr));
+    assert!(
+        said.contains("0 attachment(s), 0 address(es), 0 host veth(s)")
+            && said.contains("no problems found"),
+        "{said}"
+    );
+
+    // Idempotent: a second run succeeds and says there was nothing to do.
+    let out = ns.exec(&argv);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("nothing to do"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn uninstall_removes_everything_of_evio_on_a_linux_bridge_node() {
+    uninstall_scenario(false);
+}
+
+#[test]
+fn uninstall_removes_everything_of_evio_on_an_ovs_node() {
+    uninstall_scenario(true);
 }

@@ -51,6 +51,10 @@ pub enum Error {
     #[error("port {0} already exists in OVSDB")]
     PortExists(String),
 
+    /// A bridge was not deleted because ports other than its own are on it.
+    #[error("{0}")]
+    NotEmpty(String),
+
     /// ovs-vswitchd could not set the interface up; `error` is its text
     /// from the Interface table's `error` column.
     #[error("interface {iface}: {error}")]

@@ -376,6 +376,65 @@ impl Client {
         Ok(out)
     }
 
+    /// Deletes bridge `name` (with its internal port and any ports still on
+    /// it, which OVSDB garbage-collects with it, as `ovs-vsctl del-br`), but
+    /// only if it holds no port other than its own internal one: a port
+    /// someone else plugged in since is never taken away with it. The
+    /// emptiness check is a `wait` pinned to the ports column in the deleting
+    /// transaction. Returns `Ok(false)` if there is no such bridge;
+    /// [`Error::NotEmpty`] if other ports are on it.
+    pub fn del_bridge_if_empty(&mut self, name: &str) -> Result<bool> {
+        let results = self.transact(
+            DB,
+            vec![
+                select("Bridge", vec![eq("name", name)], Some(&["_uuid", "ports"])),
+                select("Port", vec![eq("name", name)], Some(&["_uuid"])),
+            ],
+        )?;
+        let bridges = first_rows(&results, 0)?;
+        let Some(bridge) = bridges.first() else {
+            return Ok(false);
+        };
+        let bridge_uuid = bridge.uuid("_uuid")?;
+        let own: Vec<String> = first_rows(&results, 1)?
+            .iter()
+            .map(|r| r.uuid("_uuid"))
+            .collect::<Result<_>>()?;
+        let ports = bridge.uuids("ports")?;
+        let others = ports.iter().filter(|p| !own.contains(p)).count();
+        if others > 0 {
+            return Err(Error::NotEmpty(format!(
+                "bridge {name} still has {others} port(s) besides its own"
+            )));
+        }
+        let ops = vec![
+            wait(
+                "Bridge",
+                vec![eq("_uuid", uuid(&bridge_uuid))],
+                &["ports"],
+                Until::Eq,
+                vec![json!({"ports": set(ports.iter().map(|p| uuid(p)).collect())})],
+                0,
+            ),
+            mutate(
+                "Open_vSwitch",
+                vec![],
+                vec![mutation(
+                    "bridges",
+                    Mutator::Delete,
+                    set(vec![uuid(&bridge_uuid)]),
+                )],
+            ),
+        ];
+        match self.transact(DB, ops) {
+            Ok(_) => Ok(true),
+            Err(Error::Transaction { op: 0, error, .. }) if error == WAIT_FAILED => Err(
+                Error::NotEmpty(format!("bridge {name} changed while being deleted")),
+            ),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Removes port `name` (and with it its interface) from the bridge that
     /// holds it, but only if its `external_ids` contain every pair of
     /// `must_match`. The identity check is a `wait` in the deleting

@@ -132,6 +132,16 @@ impl Drop for Podman {
     }
 }
 
+/// A tag of its own per test and process, under deploy/image.env's name.
+fn test_tag(which: &str) -> String {
+    format!(
+        "{}-test-{which}-{}:{}",
+        image_repo(),
+        std::process::id(),
+        workspace_version()
+    )
+}
+
 fn show(r: &Run) -> String {
     format!(
         "status {}\nstdout:\n{}\nstderr:\n{}",
@@ -151,11 +161,7 @@ fn image_from_workspace_built_evio_and_evio_node_builds_offline_and_runs() {
     );
 
     let mut podman = Podman::new();
-    let tag = format!(
-        "localhost/evio-cni-test-{}:{}",
-        std::process::id(),
-        workspace_version()
-    );
+    let tag = test_tag("single");
     let built = podman.build_image(&bin_dir, &tag);
     assert!(built.ok(), "build-image.sh failed:\n{}", show(&built));
 
@@ -245,4 +251,231 @@ fn build_script_names_the_missing_binary_and_how_to_build_it() {
     assert!(!r.ok(), "{}", show(&r));
     assert!(r.stderr.contains("/evio is missing"), "{}", show(&r));
     assert!(r.stderr.contains("cargo build --release"), "{}", show(&r));
+}
+
+const CROSS_TARGET: &str = "aarch64-unknown-linux-gnu";
+/// Debian's arm64 cross sysroot (libc6-dev-arm64-cross): the libraries a
+/// dynamically linked arm64 evio-node loads when run on this machine.
+const SYSROOT: &str = "/usr/aarch64-linux-gnu";
+const QEMU: &str = "qemu-aarch64-static";
+/// A cold cross build of evio-node and the plugin, one job at a time, takes
+/// many minutes; it happens once, later runs reuse its output.
+const CROSS_BUILD: Duration = Duration::from_secs(3600);
+const EM_AARCH64: u16 = 183;
+
+/// target/aarch64-unknown-linux-gnu/release with `evio` and `evio-node`,
+/// cross-built by the build script itself if either is missing, so the test
+/// checks what the script produces and the build is paid for once.
+fn arm64_bin_dir() -> PathBuf {
+    let target = target_profile_dir()
+        .parent()
+        .expect("target/<profile> has a parent")
+        .to_path_buf();
+    let dir = target.join(CROSS_TARGET).join("release");
+    if !(dir.join("evio").is_file() && dir.join("evio-node").is_file()) {
+        let mut cmd = Command::new("bash");
+        cmd.arg(deploy_dir().join("build-image.sh"))
+            .args(["--build", "--platforms", "arm64", "--binaries-only"])
+            .env("CARGO_TARGET_DIR", &target);
+        let r = run_bounded(&mut cmd, None, CROSS_BUILD);
+        assert!(r.ok(), "arm64 cross build:\n{}", show(&r));
+    }
+    dir
+}
+
+/// (ELF machine, has a PT_INTERP program header, i.e. is dynamically linked).
+fn elf_machine_and_interp(path: &Path) -> (u16, bool) {
+    let b = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    assert!(
+        b.len() > 0x40 && b[..4] == *b"\x7fELF" && b[4] == 2 && b[5] == 1,
+        "{} is not a 64-bit little-endian ELF file",
+        path.display()
+    );
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let machine = u16_at(18);
+    let phoff = usize::try_from(u64::from_le_bytes(b[0x20..0x28].try_into().unwrap())).unwrap();
+    let (phentsize, phnum) = (usize::from(u16_at(0x36)), usize::from(u16_at(0x38)));
+    const PT_INTERP: u32 = 3;
+    let interp = (0..phnum).any(|i| {
+        let o = phoff + i * phentsize;
+        u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) == PT_INTERP
+    });
+    (machine, interp)
+}
+
+/// `qemu-aarch64-static [-L ROOT] BIN ARGS...` called directly: binfmt_misc
+/// need not be registered (it is not in this container) and nothing runs as
+/// a container.
+fn qemu(
+    root: Option<&Path>,
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: Option<&[u8]>,
+) -> Run {
+    let mut cmd = Command::new(QEMU);
+    if let Some(r) = root {
+        cmd.arg("-L").arg(r);
+    }
+    cmd.arg(bin).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run_bounded(&mut cmd, stdin, STEP)
+}
+
+fn check_plugin_version(r: &Run) {
+    assert!(r.ok(), "plugin VERSION under qemu:\n{}", show(r));
+    let out: serde_json::Value = serde_json::from_str(r.stdout.trim())
+        .unwrap_or_else(|e| panic!("VERSION output is not JSON ({e}):\n{}", show(r)));
+    let versions = out["supportedVersions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no supportedVersions: {out}"));
+    assert!(versions.iter().any(|v| v == "1.1.0"), "{out}");
+}
+
+#[test]
+fn arm64_binaries_run_under_qemu_and_the_manifest_list_has_both_platforms() {
+    for (tool, pkg) in [
+        (QEMU, "qemu-user-static"),
+        ("podman", "podman"),
+        ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    ] {
+        let ok = Command::new(tool).arg("--version").output();
+        assert!(
+            ok.is_ok_and(|o| o.status.success()),
+            "{tool} is required (Debian package {pkg}); install it with .ci/install-deps"
+        );
+    }
+    let bin_dir = target_profile_dir();
+    require_bin("evio", "evio-plugin");
+    require_bin("evio-node", "evio-node");
+    let arm = arm64_bin_dir();
+    let want = format!("evio-node {}", workspace_version());
+
+    // What the build produced: arm64 code, evio-node dynamic (its libraries
+    // come from the sysroot), the plugin static (it runs on hosts whose
+    // libraries nobody controls).
+    let (m, dynamic) = elf_machine_and_interp(&arm.join("evio-node"));
+    assert_eq!(m, EM_AARCH64, "evio-node machine");
+    assert!(dynamic, "evio-node is expected to be dynamically linked");
+    let (m, dynamic) = elf_machine_and_interp(&arm.join("evio"));
+    assert_eq!(m, EM_AARCH64, "evio machine");
+    assert!(!dynamic, "the arm64 plugin must be statically linked");
+
+    // The acceptance check: the arm64 binaries answer under qemu. The
+    // plugin's version command is CNI's VERSION, it has no --version.
+    let r = qemu(
+        Some(Path::new(SYSROOT)),
+        &arm.join("evio-node"),
+        &["--version"],
+        &[],
+        None,
+    );
+    assert!(r.ok(), "arm64 evio-node --version:\n{}", show(&r));
+    assert_eq!(r.stdout.trim(), want, "{}", show(&r));
+    let r = qemu(
+        None,
+        &arm.join("evio"),
+        &[],
+        &[("CNI_COMMAND", "VERSION")],
+        Some(br#"{"cniVersion":"1.1.0"}"#),
+    );
+    check_plugin_version(&r);
+
+    // One manifest list with both platforms, built offline.
+    let mut podman = Podman::new();
+    let tag = test_tag("multi");
+    let context = podman.path("context");
+    let mut cmd = Command::new("bash");
+    cmd.arg(deploy_dir().join("build-image.sh"))
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .arg("--cross-bin-dir")
+        .arg(&arm)
+        .args(["--platforms", "amd64,arm64", "--tag", &tag])
+        .arg("--context")
+        .arg(&context)
+        .env("PODMAN_OPTS", podman.global_opts().join(" "));
+    podman.env(&mut cmd);
+    podman.images.push(tag.clone());
+    for a in ["amd64", "arm64"] {
+        podman.images.push(format!("{tag}-{a}"));
+    }
+    // Two images, each a full copy with vfs storage.
+    let built = run_bounded(&mut cmd, None, 3 * STEP);
+    assert!(built.ok(), "build-image.sh --platforms:\n{}", show(&built));
+
+    let inspect = podman.run(&["manifest", "inspect", &tag], None);
+    assert!(inspect.ok(), "{}", show(&inspect));
+    let list: serde_json::Value = serde_json::from_str(&inspect.stdout)
+        .unwrap_or_else(|e| panic!("manifest inspect is not JSON ({e}):\n{}", show(&inspect)));
+    let platforms: BTreeSet<(String, String)> = list["manifests"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no manifests: {list}"))
+        .iter()
+        .map(|m| {
+            let p = &m["platform"];
+            (
+                p["os"].as_str().unwrap_or_default().to_string(),
+                p["architecture"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let expect: BTreeSet<(String, String)> = [("linux", "amd64"), ("linux", "arm64")]
+        .iter()
+        .map(|(o, a)| (o.to_string(), a.to_string()))
+        .collect();
+    assert_eq!(platforms, expect, "{list}");
+    assert_eq!(
+        list["manifests"].as_array().map(Vec::len),
+        Some(2),
+        "{list}"
+    );
+
+    for a in ["amd64", "arm64"] {
+        let r = podman.run(
+            &[
+                "image",
+                "inspect",
+                "--format",
+                "{{.Os}}/{{.Architecture}}",
+                &format!("{tag}-{a}"),
+            ],
+            None,
+        );
+        assert!(r.ok(), "{}", show(&r));
+        assert_eq!(r.stdout.trim(), format!("linux/{a}"));
+    }
+    // The amd64 instance runs here natively.
+    let v = podman.run_in(
+        &format!("{tag}-amd64"),
+        &[],
+        &["evio-node", "--version"],
+        None,
+    );
+    assert!(v.ok(), "{}", show(&v));
+    assert_eq!(v.stdout.trim(), want);
+
+    // The arm64 image's root file system, as staged, is enough on its own:
+    // evio-node finds its loader and libraries there and nowhere else (the
+    // host has no arm64 libraries outside the sysroot, which is not in it).
+    let rootfs = context.join("arm64").join("rootfs");
+    let r = qemu(
+        Some(&rootfs),
+        &rootfs.join("usr/local/bin/evio-node"),
+        &["--version"],
+        &[],
+        None,
+    );
+    assert!(r.ok(), "arm64 image evio-node --version:\n{}", show(&r));
+    assert_eq!(r.stdout.trim(), want);
+    let r = qemu(
+        Some(&rootfs),
+        &rootfs.join("opt/evio/cni-bin/evio"),
+        &[],
+        &[("CNI_COMMAND", "VERSION")],
+        Some(br#"{"cniVersion":"1.1.0"}"#),
+    );
+    check_plugin_version(&r);
 }

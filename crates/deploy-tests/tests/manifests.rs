@@ -194,10 +194,102 @@ fn containers_are_install_cni_then_config_gen_then_run_from_one_image() {
     assert_eq!(init, ["install-cni", "config-gen"]);
     let main: Vec<String> = spec.containers.iter().map(subcommand).collect();
     assert_eq!(main, ["run"]);
-    // The tag deploy/build-image.sh builds by default, for both DaemonSets.
-    let image = format!("localhost/evio-cni:{}", workspace_version());
+    // Every container of both DaemonSets names the image through the one
+    // placeholder render.sh fills in, never a reference of its own.
     for c in every_container(&load_manifests()) {
-        assert_eq!(c.image.as_deref(), Some(image.as_str()), "{} image", c.name);
+        assert_eq!(
+            c.image.as_deref(),
+            Some(IMAGE_PLACEHOLDER),
+            "{} image",
+            c.name
+        );
+    }
+}
+
+/// The rendered manifests, parsed: what `deploy/render.sh ... | kubectl
+/// apply -f -` sends.
+fn rendered(args: &[&str], env: &[(&str, &str)]) -> Vec<Doc> {
+    let r = render(args, env);
+    assert!(
+        r.ok(),
+        "render.sh {args:?}: status {}\n{}",
+        r.status,
+        r.stderr
+    );
+    parse_stream("render.sh output", &r.stdout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn render_fills_every_image_with_the_build_scripts_default_tag_or_the_one_given() {
+    let files = [
+        deploy_dir().join("evio-cni.yaml").display().to_string(),
+        deploy_dir().join("evio-agent.yaml").display().to_string(),
+    ];
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
+    let raw = load_manifests();
+    // Same documents as the files, in one stream: only the images differ.
+    let docs = rendered(&files, &[]);
+    assert_eq!(docs.len(), raw.len());
+    let containers = every_container(&docs);
+    assert_eq!(containers.len(), every_container(&raw).len());
+    // deploy/image.env plus the workspace version: build-image.sh's default
+    // tag (image.rs builds with the same file, so the two cannot drift).
+    let want = default_image();
+    for c in &containers {
+        assert_eq!(c.image.as_deref(), Some(want.as_str()), "{} image", c.name);
+    }
+
+    let mine = "registry.example.com/edge/evio-cni:9.9.9";
+    for (args, env) in [
+        (vec!["--image", mine], vec![]),
+        (vec![], vec![("EVIO_IMAGE", mine)]),
+    ] {
+        let mut a = args.clone();
+        a.extend_from_slice(&files);
+        for c in every_container(&rendered(&a, &env)) {
+            assert_eq!(c.image.as_deref(), Some(mine), "{} image", c.name);
+        }
+    }
+
+    // A reference that would break the sed expression or the YAML is refused.
+    let bad = render(&["--image", "a|b c"], &[]);
+    assert!(!bad.ok(), "{}", bad.stdout);
+    assert!(
+        bad.stderr.contains("not an image reference"),
+        "{}",
+        bad.stderr
+    );
+}
+
+#[test]
+fn no_manifest_or_test_hard_codes_an_image_reference() {
+    let repo = image_repo();
+    let manifests = manifest_files();
+    let mut files = manifests.clone();
+    for dir in [
+        "crates/deploy-tests/tests",
+        "crates/deploy-tests/tests/common",
+    ] {
+        for e in std::fs::read_dir(workspace_root().join(dir)).expect("read tests") {
+            let p = e.expect("entry").path();
+            if p.extension().is_some_and(|x| x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+    for f in files {
+        let text = std::fs::read_to_string(&f).expect("read");
+        for (n, line) in text.lines().enumerate() {
+            // A registry-less `localhost/` name anywhere in a manifest is a
+            // build-host-only leftover, whatever image.env says.
+            let local = manifests.contains(&f) && line.contains("localhost/");
+            assert!(
+                !local && !line.contains(&repo),
+                "{}:{}: image reference outside deploy/image.env: {line}",
+                f.display(),
+                n + 1
+            );
+        }
     }
 }
 
@@ -963,9 +1055,18 @@ fn the_agent_daemonset_is_alone_in_its_optional_file_and_the_main_one_never_runs
     let subs: Vec<String> = spec.containers.iter().map(subcommand).collect();
     assert_eq!(subs, ["agent"]);
     // The install instructions apply the main file by name: `kubectl apply
-    // -f deploy/` would start the optional agent everywhere too.
+    // -f deploy/` would start the optional agent everywhere too. They render
+    // it first: applied as is, its `image: EVIO_IMAGE` cannot be pulled.
     let text = readme();
-    assert!(text.contains(&format!("kubectl apply -f deploy/{MAIN_FILE}")));
+    assert!(text.contains(&format!(
+        "deploy/render.sh deploy/{MAIN_FILE} | kubectl apply -f -"
+    )));
+    for file in [MAIN_FILE, AGENT_FILE] {
+        assert!(
+            !text.contains(&format!("kubectl apply -f deploy/{file}")),
+            "README applies deploy/{file} without deploy/render.sh"
+        );
+    }
     assert!(
         !text.contains("kubectl apply -f deploy/`") && !text.contains("kubectl apply -f deploy/\n"),
         "README still applies the whole deploy/ directory"

@@ -384,3 +384,48 @@ pub fn run_bounded(cmd: &mut Command, stdin: Option<&[u8]>, limit: Duration) -> 
         stderr,
     }
 }
+
+/// What every `image:` line of deploy/*.yaml says until deploy/render.sh
+/// fills in the reference.
+pub const IMAGE_PLACEHOLDER: &str = "EVIO_IMAGE";
+
+/// `EVIO_IMAGE_REPO` from deploy/image.env, the one place the image name
+/// lives (build-image.sh and render.sh source the same file).
+pub fn image_repo() -> String {
+    let path = deploy_dir().join("image.env");
+    let text = std::fs::read_to_string(&path).expect("read deploy/image.env");
+    let values: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("EVIO_IMAGE_REPO="))
+        .collect();
+    assert_eq!(
+        values.len(),
+        1,
+        "one EVIO_IMAGE_REPO= line in {}",
+        path.display()
+    );
+    let repo = values[0].trim().to_string();
+    assert!(
+        !repo.is_empty(),
+        "empty EVIO_IMAGE_REPO in {}",
+        path.display()
+    );
+    repo
+}
+
+/// The reference build-image.sh tags and render.sh writes by default.
+pub fn default_image() -> String {
+    format!("{}:{}", image_repo(), workspace_version())
+}
+
+/// `deploy/render.sh ARGS...` with the caller's extra environment.
+pub fn render(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new("bash");
+    cmd.arg(deploy_dir().join("render.sh"))
+        .args(args)
+        .env_remove("EVIO_IMAGE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run_bounded(&mut cmd, None, Duration::from_secs(30))
+}

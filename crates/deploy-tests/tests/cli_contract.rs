@@ -156,8 +156,19 @@ fn shipped_configmap_and_config_gen_args_write_a_conflist_with_built_evio_node()
             _ => None,
         })
         .expect("ConfigMap net-conf.json");
+    // The shipped store is etcd, its TLS files the evio-etcd Secret's:
+    // the test replaces the store by a file of its own (below), so the
+    // Secret's files, absent here, are dropped with it.
+    let mut conf_json: Value = serde_json::from_str(&conf_text).expect("net-conf.json is JSON");
+    for key in ["etcdCACert", "etcdCert", "etcdKey"] {
+        assert!(
+            conf_json.get(key).is_some(),
+            "the shipped config names {key}"
+        );
+        conf_json.as_object_mut().expect("object").remove(key);
+    }
     let conf = tmp.path().join("net-conf.json");
-    std::fs::write(&conf, conf_text).expect("write net-conf.json");
+    std::fs::write(&conf, conf_json.to_string()).expect("write net-conf.json");
     let net_d = tmp.path().join("net.d");
     let mut argv = vec![subcommand(&c)];
     argv.extend(remapped(
@@ -165,11 +176,14 @@ fn shipped_configmap_and_config_gen_args_write_a_conflist_with_built_evio_node()
         "node-a",
         &[("--config", &conf), ("--cni-conf-dir", &net_d)],
     ));
-    // The shipped dataStore is the host's /var/lib/evio: redirect it.
+    // The shipped dataStore is an etcd to edit: redirect it.
     let store = format!("file://{}/subnets.json", tmp.path().display());
     argv.extend(["--store".to_string(), store]);
     let r = run_bounded(
-        Command::new(&bin).args(&argv).env("NODE_NAME", "node-a"),
+        Command::new(&bin)
+            .args(&argv)
+            .env("NODE_NAME", "node-a")
+            .env_remove("KUBERNETES_SERVICE_HOST"),
         None,
         LIMIT,
     );
@@ -179,6 +193,7 @@ fn shipped_configmap_and_config_gen_args_write_a_conflist_with_built_evio_node()
     let plugin = &list["plugins"][0];
     assert_eq!(plugin["type"], "evio", "{list}");
     assert_eq!(plugin["bridge"], "evio0", "{list}");
+    assert_eq!(plugin["isDefaultGateway"], true, "{list}");
     assert_eq!(
         plugin["ipam"]["ranges"][0][0]["subnet"], "10.244.0.0/16",
         "{list}"

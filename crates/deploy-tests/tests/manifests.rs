@@ -405,16 +405,16 @@ fn config_flag_points_at_the_mounted_configmap_key() {
     }
 }
 
+/// The file store is the single-node opt-out ("singleNode": true with
+/// evio_subnet's default URL): it must still mean the same host file in
+/// every container.
 #[test]
 fn file_store_lives_on_the_host_at_the_same_path_in_every_container() {
-    let (docs, spec) = setup();
-    let conf = net_conf(&docs);
-    let store = conf["dataStore"].as_str().expect("dataStore string");
+    let (_, spec) = setup();
     let evio_subnet::StoreUrl::File(path) =
-        evio_subnet::StoreUrl::parse(store).expect("dataStore parses")
+        evio_subnet::StoreUrl::parse(evio_subnet::DEFAULT_STORE).expect("default store parses")
     else {
-        // An etcd default would need no host path; the shipped default is file.
-        panic!("the shipped default dataStore should be the embedded file store, is {store}");
+        panic!("evio_subnet's default store is not a file");
     };
     let dir = path.parent().expect("file has a directory");
     let dir = dir.to_str().expect("utf-8 path");
@@ -677,7 +677,7 @@ fn resolve_port(c: &Container, port: &IntOrString) -> i32 {
 }
 
 #[test]
-fn probes_hit_livez_and_healthz_on_the_port_run_listens_on() {
+fn probes_hit_livez_and_readyz_on_the_port_run_listens_on() {
     let (docs, spec) = setup();
     let c = container_by_sub(&spec, "run");
     // hostNetwork: kubelet probes the node's address, so a loopback-only
@@ -707,11 +707,12 @@ fn probes_hit_livez_and_healthz_on_the_port_run_listens_on() {
         .parse()
         .expect("--port is a port");
     assert_eq!(port, 9471);
-    // Liveness is run's own health (/livez): restarting run cannot repair
-    // the agent. Readiness (/healthz) includes the agent's.
+    // Liveness is run's own loop (/livez): restarting run repairs neither
+    // the store nor the agent. Readiness (/readyz) is the store's health
+    // and the agent's.
     for (what, probe, want) in [
         ("livenessProbe", &c.liveness_probe, "/livez"),
-        ("readinessProbe", &c.readiness_probe, "/healthz"),
+        ("readinessProbe", &c.readiness_probe, "/readyz"),
     ] {
         let g = http_get(probe, what);
         assert_eq!(g.path.as_deref(), Some(want), "{what} path");
@@ -762,7 +763,11 @@ fn net_conf_json_parses_and_has_the_documented_defaults() {
         "bridgeType": "ovs",
         "ovsDatapath": "auto",
         "ipMasq": true,
-        "dataStore": "file:///var/lib/evio/subnets.json",
+        "isDefaultGateway": true,
+        "dataStore": "etcd://192.0.2.10:2379",
+        "etcdCACert": "/etc/evio/etcd/ca.crt",
+        "etcdCert": "/etc/evio/etcd/tls.crt",
+        "etcdKey": "/etc/evio/etcd/tls.key",
         "hostCIDR": "10.10.0.0/16",
         "hostInterface": "evio-host",
         "overlay": {
@@ -777,6 +782,94 @@ fn net_conf_json_parses_and_has_the_documented_defaults() {
     // With the overlay configured, config-gen picks the MTU that fits the
     // tunnel (1380 on a 1500 underlay): an explicit 1500 would be refused.
     assert!(conf.get("mtu").is_none(), "mtu left to config-gen");
+}
+
+/// The shipped defaults cannot hand two nodes one subnet (an etcd store,
+/// not a per-node file, and no singleNode opt-out), pods get a default
+/// route, and the store's TLS files are the `evio-etcd` Secret's keys at
+/// its mount.
+#[test]
+fn shipped_config_uses_etcd_over_tls_from_the_secret_and_a_default_route() {
+    let (docs, spec) = setup();
+    let conf = net_conf(&docs);
+    let store = conf["dataStore"].as_str().expect("dataStore");
+    assert!(
+        matches!(
+            evio_subnet::StoreUrl::parse(store),
+            Ok(evio_subnet::StoreUrl::Etcd(_))
+        ),
+        "{store}"
+    );
+    assert!(conf.get("singleNode").is_none(), "no single-node opt-out");
+    assert_eq!(conf["isDefaultGateway"], true);
+    let c = container_by_sub(&spec, "config-gen");
+    let secret_vol = spec
+        .volumes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|v| {
+            v.secret
+                .as_ref()
+                .is_some_and(|s| s.secret_name.as_deref() == Some("evio-etcd"))
+        })
+        .expect("the evio-etcd Secret volume")
+        .name
+        .clone();
+    let dir = mount(&c, &secret_vol)
+        .expect("config-gen mounts evio-etcd")
+        .mount_path
+        .clone();
+    for (key, file) in [
+        ("etcdCACert", "ca.crt"),
+        ("etcdCert", "tls.crt"),
+        ("etcdKey", "tls.key"),
+    ] {
+        assert_eq!(
+            conf[key].as_str(),
+            Some(format!("{}/{file}", dir.trim_end_matches('/')).as_str()),
+            "{key}"
+        );
+    }
+    let text = std::fs::read_to_string(deploy_dir().join("evio-cni.yaml")).expect("read");
+    for word in [
+        "singleNode",
+        "isDefaultGateway",
+        "conflistName",
+        "192.0.2.10",
+    ] {
+        assert!(
+            text.contains(word),
+            "the ConfigMap comment documents {word}"
+        );
+    }
+}
+
+/// `kubectl exec ... evio-node doctor` runs in the `run` container: it
+/// needs host-local's allocations (read-only) and the CNI configs.
+#[test]
+fn run_container_mounts_the_cni_state_read_only_for_doctor() {
+    let (_, spec) = setup();
+    let vol = host_path_volume(&spec, "/var/lib/cni");
+    let c = container_by_sub(&spec, "run");
+    let m = mount(&c, &vol.name).expect("run mounts /var/lib/cni");
+    assert_eq!(m.mount_path.trim_end_matches('/'), "/var/lib/cni");
+    assert_eq!(m.read_only, Some(true), "doctor changes nothing");
+    for sub in ["config-gen", "install-cni"] {
+        let c = container_by_sub(&spec, sub);
+        assert!(mount(&c, &vol.name).is_none(), "{sub} has no use for it");
+    }
+    // The documented line names this container and the mounted config.
+    let readme = readme();
+    let line = readme
+        .lines()
+        .find(|l| l.contains("kubectl") && l.contains("exec") && l.contains("doctor"))
+        .expect("README documents kubectl exec ... doctor");
+    assert!(line.contains(&format!("-c {}", c.name)), "{line}");
+    assert!(
+        line.contains("--config /etc/evio/config/net-conf.json"),
+        "{line}"
+    );
 }
 
 #[test]

@@ -64,6 +64,9 @@ pub enum Kind {
     StoreNoRecord,
     /// The store's subnet for this node and the config's range disagree.
     StoreMismatch,
+    /// Another CNI config in the directory sorts before evio's: the
+    /// runtime uses that one and pods never reach evio.
+    ConflistShadowed,
 }
 
 impl Kind {
@@ -89,6 +92,7 @@ impl Kind {
             Kind::MissingAttachment => "missing-attachment",
             Kind::StoreNoRecord => "store-no-record",
             Kind::StoreMismatch => "store-mismatch",
+            Kind::ConflistShadowed => "conflist-shadowed",
         }
     }
 }

@@ -75,6 +75,33 @@ impl Network {
     }
 }
 
+/// The CNI config files in `dir` (`*.conf`, `*.conflist`, `*.json`, as
+/// libcni looks for them) whose names sort before `name`. The runtime uses
+/// the first one in that order, so any of them silently wins over evio's.
+pub fn configs_before(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|source| DoctorError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            // Byte order, as Go's sort.Strings in libcni's ConfFiles.
+            n.as_bytes() < name.as_bytes()
+                && matches!(
+                    Path::new(&*n).extension().and_then(|x| x.to_str()),
+                    Some("conflist" | "conf" | "json")
+                )
+                && e.path().is_file()
+        })
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
 /// Every evio network configured in `dir`: `*.conflist` files with an
 /// `evio` plugin and `*.conf`/`*.json` files of type `evio`, in the
 /// lexical order the runtime uses. A file that is not valid JSON or whose
@@ -303,5 +330,33 @@ mod tests {
         let nets = load_networks(d.path()).unwrap();
         assert_eq!(nets.len(), 1);
         assert!(load_networks(&d.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn configs_before_lists_what_the_runtime_would_pick_first() {
+        let d = tempfile::tempdir().unwrap();
+        for f in [
+            "10-evio.conflist",
+            "10-containerd-net.conflist",
+            "05-old.conf",
+            "00-x.json",
+            "01-notes.txt",
+            "99-later.conflist",
+        ] {
+            std::fs::write(d.path().join(f), "{}").unwrap();
+        }
+        std::fs::create_dir(d.path().join("00-dir.conf")).unwrap();
+        let names: Vec<String> = configs_before(d.path(), "10-evio.conflist")
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            ["00-x.json", "05-old.conf", "10-containerd-net.conflist"]
+        );
+        assert!(configs_before(d.path(), "00-evio.conflist")
+            .unwrap()
+            .is_empty());
     }
 }

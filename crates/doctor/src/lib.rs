@@ -22,7 +22,7 @@ mod error;
 
 pub use check::{attachments, diagnose, AttachmentState, Kind, Problem, StoreView};
 pub use collect::{collect, Inventory};
-pub use conf::{load_networks, Network};
+pub use conf::{configs_before, load_networks, Network};
 pub use error::{DoctorError, Result};
 
 /// (container ID, ifname): the identity of an attachment, as in CNI's

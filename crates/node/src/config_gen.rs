@@ -10,7 +10,7 @@ use evio_subnet::{
     StoreUrl, SubnetStore,
 };
 
-use crate::conflist::{GenConfig, Overrides, CONFLIST_NAME};
+use crate::conflist::{conflist_name, GenConfig, Overrides};
 use crate::error::NodeError;
 use crate::netconf::RawConf;
 use crate::store_args::{block_on_with_timeout, runtime, timeout_on, StoreArgs};
@@ -62,6 +62,15 @@ impl NodeArgs {
     }
 }
 
+impl NodeArgs {
+    /// The config and flags alone, without the node name or the store: what
+    /// `run` needs to keep the bridge up while the store is unreachable.
+    pub fn config_only(&self) -> Result<GenConfig, NodeError> {
+        let conf = RawConf::load(self.config.as_deref())?;
+        GenConfig::resolve(&conf, &self.overrides)
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
@@ -70,6 +79,33 @@ pub struct Args {
     /// Directory the kubelet reads CNI configs from.
     #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
+
+    /// File name of the conflist in --cni-conf-dir (config key
+    /// `conflistName`); the runtime uses the first config in lexical order,
+    /// so it must sort before any other [default: 10-evio.conflist].
+    #[arg(long, value_name = "NAME")]
+    pub conflist_name: Option<String>,
+}
+
+/// Refuses the embedded file store inside a Kubernetes cluster (a pod sees
+/// `KUBERNETES_SERVICE_HOST`) unless the config says `"singleNode": true`:
+/// the file is on this node's disk, so every node would allocate on its own
+/// and two nodes would get the same subnet.
+fn check_store_fits_cluster(plan: &Resolved) -> Result<(), NodeError> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
+    if !in_cluster || !matches!(plan.url, StoreUrl::File(_)) {
+        return Ok(());
+    }
+    if plan.conf.boolean("singleNode")?.unwrap_or(false) {
+        return Ok(());
+    }
+    Err(NodeError::Invalid(format!(
+        "refusing dataStore {} in a Kubernetes cluster (KUBERNETES_SERVICE_HOST is set): \
+         it is this node's own file, so every node would allocate alone and subnets would \
+         collide; use an etcd dataStore, or set \"singleNode\": true if the cluster has \
+         exactly one node",
+        plan.url
+    )))
 }
 
 fn hostname() -> Result<String, NodeError> {
@@ -122,9 +158,10 @@ impl Resolved {
         // hand edit), the store is the truth.
         // Created only now so that a failed allocation leaves nothing behind;
         // a failure here is retried by the kubelet and gets the same subnet back.
+        let name = conflist_name(args.conflist_name.as_deref(), &self.conf)?;
         std::fs::create_dir_all(&args.cni_conf_dir).map_err(NodeError::io(&args.cni_conf_dir))?;
-        remove_leftover_temps(&args.cni_conf_dir, CONFLIST_NAME);
-        let path = args.cni_conf_dir.join(CONFLIST_NAME);
+        remove_leftover_temps(&args.cni_conf_dir, &name);
+        let path = args.cni_conf_dir.join(&name);
         let want = self.gen.render(&alloc.subnet)?;
         let current = std::fs::read(&path).ok();
         let mode_ok = std::fs::metadata(&path)
@@ -150,6 +187,9 @@ impl Resolved {
 /// a store connection of its own (the init container's single pass).
 pub fn reconcile(args: &Args) -> Result<Outcome, NodeError> {
     let plan = args.node.resolve()?;
+    check_store_fits_cluster(&plan)?;
+    // Checked before allocating: a bad name must not cost a subnet.
+    conflist_name(args.conflist_name.as_deref(), &plan.conf)?;
     let alloc = block_on_with_timeout(&plan.url, args.node.store.timeout, async {
         let store = open_store(&plan.url, &plan.opts).await?;
         Ok(store
@@ -189,6 +229,8 @@ impl Reconciler {
 
     pub fn reconcile(&mut self, args: &Args) -> Result<Outcome, NodeError> {
         let plan = args.node.resolve()?;
+        check_store_fits_cluster(&plan)?;
+        conflist_name(args.conflist_name.as_deref(), &plan.conf)?;
         if self
             .conn
             .as_ref()
@@ -229,6 +271,7 @@ impl Reconciler {
 
 pub fn run(args: Args) -> Result<(), NodeError> {
     let o = reconcile(&args)?;
+    warn_if_shadowed(&o.path);
     let ns = &o.subnet;
     println!(
         "node={} subnet={} gateway={} range={}-{} allocation={} network={} store={} conf={}",
@@ -243,4 +286,29 @@ pub fn run(args: Args) -> Result<(), NodeError> {
         o.path.display()
     );
     Ok(())
+}
+
+/// One stderr line per CNI config that sorts before ours in its directory:
+/// the runtime would use that one and evio's would silently never apply.
+pub fn warn_if_shadowed(path: &std::path::Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let name = name.to_string_lossy();
+    match evio_doctor::configs_before(dir, &name) {
+        Ok(earlier) => {
+            for p in earlier {
+                eprintln!(
+                    "evio-node config-gen: warning: {} sorts before {name}, and the container \
+                     runtime uses the first CNI config in lexical order: remove it, or give \
+                     evio's an earlier name (--conflist-name, conflistName)",
+                    p.display()
+                );
+            }
+        }
+        Err(e) => eprintln!(
+            "evio-node config-gen: warning: cannot list {}: {e}",
+            dir.display()
+        ),
+    }
 }

@@ -13,6 +13,29 @@ use crate::error::NodeError;
 use crate::netconf::{parse_bool, RawConf};
 
 pub const CONFLIST_NAME: &str = "10-evio.conflist";
+
+/// The conflist's file name: `--conflist-name`, else the config's
+/// `conflistName`, else [`CONFLIST_NAME`]. Configurable because the runtime
+/// takes the first config of the directory in lexical order, and a runtime's
+/// own default (`10-containerd-net.conflist`, `10-crio-bridge.conflist`)
+/// sorts before `10-evio.conflist`.
+pub fn conflist_name(flag: Option<&str>, conf: &RawConf) -> Result<String, NodeError> {
+    let name = match flag {
+        Some(n) => n.to_string(),
+        None => conf
+            .string("conflistName")?
+            .unwrap_or_else(|| CONFLIST_NAME.to_string()),
+    };
+    let stem = name.strip_suffix(".conflist").unwrap_or("");
+    // A bare name in the directory, and a .conflist: the runtime reads a
+    // .conf or .json as a single plugin config, not a list.
+    if stem.is_empty() || stem.starts_with('.') || name.contains('/') || name.len() > 255 {
+        return Err(NodeError::Invalid(format!(
+            "conflist name {name:?} must be a file name ending in .conflist, e.g. {CONFLIST_NAME}"
+        )));
+    }
+    Ok(name)
+}
 pub const DEFAULT_CNI_VERSION: &str = "1.0.0";
 pub const DEFAULT_NETWORK: &str = "evio";
 

@@ -34,7 +34,7 @@ enum Cmd {
     /// Show the agent's peers: state, path (direct/relay), endpoint, RTT.
     Peers(peers::Args),
     /// Report orphaned or inconsistent evio state on this node (exit 1 if any);
-    /// the allocation store is checked only when --store is given.
+    /// the allocation store is checked when --store, or a --config with a dataStore, is given.
     Doctor(Box<doctor::Args>),
     /// Remove evio from this node: conflist, plugin binary, bridge, agent
     /// interfaces, pod veths, nftables table, data dir; --release frees the

@@ -39,6 +39,8 @@ const KNOWN_KEYS: &[&str] = &[
     "hostCIDR",
     "hostInterface",
     "overlay",
+    "singleNode",
+    "conflistName",
 ];
 
 /// A loaded (or empty, without `--config`) configuration object with typed,

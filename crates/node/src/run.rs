@@ -2,15 +2,17 @@
 //! `--interval` it re-checks this node's allocation and rewrites the
 //! conflist if it was removed or drifted, and brings the node bridge back up
 //! if it went down (ovs-vswitchd recreates a userspace bridge's device down
-//! after a restart, which cuts pods off from their gateway). It serves
-//! `/healthz`, `/livez` and Prometheus `/metrics`, and exits cleanly on
+//! after a restart, which cuts pods off from their gateway); the bridge is
+//! checked every pass even while the store is unreachable. It serves
+//! `/livez` (the loop is alive), `/readyz` (the store answers; `/healthz`
+//! is its older name) and Prometheus `/metrics`, and exits cleanly on
 //! SIGTERM.
 //!
 //! The overlay agent (`evio-node agent`, usually a systemd unit) is a
 //! separate process; `run` reports on it through its control socket
-//! (`--agent-socket`): `/metrics` appends the agent's metrics and `/healthz`
-//! its health. `/livez` is `run`'s own health only, so that a liveness
-//! probe does not restart this container for an agent it cannot repair.
+//! (`--agent-socket`): `/metrics` appends the agent's metrics and `/readyz`
+//! its health. `/livez` is `run`'s own loop only, so that a liveness probe
+//! does not restart this container for an agent or a store it cannot repair.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -247,6 +249,10 @@ struct State {
     bridge: String,
     pods: Option<usize>,
     bridge_up: Option<bool>,
+    /// When the reconcile loop last started or finished a pass: /livez
+    /// follows it, so a loop that hangs (not a store that fails) restarts
+    /// the container.
+    heartbeat: Option<Instant>,
 }
 
 static TERMINATE: AtomicBool = AtomicBool::new(false);
@@ -274,10 +280,13 @@ pub fn run(args: RunArgs) -> Result<(), NodeError> {
         source: e,
     })?;
     let mut reconciler = config_gen::Reconciler::new()?;
-    let state = Arc::new(Mutex::new(State::default()));
+    let state = Arc::new(Mutex::new(State {
+        heartbeat: Some(Instant::now()),
+        ..State::default()
+    }));
     let agent = AgentProbe::from_args(args.agent_socket.as_deref());
     eprintln!(
-        "evio-node run: serving /healthz, /livez and /metrics on {}; the overlay agent's socket: {} ({})",
+        "evio-node run: serving /livez, /readyz and /metrics on {}; the overlay agent's socket: {} ({})",
         listen,
         agent.path.display(),
         if agent.required {
@@ -288,8 +297,13 @@ pub fn run(args: RunArgs) -> Result<(), NodeError> {
     );
     {
         let state = Arc::clone(&state);
-        let interval = args.interval;
-        std::thread::spawn(move || serve(listener, state, interval, agent));
+        let windows = Windows {
+            interval: args.interval,
+            // A pass may legitimately block for the whole store timeout
+            // (an unreachable etcd): only well beyond that is the loop stuck.
+            live: args.interval * 3 + args.gen.node.store.timeout + Duration::from_secs(5),
+        };
+        std::thread::spawn(move || serve(listener, state, windows, agent));
     }
     while !TERMINATE.load(Ordering::SeqCst) {
         reconcile_once(&mut reconciler, &args, &state);
@@ -303,6 +317,7 @@ pub fn run(args: RunArgs) -> Result<(), NodeError> {
 }
 
 fn reconcile_once(reconciler: &mut config_gen::Reconciler, args: &RunArgs, state: &Mutex<State>) {
+    beat(state);
     let result = reconciler.reconcile(&args.gen);
     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
     st.reconciles += 1;
@@ -323,23 +338,38 @@ fn reconcile_once(reconciler: &mut config_gen::Reconciler, args: &RunArgs, state
             st.subnet = o.subnet.subnet.to_string();
             st.gateway = o.subnet.gateway.to_string();
             st.bridge = o.gen.bridge().to_string();
-            let (pods, up, repaired) = inspect_bridge(&st.bridge, &st.network);
-            st.pods = pods;
-            st.bridge_up = up;
-            if repaired {
-                st.bridge_repairs += 1;
-                eprintln!(
-                    "evio-node run: bridge {} was down, brought it up",
-                    st.bridge
-                );
-            }
         }
         Err(e) => {
             st.failures += 1;
             eprintln!("evio-node run: reconcile failed: {e}");
             st.failing = true;
+            // The bridge and network come from the config, not the store:
+            // pods already running keep their gateway through a store outage.
+            if let Ok(gen) = args.gen.node.config_only() {
+                st.network = gen.name.clone();
+                st.bridge = gen.bridge().to_string();
+            }
         }
     }
+    if !st.bridge.is_empty() {
+        let (pods, up, repaired) = inspect_bridge(&st.bridge, &st.network);
+        st.pods = pods;
+        st.bridge_up = up;
+        if repaired {
+            st.bridge_repairs += 1;
+            eprintln!(
+                "evio-node run: bridge {} was down, brought it up",
+                st.bridge
+            );
+        }
+    }
+    st.heartbeat = Some(Instant::now());
+}
+
+/// Marks the loop alive (at the start of a pass, which may block on the
+/// store for up to its timeout).
+fn beat(state: &Mutex<State>) {
+    state.lock().unwrap_or_else(|p| p.into_inner()).heartbeat = Some(Instant::now());
 }
 
 /// Pods of this network on the node (evio's host veths, found by alias),
@@ -370,7 +400,15 @@ fn inspect_bridge(bridge: &str, network: &str) -> (Option<usize>, Option<bool>, 
 /// bounded in time (REQUEST_DEADLINE, WRITE_DEADLINE, AGENT_TIMEOUT): a
 /// slow or hostile client holds one slot for seconds, and a probe still
 /// gets an answer.
-fn serve(listener: TcpListener, state: Arc<Mutex<State>>, interval: Duration, agent: AgentProbe) {
+/// How old a successful reconcile (readiness) and the loop's heartbeat
+/// (liveness) may be.
+#[derive(Clone, Copy)]
+struct Windows {
+    interval: Duration,
+    live: Duration,
+}
+
+fn serve(listener: TcpListener, state: Arc<Mutex<State>>, windows: Windows, agent: AgentProbe) {
     let agent = Arc::new(agent);
     let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
@@ -387,7 +425,7 @@ fn serve(listener: TcpListener, state: Arc<Mutex<State>>, interval: Duration, ag
             .name("evio-http".into())
             .spawn(move || {
                 let _slot = slot;
-                let _ = handle(stream, &state, interval, &agent);
+                let _ = handle(stream, &state, windows, &agent);
             });
         if let Err(e) = spawned {
             eprintln!("evio-node run: cannot start a thread for a connection: {e}");
@@ -428,7 +466,7 @@ fn read_request_line(stream: &mut TcpStream) -> std::io::Result<String> {
 fn handle(
     mut stream: TcpStream,
     state: &Mutex<State>,
-    interval: Duration,
+    windows: Windows,
     agent: &AgentProbe,
 ) -> std::io::Result<()> {
     let line = read_request_line(&mut stream)?;
@@ -437,14 +475,16 @@ fn handle(
     // The agent is asked before the state is locked: the reconcile loop
     // never waits for the agent.
     let (status, ctype, body) = match path {
-        "/healthz" => {
+        // /healthz is the old name of /readyz, kept for scrapers and
+        // probes written against earlier manifests.
+        "/readyz" | "/healthz" => {
             let a = agent.health();
             let st = state.lock().unwrap_or_else(|p| p.into_inner());
-            healthz(&st, interval, &a)
+            readyz(&st, windows.interval, &a)
         }
         "/livez" => {
             let st = state.lock().unwrap_or_else(|p| p.into_inner());
-            healthz(&st, interval, &AgentAnswer::NotConfigured)
+            livez(&st, windows.live)
         }
         "/metrics" => {
             let a = agent.metrics();
@@ -467,12 +507,29 @@ fn respond(mut out: TcpStream, status: &str, ctype: &str, body: &str) -> std::io
     out.flush()
 }
 
-/// Healthy once a reconcile succeeded and the last success is recent (three
+/// Alive while the reconcile loop keeps coming round, whatever the store
+/// says: restarting the container cannot bring an etcd back, and a
+/// liveness probe tied to the store would crash-loop every node during an
+/// etcd outage.
+fn livez(st: &State, window: Duration) -> (&'static str, &'static str, String) {
+    let alive = st.heartbeat.is_some_and(|t| t.elapsed() <= window);
+    if alive {
+        ("200 OK", "text/plain", "ok\n".to_string())
+    } else {
+        (
+            "503 Service Unavailable",
+            "text/plain",
+            "the reconcile loop is stuck (see the log of evio-node run)\n".to_string(),
+        )
+    }
+}
+
+/// Ready once a reconcile succeeded and the last success is recent (three
 /// intervals): a store that stays unreachable makes the pod unready. With
 /// an agent configured, it must also answer and say `ok` (its record is
 /// published and not revoked). The first line is `ok` or the first reason;
 /// an `agent: ` line follows whenever an agent is configured.
-fn healthz(
+fn readyz(
     st: &State,
     interval: Duration,
     agent: &AgentAnswer,
@@ -573,6 +630,15 @@ fn metrics(st: &State) -> String {
             format!("{last}"),
         ),
     ];
+    // The store's health as /readyz sees it, without the agent: the last
+    // pass reached the store and it answered.
+    let store_ok = u8::from(st.last_ok.is_some() && !st.failing).to_string();
+    let always = always.into_iter().chain([(
+        "evio_node_store_ok",
+        "Whether the last reconcile reached the allocation store and succeeded.",
+        "gauge",
+        store_ok,
+    )]);
     for (name, help, kind, value) in always {
         series(&mut m, name, help, kind, "", &value);
     }

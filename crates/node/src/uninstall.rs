@@ -26,7 +26,7 @@ use evio_plugin::naming::{host_veth_of, ovs_ids};
 use evio_subnet::{open_overlay_store, open_store, remove_leftover_temps, StoreUrl, SubnetError};
 
 use crate::config_gen::{NodeArgs, Resolved};
-use crate::conflist::CONFLIST_NAME;
+use crate::conflist::conflist_name;
 use crate::error::NodeError;
 use crate::overlay::OverlayConf;
 use crate::store_args::block_on_with_timeout;
@@ -45,6 +45,11 @@ pub struct Args {
     /// Directory the kubelet reads CNI configs from.
     #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
+
+    /// File name of the conflist config-gen wrote (config key
+    /// `conflistName`) [default: 10-evio.conflist].
+    #[arg(long, value_name = "NAME")]
+    pub conflist_name: Option<String>,
 
     /// The CNI binary directory the plugin was installed into.
     #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
@@ -104,9 +109,10 @@ pub fn run(args: Args) -> Result<(), NodeError> {
     let overlay = OverlayConf::parse(&plan.conf)?;
     let mut t = Teardown::default();
     let network = plan.gen.name.clone();
+    let name = conflist_name(args.conflist_name.as_deref(), &plan.conf)?;
 
     // The conflist first: from then on the runtime sends no new pods here.
-    conflist(&mut t, &args.cni_conf_dir, &network);
+    conflist(&mut t, &args.cni_conf_dir, &name, &network);
     plugin_binary(&mut t, &args.cni_bin_dir);
     match Handle::new() {
         Ok(mut h) => {
@@ -158,9 +164,9 @@ fn is_our_conflist(bytes: &[u8], network: &str) -> bool {
         })
 }
 
-fn conflist(t: &mut Teardown, dir: &Path, network: &str) {
-    t.temps(dir, CONFLIST_NAME);
-    let path = dir.join(CONFLIST_NAME);
+fn conflist(t: &mut Teardown, dir: &Path, name: &str, network: &str) {
+    t.temps(dir, name);
+    let path = dir.join(name);
     match std::fs::read(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => t.failed(path.display(), e),

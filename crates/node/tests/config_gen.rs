@@ -19,6 +19,9 @@ fn cmd<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Command {
     let mut c = Command::new(BIN);
     c.args(args)
         .env_remove("NODE_NAME")
+        // Run outside a cluster unless a test says otherwise: in a pod the
+        // file store is refused.
+        .env_remove("KUBERNETES_SERVICE_HOST")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -1335,4 +1338,143 @@ fn uninstall_removes_everything_of_evio_on_a_linux_bridge_node() {
 #[test]
 fn uninstall_removes_everything_of_evio_on_an_ovs_node() {
     uninstall_scenario(true);
+}
+
+/// In a pod (KUBERNETES_SERVICE_HOST set) the node-local file store would
+/// let every node allocate alone: refused in one line, before anything is
+/// written, unless the config says the cluster has a single node.
+#[test]
+fn file_store_is_refused_in_a_cluster_unless_single_node() {
+    let sc = Scratch::new();
+    let conf = sc.write(
+        "net-conf.json",
+        &net_conf("incluster", "10.244.0.0/16", "8"),
+    );
+    let dir = sc.s("net.d");
+    let args = gen_args(&conf, "node-k", &sc.file_store(), &dir);
+    let out = cmd(&args)
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, &sc.path("net.d"), "\"singleNode\": true");
+    assert!(text(&out.stderr).contains("etcd"), "{}", text(&out.stderr));
+    assert!(
+        !sc.path("store/subnets.json").exists(),
+        "nothing allocated in the refused store"
+    );
+
+    let single = sc.write(
+        "single.json",
+        r#"{"name":"incluster","podCIDR":"10.244.0.0/16","nodeBits":8,"singleNode":true}"#,
+    );
+    let out = cmd(&gen_args(&single, "node-k", &sc.file_store(), &dir))
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .output()
+        .unwrap();
+    assert_eq!(fields(&out)["network"], "incluster");
+    assert!(sc.path("net.d/10-evio.conflist").exists());
+
+    // "singleNode": false is not an opt-out.
+    let multi = sc.write(
+        "multi.json",
+        r#"{"name":"incluster","podCIDR":"10.244.0.0/16","nodeBits":8,"singleNode":false}"#,
+    );
+    let out = cmd(&gen_args(
+        &multi,
+        "node-k",
+        &sc.file_store(),
+        &sc.s("net.d2"),
+    ))
+    .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    .output()
+    .unwrap();
+    assert_clean_failure(&out, &sc.path("net.d2"), "singleNode");
+}
+
+/// A config that sorts before evio's wins at the runtime: config-gen says
+/// so on stderr, one line naming it, and the conflist's name can be moved
+/// ahead by flag or config key.
+#[test]
+fn an_earlier_config_is_warned_about_and_the_conflist_name_is_configurable() {
+    let sc = Scratch::new();
+    let dir = sc.path("net.d");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("10-containerd-net.conflist"), "{}").unwrap();
+    std::fs::write(dir.join("50-later.conflist"), "{}").unwrap();
+    std::fs::write(dir.join("00-notes.txt"), "not a config").unwrap();
+    let conf = sc.write("net-conf.json", &net_conf("prec", "10.244.0.0/16", "8"));
+    let out = run(&gen_args(&conf, "node-p", &sc.file_store(), &sc.s("net.d")));
+    fields(&out);
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("warning")
+            && stderr.contains(&dir.join("10-containerd-net.conflist").display().to_string())
+            && stderr.contains("10-evio.conflist"),
+        "{stderr}"
+    );
+
+    // By flag: 05-evio.conflist sorts first, no warning.
+    let mut args = gen_args(&conf, "node-p", &sc.file_store(), &sc.s("net.d"));
+    args.extend([
+        "--conflist-name".to_string(),
+        "05-evio.conflist".to_string(),
+    ]);
+    let out = run(&args);
+    assert_eq!(
+        fields(&out)["conf"],
+        dir.join("05-evio.conflist").display().to_string()
+    );
+    assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("05-evio.conflist")).unwrap()).unwrap();
+    assert_eq!(v["name"], "prec");
+
+    // By config key.
+    let keyed = sc.write(
+        "keyed.json",
+        r#"{"name":"prec","podCIDR":"10.244.0.0/16","nodeBits":8,"conflistName":"01-evio.conflist"}"#,
+    );
+    let out = run(&gen_args(
+        &keyed,
+        "node-p",
+        &sc.file_store(),
+        &sc.s("net.d"),
+    ));
+    assert_eq!(
+        fields(&out)["conf"],
+        dir.join("01-evio.conflist").display().to_string()
+    );
+
+    // Not a bare .conflist name: refused before allocating.
+    for bad in [
+        "evio.conf",
+        "../10-evio.conflist",
+        ".conflist",
+        "a/b.conflist",
+    ] {
+        let mut args = gen_args(&conf, "node-bad", &sc.file_store(), &sc.s("net.e"));
+        args.extend(["--conflist-name".to_string(), bad.to_string()]);
+        let out = run(&args);
+        assert_clean_failure(&out, &sc.path("net.e"), "conflist name");
+    }
+    let out = run(&[
+        "subnets",
+        "list",
+        "--store",
+        &sc.file_store(),
+        "--network",
+        "prec",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("node-p"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        !text(&out.stdout).contains("node-bad"),
+        "a refused name cost a subnet: {}",
+        text(&out.stdout)
+    );
 }

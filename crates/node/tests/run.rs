@@ -47,6 +47,8 @@ fn spawn_run(ns: &Netns, run_dir: &Path, args: &[&OsStr]) -> Daemon {
         .arg(run_dir)
         .args([BIN, "run"])
         .args(args)
+        // The tests use the file store, refused inside a cluster.
+        .env_remove("KUBERNETES_SERVICE_HOST")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -258,6 +260,7 @@ fn run_rewrites_deleted_conflist_repairs_bridge_serves_health_and_metrics_and_st
         Some(0.0),
         "{body}"
     );
+    assert_eq!(metric(&body, "evio_node_store_ok"), Some(1.0), "{body}");
     assert_eq!(metric(&body, "evio_node_pods"), Some(0.0), "{body}");
     assert!(
         body.contains(
@@ -282,8 +285,11 @@ fn run_rewrites_deleted_conflist_repairs_bridge_serves_health_and_metrics_and_st
     assert!(status.success(), "run exited with {status}");
 }
 
+/// A store outage makes the pod unready, not dead: /readyz (and its old
+/// name /healthz) says 503, /livez stays 200 because the loop keeps coming
+/// round, and the bridge is still repaired every pass.
 #[test]
-fn run_is_unhealthy_while_the_store_is_unusable() {
+fn run_is_unready_but_alive_and_repairs_the_bridge_while_the_store_is_unusable() {
     let ns = Netns::new("evrunb");
     let tmp = tempfile::tempdir().unwrap();
     let conf = write_conf(tmp.path(), "evrunb0");
@@ -319,16 +325,43 @@ fn run_is_unhealthy_while_the_store_is_unusable() {
             metric(&b, "evio_node_reconcile_failures_total").unwrap_or(0.0) >= 1.0
         })
     });
-    let (status, body) = get(&ns, "/healthz").unwrap();
-    assert!(status.contains("503"), "{status} {body}");
-    // The store's error names its path: anonymous callers get the kind of
-    // problem only, the log has the rest.
-    assert_eq!(
-        body, "reconcile failing (see the log of evio-node run)\n",
-        "{status}"
-    );
-    assert!(!body.contains(tmp.path().to_str().unwrap()), "{body}");
+    for path in ["/readyz", "/healthz"] {
+        let (status, body) = get(&ns, path).unwrap();
+        assert!(status.contains("503"), "{path}: {status} {body}");
+        // The store's error names its path: anonymous callers get the kind of
+        // problem only, the log has the rest.
+        assert_eq!(
+            body, "reconcile failing (see the log of evio-node run)\n",
+            "{path}: {status}"
+        );
+        assert!(!body.contains(tmp.path().to_str().unwrap()), "{body}");
+    }
+    // Several store timeouts later the loop is still alive.
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, body) = get(&ns, "/livez").unwrap();
+    assert!(status.contains("200") && body == "ok\n", "{status} {body}");
     assert!(!tmp.path().join("net.d/10-evio.conflist").exists());
+
+    // The bridge name comes from the config, not the store: a bridge found
+    // down is brought up although no reconcile succeeds.
+    ns.ok(&["ip", "link", "add", "evrunb0", "type", "bridge"]);
+    wait_for(
+        "the bridge to be brought up without a store",
+        Duration::from_secs(15),
+        || {
+            ns.ok(&["ip", "-o", "link", "show", "evrunb0"])
+                .contains(",UP")
+        },
+    );
+    let (_, body) = get(&ns, "/metrics").unwrap();
+    assert!(
+        metric(&body, "evio_node_bridge_repairs_total").unwrap() >= 1.0,
+        "{body}"
+    );
+    assert_eq!(metric(&body, "evio_node_bridge_up"), Some(1.0), "{body}");
+    assert_eq!(metric(&body, "evio_node_store_ok"), Some(0.0), "{body}");
+    assert!(get(&ns, "/readyz").unwrap().0.contains("503"));
+    assert!(get(&ns, "/livez").unwrap().0.contains("200"));
 }
 
 /// The agent seen through `run`: absent (no socket at the default path) is
@@ -381,6 +414,11 @@ fn run_reports_the_agents_health_and_metrics_from_its_control_socket() {
     let (status, body) = get(&ns, "/healthz").unwrap();
     assert!(status.contains("200"), "{status} {body}");
     assert_eq!(body, "ok\nagent: ok\n");
+    let (status, body) = get(&ns, "/readyz").unwrap();
+    assert!(
+        status.contains("200") && body == "ok\nagent: ok\n",
+        "{status} {body}"
+    );
     let (_, body) = get(&ns, "/metrics").unwrap();
     assert_eq!(metric(&body, "evio_node_agent_up"), Some(1.0), "{body}");
     assert!(body.contains(AGENT_METRICS), "{body}");

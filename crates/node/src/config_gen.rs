@@ -71,11 +71,9 @@ impl NodeArgs {
     }
 }
 
+/// Where the conflist lives: config-gen writes it, uninstall removes it.
 #[derive(Debug, clap::Args)]
-pub struct Args {
-    #[command(flatten)]
-    pub node: NodeArgs,
-
+pub struct ConflistArgs {
     /// Directory the kubelet reads CNI configs from.
     #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
@@ -85,6 +83,23 @@ pub struct Args {
     /// so it must sort before any other [default: 10-evio.conflist].
     #[arg(long, value_name = "NAME")]
     pub conflist_name: Option<String>,
+}
+
+impl ConflistArgs {
+    /// The conflist's file name: the flag, else the config's `conflistName`,
+    /// else the default; refused unless it is a bare `*.conflist` name.
+    pub fn name(&self, conf: &RawConf) -> Result<String, NodeError> {
+        conflist_name(self.conflist_name.as_deref(), conf)
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub node: NodeArgs,
+
+    #[command(flatten)]
+    pub conflist: ConflistArgs,
 }
 
 /// Refuses the embedded file store inside a Kubernetes cluster (a pod sees
@@ -158,10 +173,11 @@ impl Resolved {
         // hand edit), the store is the truth.
         // Created only now so that a failed allocation leaves nothing behind;
         // a failure here is retried by the kubelet and gets the same subnet back.
-        let name = conflist_name(args.conflist_name.as_deref(), &self.conf)?;
-        std::fs::create_dir_all(&args.cni_conf_dir).map_err(NodeError::io(&args.cni_conf_dir))?;
-        remove_leftover_temps(&args.cni_conf_dir, &name);
-        let path = args.cni_conf_dir.join(&name);
+        let name = args.conflist.name(&self.conf)?;
+        let dir = &args.conflist.cni_conf_dir;
+        std::fs::create_dir_all(dir).map_err(NodeError::io(dir))?;
+        remove_leftover_temps(dir, &name);
+        let path = dir.join(&name);
         let want = self.gen.render(&alloc.subnet)?;
         let current = std::fs::read(&path).ok();
         let mode_ok = std::fs::metadata(&path)
@@ -189,7 +205,7 @@ pub fn reconcile(args: &Args) -> Result<Outcome, NodeError> {
     let plan = args.node.resolve()?;
     check_store_fits_cluster(&plan)?;
     // Checked before allocating: a bad name must not cost a subnet.
-    conflist_name(args.conflist_name.as_deref(), &plan.conf)?;
+    args.conflist.name(&plan.conf)?;
     let alloc = block_on_with_timeout(&plan.url, args.node.store.timeout, async {
         let store = open_store(&plan.url, &plan.opts).await?;
         Ok(store
@@ -230,7 +246,7 @@ impl Reconciler {
     pub fn reconcile(&mut self, args: &Args) -> Result<Outcome, NodeError> {
         let plan = args.node.resolve()?;
         check_store_fits_cluster(&plan)?;
-        conflist_name(args.conflist_name.as_deref(), &plan.conf)?;
+        args.conflist.name(&plan.conf)?;
         if self
             .conn
             .as_ref()

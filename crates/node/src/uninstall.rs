@@ -25,8 +25,7 @@ use evio_net::Handle;
 use evio_plugin::naming::{host_veth_of, ovs_ids};
 use evio_subnet::{open_overlay_store, open_store, remove_leftover_temps, StoreUrl, SubnetError};
 
-use crate::config_gen::{NodeArgs, Resolved};
-use crate::conflist::conflist_name;
+use crate::config_gen::{ConflistArgs, NodeArgs, Resolved};
 use crate::error::NodeError;
 use crate::overlay::OverlayConf;
 use crate::store_args::block_on_with_timeout;
@@ -42,14 +41,8 @@ pub struct Args {
     #[command(flatten)]
     pub node: NodeArgs,
 
-    /// Directory the kubelet reads CNI configs from.
-    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
-    pub cni_conf_dir: PathBuf,
-
-    /// File name of the conflist config-gen wrote (config key
-    /// `conflistName`) [default: 10-evio.conflist].
-    #[arg(long, value_name = "NAME")]
-    pub conflist_name: Option<String>,
+    #[command(flatten)]
+    pub conflist: ConflistArgs,
 
     /// The CNI binary directory the plugin was installed into.
     #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
@@ -109,10 +102,10 @@ pub fn run(args: Args) -> Result<(), NodeError> {
     let overlay = OverlayConf::parse(&plan.conf)?;
     let mut t = Teardown::default();
     let network = plan.gen.name.clone();
-    let name = conflist_name(args.conflist_name.as_deref(), &plan.conf)?;
+    let name = args.conflist.name(&plan.conf)?;
 
     // The conflist first: from then on the runtime sends no new pods here.
-    conflist(&mut t, &args.cni_conf_dir, &name, &network);
+    conflist(&mut t, &args.conflist.cni_conf_dir, &name, &network);
     plugin_binary(&mut t, &args.cni_bin_dir);
     match Handle::new() {
         Ok(mut h) => {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use evio_testkit::cluster::{network_of, BridgeType, Cluster, SimNode, CONFLIST};
 use evio_testkit::plugin::{files_under, ipam_allocations, run_bounded, CniOutput, OvsPorts};
+use evio_testkit::process::{self, processes};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const BUSYBOX_APPLETS: &[&str] = &[
@@ -154,58 +155,21 @@ impl Drop for Podman {
 /// Live processes whose command line mentions `marker` (our temp dir):
 /// conmon, `podman container cleanup`, runc.
 fn processes_mentioning(marker: &str) -> Vec<(i32, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if pid == std::process::id() as i32 {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(marker) {
-            out.push((pid, cmdline));
-        }
-    }
-    out
+    let me = std::process::id() as i32;
+    processes()
+        .into_iter()
+        .filter(|p| p.pid != me && p.cmdline.contains(marker))
+        .map(|p| (p.pid, p.cmdline))
+        .collect()
 }
 
-/// (pid, comm, state) of our direct children.
-fn children() -> Vec<(i32, String, String)> {
-    let me = std::process::id().to_string();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = stat[open + 1..close].to_string();
-        let mut f = stat[close + 1..].split_whitespace();
-        let (state, ppid) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
-        if ppid == me {
-            out.push((pid, comm, state.to_string()));
-        }
-    }
-    out
+/// What podman daemonises (conmon, its cleanup podman, runc).
+fn podmans(comm: &str) -> bool {
+    ["conmon", "podman", "runc"].contains(&comm)
 }
 
-/// Reaps the zombies of processes podman daemonised (conmon, its cleanup
-/// podman) that were re-parented to us. Only those: other children belong to
-/// `Child` handles that reap their own.
 fn reap_adopted() {
-    for (pid, comm, state) in children() {
-        if state == "Z" && ["conmon", "podman", "runc"].contains(&comm.as_str()) {
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-        }
-    }
+    process::reap_adopted(podmans);
 }
 
 /// Waits (bounded) until nothing mentioning `marker` runs any more, reaping
@@ -439,9 +403,10 @@ fn podman_uses_evio_unmodified() {
     let marker = podman.dir.path().display().to_string();
     let left = wait_for_no_processes(&marker, Duration::from_secs(20));
     assert!(left.is_empty(), "processes left: {left:#?}");
-    let adopted: Vec<_> = children()
+    let adopted: Vec<_> = process::children()
         .into_iter()
-        .filter(|(_, comm, _)| ["conmon", "podman", "runc"].contains(&comm.as_str()))
+        .filter(|p| podmans(&p.comm))
+        .map(|p| (p.pid, p.comm, p.state))
         .collect();
     assert!(adopted.is_empty(), "podman processes left: {adopted:?}");
 

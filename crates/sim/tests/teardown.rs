@@ -29,24 +29,10 @@ fn our_netns() -> Vec<String> {
 
 /// Our child processes (OVS daemons are spawned as children), any state.
 fn our_children() -> Vec<String> {
-    let me = std::process::id().to_string();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // comm may contain spaces: the fields after its closing paren are
-        // state, ppid, ...
-        let Some((head, tail)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let mut f = tail.split_whitespace();
-        let (state, ppid) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
-        if ppid == me {
-            out.push(format!("{head}) {state}"));
-        }
-    }
-    out
+    evio_testkit::process::children()
+        .into_iter()
+        .map(|p| format!("{} ({}) {}", p.pid, p.comm, p.state))
+        .collect()
 }
 
 #[test]

@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use crate::cri::{Cri, CriError};
 use crate::netns::unique_name;
 use crate::plugin::RUNTIME_PATH;
+use crate::process::processes;
 
 /// The sandbox image reference containerd's `sandbox_image` names.
 pub const PAUSE_IMAGE: &str = "localhost/evio-pause:test";
@@ -317,7 +318,8 @@ disabled_plugins = [
     pub fn leftover_processes(&self) -> Vec<(i32, String)> {
         let marker = self.dir.path().display().to_string();
         let me = self.child.as_ref().map(|c| c.id() as i32);
-        let procs = processes();
+        // Zombies hold nothing: only live processes count as left over.
+        let procs: Vec<_> = processes().into_iter().filter(|p| p.state != "Z").collect();
         let mut ours: Vec<i32> = procs
             .iter()
             .filter(|p| p.cmdline.contains(&marker) && Some(p.pid) != me)
@@ -439,67 +441,10 @@ impl Drop for Containerd {
     }
 }
 
-struct Proc {
-    pid: i32,
-    ppid: i32,
-    comm: String,
-    cmdline: String,
-}
-
-fn processes() -> Vec<Proc> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = stat[open + 1..close].to_string();
-        let mut f = stat[close + 1..].split_whitespace();
-        let state = f.next().unwrap_or("");
-        if state == "Z" {
-            continue;
-        }
-        let ppid = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        let cmdline = std::fs::read(e.path().join("cmdline"))
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-            .unwrap_or_default();
-        out.push(Proc {
-            pid,
-            ppid,
-            comm,
-            cmdline,
-        });
-    }
-    out
-}
-
 /// Reaps zombie shims re-parented to this process (a test that made itself
-/// a child subreaper adopts them when their starter exits). Only those:
-/// other children belong to `Child` handles that reap their own.
+/// a child subreaper adopts them when their starter exits).
 pub fn reap_adopted() {
-    let me = std::process::id().to_string();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = &stat[open + 1..close];
-        let mut f = stat[close + 1..].split_whitespace();
-        let (state, ppid) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
-        if ppid == me && state == "Z" && comm.starts_with("containerd-shim") {
-            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
-        }
-    }
+    crate::process::reap_adopted(|comm| comm.starts_with("containerd-shim"));
 }
 
 fn walk_dirs(root: &Path) -> Vec<PathBuf> {

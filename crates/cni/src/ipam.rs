@@ -119,7 +119,9 @@ impl Delegate {
             proc.pre_exec(move || {
                 // Leaving its own group, the delegate would no longer die
                 // with evio when the runtime kills evio's group: it dies
-                // when evio does instead.
+                // when evio does instead. PDEATHSIG follows the forking
+                // *thread*, which is the one that waits in `talk` below for
+                // the delegate's whole life, so it never fires early.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }

@@ -1678,7 +1678,11 @@ mod tests {
             net.connected(0, 1) && net.connected(1, 0),
             "connected within a second despite two lost initiations"
         );
-        assert_eq!(initiations_from(&net, 1 - init), 0, "only one side initiated");
+        assert_eq!(
+            initiations_from(&net, 1 - init),
+            0,
+            "only one side initiated"
+        );
         assert!(initiations_from(&net, init) >= 1);
     }
 
@@ -1712,8 +1716,14 @@ mod tests {
             .filter(|(a, b, d)| *a == victim && *b == honest && d[0] == wire::COOKIE_REPLY)
             .count();
         let st = net.nodes[victim].ov.stats();
-        assert!(st.cookies_sent > cookies_to_honest as u64, "the flood got cookies");
-        assert!(cookies_to_honest > 0, "the honest peer was asked for a cookie");
+        assert!(
+            st.cookies_sent > cookies_to_honest as u64,
+            "the flood got cookies"
+        );
+        assert!(
+            cookies_to_honest > 0,
+            "the honest peer was asked for a cookie"
+        );
         assert!(st.mac2_accepted > 0, "its mac2 was accepted");
         assert!(
             net.connected(honest, victim),

@@ -6,9 +6,11 @@
 pub mod crypto;
 pub mod engine;
 pub mod l2;
+pub mod nat;
 pub mod offload;
 pub mod packet;
 pub mod path;
 pub mod replay;
+pub mod stack;
 pub mod tunnel;
 pub mod wire;

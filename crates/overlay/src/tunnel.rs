@@ -208,11 +208,7 @@ pub struct Initiation {
 /// Reads an initiation addressed to us (mac1 already checked by the
 /// caller). The initiator's static key is known only after two DH
 /// operations: that is why mac1 and cookies gate this.
-pub fn read_initiation(
-    id: &Identity,
-    rng: &mut StdRng,
-    msg: &[u8],
-) -> Result<Initiation, Reject> {
+pub fn read_initiation(id: &Identity, rng: &mut StdRng, msg: &[u8]) -> Result<Initiation, Reject> {
     if msg.len() != wire::INITIATION_LEN {
         return Err(Reject::Malformed);
     }

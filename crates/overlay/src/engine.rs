@@ -1032,7 +1032,7 @@ impl Overlay {
         self.probe_paths(now, pid, io);
         self.sync_indices(pid);
         self.refresh_phase(now, pid);
-        self.set_deadline(pid);
+        self.set_deadline(now, pid);
     }
 
     /// Sends the probes due on peer `pid`'s paths and reports what died.
@@ -1069,7 +1069,7 @@ impl Overlay {
     }
 
     /// Stores when peer `pid`'s timers next run, and why.
-    fn set_deadline(&mut self, pid: PeerId) {
+    fn set_deadline(&mut self, now: Instant, pid: PeerId) {
         let (tcfg, pcfg) = (&self.cfg.tunnel, &self.cfg.paths);
         let Some(p) = self.peer(pid) else {
             return;
@@ -1091,7 +1091,10 @@ impl Overlay {
         if let Phase::Pathless { since } = p.phase {
             at(Some(since + self.cfg.path_loss_rehandshake), Wake::Pathless);
         }
-        let deadline = self.on_grid(next.0);
+        // Its timers just ran: nothing more is due before the next grid
+        // step (a deadline in the past would wake the caller at once, and
+        // again).
+        let deadline = self.on_grid(next.0.max(now + Duration::from_nanos(1)));
         if let Some(p) = slot(&mut self.peers, pid) {
             p.deadline = deadline;
             p.wake = next.1;

@@ -11,6 +11,8 @@ pub mod offload;
 pub mod packet;
 pub mod path;
 pub mod replay;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 pub mod stack;
 pub mod tunnel;
 pub mod wire;

@@ -229,8 +229,12 @@ impl Slot {
         }
     }
 
-    fn asked(&self, tid: TransactionId) -> bool {
-        self.requests.contains(&Some(tid))
+    /// Whether `tid` is that of the request this client sent last: a
+    /// late duplicate answer to an earlier one (a retransmitted
+    /// unauthenticated Allocate draws a second 401) is not a refusal.
+    fn asked_last(&self, tid: TransactionId) -> bool {
+        let last = (self.next_request + RECENT_REQUESTS - 1) % RECENT_REQUESTS;
+        self.requests[last] == Some(tid)
     }
 }
 
@@ -561,7 +565,7 @@ impl Nat {
         let Ok(msg) = Message::from_bytes(data) else {
             return false;
         };
-        if !msg.has_class(MessageClass::Error) || !s.asked(msg.transaction_id()) {
+        if !msg.has_class(MessageClass::Error) || !s.asked_last(msg.transaction_id()) {
             return false;
         }
         let Ok(e) = msg.attribute::<ErrorCode>() else {
@@ -814,6 +818,11 @@ impl Nat {
             self.poll_client(now, idx);
         }
         self.process_events(now);
+        // What ran is done for now: a deadline that did not move would
+        // wake the caller again at once.
+        let soonest = now + Duration::from_millis(1);
+        self.stun_wake = self.stun_wake.max(soonest);
+        self.turn_wake = self.turn_wake.max(soonest);
     }
 
     /// STUN bindings to every server every [`GATHER_INTERVAL`], and their
@@ -879,7 +888,7 @@ impl Nat {
             return;
         }
         let setting_up = matches!(s.state, TurnState::Connecting | TurnState::Allocating);
-        if setting_up && now.saturating_duration_since(s.started) > SETUP_TIMEOUT {
+        if setting_up && now.saturating_duration_since(s.started) >= SETUP_TIMEOUT {
             let why = s.auth_error.clone().unwrap_or_else(|| {
                 format!(
                     "no allocation from {} within {}s",

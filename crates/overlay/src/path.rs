@@ -385,7 +385,8 @@ impl Paths {
         self.list
             .iter()
             .map(|p| match p.probe {
-                Some((_, sent)) => (sent + cfg.probe_timeout).min(p.next_probe.max(sent)),
+                // Nothing is sent on a path while its probe is out.
+                Some((_, sent)) => sent + cfg.probe_timeout,
                 None => p.next_probe,
             })
             .min()

@@ -1058,3 +1058,192 @@ impl Nat {
         self.slots.iter().all(|s| s.client.is_none())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use turn_server_proto::api::{TurnServerApi, TurnServerPollRet};
+    use turn_server_proto::server::TurnServer as Server;
+    use turn_server_proto::types::prelude::DelayedTransmitBuild as _;
+
+    const SERVER: &str = "203.0.113.1:3478";
+    const ME: &str = "198.51.100.7:5800";
+
+    fn server_addr() -> SocketAddr {
+        SERVER.parse().unwrap()
+    }
+
+    fn nat(now: Instant, password: &str) -> Nat {
+        let cfg = NatConfig {
+            port: 5800,
+            stun: Vec::new(),
+            turn: vec![TurnServer {
+                server: server_addr(),
+                transport: TurnTransport::Udp,
+                username: "evio".into(),
+                password: password.into(),
+            }],
+        };
+        Nat::new(now, cfg, crate::crypto::seed_from_u64(1))
+    }
+
+    fn server() -> Server {
+        let mut s = Server::new(TransportType::Udp, server_addr(), "test".into());
+        s.add_user("evio".into(), "right".into());
+        s
+    }
+
+    /// Moves datagrams between the NAT layer and the server for a few
+    /// seconds, 600 ms a round (the client sends its authenticated Allocate
+    /// on its timer); `spoof` runs before each of the NAT layer's datagrams
+    /// is answered. Returns the time reached.
+    fn exchange(
+        nat: &mut Nat,
+        srv: &mut Server,
+        t0: Instant,
+        mut spoof: impl FnMut(&mut Nat),
+    ) -> Instant {
+        let me: SocketAddr = ME.parse().unwrap();
+        let mut now = t0;
+        for round in 0..6 {
+            now = t0 + Duration::from_millis(600 * round);
+            nat.handle_timeout(now);
+            let mut sent = Vec::new();
+            while let Some(t) = nat.poll_transmit() {
+                sent.push(t.data.to_vec());
+            }
+            let st = sio(t0, now);
+            for d in sent {
+                spoof(nat);
+                let tr = TurnTransmit::new(&d[..], TransportType::Udp, me, server_addr());
+                let mut answers = Vec::new();
+                if let Some(out) = srv.recv(tr, st) {
+                    answers.push(out.data.build());
+                }
+                while let TurnServerPollRet::AllocateSocket {
+                    transport,
+                    listen_addr,
+                    client_addr,
+                    allocation_transport,
+                    family,
+                } = srv.poll(st)
+                {
+                    let relay = "203.0.113.1:49152".parse().unwrap();
+                    srv.allocated_socket(
+                        transport,
+                        listen_addr,
+                        client_addr,
+                        allocation_transport,
+                        family,
+                        Ok(relay),
+                        st,
+                    );
+                }
+                while let Some(t) = srv.poll_transmit(st) {
+                    answers.push(t.data);
+                }
+                for a in answers {
+                    let _ = nat.handle_datagram(now, server_addr(), &a);
+                }
+            }
+        }
+        now
+    }
+
+    /// An error-class answer with a transaction ID nobody asked.
+    fn forged_error() -> Vec<u8> {
+        let mtype = MessageType::from_class_method(MessageClass::Error, BINDING);
+        let mut m = Message::builder(mtype, TransactionId::from(42u128), MessageWriteVec::new());
+        let e = ErrorCode::builder(401)
+            .reason("Unauthorized")
+            .build()
+            .unwrap();
+        m.add_attribute(&e).unwrap();
+        m.finish()
+    }
+
+    #[test]
+    fn allocates_on_a_real_server_and_relays_without_copies_into_the_heap() {
+        let t0 = Instant::now();
+        let (mut n, mut srv) = (nat(t0, "right"), server());
+        let peer: SocketAddr = "203.0.113.50:5800".parse().unwrap();
+        n.set_peer_ips(t0, [peer.ip()].into_iter().collect());
+        let now = exchange(&mut n, &mut srv, t0, |_| {});
+        assert!(
+            matches!(n.turn_states()[0].2, TurnState::Ready(_)),
+            "{:?}",
+            n.turn_states()
+        );
+        assert!(n
+            .candidates()
+            .iter()
+            .any(|(_, c)| *c == crate::path::Class::Relay));
+        assert!(
+            n.candidates().iter().any(|(a, _)| a.to_string() == ME),
+            "reflexive from the server"
+        );
+        // A datagram for a peer: framed into the caller's buffer.
+        let mut out = [0u8; 256];
+        let (via, to, len) = n
+            .relay(now, 0, peer, b"\x84\0\0\0payload", &mut out)
+            .unwrap();
+        assert_eq!((via, to), (Sock::Udp, server_addr()));
+        assert!(len > 11);
+    }
+
+    #[test]
+    fn spoofed_errors_from_the_servers_address_change_nothing() {
+        let t0 = Instant::now();
+        let (mut n, mut srv) = (nat(t0, "right"), server());
+        let forged = forged_error();
+        exchange(&mut n, &mut srv, t0, |n| {
+            let _ = n.handle_datagram(t0, server_addr(), &forged);
+        });
+        assert!(
+            matches!(n.turn_states()[0].2, TurnState::Ready(_)),
+            "{:?}",
+            n.turn_states()
+        );
+        assert!(n.junk > 0, "the forgeries were counted");
+        // And once ready, more of them still change nothing.
+        for _ in 0..100 {
+            let _ = n.handle_datagram(t0, server_addr(), &forged);
+        }
+        assert!(matches!(n.turn_states()[0].2, TurnState::Ready(_)));
+    }
+
+    #[test]
+    fn wrong_credentials_are_reported_at_once_not_after_a_timeout() {
+        let t0 = Instant::now();
+        let (mut n, mut srv) = (nat(t0, "wrong"), server());
+        let now = exchange(&mut n, &mut srv, t0, |_| {});
+        match &n.turn_states()[0].2 {
+            TurnState::Failed(why) => assert!(why.contains("401"), "{why}"),
+            s => panic!("{s:?}"),
+        }
+        // Not retried before the credentials pause.
+        n.handle_timeout(now + Duration::from_secs(20));
+        assert!(matches!(n.turn_states()[0].2, TurnState::Failed(_)));
+    }
+
+    #[test]
+    fn tcp_frames_are_cut_with_channel_data_padding() {
+        // ChannelData of 5 bytes takes 12 on a stream; STUN is 20 + length.
+        let mut stream = vec![0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0];
+        assert_eq!(tcp_frame(&stream), Some((9, 12)));
+        assert_eq!(tcp_frame(&stream[..11]), None, "padding not there yet");
+        stream = vec![0x01, 0x01, 0x00, 0x04];
+        stream.extend([0u8; 20]);
+        assert_eq!(tcp_frame(&stream), Some((24, 24)));
+        assert_eq!(tcp_frame(&[0x99, 0, 0, 0]), None);
+        assert_eq!(tcp_frame(&[0x40, 0]), None);
+    }
+
+    #[test]
+    fn a_relayed_sub_slice_is_found_in_its_buffer() {
+        let buf = [0u8; 32];
+        assert_eq!(within(&buf, &buf[4..10]), Some(4..10));
+        let other = [0u8; 8];
+        assert_eq!(within(&buf, &other), None);
+    }
+}

@@ -1064,7 +1064,6 @@ mod tests {
     use super::*;
     use turn_server_proto::api::{TurnServerApi, TurnServerPollRet};
     use turn_server_proto::server::TurnServer as Server;
-    use turn_server_proto::types::prelude::DelayedTransmitBuild as _;
 
     const SERVER: &str = "203.0.113.1:3478";
     const ME: &str = "198.51.100.7:5800";

@@ -400,6 +400,8 @@ impl Sim {
             .then(|| self.now.duration_since(t0))
     }
 
+    // A test harness: a livelock is a test failure, loudly.
+    #[allow(clippy::panic)]
     fn run_until(&mut self, end: Instant, done: impl Fn(&Sim) -> bool) -> bool {
         // Bounded: a livelock (a deadline that never moves) fails loudly.
         for _ in 0..20_000_000u64 {
@@ -542,7 +544,7 @@ impl Sim {
             };
         }
         if let Some(site) = self.sites.iter().position(|s| s.router.public == f.to.ip()) {
-            return self.cross_link(site, f);
+            self.cross_link(site, f);
         }
     }
 

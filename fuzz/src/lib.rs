@@ -354,11 +354,21 @@ pub fn store_record(data: &[u8]) {
 
 /// A node of the overlay, built once: what an attacker's datagram or a
 /// pod's frame meets.
+/// An overlay with one peer whose keys the harness knows and whose
+/// session with it is established: fuzzed bytes sent through that session
+/// pass mac1 and decryption and reach the switch, the probe parser and the
+/// checksum checks, not only the handshake gate.
 struct OverlayNode {
     ov: evio_overlay::engine::Overlay,
+    /// The peer's end of the session.
+    peer: evio_overlay::tunnel::Tunnel,
+    peer_addr: evio_overlay::path::PathAddr,
+    /// One instant for every input: sessions never expire mid-run.
+    now: std::time::Instant,
 }
 
-struct NullIo(Vec<u8>);
+/// Records the last datagram the overlay sent.
+struct NullIo(Vec<u8>, usize);
 
 impl evio_overlay::engine::Io for NullIo {
     fn datagram(&mut self) -> &mut [u8] {
@@ -366,6 +376,7 @@ impl evio_overlay::engine::Io for NullIo {
     }
     fn commit(&mut self, _: evio_overlay::path::PathAddr, len: usize) {
         assert!(len <= self.0.len());
+        self.1 = len;
     }
     fn pod(&mut self, frame: &mut [u8], _: evio_overlay::offload::Csum) {
         assert!(frame.len() >= 14);
@@ -373,33 +384,112 @@ impl evio_overlay::engine::Io for NullIo {
     fn host(&mut self, _: &mut [u8], _: evio_overlay::offload::Csum) {}
 }
 
+fn parse<T: std::str::FromStr>(s: &str) -> T
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
 fn overlay_node() -> &'static std::sync::Mutex<OverlayNode> {
     static NODE: OnceLock<std::sync::Mutex<OverlayNode>> = OnceLock::new();
-    NODE.get_or_init(|| {
-        use evio_overlay::crypto::StaticKeys;
-        use evio_overlay::engine::{Candidate, Overlay, OverlayConfig, PeerInfo};
-        use evio_overlay::path::Class;
-        let now = std::time::Instant::now();
-        let me = StaticKeys::from_private([1; 32]);
-        let peer = StaticKeys::from_private([2; 32]);
-        let cfg = OverlayConfig::new("fuzz", "10.244.1.0/24".parse().unwrap_or_else(|e| panic!("{e}")), 1380);
-        let mut ov = Overlay::new(now, cfg, evio_overlay::tunnel::Identity::new(me, None, "fuzz"));
-        ov.set_peers(
-            now,
-            &[PeerInfo {
-                node: "peer".into(),
-                key: *peer.public(),
-                pod_subnet: "10.244.2.0/24".parse().unwrap_or_else(|e| panic!("{e}")),
-                host_addr: Some("10.10.0.2/16".parse().unwrap_or_else(|e| panic!("{e}"))),
-                candidates: vec![Candidate {
-                    addr: "203.0.113.2:5800".parse().unwrap_or_else(|e| panic!("{e}")),
-                    class: Class::Direct,
-                }],
-                stale: false,
+    NODE.get_or_init(|| std::sync::Mutex::new(new_overlay_node()))
+}
+
+fn new_overlay_node() -> OverlayNode {
+    use evio_overlay::crypto::{seed_from_u64, StaticKeys};
+    use evio_overlay::engine::{Candidate, Overlay, OverlayConfig, PeerInfo};
+    use evio_overlay::path::{Class, PathAddr};
+    use evio_overlay::tunnel::{Identity, Tunnel};
+    use rand::SeedableRng;
+    let now = std::time::Instant::now();
+    let me = StaticKeys::from_private([1; 32]);
+    let my_key = *me.public();
+    let peer_keys = StaticKeys::from_private([2; 32]);
+    let peer_key = *peer_keys.public();
+    let cfg = OverlayConfig::new("fuzz", parse("10.244.1.0/24"), 1380);
+    let mut ov = Overlay::new(now, cfg, Identity::new(me, None, "fuzz"), seed_from_u64(1));
+    let peer_addr = PathAddr::direct(parse("203.0.113.2:5800"));
+    ov.set_peers(
+        now,
+        &[PeerInfo {
+            node: "peer".into(),
+            key: peer_key,
+            pod_subnet: parse("10.244.2.0/24"),
+            host_addr: Some(parse("10.10.0.2/16")),
+            candidates: vec![Candidate {
+                addr: peer_addr.remote,
+                class: Class::Direct,
             }],
-        );
-        std::sync::Mutex::new(OverlayNode { ov })
-    })
+            stale: false,
+        }],
+    );
+    // The handshake, in memory: the peer initiates, the overlay answers.
+    let peer_id = Identity::new(peer_keys, None, "fuzz");
+    let mut peer = Tunnel::new(&peer_id, my_key);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let mut init = [0u8; evio_overlay::wire::INITIATION_LEN];
+    let wall = std::time::Duration::from_secs(1_700_000_000);
+    if peer.initiate(&peer_id, &mut rng, now, wall, 7, &mut init).is_err() {
+        panic!("initiation");
+    }
+    let mut io = NullIo(vec![0; evio_overlay::engine::MAX_DATAGRAM], 0);
+    if ov.from_network(now, peer_addr, &init, &mut io).is_err() {
+        panic!("the overlay refused the harness's initiation");
+    }
+    if peer.on_response(now, &io.0[..io.1]).is_err() {
+        panic!("the harness refused the overlay's response");
+    }
+    // The first transport message confirms the session to the overlay.
+    let mut out = [0u8; 64];
+    let keepalive = [evio_overlay::wire::kind::KEEPALIVE, 0, 0, 0];
+    let tcfg = evio_overlay::tunnel::TunnelConfig::default();
+    let n = peer
+        .encrypt(now, &tcfg, &keepalive, &mut out)
+        .unwrap_or_else(|| panic!("no session on the harness's side"));
+    if let Err(e) = ov.from_network(now, peer_addr, &out[..n], &mut io) {
+        panic!("the overlay refused the session: {e:?}");
+    }
+    OverlayNode {
+        ov,
+        peer,
+        peer_addr,
+        now,
+    }
+}
+
+/// Sends `data` through the established session as an inner message: the
+/// first byte picks the kind (including unknown ones), the next three are
+/// the checksum fields, the rest is the body.
+fn through_session(node: &mut OverlayNode, data: &[u8]) {
+    use evio_overlay::wire::{kind, INNER_HEADER};
+    let Some(head) = data.get(..INNER_HEADER) else {
+        return;
+    };
+    let kinds = [
+        kind::POD_FRAME,
+        kind::HOST_PACKET,
+        kind::PROBE,
+        kind::PROBE_REPLY,
+        kind::KEEPALIVE,
+        0x7f,
+    ];
+    let mut plain = data.to_vec();
+    plain[0] = kinds[usize::from(head[0]) % kinds.len()];
+    let mut out = vec![0u8; plain.len() + 64];
+    let tcfg = evio_overlay::tunnel::TunnelConfig::default();
+    let Some(n) = node.peer.encrypt(node.now, &tcfg, &plain, &mut out) else {
+        return;
+    };
+    let mut io = NullIo(vec![0; evio_overlay::engine::MAX_DATAGRAM], 0);
+    let r = node.ov.from_network(node.now, node.peer_addr, &out[..n], &mut io);
+    assert!(
+        !matches!(
+            r,
+            Err(evio_overlay::tunnel::Reject::Auth | evio_overlay::tunnel::Reject::NoSession)
+        ),
+        "a datagram of the session was refused: {r:?}"
+    );
 }
 
 /// The overlay's entry points for outside bytes: a datagram from anyone
@@ -413,10 +503,11 @@ pub fn overlay(data: &[u8]) {
         return;
     }
     let mut node = overlay_node().lock().unwrap_or_else(|p| p.into_inner());
-    let mut io = NullIo(vec![0; evio_overlay::engine::MAX_DATAGRAM]);
-    let now = std::time::Instant::now();
-    let from = PathAddr::direct("198.51.100.7:4242".parse().unwrap_or_else(|e| panic!("{e}")));
+    let mut io = NullIo(vec![0; evio_overlay::engine::MAX_DATAGRAM], 0);
+    let now = node.now;
+    let from = PathAddr::direct(parse("198.51.100.7:4242"));
     let _ = node.ov.from_network(now, from, data, &mut io);
+    through_session(&mut node, data);
     if data.len() > 10 {
         let hdr = VnetHdr::parse(&data[..10]).unwrap_or_default();
         node.ov.from_pod(now, &hdr, &data[10..], &mut io);

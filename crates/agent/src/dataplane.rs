@@ -1,36 +1,42 @@
 //! The engine thread: one epoll loop over the TAP, the host TUN, the UDP
-//! socket, the TURN TCP sockets and a command eventfd. It owns the overlay
-//! state machine; everything on the data path happens here, in batches:
-//! a TAP read yields a 64 KiB super-frame that leaves as one GSO send, a
-//! `recvmmsg` yields runs of datagrams whose frames are coalesced back into
-//! super-frames before they are written to the TAP.
+//! socket, the TURN TCP sockets and a command eventfd. The protocol —
+//! overlay and NAT layer — is `evio_overlay::stack::Stack`, sans-IO; this
+//! module owns only the descriptors and moves bytes between them and the
+//! stack, in batches: a TAP read yields a 64 KiB super-frame that leaves as
+//! one GSO send, a `recvmmsg` yields runs of datagrams whose frames are
+//! coalesced back into super-frames before they are written to the TAP.
 //!
-//! When idle it sleeps until the overlay's or the NAT layer's next timer:
-//! no periodic wake-up of its own.
+//! When idle it sleeps until the stack's next deadline: no periodic
+//! wake-up of its own. Each turn of the loop is wait → dispatch → commands
+//! → timers → flush.
 
-use std::collections::BTreeSet;
-use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::time::{Duration, Instant, SystemTime};
 
-use evio_overlay::engine::{Io, Overlay, PeerInfo, PeerStatus, Stats, MAX_FRAME};
+use evio_overlay::engine::{Io, PeerInfo, PeerStatus, Stats, MAX_FRAME};
+use evio_overlay::nat::{Sock, Transmit, TurnState, TurnTransport};
 use evio_overlay::offload::{complete_checksum, Coalescer, Csum, Framing, VnetHdr, VNET_HDR_LEN};
-use evio_overlay::path::{PathAddr, Via};
+use evio_overlay::path::{Class, PathAddr};
+use evio_overlay::stack::{NetIo, Stack, StackEvent};
 
 use crate::device::Device;
-use crate::nat::{Nat, TurnState, TurnTransport};
 use crate::udp::{RecvBatch, SendBatch, Udp};
 
 const TOKEN_EVENT: u64 = 1;
 const TOKEN_UDP: u64 = 2;
 const TOKEN_TAP: u64 = 3;
 const TOKEN_TUN: u64 = 4;
+/// Tokens of the TURN TCP connections: this plus the server's index.
 const TOKEN_TCP: u64 = 100;
 /// Frames read from a device per wake-up before the socket gets a turn.
 const DEVICE_BUDGET: usize = 64;
 const RECV_BATCH: usize = 32;
+/// A relay over TCP is the slow path: a backlog beyond this is dropped, as
+/// a congested link would.
+const TCP_BACKLOG: usize = 4 << 20;
 
 /// What the other threads ask of the engine.
 pub enum Command {
@@ -57,47 +63,37 @@ pub struct Snapshot {
 /// Sent to the store thread when our candidates change.
 pub type CandidateSink = Sender<Vec<(SocketAddr, evio_subnet::CandidateKind)>>;
 
-pub struct Dataplane {
-    pub overlay: Overlay,
+fn kind_of(c: Class) -> evio_subnet::CandidateKind {
+    match c {
+        Class::Local => evio_subnet::CandidateKind::Local,
+        Class::Direct => evio_subnet::CandidateKind::Reflexive,
+        Class::Relay => evio_subnet::CandidateKind::Relay,
+    }
+}
+
+/// A TCP connection to a TURN server: the stream and what waits to be
+/// written (the protocol state is the stack's).
+struct TcpConn {
+    stream: TcpStream,
+    connected: bool,
+    tx: Vec<u8>,
+    /// Whether EPOLLOUT is asked for (only while connecting or a backlog
+    /// waits), so an idle connection never wakes the engine.
+    want_out: bool,
+}
+
+/// The descriptors and the buffers the stack writes into: the engine's
+/// [`NetIo`].
+pub struct Devices {
     pub udp: Udp,
     pub tap: Option<Device>,
     pub tun: Option<Device>,
-    pub nat: Nat,
-    pub commands: Receiver<Command>,
-    pub event_fd: RawFd,
-    pub epoll: RawFd,
-    pub candidates_out: CandidateSink,
-    local_candidates: Vec<SocketAddr>,
-}
-
-struct Ctx<'a> {
-    send: &'a mut SendBatch,
-    udp: &'a Udp,
-    tap: Option<&'a Device>,
-    tun: Option<&'a Device>,
-    pod_gro: &'a mut Coalescer,
-    host_gro: &'a mut Coalescer,
-    nat: &'a mut Nat,
-    now: Instant,
-    write_errors: &'a mut u64,
-}
-
-/// The engine's [`Io`] over the loop's buffers (a macro: the borrows of
-/// `self`'s fields must stay disjoint from the overlay's).
-macro_rules! ctx {
-    ($self:ident, $send:ident, $pod:ident, $host:ident, $errors:ident, $now:expr) => {
-        Ctx {
-            send: &mut $send,
-            udp: &$self.udp,
-            tap: $self.tap.as_ref(),
-            tun: $self.tun.as_ref(),
-            pod_gro: &mut $pod,
-            host_gro: &mut $host,
-            nat: &mut $self.nat,
-            now: $now,
-            write_errors: &mut $errors,
-        }
-    };
+    tcp: Vec<Option<TcpConn>>,
+    send: SendBatch,
+    pod_gro: Coalescer,
+    host_gro: Coalescer,
+    write_errors: u64,
+    epoll: RawFd,
 }
 
 fn write_dev(dev: &Device, hdr: &VnetHdr, frame: &[u8], errors: &mut u64) {
@@ -127,54 +123,138 @@ fn deliver(
     }
 }
 
-impl Ctx<'_> {
+impl Devices {
+    pub fn new(udp: Udp, tap: Option<Device>, tun: Option<Device>, epoll: RawFd) -> Devices {
+        Devices {
+            udp,
+            tap,
+            tun,
+            tcp: Vec::new(),
+            send: SendBatch::new(1 << 20),
+            pod_gro: Coalescer::new(Framing::Ethernet, 8, 65_000),
+            host_gro: Coalescer::new(Framing::Ip, 8, 65_000),
+            write_errors: 0,
+            epoll,
+        }
+    }
+
     /// End of a receive batch: what the coalescers still hold goes to the
     /// devices.
     fn flush_gro(&mut self) {
-        let errors = &mut *self.write_errors;
-        let tap = self.tap;
+        let errors = &mut self.write_errors;
+        let tap = self.tap.as_ref();
         self.pod_gro.flush(&mut |h, f| {
             if let Some(t) = tap {
                 write_dev(t, h, f, errors)
             }
         });
-        let tun = self.tun;
+        let tun = self.tun.as_ref();
         self.host_gro.flush(&mut |h, f| {
             if let Some(t) = tun {
                 write_dev(t, h, f, errors)
             }
         });
     }
+
+    fn conn(&mut self, conn: usize) -> Option<&mut TcpConn> {
+        self.tcp.get_mut(conn).and_then(Option::as_mut)
+    }
+
+    /// Opens the TCP connection of TURN server `conn` (non-blocking).
+    fn connect(&mut self, conn: usize, to: SocketAddr) -> io::Result<()> {
+        self.close(conn);
+        let stream = connect_nonblocking(to)?;
+        epoll_set(
+            self.epoll,
+            libc::EPOLL_CTL_ADD,
+            stream.as_raw_fd(),
+            (libc::EPOLLIN | libc::EPOLLOUT) as u32,
+            TOKEN_TCP + conn as u64,
+        );
+        if self.tcp.len() <= conn {
+            self.tcp.resize_with(conn + 1, || None);
+        }
+        self.tcp[conn] = Some(TcpConn {
+            stream,
+            connected: false,
+            tx: Vec::new(),
+            want_out: true,
+        });
+        Ok(())
+    }
+
+    fn close(&mut self, conn: usize) {
+        if let Some(c) = self.tcp.get_mut(conn).and_then(Option::take) {
+            epoll_set(self.epoll, libc::EPOLL_CTL_DEL, c.stream.as_raw_fd(), 0, 0);
+        }
+    }
+
+    /// Writes what waits on connection `conn`, and asks for EPOLLOUT only
+    /// while something is left.
+    fn flush_tcp(&mut self, conn: usize) {
+        let epoll = self.epoll;
+        let Some(c) = self.conn(conn) else { return };
+        if !c.connected {
+            return;
+        }
+        let mut done = 0;
+        while done < c.tx.len() {
+            match c.stream.write(&c.tx[done..]) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        c.tx.drain(..done);
+        if c.tx.len() > TCP_BACKLOG {
+            c.tx.clear();
+        }
+        let want = !c.tx.is_empty();
+        if want != c.want_out {
+            c.want_out = want;
+            let ev = libc::EPOLLIN as u32 | if want { libc::EPOLLOUT as u32 } else { 0 };
+            let token = TOKEN_TCP + conn as u64;
+            epoll_set(epoll, libc::EPOLL_CTL_MOD, c.stream.as_raw_fd(), ev, token);
+        }
+    }
 }
 
-impl Io for Ctx<'_> {
+impl Io for Devices {
     fn datagram(&mut self) -> &mut [u8] {
         self.send.slot()
     }
 
     fn commit(&mut self, to: PathAddr, len: usize) {
-        match to.via {
-            Via::Direct => {
-                if self.send.push(to.remote, len) {
-                    self.send.flush(self.udp);
-                }
-            }
-            Via::Turn(i) => {
-                // Relayed traffic takes the slow path through the TURN
-                // client (it frames ChannelData itself).
-                let data = &self.send.slot()[..len];
-                let copy = data.to_vec();
-                self.nat.send_via(self.now, i, to.remote, &copy, self.udp);
-            }
+        if self.send.push(to.remote, len) {
+            self.send.flush(&self.udp);
         }
     }
 
     fn pod(&mut self, frame: &mut [u8], csum: Csum) {
-        deliver(self.tap, self.pod_gro, frame, csum, self.write_errors);
+        let errors = &mut self.write_errors;
+        deliver(self.tap.as_ref(), &mut self.pod_gro, frame, csum, errors);
     }
 
     fn host(&mut self, packet: &mut [u8], csum: Csum) {
-        deliver(self.tun, self.host_gro, packet, csum, self.write_errors);
+        let errors = &mut self.write_errors;
+        deliver(self.tun.as_ref(), &mut self.host_gro, packet, csum, errors);
+    }
+}
+
+impl NetIo for Devices {
+    fn transmit(&mut self, t: Transmit<'_>) {
+        match t.via {
+            Sock::Udp => {
+                let _ = self.udp.send_to(t.data, t.to);
+            }
+            Sock::Tcp(conn) => {
+                if let Some(c) = self.conn(conn) {
+                    c.tx.extend_from_slice(t.data);
+                }
+                self.flush_tcp(conn);
+            }
+        }
     }
 }
 
@@ -182,6 +262,15 @@ fn wall() -> Duration {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
+}
+
+fn epoll_set(epoll: RawFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: ev is a valid epoll_event; errors (e.g. deleting an fd that
+    // was never added) are harmless here.
+    unsafe {
+        libc::epoll_ctl(epoll, op, fd, &mut ev);
+    }
 }
 
 pub fn epoll_add(epoll: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
@@ -196,275 +285,311 @@ pub fn epoll_add(epoll: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
     Ok(())
 }
 
+fn connect_nonblocking(to: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(to), Type::STREAM.cloexec(), None)?;
+    sock.set_nonblocking(true)?;
+    match sock.connect(&to.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let _ = sock.set_tcp_nodelay(true);
+    Ok(sock.into())
+}
+
+/// The engine thread's state.
+pub struct Dataplane {
+    pub stack: Stack,
+    pub io: Devices,
+    pub commands: Receiver<Command>,
+    pub event_fd: RawFd,
+    pub epoll: RawFd,
+    pub candidates_out: CandidateSink,
+    dev_buf: Vec<u8>,
+    tcp_buf: Vec<u8>,
+    shutdown: bool,
+}
+
 impl Dataplane {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        overlay: Overlay,
-        udp: Udp,
-        tap: Option<Device>,
-        tun: Option<Device>,
-        nat: Nat,
+        stack: Stack,
+        io: Devices,
         commands: Receiver<Command>,
         event_fd: RawFd,
-        epoll: RawFd,
         candidates_out: CandidateSink,
     ) -> io::Result<Dataplane> {
+        let epoll = io.epoll;
         epoll_add(epoll, event_fd, TOKEN_EVENT)?;
-        epoll_add(epoll, udp.as_raw_fd(), TOKEN_UDP)?;
-        if let Some(t) = &tap {
-            epoll_add(epoll, t.as_raw_fd(), TOKEN_TAP)?;
-        }
-        if let Some(t) = &tun {
-            epoll_add(epoll, t.as_raw_fd(), TOKEN_TUN)?;
+        epoll_add(epoll, io.udp.as_raw_fd(), TOKEN_UDP)?;
+        for (dev, token) in [(&io.tap, TOKEN_TAP), (&io.tun, TOKEN_TUN)] {
+            if let Some(d) = dev {
+                epoll_add(epoll, d.as_raw_fd(), token)?;
+            }
         }
         Ok(Dataplane {
-            overlay,
-            udp,
-            tap,
-            tun,
-            nat,
+            stack,
+            io,
             commands,
             event_fd,
             epoll,
             candidates_out,
-            local_candidates: Vec::new(),
+            dev_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
+            tcp_buf: vec![0u8; 16 * 1024],
+            shutdown: false,
         })
-    }
-
-    fn publish_candidates(&mut self) {
-        let mut all: Vec<(SocketAddr, evio_subnet::CandidateKind)> = self
-            .local_candidates
-            .iter()
-            .map(|a| (*a, evio_subnet::CandidateKind::Local))
-            .collect();
-        for c in self.nat.candidates() {
-            if !all.iter().any(|(a, _)| *a == c.0) {
-                all.push(c);
-            }
-        }
-        let _ = self.candidates_out.send(all);
-        self.overlay.set_relay_ips(self.nat.relay_ips());
     }
 
     /// Runs until a Shutdown command; then deletes TURN allocations.
     pub fn run(mut self) -> io::Result<()> {
+        // Its buffers hold raw pointers: made on this thread.
         let mut recv = RecvBatch::new(RECV_BATCH);
-        let mut send = SendBatch::new(1 << 20);
-        let mut dev_buf = vec![0u8; VNET_HDR_LEN + MAX_FRAME];
-        let mut pod_gro = Coalescer::new(Framing::Ethernet, 8, 65_000);
-        let mut host_gro = Coalescer::new(Framing::Ip, 8, 65_000);
-        let mut write_errors = 0u64;
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 16];
-        let mut nat_wake = Instant::now();
-        let mut peer_ips_seen: BTreeSet<IpAddr> = BTreeSet::new();
+        while !self.shutdown {
+            let n = self.wait(&mut events)?;
+            let now = Instant::now();
+            for ev in &events[..n] {
+                let out = ev.events & libc::EPOLLOUT as u32 != 0;
+                self.dispatch(now, ev.u64, out, &mut recv);
+            }
+            self.drain_commands(Instant::now());
+            self.timers(Instant::now());
+            if !self.io.send.is_empty() {
+                self.io.send.flush(&self.io.udp);
+            }
+        }
+        self.shut_down(Duration::from_millis(1500), &mut recv);
+        Ok(())
+    }
+
+    /// Sleeps until a descriptor is ready or the stack's next deadline.
+    fn wait(&mut self, events: &mut [libc::epoll_event]) -> io::Result<usize> {
         loop {
             let now = Instant::now();
-            let mut wake = nat_wake;
-            if let Some(w) = self.overlay.next_wake() {
-                wake = wake.min(w);
-            }
-            let timeout_ms =
-                wake.saturating_duration_since(now).as_millis().min(60_000) as libc::c_int;
+            let wake = self.stack.poll_timeout();
+            let ms = wake.saturating_duration_since(now).as_millis().min(60_000) as libc::c_int;
             // Round up: waking a millisecond early would spin once more.
-            let timeout_ms = if wake > now && timeout_ms == 0 {
-                1
-            } else {
-                timeout_ms
-            };
+            let ms = if wake > now && ms == 0 { 1 } else { ms };
             // SAFETY: events is a live buffer of the stated length.
             let n = unsafe {
                 libc::epoll_wait(
                     self.epoll,
                     events.as_mut_ptr(),
                     events.len() as libc::c_int,
-                    timeout_ms,
+                    ms,
                 )
             };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
-            }
-            let now = Instant::now();
-            let mut shutdown = false;
-            for ev in &events[..n as usize] {
-                let token = ev.u64;
-                let writable = ev.events & libc::EPOLLOUT as u32 != 0;
-                let mut ctx = ctx!(self, send, pod_gro, host_gro, write_errors, now);
-                match token {
-                    TOKEN_EVENT => {
-                        let mut v = 0u64;
-                        // SAFETY: reads 8 bytes into v.
-                        unsafe { libc::read(self.event_fd, (&mut v as *mut u64).cast(), 8) };
-                    }
-                    TOKEN_UDP => {
-                        let ov = &mut self.overlay;
-                        loop {
-                            let got = recv.recv(&self.udp).unwrap_or_default();
-                            for i in 0..got {
-                                let Some(r) = recv.get(i) else { break };
-                                let from = r.from;
-                                let seg = r.segment;
-                                for d in r.data.chunks(seg) {
-                                    match d.first() {
-                                        Some(0x80..=0xff) => {
-                                            let _ = ov.from_network(
-                                                now,
-                                                PathAddr::direct(from),
-                                                d,
-                                                &mut ctx,
-                                            );
-                                        }
-                                        Some(_) => {
-                                            let mut relayed: Vec<(PathAddr, Vec<u8>)> = Vec::new();
-                                            ctx.nat.on_udp(now, from, d, &mut |p, data| {
-                                                relayed.push((p, data.to_vec()))
-                                            });
-                                            for (p, data) in relayed {
-                                                if data.first().is_some_and(|b| *b >= 0x80) {
-                                                    let _ =
-                                                        ov.from_network(now, p, &data, &mut ctx);
-                                                }
-                                            }
-                                        }
-                                        None => {}
-                                    }
-                                }
-                            }
-                            if got < RECV_BATCH {
-                                break;
-                            }
-                        }
-                        ctx.flush_gro();
-                    }
-                    TOKEN_TAP | TOKEN_TUN => {
-                        let dev = if token == TOKEN_TAP {
-                            self.tap.as_ref()
-                        } else {
-                            self.tun.as_ref()
-                        };
-                        let Some(dev) = dev else { continue };
-                        for _ in 0..DEVICE_BUDGET {
-                            match dev.read(&mut dev_buf) {
-                                Ok(Some(len)) if len > VNET_HDR_LEN => {
-                                    let Some(hdr) = VnetHdr::parse(&dev_buf[..VNET_HDR_LEN]) else {
-                                        continue;
-                                    };
-                                    let frame = &dev_buf[VNET_HDR_LEN..len];
-                                    if token == TOKEN_TAP {
-                                        self.overlay.from_pod(now, &hdr, frame, &mut ctx);
-                                    } else {
-                                        self.overlay.from_host(now, &hdr, frame, &mut ctx);
-                                    }
-                                }
-                                Ok(Some(_)) => continue,
-                                Ok(None) | Err(_) => break,
-                            }
-                        }
-                    }
-                    t if t >= TOKEN_TCP => {
-                        let idx = (t - TOKEN_TCP) as usize;
-                        let mut relayed: Vec<(PathAddr, Vec<u8>)> = Vec::new();
-                        ctx.nat.on_tcp(now, idx, writable, &mut |p, data| {
-                            relayed.push((p, data.to_vec()))
-                        });
-                        for (p, data) in relayed {
-                            if data.first().is_some_and(|b| *b >= 0x80) {
-                                let _ = self.overlay.from_network(now, p, &data, &mut ctx);
-                            }
-                        }
-                        ctx.flush_gro();
-                        nat_wake = now;
-                    }
-                    _ => {}
-                }
-            }
-            // Commands.
-            while let Ok(cmd) = self.commands.try_recv() {
-                match cmd {
-                    Command::Peers(peers) => {
-                        let ips: BTreeSet<IpAddr> = peers
-                            .iter()
-                            .flat_map(|p| p.candidates.iter().map(|c| c.addr.ip()))
-                            .filter(|ip| !is_private(ip))
-                            .collect();
-                        if ips != peer_ips_seen {
-                            self.nat.set_peer_ips(now, ips.clone());
-                            peer_ips_seen = ips;
-                        }
-                        self.overlay.set_peers(now, &peers);
-                    }
-                    Command::LocalCandidates(c) => {
-                        if c != self.local_candidates {
-                            self.local_candidates = c;
-                            self.nat.gather_soon(now);
-                            nat_wake = now;
-                            self.publish_candidates();
-                        }
-                    }
-                    Command::Status(reply) => {
-                        let _ = reply.send(Snapshot {
-                            peers: self.overlay.status(),
-                            stats: self.overlay.stats().clone(),
-                            candidates: {
-                                let mut v: Vec<_> = self
-                                    .local_candidates
-                                    .iter()
-                                    .map(|a| (*a, evio_subnet::CandidateKind::Local))
-                                    .collect();
-                                v.extend(self.nat.candidates());
-                                v
-                            },
-                            turn: self.nat.turn_states(),
-                            udp_dropped: send.dropped,
-                            nat_junk: self.nat.junk,
-                            learned_macs: self.overlay.switch_stats().learned_macs,
-                            taken: now,
-                        });
-                    }
-                    Command::Shutdown => shutdown = true,
-                }
-            }
-            let now = Instant::now();
-            if now >= nat_wake {
-                nat_wake = self.nat.poll(now, Some(&self.udp));
-            }
-            if self.nat.take_changed() {
-                self.publish_candidates();
-            }
-            if self.nat.take_poll_soon() {
-                nat_wake = self.nat.poll(Instant::now(), Some(&self.udp));
-            }
-            let mut ctx = ctx!(self, send, pod_gro, host_gro, write_errors, now);
-            if self.overlay.next_wake().is_some_and(|w| now >= w) {
-                self.overlay.tick(now, wall(), &mut ctx);
-                if self.overlay.take_path_losses() > 0 {
-                    // A path died: our public address may have changed.
-                    ctx.nat.gather_soon(now);
-                    nat_wake = now;
-                }
-                for i in self.overlay.take_turn_losses() {
-                    ctx.nat.renew(now, usize::from(i));
-                    nat_wake = now;
-                }
-            }
-            if !send.is_empty() {
-                send.flush(&self.udp);
-            }
-            if shutdown {
-                self.nat
-                    .shutdown(Instant::now(), &self.udp, Duration::from_millis(1500));
-                return Ok(());
             }
         }
     }
-}
 
-fn is_private(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => a.is_private() || a.is_loopback() || a.is_link_local(),
-        IpAddr::V6(a) => a.is_loopback() || (a.segments()[0] & 0xfe00) == 0xfc00,
+    fn dispatch(&mut self, now: Instant, token: u64, writable: bool, recv: &mut RecvBatch) {
+        match token {
+            TOKEN_EVENT => {
+                let mut v = 0u64;
+                // SAFETY: reads 8 bytes into v.
+                unsafe { libc::read(self.event_fd, (&mut v as *mut u64).cast(), 8) };
+            }
+            TOKEN_UDP => self.on_udp(now, recv),
+            TOKEN_TAP | TOKEN_TUN => self.on_device(now, token == TOKEN_TAP),
+            t if t >= TOKEN_TCP => self.on_tcp(now, (t - TOKEN_TCP) as usize, writable),
+            _ => {}
+        }
+    }
+
+    fn on_udp(&mut self, now: Instant, recv: &mut RecvBatch) {
+        loop {
+            let got = recv.recv(&self.io.udp).unwrap_or_default();
+            for i in 0..got {
+                let Some(r) = recv.get(i) else { break };
+                let (from, seg) = (r.from, r.segment);
+                for d in r.data.chunks(seg) {
+                    self.stack.handle_datagram(now, from, d, &mut self.io);
+                }
+            }
+            if got < RECV_BATCH {
+                break;
+            }
+        }
+        self.io.flush_gro();
+    }
+
+    fn on_device(&mut self, now: Instant, tap: bool) {
+        for _ in 0..DEVICE_BUDGET {
+            let dev = if tap {
+                self.io.tap.as_ref()
+            } else {
+                self.io.tun.as_ref()
+            };
+            let Some(dev) = dev else { return };
+            let len = match dev.read(&mut self.dev_buf) {
+                Ok(Some(len)) if len > VNET_HDR_LEN => len,
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return,
+            };
+            let Some(hdr) = VnetHdr::parse(&self.dev_buf[..VNET_HDR_LEN]) else {
+                continue;
+            };
+            let frame = &self.dev_buf[VNET_HDR_LEN..len];
+            if tap {
+                self.stack.from_pod(now, &hdr, frame, &mut self.io);
+            } else {
+                self.stack.from_host(now, &hdr, frame, &mut self.io);
+            }
+        }
+    }
+
+    /// Readiness of the TCP connection of TURN server `conn`.
+    fn on_tcp(&mut self, now: Instant, conn: usize, writable: bool) {
+        let Some(c) = self.io.conn(conn) else { return };
+        if !c.connected {
+            if writable {
+                self.on_connect(now, conn);
+            }
+            return;
+        }
+        if writable {
+            self.io.flush_tcp(conn);
+        }
+        loop {
+            let Some(c) = self.io.conn(conn) else { return };
+            let why = match c.stream.read(&mut self.tcp_buf) {
+                Ok(0) => "the server closed the connection".to_string(),
+                Ok(n) => {
+                    let data = &self.tcp_buf[..n];
+                    self.stack.handle_tcp_bytes(now, conn, data, &mut self.io);
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => e.to_string(),
+            };
+            self.io.close(conn);
+            self.stack.tcp_closed(now, conn, &why, &mut self.io);
+            break;
+        }
+        self.io.flush_gro();
+        self.events();
+    }
+
+    /// A non-blocking connect finished (or failed).
+    fn on_connect(&mut self, now: Instant, conn: usize) {
+        let Some(c) = self.io.conn(conn) else { return };
+        let local = match c.stream.take_error() {
+            Ok(None) => c.stream.local_addr(),
+            Ok(Some(e)) | Err(e) => Err(e),
+        };
+        match local {
+            Ok(local) => {
+                c.connected = true;
+                self.io.flush_tcp(conn);
+                self.stack.tcp_connected(now, conn, local, &mut self.io);
+            }
+            Err(e) => {
+                self.io.close(conn);
+                self.stack
+                    .tcp_closed(now, conn, &e.to_string(), &mut self.io);
+            }
+        }
+        self.events();
+    }
+
+    fn drain_commands(&mut self, now: Instant) {
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Peers(peers) => self.stack.set_peers(now, &peers),
+                Command::LocalCandidates(c) => self.stack.set_local_candidates(now, c),
+                Command::Status(reply) => {
+                    let _ = reply.send(self.snapshot(now));
+                }
+                Command::Shutdown => self.shutdown = true,
+            }
+        }
+        self.events();
+    }
+
+    fn snapshot(&self, now: Instant) -> Snapshot {
+        let ov = &self.stack.overlay;
+        Snapshot {
+            peers: ov.status(),
+            stats: ov.stats().clone(),
+            candidates: self
+                .stack
+                .candidates()
+                .into_iter()
+                .map(|(a, c)| (a, kind_of(c)))
+                .collect(),
+            turn: self.stack.nat.turn_states(),
+            udp_dropped: self.io.send.dropped,
+            nat_junk: self.stack.nat.junk,
+            learned_macs: ov.switch_stats().learned_macs,
+            taken: now,
+        }
+    }
+
+    fn timers(&mut self, now: Instant) {
+        if now >= self.stack.poll_timeout() {
+            self.stack.handle_timeout(now, wall(), &mut self.io);
+        }
+        self.events();
+    }
+
+    /// What the stack asks for: candidates to publish, TCP connections.
+    fn events(&mut self) {
+        while let Some(e) = self.stack.poll_event() {
+            match e {
+                StackEvent::Candidates(c) => {
+                    let c = c.into_iter().map(|(a, k)| (a, kind_of(k))).collect();
+                    let _ = self.candidates_out.send(c);
+                }
+                StackEvent::TcpConnect { conn, to } => {
+                    if let Err(e) = self.io.connect(conn, to) {
+                        let now = Instant::now();
+                        self.stack
+                            .tcp_closed(now, conn, &e.to_string(), &mut self.io);
+                    }
+                }
+                StackEvent::TcpClose { conn } => self.io.close(conn),
+                StackEvent::Peer(_) => {}
+            }
+        }
+    }
+
+    /// Deletes the allocations and waits, at most `wait`, for the servers
+    /// to confirm.
+    fn shut_down(&mut self, wait: Duration, recv: &mut RecvBatch) {
+        let deadline = Instant::now() + wait;
+        self.stack.shutdown(Instant::now(), &mut self.io);
+        self.events();
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 16];
+        while !self.stack.shut_down() && Instant::now() < deadline {
+            let ms = deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .clamp(1, 50) as libc::c_int;
+            // SAFETY: events is a live buffer of the stated length.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll,
+                    events.as_mut_ptr(),
+                    events.len() as libc::c_int,
+                    ms,
+                )
+            };
+            let now = Instant::now();
+            for ev in &events[..n.max(0) as usize] {
+                let (token, out) = (ev.u64, ev.events & libc::EPOLLOUT as u32 != 0);
+                if token == TOKEN_UDP || token >= TOKEN_TCP {
+                    self.dispatch(now, token, out, recv);
+                }
+            }
+            self.timers(Instant::now());
+        }
     }
 }

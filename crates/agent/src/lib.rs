@@ -11,7 +11,6 @@ pub mod dataplane;
 pub mod device;
 pub mod keys;
 pub mod metrics;
-pub mod nat;
 pub mod netwatch;
 pub mod port;
 pub mod signal;
@@ -31,9 +30,10 @@ use evio_overlay::tunnel::Identity;
 use evio_subnet::{PeerRecord, StoreOptions, StoreUrl};
 use ipnet::IpNet;
 
-use crate::dataplane::{Command, Dataplane};
+use crate::dataplane::{Command, Dataplane, Devices};
 use crate::device::{Device, Kind};
-use crate::nat::{Nat, TurnServer};
+use evio_overlay::nat::{Nat, NatConfig, TurnServer};
+use evio_overlay::stack::Stack;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -301,29 +301,25 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let now = Instant::now();
     let mut ocfg = OverlayConfig::new(&cfg.network, cfg.pod_subnet, cfg.plugin.mtu as usize);
     ocfg.host_addr = cfg.host_addr.map(|a| a.addr());
-    let overlay = Overlay::new(now, ocfg, id);
-    let nat = Nat::new(
-        now,
-        udp.port(),
-        cfg.stun.clone(),
-        cfg.turn.clone(),
-        epoll,
-        100,
-    );
+    // Every random draw of the engine comes from this one OS-seeded stream.
+    let seed = evio_overlay::crypto::os_seed();
+    let overlay = Overlay::new(now, ocfg, id, seed);
+    let nat_cfg = NatConfig {
+        port: udp.port(),
+        stun: cfg.stun.clone(),
+        turn: cfg.turn.clone(),
+    };
+    let nat = Nat::new(now, nat_cfg, evio_overlay::crypto::os_seed());
     let waker = Waker::new()?;
     let (cmd_tx, cmd_rx) = mpsc::channel();
     let (cand_tx, cand_rx) = tokio::sync::mpsc::unbounded_channel();
     let (cand_std_tx, cand_std_rx) =
         mpsc::channel::<Vec<(SocketAddr, evio_subnet::CandidateKind)>>();
     let dp = Dataplane::new(
-        overlay,
-        udp,
-        Some(tap),
-        tun,
-        nat,
+        Stack::new(overlay, nat),
+        Devices::new(udp, Some(tap), tun, epoll),
         cmd_rx,
         waker.raw(),
-        epoll,
         cand_std_tx,
     )
     .map_err(AgentError::io("engine set-up"))?;

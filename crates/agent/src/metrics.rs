@@ -12,9 +12,9 @@ use evio_overlay::tunnel::Reject;
 use serde_json::{json, Value};
 
 use crate::dataplane::Snapshot;
-use crate::nat::TurnState;
 use crate::signal::StoreHealth;
 use crate::SelfInfo;
+use evio_overlay::nat::TurnState;
 
 fn wall_of(taken: Instant, t: Instant) -> String {
     let ago = taken.saturating_duration_since(t);

@@ -325,6 +325,12 @@ pub struct SendBatch {
     pub syscalls: u64,
 }
 
+// SAFETY: the raw pointers inside `iovs`/`msgs` point into this batch's
+// own buffers and are rebuilt by every `flush` before the syscall; between
+// calls they are never read, so the batch may move to another thread (the
+// engine's, where it is used alone).
+unsafe impl Send for SendBatch {}
+
 /// Room for one datagram past the cursor.
 pub const SLOT: usize = 9_216;
 

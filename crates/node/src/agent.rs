@@ -5,14 +5,14 @@
 
 use std::path::PathBuf;
 
-use evio_agent::nat::{TurnServer, TurnTransport as AgentTransport};
 use evio_agent::AgentConfig;
+use evio_overlay::nat::TurnServer;
 use evio_subnet::{open_overlay_store, open_store, preferred_host, read_secret};
 use ipnet::IpNet;
 
 use crate::config_gen::{NodeArgs, Resolved};
 use crate::error::NodeError;
-use crate::overlay::{resolve, OverlayConf, TurnTransport};
+use crate::overlay::{resolve, OverlayConf};
 use crate::store_args::block_on_with_timeout;
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/evio/agent.sock";
@@ -108,10 +108,7 @@ pub fn run(args: Args) -> Result<(), NodeError> {
         .map(|(i, t)| {
             Ok(TurnServer {
                 server: resolve(&t.server, &format!("overlay.turn[{i}].server"))?,
-                transport: match t.transport {
-                    TurnTransport::Udp => AgentTransport::Udp,
-                    TurnTransport::Tcp => AgentTransport::Tcp,
-                },
+                transport: t.transport,
                 username: t.username.clone(),
                 password: read_secret(
                     &format!("overlay.turn[{i}].passwordFile"),

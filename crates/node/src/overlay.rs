@@ -23,11 +23,8 @@ pub const OVERHEAD: u32 = 102;
 /// encapsulated (PPPoE, VLAN): 1500 gives the pods 1380.
 pub const DEFAULT_MARGIN: u32 = 18;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TurnTransport {
-    Udp,
-    Tcp,
-}
+/// The NAT layer's own type: one definition for the config and the agent.
+pub use evio_overlay::nat::TurnTransport;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TurnConf {

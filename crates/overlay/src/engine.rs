@@ -7,17 +7,18 @@
 //! Split horizon holds by construction: a frame from a peer only ever goes
 //! to [`Io::pod`] or [`Io::host`], never back into a tunnel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
-use crate::crypto::{CookieJar, Key};
+use crate::crypto::{CookieJar, Key, Seed};
 use crate::l2::{DropReason, LocalVerdict, PeerAddrs, PeerId, PeerVerdict, Switch, SwitchConfig};
 use crate::offload::{segments, Csum, Framing, VnetHdr};
-use crate::path::{Class, PathAddr, PathConfig, Paths, ProbeDue, Via};
+use crate::path::{Class, PathAddr, PathConfig, Paths, ProbeDue};
 use crate::tunnel::{self, Identity, Reject, TimerAction, Tunnel, TunnelConfig};
 use crate::wire::{self, kind, Inner, INNER_HEADER};
 
@@ -128,13 +129,67 @@ struct Peer {
     paths: Paths,
     /// Local session indices registered in the index map for this peer.
     indices: Vec<u32>,
-    /// The peer with the larger key waits this long before initiating, so
-    /// that two nodes meeting do not both handshake (both would work; one
-    /// is enough).
-    initiate_after: Instant,
-    /// Since when the peer has a session but no working path.
-    pathless_since: Option<Instant>,
+    phase: Phase,
+    /// When this peer's timers next run (on the timer grid), and why:
+    /// stored, so that [`Overlay::poll_timeout`] and
+    /// [`Overlay::handle_timeout`] read the same thing.
+    deadline: Instant,
+    wake: Wake,
     stats: PeerStats,
+}
+
+/// Where a peer is in its life. Stored and changed in one place
+/// ([`Overlay::refresh_phase`]); `peers` and the events follow from it.
+/// The scale work adds an idle phase here (a peer without traffic whose
+/// session is let go).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The peer with the larger key waits until then before its first
+    /// initiation, so that two nodes meeting do not both handshake (both
+    /// would work; one is enough).
+    Waiting { until: Instant },
+    /// No session yet: handshaking, or backing off between rounds.
+    Connecting,
+    /// A session and a path that answers.
+    Connected,
+    /// A session, but no path has answered since then: after
+    /// [`OverlayConfig::path_loss_rehandshake`] the session is dropped and
+    /// a new handshake goes out on every path.
+    Pathless { since: Instant },
+    /// Its record is stale (file store) and there is no session: we do not
+    /// initiate, but answer if it speaks.
+    Stale,
+}
+
+/// Why a peer's timers run (logged at trace level).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Its record or its session changed: everything is looked at now.
+    Changed,
+    /// Its turn to initiate comes.
+    Waiting,
+    /// A handshake (first, retransmitted, rekey) or a session expiry.
+    Tunnel,
+    /// A path probe is due or one was lost.
+    Probe,
+    /// It has been without a working path for long enough to start over.
+    Pathless,
+}
+
+/// What happened that the layers around the overlay act on, drained with
+/// [`Overlay::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A peer got a session and a working path.
+    PeerUp { node: String },
+    /// A peer lost its session or its last working path.
+    PeerDown { node: String },
+    /// A peer's active path changed or died: our public address may have
+    /// changed, so candidates are gathered again.
+    ActivePathLost { node: String },
+    /// A path through our allocation on TURN server `n` stopped answering:
+    /// a restarted server forgets allocations without telling.
+    RelaySuspect(u8),
 }
 
 /// The state `peers` reports.
@@ -182,12 +237,19 @@ pub struct Stats {
     /// Frames for a peer without a session or path (dropped).
     pub no_path: u64,
     pub cookies_sent: u64,
+    /// Handshakes let through under load on a valid mac2 (a cookie round
+    /// that worked).
+    pub mac2_accepted: u64,
 }
 
 struct Bucket {
     tokens: f64,
     at: Instant,
 }
+
+/// Learned MACs expire lazily; a slow housekeeping timer keeps the tables
+/// tidy.
+const HOUSEKEEPING: Duration = Duration::from_secs(30);
 
 pub struct Overlay {
     cfg: OverlayConfig,
@@ -209,20 +271,22 @@ pub struct Overlay {
     reply: Vec<u8>,
     probe_id: u64,
     probes: Vec<ProbeDue>,
+    /// Relays whose paths died in this run of a peer's timers (reused).
+    dead_relays: Vec<u8>,
     stats: Stats,
-    next_wake: Option<Instant>,
+    /// Node-wide timers (learned MACs, the flood tables).
+    housekeeping: Instant,
     /// Origin of the timer grid.
     epoch: Instant,
-    /// Active paths that changed or died since the last
-    /// [`Overlay::take_path_losses`]: a hint to gather candidates again.
-    path_losses: u32,
-    /// TURN allocations a path through which died (see
-    /// [`Overlay::take_turn_losses`]).
-    turn_losses: Vec<u8>,
+    events: VecDeque<Event>,
+    /// Every random draw: indices, probe ids, ephemeral keys, cookies.
+    rng: StdRng,
 }
 
 impl Overlay {
-    pub fn new(now: Instant, cfg: OverlayConfig, id: Identity) -> Overlay {
+    /// `seed` is the source of every random draw ([`crate::crypto::Seed`]):
+    /// [`crate::crypto::os_seed`] in production, a number in tests.
+    pub fn new(now: Instant, cfg: OverlayConfig, id: Identity, seed: Seed) -> Overlay {
         let switch = Switch::new(SwitchConfig {
             local_subnet: cfg.pod_subnet,
             mtu: cfg.mtu,
@@ -231,7 +295,8 @@ impl Overlay {
             max_macs_per_peer: 1024,
             mac_ttl: Duration::from_secs(300),
         });
-        let cookies = CookieJar::new(id.keys.public());
+        let mut rng = StdRng::from_seed(seed);
+        let cookies = CookieJar::new(id.keys.public(), rng.gen());
         Overlay {
             cfg,
             id,
@@ -246,26 +311,26 @@ impl Overlay {
             relay_ips: Vec::new(),
             scratch: vec![0; MAX_FRAME + INNER_HEADER],
             reply: vec![0; 2048],
-            probe_id: rand::thread_rng().gen(),
+            probe_id: rng.gen(),
             probes: Vec::with_capacity(64),
+            dead_relays: Vec::with_capacity(8),
             stats: Stats::default(),
-            next_wake: Some(now),
+            housekeeping: now + HOUSEKEEPING,
             epoch: now,
-            path_losses: 0,
-            turn_losses: Vec::new(),
+            events: VecDeque::new(),
+            rng,
         }
     }
 
-    /// TURN allocations (by index) a path through which stopped answering
-    /// since the last call: the agent renews them (a restarted TURN server
-    /// has forgotten them, and nothing else would say so for minutes).
-    pub fn take_turn_losses(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.turn_losses)
+    /// The next thing that happened, oldest first.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
     }
 
-    /// How many active paths changed or died since the last call.
-    pub fn take_path_losses(&mut self) -> u32 {
-        std::mem::take(&mut self.path_losses)
+    fn push_event(&mut self, e: Event) {
+        if !self.events.contains(&e) {
+            self.events.push_back(e);
+        }
     }
 
     pub fn identity(&self) -> &Identity {
@@ -280,9 +345,14 @@ impl Overlay {
         &self.stats
     }
 
-    /// When [`Overlay::tick`] must run next.
-    pub fn next_wake(&self) -> Option<Instant> {
-        self.next_wake
+    /// When [`Overlay::handle_timeout`] must run next: the earliest stored
+    /// deadline.
+    pub fn poll_timeout(&self) -> Instant {
+        self.peers
+            .iter()
+            .flatten()
+            .map(|p| p.deadline)
+            .fold(self.housekeeping, Instant::min)
     }
 
     /// IP addresses of TURN relays, for path classification.
@@ -339,7 +409,14 @@ impl Overlay {
         for pid in gone {
             self.remove_peer(pid);
         }
-        self.next_wake = Some(now);
+    }
+
+    /// Makes peer `pid`'s timers run at the next wake-up.
+    fn due_now(&mut self, now: Instant, pid: PeerId) {
+        if let Some(p) = slot(&mut self.peers, pid) {
+            p.deadline = p.deadline.min(now);
+            p.wake = Wake::Changed;
+        }
     }
 
     fn peer(&self, pid: PeerId) -> Option<&Peer> {
@@ -357,8 +434,9 @@ impl Overlay {
             tunnel,
             paths: Paths::default(),
             indices: Vec::new(),
-            initiate_after: now + delay,
-            pathless_since: None,
+            phase: Phase::Waiting { until: now + delay },
+            deadline: now,
+            wake: Wake::Changed,
             stats: PeerStats::default(),
             info,
         };
@@ -389,12 +467,8 @@ impl Overlay {
             .candidates
             .iter()
             .map(|c| {
-                let class = if relay_ips.contains(&c.addr.ip()) {
-                    Class::Relay
-                } else {
-                    c.class
-                };
-                (PathAddr::direct(c.addr), class)
+                let a = PathAddr::direct(c.addr);
+                (a, crate::path::classify(relay_ips, a, Some(c.class)))
             })
             .collect();
         if p.paths.set_candidates(now, &self.cfg.paths, &cands) && !p.tunnel.has_session() {
@@ -402,6 +476,8 @@ impl Overlay {
             // was learned): handshake on it now, not at the next retry.
             p.tunnel.retry_now(&self.cfg.tunnel);
         }
+        p.deadline = now;
+        p.wake = Wake::Changed;
         self.switch.set_peer(
             pid,
             PeerAddrs {
@@ -415,6 +491,11 @@ impl Overlay {
         let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::take) else {
             return;
         };
+        if p.phase == Phase::Connected {
+            self.push_event(Event::PeerDown {
+                node: p.info.node.clone(),
+            });
+        }
         for i in &p.indices {
             self.index.remove(i);
         }
@@ -425,9 +506,8 @@ impl Overlay {
 
     /// A fresh random local index.
     fn alloc_index(&mut self) -> u32 {
-        let mut rng = rand::thread_rng();
         loop {
-            let i: u32 = rng.gen();
+            let i: u32 = self.rng.gen();
             if !self.index.contains_key(&i) {
                 return i;
             }
@@ -466,20 +546,60 @@ impl Overlay {
     /// by works, and the tunnel may have gained or lost sessions.
     fn heard_from(&mut self, now: Instant, pid: PeerId, from: PathAddr) {
         let class = self.classify(pid, from);
-        if let Some(p) = slot(&mut self.peers, pid) {
-            p.paths.on_rx(now, &self.cfg.paths, from, class);
-            p.pathless_since = None;
+        let cfg = &self.cfg.paths;
+        let Some(p) = slot(&mut self.peers, pid) else {
+            return;
+        };
+        let before = p.paths.active_addr();
+        let learned = p.paths.on_rx(now, cfg, from, class);
+        // A new path is probed at once, a new active one on its interval:
+        // neither may wait for a deadline computed before it existed.
+        if learned || p.paths.active_addr() != before {
+            if let Some(t) = p.paths.next_deadline(cfg) {
+                p.deadline = p.deadline.min(t);
+                p.wake = Wake::Probe;
+            }
+        }
+        if p.phase != Phase::Connected {
+            self.refresh_phase(now, pid);
         }
         self.sync_indices(pid);
     }
 
-    fn classify(&self, pid: PeerId, addr: PathAddr) -> Class {
-        if matches!(addr.via, Via::Turn(_)) || self.relay_ips.contains(&addr.remote.ip()) {
-            return Class::Relay;
+    /// Moves peer `pid` to the phase its session and paths say, and tells
+    /// when it comes up or goes down.
+    fn refresh_phase(&mut self, now: Instant, pid: PeerId) {
+        let Some(p) = slot(&mut self.peers, pid) else {
+            return;
+        };
+        let session = p.tunnel.has_session();
+        let path = p.paths.active().is_some();
+        let next = match p.phase {
+            _ if session && path => Phase::Connected,
+            Phase::Pathless { since } if session => Phase::Pathless { since },
+            _ if session => Phase::Pathless { since: now },
+            Phase::Waiting { until } if now < until => Phase::Waiting { until },
+            _ if p.info.stale => Phase::Stale,
+            _ => Phase::Connecting,
+        };
+        let was = std::mem::replace(&mut p.phase, next);
+        let node = || p.info.node.clone();
+        let event = match (was == Phase::Connected, next == Phase::Connected) {
+            (false, true) => Some(Event::PeerUp { node: node() }),
+            (true, false) => Some(Event::PeerDown { node: node() }),
+            _ => None,
+        };
+        if let Some(e) = event {
+            self.push_event(e);
         }
-        self.peer(pid)
+    }
+
+    fn classify(&self, pid: PeerId, addr: PathAddr) -> Class {
+        let published = self
+            .peer(pid)
             .and_then(|p| p.info.candidates.iter().find(|c| c.addr == addr.remote))
-            .map_or(Class::Direct, |c| c.class)
+            .map(|c| c.class);
+        crate::path::classify(&self.relay_ips, addr, published)
     }
 
     fn under_load(&mut self, now: Instant) -> bool {
@@ -576,6 +696,7 @@ impl Overlay {
             if !self.per_ip_allows(now, from.remote.ip()) {
                 return Err(Reject::RateLimited);
             }
+            self.stats.mac2_accepted += 1;
         }
         Ok(())
     }
@@ -588,7 +709,7 @@ impl Overlay {
         io: &mut dyn Io,
     ) -> Result<(), Reject> {
         self.handshake_gate(now, from, d, wire::INITIATION_LEN, io)?;
-        let init = tunnel::read_initiation(&self.id, d)?;
+        let init = tunnel::read_initiation(&self.id, &mut self.rng, d)?;
         let pid = *self.by_key.get(&init.peer).ok_or(Reject::UnknownPeer)?;
         let local = self.alloc_index();
         let mut msg = [0u8; wire::RESPONSE_LEN];
@@ -601,7 +722,7 @@ impl Overlay {
         let out = io.datagram();
         out[..msg.len()].copy_from_slice(&msg);
         io.commit(from, msg.len());
-        self.next_wake = Some(now);
+        self.due_now(now, pid);
         Ok(())
     }
 
@@ -623,7 +744,7 @@ impl Overlay {
         // The first transport message confirms the session to the
         // responder; with nothing queued, that is a keepalive.
         self.send_inner(now, pid, Some(from), Inner::plain(kind::KEEPALIVE), 0, io);
-        self.next_wake = Some(now);
+        self.due_now(now, pid);
         Ok(())
     }
 
@@ -696,9 +817,14 @@ impl Overlay {
             }
             kind::PROBE_REPLY => {
                 let id = wire::u64_at(&self.scratch, INNER_HEADER).ok_or(Reject::Malformed)?;
+                let cfg = &self.cfg.paths;
                 if let Some(p) = slot(&mut self.peers, pid) {
-                    p.paths.on_probe_reply(now, &self.cfg.paths, id);
+                    p.paths.on_probe_reply(now, cfg, id);
+                    if let Some(t) = p.paths.next_deadline(cfg) {
+                        p.deadline = p.deadline.min(t);
+                    }
                 }
+                self.refresh_phase(now, pid);
                 Ok(())
             }
             // A kind from a newer version: authenticated, so not an attack;
@@ -861,83 +987,118 @@ impl Overlay {
         }
     }
 
-    /// Runs the timers: handshakes (initial, retransmitted, rekey), path
-    /// probes, expiry. Call when [`Overlay::next_wake`] has passed.
-    pub fn tick(&mut self, now: Instant, wall: Duration, io: &mut dyn Io) {
-        if self.hs_per_ip.len() > 256 {
-            self.hs_per_ip.clear();
+    /// Runs the timers that are due: handshakes (initial, retransmitted,
+    /// rekey), path probes, expiry. Call when [`Overlay::poll_timeout`] has
+    /// passed; peers whose deadline has not come are not looked at.
+    pub fn handle_timeout(&mut self, now: Instant, wall: Duration, io: &mut dyn Io) {
+        if now >= self.housekeeping {
+            tracing::trace!("overlay wake: housekeeping");
+            if self.hs_per_ip.len() > 256 {
+                self.hs_per_ip.clear();
+            }
+            self.switch.expire(now);
+            self.housekeeping = self.on_grid(now + HOUSEKEEPING);
         }
-        self.switch.expire(now);
-        let mut wake: Option<Instant> = None;
         for pid in 0..self.peers.len() as PeerId {
-            let Some(p) = slot(&mut self.peers, pid) else {
+            let Some(p) = self.peer(pid).filter(|p| now >= p.deadline) else {
                 continue;
             };
-            // A session but no path that answers for a while (the peer
-            // restarted and lost its keys, or every path broke): handshake
-            // again on every path.
-            if p.tunnel.has_session() && p.paths.active().is_none() {
-                let since = *p.pathless_since.get_or_insert(now);
-                if now.saturating_duration_since(since) >= self.cfg.path_loss_rehandshake {
-                    p.tunnel.reset();
-                    p.paths.reset(now);
-                    p.pathless_since = None;
-                }
-            }
-            let action = if now >= p.initiate_after && !p.info.stale {
-                p.tunnel.tick(now, &self.cfg.tunnel, true)
-            } else {
-                TimerAction::None
-            };
-            if action == TimerAction::Initiate {
-                self.send_initiation(now, wall, pid, io);
-            }
-            let Some(p) = slot(&mut self.peers, pid) else {
-                continue;
-            };
-            if p.tunnel.has_session() {
-                self.probes.clear();
-                let before = p.paths.active_addr();
-                p.paths
-                    .poll(now, &self.cfg.paths, &mut self.probe_id, &mut self.probes);
-                if before.is_some() && p.paths.active_addr() != before {
-                    self.path_losses += 1;
-                }
-                for i in p.paths.dead_turns.drain(..) {
-                    if !self.turn_losses.contains(&i) {
-                        self.turn_losses.push(i);
-                    }
-                }
-                let probes = std::mem::take(&mut self.probes);
-                for d in &probes {
-                    self.scratch[INNER_HEADER..INNER_HEADER + 8]
-                        .copy_from_slice(&d.id.to_le_bytes());
-                    self.send_inner(now, pid, Some(d.addr), Inner::plain(kind::PROBE), 8, io);
-                }
-                self.probes = probes;
-            }
-            self.sync_indices(pid);
-            let Some(p) = self.peer(pid) else { continue };
-            let mut at = |t: Option<Instant>| {
-                if let Some(t) = t {
-                    wake = Some(wake.map_or(t, |w| w.min(t)));
-                }
-            };
-            if p.initiate_after > now {
-                at(Some(p.initiate_after));
-            }
-            at(p.tunnel.next_deadline(&self.cfg.tunnel, true));
-            if p.tunnel.has_session() {
-                at(p.paths.next_deadline(&self.cfg.paths));
-                if let Some(s) = p.pathless_since {
-                    at(Some(s + self.cfg.path_loss_rehandshake));
-                }
+            tracing::trace!(peer = %p.info.node, reason = ?p.wake, "overlay wake");
+            self.run_peer(now, wall, pid, io);
+        }
+    }
+
+    /// One peer's timers, then its next deadline.
+    fn run_peer(&mut self, now: Instant, wall: Duration, pid: PeerId, io: &mut dyn Io) {
+        self.refresh_phase(now, pid);
+        let Some(p) = slot(&mut self.peers, pid) else {
+            return;
+        };
+        if let Phase::Pathless { since } = p.phase {
+            if now.saturating_duration_since(since) >= self.cfg.path_loss_rehandshake {
+                // The peer restarted and lost its keys, or every path broke:
+                // handshake again on every path.
+                p.tunnel.reset();
+                p.paths.reset(now);
             }
         }
-        // Learned MACs expire lazily; a slow tick keeps the tables tidy.
-        let housekeeping = now + Duration::from_secs(30);
-        let w = wake.map_or(housekeeping, |w| w.min(housekeeping)).max(now);
-        self.next_wake = Some(self.on_grid(w));
+        let action = match p.phase {
+            Phase::Waiting { .. } | Phase::Stale => p.tunnel.tick(now, &self.cfg.tunnel, false),
+            _ => p.tunnel.tick(now, &self.cfg.tunnel, true),
+        };
+        if action == TimerAction::Initiate {
+            self.send_initiation(now, wall, pid, io);
+        }
+        self.probe_paths(now, pid, io);
+        self.sync_indices(pid);
+        self.refresh_phase(now, pid);
+        self.set_deadline(now, pid);
+    }
+
+    /// Sends the probes due on peer `pid`'s paths and reports what died.
+    fn probe_paths(&mut self, now: Instant, pid: PeerId, io: &mut dyn Io) {
+        let Some(p) = slot(&mut self.peers, pid) else {
+            return;
+        };
+        if !p.tunnel.has_session() {
+            return;
+        }
+        self.probes.clear();
+        self.dead_relays.clear();
+        let before = p.paths.active_addr();
+        p.paths.poll(
+            now,
+            &self.cfg.paths,
+            &mut self.probe_id,
+            &mut self.probes,
+            &mut self.dead_relays,
+        );
+        if before.is_some() && p.paths.active_addr() != before {
+            let node = p.info.node.clone();
+            self.push_event(Event::ActivePathLost { node });
+        }
+        for i in 0..self.dead_relays.len() {
+            self.push_event(Event::RelaySuspect(self.dead_relays[i]));
+        }
+        let probes = std::mem::take(&mut self.probes);
+        for d in &probes {
+            self.scratch[INNER_HEADER..INNER_HEADER + 8].copy_from_slice(&d.id.to_le_bytes());
+            self.send_inner(now, pid, Some(d.addr), Inner::plain(kind::PROBE), 8, io);
+        }
+        self.probes = probes;
+    }
+
+    /// Stores when peer `pid`'s timers next run, and why.
+    fn set_deadline(&mut self, now: Instant, pid: PeerId) {
+        let (tcfg, pcfg) = (&self.cfg.tunnel, &self.cfg.paths);
+        let Some(p) = self.peer(pid) else {
+            return;
+        };
+        let wanted = !matches!(p.phase, Phase::Waiting { .. } | Phase::Stale);
+        let mut next = (self.housekeeping, Wake::Tunnel);
+        let mut at = |t: Option<Instant>, why: Wake| {
+            if let Some(t) = t.filter(|t| *t < next.0) {
+                next = (t, why);
+            }
+        };
+        if let Phase::Waiting { until } = p.phase {
+            at(Some(until), Wake::Waiting);
+        }
+        at(p.tunnel.next_deadline(tcfg, wanted), Wake::Tunnel);
+        if p.tunnel.has_session() {
+            at(p.paths.next_deadline(pcfg), Wake::Probe);
+        }
+        if let Phase::Pathless { since } = p.phase {
+            at(Some(since + self.cfg.path_loss_rehandshake), Wake::Pathless);
+        }
+        // Its timers just ran: nothing more is due before the next grid
+        // step (a deadline in the past would wake the caller at once, and
+        // again).
+        let deadline = self.on_grid(next.0.max(now + Duration::from_nanos(1)));
+        if let Some(p) = slot(&mut self.peers, pid) {
+            p.deadline = deadline;
+            p.wake = next.1;
+        }
     }
 
     /// `t` rounded up to the timer grid: every peer's probes and
@@ -958,7 +1119,7 @@ impl Overlay {
             return;
         };
         if p.tunnel
-            .initiate(&self.id, now, wall, local, &mut msg)
+            .initiate(&self.id, &mut self.rng, now, wall, local, &mut msg)
             .is_err()
         {
             return;
@@ -980,13 +1141,11 @@ impl Overlay {
             .flatten()
             .map(|p| {
                 let active = p.paths.active();
-                let connected = p.tunnel.has_session() && active.is_some();
-                let state = if connected {
-                    PeerState::Connected
-                } else if !p.info.stale && (p.tunnel.handshaking() || p.tunnel.has_session()) {
-                    PeerState::Connecting
-                } else {
-                    PeerState::Down
+                let state = match p.phase {
+                    Phase::Connected => PeerState::Connected,
+                    Phase::Pathless { .. } if !p.info.stale => PeerState::Connecting,
+                    Phase::Connecting if p.tunnel.handshaking() => PeerState::Connecting,
+                    _ => PeerState::Down,
                 };
                 PeerStatus {
                     node: p.info.node.clone(),
@@ -1038,6 +1197,7 @@ mod tests {
     use super::*;
     use crate::crypto::StaticKeys;
     use crate::packet::{pod_ipv4_frame, pod_mac, IPPROTO_UDP};
+    use rand::{Rng, SeedableRng};
     use std::net::Ipv4Addr;
 
     /// Which datagrams the simulated network loses: (from, to, bytes).
@@ -1100,10 +1260,16 @@ mod tests {
     }
 
     fn net(n: usize, tweak: impl Fn(usize, &mut OverlayConfig)) -> Net {
+        net_seeded(7, n, tweak)
+    }
+
+    /// `n` nodes whose keys and randomness all come from `seed`.
+    fn net_seeded(seed: u64, n: usize, tweak: impl Fn(usize, &mut OverlayConfig)) -> Net {
         let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(seed);
         let mut nodes = Vec::new();
         for i in 0..n {
-            let keys = StaticKeys::generate();
+            let keys = StaticKeys::from_rng(&mut rng);
             let info = PeerInfo {
                 node: format!("n{i}"),
                 key: *keys.public(),
@@ -1120,7 +1286,7 @@ mod tests {
             tweak(i, &mut cfg);
             let id = Identity::new(keys, None, "test");
             nodes.push(Node {
-                ov: Overlay::new(now, cfg, id),
+                ov: Overlay::new(now, cfg, id, rng.gen()),
                 io: FakeIo::default(),
                 addr: info.candidates[0].addr,
                 info,
@@ -1183,8 +1349,8 @@ mod tests {
                     let wall = self.wall();
                     let now = self.now;
                     let n = &mut self.nodes[i];
-                    if n.ov.next_wake().is_some_and(|w| now >= w) {
-                        n.ov.tick(now, wall, &mut n.io);
+                    if now >= n.ov.poll_timeout() {
+                        n.ov.handle_timeout(now, wall, &mut n.io);
                     }
                 }
                 self.settle();
@@ -1347,7 +1513,12 @@ mod tests {
         let keys = StaticKeys::generate();
         net.nodes[1].info.key = *keys.public();
         let cfg = OverlayConfig::new("test", subnet(1), 1380);
-        net.nodes[1].ov = Overlay::new(net.now, cfg, Identity::new(keys, Some([9; 32]), "test"));
+        net.nodes[1].ov = Overlay::new(
+            net.now,
+            cfg,
+            Identity::new(keys, Some([9; 32]), "test"),
+            crate::crypto::seed_from_u64(9),
+        );
         let infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
         let now = net.now;
         for n in &mut net.nodes {
@@ -1469,9 +1640,34 @@ mod tests {
         );
     }
 
+    /// The node whose key is smaller (it initiates at once; the other
+    /// waits a second).
+    fn first_initiator(net: &Net) -> usize {
+        usize::from(net.nodes[1].info.key < net.nodes[0].info.key)
+    }
+
+    /// Only `initiator` can initiate: the other knows no address of it
+    /// (it answers where initiations come from).
+    fn one_sided(net: &mut Net, initiator: usize) {
+        let other = 1 - initiator;
+        let mut infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
+        infos[initiator].candidates.clear();
+        let now = net.now;
+        net.nodes[other].ov.set_peers(now, &infos);
+    }
+
+    fn initiations_from(net: &Net, from: usize) -> usize {
+        net.log
+            .iter()
+            .filter(|(a, _, d)| *a == from && d[0] == wire::INITIATION)
+            .count()
+    }
+
     #[test]
     fn lost_initiations_are_retransmitted_quickly() {
         let mut net = net(2, |_, _| {});
+        let init = first_initiator(&net);
+        one_sided(&mut net, init);
         let mut dropped = 0;
         net.drop = Box::new(move |_, _, d| {
             if d[0] == wire::INITIATION && dropped < 2 {
@@ -1480,45 +1676,60 @@ mod tests {
             }
             false
         });
-        net.run(Duration::from_secs(2));
+        net.run(Duration::from_secs(1));
         assert!(
-            net.connected(0, 1),
-            "connected despite two lost initiations"
+            net.connected(0, 1) && net.connected(1, 0),
+            "connected within a second despite two lost initiations"
         );
+        assert_eq!(
+            initiations_from(&net, 1 - init),
+            0,
+            "only one side initiated"
+        );
+        assert!(initiations_from(&net, init) >= 1);
     }
 
     #[test]
     fn under_a_handshake_flood_cookies_are_demanded_and_honest_peers_still_connect() {
         let mut net = net(2, |_, c| c.handshake_load = 4);
-        // Flood node 1 with valid-looking initiations (right mac1) from
-        // node 0's key but no cookie: beyond the load, cookie replies.
+        let victim = 1 - first_initiator(&net);
+        let honest = 1 - victim;
+        one_sided(&mut net, honest);
+        // Valid-looking initiations (right mac1, no cookie) from another
+        // address, replayed all the time: the victim stays under load.
         let flood_src = PathAddr::direct("198.51.100.1:1".parse().unwrap());
-        let now = net.now;
-        let wall = net.wall();
-        let n1_key = net.nodes[1].info.key;
-        for i in 0..20u32 {
-            let id = Identity::new(StaticKeys::generate(), None, "test");
-            let mut t = Tunnel::new(&id, n1_key);
-            let mut msg = [0u8; wire::INITIATION_LEN];
-            t.initiate(&id, now, wall, i, &mut msg).unwrap();
-            let n = &mut net.nodes[1];
-            let _ = n.ov.from_network(now, flood_src, &msg, &mut n.io);
+        let id = Identity::new(StaticKeys::from_private([3; 32]), None, "test");
+        let mut t = Tunnel::new(&id, net.nodes[victim].info.key);
+        let mut msg = [0u8; wire::INITIATION_LEN];
+        let mut rng = StdRng::seed_from_u64(3);
+        t.initiate(&id, &mut rng, net.now, net.wall(), 1, &mut msg)
+            .unwrap();
+        for _ in 0..60 {
+            let now = net.now;
+            let n = &mut net.nodes[victim];
+            for _ in 0..10 {
+                let _ = n.ov.from_network(now, flood_src, &msg, &mut n.io);
+            }
+            n.io.out.retain(|(to, _)| *to != flood_src);
+            net.run(Duration::from_millis(50));
         }
-        assert!(net.nodes[1].ov.stats().cookies_sent > 0);
+        let cookies_to_honest = net
+            .log
+            .iter()
+            .filter(|(a, b, d)| *a == victim && *b == honest && d[0] == wire::COOKIE_REPLY)
+            .count();
+        let st = net.nodes[victim].ov.stats();
         assert!(
-            net.nodes[1]
-                .ov
-                .stats()
-                .rejects
-                .get("rate_limited")
-                .copied()
-                .unwrap_or(0)
-                > 0
+            st.cookies_sent > cookies_to_honest as u64,
+            "the flood got cookies"
         );
-        net.nodes[1].io.out.clear();
-        net.run(Duration::from_secs(6));
         assert!(
-            net.connected(0, 1),
+            cookies_to_honest > 0,
+            "the honest peer was asked for a cookie"
+        );
+        assert!(st.mac2_accepted > 0, "its mac2 was accepted");
+        assert!(
+            net.connected(honest, victim),
             "the honest peer connected through the cookie round"
         );
     }

@@ -6,9 +6,13 @@
 pub mod crypto;
 pub mod engine;
 pub mod l2;
+pub mod nat;
 pub mod offload;
 pub mod packet;
 pub mod path;
 pub mod replay;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+pub mod stack;
 pub mod tunnel;
 pub mod wire;

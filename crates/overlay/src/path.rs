@@ -135,9 +135,6 @@ pub struct Paths {
     pub active: Option<usize>,
     /// When `active` last changed (for `peers`).
     pub changed: Option<Instant>,
-    /// TURN allocations (by index) one of whose paths just died: the
-    /// allocation may be gone (the server restarted); drained by the engine.
-    pub dead_turns: Vec<u8>,
 }
 
 /// What [`Paths::poll`] wants sent.
@@ -330,13 +327,16 @@ impl Paths {
     }
 
     /// Expires lost probes and returns the probes due now (at most one per
-    /// path), given fresh `ids`.
+    /// path), given fresh `ids`. TURN allocations (by index) one of whose
+    /// answering paths just died go to `dead_relays`: the allocation may be
+    /// gone (the server restarted).
     pub fn poll(
         &mut self,
         now: Instant,
         cfg: &PathConfig,
         next_id: &mut u64,
         out: &mut Vec<ProbeDue>,
+        dead_relays: &mut Vec<u8>,
     ) {
         let active = self.active;
         let mut lost_any = false;
@@ -348,7 +348,7 @@ impl Paths {
                     lost_any = true;
                     if p.lost == cfg.dead_after && p.last_rx.is_some() {
                         if let Via::Turn(i) = p.addr.via {
-                            self.dead_turns.push(i);
+                            dead_relays.push(i);
                         }
                     }
                 }
@@ -385,7 +385,8 @@ impl Paths {
         self.list
             .iter()
             .map(|p| match p.probe {
-                Some((_, sent)) => (sent + cfg.probe_timeout).min(p.next_probe.max(sent)),
+                // Nothing is sent on a path while its probe is out.
+                Some((_, sent)) => sent + cfg.probe_timeout,
                 None => p.next_probe,
             })
             .min()
@@ -421,10 +422,14 @@ impl Paths {
     }
 }
 
-/// Whether `ip` belongs to a relay: then a path to it is a relayed one even
-/// when it leaves through our own socket.
-pub fn is_relay_ip(relay_ips: &[IpAddr], ip: IpAddr) -> bool {
-    relay_ips.contains(&ip)
+/// The class of a path: through a relay (our allocation, or to an address
+/// of a relay even when it leaves through our own socket), else what the
+/// peer published for that address (`published`), else direct.
+pub fn classify(relay_ips: &[IpAddr], addr: PathAddr, published: Option<Class>) -> Class {
+    if matches!(addr.via, Via::Turn(_)) || relay_ips.contains(&addr.remote.ip()) {
+        return Class::Relay;
+    }
+    published.unwrap_or(Class::Direct)
 }
 
 #[cfg(test)]
@@ -437,7 +442,7 @@ mod tests {
 
     fn probe_all(p: &mut Paths, now: Instant, cfg: &PathConfig, id: &mut u64) -> Vec<ProbeDue> {
         let mut v = Vec::new();
-        p.poll(now, cfg, id, &mut v);
+        p.poll(now, cfg, id, &mut v, &mut Vec::new());
         v
     }
 

@@ -6,10 +6,12 @@
 
 use std::time::{Duration, Instant};
 
-use snow::resolvers::{DefaultResolver, FallbackResolver, RingResolver};
+use rand::rngs::StdRng;
+use rand::Rng;
+use snow::resolvers::DefaultResolver;
 use snow::{HandshakeState, StatelessTransportState};
 
-use crate::crypto::{self, Key, StaticKeys, MAC_LEN};
+use crate::crypto::{self, Key, SeededResolver, StaticKeys, MAC_LEN};
 use crate::replay::ReplayWindow;
 use crate::wire::{self, INITIATION, RESPONSE, TRANSPORT};
 
@@ -112,10 +114,10 @@ impl Identity {
         }
     }
 
-    fn builder(&self) -> snow::Builder<'_> {
-        // ring's ChaCha20-Poly1305 is about 3x RustCrypto's on x86 here;
-        // X25519 and BLAKE2s come from the default resolver.
-        let resolver = FallbackResolver::new(Box::new(RingResolver), Box::new(DefaultResolver));
+    /// A handshake builder whose ephemeral key comes from `rng` (see
+    /// [`crypto::Seed`]).
+    fn builder(&self, rng: &mut StdRng) -> snow::Builder<'_> {
+        let resolver = SeededResolver::new(rng.gen());
         // The pattern is a constant that parses.
         let params = NOISE_PATTERN
             .parse()
@@ -206,13 +208,13 @@ pub struct Initiation {
 /// Reads an initiation addressed to us (mac1 already checked by the
 /// caller). The initiator's static key is known only after two DH
 /// operations: that is why mac1 and cookies gate this.
-pub fn read_initiation(id: &Identity, msg: &[u8]) -> Result<Initiation, Reject> {
+pub fn read_initiation(id: &Identity, rng: &mut StdRng, msg: &[u8]) -> Result<Initiation, Reject> {
     if msg.len() != wire::INITIATION_LEN {
         return Err(Reject::Malformed);
     }
     let sender_index = wire::u32_at(msg, 4).ok_or(Reject::Malformed)?;
     let mut hs = id
-        .builder()
+        .builder(rng)
         .prologue(&id.prologue)
         .and_then(|b| b.local_private_key(id.keys.private()))
         .and_then(|b| b.build_responder())
@@ -325,13 +327,14 @@ impl Tunnel {
     pub fn initiate(
         &mut self,
         id: &Identity,
+        rng: &mut StdRng,
         now: Instant,
         wall: Duration,
         local_index: u32,
         out: &mut [u8; wire::INITIATION_LEN],
     ) -> Result<(), Reject> {
         let mut hs = id
-            .builder()
+            .builder(rng)
             .prologue(&id.prologue)
             .and_then(|b| b.local_private_key(id.keys.private()))
             .and_then(|b| b.remote_public_key(&self.peer))

@@ -52,6 +52,29 @@ pub fn message_type(d: &[u8]) -> Option<u8> {
     }
 }
 
+/// What a datagram on the shared socket is, by its first byte (RFC 7983):
+/// the one place that tells STUN, TURN ChannelData and ours apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Demux {
+    /// 0x00-0x3F: STUN (requests, answers, TURN control).
+    Stun,
+    /// 0x40-0x7F: TURN ChannelData.
+    ChannelData,
+    /// 0x81-0x84: one of our messages.
+    Overlay,
+    /// Anything else, or empty.
+    Unknown,
+}
+
+pub fn demux(d: &[u8]) -> Demux {
+    match d.first() {
+        Some(0x00..=0x3f) => Demux::Stun,
+        Some(0x40..=0x7f) => Demux::ChannelData,
+        Some(INITIATION..=TRANSPORT) => Demux::Overlay,
+        _ => Demux::Unknown,
+    }
+}
+
 pub fn put_prefix(out: &mut [u8], t: u8) {
     out[0] = t;
     out[1..4].fill(0);

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use evio_overlay::crypto::StaticKeys;
+use evio_overlay::crypto::{seed_from_u64, StaticKeys};
 use evio_overlay::engine::{Candidate, Io, Overlay, OverlayConfig, PeerInfo, MAX_DATAGRAM};
 use evio_overlay::offload::{Csum, VnetHdr};
 use evio_overlay::packet::{pod_ipv4_frame, IPPROTO_TCP};
@@ -126,11 +126,13 @@ fn steady_state_frames_allocate_nothing() {
         start,
         OverlayConfig::new("t", ia.pod_subnet, 1380),
         Identity::new(ka, None, "t"),
+        seed_from_u64(1),
     );
     let mut b = Overlay::new(
         start,
         OverlayConfig::new("t", ib.pod_subnet, 1380),
         Identity::new(kb, None, "t"),
+        seed_from_u64(2),
     );
     a.set_peers(start, &[ia.clone(), ib.clone()]);
     b.set_peers(start, &[ia.clone(), ib.clone()]);
@@ -149,8 +151,8 @@ fn steady_state_frames_allocate_nothing() {
     let wall = Duration::from_secs(1_700_000_000);
     for _ in 0..60 {
         now += Duration::from_millis(50);
-        a.tick(now, wall + now.duration_since(start), &mut wa);
-        b.tick(now, wall + now.duration_since(start), &mut wb);
+        a.handle_timeout(now, wall + now.duration_since(start), &mut wa);
+        b.handle_timeout(now, wall + now.duration_since(start), &mut wb);
         for _ in 0..4 {
             pump(now, addr_a, &mut wa, &mut b, &mut wb);
             pump(now, addr_b, &mut wb, &mut a, &mut wa);

@@ -1,0 +1,1248 @@
+//! NAT traversal, sans-IO: STUN (RFC 8489) for the server-reflexive
+//! candidates and TURN (RFC 8656) allocations for the relayed ones, over the
+//! agent's UDP socket or over TCP to the TURN server for sites where UDP
+//! cannot get out. The protocol work is done by `stun-proto` and
+//! `turn-client-proto` (sans-IO themselves); this module owns their timers,
+//! retries and our policy, and never touches a socket: datagrams and TCP
+//! bytes come in through [`Nat::handle_datagram`] and
+//! [`Nat::handle_tcp_bytes`], what must leave comes out of
+//! [`Nat::poll_transmit`] and [`Nat::relay`], and TCP connections are asked
+//! for with [`NatEvent::TcpConnect`].
+//!
+//! Relayed data stays end-to-end encrypted: what goes through TURN is our
+//! transport datagrams, so the relay sees only ciphertext. The relayed path
+//! allocates nothing per datagram: ChannelData is cut out of the buffer it
+//! arrived in, and written into the caller's buffer on the way out.
+//!
+//! Two gaps of turn-client-proto 0.7 are covered here (see
+//! docs/overlay-design.md): over TCP it neither pads outgoing ChannelData to
+//! 4 bytes nor skips the server's padding (RFC 8656 12.5), so frames are cut
+//! and padded here; and an error answer to the authenticated Allocate
+//! (wrong credentials) is passed back as "ignored" and would only time out
+//! after half a minute, so it is recognised here. Only an error that answers
+//! one of our own recent requests (same transaction ID) counts: anyone can
+//! send error-class STUN from the server's address.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use stun_proto::agent::{StunAgent, StunAgentPollRet};
+use stun_proto::types::attribute::{ErrorCode, XorMappedAddress};
+use stun_proto::types::message::{
+    Message, MessageClass, MessageType, MessageWriteVec, TransactionId, BINDING,
+};
+use stun_proto::types::prelude::*;
+use stun_proto::Instant as SioInstant;
+use turn_client_proto::api::{Transmit as TurnTransmit, TurnConfig, TurnEvent, TurnPollRet};
+use turn_client_proto::api::{TurnPeerData, TurnRecvRet};
+use turn_client_proto::prelude::*;
+use turn_client_proto::tcp::TurnClientTcp;
+use turn_client_proto::types::{TransportType, TurnCredentials};
+use turn_client_proto::udp::TurnClientUdp;
+
+use crate::crypto::Seed;
+use crate::path::{PathAddr, Via};
+use crate::wire::{self, Demux};
+
+turn_client_proto::impl_client!(TurnClient, (Udp, TurnClientUdp), (Tcp, TurnClientTcp));
+
+/// How often server-reflexive candidates are gathered again: often enough
+/// that a NAT that changed behaviour (symmetric to cone) or a new public
+/// address is noticed well within the 30 s a relayed pair may wait for a
+/// direct path.
+pub const GATHER_INTERVAL: Duration = Duration::from_secs(10);
+/// A reflexive address not confirmed for this long is dropped.
+const REFLEXIVE_TTL: Duration = Duration::from_secs(35);
+/// Retry pauses of a failed allocation: 1 s doubling to 10 s (a TURN server
+/// that comes back is used again within seconds).
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// Wrong credentials will not fix themselves quickly.
+const RETRY_AUTH: Duration = Duration::from_secs(30);
+/// Least time between two renewals of one allocation for dead paths.
+const RENEW_PAUSE: Duration = Duration::from_secs(30);
+/// A TCP connect or an allocation that takes longer failed.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests of one client whose answers we still accept (a few
+/// retransmissions and refreshes).
+const RECENT_REQUESTS: usize = 8;
+/// Bytes of a TURN TCP stream kept before a whole frame (a ChannelData
+/// frame is at most 64 KiB).
+const TCP_RX_MAX: usize = 1 << 17;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnTransport {
+    Udp,
+    Tcp,
+}
+
+/// One configured TURN server.
+#[derive(Clone)]
+pub struct TurnServer {
+    pub server: SocketAddr,
+    pub transport: TurnTransport,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for TurnServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnServer")
+            .field("server", &self.server)
+            .field("transport", &self.transport)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The state of one TURN allocation, for `peers`/metrics and logs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TurnState {
+    Idle,
+    Connecting,
+    Allocating,
+    Ready(SocketAddr),
+    Failed(String),
+}
+
+/// What the NAT layer works with.
+#[derive(Debug, Clone)]
+pub struct NatConfig {
+    /// Our UDP port (the overlay's).
+    pub port: u16,
+    pub stun: Vec<SocketAddr>,
+    pub turn: Vec<TurnServer>,
+}
+
+/// How a transmit leaves: the UDP socket, or the TCP connection to TURN
+/// server `n` (the index in [`NatConfig::turn`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Sock {
+    Udp,
+    Tcp(usize),
+}
+
+/// Bytes to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit<'a> {
+    pub via: Sock,
+    pub to: SocketAddr,
+    pub data: &'a [u8],
+}
+
+/// What a datagram from the UDP socket was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Datagram<'a> {
+    /// STUN or TURN control traffic, handled.
+    Consumed,
+    /// A peer's datagram that came through our allocation: a sub-slice of
+    /// the input.
+    Relayed(PathAddr, &'a [u8]),
+    /// Nobody's (counted in [`Nat::junk`]).
+    NotMine,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatEvent {
+    /// Our reflexive or relayed candidates changed.
+    CandidatesChanged,
+    /// Open a TCP connection to `to` for TURN server `conn`; answer with
+    /// [`Nat::tcp_connected`] or [`Nat::tcp_closed`].
+    TcpConnect { conn: usize, to: SocketAddr },
+    /// Close the TCP connection of TURN server `conn`.
+    TcpClose { conn: usize },
+}
+
+/// A TCP connection to a TURN server, as far as the protocol is concerned:
+/// whether it is up and what arrived but is not a whole frame yet.
+struct TcpLink {
+    local: Option<SocketAddr>,
+    rx: Vec<u8>,
+}
+
+/// One configured TURN server and our allocation on it.
+struct Slot {
+    conf: TurnServer,
+    client: Option<TurnClient>,
+    tcp: Option<TcpLink>,
+    state: TurnState,
+    started: Instant,
+    retry_at: Instant,
+    backoff: Duration,
+    channels: HashSet<SocketAddr>,
+    /// Why the server refused our allocation (401 and friends).
+    auth_error: Option<String>,
+    /// Last [`Nat::renew`] of this allocation.
+    renewed: Option<Instant>,
+    /// Transaction IDs of the requests this client sent last.
+    requests: [Option<TransactionId>; RECENT_REQUESTS],
+    next_request: usize,
+    /// The last line logged about this slot: a line is logged once per
+    /// state change, never once per datagram.
+    logged: Option<String>,
+}
+
+impl Slot {
+    fn new(conf: TurnServer, now: Instant) -> Slot {
+        Slot {
+            conf,
+            client: None,
+            tcp: None,
+            state: TurnState::Idle,
+            started: now,
+            retry_at: now,
+            backoff: RETRY_MIN,
+            channels: HashSet::new(),
+            auth_error: None,
+            renewed: None,
+            requests: [None; RECENT_REQUESTS],
+            next_request: 0,
+            logged: None,
+        }
+    }
+
+    fn ready(&self) -> bool {
+        matches!(self.state, TurnState::Ready(_))
+    }
+
+    /// Logs `line` unless it is what was logged last about this slot.
+    fn warn_once(&mut self, line: String) {
+        if self.logged.as_deref() != Some(line.as_str()) {
+            tracing::warn!(server = %self.conf.server, "TURN: {line}");
+            self.logged = Some(line);
+        }
+    }
+
+    /// Remembers the transaction ID of an outgoing request.
+    fn note_request(&mut self, data: &[u8]) {
+        if wire::demux(data) != Demux::Stun {
+            return;
+        }
+        if let Ok(msg) = Message::from_bytes(data) {
+            if msg.has_class(MessageClass::Request) {
+                self.requests[self.next_request] = Some(msg.transaction_id());
+                self.next_request = (self.next_request + 1) % RECENT_REQUESTS;
+            }
+        }
+    }
+
+    /// Whether `tid` is that of the request this client sent last: a
+    /// late duplicate answer to an earlier one (a retransmitted
+    /// unauthenticated Allocate draws a second 401) is not a refusal.
+    fn asked_last(&self, tid: TransactionId) -> bool {
+        let last = (self.next_request + RECENT_REQUESTS - 1) % RECENT_REQUESTS;
+        self.requests[last] == Some(tid)
+    }
+}
+
+pub struct Nat {
+    base: Instant,
+    local: SocketAddr,
+    stun_servers: Vec<SocketAddr>,
+    stun: StunAgent,
+    bindings: HashMap<TransactionId, usize>,
+    reflexive: Vec<Option<(SocketAddr, Instant)>>,
+    /// STUN transactions to each server that timed out since its last
+    /// answer: a server that answers again after that has restarted or
+    /// been unreachable, and our allocation on it is probably gone.
+    stun_misses: Vec<u32>,
+    next_gather: Instant,
+    slots: Vec<Slot>,
+    peer_ips: BTreeSet<IpAddr>,
+    /// Control traffic waiting for [`Nat::poll_transmit`], and the one it
+    /// handed out last (borrowed by the caller until the next call).
+    out: VecDeque<(Sock, SocketAddr, Vec<u8>)>,
+    sent: Option<(Sock, SocketAddr, Vec<u8>)>,
+    events: VecDeque<NatEvent>,
+    /// A TURN request was queued outside [`Nat::handle_timeout`] (a
+    /// permission, a channel): the caller runs it at once.
+    soon: bool,
+    /// Payload copy of [`Nat::relay`] (the caller's datagram buffer is
+    /// where the framed result goes).
+    scratch: Vec<u8>,
+    rng: StdRng,
+    /// The STUN agent's and the TURN clients' own next deadlines, as they
+    /// said at the last [`Nat::handle_timeout`].
+    stun_wake: Instant,
+    turn_wake: Instant,
+    /// STUN/TURN datagrams that were neither (counted as malformed).
+    pub junk: u64,
+}
+
+fn sio(base: Instant, t: Instant) -> SioInstant {
+    SioInstant::from_nanos(
+        t.saturating_duration_since(base)
+            .as_nanos()
+            .min(i64::MAX as u128) as i64,
+    )
+}
+
+fn std_of(base: Instant, t: SioInstant) -> Instant {
+    base + Duration::from_nanos(t.as_nanos().max(0) as u64)
+}
+
+impl Nat {
+    /// `seed` feeds the transaction IDs of our STUN bindings (the TURN
+    /// client draws its own).
+    pub fn new(now: Instant, cfg: NatConfig, seed: Seed) -> Nat {
+        let local = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), cfg.port);
+        // TURN servers over UDP answer STUN too: with no STUN server
+        // configured they still give us our reflexive address.
+        let mut stun_list = cfg.stun;
+        for t in &cfg.turn {
+            if t.transport == TurnTransport::Udp && !stun_list.contains(&t.server) {
+                stun_list.push(t.server);
+            }
+        }
+        Nat {
+            base: now,
+            local,
+            reflexive: vec![None; stun_list.len()],
+            stun_misses: vec![0; stun_list.len()],
+            stun_servers: stun_list,
+            // Short transactions (about 3.5 s in all): a binding that goes
+            // unanswered must end before the server is back, so that its
+            // next answer is seen as a return (and allocations renewed).
+            stun: StunAgent::builder(TransportType::Udp, local)
+                .request_retransmits(
+                    Duration::from_millis(500),
+                    Duration::from_secs(1),
+                    3,
+                    Duration::from_secs(1),
+                )
+                .build(),
+            bindings: HashMap::new(),
+            next_gather: now,
+            slots: cfg.turn.into_iter().map(|c| Slot::new(c, now)).collect(),
+            peer_ips: BTreeSet::new(),
+            out: VecDeque::new(),
+            sent: None,
+            events: VecDeque::new(),
+            soon: false,
+            scratch: Vec::new(),
+            rng: StdRng::from_seed(seed),
+            stun_wake: now,
+            turn_wake: now,
+            junk: 0,
+        }
+    }
+
+    /// Candidates of ours the NAT layer knows: reflexive and relayed, each
+    /// address once.
+    pub fn candidates(&self) -> Vec<(SocketAddr, crate::path::Class)> {
+        use crate::path::Class;
+        let reflexive = self
+            .reflexive
+            .iter()
+            .flatten()
+            .map(|(a, _)| (*a, Class::Direct));
+        let relayed = self.slots.iter().filter_map(|s| match s.state {
+            TurnState::Ready(a) => Some((a, Class::Relay)),
+            _ => None,
+        });
+        let mut out = Vec::new();
+        for c in reflexive.chain(relayed) {
+            if !out.iter().any(|(a, _)| *a == c.0) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// IPs of relays: our allocations and the TURN servers.
+    pub fn relay_ips(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self.slots.iter().map(|s| s.conf.server.ip()).collect();
+        v.extend(self.slots.iter().filter_map(|s| match s.state {
+            TurnState::Ready(a) => Some(a.ip()),
+            _ => None,
+        }));
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    pub fn turn_states(&self) -> Vec<(SocketAddr, TurnTransport, TurnState)> {
+        self.slots
+            .iter()
+            .map(|s| (s.conf.server, s.conf.transport, s.state.clone()))
+            .collect()
+    }
+
+    /// The next thing the caller must act on.
+    pub fn poll_event(&mut self) -> Option<NatEvent> {
+        self.events.pop_front()
+    }
+
+    fn changed(&mut self) {
+        if !self.events.contains(&NatEvent::CandidatesChanged) {
+            self.events.push_back(NatEvent::CandidatesChanged);
+        }
+    }
+
+    /// When [`Nat::handle_timeout`] must run next.
+    pub fn poll_timeout(&self) -> Instant {
+        if self.soon {
+            return self.base;
+        }
+        let mut wake = self.next_gather;
+        for s in &self.slots {
+            let t = match &s.state {
+                _ if s.client.is_none() && s.tcp.is_none() => s.retry_at,
+                TurnState::Connecting | TurnState::Allocating => s.started + SETUP_TIMEOUT,
+                _ => continue,
+            };
+            wake = wake.min(t);
+        }
+        wake.min(self.stun_wake).min(self.turn_wake)
+    }
+}
+
+/// What the caller does with ChannelData or a data indication.
+fn relayed<T: AsRef<[u8]> + std::fmt::Debug>(idx: usize, pd: &TurnPeerData<T>) -> PathAddr {
+    PathAddr {
+        via: Via::Turn(idx as u8),
+        remote: pd.peer,
+    }
+}
+
+impl Nat {
+    /// Re-allocates on TURN server `idx` at once: a path through our
+    /// allocation died, and a restarted server forgets allocations without
+    /// telling (the client would notice only at its next refresh, minutes
+    /// away). At most once per [`RENEW_PAUSE`], so a peer that is simply gone
+    /// does not churn allocations.
+    pub fn renew(&mut self, now: Instant, idx: usize) {
+        let Some(s) = self.slots.get(idx) else {
+            return;
+        };
+        let recent = s
+            .renewed
+            .is_some_and(|t| now.saturating_duration_since(t) < RENEW_PAUSE);
+        if !s.ready() || recent {
+            return;
+        }
+        let why = format!(
+            "a relayed path through {} stopped answering: renewing the allocation",
+            s.conf.server
+        );
+        self.slots[idx].renewed = Some(now);
+        self.fail(idx, now, why);
+        self.slots[idx].retry_at = now;
+    }
+
+    /// Gathers reflexive candidates again as soon as possible (an address
+    /// changed, a path died).
+    pub fn gather_soon(&mut self, now: Instant) {
+        self.next_gather = self.next_gather.min(now);
+        for s in &mut self.slots {
+            if !s.ready() && s.auth_error.is_none() {
+                s.retry_at = s.retry_at.min(now);
+                s.backoff = RETRY_MIN;
+            }
+        }
+    }
+
+    /// The public IPs of the peers: every allocation permits them, so that
+    /// what they send to our relayed address reaches us.
+    pub fn set_peer_ips(&mut self, now: Instant, ips: BTreeSet<IpAddr>) {
+        if ips == self.peer_ips {
+            return;
+        }
+        self.peer_ips = ips;
+        let t = sio(self.base, now);
+        for s in &mut self.slots {
+            if let Some(c) = s.client.as_mut() {
+                permit(c, &self.peer_ips, t);
+            }
+        }
+        self.soon = true;
+    }
+
+    /// A datagram from the UDP socket whose first byte says STUN or
+    /// ChannelData.
+    pub fn handle_datagram<'a>(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        data: &'a [u8],
+    ) -> Datagram<'a> {
+        if self.stun_answer(now, from, data) {
+            return Datagram::Consumed;
+        }
+        let Some(idx) = self
+            .slots
+            .iter()
+            .position(|s| s.conf.transport == TurnTransport::Udp && s.conf.server == from)
+        else {
+            self.junk += 1;
+            return Datagram::NotMine;
+        };
+        let t = sio(self.base, now);
+        let local = self.local;
+        let s = &mut self.slots[idx];
+        let Some(c) = s.client.as_mut() else {
+            self.junk += 1;
+            return Datagram::NotMine;
+        };
+        let got = match c.recv(TurnTransmit::new(data, TransportType::Udp, from, local), t) {
+            TurnRecvRet::PeerData(pd) => match within(data, pd.data()) {
+                Some(r) => Datagram::Relayed(relayed(idx, &pd), &data[r]),
+                // turn-client-proto cuts ChannelData and data indications
+                // out of the input; anything else is not ours to pass on.
+                None => Datagram::Consumed,
+            },
+            TurnRecvRet::Ignored(tr) => {
+                if !self.error_answer(idx, tr.data) {
+                    self.junk += 1;
+                }
+                Datagram::Consumed
+            }
+            TurnRecvRet::Handled | TurnRecvRet::PeerIcmp { .. } => Datagram::Consumed,
+        };
+        self.process_events(now);
+        got
+    }
+
+    /// An answer to one of our STUN bindings: our reflexive address.
+    fn stun_answer(&mut self, now: Instant, from: SocketAddr, data: &[u8]) -> bool {
+        let Ok(msg) = Message::from_bytes(data) else {
+            return false;
+        };
+        let tid = msg.transaction_id();
+        let Some(i) = self.bindings.get(&tid).copied() else {
+            return false;
+        };
+        if !msg.is_response()
+            || !self
+                .stun
+                .handle_stun_message_with_time(&msg, from, sio(self.base, now))
+        {
+            return false;
+        }
+        self.bindings.remove(&tid);
+        if std::mem::take(&mut self.stun_misses[i]) > 0 {
+            self.server_returned(now, self.stun_servers[i]);
+        }
+        if let Ok(x) = msg.attribute::<XorMappedAddress>() {
+            let a = x.addr(tid);
+            if self.reflexive[i].map(|(o, _)| o) != Some(a) {
+                tracing::info!(server = %self.stun_servers[i], reflexive = %a, "STUN: reflexive address");
+                self.changed();
+            }
+            self.reflexive[i] = Some((a, now));
+        }
+        true
+    }
+
+    /// A STUN server that missed bindings answers again: our allocation on
+    /// it (if it is also our TURN server) is probably gone.
+    fn server_returned(&mut self, now: Instant, server: SocketAddr) {
+        for idx in 0..self.slots.len() {
+            let s = &self.slots[idx];
+            if s.conf.server == server && s.ready() {
+                self.fail(
+                    idx,
+                    now,
+                    format!("{server} was unreachable: renewing the allocation"),
+                );
+                self.slots[idx].retry_at = now;
+            }
+        }
+    }
+
+    /// turn-client-proto hands back an error answer to the authenticated
+    /// Allocate as "ignored"; that is how wrong credentials show. Acted on
+    /// only while allocating and only when it answers a request of ours.
+    /// Returns whether it was such an answer.
+    fn error_answer(&mut self, idx: usize, data: &[u8]) -> bool {
+        let s = &mut self.slots[idx];
+        if s.ready() {
+            return false;
+        }
+        let Ok(msg) = Message::from_bytes(data) else {
+            return false;
+        };
+        if !msg.has_class(MessageClass::Error) || !s.asked_last(msg.transaction_id()) {
+            return false;
+        }
+        let Ok(e) = msg.attribute::<ErrorCode>() else {
+            return false;
+        };
+        let why = format!(
+            "TURN server {} ({:?}) refused the allocation: {} {} ({})",
+            s.conf.server,
+            s.conf.transport,
+            e.code(),
+            e.reason(),
+            refusal_hint(e.code())
+        );
+        if s.logged.as_deref() != Some(why.as_str()) {
+            tracing::error!("{why}");
+            s.logged = Some(why.clone());
+        }
+        s.auth_error = Some(why);
+        if let Some(c) = s.client.as_mut() {
+            c.protocol_error();
+        }
+        true
+    }
+
+    /// Bytes that arrived on the TCP connection of TURN server `conn`.
+    /// Whole frames are taken out by [`Nat::poll_relayed`].
+    pub fn handle_tcp_bytes(&mut self, now: Instant, conn: usize, data: &[u8]) {
+        let Some(link) = self.slots.get_mut(conn).and_then(|s| s.tcp.as_mut()) else {
+            return;
+        };
+        if link.rx.len() + data.len() > TCP_RX_MAX {
+            let server = self.slots[conn].conf.server;
+            self.fail(
+                conn,
+                now,
+                format!("TURN server {server}: oversized frame on the TCP stream"),
+            );
+            return;
+        }
+        link.rx.extend_from_slice(data);
+    }
+
+    /// The next peer datagram that came through a TURN TCP connection,
+    /// copied into `out` (control frames on the way are handled).
+    pub fn poll_relayed(&mut self, now: Instant, out: &mut [u8]) -> Option<(PathAddr, usize)> {
+        for conn in 0..self.slots.len() {
+            while let Some(step) = self.next_tcp_frame(now, conn, out) {
+                if let Some(got) = step {
+                    return Some(got);
+                }
+            }
+        }
+        self.process_events(now);
+        None
+    }
+
+    /// Cuts and handles one frame of connection `conn`: None when no whole
+    /// frame is left, Some(Some(..)) for peer data copied into `out`.
+    fn next_tcp_frame(
+        &mut self,
+        now: Instant,
+        conn: usize,
+        out: &mut [u8],
+    ) -> Option<Option<(PathAddr, usize)>> {
+        let t = sio(self.base, now);
+        let s = self.slots.get_mut(conn)?;
+        let link = s.tcp.as_mut()?;
+        let local = link.local?;
+        let Some((frame, consumed)) = tcp_frame(&link.rx) else {
+            let garbage = link.rx.len() >= 4
+                && !matches!(wire::demux(&link.rx), Demux::Stun | Demux::ChannelData);
+            if garbage {
+                let why = format!("TURN server {}: garbage on the TCP stream", s.conf.server);
+                self.fail(conn, now, why);
+            }
+            return None;
+        };
+        let mut got = None;
+        let mut ignored = false;
+        if let Some(c) = s.client.as_mut() {
+            let tr = TurnTransmit::new(&link.rx[..frame], TransportType::Tcp, s.conf.server, local);
+            match c.recv(tr, t) {
+                TurnRecvRet::PeerData(pd) => {
+                    let n = pd.data().len();
+                    if let Some(dst) = out.get_mut(..n) {
+                        dst.copy_from_slice(pd.data());
+                        got = Some((relayed(conn, &pd), n));
+                    }
+                }
+                TurnRecvRet::Ignored(_) => ignored = true,
+                _ => {}
+            }
+        }
+        // Control traffic only: a copy keeps the borrows apart.
+        let frame_bytes = ignored.then(|| link.rx[..frame].to_vec());
+        link.rx.drain(..consumed);
+        if let Some(f) = frame_bytes {
+            if !self.error_answer(conn, &f) {
+                self.junk += 1;
+            }
+        }
+        Some(got)
+    }
+
+    /// The TCP connection of TURN server `conn` is up, from `local`.
+    pub fn tcp_connected(&mut self, now: Instant, conn: usize, local: SocketAddr) {
+        let Some(s) = self.slots.get_mut(conn) else {
+            return;
+        };
+        let Some(link) = s.tcp.as_mut() else {
+            return;
+        };
+        link.local = Some(local);
+        let cfg = TurnConfig::new(TurnCredentials::new(&s.conf.username, &s.conf.password));
+        s.client = Some(TurnClient::Tcp(TurnClientTcp::allocate(
+            local,
+            s.conf.server,
+            cfg,
+        )));
+        s.state = TurnState::Allocating;
+        self.handle_timeout(now);
+    }
+
+    /// The TCP connection of TURN server `conn` failed or was closed.
+    pub fn tcp_closed(&mut self, now: Instant, conn: usize, why: &str) {
+        if self.slots.get(conn).is_some_and(|s| s.tcp.is_some()) {
+            let server = self.slots[conn].conf.server;
+            self.fail(conn, now, format!("TCP to {server}: {why}"));
+        }
+    }
+
+    /// Frames `payload` for peer `to` through our allocation on TURN
+    /// server `idx`, into `out`: where it goes and its length. None when
+    /// that allocation cannot carry it (yet).
+    pub fn relay(
+        &mut self,
+        now: Instant,
+        idx: u8,
+        to: SocketAddr,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> Option<(Sock, SocketAddr, usize)> {
+        let t = sio(self.base, now);
+        let s = self.slots.get_mut(usize::from(idx))?;
+        if !s.ready() {
+            return None;
+        }
+        let c = s.client.as_mut()?;
+        if !c.have_permission(TransportType::Udp, to.ip()) {
+            let _ = c.create_permission(TransportType::Udp, to.ip(), t);
+            self.soon = true;
+        }
+        if s.channels.insert(to) {
+            let _ = c.bind_channel(TransportType::Udp, to, t);
+            self.soon = true;
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(payload);
+        let tb = c
+            .send_to(TransportType::Udp, to, self.scratch.as_slice(), t)
+            .ok()??;
+        let len = tb.data.len();
+        let padded = match s.tcp {
+            Some(_) => (len + 3) & !3,
+            None => len,
+        };
+        let dst = out.get_mut(..padded)?;
+        tb.data.write_into(&mut dst[..len]);
+        // ChannelData on a stream is padded to 4 bytes (RFC 8656 12.5);
+        // STUN messages are 4-aligned already.
+        dst[len..].fill(0);
+        let via = if s.tcp.is_some() {
+            Sock::Tcp(usize::from(idx))
+        } else {
+            Sock::Udp
+        };
+        Some((via, s.conf.server, padded))
+    }
+
+    /// The next control datagram or TCP frame to send. The data stays
+    /// valid until the next call.
+    pub fn poll_transmit(&mut self) -> Option<Transmit<'_>> {
+        self.sent = self.out.pop_front();
+        self.sent.as_ref().map(|(via, to, data)| Transmit {
+            via: *via,
+            to: *to,
+            data,
+        })
+    }
+
+    fn queue(&mut self, via: Sock, to: SocketAddr, data: Vec<u8>) {
+        self.out.push_back((via, to, data));
+    }
+}
+
+/// Where `part` lies inside `whole`, if it is a sub-slice of it.
+fn within(whole: &[u8], part: &[u8]) -> Option<std::ops::Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= whole.len()).then_some(start..end)
+}
+
+/// A whole frame at the start of a TURN TCP stream: STUN (20 + length,
+/// always 4-aligned) or ChannelData (4 + length, padded to 4 on a stream).
+/// Returns the frame's length and how many bytes it takes on the stream.
+fn tcp_frame(b: &[u8]) -> Option<(usize, usize)> {
+    let len = usize::from(u16::from_be_bytes([*b.get(2)?, *b.get(3)?]));
+    let (frame, consumed) = match wire::demux(b) {
+        Demux::Stun => (20 + len, 20 + len),
+        Demux::ChannelData => (4 + len, (4 + len + 3) & !3),
+        _ => return None,
+    };
+    (b.len() >= consumed).then_some((frame, consumed))
+}
+
+fn refusal_hint(code: u16) -> &'static str {
+    match code {
+        401 | 431 => "check username and passwordFile",
+        // The server keys allocations by our address and port: an agent
+        // killed without deleting its allocation leaves one that refuses
+        // the next until its lifetime (10 min by default) ends.
+        437 => {
+            "it still holds the allocation of a previous agent on this address \
+             (killed without deleting it); relayed paths resume when that expires"
+        }
+        486 => "its allocation quota for this user is used up",
+        _ => "see the TURN server's log",
+    }
+}
+
+fn permit(c: &mut TurnClient, ips: &BTreeSet<IpAddr>, t: SioInstant) {
+    for ip in ips {
+        if ip.is_ipv4() && !c.have_permission(TransportType::Udp, *ip) {
+            let _ = c.create_permission(TransportType::Udp, *ip, t);
+        }
+    }
+}
+
+impl Nat {
+    /// Timers: STUN gathering, TURN set-up, refreshes and retries; queues
+    /// what they send.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.soon = false;
+        self.gather(now);
+        for idx in 0..self.slots.len() {
+            self.run_slot(now, idx);
+        }
+        self.turn_wake = now + GATHER_INTERVAL;
+        for idx in 0..self.slots.len() {
+            self.poll_client(now, idx);
+        }
+        self.process_events(now);
+        // What ran is done for now: a deadline that did not move would
+        // wake the caller again at once.
+        let soonest = now + Duration::from_millis(1);
+        self.stun_wake = self.stun_wake.max(soonest);
+        self.turn_wake = self.turn_wake.max(soonest);
+    }
+
+    /// STUN bindings to every server every [`GATHER_INTERVAL`], and their
+    /// retransmissions and timeouts.
+    fn gather(&mut self, now: Instant) {
+        let t = sio(self.base, now);
+        if now >= self.next_gather {
+            self.next_gather = now + GATHER_INTERVAL;
+            for i in 0..self.stun_servers.len() {
+                if !self.bindings.values().any(|&b| b == i) {
+                    self.send_binding(i, t);
+                }
+            }
+        }
+        for r in self.reflexive.iter_mut() {
+            if r.is_some_and(|(_, at)| now.saturating_duration_since(at) > REFLEXIVE_TTL) {
+                *r = None;
+                if !self.events.contains(&NatEvent::CandidatesChanged) {
+                    self.events.push_back(NatEvent::CandidatesChanged);
+                }
+            }
+        }
+        loop {
+            match self.stun.poll(t) {
+                StunAgentPollRet::WaitUntil(w) => {
+                    self.stun_wake = std_of(self.base, w);
+                    break;
+                }
+                StunAgentPollRet::TransactionTimedOut(id)
+                | StunAgentPollRet::TransactionCancelled(id) => {
+                    if let Some(i) = self.bindings.remove(&id) {
+                        self.stun_misses[i] = self.stun_misses[i].saturating_add(1);
+                    }
+                }
+            }
+        }
+        while let Some(tr) = self.stun.poll_transmit(t) {
+            let (to, data) = (tr.to, tr.data.to_vec());
+            self.queue(Sock::Udp, to, data);
+        }
+    }
+
+    fn send_binding(&mut self, i: usize, t: SioInstant) {
+        let tid = TransactionId::from(self.rng.gen::<u128>());
+        let mtype = MessageType::from_class_method(MessageClass::Request, BINDING);
+        let req = Message::builder(mtype, tid, MessageWriteVec::new());
+        let server = self.stun_servers[i];
+        if let Ok(tr) = self.stun.send_request(req.finish(), server, t) {
+            let data = tr.data.to_vec();
+            self.queue(Sock::Udp, server, data);
+            self.bindings.insert(tid, i);
+        }
+    }
+
+    /// Starts, or gives up on, the allocation of slot `idx`.
+    fn run_slot(&mut self, now: Instant, idx: usize) {
+        let s = &mut self.slots[idx];
+        if s.client.is_none() && s.tcp.is_none() {
+            if now < s.retry_at {
+                return;
+            }
+            self.start(now, idx);
+            return;
+        }
+        let setting_up = matches!(s.state, TurnState::Connecting | TurnState::Allocating);
+        if setting_up && now.saturating_duration_since(s.started) >= SETUP_TIMEOUT {
+            let why = s.auth_error.clone().unwrap_or_else(|| {
+                format!(
+                    "no allocation from {} within {}s",
+                    s.conf.server,
+                    SETUP_TIMEOUT.as_secs()
+                )
+            });
+            self.fail(idx, now, why);
+        }
+    }
+
+    /// Polls the TURN client of slot `idx` and queues what it sends.
+    fn poll_client(&mut self, now: Instant, idx: usize) {
+        let t = sio(self.base, now);
+        let s = &mut self.slots[idx];
+        let Some(c) = s.client.as_mut() else {
+            return;
+        };
+        match c.poll(t) {
+            TurnPollRet::WaitUntil(w) => self.turn_wake = self.turn_wake.min(std_of(self.base, w)),
+            TurnPollRet::Closed => {
+                // Drain its events first: they may explain it.
+                while c.poll_event().is_some() {}
+                let why = s
+                    .auth_error
+                    .clone()
+                    .unwrap_or_else(|| format!("allocation on {} closed", s.conf.server));
+                self.fail(idx, now, why);
+                return;
+            }
+            _ => {}
+        }
+        let via = if s.tcp.is_some() {
+            Sock::Tcp(idx)
+        } else {
+            Sock::Udp
+        };
+        let server = s.conf.server;
+        let mut sent = Vec::new();
+        while let Some(tr) = c.poll_transmit(t) {
+            sent.push(tr.data.to_vec());
+        }
+        for data in sent {
+            self.slots[idx].note_request(&data);
+            self.queue(via, server, data);
+        }
+    }
+
+    fn start(&mut self, now: Instant, idx: usize) {
+        let local = self.local;
+        let s = &mut self.slots[idx];
+        s.started = now;
+        s.channels.clear();
+        s.auth_error = None;
+        match s.conf.transport {
+            TurnTransport::Udp => {
+                let cfg = TurnConfig::new(TurnCredentials::new(&s.conf.username, &s.conf.password));
+                s.client = Some(TurnClient::Udp(TurnClientUdp::allocate(
+                    local,
+                    s.conf.server,
+                    cfg,
+                )));
+                s.state = TurnState::Allocating;
+            }
+            TurnTransport::Tcp => {
+                s.tcp = Some(TcpLink {
+                    local: None,
+                    rx: Vec::new(),
+                });
+                s.state = TurnState::Connecting;
+                let to = s.conf.server;
+                self.events
+                    .push_back(NatEvent::TcpConnect { conn: idx, to });
+            }
+        }
+    }
+
+    /// Slot `idx` failed: drop its client (and connection), retry later.
+    fn fail(&mut self, idx: usize, now: Instant, why: String) {
+        let s = &mut self.slots[idx];
+        s.warn_once(why.clone());
+        if s.tcp.take().is_some() {
+            self.events.push_back(NatEvent::TcpClose { conn: idx });
+        }
+        s.client = None;
+        let pause = if s.auth_error.is_some() {
+            RETRY_AUTH
+        } else {
+            s.backoff
+        };
+        s.retry_at = now + pause;
+        s.backoff = (s.backoff * 2).min(RETRY_MAX);
+        s.state = TurnState::Failed(why);
+        s.channels.clear();
+        self.changed();
+    }
+
+    fn process_events(&mut self, now: Instant) {
+        let t = sio(self.base, now);
+        for idx in 0..self.slots.len() {
+            let mut lost = false;
+            let mut created = false;
+            let s = &mut self.slots[idx];
+            let Some(c) = s.client.as_mut() else { continue };
+            while let Some(ev) = c.poll_event() {
+                match ev {
+                    TurnEvent::AllocationCreated(_, addr) => {
+                        tracing::info!(server = %s.conf.server, relayed = %addr, transport = ?s.conf.transport, "TURN: allocation created");
+                        s.state = TurnState::Ready(addr);
+                        s.backoff = RETRY_MIN;
+                        s.auth_error = None;
+                        s.logged = None;
+                        s.channels.clear();
+                        permit(c, &self.peer_ips, t);
+                        created = true;
+                    }
+                    // A refresh of a permission or channel refused: the
+                    // server no longer knows the allocation (it restarted).
+                    TurnEvent::PermissionCreateFailed(..) | TurnEvent::ChannelCreateFailed(..)
+                        if matches!(s.state, TurnState::Ready(_)) =>
+                    {
+                        lost = true;
+                    }
+                    TurnEvent::AllocationCreateFailed(_) => {
+                        let why = s
+                            .auth_error
+                            .clone()
+                            .unwrap_or_else(|| "allocation refused".into());
+                        s.state = TurnState::Failed(why);
+                    }
+                    _ => {}
+                }
+            }
+            if created {
+                self.soon = true;
+                self.changed();
+            }
+            if lost {
+                let server = self.slots[idx].conf.server;
+                self.fail(idx, now, format!("{server} no longer knows our allocation"));
+                self.slots[idx].retry_at = now;
+            }
+        }
+    }
+
+    /// Starts deleting the allocations (shutdown): an allocation left
+    /// behind would refuse the next agent on this address (the server keys
+    /// it by the 5-tuple) until it expires, minutes later. The caller keeps
+    /// feeding datagrams and timeouts until [`Nat::shut_down`] (a
+    /// stale-nonce answer is retried by the client).
+    pub fn shutdown(&mut self, now: Instant) {
+        let t = sio(self.base, now);
+        for s in &mut self.slots {
+            if let Some(c) = s.client.as_mut() {
+                if !matches!(s.state, TurnState::Ready(_)) || c.delete(t).is_err() {
+                    s.client = None;
+                }
+            }
+            // Nothing new starts.
+            s.retry_at = now + Duration::from_secs(3600);
+        }
+        self.handle_timeout(now);
+    }
+
+    /// Whether every allocation is deleted (or given up).
+    pub fn shut_down(&self) -> bool {
+        self.slots.iter().all(|s| s.client.is_none())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use turn_server_proto::api::{TurnServerApi, TurnServerPollRet};
+    use turn_server_proto::server::TurnServer as Server;
+
+    const SERVER: &str = "203.0.113.1:3478";
+    const ME: &str = "198.51.100.7:5800";
+
+    fn server_addr() -> SocketAddr {
+        SERVER.parse().unwrap()
+    }
+
+    fn nat(now: Instant, password: &str) -> Nat {
+        let cfg = NatConfig {
+            port: 5800,
+            stun: Vec::new(),
+            turn: vec![TurnServer {
+                server: server_addr(),
+                transport: TurnTransport::Udp,
+                username: "evio".into(),
+                password: password.into(),
+            }],
+        };
+        Nat::new(now, cfg, crate::crypto::seed_from_u64(1))
+    }
+
+    fn server() -> Server {
+        let mut s = Server::new(TransportType::Udp, server_addr(), "test".into());
+        s.add_user("evio".into(), "right".into());
+        s
+    }
+
+    /// Moves datagrams between the NAT layer and the server for a few
+    /// seconds, 600 ms a round (the client sends its authenticated Allocate
+    /// on its timer); `spoof` runs before each of the NAT layer's datagrams
+    /// is answered. Returns the time reached.
+    fn exchange(
+        nat: &mut Nat,
+        srv: &mut Server,
+        t0: Instant,
+        mut spoof: impl FnMut(&mut Nat),
+    ) -> Instant {
+        let me: SocketAddr = ME.parse().unwrap();
+        let mut now = t0;
+        for round in 0..6 {
+            now = t0 + Duration::from_millis(600 * round);
+            nat.handle_timeout(now);
+            let mut sent = Vec::new();
+            while let Some(t) = nat.poll_transmit() {
+                sent.push(t.data.to_vec());
+            }
+            let st = sio(t0, now);
+            for d in sent {
+                spoof(nat);
+                let tr = TurnTransmit::new(&d[..], TransportType::Udp, me, server_addr());
+                let mut answers = Vec::new();
+                if let Some(out) = srv.recv(tr, st) {
+                    answers.push(out.data.build());
+                }
+                while let TurnServerPollRet::AllocateSocket {
+                    transport,
+                    listen_addr,
+                    client_addr,
+                    allocation_transport,
+                    family,
+                } = srv.poll(st)
+                {
+                    let relay = "203.0.113.1:49152".parse().unwrap();
+                    srv.allocated_socket(
+                        transport,
+                        listen_addr,
+                        client_addr,
+                        allocation_transport,
+                        family,
+                        Ok(relay),
+                        st,
+                    );
+                }
+                while let Some(t) = srv.poll_transmit(st) {
+                    answers.push(t.data);
+                }
+                for a in answers {
+                    let _ = nat.handle_datagram(now, server_addr(), &a);
+                }
+            }
+        }
+        now
+    }
+
+    /// An error-class answer with a transaction ID nobody asked.
+    fn forged_error() -> Vec<u8> {
+        let mtype = MessageType::from_class_method(MessageClass::Error, BINDING);
+        let mut m = Message::builder(mtype, TransactionId::from(42u128), MessageWriteVec::new());
+        let e = ErrorCode::builder(401)
+            .reason("Unauthorized")
+            .build()
+            .unwrap();
+        m.add_attribute(&e).unwrap();
+        m.finish()
+    }
+
+    #[test]
+    fn allocates_on_a_real_server_and_relays_without_copies_into_the_heap() {
+        let t0 = Instant::now();
+        let (mut n, mut srv) = (nat(t0, "right"), server());
+        let peer: SocketAddr = "203.0.113.50:5800".parse().unwrap();
+        n.set_peer_ips(t0, [peer.ip()].into_iter().collect());
+        let now = exchange(&mut n, &mut srv, t0, |_| {});
+        assert!(
+            matches!(n.turn_states()[0].2, TurnState::Ready(_)),
+            "{:?}",
+            n.turn_states()
+        );
+        assert!(n
+            .candidates()
+            .iter()
+            .any(|(_, c)| *c == crate::path::Class::Relay));
+        assert!(
+            n.candidates().iter().any(|(a, _)| a.to_string() == ME),
+            "reflexive from the server"
+        );
+        // A datagram for a peer: framed into the caller's buffer.
+        let mut out = [0u8; 256];
+        let (via, to, len) = n
+            .relay(now, 0, peer, b"\x84\0\0\0payload", &mut out)
+            .unwrap();
+        assert_eq!((via, to), (Sock::Udp, server_addr()));
+        assert!(len > 11);
+    }
+
+    #[test]
+    fn spoofed_errors_from_the_servers_address_change_nothing() {
+        let t0 = Instant::now();
+        let (mut n, mut srv) = (nat(t0, "right"), server());
+        let forged = forged_error();
+        exchange(&mut n, &mut srv, t0, |n| {
+            let _ = n.handle_datagram(t0, server_addr(), &forged);
+        });
+        assert!(
+            matches!(n.turn_states()[0].2, TurnState::Ready(_)),
+            "{:?}",
+            n.turn_states()
+        );
+        assert!(n.junk > 0, "the forgeries were counted");
+        // And once ready, more of them still change nothing.
+        for _ in 0..100 {
+            let _ = n.handle_datagram(t0, server_addr(), &forged);
+        }
+        assert!(matches!(n.turn_states()[0].2, TurnState::Ready(_)));
+    }
+
+    #[test]
+    fn wrong_credentials_are_reported_at_once_not_after_a_timeout() {
+        let t0 = Instant::now();
+        let (mut n, mut srv) = (nat(t0, "wrong"), server());
+        let now = exchange(&mut n, &mut srv, t0, |_| {});
+        match &n.turn_states()[0].2 {
+            TurnState::Failed(why) => assert!(why.contains("401"), "{why}"),
+            s => panic!("{s:?}"),
+        }
+        // Not retried before the credentials pause.
+        n.handle_timeout(now + Duration::from_secs(20));
+        assert!(matches!(n.turn_states()[0].2, TurnState::Failed(_)));
+    }
+
+    #[test]
+    fn tcp_frames_are_cut_with_channel_data_padding() {
+        // ChannelData of 5 bytes takes 12 on a stream; STUN is 20 + length.
+        let mut stream = vec![0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0];
+        assert_eq!(tcp_frame(&stream), Some((9, 12)));
+        assert_eq!(tcp_frame(&stream[..11]), None, "padding not there yet");
+        stream = vec![0x01, 0x01, 0x00, 0x04];
+        stream.extend([0u8; 20]);
+        assert_eq!(tcp_frame(&stream), Some((24, 24)));
+        assert_eq!(tcp_frame(&[0x99, 0, 0, 0]), None);
+        assert_eq!(tcp_frame(&[0x40, 0]), None);
+    }
+
+    #[test]
+    fn a_relayed_sub_slice_is_found_in_its_buffer() {
+        let buf = [0u8; 32];
+        assert_eq!(within(&buf, &buf[4..10]), Some(4..10));
+        let other = [0u8; 8];
+        assert_eq!(within(&buf, &other), None);
+    }
+}

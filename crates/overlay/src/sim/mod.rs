@@ -1,0 +1,781 @@
+//! An in-memory network for whole nodes ([`Stack`]s): sites behind
+//! simulated NATs, a simulated TURN server (turn-server-proto, the sans-IO
+//! server of the same family as our client: allocations, permissions,
+//! channels, refreshes, long-term credentials), latency and loss per site
+//! link, and event-driven time that jumps to the next deadline — a node's
+//! timer, a datagram's arrival, the server's timer, the store — as quinn's
+//! test `Pair` does. Nothing reads a clock and every random draw (keys,
+//! losses, symmetric NAT ports) comes from the seed, so a run is a function
+//! of its seed: a failing seed replays exactly.
+//!
+//! NAT kinds are rows of a table of RFC 4787 behaviours (mapping and
+//! filtering), so more kinds are one row each; addresses are `SocketAddr`
+//! throughout, so an IPv6 underlay is a matter of the address plan.
+
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use turn_server_proto::api::{TurnServerApi, TurnServerPollRet};
+use turn_server_proto::server::TurnServer as ServerProto;
+use turn_server_proto::stun::agent::Transmit as ServerTransmit;
+use turn_server_proto::stun::Instant as SioInstant;
+use turn_server_proto::types::prelude::DelayedTransmitBuild;
+use turn_server_proto::types::TransportType;
+
+use crate::crypto::{seed_from_u64, StaticKeys};
+use crate::engine::{Candidate, Io, Overlay, OverlayConfig, PeerInfo, PeerState, MAX_DATAGRAM};
+use crate::nat::{Nat, NatConfig, Sock, Transmit, TurnServer, TurnTransport};
+use crate::offload::Csum;
+use crate::path::PathAddr;
+use crate::stack::{NetIo, Stack, StackEvent};
+use crate::tunnel::Identity;
+
+pub const TURN_USER: &str = "evio";
+pub const TURN_PASSWORD: &str = "sim-secret";
+/// The overlay's port on every node.
+pub const PORT: u16 = 5800;
+
+pub fn turn_addr() -> SocketAddr {
+    SocketAddr::from(([203, 0, 113, 1], 3478))
+}
+
+/// What a site's router does (RFC 4787 terms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NatKind {
+    /// No NAT: the node's address is public.
+    Public,
+    /// Endpoint-independent mapping, address-and-port-dependent filtering.
+    PortRestrictedCone,
+    /// A mapping (random port) per destination, filtered to it.
+    Symmetric,
+    /// Endpoint-independent mapping and filtering.
+    FullCone,
+}
+
+/// Whether a mapping or a filter depends on the remote endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dependence {
+    Independent,
+    AddressAndPort,
+}
+
+/// (mapping, filtering) of a NAT kind; None for no NAT.
+fn behaviour(kind: NatKind) -> Option<(Dependence, Dependence)> {
+    use Dependence::*;
+    match kind {
+        NatKind::Public => None,
+        NatKind::PortRestrictedCone => Some((Independent, AddressAndPort)),
+        NatKind::Symmetric => Some((AddressAndPort, AddressAndPort)),
+        NatKind::FullCone => Some((Independent, Independent)),
+    }
+}
+
+/// A site: its router and its link to the internet.
+#[derive(Debug, Clone, Copy)]
+pub struct SiteSpec {
+    pub kind: NatKind,
+    pub nodes: usize,
+    /// One-way latency of its link to the internet.
+    pub latency: Duration,
+    /// Probability that a datagram over its link is lost.
+    pub loss: f64,
+}
+
+impl SiteSpec {
+    pub fn new(kind: NatKind, nodes: usize) -> SiteSpec {
+        SiteSpec {
+            kind,
+            nodes,
+            latency: Duration::from_millis(5),
+            loss: 0.0,
+        }
+    }
+}
+
+struct Mapping {
+    lan: SocketAddr,
+    /// Remote endpoints this mapping sent to (what filtering lets in).
+    sent_to: BTreeSet<SocketAddr>,
+}
+
+/// A site's router: a NAT of one kind on one public address.
+struct Router {
+    kind: NatKind,
+    public: IpAddr,
+    /// (LAN endpoint, remote if the mapping depends on it) -> public port.
+    out: BTreeMap<(SocketAddr, Option<SocketAddr>), u16>,
+    by_port: BTreeMap<u16, Mapping>,
+}
+
+impl Router {
+    fn new(kind: NatKind, public: IpAddr) -> Router {
+        Router {
+            kind,
+            public,
+            out: BTreeMap::new(),
+            by_port: BTreeMap::new(),
+        }
+    }
+
+    /// The public source of a datagram from `lan` to `to`.
+    fn outbound(&mut self, lan: SocketAddr, to: SocketAddr, rng: &mut StdRng) -> SocketAddr {
+        let Some((mapping, _)) = behaviour(self.kind) else {
+            return lan;
+        };
+        let key = (lan, (mapping == Dependence::AddressAndPort).then_some(to));
+        let port = match self.out.get(&key) {
+            Some(p) => *p,
+            None => {
+                // Cones keep the source port when it is free (Linux does).
+                let mut p = lan.port();
+                if mapping == Dependence::AddressAndPort || self.by_port.contains_key(&p) {
+                    p = loop {
+                        let c = rng.gen_range(20_000..60_000);
+                        if !self.by_port.contains_key(&c) {
+                            break c;
+                        }
+                    };
+                }
+                self.out.insert(key, p);
+                let sent_to = BTreeSet::new();
+                self.by_port.insert(p, Mapping { lan, sent_to });
+                p
+            }
+        };
+        if let Some(m) = self.by_port.get_mut(&port) {
+            m.sent_to.insert(to);
+        }
+        SocketAddr::new(self.public, port)
+    }
+
+    /// Where a datagram from `from` to our public `port` goes, if anywhere.
+    fn inbound(&self, port: u16, from: SocketAddr) -> Option<SocketAddr> {
+        let (_, filtering) = behaviour(self.kind)?;
+        let m = self.by_port.get(&port)?;
+        let open = filtering == Dependence::Independent || m.sent_to.contains(&from);
+        open.then_some(m.lan)
+    }
+
+    /// conntrack -F: every mapping forgotten.
+    fn flush(&mut self) {
+        self.out.clear();
+        self.by_port.clear();
+    }
+}
+
+struct Site {
+    spec: SiteSpec,
+    router: Router,
+}
+
+/// The NetIo of a simulated node: what it sent and delivered.
+#[derive(Default)]
+struct SimIo {
+    slot: Vec<u8>,
+    out: Vec<(SocketAddr, Vec<u8>)>,
+    pods: u64,
+}
+
+impl Io for SimIo {
+    fn datagram(&mut self) -> &mut [u8] {
+        if self.slot.len() < MAX_DATAGRAM {
+            self.slot.resize(MAX_DATAGRAM, 0);
+        }
+        &mut self.slot
+    }
+
+    fn commit(&mut self, to: PathAddr, len: usize) {
+        self.out.push((to.remote, self.slot[..len].to_vec()));
+    }
+
+    fn pod(&mut self, _frame: &mut [u8], _csum: Csum) {
+        self.pods += 1;
+    }
+
+    fn host(&mut self, _packet: &mut [u8], _csum: Csum) {}
+}
+
+impl NetIo for SimIo {
+    fn transmit(&mut self, t: Transmit<'_>) {
+        if t.via == Sock::Udp {
+            self.out.push((t.to, t.data.to_vec()));
+        }
+    }
+}
+
+pub struct SimNode {
+    pub stack: Stack,
+    io: SimIo,
+    pub site: usize,
+    pub lan: SocketAddr,
+    pub info: PeerInfo,
+}
+
+/// A datagram in flight to `to` (a public or LAN address), sent by node
+/// `sender` (None: the TURN server).
+struct Flight {
+    from: SocketAddr,
+    to: SocketAddr,
+    data: Vec<u8>,
+    sender: Option<usize>,
+    /// The site whose link it still crosses on arrival (None: LAN).
+    via_site: Option<usize>,
+}
+
+struct Relay {
+    proto: ServerProto,
+    up: bool,
+    relays: BTreeSet<SocketAddr>,
+    next_port: u16,
+    wake: Instant,
+}
+
+impl Relay {
+    fn new(now: Instant) -> Relay {
+        let mut proto = ServerProto::new(TransportType::Udp, turn_addr(), "evio-sim".into());
+        proto.add_user(TURN_USER.into(), TURN_PASSWORD.into());
+        Relay {
+            proto,
+            up: true,
+            relays: BTreeSet::new(),
+            next_port: 49_152,
+            wake: now,
+        }
+    }
+}
+
+/// The simulated world.
+pub struct Sim {
+    pub now: Instant,
+    start: Instant,
+    rng: StdRng,
+    sites: Vec<Site>,
+    pub nodes: Vec<SimNode>,
+    turn: Relay,
+    queue: BinaryHeap<Reverse<(Instant, u64)>>,
+    flights: HashMap<u64, Flight>,
+    seq: u64,
+    /// Node pairs whose direct datagrams are dropped (both ways).
+    blocked: BTreeSet<(usize, usize)>,
+    store_due: Option<Instant>,
+    /// A hash of every delivery (time, endpoints, size): equal for equal
+    /// runs.
+    trace: DefaultHasher,
+    pub deliveries: u64,
+}
+
+/// How long the store takes to tell every node about a change.
+const STORE_DELAY: Duration = Duration::from_millis(50);
+const LAN_LATENCY: Duration = Duration::from_micros(200);
+
+fn sio(base: Instant, t: Instant) -> SioInstant {
+    SioInstant::from_nanos(t.saturating_duration_since(base).as_nanos() as i64)
+}
+
+impl Sim {
+    /// Sites in order; nodes are numbered site by site.
+    pub fn new(seed: u64, sites: &[SiteSpec]) -> Sim {
+        // Any fixed instant will do: only differences are used.
+        let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut sim = Sim {
+            now,
+            start: now,
+            sites: Vec::new(),
+            nodes: Vec::new(),
+            turn: Relay::new(now),
+            queue: BinaryHeap::new(),
+            flights: HashMap::new(),
+            seq: 0,
+            blocked: BTreeSet::new(),
+            store_due: Some(now),
+            trace: DefaultHasher::new(),
+            deliveries: 0,
+            rng: StdRng::seed_from_u64(rng.gen()),
+        };
+        for (s, spec) in sites.iter().enumerate() {
+            let public = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10 + s as u8));
+            sim.sites.push(Site {
+                spec: *spec,
+                router: Router::new(spec.kind, public),
+            });
+            for _ in 0..spec.nodes {
+                let n = sim.nodes.len();
+                let node = sim.make_node(n, s, &mut rng);
+                sim.nodes.push(node);
+            }
+        }
+        let now = sim.now;
+        for n in &mut sim.nodes {
+            let lan = n.lan;
+            n.stack.set_local_candidates(now, vec![lan]);
+        }
+        sim
+    }
+
+    fn make_node(&self, n: usize, site: usize, rng: &mut StdRng) -> SimNode {
+        let spec = self.sites[site].spec;
+        let lan = if spec.kind == NatKind::Public {
+            SocketAddr::from(([203, 0, 113, 100 + n as u8], PORT))
+        } else {
+            SocketAddr::from(([192, 168, site as u8, 2 + n as u8], PORT))
+        };
+        let keys = StaticKeys::from_rng(rng);
+        let subnet = ipnet::Ipv4Net::new(Ipv4Addr::new(10, 244, n as u8, 0), 24)
+            .map(ipnet::IpNet::V4)
+            .unwrap_or_default();
+        let info = PeerInfo {
+            node: format!("n{n}"),
+            key: *keys.public(),
+            pod_subnet: subnet,
+            host_addr: None,
+            candidates: Vec::new(),
+            stale: false,
+        };
+        let cfg = OverlayConfig::new("sim", subnet, 1380);
+        let overlay = Overlay::new(self.now, cfg, Identity::new(keys, None, "sim"), rng.gen());
+        let nat = Nat::new(
+            self.now,
+            NatConfig {
+                port: PORT,
+                stun: Vec::new(),
+                turn: vec![TurnServer {
+                    server: turn_addr(),
+                    transport: TurnTransport::Udp,
+                    username: TURN_USER.into(),
+                    password: TURN_PASSWORD.into(),
+                }],
+            },
+            rng.gen(),
+        );
+        SimNode {
+            stack: Stack::new(overlay, nat),
+            io: SimIo::default(),
+            site,
+            lan,
+            info,
+        }
+    }
+
+    fn wall(&self) -> Duration {
+        Duration::from_secs(1_700_000_000) + self.now.duration_since(self.start)
+    }
+
+    /// Time since the start of the run.
+    pub fn elapsed(&self) -> Duration {
+        self.now.duration_since(self.start)
+    }
+
+    /// A hash of the run so far: equal seeds give equal values.
+    pub fn fingerprint(&self) -> u64 {
+        self.trace.finish()
+    }
+}
+
+impl Sim {
+    /// Runs for `d` of simulated time.
+    pub fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        let _ = self.run_until(end, |_| false);
+    }
+
+    /// Runs until `done` holds (checked after every step) or `limit` of
+    /// simulated time passed; returns the time it took.
+    pub fn run_until_ok(
+        &mut self,
+        limit: Duration,
+        done: impl Fn(&Sim) -> bool,
+    ) -> Option<Duration> {
+        let t0 = self.now;
+        let end = self.now + limit;
+        self.run_until(end, done)
+            .then(|| self.now.duration_since(t0))
+    }
+
+    // A test harness: a livelock is a test failure, loudly.
+    #[allow(clippy::panic)]
+    fn run_until(&mut self, end: Instant, done: impl Fn(&Sim) -> bool) -> bool {
+        // Bounded: a livelock (a deadline that never moves) fails loudly.
+        for _ in 0..20_000_000u64 {
+            if done(self) {
+                return true;
+            }
+            let next = self.next_event();
+            if next > end {
+                self.now = end;
+                return done(self);
+            }
+            self.now = self.now.max(next);
+            self.step();
+        }
+        panic!("simulation livelock at {:?}", self.elapsed());
+    }
+
+    fn next_event(&self) -> Instant {
+        let mut t = self.turn.wake;
+        if let Some(Reverse((at, _))) = self.queue.peek() {
+            t = t.min(*at);
+        }
+        if let Some(s) = self.store_due {
+            t = t.min(s);
+        }
+        self.nodes
+            .iter()
+            .map(|n| n.stack.poll_timeout())
+            .fold(t, Instant::min)
+    }
+
+    /// Everything due at `now`.
+    fn step(&mut self) {
+        let now = self.now;
+        while let Some(Reverse((at, id))) = self.queue.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.queue.pop();
+            if let Some(f) = self.flights.remove(&id) {
+                self.arrive(f);
+            }
+        }
+        let wall = self.wall();
+        for i in 0..self.nodes.len() {
+            if now >= self.nodes[i].stack.poll_timeout() {
+                let n = &mut self.nodes[i];
+                n.stack.handle_timeout(now, wall, &mut n.io);
+                self.after(i);
+            }
+        }
+        if now >= self.turn.wake {
+            self.turn_poll();
+        }
+        if self.store_due.is_some_and(|t| now >= t) {
+            self.store_due = None;
+            self.publish_peers();
+        }
+    }
+
+    /// What node `i` sent and asked for after it ran.
+    fn after(&mut self, i: usize) {
+        let out = std::mem::take(&mut self.nodes[i].io.out);
+        for (to, data) in out {
+            self.send_from_node(i, to, data);
+        }
+        while let Some(e) = self.nodes[i].stack.poll_event() {
+            if let StackEvent::Candidates(c) = e {
+                self.nodes[i].info.candidates = c
+                    .into_iter()
+                    .map(|(addr, class)| Candidate { addr, class })
+                    .collect();
+                self.store_due.get_or_insert(self.now + STORE_DELAY);
+            }
+        }
+    }
+
+    /// The store tells every node the current peer set.
+    fn publish_peers(&mut self) {
+        let infos: Vec<PeerInfo> = self.nodes.iter().map(|n| n.info.clone()).collect();
+        let now = self.now;
+        for i in 0..self.nodes.len() {
+            self.nodes[i].stack.set_peers(now, &infos);
+            self.after(i);
+        }
+    }
+
+    fn schedule(&mut self, at: Instant, f: Flight) {
+        self.seq += 1;
+        self.flights.insert(self.seq, f);
+        self.queue.push(Reverse((at, self.seq)));
+    }
+
+    fn send_from_node(&mut self, i: usize, to: SocketAddr, data: Vec<u8>) {
+        let (site, lan) = (self.nodes[i].site, self.nodes[i].lan);
+        let same_lan = self.nodes.iter().any(|n| {
+            n.lan == to && n.site == site && self.sites[site].spec.kind != NatKind::Public
+        });
+        let flight = Flight {
+            from: lan,
+            to,
+            data,
+            sender: Some(i),
+            via_site: None,
+        };
+        if same_lan {
+            return self.schedule(self.now + LAN_LATENCY, flight);
+        }
+        if self.lost(site) {
+            return;
+        }
+        let from = self.sites[site].router.outbound(lan, to, &mut self.rng);
+        let at = self.now + self.sites[site].spec.latency;
+        self.schedule(at, Flight { from, ..flight });
+    }
+
+    fn lost(&mut self, site: usize) -> bool {
+        let p = self.sites[site].spec.loss;
+        p > 0.0 && self.rng.gen_bool(p)
+    }
+
+    /// A datagram reaches the internet side of its destination.
+    fn arrive(&mut self, f: Flight) {
+        if let Some(site) = f.via_site {
+            return self.arrive_at_site(site, f);
+        }
+        if f.to == turn_addr() || self.turn.relays.contains(&f.to) {
+            return self.turn_recv(f);
+        }
+        // A LAN delivery, a public node, or a router's public address.
+        if let Some(n) = self.nodes.iter().position(|n| n.lan == f.to) {
+            let site = self.nodes[n].site;
+            let public = self.sites[site].router.kind == NatKind::Public;
+            let same_site = f.sender.is_some_and(|s| self.nodes[s].site == site);
+            return match (same_site, public) {
+                (true, _) => self.deliver(n, f),
+                (false, true) => self.cross_link(site, f),
+                // A private address of another site leads nowhere.
+                (false, false) => {}
+            };
+        }
+        if let Some(site) = self.sites.iter().position(|s| s.router.public == f.to.ip()) {
+            self.cross_link(site, f);
+        }
+    }
+
+    /// Sends `f` over `site`'s link toward its router.
+    fn cross_link(&mut self, site: usize, f: Flight) {
+        if self.lost(site) {
+            return;
+        }
+        let at = self.now + self.sites[site].spec.latency;
+        self.schedule(
+            at,
+            Flight {
+                via_site: Some(site),
+                ..f
+            },
+        );
+    }
+
+    fn arrive_at_site(&mut self, site: usize, f: Flight) {
+        let router = &self.sites[site].router;
+        let lan = if router.kind == NatKind::Public {
+            Some(f.to)
+        } else if router.public == f.to.ip() {
+            router.inbound(f.to.port(), f.from)
+        } else {
+            None
+        };
+        let Some(lan) = lan else { return };
+        if let Some(n) = self
+            .nodes
+            .iter()
+            .position(|n| n.lan == lan && n.site == site)
+        {
+            self.deliver(n, Flight { to: lan, ..f });
+        }
+    }
+
+    fn deliver(&mut self, n: usize, f: Flight) {
+        if let Some(s) = f.sender {
+            if self.blocked.contains(&(s.min(n), s.max(n))) {
+                return;
+            }
+        }
+        (self.elapsed(), f.from, f.to, f.data.len()).hash(&mut self.trace);
+        self.deliveries += 1;
+        let now = self.now;
+        let node = &mut self.nodes[n];
+        node.stack
+            .handle_datagram(now, f.from, &f.data, &mut node.io);
+        self.after(n);
+    }
+}
+
+impl Sim {
+    fn turn_recv(&mut self, f: Flight) {
+        if !self.turn.up {
+            return;
+        }
+        (self.elapsed(), f.from, f.to, f.data.len()).hash(&mut self.trace);
+        let t = sio(self.start, self.now);
+        let tr = ServerTransmit::new(&f.data[..], TransportType::Udp, f.from, f.to);
+        if let Some(out) = self.turn.proto.recv(tr, t) {
+            // turn-server-proto 0.7.3 addresses its Binding answers to its
+            // own listening address (handle_stun_binding sends to
+            // `transmit.to`): they go back to the sender, as coturn's do.
+            let to = if out.to == turn_addr() {
+                f.from
+            } else {
+                out.to
+            };
+            let from = out.from;
+            let data = out.data.build();
+            self.send_from_internet(from, to, data);
+        }
+        self.turn_poll();
+    }
+
+    /// The server's timers, socket allocations and queued answers.
+    fn turn_poll(&mut self) {
+        let t = sio(self.start, self.now);
+        self.turn.wake = self.now + Duration::from_secs(3600);
+        if !self.turn.up {
+            return;
+        }
+        loop {
+            match self.turn.proto.poll(t) {
+                TurnServerPollRet::WaitUntil(w) => {
+                    let w = self.start + Duration::from_nanos(w.as_nanos().max(0) as u64);
+                    self.turn.wake = w.max(self.now + Duration::from_millis(1));
+                    break;
+                }
+                TurnServerPollRet::AllocateSocket {
+                    transport,
+                    listen_addr,
+                    client_addr,
+                    allocation_transport,
+                    family,
+                } => {
+                    let relay = SocketAddr::new(turn_addr().ip(), self.turn.next_port);
+                    self.turn.next_port += 1;
+                    self.turn.relays.insert(relay);
+                    self.turn.proto.allocated_socket(
+                        transport,
+                        listen_addr,
+                        client_addr,
+                        allocation_transport,
+                        family,
+                        Ok(relay),
+                        t,
+                    );
+                }
+                _ => {}
+            }
+        }
+        while let Some(tr) = self.turn.proto.poll_transmit(t) {
+            self.send_from_internet(tr.from, tr.to, tr.data);
+        }
+    }
+
+    fn send_from_internet(&mut self, from: SocketAddr, to: SocketAddr, data: Vec<u8>) {
+        let f = Flight {
+            from,
+            to,
+            data,
+            sender: None,
+            via_site: None,
+        };
+        self.arrive(f);
+    }
+}
+
+/// What the tests change in the world.
+impl Sim {
+    /// The router of node `n`'s site forgets every mapping.
+    pub fn flush_nat(&mut self, n: usize) {
+        let site = self.nodes[n].site;
+        self.sites[site].router.flush();
+    }
+
+    /// Node `n`'s site gets a new public address (and forgets mappings).
+    pub fn change_public_address(&mut self, n: usize) {
+        let site = self.nodes[n].site;
+        let r = &mut self.sites[site].router;
+        if let IpAddr::V4(a) = r.public {
+            let o = a.octets();
+            r.public = IpAddr::V4(Ipv4Addr::new(o[0], o[1], o[2], o[3].wrapping_add(100)));
+        }
+        r.flush();
+    }
+
+    /// Node `n`'s site's NAT becomes `kind` (new mappings follow it).
+    pub fn set_nat(&mut self, n: usize, kind: NatKind) {
+        let site = self.nodes[n].site;
+        self.sites[site].router.kind = kind;
+        self.sites[site].router.flush();
+    }
+
+    /// Drops (or stops dropping) direct datagrams between `a` and `b`.
+    pub fn block(&mut self, a: usize, b: usize, on: bool) {
+        let k = (a.min(b), a.max(b));
+        if on {
+            self.blocked.insert(k);
+        } else {
+            self.blocked.remove(&k);
+        }
+    }
+
+    /// Stops the TURN server, or starts a fresh one (it forgot every
+    /// allocation, as a restarted coturn has).
+    pub fn turn_up(&mut self, up: bool) {
+        if up && !self.turn.up {
+            let next_port = self.turn.next_port;
+            self.turn = Relay::new(self.now);
+            self.turn.next_port = next_port;
+        }
+        self.turn.up = up;
+    }
+
+    /// The state `from` reports for `to`.
+    pub fn path(&self, from: usize, to: usize) -> Option<&'static str> {
+        let name = format!("n{to}");
+        let st = self.nodes[from].stack.overlay.status();
+        let p = st.iter().find(|s| s.node == name)?;
+        match (p.state, p.relayed) {
+            (PeerState::Connected, Some(true)) => Some("relay"),
+            (PeerState::Connected, Some(false)) => Some("direct"),
+            _ => None,
+        }
+    }
+
+    /// Sends a pod frame from node `a` to a pod of node `b` every 200 ms
+    /// until one arrives (a ping): how long that took, within `limit`.
+    pub fn ping(&mut self, a: usize, b: usize, limit: Duration) -> Option<Duration> {
+        let ip = |n: usize| Ipv4Addr::new(10, 244, n as u8, 2);
+        let udp = [0x30, 0x39, 0x30, 0x3a, 0, 12, 0, 0, b'p', b'i', b'n', b'g'];
+        let frame = crate::packet::pod_ipv4_frame(ip(a), ip(b), crate::packet::IPPROTO_UDP, &udp)?;
+        let (t0, before) = (self.now, self.nodes[b].io.pods);
+        while self.now < t0 + limit {
+            let now = self.now;
+            let n = &mut self.nodes[a];
+            let hdr = crate::offload::VnetHdr::default();
+            n.stack.from_pod(now, &hdr, &frame, &mut n.io);
+            self.after(a);
+            let arrived = |s: &Sim| s.nodes[b].io.pods > before;
+            if self
+                .run_until_ok(Duration::from_millis(200), arrived)
+                .is_some()
+            {
+                return Some(self.now.duration_since(t0));
+            }
+        }
+        None
+    }
+
+    pub fn kind_of(&self, n: usize) -> NatKind {
+        self.sites[self.nodes[n].site].router.kind
+    }
+}
+
+/// Seeds for a test: `EVIO_SIM_SEED` replays one, else `0..count`.
+pub fn seeds(count: u64) -> Vec<u64> {
+    match std::env::var("EVIO_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        Some(s) => vec![s],
+        None => (0..count).collect(),
+    }
+}
+
+/// A seed for a node's overlay (tests that build nodes by hand).
+pub fn node_seed(n: u64) -> crate::crypto::Seed {
+    seed_from_u64(n)
+}

@@ -1,0 +1,295 @@
+//! One node's overlay and NAT layer together, sans-IO: what the agent's
+//! engine thread and the simulator both run. It takes datagrams, TCP bytes
+//! of TURN connections, frames and time; it hands back datagrams, frames
+//! and [`StackEvent`]s through [`NetIo`] and [`Stack::poll_event`]. The
+//! rules that join the two layers live here once: the first-byte demux,
+//! relayed datagrams in and out, which engine events renew an allocation or
+//! gather candidates again, our candidate list, the peers' public IPs that
+//! allocations permit.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::engine::{Event, Io, Overlay, PeerInfo, MAX_DATAGRAM};
+use crate::nat::{Datagram, Nat, NatEvent, Transmit};
+use crate::offload::{Csum, VnetHdr};
+use crate::path::{Class, PathAddr, Via};
+use crate::wire::{self, Demux};
+
+/// [`Io`], plus raw transmits of the NAT layer (STUN, TURN control,
+/// relayed datagrams framed for the server).
+pub trait NetIo: Io {
+    fn transmit(&mut self, t: Transmit<'_>);
+}
+
+/// What the caller acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StackEvent {
+    /// Our candidates changed: publish them.
+    Candidates(Vec<(SocketAddr, Class)>),
+    /// Open a TCP connection to TURN server `conn` at `to`.
+    TcpConnect { conn: usize, to: SocketAddr },
+    /// Close the TCP connection of TURN server `conn`.
+    TcpClose { conn: usize },
+    /// A peer came up or went down (for logs and tests).
+    Peer(Event),
+}
+
+pub struct Stack {
+    pub overlay: Overlay,
+    pub nat: Nat,
+    local: Vec<SocketAddr>,
+    /// Where relayed datagrams are framed for the TURN server.
+    relay_buf: Vec<u8>,
+    /// Where datagrams relayed over TCP are copied out of the stream.
+    tcp_buf: Vec<u8>,
+    events: VecDeque<StackEvent>,
+}
+
+/// The caller's [`NetIo`] with relayed sends framed by the NAT layer.
+struct Relaying<'a> {
+    io: &'a mut dyn NetIo,
+    nat: &'a mut Nat,
+    buf: &'a mut [u8],
+    now: Instant,
+}
+
+impl Io for Relaying<'_> {
+    fn datagram(&mut self) -> &mut [u8] {
+        self.io.datagram()
+    }
+
+    fn commit(&mut self, to: PathAddr, len: usize) {
+        let Via::Turn(i) = to.via else {
+            return self.io.commit(to, len);
+        };
+        let payload = &self.io.datagram()[..len];
+        if let Some((via, server, n)) = self.nat.relay(self.now, i, to.remote, payload, self.buf) {
+            self.io.transmit(Transmit {
+                via,
+                to: server,
+                data: &self.buf[..n],
+            });
+        }
+    }
+
+    fn pod(&mut self, frame: &mut [u8], csum: Csum) {
+        self.io.pod(frame, csum);
+    }
+
+    fn host(&mut self, packet: &mut [u8], csum: Csum) {
+        self.io.host(packet, csum);
+    }
+}
+
+/// Addresses a TURN server need not permit: they never reach it.
+fn is_private(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_private() || a.is_loopback() || a.is_link_local(),
+        IpAddr::V6(a) => a.is_loopback() || (a.segments()[0] & 0xfe00) == 0xfc00,
+    }
+}
+
+impl Stack {
+    pub fn new(overlay: Overlay, nat: Nat) -> Stack {
+        Stack {
+            overlay,
+            nat,
+            local: Vec::new(),
+            relay_buf: vec![0; MAX_DATAGRAM + 64],
+            tcp_buf: vec![0; 1 << 16],
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Splits `self` for a call into the overlay whose relayed sends go
+    /// through the NAT layer.
+    fn parts<'a>(
+        &'a mut self,
+        now: Instant,
+        io: &'a mut dyn NetIo,
+    ) -> (&'a mut Overlay, Relaying<'a>) {
+        let io = Relaying {
+            io,
+            nat: &mut self.nat,
+            buf: &mut self.relay_buf,
+            now,
+        };
+        (&mut self.overlay, io)
+    }
+
+    /// A datagram from the UDP socket.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        d: &[u8],
+        io: &mut dyn NetIo,
+    ) {
+        match wire::demux(d) {
+            Demux::Stun | Demux::ChannelData => {
+                let got = self.nat.handle_datagram(now, from, d);
+                if let Datagram::Relayed(p, inner) = got {
+                    if wire::demux(inner) == Demux::Overlay {
+                        let (ov, mut rio) = self.parts(now, io);
+                        let _ = ov.from_network(now, p, inner, &mut rio);
+                    }
+                }
+                self.pump(now, io);
+            }
+            // Ours, or garbage the overlay counts as malformed.
+            Demux::Overlay | Demux::Unknown => {
+                let (ov, mut rio) = self.parts(now, io);
+                let _ = ov.from_network(now, PathAddr::direct(from), d, &mut rio);
+            }
+        }
+    }
+
+    /// Bytes from the TCP connection of TURN server `conn`.
+    pub fn handle_tcp_bytes(&mut self, now: Instant, conn: usize, d: &[u8], io: &mut dyn NetIo) {
+        self.nat.handle_tcp_bytes(now, conn, d);
+        while let Some((p, n)) = self.nat.poll_relayed(now, &mut self.tcp_buf) {
+            if wire::demux(&self.tcp_buf[..n]) != Demux::Overlay {
+                continue;
+            }
+            let mut rio = Relaying {
+                io: &mut *io,
+                nat: &mut self.nat,
+                buf: &mut self.relay_buf,
+                now,
+            };
+            let _ = self
+                .overlay
+                .from_network(now, p, &self.tcp_buf[..n], &mut rio);
+        }
+        self.pump(now, io);
+    }
+
+    pub fn tcp_connected(
+        &mut self,
+        now: Instant,
+        conn: usize,
+        local: SocketAddr,
+        io: &mut dyn NetIo,
+    ) {
+        self.nat.tcp_connected(now, conn, local);
+        self.pump(now, io);
+    }
+
+    pub fn tcp_closed(&mut self, now: Instant, conn: usize, why: &str, io: &mut dyn NetIo) {
+        self.nat.tcp_closed(now, conn, why);
+        self.pump(now, io);
+    }
+
+    /// A frame from the TAP.
+    pub fn from_pod(&mut self, now: Instant, hdr: &VnetHdr, frame: &[u8], io: &mut dyn NetIo) {
+        let (ov, mut rio) = self.parts(now, io);
+        ov.from_pod(now, hdr, frame, &mut rio);
+    }
+
+    /// A packet from the host-overlay TUN.
+    pub fn from_host(&mut self, now: Instant, hdr: &VnetHdr, packet: &[u8], io: &mut dyn NetIo) {
+        let (ov, mut rio) = self.parts(now, io);
+        ov.from_host(now, hdr, packet, &mut rio);
+    }
+
+    /// The peer set from the store: every allocation permits their public
+    /// addresses.
+    pub fn set_peers(&mut self, now: Instant, peers: &[PeerInfo]) {
+        let ips: BTreeSet<IpAddr> = peers
+            .iter()
+            .flat_map(|p| p.candidates.iter().map(|c| c.addr.ip()))
+            .filter(|ip| !is_private(ip))
+            .collect();
+        self.nat.set_peer_ips(now, ips);
+        self.overlay.set_peers(now, peers);
+    }
+
+    /// Our local-interface candidates (from the address watcher).
+    pub fn set_local_candidates(&mut self, now: Instant, local: Vec<SocketAddr>) {
+        if local != self.local {
+            self.local = local;
+            self.nat.gather_soon(now);
+            self.publish();
+        }
+    }
+
+    /// Our candidates: local, then reflexive and relayed, each address
+    /// once.
+    pub fn candidates(&self) -> Vec<(SocketAddr, Class)> {
+        let mut all: Vec<(SocketAddr, Class)> =
+            self.local.iter().map(|a| (*a, Class::Local)).collect();
+        for c in self.nat.candidates() {
+            if !all.iter().any(|(a, _)| *a == c.0) {
+                all.push(c);
+            }
+        }
+        all
+    }
+
+    fn publish(&mut self) {
+        self.overlay.set_relay_ips(self.nat.relay_ips());
+        self.events
+            .push_back(StackEvent::Candidates(self.candidates()));
+    }
+
+    /// When [`Stack::handle_timeout`] must run next.
+    pub fn poll_timeout(&self) -> Instant {
+        self.overlay.poll_timeout().min(self.nat.poll_timeout())
+    }
+
+    /// Runs the timers that are due.
+    pub fn handle_timeout(&mut self, now: Instant, wall: Duration, io: &mut dyn NetIo) {
+        if now >= self.overlay.poll_timeout() {
+            let (ov, mut rio) = self.parts(now, io);
+            ov.handle_timeout(now, wall, &mut rio);
+        }
+        self.pump(now, io);
+    }
+
+    pub fn poll_event(&mut self) -> Option<StackEvent> {
+        self.events.pop_front()
+    }
+
+    /// Carries events between the layers and sends what the NAT layer
+    /// queued.
+    fn pump(&mut self, now: Instant, io: &mut dyn NetIo) {
+        while let Some(e) = self.overlay.poll_event() {
+            match e {
+                Event::ActivePathLost { .. } => self.nat.gather_soon(now),
+                Event::RelaySuspect(i) => self.nat.renew(now, usize::from(i)),
+                Event::PeerUp { .. } | Event::PeerDown { .. } => {
+                    tracing::info!(event = ?e, "peer");
+                    self.events.push_back(StackEvent::Peer(e));
+                }
+            }
+        }
+        if now >= self.nat.poll_timeout() {
+            self.nat.handle_timeout(now);
+        }
+        while let Some(e) = self.nat.poll_event() {
+            match e {
+                NatEvent::CandidatesChanged => self.publish(),
+                NatEvent::TcpConnect { conn, to } => {
+                    self.events.push_back(StackEvent::TcpConnect { conn, to })
+                }
+                NatEvent::TcpClose { conn } => self.events.push_back(StackEvent::TcpClose { conn }),
+            }
+        }
+        while let Some(t) = self.nat.poll_transmit() {
+            io.transmit(t);
+        }
+    }
+
+    /// Starts deleting our TURN allocations; keep feeding datagrams,
+    /// TCP bytes and timeouts until [`Stack::shut_down`].
+    pub fn shutdown(&mut self, now: Instant, io: &mut dyn NetIo) {
+        self.nat.shutdown(now);
+        self.pump(now, io);
+    }
+
+    pub fn shut_down(&self) -> bool {
+        self.nat.shut_down()
+    }
+}

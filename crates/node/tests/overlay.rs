@@ -1190,7 +1190,10 @@ fn services_matrix(bridge: BridgeType) {
     let _dnsmasq = Dnsmasq::start(
         &c.nodes()[1].pods[1].pod.ns,
         dns,
-        &[("web.default.svc.cluster.local", "10.96.0.10".parse().unwrap())],
+        &[(
+            "web.default.svc.cluster.local",
+            "10.96.0.10".parse().unwrap(),
+        )],
     );
     let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
     let svcs = vec![
@@ -1209,17 +1212,32 @@ fn services_matrix(bridge: BridgeType) {
     let client = pod_ns(0, 0);
     for mode in [Mode::Iptables, Mode::Nftables] {
         for (i, n) in c.nodes().iter().enumerate() {
-            program(&n.ns, mode, &svcs, CLUSTER_CIDR, SERVICE_CIDR, &[lab_addrs[i]])
-                .unwrap_or_else(|e| panic!("{mode:?} on node {i}: {e}"));
+            program(
+                &n.ns,
+                mode,
+                &svcs,
+                CLUSTER_CIDR,
+                SERVICE_CIDR,
+                &[lab_addrs[i]],
+            )
+            .unwrap_or_else(|e| panic!("{mode:?} on node {i}: {e}"));
         }
         let seen = |to: SocketAddr| {
             peer_seen(&client, to).unwrap_or_else(|e| panic!("{bridge} {mode:?}: {to}: {e}"))
         };
-        assert_eq!(seen(sa(ip("10.96.0.10"), 80)), a, "{mode:?}: endpoint on another node");
+        assert_eq!(
+            seen(sa(ip("10.96.0.10"), 80)),
+            a,
+            "{mode:?}: endpoint on another node"
+        );
         assert_eq!(seen(sa(ip("10.96.0.11"), 80)), a, "{mode:?}: same node");
         // kube-proxy masquerades hairpin traffic: any source will do.
         seen(sa(ip("10.96.0.12"), 80));
-        assert_eq!(seen(sa(ip("10.96.0.1"), 443)), a, "{mode:?}: hostNetwork endpoint");
+        assert_eq!(
+            seen(sa(ip("10.96.0.1"), 443)),
+            a,
+            "{mode:?}: hostNetwork endpoint"
+        );
         for p in 0..2 {
             let pod = &c.nodes()[0].pods[p].pod.ns;
             for tcp in [false, true] {
@@ -1240,7 +1258,9 @@ fn services_matrix(bridge: BridgeType) {
 fn long_lived_connection_survives(c: &mut Cluster, bridge: BridgeType, client: &std::path::Path) {
     let to = sa("10.96.0.10".parse().unwrap(), 80);
     let same_node = sa("10.96.0.11".parse().unwrap(), 80);
-    let mut conn = Conn::open(client, to, Duration::from_secs(5)).unwrap();
+    // A generous timeout: after the agent restart TCP retransmits on its
+    // own backoff.
+    let mut conn = Conn::open(client, to, Duration::from_secs(20)).unwrap();
     conn.echo(256 * 1024).unwrap();
     // Break the Services path on node 0 as a vswitchd restart or an
     // operator would, and prove it broken with a new connection.
@@ -1256,8 +1276,16 @@ fn long_lived_connection_survives(c: &mut Cluster, bridge: BridgeType, client: &
         }
         BridgeType::Linux => {
             n0.ns.ok(&[
-                "ip", "link", "set", &n0.bridge, "type", "bridge", "nf_call_iptables", "0",
-                "nf_call_ip6tables", "0",
+                "ip",
+                "link",
+                "set",
+                &n0.bridge,
+                "type",
+                "bridge",
+                "nf_call_iptables",
+                "0",
+                "nf_call_ip6tables",
+                "0",
             ]);
         }
     }
@@ -1267,9 +1295,11 @@ fn long_lived_connection_survives(c: &mut Cluster, bridge: BridgeType, client: &
     );
     // evio-node run's repair puts it back.
     let run = run_daemon(c, 0);
-    wait("evio-node run restores the Services path", Duration::from_secs(20), || {
-        Conn::open(client, same_node, Duration::from_secs(1)).is_ok()
-    });
+    wait(
+        "evio-node run restores the Services path",
+        Duration::from_secs(20),
+        || Conn::open(client, same_node, Duration::from_secs(1)).is_ok(),
+    );
     drop(run);
     conn.echo(256 * 1024)
         .unwrap_or_else(|e| panic!("{bridge}: after the repair: {e}"));
@@ -1289,9 +1319,8 @@ fn run_daemon(c: &Cluster, i: usize) -> Daemon {
     let store = c.store_url();
     let conf = n.netconf_path.display().to_string();
     let dir = n.conf_dir.display().to_string();
-    let child = n
-        .ns
-        .command(&[
+    let child =
+        n.ns.command(&[
             NODE_BIN,
             "run",
             "--config",

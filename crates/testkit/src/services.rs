@@ -114,14 +114,42 @@ pub fn iptables_rules(services: &[Service], cluster_cidr: &str) -> String {
         "*filter\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n:KUBE-NODEPORTS - [0:0]\n",
     );
     for (chain, src, comment, extra) in [
-        ("KUBE-EXTERNAL-SERVICES", "INPUT", "kubernetes externally-visible service portals", "-m conntrack --ctstate NEW "),
-        ("KUBE-NODEPORTS", "INPUT", "kubernetes health check service ports", ""),
-        ("KUBE-SERVICES", "FORWARD", "kubernetes service portals", "-m conntrack --ctstate NEW "),
-        ("KUBE-EXTERNAL-SERVICES", "FORWARD", "kubernetes externally-visible service portals", "-m conntrack --ctstate NEW "),
+        (
+            "KUBE-EXTERNAL-SERVICES",
+            "INPUT",
+            "kubernetes externally-visible service portals",
+            "-m conntrack --ctstate NEW ",
+        ),
+        (
+            "KUBE-NODEPORTS",
+            "INPUT",
+            "kubernetes health check service ports",
+            "",
+        ),
+        (
+            "KUBE-SERVICES",
+            "FORWARD",
+            "kubernetes service portals",
+            "-m conntrack --ctstate NEW ",
+        ),
+        (
+            "KUBE-EXTERNAL-SERVICES",
+            "FORWARD",
+            "kubernetes externally-visible service portals",
+            "-m conntrack --ctstate NEW ",
+        ),
         ("KUBE-FORWARD", "FORWARD", "kubernetes forwarding rules", ""),
-        ("KUBE-SERVICES", "OUTPUT", "kubernetes service portals", "-m conntrack --ctstate NEW "),
+        (
+            "KUBE-SERVICES",
+            "OUTPUT",
+            "kubernetes service portals",
+            "-m conntrack --ctstate NEW ",
+        ),
     ] {
-        let _ = writeln!(f, "-A {src} {extra}-m comment --comment \"{comment}\" -j {chain}");
+        let _ = writeln!(
+            f,
+            "-A {src} {extra}-m comment --comment \"{comment}\" -j {chain}"
+        );
     }
     f.push_str("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n");
     f.push_str("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n");
@@ -138,9 +166,16 @@ pub fn iptables_rules(services: &[Service], cluster_cidr: &str) -> String {
     for (src, chain, comment) in [
         ("PREROUTING", "KUBE-SERVICES", "kubernetes service portals"),
         ("OUTPUT", "KUBE-SERVICES", "kubernetes service portals"),
-        ("POSTROUTING", "KUBE-POSTROUTING", "kubernetes postrouting rules"),
+        (
+            "POSTROUTING",
+            "KUBE-POSTROUTING",
+            "kubernetes postrouting rules",
+        ),
     ] {
-        let _ = writeln!(rules, "-A {src} -m comment --comment \"{comment}\" -j {chain}");
+        let _ = writeln!(
+            rules,
+            "-A {src} -m comment --comment \"{comment}\" -j {chain}"
+        );
     }
     rules.push_str("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n");
     rules.push_str("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n");
@@ -174,13 +209,28 @@ fn iptables_service(s: &Service, cluster_cidr: &str, chains: &mut Vec<String>, r
         let sep = format!("KUBE-SEP-{}", hash16(&format!("{pn}{proto}{ep}")));
         chains.push(sep.clone());
         let prob = if i + 1 < n {
-            format!("-m statistic --mode random --probability {:.10} ", 1.0 / (n - i) as f64)
+            format!(
+                "-m statistic --mode random --probability {:.10} ",
+                1.0 / (n - i) as f64
+            )
         } else {
             String::new()
         };
-        let _ = writeln!(r, "-A {svc} -m comment --comment \"{pn} -> {}\" {prob}-j {sep}", ep_str(ep));
-        let _ = writeln!(r, "-A {sep} -m comment --comment {pn} -s {} -j KUBE-MARK-MASQ", ep.ip());
-        let _ = writeln!(r, "-A {sep} -m comment --comment {pn} -m {proto} -p {proto} -j DNAT --to-destination {}", ep_str(ep));
+        let _ = writeln!(
+            r,
+            "-A {svc} -m comment --comment \"{pn} -> {}\" {prob}-j {sep}",
+            ep_str(ep)
+        );
+        let _ = writeln!(
+            r,
+            "-A {sep} -m comment --comment {pn} -s {} -j KUBE-MARK-MASQ",
+            ep.ip()
+        );
+        let _ = writeln!(
+            r,
+            "-A {sep} -m comment --comment {pn} -m {proto} -p {proto} -j DNAT --to-destination {}",
+            ep_str(ep)
+        );
     }
     if let Some(np) = s.node_port {
         chains.push(ext.clone());
@@ -208,7 +258,10 @@ pub fn nft_rules(
     let t = format!("{fam} kube-proxy");
     let mut o = String::new();
     let _ = writeln!(o, "add table {t} {{ comment \"rules for kube-proxy\" ; }}");
-    let _ = writeln!(o, "add set {t} cluster-ips {{ type {addr} ; comment \"Active ClusterIPs\" ; }}");
+    let _ = writeln!(
+        o,
+        "add set {t} cluster-ips {{ type {addr} ; comment \"Active ClusterIPs\" ; }}"
+    );
     let _ = writeln!(o, "add set {t} nodeport-ips {{ type {addr} ; comment \"IPs that accept NodePort traffic\" ; }}");
     let _ = writeln!(o, "add map {t} firewall-ips {{ type {addr} . inet_proto . inet_service : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }}");
     let _ = writeln!(o, "add map {t} no-endpoint-nodeports {{ type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ; }}");
@@ -278,16 +331,26 @@ fn nft_service(s: &Service, t: &str, ip: &str, cluster_cidr: &str, o: &mut Strin
     let svc = format!("service-{}-{base}", &h[..8]);
     let (cip, port) = (s.cluster_ip, s.port);
     let _ = writeln!(o, "add chain {t} {svc}");
-    let _ = writeln!(o, "add rule {t} {svc} {ip} daddr {cip} {ip} saddr != {cluster_cidr} jump mark-for-masquerade");
+    let _ = writeln!(
+        o,
+        "add rule {t} {svc} {ip} daddr {cip} {ip} saddr != {cluster_cidr} jump mark-for-masquerade"
+    );
     let mut vmap = Vec::new();
     for (i, ep) in s.endpoints.iter().enumerate() {
         let ep_s = match ep {
             SocketAddr::V4(a) => format!("{}/{}", a.ip(), a.port()),
             SocketAddr::V6(a) => format!("[{}]/{}", a.ip(), a.port()),
         };
-        let epc = format!("endpoint-{}-{base}__{ep_s}", &hash16(&format!("{}{proto}{ep}", s.port_name()))[..8]);
+        let epc = format!(
+            "endpoint-{}-{base}__{ep_s}",
+            &hash16(&format!("{}{proto}{ep}", s.port_name()))[..8]
+        );
         let _ = writeln!(o, "add chain {t} {epc}");
-        let _ = writeln!(o, "add rule {t} {epc} {ip} saddr {} jump mark-for-masquerade", ep.ip());
+        let _ = writeln!(
+            o,
+            "add rule {t} {epc} {ip} saddr {} jump mark-for-masquerade",
+            ep.ip()
+        );
         let to = match ep {
             SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
             SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
@@ -302,13 +365,19 @@ fn nft_service(s: &Service, t: &str, ip: &str, cluster_cidr: &str, o: &mut Strin
         vmap.join(" , ")
     );
     let _ = writeln!(o, "add element {t} cluster-ips {{ {cip} }}");
-    let _ = writeln!(o, "add element {t} service-ips {{ {cip} . {proto} . {port} : goto {svc} }}");
+    let _ = writeln!(
+        o,
+        "add element {t} service-ips {{ {cip} . {proto} . {port} : goto {svc} }}"
+    );
     if let Some(np) = s.node_port {
         let ext = format!("external-{}-{base}", &h[..8]);
         let _ = writeln!(o, "add chain {t} {ext}");
         let _ = writeln!(o, "add rule {t} {ext} jump mark-for-masquerade");
         let _ = writeln!(o, "add rule {t} {ext} goto {svc}");
-        let _ = writeln!(o, "add element {t} service-nodeports {{ {proto} . {np} : goto {ext} }}");
+        let _ = writeln!(
+            o,
+            "add element {t} service-nodeports {{ {proto} . {np} : goto {ext} }}"
+        );
     }
 }
 
@@ -321,29 +390,51 @@ pub enum Mode {
 
 /// Loads kube-proxy's rules for `mode` into `ns` after removing the other
 /// mode's (kube-proxy cleans up the mode it does not run).
-pub fn program(ns: &Netns, mode: Mode, services: &[Service], cluster_cidr: &str, service_cidr: &str, node_ips: &[IpAddr]) -> Result<(), String> {
+pub fn program(
+    ns: &Netns,
+    mode: Mode,
+    services: &[Service],
+    cluster_cidr: &str,
+    service_cidr: &str,
+    node_ips: &[IpAddr],
+) -> Result<(), String> {
     clear(ns);
     let v6 = cluster_cidr.contains(':');
     let (prog, text) = match mode {
         Mode::Iptables => (
-            if v6 { "ip6tables-restore" } else { "iptables-restore" },
+            if v6 {
+                "ip6tables-restore"
+            } else {
+                "iptables-restore"
+            },
             iptables_rules(services, cluster_cidr),
         ),
-        Mode::Nftables => ("nft", nft_rules(services, cluster_cidr, service_cidr, node_ips)),
+        Mode::Nftables => (
+            "nft",
+            nft_rules(services, cluster_cidr, service_cidr, node_ips),
+        ),
     };
     let args: &[&str] = match mode {
         Mode::Iptables => &[prog, "--noflush"],
         Mode::Nftables => &[prog, "-f", "-"],
     };
     let mut cmd = ns.command(args);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| format!("spawn {prog}: {e}"))?;
     if let Some(mut i) = child.stdin.take() {
-        i.write_all(text.as_bytes()).map_err(|e| format!("{prog} stdin: {e}"))?;
+        i.write_all(text.as_bytes())
+            .map_err(|e| format!("{prog} stdin: {e}"))?;
     }
-    let out = child.wait_with_output().map_err(|e| format!("{prog}: {e}"))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{prog}: {e}"))?;
     if !out.status.success() {
-        return Err(format!("{prog} refused the rules: {}\n{text}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "{prog} refused the rules: {}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(())
 }
@@ -376,7 +467,9 @@ impl PeerServer {
     pub fn start(ns_path: PathBuf, addr: SocketAddr) -> PeerServer {
         let listener = run_in_netns_path(&ns_path, || TcpListener::bind(addr))
             .unwrap_or_else(|e| panic!("listen on {addr}: {e}"));
-        listener.set_nonblocking(true).unwrap_or_else(|e| panic!("{e}"));
+        listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("{e}"));
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -413,7 +506,11 @@ fn echo(mut conn: TcpStream, peer: SocketAddr, stop: &AtomicBool) {
                     return;
                 }
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return,
         }
     }
@@ -438,14 +535,22 @@ pub struct Conn {
 impl Conn {
     /// Connects to `to` from `ns_path` within `timeout` and reads the
     /// endpoint's `PEER` line.
-    pub fn open(ns_path: &std::path::Path, to: SocketAddr, timeout: Duration) -> Result<Conn, String> {
+    pub fn open(
+        ns_path: &std::path::Path,
+        to: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Conn, String> {
         let s = run_in_netns_path(ns_path, || TcpStream::connect_timeout(&to, timeout))
             .map_err(|e| format!("connect to {to}: {e}"))?;
-        s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-        s.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
         let mut reader = BufReader::new(s);
         let mut line = String::new();
-        reader.read_line(&mut line).map_err(|e| format!("read from {to}: {e}"))?;
+        reader
+            .read_line(&mut line)
+            .map_err(|e| format!("read from {to}: {e}"))?;
         let peer = line
             .strip_prefix("PEER ")
             .and_then(|p| p.trim().parse().ok())
@@ -456,15 +561,25 @@ impl Conn {
     /// Sends `n` bytes and reads them back.
     pub fn echo(&mut self, n: usize) -> Result<(), String> {
         let data: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
-        let mut w = self.reader.get_ref().try_clone().map_err(|e| e.to_string())?;
+        let mut w = self
+            .reader
+            .get_ref()
+            .try_clone()
+            .map_err(|e| e.to_string())?;
         let writer = std::thread::spawn(move || w.write_all(&data));
         let mut got = vec![0u8; n];
-        self.reader.read_exact(&mut got).map_err(|e| format!("echo read: {e}"))?;
+        self.reader
+            .read_exact(&mut got)
+            .map_err(|e| format!("echo read: {e}"))?;
         writer
             .join()
             .map_err(|_| "writer panicked".to_string())?
             .map_err(|e| format!("echo write: {e}"))?;
-        if got.iter().enumerate().any(|(i, b)| *b != b'a' + (i % 26) as u8) {
+        if got
+            .iter()
+            .enumerate()
+            .any(|(i, b)| *b != b'a' + (i % 26) as u8)
+        {
             return Err("echo returned other bytes".into());
         }
         Ok(())
@@ -505,7 +620,9 @@ impl Dnsmasq {
         }
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut cmd: Command = ns.command(&argv);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn dnsmasq: {e}"));
         // Ready once it answers on TCP.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -515,7 +632,10 @@ impl Dnsmasq {
         })
         .is_err()
         {
-            assert!(Instant::now() < deadline, "dnsmasq did not come up on {listen}");
+            assert!(
+                Instant::now() < deadline,
+                "dnsmasq did not come up on {listen}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Dnsmasq { child }
@@ -539,9 +659,16 @@ pub fn dig(ns: &Netns, server: IpAddr, name: &str, tcp: bool) -> Result<Vec<Stri
     let out = ns.exec(&args);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     if !out.status.success() || text.contains("timed out") || text.contains("no servers") {
-        return Err(format!("dig {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "dig {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
-    Ok(text.lines().map(str::to_string).filter(|l| !l.is_empty()).collect())
+    Ok(text
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect())
 }
 
 #[cfg(test)]

@@ -473,6 +473,9 @@ fn check_bridge(f: &mut Findings, net: &Network, inv: &Inventory) {
 /// and options (Linux bridge), evio's conntrack flows (OVS).
 fn check_services(f: &mut Findings, net: &Network, inv: &Inventory) {
     let bridge = net.conf.bridge.clone();
+    // Off or missing hurts only once pods use the bridge (the next ADD
+    // repairs it); a kernel without bridge netfilter always matters.
+    let pods = !inv.veths.is_empty();
     match &inv.services {
         ServicesPath::NoBridge => {}
         ServicesPath::Linux { netfilter: false, .. } => f.add(
@@ -485,7 +488,7 @@ fn check_services(f: &mut Findings, net: &Network, inv: &Inventory) {
             nf_call_ip6tables,
             ..
         } => {
-            if *nf_call_iptables != Some(true) || *nf_call_ip6tables != Some(true) {
+            if pods && (*nf_call_iptables != Some(true) || *nf_call_ip6tables != Some(true)) {
                 f.add(
                     Kind::ServicesBroken,
                     bridge,
@@ -495,7 +498,7 @@ fn check_services(f: &mut Findings, net: &Network, inv: &Inventory) {
                 );
             }
         }
-        ServicesPath::Flows { missing, extra } if *missing > 0 || *extra > 0 => f.add(
+        ServicesPath::Flows { missing, extra } if pods && (*missing > 0 || *extra > 0) => f.add(
             Kind::ServicesBroken,
             bridge,
             format!(
@@ -503,11 +506,12 @@ fn check_services(f: &mut Findings, net: &Network, inv: &Inventory) {
             ),
         ),
         ServicesPath::Flows { .. } => {}
-        ServicesPath::Unavailable { why } => f.add(
+        ServicesPath::Unavailable { why } if pods => f.add(
             Kind::Unverifiable,
             bridge,
             format!("cannot read evio's OpenFlow flows: {why}"),
         ),
+        ServicesPath::Unavailable { .. } => {}
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod control;
 pub mod dataplane;
 pub mod device;
+pub mod hostroute;
 pub mod keys;
 pub mod metrics;
 pub mod netwatch;
@@ -257,6 +258,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         plugin: cfg.plugin.clone(),
         tap: cfg.tap_name.clone(),
         attached: false,
+        host_rule: None,
     };
     port::attach(&mut host, &cfg.plugin, &bridge, &cfg.tap_name)?;
     cleanup.attached = true;
@@ -283,6 +285,8 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             }
             host.set_up(link.index)
                 .map_err(|e| AgentError::Net(format!("bring up {}: {e}", cfg.host_interface)))?;
+            cleanup.host_rule = Some((addr, cfg.pod_cidr));
+            hostroute::install(&mut host, link.index, addr, cfg.pod_cidr, cfg.pod_subnet)?;
             Some(t)
         }
         None => None,
@@ -441,12 +445,22 @@ struct Cleanup {
     plugin: NetConf,
     tap: String,
     attached: bool,
+    /// The host-overlay address and pod CIDR of the policy rule installed.
+    host_rule: Option<(IpNet, IpNet)>,
 }
 
 impl Cleanup {
     fn run(&mut self) {
         if std::mem::take(&mut self.attached) {
             if let Err(e) = port::detach(&self.plugin, &self.tap) {
+                tracing::warn!("{e}");
+            }
+        }
+        if let Some((addr, cidr)) = self.host_rule.take() {
+            let removed = evio_net::Handle::new()
+                .map_err(|e| AgentError::Net(e.to_string()))
+                .and_then(|mut h| hostroute::remove(&mut h, addr, cidr));
+            if let Err(e) = removed {
                 tracing::warn!("{e}");
             }
         }

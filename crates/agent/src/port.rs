@@ -37,6 +37,11 @@ pub fn ensure_bridge(
     gateway: IpNet,
 ) -> Result<Link, AgentError> {
     let mut sw = evio_plugin::switch::for_conf(conf);
+    // The agent serves the host overlay too (what kubeadm join needs): a
+    // missing prerequisite of Services is logged, not fatal, here.
+    if let Err(e) = sw.prerequisites() {
+        tracing::warn!("{}", e.msg);
+    }
     let bridge = sw
         .ensure_bridge(host)
         .map_err(|e| AgentError::Port(format!("bridge {}: {}", conf.bridge, e.msg)))?;

@@ -102,6 +102,13 @@ pub struct NetConf {
     pub ipam_timeout: Duration,
     pub prev_result: Option<Value>,
     pub log_file: Option<PathBuf>,
+    /// Open vSwitch's run directory, where ovs-vswitchd listens for
+    /// OpenFlow on `<bridge>.mgmt` (`ovsRunDir`); `None`: the directory of
+    /// a `unix:` OVSDB socket, else /var/run/openvswitch.
+    pub ovs_run_dir: Option<PathBuf>,
+    /// The host overlay (`hostCIDR`): pod traffic to it is never
+    /// masqueraded, so a hostNetwork endpoint sees the client pod's own IP.
+    pub host_cidr: Option<IpNet>,
     pub valid_attachments: Option<Vec<ValidAttachment>>,
     /// The config exactly as received: what the IPAM delegate gets on stdin.
     pub raw: Vec<u8>,
@@ -287,6 +294,17 @@ impl NetConf {
                 }
             }
         }
+        let ovs_run_dir = opt_str(&o, "ovsRunDir")?
+            .filter(|s| !s.is_empty())
+            .map(|s| checked_path("ovsRunDir", s))
+            .transpose()?;
+        let host_cidr =
+            match opt_str(&o, "hostCIDR")? {
+                None | Some("") => None,
+                Some(s) => Some(s.parse::<IpNet>().map(|n| n.trunc()).map_err(|_| {
+                    CniError::invalid_config(format!("hostCIDR {s:?} is not a CIDR"))
+                })?),
+            };
         let valid_attachments = match o
             .get("cni.dev/valid-attachments")
             .or_else(|| o.get("cni.dev/attachments"))
@@ -313,6 +331,8 @@ impl NetConf {
             ipam_timeout,
             prev_result,
             log_file,
+            ovs_run_dir,
+            host_cidr,
             valid_attachments,
             raw: raw.to_vec(),
         })

@@ -1359,14 +1359,28 @@ fn agent_config_secrets_and_ovsdb_are_mounted_read_only() {
     let m = mount(&c, &vol.name).expect("the agent mounts OVSDB's directory");
     assert_eq!(m.mount_path.trim_end_matches('/'), dir);
     assert_eq!(m.read_only, Some(true));
-    // evio-cni's DaemonSet has no use for OVSDB (`run` watches the bridge
-    // through netlink), and a read-only mount would not stop connect(2):
-    // it does not mount the socket's directory at all.
+    // evio-cni's DaemonSet mounts it only into `evio-node run`, which puts
+    // evio's OpenFlow flows back through <bridge>.mgmt after a vswitchd
+    // restart (Kubernetes Services need them); no init container gets it.
     let main = pod_spec(&daemonset(&docs));
-    for v in main.volumes.as_deref().unwrap_or_default() {
-        let path = v.host_path.as_ref().map(|h| h.path.trim_end_matches('/'));
-        assert_ne!(path, Some(dir), "evio-cni mounts {dir} (volume {})", v.name);
+    let ovs = host_path_volume(&main, dir);
+    for c in main.init_containers.as_deref().unwrap_or_default() {
+        let mounts = c.volume_mounts.as_deref().unwrap_or_default();
+        assert!(
+            !mounts.iter().any(|m| m.name == ovs.name),
+            "init container {} mounts {dir}",
+            c.name
+        );
     }
+    let run = main
+        .containers
+        .iter()
+        .find(|c| c.name == "evio-node")
+        .expect("the evio-node container");
+    assert!(
+        mount(run, &ovs.name).is_some_and(|m| m.mount_path.trim_end_matches('/') == dir),
+        "evio-node run does not mount {dir}"
+    );
     // Every Secret is optional, owner-only, mounted read-only.
     for v in spec.volumes.as_deref().unwrap_or_default() {
         if let Some(sec) = &v.secret {

@@ -12,7 +12,7 @@ use evio_subnet::PodNetwork;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::collect::{Inventory, Masquerade, Ports, Veth};
+use crate::collect::{Inventory, Masquerade, Ports, ServicesPath, Veth};
 use crate::conf::Network;
 use crate::AttachmentId;
 
@@ -67,6 +67,10 @@ pub enum Kind {
     /// Another CNI config in the directory sorts before evio's: the
     /// runtime uses that one and pods never reach evio.
     ConflistShadowed,
+    /// Replies of Service traffic would bypass the host's conntrack:
+    /// evio's OVS flows missing or altered, the Linux bridge's netfilter
+    /// options off, or bridge netfilter missing from the kernel.
+    ServicesBroken,
 }
 
 impl Kind {
@@ -93,6 +97,7 @@ impl Kind {
             Kind::StoreNoRecord => "store-no-record",
             Kind::StoreMismatch => "store-mismatch",
             Kind::ConflistShadowed => "conflist-shadowed",
+            Kind::ServicesBroken => "services-broken",
         }
     }
 }
@@ -197,6 +202,7 @@ pub fn diagnose(
     check_ports(&mut f, net, inv);
     check_bridge(&mut f, net, inv);
     check_masquerade(&mut f, net, inv);
+    check_services(&mut f, net, inv);
     if let Some(valid) = valid {
         check_runtime_view(&mut f, net, inv, valid);
     }
@@ -463,6 +469,52 @@ fn check_bridge(f: &mut Findings, net: &Network, inv: &Inventory) {
     }
 }
 
+/// kube-proxy's NAT can be reversed for pods: the bridge netfilter module
+/// and options (Linux bridge), evio's conntrack flows (OVS).
+fn check_services(f: &mut Findings, net: &Network, inv: &Inventory) {
+    let bridge = net.conf.bridge.clone();
+    // Off or missing hurts only once pods use the bridge (the next ADD
+    // repairs it); a kernel without bridge netfilter always matters.
+    let pods = !inv.veths.is_empty();
+    match &inv.services {
+        ServicesPath::NoBridge => {}
+        ServicesPath::Linux { netfilter: false, .. } => f.add(
+            Kind::ServicesBroken,
+            bridge,
+            evio_plugin::switch::linux::NO_BRIDGE_NETFILTER.to_string(),
+        ),
+        ServicesPath::Linux {
+            nf_call_iptables,
+            nf_call_ip6tables,
+            ..
+        } => {
+            if pods && (*nf_call_iptables != Some(true) || *nf_call_ip6tables != Some(true)) {
+                f.add(
+                    Kind::ServicesBroken,
+                    bridge,
+                    format!(
+                        "nf_call_iptables {nf_call_iptables:?}, nf_call_ip6tables {nf_call_ip6tables:?}:                          Service replies between pods bypass the host's conntrack                          (`evio-node run` or the next ADD turns them on)"
+                    ),
+                );
+            }
+        }
+        ServicesPath::Flows { missing, extra } if pods && (*missing > 0 || *extra > 0) => f.add(
+            Kind::ServicesBroken,
+            bridge,
+            format!(
+                "{missing} of evio's OpenFlow flows missing or altered, {extra} stray                  (cookie 0x6576696f...): Service replies between pods bypass the host's                  conntrack (`evio-node run` or the next ADD restores them)"
+            ),
+        ),
+        ServicesPath::Flows { .. } => {}
+        ServicesPath::Unavailable { why } if pods => f.add(
+            Kind::Unverifiable,
+            bridge,
+            format!("cannot read evio's OpenFlow flows: {why}"),
+        ),
+        ServicesPath::Unavailable { .. } => {}
+    }
+}
+
 /// Masquerading matches `ipMasq` and the pod CIDR.
 fn check_masquerade(f: &mut Findings, net: &Network, inv: &Inventory) {
     let want_masq: BTreeSet<IpNet> = net.ranges.iter().map(|r| r.subnet.trunc()).collect();
@@ -678,7 +730,54 @@ mod tests {
             bridge: bridge(),
             ports: Ports::NotOvs,
             masquerade: Masquerade::Absent,
+            services: ServicesPath::Linux {
+                netfilter: true,
+                nf_call_iptables: Some(true),
+                nf_call_ip6tables: Some(true),
+            },
         }
+    }
+
+    #[test]
+    fn services_path_problems_name_the_fix() {
+        let n = net("linux", false);
+        let mut inv = healthy_linux();
+        inv.services = ServicesPath::Linux {
+            netfilter: false,
+            nf_call_iptables: None,
+            nf_call_ip6tables: None,
+        };
+        let p = diagnose(&n, &inv, None, None);
+        assert_eq!(kinds(&p), [Kind::ServicesBroken]);
+        assert!(
+            p[0].detail.contains("modprobe br_netfilter"),
+            "{}",
+            p[0].detail
+        );
+        inv.services = ServicesPath::Linux {
+            netfilter: true,
+            nf_call_iptables: Some(true),
+            nf_call_ip6tables: Some(false),
+        };
+        assert_eq!(
+            kinds(&diagnose(&n, &inv, None, None)),
+            [Kind::ServicesBroken]
+        );
+        inv.services = ServicesPath::Flows {
+            missing: 2,
+            extra: 0,
+        };
+        assert_eq!(
+            kinds(&diagnose(&n, &inv, None, None)),
+            [Kind::ServicesBroken]
+        );
+        inv.services = ServicesPath::Flows {
+            missing: 0,
+            extra: 0,
+        };
+        assert!(diagnose(&n, &inv, None, None).is_empty());
+        inv.services = ServicesPath::NoBridge;
+        assert!(diagnose(&n, &inv, None, None).is_empty());
     }
 
     fn kinds(p: &[Problem]) -> Vec<Kind> {

@@ -88,6 +88,25 @@ pub enum Masquerade {
     Unavailable(String),
 }
 
+/// What makes kube-proxy's NAT work across the bridge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum ServicesPath {
+    /// No bridge yet: nothing to check.
+    NoBridge,
+    /// Linux bridge: whether bridge netfilter is in the kernel and the
+    /// bridge's options (`None`: not reported).
+    Linux {
+        netfilter: bool,
+        nf_call_iptables: Option<bool>,
+        nf_call_ip6tables: Option<bool>,
+    },
+    /// OVS: evio's flows compared with the wanted ones.
+    Flows { missing: usize, extra: usize },
+    /// The flows could not be read; why.
+    Unavailable { why: String },
+}
+
 /// Everything found for one network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Inventory {
@@ -100,6 +119,7 @@ pub struct Inventory {
     pub bridge: Option<Bridge>,
     pub ports: Ports,
     pub masquerade: Masquerade,
+    pub services: ServicesPath,
 }
 
 /// Takes the inventory of `net` in the calling thread's network namespace.
@@ -130,6 +150,7 @@ pub fn collect(net: &Network) -> Result<Inventory> {
             None => {}
         }
     }
+    let services = services_path(net, links.iter().find(|l| l.name == net.conf.bridge));
     let bridge = match links.iter().find(|l| l.name == net.conf.bridge) {
         Some(l) => {
             let addresses = host
@@ -166,7 +187,36 @@ pub fn collect(net: &Network) -> Result<Inventory> {
         bridge,
         ports,
         masquerade,
+        services,
     })
+}
+
+fn services_path(net: &Network, bridge: Option<&evio_net::Link>) -> ServicesPath {
+    let Some(b) = bridge else {
+        return ServicesPath::NoBridge;
+    };
+    match net.conf.bridge_type {
+        BridgeType::Linux => ServicesPath::Linux {
+            netfilter: evio_net::bridge_netfilter_available(),
+            nf_call_iptables: b.bridge_nf.map(|n| n.iptables),
+            nf_call_ip6tables: b.bridge_nf.map(|n| n.ip6tables),
+        },
+        BridgeType::Ovs => {
+            let Some(mac) = b.mac else {
+                return ServicesPath::Unavailable {
+                    why: "the bridge has no MAC".into(),
+                };
+            };
+            let socket = evio_plugin::switch::flows::mgmt_socket(&net.conf, &b.name);
+            match evio_plugin::switch::flows::check(&socket, mac) {
+                Ok(c) => ServicesPath::Flows {
+                    missing: c.missing,
+                    extra: c.extra,
+                },
+                Err(e) => ServicesPath::Unavailable { why: e.to_string() },
+            }
+        }
+    }
 }
 
 /// host-local's allocations in `dir`, read by the same code as the

@@ -78,7 +78,19 @@ fn linux_bridge_node_orphans_are_found_and_healthy_pods_pass() {
     let net = format!("net-{}", node.name());
     let bridge = "evbr0";
     write_conflist(dir.path(), &net, bridge, json!({}));
-    node.ok(&["ip", "link", "add", bridge, "type", "bridge"]);
+    // As evio makes it: its own netfilter options on (Services need them).
+    node.ok(&[
+        "ip",
+        "link",
+        "add",
+        bridge,
+        "type",
+        "bridge",
+        "nf_call_iptables",
+        "1",
+        "nf_call_ip6tables",
+        "1",
+    ]);
     node.ok(&["ip", "link", "set", bridge, "up"]);
     node.ok(&["ip", "addr", "add", "10.244.3.1/16", "dev", bridge]);
 

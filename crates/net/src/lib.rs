@@ -16,8 +16,19 @@ mod netns;
 pub mod nft;
 pub mod sysctl;
 
+/// Where the kernel shows bridge netfilter's switches once the
+/// `br_netfilter` module is loaded (or built in); per network namespace.
+pub const BRIDGE_NF_SYSCTL: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
+/// Whether bridge netfilter (`br_netfilter`) is in the running kernel, as
+/// the calling thread's network namespace sees it. Without it a bridge's
+/// `nf_call_iptables` is accepted and does nothing.
+pub fn bridge_netfilter_available() -> bool {
+    std::path::Path::new(BRIDGE_NF_SYSCTL).exists()
+}
+
 pub use error::{Error, Result};
 pub use hash::fnv1a;
-pub use link::{Address, Family, Link, Route};
+pub use link::{Address, BridgeNf, Family, Link, Route, Rule};
 pub use netlink::Handle;
 pub use netns::{run_in_netns, NetnsFd, NetnsGuard};

@@ -5,7 +5,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoBridge, InfoData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -28,6 +30,19 @@ pub struct Link {
     /// Index of the bridge (or other master) this link is a port of.
     pub master: Option<u32>,
     pub alias: Option<String>,
+    /// A Linux bridge's per-bridge netfilter options (`nf_call_iptables`,
+    /// `nf_call_ip6tables`), when the kernel reports them (it does when
+    /// it is built with bridge netfilter).
+    pub bridge_nf: Option<BridgeNf>,
+}
+
+/// Whether a Linux bridge passes bridged IPv4 and IPv6 through the
+/// iptables/ip6tables (and nftables ip/ip6) hooks: what kube-proxy's NAT
+/// needs for pods on one L2 segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BridgeNf {
+    pub iptables: bool,
+    pub ip6tables: bool,
 }
 
 /// An interface address.
@@ -83,6 +98,22 @@ impl Route {
     }
 }
 
+/// A policy routing rule: packets from `src` to `dst` (each optional)
+/// look up `table`, at `priority`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub src: Option<IpNet>,
+    pub dst: Option<IpNet>,
+    pub table: u32,
+    pub priority: u32,
+}
+
+impl Rule {
+    pub fn family(&self) -> Option<Family> {
+        self.src.or(self.dst).map(|n| Family::of(&n.addr()))
+    }
+}
+
 /// Address family selector for dumps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {
@@ -134,6 +165,7 @@ pub(crate) fn link_from_msg(msg: LinkMessage) -> Link {
         up: msg.header.flags.contains(LinkFlags::Up),
         master: None,
         alias: None,
+        bridge_nf: None,
     };
     for attr in msg.attributes {
         match attr {
@@ -144,8 +176,12 @@ pub(crate) fn link_from_msg(msg: LinkMessage) -> Link {
             LinkAttribute::Address(a) => link.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
-                    if let LinkInfo::Kind(k) = info {
-                        link.kind = Some(k.to_string());
+                    match info {
+                        LinkInfo::Kind(k) => link.kind = Some(k.to_string()),
+                        LinkInfo::Data(InfoData::Bridge(opts)) => {
+                            link.bridge_nf = bridge_nf_of(&opts);
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -153,6 +189,18 @@ pub(crate) fn link_from_msg(msg: LinkMessage) -> Link {
         }
     }
     link
+}
+
+fn bridge_nf_of(opts: &[InfoBridge]) -> Option<BridgeNf> {
+    let mut nf = None;
+    for o in opts {
+        match o {
+            InfoBridge::NfCallIpTables(v) => nf.get_or_insert(BridgeNf::default()).iptables = *v,
+            InfoBridge::NfCallIp6Tables(v) => nf.get_or_insert(BridgeNf::default()).ip6tables = *v,
+            _ => {}
+        }
+    }
+    nf
 }
 
 pub(crate) fn address_msg(index: u32, addr: IpNet) -> AddressMessage {
@@ -215,6 +263,11 @@ fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
 /// The message that adds (or, with `delete`, removes) `route` in the main
 /// table.
 pub(crate) fn route_msg(route: &Route, delete: bool) -> Result<RouteMessage> {
+    route_msg_in(route, delete, u32::from(RouteHeader::RT_TABLE_MAIN))
+}
+
+/// [`route_msg`] for routing table `table`.
+pub(crate) fn route_msg_in(route: &Route, delete: bool, table: u32) -> Result<RouteMessage> {
     let family = route.family();
     if let Some(gw) = route.gateway {
         if Family::of(&gw) != family {
@@ -227,7 +280,11 @@ pub(crate) fn route_msg(route: &Route, delete: bool) -> Result<RouteMessage> {
     let mut msg = RouteMessage::default();
     msg.header.address_family = family.af();
     msg.header.destination_prefix_length = route.dst.prefix_len();
-    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    // Tables above 255 exist only as the RTA_TABLE attribute.
+    msg.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    if table > 255 {
+        msg.attributes.push(RouteAttribute::Table(table));
+    }
     msg.header.kind = RouteType::Unicast;
     if delete {
         // NOWHERE and UNSPEC act as wildcards when the kernel looks for the
@@ -264,6 +321,11 @@ pub(crate) fn route_msg(route: &Route, delete: bool) -> Result<RouteMessage> {
 
 /// The route in a dump message, if it is a unicast route of the main table.
 pub(crate) fn route_from_msg(msg: &RouteMessage) -> Option<Route> {
+    route_from_msg_in(msg, u32::from(RouteHeader::RT_TABLE_MAIN))
+}
+
+/// [`route_from_msg`] for routing table `want`.
+pub(crate) fn route_from_msg_in(msg: &RouteMessage, want: u32) -> Option<Route> {
     if msg.header.kind != RouteType::Unicast {
         return None;
     }
@@ -280,7 +342,7 @@ pub(crate) fn route_from_msg(msg: &RouteMessage) -> Option<Route> {
             _ => {}
         }
     }
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+    if table != want {
         return None;
     }
     let dst = match (dst, msg.header.address_family) {
@@ -464,6 +526,7 @@ mod tests {
                 up: true,
                 master: Some(3),
                 alias: Some("pod/x".into()),
+                bridge_nf: None,
             }
         );
         let mut lo = LinkMessage::default();

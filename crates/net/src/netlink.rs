@@ -11,18 +11,20 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::AddressMessage;
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
-    LinkProtoInfoBridge,
+    InfoBridge, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo,
+    LinkMessage, LinkProtoInfoBridge,
 };
-use netlink_packet_route::route::{RouteHeader, RouteMessage};
+use netlink_packet_route::route::{RouteHeader, RouteMessage, RouteProtocol};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use crate::link::{
-    address_from_msg, address_msg, link_from_msg, route_from_msg, route_msg, validate_ifname,
+    address_from_msg, address_msg, link_from_msg, route_from_msg, route_from_msg_in, route_msg,
+    route_msg_in, validate_ifname,
 };
 use crate::netns::enter_fd;
-use crate::{Address, Error, Family, Link, NetnsFd, Result, Route};
+use crate::{Address, BridgeNf, Error, Family, Link, NetnsFd, Result, Route, Rule};
 
 /// Large enough for any single dump datagram: the kernel sizes dump
 /// datagrams from the reader's buffer, capped at 32 KiB.
@@ -133,6 +135,18 @@ impl Handle {
     /// ports come and go. Set in a second message, a crash in between would
     /// leave a bridge whose MAC follows its lowest port's.
     pub fn create_bridge(&mut self, name: &str, mtu: u32, mac: Option<[u8; 6]>) -> Result<()> {
+        self.create_bridge_with(name, mtu, mac, None)
+    }
+
+    /// [`Handle::create_bridge`] with the bridge's netfilter options set
+    /// in the same message (`nf`), so no bridge ever exists without them.
+    pub fn create_bridge_with(
+        &mut self,
+        name: &str,
+        mtu: u32,
+        mac: Option<[u8; 6]>,
+        nf: Option<BridgeNf>,
+    ) -> Result<()> {
         validate_ifname(name)?;
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
@@ -142,11 +156,32 @@ impl Handle {
         if let Some(mac) = mac {
             msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
         }
-        msg.attributes
-            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
-                InfoKind::Bridge,
-            )]));
+        let mut info = vec![LinkInfo::Kind(InfoKind::Bridge)];
+        if let Some(nf) = nf {
+            info.push(bridge_nf_data(nf));
+        }
+        msg.attributes.push(LinkAttribute::LinkInfo(info));
         self.create(msg, &|| format!("create bridge {name}"))
+    }
+
+    /// Sets a Linux bridge's `nf_call_iptables` and `nf_call_ip6tables`
+    /// (`ip link set BR type bridge nf_call_iptables 1 ...`): per bridge,
+    /// so the machine's global `bridge-nf-call-*` sysctls need not change.
+    pub fn set_bridge_nf(&mut self, index: u32, nf: BridgeNf) -> Result<()> {
+        let msg = Self::link_msg(
+            index,
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge), bridge_nf_data(nf)]),
+        );
+        // RTM_SETLINK ignores IFLA_LINKINFO: a kind's options change through
+        // RTM_NEWLINK on the existing index (changelink), as `ip link` does.
+        self.request(RouteNetlinkMessage::NewLink(msg), Reply::Ack, &|| {
+            format!(
+                "set nf_call_iptables {} nf_call_ip6tables {} on bridge index {index}",
+                u8::from(nf.iptables),
+                u8::from(nf.ip6tables)
+            )
+        })
+        .map(drop)
     }
 
     /// Creates a veth pair: `name` in this handle's namespace and
@@ -385,6 +420,74 @@ impl Handle {
             .collect())
     }
 
+    /// Adds `route` to routing table `table`; an identical route gives
+    /// [`Error::is_exists`].
+    pub fn add_route_in(&mut self, table: u32, route: &Route) -> Result<()> {
+        let msg = route_msg_in(route, false, table)?;
+        self.request_flags(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+            Reply::Ack,
+            &|| format!("add route {} table {table}", describe(route)),
+        )
+        .map(drop)
+    }
+
+    /// Unicast routes of routing table `table`.
+    pub fn routes_in(&mut self, family: Family, table: u32) -> Result<Vec<Route>> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family.af();
+        let replies = self.request(RouteNetlinkMessage::GetRoute(msg), Reply::Dump, &|| {
+            format!("list {family:?} routes of table {table}")
+        })?;
+        Ok(replies
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => route_from_msg_in(r, table),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Adds a policy routing rule (`ip rule add from SRC to DST lookup
+    /// TABLE priority PRIO`); an identical rule gives [`Error::is_exists`].
+    pub fn add_rule(&mut self, rule: &Rule) -> Result<()> {
+        let msg = rule_msg(rule)?;
+        self.request_flags(
+            RouteNetlinkMessage::NewRule(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+            Reply::Ack,
+            &|| format!("add rule {rule:?}"),
+        )
+        .map(drop)
+    }
+
+    /// Removes a policy routing rule; a missing one gives
+    /// [`Error::is_not_found`].
+    pub fn del_rule(&mut self, rule: &Rule) -> Result<()> {
+        let msg = rule_msg(rule)?;
+        self.request(RouteNetlinkMessage::DelRule(msg), Reply::Ack, &|| {
+            format!("delete rule {rule:?}")
+        })
+        .map(drop)
+    }
+
+    /// The policy routing rules of `family` that look up a table.
+    pub fn rules(&mut self, family: Family) -> Result<Vec<Rule>> {
+        let mut msg = RuleMessage::default();
+        msg.header.family = family.af();
+        let replies = self.request(RouteNetlinkMessage::GetRule(msg), Reply::Dump, &|| {
+            format!("list {family:?} rules")
+        })?;
+        Ok(replies
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRule(r) => rule_from_msg(r),
+                _ => None,
+            })
+            .collect())
+    }
+
     fn request(
         &mut self,
         msg: RouteNetlinkMessage,
@@ -522,6 +625,64 @@ impl Handle {
             }
         }
     }
+}
+
+fn rule_msg(rule: &Rule) -> Result<RuleMessage> {
+    let family = rule.family().ok_or_else(|| {
+        Error::invalid("rule (neither source nor destination)", format!("{rule:?}"))
+    })?;
+    let mut msg = RuleMessage::default();
+    msg.header.family = family.af();
+    msg.header.action = RuleAction::ToTable;
+    msg.header.table = u8::try_from(rule.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    for (net, is_src) in [(rule.src, true), (rule.dst, false)] {
+        let Some(net) = net else { continue };
+        if Family::of(&net.addr()) != family {
+            return Err(Error::invalid("rule (mixed families)", format!("{rule:?}")));
+        }
+        if is_src {
+            msg.header.src_len = net.prefix_len();
+            msg.attributes.push(RuleAttribute::Source(net.network()));
+        } else {
+            msg.header.dst_len = net.prefix_len();
+            msg.attributes
+                .push(RuleAttribute::Destination(net.network()));
+        }
+    }
+    msg.attributes.push(RuleAttribute::Table(rule.table));
+    msg.attributes.push(RuleAttribute::Priority(rule.priority));
+    msg.attributes
+        .push(RuleAttribute::Protocol(RouteProtocol::Boot));
+    Ok(msg)
+}
+
+fn rule_from_msg(msg: &RuleMessage) -> Option<Rule> {
+    if msg.header.action != RuleAction::ToTable {
+        return None;
+    }
+    let mut rule = Rule {
+        src: None,
+        dst: None,
+        table: u32::from(msg.header.table),
+        priority: 0,
+    };
+    for a in &msg.attributes {
+        match a {
+            RuleAttribute::Source(ip) => rule.src = IpNet::new(*ip, msg.header.src_len).ok(),
+            RuleAttribute::Destination(ip) => rule.dst = IpNet::new(*ip, msg.header.dst_len).ok(),
+            RuleAttribute::Table(t) => rule.table = *t,
+            RuleAttribute::Priority(p) => rule.priority = *p,
+            _ => {}
+        }
+    }
+    Some(rule)
+}
+
+fn bridge_nf_data(nf: BridgeNf) -> LinkInfo {
+    LinkInfo::Data(InfoData::Bridge(vec![
+        InfoBridge::NfCallIpTables(nf.iptables),
+        InfoBridge::NfCallIp6Tables(nf.ip6tables),
+    ]))
 }
 
 fn describe(route: &Route) -> String {

@@ -90,7 +90,16 @@ fn add_table() -> Request {
 
 /// The whole `ensure` transaction, as nft would send it for
 /// add table / add chain (postrouting nat) / flush chain / add rule... .
+#[cfg(test)]
 fn ensure_requests(network: &str, pod_cidrs: &[IpNet]) -> Result<Vec<Request>> {
+    ensure_requests_except(network, pod_cidrs, &[])
+}
+
+fn ensure_requests_except(
+    network: &str,
+    pod_cidrs: &[IpNet],
+    exempt: &[IpNet],
+) -> Result<Vec<Request>> {
     let chain = chain_name(network)?;
     let mut chain_msg = chain_attrs(&chain);
     chain_msg.extend([
@@ -126,6 +135,16 @@ fn ensure_requests(network: &str, pod_cidrs: &[IpNet]) -> Result<Vec<Request>> {
         },
     ];
     let userdata = rule::comment_userdata(&comment(network));
+    for cidr in exempt {
+        let mut attributes = rule_target();
+        attributes.push(RuleAttribute::Expressions(rule::exempt(*cidr)));
+        attributes.push(RuleAttribute::UserData(userdata.clone()));
+        requests.push(Request {
+            msg: NfTablesMessage::NewRule(RuleMessage { attributes }),
+            flags: NLM_F_CREATE | NLM_F_APPEND,
+            what: format!("add exemption for {}", cidr.trunc()),
+        });
+    }
     for cidr in pod_cidrs {
         let mut attributes = rule_target();
         attributes.push(RuleAttribute::Expressions(rule::masquerade(*cidr)));
@@ -168,7 +187,18 @@ fn remove_requests(network: &str) -> Result<Vec<Request>> {
 /// before adding the rules, so repeated or concurrent calls (from several
 /// plugin processes) always leave exactly one rule per CIDR.
 pub fn ensure_masquerade(network: &str, pod_cidrs: &[IpNet]) -> Result<()> {
-    let requests = ensure_requests(network, pod_cidrs)?;
+    ensure_masquerade_except(network, pod_cidrs, &[])
+}
+
+/// [`ensure_masquerade`], with traffic to each of `exempt` never
+/// masqueraded (`ip daddr NET return` ahead of the masquerade rules): the
+/// host overlay, whose nodes must see pods' own addresses.
+pub fn ensure_masquerade_except(
+    network: &str,
+    pod_cidrs: &[IpNet],
+    exempt: &[IpNet],
+) -> Result<()> {
+    let requests = ensure_requests_except(network, pod_cidrs, exempt)?;
     NfSocket::new()?.transaction(&requests, &format!("ensure masquerade for {network}"))
 }
 
@@ -213,6 +243,20 @@ fn remove_table_requests() -> Vec<Request> {
 /// The pod CIDRs currently masqueraded for `network` (for CHECK and tests),
 /// `None` if its chain does not exist.
 pub fn masquerade_cidrs(network: &str) -> Result<Option<Vec<IpNet>>> {
+    Ok(masquerade_rules(network)?.map(|r| r.masqueraded))
+}
+
+/// What `network`'s chain holds, read back.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MasqueradeRules {
+    /// Sources masqueraded (to anywhere outside themselves).
+    pub masqueraded: Vec<IpNet>,
+    /// Destinations exempted.
+    pub exempt: Vec<IpNet>,
+}
+
+/// The rules of `network`'s chain, `None` if it does not exist.
+pub fn masquerade_rules(network: &str) -> Result<Option<MasqueradeRules>> {
     let chain = chain_name(network)?;
     let what = format!("list masquerade for {network}");
     let mut sock = NfSocket::new()?;
@@ -235,22 +279,28 @@ pub fn masquerade_cidrs(network: &str) -> Result<Option<Vec<IpNet>>> {
     // A chain deleted in between dumps as empty, Some([]): ADD then
     // rewrites it and doctor reports it, as for a missing chain.
     let rules = sock.dump(dump, &what)?;
-    Ok(Some(
-        rules
-            .iter()
-            .filter_map(|m| match m {
-                NfTablesMessage::NewRule(r) => Some(r),
+    let mut out = MasqueradeRules::default();
+    let exprs = rules
+        .iter()
+        .filter_map(|m| match m {
+            NfTablesMessage::NewRule(r) => Some(r),
+            _ => None,
+        })
+        .filter(|r| in_chain(r, &chain))
+        .filter_map(|r| {
+            r.attributes.iter().find_map(|a| match a {
+                RuleAttribute::Expressions(e) => Some(e),
                 _ => None,
             })
-            .filter(|r| in_chain(r, &chain))
-            .filter_map(|r| {
-                r.attributes.iter().find_map(|a| match a {
-                    RuleAttribute::Expressions(e) => rule::masqueraded_source(e),
-                    _ => None,
-                })
-            })
-            .collect(),
-    ))
+        });
+    for e in exprs {
+        if let Some(n) = rule::masqueraded_source(e) {
+            out.masqueraded.push(n);
+        } else if let Some(n) = rule::exempt_destination(e) {
+            out.exempt.push(n);
+        }
+    }
+    Ok(Some(out))
 }
 
 /// The kernel filters the dump already; this guards against one that

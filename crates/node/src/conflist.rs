@@ -87,7 +87,7 @@ pub struct Overrides {
     #[arg(long, value_name = "BYTES")]
     pub mtu: Option<u32>,
     /// Linux bridge: let a pod reach itself through a service (`hairpinMode`)
-    /// [default: false].
+    /// [default: true with --bridge-type linux, else false].
     #[arg(long, value_name = "BOOL", value_parser = bool_flag)]
     pub hairpin_mode: Option<bool>,
     /// Explicit bridge address (`bridgeIPv4`).
@@ -139,6 +139,13 @@ struct EvioPlugin {
     hairpin_mode: bool,
     #[serde(rename = "bridgeIPv4", skip_serializing_if = "Option::is_none")]
     bridge_ipv4: Option<String>,
+    /// ovs-vswitchd's run directory, when set (`ovsRunDir`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ovs_run_dir: Option<String>,
+    /// The host overlay, whose nodes see pods' own addresses (the plugin
+    /// never masquerades pod traffic to it).
+    #[serde(rename = "hostCIDR", skip_serializing_if = "Option::is_none")]
+    host_cidr: Option<String>,
     ipam: Ipam,
 }
 
@@ -226,6 +233,11 @@ impl GenConfig {
     /// The OVSDB endpoint written (`ovsdb`).
     pub fn ovsdb(&self) -> &str {
         &self.plugin.ovsdb
+    }
+
+    /// ovs-vswitchd's run directory (`ovsRunDir`) if the config sets one.
+    pub fn ovs_run_dir(&self) -> Option<&str> {
+        self.plugin.ovs_run_dir.as_deref()
     }
 
     /// host-local's `dataDir` if the config sets one.
@@ -323,6 +335,7 @@ impl GenConfig {
                 return Err(invalid(format!("dataDir {other} must be an absolute path")))
             }
         };
+        let linux = bridge_type == cni::BridgeType::Linux.as_str();
         let plugin = EvioPlugin {
             plugin_type: "evio",
             bridge: pick_str(&o.bridge, conf, "bridge")?
@@ -337,9 +350,13 @@ impl GenConfig {
                 .unwrap_or(cni::DEFAULT_IS_DEFAULT_GATEWAY),
             ip_masq,
             mtu,
-            hairpin_mode: pick_bool(o.hairpin_mode, conf, "hairpinMode")?
-                .unwrap_or(cni::DEFAULT_HAIRPIN_MODE),
+            // On a Linux bridge evio turns bridge netfilter on (Services need
+            // it), and a pod reaching itself through a Service then needs
+            // hairpin on its port, as with flannel's default config.
+            hairpin_mode: pick_bool(o.hairpin_mode, conf, "hairpinMode")?.unwrap_or(linux),
             bridge_ipv4: pick_str(&o.bridge_ipv4, conf, "bridgeIPv4")?.filter(|s| !s.is_empty()),
+            ovs_run_dir: conf.string("ovsRunDir")?.filter(|s| !s.is_empty()),
+            host_cidr: overlay.host_cidr.map(|c| c.to_string()),
             ipam: Ipam {
                 ipam_type: "host-local",
                 ranges: Vec::new(),
@@ -421,6 +438,31 @@ mod tests {
         GenConfig::resolve(&RawConf::parse("t.json", j.as_bytes()).unwrap(), &o)
     }
 
+    /// Services on a Linux bridge need hairpin for a pod reaching itself
+    /// (evio turns bridge netfilter on); pods reach the host overlay with
+    /// their own addresses; vswitchd's run dir passes through.
+    #[test]
+    fn linux_bridge_defaults_to_hairpin_and_host_cidr_reaches_the_plugin() {
+        let g = gen(
+            r#"{"podCIDR":"10.244.0.0/16","nodeBits":8,"bridgeType":"linux","hostCIDR":"10.10.0.0/16","ovsRunDir":"/run/ovs"}"#,
+            Overrides::default(),
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&g.render(&g.pod.node(1).unwrap()).unwrap()).unwrap();
+        let p = &v["plugins"][0];
+        assert_eq!(p["hairpinMode"], true);
+        assert_eq!(p["hostCIDR"], "10.10.0.0/16");
+        assert_eq!(p["ovsRunDir"], "/run/ovs");
+        let off = gen(
+            r#"{"podCIDR":"10.244.0.0/16","nodeBits":8,"bridgeType":"linux","hairpinMode":false}"#,
+            Overrides::default(),
+        )
+        .unwrap();
+        let v: Value =
+            serde_json::from_slice(&off.render(&off.pod.node(1).unwrap()).unwrap()).unwrap();
+        assert_eq!(v["plugins"][0]["hairpinMode"], false);
+    }
+
     #[test]
     fn renders_contract_shape() {
         let g = gen(
@@ -444,6 +486,7 @@ mod tests {
         assert_eq!(p["mtu"], 1500);
         assert_eq!(p["hairpinMode"], false);
         assert!(p.get("bridgeIPv4").is_none());
+        assert!(p.get("hostCIDR").is_none() && p.get("ovsRunDir").is_none());
         assert_eq!(p["ipam"]["type"], "host-local");
         let r = &p["ipam"]["ranges"][0][0];
         assert_eq!(r["subnet"], "10.244.0.0/16");

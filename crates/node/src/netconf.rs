@@ -20,6 +20,7 @@ const KNOWN_KEYS: &[&str] = &[
     "bridgeType",
     "ovsdb",
     "ovsDatapath",
+    "ovsRunDir",
     "isGateway",
     "isDefaultGateway",
     "ipMasq",

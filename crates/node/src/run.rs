@@ -239,6 +239,10 @@ struct State {
     failures: u64,
     rewrites: u64,
     bridge_repairs: u64,
+    flow_repairs: u64,
+    /// Where the Services path of the bridge is repaired (flows, bridge
+    /// netfilter): from the config, so it works through a store outage.
+    bridge_kind: Option<BridgeKind>,
     last_ok: Option<SystemTime>,
     /// The last pass failed (its error is in the log, not in /healthz).
     failing: bool,
@@ -338,6 +342,7 @@ fn reconcile_once(reconciler: &mut config_gen::Reconciler, args: &RunArgs, state
             st.subnet = o.subnet.subnet.to_string();
             st.gateway = o.subnet.gateway.to_string();
             st.bridge = o.gen.bridge().to_string();
+            st.bridge_kind = Some(BridgeKind::of(&o.gen));
         }
         Err(e) => {
             st.failures += 1;
@@ -348,6 +353,7 @@ fn reconcile_once(reconciler: &mut config_gen::Reconciler, args: &RunArgs, state
             if let Ok(gen) = args.gen.node.config_only() {
                 st.network = gen.name.clone();
                 st.bridge = gen.bridge().to_string();
+                st.bridge_kind = Some(BridgeKind::of(&gen));
             }
         }
     }
@@ -361,6 +367,11 @@ fn reconcile_once(reconciler: &mut config_gen::Reconciler, args: &RunArgs, state
                 "evio-node run: bridge {} was down, brought it up",
                 st.bridge
             );
+        }
+        if let Some(kind) = st.bridge_kind.clone() {
+            if repair_services_path(&st.bridge, &kind) {
+                st.flow_repairs += 1;
+            }
         }
     }
     st.heartbeat = Some(Instant::now());
@@ -393,6 +404,64 @@ fn inspect_bridge(bridge: &str, network: &str) -> (Option<usize>, Option<bool>, 
         }
         Ok(Some(_)) => (pods, Some(true), false),
         _ => (pods, None, false),
+    }
+}
+
+/// The bridge type and, for OVS, its OpenFlow socket.
+#[derive(Clone, Debug)]
+enum BridgeKind {
+    Linux,
+    Ovs { mgmt: PathBuf },
+}
+
+impl BridgeKind {
+    fn of(gen: &crate::conflist::GenConfig) -> BridgeKind {
+        if gen.bridge_type() == evio_cni::config::BridgeType::Linux.as_str() {
+            return BridgeKind::Linux;
+        }
+        let dir =
+            evio_plugin::switch::flows::run_dir_of(gen.ovs_run_dir().map(Path::new), gen.ovsdb());
+        BridgeKind::Ovs {
+            mgmt: dir.join(format!("{}.mgmt", gen.bridge())),
+        }
+    }
+}
+
+/// What makes kube-proxy's NAT work across the bridge, put back if it was
+/// lost (a vswitchd restart forgets flows; someone flushed them or turned
+/// the bridge's netfilter off): evio's conntrack flows on OVS, the bridge
+/// netfilter options on a Linux bridge. Returns whether it repaired
+/// anything. A missing bridge (no pod yet) is not an error.
+fn repair_services_path(bridge: &str, kind: &BridgeKind) -> bool {
+    let Ok(mut h) = evio_net::Handle::new() else {
+        return false;
+    };
+    let Ok(Some(link)) = h.link_by_name(bridge) else {
+        return false;
+    };
+    let (what, result) = match kind {
+        BridgeKind::Linux => (
+            "bridge netfilter options (nf_call_iptables, nf_call_ip6tables)",
+            evio_plugin::switch::linux::ensure_bridge_nf(&mut h, &link).map_err(|e| e.to_string()),
+        ),
+        BridgeKind::Ovs { mgmt } => {
+            let Some(mac) = link.mac else { return false };
+            (
+                "conntrack flows",
+                evio_plugin::switch::flows::ensure(mgmt, mac).map_err(|e| e.to_string()),
+            )
+        }
+    };
+    match result {
+        Ok(true) => {
+            eprintln!("evio-node run: bridge {bridge}: restored evio's {what}");
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            eprintln!("evio-node run: bridge {bridge}: cannot check evio's {what}: {e}");
+            false
+        }
     }
 }
 
@@ -622,6 +691,12 @@ fn metrics(st: &State) -> String {
             "Times the node bridge was found down and brought up.",
             "counter",
             st.bridge_repairs.to_string(),
+        ),
+        (
+            "evio_node_flow_repairs_total",
+            "Times evio's bridge flows (OVS) or bridge netfilter options (Linux bridge) were found missing and restored.",
+            "counter",
+            st.flow_repairs.to_string(),
         ),
         (
             "evio_node_last_reconcile_success_timestamp_seconds",

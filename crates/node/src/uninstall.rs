@@ -110,6 +110,7 @@ pub fn run(args: Args) -> Result<(), NodeError> {
     match Handle::new() {
         Ok(mut h) => {
             interfaces(&mut t, &mut h, &plan, &overlay);
+            host_rules(&mut t, &mut h);
             if plan.gen.bridge_type() == "ovs" {
                 ovs_bridge(&mut t, &mut h, &plan);
             } else {
@@ -217,6 +218,27 @@ fn interfaces(t: &mut Teardown, h: &mut Handle, plan: &Resolved, overlay: &Overl
     }
 }
 
+/// The agent's policy rule for host-overlay replies (its routes went with
+/// the host-overlay interface): every rule that looks up evio's table.
+fn host_rules(t: &mut Teardown, h: &mut Handle) {
+    for family in [evio_net::Family::V4, evio_net::Family::V6] {
+        let rules = match h.rules(family) {
+            Ok(r) => r,
+            Err(e) => return t.failed("policy routing rules", e),
+        };
+        for r in rules
+            .iter()
+            .filter(|r| r.table == evio_agent::hostroute::TABLE)
+        {
+            match h.del_rule(r) {
+                Ok(()) => t.removed(format!("routing rule {r:?}")),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => t.failed(format!("routing rule {r:?}"), e),
+            }
+        }
+    }
+}
+
 fn ovs_bridge(t: &mut Teardown, h: &mut Handle, plan: &Resolved) {
     let bridge = plan.gen.bridge();
     let endpoint = plan.gen.ovsdb();
@@ -244,6 +266,17 @@ fn ovs_bridge(t: &mut Teardown, h: &mut Handle, plan: &Resolved) {
         Err(evio_ovsdb::Error::NotFound(_)) => return,
         Err(e) => return t.failed(format!("OVS bridge {bridge}"), e),
     };
+    // evio's conntrack flows, found by their cookie: on a bridge that stays
+    // (foreign ports) they must not outlive evio; other flows stay.
+    let mgmt =
+        evio_plugin::switch::flows::run_dir_of(plan.gen.ovs_run_dir().map(Path::new), endpoint)
+            .join(format!("{bridge}.mgmt"));
+    if mgmt.exists() {
+        match evio_plugin::switch::flows::remove(&mgmt) {
+            Ok(()) => t.removed(format!("evio's OpenFlow flows on {bridge}")),
+            Err(e) => t.failed(format!("evio's OpenFlow flows on {bridge}"), e),
+        }
+    }
     let mut foreign = Vec::new();
     for p in ports {
         let owner = p.external_ids.get(ovs_ids::OWNER).map(String::as_str);

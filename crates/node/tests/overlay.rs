@@ -20,6 +20,9 @@ use evio_testkit::cluster::{
 use evio_testkit::natlab::{NatType, NodeId};
 use evio_testkit::netns::Netns;
 use evio_testkit::plugin::{ping, tcp_roundtrip_n};
+use evio_testkit::services::{
+    dig, peer_seen, program, Conn, Dnsmasq, Mode, PeerServer, Proto, Service,
+};
 use serde_json::{json, Value};
 
 const NODE_BIN: &str = env!("CARGO_BIN_EXE_evio-node");
@@ -1118,4 +1121,237 @@ fn candidates_follow_the_hosts_addresses_and_never_name_the_overlay() {
         Duration::from_secs(5),
         || !cands(&c, 0).iter().any(|a| a == "203.0.113.222:5800"),
     );
+}
+
+/// Kubernetes Services through evio, one cluster per bridge type running
+/// the whole matrix (see `services_matrix`).
+#[test]
+fn services_on_linux_bridges() {
+    services_matrix(BridgeType::Linux);
+}
+
+#[test]
+fn services_on_ovs_bridges() {
+    services_matrix(BridgeType::Ovs);
+}
+
+const CLUSTER_CIDR: &str = "10.244.0.0/16";
+const SERVICE_CIDR: &str = "10.96.0.0/16";
+
+fn sa(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+/// Two nodes joined by the real agent (flat lab, file store), two pods
+/// each, `isDefaultGateway` and `ipMasq` on. kube-proxy's own rules (see
+/// evio_testkit::services) in each node netns, iptables mode, then
+/// nftables mode in the same cluster; each node's global
+/// `bridge-nf-call-iptables` is 0, so only evio's per-bridge options (Linux)
+/// or its flows (OVS) can make Services work. From pod n0p0, TCP to a
+/// ClusterIP whose endpoint is on the other node, on the same node, the
+/// client itself, and a hostNetwork server on the other node's host-overlay
+/// address; the endpoint must see the pod's own address (no masquerade by
+/// evio). DNS through a ClusterIP to dnsmasq on the other node, UDP and TCP,
+/// from both pods of node 0. The node itself reaches a ClusterIP; a NodePort
+/// answers a client in the lab's internet. Then a long-lived connection
+/// through a Service survives losing and regaining the Services path
+/// (`evio-node run`'s repair) and an agent restart.
+fn services_matrix(bridge: BridgeType) {
+    let mut ov = OverlayOpts::flat(2);
+    for i in 0..2 {
+        ov.node_netconf
+            .push((i, json!({"isDefaultGateway": true, "ipMasq": true})));
+    }
+    let mut c = up(opts(bridge, 2, ov));
+    c.wait_overlay(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for n in c.nodes() {
+        n.ns.ok(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"]);
+        n.ns.ok(&["sysctl", "-qw", "net.bridge.bridge-nf-call-ip6tables=0"]);
+    }
+    let host1: IpAddr = peers(&c, 1)["hostAddress"]
+        .as_str()
+        .and_then(|h| h.split('/').next())
+        .and_then(|h| h.parse().ok())
+        .expect("node 1's host address");
+    let (a, local, remote, dns) = (
+        pod_ip(&c, 0, 0),
+        pod_ip(&c, 0, 1),
+        pod_ip(&c, 1, 0),
+        pod_ip(&c, 1, 1),
+    );
+    let pod_ns = |n: usize, p: usize| c.nodes()[n].pods[p].pod.ns.path();
+    let _servers = [
+        PeerServer::start(pod_ns(0, 0), sa(a, 8080)),
+        PeerServer::start(pod_ns(0, 1), sa(local, 8080)),
+        PeerServer::start(pod_ns(1, 0), sa(remote, 8080)),
+        PeerServer::start(c.nodes()[1].ns.path(), sa(host1, 6443)),
+    ];
+    let _dnsmasq = Dnsmasq::start(
+        &c.nodes()[1].pods[1].pod.ns,
+        dns,
+        &[(
+            "web.default.svc.cluster.local",
+            "10.96.0.10".parse().unwrap(),
+        )],
+    );
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let svcs = vec![
+        Service::new("remote", Proto::Tcp, ip("10.96.0.10"), 80)
+            .endpoint(sa(remote, 8080))
+            .node_port(30080),
+        Service::new("local", Proto::Tcp, ip("10.96.0.11"), 80).endpoint(sa(local, 8080)),
+        Service::new("self", Proto::Tcp, ip("10.96.0.12"), 80).endpoint(sa(a, 8080)),
+        Service::new("kubernetes", Proto::Tcp, ip("10.96.0.1"), 443).endpoint(sa(host1, 6443)),
+        Service::new("kube-dns", Proto::Udp, ip("10.96.0.53"), 53).endpoint(sa(dns, 53)),
+        Service::new("kube-dns", Proto::Tcp, ip("10.96.0.53"), 53).endpoint(sa(dns, 53)),
+    ];
+    let lab_addrs: Vec<IpAddr> = (0..2)
+        .map(|i| c.lab().unwrap().node(lab_node(&c, i)).addr)
+        .collect();
+    let client = pod_ns(0, 0);
+    for mode in [Mode::Iptables, Mode::Nftables] {
+        for (i, n) in c.nodes().iter().enumerate() {
+            program(
+                &n.ns,
+                mode,
+                &svcs,
+                CLUSTER_CIDR,
+                SERVICE_CIDR,
+                &[lab_addrs[i]],
+            )
+            .unwrap_or_else(|e| panic!("{mode:?} on node {i}: {e}"));
+        }
+        let seen = |to: SocketAddr| {
+            peer_seen(&client, to).unwrap_or_else(|e| panic!("{bridge} {mode:?}: {to}: {e}"))
+        };
+        assert_eq!(
+            seen(sa(ip("10.96.0.10"), 80)),
+            a,
+            "{mode:?}: endpoint on another node"
+        );
+        assert_eq!(seen(sa(ip("10.96.0.11"), 80)), a, "{mode:?}: same node");
+        // kube-proxy masquerades hairpin traffic: any source will do.
+        seen(sa(ip("10.96.0.12"), 80));
+        assert_eq!(
+            seen(sa(ip("10.96.0.1"), 443)),
+            a,
+            "{mode:?}: hostNetwork endpoint"
+        );
+        for p in 0..2 {
+            let pod = &c.nodes()[0].pods[p].pod.ns;
+            for tcp in [false, true] {
+                let ans = dig(pod, ip("10.96.0.53"), "web.default.svc.cluster.local", tcp)
+                    .unwrap_or_else(|e| panic!("{bridge} {mode:?} DNS tcp={tcp}: {e}"));
+                assert_eq!(ans, ["10.96.0.10"], "{mode:?} DNS tcp={tcp}");
+            }
+        }
+        peer_seen(&c.nodes()[0].ns.path(), sa(ip("10.96.0.10"), 80))
+            .unwrap_or_else(|e| panic!("{bridge} {mode:?}: the node as a client: {e}"));
+        let internet = c.lab().unwrap().internet().path();
+        peer_seen(&internet, sa(lab_addrs[0], 30080))
+            .unwrap_or_else(|e| panic!("{bridge} {mode:?}: NodePort from the internet: {e}"));
+    }
+    long_lived_connection_survives(&mut c, bridge, &client);
+}
+
+fn long_lived_connection_survives(c: &mut Cluster, bridge: BridgeType, client: &std::path::Path) {
+    let to = sa("10.96.0.10".parse().unwrap(), 80);
+    let same_node = sa("10.96.0.11".parse().unwrap(), 80);
+    // A generous timeout: after the agent restart TCP retransmits on its
+    // own backoff.
+    let mut conn = Conn::open(client, to, Duration::from_secs(20)).unwrap();
+    conn.echo(256 * 1024).unwrap();
+    // Break the Services path on node 0 as a vswitchd restart or an
+    // operator would, and prove it broken with a new connection.
+    let n0 = &c.nodes()[0];
+    match bridge {
+        BridgeType::Ovs => {
+            let out = n0.ovs.as_ref().unwrap().ofctl(&[
+                "del-flows",
+                &n0.bridge,
+                "cookie=0x6576696f00000001/-1",
+            ]);
+            assert!(out.status.success());
+        }
+        BridgeType::Linux => {
+            n0.ns.ok(&[
+                "ip",
+                "link",
+                "set",
+                &n0.bridge,
+                "type",
+                "bridge",
+                "nf_call_iptables",
+                "0",
+                "nf_call_ip6tables",
+                "0",
+            ]);
+        }
+    }
+    assert!(
+        Conn::open(client, same_node, Duration::from_secs(2)).is_err(),
+        "{bridge}: a Service to a pod on the same node works without evio's path: the test proves nothing"
+    );
+    // evio-node run's repair puts it back.
+    let run = run_daemon(c, 0);
+    wait(
+        "evio-node run restores the Services path",
+        Duration::from_secs(20),
+        || Conn::open(client, same_node, Duration::from_secs(1)).is_ok(),
+    );
+    drop(run);
+    conn.echo(256 * 1024)
+        .unwrap_or_else(|e| panic!("{bridge}: after the repair: {e}"));
+    // An agent restart on the client's node.
+    c.stop_agent(0).expect("agent 0");
+    c.start_agent(0).unwrap();
+    c.wait_overlay(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    conn.echo(256 * 1024)
+        .unwrap_or_else(|e| panic!("{bridge}: after an agent restart: {e}"));
+}
+
+/// `evio-node run` on node `i` with a 1 s interval; killed on drop.
+fn run_daemon(c: &Cluster, i: usize) -> Daemon {
+    let n = &c.nodes()[i];
+    let socket = c.agent(i).unwrap().socket().display().to_string();
+    let store = c.store_url();
+    let conf = n.netconf_path.display().to_string();
+    let dir = n.conf_dir.display().to_string();
+    let child =
+        n.ns.command(&[
+            NODE_BIN,
+            "run",
+            "--config",
+            &conf,
+            "--node-name",
+            &n.name,
+            "--store",
+            &store,
+            "--cni-conf-dir",
+            &dir,
+            "--listen",
+            "127.0.0.1:19471",
+            "--interval",
+            "1",
+            "--agent-socket",
+            &socket,
+        ])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Daemon(child)
+}
+
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

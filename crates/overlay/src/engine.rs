@@ -1429,7 +1429,20 @@ mod tests {
         let n = &mut net.nodes[0];
         n.ov.from_host(now, &VnetHdr::default(), &pkt, &mut n.io);
         net.settle();
-        assert_eq!(net.nodes[1].io.host, vec![pkt]);
+        assert_eq!(net.nodes[1].io.host, vec![pkt.clone()]);
+        // From node 0's host address to a pod of node 1 (a hostNetwork
+        // endpoint's reply to a remote client pod): to node 1's host.
+        pkt[16..20].copy_from_slice(&[10, 244, 2, 7]);
+        let n = &mut net.nodes[0];
+        n.ov.from_host(now, &VnetHdr::default(), &pkt, &mut n.io);
+        net.settle();
+        assert_eq!(net.nodes[1].io.host.last(), Some(&pkt));
+        // Nobody's: dropped.
+        pkt[16..20].copy_from_slice(&[10, 99, 0, 1]);
+        let n = &mut net.nodes[0];
+        n.ov.from_host(now, &VnetHdr::default(), &pkt, &mut n.io);
+        net.settle();
+        assert_eq!(net.nodes[1].io.host.len(), 2);
     }
 
     #[test]

@@ -865,12 +865,15 @@ impl Switch {
     }
 
     /// Host overlay: the peer an IP packet read from the host interface
-    /// goes to, the one whose host address is its destination.
+    /// goes to, the one whose host address is its destination, else the one
+    /// whose pod subnet holds it (the host answering a remote pod from its
+    /// host address, e.g. a hostNetwork Service endpoint: the reply must
+    /// return through the client node's conntrack, not over L2).
     pub fn host_from_local(&self, packet: &[u8]) -> LocalVerdict {
         let Some(ip) = Ip::parse(packet) else {
             return LocalVerdict::Drop(Malformed);
         };
-        match self.hosts.get(&ip.dst()) {
+        match self.hosts.get(&ip.dst()).or(self.owner(ip.dst()).as_ref()) {
             Some(&peer) => LocalVerdict::Unicast(peer),
             None => LocalVerdict::Drop(NoRoute),
         }
@@ -2186,10 +2189,16 @@ mod tests {
             sw.host_from_local(&to("10.10.0.99")),
             LocalVerdict::Drop(NoRoute)
         );
+        // A remote pod through the host overlay (the host answering it from
+        // its host address): to the node whose subnet holds it.
         assert_eq!(
             sw.host_from_local(&to("10.244.5.7")),
-            LocalVerdict::Drop(NoRoute),
-            "pods are not routed"
+            LocalVerdict::Unicast(1),
+            "a remote pod goes to its node"
+        );
+        assert_eq!(
+            sw.host_from_local(&to("10.99.5.7")),
+            LocalVerdict::Drop(NoRoute)
         );
         assert_eq!(
             sw.host_from_local(&ipv6(V6_LOCAL, V6_R7, IPPROTO_TCP, &[])),

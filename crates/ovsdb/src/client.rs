@@ -89,7 +89,7 @@ impl Stream {
 /// kernel parks the connecting process until there is room, forever. The
 /// kernel bounds that wait by the socket's SO_SNDTIMEO (unix_stream_connect),
 /// so it is set before connecting and fails with EAGAIN when it runs out.
-fn connect_unix(path: &std::path::Path, timeout: Duration) -> io::Result<UnixStream> {
+pub(crate) fn connect_unix(path: &std::path::Path, timeout: Duration) -> io::Result<UnixStream> {
     use nix::sys::socket::{
         connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr,
     };

@@ -59,6 +59,26 @@ pub enum Error {
     /// from the Interface table's `error` column.
     #[error("interface {iface}: {error}")]
     Interface { iface: String, error: String },
+
+    /// The bridge's OpenFlow socket could not be reached or broke.
+    #[error("OpenFlow: {what}: {source}")]
+    OpenFlowIo {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The switch said something this client does not understand.
+    #[error("OpenFlow at {socket}: {detail}")]
+    OpenFlow { socket: String, detail: String },
+
+    /// The switch answered a request with OFPT_ERROR.
+    #[error("OpenFlow: {what} refused by the switch (error type {error_type}, code {code})")]
+    OpenFlowRefused {
+        what: String,
+        error_type: u16,
+        code: u16,
+    },
 }
 
 impl Error {
@@ -67,7 +87,11 @@ impl Error {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            Error::Endpoint(_) | Error::Connect { .. } | Error::Io(_) | Error::Closed
+            Error::Endpoint(_)
+                | Error::Connect { .. }
+                | Error::Io(_)
+                | Error::Closed
+                | Error::OpenFlowIo { .. }
         )
     }
 }

@@ -10,11 +10,15 @@
 //!   server's `echo`);
 //! * [`vswitch`] adds the `Open_vSwitch` helpers evio uses (bridge, ports
 //!   identified by `external_ids`, waiting for vswitchd).
+//!
+//! Beside it, [`openflow`]: the few OpenFlow 1.3 messages (with Nicira's
+//! conntrack extensions) evio needs for the flows on its own bridge.
 
 mod client;
 pub mod datum;
 mod error;
 pub mod framing;
+pub mod openflow;
 pub mod ops;
 pub mod vswitch;
 

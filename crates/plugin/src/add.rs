@@ -92,6 +92,10 @@ pub fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<CniResult> {
     // error that must leave a fresh node untouched.
     let ipam = Delegate::of(conf, &env.path)?;
     let mut sw = switch::for_conf(conf);
+    // A pod plugged into a bridge whose Service replies vanish would look
+    // healthy and fail every ClusterIP: refuse it, loudly, before anything
+    // is created.
+    sw.prerequisites()?;
     let bridge = sw.ensure_bridge(&mut host)?;
     let ipam_result = match ipam.add(&conf.raw, conf.version) {
         Ok(r) => r,
@@ -329,7 +333,7 @@ impl Plumbing<'_> {
         }
 
         if conf.ip_masq {
-            ensure_masquerade(&conf.name, &result)?;
+            ensure_masquerade(&conf.name, &result, conf.host_cidr)?;
         }
 
         let bridge_mac = host
@@ -459,22 +463,31 @@ fn mac_for(result: &CniResult) -> Option<[u8; 6]> {
 /// written only when missing or different: reading the chain is two
 /// netlink round trips (~0.06 ms, docs/benchmarks.md), and not rewriting it
 /// keeps concurrent ADDs from queueing on the kernel's nf_tables commit.
-fn ensure_masquerade(network: &str, result: &CniResult) -> Result<()> {
+///
+/// Pod traffic to the host overlay (`hostCIDR`) is exempt: a Service whose
+/// endpoint is another node's host address (a hostNetwork pod, the API
+/// server) must see the client pod's own address, as kube-proxy intends.
+fn ensure_masquerade(network: &str, result: &CniResult, host_cidr: Option<IpNet>) -> Result<()> {
     let mut want: Vec<IpNet> = result.ips.iter().map(|ip| ip.address.trunc()).collect();
     want.sort();
     want.dedup();
-    let have = evio_net::nft::masquerade_cidrs(network)
+    let exempt: Vec<IpNet> = host_cidr.into_iter().collect();
+    let have = evio_net::nft::masquerade_rules(network)
         .ok()
         .flatten()
         .map(|mut h| {
-            h.sort();
-            h.dedup();
+            h.masqueraded.sort();
+            h.masqueraded.dedup();
             h
         });
-    if have.as_ref() == Some(&want) {
+    if have
+        .as_ref()
+        .is_some_and(|h| h.masqueraded == want && h.exempt == exempt)
+    {
         return Ok(());
     }
-    evio_net::nft::ensure_masquerade(network, &want).map_err(neterr("set up IP masquerade"))
+    evio_net::nft::ensure_masquerade_except(network, &want, &exempt)
+        .map_err(neterr("set up IP masquerade"))
 }
 
 fn family_gateway(result: &CniResult, dst: IpAddr) -> Option<IpAddr> {

@@ -170,6 +170,7 @@ mod tests {
             up: false,
             master,
             alias: alias.map(Into::into),
+            bridge_nf: None,
         }
     }
 

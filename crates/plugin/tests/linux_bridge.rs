@@ -90,3 +90,100 @@ fn non_bridge_link_with_bridge_name_fails_add_cleanly() {
     let l = link(&f.node, &f.bridge).unwrap_or_default();
     assert_eq!(l["linkinfo"]["info_kind"].as_str(), Some("veth"), "{l}");
 }
+
+/// evio turns netfilter on for its own bridge, per bridge: with the node
+/// netns's global `bridge-nf-call-*` at 0 the new bridge has
+/// `nf_call_iptables` and `nf_call_ip6tables` on, and an ADD turns them
+/// back on when someone turned them off.
+#[test]
+fn the_bridge_gets_its_own_netfilter_options() {
+    let f = Fixture::new(Backend::Linux);
+    f.node
+        .ok(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"]);
+    f.node
+        .ok(&["sysctl", "-qw", "net.bridge.bridge-nf-call-ip6tables=0"]);
+    let nf = |f: &Fixture| {
+        let l = link(&f.node, &f.bridge).unwrap_or_else(|| panic!("no bridge"));
+        let d = &l["linkinfo"]["info_data"];
+        (
+            d["nf_call_iptables"].as_u64(),
+            d["nf_call_ip6tables"].as_u64(),
+        )
+    };
+    f.add_ok(&Pod::new(), &f.conf());
+    assert_eq!(nf(&f), (Some(1), Some(1)));
+    f.node.ok(&[
+        "ip",
+        "link",
+        "set",
+        &f.bridge,
+        "type",
+        "bridge",
+        "nf_call_iptables",
+        "0",
+        "nf_call_ip6tables",
+        "0",
+    ]);
+    assert_eq!(nf(&f), (Some(0), Some(0)));
+    f.add_ok(&Pod::new(), &f.conf());
+    assert_eq!(nf(&f), (Some(1), Some(1)), "repaired by the next ADD");
+    // The machine-wide (per-netns) sysctl was left as it was.
+    assert_eq!(
+        f.node
+            .ok(&["sysctl", "-n", "net.bridge.bridge-nf-call-iptables"])
+            .trim(),
+        "0"
+    );
+}
+
+/// A kernel without bridge netfilter (simulated honestly: the real plugin
+/// runs in a private mount namespace where /proc/sys/net/bridge, which the
+/// br_netfilter module creates, is hidden under an empty tmpfs): STATUS is
+/// 50 and ADD is 11, both naming `modprobe br_netfilter`, and ADD leaves
+/// nothing behind (no bridge, no address taken).
+#[test]
+fn without_bridge_netfilter_status_and_add_refuse_and_name_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new(Backend::Linux);
+    let script = f.dir.path().join("evio-without-br-netfilter");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec unshare --mount --propagation private sh -c \
+             'mount -t tmpfs none /proc/sys/net/bridge && exec \"$0\" \"$@\"' {} \"$@\"\n",
+            common::plugin_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cni = f.cni();
+    cni.bin = script;
+    let c = f.conf();
+    let status = cni.run("STATUS", "", None, "", None, &c.json());
+    status.expect_error_code("STATUS without br_netfilter", 50);
+    assert!(
+        status.error_text().contains("modprobe br_netfilter"),
+        "{}",
+        status.error_text()
+    );
+    let pod = Pod::new();
+    let add = cni.run(
+        "ADD",
+        &pod.id,
+        Some(&pod.path()),
+        &pod.ifname,
+        Some(&pod.k8s_args()),
+        &c.json(),
+    );
+    add.expect_error_code("ADD without br_netfilter", 11);
+    assert!(
+        add.error_text().contains("modprobe br_netfilter"),
+        "{}",
+        add.error_text()
+    );
+    assert!(!f.node.has_link(&f.bridge), "ADD created the bridge");
+    assert!(f.allocations().is_empty(), "ADD took an address");
+    // The same plugin on the real /proc: both fine.
+    assert!(f.status(&c).success(), "STATUS with br_netfilter");
+    f.add_ok(&pod, &c);
+}

@@ -130,3 +130,96 @@ fn add_fails_cleanly_while_ovsdb_server_is_down() {
     let res = f.add_ok(&pod, &c);
     f.assert_port_on_bridge(&host_veth(&res, &f.bridge));
 }
+
+/// The bridge set-up installs evio's conntrack flows (cookie 0x6576696f...,
+/// "evio") through vswitchd's OpenFlow socket, exactly once however many
+/// pods come; a foreign flow stays; a deleted or edited evio flow comes
+/// back with the next ADD, and nothing else of the bridge is touched.
+#[test]
+fn bridge_setup_installs_evio_flows_idempotently_and_leaves_foreign_flows() {
+    let f = Fixture::new(Backend::Ovs);
+    let ovs = f.ovs.as_ref().unwrap_or_else(|| panic!("no OVS"));
+    let (p1, p2) = (Pod::new(), Pod::new());
+    f.add_ok(&p1, &f.conf());
+    let evio = |flows: &[String]| -> Vec<String> {
+        flows
+            .iter()
+            .filter(|l| l.contains("cookie=0x6576696f00000001"))
+            .cloned()
+            .collect()
+    };
+    let first = ovs.flows(&f.bridge);
+    let ours = evio(&first);
+    assert_eq!(ours.len(), 7, "evio's flows:\n{}", first.join("\n"));
+    for want in [
+        "priority=200,ip,in_port=LOCAL actions=ct(commit,zone=59152,exec(set_field:0x1->ct_mark)),NORMAL",
+        "priority=100,ipv6 actions=ct(table=231,zone=59152)",
+        "table=231, priority=200,ct_state=+rpl+trk,ct_mark=0x1/0x1,ip actions=set_field:",
+        "table=231, priority=0 actions=NORMAL",
+    ] {
+        assert!(
+            ours.iter().any(|l| l.contains(want)),
+            "no flow with {want:?} in:\n{}",
+            ours.join("\n")
+        );
+    }
+    // OVS's own default flow is not ours and stays.
+    assert!(
+        first
+            .iter()
+            .any(|l| l.contains("cookie=0x0") || l.starts_with("priority=0 actions=NORMAL")),
+        "{first:?}"
+    );
+
+    // A foreign flow, one evio flow deleted and another edited in place.
+    let foreign = "table=7,priority=5,cookie=0x1234,udp,tp_dst=9999,actions=drop";
+    assert!(ovs
+        .ofctl(&["add-flow", &f.bridge, foreign])
+        .status
+        .success());
+    assert!(ovs
+        .ofctl(&["--strict", "del-flows", &f.bridge, "table=231,priority=0"])
+        .status
+        .success());
+    assert!(ovs
+        .ofctl(&[
+            "--strict",
+            "mod-flows",
+            &f.bridge,
+            "priority=100,ip,actions=drop"
+        ])
+        .status
+        .success());
+    assert_eq!(evio(&ovs.flows(&f.bridge)).len(), 6);
+    f.add_ok(&p2, &f.conf());
+    let after = ovs.flows(&f.bridge);
+    let mut a = evio(&after);
+    let mut b = ours.clone();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "repaired to exactly the first set");
+    assert!(
+        after
+            .iter()
+            .any(|l| l.contains("cookie=0x1234") && l.contains("tp_dst=9999")),
+        "foreign flow gone:\n{}",
+        after.join("\n")
+    );
+    // Intact flows are not rewritten: their age keeps growing over the
+    // next ADD (a replaced flow starts again from 0 s).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let p3 = Pod::new();
+    f.add_ok(&p3, &f.conf());
+    let out = ovs.ofctl(&["dump-flows", &f.bridge, "cookie=0x6576696f00000001/-1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ages: Vec<f64> = text
+        .split("duration=")
+        .skip(1)
+        .map(|d| d.split('s').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ages.len(), 7, "{text}");
+    assert!(
+        ages.iter().all(|&a| a >= 1.0),
+        "a flow was rewritten:\n{text}"
+    );
+}

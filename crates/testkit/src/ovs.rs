@@ -104,6 +104,36 @@ impl Ovs {
             .unwrap_or_else(|e| panic!("spawn ovs-vsctl {args:?}: {e}"))
     }
 
+    /// Runs `ovs-ofctl -O OpenFlow13 ARGS...` against this instance's
+    /// bridges (their management sockets are in the run dir) and returns
+    /// its output whatever the exit status: the tests inspect and plant
+    /// flows with OVS's own tool, never with the client under test.
+    pub fn ofctl(&self, args: &[&str]) -> Output {
+        let mut cmd = self.host_command("ovs-ofctl");
+        cmd.arg("-O")
+            .arg("OpenFlow13")
+            .arg("--timeout=10")
+            .args(args);
+        cmd.output()
+            .unwrap_or_else(|e| panic!("spawn ovs-ofctl {args:?}: {e}"))
+    }
+
+    /// `ovs-ofctl dump-flows BRIDGE` with the statistics stripped: one
+    /// line per flow, `cookie=..., table=..., priority=...,MATCH actions=...`.
+    pub fn flows(&self, bridge: &str) -> Vec<String> {
+        let out = self.ofctl(&["dump-flows", bridge, "--no-stats"]);
+        assert!(
+            out.status.success(),
+            "ovs-ofctl dump-flows {bridge}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty() && !l.starts_with("OFPST_FLOW"))
+            .collect()
+    }
+
     /// Whether ovsdb-server is running (it may have died on its own).
     pub fn ovsdb_running(&mut self) -> bool {
         running(&mut self.ovsdb)

@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use netlink_packet_netfilter::nftables::{
-    Bitwise, Cmp, DataAttribute, ExpressionAttribute, Expressions, ListAttribute, Meta, MetaKey,
-    Operator, Payload, Register,
+    Bitwise, Cmp, DataAttribute, ExpressionAttribute, Expressions, Immediate, ListAttribute, Meta,
+    MetaKey, Operator, Payload, Register, Verdict, VerdictAttribute,
 };
 
 /// NFPROTO_IPV4 and NFPROTO_IPV6 (linux/netfilter.h): what `meta nfproto`
@@ -65,6 +65,36 @@ fn octets(addr: IpAddr) -> Vec<u8> {
 /// masqueraded". A pod address with its prefix (10.244.3.2/16) means its
 /// network.
 pub(super) fn masquerade(net: IpNet) -> Vec<Expr> {
+    let mut exprs = matches(net, &[(true, Operator::Equal), (false, Operator::NotEqual)]);
+    exprs.push(
+        Expressions::Other {
+            expression_type: "masq".to_string(),
+            attributes: Vec::new(),
+        }
+        .into(),
+    );
+    exprs
+}
+
+/// The expressions of "traffic to `net` is left alone" (nft's
+/// `ip daddr NET return`), placed before the masquerade rules.
+pub(super) fn exempt(net: IpNet) -> Vec<Expr> {
+    let mut exprs = matches(net, &[(false, Operator::Equal)]);
+    exprs.push(
+        Expressions::Immediate(vec![
+            Immediate::DestinationRegister(Register::Verdict),
+            Immediate::Data(DataAttribute::Verdict(vec![VerdictAttribute::Code(
+                Verdict::Return,
+            )])),
+        ])
+        .into(),
+    );
+    exprs
+}
+
+/// The family match, then one address comparison with `net` per entry of
+/// `cmps` (`true`: the source address), as nft writes them.
+fn matches(net: IpNet, cmps: &[(bool, Operator)]) -> Vec<Expr> {
     let net = net.trunc();
     let fam = family_of(&net);
     let addr = octets(net.addr());
@@ -92,10 +122,8 @@ pub(super) fn masquerade(net: IpNet) -> Vec<Expr> {
         .into(),
         cmp(Operator::Equal, vec![fam.nfproto]),
     ];
-    for (offset, op) in [
-        (fam.saddr, Operator::Equal),
-        (fam.daddr, Operator::NotEqual),
-    ] {
+    for &(source, op) in cmps {
+        let offset = if source { fam.saddr } else { fam.daddr };
         exprs.push(
             Expressions::Payload(vec![
                 Payload::DestinationRegister(Register::Reg1),
@@ -119,13 +147,6 @@ pub(super) fn masquerade(net: IpNet) -> Vec<Expr> {
         }
         exprs.push(cmp(op, value.clone()));
     }
-    exprs.push(
-        Expressions::Other {
-            expression_type: "masq".to_string(),
-            attributes: Vec::new(),
-        }
-        .into(),
-    );
     exprs
 }
 
@@ -166,10 +187,33 @@ enum Reg {
 /// any other rule. Registers are followed, so loads and compares may be
 /// interleaved with other expressions as nft's optimiser likes.
 pub(super) fn masqueraded_source(exprs: &[Expr]) -> Option<IpNet> {
+    let s = scan(exprs);
+    s.source.filter(|_| s.masq && !s.ret)
+}
+
+/// The destination of an exemption rule (`ip daddr NET return`, nothing
+/// else matched); `None` for any other rule.
+pub(super) fn exempt_destination(exprs: &[Expr]) -> Option<IpNet> {
+    let s = scan(exprs);
+    s.dest.filter(|_| s.ret && !s.masq && s.source.is_none())
+}
+
+/// What a rule matches (source and destination prefixes compared for
+/// equality) and does.
+struct Scan {
+    source: Option<IpNet>,
+    dest: Option<IpNet>,
+    masq: bool,
+    ret: bool,
+}
+
+fn scan(exprs: &[Expr]) -> Scan {
     let mut regs: Vec<(Register, Reg)> = Vec::new();
     let mut nfproto: Option<u8> = None;
     let mut source = None;
+    let mut dest = None;
     let mut masq = false;
+    let mut ret = false;
     for (name, data) in exprs.iter().filter_map(parts) {
         match (name, data) {
             (_, Some(Expressions::Meta(attrs))) => {
@@ -268,17 +312,32 @@ pub(super) fn masqueraded_source(exprs: &[Expr]) -> Option<IpNet> {
                         };
                         if offset == fam.saddr && source.is_none() {
                             source = prefix(fam, len, mask.as_deref(), value);
+                        } else if offset == fam.daddr && dest.is_none() {
+                            dest = prefix(fam, len, mask.as_deref(), value);
                         }
                     }
                 }
             }
             (Some("masq"), _) => masq = true,
+            (_, Some(Expressions::Immediate(attrs))) if is_return(attrs) => ret = true,
             // Anything else that writes a register (immediate, lookup, ct,
             // ...) makes what was known about registers unreliable.
             _ => regs.clear(),
         }
     }
-    source.filter(|_| masq)
+    Scan {
+        source,
+        dest,
+        masq,
+        ret,
+    }
+}
+
+fn is_return(attrs: &[Immediate]) -> bool {
+    attrs.iter().any(|a| {
+        matches!(a, Immediate::Data(DataAttribute::Verdict(v))
+            if v.contains(&VerdictAttribute::Code(Verdict::Return)))
+    })
 }
 
 fn parts(e: &Expr) -> Option<(Option<&str>, Option<&Expressions>)> {

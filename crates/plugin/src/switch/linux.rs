@@ -2,7 +2,7 @@
 
 use evio_cni::config::NetConf;
 use evio_cni::{code, CniError, Result};
-use evio_net::{Handle, Link};
+use evio_net::{BridgeNf, Handle, Link};
 
 use super::{random_mac, Port, Switch, VethOwner};
 use crate::neterr;
@@ -40,15 +40,50 @@ impl LinuxBridge {
     }
 }
 
+/// Both families through iptables/nftables: kube-proxy's NAT of Service
+/// traffic between pods on this bridge (and across the overlay, which is
+/// the same L2 segment) is only reversed if bridged replies pass the host's
+/// conntrack. Per bridge: the machine's global sysctls stay as they are.
+pub const BRIDGE_NF: BridgeNf = BridgeNf {
+    iptables: true,
+    ip6tables: true,
+};
+
+/// Turns on the bridge's netfilter options if the kernel reports them off;
+/// returns whether it changed anything. Shared with `evio-node run`.
+pub fn ensure_bridge_nf(host: &mut Handle, bridge: &Link) -> evio_net::Result<bool> {
+    match bridge.bridge_nf {
+        Some(nf) if nf == BRIDGE_NF => Ok(false),
+        // Not reported: a kernel without bridge netfilter, where the
+        // options do not exist (STATUS says so).
+        None => Ok(false),
+        Some(_) => host.set_bridge_nf(bridge.index, BRIDGE_NF).map(|()| true),
+    }
+}
+
+/// The message STATUS, ADD and doctor give when bridge netfilter is
+/// missing from the kernel.
+pub const NO_BRIDGE_NETFILTER: &str = "bridge netfilter is not in the kernel     (no /proc/sys/net/bridge): Kubernetes Services cannot work on a Linux bridge     without it; load it with `modprobe br_netfilter` (and list br_netfilter in     /etc/modules-load.d/ to keep it after a reboot)";
+
 impl Switch for LinuxBridge {
+    fn prerequisites(&self) -> Result<()> {
+        if evio_net::bridge_netfilter_available() {
+            Ok(())
+        } else {
+            Err(CniError::new(code::TRY_AGAIN, NO_BRIDGE_NETFILTER))
+        }
+    }
+
     fn ensure_bridge(&mut self, host: &mut Handle) -> Result<Link> {
         if let Some(l) = self.lookup(host)? {
+            ensure_bridge_nf(host, &l)
+                .map_err(neterr(format!("bridge netfilter options of {}", self.name)))?;
             return Ok(l);
         }
         // The gateway's MAC must not change when the pod whose veth has the
         // lowest MAC leaves, or every pod's ARP entry for the gateway goes
         // stale; it is pinned in the creating message itself.
-        match host.create_bridge(&self.name, self.mtu, Some(random_mac())) {
+        match host.create_bridge_with(&self.name, self.mtu, Some(random_mac()), Some(BRIDGE_NF)) {
             Ok(()) => {}
             // Another plugin process created it between our lookup and now.
             Err(e) if e.is_exists() => {}
@@ -114,7 +149,8 @@ impl Switch for LinuxBridge {
     }
 
     fn status(&mut self) -> Result<()> {
-        Ok(())
+        self.prerequisites()
+            .map_err(|e| CniError::new(code::NOT_AVAILABLE, e.msg))
     }
 
     fn needs_tx_checksum_off(&self) -> bool {

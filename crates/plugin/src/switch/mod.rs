@@ -5,6 +5,7 @@ use evio_cni::config::{BridgeType, NetConf};
 use evio_cni::Result;
 use evio_net::{Handle, Link};
 
+pub mod flows;
 pub mod linux;
 pub mod ovs;
 
@@ -25,6 +26,12 @@ pub struct Port<'a> {
 }
 
 pub trait Switch {
+    /// What the host must provide before pods can be plugged in and reach
+    /// Services (ADD fails early, touching nothing, when it is missing).
+    fn prerequisites(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Creates the bridge if missing (racing plugin processes both succeed)
     /// and returns its link in the node namespace.
     fn ensure_bridge(&mut self, host: &mut Handle) -> Result<Link>;

@@ -10,7 +10,7 @@ use evio_net::{Handle, Link};
 use evio_ovsdb::vswitch::PortSpec;
 use evio_ovsdb::Client;
 
-use super::{Port, Switch, VethOwner};
+use super::{flows, Port, Switch, VethOwner};
 use crate::naming::ovs_ids as ids;
 use crate::neterr;
 
@@ -25,6 +25,8 @@ pub struct OvsBridge {
     endpoint: String,
     datapath: Datapath,
     mtu: u32,
+    /// The bridge's OpenFlow socket, for evio's conntrack flows.
+    mgmt: std::path::PathBuf,
     client: Option<Client>,
     /// The datapath type of the bridge as it exists (learned in
     /// `ensure_bridge`), which decides the checksum workaround.
@@ -38,6 +40,7 @@ impl OvsBridge {
             endpoint: conf.ovsdb.clone(),
             datapath: conf.ovs_datapath,
             mtu: conf.mtu,
+            mgmt: flows::mgmt_socket(conf, &conf.bridge),
             client: None,
             actual_datapath: None,
         }
@@ -85,6 +88,44 @@ impl OvsBridge {
     }
 }
 
+impl OvsBridge {
+    /// evio's conntrack flows (see [`flows`]), installed or repaired. The
+    /// management socket appears with the bridge, possibly a moment after
+    /// its device: a missing socket is retried until `deadline`.
+    fn ensure_flows(&self, bridge: &Link, deadline: Instant) -> Result<()> {
+        let mac = bridge.mac.ok_or_else(|| {
+            CniError::new(
+                code::SWITCH,
+                format!("OVS bridge {} has no MAC", bridge.name),
+            )
+        })?;
+        loop {
+            match flows::ensure(&self.mgmt, mac) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_unavailable() && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    let code = if e.is_unavailable() {
+                        code::TRY_AGAIN
+                    } else {
+                        code::SWITCH
+                    };
+                    return Err(CniError::new(
+                        code,
+                        format!(
+                            "OVS: cannot install evio's flows on bridge {} through {}                              (set ovsRunDir to ovs-vswitchd's run directory if it is elsewhere)",
+                            bridge.name,
+                            self.mgmt.display()
+                        ),
+                    )
+                    .with_details(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
 fn ovserr(what: impl std::fmt::Display) -> impl FnOnce(evio_ovsdb::Error) -> CniError {
     move |e| CniError::new(code::SWITCH, format!("OVS: {what}")).with_details(e.to_string())
 }
@@ -123,6 +164,7 @@ impl Switch for OvsBridge {
                     host.set_mtu(l.index, self.mtu)
                         .map_err(neterr(format!("set MTU of bridge {name}")))?;
                 }
+                self.ensure_flows(&l, deadline)?;
                 return Ok(l);
             }
             if Instant::now() >= deadline {

@@ -1,0 +1,697 @@
+//! Kubernetes Services without a control plane: kube-proxy's own NAT rules,
+//! written into a node netns the way kube-proxy writes them, plus the
+//! servers and clients the Services tests and the simulator use.
+//!
+//! No API server, kubelet or kube-proxy binary can be installed here, so
+//! this module stands in for kube-proxy's *sync loop* only: given Services
+//! and their endpoints it emits exactly the rule shapes kube-proxy emits
+//! (taken from kube-proxy's TestOverallIPTablesRules and
+//! TestOverallNFTablesRules, pkg/proxy/{iptables,nftables}/proxier_test.go,
+//! and the jump chains of proxier.go) and loads them with the same tools
+//! kube-proxy uses (`iptables-restore` with the nft backend, `nft -f`).
+//! Chain names use kube-proxy's hash (base32 of SHA-256). Left out:
+//! `-m nfacct` counters (no nfacct in this kernel), health-check node
+//! ports, LoadBalancer source ranges, session affinity.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::netns::{run_in_netns_path, Netns};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// One port of one Service with its endpoints.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    pub proto: Proto,
+    pub cluster_ip: IpAddr,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub endpoints: Vec<SocketAddr>,
+}
+
+impl Service {
+    pub fn new(name: &str, proto: Proto, cluster_ip: IpAddr, port: u16) -> Service {
+        Service {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: proto.as_str().into(),
+            proto,
+            cluster_ip,
+            port,
+            node_port: None,
+            endpoints: Vec::new(),
+        }
+    }
+
+    pub fn endpoint(mut self, ep: SocketAddr) -> Service {
+        self.endpoints.push(ep);
+        self
+    }
+
+    pub fn node_port(mut self, p: u16) -> Service {
+        self.node_port = Some(p);
+        self
+    }
+
+    /// `ns/name:port`, kube-proxy's ServicePortName.
+    fn port_name(&self) -> String {
+        format!("{}/{}:{}", self.namespace, self.name, self.port_name)
+    }
+}
+
+/// kube-proxy's chain hash: the first 16 characters of base32(SHA-256).
+fn hash16(s: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let digest = Sha256::digest(s.as_bytes());
+    let mut out = String::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for b in digest.iter() {
+        acc = (acc << 8) | u32::from(*b);
+        bits += 8;
+        while bits >= 5 && out.len() < 16 {
+            bits -= 5;
+            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
+        }
+    }
+    out
+}
+
+fn ep_str(ep: &SocketAddr) -> String {
+    ep.to_string()
+}
+
+/// What kube-proxy's iptables mode loads (`iptables-restore --noflush`)
+/// for `services` with `--cluster-cidr cluster_cidr`; for IPv6 the same
+/// text goes to `ip6tables-restore`.
+pub fn iptables_rules(services: &[Service], cluster_cidr: &str) -> String {
+    let mut f = String::from(
+        "*filter\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n:KUBE-NODEPORTS - [0:0]\n",
+    );
+    for (chain, src, comment, extra) in [
+        (
+            "KUBE-EXTERNAL-SERVICES",
+            "INPUT",
+            "kubernetes externally-visible service portals",
+            "-m conntrack --ctstate NEW ",
+        ),
+        (
+            "KUBE-NODEPORTS",
+            "INPUT",
+            "kubernetes health check service ports",
+            "",
+        ),
+        (
+            "KUBE-SERVICES",
+            "FORWARD",
+            "kubernetes service portals",
+            "-m conntrack --ctstate NEW ",
+        ),
+        (
+            "KUBE-EXTERNAL-SERVICES",
+            "FORWARD",
+            "kubernetes externally-visible service portals",
+            "-m conntrack --ctstate NEW ",
+        ),
+        ("KUBE-FORWARD", "FORWARD", "kubernetes forwarding rules", ""),
+        (
+            "KUBE-SERVICES",
+            "OUTPUT",
+            "kubernetes service portals",
+            "-m conntrack --ctstate NEW ",
+        ),
+    ] {
+        let _ = writeln!(
+            f,
+            "-A {src} {extra}-m comment --comment \"{comment}\" -j {chain}"
+        );
+    }
+    f.push_str("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n");
+    f.push_str("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n");
+    f.push_str("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n");
+    f.push_str("COMMIT\n");
+
+    let mut chains = vec![
+        "KUBE-SERVICES".to_string(),
+        "KUBE-NODEPORTS".into(),
+        "KUBE-POSTROUTING".into(),
+        "KUBE-MARK-MASQ".into(),
+    ];
+    let mut rules = String::new();
+    for (src, chain, comment) in [
+        ("PREROUTING", "KUBE-SERVICES", "kubernetes service portals"),
+        ("OUTPUT", "KUBE-SERVICES", "kubernetes service portals"),
+        (
+            "POSTROUTING",
+            "KUBE-POSTROUTING",
+            "kubernetes postrouting rules",
+        ),
+    ] {
+        let _ = writeln!(
+            rules,
+            "-A {src} -m comment --comment \"{comment}\" -j {chain}"
+        );
+    }
+    rules.push_str("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n");
+    rules.push_str("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n");
+    rules.push_str("-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n");
+    rules.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
+    for s in services {
+        iptables_service(s, cluster_cidr, &mut chains, &mut rules);
+    }
+    rules.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
+    let mut n = String::from("*nat\n");
+    for c in &chains {
+        let _ = writeln!(n, ":{c} - [0:0]");
+    }
+    n.push_str(&rules);
+    n.push_str("COMMIT\n");
+    f + &n
+}
+
+fn iptables_service(s: &Service, cluster_cidr: &str, chains: &mut Vec<String>, r: &mut String) {
+    let pn = s.port_name();
+    let proto = s.proto.as_str();
+    let h = hash16(&format!("{pn}{proto}"));
+    let svc = format!("KUBE-SVC-{h}");
+    let ext = format!("KUBE-EXT-{h}");
+    chains.push(svc.clone());
+    let (ip, port) = (s.cluster_ip, s.port);
+    let _ = writeln!(r, "-A KUBE-SERVICES -m comment --comment \"{pn} cluster IP\" -m {proto} -p {proto} -d {ip} --dport {port} -j {svc}");
+    let _ = writeln!(r, "-A {svc} -m comment --comment \"{pn} cluster IP\" -m {proto} -p {proto} -d {ip} --dport {port} ! -s {cluster_cidr} -j KUBE-MARK-MASQ");
+    let n = s.endpoints.len();
+    for (i, ep) in s.endpoints.iter().enumerate() {
+        let sep = format!("KUBE-SEP-{}", hash16(&format!("{pn}{proto}{ep}")));
+        chains.push(sep.clone());
+        let prob = if i + 1 < n {
+            format!(
+                "-m statistic --mode random --probability {:.10} ",
+                1.0 / (n - i) as f64
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            r,
+            "-A {svc} -m comment --comment \"{pn} -> {}\" {prob}-j {sep}",
+            ep_str(ep)
+        );
+        let _ = writeln!(
+            r,
+            "-A {sep} -m comment --comment {pn} -s {} -j KUBE-MARK-MASQ",
+            ep.ip()
+        );
+        let _ = writeln!(
+            r,
+            "-A {sep} -m comment --comment {pn} -m {proto} -p {proto} -j DNAT --to-destination {}",
+            ep_str(ep)
+        );
+    }
+    if let Some(np) = s.node_port {
+        chains.push(ext.clone());
+        let _ = writeln!(r, "-A KUBE-NODEPORTS -m comment --comment {pn} -m {proto} -p {proto} --dport {np} -j {ext}");
+        let _ = writeln!(r, "-A {ext} -m comment --comment \"masquerade traffic for {pn} external destinations\" -j KUBE-MARK-MASQ");
+        let _ = writeln!(r, "-A {ext} -j {svc}");
+    }
+}
+
+/// What kube-proxy's nftables mode loads (`nft -f`) into `ip kube-proxy`
+/// (`ip6` for IPv6) for `services`, with `--cluster-cidr cluster_cidr`,
+/// the service CIDR and the node addresses that take NodePorts.
+pub fn nft_rules(
+    services: &[Service],
+    cluster_cidr: &str,
+    service_cidr: &str,
+    nodeport_ips: &[IpAddr],
+) -> String {
+    let v6 = cluster_cidr.contains(':');
+    let (fam, addr, ip) = if v6 {
+        ("ip6", "ipv6_addr", "ip6")
+    } else {
+        ("ip", "ipv4_addr", "ip")
+    };
+    let t = format!("{fam} kube-proxy");
+    let mut o = String::new();
+    let _ = writeln!(o, "add table {t} {{ comment \"rules for kube-proxy\" ; }}");
+    let _ = writeln!(
+        o,
+        "add set {t} cluster-ips {{ type {addr} ; comment \"Active ClusterIPs\" ; }}"
+    );
+    let _ = writeln!(o, "add set {t} nodeport-ips {{ type {addr} ; comment \"IPs that accept NodePort traffic\" ; }}");
+    let _ = writeln!(o, "add map {t} firewall-ips {{ type {addr} . inet_proto . inet_service : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }}");
+    let _ = writeln!(o, "add map {t} no-endpoint-nodeports {{ type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ; }}");
+    let _ = writeln!(o, "add map {t} no-endpoint-services {{ type {addr} . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}");
+    let _ = writeln!(o, "add map {t} service-ips {{ type {addr} . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}");
+    let _ = writeln!(o, "add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}");
+    for c in [
+        "cluster-ips-check",
+        "filter-prerouting-pre-dnat { type filter hook prerouting priority -110 ; }",
+        "filter-output-pre-dnat { type filter hook output priority -110 ; }",
+        "filter-forward { type filter hook forward priority 0 ; }",
+        "filter-input { type filter hook input priority 0 ; }",
+        "filter-output { type filter hook output priority 0 ; }",
+        "firewall-check",
+        "mark-for-masquerade",
+        "masquerading",
+        "nat-output { type nat hook output priority -100 ; }",
+        "nat-postrouting { type nat hook postrouting priority 100 ; }",
+        "nat-prerouting { type nat hook prerouting priority -100 ; }",
+        "nodeport-endpoints-check",
+        "reject-chain { comment \"helper for @no-endpoint-services / @no-endpoint-nodeports\" ; }",
+        "services",
+        "service-endpoints-check",
+    ] {
+        let _ = writeln!(o, "add chain {t} {c}");
+    }
+    for r in [
+        format!("cluster-ips-check {ip} daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""),
+        format!("cluster-ips-check {ip} daddr {{ {service_cidr} }} drop comment \"Drop traffic to unallocated ClusterIPs\""),
+        "filter-prerouting-pre-dnat ct state new jump firewall-check".into(),
+        "filter-forward ct state new jump service-endpoints-check".into(),
+        "filter-forward ct state new jump cluster-ips-check".into(),
+        "filter-input ct state new jump nodeport-endpoints-check".into(),
+        "filter-input ct state new jump service-endpoints-check".into(),
+        "filter-output ct state new jump service-endpoints-check".into(),
+        "filter-output-pre-dnat ct state new jump firewall-check".into(),
+        "filter-output ct state new jump cluster-ips-check".into(),
+        format!("firewall-check {ip} daddr . meta l4proto . th dport vmap @firewall-ips"),
+        "mark-for-masquerade mark set mark or 0x4000".into(),
+        "masquerading mark and 0x4000 == 0 return".into(),
+        "masquerading mark set mark xor 0x4000".into(),
+        "masquerading masquerade fully-random".into(),
+        "nat-output jump services".into(),
+        "nat-postrouting jump masquerading".into(),
+        "nat-prerouting jump services".into(),
+        format!("nodeport-endpoints-check {ip} daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"),
+        "reject-chain reject".into(),
+        format!("services {ip} daddr . meta l4proto . th dport vmap @service-ips"),
+        format!("services {ip} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"),
+        format!("service-endpoints-check {ip} daddr . meta l4proto . th dport vmap @no-endpoint-services"),
+    ] {
+        let _ = writeln!(o, "add rule {t} {r}");
+    }
+    for n in nodeport_ips {
+        let _ = writeln!(o, "add element {t} nodeport-ips {{ {n} }}");
+    }
+    for s in services {
+        nft_service(s, &t, ip, cluster_cidr, &mut o);
+    }
+    o
+}
+
+fn nft_service(s: &Service, t: &str, ip: &str, cluster_cidr: &str, o: &mut String) {
+    let proto = s.proto.as_str();
+    let base = format!("{}/{}/{proto}/{}", s.namespace, s.name, s.port_name);
+    let h = hash16(&format!("{}{proto}", s.port_name()));
+    let svc = format!("service-{}-{base}", &h[..8]);
+    let (cip, port) = (s.cluster_ip, s.port);
+    let _ = writeln!(o, "add chain {t} {svc}");
+    let _ = writeln!(
+        o,
+        "add rule {t} {svc} {ip} daddr {cip} {ip} saddr != {cluster_cidr} jump mark-for-masquerade"
+    );
+    let mut vmap = Vec::new();
+    for (i, ep) in s.endpoints.iter().enumerate() {
+        let ep_s = match ep {
+            SocketAddr::V4(a) => format!("{}/{}", a.ip(), a.port()),
+            SocketAddr::V6(a) => format!("[{}]/{}", a.ip(), a.port()),
+        };
+        let epc = format!(
+            "endpoint-{}-{base}__{ep_s}",
+            &hash16(&format!("{}{proto}{ep}", s.port_name()))[..8]
+        );
+        let _ = writeln!(o, "add chain {t} {epc}");
+        let _ = writeln!(
+            o,
+            "add rule {t} {epc} {ip} saddr {} jump mark-for-masquerade",
+            ep.ip()
+        );
+        let to = match ep {
+            SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
+            SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+        };
+        let _ = writeln!(o, "add rule {t} {epc} meta l4proto {proto} dnat to {to}");
+        vmap.push(format!("{i} : goto {epc}"));
+    }
+    let _ = writeln!(
+        o,
+        "add rule {t} {svc} numgen random mod {} vmap {{ {} }}",
+        s.endpoints.len(),
+        vmap.join(" , ")
+    );
+    let _ = writeln!(o, "add element {t} cluster-ips {{ {cip} }}");
+    let _ = writeln!(
+        o,
+        "add element {t} service-ips {{ {cip} . {proto} . {port} : goto {svc} }}"
+    );
+    if let Some(np) = s.node_port {
+        let ext = format!("external-{}-{base}", &h[..8]);
+        let _ = writeln!(o, "add chain {t} {ext}");
+        let _ = writeln!(o, "add rule {t} {ext} jump mark-for-masquerade");
+        let _ = writeln!(o, "add rule {t} {ext} goto {svc}");
+        let _ = writeln!(
+            o,
+            "add element {t} service-nodeports {{ {proto} . {np} : goto {ext} }}"
+        );
+    }
+}
+
+/// How kube-proxy programs a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Iptables,
+    Nftables,
+}
+
+/// Loads kube-proxy's rules for `mode` into `ns` after removing the other
+/// mode's (kube-proxy cleans up the mode it does not run).
+pub fn program(
+    ns: &Netns,
+    mode: Mode,
+    services: &[Service],
+    cluster_cidr: &str,
+    service_cidr: &str,
+    node_ips: &[IpAddr],
+) -> Result<(), String> {
+    clear(ns);
+    let v6 = cluster_cidr.contains(':');
+    let (prog, text) = match mode {
+        Mode::Iptables => (
+            if v6 {
+                "ip6tables-restore"
+            } else {
+                "iptables-restore"
+            },
+            iptables_rules(services, cluster_cidr),
+        ),
+        Mode::Nftables => (
+            "nft",
+            nft_rules(services, cluster_cidr, service_cidr, node_ips),
+        ),
+    };
+    let args: &[&str] = match mode {
+        Mode::Iptables => &[prog, "--noflush"],
+        Mode::Nftables => &[prog, "-f", "-"],
+    };
+    let mut cmd = ns.command(args);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| format!("spawn {prog}: {e}"))?;
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(text.as_bytes())
+            .map_err(|e| format!("{prog} stdin: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{prog}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{prog} refused the rules: {}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// Removes kube-proxy's rules of both modes and families from `ns`.
+pub fn clear(ns: &Netns) {
+    for t in ["ip kube-proxy", "ip6 kube-proxy"] {
+        let mut args = vec!["nft", "delete", "table"];
+        args.extend(t.split(' '));
+        let _ = ns.exec(&args);
+    }
+    for prog in ["iptables", "ip6tables"] {
+        for table in ["nat", "filter"] {
+            let _ = ns.exec(&[prog, "-t", table, "-F"]);
+            let _ = ns.exec(&[prog, "-t", table, "-X"]);
+        }
+    }
+}
+
+/// A TCP server in a netns that tells each client the address it sees the
+/// client connect from (`PEER ip\n`), then echoes lines until EOF: the
+/// endpoint's view of who called, and a connection that can live long.
+pub struct PeerServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub addr: SocketAddr,
+}
+
+impl PeerServer {
+    pub fn start(ns_path: PathBuf, addr: SocketAddr) -> PeerServer {
+        let listener = run_in_netns_path(&ns_path, || TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("listen on {addr}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, peer)) => {
+                        let s = s.clone();
+                        std::thread::spawn(move || echo(conn, peer, &s));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        PeerServer {
+            stop,
+            thread: Some(thread),
+            addr,
+        }
+    }
+}
+
+fn echo(mut conn: TcpStream, peer: SocketAddr, stop: &AtomicBool) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+    if writeln!(conn, "PEER {}", peer.ip()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A client connection opened from a netns, kept open.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    /// The address the endpoint saw the client connect from.
+    pub peer: IpAddr,
+}
+
+impl Conn {
+    /// Connects to `to` from `ns_path` within `timeout` and reads the
+    /// endpoint's `PEER` line.
+    pub fn open(
+        ns_path: &std::path::Path,
+        to: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Conn, String> {
+        let s = run_in_netns_path(ns_path, || TcpStream::connect_timeout(&to, timeout))
+            .map_err(|e| format!("connect to {to}: {e}"))?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .map_err(|e| format!("read from {to}: {e}"))?;
+        let peer = line
+            .strip_prefix("PEER ")
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or_else(|| format!("{to} answered {line:?}"))?;
+        Ok(Conn { reader, peer })
+    }
+
+    /// Sends `n` bytes and reads them back.
+    pub fn echo(&mut self, n: usize) -> Result<(), String> {
+        let data: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut w = self
+            .reader
+            .get_ref()
+            .try_clone()
+            .map_err(|e| e.to_string())?;
+        let writer = std::thread::spawn(move || w.write_all(&data));
+        let mut got = vec![0u8; n];
+        self.reader
+            .read_exact(&mut got)
+            .map_err(|e| format!("echo read: {e}"))?;
+        writer
+            .join()
+            .map_err(|_| "writer panicked".to_string())?
+            .map_err(|e| format!("echo write: {e}"))?;
+        if got
+            .iter()
+            .enumerate()
+            .any(|(i, b)| *b != b'a' + (i % 26) as u8)
+        {
+            return Err("echo returned other bytes".into());
+        }
+        Ok(())
+    }
+}
+
+/// Asks `to` once from `ns_path`: the address the endpoint saw.
+pub fn peer_seen(ns_path: &std::path::Path, to: SocketAddr) -> Result<IpAddr, String> {
+    let mut c = Conn::open(ns_path, to, Duration::from_secs(5))?;
+    c.echo(64 * 1024)?;
+    Ok(c.peer)
+}
+
+/// Debian's dnsmasq as a cluster DNS server in a netns: authoritative for
+/// the records given, no upstream, foreground child killed on drop.
+pub struct Dnsmasq {
+    child: Child,
+}
+
+impl Dnsmasq {
+    pub fn start(ns: &Netns, listen: IpAddr, records: &[(&str, IpAddr)]) -> Dnsmasq {
+        let mut args: Vec<String> = [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--pid-file=",
+            "--user=root",
+            "--port=53",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(format!("--listen-address={listen}"));
+        for (name, ip) in records {
+            args.push(format!("--host-record={name},{ip}"));
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd: Command = ns.command(&argv);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn dnsmasq: {e}"));
+        // Ready once it answers on TCP.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let path = ns.path();
+        while run_in_netns_path(&path, || {
+            TcpStream::connect_timeout(&SocketAddr::new(listen, 53), Duration::from_millis(200))
+        })
+        .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "dnsmasq did not come up on {listen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Dnsmasq { child }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `dig @server name +short` from `ns` over UDP or TCP: the answer lines.
+pub fn dig(ns: &Netns, server: IpAddr, name: &str, tcp: bool) -> Result<Vec<String>, String> {
+    let at = format!("@{server}");
+    let mut args = vec!["dig", at.as_str(), name, "+short", "+time=2", "+tries=2"];
+    if tcp {
+        args.push("+tcp");
+    }
+    let out = ns.exec(&args);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() || text.contains("timed out") || text.contains("no servers") {
+        return Err(format!(
+            "dig {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(text
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_names_are_kube_proxys() {
+        // kube-proxy's own test: ns1/svc1:p80 over tcp is KUBE-SVC-XPGD46QRK7WJZT7O.
+        assert_eq!(hash16("ns1/svc1:p80tcp"), "XPGD46QRK7WJZT7O");
+    }
+
+    #[test]
+    fn rules_carry_the_shapes() {
+        let s = Service::new("web", Proto::Tcp, "10.96.0.10".parse().unwrap(), 80)
+            .endpoint("10.244.2.2:8080".parse().unwrap())
+            .node_port(30080);
+        let ipt = iptables_rules(std::slice::from_ref(&s), "10.244.0.0/16");
+        assert!(ipt.contains("! -s 10.244.0.0/16 -j KUBE-MARK-MASQ"));
+        assert!(ipt.contains("-j DNAT --to-destination 10.244.2.2:8080"));
+        assert!(ipt.contains("--dport 30080 -j KUBE-EXT-"));
+        let nft = nft_rules(&[s], "10.244.0.0/16", "10.96.0.0/16", &[]);
+        assert!(nft.contains("meta l4proto tcp dnat to 10.244.2.2:8080"));
+        assert!(nft.contains("service-nodeports { tcp . 30080 : goto external-"));
+    }
+}

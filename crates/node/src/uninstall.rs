@@ -301,8 +301,14 @@ fn ovs_bridge(t: &mut Teardown, h: &mut Handle, plan: &Resolved) {
     }
     match client.del_bridge_if_empty(bridge) {
         Ok(true) => t.removed(format!("OVS bridge {bridge}")),
-        Ok(false) => {}
-        Err(e) => t.failed(format!("OVS bridge {bridge}"), e),
+        Ok(false) => return,
+        Err(e) => return t.failed(format!("OVS bridge {bridge}"), e),
+    }
+    // OVSDB has forgotten the bridge, but ovs-vswitchd removes its device
+    // only when it next reconfigures: wait for that (as `ovs-vsctl del-br`
+    // does), so that "removed" means the device is gone too.
+    if let Err(e) = client.wait_reconfigured(OVSDB_TIMEOUT) {
+        t.failed(format!("OVS bridge {bridge} device"), e);
     }
 }
 

@@ -22,6 +22,9 @@ use evio_testkit::netns::Netns;
 use evio_testkit::plugin::{ping, tcp_roundtrip_n};
 use serde_json::{json, Value};
 
+#[path = "overlay/attacks.rs"]
+mod attacks;
+
 const NODE_BIN: &str = env!("CARGO_BIN_EXE_evio-node");
 
 fn plugin_bin() -> PathBuf {

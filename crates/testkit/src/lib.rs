@@ -15,3 +15,4 @@ pub mod netns;
 pub mod ovs;
 pub mod plugin;
 pub mod process;
+pub mod raw;

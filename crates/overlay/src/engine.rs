@@ -60,9 +60,15 @@ pub struct OverlayConfig {
     pub handshake_load: u32,
     /// Valid-cookie handshakes per second and source IP under load.
     pub handshake_per_ip: u32,
-    /// Broadcast / unknown-unicast floods per second (and burst).
+    /// Per pod (source MAC): broadcast / unknown-unicast floods per second
+    /// (and burst), and as many ARP/ND requests sent to an owner.
     pub flood_rate: u32,
     pub flood_burst: u32,
+    /// Per peer: broadcasts and multicasts accepted per second (and burst).
+    pub peer_flood_rate: u32,
+    pub peer_flood_burst: u32,
+    /// The local bridge's MAC: a peer sourcing it is spoofing.
+    pub bridge_mac: Option<[u8; 6]>,
     /// A peer without a working path for this long gets a new handshake.
     pub path_loss_rehandshake: Duration,
 }
@@ -80,6 +86,9 @@ impl OverlayConfig {
             handshake_per_ip: 8,
             flood_rate: 200,
             flood_burst: 400,
+            peer_flood_rate: 400,
+            peer_flood_burst: 800,
+            bridge_mac: None,
             path_loss_rehandshake: Duration::from_secs(4),
         }
     }
@@ -225,9 +234,13 @@ impl Overlay {
     pub fn new(now: Instant, cfg: OverlayConfig, id: Identity) -> Overlay {
         let switch = Switch::new(SwitchConfig {
             local_subnet: cfg.pod_subnet,
+            host_addr: cfg.host_addr,
+            bridge_mac: cfg.bridge_mac,
             mtu: cfg.mtu,
             flood_rate: cfg.flood_rate,
             flood_burst: cfg.flood_burst,
+            peer_flood_rate: cfg.peer_flood_rate,
+            peer_flood_burst: cfg.peer_flood_burst,
             max_macs_per_peer: 1024,
             mac_ttl: Duration::from_secs(300),
         });

@@ -301,6 +301,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let now = Instant::now();
     let mut ocfg = OverlayConfig::new(&cfg.network, cfg.pod_subnet, cfg.plugin.mtu as usize);
     ocfg.host_addr = cfg.host_addr.map(|a| a.addr());
+    ocfg.bridge_mac = bridge.mac;
     let overlay = Overlay::new(now, ocfg, id);
     let nat = Nat::new(
         now,

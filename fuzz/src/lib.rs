@@ -380,8 +380,8 @@ fn overlay_node() -> &'static std::sync::Mutex<OverlayNode> {
         use evio_overlay::engine::{Candidate, Overlay, OverlayConfig, PeerInfo};
         use evio_overlay::path::Class;
         let now = std::time::Instant::now();
-        let me = StaticKeys::from_private([1; 32]);
-        let peer = StaticKeys::from_private([2; 32]);
+        let me = StaticKeys::from_private(&mut [1; 32]);
+        let peer = StaticKeys::from_private(&mut [2; 32]);
         let cfg = OverlayConfig::new("fuzz", "10.244.1.0/24".parse().unwrap_or_else(|e| panic!("{e}")), 1380);
         let mut ov = Overlay::new(now, cfg, evio_overlay::tunnel::Identity::new(me, None, "fuzz"));
         ov.set_peers(

@@ -31,6 +31,14 @@ const TOKEN_TCP: u64 = 100;
 /// Frames read from a device per wake-up before the socket gets a turn.
 const DEVICE_BUDGET: usize = 64;
 const RECV_BATCH: usize = 32;
+/// Datagrams taken from the socket per wake-up (GRO runs count each of
+/// theirs): past it the devices, the commands and the timers get their turn
+/// before the socket's next, so a datagram flood cannot starve them. The
+/// descriptors are level-triggered: what is left is read on the next round.
+const UDP_BUDGET: usize = 1024;
+/// Commands waiting for the engine: a bound, not a queue that grows while
+/// the engine is busy.
+pub const COMMAND_QUEUE: usize = 64;
 
 /// What the other threads ask of the engine.
 pub enum Command {
@@ -301,13 +309,15 @@ impl Dataplane {
                     }
                     TOKEN_UDP => {
                         let ov = &mut self.overlay;
-                        loop {
+                        let mut taken = 0;
+                        while taken < UDP_BUDGET {
                             let got = recv.recv(&self.udp).unwrap_or_default();
                             for i in 0..got {
                                 let Some(r) = recv.get(i) else { break };
                                 let from = r.from;
                                 let seg = r.segment;
                                 for d in r.data.chunks(seg) {
+                                    taken += 1;
                                     match d.first() {
                                         Some(0x80..=0xff) => {
                                             let _ = ov.from_network(

@@ -195,7 +195,9 @@ mod tests {
         for i in 0..5000u32 {
             let v4 = Ipv4Addr::from(0x0af4_0000 + i * 7);
             assert_eq!(naming::pod_mac(IpAddr::V4(v4)), pod_mac(v4));
-            let v6 = Ipv6Addr::from(0xfd00_0010_0000_0000_0000_0000_0000_0000u128 + u128::from(i) * 0x1_0001);
+            let v6 = Ipv6Addr::from(
+                0xfd00_0010_0000_0000_0000_0000_0000_0000u128 + u128::from(i) * 0x1_0001,
+            );
             assert_eq!(naming::pod_mac(IpAddr::V6(v6)), pod_mac_v6(v6), "{v6}");
         }
     }

@@ -1145,9 +1145,8 @@ impl Switch {
             return PeerVerdict::Drop(Spoofed);
         };
         let (src, dst) = (ip.src(), ip.dst());
-        if peer.addrs.host_addr != Some(src)
-            && !(peer.addrs.pod_subnet.contains(&src) && !self.is_local(src))
-        {
+        let pod = peer.addrs.pod_subnet.contains(&src) && !self.is_local(src);
+        if !pod && peer.addrs.host_addr != Some(src) {
             return PeerVerdict::Drop(Spoofed);
         }
         if self.cfg.host_addr != Some(dst) && !self.is_local(dst) {

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use snow::resolvers::{DefaultResolver, FallbackResolver, RingResolver};
 use snow::{HandshakeState, StatelessTransportState};
 
+use zeroize::Zeroize;
+
 use crate::crypto::{self, Key, StaticKeys, MAC_LEN};
 use crate::replay::ReplayWindow;
 use crate::wire::{self, INITIATION, RESPONSE, TRANSPORT};
@@ -89,7 +91,8 @@ impl Reject {
 
 /// What every tunnel of this node shares: the static key, the network key
 /// (the Noise PSK, zero when unset, as WireGuard's default) and the
-/// prologue that binds sessions to this network.
+/// prologue that binds sessions to this network. No `Debug`: it holds
+/// secrets, wiped on drop.
 pub struct Identity {
     pub keys: StaticKeys,
     pub network_key: Key,
@@ -133,6 +136,13 @@ impl Identity {
         dh.set(self.keys.private());
         let mut out = [0u8; 32];
         dh.dh(peer, &mut out).is_ok() && out != [0u8; 32]
+    }
+}
+
+impl Drop for Identity {
+    fn drop(&mut self) {
+        self.network_key.zeroize();
+        self.mac1_key.zeroize();
     }
 }
 
@@ -210,6 +220,12 @@ pub fn read_initiation(id: &Identity, msg: &[u8]) -> Result<Initiation, Reject> 
     if msg.len() != wire::INITIATION_LEN {
         return Err(Reject::Malformed);
     }
+    // The initiator's ephemeral key, in clear at the start of the Noise
+    // message: a small-order one would make both DH results it enters
+    // (es, then ee) all zeros. One more DH, after mac1 and cookies.
+    if crypto::low_order(&msg[8..8 + crypto::KEY_LEN]) {
+        return Err(Reject::Auth);
+    }
     let sender_index = wire::u32_at(msg, 4).ok_or(Reject::Malformed)?;
     let mut hs = id
         .builder()
@@ -260,6 +276,9 @@ pub struct Tunnel {
     pending: Option<Pending>,
     /// Cookie the peer sent us (for mac2), with when it arrived.
     cookie: Option<([u8; MAC_LEN], Instant)>,
+    /// Local index and mac1 of the last response we sent: a peer under
+    /// load answers it with a cookie, as it would an initiation.
+    responded: Option<(u32, [u8; MAC_LEN])>,
     last_timestamp: [u8; 12],
     /// A handshake round that ran out of time: wait this long before the
     /// next one (the caller still wants the peer).
@@ -285,6 +304,7 @@ impl Tunnel {
             next: None,
             pending: None,
             cookie: None,
+            responded: None,
             last_timestamp: [0; 12],
             backoff_until: None,
             handshakes: 0,
@@ -401,7 +421,8 @@ impl Tunnel {
             .hs
             .into_stateless_transport_mode()
             .map_err(|_| Reject::Auth)?;
-        self.seal_macs(now, &mut out[..]);
+        let mac1 = self.seal_macs(now, &mut out[..]);
+        self.responded = Some((local_index, mac1));
         self.last_timestamp = init.timestamp;
         self.next = Some(Session::new(
             now,
@@ -426,6 +447,9 @@ impl Tunnel {
         let Some(p) = self.pending.as_mut().filter(|p| p.local_index == receiver) else {
             return Err(Reject::NoSession);
         };
+        if crypto::low_order(&msg[12..12 + crypto::KEY_LEN]) {
+            return Err(Reject::Auth);
+        }
         let mut empty = [0u8; 16];
         p.hs.read_message(&msg[12..12 + wire::NOISE_RESP_LEN], &mut empty)
             .map_err(|_| Reject::Auth)?;
@@ -442,19 +466,26 @@ impl Tunnel {
         Ok(())
     }
 
-    /// A cookie reply to our pending initiation: remember the cookie for
-    /// mac2 of the next one.
+    /// A cookie reply to our pending initiation, or to the last response
+    /// we sent (WireGuard takes both): remember the cookie for mac2 of the
+    /// next handshake message. Without the second, a node under load never
+    /// completed a handshake it started itself: it refused every response.
     pub fn on_cookie(&mut self, now: Instant, msg: &[u8]) -> Result<(), Reject> {
         if msg.len() != wire::COOKIE_REPLY_LEN {
             return Err(Reject::Malformed);
         }
         let receiver = wire::u32_at(msg, 4).ok_or(Reject::Malformed)?;
-        let p = self
+        let pending = self
             .pending
             .as_ref()
             .filter(|p| p.local_index == receiver)
-            .ok_or(Reject::NoSession)?;
-        let cookie = crypto::open_cookie(&self.peer, &p.mac1, &msg[8..]).ok_or(Reject::Auth)?;
+            .map(|p| p.mac1);
+        let responded = self
+            .responded
+            .filter(|(index, _)| *index == receiver)
+            .map(|(_, mac1)| mac1);
+        let mac1 = pending.or(responded).ok_or(Reject::NoSession)?;
+        let cookie = crypto::open_cookie(&self.peer, &mac1, &msg[8..]).ok_or(Reject::Auth)?;
         self.cookie = Some((cookie, now));
         Ok(())
     }
@@ -618,6 +649,7 @@ impl Tunnel {
     /// Forgets all sessions and handshakes (the peer left, or its key
     /// changed).
     pub fn reset(&mut self) {
+        self.responded = None;
         self.current = None;
         self.previous = None;
         self.next = None;
@@ -628,6 +660,16 @@ impl Tunnel {
     /// Age of the current session, for `lastHandshake`.
     pub fn session_born(&self) -> Option<Instant> {
         self.current.as_ref().map(|s| s.born)
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        // Derived from the network key; a cookie proves our address.
+        self.peer_mac1_key.zeroize();
+        if let Some((c, _)) = self.cookie.as_mut() {
+            c.zeroize();
+        }
     }
 }
 

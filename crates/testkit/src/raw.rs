@@ -271,11 +271,13 @@ pub fn udp4(
     ethernet(dst_mac, src_mac, 0x0800, &ip)
 }
 
+/// The L2 and L3 addresses of a frame: (destination, source) each.
+type Ends6 = ((Mac, Mac), (Ipv6Addr, Ipv6Addr));
+
+/// IPv6 carrying `l4` (protocol `next`), its checksum (at `csum_at`)
+/// computed over the pseudo-header.
 fn ipv6(
-    dst_mac: Mac,
-    src_mac: Mac,
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
+    ((dst_mac, src_mac), (src, dst)): Ends6,
     next: u8,
     hop: u8,
     mut l4: Vec<u8>,
@@ -311,7 +313,7 @@ pub fn udp6(
     udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
     udp.extend_from_slice(&[0, 0]);
     udp.extend_from_slice(payload);
-    ipv6(dst_mac, src_mac, src, dst, 17, 64, udp, 6)
+    ipv6(((dst_mac, src_mac), (src, dst)), 17, 64, udp, 6)
 }
 
 /// An unsolicited neighbour advertisement with the override flag: "`target`
@@ -328,7 +330,7 @@ pub fn neighbour_advert(
     m.extend_from_slice(&target.octets());
     m.extend_from_slice(&[2, 1]);
     m.extend_from_slice(&lladdr);
-    ipv6(dst_mac, src_mac, src, dst, 58, 255, m, 2)
+    ipv6(((dst_mac, src_mac), (src, dst)), 58, 255, m, 2)
 }
 
 /// A neighbour solicitation for `target` to its solicited-node group.
@@ -349,7 +351,7 @@ pub fn neighbour_solicit(src_mac: Mac, src: Ipv6Addr, target: Ipv6Addr) -> Vec<u
     m.extend_from_slice(&t);
     m.extend_from_slice(&[1, 1]);
     m.extend_from_slice(&src_mac);
-    ipv6(dst_mac, src_mac, src, group, 58, 255, m, 2)
+    ipv6(((dst_mac, src_mac), (src, group)), 58, 255, m, 2)
 }
 
 /// A locally administered unicast MAC from a counter (distinct for every

@@ -4,8 +4,10 @@
 //! tests forge, built by hand so that nothing in the code under test helps.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::libc;
@@ -359,4 +361,51 @@ pub fn neighbour_solicit(src_mac: Mac, src: Ipv6Addr, target: Ipv6Addr) -> Vec<u
 pub fn junk_mac(n: u32) -> Mac {
     let b = n.to_be_bytes();
     [0x06, 0x66, b[0], b[1], b[2], b[3]]
+}
+
+/// Sends `datagram` to `to` from `ns` as fast as one thread can (batches of
+/// 64 per `sendmmsg`) until `stop` is set; the thread returns how many went
+/// out. Errors (a full buffer, an ICMP error) are ignored: a flood does not
+/// care.
+pub fn udp_flood(
+    ns: &Netns,
+    to: SocketAddr,
+    datagram: Vec<u8>,
+    stop: Arc<AtomicBool>,
+) -> io::Result<std::thread::JoinHandle<u64>> {
+    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .map_err(|_| io::Error::other("address"))?;
+    let sock = ns.udp_bind(bind)?;
+    sock.connect(to)?;
+    Ok(std::thread::spawn(move || {
+        let mut data = datagram;
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: plain old data; all-zero is valid.
+        let mut msgs: Vec<libc::mmsghdr> = (0..64).map(|_| unsafe { std::mem::zeroed() }).collect();
+        for m in &mut msgs {
+            m.msg_hdr.msg_iov = &mut iov;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            // SAFETY: every header points at `iov`, which points at `data`;
+            // both outlive the call.
+            let n = unsafe {
+                libc::sendmmsg(
+                    std::os::fd::AsRawFd::as_raw_fd(&sock),
+                    msgs.as_mut_ptr(),
+                    msgs.len() as u32,
+                    0,
+                )
+            };
+            if n > 0 {
+                sent += n as u64;
+            }
+        }
+        sent
+    }))
 }

@@ -5,7 +5,10 @@
 //! the victim's agent counted.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use evio_overlay::crypto::{mac, mac1_key, parse_key};
 use evio_testkit::raw::{self, junk_mac, neighbour, Mac, RawSocket};
 
 use super::*;
@@ -240,38 +243,116 @@ fn mac_flood(c: &Cluster, raw: &RawSocket) {
     );
 }
 
-/// Runs every attack even when one fails, so that one run says which
-/// defects are open; fails with all of their messages.
-fn run_all(failures: &mut Vec<String>, attacks: &[(&str, &dyn Fn())]) {
-    for (name, attack) in attacks {
-        let t = Instant::now();
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(attack)) {
-            Ok(()) => eprintln!("{name}: held ({:?})", t.elapsed()),
-            Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                failures.push(format!("{name}: {msg}"));
-            }
+/// Defect 7: handshake initiations with a right mac1 (each costs the agent
+/// a cookie reply) at node-1's port, faster than its engine takes them.
+/// The established tunnel still carries pods' traffic and the agent still
+/// answers its control socket.
+fn datagram_flood(c: &Cluster) {
+    let lab = c.lab().expect("lab");
+    let to = SocketAddr::new(lab.public_addr(lab_node(c, B)), 5800);
+    let key = parse_key(peers(c, B)["publicKey"].as_str().unwrap_or_default()).expect("key");
+    let nk_file = c.dir().expect("dir").join("network.key");
+    let nk = parse_key(&std::fs::read_to_string(nk_file).unwrap_or_default()).expect("network key");
+    let mut d = vec![0x81, 0, 0, 0];
+    d.extend((0..144u32).map(|i| (i * 37) as u8));
+    let l = d.len();
+    let m1 = mac(&mac1_key(&key, &nk), &[&d[..l - 32]]);
+    d[l - 32..l - 16].copy_from_slice(&m1);
+    d[l - 16..].fill(0);
+    let a = c.agent(B).expect("agent");
+    let cookies_before =
+        a.metric("evio_overlay_rejected_total{node=\"node-1\",reason=\"rate_limited\"}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooders: Vec<_> = (0..1)
+        .map(|_| raw::udp_flood(lab.internet(), to, d.clone(), stop.clone()).expect("flooder"))
+        .collect();
+    let checks = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        std::thread::sleep(Duration::from_secs(1));
+        for _ in 0..3 {
+            let t = Instant::now();
+            let h = a.request("health").unwrap_or_else(|e| e);
+            let took = t.elapsed();
+            assert!(
+                took < Duration::from_secs(2) && h.contains("\"node\""),
+                "status under the flood: {h:?} after {took:?}"
+            );
+        }
+        let dst = pod_ip(c, B, 0).to_string();
+        let out = pod_ns(c, A, 0).exec(&[
+            "ping", "-n", "-q", "-c", "40", "-i", "0.05", "-W", "1", &dst,
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let received = text
+            .split(',')
+            .find(|p| p.contains("received"))
+            .and_then(|p| p.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(0);
+        eprintln!("under the flood: {received}/40 pings answered");
+        assert!(received > 0, "no pod traffic through the flood: {text}");
+    }));
+    stop.store(true, Ordering::Relaxed);
+    let sent: u64 = flooders.into_iter().map(|f| f.join().unwrap_or(0)).sum();
+    eprintln!("flood: {sent} datagrams sent");
+    if let Err(p) = checks {
+        std::panic::resume_unwind(p);
+    }
+    let refused = a.metric("evio_overlay_rejected_total{node=\"node-1\",reason=\"rate_limited\"}");
+    assert!(
+        refused > cookies_before + 1000,
+        "the flood never reached the agent ({refused})"
+    );
+    assert!(
+        ping(pod_ns(c, A, 0), &pod_ip(c, B, 0).to_string()),
+        "after the flood"
+    );
+}
+
+/// The teardown watchdog: an agent whose cleanup hangs (OVSDB frozen, so
+/// removing its port never returns) still exits in time, and says with its
+/// exit code that it left something behind.
+fn hung_teardown_exits_non_zero(c: &mut Cluster) {
+    let n = 2;
+    c.nodes()[n].ovs.as_ref().expect("ovs").pause_ovsdb();
+    let r = c.stop_agent(n);
+    c.nodes()[n].ovs.as_ref().expect("ovs").resume_ovsdb();
+    let (st, took) = r.expect("the agent ran");
+    assert_eq!(st.code(), Some(3), "exit status {st} after {took:?}");
+    assert!(took < Duration::from_millis(5500), "took {took:?}");
+}
+
+/// Runs one attack and records its failure instead of stopping: one run
+/// says which defects are open.
+fn attempt(failures: &mut Vec<String>, name: &str, attack: impl FnOnce()) {
+    let t = Instant::now();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(attack)) {
+        Ok(()) => eprintln!("{name}: held ({:?})", t.elapsed()),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            failures.push(format!("{name}: {msg}"));
         }
     }
 }
 
 fn attacks_v4(bridge: BridgeType, failures: &mut Vec<String>) {
-    let c = cluster(bridge, false);
+    let mut c = cluster(bridge, false);
     let raw = attacker(&c);
-    run_all(
-        failures,
-        &[
-            // Transit first: the takeover teaches node-0's own bridge that
-            // node-1's bridge MAC sits behind the attacker's port.
-            ("transit", &|| no_transit(&c, &raw)),
-            ("gateway MAC takeover", &|| gateway_mac_takeover(&c, &raw)),
-            ("MAC flood", &|| mac_flood(&c, &raw)),
-        ],
-    );
+    // Transit first: the takeover teaches node-0's own bridge that node-1's
+    // bridge MAC sits behind the attacker's port.
+    attempt(failures, "transit", || no_transit(&c, &raw));
+    attempt(failures, "gateway MAC takeover", || {
+        gateway_mac_takeover(&c, &raw)
+    });
+    attempt(failures, "MAC flood", || mac_flood(&c, &raw));
+    match bridge {
+        BridgeType::Linux => attempt(failures, "datagram flood", || datagram_flood(&c)),
+        BridgeType::Ovs => attempt(failures, "hung teardown", || {
+            hung_teardown_exits_non_zero(&mut c)
+        }),
+    }
 }
 
 /// Defect 3: every pod's MAC is unique across the cluster, so every pod
@@ -329,15 +410,10 @@ fn na_poisoning(c: &Cluster, raw: &RawSocket) {
 fn attacks_v6(bridge: BridgeType, failures: &mut Vec<String>) {
     let c = cluster(bridge, true);
     let raw = attacker(&c);
-    run_all(
-        failures,
-        &[
-            ("IPv6 MAC collision", &|| {
-                v6_macs_are_unique_and_pods_reach_each_other(&c)
-            }),
-            ("NA poisoning", &|| na_poisoning(&c, &raw)),
-        ],
-    );
+    attempt(failures, "IPv6 MAC collision", || {
+        v6_macs_are_unique_and_pods_reach_each_other(&c)
+    });
+    attempt(failures, "NA poisoning", || na_poisoning(&c, &raw));
 }
 
 fn attacks(bridge: BridgeType) {

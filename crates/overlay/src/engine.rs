@@ -560,7 +560,7 @@ impl Overlay {
         let r = match wire::message_type(d) {
             Some(wire::INITIATION) => self.on_initiation(now, from, d, io),
             Some(wire::RESPONSE) => self.on_response(now, from, d, io),
-            Some(wire::COOKIE_REPLY) => self.on_cookie(now, d),
+            Some(wire::COOKIE_REPLY) => self.on_cookie(now, from, d),
             Some(wire::TRANSPORT) => self.on_transport(now, from, d, io),
             _ => Err(Reject::Malformed),
         };
@@ -630,7 +630,7 @@ impl Overlay {
         slot(&mut self.peers, pid)
             .ok_or(Reject::UnknownPeer)?
             .tunnel
-            .respond(now, init, &network_key, local, &mut msg)?;
+            .respond(now, init, &network_key, (local, from), &mut msg)?;
         self.heard_from(now, pid, from);
         let out = io.datagram();
         out[..msg.len()].copy_from_slice(&msg);
@@ -661,13 +661,13 @@ impl Overlay {
         Ok(())
     }
 
-    fn on_cookie(&mut self, now: Instant, d: &[u8]) -> Result<(), Reject> {
+    fn on_cookie(&mut self, now: Instant, from: PathAddr, d: &[u8]) -> Result<(), Reject> {
         let receiver = wire::u32_at(d, 4).ok_or(Reject::Malformed)?;
         let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
         slot(&mut self.peers, pid)
             .ok_or(Reject::NoSession)?
             .tunnel
-            .on_cookie(now, d)
+            .on_cookie(now, d, from)
     }
 
     fn on_transport(
@@ -1000,12 +1000,14 @@ impl Overlay {
             return;
         }
         let targets: Vec<PathAddr> = p.paths.handshake_targets(MAX_HANDSHAKE_TARGETS).collect();
-        self.sync_indices(pid);
-        for t in targets {
+        for &t in &targets {
             let out = io.datagram();
             out[..msg.len()].copy_from_slice(&msg);
+            // mac2 with the cookie of that path, if the peer gave one.
+            p.tunnel.put_mac2(now, &mut out[..msg.len()], t);
             io.commit(t, msg.len());
         }
+        self.sync_indices(pid);
     }
 
     /// The state of every peer, for `peers` and metrics.

@@ -396,6 +396,7 @@ fn overlay_node() -> &'static std::sync::Mutex<OverlayNode> {
                     class: Class::Direct,
                 }],
                 stale: false,
+                bridge_mac: Some([0x7a, 0x1c, 0, 0, 0, 2]),
             }],
         );
         std::sync::Mutex::new(OverlayNode { ov })
@@ -485,6 +486,8 @@ fn switches() -> &'static std::sync::Mutex<Switches> {
                     PeerAddrs {
                         pod_subnet: net(p),
                         host_addr: Some(format!("10.10.0.{}", i + 2).parse().unwrap_or_else(|e| panic!("{e}"))),
+                        // One peer with its record's word, one without.
+                        bridge_mac: (i == 0).then_some([0x7a, 0x1c, 0, 0, 0, 2]),
                     },
                 );
             }

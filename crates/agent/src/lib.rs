@@ -439,7 +439,13 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         endpoints: Vec::new(),
         candidates: Vec::new(),
         heartbeat: evio_subnet::now_rfc3339(),
-        extra: serde_json::Map::new(),
+        extra: bridge
+            .mac
+            .map(|m| {
+                let v = serde_json::Value::from(evio_overlay::packet::fmt_mac(&m));
+                serde_json::Map::from_iter([(signal::BRIDGE_MAC.to_string(), v)])
+            })
+            .unwrap_or_default(),
     };
     let sig = signal::Signalling {
         network: cfg.network.clone(),

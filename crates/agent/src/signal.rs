@@ -21,6 +21,10 @@ use ipnet::IpNet;
 use crate::dataplane::Command;
 use crate::Waker;
 
+/// The record field naming the node bridge's MAC (kept in the record's
+/// `extra`, so older agents carry it through a read-modify-write).
+pub const BRIDGE_MAC: &str = "bridgeMac";
+
 /// Heartbeat / lease keep-alive period.
 pub const REFRESH: Duration = Duration::from_secs(10);
 /// etcd lease TTL: a dead agent's record goes after this.
@@ -101,6 +105,12 @@ pub fn peer_info(rec: &PeerRecord, own: &str, file_store: bool) -> Option<PeerIn
         && rec
             .heartbeat_age(SystemTime::now())
             .is_none_or(|a| a > STALE_AFTER);
+    // An older agent publishes none; a malformed one is as good as none.
+    let bridge_mac = rec
+        .extra
+        .get(BRIDGE_MAC)
+        .and_then(serde_json::Value::as_str)
+        .and_then(evio_overlay::packet::parse_mac);
     Some(PeerInfo {
         node: rec.node.clone(),
         key,
@@ -108,6 +118,7 @@ pub fn peer_info(rec: &PeerRecord, own: &str, file_store: bool) -> Option<PeerIn
         host_addr,
         candidates,
         stale,
+        bridge_mac,
     })
 }
 

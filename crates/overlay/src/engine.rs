@@ -113,6 +113,9 @@ pub struct PeerInfo {
     /// The record's liveness is too old (file store): the agent behind it
     /// is presumably gone; do not initiate, but answer if it speaks.
     pub stale: bool,
+    /// Its bridge's MAC, if its record says (the one MAC not of a pod it
+    /// may source).
+    pub bridge_mac: Option<[u8; 6]>,
 }
 
 /// Per-peer counters.
@@ -441,6 +444,7 @@ impl Overlay {
             PeerAddrs {
                 pod_subnet: info.pod_subnet,
                 host_addr: info.host_addr.map(|n| n.addr()),
+                bridge_mac: info.bridge_mac,
             },
         );
     }
@@ -1169,6 +1173,7 @@ mod tests {
                     class: Class::Direct,
                 }],
                 stale: false,
+                bridge_mac: None,
             };
             let mut cfg = OverlayConfig::new("test", subnet(i), 1380);
             cfg.host_addr = info.host_addr.map(|a| a.addr());

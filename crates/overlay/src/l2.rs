@@ -88,10 +88,13 @@
 //!    local bridge's nor any MAC seen on the local side; a derived MAC must
 //!    be one of the peer's pods (IPv4: `0a:58` + an address of its subnet;
 //!    IPv6: [`pod_mac_v6`] of the packet's source); any other MAC only if it
-//!    is the peer's bridge. That one is pinned from the first frame in which
-//!    the bridge speaks for itself (an ARP sender, or an IP source, that is
-//!    the peer's gateway or host address) and held while it is heard;
-//!    anything else is `Spoofed`.
+//!    is the peer's bridge: the MAC its record names (`bridgeMac`, what its
+//!    agent publishes), else the first one that speaks for the bridge (an
+//!    ARP sender, or an IP source, that is the peer's gateway or host
+//!    address), held while it is heard. The record's word matters: a
+//!    peer's host routes its pods' traffic to our pods (a Service's DNAT)
+//!    from its bridge's MAC, with the pods' addresses, before the bridge
+//!    ever speaks for itself. Anything else is `Spoofed`.
 //! 6. Broadcast and multicast frames spend the peer's receive budget
 //!    (`peer_flood_rate`, `peer_flood_burst`): `RateLimited`.
 //!
@@ -172,6 +175,11 @@ pub struct SwitchConfig {
 pub struct PeerAddrs {
     pub pod_subnet: IpNet,
     pub host_addr: Option<IpAddr>,
+    /// Its bridge's MAC, as its record says: pinned from the start, so
+    /// that what its host routes to our pods (a Service's DNAT) gets
+    /// through before its bridge ever speaks for itself. `None` (an older
+    /// agent): pinned when it first does.
+    pub bridge_mac: Option<Mac>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1040,7 +1048,12 @@ impl Switch {
                 return Ok(MacKind::Pod);
             }
         }
-        let pinned = peer.bridge.filter(|&m| self.mac_owner(now, &m) == Some(id));
+        // Its record's word first; else the MAC that spoke for its bridge,
+        // while it lives.
+        let pinned = peer
+            .addrs
+            .bridge_mac
+            .or_else(|| peer.bridge.filter(|&m| self.mac_owner(now, &m) == Some(id)));
         match pinned {
             Some(m) if m == src => Ok(MacKind::Bridge),
             None if self.speaks_for_bridge(peer, l3) => Ok(MacKind::Pin),
@@ -1290,6 +1303,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("10.244.5.0/24"),
                 host_addr: Some(HOST1.into()),
+                bridge_mac: None,
             },
         );
         sw.set_peer(
@@ -1297,6 +1311,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("10.244.6.0/24"),
                 host_addr: Some("10.10.0.6".parse().unwrap()),
+                bridge_mac: None,
             },
         );
         sw.set_peer(
@@ -1304,6 +1319,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("fd00:0:0:7::/64"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         sw
@@ -1853,6 +1869,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("fd00:0:0:7::/64"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         let neighbour = "fd00:0:0:3::5".parse().unwrap();
@@ -2030,6 +2047,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("fd00:0:0:7::/64"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         let v6 = ip6(v6_mac(V6_R7), L_MAC, V6_R7, V6_LOCAL, IPPROTO_TCP, &[0; 20]);
@@ -2066,6 +2084,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("10.244.0.0/16"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         assert_eq!(
@@ -2199,6 +2218,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("fd00:10:0:1::/64"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         let t = Instant::now();
@@ -2239,6 +2259,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("fd00:0:0:7::/64"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         let from = |src: &str| {
@@ -2452,6 +2473,7 @@ mod tests {
         let new_host = PeerAddrs {
             pod_subnet: net("10.244.5.0/24"),
             host_addr: Some("10.10.1.5".parse().unwrap()),
+            bridge_mac: None,
         };
         sw.set_peer(1, new_host);
         assert_eq!(sw.stats().learned_macs, 1, "same subnet: kept");
@@ -2476,6 +2498,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("10.244.8.1/24"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         assert_eq!(sw.stats().learned_macs, 0);
@@ -2495,6 +2518,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("10.244.5.128/25"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         sw.set_peer(
@@ -2502,6 +2526,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("10.244.6.0/24"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         assert_eq!(
@@ -2674,6 +2699,7 @@ mod tests {
                 PeerAddrs {
                     pod_subnet: subnet,
                     host_addr: None,
+                    bridge_mac: None,
                 },
             );
         }
@@ -2866,6 +2892,7 @@ mod tests {
                     Op::SetPeer(peer, third) => sw.set_peer(peer, PeerAddrs {
                         pod_subnet: IpNet::new(Ipv4Addr::new(10, 244, third, 0).into(), 24).unwrap(),
                         host_addr: None,
+                        bridge_mac: None,
                     }),
                     Op::RemovePeer(peer) => sw.remove_peer(peer),
                 }
@@ -2924,6 +2951,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("fd00:10:0:1::/64"),
                 host_addr: Some(HOST1.into()),
+                bridge_mac: None,
             },
         );
         let ours: Ipv6Addr = "fd00:10::2".parse().unwrap();
@@ -3009,6 +3037,54 @@ mod tests {
         assert_eq!(
             sw.from_peer(later, 1, &udp4(GW1_MAC, L_MAC, GW1, L)),
             PeerVerdict::Drop(Spoofed)
+        );
+        sw.check_invariants();
+    }
+
+    #[test]
+    fn a_peers_bridge_named_by_its_record_may_route_for_its_pods_at_once() {
+        let (mut sw, t) = (switch(), Instant::now());
+        // What a Service's DNAT on node 1 sends us: its bridge's MAC, a pod
+        // of its as the source. An older agent's record names no bridge:
+        // its bridge has not spoken for itself yet, so this is refused ...
+        let routed = udp4(GW1_MAC, L_MAC, R1, L);
+        assert_eq!(sw.from_peer(t, 1, &routed), PeerVerdict::Drop(Spoofed));
+        // ... and accepted at once when the record says whose MAC it is.
+        let with_bridge = PeerAddrs {
+            pod_subnet: net("10.244.5.0/24"),
+            host_addr: Some(HOST1.into()),
+            bridge_mac: Some(GW1_MAC),
+        };
+        sw.set_peer(1, with_bridge);
+        assert_eq!(sw.from_peer(t, 1, &routed), PeerVerdict::Deliver);
+        // The record's word is the only other MAC: nothing pins another,
+        // speaking for the gateway or not.
+        let impostor = arp_frame(BROADCAST, ARP_REQUEST, (mac(3), GW1), ([0; 6], L));
+        assert_eq!(sw.from_peer(t, 1, &impostor), PeerVerdict::Drop(Spoofed));
+        // A record naming our bridge, or another peer's live MAC, gets
+        // nowhere with it.
+        let liar = udp4(L_BRIDGE, L_MAC, GW2, L);
+        sw.set_peer(
+            2,
+            PeerAddrs {
+                pod_subnet: net("10.244.6.0/24"),
+                host_addr: None,
+                bridge_mac: Some(L_BRIDGE),
+            },
+        );
+        assert_eq!(sw.from_peer(t, 2, &liar), PeerVerdict::Drop(Spoofed));
+        sw.set_peer(
+            2,
+            PeerAddrs {
+                pod_subnet: net("10.244.6.0/24"),
+                host_addr: None,
+                bridge_mac: Some(GW1_MAC),
+            },
+        );
+        assert_eq!(
+            sw.from_peer(t, 2, &udp4(GW1_MAC, L_MAC, GW2, L)),
+            PeerVerdict::Drop(Spoofed),
+            "node 1's bridge MAC is alive at node 1"
         );
         sw.check_invariants();
     }

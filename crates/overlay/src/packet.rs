@@ -86,6 +86,26 @@ pub fn pod_mac_v6(ip: Ipv6Addr) -> Mac {
     [0x0a, first, h[1], h[2], h[3], h[4]]
 }
 
+/// `aa:bb:cc:dd:ee:ff`, as `ip link` prints a MAC.
+pub fn fmt_mac(m: &Mac) -> String {
+    let [a, b, c, d, e, f] = *m;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+/// The MAC [`fmt_mac`] printed (either case).
+pub fn parse_mac(s: &str) -> Option<Mac> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
 /// The address encoded in a pod MAC of the derived form, if it is one.
 pub fn pod_mac_ipv4(mac: &Mac) -> Option<Ipv4Addr> {
     match *mac {
@@ -841,6 +861,18 @@ mod tests {
         assert_eq!(pod_mac_ipv4(&A), Some(v4("10.244.3.2")));
         assert_eq!(pod_mac_ipv4(&[0x0a, 0x59, 1, 2, 3, 4]), None);
         assert_eq!(pod_mac_ipv4(&BROADCAST), None);
+
+        assert_eq!(fmt_mac(&A), "0a:58:0a:f4:03:02");
+        assert_eq!(parse_mac("0a:58:0A:f4:03:02"), Some(A));
+        for bad in [
+            "",
+            "0a:58:0a:f4:03",
+            "0a:58:0a:f4:03:02:01",
+            "0a:58:0a:f4:03:2",
+            "zz:58:0a:f4:03:02",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -99,6 +99,26 @@ fn cluster(bridge: BridgeType, v6: bool) -> Cluster {
     c
 }
 
+/// Not an attack: what a Service's DNAT does. A pod's packet to a remote
+/// pod, routed by its own node's host out of its bridge (the bridge's MAC,
+/// the pod's address), gets through at once: the node's record names its
+/// bridge, so the receiver need not wait for that bridge to speak for
+/// itself. Run first, on a fresh cluster, where nothing else has.
+fn routed_by_a_peers_host(c: &Cluster) {
+    let me = pod_ns(c, A, 1);
+    let gw_a = c.nodes()[A].gateway.to_string();
+    let dst = pod_ip(c, B, 1);
+    me.ok(&["sysctl", "-qw", "net.ipv4.conf.all.accept_redirects=0"]);
+    me.ok(&["sysctl", "-qw", "net.ipv4.conf.eth0.accept_redirects=0"]);
+    me.ok(&["ip", "route", "add", &format!("{dst}/32"), "via", &gw_a]);
+    let ok = ping(me, &dst.to_string());
+    me.ok(&["ip", "route", "del", &format!("{dst}/32")]);
+    assert!(
+        ok,
+        "a pod's packet routed by node-0's host did not reach node-1's pod"
+    );
+}
+
 /// The attacker ARPs for `ip` with its raw socket and returns the one MAC
 /// that answers. Only the owner's bridge may answer for its gateway (on
 /// OVS's userspace datapath the agent's TAP is a host interface too, and
@@ -340,6 +360,9 @@ fn attempt(failures: &mut Vec<String>, name: &str, attack: impl FnOnce()) {
 fn attacks_v4(bridge: BridgeType, failures: &mut Vec<String>) {
     let mut c = cluster(bridge, false);
     let raw = attacker(&c);
+    attempt(failures, "routed by a peer's host", || {
+        routed_by_a_peers_host(&c)
+    });
     // Transit first: the takeover teaches node-0's own bridge that node-1's
     // bridge MAC sits behind the attacker's port.
     attempt(failures, "transit", || no_transit(&c, &raw));

@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-TARGETS=(netconf cni_env cni_result node_netconf ovsdb_reply store_record overlay)
+TARGETS=(netconf cni_env cni_result node_netconf ovsdb_reply store_record overlay switch)
 SANITIZER="${EVIO_FUZZ_SANITIZER:-none}"
 
 smoke() {

@@ -403,9 +403,9 @@ fn new_overlay_node() -> OverlayNode {
     use evio_overlay::tunnel::{Identity, Tunnel};
     use rand::SeedableRng;
     let now = std::time::Instant::now();
-    let me = StaticKeys::from_private([1; 32]);
+    let me = StaticKeys::from_private(&mut [1; 32]);
     let my_key = *me.public();
-    let peer_keys = StaticKeys::from_private([2; 32]);
+    let peer_keys = StaticKeys::from_private(&mut [2; 32]);
     let peer_key = *peer_keys.public();
     let cfg = OverlayConfig::new("fuzz", parse("10.244.1.0/24"), 1380);
     let mut ov = Overlay::new(now, cfg, Identity::new(me, None, "fuzz"), seed_from_u64(1));
@@ -422,6 +422,7 @@ fn new_overlay_node() -> OverlayNode {
                 class: Class::Direct,
             }],
             stale: false,
+            bridge_mac: Some([0x7a, 0x1c, 0, 0, 0, 2]),
         }],
     );
     // The handshake, in memory: the peer initiates, the overlay answers.
@@ -539,4 +540,93 @@ pub fn overlay(data: &[u8]) {
             );
         }
     }
+}
+
+/// Two switches (an IPv4 and an IPv6 node, each with two peers), built
+/// once, and a clock that moves with every input so budgets refill and
+/// entries expire.
+struct Switches {
+    v4: evio_overlay::l2::Switch,
+    v6: evio_overlay::l2::Switch,
+    now: std::time::Instant,
+}
+
+const FUZZ_BRIDGE: [u8; 6] = [0x7a, 0x1c, 0x99, 0, 0, 1];
+
+fn switches() -> &'static std::sync::Mutex<Switches> {
+    static S: OnceLock<std::sync::Mutex<Switches>> = OnceLock::new();
+    S.get_or_init(|| {
+        use evio_overlay::l2::{PeerAddrs, Switch, SwitchConfig};
+        let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap_or_else(|e| panic!("{e}"));
+        let make = |local: &str, peers: [&str; 2]| {
+            let mut sw = Switch::new(SwitchConfig {
+                local_subnet: net(local),
+                host_addr: Some("10.10.0.1".parse().unwrap_or_else(|e| panic!("{e}"))),
+                bridge_mac: Some(FUZZ_BRIDGE),
+                mtu: 1380,
+                flood_rate: 100,
+                flood_burst: 200,
+                peer_flood_rate: 100,
+                peer_flood_burst: 200,
+                max_macs_per_peer: 64,
+                mac_ttl: std::time::Duration::from_secs(300),
+            });
+            for (i, p) in peers.iter().enumerate() {
+                sw.set_peer(
+                    i as u32 + 1,
+                    PeerAddrs {
+                        pod_subnet: net(p),
+                        host_addr: Some(format!("10.10.0.{}", i + 2).parse().unwrap_or_else(|e| panic!("{e}"))),
+                        // One peer with its record's word, one without.
+                        bridge_mac: (i == 0).then_some([0x7a, 0x1c, 0, 0, 0, 2]),
+                    },
+                );
+            }
+            sw
+        };
+        std::sync::Mutex::new(Switches {
+            v4: make("10.244.1.0/24", ["10.244.2.0/24", "10.244.3.0/24"]),
+            v6: make("fd00:10::/64", ["fd00:10:0:1::/64", "fd00:10:0:2::/64"]),
+            now: std::time::Instant::now(),
+        })
+    })
+}
+
+/// The L2 switch on its own, past the tunnel's decryption: the first byte
+/// picks the switch (bit 0), the entry point (bits 1-2: a frame from peer
+/// 1, from peer 2, from the local bridge, a host packet from peer 1) and
+/// how far the clock moves (the rest); the remaining bytes are the frame.
+/// Whatever a peer gets delivered never carries this node's bridge MAC, and
+/// the tables stay within their bounds.
+pub fn switch(data: &[u8]) {
+    use evio_overlay::l2::PeerVerdict;
+    let Some((&op, frame)) = data.split_first() else {
+        return;
+    };
+    let mut s = switches().lock().unwrap_or_else(|p| p.into_inner());
+    s.now += std::time::Duration::from_millis(u64::from(op >> 3) * 997);
+    let now = s.now;
+    let sw = if op & 1 == 0 { &mut s.v4 } else { &mut s.v6 };
+    match (op >> 1) & 3 {
+        0 | 1 => {
+            let peer = u32::from((op >> 1) & 1) + 1;
+            if sw.from_peer(now, peer, frame) == PeerVerdict::Deliver {
+                assert!(frame.len() >= 14 && frame[6..12] != FUZZ_BRIDGE);
+            }
+        }
+        2 => {
+            let mut out = [0u8; 1600];
+            if let evio_overlay::l2::LocalVerdict::Reply(n) = sw.from_local(now, frame, false, &mut out) {
+                assert!(n <= out.len() && n >= 14);
+            }
+        }
+        _ => {
+            let _ = sw.host_from_peer(1, frame);
+        }
+    }
+    if op & 0xf8 == 0xf8 {
+        sw.expire(now);
+    }
+    let st = sw.stats();
+    assert!(st.learned_macs <= st.peers * 65, "{st:?}");
 }

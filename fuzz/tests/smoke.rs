@@ -18,6 +18,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("ovsdb_reply", evio_fuzz::ovsdb_reply),
     ("store_record", evio_fuzz::store_record),
     ("overlay", evio_fuzz::overlay),
+    ("switch", evio_fuzz::switch),
 ];
 
 struct Rng(u64);

@@ -1,7 +1,9 @@
 //! The control socket: one request line, one answer, then close.
 //! `peers` → the JSON of OVERLAY.md; `metrics` → Prometheus text;
 //! `health` → a JSON summary (`evio-node run` serves it on /healthz).
-//! The socket is mode 0600: what it tells (endpoints, keys) is for root.
+//! The socket is born mode 0600 in a directory of mode 0700 (when the agent
+//! makes it): what it tells (endpoints, keys) is for root, at no moment for
+//! anyone else.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -25,22 +27,7 @@ pub fn spawn(
     health: Arc<Mutex<StoreHealth>>,
     stop: Arc<Stop>,
 ) -> Result<JoinHandle<()>, AgentError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(AgentError::io(format!("create {}", dir.display())))?;
-    }
-    // A socket file left by a killed agent: nobody listens on it any more.
-    if UnixStream::connect(path).is_ok() {
-        return Err(AgentError::Config(format!(
-            "control socket {} is in use: is another agent running?",
-            path.display()
-        )));
-    }
-    let _ = std::fs::remove_file(path);
-    let listener =
-        UnixListener::bind(path).map_err(AgentError::io(format!("bind {}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(AgentError::io(format!("chmod {}", path.display())))?;
+    let listener = bind_private(path)?;
     listener
         .set_nonblocking(true)
         .map_err(AgentError::io("control socket"))?;
@@ -58,6 +45,52 @@ pub fn spawn(
             }
         })
         .map_err(AgentError::io("spawn thread"))
+}
+
+/// Binds the socket at `path` so that it never exists there with a mode
+/// other than 0600: the umask applies to bind(2) and is process-wide (no
+/// thread can change it for itself alone), so the socket is bound in a
+/// fresh 0700 directory beside `path`, made 0600 there, and renamed into
+/// place. A missing parent is created 0700; an existing one is left as it
+/// is (it may be shared, e.g. /run).
+fn bind_private(path: &Path) -> Result<UnixListener, AgentError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_path_buf(),
+        None => std::path::PathBuf::from("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(AgentError::io(format!("create {}", dir.display())))?;
+    // A socket file left by a killed agent: nobody listens on it any more.
+    if UnixStream::connect(path).is_ok() {
+        return Err(AgentError::Config(format!(
+            "control socket {} is in use: is another agent running?",
+            path.display()
+        )));
+    }
+    let staging = dir.join(format!(".evio-control.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(AgentError::io(format!("create {}", staging.display())))?;
+    let result = (|| {
+        let born = staging.join("sock");
+        let listener = UnixListener::bind(&born)
+            .map_err(AgentError::io(format!("bind {}", born.display())))?;
+        std::fs::set_permissions(&born, std::fs::Permissions::from_mode(0o600))
+            .map_err(AgentError::io(format!("chmod {}", born.display())))?;
+        std::fs::rename(&born, path).map_err(AgentError::io(format!(
+            "move the socket to {}",
+            path.display()
+        )))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    result
 }
 
 fn serve(s: UnixStream, engine: &EngineHandle, me: &SelfInfo, health: &Mutex<StoreHealth>) {
@@ -114,4 +147,41 @@ pub fn request(path: &Path, what: &str, timeout: Duration) -> std::io::Result<St
     let mut out = String::new();
     s.take(16 << 20).read_to_string(&mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().mode() & 0o777
+    }
+
+    #[test]
+    fn the_socket_is_born_0600_in_a_0700_directory() {
+        let d = tempfile::tempdir().unwrap();
+        // An existing directory is left alone; a missing one is made 0700
+        // whatever the umask (the test process has the usual 022).
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = d.path().join("run/evio/agent.sock");
+        let l = bind_private(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&d.path().join("run/evio")), 0o700);
+        assert_eq!(mode(d.path()), 0o755);
+        // Nothing left but the socket, and it is the one listening.
+        let names: Vec<_> = std::fs::read_dir(d.path().join("run/evio"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("agent.sock")]);
+        let _c = UnixStream::connect(&path).unwrap();
+        assert!(l.accept().is_ok());
+        // Taken: refused. Left by a dead agent: replaced.
+        assert!(bind_private(&path).is_err());
+        drop(l);
+        let again = bind_private(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        drop(again);
+    }
 }

@@ -37,6 +37,14 @@ const RECV_BATCH: usize = 32;
 /// A relay over TCP is the slow path: a backlog beyond this is dropped, as
 /// a congested link would.
 const TCP_BACKLOG: usize = 4 << 20;
+/// Datagrams taken from the socket per wake-up (GRO runs count each of
+/// theirs): past it the devices, the commands and the timers get their turn
+/// before the socket's next, so a datagram flood cannot starve them. The
+/// descriptors are level-triggered: what is left is read on the next round.
+const UDP_BUDGET: usize = 1024;
+/// Commands waiting for the engine: a bound, not a queue that grows while
+/// the engine is busy.
+pub const COMMAND_QUEUE: usize = 64;
 
 /// What the other threads ask of the engine.
 pub enum Command {
@@ -404,12 +412,14 @@ impl Dataplane {
     }
 
     fn on_udp(&mut self, now: Instant, recv: &mut RecvBatch) {
-        loop {
+        let mut taken = 0;
+        while taken < UDP_BUDGET {
             let got = recv.recv(&self.io.udp).unwrap_or_default();
             for i in 0..got {
                 let Some(r) = recv.get(i) else { break };
                 let (from, seg) = (r.from, r.segment);
                 for d in r.data.chunks(seg) {
+                    taken += 1;
                     self.stack.handle_datagram(now, from, d, &mut self.io);
                 }
             }

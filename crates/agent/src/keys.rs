@@ -11,7 +11,8 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use evio_overlay::crypto::{b64, parse_key, Key, StaticKeys};
+use evio_overlay::crypto::{b64, parse_key, Secret, StaticKeys};
+use zeroize::Zeroize;
 
 use crate::AgentError;
 
@@ -22,13 +23,16 @@ fn key_err(path: &Path, reason: impl Into<String>) -> AgentError {
     }
 }
 
-/// Loads the private key at `path`, creating it if missing.
-pub fn load_or_create(path: &Path) -> Result<Key, AgentError> {
+/// Loads the private key at `path`, creating it if missing. Every copy
+/// made on the way (the file's text, the encoded key) is wiped.
+pub fn load_or_create(path: &Path) -> Result<Secret, AgentError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => {
+        Ok(mut text) => {
             let mode = std::fs::metadata(path)
                 .map(|m| m.permissions().mode() & 0o777)
                 .unwrap_or(0);
+            let key = parse_key(&text).map(Secret::new);
+            text.zeroize();
             if mode & 0o077 != 0 {
                 // WireGuard's tools warn; a readable private key lets any
                 // local user impersonate the node, so we refuse.
@@ -37,7 +41,7 @@ pub fn load_or_create(path: &Path) -> Result<Key, AgentError> {
                     format!("mode {mode:o} lets others read the private key; chmod 600 it"),
                 ));
             }
-            parse_key(&text).ok_or_else(|| key_err(path, "not a base64-encoded 32-byte key"))
+            key.ok_or_else(|| key_err(path, "not a base64-encoded 32-byte key"))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -57,11 +61,14 @@ pub fn load_or_create(path: &Path) -> Result<Key, AgentError> {
                 }
                 Err(e) => return Err(key_err(path, e.to_string())),
             };
-            f.set_permissions(std::fs::Permissions::from_mode(0o600))
-                .and_then(|_| f.write_all(format!("{}\n", b64(keys.private())).as_bytes()))
-                .and_then(|_| f.sync_all())
-                .map_err(|e| key_err(path, e.to_string()))?;
-            Ok(*keys.private())
+            let mut text = format!("{}\n", b64(keys.private()));
+            let written = f
+                .set_permissions(std::fs::Permissions::from_mode(0o600))
+                .and_then(|_| f.write_all(text.as_bytes()))
+                .and_then(|_| f.sync_all());
+            text.zeroize();
+            written.map_err(|e| key_err(path, e.to_string()))?;
+            Ok(Secret::new(*keys.private()))
         }
         Err(e) => Err(key_err(path, e.to_string())),
     }
@@ -69,9 +76,11 @@ pub fn load_or_create(path: &Path) -> Result<Key, AgentError> {
 
 /// Reads the network key (`overlay.networkKeyFile`): 32 bytes in base64,
 /// a trailing newline allowed.
-pub fn network_key(path: &Path) -> Result<Key, AgentError> {
-    let text = std::fs::read_to_string(path).map_err(|e| key_err(path, e.to_string()))?;
-    parse_key(&text).ok_or_else(|| {
+pub fn network_key(path: &Path) -> Result<Secret, AgentError> {
+    let mut text = std::fs::read_to_string(path).map_err(|e| key_err(path, e.to_string()))?;
+    let key = parse_key(&text).map(Secret::new);
+    text.zeroize();
+    key.ok_or_else(|| {
         key_err(
             path,
             "must hold 32 random bytes in base64 (head -c 32 /dev/urandom | base64)",
@@ -90,7 +99,7 @@ mod tests {
         let k1 = load_or_create(&p).unwrap();
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(load_or_create(&p).unwrap(), k1);
+        assert_eq!(load_or_create(&p).unwrap().expose(), k1.expose());
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(load_or_create(&p)
             .unwrap_err()
@@ -103,7 +112,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("nk");
         std::fs::write(&p, format!("{}\n", b64(&[7u8; 32]))).unwrap();
-        assert_eq!(network_key(&p).unwrap(), [7u8; 32]);
+        assert_eq!(network_key(&p).unwrap().expose(), &[7u8; 32]);
         std::fs::write(&p, "short").unwrap();
         assert!(network_key(&p).is_err());
         assert!(network_key(&d.path().join("missing")).is_err());

@@ -25,7 +25,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use evio_cni::config::NetConf;
-use evio_overlay::crypto::{b64, Key};
+use evio_overlay::crypto::{b64, Secret};
 use evio_overlay::engine::{Overlay, OverlayConfig};
 use evio_overlay::tunnel::Identity;
 use evio_subnet::{PeerRecord, StoreOptions, StoreUrl};
@@ -52,6 +52,8 @@ pub enum AgentError {
     },
     #[error("host networking: {0}")]
     Net(String),
+    #[error("the engine stopped: {0}")]
+    EngineDied(String),
 }
 
 impl AgentError {
@@ -62,8 +64,8 @@ impl AgentError {
 }
 
 /// Everything the agent needs, resolved by `evio-node agent` from the
-/// network config, the flags and the store.
-#[derive(Debug, Clone)]
+/// network config, the flags and the store. Its `Debug` leaves the secrets
+/// out (keys, TURN passwords).
 pub struct AgentConfig {
     pub network: String,
     pub node: String,
@@ -81,11 +83,29 @@ pub struct AgentConfig {
     pub listen_port: u16,
     pub stun: Vec<SocketAddr>,
     pub turn: Vec<TurnServer>,
-    pub private_key: Key,
-    pub network_key: Option<Key>,
+    pub private_key: Secret,
+    pub network_key: Option<Secret>,
     pub store_url: StoreUrl,
     pub store_opts: StoreOptions,
     pub control_socket: PathBuf,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let turn: Vec<String> = self.turn.iter().map(|t| t.server.to_string()).collect();
+        f.debug_struct("AgentConfig")
+            .field("network", &self.network)
+            .field("node", &self.node)
+            .field("pod_subnet", &self.pod_subnet)
+            .field("host_addr", &self.host_addr)
+            .field("listen_port", &self.listen_port)
+            .field("stun", &self.stun)
+            .field("turn", &turn)
+            .field("network_key", &self.network_key.is_some())
+            .field("store_url", &self.store_url)
+            .field("control_socket", &self.control_socket)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Wakes the engine thread (an eventfd it polls).
@@ -197,20 +217,25 @@ pub fn wait_readable(fd: RawFd, stop: &Stop, timeout: Option<Duration>) -> bool 
 /// The handle other threads use to talk to the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
-    pub commands: mpsc::Sender<Command>,
+    pub commands: mpsc::SyncSender<Command>,
     pub waker: Waker,
 }
 
 impl EngineHandle {
-    pub fn send(&self, c: Command) {
-        let _ = self.commands.send(c);
+    /// Queues a command unless the queue is full (the engine is not
+    /// draining it: nobody should wait on it then); false if not queued.
+    pub fn send(&self, c: Command) -> bool {
+        let queued = self.commands.try_send(c).is_ok();
         self.waker.wake();
+        queued
     }
 
     /// A status snapshot from the engine, or None if it does not answer.
     pub fn snapshot(&self, timeout: Duration) -> Option<dataplane::Snapshot> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send(Command::Status(tx));
+        if !self.send(Command::Status(tx)) {
+            return None;
+        }
         rx.recv_timeout(timeout).ok()
     }
 }
@@ -226,26 +251,76 @@ pub struct SelfInfo {
     pub started: Instant,
 }
 
-/// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and so in every
-/// thread spawned after), so the main thread can wait for them.
+/// The signal the engine thread sends the main thread when it ends on its
+/// own (see [`engine_ended`]).
+const ENGINE_ENDED: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGUSR1;
+
+/// Exit code when teardown did not finish in time: systemd and the kubelet
+/// see a failure, and the log says what hung.
+pub const EXIT_CLEANUP_HUNG: i32 = 3;
+
+/// Blocks SIGTERM, SIGINT, SIGHUP and [`ENGINE_ENDED`] in this thread (and
+/// so in every thread spawned after), so the main thread can wait for them.
 fn block_signals() -> Result<nix::sys::signal::SigSet, AgentError> {
     use nix::sys::signal::{SigSet, SigmaskHow, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
     set.add(Signal::SIGHUP);
+    set.add(ENGINE_ENDED);
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
         .map_err(|e| AgentError::Net(format!("block signals: {e}")))?;
     Ok(set)
 }
 
+/// How waiting for the end of the agent ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    Signal(nix::sys::signal::Signal),
+    /// The engine thread ended while nobody had asked it to.
+    EngineEnded,
+}
+
+/// Waits for a stop signal, or for the engine thread to end on its own
+/// (it signals `ENGINE_ENDED` to this thread).
+fn wait_for_end(sigs: &nix::sys::signal::SigSet) -> End {
+    loop {
+        match sigs.wait() {
+            Ok(s) if s == ENGINE_ENDED => return End::EngineEnded,
+            Ok(s) => return End::Signal(s),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return End::EngineEnded,
+        }
+    }
+}
+
+/// Runs on the engine thread when it ends: an end nobody asked for (an
+/// error of its event loop) must not leave a process that publishes its
+/// record with no data plane behind it, so it wakes the main thread, which
+/// tears down and exits non-zero for systemd or the kubelet to restart it.
+fn engine_ended(main: libc::pthread_t, result: &std::io::Result<()>) {
+    if let Err(e) = result {
+        tracing::error!("the engine stopped: {e}");
+    }
+    // SAFETY: `main` is the live main thread, which outlives this one (it
+    // joins it); the signal is blocked there and waited for.
+    unsafe { libc::pthread_kill(main, ENGINE_ENDED as libc::c_int) };
+}
+
 /// Runs the agent until SIGTERM/SIGINT; returns after cleaning up.
 pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let sigs = block_signals()?;
+    // SAFETY: plain pthread_self(3).
+    let main_thread = unsafe { libc::pthread_self() };
     let started = Instant::now();
-    let keys = evio_overlay::crypto::StaticKeys::from_private(cfg.private_key);
+    let keys =
+        evio_overlay::crypto::StaticKeys::from_private(&mut cfg.private_key.expose().to_owned());
     let public_key = b64(keys.public());
-    let id = Identity::new(keys, cfg.network_key, &cfg.network);
+    let id = Identity::new(
+        keys,
+        cfg.network_key.as_ref().map(|k| *k.expose()),
+        &cfg.network,
+    );
 
     let mut host = evio_net::Handle::new().map_err(|e| AgentError::Net(e.to_string()))?;
     let bridge = port::ensure_bridge(&mut host, &cfg.plugin, cfg.gateway)?;
@@ -305,6 +380,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let now = Instant::now();
     let mut ocfg = OverlayConfig::new(&cfg.network, cfg.pod_subnet, cfg.plugin.mtu as usize);
     ocfg.host_addr = cfg.host_addr.map(|a| a.addr());
+    ocfg.bridge_mac = bridge.mac;
     // Every random draw of the engine comes from this one OS-seeded stream.
     let seed = evio_overlay::crypto::os_seed();
     let overlay = Overlay::new(now, ocfg, id, seed);
@@ -315,7 +391,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     };
     let nat = Nat::new(now, nat_cfg, evio_overlay::crypto::os_seed());
     let waker = Waker::new()?;
-    let (cmd_tx, cmd_rx) = mpsc::channel();
+    let (cmd_tx, cmd_rx) = mpsc::sync_channel(dataplane::COMMAND_QUEUE);
     let (cand_tx, cand_rx) = tokio::sync::mpsc::unbounded_channel();
     let (cand_std_tx, cand_std_rx) =
         mpsc::channel::<Vec<(SocketAddr, evio_subnet::CandidateKind)>>();
@@ -348,7 +424,11 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         .map_err(AgentError::io("spawn thread"))?;
     let engine_thread = std::thread::Builder::new()
         .name("evio-engine".into())
-        .spawn(move || dp.run())
+        .spawn(move || {
+            let r = dp.run();
+            engine_ended(main_thread, &r);
+            r
+        })
         .map_err(AgentError::io("spawn thread"))?;
 
     let record = PeerRecord {
@@ -359,7 +439,13 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         endpoints: Vec::new(),
         candidates: Vec::new(),
         heartbeat: evio_subnet::now_rfc3339(),
-        extra: serde_json::Map::new(),
+        extra: bridge
+            .mac
+            .map(|m| {
+                let v = serde_json::Value::from(evio_overlay::packet::fmt_mac(&m));
+                serde_json::Map::from_iter([(signal::BRIDGE_MAC.to_string(), v)])
+            })
+            .unwrap_or_default(),
     };
     let sig = signal::Signalling {
         network: cfg.network.clone(),
@@ -411,24 +497,19 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         "agent up"
     );
 
-    // Wait for a signal (or for the engine to die on its own).
-    let sig = loop {
-        match sigs.wait() {
-            Ok(s) => break Some(s),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => break None,
-        }
-    };
-    tracing::info!(signal = ?sig, "stopping");
-    // Bounded teardown: whatever hangs, the process exits within 5 s.
+    let end = wait_for_end(&sigs);
+    tracing::info!(?end, "stopping");
+    // Bounded teardown: whatever hangs, the process exits within 5 s, and
+    // says so with its exit code.
     let deadline = Instant::now() + Duration::from_millis(4500);
     std::thread::spawn(move || {
         std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
-        std::process::exit(0);
+        tracing::error!("teardown did not finish within 4.5 s; exiting with what is left behind");
+        std::process::exit(EXIT_CLEANUP_HUNG);
     });
     stop.stop();
     engine.send(Command::Shutdown);
-    let _ = engine_thread.join();
+    let engine_result = engine_thread.join();
     let _ = store_thread.join();
     let _ = watch_thread.join();
     let _ = control_thread.join();
@@ -436,7 +517,11 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let _ = std::fs::remove_file(&cfg.control_socket);
     drop(epoll_owned);
     cleanup.run();
-    Ok(())
+    match (end, engine_result) {
+        (End::Signal(_), _) => Ok(()),
+        (End::EngineEnded, Ok(Err(e))) => Err(AgentError::EngineDied(e.to_string())),
+        (End::EngineEnded, _) => Err(AgentError::EngineDied("it ended on its own".into())),
+    }
 }
 
 /// What SIGTERM removes; the devices go by themselves when their file
@@ -470,5 +555,24 @@ impl Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         self.run();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The engine thread's end reaches the main thread's wait as an end of
+    /// its own, not as a stop signal, and not never.
+    #[test]
+    fn an_engine_that_ends_wakes_the_main_thread() {
+        let sigs = block_signals().unwrap();
+        // SAFETY: plain pthread_self(3).
+        let me = unsafe { libc::pthread_self() };
+        let t = std::thread::spawn(move || {
+            engine_ended(me, &Err(std::io::Error::other("epoll broke")));
+        });
+        assert_eq!(wait_for_end(&sigs), End::EngineEnded);
+        t.join().unwrap();
     }
 }

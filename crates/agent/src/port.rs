@@ -96,6 +96,7 @@ pub fn attach(
         .link_by_name(tap)
         .map_err(|e| err(format!("look up {tap}"))(e.to_string()))?
         .ok_or_else(|| AgentError::Port(format!("{tap} does not exist")))?;
+    quiet(tap);
     match conf.bridge_type {
         BridgeType::Linux => {
             if link.master != Some(bridge.index) {
@@ -155,6 +156,24 @@ pub fn attach(
     Ok(())
 }
 
+/// Keeps the host's own stack off the TAP: it is a port, not an interface
+/// of the host. On OVS's userspace datapath nothing takes frames away from
+/// the kernel before its IP stack sees them, so the host answered ARP for
+/// its gateway with the TAP's MAC and would route what peers send to that
+/// MAC. Hardening only (the switch refuses such frames anyway), so a
+/// failure is a warning.
+fn quiet(tap: &str) {
+    for (key, value) in [
+        (format!("net/ipv4/conf/{tap}/arp_ignore"), "8"),
+        (format!("net/ipv4/conf/{tap}/forwarding"), "0"),
+        (format!("net/ipv6/conf/{tap}/disable_ipv6"), "1"),
+    ] {
+        if let Err(e) = sysctl::set(&key, value) {
+            tracing::warn!("{key}: {e}");
+        }
+    }
+}
+
 /// Removes the agent's port (SIGTERM). The TAP device itself goes when
 /// its file descriptor closes.
 pub fn detach(conf: &NetConf, tap: &str) -> Result<(), AgentError> {
@@ -165,4 +184,26 @@ pub fn detach(conf: &NetConf, tap: &str) -> Result<(), AgentError> {
             .map_err(|e| err(format!("remove OVS port {tap}"))(e.to_string()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use evio_overlay::packet::{pod_mac, pod_mac_v6};
+    use evio_plugin::naming;
+
+    /// The switch checks frames against the MACs the plugin gives pods: the
+    /// two derivations are one.
+    #[test]
+    fn the_switch_and_the_plugin_derive_the_same_pod_macs() {
+        for i in 0..5000u32 {
+            let v4 = Ipv4Addr::from(0x0af4_0000 + i * 7);
+            assert_eq!(naming::pod_mac(IpAddr::V4(v4)), pod_mac(v4));
+            let v6 = Ipv6Addr::from(
+                0xfd00_0010_0000_0000_0000_0000_0000_0000u128 + u128::from(i) * 0x1_0001,
+            );
+            assert_eq!(naming::pod_mac(IpAddr::V6(v6)), pod_mac_v6(v6), "{v6}");
+        }
+    }
 }

@@ -4,12 +4,13 @@
 //! records (etcd watch / file stat) and hand the peer set to the engine.
 
 use std::net::SocketAddr;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use evio_overlay::crypto::parse_key;
-use evio_overlay::engine::{Candidate, PeerInfo};
+use evio_overlay::crypto::{b64, Key};
+use evio_overlay::engine::{shared_keys, Candidate, PeerInfo};
 use evio_overlay::path::Class;
 use evio_subnet::{
     open_overlay_store, Candidate as StoreCandidate, CandidateKind, Liveness, OverlayStore,
@@ -19,6 +20,10 @@ use ipnet::IpNet;
 
 use crate::dataplane::Command;
 use crate::Waker;
+
+/// The record field naming the node bridge's MAC (kept in the record's
+/// `extra`, so older agents carry it through a read-modify-write).
+pub const BRIDGE_MAC: &str = "bridgeMac";
 
 /// Heartbeat / lease keep-alive period.
 pub const REFRESH: Duration = Duration::from_secs(10);
@@ -41,7 +46,7 @@ pub struct Signalling {
     pub url: StoreUrl,
     pub opts: StoreOptions,
     pub record: PeerRecord,
-    pub commands: Sender<Command>,
+    pub commands: SyncSender<Command>,
     pub waker: Waker,
     pub stop: Arc<crate::Stop>,
     pub health: Arc<Mutex<StoreHealth>>,
@@ -100,6 +105,12 @@ pub fn peer_info(rec: &PeerRecord, own: &str, file_store: bool) -> Option<PeerIn
         && rec
             .heartbeat_age(SystemTime::now())
             .is_none_or(|a| a > STALE_AFTER);
+    // An older agent publishes none; a malformed one is as good as none.
+    let bridge_mac = rec
+        .extra
+        .get(BRIDGE_MAC)
+        .and_then(serde_json::Value::as_str)
+        .and_then(evio_overlay::packet::parse_mac);
     Some(PeerInfo {
         node: rec.node.clone(),
         key,
@@ -107,6 +118,7 @@ pub fn peer_info(rec: &PeerRecord, own: &str, file_store: bool) -> Option<PeerIn
         host_addr,
         candidates,
         stale,
+        bridge_mac,
     })
 }
 
@@ -156,7 +168,14 @@ impl Signalling {
     /// `nodes/<node>` holds and its host address the one `hostnodes/<node>`
     /// holds, so a record cannot claim another node's addresses (and pass
     /// source enforcement for them).
-    async fn send_peers(&self, store: &dyn OverlayStore, snap: &PeerSnapshot) {
+    /// Records that claim one key are refused by the engine, all of them;
+    /// `last` (what was said before) keeps this to one line per change.
+    async fn send_peers(
+        &self,
+        store: &dyn OverlayStore,
+        snap: &PeerSnapshot,
+        last: &mut Vec<(Key, Vec<String>)>,
+    ) {
         let file = matches!(self.url, StoreUrl::File(_));
         let alloc = match store.allocations(&self.network).await {
             Ok(a) => a,
@@ -193,6 +212,17 @@ impl Signalling {
             })
             .filter_map(|r| peer_info(r, &self.record.node, file))
             .collect();
+        let shared = shared_keys(&peers);
+        if shared != *last {
+            for (key, nodes) in &shared {
+                tracing::warn!(
+                    key = %b64(key),
+                    nodes = ?nodes,
+                    "peer records claim one public key: none of them is believed until all but one are gone"
+                );
+            }
+            *last = shared;
+        }
         set_health(&self.health, |h| h.peers_seen = peers.len());
         let _ = self.commands.send(Command::Peers(peers));
         self.waker.wake();
@@ -223,9 +253,10 @@ impl Signalling {
         let mut published = self.publish(store.as_ref()).await;
         let mut revoked = false;
         let mut snap = PeerSnapshot::default();
+        let mut shared = Vec::new();
         match store.peers(&self.network).await {
             Ok(s) => {
-                self.send_peers(store.as_ref(), &s).await;
+                self.send_peers(store.as_ref(), &s, &mut shared).await;
                 snap = s;
             }
             Err(e) => tracing::warn!("reading peer records: {e}"),
@@ -285,7 +316,7 @@ impl Signalling {
                     match w {
                         Ok(Some(s)) => {
                             if s.records != snap.records && !revoked {
-                                self.send_peers(store.as_ref(), &s).await;
+                                self.send_peers(store.as_ref(), &s, &mut shared).await;
                             }
                             snap = s;
                         }

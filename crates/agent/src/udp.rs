@@ -20,6 +20,20 @@ const GSO_MAX_BYTES: usize = 65_000;
 const RECV_BUF: usize = 65_536;
 const CMSG_SPACE: usize = 64;
 
+/// Room for control messages, aligned as the `cmsghdr` the kernel and the
+/// CMSG_* macros read and write in it (a byte array is not).
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct CmsgBuf([u8; CMSG_SPACE]);
+
+impl CmsgBuf {
+    const ZERO: CmsgBuf = CmsgBuf([0; CMSG_SPACE]);
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.0.as_mut_ptr()
+    }
+}
+
 pub struct Udp {
     fd: OwnedFd,
     /// Whether the kernel coalesces received runs (else one datagram per
@@ -195,7 +209,7 @@ pub struct RecvBatch {
     bufs: Vec<Vec<u8>>,
     addrs: Vec<libc::sockaddr_in>,
     iovs: Vec<libc::iovec>,
-    cmsgs: Vec<[u8; CMSG_SPACE]>,
+    cmsgs: Vec<CmsgBuf>,
     msgs: Vec<libc::mmsghdr>,
     count: usize,
 }
@@ -215,7 +229,7 @@ impl RecvBatch {
             // SAFETY: plain old data, all-zero valid.
             addrs: vec![unsafe { zeroed() }; n],
             iovs: Vec::with_capacity(n),
-            cmsgs: vec![[0u8; CMSG_SPACE]; n],
+            cmsgs: vec![CmsgBuf::ZERO; n],
             msgs: Vec::with_capacity(n),
             count: 0,
         }
@@ -315,7 +329,7 @@ pub struct SendBatch {
     cursor: usize,
     addrs: Vec<libc::sockaddr_in>,
     iovs: Vec<libc::iovec>,
-    cmsgs: Vec<[u8; CMSG_SPACE]>,
+    cmsgs: Vec<CmsgBuf>,
     msgs: Vec<libc::mmsghdr>,
     /// Runs of `queued` sent as one message: (first, one past last).
     groups: Vec<(usize, usize)>,
@@ -342,7 +356,7 @@ impl SendBatch {
             cursor: 0,
             addrs: Vec::with_capacity(256),
             iovs: Vec::with_capacity(256),
-            cmsgs: vec![[0u8; CMSG_SPACE]; 256],
+            cmsgs: vec![CmsgBuf::ZERO; 256],
             msgs: Vec::with_capacity(256),
             groups: Vec::with_capacity(256),
             dropped: 0,
@@ -468,6 +482,19 @@ impl SendBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_buffers_are_aligned_for_cmsghdr() {
+        assert!(std::mem::align_of::<CmsgBuf>() >= std::mem::align_of::<libc::cmsghdr>());
+        let mut r = RecvBatch::new(3);
+        let mut s = SendBatch::new(1 << 16);
+        for b in r.cmsgs.iter_mut().chain(s.cmsgs.iter_mut()) {
+            assert_eq!(
+                b.as_mut_ptr() as usize % std::mem::align_of::<libc::cmsghdr>(),
+                0
+            );
+        }
+    }
 
     /// Over loopback: a GSO batch arrives as a GRO run, or as separate
     /// datagrams; either way every byte is there in order.

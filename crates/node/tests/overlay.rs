@@ -25,6 +25,9 @@ use evio_testkit::services::{
 };
 use serde_json::{json, Value};
 
+#[path = "overlay/attacks.rs"]
+mod attacks;
+
 const NODE_BIN: &str = env!("CARGO_BIN_EXE_evio-node");
 
 fn plugin_bin() -> PathBuf {

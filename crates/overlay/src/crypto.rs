@@ -9,6 +9,13 @@
 //! * mac2, under load, proves the sender can receive at its source address
 //!   (it holds a cookie we sent there), so a flood from spoofed addresses
 //!   costs us one MAC per datagram.
+//!
+//! Secrets held here (the static private key, the network key and what is
+//! derived from it, cookie secrets) are wiped with `zeroize` when dropped
+//! and never printed. What snow holds (its copies of the static and
+//! ephemeral private keys, the PSK, chaining keys, session keys inside
+//! ring's ChaCha20-Poly1305) it does not wipe: snow 0.10 has no zeroize,
+//! and its states are opaque to us.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -23,6 +30,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use snow::params::{CipherChoice, DHChoice, HashChoice};
 use snow::resolvers::{CryptoResolver, DefaultResolver, RingResolver};
 use snow::types::{Cipher, Dh, Hash, Random};
+use zeroize::Zeroize;
 
 pub const KEY_LEN: usize = 32;
 pub const MAC_LEN: usize = 16;
@@ -96,8 +104,8 @@ impl CryptoResolver for SeededResolver {
     }
 }
 
-/// This node's static X25519 key pair.
-#[derive(Clone)]
+/// This node's static X25519 key pair. Not `Clone`: one copy of the private
+/// key, wiped on drop.
 pub struct StaticKeys {
     private: Key,
     public: Key,
@@ -113,17 +121,44 @@ impl std::fmt::Debug for StaticKeys {
 
 impl Drop for StaticKeys {
     fn drop(&mut self) {
-        // Best effort: the key also lives in snow's handshake states.
-        self.private.iter_mut().for_each(|b| *b = 0);
+        // The key also lives in snow's handshake states, which we cannot
+        // reach.
+        self.private.zeroize();
+    }
+}
+
+/// A 32-byte secret (a private key, the network key) on its way from a file
+/// to where it is used: wiped on drop, never printed, not `Clone`.
+pub struct Secret(Key);
+
+impl Secret {
+    pub fn new(key: Key) -> Secret {
+        Secret(key)
+    }
+
+    pub fn expose(&self) -> &Key {
+        &self.0
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
     }
 }
 
 impl StaticKeys {
-    /// A new random key pair (the OS CSPRNG through snow's resolver).
+    /// A new random key pair (the OS CSPRNG).
     pub fn generate() -> StaticKeys {
         let mut private = [0u8; KEY_LEN];
         rand::rngs::OsRng.fill_bytes(&mut private);
-        StaticKeys::from_private(private)
+        StaticKeys::from_private(&mut private)
     }
 
     /// A key pair drawn from `rng` (tests and the simulator: keys from a
@@ -135,10 +170,15 @@ impl StaticKeys {
     }
 
     /// The pair for a stored private key. X25519 clamps the scalar, so any
-    /// 32 bytes are a valid private key.
-    pub fn from_private(private: Key) -> StaticKeys {
-        let public = public_of(&private);
-        StaticKeys { private, public }
+    /// 32 bytes are a valid private key. The caller's copy is wiped.
+    pub fn from_private(private: &mut Key) -> StaticKeys {
+        let public = public_of(private);
+        let keys = StaticKeys {
+            private: *private,
+            public,
+        };
+        private.zeroize();
+        keys
     }
 
     pub fn public(&self) -> &Key {
@@ -148,6 +188,22 @@ impl StaticKeys {
     pub fn private(&self) -> &Key {
         &self.private
     }
+}
+
+/// Whether `point` is of small order: X25519 with any clamped scalar (a
+/// multiple of the cofactor) maps it to the all-zero output, so a Diffie-
+/// Hellman with it contributes nothing secret. WireGuard refuses such
+/// results; snow does not check.
+pub fn low_order(point: &[u8]) -> bool {
+    let Some(mut dh) = DefaultResolver.resolve_dh(&snow::params::DHChoice::Curve25519) else {
+        return true;
+    };
+    if point.len() != KEY_LEN {
+        return true;
+    }
+    dh.set(&[0x55; KEY_LEN]);
+    let mut out = [0u8; KEY_LEN];
+    dh.dh(point, &mut out).is_err() || out == [0u8; KEY_LEN]
 }
 
 fn public_of(private: &Key) -> Key {
@@ -165,13 +221,16 @@ pub fn b64(k: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(k)
 }
 
-/// A 32-byte key from base64 text (surrounding whitespace allowed).
+/// A 32-byte key from base64 text (surrounding whitespace allowed). The
+/// decoding buffer is wiped: the text may be a private key's.
 pub fn parse_key(text: &str) -> Option<Key> {
     use base64::Engine;
-    let v = base64::engine::general_purpose::STANDARD
+    let mut v = base64::engine::general_purpose::STANDARD
         .decode(text.trim())
         .ok()?;
-    v.try_into().ok()
+    let key = Key::try_from(v.as_slice()).ok();
+    v.zeroize();
+    key
 }
 
 pub fn hash(parts: &[&[u8]]) -> Key {
@@ -233,6 +292,12 @@ pub struct CookieJar {
     rng: StdRng,
 }
 
+impl Drop for CookieJar {
+    fn drop(&mut self) {
+        self.secret.zeroize();
+    }
+}
+
 impl CookieJar {
     pub fn new(our_public: &Key, seed: Seed) -> CookieJar {
         CookieJar {
@@ -284,7 +349,6 @@ impl CookieJar {
         }
     }
 }
-
 /// The initiator's side: opens a cookie reply from `responder` for the
 /// message whose mac1 was `mac1`.
 pub fn open_cookie(responder: &Key, mac1: &[u8], body: &[u8]) -> Option<[u8; MAC_LEN]> {
@@ -311,7 +375,7 @@ mod tests {
     #[test]
     fn keys_roundtrip_and_public_matches_snow() {
         let k = StaticKeys::generate();
-        let again = StaticKeys::from_private(*k.private());
+        let again = StaticKeys::from_private(&mut k.private().clone());
         assert_eq!(k.public(), again.public());
         assert_ne!(k.public(), &[0u8; 32]);
         assert_eq!(parse_key(&b64(k.public())), Some(*k.public()));
@@ -324,8 +388,49 @@ mod tests {
         // The same public key snow derives when it builds a handshake.
         let b = snow::Builder::new("Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s".parse().unwrap());
         let kp = b.generate_keypair().unwrap();
-        let mine = StaticKeys::from_private(kp.private.as_slice().try_into().unwrap());
+        let mut private: Key = kp.private.as_slice().try_into().unwrap();
+        let mine = StaticKeys::from_private(&mut private);
+        assert_eq!(private, [0; 32], "the caller's copy is wiped");
         assert_eq!(mine.public().as_slice(), kp.public.as_slice());
+    }
+
+    #[test]
+    fn secrets_are_never_printed() {
+        let s = Secret::new([0x41; 32]);
+        assert_eq!(format!("{s:?}"), "Secret(..)");
+        assert_eq!(s.expose(), &[0x41; 32]);
+        let k = StaticKeys::generate();
+        let shown = format!("{k:?}");
+        assert!(shown.contains(&b64(k.public())) && !shown.contains(&b64(k.private())));
+    }
+
+    #[test]
+    fn low_order_points_are_recognised() {
+        // The small-order points of Curve25519 (the encodings libsodium and
+        // WireGuard refuse), and a non-canonical one.
+        let mut small: Vec<[u8; 32]> = vec![[0; 32]];
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        small.push(one);
+        for hex in [
+            "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+            "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+            "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        ] {
+            let b: Vec<u8> = (0..32)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+                .collect();
+            small.push(b.try_into().unwrap());
+        }
+        for p in &small {
+            assert!(low_order(p), "{p:02x?}");
+        }
+        for _ in 0..20 {
+            assert!(!low_order(StaticKeys::generate().public()));
+        }
+        assert!(low_order(&[1, 2, 3]), "not a point at all");
     }
 
     #[test]

@@ -61,9 +61,15 @@ pub struct OverlayConfig {
     pub handshake_load: u32,
     /// Valid-cookie handshakes per second and source IP under load.
     pub handshake_per_ip: u32,
-    /// Broadcast / unknown-unicast floods per second (and burst).
+    /// Per pod (source MAC): broadcast / unknown-unicast floods per second
+    /// (and burst), and as many ARP/ND requests sent to an owner.
     pub flood_rate: u32,
     pub flood_burst: u32,
+    /// Per peer: broadcasts and multicasts accepted per second (and burst).
+    pub peer_flood_rate: u32,
+    pub peer_flood_burst: u32,
+    /// The local bridge's MAC: a peer sourcing it is spoofing.
+    pub bridge_mac: Option<[u8; 6]>,
     /// A peer without a working path for this long gets a new handshake.
     pub path_loss_rehandshake: Duration,
 }
@@ -81,6 +87,9 @@ impl OverlayConfig {
             handshake_per_ip: 8,
             flood_rate: 200,
             flood_burst: 400,
+            peer_flood_rate: 400,
+            peer_flood_burst: 800,
+            bridge_mac: None,
             path_loss_rehandshake: Duration::from_secs(4),
         }
     }
@@ -105,6 +114,9 @@ pub struct PeerInfo {
     /// The record's liveness is too old (file store): the agent behind it
     /// is presumably gone; do not initiate, but answer if it speaks.
     pub stale: bool,
+    /// Its bridge's MAC, if its record says (the one MAC not of a pod it
+    /// may source).
+    pub bridge_mac: Option<[u8; 6]>,
 }
 
 /// Per-peer counters.
@@ -289,9 +301,13 @@ impl Overlay {
     pub fn new(now: Instant, cfg: OverlayConfig, id: Identity, seed: Seed) -> Overlay {
         let switch = Switch::new(SwitchConfig {
             local_subnet: cfg.pod_subnet,
+            host_addr: cfg.host_addr,
+            bridge_mac: cfg.bridge_mac,
             mtu: cfg.mtu,
             flood_rate: cfg.flood_rate,
             flood_burst: cfg.flood_burst,
+            peer_flood_rate: cfg.peer_flood_rate,
+            peer_flood_burst: cfg.peer_flood_burst,
             max_macs_per_peer: 1024,
             mac_ttl: Duration::from_secs(300),
         });
@@ -370,12 +386,19 @@ impl Overlay {
 
     /// Replaces the peer set with what the store says. Peers whose key
     /// changed start over; peers that disappeared are forgotten with
-    /// everything learned from them.
+    /// everything learned from them. A key that two records claim is
+    /// nobody's ([`shared_keys`] says which); candidates inside the
+    /// overlay's own ranges are ignored.
     pub fn set_peers(&mut self, now: Instant, infos: &[PeerInfo]) {
         let own = *self.id.keys.public();
+        let shared = shared_keys(infos);
+        let ranges = self.overlay_ranges(infos);
         let mut keep: Vec<PeerId> = Vec::new();
         for info in infos {
-            if info.key == own || !self.id.valid_peer_key(&info.key) {
+            if info.key == own
+                || !self.id.valid_peer_key(&info.key)
+                || shared.iter().any(|(k, _)| *k == info.key)
+            {
                 continue;
             }
             let pid = match self.by_node.get(&info.node).copied() {
@@ -396,7 +419,7 @@ impl Overlay {
                     self.add_peer(now, info.clone())
                 }
             };
-            self.update_peer(now, pid, info);
+            self.update_peer(now, pid, info, &ranges);
             keep.push(pid);
         }
         let gone: Vec<PeerId> = self
@@ -457,7 +480,20 @@ impl Overlay {
         pid
     }
 
-    fn update_peer(&mut self, now: Instant, pid: PeerId, info: &PeerInfo) {
+    /// Addresses that are the overlay itself: pod subnets, host-overlay
+    /// networks. A candidate there would route the tunnel over itself
+    /// (ZeroTierOne#779); only a store writer can publish one.
+    fn overlay_ranges(&self, infos: &[PeerInfo]) -> Vec<IpNet> {
+        let mut ranges = vec![self.cfg.pod_subnet.trunc()];
+        ranges.extend(self.cfg.host_addr.map(IpNet::from));
+        for i in infos {
+            ranges.push(i.pod_subnet.trunc());
+            ranges.extend(i.host_addr.map(|h| h.trunc()));
+        }
+        ranges
+    }
+
+    fn update_peer(&mut self, now: Instant, pid: PeerId, info: &PeerInfo, ranges: &[IpNet]) {
         let relay_ips = &self.relay_ips;
         let Some(p) = slot(&mut self.peers, pid) else {
             return;
@@ -466,6 +502,7 @@ impl Overlay {
         let cands: Vec<(PathAddr, Class)> = info
             .candidates
             .iter()
+            .filter(|c| !ranges.iter().any(|r| r.contains(&c.addr.ip())))
             .map(|c| {
                 let a = PathAddr::direct(c.addr);
                 (a, crate::path::classify(relay_ips, a, Some(c.class)))
@@ -483,6 +520,7 @@ impl Overlay {
             PeerAddrs {
                 pod_subnet: info.pod_subnet,
                 host_addr: info.host_addr.map(|n| n.addr()),
+                bridge_mac: info.bridge_mac,
             },
         );
     }
@@ -646,7 +684,7 @@ impl Overlay {
         let r = match wire::message_type(d) {
             Some(wire::INITIATION) => self.on_initiation(now, from, d, io),
             Some(wire::RESPONSE) => self.on_response(now, from, d, io),
-            Some(wire::COOKIE_REPLY) => self.on_cookie(now, d),
+            Some(wire::COOKIE_REPLY) => self.on_cookie(now, from, d),
             Some(wire::TRANSPORT) => self.on_transport(now, from, d, io),
             _ => Err(Reject::Malformed),
         };
@@ -717,7 +755,7 @@ impl Overlay {
         slot(&mut self.peers, pid)
             .ok_or(Reject::UnknownPeer)?
             .tunnel
-            .respond(now, init, &network_key, local, &mut msg)?;
+            .respond(now, init, &network_key, (local, from), &mut msg)?;
         self.heard_from(now, pid, from);
         let out = io.datagram();
         out[..msg.len()].copy_from_slice(&msg);
@@ -748,13 +786,13 @@ impl Overlay {
         Ok(())
     }
 
-    fn on_cookie(&mut self, now: Instant, d: &[u8]) -> Result<(), Reject> {
+    fn on_cookie(&mut self, now: Instant, from: PathAddr, d: &[u8]) -> Result<(), Reject> {
         let receiver = wire::u32_at(d, 4).ok_or(Reject::Malformed)?;
         let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
         slot(&mut self.peers, pid)
             .ok_or(Reject::NoSession)?
             .tunnel
-            .on_cookie(now, d)
+            .on_cookie(now, d, from)
     }
 
     fn on_transport(
@@ -808,7 +846,9 @@ impl Overlay {
                 Ok(())
             }
             kind::PROBE => {
-                let id = wire::u64_at(&self.scratch, INNER_HEADER).ok_or(Reject::Malformed)?;
+                // Within what was decrypted: the scratch beyond holds an
+                // earlier plaintext, which an empty probe used to echo.
+                let id = wire::u64_at(&self.scratch[..n], INNER_HEADER).ok_or(Reject::Malformed)?;
                 self.scratch[INNER_HEADER..INNER_HEADER + 8].copy_from_slice(&id.to_le_bytes());
                 // Answer on the path it came by: that is the path being
                 // checked.
@@ -816,7 +856,7 @@ impl Overlay {
                 Ok(())
             }
             kind::PROBE_REPLY => {
-                let id = wire::u64_at(&self.scratch, INNER_HEADER).ok_or(Reject::Malformed)?;
+                let id = wire::u64_at(&self.scratch[..n], INNER_HEADER).ok_or(Reject::Malformed)?;
                 let cfg = &self.cfg.paths;
                 if let Some(p) = slot(&mut self.peers, pid) {
                     p.paths.on_probe_reply(now, cfg, id);
@@ -1125,12 +1165,14 @@ impl Overlay {
             return;
         }
         let targets: Vec<PathAddr> = p.paths.handshake_targets(MAX_HANDSHAKE_TARGETS).collect();
-        self.sync_indices(pid);
-        for t in targets {
+        for &t in &targets {
             let out = io.datagram();
             out[..msg.len()].copy_from_slice(&msg);
+            // mac2 with the cookie of that path, if the peer gave one.
+            p.tunnel.put_mac2(now, &mut out[..msg.len()], t);
             io.commit(t, msg.len());
         }
+        self.sync_indices(pid);
     }
 
     /// The state of every peer, for `peers` and metrics.
@@ -1173,6 +1215,23 @@ impl Overlay {
     pub fn switch_stats(&self) -> crate::l2::SwitchStats {
         self.switch.stats()
     }
+}
+
+/// Keys that more than one record claims, with the nodes claiming each. A
+/// record is believed for the key it names; two records naming one key mean
+/// a store writer claims someone else's (the victim's traffic would be
+/// dropped as spoofed and its tunnel reset on every update), or a renamed
+/// node's old record has not expired yet: neither is believed until one of
+/// them goes.
+pub fn shared_keys(infos: &[PeerInfo]) -> Vec<(Key, Vec<String>)> {
+    let mut by_key: HashMap<Key, Vec<String>> = HashMap::new();
+    for i in infos {
+        by_key.entry(i.key).or_default().push(i.node.clone());
+    }
+    let mut shared: Vec<(Key, Vec<String>)> =
+        by_key.into_iter().filter(|(_, n)| n.len() > 1).collect();
+    shared.sort();
+    shared
 }
 
 /// Peer `pid`, if it is still there. A free function rather than a method so
@@ -1280,6 +1339,7 @@ mod tests {
                     class: Class::Direct,
                 }],
                 stale: false,
+                bridge_mac: None,
             };
             let mut cfg = OverlayConfig::new("test", subnet(i), 1380);
             cfg.host_addr = info.host_addr.map(|a| a.addr());
@@ -1768,6 +1828,230 @@ mod tests {
         // Each side probes its active path once a second and answers the
         // other's: about 4 datagrams a second for the pair.
         assert!(per_sec <= 5.0, "{per_sec} datagrams/s when idle");
+    }
+
+    #[test]
+    fn a_probe_shorter_than_its_header_is_malformed_and_not_answered() {
+        let mut net = connect_all(2);
+        // Something secret-ish passes through node 1's plaintext scratch.
+        let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"earlier plaintext");
+        net.send_pod(0, &f);
+        let now = net.now;
+        let before = net.log.len();
+        let n = &mut net.nodes[0];
+        for (k, len) in [(kind::PROBE, 0), (kind::PROBE, 7), (kind::PROBE_REPLY, 3)] {
+            assert!(n
+                .ov
+                .send_inner(now, 0, None, Inner::plain(k), len, &mut n.io));
+        }
+        net.settle();
+        assert_eq!(
+            net.log.len(),
+            before + 3,
+            "nothing answered the short probes"
+        );
+        assert_eq!(net.nodes[1].ov.stats().rejects.get("malformed"), Some(&3));
+    }
+
+    #[test]
+    fn a_node_under_load_completes_handshakes_it_starts() {
+        // Node 0 is under load for every handshake message, responses
+        // included; node 1 only answers (as a responder that never needs
+        // to rekey does), so it holds no cookie of node 0's unless node 0's
+        // cookie reply to its response is taken.
+        let mut net = net(2, |i, c| {
+            if i == 0 {
+                c.handshake_load = 0;
+            }
+        });
+        let now = net.now;
+        let mut infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
+        infos[0].stale = true;
+        net.nodes[1].ov.set_peers(now, &infos);
+        net.run(Duration::from_secs(10));
+        assert!(net.connected(0, 1) && net.connected(1, 0));
+        assert!(net.nodes[0].ov.stats().cookies_sent > 0);
+        // One response refused for want of a cookie, the next one taken.
+        assert!(net.nodes[1].ov.status()[0].stats.handshakes >= 2);
+    }
+
+    #[test]
+    fn a_key_claimed_by_two_records_is_refused_for_both() {
+        let mut net = connect_all(3);
+        let now = net.now;
+        let mut infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
+        // Node 2's record now names node 1's key: a store writer with an
+        // allocation of its own claims the victim's.
+        infos[2].key = infos[1].key;
+        assert_eq!(
+            shared_keys(&infos),
+            vec![(infos[1].key, vec!["n1".to_string(), "n2".to_string()])]
+        );
+        net.nodes[0].ov.set_peers(now, &infos);
+        let st = net.nodes[0].ov.status();
+        assert!(
+            st.iter().all(|p| p.node != "n1" && p.node != "n2"),
+            "{st:?}"
+        );
+        // The same list again (an update of another record) changes nothing.
+        net.nodes[0].ov.set_peers(now, &infos);
+        assert!(net.nodes[0].ov.status().is_empty());
+        // The impostor's record goes: node 1 is believed again.
+        infos.truncate(2);
+        net.nodes[0].ov.set_peers(now, &infos);
+        net.run(Duration::from_secs(3));
+        assert!(net.connected(0, 1));
+    }
+
+    #[test]
+    fn candidates_inside_the_overlay_are_ignored() {
+        let mut net = connect_all(2);
+        let now = net.now;
+        let mut infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
+        for addr in [
+            "10.244.1.7:5800",
+            "10.244.2.9:5800",
+            "10.10.9.9:5800",
+            "10.10.0.1:5800",
+        ] {
+            infos[1].candidates.push(Candidate {
+                addr: addr.parse().unwrap(),
+                class: Class::Direct,
+            });
+        }
+        net.nodes[0].ov.set_peers(now, &infos);
+        let st = net.nodes[0].ov.status();
+        assert_eq!(st[0].paths, 1, "only the underlay candidate is a path");
+        net.run(Duration::from_secs(2));
+        assert!(net.connected(0, 1));
+        assert!(net.log.iter().all(|(_, _, d)| d.len() > 4), "sanity");
+    }
+
+    /// A Diffie-Hellman whose generated (ephemeral) key is the all-zero
+    /// point, for an initiator that sends a small-order ephemeral: its DH
+    /// results are what the other side computes, all zeros.
+    struct LowOrderEphemeral {
+        inner: Box<dyn snow::types::Dh>,
+        low: bool,
+    }
+
+    impl snow::types::Dh for LowOrderEphemeral {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+        fn pub_len(&self) -> usize {
+            32
+        }
+        fn priv_len(&self) -> usize {
+            32
+        }
+        fn set(&mut self, privkey: &[u8]) {
+            self.inner.set(privkey);
+        }
+        fn generate(&mut self, _: &mut dyn snow::types::Random) -> Result<(), snow::Error> {
+            self.low = true;
+            Ok(())
+        }
+        fn pubkey(&self) -> &[u8] {
+            if self.low {
+                &[0; 32]
+            } else {
+                self.inner.pubkey()
+            }
+        }
+        fn privkey(&self) -> &[u8] {
+            self.inner.privkey()
+        }
+        fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
+            if self.low {
+                out[..32].fill(0);
+                Ok(())
+            } else {
+                self.inner.dh(pubkey, out)
+            }
+        }
+    }
+
+    struct LowOrderResolver;
+
+    impl snow::resolvers::CryptoResolver for LowOrderResolver {
+        fn resolve_rng(&self) -> Option<Box<dyn snow::types::Random>> {
+            snow::resolvers::DefaultResolver.resolve_rng()
+        }
+        fn resolve_dh(&self, c: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
+            let inner = snow::resolvers::DefaultResolver.resolve_dh(c)?;
+            Some(Box::new(LowOrderEphemeral { inner, low: false }))
+        }
+        fn resolve_hash(&self, c: &snow::params::HashChoice) -> Option<Box<dyn snow::types::Hash>> {
+            snow::resolvers::DefaultResolver.resolve_hash(c)
+        }
+        fn resolve_cipher(
+            &self,
+            c: &snow::params::CipherChoice,
+        ) -> Option<Box<dyn snow::types::Cipher>> {
+            snow::resolvers::DefaultResolver.resolve_cipher(c)
+        }
+    }
+
+    #[test]
+    fn an_initiation_with_a_small_order_ephemeral_is_refused() {
+        use snow::resolvers::CryptoResolver;
+        let mut net = net(2, |_, _| {});
+        let now = net.now;
+        let wall = net.wall();
+        let responder = net.nodes[1].info.key;
+        // A real initiation of node 0's, made with the all-zero ephemeral:
+        // it decrypts fine on the other side (both compute es = 0).
+        let id0 = net.nodes[0].ov.identity();
+        let mut hs = snow::Builder::with_resolver(
+            tunnel::NOISE_PATTERN.parse().unwrap(),
+            Box::new(LowOrderResolver),
+        )
+        .prologue(&id0.prologue)
+        .unwrap()
+        .local_private_key(id0.keys.private())
+        .unwrap()
+        .remote_public_key(&responder)
+        .unwrap()
+        .psk(2, &[0; 32])
+        .unwrap()
+        .build_initiator()
+        .unwrap();
+        let mut msg = [0u8; wire::INITIATION_LEN];
+        wire::put_prefix(&mut msg, wire::INITIATION);
+        msg[4..8].copy_from_slice(&77u32.to_le_bytes());
+        let n = hs
+            .write_message(&tunnel::tai64n(wall), &mut msg[8..8 + wire::NOISE_INIT_LEN])
+            .unwrap();
+        assert_eq!(n, wire::NOISE_INIT_LEN);
+        assert_eq!(&msg[8..40], &[0; 32]);
+        let l = msg.len();
+        let mac1 = crate::crypto::mac(
+            &crate::crypto::mac1_key(&responder, &[0; 32]),
+            &[&msg[..l - 32]],
+        );
+        msg[l - 32..l - 16].copy_from_slice(&mac1);
+        // The unpatched responder would answer it (the engine's own check
+        // stands between): prove the message is otherwise valid.
+        let mut probe = snow::Builder::new(tunnel::NOISE_PATTERN.parse().unwrap())
+            .prologue(&net.nodes[1].ov.identity().prologue)
+            .unwrap()
+            .local_private_key(net.nodes[1].ov.identity().keys.private())
+            .unwrap()
+            .build_responder()
+            .unwrap();
+        let mut ts = [0u8; 64];
+        assert!(probe
+            .read_message(&msg[8..8 + wire::NOISE_INIT_LEN], &mut ts)
+            .is_ok());
+        let _ = snow::resolvers::DefaultResolver.resolve_rng();
+        let from = PathAddr::direct(net.nodes[0].addr);
+        let node = &mut net.nodes[1];
+        assert_eq!(
+            node.ov.from_network(now, from, &msg, &mut node.io),
+            Err(Reject::Auth)
+        );
+        assert!(node.io.out.is_empty(), "no response to it");
     }
 
     proptest::proptest! {

@@ -7,9 +7,15 @@
 //! delivered to the TAP or dropped, so split horizon holds by construction:
 //! nothing is ever relayed from one peer to another.
 //!
+//! The overlay port is secured the way OVN secures a logical switch port
+//! (what a peer may source) and Tailscale filters packets (where they may
+//! go): a peer is a node, trusted for its own pod subnet and host address
+//! and for nothing else, whatever its pods put in their frames.
+//!
 //! # From the local bridge, first match wins
 //!
 //! 1. Shorter than an Ethernet header, or a multicast source MAC: `Malformed`.
+//!    Every other source MAC is remembered as local (see Learning).
 //! 2. To an 802.1D link-local group (STP, pause, LLDP…): `LinkLocal`. Each
 //!    bridge runs its own link; joining them would merge spanning trees.
 //! 3. Not IPv4, ARP or IPv6 (a VLAN tag included): `EtherType`. An IP header
@@ -32,41 +38,73 @@
 //!    learned from that peer's own ARP when there is one; else the derived
 //!    pod MAC (`0a:58` + IPv4, what the CNI plugin assigns), except for the
 //!    peer's gateway `.1`: that is its bridge, whose MAC is random, so the
-//!    request goes to the owner alone (`Unicast`, from the flood budget) and
-//!    its reply teaches us the binding. ARP replies are unicast frames
-//!    (rule 8).
+//!    request goes to the owner alone (`Unicast`, from the sender's
+//!    resolution budget) and its reply teaches us the binding. ARP replies
+//!    are unicast frames (rule 8).
 //! 7. IPv6 to a multicast MAC: a neighbour solicitation goes to the owner of
-//!    its target only (`Unicast`, from the flood budget); a target in the
-//!    local subnet or duplicate address detection (source `::`) is `Local`,
-//!    a target nobody owns `NoRoute`. Any other IPv6 multicast (RS, RA,
-//!    MLD, mDNS…) concerns the local link: `LinkLocal`.
+//!    its target only (`Unicast`, from the resolution budget); a target in
+//!    the local subnet or duplicate address detection (source `::`) is
+//!    `Local`, a target nobody owns `NoRoute`. Any other IPv6 multicast (RS,
+//!    RA, MLD, mDNS…) concerns the local link: `LinkLocal`.
 //! 8. To a unicast MAC: a MAC learned from a peer goes to that peer; a
-//!    derived pod MAC to the owner of the address it encodes (`Local` if that
-//!    is ours); else the owner of the destination IP (`Local` if ours); else
-//!    unknown unicast is flooded.
-//! 9. Broadcast and other multicast: flooded.
+//!    derived IPv4 pod MAC to the owner of the address it encodes (`Local`
+//!    if that is ours); else the owner of the destination IP (`Local` if
+//!    ours); else unknown unicast is flooded (flood budget).
+//! 9. Broadcast and other multicast: flooded (flood budget).
 //!
-//! Floods and the requests of rules 6 and 7 share one token bucket
-//! (`flood_rate` per second, `flood_burst`); an empty bucket is
-//! `RateLimited`. A broadcast storm in one pod thus costs every node a
-//! bounded amount.
+//! Budgets are token buckets per local source MAC (`flood_rate` per second,
+//! `flood_burst`), one for floods and one for resolution (ARP and ND sent to
+//! an owner), so that one pod's storm neither costs the other nodes more
+//! than a bounded amount nor takes neighbour resolution from the other pods
+//! of its node. An empty bucket is `RateLimited`. Sources past the table's
+//! bound share one bucket pair.
 //!
-//! # From a peer
+//! # From a peer, first match wins
 //!
-//! `Malformed`, `EtherType`, `LinkLocal` and `Dhcp` as above, then the source
-//! must belong to the peer, else `Spoofed`: an IPv4 source or ARP sender
-//! address in its pod subnet or equal to its host address (never 0.0.0.0,
-//! and the ARP sender MAC must be the frame's source MAC, since that is what
-//! neighbours cache); an IPv6 source in its pod subnet and neither link-local
-//! nor unspecified; a derived-form source MAC must encode an address of its
-//! subnet. Nothing in this node's own subnet ever comes from a peer, whatever
-//! a peer's record claims. An unknown peer owns nothing.
+//! 1. `Malformed`, `EtherType`, `LinkLocal` and `Dhcp` as above; longer than
+//!    `mtu` after the Ethernet header: `TooBig` (the sender cuts to it).
+//! 2. Neighbour discovery (ICMPv6 past any hop-by-hop, routing and
+//!    destination options headers): router solicitations, advertisements
+//!    and redirects concern one link: `LinkLocal`. A solicitation's source
+//!    link-layer option and an advertisement's target link-layer option must
+//!    be the frame's source MAC, and an advertisement's target an address of
+//!    the peer's subnet that is not ours: else `Spoofed`. This is the IPv6
+//!    form of the ARP-sender rule; without it one advertisement rewrites a
+//!    pod's neighbour entry for its own gateway.
+//! 3. The source must belong to the peer, else `Spoofed`: an IPv4 source or
+//!    ARP sender address in its pod subnet or equal to its host address
+//!    (never 0.0.0.0, and the ARP sender MAC must be the frame's source MAC,
+//!    since that is what neighbours cache); an IPv6 source in its pod subnet
+//!    and neither link-local nor unspecified. Nothing in this node's own
+//!    subnet ever comes from a peer, whatever a peer's record claims. An
+//!    unknown peer owns nothing.
+//! 4. The destination must be here, else `Transit`: an ARP or solicitation
+//!    target in the local subnet; an IP destination in the local subnet (the
+//!    gateway included), a broadcast or multicast address, or IPv6
+//!    link-local; or a broadcast/multicast MAC, which no host forwards. A
+//!    peer's pod could otherwise send to our gateway MAC for any address and
+//!    have this node route it into its LAN or the internet.
+//! 5. The source MAC, as port security on a logical switch port: never the
+//!    local bridge's nor any MAC seen on the local side; a derived MAC must
+//!    be one of the peer's pods (IPv4: `0a:58` + an address of its subnet;
+//!    IPv6: [`pod_mac_v6`] of the packet's source); any other MAC only if it
+//!    is the peer's bridge: the MAC its record names (`bridgeMac`, what its
+//!    agent publishes), else the first one that speaks for the bridge (an
+//!    ARP sender, or an IP source, that is the peer's gateway or host
+//!    address), held while it is heard. The record's word matters: a
+//!    peer's host routes its pods' traffic to our pods (a Service's DNAT)
+//!    from its bridge's MAC, with the pods' addresses, before the bridge
+//!    ever speaks for itself. Anything else is `Spoofed`.
+//! 6. Broadcast and multicast frames spend the peer's receive budget
+//!    (`peer_flood_rate`, `peer_flood_burst`): `RateLimited`.
 //!
 //! # Learning
 //!
-//! Only frames that passed every check teach the switch: the source MAC
-//! belongs to the peer, and an ARP sender address of the peer's subnet is
-//! bound to that MAC (for rule 6). Bindings come from ARP only: an IP
+//! Every source MAC the local bridge sends us is local (bounded, refreshed,
+//! expiring like the peers' entries); a local MAC a peer had taught is
+//! forgotten there. Frames from peers that passed every check teach the
+//! switch their source MAC, and an ARP sender address of the peer's subnet
+//! is bound to it (for local rule 6). Bindings come from ARP only: an IP
 //! packet's source MAC is its last hop's, which for a routed packet is not
 //! the owner of its source address.
 //!
@@ -76,15 +114,17 @@
 //! itself; once the owner has been silent for `mac_ttl` the MAC is free
 //! again (a bridge recreated on another node). Entries are refreshed by
 //! every frame from their owner, expire after `mac_ttl`, and each peer holds
-//! at most `max_macs_per_peer`; a new MAC past the bound evicts the peer's
-//! least recently heard one. A peer can thus crowd out only its own entries.
+//! at most `max_macs_per_peer` besides its bridge: past that, frames from a
+//! new MAC are dropped (`MacLimit`), never make room by evicting, so a flood
+//! of source MACs cannot fill the local bridge's forwarding table.
 //!
 //! # Costs
 //!
-//! No allocation per frame: the learning tables are reserved when a peer is
-//! added, for twice the bound (hash tables rehash in place only below half
-//! load). Subnet lookups hash the address once per distinct peer prefix
-//! length (one, in a cluster built by `config-gen`).
+//! No allocation per frame: every table is reserved up front, for twice its
+//! bound (hash tables rehash in place only below half load). Subnet lookups
+//! hash the address once per distinct peer prefix length (one, in a cluster
+//! built by `config-gen`). The IPv6 MAC check hashes an address only for a
+//! MAC not yet learned from that source address.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -94,24 +134,38 @@ use ipnet::IpNet;
 
 use crate::packet::{
     build_arp_reply, build_icmpv4_frag_needed, build_icmpv6_packet_too_big, is_link_local_group,
-    is_multicast, pod_mac, pod_mac_ipv4, Arp, Ethernet, Icmp, Ip, Ipv4, Ipv6, Mac, Udp, ARP_REPLY,
-    ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ICMPV6_NEIGHBOR_SOLICIT,
-    IPPROTO_ICMPV6, IPPROTO_UDP,
+    is_multicast, pod_mac, pod_mac_ipv4, pod_mac_v6, Arp, Ethernet, Icmp, Ip, Ipv4, Ipv6, Mac, Udp,
+    ARP_REPLY, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ICMPV6_NEIGHBOR_ADVERT,
+    ICMPV6_NEIGHBOR_SOLICIT, ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERT, ICMPV6_ROUTER_SOLICIT,
+    IPPROTO_ICMPV6, IPPROTO_UDP, ND_SOURCE_LLADDR, ND_TARGET_LLADDR,
 };
 
 pub type PeerId = u32;
+
+/// Local source MACs remembered (never accepted from a peer).
+const MAX_LOCAL_MACS: usize = 4096;
+/// Local sources with budgets of their own; the rest share one pair.
+const MAX_SOURCES: usize = 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SwitchConfig {
     /// This node's pod subnet, e.g. 10.244.3.0/24.
     pub local_subnet: IpNet,
+    /// This node's host-overlay address: host packets from peers go there
+    /// or to the pod subnet, nowhere else.
+    pub host_addr: Option<IpAddr>,
+    /// The local bridge's MAC, never a peer's.
+    pub bridge_mac: Option<Mac>,
     /// The largest IP packet a frame may carry across, e.g. 1380.
     pub mtu: usize,
-    /// Token bucket for floods and for ARP/ND requests sent to one peer:
-    /// tokens per second and bucket size.
+    /// Token buckets of each local source, one for floods and one for
+    /// ARP/ND requests sent to one peer: tokens per second and bucket size.
     pub flood_rate: u32,
     pub flood_burst: u32,
-    /// Learned MACs per peer; past it the least recently heard is evicted.
+    /// Token bucket of each peer for the broadcasts and multicasts it sends.
+    pub peer_flood_rate: u32,
+    pub peer_flood_burst: u32,
+    /// Learned MACs per peer, its bridge aside; past it new MACs are dropped.
     pub max_macs_per_peer: usize,
     /// Learned entries not refreshed for this long are gone (300 s).
     pub mac_ttl: Duration,
@@ -121,6 +175,11 @@ pub struct SwitchConfig {
 pub struct PeerAddrs {
     pub pod_subnet: IpNet,
     pub host_addr: Option<IpAddr>,
+    /// Its bridge's MAC, as its record says: pinned from the start, so
+    /// that what its host routes to our pods (a Service's DNAT) gets
+    /// through before its bridge ever speaks for itself. `None` (an older
+    /// agent): pinned when it first does.
+    pub bridge_mac: Option<Mac>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,25 +205,31 @@ pub enum DropReason {
     /// Too short, a multicast source MAC, an IP/ARP/UDP header that doesn't
     /// parse.
     Malformed,
-    /// A source that doesn't belong to the peer that sent it.
+    /// A source (address or MAC) that doesn't belong to the peer that sent
+    /// it.
     Spoofed,
     /// For this node's own subnet, or about the local link only.
     Local,
     Dhcp,
-    /// 802.1D link-local groups; IPv6 multicast other than solicitations.
+    /// 802.1D link-local groups; IPv6 multicast other than solicitations;
+    /// router discovery and redirects from peers.
     LinkLocal,
     /// Neither IPv4, ARP nor IPv6 (VLAN-tagged frames included).
     EtherType,
-    /// The flood budget is spent.
+    /// A flood or resolution budget is spent.
     RateLimited,
     /// No peer owns the destination.
     NoRoute,
     /// Over the MTU and not to be answered with ICMP.
     TooBig,
+    /// From a peer, for somewhere other than this node.
+    Transit,
+    /// From a peer that already has as many MACs as it may.
+    MacLimit,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::Spoofed,
         DropReason::Local,
@@ -174,6 +239,8 @@ impl DropReason {
         DropReason::RateLimited,
         DropReason::NoRoute,
         DropReason::TooBig,
+        DropReason::Transit,
+        DropReason::MacLimit,
     ];
 
     /// The metrics label.
@@ -188,6 +255,8 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::NoRoute => "no_route",
             DropReason::TooBig => "too_big",
+            DropReason::Transit => "transit",
+            DropReason::MacLimit => "mac_limit",
         }
     }
 }
@@ -200,6 +269,8 @@ pub struct SwitchStats {
     pub learned_macs: usize,
     /// IPv4 → MAC bindings learned from peers' ARP.
     pub learned_ips: usize,
+    /// Source MACs seen on the local side.
+    pub local_macs: usize,
 }
 
 use DropReason::*;
@@ -209,6 +280,9 @@ use DropReason::*;
 struct Learned {
     mac: Mac,
     ip: Option<Ipv4Addr>,
+    /// For an IPv6 pod MAC, the source address it was checked against, so
+    /// that the next frame from that address need not hash it again.
+    v6: Option<Ipv6Addr>,
     seen: Instant,
 }
 
@@ -223,9 +297,13 @@ struct Peer {
     addrs: PeerAddrs,
     /// The `.1` of its pod subnet: its bridge.
     gateway: Option<IpAddr>,
-    /// At most `max_macs_per_peer`, in no particular order: eviction scans
-    /// this short contiguous list instead of the whole table.
+    /// At most `max_macs_per_peer` + its bridge, in no particular order.
     learned: Vec<Learned>,
+    /// Its bridge's MAC, the one non-derived MAC it may source, while its
+    /// entry in `learned` lives.
+    bridge: Option<Mac>,
+    /// Its broadcasts and multicasts.
+    flood: Bucket,
 }
 
 /// The lookup side of learning, apart from the peers so that a peer's list
@@ -272,6 +350,7 @@ impl Table {
 
 /// Whole tokens; `last` advances only by the time that paid for the tokens
 /// added, so that fractions carry over when callers come often.
+#[derive(Clone, Copy)]
 struct Bucket {
     rate: u32,
     burst: u32,
@@ -298,6 +377,12 @@ impl Bucket {
             }
             None => false,
         }
+    }
+
+    /// Full again after time unused: nothing to remember.
+    fn idle(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst
     }
 
     fn refill(&mut self, now: Instant) {
@@ -330,6 +415,39 @@ impl Bucket {
             self.last = Some(last.checked_add(Duration::from_nanos(paid)).unwrap_or(now));
         }
     }
+}
+
+/// The two budgets of one local source.
+#[derive(Clone, Copy)]
+struct Budgets {
+    flood: Bucket,
+    resolve: Bucket,
+}
+
+impl Budgets {
+    fn new(cfg: &SwitchConfig) -> Budgets {
+        Budgets {
+            flood: Bucket::new(cfg.flood_rate, cfg.flood_burst),
+            resolve: Bucket::new(cfg.flood_rate, cfg.flood_burst),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Spend {
+    Flood,
+    Resolve,
+}
+
+/// Why a peer may source a MAC.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MacKind {
+    /// One of its pods'.
+    Pod,
+    /// Its pinned bridge.
+    Bridge,
+    /// Its bridge, pinned by this frame.
+    Pin,
 }
 
 /// The network layer of a frame the switch carries.
@@ -374,6 +492,17 @@ impl<'a> L3<'a> {
             _ => Ok(false),
         }
     }
+
+    /// The ICMPv6 message of an IPv6 packet, past its extension headers.
+    fn icmpv6(&self) -> Result<Option<Icmp<'a>>, DropReason> {
+        let L3::Ip(Ip::V6(ip)) = self else {
+            return Ok(None);
+        };
+        match ip.upper_layer().ok_or(Malformed)? {
+            (IPPROTO_ICMPV6, message) => Icmp::parse(message).map(Some).ok_or(Malformed),
+            _ => Ok(None),
+        }
+    }
 }
 
 fn is_switched_ethertype(ethertype: u16) -> bool {
@@ -393,18 +522,12 @@ fn gateway_of(subnet: &IpNet) -> Option<IpAddr> {
     subnet.contains(&gateway).then_some(gateway)
 }
 
-/// Whether a pod of `subnet` can have the derived MAC `0a:58` + `tail`: for
-/// IPv4 the tail is its address; an IPv6-only pod gets the low 32 bits of
-/// its address, so those must agree with the subnet's fixed bits.
-fn derivable(subnet: &IpNet, tail: Ipv4Addr) -> bool {
-    match subnet {
-        IpNet::V4(n) => n.contains(&tail),
-        IpNet::V6(n) => {
-            let fixed = u32::from(n.prefix_len().saturating_sub(96));
-            let mask = u32::MAX.checked_shl(32 - fixed).unwrap_or(0);
-            let low = u128::from(n.network()) as u32;
-            (low ^ u32::from(tail)) & mask == 0
-        }
+/// Addresses a frame may be for without being for a host here: nobody
+/// routes them on.
+fn is_group_or_link(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_broadcast() || a.is_multicast(),
+        IpAddr::V6(a) => a.is_multicast() || is_link_local_v6(a),
     }
 }
 
@@ -418,7 +541,11 @@ pub struct Switch {
     v6_prefixes: Vec<u8>,
     hosts: HashMap<IpAddr, PeerId>,
     table: Table,
-    flood: Bucket,
+    /// Source MACs of the local side, when last seen.
+    local: HashMap<Mac, Instant>,
+    /// Budgets per local source MAC, and the pair shared past the bound.
+    sources: HashMap<Mac, Budgets>,
+    crowd: Budgets,
 }
 
 impl Switch {
@@ -427,8 +554,12 @@ impl Switch {
             local_subnet: cfg.local_subnet.trunc(),
             ..cfg
         };
+        let mut local = HashMap::new();
+        let _ = local.try_reserve(MAX_LOCAL_MACS * 2);
+        let mut sources = HashMap::new();
+        let _ = sources.try_reserve(MAX_SOURCES * 2);
         Switch {
-            flood: Bucket::new(cfg.flood_rate, cfg.flood_burst),
+            crowd: Budgets::new(&cfg),
             cfg,
             peers: HashMap::new(),
             subnets: HashMap::new(),
@@ -436,6 +567,8 @@ impl Switch {
             v6_prefixes: Vec::new(),
             hosts: HashMap::new(),
             table: Table::default(),
+            local,
+            sources,
         }
     }
 
@@ -450,13 +583,14 @@ impl Switch {
         if let Some(peer) = self.peers.get_mut(&id) {
             if peer.addrs.pod_subnet != addrs.pod_subnet {
                 self.table.remove_all(&mut peer.learned);
+                peer.bridge = None;
             }
             peer.addrs = addrs;
             peer.gateway = gateway;
         } else {
             // Reserved here so that learning never allocates on the data
             // path; `try_` so that an absurd bound can't abort the agent.
-            let bound = self.cfg.max_macs_per_peer;
+            let bound = self.cfg.max_macs_per_peer.saturating_add(1);
             let mut learned = Vec::new();
             let _ = learned.try_reserve_exact(bound);
             self.peers.insert(
@@ -465,6 +599,8 @@ impl Switch {
                     addrs,
                     gateway,
                     learned,
+                    bridge: None,
+                    flood: Bucket::new(self.cfg.peer_flood_rate, self.cfg.peer_flood_burst),
                 },
             );
             let want = bound.saturating_mul(self.peers.len()).saturating_mul(2);
@@ -524,11 +660,13 @@ impl Switch {
             peers: self.peers.len(),
             learned_macs: self.table.macs.len(),
             learned_ips: self.table.ips.len(),
+            local_macs: self.local.len(),
         }
     }
 
-    /// Drops expired entries. Lookups already ignore them; this only frees
-    /// their slots and keeps [`Switch::stats`] honest, so a slow timer will do.
+    /// Drops expired entries and idle budgets. Lookups already ignore
+    /// expired entries; this only frees their slots and keeps
+    /// [`Switch::stats`] honest, so a slow timer will do.
     pub fn expire(&mut self, now: Instant) {
         let ttl = self.cfg.mac_ttl;
         for peer in self.peers.values_mut() {
@@ -541,6 +679,10 @@ impl Switch {
                 }
             }
         }
+        self.local
+            .retain(|_, seen| now.saturating_duration_since(*seen) < ttl);
+        self.sources
+            .retain(|_, b| !(b.flood.idle(now) && b.resolve.idle(now)));
     }
 
     fn is_local(&self, ip: IpAddr) -> bool {
@@ -587,12 +729,41 @@ impl Switch {
         (self.mac_owner(now, &mac)? == owner).then_some(mac)
     }
 
-    fn rate_limited(
+    /// Remembers a source MAC of the local side; one a peer had taught is
+    /// forgotten there (it lives here).
+    fn saw_local(&mut self, now: Instant, mac: Mac) {
+        if let Some(seen) = self.local.get_mut(&mac) {
+            *seen = now;
+            return;
+        }
+        if self.local.len() < MAX_LOCAL_MACS {
+            self.local.insert(mac, now);
+        }
+        if let Some(slot) = self.table.macs.get(&mac).copied() {
+            if let Some(peer) = self.peers.get_mut(&slot.peer) {
+                self.table.remove(&mut peer.learned, slot.index as usize);
+            }
+        }
+    }
+
+    fn spend(
         &mut self,
         now: Instant,
+        src: &Mac,
+        what: Spend,
         verdict: LocalVerdict,
     ) -> Result<LocalVerdict, DropReason> {
-        if self.flood.take(now) {
+        let fresh = Budgets::new(&self.cfg);
+        let budgets = if self.sources.contains_key(src) || self.sources.len() < MAX_SOURCES {
+            self.sources.entry(*src).or_insert(fresh)
+        } else {
+            &mut self.crowd
+        };
+        let bucket = match what {
+            Spend::Flood => &mut budgets.flood,
+            Spend::Resolve => &mut budgets.resolve,
+        };
+        if bucket.take(now) {
             Ok(verdict)
         } else {
             Err(RateLimited)
@@ -625,6 +796,7 @@ impl Switch {
         if is_multicast(&eth.src) {
             return Err(Malformed);
         }
+        self.saw_local(now, eth.src);
         if is_link_local_group(&eth.dst) {
             return Err(LinkLocal);
         }
@@ -641,16 +813,18 @@ impl Switch {
                     return Err(Local);
                 }
                 if arp.op == ARP_REQUEST {
-                    return self.answer_arp(now, &arp, out);
+                    return self.answer_arp(now, &eth.src, &arp, out);
                 }
             }
-            L3::Ip(Ip::V6(ip)) if is_multicast(&eth.dst) => return self.solicit(now, &ip),
+            L3::Ip(Ip::V6(ip)) if is_multicast(&eth.dst) => {
+                return self.solicit(now, &eth.src, &ip)
+            }
             L3::Ip(_) => {}
         }
         if is_multicast(&eth.dst) {
-            return self.rate_limited(now, LocalVerdict::Flood);
+            return self.spend(now, &eth.src, Spend::Flood, LocalVerdict::Flood);
         }
-        self.unicast(now, &eth.dst, l3.dst())
+        self.unicast(now, &eth, l3.dst())
     }
 
     fn too_big(&self, frame: &[u8], l3: &L3, out: &mut [u8]) -> Result<LocalVerdict, DropReason> {
@@ -670,6 +844,7 @@ impl Switch {
     fn answer_arp(
         &mut self,
         now: Instant,
+        src: &Mac,
         request: &Arp,
         out: &mut [u8],
     ) -> Result<LocalVerdict, DropReason> {
@@ -682,19 +857,20 @@ impl Switch {
             .peers
             .get(&owner)
             .is_some_and(|p| p.gateway == Some(target));
+        let ask = LocalVerdict::Unicast(owner);
         let mac = match self.binding(now, request.target_ip, owner) {
             Some(mac) => mac,
-            None if is_gateway => return self.rate_limited(now, LocalVerdict::Unicast(owner)),
+            None if is_gateway => return self.spend(now, src, Spend::Resolve, ask),
             None => pod_mac(request.target_ip),
         };
         match build_arp_reply(out, request, mac) {
             Some(n) => Ok(LocalVerdict::Reply(n)),
             // `out` too small to answer: the owner can.
-            None => self.rate_limited(now, LocalVerdict::Unicast(owner)),
+            None => self.spend(now, src, Spend::Resolve, ask),
         }
     }
 
-    fn solicit(&mut self, now: Instant, ip: &Ipv6) -> Result<LocalVerdict, DropReason> {
+    fn solicit(&mut self, now: Instant, src: &Mac, ip: &Ipv6) -> Result<LocalVerdict, DropReason> {
         if ip.next_header != IPPROTO_ICMPV6 {
             return Err(LinkLocal);
         }
@@ -707,21 +883,21 @@ impl Switch {
             return Err(Local);
         }
         let owner = self.owner(target).ok_or(NoRoute)?;
-        self.rate_limited(now, LocalVerdict::Unicast(owner))
+        self.spend(now, src, Spend::Resolve, LocalVerdict::Unicast(owner))
     }
 
     fn unicast(
         &mut self,
         now: Instant,
-        dst: &Mac,
+        eth: &Ethernet,
         dst_ip: IpAddr,
     ) -> Result<LocalVerdict, DropReason> {
-        if let Some(peer) = self.mac_owner(now, dst) {
+        if let Some(peer) = self.mac_owner(now, &eth.dst) {
             return Ok(LocalVerdict::Unicast(peer));
         }
         // Our own subnet first: a peer whose record overlaps it must not
         // draw local traffic.
-        let derived = pod_mac_ipv4(dst).map(IpAddr::V4);
+        let derived = pod_mac_ipv4(&eth.dst).map(IpAddr::V4);
         for ip in derived.into_iter().chain([dst_ip]) {
             if self.is_local(ip) {
                 return Err(Local);
@@ -730,7 +906,7 @@ impl Switch {
                 return Ok(LocalVerdict::Unicast(peer));
             }
         }
-        self.rate_limited(now, LocalVerdict::Flood)
+        self.spend(now, &eth.src, Spend::Flood, LocalVerdict::Flood)
     }
 
     /// A decrypted frame from authenticated peer `peer`.
@@ -756,9 +932,50 @@ impl Switch {
         if l3.is_dhcp()? {
             return Err(Dhcp);
         }
+        if eth.payload.len() > self.cfg.mtu {
+            return Err(TooBig);
+        }
         let peer = self.peers.get(&id).ok_or(Spoofed)?;
+        self.check_nd(peer, &eth, &l3)?;
         let binding = self.check_source(peer, &eth, &l3)?;
-        self.learn(now, id, eth.src, binding)
+        self.check_destination(&eth, &l3)?;
+        let kind = self.check_mac(now, id, peer, &eth, &l3)?;
+        if is_multicast(&eth.dst) {
+            let peer = self.peers.get_mut(&id).ok_or(Spoofed)?;
+            if !peer.flood.take(now) {
+                return Err(RateLimited);
+            }
+        }
+        let v6 = match l3 {
+            L3::Ip(Ip::V6(ip)) if kind == MacKind::Pod => Some(ip.src),
+            _ => None,
+        };
+        self.learn(now, id, eth.src, (binding, v6), kind)
+    }
+
+    /// Router discovery and redirects are the local link's business; a
+    /// solicitation's or advertisement's link-layer address must be the
+    /// frame's source, and an advertisement may only speak for the peer's
+    /// own addresses (the IPv6 form of the ARP-sender rule).
+    fn check_nd(&self, peer: &Peer, eth: &Ethernet, l3: &L3) -> Result<(), DropReason> {
+        let Some(message) = l3.icmpv6()? else {
+            return Ok(());
+        };
+        let lladdr_ok = |ll: Option<Mac>| ll.is_none_or(|m| m == eth.src);
+        match message.ty {
+            ICMPV6_ROUTER_SOLICIT | ICMPV6_ROUTER_ADVERT | ICMPV6_REDIRECT => Err(LinkLocal),
+            ICMPV6_NEIGHBOR_SOLICIT => {
+                let (_, ll) = message.nd(ND_SOURCE_LLADDR).ok_or(Malformed)?;
+                lladdr_ok(ll).then_some(()).ok_or(Spoofed)
+            }
+            ICMPV6_NEIGHBOR_ADVERT => {
+                let (target, ll) = message.nd(ND_TARGET_LLADDR).ok_or(Malformed)?;
+                let target = IpAddr::V6(target);
+                let owned = peer.addrs.pod_subnet.contains(&target) && !self.is_local(target);
+                (owned && lladdr_ok(ll)).then_some(()).ok_or(Spoofed)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Whether the frame's sources belong to `peer`; the address to bind
@@ -771,36 +988,87 @@ impl Switch {
     ) -> Result<Option<Ipv4Addr>, DropReason> {
         let in_subnet = |ip: IpAddr| peer.addrs.pod_subnet.contains(&ip) && !self.is_local(ip);
         let owns = |ip: IpAddr| in_subnet(ip) || peer.addrs.host_addr == Some(ip);
-        let binding = match l3 {
+        match l3 {
             L3::Arp(arp) => {
                 let sender = IpAddr::V4(arp.sender_ip);
                 if arp.sender_mac != eth.src || arp.sender_ip.is_unspecified() || !owns(sender) {
                     return Err(Spoofed);
                 }
-                in_subnet(sender).then_some(arp.sender_ip)
+                Ok(in_subnet(sender).then_some(arp.sender_ip))
             }
-            L3::Ip(Ip::V4(ip)) => {
-                if !owns(IpAddr::V4(ip.src)) {
-                    return Err(Spoofed);
-                }
-                None
-            }
+            L3::Ip(Ip::V4(ip)) => owns(IpAddr::V4(ip.src)).then_some(None).ok_or(Spoofed),
             L3::Ip(Ip::V6(ip)) => {
-                if is_link_local_v6(ip.src)
-                    || ip.src.is_unspecified()
-                    || !in_subnet(IpAddr::V6(ip.src))
-                {
-                    return Err(Spoofed);
-                }
-                None
-            }
-        };
-        if let Some(tail) = pod_mac_ipv4(&eth.src) {
-            if !derivable(&peer.addrs.pod_subnet, tail) || self.is_local(IpAddr::V4(tail)) {
-                return Err(Spoofed);
+                let ok = !is_link_local_v6(ip.src)
+                    && !ip.src.is_unspecified()
+                    && in_subnet(IpAddr::V6(ip.src));
+                ok.then_some(None).ok_or(Spoofed)
             }
         }
-        Ok(binding)
+    }
+
+    /// Whether the frame is for this node: nothing from a peer is routed on.
+    fn check_destination(&self, eth: &Ethernet, l3: &L3) -> Result<(), DropReason> {
+        let here = match l3 {
+            L3::Arp(arp) => self.is_local(IpAddr::V4(arp.target_ip)),
+            L3::Ip(ip) => {
+                let solicited = match l3.icmpv6()? {
+                    Some(m) if m.ty == ICMPV6_NEIGHBOR_SOLICIT => m.ns_target(),
+                    _ => None,
+                };
+                let dst = ip.dst();
+                solicited.is_none_or(|t| self.is_local(IpAddr::V6(t)))
+                    && (is_multicast(&eth.dst) || self.is_local(dst) || is_group_or_link(dst))
+            }
+        };
+        here.then_some(()).ok_or(Transit)
+    }
+
+    /// Port security: which of the peer's MACs this frame's source is.
+    fn check_mac(
+        &self,
+        now: Instant,
+        id: PeerId,
+        peer: &Peer,
+        eth: &Ethernet,
+        l3: &L3,
+    ) -> Result<MacKind, DropReason> {
+        let src = eth.src;
+        if self.cfg.bridge_mac == Some(src) || self.local.contains_key(&src) {
+            return Err(Spoofed);
+        }
+        if let (Some(tail), IpNet::V4(subnet)) = (pod_mac_ipv4(&src), peer.addrs.pod_subnet) {
+            let ours = subnet.contains(&tail) && !self.is_local(IpAddr::V4(tail));
+            return ours.then_some(MacKind::Pod).ok_or(Spoofed);
+        }
+        if let L3::Ip(Ip::V6(ip)) = l3 {
+            let checked = self
+                .learned(&src)
+                .is_some_and(|(owner, e)| owner == id && e.v6 == Some(ip.src));
+            if checked || pod_mac_v6(ip.src) == src {
+                return Ok(MacKind::Pod);
+            }
+        }
+        // Its record's word first; else the MAC that spoke for its bridge,
+        // while it lives.
+        let pinned = peer
+            .addrs
+            .bridge_mac
+            .or_else(|| peer.bridge.filter(|&m| self.mac_owner(now, &m) == Some(id)));
+        match pinned {
+            Some(m) if m == src => Ok(MacKind::Bridge),
+            None if self.speaks_for_bridge(peer, l3) => Ok(MacKind::Pin),
+            _ => Err(Spoofed),
+        }
+    }
+
+    /// The peer's bridge speaking for itself: an ARP sender, or an IP
+    /// source, that is its gateway or its host address.
+    fn speaks_for_bridge(&self, peer: &Peer, l3: &L3) -> bool {
+        let src = match l3 {
+            L3::Arp(arp) => IpAddr::V4(arp.sender_ip),
+            L3::Ip(ip) => ip.src(),
+        };
+        peer.gateway == Some(src) || peer.addrs.host_addr == Some(src)
     }
 
     fn learn(
@@ -808,7 +1076,8 @@ impl Switch {
         now: Instant,
         id: PeerId,
         mac: Mac,
-        ip: Option<Ipv4Addr>,
+        (ip, v6): (Option<Ipv4Addr>, Option<Ipv6Addr>),
+        kind: MacKind,
     ) -> Result<(), DropReason> {
         let ttl = self.cfg.mac_ttl;
         if let Some(&slot) = self.table.macs.get(&mac) {
@@ -822,6 +1091,9 @@ impl Switch {
             };
             if slot.peer == id {
                 entry.seen = now;
+                if v6.is_some() {
+                    entry.v6 = v6;
+                }
                 if let Some(ip) = ip {
                     if let Some(old) = entry.ip.replace(ip).filter(|&old| old != ip) {
                         self.table.unbind(old, mac);
@@ -839,24 +1111,22 @@ impl Switch {
         let Some(peer) = self.peers.get_mut(&id) else {
             return Ok(());
         };
-        if bound == 0 {
-            return Ok(());
-        }
-        if peer.learned.len() >= bound {
-            let oldest = peer
-                .learned
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, e)| e.seen)
-                .map(|(i, _)| i);
-            if let Some(oldest) = oldest {
-                self.table.remove(&mut peer.learned, oldest);
-            }
+        let bridge_room = kind != MacKind::Pod && peer.learned.len() == bound;
+        if peer.learned.len() >= bound && !bridge_room {
+            return Err(MacLimit);
         }
         let Ok(index) = u32::try_from(peer.learned.len()) else {
-            return Ok(());
+            return Err(MacLimit);
         };
-        peer.learned.push(Learned { mac, ip, seen: now });
+        peer.learned.push(Learned {
+            mac,
+            ip,
+            v6,
+            seen: now,
+        });
+        if kind != MacKind::Pod {
+            peer.bridge = Some(mac);
+        }
         self.table.macs.insert(mac, Slot { peer: id, index });
         if let Some(ip) = ip {
             self.table.ips.insert(ip, mac);
@@ -880,7 +1150,9 @@ impl Switch {
     }
 
     /// Host overlay: a packet from `peer` is delivered when its source is the
-    /// peer's host address or in its pod subnet.
+    /// peer's host address or in its pod subnet, and it is for this host:
+    /// its host address or its pod subnet (this host forwards to its own
+    /// pods; that is not transit).
     pub fn host_from_peer(&self, peer: PeerId, packet: &[u8]) -> PeerVerdict {
         let Some(ip) = Ip::parse(packet) else {
             return PeerVerdict::Drop(Malformed);
@@ -888,23 +1160,25 @@ impl Switch {
         let Some(peer) = self.peers.get(&peer) else {
             return PeerVerdict::Drop(Spoofed);
         };
-        let src = ip.src();
-        if peer.addrs.host_addr == Some(src)
-            || (peer.addrs.pod_subnet.contains(&src) && !self.is_local(src))
-        {
-            PeerVerdict::Deliver
-        } else {
-            PeerVerdict::Drop(Spoofed)
+        let (src, dst) = (ip.src(), ip.dst());
+        let pod = peer.addrs.pod_subnet.contains(&src) && !self.is_local(src);
+        if !pod && peer.addrs.host_addr != Some(src) {
+            return PeerVerdict::Drop(Spoofed);
         }
+        if self.cfg.host_addr != Some(dst) && !self.is_local(dst) {
+            return PeerVerdict::Drop(Transit);
+        }
+        PeerVerdict::Deliver
     }
 
     /// Every learned MAC is where its slot says, every binding points at a
-    /// learned MAC, and no peer holds more than the bound.
+    /// learned MAC, no peer holds more than the bound (and its bridge), and
+    /// no local MAC is a peer's.
     #[cfg(test)]
     fn check_invariants(&self) {
         let mut total = 0;
         for (&id, peer) in &self.peers {
-            assert!(peer.learned.len() <= self.cfg.max_macs_per_peer);
+            assert!(peer.learned.len() <= self.cfg.max_macs_per_peer + 1);
             for (i, e) in peer.learned.iter().enumerate() {
                 assert_eq!(
                     self.table.macs.get(&e.mac),
@@ -913,6 +1187,8 @@ impl Switch {
                         index: i as u32
                     })
                 );
+                assert!(!self.local.contains_key(&e.mac), "local MAC learned");
+                assert_ne!(self.cfg.bridge_mac, Some(e.mac), "our bridge learned");
             }
             total += peer.learned.len();
         }
@@ -921,6 +1197,8 @@ impl Switch {
             let (_, e) = self.learned(mac).expect("binding to an unknown MAC");
             assert_eq!(e.ip, Some(*ip));
         }
+        assert!(self.local.len() <= MAX_LOCAL_MACS);
+        assert!(self.sources.len() <= MAX_SOURCES);
     }
 }
 
@@ -987,6 +1265,19 @@ mod tests {
     const V6_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 3, 0, 0, 0, 2);
     const V6_R7: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 7, 0, 0, 0, 2);
     const TTL: Duration = Duration::from_secs(300);
+    /// This node's bridge and host address.
+    const L_BRIDGE: Mac = [0x7a, 0x1c, 0x99, 0, 0, 1];
+    const HOST_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 3);
+    const GW2: Ipv4Addr = Ipv4Addr::new(10, 244, 6, 1);
+
+    fn v6_mac(ip: Ipv6Addr) -> Mac {
+        pod_mac_v6(ip)
+    }
+
+    fn counts(sw: &Switch) -> (usize, usize, usize) {
+        let s = sw.stats();
+        (s.peers, s.learned_macs, s.learned_ips)
+    }
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
@@ -995,9 +1286,13 @@ mod tests {
     fn cfg() -> SwitchConfig {
         SwitchConfig {
             local_subnet: net("10.244.3.0/24"),
+            host_addr: Some(HOST_LOCAL.into()),
+            bridge_mac: Some(L_BRIDGE),
             mtu: 1380,
             flood_rate: 10,
             flood_burst: 3,
+            peer_flood_rate: 10,
+            peer_flood_burst: 3,
             max_macs_per_peer: 4,
             mac_ttl: TTL,
         }
@@ -1011,6 +1306,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("10.244.5.0/24"),
                 host_addr: Some(HOST1.into()),
+                bridge_mac: None,
             },
         );
         sw.set_peer(
@@ -1018,6 +1314,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("10.244.6.0/24"),
                 host_addr: Some("10.10.0.6".parse().unwrap()),
+                bridge_mac: None,
             },
         );
         sw.set_peer(
@@ -1025,6 +1322,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("fd00:0:0:7::/64"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         sw
@@ -1421,14 +1719,7 @@ mod tests {
 
         let gw_reply = arp_frame(L_MAC, ARP_REPLY, (GW1_MAC, GW1), (L_MAC, L));
         assert_eq!(sw.from_peer(t, 1, &gw_reply), PeerVerdict::Deliver);
-        assert_eq!(
-            sw.stats(),
-            SwitchStats {
-                peers: 3,
-                learned_macs: 1,
-                learned_ips: 1
-            }
-        );
+        assert_eq!(counts(&sw), (3, 1, 1));
 
         let answer = reply(&mut sw, t + Duration::from_secs(1), &who_has(GW1));
         let a = Arp::parse(&answer[ETH_HLEN..]).unwrap();
@@ -1443,7 +1734,7 @@ mod tests {
     }
 
     #[test]
-    fn arp_sent_to_an_owner_spends_the_flood_budget() {
+    fn resolution_and_floods_have_budgets_of_their_own_per_source() {
         let (mut sw, t) = (switch(), Instant::now());
         for _ in 0..3 {
             assert_eq!(local(&mut sw, t, &who_has(GW1)), LocalVerdict::Unicast(1));
@@ -1452,23 +1743,70 @@ mod tests {
             local(&mut sw, t, &who_has(GW1)),
             LocalVerdict::Drop(RateLimited)
         );
+        // Floods are another budget ...
         assert_eq!(
             local(&mut sw, t, &udp4(L_MAC, BROADCAST, L, Ipv4Addr::BROADCAST)),
+            LocalVerdict::Flood
+        );
+        // ... and another pod still resolves: one pod cannot deny neighbour
+        // resolution to its whole node.
+        let other = pod_mac(L_OTHER);
+        let ask = arp_frame(BROADCAST, ARP_REQUEST, (other, L_OTHER), ([0; 6], GW1));
+        for _ in 0..3 {
+            assert_eq!(local(&mut sw, t, &ask), LocalVerdict::Unicast(1));
+        }
+        assert_eq!(local(&mut sw, t, &ask), LocalVerdict::Drop(RateLimited));
+        let ns = |src: Mac| {
+            let mut f = solicit(V6_LOCAL, V6_R7);
+            f[6..12].copy_from_slice(&src);
+            f
+        };
+        assert_eq!(
+            local(&mut sw, t, &ns(L_MAC)),
+            LocalVerdict::Drop(RateLimited),
+            "ARP and ND share the source's resolution budget"
+        );
+        assert_eq!(local(&mut sw, t, &ns(mac(0x31))), LocalVerdict::Unicast(7));
+    }
+
+    #[test]
+    fn sources_past_the_table_share_one_budget_and_idle_ones_are_forgotten() {
+        let (mut sw, t) = (switch(), Instant::now());
+        for i in 0..MAX_SOURCES as u32 {
+            let [_, a, b, c] = i.to_be_bytes();
+            let f = udp4([0x06, 0, 0, a, b, c], BROADCAST, L, Ipv4Addr::BROADCAST);
+            assert_eq!(local(&mut sw, t, &f), LocalVerdict::Flood);
+        }
+        let crowd = |n: u8| udp4([0x06, 0xff, 0, 0, 0, n], BROADCAST, L, Ipv4Addr::BROADCAST);
+        for n in 0..3 {
+            assert_eq!(local(&mut sw, t, &crowd(n)), LocalVerdict::Flood);
+        }
+        assert_eq!(
+            local(&mut sw, t, &crowd(9)),
             LocalVerdict::Drop(RateLimited)
+        );
+        sw.check_invariants();
+        // Full buckets are idle: forgotten, and the table has room again.
+        sw.expire(t + Duration::from_secs(60));
+        assert!(sw.sources.is_empty());
+        assert_eq!(
+            local(&mut sw, t + Duration::from_secs(60), &crowd(9)),
+            LocalVerdict::Flood
         );
     }
 
     #[test]
     fn a_learned_binding_beats_the_derived_mac() {
         let (mut sw, t) = (switch(), Instant::now());
-        let custom_ip = Ipv4Addr::new(10, 244, 5, 8);
-        let custom = [0x02, 0x42, 0xac, 0x11, 0, 8];
-        let announce = arp_frame(BROADCAST, ARP_REQUEST, (custom, custom_ip), ([0; 6], L));
+        // A pod of node 1 with a second address: its MAC is derived from
+        // the first.
+        let second = Ipv4Addr::new(10, 244, 5, 8);
+        let announce = arp_frame(BROADCAST, ARP_REQUEST, (R1_MAC, second), ([0; 6], L));
         assert_eq!(sw.from_peer(t, 1, &announce), PeerVerdict::Deliver);
-        let answer = reply(&mut sw, t, &who_has(custom_ip));
-        assert_eq!(Arp::parse(&answer[ETH_HLEN..]).unwrap().sender_mac, custom);
+        let answer = reply(&mut sw, t, &who_has(second));
+        assert_eq!(Arp::parse(&answer[ETH_HLEN..]).unwrap().sender_mac, R1_MAC);
         // A binding from a peer that doesn't own the subnet is never made.
-        let liar = arp_frame(BROADCAST, ARP_REQUEST, (mac(2), R1), ([0; 6], L));
+        let liar = arp_frame(BROADCAST, ARP_REQUEST, (R2_MAC, R1), ([0; 6], L));
         assert_eq!(sw.from_peer(t, 2, &liar), PeerVerdict::Drop(Spoofed));
         assert_eq!(
             Arp::parse(&reply(&mut sw, t, &who_has(R1))[ETH_HLEN..])
@@ -1534,6 +1872,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("fd00:0:0:7::/64"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         let neighbour = "fd00:0:0:3::5".parse().unwrap();
@@ -1586,7 +1925,7 @@ mod tests {
         let (mut sw, t) = (switch(), Instant::now());
         let gw2 = mac(0x22);
         assert_eq!(
-            sw.from_peer(t, 2, &udp4(gw2, L_MAC, R2, L)),
+            sw.from_peer(t, 2, &udp4(gw2, L_MAC, GW2, L)),
             PeerVerdict::Deliver
         );
         assert_eq!(
@@ -1702,23 +2041,22 @@ mod tests {
             ),
             PeerVerdict::Deliver
         );
-        let v6 = ip6(
-            pod_mac(Ipv4Addr::new(0, 0, 0, 2)),
-            L_MAC,
-            V6_R7,
-            V6_LOCAL,
-            IPPROTO_TCP,
-            &[0; 20],
+        let mut sw6 = Switch::new(SwitchConfig {
+            local_subnet: net("fd00:0:0:3::/64"),
+            ..cfg()
+        });
+        sw6.set_peer(
+            7,
+            PeerAddrs {
+                pod_subnet: net("fd00:0:0:7::/64"),
+                host_addr: None,
+                bridge_mac: None,
+            },
         );
-        assert_eq!(sw.from_peer(t, 7, &v6), PeerVerdict::Deliver);
-        assert_eq!(
-            sw.stats(),
-            SwitchStats {
-                peers: 3,
-                learned_macs: 3,
-                learned_ips: 0
-            }
-        );
+        let v6 = ip6(v6_mac(V6_R7), L_MAC, V6_R7, V6_LOCAL, IPPROTO_TCP, &[0; 20]);
+        assert_eq!(sw6.from_peer(t, 7, &v6), PeerVerdict::Deliver);
+        assert_eq!(sw6.stats().learned_macs, 1);
+        assert_eq!(counts(&sw), (3, 2, 0));
         sw.check_invariants();
     }
 
@@ -1749,6 +2087,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("10.244.0.0/16"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         assert_eq!(
@@ -1759,7 +2098,12 @@ mod tests {
             sw.from_peer(
                 t,
                 9,
-                &udp4(mac(9), L_MAC, Ipv4Addr::new(10, 244, 200, 1), L)
+                &udp4(
+                    pod_mac(Ipv4Addr::new(10, 244, 200, 1)),
+                    L_MAC,
+                    Ipv4Addr::new(10, 244, 200, 1),
+                    L
+                )
             ),
             PeerVerdict::Deliver
         );
@@ -1828,8 +2172,9 @@ mod tests {
             PeerVerdict::Drop(Spoofed)
         );
         assert_eq!(
-            sw.from_peer(t, 1, &udp4(L_MAC, R2_MAC, R1, R2)),
-            PeerVerdict::Drop(Spoofed)
+            sw.from_peer(t, 1, &udp4(pod_mac(L_OTHER), L_MAC, R1, L)),
+            PeerVerdict::Drop(Spoofed),
+            "a derived MAC of our subnet"
         );
         let arp_with_foreign_mac = arp_frame(BROADCAST, ARP_REQUEST, (R2_MAC, R1), ([0; 6], L));
         assert_eq!(
@@ -1849,29 +2194,80 @@ mod tests {
     }
 
     #[test]
-    fn derived_macs_of_ipv6_only_pods_use_the_low_32_bits() {
-        let tail = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        assert!(derivable(&net("fd00:0:0:7::/64"), tail("1.2.3.4")));
-        assert!(derivable(&net("fd00::7:0/120"), tail("0.7.0.5")));
-        assert!(!derivable(&net("fd00::7:0/120"), tail("0.7.1.5")));
-        assert!(derivable(&net("fd00::7:5/128"), tail("0.7.0.5")));
-        assert!(!derivable(&net("fd00::7:5/128"), tail("0.7.0.6")));
-        assert!(derivable(&net("10.244.5.0/24"), R1));
-        assert!(!derivable(&net("10.244.5.0/24"), R2));
+    fn ipv6_pod_macs_are_derived_from_the_whole_address() {
+        // The n-th pod of every node has the same low 32 bits: with those
+        // alone their MACs collided across nodes.
+        let a: Ipv6Addr = "fd00:10::2".parse().unwrap();
+        let b: Ipv6Addr = "fd00:10:0:1::2".parse().unwrap();
+        assert_ne!(v6_mac(a), v6_mac(b));
+        let mut seen = std::collections::HashSet::new();
+        for node in 0..64u16 {
+            for host in 2..66u16 {
+                let ip = Ipv6Addr::new(0xfd00, 0x10, 0, node, 0, 0, 0, host);
+                let m = v6_mac(ip);
+                assert!(seen.insert(m), "{ip} collides");
+                assert_eq!(m[0], 0x0a, "locally administered unicast");
+                assert_ne!(m[1], 0x58, "never the IPv4 form");
+                assert_eq!(pod_mac_ipv4(&m), None);
+            }
+        }
+        // A v6 peer's frame must carry the MAC of its own source address.
+        let mut sw = Switch::new(SwitchConfig {
+            local_subnet: net("fd00:10::/64"),
+            ..cfg()
+        });
+        sw.set_peer(
+            1,
+            PeerAddrs {
+                pod_subnet: net("fd00:10:0:1::/64"),
+                host_addr: None,
+                bridge_mac: None,
+            },
+        );
+        let t = Instant::now();
+        let other: Ipv6Addr = "fd00:10:0:1::3".parse().unwrap();
+        let from = |m: Mac| ip6(m, L_MAC, b, a, IPPROTO_TCP, &[0; 20]);
+        assert_eq!(
+            sw.from_peer(t, 1, &from(v6_mac(other))),
+            PeerVerdict::Drop(Spoofed),
+            "another pod's MAC"
+        );
+        assert_eq!(
+            sw.from_peer(t, 1, &from(v6_mac(a))),
+            PeerVerdict::Drop(Spoofed),
+            "our pod's MAC"
+        );
+        assert_eq!(
+            sw.from_peer(t, 1, &from(pod_mac(Ipv4Addr::new(0, 0, 0, 2)))),
+            PeerVerdict::Drop(Spoofed),
+            "the old low-32-bit form"
+        );
+        assert_eq!(sw.from_peer(t, 1, &from(v6_mac(b))), PeerVerdict::Deliver);
+        assert_eq!(
+            sw.from_peer(t + Duration::from_secs(1), 1, &from(v6_mac(b))),
+            PeerVerdict::Deliver,
+            "again, from the learned entry"
+        );
     }
 
     #[test]
     fn peer_ipv6_sources_must_be_global_addresses_of_its_subnet() {
-        let (mut sw, t) = (switch(), Instant::now());
+        let t = Instant::now();
+        let mut sw = Switch::new(SwitchConfig {
+            local_subnet: net("fd00:0:0:3::/64"),
+            ..cfg()
+        });
+        sw.set_peer(
+            7,
+            PeerAddrs {
+                pod_subnet: net("fd00:0:0:7::/64"),
+                host_addr: None,
+                bridge_mac: None,
+            },
+        );
         let from = |src: &str| {
-            ip6(
-                mac(7),
-                L_MAC,
-                src.parse().unwrap(),
-                V6_LOCAL,
-                IPPROTO_TCP,
-                &[0; 20],
-            )
+            let src: Ipv6Addr = src.parse().unwrap();
+            ip6(v6_mac(src), L_MAC, src, V6_LOCAL, IPPROTO_TCP, &[0; 20])
         };
         for src in ["fe80::1", "::", "fd00:0:0:8::2", "ff02::1", "::1"] {
             assert_eq!(
@@ -1884,7 +2280,7 @@ mod tests {
             sw.from_peer(t, 7, &from("fd00:0:0:7::2")),
             PeerVerdict::Deliver
         );
-        // A router advertisement from a peer has a link-local source.
+        // A router advertisement from a peer is about its link only.
         let ra = ip6(
             mac(7),
             [0x33, 0x33, 0, 0, 0, 1],
@@ -1893,7 +2289,7 @@ mod tests {
             IPPROTO_ICMPV6,
             &icmp(134, 0, &[0; 12]),
         );
-        assert_eq!(sw.from_peer(t, 7, &ra), PeerVerdict::Drop(Spoofed));
+        assert_eq!(sw.from_peer(t, 7, &ra), PeerVerdict::Drop(LinkLocal));
     }
 
     #[test]
@@ -1948,7 +2344,8 @@ mod tests {
             sw.from_peer(t, 1, &udp4(shared, L_MAC, GW1, L)),
             PeerVerdict::Deliver
         );
-        let claim = udp4(shared, L_MAC, R2, L);
+        // Node 2's bridge claiming node 1's bridge MAC.
+        let claim = udp4(shared, L_MAC, GW2, L);
         assert_eq!(
             sw.from_peer(t + Duration::from_secs(299), 2, &claim),
             PeerVerdict::Drop(Spoofed)
@@ -1957,7 +2354,7 @@ mod tests {
             local(&mut sw, t, &udp4(L_MAC, shared, L, NOWHERE)),
             LocalVerdict::Unicast(1)
         );
-        let arp_claim = arp_frame(BROADCAST, ARP_REQUEST, (shared, R2), ([0; 6], L));
+        let arp_claim = arp_frame(BROADCAST, ARP_REQUEST, (shared, GW2), ([0; 6], L));
         assert_eq!(
             sw.from_peer(t + Duration::from_secs(299), 2, &arp_claim),
             PeerVerdict::Drop(Spoofed)
@@ -1969,56 +2366,54 @@ mod tests {
             local(&mut sw, later, &udp4(L_MAC, shared, L, NOWHERE)),
             LocalVerdict::Unicast(2)
         );
-        assert_eq!(
-            sw.stats(),
-            SwitchStats {
-                peers: 3,
-                learned_macs: 1,
-                learned_ips: 1
-            }
-        );
+        assert_eq!(counts(&sw), (3, 1, 1));
         sw.check_invariants();
     }
 
     #[test]
-    fn learning_is_bounded_per_peer_and_evicts_the_least_recently_heard() {
+    fn at_the_bound_new_macs_are_dropped_not_evicted() {
         let (mut sw, t) = (switch(), Instant::now());
         let at = |s: u64| t + Duration::from_secs(s);
-        assert_eq!(
-            sw.from_peer(t, 2, &udp4(mac(0x20), L_MAC, R2, L)),
-            PeerVerdict::Deliver
-        );
+        let pod = |i: u8| Ipv4Addr::new(10, 244, 5, 10 + i);
+        let from = |i: u8| udp4(pod_mac(pod(i)), L_MAC, pod(i), L);
         for i in 0..4 {
             assert_eq!(
-                sw.from_peer(at(u64::from(i)), 1, &udp4(mac(i), L_MAC, R1, L)),
+                sw.from_peer(at(u64::from(i)), 1, &from(i)),
                 PeerVerdict::Deliver
             );
         }
-        // mac(0) speaks again: mac(1) is now the least recently heard.
+        // A fifth pod MAC: dropped, and nobody was evicted for it.
         assert_eq!(
-            sw.from_peer(at(10), 1, &udp4(mac(0), L_MAC, R1, L)),
+            sw.from_peer(at(10), 1, &from(4)),
+            PeerVerdict::Drop(MacLimit)
+        );
+        for i in 0..4 {
+            assert_eq!(sw.from_peer(at(20), 1, &from(i)), PeerVerdict::Deliver);
+        }
+        // Its bridge still gets in, once.
+        let gw = udp4(GW1_MAC, L_MAC, GW1, L);
+        assert_eq!(sw.from_peer(at(20), 1, &gw), PeerVerdict::Deliver);
+        assert_eq!(sw.stats().learned_macs, 5);
+        // Another peer's quota is its own.
+        assert_eq!(
+            sw.from_peer(at(20), 2, &udp4(R2_MAC, L_MAC, R2, L)),
             PeerVerdict::Deliver
         );
-        for i in 4..6 {
-            assert_eq!(
-                sw.from_peer(at(20), 1, &udp4(mac(i), L_MAC, R1, L)),
-                PeerVerdict::Deliver
-            );
-        }
-        assert_eq!(sw.stats().learned_macs, 5);
         sw.check_invariants();
         let route = |sw: &mut Switch, m: Mac| local(sw, at(30), &udp4(L_MAC, m, L, NOWHERE));
-        for (m, expected) in [
-            (mac(0), LocalVerdict::Unicast(1)),
-            (mac(1), LocalVerdict::Flood),
-            (mac(2), LocalVerdict::Flood),
-            (mac(3), LocalVerdict::Unicast(1)),
-            (mac(4), LocalVerdict::Unicast(1)),
-            (mac(5), LocalVerdict::Unicast(1)),
-            (mac(0x20), LocalVerdict::Unicast(2)),
-        ] {
-            assert_eq!(route(&mut sw, m), expected, "{m:02x?}");
-        }
+        assert_eq!(route(&mut sw, GW1_MAC), LocalVerdict::Unicast(1));
+        assert_eq!(route(&mut sw, R2_MAC), LocalVerdict::Unicast(2));
+        // Scanning for room per frame would make a MAC flood cost CPU:
+        // expired entries make room when the housekeeping timer runs.
+        assert_eq!(
+            sw.from_peer(at(20) + TTL, 1, &from(4)),
+            PeerVerdict::Drop(MacLimit)
+        );
+        sw.expire(at(20) + TTL);
+        assert_eq!(
+            sw.from_peer(at(20) + TTL, 1, &from(4)),
+            PeerVerdict::Deliver
+        );
     }
 
     #[test]
@@ -2027,7 +2422,7 @@ mod tests {
         let gw_reply = arp_frame(L_MAC, ARP_REPLY, (GW1_MAC, GW1), (L_MAC, L));
         assert_eq!(sw.from_peer(t, 1, &gw_reply), PeerVerdict::Deliver);
         assert_eq!(
-            sw.from_peer(t + Duration::from_secs(100), 2, &udp4(mac(2), L_MAC, R2, L)),
+            sw.from_peer(t + Duration::from_secs(100), 2, &udp4(R2_MAC, L_MAC, R2, L)),
             PeerVerdict::Deliver
         );
         let to_gw = udp4(L_MAC, GW1_MAC, L, NOWHERE);
@@ -2040,14 +2435,7 @@ mod tests {
         sw.expire(t + TTL - Duration::from_secs(1));
         assert_eq!(sw.stats().learned_macs, 2);
         sw.expire(t + TTL);
-        assert_eq!(
-            sw.stats(),
-            SwitchStats {
-                peers: 3,
-                learned_macs: 1,
-                learned_ips: 0
-            }
-        );
+        assert_eq!(counts(&sw), (3, 1, 0));
         sw.check_invariants();
         sw.expire(t + TTL * 2);
         assert_eq!(sw.stats().learned_macs, 0);
@@ -2059,19 +2447,12 @@ mod tests {
         let gw_reply = arp_frame(L_MAC, ARP_REPLY, (GW1_MAC, GW1), (L_MAC, L));
         assert_eq!(sw.from_peer(t, 1, &gw_reply), PeerVerdict::Deliver);
         assert_eq!(
-            sw.from_peer(t, 2, &udp4(mac(2), L_MAC, R2, L)),
+            sw.from_peer(t, 2, &udp4(R2_MAC, L_MAC, R2, L)),
             PeerVerdict::Deliver
         );
         sw.remove_peer(1);
         sw.remove_peer(1);
-        assert_eq!(
-            sw.stats(),
-            SwitchStats {
-                peers: 2,
-                learned_macs: 1,
-                learned_ips: 0
-            }
-        );
+        assert_eq!(counts(&sw), (2, 1, 0));
         sw.check_invariants();
         assert_eq!(
             local(&mut sw, t, &udp4(L_MAC, GW1_MAC, L, NOWHERE)),
@@ -2095,6 +2476,7 @@ mod tests {
         let new_host = PeerAddrs {
             pod_subnet: net("10.244.5.0/24"),
             host_addr: Some("10.10.1.5".parse().unwrap()),
+            bridge_mac: None,
         };
         sw.set_peer(1, new_host);
         assert_eq!(sw.stats().learned_macs, 1, "same subnet: kept");
@@ -2119,6 +2501,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("10.244.8.1/24"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         assert_eq!(sw.stats().learned_macs, 0);
@@ -2138,6 +2521,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("10.244.5.128/25"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         sw.set_peer(
@@ -2145,6 +2529,7 @@ mod tests {
             PeerAddrs {
                 pod_subnet: net("10.244.6.0/24"),
                 host_addr: None,
+                bridge_mac: None,
             },
         );
         assert_eq!(
@@ -2232,8 +2617,26 @@ mod tests {
         );
         assert_eq!(
             sw.host_from_peer(7, &ipv6(V6_R7, V6_LOCAL, IPPROTO_TCP, &[])),
-            PeerVerdict::Deliver
+            PeerVerdict::Drop(Transit),
+            "not our subnet"
         );
+        // For this host, or its pods (the host forwards to them: a Service
+        // routed through the host overlay), and nowhere else.
+        let to = |dst: Ipv4Addr| ipv4(HOST1, dst, IPPROTO_TCP, true, &[0; 20]);
+        assert_eq!(sw.host_from_peer(1, &to(L)), PeerVerdict::Deliver);
+        assert_eq!(sw.host_from_peer(1, &to(L_OTHER)), PeerVerdict::Deliver);
+        for dst in [
+            NOWHERE,
+            R2,
+            "10.10.0.6".parse().unwrap(),
+            "192.168.1.1".parse().unwrap(),
+        ] {
+            assert_eq!(
+                sw.host_from_peer(1, &to(dst)),
+                PeerVerdict::Drop(Transit),
+                "{dst}"
+            );
+        }
         assert_eq!(
             sw.host_from_peer(1, &[0x60; 39]),
             PeerVerdict::Drop(Malformed)
@@ -2244,8 +2647,9 @@ mod tests {
     fn the_data_path_does_not_allocate() {
         let mut sw = switch();
         let t = Instant::now();
+        let pod = |i: u8| Ipv4Addr::new(10, 244, 5, 100 + i);
         let frames_in: Vec<(PeerId, Vec<u8>)> = (0..64u8)
-            .map(|i| (1, udp4(mac(i), L_MAC, R1, L)))
+            .map(|i| (1, udp4(pod_mac(pod(i)), L_MAC, pod(i), L)))
             .chain([
                 (1, arp_frame(L_MAC, ARP_REPLY, (GW1_MAC, GW1), (L_MAC, L))),
                 (2, udp4(R2_MAC, L_MAC, R2, L)),
@@ -2253,10 +2657,14 @@ mod tests {
             .chain([
                 (
                     7,
-                    ip6(mac(7), L_MAC, V6_R7, V6_LOCAL, IPPROTO_TCP, &[0; 20]),
+                    ip6(v6_mac(V6_R7), L_MAC, V6_R7, V6_LOCAL, IPPROTO_TCP, &[0; 20]),
                 ),
                 (2, udp4(R1_MAC, L_MAC, R1, L)),
+                (1, udp4(L_BRIDGE, L_MAC, R1, L)),
+                (1, udp4(GW1_MAC, BROADCAST, GW1, Ipv4Addr::BROADCAST)),
+                (1, udp4(R1_MAC, L_MAC, R1, NOWHERE)),
             ])
+            .chain((0..64u8).map(|i| (1, udp4(pod_mac(pod(i)), L_MAC, pod(i), L))))
             .collect();
         let frames_out = [
             who_has(R1),
@@ -2266,6 +2674,7 @@ mod tests {
             tcp4(true, 1500),
             ip6(L_MAC, mac(7), V6_LOCAL, V6_R7, IPPROTO_TCP, &[0; 1400]),
             solicit(V6_LOCAL, V6_R7),
+            udp4(mac(0x44), BROADCAST, L, Ipv4Addr::BROADCAST),
         ];
         let mut out = [0u8; 1600];
         let before = allocations();
@@ -2283,8 +2692,9 @@ mod tests {
         sw.check_invariants();
     }
 
-    /// Eviction churn at full tables leaves tombstones in the hash tables;
-    /// the reservation must absorb their clean-up without reallocating.
+    /// Churn at full tables (entries expiring, new ones taking their place)
+    /// leaves tombstones in the hash tables; the reservation must absorb
+    /// their clean-up without reallocating.
     #[test]
     fn learning_churn_at_the_bound_does_not_allocate() {
         let mut sw = Switch::new(SwitchConfig {
@@ -2298,26 +2708,37 @@ mod tests {
                 PeerAddrs {
                     pod_subnet: subnet,
                     host_addr: None,
+                    bridge_mac: None,
                 },
             );
         }
         let frames: Vec<(PeerId, Vec<u8>)> = (0..3000u16)
             .map(|i| {
-                let [hi, lo] = i.to_be_bytes();
-                let peer = PeerId::from(1 + lo % 3);
-                let src = Ipv4Addr::new(10, 244, 4 + peer as u8, lo);
-                let sender = ([0x7a, 0x1c, 0, peer as u8, hi, lo], src);
+                let peer = PeerId::from(1 + i % 3);
+                let src = Ipv4Addr::new(10, 244, 4 + peer as u8, 2 + (i % 250) as u8);
+                let sender = (pod_mac(src), src);
                 (peer, arp_frame(BROADCAST, ARP_REQUEST, sender, ([0; 6], L)))
             })
             .collect();
+        let local_frames: Vec<Vec<u8>> = (0..3000u16)
+            .map(|i| {
+                let [hi, lo] = i.to_be_bytes();
+                udp4([0x06, 0, 0, 0, hi, lo], BROADCAST, L, Ipv4Addr::BROADCAST)
+            })
+            .collect();
         let t = Instant::now();
+        let mut out = [0u8; 1600];
         let before = allocations();
-        for (i, (peer, frame)) in frames.iter().enumerate() {
-            let now = t + Duration::from_millis(i as u64);
-            assert_eq!(sw.from_peer(now, *peer, frame), PeerVerdict::Deliver);
+        for round in 0..4u64 {
+            let start = t + TTL * round as u32;
+            for (i, (peer, frame)) in frames.iter().enumerate() {
+                let now = start + Duration::from_millis(i as u64);
+                let _ = sw.from_peer(now, *peer, frame);
+                let _ = sw.from_local(now, &local_frames[i], false, &mut out);
+            }
+            sw.expire(start + TTL);
         }
         assert_eq!(allocations() - before, 0);
-        assert_eq!(sw.stats().learned_macs, 600);
         sw.check_invariants();
     }
 
@@ -2328,6 +2749,8 @@ mod tests {
             Just(R1_MAC),
             Just(R2_MAC),
             Just(GW1_MAC),
+            Just(L_BRIDGE),
+            Just(v6_mac(V6_R7)),
             Just([0x33, 0x33, 0xff, 0, 0, 2]),
             Just([0x01, 0x80, 0xc2, 0, 0, 0]),
             (0u8..8).prop_map(mac),
@@ -2353,6 +2776,24 @@ mod tests {
             ),
             solicit(V6_LOCAL, V6_R7),
             ip6(mac(7), L_MAC, V6_R7, V6_LOCAL, IPPROTO_TCP, &[0; 1400]),
+            nd(
+                ICMPV6_NEIGHBOR_ADVERT,
+                v6_mac(V6_R7),
+                L_MAC,
+                V6_R7,
+                V6_LOCAL,
+                V6_R7,
+                Some((2, v6_mac(V6_R7))),
+            ),
+            nd(
+                ICMPV6_NEIGHBOR_SOLICIT,
+                v6_mac(V6_R7),
+                [0x33, 0x33, 0xff, 0, 0, 2],
+                V6_R7,
+                "ff02::1:ff00:2".parse().unwrap(),
+                V6_LOCAL,
+                Some((1, v6_mac(V6_R7))),
+            ),
         ]
     }
 
@@ -2460,6 +2901,7 @@ mod tests {
                     Op::SetPeer(peer, third) => sw.set_peer(peer, PeerAddrs {
                         pod_subnet: IpNet::new(Ipv4Addr::new(10, 244, third, 0).into(), 24).unwrap(),
                         host_addr: None,
+                        bridge_mac: None,
                     }),
                     Op::RemovePeer(peer) => sw.remove_peer(peer),
                 }
@@ -2467,6 +2909,522 @@ mod tests {
                 let stats = sw.stats();
                 prop_assert!(stats.learned_macs <= stats.peers * cfg().max_macs_per_peer);
                 prop_assert!(stats.learned_ips <= stats.learned_macs);
+            }
+        }
+    }
+
+    /// A neighbour solicitation or advertisement with one link-layer
+    /// option `(type, address)`, checksum left zero (nothing checks it).
+    fn nd(
+        ty: u8,
+        src_mac: Mac,
+        dst_mac: Mac,
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        target: Ipv6Addr,
+        option: Option<(u8, Mac)>,
+    ) -> Vec<u8> {
+        let mut body = vec![
+            if ty == ICMPV6_NEIGHBOR_ADVERT {
+                0x20
+            } else {
+                0
+            },
+            0,
+            0,
+            0,
+        ];
+        body.extend_from_slice(&target.octets());
+        if let Some((kind, m)) = option {
+            body.extend_from_slice(&[kind, 1]);
+            body.extend_from_slice(&m);
+        }
+        ip6(
+            src_mac,
+            dst_mac,
+            src,
+            dst,
+            IPPROTO_ICMPV6,
+            &icmp(ty, 0, &body),
+        )
+    }
+
+    /// Node 0 of `fd00:10::/48` is us; node 1 a peer.
+    fn switch6() -> (Switch, Ipv6Addr, Ipv6Addr, Ipv6Addr, Ipv6Addr) {
+        let mut sw = Switch::new(SwitchConfig {
+            local_subnet: net("fd00:10::/64"),
+            ..cfg()
+        });
+        sw.set_peer(
+            1,
+            PeerAddrs {
+                pod_subnet: net("fd00:10:0:1::/64"),
+                host_addr: Some(HOST1.into()),
+                bridge_mac: None,
+            },
+        );
+        let ours: Ipv6Addr = "fd00:10::2".parse().unwrap();
+        let our_gw: Ipv6Addr = "fd00:10::1".parse().unwrap();
+        let theirs: Ipv6Addr = "fd00:10:0:1::3".parse().unwrap();
+        let their_gw: Ipv6Addr = "fd00:10:0:1::1".parse().unwrap();
+        (sw, ours, our_gw, theirs, their_gw)
+    }
+
+    #[test]
+    fn a_peer_never_sources_our_bridge_or_a_local_mac() {
+        let (mut sw, t) = (switch(), Instant::now());
+        // What a pod of node 1 does after ARPing for our gateway: frames
+        // from our bridge's MAC, with its own (valid) address.
+        let takeover = udp4(L_BRIDGE, L_MAC, R1, L);
+        assert_eq!(sw.from_peer(t, 1, &takeover), PeerVerdict::Drop(Spoofed));
+        let as_gateway = arp_frame(BROADCAST, ARP_REQUEST, (L_BRIDGE, GW1), ([0; 6], L));
+        assert_eq!(sw.from_peer(t, 1, &as_gateway), PeerVerdict::Drop(Spoofed));
+        // Any MAC seen on the local side, even one not of the derived form
+        // and even from a frame the switch then dropped.
+        let odd = mac(0x66);
+        let _ = local(
+            &mut sw,
+            t,
+            &udp4_ports(odd, BROADCAST, L, Ipv4Addr::BROADCAST, 68, 67),
+        );
+        assert_eq!(sw.stats().local_macs, 1);
+        assert_eq!(
+            sw.from_peer(t, 1, &udp4(odd, L_MAC, GW1, L)),
+            PeerVerdict::Drop(Spoofed),
+            "a local MAC as the peer's bridge"
+        );
+        // A MAC a peer taught before it showed up here is the local one's.
+        let moved = mac(0x67);
+        assert_eq!(
+            sw.from_peer(t, 2, &udp4(moved, L_MAC, GW2, L)),
+            PeerVerdict::Deliver
+        );
+        assert_eq!(
+            local(&mut sw, t, &udp4(moved, R1_MAC, L, R1)),
+            LocalVerdict::Unicast(1)
+        );
+        assert_eq!(
+            sw.from_peer(t, 2, &udp4(moved, L_MAC, GW2, L)),
+            PeerVerdict::Drop(Spoofed)
+        );
+        sw.check_invariants();
+        // Local MACs expire like learned ones.
+        sw.expire(t + TTL);
+        assert_eq!(sw.stats().local_macs, 0);
+    }
+
+    #[test]
+    fn a_peer_may_source_one_other_mac_its_bridge_pinned_when_it_speaks_for_itself() {
+        let (mut sw, t) = (switch(), Instant::now());
+        // A pod with a MAC of its own making.
+        assert_eq!(
+            sw.from_peer(t, 1, &udp4(mac(1), L_MAC, R1, L)),
+            PeerVerdict::Drop(Spoofed)
+        );
+        // The bridge pins itself: its ARP for the gateway, or its host
+        // speaking (a Service's reply from the peer's host address).
+        assert_eq!(
+            sw.from_peer(t, 1, &udp4(GW1_MAC, L_MAC, HOST1, L)),
+            PeerVerdict::Deliver
+        );
+        // Pinned: it may route for the subnet's addresses now ...
+        assert_eq!(
+            sw.from_peer(t, 1, &udp4(GW1_MAC, L_MAC, R1, L)),
+            PeerVerdict::Deliver
+        );
+        // ... and no second MAC speaks for the gateway.
+        let second = arp_frame(BROADCAST, ARP_REQUEST, (mac(2), GW1), ([0; 6], L));
+        assert_eq!(sw.from_peer(t, 1, &second), PeerVerdict::Drop(Spoofed));
+        assert_eq!(
+            sw.from_peer(t, 1, &udp4(mac(2), L_MAC, HOST1, L)),
+            PeerVerdict::Drop(Spoofed)
+        );
+        // The pin lives while the bridge is heard; after that a recreated
+        // bridge can pin itself again.
+        let later = t + TTL;
+        assert_eq!(sw.from_peer(later, 1, &second), PeerVerdict::Deliver);
+        assert_eq!(
+            sw.from_peer(later, 1, &udp4(GW1_MAC, L_MAC, GW1, L)),
+            PeerVerdict::Drop(Spoofed)
+        );
+        sw.check_invariants();
+    }
+
+    #[test]
+    fn a_peers_bridge_named_by_its_record_may_route_for_its_pods_at_once() {
+        let (mut sw, t) = (switch(), Instant::now());
+        // What a Service's DNAT on node 1 sends us: its bridge's MAC, a pod
+        // of its as the source. An older agent's record names no bridge:
+        // its bridge has not spoken for itself yet, so this is refused ...
+        let routed = udp4(GW1_MAC, L_MAC, R1, L);
+        assert_eq!(sw.from_peer(t, 1, &routed), PeerVerdict::Drop(Spoofed));
+        // ... and accepted at once when the record says whose MAC it is.
+        let with_bridge = PeerAddrs {
+            pod_subnet: net("10.244.5.0/24"),
+            host_addr: Some(HOST1.into()),
+            bridge_mac: Some(GW1_MAC),
+        };
+        sw.set_peer(1, with_bridge);
+        assert_eq!(sw.from_peer(t, 1, &routed), PeerVerdict::Deliver);
+        // The record's word is the only other MAC: nothing pins another,
+        // speaking for the gateway or not.
+        let impostor = arp_frame(BROADCAST, ARP_REQUEST, (mac(3), GW1), ([0; 6], L));
+        assert_eq!(sw.from_peer(t, 1, &impostor), PeerVerdict::Drop(Spoofed));
+        // A record naming our bridge, or another peer's live MAC, gets
+        // nowhere with it.
+        let liar = udp4(L_BRIDGE, L_MAC, GW2, L);
+        sw.set_peer(
+            2,
+            PeerAddrs {
+                pod_subnet: net("10.244.6.0/24"),
+                host_addr: None,
+                bridge_mac: Some(L_BRIDGE),
+            },
+        );
+        assert_eq!(sw.from_peer(t, 2, &liar), PeerVerdict::Drop(Spoofed));
+        sw.set_peer(
+            2,
+            PeerAddrs {
+                pod_subnet: net("10.244.6.0/24"),
+                host_addr: None,
+                bridge_mac: Some(GW1_MAC),
+            },
+        );
+        assert_eq!(
+            sw.from_peer(t, 2, &udp4(GW1_MAC, L_MAC, GW2, L)),
+            PeerVerdict::Drop(Spoofed),
+            "node 1's bridge MAC is alive at node 1"
+        );
+        sw.check_invariants();
+    }
+
+    #[test]
+    fn neighbour_advertisements_speak_only_for_the_senders_own_addresses() {
+        let (mut sw, ours, our_gw, theirs, their_gw) = switch6();
+        let t = Instant::now();
+        let pod = v6_mac(theirs);
+        let na = |target: Ipv6Addr, option: Option<(u8, Mac)>| {
+            nd(
+                ICMPV6_NEIGHBOR_ADVERT,
+                pod,
+                v6_mac(ours),
+                theirs,
+                ours,
+                target,
+                option,
+            )
+        };
+        // The attack: our gateway is at the attacker's MAC.
+        assert_eq!(
+            sw.from_peer(t, 1, &na(our_gw, Some((2, pod)))),
+            PeerVerdict::Drop(Spoofed)
+        );
+        assert_eq!(
+            sw.from_peer(t, 1, &na(ours, Some((2, pod)))),
+            PeerVerdict::Drop(Spoofed)
+        );
+        let elsewhere: Ipv6Addr = "fd00:10:0:2::5".parse().unwrap();
+        assert_eq!(
+            sw.from_peer(t, 1, &na(elsewhere, Some((2, pod)))),
+            PeerVerdict::Drop(Spoofed)
+        );
+        // Its own address, at another MAC (a neighbour of its own node).
+        assert_eq!(
+            sw.from_peer(t, 1, &na(theirs, Some((2, v6_mac(their_gw))))),
+            PeerVerdict::Drop(Spoofed)
+        );
+        assert_eq!(
+            sw.from_peer(t, 1, &na(theirs, Some((2, pod)))),
+            PeerVerdict::Deliver
+        );
+        assert_eq!(sw.from_peer(t, 1, &na(theirs, None)), PeerVerdict::Deliver);
+        // Behind a hop-by-hop header it is still looked at.
+        let mut hidden = na(our_gw, Some((2, pod)));
+        let at = ETH_HLEN + 40;
+        hidden[ETH_HLEN + 6] = 0;
+        hidden.splice(at..at, [IPPROTO_ICMPV6, 0, 1, 4, 0, 0, 0, 0]);
+        let len = u16::from_be_bytes([hidden[ETH_HLEN + 4], hidden[ETH_HLEN + 5]]) + 8;
+        hidden[ETH_HLEN + 4..ETH_HLEN + 6].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(sw.from_peer(t, 1, &hidden), PeerVerdict::Drop(Spoofed));
+        // Solicitations: the source link-layer option is the sender's, and
+        // the target ours.
+        let group: Ipv6Addr = "ff02::1:ff00:2".parse().unwrap();
+        let group_mac = [0x33, 0x33, 0xff, 0, 0, 2];
+        let ns = |target: Ipv6Addr, ll: Mac| {
+            nd(
+                ICMPV6_NEIGHBOR_SOLICIT,
+                pod,
+                group_mac,
+                theirs,
+                group,
+                target,
+                Some((1, ll)),
+            )
+        };
+        assert_eq!(
+            sw.from_peer(t, 1, &ns(ours, v6_mac(their_gw))),
+            PeerVerdict::Drop(Spoofed)
+        );
+        assert_eq!(
+            sw.from_peer(t, 1, &ns(elsewhere, pod)),
+            PeerVerdict::Drop(Transit)
+        );
+        assert_eq!(sw.from_peer(t, 1, &ns(ours, pod)), PeerVerdict::Deliver);
+        // Two link-layer options, or one of length 0: invalid.
+        let mut twice = na(theirs, Some((2, pod)));
+        twice.extend_from_slice(&[2, 1, 1, 2, 3, 4, 5, 6]);
+        let len = u16::from_be_bytes([twice[ETH_HLEN + 4], twice[ETH_HLEN + 5]]) + 8;
+        twice[ETH_HLEN + 4..ETH_HLEN + 6].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(sw.from_peer(t, 1, &twice), PeerVerdict::Drop(Malformed));
+        // Router discovery and redirects never cross, whatever the source.
+        for ty in [ICMPV6_ROUTER_SOLICIT, ICMPV6_ROUTER_ADVERT, ICMPV6_REDIRECT] {
+            let m = ip6(
+                pod,
+                v6_mac(ours),
+                theirs,
+                ours,
+                IPPROTO_ICMPV6,
+                &icmp(ty, 0, &[0; 40]),
+            );
+            assert_eq!(
+                sw.from_peer(t, 1, &m),
+                PeerVerdict::Drop(LinkLocal),
+                "type {ty}"
+            );
+        }
+        // The peer's bridge advertises its gateway: that pins it.
+        let bridge = mac(0x77);
+        let gw_na = nd(
+            ICMPV6_NEIGHBOR_ADVERT,
+            bridge,
+            v6_mac(ours),
+            their_gw,
+            ours,
+            their_gw,
+            Some((2, bridge)),
+        );
+        assert_eq!(sw.from_peer(t, 1, &gw_na), PeerVerdict::Deliver);
+        sw.check_invariants();
+    }
+
+    #[test]
+    fn frames_from_peers_must_be_for_this_node() {
+        let (mut sw, t) = (switch(), Instant::now());
+        // The attack: our gateway's MAC, any destination address: this node
+        // would route it into its LAN or the internet.
+        for dst in [NOWHERE, R2, HOST_LOCAL, "192.168.1.1".parse().unwrap()] {
+            assert_eq!(
+                sw.from_peer(t, 1, &udp4(R1_MAC, L_BRIDGE, R1, dst)),
+                PeerVerdict::Drop(Transit),
+                "{dst}"
+            );
+        }
+        assert_eq!(
+            sw.from_peer(t, 1, &udp4(R1_MAC, L_BRIDGE, R1, L)),
+            PeerVerdict::Deliver
+        );
+        assert_eq!(
+            sw.from_peer(
+                t,
+                1,
+                &udp4(R1_MAC, L_BRIDGE, R1, Ipv4Addr::new(10, 244, 3, 1))
+            ),
+            PeerVerdict::Deliver,
+            "our gateway"
+        );
+        // Groups are nobody's to route on.
+        for (dst_mac, dst) in [
+            (BROADCAST, Ipv4Addr::BROADCAST),
+            (BROADCAST, Ipv4Addr::new(10, 244, 255, 255)),
+            ([0x01, 0, 0x5e, 0, 0, 0xfb], Ipv4Addr::new(224, 0, 0, 251)),
+            (L_MAC, Ipv4Addr::new(224, 0, 0, 251)),
+        ] {
+            assert_eq!(
+                sw.from_peer(t, 1, &udp4(R1_MAC, dst_mac, R1, dst)),
+                PeerVerdict::Deliver,
+                "{dst}"
+            );
+        }
+        // ARP for someone else's address.
+        let arp = |target| arp_frame(BROADCAST, ARP_REQUEST, (R1_MAC, R1), ([0; 6], target));
+        let t = t + Duration::from_secs(1);
+        assert_eq!(sw.from_peer(t, 1, &arp(R2)), PeerVerdict::Drop(Transit));
+        assert_eq!(sw.from_peer(t, 1, &arp(L)), PeerVerdict::Deliver);
+        // IPv6: ours, link-local (an answer to our link-local source) and
+        // multicast only.
+        let (mut sw6, ours, _, theirs, _) = switch6();
+        let to = |dst: &str| {
+            ip6(
+                v6_mac(theirs),
+                L_BRIDGE,
+                theirs,
+                dst.parse().unwrap(),
+                IPPROTO_UDP,
+                &udp(1, 2, &[0; 8]),
+            )
+        };
+        for dst in ["2001:db8::1", "fd00:10:0:2::2", "fd00:10:0:1::9"] {
+            assert_eq!(
+                sw6.from_peer(t, 1, &to(dst)),
+                PeerVerdict::Drop(Transit),
+                "{dst}"
+            );
+        }
+        for dst in ["fd00:10::2", "fe80::1", "ff02::1"] {
+            assert_eq!(sw6.from_peer(t, 1, &to(dst)), PeerVerdict::Deliver, "{dst}");
+        }
+        let _ = ours;
+    }
+
+    #[test]
+    fn frames_from_peers_over_the_mtu_are_dropped() {
+        let (mut sw, t) = (switch(), Instant::now());
+        let fits = eth(
+            L_MAC,
+            R1_MAC,
+            ETHERTYPE_IPV4,
+            &ipv4(R1, L, IPPROTO_TCP, true, &[0; 1360]),
+        );
+        assert_eq!(sw.from_peer(t, 1, &fits), PeerVerdict::Deliver);
+        let over = eth(
+            L_MAC,
+            R1_MAC,
+            ETHERTYPE_IPV4,
+            &ipv4(R1, L, IPPROTO_TCP, true, &[0; 1361]),
+        );
+        assert_eq!(sw.from_peer(t, 1, &over), PeerVerdict::Drop(TooBig));
+        let mut padded = fits.clone();
+        padded.push(0);
+        assert_eq!(
+            sw.from_peer(t, 1, &padded),
+            PeerVerdict::Drop(TooBig),
+            "padding counts"
+        );
+    }
+
+    #[test]
+    fn peer_broadcasts_are_rate_limited_on_receipt() {
+        let (mut sw, t) = (switch(), Instant::now());
+        let b = udp4(R1_MAC, BROADCAST, R1, Ipv4Addr::BROADCAST);
+        for _ in 0..3 {
+            assert_eq!(sw.from_peer(t, 1, &b), PeerVerdict::Deliver);
+        }
+        assert_eq!(sw.from_peer(t, 1, &b), PeerVerdict::Drop(RateLimited));
+        // Unicast is not limited, nor another peer's broadcasts.
+        assert_eq!(
+            sw.from_peer(t, 1, &udp4(R1_MAC, L_MAC, R1, L)),
+            PeerVerdict::Deliver
+        );
+        let b2 = udp4(R2_MAC, BROADCAST, R2, Ipv4Addr::BROADCAST);
+        assert_eq!(sw.from_peer(t, 2, &b2), PeerVerdict::Deliver);
+        assert_eq!(
+            sw.from_peer(t + Duration::from_millis(100), 1, &b),
+            PeerVerdict::Deliver
+        );
+    }
+
+    /// A peer's frame for the property test: its source MAC and addresses
+    /// picked from pools that mix the legitimate with everything it must
+    /// not claim.
+    fn peer_frame() -> impl Strategy<Value = (PeerId, Vec<u8>)> {
+        let peer = prop_oneof![Just(1u32), Just(2)];
+        let ip = prop_oneof![
+            Just(R1),
+            Just(GW1),
+            Just(HOST1),
+            Just(R2),
+            Just(GW2),
+            Just(L),
+            Just(Ipv4Addr::new(10, 244, 3, 1)),
+            Just(NOWHERE),
+            Just("10.10.0.6".parse().unwrap()),
+            (0u8..=255).prop_map(|h| Ipv4Addr::new(10, 244, 5, h)),
+        ];
+        let mac = prop_oneof![
+            Just(L_MAC),
+            Just(L_BRIDGE),
+            Just(R1_MAC),
+            Just(R2_MAC),
+            Just(GW1_MAC),
+            Just(mac(0x42)),
+            Just(pod_mac(L_OTHER)),
+            Just(mac(0x66)),
+            ip.clone().prop_map(pod_mac),
+        ];
+        (peer, mac, ip.clone(), ip, 0u8..3).prop_map(|(p, m, src, dst, kind)| {
+            let f = match kind {
+                0 => udp4(m, L_MAC, src, dst),
+                1 => arp_frame(BROADCAST, ARP_REQUEST, (m, src), ([0; 6], dst)),
+                _ => arp_frame(L_MAC, ARP_REPLY, (m, src), (L_MAC, dst)),
+            };
+            (p, f)
+        })
+    }
+
+    fn owns(sw: &Switch, peer: PeerId, ip: Ipv4Addr) -> bool {
+        let p = &sw.peers[&peer];
+        let ip = IpAddr::V4(ip);
+        (p.addrs.pod_subnet.contains(&ip) && !sw.is_local(ip)) || p.addrs.host_addr == Some(ip)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever a peer sends, interleaved with the local side's frames:
+        /// what is delivered never carries a local MAC, a MAC alive at
+        /// another peer or an address that is not the sender's, is for this
+        /// node, and each peer keeps at most one MAC not of its pods.
+        #[test]
+        fn no_peer_sources_a_local_mac_or_another_peers_addresses(
+            ops in proptest::collection::vec((peer_frame(), any::<bool>(), 0u64..20_000), 1..60)
+        ) {
+            let mut sw = switch();
+            let mut now = Instant::now();
+            let teach = [mac(0x66), L_MAC];
+            for (i, ((peer, frame), also_local, step_ms)) in ops.into_iter().enumerate() {
+                now += Duration::from_millis(step_ms);
+                if also_local {
+                    let m = teach[i % 2];
+                    let _ = local(&mut sw, now, &udp4(m, BROADCAST, L, Ipv4Addr::BROADCAST));
+                }
+                let owner_before = sw.mac_owner(now, &frame[6..12].try_into().unwrap());
+                if sw.from_peer(now, peer, &frame) != PeerVerdict::Deliver {
+                    continue;
+                }
+                let e = Ethernet::parse(&frame).unwrap();
+                prop_assert!(!sw.local.contains_key(&e.src) && e.src != L_BRIDGE);
+                prop_assert!(owner_before.is_none_or(|o| o == peer), "taken from {owner_before:?}");
+                prop_assert_eq!(sw.mac_owner(now, &e.src), Some(peer));
+                let (src, dst) = match L3::parse(&e).unwrap() {
+                    L3::Arp(a) => (a.sender_ip, a.target_ip),
+                    L3::Ip(Ip::V4(ip)) => (ip.src, ip.dst),
+                    L3::Ip(Ip::V6(_)) => unreachable!(),
+                };
+                prop_assert!(owns(&sw, peer, src), "{src} is not node {peer}'s");
+                prop_assert!(sw.is_local(dst.into()), "{dst} is not here");
+                let p = &sw.peers[&peer];
+                let foreign = p.learned.iter().filter(|l| pod_mac_ipv4(&l.mac).is_none()).count();
+                prop_assert!(foreign <= 1, "{foreign} non-derived MACs");
+                sw.check_invariants();
+            }
+        }
+
+        /// Neighbour advertisements from a peer that get through name one of
+        /// its own addresses, at the MAC that sent them.
+        #[test]
+        fn delivered_advertisements_are_the_senders_own(
+            host in 0u16..8, node in 0u16..3, ll in prop_oneof![Just(None), (0u8..4).prop_map(Some)], src_host in 1u16..8
+        ) {
+            let (mut sw, ours, _, _, _) = switch6();
+            let target = Ipv6Addr::new(0xfd00, 0x10, 0, node, 0, 0, 0, host);
+            let src = Ipv6Addr::new(0xfd00, 0x10, 0, 1, 0, 0, 0, src_host);
+            let macs = [v6_mac(src), v6_mac(target), L_BRIDGE, mac(9)];
+            let sender = v6_mac(src);
+            let option = ll.map(|i| (2, macs[usize::from(i)]));
+            let f = nd(ICMPV6_NEIGHBOR_ADVERT, sender, v6_mac(ours), src, ours, target, option);
+            if sw.from_peer(Instant::now(), 1, &f) == PeerVerdict::Deliver {
+                prop_assert_eq!(node, 1);
+                prop_assert!(option.is_none_or(|(_, m)| m == sender));
             }
         }
     }

@@ -27,7 +27,14 @@ pub const ARP_REQUEST: u16 = 1;
 pub const ARP_REPLY: u16 = 2;
 /// Length of an Ethernet/IPv4 ARP packet.
 pub const ARP_LEN: usize = 28;
+pub const ICMPV6_ROUTER_SOLICIT: u8 = 133;
+pub const ICMPV6_ROUTER_ADVERT: u8 = 134;
 pub const ICMPV6_NEIGHBOR_SOLICIT: u8 = 135;
+pub const ICMPV6_NEIGHBOR_ADVERT: u8 = 136;
+pub const ICMPV6_REDIRECT: u8 = 137;
+/// Neighbour discovery options (RFC 4861 4.6.1).
+pub const ND_SOURCE_LLADDR: u8 = 1;
+pub const ND_TARGET_LLADDR: u8 = 2;
 
 pub const BROADCAST: Mac = [0xff; 6];
 
@@ -62,6 +69,41 @@ pub fn is_link_local_group(mac: &Mac) -> bool {
 pub const fn pod_mac(ip: Ipv4Addr) -> Mac {
     let [a, b, c, d] = ip.octets();
     [0x0a, 0x58, a, b, c, d]
+}
+
+/// The MAC the CNI plugin gives a pod whose address is IPv6
+/// (`naming::pod_mac` in crates/plugin): `0a` and 40 bits of BLAKE2s over
+/// the whole address. The low 32 bits alone repeat on every node (each
+/// node's range starts at `::2`); a hash of all 128 collides only by chance,
+/// about once in 2^20 pods (birthday bound). Never of the `0a:58` IPv4 form.
+pub fn pod_mac_v6(ip: Ipv6Addr) -> Mac {
+    use blake2::{Blake2s256, Digest};
+    let h = Blake2s256::new()
+        .chain_update(b"evio pod mac v6 ")
+        .chain_update(ip.octets())
+        .finalize();
+    let first = if h[0] == 0x58 { 0xd8 } else { h[0] };
+    [0x0a, first, h[1], h[2], h[3], h[4]]
+}
+
+/// `aa:bb:cc:dd:ee:ff`, as `ip link` prints a MAC.
+pub fn fmt_mac(m: &Mac) -> String {
+    let [a, b, c, d, e, f] = *m;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+/// The MAC [`fmt_mac`] printed (either case).
+pub fn parse_mac(s: &str) -> Option<Mac> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 /// The address encoded in a pod MAC of the derived form, if it is one.
@@ -199,6 +241,24 @@ impl<'a> Ipv6<'a> {
     pub fn payload_len(&self) -> usize {
         self.payload.len()
     }
+
+    /// The upper-layer protocol and its bytes, past hop-by-hop, routing and
+    /// destination options headers (at most eight of them). A fragment
+    /// header ends the walk: what it carries is opaque (and RFC 6980 has
+    /// hosts ignore neighbour discovery in fragments). `None` for a chain
+    /// that is truncated or too long.
+    pub fn upper_layer(&self) -> Option<(u8, &'a [u8])> {
+        let (mut next, mut rest) = (self.next_header, self.payload);
+        for _ in 0..8 {
+            if !matches!(next, 0 | 43 | 60) {
+                return Some((next, rest));
+            }
+            let len = (usize::from(*rest.get(1)?) + 1) * 8;
+            next = *rest.first()?;
+            rest = rest.get(len..)?;
+        }
+        None
+    }
 }
 
 /// An IP packet of either family, for callers that dispatch on the version
@@ -305,6 +365,37 @@ impl<'a> Icmp<'a> {
             return None;
         }
         array::<16>(self.body, 4).map(Ipv6Addr::from)
+    }
+
+    /// A neighbour solicitation or advertisement: its target and the
+    /// link-layer address option of the given type, if present. `None` for
+    /// any other message, a code other than 0, a truncated target or an
+    /// option of length 0 (RFC 4861 7.1.1 and 7.1.2: such messages are
+    /// invalid). A link-layer option that is not 6 bytes of address (8 in
+    /// all) is refused too: Ethernet is the only link here.
+    pub fn nd(&self, option: u8) -> Option<(Ipv6Addr, Option<Mac>)> {
+        if !matches!(self.ty, ICMPV6_NEIGHBOR_SOLICIT | ICMPV6_NEIGHBOR_ADVERT) || self.code != 0 {
+            return None;
+        }
+        let target = Ipv6Addr::from(array::<16>(self.body, 4)?);
+        let mut opts = self.body.get(20..)?;
+        let mut lladdr = None;
+        while !opts.is_empty() {
+            let ty = *opts.first()?;
+            let len = usize::from(*opts.get(1)?) * 8;
+            if len == 0 {
+                return None;
+            }
+            let (this, rest) = opts.split_at_checked(len)?;
+            if ty == option {
+                if len != 8 || lladdr.is_some() {
+                    return None;
+                }
+                lladdr = Some(array::<6>(this, 2)?);
+            }
+            opts = rest;
+        }
+        Some((target, lladdr))
     }
 }
 
@@ -770,6 +861,18 @@ mod tests {
         assert_eq!(pod_mac_ipv4(&A), Some(v4("10.244.3.2")));
         assert_eq!(pod_mac_ipv4(&[0x0a, 0x59, 1, 2, 3, 4]), None);
         assert_eq!(pod_mac_ipv4(&BROADCAST), None);
+
+        assert_eq!(fmt_mac(&A), "0a:58:0a:f4:03:02");
+        assert_eq!(parse_mac("0a:58:0A:f4:03:02"), Some(A));
+        for bad in [
+            "",
+            "0a:58:0a:f4:03",
+            "0a:58:0a:f4:03:02:01",
+            "0a:58:0a:f4:03:2",
+            "zz:58:0a:f4:03:02",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
     }
 
     #[test]

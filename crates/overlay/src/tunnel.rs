@@ -11,11 +11,17 @@ use rand::Rng;
 use snow::resolvers::DefaultResolver;
 use snow::{HandshakeState, StatelessTransportState};
 
+use zeroize::Zeroize;
+
 use crate::crypto::{self, Key, SeededResolver, StaticKeys, MAC_LEN};
+use crate::path::PathAddr;
 use crate::replay::ReplayWindow;
 use crate::wire::{self, INITIATION, RESPONSE, TRANSPORT};
 
 pub const NOISE_PATTERN: &str = "Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
+
+/// Cookies kept per tunnel, one per path (handshakes go to at most eight).
+const MAX_COOKIES: usize = 8;
 
 /// WireGuard's timers and limits (its paper, section 6), as fields so tests
 /// can shrink them.
@@ -91,7 +97,8 @@ impl Reject {
 
 /// What every tunnel of this node shares: the static key, the network key
 /// (the Noise PSK, zero when unset, as WireGuard's default) and the
-/// prologue that binds sessions to this network.
+/// prologue that binds sessions to this network. No `Debug`: it holds
+/// secrets, wiped on drop.
 pub struct Identity {
     pub keys: StaticKeys,
     pub network_key: Key,
@@ -135,6 +142,13 @@ impl Identity {
         dh.set(self.keys.private());
         let mut out = [0u8; 32];
         dh.dh(peer, &mut out).is_ok() && out != [0u8; 32]
+    }
+}
+
+impl Drop for Identity {
+    fn drop(&mut self) {
+        self.network_key.zeroize();
+        self.mac1_key.zeroize();
     }
 }
 
@@ -212,6 +226,12 @@ pub fn read_initiation(id: &Identity, rng: &mut StdRng, msg: &[u8]) -> Result<In
     if msg.len() != wire::INITIATION_LEN {
         return Err(Reject::Malformed);
     }
+    // The initiator's ephemeral key, in clear at the start of the Noise
+    // message: a small-order one would make both DH results it enters
+    // (es, then ee) all zeros. One more DH, after mac1 and cookies.
+    if crypto::low_order(&msg[8..8 + crypto::KEY_LEN]) {
+        return Err(Reject::Auth);
+    }
     let sender_index = wire::u32_at(msg, 4).ok_or(Reject::Malformed)?;
     let mut hs = id
         .builder(rng)
@@ -260,8 +280,15 @@ pub struct Tunnel {
     /// confirms it (then it becomes `current`).
     next: Option<Session>,
     pending: Option<Pending>,
-    /// Cookie the peer sent us (for mac2), with when it arrived.
-    cookie: Option<([u8; MAC_LEN], Instant)>,
+    /// Cookies the peer sent us (for mac2), per path, with when each
+    /// arrived: a cookie proves the address the peer saw us at, and that
+    /// differs from path to path (a relay's address, another NAT mapping).
+    /// One slot for all used to let a cookie for one path spoil the
+    /// handshakes on the others.
+    cookies: Vec<(PathAddr, [u8; MAC_LEN], Instant)>,
+    /// Local index and mac1 of the last response we sent: a peer under
+    /// load answers it with a cookie, as it would an initiation.
+    responded: Option<(u32, [u8; MAC_LEN])>,
     last_timestamp: [u8; 12],
     /// A handshake round that ran out of time: wait this long before the
     /// next one (the caller still wants the peer).
@@ -286,7 +313,8 @@ impl Tunnel {
             previous: None,
             next: None,
             pending: None,
-            cookie: None,
+            cookies: Vec::new(),
+            responded: None,
             last_timestamp: [0; 12],
             backoff_until: None,
             handshakes: 0,
@@ -347,7 +375,7 @@ impl Tunnel {
             .write_message(&tai64n(wall), &mut out[8..8 + wire::NOISE_INIT_LEN])
             .map_err(|_| Reject::Auth)?;
         debug_assert_eq!(n, wire::NOISE_INIT_LEN);
-        let mac1 = self.seal_macs(now, &mut out[..]);
+        let mac1 = self.seal_macs(now, &mut out[..], None);
         let (started, attempts) = match &self.pending {
             Some(p) => (p.started, p.attempts + 1),
             None => (now, 1),
@@ -363,19 +391,34 @@ impl Tunnel {
         Ok(())
     }
 
-    /// mac1 and (with a fresh cookie) mac2 at the end of a handshake message.
-    fn seal_macs(&self, now: Instant, msg: &mut [u8]) -> [u8; MAC_LEN] {
+    /// mac1 and mac2 at the end of a handshake message for path `to`
+    /// (`None`: mac2 left zero, to be put per path with [`Tunnel::put_mac2`]).
+    fn seal_macs(&self, now: Instant, msg: &mut [u8], to: Option<PathAddr>) -> [u8; MAC_LEN] {
         let l = msg.len();
         let mac1 = crypto::mac(&self.peer_mac1_key, &[&msg[..l - 32]]);
         msg[l - 32..l - 16].copy_from_slice(&mac1);
-        let mac2 = match self.cookie {
-            Some((c, at)) if now.saturating_duration_since(at) < crypto::COOKIE_SECRET_LIFETIME => {
-                crypto::mac(&c, &[&msg[..l - 16]])
-            }
-            _ => [0; MAC_LEN],
+        msg[l - 16..].fill(0);
+        if let Some(to) = to {
+            self.put_mac2(now, msg, to);
+        }
+        mac1
+    }
+
+    /// mac2 of a sealed handshake message sent on `to`: with a fresh cookie
+    /// the peer gave us for that path, else zero.
+    pub fn put_mac2(&self, now: Instant, msg: &mut [u8], to: PathAddr) {
+        let l = msg.len();
+        if l < 32 {
+            return;
+        }
+        let cookie = self.cookies.iter().find(|(p, _, at)| {
+            *p == to && now.saturating_duration_since(*at) < crypto::COOKIE_SECRET_LIFETIME
+        });
+        let mac2 = match cookie {
+            Some((_, c, _)) => crypto::mac(c, &[&msg[..l - 16]]),
+            None => [0; MAC_LEN],
         };
         msg[l - 16..].copy_from_slice(&mac2);
-        mac1
     }
 
     /// Answers an initiation that named this peer: checks its timestamp
@@ -386,7 +429,7 @@ impl Tunnel {
         now: Instant,
         mut init: Initiation,
         network_key: &Key,
-        local_index: u32,
+        (local_index, to): (u32, PathAddr),
         out: &mut [u8; wire::RESPONSE_LEN],
     ) -> Result<(), Reject> {
         // TAI64N compares as big-endian bytes: strictly greater only.
@@ -404,7 +447,8 @@ impl Tunnel {
             .hs
             .into_stateless_transport_mode()
             .map_err(|_| Reject::Auth)?;
-        self.seal_macs(now, &mut out[..]);
+        let mac1 = self.seal_macs(now, &mut out[..], Some(to));
+        self.responded = Some((local_index, mac1));
         self.last_timestamp = init.timestamp;
         self.next = Some(Session::new(
             now,
@@ -429,6 +473,9 @@ impl Tunnel {
         let Some(p) = self.pending.as_mut().filter(|p| p.local_index == receiver) else {
             return Err(Reject::NoSession);
         };
+        if crypto::low_order(&msg[12..12 + crypto::KEY_LEN]) {
+            return Err(Reject::Auth);
+        }
         let mut empty = [0u8; 16];
         p.hs.read_message(&msg[12..12 + wire::NOISE_RESP_LEN], &mut empty)
             .map_err(|_| Reject::Auth)?;
@@ -445,20 +492,35 @@ impl Tunnel {
         Ok(())
     }
 
-    /// A cookie reply to our pending initiation: remember the cookie for
-    /// mac2 of the next one.
-    pub fn on_cookie(&mut self, now: Instant, msg: &[u8]) -> Result<(), Reject> {
+    /// A cookie reply, arrived on `from`, to our pending initiation or to
+    /// the last response we sent (WireGuard takes both): remember the cookie
+    /// for mac2 of the next handshake message on that path. Without the
+    /// second, a node under load never completed a handshake it started
+    /// itself: it refused every response.
+    pub fn on_cookie(&mut self, now: Instant, msg: &[u8], from: PathAddr) -> Result<(), Reject> {
         if msg.len() != wire::COOKIE_REPLY_LEN {
             return Err(Reject::Malformed);
         }
         let receiver = wire::u32_at(msg, 4).ok_or(Reject::Malformed)?;
-        let p = self
+        let pending = self
             .pending
             .as_ref()
             .filter(|p| p.local_index == receiver)
-            .ok_or(Reject::NoSession)?;
-        let cookie = crypto::open_cookie(&self.peer, &p.mac1, &msg[8..]).ok_or(Reject::Auth)?;
-        self.cookie = Some((cookie, now));
+            .map(|p| p.mac1);
+        let responded = self
+            .responded
+            .filter(|(index, _)| *index == receiver)
+            .map(|(_, mac1)| mac1);
+        let mac1 = pending.or(responded).ok_or(Reject::NoSession)?;
+        let cookie = crypto::open_cookie(&self.peer, &mac1, &msg[8..]).ok_or(Reject::Auth)?;
+        self.cookies.retain(|(p, _, _)| *p != from);
+        if self.cookies.len() >= MAX_COOKIES {
+            // The oldest goes (a handshake targets at most this many paths).
+            if let Some(i) = (0..self.cookies.len()).min_by_key(|&i| self.cookies[i].2) {
+                self.cookies.swap_remove(i);
+            }
+        }
+        self.cookies.push((from, cookie, now));
         Ok(())
     }
 
@@ -621,6 +683,7 @@ impl Tunnel {
     /// Forgets all sessions and handshakes (the peer left, or its key
     /// changed).
     pub fn reset(&mut self) {
+        self.responded = None;
         self.current = None;
         self.previous = None;
         self.next = None;
@@ -631,6 +694,16 @@ impl Tunnel {
     /// Age of the current session, for `lastHandshake`.
     pub fn session_born(&self) -> Option<Instant> {
         self.current.as_ref().map(|s| s.born)
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        // Derived from the network key; a cookie proves our address.
+        self.peer_mac1_key.zeroize();
+        for (_, c, _) in &mut self.cookies {
+            c.zeroize();
+        }
     }
 }
 

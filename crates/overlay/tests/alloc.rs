@@ -102,6 +102,7 @@ fn info(i: u8, key: &StaticKeys) -> PeerInfo {
             class: Class::Direct,
         }],
         stale: false,
+        bridge_mac: None,
     }
 }
 

@@ -433,15 +433,12 @@ impl Plumbing<'_> {
     }
 }
 
-/// The pod's MAC is derived from its address (`0a:58:` + the IPv4 address,
-/// or the last four bytes of the IPv6 one, as OVN-Kubernetes does). A pod
-/// that gets a recently freed address then also gets the previous owner's
-/// MAC, so neighbours' cached ARP/ND entries stay right. A gratuitous ARP
-/// cannot guarantee that: arp_notify's goes out while a new Linux bridge
-/// port still waits for linkwatch to see its carrier and is dropped, and an
+/// The pod's MAC ([`crate::naming::pod_mac`]) follows its IPv4 address, or
+/// its IPv6 address when it has no IPv4 one. A gratuitous ARP cannot stand
+/// in for a stable MAC: arp_notify's goes out while a new Linux bridge port
+/// still waits for linkwatch to see its carrier and is dropped, and an
 /// explicit one needs an AF_PACKET socket, whose close() waits for an RCU
-/// grace period (~13 ms, most of an ADD). Pod addresses are unique across
-/// the flat L2 pod network, and so are these MACs.
+/// grace period (~13 ms, most of an ADD).
 fn mac_for(result: &CniResult) -> Option<[u8; 6]> {
     let pick = |v4: bool| {
         result
@@ -449,14 +446,8 @@ fn mac_for(result: &CniResult) -> Option<[u8; 6]> {
             .iter()
             .find(|ip| ip.address.addr().is_ipv4() == v4)
     };
-    let tail: [u8; 4] = match pick(true).or_else(|| pick(false))?.address.addr() {
-        IpAddr::V4(a) => a.octets(),
-        IpAddr::V6(a) => {
-            let o = a.octets();
-            [o[12], o[13], o[14], o[15]]
-        }
-    };
-    Some([0x0a, 0x58, tail[0], tail[1], tail[2], tail[3]])
+    let ip = pick(true).or_else(|| pick(false))?;
+    Some(crate::naming::pod_mac(ip.address.addr()))
 }
 
 /// The network's masquerade rule is the same for every pod, so it is
@@ -537,9 +528,14 @@ mod tests {
         let m = mac_for(&result(&["fd00::1:2/64", "10.244.3.2/16"])).unwrap();
         assert_eq!(fmt_mac(m), "0a:58:0a:f4:03:02");
         let m = mac_for(&result(&["fd00::a0b:c0d/64"])).unwrap();
-        assert_eq!(fmt_mac(m), "0a:58:0a:0b:0c:0d");
+        // Locally administered, unicast, never the IPv4 form.
+        assert_eq!(m[0], 0x0a);
+        assert_ne!(m[1], 0x58);
         assert!(mac_for(&result(&[])).is_none());
-        // Locally administered, unicast.
-        assert_eq!(m[0] & 0x03, 0x02);
+        // The n-th pod of two nodes: their low 32 bits are the same, their
+        // MACs are not.
+        let a = mac_for(&result(&["fd00:10::2/48"])).unwrap();
+        let b = mac_for(&result(&["fd00:10:0:1::2/48"])).unwrap();
+        assert_ne!(a, b);
     }
 }

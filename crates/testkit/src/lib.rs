@@ -16,3 +16,4 @@ pub mod ovs;
 pub mod plugin;
 pub mod process;
 pub mod services;
+pub mod raw;

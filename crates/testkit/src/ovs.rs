@@ -241,6 +241,17 @@ impl Ovs {
         crash(&mut self.vswitchd);
     }
 
+    /// Freezes ovsdb-server (SIGSTOP): its socket still accepts connections
+    /// and nothing answers, as with a daemon that hangs. [`Ovs::resume_ovsdb`]
+    /// thaws it; drop does too, before stopping it.
+    pub fn pause_ovsdb(&self) {
+        signal(&self.ovsdb, nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    pub fn resume_ovsdb(&self) {
+        signal(&self.ovsdb, nix::sys::signal::Signal::SIGCONT);
+    }
+
     /// Kills ovsdb-server with SIGKILL (its socket file stays behind,
     /// refusing connections).
     pub fn crash_ovsdb(&mut self) {
@@ -322,6 +333,8 @@ impl Ovs {
     }
 
     fn stop_all(&mut self) {
+        // A paused daemon would ignore SIGTERM until SIGKILL.
+        self.resume_ovsdb();
         stop(&mut self.vswitchd);
         stop(&mut self.ovsdb);
     }
@@ -331,6 +344,12 @@ impl Drop for Ovs {
     fn drop(&mut self) {
         // vswitchd first: it would otherwise spin reconnecting to the db.
         self.stop_all();
+    }
+}
+
+fn signal(child: &Option<Child>, sig: nix::sys::signal::Signal) {
+    if let Some(c) = child {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);
     }
 }
 

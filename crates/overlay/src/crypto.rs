@@ -166,7 +166,7 @@ impl StaticKeys {
     pub fn from_rng(rng: &mut impl RngCore) -> StaticKeys {
         let mut private = [0u8; KEY_LEN];
         rng.fill_bytes(&mut private);
-        StaticKeys::from_private(private)
+        StaticKeys::from_private(&mut private)
     }
 
     /// The pair for a stored private key. X25519 clamps the scalar, so any

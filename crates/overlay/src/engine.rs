@@ -1771,7 +1771,7 @@ mod tests {
         // Valid-looking initiations (right mac1, no cookie) from another
         // address, replayed all the time: the victim stays under load.
         let flood_src = PathAddr::direct("198.51.100.1:1".parse().unwrap());
-        let id = Identity::new(StaticKeys::from_private([3; 32]), None, "test");
+        let id = Identity::new(StaticKeys::from_private(&mut [3; 32]), None, "test");
         let mut t = Tunnel::new(&id, net.nodes[victim].info.key);
         let mut msg = [0u8; wire::INITIATION_LEN];
         let mut rng = StdRng::seed_from_u64(3);

@@ -2587,7 +2587,8 @@ mod tests {
         );
         assert_eq!(
             sw.host_from_local(&ipv6(V6_LOCAL, V6_R7, IPPROTO_TCP, &[])),
-            LocalVerdict::Drop(NoRoute)
+            LocalVerdict::Unicast(7),
+            "an IPv6 remote pod goes to its node too"
         );
         assert_eq!(
             sw.host_from_local(&[0x45, 0, 0]),

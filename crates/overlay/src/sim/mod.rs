@@ -339,6 +339,7 @@ impl Sim {
             host_addr: None,
             candidates: Vec::new(),
             stale: false,
+            bridge_mac: None,
         };
         let cfg = OverlayConfig::new("sim", subnet, 1380);
         let overlay = Overlay::new(self.now, cfg, Identity::new(keys, None, "sim"), rng.gen());

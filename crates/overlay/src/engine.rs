@@ -101,8 +101,10 @@ pub struct PeerInfo {
     /// Host-overlay address with the host CIDR's prefix.
     pub host_addr: Option<IpNet>,
     pub candidates: Vec<Candidate>,
-    /// The record's liveness is too old (file store): the agent behind it
-    /// is presumably gone; do not initiate, but answer if it speaks.
+    /// The record's liveness lapsed (its lease expired, its heartbeat is
+    /// old): the node lost the store or its agent is gone. Its session, if
+    /// it has one, is kept (rekeys included); without one, do not
+    /// initiate, but answer if it speaks.
     pub stale: bool,
 }
 
@@ -884,8 +886,11 @@ impl Overlay {
                     p.pathless_since = None;
                 }
             }
-            let action = if now >= p.initiate_after && !p.info.stale {
-                p.tunnel.tick(now, &self.cfg.tunnel, true)
+            // A stale peer (its liveness lapsed in the store) keeps the
+            // session it has, rekeys included; it only gets no new one.
+            let wanted = !p.info.stale || p.tunnel.has_session();
+            let action = if now >= p.initiate_after {
+                p.tunnel.tick(now, &self.cfg.tunnel, wanted)
             } else {
                 TimerAction::None
             };
@@ -926,7 +931,8 @@ impl Overlay {
             if p.initiate_after > now {
                 at(Some(p.initiate_after));
             }
-            at(p.tunnel.next_deadline(&self.cfg.tunnel, true));
+            at(p.tunnel
+                .next_deadline(&self.cfg.tunnel, !p.info.stale || p.tunnel.has_session()));
             if p.tunnel.has_session() {
                 at(p.paths.next_deadline(&self.cfg.paths));
                 if let Some(s) = p.pathless_since {
@@ -1521,6 +1527,49 @@ mod tests {
             net.connected(0, 1),
             "the honest peer connected through the cookie round"
         );
+    }
+
+    /// A peer whose liveness lapsed in the store keeps its working session
+    /// past rekeys and expiry, both ways; without a session it is not
+    /// contacted (but answered).
+    #[test]
+    fn a_stale_peer_keeps_its_session_but_gets_no_new_one() {
+        let mut net = connect_all(2);
+        let now = net.now;
+        for (me, other) in [(0, 1), (1, 0)] {
+            let mut infos = vec![net.nodes[me].info.clone(), net.nodes[other].info.clone()];
+            infos[1].stale = true;
+            net.nodes[me].ov.set_peers(now, &infos);
+        }
+        // Past the first session's expiry (180 s): rekeyed meanwhile.
+        net.run(Duration::from_secs(200));
+        assert!(net.connected(0, 1) && net.connected(1, 0));
+        let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"stale but alive");
+        net.send_pod(0, &f);
+        assert_eq!(net.nodes[1].io.pod.last(), Some(&f));
+        // Fresh nodes: one that knows its peer only as stale does not
+        // initiate, but answers the peer that does.
+        for both_stale in [true, false] {
+            let mut fresh = super::tests::net(2, |_, _| {});
+            let now = fresh.now;
+            let infos: Vec<PeerInfo> = fresh.nodes.iter().map(|n| n.info.clone()).collect();
+            let mut view0 = infos.clone();
+            view0[1].stale = true;
+            let mut view1 = infos;
+            view1[0].stale = both_stale;
+            fresh.nodes[0].ov.set_peers(now, &view0);
+            fresh.nodes[1].ov.set_peers(now, &view1);
+            fresh.run(Duration::from_secs(5));
+            if both_stale {
+                assert!(fresh.log.is_empty(), "{} datagrams", fresh.log.len());
+            } else {
+                assert!(fresh.connected(0, 1) && fresh.connected(1, 0));
+                assert!(fresh
+                    .log
+                    .iter()
+                    .all(|(from, _, d)| *from == 1 || d[0] != wire::INITIATION));
+            }
+        }
     }
 
     #[test]

@@ -2,10 +2,15 @@
 //!
 //! [`run`] sets the node up (bridge and the agent's port on it, the host
 //! overlay interface, the UDP socket), starts the threads (engine, store,
-//! control socket, address watcher), waits for SIGTERM/SIGINT and removes
-//! what it created on the node: the OVS port, the TAP and TUN devices (and
-//! with them the host address and its route), its record in the store.
+//! control socket, address watcher) and runs until SIGTERM/SIGINT. A stop
+//! keeps the node on the network: the TAP and TUN are persistent, so the
+//! host address, its route, the bridge port and the store record stay, and
+//! the next agent adopts them (a restart costs the tunnels a handshake,
+//! not a teardown). Leaving is explicit (`evio-node agent --stop-and-leave`,
+//! the control socket's `leave`): then the port, the devices and the
+//! record go.
 
+pub mod cache;
 pub mod control;
 pub mod dataplane;
 pub mod device;
@@ -25,12 +30,14 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use evio_cni::config::NetConf;
+use evio_net::Handle;
 use evio_overlay::crypto::{b64, Key};
 use evio_overlay::engine::{Overlay, OverlayConfig};
 use evio_overlay::tunnel::Identity;
 use evio_subnet::{PeerRecord, StoreOptions, StoreUrl};
 use ipnet::IpNet;
 
+use crate::cache::Cache;
 use crate::dataplane::{Command, Dataplane};
 use crate::device::{Device, Kind};
 use crate::nat::{Nat, TurnServer};
@@ -85,6 +92,17 @@ pub struct AgentConfig {
     pub store_url: StoreUrl,
     pub store_opts: StoreOptions,
     pub control_socket: PathBuf,
+    /// The state cache (cache.rs): where it lives and what it holds now.
+    pub cache_path: PathBuf,
+    pub cache: Cache,
+    /// The store did not answer at start: the allocations come from the
+    /// cache.
+    pub from_cache: bool,
+    /// The gateway of an allocation this node held before and lost
+    /// (released while it was away): taken off the bridge.
+    pub stale_gateway: Option<IpNet>,
+    /// `reclaimAfter`: release nodes absent this long.
+    pub reclaim_after: Option<Duration>,
 }
 
 /// Wakes the engine thread (an eventfd it polls).
@@ -225,20 +243,126 @@ pub struct SelfInfo {
     pub started: Instant,
 }
 
-/// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and so in every
-/// thread spawned after), so the main thread can wait for them.
+/// Blocks SIGTERM, SIGINT, SIGHUP and SIGUSR1 in this thread (and so in
+/// every thread spawned after), so the main thread can wait for them.
 fn block_signals() -> Result<nix::sys::signal::SigSet, AgentError> {
     use nix::sys::signal::{SigSet, SigmaskHow, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
     set.add(Signal::SIGHUP);
+    // The control socket's `leave` (evio-node agent --stop-and-leave).
+    set.add(Signal::SIGUSR1);
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
         .map_err(|e| AgentError::Net(format!("block signals: {e}")))?;
     Ok(set)
 }
 
-/// Runs the agent until SIGTERM/SIGINT; returns after cleaning up.
+/// The node's devices: the TAP on the bridge, the host overlay's TUN.
+struct Devices {
+    tap: Device,
+    tun: Option<Device>,
+}
+
+/// Whether `name` is a TUN/TAP device already (a previous agent's).
+fn exists_tun(host: &mut Handle, name: &str) -> bool {
+    host.link_by_name(name)
+        .ok()
+        .flatten()
+        .is_some_and(|l| l.kind.as_deref() == Some("tun"))
+}
+
+/// Opens (or adopts) the TAP and the TUN and plugs the TAP into the
+/// bridge; `cleanup` learns what to undo if the start fails.
+fn open_devices(
+    cfg: &AgentConfig,
+    host: &mut Handle,
+    cleanup: &mut Cleanup,
+) -> Result<Devices, AgentError> {
+    let bridge = port::ensure_bridge(host, &cfg.plugin, cfg.gateway)?;
+    if let Some(old) = cfg.stale_gateway.filter(|g| *g != cfg.gateway) {
+        // The gateway of an allocation this node lost (released while it
+        // was away): another node may hold that subnet now.
+        match host.del_address(bridge.index, old) {
+            Ok(()) => tracing::warn!(gateway = %old, "removed the old gateway from the bridge"),
+            Err(e) => tracing::debug!("old gateway {old}: {e}"),
+        }
+    }
+    // Offloads on the TAP only where the bridge's reader takes GSO frames:
+    // the kernel's bridge does, OVS's userspace datapath does not.
+    let offload = cfg.plugin.bridge_type == evio_cni::config::BridgeType::Linux;
+    let adopted = exists_tun(host, &cfg.tap_name);
+    let tap = Device::open(&cfg.tap_name, Kind::Tap, offload)
+        .map_err(AgentError::io(format!("create TAP {}", cfg.tap_name)))?;
+    cleanup.created.push((cfg.tap_name.clone(), !adopted));
+    tap.set_persist(true)
+        .map_err(AgentError::io(format!("keep TAP {}", cfg.tap_name)))?;
+    cleanup.attached = true;
+    port::attach(host, &cfg.plugin, &bridge, &cfg.tap_name, adopted)?;
+    if adopted {
+        tracing::info!(tap = %cfg.tap_name, "adopted the TAP of the previous agent");
+    }
+    let tun = match cfg.host_addr {
+        Some(addr) => Some(open_tun(cfg, host, addr, cleanup)?),
+        None => None,
+    };
+    Ok(Devices { tap, tun })
+}
+
+fn open_tun(
+    cfg: &AgentConfig,
+    host: &mut Handle,
+    addr: IpNet,
+    cleanup: &mut Cleanup,
+) -> Result<Device, AgentError> {
+    let name = &cfg.host_interface;
+    let adopted = exists_tun(host, name);
+    let t =
+        Device::open(name, Kind::Tun, true).map_err(AgentError::io(format!("create {name}")))?;
+    cleanup.created.push((name.clone(), !adopted));
+    t.set_persist(true)
+        .map_err(AgentError::io(format!("keep {name}")))?;
+    let net = |e: evio_net::Error| AgentError::Net(e.to_string());
+    let link = host
+        .link_by_name(name)
+        .map_err(net)?
+        .ok_or_else(|| AgentError::Net(format!("{name} vanished")))?;
+    host.set_mtu(link.index, cfg.plugin.mtu)
+        .map_err(|e| AgentError::Net(format!("MTU of {name}: {e}")))?;
+    // An adopted device may hold an address this node no longer has (its
+    // allocation was released while it was away): only ours stays.
+    for a in host.addresses(Some(link.index)).map_err(net)? {
+        if a.addr != addr && addr.trunc().contains(&a.addr.addr()) {
+            tracing::warn!(old = %a.addr, "removed an old host address from {name}");
+            let _ = host.del_address(link.index, a.addr);
+        }
+    }
+    match host.add_address(link.index, addr) {
+        Ok(()) => {}
+        Err(e) if e.is_exists() => {}
+        Err(e) => return Err(AgentError::Net(format!("address {addr} on {name}: {e}"))),
+    }
+    host.set_up(link.index)
+        .map_err(|e| AgentError::Net(format!("bring up {name}: {e}")))?;
+    if adopted {
+        tracing::info!(device = %name, "adopted the host interface of the previous agent");
+    }
+    Ok(t)
+}
+
+/// The threads of a running agent.
+struct Threads {
+    engine: std::thread::JoinHandle<std::io::Result<()>>,
+    store: std::thread::JoinHandle<()>,
+    watch: std::thread::JoinHandle<()>,
+    control: std::thread::JoinHandle<()>,
+    fwd: std::thread::JoinHandle<()>,
+}
+
+/// Runs the agent until SIGTERM/SIGINT (the node stays on the network: its
+/// devices, addresses, bridge port and store record remain for the next
+/// agent) or a `leave` request (all of that is removed); returns after
+/// that.
 pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let sigs = block_signals()?;
     let started = Instant::now();
@@ -247,46 +371,14 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let id = Identity::new(keys, cfg.network_key, &cfg.network);
 
     let mut host = evio_net::Handle::new().map_err(|e| AgentError::Net(e.to_string()))?;
-    let bridge = port::ensure_bridge(&mut host, &cfg.plugin, cfg.gateway)?;
-    // Offloads on the TAP only where the bridge's reader takes GSO frames:
-    // the kernel's bridge does, OVS's userspace datapath does not.
-    let offload = cfg.plugin.bridge_type == evio_cni::config::BridgeType::Linux;
-    let tap = Device::open(&cfg.tap_name, Kind::Tap, offload)
-        .map_err(AgentError::io(format!("create TAP {}", cfg.tap_name)))?;
     let mut cleanup = Cleanup {
         plugin: cfg.plugin.clone(),
         tap: cfg.tap_name.clone(),
         attached: false,
+        created: Vec::new(),
+        armed: true,
     };
-    port::attach(&mut host, &cfg.plugin, &bridge, &cfg.tap_name)?;
-    cleanup.attached = true;
-
-    let tun = match cfg.host_addr {
-        Some(addr) => {
-            let t = Device::open(&cfg.host_interface, Kind::Tun, true)
-                .map_err(AgentError::io(format!("create {}", cfg.host_interface)))?;
-            let link = host
-                .link_by_name(&cfg.host_interface)
-                .map_err(|e| AgentError::Net(e.to_string()))?
-                .ok_or_else(|| AgentError::Net(format!("{} vanished", cfg.host_interface)))?;
-            host.set_mtu(link.index, cfg.plugin.mtu)
-                .map_err(|e| AgentError::Net(format!("MTU of {}: {e}", cfg.host_interface)))?;
-            match host.add_address(link.index, addr) {
-                Ok(()) => {}
-                Err(e) if e.is_exists() => {}
-                Err(e) => {
-                    return Err(AgentError::Net(format!(
-                        "address {addr} on {}: {e}",
-                        cfg.host_interface
-                    )))
-                }
-            }
-            host.set_up(link.index)
-                .map_err(|e| AgentError::Net(format!("bring up {}: {e}", cfg.host_interface)))?;
-            Some(t)
-        }
-        None => None,
-    };
+    let devices = open_devices(&cfg, &mut host, &mut cleanup)?;
 
     let udp = udp::Udp::bind(cfg.listen_port)
         .map_err(AgentError::io(format!("UDP port {}", cfg.listen_port)))?;
@@ -312,14 +404,13 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     );
     let waker = Waker::new()?;
     let (cmd_tx, cmd_rx) = mpsc::channel();
-    let (cand_tx, cand_rx) = tokio::sync::mpsc::unbounded_channel();
     let (cand_std_tx, cand_std_rx) =
         mpsc::channel::<Vec<(SocketAddr, evio_subnet::CandidateKind)>>();
     let dp = Dataplane::new(
         overlay,
         udp,
-        Some(tap),
-        tun,
+        Some(devices.tap),
+        devices.tun,
         nat,
         cmd_rx,
         waker.raw(),
@@ -329,11 +420,93 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     .map_err(AgentError::io("engine set-up"))?;
     let engine = EngineHandle {
         commands: cmd_tx,
-        waker: waker.clone(),
+        waker,
     };
+    // The last known peers first: handshakes go out before the store has
+    // answered (or while it does not).
+    let initial = signal::cached_peers(&cfg.cache);
+    engine.send(Command::Peers(initial.clone()));
     let stop = Stop::new()?;
-    let health = Arc::new(Mutex::new(signal::StoreHealth::default()));
+    let leave = Arc::new(AtomicBool::new(false));
+    let me = SelfInfo {
+        node: cfg.node.clone(),
+        public_key,
+        host_address: cfg.host_addr,
+        pod_subnet: cfg.pod_subnet,
+        listen,
+        started,
+    };
+    let threads = spawn_threads(&cfg, dp, &engine, &stop, &leave, me, initial, cand_std_rx)?;
+    cleanup.armed = false;
+    tracing::info!(
+        node = %cfg.node,
+        subnet = %cfg.pod_subnet,
+        host = ?cfg.host_addr.map(|a| a.to_string()),
+        port = listen.port(),
+        from_cache = cfg.from_cache,
+        "agent up"
+    );
+    let leaving = wait_for_signal(&sigs, &leave);
+    // Bounded teardown: whatever hangs, the process exits within 5 s.
+    let deadline = Instant::now() + Duration::from_millis(4500);
+    std::thread::spawn(move || {
+        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+        std::process::exit(0);
+    });
+    stop.stop();
+    engine.send(Command::Shutdown);
+    let _ = threads.engine.join();
+    if leaving {
+        // Devices and port go now; the store thread takes the record out
+        // meanwhile.
+        cleanup.leave();
+    }
+    let _ = threads.store.join();
+    let _ = threads.watch.join();
+    let _ = threads.control.join();
+    let _ = threads.fwd.join();
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    drop(epoll_owned);
+    Ok(())
+}
 
+/// Waits for SIGTERM/SIGINT/SIGHUP (stop, keep the node on the network) or
+/// the control socket's `leave`; true for the latter.
+fn wait_for_signal(sigs: &nix::sys::signal::SigSet, leave: &AtomicBool) -> bool {
+    use nix::sys::signal::Signal;
+    loop {
+        match sigs.wait() {
+            Ok(Signal::SIGUSR1) if leave.load(Ordering::SeqCst) => {
+                tracing::info!("leaving the network");
+                return true;
+            }
+            Ok(Signal::SIGUSR1) => continue,
+            Ok(s) => {
+                tracing::info!(signal = ?s, "stopping; the node stays on the network");
+                return leave.load(Ordering::SeqCst);
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return leave.load(Ordering::SeqCst),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_threads(
+    cfg: &AgentConfig,
+    dp: Dataplane,
+    engine: &EngineHandle,
+    stop: &Arc<Stop>,
+    leave: &Arc<AtomicBool>,
+    me: SelfInfo,
+    initial: Vec<evio_overlay::engine::PeerInfo>,
+    cand_std_rx: mpsc::Receiver<Vec<(SocketAddr, evio_subnet::CandidateKind)>>,
+) -> Result<Threads, AgentError> {
+    let health = Arc::new(Mutex::new(signal::StoreHealth {
+        from_cache: cfg.from_cache,
+        ..signal::StoreHealth::default()
+    }));
+    let (cand_tx, cand_rx) = tokio::sync::mpsc::unbounded_channel();
     // Candidates flow engine -> store thread (std channel bridged into the
     // store's async world by a forwarding thread that ends with the engine).
     let fwd = std::thread::Builder::new()
@@ -350,10 +523,9 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         .name("evio-engine".into())
         .spawn(move || dp.run())
         .map_err(AgentError::io("spawn thread"))?;
-
     let record = PeerRecord {
         node: cfg.node.clone(),
-        public_key: public_key.clone(),
+        public_key: me.public_key.clone(),
         host_address: cfg.host_addr.map(|a| a.to_string()),
         pod_subnet: cfg.pod_subnet.to_string(),
         endpoints: Vec::new(),
@@ -366,17 +538,24 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         url: cfg.store_url.clone(),
         opts: cfg.store_opts.clone(),
         record,
-        commands: engine.commands.clone(),
-        waker: waker.clone(),
+        own: signal::Own {
+            pod_subnet: cfg.pod_subnet,
+            host_addr: cfg.host_addr,
+        },
+        engine: engine.clone(),
         stop: stop.clone(),
+        leave: leave.clone(),
         health: health.clone(),
         candidates: cand_rx,
+        cache_path: cfg.cache_path.clone(),
+        cache: cfg.cache.clone(),
+        initial,
+        reclaim_after: cfg.reclaim_after,
     };
-    let store_thread = std::thread::Builder::new()
+    let store = std::thread::Builder::new()
         .name("evio-store".into())
         .spawn(move || sig.run())
         .map_err(AgentError::io("spawn thread"))?;
-
     let exclude = vec![
         cfg.plugin.bridge.clone(),
         cfg.tap_name.clone(),
@@ -386,79 +565,73 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     if let Some(h) = cfg.host_addr {
         nets.push(h.trunc());
     }
-    let watch_thread = netwatch::spawn(engine.clone(), stop.clone(), listen.port(), exclude, nets)?;
-
-    let me = SelfInfo {
-        node: cfg.node.clone(),
-        public_key,
-        host_address: cfg.host_addr,
-        pod_subnet: cfg.pod_subnet,
-        listen,
-        started,
-    };
-    let control_thread = control::spawn(
+    let listen = me.listen.port();
+    let watch = netwatch::spawn(engine.clone(), stop.clone(), listen, exclude, nets)?;
+    let control = control::spawn(
         &cfg.control_socket,
         engine.clone(),
         me,
-        health.clone(),
+        health,
         stop.clone(),
+        leave.clone(),
     )?;
-    tracing::info!(
-        node = %cfg.node,
-        subnet = %cfg.pod_subnet,
-        host = ?cfg.host_addr.map(|a| a.to_string()),
-        port = listen.port(),
-        "agent up"
-    );
-
-    // Wait for a signal (or for the engine to die on its own).
-    let sig = loop {
-        match sigs.wait() {
-            Ok(s) => break Some(s),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => break None,
-        }
-    };
-    tracing::info!(signal = ?sig, "stopping");
-    // Bounded teardown: whatever hangs, the process exits within 5 s.
-    let deadline = Instant::now() + Duration::from_millis(4500);
-    std::thread::spawn(move || {
-        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
-        std::process::exit(0);
-    });
-    stop.stop();
-    engine.send(Command::Shutdown);
-    let _ = engine_thread.join();
-    let _ = store_thread.join();
-    let _ = watch_thread.join();
-    let _ = control_thread.join();
-    let _ = fwd.join();
-    let _ = std::fs::remove_file(&cfg.control_socket);
-    drop(epoll_owned);
-    cleanup.run();
-    Ok(())
+    Ok(Threads {
+        engine: engine_thread,
+        store,
+        watch,
+        control,
+        fwd,
+    })
 }
 
-/// What SIGTERM removes; the devices go by themselves when their file
-/// descriptors close.
+/// What a failed start undoes, and what leaving removes: the agent's OVS
+/// port and its devices. A stop (SIGTERM) leaves all of it in place.
 struct Cleanup {
     plugin: NetConf,
     tap: String,
     attached: bool,
+    /// Device names, and whether this run created them (a failed start
+    /// removes only those; leaving removes all).
+    created: Vec<(String, bool)>,
+    /// Until the agent is up, dropping this undoes the start.
+    armed: bool,
 }
 
 impl Cleanup {
-    fn run(&mut self) {
+    fn detach(&mut self) {
         if std::mem::take(&mut self.attached) {
             if let Err(e) = port::detach(&self.plugin, &self.tap) {
                 tracing::warn!("{e}");
             }
         }
     }
+
+    fn delete(&mut self, only_created: bool) {
+        let Ok(mut h) = evio_net::Handle::new() else {
+            return;
+        };
+        for (name, created) in std::mem::take(&mut self.created) {
+            if only_created && !created {
+                continue;
+            }
+            if let Err(e) = h.delete_link_by_name(&name) {
+                tracing::warn!("remove {name}: {e}");
+            }
+        }
+    }
+
+    /// The node leaves: port and devices (with the host address) go.
+    fn leave(&mut self) {
+        self.detach();
+        self.delete(false);
+    }
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        self.run();
+        if self.armed {
+            self.detach();
+            self.delete(true);
+        }
     }
 }

@@ -786,13 +786,25 @@ impl Cluster {
         Ok(())
     }
 
-    /// Stops node `i`'s agent as its teardown does (SIGTERM, SIGKILL after
-    /// 6 s); the bridge, the pods and the store stay. Returns its exit
-    /// status and how long it took, `None` if it had no agent.
-    /// [`Cluster::start_agent`] starts it again.
+    /// Stops node `i`'s agent as a restart does (SIGTERM, SIGKILL after
+    /// 6 s): the bridge, the pods, the store and the agent's devices stay.
+    /// Returns its exit status and how long it took, `None` if it had no
+    /// agent. [`Cluster::start_agent`] starts it again.
     pub fn stop_agent(&mut self, i: usize) -> Option<(std::process::ExitStatus, Duration)> {
         let mut a = self.nodes.get_mut(i)?.agent.take()?;
         a.terminate(Duration::from_secs(6))
+    }
+
+    /// Takes node `i` off the network (`evio-node agent --stop-and-leave`):
+    /// its agent exits and its devices, bridge port and record go; the
+    /// bridge, the pods and the allocations stay. `None` if it had no
+    /// agent. [`Cluster::start_agent`] joins it again, from scratch.
+    pub fn leave_agent(
+        &mut self,
+        i: usize,
+    ) -> Option<Result<(Option<std::process::ExitStatus>, Duration), String>> {
+        let mut a = self.nodes.get_mut(i)?.agent.take()?;
+        Some(a.leave(Duration::from_secs(6)))
     }
 
     /// Waits until every agent has every other node connected; the time it
@@ -1293,15 +1305,18 @@ impl Cluster {
                 }
                 drop(p);
             }
+            // Leaving, not a plain stop: SIGTERM would keep the node's
+            // devices and record for a next agent.
             if let Some(mut a) = node.agent.take() {
-                match a.terminate(Duration::from_secs(6)) {
-                    Some((st, took)) if st.success() && took <= Duration::from_secs(5) => {}
-                    Some((st, took)) => errors.push(format!(
-                        "agent of {}: exit {st} after {took:?} on SIGTERM\n{}",
+                match a.leave(Duration::from_secs(6)) {
+                    Ok((Some(st), took)) if st.success() && took <= Duration::from_secs(5) => {}
+                    Ok((None, _)) => {}
+                    Ok((Some(st), took)) => errors.push(format!(
+                        "agent of {}: exit {st} after {took:?} on --stop-and-leave\n{}",
                         node.name,
                         a.log_tail(20)
                     )),
-                    None => {}
+                    Err(e) => errors.push(format!("agent of {}: {e}\n{}", node.name, a.log_tail(20))),
                 }
             }
         }

@@ -344,6 +344,20 @@ impl Overlay {
         self.next_wake = Some(now);
     }
 
+    /// Lets every peer without a session be contacted now, skipping the
+    /// tie-break wait of the larger key. For a restarted agent: its peers
+    /// still hold sessions with its previous instance and will not
+    /// initiate until they notice it is gone (seconds); waiting for them
+    /// would be the whole cost of the restart.
+    pub fn hurry(&mut self, now: Instant) {
+        for p in self.peers.iter_mut().flatten() {
+            if !p.tunnel.has_session() {
+                p.initiate_after = p.initiate_after.min(now);
+            }
+        }
+        self.next_wake = Some(now);
+    }
+
     fn peer(&self, pid: PeerId) -> Option<&Peer> {
         self.peers.get(pid as usize).and_then(Option::as_ref)
     }
@@ -1569,6 +1583,36 @@ mod tests {
                     .iter()
                     .all(|(from, _, d)| *from == 1 || d[0] != wire::INITIATION));
             }
+        }
+    }
+
+    /// A restarted node (fresh state, its peers still holding sessions
+    /// with its previous instance) reaches them at once when hurried,
+    /// whichever key is larger.
+    #[test]
+    fn a_hurried_restart_handshakes_at_once() {
+        for hurry in [false, true] {
+            let mut n = connect_all(2);
+            // The node whose key is larger waits 1 s before it initiates.
+            let big = usize::from(n.nodes[0].info.key < n.nodes[1].info.key);
+            let now = n.now;
+            let me = &n.nodes[big];
+            let mut cfg = OverlayConfig::new("test", me.info.pod_subnet, 1380);
+            cfg.host_addr = me.info.host_addr.map(|a| a.addr());
+            let id = Identity::new(
+                StaticKeys::from_private(*n.nodes[big].ov.identity().keys.private()),
+                None,
+                "test",
+            );
+            let infos: Vec<PeerInfo> = n.nodes.iter().map(|x| x.info.clone()).collect();
+            let mut fresh = Overlay::new(now, cfg, id);
+            fresh.set_peers(now, &infos);
+            if hurry {
+                fresh.hurry(now);
+            }
+            n.nodes[big].ov = fresh;
+            n.run(Duration::from_millis(300));
+            assert_eq!(n.connected(big, 1 - big), hurry, "hurry {hurry}");
         }
     }
 

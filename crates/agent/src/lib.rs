@@ -393,7 +393,15 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let now = Instant::now();
     let mut ocfg = OverlayConfig::new(&cfg.network, cfg.pod_subnet, cfg.plugin.mtu as usize);
     ocfg.host_addr = cfg.host_addr.map(|a| a.addr());
-    let overlay = Overlay::new(now, ocfg, id);
+    let mut overlay = Overlay::new(now, ocfg, id);
+    // The last known peers first: handshakes go out before the store has
+    // answered (or while it does not), and at once: those peers still hold
+    // sessions with this node's previous agent and would not initiate.
+    let initial = signal::cached_peers(&cfg.cache);
+    if !initial.is_empty() {
+        overlay.set_peers(now, &initial);
+        overlay.hurry(now);
+    }
     let nat = Nat::new(
         now,
         udp.port(),
@@ -422,9 +430,8 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         commands: cmd_tx,
         waker,
     };
-    // The last known peers first: handshakes go out before the store has
-    // answered (or while it does not).
-    let initial = signal::cached_peers(&cfg.cache);
+    // Also through the engine's command path, which tells the NAT layer
+    // about the peers' addresses.
     engine.send(Command::Peers(initial.clone()));
     let stop = Stop::new()?;
     let leave = Arc::new(AtomicBool::new(false));
@@ -444,6 +451,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         host = ?cfg.host_addr.map(|a| a.to_string()),
         port = listen.port(),
         from_cache = cfg.from_cache,
+        took_ms = started.elapsed().as_millis() as u64,
         "agent up"
     );
     let leaving = wait_for_signal(&sigs, &leave);

@@ -598,21 +598,26 @@ impl Signalling {
         }
         let me = self.record.node.clone();
         let believed = believed(&snap, &me);
-        // A peer that is alive again may be dropped no longer.
-        st.dropped.retain(|n| !snap.alive(n));
+        // A peer that is live again may be dropped no longer.
+        st.dropped.retain(|n| !snap.live.contains_key(n));
+        // Stale for the engine (no new session from us): not live in the
+        // store and vouched for by no one else. Our own tunnel to it counts
+        // for nothing here: it is what staleness is about.
+        let engine_stale = |n: &str| !snap.live.contains_key(n) && !snap.vouched_by_others(n, &me);
         let peers: Vec<PeerInfo> = believed
             .iter()
             .filter(|r| !st.dropped.contains(&r.node))
-            .filter_map(|r| peer_info(r, &me, !snap.alive(&r.node)))
+            .filter_map(|r| peer_info(r, &me, engine_stale(&r.node)))
             .collect();
         let records: Vec<PeerRecord> = believed
             .iter()
             .filter(|r| r.node != me)
             .map(|r| (*r).clone())
             .collect();
+        // Stale for `peers`: its liveness lapsed in the store.
         let stale: BTreeSet<String> = peers
             .iter()
-            .filter(|p| p.stale)
+            .filter(|p| !snap.live.contains_key(&p.node))
             .map(|p| p.node.clone())
             .collect();
         set_health(&self.health, |h| {

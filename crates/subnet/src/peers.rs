@@ -199,9 +199,15 @@ impl PeerSnapshot {
     }
 
     pub fn vouched(&self, node: &str) -> bool {
+        self.vouched_by_others(node, node)
+    }
+
+    /// Whether a live node other than `node` and `me` has a working tunnel
+    /// to `node`: what `me` may believe about it beyond its own tunnel.
+    pub fn vouched_by_others(&self, node: &str, me: &str) -> bool {
         self.live
             .iter()
-            .any(|(n, a)| n != node && a.connected.iter().any(|c| c == node))
+            .any(|(n, a)| n != node && n != me && a.connected.iter().any(|c| c == node))
     }
 
     /// Every node the store knows, by name: allocations, records, release

@@ -138,6 +138,9 @@ impl Agent {
             .arg(&s.store)
             .arg("--control-socket")
             .arg(&s.socket)
+            // A store that is down must not hold a test's teardown for
+            // the default 30 s.
+            .args(["--timeout", "3"])
             .args(&s.extra)
             .stdin(Stdio::null())
             .output()

@@ -889,7 +889,38 @@ impl Cluster {
     }
 
     /// ADD of one pod through the plugin, as a runtime does it.
-    fn add_pod(&mut self, node: usize, j: usize) -> Result<(), ClusterError> {
+    /// Deletes every pod of node `node` through the plugin (DEL) and drops
+    /// their namespaces, as a node's reboot ends them.
+    pub fn del_pods(&mut self, node: usize) -> Result<(), ClusterError> {
+        let evio = self.opts.evio_bin.clone();
+        let n = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| ClusterError::step("delete pods", "no such node"))?;
+        while let Some(p) = n.pods.pop() {
+            let mut conf = n.plugin_conf.clone();
+            if let Some(o) = conf.as_object_mut() {
+                o.insert("prevResult".into(), p.result.clone());
+            }
+            let out = guarded("run the plugin", || {
+                n.cni(&evio).run(
+                    "DEL",
+                    &p.pod.id,
+                    Some(&p.pod.path()),
+                    &p.pod.ifname,
+                    Some(&p.pod.k8s_args()),
+                    &conf,
+                )
+            })?;
+            if !out.success() {
+                return Err(ClusterError::step(format!("DEL of pod {}", p.name), out));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds pod number `j` to node `node` through the plugin (ADD).
+    pub fn add_pod(&mut self, node: usize, j: usize) -> Result<(), ClusterError> {
         let pod = guarded("create a pod namespace", Pod::new)?;
         self.track(Tracked::Netns(pod.ns.name().to_string()));
         let evio = self.opts.evio_bin.clone();
@@ -1316,7 +1347,9 @@ impl Cluster {
                         node.name,
                         a.log_tail(20)
                     )),
-                    Err(e) => errors.push(format!("agent of {}: {e}\n{}", node.name, a.log_tail(20))),
+                    Err(e) => {
+                        errors.push(format!("agent of {}: {e}\n{}", node.name, a.log_tail(20)))
+                    }
                 }
             }
         }

@@ -46,7 +46,7 @@ pub const LEASE_TTL: Duration = Duration::from_secs(30);
 /// this much plus [`RETRY_MAX`].
 pub const CALL_LIMIT: Duration = Duration::from_secs(4);
 /// Longest pause between attempts to reach a store that failed.
-const RETRY_MAX: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(1);
 /// A stale peer without a session for this long is removed: its session
 /// died, and nothing says it will come back.
 pub const STALE_GRACE: Duration = Duration::from_secs(15);
@@ -251,13 +251,15 @@ impl Signalling {
         };
         let mut stopped = self.stop.subscribe();
         let mut pause = Duration::from_millis(200);
+        // An outage is said once, and again a minute on, not every retry.
+        let mut warned: Option<Instant> = None;
         while !self.stop.is_set() {
             let end = match self.connect().await {
                 Ok(store) => {
                     if let Some(l) = st.lease {
                         store.adopt_lease(l);
                     }
-                    let end = self.session(store.as_ref(), &mut st).await;
+                    let end = self.session(store.as_ref(), &mut st, &mut warned).await;
                     if let Some(l) = store.lease_id() {
                         st.lease = Some(l);
                     }
@@ -268,7 +270,15 @@ impl Signalling {
             match end {
                 End::Stopped => break,
                 End::Failed(e) => {
-                    tracing::warn!("store {}: {e}; trying again", self.url);
+                    if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!(
+                            "store {}: {e}; the tunnels carry on, trying again every {RETRY_MAX:?}",
+                            self.url
+                        );
+                        warned = Some(Instant::now());
+                    } else {
+                        tracing::debug!("store {}: {e}", self.url);
+                    }
                     set_health(&self.health, |h| h.last_error = Some(e));
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
@@ -310,7 +320,12 @@ impl Signalling {
         }
     }
 
-    async fn session(&mut self, store: &dyn OverlayStore, st: &mut State) -> End {
+    async fn session(
+        &mut self,
+        store: &dyn OverlayStore,
+        st: &mut State,
+        warned: &mut Option<Instant>,
+    ) -> End {
         if !st.revoked && !st.published {
             if let Err(e) = self.publish(store, st).await {
                 return End::Failed(e);
@@ -320,14 +335,24 @@ impl Signalling {
             Ok(s) => self.apply(st, s),
             Err(e) => return End::Failed(e),
         }
+        let was_down = self
+            .health
+            .lock()
+            .map(|h| h.last_error.is_some() || h.from_cache)
+            .unwrap_or(false);
+        if was_down {
+            tracing::info!("store {} answers again", self.url);
+        }
+        *warned = None;
         set_health(&self.health, |h| {
             h.last_error = None;
             h.from_cache = false;
         });
+        // The first tick is at once: after an outage the node's liveness
+        // has probably lapsed and must be restored now, not a period later.
         let every = self.tick_every();
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
         let mut stopped = self.stop.subscribe();
         loop {
             if self.stop.is_set() {

@@ -1316,14 +1316,47 @@ fn a_store_partition_keeps_the_tunnels_and_reconciles_within_10s() {
     assert_eq!(p["state"], "connected", "{p}");
     lab.blackhole_tcp(site, server, etcd_port, false);
     let healed = Instant::now();
-    let took = wait("everything reconciles", Duration::from_secs(10), || {
+    let mut last = String::new();
+    let reconciled = |last: &mut String| {
         let p1 = peers(&c, 1);
         let p0 = peers(&c, 0);
         let fresh = peer(&p1, &name(0)).is_some_and(|p| p["stale"] == false);
         let published = p0["store"]["error"].is_null() && p0["store"]["published"] == true;
         let list = nodes_list(&c.nodes()[1].ns, &store, &net);
-        fresh && published && list.get(&name(0)).is_some_and(|n| n["state"] == "live")
-    });
+        let live = list.get(&name(0)).is_some_and(|n| n["state"] == "live");
+        *last = format!(
+            "fresh {fresh} published {published} live {live}: {:?}",
+            list.get(&name(0))
+        );
+        fresh && published && live
+    };
+    while !reconciled(&mut last) {
+        if healed.elapsed() >= Duration::from_secs(10) {
+            let ep = c.etcd().expect("etcd").endpoint();
+            let probe = c.nodes()[0].ns.exec(&[
+                "etcdctl",
+                "--endpoints",
+                &ep,
+                "--dial-timeout=2s",
+                "endpoint",
+                "health",
+            ]);
+            let router = lab
+                .router(site)
+                .expect("router")
+                .exec(&["nft", "list", "ruleset"]);
+            let ct = lab.conntrack_list(site);
+            panic!(
+                "not reconciled 10 s after the store came back: {last}\n{}\netcdctl from node-0: {}{}\nrouter: {}\nconntrack: {ct}",
+                dump(&c),
+                String::from_utf8_lossy(&probe.stdout),
+                String::from_utf8_lossy(&probe.stderr),
+                String::from_utf8_lossy(&router.stdout),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = healed.elapsed();
     eprintln!(
         "partition of 90 s ({:?} cut): reconciled {took:?} after the store came back",
         healed.duration_since(cut)

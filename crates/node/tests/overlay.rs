@@ -526,16 +526,11 @@ fn sigkill_then_restart_keeps_the_key_reclaims_the_port_and_traffic_resumes() {
     let from = c.nodes()[0].pods[0].pod.ns.name().to_string();
     let dst = pod_ip(&c, 1, 0).to_string();
     // Traffic flowing while the agent dies.
-    let mut pinger = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{from}"))
-        .args(["--", "ping", "-i", "0.1", "-q", &dst])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let pinger = Pinger::start(&from, &dst, "pod ping across a SIGKILL");
     std::thread::sleep(Duration::from_millis(500));
     let a = c.agent_mut(1).expect("agent");
     a.kill();
+    // Dead for half a second, as before systemd's restart.
     std::thread::sleep(Duration::from_millis(500));
     a.restart().unwrap_or_else(|e| panic!("{e}"));
     let took = wait(
@@ -548,8 +543,10 @@ fn sigkill_then_restart_keeps_the_key_reclaims_the_port_and_traffic_resumes() {
         },
     );
     eprintln!("reconnected {took:?} after the restart");
-    let _ = pinger.kill();
-    let _ = pinger.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, lost) = pinger.stop();
+    // The half second it was dead, and little more.
+    assert!(lost <= 10, "lost {lost} x 0.1 s");
     assert_eq!(
         peers(&c, 1)["publicKey"],
         key,

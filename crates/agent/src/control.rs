@@ -1,6 +1,8 @@
 //! The control socket: one request line, one answer, then close.
 //! `peers` → the JSON of OVERLAY.md; `metrics` → Prometheus text;
-//! `health` → a JSON summary (`evio-node run` serves it on /healthz).
+//! `health` → a JSON summary (`evio-node run` serves it on /healthz);
+//! `leave` → the agent takes the node off the network and exits
+//! (`evio-node agent --stop-and-leave`).
 //! The socket is born mode 0600 in a directory of mode 0700 (when the agent
 //! makes it): what it tells (endpoints, keys) is for root, at no moment for
 //! anyone else.
@@ -9,6 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -26,6 +29,7 @@ pub fn spawn(
     me: SelfInfo,
     health: Arc<Mutex<StoreHealth>>,
     stop: Arc<Stop>,
+    leave: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, AgentError> {
     let listener = bind_private(path)?;
     listener
@@ -40,7 +44,7 @@ pub fn spawn(
                     continue;
                 }
                 while let Ok((s, _)) = listener.accept() {
-                    serve(s, &engine, &me, &health);
+                    serve(s, &engine, &me, &health, &leave);
                 }
             }
         })
@@ -93,13 +97,28 @@ fn bind_private(path: &Path) -> Result<UnixListener, AgentError> {
     result
 }
 
-fn serve(s: UnixStream, engine: &EngineHandle, me: &SelfInfo, health: &Mutex<StoreHealth>) {
+fn serve(
+    s: UnixStream,
+    engine: &EngineHandle,
+    me: &SelfInfo,
+    health: &Mutex<StoreHealth>,
+    leave: &AtomicBool,
+) {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
     let mut line = String::new();
     let mut r = BufReader::new(&s).take(256);
     if r.read_line(&mut line).is_err() {
+        return;
+    }
+    if line.trim() == "leave" {
+        let mut w = &s;
+        let _ = w.write_all(b"{\"leaving\":true}\n");
+        leave.store(true, Ordering::SeqCst);
+        // The main thread waits for signals: this one says "leave".
+        // SAFETY: plain kill(2) of our own process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
         return;
     }
     let h = health.lock().map(|g| g.clone()).unwrap_or_default();
@@ -126,7 +145,7 @@ fn serve(s: UnixStream, engine: &EngineHandle, me: &SelfInfo, health: &Mutex<Sto
                 .to_string()
             }
             other => {
-                json!({"error": format!("unknown request {other:?}: peers, metrics or health")})
+                json!({"error": format!("unknown request {other:?}: peers, metrics, health or leave")})
                     .to_string()
             }
         },

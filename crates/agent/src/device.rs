@@ -10,9 +10,12 @@
 //! vSwitch's userspace datapath reads our TAP with an AF_PACKET socket sized
 //! for one MTU); the header then stays all zero.
 //!
-//! The devices are not persistent: they disappear when the agent exits or
-//! dies, taking the port's link and the host address with them, so a
-//! SIGKILL leaves no interface behind.
+//! Once the agent is up, the devices are made persistent: they outlive the
+//! agent (a restart, an upgrade, a crash), so the host address, its routes
+//! and the bridge port stay and the next agent attaches to the same
+//! devices. Leaving (`evio-node agent --stop-and-leave`) makes them
+//! non-persistent again, and they go when the agent's descriptors close;
+//! `evio-node uninstall` deletes them by name.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -27,6 +30,7 @@ const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
@@ -54,8 +58,9 @@ pub struct Device {
 }
 
 impl Device {
-    /// Creates (or, if a non-persistent device of that name is left by
-    /// nobody, takes over) `name`. `offload` enables TSO/checksum offload.
+    /// Creates `name`, or attaches to the device of that name a previous
+    /// agent left (persistent, nobody attached). `offload` enables
+    /// TSO/checksum offload.
     pub fn open(name: &str, kind: Kind, offload: bool) -> io::Result<Device> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ {
             return Err(io::Error::new(
@@ -103,6 +108,22 @@ impl Device {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the device outlives this descriptor (see the module docs).
+    pub fn set_persist(&self, on: bool) -> io::Result<()> {
+        // SAFETY: TUNSETPERSIST takes its argument by value.
+        if unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETPERSIST,
+                libc::c_ulong::from(on),
+            )
+        } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     pub fn kind(&self) -> Kind {

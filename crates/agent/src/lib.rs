@@ -2,10 +2,15 @@
 //!
 //! [`run`] sets the node up (bridge and the agent's port on it, the host
 //! overlay interface, the UDP socket), starts the threads (engine, store,
-//! control socket, address watcher), waits for SIGTERM/SIGINT and removes
-//! what it created on the node: the OVS port, the TAP and TUN devices (and
-//! with them the host address and its route), its record in the store.
+//! control socket, address watcher) and runs until SIGTERM/SIGINT. A stop
+//! keeps the node on the network: the TAP and TUN are persistent, so the
+//! host address, its route, the bridge port and the store record stay, and
+//! the next agent adopts them (a restart costs the tunnels a handshake,
+//! not a teardown). Leaving is explicit (`evio-node agent --stop-and-leave`,
+//! the control socket's `leave`): then the port, the devices and the
+//! record go.
 
+pub mod cache;
 pub mod control;
 pub mod dataplane;
 pub mod device;
@@ -25,12 +30,14 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use evio_cni::config::NetConf;
+use evio_net::Handle;
 use evio_overlay::crypto::{b64, Secret};
 use evio_overlay::engine::{Overlay, OverlayConfig};
 use evio_overlay::tunnel::Identity;
 use evio_subnet::{PeerRecord, StoreOptions, StoreUrl};
 use ipnet::IpNet;
 
+use crate::cache::Cache;
 use crate::dataplane::{Command, Dataplane, Devices};
 use crate::device::{Device, Kind};
 use evio_overlay::nat::{Nat, NatConfig, TurnServer};
@@ -88,6 +95,17 @@ pub struct AgentConfig {
     pub store_url: StoreUrl,
     pub store_opts: StoreOptions,
     pub control_socket: PathBuf,
+    /// The state cache (cache.rs): where it lives and what it holds now.
+    pub cache_path: PathBuf,
+    pub cache: Cache,
+    /// The store did not answer at start: the allocations come from the
+    /// cache.
+    pub from_cache: bool,
+    /// The gateway of an allocation this node held before and lost
+    /// (released while it was away): taken off the bridge.
+    pub stale_gateway: Option<IpNet>,
+    /// `reclaimAfter`: release nodes absent this long.
+    pub reclaim_after: Option<Duration>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -104,6 +122,9 @@ impl std::fmt::Debug for AgentConfig {
             .field("network_key", &self.network_key.is_some())
             .field("store_url", &self.store_url)
             .field("control_socket", &self.control_socket)
+            .field("cache_path", &self.cache_path)
+            .field("from_cache", &self.from_cache)
+            .field("reclaim_after", &self.reclaim_after)
             .finish_non_exhaustive()
     }
 }
@@ -217,25 +238,20 @@ pub fn wait_readable(fd: RawFd, stop: &Stop, timeout: Option<Duration>) -> bool 
 /// The handle other threads use to talk to the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
-    pub commands: mpsc::SyncSender<Command>,
+    pub commands: mpsc::Sender<Command>,
     pub waker: Waker,
 }
 
 impl EngineHandle {
-    /// Queues a command unless the queue is full (the engine is not
-    /// draining it: nobody should wait on it then); false if not queued.
-    pub fn send(&self, c: Command) -> bool {
-        let queued = self.commands.try_send(c).is_ok();
+    pub fn send(&self, c: Command) {
+        let _ = self.commands.send(c);
         self.waker.wake();
-        queued
     }
 
     /// A status snapshot from the engine, or None if it does not answer.
     pub fn snapshot(&self, timeout: Duration) -> Option<dataplane::Snapshot> {
         let (tx, rx) = mpsc::sync_channel(1);
-        if !self.send(Command::Status(tx)) {
-            return None;
-        }
+        self.send(Command::Status(tx));
         rx.recv_timeout(timeout).ok()
     }
 }
@@ -253,61 +269,142 @@ pub struct SelfInfo {
 
 /// The signal the engine thread sends the main thread when it ends on its
 /// own (see [`engine_ended`]).
-const ENGINE_ENDED: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGUSR1;
+const ENGINE_ENDED: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGUSR2;
 
 /// Exit code when teardown did not finish in time: systemd and the kubelet
 /// see a failure, and the log says what hung.
 pub const EXIT_CLEANUP_HUNG: i32 = 3;
 
-/// Blocks SIGTERM, SIGINT, SIGHUP and [`ENGINE_ENDED`] in this thread (and
-/// so in every thread spawned after), so the main thread can wait for them.
+/// Blocks SIGTERM, SIGINT, SIGHUP, SIGUSR1 and [`ENGINE_ENDED`] in this
+/// thread (and so in every thread spawned after), so the main thread can
+/// wait for them.
 fn block_signals() -> Result<nix::sys::signal::SigSet, AgentError> {
     use nix::sys::signal::{SigSet, SigmaskHow, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
     set.add(Signal::SIGHUP);
+    // The control socket's `leave` (evio-node agent --stop-and-leave).
+    set.add(Signal::SIGUSR1);
     set.add(ENGINE_ENDED);
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
         .map_err(|e| AgentError::Net(format!("block signals: {e}")))?;
     Ok(set)
 }
 
-/// How waiting for the end of the agent ended.
-#[derive(Debug, PartialEq, Eq)]
-enum End {
-    Signal(nix::sys::signal::Signal),
-    /// The engine thread ended while nobody had asked it to.
-    EngineEnded,
+/// The node's devices: the TAP on the bridge, the host overlay's TUN, and
+/// the bridge's MAC (published in the record for the peers' switches).
+struct NodeDevices {
+    tap: Device,
+    tun: Option<Device>,
+    bridge_mac: Option<[u8; 6]>,
 }
 
-/// Waits for a stop signal, or for the engine thread to end on its own
-/// (it signals `ENGINE_ENDED` to this thread).
-fn wait_for_end(sigs: &nix::sys::signal::SigSet) -> End {
-    loop {
-        match sigs.wait() {
-            Ok(s) if s == ENGINE_ENDED => return End::EngineEnded,
-            Ok(s) => return End::Signal(s),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return End::EngineEnded,
+/// Whether `name` is a TUN/TAP device already (a previous agent's).
+fn exists_tun(host: &mut Handle, name: &str) -> bool {
+    host.link_by_name(name)
+        .ok()
+        .flatten()
+        .is_some_and(|l| l.kind.as_deref() == Some("tun"))
+}
+
+/// Opens (or adopts) the TAP and the TUN and plugs the TAP into the
+/// bridge; `cleanup` learns what to undo if the start fails.
+fn open_devices(
+    cfg: &AgentConfig,
+    host: &mut Handle,
+    cleanup: &mut Cleanup,
+) -> Result<NodeDevices, AgentError> {
+    let bridge = port::ensure_bridge(host, &cfg.plugin, cfg.gateway)?;
+    if let Some(old) = cfg.stale_gateway.filter(|g| *g != cfg.gateway) {
+        // The gateway of an allocation this node lost (released while it
+        // was away): another node may hold that subnet now.
+        match host.del_address(bridge.index, old) {
+            Ok(()) => tracing::warn!(gateway = %old, "removed the old gateway from the bridge"),
+            Err(e) => tracing::debug!("old gateway {old}: {e}"),
         }
     }
-}
-
-/// Runs on the engine thread when it ends: an end nobody asked for (an
-/// error of its event loop) must not leave a process that publishes its
-/// record with no data plane behind it, so it wakes the main thread, which
-/// tears down and exits non-zero for systemd or the kubelet to restart it.
-fn engine_ended(main: libc::pthread_t, result: &std::io::Result<()>) {
-    if let Err(e) = result {
-        tracing::error!("the engine stopped: {e}");
+    // Offloads on the TAP only where the bridge's reader takes GSO frames:
+    // the kernel's bridge does, OVS's userspace datapath does not.
+    let offload = cfg.plugin.bridge_type == evio_cni::config::BridgeType::Linux;
+    let adopted = exists_tun(host, &cfg.tap_name);
+    let tap = Device::open(&cfg.tap_name, Kind::Tap, offload)
+        .map_err(AgentError::io(format!("create TAP {}", cfg.tap_name)))?;
+    cleanup.created.push((cfg.tap_name.clone(), !adopted));
+    tap.set_persist(true)
+        .map_err(AgentError::io(format!("keep TAP {}", cfg.tap_name)))?;
+    cleanup.attached = true;
+    port::attach(host, &cfg.plugin, &bridge, &cfg.tap_name, adopted)?;
+    if adopted {
+        tracing::info!(tap = %cfg.tap_name, "adopted the TAP of the previous agent");
     }
-    // SAFETY: `main` is the live main thread, which outlives this one (it
-    // joins it); the signal is blocked there and waited for.
-    unsafe { libc::pthread_kill(main, ENGINE_ENDED as libc::c_int) };
+    let tun = match cfg.host_addr {
+        Some(addr) => Some(open_tun(cfg, host, addr, cleanup)?),
+        None => None,
+    };
+    Ok(NodeDevices {
+        tap,
+        tun,
+        bridge_mac: bridge.mac,
+    })
 }
 
-/// Runs the agent until SIGTERM/SIGINT; returns after cleaning up.
+fn open_tun(
+    cfg: &AgentConfig,
+    host: &mut Handle,
+    addr: IpNet,
+    cleanup: &mut Cleanup,
+) -> Result<Device, AgentError> {
+    let name = &cfg.host_interface;
+    let adopted = exists_tun(host, name);
+    let t =
+        Device::open(name, Kind::Tun, true).map_err(AgentError::io(format!("create {name}")))?;
+    cleanup.created.push((name.clone(), !adopted));
+    t.set_persist(true)
+        .map_err(AgentError::io(format!("keep {name}")))?;
+    let net = |e: evio_net::Error| AgentError::Net(e.to_string());
+    let link = host
+        .link_by_name(name)
+        .map_err(net)?
+        .ok_or_else(|| AgentError::Net(format!("{name} vanished")))?;
+    host.set_mtu(link.index, cfg.plugin.mtu)
+        .map_err(|e| AgentError::Net(format!("MTU of {name}: {e}")))?;
+    // An adopted device may hold an address this node no longer has (its
+    // allocation was released while it was away): only ours stays.
+    for a in host.addresses(Some(link.index)).map_err(net)? {
+        if a.addr != addr && addr.trunc().contains(&a.addr.addr()) {
+            tracing::warn!(old = %a.addr, "removed an old host address from {name}");
+            let _ = host.del_address(link.index, a.addr);
+        }
+    }
+    match host.add_address(link.index, addr) {
+        Ok(()) => {}
+        Err(e) if e.is_exists() => {}
+        Err(e) => return Err(AgentError::Net(format!("address {addr} on {name}: {e}"))),
+    }
+    host.set_up(link.index)
+        .map_err(|e| AgentError::Net(format!("bring up {name}: {e}")))?;
+    cleanup.host_rule = Some((addr, cfg.pod_cidr));
+    hostroute::install(host, link.index, addr, cfg.pod_cidr, cfg.pod_subnet)?;
+    if adopted {
+        tracing::info!(device = %name, "adopted the host interface of the previous agent");
+    }
+    Ok(t)
+}
+
+/// The threads of a running agent.
+struct Threads {
+    engine: std::thread::JoinHandle<std::io::Result<()>>,
+    store: std::thread::JoinHandle<()>,
+    watch: std::thread::JoinHandle<()>,
+    control: std::thread::JoinHandle<()>,
+    fwd: std::thread::JoinHandle<()>,
+}
+
+/// Runs the agent until SIGTERM/SIGINT (the node stays on the network: its
+/// devices, addresses, bridge port and store record remain for the next
+/// agent) or a `leave` request (all of that is removed); returns after
+/// that.
 pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let sigs = block_signals()?;
     // SAFETY: plain pthread_self(3).
@@ -323,49 +420,15 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     );
 
     let mut host = evio_net::Handle::new().map_err(|e| AgentError::Net(e.to_string()))?;
-    let bridge = port::ensure_bridge(&mut host, &cfg.plugin, cfg.gateway)?;
-    // Offloads on the TAP only where the bridge's reader takes GSO frames:
-    // the kernel's bridge does, OVS's userspace datapath does not.
-    let offload = cfg.plugin.bridge_type == evio_cni::config::BridgeType::Linux;
-    let tap = Device::open(&cfg.tap_name, Kind::Tap, offload)
-        .map_err(AgentError::io(format!("create TAP {}", cfg.tap_name)))?;
     let mut cleanup = Cleanup {
         plugin: cfg.plugin.clone(),
         tap: cfg.tap_name.clone(),
         attached: false,
+        created: Vec::new(),
+        armed: true,
         host_rule: None,
     };
-    port::attach(&mut host, &cfg.plugin, &bridge, &cfg.tap_name)?;
-    cleanup.attached = true;
-
-    let tun = match cfg.host_addr {
-        Some(addr) => {
-            let t = Device::open(&cfg.host_interface, Kind::Tun, true)
-                .map_err(AgentError::io(format!("create {}", cfg.host_interface)))?;
-            let link = host
-                .link_by_name(&cfg.host_interface)
-                .map_err(|e| AgentError::Net(e.to_string()))?
-                .ok_or_else(|| AgentError::Net(format!("{} vanished", cfg.host_interface)))?;
-            host.set_mtu(link.index, cfg.plugin.mtu)
-                .map_err(|e| AgentError::Net(format!("MTU of {}: {e}", cfg.host_interface)))?;
-            match host.add_address(link.index, addr) {
-                Ok(()) => {}
-                Err(e) if e.is_exists() => {}
-                Err(e) => {
-                    return Err(AgentError::Net(format!(
-                        "address {addr} on {}: {e}",
-                        cfg.host_interface
-                    )))
-                }
-            }
-            host.set_up(link.index)
-                .map_err(|e| AgentError::Net(format!("bring up {}: {e}", cfg.host_interface)))?;
-            cleanup.host_rule = Some((addr, cfg.pod_cidr));
-            hostroute::install(&mut host, link.index, addr, cfg.pod_cidr, cfg.pod_subnet)?;
-            Some(t)
-        }
-        None => None,
-    };
+    let devices = open_devices(&cfg, &mut host, &mut cleanup)?;
 
     let udp = udp::Udp::bind(cfg.listen_port)
         .map_err(AgentError::io(format!("UDP port {}", cfg.listen_port)))?;
@@ -380,10 +443,17 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let now = Instant::now();
     let mut ocfg = OverlayConfig::new(&cfg.network, cfg.pod_subnet, cfg.plugin.mtu as usize);
     ocfg.host_addr = cfg.host_addr.map(|a| a.addr());
-    ocfg.bridge_mac = bridge.mac;
+    ocfg.bridge_mac = devices.bridge_mac;
     // Every random draw of the engine comes from this one OS-seeded stream.
-    let seed = evio_overlay::crypto::os_seed();
-    let overlay = Overlay::new(now, ocfg, id, seed);
+    let mut overlay = Overlay::new(now, ocfg, id, evio_overlay::crypto::os_seed());
+    // The last known peers first: handshakes go out before the store has
+    // answered (or while it does not), and at once: those peers still hold
+    // sessions with this node's previous agent and would not initiate.
+    let initial = signal::cached_peers(&cfg.cache);
+    if !initial.is_empty() {
+        overlay.set_peers(now, &initial);
+        overlay.hurry(now);
+    }
     let nat_cfg = NatConfig {
         port: udp.port(),
         stun: cfg.stun.clone(),
@@ -392,12 +462,12 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let nat = Nat::new(now, nat_cfg, evio_overlay::crypto::os_seed());
     let waker = Waker::new()?;
     let (cmd_tx, cmd_rx) = mpsc::sync_channel(dataplane::COMMAND_QUEUE);
-    let (cand_tx, cand_rx) = tokio::sync::mpsc::unbounded_channel();
     let (cand_std_tx, cand_std_rx) =
         mpsc::channel::<Vec<(SocketAddr, evio_subnet::CandidateKind)>>();
+    let bridge_mac = devices.bridge_mac;
     let dp = Dataplane::new(
         Stack::new(overlay, nat),
-        Devices::new(udp, Some(tap), tun, epoll),
+        Devices::new(udp, Some(devices.tap), devices.tun, epoll),
         cmd_rx,
         waker.raw(),
         cand_std_tx,
@@ -405,11 +475,154 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     .map_err(AgentError::io("engine set-up"))?;
     let engine = EngineHandle {
         commands: cmd_tx,
-        waker: waker.clone(),
+        waker,
     };
+    // Also through the engine's command path, which tells the NAT layer
+    // about the peers' addresses.
+    engine.send(Command::Peers(initial.clone()));
     let stop = Stop::new()?;
-    let health = Arc::new(Mutex::new(signal::StoreHealth::default()));
+    let leave = Arc::new(AtomicBool::new(false));
+    let me = SelfInfo {
+        node: cfg.node.clone(),
+        public_key,
+        host_address: cfg.host_addr,
+        pod_subnet: cfg.pod_subnet,
+        listen,
+        started,
+    };
+    let spawn = Spawn {
+        main_thread,
+        bridge_mac,
+        initial,
+        cand_std_rx,
+    };
+    let threads = spawn_threads(&cfg, dp, &engine, &stop, &leave, me, spawn)?;
+    cleanup.armed = false;
+    tracing::info!(
+        node = %cfg.node,
+        subnet = %cfg.pod_subnet,
+        host = ?cfg.host_addr.map(|a| a.to_string()),
+        port = listen.port(),
+        from_cache = cfg.from_cache,
+        took_ms = started.elapsed().as_millis() as u64,
+        "agent up"
+    );
+    let end = wait_for_end(&sigs, &leave);
+    // Bounded teardown: whatever hangs, the process exits within 5 s, and
+    // says so with its exit code.
+    let deadline = Instant::now() + Duration::from_millis(4500);
+    std::thread::spawn(move || {
+        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+        tracing::error!("teardown did not finish within 4.5 s; exiting with what is left behind");
+        std::process::exit(EXIT_CLEANUP_HUNG);
+    });
+    stop.stop();
+    engine.send(Command::Shutdown);
+    let engine_result = threads.engine.join();
+    if end == End::Leave {
+        // Devices, port and rule go now; the store thread takes the record
+        // out meanwhile.
+        cleanup.leave();
+    }
+    let _ = threads.store.join();
+    let _ = threads.watch.join();
+    let _ = threads.control.join();
+    let _ = threads.fwd.join();
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    drop(epoll_owned);
+    match (end, engine_result) {
+        (End::Stop | End::Leave, _) => Ok(()),
+        (End::EngineEnded, Ok(Err(e))) => Err(AgentError::EngineDied(e.to_string())),
+        (End::EngineEnded, _) => Err(AgentError::EngineDied("it ended on its own".into())),
+    }
+}
 
+/// How waiting for the end of the agent ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// SIGTERM/SIGINT/SIGHUP: stop, keep the node on the network.
+    Stop,
+    /// The control socket's `leave`.
+    Leave,
+    /// The engine thread ended while nobody had asked it to: the node
+    /// stays on the network (a restart adopts it) and the exit is non-zero.
+    EngineEnded,
+}
+
+/// Waits for a stop signal, the control socket's `leave`, or for the
+/// engine thread to end on its own (it signals [`ENGINE_ENDED`] to this
+/// thread).
+fn wait_for_end(sigs: &nix::sys::signal::SigSet, leave: &AtomicBool) -> End {
+    use nix::sys::signal::Signal;
+    let leaving = || {
+        if leave.load(Ordering::SeqCst) {
+            End::Leave
+        } else {
+            End::Stop
+        }
+    };
+    loop {
+        match sigs.wait() {
+            Ok(s) if s == ENGINE_ENDED => {
+                tracing::warn!("stopping: the engine ended on its own");
+                return End::EngineEnded;
+            }
+            Ok(Signal::SIGUSR1) if leave.load(Ordering::SeqCst) => {
+                tracing::info!("leaving the network");
+                return End::Leave;
+            }
+            Ok(Signal::SIGUSR1) => continue,
+            Ok(s) => {
+                tracing::info!(signal = ?s, "stopping; the node stays on the network");
+                return leaving();
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return End::EngineEnded,
+        }
+    }
+}
+
+/// Runs on the engine thread when it ends: an end nobody asked for (an
+/// error of its event loop) must not leave a process that publishes its
+/// record with no data plane behind it, so it wakes the main thread, which
+/// stops and exits non-zero for systemd or the kubelet to restart it.
+fn engine_ended(main: libc::pthread_t, result: &std::io::Result<()>) {
+    if let Err(e) = result {
+        tracing::error!("the engine stopped: {e}");
+    }
+    // SAFETY: `main` is the live main thread, which outlives this one (it
+    // joins it); the signal is blocked there and waited for.
+    unsafe { libc::pthread_kill(main, ENGINE_ENDED as libc::c_int) };
+}
+
+/// What the threads are started with besides the config.
+struct Spawn {
+    main_thread: libc::pthread_t,
+    bridge_mac: Option<[u8; 6]>,
+    initial: Vec<evio_overlay::engine::PeerInfo>,
+    cand_std_rx: mpsc::Receiver<Vec<(SocketAddr, evio_subnet::CandidateKind)>>,
+}
+
+fn spawn_threads(
+    cfg: &AgentConfig,
+    dp: Dataplane,
+    engine: &EngineHandle,
+    stop: &Arc<Stop>,
+    leave: &Arc<AtomicBool>,
+    me: SelfInfo,
+    spawn: Spawn,
+) -> Result<Threads, AgentError> {
+    let Spawn {
+        main_thread,
+        bridge_mac,
+        initial,
+        cand_std_rx,
+    } = spawn;
+    let health = Arc::new(Mutex::new(signal::StoreHealth {
+        from_cache: cfg.from_cache,
+        ..signal::StoreHealth::default()
+    }));
+    let (cand_tx, cand_rx) = tokio::sync::mpsc::unbounded_channel();
     // Candidates flow engine -> store thread (std channel bridged into the
     // store's async world by a forwarding thread that ends with the engine).
     let fwd = std::thread::Builder::new()
@@ -430,17 +643,15 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             r
         })
         .map_err(AgentError::io("spawn thread"))?;
-
     let record = PeerRecord {
         node: cfg.node.clone(),
-        public_key: public_key.clone(),
+        public_key: me.public_key.clone(),
         host_address: cfg.host_addr.map(|a| a.to_string()),
         pod_subnet: cfg.pod_subnet.to_string(),
         endpoints: Vec::new(),
         candidates: Vec::new(),
         heartbeat: evio_subnet::now_rfc3339(),
-        extra: bridge
-            .mac
+        extra: bridge_mac
             .map(|m| {
                 let v = serde_json::Value::from(evio_overlay::packet::fmt_mac(&m));
                 serde_json::Map::from_iter([(signal::BRIDGE_MAC.to_string(), v)])
@@ -452,17 +663,24 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         url: cfg.store_url.clone(),
         opts: cfg.store_opts.clone(),
         record,
-        commands: engine.commands.clone(),
-        waker: waker.clone(),
+        own: signal::Own {
+            pod_subnet: cfg.pod_subnet,
+            host_addr: cfg.host_addr,
+        },
+        engine: engine.clone(),
         stop: stop.clone(),
+        leave: leave.clone(),
         health: health.clone(),
         candidates: cand_rx,
+        cache_path: cfg.cache_path.clone(),
+        cache: cfg.cache.clone(),
+        initial,
+        reclaim_after: cfg.reclaim_after,
     };
-    let store_thread = std::thread::Builder::new()
+    let store = std::thread::Builder::new()
         .name("evio-store".into())
         .spawn(move || sig.run())
         .map_err(AgentError::io("spawn thread"))?;
-
     let exclude = vec![
         cfg.plugin.bridge.clone(),
         cfg.tap_name.clone(),
@@ -472,89 +690,82 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     if let Some(h) = cfg.host_addr {
         nets.push(h.trunc());
     }
-    let watch_thread = netwatch::spawn(engine.clone(), stop.clone(), listen.port(), exclude, nets)?;
-
-    let me = SelfInfo {
-        node: cfg.node.clone(),
-        public_key,
-        host_address: cfg.host_addr,
-        pod_subnet: cfg.pod_subnet,
-        listen,
-        started,
-    };
-    let control_thread = control::spawn(
+    let listen = me.listen.port();
+    let watch = netwatch::spawn(engine.clone(), stop.clone(), listen, exclude, nets)?;
+    let control = control::spawn(
         &cfg.control_socket,
         engine.clone(),
         me,
-        health.clone(),
+        health,
         stop.clone(),
+        leave.clone(),
     )?;
-    tracing::info!(
-        node = %cfg.node,
-        subnet = %cfg.pod_subnet,
-        host = ?cfg.host_addr.map(|a| a.to_string()),
-        port = listen.port(),
-        "agent up"
-    );
-
-    let end = wait_for_end(&sigs);
-    tracing::info!(?end, "stopping");
-    // Bounded teardown: whatever hangs, the process exits within 5 s, and
-    // says so with its exit code.
-    let deadline = Instant::now() + Duration::from_millis(4500);
-    std::thread::spawn(move || {
-        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
-        tracing::error!("teardown did not finish within 4.5 s; exiting with what is left behind");
-        std::process::exit(EXIT_CLEANUP_HUNG);
-    });
-    stop.stop();
-    engine.send(Command::Shutdown);
-    let engine_result = engine_thread.join();
-    let _ = store_thread.join();
-    let _ = watch_thread.join();
-    let _ = control_thread.join();
-    let _ = fwd.join();
-    let _ = std::fs::remove_file(&cfg.control_socket);
-    drop(epoll_owned);
-    cleanup.run();
-    match (end, engine_result) {
-        (End::Signal(_), _) => Ok(()),
-        (End::EngineEnded, Ok(Err(e))) => Err(AgentError::EngineDied(e.to_string())),
-        (End::EngineEnded, _) => Err(AgentError::EngineDied("it ended on its own".into())),
-    }
+    Ok(Threads {
+        engine: engine_thread,
+        store,
+        watch,
+        control,
+        fwd,
+    })
 }
 
-/// What SIGTERM removes; the devices go by themselves when their file
-/// descriptors close.
+/// What a failed start undoes, and what leaving removes: the agent's OVS
+/// port and its devices. A stop (SIGTERM) leaves all of it in place.
 struct Cleanup {
     plugin: NetConf,
     tap: String,
     attached: bool,
-    /// The host-overlay address and pod CIDR of the policy rule installed.
+    /// Device names, and whether this run created them (a failed start
+    /// removes only those; leaving removes all).
+    created: Vec<(String, bool)>,
+    /// Until the agent is up, dropping this undoes the start.
+    armed: bool,
+    /// The host-overlay address and pod CIDR of the policy rule installed
+    /// (hostroute.rs): it stays with the devices, and goes with them.
     host_rule: Option<(IpNet, IpNet)>,
 }
 
 impl Cleanup {
-    fn run(&mut self) {
+    fn detach(&mut self) {
         if std::mem::take(&mut self.attached) {
             if let Err(e) = port::detach(&self.plugin, &self.tap) {
                 tracing::warn!("{e}");
             }
         }
+    }
+
+    fn delete(&mut self, only_created: bool) {
+        let Ok(mut h) = evio_net::Handle::new() else {
+            return;
+        };
         if let Some((addr, cidr)) = self.host_rule.take() {
-            let removed = evio_net::Handle::new()
-                .map_err(|e| AgentError::Net(e.to_string()))
-                .and_then(|mut h| hostroute::remove(&mut h, addr, cidr));
-            if let Err(e) = removed {
+            if let Err(e) = hostroute::remove(&mut h, addr, cidr) {
                 tracing::warn!("{e}");
             }
         }
+        for (name, created) in std::mem::take(&mut self.created) {
+            if only_created && !created {
+                continue;
+            }
+            if let Err(e) = h.delete_link_by_name(&name) {
+                tracing::warn!("remove {name}: {e}");
+            }
+        }
+    }
+
+    /// The node leaves: port and devices (with the host address) go.
+    fn leave(&mut self) {
+        self.detach();
+        self.delete(false);
     }
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        self.run();
+        if self.armed {
+            self.detach();
+            self.delete(true);
+        }
     }
 }
 
@@ -572,7 +783,7 @@ mod tests {
         let t = std::thread::spawn(move || {
             engine_ended(me, &Err(std::io::Error::other("epoll broke")));
         });
-        assert_eq!(wait_for_end(&sigs), End::EngineEnded);
+        assert_eq!(wait_for_end(&sigs, &AtomicBool::new(false)), End::EngineEnded);
         t.join().unwrap();
     }
 }

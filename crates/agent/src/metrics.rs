@@ -61,6 +61,9 @@ pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value
                 "via": via,
                 "paths": p.paths,
                 "alivePaths": p.alive_paths,
+                // Its liveness lapsed in the store (it lost the store, or
+                // its agent is gone): kept while the tunnel works.
+                "stale": health.stale.contains(&p.node),
             })
         })
         .collect();
@@ -90,6 +93,8 @@ pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value
             "published": health.published,
             "revoked": health.revoked,
             "error": health.last_error,
+            "fromCache": health.from_cache,
+            "revokedWhy": health.revoked_why,
         },
     })
 }
@@ -119,9 +124,13 @@ pub fn peers_table(v: &Value) -> String {
         "TX".into(),
     ]];
     for p in v["peers"].as_array().into_iter().flatten() {
+        let state = match p["stale"].as_bool() {
+            Some(true) => format!("{} (stale)", s(&p["state"])),
+            _ => s(&p["state"]),
+        };
         rows.push(vec![
             s(&p["node"]),
-            s(&p["state"]),
+            state,
             s(&p["path"]),
             s(&p["endpoint"]),
             p["rttMs"]
@@ -163,8 +172,15 @@ pub fn peers_table(v: &Value) -> String {
         }
     }
     if v["store"]["revoked"].as_bool() == Some(true) {
-        out.push_str(
-            "this node's record was deleted from the store: restart the agent to rejoin\n",
+        let why = v["store"]["revokedWhy"]
+            .as_str()
+            .unwrap_or("this node's record was deleted from the store");
+        let _ = writeln!(out, "{why}: restart the agent to rejoin");
+    } else if v["store"]["fromCache"].as_bool() == Some(true) {
+        let _ = writeln!(
+            out,
+            "running from the cached state: the store has not answered yet ({})",
+            s(&v["store"]["error"])
         );
     }
     out
@@ -358,6 +374,12 @@ pub fn prometheus(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Strin
         o,
         "evio_overlay_learned_macs{{node=\"{node}\"}} {}",
         snap.learned_macs
+    );
+    let _ = writeln!(o, "# HELP evio_overlay_stale_peers Peers whose liveness lapsed in the store, kept while their tunnel works.\n# TYPE evio_overlay_stale_peers gauge");
+    let _ = writeln!(
+        o,
+        "evio_overlay_stale_peers{{node=\"{node}\"}} {}",
+        health.stale.len()
     );
     let _ = writeln!(o, "# HELP evio_overlay_store_ok Whether this node's record is published and not revoked.\n# TYPE evio_overlay_store_ok gauge");
     let _ = writeln!(

@@ -82,15 +82,18 @@ pub fn ensure_bridge(
         .ok_or_else(|| AgentError::Port(format!("bridge {} vanished", conf.bridge)))
 }
 
-/// Plugs the TAP `tap` into the bridge. On OVS a port of that name left by
-/// a killed agent is ours and is reused (vswitchd re-opens the new device
-/// of the same name), never duplicated; a port of that name owned by
-/// anyone else is an error.
+/// Plugs the TAP `tap` into the bridge. `adopted`: the TAP is the device a
+/// previous agent left (persistent), so an OVS port of ours that works is
+/// kept as it is: the datapath never stops reading it. A port of ours on a
+/// device that is new (the old one went with a crash or a reboot) is
+/// replaced (vswitchd re-opens the new device of the same name), never
+/// duplicated; a port of that name owned by anyone else is an error.
 pub fn attach(
     host: &mut Handle,
     conf: &NetConf,
     bridge: &Link,
     tap: &str,
+    adopted: bool,
 ) -> Result<(), AgentError> {
     let link = host
         .link_by_name(tap)
@@ -107,17 +110,31 @@ pub fn attach(
         BridgeType::Ovs => {
             let mut c = Client::connect(&conf.ovsdb, OVSDB_TIMEOUT)
                 .map_err(|e| err(format!("OVSDB at {}", conf.ovsdb))(e.to_string()))?;
-            match c
+            let existing = c
                 .port(tap)
-                .map_err(|e| err("read OVS ports")(e.to_string()))?
-            {
+                .map_err(|e| err("read OVS ports")(e.to_string()))?;
+            let ours = |p: &evio_ovsdb::vswitch::PortInfo| {
+                p.external_ids.get(OWNER_KEY).map(String::as_str) == Some(OWNER_AGENT)
+            };
+            let working = existing.as_ref().is_some_and(|p| {
+                ours(p)
+                    && p.bridge == bridge.name
+                    && p.ofport.is_some_and(|o| o > 0)
+                    && p.error.is_none()
+            });
+            if adopted && working {
+                tracing::info!(
+                    port = tap,
+                    "kept the OVS port of the previous agent (same device)"
+                );
+                return up(host, conf, &link, tap);
+            }
+            match existing {
                 // A killed agent's port: its device is gone and the new TAP
                 // of that name is a different device, which the userspace
                 // datapath does not pick up on its own. Reclaim the port by
                 // replacing its record (same name: never a duplicate).
-                Some(p)
-                    if p.external_ids.get(OWNER_KEY).map(String::as_str) == Some(OWNER_AGENT) =>
-                {
+                Some(p) if ours(&p) => {
                     c.del_port_if(tap, &[(OWNER_KEY, OWNER_AGENT)])
                         .map_err(|e| err(format!("reclaim OVS port {tap}"))(e.to_string()))?;
                     // Let vswitchd drop the port before it comes back, or
@@ -149,6 +166,10 @@ pub fn attach(
                 .map_err(|e| err(format!("OVS did not take {tap}"))(e.to_string()))?;
         }
     }
+    up(host, conf, &link, tap)
+}
+
+fn up(host: &mut Handle, conf: &NetConf, link: &Link, tap: &str) -> Result<(), AgentError> {
     host.set_mtu(link.index, conf.mtu.max(1500))
         .map_err(|e| err(format!("MTU of {tap}"))(e.to_string()))?;
     host.set_up(link.index)
@@ -174,8 +195,8 @@ fn quiet(tap: &str) {
     }
 }
 
-/// Removes the agent's port (SIGTERM). The TAP device itself goes when
-/// its file descriptor closes.
+/// Removes the agent's port (leaving the network, or a start that
+/// failed). The TAP device itself is deleted by the caller.
 pub fn detach(conf: &NetConf, tap: &str) -> Result<(), AgentError> {
     if conf.bridge_type == BridgeType::Ovs {
         let mut c = Client::connect(&conf.ovsdb, OVSDB_TIMEOUT)

@@ -1,36 +1,61 @@
 //! Signalling through the store, on its own thread with a current-thread
 //! tokio runtime (etcd's client is async): publish this node's record,
-//! keep it alive (etcd lease keep-alive / file heartbeat), follow the other
-//! records (etcd watch / file stat) and hand the peer set to the engine.
+//! keep its liveness (etcd lease keep-alive / file heartbeat), follow the
+//! network (etcd watch / file stat) and hand the peer set to the engine.
+//!
+//! The store is the control plane; the tunnels are the data plane and do
+//! not depend on it (docs/operations.md, "What happens when"):
+//! * a store that fails or hangs only delays this thread: every call is
+//!   bounded ([`CALL_LIMIT`]), a failure drops the connection and a fresh
+//!   one is tried within seconds, and the engine keeps the last peer set;
+//! * a peer whose liveness lapses (its lease expired: it lost the store)
+//!   is marked stale, not removed: its tunnel stays while the session
+//!   works, and it goes only when the session dies;
+//! * a peer is removed when its record is deleted (it left, or was
+//!   released), or its key changes (the engine starts over);
+//! * with `reclaimAfter`, nodes absent that long (by this agent's own
+//!   monotonic clock: no clock of another node is trusted) and vouched for
+//!   by nobody are released.
 
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use evio_overlay::crypto::parse_key;
-use evio_overlay::crypto::{b64, Key};
-use evio_overlay::engine::{shared_keys, Candidate, PeerInfo};
+use evio_overlay::crypto::{b64, parse_key, Key};
+use evio_overlay::engine::{shared_keys, Candidate, PeerInfo, PeerState};
 use evio_overlay::path::Class;
 use evio_subnet::{
     open_overlay_store, Candidate as StoreCandidate, CandidateKind, Liveness, OverlayStore,
-    PeerRecord, PeerSnapshot, StoreOptions, StoreUrl,
+    PeerRecord, PeerSnapshot, ReleaseRequest, StoreOptions, StoreUrl, SubnetError,
 };
 use ipnet::IpNet;
 
-use crate::dataplane::Command;
-use crate::Waker;
+use crate::cache::Cache;
+use crate::dataplane::{Command, Snapshot};
+use crate::EngineHandle;
 
 /// The record field naming the node bridge's MAC (kept in the record's
 /// `extra`, so older agents carry it through a read-modify-write).
 pub const BRIDGE_MAC: &str = "bridgeMac";
 
-/// Heartbeat / lease keep-alive period.
+/// Liveness keep-alive period.
 pub const REFRESH: Duration = Duration::from_secs(10);
-/// etcd lease TTL: a dead agent's record goes after this.
+/// etcd lease TTL: a dead agent's node turns stale after this.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
-/// File store: a record whose heartbeat is older is a dead agent's.
-pub const STALE_AFTER: Duration = Duration::from_secs(60);
+/// Bound of one store call (connecting included): a store that hangs holds
+/// this thread no longer, and a partition's end is noticed within about
+/// this much plus [`RETRY_MAX`].
+pub const CALL_LIMIT: Duration = Duration::from_secs(4);
+/// Longest pause between attempts to reach a store that failed.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// A stale peer without a session for this long is removed: its session
+/// died, and nothing says it will come back.
+pub const STALE_GRACE: Duration = Duration::from_secs(15);
+/// How long leaving may take to delete the node's record.
+const LEAVE_LIMIT: Duration = Duration::from_secs(2);
 
 /// What the store thread reports to the rest of the agent.
 #[derive(Debug, Clone, Default)]
@@ -39,6 +64,19 @@ pub struct StoreHealth {
     pub revoked: bool,
     pub last_error: Option<String>,
     pub peers_seen: usize,
+    /// Peers kept while their liveness lapsed.
+    pub stale: BTreeSet<String>,
+    /// The agent runs from its cache: the store has not answered yet.
+    pub from_cache: bool,
+    /// Why the node is no longer part of the network, when it is not.
+    pub revoked_why: Option<String>,
+}
+
+/// This node's allocations, to check the store still agrees.
+#[derive(Debug, Clone)]
+pub struct Own {
+    pub pod_subnet: IpNet,
+    pub host_addr: Option<IpNet>,
 }
 
 pub struct Signalling {
@@ -46,11 +84,18 @@ pub struct Signalling {
     pub url: StoreUrl,
     pub opts: StoreOptions,
     pub record: PeerRecord,
-    pub commands: SyncSender<Command>,
-    pub waker: Waker,
+    pub own: Own,
+    pub engine: EngineHandle,
     pub stop: Arc<crate::Stop>,
+    /// Set with `stop` when the node leaves the network.
+    pub leave: Arc<AtomicBool>,
     pub health: Arc<Mutex<StoreHealth>>,
     pub candidates: tokio::sync::mpsc::UnboundedReceiver<Vec<(SocketAddr, CandidateKind)>>,
+    pub cache_path: PathBuf,
+    pub cache: Cache,
+    /// The peers the engine was started with (from the cache).
+    pub initial: Vec<PeerInfo>,
+    pub reclaim_after: Option<Duration>,
 }
 
 fn class_of(k: CandidateKind) -> Class {
@@ -63,7 +108,7 @@ fn class_of(k: CandidateKind) -> Class {
 
 /// The engine's view of a record; `None` for a record it cannot use (its
 /// own, or malformed: logged).
-pub fn peer_info(rec: &PeerRecord, own: &str, file_store: bool) -> Option<PeerInfo> {
+pub fn peer_info(rec: &PeerRecord, own: &str, stale: bool) -> Option<PeerInfo> {
     if rec.node == own {
         return None;
     }
@@ -101,10 +146,6 @@ pub fn peer_info(rec: &PeerRecord, own: &str, file_store: bool) -> Option<PeerIn
             })
             .collect();
     }
-    let stale = file_store
-        && rec
-            .heartbeat_age(SystemTime::now())
-            .is_none_or(|a| a > STALE_AFTER);
     // An older agent publishes none; a malformed one is as good as none.
     let bridge_mac = rec
         .extra
@@ -122,10 +163,83 @@ pub fn peer_info(rec: &PeerRecord, own: &str, file_store: bool) -> Option<PeerIn
     })
 }
 
+/// The records of `snap` a peer is believed for: its pod subnet must be
+/// the one `nodes/<node>` holds and its host address the one
+/// `hostnodes/<node>` holds, so a record cannot claim another node's
+/// addresses (and pass source enforcement for them).
+pub fn believed<'a>(snap: &'a PeerSnapshot, own: &'a str) -> Vec<&'a PeerRecord> {
+    let alloc = &snap.alloc;
+    snap.records
+        .iter()
+        .filter(|r| {
+            let subnet_ok = r
+                .pod_subnet
+                .parse::<IpNet>()
+                .ok()
+                .is_some_and(|n| alloc.subnets.get(&r.node) == Some(&n));
+            let host_ok = match r.host_address.as_deref() {
+                None => true,
+                Some(h) => h
+                    .parse::<IpNet>()
+                    .ok()
+                    .is_some_and(|n| alloc.hosts.get(&r.node) == Some(&n.addr())),
+            };
+            if !(subnet_ok && host_ok) && r.node != own {
+                tracing::warn!(
+                    node = %r.node,
+                    "peer record ignored: its podSubnet {} / hostAddress {:?} are not what the store allocated to it",
+                    r.pod_subnet,
+                    r.host_address
+                );
+            }
+            subnet_ok && host_ok
+        })
+        .collect()
+}
+
 fn set_health(h: &Mutex<StoreHealth>, f: impl FnOnce(&mut StoreHealth)) {
     if let Ok(mut g) = h.lock() {
         f(&mut g);
     }
+}
+
+/// Runs a store call within [`CALL_LIMIT`].
+async fn bounded<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, SubnetError>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(CALL_LIMIT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: no answer within {CALL_LIMIT:?}")),
+    }
+}
+
+/// Why a session with the store ended.
+enum End {
+    Stopped,
+    Failed(String),
+}
+
+/// What the thread keeps across store connections.
+#[derive(Default)]
+struct State {
+    published: bool,
+    revoked: bool,
+    /// The peer set last handed to the engine.
+    sent: Vec<PeerInfo>,
+    snap: PeerSnapshot,
+    /// Stale peers seen without a session, since when.
+    sessionless: HashMap<String, Instant>,
+    /// Stale peers removed because their session died.
+    dropped: BTreeSet<String>,
+    /// Nodes absent (not live, vouched for by nobody), since when, by our
+    /// own clock: the reclaim timer.
+    absent: HashMap<String, Instant>,
+    lease: Option<i64>,
+    /// Keys that several records claim, as last said (one warning per
+    /// change, not per update).
+    shared: Vec<(Key, Vec<String>)>,
 }
 
 impl Signalling {
@@ -143,77 +257,411 @@ impl Signalling {
         rt.block_on(self.main());
     }
 
-    /// The store, retried until it answers; None if the agent stops first.
-    async fn connect(&self) -> Option<Box<dyn OverlayStore>> {
-        let mut pause = Duration::from_millis(200);
+    async fn main(&mut self) {
+        let mut st = State {
+            sent: self.initial.clone(),
+            lease: self.cache.lease,
+            ..State::default()
+        };
         let mut stopped = self.stop.subscribe();
-        loop {
-            match open_overlay_store(&self.url, &self.opts).await {
-                Ok(s) => return Some(s),
-                Err(e) => {
-                    tracing::warn!("store {}: {e}; retrying", self.url);
-                    set_health(&self.health, |h| h.last_error = Some(e.to_string()));
+        let mut pause = Duration::from_millis(200);
+        // An outage is said once, and again a minute on, not every retry.
+        let mut warned: Option<Instant> = None;
+        while !self.stop.is_set() {
+            let end = match self.connect().await {
+                Ok(store) => {
+                    if let Some(l) = st.lease {
+                        store.adopt_lease(l);
+                    }
+                    let end = self.session(store.as_ref(), &mut st, &mut warned).await;
+                    if let Some(l) = store.lease_id() {
+                        st.lease = Some(l);
+                    }
+                    end
+                }
+                Err(e) => End::Failed(e),
+            };
+            match end {
+                End::Stopped => break,
+                End::Failed(e) => {
+                    if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!(
+                            "store {}: {e}; the tunnels carry on, trying again every {RETRY_MAX:?}",
+                            self.url
+                        );
+                        warned = Some(Instant::now());
+                    } else {
+                        tracing::debug!("store {}: {e}", self.url);
+                    }
+                    set_health(&self.health, |h| h.last_error = Some(e));
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
-                        _ = stopped.changed() => return None,
+                        _ = stopped.changed() => {}
                     }
-                    pause = (pause * 2).min(Duration::from_secs(5));
+                    pause = (pause * 2).min(RETRY_MAX);
                 }
+            }
+        }
+        if self.leave.load(Ordering::SeqCst) {
+            self.leave_store().await;
+        }
+    }
+
+    /// A fresh connection: after a failure the old one may be what hangs
+    /// (a TCP connection that crossed a partition can take minutes of
+    /// retransmission back-off to recover).
+    async fn connect(&self) -> Result<Box<dyn OverlayStore>, String> {
+        let mut opts = self.opts.clone();
+        opts.timeout = opts.timeout.min(CALL_LIMIT);
+        bounded("connecting", open_overlay_store(&self.url, &opts)).await
+    }
+
+    /// Takes the node out of the store on `--stop-and-leave`.
+    async fn leave_store(&self) {
+        let r = tokio::time::timeout(LEAVE_LIMIT, async {
+            let store = self.connect().await?;
+            bounded(
+                "removing this node's record",
+                store.remove_peer(&self.network, &self.record.node),
+            )
+            .await
+        })
+        .await;
+        match r {
+            Ok(Ok(_)) => tracing::info!("left: this node's record is removed from the store"),
+            Ok(Err(e)) => tracing::warn!("leaving: {e}"),
+            Err(_) => tracing::warn!("leaving: the store did not answer within {LEAVE_LIMIT:?}"),
+        }
+    }
+
+    async fn session(
+        &mut self,
+        store: &dyn OverlayStore,
+        st: &mut State,
+        warned: &mut Option<Instant>,
+    ) -> End {
+        if !st.revoked && !st.published {
+            if let Err(e) = self.publish(store, st).await {
+                return End::Failed(e);
+            }
+        }
+        match bounded("reading the network", store.peers(&self.network)).await {
+            Ok(s) => self.apply(st, s),
+            Err(e) => return End::Failed(e),
+        }
+        let was_down = self
+            .health
+            .lock()
+            .map(|h| h.last_error.is_some() || h.from_cache)
+            .unwrap_or(false);
+        if was_down {
+            tracing::info!("store {} answers again", self.url);
+        }
+        *warned = None;
+        set_health(&self.health, |h| {
+            h.last_error = None;
+            h.from_cache = false;
+        });
+        // The first tick is at once: after an outage the node's liveness
+        // has probably lapsed and must be restored now, not a period later.
+        let every = self.tick_every();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stopped = self.stop.subscribe();
+        loop {
+            if self.stop.is_set() {
+                return End::Stopped;
+            }
+            let r = tokio::select! {
+                _ = stopped.changed() => return End::Stopped,
+                c = self.candidates.recv() => {
+                    let Some(c) = c else { return End::Stopped };
+                    self.set_candidates(&c);
+                    if st.revoked { Ok(()) } else { self.publish(store, st).await }
+                }
+                _ = tick.tick() => self.tick(store, st).await,
+                w = store.watch_peers(&self.network, &st.snap, Duration::from_secs(30)) => {
+                    match w {
+                        Ok(Some(s)) => {
+                            self.apply(st, s);
+                            Ok(())
+                        }
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(format!("watching the network: {e}")),
+                    }
+                }
+            };
+            if let Err(e) = r {
+                return End::Failed(e);
             }
         }
     }
 
-    /// Hands the peer set to the engine. A record is believed only where
-    /// it agrees with the allocation records: its pod subnet must be the one
-    /// `nodes/<node>` holds and its host address the one `hostnodes/<node>`
-    /// holds, so a record cannot claim another node's addresses (and pass
-    /// source enforcement for them).
-    /// Records that claim one key are refused by the engine, all of them;
-    /// `last` (what was said before) keeps this to one line per change.
-    async fn send_peers(
-        &self,
-        store: &dyn OverlayStore,
-        snap: &PeerSnapshot,
-        last: &mut Vec<(Key, Vec<String>)>,
-    ) {
-        let file = matches!(self.url, StoreUrl::File(_));
-        let alloc = match store.allocations(&self.network).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!("reading allocations to check peer records: {e}");
-                return;
-            }
-        };
-        let peers: Vec<PeerInfo> = snap
-            .records
+    fn tick_every(&self) -> Duration {
+        match self.reclaim_after {
+            Some(a) => (a / 4).clamp(Duration::from_secs(1), REFRESH),
+            None => REFRESH,
+        }
+    }
+
+    fn set_candidates(&mut self, c: &[(SocketAddr, CandidateKind)]) {
+        self.record.candidates = c
             .iter()
-            .filter(|r| {
-                let subnet_ok = r
-                    .pod_subnet
-                    .parse::<IpNet>()
-                    .ok()
-                    .is_some_and(|n| alloc.subnets.get(&r.node) == Some(&n));
-                let host_ok = match r.host_address.as_deref() {
-                    None => true,
-                    Some(h) => h
-                        .parse::<IpNet>()
-                        .ok()
-                        .is_some_and(|n| alloc.hosts.get(&r.node) == Some(&n.addr())),
-                };
-                if !(subnet_ok && host_ok) && r.node != self.record.node {
-                    tracing::warn!(
-                        node = %r.node,
-                        "peer record ignored: its podSubnet {} / hostAddress {:?} are not what the store allocated to it",
-                        r.pod_subnet,
-                        r.host_address
-                    );
-                }
-                subnet_ok && host_ok
+            .map(|(a, k)| StoreCandidate {
+                addr: a.to_string(),
+                kind: *k,
             })
-            .filter_map(|r| peer_info(r, &self.record.node, file))
             .collect();
+        self.record.endpoints = c.iter().map(|(a, _)| a.to_string()).collect();
+    }
+
+    async fn publish(&mut self, store: &dyn OverlayStore, st: &mut State) -> Result<(), String> {
+        self.record.stamp();
+        let r = bounded(
+            "publishing this node's record",
+            store.publish(&self.network, &self.record, LEASE_TTL),
+        )
+        .await;
+        st.published = r.is_ok();
+        if r.is_ok() {
+            set_health(&self.health, |h| {
+                h.published = true;
+                h.last_error = None;
+            });
+            let lease = store.lease_id();
+            if lease != self.cache.lease {
+                self.cache.lease = lease;
+                self.save_cache();
+            }
+        }
+        r
+    }
+
+    /// Keep-alive, then what follows from the engine's view: who vouches,
+    /// which stale peers died, whom to reclaim.
+    async fn tick(&mut self, store: &dyn OverlayStore, st: &mut State) -> Result<(), String> {
+        if st.revoked {
+            return Ok(());
+        }
+        let status = self.engine_status().await;
+        let connected: Vec<String> = status
+            .as_ref()
+            .map(|s| {
+                let mut v: Vec<String> = s
+                    .peers
+                    .iter()
+                    .filter(|p| p.state == PeerState::Connected)
+                    .map(|p| p.node.clone())
+                    .collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default();
+        let live = bounded(
+            "keeping this node's liveness",
+            store.refresh(&self.network, &self.record.node, &connected),
+        )
+        .await?;
+        match live {
+            Liveness::Alive => {}
+            Liveness::Expired => {
+                tracing::warn!("this node's liveness lapsed in the store (it was cut off); publishing again");
+                self.publish(store, st).await?;
+            }
+            Liveness::Revoked => self.revoke(
+                st,
+                "this node's record was deleted from the store: the node was removed from the overlay"
+                    .into(),
+            ),
+        }
+        if let Some(s) = &status {
+            self.expire_stale(st, s);
+        }
+        if let Some(after) = self.reclaim_after {
+            self.reclaim(store, st, after, &connected).await;
+        }
+        Ok(())
+    }
+
+    /// A status snapshot from the engine, without blocking this thread's
+    /// runtime (the engine answers within a wake-up).
+    async fn engine_status(&self) -> Option<Snapshot> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.engine.send(Command::Status(tx));
+        for _ in 0..200 {
+            if let Ok(s) = rx.try_recv() {
+                return Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
+
+    /// Stale peers whose session died (none for [`STALE_GRACE`]) go.
+    fn expire_stale(&mut self, st: &mut State, s: &Snapshot) {
+        let now = Instant::now();
+        let stale: BTreeSet<&str> = st
+            .sent
+            .iter()
+            .filter(|p| p.stale)
+            .map(|p| p.node.as_str())
+            .collect();
+        st.sessionless.retain(|n, _| stale.contains(n.as_str()));
+        let mut gone = Vec::new();
+        for p in s.peers.iter().filter(|p| stale.contains(p.node.as_str())) {
+            if p.session_born.is_some() {
+                st.sessionless.remove(&p.node);
+                continue;
+            }
+            let since = *st.sessionless.entry(p.node.clone()).or_insert(now);
+            if now.duration_since(since) >= STALE_GRACE {
+                gone.push(p.node.clone());
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        for n in gone {
+            tracing::info!(peer = %n, "stale peer removed: its liveness lapsed and its tunnel is down");
+            st.sessionless.remove(&n);
+            st.dropped.insert(n);
+        }
+        let snap = st.snap.clone();
+        self.apply(st, snap);
+    }
+
+    /// Releases nodes absent for `after` (see the module docs).
+    async fn reclaim(
+        &mut self,
+        store: &dyn OverlayStore,
+        st: &mut State,
+        after: Duration,
+        connected: &[String],
+    ) {
+        let now = Instant::now();
+        let me = self.record.node.clone();
+        let absent: BTreeSet<String> = st
+            .snap
+            .nodes()
+            .into_iter()
+            .filter(|n| n.subnet.is_some() || n.host.is_some() || n.public_key.is_some())
+            .filter(|n| n.node != me && !st.snap.alive(&n.node))
+            .filter(|n| !connected.contains(&n.node))
+            .map(|n| n.node)
+            .collect();
+        st.absent.retain(|n, _| absent.contains(n));
+        for n in &absent {
+            st.absent.entry(n.clone()).or_insert(now);
+        }
+        let due: Vec<String> = st
+            .absent
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= after)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in due {
+            let req = ReleaseRequest {
+                force: false,
+                reason: "reclaimAfter".into(),
+                by: me.clone(),
+            };
+            match bounded("reclaiming", store.release_node(&self.network, &n, &req)).await {
+                Ok(r) => tracing::warn!(
+                    node = %n,
+                    subnet = ?r.subnet.map(|s| s.to_string()),
+                    host = ?r.host.map(|h| h.to_string()),
+                    "reclaimed: the node was absent for {} (reclaimAfter)",
+                    humantime::format_duration(after)
+                ),
+                Err(e) => tracing::info!(node = %n, "not reclaimed: {e}"),
+            }
+            st.absent.remove(&n);
+        }
+    }
+
+    /// The store says this node is out of the network: no more publishing,
+    /// no tunnels, until the agent is started again.
+    fn revoke(&mut self, st: &mut State, why: String) {
+        if st.revoked {
+            return;
+        }
+        tracing::error!("{why}; tunnels are down until the agent is restarted");
+        st.revoked = true;
+        st.sent.clear();
+        set_health(&self.health, |h| {
+            h.revoked = true;
+            h.revoked_why = Some(why);
+        });
+        self.engine.send(Command::Peers(Vec::new()));
+    }
+
+    /// Whether the store still gives this node the addresses it runs with;
+    /// the reason when it does not.
+    fn own_allocation_lost(&self, snap: &PeerSnapshot) -> Option<String> {
+        let me = &self.record.node;
+        let subnet = snap.alloc.subnets.get(me);
+        let host = snap.alloc.hosts.get(me);
+        let host_ok = match self.own.host_addr {
+            None => true,
+            Some(h) => host == Some(&h.addr()),
+        };
+        if subnet == Some(&self.own.pod_subnet) && host_ok {
+            return None;
+        }
+        let what = match snap.released.get(me) {
+            Some(r) => format!("were released ({}, by {}, at {})", r.reason, r.by, r.time),
+            None => format!(
+                "are no longer this node's in the store (it holds {} / {})",
+                subnet.map_or("no subnet".to_string(), |s| s.to_string()),
+                host.map_or("no host address".to_string(), |h| h.to_string())
+            ),
+        };
+        Some(format!(
+            "this node's allocations (subnet {}, host address {}) {what}: another node may hold \
+             them now, so this node stops using them; restart the agent (and config-gen) to get \
+             a fresh allocation",
+            self.own.pod_subnet,
+            self.own
+                .host_addr
+                .map_or("none".to_string(), |h| h.to_string()),
+        ))
+    }
+
+    /// Takes a new view of the network: the believed peers, stale where
+    /// their liveness lapsed, go to the engine if they changed.
+    fn apply(&mut self, st: &mut State, snap: PeerSnapshot) {
+        if !st.revoked {
+            if let Some(why) = self.own_allocation_lost(&snap) {
+                self.revoke(st, why);
+            }
+        }
+        let me = self.record.node.clone();
+        let believed = believed(&snap, &me);
+        // A peer that is live again may be dropped no longer.
+        st.dropped.retain(|n| !snap.live.contains_key(n));
+        // Stale for the engine (no new session from us): not live in the
+        // store and vouched for by no one else. Our own tunnel to it counts
+        // for nothing here: it is what staleness is about.
+        let engine_stale = |n: &str| !snap.live.contains_key(n) && !snap.vouched_by_others(n, &me);
+        let peers: Vec<PeerInfo> = believed
+            .iter()
+            .filter(|r| !st.dropped.contains(&r.node))
+            .filter_map(|r| peer_info(r, &me, engine_stale(&r.node)))
+            .collect();
+        let records: Vec<PeerRecord> = believed
+            .iter()
+            .filter(|r| r.node != me)
+            .map(|r| (*r).clone())
+            .collect();
+        // Stale for `peers`: its liveness lapsed in the store.
+        let stale: BTreeSet<String> = peers
+            .iter()
+            .filter(|p| !snap.live.contains_key(&p.node))
+            .map(|p| p.node.clone())
+            .collect();
+        // Records that claim one key are refused by the engine, all of them.
         let shared = shared_keys(&peers);
-        if shared != *last {
+        if shared != st.shared {
             for (key, nodes) in &shared {
                 tracing::warn!(
                     key = %b64(key),
@@ -221,125 +669,35 @@ impl Signalling {
                     "peer records claim one public key: none of them is believed until all but one are gone"
                 );
             }
-            *last = shared;
+            st.shared = shared;
         }
-        set_health(&self.health, |h| h.peers_seen = peers.len());
-        let _ = self.commands.send(Command::Peers(peers));
-        self.waker.wake();
+        set_health(&self.health, |h| {
+            h.peers_seen = peers.len();
+            h.stale = stale;
+        });
+        if !st.revoked && peers != st.sent {
+            self.engine.send(Command::Peers(peers.clone()));
+            st.sent = peers;
+        }
+        if records != self.cache.peers && !st.revoked {
+            self.cache.peers = records;
+            self.save_cache();
+        }
+        st.snap = snap;
     }
 
-    async fn publish(&mut self, store: &dyn OverlayStore) -> bool {
-        self.record.stamp();
-        match store.publish(&self.network, &self.record, LEASE_TTL).await {
-            Ok(()) => {
-                set_health(&self.health, |h| {
-                    h.published = true;
-                    h.last_error = None;
-                });
-                true
-            }
-            Err(e) => {
-                tracing::warn!("publishing this node's record: {e}");
-                set_health(&self.health, |h| h.last_error = Some(e.to_string()));
-                false
-            }
+    fn save_cache(&self) {
+        if let Err(e) = crate::cache::save(&self.cache_path, &self.cache) {
+            tracing::warn!("state cache {}: {e}", self.cache_path.display());
         }
     }
+}
 
-    async fn main(&mut self) {
-        let Some(store) = self.connect().await else {
-            return;
-        };
-        let mut published = self.publish(store.as_ref()).await;
-        let mut revoked = false;
-        let mut snap = PeerSnapshot::default();
-        let mut shared = Vec::new();
-        match store.peers(&self.network).await {
-            Ok(s) => {
-                self.send_peers(store.as_ref(), &s, &mut shared).await;
-                snap = s;
-            }
-            Err(e) => tracing::warn!("reading peer records: {e}"),
-        }
-        let mut refresh = tokio::time::interval(REFRESH);
-        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        refresh.tick().await;
-        let mut stopped = self.stop.subscribe();
-        loop {
-            if self.stop.is_set() {
-                break;
-            }
-            tokio::select! {
-                _ = stopped.changed() => {}
-                c = self.candidates.recv() => {
-                    let Some(c) = c else { break };
-                    self.record.candidates = c
-                        .iter()
-                        .map(|(a, k)| StoreCandidate { addr: a.to_string(), kind: *k })
-                        .collect();
-                    self.record.endpoints = c.iter().map(|(a, _)| a.to_string()).collect();
-                    if !revoked {
-                        published = self.publish(store.as_ref()).await;
-                    }
-                }
-                _ = refresh.tick() => {
-                    if revoked {
-                        continue;
-                    }
-                    if !published {
-                        published = self.publish(store.as_ref()).await;
-                        continue;
-                    }
-                    match store.refresh(&self.network, &self.record.node).await {
-                        Ok(Liveness::Alive) => {}
-                        Ok(Liveness::Expired) => {
-                            tracing::warn!("this node's record expired in the store; publishing it again");
-                            published = self.publish(store.as_ref()).await;
-                        }
-                        Ok(Liveness::Revoked) => {
-                            tracing::error!(
-                                "this node's record was deleted from the store: the node was removed from the overlay; \
-                                 tunnels are down until the agent is restarted"
-                            );
-                            revoked = true;
-                            set_health(&self.health, |h| h.revoked = true);
-                            let _ = self.commands.send(Command::Peers(Vec::new()));
-                            self.waker.wake();
-                        }
-                        Err(e) => {
-                            tracing::warn!("keeping this node's record alive: {e}");
-                            set_health(&self.health, |h| h.last_error = Some(e.to_string()));
-                        }
-                    }
-                }
-                w = store.watch_peers(&self.network, &snap, Duration::from_secs(30)) => {
-                    match w {
-                        Ok(Some(s)) => {
-                            if s.records != snap.records && !revoked {
-                                self.send_peers(store.as_ref(), &s, &mut shared).await;
-                            }
-                            snap = s;
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::warn!("watching peer records: {e}");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    }
-                }
-            }
-        }
-        // Leaving cleanly: take our record out so the others drop our
-        // tunnels now rather than after the lease or heartbeat runs out.
-        if published && !revoked {
-            let r = tokio::time::timeout(
-                Duration::from_secs(2),
-                store.remove_peer(&self.network, &self.record.node),
-            )
-            .await;
-            if !matches!(r, Ok(Ok(_))) {
-                tracing::warn!("could not remove this node's record on shutdown");
-            }
-        }
-    }
+/// The peers of a cache as the engine takes them: not stale (the cache
+/// does not know, and a node starting from it must reach its peers).
+pub fn cached_peers(c: &Cache) -> Vec<PeerInfo> {
+    c.peers
+        .iter()
+        .filter_map(|r| peer_info(r, &c.node, false))
+        .collect()
 }

@@ -284,15 +284,18 @@ fn wait_all(c: &Cluster, timeout: Duration) -> Result<Duration> {
         .map_err(|e| BenchError::failed("overlay connect", e.to_string()))
 }
 
+/// Takes every node off the network (a stop would keep their devices on
+/// the bridges and their records in the store).
 fn stop_agents(c: &mut Cluster) -> Result<()> {
     for i in 0..c.nodes().len() {
-        if let Some((st, took)) = c.stop_agent(i) {
-            if !st.success() {
-                return Err(BenchError::failed(
-                    format!("stop agent of node-{i}"),
-                    format!("exit {st} after {took:?}"),
-                ));
+        let failed = |why: String| BenchError::failed(format!("stop agent of node-{i}"), why);
+        match c.leave_agent(i) {
+            None | Some(Ok((None, _))) => {}
+            Some(Ok((Some(st), took))) if !st.success() => {
+                return Err(failed(format!("exit {st} after {took:?}")))
             }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(failed(e)),
         }
     }
     Ok(())
@@ -867,7 +870,7 @@ struct Connect {
 }
 
 /// Stops every agent, starts them all again at once (their records are
-/// gone: each agent removes its own on SIGTERM, so this is a cold join) and
+/// gone: each agent leaves the network, so this is a cold join) and
 /// polls every agent's `peers` every 50 ms until every pair is connected
 /// and no path changed for `settle`, or `timeout`.
 fn restart_and_time(c: &mut Cluster, timeout: Duration, settle: Duration) -> Result<Connect> {

@@ -25,7 +25,8 @@ const UNIT: &str = "systemd/evio-agent.service";
 const DROP_IN: &str = "systemd/kubelet.service.d/10-evio.conf";
 const HOST_CONF: &str = "systemd/net-conf.json";
 const ENV_FILE: &str = "systemd/evio-agent.env";
-/// The agent exits within 5 s of SIGTERM (OVERLAY.md).
+/// The agent exits within 5 s of SIGTERM (OVERLAY.md), keeping the node on
+/// the network.
 const AGENT_CLEANUP_SECS: u64 = 5;
 
 /// A unit file: sections in order, each with its assignments in order.
@@ -832,11 +833,17 @@ fn the_agent_runs_under_the_units_sandbox() {
         "took {:?}",
         t.elapsed()
     );
+    // A stop (systemctl stop/restart) keeps the node on the network: the
+    // devices and the host address stay for the next agent, which adopts
+    // them (`evio-node agent --stop-and-leave` and uninstall take them
+    // away; the namespace goes with this test).
     let links = ns.out(&["ip", "-o", "link", "show"]);
     assert!(
-        !links.contains("evsd0-ovl") && !links.contains("evio-host"),
-        "left behind: {links}"
+        links.contains("evsd0-ovl") && links.contains("evio-host"),
+        "the devices went with the stop: {links}"
     );
+    let addr = ns.out(&["ip", "-o", "-4", "addr", "show", "dev", "evio-host"]);
+    assert!(addr.contains("inet 10.10."), "evio-host lost its address: {addr}");
     let text = show();
     assert!(
         !text.contains("Read-only file system") && !text.contains("Operation not permitted"),

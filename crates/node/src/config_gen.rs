@@ -2,13 +2,14 @@
 //! from the store and writes the CNI config the kubelet picks up.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use evio_subnet::{
     open_store, remove_leftover_temps, validate_name, write_file_atomic, Allocation, StoreOptions,
     StoreUrl, SubnetStore,
 };
+use ipnet::IpNet;
 
 use crate::conflist::{conflist_name, GenConfig, Overrides};
 use crate::error::NodeError;
@@ -100,6 +101,70 @@ pub struct Args {
 
     #[command(flatten)]
     pub conflist: ConflistArgs,
+
+    /// Where this node's last allocation is cached, to start from when the
+    /// store does not answer (a reboot during a store outage). Used only if
+    /// the directory exists (the DaemonSet and the systemd unit make it).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/evio";
+/// How long config-gen with a cache waits for the store before it uses the
+/// cache.
+const CACHED_WAIT: Duration = Duration::from_secs(5);
+
+/// config-gen's cache: the node's subnet as the store last gave it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SubnetCache {
+    network: String,
+    node: String,
+    store: String,
+    pod_cidr: String,
+    node_bits: u8,
+    subnet: String,
+}
+
+impl SubnetCache {
+    fn of(plan: &Resolved, subnet: &IpNet) -> SubnetCache {
+        SubnetCache {
+            network: plan.gen.name.clone(),
+            node: plan.node.clone(),
+            store: plan.url.to_string(),
+            pod_cidr: plan.gen.pod.cidr().to_string(),
+            node_bits: plan.gen.pod.node_bits(),
+            subnet: subnet.to_string(),
+        }
+    }
+
+    /// The cache file, if the data dir exists.
+    fn path(dir: &Path, plan: &Resolved) -> Option<PathBuf> {
+        dir.is_dir()
+            .then(|| dir.join(format!("config-gen-{}-{}.json", plan.gen.name, plan.node)))
+    }
+
+    /// The cached subnet of the node `plan` describes, if any fits.
+    fn load(path: &Path, plan: &Resolved) -> Option<evio_subnet::NodeSubnet> {
+        let c: SubnetCache = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        let subnet: IpNet = c.subnet.parse().ok()?;
+        let fits = SubnetCache::of(plan, &subnet) == c;
+        let index = plan.gen.pod.index_of(&subnet).filter(|_| fits)?;
+        plan.gen.pod.node(index).ok()
+    }
+
+    fn save(path: &Path, plan: &Resolved, subnet: &IpNet) {
+        let c = SubnetCache::of(plan, subnet);
+        let saved = serde_json::to_vec_pretty(&c)
+            .map_err(|e| e.to_string())
+            .and_then(|b| write_file_atomic(path, &b, 0o644).map_err(|e| e.to_string()));
+        if let Err(e) = saved {
+            eprintln!(
+                "evio-node config-gen: warning: cannot cache the allocation in {}: {e}",
+                path.display()
+            );
+        }
+    }
 }
 
 /// Refuses the embedded file store inside a Kubernetes cluster (a pod sees
@@ -158,6 +223,8 @@ pub struct Outcome {
     pub gen: GenConfig,
     pub subnet: evio_subnet::NodeSubnet,
     pub existing: bool,
+    /// The store did not answer: the subnet is the cached one.
+    pub cached: bool,
     pub url: String,
     pub path: PathBuf,
     /// The conflist was missing or differed from what the store says.
@@ -168,7 +235,7 @@ impl Resolved {
     /// Makes the conflist say `alloc`. The file is rewritten only when it
     /// is missing, differs, or has the wrong mode, so a periodic reconcile
     /// does not make the kubelet re-read it.
-    fn write(self, args: &Args, alloc: Allocation) -> Result<Outcome, NodeError> {
+    fn write(self, args: &Args, alloc: Allocation, cached: bool) -> Result<Outcome, NodeError> {
         // If a previous file disagrees with the store (a restored disk, a
         // hand edit), the store is the truth.
         // Created only now so that a failed allocation leaves nothing behind;
@@ -192,6 +259,7 @@ impl Resolved {
             gen: self.gen,
             subnet: alloc.subnet,
             existing: alloc.existing,
+            cached,
             url: self.url.to_string(),
             path,
             rewritten,
@@ -200,19 +268,63 @@ impl Resolved {
 }
 
 /// Gets (or keeps) this node's subnet and makes the conflist say so, with
-/// a store connection of its own (the init container's single pass).
+/// a store connection of its own (the init container's single pass). When
+/// the store does not answer, the subnet the store last gave this node (the
+/// cache in --data-dir) is used; without a cache that is an error.
 pub fn reconcile(args: &Args) -> Result<Outcome, NodeError> {
     let plan = args.node.resolve()?;
     check_store_fits_cluster(&plan)?;
     // Checked before allocating: a bad name must not cost a subnet.
     args.conflist.name(&plan.conf)?;
-    let alloc = block_on_with_timeout(&plan.url, args.node.store.timeout, async {
-        let store = open_store(&plan.url, &plan.opts).await?;
+    let cache = SubnetCache::path(&args.data_dir, &plan);
+    let cached = cache.as_deref().and_then(|p| SubnetCache::load(p, &plan));
+    let budget = match cached {
+        Some(_) => args.node.store.timeout.min(CACHED_WAIT),
+        None => args.node.store.timeout,
+    };
+    let opts = StoreOptions {
+        timeout: plan.opts.timeout.min(budget),
+        ..plan.opts.clone()
+    };
+    let got = block_on_with_timeout(&plan.url, budget, async {
+        let store = open_store(&plan.url, &opts).await?;
         Ok(store
             .allocate(&plan.gen.name, &plan.node, &plan.gen.pod)
             .await?)
-    })?;
-    plan.write(args, alloc)
+    });
+    match (got, cached) {
+        (Ok(a), cached) => {
+            if let Some(old) = cached.filter(|c| c.subnet != a.subnet.subnet) {
+                eprintln!(
+                    "evio-node config-gen: error: this node's subnet {} was released while it was \
+                     away (see `evio-node nodes list`); it now has {}: pods still using the old \
+                     addresses must be restarted",
+                    old.subnet, a.subnet.subnet
+                );
+            }
+            if let Some(p) = &cache {
+                SubnetCache::save(p, &plan, &a.subnet.subnet);
+            }
+            plan.write(args, a, false)
+        }
+        (Err(e), Some(subnet)) if crate::agent::unanswered(&e) => {
+            eprintln!(
+                "evio-node config-gen: warning: the store did not answer ({e}): using this \
+                 node's last subnet {} from {}",
+                subnet.subnet,
+                cache
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+            let alloc = Allocation {
+                subnet,
+                existing: true,
+            };
+            plan.write(args, alloc, true)
+        }
+        (Err(e), _) => Err(e),
+    }
 }
 
 /// An open store and what it was opened with.
@@ -260,7 +372,13 @@ impl Reconciler {
             // token): the next pass starts from a fresh one.
             self.conn = None;
         }
-        plan.write(args, result?)
+        let alloc = result?;
+        if let Some(p) = SubnetCache::path(&args.data_dir, &plan) {
+            if SubnetCache::load(&p, &plan).map(|s| s.subnet) != Some(alloc.subnet.subnet) {
+                SubnetCache::save(&p, &plan, &alloc.subnet.subnet);
+            }
+        }
+        plan.write(args, alloc, false)
     }
 
     fn allocate(&mut self, plan: &Resolved, timeout: Duration) -> Result<Allocation, NodeError> {
@@ -296,7 +414,13 @@ pub fn run(args: Args) -> Result<(), NodeError> {
         ns.gateway,
         ns.range_start,
         ns.range_end,
-        if o.existing { "existing" } else { "new" },
+        if o.cached {
+            "cached"
+        } else if o.existing {
+            "existing"
+        } else {
+            "new"
+        },
         o.gen.name,
         o.url,
         o.path.display()

@@ -10,6 +10,7 @@ pub mod doctor;
 pub mod error;
 pub mod install_cni;
 pub mod netconf;
+pub mod nodes;
 pub mod overlay;
 pub mod peers;
 pub mod run;

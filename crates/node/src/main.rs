@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use evio_node::{agent, config_gen, doctor, install_cni, peers, run, subnets, uninstall};
+use evio_node::{agent, config_gen, doctor, install_cni, nodes, peers, run, subnets, uninstall};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,8 +28,12 @@ enum Cmd {
     Run(Box<run::RunArgs>),
     /// Inspect or free subnet allocations.
     Subnets(Box<subnets::Args>),
+    /// Every node the store knows (live, stale, released), and freeing all of
+    /// a dead node's allocations at once.
+    Nodes(Box<nodes::Args>),
     /// Run the overlay agent: encrypted tunnels joining the node bridges, and
-    /// the host overlay (long-running; SIGTERM removes what it created).
+    /// the host overlay (long-running; SIGTERM stops it and keeps the node on
+    /// the network, --stop-and-leave takes it off).
     Agent(Box<agent::Args>),
     /// Show the agent's peers: state, path (direct/relay), endpoint, RTT.
     Peers(peers::Args),
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::ConfigGen(a) => config_gen::run(*a),
         Cmd::Subnets(a) => subnets::run(*a),
+        Cmd::Nodes(a) => nodes::run(*a),
         Cmd::InstallCni(a) => install_cni::run(a),
         Cmd::Run(a) => run::run(*a),
         Cmd::Doctor(a) => doctor::run(*a),

@@ -42,6 +42,7 @@ const KNOWN_KEYS: &[&str] = &[
     "overlay",
     "singleNode",
     "conflistName",
+    "reclaimAfter",
 ];
 
 /// A loaded (or empty, without `--config`) configuration object with typed,

@@ -44,7 +44,7 @@ pub struct Common {
 }
 
 impl Common {
-    fn network(&self, conf: &RawConf) -> Result<String, NodeError> {
+    pub(crate) fn network(&self, conf: &RawConf) -> Result<String, NodeError> {
         Ok(match &self.network {
             Some(n) => n.clone(),
             None => conf

@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use evio_net::Handle;
 use evio_plugin::naming::{host_veth_of, ovs_ids};
-use evio_subnet::{open_overlay_store, open_store, remove_leftover_temps, StoreUrl, SubnetError};
+use evio_subnet::{
+    open_overlay_store, remove_leftover_temps, ReleaseRequest, StoreUrl, SubnetError,
+};
 
 use crate::config_gen::{ConflistArgs, NodeArgs, Resolved};
 use crate::error::NodeError;
@@ -57,10 +59,15 @@ pub struct Args {
     #[arg(long)]
     pub keep_data: bool,
 
-    /// Also free this node's pod subnet, host address and peer record in
-    /// the store, so that another node can have them.
+    /// Also free this node's pod subnet and host address in the store, so
+    /// that another node can have them. Without it the node only leaves the
+    /// overlay (its record is removed) and keeps its allocations.
     #[arg(long)]
     pub release: bool,
+
+    /// The agent's control socket: a running agent is asked to leave first.
+    #[arg(long, value_name = "PATH", default_value = crate::agent::DEFAULT_CONTROL_SOCKET)]
+    pub control_socket: PathBuf,
 }
 
 /// What a run did, item by item.
@@ -107,6 +114,8 @@ pub fn run(args: Args) -> Result<(), NodeError> {
     // The conflist first: from then on the runtime sends no new pods here.
     conflist(&mut t, &args.conflist.cni_conf_dir, &name, &network);
     plugin_binary(&mut t, &args.cni_bin_dir);
+    // A running agent leaves first (a stop would keep its devices).
+    stop_agent(&mut t, &args.control_socket);
     match Handle::new() {
         Ok(mut h) => {
             interfaces(&mut t, &mut h, &plan, &overlay);
@@ -127,6 +136,15 @@ pub fn run(args: Args) -> Result<(), NodeError> {
     ipam_dir(&mut t, &plan);
     if args.release {
         release(&mut t, &plan, &args);
+    } else {
+        match crate::agent::remove_record(&plan, args.node.store.timeout) {
+            Ok(true) => t.removed(format!("peer record of node {} in {}", plan.node, plan.url)),
+            Ok(false) => {}
+            Err(e) => t.failed(
+                format!("node {}'s peer record in {}", plan.node, plan.url),
+                e,
+            ),
+        }
     }
     data_dir(&mut t, &args);
 
@@ -367,6 +385,28 @@ fn remove_dir(t: &mut Teardown, dir: &Path) {
     }
 }
 
+/// Asks a running agent to leave and waits (bounded) until it is gone.
+fn stop_agent(t: &mut Teardown, socket: &Path) {
+    let ask = |what| evio_agent::control::request(socket, what, Duration::from_secs(2));
+    if !ask("leave").is_ok_and(|a| a.contains("\"leaving\":true")) {
+        return;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ask("health").is_ok() {
+        if std::time::Instant::now() > deadline {
+            return t.failed(
+                format!("the agent at {}", socket.display()),
+                "it did not exit within 10 s of being asked to leave",
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.removed(format!(
+        "the agent at {} (it left the network)",
+        socket.display()
+    ));
+}
+
 fn release(t: &mut Teardown, plan: &Resolved, args: &Args) {
     let (network, node) = (plan.gen.name.as_str(), plan.node.as_str());
     // Opening a file store creates it (and its lock file): a store that is
@@ -376,31 +416,36 @@ fn release(t: &mut Teardown, plan: &Resolved, args: &Args) {
             return;
         }
     }
+    // The node itself goes: live or not, and no note is left for it (it
+    // knows; a reinstall starts afresh).
+    let req = ReleaseRequest {
+        force: true,
+        reason: "release".into(),
+        by: "evio-node uninstall".into(),
+    };
     let done = block_on_with_timeout(&plan.url, args.node.store.timeout, async {
-        let store = open_store(&plan.url, &plan.opts).await?;
-        let subnet = match store.release(network, node).await {
-            Ok(s) => Some(s),
+        let store = open_overlay_store(&plan.url, &plan.opts).await?;
+        let freed = match store.release_node(network, node, &req).await {
+            Ok(f) => Some(f),
             Err(SubnetError::NotFound { .. }) => None,
             Err(e) => return Err(e.into()),
         };
-        drop(store);
-        let overlay = open_overlay_store(&plan.url, &plan.opts).await?;
-        let host = overlay.release_host(network, node).await?;
-        let peer = overlay.remove_peer(network, node).await?;
-        Ok((subnet, host, peer))
+        store.forget_released(network, node).await?;
+        Ok(freed)
     });
     match done {
-        Ok((subnet, host, peer)) => {
-            if let Some(s) = subnet {
+        Ok(Some(f)) => {
+            if let Some(s) = f.subnet {
                 t.removed(format!("subnet {s} of node {node} in {}", plan.url));
             }
-            if let Some(a) = host {
+            if let Some(a) = f.host {
                 t.removed(format!("host address {a} of node {node} in {}", plan.url));
             }
-            if peer {
+            if f.record {
                 t.removed(format!("peer record of node {node} in {}", plan.url));
             }
         }
+        Ok(None) => {}
         Err(e) => t.failed(format!("node {node}'s allocations in {}", plan.url), e),
     }
 }

@@ -592,7 +592,7 @@ fn etcd_least_privilege_role_by_password_and_by_certificate() {
             st.publish(&net, &rec, Duration::from_secs(30))
                 .await
                 .unwrap();
-            assert_eq!(st.refresh(&net, "n1").await.unwrap(), Liveness::Alive);
+            assert_eq!(st.refresh(&net, "n1", &[]).await.unwrap(), Liveness::Alive);
             let snap = st.peers(&net).await.unwrap();
             assert_eq!(snap.records.len(), 1, "{variant}");
             assert_eq!(snap.records[0].node, "n1");

@@ -491,3 +491,122 @@ fn file_store_on_a_full_disk_keeps_the_old_file() {
         "{data}"
     );
 }
+
+/// Issue 21: config-gen starts from the node's last subnet (its cache in
+/// --data-dir) when the store does not answer, and fails clearly, writing
+/// nothing, when there is no cache; a cache of another node or store is
+/// never used.
+#[test]
+fn config_gen_falls_back_to_its_cache_only_when_the_store_does_not_answer() {
+    let mut cluster = EtcdCluster::start(1);
+    let store = cluster.store_url();
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // config-gen with --timeout `secs` and --data-dir `data`.
+    let gen = |node: &str, conf: &str, data: &Path, secs: &str| -> Output {
+        let mut args = config_gen_args(&store, "cachenet", node, &dir.path().join(conf));
+        let at = args.iter().position(|a| a == "--timeout").unwrap() + 1;
+        args[at] = secs.to_string();
+        args.extend(["--data-dir".to_string(), data.display().to_string()]);
+        let child = Command::new(NODE)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        wait_until(child, Instant::now() + Duration::from_secs(60))
+    };
+    let run = |node: &str, conf: &str, data: &Path| gen(node, conf, data, "20");
+    let first = run("n1", "a", &data);
+    assert!(first.status.success(), "{}", text(&first));
+    let said = String::from_utf8_lossy(&first.stdout).to_string();
+    assert!(said.contains("allocation=new"), "{said}");
+    let conflist = std::fs::read(dir.path().join("a/10-evio.conflist")).unwrap();
+    assert!(data.join("config-gen-cachenet-n1.json").exists());
+
+    cluster.stop_member(0);
+    // The store refuses: the cached subnet, said on stderr, within the
+    // cache's wait.
+    let t = Instant::now();
+    let out = run("n1", "b", &data);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("allocation=cached"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("did not answer"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("b/10-evio.conflist")).unwrap(),
+        conflist
+    );
+    // No cache for this node, or another data dir: the old clear failure,
+    // nothing written.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    for (node, conf, d) in [("n2", "c", &data), ("n1", "d", &empty)] {
+        let out = gen(node, conf, d, "3");
+        assert!(!out.status.success(), "{node}: {}", text(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim_end().lines().count(),
+            1,
+            "{}",
+            text(&out)
+        );
+        assert!(!dir.path().join(conf).join("10-evio.conflist").exists());
+    }
+    cluster.start_member(0);
+}
+
+/// Issue 21: a node whose subnet was released while it was away (and taken
+/// by another node) is told, and config-gen gives it a fresh subnet: never
+/// the other node's.
+#[test]
+fn config_gen_says_when_the_nodes_subnet_was_released_while_it_was_away() {
+    let dir = tempdir();
+    let store = format!("file://{}", dir.path().join("subnets.json").display());
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let run = |node: &str, conf: &str| -> Output {
+        let mut c = config_gen(&store, "relnet", node, &dir.path().join(conf));
+        c.args(["--data-dir", &data.display().to_string()]);
+        c.output().unwrap_or_else(|e| panic!("{e}"))
+    };
+    let subnet = |o: &Output| -> String {
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("subnet=").map(str::to_string))
+            .unwrap_or_default()
+    };
+    let a = run("n1", "a");
+    assert!(a.status.success(), "{}", text(&a));
+    let old = subnet(&a);
+    let rel = Command::new(NODE)
+        .args(["nodes", "release", "n1", "--store", &store, "--network", "relnet"])
+        .output()
+        .unwrap();
+    assert!(rel.status.success(), "{}", text(&rel));
+    assert!(
+        String::from_utf8_lossy(&rel.stdout).contains(&old),
+        "{}",
+        text(&rel)
+    );
+    // Someone else takes it (the file store gives out the first free one).
+    let b = run("n2", "b");
+    assert_eq!(subnet(&b), old, "{}", text(&b));
+    let back = run("n1", "c");
+    assert!(back.status.success(), "{}", text(&back));
+    assert_ne!(subnet(&back), old);
+    let err = String::from_utf8_lossy(&back.stderr).to_string();
+    assert!(
+        err.contains(&format!("subnet {old} was released while it was away")),
+        "{err}"
+    );
+}

@@ -111,8 +111,10 @@ pub struct PeerInfo {
     /// Host-overlay address with the host CIDR's prefix.
     pub host_addr: Option<IpNet>,
     pub candidates: Vec<Candidate>,
-    /// The record's liveness is too old (file store): the agent behind it
-    /// is presumably gone; do not initiate, but answer if it speaks.
+    /// The record's liveness lapsed (its lease expired, its heartbeat is
+    /// old): the node lost the store or its agent is gone. Its session, if
+    /// it has one, is kept (rekeys included); without one, do not
+    /// initiate, but answer if it speaks.
     pub stale: bool,
     /// Its bridge's MAC, if its record says (the one MAC not of a pod it
     /// may source).
@@ -438,6 +440,26 @@ impl Overlay {
     fn due_now(&mut self, now: Instant, pid: PeerId) {
         if let Some(p) = slot(&mut self.peers, pid) {
             p.deadline = p.deadline.min(now);
+            p.wake = Wake::Changed;
+        }
+    }
+
+    /// Lets every peer without a session be contacted now, skipping the
+    /// tie-break wait of the larger key. For a restarted agent: its peers
+    /// still hold sessions with its previous instance and will not
+    /// initiate until they notice it is gone (seconds); waiting for them
+    /// would be the whole cost of the restart.
+    pub fn hurry(&mut self, now: Instant) {
+        let tcfg = &self.cfg.tunnel;
+        for p in self.peers.iter_mut().flatten() {
+            if p.tunnel.has_session() {
+                continue;
+            }
+            if let Phase::Waiting { .. } = p.phase {
+                p.phase = Phase::Connecting;
+            }
+            p.tunnel.retry_now(tcfg);
+            p.deadline = now;
             p.wake = Wake::Changed;
         }
     }
@@ -1805,6 +1827,79 @@ mod tests {
             net.connected(honest, victim),
             "the honest peer connected through the cookie round"
         );
+    }
+
+    /// A peer whose liveness lapsed in the store keeps its working session
+    /// past rekeys and expiry, both ways; without a session it is not
+    /// contacted (but answered).
+    #[test]
+    fn a_stale_peer_keeps_its_session_but_gets_no_new_one() {
+        let mut net = connect_all(2);
+        let now = net.now;
+        for (me, other) in [(0, 1), (1, 0)] {
+            let mut infos = vec![net.nodes[me].info.clone(), net.nodes[other].info.clone()];
+            infos[1].stale = true;
+            net.nodes[me].ov.set_peers(now, &infos);
+        }
+        // Past the first session's expiry (180 s): rekeyed meanwhile.
+        net.run(Duration::from_secs(200));
+        assert!(net.connected(0, 1) && net.connected(1, 0));
+        let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"stale but alive");
+        net.send_pod(0, &f);
+        assert_eq!(net.nodes[1].io.pod.last(), Some(&f));
+        // Fresh nodes: one that knows its peer only as stale does not
+        // initiate, but answers the peer that does.
+        for both_stale in [true, false] {
+            let mut fresh = super::tests::net(2, |_, _| {});
+            let now = fresh.now;
+            let infos: Vec<PeerInfo> = fresh.nodes.iter().map(|n| n.info.clone()).collect();
+            let mut view0 = infos.clone();
+            view0[1].stale = true;
+            let mut view1 = infos;
+            view1[0].stale = both_stale;
+            fresh.nodes[0].ov.set_peers(now, &view0);
+            fresh.nodes[1].ov.set_peers(now, &view1);
+            fresh.run(Duration::from_secs(5));
+            if both_stale {
+                assert!(fresh.log.is_empty(), "{} datagrams", fresh.log.len());
+            } else {
+                assert!(fresh.connected(0, 1) && fresh.connected(1, 0));
+                assert!(fresh
+                    .log
+                    .iter()
+                    .all(|(from, _, d)| *from == 1 || d[0] != wire::INITIATION));
+            }
+        }
+    }
+
+    /// A restarted node (fresh state, its peers still holding sessions
+    /// with its previous instance) reaches them at once when hurried,
+    /// whichever key is larger.
+    #[test]
+    fn a_hurried_restart_handshakes_at_once() {
+        for hurry in [false, true] {
+            let mut n = connect_all(2);
+            // The node whose key is larger waits 1 s before it initiates.
+            let big = usize::from(n.nodes[0].info.key < n.nodes[1].info.key);
+            let now = n.now;
+            let me = &n.nodes[big];
+            let mut cfg = OverlayConfig::new("test", me.info.pod_subnet, 1380);
+            cfg.host_addr = me.info.host_addr.map(|a| a.addr());
+            let id = Identity::new(
+                StaticKeys::from_private(&mut n.nodes[big].ov.identity().keys.private().to_owned()),
+                None,
+                "test",
+            );
+            let infos: Vec<PeerInfo> = n.nodes.iter().map(|x| x.info.clone()).collect();
+            let mut fresh = Overlay::new(now, cfg, id, crate::crypto::seed_from_u64(77));
+            fresh.set_peers(now, &infos);
+            if hurry {
+                fresh.hurry(now);
+            }
+            n.nodes[big].ov = fresh;
+            n.run(Duration::from_millis(300));
+            assert_eq!(n.connected(big, 1 - big), hurry, "hurry {hurry}");
+        }
     }
 
     #[test]

@@ -71,6 +71,13 @@ pub enum SubnetError {
     #[error("node {node:?} has no subnet in network {network:?}")]
     NotFound { network: String, node: String },
 
+    #[error("node {node:?} is live in network {network:?} ({why}): refusing to release it; stop its agent first, or give --force")]
+    NodeLive {
+        network: String,
+        node: String,
+        why: String,
+    },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

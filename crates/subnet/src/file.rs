@@ -41,7 +41,7 @@ pub(crate) struct NetData {
     pub(crate) nodes: BTreeMap<String, String>,
     /// `<addr>-<prefix>` -> owner, as `/evio/<net>/subnets/<key>`.
     #[serde(default)]
-    subnets: BTreeMap<String, OwnerRecord>,
+    pub(crate) subnets: BTreeMap<String, OwnerRecord>,
     /// node name -> overlay record, as `/evio/<net>/peers/<node>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) peers: BTreeMap<String, crate::PeerRecord>,
@@ -51,6 +51,14 @@ pub(crate) struct NetData {
     /// node name -> host address, as `/evio/<net>/hostnodes/<node>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) hostnodes: BTreeMap<String, String>,
+    /// node name -> what its agent last said, as `/evio/<net>/alive/<node>`
+    /// (live while the heartbeat is fresh: the file store has no leases).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) alive: BTreeMap<String, crate::Alive>,
+    /// node name -> why its allocations were freed, as
+    /// `/evio/<net>/released/<node>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) released: BTreeMap<String, crate::Released>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SubnetError + '_ {

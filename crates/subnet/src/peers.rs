@@ -84,12 +84,60 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
-/// The peer records of a network at one point, with a token that changes
-/// whenever any of them changes (etcd: the header revision; file: the
-/// file's identity and modification time).
+/// A file-store node whose heartbeat is older than this is not live (the
+/// file store has no leases; every node of it shares one machine's clock).
+pub const FILE_STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// What a running agent says about its node, kept apart from the record:
+/// etcd keeps it under `alive/<node>` on the agent's lease, so it goes
+/// when the lease expires while the record stays; the file store keeps it
+/// beside the record and calls it live while its heartbeat is fresh.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Alive {
+    /// When the agent last said so (RFC 3339, its own clock: for display
+    /// only, never compared with another node's clock).
+    pub heartbeat: String,
+    /// The nodes this agent has a working tunnel with: they are alive
+    /// whatever the store hears from them, so nobody reclaims them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connected: Vec<String>,
+}
+
+/// Why a node's allocations were freed: kept under `released/<node>` so
+/// that the node, when it comes back, is told what happened instead of
+/// silently getting other addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Released {
+    pub node: String,
+    /// RFC 3339, the releaser's clock.
+    pub time: String,
+    /// `release` (an operator) or `reclaimAfter` (an agent, automatically).
+    pub reason: String,
+    /// Who did it: the command, or the reclaiming node's name.
+    pub by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_address: Option<String>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The overlay state of a network at one point, read at one revision: the
+/// records, which nodes are live, the allocations the records are checked
+/// against and the release notes; with a token that changes whenever any
+/// of them changes (etcd: the header revision; file: the file's identity
+/// and modification time).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PeerSnapshot {
     pub records: Vec<PeerRecord>,
+    /// Live nodes and what they say (see [`Alive`]). A record whose node is
+    /// not here is stale: its agent is gone or cannot reach the store.
+    pub live: std::collections::BTreeMap<String, Alive>,
+    pub alloc: Allocations,
+    pub released: std::collections::BTreeMap<String, Released>,
     pub token: u128,
 }
 
@@ -101,9 +149,95 @@ pub enum Liveness {
     /// Our record was deleted by someone else while we held it: the node
     /// was removed from the overlay. The agent stops publishing.
     Revoked,
-    /// Our record expired (etcd lease lost, e.g. after a partition): publish
-    /// it again.
+    /// Our liveness expired (etcd lease lost, e.g. after a partition) while
+    /// the record stayed: publish again.
     Expired,
+}
+
+/// How [`OverlayStore::release_node`] goes about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseRequest {
+    /// Release even a live node.
+    pub force: bool,
+    /// See [`Released::reason`].
+    pub reason: String,
+    /// See [`Released::by`].
+    pub by: String,
+}
+
+/// What [`OverlayStore::release_node`] freed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReleasedNode {
+    pub subnet: Option<IpNet>,
+    pub host: Option<IpAddr>,
+    pub record: bool,
+    /// The node was live (only with `force`).
+    pub was_live: bool,
+}
+
+/// One row of `evio-node nodes list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub node: String,
+    pub subnet: Option<IpNet>,
+    pub host: Option<IpAddr>,
+    pub public_key: Option<String>,
+    /// The node's own last word (its alive heartbeat, else its record's).
+    pub last_seen: Option<String>,
+    pub live: bool,
+    /// Vouched for by a live node with a working tunnel to it.
+    pub vouched: bool,
+    pub released: Option<Released>,
+}
+
+impl PeerSnapshot {
+    /// Whether `node` is alive: live in the store, or vouched for by a live
+    /// node that has a working tunnel to it (a node cut off from the store
+    /// only).
+    pub fn alive(&self, node: &str) -> bool {
+        self.live.contains_key(node) || self.vouched(node)
+    }
+
+    pub fn vouched(&self, node: &str) -> bool {
+        self.vouched_by_others(node, node)
+    }
+
+    /// Whether a live node other than `node` and `me` has a working tunnel
+    /// to `node`: what `me` may believe about it beyond its own tunnel.
+    pub fn vouched_by_others(&self, node: &str, me: &str) -> bool {
+        self.live
+            .iter()
+            .any(|(n, a)| n != node && n != me && a.connected.iter().any(|c| c == node))
+    }
+
+    /// Every node the store knows, by name: allocations, records, release
+    /// notes.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        let mut names: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+        names.extend(self.alloc.subnets.keys().map(String::as_str));
+        names.extend(self.alloc.hosts.keys().map(String::as_str));
+        names.extend(self.records.iter().map(|r| r.node.as_str()));
+        names.extend(self.released.keys().map(String::as_str));
+        names
+            .into_iter()
+            .map(|n| {
+                let rec = self.records.iter().find(|r| r.node == n);
+                let alive = self.live.get(n);
+                NodeInfo {
+                    node: n.to_string(),
+                    subnet: self.alloc.subnets.get(n).copied(),
+                    host: self.alloc.hosts.get(n).copied(),
+                    public_key: rec.map(|r| r.public_key.clone()),
+                    last_seen: alive
+                        .map(|a| a.heartbeat.clone())
+                        .or_else(|| rec.map(|r| r.heartbeat.clone())),
+                    live: alive.is_some(),
+                    vouched: self.vouched(n),
+                    released: self.released.get(n).cloned(),
+                }
+            })
+            .collect()
+    }
 }
 
 /// A host-overlay address held by a node.
@@ -174,11 +308,17 @@ pub trait OverlayStore: Send + Sync {
         ttl: Duration,
     ) -> Result<(), SubnetError>;
 
-    /// Keeps the node's published record alive (etcd: lease keep-alive;
-    /// file: a new heartbeat) and tells whether it is still there.
-    async fn refresh(&self, network: &str, node: &str) -> Result<Liveness, SubnetError>;
+    /// Keeps the node's liveness (etcd: lease keep-alive; file: a new
+    /// heartbeat), says which nodes it has working tunnels with, and tells
+    /// whether its record is still there.
+    async fn refresh(
+        &self,
+        network: &str,
+        node: &str,
+        connected: &[String],
+    ) -> Result<Liveness, SubnetError>;
 
-    /// Every record of the network.
+    /// Everything the agent follows, at one revision.
     async fn peers(&self, network: &str) -> Result<PeerSnapshot, SubnetError>;
 
     /// Waits until the store changed after `since`, at most `wait`; returns
@@ -191,13 +331,39 @@ pub trait OverlayStore: Send + Sync {
         wait: Duration,
     ) -> Result<Option<PeerSnapshot>, SubnetError>;
 
-    /// Deletes a node's record; whether there was one.
+    /// Deletes a node's record and liveness (the node leaves the overlay;
+    /// its allocations stay); whether there was a record.
     async fn remove_peer(&self, network: &str, node: &str) -> Result<bool, SubnetError>;
 
     /// What the allocation records say each node holds: its pod subnet
     /// (`nodes/`) and host address (`hostnodes/`). A peer record is only
     /// believed where it agrees with them.
     async fn allocations(&self, network: &str) -> Result<Allocations, SubnetError>;
+
+    /// Frees everything of `node` in one transaction: its pod subnet, host
+    /// address, record and liveness, and leaves a [`Released`] note. A live
+    /// node is refused ([`SubnetError::NodeLive`]) unless `req.force`; a
+    /// node the store knows nothing of is [`SubnetError::NotFound`].
+    async fn release_node(
+        &self,
+        network: &str,
+        node: &str,
+        req: &ReleaseRequest,
+    ) -> Result<ReleasedNode, SubnetError>;
+
+    /// Deletes `node`'s release note (it was told, or allocated afresh);
+    /// whether there was one.
+    async fn forget_released(&self, network: &str, node: &str) -> Result<bool, SubnetError>;
+
+    /// The lease this client's liveness hangs on (etcd), to hand to the
+    /// next agent of the node across a restart.
+    fn lease_id(&self) -> Option<i64> {
+        None
+    }
+
+    /// Takes over a lease a previous agent of the node held: if it is still
+    /// alive, the node's liveness never lapses across the restart.
+    fn adopt_lease(&self, _id: i64) {}
 }
 
 /// A store of overlay records (etcd, the file store). Names arrive
@@ -232,11 +398,16 @@ pub trait OverlayBackend: Send + Sync {
         ttl: Duration,
     ) -> Result<(), SubnetError>;
 
-    /// Keeps the node's published record alive (etcd: lease keep-alive;
-    /// file: a new heartbeat) and tells whether it is still there.
-    async fn refresh(&self, network: Name<'_>, node: Name<'_>) -> Result<Liveness, SubnetError>;
+    /// Keeps the node's liveness and tells whether its record is still
+    /// there.
+    async fn refresh(
+        &self,
+        network: Name<'_>,
+        node: Name<'_>,
+        connected: &[String],
+    ) -> Result<Liveness, SubnetError>;
 
-    /// Every record of the network.
+    /// Everything the agent follows, at one revision.
     async fn peers(&self, network: Name<'_>) -> Result<PeerSnapshot, SubnetError>;
 
     /// Waits until the store changed after `since`, at most `wait`; returns
@@ -249,13 +420,31 @@ pub trait OverlayBackend: Send + Sync {
         wait: Duration,
     ) -> Result<Option<PeerSnapshot>, SubnetError>;
 
-    /// Deletes a node's record; whether there was one.
+    /// Deletes a node's record and liveness; whether there was a record.
     async fn remove_peer(&self, network: Name<'_>, node: Name<'_>) -> Result<bool, SubnetError>;
 
     /// What the allocation records say each node holds: its pod subnet
     /// (`nodes/`) and host address (`hostnodes/`). A peer record is only
     /// believed where it agrees with them.
     async fn allocations(&self, network: Name<'_>) -> Result<Allocations, SubnetError>;
+
+    /// See [`OverlayStore::release_node`].
+    async fn release_node(
+        &self,
+        network: Name<'_>,
+        node: Name<'_>,
+        req: &ReleaseRequest,
+    ) -> Result<ReleasedNode, SubnetError>;
+
+    /// See [`OverlayStore::forget_released`].
+    async fn forget_released(&self, network: Name<'_>, node: Name<'_>)
+        -> Result<bool, SubnetError>;
+
+    fn lease_id(&self) -> Option<i64> {
+        None
+    }
+
+    fn adopt_lease(&self, _id: i64) {}
 }
 
 #[async_trait]
@@ -286,9 +475,14 @@ impl<T: OverlayBackend + ?Sized> OverlayStore for T {
         OverlayBackend::publish(self, network, node, record, ttl).await
     }
 
-    async fn refresh(&self, network: &str, node: &str) -> Result<Liveness, SubnetError> {
+    async fn refresh(
+        &self,
+        network: &str,
+        node: &str,
+        connected: &[String],
+    ) -> Result<Liveness, SubnetError> {
         let (network, node) = (Name::network(network)?, Name::node(node)?);
-        OverlayBackend::refresh(self, network, node).await
+        OverlayBackend::refresh(self, network, node, connected).await
     }
 
     async fn peers(&self, network: &str) -> Result<PeerSnapshot, SubnetError> {
@@ -311,6 +505,29 @@ impl<T: OverlayBackend + ?Sized> OverlayStore for T {
 
     async fn allocations(&self, network: &str) -> Result<Allocations, SubnetError> {
         OverlayBackend::allocations(self, Name::network(network)?).await
+    }
+
+    async fn release_node(
+        &self,
+        network: &str,
+        node: &str,
+        req: &ReleaseRequest,
+    ) -> Result<ReleasedNode, SubnetError> {
+        let (network, node) = (Name::network(network)?, Name::node(node)?);
+        OverlayBackend::release_node(self, network, node, req).await
+    }
+
+    async fn forget_released(&self, network: &str, node: &str) -> Result<bool, SubnetError> {
+        let (network, node) = (Name::network(network)?, Name::node(node)?);
+        OverlayBackend::forget_released(self, network, node).await
+    }
+
+    fn lease_id(&self) -> Option<i64> {
+        OverlayBackend::lease_id(self)
+    }
+
+    fn adopt_lease(&self, id: i64) {
+        OverlayBackend::adopt_lease(self, id)
     }
 }
 
@@ -458,7 +675,10 @@ mod tests {
                 invalid(s.allocate_host(net, node, cidr, None).await.map(drop));
                 invalid(s.release_host(net, node).await.map(drop));
                 invalid(s.publish(net, &rec, Duration::from_secs(1)).await);
-                invalid(s.refresh(net, node).await.map(drop));
+                invalid(s.refresh(net, node, &[]).await.map(drop));
+                invalid(s.forget_released(net, node).await.map(drop));
+                let req = ReleaseRequest { force: true, reason: "t".into(), by: "t".into() };
+                invalid(s.release_node(net, node, &req).await.map(drop));
                 invalid(s.remove_peer(net, node).await.map(drop));
                 if net != "n" {
                     invalid(s.peers(net).await.map(drop));

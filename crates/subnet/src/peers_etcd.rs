@@ -1,31 +1,54 @@
-//! [`OverlayStore`] over etcd: records are attached to a lease that the
-//! agent keeps alive, so a dead node's record disappears by itself; peers
-//! are followed with a watch, never by polling.
+//! [`OverlayStore`] over etcd. A node's record (`peers/<node>`) is durable:
+//! it goes only when someone deletes it (the node leaves, or is released).
+//! Its liveness (`alive/<node>`) hangs on a lease the agent keeps alive, so
+//! a dead or cut-off agent's node turns stale by itself while its record,
+//! and the tunnels that still work, stay. Everything is followed with one
+//! watch on the network's prefix, never by polling.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
 };
 use ipnet::IpNet;
 
-use crate::peers::{host_key, host_owner as owner, pick_host, Name};
+use crate::peers::{host_key, host_owner as owner, now_rfc3339, pick_host, Name};
 use crate::{
-    peers::Allocations, EtcdStore, HostAllocation, Liveness, OverlayBackend, PeerRecord,
-    PeerSnapshot, SubnetError,
+    parse_subnet_key, peers::Allocations, Alive, EtcdStore, HostAllocation, Liveness,
+    OverlayBackend, OwnerRecord, PeerRecord, PeerSnapshot, ReleaseRequest, Released, ReleasedNode,
+    SubnetError,
 };
 
 /// Bound on create attempts that lose a race for the same address.
 const MAX_ATTEMPTS: u32 = 64;
 
-fn peers_prefix(network: &str) -> String {
-    format!("/evio/{network}/peers/")
+fn prefix(network: &str, kind: &str) -> String {
+    format!("/evio/{network}/{kind}/")
 }
 
-fn peer_key(network: Name<'_>, node: Name<'_>) -> String {
-    format!("/evio/{network}/peers/{node}")
+fn key(network: Name<'_>, kind: &str, node: Name<'_>) -> String {
+    format!("/evio/{network}/{kind}/{node}")
+}
+
+fn kvs(r: Option<&TxnOpResponse>) -> &[KeyValue] {
+    match r {
+        Some(TxnOpResponse::Get(g)) => g.kvs(),
+        _ => &[],
+    }
+}
+
+/// `(node, value)` of every key under `prefix` in a range read.
+fn by_node<'a>(
+    kvs: &'a [KeyValue],
+    prefix: &'a str,
+) -> impl Iterator<Item = (&'a str, &'a KeyValue)> {
+    kvs.iter().filter_map(move |kv| {
+        let node = std::str::from_utf8(kv.key()).ok()?.strip_prefix(prefix)?;
+        (!node.is_empty() && !node.contains('/')).then_some((node, kv))
+    })
 }
 
 impl EtcdStore {
@@ -64,30 +87,148 @@ impl EtcdStore {
         .await
     }
 
+    /// One read transaction: `gets`, each a key or (ending in `/`) a prefix.
+    async fn read(
+        &self,
+        deadline: Instant,
+        gets: &[String],
+    ) -> Result<etcd_client::TxnResponse, SubnetError> {
+        let ops: Vec<TxnOp> = gets
+            .iter()
+            .map(|k| {
+                let opts = k.ends_with('/').then(|| GetOptions::new().with_prefix());
+                TxnOp::get(k.clone(), opts)
+            })
+            .collect();
+        self.txn(deadline, Txn::new().and_then(ops)).await
+    }
+
     async fn snapshot(
         &self,
         deadline: Instant,
         network: &str,
     ) -> Result<PeerSnapshot, SubnetError> {
-        let prefix = peers_prefix(network);
-        let resp = self
-            .call(deadline, |mut c| {
-                let p = prefix.clone();
-                async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
+        let kinds = ["peers", "alive", "nodes", "hostnodes", "released"];
+        let gets: Vec<String> = kinds.iter().map(|k| prefix(network, k)).collect();
+        let resp = self.read(deadline, &gets).await?;
         let token = resp.header().map(|h| h.revision()).unwrap_or(0).max(0) as u128;
-        let mut records = Vec::new();
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            // One bad record must not hide every other peer: skip it (the
-            // agent that owns it rewrites it).
+        let ops = resp.op_responses();
+        let mut snap = PeerSnapshot {
+            token,
+            ..PeerSnapshot::default()
+        };
+        // One bad value must not hide every other node: skip it (the agent
+        // that owns it rewrites it).
+        for (node, kv) in by_node(kvs(ops.first()), &gets[0]) {
             match serde_json::from_slice::<PeerRecord>(kv.value()) {
-                Ok(r) if key.ends_with(&format!("/{}", r.node)) => records.push(r),
+                Ok(r) if r.node == node => snap.records.push(r),
                 _ => {}
             }
         }
-        Ok(PeerSnapshot { records, token })
+        for (node, kv) in by_node(kvs(ops.get(1)), &gets[1]) {
+            if let Ok(a) = serde_json::from_slice::<Alive>(kv.value()) {
+                snap.live.insert(node.to_string(), a);
+            }
+        }
+        for (node, kv) in by_node(kvs(ops.get(2)), &gets[2]) {
+            if let Some(n) = kv.value_str().ok().and_then(|v| v.parse().ok()) {
+                snap.alloc.subnets.insert(node.to_string(), n);
+            }
+        }
+        for (node, kv) in by_node(kvs(ops.get(3)), &gets[3]) {
+            if let Some(a) = kv.value_str().ok().and_then(|v| v.parse().ok()) {
+                snap.alloc.hosts.insert(node.to_string(), a);
+            }
+        }
+        for (node, kv) in by_node(kvs(ops.get(4)), &gets[4]) {
+            if let Ok(r) = serde_json::from_slice::<Released>(kv.value()) {
+                snap.released.insert(node.to_string(), r);
+            }
+        }
+        // Liveness without a record is a leftover of a node that left.
+        let recorded: Vec<String> = snap.records.iter().map(|r| r.node.clone()).collect();
+        snap.live.retain(|n, _| recorded.contains(n));
+        Ok(snap)
+    }
+
+    /// Puts our liveness on `lease`.
+    async fn put_alive(
+        &self,
+        deadline: Instant,
+        key: &str,
+        alive: &Alive,
+        lease: i64,
+    ) -> Result<(), SubnetError> {
+        let value = serde_json::to_string(alive).map_err(|e| SubnetError::Corrupt {
+            location: key.to_string(),
+            reason: e.to_string(),
+        })?;
+        self.call(deadline, |mut c| {
+            let (k, v) = (key.to_string(), value.clone());
+            async move { c.put(k, v, Some(PutOptions::new().with_lease(lease))).await }
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// What a release has to delete, read in one transaction.
+struct ReleasePlan {
+    /// Keys with the mod revision they were read at (0: absent).
+    guards: Vec<(String, i64)>,
+    deletes: Vec<String>,
+    freed: ReleasedNode,
+    known: bool,
+}
+
+impl ReleasePlan {
+    fn read(network: Name<'_>, node: Name<'_>, ops: &[TxnOpResponse]) -> ReleasePlan {
+        let mut p = ReleasePlan {
+            guards: Vec::new(),
+            deletes: Vec::new(),
+            freed: ReleasedNode::default(),
+            known: false,
+        };
+        for (i, kind) in ["nodes", "hostnodes", "peers", "alive"].iter().enumerate() {
+            let k = key(network, kind, node);
+            let kv = kvs(ops.get(i)).first();
+            p.guards
+                .push((k.clone(), kv.map_or(0, KeyValue::mod_revision)));
+            let Some(kv) = kv else { continue };
+            p.deletes.push(k);
+            let v = kv.value_str().unwrap_or_default();
+            match *kind {
+                "nodes" => p.freed.subnet = v.parse().ok(),
+                "hostnodes" => p.freed.host = v.parse().ok(),
+                "peers" => p.freed.record = true,
+                _ => {}
+            }
+            p.known |= *kind != "alive";
+        }
+        // The subnet and address keys that name this node as their owner.
+        for (i, kind) in [(4, "subnets"), (5, "hostaddrs")] {
+            let pre = prefix(&network, kind);
+            for kv in kvs(ops.get(i)) {
+                let Ok(k) = std::str::from_utf8(kv.key()) else {
+                    continue;
+                };
+                let owned = serde_json::from_slice::<OwnerRecord>(kv.value())
+                    .is_ok_and(|r| r.node == node.as_str());
+                if !owned {
+                    continue;
+                }
+                let name = k.strip_prefix(&pre).unwrap_or_default();
+                if kind == "subnets" {
+                    p.freed.subnet = p.freed.subnet.or_else(|| parse_subnet_key(name));
+                } else {
+                    p.freed.host = p.freed.host.or_else(|| name.parse().ok());
+                }
+                p.guards.push((k.to_string(), kv.mod_revision()));
+                p.deletes.push(k.to_string());
+                p.known = true;
+            }
+        }
+        p
     }
 }
 
@@ -255,20 +396,31 @@ impl OverlayBackend for EtcdStore {
                 l
             }
         };
-        let key = peer_key(network, node);
+        let key_rec = key(network, "peers", node);
         let value = serde_json::to_string(record).map_err(|e| SubnetError::Corrupt {
-            location: key.clone(),
+            location: key_rec.clone(),
             reason: e.to_string(),
         })?;
+        // The record first: liveness without a record would mean nothing.
         self.call(deadline, |mut c| {
-            let (k, v) = (key.clone(), value.clone());
-            async move { c.put(k, v, Some(PutOptions::new().with_lease(lease))).await }
+            let (k, v) = (key_rec.clone(), value.clone());
+            async move { c.put(k, v, None).await }
         })
         .await?;
-        Ok(())
+        let alive = Alive {
+            heartbeat: record.heartbeat.clone(),
+            connected: Vec::new(),
+        };
+        self.put_alive(deadline, &key(network, "alive", node), &alive, lease)
+            .await
     }
 
-    async fn refresh(&self, network: Name<'_>, node: Name<'_>) -> Result<Liveness, SubnetError> {
+    async fn refresh(
+        &self,
+        network: Name<'_>,
+        node: Name<'_>,
+        connected: &[String],
+    ) -> Result<Liveness, SubnetError> {
         let deadline = Instant::now() + self.timeout;
         let Some(lease) = self.lease() else {
             return Ok(Liveness::Expired);
@@ -277,21 +429,30 @@ impl OverlayBackend for EtcdStore {
             self.set_lease(None);
             return Ok(Liveness::Expired);
         }
-        let key = peer_key(network, node);
-        let resp = self
-            .call(deadline, |mut c| {
-                let k = key.clone();
-                async move { c.get(k, None).await }
-            })
-            .await?;
-        Ok(match resp.kvs().first() {
-            // Our lease is alive but the record is gone: deleted by hand.
-            None => Liveness::Revoked,
+        let (krec, kalive) = (key(network, "peers", node), key(network, "alive", node));
+        let resp = self.read(deadline, &[krec, kalive.clone()]).await?;
+        let ops = resp.op_responses();
+        if kvs(ops.first()).is_empty() {
+            // Our lease is alive but the record is gone: deleted by someone.
+            return Ok(Liveness::Revoked);
+        }
+        let Some(kv) = kvs(ops.get(1)).first() else {
+            return Ok(Liveness::Expired);
+        };
+        if kv.lease() != lease {
             // Someone else (another agent with our node name, or an older
             // instance) owns it now: ours expired in effect.
-            Some(kv) if kv.lease() != lease => Liveness::Expired,
-            Some(_) => Liveness::Alive,
-        })
+            return Ok(Liveness::Expired);
+        }
+        let said: Alive = serde_json::from_slice(kv.value()).unwrap_or_default();
+        if said.connected != connected {
+            let alive = Alive {
+                heartbeat: now_rfc3339(),
+                connected: connected.to_vec(),
+            };
+            self.put_alive(deadline, &kalive, &alive, lease).await?;
+        }
+        Ok(Liveness::Alive)
     }
 
     async fn peers(&self, network: Name<'_>) -> Result<PeerSnapshot, SubnetError> {
@@ -305,7 +466,8 @@ impl OverlayBackend for EtcdStore {
         since: &PeerSnapshot,
         wait: Duration,
     ) -> Result<Option<PeerSnapshot>, SubnetError> {
-        let prefix = peers_prefix(&network);
+        // The whole network: records, liveness and allocations all matter.
+        let prefix = format!("/evio/{network}/");
         let start = i64::try_from(since.token).unwrap_or(0) + 1;
         let waited = tokio::time::timeout(wait, async {
             let mut client = self.client.clone();
@@ -347,14 +509,15 @@ impl OverlayBackend for EtcdStore {
 
     async fn remove_peer(&self, network: Name<'_>, node: Name<'_>) -> Result<bool, SubnetError> {
         let deadline = Instant::now() + self.timeout;
-        let key = peer_key(network, node);
-        let r = self
-            .call(deadline, |mut c| {
-                let k = key.clone();
-                async move { c.delete(k, None).await }
-            })
-            .await?;
-        Ok(r.deleted() > 0)
+        let ops = vec![
+            TxnOp::delete(key(network, "peers", node), None),
+            TxnOp::delete(key(network, "alive", node), None),
+        ];
+        let r = self.txn(deadline, Txn::new().and_then(ops)).await?;
+        Ok(matches!(
+            r.op_responses().first(),
+            Some(TxnOpResponse::Delete(d)) if d.deleted() > 0
+        ))
     }
 
     async fn allocations(&self, network: Name<'_>) -> Result<Allocations, SubnetError> {
@@ -387,5 +550,102 @@ impl OverlayBackend for EtcdStore {
             }
         }
         Ok(out)
+    }
+
+    async fn release_node(
+        &self,
+        network: Name<'_>,
+        node: Name<'_>,
+        req: &ReleaseRequest,
+    ) -> Result<ReleasedNode, SubnetError> {
+        let deadline = Instant::now() + self.timeout;
+        for _ in 0..MAX_ATTEMPTS {
+            let mut gets: Vec<String> = ["nodes", "hostnodes", "peers", "alive"]
+                .iter()
+                .map(|k| key(network, k, node))
+                .collect();
+            gets.push(prefix(&network, "subnets"));
+            gets.push(prefix(&network, "hostaddrs"));
+            let resp = self.read(deadline, &gets).await?;
+            let plan = ReleasePlan::read(network, node, resp.op_responses().as_slice());
+            if !plan.known {
+                return Err(SubnetError::NotFound {
+                    network: network.to_string(),
+                    node: node.to_string(),
+                });
+            }
+            let snap = self.snapshot(deadline, &network).await?;
+            let was_live = snap.alive(&node);
+            if was_live && !req.force {
+                return Err(SubnetError::NodeLive {
+                    network: network.to_string(),
+                    node: node.to_string(),
+                    why: crate::peers_file::live_why(&snap, &node),
+                });
+            }
+            let note = Released {
+                node: node.to_string(),
+                time: now_rfc3339(),
+                reason: req.reason.clone(),
+                by: req.by.clone(),
+                subnet: plan.freed.subnet.map(|s| s.to_string()),
+                host_address: plan.freed.host.map(|h| h.to_string()),
+                extra: serde_json::Map::new(),
+            };
+            let note = serde_json::to_string(&note).map_err(|e| SubnetError::Corrupt {
+                location: key(network, "released", node),
+                reason: e.to_string(),
+            })?;
+            let when: Vec<Compare> = plan
+                .guards
+                .iter()
+                .map(|(k, rev)| Compare::mod_revision(k.clone(), CompareOp::Equal, *rev))
+                .collect();
+            let mut ops: Vec<TxnOp> = plan
+                .deletes
+                .iter()
+                .map(|k| TxnOp::delete(k.clone(), None))
+                .collect();
+            ops.push(TxnOp::put(key(network, "released", node), note, None));
+            let r = self
+                .txn(deadline, Txn::new().when(when).and_then(ops))
+                .await?;
+            if r.succeeded() {
+                return Ok(ReleasedNode {
+                    was_live,
+                    ..plan.freed
+                });
+            }
+            // Something of the node changed in between (its agent came
+            // back, a concurrent release): look again.
+        }
+        Err(SubnetError::TooManyConflicts {
+            node: node.to_string(),
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    async fn forget_released(
+        &self,
+        network: Name<'_>,
+        node: Name<'_>,
+    ) -> Result<bool, SubnetError> {
+        let deadline = Instant::now() + self.timeout;
+        let k = key(network, "released", node);
+        let r = self
+            .call(deadline, |mut c| {
+                let k = k.clone();
+                async move { c.delete(k, None).await }
+            })
+            .await?;
+        Ok(r.deleted() > 0)
+    }
+
+    fn lease_id(&self) -> Option<i64> {
+        self.lease()
+    }
+
+    fn adopt_lease(&self, id: i64) {
+        self.set_lease(Some(id));
     }
 }

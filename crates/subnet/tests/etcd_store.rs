@@ -274,7 +274,7 @@ fn lost_subnet_key_is_repaired_and_orphans_are_releasable() {
 
 mod overlay {
     use super::*;
-    use evio_subnet::{Liveness, OverlayStore, PeerRecord};
+    use evio_subnet::{Liveness, OverlayStore, PeerRecord, ReleaseRequest};
     use std::net::IpAddr;
 
     fn record(node: &str, key: &str) -> PeerRecord {
@@ -325,8 +325,14 @@ mod overlay {
         });
     }
 
+    fn now_record(node: &str, key: &str) -> PeerRecord {
+        let mut r = record(node, key);
+        r.stamp();
+        r
+    }
+
     #[test]
-    fn records_hang_on_a_lease_and_watchers_see_changes() {
+    fn liveness_hangs_on_a_lease_and_watchers_see_changes() {
         let e = Etcd::shared();
         let net = unique_name("p");
         rt().block_on(async {
@@ -341,42 +347,170 @@ mod overlay {
                 )
             };
             tokio::time::sleep(Duration::from_millis(200)).await;
-            s.publish(&net, &record("a", "k"), Duration::from_secs(5))
+            s.publish(&net, &now_record("a", "k"), Duration::from_secs(5))
                 .await
                 .unwrap();
             let seen = watch.await.unwrap().unwrap().expect("the watch fires");
             assert_eq!(seen.records.len(), 1);
-            assert_eq!(s.refresh(&net, "a").await.unwrap(), Liveness::Alive);
-            // The key carries a lease.
-            let kv = e.get_prefix(&format!("/evio/{net}/peers/"));
-            assert_eq!(kv.len(), 1);
-            // Deleted by someone else while our lease lives: revoked.
+            assert!(seen.live.contains_key("a"), "{seen:?}");
+            let connected = vec!["b".to_string()];
+            assert_eq!(
+                s.refresh(&net, "a", &connected).await.unwrap(),
+                Liveness::Alive
+            );
+            let snap = s.peers(&net).await.unwrap();
+            assert_eq!(snap.live["a"].connected, connected);
+            // The record is durable, the liveness is what hangs on the lease.
+            let json = e.etcdctl(&["get", "--prefix", &format!("/evio/{net}/"), "-w", "json"]);
+            let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+            for kv in v["kvs"].as_array().unwrap() {
+                let k = String::from_utf8(base64_decode(kv["key"].as_str().unwrap())).unwrap();
+                let leased = kv.get("lease").is_some_and(|l| l.as_i64() != Some(0));
+                assert_eq!(leased, k.contains("/alive/"), "{k}: {kv}");
+            }
+            // Deleted by someone else while our lease lives: revoked, and
+            // the liveness went with the record.
             assert!(s.remove_peer(&net, "a").await.unwrap());
-            assert_eq!(s.refresh(&net, "a").await.unwrap(), Liveness::Revoked);
+            assert_eq!(s.refresh(&net, "a", &[]).await.unwrap(), Liveness::Revoked);
+            let snap = s.peers(&net).await.unwrap();
+            assert!(snap.records.is_empty() && snap.live.is_empty(), "{snap:?}");
         });
     }
 
+    /// etcdctl's JSON output has base64 keys.
+    fn base64_decode(s: &str) -> Vec<u8> {
+        let out = std::process::Command::new("base64")
+            .arg("-d")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(s.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        out.stdout
+    }
+
     #[test]
-    fn a_record_whose_lease_is_not_kept_alive_disappears() {
+    fn a_lapsed_lease_makes_the_node_stale_keeps_its_record_and_a_restart_adopts_the_lease() {
         let e = Etcd::shared();
         let net = unique_name("l");
         rt().block_on(async {
             let s = connect(e).await;
             // etcd's minimum TTL is 5 s (the store clamps to it).
-            s.publish(&net, &record("a", "k"), Duration::from_secs(5))
+            s.publish(&net, &now_record("a", "k"), Duration::from_secs(5))
                 .await
                 .unwrap();
+            // A restarted agent (a new client) takes the lease over: the
+            // node stays live without publishing again.
+            let lease = s.lease_id().expect("a lease");
+            let restarted = connect(e).await;
+            restarted.adopt_lease(lease);
+            assert_eq!(
+                restarted.refresh(&net, "a", &[]).await.unwrap(),
+                Liveness::Alive
+            );
+            drop(restarted);
             let deadline = Instant::now() + Duration::from_secs(20);
-            while !s.peers(&net).await.unwrap().records.is_empty() {
-                assert!(Instant::now() < deadline, "record outlived its lease");
+            loop {
+                let snap = s.peers(&net).await.unwrap();
+                if !snap.live.contains_key("a") {
+                    // Stale, not gone: the record is still there.
+                    assert_eq!(snap.records.len(), 1, "{snap:?}");
+                    break;
+                }
+                assert!(Instant::now() < deadline, "liveness outlived its lease");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            assert_eq!(s.refresh(&net, "a").await.unwrap(), Liveness::Expired);
+            assert_eq!(s.refresh(&net, "a", &[]).await.unwrap(), Liveness::Expired);
             // Publishing again takes a fresh lease.
-            s.publish(&net, &record("a", "k"), Duration::from_secs(5))
+            s.publish(&net, &now_record("a", "k"), Duration::from_secs(5))
                 .await
                 .unwrap();
-            assert_eq!(s.refresh(&net, "a").await.unwrap(), Liveness::Alive);
+            assert_eq!(s.refresh(&net, "a", &[]).await.unwrap(), Liveness::Alive);
+            assert!(s.peers(&net).await.unwrap().live.contains_key("a"));
+        });
+    }
+
+    /// `nodes release`: a node's subnet, host address, record and
+    /// liveness go in one transaction and a note says why; a live node, or
+    /// one a live node vouches for, is refused without force.
+    #[test]
+    fn release_node_frees_everything_at_once_and_refuses_live_nodes() {
+        let e = Etcd::shared();
+        let net = unique_name("r");
+        let pod = PodNetwork::parse("10.244.0.0/16", 8).unwrap();
+        let cidr: ipnet::IpNet = "10.10.0.0/16".parse().unwrap();
+        let req = |force| ReleaseRequest {
+            force,
+            reason: "release".into(),
+            by: "test".into(),
+        };
+        rt().block_on(async {
+            let s = connect(e).await;
+            for n in ["a", "b", "c"] {
+                s.allocate(&net, n, &pod).await.unwrap();
+                s.allocate_host(&net, n, cidr, None).await.unwrap();
+            }
+            // a is live; b is live and has a tunnel to c; c's agent is gone.
+            let sa = connect(e).await;
+            sa.publish(&net, &now_record("a", "ka"), Duration::from_secs(30))
+                .await
+                .unwrap();
+            let sb = connect(e).await;
+            sb.publish(&net, &now_record("b", "kb"), Duration::from_secs(30))
+                .await
+                .unwrap();
+            sb.refresh(&net, "b", &["c".to_string()]).await.unwrap();
+            s.publish(&net, &record("c", "kc"), Duration::from_secs(30))
+                .await
+                .unwrap();
+            // c's liveness goes as a lapsed lease would take it.
+            e.etcdctl(&["del", &format!("/evio/{net}/alive/c")]);
+
+            for n in ["a", "c"] {
+                let err = s.release_node(&net, n, &req(false)).await.unwrap_err();
+                assert!(matches!(err, SubnetError::NodeLive { .. }), "{n}: {err}");
+            }
+            assert!(e.get_prefix(&format!("/evio/{net}/released/")).is_empty());
+            // b stops vouching: c is released.
+            sb.refresh(&net, "b", &[]).await.unwrap();
+            let before = s.peers(&net).await.unwrap();
+            let c_subnet = before.alloc.subnets["c"];
+            let freed = s.release_node(&net, "c", &req(false)).await.unwrap();
+            assert_eq!(freed.subnet, Some(c_subnet));
+            assert_eq!(freed.host, before.alloc.hosts.get("c").copied());
+            assert!(freed.record && !freed.was_live);
+            let c_host = before.alloc.hosts["c"].to_string();
+            let c_key = format!("{}-{}", c_subnet.network(), c_subnet.prefix_len());
+            let left: Vec<String> = e
+                .get_prefix(&format!("/evio/{net}/"))
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| k.ends_with("/c") || k.ends_with(&c_key) || k.ends_with(&c_host))
+                .collect();
+            assert_eq!(left, vec![format!("/evio/{net}/released/c")]);
+            let snap = s.peers(&net).await.unwrap();
+            let note = &snap.released["c"];
+            assert_eq!(note.reason, "release");
+            assert_eq!(note.subnet, Some(c_subnet.to_string()));
+            let row = snap.nodes().into_iter().find(|n| n.node == "c").unwrap();
+            assert!(row.subnet.is_none() && row.released.is_some());
+            // The freed subnet is free again.
+            let used: Vec<_> = s.list(&net).await.unwrap();
+            assert!(!used.iter().any(|l| l.subnet == c_subnet));
+            // Forced: a live node goes too, and its agent learns it.
+            let freed = s.release_node(&net, "a", &req(true)).await.unwrap();
+            assert!(freed.was_live && freed.subnet.is_some());
+            assert_eq!(sa.refresh(&net, "a", &[]).await.unwrap(), Liveness::Revoked);
+            assert!(matches!(
+                s.release_node(&net, "zz", &req(true)).await,
+                Err(SubnetError::NotFound { .. })
+            ));
+            assert!(s.forget_released(&net, "c").await.unwrap());
+            assert!(!s.forget_released(&net, "c").await.unwrap());
         });
     }
 }

@@ -250,7 +250,7 @@ fn lost_subnet_entry_is_repaired_and_orphans_are_releasable() {
 
 mod overlay {
     use super::*;
-    use evio_subnet::{Liveness, OverlayStore, PeerRecord, PeerSnapshot};
+    use evio_subnet::{Liveness, OverlayStore, PeerRecord, PeerSnapshot, ReleaseRequest};
     use std::net::IpAddr;
 
     pub fn record(node: &str, key: &str) -> PeerRecord {
@@ -343,7 +343,7 @@ mod overlay {
             assert_eq!(snap.records, vec![r.clone()]);
             // A heartbeat changes the record's liveness time.
             let before = s.peers("n").await.unwrap().records[0].heartbeat.clone();
-            assert_eq!(s.refresh("n", "a").await.unwrap(), Liveness::Alive);
+            assert_eq!(s.refresh("n", "a", &[]).await.unwrap(), Liveness::Alive);
             let after = s.peers("n").await.unwrap().records[0].heartbeat.clone();
             assert_ne!(before, after);
             r.endpoints.push("203.0.113.9:5800".into());
@@ -352,7 +352,7 @@ mod overlay {
             // Someone deletes the record: the owner learns it was revoked.
             assert!(s.remove_peer("n", "a").await.unwrap());
             assert!(!s.remove_peer("n", "a").await.unwrap());
-            assert_eq!(s.refresh("n", "a").await.unwrap(), Liveness::Revoked);
+            assert_eq!(s.refresh("n", "a", &[]).await.unwrap(), Liveness::Revoked);
             assert!(s.peers("n").await.unwrap().records.is_empty());
             // Subnet allocations in the same file are untouched by all this.
             let pod = PodNetwork::parse("10.244.0.0/16", 8).unwrap();
@@ -362,6 +362,64 @@ mod overlay {
                 s.lookup("n", "a").await.unwrap().map(|n| n.to_string()),
                 Some("10.244.0.0/24".into())
             );
+        });
+    }
+
+    /// The file store's liveness is the heartbeat: a node whose agent
+    /// stopped refreshing turns stale (its record stays); release frees
+    /// everything of a stale node at once and refuses a live one.
+    #[test]
+    fn stale_by_heartbeat_release_and_its_note() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = PodNetwork::parse("10.244.0.0/16", 8).unwrap();
+        let cidr: ipnet::IpNet = "10.10.0.0/16".parse().unwrap();
+        let req = |force| ReleaseRequest {
+            force,
+            reason: "reclaimAfter".into(),
+            by: "node-x".into(),
+        };
+        rt().block_on(async {
+            let s = store(&dir);
+            for n in ["a", "b"] {
+                s.allocate("n", n, &pod).await.unwrap();
+                s.allocate_host("n", n, cidr, None).await.unwrap();
+            }
+            let mut live = record("a", "ka");
+            live.stamp();
+            s.publish("n", &live, Duration::from_secs(30))
+                .await
+                .unwrap();
+            // b's agent last spoke long ago.
+            s.publish("n", &record("b", "kb"), Duration::from_secs(30))
+                .await
+                .unwrap();
+            let snap = s.peers("n").await.unwrap();
+            assert!(snap.live.contains_key("a") && !snap.live.contains_key("b"));
+            assert_eq!(snap.records.len(), 2, "a stale record stays");
+            // a vouches for b while it has a tunnel to it.
+            s.refresh("n", "a", &["b".to_string()]).await.unwrap();
+            let e = s.release_node("n", "b", &req(false)).await.unwrap_err();
+            assert!(matches!(e, SubnetError::NodeLive { .. }), "{e}");
+            s.refresh("n", "a", &[]).await.unwrap();
+            let e = s.release_node("n", "a", &req(false)).await.unwrap_err();
+            assert!(e.to_string().contains("--force"), "{e}");
+            let b_subnet = snap.alloc.subnets["b"];
+            let freed = s.release_node("n", "b", &req(false)).await.unwrap();
+            assert_eq!(freed.subnet, Some(b_subnet));
+            assert!(freed.host.is_some() && freed.record);
+            let after = s.peers("n").await.unwrap();
+            let row = after.nodes().into_iter().find(|r| r.node == "b").unwrap();
+            assert_eq!((row.subnet, row.host, row.public_key), (None, None, None));
+            assert_eq!(row.released.as_ref().map(|r| r.by.as_str()), Some("node-x"));
+            assert_eq!(s.lookup("n", "b").await.unwrap(), None);
+            // The subnet is free: the next node takes it (first free).
+            let c = s.allocate("n", "c", &pod).await.unwrap();
+            assert_eq!(c.subnet.subnet, b_subnet);
+            assert!(s.forget_released("n", "b").await.unwrap());
+            assert!(matches!(
+                s.release_node("n", "b", &req(true)).await,
+                Err(SubnetError::NotFound { .. })
+            ));
         });
     }
 }

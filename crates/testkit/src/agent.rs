@@ -1,6 +1,8 @@
 //! `evio-node agent` as a test runs it: a process inside a node netns,
-//! stopped with SIGTERM (and SIGKILL if it does not go) on drop, with its
-//! control socket, logs and the helpers tests need around it.
+//! taken off the network on drop (`--stop-and-leave`: its devices, bridge
+//! port and store record go; SIGTERM alone would keep them for a next
+//! agent, and SIGKILL follows if it does not go), with its control socket,
+//! logs and the helpers tests need around it.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -99,8 +101,9 @@ impl Agent {
         }
     }
 
-    /// SIGTERM, then waits up to `grace`; SIGKILL after that. Returns the
-    /// exit status and how long the agent took.
+    /// SIGTERM (a restart's stop: the node stays on the network), then
+    /// waits up to `grace`; SIGKILL after that. Returns the exit status and
+    /// how long the agent took.
     pub fn terminate(&mut self, grace: Duration) -> Option<(ExitStatus, Duration)> {
         let mut child = self.child.take()?;
         let t = Instant::now();
@@ -114,6 +117,57 @@ impl Agent {
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         }
+    }
+
+    /// `evio-node agent --stop-and-leave` with the agent's own arguments:
+    /// the agent takes the node off the network and exits (within `grace`,
+    /// or it is killed). Also cleans up after an agent that is not running.
+    /// Returns the agent's exit status (if it ran) and how long it took.
+    pub fn leave(&mut self, grace: Duration) -> Result<(Option<ExitStatus>, Duration), String> {
+        let t = Instant::now();
+        let s = &self.spec;
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", s.netns))
+            .arg("--")
+            .arg(&s.bin)
+            .args(["agent", "--stop-and-leave", "--config"])
+            .arg(&s.config)
+            .arg("--node-name")
+            .arg(&s.node)
+            .arg("--store")
+            .arg(&s.store)
+            .arg("--control-socket")
+            .arg(&s.socket)
+            // A store that is down must not hold a test's teardown for
+            // the default 30 s.
+            .args(["--timeout", "3"])
+            .args(&s.extra)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("spawn evio-node agent --stop-and-leave: {e}"));
+        let status = self.child.take().and_then(|mut c| {
+            let deadline = Instant::now() + grace;
+            loop {
+                if let Ok(Some(st)) = c.try_wait() {
+                    return Some(st);
+                }
+                if Instant::now() >= deadline {
+                    return process::stop(&mut c, nix::sys::signal::Signal::SIGKILL, grace);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let out = out?;
+        if !out.status.success() {
+            return Err(format!(
+                "{}: --stop-and-leave failed ({}): {}{}",
+                s.node,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok((status, t.elapsed()))
     }
 
     /// Starts the agent again with the same arguments.
@@ -200,6 +254,11 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            if let Err(e) = self.leave(Duration::from_secs(6)) {
+                eprintln!("agent teardown: {e}");
+            }
+        }
         self.terminate(Duration::from_secs(6));
     }
 }

@@ -786,13 +786,25 @@ impl Cluster {
         Ok(())
     }
 
-    /// Stops node `i`'s agent as its teardown does (SIGTERM, SIGKILL after
-    /// 6 s); the bridge, the pods and the store stay. Returns its exit
-    /// status and how long it took, `None` if it had no agent.
-    /// [`Cluster::start_agent`] starts it again.
+    /// Stops node `i`'s agent as a restart does (SIGTERM, SIGKILL after
+    /// 6 s): the bridge, the pods, the store and the agent's devices stay.
+    /// Returns its exit status and how long it took, `None` if it had no
+    /// agent. [`Cluster::start_agent`] starts it again.
     pub fn stop_agent(&mut self, i: usize) -> Option<(std::process::ExitStatus, Duration)> {
         let mut a = self.nodes.get_mut(i)?.agent.take()?;
         a.terminate(Duration::from_secs(6))
+    }
+
+    /// Takes node `i` off the network (`evio-node agent --stop-and-leave`):
+    /// its agent exits and its devices, bridge port and record go; the
+    /// bridge, the pods and the allocations stay. `None` if it had no
+    /// agent. [`Cluster::start_agent`] joins it again, from scratch.
+    pub fn leave_agent(
+        &mut self,
+        i: usize,
+    ) -> Option<Result<(Option<std::process::ExitStatus>, Duration), String>> {
+        let mut a = self.nodes.get_mut(i)?.agent.take()?;
+        Some(a.leave(Duration::from_secs(6)))
     }
 
     /// Waits until every agent has every other node connected; the time it
@@ -877,7 +889,38 @@ impl Cluster {
     }
 
     /// ADD of one pod through the plugin, as a runtime does it.
-    fn add_pod(&mut self, node: usize, j: usize) -> Result<(), ClusterError> {
+    /// Deletes every pod of node `node` through the plugin (DEL) and drops
+    /// their namespaces, as a node's reboot ends them.
+    pub fn del_pods(&mut self, node: usize) -> Result<(), ClusterError> {
+        let evio = self.opts.evio_bin.clone();
+        let n = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| ClusterError::step("delete pods", "no such node"))?;
+        while let Some(p) = n.pods.pop() {
+            let mut conf = n.plugin_conf.clone();
+            if let Some(o) = conf.as_object_mut() {
+                o.insert("prevResult".into(), p.result.clone());
+            }
+            let out = guarded("run the plugin", || {
+                n.cni(&evio).run(
+                    "DEL",
+                    &p.pod.id,
+                    Some(&p.pod.path()),
+                    &p.pod.ifname,
+                    Some(&p.pod.k8s_args()),
+                    &conf,
+                )
+            })?;
+            if !out.success() {
+                return Err(ClusterError::step(format!("DEL of pod {}", p.name), out));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds pod number `j` to node `node` through the plugin (ADD).
+    pub fn add_pod(&mut self, node: usize, j: usize) -> Result<(), ClusterError> {
         let pod = guarded("create a pod namespace", Pod::new)?;
         self.track(Tracked::Netns(pod.ns.name().to_string()));
         let evio = self.opts.evio_bin.clone();
@@ -1293,15 +1336,20 @@ impl Cluster {
                 }
                 drop(p);
             }
+            // Leaving, not a plain stop: SIGTERM would keep the node's
+            // devices and record for a next agent.
             if let Some(mut a) = node.agent.take() {
-                match a.terminate(Duration::from_secs(6)) {
-                    Some((st, took)) if st.success() && took <= Duration::from_secs(5) => {}
-                    Some((st, took)) => errors.push(format!(
-                        "agent of {}: exit {st} after {took:?} on SIGTERM\n{}",
+                match a.leave(Duration::from_secs(6)) {
+                    Ok((Some(st), took)) if st.success() && took <= Duration::from_secs(5) => {}
+                    Ok((None, _)) => {}
+                    Ok((Some(st), took)) => errors.push(format!(
+                        "agent of {}: exit {st} after {took:?} on --stop-and-leave\n{}",
                         node.name,
                         a.log_tail(20)
                     )),
-                    None => {}
+                    Err(e) => {
+                        errors.push(format!("agent of {}: {e}\n{}", node.name, a.log_tail(20)))
+                    }
                 }
             }
         }

@@ -470,6 +470,28 @@ impl EtcdCluster {
         }
     }
 
+    /// Freezes member `i` (SIGSTOP): it keeps its connections open and
+    /// answers nothing, as a hung store does (unlike a stopped one, which
+    /// refuses). [`EtcdCluster::thaw_member`] lets it go on.
+    pub fn freeze_member(&self, i: usize) {
+        self.signal_member(i, nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Undoes [`EtcdCluster::freeze_member`] (SIGCONT).
+    pub fn thaw_member(&self, i: usize) {
+        self.signal_member(i, nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal_member(&self, i: usize, sig: nix::sys::signal::Signal) {
+        let pid = self.members[i]
+            .keeper
+            .as_ref()
+            .and_then(|k| k.job_pid("etcd"))
+            .unwrap_or_else(|| panic!("etcd member {i} is not running"));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+            .unwrap_or_else(|e| panic!("{sig} to etcd {pid}: {e}"));
+    }
+
     /// Restarts a stopped member on its old ports and data, and waits until
     /// it is healthy (has rejoined the cluster).
     pub fn start_member(&mut self, i: usize) {

@@ -47,6 +47,16 @@ impl Keeper {
         Keeper { child, stdin }
     }
 
+    /// The pid of the job (the keeper's child that is not its watcher
+    /// subshell), once it runs.
+    pub(crate) fn job_pid(&self, comm: &str) -> Option<i32> {
+        let me = self.child.id() as i32;
+        crate::process::processes()
+            .into_iter()
+            .find(|p| p.ppid == me && p.comm == comm)
+            .map(|p| p.pid)
+    }
+
     pub(crate) fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }

@@ -740,6 +740,30 @@ impl Lab {
         self.apply_router(site);
     }
 
+    /// Black-holes TCP between the site and `server:port` at the site's
+    /// router (`on`), or lets it through again: packets are dropped, not
+    /// refused, so connections hang as they do across a real partition,
+    /// while everything else (direct paths between nodes, TURN, STUN)
+    /// keeps flowing. A table of its own, so NAT changes keep it.
+    pub fn blackhole_tcp(&self, site: SiteId, server: Ipv4Addr, port: u16, on: bool) {
+        let router = self.router_or_panic(site, "blackhole_tcp");
+        let rules = if on {
+            format!(
+                "    ip daddr {server} tcp dport {port} drop\n    ip saddr {server} tcp sport {port} drop\n"
+            )
+        } else {
+            String::new()
+        };
+        let text = replace_table(
+            "ip",
+            "natlab_blackhole",
+            &format!(
+                "  chain forward {{\n    type filter hook forward priority filter - 1; policy accept;\n{rules}  }}\n"
+            ),
+        );
+        nft(router, &text);
+    }
+
     /// Drops every UDP datagram between the two nodes' addresses (their own
     /// and their public ones), in both directions, on the internet bridge
     /// and on LAN bridges: their direct path is dead while their traffic

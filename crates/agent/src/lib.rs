@@ -238,20 +238,25 @@ pub fn wait_readable(fd: RawFd, stop: &Stop, timeout: Option<Duration>) -> bool 
 /// The handle other threads use to talk to the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
-    pub commands: mpsc::Sender<Command>,
+    pub commands: mpsc::SyncSender<Command>,
     pub waker: Waker,
 }
 
 impl EngineHandle {
-    pub fn send(&self, c: Command) {
-        let _ = self.commands.send(c);
+    /// Queues a command unless the queue is full (the engine is not
+    /// draining it: nobody should wait on it then); false if not queued.
+    pub fn send(&self, c: Command) -> bool {
+        let queued = self.commands.try_send(c).is_ok();
         self.waker.wake();
+        queued
     }
 
     /// A status snapshot from the engine, or None if it does not answer.
     pub fn snapshot(&self, timeout: Duration) -> Option<dataplane::Snapshot> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send(Command::Status(tx));
+        if !self.send(Command::Status(tx)) {
+            return None;
+        }
         rx.recv_timeout(timeout).ok()
     }
 }
@@ -783,7 +788,10 @@ mod tests {
         let t = std::thread::spawn(move || {
             engine_ended(me, &Err(std::io::Error::other("epoll broke")));
         });
-        assert_eq!(wait_for_end(&sigs, &AtomicBool::new(false)), End::EngineEnded);
+        assert_eq!(
+            wait_for_end(&sigs, &AtomicBool::new(false)),
+            End::EngineEnded
+        );
         t.join().unwrap();
     }
 }

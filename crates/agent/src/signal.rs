@@ -675,8 +675,8 @@ impl Signalling {
             h.peers_seen = peers.len();
             h.stale = stale;
         });
-        if !st.revoked && peers != st.sent {
-            self.engine.send(Command::Peers(peers.clone()));
+        // Not queued (the engine is behind): sent again on the next view.
+        if !st.revoked && peers != st.sent && self.engine.send(Command::Peers(peers.clone())) {
             st.sent = peers;
         }
         if records != self.cache.peers && !st.revoked {

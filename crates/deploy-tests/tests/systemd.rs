@@ -843,7 +843,10 @@ fn the_agent_runs_under_the_units_sandbox() {
         "the devices went with the stop: {links}"
     );
     let addr = ns.out(&["ip", "-o", "-4", "addr", "show", "dev", "evio-host"]);
-    assert!(addr.contains("inet 10.10."), "evio-host lost its address: {addr}");
+    assert!(
+        addr.contains("inet 10.10."),
+        "evio-host lost its address: {addr}"
+    );
     let text = show();
     assert!(
         !text.contains("Read-only file system") && !text.contains("Operation not permitted"),

@@ -555,7 +555,10 @@ fn config_gen_falls_back_to_its_cache_only_when_the_store_does_not_answer() {
         let out = gen(node, conf, d, "3");
         assert!(!out.status.success(), "{node}: {}", text(&out));
         assert_eq!(
-            String::from_utf8_lossy(&out.stderr).trim_end().lines().count(),
+            String::from_utf8_lossy(&out.stderr)
+                .trim_end()
+                .lines()
+                .count(),
             1,
             "{}",
             text(&out)
@@ -589,7 +592,15 @@ fn config_gen_says_when_the_nodes_subnet_was_released_while_it_was_away() {
     assert!(a.status.success(), "{}", text(&a));
     let old = subnet(&a);
     let rel = Command::new(NODE)
-        .args(["nodes", "release", "n1", "--store", &store, "--network", "relnet"])
+        .args([
+            "nodes",
+            "release",
+            "n1",
+            "--store",
+            &store,
+            "--network",
+            "relnet",
+        ])
         .output()
         .unwrap();
     assert!(rel.status.success(), "{}", text(&rel));

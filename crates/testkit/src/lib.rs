@@ -15,5 +15,5 @@ pub mod netns;
 pub mod ovs;
 pub mod plugin;
 pub mod process;
-pub mod services;
 pub mod raw;
+pub mod services;

@@ -1928,4 +1928,253 @@ fn nodes_release_and_reclaim_free_only_dead_nodes_and_a_returning_node_is_told()
     subnets.dedup();
     assert_eq!(subnets.len(), n, "duplicate subnets: {list:?}");
     assert!(peer(&peers(&c, 0), &name(2)).is_some_and(|p| p["podSubnet"] == now_subnet.as_str()));
+
+// ---------------------------------------------------------------------------
+// Issue 21: TURN after a crash; issue 20, defect 4: forged TURN errors.
+
+fn turn_state(c: &Cluster, i: usize) -> String {
+    c.agent(i)
+        .and_then(|a| a.peers().ok())
+        .and_then(|v| v["turn"][0]["state"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Node `i` has its own allocation again, and every other node and it
+/// reach each other relayed (a pod ping each way).
+fn relayed_again(c: &Cluster, i: usize) -> bool {
+    let relay = Some("relay");
+    turn_state(c, i) == "ready"
+        && (0..c.nodes().len()).filter(|p| *p != i).all(|p| {
+            path_of(c, i, p).as_deref() == relay
+                && path_of(c, p, i).as_deref() == relay
+                && pod_ping_once(c, p, i)
+                && pod_ping_once(c, i, p)
+        })
+}
+
+/// SIGKILLs node `i`'s agent (its TURN allocation stays on coturn) and
+/// starts it again at once; `between` runs in between (a reboot's
+/// conntrack flush). Returns the time from the new start until it is
+/// relayed again, bounded by the issue's 10 s.
+fn kill_and_restart(
+    c: &mut Cluster,
+    i: usize,
+    what: &str,
+    between: impl FnOnce(&Cluster),
+) -> Duration {
+    let a = c.agent_mut(i).expect("agent");
+    a.kill();
+    between(c);
+    let a = c.agent_mut(i).expect("agent");
+    let log_before = a.log().len();
+    a.restart().unwrap_or_else(|e| panic!("{e}"));
+    let t = Instant::now();
+    while !relayed_again(c, i) {
+        if t.elapsed() > Duration::from_secs(10) {
+            panic!("{what}: not relayed again within 10 s\n{}", dump(c));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = t.elapsed();
+    let log = c.agent(i).expect("agent").log();
+    eprintln!(
+        "{what}: relayed again {took:?} after the restart; its TURN log:\n{}",
+        log[log_before.min(log.len())..]
+            .lines()
+            .filter(|l| l.contains("TURN"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    took
+}
+
+#[test]
+fn a_sigkilled_or_rebooted_agent_is_relayed_again_within_10s_over_udp_and_tcp_turn() {
+    use NatType::*;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let pw = dir.path().join("turn-password");
+    // The lab coturn's password (natlab::Coturn).
+    std::fs::write(&pw, "evio-turn-pw\n").unwrap_or_else(|e| panic!("{e}"));
+    let ov = OverlayOpts {
+        sites: vec![(Symmetric, 1), (Symmetric, 1), (PortRestrictedCone, 1)],
+        turn: true,
+        // Node 1 reaches coturn over TCP (UDP still works there: STUN).
+        node_netconf: vec![(
+            1,
+            json!({"overlay": {"turn": [{
+                "server": "203.0.113.1:3478", "transport": "tcp", "username": "evio",
+                "passwordFile": pw.display().to_string()}]}}),
+        )],
+        ..OverlayOpts::flat(0)
+    };
+    let mut c = up(opts(BridgeType::Linux, 1, ov));
+    c.wait_overlay(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", dump(&c)));
+    assert_eq!(peers(&c, 1)["turn"][0]["transport"], "tcp");
+    for i in 0..3 {
+        wait("every pair relayed", Duration::from_secs(10), || {
+            relayed_again(&c, i)
+        });
+    }
+    // UDP: coturn keeps the killed agent's allocation under the same
+    // 5-tuple (the symmetric NAT keeps its mapping) and answers 437.
+    kill_and_restart(&mut c, 0, "SIGKILL, TURN over UDP", |_| {});
+    let log = c.agent(0).expect("agent").log();
+    assert!(
+        log.contains("released the allocation a previous agent left"),
+        "the 437 path was not taken:\n{}",
+        c.agent(0).expect("agent").log_tail(30)
+    );
+    // TCP: the kernel closes the killed agent's connection, coturn drops
+    // its allocation, and the new connection is a new 5-tuple anyway.
+    kill_and_restart(&mut c, 1, "SIGKILL, TURN over TCP", |_| {});
+    // A reboot behind a NAT that keeps the port: the router forgot the
+    // mapping, the new one has the same public port, coturn sees the same
+    // 5-tuple.
+    let site = evio_testkit::natlab::SiteId(site_of(&c, 2).1);
+    kill_and_restart(&mut c, 2, "reboot behind a port-keeping NAT", |c| {
+        c.lab().expect("lab").flush_conntrack(site)
+    });
+    let log = c.agent(2).expect("agent").log();
+    assert!(
+        log.contains("released the allocation a previous agent left"),
+        "the 437 path was not taken after the reboot:\n{}",
+        c.agent(2).expect("agent").log_tail(30)
+    );
+}
+
+/// A STUN error response of `method` with `code` and a transaction ID
+/// nobody asked, as coturn would shape it (a 401 carries realm and nonce).
+fn forged_stun_error(method: u16, code: u16, tid: &[u8; 12]) -> Vec<u8> {
+    fn attr(out: &mut Vec<u8>, t: u16, v: &[u8]) {
+        out.extend_from_slice(&t.to_be_bytes());
+        out.extend_from_slice(&(v.len() as u16).to_be_bytes());
+        out.extend_from_slice(v);
+        out.resize(out.len().div_ceil(4) * 4, 0);
+    }
+    let mut body = Vec::new();
+    let mut e = vec![0, 0, (code / 100) as u8, (code % 100) as u8];
+    e.extend_from_slice(b"Forged");
+    attr(&mut body, 0x0009, &e);
+    if code == 401 || code == 438 {
+        attr(&mut body, 0x0014, b"evio.test");
+        attr(&mut body, 0x0015, b"0123456789abcdef");
+    }
+    // Class "error response": bits 0x0110 on top of the method.
+    let mtype = 0x0110 | method;
+    let mut m = Vec::with_capacity(20 + body.len());
+    m.extend_from_slice(&mtype.to_be_bytes());
+    m.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    m.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+    m.extend_from_slice(tid);
+    m.extend_from_slice(&body);
+    m
+}
+
+#[test]
+fn forged_turn_errors_from_the_servers_address_break_no_relay_and_barely_log() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use NatType::*;
+    let ov = OverlayOpts {
+        sites: vec![(PortRestrictedCone, 1), (Symmetric, 1)],
+        turn: true,
+        ..OverlayOpts::flat(0)
+    };
+    let mut c = up(opts(BridgeType::Linux, 1, ov));
+    c.wait_overlay(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", dump(&c)));
+    wait("the pair relayed", Duration::from_secs(10), || {
+        relayed_again(&c, 0)
+    });
+    let lab = c.lab().expect("lab");
+    let server = std::net::SocketAddrV4::new(evio_testkit::natlab::SERVER_ADDR, 3478);
+    // Node 0's mapping toward coturn: its reflexive address (a cone keeps
+    // it for every destination).
+    let target: std::net::SocketAddrV4 = peers(&c, 0)["candidates"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["kind"] == "reflexive"))
+        .and_then(|x| x["addr"].as_str()?.parse().ok())
+        .unwrap_or_else(|| panic!("no reflexive candidate: {}", peers(&c, 0)));
+    let spoofer = evio_testkit::natlab::Spoofer::new(lab.internet())
+        .unwrap_or_else(|e| panic!("raw socket: {e}"));
+    let (stop, sent) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    // Stops the flood however the test ends (its raw socket keeps the lab's
+    // internet namespace alive).
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let _stop_guard = StopOnDrop(stop.clone());
+    let flood = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        std::thread::spawn(move || {
+            // Allocate, Refresh, CreatePermission, ChannelBind, Binding.
+            let kinds = [
+                (0x003, 401),
+                (0x003, 437),
+                (0x004, 437),
+                (0x004, 401),
+                (0x008, 403),
+                (0x009, 400),
+                (0x001, 400),
+                (0x003, 438),
+            ];
+            let mut n = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                for (i, (method, code)) in kinds.iter().enumerate() {
+                    let mut tid = [0u8; 12];
+                    tid[..8].copy_from_slice(&n.to_be_bytes());
+                    tid[8] = i as u8;
+                    if spoofer
+                        .send(server, target, &forged_stun_error(*method, *code, &tid))
+                        .is_ok()
+                    {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    n += 1;
+                }
+                // About 4000 forgeries a second.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    // While they arrive: the agent dies and starts again, so it allocates
+    // (and releases what it left) under the flood.
+    std::thread::sleep(Duration::from_millis(500));
+    let log_before = c.agent(0).expect("agent").log().len();
+    let took = kill_and_restart(&mut c, 0, "SIGKILL under forged TURN errors", |_| {});
+    let sent_at_restart_end = sent.load(Ordering::Relaxed);
+    // And holds it: 3 s more of forgeries.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(turn_state(&c, 0), "ready", "{}", dump(&c));
+    assert!(
+        pod_ping_once(&c, 1, 0) || pod_ping_once(&c, 1, 0),
+        "{}",
+        dump(&c)
+    );
+    let a = c.agent(0).expect("agent");
+    let junk = a.metric("evio_overlay_rejected_total{node=\"node-0\",reason=\"stun_turn_junk\"}");
+    stop.store(true, Ordering::Relaxed);
+    let _ = flood.join();
+    let total = sent.load(Ordering::Relaxed);
+    // What the killed agent (its last half second) and the new one
+    // logged.
+    let log = a.log();
+    let lines = log[log_before.min(log.len())..].lines().count();
+    eprintln!(
+        "{total} forgeries ({sent_at_restart_end} by the time it was relayed again, {took:?} after its restart); \
+         {junk} counted as junk by the restarted agent; its log: {lines} lines"
+    );
+    assert!(
+        junk > 1000,
+        "the forgeries did not reach the agent: {junk} of {total}"
+    );
+    assert!(lines < 80, "{lines} log lines:\n{}", a.log_tail(40));
 }

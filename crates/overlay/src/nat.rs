@@ -22,6 +22,12 @@
 //! after half a minute, so it is recognised here. Only an error that answers
 //! one of our own recent requests (same transaction ID) counts: anyone can
 //! send error-class STUN from the server's address.
+//!
+//! Two Refreshes of our own ([`refresh`]) cover what the client cannot: an
+//! allocation that a killed agent left under our 5-tuple is released when
+//! the server answers our Allocate with 437, and a relayed path that died
+//! makes us ask the server whether it still knows our allocation (a
+//! restarted server forgets allocations without telling).
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -40,12 +46,16 @@ use turn_client_proto::api::{Transmit as TurnTransmit, TurnConfig, TurnEvent, Tu
 use turn_client_proto::api::{TurnPeerData, TurnRecvRet};
 use turn_client_proto::prelude::*;
 use turn_client_proto::tcp::TurnClientTcp;
+use turn_client_proto::types::message::ALLOCATE;
 use turn_client_proto::types::{TransportType, TurnCredentials};
 use turn_client_proto::udp::TurnClientUdp;
 
 use crate::crypto::Seed;
 use crate::path::{PathAddr, Via};
 use crate::wire::{self, Demux};
+
+mod refresh;
+use refresh::{Outcome, Refresh, Step};
 
 turn_client_proto::impl_client!(TurnClient, (Udp, TurnClientUdp), (Tcp, TurnClientTcp));
 
@@ -62,8 +72,18 @@ const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Wrong credentials will not fix themselves quickly.
 const RETRY_AUTH: Duration = Duration::from_secs(30);
-/// Least time between two renewals of one allocation for dead paths.
-const RENEW_PAUSE: Duration = Duration::from_secs(30);
+/// Least time between two checks of one allocation for dead paths.
+const CHECK_PAUSE: Duration = Duration::from_secs(5);
+/// The lifetime turn-client-proto asks for; a check asks for the same, so
+/// that it never shortens what the client believes.
+const LIFETIME: u32 = 1800;
+/// coturn deletes a released allocation a second after the Refresh (its
+/// lifetime becomes 1 s, not 0): an Allocate before that draws 437 again.
+const RELEASE_SETTLE: Duration = Duration::from_millis(1200);
+/// A 437 this soon after a release is that same allocation, still going:
+/// wait for it instead of releasing again (which would restart coturn's
+/// second).
+const RELEASE_GRACE: Duration = Duration::from_secs(6);
 /// A TCP connect or an allocation that takes longer failed.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests of one client whose answers we still accept (a few
@@ -163,6 +183,15 @@ struct TcpLink {
     rx: Vec<u8>,
 }
 
+/// Why we run a Refresh of our own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// Delete the allocation a previous agent left under our 5-tuple.
+    Release,
+    /// Ask whether the server still knows our allocation.
+    Check,
+}
+
 /// One configured TURN server and our allocation on it.
 struct Slot {
     conf: TurnServer,
@@ -175,8 +204,11 @@ struct Slot {
     channels: HashSet<SocketAddr>,
     /// Why the server refused our allocation (401 and friends).
     auth_error: Option<String>,
-    /// Last [`Nat::renew`] of this allocation.
-    renewed: Option<Instant>,
+    /// A Refresh of our own in flight.
+    refresh: Option<(Purpose, Refresh)>,
+    /// When a check last started, and when we last released a leftover.
+    checked: Option<Instant>,
+    released: Option<Instant>,
     /// Transaction IDs of the requests this client sent last.
     requests: [Option<TransactionId>; RECENT_REQUESTS],
     next_request: usize,
@@ -197,7 +229,9 @@ impl Slot {
             backoff: RETRY_MIN,
             channels: HashSet::new(),
             auth_error: None,
-            renewed: None,
+            refresh: None,
+            checked: None,
+            released: None,
             requests: [None; RECENT_REQUESTS],
             next_request: 0,
             logged: None,
@@ -226,6 +260,20 @@ impl Slot {
                 self.requests[self.next_request] = Some(msg.transaction_id());
                 self.next_request = (self.next_request + 1) % RECENT_REQUESTS;
             }
+        }
+    }
+
+    /// Whether `tid` is that of one of the requests this client sent last.
+    fn asked_recently(&self, tid: TransactionId) -> bool {
+        self.requests.contains(&Some(tid))
+    }
+
+    /// How this slot's control traffic leaves.
+    fn via(&self, idx: usize) -> Sock {
+        if self.tcp.is_some() {
+            Sock::Tcp(idx)
+        } else {
+            Sock::Udp
         }
     }
 
@@ -390,6 +438,7 @@ impl Nat {
         let mut wake = self.next_gather;
         for s in &self.slots {
             let t = match &s.state {
+                _ if s.refresh.is_some() => s.refresh.as_ref().map_or(wake, |r| r.1.deadline()),
                 _ if s.client.is_none() && s.tcp.is_none() => s.retry_at,
                 TurnState::Connecting | TurnState::Allocating => s.started + SETUP_TIMEOUT,
                 _ => continue,
@@ -409,28 +458,131 @@ fn relayed<T: AsRef<[u8]> + std::fmt::Debug>(idx: usize, pd: &TurnPeerData<T>) -
 }
 
 impl Nat {
-    /// Re-allocates on TURN server `idx` at once: a path through our
-    /// allocation died, and a restarted server forgets allocations without
-    /// telling (the client would notice only at its next refresh, minutes
-    /// away). At most once per [`RENEW_PAUSE`], so a peer that is simply gone
-    /// does not churn allocations.
+    /// A path through our allocation on TURN server `idx` died: asks the
+    /// server whether it still knows the allocation (a restarted server
+    /// forgets allocations without telling, and the client would notice
+    /// only at its next refresh, minutes away), and allocates again when it
+    /// does not or does not answer. A peer that is simply gone costs a
+    /// Refresh, not our relayed address. At most once per [`CHECK_PAUSE`].
     pub fn renew(&mut self, now: Instant, idx: usize) {
-        let Some(s) = self.slots.get(idx) else {
+        let Some(s) = self.slots.get_mut(idx) else {
             return;
         };
         let recent = s
-            .renewed
-            .is_some_and(|t| now.saturating_duration_since(t) < RENEW_PAUSE);
-        if !s.ready() || recent {
+            .checked
+            .is_some_and(|t| now.saturating_duration_since(t) < CHECK_PAUSE);
+        if !s.ready() || s.refresh.is_some() || recent {
             return;
         }
-        let why = format!(
-            "a relayed path through {} stopped answering: renewing the allocation",
-            s.conf.server
+        s.checked = Some(now);
+        let r = Refresh::new(
+            now,
+            &s.conf.username,
+            &s.conf.password,
+            LIFETIME,
+            self.rng.gen(),
         );
-        self.slots[idx].renewed = Some(now);
-        self.fail(idx, now, why);
-        self.slots[idx].retry_at = now;
+        let (via, server) = (s.via(idx), s.conf.server);
+        self.out.push_back((via, server, r.request().to_vec()));
+        s.refresh = Some((Purpose::Check, r));
+    }
+
+    /// [`Nat::renew`] for every allocation.
+    pub fn check_all(&mut self, now: Instant) {
+        for idx in 0..self.slots.len() {
+            self.renew(now, idx);
+        }
+    }
+
+    /// The server answered our Allocate with 437: it holds an allocation
+    /// under our 5-tuple that we did not make, left by an agent that was
+    /// killed (or a node that rebooted behind a NAT that kept its port).
+    /// Over UDP it is released with the credentials it was made with, then
+    /// we allocate again; a TCP connection is a new 5-tuple, so over TCP we
+    /// just connect again.
+    fn mismatch(&mut self, now: Instant, idx: usize) {
+        let s = &mut self.slots[idx];
+        s.client = None;
+        let server = s.conf.server;
+        let settling = s
+            .released
+            .is_some_and(|t| now.saturating_duration_since(t) < RELEASE_GRACE);
+        if s.tcp.is_some() || settling {
+            let why = format!("{server} still holds an allocation for our address: retrying");
+            self.fail(idx, now, why);
+            let pause = if settling {
+                RELEASE_SETTLE
+            } else {
+                Duration::ZERO
+            };
+            self.slots[idx].retry_at = now + pause;
+            return;
+        }
+        s.warn_once(format!(
+            "{server} holds an allocation for our address that a previous agent left \
+             (killed without deleting it): releasing it"
+        ));
+        let r = Refresh::new(now, &s.conf.username, &s.conf.password, 0, self.rng.gen());
+        self.out
+            .push_back((Sock::Udp, server, r.request().to_vec()));
+        s.refresh = Some((Purpose::Release, r));
+        s.started = now;
+        s.state = TurnState::Allocating;
+    }
+
+    /// Acts on a step of slot `idx`'s Refresh.
+    fn refresh_step(&mut self, now: Instant, idx: usize, step: Step) {
+        let s = &mut self.slots[idx];
+        let Some((purpose, r)) = s.refresh.as_ref() else {
+            return;
+        };
+        let purpose = *purpose;
+        match step {
+            Step::Wait => {}
+            Step::Send => {
+                let data = r.request().to_vec();
+                let via = s.via(idx);
+                self.out.push_back((via, s.conf.server, data));
+            }
+            Step::Finished(outcome) => {
+                s.refresh = None;
+                self.refresh_done(now, idx, purpose, outcome);
+            }
+        }
+    }
+
+    fn refresh_done(&mut self, now: Instant, idx: usize, purpose: Purpose, outcome: Outcome) {
+        let s = &mut self.slots[idx];
+        let server = s.conf.server;
+        match (purpose, outcome) {
+            (Purpose::Check, Outcome::Done) => {
+                tracing::debug!(%server, "TURN: the server still knows our allocation");
+            }
+            (Purpose::Check, o) => {
+                let why = match o {
+                    Outcome::Failed(why) => {
+                        format!("{server} did not confirm our allocation ({why}): allocating again")
+                    }
+                    _ => format!("{server} no longer knows our allocation: allocating again"),
+                };
+                self.fail(idx, now, why);
+                self.slots[idx].retry_at = now;
+            }
+            (Purpose::Release, Outcome::Done | Outcome::NoAllocation) => {
+                tracing::info!(%server, "TURN: released the allocation a previous agent left");
+                s.released = Some(now);
+                s.logged = None;
+                s.retry_at = now + RELEASE_SETTLE;
+                s.backoff = RETRY_MIN;
+            }
+            (Purpose::Release, Outcome::Failed(why)) => {
+                let why = format!(
+                    "{server} holds an allocation for our address that a previous agent left, \
+                     and did not release it ({why}); relayed paths through it resume when it expires"
+                );
+                self.fail(idx, now, why);
+            }
+        }
     }
 
     /// Gathers reflexive candidates again as soon as possible (an address
@@ -480,6 +632,9 @@ impl Nat {
             self.junk += 1;
             return Datagram::NotMine;
         };
+        if self.control(now, idx, data) {
+            return Datagram::Consumed;
+        }
         let t = sio(self.base, now);
         let local = self.local;
         let s = &mut self.slots[idx];
@@ -502,8 +657,48 @@ impl Nat {
             }
             TurnRecvRet::Handled | TurnRecvRet::PeerIcmp { .. } => Datagram::Consumed,
         };
+        if !matches!(got, Datagram::Relayed(..)) {
+            // What the answer unblocked (the signed Allocate after a 401,
+            // a channel after a permission) goes out now, not at the
+            // client's next timer.
+            self.poll_client(now, idx);
+        }
         self.process_events(now);
         got
+    }
+
+    /// Control traffic of slot `idx` that is ours rather than its client's:
+    /// answers to our own Refresh, and a 437 to the client's Allocate.
+    /// Returns whether it was.
+    fn control(&mut self, now: Instant, idx: usize, data: &[u8]) -> bool {
+        if wire::demux(data) != Demux::Stun {
+            return false;
+        }
+        let Ok(msg) = Message::from_bytes(data) else {
+            return false;
+        };
+        let s = &mut self.slots[idx];
+        if let Some((_, r)) = s.refresh.as_mut() {
+            if r.answers(&msg) {
+                let step = r.handle(now, &msg, self.rng.gen());
+                self.refresh_step(now, idx, step);
+                return true;
+            }
+        }
+        // Once allocated, a 437 answers a retransmit of the Allocate that
+        // made it (turn-server-proto answers those so): not a leftover.
+        let mismatch = s.client.is_some()
+            && !s.ready()
+            && msg.has_class(MessageClass::Error)
+            && msg.has_method(ALLOCATE)
+            && msg
+                .attribute::<ErrorCode>()
+                .is_ok_and(|e| e.code() == ErrorCode::ALLOCATION_MISMATCH)
+            && s.asked_recently(msg.transaction_id());
+        if mismatch {
+            self.mismatch(now, idx);
+        }
+        mismatch
     }
 
     /// An answer to one of our STUN bindings: our reflexive address.
@@ -643,6 +838,20 @@ impl Nat {
             }
             return None;
         };
+        if wire::demux(&link.rx) == Demux::Stun {
+            // Lent out while [`Nat::control`] looks at it: no copy.
+            let rx = std::mem::take(&mut link.rx);
+            let mine = self.control(now, conn, &rx[..frame]);
+            // Gone if that closed the connection.
+            let link = self.slots[conn].tcp.as_mut()?;
+            link.rx = rx;
+            if mine {
+                link.rx.drain(..consumed);
+                return Some(None);
+            }
+        }
+        let s = &mut self.slots[conn];
+        let link = s.tcp.as_mut()?;
         let mut got = None;
         let mut ignored = false;
         if let Some(c) = s.client.as_mut() {
@@ -659,6 +868,7 @@ impl Nat {
                 _ => {}
             }
         }
+        let answered = got.is_none();
         // Control traffic only: a copy keeps the borrows apart.
         let frame_bytes = ignored.then(|| link.rx[..frame].to_vec());
         link.rx.drain(..consumed);
@@ -666,6 +876,10 @@ impl Nat {
             if !self.error_answer(conn, &f) {
                 self.junk += 1;
             }
+        }
+        if answered {
+            // As for UDP: what the answer unblocked goes out now.
+            self.poll_client(now, conn);
         }
         Some(got)
     }
@@ -786,11 +1000,9 @@ fn refusal_hint(code: u16) -> &'static str {
         401 | 431 => "check username and passwordFile",
         // The server keys allocations by our address and port: an agent
         // killed without deleting its allocation leaves one that refuses
-        // the next until its lifetime (10 min by default) ends.
-        437 => {
-            "it still holds the allocation of a previous agent on this address \
-             (killed without deleting it); relayed paths resume when that expires"
-        }
+        // the next (released in `Nat::mismatch` when the 437 answers our
+        // Allocate).
+        437 => "it holds an allocation for our address and port that we did not make",
         486 => "its allocation quota for this user is used up",
         _ => "see the TURN server's log",
     }
@@ -880,6 +1092,11 @@ impl Nat {
     /// Starts, or gives up on, the allocation of slot `idx`.
     fn run_slot(&mut self, now: Instant, idx: usize) {
         let s = &mut self.slots[idx];
+        if let Some((_, r)) = s.refresh.as_mut() {
+            let step = r.timeout(now);
+            self.refresh_step(now, idx, step);
+            return;
+        }
         if s.client.is_none() && s.tcp.is_none() {
             if now < s.retry_at {
                 return;
@@ -974,6 +1191,7 @@ impl Nat {
             self.events.push_back(NatEvent::TcpClose { conn: idx });
         }
         s.client = None;
+        s.refresh = None;
         let pause = if s.auth_error.is_some() {
             RETRY_AUTH
         } else {
@@ -1048,6 +1266,7 @@ impl Nat {
                 }
             }
             // Nothing new starts.
+            s.refresh = None;
             s.retry_at = now + Duration::from_secs(3600);
         }
         self.handle_timeout(now);
@@ -1060,189 +1279,4 @@ impl Nat {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use turn_server_proto::api::{TurnServerApi, TurnServerPollRet};
-    use turn_server_proto::server::TurnServer as Server;
-
-    const SERVER: &str = "203.0.113.1:3478";
-    const ME: &str = "198.51.100.7:5800";
-
-    fn server_addr() -> SocketAddr {
-        SERVER.parse().unwrap()
-    }
-
-    fn nat(now: Instant, password: &str) -> Nat {
-        let cfg = NatConfig {
-            port: 5800,
-            stun: Vec::new(),
-            turn: vec![TurnServer {
-                server: server_addr(),
-                transport: TurnTransport::Udp,
-                username: "evio".into(),
-                password: password.into(),
-            }],
-        };
-        Nat::new(now, cfg, crate::crypto::seed_from_u64(1))
-    }
-
-    fn server() -> Server {
-        let mut s = Server::new(TransportType::Udp, server_addr(), "test".into());
-        s.add_user("evio".into(), "right".into());
-        s
-    }
-
-    /// Moves datagrams between the NAT layer and the server for a few
-    /// seconds, 600 ms a round (the client sends its authenticated Allocate
-    /// on its timer); `spoof` runs before each of the NAT layer's datagrams
-    /// is answered. Returns the time reached.
-    fn exchange(
-        nat: &mut Nat,
-        srv: &mut Server,
-        t0: Instant,
-        mut spoof: impl FnMut(&mut Nat),
-    ) -> Instant {
-        let me: SocketAddr = ME.parse().unwrap();
-        let mut now = t0;
-        for round in 0..6 {
-            now = t0 + Duration::from_millis(600 * round);
-            nat.handle_timeout(now);
-            let mut sent = Vec::new();
-            while let Some(t) = nat.poll_transmit() {
-                sent.push(t.data.to_vec());
-            }
-            let st = sio(t0, now);
-            for d in sent {
-                spoof(nat);
-                let tr = TurnTransmit::new(&d[..], TransportType::Udp, me, server_addr());
-                let mut answers = Vec::new();
-                if let Some(out) = srv.recv(tr, st) {
-                    answers.push(out.data.build());
-                }
-                while let TurnServerPollRet::AllocateSocket {
-                    transport,
-                    listen_addr,
-                    client_addr,
-                    allocation_transport,
-                    family,
-                } = srv.poll(st)
-                {
-                    let relay = "203.0.113.1:49152".parse().unwrap();
-                    srv.allocated_socket(
-                        transport,
-                        listen_addr,
-                        client_addr,
-                        allocation_transport,
-                        family,
-                        Ok(relay),
-                        st,
-                    );
-                }
-                while let Some(t) = srv.poll_transmit(st) {
-                    answers.push(t.data);
-                }
-                for a in answers {
-                    let _ = nat.handle_datagram(now, server_addr(), &a);
-                }
-            }
-        }
-        now
-    }
-
-    /// An error-class answer with a transaction ID nobody asked.
-    fn forged_error() -> Vec<u8> {
-        let mtype = MessageType::from_class_method(MessageClass::Error, BINDING);
-        let mut m = Message::builder(mtype, TransactionId::from(42u128), MessageWriteVec::new());
-        let e = ErrorCode::builder(401)
-            .reason("Unauthorized")
-            .build()
-            .unwrap();
-        m.add_attribute(&e).unwrap();
-        m.finish()
-    }
-
-    #[test]
-    fn allocates_on_a_real_server_and_relays_without_copies_into_the_heap() {
-        let t0 = Instant::now();
-        let (mut n, mut srv) = (nat(t0, "right"), server());
-        let peer: SocketAddr = "203.0.113.50:5800".parse().unwrap();
-        n.set_peer_ips(t0, [peer.ip()].into_iter().collect());
-        let now = exchange(&mut n, &mut srv, t0, |_| {});
-        assert!(
-            matches!(n.turn_states()[0].2, TurnState::Ready(_)),
-            "{:?}",
-            n.turn_states()
-        );
-        assert!(n
-            .candidates()
-            .iter()
-            .any(|(_, c)| *c == crate::path::Class::Relay));
-        assert!(
-            n.candidates().iter().any(|(a, _)| a.to_string() == ME),
-            "reflexive from the server"
-        );
-        // A datagram for a peer: framed into the caller's buffer.
-        let mut out = [0u8; 256];
-        let (via, to, len) = n
-            .relay(now, 0, peer, b"\x84\0\0\0payload", &mut out)
-            .unwrap();
-        assert_eq!((via, to), (Sock::Udp, server_addr()));
-        assert!(len > 11);
-    }
-
-    #[test]
-    fn spoofed_errors_from_the_servers_address_change_nothing() {
-        let t0 = Instant::now();
-        let (mut n, mut srv) = (nat(t0, "right"), server());
-        let forged = forged_error();
-        exchange(&mut n, &mut srv, t0, |n| {
-            let _ = n.handle_datagram(t0, server_addr(), &forged);
-        });
-        assert!(
-            matches!(n.turn_states()[0].2, TurnState::Ready(_)),
-            "{:?}",
-            n.turn_states()
-        );
-        assert!(n.junk > 0, "the forgeries were counted");
-        // And once ready, more of them still change nothing.
-        for _ in 0..100 {
-            let _ = n.handle_datagram(t0, server_addr(), &forged);
-        }
-        assert!(matches!(n.turn_states()[0].2, TurnState::Ready(_)));
-    }
-
-    #[test]
-    fn wrong_credentials_are_reported_at_once_not_after_a_timeout() {
-        let t0 = Instant::now();
-        let (mut n, mut srv) = (nat(t0, "wrong"), server());
-        let now = exchange(&mut n, &mut srv, t0, |_| {});
-        match &n.turn_states()[0].2 {
-            TurnState::Failed(why) => assert!(why.contains("401"), "{why}"),
-            s => panic!("{s:?}"),
-        }
-        // Not retried before the credentials pause.
-        n.handle_timeout(now + Duration::from_secs(20));
-        assert!(matches!(n.turn_states()[0].2, TurnState::Failed(_)));
-    }
-
-    #[test]
-    fn tcp_frames_are_cut_with_channel_data_padding() {
-        // ChannelData of 5 bytes takes 12 on a stream; STUN is 20 + length.
-        let mut stream = vec![0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0];
-        assert_eq!(tcp_frame(&stream), Some((9, 12)));
-        assert_eq!(tcp_frame(&stream[..11]), None, "padding not there yet");
-        stream = vec![0x01, 0x01, 0x00, 0x04];
-        stream.extend([0u8; 20]);
-        assert_eq!(tcp_frame(&stream), Some((24, 24)));
-        assert_eq!(tcp_frame(&[0x99, 0, 0, 0]), None);
-        assert_eq!(tcp_frame(&[0x40, 0]), None);
-    }
-
-    #[test]
-    fn a_relayed_sub_slice_is_found_in_its_buffer() {
-        let buf = [0u8; 32];
-        assert_eq!(within(&buf, &buf[4..10]), Some(4..10));
-        let other = [0u8; 8];
-        assert_eq!(within(&buf, &other), None);
-    }
-}
+mod tests;

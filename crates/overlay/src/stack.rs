@@ -257,7 +257,13 @@ impl Stack {
     fn pump(&mut self, now: Instant, io: &mut dyn NetIo) {
         while let Some(e) = self.overlay.poll_event() {
             match e {
-                Event::ActivePathLost { .. } => self.nat.gather_soon(now),
+                // Our public address may have changed, or the relay
+                // restarted and forgot every allocation (the peer's that
+                // this path went to, and ours).
+                Event::ActivePathLost { .. } => {
+                    self.nat.gather_soon(now);
+                    self.nat.check_all(now);
+                }
                 Event::RelaySuspect(i) => self.nat.renew(now, usize::from(i)),
                 Event::PeerUp { .. } | Event::PeerDown { .. } => {
                     tracing::info!(event = ?e, "peer");

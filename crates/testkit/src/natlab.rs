@@ -1075,6 +1075,55 @@ impl Drop for StunServer {
     }
 }
 
+/// Sends UDP datagrams with any source address and port from inside a lab
+/// namespace: a raw socket (IPPROTO_RAW, so the IP header is ours; the
+/// kernel fills in its checksum and ID). For tests that forge packets
+/// "from" a server, e.g. the internet namespace posing as coturn.
+pub struct Spoofer {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Spoofer {
+    pub fn new(ns: &Netns) -> io::Result<Spoofer> {
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockProtocol, SockType};
+        let fd = ns.run(|| {
+            socket(
+                AddressFamily::Inet,
+                SockType::Raw,
+                SockFlag::SOCK_CLOEXEC,
+                SockProtocol::Raw,
+            )
+        })?;
+        Ok(Spoofer { fd })
+    }
+
+    /// One datagram `from` -> `to` (UDP checksum 0: none, as IPv4 allows).
+    pub fn send(&self, from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> io::Result<()> {
+        use nix::sys::socket::{sendto, MsgFlags, SockaddrIn};
+        use std::os::fd::AsRawFd;
+        let udp_len = 8 + payload.len();
+        let total = 20 + udp_len;
+        let (Ok(total16), Ok(udp16)) = (u16::try_from(total), u16::try_from(udp_len)) else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "too long"));
+        };
+        let mut p = Vec::with_capacity(total);
+        p.extend_from_slice(&[0x45, 0]);
+        p.extend_from_slice(&total16.to_be_bytes());
+        // ID and checksum 0: the kernel fills them in; TTL 64, UDP.
+        p.extend_from_slice(&[0, 0, 0, 0, 64, 17, 0, 0]);
+        p.extend_from_slice(&from.ip().octets());
+        p.extend_from_slice(&to.ip().octets());
+        p.extend_from_slice(&from.port().to_be_bytes());
+        p.extend_from_slice(&to.port().to_be_bytes());
+        p.extend_from_slice(&udp16.to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+        p.extend_from_slice(payload);
+        let dst = SockaddrIn::from(to);
+        sendto(self.fd.as_raw_fd(), &p, &dst, MsgFlags::empty())?;
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------------------
 // coturn
 

@@ -30,6 +30,16 @@ use turn_server_proto::stun::Instant as SioInstant;
 use turn_server_proto::types::prelude::DelayedTransmitBuild;
 use turn_server_proto::types::TransportType;
 
+use stun_proto::types::attribute::{
+    ErrorCode, Nonce, PasswordAlgorithmValue, PasswordAlgorithms, Realm,
+};
+use stun_proto::types::message::{
+    Message, MessageClass, MessageType, MessageWriteVec, TransactionId,
+};
+use stun_proto::types::prelude::*;
+use turn_client_proto::types::attribute::Lifetime;
+use turn_client_proto::types::message::{ALLOCATE, REFRESH};
+
 use crate::crypto::{seed_from_u64, StaticKeys};
 use crate::engine::{Candidate, Io, Overlay, OverlayConfig, PeerInfo, PeerState, MAX_DATAGRAM};
 use crate::nat::{Nat, NatConfig, Sock, Transmit, TurnServer, TurnTransport};
@@ -217,6 +227,8 @@ pub struct SimNode {
     pub site: usize,
     pub lan: SocketAddr,
     pub info: PeerInfo,
+    /// Its private key (kept across a restart, as the agent's key file).
+    private: crate::crypto::Key,
 }
 
 /// A datagram in flight to `to` (a public or LAN address), sent by node
@@ -236,10 +248,15 @@ struct Relay {
     relays: BTreeSet<SocketAddr>,
     next_port: u16,
     wake: Instant,
+    /// coturn's order of checks, see [`Relay::coturn_mismatch`].
+    coturn: bool,
+    /// Allocations as coturn keys them: client 5-tuple -> the transaction
+    /// that made it and when it ends.
+    allocations: BTreeMap<SocketAddr, (TransactionId, Instant)>,
 }
 
 impl Relay {
-    fn new(now: Instant) -> Relay {
+    fn new(now: Instant, coturn: bool) -> Relay {
         let mut proto = ServerProto::new(TransportType::Udp, turn_addr(), "evio-sim".into());
         proto.add_user(TURN_USER.into(), TURN_PASSWORD.into());
         Relay {
@@ -248,8 +265,92 @@ impl Relay {
             relays: BTreeSet::new(),
             next_port: 49_152,
             wake: now,
+            coturn,
+            allocations: BTreeMap::new(),
         }
     }
+
+    /// coturn answers an Allocate from a 5-tuple that holds an allocation
+    /// made by another transaction with 437 before it looks at
+    /// credentials: unsigned, without realm or nonce (turn-server-proto
+    /// authenticates first and signs its 437). Returns that answer.
+    fn coturn_mismatch(&self, now: Instant, from: SocketAddr, data: &[u8]) -> Option<Vec<u8>> {
+        if !self.coturn {
+            return None;
+        }
+        let msg = Message::from_bytes(data).ok()?;
+        let (tid, ends) = self.allocations.get(&from)?;
+        let asks = msg.has_class(MessageClass::Request) && msg.has_method(ALLOCATE);
+        if !asks || *tid == msg.transaction_id() || *ends <= now {
+            return None;
+        }
+        let mut m = Message::builder_error(&msg, MessageWriteVec::new());
+        let code = ErrorCode::builder(ErrorCode::ALLOCATION_MISMATCH)
+            .reason("Mismatched allocation: wrong transaction ID")
+            .build()
+            .ok()?;
+        m.add_attribute(&code).ok()?;
+        m.add_fingerprint().ok()?;
+        Some(m.finish())
+    }
+
+    /// Follows the allocations the server's answers make, refresh and
+    /// delete, as coturn keys them. coturn deletes an allocation refreshed
+    /// with lifetime 0 one second later, not at once.
+    fn observe(&mut self, now: Instant, to: SocketAddr, data: &[u8]) {
+        if !self.coturn || data.first().is_some_and(|b| b & 0xc0 != 0) {
+            return;
+        }
+        let Ok(msg) = Message::from_bytes(data) else {
+            return;
+        };
+        if !msg.has_class(MessageClass::Success) {
+            return;
+        }
+        let secs = msg
+            .attribute::<Lifetime>()
+            .map(|l| l.seconds())
+            .unwrap_or(0);
+        let ends = now + Duration::from_secs(u64::from(secs.max(1)));
+        if msg.has_method(ALLOCATE) {
+            self.allocations.insert(to, (msg.transaction_id(), ends));
+        } else if msg.has_method(REFRESH) {
+            if let Some(a) = self.allocations.get_mut(&to) {
+                a.1 = ends;
+            }
+        }
+    }
+}
+
+/// turn-server-proto 0.7.3 signs its 401 to a client address it already
+/// knows with that client's key and leaves out PASSWORD-ALGORITHMS,
+/// although its nonce says it supports them (RFC 8489 9.2.4 wants the
+/// attribute): stun-proto's client then refuses the challenge, so a new
+/// agent on the address of one that died could never authenticate.
+/// coturn challenges unsigned. This rewrites such a 401 into the shape
+/// the RFC gives (same realm and nonce).
+/// (The nat unit tests' server uses it too.)
+pub(crate) fn rfc_401(data: &[u8]) -> Option<Vec<u8>> {
+    let msg = Message::from_bytes(data).ok()?;
+    let code = msg.attribute::<ErrorCode>().ok()?;
+    if code.code() != ErrorCode::UNAUTHORIZED || msg.attribute::<PasswordAlgorithms>().is_ok() {
+        return None;
+    }
+    let (realm, nonce) = (
+        msg.attribute::<Realm>().ok()?,
+        msg.attribute::<Nonce>().ok()?,
+    );
+    if !nonce.nonce().starts_with("obMatJos2") {
+        return None;
+    }
+    let mtype = MessageType::from_class_method(MessageClass::Error, msg.method());
+    let mut m = Message::builder(mtype, msg.transaction_id(), MessageWriteVec::new());
+    m.add_attribute(&code).ok()?;
+    m.add_attribute(&realm).ok()?;
+    m.add_attribute(&nonce).ok()?;
+    let algos = [PasswordAlgorithmValue::SHA256, PasswordAlgorithmValue::MD5];
+    m.add_attribute(&PasswordAlgorithms::new(&algos)).ok()?;
+    Some(m.finish())
 }
 
 /// The simulated world.
@@ -291,7 +392,7 @@ impl Sim {
             start: now,
             sites: Vec::new(),
             nodes: Vec::new(),
-            turn: Relay::new(now),
+            turn: Relay::new(now, true),
             queue: BinaryHeap::new(),
             flights: HashMap::new(),
             seq: 0,
@@ -341,6 +442,19 @@ impl Sim {
             stale: false,
             bridge_mac: None,
         };
+        let private = *keys.private();
+        SimNode {
+            stack: self.stack(keys, subnet, rng),
+            io: SimIo::default(),
+            site,
+            lan,
+            info,
+            private,
+        }
+    }
+
+    /// A node's protocol stack, fresh (as an agent starts).
+    fn stack(&self, keys: StaticKeys, subnet: ipnet::IpNet, rng: &mut StdRng) -> Stack {
         let cfg = OverlayConfig::new("sim", subnet, 1380);
         let overlay = Overlay::new(self.now, cfg, Identity::new(keys, None, "sim"), rng.gen());
         let nat = Nat::new(
@@ -357,13 +471,7 @@ impl Sim {
             },
             rng.gen(),
         );
-        SimNode {
-            stack: Stack::new(overlay, nat),
-            io: SimIo::default(),
-            site,
-            lan,
-            info,
-        }
+        Stack::new(overlay, nat)
     }
 
     fn wall(&self) -> Duration {
@@ -606,6 +714,11 @@ impl Sim {
         }
         (self.elapsed(), f.from, f.to, f.data.len()).hash(&mut self.trace);
         let t = sio(self.start, self.now);
+        if f.to == turn_addr() {
+            if let Some(reply) = self.turn.coturn_mismatch(self.now, f.from, &f.data) {
+                return self.send_from_internet(turn_addr(), f.from, reply);
+            }
+        }
         let tr = ServerTransmit::new(&f.data[..], TransportType::Udp, f.from, f.to);
         if let Some(out) = self.turn.proto.recv(tr, t) {
             // turn-server-proto 0.7.3 addresses its Binding answers to its
@@ -617,7 +730,11 @@ impl Sim {
                 out.to
             };
             let from = out.from;
-            let data = out.data.build();
+            let mut data = out.data.build();
+            if let Some(fixed) = rfc_401(&data) {
+                data = fixed;
+            }
+            self.turn.observe(self.now, to, &data);
             self.send_from_internet(from, to, data);
         }
         self.turn_poll();
@@ -661,6 +778,7 @@ impl Sim {
             }
         }
         while let Some(tr) = self.turn.proto.poll_transmit(t) {
+            self.turn.observe(self.now, tr.to, &tr.data);
             self.send_from_internet(tr.from, tr.to, tr.data);
         }
     }
@@ -713,12 +831,49 @@ impl Sim {
         }
     }
 
+    /// Node `n`'s agent is killed (SIGKILL: nothing deleted, its TURN
+    /// allocation left on the server) and started again at once, with the
+    /// same key, address and port; the store hands it the peer set. Its
+    /// router keeps the mappings (a reboot behind a NAT that keeps the
+    /// port: [`Sim::flush_nat`] too).
+    pub fn restart_node(&mut self, n: usize) {
+        let keys = StaticKeys::from_private(self.nodes[n].private);
+        let subnet = self.nodes[n].info.pod_subnet;
+        let mut rng = StdRng::seed_from_u64(self.rng.gen());
+        let stack = self.stack(keys, subnet, &mut rng);
+        let now = self.now;
+        let node = &mut self.nodes[n];
+        node.stack = stack;
+        node.io = SimIo::default();
+        node.info.candidates.clear();
+        let lan = node.lan;
+        node.stack.set_local_candidates(now, vec![lan]);
+        self.after(n);
+        self.store_due = Some(now);
+    }
+
+    /// Whether the TURN server checks as coturn does (the default) or as
+    /// turn-server-proto does: see [`Relay::coturn_mismatch`].
+    pub fn turn_like_coturn(&mut self, on: bool) {
+        self.turn.coturn = on;
+    }
+
+    /// Node `n`'s TURN allocation state.
+    pub fn turn_ready(&self, n: usize) -> bool {
+        self.nodes[n]
+            .stack
+            .nat
+            .turn_states()
+            .iter()
+            .all(|(_, _, s)| matches!(s, crate::nat::TurnState::Ready(_)))
+    }
+
     /// Stops the TURN server, or starts a fresh one (it forgot every
     /// allocation, as a restarted coturn has).
     pub fn turn_up(&mut self, up: bool) {
         if up && !self.turn.up {
             let next_port = self.turn.next_port;
-            self.turn = Relay::new(self.now);
+            self.turn = Relay::new(self.now, self.turn.coturn);
             self.turn.next_port = next_port;
         }
         self.turn.up = up;

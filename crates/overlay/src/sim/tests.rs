@@ -191,7 +191,11 @@ fn recovery_after_mapping_loss_address_change_relay_outage_and_nat_change() {
         sim.turn_up(false);
         sim.run(Duration::from_secs(3));
         if sim.path(x, y) != Some("direct") {
-            return Err("the direct pair noticed the relay outage".into());
+            return Err(format!(
+                "the direct pair noticed the relay outage: {:?} {:?}",
+                sim.path(x, y),
+                sim.path(y, x)
+            ));
         }
         ping(
             &mut sim,
@@ -235,4 +239,104 @@ fn a_seed_replays_exactly() {
     assert_eq!(a, b, "the same seed, another run");
     assert_ne!(a.0, run(6).0, "another seed, the same run");
     assert!(a.1 > 100, "{} datagrams", a.1);
+}
+
+/// Two symmetric sites and a cone site: every pair relayed.
+fn relayed_sim(seed: u64) -> Result<Sim, String> {
+    use NatKind::*;
+    let sites: Vec<SiteSpec> = [Symmetric, Symmetric, PortRestrictedCone]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| lossy(*k, 1, seed, i as u64))
+        .collect();
+    let mut sim = Sim::new(seed, &sites);
+    settle(&mut sim, Duration::from_secs(30))?;
+    Ok(sim)
+}
+
+/// Node `n` has its own allocation again and every pair with it is
+/// relayed both ways.
+fn relayed_again(n: usize) -> impl Fn(&Sim) -> bool {
+    move |s: &Sim| {
+        s.turn_ready(n)
+            && (0..s.nodes.len())
+                .filter(|p| *p != n)
+                .all(|p| s.path(n, p) == Some("relay") && s.path(p, n) == Some("relay"))
+    }
+}
+
+/// Issue 21: a killed agent leaves its allocation on the server, which
+/// answers the next agent on the same 5-tuple with 437. The new agent
+/// releases it and allocates again: relayed within 10 s.
+fn killed_agent_relayed_again(seed: u64, coturn: bool) -> Result<String, String> {
+    let mut sim = relayed_sim(seed)?;
+    sim.turn_like_coturn(coturn);
+    // SIGKILL and restart at once, behind a symmetric NAT that keeps its
+    // mapping toward the server.
+    sim.restart_node(0);
+    let killed = within(
+        &mut sim,
+        "relayed again after SIGKILL",
+        Duration::from_secs(10),
+        relayed_again(0),
+    )
+    .map_err(|e| format!("{e}\nturn: {:?}", sim.nodes[0].stack.nat.turn_states()))?;
+    let ping_killed = ping(&mut sim, 1, 0, "after SIGKILL", Duration::from_secs(2))?;
+    // A reboot behind a NAT that keeps the port: the mapping is new but
+    // the server sees the same 5-tuple.
+    sim.run(Duration::from_secs(2));
+    sim.flush_nat(2);
+    sim.restart_node(2);
+    let rebooted = within(
+        &mut sim,
+        "relayed again after a reboot behind a port-keeping NAT",
+        Duration::from_secs(10),
+        relayed_again(2),
+    )
+    .map_err(|e| format!("{e}\nturn: {:?}", sim.nodes[2].stack.nat.turn_states()))?;
+    let ping_rebooted = ping(&mut sim, 0, 2, "after the reboot", Duration::from_secs(2))?;
+    Ok(format!(
+        "SIGKILL: relayed after {killed:?} (+ ping {ping_killed:?}), reboot: {rebooted:?} (+ {ping_rebooted:?})"
+    ))
+}
+
+#[test]
+fn a_killed_agent_releases_its_leftover_allocation_and_is_relayed_again_coturn_order() {
+    each_seed(|seed| killed_agent_relayed_again(seed, true));
+}
+
+#[test]
+fn a_killed_agent_releases_its_leftover_allocation_turn_server_proto_order() {
+    each_seed(|seed| killed_agent_relayed_again(seed, false));
+}
+
+/// A TURN server restarted (down and up at once: it forgot every
+/// allocation, and no STUN binding went unanswered) twice within half a
+/// minute: the relayed pairs come back each time within 10 s. The agent
+/// asks the server whether it still knows an allocation whose relayed path
+/// died, rather than renewing blindly at most once per 30 s (the second
+/// restart then waited out that pause).
+#[test]
+fn relayed_pairs_come_back_after_two_turn_restarts_in_a_row() {
+    each_seed(|seed| {
+        let mut sim = relayed_sim(seed)?;
+        let mut took = Vec::new();
+        for round in 0..2 {
+            sim.turn_up(false);
+            sim.turn_up(true);
+            let t0 = sim.elapsed();
+            let what = format!("after TURN restart {}", round + 1);
+            // The pairs believe in their paths for a while; traffic tells.
+            for (a, b) in [(0, 1), (1, 2), (2, 0)] {
+                let left = (t0 + Duration::from_secs(10)).saturating_sub(sim.elapsed());
+                ping(&mut sim, a, b, &what, left)?;
+            }
+            took.push(sim.elapsed() - t0);
+            if !(0..3).all(|n| sim.turn_ready(n)) {
+                return Err(format!("{what}: allocations not ready"));
+            }
+            sim.run(Duration::from_secs(5));
+        }
+        Ok(format!("relayed again after {took:?}"))
+    });
 }

@@ -1928,6 +1928,7 @@ fn nodes_release_and_reclaim_free_only_dead_nodes_and_a_returning_node_is_told()
     subnets.dedup();
     assert_eq!(subnets.len(), n, "duplicate subnets: {list:?}");
     assert!(peer(&peers(&c, 0), &name(2)).is_some_and(|p| p["podSubnet"] == now_subnet.as_str()));
+}
 
 // ---------------------------------------------------------------------------
 // Issue 21: TURN after a crash; issue 20, defect 4: forged TURN errors.

@@ -837,7 +837,7 @@ impl Sim {
     /// router keeps the mappings (a reboot behind a NAT that keeps the
     /// port: [`Sim::flush_nat`] too).
     pub fn restart_node(&mut self, n: usize) {
-        let keys = StaticKeys::from_private(self.nodes[n].private);
+        let keys = StaticKeys::from_private(&mut self.nodes[n].private.to_owned());
         let subnet = self.nodes[n].info.pod_subnet;
         let mut rng = StdRng::seed_from_u64(self.rng.gen());
         let stack = self.stack(keys, subnet, &mut rng);

@@ -1111,6 +1111,15 @@ impl Switch {
         let Some(peer) = self.peers.get_mut(&id) else {
             return Ok(());
         };
+        // A new pin replaces the old one, whose entry lapsed but may not be
+        // swept yet: a peer never holds two MACs not of its pods.
+        if kind == MacKind::Pin {
+            if let Some(old) = peer.bridge.take().filter(|&m| m != mac) {
+                if let Some(slot) = self.table.macs.get(&old).copied().filter(|s| s.peer == id) {
+                    self.table.remove(&mut peer.learned, slot.index as usize);
+                }
+            }
+        }
         let bridge_room = kind != MacKind::Pod && peer.learned.len() == bound;
         if peer.learned.len() >= bound && !bridge_room {
             return Err(MacLimit);

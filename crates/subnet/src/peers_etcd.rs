@@ -401,18 +401,23 @@ impl OverlayBackend for EtcdStore {
             location: key_rec.clone(),
             reason: e.to_string(),
         })?;
-        // The record first: liveness without a record would mean nothing.
-        self.call(deadline, |mut c| {
-            let (k, v) = (key_rec.clone(), value.clone());
-            async move { c.put(k, v, None).await }
-        })
-        .await?;
         let alive = Alive {
             heartbeat: record.heartbeat.clone(),
             connected: Vec::new(),
         };
-        self.put_alive(deadline, &key(network, "alive", node), &alive, lease)
-            .await
+        let key_alive = key(network, "alive", node);
+        let alive = serde_json::to_string(&alive).map_err(|e| SubnetError::Corrupt {
+            location: key_alive.clone(),
+            reason: e.to_string(),
+        })?;
+        // Record and liveness in one revision: a watcher never sees a
+        // record without its liveness (it would take the node for stale).
+        let txn = Txn::new().and_then(vec![
+            TxnOp::put(key_rec, value, None),
+            TxnOp::put(key_alive, alive, Some(PutOptions::new().with_lease(lease))),
+        ]);
+        self.txn(deadline, txn).await?;
+        Ok(())
     }
 
     async fn refresh(

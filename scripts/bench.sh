@@ -8,7 +8,7 @@
 #
 #   scripts/bench.sh                 # full run (a few minutes)
 #   scripts/bench.sh --quick         # smoke run
-#   scripts/bench.sh --only latency  # one section: latency, alloc, datapath, footprint, overlay
+#   scripts/bench.sh --only latency  # one section: latency, alloc, datapath, footprint, overlay, services
 #   scripts/bench.sh --help          # every option
 #
 # Needs root: it creates network namespaces (and configures nothing outside

@@ -8,11 +8,15 @@
 # subnets from the real `evio-node config-gen`, the real `evio-node agent`
 # joining the node bridges and hosts over encrypted tunnels, pods attached by
 # the real `evio` plugin. It prints the nodes (site, NAT type, addresses),
-# the pod reachability matrix and the node matrix with each pair's path
-# (direct or relay, RTT), then tears everything down (also on Ctrl-C).
+# the pod reachability matrix, the node matrix with each pair's path
+# (direct or relay, RTT) and a Services row (kube-proxy's own rules in every
+# node netns: each node's pod reaches a ClusterIP backed by a pod on another
+# node, and dnsmasq behind a ClusterIP answers as the cluster DNS over UDP
+# and TCP), then tears everything down (also on Ctrl-C).
 #
 #   scripts/cluster.sh [--no-nat] [--nodes N] [--pods M]
 #                      [--bridge-type ovs|linux] [--store file|etcd] [--keep]
+#                      [--kube-proxy iptables|nftables|none]
 #   scripts/cluster.sh --plain-link      # the pre-overlay topology
 #
 # Everything it creates lives in namespaces and temp dirs of its own; the

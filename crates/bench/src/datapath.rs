@@ -17,7 +17,7 @@ pub struct Opts {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Linux,
     Ovs,
 }
@@ -47,7 +47,7 @@ fn ovs_ok(ovs: &Ovs, args: &[&str]) -> Result<()> {
 
 /// Joins the bridges of two nodes with a veth pair (the "uplink" that the
 /// overlay provides between real nodes).
-fn uplink(a: &Netns, b: &Netns, kind: Kind, ovs: [Option<&Ovs>; 2]) -> Result<()> {
+pub(crate) fn uplink(a: &Netns, b: &Netns, kind: Kind, ovs: [Option<&Ovs>; 2]) -> Result<()> {
     veth(a, "evup", b, "evup")?;
     for (ns, o) in [(a, ovs[0]), (b, ovs[1])] {
         plug(ns, kind, o, "evup")?;

@@ -43,6 +43,19 @@ pub fn run(
     secs: u32,
     streams: usize,
 ) -> Result<Transfer> {
+    run_to(server, ip, client, ip, secs, streams)
+}
+
+/// [`run`] with the client connecting to `to` (a ClusterIP that DNATs to
+/// the server's `ip`, say) rather than to `ip`.
+pub fn run_to(
+    server: &Netns,
+    ip: &str,
+    client: &Netns,
+    to: &str,
+    secs: u32,
+    streams: usize,
+) -> Result<Transfer> {
     let sfd = NsFd::open(&server.path())?;
     let cfd = NsFd::open(&client.path())?;
     let mut srv = Background::start(
@@ -66,12 +79,12 @@ pub fn run(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let what = format!("iperf3 -P {streams} to {ip}");
+    let what = format!("iperf3 -P {streams} to {to}");
     let o = exec::run(
         &Spec::new("iperf3")
             .args([
                 "-c",
-                ip,
+                to,
                 "-p",
                 PORT,
                 "-t",

@@ -19,6 +19,7 @@ pub mod machine;
 pub mod node;
 pub mod overlay;
 pub mod report;
+pub mod services;
 pub mod stats;
 
 use std::str::FromStr;
@@ -35,15 +36,17 @@ pub enum Part {
     Datapath,
     Footprint,
     Overlay,
+    Services,
 }
 
 impl Part {
-    pub const ALL: [Part; 5] = [
+    pub const ALL: [Part; 6] = [
         Part::Latency,
         Part::Alloc,
         Part::Datapath,
         Part::Footprint,
         Part::Overlay,
+        Part::Services,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +56,7 @@ impl Part {
             Part::Datapath => "datapath",
             Part::Footprint => "footprint",
             Part::Overlay => "overlay",
+            Part::Services => "services",
         }
     }
 
@@ -63,6 +67,9 @@ impl Part {
             Part::Datapath => "3. Datapath: pod-to-pod TCP throughput",
             Part::Footprint => "4. Footprint",
             Part::Overlay => "5. Overlay: evio-node agent vs boringtun, VXLAN and a plain link",
+            Part::Services => {
+                "6. Services: pod to pod vs pod to ClusterIP, and the cost of evio's Services path"
+            }
         }
     }
 }
@@ -93,6 +100,7 @@ pub struct Config {
     pub datapath: datapath::Opts,
     pub footprint_samples: usize,
     pub overlay: overlay::Opts,
+    pub services: services::Opts,
 }
 
 fn whole(r: Result<String>) -> (String, Option<BenchError>) {
@@ -117,6 +125,7 @@ pub fn run(cfg: &Config, mut each: impl FnMut(&Section)) -> Vec<Section> {
                 Part::Datapath => whole(datapath::run(&cfg.tools, &cfg.datapath)),
                 Part::Footprint => whole(footprint::run(&cfg.tools, cfg.footprint_samples)),
                 Part::Overlay => overlay::run(&cfg.tools, &cfg.overlay),
+                Part::Services => whole(services::run(&cfg.tools, &cfg.services)),
             },
         };
         eprintln!(

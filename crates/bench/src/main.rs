@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use evio_bench::node::Tools;
 use evio_bench::report::write_into;
-use evio_bench::{alloc, cleanup, datapath, latency, machine, overlay, Config, Part};
+use evio_bench::{alloc, cleanup, datapath, latency, machine, overlay, services, Config, Part};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,7 +32,8 @@ struct Cli {
     #[arg(long)]
     quick: bool,
 
-    /// Run only these sections (comma-separated): latency, alloc, datapath, footprint, overlay.
+    /// Run only these sections (comma-separated): latency, alloc, datapath, footprint, overlay,
+    /// services.
     #[arg(long, value_delimiter = ',', value_name = "SECTION")]
     only: Vec<Part>,
 
@@ -52,6 +53,14 @@ struct Cli {
     /// Directory of the reference plugins (bridge, host-local).
     #[arg(long, value_name = "DIR", default_value = "/usr/lib/cni")]
     cni_dir: PathBuf,
+
+    /// One-byte TCP round trips per path in the Services section.
+    #[arg(long, default_value_t = 2000)]
+    round_trips: usize,
+
+    /// New TCP connections per path in the Services section.
+    #[arg(long, default_value_t = 300)]
+    connects: usize,
 
     /// config-gen allocations in the allocation section.
     #[arg(long, default_value_t = 256)]
@@ -194,6 +203,12 @@ fn main() -> ExitCode {
         datapath: datapath::Opts {
             seconds: q("iperf-seconds", cli.iperf_seconds as usize, 1) as u32,
             repeats: q("iperf-repeats", cli.iperf_repeats, 1),
+        },
+        services: services::Opts {
+            seconds: q("iperf-seconds", cli.iperf_seconds as usize, 1) as u32,
+            repeats: q("iperf-repeats", cli.iperf_repeats, 1),
+            round_trips: q("round-trips", cli.round_trips, 200),
+            connects: q("connects", cli.connects, 30),
         },
         footprint_samples: q("footprint-samples", cli.footprint_samples, 2),
         overlay: overlay::Opts {

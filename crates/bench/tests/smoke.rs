@@ -1,4 +1,4 @@
-//! CI proof that the benchmark still works: tiny latency and overlay runs of
+//! CI proof that the benchmark still works: tiny latency, overlay and Services runs of
 //! the real binary against the real plugins and agents. No figure is checked, only that every
 //! run succeeded, the report has its rows, and nothing was left behind.
 //!
@@ -150,4 +150,33 @@ fn quick_overlay_run_succeeds_and_cleans_up() {
         sockets.is_empty(),
         "boringtun sockets left behind: {sockets:?}"
     );
+}
+
+/// The Services section's quick variant (issue 19): both bridge types, pod
+/// to pod with evio's Services path off and on, and pod to a ClusterIP
+/// through kube-proxy's rules.
+#[test]
+fn quick_services_run_succeeds_and_cleans_up() {
+    let r = run_bench(
+        &[
+            "--quick",
+            "--only",
+            "services",
+            "--round-trips",
+            "50",
+            "--connects",
+            "10",
+        ],
+        Duration::from_secs(60),
+    );
+    for needle in [
+        "## 6. Services",
+        "| Linux bridge, same node | pod → pod, Services path off (before) |",
+        "| OVS netdev, two nodes | pod → pod, Services path off (before) |",
+        "| pod → ClusterIP → pod |",
+    ] {
+        assert!(r.stdout.contains(needle), "no {needle:?} in\n{}", r.stdout);
+    }
+    let left = namespaces_of(r.pid);
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
 }

@@ -4,6 +4,8 @@
 //! it and a pod-to-pod reachability matrix, then tears everything down, also
 //! on failure, Ctrl-C or SIGTERM.
 
+mod services;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +24,8 @@ enum SimError {
     Cluster(#[from] ClusterError),
     #[error("cannot install the signal handler: {0}")]
     Signals(nix::Error),
+    #[error("Services row: {0}")]
+    Services(String),
     #[error("cannot locate the evio-sim executable (to find the binaries next to it): {0}")]
     SelfPath(std::io::Error),
 }
@@ -44,6 +48,15 @@ enum Cmd {
 enum Store {
     File,
     Etcd,
+}
+
+/// How kube-proxy programs the nodes for the Services row.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum KubeProxy {
+    Iptables,
+    Nftables,
+    /// No Services row.
+    None,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -82,6 +95,11 @@ struct UpArgs {
     /// Bits of the pod CIDR that number the nodes (`nodeBits`).
     #[arg(long, default_value_t = 8)]
     node_bits: u8,
+    /// kube-proxy's mode for the Services row (its rules in every node
+    /// netns, a ClusterIP per node backed by a pod on the next node, dnsmasq
+    /// as the cluster DNS); `none` skips the row.
+    #[arg(long, value_enum, default_value_t = KubeProxy::Iptables)]
+    kube_proxy: KubeProxy,
     /// Keep the cluster up for inspection until Ctrl-C / SIGTERM.
     #[arg(long)]
     keep: bool,
@@ -176,6 +194,14 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
     opts.pod_cidr = args.pod_cidr;
     opts.node_bits = args.node_bits;
     opts.cancel = Some(cancel.clone());
+    if args.kube_proxy != KubeProxy::None {
+        // As the DaemonSet's ConfigMap: pods route ClusterIPs to their
+        // node's gateway, where kube-proxy's DNAT is.
+        opts.netconf = vec![
+            ("isDefaultGateway".into(), true.into()),
+            ("ipMasq".into(), true.into()),
+        ];
+    }
 
     let topology = match &opts.overlay {
         None => "joined by a plain link".to_string(),
@@ -215,6 +241,7 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
         println!("nodes (host overlay and paths):\n{}", overlay.render());
         failures.extend(overlay.failures());
     }
+    failures.extend(services_row(&cluster, args.kube_proxy)?);
     for f in &failures {
         println!("  ✗ {f}");
     }
@@ -257,6 +284,26 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
         return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the Services row; its failures.
+fn services_row(cluster: &Cluster, mode: KubeProxy) -> Result<Vec<String>, SimError> {
+    let mode = match mode {
+        KubeProxy::None => return Ok(Vec::new()),
+        KubeProxy::Iptables => services::Mode::Iptables,
+        KubeProxy::Nftables => services::Mode::Nftables,
+    };
+    if let Some(why) = services::unsupported(cluster) {
+        println!("services: skipped ({why})");
+        return Ok(Vec::new());
+    }
+    let report = services::probe(cluster, mode).map_err(SimError::Services)?;
+    println!(
+        "services (ClusterIPs from {}):\n{}",
+        services::SERVICE_CIDR,
+        report.render()
+    );
+    Ok(report.failures())
 }
 
 /// Set by the signal handler; nothing else is async-signal-safe enough.

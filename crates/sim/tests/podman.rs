@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use evio_testkit::cluster::{network_of, BridgeType, Cluster, SimNode, CONFLIST};
 use evio_testkit::plugin::{files_under, ipam_allocations, run_bounded, CniOutput, OvsPorts};
 use evio_testkit::process::{self, processes};
+use evio_testkit::services::{self, Mode, PeerServer, Proto, Service};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const BUSYBOX_APPLETS: &[&str] = &[
@@ -253,6 +254,67 @@ fn assert_tcp(podman: &Podman, client: &str, server: &str, server_ip: IpAddr) {
     }
 }
 
+/// The address a ClusterIP's endpoint (a `PeerServer`) saw `client`
+/// connect from: busybox `nc` in the container reads its `PEER` line.
+fn service_peer(podman: &Podman, client: &str, to: SocketAddr) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // busybox nc quits at EOF on its stdin: hold it open for the reply.
+        let out = podman.sh(
+            client,
+            &format!("sleep 1 | nc -w 3 {} {}", to.ip(), to.port()),
+        );
+        if let Some(p) = out.stdout.lines().find_map(|l| l.strip_prefix("PEER ")) {
+            return p.trim().to_string();
+        }
+        assert!(Instant::now() < deadline, "{client} -> Service {to}: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Issue 19: kube-proxy's own iptables rules in every node netns (the test
+/// kit writes them as kube-proxy's sync loop would: no control plane runs
+/// here); c1 reaches c2 (same node) and n1p0 (other node) through
+/// ClusterIPs, and each endpoint sees c1's own address.
+fn assert_cluster_ips(
+    podman: &Podman,
+    cluster: &Cluster,
+    (ip1, ip2): (IpAddr, IpAddr),
+    c2_netns: &Path,
+) {
+    let remote = &cluster.nodes()[1].pods[0];
+    let same: SocketAddr = "10.96.1.1:80".parse().unwrap();
+    let other: SocketAddr = "10.96.1.2:80".parse().unwrap();
+    let svcs = [
+        Service::new("c2", Proto::Tcp, same.ip(), 80).endpoint(SocketAddr::new(ip2, 8080)),
+        Service::new("n1p0", Proto::Tcp, other.ip(), 80).endpoint(SocketAddr::new(remote.ip, 8080)),
+    ];
+    let servers = [
+        PeerServer::start(c2_netns.to_path_buf(), SocketAddr::new(ip2, 8080)),
+        PeerServer::start(remote.pod.ns.path(), SocketAddr::new(remote.ip, 8080)),
+    ];
+    for n in cluster.nodes() {
+        services::program(
+            &n.ns,
+            Mode::Iptables,
+            &svcs,
+            &cluster.opts().pod_cidr,
+            "10.96.0.0/16",
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("kube-proxy rules on {}: {e}", n.name));
+    }
+    let t = Instant::now();
+    let ip1 = ip1.to_string();
+    assert_eq!(service_peer(podman, "c1", same), ip1, "ClusterIP -> c2");
+    assert_eq!(service_peer(podman, "c1", other), ip1, "ClusterIP -> n1p0");
+    eprintln!("c1 reached both ClusterIPs in {:?}", t.elapsed());
+    drop(servers);
+    for n in cluster.nodes() {
+        services::clear(&n.ns);
+    }
+}
+
 fn need(tool: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
@@ -277,6 +339,9 @@ fn podman_uses_evio_unmodified() {
     opts.nodes = 2;
     opts.pods_per_node = 1;
     opts.bridge_type = BridgeType::Ovs;
+    // As the DaemonSet's ConfigMap: containers route ClusterIPs to the
+    // node's gateway, where kube-proxy's DNAT is.
+    opts.netconf = vec![("isDefaultGateway".into(), true.into())];
     let evio = opts.evio_bin.clone();
     let cluster = Cluster::up(opts).unwrap_or_else(|e| panic!("cluster up: {e}"));
     let node = &cluster.nodes()[0];
@@ -372,6 +437,7 @@ fn podman_uses_evio_unmodified() {
     for s in &sandboxes {
         assert!(Path::new(s).exists(), "sandbox {s}");
     }
+    assert_cluster_ips(&podman, &cluster, (ip1, ip2), Path::new(&sandboxes[1]));
 
     podman.ok(&["rm", "--force", "--time", "0", "c1", "c2"]);
 

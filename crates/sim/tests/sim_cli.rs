@@ -47,6 +47,10 @@ fn up_prints_the_cluster_and_a_full_matrix_then_tears_down() {
         "n0p0",
         "n1p0",
         "4/4 pairs fully reachable",
+        // The Services row: kube-proxy's rules, a ClusterIP per node backed
+        // by the other node's pod, dnsmasq behind a ClusterIP.
+        "kube-proxy iptables mode rules in every node netns",
+        "2/2 pods reach a ClusterIP on another node, cluster DNS answered 4/4",
     ] {
         assert!(out.stdout.contains(want), "no {want:?} in:\n{}", out.stdout);
     }

@@ -130,6 +130,9 @@ pub struct ClusterOpts {
     /// Join the nodes with `evio-node agent` over a NAT lab instead of the
     /// plain fabric link.
     pub overlay: Option<OverlayOpts>,
+    /// Keys merged into every node's net-conf.json (the ConfigMap's), e.g.
+    /// `isDefaultGateway`, which pods need to reach ClusterIPs.
+    pub netconf: Vec<(String, Value)>,
 }
 
 /// How an overlay cluster is laid out.
@@ -209,6 +212,7 @@ impl ClusterOpts {
             evio_node_bin: evio_node_bin.into(),
             cancel: None,
             overlay: None,
+            netconf: Vec::new(),
         }
     }
 
@@ -526,6 +530,9 @@ impl Cluster {
             // vswitchd here runs in userspace whatever modules the machine
             // has: a kernel datapath would be shared by all simulated nodes.
             netconf["ovsDatapath"] = json!("netdev");
+        }
+        for (k, v) in &self.opts.netconf {
+            netconf[k.as_str()] = v.clone();
         }
         if let Some(ov) = self.opts.overlay.clone() {
             self.overlay_netconf(&mut netconf, &ov, &base, lab.map(|l| l.1), i)?;

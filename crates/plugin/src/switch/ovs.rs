@@ -139,7 +139,8 @@ impl Switch for OvsBridge {
         // MAC of its ports, which changes as pods come and go and leaves the
         // pods' ARP entries for the gateway stale. Pinned in the creating
         // transaction, so no crash window leaves it unpinned.
-        let mac = crate::add::fmt_mac(super::random_mac());
+        let pinned = super::random_mac();
+        let mac = crate::add::fmt_mac(pinned);
         let created = client
             .ensure_bridge(&name, want, &[("hwaddr", &mac)])
             .map_err(ovserr(format!("create bridge {name}")))?;
@@ -156,10 +157,15 @@ impl Switch for OvsBridge {
         // vswitchd creates the bridge's internal device asynchronously.
         let deadline = Instant::now() + VSWITCHD_TIMEOUT;
         loop {
-            if let Some(l) = host
+            let link = host
                 .link_by_name(&name)
-                .map_err(neterr(format!("look up bridge {name}")))?
-            {
+                .map_err(neterr(format!("look up bridge {name}")))?;
+            // vswitchd creates the device with a MAC of its own and applies
+            // the pinned hwaddr a moment later: the reply flows rewrite to
+            // the bridge's MAC, so they must see the pinned one, or Service
+            // replies go to a MAC the device no longer has.
+            let settled = |l: &Link| !created || l.mac == Some(pinned);
+            if let Some(l) = link.filter(|l| settled(l) || Instant::now() >= deadline) {
                 if l.mtu != self.mtu {
                     host.set_mtu(l.index, self.mtu)
                         .map_err(neterr(format!("set MTU of bridge {name}")))?;

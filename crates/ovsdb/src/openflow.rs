@@ -186,7 +186,7 @@ fn set_field(out: &mut Vec<u8>, f: Field) {
 }
 
 fn pad8(out: &mut Vec<u8>, start: usize) {
-    while (out.len() - start) % 8 != 0 {
+    while !(out.len() - start).is_multiple_of(8) {
         out.push(0);
     }
 }
@@ -307,7 +307,7 @@ fn parse_flow_stats(mut body: &[u8]) -> Option<Vec<FlowStats>> {
         let len = usize::from(be16(body, 0)?);
         let entry = body.get(..len)?;
         let match_len = usize::from(be16(entry, 50)?);
-        let match_padded = (match_len + 7) / 8 * 8;
+        let match_padded = match_len.div_ceil(8) * 8;
         out.push(FlowStats {
             table: *entry.get(2)?,
             priority: be16(entry, 12)?,
@@ -533,7 +533,7 @@ fn hello_offers_13(body: &[u8]) -> bool {
         if kind == 1 {
             return be32(rest, 4).is_some_and(|bits| bits & (1 << VERSION) != 0);
         }
-        rest = &rest[(len + 7) / 8 * 8..];
+        rest = &rest[len.div_ceil(8) * 8..];
     }
     false
 }

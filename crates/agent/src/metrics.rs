@@ -99,6 +99,33 @@ pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value
     })
 }
 
+/// `rows` as left-aligned columns two spaces apart, one line each (the
+/// first row is the header): what the CLI's tables look like.
+pub fn columns<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let n = rows.first().map_or(0, |r| r.as_ref().len());
+    let widths: Vec<usize> = (0..n)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.as_ref().get(c))
+                .map(|x| x.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .as_ref()
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// A table for a person, from the JSON (so the CLI can render what any
 /// agent version sends).
 pub fn peers_table(v: &Value) -> String {
@@ -144,18 +171,7 @@ pub fn peers_table(v: &Value) -> String {
             bytes(p["txBytes"].as_u64().unwrap_or(0)),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    out.push_str(&columns(&rows));
     if let Some(t) = v["turn"].as_array() {
         for t in t {
             let _ = writeln!(
@@ -388,4 +404,20 @@ pub fn prometheus(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Strin
         u8::from(health.published && !health.revoked)
     );
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::columns;
+
+    /// Widths count characters, not bytes, and no line ends in spaces.
+    #[test]
+    fn columns_align_by_characters() {
+        let rows = [
+            ["A".to_string(), "B".to_string()],
+            ["ü-long".to_string(), "x".to_string()],
+            ["c".to_string(), String::new()],
+        ];
+        assert_eq!(columns(&rows), "A       B\nü-long  x\nc\n");
+    }
 }

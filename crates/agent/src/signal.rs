@@ -237,6 +237,9 @@ struct State {
     /// own clock: the reclaim timer.
     absent: HashMap<String, Instant>,
     lease: Option<i64>,
+    /// The engine's queue refused the last peer set: the next tick hands
+    /// it over again (no store change may come to do it).
+    unsent: bool,
     /// Keys that several records claim, as last said (one warning per
     /// change, not per update).
     shared: Vec<(Key, Vec<String>)>,
@@ -442,6 +445,10 @@ impl Signalling {
     async fn tick(&mut self, store: &dyn OverlayStore, st: &mut State) -> Result<(), String> {
         if st.revoked {
             return Ok(());
+        }
+        if std::mem::take(&mut st.unsent) {
+            let snap = st.snap.clone();
+            self.apply(st, snap);
         }
         let status = self.engine_status().await;
         let connected: Vec<String> = status
@@ -675,9 +682,12 @@ impl Signalling {
             h.peers_seen = peers.len();
             h.stale = stale;
         });
-        // Not queued (the engine is behind): sent again on the next view.
-        if !st.revoked && peers != st.sent && self.engine.send(Command::Peers(peers.clone())) {
-            st.sent = peers;
+        if !st.revoked && peers != st.sent {
+            // Not queued (the engine is behind): the next tick tries again.
+            st.unsent = !self.engine.send(Command::Peers(peers.clone()));
+            if !st.unsent {
+                st.sent = peers;
+            }
         }
         if records != self.cache.peers && !st.revoked {
             self.cache.peers = records;

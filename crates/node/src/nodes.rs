@@ -111,17 +111,7 @@ fn list(c: Common, json: bool) -> Result<(), NodeError> {
             dash(n.public_key.clone()),
         ]);
     }
-    let widths: Vec<usize> = (0..6)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    print!("{}", evio_agent::metrics::columns(&rows));
     Ok(())
 }
 

@@ -616,7 +616,7 @@ enum Scope {
 }
 
 /// A segment the coalescer may merge.
-struct Candidate {
+struct Mergeable {
     conn: Conn,
     l4: usize,
     /// Offset of the payload.
@@ -625,8 +625,10 @@ struct Candidate {
     psh: bool,
 }
 
-enum Class {
-    Candidate(Candidate),
+/// What a frame offered to the coalescer is: a segment it may merge, or a
+/// frame that leaves as it is (after what `Scope` says it must follow).
+enum Offer {
+    Mergeable(Mergeable),
     Other(Scope),
 }
 
@@ -706,9 +708,9 @@ impl Coalescer {
     /// (the wire decoder) checks that it lies inside the frame, or the
     /// kernel refuses the write (EINVAL).
     pub fn push(&mut self, frame: &[u8], csum: Csum, emit: &mut dyn FnMut(&VnetHdr, &[u8])) {
-        match self.classify(frame, csum) {
-            Class::Candidate(c) => self.push_candidate(frame, c, emit),
-            Class::Other(scope) => {
+        match self.offer(frame, csum) {
+            Offer::Mergeable(c) => self.push_mergeable(frame, c, emit),
+            Offer::Other(scope) => {
                 match scope {
                     Scope::None => {}
                     Scope::Conn(conn) => self.flush_where(|p| p.conn == conn, emit),
@@ -727,9 +729,9 @@ impl Coalescer {
         self.flush_where(|_| true, emit);
     }
 
-    fn classify(&self, frame: &[u8], csum: Csum) -> Class {
+    fn offer(&self, frame: &[u8], csum: Csum) -> Offer {
         let Ok((version, l3)) = locate_ip(frame, self.framing) else {
-            return Class::Other(Scope::None);
+            return Offer::Other(Scope::None);
         };
         let mut conn = Conn {
             version,
@@ -743,12 +745,12 @@ impl Coalescer {
         let (l4, simple_ip) = match version {
             IpVersion::V4 => {
                 if frame[l3 + 9] != PROTO_TCP {
-                    return Class::Other(Scope::None);
+                    return Offer::Other(Scope::None);
                 }
                 let ihl = usize::from(frame[l3] & 0x0f) * 4;
                 let fragment = be16(frame, l3 + 6) & IPV4_FRAG_MASK != 0;
                 if ihl < IPV4_MIN_HDR || fragment {
-                    return Class::Other(Scope::Addrs(conn));
+                    return Offer::Other(Scope::Addrs(conn));
                 }
                 // Options are legal but GRO leaves such packets alone; the
                 // header checksum is checked so that a damaged header is
@@ -763,15 +765,15 @@ impl Coalescer {
                     l3 + IPV6_HDR,
                     usize::from(be16(frame, l3 + 4)) == frame.len() - l3 - IPV6_HDR,
                 ),
-                PROTO_UDP | PROTO_ICMPV6 | IPV6_NO_NEXT => return Class::Other(Scope::None),
-                _ => return Class::Other(Scope::Addrs(conn)),
+                PROTO_UDP | PROTO_ICMPV6 | IPV6_NO_NEXT => return Offer::Other(Scope::None),
+                _ => return Offer::Other(Scope::Addrs(conn)),
             },
         };
         if frame.len() < l4 + TCP_MIN_HDR {
-            return Class::Other(Scope::Addrs(conn));
+            return Offer::Other(Scope::Addrs(conn));
         }
         conn.ports.copy_from_slice(&frame[l4..l4 + 4]);
-        let other = Class::Other(Scope::Conn(conn));
+        let other = Offer::Other(Scope::Conn(conn));
 
         let thl = usize::from(frame[l4 + 12] >> 4) * 4;
         let flags = frame[l4 + 13];
@@ -788,7 +790,7 @@ impl Coalescer {
         {
             return other;
         }
-        Class::Candidate(Candidate {
+        Offer::Mergeable(Mergeable {
             conn,
             l4,
             data: l4 + thl,
@@ -797,10 +799,10 @@ impl Coalescer {
         })
     }
 
-    fn push_candidate(
+    fn push_mergeable(
         &mut self,
         frame: &[u8],
-        c: Candidate,
+        c: Mergeable,
         emit: &mut dyn FnMut(&VnetHdr, &[u8]),
     ) {
         if let Some(i) = self.items.iter().position(|p| p.conn == c.conn) {
@@ -819,14 +821,14 @@ impl Coalescer {
         // An item that is closed from the start (PSH) or that has no room
         // for more goes out without a copy.
         if c.psh || frame.len() >= limit {
-            emit(&VnetHdr::single(candidate_csum(&c)), frame);
+            emit(&VnetHdr::single(mergeable_csum(&c)), frame);
             return;
         }
         let buf = match self.pool.pop() {
             Some(buf) => buf,
             None if self.items.is_empty() => {
                 // max_flows == 0: coalescing is off.
-                emit(&VnetHdr::single(candidate_csum(&c)), frame);
+                emit(&VnetHdr::single(mergeable_csum(&c)), frame);
                 return;
             }
             None => {
@@ -836,7 +838,7 @@ impl Coalescer {
                 match self.pool.pop() {
                     Some(buf) => buf,
                     None => {
-                        emit(&VnetHdr::single(candidate_csum(&c)), frame);
+                        emit(&VnetHdr::single(mergeable_csum(&c)), frame);
                         return;
                     }
                 }
@@ -894,7 +896,7 @@ impl Coalescer {
     }
 }
 
-fn candidate_csum(c: &Candidate) -> Csum {
+fn mergeable_csum(c: &Mergeable) -> Csum {
     Csum::Partial {
         start: c.l4 as u16,
         offset: TCP_CSUM_OFFSET,
@@ -903,7 +905,7 @@ fn candidate_csum(c: &Candidate) -> Csum {
 
 impl Pending {
     /// Whether segment `c` continues this item (see [`Coalescer`]).
-    fn can_append(&self, frame: &[u8], c: &Candidate) -> bool {
+    fn can_append(&self, frame: &[u8], c: &Mergeable) -> bool {
         let head = &self.buf[..self.len];
         let payload = frame.len() - c.data;
         let (l3, l4) = (self.l3, self.l4);
@@ -941,7 +943,7 @@ impl Pending {
     }
 
     /// Appends the payload of `c`; returns whether the item is now closed.
-    fn append(&mut self, frame: &[u8], c: &Candidate) -> bool {
+    fn append(&mut self, frame: &[u8], c: &Mergeable) -> bool {
         let payload = &frame[c.data..];
         self.buf[self.len..self.len + payload.len()].copy_from_slice(payload);
         self.len += payload.len();

@@ -54,18 +54,17 @@
 
 use thiserror::Error;
 
+use crate::packet::{
+    ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN, ETH_HLEN, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN,
+};
+
 /// Length of the `virtio_net_hdr` in front of every frame.
 pub const VNET_HDR_LEN: usize = 10;
 
 /// TCP checksum field offset from the start of the TCP header.
 const TCP_CSUM_OFFSET: u16 = 16;
 const TCP_MIN_HDR: usize = 20;
-const IPV4_MIN_HDR: usize = 20;
-const IPV6_HDR: usize = 40;
-const ETH_HDR: usize = 14;
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
-const PROTO_ICMPV6: u8 = 58;
 const IPV6_NO_NEXT: u8 = 59;
 
 const TCP_FIN: u8 = 0x01;
@@ -184,7 +183,7 @@ impl Framing {
     /// Offset of the IP header in a frame.
     pub const fn l3_offset(self) -> usize {
         match self {
-            Framing::Ethernet => ETH_HDR,
+            Framing::Ethernet => ETH_HLEN,
             Framing::Ip => 0,
         }
     }
@@ -296,13 +295,15 @@ fn locate_ip(frame: &[u8], framing: Framing) -> Result<(IpVersion, usize), Offlo
     let link_says = match framing {
         Framing::Ip => None,
         Framing::Ethernet => {
-            if frame.len() < ETH_HDR {
+            if frame.len() < ETH_HLEN {
                 return Err(OffloadError::Truncated);
             }
             match be16(frame, 12) {
-                0x0800 => Some(IpVersion::V4),
-                0x86dd => Some(IpVersion::V6),
-                0x8100 | 0x88a8 => return Err(OffloadError::Unsupported("VLAN-tagged frame")),
+                ETHERTYPE_IPV4 => Some(IpVersion::V4),
+                ETHERTYPE_IPV6 => Some(IpVersion::V6),
+                ETHERTYPE_VLAN | 0x88a8 => {
+                    return Err(OffloadError::Unsupported("VLAN-tagged frame"))
+                }
                 _ => return Err(OffloadError::Unsupported("not an IP frame")),
             }
         }
@@ -317,8 +318,8 @@ fn locate_ip(frame: &[u8], framing: Framing) -> Result<(IpVersion, usize), Offlo
         return Err(OffloadError::Malformed("EtherType and IP version disagree"));
     }
     let fixed = match version {
-        IpVersion::V4 => IPV4_MIN_HDR,
-        IpVersion::V6 => IPV6_HDR,
+        IpVersion::V4 => IPV4_HLEN,
+        IpVersion::V6 => IPV6_HLEN,
     };
     if frame.len() < l3 + fixed {
         return Err(OffloadError::Truncated);
@@ -431,7 +432,7 @@ impl TcpSplit {
         let (l4, ip_id) = match version {
             IpVersion::V4 => {
                 let ihl = usize::from(frame[l3] & 0x0f) * 4;
-                if ihl < IPV4_MIN_HDR {
+                if ihl < IPV4_HLEN {
                     return Err(OffloadError::Malformed("IPv4 header length"));
                 }
                 if usize::from(be16(frame, l3 + 2)) != frame.len() - l3 {
@@ -440,19 +441,19 @@ impl TcpSplit {
                 if be16(frame, l3 + 6) & IPV4_FRAG_MASK != 0 {
                     return Err(OffloadError::Malformed("IPv4 fragment"));
                 }
-                if frame[l3 + 9] != PROTO_TCP {
+                if frame[l3 + 9] != IPPROTO_TCP {
                     return Err(OffloadError::Malformed("IPv4 protocol is not TCP"));
                 }
                 (l3 + ihl, be16(frame, l3 + 4))
             }
             IpVersion::V6 => {
-                if usize::from(be16(frame, l3 + 4)) != frame.len() - l3 - IPV6_HDR {
+                if usize::from(be16(frame, l3 + 4)) != frame.len() - l3 - IPV6_HLEN {
                     return Err(OffloadError::Malformed("IPv6 payload length"));
                 }
-                if frame[l3 + 6] != PROTO_TCP {
+                if frame[l3 + 6] != IPPROTO_TCP {
                     return Err(OffloadError::Unsupported("IPv6 extension headers"));
                 }
-                (l3 + IPV6_HDR, 0)
+                (l3 + IPV6_HLEN, 0)
             }
         };
         // hdr_len is a hint only; csum_start must name the TCP header,
@@ -480,7 +481,7 @@ impl TcpSplit {
             mss: usize::from(hdr.gso_size),
             seq: be32(frame, l4 + 4),
             ip_id,
-            seed_base: pseudo_header_sum(src, dst, PROTO_TCP, 0),
+            seed_base: pseudo_header_sum(src, dst, IPPROTO_TCP, 0),
         })
     }
 
@@ -515,7 +516,7 @@ impl TcpSplit {
                 let c = !fold(checksum_add(0, &seg[l3..self.l4]));
                 put16(seg, l3 + 10, c);
             }
-            IpVersion::V6 => put16(seg, l3 + 4, (len - l3 - IPV6_HDR) as u16),
+            IpVersion::V6 => put16(seg, l3 + 4, (len - l3 - IPV6_HLEN) as u16),
         }
 
         let l4 = self.l4;
@@ -744,28 +745,28 @@ impl Coalescer {
         // Find the TCP header, or decide the frame is not TCP at all.
         let (l4, simple_ip) = match version {
             IpVersion::V4 => {
-                if frame[l3 + 9] != PROTO_TCP {
+                if frame[l3 + 9] != IPPROTO_TCP {
                     return Offer::Other(Scope::None);
                 }
                 let ihl = usize::from(frame[l3] & 0x0f) * 4;
                 let fragment = be16(frame, l3 + 6) & IPV4_FRAG_MASK != 0;
-                if ihl < IPV4_MIN_HDR || fragment {
+                if ihl < IPV4_HLEN || fragment {
                     return Offer::Other(Scope::Addrs(conn));
                 }
                 // Options are legal but GRO leaves such packets alone; the
                 // header checksum is checked so that a damaged header is
                 // not given a fresh valid one by the merge.
-                let simple = ihl == IPV4_MIN_HDR
+                let simple = ihl == IPV4_HLEN
                     && usize::from(be16(frame, l3 + 2)) == frame.len() - l3
-                    && fold(checksum_add(0, &frame[l3..l3 + IPV4_MIN_HDR])) == 0xffff;
+                    && fold(checksum_add(0, &frame[l3..l3 + IPV4_HLEN])) == 0xffff;
                 (l3 + ihl, simple)
             }
             IpVersion::V6 => match frame[l3 + 6] {
-                PROTO_TCP => (
-                    l3 + IPV6_HDR,
-                    usize::from(be16(frame, l3 + 4)) == frame.len() - l3 - IPV6_HDR,
+                IPPROTO_TCP => (
+                    l3 + IPV6_HLEN,
+                    usize::from(be16(frame, l3 + 4)) == frame.len() - l3 - IPV6_HLEN,
                 ),
-                PROTO_UDP | PROTO_ICMPV6 | IPV6_NO_NEXT => return Offer::Other(Scope::None),
+                IPPROTO_UDP | IPPROTO_ICMPV6 | IPV6_NO_NEXT => return Offer::Other(Scope::None),
                 _ => return Offer::Other(Scope::Addrs(conn)),
             },
         };
@@ -866,7 +867,7 @@ impl Coalescer {
         let l3 = self.framing.l3_offset();
         let ip_max = match version {
             IpVersion::V4 => l3 + usize::from(u16::MAX),
-            IpVersion::V6 => l3 + IPV6_HDR + usize::from(u16::MAX),
+            IpVersion::V6 => l3 + IPV6_HLEN + usize::from(u16::MAX),
         };
         self.max_len.min(ip_max)
     }
@@ -980,7 +981,7 @@ impl Pending {
                 VnetHdr::GSO_TCPV4
             }
             IpVersion::V6 => {
-                put16(buf, l3 + 4, (len - l3 - IPV6_HDR) as u16);
+                put16(buf, l3 + 4, (len - l3 - IPV6_HLEN) as u16);
                 VnetHdr::GSO_TCPV6
             }
         };
@@ -988,7 +989,7 @@ impl Pending {
         // segment's seed from it.
         let addrs = &buf[version.addrs(l3)];
         let (src, dst) = addrs.split_at(version.addr_len());
-        let seed = fold(pseudo_header_sum(src, dst, PROTO_TCP, (len - l4) as u32));
+        let seed = fold(pseudo_header_sum(src, dst, IPPROTO_TCP, (len - l4) as u32));
         put16(buf, l4 + usize::from(TCP_CSUM_OFFSET), seed);
         VnetHdr {
             flags: VnetHdr::F_NEEDS_CSUM,

@@ -2,7 +2,7 @@
 //! tunnels and paths, the L2 switch of the pod overlay and the router of the
 //! host overlay. The agent feeds it datagrams, frames and time; it answers
 //! through [`Io`] (datagrams to send, frames and packets to deliver) and
-//! says when it next needs the time ([`Overlay::next_wake`]).
+//! says when it next needs the time ([`Overlay::poll_timeout`]).
 //!
 //! Split horizon holds by construction: a frame from a peer only ever goes
 //! to [`Io::pod`] or [`Io::host`], never back into a tunnel.
@@ -694,7 +694,9 @@ impl Overlay {
         }
     }
 
-    /// A datagram of ours (first byte >= 0x81) that arrived on `from`.
+    /// A datagram that arrived on `from` and is not the NAT layer's
+    /// ([`crate::wire::demux`]): one of ours (0x81-0x84), or anything else,
+    /// refused as malformed.
     /// Errors are also counted in [`Overlay::stats`].
     pub fn from_network(
         &mut self,

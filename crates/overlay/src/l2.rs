@@ -288,12 +288,12 @@ struct Learned {
 
 /// Where a learned MAC lives: `peers[peer].learned[index]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Slot {
+struct MacRef {
     peer: PeerId,
     index: u32,
 }
 
-struct Peer {
+struct SwitchPeer {
     addrs: PeerAddrs,
     /// The `.1` of its pod subnet: its bridge.
     gateway: Option<IpAddr>,
@@ -303,14 +303,14 @@ struct Peer {
     /// entry in `learned` lives.
     bridge: Option<Mac>,
     /// Its broadcasts and multicasts.
-    flood: Bucket,
+    flood: TokenBucket,
 }
 
 /// The lookup side of learning, apart from the peers so that a peer's list
 /// and the tables can be borrowed mutably together.
 #[derive(Default)]
 struct Table {
-    macs: HashMap<Mac, Slot>,
+    macs: HashMap<Mac, MacRef>,
     ips: HashMap<Ipv4Addr, Mac>,
 }
 
@@ -351,16 +351,16 @@ impl Table {
 /// Whole tokens; `last` advances only by the time that paid for the tokens
 /// added, so that fractions carry over when callers come often.
 #[derive(Clone, Copy)]
-struct Bucket {
+struct TokenBucket {
     rate: u32,
     burst: u32,
     tokens: u32,
     last: Option<Instant>,
 }
 
-impl Bucket {
-    fn new(rate: u32, burst: u32) -> Bucket {
-        Bucket {
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> TokenBucket {
+        TokenBucket {
             rate,
             burst,
             tokens: burst,
@@ -420,15 +420,15 @@ impl Bucket {
 /// The two budgets of one local source.
 #[derive(Clone, Copy)]
 struct Budgets {
-    flood: Bucket,
-    resolve: Bucket,
+    flood: TokenBucket,
+    resolve: TokenBucket,
 }
 
 impl Budgets {
     fn new(cfg: &SwitchConfig) -> Budgets {
         Budgets {
-            flood: Bucket::new(cfg.flood_rate, cfg.flood_burst),
-            resolve: Bucket::new(cfg.flood_rate, cfg.flood_burst),
+            flood: TokenBucket::new(cfg.flood_rate, cfg.flood_burst),
+            resolve: TokenBucket::new(cfg.flood_rate, cfg.flood_burst),
         }
     }
 }
@@ -533,7 +533,7 @@ fn is_group_or_link(ip: IpAddr) -> bool {
 
 pub struct Switch {
     cfg: SwitchConfig,
-    peers: HashMap<PeerId, Peer>,
+    peers: HashMap<PeerId, SwitchPeer>,
     /// Peer pod subnets (normalised) → owner, rebuilt when peers change.
     subnets: HashMap<IpNet, PeerId>,
     /// Prefix lengths present in `subnets`, longest first.
@@ -595,12 +595,12 @@ impl Switch {
             let _ = learned.try_reserve_exact(bound);
             self.peers.insert(
                 id,
-                Peer {
+                SwitchPeer {
                     addrs,
                     gateway,
                     learned,
                     bridge: None,
-                    flood: Bucket::new(self.cfg.peer_flood_rate, self.cfg.peer_flood_burst),
+                    flood: TokenBucket::new(self.cfg.peer_flood_rate, self.cfg.peer_flood_burst),
                 },
             );
             let want = bound.saturating_mul(self.peers.len()).saturating_mul(2);
@@ -957,7 +957,7 @@ impl Switch {
     /// solicitation's or advertisement's link-layer address must be the
     /// frame's source, and an advertisement may only speak for the peer's
     /// own addresses (the IPv6 form of the ARP-sender rule).
-    fn check_nd(&self, peer: &Peer, eth: &Ethernet, l3: &L3) -> Result<(), DropReason> {
+    fn check_nd(&self, peer: &SwitchPeer, eth: &Ethernet, l3: &L3) -> Result<(), DropReason> {
         let Some(message) = l3.icmpv6()? else {
             return Ok(());
         };
@@ -982,7 +982,7 @@ impl Switch {
     /// to its source MAC, if it is an ARP sender of the peer's subnet.
     fn check_source(
         &self,
-        peer: &Peer,
+        peer: &SwitchPeer,
         eth: &Ethernet,
         l3: &L3,
     ) -> Result<Option<Ipv4Addr>, DropReason> {
@@ -1028,7 +1028,7 @@ impl Switch {
         &self,
         now: Instant,
         id: PeerId,
-        peer: &Peer,
+        peer: &SwitchPeer,
         eth: &Ethernet,
         l3: &L3,
     ) -> Result<MacKind, DropReason> {
@@ -1063,7 +1063,7 @@ impl Switch {
 
     /// The peer's bridge speaking for itself: an ARP sender, or an IP
     /// source, that is its gateway or its host address.
-    fn speaks_for_bridge(&self, peer: &Peer, l3: &L3) -> bool {
+    fn speaks_for_bridge(&self, peer: &SwitchPeer, l3: &L3) -> bool {
         let src = match l3 {
             L3::Arp(arp) => IpAddr::V4(arp.sender_ip),
             L3::Ip(ip) => ip.src(),
@@ -1136,7 +1136,7 @@ impl Switch {
         if kind != MacKind::Pod {
             peer.bridge = Some(mac);
         }
-        self.table.macs.insert(mac, Slot { peer: id, index });
+        self.table.macs.insert(mac, MacRef { peer: id, index });
         if let Some(ip) = ip {
             self.table.ips.insert(ip, mac);
         }
@@ -1191,7 +1191,7 @@ impl Switch {
             for (i, e) in peer.learned.iter().enumerate() {
                 assert_eq!(
                     self.table.macs.get(&e.mac),
-                    Some(&Slot {
+                    Some(&MacRef {
                         peer: id,
                         index: i as u32
                     })
@@ -2020,13 +2020,13 @@ mod tests {
 
     #[test]
     fn a_silent_bucket_does_not_bank_tokens_while_full() {
-        let mut bucket = Bucket::new(1, 2);
+        let mut bucket = TokenBucket::new(1, 2);
         let t = Instant::now();
         assert!(bucket.take(t + Duration::from_secs(100)));
         assert!(bucket.take(t + Duration::from_secs(100)));
         assert!(!bucket.take(t + Duration::from_secs(100)));
         assert!(bucket.take(t + Duration::from_secs(101)));
-        let mut never = Bucket::new(0, 1);
+        let mut never = TokenBucket::new(0, 1);
         assert!(never.take(t));
         assert!(!never.take(t + Duration::from_secs(1000)));
     }

@@ -54,18 +54,17 @@
 
 use thiserror::Error;
 
+use crate::packet::{
+    ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN, ETH_HLEN, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN,
+};
+
 /// Length of the `virtio_net_hdr` in front of every frame.
 pub const VNET_HDR_LEN: usize = 10;
 
 /// TCP checksum field offset from the start of the TCP header.
 const TCP_CSUM_OFFSET: u16 = 16;
 const TCP_MIN_HDR: usize = 20;
-const IPV4_MIN_HDR: usize = 20;
-const IPV6_HDR: usize = 40;
-const ETH_HDR: usize = 14;
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
-const PROTO_ICMPV6: u8 = 58;
 const IPV6_NO_NEXT: u8 = 59;
 
 const TCP_FIN: u8 = 0x01;
@@ -184,7 +183,7 @@ impl Framing {
     /// Offset of the IP header in a frame.
     pub const fn l3_offset(self) -> usize {
         match self {
-            Framing::Ethernet => ETH_HDR,
+            Framing::Ethernet => ETH_HLEN,
             Framing::Ip => 0,
         }
     }
@@ -296,13 +295,15 @@ fn locate_ip(frame: &[u8], framing: Framing) -> Result<(IpVersion, usize), Offlo
     let link_says = match framing {
         Framing::Ip => None,
         Framing::Ethernet => {
-            if frame.len() < ETH_HDR {
+            if frame.len() < ETH_HLEN {
                 return Err(OffloadError::Truncated);
             }
             match be16(frame, 12) {
-                0x0800 => Some(IpVersion::V4),
-                0x86dd => Some(IpVersion::V6),
-                0x8100 | 0x88a8 => return Err(OffloadError::Unsupported("VLAN-tagged frame")),
+                ETHERTYPE_IPV4 => Some(IpVersion::V4),
+                ETHERTYPE_IPV6 => Some(IpVersion::V6),
+                ETHERTYPE_VLAN | 0x88a8 => {
+                    return Err(OffloadError::Unsupported("VLAN-tagged frame"))
+                }
                 _ => return Err(OffloadError::Unsupported("not an IP frame")),
             }
         }
@@ -317,8 +318,8 @@ fn locate_ip(frame: &[u8], framing: Framing) -> Result<(IpVersion, usize), Offlo
         return Err(OffloadError::Malformed("EtherType and IP version disagree"));
     }
     let fixed = match version {
-        IpVersion::V4 => IPV4_MIN_HDR,
-        IpVersion::V6 => IPV6_HDR,
+        IpVersion::V4 => IPV4_HLEN,
+        IpVersion::V6 => IPV6_HLEN,
     };
     if frame.len() < l3 + fixed {
         return Err(OffloadError::Truncated);
@@ -431,7 +432,7 @@ impl TcpSplit {
         let (l4, ip_id) = match version {
             IpVersion::V4 => {
                 let ihl = usize::from(frame[l3] & 0x0f) * 4;
-                if ihl < IPV4_MIN_HDR {
+                if ihl < IPV4_HLEN {
                     return Err(OffloadError::Malformed("IPv4 header length"));
                 }
                 if usize::from(be16(frame, l3 + 2)) != frame.len() - l3 {
@@ -440,19 +441,19 @@ impl TcpSplit {
                 if be16(frame, l3 + 6) & IPV4_FRAG_MASK != 0 {
                     return Err(OffloadError::Malformed("IPv4 fragment"));
                 }
-                if frame[l3 + 9] != PROTO_TCP {
+                if frame[l3 + 9] != IPPROTO_TCP {
                     return Err(OffloadError::Malformed("IPv4 protocol is not TCP"));
                 }
                 (l3 + ihl, be16(frame, l3 + 4))
             }
             IpVersion::V6 => {
-                if usize::from(be16(frame, l3 + 4)) != frame.len() - l3 - IPV6_HDR {
+                if usize::from(be16(frame, l3 + 4)) != frame.len() - l3 - IPV6_HLEN {
                     return Err(OffloadError::Malformed("IPv6 payload length"));
                 }
-                if frame[l3 + 6] != PROTO_TCP {
+                if frame[l3 + 6] != IPPROTO_TCP {
                     return Err(OffloadError::Unsupported("IPv6 extension headers"));
                 }
-                (l3 + IPV6_HDR, 0)
+                (l3 + IPV6_HLEN, 0)
             }
         };
         // hdr_len is a hint only; csum_start must name the TCP header,
@@ -480,7 +481,7 @@ impl TcpSplit {
             mss: usize::from(hdr.gso_size),
             seq: be32(frame, l4 + 4),
             ip_id,
-            seed_base: pseudo_header_sum(src, dst, PROTO_TCP, 0),
+            seed_base: pseudo_header_sum(src, dst, IPPROTO_TCP, 0),
         })
     }
 
@@ -515,7 +516,7 @@ impl TcpSplit {
                 let c = !fold(checksum_add(0, &seg[l3..self.l4]));
                 put16(seg, l3 + 10, c);
             }
-            IpVersion::V6 => put16(seg, l3 + 4, (len - l3 - IPV6_HDR) as u16),
+            IpVersion::V6 => put16(seg, l3 + 4, (len - l3 - IPV6_HLEN) as u16),
         }
 
         let l4 = self.l4;
@@ -616,7 +617,7 @@ enum Scope {
 }
 
 /// A segment the coalescer may merge.
-struct Candidate {
+struct Mergeable {
     conn: Conn,
     l4: usize,
     /// Offset of the payload.
@@ -625,8 +626,10 @@ struct Candidate {
     psh: bool,
 }
 
-enum Class {
-    Candidate(Candidate),
+/// What a frame offered to the coalescer is: a segment it may merge, or a
+/// frame that leaves as it is (after what `Scope` says it must follow).
+enum Offer {
+    Mergeable(Mergeable),
     Other(Scope),
 }
 
@@ -706,9 +709,9 @@ impl Coalescer {
     /// (the wire decoder) checks that it lies inside the frame, or the
     /// kernel refuses the write (EINVAL).
     pub fn push(&mut self, frame: &[u8], csum: Csum, emit: &mut dyn FnMut(&VnetHdr, &[u8])) {
-        match self.classify(frame, csum) {
-            Class::Candidate(c) => self.push_candidate(frame, c, emit),
-            Class::Other(scope) => {
+        match self.offer(frame, csum) {
+            Offer::Mergeable(c) => self.push_mergeable(frame, c, emit),
+            Offer::Other(scope) => {
                 match scope {
                     Scope::None => {}
                     Scope::Conn(conn) => self.flush_where(|p| p.conn == conn, emit),
@@ -727,9 +730,9 @@ impl Coalescer {
         self.flush_where(|_| true, emit);
     }
 
-    fn classify(&self, frame: &[u8], csum: Csum) -> Class {
+    fn offer(&self, frame: &[u8], csum: Csum) -> Offer {
         let Ok((version, l3)) = locate_ip(frame, self.framing) else {
-            return Class::Other(Scope::None);
+            return Offer::Other(Scope::None);
         };
         let mut conn = Conn {
             version,
@@ -742,36 +745,36 @@ impl Coalescer {
         // Find the TCP header, or decide the frame is not TCP at all.
         let (l4, simple_ip) = match version {
             IpVersion::V4 => {
-                if frame[l3 + 9] != PROTO_TCP {
-                    return Class::Other(Scope::None);
+                if frame[l3 + 9] != IPPROTO_TCP {
+                    return Offer::Other(Scope::None);
                 }
                 let ihl = usize::from(frame[l3] & 0x0f) * 4;
                 let fragment = be16(frame, l3 + 6) & IPV4_FRAG_MASK != 0;
-                if ihl < IPV4_MIN_HDR || fragment {
-                    return Class::Other(Scope::Addrs(conn));
+                if ihl < IPV4_HLEN || fragment {
+                    return Offer::Other(Scope::Addrs(conn));
                 }
                 // Options are legal but GRO leaves such packets alone; the
                 // header checksum is checked so that a damaged header is
                 // not given a fresh valid one by the merge.
-                let simple = ihl == IPV4_MIN_HDR
+                let simple = ihl == IPV4_HLEN
                     && usize::from(be16(frame, l3 + 2)) == frame.len() - l3
-                    && fold(checksum_add(0, &frame[l3..l3 + IPV4_MIN_HDR])) == 0xffff;
+                    && fold(checksum_add(0, &frame[l3..l3 + IPV4_HLEN])) == 0xffff;
                 (l3 + ihl, simple)
             }
             IpVersion::V6 => match frame[l3 + 6] {
-                PROTO_TCP => (
-                    l3 + IPV6_HDR,
-                    usize::from(be16(frame, l3 + 4)) == frame.len() - l3 - IPV6_HDR,
+                IPPROTO_TCP => (
+                    l3 + IPV6_HLEN,
+                    usize::from(be16(frame, l3 + 4)) == frame.len() - l3 - IPV6_HLEN,
                 ),
-                PROTO_UDP | PROTO_ICMPV6 | IPV6_NO_NEXT => return Class::Other(Scope::None),
-                _ => return Class::Other(Scope::Addrs(conn)),
+                IPPROTO_UDP | IPPROTO_ICMPV6 | IPV6_NO_NEXT => return Offer::Other(Scope::None),
+                _ => return Offer::Other(Scope::Addrs(conn)),
             },
         };
         if frame.len() < l4 + TCP_MIN_HDR {
-            return Class::Other(Scope::Addrs(conn));
+            return Offer::Other(Scope::Addrs(conn));
         }
         conn.ports.copy_from_slice(&frame[l4..l4 + 4]);
-        let other = Class::Other(Scope::Conn(conn));
+        let other = Offer::Other(Scope::Conn(conn));
 
         let thl = usize::from(frame[l4 + 12] >> 4) * 4;
         let flags = frame[l4 + 13];
@@ -788,7 +791,7 @@ impl Coalescer {
         {
             return other;
         }
-        Class::Candidate(Candidate {
+        Offer::Mergeable(Mergeable {
             conn,
             l4,
             data: l4 + thl,
@@ -797,10 +800,10 @@ impl Coalescer {
         })
     }
 
-    fn push_candidate(
+    fn push_mergeable(
         &mut self,
         frame: &[u8],
-        c: Candidate,
+        c: Mergeable,
         emit: &mut dyn FnMut(&VnetHdr, &[u8]),
     ) {
         if let Some(i) = self.items.iter().position(|p| p.conn == c.conn) {
@@ -819,14 +822,14 @@ impl Coalescer {
         // An item that is closed from the start (PSH) or that has no room
         // for more goes out without a copy.
         if c.psh || frame.len() >= limit {
-            emit(&VnetHdr::single(candidate_csum(&c)), frame);
+            emit(&VnetHdr::single(mergeable_csum(&c)), frame);
             return;
         }
         let buf = match self.pool.pop() {
             Some(buf) => buf,
             None if self.items.is_empty() => {
                 // max_flows == 0: coalescing is off.
-                emit(&VnetHdr::single(candidate_csum(&c)), frame);
+                emit(&VnetHdr::single(mergeable_csum(&c)), frame);
                 return;
             }
             None => {
@@ -836,7 +839,7 @@ impl Coalescer {
                 match self.pool.pop() {
                     Some(buf) => buf,
                     None => {
-                        emit(&VnetHdr::single(candidate_csum(&c)), frame);
+                        emit(&VnetHdr::single(mergeable_csum(&c)), frame);
                         return;
                     }
                 }
@@ -864,7 +867,7 @@ impl Coalescer {
         let l3 = self.framing.l3_offset();
         let ip_max = match version {
             IpVersion::V4 => l3 + usize::from(u16::MAX),
-            IpVersion::V6 => l3 + IPV6_HDR + usize::from(u16::MAX),
+            IpVersion::V6 => l3 + IPV6_HLEN + usize::from(u16::MAX),
         };
         self.max_len.min(ip_max)
     }
@@ -894,7 +897,7 @@ impl Coalescer {
     }
 }
 
-fn candidate_csum(c: &Candidate) -> Csum {
+fn mergeable_csum(c: &Mergeable) -> Csum {
     Csum::Partial {
         start: c.l4 as u16,
         offset: TCP_CSUM_OFFSET,
@@ -903,7 +906,7 @@ fn candidate_csum(c: &Candidate) -> Csum {
 
 impl Pending {
     /// Whether segment `c` continues this item (see [`Coalescer`]).
-    fn can_append(&self, frame: &[u8], c: &Candidate) -> bool {
+    fn can_append(&self, frame: &[u8], c: &Mergeable) -> bool {
         let head = &self.buf[..self.len];
         let payload = frame.len() - c.data;
         let (l3, l4) = (self.l3, self.l4);
@@ -941,7 +944,7 @@ impl Pending {
     }
 
     /// Appends the payload of `c`; returns whether the item is now closed.
-    fn append(&mut self, frame: &[u8], c: &Candidate) -> bool {
+    fn append(&mut self, frame: &[u8], c: &Mergeable) -> bool {
         let payload = &frame[c.data..];
         self.buf[self.len..self.len + payload.len()].copy_from_slice(payload);
         self.len += payload.len();
@@ -978,7 +981,7 @@ impl Pending {
                 VnetHdr::GSO_TCPV4
             }
             IpVersion::V6 => {
-                put16(buf, l3 + 4, (len - l3 - IPV6_HDR) as u16);
+                put16(buf, l3 + 4, (len - l3 - IPV6_HLEN) as u16);
                 VnetHdr::GSO_TCPV6
             }
         };
@@ -986,7 +989,7 @@ impl Pending {
         // segment's seed from it.
         let addrs = &buf[version.addrs(l3)];
         let (src, dst) = addrs.split_at(version.addr_len());
-        let seed = fold(pseudo_header_sum(src, dst, PROTO_TCP, (len - l4) as u32));
+        let seed = fold(pseudo_header_sum(src, dst, IPPROTO_TCP, (len - l4) as u32));
         put16(buf, l4 + usize::from(TCP_CSUM_OFFSET), seed);
         VnetHdr {
             flags: VnetHdr::F_NEEDS_CSUM,

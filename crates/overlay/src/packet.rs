@@ -576,6 +576,8 @@ fn unicast_v6(ip: Ipv6Addr) -> bool {
 
 /// The length of an IPv4 header without options.
 pub const IPV4_HLEN: usize = 20;
+/// The length of the fixed IPv6 header.
+pub const IPV6_HLEN: usize = 40;
 
 /// An IPv4 header without options for a packet we originate (TTL [`TTL`],
 /// identification 0, no fragment flags), its checksum filled in. `None` when
@@ -689,7 +691,7 @@ pub fn build_icmpv6_packet_too_big(frame: &[u8], mtu: u32, out: &mut [u8]) -> Op
     w.put(&ip.dst.octets())?.put(&ip.src.octets())?;
     w.u8(2)?.u8(0)?.u16(0)?.u32(mtu)?.put(quote)?;
 
-    let icmp_start = ETH_HLEN + 40;
+    let icmp_start = ETH_HLEN + IPV6_HLEN;
     let pseudo = pseudo_header_v6(ip.dst, ip.src, IPPROTO_ICMPV6, u32::from(payload_len));
     let sum = checksum_finish(checksum_add(pseudo, w.written(icmp_start)?));
     w.patch16(icmp_start + 2, sum)?;

@@ -265,7 +265,7 @@ impl Paths {
         let Some(p) = self
             .list
             .iter_mut()
-            .find(|p| p.probe.is_some_and(|(pid, _)| pid == id))
+            .find(|p| p.probe.is_some_and(|(probe, _)| probe == id))
         else {
             return;
         };

@@ -189,14 +189,21 @@ impl Tcp {
             let word = (6u32 << 28) | (u32::from(self.tos) << 20) | self.flow_label;
             f.extend_from_slice(&word.to_be_bytes());
             f.extend_from_slice(&(l4_len as u16).to_be_bytes());
-            f.extend_from_slice(&[PROTO_TCP, self.ttl]);
+            f.extend_from_slice(&[IPPROTO_TCP, self.ttl]);
             f.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, self.host]);
             f.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 2]);
         } else {
             f.extend_from_slice(&[0x45, self.tos]);
             f.extend_from_slice(&((ip_hdr + l4_len) as u16).to_be_bytes());
             f.extend_from_slice(&self.ip_id.to_be_bytes());
-            f.extend_from_slice(&[if self.df { 0x40 } else { 0 }, 0, self.ttl, PROTO_TCP, 0, 0]);
+            f.extend_from_slice(&[
+                if self.df { 0x40 } else { 0 },
+                0,
+                self.ttl,
+                IPPROTO_TCP,
+                0,
+                0,
+            ]);
             f.extend_from_slice(&[10, 244, 1, self.host, 10, 244, 2, 7]);
             let c = !ref_fold(ref_sum(&f[l3..]));
             f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
@@ -216,8 +223,8 @@ impl Tcp {
         f.extend_from_slice(payload);
         let lay = Layout::of(&f, self.framing);
         let c = match mode {
-            CsumMode::Seed => lay.ref_seed(&f, PROTO_TCP),
-            CsumMode::Complete => lay.ref_complete(&f, PROTO_TCP, 16),
+            CsumMode::Seed => lay.ref_seed(&f, IPPROTO_TCP),
+            CsumMode::Complete => lay.ref_complete(&f, IPPROTO_TCP, 16),
         };
         f[lay.l4 + 16..lay.l4 + 18].copy_from_slice(&c.to_be_bytes());
         f
@@ -262,10 +269,10 @@ fn udp_frame(framing: Framing, v6: bool, body: &[u8], mode: CsumMode) -> Vec<u8>
     f.extend_from_slice(&ulen.to_be_bytes());
     f.extend_from_slice(&[0, 0]);
     f.extend_from_slice(body);
-    fix_ip_lengths(&mut f, lay, PROTO_UDP);
+    fix_ip_lengths(&mut f, lay, IPPROTO_UDP);
     let c = match mode {
-        CsumMode::Seed => lay.ref_seed(&f, PROTO_UDP),
-        CsumMode::Complete => match lay.ref_complete(&f, PROTO_UDP, 6) {
+        CsumMode::Seed => lay.ref_seed(&f, IPPROTO_UDP),
+        CsumMode::Complete => match lay.ref_complete(&f, IPPROTO_UDP, 6) {
             0 => 0xffff,
             c => c,
         },
@@ -535,7 +542,7 @@ fn check_segmentation(
         );
         // Seed: this segment's own pseudo-header sum ...
         let seed = be16(seg, l4 + 16);
-        assert_eq!(seed, lay.ref_seed(seg, PROTO_TCP), "segment {i} seed");
+        assert_eq!(seed, lay.ref_seed(seg, IPPROTO_TCP), "segment {i} seed");
         // ... which is what the kernel's tcp_gso_segment would derive from
         // the super-frame's: seed - full length + segment length.
         let derived =
@@ -544,8 +551,8 @@ fn check_segmentation(
         // Completing it gives the from-scratch checksum.
         let mut done = seg.clone();
         complete_checksum(&mut done, *csum).unwrap();
-        assert_eq!(be16(&done, l4 + 16), lay.ref_complete(seg, PROTO_TCP, 16));
-        assert!(lay.l4_valid(&done, PROTO_TCP));
+        assert_eq!(be16(&done, l4 + 16), lay.ref_complete(seg, IPPROTO_TCP, 16));
+        assert!(lay.l4_valid(&done, IPPROTO_TCP));
     }
     segs
 }
@@ -864,7 +871,7 @@ fn complete_checksum_tcp_and_udp() {
                 done,
                 udp_frame(framing, v6, &payload(333, 7), CsumMode::Complete)
             );
-            assert!(lay.l4_valid(&done, PROTO_UDP));
+            assert!(lay.l4_valid(&done, IPPROTO_UDP));
 
             let t = Tcp::new(framing, v6);
             let f = t.build(&payload(1000, 8), CsumMode::Seed);
@@ -899,7 +906,7 @@ fn complete_checksum_udp_zero_is_sent_as_ffff() {
     )
     .unwrap();
     assert_eq!(be16(&f, lay.l4 + 6), 0xffff);
-    assert!(lay.l4_valid(&f, PROTO_UDP));
+    assert!(lay.l4_valid(&f, IPPROTO_UDP));
 }
 
 #[test]
@@ -961,7 +968,7 @@ fn round_trip_split_then_coalesce_gives_the_super_frame() {
                 assert_eq!(f, &sup, "{t:?} {len}");
                 // The seed rule: the full L4 length, not inverted.
                 let lay = Layout::of(f, t.framing);
-                assert_eq!(be16(f, lay.l4 + 16), lay.ref_seed(f, PROTO_TCP));
+                assert_eq!(be16(f, lay.l4 + 16), lay.ref_seed(f, IPPROTO_TCP));
                 // Re-segmenting (as the kernel will) gives the segments back.
                 assert_eq!(split(h, f, t.framing).unwrap(), segs);
             }
@@ -1382,7 +1389,7 @@ fn coalesced_frame_completes_to_a_valid_checksum() {
     )
     .unwrap();
     let lay = Layout::of(&done, t.framing);
-    assert!(lay.l4_valid(&done, PROTO_TCP));
+    assert!(lay.l4_valid(&done, IPPROTO_TCP));
     assert!(lay.ipv4_hdr_valid(&done));
 }
 
@@ -1662,7 +1669,7 @@ mod props {
                 }
                 let lay = Layout::of(f, framing);
                 let proto = if lay.v6 { f[lay.l3 + 6] } else { f[lay.l3 + 9] };
-                if proto == PROTO_TCP { be16(f, lay.l4) } else { 0 }
+                if proto == IPPROTO_TCP { be16(f, lay.l4) } else { 0 }
             };
             // The id of an IPv4 datagram with DF carries no meaning: the
             // coalescer merges regardless and re-segmentation renumbers.

@@ -1,5 +1,7 @@
 //! The engine thread: one epoll loop over the TAP, the host TUN, the UDP
-//! socket, the TURN TCP sockets and a command eventfd. The protocol —
+//! socket, the TURN TCP sockets, the UDP sockets of their own that TURN
+//! servers may be given (a leftover allocation the server would not release
+//! blocks the overlay port) and a command eventfd. The protocol —
 //! overlay and NAT layer — is `evio_overlay::stack::Stack`, sans-IO; this
 //! module owns only the descriptors and moves bytes between them and the
 //! stack, in batches: a TAP read yields a 64 KiB super-frame that leaves as
@@ -31,6 +33,9 @@ const TOKEN_TAP: u64 = 3;
 const TOKEN_TUN: u64 = 4;
 /// Tokens of the TURN TCP connections: this plus the server's index.
 const TOKEN_TCP: u64 = 100;
+/// Tokens of the TURN servers' own UDP sockets: this plus the server's
+/// index (above every TCP token).
+const TOKEN_UDP_OWN: u64 = 1 << 32;
 /// Frames read from a device per wake-up before the socket gets a turn.
 const DEVICE_BUDGET: usize = 64;
 const RECV_BATCH: usize = 32;
@@ -97,6 +102,8 @@ pub struct Devices {
     pub tap: Option<Device>,
     pub tun: Option<Device>,
     tcp: Vec<Option<TcpConn>>,
+    /// UDP sockets of their own, by TURN server index.
+    own: Vec<Option<Udp>>,
     send: SendBatch,
     pod_gro: Coalescer,
     host_gro: Coalescer,
@@ -138,6 +145,7 @@ impl Devices {
             tap,
             tun,
             tcp: Vec::new(),
+            own: Vec::new(),
             send: SendBatch::new(1 << 20),
             pod_gro: Coalescer::new(Framing::Ethernet, 8, 65_000),
             host_gro: Coalescer::new(Framing::Ip, 8, 65_000),
@@ -197,6 +205,35 @@ impl Devices {
         }
     }
 
+    /// Opens a UDP socket on an ephemeral port for TURN server `conn`
+    /// (replacing one it had): the local address it is bound to.
+    fn open_udp(&mut self, conn: usize) -> io::Result<SocketAddr> {
+        self.close_udp(conn);
+        let udp = Udp::bind(0)?;
+        epoll_add(self.epoll, udp.as_raw_fd(), TOKEN_UDP_OWN + conn as u64)?;
+        let local = SocketAddr::from(([0, 0, 0, 0], udp.port()));
+        if self.own.len() <= conn {
+            self.own.resize_with(conn + 1, || None);
+        }
+        self.own[conn] = Some(udp);
+        Ok(local)
+    }
+
+    fn close_udp(&mut self, conn: usize) {
+        if let Some(u) = self.own.get_mut(conn).and_then(Option::take) {
+            epoll_set(self.epoll, libc::EPOLL_CTL_DEL, u.as_raw_fd(), 0, 0);
+        }
+    }
+
+    /// The UDP socket `via` names, if open.
+    fn udp_of(&self, via: Sock) -> Option<&Udp> {
+        match via {
+            Sock::Udp => Some(&self.udp),
+            Sock::UdpOwn(conn) => self.own.get(conn).and_then(Option::as_ref),
+            Sock::Tcp(_) => None,
+        }
+    }
+
     /// Writes what waits on connection `conn`, and asks for EPOLLOUT only
     /// while something is left.
     fn flush_tcp(&mut self, conn: usize) {
@@ -253,8 +290,10 @@ impl Io for Devices {
 impl NetIo for Devices {
     fn transmit(&mut self, t: Transmit<'_>) {
         match t.via {
-            Sock::Udp => {
-                let _ = self.udp.send_to(t.data, t.to);
+            Sock::Udp | Sock::UdpOwn(_) => {
+                if let Some(udp) = self.udp_of(t.via) {
+                    let _ = udp.send_to(t.data, t.to);
+                }
             }
             Sock::Tcp(conn) => {
                 if let Some(c) = self.conn(conn) {
@@ -404,23 +443,32 @@ impl Dataplane {
                 // SAFETY: reads 8 bytes into v.
                 unsafe { libc::read(self.event_fd, (&mut v as *mut u64).cast(), 8) };
             }
-            TOKEN_UDP => self.on_udp(now, recv),
+            TOKEN_UDP => self.on_udp(now, Sock::Udp, recv),
             TOKEN_TAP | TOKEN_TUN => self.on_device(now, token == TOKEN_TAP),
+            t if t >= TOKEN_UDP_OWN => {
+                self.on_udp(now, Sock::UdpOwn((t - TOKEN_UDP_OWN) as usize), recv)
+            }
             t if t >= TOKEN_TCP => self.on_tcp(now, (t - TOKEN_TCP) as usize, writable),
             _ => {}
         }
     }
 
-    fn on_udp(&mut self, now: Instant, recv: &mut RecvBatch) {
+    /// Datagrams of UDP socket `via`: the overlay's, or a TURN server's
+    /// own (the same batches, tagged with the socket they came on).
+    fn on_udp(&mut self, now: Instant, via: Sock, recv: &mut RecvBatch) {
         let mut taken = 0;
         while taken < UDP_BUDGET {
-            let got = recv.recv(&self.io.udp).unwrap_or_default();
+            let Some(udp) = self.io.udp_of(via) else {
+                break;
+            };
+            let got = recv.recv(udp).unwrap_or_default();
             for i in 0..got {
                 let Some(r) = recv.get(i) else { break };
                 let (from, seg) = (r.from, r.segment);
                 for d in r.data.chunks(seg) {
                     taken += 1;
-                    self.stack.handle_datagram(now, from, d, &mut self.io);
+                    self.stack
+                        .handle_datagram_on(now, via, from, d, &mut self.io);
                 }
             }
             if got < RECV_BATCH {
@@ -566,6 +614,16 @@ impl Dataplane {
                     }
                 }
                 StackEvent::TcpClose { conn } => self.io.close(conn),
+                StackEvent::UdpOpen { conn, .. } => {
+                    let now = Instant::now();
+                    match self.io.open_udp(conn) {
+                        Ok(local) => self.stack.udp_opened(now, conn, local, &mut self.io),
+                        Err(e) => self
+                            .stack
+                            .udp_closed(now, conn, &e.to_string(), &mut self.io),
+                    }
+                }
+                StackEvent::UdpClose { conn } => self.io.close_udp(conn),
                 StackEvent::Peer(_) => {}
             }
         }
@@ -595,11 +653,72 @@ impl Dataplane {
             let now = Instant::now();
             for ev in &events[..n.max(0) as usize] {
                 let (token, out) = (ev.u64, ev.events & libc::EPOLLOUT as u32 != 0);
+                // The overlay's socket, and the TURN servers' TCP and UDP.
                 if token == TOKEN_UDP || token >= TOKEN_TCP {
                     self.dispatch(now, token, out, recv);
                 }
             }
             self.timers(Instant::now());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    /// A TURN server's own socket: opened on another port and watched by
+    /// epoll under its token, its sends leave from that port, and once
+    /// closed it is gone from epoll and sends through it go nowhere.
+    #[test]
+    fn a_turn_servers_own_socket_is_opened_watched_used_and_closed() {
+        // SAFETY: plain epoll_create1(2); owned below.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epoll >= 0);
+        // SAFETY: just created, owned here.
+        let _owned = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let mut io = Devices::new(Udp::bind(0).unwrap(), None, None, epoll);
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let to = server.local_addr().unwrap();
+        let local = io.open_udp(1).unwrap();
+        assert_ne!(local.port(), io.udp.port());
+        io.transmit(Transmit {
+            via: Sock::UdpOwn(1),
+            to,
+            data: b"allocate",
+        });
+        let mut buf = [0u8; 64];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from.port()), (&b"allocate"[..], local.port()));
+        // An answer wakes epoll with the socket's token.
+        server.send_to(b"answer", from).unwrap();
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        // SAFETY: events is a live buffer of the stated length.
+        let got = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), 4, 5000) };
+        assert_eq!(got, 1);
+        assert_eq!({ events[0].u64 }, TOKEN_UDP_OWN + 1);
+        let mut rb = RecvBatch::new(4);
+        assert_eq!(rb.recv(io.udp_of(Sock::UdpOwn(1)).unwrap()).unwrap(), 1);
+        assert_eq!(rb.get(0).unwrap().data, b"answer");
+        // Closed: out of epoll, and a send through it goes nowhere.
+        io.close_udp(1);
+        assert!(io.udp_of(Sock::UdpOwn(1)).is_none());
+        server.send_to(b"late", from).unwrap();
+        // SAFETY: as above.
+        let got = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), 4, 100) };
+        assert_eq!(got, 0);
+        io.transmit(Transmit {
+            via: Sock::UdpOwn(1),
+            to,
+            data: b"nothing",
+        });
+        server
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        assert!(server.recv_from(&mut buf).is_err());
     }
 }

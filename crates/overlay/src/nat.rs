@@ -27,7 +27,10 @@
 //! allocation that a killed agent left under our 5-tuple is released when
 //! the server answers our Allocate with 437, and a relayed path that died
 //! makes us ask the server whether it still knows our allocation (a
-//! restarted server forgets allocations without telling).
+//! restarted server forgets allocations without telling). When the server
+//! will not release the leftover, that server's traffic moves to a UDP
+//! socket of its own on another local port ([`Sock::UdpOwn`], asked for
+//! with [`NatEvent::UdpOpen`]): a new 5-tuple, as a TCP connection is.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -137,12 +140,14 @@ pub struct NatConfig {
     pub turn: Vec<TurnServer>,
 }
 
-/// How a transmit leaves: the UDP socket, or the TCP connection to TURN
-/// server `n` (the index in [`NatConfig::turn`]).
+/// How a transmit leaves: the UDP socket, the TCP connection to TURN
+/// server `n` (the index in [`NatConfig::turn`]), or the UDP socket of its
+/// own that TURN server `n` was given (see [`NatEvent::UdpOpen`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Sock {
     Udp,
     Tcp(usize),
+    UdpOwn(usize),
 }
 
 /// Bytes to send.
@@ -174,6 +179,25 @@ pub enum NatEvent {
     TcpConnect { conn: usize, to: SocketAddr },
     /// Close the TCP connection of TURN server `conn`.
     TcpClose { conn: usize },
+    /// Open a UDP socket on an ephemeral port for the traffic of TURN
+    /// server `conn` (at `to`): the server holds an allocation under our
+    /// overlay port that it would not release. Feed what it receives to
+    /// [`Nat::handle_datagram_on`] with [`Sock::UdpOwn`]; answer with
+    /// [`Nat::udp_opened`] or [`Nat::udp_closed`].
+    UdpOpen { conn: usize, to: SocketAddr },
+    /// Close the UDP socket of TURN server `conn`.
+    UdpClose { conn: usize },
+}
+
+/// Which local UDP socket a TURN server over UDP is spoken to from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Port {
+    /// The overlay's own socket (the usual case: one port through the NAT).
+    Shared,
+    /// A socket of its own was asked for and is not open yet.
+    Opening,
+    /// A socket of its own, bound to this address.
+    Own(SocketAddr),
 }
 
 /// A TCP connection to a TURN server, as far as the protocol is concerned:
@@ -204,6 +228,10 @@ struct Slot {
     channels: HashSet<SocketAddr>,
     /// Why the server refused our allocation (401 and friends).
     auth_error: Option<String>,
+    /// Where its UDP traffic leaves from: once moved to a socket of its
+    /// own, it stays there (the overlay port's 5-tuple still holds the
+    /// allocation the server would not release).
+    port: Port,
     /// A Refresh of our own in flight.
     refresh: Option<(Purpose, Refresh)>,
     /// When a check last started, and when we last released a leftover.
@@ -229,6 +257,7 @@ impl Slot {
             backoff: RETRY_MIN,
             channels: HashSet::new(),
             auth_error: None,
+            port: Port::Shared,
             refresh: None,
             checked: None,
             released: None,
@@ -268,12 +297,20 @@ impl Slot {
         self.requests.contains(&Some(tid))
     }
 
-    /// How this slot's control traffic leaves.
+    /// How this slot's traffic leaves.
     fn via(&self, idx: usize) -> Sock {
-        if self.tcp.is_some() {
-            Sock::Tcp(idx)
-        } else {
-            Sock::Udp
+        match self.port {
+            _ if self.tcp.is_some() => Sock::Tcp(idx),
+            Port::Shared => Sock::Udp,
+            Port::Opening | Port::Own(_) => Sock::UdpOwn(idx),
+        }
+    }
+
+    /// The local address its UDP client speaks from.
+    fn udp_local(&self, shared: SocketAddr) -> SocketAddr {
+        match self.port {
+            Port::Own(a) => a,
+            _ => shared,
         }
     }
 
@@ -419,6 +456,13 @@ impl Nat {
             .collect()
     }
 
+    /// Where the traffic of TURN server `idx` leaves from (for status and
+    /// tests): the overlay's socket, a TCP connection, or a UDP socket of
+    /// its own.
+    pub fn turn_sock(&self, idx: usize) -> Option<Sock> {
+        self.slots.get(idx).map(|s| s.via(idx))
+    }
+
     /// The next thing the caller must act on.
     pub fn poll_event(&mut self) -> Option<NatEvent> {
         self.events.pop_front()
@@ -439,6 +483,7 @@ impl Nat {
         for s in &self.slots {
             let t = match &s.state {
                 _ if s.refresh.is_some() => s.refresh.as_ref().map_or(wake, |r| r.1.deadline()),
+                _ if s.port == Port::Opening => s.started + SETUP_TIMEOUT,
                 _ if s.client.is_none() && s.tcp.is_none() => s.retry_at,
                 TurnState::Connecting | TurnState::Allocating => s.started + SETUP_TIMEOUT,
                 _ => continue,
@@ -499,14 +544,15 @@ impl Nat {
     /// killed (or a node that rebooted behind a NAT that kept its port).
     /// Over UDP it is released with the credentials it was made with, then
     /// we allocate again; a TCP connection is a new 5-tuple, so over TCP we
-    /// just connect again.
+    /// just connect again. A 437 that outlasts the release's grace (the
+    /// server says it released it but keeps it) moves the server to a UDP
+    /// socket of its own: a new 5-tuple too.
     fn mismatch(&mut self, now: Instant, idx: usize) {
         let s = &mut self.slots[idx];
         s.client = None;
         let server = s.conf.server;
-        let settling = s
-            .released
-            .is_some_and(|t| now.saturating_duration_since(t) < RELEASE_GRACE);
+        let since = s.released.map(|t| now.saturating_duration_since(t));
+        let settling = since.is_some_and(|d| d < RELEASE_GRACE);
         if s.tcp.is_some() || settling {
             let why = format!("{server} still holds an allocation for our address: retrying");
             self.fail(idx, now, why);
@@ -518,13 +564,21 @@ impl Nat {
             self.slots[idx].retry_at = now + pause;
             return;
         }
+        if let Some(d) = since {
+            let why = format!(
+                "{server} still holds an allocation for our address {}s after it said it \
+                 released it",
+                d.as_secs()
+            );
+            return self.fallback(now, idx, why);
+        }
         s.warn_once(format!(
             "{server} holds an allocation for our address that a previous agent left \
              (killed without deleting it): releasing it"
         ));
         let r = Refresh::new(now, &s.conf.username, &s.conf.password, 0, self.rng.gen());
         self.out
-            .push_back((Sock::Udp, server, r.request().to_vec()));
+            .push_back((s.via(idx), server, r.request().to_vec()));
         s.refresh = Some((Purpose::Release, r));
         s.started = now;
         s.state = TurnState::Allocating;
@@ -578,11 +632,65 @@ impl Nat {
             (Purpose::Release, Outcome::Failed(why)) => {
                 let why = format!(
                     "{server} holds an allocation for our address that a previous agent left, \
-                     and did not release it ({why}); relayed paths through it resume when it expires"
+                     and did not release it ({why})"
                 );
-                self.fail(idx, now, why);
+                self.fallback(now, idx, why);
             }
         }
+    }
+
+    /// The server of slot `idx` (over UDP) holds an allocation under our
+    /// 5-tuple that it will not release: its traffic moves to a UDP socket
+    /// of its own, on another local port (a new one, if it had one). The
+    /// overlay's socket is never used for it again: the leftover would
+    /// answer every Allocate from it with 437 until it expires.
+    fn fallback(&mut self, now: Instant, idx: usize, why: String) {
+        let s = &mut self.slots[idx];
+        s.warn_once(format!("{why}: moving to another local port"));
+        if s.port != Port::Shared {
+            self.events.push_back(NatEvent::UdpClose { conn: idx });
+        }
+        s.port = Port::Opening;
+        s.client = None;
+        s.refresh = None;
+        s.released = None;
+        s.channels.clear();
+        s.started = now;
+        s.state = TurnState::Connecting;
+        let to = s.conf.server;
+        self.events.push_back(NatEvent::UdpOpen { conn: idx, to });
+        self.changed();
+    }
+
+    /// The UDP socket of TURN server `conn` is open, bound to `local`: the
+    /// allocation starts over it at once.
+    pub fn udp_opened(&mut self, now: Instant, conn: usize, local: SocketAddr) {
+        let Some(s) = self.slots.get_mut(conn) else {
+            return;
+        };
+        if s.port != Port::Opening {
+            return;
+        }
+        tracing::info!(server = %s.conf.server, %local, "TURN: allocating from a port of its own");
+        s.port = Port::Own(local);
+        s.backoff = RETRY_MIN;
+        self.start(now, conn);
+        self.handle_timeout(now);
+    }
+
+    /// The UDP socket of TURN server `conn` could not be opened (or broke):
+    /// back to the overlay's socket after the usual pause; a 437 there asks
+    /// for another.
+    pub fn udp_closed(&mut self, now: Instant, conn: usize, why: &str) {
+        let Some(s) = self.slots.get_mut(conn) else {
+            return;
+        };
+        if s.port == Port::Shared {
+            return;
+        }
+        s.port = Port::Shared;
+        let server = s.conf.server;
+        self.fail(conn, now, format!("UDP socket for {server}: {why}"));
     }
 
     /// Gathers reflexive candidates again as soon as possible (an address
@@ -621,14 +729,22 @@ impl Nat {
         from: SocketAddr,
         data: &'a [u8],
     ) -> Datagram<'a> {
-        if self.stun_answer(now, from, data) {
+        self.handle_datagram_on(now, Sock::Udp, from, data)
+    }
+
+    /// A datagram from UDP socket `via`: the overlay's, or one of a TURN
+    /// server's own ([`Sock::UdpOwn`]).
+    pub fn handle_datagram_on<'a>(
+        &mut self,
+        now: Instant,
+        via: Sock,
+        from: SocketAddr,
+        data: &'a [u8],
+    ) -> Datagram<'a> {
+        if via == Sock::Udp && self.stun_answer(now, from, data) {
             return Datagram::Consumed;
         }
-        let Some(idx) = self
-            .slots
-            .iter()
-            .position(|s| s.conf.transport == TurnTransport::Udp && s.conf.server == from)
-        else {
+        let Some(idx) = self.slot_of(via, from) else {
             self.junk += 1;
             return Datagram::NotMine;
         };
@@ -636,8 +752,8 @@ impl Nat {
             return Datagram::Consumed;
         }
         let t = sio(self.base, now);
-        let local = self.local;
         let s = &mut self.slots[idx];
+        let local = s.udp_local(self.local);
         let Some(c) = s.client.as_mut() else {
             self.junk += 1;
             return Datagram::NotMine;
@@ -665,6 +781,23 @@ impl Nat {
         }
         self.process_events(now);
         got
+    }
+
+    /// The UDP slot whose traffic arrives on `via` from `from`: a server
+    /// that moved to a socket of its own is not heard on the overlay's (what
+    /// comes there is its leftover allocation's).
+    fn slot_of(&self, via: Sock, from: SocketAddr) -> Option<usize> {
+        let idx = match via {
+            Sock::Udp => self.slots.iter().position(|s| {
+                s.conf.transport == TurnTransport::Udp
+                    && s.port == Port::Shared
+                    && s.conf.server == from
+            })?,
+            Sock::UdpOwn(i) => i,
+            Sock::Tcp(_) => return None,
+        };
+        let s = self.slots.get(idx)?;
+        (s.conf.server == from && s.via(idx) == via).then_some(idx)
     }
 
     /// Control traffic of slot `idx` that is ours rather than its client's:
@@ -951,12 +1084,7 @@ impl Nat {
         // ChannelData on a stream is padded to 4 bytes (RFC 8656 12.5);
         // STUN messages are 4-aligned already.
         dst[len..].fill(0);
-        let via = if s.tcp.is_some() {
-            Sock::Tcp(usize::from(idx))
-        } else {
-            Sock::Udp
-        };
-        Some((via, s.conf.server, padded))
+        Some((s.via(usize::from(idx)), s.conf.server, padded))
     }
 
     /// The next control datagram or TCP frame to send. The data stays
@@ -1001,7 +1129,7 @@ fn refusal_hint(code: u16) -> &'static str {
         // The server keys allocations by our address and port: an agent
         // killed without deleting its allocation leaves one that refuses
         // the next (released in `Nat::mismatch` when the 437 answers our
-        // Allocate).
+        // Allocate, or left behind for another local port).
         437 => "it holds an allocation for our address and port that we did not make",
         486 => "its allocation quota for this user is used up",
         _ => "see the TURN server's log",
@@ -1097,6 +1225,16 @@ impl Nat {
             self.refresh_step(now, idx, step);
             return;
         }
+        if s.port == Port::Opening {
+            if now.saturating_duration_since(s.started) >= SETUP_TIMEOUT {
+                // Back to the shared socket: the next 437 asks again.
+                s.port = Port::Shared;
+                self.events.push_back(NatEvent::UdpClose { conn: idx });
+                let why = format!("no UDP socket of its own for {}", s.conf.server);
+                self.fail(idx, now, why);
+            }
+            return;
+        }
         if s.client.is_none() && s.tcp.is_none() {
             if now < s.retry_at {
                 return;
@@ -1121,6 +1259,7 @@ impl Nat {
     fn poll_client(&mut self, now: Instant, idx: usize) {
         let t = sio(self.base, now);
         let s = &mut self.slots[idx];
+        let (via, server) = (s.via(idx), s.conf.server);
         let Some(c) = s.client.as_mut() else {
             return;
         };
@@ -1138,12 +1277,6 @@ impl Nat {
             }
             _ => {}
         }
-        let via = if s.tcp.is_some() {
-            Sock::Tcp(idx)
-        } else {
-            Sock::Udp
-        };
-        let server = s.conf.server;
         let mut sent = Vec::new();
         while let Some(tr) = c.poll_transmit(t) {
             sent.push(tr.data.to_vec());
@@ -1155,8 +1288,8 @@ impl Nat {
     }
 
     fn start(&mut self, now: Instant, idx: usize) {
-        let local = self.local;
         let s = &mut self.slots[idx];
+        let local = s.udp_local(self.local);
         s.started = now;
         s.channels.clear();
         s.auth_error = None;
@@ -1219,6 +1352,7 @@ impl Nat {
                         s.backoff = RETRY_MIN;
                         s.auth_error = None;
                         s.logged = None;
+                        s.released = None;
                         s.channels.clear();
                         permit(c, &self.peer_ips, t);
                         created = true;

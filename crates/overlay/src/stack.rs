@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::engine::{Event, Io, Overlay, PeerInfo, MAX_DATAGRAM};
-use crate::nat::{Datagram, Nat, NatEvent, Transmit};
+use crate::nat::{Datagram, Nat, NatEvent, Sock, Transmit};
 use crate::offload::{Csum, VnetHdr};
 use crate::path::{Class, PathAddr, Via};
 use crate::wire::{self, Demux};
@@ -32,6 +32,12 @@ pub enum StackEvent {
     TcpConnect { conn: usize, to: SocketAddr },
     /// Close the TCP connection of TURN server `conn`.
     TcpClose { conn: usize },
+    /// Open a UDP socket on an ephemeral port for TURN server `conn` at
+    /// `to`; its datagrams come back through [`Stack::handle_datagram_on`]
+    /// with [`Sock::UdpOwn`]`(conn)`.
+    UdpOpen { conn: usize, to: SocketAddr },
+    /// Close the UDP socket of TURN server `conn`.
+    UdpClose { conn: usize },
     /// A peer came up or went down (for logs and tests).
     Peer(Event),
 }
@@ -127,9 +133,22 @@ impl Stack {
         d: &[u8],
         io: &mut dyn NetIo,
     ) {
+        self.handle_datagram_on(now, Sock::Udp, from, d, io);
+    }
+
+    /// A datagram from UDP socket `via`: the overlay's, or a TURN server's
+    /// own, which carries nothing but that server's traffic.
+    pub fn handle_datagram_on(
+        &mut self,
+        now: Instant,
+        via: Sock,
+        from: SocketAddr,
+        d: &[u8],
+        io: &mut dyn NetIo,
+    ) {
         match wire::demux(d) {
             Demux::Stun | Demux::ChannelData => {
-                let got = self.nat.handle_datagram(now, from, d);
+                let got = self.nat.handle_datagram_on(now, via, from, d);
                 if let Datagram::Relayed(p, inner) = got {
                     if wire::demux(inner) == Demux::Overlay {
                         let (ov, mut rio) = self.parts(now, io);
@@ -138,6 +157,7 @@ impl Stack {
                 }
                 self.pump(now, io);
             }
+            _ if via != Sock::Udp => self.nat.junk += 1,
             // Ours, or garbage the overlay counts as malformed.
             Demux::Overlay | Demux::Unknown => {
                 let (ov, mut rio) = self.parts(now, io);
@@ -179,6 +199,18 @@ impl Stack {
 
     pub fn tcp_closed(&mut self, now: Instant, conn: usize, why: &str, io: &mut dyn NetIo) {
         self.nat.tcp_closed(now, conn, why);
+        self.pump(now, io);
+    }
+
+    /// The UDP socket of TURN server `conn` is open, bound to `local`.
+    pub fn udp_opened(&mut self, now: Instant, conn: usize, local: SocketAddr, io: &mut dyn NetIo) {
+        self.nat.udp_opened(now, conn, local);
+        self.pump(now, io);
+    }
+
+    /// The UDP socket of TURN server `conn` could not be opened.
+    pub fn udp_closed(&mut self, now: Instant, conn: usize, why: &str, io: &mut dyn NetIo) {
+        self.nat.udp_closed(now, conn, why);
         self.pump(now, io);
     }
 
@@ -281,6 +313,10 @@ impl Stack {
                     self.events.push_back(StackEvent::TcpConnect { conn, to })
                 }
                 NatEvent::TcpClose { conn } => self.events.push_back(StackEvent::TcpClose { conn }),
+                NatEvent::UdpOpen { conn, to } => {
+                    self.events.push_back(StackEvent::UdpOpen { conn, to })
+                }
+                NatEvent::UdpClose { conn } => self.events.push_back(StackEvent::UdpClose { conn }),
             }
         }
         while let Some(t) = self.nat.poll_transmit() {

@@ -334,7 +334,7 @@ fn a_437_to_our_allocate_releases_the_leftover_with_a_signed_refresh_then_alloca
 }
 
 #[test]
-fn a_refused_release_is_reported_and_retried_later() {
+fn a_refused_release_asks_for_another_port_at_once() {
     let t0 = Instant::now();
     let mut n = nat(t0, "right");
     n.handle_timeout(t0);
@@ -356,13 +356,22 @@ fn a_refused_release_is_reported_and_retried_later() {
         server_addr(),
         &coturn_error(&signed, 441, "Wrong credentials", None),
     );
-    match &n.turn_states()[0].2 {
-        TurnState::Failed(why) => assert!(why.contains("did not release it (441"), "{why}"),
-        s => panic!("{s:?}"),
-    }
-    // Tried again after the usual pause.
-    n.handle_timeout(t0 + RETRY_MIN);
-    request_of(&sent(&mut n), ALLOCATE);
+    assert_eq!(n.turn_states()[0].2, TurnState::Connecting);
+    assert!(n.slots[0]
+        .logged
+        .as_deref()
+        .is_some_and(|l| l.contains("did not release it (441")));
+    let events: Vec<NatEvent> = std::iter::from_fn(|| n.poll_event()).collect();
+    assert!(
+        events.contains(&NatEvent::UdpOpen {
+            conn: 0,
+            to: server_addr()
+        }),
+        "{events:?}"
+    );
+    // Not retried on the overlay's socket.
+    n.handle_timeout(t0 + RETRY_MAX);
+    assert!(request_of_opt(&sent(&mut n), ALLOCATE).is_none());
 }
 
 #[test]
@@ -479,4 +488,375 @@ fn a_dead_relayed_path_asks_the_server_and_renews_only_when_it_forgot() {
     }
     n.handle_timeout(later);
     request_of(&sent(&mut n), ALLOCATE);
+}
+
+// --- A leftover the server will not release: another local port ---
+
+/// The address the server sees the NAT layer's own UDP socket for server
+/// 0 at, and the local address the caller bound it to.
+const ME_OWN: &str = "198.51.100.7:40001";
+const OWN_LOCAL: &str = "0.0.0.0:40001";
+
+/// Everything the NAT layer sent through one driver, in order.
+type Log = Vec<(Sock, Vec<u8>)>;
+
+/// An in-memory server reached from both of the NAT layer's UDP sockets,
+/// refusing releases as coturn does when the leftover was made under
+/// another username (441); the caller's part of the UDP sockets is played
+/// too (a UdpOpen is answered with OWN_LOCAL).
+struct Refusing {
+    srv: Server,
+    next_relay: u16,
+    log: Log,
+    opened: u32,
+}
+
+fn public_of(via: Sock) -> SocketAddr {
+    match via {
+        Sock::UdpOwn(0) => ME_OWN.parse().unwrap(),
+        Sock::Udp => ME.parse().unwrap(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn sock_of(to: SocketAddr) -> Sock {
+    if to == ME_OWN.parse().unwrap() {
+        Sock::UdpOwn(0)
+    } else {
+        Sock::Udp
+    }
+}
+
+fn is_signed_release(d: &[u8]) -> bool {
+    Message::from_bytes(d).is_ok_and(|m| {
+        m.has_class(MessageClass::Request)
+            && m.has_method(REFRESH)
+            && m.attribute::<Lifetime>().is_ok_and(|l| l.seconds() == 0)
+            && m.attribute::<MessageIntegrity>().is_ok()
+    })
+}
+
+impl Refusing {
+    fn new() -> Refusing {
+        Refusing {
+            srv: server(),
+            next_relay: 49152,
+            log: Vec::new(),
+            opened: 0,
+        }
+    }
+
+    /// Hands one datagram from `from` to the server; its answers, by the
+    /// client address they go to.
+    fn serve(
+        &mut self,
+        t0: Instant,
+        now: Instant,
+        from: SocketAddr,
+        to: SocketAddr,
+        d: &[u8],
+    ) -> Vec<(SocketAddr, Vec<u8>)> {
+        let st = sio(t0, now);
+        let mut answers = Vec::new();
+        if is_signed_release(d) {
+            answers.push((from, coturn_error(d, 441, "Wrong credentials", None)));
+            return answers;
+        }
+        let tr = TurnTransmit::new(d, TransportType::Udp, from, to);
+        if let Some(out) = self.srv.recv(tr, st) {
+            let a = out.data.build();
+            let dest = if out.to == server_addr() {
+                from
+            } else {
+                out.to
+            };
+            answers.push((dest, crate::sim::rfc_401(&a).unwrap_or(a)));
+        }
+        while let TurnServerPollRet::AllocateSocket {
+            transport,
+            listen_addr,
+            client_addr,
+            allocation_transport,
+            family,
+        } = self.srv.poll(st)
+        {
+            let relay = SocketAddr::new(server_addr().ip(), self.next_relay);
+            self.next_relay += 1;
+            self.srv.allocated_socket(
+                transport,
+                listen_addr,
+                client_addr,
+                allocation_transport,
+                family,
+                Ok(relay),
+                st,
+            );
+        }
+        while let Some(t) = self.srv.poll_transmit(st) {
+            answers.push((t.to, t.data));
+        }
+        answers
+    }
+
+    /// 600 ms rounds from `t0 + start` for `rounds` rounds: what the NAT
+    /// layer sends goes to the server from the address of the socket it
+    /// left by, answers come back on the socket they are addressed to.
+    fn rounds(&mut self, n: &mut Nat, t0: Instant, start: u64, rounds: u64) -> Instant {
+        let mut now = t0;
+        for round in start..start + rounds {
+            now = t0 + Duration::from_millis(600 * round);
+            n.handle_timeout(now);
+            self.pump(n, t0, now);
+        }
+        now
+    }
+
+    fn pump(&mut self, n: &mut Nat, t0: Instant, now: Instant) {
+        for _ in 0..20 {
+            while let Some(e) = n.poll_event() {
+                if let NatEvent::UdpOpen { conn: 0, to } = e {
+                    assert_eq!(to, server_addr());
+                    self.opened += 1;
+                    n.udp_opened(now, 0, OWN_LOCAL.parse().unwrap());
+                }
+            }
+            let out = sent(n);
+            if out.is_empty() {
+                return;
+            }
+            for (via, d) in out {
+                self.log.push((via, d.clone()));
+                let from = public_of(via);
+                for (to, a) in self.serve(t0, now, from, server_addr(), &d) {
+                    if to.ip() == from.ip() {
+                        let _ = n.handle_datagram_on(now, sock_of(to), server_addr(), &a);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether `d` is TURN traffic: anything but a STUN Binding.
+fn is_turn(d: &[u8]) -> bool {
+    wire::demux(d) == Demux::ChannelData
+        || Message::from_bytes(d).is_ok_and(|m| !m.has_method(BINDING))
+}
+
+#[test]
+fn a_refused_release_moves_the_server_to_a_port_of_its_own_and_relays_through_it() {
+    let t0 = Instant::now();
+    let peer: SocketAddr = "203.0.113.50:5800".parse().unwrap();
+    let mut wire = Refusing::new();
+    // A killed agent's allocation, under our overlay port.
+    let mut old = nat(t0, "right");
+    wire.rounds(&mut old, t0, 0, 6);
+    assert!(matches!(old.turn_states()[0].2, TurnState::Ready(_)));
+    drop(old);
+    wire.log.clear();
+    // The new agent: 437, a release the server refuses, another port.
+    let mut n = nat(t0, "right");
+    n.set_peer_ips(t0, [peer.ip()].into_iter().collect());
+    let now = wire.rounds(&mut n, t0, 10, 8);
+    let relayed = match n.turn_states()[0].2 {
+        TurnState::Ready(a) => a,
+        ref s => panic!("{s:?}"),
+    };
+    assert_eq!(wire.opened, 1, "one socket asked for");
+    assert_eq!(n.turn_sock(0), Some(Sock::UdpOwn(0)));
+    let refused = wire
+        .log
+        .iter()
+        .position(|(_, d)| is_signed_release(d))
+        .expect("a signed release was tried first");
+    assert!(wire.log[..refused].iter().all(|(v, _)| *v == Sock::Udp));
+    // Nothing of TURN on the overlay's socket after the refusal.
+    let after = &wire.log[refused + 1..];
+    assert!(
+        after
+            .iter()
+            .all(|(v, d)| *v == Sock::UdpOwn(0) || !is_turn(d)),
+        "{after:?}"
+    );
+    assert!(after.iter().any(|(v, d)| *v == Sock::UdpOwn(0)
+        && Message::from_bytes(d).is_ok_and(|m| m.has_method(ALLOCATE))));
+    // Out: a peer datagram leaves through the port of its own and the
+    // server passes it on from our relayed address.
+    let mut out = [0u8; 256];
+    let (via, to, len) = n
+        .relay(now, 0, peer, b"\x84\0\0\0payload", &mut out)
+        .unwrap();
+    assert_eq!((via, to), (Sock::UdpOwn(0), server_addr()));
+    let fwd = wire.serve(t0, now, ME_OWN.parse().unwrap(), server_addr(), &out[..len]);
+    assert!(
+        fwd.iter()
+            .any(|(to, d)| *to == peer && d.ends_with(b"payload")),
+        "{fwd:?}"
+    );
+    // In: the peer's datagram to our relayed address arrives on that
+    // socket and is handed up; on the overlay's socket it is not ours.
+    let back = wire.serve(t0, now, peer, relayed, b"\x84\0\0\0reply");
+    let [(to, back)] = &back[..] else {
+        panic!("{back:?}")
+    };
+    assert_eq!(*to, ME_OWN.parse::<SocketAddr>().unwrap());
+    let junk = n.junk;
+    assert_eq!(
+        n.handle_datagram_on(now, Sock::Udp, server_addr(), back),
+        Datagram::NotMine
+    );
+    assert_eq!(n.junk, junk + 1);
+    match n.handle_datagram_on(now, Sock::UdpOwn(0), server_addr(), back) {
+        Datagram::Relayed(p, inner) => {
+            assert_eq!(p.via, Via::Turn(0));
+            assert_eq!(p.remote, peer);
+            assert_eq!(inner, b"\x84\0\0\0reply");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A check of the allocation goes the same way.
+    n.renew(now, 0);
+    let check = sent(&mut n);
+    assert!(!check.is_empty());
+    assert!(check.iter().all(|(v, _)| *v == Sock::UdpOwn(0)));
+}
+
+#[test]
+fn a_437_that_outlasts_the_release_moves_to_another_port_and_a_second_refusal_to_a_third() {
+    let t0 = Instant::now();
+    let mut n = nat(t0, "right");
+    let alloc_437 = |n: &mut Nat, now: Instant, via: Sock| {
+        n.handle_timeout(now);
+        let out = sent(n);
+        assert!(out.iter().all(|(v, _)| *v == via), "{out:?}");
+        let alloc = request_of(&out, ALLOCATE);
+        let m = coturn_error(
+            &alloc,
+            437,
+            "Mismatched allocation: wrong transaction ID",
+            None,
+        );
+        let _ = n.handle_datagram_on(now, via, server_addr(), &m);
+        sent(n)
+    };
+    // The server takes the release, and keeps the allocation.
+    let first = request_of(&alloc_437(&mut n, t0, Sock::Udp), REFRESH);
+    let challenge = coturn_error(&first, 401, "Unauthorized", Some(("evio.test", "aa")));
+    let _ = n.handle_datagram(t0, server_addr(), &challenge);
+    let signed = request_of(&sent(&mut n), REFRESH);
+    let _ = n.handle_datagram(t0, server_addr(), &coturn_refresh_ok(&signed, 0));
+    // 437s within the grace: waited for, on the same socket.
+    let mut now = t0;
+    while now + RELEASE_SETTLE < t0 + RELEASE_GRACE {
+        now += RELEASE_SETTLE;
+        let out = alloc_437(&mut n, now, Sock::Udp);
+        assert!(request_of_opt(&out, REFRESH).is_none(), "no second release");
+        assert!(
+            std::iter::from_fn(|| n.poll_event()).all(|e| !matches!(e, NatEvent::UdpOpen { .. }))
+        );
+        assert_eq!(n.turn_sock(0), Some(Sock::Udp));
+    }
+    // Past it: another port.
+    now += RELEASE_SETTLE;
+    let out = alloc_437(&mut n, now, Sock::Udp);
+    assert!(request_of_opt(&out, REFRESH).is_none(), "no second release");
+    let events: Vec<NatEvent> = std::iter::from_fn(|| n.poll_event()).collect();
+    assert!(
+        events.contains(&NatEvent::UdpOpen {
+            conn: 0,
+            to: server_addr()
+        }),
+        "{events:?}"
+    );
+    assert_eq!(n.turn_sock(0), Some(Sock::UdpOwn(0)));
+    // Nothing leaves before the socket is there; it times out if never.
+    n.handle_timeout(now + Duration::from_millis(100));
+    assert!(sent(&mut n).is_empty());
+    n.udp_opened(now, 0, OWN_LOCAL.parse().unwrap());
+    // The same on the new port, refused this time: a third port, the
+    // second closed.
+    let out = sent(&mut n);
+    let alloc = request_of(&out, ALLOCATE);
+    assert!(out.iter().all(|(v, _)| *v == Sock::UdpOwn(0)));
+    let m = coturn_error(
+        &alloc,
+        437,
+        "Mismatched allocation: wrong transaction ID",
+        None,
+    );
+    assert_eq!(
+        n.handle_datagram(now, server_addr(), &m),
+        Datagram::NotMine,
+        "not heard on the overlay's socket"
+    );
+    let _ = n.handle_datagram_on(now, Sock::UdpOwn(0), server_addr(), &m);
+    let out = sent(&mut n);
+    let first = request_of(&out, REFRESH);
+    assert!(out.iter().all(|(v, _)| *v == Sock::UdpOwn(0)));
+    let challenge = coturn_error(&first, 401, "Unauthorized", Some(("evio.test", "bb")));
+    let _ = n.handle_datagram_on(now, Sock::UdpOwn(0), server_addr(), &challenge);
+    let signed = request_of(&sent(&mut n), REFRESH);
+    let refusal = coturn_error(&signed, 441, "Wrong credentials", None);
+    let _ = n.handle_datagram_on(now, Sock::UdpOwn(0), server_addr(), &refusal);
+    let events: Vec<NatEvent> = std::iter::from_fn(|| n.poll_event()).collect();
+    let close = events
+        .iter()
+        .position(|e| *e == NatEvent::UdpClose { conn: 0 });
+    let open = events
+        .iter()
+        .position(|e| matches!(e, NatEvent::UdpOpen { conn: 0, .. }));
+    assert!(close.is_some() && close < open, "{events:?}");
+    // A socket that cannot be opened: back to the overlay's, after a pause.
+    n.udp_closed(now, 0, "EMFILE");
+    assert_eq!(n.turn_sock(0), Some(Sock::Udp));
+    assert!(matches!(&n.turn_states()[0].2, TurnState::Failed(w) if w.contains("EMFILE")));
+    n.handle_timeout(now + RETRY_MAX);
+    let out = sent(&mut n);
+    request_of(&out, ALLOCATE);
+    assert!(out.iter().all(|(v, _)| *v == Sock::Udp));
+}
+
+#[test]
+fn a_release_nobody_answers_moves_to_another_port_and_a_socket_never_opened_times_out() {
+    let t0 = Instant::now();
+    let mut n = nat(t0, "right");
+    n.handle_timeout(t0);
+    let alloc = request_of(&sent(&mut n), ALLOCATE);
+    let m = coturn_error(
+        &alloc,
+        437,
+        "Mismatched allocation: wrong transaction ID",
+        None,
+    );
+    let _ = n.handle_datagram(t0, server_addr(), &m);
+    request_of(&sent(&mut n), REFRESH);
+    // Silence: three sends over 3 s, then another port.
+    let mut now = t0;
+    while n.turn_sock(0) == Some(Sock::Udp) {
+        now = n.poll_timeout();
+        assert!(now < t0 + SETUP_TIMEOUT, "still on the overlay's socket");
+        n.handle_timeout(now);
+        let _ = sent(&mut n);
+    }
+    let events: Vec<NatEvent> = std::iter::from_fn(|| n.poll_event()).collect();
+    assert!(
+        events.contains(&NatEvent::UdpOpen {
+            conn: 0,
+            to: server_addr()
+        }),
+        "{events:?}"
+    );
+    // The caller never answers: given up after the set-up timeout, the
+    // socket closed, and the next try is on the overlay's socket.
+    assert!(n.poll_timeout() <= now + SETUP_TIMEOUT);
+    n.handle_timeout(now + SETUP_TIMEOUT);
+    let events: Vec<NatEvent> = std::iter::from_fn(|| n.poll_event()).collect();
+    assert!(
+        events.contains(&NatEvent::UdpClose { conn: 0 }),
+        "{events:?}"
+    );
+    assert_eq!(n.turn_sock(0), Some(Sock::Udp));
+    // A late answer to the open is ignored.
+    n.udp_opened(now + SETUP_TIMEOUT, 0, OWN_LOCAL.parse().unwrap());
+    assert_eq!(n.turn_sock(0), Some(Sock::Udp));
 }

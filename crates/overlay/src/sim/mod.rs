@@ -186,11 +186,12 @@ struct Site {
     router: Router,
 }
 
-/// The NetIo of a simulated node: what it sent and delivered.
+/// The NetIo of a simulated node: what it sent (from which of its UDP
+/// sockets) and delivered.
 #[derive(Default)]
 struct SimIo {
     slot: Vec<u8>,
-    out: Vec<(SocketAddr, Vec<u8>)>,
+    out: Vec<(Sock, SocketAddr, Vec<u8>)>,
     pods: u64,
 }
 
@@ -203,7 +204,8 @@ impl Io for SimIo {
     }
 
     fn commit(&mut self, to: PathAddr, len: usize) {
-        self.out.push((to.remote, self.slot[..len].to_vec()));
+        self.out
+            .push((Sock::Udp, to.remote, self.slot[..len].to_vec()));
     }
 
     fn pod(&mut self, _frame: &mut [u8], _csum: Csum) {
@@ -215,8 +217,8 @@ impl Io for SimIo {
 
 impl NetIo for SimIo {
     fn transmit(&mut self, t: Transmit<'_>) {
-        if t.via == Sock::Udp {
-            self.out.push((t.to, t.data.to_vec()));
+        if matches!(t.via, Sock::Udp | Sock::UdpOwn(_)) {
+            self.out.push((t.via, t.to, t.data.to_vec()));
         }
     }
 }
@@ -229,6 +231,40 @@ pub struct SimNode {
     pub info: PeerInfo,
     /// Its private key (kept across a restart, as the agent's key file).
     private: crate::crypto::Key,
+    /// UDP sockets of their own that TURN servers were given: (server
+    /// index, local address), and the next ephemeral port.
+    own: Vec<(usize, SocketAddr)>,
+    next_port: u16,
+    /// TURN traffic (anything but a STUN Binding) sent to the TURN server
+    /// from the overlay's socket, and how much of it there was when the
+    /// node last opened a socket of its own.
+    pub turn_on_shared: u64,
+    pub turn_on_shared_at_move: Option<u64>,
+}
+
+/// The first ephemeral port a node's extra sockets get.
+const EPHEMERAL: u16 = 40_000;
+
+impl SimNode {
+    /// The local address of its socket `via`, if open.
+    fn sock_addr(&self, via: Sock) -> Option<SocketAddr> {
+        match via {
+            Sock::Udp => Some(self.lan),
+            Sock::UdpOwn(c) => self.own.iter().find(|o| o.0 == c).map(|o| o.1),
+            Sock::Tcp(_) => None,
+        }
+    }
+
+    /// Its socket bound to `addr`, if any.
+    fn sock_at(&self, addr: SocketAddr) -> Option<Sock> {
+        if addr == self.lan {
+            return Some(Sock::Udp);
+        }
+        self.own
+            .iter()
+            .find(|o| o.1 == addr)
+            .map(|o| Sock::UdpOwn(o.0))
+    }
 }
 
 /// A datagram in flight to `to` (a public or LAN address), sent by node
@@ -253,6 +289,20 @@ struct Relay {
     /// Allocations as coturn keys them: client 5-tuple -> the transaction
     /// that made it and when it ends.
     allocations: BTreeMap<SocketAddr, (TransactionId, Instant)>,
+    release: Release,
+}
+
+/// What the TURN server does with a signed Refresh of lifetime 0 (a
+/// release) when it answers as coturn does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Deletes the allocation a second later (coturn).
+    Deletes,
+    /// Refuses it (441, as coturn does when the allocation was made under
+    /// another username): the leftover stays.
+    Refuses,
+    /// Says it deleted it, and keeps answering 437 for its 5-tuple.
+    Keeps,
 }
 
 impl Relay {
@@ -267,7 +317,33 @@ impl Relay {
             wake: now,
             coturn,
             allocations: BTreeMap::new(),
+            release: Release::Deletes,
         }
+    }
+
+    /// A signed Refresh of lifetime 0, when this server refuses those:
+    /// its 441 (unsigned, as coturn's errors are).
+    fn refused_release(&self, data: &[u8]) -> Option<Vec<u8>> {
+        use stun_proto::types::attribute::MessageIntegrity;
+        if !self.coturn || self.release != Release::Refuses {
+            return None;
+        }
+        let msg = Message::from_bytes(data).ok()?;
+        let release = msg.has_class(MessageClass::Request)
+            && msg.has_method(REFRESH)
+            && msg.attribute::<Lifetime>().is_ok_and(|l| l.seconds() == 0)
+            && msg.attribute::<MessageIntegrity>().is_ok();
+        if !release {
+            return None;
+        }
+        let mut m = Message::builder_error(&msg, MessageWriteVec::new());
+        let code = ErrorCode::builder(441)
+            .reason("Wrong credentials")
+            .build()
+            .ok()?;
+        m.add_attribute(&code).ok()?;
+        m.add_fingerprint().ok()?;
+        Some(m.finish())
     }
 
     /// coturn answers an Allocate from a 5-tuple that holds an allocation
@@ -314,7 +390,7 @@ impl Relay {
         let ends = now + Duration::from_secs(u64::from(secs.max(1)));
         if msg.has_method(ALLOCATE) {
             self.allocations.insert(to, (msg.transaction_id(), ends));
-        } else if msg.has_method(REFRESH) {
+        } else if msg.has_method(REFRESH) && !(secs == 0 && self.release == Release::Keeps) {
             if let Some(a) = self.allocations.get_mut(&to) {
                 a.1 = ends;
             }
@@ -450,6 +526,10 @@ impl Sim {
             lan,
             info,
             private,
+            own: Vec::new(),
+            next_port: EPHEMERAL,
+            turn_on_shared: 0,
+            turn_on_shared_at_move: None,
         }
     }
 
@@ -571,21 +651,43 @@ impl Sim {
         }
     }
 
-    /// What node `i` sent and asked for after it ran.
+    /// What node `i` sent and asked for after it ran (opening a socket
+    /// makes it run again).
     fn after(&mut self, i: usize) {
-        let out = std::mem::take(&mut self.nodes[i].io.out);
-        for (to, data) in out {
-            self.send_from_node(i, to, data);
-        }
-        while let Some(e) = self.nodes[i].stack.poll_event() {
-            if let StackEvent::Candidates(c) = e {
-                self.nodes[i].info.candidates = c
-                    .into_iter()
-                    .map(|(addr, class)| Candidate { addr, class })
-                    .collect();
-                self.store_due.get_or_insert(self.now + STORE_DELAY);
+        loop {
+            let out = std::mem::take(&mut self.nodes[i].io.out);
+            for (via, to, data) in out {
+                self.send_from_node(i, via, to, data);
+            }
+            let Some(e) = self.nodes[i].stack.poll_event() else {
+                return;
+            };
+            match e {
+                StackEvent::Candidates(c) => {
+                    self.nodes[i].info.candidates = c
+                        .into_iter()
+                        .map(|(addr, class)| Candidate { addr, class })
+                        .collect();
+                    self.store_due.get_or_insert(self.now + STORE_DELAY);
+                }
+                StackEvent::UdpOpen { conn, .. } => self.open_udp(i, conn),
+                StackEvent::UdpClose { conn } => self.nodes[i].own.retain(|o| o.0 != conn),
+                _ => {}
             }
         }
+    }
+
+    /// Node `i` binds a UDP socket on its next ephemeral port for TURN
+    /// server `conn`.
+    fn open_udp(&mut self, i: usize, conn: usize) {
+        let now = self.now;
+        let n = &mut self.nodes[i];
+        let local = SocketAddr::new(n.lan.ip(), n.next_port);
+        n.next_port += 1;
+        n.turn_on_shared_at_move = Some(n.turn_on_shared);
+        n.own.retain(|o| o.0 != conn);
+        n.own.push((conn, local));
+        n.stack.udp_opened(now, conn, local, &mut n.io);
     }
 
     /// The store tells every node the current peer set.
@@ -604,8 +706,14 @@ impl Sim {
         self.queue.push(Reverse((at, self.seq)));
     }
 
-    fn send_from_node(&mut self, i: usize, to: SocketAddr, data: Vec<u8>) {
-        let (site, lan) = (self.nodes[i].site, self.nodes[i].lan);
+    fn send_from_node(&mut self, i: usize, via: Sock, to: SocketAddr, data: Vec<u8>) {
+        let site = self.nodes[i].site;
+        let Some(lan) = self.nodes[i].sock_addr(via) else {
+            return;
+        };
+        if via == Sock::Udp && to == turn_addr() && !is_binding(&data) {
+            self.nodes[i].turn_on_shared += 1;
+        }
         let same_lan = self.nodes.iter().any(|n| {
             n.lan == to && n.site == site && self.sites[site].spec.kind != NatKind::Public
         });
@@ -641,7 +749,7 @@ impl Sim {
             return self.turn_recv(f);
         }
         // A LAN delivery, a public node, or a router's public address.
-        if let Some(n) = self.nodes.iter().position(|n| n.lan == f.to) {
+        if let Some(n) = self.nodes.iter().position(|n| n.sock_at(f.to).is_some()) {
             let site = self.nodes[n].site;
             let public = self.sites[site].router.kind == NatKind::Public;
             let same_site = f.sender.is_some_and(|s| self.nodes[s].site == site);
@@ -685,7 +793,7 @@ impl Sim {
         if let Some(n) = self
             .nodes
             .iter()
-            .position(|n| n.lan == lan && n.site == site)
+            .position(|n| n.sock_at(lan).is_some() && n.site == site)
         {
             self.deliver(n, Flight { to: lan, ..f });
         }
@@ -697,12 +805,15 @@ impl Sim {
                 return;
             }
         }
+        let Some(via) = self.nodes[n].sock_at(f.to) else {
+            return;
+        };
         (self.elapsed(), f.from, f.to, f.data.len()).hash(&mut self.trace);
         self.deliveries += 1;
         let now = self.now;
         let node = &mut self.nodes[n];
         node.stack
-            .handle_datagram(now, f.from, &f.data, &mut node.io);
+            .handle_datagram_on(now, via, f.from, &f.data, &mut node.io);
         self.after(n);
     }
 }
@@ -715,7 +826,8 @@ impl Sim {
         (self.elapsed(), f.from, f.to, f.data.len()).hash(&mut self.trace);
         let t = sio(self.start, self.now);
         if f.to == turn_addr() {
-            if let Some(reply) = self.turn.coturn_mismatch(self.now, f.from, &f.data) {
+            let coturn = self.turn.coturn_mismatch(self.now, f.from, &f.data);
+            if let Some(reply) = coturn.or_else(|| self.turn.refused_release(&f.data)) {
                 return self.send_from_internet(turn_addr(), f.from, reply);
             }
         }
@@ -845,6 +957,9 @@ impl Sim {
         let node = &mut self.nodes[n];
         node.stack = stack;
         node.io = SimIo::default();
+        // Its sockets died with it.
+        node.own.clear();
+        node.turn_on_shared_at_move = None;
         node.info.candidates.clear();
         let lan = node.lan;
         node.stack.set_local_candidates(now, vec![lan]);
@@ -856,6 +971,11 @@ impl Sim {
     /// turn-server-proto does: see [`Relay::coturn_mismatch`].
     pub fn turn_like_coturn(&mut self, on: bool) {
         self.turn.coturn = on;
+    }
+
+    /// What the TURN server (answering as coturn) does with a release.
+    pub fn turn_release(&mut self, release: Release) {
+        self.turn.release = release;
     }
 
     /// Node `n`'s TURN allocation state.
@@ -872,9 +992,10 @@ impl Sim {
     /// allocation, as a restarted coturn has).
     pub fn turn_up(&mut self, up: bool) {
         if up && !self.turn.up {
-            let next_port = self.turn.next_port;
+            let (next_port, release) = (self.turn.next_port, self.turn.release);
             self.turn = Relay::new(self.now, self.turn.coturn);
             self.turn.next_port = next_port;
+            self.turn.release = release;
         }
         self.turn.up = up;
     }
@@ -918,6 +1039,11 @@ impl Sim {
     pub fn kind_of(&self, n: usize) -> NatKind {
         self.sites[self.nodes[n].site].router.kind
     }
+}
+
+/// Whether `data` is a STUN Binding (reflexive addresses: not TURN).
+fn is_binding(data: &[u8]) -> bool {
+    Message::from_bytes(data).is_ok_and(|m| m.has_method(stun_proto::types::message::BINDING))
 }
 
 /// Seeds for a test: `EVIO_SIM_SEED` replays one, else `0..count`.

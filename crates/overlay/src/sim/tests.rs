@@ -340,3 +340,60 @@ fn relayed_pairs_come_back_after_two_turn_restarts_in_a_row() {
         Ok(format!("relayed again after {took:?}"))
     });
 }
+
+/// Issue 21, the fallback: the TURN server will not let the leftover go
+/// (`release`: it refuses the signed Refresh of lifetime 0, or says yes
+/// and keeps answering 437). The new agent moves that server to a UDP
+/// socket of its own on another port and is relayed again; from the move
+/// on, the overlay's socket carries no TURN traffic to it (STUN Bindings
+/// for our reflexive address still go). Killed again, the next agent does
+/// the same (both leftovers stay).
+fn unreleased_leftover(seed: u64, release: Release, limit: Duration) -> Result<String, String> {
+    let mut sim = relayed_sim(seed)?;
+    sim.turn_like_coturn(true);
+    sim.turn_release(release);
+    let mut took = Vec::new();
+    for round in 0..2 {
+        sim.restart_node(0);
+        let t0 = sim.elapsed();
+        let what = format!(
+            "relayed again from another port after SIGKILL {}",
+            round + 1
+        );
+        let t = within(&mut sim, &what, limit, relayed_again(0))
+            .map_err(|e| format!("{e}\nturn: {:?}", sim.nodes[0].stack.nat.turn_states()))?;
+        if sim.nodes[0].stack.nat.turn_sock(0) != Some(Sock::UdpOwn(0)) {
+            return Err(format!("{what}: {:?}", sim.nodes[0].stack.nat.turn_sock(0)));
+        }
+        // Traffic both ways with each peer, within the limit of the
+        // restart (a peer notices its path into the old allocation died).
+        for (a, b) in [(1, 0), (0, 1), (2, 0), (0, 2)] {
+            let left = (t0 + limit).saturating_sub(sim.elapsed());
+            ping(&mut sim, a, b, &what, left)?;
+        }
+        took.push((t, sim.elapsed() - t0));
+        for _ in 0..4 {
+            ping(&mut sim, 0, 1, &what, Duration::from_secs(2))?;
+            ping(&mut sim, 2, 0, &what, Duration::from_secs(2))?;
+            sim.run(Duration::from_secs(3));
+        }
+        let n = &sim.nodes[0];
+        if n.turn_on_shared_at_move != Some(n.turn_on_shared) {
+            return Err(format!(
+                "{what}: TURN traffic on the overlay's socket after the move: {:?} then {}",
+                n.turn_on_shared_at_move, n.turn_on_shared
+            ));
+        }
+    }
+    Ok(format!("(allocated, every pair pinged) after {took:?}"))
+}
+
+#[test]
+fn a_leftover_the_server_will_not_release_is_left_for_another_local_port() {
+    each_seed(|seed| unreleased_leftover(seed, Release::Refuses, Duration::from_secs(10)));
+}
+
+#[test]
+fn a_leftover_that_outlasts_its_release_is_left_for_another_local_port() {
+    each_seed(|seed| unreleased_leftover(seed, Release::Keeps, Duration::from_secs(10)));
+}

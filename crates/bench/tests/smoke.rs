@@ -174,6 +174,7 @@ fn quick_services_run_succeeds_and_cleans_up() {
         "| Linux bridge, same node | pod → pod, Services path off (before) |",
         "| OVS netdev, two nodes | pod → pod, Services path off (before) |",
         "| pod → ClusterIP → pod |",
+        "| pod → pod, the pair also uses the ClusterIP |",
     ] {
         assert!(r.stdout.contains(needle), "no {needle:?} in\n{}", r.stdout);
     }

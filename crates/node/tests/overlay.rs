@@ -1301,7 +1301,7 @@ fn long_lived_connection_survives(c: &mut Cluster, bridge: BridgeType, client: &
             let out = n0.ovs.as_ref().unwrap().ofctl(&[
                 "del-flows",
                 &n0.bridge,
-                "cookie=0x6576696f00000001/-1",
+                "cookie=0x6576696f00000002/-1",
             ]);
             assert!(out.status.success());
         }

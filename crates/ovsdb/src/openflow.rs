@@ -52,7 +52,11 @@ pub const OFPP_NORMAL: u32 = 0xffff_fffa;
 const OFPXMC_OPENFLOW_BASIC: u16 = 0x8000;
 const NXM_1: u16 = 0x0001;
 const NX_VENDOR_ID: u32 = 0x0000_2320;
+const NXAST_RESUBMIT_TABLE: u16 = 14;
+const NXAST_LEARN: u16 = 16;
 const NXAST_CT: u16 = 35;
+/// `in_port` of a resubmit that keeps the packet's own.
+const OFPP_IN_PORT: u16 = 0xfff8;
 const NX_CT_F_COMMIT: u16 = 1;
 const NX_CT_RECIRC_NONE: u8 = 0xff;
 const OFPAT_OUTPUT: u16 = 0;
@@ -76,6 +80,8 @@ pub enum Field {
     CtState(u32, u32),
     /// `ct_mark` value and mask.
     CtMark(u32, u32),
+    /// Nicira register `n` (0..16), exact.
+    Reg(u8, u32),
     InPort(u32),
     EthDst([u8; 6]),
     EthType(u16),
@@ -93,6 +99,7 @@ impl Field {
             Field::EthType(_) => (OFPXMC_OPENFLOW_BASIC, 5, 2, false),
             Field::CtState(_, m) => (NXM_1, 105, 4, m != u32::MAX),
             Field::CtMark(_, m) => (NXM_1, 107, 4, m != u32::MAX),
+            Field::Reg(n, _) => (NXM_1, n, 4, false),
         };
         let len = if mask { len * 2 } else { len };
         oxm_header(class, field, mask, len)
@@ -101,7 +108,7 @@ impl Field {
     fn put(self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.header().to_be_bytes());
         match self {
-            Field::InPort(p) => out.extend_from_slice(&p.to_be_bytes()),
+            Field::InPort(p) | Field::Reg(_, p) => out.extend_from_slice(&p.to_be_bytes()),
             Field::EthDst(m) => out.extend_from_slice(&m),
             Field::EthType(t) => out.extend_from_slice(&t.to_be_bytes()),
             Field::CtState(v, m) | Field::CtMark(v, m) => {
@@ -118,11 +125,110 @@ fn oxm_header(class: u16, field: u8, hasmask: bool, len: u8) -> u32 {
     (u32::from(class) << 16) | (u32::from(field) << 9) | (u32::from(hasmask) << 8) | u32::from(len)
 }
 
-/// An action of an apply-actions instruction.
+/// A field as a `learn` action names it: by its NXM header (OVS encodes
+/// learn specs with NXM headers whatever the OpenFlow version).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NxmField {
+    EthType,
+    Ipv4Src,
+    Ipv4Dst,
+    Ipv6Src,
+    Ipv6Dst,
+    /// Nicira register `n`.
+    Reg(u8),
+}
+
+impl NxmField {
+    fn header(self) -> u32 {
+        let (class, field, len) = match self {
+            NxmField::EthType => (0, 3, 2),
+            NxmField::Ipv4Src => (0, 7, 4),
+            NxmField::Ipv4Dst => (0, 8, 4),
+            NxmField::Ipv6Src => (NXM_1, 19, 16),
+            NxmField::Ipv6Dst => (NXM_1, 20, 16),
+            NxmField::Reg(n) => (NXM_1, n, 4),
+        };
+        oxm_header(class, field, false, len)
+    }
+
+    fn bits(self) -> u16 {
+        match self {
+            NxmField::EthType => 16,
+            NxmField::Ipv4Src | NxmField::Ipv4Dst | NxmField::Reg(_) => 32,
+            NxmField::Ipv6Src | NxmField::Ipv6Dst => 128,
+        }
+    }
+}
+
+/// One spec of a `learn` action: what the learned flow matches or does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LearnSpec {
+    /// Match `dst` against this packet's value of `src` (whole fields).
+    MatchField { dst: NxmField, src: NxmField },
+    /// Match `dst` (whole field) against `value`.
+    MatchValue { dst: NxmField, value: u64 },
+    /// Load `value` into the whole of `dst`.
+    Load { dst: NxmField, value: u64 },
+}
+
+impl LearnSpec {
+    fn put(self, out: &mut Vec<u8>) {
+        // flow_mod_spec header: src type (bit 13), dst type (bits 11-12),
+        // n_bits.
+        const SRC_IMMEDIATE: u16 = 1 << 13;
+        const DST_LOAD: u16 = 1 << 11;
+        let imm = |out: &mut Vec<u8>, bits: u16, value: u64| {
+            let n = usize::from(bits.div_ceil(16) * 2);
+            let v = value.to_be_bytes();
+            let start = out.len();
+            out.resize(start + n, 0);
+            let take = n.min(8);
+            out[start + n - take..].copy_from_slice(&v[8 - take..]);
+        };
+        let field = |out: &mut Vec<u8>, f: NxmField| {
+            out.extend_from_slice(&f.header().to_be_bytes());
+            out.extend_from_slice(&0u16.to_be_bytes()); // offset
+        };
+        match self {
+            LearnSpec::MatchField { dst, src } => {
+                out.extend_from_slice(&dst.bits().to_be_bytes());
+                field(out, src);
+                field(out, dst);
+            }
+            LearnSpec::MatchValue { dst, value } => {
+                out.extend_from_slice(&(SRC_IMMEDIATE | dst.bits()).to_be_bytes());
+                imm(out, dst.bits(), value);
+                field(out, dst);
+            }
+            LearnSpec::Load { dst, value } => {
+                out.extend_from_slice(&(SRC_IMMEDIATE | DST_LOAD | dst.bits()).to_be_bytes());
+                imm(out, dst.bits(), value);
+                field(out, dst);
+            }
+        }
+    }
+}
+
+/// Nicira `learn`: add (or refresh) a flow built from this packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Learn {
+    pub table: u8,
+    pub priority: u16,
+    /// Seconds without a hit before the learned flow goes; 0: never.
+    pub idle_timeout: u16,
+    pub cookie: u64,
+    pub specs: Vec<LearnSpec>,
+}
+
+/// An action of an apply-actions instruction.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Output(u32),
     SetEthDst([u8; 6]),
+    /// Nicira `resubmit(,table)`: look the packet up in `table`, run what
+    /// matches, then go on with the next action.
+    Resubmit(u8),
+    Learn(Learn),
     /// Nicira `ct`: send through conntrack in `zone`; `commit` the
     /// connection (setting `ct_mark` to `mark` if given); then continue in
     /// `table` after recirculation, or with the next action when `None`.
@@ -135,8 +241,8 @@ pub enum Action {
 }
 
 impl Action {
-    fn put(self, out: &mut Vec<u8>) {
-        match self {
+    fn put(&self, out: &mut Vec<u8>) {
+        match *self {
             Action::Output(port) => {
                 out.extend_from_slice(&OFPAT_OUTPUT.to_be_bytes());
                 out.extend_from_slice(&16u16.to_be_bytes());
@@ -146,6 +252,32 @@ impl Action {
                 out.extend_from_slice(&[0; 6]);
             }
             Action::SetEthDst(mac) => set_field(out, Field::EthDst(mac)),
+            Action::Resubmit(table) => {
+                let start = out.len();
+                experimenter(out, NXAST_RESUBMIT_TABLE);
+                out.extend_from_slice(&OFPP_IN_PORT.to_be_bytes());
+                out.push(table);
+                out.extend_from_slice(&[0; 3]);
+                fix_len(out, start);
+            }
+            Action::Learn(ref l) => {
+                let start = out.len();
+                experimenter(out, NXAST_LEARN);
+                out.extend_from_slice(&l.idle_timeout.to_be_bytes());
+                out.extend_from_slice(&0u16.to_be_bytes()); // hard timeout
+                out.extend_from_slice(&l.priority.to_be_bytes());
+                out.extend_from_slice(&l.cookie.to_be_bytes());
+                out.extend_from_slice(&0u16.to_be_bytes()); // flags
+                out.push(l.table);
+                out.push(0);
+                out.extend_from_slice(&[0; 4]); // fin timeouts
+                for s in &l.specs {
+                    s.put(out);
+                }
+                // The zero padding also ends the spec list.
+                pad8(out, start);
+                fix_len(out, start);
+            }
             Action::Ct {
                 commit,
                 zone,
@@ -153,10 +285,7 @@ impl Action {
                 mark,
             } => {
                 let start = out.len();
-                out.extend_from_slice(&OFPAT_EXPERIMENTER.to_be_bytes());
-                out.extend_from_slice(&0u16.to_be_bytes()); // length, below
-                out.extend_from_slice(&NX_VENDOR_ID.to_be_bytes());
-                out.extend_from_slice(&NXAST_CT.to_be_bytes());
+                experimenter(out, NXAST_CT);
                 let flags = if commit { NX_CT_F_COMMIT } else { 0 };
                 out.extend_from_slice(&flags.to_be_bytes());
                 out.extend_from_slice(&0u32.to_be_bytes()); // zone_src: immediate
@@ -167,11 +296,24 @@ impl Action {
                 if let Some(m) = mark {
                     set_field(out, Field::CtMark(m, u32::MAX));
                 }
-                let len = (out.len() - start) as u16;
-                out[start + 2..start + 4].copy_from_slice(&len.to_be_bytes());
+                fix_len(out, start);
             }
         }
     }
+}
+
+/// The head of a Nicira action; its length is set by [`fix_len`].
+fn experimenter(out: &mut Vec<u8>, subtype: u16) {
+    out.extend_from_slice(&OFPAT_EXPERIMENTER.to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&NX_VENDOR_ID.to_be_bytes());
+    out.extend_from_slice(&subtype.to_be_bytes());
+}
+
+/// Writes the length of the action that starts at `start`.
+fn fix_len(out: &mut [u8], start: usize) {
+    let len = (out.len() - start) as u16;
+    out[start + 2..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 /// OFPAT_SET_FIELD with one OXM, padded to 8 bytes.
@@ -181,8 +323,7 @@ fn set_field(out: &mut Vec<u8>, f: Field) {
     out.extend_from_slice(&0u16.to_be_bytes());
     f.put(out);
     pad8(out, start);
-    let len = (out.len() - start) as u16;
-    out[start + 2..start + 4].copy_from_slice(&len.to_be_bytes());
+    fix_len(out, start);
 }
 
 fn pad8(out: &mut Vec<u8>, start: usize) {
@@ -614,6 +755,68 @@ mod tests {
         assert_eq!(&v[16..18], [0x0e, 0x71], "zone");
         assert_eq!(v[18], NX_CT_RECIRC_NONE);
         assert_eq!(&v[24..28], [0, 25, 0, 16], "nested set_field");
+    }
+
+    #[test]
+    fn resubmit_layout() {
+        let mut v = Vec::new();
+        Action::Resubmit(229).put(&mut v);
+        assert_eq!(
+            v,
+            [0xff, 0xff, 0, 16, 0, 0, 0x23, 0x20, 0, 14, 0xff, 0xf8, 229, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn learn_layout_is_nxast_learn_with_nxm_specs() {
+        let mut v = Vec::new();
+        Action::Learn(Learn {
+            table: 229,
+            priority: 100,
+            idle_timeout: 65535,
+            cookie: 0x1122_3344_5566_7788,
+            specs: vec![
+                LearnSpec::MatchValue {
+                    dst: NxmField::EthType,
+                    value: 0x0800,
+                },
+                LearnSpec::MatchField {
+                    dst: NxmField::Ipv4Src,
+                    src: NxmField::Ipv4Dst,
+                },
+                LearnSpec::Load {
+                    dst: NxmField::Reg(7),
+                    value: 1,
+                },
+            ],
+        })
+        .put(&mut v);
+        // 32-byte head, then 2+2+6 + 2+6+6 + 2+4+6 = 36 bytes of specs,
+        // zero-padded to 72.
+        assert_eq!(v.len(), 72);
+        assert_eq!(&v[..4], [0xff, 0xff, 0, 72]);
+        assert_eq!(&v[8..10], [0, 16], "NXAST_LEARN");
+        assert_eq!(&v[10..12], [0xff, 0xff], "idle timeout");
+        assert_eq!(&v[14..16], [0, 100], "priority");
+        assert_eq!(&v[16..24], 0x1122_3344_5566_7788u64.to_be_bytes());
+        assert_eq!(v[26], 229, "table");
+        // eth_type=0x800: immediate, match, 16 bits, NXM_OF_ETH_TYPE.
+        assert_eq!(&v[32..42], [0x20, 0x10, 0x08, 0x00, 0, 0, 0x06, 0x02, 0, 0]);
+        // NXM_OF_IP_SRC[]=NXM_OF_IP_DST[]: field, match, 32 bits.
+        assert_eq!(
+            &v[42..56],
+            [0, 32, 0, 0, 0x10, 0x04, 0, 0, 0, 0, 0x0e, 0x04, 0, 0]
+        );
+        // load:1->NXM_NX_REG7[]: immediate, load, 32 bits.
+        assert_eq!(&v[56..68], [0x28, 0x20, 0, 0, 0, 1, 0, 1, 0x0e, 0x04, 0, 0]);
+        assert!(v[68..].iter().all(|&b| b == 0), "padding ends the specs");
+    }
+
+    #[test]
+    fn register_match_is_nxm_1() {
+        let mut v = Vec::new();
+        Field::Reg(7, 1).put(&mut v);
+        assert_eq!(v, [0, 1, 0x0e, 4, 0, 0, 0, 1]);
     }
 
     #[test]

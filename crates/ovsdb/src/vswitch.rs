@@ -26,6 +26,14 @@ const WAIT_FAILED: &str = "timed out";
 /// longer `wait_ofport` timeout is cut to this.
 const MAX_WAIT_MS: u64 = 30 * 86_400 * 1000;
 
+/// What [`Client::bridge`] reads of a bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeInfo {
+    /// `""` means the default, `system`.
+    pub datapath_type: String,
+    pub other_config: std::collections::BTreeMap<String, String>,
+}
+
 /// A port to add: one port with one interface of the same name, both
 /// tagged with the same `external_ids`.
 #[derive(Debug, Clone, Copy)]
@@ -135,16 +143,25 @@ impl Client {
     /// The bridge's `datapath_type` (`""` means the default, `system`), or
     /// `None` if there is no such bridge.
     pub fn bridge_datapath_type(&mut self, name: &str) -> Result<Option<String>> {
+        Ok(self.bridge(name)?.map(|b| b.datapath_type))
+    }
+
+    /// The bridge's `datapath_type` and `other_config`, or `None` if there
+    /// is no such bridge.
+    pub fn bridge(&mut self, name: &str) -> Result<Option<BridgeInfo>> {
         let results = self.transact(
             DB,
             vec![select(
                 "Bridge",
                 vec![eq("name", name)],
-                Some(&["datapath_type"]),
+                Some(&["datapath_type", "other_config"]),
             )],
         )?;
         match first_rows(&results, 0)?.first() {
-            Some(row) => row.string("datapath_type").map(Some),
+            Some(row) => Ok(Some(BridgeInfo {
+                datapath_type: row.string("datapath_type")?,
+                other_config: row.string_map("other_config")?,
+            })),
             None => Ok(None),
         }
     }

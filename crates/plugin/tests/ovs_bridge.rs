@@ -144,16 +144,18 @@ fn bridge_setup_installs_evio_flows_idempotently_and_leaves_foreign_flows() {
     let evio = |flows: &[String]| -> Vec<String> {
         flows
             .iter()
-            .filter(|l| l.contains("cookie=0x6576696f00000001"))
+            .filter(|l| l.contains("cookie=0x6576696f00000002"))
             .cloned()
             .collect()
     };
     let first = ovs.flows(&f.bridge);
     let ours = evio(&first);
-    assert_eq!(ours.len(), 7, "evio's flows:\n{}", first.join("\n"));
+    assert_eq!(ours.len(), 10, "evio's flows:\n{}", first.join("\n"));
     for want in [
-        "priority=200,ip,in_port=LOCAL actions=ct(commit,zone=59152,exec(set_field:0x1->ct_mark)),NORMAL",
-        "priority=100,ipv6 actions=ct(table=231,zone=59152)",
+        "priority=200,ip,in_port=LOCAL actions=ct(commit,zone=59152,exec(set_field:0x1->ct_mark)),learn(table=229,idle_timeout=65535,priority=100,cookie=0x6576696f80000002,eth_type=0x800,NXM_OF_IP_SRC[]=NXM_OF_IP_DST[],NXM_OF_IP_DST[]=NXM_OF_IP_SRC[],load:0x1->NXM_NX_REG7[]),NORMAL",
+        "priority=100,ipv6 actions=resubmit(,229),resubmit(,230)",
+        "table=230, priority=200,ipv6,reg7=0x1 actions=ct(table=231,zone=59152)",
+        "table=230, priority=0 actions=NORMAL",
         "table=231, priority=200,ct_state=+rpl+trk,ct_mark=0x1/0x1,ip actions=set_field:",
         "table=231, priority=0 actions=NORMAL",
     ] {
@@ -190,7 +192,7 @@ fn bridge_setup_installs_evio_flows_idempotently_and_leaves_foreign_flows() {
         ])
         .status
         .success());
-    assert_eq!(evio(&ovs.flows(&f.bridge)).len(), 6);
+    assert_eq!(evio(&ovs.flows(&f.bridge)).len(), 9);
     f.add_ok(&p2, &f.conf());
     let after = ovs.flows(&f.bridge);
     let mut a = evio(&after);
@@ -210,18 +212,42 @@ fn bridge_setup_installs_evio_flows_idempotently_and_leaves_foreign_flows() {
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let p3 = Pod::new();
     f.add_ok(&p3, &f.conf());
-    let out = ovs.ofctl(&["dump-flows", &f.bridge, "cookie=0x6576696f00000001/-1"]);
+    let out = ovs.ofctl(&["dump-flows", &f.bridge, "cookie=0x6576696f00000002/-1"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let ages: Vec<f64> = text
         .split("duration=")
         .skip(1)
         .map(|d| d.split('s').next().unwrap().parse().unwrap())
         .collect();
-    assert_eq!(ages.len(), 7, "{text}");
+    assert_eq!(ages.len(), 10, "{text}");
     assert!(
         ages.iter().all(|&a| a >= 1.0),
         "a flow was rewritten:\n{text}"
     );
+
+    // An upgrade from the first pipeline (version 1: every IP packet
+    // through conntrack), with one flow of its own that the new set does
+    // not replace: the next ADD leaves exactly the new set.
+    for v1 in [
+        "cookie=0x6576696f00000001,priority=100,ip,actions=ct(table=231,zone=59152)",
+        "cookie=0x6576696f00000001,table=231,priority=7,udp,actions=NORMAL",
+    ] {
+        assert!(ovs.ofctl(&["add-flow", &f.bridge, v1]).status.success());
+    }
+    let p4 = Pod::new();
+    f.add_ok(&p4, &f.conf());
+    let after = ovs.flows(&f.bridge);
+    let mut a = evio(&after);
+    a.sort();
+    assert_eq!(a, b, "upgraded to exactly the new set");
+    assert!(
+        !after
+            .iter()
+            .any(|l| l.contains("cookie=0x6576696f00000001")),
+        "a version-1 flow is left:\n{}",
+        after.join("\n")
+    );
+    assert!(after.iter().any(|l| l.contains("cookie=0x1234")));
 }
 
 /// The reply flows rewrite to the bridge's MAC, and that is the MAC it
@@ -229,14 +255,15 @@ fn bridge_setup_installs_evio_flows_idempotently_and_leaves_foreign_flows() {
 /// first and applies the pinned one a moment later; flows installed in
 /// between send every Service reply to a MAC the bridge no longer has (the
 /// Services benchmark met it about once in ten runs). Ten fresh bridges in a
-/// row, each created by an ADD.
+/// row, each created by one of four racing ADDs: the ADDs that find the
+/// bridge just created wait for the creator's pinned MAC too.
 #[test]
 fn reply_flows_rewrite_to_the_pinned_bridge_mac_of_a_new_bridge() {
     let f = Fixture::new(Backend::Ovs);
     let ovs = f.ovs.as_ref().unwrap_or_else(|| panic!("no OVS"));
     for round in 0..10 {
-        let pod = Pod::new();
-        let res = f.add_ok(&pod, &f.conf());
+        let pods: Vec<Pod> = (0..4).map(|_| Pod::new()).collect();
+        let results = common::behaviour::add_all(&f, &pods, &f.conf());
         let hwaddr = ovs
             .vsctl(&["get", "bridge", &f.bridge, "other_config:hwaddr"])
             .trim()
@@ -257,7 +284,7 @@ fn reply_flows_rewrite_to_the_pinned_bridge_mac_of_a_new_bridge() {
         for m in &rewrites {
             assert_eq!(m, &hwaddr, "round {round}: flows rewrite to another MAC");
         }
-        f.del_ok(&pod, &f.conf(), Some(&res));
+        common::behaviour::del_all(&f, &pods, &f.conf(), &results);
         ovs.vsctl(&["del-br", &f.bridge]);
     }
 }

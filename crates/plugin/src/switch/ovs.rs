@@ -114,7 +114,8 @@ impl OvsBridge {
                     return Err(CniError::new(
                         code,
                         format!(
-                            "OVS: cannot install evio's flows on bridge {} through {}                              (set ovsRunDir to ovs-vswitchd's run directory if it is elsewhere)",
+                            "OVS: cannot install evio's flows on bridge {} through {} \
+                             (set ovsRunDir to ovs-vswitchd's run directory if it is elsewhere)",
                             bridge.name,
                             self.mgmt.display()
                         ),
@@ -124,6 +125,16 @@ impl OvsBridge {
             }
         }
     }
+}
+
+/// `aa:bb:cc:dd:ee:ff`, as OVS's `other_config:hwaddr` holds it.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 fn ovserr(what: impl std::fmt::Display) -> impl FnOnce(evio_ovsdb::Error) -> CniError {
@@ -139,17 +150,24 @@ impl Switch for OvsBridge {
         // MAC of its ports, which changes as pods come and go and leaves the
         // pods' ARP entries for the gateway stale. Pinned in the creating
         // transaction, so no crash window leaves it unpinned.
-        let pinned = super::random_mac();
-        let mac = crate::add::fmt_mac(pinned);
+        let mut pinned = Some(super::random_mac());
+        let mac = pinned.map(crate::add::fmt_mac).unwrap_or_default();
         let created = client
             .ensure_bridge(&name, want, &[("hwaddr", &mac)])
             .map_err(ovserr(format!("create bridge {name}")))?;
         let actual = if created {
             want.to_string()
         } else {
-            client
-                .bridge_datapath_type(&name)
-                .map_err(ovserr(format!("read bridge {name}")))?
+            // Another ADD may have created it a moment ago: its pinned MAC
+            // is the one the device is about to have, whatever it has now.
+            let info = client
+                .bridge(&name)
+                .map_err(ovserr(format!("read bridge {name}")))?;
+            pinned = info
+                .as_ref()
+                .and_then(|b| b.other_config.get("hwaddr"))
+                .and_then(|m| parse_mac(m));
+            info.map(|b| b.datapath_type)
                 .filter(|t| !t.is_empty())
                 .unwrap_or_else(|| "system".to_string())
         };
@@ -164,7 +182,7 @@ impl Switch for OvsBridge {
             // the pinned hwaddr a moment later: the reply flows rewrite to
             // the bridge's MAC, so they must see the pinned one, or Service
             // replies go to a MAC the device no longer has.
-            let settled = |l: &Link| !created || l.mac == Some(pinned);
+            let settled = |l: &Link| pinned.is_none() || l.mac == pinned;
             if let Some(l) = link.filter(|l| settled(l) || Instant::now() >= deadline) {
                 if l.mtu != self.mtu {
                     host.set_mtu(l.index, self.mtu)
@@ -346,5 +364,27 @@ impl Switch for OvsBridge {
 
     fn needs_tx_checksum_off(&self) -> bool {
         self.actual_datapath.as_deref() == Some("netdev")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mac;
+
+    #[test]
+    fn pinned_hwaddr_parses_as_ovs_writes_it() {
+        assert_eq!(
+            parse_mac("02:ab:00:10:ff:01"),
+            Some([2, 0xab, 0, 0x10, 0xff, 1])
+        );
+        for bad in [
+            "",
+            "02:ab:00:10:ff",
+            "02:ab:00:10:ff:01:02",
+            "zz:ab:00:10:ff:01",
+            "0x2:ab",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad:?}");
+        }
     }
 }

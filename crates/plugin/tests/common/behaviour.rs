@@ -729,7 +729,7 @@ pub fn duplicate_add_fails_and_existing_pod_keeps_working(b: Backend) {
 
 const PARALLEL: usize = 16;
 
-fn add_all(f: &Fixture, pods: &[Pod], c: &NetConf) -> Vec<Value> {
+pub fn add_all(f: &Fixture, pods: &[Pod], c: &NetConf) -> Vec<Value> {
     std::thread::scope(|s| {
         let hs: Vec<_> = pods.iter().map(|p| s.spawn(|| f.add(p, c))).collect();
         hs.into_iter()
@@ -743,7 +743,7 @@ fn add_all(f: &Fixture, pods: &[Pod], c: &NetConf) -> Vec<Value> {
     })
 }
 
-fn del_all(f: &Fixture, pods: &[Pod], c: &NetConf, results: &[Value]) {
+pub fn del_all(f: &Fixture, pods: &[Pod], c: &NetConf, results: &[Value]) {
     std::thread::scope(|s| {
         let hs: Vec<_> = pods
             .iter()

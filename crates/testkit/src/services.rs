@@ -701,6 +701,104 @@ pub fn peer_seen(ns_path: &std::path::Path, to: SocketAddr) -> Result<IpAddr, St
     Ok(c.peer)
 }
 
+/// A Service endpoint for [`ClusterIps`]: a name for messages, the
+/// address it listens on and the netns it listens in.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub netns: PathBuf,
+}
+
+/// TCP ClusterIPs, each backed by one endpoint running a [`PeerServer`],
+/// with kube-proxy's rules of one mode and family on every node given: what
+/// the runtime end-to-end tests and the plugin's Services tests check pods
+/// against. On drop the servers stop and the nodes lose kube-proxy's rules
+/// of that family (and nothing else).
+pub struct ClusterIps {
+    /// (endpoint name, ClusterIP:port) per Service.
+    pub services: Vec<(String, SocketAddr)>,
+    nodes: Vec<Netns>,
+    v6: bool,
+    _servers: Vec<PeerServer>,
+}
+
+impl ClusterIps {
+    /// Programs `services` (ClusterIP:port, endpoint) on `nodes` in `mode`
+    /// with `--cluster-cidr cluster_cidr`, whose family picks iptables or
+    /// ip6tables (`ip` or `ip6 kube-proxy`).
+    pub fn program(
+        nodes: &[&Netns],
+        mode: Mode,
+        cluster_cidr: &str,
+        service_cidr: &str,
+        services: &[(SocketAddr, Endpoint)],
+    ) -> Result<ClusterIps, String> {
+        let svcs: Vec<Service> = services
+            .iter()
+            .map(|(vip, ep)| {
+                Service::new(&ep.name, Proto::Tcp, vip.ip(), vip.port()).endpoint(ep.addr)
+            })
+            .collect();
+        let servers = services
+            .iter()
+            .map(|(_, ep)| PeerServer::start(ep.netns.clone(), ep.addr))
+            .collect();
+        let guard = ClusterIps {
+            services: services
+                .iter()
+                .map(|(vip, ep)| (ep.name.clone(), *vip))
+                .collect(),
+            nodes: nodes.iter().map(|n| Netns::borrowed(n.name())).collect(),
+            v6: cluster_cidr.contains(':'),
+            _servers: servers,
+        };
+        for n in nodes {
+            program(n, mode, &svcs, cluster_cidr, service_cidr, &[])
+                .map_err(|e| format!("kube-proxy's rules in {}: {e}", n.name()))?;
+        }
+        Ok(guard)
+    }
+
+    /// Asks every ClusterIP through `ask` (one attempt: connect from the
+    /// client pod, return the address the endpoint saw), retried within
+    /// `within` while it fails; panics unless each endpoint saw `client`,
+    /// the client pod's own address (no masquerade on the way).
+    pub fn assert_seen(
+        &self,
+        client: IpAddr,
+        within: Duration,
+        mut ask: impl FnMut(SocketAddr) -> Result<IpAddr, String>,
+    ) {
+        for (name, vip) in &self.services {
+            let deadline = Instant::now() + within;
+            loop {
+                match ask(*vip) {
+                    Ok(seen) => {
+                        assert_eq!(seen, client, "ClusterIP {vip} -> {name}: the endpoint saw");
+                        break;
+                    }
+                    Err(e) => assert!(
+                        Instant::now() < deadline,
+                        "ClusterIP {vip} -> {name} from {client}: {e}"
+                    ),
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+impl Drop for ClusterIps {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            if let Err(e) = clear_family(n, self.v6) {
+                eprintln!("clearing kube-proxy's rules in {}: {e}", n.name());
+            }
+        }
+    }
+}
+
 /// Debian's dnsmasq as a cluster DNS server in a netns: authoritative for
 /// the records given, no upstream, foreground child killed on drop.
 pub struct Dnsmasq {

@@ -771,11 +771,13 @@ impl ClusterIps {
         mut ask: impl FnMut(SocketAddr) -> Result<IpAddr, String>,
     ) {
         for (name, vip) in &self.services {
-            let deadline = Instant::now() + within;
+            let start = Instant::now();
+            let deadline = start + within;
             loop {
                 match ask(*vip) {
                     Ok(seen) => {
                         assert_eq!(seen, client, "ClusterIP {vip} -> {name}: the endpoint saw");
+                        eprintln!("ClusterIP {vip} -> {name} in {:?}", start.elapsed());
                         break;
                     }
                     Err(e) => assert!(

@@ -6,8 +6,12 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use evio_testkit::cluster::{network_of, BridgeType, Cluster, Target};
+use evio_testkit::netns::Netns;
+use evio_testkit::services::{peer_seen, ClusterIps, Endpoint, Mode};
 
 #[test]
 fn cluster_3_nodes_full_reachability() {
@@ -131,4 +135,65 @@ fn linux_bridge_cluster_reachability() {
     c.down().unwrap_or_else(|e| panic!("teardown: {e}"));
     let left = fp.leftovers();
     assert!(left.is_empty(), "left behind: {left:#?}");
+}
+
+/// Issue 19, IPv6 across nodes: a pod network that is IPv6 only
+/// (config-gen writes one range from one `podCIDR`, so a cluster it
+/// configures cannot be dual-stack), two nodes of two pods on the plain
+/// fabric (no agent). kube-proxy's rules as its sync loop writes them (no
+/// control plane runs here) on both nodes, iptables mode through
+/// ip6tables-restore, then nftables mode in `ip6 kube-proxy`; n0p0 reaches
+/// n0p1 (same node) and n1p0 (other node) through IPv6 ClusterIPs and each
+/// endpoint sees n0p0's own address. On the Linux bridge with the node
+/// netns's global `bridge-nf-call-ip6tables` at 0.
+fn ipv6_cluster_ips_across_nodes(bridge: BridgeType) {
+    let mut opts = common::opts();
+    opts.nodes = 2;
+    opts.bridge_type = bridge;
+    opts.pod_cidr = "fd10:244::/48".into();
+    opts.node_bits = 16;
+    opts.netconf = vec![("isDefaultGateway".into(), true.into())];
+    let c = Cluster::up(opts).unwrap_or_else(|e| panic!("cluster up: {e}"));
+    if bridge == BridgeType::Linux {
+        for n in c.nodes() {
+            n.ns.ok(&["sysctl", "-qw", "net.bridge.bridge-nf-call-ip6tables=0"]);
+        }
+    }
+    let pod = |n: usize, p: usize| &c.nodes()[n].pods[p];
+    assert!(pod(0, 0).ip.is_ipv6(), "{}", pod(0, 0).ip);
+    let endpoint = |n: usize, p: usize| Endpoint {
+        name: pod(n, p).name.clone(),
+        addr: SocketAddr::new(pod(n, p).ip, 8080),
+        netns: pod(n, p).pod.ns.path(),
+    };
+    let vip = |s: &str| -> SocketAddr { s.parse().unwrap() };
+    let services = [
+        (vip("[fd10:96::1:1]:80"), endpoint(0, 1)),
+        (vip("[fd10:96::1:2]:80"), endpoint(1, 0)),
+    ];
+    let nodes: Vec<&Netns> = c.nodes().iter().map(|n| &n.ns).collect();
+    let client = pod(0, 0).pod.ns.path();
+    for mode in [Mode::Iptables, Mode::Nftables] {
+        let cips = ClusterIps::program(&nodes, mode, "fd10:244::/48", "fd10:96::/112", &services)
+            .unwrap_or_else(|e| panic!("{bridge} {mode:?}: {e}"));
+        let t = std::time::Instant::now();
+        cips.assert_seen(pod(0, 0).ip, Duration::from_secs(20), |to| {
+            peer_seen(&client, to)
+        });
+        eprintln!(
+            "{bridge} {mode:?}: both IPv6 ClusterIPs in {:?}",
+            t.elapsed()
+        );
+    }
+    c.down().unwrap_or_else(|e| panic!("teardown: {e}"));
+}
+
+#[test]
+fn ipv6_cluster_ips_across_nodes_on_ovs() {
+    ipv6_cluster_ips_across_nodes(BridgeType::Ovs);
+}
+
+#[test]
+fn ipv6_cluster_ips_across_nodes_on_linux_bridge() {
+    ipv6_cluster_ips_across_nodes(BridgeType::Linux);
 }

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use evio_testkit::cluster::{network_of, BridgeType, Cluster, SimNode, CONFLIST};
 use evio_testkit::containerd::{reap_adopted, CniDirs, Containerd};
 use evio_testkit::cri::{sandbox_config, Cri, PodSandboxConfig, SandboxStatus};
-use evio_testkit::netns::run_in_netns_path;
+use evio_testkit::netns::{run_in_netns_path, Netns};
 use evio_testkit::plugin::{ipam_allocations, run_bounded, CniOutput, OvsPorts, CNI_PLUGIN_DIR};
+use evio_testkit::services::{peer_seen, ClusterIps, Endpoint, Mode};
 use serde_json::Value;
 
 const CMD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -376,6 +377,60 @@ fn assert_port_mapping(node: &SimNode, pod_netns: &Path) {
     assert_eq!(&sent, b"ping");
 }
 
+/// Issue 19 under a CRI runtime: kube-proxy's rules, as its sync loop
+/// writes them (no control plane runs here), on both nodes in each mode in
+/// turn; sandbox 0 reaches sandbox 1 (same node) and n1p0 (node-1) through
+/// ClusterIPs, each endpoint seeing sandbox 0's own address. portmap's
+/// hostPort answers while kube-proxy's rules are there and after they are
+/// gone again: kube-proxy's cleanup leaves portmap's chains alone.
+fn assert_cluster_ips(cluster: &Cluster, st: &[(SandboxStatus, IpAddr, PathBuf)]) {
+    let node = &cluster.nodes()[0];
+    let remote = &cluster.nodes()[1].pods[0];
+    let (client, client_ns) = (st[0].1, st[0].2.clone());
+    let services = [
+        (
+            SocketAddr::from(([10, 96, 2, 1], 80)),
+            Endpoint {
+                name: "sandbox1".into(),
+                addr: SocketAddr::new(st[1].1, CONTAINER_PORT),
+                netns: st[1].2.clone(),
+            },
+        ),
+        (
+            SocketAddr::from(([10, 96, 2, 2], 80)),
+            Endpoint {
+                name: "n1p0".into(),
+                addr: SocketAddr::new(remote.ip, CONTAINER_PORT),
+                netns: remote.pod.ns.path(),
+            },
+        ),
+    ];
+    let nodes: Vec<&Netns> = cluster.nodes().iter().map(|n| &n.ns).collect();
+    for mode in [Mode::Iptables, Mode::Nftables] {
+        let cips = ClusterIps::program(
+            &nodes,
+            mode,
+            &cluster.opts().pod_cidr,
+            "10.96.0.0/16",
+            &services,
+        )
+        .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        let t = Instant::now();
+        cips.assert_seen(client, Duration::from_secs(20), |to| {
+            peer_seen(&client_ns, to)
+        });
+        eprintln!("{mode:?}: both ClusterIPs answered in {:?}", t.elapsed());
+        assert_port_mapping(node, &st[2].2);
+    }
+    let nat = nat_rules(node);
+    assert!(
+        nat.contains(&format!("--to-destination {}:{CONTAINER_PORT}", st[2].1)),
+        "portmap's DNAT gone with kube-proxy's rules:\n{nat}"
+    );
+    assert!(!nat.contains("KUBE-"), "kube-proxy's rules left:\n{nat}");
+    assert_port_mapping(node, &st[2].2);
+}
+
 /// scripts/containerd-demo.sh sets EVIO_CONTAINERD_DEMO: with the first
 /// sandboxes up, say where everything is and wait (at most 10 minutes) for
 /// Enter on the terminal before tearing down.
@@ -452,12 +507,20 @@ fn containerd_drives_evio(bridge_type: BridgeType) {
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
 
+    // containerd runs on node-0; node-1 holds one plugin-made pod behind a
+    // ClusterIP, reached across the fabric.
     let mut opts = common::opts();
-    opts.nodes = 1;
+    opts.nodes = 2;
     opts.pods_per_node = 0;
     opts.bridge_type = bridge_type;
+    // As the DaemonSet's ConfigMap: pods route ClusterIPs to the node's
+    // gateway, where kube-proxy's DNAT is.
+    opts.netconf = vec![("isDefaultGateway".into(), true.into())];
     let (evio, evio_node) = (opts.evio_bin.clone(), opts.evio_node_bin.clone());
-    let cluster = Cluster::up(opts).unwrap_or_else(|e| panic!("cluster up: {e}"));
+    let mut cluster = Cluster::up(opts).unwrap_or_else(|e| panic!("cluster up: {e}"));
+    cluster
+        .add_pod(1, 0)
+        .unwrap_or_else(|e| panic!("pod on node-1: {e}"));
     let node = &cluster.nodes()[0];
     let network = cluster.opts().network.clone();
     let types: Vec<&str> = node.conflist["plugins"]
@@ -532,6 +595,7 @@ fn containerd_drives_evio(bridge_type: BridgeType) {
         "no DNAT to the port-mapped pod:\n{nat}"
     );
     assert_port_mapping(node, &st[2].2);
+    assert_cluster_ips(&cluster, &st);
     demo_pause(&h, &st);
 
     // What containerd passed: the kubelet's pod identity in CNI_ARGS, the

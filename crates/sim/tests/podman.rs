@@ -15,9 +15,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use evio_testkit::cluster::{network_of, BridgeType, Cluster, SimNode, CONFLIST};
+use evio_testkit::netns::Netns;
 use evio_testkit::plugin::{files_under, ipam_allocations, run_bounded, CniOutput, OvsPorts};
 use evio_testkit::process::{self, processes};
-use evio_testkit::services::{self, Mode, PeerServer, Proto, Service};
+use evio_testkit::services::{ClusterIps, Endpoint, Mode};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const BUSYBOX_APPLETS: &[&str] = &[
@@ -254,22 +255,19 @@ fn assert_tcp(podman: &Podman, client: &str, server: &str, server_ip: IpAddr) {
     }
 }
 
-/// The address a ClusterIP's endpoint (a `PeerServer`) saw `client`
-/// connect from: busybox `nc` in the container reads its `PEER` line.
-fn service_peer(podman: &Podman, client: &str, to: SocketAddr) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        // busybox nc quits at EOF on its stdin: hold it open for the reply.
-        let out = podman.sh(
-            client,
-            &format!("sleep 1 | nc -w 3 {} {}", to.ip(), to.port()),
-        );
-        if let Some(p) = out.stdout.lines().find_map(|l| l.strip_prefix("PEER ")) {
-            return p.trim().to_string();
-        }
-        assert!(Instant::now() < deadline, "{client} -> Service {to}: {out}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+/// One ask of a ClusterIP from `client`: busybox `nc` in the container
+/// reads the `PEER` line of the endpoint (a `PeerServer`).
+fn service_peer(podman: &Podman, client: &str, to: SocketAddr) -> Result<IpAddr, String> {
+    // busybox nc quits at EOF on its stdin: hold it open for the reply.
+    let out = podman.sh(
+        client,
+        &format!("sleep 1 | nc -w 3 {} {}", to.ip(), to.port()),
+    );
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("PEER "))
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| out.to_string())
 }
 
 /// Issue 19: kube-proxy's own iptables rules in every node netns (the test
@@ -283,36 +281,37 @@ fn assert_cluster_ips(
     c2_netns: &Path,
 ) {
     let remote = &cluster.nodes()[1].pods[0];
-    let same: SocketAddr = "10.96.1.1:80".parse().unwrap();
-    let other: SocketAddr = "10.96.1.2:80".parse().unwrap();
-    let svcs = [
-        Service::new("c2", Proto::Tcp, same.ip(), 80).endpoint(SocketAddr::new(ip2, 8080)),
-        Service::new("n1p0", Proto::Tcp, other.ip(), 80).endpoint(SocketAddr::new(remote.ip, 8080)),
+    let endpoints = [
+        Endpoint {
+            name: "c2".into(),
+            addr: SocketAddr::new(ip2, 8080),
+            netns: c2_netns.to_path_buf(),
+        },
+        Endpoint {
+            name: "n1p0".into(),
+            addr: SocketAddr::new(remote.ip, 8080),
+            netns: remote.pod.ns.path(),
+        },
     ];
-    let servers = [
-        PeerServer::start(c2_netns.to_path_buf(), SocketAddr::new(ip2, 8080)),
-        PeerServer::start(remote.pod.ns.path(), SocketAddr::new(remote.ip, 8080)),
-    ];
-    for n in cluster.nodes() {
-        services::program(
-            &n.ns,
-            Mode::Iptables,
-            &svcs,
-            &cluster.opts().pod_cidr,
-            "10.96.0.0/16",
-            &[],
-        )
-        .unwrap_or_else(|e| panic!("kube-proxy rules on {}: {e}", n.name));
-    }
+    let services: Vec<(SocketAddr, Endpoint)> = ["10.96.1.1:80", "10.96.1.2:80"]
+        .iter()
+        .map(|v| v.parse().unwrap())
+        .zip(endpoints)
+        .collect();
+    let nodes: Vec<&Netns> = cluster.nodes().iter().map(|n| &n.ns).collect();
+    let cips = ClusterIps::program(
+        &nodes,
+        Mode::Iptables,
+        &cluster.opts().pod_cidr,
+        "10.96.0.0/16",
+        &services,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let t = Instant::now();
-    let ip1 = ip1.to_string();
-    assert_eq!(service_peer(podman, "c1", same), ip1, "ClusterIP -> c2");
-    assert_eq!(service_peer(podman, "c1", other), ip1, "ClusterIP -> n1p0");
+    cips.assert_seen(ip1, Duration::from_secs(20), |to| {
+        service_peer(podman, "c1", to)
+    });
     eprintln!("c1 reached both ClusterIPs in {:?}", t.elapsed());
-    drop(servers);
-    for n in cluster.nodes() {
-        services::clear(&n.ns);
-    }
 }
 
 fn need(tool: &str) {

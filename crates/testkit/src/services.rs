@@ -324,11 +324,17 @@ pub fn nft_rules(
     o
 }
 
+/// kube-proxy's nftables chain name base: `HASH-name`, HASH the first 8
+/// characters of base32(SHA-256(name)) (its hashAndTruncate; our names
+/// stay far below its 240-byte limit).
+fn nft_chain_base(name: &str) -> String {
+    format!("{}-{name}", &hash16(name)[..8])
+}
+
 fn nft_service(s: &Service, t: &str, ip: &str, cluster_cidr: &str, o: &mut String) {
     let proto = s.proto.as_str();
     let base = format!("{}/{}/{proto}/{}", s.namespace, s.name, s.port_name);
-    let h = hash16(&format!("{}{proto}", s.port_name()));
-    let svc = format!("service-{}-{base}", &h[..8]);
+    let svc = format!("service-{}", nft_chain_base(&base));
     let (cip, port) = (s.cluster_ip, s.port);
     let _ = writeln!(o, "add chain {t} {svc}");
     let _ = writeln!(
@@ -337,13 +343,12 @@ fn nft_service(s: &Service, t: &str, ip: &str, cluster_cidr: &str, o: &mut Strin
     );
     let mut vmap = Vec::new();
     for (i, ep) in s.endpoints.iter().enumerate() {
-        let ep_s = match ep {
-            SocketAddr::V4(a) => format!("{}/{}", a.ip(), a.port()),
-            SocketAddr::V6(a) => format!("[{}]/{}", a.ip(), a.port()),
-        };
+        // Colons are not allowed in a chain name: kube-proxy writes an
+        // IPv6 endpoint's with dots.
+        let ep_ip = ep.ip().to_string().replace(':', ".");
         let epc = format!(
-            "endpoint-{}-{base}__{ep_s}",
-            &hash16(&format!("{}{proto}{ep}", s.port_name()))[..8]
+            "endpoint-{}",
+            nft_chain_base(&format!("{base}__{ep_ip}/{}", ep.port()))
         );
         let _ = writeln!(o, "add chain {t} {epc}");
         let _ = writeln!(
@@ -351,11 +356,7 @@ fn nft_service(s: &Service, t: &str, ip: &str, cluster_cidr: &str, o: &mut Strin
             "add rule {t} {epc} {ip} saddr {} jump mark-for-masquerade",
             ep.ip()
         );
-        let to = match ep {
-            SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
-            SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-        };
-        let _ = writeln!(o, "add rule {t} {epc} meta l4proto {proto} dnat to {to}");
+        let _ = writeln!(o, "add rule {t} {epc} meta l4proto {proto} dnat to {ep}");
         vmap.push(format!("{i} : goto {epc}"));
     }
     let _ = writeln!(
@@ -370,7 +371,7 @@ fn nft_service(s: &Service, t: &str, ip: &str, cluster_cidr: &str, o: &mut Strin
         "add element {t} service-ips {{ {cip} . {proto} . {port} : goto {svc} }}"
     );
     if let Some(np) = s.node_port {
-        let ext = format!("external-{}-{base}", &h[..8]);
+        let ext = format!("external-{}", nft_chain_base(&base));
         let _ = writeln!(o, "add chain {t} {ext}");
         let _ = writeln!(o, "add rule {t} {ext} jump mark-for-masquerade");
         let _ = writeln!(o, "add rule {t} {ext} goto {svc}");
@@ -388,8 +389,11 @@ pub enum Mode {
     Nftables,
 }
 
-/// Loads kube-proxy's rules for `mode` into `ns` after removing the other
-/// mode's (kube-proxy cleans up the mode it does not run).
+/// Loads kube-proxy's rules for `mode` into `ns` after removing what
+/// kube-proxy of either mode left there for the same family (kube-proxy
+/// cleans up the mode it does not run). The other family is left alone, so
+/// a dual-stack node is programmed with one call per family, as
+/// kube-proxy's one proxier per family does.
 pub fn program(
     ns: &Netns,
     mode: Mode,
@@ -398,27 +402,30 @@ pub fn program(
     service_cidr: &str,
     node_ips: &[IpAddr],
 ) -> Result<(), String> {
-    clear(ns);
     let v6 = cluster_cidr.contains(':');
-    let (prog, text) = match mode {
-        Mode::Iptables => (
-            if v6 {
+    clear_family(ns, v6)?;
+    match mode {
+        Mode::Iptables => {
+            let prog = if v6 {
                 "ip6tables-restore"
             } else {
                 "iptables-restore"
-            },
-            iptables_rules(services, cluster_cidr),
-        ),
-        Mode::Nftables => (
-            "nft",
-            nft_rules(services, cluster_cidr, service_cidr, node_ips),
-        ),
-    };
-    let args: &[&str] = match mode {
-        Mode::Iptables => &[prog, "--noflush"],
-        Mode::Nftables => &[prog, "-f", "-"],
-    };
-    let mut cmd = ns.command(args);
+            };
+            let text = iptables_rules(services, cluster_cidr);
+            load(ns, &[prog, "--noflush"], &text)
+        }
+        Mode::Nftables => {
+            let text = nft_rules(services, cluster_cidr, service_cidr, node_ips);
+            load(ns, &["nft", "-f", "-"], &text)
+        }
+    }
+}
+
+/// Runs `argv` in `ns` with `text` on its stdin; its stderr and the text
+/// are the error when it fails.
+fn load(ns: &Netns, argv: &[&str], text: &str) -> Result<(), String> {
+    let prog = argv.first().copied().unwrap_or("?");
+    let mut cmd = ns.command(argv);
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -439,19 +446,120 @@ pub fn program(
     Ok(())
 }
 
-/// Removes kube-proxy's rules of both modes and families from `ns`.
+/// Removes what kube-proxy of either mode owns in `ns`, for both families,
+/// and nothing else: other plugins' rules (portmap's CNI-HOSTPORT-* chains,
+/// evio's `inet evio` masquerade table) stay. Best effort, as kube-proxy's
+/// own cleanup: a failure is reported on stderr.
 pub fn clear(ns: &Netns) {
-    for t in ["ip kube-proxy", "ip6 kube-proxy"] {
-        let mut args = vec!["nft", "delete", "table"];
-        args.extend(t.split(' '));
-        let _ = ns.exec(&args);
-    }
-    for prog in ["iptables", "ip6tables"] {
-        for table in ["nat", "filter"] {
-            let _ = ns.exec(&[prog, "-t", table, "-F"]);
-            let _ = ns.exec(&[prog, "-t", table, "-X"]);
+    for v6 in [false, true] {
+        if let Err(e) = clear_family(ns, v6) {
+            eprintln!("clearing kube-proxy's rules in {}: {e}", ns.name());
         }
     }
+}
+
+/// [`clear`] for one family: the `ip`/`ip6 kube-proxy` table of the
+/// nftables mode, and what [`iptables_cleanup`] finds of the iptables mode.
+fn clear_family(ns: &Netns, v6: bool) -> Result<(), String> {
+    let (fam, save, restore) = if v6 {
+        ("ip6", "ip6tables-save", "ip6tables-restore")
+    } else {
+        ("ip", "iptables-save", "iptables-restore")
+    };
+    let listed = ns.exec(&["nft", "list", "table", fam, "kube-proxy"]);
+    if listed.status.success() {
+        let out = ns.exec(&["nft", "delete", "table", fam, "kube-proxy"]);
+        if !out.status.success() {
+            return Err(format!(
+                "nft delete table {fam} kube-proxy: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    let out = ns.exec(&[save]);
+    if !out.status.success() {
+        return Err(format!("{save}: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let script = iptables_cleanup(&String::from_utf8_lossy(&out.stdout));
+    if script.is_empty() {
+        return Ok(());
+    }
+    load(ns, &[restore, "--noflush"], &script)
+}
+
+/// The built-in chains, the only ones kube-proxy jumps to its own from.
+const BUILTIN_CHAINS: [&str; 5] = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
+
+/// What removes kube-proxy's iptables rules from `save` (iptables-save
+/// output), for `iptables-restore --noflush`, as kube-proxy's cleanup does
+/// it: per table, each KUBE-* chain declared (which empties it under
+/// --noflush, so the jumps between them are gone), the jumps from the
+/// built-in chains to them deleted, then the chains deleted. Empty when
+/// there is nothing of kube-proxy's.
+pub fn iptables_cleanup(save: &str) -> String {
+    let mut out = String::new();
+    let mut table = "";
+    let (mut chains, mut jumps) = (Vec::new(), Vec::new());
+    for line in save.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim();
+            chains.clear();
+            jumps.clear();
+        } else if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or("");
+            if name.starts_with("KUBE-") {
+                chains.push(name.to_string());
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap_or("");
+            if BUILTIN_CHAINS.contains(&chain) && jump_target(rule).starts_with("KUBE-") {
+                jumps.push(rule.to_string());
+            }
+        } else if line.trim() == "COMMIT" && !(chains.is_empty() && jumps.is_empty()) {
+            let _ = writeln!(out, "*{table}");
+            for c in &chains {
+                let _ = writeln!(out, ":{c} - [0:0]");
+            }
+            for j in &jumps {
+                let _ = writeln!(out, "-D {j}");
+            }
+            for c in &chains {
+                let _ = writeln!(out, "-X {c}");
+            }
+            out.push_str("COMMIT\n");
+        }
+    }
+    out
+}
+
+/// The chain a saved rule jumps or goes to (`-j`/`-g`), or "". Quoted
+/// words (comments, with `\"` escapes as iptables-save writes them) are
+/// one word each: a comment is never a target.
+fn jump_target(rule: &str) -> String {
+    let mut words = Vec::new();
+    let (mut word, mut quoted, mut escaped) = (String::new(), false, false);
+    for ch in rule.chars() {
+        match ch {
+            _ if escaped => {
+                word.push(ch);
+                escaped = false;
+            }
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    words.push(word);
+    words
+        .windows(2)
+        .find(|w| w[0] == "-j" || w[0] == "-g")
+        .map(|w| w[1].clone())
+        .unwrap_or_default()
 }
 
 /// A TCP server in a netns that tells each client the address it sees the
@@ -593,6 +701,106 @@ pub fn peer_seen(ns_path: &std::path::Path, to: SocketAddr) -> Result<IpAddr, St
     Ok(c.peer)
 }
 
+/// A Service endpoint for [`ClusterIps`]: a name for messages, the
+/// address it listens on and the netns it listens in.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub netns: PathBuf,
+}
+
+/// TCP ClusterIPs, each backed by one endpoint running a [`PeerServer`],
+/// with kube-proxy's rules of one mode and family on every node given: what
+/// the runtime end-to-end tests and the plugin's Services tests check pods
+/// against. On drop the servers stop and the nodes lose kube-proxy's rules
+/// of that family (and nothing else).
+pub struct ClusterIps {
+    /// (endpoint name, ClusterIP:port) per Service.
+    pub services: Vec<(String, SocketAddr)>,
+    nodes: Vec<Netns>,
+    v6: bool,
+    _servers: Vec<PeerServer>,
+}
+
+impl ClusterIps {
+    /// Programs `services` (ClusterIP:port, endpoint) on `nodes` in `mode`
+    /// with `--cluster-cidr cluster_cidr`, whose family picks iptables or
+    /// ip6tables (`ip` or `ip6 kube-proxy`).
+    pub fn program(
+        nodes: &[&Netns],
+        mode: Mode,
+        cluster_cidr: &str,
+        service_cidr: &str,
+        services: &[(SocketAddr, Endpoint)],
+    ) -> Result<ClusterIps, String> {
+        let svcs: Vec<Service> = services
+            .iter()
+            .map(|(vip, ep)| {
+                Service::new(&ep.name, Proto::Tcp, vip.ip(), vip.port()).endpoint(ep.addr)
+            })
+            .collect();
+        let servers = services
+            .iter()
+            .map(|(_, ep)| PeerServer::start(ep.netns.clone(), ep.addr))
+            .collect();
+        let guard = ClusterIps {
+            services: services
+                .iter()
+                .map(|(vip, ep)| (ep.name.clone(), *vip))
+                .collect(),
+            nodes: nodes.iter().map(|n| Netns::borrowed(n.name())).collect(),
+            v6: cluster_cidr.contains(':'),
+            _servers: servers,
+        };
+        for n in nodes {
+            program(n, mode, &svcs, cluster_cidr, service_cidr, &[])
+                .map_err(|e| format!("kube-proxy's rules in {}: {e}", n.name()))?;
+        }
+        Ok(guard)
+    }
+
+    /// Asks every ClusterIP through `ask` (one attempt: connect from the
+    /// client pod, return the address the endpoint saw), retried within
+    /// `within` while it fails; panics unless each endpoint saw `client`,
+    /// the client pod's own address (no masquerade on the way).
+    pub fn assert_seen(
+        &self,
+        client: IpAddr,
+        within: Duration,
+        mut ask: impl FnMut(SocketAddr) -> Result<IpAddr, String>,
+    ) {
+        for (name, vip) in &self.services {
+            let start = Instant::now();
+            let deadline = start + within;
+            loop {
+                match ask(*vip) {
+                    Ok(seen) => {
+                        assert_eq!(seen, client, "ClusterIP {vip} -> {name}: the endpoint saw");
+                        eprintln!("ClusterIP {vip} -> {name} in {:?}", start.elapsed());
+                        break;
+                    }
+                    Err(e) => assert!(
+                        Instant::now() < deadline,
+                        "ClusterIP {vip} -> {name} from {client}: {e}"
+                    ),
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+impl Drop for ClusterIps {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            if let Err(e) = clear_family(n, self.v6) {
+                eprintln!("clearing kube-proxy's rules in {}: {e}", n.name());
+            }
+        }
+    }
+}
+
 /// Debian's dnsmasq as a cluster DNS server in a netns: authoritative for
 /// the records given, no upstream, foreground child killed on drop.
 pub struct Dnsmasq {
@@ -679,6 +887,21 @@ mod tests {
     fn chain_names_are_kube_proxys() {
         // kube-proxy's own test: ns1/svc1:p80 over tcp is KUBE-SVC-XPGD46QRK7WJZT7O.
         assert_eq!(hash16("ns1/svc1:p80tcp"), "XPGD46QRK7WJZT7O");
+        // Its nftables mode's own test (TestOverallNFTablesRules).
+        let mut s = Service::new("svc1", Proto::Tcp, "172.30.0.41".parse().unwrap(), 80)
+            .endpoint("10.180.0.1:80".parse().unwrap());
+        s.namespace = "ns1".into();
+        s.port_name = "p80".into();
+        let nft = nft_rules(&[s], "10.0.0.0/8", "172.30.0.0/16", &[]);
+        assert!(nft.contains("add chain ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80\n"));
+        assert!(nft.contains(
+            "add chain ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80\n"
+        ));
+        // An IPv6 endpoint's colons become dots in the chain name only.
+        let s = Service::new("web", Proto::Tcp, "fd10:96::10".parse().unwrap(), 80)
+            .endpoint("[fd10:244::3:6]:8080".parse().unwrap());
+        let nft = nft_rules(&[s], "fd10:244::/64", "fd10:96::/112", &[]);
+        assert!(nft.contains("-default/web/tcp/tcp__fd10.244..3.6/8080 meta l4proto tcp dnat to [fd10:244::3:6]:8080\n"), "{nft}");
     }
 
     #[test]
@@ -693,5 +916,192 @@ mod tests {
         let nft = nft_rules(&[s], "10.244.0.0/16", "10.96.0.0/16", &[]);
         assert!(nft.contains("meta l4proto tcp dnat to 10.244.2.2:8080"));
         assert!(nft.contains("service-nodeports { tcp . 30080 : goto external-"));
+    }
+
+    /// Saved rules of kube-proxy (as [`iptables_rules`] writes them), of
+    /// portmap and of the firewall plugin, in two tables.
+    const SAVED: &str = r#"# Generated by iptables-save v1.8.9 (nf_tables)
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:CNI-FORWARD - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-SERVICES - [0:0]
+-A FORWARD -m comment --comment "CNI firewall plugin rules" -j CNI-FORWARD
+-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:CNI-HOSTPORT-DNAT - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment "not \"-j KUBE-SERVICES\"" -j MASQUERADE
+-A KUBE-SERVICES -d 10.96.0.10/32 -j KUBE-SVC-XPGD46QRK7WJZT7O
+COMMIT
+"#;
+
+    #[test]
+    fn cleanup_removes_what_kube_proxy_owns_and_nothing_else() {
+        let got = iptables_cleanup(SAVED);
+        let want = r#"*filter
+:KUBE-FORWARD - [0:0]
+:KUBE-SERVICES - [0:0]
+-D FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-D FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD
+-X KUBE-FORWARD
+-X KUBE-SERVICES
+COMMIT
+*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+-D PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-X KUBE-SERVICES
+-X KUBE-SVC-XPGD46QRK7WJZT7O
+COMMIT
+"#;
+        assert_eq!(got, want);
+        let without: String = SAVED
+            .lines()
+            .filter(|l| !l.contains("KUBE-"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(iptables_cleanup(&without), "", "nothing of kube-proxy's");
+        assert_eq!(iptables_cleanup(""), "");
+    }
+
+    /// portmap's chains and jumps (CNI-HOSTPORT-*, a per-pod CNI-DN-*) and
+    /// the firewall plugin's CNI-FORWARD, for `iptables-restore --noflush`.
+    fn other_plugins_rules(pod: &str) -> String {
+        format!(
+            "*nat\n:CNI-HOSTPORT-DNAT - [0:0]\n:CNI-HOSTPORT-MASQ - [0:0]\n\
+             :CNI-HOSTPORT-SETMARK - [0:0]\n:CNI-DN-0123456789abcdef01234 - [0:0]\n\
+             -A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT\n\
+             -A OUTPUT -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT\n\
+             -A POSTROUTING -m comment --comment \"CNI portfwd requiring masquerade\" -j CNI-HOSTPORT-MASQ\n\
+             -A CNI-HOSTPORT-MASQ -m mark --mark 0x2000/0x2000 -j MASQUERADE\n\
+             -A CNI-HOSTPORT-SETMARK -m comment --comment \"CNI portfwd masquerade mark\" -j MARK --set-xmark 0x2000/0x2000\n\
+             -A CNI-HOSTPORT-DNAT -p tcp -m comment --comment \"dnat name: \\\"evio\\\" id: \\\"abc\\\"\" -m multiport --dports 30080 -j CNI-DN-0123456789abcdef01234\n\
+             -A CNI-DN-0123456789abcdef01234 -p tcp -m tcp --dport 30080 -j DNAT --to-destination {pod}\n\
+             COMMIT\n*filter\n:CNI-FORWARD - [0:0]\n\
+             -A FORWARD -m comment --comment \"CNI firewall plugin rules\" -j CNI-FORWARD\n\
+             COMMIT\n"
+        )
+    }
+
+    /// Both families' iptables rules as saved, without the timestamps.
+    fn saved(ns: &Netns) -> String {
+        ["iptables-save", "ip6tables-save"]
+            .iter()
+            .flat_map(|p| {
+                String::from_utf8_lossy(&ns.exec(&[p]).stdout)
+                    .lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn nft_tables(ns: &Netns) -> String {
+        String::from_utf8_lossy(&ns.exec(&["nft", "list", "tables"]).stdout).into_owned()
+    }
+
+    /// kube-proxy's cleanup leaves what other plugins own in the node
+    /// netns: portmap's and the firewall plugin's iptables chains (both
+    /// families), and evio's masquerade (its `inet evio` table, written by
+    /// the plugin's own evio_net::nft). Programmed in both modes and both
+    /// families, cleared, and each time the node is exactly as before.
+    #[test]
+    fn clear_leaves_other_plugins_rules() {
+        let ns = Netns::new("evks");
+        load(
+            &ns,
+            &["iptables-restore", "--noflush"],
+            &other_plugins_rules("10.244.3.5:8080"),
+        )
+        .unwrap();
+        load(
+            &ns,
+            &["ip6tables-restore", "--noflush"],
+            &other_plugins_rules("[fd10:244::3:5]:8080"),
+        )
+        .unwrap();
+        let cidrs: Vec<ipnet::IpNet> = vec![
+            "10.244.0.0/16".parse().unwrap(),
+            "fd10:244::/64".parse().unwrap(),
+        ];
+        let exempt: Vec<ipnet::IpNet> = vec!["10.10.0.0/16".parse().unwrap()];
+        ns.run(|| evio_net::nft::ensure_masquerade_except("evio-ks", &cidrs, &exempt))
+            .unwrap();
+        let masq = || {
+            ns.run(|| evio_net::nft::masquerade_rules("evio-ks"))
+                .unwrap()
+        };
+        let evio_table = || {
+            String::from_utf8_lossy(&ns.exec(&["nft", "list", "table", "inet", "evio"]).stdout)
+                .into_owned()
+        };
+        let before = (saved(&ns), evio_table(), masq());
+        assert!(before.0.contains("-j CNI-HOSTPORT-DNAT"), "{}", before.0);
+        assert!(before.1.contains("masq-evio-ks"), "{}", before.1);
+
+        let svc = |ip: &str, ep: &str| {
+            [Service::new("web", Proto::Tcp, ip.parse().unwrap(), 80)
+                .endpoint(ep.parse().unwrap())
+                .node_port(30081)]
+        };
+        let v4 = svc("10.96.0.10", "10.244.3.6:8080");
+        let v6 = svc("fd10:96::10", "[fd10:244::3:6]:8080");
+        for mode in [Mode::Iptables, Mode::Nftables] {
+            program(&ns, mode, &v4, "10.244.0.0/16", "10.96.0.0/16", &[]).unwrap();
+            program(&ns, mode, &v6, "fd10:244::/64", "fd10:96::/112", &[]).unwrap();
+            // The second family did not remove the first.
+            match mode {
+                Mode::Iptables => {
+                    let s = saved(&ns);
+                    assert!(s.contains("-d 10.96.0.10/32"), "{s}");
+                    assert!(s.contains("-d fd10:96::10/128"), "{s}");
+                }
+                Mode::Nftables => {
+                    let t = nft_tables(&ns);
+                    assert!(t.contains("table ip kube-proxy"), "{t}");
+                    assert!(t.contains("table ip6 kube-proxy"), "{t}");
+                }
+            }
+            clear(&ns);
+            assert_eq!(saved(&ns), before.0, "{mode:?}: iptables rules");
+            assert_eq!(evio_table(), before.1, "{mode:?}: inet evio");
+            assert_eq!(masq(), before.2, "{mode:?}: evio's masquerade");
+            assert!(!nft_tables(&ns).contains("kube-proxy"), "{mode:?}");
+        }
+        // A mode switch removes the other mode's rules, as kube-proxy does.
+        program(
+            &ns,
+            Mode::Nftables,
+            &v4,
+            "10.244.0.0/16",
+            "10.96.0.0/16",
+            &[],
+        )
+        .unwrap();
+        program(
+            &ns,
+            Mode::Iptables,
+            &v4,
+            "10.244.0.0/16",
+            "10.96.0.0/16",
+            &[],
+        )
+        .unwrap();
+        assert!(!nft_tables(&ns).contains("ip kube-proxy"));
+        clear(&ns);
+        assert_eq!(saved(&ns), before.0, "after a mode switch");
     }
 }

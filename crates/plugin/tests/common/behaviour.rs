@@ -3,14 +3,15 @@
 //! bodies run in parallel without sharing anything.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use evio_testkit::netns::Netns;
 use evio_testkit::plugin::{
     addrs, ipam_allocations, link, nft_ruleset, ping, range4, range6, routes, sysctl,
-    tcp_roundtrip, NetConf, Pod, GATEWAY4, GATEWAY6, POD_CIDR4, RANGE4_START,
+    tcp_roundtrip, NetConf, Pod, GATEWAY4, GATEWAY6, POD_CIDR4, POD_CIDR6, RANGE4_START,
 };
+use evio_testkit::services::{peer_seen, ClusterIps, Endpoint, Mode};
 use serde_json::{json, Value};
 
 use super::{
@@ -1211,4 +1212,63 @@ pub fn dual_stack_add_configures_both_families(b: Backend) {
         "pod A cannot ping pod Z over v6"
     );
     tcp_roundtrip(&z.ns, z6, &a.ns).unwrap_or_else(|e| panic!("TCP v6 A -> Z: {e}"));
+}
+
+// ------------------------------------------------------------------ Services
+
+/// Issue 19, IPv4 and IPv6 on a dual-stack pod network (host-local with
+/// one range per family): kube-proxy's rules in the node netns, as its sync
+/// loop writes them (no control plane runs here), per family: its iptables
+/// mode through iptables-restore and ip6tables-restore, then its nftables
+/// mode through `ip kube-proxy` and `ip6 kube-proxy`. Pod A reaches pod Z
+/// through a ClusterIP of each family and Z sees A's own address: the reply
+/// went back through the host's conntrack (OVS: evio's flows; Linux bridge:
+/// evio's per-bridge netfilter options, the node netns's global
+/// `bridge-nf-call-ip*tables` being 0 here).
+pub fn dual_stack_cluster_ips_reach_pods(b: Backend) {
+    let f = Fixture::new(b);
+    if b == Backend::Linux {
+        for k in ["iptables", "ip6tables"] {
+            f.node
+                .ok(&["sysctl", "-qw", &format!("net.bridge.bridge-nf-call-{k}=0")]);
+        }
+    }
+    let c = f
+        .conf()
+        .ranges(json!([[range4()], [range6()]]))
+        .is_default_gateway(true);
+    let (a, z) = (Pod::new(), Pod::new());
+    let ra = f.add_ok(&a, &c);
+    let rz = f.add_ok(&z, &c);
+    let endpoint = |family: u8| Endpoint {
+        name: format!("z{family}"),
+        addr: SocketAddr::new(pod_ip(&rz, family), 8080),
+        netns: z.path(),
+    };
+    let families = [
+        (4, POD_CIDR4, "10.96.0.0/16", "10.96.0.10:80"),
+        (6, POD_CIDR6, "fd10:96::/112", "[fd10:96::10]:80"),
+    ];
+    for mode in [Mode::Iptables, Mode::Nftables] {
+        // Both families programmed before either is asked: one family's
+        // rules must not disturb the other's.
+        let cips: Vec<(u8, ClusterIps)> = families
+            .iter()
+            .map(|(family, cidr, service_cidr, vip)| {
+                let svc = [(ip_port(vip), endpoint(*family))];
+                let c = ClusterIps::program(&[&f.node], mode, cidr, service_cidr, &svc)
+                    .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+                (*family, c)
+            })
+            .collect();
+        for (family, c) in &cips {
+            c.assert_seen(pod_ip(&ra, *family), Duration::from_secs(10), |to| {
+                peer_seen(&a.path(), to)
+            });
+        }
+    }
+}
+
+fn ip_port(s: &str) -> SocketAddr {
+    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
 }

@@ -106,6 +106,7 @@ macro_rules! behaviour_suite {
             ip_masq_lets_pod_reach_network_without_route_back,
             ipv6_add_gives_usable_address,
             dual_stack_add_configures_both_families,
+            dual_stack_cluster_ips_reach_pods,
         );
     };
 }

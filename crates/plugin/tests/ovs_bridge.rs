@@ -288,3 +288,66 @@ fn reply_flows_rewrite_to_the_pinned_bridge_mac_of_a_new_bridge() {
         ovs.vsctl(&["del-br", &f.bridge]);
     }
 }
+
+/// What keeps pod-to-pod traffic at plain L2 cost: only address pairs that
+/// a connection from the host (LOCAL) joined go through evio's conntrack
+/// zone. Every packet that went through the zone lands in table 231, so its
+/// packet counters tell: the host's ping to pod A learns the pair and is
+/// counted there; pods A and Z talking directly afterwards add nothing, and
+/// learn no pair.
+#[test]
+fn only_pairs_the_host_joined_go_through_conntrack() {
+    use common::pod_ip;
+    use evio_testkit::plugin::{ping, tcp_roundtrip};
+    use std::time::{Duration, Instant};
+    let f = Fixture::new(Backend::Ovs);
+    let ovs = f.ovs.as_ref().unwrap_or_else(|| panic!("no OVS"));
+    let (a, z) = (Pod::new(), Pod::new());
+    let (ra, rz) = (f.add_ok(&a, &f.conf()), f.add_ok(&z, &f.conf()));
+    let (ia, iz) = (pod_ip(&ra, 4).to_string(), pod_ip(&rz, 4).to_string());
+    let dump = |filter: &str| {
+        let out = ovs.ofctl(&["dump-flows", &f.bridge, filter]);
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Packets that went through conntrack (vswitchd pushes the datapath's
+    // counters to the flows about every 0.5 s).
+    let tracked = || -> u64 {
+        dump("table=231")
+            .split("n_packets=")
+            .skip(1)
+            .filter_map(|x| x.split(',').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let pair_of = |ip: &str| {
+        dump("cookie=0x6576696f80000002/-1")
+            .lines()
+            .any(|x| x.contains(&format!("nw_src={ip},")) && x.contains("load:0x1->NXM_NX_REG7[]"))
+    };
+
+    assert!(ping(&f.node, &ia), "the node cannot ping pod A");
+    assert!(pair_of(&ia), "no pair learned for pod A");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tracked() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the host's ping never went through conntrack:\n{}",
+            dump("")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let base = tracked();
+
+    assert!(ping(&a.ns, &iz), "pod A cannot ping pod Z");
+    tcp_roundtrip(&z.ns, pod_ip(&rz, 4), &a.ns).unwrap_or_else(|e| panic!("TCP A -> Z: {e}"));
+    tcp_roundtrip(&a.ns, pod_ip(&ra, 4), &z.ns).unwrap_or_else(|e| panic!("TCP Z -> A: {e}"));
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(
+        tracked(),
+        base,
+        "pod-to-pod packets went through conntrack:\n{}",
+        dump("")
+    );
+    assert!(!pair_of(&iz), "a pair was learned from pod-to-pod traffic");
+}

@@ -1030,7 +1030,11 @@ impl Cluster {
                 &format!("attach {UPLINK} to {} on {}", node.bridge, node.name),
             )?,
         }
-        Ok(())
+        // The veth gets carrier a moment after both ends are up; a Linux
+        // bridge drops what arrives before (the first ARP, and with it a
+        // SYN retransmit's second of a first connection).
+        wait_carrier(&node.ns, UPLINK, node.ovs.is_none())
+            .map_err(|e| ClusterError::step(format!("uplink of {}", node.name), e))
     }
 
     /// Every pod pings and opens a TCP connection (256 KiB echoed) to every
@@ -1549,6 +1553,30 @@ pub fn network_of(ip: IpAddr, prefix: u8) -> IpAddr {
 
 /// Runs a set-up command (bounded) and turns a failure into an error that
 /// carries its output.
+/// Waits (bounded, 5 s) until `dev` in `ns` has carrier and, when it is a
+/// Linux bridge port (`bridge_port`), forwards.
+fn wait_carrier(ns: &Netns, dev: &str, bridge_port: bool) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let link = ns.exec(&["ip", "-o", "link", "show", "dev", dev]);
+        let up = String::from_utf8_lossy(&link.stdout).contains("LOWER_UP");
+        let forwarding = !bridge_port || {
+            let port = ns.exec(&["bridge", "link", "show", "dev", dev]);
+            String::from_utf8_lossy(&port.stdout).contains("state forwarding")
+        };
+        if up && forwarding {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{dev} has no carrier or does not forward after 5 s: {}",
+                String::from_utf8_lossy(&link.stdout).trim()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn cmd_ok(cmd: Command, what: &str) -> Result<(), ClusterError> {
     let out = guarded(what, || run_bounded(cmd, b"", CMD_TIMEOUT))?;
     if out.success() {

@@ -747,3 +747,36 @@ fn metrics(st: &State) -> String {
     }
     m
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exposition text, byte for byte, of a fixed state: what scrapers
+    /// see must not move with a refactor.
+    #[test]
+    fn metrics_text_of_a_fixed_state() {
+        let st = State {
+            reconciles: 5,
+            failures: 1,
+            rewrites: 2,
+            bridge_repairs: 3,
+            flow_repairs: 4,
+            last_ok: Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_250)),
+            node: "node-\"r\"".to_string(),
+            network: "net\\1".to_string(),
+            subnet: "10.244.3.0/24".to_string(),
+            gateway: "10.244.3.1".to_string(),
+            bridge: "br\nx".to_string(),
+            pods: Some(7),
+            bridge_up: Some(true),
+            ..State::default()
+        };
+        let text = metrics(&st);
+        assert_eq!(text, include_str!("run_metrics_golden.txt"));
+        assert_eq!(
+            metrics(&State::default()),
+            include_str!("run_metrics_golden_empty.txt")
+        );
+    }
+}

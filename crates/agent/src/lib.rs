@@ -23,7 +23,7 @@ pub mod signal;
 pub mod udp;
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -412,6 +412,26 @@ struct Threads {
 /// that.
 pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let sigs = block_signals()?;
+    let agent = start(&cfg)?;
+    let end = wait_for_end(&sigs, &agent.leave);
+    teardown(&cfg, agent, end)
+}
+
+/// A started agent: what the main thread holds until the end.
+struct Running {
+    threads: Threads,
+    engine: EngineHandle,
+    stop: Arc<Stop>,
+    leave: Arc<AtomicBool>,
+    /// Disarmed once started; kept for `leave`.
+    cleanup: Cleanup,
+    /// The engine's epoll fd, closed after the engine thread is joined.
+    epoll: OwnedFd,
+}
+
+/// Opens the devices and the socket, builds the engine and starts the
+/// threads; a failure undoes what was created.
+fn start(cfg: &AgentConfig) -> Result<Running, AgentError> {
     // SAFETY: plain pthread_self(3).
     let main_thread = unsafe { libc::pthread_self() };
     let started = Instant::now();
@@ -433,55 +453,18 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         armed: true,
         host_rule: None,
     };
-    let devices = open_devices(&cfg, &mut host, &mut cleanup)?;
+    let devices = open_devices(cfg, &mut host, &mut cleanup)?;
 
     let udp = udp::Udp::bind(cfg.listen_port)
         .map_err(AgentError::io(format!("UDP port {}", cfg.listen_port)))?;
     let listen = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), udp.port());
-    // SAFETY: plain epoll_create1(2).
-    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if epoll < 0 {
-        return Err(AgentError::io("epoll")(std::io::Error::last_os_error()));
-    }
-    // SAFETY: epoll was just created and is owned here.
-    let epoll_owned = unsafe { OwnedFd::from_raw_fd(epoll) };
-    let now = Instant::now();
-    let mut ocfg = OverlayConfig::new(&cfg.network, cfg.pod_subnet, cfg.plugin.mtu as usize);
-    ocfg.host_addr = cfg.host_addr.map(|a| a.addr());
-    ocfg.bridge_mac = devices.bridge_mac;
-    // Every random draw of the engine comes from this one OS-seeded stream.
-    let mut overlay = Overlay::new(now, ocfg, id, evio_overlay::crypto::os_seed());
+    let epoll = epoll_create()?;
     // The last known peers first: handshakes go out before the store has
     // answered (or while it does not), and at once: those peers still hold
     // sessions with this node's previous agent and would not initiate.
     let initial = signal::cached_peers(&cfg.cache);
-    if !initial.is_empty() {
-        overlay.set_peers(now, &initial);
-        overlay.hurry(now);
-    }
-    let nat_cfg = NatConfig {
-        port: udp.port(),
-        stun: cfg.stun.clone(),
-        turn: cfg.turn.clone(),
-    };
-    let nat = Nat::new(now, nat_cfg, evio_overlay::crypto::os_seed());
-    let waker = Waker::new()?;
-    let (cmd_tx, cmd_rx) = mpsc::sync_channel(dataplane::COMMAND_QUEUE);
-    let (cand_std_tx, cand_std_rx) =
-        mpsc::channel::<Vec<(SocketAddr, evio_subnet::CandidateKind)>>();
     let bridge_mac = devices.bridge_mac;
-    let dp = Dataplane::new(
-        Stack::new(overlay, nat),
-        Devices::new(udp, Some(devices.tap), devices.tun, epoll),
-        cmd_rx,
-        waker.raw(),
-        cand_std_tx,
-    )
-    .map_err(AgentError::io("engine set-up"))?;
-    let engine = EngineHandle {
-        commands: cmd_tx,
-        waker,
-    };
+    let (dp, engine, cand_std_rx) = build_engine(cfg, id, devices, udp, &epoll, &initial)?;
     // Also through the engine's command path, which tells the NAT layer
     // about the peers' addresses.
     engine.send(Command::Peers(initial.clone()));
@@ -501,7 +484,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         initial,
         cand_std_rx,
     };
-    let threads = spawn_threads(&cfg, dp, &engine, &stop, &leave, me, spawn)?;
+    let threads = spawn_threads(cfg, dp, &engine, &stop, &leave, me, spawn)?;
     cleanup.armed = false;
     tracing::info!(
         node = %cfg.node,
@@ -512,7 +495,83 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         took_ms = started.elapsed().as_millis() as u64,
         "agent up"
     );
-    let end = wait_for_end(&sigs, &leave);
+    Ok(Running {
+        threads,
+        engine,
+        stop,
+        leave,
+        cleanup,
+        epoll,
+    })
+}
+
+fn epoll_create() -> Result<OwnedFd, AgentError> {
+    // SAFETY: plain epoll_create1(2).
+    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epoll < 0 {
+        return Err(AgentError::io("epoll")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: epoll was just created and is owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(epoll) })
+}
+
+type CandidateRx = mpsc::Receiver<Vec<(SocketAddr, evio_subnet::CandidateKind)>>;
+
+/// The engine (overlay core, NAT layer, devices) and the handle that
+/// commands it; the receiver gets our candidates when they change.
+fn build_engine(
+    cfg: &AgentConfig,
+    id: Identity,
+    devices: NodeDevices,
+    udp: udp::Udp,
+    epoll: &OwnedFd,
+    initial: &[evio_overlay::engine::PeerInfo],
+) -> Result<(Dataplane, EngineHandle, CandidateRx), AgentError> {
+    let now = Instant::now();
+    let mut ocfg = OverlayConfig::new(&cfg.network, cfg.pod_subnet, cfg.plugin.mtu as usize);
+    ocfg.host_addr = cfg.host_addr.map(|a| a.addr());
+    ocfg.bridge_mac = devices.bridge_mac;
+    // Every random draw of the engine comes from this one OS-seeded stream.
+    let mut overlay = Overlay::new(now, ocfg, id, evio_overlay::crypto::os_seed());
+    if !initial.is_empty() {
+        overlay.set_peers(now, initial);
+        overlay.hurry(now);
+    }
+    let nat_cfg = NatConfig {
+        port: udp.port(),
+        stun: cfg.stun.clone(),
+        turn: cfg.turn.clone(),
+    };
+    let nat = Nat::new(now, nat_cfg, evio_overlay::crypto::os_seed());
+    let waker = Waker::new()?;
+    let (cmd_tx, cmd_rx) = mpsc::sync_channel(dataplane::COMMAND_QUEUE);
+    let (cand_std_tx, cand_std_rx) = mpsc::channel();
+    let dp = Dataplane::new(
+        Stack::new(overlay, nat),
+        Devices::new(udp, Some(devices.tap), devices.tun, epoll.as_raw_fd()),
+        cmd_rx,
+        waker.raw(),
+        cand_std_tx,
+    )
+    .map_err(AgentError::io("engine set-up"))?;
+    let engine = EngineHandle {
+        commands: cmd_tx,
+        waker,
+    };
+    Ok((dp, engine, cand_std_rx))
+}
+
+/// Stops the threads, within a bounded time, and on `leave` removes the
+/// node's devices, port and rule.
+fn teardown(cfg: &AgentConfig, agent: Running, end: End) -> Result<(), AgentError> {
+    let Running {
+        threads,
+        engine,
+        stop,
+        leave: _,
+        mut cleanup,
+        epoll,
+    } = agent;
     // Bounded teardown: whatever hangs, the process exits within 5 s, and
     // says so with its exit code.
     let deadline = Instant::now() + Duration::from_millis(4500);
@@ -534,7 +593,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let _ = threads.control.join();
     let _ = threads.fwd.join();
     let _ = std::fs::remove_file(&cfg.control_socket);
-    drop(epoll_owned);
+    drop(epoll);
     match (end, engine_result) {
         (End::Stop | End::Leave, _) => Ok(()),
         (End::EngineEnded, Ok(Err(e))) => Err(AgentError::EngineDied(e.to_string())),
@@ -605,7 +664,7 @@ struct Spawn {
     main_thread: libc::pthread_t,
     bridge_mac: Option<[u8; 6]>,
     initial: Vec<evio_overlay::engine::PeerInfo>,
-    cand_std_rx: mpsc::Receiver<Vec<(SocketAddr, evio_subnet::CandidateKind)>>,
+    cand_std_rx: CandidateRx,
 }
 
 fn spawn_threads(
@@ -628,18 +687,7 @@ fn spawn_threads(
         ..signal::StoreHealth::default()
     }));
     let (cand_tx, cand_rx) = tokio::sync::mpsc::unbounded_channel();
-    // Candidates flow engine -> store thread (std channel bridged into the
-    // store's async world by a forwarding thread that ends with the engine).
-    let fwd = std::thread::Builder::new()
-        .name("evio-cand".into())
-        .spawn(move || {
-            while let Ok(c) = cand_std_rx.recv() {
-                if cand_tx.send(c).is_err() {
-                    break;
-                }
-            }
-        })
-        .map_err(AgentError::io("spawn thread"))?;
+    let fwd = spawn_forwarder(cand_std_rx, cand_tx)?;
     let engine_thread = std::thread::Builder::new()
         .name("evio-engine".into())
         .spawn(move || {
@@ -648,21 +696,7 @@ fn spawn_threads(
             r
         })
         .map_err(AgentError::io("spawn thread"))?;
-    let record = PeerRecord {
-        node: cfg.node.clone(),
-        public_key: me.public_key.clone(),
-        host_address: cfg.host_addr.map(|a| a.to_string()),
-        pod_subnet: cfg.pod_subnet.to_string(),
-        endpoints: Vec::new(),
-        candidates: Vec::new(),
-        heartbeat: evio_subnet::now_rfc3339(),
-        extra: bridge_mac
-            .map(|m| {
-                let v = serde_json::Value::from(evio_overlay::packet::fmt_mac(&m));
-                serde_json::Map::from_iter([(signal::BRIDGE_MAC.to_string(), v)])
-            })
-            .unwrap_or_default(),
-    };
+    let record = own_record(cfg, &me.public_key, bridge_mac);
     let sig = signal::Signalling {
         network: cfg.network.clone(),
         url: cfg.store_url.clone(),
@@ -686,17 +720,7 @@ fn spawn_threads(
         .name("evio-store".into())
         .spawn(move || sig.run())
         .map_err(AgentError::io("spawn thread"))?;
-    let exclude = vec![
-        cfg.plugin.bridge.clone(),
-        cfg.tap_name.clone(),
-        cfg.host_interface.clone(),
-    ];
-    let mut nets = vec![cfg.pod_cidr];
-    if let Some(h) = cfg.host_addr {
-        nets.push(h.trunc());
-    }
-    let listen = me.listen.port();
-    let watch = netwatch::spawn(engine.clone(), stop.clone(), listen, exclude, nets)?;
+    let watch = spawn_netwatch(cfg, engine, stop, me.listen.port())?;
     let control = control::spawn(
         &cfg.control_socket,
         engine.clone(),
@@ -712,6 +736,64 @@ fn spawn_threads(
         control,
         fwd,
     })
+}
+
+/// Candidates flow engine -> store thread: a std channel bridged into the
+/// store's async world by this thread, which ends with the engine.
+fn spawn_forwarder(
+    from: CandidateRx,
+    to: tokio::sync::mpsc::UnboundedSender<Vec<(SocketAddr, evio_subnet::CandidateKind)>>,
+) -> Result<std::thread::JoinHandle<()>, AgentError> {
+    std::thread::Builder::new()
+        .name("evio-cand".into())
+        .spawn(move || {
+            while let Ok(c) = from.recv() {
+                if to.send(c).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(AgentError::io("spawn thread"))
+}
+
+/// This node's record as first published (candidates follow from the
+/// engine).
+fn own_record(cfg: &AgentConfig, public_key: &str, bridge_mac: Option<[u8; 6]>) -> PeerRecord {
+    PeerRecord {
+        node: cfg.node.clone(),
+        public_key: public_key.to_string(),
+        host_address: cfg.host_addr.map(|a| a.to_string()),
+        pod_subnet: cfg.pod_subnet.to_string(),
+        endpoints: Vec::new(),
+        candidates: Vec::new(),
+        heartbeat: evio_subnet::now_rfc3339(),
+        extra: bridge_mac
+            .map(|m| {
+                let v = serde_json::Value::from(evio_overlay::packet::fmt_mac(&m));
+                serde_json::Map::from_iter([(signal::BRIDGE_MAC.to_string(), v)])
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// The thread that follows the host's addresses, minus evio's own devices
+/// and networks.
+fn spawn_netwatch(
+    cfg: &AgentConfig,
+    engine: &EngineHandle,
+    stop: &Arc<Stop>,
+    listen: u16,
+) -> Result<std::thread::JoinHandle<()>, AgentError> {
+    let exclude = vec![
+        cfg.plugin.bridge.clone(),
+        cfg.tap_name.clone(),
+        cfg.host_interface.clone(),
+    ];
+    let mut nets = vec![cfg.pod_cidr];
+    if let Some(h) = cfg.host_addr {
+        nets.push(h.trunc());
+    }
+    netwatch::spawn(engine.clone(), stop.clone(), listen, exclude, nets)
 }
 
 /// What a failed start undoes, and what leaving removes: the agent's OVS

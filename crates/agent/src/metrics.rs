@@ -1,11 +1,11 @@
 //! What the control socket answers: `peers` as the JSON of OVERLAY.md (plus
 //! a few extra fields), Prometheus metrics, and a health summary.
 
-use std::fmt::Write as _;
+use std::fmt::{Display, Write as _};
 use std::time::{Duration, Instant, SystemTime};
 
 use evio_overlay::crypto::b64;
-use evio_overlay::engine::PeerState;
+use evio_overlay::engine::{PeerState, PeerStatus};
 use evio_overlay::l2::DropReason;
 use evio_overlay::path::Via;
 use evio_overlay::tunnel::Reject;
@@ -211,64 +211,112 @@ fn bytes(n: u64) -> String {
     }
 }
 
-/// Label values are node names (validated: no quotes or backslashes),
-/// escaped anyway.
-fn label(s: &str) -> String {
+/// Prometheus' text exposition format, one family after another: the
+/// agent's and `evio-node run`'s metrics share it, so HELP/TYPE lines and
+/// label escaping are written once.
+#[derive(Default)]
+pub struct Exposition {
+    text: String,
+}
+
+impl Exposition {
+    /// The HELP and TYPE lines that open a family.
+    pub fn family(&mut self, name: &str, help: &str, kind: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    /// One sample; `labels` in order, their values escaped here (node names
+    /// are validated, escaped anyway).
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
+        self.text.push_str(name);
+        for (i, (k, v)) in labels.iter().enumerate() {
+            let open = if i == 0 { '{' } else { ',' };
+            let _ = write!(self.text, "{open}{k}=\"{}\"", label_value(v));
+        }
+        if !labels.is_empty() {
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {value}");
+    }
+
+    /// A family of one sample.
+    pub fn series(
+        &mut self,
+        (name, help, kind): (&str, &str, &str),
+        labels: &[(&str, &str)],
+        value: impl Display,
+    ) {
+        self.family(name, help, kind);
+        self.sample(name, labels, value);
+    }
+
+    pub fn into_text(self) -> String {
+        self.text
+    }
+}
+
+/// A label value as the text format wants it.
+pub fn label_value(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
 
+type PeerValue = fn(&PeerStatus) -> u64;
+
+const PER_PEER_COUNTERS: [(&str, &str, PeerValue); 5] = [
+    (
+        "evio_peer_rx_bytes_total",
+        "Bytes received from the peer (datagrams).",
+        |p| p.stats.rx_bytes,
+    ),
+    (
+        "evio_peer_tx_bytes_total",
+        "Bytes sent to the peer (datagrams).",
+        |p| p.stats.tx_bytes,
+    ),
+    (
+        "evio_peer_rx_packets_total",
+        "Authenticated datagrams received from the peer.",
+        |p| p.stats.rx_packets,
+    ),
+    (
+        "evio_peer_tx_packets_total",
+        "Datagrams sent to the peer.",
+        |p| p.stats.tx_packets,
+    ),
+    (
+        "evio_peer_handshakes_total",
+        "Completed handshakes with the peer.",
+        |p| p.stats.handshakes,
+    ),
+];
+
 pub fn prometheus(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> String {
-    let mut o = String::new();
-    let node = label(&me.node);
-    let mut counter = |name: &str, help: &str, rows: Vec<(String, u64)>| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
-        for (labels, v) in rows {
-            let _ = writeln!(o, "{name}{{node=\"{node}\"{labels}}} {v}");
+    let mut e = Exposition::default();
+    let node = me.node.as_str();
+    peer_counters(&mut e, node, snap);
+    overlay_counters(&mut e, node, snap);
+    peer_gauges(&mut e, node, snap);
+    overlay_gauges(&mut e, node, snap, health);
+    e.into_text()
+}
+
+/// Traffic, handshakes and drops, per peer.
+fn peer_counters(e: &mut Exposition, node: &str, snap: &Snapshot) {
+    for (name, help, f) in PER_PEER_COUNTERS {
+        e.family(name, help, "counter");
+        for p in &snap.peers {
+            e.sample(name, &[("node", node), ("peer", &p.node)], f(p));
         }
-    };
-    type PeerStatus = evio_overlay::engine::PeerStatus;
-    type PeerValue = fn(&PeerStatus) -> u64;
-    let per_peer = |f: PeerValue| {
-        snap.peers
-            .iter()
-            .map(|p| (format!(",peer=\"{}\"", label(&p.node)), f(p)))
-            .collect::<Vec<_>>()
-    };
-    let per_peer_counters: [(&str, &str, PeerValue); 5] = [
-        (
-            "evio_peer_rx_bytes_total",
-            "Bytes received from the peer (datagrams).",
-            |p| p.stats.rx_bytes,
-        ),
-        (
-            "evio_peer_tx_bytes_total",
-            "Bytes sent to the peer (datagrams).",
-            |p| p.stats.tx_bytes,
-        ),
-        (
-            "evio_peer_rx_packets_total",
-            "Authenticated datagrams received from the peer.",
-            |p| p.stats.rx_packets,
-        ),
-        (
-            "evio_peer_tx_packets_total",
-            "Datagrams sent to the peer.",
-            |p| p.stats.tx_packets,
-        ),
-        (
-            "evio_peer_handshakes_total",
-            "Completed handshakes with the peer.",
-            |p| p.stats.handshakes,
-        ),
-    ];
-    for (name, help, f) in per_peer_counters {
-        counter(name, help, per_peer(f));
     }
-    let mut drops = Vec::new();
+    let name = "evio_peer_drops_total";
+    e.family(
+        name,
+        "Datagrams or frames from the peer that were dropped, by reason.",
+        "counter",
+    );
     for p in &snap.peers {
-        let pl = label(&p.node);
         let switch = p.stats.dropped.saturating_sub(p.stats.spoofed);
         for (reason, v) in [
             ("spoofed", p.stats.spoofed),
@@ -276,139 +324,236 @@ pub fn prometheus(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Strin
             ("auth", p.stats.auth),
             ("switch", switch),
         ] {
-            drops.push((format!(",peer=\"{pl}\",reason=\"{reason}\""), v));
+            let labels = [("node", node), ("peer", &p.node), ("reason", reason)];
+            e.sample(name, &labels, v);
         }
     }
-    counter(
-        "evio_peer_drops_total",
-        "Datagrams or frames from the peer that were dropped, by reason.",
-        drops,
-    );
-    let rejects: Vec<(String, u64)> = Reject::ALL
-        .iter()
-        .map(|r| {
-            (
-                format!(",reason=\"{}\"", r.as_str()),
-                snap.stats.rejects.get(r.as_str()).copied().unwrap_or(0),
-            )
-        })
-        .chain(std::iter::once((
-            ",reason=\"stun_turn_junk\"".to_string(),
-            snap.nat_junk,
-        )))
-        .collect();
-    counter(
-        "evio_overlay_rejected_total",
+}
+
+/// Node-wide refusals and drops, by reason.
+fn overlay_counters(e: &mut Exposition, node: &str, snap: &Snapshot) {
+    let name = "evio_overlay_rejected_total";
+    e.family(
+        name,
         "Datagrams refused before reaching a peer's session (replay, auth, no_session, malformed, rate_limited, unknown_peer).",
-        rejects,
+        "counter",
     );
-    let sw: Vec<(String, u64)> = DropReason::ALL
-        .iter()
-        .map(|r| {
-            (
-                format!(",reason=\"{}\"", r.as_str()),
-                snap.stats
-                    .switch_drops
-                    .get(r.as_str())
-                    .copied()
-                    .unwrap_or(0),
-            )
-        })
-        .collect();
-    counter(
-        "evio_overlay_switch_drops_total",
-        "Frames the L2 switch dropped, by reason.",
-        sw,
+    for r in Reject::ALL {
+        let v = snap.stats.rejects.get(r.as_str()).copied().unwrap_or(0);
+        e.sample(name, &[("node", node), ("reason", r.as_str())], v);
+    }
+    let junk = [("node", node), ("reason", "stun_turn_junk")];
+    e.sample(name, &junk, snap.nat_junk);
+    let name = "evio_overlay_switch_drops_total";
+    e.family(name, "Frames the L2 switch dropped, by reason.", "counter");
+    for r in DropReason::ALL {
+        let v = snap
+            .stats
+            .switch_drops
+            .get(r.as_str())
+            .copied()
+            .unwrap_or(0);
+        e.sample(name, &[("node", node), ("reason", r.as_str())], v);
+    }
+    let node_only = [("node", node)];
+    e.series(
+        (
+            "evio_overlay_no_path_total",
+            "Frames for a peer without a session or working path.",
+            "counter",
+        ),
+        &node_only,
+        snap.stats.no_path,
     );
-    counter(
-        "evio_overlay_no_path_total",
-        "Frames for a peer without a session or working path.",
-        vec![(String::new(), snap.stats.no_path)],
+    e.series(
+        (
+            "evio_overlay_udp_send_drops_total",
+            "Datagrams the kernel refused to send.",
+            "counter",
+        ),
+        &node_only,
+        snap.udp_dropped,
     );
-    counter(
-        "evio_overlay_udp_send_drops_total",
-        "Datagrams the kernel refused to send.",
-        vec![(String::new(), snap.udp_dropped)],
-    );
-    let _ = writeln!(
-        o,
-        "# HELP evio_peer_up Whether the peer is connected.\n# TYPE evio_peer_up gauge"
+}
+
+/// Each peer's state, relaying and RTT.
+fn peer_gauges(e: &mut Exposition, node: &str, snap: &Snapshot) {
+    let name = "evio_peer_up";
+    e.family(name, "Whether the peer is connected.", "gauge");
+    for p in &snap.peers {
+        let up = u8::from(p.state == PeerState::Connected);
+        e.sample(name, &[("node", node), ("peer", &p.node)], up);
+    }
+    let name = "evio_peer_relayed";
+    e.family(
+        name,
+        "Whether the peer's path goes through a TURN relay.",
+        "gauge",
     );
     for p in &snap.peers {
-        let _ = writeln!(
-            o,
-            "evio_peer_up{{node=\"{node}\",peer=\"{}\"}} {}",
-            label(&p.node),
-            u8::from(p.state == PeerState::Connected)
-        );
+        let relayed = u8::from(p.relayed == Some(true));
+        e.sample(name, &[("node", node), ("peer", &p.node)], relayed);
     }
-    let _ = writeln!(o, "# HELP evio_peer_relayed Whether the peer's path goes through a TURN relay.\n# TYPE evio_peer_relayed gauge");
-    for p in &snap.peers {
-        let _ = writeln!(
-            o,
-            "evio_peer_relayed{{node=\"{node}\",peer=\"{}\"}} {}",
-            label(&p.node),
-            u8::from(p.relayed == Some(true))
-        );
-    }
-    let _ = writeln!(o, "# HELP evio_peer_rtt_seconds Smoothed round-trip time of the peer's path.\n# TYPE evio_peer_rtt_seconds gauge");
+    let name = "evio_peer_rtt_seconds";
+    e.family(
+        name,
+        "Smoothed round-trip time of the peer's path.",
+        "gauge",
+    );
     for p in &snap.peers {
         if let Some(r) = p.rtt {
-            let _ = writeln!(
-                o,
-                "evio_peer_rtt_seconds{{node=\"{node}\",peer=\"{}\"}} {:.6}",
-                label(&p.node),
-                r.as_secs_f64()
-            );
+            let v = format_args!("{:.6}", r.as_secs_f64());
+            e.sample(name, &[("node", node), ("peer", &p.node)], v);
         }
     }
+}
+
+/// Peers, TURN allocations, learned MACs and the store, for the node.
+fn overlay_gauges(e: &mut Exposition, node: &str, snap: &Snapshot, health: &StoreHealth) {
     let connected = snap
         .peers
         .iter()
         .filter(|p| p.state == PeerState::Connected)
         .count();
-    let _ = writeln!(o, "# HELP evio_overlay_peers Peers known from the store, and connected.\n# TYPE evio_overlay_peers gauge");
-    let _ = writeln!(
-        o,
-        "evio_overlay_peers{{node=\"{node}\",state=\"known\"}} {}",
-        snap.peers.len()
+    let name = "evio_overlay_peers";
+    e.family(name, "Peers known from the store, and connected.", "gauge");
+    let known = snap.peers.len();
+    e.sample(name, &[("node", node), ("state", "known")], known);
+    e.sample(name, &[("node", node), ("state", "connected")], connected);
+    let name = "evio_overlay_turn_ready";
+    e.family(
+        name,
+        "Whether the allocation on each TURN server is up.",
+        "gauge",
     );
-    let _ = writeln!(
-        o,
-        "evio_overlay_peers{{node=\"{node}\",state=\"connected\"}} {connected}"
-    );
-    let _ = writeln!(o, "# HELP evio_overlay_turn_ready Whether the allocation on each TURN server is up.\n# TYPE evio_overlay_turn_ready gauge");
     for (s, _, st) in &snap.turn {
-        let _ = writeln!(
-            o,
-            "evio_overlay_turn_ready{{node=\"{node}\",server=\"{s}\"}} {}",
-            u8::from(matches!(st, TurnState::Ready(_)))
-        );
+        let ready = u8::from(matches!(st, TurnState::Ready(_)));
+        e.sample(name, &[("node", node), ("server", &s.to_string())], ready);
     }
-    let _ = writeln!(o, "# HELP evio_overlay_learned_macs MACs learned from peers.\n# TYPE evio_overlay_learned_macs gauge");
-    let _ = writeln!(
-        o,
-        "evio_overlay_learned_macs{{node=\"{node}\"}} {}",
-        snap.learned_macs
+    let node_only = [("node", node)];
+    e.series(
+        (
+            "evio_overlay_learned_macs",
+            "MACs learned from peers.",
+            "gauge",
+        ),
+        &node_only,
+        snap.learned_macs,
     );
-    let _ = writeln!(o, "# HELP evio_overlay_stale_peers Peers whose liveness lapsed in the store, kept while their tunnel works.\n# TYPE evio_overlay_stale_peers gauge");
-    let _ = writeln!(
-        o,
-        "evio_overlay_stale_peers{{node=\"{node}\"}} {}",
-        health.stale.len()
+    e.series(
+        (
+            "evio_overlay_stale_peers",
+            "Peers whose liveness lapsed in the store, kept while their tunnel works.",
+            "gauge",
+        ),
+        &node_only,
+        health.stale.len(),
     );
-    let _ = writeln!(o, "# HELP evio_overlay_store_ok Whether this node's record is published and not revoked.\n# TYPE evio_overlay_store_ok gauge");
-    let _ = writeln!(
-        o,
-        "evio_overlay_store_ok{{node=\"{node}\"}} {}",
-        u8::from(health.published && !health.revoked)
+    e.series(
+        (
+            "evio_overlay_store_ok",
+            "Whether this node's record is published and not revoked.",
+            "gauge",
+        ),
+        &node_only,
+        u8::from(health.published && !health.revoked),
     );
-    o
 }
 
 #[cfg(test)]
 mod tests {
-    use super::columns;
+    use super::*;
+    use evio_overlay::engine::{PeerStats, Stats};
+    use evio_overlay::nat::TurnTransport;
+    use evio_overlay::path::PathAddr;
+
+    fn peer(node: &str, n: u64, state: PeerState, relayed: Option<bool>) -> PeerStatus {
+        PeerStatus {
+            node: node.to_string(),
+            key: [n as u8; 32],
+            pod_subnet: "10.244.1.0/24".parse().unwrap(),
+            host_addr: None,
+            state,
+            relayed,
+            path: Some(PathAddr::direct("203.0.113.7:5800".parse().unwrap())),
+            rtt: relayed.map(|_| Duration::from_micros(1234 * n)),
+            session_born: None,
+            path_changed: None,
+            stats: PeerStats {
+                rx_bytes: 1000 * n,
+                tx_bytes: 2000 * n,
+                rx_packets: 10 * n,
+                tx_packets: 20 * n,
+                handshakes: n,
+                spoofed: n,
+                dropped: 5 * n,
+                replay: 2 * n,
+                auth: 3 * n,
+            },
+            paths: 2,
+            alive_paths: 1,
+        }
+    }
+
+    /// A snapshot touching every family: peers up and down, relayed or not,
+    /// with and without an RTT, a name that needs escaping, counters by
+    /// reason, two TURN servers.
+    fn fixture() -> (SelfInfo, Snapshot, StoreHealth) {
+        let now = Instant::now();
+        let me = SelfInfo {
+            node: "node-\"a\"".to_string(),
+            public_key: String::new(),
+            host_address: None,
+            pod_subnet: "10.244.0.0/24".parse().unwrap(),
+            listen: "203.0.113.1:5800".parse().unwrap(),
+            started: now,
+        };
+        let mut stats = Stats::default();
+        stats.rejects.insert(Reject::ALL[0].as_str(), 7);
+        stats.switch_drops.insert(DropReason::ALL[1].as_str(), 9);
+        stats.no_path = 4;
+        let turn_ready = TurnState::Ready("203.0.113.9:40000".parse().unwrap());
+        let snap = Snapshot {
+            peers: vec![
+                peer("b", 1, PeerState::Connected, Some(true)),
+                peer("c\\d\nx", 2, PeerState::Connecting, Some(false)),
+                peer("e", 3, PeerState::Down, None),
+            ],
+            stats,
+            candidates: Vec::new(),
+            turn: vec![
+                (
+                    "203.0.113.9:3478".parse().unwrap(),
+                    TurnTransport::Udp,
+                    turn_ready,
+                ),
+                (
+                    "203.0.113.10:3478".parse().unwrap(),
+                    TurnTransport::Tcp,
+                    TurnState::Idle,
+                ),
+            ],
+            udp_dropped: 11,
+            nat_junk: 13,
+            learned_macs: 6,
+            taken: now,
+        };
+        let health = StoreHealth {
+            published: true,
+            stale: ["x".to_string()].into(),
+            ..StoreHealth::default()
+        };
+        (me, snap, health)
+    }
+
+    /// The exposition text, byte for byte, of the fixed snapshot: what
+    /// scrapers and the node's /metrics see must not move with a refactor.
+    #[test]
+    fn prometheus_text_of_a_fixed_snapshot() {
+        let (me, snap, health) = fixture();
+        let text = prometheus(&me, &snap, &health);
+        assert_eq!(text, include_str!("metrics_golden.txt"));
+    }
 
     /// Widths count characters, not bytes, and no line ends in spaces.
     #[test]

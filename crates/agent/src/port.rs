@@ -14,14 +14,10 @@ use evio_cni::config::{BridgeAddr, BridgeType, NetConf};
 use evio_net::{sysctl, Handle, Link};
 use evio_ovsdb::vswitch::PortSpec;
 use evio_ovsdb::Client;
+use evio_plugin::naming::ovs_ids::{NETWORK as NETWORK_KEY, OWNER as OWNER_KEY, OWNER_AGENT};
 use ipnet::IpNet;
 
 use crate::AgentError;
-
-pub const OWNER_KEY: &str = "evio-owner";
-/// Distinct from the plugin's `evio`: GC keeps its hands off.
-pub const OWNER_AGENT: &str = "evio-agent";
-pub const NETWORK_KEY: &str = "evio-network";
 
 const OVSDB_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -389,93 +389,119 @@ impl SendBatch {
     pub fn flush(&mut self, udp: &Udp) {
         let mut i = 0;
         while i < self.queued.len() {
-            self.addrs.clear();
-            self.iovs.clear();
-            self.msgs.clear();
-            // Group runs: same destination, contiguous, equal size (the
-            // last of a run may be shorter), within the GSO limits.
-            self.groups.clear();
-            while i < self.queued.len() && self.groups.len() < self.cmsgs.len() {
-                let (to, off, len) = self.queued[i];
-                let mut j = i + 1;
-                let mut total = len;
-                if udp.gso {
-                    while j < self.queued.len() && j - i < GSO_MAX_SEGMENTS {
-                        let (t2, o2, l2) = self.queued[j];
-                        if t2 != to || o2 != off + total || l2 > len || total + l2 > GSO_MAX_BYTES {
-                            break;
-                        }
-                        total += l2;
-                        j += 1;
-                        if l2 < len {
-                            break;
-                        }
-                    }
-                }
-                self.groups.push((i, j));
-                self.addrs.push(to_sockaddr(to));
-                self.iovs.push(libc::iovec {
-                    iov_base: self.data[off..].as_mut_ptr().cast(),
-                    iov_len: total,
-                });
-                i = j;
-            }
-            for (g, &(a, b)) in self.groups.iter().enumerate() {
-                // SAFETY: plain old data, all-zero valid.
-                let mut h: libc::mmsghdr = unsafe { zeroed() };
-                h.msg_hdr.msg_name = (&mut self.addrs[g] as *mut libc::sockaddr_in).cast();
-                h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                h.msg_hdr.msg_iov = &mut self.iovs[g];
-                h.msg_hdr.msg_iovlen = 1;
-                if b - a > 1 {
-                    let seg = self.queued[a].2 as u16;
-                    let buf = &mut self.cmsgs[g];
-                    h.msg_hdr.msg_control = buf.as_mut_ptr().cast();
-                    // SAFETY: CMSG_SPACE(2) fits the 64-byte buffer.
-                    unsafe {
-                        h.msg_hdr.msg_controllen = libc::CMSG_SPACE(2) as usize;
-                        let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
-                        (*c).cmsg_level = SOL_UDP;
-                        (*c).cmsg_type = UDP_SEGMENT;
-                        (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
-                        std::ptr::copy_nonoverlapping(
-                            (&seg as *const u16).cast::<u8>(),
-                            libc::CMSG_DATA(c),
-                            2,
-                        );
-                    }
-                }
-                self.msgs.push(h);
-            }
-            let mut sent = 0;
-            while sent < self.msgs.len() {
-                self.syscalls += 1;
-                // SAFETY: the headers point into buffers owned by self.
-                let r = unsafe {
-                    libc::sendmmsg(
-                        udp.as_raw_fd(),
-                        self.msgs[sent..].as_mut_ptr(),
-                        (self.msgs.len() - sent) as libc::c_uint,
-                        0,
-                    )
-                };
-                if r <= 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    // Unreachable destinations (ICMP errors reported on the
-                    // socket), a full buffer: drop this message, go on.
-                    let (a, b) = self.groups[sent];
-                    self.dropped += (b - a) as u64;
-                    sent += 1;
-                    continue;
-                }
-                sent += r as usize;
-            }
+            i = self.group(i, udp.gso);
+            self.headers();
+            self.send(udp);
         }
         self.queued.clear();
         self.cursor = 0;
+    }
+
+    /// Groups the queue from `i` into as many messages as there are
+    /// control buffers; returns where the next round starts.
+    fn group(&mut self, mut i: usize, gso: bool) -> usize {
+        self.addrs.clear();
+        self.iovs.clear();
+        self.msgs.clear();
+        self.groups.clear();
+        while i < self.queued.len() && self.groups.len() < self.cmsgs.len() {
+            let (to, off, _) = self.queued[i];
+            let (j, total) = self.run(i, gso);
+            self.groups.push((i, j));
+            self.addrs.push(to_sockaddr(to));
+            self.iovs.push(libc::iovec {
+                iov_base: self.data[off..].as_mut_ptr().cast(),
+                iov_len: total,
+            });
+            i = j;
+        }
+        i
+    }
+
+    /// The run that starts at `i`: same destination, contiguous, equal
+    /// size (the last of a run may be shorter), within the GSO limits.
+    /// Returns one past its end and its bytes.
+    fn run(&self, i: usize, gso: bool) -> (usize, usize) {
+        let (to, off, len) = self.queued[i];
+        let mut j = i + 1;
+        let mut total = len;
+        if gso {
+            while j < self.queued.len() && j - i < GSO_MAX_SEGMENTS {
+                let (t2, o2, l2) = self.queued[j];
+                if t2 != to || o2 != off + total || l2 > len || total + l2 > GSO_MAX_BYTES {
+                    break;
+                }
+                total += l2;
+                j += 1;
+                if l2 < len {
+                    break;
+                }
+            }
+        }
+        (j, total)
+    }
+
+    /// One message header per group; a run of more than one datagram gets
+    /// its segment size in a UDP_SEGMENT control message.
+    fn headers(&mut self) {
+        for (g, &(a, b)) in self.groups.iter().enumerate() {
+            // SAFETY: plain old data, all-zero valid.
+            let mut h: libc::mmsghdr = unsafe { zeroed() };
+            h.msg_hdr.msg_name = (&mut self.addrs[g] as *mut libc::sockaddr_in).cast();
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_hdr.msg_iov = &mut self.iovs[g];
+            h.msg_hdr.msg_iovlen = 1;
+            if b - a > 1 {
+                let seg = self.queued[a].2 as u16;
+                let buf = &mut self.cmsgs[g];
+                h.msg_hdr.msg_control = buf.as_mut_ptr().cast();
+                // SAFETY: CMSG_SPACE(2) fits the 64-byte buffer.
+                unsafe {
+                    h.msg_hdr.msg_controllen = libc::CMSG_SPACE(2) as usize;
+                    let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                    (*c).cmsg_level = SOL_UDP;
+                    (*c).cmsg_type = UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+                    std::ptr::copy_nonoverlapping(
+                        (&seg as *const u16).cast::<u8>(),
+                        libc::CMSG_DATA(c),
+                        2,
+                    );
+                }
+            }
+            self.msgs.push(h);
+        }
+    }
+
+    /// Sends the built messages with `sendmmsg`, as many per call as the
+    /// kernel takes.
+    fn send(&mut self, udp: &Udp) {
+        let mut sent = 0;
+        while sent < self.msgs.len() {
+            self.syscalls += 1;
+            // SAFETY: the headers point into buffers owned by self.
+            let r = unsafe {
+                libc::sendmmsg(
+                    udp.as_raw_fd(),
+                    self.msgs[sent..].as_mut_ptr(),
+                    (self.msgs.len() - sent) as libc::c_uint,
+                    0,
+                )
+            };
+            if r <= 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // Unreachable destinations (ICMP errors reported on the
+                // socket), a full buffer: drop this message, go on.
+                let (a, b) = self.groups[sent];
+                self.dropped += (b - a) as u64;
+                sent += 1;
+                continue;
+            }
+            sent += r as usize;
+        }
     }
 }
 

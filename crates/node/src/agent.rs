@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use evio_agent::cache::Cache;
 use evio_agent::AgentConfig;
 use evio_overlay::nat::TurnServer;
+use evio_plugin::naming::ovs_ids;
 use evio_subnet::{
     open_overlay_store, open_store, preferred_host, read_secret, NodeSubnet, Released,
     StoreOptions, StoreUrl, SubnetError,
@@ -409,7 +410,7 @@ fn leave_offline(args: &Args) -> Result<(), NodeError> {
         && Path::new(plan.gen.ovsdb().trim_start_matches("unix:")).exists()
     {
         let del = evio_ovsdb::Client::connect(plan.gen.ovsdb(), Duration::from_secs(5))
-            .and_then(|mut c| c.del_port_if(&tap, &[("evio-owner", "evio-agent")]));
+            .and_then(|mut c| c.del_port_if(&tap, &[(ovs_ids::OWNER, ovs_ids::OWNER_AGENT)]));
         match del {
             Ok(true) => println!("removed OVS port {tap}"),
             Ok(false) => {}

@@ -17,8 +17,8 @@ pub const DEFAULT_HOST_INTERFACE: &str = "evio-host";
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 /// What a pod frame costs on the underlay, worst case: IPv6 40 + UDP 8 +
 /// transport header 16 + inner header 4 + tag 16 + Ethernet 14 + TURN
-/// ChannelData 4 = 102 bytes.
-pub const OVERHEAD: u32 = 102;
+/// ChannelData 4 = 102 bytes, summed where the wire format is defined.
+pub const OVERHEAD: u32 = evio_overlay::wire::UNDERLAY_OVERHEAD as u32;
 /// The default leaves 18 more bytes for underlays that are themselves
 /// encapsulated (PPPoE, VLAN): 1500 gives the pods 1380.
 pub const DEFAULT_MARGIN: u32 = 18;
@@ -316,6 +316,11 @@ mod tests {
 
     fn parse(j: &str) -> Result<OverlayConf, NodeError> {
         OverlayConf::parse(&RawConf::parse("t.json", j.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn overhead_is_the_wire_formats_102_bytes() {
+        assert_eq!(OVERHEAD, 102);
     }
 
     #[test]

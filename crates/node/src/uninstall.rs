@@ -34,8 +34,6 @@ use crate::store_args::block_on_with_timeout;
 
 /// The plugin binary install-cni puts into the CNI bin dir.
 const PLUGIN_BIN: &str = "evio";
-/// The owner tag of the agent's OVS port (crates/agent/src/port.rs).
-const OWNER_AGENT: &str = "evio-agent";
 const OVSDB_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, clap::Args)]
@@ -298,7 +296,7 @@ fn ovs_bridge(t: &mut Teardown, h: &mut Handle, plan: &Resolved) {
     let mut foreign = Vec::new();
     for p in ports {
         let owner = p.external_ids.get(ovs_ids::OWNER).map(String::as_str);
-        let Some(owner @ (ovs_ids::OWNER_VALUE | OWNER_AGENT)) = owner else {
+        let Some(owner @ (ovs_ids::OWNER_VALUE | ovs_ids::OWNER_AGENT)) = owner else {
             foreign.push(p.name);
             continue;
         };

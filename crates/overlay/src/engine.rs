@@ -261,6 +261,19 @@ struct Bucket {
     at: Instant,
 }
 
+impl Bucket {
+    /// The tokens at `now`, refilled at `rate` a second up to `rate`.
+    fn tokens_at(&self, now: Instant, rate: f64) -> f64 {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        (self.tokens + dt * rate).min(rate)
+    }
+}
+
+/// The most sources the per-source handshake table holds. Spoofed sources
+/// cannot get into it (they hold no cookie), so it is small in practice;
+/// clearing past this bounds it regardless.
+const MAX_HANDSHAKE_SOURCES: usize = 4096;
+
 /// Learned MACs expire lazily; a slow housekeeping timer keeps the tables
 /// tidy.
 const HOUSEKEEPING: Duration = Duration::from_secs(30);
@@ -674,17 +687,14 @@ impl Overlay {
 
     fn per_ip_allows(&mut self, now: Instant, ip: IpAddr) -> bool {
         let rate = f64::from(self.cfg.handshake_per_ip);
-        if self.hs_per_ip.len() > 4096 {
-            // Spoofed sources cannot get here (they hold no cookie), so the
-            // table is small in practice; clearing bounds it regardless.
+        if self.hs_per_ip.len() > MAX_HANDSHAKE_SOURCES {
             self.hs_per_ip.clear();
         }
         let b = self.hs_per_ip.entry(ip).or_insert(Bucket {
             tokens: rate,
             at: now,
         });
-        let dt = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + dt * rate).min(rate);
+        b.tokens = b.tokens_at(now, rate);
         b.at = now;
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
@@ -1057,9 +1067,10 @@ impl Overlay {
     pub fn handle_timeout(&mut self, now: Instant, wall: Duration, io: &mut dyn Io) {
         if now >= self.housekeeping {
             tracing::trace!("overlay wake: housekeeping");
-            if self.hs_per_ip.len() > 256 {
-                self.hs_per_ip.clear();
-            }
+            // A full bucket is what a new source gets: forgetting it changes
+            // no decision, and keeps the table to the sources still limited.
+            let rate = f64::from(self.cfg.handshake_per_ip);
+            self.hs_per_ip.retain(|_, b| b.tokens_at(now, rate) < rate);
             self.switch.expire(now);
             self.housekeeping = self.on_grid(now + HOUSEKEEPING);
         }

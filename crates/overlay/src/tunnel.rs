@@ -194,9 +194,26 @@ impl Session {
         }
     }
 
+    /// When the session may no longer be used, whatever its counters.
+    fn expires_at(&self, cfg: &TunnelConfig) -> Instant {
+        self.born + cfg.reject_after_time
+    }
+
     fn expired(&self, now: Instant, cfg: &TunnelConfig) -> bool {
-        now.saturating_duration_since(self.born) >= cfg.reject_after_time
-            || self.sent >= cfg.reject_after_messages
+        now >= self.expires_at(cfg) || self.sent >= cfg.reject_after_messages
+    }
+
+    /// When this side starts a new handshake for the session's age. The
+    /// initiator rekeys first; the responder only if the initiator has not
+    /// done it well before expiry.
+    fn rekey_at(&self, cfg: &TunnelConfig) -> Instant {
+        self.born
+            + if self.we_initiated {
+                cfg.rekey_after_time
+            } else {
+                cfg.reject_after_time
+                    .saturating_sub(cfg.keepalive_timeout + cfg.rekey_timeout)
+            }
     }
 }
 
@@ -321,11 +338,21 @@ impl Tunnel {
         }
     }
 
-    /// Local indices this tunnel owns (for the caller's index map).
-    pub fn indices(&self) -> impl Iterator<Item = u32> + '_ {
+    /// The established sessions: current, previous, next.
+    fn sessions(&self) -> impl Iterator<Item = &Session> + '_ {
         [&self.current, &self.previous, &self.next]
             .into_iter()
             .flatten()
+    }
+
+    /// The session slots, to find a session by index or to empty a slot.
+    fn slots_mut(&mut self) -> [&mut Option<Session>; 3] {
+        [&mut self.current, &mut self.previous, &mut self.next]
+    }
+
+    /// Local indices this tunnel owns (for the caller's index map).
+    pub fn indices(&self) -> impl Iterator<Item = u32> + '_ {
+        self.sessions()
             .map(|s| s.local_index)
             .chain(self.pending.as_ref().map(|p| p.local_index))
     }
@@ -570,7 +597,8 @@ impl Tunnel {
             return Err(Reject::Malformed);
         }
         let is_next = self.next.as_ref().is_some_and(|s| s.local_index == index);
-        let s = [&mut self.current, &mut self.previous, &mut self.next]
+        let s = self
+            .slots_mut()
             .into_iter()
             .flatten()
             .find(|s| s.local_index == index)
@@ -603,7 +631,7 @@ impl Tunnel {
     /// initiation due for retransmission. `wanted` is whether the peer
     /// should be connected at all.
     pub fn tick(&mut self, now: Instant, cfg: &TunnelConfig, wanted: bool) -> TimerAction {
-        for slot in [&mut self.current, &mut self.previous, &mut self.next] {
+        for slot in self.slots_mut() {
             if slot.as_ref().is_some_and(|s| s.expired(now, cfg)) {
                 *slot = None;
             }
@@ -632,16 +660,7 @@ impl Tunnel {
         match &self.current {
             None => TimerAction::Initiate,
             Some(s) => {
-                let age = now.saturating_duration_since(s.born);
-                // The initiator rekeys first; the responder only if the
-                // initiator has not done it well before expiry.
-                let rekey_at = if s.we_initiated {
-                    cfg.rekey_after_time
-                } else {
-                    cfg.reject_after_time
-                        .saturating_sub(cfg.keepalive_timeout + cfg.rekey_timeout)
-                };
-                if age >= rekey_at || s.sent >= cfg.rekey_after_messages {
+                if now >= s.rekey_at(cfg) || s.sent >= cfg.rekey_after_messages {
                     TimerAction::Initiate
                 } else {
                     TimerAction::None
@@ -654,11 +673,8 @@ impl Tunnel {
     pub fn next_deadline(&self, cfg: &TunnelConfig, wanted: bool) -> Option<Instant> {
         let mut d: Option<Instant> = None;
         let mut at = |t: Instant| d = Some(d.map_or(t, |x| x.min(t)));
-        for s in [&self.current, &self.previous, &self.next]
-            .into_iter()
-            .flatten()
-        {
-            at(s.born + cfg.reject_after_time);
+        for s in self.sessions() {
+            at(s.expires_at(cfg));
         }
         if !wanted {
             return d;
@@ -669,13 +685,7 @@ impl Tunnel {
         } else if let Some(b) = self.backoff_until {
             at(b);
         } else if let Some(s) = &self.current {
-            at(s.born
-                + if s.we_initiated {
-                    cfg.rekey_after_time
-                } else {
-                    cfg.reject_after_time
-                        .saturating_sub(cfg.keepalive_timeout + cfg.rekey_timeout)
-                });
+            at(s.rekey_at(cfg));
         }
         d
     }

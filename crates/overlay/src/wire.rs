@@ -22,6 +22,18 @@ pub const INNER_HEADER: usize = 4;
 /// Transport overhead on top of the frame: header, inner header, tag.
 pub const TRANSPORT_OVERHEAD: usize = TRANSPORT_HEADER + INNER_HEADER + TAG_LEN;
 
+/// Headers around a transport message on the underlay, worst case, for the
+/// MTU a pod can be given: the carried frame's Ethernet header, the outer
+/// UDP and IPv6 headers, and the TURN ChannelData header when relayed.
+pub const ETHERNET_HEADER: usize = crate::packet::ETH_HLEN;
+pub const UDP_HEADER: usize = 8;
+pub const IPV6_HEADER: usize = crate::packet::IPV6_HLEN;
+pub const CHANNEL_DATA_HEADER: usize = 4;
+/// What a pod frame costs on the underlay beyond its IP packet, worst case
+/// (IPv6 underlay, relayed through TURN).
+pub const UNDERLAY_OVERHEAD: usize =
+    TRANSPORT_OVERHEAD + ETHERNET_HEADER + UDP_HEADER + IPV6_HEADER + CHANNEL_DATA_HEADER;
+
 /// Kinds of inner payload.
 pub mod kind {
     pub const KEEPALIVE: u8 = 0;
@@ -123,6 +135,12 @@ mod tests {
         assert_eq!(INITIATION_LEN, 148);
         assert_eq!(RESPONSE_LEN, 92);
         assert_eq!(COOKIE_REPLY_LEN, 64);
+    }
+
+    #[test]
+    fn underlay_overhead_is_102_bytes() {
+        assert_eq!(TRANSPORT_OVERHEAD, 36);
+        assert_eq!(UNDERLAY_OVERHEAD, 102);
     }
 
     #[test]

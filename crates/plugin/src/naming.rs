@@ -135,6 +135,9 @@ pub fn host_veth_of<'a>(link: &'a Link, network: &str) -> Option<HostVeth<'a>> {
 pub mod ovs_ids {
     pub const OWNER: &str = "evio-owner";
     pub const OWNER_VALUE: &str = "evio";
+    /// The agent's own port (its TAP): distinct from [`OWNER_VALUE`] so
+    /// that the plugin's DEL and GC keep their hands off it.
+    pub const OWNER_AGENT: &str = "evio-agent";
     pub const NETWORK: &str = "evio-network";
     pub const CONTAINER_ID: &str = "evio-container-id";
     pub const IFNAME: &str = "evio-ifname";

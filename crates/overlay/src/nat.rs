@@ -237,6 +237,10 @@ struct Slot {
     /// When a check last started, and when we last released a leftover.
     checked: Option<Instant>,
     released: Option<Instant>,
+    /// Moves to another local port since the last allocation: past the
+    /// first, each waits the slot's backoff, so a server that refuses on
+    /// every port costs a socket and an Allocate every 10 s at most.
+    moves: u32,
     /// Transaction IDs of the requests this client sent last.
     requests: [Option<TransactionId>; RECENT_REQUESTS],
     next_request: usize,
@@ -261,6 +265,7 @@ impl Slot {
             refresh: None,
             checked: None,
             released: None,
+            moves: 0,
             requests: [None; RECENT_REQUESTS],
             next_request: 0,
             logged: None,
@@ -647,6 +652,7 @@ impl Nat {
     fn fallback(&mut self, now: Instant, idx: usize, why: String) {
         let s = &mut self.slots[idx];
         s.warn_once(format!("{why}: moving to another local port"));
+        s.moves = s.moves.saturating_add(1);
         if s.port != Port::Shared {
             self.events.push_back(NatEvent::UdpClose { conn: idx });
         }
@@ -663,16 +669,27 @@ impl Nat {
     }
 
     /// The UDP socket of TURN server `conn` is open, bound to `local`: the
-    /// allocation starts over it at once.
+    /// allocation starts over it, at once after the first move, after the
+    /// slot's backoff after later ones. A socket nobody waits for any more
+    /// (it timed out) is handed back to be closed.
     pub fn udp_opened(&mut self, now: Instant, conn: usize, local: SocketAddr) {
         let Some(s) = self.slots.get_mut(conn) else {
             return;
         };
         if s.port != Port::Opening {
+            if s.port == Port::Shared {
+                self.events.push_back(NatEvent::UdpClose { conn });
+            }
             return;
         }
         tracing::info!(server = %s.conf.server, %local, "TURN: allocating from a port of its own");
         s.port = Port::Own(local);
+        if s.moves > 1 {
+            s.retry_at = now + s.backoff;
+            s.backoff = (s.backoff * 2).min(RETRY_MAX);
+            self.changed();
+            return;
+        }
         s.backoff = RETRY_MIN;
         self.start(now, conn);
         self.handle_timeout(now);
@@ -1176,6 +1193,7 @@ impl Nat {
                     self.send_binding(i, t);
                 }
             }
+            self.keep_own_ports_open();
         }
         for r in self.reflexive.iter_mut() {
             if r.is_some_and(|(_, at)| now.saturating_duration_since(at) > REFLEXIVE_TTL) {
@@ -1202,6 +1220,24 @@ impl Nat {
         while let Some(tr) = self.stun.poll_transmit(t) {
             let (to, data) = (tr.to, tr.data.to_vec());
             self.queue(Sock::Udp, to, data);
+        }
+    }
+
+    /// A server on a port of its own hears nothing else from that port
+    /// while no peer is relayed through it, and the NAT would forget the
+    /// mapping the allocation hangs on: a Binding indication (no answer,
+    /// RFC 8489 §6.3.2) keeps it, as the overlay port's bindings keep its.
+    fn keep_own_ports_open(&mut self) {
+        let mtype = MessageType::from_class_method(MessageClass::Indication, BINDING);
+        for idx in 0..self.slots.len() {
+            let s = &self.slots[idx];
+            if !matches!(s.port, Port::Own(_)) || s.client.is_none() {
+                continue;
+            }
+            let tid = TransactionId::from(self.rng.gen::<u128>());
+            let msg = Message::builder(mtype, tid, MessageWriteVec::new()).finish();
+            let server = s.conf.server;
+            self.queue(Sock::UdpOwn(idx), server, msg);
         }
     }
 
@@ -1353,6 +1389,7 @@ impl Nat {
                         s.auth_error = None;
                         s.logged = None;
                         s.released = None;
+                        s.moves = 0;
                         s.channels.clear();
                         permit(c, &self.peer_ips, t);
                         created = true;

@@ -719,6 +719,24 @@ fn a_refused_release_moves_the_server_to_a_port_of_its_own_and_relays_through_it
     let check = sent(&mut n);
     assert!(!check.is_empty());
     assert!(check.iter().all(|(v, _)| *v == Sock::UdpOwn(0)));
+    // With nothing relayed, a Binding indication every gather interval
+    // keeps the NAT's mapping of the new port (the overlay port's are kept
+    // by its STUN bindings).
+    let mut indications = 0;
+    for k in 1..=3u32 {
+        let at = now + GATHER_INTERVAL * k;
+        n.handle_timeout(at);
+        indications += sent(&mut n)
+            .iter()
+            .filter(|(v, d)| {
+                *v == Sock::UdpOwn(0)
+                    && Message::from_bytes(d).is_ok_and(|m| {
+                        m.has_class(MessageClass::Indication) && m.has_method(BINDING)
+                    })
+            })
+            .count();
+    }
+    assert!(indications >= 3, "{indications} keepalives over 30 s");
 }
 
 #[test]
@@ -806,7 +824,17 @@ fn a_437_that_outlasts_the_release_moves_to_another_port_and_a_second_refusal_to
         .iter()
         .position(|e| matches!(e, NatEvent::UdpOpen { conn: 0, .. }));
     assert!(close.is_some() && close < open, "{events:?}");
-    // A socket that cannot be opened: back to the overlay's, after a pause.
+    // A second move in a row waits the backoff before it allocates: a
+    // server that refuses on every port is not hammered.
+    n.udp_opened(now, 0, OWN_LOCAL.parse().unwrap());
+    assert!(
+        sent(&mut n).is_empty(),
+        "allocated at once after a second move"
+    );
+    n.handle_timeout(now + RETRY_MAX);
+    request_of(&sent(&mut n), ALLOCATE);
+    // A socket that cannot (or can no longer) be used: back to the
+    // overlay's, after a pause.
     n.udp_closed(now, 0, "EMFILE");
     assert_eq!(n.turn_sock(0), Some(Sock::Udp));
     assert!(matches!(&n.turn_states()[0].2, TurnState::Failed(w) if w.contains("EMFILE")));
@@ -856,7 +884,10 @@ fn a_release_nobody_answers_moves_to_another_port_and_a_socket_never_opened_time
         "{events:?}"
     );
     assert_eq!(n.turn_sock(0), Some(Sock::Udp));
-    // A late answer to the open is ignored.
+    // A late answer to the open is not taken, and its socket goes back to
+    // be closed.
     n.udp_opened(now + SETUP_TIMEOUT, 0, OWN_LOCAL.parse().unwrap());
     assert_eq!(n.turn_sock(0), Some(Sock::Udp));
+    let events: Vec<NatEvent> = std::iter::from_fn(|| n.poll_event()).collect();
+    assert_eq!(events, [NatEvent::UdpClose { conn: 0 }]);
 }

@@ -226,7 +226,8 @@ pub fn check(socket: &Path, bridge_mac: [u8; 6]) -> evio_ovsdb::Result<FlowCheck
 
 /// Makes evio's flows exactly the wanted ones; returns whether anything had
 /// to change. Present and identical flows are left as they are (one flow
-/// dump per call). Otherwise the wanted set is added first: OFPFC_ADD
+/// dump per call). Otherwise the wanted set is added first, later tables
+/// before table 0: OFPFC_ADD
 /// replaces a flow of the same table, match and priority in place, which is
 /// every flow of an older pipeline version or an edited one, so open
 /// connections never meet a bridge without the pipeline. Stray evio flows
@@ -240,7 +241,13 @@ pub fn ensure(socket: &Path, bridge_mac: [u8; 6]) -> evio_ovsdb::Result<bool> {
     if compare(&have, &want).ok() {
         return Ok(false);
     }
-    sw.add_flows(&want)?;
+    // Later tables first: OVS applies each flow_mod on its own, and a
+    // table-0 flow that resubmits into a table not filled yet would drop
+    // what it matches until the rest lands.
+    let mut order: Vec<&Flow> = want.iter().collect();
+    order.sort_by_key(|f| std::cmp::Reverse(f.table));
+    let order: Vec<Flow> = order.into_iter().cloned().collect();
+    sw.add_flows(&order)?;
     let have = sw.flows(COOKIE, PIPELINE_MASK)?;
     let strays: Vec<&FlowStats> = have
         .iter()
@@ -258,7 +265,7 @@ pub fn ensure(socket: &Path, bridge_mac: [u8; 6]) -> evio_ovsdb::Result<bool> {
     }
     if strays.iter().any(|h| h.cookie == COOKIE) {
         sw.delete_flows(COOKIE, u64::MAX)?;
-        sw.add_flows(&want)?;
+        sw.add_flows(&order)?;
     }
     Ok(true)
 }

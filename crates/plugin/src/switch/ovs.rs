@@ -19,6 +19,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long vswitchd may take to create the bridge device or take a port.
 /// Past this the runtime gets "try again later" rather than a hung ADD.
 const VSWITCHD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an ADD that found the bridge waits for its pinned MAC.
+const MAC_SETTLE: Duration = Duration::from_secs(1);
 
 pub struct OvsBridge {
     name: String,
@@ -174,6 +176,16 @@ impl Switch for OvsBridge {
         self.actual_datapath = Some(actual);
         // vswitchd creates the bridge's internal device asynchronously.
         let deadline = Instant::now() + VSWITCHD_TIMEOUT;
+        // The pinned MAC follows the device within milliseconds; an ADD
+        // that did not create the bridge waits for it only briefly, so a
+        // MAC changed behind OVS's back (until its next reconfiguration)
+        // does not cost every ADD the whole timeout.
+        let mac_deadline = Instant::now()
+            + if created {
+                VSWITCHD_TIMEOUT
+            } else {
+                MAC_SETTLE
+            };
         loop {
             let link = host
                 .link_by_name(&name)
@@ -183,7 +195,7 @@ impl Switch for OvsBridge {
             // the bridge's MAC, so they must see the pinned one, or Service
             // replies go to a MAC the device no longer has.
             let settled = |l: &Link| pinned.is_none() || l.mac == pinned;
-            if let Some(l) = link.filter(|l| settled(l) || Instant::now() >= deadline) {
+            if let Some(l) = link.filter(|l| settled(l) || Instant::now() >= mac_deadline) {
                 if l.mtu != self.mtu {
                     host.set_mtu(l.index, self.mtu)
                         .map_err(neterr(format!("set MTU of bridge {name}")))?;

@@ -132,6 +132,8 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
+use crate::bucket::TokenBucket;
+
 use crate::packet::{
     build_arp_reply, build_icmpv4_frag_needed, build_icmpv6_packet_too_big, is_link_local_group,
     is_multicast, pod_mac, pod_mac_ipv4, pod_mac_v6, Arp, Ethernet, Icmp, Ip, Ipv4, Ipv6, Mac, Udp,
@@ -344,75 +346,6 @@ impl Table {
     fn unbind(&mut self, ip: Ipv4Addr, mac: Mac) {
         if self.ips.get(&ip) == Some(&mac) {
             self.ips.remove(&ip);
-        }
-    }
-}
-
-/// Whole tokens; `last` advances only by the time that paid for the tokens
-/// added, so that fractions carry over when callers come often.
-#[derive(Clone, Copy)]
-struct TokenBucket {
-    rate: u32,
-    burst: u32,
-    tokens: u32,
-    last: Option<Instant>,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, burst: u32) -> TokenBucket {
-        TokenBucket {
-            rate,
-            burst,
-            tokens: burst,
-            last: None,
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        match self.tokens.checked_sub(1) {
-            Some(left) => {
-                self.tokens = left;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Full again after time unused: nothing to remember.
-    fn idle(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        self.tokens >= self.burst
-    }
-
-    fn refill(&mut self, now: Instant) {
-        const NANOS: u128 = 1_000_000_000;
-        let last = match self.last {
-            Some(last) if self.tokens < self.burst => last,
-            // Time spent full must not count once tokens are taken.
-            _ => {
-                self.last = Some(now);
-                return;
-            }
-        };
-        let rate = u128::from(self.rate);
-        let add = now
-            .saturating_duration_since(last)
-            .as_nanos()
-            .saturating_mul(rate)
-            / NANOS;
-        if add == 0 {
-            return;
-        }
-        let room = u128::from(self.burst - self.tokens);
-        if add >= room {
-            self.tokens = self.burst;
-            self.last = Some(now);
-        } else {
-            // add < room ≤ u32::MAX, so neither conversion saturates.
-            self.tokens += u32::try_from(add).unwrap_or(0);
-            let paid = u64::try_from(add * NANOS / rate).unwrap_or(u64::MAX);
-            self.last = Some(last.checked_add(Duration::from_nanos(paid)).unwrap_or(now));
         }
     }
 }
@@ -2016,19 +1949,6 @@ mod tests {
         );
         // Time running backwards (a caller's bug) refills nothing.
         assert_eq!(local(&mut sw, t, &mdns), LocalVerdict::Drop(RateLimited));
-    }
-
-    #[test]
-    fn a_silent_bucket_does_not_bank_tokens_while_full() {
-        let mut bucket = TokenBucket::new(1, 2);
-        let t = Instant::now();
-        assert!(bucket.take(t + Duration::from_secs(100)));
-        assert!(bucket.take(t + Duration::from_secs(100)));
-        assert!(!bucket.take(t + Duration::from_secs(100)));
-        assert!(bucket.take(t + Duration::from_secs(101)));
-        let mut never = TokenBucket::new(0, 1);
-        assert!(never.take(t));
-        assert!(!never.take(t + Duration::from_secs(1000)));
     }
 
     #[test]

@@ -61,8 +61,9 @@
 //!
 //! # From a peer, first match wins
 //!
-//! 1. `Malformed`, `EtherType`, `LinkLocal` and `Dhcp` as above; longer than
-//!    `mtu` after the Ethernet header: `TooBig` (the sender cuts to it).
+//! 1. `Malformed`, `LinkLocal`, `EtherType` and `Dhcp` as above, in that
+//!    order (the same checks as from the bridge); longer than `mtu` after
+//!    the Ethernet header: `TooBig` (the sender cuts to it).
 //! 2. Neighbour discovery (ICMPv6 past any hop-by-hop, routing and
 //!    destination options headers): router solicitations, advertisements
 //!    and redirects concern one link: `LinkLocal`. A solicitation's source
@@ -438,8 +439,28 @@ impl<'a> L3<'a> {
     }
 }
 
-fn is_switched_ethertype(ethertype: u16) -> bool {
-    matches!(ethertype, ETHERTYPE_IPV4 | ETHERTYPE_ARP | ETHERTYPE_IPV6)
+/// Rule 1 of both directions: a frame with an Ethernet header and a source
+/// that can be a station.
+fn ethernet(frame: &[u8]) -> Result<Ethernet<'_>, DropReason> {
+    let eth = Ethernet::parse(frame).ok_or(Malformed)?;
+    if is_multicast(&eth.src) {
+        return Err(Malformed);
+    }
+    Ok(eth)
+}
+
+/// Rules 2 to 4 of both directions, in one order, so that a frame gets the
+/// same drop reason whichever side it came from (an STP frame with an 802.3
+/// length field is `LinkLocal` both ways, not `EtherType` from a peer).
+fn common_checks<'a>(eth: &Ethernet<'a>) -> Result<L3<'a>, DropReason> {
+    if is_link_local_group(&eth.dst) {
+        return Err(LinkLocal);
+    }
+    let l3 = L3::parse(eth)?;
+    if l3.is_dhcp()? {
+        return Err(Dhcp);
+    }
+    Ok(l3)
 }
 
 fn is_link_local_v6(ip: Ipv6Addr) -> bool {
@@ -725,18 +746,9 @@ impl Switch {
         gso: bool,
         out: &mut [u8],
     ) -> Result<LocalVerdict, DropReason> {
-        let eth = Ethernet::parse(frame).ok_or(Malformed)?;
-        if is_multicast(&eth.src) {
-            return Err(Malformed);
-        }
+        let eth = ethernet(frame)?;
         self.saw_local(now, eth.src);
-        if is_link_local_group(&eth.dst) {
-            return Err(LinkLocal);
-        }
-        let l3 = L3::parse(&eth)?;
-        if l3.is_dhcp()? {
-            return Err(Dhcp);
-        }
+        let l3 = common_checks(&eth)?;
         if !gso && eth.payload.len() > self.cfg.mtu {
             return self.too_big(frame, &l3, out);
         }
@@ -851,20 +863,8 @@ impl Switch {
     }
 
     fn remote(&mut self, now: Instant, id: PeerId, frame: &[u8]) -> Result<(), DropReason> {
-        let eth = Ethernet::parse(frame).ok_or(Malformed)?;
-        if is_multicast(&eth.src) {
-            return Err(Malformed);
-        }
-        if !is_switched_ethertype(eth.ethertype) {
-            return Err(EtherType);
-        }
-        if is_link_local_group(&eth.dst) {
-            return Err(LinkLocal);
-        }
-        let l3 = L3::parse(&eth)?;
-        if l3.is_dhcp()? {
-            return Err(Dhcp);
-        }
+        let eth = ethernet(frame)?;
+        let l3 = common_checks(&eth)?;
         if eth.payload.len() > self.cfg.mtu {
             return Err(TooBig);
         }
@@ -1420,6 +1420,23 @@ mod tests {
         }
         let not_reserved = udp4(L_MAC, [0x01, 0x80, 0xc2, 0, 0, 0x10], L, R1);
         assert_eq!(local(&mut sw, t, &not_reserved), LocalVerdict::Flood);
+    }
+
+    #[test]
+    fn both_directions_give_an_8023_frame_to_a_link_local_group_the_same_reason() {
+        // STP BPDUs are 802.3 frames: a length field (here 38) where the
+        // ethertype would be, so both the group and the type are wrong.
+        let (mut sw, t) = (switch(), Instant::now());
+        for last in [0x00, 0x0e] {
+            let group = [0x01, 0x80, 0xc2, 0, 0, last];
+            let from_bridge = eth(group, L_MAC, 0x0026, &[0x42; 38]);
+            let from_peer = eth(group, R1_MAC, 0x0026, &[0x42; 38]);
+            assert_eq!(
+                local(&mut sw, t, &from_bridge),
+                LocalVerdict::Drop(LinkLocal)
+            );
+            assert_eq!(sw.from_peer(t, 1, &from_peer), PeerVerdict::Drop(LinkLocal));
+        }
     }
 
     #[test]
@@ -2243,7 +2260,7 @@ mod tests {
                 1,
                 &eth([0x01, 0x80, 0xc2, 0, 0, 0], R1_MAC, 0x0026, &[0; 40])
             ),
-            PeerVerdict::Drop(EtherType)
+            PeerVerdict::Drop(LinkLocal)
         );
         assert_eq!(
             sw.from_peer(t, 1, &udp4(R1_MAC, [0x01, 0x80, 0xc2, 0, 0, 0x0e], R1, L)),

@@ -21,10 +21,11 @@ use std::time::{Duration, Instant, SystemTime};
 use evio_overlay::engine::{Io, PeerInfo, PeerStatus, Stats, MAX_FRAME};
 use evio_overlay::nat::{Sock, Transmit, TurnState, TurnTransport};
 use evio_overlay::offload::{complete_checksum, Coalescer, Csum, Framing, VnetHdr, VNET_HDR_LEN};
-use evio_overlay::path::{Class, PathAddr};
+use evio_overlay::path::PathAddr;
 use evio_overlay::stack::{NetIo, Stack, StackEvent};
 
 use crate::device::Device;
+use crate::signal::kind_of;
 use crate::udp::{RecvBatch, SendBatch, Udp};
 
 const TOKEN_EVENT: u64 = 1;
@@ -75,14 +76,6 @@ pub struct Snapshot {
 
 /// Sent to the store thread when our candidates change.
 pub type CandidateSink = Sender<Vec<(SocketAddr, evio_subnet::CandidateKind)>>;
-
-fn kind_of(c: Class) -> evio_subnet::CandidateKind {
-    match c {
-        Class::Local => evio_subnet::CandidateKind::Local,
-        Class::Direct => evio_subnet::CandidateKind::Reflexive,
-        Class::Relay => evio_subnet::CandidateKind::Relay,
-    }
-}
 
 /// A TCP connection to a TURN server: the stream and what waits to be
 /// written (the protocol state is the stack's).

@@ -98,11 +98,25 @@ pub struct Signalling {
     pub reclaim_after: Option<Duration>,
 }
 
-fn class_of(k: CandidateKind) -> Class {
+// The record's candidate kinds and the core's path classes, both ways, in
+// one place: what a peer publishes as Reflexive is what we probe as
+// Direct, and what we publish is read back by the same table.
+
+/// The core's class of a published candidate.
+pub(crate) fn class_of(k: CandidateKind) -> Class {
     match k {
         CandidateKind::Local => Class::Local,
         CandidateKind::Reflexive => Class::Direct,
         CandidateKind::Relay => Class::Relay,
+    }
+}
+
+/// The kind we publish for one of our candidates.
+pub(crate) fn kind_of(c: Class) -> CandidateKind {
+    match c {
+        Class::Local => CandidateKind::Local,
+        Class::Direct => CandidateKind::Reflexive,
+        Class::Relay => CandidateKind::Relay,
     }
 }
 
@@ -710,4 +724,21 @@ pub fn cached_peers(c: &Cache) -> Vec<PeerInfo> {
         .iter()
         .filter_map(|r| peer_info(r, &c.node, false))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidate_kinds_and_classes_map_both_ways() {
+        for (kind, class) in [
+            (CandidateKind::Local, Class::Local),
+            (CandidateKind::Reflexive, Class::Direct),
+            (CandidateKind::Relay, Class::Relay),
+        ] {
+            assert_eq!(class_of(kind), class);
+            assert_eq!(kind_of(class), kind);
+        }
+    }
 }

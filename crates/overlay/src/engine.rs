@@ -15,6 +15,7 @@ use ipnet::IpNet;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::bucket::TokenBucket;
 use crate::crypto::{CookieJar, Key, Seed};
 use crate::l2::{DropReason, LocalVerdict, PeerAddrs, PeerId, PeerVerdict, Switch, SwitchConfig};
 use crate::offload::{segments, Csum, Framing, VnetHdr};
@@ -256,19 +257,6 @@ pub struct Stats {
     pub mac2_accepted: u64,
 }
 
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    /// The tokens at `now`, refilled at `rate` a second up to `rate`.
-    fn tokens_at(&self, now: Instant, rate: f64) -> f64 {
-        let dt = now.saturating_duration_since(self.at).as_secs_f64();
-        (self.tokens + dt * rate).min(rate)
-    }
-}
-
 /// The most sources the per-source handshake table holds. Spoofed sources
 /// cannot get into it (they hold no cookie), so it is small in practice;
 /// clearing past this bounds it regardless.
@@ -289,7 +277,7 @@ pub struct Overlay {
     index: HashMap<u32, PeerId>,
     cookies: CookieJar,
     hs_window: (Instant, u32),
-    hs_per_ip: HashMap<IpAddr, Bucket>,
+    hs_per_ip: HashMap<IpAddr, TokenBucket>,
     /// Addresses of TURN relays (ours and the peers'): a path to one is
     /// relayed even when it leaves through our own socket.
     relay_ips: Vec<IpAddr>,
@@ -686,22 +674,16 @@ impl Overlay {
     }
 
     fn per_ip_allows(&mut self, now: Instant, ip: IpAddr) -> bool {
-        let rate = f64::from(self.cfg.handshake_per_ip);
         if self.hs_per_ip.len() > MAX_HANDSHAKE_SOURCES {
             self.hs_per_ip.clear();
         }
-        let b = self.hs_per_ip.entry(ip).or_insert(Bucket {
-            tokens: rate,
-            at: now,
-        });
-        b.tokens = b.tokens_at(now, rate);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        // A new source starts full: `rate` handshakes at once, then `rate`
+        // a second.
+        let rate = self.cfg.handshake_per_ip;
+        self.hs_per_ip
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(rate, rate))
+            .take(now)
     }
 
     /// A datagram that arrived on `from` and is not the NAT layer's
@@ -1069,8 +1051,7 @@ impl Overlay {
             tracing::trace!("overlay wake: housekeeping");
             // A full bucket is what a new source gets: forgetting it changes
             // no decision, and keeps the table to the sources still limited.
-            let rate = f64::from(self.cfg.handshake_per_ip);
-            self.hs_per_ip.retain(|_, b| b.tokens_at(now, rate) < rate);
+            self.hs_per_ip.retain(|_, b| !b.idle(now));
             self.switch.expire(now);
             self.housekeeping = self.on_grid(now + HOUSEKEEPING);
         }

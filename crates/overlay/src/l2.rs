@@ -61,8 +61,9 @@
 //!
 //! # From a peer, first match wins
 //!
-//! 1. `Malformed`, `EtherType`, `LinkLocal` and `Dhcp` as above; longer than
-//!    `mtu` after the Ethernet header: `TooBig` (the sender cuts to it).
+//! 1. `Malformed`, `LinkLocal`, `EtherType` and `Dhcp` as above, in that
+//!    order (the same checks as from the bridge); longer than `mtu` after
+//!    the Ethernet header: `TooBig` (the sender cuts to it).
 //! 2. Neighbour discovery (ICMPv6 past any hop-by-hop, routing and
 //!    destination options headers): router solicitations, advertisements
 //!    and redirects concern one link: `LinkLocal`. A solicitation's source
@@ -131,6 +132,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+
+use crate::bucket::TokenBucket;
 
 use crate::packet::{
     build_arp_reply, build_icmpv4_frag_needed, build_icmpv6_packet_too_big, is_link_local_group,
@@ -348,75 +351,6 @@ impl Table {
     }
 }
 
-/// Whole tokens; `last` advances only by the time that paid for the tokens
-/// added, so that fractions carry over when callers come often.
-#[derive(Clone, Copy)]
-struct TokenBucket {
-    rate: u32,
-    burst: u32,
-    tokens: u32,
-    last: Option<Instant>,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, burst: u32) -> TokenBucket {
-        TokenBucket {
-            rate,
-            burst,
-            tokens: burst,
-            last: None,
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        match self.tokens.checked_sub(1) {
-            Some(left) => {
-                self.tokens = left;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Full again after time unused: nothing to remember.
-    fn idle(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        self.tokens >= self.burst
-    }
-
-    fn refill(&mut self, now: Instant) {
-        const NANOS: u128 = 1_000_000_000;
-        let last = match self.last {
-            Some(last) if self.tokens < self.burst => last,
-            // Time spent full must not count once tokens are taken.
-            _ => {
-                self.last = Some(now);
-                return;
-            }
-        };
-        let rate = u128::from(self.rate);
-        let add = now
-            .saturating_duration_since(last)
-            .as_nanos()
-            .saturating_mul(rate)
-            / NANOS;
-        if add == 0 {
-            return;
-        }
-        let room = u128::from(self.burst - self.tokens);
-        if add >= room {
-            self.tokens = self.burst;
-            self.last = Some(now);
-        } else {
-            // add < room ≤ u32::MAX, so neither conversion saturates.
-            self.tokens += u32::try_from(add).unwrap_or(0);
-            let paid = u64::try_from(add * NANOS / rate).unwrap_or(u64::MAX);
-            self.last = Some(last.checked_add(Duration::from_nanos(paid)).unwrap_or(now));
-        }
-    }
-}
-
 /// The two budgets of one local source.
 #[derive(Clone, Copy)]
 struct Budgets {
@@ -505,8 +439,28 @@ impl<'a> L3<'a> {
     }
 }
 
-fn is_switched_ethertype(ethertype: u16) -> bool {
-    matches!(ethertype, ETHERTYPE_IPV4 | ETHERTYPE_ARP | ETHERTYPE_IPV6)
+/// Rule 1 of both directions: a frame with an Ethernet header and a source
+/// that can be a station.
+fn ethernet(frame: &[u8]) -> Result<Ethernet<'_>, DropReason> {
+    let eth = Ethernet::parse(frame).ok_or(Malformed)?;
+    if is_multicast(&eth.src) {
+        return Err(Malformed);
+    }
+    Ok(eth)
+}
+
+/// Rules 2 to 4 of both directions, in one order, so that a frame gets the
+/// same drop reason whichever side it came from (an STP frame with an 802.3
+/// length field is `LinkLocal` both ways, not `EtherType` from a peer).
+fn common_checks<'a>(eth: &Ethernet<'a>) -> Result<L3<'a>, DropReason> {
+    if is_link_local_group(&eth.dst) {
+        return Err(LinkLocal);
+    }
+    let l3 = L3::parse(eth)?;
+    if l3.is_dhcp()? {
+        return Err(Dhcp);
+    }
+    Ok(l3)
 }
 
 fn is_link_local_v6(ip: Ipv6Addr) -> bool {
@@ -792,18 +746,9 @@ impl Switch {
         gso: bool,
         out: &mut [u8],
     ) -> Result<LocalVerdict, DropReason> {
-        let eth = Ethernet::parse(frame).ok_or(Malformed)?;
-        if is_multicast(&eth.src) {
-            return Err(Malformed);
-        }
+        let eth = ethernet(frame)?;
         self.saw_local(now, eth.src);
-        if is_link_local_group(&eth.dst) {
-            return Err(LinkLocal);
-        }
-        let l3 = L3::parse(&eth)?;
-        if l3.is_dhcp()? {
-            return Err(Dhcp);
-        }
+        let l3 = common_checks(&eth)?;
         if !gso && eth.payload.len() > self.cfg.mtu {
             return self.too_big(frame, &l3, out);
         }
@@ -918,20 +863,8 @@ impl Switch {
     }
 
     fn remote(&mut self, now: Instant, id: PeerId, frame: &[u8]) -> Result<(), DropReason> {
-        let eth = Ethernet::parse(frame).ok_or(Malformed)?;
-        if is_multicast(&eth.src) {
-            return Err(Malformed);
-        }
-        if !is_switched_ethertype(eth.ethertype) {
-            return Err(EtherType);
-        }
-        if is_link_local_group(&eth.dst) {
-            return Err(LinkLocal);
-        }
-        let l3 = L3::parse(&eth)?;
-        if l3.is_dhcp()? {
-            return Err(Dhcp);
-        }
+        let eth = ethernet(frame)?;
+        let l3 = common_checks(&eth)?;
         if eth.payload.len() > self.cfg.mtu {
             return Err(TooBig);
         }
@@ -1490,6 +1423,23 @@ mod tests {
     }
 
     #[test]
+    fn both_directions_give_an_8023_frame_to_a_link_local_group_the_same_reason() {
+        // STP BPDUs are 802.3 frames: a length field (here 38) where the
+        // ethertype would be, so both the group and the type are wrong.
+        let (mut sw, t) = (switch(), Instant::now());
+        for last in [0x00, 0x0e] {
+            let group = [0x01, 0x80, 0xc2, 0, 0, last];
+            let from_bridge = eth(group, L_MAC, 0x0026, &[0x42; 38]);
+            let from_peer = eth(group, R1_MAC, 0x0026, &[0x42; 38]);
+            assert_eq!(
+                local(&mut sw, t, &from_bridge),
+                LocalVerdict::Drop(LinkLocal)
+            );
+            assert_eq!(sw.from_peer(t, 1, &from_peer), PeerVerdict::Drop(LinkLocal));
+        }
+    }
+
+    #[test]
     fn local_other_ethertypes_and_vlan_tags_are_dropped() {
         let (mut sw, t) = (switch(), Instant::now());
         let inner = udp4(L_MAC, R1_MAC, L, R1);
@@ -2019,19 +1969,6 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_bucket_does_not_bank_tokens_while_full() {
-        let mut bucket = TokenBucket::new(1, 2);
-        let t = Instant::now();
-        assert!(bucket.take(t + Duration::from_secs(100)));
-        assert!(bucket.take(t + Duration::from_secs(100)));
-        assert!(!bucket.take(t + Duration::from_secs(100)));
-        assert!(bucket.take(t + Duration::from_secs(101)));
-        let mut never = TokenBucket::new(0, 1);
-        assert!(never.take(t));
-        assert!(!never.take(t + Duration::from_secs(1000)));
-    }
-
-    #[test]
     fn peer_frames_from_its_own_addresses_are_delivered_and_learned() {
         let (mut sw, t) = (switch(), Instant::now());
         assert_eq!(
@@ -2323,7 +2260,7 @@ mod tests {
                 1,
                 &eth([0x01, 0x80, 0xc2, 0, 0, 0], R1_MAC, 0x0026, &[0; 40])
             ),
-            PeerVerdict::Drop(EtherType)
+            PeerVerdict::Drop(LinkLocal)
         );
         assert_eq!(
             sw.from_peer(t, 1, &udp4(R1_MAC, [0x01, 0x80, 0xc2, 0, 0, 0x0e], R1, L)),

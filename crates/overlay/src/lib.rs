@@ -3,6 +3,7 @@
 //! into buffers the caller owns, so it is unit-testable and the agent's data
 //! plane stays allocation-free per frame.
 
+mod bucket;
 pub mod crypto;
 pub mod engine;
 pub mod l2;

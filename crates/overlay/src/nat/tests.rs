@@ -220,6 +220,16 @@ fn request_of(out: &[(Sock, Vec<u8>)], method: stun_proto::types::message::Metho
 /// coturn 4.6.1's error answer to `req` (ns_turn_server.c): ERROR-CODE,
 /// SOFTWARE, FINGERPRINT; a 401 also REALM and NONCE (a plain hex nonce,
 /// no RFC 8489 cookie); nothing is signed.
+/// coturn's 437 to an Allocate from a 5-tuple that holds an allocation.
+fn coturn_437(req: &[u8]) -> Vec<u8> {
+    coturn_error(
+        req,
+        437,
+        "Mismatched allocation: wrong transaction ID",
+        None,
+    )
+}
+
 fn coturn_error(req: &[u8], code: u16, reason: &str, realm_nonce: Option<(&str, &str)>) -> Vec<u8> {
     let req = Message::from_bytes(req).unwrap();
     let mut m = Message::builder_error(&req, MessageWriteVec::new());
@@ -269,12 +279,7 @@ fn a_437_to_our_allocate_releases_the_leftover_with_a_signed_refresh_then_alloca
     let _ = n.handle_datagram(t0, server_addr(), &forged);
     assert!(sent(&mut n).is_empty());
     // coturn answers the unsigned Allocate of the new agent with 437.
-    let mismatch = coturn_error(
-        &alloc,
-        437,
-        "Mismatched allocation: wrong transaction ID",
-        None,
-    );
+    let mismatch = coturn_437(&alloc);
     assert_eq!(
         n.handle_datagram(t0, server_addr(), &mismatch),
         Datagram::Consumed
@@ -316,12 +321,7 @@ fn a_437_to_our_allocate_releases_the_leftover_with_a_signed_refresh_then_alloca
     );
     // A 437 right after a release is that allocation still going: wait
     // for it, no second release (it would restart coturn's second).
-    let late = coturn_error(
-        &again,
-        437,
-        "Mismatched allocation: wrong transaction ID",
-        None,
-    );
+    let late = coturn_437(&again);
     let _ = n.handle_datagram(t2, server_addr(), &late);
     assert!(sent(&mut n).is_empty());
     n.handle_timeout(t2 + RELEASE_SETTLE);
@@ -339,12 +339,7 @@ fn a_refused_release_asks_for_another_port_at_once() {
     let mut n = nat(t0, "right");
     n.handle_timeout(t0);
     let alloc = request_of(&sent(&mut n), ALLOCATE);
-    let mismatch = coturn_error(
-        &alloc,
-        437,
-        "Mismatched allocation: wrong transaction ID",
-        None,
-    );
+    let mismatch = coturn_437(&alloc);
     let _ = n.handle_datagram(t0, server_addr(), &mismatch);
     let first = request_of(&sent(&mut n), REFRESH);
     let challenge = coturn_error(&first, 401, "Unauthorized", Some(("evio.test", "aa")));
@@ -400,12 +395,7 @@ fn over_tcp_a_437_means_a_new_connection_not_a_release() {
     let out = sent(&mut n);
     assert!(out.iter().all(|(via, _)| *via == Sock::Tcp(0)));
     let alloc = request_of(&out, ALLOCATE);
-    let mismatch = coturn_error(
-        &alloc,
-        437,
-        "Mismatched allocation: wrong transaction ID",
-        None,
-    );
+    let mismatch = coturn_437(&alloc);
     n.handle_tcp_bytes(t0, 0, &mismatch);
     let mut buf = [0u8; 64];
     assert_eq!(n.poll_relayed(t0, &mut buf), None);
@@ -748,12 +738,7 @@ fn a_437_that_outlasts_the_release_moves_to_another_port_and_a_second_refusal_to
         let out = sent(n);
         assert!(out.iter().all(|(v, _)| *v == via), "{out:?}");
         let alloc = request_of(&out, ALLOCATE);
-        let m = coturn_error(
-            &alloc,
-            437,
-            "Mismatched allocation: wrong transaction ID",
-            None,
-        );
+        let m = coturn_437(&alloc);
         let _ = n.handle_datagram_on(now, via, server_addr(), &m);
         sent(n)
     };
@@ -796,12 +781,7 @@ fn a_437_that_outlasts_the_release_moves_to_another_port_and_a_second_refusal_to
     let out = sent(&mut n);
     let alloc = request_of(&out, ALLOCATE);
     assert!(out.iter().all(|(v, _)| *v == Sock::UdpOwn(0)));
-    let m = coturn_error(
-        &alloc,
-        437,
-        "Mismatched allocation: wrong transaction ID",
-        None,
-    );
+    let m = coturn_437(&alloc);
     assert_eq!(
         n.handle_datagram(now, server_addr(), &m),
         Datagram::NotMine,
@@ -850,12 +830,7 @@ fn a_release_nobody_answers_moves_to_another_port_and_a_socket_never_opened_time
     let mut n = nat(t0, "right");
     n.handle_timeout(t0);
     let alloc = request_of(&sent(&mut n), ALLOCATE);
-    let m = coturn_error(
-        &alloc,
-        437,
-        "Mismatched allocation: wrong transaction ID",
-        None,
-    );
+    let m = coturn_437(&alloc);
     let _ = n.handle_datagram(t0, server_addr(), &m);
     request_of(&sent(&mut n), REFRESH);
     // Silence: three sends over 3 s, then another port.

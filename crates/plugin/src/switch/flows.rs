@@ -98,7 +98,10 @@ pub fn mgmt_socket(conf: &NetConf, bridge: &str) -> PathBuf {
     run_dir(conf).join(format!("{bridge}.mgmt"))
 }
 
-/// The flows for a bridge whose MAC is `bridge_mac`.
+/// The flows for a bridge whose MAC is `bridge_mac`, in the order they are
+/// added: later tables first, because OVS applies each flow_mod on its own
+/// and a table-0 flow that resubmits into a table not filled yet would drop
+/// what it matches until the rest lands.
 pub fn wanted(bridge_mac: [u8; 6]) -> Vec<Flow> {
     let mut out = Vec::new();
     let flow = |table, priority, fields, actions| Flow {
@@ -186,6 +189,7 @@ pub fn wanted(bridge_mac: [u8; 6]) -> Vec<Flow> {
             vec![Action::Output(OFPP_NORMAL)],
         ));
     }
+    out.sort_by_key(|f| std::cmp::Reverse(f.table));
     out
 }
 
@@ -241,13 +245,7 @@ pub fn ensure(socket: &Path, bridge_mac: [u8; 6]) -> evio_ovsdb::Result<bool> {
     if compare(&have, &want).ok() {
         return Ok(false);
     }
-    // Later tables first: OVS applies each flow_mod on its own, and a
-    // table-0 flow that resubmits into a table not filled yet would drop
-    // what it matches until the rest lands.
-    let mut order: Vec<&Flow> = want.iter().collect();
-    order.sort_by_key(|f| std::cmp::Reverse(f.table));
-    let order: Vec<Flow> = order.into_iter().cloned().collect();
-    sw.add_flows(&order)?;
+    sw.add_flows(&want)?;
     let have = sw.flows(COOKIE, PIPELINE_MASK)?;
     let strays: Vec<&FlowStats> = have
         .iter()
@@ -265,7 +263,7 @@ pub fn ensure(socket: &Path, bridge_mac: [u8; 6]) -> evio_ovsdb::Result<bool> {
     }
     if strays.iter().any(|h| h.cookie == COOKIE) {
         sw.delete_flows(COOKIE, u64::MAX)?;
-        sw.add_flows(&order)?;
+        sw.add_flows(&want)?;
     }
     Ok(true)
 }
@@ -317,6 +315,10 @@ mod tests {
     fn pipeline_has_one_cookie_and_both_families() {
         let f = wanted([2, 0, 0, 0, 0, 1]);
         assert_eq!(f.len(), 10);
+        assert!(
+            f.windows(2).all(|w| w[0].table >= w[1].table),
+            "later tables are added first"
+        );
         assert!(f.iter().all(|f| f.cookie == COOKIE));
         assert_eq!(COOKIE & COOKIE_MASK, 0x6576_696f << 32);
         for eth in [ETH_IPV4, ETH_IPV6] {

@@ -14,6 +14,7 @@ pub mod cache;
 pub mod control;
 pub mod dataplane;
 pub mod device;
+pub mod eventfd;
 pub mod hostroute;
 pub mod keys;
 pub mod metrics;
@@ -40,6 +41,7 @@ use ipnet::IpNet;
 use crate::cache::Cache;
 use crate::dataplane::{Command, Dataplane, Devices};
 use crate::device::{Device, Kind};
+use crate::eventfd::EventFd;
 use evio_overlay::nat::{Nat, NatConfig, TurnServer};
 use evio_overlay::stack::Stack;
 
@@ -131,33 +133,21 @@ impl std::fmt::Debug for AgentConfig {
 
 /// Wakes the engine thread (an eventfd it polls).
 #[derive(Clone)]
-pub struct Waker(Arc<OwnedFd>);
+pub struct Waker(Arc<EventFd>);
 
 impl Waker {
     fn new() -> Result<Waker, AgentError> {
-        // SAFETY: plain eventfd(2).
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(AgentError::io("eventfd")(std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd was just created and is owned here.
-        Ok(Waker(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })))
+        Ok(Waker(Arc::new(
+            EventFd::new().map_err(AgentError::io("eventfd"))?,
+        )))
     }
 
     pub fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64.
-        unsafe {
-            libc::write(
-                std::os::fd::AsRawFd::as_raw_fd(&*self.0),
-                (&one as *const u64).cast(),
-                8,
-            )
-        };
+        self.0.signal();
     }
 
     fn raw(&self) -> RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&*self.0)
+        self.0.raw()
     }
 }
 
@@ -166,37 +156,23 @@ impl Waker {
 /// Nobody wakes up to check it: an idle agent's threads sleep.
 pub struct Stop {
     flag: AtomicBool,
-    fd: OwnedFd,
+    fd: EventFd,
     tx: tokio::sync::watch::Sender<bool>,
 }
 
 impl Stop {
     fn new() -> Result<Arc<Stop>, AgentError> {
-        // SAFETY: plain eventfd(2).
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(AgentError::io("eventfd")(std::io::Error::last_os_error()));
-        }
         let (tx, _) = tokio::sync::watch::channel(false);
         Ok(Arc::new(Stop {
             flag: AtomicBool::new(false),
-            // SAFETY: fd was just created and is owned here.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd: EventFd::new().map_err(AgentError::io("eventfd"))?,
             tx,
         }))
     }
 
     pub fn stop(&self) {
         self.flag.store(true, Ordering::SeqCst);
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64.
-        unsafe {
-            libc::write(
-                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
-                (&one as *const u64).cast(),
-                8,
-            )
-        };
+        self.fd.signal();
         self.tx.send_replace(true);
     }
 
@@ -206,7 +182,7 @@ impl Stop {
 
     /// Becomes readable once [`Stop::stop`] was called.
     pub fn fd(&self) -> RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+        self.fd.raw()
     }
 
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {

@@ -7,14 +7,14 @@
 //! `evio-owner=evio` ports); on a Linux bridge a TAP, which the plugin's GC
 //! (tagged veths only) never looks at. The agent touches no other port.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
-use evio_cni::config::{BridgeAddr, BridgeType, NetConf};
+use evio_cni::config::{BridgeType, NetConf};
 use evio_net::{sysctl, Handle, Link};
 use evio_ovsdb::vswitch::PortSpec;
 use evio_ovsdb::Client;
 use evio_plugin::naming::ovs_ids::{NETWORK as NETWORK_KEY, OWNER as OWNER_KEY, OWNER_AGENT};
+use evio_plugin::switch::gateway;
 use ipnet::IpNet;
 
 use crate::AgentError;
@@ -41,38 +41,16 @@ pub fn ensure_bridge(
     let bridge = sw
         .ensure_bridge(host)
         .map_err(|e| AgentError::Port(format!("bridge {}: {}", conf.bridge, e.msg)))?;
-    let addr = match (gateway.addr(), conf.bridge_ipv4) {
-        (IpAddr::V4(_), Some(BridgeAddr::Cidr(n))) => n,
-        (IpAddr::V4(_), Some(BridgeAddr::Addr(a))) => {
-            IpNet::new(a, gateway.prefix_len()).map_err(|e| AgentError::Port(e.to_string()))?
-        }
-        _ => gateway,
+    let gateways = if conf.is_gateway {
+        vec![
+            gateway::bridge_addr(conf, gateway.addr(), gateway.prefix_len())
+                .map_err(|e| AgentError::Port(e.msg))?,
+        ]
+    } else {
+        Vec::new()
     };
-    if conf.is_gateway {
-        if addr.addr().is_ipv6() {
-            sysctl::set(&format!("net/ipv6/conf/{}/accept_dad", bridge.name), "0")
-                .map_err(|e| err("accept_dad on the bridge")(e.to_string()))?;
-        }
-        match host.add_address(bridge.index, addr) {
-            Ok(()) => {}
-            Err(e) if e.is_exists() => {}
-            Err(e) => {
-                return Err(err(format!("gateway {addr} on {}", bridge.name))(
-                    e.to_string(),
-                ))
-            }
-        }
-        let key = if addr.addr().is_ipv4() {
-            "net/ipv4/ip_forward"
-        } else {
-            "net/ipv6/conf/all/forwarding"
-        };
-        sysctl::set(key, "1").map_err(|e| err("enable forwarding")(e.to_string()))?;
-    }
-    if !bridge.up {
-        host.set_up(bridge.index)
-            .map_err(|e| err(format!("bring up {}", bridge.name))(e.to_string()))?;
-    }
+    gateway::configure_gateway(host, &bridge, &gateways)
+        .map_err(|e| AgentError::Port(format!("bridge {}: {}", conf.bridge, e.msg)))?;
     host.link_by_name(&conf.bridge)
         .map_err(|e| err("look up the bridge")(e.to_string()))?
         .ok_or_else(|| AgentError::Port(format!("bridge {} vanished", conf.bridge)))

@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use evio_cni::config::{BridgeAddr, NetConf};
+use evio_cni::config::NetConf;
 use evio_cni::env::{Command, Env};
 use evio_cni::ipam::Delegate;
 use evio_cni::result::{CniResult, Interface, Route as CniRoute};
@@ -16,7 +16,7 @@ use evio_net::{ethtool, sysctl, Handle, Link, NetnsFd, Route};
 use ipnet::IpNet;
 
 use crate::naming::{alias, host_veth_name, MAX_ALIAS, MAX_CONTAINER_ID};
-use crate::switch::{self, Port, Switch, VethOwner};
+use crate::switch::{self, gateway, Port, Switch, VethOwner};
 use crate::{neterr, Log};
 
 pub fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<CniResult> {
@@ -325,12 +325,12 @@ impl Plumbing<'_> {
         }
         result.routes = routes;
 
-        if conf.is_gateway {
-            self.configure_gateway(host, bridge, &result)?;
-        } else if !bridge.up {
-            host.set_up(bridge.index)
-                .map_err(neterr(format!("bring up bridge {}", bridge.name)))?;
-        }
+        let gateways = if conf.is_gateway {
+            self.gateway_addrs(&result)?
+        } else {
+            Vec::new()
+        };
+        gateway::configure_gateway(host, bridge, &gateways)?;
 
         if conf.ip_masq {
             ensure_masquerade(&conf.name, &result, conf.host_cidr)?;
@@ -367,53 +367,23 @@ impl Plumbing<'_> {
         Ok(result)
     }
 
-    /// The gateway of each family goes on the bridge with the pod
-    /// address's prefix (the pod CIDR's): that is what makes the pod
-    /// overlay one flat L2 network across nodes.
-    fn configure_gateway(
-        &self,
-        host: &mut Handle,
-        bridge: &Link,
-        result: &CniResult,
-    ) -> Result<()> {
-        let mut v6 = false;
-        let mut v4 = false;
+    /// The bridge address of each of the pod's gateways (its IPAM
+    /// address's prefix is the pod CIDR's).
+    fn gateway_addrs(&self, result: &CniResult) -> Result<Vec<IpNet>> {
+        let mut addrs = Vec::with_capacity(result.ips.len());
         for ip in &result.ips {
-            let addr = match (ip.address.addr(), self.conf.bridge_ipv4) {
-                (IpAddr::V4(_), Some(BridgeAddr::Cidr(n))) => n,
-                (IpAddr::V4(_), Some(BridgeAddr::Addr(a))) => net(a, ip.address.prefix_len())?,
-                (_, _) => match ip.gateway {
-                    Some(gw) => net(gw, ip.address.prefix_len())?,
-                    None => continue,
-                },
+            let gw = match (ip.address.addr(), self.conf.bridge_ipv4, ip.gateway) {
+                (a @ IpAddr::V4(_), Some(_), _) => a,
+                (_, _, Some(gw)) => gw,
+                (_, _, None) => continue,
             };
-            if addr.addr().is_ipv6() {
-                if !v6 {
-                    sysctl::set(&format!("net/ipv6/conf/{}/accept_dad", bridge.name), "0")
-                        .map_err(neterr("sysctl accept_dad on the bridge"))?;
-                }
-                v6 = true;
-            } else {
-                v4 = true;
-            }
-            match host.add_address(bridge.index, addr) {
-                Ok(()) => {}
-                Err(e) if e.is_exists() => {}
-                Err(e) => return Err(neterr(format!("add gateway {addr} to {}", bridge.name))(e)),
-            }
+            addrs.push(gateway::bridge_addr(
+                self.conf,
+                gw,
+                ip.address.prefix_len(),
+            )?);
         }
-        if !bridge.up {
-            host.set_up(bridge.index)
-                .map_err(neterr(format!("bring up bridge {}", bridge.name)))?;
-        }
-        if v4 {
-            sysctl::set("net/ipv4/ip_forward", "1").map_err(neterr("enable IPv4 forwarding"))?;
-        }
-        if v6 {
-            sysctl::set("net/ipv6/conf/all/forwarding", "1")
-                .map_err(neterr("enable IPv6 forwarding"))?;
-        }
-        Ok(())
+        Ok(addrs)
     }
 
     /// Removes what this ADD created on the host. The pod side goes with
@@ -487,14 +457,6 @@ fn family_gateway(result: &CniResult, dst: IpAddr) -> Option<IpAddr> {
         .iter()
         .filter_map(|ip| ip.gateway)
         .find(|gw| gw.is_ipv4() == dst.is_ipv4())
-}
-
-fn net(addr: IpAddr, prefix: u8) -> Result<IpNet> {
-    IpNet::new(addr, prefix).map_err(|e| {
-        CniError::invalid_config(format!(
-            "gateway {addr}/{prefix} is not a valid network: {e}"
-        ))
-    })
 }
 
 pub(crate) fn fmt_mac(m: [u8; 6]) -> String {

@@ -53,6 +53,37 @@ pub const TURN_PASSWORD: &str = "sim-secret";
 /// The overlay's port on every node.
 pub const PORT: u16 = 5800;
 
+/// Polls a TURN server, giving each allocation it asks a socket for the
+/// relayed address `relay` returns, until it wants something else: that
+/// is returned. The simulator and the NAT layer's tests run their servers
+/// through this one loop.
+pub(crate) fn grant_sockets(
+    srv: &mut ServerProto,
+    t: SioInstant,
+    mut relay: impl FnMut() -> SocketAddr,
+) -> TurnServerPollRet {
+    loop {
+        match srv.poll(t) {
+            TurnServerPollRet::AllocateSocket {
+                transport,
+                listen_addr,
+                client_addr,
+                allocation_transport,
+                family,
+            } => srv.allocated_socket(
+                transport,
+                listen_addr,
+                client_addr,
+                allocation_transport,
+                family,
+                Ok(relay()),
+                t,
+            ),
+            other => return other,
+        }
+    }
+}
+
 pub fn turn_addr() -> SocketAddr {
     SocketAddr::from(([203, 0, 113, 1], 3478))
 }
@@ -859,34 +890,18 @@ impl Sim {
         if !self.turn.up {
             return;
         }
+        let turn = &mut self.turn;
+        let mut relay = || {
+            let relay = SocketAddr::new(turn_addr().ip(), turn.next_port);
+            turn.next_port += 1;
+            turn.relays.insert(relay);
+            relay
+        };
         loop {
-            match self.turn.proto.poll(t) {
-                TurnServerPollRet::WaitUntil(w) => {
-                    let w = self.start + Duration::from_nanos(w.as_nanos().max(0) as u64);
-                    self.turn.wake = w.max(self.now + Duration::from_millis(1));
-                    break;
-                }
-                TurnServerPollRet::AllocateSocket {
-                    transport,
-                    listen_addr,
-                    client_addr,
-                    allocation_transport,
-                    family,
-                } => {
-                    let relay = SocketAddr::new(turn_addr().ip(), self.turn.next_port);
-                    self.turn.next_port += 1;
-                    self.turn.relays.insert(relay);
-                    self.turn.proto.allocated_socket(
-                        transport,
-                        listen_addr,
-                        client_addr,
-                        allocation_transport,
-                        family,
-                        Ok(relay),
-                        t,
-                    );
-                }
-                _ => {}
+            if let TurnServerPollRet::WaitUntil(w) = grant_sockets(&mut turn.proto, t, &mut relay) {
+                let w = self.start + Duration::from_nanos(w.as_nanos().max(0) as u64);
+                turn.wake = w.max(self.now + Duration::from_millis(1));
+                break;
             }
         }
         while let Some(tr) = self.turn.proto.poll_transmit(t) {

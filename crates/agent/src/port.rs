@@ -174,31 +174,9 @@ fn quiet(tap: &str) {
 pub fn detach(conf: &NetConf, tap: &str) -> Result<(), AgentError> {
     if conf.bridge_type == BridgeType::Ovs {
         let mut c = Client::connect(&conf.ovsdb, OVSDB_TIMEOUT)
-            .map_err(|e| err(format!("OVSDB at {}", conf.ovsdb))(e.to_string()))?;
+            .map_err(AgentError::ovsdb(format!("OVSDB at {}", conf.ovsdb)))?;
         c.del_port_if(tap, &[(OWNER_KEY, OWNER_AGENT)])
-            .map_err(|e| err(format!("remove OVS port {tap}"))(e.to_string()))?;
+            .map_err(AgentError::ovsdb(format!("remove OVS port {tap}")))?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-    use evio_overlay::packet::{pod_mac, pod_mac_v6};
-    use evio_plugin::naming;
-
-    /// The switch checks frames against the MACs the plugin gives pods: the
-    /// two derivations are one.
-    #[test]
-    fn the_switch_and_the_plugin_derive_the_same_pod_macs() {
-        for i in 0..5000u32 {
-            let v4 = Ipv4Addr::from(0x0af4_0000 + i * 7);
-            assert_eq!(naming::pod_mac(IpAddr::V4(v4)), pod_mac(v4));
-            let v6 = Ipv6Addr::from(
-                0xfd00_0010_0000_0000_0000_0000_0000_0000u128 + u128::from(i) * 0x1_0001,
-            );
-            assert_eq!(naming::pod_mac(IpAddr::V6(v6)), pod_mac_v6(v6), "{v6}");
-        }
-    }
 }

@@ -13,6 +13,7 @@ use evio_cni::ipam::Delegate;
 use evio_cni::result::{CniResult, Interface, Route as CniRoute};
 use evio_cni::{code, CniError, Result};
 use evio_net::{ethtool, sysctl, Handle, Link, NetnsFd, Route};
+use evio_overlay::packet::fmt_mac;
 use ipnet::IpNet;
 
 use crate::naming::{alias, host_veth_name, MAX_ALIAS, MAX_CONTAINER_ID};
@@ -345,17 +346,17 @@ impl Plumbing<'_> {
         result.interfaces = vec![
             Interface {
                 name: bridge.name.clone(),
-                mac: bridge_mac.map(fmt_mac),
+                mac: bridge_mac.as_ref().map(fmt_mac),
                 ..Default::default()
             },
             Interface {
                 name: veth.name.clone(),
-                mac: veth.mac.map(fmt_mac),
+                mac: veth.mac.as_ref().map(fmt_mac),
                 ..Default::default()
             },
             Interface {
                 name: ifname.clone(),
-                mac: pod_link.mac.map(fmt_mac),
+                mac: pod_link.mac.as_ref().map(fmt_mac),
                 mtu: Some(conf.mtu),
                 sandbox: Some(self.netns_path.display().to_string()),
                 ..Default::default()
@@ -459,13 +460,6 @@ fn family_gateway(result: &CniResult, dst: IpAddr) -> Option<IpAddr> {
         .find(|gw| gw.is_ipv4() == dst.is_ipv4())
 }
 
-pub(crate) fn fmt_mac(m: [u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,7 +482,7 @@ mod tests {
     #[test]
     fn mac_follows_the_address_v4_first() {
         let m = mac_for(&result(&["fd00::1:2/64", "10.244.3.2/16"])).unwrap();
-        assert_eq!(fmt_mac(m), "0a:58:0a:f4:03:02");
+        assert_eq!(fmt_mac(&m), "0a:58:0a:f4:03:02");
         let m = mac_for(&result(&["fd00::a0b:c0d/64"])).unwrap();
         // Locally administered, unicast, never the IPv4 form.
         assert_eq!(m[0], 0x0a);

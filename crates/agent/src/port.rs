@@ -21,10 +21,6 @@ use crate::AgentError;
 
 const OVSDB_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn err(what: impl std::fmt::Display) -> impl FnOnce(String) -> AgentError {
-    move |e| AgentError::Port(format!("{what}: {e}"))
-}
-
 /// Makes sure the bridge exists with the gateway on it, as the plugin
 /// would; returns its link.
 pub fn ensure_bridge(
@@ -40,20 +36,20 @@ pub fn ensure_bridge(
     }
     let bridge = sw
         .ensure_bridge(host)
-        .map_err(|e| AgentError::Port(format!("bridge {}: {}", conf.bridge, e.msg)))?;
+        .map_err(AgentError::bridge(format!("bridge {}", conf.bridge)))?;
     let gateways = if conf.is_gateway {
         vec![
             gateway::bridge_addr(conf, gateway.addr(), gateway.prefix_len())
-                .map_err(|e| AgentError::Port(e.msg))?,
+                .map_err(AgentError::bridge("gateway"))?,
         ]
     } else {
         Vec::new()
     };
     gateway::configure_gateway(host, &bridge, &gateways)
-        .map_err(|e| AgentError::Port(format!("bridge {}: {}", conf.bridge, e.msg)))?;
+        .map_err(AgentError::bridge(format!("bridge {}", conf.bridge)))?;
     host.link_by_name(&conf.bridge)
-        .map_err(|e| err("look up the bridge")(e.to_string()))?
-        .ok_or_else(|| AgentError::Port(format!("bridge {} vanished", conf.bridge)))
+        .map_err(AgentError::net("look up the bridge"))?
+        .ok_or_else(|| AgentError::Vanished(format!("bridge {}", conf.bridge)))
 }
 
 /// Plugs the TAP `tap` into the bridge. `adopted`: the TAP is the device a
@@ -71,22 +67,20 @@ pub fn attach(
 ) -> Result<(), AgentError> {
     let link = host
         .link_by_name(tap)
-        .map_err(|e| err(format!("look up {tap}"))(e.to_string()))?
+        .map_err(AgentError::net(format!("look up {tap}")))?
         .ok_or_else(|| AgentError::Port(format!("{tap} does not exist")))?;
     quiet(tap);
     match conf.bridge_type {
         BridgeType::Linux => {
             if link.master != Some(bridge.index) {
                 host.set_master(link.index, bridge.index)
-                    .map_err(|e| err(format!("plug {tap} into {}", bridge.name))(e.to_string()))?;
+                    .map_err(AgentError::net(format!("plug {tap} into {}", bridge.name)))?;
             }
         }
         BridgeType::Ovs => {
             let mut c = Client::connect(&conf.ovsdb, OVSDB_TIMEOUT)
-                .map_err(|e| err(format!("OVSDB at {}", conf.ovsdb))(e.to_string()))?;
-            let existing = c
-                .port(tap)
-                .map_err(|e| err("read OVS ports")(e.to_string()))?;
+                .map_err(AgentError::ovsdb(format!("OVSDB at {}", conf.ovsdb)))?;
+            let existing = c.port(tap).map_err(AgentError::ovsdb("read OVS ports"))?;
             let ours = |p: &evio_ovsdb::vswitch::PortInfo| {
                 p.external_ids.get(OWNER_KEY).map(String::as_str) == Some(OWNER_AGENT)
             };
@@ -110,7 +104,7 @@ pub fn attach(
                 // replacing its record (same name: never a duplicate).
                 Some(p) if ours(&p) => {
                     c.del_port_if(tap, &[(OWNER_KEY, OWNER_AGENT)])
-                        .map_err(|e| err(format!("reclaim OVS port {tap}"))(e.to_string()))?;
+                        .map_err(AgentError::ovsdb(format!("reclaim OVS port {tap}")))?;
                     // Let vswitchd drop the port before it comes back, or
                     // it folds both changes into none and keeps reading
                     // the dead device.
@@ -135,9 +129,9 @@ pub fn attach(
                     external_ids: &ids,
                 },
             )
-            .map_err(|e| err(format!("add OVS port {tap}"))(e.to_string()))?;
+            .map_err(AgentError::ovsdb(format!("add OVS port {tap}")))?;
             c.wait_ofport(tap, OVSDB_TIMEOUT)
-                .map_err(|e| err(format!("OVS did not take {tap}"))(e.to_string()))?;
+                .map_err(AgentError::ovsdb(format!("OVS did not take {tap}")))?;
         }
     }
     up(host, conf, &link, tap)
@@ -145,9 +139,9 @@ pub fn attach(
 
 fn up(host: &mut Handle, conf: &NetConf, link: &Link, tap: &str) -> Result<(), AgentError> {
     host.set_mtu(link.index, conf.mtu.max(1500))
-        .map_err(|e| err(format!("MTU of {tap}"))(e.to_string()))?;
+        .map_err(AgentError::net(format!("MTU of {tap}")))?;
     host.set_up(link.index)
-        .map_err(|e| err(format!("bring up {tap}"))(e.to_string()))?;
+        .map_err(AgentError::net(format!("bring up {tap}")))?;
     Ok(())
 }
 

@@ -431,11 +431,7 @@ impl Dataplane {
 
     fn dispatch(&mut self, now: Instant, token: u64, writable: bool, recv: &mut RecvBatch) {
         match token {
-            TOKEN_EVENT => {
-                let mut v = 0u64;
-                // SAFETY: reads 8 bytes into v.
-                unsafe { libc::read(self.event_fd, (&mut v as *mut u64).cast(), 8) };
-            }
+            TOKEN_EVENT => crate::eventfd::drain(self.event_fd),
             TOKEN_UDP => self.on_udp(now, Sock::Udp, recv),
             TOKEN_TAP | TOKEN_TUN => self.on_device(now, token == TOKEN_TAP),
             t if t >= TOKEN_UDP_OWN => {

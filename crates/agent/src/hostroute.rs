@@ -90,18 +90,16 @@ pub fn install(
         match host.add_route_in(TABLE, &route) {
             Ok(()) => {}
             Err(e) if e.is_exists() => {}
-            Err(e) => return Err(AgentError::Net(format!("route {dst} table {TABLE}: {e}"))),
+            Err(e) => return Err(AgentError::net(format!("route {dst} table {TABLE}"))(e)),
         }
     }
     let family = evio_net::Family::of(&host_addr.addr());
-    let have = host
-        .rules(family)
-        .map_err(|e| AgentError::Net(format!("list rules: {e}")))?;
+    let have = host.rules(family).map_err(AgentError::net("list rules"))?;
     if !have.contains(&rule) {
         match host.add_rule(&rule) {
             Ok(()) => {}
             Err(e) if e.is_exists() => {}
-            Err(e) => return Err(AgentError::Net(format!("rule {rule:?}: {e}"))),
+            Err(e) => return Err(AgentError::net(format!("rule {rule:?}"))(e)),
         }
     }
     Ok(())
@@ -115,7 +113,7 @@ pub fn remove(host: &mut Handle, host_addr: IpNet, pod_cidr: IpNet) -> Result<()
     match host.del_rule(&rule) {
         Ok(()) => Ok(()),
         Err(e) if e.is_not_found() => Ok(()),
-        Err(e) => Err(AgentError::Net(format!("remove rule {rule:?}: {e}"))),
+        Err(e) => Err(AgentError::net(format!("remove rule {rule:?}"))(e)),
     }
 }
 

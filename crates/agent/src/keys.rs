@@ -23,6 +23,13 @@ fn key_err(path: &Path, reason: impl Into<String>) -> AgentError {
     }
 }
 
+fn key_io(path: &Path) -> impl FnOnce(std::io::Error) -> AgentError + '_ {
+    move |source| AgentError::KeyIo {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Loads the private key at `path`, creating it if missing. Every copy
 /// made on the way (the file's text, the encoded key) is wiped.
 pub fn load_or_create(path: &Path) -> Result<Secret, AgentError> {
@@ -45,7 +52,7 @@ pub fn load_or_create(path: &Path) -> Result<Secret, AgentError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| key_err(path, e.to_string()))?;
+                std::fs::create_dir_all(dir).map_err(key_io(path))?;
             }
             let keys = StaticKeys::generate();
             let mut f = match OpenOptions::new()
@@ -59,7 +66,7 @@ pub fn load_or_create(path: &Path) -> Result<Secret, AgentError> {
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     return load_or_create(path)
                 }
-                Err(e) => return Err(key_err(path, e.to_string())),
+                Err(e) => return Err(key_io(path)(e)),
             };
             let mut text = format!("{}\n", b64(keys.private()));
             let written = f
@@ -67,17 +74,17 @@ pub fn load_or_create(path: &Path) -> Result<Secret, AgentError> {
                 .and_then(|_| f.write_all(text.as_bytes()))
                 .and_then(|_| f.sync_all());
             text.zeroize();
-            written.map_err(|e| key_err(path, e.to_string()))?;
+            written.map_err(key_io(path))?;
             Ok(Secret::new(*keys.private()))
         }
-        Err(e) => Err(key_err(path, e.to_string())),
+        Err(e) => Err(key_io(path)(e)),
     }
 }
 
 /// Reads the network key (`overlay.networkKeyFile`): 32 bytes in base64,
 /// a trailing newline allowed.
 pub fn network_key(path: &Path) -> Result<Secret, AgentError> {
-    let mut text = std::fs::read_to_string(path).map_err(|e| key_err(path, e.to_string()))?;
+    let mut text = std::fs::read_to_string(path).map_err(key_io(path))?;
     let key = parse_key(&text).map(Secret::new);
     text.zeroize();
     key.ok_or_else(|| {
@@ -116,5 +123,18 @@ mod tests {
         std::fs::write(&p, "short").unwrap();
         assert!(network_key(&p).is_err());
         assert!(network_key(&d.path().join("missing")).is_err());
+    }
+
+    /// An I/O failure keeps its io::Error as the source (callers can tell
+    /// a missing file from a refused one), and the message names the file.
+    #[test]
+    fn io_failures_keep_their_source() {
+        let d = tempfile::tempdir().unwrap();
+        let missing = d.path().join("missing");
+        let e = network_key(&missing).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+        let src = std::error::Error::source(&e).expect("a source");
+        let io = src.downcast_ref::<std::io::Error>().expect("an io::Error");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
     }
 }

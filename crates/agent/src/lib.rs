@@ -14,6 +14,7 @@ pub mod cache;
 pub mod control;
 pub mod dataplane;
 pub mod device;
+pub mod eventfd;
 pub mod hostroute;
 pub mod keys;
 pub mod metrics;
@@ -40,33 +41,82 @@ use ipnet::IpNet;
 use crate::cache::Cache;
 use crate::dataplane::{Command, Dataplane, Devices};
 use crate::device::{Device, Kind};
+use crate::eventfd::EventFd;
 use evio_overlay::nat::{Nat, NatConfig, TurnServer};
 use evio_overlay::stack::Stack;
 
+/// Why the agent could not start or ended. Each failure of a call below
+/// keeps that call's error as its source (what it was doing is the
+/// message); the variants without a source are the agent's own verdicts.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("{0}")]
     Config(String),
+    /// A key file that exists but must not be used (mode, content).
     #[error("key file {path}: {reason}")]
     Key { path: PathBuf, reason: String },
+    #[error("key file {path}: {source}")]
+    KeyIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The node bridge or the agent's port is not as it must be.
     #[error("node bridge: {0}")]
     Port(String),
+    /// The plugin's switch library refused (the bridge, its gateway).
+    #[error("node bridge: {what}: {source}")]
+    Bridge {
+        what: String,
+        #[source]
+        source: evio_cni::CniError,
+    },
+    #[error("node bridge: {what}: {source}")]
+    Ovsdb {
+        what: String,
+        #[source]
+        source: evio_ovsdb::Error,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("host networking: {0}")]
-    Net(String),
+    #[error("host networking: {what}: {source}")]
+    Net {
+        what: String,
+        #[source]
+        source: evio_net::Error,
+    },
+    /// A device that was there a moment ago is gone.
+    #[error("host networking: {0} vanished")]
+    Vanished(String),
     #[error("the engine stopped: {0}")]
-    EngineDied(String),
+    EngineDied(#[source] std::io::Error),
+    #[error("the engine stopped: it ended on its own")]
+    EngineEnded,
 }
 
 impl AgentError {
     pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
         let what = what.into();
         move |source| AgentError::Io { what, source }
+    }
+
+    pub fn net(what: impl Into<String>) -> impl FnOnce(evio_net::Error) -> AgentError {
+        let what = what.into();
+        move |source| AgentError::Net { what, source }
+    }
+
+    pub fn ovsdb(what: impl Into<String>) -> impl FnOnce(evio_ovsdb::Error) -> AgentError {
+        let what = what.into();
+        move |source| AgentError::Ovsdb { what, source }
+    }
+
+    pub fn bridge(what: impl Into<String>) -> impl FnOnce(evio_cni::CniError) -> AgentError {
+        let what = what.into();
+        move |source| AgentError::Bridge { what, source }
     }
 }
 
@@ -131,33 +181,21 @@ impl std::fmt::Debug for AgentConfig {
 
 /// Wakes the engine thread (an eventfd it polls).
 #[derive(Clone)]
-pub struct Waker(Arc<OwnedFd>);
+pub struct Waker(Arc<EventFd>);
 
 impl Waker {
     fn new() -> Result<Waker, AgentError> {
-        // SAFETY: plain eventfd(2).
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(AgentError::io("eventfd")(std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd was just created and is owned here.
-        Ok(Waker(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })))
+        Ok(Waker(Arc::new(
+            EventFd::new().map_err(AgentError::io("eventfd"))?,
+        )))
     }
 
     pub fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64.
-        unsafe {
-            libc::write(
-                std::os::fd::AsRawFd::as_raw_fd(&*self.0),
-                (&one as *const u64).cast(),
-                8,
-            )
-        };
+        self.0.signal();
     }
 
     fn raw(&self) -> RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&*self.0)
+        self.0.raw()
     }
 }
 
@@ -166,37 +204,23 @@ impl Waker {
 /// Nobody wakes up to check it: an idle agent's threads sleep.
 pub struct Stop {
     flag: AtomicBool,
-    fd: OwnedFd,
+    fd: EventFd,
     tx: tokio::sync::watch::Sender<bool>,
 }
 
 impl Stop {
     fn new() -> Result<Arc<Stop>, AgentError> {
-        // SAFETY: plain eventfd(2).
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(AgentError::io("eventfd")(std::io::Error::last_os_error()));
-        }
         let (tx, _) = tokio::sync::watch::channel(false);
         Ok(Arc::new(Stop {
             flag: AtomicBool::new(false),
-            // SAFETY: fd was just created and is owned here.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd: EventFd::new().map_err(AgentError::io("eventfd"))?,
             tx,
         }))
     }
 
     pub fn stop(&self) {
         self.flag.store(true, Ordering::SeqCst);
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64.
-        unsafe {
-            libc::write(
-                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
-                (&one as *const u64).cast(),
-                8,
-            )
-        };
+        self.fd.signal();
         self.tx.send_replace(true);
     }
 
@@ -206,7 +230,7 @@ impl Stop {
 
     /// Becomes readable once [`Stop::stop`] was called.
     pub fn fd(&self) -> RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+        self.fd.raw()
     }
 
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
@@ -293,7 +317,7 @@ fn block_signals() -> Result<nix::sys::signal::SigSet, AgentError> {
     set.add(Signal::SIGUSR1);
     set.add(ENGINE_ENDED);
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
-        .map_err(|e| AgentError::Net(format!("block signals: {e}")))?;
+        .map_err(|e| AgentError::io("block signals")(e.into()))?;
     Ok(set)
 }
 
@@ -367,16 +391,18 @@ fn open_tun(
     cleanup.created.push((name.clone(), !adopted));
     t.set_persist(true)
         .map_err(AgentError::io(format!("keep {name}")))?;
-    let net = |e: evio_net::Error| AgentError::Net(e.to_string());
     let link = host
         .link_by_name(name)
-        .map_err(net)?
-        .ok_or_else(|| AgentError::Net(format!("{name} vanished")))?;
+        .map_err(AgentError::net(format!("look up {name}")))?
+        .ok_or_else(|| AgentError::Vanished(name.to_string()))?;
     host.set_mtu(link.index, cfg.plugin.mtu)
-        .map_err(|e| AgentError::Net(format!("MTU of {name}: {e}")))?;
+        .map_err(AgentError::net(format!("MTU of {name}")))?;
     // An adopted device may hold an address this node no longer has (its
     // allocation was released while it was away): only ours stays.
-    for a in host.addresses(Some(link.index)).map_err(net)? {
+    for a in host
+        .addresses(Some(link.index))
+        .map_err(AgentError::net(format!("addresses of {name}")))?
+    {
         if a.addr != addr && addr.trunc().contains(&a.addr.addr()) {
             tracing::warn!(old = %a.addr, "removed an old host address from {name}");
             let _ = host.del_address(link.index, a.addr);
@@ -385,10 +411,10 @@ fn open_tun(
     match host.add_address(link.index, addr) {
         Ok(()) => {}
         Err(e) if e.is_exists() => {}
-        Err(e) => return Err(AgentError::Net(format!("address {addr} on {name}: {e}"))),
+        Err(e) => return Err(AgentError::net(format!("address {addr} on {name}"))(e)),
     }
     host.set_up(link.index)
-        .map_err(|e| AgentError::Net(format!("bring up {name}: {e}")))?;
+        .map_err(AgentError::net(format!("bring up {name}")))?;
     cleanup.host_rule = Some((addr, cfg.pod_cidr));
     hostroute::install(host, link.index, addr, cfg.pod_cidr, cfg.pod_subnet)?;
     if adopted {
@@ -444,7 +470,7 @@ fn start(cfg: &AgentConfig) -> Result<Running, AgentError> {
         &cfg.network,
     );
 
-    let mut host = evio_net::Handle::new().map_err(|e| AgentError::Net(e.to_string()))?;
+    let mut host = evio_net::Handle::new().map_err(AgentError::net("netlink"))?;
     let mut cleanup = Cleanup {
         plugin: cfg.plugin.clone(),
         tap: cfg.tap_name.clone(),
@@ -596,8 +622,8 @@ fn teardown(cfg: &AgentConfig, agent: Running, end: End) -> Result<(), AgentErro
     drop(epoll);
     match (end, engine_result) {
         (End::Stop | End::Leave, _) => Ok(()),
-        (End::EngineEnded, Ok(Err(e))) => Err(AgentError::EngineDied(e.to_string())),
-        (End::EngineEnded, _) => Err(AgentError::EngineDied("it ended on its own".into())),
+        (End::EngineEnded, Ok(Err(e))) => Err(AgentError::EngineDied(e)),
+        (End::EngineEnded, _) => Err(AgentError::EngineEnded),
     }
 }
 

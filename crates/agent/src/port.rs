@@ -7,23 +7,19 @@
 //! `evio-owner=evio` ports); on a Linux bridge a TAP, which the plugin's GC
 //! (tagged veths only) never looks at. The agent touches no other port.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
-use evio_cni::config::{BridgeAddr, BridgeType, NetConf};
+use evio_cni::config::{BridgeType, NetConf};
 use evio_net::{sysctl, Handle, Link};
 use evio_ovsdb::vswitch::PortSpec;
 use evio_ovsdb::Client;
 use evio_plugin::naming::ovs_ids::{NETWORK as NETWORK_KEY, OWNER as OWNER_KEY, OWNER_AGENT};
+use evio_plugin::switch::gateway;
 use ipnet::IpNet;
 
 use crate::AgentError;
 
 const OVSDB_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn err(what: impl std::fmt::Display) -> impl FnOnce(String) -> AgentError {
-    move |e| AgentError::Port(format!("{what}: {e}"))
-}
 
 /// Makes sure the bridge exists with the gateway on it, as the plugin
 /// would; returns its link.
@@ -40,42 +36,20 @@ pub fn ensure_bridge(
     }
     let bridge = sw
         .ensure_bridge(host)
-        .map_err(|e| AgentError::Port(format!("bridge {}: {}", conf.bridge, e.msg)))?;
-    let addr = match (gateway.addr(), conf.bridge_ipv4) {
-        (IpAddr::V4(_), Some(BridgeAddr::Cidr(n))) => n,
-        (IpAddr::V4(_), Some(BridgeAddr::Addr(a))) => {
-            IpNet::new(a, gateway.prefix_len()).map_err(|e| AgentError::Port(e.to_string()))?
-        }
-        _ => gateway,
+        .map_err(AgentError::bridge(format!("bridge {}", conf.bridge)))?;
+    let gateways = if conf.is_gateway {
+        vec![
+            gateway::bridge_addr(conf, gateway.addr(), gateway.prefix_len())
+                .map_err(AgentError::bridge("gateway"))?,
+        ]
+    } else {
+        Vec::new()
     };
-    if conf.is_gateway {
-        if addr.addr().is_ipv6() {
-            sysctl::set(&format!("net/ipv6/conf/{}/accept_dad", bridge.name), "0")
-                .map_err(|e| err("accept_dad on the bridge")(e.to_string()))?;
-        }
-        match host.add_address(bridge.index, addr) {
-            Ok(()) => {}
-            Err(e) if e.is_exists() => {}
-            Err(e) => {
-                return Err(err(format!("gateway {addr} on {}", bridge.name))(
-                    e.to_string(),
-                ))
-            }
-        }
-        let key = if addr.addr().is_ipv4() {
-            "net/ipv4/ip_forward"
-        } else {
-            "net/ipv6/conf/all/forwarding"
-        };
-        sysctl::set(key, "1").map_err(|e| err("enable forwarding")(e.to_string()))?;
-    }
-    if !bridge.up {
-        host.set_up(bridge.index)
-            .map_err(|e| err(format!("bring up {}", bridge.name))(e.to_string()))?;
-    }
+    gateway::configure_gateway(host, &bridge, &gateways)
+        .map_err(AgentError::bridge(format!("bridge {}", conf.bridge)))?;
     host.link_by_name(&conf.bridge)
-        .map_err(|e| err("look up the bridge")(e.to_string()))?
-        .ok_or_else(|| AgentError::Port(format!("bridge {} vanished", conf.bridge)))
+        .map_err(AgentError::net("look up the bridge"))?
+        .ok_or_else(|| AgentError::Vanished(format!("bridge {}", conf.bridge)))
 }
 
 /// Plugs the TAP `tap` into the bridge. `adopted`: the TAP is the device a
@@ -93,22 +67,20 @@ pub fn attach(
 ) -> Result<(), AgentError> {
     let link = host
         .link_by_name(tap)
-        .map_err(|e| err(format!("look up {tap}"))(e.to_string()))?
+        .map_err(AgentError::net(format!("look up {tap}")))?
         .ok_or_else(|| AgentError::Port(format!("{tap} does not exist")))?;
     quiet(tap);
     match conf.bridge_type {
         BridgeType::Linux => {
             if link.master != Some(bridge.index) {
                 host.set_master(link.index, bridge.index)
-                    .map_err(|e| err(format!("plug {tap} into {}", bridge.name))(e.to_string()))?;
+                    .map_err(AgentError::net(format!("plug {tap} into {}", bridge.name)))?;
             }
         }
         BridgeType::Ovs => {
             let mut c = Client::connect(&conf.ovsdb, OVSDB_TIMEOUT)
-                .map_err(|e| err(format!("OVSDB at {}", conf.ovsdb))(e.to_string()))?;
-            let existing = c
-                .port(tap)
-                .map_err(|e| err("read OVS ports")(e.to_string()))?;
+                .map_err(AgentError::ovsdb(format!("OVSDB at {}", conf.ovsdb)))?;
+            let existing = c.port(tap).map_err(AgentError::ovsdb("read OVS ports"))?;
             let ours = |p: &evio_ovsdb::vswitch::PortInfo| {
                 p.external_ids.get(OWNER_KEY).map(String::as_str) == Some(OWNER_AGENT)
             };
@@ -132,7 +104,7 @@ pub fn attach(
                 // replacing its record (same name: never a duplicate).
                 Some(p) if ours(&p) => {
                     c.del_port_if(tap, &[(OWNER_KEY, OWNER_AGENT)])
-                        .map_err(|e| err(format!("reclaim OVS port {tap}"))(e.to_string()))?;
+                        .map_err(AgentError::ovsdb(format!("reclaim OVS port {tap}")))?;
                     // Let vswitchd drop the port before it comes back, or
                     // it folds both changes into none and keeps reading
                     // the dead device.
@@ -157,9 +129,9 @@ pub fn attach(
                     external_ids: &ids,
                 },
             )
-            .map_err(|e| err(format!("add OVS port {tap}"))(e.to_string()))?;
+            .map_err(AgentError::ovsdb(format!("add OVS port {tap}")))?;
             c.wait_ofport(tap, OVSDB_TIMEOUT)
-                .map_err(|e| err(format!("OVS did not take {tap}"))(e.to_string()))?;
+                .map_err(AgentError::ovsdb(format!("OVS did not take {tap}")))?;
         }
     }
     up(host, conf, &link, tap)
@@ -167,9 +139,9 @@ pub fn attach(
 
 fn up(host: &mut Handle, conf: &NetConf, link: &Link, tap: &str) -> Result<(), AgentError> {
     host.set_mtu(link.index, conf.mtu.max(1500))
-        .map_err(|e| err(format!("MTU of {tap}"))(e.to_string()))?;
+        .map_err(AgentError::net(format!("MTU of {tap}")))?;
     host.set_up(link.index)
-        .map_err(|e| err(format!("bring up {tap}"))(e.to_string()))?;
+        .map_err(AgentError::net(format!("bring up {tap}")))?;
     Ok(())
 }
 
@@ -196,31 +168,9 @@ fn quiet(tap: &str) {
 pub fn detach(conf: &NetConf, tap: &str) -> Result<(), AgentError> {
     if conf.bridge_type == BridgeType::Ovs {
         let mut c = Client::connect(&conf.ovsdb, OVSDB_TIMEOUT)
-            .map_err(|e| err(format!("OVSDB at {}", conf.ovsdb))(e.to_string()))?;
+            .map_err(AgentError::ovsdb(format!("OVSDB at {}", conf.ovsdb)))?;
         c.del_port_if(tap, &[(OWNER_KEY, OWNER_AGENT)])
-            .map_err(|e| err(format!("remove OVS port {tap}"))(e.to_string()))?;
+            .map_err(AgentError::ovsdb(format!("remove OVS port {tap}")))?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-    use evio_overlay::packet::{pod_mac, pod_mac_v6};
-    use evio_plugin::naming;
-
-    /// The switch checks frames against the MACs the plugin gives pods: the
-    /// two derivations are one.
-    #[test]
-    fn the_switch_and_the_plugin_derive_the_same_pod_macs() {
-        for i in 0..5000u32 {
-            let v4 = Ipv4Addr::from(0x0af4_0000 + i * 7);
-            assert_eq!(naming::pod_mac(IpAddr::V4(v4)), pod_mac(v4));
-            let v6 = Ipv6Addr::from(
-                0xfd00_0010_0000_0000_0000_0000_0000_0000u128 + u128::from(i) * 0x1_0001,
-            );
-            assert_eq!(naming::pod_mac(IpAddr::V6(v6)), pod_mac_v6(v6), "{v6}");
-        }
-    }
 }

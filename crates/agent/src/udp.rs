@@ -3,11 +3,19 @@
 //! plus a segment size) and `sendmmsg` with UDP GSO (a run of equal-sized
 //! datagrams to one destination leaves in one message). A 64 KiB TCP burst
 //! from a pod thus costs one syscall each way instead of forty-five.
+//!
+//! Addresses cross the kernel boundary as `sockaddr_storage` only (socket2's
+//! [`SockAddr`] and [`SockAddrStorage`]), never as `sockaddr_in`: nothing
+//! here knows the family, so an IPv6 underlay is a matter of the address
+//! [`Udp::bind`] is given. Both are plain values, so the batches still
+//! allocate nothing per datagram.
 
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+
+use socket2::{Domain, SockAddr, SockAddrStorage, Socket, Type};
 
 const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
@@ -35,7 +43,7 @@ impl CmsgBuf {
 }
 
 pub struct Udp {
-    fd: OwnedFd,
+    sock: Socket,
     /// Whether the kernel coalesces received runs (else one datagram per
     /// buffer; the receive path handles both).
     pub gro: bool,
@@ -66,65 +74,47 @@ fn setsockopt_int(
     }
 }
 
-fn to_sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    // SAFETY: sockaddr_in is plain old data; all-zero is valid.
-    let mut s: libc::sockaddr_in = unsafe { zeroed() };
-    s.sin_family = libc::AF_INET as libc::sa_family_t;
-    s.sin_port = a.port().to_be();
-    s.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-    s
-}
-
-fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
-        u16::from_be(s.sin_port),
-    ))
+/// The address the kernel wrote into `storage` (`len` bytes of it), if it
+/// is an IP one.
+fn from_storage(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let mut s = SockAddrStorage::zeroed();
+    // SAFETY: SockAddrStorage is a transparent sockaddr_storage.
+    unsafe { *s.view_as::<libc::sockaddr_storage>() = *storage };
+    // SAFETY: the kernel set the family and `len` together.
+    unsafe { SockAddr::new(s, len) }.as_socket()
 }
 
 impl Udp {
     /// Binds `0.0.0.0:port` (IPv4 underlay). GSO and GRO are used when the
     /// kernel has them.
     pub fn bind(port: u16) -> io::Result<Udp> {
-        // SAFETY: plain socket(2).
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just created and is owned here.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let raw = fd.as_raw_fd();
+        let local = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        // socket2 opens it close-on-exec.
+        let sock = Socket::new(Domain::for_address(local), Type::DGRAM, None)?;
+        let raw = sock.as_raw_fd();
         // Bursts of 64 KiB at several Gbit/s: the default 200 KiB buffers
         // overflow while the engine encrypts the next batch (the receive
         // side dropped datagrams under 4 TCP streams with 8 MiB). The FORCE
         // variants pass net.core.rmem_max/wmem_max (the agent has
         // CAP_NET_ADMIN); without the capability, ask for what the limit
         // allows.
-        for (force, plain) in [
-            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-        ] {
-            if setsockopt_int(raw, libc::SOL_SOCKET, force, 16 << 20).is_err() {
-                let _ = setsockopt_int(raw, libc::SOL_SOCKET, plain, 16 << 20);
-            }
+        if setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20).is_err() {
+            let _ = sock.set_recv_buffer_size(16 << 20);
         }
-        let addr = to_sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
-        // SAFETY: addr is a valid sockaddr_in of the stated size.
-        let r = unsafe {
-            libc::bind(
-                raw,
-                (&addr as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
+        if setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 16 << 20).is_err() {
+            let _ = sock.set_send_buffer_size(16 << 20);
         }
+        sock.bind(&local.into())?;
         let gro = setsockopt_int(raw, SOL_UDP, UDP_GRO, 1).is_ok();
         // GSO is per message (a cmsg); probe that the option exists.
         let gso = setsockopt_int(raw, SOL_UDP, UDP_SEGMENT, 0).is_ok();
-        let port = local_port(raw)?;
-        Ok(Udp { fd, gro, gso, port })
+        let port = sock.local_addr()?.as_socket().map_or(port, |a| a.port());
+        Ok(Udp {
+            sock,
+            gro,
+            gso,
+            port,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -133,26 +123,7 @@ impl Udp {
 
     /// Sends one datagram now (control traffic: STUN, TURN, handshakes).
     pub fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {
-        let SocketAddr::V4(to) = to else {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, "IPv6 underlay"));
-        };
-        let addr = to_sockaddr(to);
-        // SAFETY: data and addr are live for the call.
-        let r = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                data.as_ptr().cast(),
-                data.len(),
-                0,
-                (&addr as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        self.sock.send_to(data, &to.into()).map(drop)
     }
 }
 
@@ -160,54 +131,46 @@ impl Udp {
     /// One datagram without blocking (control traffic only: the data path
     /// uses [`RecvBatch`]).
     pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr)>> {
-        // SAFETY: sockaddr_in is plain old data.
-        let mut addr: libc::sockaddr_in = unsafe { zeroed() };
-        let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        // SAFETY: buf and addr are live and sized as stated.
-        let n = unsafe {
-            libc::recvfrom(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-                (&mut addr as *mut libc::sockaddr_in).cast(),
-                &mut len,
-            )
+        // SAFETY: recvfrom writes at most `len` bytes of the zeroed storage
+        // and sets `len` with the family; buf is live and sized as stated.
+        let got = unsafe {
+            SockAddr::try_init(|addr, len| {
+                let n = libc::recvfrom(
+                    self.sock.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    addr.cast(),
+                    len,
+                );
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            })
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.kind() {
+        match got {
+            Ok((n, from)) => Ok(from.as_socket().map(|from| (n, from))),
+            Err(e) => match e.kind() {
                 io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
                 _ => Err(e),
-            };
+            },
         }
-        Ok(Some((n as usize, from_sockaddr(&addr))))
     }
 }
 
 impl AsRawFd for Udp {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.sock.as_raw_fd()
     }
-}
-
-fn local_port(fd: RawFd) -> io::Result<u16> {
-    // SAFETY: getsockname fills at most len bytes of addr.
-    let mut addr: libc::sockaddr_in = unsafe { zeroed() };
-    let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let r =
-        unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_in).cast(), &mut len) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(u16::from_be(addr.sin_port))
 }
 
 /// Pre-allocated receive state for `recvmmsg`: nothing is allocated per
 /// datagram.
 pub struct RecvBatch {
     bufs: Vec<Vec<u8>>,
-    addrs: Vec<libc::sockaddr_in>,
+    addrs: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
     cmsgs: Vec<CmsgBuf>,
     msgs: Vec<libc::mmsghdr>,
@@ -250,8 +213,8 @@ impl RecvBatch {
         for i in 0..n {
             // SAFETY: plain old data, all-zero valid.
             let mut h: libc::mmsghdr = unsafe { zeroed() };
-            h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
-            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_iov = &mut self.iovs[i];
             h.msg_hdr.msg_iovlen = 1;
             h.msg_hdr.msg_control = self.cmsgs[i].as_mut_ptr().cast();
@@ -281,14 +244,16 @@ impl RecvBatch {
         Ok(self.count)
     }
 
-    /// Buffer `i` of the last `recv`.
+    /// Buffer `i` of the last `recv` (None past them, or from a sender
+    /// without an IP address, which a UDP socket never reports).
     pub fn get(&mut self, i: usize) -> Option<Received<'_>> {
         if i >= self.count {
             return None;
         }
+        let h = &self.msgs[i].msg_hdr;
         let len = self.msgs[i].msg_len as usize;
-        let segment = gro_segment(&self.msgs[i].msg_hdr).unwrap_or(len).max(1);
-        let from = from_sockaddr(&self.addrs[i]);
+        let segment = gro_segment(h).unwrap_or(len).max(1);
+        let from = from_storage(&self.addrs[i], h.msg_namelen)?;
         let data = &mut self.bufs[i][..len.min(RECV_BUF)];
         Some(Received {
             from,
@@ -324,10 +289,10 @@ fn gro_segment(h: &libc::msghdr) -> Option<usize> {
 pub struct SendBatch {
     data: Vec<u8>,
     /// (destination, offset, length) of each queued datagram.
-    queued: Vec<(SocketAddrV4, usize, usize)>,
+    queued: Vec<(SocketAddr, usize, usize)>,
     /// Where the datagram being written starts.
     cursor: usize,
-    addrs: Vec<libc::sockaddr_in>,
+    addrs: Vec<SockAddr>,
     iovs: Vec<libc::iovec>,
     cmsgs: Vec<CmsgBuf>,
     msgs: Vec<libc::mmsghdr>,
@@ -372,12 +337,8 @@ impl SendBatch {
     /// Queues the first `len` bytes of the slot for `to`. Returns true when
     /// the batch is full and must be flushed before the next slot.
     pub fn push(&mut self, to: SocketAddr, len: usize) -> bool {
-        if let SocketAddr::V4(to) = to {
-            self.queued.push((to, self.cursor, len));
-            self.cursor += len;
-        } else {
-            self.dropped += 1;
-        }
+        self.queued.push((to, self.cursor, len));
+        self.cursor += len;
         self.cursor + SLOT > self.data.len() || self.queued.len() >= self.queued.capacity()
     }
 
@@ -408,7 +369,7 @@ impl SendBatch {
             let (to, off, _) = self.queued[i];
             let (j, total) = self.run(i, gso);
             self.groups.push((i, j));
-            self.addrs.push(to_sockaddr(to));
+            self.addrs.push(to.into());
             self.iovs.push(libc::iovec {
                 iov_base: self.data[off..].as_mut_ptr().cast(),
                 iov_len: total,
@@ -447,8 +408,9 @@ impl SendBatch {
         for (g, &(a, b)) in self.groups.iter().enumerate() {
             // SAFETY: plain old data, all-zero valid.
             let mut h: libc::mmsghdr = unsafe { zeroed() };
-            h.msg_hdr.msg_name = (&mut self.addrs[g] as *mut libc::sockaddr_in).cast();
-            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            // sendmmsg only reads the name.
+            h.msg_hdr.msg_name = self.addrs[g].as_ptr().cast_mut().cast();
+            h.msg_hdr.msg_namelen = self.addrs[g].len();
             h.msg_hdr.msg_iov = &mut self.iovs[g];
             h.msg_hdr.msg_iovlen = 1;
             if b - a > 1 {

@@ -861,32 +861,44 @@ impl Overlay {
                 }
                 Ok(())
             }
-            kind::PROBE => {
-                // Within what was decrypted: the scratch beyond holds an
-                // earlier plaintext, which an empty probe used to echo.
-                let id = wire::u64_at(&self.scratch[..n], INNER_HEADER).ok_or(Reject::Malformed)?;
-                self.scratch[INNER_HEADER..INNER_HEADER + 8].copy_from_slice(&id.to_le_bytes());
-                // Answer on the path it came by: that is the path being
-                // checked.
-                self.send_inner(now, pid, Some(from), Inner::plain(kind::PROBE_REPLY), 8, io);
-                Ok(())
-            }
-            kind::PROBE_REPLY => {
-                let id = wire::u64_at(&self.scratch[..n], INNER_HEADER).ok_or(Reject::Malformed)?;
-                let cfg = &self.cfg.paths;
-                if let Some(p) = slot(&mut self.peers, pid) {
-                    p.paths.on_probe_reply(now, cfg, id);
-                    if let Some(t) = p.paths.next_deadline(cfg) {
-                        p.deadline = p.deadline.min(t);
-                    }
-                }
-                self.refresh_phase(now, pid);
-                Ok(())
-            }
+            kind::PROBE | kind::PROBE_REPLY => self.on_probe(now, pid, from, inner.kind, n, io),
             // A kind from a newer version: authenticated, so not an attack;
             // ignore it.
             _ => Ok(()),
         }
+    }
+
+    /// A probe (answered on the path it came by) or a probe's reply, in
+    /// the first `n` bytes of the scratch.
+    fn on_probe(
+        &mut self,
+        now: Instant,
+        pid: PeerId,
+        from: PathAddr,
+        inner_kind: u8,
+        n: usize,
+        io: &mut dyn Io,
+    ) -> Result<(), Reject> {
+        let id = wire::u64_at(&self.scratch[..n], INNER_HEADER).ok_or(Reject::Malformed)?;
+        if inner_kind == kind::PROBE {
+            // Within what was decrypted: the scratch beyond holds an
+            // earlier plaintext, which an empty probe used to echo.
+            self.scratch[INNER_HEADER..INNER_HEADER + 8].copy_from_slice(&id.to_le_bytes());
+            // Answer on the path it came by: that is the path being
+            // checked.
+            let reply = Inner::plain(kind::PROBE_REPLY);
+            self.send_inner(now, pid, Some(from), reply, 8, io);
+            return Ok(());
+        }
+        let cfg = &self.cfg.paths;
+        if let Some(p) = slot(&mut self.peers, pid) {
+            p.paths.on_probe_reply(now, cfg, id);
+            if let Some(t) = p.paths.next_deadline(cfg) {
+                p.deadline = p.deadline.min(t);
+            }
+        }
+        self.refresh_phase(now, pid);
+        Ok(())
     }
 
     fn drop_from_peer(&mut self, pid: PeerId, r: DropReason) {

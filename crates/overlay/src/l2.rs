@@ -1153,45 +1153,8 @@ mod tests {
         ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP,
     };
     use proptest::prelude::*;
-    use std::alloc::{GlobalAlloc, Layout, System};
-    use std::cell::Cell;
 
-    /// Counts this thread's allocations, to prove the data path makes none.
-    struct Counting;
-
-    thread_local! {
-        static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-    }
-
-    fn count() {
-        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
-    }
-
-    // SAFETY: forwards to the system allocator unchanged; the counter is a
-    // const-initialised thread-local Cell, which neither allocates nor
-    // registers a destructor.
-    unsafe impl GlobalAlloc for Counting {
-        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-            count();
-            unsafe { System.alloc(layout) }
-        }
-
-        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-            unsafe { System.dealloc(ptr, layout) }
-        }
-
-        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-            count();
-            unsafe { System.realloc(ptr, layout, new_size) }
-        }
-    }
-
-    #[global_allocator]
-    static GLOBAL: Counting = Counting;
-
-    fn allocations() -> u64 {
-        ALLOCATIONS.with(Cell::get)
-    }
+    use crate::alloc_count::allocations;
 
     const L: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 2);
     const L_MAC: Mac = pod_mac(L);

@@ -3,6 +3,8 @@
 //! into buffers the caller owns, so it is unit-testable and the agent's data
 //! plane stays allocation-free per frame.
 
+#[cfg(test)]
+mod alloc_count;
 mod bucket;
 pub mod crypto;
 pub mod engine;

@@ -63,16 +63,18 @@ pub fn is_link_local_group(mac: &Mac) -> bool {
     matches!(mac, [0x01, 0x80, 0xc2, 0, 0, last] if *last <= 0x0f)
 }
 
-/// The MAC the CNI plugin gives a pod with this address (`mac_for` in
-/// crates/plugin/src/add.rs): `0a:58` (locally administered, unicast) and the
-/// four address bytes, so any node can answer ARP for any pod.
+/// The MAC a pod with this address has: the CNI plugin gives it through
+/// `evio_plugin::naming::pod_mac`, which calls this (the one derivation;
+/// the switch checks frames against it). `0a:58` (locally administered,
+/// unicast) and the four address bytes, as OVN-Kubernetes does, so any node
+/// can answer ARP for any pod.
 pub const fn pod_mac(ip: Ipv4Addr) -> Mac {
     let [a, b, c, d] = ip.octets();
     [0x0a, 0x58, a, b, c, d]
 }
 
-/// The MAC the CNI plugin gives a pod whose address is IPv6
-/// (`naming::pod_mac` in crates/plugin): `0a` and 40 bits of BLAKE2s over
+/// The MAC a pod whose address is IPv6 has (the plugin's
+/// `naming::pod_mac` calls this): `0a` and 40 bits of BLAKE2s over
 /// the whole address. The low 32 bits alone repeat on every node (each
 /// node's range starts at `::2`); a hash of all 128 collides only by chance,
 /// about once in 2^20 pods (birthday bound). Never of the `0a:58` IPv4 form.
@@ -92,7 +94,9 @@ pub fn fmt_mac(m: &Mac) -> String {
     format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
 }
 
-/// The MAC [`fmt_mac`] printed (either case).
+/// The MAC [`fmt_mac`] printed (either case), as `ip link` and OVS's
+/// `other_config:hwaddr` show it: the one parser of MAC text (the plugin and
+/// the test kit use it too).
 pub fn parse_mac(s: &str) -> Option<Mac> {
     let mut out = [0u8; 6];
     let mut parts = s.split(':');

@@ -150,10 +150,7 @@ impl Stack {
             Demux::Stun | Demux::ChannelData => {
                 let got = self.nat.handle_datagram_on(now, via, from, d);
                 if let Datagram::Relayed(p, inner) = got {
-                    if wire::demux(inner) == Demux::Overlay {
-                        let (ov, mut rio) = self.parts(now, io);
-                        let _ = ov.from_network(now, p, inner, &mut rio);
-                    }
+                    self.feed_relayed(now, p, inner, io);
                 }
                 self.pump(now, io);
             }
@@ -169,21 +166,24 @@ impl Stack {
     /// Bytes from the TCP connection of TURN server `conn`.
     pub fn handle_tcp_bytes(&mut self, now: Instant, conn: usize, d: &[u8], io: &mut dyn NetIo) {
         self.nat.handle_tcp_bytes(now, conn, d);
-        while let Some((p, n)) = self.nat.poll_relayed(now, &mut self.tcp_buf) {
-            if wire::demux(&self.tcp_buf[..n]) != Demux::Overlay {
-                continue;
-            }
-            let mut rio = Relaying {
-                io: &mut *io,
-                nat: &mut self.nat,
-                buf: &mut self.relay_buf,
-                now,
-            };
-            let _ = self
-                .overlay
-                .from_network(now, p, &self.tcp_buf[..n], &mut rio);
+        // Taken out for the loop (a move, no allocation) so that the
+        // datagram it holds can be fed through `&mut self`.
+        let mut buf = std::mem::take(&mut self.tcp_buf);
+        while let Some((p, n)) = self.nat.poll_relayed(now, &mut buf) {
+            self.feed_relayed(now, p, &buf[..n], io);
         }
+        self.tcp_buf = buf;
         self.pump(now, io);
+    }
+
+    /// A datagram a TURN server relayed from the peer at `p`, on either
+    /// transport: the overlay's only when it is an overlay message (the
+    /// relay passes on whatever the permitted address sends).
+    fn feed_relayed(&mut self, now: Instant, p: PathAddr, bytes: &[u8], io: &mut dyn NetIo) {
+        if wire::demux(bytes) == Demux::Overlay {
+            let (ov, mut rio) = self.parts(now, io);
+            let _ = ov.from_network(now, p, bytes, &mut rio);
+        }
     }
 
     pub fn tcp_connected(

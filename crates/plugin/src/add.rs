@@ -7,16 +7,17 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use evio_cni::config::{BridgeAddr, NetConf};
+use evio_cni::config::NetConf;
 use evio_cni::env::{Command, Env};
 use evio_cni::ipam::Delegate;
 use evio_cni::result::{CniResult, Interface, Route as CniRoute};
 use evio_cni::{code, CniError, Result};
 use evio_net::{ethtool, sysctl, Handle, Link, NetnsFd, Route};
+use evio_overlay::packet::fmt_mac;
 use ipnet::IpNet;
 
 use crate::naming::{alias, host_veth_name, MAX_ALIAS, MAX_CONTAINER_ID};
-use crate::switch::{self, Port, Switch, VethOwner};
+use crate::switch::{self, gateway, Port, Switch, VethOwner};
 use crate::{neterr, Log};
 
 pub fn add(env: &Env, conf: &NetConf, log: &Log) -> Result<CniResult> {
@@ -325,12 +326,12 @@ impl Plumbing<'_> {
         }
         result.routes = routes;
 
-        if conf.is_gateway {
-            self.configure_gateway(host, bridge, &result)?;
-        } else if !bridge.up {
-            host.set_up(bridge.index)
-                .map_err(neterr(format!("bring up bridge {}", bridge.name)))?;
-        }
+        let gateways = if conf.is_gateway {
+            self.gateway_addrs(&result)?
+        } else {
+            Vec::new()
+        };
+        gateway::configure_gateway(host, bridge, &gateways)?;
 
         if conf.ip_masq {
             ensure_masquerade(&conf.name, &result, conf.host_cidr)?;
@@ -345,17 +346,17 @@ impl Plumbing<'_> {
         result.interfaces = vec![
             Interface {
                 name: bridge.name.clone(),
-                mac: bridge_mac.map(fmt_mac),
+                mac: bridge_mac.as_ref().map(fmt_mac),
                 ..Default::default()
             },
             Interface {
                 name: veth.name.clone(),
-                mac: veth.mac.map(fmt_mac),
+                mac: veth.mac.as_ref().map(fmt_mac),
                 ..Default::default()
             },
             Interface {
                 name: ifname.clone(),
-                mac: pod_link.mac.map(fmt_mac),
+                mac: pod_link.mac.as_ref().map(fmt_mac),
                 mtu: Some(conf.mtu),
                 sandbox: Some(self.netns_path.display().to_string()),
                 ..Default::default()
@@ -367,53 +368,23 @@ impl Plumbing<'_> {
         Ok(result)
     }
 
-    /// The gateway of each family goes on the bridge with the pod
-    /// address's prefix (the pod CIDR's): that is what makes the pod
-    /// overlay one flat L2 network across nodes.
-    fn configure_gateway(
-        &self,
-        host: &mut Handle,
-        bridge: &Link,
-        result: &CniResult,
-    ) -> Result<()> {
-        let mut v6 = false;
-        let mut v4 = false;
+    /// The bridge address of each of the pod's gateways (its IPAM
+    /// address's prefix is the pod CIDR's).
+    fn gateway_addrs(&self, result: &CniResult) -> Result<Vec<IpNet>> {
+        let mut addrs = Vec::with_capacity(result.ips.len());
         for ip in &result.ips {
-            let addr = match (ip.address.addr(), self.conf.bridge_ipv4) {
-                (IpAddr::V4(_), Some(BridgeAddr::Cidr(n))) => n,
-                (IpAddr::V4(_), Some(BridgeAddr::Addr(a))) => net(a, ip.address.prefix_len())?,
-                (_, _) => match ip.gateway {
-                    Some(gw) => net(gw, ip.address.prefix_len())?,
-                    None => continue,
-                },
+            let gw = match (ip.address.addr(), self.conf.bridge_ipv4, ip.gateway) {
+                (a @ IpAddr::V4(_), Some(_), _) => a,
+                (_, _, Some(gw)) => gw,
+                (_, _, None) => continue,
             };
-            if addr.addr().is_ipv6() {
-                if !v6 {
-                    sysctl::set(&format!("net/ipv6/conf/{}/accept_dad", bridge.name), "0")
-                        .map_err(neterr("sysctl accept_dad on the bridge"))?;
-                }
-                v6 = true;
-            } else {
-                v4 = true;
-            }
-            match host.add_address(bridge.index, addr) {
-                Ok(()) => {}
-                Err(e) if e.is_exists() => {}
-                Err(e) => return Err(neterr(format!("add gateway {addr} to {}", bridge.name))(e)),
-            }
+            addrs.push(gateway::bridge_addr(
+                self.conf,
+                gw,
+                ip.address.prefix_len(),
+            )?);
         }
-        if !bridge.up {
-            host.set_up(bridge.index)
-                .map_err(neterr(format!("bring up bridge {}", bridge.name)))?;
-        }
-        if v4 {
-            sysctl::set("net/ipv4/ip_forward", "1").map_err(neterr("enable IPv4 forwarding"))?;
-        }
-        if v6 {
-            sysctl::set("net/ipv6/conf/all/forwarding", "1")
-                .map_err(neterr("enable IPv6 forwarding"))?;
-        }
-        Ok(())
+        Ok(addrs)
     }
 
     /// Removes what this ADD created on the host. The pod side goes with
@@ -489,21 +460,6 @@ fn family_gateway(result: &CniResult, dst: IpAddr) -> Option<IpAddr> {
         .find(|gw| gw.is_ipv4() == dst.is_ipv4())
 }
 
-fn net(addr: IpAddr, prefix: u8) -> Result<IpNet> {
-    IpNet::new(addr, prefix).map_err(|e| {
-        CniError::invalid_config(format!(
-            "gateway {addr}/{prefix} is not a valid network: {e}"
-        ))
-    })
-}
-
-pub(crate) fn fmt_mac(m: [u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,7 +482,7 @@ mod tests {
     #[test]
     fn mac_follows_the_address_v4_first() {
         let m = mac_for(&result(&["fd00::1:2/64", "10.244.3.2/16"])).unwrap();
-        assert_eq!(fmt_mac(m), "0a:58:0a:f4:03:02");
+        assert_eq!(fmt_mac(&m), "0a:58:0a:f4:03:02");
         let m = mac_for(&result(&["fd00::a0b:c0d/64"])).unwrap();
         // Locally administered, unicast, never the IPv4 form.
         assert_eq!(m[0], 0x0a);

@@ -7,10 +7,11 @@ use evio_cni::result::CniResult;
 use evio_cni::{code, CniError, Result};
 use evio_net::{ethtool, Family, Handle};
 
-use crate::add::{fmt_mac, open_netns};
+use crate::add::open_netns;
 use crate::naming::host_veth_name;
 use crate::neterr;
 use crate::switch::{self, Port, VethOwner};
+use evio_overlay::packet::fmt_mac;
 
 fn failed(msg: String) -> CniError {
     CniError::new(code::CHECK_FAILED, msg)
@@ -68,7 +69,7 @@ pub fn check(env: &Env, conf: &NetConf) -> Result<()> {
     };
 
     if let Some(mac) = &pod_if.mac {
-        let have = pod_link.mac.map(fmt_mac).unwrap_or_default();
+        let have = pod_link.mac.as_ref().map(fmt_mac).unwrap_or_default();
         if !have.eq_ignore_ascii_case(mac) {
             return Err(failed(format!(
                 "{ifname} has MAC {have}, prevResult says {mac}"

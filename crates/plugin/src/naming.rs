@@ -34,29 +34,14 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
 
 /// The pod's MAC, derived from its address so that any node can answer ARP
 /// for any pod and a pod given a freed address also gets the previous
-/// owner's MAC (neighbours' caches stay right). IPv4: `0a:58` + the address,
-/// as OVN-Kubernetes does. IPv6: `0a` + 40 bits of BLAKE2s over the whole
-/// address: its low 32 bits alone repeat on every node (each node's range
-/// starts at `::2`), and pods of the flat L2 pod network must not share a
-/// MAC. The overlay's switch checks frames against exactly this
-/// (`evio_overlay::packet::pod_mac` and `pod_mac_v6`; the agent's tests
-/// hold the two to each other).
+/// owner's MAC (neighbours' caches stay right). The derivation is the
+/// overlay's (`evio_overlay::packet::pod_mac`, `pod_mac_v6`), the one the
+/// switch checks frames against: one function, so the plugin and the switch
+/// cannot drift apart.
 pub fn pod_mac(ip: IpAddr) -> [u8; 6] {
     match ip {
-        IpAddr::V4(a) => {
-            let [b0, b1, b2, b3] = a.octets();
-            [0x0a, 0x58, b0, b1, b2, b3]
-        }
-        IpAddr::V6(a) => {
-            use blake2::{Blake2s256, Digest};
-            let h = Blake2s256::new()
-                .chain_update(b"evio pod mac v6 ")
-                .chain_update(a.octets())
-                .finalize();
-            // Never the IPv4 form.
-            let first = if h[0] == 0x58 { 0xd8 } else { h[0] };
-            [0x0a, first, h[1], h[2], h[3], h[4]]
-        }
+        IpAddr::V4(a) => evio_overlay::packet::pod_mac(a),
+        IpAddr::V6(a) => evio_overlay::packet::pod_mac_v6(a),
     }
 }
 

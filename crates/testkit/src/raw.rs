@@ -161,23 +161,8 @@ fn sockaddr_ll(ifindex: i32) -> libc::sockaddr_ll {
     sa
 }
 
-/// `aa:bb:cc:dd:ee:ff` → bytes.
-pub fn parse_mac(s: &str) -> Option<Mac> {
-    let v: Vec<u8> = s
-        .trim()
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16))
-        .collect::<Result<_, _>>()
-        .ok()?;
-    v.try_into().ok()
-}
-
-pub fn fmt_mac(m: &Mac) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+/// MACs as `ip link` prints them: the overlay's one parser and printer.
+pub use evio_overlay::packet::{fmt_mac, parse_mac};
 
 /// The MAC of `ifname` in `ns`.
 pub fn mac_of(ns: &Netns, ifname: &str) -> Mac {

@@ -2,7 +2,7 @@
 //! message shapes where the two differ.
 
 use super::*;
-use turn_server_proto::api::{TurnServerApi, TurnServerPollRet};
+use turn_server_proto::api::TurnServerApi;
 use turn_server_proto::server::TurnServer as Server;
 
 const SERVER: &str = "203.0.113.1:3478";
@@ -60,25 +60,7 @@ fn exchange(
                 let d = out.data.build();
                 answers.push(crate::sim::rfc_401(&d).unwrap_or(d));
             }
-            while let TurnServerPollRet::AllocateSocket {
-                transport,
-                listen_addr,
-                client_addr,
-                allocation_transport,
-                family,
-            } = srv.poll(st)
-            {
-                let relay = "203.0.113.1:49152".parse().unwrap();
-                srv.allocated_socket(
-                    transport,
-                    listen_addr,
-                    client_addr,
-                    allocation_transport,
-                    family,
-                    Ok(relay),
-                    st,
-                );
-            }
+            crate::sim::grant_sockets(srv, st, || "203.0.113.1:49152".parse().unwrap());
             while let Some(t) = srv.poll_transmit(st) {
                 answers.push(t.data);
             }
@@ -562,26 +544,11 @@ impl Refusing {
             };
             answers.push((dest, crate::sim::rfc_401(&a).unwrap_or(a)));
         }
-        while let TurnServerPollRet::AllocateSocket {
-            transport,
-            listen_addr,
-            client_addr,
-            allocation_transport,
-            family,
-        } = self.srv.poll(st)
-        {
-            let relay = SocketAddr::new(server_addr().ip(), self.next_relay);
-            self.next_relay += 1;
-            self.srv.allocated_socket(
-                transport,
-                listen_addr,
-                client_addr,
-                allocation_transport,
-                family,
-                Ok(relay),
-                st,
-            );
-        }
+        let next = &mut self.next_relay;
+        crate::sim::grant_sockets(&mut self.srv, st, || {
+            *next += 1;
+            SocketAddr::new(server_addr().ip(), *next - 1)
+        });
         while let Some(t) = self.srv.poll_transmit(st) {
             answers.push((t.to, t.data));
         }

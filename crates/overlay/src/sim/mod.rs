@@ -53,6 +53,37 @@ pub const TURN_PASSWORD: &str = "sim-secret";
 /// The overlay's port on every node.
 pub const PORT: u16 = 5800;
 
+/// Polls a TURN server, giving each allocation it asks a socket for the
+/// relayed address `relay` returns, until it wants something else: that
+/// is returned. The simulator and the NAT layer's tests run their servers
+/// through this one loop.
+pub(crate) fn grant_sockets(
+    srv: &mut ServerProto,
+    t: SioInstant,
+    mut relay: impl FnMut() -> SocketAddr,
+) -> TurnServerPollRet {
+    loop {
+        match srv.poll(t) {
+            TurnServerPollRet::AllocateSocket {
+                transport,
+                listen_addr,
+                client_addr,
+                allocation_transport,
+                family,
+            } => srv.allocated_socket(
+                transport,
+                listen_addr,
+                client_addr,
+                allocation_transport,
+                family,
+                Ok(relay()),
+                t,
+            ),
+            other => return other,
+        }
+    }
+}
+
 pub fn turn_addr() -> SocketAddr {
     SocketAddr::from(([203, 0, 113, 1], 3478))
 }
@@ -193,6 +224,22 @@ struct SimIo {
     slot: Vec<u8>,
     out: Vec<(Sock, SocketAddr, Vec<u8>)>,
     pods: u64,
+    /// Allocations of the simulator's own queue (it copies what a node
+    /// sends), told apart from the stack's (lib tests count them).
+    #[cfg(test)]
+    queue_allocs: u64,
+}
+
+impl SimIo {
+    fn queue(&mut self, sock: Sock, to: SocketAddr, data: &[u8]) {
+        #[cfg(test)]
+        let before = crate::alloc_count::allocations();
+        self.out.push((sock, to, data.to_vec()));
+        #[cfg(test)]
+        {
+            self.queue_allocs += crate::alloc_count::allocations() - before;
+        }
+    }
 }
 
 impl Io for SimIo {
@@ -204,8 +251,9 @@ impl Io for SimIo {
     }
 
     fn commit(&mut self, to: PathAddr, len: usize) {
-        self.out
-            .push((Sock::Udp, to.remote, self.slot[..len].to_vec()));
+        let slot = std::mem::take(&mut self.slot);
+        self.queue(Sock::Udp, to.remote, &slot[..len]);
+        self.slot = slot;
     }
 
     fn pod(&mut self, _frame: &mut [u8], _csum: Csum) {
@@ -218,7 +266,7 @@ impl Io for SimIo {
 impl NetIo for SimIo {
     fn transmit(&mut self, t: Transmit<'_>) {
         if matches!(t.via, Sock::Udp | Sock::UdpOwn(_)) {
-            self.out.push((t.via, t.to, t.data.to_vec()));
+            self.queue(t.via, t.to, t.data);
         }
     }
 }
@@ -240,6 +288,10 @@ pub struct SimNode {
     /// node last opened a socket of its own.
     pub turn_on_shared: u64,
     pub turn_on_shared_at_move: Option<u64>,
+    /// ChannelData datagrams (relayed peer traffic) the stack took, and
+    /// the allocations it made while taking them (lib tests count them).
+    #[cfg(test)]
+    pub relayed_in: (u64, u64),
 }
 
 /// The first ephemeral port a node's extra sockets get.
@@ -530,6 +582,8 @@ impl Sim {
             next_port: EPHEMERAL,
             turn_on_shared: 0,
             turn_on_shared_at_move: None,
+            #[cfg(test)]
+            relayed_in: (0, 0),
         }
     }
 
@@ -812,8 +866,17 @@ impl Sim {
         self.deliveries += 1;
         let now = self.now;
         let node = &mut self.nodes[n];
+        #[cfg(test)]
+        let relayed = (crate::wire::demux(&f.data) == crate::wire::Demux::ChannelData)
+            .then(|| (crate::alloc_count::allocations(), node.io.queue_allocs));
         node.stack
             .handle_datagram_on(now, via, f.from, &f.data, &mut node.io);
+        #[cfg(test)]
+        if let Some((before, queue_before)) = relayed {
+            let queue = node.io.queue_allocs - queue_before;
+            node.relayed_in.0 += 1;
+            node.relayed_in.1 += crate::alloc_count::allocations() - before - queue;
+        }
         self.after(n);
     }
 }
@@ -859,34 +922,18 @@ impl Sim {
         if !self.turn.up {
             return;
         }
+        let turn = &mut self.turn;
+        let mut relay = || {
+            let relay = SocketAddr::new(turn_addr().ip(), turn.next_port);
+            turn.next_port += 1;
+            turn.relays.insert(relay);
+            relay
+        };
         loop {
-            match self.turn.proto.poll(t) {
-                TurnServerPollRet::WaitUntil(w) => {
-                    let w = self.start + Duration::from_nanos(w.as_nanos().max(0) as u64);
-                    self.turn.wake = w.max(self.now + Duration::from_millis(1));
-                    break;
-                }
-                TurnServerPollRet::AllocateSocket {
-                    transport,
-                    listen_addr,
-                    client_addr,
-                    allocation_transport,
-                    family,
-                } => {
-                    let relay = SocketAddr::new(turn_addr().ip(), self.turn.next_port);
-                    self.turn.next_port += 1;
-                    self.turn.relays.insert(relay);
-                    self.turn.proto.allocated_socket(
-                        transport,
-                        listen_addr,
-                        client_addr,
-                        allocation_transport,
-                        family,
-                        Ok(relay),
-                        t,
-                    );
-                }
-                _ => {}
+            if let TurnServerPollRet::WaitUntil(w) = grant_sockets(&mut turn.proto, t, &mut relay) {
+                let w = self.start + Duration::from_nanos(w.as_nanos().max(0) as u64);
+                turn.wake = w.max(self.now + Duration::from_millis(1));
+                break;
             }
         }
         while let Some(tr) = self.turn.proto.poll_transmit(t) {

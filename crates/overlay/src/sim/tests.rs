@@ -254,6 +254,29 @@ fn relayed_sim(seed: u64) -> Result<Sim, String> {
     Ok(sim)
 }
 
+/// Relayed datagrams (ChannelData from the TURN server) go through the
+/// stack's one feed path into the overlay and to the pod without a heap
+/// allocation, once the pair is relayed and warm (its first frames may
+/// learn MACs).
+#[test]
+fn relayed_datagrams_allocate_nothing() {
+    let mut sim = relayed_sim(1).unwrap();
+    assert!(
+        sim.ping(0, 1, Duration::from_secs(2)).is_some(),
+        "no warm-up ping"
+    );
+    for n in &mut sim.nodes {
+        n.relayed_in = (0, 0);
+    }
+    for _ in 0..20 {
+        assert!(sim.ping(0, 1, Duration::from_secs(2)).is_some());
+        assert!(sim.ping(1, 0, Duration::from_secs(2)).is_some());
+    }
+    let (datagrams, allocations) = sim.nodes[1].relayed_in;
+    assert!(datagrams >= 20, "{datagrams} relayed datagrams");
+    assert_eq!(allocations, 0, "over {datagrams} relayed datagrams");
+}
+
 /// Node `n` has its own allocation again and every pair with it is
 /// relayed both ways.
 fn relayed_again(n: usize) -> impl Fn(&Sim) -> bool {

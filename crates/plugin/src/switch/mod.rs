@@ -6,6 +6,7 @@ use evio_cni::Result;
 use evio_net::{Handle, Link};
 
 pub mod flows;
+pub mod gateway;
 pub mod linux;
 pub mod ovs;
 

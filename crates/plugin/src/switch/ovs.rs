@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use evio_cni::config::{Datapath, NetConf};
 use evio_cni::{code, CniError, Result};
 use evio_net::{Handle, Link};
+use evio_overlay::packet::{fmt_mac, parse_mac};
 use evio_ovsdb::vswitch::PortSpec;
 use evio_ovsdb::Client;
 
@@ -129,16 +130,6 @@ impl OvsBridge {
     }
 }
 
-/// `aa:bb:cc:dd:ee:ff`, as OVS's `other_config:hwaddr` holds it.
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut out {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
-}
-
 fn ovserr(what: impl std::fmt::Display) -> impl FnOnce(evio_ovsdb::Error) -> CniError {
     move |e| CniError::new(code::SWITCH, format!("OVS: {what}")).with_details(e.to_string())
 }
@@ -153,7 +144,7 @@ impl Switch for OvsBridge {
         // pods' ARP entries for the gateway stale. Pinned in the creating
         // transaction, so no crash window leaves it unpinned.
         let mut pinned = Some(super::random_mac());
-        let mac = pinned.map(crate::add::fmt_mac).unwrap_or_default();
+        let mac = pinned.as_ref().map(fmt_mac).unwrap_or_default();
         let created = client
             .ensure_bridge(&name, want, &[("hwaddr", &mac)])
             .map_err(ovserr(format!("create bridge {name}")))?;
@@ -381,7 +372,7 @@ impl Switch for OvsBridge {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_mac;
+    use evio_overlay::packet::parse_mac;
 
     #[test]
     fn pinned_hwaddr_parses_as_ovs_writes_it() {

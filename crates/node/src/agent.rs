@@ -339,11 +339,13 @@ fn agent_config(
         .map_err(|e| NodeError::Invalid(e.to_string()))?;
     let private_key = evio_agent::keys::load_or_create(&ov.key_file)
         .map_err(|e| NodeError::Invalid(e.to_string()))?;
-    let network_key = match &ov.network_key_file {
+    let (network_key, network_key_also) = match &ov.network_key_file {
         Some(p) => {
-            Some(evio_agent::keys::network_key(p).map_err(|e| NodeError::Invalid(e.to_string()))?)
+            let (k, also) =
+                evio_agent::keys::network_keys(p).map_err(|e| NodeError::Invalid(e.to_string()))?;
+            (Some(k), also)
         }
-        None => None,
+        None => (None, None),
     };
     let stun = ov
         .stun
@@ -369,8 +371,10 @@ fn agent_config(
         listen_port: ov.listen_port,
         stun,
         turn,
+        announce: ov.announce.clone(),
         private_key,
         network_key,
+        network_key_also,
         store_url: url,
         store_opts: opts,
         control_socket: args.control_socket.clone(),

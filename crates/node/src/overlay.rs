@@ -47,6 +47,8 @@ pub struct OverlayConf {
     pub listen_port: u16,
     pub stun: Vec<String>,
     pub turn: Vec<TurnConf>,
+    /// `overlay.announce`: extra candidates, published as they are.
+    pub announce: Vec<SocketAddr>,
     pub key_file: PathBuf,
     pub network_key_file: Option<PathBuf>,
     pub underlay_mtu: u32,
@@ -93,6 +95,30 @@ fn list<T>(
             format!("expected {expected}, got {other}"),
         )),
     }
+}
+
+/// One entry of `overlay.announce`: a literal IPv4 `ip:port` (the underlay
+/// is IPv4; a name would be resolved differently by every peer), neither
+/// unspecified, nor loopback, nor multicast, nor port 0.
+fn announced(key: &str, v: &Value) -> Result<SocketAddr, NodeError> {
+    let s = string(v, key)?;
+    let a: SocketAddr = s.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{s:?} is not ip:port (e.g. \"203.0.113.5:5800\")"),
+        )
+    })?;
+    let ip = a.ip();
+    if !ip.is_ipv4() {
+        return Err(invalid(key, format!("{s}: the underlay is IPv4")));
+    }
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || a.port() == 0 {
+        return Err(invalid(
+            key,
+            format!("{s} cannot be reached by a peer (unspecified, loopback, multicast or port 0)"),
+        ));
+    }
+    Ok(a)
 }
 
 /// One entry of `overlay.turn`, whose key is `key`.
@@ -152,6 +178,7 @@ fn turn_server(key: &str, t: &Value) -> Result<TurnConf, NodeError> {
 
 const OVERLAY_KEYS: &[&str] = &[
     "listenPort",
+    "announce",
     "stun",
     "turn",
     "keyFile",
@@ -244,6 +271,7 @@ impl OverlayConf {
             Ok(s)
         })?;
         let turn = list(o, "turn", "a list of objects", turn_server)?;
+        let announce = list(o, "announce", "a list of \"ip:port\"", announced)?;
         let path = |k: &str| -> Result<Option<PathBuf>, NodeError> {
             match o.get(k) {
                 None | Some(Value::Null) => Ok(None),
@@ -288,6 +316,7 @@ impl OverlayConf {
             listen_port,
             stun,
             turn,
+            announce,
             key_file,
             network_key_file,
             underlay_mtu,
@@ -370,6 +399,16 @@ mod tests {
         assert!(f.configured);
         assert_eq!(f.host_cidr.unwrap().to_string(), "10.10.0.0/16");
         assert_eq!(f.host_address, None);
+        assert!(f.announce.is_empty());
+        let a =
+            parse(r#"{"overlay":{"announce":["203.0.113.5:5800","198.51.100.7:40000"]}}"#).unwrap();
+        assert_eq!(
+            a.announce,
+            [
+                "203.0.113.5:5800".parse().unwrap(),
+                "198.51.100.7:40000".parse().unwrap()
+            ]
+        );
         let h = parse(r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"10.10.0.1"}"#).unwrap();
         assert_eq!(h.host_address, Some("10.10.0.1".parse().unwrap()));
         assert_eq!(f.turn[0].transport, TurnTransport::Tcp);
@@ -406,6 +445,31 @@ mod tests {
             ),
             (r#"{"overlay":[]}"#, "overlay"),
             (r#"{"hostAddress":"10.10.0.1"}"#, "needs hostCIDR"),
+            (
+                r#"{"overlay":{"announce":"203.0.113.5:5800"}}"#,
+                "overlay.announce",
+            ),
+            (
+                r#"{"overlay":{"announce":["203.0.113.5"]}}"#,
+                "overlay.announce[0]",
+            ),
+            (
+                r#"{"overlay":{"announce":["host.example:5800"]}}"#,
+                "overlay.announce[0]",
+            ),
+            (
+                r#"{"overlay":{"announce":["203.0.113.5:0"]}}"#,
+                "overlay.announce[0]",
+            ),
+            (
+                r#"{"overlay":{"announce":["0.0.0.0:5800"]}}"#,
+                "overlay.announce[0]",
+            ),
+            (
+                r#"{"overlay":{"announce":["[2001:db8::1]:5800"]}}"#,
+                "overlay.announce[0]",
+            ),
+            (r#"{"overlay":{"announce":[5800]}}"#, "overlay.announce[0]"),
             (
                 r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"10.10.0.1/16"}"#,
                 "hostAddress",

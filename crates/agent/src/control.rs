@@ -133,11 +133,21 @@ fn serve(
                     .iter()
                     .filter(|p| p.state == evio_overlay::engine::PeerState::Connected)
                     .count();
+                // `idle` (no session because none is needed) is as healthy
+                // as connected (OVERLAY.md).
+                let healthy = snap
+                    .peers
+                    .iter()
+                    .filter(|p| matches!(p.state.as_str(), "connected" | "idle"))
+                    .count();
                 json!({
                     "ok": h.published && !h.revoked,
                     "node": me.node,
                     "peers": snap.peers.len(),
                     "connected": connected,
+                    "healthyPeers": healthy,
+                    "degraded": healthy < snap.peers.len(),
+                    "storeOk": h.store_ok(),
                     "revoked": h.revoked,
                     "storeError": h.last_error,
                     "uptimeSeconds": me.started.elapsed().as_secs(),

@@ -81,18 +81,36 @@ pub fn load_or_create(path: &Path) -> Result<Secret, AgentError> {
     }
 }
 
-/// Reads the network key (`overlay.networkKeyFile`): 32 bytes in base64,
-/// a trailing newline allowed.
-pub fn network_key(path: &Path) -> Result<Secret, AgentError> {
+/// Reads the network key file (`overlay.networkKeyFile`): one key, or two
+/// during a rotation, one per line (32 bytes in base64 each; blank lines
+/// and a trailing newline are fine). The first is sent with, both are
+/// accepted.
+pub fn network_keys(path: &Path) -> Result<(Secret, Option<Secret>), AgentError> {
     let mut text = std::fs::read_to_string(path).map_err(key_io(path))?;
-    let key = parse_key(&text).map(Secret::new);
+    let lines: Vec<Option<Secret>> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| parse_key(l).map(Secret::new))
+        .collect();
     text.zeroize();
-    key.ok_or_else(|| {
+    let bad = |why: &str| {
         key_err(
             path,
-            "must hold 32 random bytes in base64 (head -c 32 /dev/urandom | base64)",
+            format!(
+                "{why}: it must hold one or two keys, one per line, each 32 random bytes in \
+                 base64 (head -c 32 /dev/urandom | base64)"
+            ),
         )
-    })
+    };
+    if let Some(i) = lines.iter().position(Option::is_none) {
+        return Err(bad(&format!("line {} is not a key", i + 1)));
+    }
+    let mut keys = lines.into_iter().flatten();
+    match (keys.next(), keys.next(), keys.next()) {
+        (Some(first), next, None) => Ok((first, next)),
+        (None, _, _) => Err(bad("no key")),
+        _ => Err(bad("more than two keys")),
+    }
 }
 
 #[cfg(test)]
@@ -115,14 +133,29 @@ mod tests {
     }
 
     #[test]
-    fn network_key_format() {
+    fn network_key_file_holds_one_or_two_keys() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("nk");
-        std::fs::write(&p, format!("{}\n", b64(&[7u8; 32]))).unwrap();
-        assert_eq!(network_key(&p).unwrap().expose(), &[7u8; 32]);
-        std::fs::write(&p, "short").unwrap();
-        assert!(network_key(&p).is_err());
-        assert!(network_key(&d.path().join("missing")).is_err());
+        let (k7, k8) = (b64(&[7u8; 32]), b64(&[8u8; 32]));
+        std::fs::write(&p, format!("{k7}\n")).unwrap();
+        let (first, next) = network_keys(&p).unwrap();
+        assert_eq!(first.expose(), &[7u8; 32]);
+        assert!(next.is_none());
+        std::fs::write(&p, format!("{k8}\n\n{k7}\n")).unwrap();
+        let (first, next) = network_keys(&p).unwrap();
+        assert_eq!(first.expose(), &[8u8; 32], "the first line sends");
+        assert_eq!(next.unwrap().expose(), &[7u8; 32]);
+        for bad in [
+            "short".to_string(),
+            String::new(),
+            format!("{k7}\nshort\n"),
+            format!("{k7}\n{k8}\n{k7}\n"),
+        ] {
+            std::fs::write(&p, &bad).unwrap();
+            let e = network_keys(&p).unwrap_err().to_string();
+            assert!(e.contains("one or two keys"), "{bad:?}: {e}");
+        }
+        assert!(network_keys(&d.path().join("missing")).is_err());
     }
 
     /// An I/O failure keeps its io::Error as the source (callers can tell
@@ -131,7 +164,7 @@ mod tests {
     fn io_failures_keep_their_source() {
         let d = tempfile::tempdir().unwrap();
         let missing = d.path().join("missing");
-        let e = network_key(&missing).unwrap_err();
+        let e = network_keys(&missing).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
         let src = std::error::Error::source(&e).expect("a source");
         let io = src.downcast_ref::<std::io::Error>().expect("an io::Error");

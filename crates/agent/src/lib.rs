@@ -140,8 +140,12 @@ pub struct AgentConfig {
     pub listen_port: u16,
     pub stun: Vec<SocketAddr>,
     pub turn: Vec<TurnServer>,
+    /// `overlay.announce`: candidates published as they are.
+    pub announce: Vec<SocketAddr>,
     pub private_key: Secret,
     pub network_key: Option<Secret>,
+    /// The second line of a two-key network key file: accepted, not sent.
+    pub network_key_also: Option<Secret>,
     pub store_url: StoreUrl,
     pub store_opts: StoreOptions,
     pub control_socket: PathBuf,
@@ -464,11 +468,14 @@ fn start(cfg: &AgentConfig) -> Result<Running, AgentError> {
     let keys =
         evio_overlay::crypto::StaticKeys::from_private(&mut cfg.private_key.expose().to_owned());
     let public_key = b64(keys.public());
-    let id = Identity::new(
+    let mut id = Identity::new(
         keys,
         cfg.network_key.as_ref().map(|k| *k.expose()),
         &cfg.network,
     );
+    if let Some(k) = &cfg.network_key_also {
+        id = id.also_accepting(*k.expose());
+    }
 
     let mut host = evio_net::Handle::new().map_err(AgentError::net("netlink"))?;
     let mut cleanup = Cleanup {
@@ -572,8 +579,10 @@ fn build_engine(
     let waker = Waker::new()?;
     let (cmd_tx, cmd_rx) = mpsc::sync_channel(dataplane::COMMAND_QUEUE);
     let (cand_std_tx, cand_std_rx) = mpsc::channel();
+    let mut stack = Stack::new(overlay, nat);
+    stack.set_announced(cfg.announce.clone());
     let dp = Dataplane::new(
-        Stack::new(overlay, nat),
+        stack,
         Devices::new(udp, Some(devices.tap), devices.tun, epoll.as_raw_fd()),
         cmd_rx,
         waker.raw(),

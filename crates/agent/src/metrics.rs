@@ -452,11 +452,11 @@ fn overlay_gauges(e: &mut Exposition, node: &str, snap: &Snapshot, health: &Stor
     e.series(
         (
             "evio_overlay_store_ok",
-            "Whether this node's record is published and not revoked.",
+            "Whether this node's record is published, not revoked, and confirmed by the store within its refresh period.",
             "gauge",
         ),
         &node_only,
-        u8::from(health.published && !health.revoked),
+        u8::from(health.store_ok()),
     );
 }
 
@@ -540,6 +540,7 @@ mod tests {
         };
         let health = StoreHealth {
             published: true,
+            confirmed: Some(std::time::Instant::now()),
             stale: ["x".to_string()].into(),
             ..StoreHealth::default()
         };
@@ -553,6 +554,23 @@ mod tests {
         let (me, snap, health) = fixture();
         let text = prometheus(&me, &snap, &health);
         assert_eq!(text, include_str!("metrics_golden.txt"));
+    }
+
+    /// store_ok needs a confirmation within the refresh period: a record
+    /// published once does not keep it on when the store stops answering.
+    #[test]
+    fn store_ok_needs_a_recent_confirmation() {
+        let ago = |s| std::time::Instant::now().checked_sub(Duration::from_secs(s));
+        let h = |confirmed, revoked| StoreHealth {
+            published: true,
+            revoked,
+            confirmed,
+            ..StoreHealth::default()
+        };
+        assert!(h(ago(1), false).store_ok());
+        assert!(!h(ago(1), true).store_ok());
+        assert!(!h(None, false).store_ok());
+        assert!(!h(ago(15), false).store_ok());
     }
 
     /// Widths count characters, not bytes, and no line ends in spaces.

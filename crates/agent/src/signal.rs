@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use evio_overlay::crypto::{b64, parse_key, Key};
 use evio_overlay::engine::{shared_keys, Candidate, PeerInfo, PeerState};
@@ -70,6 +70,23 @@ pub struct StoreHealth {
     pub from_cache: bool,
     /// Why the node is no longer part of the network, when it is not.
     pub revoked_why: Option<String>,
+    /// When the store last confirmed this node's record (a publish or a
+    /// liveness refresh that succeeded).
+    pub confirmed: Option<Instant>,
+}
+
+impl StoreHealth {
+    /// `evio_overlay_store_ok`: published, not revoked, and confirmed by
+    /// the store within one refresh period (plus the time a call may take):
+    /// a store that stops answering turns it off within that time, while
+    /// a record published once stays "published".
+    pub fn store_ok(&self) -> bool {
+        self.published
+            && !self.revoked
+            && self
+                .confirmed
+                .is_some_and(|t| t.elapsed() <= REFRESH + CALL_LIMIT)
+    }
 }
 
 /// This node's allocations, to check the store still agrees.
@@ -233,6 +250,25 @@ async fn bounded<T>(
 enum End {
     Stopped,
     Failed(String),
+    /// The etcd client's certificate files changed: connect again with
+    /// them, at once.
+    Reconnect,
+}
+
+/// What the etcd TLS files (CA, client certificate, key) look like on disk:
+/// identity, size and modification time, `None` for a file that is absent
+/// or not configured. A rotation (new files, or a `mv` over them) changes
+/// it; the connection made with the old ones is then replaced.
+fn tls_files_stamp(opts: &StoreOptions) -> Vec<Option<(u64, u64, SystemTime)>> {
+    use std::os::unix::fs::MetadataExt;
+    let e = &opts.etcd;
+    [&e.ca_file, &e.cert_file, &e.key_file]
+        .into_iter()
+        .map(|f| {
+            let m = std::fs::metadata(f.as_ref()?).ok()?;
+            Some((m.ino(), m.len(), m.modified().ok()?))
+        })
+        .collect()
 }
 
 /// What the thread keeps across store connections.
@@ -285,12 +321,15 @@ impl Signalling {
         // An outage is said once, and again a minute on, not every retry.
         let mut warned: Option<Instant> = None;
         while !self.stop.is_set() {
+            let tls = tls_files_stamp(&self.opts);
             let end = match self.connect().await {
                 Ok(store) => {
                     if let Some(l) = st.lease {
                         store.adopt_lease(l);
                     }
-                    let end = self.session(store.as_ref(), &mut st, &mut warned).await;
+                    let end = self
+                        .session(store.as_ref(), &mut st, &mut warned, &tls)
+                        .await;
                     if let Some(l) = store.lease_id() {
                         st.lease = Some(l);
                     }
@@ -300,6 +339,12 @@ impl Signalling {
             };
             match end {
                 End::Stopped => break,
+                End::Reconnect => {
+                    tracing::info!(
+                        "the etcd client certificates changed on disk: connecting again with them"
+                    );
+                    pause = Duration::from_millis(200);
+                }
                 End::Failed(e) => {
                     if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                         tracing::warn!(
@@ -356,6 +401,7 @@ impl Signalling {
         store: &dyn OverlayStore,
         st: &mut State,
         warned: &mut Option<Instant>,
+        tls: &[Option<(u64, u64, SystemTime)>],
     ) -> End {
         if !st.revoked && !st.published {
             if let Err(e) = self.publish(store, st).await {
@@ -396,7 +442,12 @@ impl Signalling {
                     self.set_candidates(&c);
                     if st.revoked { Ok(()) } else { self.publish(store, st).await }
                 }
-                _ = tick.tick() => self.tick(store, st).await,
+                _ = tick.tick() => {
+                    if tls_files_stamp(&self.opts) != tls {
+                        return End::Reconnect;
+                    }
+                    self.tick(store, st).await
+                }
                 w = store.watch_peers(&self.network, &st.snap, Duration::from_secs(30)) => {
                     match w {
                         Ok(Some(s)) => {
@@ -444,6 +495,7 @@ impl Signalling {
             set_health(&self.health, |h| {
                 h.published = true;
                 h.last_error = None;
+                h.confirmed = Some(Instant::now());
             });
             let lease = store.lease_id();
             if lease != self.cache.lease {
@@ -483,6 +535,9 @@ impl Signalling {
             store.refresh(&self.network, &self.record.node, &connected),
         )
         .await?;
+        if live == Liveness::Alive {
+            set_health(&self.health, |h| h.confirmed = Some(Instant::now()));
+        }
         match live {
             Liveness::Alive => {}
             Liveness::Expired => {
@@ -729,6 +784,32 @@ pub fn cached_peers(c: &Cache) -> Vec<PeerInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A certificate rotated the usual ways (rewritten, or a new file moved
+    /// over it) changes the stamp; nothing configured never does.
+    #[test]
+    fn tls_file_stamps_change_with_a_rotation() {
+        let d = tempfile::tempdir().unwrap();
+        let (cert, key) = (d.path().join("c.crt"), d.path().join("c.key"));
+        std::fs::write(&cert, "old cert").unwrap();
+        std::fs::write(&key, "old key").unwrap();
+        let mut opts = StoreOptions::default();
+        assert_eq!(tls_files_stamp(&opts), [None, None, None]);
+        opts.etcd.cert_file = Some(cert.clone());
+        opts.etcd.key_file = Some(key.clone());
+        let before = tls_files_stamp(&opts);
+        assert!(before[1].is_some() && before[2].is_some());
+        assert_eq!(tls_files_stamp(&opts), before);
+        let next = d.path().join("next.key");
+        std::fs::write(&next, "new key").unwrap();
+        std::fs::rename(&next, &key).unwrap();
+        let moved = tls_files_stamp(&opts);
+        assert_ne!(moved, before, "a file moved over the key");
+        std::fs::write(&cert, "a new certificate").unwrap();
+        assert_ne!(tls_files_stamp(&opts), moved, "a rewritten certificate");
+        std::fs::remove_file(&cert).unwrap();
+        assert_eq!(tls_files_stamp(&opts)[1], None);
+    }
 
     #[test]
     fn candidate_kinds_and_classes_map_both_ways() {

@@ -2,7 +2,7 @@
 //! `hostCIDR`, `hostInterface` and the `overlay` object. Secrets (the
 //! network key, TURN passwords) are only ever named by file.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use ipnet::IpNet;
@@ -41,10 +41,14 @@ pub struct OverlayConf {
     /// fit inside the tunnel.
     pub configured: bool,
     pub host_cidr: Option<IpNet>,
+    /// `hostAddress`: the host overlay address this node asks for.
+    pub host_address: Option<IpAddr>,
     pub host_interface: String,
     pub listen_port: u16,
     pub stun: Vec<String>,
     pub turn: Vec<TurnConf>,
+    /// `overlay.announce`: extra candidates, published as they are.
+    pub announce: Vec<SocketAddr>,
     pub key_file: PathBuf,
     pub network_key_file: Option<PathBuf>,
     pub underlay_mtu: u32,
@@ -91,6 +95,30 @@ fn list<T>(
             format!("expected {expected}, got {other}"),
         )),
     }
+}
+
+/// One entry of `overlay.announce`: a literal IPv4 `ip:port` (the underlay
+/// is IPv4; a name would be resolved differently by every peer), neither
+/// unspecified, nor loopback, nor multicast, nor port 0.
+fn announced(key: &str, v: &Value) -> Result<SocketAddr, NodeError> {
+    let s = string(v, key)?;
+    let a: SocketAddr = s.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{s:?} is not ip:port (e.g. \"203.0.113.5:5800\")"),
+        )
+    })?;
+    let ip = a.ip();
+    if !ip.is_ipv4() {
+        return Err(invalid(key, format!("{s}: the underlay is IPv4")));
+    }
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || a.port() == 0 {
+        return Err(invalid(
+            key,
+            format!("{s} cannot be reached by a peer (unspecified, loopback, multicast or port 0)"),
+        ));
+    }
+    Ok(a)
 }
 
 /// One entry of `overlay.turn`, whose key is `key`.
@@ -150,6 +178,7 @@ fn turn_server(key: &str, t: &Value) -> Result<TurnConf, NodeError> {
 
 const OVERLAY_KEYS: &[&str] = &[
     "listenPort",
+    "announce",
     "stun",
     "turn",
     "keyFile",
@@ -177,6 +206,10 @@ impl OverlayConf {
                 }
                 Some(n)
             }
+        };
+        let host_address = match conf.string("hostAddress")? {
+            None => None,
+            Some(s) => Some(host_address(&s, host_cidr, "hostAddress")?),
         };
         let host_interface = conf
             .string("hostInterface")?
@@ -238,6 +271,7 @@ impl OverlayConf {
             Ok(s)
         })?;
         let turn = list(o, "turn", "a list of objects", turn_server)?;
+        let announce = list(o, "announce", "a list of \"ip:port\"", announced)?;
         let path = |k: &str| -> Result<Option<PathBuf>, NodeError> {
             match o.get(k) {
                 None | Some(Value::Null) => Ok(None),
@@ -277,10 +311,12 @@ impl OverlayConf {
         Ok(OverlayConf {
             configured: ov.is_some() || host_cidr.is_some(),
             host_cidr,
+            host_address,
             host_interface,
             listen_port,
             stun,
             turn,
+            announce,
             key_file,
             network_key_file,
             underlay_mtu,
@@ -295,6 +331,30 @@ impl OverlayConf {
     pub fn default_mtu(&self) -> u32 {
         self.underlay_mtu - OVERHEAD - DEFAULT_MARGIN
     }
+}
+
+/// A requested host overlay address (`hostAddress`, `--host-address`,
+/// named `key` in errors): a plain address, usable in `hostCIDR`.
+pub fn host_address(s: &str, cidr: Option<IpNet>, key: &str) -> Result<IpAddr, NodeError> {
+    let a: IpAddr = s.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{s:?} is not an IP address (e.g. \"10.10.0.1\", without a prefix)"),
+        )
+    })?;
+    let Some(cidr) = cidr else {
+        return Err(invalid(
+            key,
+            "needs hostCIDR (there is no host overlay without it)",
+        ));
+    };
+    if !evio_subnet::usable_host(cidr, a) {
+        return Err(invalid(
+            key,
+            format!("{a} is not a usable address of hostCIDR {cidr} (inside it, neither its network nor its broadcast address)"),
+        ));
+    }
+    Ok(a)
 }
 
 /// `host:port` to an IPv4 socket address (the underlay is IPv4).
@@ -338,6 +398,19 @@ mod tests {
         .unwrap();
         assert!(f.configured);
         assert_eq!(f.host_cidr.unwrap().to_string(), "10.10.0.0/16");
+        assert_eq!(f.host_address, None);
+        assert!(f.announce.is_empty());
+        let a =
+            parse(r#"{"overlay":{"announce":["203.0.113.5:5800","198.51.100.7:40000"]}}"#).unwrap();
+        assert_eq!(
+            a.announce,
+            [
+                "203.0.113.5:5800".parse().unwrap(),
+                "198.51.100.7:40000".parse().unwrap()
+            ]
+        );
+        let h = parse(r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"10.10.0.1"}"#).unwrap();
+        assert_eq!(h.host_address, Some("10.10.0.1".parse().unwrap()));
         assert_eq!(f.turn[0].transport, TurnTransport::Tcp);
         assert_eq!(
             f.network_key_file.as_deref(),
@@ -371,6 +444,44 @@ mod tests {
                 "did you mean \"listenPort\"",
             ),
             (r#"{"overlay":[]}"#, "overlay"),
+            (r#"{"hostAddress":"10.10.0.1"}"#, "needs hostCIDR"),
+            (
+                r#"{"overlay":{"announce":"203.0.113.5:5800"}}"#,
+                "overlay.announce",
+            ),
+            (
+                r#"{"overlay":{"announce":["203.0.113.5"]}}"#,
+                "overlay.announce[0]",
+            ),
+            (
+                r#"{"overlay":{"announce":["host.example:5800"]}}"#,
+                "overlay.announce[0]",
+            ),
+            (
+                r#"{"overlay":{"announce":["203.0.113.5:0"]}}"#,
+                "overlay.announce[0]",
+            ),
+            (
+                r#"{"overlay":{"announce":["0.0.0.0:5800"]}}"#,
+                "overlay.announce[0]",
+            ),
+            (
+                r#"{"overlay":{"announce":["[2001:db8::1]:5800"]}}"#,
+                "overlay.announce[0]",
+            ),
+            (r#"{"overlay":{"announce":[5800]}}"#, "overlay.announce[0]"),
+            (
+                r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"10.10.0.1/16"}"#,
+                "hostAddress",
+            ),
+            (
+                r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"10.10.0.0"}"#,
+                "hostAddress",
+            ),
+            (
+                r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"10.11.0.1"}"#,
+                "hostAddress",
+            ),
         ] {
             let e = parse(j).unwrap_err().to_string();
             assert!(e.contains(key), "{j}: {e}");

@@ -123,9 +123,12 @@ enum AgentAnswer {
     NotConfigured,
     /// Configured but not answering, or answering with an error (logged).
     Down,
-    /// Its `health` answer's `ok` (a `false` one is logged with its JSON).
+    /// Its `health` answer's `ok` (a `false` one is logged with its JSON),
+    /// and when fewer than all its peers are healthy (connected or idle),
+    /// how many are, of how many.
     Health {
         ok: bool,
+        degraded: Option<(u64, u64)>,
     },
 }
 
@@ -180,17 +183,23 @@ impl AgentProbe {
             Err(e) => return self.down(e),
         };
         let json = text.trim().to_string();
-        match serde_json::from_str::<serde_json::Value>(&json)
-            .ok()
-            .and_then(|v| v.get("ok").and_then(|o| o.as_bool()))
-        {
+        let v = serde_json::from_str::<serde_json::Value>(&json).ok();
+        let num = |k: &str| v.as_ref().and_then(|v| v.get(k)?.as_u64());
+        let degraded = match (num("healthyPeers"), num("peers")) {
+            (Some(h), Some(n)) if h < n => Some((h, n)),
+            _ => None,
+        };
+        match v.as_ref().and_then(|v| v.get("ok")?.as_bool()) {
             Some(true) => {
                 self.log(None);
-                AgentAnswer::Health { ok: true }
+                AgentAnswer::Health { ok: true, degraded }
             }
             Some(false) => {
                 self.log(Some(format!("the agent reports ok=false: {json}")));
-                AgentAnswer::Health { ok: false }
+                AgentAnswer::Health {
+                    ok: false,
+                    degraded,
+                }
             }
             None => self.down(format!("the agent's health answer has no \"ok\": {json}")),
         }
@@ -606,7 +615,8 @@ fn livez(st: &State, window: Duration) -> (&'static str, &'static str, String) {
 /// intervals): a store that stays unreachable makes the pod unready. With
 /// an agent configured, it must also answer and say `ok` (its record is
 /// published and not revoked). The first line is `ok` or the first reason;
-/// an `agent: ` line follows whenever an agent is configured.
+/// an `agent: ` line follows whenever an agent is configured, saying
+/// `degraded` with a count when not all its peers are connected or idle.
 fn readyz(
     st: &State,
     interval: Duration,
@@ -634,10 +644,19 @@ fn readyz(
             Some("agent: down".to_string())
         }
         // The agent's own JSON may carry a store error: it goes to the log.
-        AgentAnswer::Health { ok: true } => Some("agent: ok".to_string()),
-        AgentAnswer::Health { ok: false } => {
-            problems.push("the agent reports ok=false (see the log of evio-node run)");
-            Some("agent: not ok".to_string())
+        AgentAnswer::Health { ok, degraded } => {
+            if !ok {
+                problems.push("the agent reports ok=false (see the log of evio-node run)");
+            }
+            let word = if *ok { "ok" } else { "not ok" };
+            // Reported, not failed: one node that is down must not make
+            // every other node's pod unready.
+            Some(match degraded {
+                Some((h, n)) => {
+                    format!("agent: {word}, degraded: {h} of {n} peers connected or idle")
+                }
+                None => format!("agent: {word}"),
+            })
         }
     };
     let mut body = match problems.first() {

@@ -106,7 +106,31 @@ fn lab_node(c: &Cluster, i: usize) -> NodeId {
 
 #[test]
 fn linux_bridges_file_store_pods_hosts_and_peers() {
-    let c = up(opts(BridgeType::Linux, 2, OverlayOpts::flat(3)));
+    // Issue 24: the nodes are midway through a network key rotation, on
+    // two-key files in different orders (node 0 still sends with A, the
+    // others already with B): every pair connects all the same.
+    let keys = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        "oaGhoaGhoaGhoaGhoaGhoaGhoaGhoaGhoaGhoaGhoaE=",
+        "srKysrKysrKysrKysrKysrKysrKysrKysrKysrKysrI=",
+    );
+    let mut ov = OverlayOpts::flat(3);
+    for (i, text) in [
+        format!("{a}\n{b}\n"),
+        format!("{b}\n{a}\n"),
+        format!("{b}\n\n{a}"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = keys.path().join(format!("network-{i}.key"));
+        std::fs::write(&p, text).unwrap();
+        ov.node_netconf.push((
+            i,
+            json!({"overlay": {"networkKeyFile": p.display().to_string()}}),
+        ));
+    }
+    let c = up(opts(BridgeType::Linux, 2, ov));
     let o = assert_all_reachable(&c);
     for ch in &o.checks {
         assert_eq!(ch.path.as_deref(), Some("direct"), "{}", o.render());
@@ -165,10 +189,49 @@ fn ovs_bridges_pods_hosts_and_peers() {
 fn etcd_store_and_a_deleted_record_tears_the_tunnels_down() {
     let mut ov = OverlayOpts::flat(3);
     ov.etcd = true;
+    // Node 0 asks for its host address (hostAddress); the others get the
+    // lowest free ones in order.
+    ov.node_netconf = vec![(0, json!({"hostAddress": "10.10.0.200"}))];
     let c = up(opts(BridgeType::Linux, 1, ov));
     assert_all_reachable(&c);
     let net = c.opts().network.clone();
     let etcd = c.etcd().expect("etcd");
+    assert_eq!(peers(&c, 0)["hostAddress"], "10.10.0.200/16");
+    let mut others: Vec<String> = (1..3).map(|i| host_ip(&c, i)).collect();
+    others.sort();
+    assert_eq!(others, ["10.10.0.1", "10.10.0.2"]);
+    // Another node asking for node 0's address is refused, naming node 0,
+    // and leaves nothing in the store. (It runs in node 1's namespace: had
+    // it started, it would have touched only the lab.)
+    let n1 = &c.nodes()[1];
+    let conf = n1.netconf_path.display().to_string();
+    let store = c.store_url();
+    let out = n1.ns.exec(&[
+        NODE_BIN,
+        "agent",
+        "--config",
+        &conf,
+        "--store",
+        &store,
+        "--node-name",
+        "intruder",
+        "--host-address",
+        "10.10.0.200",
+        "--control-socket",
+        "/nonexistent/agent.sock",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("10.10.0.200 is taken") && err.contains("\"node-0\""),
+        "{err}"
+    );
+    let left: Vec<_> = etcd
+        .get_prefix(&format!("/evio/{net}/"))
+        .into_iter()
+        .filter(|(k, _)| k.contains("intruder"))
+        .collect();
+    assert!(left.is_empty(), "a refused agent wrote {left:?}");
     let key = format!("/evio/{net}/peers/{}", name(2));
     let rec = etcd.get_prefix(&key);
     assert_eq!(rec.len(), 1, "node-2's record is in etcd: {rec:?}");
@@ -594,6 +657,33 @@ fn sigkill_then_restart_keeps_the_key_reclaims_the_port_and_traffic_resumes() {
             );
         }
     }
+    // Issue 24, node key rotation (docs/operations.md): stop the agent,
+    // delete its key, start it. It makes a new key and publishes it; the
+    // peer reconnects with it; the host address stays.
+    let conf: Value =
+        serde_json::from_slice(&std::fs::read(&c.nodes()[1].netconf_path).unwrap()).unwrap();
+    let key_file = PathBuf::from(conf["overlay"]["keyFile"].as_str().expect("keyFile"));
+    c.stop_agent(1).expect("an agent");
+    std::fs::remove_file(&key_file).unwrap();
+    c.start_agent(1).unwrap_or_else(|e| panic!("{e}"));
+    let took = wait(
+        "node-0 connected to node-1's new key",
+        Duration::from_secs(20),
+        || {
+            peer(&peers(&c, 0), &name(1))
+                .is_some_and(|p| p["state"] == "connected" && p["publicKey"] != key)
+        },
+    );
+    eprintln!("node key rotation: reconnected {took:?} after the restart");
+    let rotated = peers(&c, 1)["publicKey"].clone();
+    assert_ne!(rotated, key, "a new key");
+    assert_eq!(peer(&peers(&c, 0), &name(1)).unwrap()["publicKey"], rotated);
+    assert_eq!(peers(&c, 1)["hostAddress"], host, "same host address");
+    let from_ns = &c.nodes()[0].pods[0].pod.ns;
+    assert!(
+        ping(from_ns, &dst) || ping(from_ns, &dst),
+        "pods after the rotation"
+    );
 }
 
 /// Issue 21: SIGTERM (a restart, an upgrade) keeps the node on the
@@ -1655,6 +1745,9 @@ fn a_hung_store_a_reboot_from_the_cache_and_a_restart_under_load() {
     assert!(gen(&c).0.contains("allocation=existing"));
     let conflist = std::fs::read(&conflist_path).unwrap();
 
+    let store_ok = |c: &Cluster| c.agent(0).expect("agent").metric("evio_overlay_store_ok{");
+    assert_eq!(store_ok(&c), 1, "store_ok before the hang");
+
     // 1. etcd hangs: peers answers within 2 s, pod traffic flows.
     c.etcd().expect("etcd").freeze_member(0);
     let frozen = Instant::now();
@@ -1670,6 +1763,14 @@ fn a_hung_store_a_reboot_from_the_cache_and_a_restart_under_load() {
     eprintln!("hung store: slowest peers answer {slowest:?}");
     assert!(slowest < Duration::from_secs(2), "{slowest:?}");
     assert!(pod_ping_once(&c, 0, 1), "pod traffic during the hang");
+    // store_ok: 0 once no refresh succeeded for a period (10 s) and a
+    // call (4 s), although the record was published before the hang.
+    wait(
+        "store_ok 0 with etcd frozen",
+        Duration::from_secs(20).saturating_sub(frozen.elapsed()),
+        || store_ok(&c) == 0,
+    );
+    eprintln!("hung store: store_ok 0 after {:?}", frozen.elapsed());
 
     // 2. node-1 reboots during the outage: agent, pods, devices, bridge
     //    and conflist gone.
@@ -1720,7 +1821,13 @@ fn a_hung_store_a_reboot_from_the_cache_and_a_restart_under_load() {
             && peer(&peers(&c, 0), &name(1)).is_some_and(|p| p["stale"] == false)
     });
     eprintln!("thaw: reconciled in {took:?}");
-    let _ = thawed;
+    let took = wait("store_ok 1 after the thaw", Duration::from_secs(20), || {
+        store_ok(&c) == 1
+    });
+    eprintln!(
+        "thaw: store_ok 1 again {took:?} later ({:?} after the thaw)",
+        thawed.elapsed()
+    );
     assert_eq!(assert_no_duplicates(&c, &net), before);
 
     // 4. systemctl restart: SIGTERM then start, under iperf3 between the
@@ -2178,4 +2285,54 @@ fn forged_turn_errors_from_the_servers_address_break_no_relay_and_barely_log() {
         "the forgeries did not reach the agent: {junk} of {total}"
     );
     assert!(lines < 80, "{lines} log lines:\n{}", a.log_tail(40));
+}
+
+// ---------------------------------------------------------------------------
+// Issue 24: announced endpoints.
+
+/// A node behind a port forward that runs no STUN announces the forwarded
+/// address (`overlay.announce`), and a peer behind a symmetric NAT, which
+/// had no way to it before (no STUN, no TURN: private candidates only),
+/// reaches it directly there.
+#[test]
+fn an_announced_port_forward_is_reached_directly_without_stun() {
+    use NatType::*;
+    let ov = OverlayOpts {
+        sites: vec![(Symmetric, 1), (PortRestrictedCone, 1)],
+        turn: false,
+        ..OverlayOpts::flat(0)
+    };
+    let mut c = up(opts(BridgeType::Linux, 1, ov));
+    let state =
+        |c: &Cluster| peer(&peers(c, 0), &name(1)).map_or(Value::Null, |p| p["state"].clone());
+    assert_ne!(state(&c), "connected", "{}", dump(&c));
+    let site = evio_testkit::natlab::SiteId(site_of(&c, 1).1);
+    let lab = c.lab().expect("lab");
+    lab.forward_udp(site, 5800, lab_node(&c, 1));
+    let announced = format!("{}:5800", lab.wan_addr(site).expect("a WAN address"));
+    let path = c.nodes()[1].netconf_path.clone();
+    let mut conf: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    conf["overlay"]["announce"] = json!([announced]);
+    std::fs::write(&path, conf.to_string()).unwrap();
+    c.stop_agent(1);
+    c.start_agent(1).unwrap_or_else(|e| panic!("{e}"));
+    let took = c
+        .wait_overlay(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", dump(&c)));
+    eprintln!("connected {took:?} after the restart with overlay.announce");
+    let own = peers(&c, 1);
+    assert!(
+        own["candidates"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["addr"] == announced.as_str())),
+        "not published: {own}"
+    );
+    let p = peer(&peers(&c, 0), &name(1)).cloned().expect("node-1");
+    assert_eq!(p["path"], "direct", "{p}");
+    assert_eq!(p["endpoint"], announced.as_str(), "{p}");
+    assert!(
+        pod_ping_once(&c, 0, 1) || pod_ping_once(&c, 0, 1),
+        "{}",
+        dump(&c)
+    );
 }

@@ -427,6 +427,19 @@ fn run_reports_the_agents_health_and_metrics_from_its_control_socket() {
         "run's own metrics come first: {body}"
     );
 
+    // Not all peers connected or idle: reported with a count, still ready
+    // (one node down must not make every node unready).
+    agent.set_health(
+        serde_json::json!({"ok": true, "node": "node-a", "peers": 3, "connected": 1,
+            "healthyPeers": 2, "degraded": true})
+        .to_string(),
+    );
+    let (status, body) = get(&ns, "/readyz").unwrap();
+    assert!(
+        status.contains("200")
+            && body == "ok\nagent: ok, degraded: 2 of 3 peers connected or idle\n",
+        "{status} {body}"
+    );
     agent.set_health(agent_health(false, true));
     let (status, body) = get(&ns, "/healthz").unwrap();
     assert!(status.contains("503"), "{status} {body}");

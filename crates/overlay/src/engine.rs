@@ -724,7 +724,7 @@ impl Overlay {
         if d.len() != len {
             return Err(Reject::Malformed);
         }
-        if !tunnel::check_mac1(&self.id.mac1_key, d) {
+        if self.id.key_of(d).is_none() {
             return Err(Reject::Auth);
         }
         if self.under_load(now) {
@@ -767,7 +767,9 @@ impl Overlay {
         let pid = *self.by_key.get(&init.peer).ok_or(Reject::UnknownPeer)?;
         let local = self.alloc_index();
         let mut msg = [0u8; wire::RESPONSE_LEN];
-        let network_key = self.id.network_key;
+        // The PSK is the key the initiator sealed its mac1 with (during a
+        // rotation, either of ours).
+        let network_key = *self.id.key_of(d).ok_or(Reject::Auth)?;
         slot(&mut self.peers, pid)
             .ok_or(Reject::UnknownPeer)?
             .tunnel
@@ -2153,6 +2155,66 @@ mod tests {
             Err(Reject::Auth)
         );
         assert!(node.io.out.is_empty(), "no response to it");
+    }
+
+    /// Two nodes, each holding `keys` (the lines of its network key file:
+    /// the first sends, all are accepted).
+    fn pair_with_network_keys(a: &[Key], b: &[Key]) -> Net {
+        let mut net = net(2, |_, _| {});
+        for (i, ks) in [a, b].into_iter().enumerate() {
+            let keys = StaticKeys::generate();
+            net.nodes[i].info.key = *keys.public();
+            let mut id = Identity::new(keys, ks.first().copied(), "test");
+            if let Some(k) = ks.get(1) {
+                id = id.also_accepting(*k);
+            }
+            let mut cfg = OverlayConfig::new("test", subnet(i), 1380);
+            cfg.host_addr = net.nodes[i].info.host_addr.map(|a| a.addr());
+            let seed = crate::crypto::seed_from_u64(20 + i as u64);
+            net.nodes[i].ov = Overlay::new(net.now, cfg, id, seed);
+        }
+        let infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
+        let now = net.now;
+        for n in &mut net.nodes {
+            n.ov.set_peers(now, &infos);
+        }
+        net
+    }
+
+    /// Whether a pod frame from `from` reaches `to` (a handshake first if
+    /// needed).
+    fn delivers(net: &mut Net, from: usize, to: usize) -> bool {
+        let f = udp_frame(pod_ip(from, 2), pod_ip(to, 3), b"rotation");
+        net.send_pod(from, &f);
+        net.run(Duration::from_secs(3));
+        if !net.nodes[to].io.pod.contains(&f) {
+            net.send_pod(from, &f);
+        }
+        net.nodes[to].io.pod.contains(&f)
+    }
+
+    /// A rolling rotation from key A to key B in three steps, one node at a
+    /// time: "A" -> "A B" -> "B A" -> "B". At any moment nodes are on two
+    /// adjacent steps (or the same): every such pair connects both ways.
+    /// Skipping a step is what partitions, which shows the keys matter.
+    #[test]
+    fn a_rolling_network_key_rotation_never_partitions_adjacent_steps() {
+        let (a, b) = ([0xa1; 32], [0xb2; 32]);
+        let steps: [&[Key]; 4] = [&[a], &[a, b], &[b, a], &[b]];
+        for i in 0..steps.len() {
+            for j in i..(i + 2).min(steps.len()) {
+                let mut net = pair_with_network_keys(steps[i], steps[j]);
+                assert!(delivers(&mut net, 0, 1), "step {i} -> step {j}");
+                assert!(delivers(&mut net, 1, 0), "step {j} -> step {i}");
+            }
+        }
+        for (i, j) in [(0, 3), (0, 2), (1, 3)] {
+            let mut net = pair_with_network_keys(steps[i], steps[j]);
+            assert!(
+                !delivers(&mut net, 0, 1) && !delivers(&mut net, 1, 0),
+                "step {i} and step {j} should not connect"
+            );
+        }
     }
 
     proptest::proptest! {

@@ -46,6 +46,9 @@ pub struct Stack {
     pub overlay: Overlay,
     pub nat: Nat,
     local: Vec<SocketAddr>,
+    /// `overlay.announce`: published as they are (a port forward, a cloud
+    /// VM's 1:1 NAT address), which no gathering can find.
+    announced: Vec<SocketAddr>,
     /// Where relayed datagrams are framed for the TURN server.
     relay_buf: Vec<u8>,
     /// Where datagrams relayed over TCP are copied out of the stream.
@@ -103,6 +106,7 @@ impl Stack {
             overlay,
             nat,
             local: Vec::new(),
+            announced: Vec::new(),
             relay_buf: vec![0; MAX_DATAGRAM + 64],
             tcp_buf: vec![0; 1 << 16],
             events: VecDeque::new(),
@@ -247,12 +251,22 @@ impl Stack {
         }
     }
 
-    /// Our candidates: local, then reflexive and relayed, each address
-    /// once.
+    /// Candidates the operator announces (`overlay.announce`); peers
+    /// probe them as they probe a reflexive address.
+    pub fn set_announced(&mut self, announced: Vec<SocketAddr>) {
+        if announced != self.announced {
+            self.announced = announced;
+            self.publish();
+        }
+    }
+
+    /// Our candidates: local, announced, then reflexive and relayed, each
+    /// address once.
     pub fn candidates(&self) -> Vec<(SocketAddr, Class)> {
         let mut all: Vec<(SocketAddr, Class)> =
             self.local.iter().map(|a| (*a, Class::Local)).collect();
-        for c in self.nat.candidates() {
+        let announced = self.announced.iter().map(|a| (*a, Class::Direct));
+        for c in announced.chain(self.nat.candidates()) {
             if !all.iter().any(|(a, _)| *a == c.0) {
                 all.push(c);
             }
@@ -333,5 +347,48 @@ impl Stack {
 
     pub fn shut_down(&self) -> bool {
         self.nat.shut_down()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{seed_from_u64, StaticKeys};
+    use crate::engine::OverlayConfig;
+    use crate::nat::NatConfig;
+    use crate::tunnel::Identity;
+
+    fn stack() -> Stack {
+        let now = Instant::now();
+        let cfg = OverlayConfig::new("t", "10.244.1.0/24".parse().unwrap(), 1380);
+        let id = Identity::new(StaticKeys::generate(), None, "t");
+        let overlay = Overlay::new(now, cfg, id, seed_from_u64(1));
+        let nat_cfg = NatConfig {
+            port: 5800,
+            stun: Vec::new(),
+            turn: Vec::new(),
+        };
+        Stack::new(overlay, Nat::new(now, nat_cfg, seed_from_u64(2)))
+    }
+
+    /// Announced candidates are published as they are, after the local
+    /// ones, each address once, and announcing them publishes at once.
+    #[test]
+    fn announced_candidates_are_published_after_the_local_ones() {
+        let mut s = stack();
+        let now = Instant::now();
+        let lan: SocketAddr = "192.168.1.2:5800".parse().unwrap();
+        let fwd: SocketAddr = "203.0.113.5:5800".parse().unwrap();
+        s.set_local_candidates(now, vec![lan]);
+        s.events.clear();
+        s.set_announced(vec![fwd, lan]);
+        assert_eq!(s.candidates(), [(lan, Class::Local), (fwd, Class::Direct)]);
+        assert!(s
+            .events
+            .iter()
+            .any(|e| matches!(e, StackEvent::Candidates(c) if c.contains(&(fwd, Class::Direct)))));
+        s.events.clear();
+        s.set_announced(vec![fwd, lan]);
+        assert!(s.events.is_empty(), "no change, nothing to publish");
     }
 }

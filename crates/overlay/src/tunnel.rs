@@ -101,10 +101,15 @@ impl Reject {
 /// secrets, wiped on drop.
 pub struct Identity {
     pub keys: StaticKeys,
+    /// The network key we send with: our initiations' PSK and mac1.
     pub network_key: Key,
     pub prologue: Vec<u8>,
     /// mac1 key of messages sent to us.
     pub mac1_key: Key,
+    /// A second network key we accept during a rotation, with its mac1
+    /// key: an initiation's mac1 tells which of the two its sender holds,
+    /// and the response uses that one as PSK.
+    also: Option<(Key, Key)>,
 }
 
 impl Identity {
@@ -118,7 +123,30 @@ impl Identity {
             network_key,
             prologue,
             mac1_key,
+            also: None,
         }
+    }
+
+    /// Also accepts `key` (the other line of a two-key network key file),
+    /// so that nodes on either key reach this one during a rotation.
+    pub fn also_accepting(mut self, key: Key) -> Identity {
+        if key != self.network_key {
+            let mac1 = crypto::mac1_key(self.keys.public(), &key);
+            self.also = Some((key, mac1));
+        }
+        self
+    }
+
+    /// The network key a handshake message sent to us was sealed with
+    /// (its mac1 matches), `None` when it matches neither of ours.
+    pub fn key_of(&self, msg: &[u8]) -> Option<&Key> {
+        if check_mac1(&self.mac1_key, msg) {
+            return Some(&self.network_key);
+        }
+        self.also
+            .as_ref()
+            .filter(|(_, mac1)| check_mac1(mac1, msg))
+            .map(|(k, _)| k)
     }
 
     /// A handshake builder whose ephemeral key comes from `rng` (see
@@ -149,6 +177,10 @@ impl Drop for Identity {
     fn drop(&mut self) {
         self.network_key.zeroize();
         self.mac1_key.zeroize();
+        if let Some((k, m)) = self.also.as_mut() {
+            k.zeroize();
+            m.zeroize();
+        }
     }
 }
 

@@ -731,6 +731,30 @@ impl Lab {
         self.apply_router(site);
     }
 
+    /// A port forward on the site's router, as a home router's "forward
+    /// UDP port P to this host" or a cloud's 1:1 NAT does: new UDP flows to
+    /// the WAN address's `port` go to `node`'s same port. A table of its
+    /// own, so NAT changes keep it. Only for single-router sites.
+    pub fn forward_udp(&self, site: SiteId, port: u16, node: NodeId) {
+        let router = self.router_or_panic(site, "forward_udp");
+        assert!(
+            self.site(site).inner.is_none(),
+            "forward_udp: a double NAT needs two forwards"
+        );
+        let wan = lock(&self.site(site).state).wan;
+        let (Some(wan), IpAddr::V4(inside)) = (wan, self.node(node).addr) else {
+            panic!("forward_udp: site {site:?} has no IPv4 WAN address or node");
+        };
+        let text = replace_table(
+            "ip",
+            "natlab_forward",
+            &format!(
+                "  chain prerouting {{\n    type nat hook prerouting priority dstnat - 1; policy accept;\n    iifname \"{WAN_IF}\" ip daddr {wan} udp dport {port} dnat to {inside}:{port}\n  }}\n"
+            ),
+        );
+        nft(router, &text);
+    }
+
     /// Turns the routers' stateful WAN input firewall on (the default) or
     /// off. Off reproduces a bare Linux gateway, on which sequential hole
     /// punching between two such sites fails (see the module docs).

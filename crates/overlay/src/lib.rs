@@ -3,7 +3,7 @@
 //! into buffers the caller owns, so it is unit-testable and the agent's data
 //! plane stays allocation-free per frame.
 
-mod bucket;
+pub mod bucket;
 pub mod crypto;
 pub mod engine;
 pub mod l2;
@@ -11,6 +11,7 @@ pub mod nat;
 pub mod offload;
 pub mod packet;
 pub mod path;
+pub mod reason;
 pub mod replay;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;

@@ -14,6 +14,8 @@ pub mod cache;
 pub mod control;
 pub mod dataplane;
 pub mod device;
+pub mod events;
+pub mod explain;
 pub mod hostroute;
 pub mod keys;
 pub mod metrics;
@@ -249,6 +251,16 @@ impl EngineHandle {
         let queued = self.commands.try_send(c).is_ok();
         self.waker.wake();
         queued
+    }
+
+    /// Peer `node` in depth from the engine: `Err` if the engine does not
+    /// answer, `Ok(None)` if it has no such peer.
+    pub fn explain(&self, node: &str, timeout: Duration) -> Result<Option<explain::Explain>, ()> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if !self.send(Command::Explain(node.to_string(), tx)) {
+            return Err(());
+        }
+        rx.recv_timeout(timeout).map_err(|_| ())
     }
 
     /// A status snapshot from the engine, or None if it does not answer.

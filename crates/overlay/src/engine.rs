@@ -209,11 +209,12 @@ pub enum Event {
     /// a restarted server forgets allocations without telling.
     RelaySuspect(u8),
     /// A handshake with `node` completed on `via` (we initiated it, or
-    /// answered its initiation).
+    /// answered its initiation); `rekey` when a session existed before.
     Handshake {
         node: String,
         via: PathAddr,
         initiator: bool,
+        rekey: bool,
     },
     /// A handshake failed: with `node` when the peer is known (by the
     /// session index, or the address a mac1 failure came from), else only
@@ -875,16 +876,17 @@ impl Overlay {
         let local = self.alloc_index();
         let mut msg = [0u8; wire::RESPONSE_LEN];
         let network_key = self.id.network_key;
-        slot(&mut self.peers, pid)
+        let tunnel = &mut slot(&mut self.peers, pid)
             .ok_or(Reject::UnknownPeer)?
-            .tunnel
-            .respond(now, init, &network_key, (local, from), &mut msg)?;
+            .tunnel;
+        let rekey = tunnel.has_session();
+        tunnel.respond(now, init, &network_key, (local, from), &mut msg)?;
         self.heard_from(now, pid, from);
         let out = io.datagram();
         out[..msg.len()].copy_from_slice(&msg);
         io.commit(from, msg.len());
         self.due_now(now, pid);
-        self.note_handshake(pid, from, false);
+        self.note_handshake(pid, from, false, rekey);
         Ok(())
     }
 
@@ -898,25 +900,25 @@ impl Overlay {
         self.handshake_gate(now, from, d, wire::RESPONSE_LEN, io)?;
         let receiver = wire::u32_at(d, 8).ok_or(Reject::Malformed)?;
         let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
-        slot(&mut self.peers, pid)
-            .ok_or(Reject::NoSession)?
-            .tunnel
-            .on_response(now, d)?;
+        let tunnel = &mut slot(&mut self.peers, pid).ok_or(Reject::NoSession)?.tunnel;
+        let rekey = tunnel.has_session();
+        tunnel.on_response(now, d)?;
         self.heard_from(now, pid, from);
         // The first transport message confirms the session to the
         // responder; with nothing queued, that is a keepalive.
         self.send_inner(now, pid, Some(from), Inner::plain(kind::KEEPALIVE), 0, io);
         self.due_now(now, pid);
-        self.note_handshake(pid, from, true);
+        self.note_handshake(pid, from, true, rekey);
         Ok(())
     }
 
-    fn note_handshake(&mut self, pid: PeerId, via: PathAddr, initiator: bool) {
+    fn note_handshake(&mut self, pid: PeerId, via: PathAddr, initiator: bool, rekey: bool) {
         if let Some(node) = self.peer(pid).map(|p| p.info.node.clone()) {
             self.push_event(Event::Handshake {
                 node,
                 via,
                 initiator,
+                rekey,
             });
         }
     }

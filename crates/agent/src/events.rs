@@ -96,6 +96,9 @@ pub fn path_reason(old: Option<Class>, new: Option<Class>, why: PathWhy) -> Stri
         (Some(o), Some(Class::Relay), PathWhy::ProbesLost) if o != Class::Relay => {
             "relay fallback: the direct path lost its probes".into()
         }
+        (Some(o), Some(Class::Relay), PathWhy::Roamed) if o != Class::Relay => {
+            "relay fallback: the direct path went quiet, the peer reaches us through a relay".into()
+        }
         (_, None, PathWhy::ProbesLost) => "probes lost: no path answers".into(),
         (Some(Class::Relay), Some(n), PathWhy::BetterClass) if n != Class::Relay => {
             "a direct path answers: upgraded from the relay".into()
@@ -144,10 +147,10 @@ impl EventLog {
                 match self.limiter.allow(now, node, kind) {
                     // Rekeys come every two minutes per peer: not news.
                     Some(_) if *rekey => {
-                        tracing::debug!(peer = %node, via = %via.remote, role, "rekeyed")
+                        tracing::debug!(peer = %node, via = %via.remote, role = %role, "rekeyed")
                     }
                     Some(held) => tracing::info!(
-                        peer = %node, via = %via.remote, role, held, "handshake completed"
+                        peer = %node, via = %via.remote, role = %role, held, "handshake completed"
                     ),
                     None => {}
                 }
@@ -164,8 +167,8 @@ impl EventLog {
                 if let Some(held) = self.limiter.allow(now, &who, why.kind()) {
                     let from = from.map(|f| f.remote.to_string());
                     tracing::info!(
-                        peer = node.as_deref().unwrap_or("?"),
-                        from = from.as_deref().unwrap_or("-"),
+                        peer = %node.as_deref().unwrap_or("?"),
+                        from = %from.as_deref().unwrap_or("-"),
                         reason = %why,
                         held,
                         "handshake failed: {}",
@@ -210,7 +213,7 @@ impl EventLog {
         };
         let transport = format!("{transport:?}").to_lowercase();
         let (old, new) = (turn_state(old), turn_state(new));
-        tracing::info!(server = %server, transport, old = %old, new = %new, held, "TURN allocation: {new}");
+        tracing::info!(server = %server, transport = %transport, old = %old, new = %new, held, "TURN allocation: {new}");
     }
 }
 
@@ -280,6 +283,8 @@ mod tests {
         );
         assert_eq!(show_path(None, &turn), "none");
         let r = |o, n, w| path_reason(o, n, w);
+        assert!(r(Some(Class::Local), Some(Class::Relay), PathWhy::Roamed)
+            .starts_with("relay fallback"));
         assert!(
             r(Some(Class::Direct), Some(Class::Relay), PathWhy::ProbesLost)
                 .starts_with("relay fallback")

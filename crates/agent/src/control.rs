@@ -165,9 +165,9 @@ fn serve(
 /// The answer to `explain NODE`: the peer in depth, or why it is none.
 fn explain(engine: &EngineHandle, h: &StoreHealth, node: &str) -> serde_json::Value {
     match engine.explain(node, ENGINE_TIMEOUT) {
-        Err(()) => json!({"error": "the engine does not answer"}),
-        Ok(Some(ex)) => crate::explain::explain_json(&ex),
-        Ok(None) => match h.ignored.iter().find(|(n, _)| n == node) {
+        None => json!({"error": "the engine does not answer"}),
+        Some(Some(ex)) => crate::explain::explain_json(&ex),
+        Some(None) => match h.ignored.iter().find(|(n, _)| n == node) {
             Some((_, why)) => {
                 json!({"error": format!("{node} is no peer: its record is ignored: {why}")})
             }

@@ -253,14 +253,14 @@ impl EngineHandle {
         queued
     }
 
-    /// Peer `node` in depth from the engine: `Err` if the engine does not
-    /// answer, `Ok(None)` if it has no such peer.
-    pub fn explain(&self, node: &str, timeout: Duration) -> Result<Option<explain::Explain>, ()> {
+    /// Peer `node` in depth from the engine: `None` if the engine does not
+    /// answer, `Some(None)` if it has no such peer.
+    pub fn explain(&self, node: &str, timeout: Duration) -> Option<Option<explain::Explain>> {
         let (tx, rx) = mpsc::sync_channel(1);
         if !self.send(Command::Explain(node.to_string(), tx)) {
-            return Err(());
+            return None;
         }
-        rx.recv_timeout(timeout).map_err(|_| ())
+        rx.recv_timeout(timeout).ok()
     }
 
     /// A status snapshot from the engine, or None if it does not answer.

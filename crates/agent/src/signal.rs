@@ -187,7 +187,7 @@ pub fn check_record(rec: &PeerRecord, stale: bool) -> Result<PeerInfo, String> {
 /// the one `nodes/<node>` holds and its host address the one
 /// `hostnodes/<node>` holds, so a record cannot claim another node's
 /// addresses (and pass source enforcement for them).
-pub fn believed<'a>(snap: &'a PeerSnapshot) -> Vec<&'a PeerRecord> {
+pub fn believed(snap: &PeerSnapshot) -> Vec<&PeerRecord> {
     snap.records
         .iter()
         .filter(|r| not_allocated(snap, r).is_none())

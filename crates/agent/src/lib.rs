@@ -15,6 +15,8 @@ pub mod control;
 pub mod dataplane;
 pub mod device;
 pub mod eventfd;
+pub mod events;
+pub mod explain;
 pub mod hostroute;
 pub mod keys;
 pub mod metrics;
@@ -277,6 +279,16 @@ impl EngineHandle {
         let queued = self.commands.try_send(c).is_ok();
         self.waker.wake();
         queued
+    }
+
+    /// Peer `node` in depth from the engine: `None` if the engine does not
+    /// answer, `Some(None)` if it has no such peer.
+    pub fn explain(&self, node: &str, timeout: Duration) -> Option<Option<explain::Explain>> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if !self.send(Command::Explain(node.to_string(), tx)) {
+            return None;
+        }
+        rx.recv_timeout(timeout).ok()
     }
 
     /// A status snapshot from the engine, or None if it does not answer.

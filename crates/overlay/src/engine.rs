@@ -20,6 +20,7 @@ use crate::crypto::{CookieJar, Key, Seed};
 use crate::l2::{DropReason, LocalVerdict, PeerAddrs, PeerId, PeerVerdict, Switch, SwitchConfig};
 use crate::offload::{segments, Csum, Framing, VnetHdr};
 use crate::path::{Class, PathAddr, PathConfig, Paths, ProbeDue};
+use crate::reason::{HandshakeFailure, PathWhy};
 use crate::tunnel::{self, Identity, Reject, TimerAction, Tunnel, TunnelConfig};
 use crate::wire::{self, kind, Inner, INNER_HEADER};
 
@@ -151,6 +152,8 @@ struct Peer {
     deadline: Instant,
     wake: Wake,
     stats: PeerStats,
+    /// The path last reported in [`Event::PathChanged`].
+    reported: Option<(PathAddr, Class)>,
 }
 
 /// Where a peer is in its life. Stored and changed in one place
@@ -205,7 +208,35 @@ pub enum Event {
     /// A path through our allocation on TURN server `n` stopped answering:
     /// a restarted server forgets allocations without telling.
     RelaySuspect(u8),
+    /// A handshake with `node` completed on `via` (we initiated it, or
+    /// answered its initiation); `rekey` when a session existed before.
+    Handshake {
+        node: String,
+        via: PathAddr,
+        initiator: bool,
+        rekey: bool,
+    },
+    /// A handshake failed: with `node` when the peer is known (by the
+    /// session index, or the address a mac1 failure came from), else only
+    /// the address it came from. Failures of unknown senders are bounded
+    /// by [`ANON_EVENTS`] so a flood cannot grow the queue.
+    HandshakeFailed {
+        node: Option<String>,
+        from: Option<PathAddr>,
+        why: HandshakeFailure,
+    },
+    /// The path carrying `node`'s traffic changed: `None` is no path.
+    PathChanged {
+        node: String,
+        old: Option<(PathAddr, Class)>,
+        new: Option<(PathAddr, Class)>,
+        why: PathWhy,
+    },
 }
+
+/// Events about senders that are no peer (a bad mac1, an unknown key, a
+/// cookie demanded): this many a second, and as many at once.
+pub const ANON_EVENTS: u32 = 20;
 
 /// The state `peers` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +325,8 @@ pub struct Overlay {
     /// Origin of the timer grid.
     epoch: Instant,
     events: VecDeque<Event>,
+    /// Bounds the events about senders that are no peer.
+    anon_events: TokenBucket,
     /// Every random draw: indices, probe ids, ephemeral keys, cookies.
     rng: StdRng,
 }
@@ -337,6 +370,7 @@ impl Overlay {
             housekeeping: now + HOUSEKEEPING,
             epoch: now,
             events: VecDeque::new(),
+            anon_events: TokenBucket::new(ANON_EVENTS, ANON_EVENTS),
             rng,
         }
     }
@@ -484,6 +518,7 @@ impl Overlay {
             deadline: now,
             wake: Wake::Changed,
             stats: PeerStats::default(),
+            reported: None,
             info,
         };
         let pid = match self.peers.iter().position(Option::is_none) {
@@ -625,6 +660,26 @@ impl Overlay {
             self.refresh_phase(now, pid);
         }
         self.sync_indices(pid);
+        self.note_path(pid);
+    }
+
+    /// Tells, once, that the path carrying peer `pid`'s traffic changed.
+    fn note_path(&mut self, pid: PeerId) {
+        let Some(p) = slot(&mut self.peers, pid) else {
+            return;
+        };
+        let new = p.paths.active().map(|a| (a.addr, a.class));
+        if new == p.reported {
+            return;
+        }
+        let old = std::mem::replace(&mut p.reported, new);
+        let (node, why) = (p.info.node.clone(), p.paths.why);
+        self.push_event(Event::PathChanged {
+            node,
+            old,
+            new,
+            why,
+        });
     }
 
     /// Moves peer `pid` to the phase its session and paths say, and tells
@@ -706,8 +761,52 @@ impl Overlay {
         };
         if let Err(e) = r {
             self.count_reject(e);
+            self.note_reject(now, from, d, e);
         }
         r
+    }
+
+    /// A refused handshake message that tells something about a set-up (a
+    /// network key that differs, a forged or corrupted handshake): an
+    /// event, bounded, attributed to the peer whose path it came by.
+    fn note_reject(&mut self, now: Instant, from: PathAddr, d: &[u8], e: Reject) {
+        let handshake = matches!(
+            wire::message_type(d),
+            Some(wire::INITIATION | wire::RESPONSE)
+        );
+        if e != Reject::Auth || !handshake || !self.anon_events.take(now) {
+            return;
+        }
+        let why = if self.id.key_of(d).is_some() {
+            HandshakeFailure::Crypto
+        } else {
+            HandshakeFailure::WrongNetworkKey
+        };
+        let node = self.node_at(from.remote);
+        self.push_event(Event::HandshakeFailed {
+            node,
+            from: Some(from),
+            why,
+        });
+    }
+
+    /// An event about a sender that may be no peer: bounded.
+    fn push_anon(&mut self, now: Instant, e: Event) {
+        if self.anon_events.take(now) {
+            self.push_event(e);
+        }
+    }
+
+    /// The peer that publishes `addr` or was heard from it.
+    fn node_at(&self, addr: SocketAddr) -> Option<String> {
+        self.peers
+            .iter()
+            .flatten()
+            .find(|p| {
+                p.info.candidates.iter().any(|c| c.addr == addr)
+                    || p.paths.list.iter().any(|x| x.addr.remote == addr)
+            })
+            .map(|p| p.info.node.clone())
     }
 
     /// What a handshake message of length `len` must pass before any DH
@@ -745,6 +844,10 @@ impl Overlay {
                 out[8..64].copy_from_slice(&body);
                 io.commit(from, wire::COOKIE_REPLY_LEN);
                 self.stats.cookies_sent += 1;
+                let node = self.node_at(from.remote);
+                let why = HandshakeFailure::CookieNeeded;
+                let from = Some(from);
+                self.push_anon(now, Event::HandshakeFailed { node, from, why });
                 return Err(Reject::RateLimited);
             }
             if !self.per_ip_allows(now, from.remote.ip()) {
@@ -764,21 +867,28 @@ impl Overlay {
     ) -> Result<(), Reject> {
         self.handshake_gate(now, from, d, wire::INITIATION_LEN, io)?;
         let init = tunnel::read_initiation(&self.id, &mut self.rng, d)?;
-        let pid = *self.by_key.get(&init.peer).ok_or(Reject::UnknownPeer)?;
+        let Some(&pid) = self.by_key.get(&init.peer) else {
+            let why = HandshakeFailure::UnknownKey(init.peer);
+            let (node, from) = (None, Some(from));
+            self.push_anon(now, Event::HandshakeFailed { node, from, why });
+            return Err(Reject::UnknownPeer);
+        };
         let local = self.alloc_index();
         let mut msg = [0u8; wire::RESPONSE_LEN];
         // The PSK is the key the initiator sealed its mac1 with (during a
         // rotation, either of ours).
         let network_key = *self.id.key_of(d).ok_or(Reject::Auth)?;
-        slot(&mut self.peers, pid)
+        let tunnel = &mut slot(&mut self.peers, pid)
             .ok_or(Reject::UnknownPeer)?
-            .tunnel
-            .respond(now, init, &network_key, (local, from), &mut msg)?;
+            .tunnel;
+        let rekey = tunnel.has_session();
+        tunnel.respond(now, init, &network_key, (local, from), &mut msg)?;
         self.heard_from(now, pid, from);
         let out = io.datagram();
         out[..msg.len()].copy_from_slice(&msg);
         io.commit(from, msg.len());
         self.due_now(now, pid);
+        self.note_handshake(pid, from, false, rekey);
         Ok(())
     }
 
@@ -792,25 +902,40 @@ impl Overlay {
         self.handshake_gate(now, from, d, wire::RESPONSE_LEN, io)?;
         let receiver = wire::u32_at(d, 8).ok_or(Reject::Malformed)?;
         let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
-        slot(&mut self.peers, pid)
-            .ok_or(Reject::NoSession)?
-            .tunnel
-            .on_response(now, d)?;
+        let tunnel = &mut slot(&mut self.peers, pid).ok_or(Reject::NoSession)?.tunnel;
+        let rekey = tunnel.has_session();
+        tunnel.on_response(now, d)?;
         self.heard_from(now, pid, from);
         // The first transport message confirms the session to the
         // responder; with nothing queued, that is a keepalive.
         self.send_inner(now, pid, Some(from), Inner::plain(kind::KEEPALIVE), 0, io);
         self.due_now(now, pid);
+        self.note_handshake(pid, from, true, rekey);
         Ok(())
+    }
+
+    fn note_handshake(&mut self, pid: PeerId, via: PathAddr, initiator: bool, rekey: bool) {
+        if let Some(node) = self.peer(pid).map(|p| p.info.node.clone()) {
+            self.push_event(Event::Handshake {
+                node,
+                via,
+                initiator,
+                rekey,
+            });
+        }
     }
 
     fn on_cookie(&mut self, now: Instant, from: PathAddr, d: &[u8]) -> Result<(), Reject> {
         let receiver = wire::u32_at(d, 4).ok_or(Reject::Malformed)?;
         let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
-        slot(&mut self.peers, pid)
-            .ok_or(Reject::NoSession)?
-            .tunnel
-            .on_cookie(now, d, from)
+        let p = slot(&mut self.peers, pid).ok_or(Reject::NoSession)?;
+        p.tunnel.on_cookie(now, d, from)?;
+        // The peer is under load: our next handshake carries the cookie.
+        let node = Some(p.info.node.clone());
+        let why = HandshakeFailure::CookieNeeded;
+        let from = Some(from);
+        self.push_event(Event::HandshakeFailed { node, from, why });
+        Ok(())
     }
 
     fn on_transport(
@@ -900,6 +1025,7 @@ impl Overlay {
             }
         }
         self.refresh_phase(now, pid);
+        self.note_path(pid);
         Ok(())
     }
 
@@ -1102,6 +1228,7 @@ impl Overlay {
         self.probe_paths(now, pid, io);
         self.sync_indices(pid);
         self.refresh_phase(now, pid);
+        self.note_path(pid);
         self.set_deadline(now, pid);
     }
 
@@ -1188,6 +1315,14 @@ impl Overlay {
         let Some(p) = slot(&mut self.peers, pid) else {
             return;
         };
+        // A retransmission: the last initiation went unanswered. Said once
+        // the round is older than the longest retry wait, not for the
+        // quick first retries of a start-up.
+        let timeout = p.tunnel.pending_since().and_then(|(started, attempts)| {
+            let waited = now.saturating_duration_since(started);
+            (waited >= self.cfg.tunnel.rekey_timeout)
+                .then_some(HandshakeFailure::Timeout { waited, attempts })
+        });
         if p.tunnel
             .initiate(&self.id, &mut self.rng, now, wall, local, &mut msg)
             .is_err()
@@ -1201,6 +1336,14 @@ impl Overlay {
             // mac2 with the cookie of that path, if the peer gave one.
             p.tunnel.put_mac2(now, &mut out[..msg.len()], t);
             io.commit(t, msg.len());
+        }
+        if let Some(why) = timeout {
+            let node = Some(p.info.node.clone());
+            self.push_event(Event::HandshakeFailed {
+                node,
+                from: None,
+                why,
+            });
         }
         self.sync_indices(pid);
     }
@@ -1245,6 +1388,38 @@ impl Overlay {
     pub fn switch_stats(&self) -> crate::l2::SwitchStats {
         self.switch.stats()
     }
+
+    /// Peer `node` in depth, for `peers --explain`.
+    pub fn peer_detail(&self, node: &str) -> Option<PeerDetail> {
+        let p = self.peer(*self.by_node.get(node)?)?;
+        let status = self.status().into_iter().find(|s| s.node == node)?;
+        Some(PeerDetail {
+            status,
+            candidates: p.info.candidates.clone(),
+            paths: (p.paths.list.iter())
+                .map(|x| (x.clone(), x.alive(&self.cfg.paths)))
+                .collect(),
+            path_why: p.paths.why,
+            handshake: p.tunnel.pending_since(),
+            stale: p.info.stale,
+        })
+    }
+}
+
+/// One peer in depth ([`Overlay::peer_detail`]).
+#[derive(Debug, Clone)]
+pub struct PeerDetail {
+    pub status: PeerStatus,
+    /// What its record publishes (those inside the overlay's own ranges
+    /// are not tried).
+    pub candidates: Vec<Candidate>,
+    /// Every path known, and whether it is alive.
+    pub paths: Vec<(crate::path::Path, bool)>,
+    /// Why the path in use is the one (or why there is none).
+    pub path_why: PathWhy,
+    /// The handshake round in progress: when it started, initiations sent.
+    pub handshake: Option<(Instant, u32)>,
+    pub stale: bool,
 }
 
 /// Keys that more than one record claims, with the nodes claiming each. A
@@ -1471,6 +1646,10 @@ mod tests {
         pod_ipv4_frame(src, dst, IPPROTO_UDP, &udp).unwrap()
     }
 
+    fn events(ov: &mut Overlay) -> Vec<Event> {
+        std::iter::from_fn(|| ov.poll_event()).collect()
+    }
+
     fn connect_all(n: usize) -> Net {
         let mut net = net(n, |_, _| {});
         net.run(Duration::from_secs(3));
@@ -1504,6 +1683,18 @@ mod tests {
         let st = net.nodes[0].ov.status();
         let p2 = st.iter().find(|s| s.node == "n2").unwrap();
         assert_eq!(p2.relayed, Some(false));
+        let ev = events(&mut net.nodes[0].ov);
+        for n in ["n1", "n2"] {
+            assert!(ev
+                .iter()
+                .any(|e| matches!(e, Event::Handshake { node, .. } if node == n)));
+            assert!(
+                ev.iter().any(|e| matches!(e, Event::PathChanged {
+                    node, old: None, new: Some((_, Class::Direct)), why: PathWhy::First }
+                    if node == n)),
+                "{ev:?}"
+            );
+        }
         assert!(p2.rtt.is_some());
         assert!(p2.stats.tx_bytes > 0 && p2.stats.rx_bytes > 0);
     }
@@ -1627,8 +1818,28 @@ mod tests {
         for n in &mut net.nodes {
             n.ov.set_peers(now, &infos);
         }
-        net.run(Duration::from_secs(5));
+        net.run(Duration::from_secs(10));
         assert!(!net.connected(0, 1) && !net.connected(1, 0));
+        // Each side says why, naming the other by the address it came from;
+        // the initiations that go unanswered time out.
+        for (at, other) in [(0, "n1"), (1, "n0")] {
+            let ev = events(&mut net.nodes[at].ov);
+            let failed = |w: &dyn Fn(&HandshakeFailure) -> bool| {
+                ev.iter().any(|e| {
+                    matches!(e, Event::HandshakeFailed { node: Some(n), why, .. }
+                        if n == other && w(why))
+                })
+            };
+            assert!(
+                failed(&|w| *w == HandshakeFailure::WrongNetworkKey),
+                "{at}: {ev:?}"
+            );
+            assert!(
+                failed(&|w| matches!(w, HandshakeFailure::Timeout { waited, .. }
+                    if *waited >= Duration::from_secs(5))),
+                "{at}: {ev:?}"
+            );
+        }
         // Its handshakes fail mac1 before any DH work.
         assert!(
             net.nodes[0]
@@ -1654,6 +1865,14 @@ mod tests {
         net.nodes[0].ov.set_peers(now, &only0);
         net.run(Duration::from_secs(3));
         assert!(!net.connected(1, 0));
+        let key1 = net.nodes[1].info.key;
+        let ev = events(&mut net.nodes[0].ov);
+        assert!(
+            ev.iter().any(|e| matches!(e, Event::HandshakeFailed {
+                node: None, why: HandshakeFailure::UnknownKey(k), from: Some(f) }
+                if *k == key1 && f.remote == net.nodes[1].addr)),
+            "{ev:?}"
+        );
         assert!(
             net.nodes[0]
                 .ov
@@ -1807,6 +2026,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         t.initiate(&id, &mut rng, net.now, net.wall(), 1, &mut msg)
             .unwrap();
+        let mut flood_events = 0;
         for _ in 0..60 {
             let now = net.now;
             let n = &mut net.nodes[victim];
@@ -1814,8 +2034,24 @@ mod tests {
                 let _ = n.ov.from_network(now, flood_src, &msg, &mut n.io);
             }
             n.io.out.retain(|(to, _)| *to != flood_src);
+            flood_events += events(&mut n.ov)
+                .iter()
+                .filter(|e| matches!(e, Event::HandshakeFailed { from: Some(f), .. } if *f == flood_src))
+                .count();
             net.run(Duration::from_millis(50));
         }
+        // 600 refusals in 3 s: the events about them are bounded.
+        assert!(
+            (1..=ANON_EVENTS as usize * 4).contains(&flood_events),
+            "{flood_events}"
+        );
+        let ev = events(&mut net.nodes[honest].ov);
+        let victim_name = format!("n{victim}");
+        assert!(
+            ev.iter().any(|e| matches!(e, Event::HandshakeFailed {
+                node: Some(n), why: HandshakeFailure::CookieNeeded, .. } if *n == victim_name)),
+            "{ev:?}"
+        );
         let cookies_to_honest = net
             .log
             .iter()

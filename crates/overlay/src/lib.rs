@@ -5,7 +5,7 @@
 
 #[cfg(test)]
 mod alloc_count;
-mod bucket;
+pub mod bucket;
 pub mod crypto;
 pub mod engine;
 pub mod l2;
@@ -13,6 +13,7 @@ pub mod nat;
 pub mod offload;
 pub mod packet;
 pub mod path;
+pub mod reason;
 pub mod replay;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;

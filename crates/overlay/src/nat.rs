@@ -122,7 +122,7 @@ impl std::fmt::Debug for TurnServer {
 }
 
 /// The state of one TURN allocation, for `peers`/metrics and logs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TurnState {
     Idle,
     Connecting,
@@ -459,6 +459,14 @@ impl Nat {
             .iter()
             .map(|s| (s.conf.server, s.conf.transport, s.state.clone()))
             .collect()
+    }
+
+    /// The state of TURN server `idx`'s allocation, without a copy (the
+    /// stack compares it after every turn to tell changes).
+    pub fn turn_state(&self, idx: usize) -> Option<(SocketAddr, TurnTransport, &TurnState)> {
+        self.slots
+            .get(idx)
+            .map(|s| (s.conf.server, s.conf.transport, &s.state))
     }
 
     /// Where the traffic of TURN server `idx` leaves from (for status and

@@ -10,6 +10,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::reason::PathWhy;
+
 /// How a datagram leaves this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Via {
@@ -100,6 +102,8 @@ pub struct Path {
     pub rtt: Option<Duration>,
     /// Unanswered since it was added: backs off.
     pub tries: u32,
+    /// When it was added (how long an unanswered path has been tried).
+    pub since: Instant,
 }
 
 impl Path {
@@ -114,6 +118,7 @@ impl Path {
             lost: 0,
             rtt: None,
             tries: 0,
+            since: now,
         }
     }
 
@@ -133,8 +138,9 @@ pub struct Paths {
     pub list: Vec<Path>,
     /// Index of the path in use.
     pub active: Option<usize>,
-    /// When `active` last changed (for `peers`).
+    /// When `active` last changed (for `peers`), and why.
     pub changed: Option<Instant>,
+    pub why: PathWhy,
 }
 
 /// What [`Paths::poll`] wants sent.
@@ -250,6 +256,11 @@ impl Paths {
         if quiet {
             match self.find(&addr) {
                 Some(i) if self.active != Some(i) => {
+                    self.why = if self.active.is_some() {
+                        PathWhy::Roamed
+                    } else {
+                        PathWhy::First
+                    };
                     self.active = Some(i);
                     self.changed = Some(now);
                     self.list[i].next_probe = self.list[i].next_probe.min(now);
@@ -297,28 +308,31 @@ impl Paths {
             if self.active.is_some_and(|a| !self.list[a].alive(cfg)) {
                 self.active = None;
                 self.changed = Some(now);
+                self.why = PathWhy::ProbesLost;
             }
             return;
         };
         let switch = match self.active.and_then(|a| self.list.get(a).map(|p| (a, p))) {
-            None => true,
-            Some((a, _)) if a == b => false,
-            Some((_, cur)) if !cur.alive(cfg) || force => true,
+            None => Some(PathWhy::First),
+            Some((a, _)) if a == b => None,
+            Some((_, cur)) if !cur.alive(cfg) => Some(PathWhy::ProbesLost),
             Some((_, cur)) => {
                 let new = &self.list[b];
                 if new.class != cur.class {
-                    new.class < cur.class
+                    (force || new.class < cur.class).then_some(PathWhy::BetterClass)
                 } else {
-                    match (new.rtt, cur.rtt) {
+                    let faster = match (new.rtt, cur.rtt) {
                         (Some(n), Some(c)) => {
                             n.as_secs_f64() < c.as_secs_f64() * (1.0 - cfg.hysteresis)
                         }
                         _ => false,
-                    }
+                    };
+                    (force || faster).then_some(PathWhy::BetterRtt)
                 }
             }
         };
-        if switch {
+        if let Some(why) = switch {
+            self.why = why;
             self.active = Some(b);
             self.changed = Some(now);
             let p = &mut self.list[b];
@@ -419,6 +433,7 @@ impl Paths {
         self.list.retain(|p| p.origin == Origin::Candidate);
         self.active = None;
         self.changed = Some(now);
+        self.why = PathWhy::Reset;
     }
 }
 
@@ -472,6 +487,7 @@ mod tests {
         let relay_probe = probes.iter().find(|d| d.addr == relay).unwrap().id;
         p.on_probe_reply(t0 + Duration::from_millis(5), &cfg, relay_probe);
         assert_eq!(p.active_addr(), Some(relay));
+        assert_eq!(p.why, PathWhy::First);
         // The direct reflexive path answers: it replaces the relay.
         let direct = probes
             .iter()
@@ -480,6 +496,7 @@ mod tests {
             .id;
         p.on_probe_reply(t0 + Duration::from_millis(8), &cfg, direct);
         assert_eq!(p.active_addr(), Some(pa("203.0.113.20:5800")));
+        assert_eq!(p.why, PathWhy::BetterClass);
         // The LAN candidate beats both.
         let local = probes
             .iter()
@@ -523,6 +540,7 @@ mod tests {
             }
         }
         let took = switched.expect("fell back").duration_since(t0);
+        assert_eq!(p.why, PathWhy::ProbesLost);
         assert!(took <= Duration::from_secs(5), "fell back after {took:?}");
         assert!(
             took >= Duration::from_secs(2),
@@ -549,6 +567,7 @@ mod tests {
         // address moves us.
         p.on_rx(t0 + Duration::from_secs(3), &cfg, new, Class::Direct);
         assert_eq!(p.active_addr(), Some(new));
+        assert_eq!(p.why, PathWhy::Roamed);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::engine::{Event, Io, Overlay, PeerInfo, MAX_DATAGRAM};
-use crate::nat::{Datagram, Nat, NatEvent, Sock, Transmit};
+use crate::nat::{Datagram, Nat, NatEvent, Sock, Transmit, TurnState, TurnTransport};
 use crate::offload::{Csum, VnetHdr};
 use crate::path::{Class, PathAddr, Via};
 use crate::wire::{self, Demux};
@@ -38,8 +38,17 @@ pub enum StackEvent {
     UdpOpen { conn: usize, to: SocketAddr },
     /// Close the UDP socket of TURN server `conn`.
     UdpClose { conn: usize },
-    /// A peer came up or went down (for logs and tests).
+    /// What happened to a peer (up, down, handshakes, paths): for logs,
+    /// `peers --explain` and tests.
     Peer(Event),
+    /// TURN server `conn`'s allocation changed state.
+    Turn {
+        conn: usize,
+        server: SocketAddr,
+        transport: TurnTransport,
+        old: TurnState,
+        new: TurnState,
+    },
 }
 
 pub struct Stack {
@@ -54,6 +63,8 @@ pub struct Stack {
     /// Where datagrams relayed over TCP are copied out of the stream.
     tcp_buf: Vec<u8>,
     events: VecDeque<StackEvent>,
+    /// The TURN states last told (by server index).
+    turn_seen: Vec<TurnState>,
 }
 
 /// The caller's [`NetIo`] with relayed sends framed by the NAT layer.
@@ -110,6 +121,7 @@ impl Stack {
             relay_buf: vec![0; MAX_DATAGRAM + 64],
             tcp_buf: vec![0; 1 << 16],
             events: VecDeque::new(),
+            turn_seen: Vec::new(),
         }
     }
 
@@ -311,15 +323,17 @@ impl Stack {
                     self.nat.check_all(now);
                 }
                 Event::RelaySuspect(i) => self.nat.renew(now, usize::from(i)),
-                Event::PeerUp { .. } | Event::PeerDown { .. } => {
-                    tracing::info!(event = ?e, "peer");
-                    self.events.push_back(StackEvent::Peer(e));
-                }
+                Event::PeerUp { .. }
+                | Event::PeerDown { .. }
+                | Event::Handshake { .. }
+                | Event::HandshakeFailed { .. }
+                | Event::PathChanged { .. } => self.events.push_back(StackEvent::Peer(e)),
             }
         }
         if now >= self.nat.poll_timeout() {
             self.nat.handle_timeout(now);
         }
+        self.turn_changes();
         while let Some(e) = self.nat.poll_event() {
             match e {
                 NatEvent::CandidatesChanged => self.publish(),
@@ -335,6 +349,28 @@ impl Stack {
         }
         while let Some(t) = self.nat.poll_transmit() {
             io.transmit(t);
+        }
+    }
+
+    /// Tells the TURN states that changed since the last call.
+    fn turn_changes(&mut self) {
+        for conn in 0.. {
+            let Some((server, transport, state)) = self.nat.turn_state(conn) else {
+                break;
+            };
+            if self.turn_seen.len() <= conn {
+                self.turn_seen.push(TurnState::Idle);
+            }
+            if self.turn_seen[conn] != *state {
+                let old = std::mem::replace(&mut self.turn_seen[conn], state.clone());
+                self.events.push_back(StackEvent::Turn {
+                    conn,
+                    server,
+                    transport,
+                    old,
+                    new: state.clone(),
+                });
+            }
         }
     }
 

@@ -459,7 +459,9 @@ fn render(runs: &[Run]) -> String {
             g.row([
                 goal.to_string(),
                 r.nodes.to_string(),
-                if m.is_finite() {
+                if m.is_finite() && unit == "s" && m < 10.0 {
+                    format!("{:.1} ms", 1e3 * m)
+                } else if m.is_finite() {
                     format!("{m:.2} {unit}")
                 } else {
                     "never / missing".into()

@@ -190,7 +190,13 @@ fn sixty_four_routed_nodes_all_known_and_random_pod_pairs_reachable() {
         idle.secs,
         scale::mean(&idle.pct),
         scale::mean(&idle.wakeups),
-        scale::mean(&idle.rss_kib.iter().map(|k| *k as f64 / 1024.0).collect::<Vec<_>>()),
+        scale::mean(
+            &idle
+                .rss_kib
+                .iter()
+                .map(|k| *k as f64 / 1024.0)
+                .collect::<Vec<_>>()
+        ),
     );
     assert!(
         idle.pct.iter().all(|p| p.is_finite()),

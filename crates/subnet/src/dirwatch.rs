@@ -64,9 +64,7 @@ impl DirWatch {
             let mut ready = self.fd.readable().await?;
             let r = ready.try_io(|fd| {
                 // SAFETY: reads into a live buffer of its own length.
-                let n = unsafe {
-                    libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-                };
+                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {

@@ -147,6 +147,9 @@ mod tests {
         let s = m.snapshot();
         assert!(s.records.is_empty(), "deleted, and unreadable");
         assert!(s.live.is_empty(), "liveness without a record is not shown");
-        assert!(m.live.contains_key("a"), "but kept for when the record returns");
+        assert!(
+            m.live.contains_key("a"),
+            "but kept for when the record returns"
+        );
     }
 }

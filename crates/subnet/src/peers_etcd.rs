@@ -228,7 +228,10 @@ impl EtcdStore {
             // the next call reads afresh.
             Ok(false) => {
                 *slot = None;
-                Ok(Some(self.snapshot(Instant::now() + self.timeout, network).await?))
+                Ok(Some(
+                    self.snapshot(Instant::now() + self.timeout, network)
+                        .await?,
+                ))
             }
             Err(e) => {
                 *slot = None;

@@ -397,7 +397,11 @@ mod overlay {
                     let node = format!("n{i}");
                     match round {
                         0 => s
-                            .publish(&net, &now_record(&node, &format!("k{i}")), Duration::from_secs(30))
+                            .publish(
+                                &net,
+                                &now_record(&node, &format!("k{i}")),
+                                Duration::from_secs(30),
+                            )
                             .await
                             .unwrap(),
                         1 => {

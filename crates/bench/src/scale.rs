@@ -228,7 +228,6 @@ fn one(tools: &Tools, opts: &Opts, n: usize) -> Result<Run> {
     let setup = t.elapsed();
     let e = EtcdProbe::of(&c)?;
     let (etcd_pid, m0, cpu0) = (e.pid, e.metrics()?, e.cpu());
-    drop(e);
     let spread = rejoin(&mut c)?;
     let origin = c
         .nodes()
@@ -459,7 +458,7 @@ fn render(runs: &[Run]) -> String {
             g.row([
                 goal.to_string(),
                 r.nodes.to_string(),
-                if m.is_finite() && unit == "s" && m < 10.0 {
+                if m.is_finite() && goal.starts_with("first reply") {
                     format!("{:.1} ms", 1e3 * m)
                 } else if m.is_finite() {
                     format!("{m:.2} {unit}")

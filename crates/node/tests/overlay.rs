@@ -241,6 +241,64 @@ fn linux_bridges_file_store_pods_hosts_and_peers() {
     }
 }
 
+/// Issue 22: 64 nodes of the routed scale lab (one /24 per node behind one
+/// router, etcd, Linux bridges): every agent knows every other node, random
+/// pod pairs reach each other (ping and 1 MiB over TCP), and what an idle
+/// agent costs is printed (a figure for the benchmark, not asserted here).
+/// About a minute and a half on the 2-core machine.
+#[test]
+fn sixty_four_routed_nodes_all_known_and_random_pod_pairs_reachable() {
+    use evio_testkit::cluster::Target;
+    use evio_testkit::scale;
+    const N: usize = 64;
+    let t = Instant::now();
+    let c = up(opts(BridgeType::Linux, 1, OverlayOpts::routed(N)));
+    let setup = t.elapsed();
+    let known = scale::wait_known(&c, t, Duration::from_secs(120));
+    assert!(
+        known.all().is_some(),
+        "not every agent knows every other node within 120 s: healthy peers per agent {:?}",
+        known.last
+    );
+    let seed = scale::seed();
+    let pairs = scale::random_pairs(c.pods().len(), 20, seed);
+    let failed: Vec<String> = pairs
+        .iter()
+        .filter_map(|&(a, b)| {
+            let ch = c.probe(a, Target::Pod(b)).expect("both pods exist");
+            (!ch.ok()).then(|| format!("pod {a} -> pod {b}: ping {} tcp {:?}", ch.ping, ch.tcp))
+        })
+        .collect();
+    assert!(failed.is_empty(), "seed {seed}: {failed:#?}");
+    let pids: Vec<u32> = c
+        .nodes()
+        .iter()
+        .map(|n| n.agent.as_ref().and_then(|a| a.pid()).expect("agent runs"))
+        .collect();
+    let idle = scale::idle(&pids, Duration::from_secs(10));
+    let max = idle.pct.iter().copied().fold(0.0, f64::max);
+    eprintln!(
+        "{N} routed nodes: set up in {:.1} s, all known {:.1} s after the start; idle over \
+         {:.0} s: {:.3}% of a core per agent (max {max:.3}%), {:.1} wake-ups/s, RSS {:.1} MiB",
+        setup.as_secs_f64(),
+        known.all().unwrap_or_default().as_secs_f64(),
+        idle.secs,
+        scale::mean(&idle.pct),
+        scale::mean(&idle.wakeups),
+        scale::mean(
+            &idle
+                .rss_kib
+                .iter()
+                .map(|k| *k as f64 / 1024.0)
+                .collect::<Vec<_>>()
+        ),
+    );
+    assert!(
+        idle.pct.iter().all(|p| p.is_finite()),
+        "an agent exited during the idle interval"
+    );
+}
+
 #[test]
 fn ovs_bridges_pods_hosts_and_peers() {
     let c = up(opts(BridgeType::Ovs, 1, OverlayOpts::flat(3)));

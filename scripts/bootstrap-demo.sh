@@ -25,8 +25,9 @@
 # How the README's blocks are run: every fenced block in that section is
 # tagged `sh lab=public|homes|all|skip`; this script runs each on the
 # public node, the home nodes or all of them (public first), in document
-# order, with `set -euo pipefail`, in the node's working directory (which
-# holds `evio-node`, `cni-bin/evio` and `deploy/` as a checkout would).
+# order, with `set -eu`, in the node's working directory (which
+# holds `evio-node`, `cni-bin/evio`, `deploy/` and `Cargo.toml` as a
+# checkout with the binaries built would).
 # Variables a block sets are kept for that node's later blocks. Three
 # commands cannot be real here and are shell functions instead (said in
 # the README too):
@@ -195,7 +196,9 @@ EOF
 node_up() {
   local name=$1 d=$work/nodes/$1
   mkdir -p "$d/fs" "$d/logs" "$d/units" "$d/cni-bin"
+  # What a checkout gives: deploy/ (render.sh reads Cargo.toml's version).
   ln -s "$repo/deploy" "$d/deploy"
+  ln -s "$repo/Cargo.toml" "$d/Cargo.toml"
   cp "$bin/evio-node" "$d/evio-node"
   cp "$bin/evio" "$d/cni-bin/evio"
   : > "$d/env"
@@ -208,10 +211,27 @@ node_up() {
       mkdir -p "$2/$n.up" "$2/$n.work"
       mount -t overlay evio-lab -o "lowerdir=/$d,upperdir=$2/$n.up,workdir=$2/$n.work" "/$d"
     done
-    : > "$3"
-    exec sleep 3600' _ "$name" "$d/fs" "$d/ready" > "$d/logs/holder.log" 2>&1 &
-  echo $! > "$d/holder.pid"
-  for _ in $(seq 100); do [ -e "$d/ready" ] && return 0; sleep 0.05; done
+    echo $$ > "$3.tmp" && mv "$3.tmp" "$3"
+    exec sleep 3600' _ "$name" "$d/fs" "$d/holder.pid" > "$d/logs/holder.log" 2>&1 &
+  for _ in $(seq 100); do
+    if [ -s "$d/holder.pid" ]; then
+      # Every step enters the holder's namespaces: make sure they are not
+      # this script's own (the machine's), or a step would write to the
+      # machine's /etc and run daemons in its namespace.
+      local pid ns
+      pid=$(cat "$d/holder.pid")
+      for ns in net mnt uts; do
+        [ "$(readlink "/proc/$pid/ns/$ns")" != "$(readlink "/proc/$$/ns/$ns")" ] ||
+          fail "node $name: holder $pid shares this script's $ns namespace"
+      done
+      for ns in /etc /var /run /opt /usr/local; do
+        [ "$(nsenter -t "$pid" -m findmnt -no FSTYPE "$ns")" = overlay ] ||
+          fail "node $name: $ns is not the node's overlay"
+      done
+      return 0
+    fi
+    sleep 0.05
+  done
   fail "node $name: its namespaces did not come up: $(cat "$d/logs/holder.log")"
 }
 
@@ -353,15 +373,18 @@ run_block() {
   local f=$1 n=$2 d=$work/nodes/$2
   printf '\n\033[1m-- on %s:\033[0m\n' "$n"
   sed 's/^/   $ /' "$f"
-  on "$n" env LAB_NODE_DIR="$d" bash -c '
-    set -euo pipefail
+  # -e and -u make every line a check; no pipefail: `a | grep b` checks
+  # what a reader's shell checks, grep's finding.
+  if ! on "$n" env LAB_NODE_DIR="$d" bash -c '
+    set -eu
     cd "$1"
     . ./env
     . "$2"
     trap "export -p > ./env" EXIT
     set -a
-    . "$3"' _ "$d" "$work/lab-lib.sh" "$f" 2>&1 | sed 's/^/     /'
-  [ "${PIPESTATUS[0]}" -eq 0 ] || fail "README block $(basename "$f") failed on $n"
+    . "$3"' _ "$d" "$work/lab-lib.sh" "$f" 2>&1 | sed 's/^/     /'; then
+    fail "block $(basename "$f") of $(basename "$(dirname "$f")") failed on $n"
+  fi
 }
 
 # role FILE: the block's tag.
@@ -388,10 +411,11 @@ say "prerequisite on every node: Open vSwitch running (as the distribution's ser
 for n in "${nodes[@]}"; do
   on "$n" bash -c '
     set -e
-    mkdir -p /etc/openvswitch /run/openvswitch /var/log/openvswitch
-    rm -f /etc/openvswitch/conf.db
-    ovsdb-tool create /etc/openvswitch/conf.db /usr/share/openvswitch/vswitch.ovsschema
-    ovsdb-server --remote=punix:/run/openvswitch/db.sock --pidfile --detach --log-file
+    mkdir -p /run/openvswitch /var/log/openvswitch
+    # Not /etc/openvswitch: the machine'"'"'s lock file there would be shared
+    # through the overlay.
+    ovsdb-tool create /run/openvswitch/conf.db /usr/share/openvswitch/vswitch.ovsschema
+    ovsdb-server /run/openvswitch/conf.db --remote=punix:/run/openvswitch/db.sock --pidfile --detach --log-file
     ovs-vsctl --timeout=10 --no-wait init
     ovs-vswitchd --pidfile --detach --log-file' > "$work/nodes/$n/logs/ovs.log" 2>&1 ||
     fail "OVS on $n: $(cat "$work/nodes/$n/logs/ovs.log")"

@@ -9,7 +9,8 @@
 # The lab (network namespaces of its own, removed on exit, also on failure
 # or Ctrl-C; nothing in the machine's root namespace is touched):
 #   internet   a bridge on 203.0.113.0/24 (a documentation range)
-#   cloud      the public node, 203.0.113.10 on its interface: etcd for
+#   cloud      the public node, 203.0.113.10 on its interface (inbound
+#              only the ports docs/operations.md lists for it): etcd for
 #              evio (TLS, a user limited to /evio/) and coturn, the
 #              control-plane node (kubeadm init), host address pinned to
 #              10.10.0.1
@@ -252,6 +253,19 @@ plug "$lab-cloud" eth0 pcloud
 nsx "$lab-cloud" ip addr add 203.0.113.10/24 dev eth0
 nsx "$lab-cloud" ip link set eth0 up
 nsx "$lab-cloud" ip route add default via 203.0.113.1
+# The public node's firewall (a cloud's security group): inbound on its
+# interface only the ports docs/operations.md ("Ports") lists for it.
+nsx "$lab-cloud" nft -f - <<'EOF'
+table inet lab-firewall {
+  chain input {
+    type filter hook input priority filter; policy accept;
+    iifname "eth0" ct state established,related accept
+    iifname "eth0" udp dport { 5800, 3478, 49152-65535 } accept
+    iifname "eth0" tcp dport { 2479, 3478 } accept
+    iifname "eth0" drop
+  }
+}
+EOF
 
 router ra 203.0.113.11 1 "masquerade"
 router rb 203.0.113.12 2 "masquerade fully-random"

@@ -6,6 +6,10 @@
 #
 #   scripts/bootstrap-demo.sh [--keep-logs]
 #
+# Needs root, the release binaries (cargo build --release -p evio-plugin -p
+# evio-node --bins; EVIO_BIN_DIR=DIR for others) and the packages of
+# .ci/install-deps; stops itself after BOOTSTRAP_TIMEOUT seconds (200).
+#
 # The lab (network namespaces of its own, removed on exit, also on failure
 # or Ctrl-C; nothing in the machine's root namespace is touched):
 #   internet   a bridge on 203.0.113.0/24 (a documentation range)
@@ -84,6 +88,7 @@ cleanup() {
   local rc=$? ns pids i
   trap - EXIT INT TERM
   set +e
+  kill "$watchdog" 2>/dev/null
   if [ "$rc" -ne 0 ] && [ -d "$work/nodes" ]; then
     for f in "$work"/nodes/*/logs/*.log; do
       [ -s "$f" ] || continue
@@ -115,6 +120,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+# Every step is bounded on its own; this bounds them all, and a caller's
+# SIGKILL could not run the teardown, so the script stops itself first.
+limit=${BOOTSTRAP_TIMEOUT:-200}
+(
+  trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+  sleep "$limit" & sleeper=$!
+  wait "$sleeper" && echo "bootstrap-demo: $limit s limit reached" >&2 && kill -TERM $$
+) 2>/dev/null &
+watchdog=$!
 
 # ---------------------------------------------------------------------------
 # The README's blocks, extracted before anything is built, so a doc that

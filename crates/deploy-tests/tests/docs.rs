@@ -149,6 +149,7 @@ fn bootstrap_demo_runs_the_readme_and_the_backup_recipe() {
             .arg(workspace_root().join("scripts/bootstrap-demo.sh"))
             .env("EVIO_BIN_DIR", dir),
         None,
+        // The script stops itself (and tears down) after 200 s.
         Duration::from_secs(240),
     );
     let out = format!("{}{}", run.stdout, run.stderr);

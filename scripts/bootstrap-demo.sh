@@ -524,7 +524,23 @@ pod_matrix() {
   done
 }
 pod_matrix "pods"
-say "paths (evio-node peers on every node)"
+# path_of NODE PEER: the path NODE's agent uses to PEER.
+path_of() {
+  on "$1" /usr/local/bin/evio-node peers --json | jq -r --arg p "$2" '.peers[] | select(.node == $p) | .path'
+}
+say "paths: homes reach the public node directly (coturn shares its address), home-a <-> home-b only through the relay"
+for n in home-a home-b; do
+  for i in $(seq 30); do
+    p=$(path_of "$n" cloud)
+    [ "$p" = direct ] && break
+    [ "$i" -lt 30 ] || fail "$n reaches cloud on path $p, not direct"
+    sleep 0.5
+  done
+done
+for pair in home-a:home-b home-b:home-a; do
+  p=$(path_of "${pair%%:*}" "${pair#*:}")
+  [ "$p" = relay ] || fail "${pair%%:*} reaches ${pair#*:} on path $p: a symmetric and a port-restricted NAT leave only the relay"
+done
 for n in "${nodes[@]}"; do
   echo "   $n:"
   on "$n" /usr/local/bin/evio-node peers | sed 's/^/     /'

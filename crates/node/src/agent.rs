@@ -12,8 +12,8 @@ use evio_agent::AgentConfig;
 use evio_overlay::nat::TurnServer;
 use evio_plugin::naming::ovs_ids;
 use evio_subnet::{
-    open_overlay_store, open_store, preferred_host, read_secret, NodeSubnet, Released,
-    StoreOptions, StoreUrl, SubnetError,
+    open_overlay_store, open_store, read_secret, NodeSubnet, Released, StoreOptions, StoreUrl,
+    SubnetError,
 };
 use ipnet::IpNet;
 
@@ -38,6 +38,12 @@ pub struct Args {
     /// Where `evio-node peers` and `evio-node run` reach the agent.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
     pub control_socket: PathBuf,
+
+    /// Ask for this host overlay address (e.g. 10.10.0.1) instead of the
+    /// lowest free one; overrides `hostAddress` in the config. Refused,
+    /// naming the holder, when another node holds it.
+    #[arg(long, value_name = "IP")]
+    pub host_address: Option<String>,
 
     /// The agent's port on the node bridge [default: <bridge>-ovl].
     #[arg(long, value_name = "IFNAME")]
@@ -133,19 +139,34 @@ fn allocate(plan: &Resolved, ov: &OverlayConf, budget: Duration) -> Result<Alloc
         ..opts.clone()
     };
     block_on_with_timeout(url, budget, async {
-        let store = open_store(url, &opts).await?;
-        let alloc = store.allocate(network, node, &plan.gen.pod).await?;
         let ostore = open_overlay_store(url, &opts).await?;
+        // The host address first: a refused hostAddress then leaves nothing
+        // behind in the store.
         let host = match ov.host_cidr {
-            Some(cidr) => {
-                let pref = preferred_host(cidr, alloc.subnet.index, plan.gen.pod.capacity());
-                let h = ostore.allocate_host(network, node, cidr, pref).await?;
-                Some(
-                    IpNet::new(h.addr, cidr.prefix_len())
-                        .map_err(|e| NodeError::Invalid(e.to_string()))?,
-                )
-            }
+            Some(cidr) => Some(
+                ostore
+                    .allocate_host(network, node, cidr, ov.host_address)
+                    .await?,
+            ),
             None => None,
+        };
+        let store = open_store(url, &opts).await?;
+        let alloc = match store.allocate(network, node, &plan.gen.pod).await {
+            Ok(a) => a,
+            Err(e) => {
+                if host.is_some_and(|h| !h.existing) {
+                    // Best effort: the store may be what failed.
+                    let _ = ostore.release_host(network, node).await;
+                }
+                return Err(e.into());
+            }
+        };
+        let host = match (host, ov.host_cidr) {
+            (Some(h), Some(cidr)) => Some(
+                IpNet::new(h.addr, cidr.prefix_len())
+                    .map_err(|e| NodeError::Invalid(e.to_string()))?,
+            ),
+            _ => None,
         };
         // A fresh allocation: were this node's old ones released?
         let released = if alloc.existing {
@@ -203,7 +224,14 @@ pub fn run(args: Args) -> Result<(), NodeError> {
         return stop_and_leave(&args);
     }
     let plan = args.node.resolve()?;
-    let ov = OverlayConf::parse(&plan.conf)?;
+    let mut ov = OverlayConf::parse(&plan.conf)?;
+    if let Some(h) = &args.host_address {
+        ov.host_address = Some(crate::overlay::host_address(
+            h,
+            ov.host_cidr,
+            "--host-address",
+        )?);
+    }
     let reclaim = reclaim_after(&plan.conf)?;
     let network = plan.gen.name.clone();
     let cache_path = evio_agent::cache::path(&data_dir(&ov), &network, &plan.node);

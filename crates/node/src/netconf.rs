@@ -38,6 +38,7 @@ const KNOWN_KEYS: &[&str] = &[
     "etcdPasswordFile",
     "etcdAllowPlaintextPassword",
     "hostCIDR",
+    "hostAddress",
     "hostInterface",
     "overlay",
     "singleNode",

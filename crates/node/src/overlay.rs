@@ -2,7 +2,7 @@
 //! `hostCIDR`, `hostInterface` and the `overlay` object. Secrets (the
 //! network key, TURN passwords) are only ever named by file.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use ipnet::IpNet;
@@ -41,6 +41,8 @@ pub struct OverlayConf {
     /// fit inside the tunnel.
     pub configured: bool,
     pub host_cidr: Option<IpNet>,
+    /// `hostAddress`: the host overlay address this node asks for.
+    pub host_address: Option<IpAddr>,
     pub host_interface: String,
     pub listen_port: u16,
     pub stun: Vec<String>,
@@ -178,6 +180,10 @@ impl OverlayConf {
                 Some(n)
             }
         };
+        let host_address = match conf.string("hostAddress")? {
+            None => None,
+            Some(s) => Some(host_address(&s, host_cidr, "hostAddress")?),
+        };
         let host_interface = conf
             .string("hostInterface")?
             .unwrap_or_else(|| DEFAULT_HOST_INTERFACE.into());
@@ -277,6 +283,7 @@ impl OverlayConf {
         Ok(OverlayConf {
             configured: ov.is_some() || host_cidr.is_some(),
             host_cidr,
+            host_address,
             host_interface,
             listen_port,
             stun,
@@ -295,6 +302,30 @@ impl OverlayConf {
     pub fn default_mtu(&self) -> u32 {
         self.underlay_mtu - OVERHEAD - DEFAULT_MARGIN
     }
+}
+
+/// A requested host overlay address (`hostAddress`, `--host-address`,
+/// named `key` in errors): a plain address, usable in `hostCIDR`.
+pub fn host_address(s: &str, cidr: Option<IpNet>, key: &str) -> Result<IpAddr, NodeError> {
+    let a: IpAddr = s.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{s:?} is not an IP address (e.g. \"10.10.0.1\", without a prefix)"),
+        )
+    })?;
+    let Some(cidr) = cidr else {
+        return Err(invalid(
+            key,
+            "needs hostCIDR (there is no host overlay without it)",
+        ));
+    };
+    if !evio_subnet::usable_host(cidr, a) {
+        return Err(invalid(
+            key,
+            format!("{a} is not a usable address of hostCIDR {cidr} (inside it, neither its network nor its broadcast address)"),
+        ));
+    }
+    Ok(a)
 }
 
 /// `host:port` to an IPv4 socket address (the underlay is IPv4).
@@ -338,6 +369,9 @@ mod tests {
         .unwrap();
         assert!(f.configured);
         assert_eq!(f.host_cidr.unwrap().to_string(), "10.10.0.0/16");
+        assert_eq!(f.host_address, None);
+        let h = parse(r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"10.10.0.1"}"#).unwrap();
+        assert_eq!(h.host_address, Some("10.10.0.1".parse().unwrap()));
         assert_eq!(f.turn[0].transport, TurnTransport::Tcp);
         assert_eq!(
             f.network_key_file.as_deref(),
@@ -371,6 +405,19 @@ mod tests {
                 "did you mean \"listenPort\"",
             ),
             (r#"{"overlay":[]}"#, "overlay"),
+            (r#"{"hostAddress":"10.10.0.1"}"#, "needs hostCIDR"),
+            (
+                r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"10.10.0.1/16"}"#,
+                "hostAddress",
+            ),
+            (
+                r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"10.10.0.0"}"#,
+                "hostAddress",
+            ),
+            (
+                r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"10.11.0.1"}"#,
+                "hostAddress",
+            ),
         ] {
             let e = parse(j).unwrap_err().to_string();
             assert!(e.contains(key), "{j}: {e}");

@@ -165,10 +165,49 @@ fn ovs_bridges_pods_hosts_and_peers() {
 fn etcd_store_and_a_deleted_record_tears_the_tunnels_down() {
     let mut ov = OverlayOpts::flat(3);
     ov.etcd = true;
+    // Node 0 asks for its host address (hostAddress); the others get the
+    // lowest free ones in order.
+    ov.node_netconf = vec![(0, json!({"hostAddress": "10.10.0.200"}))];
     let c = up(opts(BridgeType::Linux, 1, ov));
     assert_all_reachable(&c);
     let net = c.opts().network.clone();
     let etcd = c.etcd().expect("etcd");
+    assert_eq!(peers(&c, 0)["hostAddress"], "10.10.0.200/16");
+    let mut others: Vec<String> = (1..3).map(|i| host_ip(&c, i)).collect();
+    others.sort();
+    assert_eq!(others, ["10.10.0.1", "10.10.0.2"]);
+    // Another node asking for node 0's address is refused, naming node 0,
+    // and leaves nothing in the store. (It runs in node 1's namespace: had
+    // it started, it would have touched only the lab.)
+    let n1 = &c.nodes()[1];
+    let conf = n1.netconf_path.display().to_string();
+    let store = c.store_url();
+    let out = n1.ns.exec(&[
+        NODE_BIN,
+        "agent",
+        "--config",
+        &conf,
+        "--store",
+        &store,
+        "--node-name",
+        "intruder",
+        "--host-address",
+        "10.10.0.200",
+        "--control-socket",
+        "/nonexistent/agent.sock",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("10.10.0.200 is taken") && err.contains("\"node-0\""),
+        "{err}"
+    );
+    let left: Vec<_> = etcd
+        .get_prefix(&format!("/evio/{net}/"))
+        .into_iter()
+        .filter(|(k, _)| k.contains("intruder"))
+        .collect();
+    assert!(left.is_empty(), "a refused agent wrote {left:?}");
     let key = format!("/evio/{net}/peers/{}", name(2));
     let rec = etcd.get_prefix(&key);
     assert_eq!(rec.len(), 1, "node-2's record is in etcd: {rec:?}");

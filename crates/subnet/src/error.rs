@@ -1,3 +1,4 @@
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -67,6 +68,24 @@ pub enum SubnetError {
         cidr: IpNet,
         node_bits: u8,
     },
+
+    #[error("host address {address} is taken: node {holder:?} holds it in network {network:?}; ask for another one (hostAddress, --host-address) or free it (evio-node nodes release {holder})")]
+    HostAddressTaken {
+        network: String,
+        address: IpAddr,
+        holder: String,
+    },
+
+    #[error("node {node:?} already holds host address {holds} in network {network:?}, not the requested {requested}; ask for {holds}, or free it first (evio-node nodes release {node})")]
+    HostAddressHeld {
+        network: String,
+        node: String,
+        holds: IpAddr,
+        requested: IpAddr,
+    },
+
+    #[error("host address {address} is not usable in hostCIDR {cidr}: it must lie inside it and be neither its network nor its broadcast address")]
+    HostAddressOutside { address: IpAddr, cidr: IpNet },
 
     #[error("node {node:?} has no subnet in network {network:?}")]
     NotFound { network: String, node: String },

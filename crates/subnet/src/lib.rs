@@ -22,7 +22,7 @@ pub use error::SubnetError;
 pub use etcd::{read_secret, EtcdOptions, EtcdStore};
 pub use file::{remove_leftover_temps, write_file_atomic, FileStore};
 pub use peers::{
-    now_rfc3339, preferred_host, Alive, Allocations, Candidate, CandidateKind, HostAllocation,
+    now_rfc3339, usable_host, Alive, Allocations, Candidate, CandidateKind, HostAllocation,
     Liveness, Name, NodeInfo, OverlayBackend, OverlayStore, PeerRecord, PeerSnapshot,
     ReleaseRequest, Released, ReleasedNode, FILE_STALE_AFTER,
 };

@@ -9,7 +9,6 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use ipnet::IpNet;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::{validate_name, SubnetError};
@@ -286,13 +285,16 @@ impl std::fmt::Display for Name<'_> {
 #[async_trait]
 pub trait OverlayStore: Send + Sync {
     /// The node's host address in `cidr`, allocating one if it has none:
-    /// `preferred` when free, else a random free one. Restart-stable.
+    /// `requested` when given (refused with [`SubnetError::HostAddressTaken`]
+    /// when another node holds it, [`SubnetError::HostAddressHeld`] when
+    /// this node holds another), else the lowest free one. Restart-stable;
+    /// nothing is written when it is refused.
     async fn allocate_host(
         &self,
         network: &str,
         node: &str,
         cidr: IpNet,
-        preferred: Option<IpAddr>,
+        requested: Option<IpAddr>,
     ) -> Result<HostAllocation, SubnetError>;
 
     /// Frees the node's host address; `None` if it had none.
@@ -370,14 +372,13 @@ pub trait OverlayStore: Send + Sync {
 /// validated; see [`OverlayStore`] for what each method means.
 #[async_trait]
 pub trait OverlayBackend: Send + Sync {
-    /// The node's host address in `cidr`, allocating one if it has none:
-    /// `preferred` when free, else a random free one. Restart-stable.
+    /// See [`OverlayStore::allocate_host`].
     async fn allocate_host(
         &self,
         network: Name<'_>,
         node: Name<'_>,
         cidr: IpNet,
-        preferred: Option<IpAddr>,
+        requested: Option<IpAddr>,
     ) -> Result<HostAllocation, SubnetError>;
 
     /// Frees the node's host address; `None` if it had none.
@@ -454,10 +455,10 @@ impl<T: OverlayBackend + ?Sized> OverlayStore for T {
         network: &str,
         node: &str,
         cidr: IpNet,
-        preferred: Option<IpAddr>,
+        requested: Option<IpAddr>,
     ) -> Result<HostAllocation, SubnetError> {
         let (network, node) = (Name::network(network)?, Name::node(node)?);
-        OverlayBackend::allocate_host(self, network, node, cidr, preferred).await
+        OverlayBackend::allocate_host(self, network, node, cidr, requested).await
     }
 
     async fn release_host(&self, network: &str, node: &str) -> Result<Option<IpAddr>, SubnetError> {
@@ -576,40 +577,72 @@ fn addr_value(a: IpAddr) -> u128 {
     }
 }
 
-/// Picks a free host address: `preferred` if it is usable and free, else a
-/// random free one (random, as for subnets, so that nodes allocating at the
-/// same time rarely collide). `taken` says whether an address is in use.
+/// Whether `a` is a usable host address of `cidr` (not the network
+/// address, not the IPv4 broadcast address).
+pub fn usable_host(cidr: IpNet, a: IpAddr) -> bool {
+    host_range(cidr).is_ok_and(|(lo, hi)| cidr.contains(&a) && (lo..=hi).contains(&addr_value(a)))
+}
+
+/// Picks the host address of `node`: exactly `requested` when given (an
+/// error naming the holder when another node has it), else the lowest free
+/// one, so that the first node of a network gets `.1` and addresses are
+/// predictable. Racing nodes that pick the same one are settled by the
+/// store's transaction: the loser looks again. `owner` says who holds an
+/// address; `Ok(None)` when the CIDR is full.
 pub(crate) fn pick_host(
+    network: &str,
+    node: &str,
     cidr: IpNet,
-    preferred: Option<IpAddr>,
-    taken: &dyn Fn(IpAddr) -> bool,
-    rng: &mut impl Rng,
+    requested: Option<IpAddr>,
+    owner: &dyn Fn(IpAddr) -> Option<String>,
 ) -> Result<Option<IpAddr>, SubnetError> {
     let (lo, hi) = host_range(cidr)?;
-    if let Some(p) = preferred {
-        let v = addr_value(p);
-        if cidr.contains(&p) && (lo..=hi).contains(&v) && !taken(p) {
-            return Ok(Some(p));
+    if let Some(a) = requested {
+        if !usable_host(cidr, a) {
+            return Err(SubnetError::HostAddressOutside { address: a, cidr });
         }
+        return match owner(a) {
+            Some(holder) if holder != node => Err(SubnetError::HostAddressTaken {
+                network: network.to_string(),
+                address: a,
+                holder,
+            }),
+            _ => Ok(Some(a)),
+        };
     }
-    let span = hi - lo + 1;
-    // Random probes find a free address quickly unless the space is nearly
-    // full; then a linear scan from a random start settles it.
-    for _ in 0..64 {
-        let a = addr_from(cidr, lo + rng.gen_range(0..span));
-        if !taken(a) {
+    // Every step past the first is a taken address, so this ends after at
+    // most (addresses in use + 1) steps, however large the CIDR.
+    let mut v = lo;
+    loop {
+        let a = addr_from(cidr, v);
+        if owner(a).is_none() {
             return Ok(Some(a));
         }
-    }
-    let start = rng.gen_range(0..span);
-    let scan = span.min(1 << 20);
-    for i in 0..scan {
-        let a = addr_from(cidr, lo + (start + i) % span);
-        if !taken(a) {
-            return Ok(Some(a));
+        if v == hi {
+            return Ok(None);
         }
+        v += 1;
     }
-    Ok(None)
+}
+
+/// A node that already holds `holds` asks for `requested`: moving a host
+/// address under a running kubelet is the operator's decision, so it is
+/// refused rather than done silently.
+pub(crate) fn check_held(
+    network: &str,
+    node: &str,
+    holds: IpAddr,
+    requested: Option<IpAddr>,
+) -> Result<(), SubnetError> {
+    match requested {
+        Some(r) if r != holds => Err(SubnetError::HostAddressHeld {
+            network: network.to_string(),
+            node: node.to_string(),
+            holds,
+            requested: r,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The owner record of a host address (`hostaddrs/<ip>`).
@@ -629,22 +662,9 @@ pub fn host_key(a: IpAddr) -> String {
     a.to_string()
 }
 
-/// The address suggested for the node with subnet `index` of `capacity`:
-/// the host CIDR's base plus the index, so that node 10.244.3.0/24 gets
-/// 10.10.0.3 (the seed's figure pairs them this way). Index 0 would be the
-/// network address: it gets base + capacity (10.10.1.0 with 256 subnets).
-pub fn preferred_host(cidr: IpNet, index: u128, capacity: u128) -> Option<IpAddr> {
-    let (lo, hi) = host_range(cidr).ok()?;
-    let base = lo - 1;
-    let offset = if index == 0 { capacity } else { index };
-    let v = base.checked_add(offset)?;
-    (lo..=hi).contains(&v).then(|| addr_from(cidr, v))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     /// Every method of every backend goes through the one check: a name
     /// that could leave its key prefix or file entry is refused before the
@@ -713,43 +733,111 @@ mod tests {
         assert_eq!(addr_from(c, lo).to_string(), "10.10.0.1");
         assert_eq!(addr_from(c, hi).to_string(), "10.10.255.254");
         assert!(host_range("10.0.0.0/31".parse().unwrap()).is_err());
-        let pref = |c, i, n| preferred_host(c, i, n).map(|a| a.to_string());
-        assert_eq!(pref(c, 3, 256).as_deref(), Some("10.10.0.3"));
-        // Index 0 would be the network address: it goes past the others.
-        assert_eq!(pref(c, 0, 256).as_deref(), Some("10.10.1.0"));
-        let small: IpNet = "10.0.0.0/30".parse().unwrap();
-        assert_eq!(pref(small, 3, 4), None);
-        assert_eq!(pref(small, 0, 4), None);
-        let v6: IpNet = "fd00::/64".parse().unwrap();
-        assert_eq!(pref(v6, 7, 256).as_deref(), Some("fd00::7"));
+        assert!(host_range("10.0.0.0/30".parse().unwrap()).is_ok());
+        let ok = |c: &str, a: &str| usable_host(c.parse().unwrap(), a.parse().unwrap());
+        assert!(ok("10.10.0.0/16", "10.10.0.1") && ok("10.10.0.0/16", "10.10.255.254"));
+        assert!(!ok("10.10.0.0/16", "10.10.0.0") && !ok("10.10.0.0/16", "10.10.255.255"));
+        assert!(!ok("10.10.0.0/16", "10.11.0.1") && !ok("10.10.0.0/16", "fd00::1"));
+        assert!(ok("fd00::/64", "fd00::ffff:ffff:ffff:ffff"));
+    }
+
+    fn owners(held: &[(&str, &str)]) -> impl Fn(IpAddr) -> Option<String> {
+        let m: std::collections::HashMap<IpAddr, String> = held
+            .iter()
+            .map(|(a, n)| (a.parse().unwrap(), n.to_string()))
+            .collect();
+        move |a| m.get(&a).cloned()
+    }
+
+    fn pick(
+        cidr: &str,
+        req: Option<&str>,
+        held: &[(&str, &str)],
+    ) -> Result<Option<String>, SubnetError> {
+        let req = req.map(|r| r.parse().unwrap());
+        pick_host("net", "me", cidr.parse().unwrap(), req, &owners(held))
+            .map(|a| a.map(|a| a.to_string()))
     }
 
     #[test]
-    fn pick_prefers_then_falls_back_then_exhausts() {
-        let c: IpNet = "10.0.0.0/29".parse().unwrap();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let p: IpAddr = "10.0.0.3".parse().unwrap();
+    fn without_a_request_the_lowest_free_address_in_order() {
         assert_eq!(
-            pick_host(c, Some(p), &|_| false, &mut rng).unwrap(),
-            Some(p)
+            pick("10.10.0.0/16", None, &[]).unwrap().as_deref(),
+            Some("10.10.0.1")
         );
-        let got = pick_host(c, Some(p), &|a| a == p, &mut rng)
-            .unwrap()
-            .unwrap();
-        assert_ne!(got, p);
-        assert!(c.contains(&got));
-        let all_but_6 = |a: IpAddr| a.to_string() != "10.0.0.6";
+        let held = [("10.10.0.1", "a"), ("10.10.0.2", "b"), ("10.10.0.4", "c")];
         assert_eq!(
-            pick_host(c, None, &all_but_6, &mut rng)
+            pick("10.10.0.0/16", None, &held).unwrap().as_deref(),
+            Some("10.10.0.3")
+        );
+        // Carries over the octet boundary.
+        let full: Vec<(String, &str)> = (1..=255).map(|i| (format!("10.10.0.{i}"), "x")).collect();
+        let full: Vec<(&str, &str)> = full.iter().map(|(a, n)| (a.as_str(), *n)).collect();
+        assert_eq!(
+            pick("10.10.0.0/16", None, &full).unwrap().as_deref(),
+            Some("10.10.1.0")
+        );
+        // A /29 has .1-.6; full means None (the caller says Exhausted).
+        let six: Vec<(String, &str)> = (1..=6).map(|i| (format!("10.0.0.{i}"), "x")).collect();
+        let six: Vec<(&str, &str)> = six.iter().map(|(a, n)| (a.as_str(), *n)).collect();
+        assert_eq!(pick("10.0.0.0/29", None, &six).unwrap(), None);
+        assert_eq!(
+            pick("10.0.0.0/29", None, &six[..5]).unwrap().as_deref(),
+            Some("10.0.0.6")
+        );
+        assert_eq!(
+            pick("fd00::/64", None, &[("fd00::1", "a")])
                 .unwrap()
-                .map(|a| a.to_string()),
-            Some("10.0.0.6".into())
+                .as_deref(),
+            Some("fd00::2")
         );
-        assert_eq!(pick_host(c, None, &|_| true, &mut rng).unwrap(), None);
-        // Never the network or broadcast address.
-        for _ in 0..200 {
-            let a = pick_host(c, None, &|_| false, &mut rng).unwrap().unwrap();
-            assert!(!["10.0.0.0", "10.0.0.7"].contains(&a.to_string().as_str()));
+    }
+
+    #[test]
+    fn a_requested_address_is_given_exactly_or_refused_naming_the_holder() {
+        let held = [("10.10.0.1", "public"), ("10.10.0.2", "me")];
+        assert_eq!(
+            pick("10.10.0.0/16", Some("10.10.0.7"), &held)
+                .unwrap()
+                .as_deref(),
+            Some("10.10.0.7")
+        );
+        // An address this node already owns is its own.
+        assert_eq!(
+            pick("10.10.0.0/16", Some("10.10.0.2"), &held)
+                .unwrap()
+                .as_deref(),
+            Some("10.10.0.2")
+        );
+        let e = pick("10.10.0.0/16", Some("10.10.0.1"), &held).unwrap_err();
+        assert!(
+            matches!(&e, SubnetError::HostAddressTaken { holder, .. } if holder == "public"),
+            "{e:?}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("10.10.0.1") && msg.contains("\"public\""),
+            "{msg}"
+        );
+        for bad in ["10.10.0.0", "10.10.255.255", "10.11.0.1"] {
+            let e = pick("10.10.0.0/16", Some(bad), &[]).unwrap_err();
+            assert!(
+                matches!(e, SubnetError::HostAddressOutside { .. }),
+                "{bad}: {e:?}"
+            );
         }
+    }
+
+    #[test]
+    fn a_node_holding_another_address_is_refused_a_move() {
+        let a: IpAddr = "10.10.0.5".parse().unwrap();
+        assert!(check_held("n", "me", a, None).is_ok());
+        assert!(check_held("n", "me", a, Some(a)).is_ok());
+        let e = check_held("n", "me", a, Some("10.10.0.1".parse().unwrap())).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("10.10.0.5") && msg.contains("10.10.0.1"),
+            "{msg}"
+        );
     }
 }

@@ -15,7 +15,7 @@ use etcd_client::{
 };
 use ipnet::IpNet;
 
-use crate::peers::{host_key, host_owner as owner, now_rfc3339, pick_host, Name};
+use crate::peers::{check_held, host_key, host_owner as owner, now_rfc3339, pick_host, Name};
 use crate::{
     parse_subnet_key, peers::Allocations, Alive, EtcdStore, HostAllocation, Liveness,
     OverlayBackend, OwnerRecord, PeerRecord, PeerSnapshot, ReleaseRequest, Released, ReleasedNode,
@@ -239,7 +239,7 @@ impl OverlayBackend for EtcdStore {
         network: Name<'_>,
         node: Name<'_>,
         cidr: IpNet,
-        preferred: Option<IpAddr>,
+        requested: Option<IpAddr>,
     ) -> Result<HostAllocation, SubnetError> {
         let deadline = Instant::now() + self.timeout;
         let node_key = format!("/evio/{network}/hostnodes/{node}");
@@ -247,10 +247,8 @@ impl OverlayBackend for EtcdStore {
         let snapshot = || {
             vec![
                 TxnOp::get(node_key.clone(), None),
-                TxnOp::get(
-                    addrs.clone(),
-                    Some(GetOptions::new().with_prefix().with_keys_only()),
-                ),
+                // With values: a refused request names the holder.
+                TxnOp::get(addrs.clone(), Some(GetOptions::new().with_prefix())),
             ]
         };
         let mut resp = self.txn(deadline, Txn::new().and_then(snapshot())).await?;
@@ -267,6 +265,7 @@ impl OverlayBackend for EtcdStore {
                     reason: format!("{v:?} is not an IP address"),
                 })?;
                 if cidr.contains(&addr) {
+                    check_held(&network, &node, addr, requested)?;
                     // Restart-stable; put the address key back if someone
                     // removed it by hand, so it does not look free.
                     let akey = format!("{addrs}{}", host_key(addr));
@@ -300,24 +299,24 @@ impl OverlayBackend for EtcdStore {
                 resp = self.txn(deadline, Txn::new().and_then(snapshot())).await?;
                 continue;
             }
-            let used: std::collections::HashSet<String> = kvs(1)
+            let used: std::collections::HashMap<String, String> = kvs(1)
                 .iter()
                 .filter_map(|kv| {
-                    std::str::from_utf8(kv.key())
-                        .ok()
-                        .and_then(|k| k.strip_prefix(&addrs))
-                        .map(str::to_string)
+                    let k = std::str::from_utf8(kv.key()).ok()?.strip_prefix(&addrs)?;
+                    // An owner record that does not parse still holds it.
+                    let holder = serde_json::from_slice::<crate::OwnerRecord>(kv.value())
+                        .map_or_else(|_| "(unreadable owner record)".to_string(), |r| r.node);
+                    Some((k.to_string(), holder))
                 })
                 .collect();
-            let taken = |a: IpAddr| used.contains(&host_key(a));
-            let addr =
-                pick_host(cidr, preferred, &taken, &mut rand::thread_rng())?.ok_or_else(|| {
-                    SubnetError::Exhausted {
-                        network: network.to_string(),
-                        cidr,
-                        capacity: used.len() as u128,
-                    }
-                })?;
+            let holder = |a: IpAddr| used.get(&host_key(a)).cloned();
+            let addr = pick_host(&network, &node, cidr, requested, &holder)?.ok_or_else(|| {
+                SubnetError::Exhausted {
+                    network: network.to_string(),
+                    cidr,
+                    capacity: used.len() as u128,
+                }
+            })?;
             let akey = format!("{addrs}{}", host_key(addr));
             let rec =
                 serde_json::to_string(&owner(&node, addr)).map_err(|e| SubnetError::Corrupt {

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use ipnet::IpNet;
 
 use crate::file::NetData;
-use crate::peers::{host_key, host_owner as owner, now_rfc3339, pick_host, Name};
+use crate::peers::{check_held, host_key, host_owner as owner, now_rfc3339, pick_host, Name};
 use crate::{
     parse_subnet_key, peers::Allocations, subnet_key, Alive, FileStore, HostAllocation, Liveness,
     OverlayBackend, PeerRecord, PeerSnapshot, ReleaseRequest, Released, ReleasedNode, SubnetError,
@@ -161,7 +161,7 @@ impl OverlayBackend for FileStore {
         network: Name<'_>,
         node: Name<'_>,
         cidr: IpNet,
-        preferred: Option<IpAddr>,
+        requested: Option<IpAddr>,
     ) -> Result<HostAllocation, SubnetError> {
         let (network, node) = (network.as_str(), node.as_str());
         let _guard = self.lock().await?;
@@ -176,6 +176,7 @@ impl OverlayBackend for FileStore {
                 reason: format!("{v:?} is not an IP address"),
             })?;
             if cidr.contains(&addr) {
+                check_held(network, node, addr, requested)?;
                 let key = host_key(addr);
                 match net.hostaddrs.get(&key) {
                     Some(r) if r.node == node => {}
@@ -205,15 +206,14 @@ impl OverlayBackend for FileStore {
             net.hostnodes.remove(node);
             net.hostaddrs.remove(&host_key(addr));
         }
-        let taken = |a: IpAddr| net.hostaddrs.contains_key(&host_key(a));
-        let addr =
-            pick_host(cidr, preferred, &taken, &mut rand::thread_rng())?.ok_or_else(|| {
-                SubnetError::Exhausted {
-                    network: network.to_string(),
-                    cidr,
-                    capacity: net.hostaddrs.len() as u128,
-                }
-            })?;
+        let holder = |a: IpAddr| net.hostaddrs.get(&host_key(a)).map(|r| r.node.clone());
+        let addr = pick_host(network, node, cidr, requested, &holder)?.ok_or_else(|| {
+            SubnetError::Exhausted {
+                network: network.to_string(),
+                cidr,
+                capacity: net.hostaddrs.len() as u128,
+            }
+        })?;
         net.hostnodes.insert(node.to_string(), addr.to_string());
         net.hostaddrs.insert(host_key(addr), owner(node, addr));
         self.write(&data)?;

@@ -286,7 +286,7 @@ mod overlay {
     }
 
     #[test]
-    fn host_addresses_race_to_distinct_values_and_survive_reconnects() {
+    fn host_addresses_race_to_the_lowest_free_values_and_survive_reconnects() {
         let e = Etcd::shared();
         let net = unique_name("h");
         let cidr: ipnet::IpNet = "10.10.0.0/27".parse().unwrap();
@@ -299,15 +299,10 @@ mod overlay {
                         EtcdStore::connect(&eps, &EtcdOptions::default(), Duration::from_secs(20))
                             .await
                             .unwrap();
-                    s.allocate_host(
-                        &net,
-                        &format!("n{i}"),
-                        cidr,
-                        Some("10.10.0.1".parse().unwrap()),
-                    )
-                    .await
-                    .unwrap()
-                    .addr
+                    s.allocate_host(&net, &format!("n{i}"), cidr, None)
+                        .await
+                        .unwrap()
+                        .addr
                 }));
             }
             let mut got: Vec<IpAddr> = Vec::new();
@@ -316,12 +311,101 @@ mod overlay {
             }
             got.sort();
             got.dedup();
-            assert_eq!(got.len(), 16);
+            // All raced for the lowest free address: each transaction that
+            // lost looked again, so they hold .1 to .16, each once.
+            let want: Vec<IpAddr> = (1..=16)
+                .map(|i| format!("10.10.0.{i}").parse().unwrap())
+                .collect();
+            assert_eq!(got, want);
             let s = connect(e).await;
             let first = s.allocate_host(&net, "n0", cidr, None).await.unwrap();
             assert!(first.existing);
             assert_eq!(s.release_host(&net, "n0").await.unwrap(), Some(first.addr));
             assert_eq!(s.release_host(&net, "n0").await.unwrap(), None);
+        });
+    }
+
+    /// Nodes racing for the same requested address: exactly one gets it,
+    /// the others are refused naming the winner and hold nothing.
+    #[test]
+    fn a_requested_host_address_goes_to_one_racer_and_is_refused_to_the_rest() {
+        let e = Etcd::shared();
+        let net = unique_name("hr");
+        let cidr: ipnet::IpNet = "10.10.0.0/16".parse().unwrap();
+        let want: IpAddr = "10.10.0.1".parse().unwrap();
+        rt().block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..8 {
+                let (eps, net) = (e.endpoints(), net.clone());
+                tasks.push(tokio::spawn(async move {
+                    let s =
+                        EtcdStore::connect(&eps, &EtcdOptions::default(), Duration::from_secs(20))
+                            .await
+                            .unwrap();
+                    let node = format!("n{i}");
+                    (
+                        node.clone(),
+                        s.allocate_host(&net, &node, cidr, Some(want)).await,
+                    )
+                }));
+            }
+            let mut winners = Vec::new();
+            let mut refused = Vec::new();
+            for t in tasks {
+                match t.await.unwrap() {
+                    (n, Ok(h)) => {
+                        assert_eq!(h.addr, want);
+                        winners.push(n);
+                    }
+                    (
+                        n,
+                        Err(SubnetError::HostAddressTaken {
+                            holder, address, ..
+                        }),
+                    ) => {
+                        assert_eq!(address, want);
+                        refused.push((n, holder));
+                    }
+                    (n, Err(e)) => panic!("{n}: {e}"),
+                }
+            }
+            assert_eq!(winners.len(), 1, "{winners:?}");
+            assert_eq!(refused.len(), 7);
+            assert!(refused.iter().all(|(_, h)| *h == winners[0]), "{refused:?}");
+            // Only the winner's two keys exist.
+            let kv = e.get_prefix(&format!("/evio/{net}/"));
+            let keys: Vec<&str> = kv.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(
+                keys,
+                [
+                    format!("/evio/{net}/hostaddrs/10.10.0.1"),
+                    format!("/evio/{net}/hostnodes/{}", winners[0])
+                ],
+                "{kv:?}"
+            );
+            // The winner restarts and asks again: its own; a loser without
+            // the request gets the next one.
+            let s = connect(e).await;
+            let again = s
+                .allocate_host(&net, &winners[0], cidr, Some(want))
+                .await
+                .unwrap();
+            assert!(again.existing);
+            let other = s
+                .allocate_host(&net, &refused[0].0, cidr, None)
+                .await
+                .unwrap();
+            assert_eq!(other.addr.to_string(), "10.10.0.2");
+            let e2 = s
+                .allocate_host(
+                    &net,
+                    &refused[0].0,
+                    cidr,
+                    Some("10.10.0.9".parse().unwrap()),
+                )
+                .await
+                .unwrap_err();
+            assert!(matches!(e2, SubnetError::HostAddressHeld { .. }), "{e2:?}");
         });
     }
 

@@ -264,29 +264,67 @@ mod overlay {
     }
 
     #[test]
-    fn host_addresses_are_unique_preferred_and_restart_stable() {
+    fn host_addresses_are_lowest_free_requested_and_restart_stable() {
         let dir = tempfile::tempdir().unwrap();
         let cidr: ipnet::IpNet = "10.10.0.0/16".parse().unwrap();
-        let pref: IpAddr = "10.10.0.3".parse().unwrap();
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
         rt().block_on(async {
             let s = store(&dir);
-            let a = s.allocate_host("n", "a", cidr, Some(pref)).await.unwrap();
-            assert_eq!((a.addr, a.existing), (pref, false));
-            // Another node preferring the same address gets another one.
-            let b = s.allocate_host("n", "b", cidr, Some(pref)).await.unwrap();
-            assert_ne!(b.addr, pref);
-            assert!(cidr.contains(&b.addr));
-            // A second opener of the same file (a restarted agent) gets the
-            // same address back, whatever it prefers now.
-            let again = store(&dir)
-                .allocate_host("n", "a", cidr, Some("10.10.0.9".parse().unwrap()))
+            // The public node asks for .1 before anyone else is there.
+            let p = s
+                .allocate_host("n", "public", cidr, Some(ip("10.10.0.1")))
                 .await
                 .unwrap();
-            assert_eq!((again.addr, again.existing), (pref, true));
-            assert_eq!(s.release_host("n", "a").await.unwrap(), Some(pref));
+            assert_eq!((p.addr, p.existing), (ip("10.10.0.1"), false));
+            // The others take the lowest free addresses in order.
+            let a = s.allocate_host("n", "a", cidr, None).await.unwrap();
+            assert_eq!((a.addr, a.existing), (ip("10.10.0.2"), false));
+            let b = s.allocate_host("n", "b", cidr, None).await.unwrap();
+            assert_eq!(b.addr, ip("10.10.0.3"));
+            // A taken address is refused, naming its holder, and nothing is
+            // written: "c" holds no address afterwards.
+            let before = std::fs::read(dir.path().join("state/subnets.json")).unwrap();
+            let e = s
+                .allocate_host("n", "c", cidr, Some(ip("10.10.0.1")))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, SubnetError::HostAddressTaken { holder, .. } if holder == "public"),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains("\"public\""), "{e}");
+            let after = std::fs::read(dir.path().join("state/subnets.json")).unwrap();
+            assert_eq!(before, after, "a refused request wrote to the store");
+            assert_eq!(s.allocations("n").await.unwrap().hosts.get("c"), None);
+            // A restarted agent (a second opener) gets its address back...
+            let again = store(&dir)
+                .allocate_host("n", "a", cidr, None)
+                .await
+                .unwrap();
+            assert_eq!((again.addr, again.existing), (a.addr, true));
+            let again = store(&dir)
+                .allocate_host("n", "a", cidr, Some(a.addr))
+                .await
+                .unwrap();
+            assert_eq!((again.addr, again.existing), (a.addr, true));
+            // ...but asking for another one while holding one is refused.
+            let e = s
+                .allocate_host("n", "a", cidr, Some(ip("10.10.0.9")))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, SubnetError::HostAddressHeld { .. }), "{e:?}");
+            let e = s
+                .allocate_host("n", "c", cidr, Some(ip("10.11.0.1")))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, SubnetError::HostAddressOutside { .. }), "{e:?}");
+            assert_eq!(s.release_host("n", "a").await.unwrap(), Some(a.addr));
             assert_eq!(s.release_host("n", "a").await.unwrap(), None);
-            let c = s.allocate_host("n", "c", cidr, Some(pref)).await.unwrap();
-            assert_eq!(c.addr, pref, "a released address is free again");
+            let c = s.allocate_host("n", "c", cidr, None).await.unwrap();
+            assert_eq!(
+                c.addr, a.addr,
+                "a released address is the lowest free again"
+            );
         });
     }
 
@@ -294,29 +332,27 @@ mod overlay {
     fn concurrent_host_allocations_never_collide() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state/subnets.json");
-        // A /27 has 30 usable addresses: 24 nodes racing, all preferring the
-        // same one, must end up with 24 distinct addresses.
+        // A /27 has 30 usable addresses: 24 nodes racing for the lowest
+        // free one must end up with .1 to .24, each once.
         let cidr: ipnet::IpNet = "10.10.0.0/27".parse().unwrap();
         let handles: Vec<_> = (0..24)
             .map(|i| {
                 let path = path.clone();
                 std::thread::spawn(move || {
                     let s = FileStore::new(path, Duration::from_secs(20));
-                    rt().block_on(s.allocate_host(
-                        "n",
-                        &format!("node{i}"),
-                        cidr,
-                        Some("10.10.0.1".parse().unwrap()),
-                    ))
-                    .unwrap()
-                    .addr
+                    rt().block_on(s.allocate_host("n", &format!("node{i}"), cidr, None))
+                        .unwrap()
+                        .addr
                 })
             })
             .collect();
         let mut got: Vec<IpAddr> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         got.sort();
         got.dedup();
-        assert_eq!(got.len(), 24);
+        let want: Vec<IpAddr> = (1..=24)
+            .map(|i| format!("10.10.0.{i}").parse().unwrap())
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -451,7 +451,7 @@ done
 
 # The kubeadm join values `kubeadm init` would have printed.
 for n in home-a home-b; do
-  printf 'export TOKEN=%q CA_HASH=%q\n' "abcdef.0123456789abcdef" "sha256:(printed by kubeadm init)" \
+  printf 'export TOKEN=%q CA_HASH=%q\n' "abcdef.0123456789abcdef" "sha256:HASH-PRINTED-BY-KUBEADM-INIT" \
     >> "$work/nodes/$n/env"
 done
 

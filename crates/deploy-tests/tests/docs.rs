@@ -163,7 +163,10 @@ fn bootstrap_demo_runs_the_readme_and_the_backup_recipe() {
         "after restore: pod on home-b -> pod on home-a",
         "bootstrap-demo: PASSED",
     ] {
-        assert!(out.contains(want), "no {want:?} in the script's output:\n{out}");
+        assert!(
+            out.contains(want),
+            "no {want:?} in the script's output:\n{out}"
+        );
     }
     eprintln!("bootstrap-demo: {:?}", started.elapsed());
 }

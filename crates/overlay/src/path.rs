@@ -460,10 +460,16 @@ mod tests {
         // The public node's own port, on the TURN server's address.
         let node = pa("203.0.113.10:5800");
         assert_eq!(classify(&relay_ips, node, Some(Class::Local)), Class::Local);
-        assert_eq!(classify(&relay_ips, node, Some(Class::Direct)), Class::Direct);
+        assert_eq!(
+            classify(&relay_ips, node, Some(Class::Direct)),
+            Class::Direct
+        );
         // A peer's allocation on that server, published or only learned.
         let alloc = pa("203.0.113.10:49160");
-        assert_eq!(classify(&relay_ips, alloc, Some(Class::Relay)), Class::Relay);
+        assert_eq!(
+            classify(&relay_ips, alloc, Some(Class::Relay)),
+            Class::Relay
+        );
         assert_eq!(classify(&relay_ips, alloc, None), Class::Relay);
         // Through our own allocation, whatever the peer says.
         let via = PathAddr {
@@ -471,7 +477,10 @@ mod tests {
             remote: "203.0.113.20:5800".parse().unwrap(),
         };
         assert_eq!(classify(&relay_ips, via, Some(Class::Direct)), Class::Relay);
-        assert_eq!(classify(&relay_ips, pa("203.0.113.20:5800"), None), Class::Direct);
+        assert_eq!(
+            classify(&relay_ips, pa("203.0.113.20:5800"), None),
+            Class::Direct
+        );
     }
 
     #[test]

@@ -112,7 +112,8 @@ cleanup() {
   if [ "$keep_logs" -eq 1 ]; then
     echo "logs kept in $work" >&2
   else
-    rm -rf "$work"
+    # A process killed just now may still be closing its log there.
+    rm -rf "$work" 2>/dev/null || { sleep 1; rm -rf "$work"; }
   fi
   echo "bootstrap-demo: lab removed; $(( $(date +%s) - started )) s in all" >&2
   exit "$rc"

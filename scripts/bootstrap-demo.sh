@@ -127,8 +127,8 @@ limit=${BOOTSTRAP_TIMEOUT:-200}
 (
   trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
   sleep "$limit" & sleeper=$!
-  wait "$sleeper" && echo "bootstrap-demo: $limit s limit reached" >&2 && kill -TERM $$
-) 2>/dev/null &
+  wait "$sleeper" && echo "bootstrap-demo: FAILED: $limit s limit reached" >&2 && kill -TERM $$
+) &
 watchdog=$!
 
 # ---------------------------------------------------------------------------

@@ -74,6 +74,16 @@ done
 
 started=$(date +%s)
 lab=bsd$$
+# starttime PID: field 22 of /proc/PID/stat (after the parenthesised name,
+# which may hold spaces): with the PID, names one process for good.
+starttime() {
+  local s
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  s=${s##*) }
+  set -- $s
+  echo "${20}"
+}
+self_start=$(starttime $$)
 work=$(mktemp -d /tmp/evio-bootstrap.XXXXXX)
 namespaces=()
 
@@ -86,9 +96,11 @@ fail() { echo "bootstrap-demo: FAILED: $*" >&2; exit 1; }
 
 cleanup() {
   local rc=$? ns pids i
-  trap - EXIT INT TERM
+  # A second Ctrl-C or TERM must not cut the teardown short.
+  trap - EXIT
+  trap '' INT TERM
   set +e
-  kill "$watchdog" 2>/dev/null
+  [ -n "${watchdog:-}" ] && kill "$watchdog" 2>/dev/null
   if [ "$rc" -ne 0 ] && [ -d "$work/nodes" ]; then
     for f in "$work"/nodes/*/logs/*.log; do
       [ -s "$f" ] || continue
@@ -99,7 +111,7 @@ cleanup() {
   for sig in TERM KILL; do
     for ns in "${namespaces[@]}"; do
       pids=$(ip netns pids "$ns" 2>/dev/null)
-      [ -n "$pids" ] && kill "-$sig" $pids 2>/dev/null
+      [ -n "$pids" ] && kill "-$sig" $pids 2>/dev/null || true
     done
     for i in $(seq 50); do
       pids=""
@@ -123,11 +135,27 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 # Every step is bounded on its own; this bounds them all, and a caller's
 # SIGKILL could not run the teardown, so the script stops itself first.
+# Bash runs its TERM trap only once the foreground command ends, and one
+# step can run a minute (a unit's ExecStartPost): the watchdog also stops
+# the lab's own processes, those in the namespaces named $lab-*, so that
+# step ends and the teardown runs in time.
 limit=${BOOTSTRAP_TIMEOUT:-200}
 (
   trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
   sleep "$limit" & sleeper=$!
-  wait "$sleeper" && echo "bootstrap-demo: FAILED: $limit s limit reached" >&2 && kill -TERM $$
+  wait "$sleeper" || exit 0
+  echo "bootstrap-demo: FAILED: $limit s limit reached" >&2
+  # $$ may have ended and its PID gone to another process.
+  [ "$(starttime $$)" = "$self_start" ] || exit 0
+  kill -TERM $$
+  for sig in TERM TERM KILL; do
+    sleep 2
+    for ns in $(ip netns list | awk -v p="$lab-" 'index($1, p) == 1 {print $1}'); do
+      pids=$(ip netns pids "$ns" 2>/dev/null) || continue
+      [ -n "$pids" ] && kill "-$sig" $pids 2>/dev/null || true
+    done
+  done
+  exit 0
 ) &
 watchdog=$!
 
@@ -221,39 +249,59 @@ node_up() {
   nsx "$lab-$name" unshare --mount --uts --propagation private -- bash -c '
     set -e
     hostname "$1"
-    mount -t tmpfs -o mode=0755 evio-lab "$2"
+    mount -t tmpfs -o mode=0755 "$4" "$2"
     for d in etc var run opt usr/local; do
       n=${d//\//_}
       mkdir -p "$2/$n.up" "$2/$n.work"
-      mount -t overlay evio-lab -o "lowerdir=/$d,upperdir=$2/$n.up,workdir=$2/$n.work" "/$d"
+      mount -t overlay "$4" -o "lowerdir=/$d,upperdir=$2/$n.up,workdir=$2/$n.work" "/$d"
     done
     echo $$ > "$3.tmp" && mv "$3.tmp" "$3"
-    exec sleep 3600' _ "$name" "$d/fs" "$d/holder.pid" > "$d/logs/holder.log" 2>&1 &
+    exec sleep 3600' _ "$name" "$d/fs" "$d/holder.pid" "$lab-$name" > "$d/logs/holder.log" 2>&1 &
   for _ in $(seq 100); do
-    if [ -s "$d/holder.pid" ]; then
-      # Every step enters the holder's namespaces: make sure they are not
-      # this script's own (the machine's), or a step would write to the
-      # machine's /etc and run daemons in its namespace.
-      local pid ns
-      pid=$(cat "$d/holder.pid")
-      for ns in net mnt uts; do
-        [ "$(readlink "/proc/$pid/ns/$ns")" != "$(readlink "/proc/$$/ns/$ns")" ] ||
-          fail "node $name: holder $pid shares this script's $ns namespace"
-      done
-      for ns in /etc /var /run /opt /usr/local; do
-        [ "$(nsenter -t "$pid" -m findmnt -no FSTYPE "$ns")" = overlay ] ||
-          fail "node $name: $ns is not the node's overlay"
-      done
-      return 0
-    fi
+    [ -s "$d/holder.pid" ] && return 0
     sleep 0.05
   done
   fail "node $name: its namespaces did not come up: $(cat "$d/logs/holder.log")"
 }
 
+# ns_of PID NS: the inode of PID's namespace NS; fails if unreadable.
+ns_of() {
+  local l
+  l=$(readlink "/proc/$1/ns/$2") && [ -n "$l" ] || return 1
+  l=${l##*[}; echo "${l%]}"
+}
+
+# node_check NODE: every step enters the holder's namespaces, so they must
+# be the node's own, or a step would write to the machine's /etc and run
+# daemons in its namespace: its netns is /run/netns/$lab-NODE, its mount
+# and UTS namespaces neither the machine's (PID 1's) nor this script's,
+# and its /etc the overlay this script mounted there. Checked once per
+# holder (its PID and start time recorded in ns-ok).
+node_check() {
+  local d=$work/nodes/$1 pid st ns mine want got
+  pid=$(cat "$d/holder.pid") || fail "node $1: no holder"
+  st=$(starttime "$pid") || fail "node $1: holder $pid is gone"
+  if [ -s "$d/ns-ok" ] && [ "$(cat "$d/ns-ok")" = "$pid $st" ]; then return 0; fi
+  want=$(stat -L -c %i "/run/netns/$lab-$1") || fail "node $1: no /run/netns/$lab-$1"
+  got=$(ns_of "$pid" net) || fail "node $1: holder $pid: net namespace unreadable"
+  [ "$got" = "$want" ] || fail "node $1: holder $pid is not in $lab-$1 ($got != $want)"
+  for ns in mnt uts; do
+    got=$(ns_of "$pid" $ns) || fail "node $1: holder $pid: $ns namespace unreadable"
+    for mine in 1 $$; do
+      want=$(ns_of "$mine" $ns) || fail "node $1: $ns namespace of PID $mine unreadable"
+      [ "$got" != "$want" ] || fail "node $1: holder $pid shares PID $mine's $ns namespace"
+    done
+  done
+  got=$(nsenter -t "$pid" -m findmnt -no SOURCE /etc) || fail "node $1: findmnt /etc"
+  [ "$got" = "$lab-$1" ] || fail "node $1: /etc is $got, not the node's overlay $lab-$1"
+  echo "$pid $st" > "$d/ns-ok"
+}
+
 # on NODE CMD...: runs CMD inside the node (its netns, mount ns, hostname).
 on() {
-  local d=$work/nodes/$1; shift
+  local d=$work/nodes/$1
+  node_check "$1"
+  shift
   nsenter -t "$(cat "$d/holder.pid")" -n -m -u -- "$@"
 }
 
@@ -294,7 +342,7 @@ for h in a:ra:1 b:rb:2; do
   nsx "$lab-home-$n" ip route add default via "192.168.$k.1"
 done
 nodes=(cloud home-a home-b)
-for n in "${nodes[@]}"; do node_up "$n"; done
+for n in "${nodes[@]}"; do node_up "$n"; node_check "$n"; done
 
 # ---------------------------------------------------------------------------
 # What runs inside a node before each README block: the stand-ins.
@@ -336,7 +384,9 @@ lab_unit_start() {
   echo "[lab: no systemd here] $u.service: ExecStart=$start"
   setsid bash "$lab_dir/units/$u.sh" >> "$lab_dir/logs/$u.log" 2>&1 < /dev/null &
   local pid=$!
-  echo "$pid" > "$lab_dir/units/$u.pid"
+  # With its start time and network namespace, so a stop never signals a
+  # process that took over the PID.
+  echo "$pid $(lab_starttime "$pid") $(readlink "/proc/$pid/ns/net")" > "$lab_dir/units/$u.pid"
   if [ "$type" = notify ]; then
     # systemd waits for READY=1; here: until the service listens.
     local i
@@ -353,14 +403,33 @@ lab_unit_start() {
   done
 }
 
+lab_starttime() {
+  local s
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  s=${s##*) }
+  set -- $s
+  echo "${20}"
+}
+
+# lab_unit_signal UNIT SIG: SIG to the unit's process if it is still the
+# one started (same start time) in this node's network namespace.
+lab_unit_signal() {
+  local f=$lab_dir/units/$1.pid pid st ns now
+  [ -f "$f" ] || return 1
+  read -r pid st ns < "$f" || return 1
+  now=$(lab_starttime "$pid") || return 1
+  [ "$now" = "$st" ] || return 1
+  [ "$(readlink "/proc/$pid/ns/net" 2>/dev/null)" = "$ns" ] || return 1
+  [ "$ns" = "$(readlink /proc/self/ns/net)" ] || return 1
+  kill "-$2" "$pid" 2>/dev/null
+}
+
 lab_unit_stop() {
-  local u=$1 pid i
-  [ -f "$lab_dir/units/$u.pid" ] || return 0
-  pid=$(cat "$lab_dir/units/$u.pid")
+  local u=$1 i
+  lab_unit_signal "$u" TERM || { rm -f "$lab_dir/units/$u.pid"; return 0; }
+  for i in $(seq 100); do lab_unit_signal "$u" 0 || break; sleep 0.1; done
+  lab_unit_signal "$u" KILL || true
   rm -f "$lab_dir/units/$u.pid"
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
 }
 
 systemctl() {
@@ -409,7 +478,7 @@ run_block() {
     cd "$1"
     . ./env
     . "$2"
-    trap "export -p > ./env" EXIT
+    trap "export -p > \"$1/env\"" EXIT
     set -a
     . "$3"' _ "$d" "$work/lab-lib.sh" "$f" 2>&1 | sed 's/^/     /'; then
     fail "block $(basename "$f") of $(basename "$(dirname "$f")") failed on $n"
@@ -532,14 +601,14 @@ path_of() {
 say "paths: homes reach the public node directly (coturn shares its address), home-a <-> home-b only through the relay"
 for n in home-a home-b; do
   for i in $(seq 30); do
-    p=$(path_of "$n" cloud)
+    p=$(path_of "$n" cloud) || p=error
     [ "$p" = direct ] && break
     [ "$i" -lt 30 ] || fail "$n reaches cloud on path $p, not direct"
     sleep 0.5
   done
 done
 for pair in home-a:home-b home-b:home-a; do
-  p=$(path_of "${pair%%:*}" "${pair#*:}")
+  p=$(path_of "${pair%%:*}" "${pair#*:}") || p=error
   [ "$p" = relay ] || fail "${pair%%:*} reaches ${pair#*:} on path $p: a symmetric and a port-restricted NAT leave only the relay"
 done
 for n in "${nodes[@]}"; do
@@ -568,7 +637,10 @@ for f in "$work"/ops/*.sh; do
       etcdctl del /evio/evio/lab-after-snapshot > /dev/null' _ "$work/nodes/cloud" ||
       fail "writing after the snapshot"
     printf '\n\033[1m-- lab: disaster on cloud: etcd killed (SIGKILL), /var/lib/etcd-evio deleted\033[0m\n'
-    on cloud bash -c 'kill -KILL "$(cat "$1/units/etcd.pid")"; rm -f "$1/units/etcd.pid"; rm -rf /var/lib/etcd-evio' _ "$work/nodes/cloud"
+    on cloud env LAB_NODE_DIR="$work/nodes/cloud" bash -c '. "$1"
+      lab_unit_signal etcd KILL || { echo "lab: etcd is not running" >&2; exit 1; }
+      rm -f "$LAB_NODE_DIR/units/etcd.pid"; rm -rf /var/lib/etcd-evio' _ "$work/lab-lib.sh" ||
+      fail "killing etcd on cloud"
     on cloud bash -c '! /usr/local/bin/evio-node subnets list --config /etc/evio/net-conf.json --timeout 3' > /dev/null 2>&1 ||
       fail "the store still answers after the wipe"
     pod_matrix "store down"
@@ -585,7 +657,7 @@ echo "$after" | sed 's/^/     /'
 say "checks after the restore: every agent live in the store again, pods and host overlay"
 for i in $(seq 60); do
   live=$(on cloud /usr/local/bin/evio-node nodes list --config /etc/evio/net-conf.json --json |
-    jq -s '[.[] | select(.state == "live")] | length')
+    jq -s '[.[] | select(.state == "live")] | length') || live=error
   [ "$live" = 3 ] && break
   [ "$i" -lt 60 ] || fail "after the restore only $live of 3 nodes are live in the store"
   sleep 0.5
@@ -605,7 +677,8 @@ new_key=$(on home-b /usr/local/bin/evio-node peers --json | jq -r .publicKey)
 [ "$new_key" != "$old_key" ] || fail "home-b kept its key $old_key"
 for n in cloud home-a; do
   for i in $(seq 40); do
-    seen=$(on "$n" /usr/local/bin/evio-node peers --json | jq -r '.peers[] | select(.node == "home-b") | .publicKey')
+    seen=$(on "$n" /usr/local/bin/evio-node peers --json | jq -r '.peers[] | select(.node == "home-b") | .publicKey') ||
+      seen=error
     [ "$seen" = "$new_key" ] && break
     [ "$i" -lt 40 ] || fail "$n still has home-b's old key $seen 20 s after the rotation (new: $new_key)"
     sleep 0.5

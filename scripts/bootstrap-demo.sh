@@ -32,7 +32,11 @@
 # public node, the home nodes or all of them (public first), in document
 # order, with `set -eu`, in the node's working directory (which
 # holds `evio-node`, `cni-bin/evio`, `deploy/` and `Cargo.toml` as a
-# checkout with the binaries built would).
+# checkout with the binaries built would). docs/operations.md's blocks
+# are read the same way: "Ports" (the public node's firewall, before the
+# README), "Backing up the store" and, of "Rotating keys and
+# certificates", the one tagged lab=node (run on home-b). Each section's
+# count of blocks per tag is pinned.
 # Variables a block sets are kept for that node's later blocks. Three
 # commands cannot be real here and are shell functions instead (said in
 # the README too):
@@ -165,37 +169,71 @@ watchdog=$!
 
 # extract FILE HEADING OUTDIR: every fenced block of the section under
 # "## HEADING" as OUTDIR/NN.ROLE.sh (indentation of list items removed).
+# Only ``` fences opening with bash or sh and a lab= tag are read; any
+# other fence there (~~~, another language, no tag, no end) fails, so no
+# block goes unrun unnoticed.
 extract() {
   awk -v heading="## $2" -v out="$3" '
-    $0 == heading { in_sec = 1; next }
-    in_sec && /^## / { in_sec = 0 }
+    function bad_line(why) { printf "line %d: %s\n", NR, why > "/dev/stderr"; bad = 1 }
+    $0 == heading { in_sec = 1; found = 1; next }
+    in_sec && !in_blk && /^## / { in_sec = 0 }
     !in_sec { next }
+    /^ *~~~/ { bad_line("~~~ fence (use ``` with a lab= tag)"); next }
     !in_blk && /^ *```/ {
       ind = match($0, /[^ ]/) - 1
       tag = $0; sub(/^ *```/, "", tag)
       role = ""
+      if (tag !~ /^(bash|sh)( |$)/) bad_line("fence \"" tag "\": a block must be ```bash or ```sh")
       if (match(tag, /lab=[a-z]+/)) role = substr(tag, RSTART + 4, RLENGTH - 4)
-      if (role == "") { printf "untagged block at line %d (tag it lab=public|homes|all|skip)\n", NR > "/dev/stderr"; bad = 1 }
+      if (role == "") bad_line("untagged block (tag it lab=public|homes|all|skip, or the role the script reads)")
       n++; in_blk = 1; file = sprintf("%s/%02d.%s.sh", out, n, role); printf "" > file
       next
     }
-    in_blk && /^ *```$/ { in_blk = 0; close(file); next }
+    in_blk && /^ *``` *$/ { in_blk = 0; close(file); next }
+    in_blk && /^ *```/ { bad_line("fence inside a block"); next }
     in_blk { line = $0; if (substr(line, 1, ind) ~ /^ *$/) line = substr(line, ind + 1); print line >> file }
-    END { if (bad) exit 1 }
+    END {
+      if (!found) { printf "no section \"%s\"\n", heading > "/dev/stderr"; bad = 1 }
+      if (in_blk) { printf "a block of the section has no closing fence\n" > "/dev/stderr"; bad = 1 }
+      if (bad) exit 1
+    }
   ' "$1"
 }
 
-mkdir -p "$work/readme" "$work/ops"
+# blocks DIR ROLE: how many blocks of DIR carry lab=ROLE.
+blocks() { find "$1" -name "*.$2.sh" | wc -l; }
+
+# shape DIR WHAT ROLE=N...: the section has exactly these blocks, so a doc
+# that lost (or gained) steps cannot pass by running something else.
+shape() {
+  local dir=$1 what=$2 want total=0 n r
+  shift 2
+  for want in "$@"; do
+    r=${want%=*}; n=$(blocks "$dir" "$r")
+    [ "$n" -eq "${want#*=}" ] || fail "$what: $n blocks tagged lab=$r, expected ${want#*=}"
+    total=$((total + n))
+  done
+  n=$(find "$dir" -name '*.sh' | wc -l)
+  [ "$n" -eq "$total" ] || fail "$what: $n blocks, expected $total ($*)"
+}
+
+mkdir -p "$work/readme" "$work/ops" "$work/ports" "$work/rotate"
 extract README.md "Bootstrapping a cluster over the host overlay" "$work/readme" ||
-  fail "README.md: every block of the bootstrap section needs a lab= tag"
+  fail "README.md: the bootstrap section's blocks must be tagged (above)"
 extract docs/operations.md "Backing up the store" "$work/ops" ||
-  fail "docs/operations.md: every block of the backup section needs a lab= tag"
-n_readme=$(find "$work/readme" -name '*.sh' ! -name '*.skip.sh' | wc -l)
-n_ops=$(find "$work/ops" -name '*.sh' ! -name '*.skip.sh' | wc -l)
-# The section's shape, so a README that lost its steps cannot pass by
-# running nothing.
-[ "$n_readme" -ge 8 ] || fail "README bootstrap section: only $n_readme runnable blocks (expected at least 8)"
-[ "$n_ops" -ge 3 ] || fail "operations.md backup section: only $n_ops runnable blocks (expected at least 3)"
+  fail "docs/operations.md: the backup section's blocks must be tagged (above)"
+extract docs/operations.md "Ports" "$work/ports" ||
+  fail "docs/operations.md: the Ports section's blocks must be tagged (above)"
+extract docs/operations.md "Rotating keys and certificates" "$work/rotate" ||
+  fail "docs/operations.md: the rotation section's blocks must be tagged (above)"
+shape "$work/readme" "README bootstrap section" public=7 homes=1 all=5
+shape "$work/ops" "operations.md backup section" public=2 all=1
+shape "$work/ports" "operations.md Ports section" public=1
+# The node-key rotation runs on one node (home-b); the others are shown,
+# not run (the network key's and certificates' rounds need every node in
+# turn and are covered by the agent's tests).
+shape "$work/rotate" "operations.md rotation section" node=1 skip=2
+n_readme=$(find "$work/readme" -name '*.sh' | wc -l)
 
 # ---------------------------------------------------------------------------
 # The lab's network.
@@ -321,19 +359,6 @@ plug "$lab-cloud" eth0 pcloud
 nsx "$lab-cloud" ip addr add 203.0.113.10/24 dev eth0
 nsx "$lab-cloud" ip link set eth0 up
 nsx "$lab-cloud" ip route add default via 203.0.113.1
-# The public node's firewall (a cloud's security group): inbound on its
-# interface only the ports docs/operations.md ("Ports") lists for it.
-nsx "$lab-cloud" nft -f - <<'EOF'
-table inet lab-firewall {
-  chain input {
-    type filter hook input priority filter; policy accept;
-    iifname "eth0" ct state established,related accept
-    iifname "eth0" udp dport { 5800, 3478, 49152-65535 } accept
-    iifname "eth0" tcp dport { 2479, 3478 } accept
-    iifname "eth0" drop
-  }
-}
-EOF
 
 router ra 203.0.113.11 1 "masquerade"
 router rb 203.0.113.12 2 "masquerade fully-random"
@@ -510,6 +535,9 @@ run_file() {
 # (the README's prerequisite for bridgeType ovs; Debian's
 # openvswitch-switch service, started here by hand, userspace datapath).
 
+say "docs/operations.md, \"Ports\": the public node's firewall (a cloud's security group)"
+for f in "$work"/ports/*.sh; do run_file "$f"; done
+
 say "prerequisite on every node: Open vSwitch running (as the distribution's service would start it)"
 for n in "${nodes[@]}"; do
   on "$n" bash -c '
@@ -676,8 +704,7 @@ pod_matrix "after restore"
 # from the store to talk to it again.
 say "a change after the restore reaches every agent: home-b's node key rotated"
 old_key=$(on home-b /usr/local/bin/evio-node peers --json | jq -r .publicKey)
-printf 'systemctl stop evio-agent\nrm /var/lib/evio/agent.key\nsystemctl start evio-agent\n' > "$work/rotate.sh"
-run_block "$work/rotate.sh" home-b
+run_block "$(find "$work/rotate" -name '*.node.sh')" home-b
 new_key=$(on home-b /usr/local/bin/evio-node peers --json | jq -r .publicKey)
 [ "$new_key" != "$old_key" ] || fail "home-b kept its key $old_key"
 for n in cloud home-a; do

@@ -309,8 +309,10 @@ pub struct Overlay {
     cookies: CookieJar,
     hs_window: (Instant, u32),
     hs_per_ip: HashMap<IpAddr, TokenBucket>,
-    /// Addresses of TURN relays (ours and the peers'): a path to one is
-    /// relayed even when it leaves through our own socket.
+    /// Addresses of TURN relays (ours and the peers'): a path to one that
+    /// leaves through our own socket counts as relayed unless the peer
+    /// published that address itself (`path::classify`: a node may share
+    /// its address with a TURN server and be reached directly).
     relay_ips: Vec<IpAddr>,
     /// Plaintext scratch: inner header + frame.
     scratch: Vec<u8>,

@@ -437,14 +437,22 @@ impl Paths {
     }
 }
 
-/// The class of a path: through a relay (our allocation, or to an address
-/// of a relay even when it leaves through our own socket), else what the
-/// peer published for that address (`published`), else direct.
+/// The class of a path: through a relay when it goes through our
+/// allocation; else what the peer published for that address
+/// (`published`); else, for an address it did not publish, relay when it
+/// is on a relay's IP (a peer's allocation reached from our own socket),
+/// direct otherwise. The peer's own word comes before the relay's IP: a
+/// node on the same address as a TURN server (the public node that runs
+/// coturn, in the README's bootstrap) is reached directly on its own port.
 pub fn classify(relay_ips: &[IpAddr], addr: PathAddr, published: Option<Class>) -> Class {
-    if matches!(addr.via, Via::Turn(_)) || relay_ips.contains(&addr.remote.ip()) {
+    if matches!(addr.via, Via::Turn(_)) {
         return Class::Relay;
     }
-    published.unwrap_or(Class::Direct)
+    match published {
+        Some(c) => c,
+        None if relay_ips.contains(&addr.remote.ip()) => Class::Relay,
+        None => Class::Direct,
+    }
 }
 
 #[cfg(test)]
@@ -459,6 +467,35 @@ mod tests {
         let mut v = Vec::new();
         p.poll(now, cfg, id, &mut v, &mut Vec::new());
         v
+    }
+
+    #[test]
+    fn a_published_candidate_on_a_relay_ip_keeps_its_class() {
+        let relay_ips: Vec<IpAddr> = vec!["203.0.113.10".parse().unwrap()];
+        // The public node's own port, on the TURN server's address.
+        let node = pa("203.0.113.10:5800");
+        assert_eq!(classify(&relay_ips, node, Some(Class::Local)), Class::Local);
+        assert_eq!(
+            classify(&relay_ips, node, Some(Class::Direct)),
+            Class::Direct
+        );
+        // A peer's allocation on that server, published or only learned.
+        let alloc = pa("203.0.113.10:49160");
+        assert_eq!(
+            classify(&relay_ips, alloc, Some(Class::Relay)),
+            Class::Relay
+        );
+        assert_eq!(classify(&relay_ips, alloc, None), Class::Relay);
+        // Through our own allocation, whatever the peer says.
+        let via = PathAddr {
+            via: Via::Turn(0),
+            remote: "203.0.113.20:5800".parse().unwrap(),
+        };
+        assert_eq!(classify(&relay_ips, via, Some(Class::Direct)), Class::Relay);
+        assert_eq!(
+            classify(&relay_ips, pa("203.0.113.20:5800"), None),
+            Class::Direct
+        );
     }
 
     #[test]

@@ -255,6 +255,10 @@ pub struct Stats {
     /// Handshakes let through under load on a valid mac2 (a cookie round
     /// that worked).
     pub mac2_accepted: u64,
+    /// Runs of [`Overlay::handle_timeout`], and of one peer's timers within
+    /// them: the idle cost (issue 22) is their ratio and their rate.
+    pub wakes: u64,
+    pub peer_runs: u64,
 }
 
 /// The most sources the per-source handshake table holds. Spoofed sources
@@ -1047,6 +1051,7 @@ impl Overlay {
     /// rekey), path probes, expiry. Call when [`Overlay::poll_timeout`] has
     /// passed; peers whose deadline has not come are not looked at.
     pub fn handle_timeout(&mut self, now: Instant, wall: Duration, io: &mut dyn Io) {
+        self.stats.wakes += 1;
         if now >= self.housekeeping {
             tracing::trace!("overlay wake: housekeeping");
             // A full bucket is what a new source gets: forgetting it changes
@@ -1066,6 +1071,7 @@ impl Overlay {
 
     /// One peer's timers, then its next deadline.
     fn run_peer(&mut self, now: Instant, wall: Duration, pid: PeerId, io: &mut dyn Io) {
+        self.stats.peer_runs += 1;
         self.refresh_phase(now, pid);
         let Some(p) = slot(&mut self.peers, pid) else {
             return;
@@ -1326,12 +1332,16 @@ mod tests {
         drop: DropRule,
     }
 
+    /// Node `i`'s pod subnet: 10.244.(i+1).0/24, continuing into 10.245
+    /// past 254 nodes (the many-peer tests).
     fn subnet(i: usize) -> IpNet {
-        format!("10.244.{}.0/24", i + 1).parse().unwrap()
+        let [a, b] = u16::try_from(i + 1 + 244 * 256).unwrap().to_be_bytes();
+        format!("10.{a}.{b}.0/24").parse().unwrap()
     }
 
     fn pod_ip(node: usize, host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 244, node as u8 + 1, host)
+        let [a, b] = u16::try_from(node + 1 + 244 * 256).unwrap().to_be_bytes();
+        Ipv4Addr::new(10, a, b, host)
     }
 
     fn net(n: usize, tweak: impl Fn(usize, &mut OverlayConfig)) -> Net {
@@ -1349,9 +1359,15 @@ mod tests {
                 node: format!("n{i}"),
                 key: *keys.public(),
                 pod_subnet: subnet(i),
-                host_addr: Some(format!("10.10.0.{}/16", i + 1).parse().unwrap()),
+                host_addr: Some(
+                    format!("10.10.{}.{}/16", (i + 1) / 256, (i + 1) % 256)
+                        .parse()
+                        .unwrap(),
+                ),
                 candidates: vec![Candidate {
-                    addr: format!("203.0.113.{}:5800", i + 10).parse().unwrap(),
+                    addr: format!("203.0.{}.{}:5800", 113 + (i + 10) / 256, (i + 10) % 256)
+                        .parse()
+                        .unwrap(),
                     class: Class::Direct,
                 }],
                 stale: false,
@@ -1906,6 +1922,73 @@ mod tests {
         let f = udp_frame(pod_ip(2, 2), pod_ip(0, 3), b"from the removed node");
         net.send_pod(2, &f);
         assert!(net.nodes[0].io.pod.is_empty(), "its old session is gone");
+    }
+
+    /// What one node with many peers does per minute: datagrams it sends,
+    /// wake-ups, and peers whose timers ran (per-peer work).
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct Minute {
+        sent: usize,
+        received: usize,
+        wakes: u64,
+        peer_runs: u64,
+    }
+
+    impl Minute {
+        fn of(net: &mut Net, d: Duration) -> Minute {
+            let (log0, s0) = (net.log.len(), net.nodes[0].ov.stats().clone());
+            net.run(d);
+            let s = net.nodes[0].ov.stats();
+            let new = &net.log[log0..];
+            Minute {
+                sent: new.iter().filter(|(a, _, _)| *a == 0).count(),
+                received: new.iter().filter(|(_, b, _)| *b == 0).count(),
+                wakes: s.wakes - s0.wakes,
+                peer_runs: s.peer_runs - s0.peer_runs,
+            }
+        }
+    }
+
+    /// Node 0 knowing `n` peers, each of which knows only node 0 (so the
+    /// cost measured is node 0's, not n² of the simulation).
+    fn star(n: usize) -> Net {
+        let mut net = net(n + 1, |_, _| {});
+        let now = net.now;
+        let hub = net.nodes[0].info.clone();
+        for i in 1..=n {
+            let me = net.nodes[i].info.clone();
+            net.nodes[i].ov.set_peers(now, &[hub.clone(), me]);
+        }
+        net
+    }
+
+    /// Sends one frame from node 0 to every peer; how many arrived.
+    fn use_every_peer(net: &mut Net) -> usize {
+        let n = net.nodes.len();
+        let before: usize = net.nodes.iter().map(|x| x.io.pod.len()).sum();
+        for i in 1..n {
+            let f = udp_frame(pod_ip(0, 2), pod_ip(i, 3), b"first");
+            let now = net.now;
+            let hub = &mut net.nodes[0];
+            hub.ov.from_pod(now, &VnetHdr::default(), &f, &mut hub.io);
+        }
+        net.run(Duration::from_secs(2));
+        net.nodes.iter().map(|x| x.io.pod.len()).sum::<usize>() - before
+    }
+
+    /// The idle cost of one node with 256 peers (issue 22): per minute,
+    /// when nothing was ever sent, right after every peer was used once,
+    /// and minutes after that.
+    #[test]
+    fn idle_cost_with_256_peers() {
+        let mut net = star(256);
+        net.run(Duration::from_secs(5));
+        let cold = Minute::of(&mut net, Duration::from_secs(60));
+        let delivered = use_every_peer(&mut net);
+        let used = Minute::of(&mut net, Duration::from_secs(60));
+        net.run(Duration::from_secs(180));
+        let later = Minute::of(&mut net, Duration::from_secs(60));
+        eprintln!("256 peers: cold {cold:?}; delivered {delivered}; minute after use {used:?}; four minutes later {later:?}");
     }
 
     #[test]

@@ -411,3 +411,44 @@ fn a_leftover_the_server_will_not_release_is_left_for_another_local_port() {
 fn a_leftover_that_outlasts_its_release_is_left_for_another_local_port() {
     each_seed(|seed| unreleased_leftover(seed, Release::Keeps, Duration::from_secs(10)));
 }
+
+/// Sessions on demand (issue 22): after a quiet start (candidates and
+/// allocations made, no traffic: every peer idle), the first frame between
+/// any two nodes of the matrix, direct or relayed, is answered within a
+/// second; so is the next one after a quiet half minute (the session kept
+/// up by traffic's keep-warm, NAT keepalives only).
+#[test]
+fn the_first_frame_to_an_idle_peer_is_answered_within_a_second() {
+    each_seed(|seed| {
+        let mut sim = Sim::new(seed, &matrix_sites(seed));
+        sim.keep_busy(None);
+        let ready = |s: &Sim| (0..s.nodes.len()).all(|n| s.turn_ready(n));
+        within(&mut sim, "allocations", Duration::from_secs(10), ready)?;
+        sim.run(Duration::from_secs(2));
+        let n = sim.nodes.len();
+        let idle = (0..n).all(|a| {
+            let st = sim.nodes[a].stack.overlay.status();
+            st.len() == n - 1 && st.iter().all(|p| p.state == PeerState::Idle)
+        });
+        if !idle {
+            return Err("not every peer idle before any traffic".into());
+        }
+        let (mut cold, mut warm) = (Duration::ZERO, Duration::ZERO);
+        for round in 0..2 {
+            for a in 0..n {
+                for b in a + 1..n {
+                    let what = format!("round {round}");
+                    let there = ping(&mut sim, a, b, &what, Duration::from_secs(1))?;
+                    let back = ping(&mut sim, b, a, &what, Duration::from_secs(1))?;
+                    let worst = if round == 0 { &mut cold } else { &mut warm };
+                    *worst = (*worst).max(there + back);
+                }
+            }
+            sim.run(Duration::from_secs(30));
+        }
+        if cold > Duration::from_secs(1) {
+            return Err(format!("first reply after {cold:?}"));
+        }
+        Ok(format!("first reply at worst {cold:?} cold, {warm:?} warm"))
+    });
+}

@@ -421,11 +421,21 @@ fn overlay_gauges(e: &mut Exposition, node: &str, snap: &Snapshot, health: &Stor
         .iter()
         .filter(|p| p.state == PeerState::Connected)
         .count();
+    let idle = snap
+        .peers
+        .iter()
+        .filter(|p| p.state == PeerState::Idle)
+        .count();
     let name = "evio_overlay_peers";
-    e.family(name, "Peers known from the store, and connected.", "gauge");
+    e.family(
+        name,
+        "Peers known from the store, connected, and idle (no session needed).",
+        "gauge",
+    );
     let known = snap.peers.len();
     e.sample(name, &[("node", node), ("state", "known")], known);
     e.sample(name, &[("node", node), ("state", "connected")], connected);
+    e.sample(name, &[("node", node), ("state", "idle")], idle);
     let name = "evio_overlay_turn_ready";
     e.family(
         name,

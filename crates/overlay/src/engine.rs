@@ -21,6 +21,7 @@ use crate::l2::{DropReason, LocalVerdict, PeerAddrs, PeerId, PeerVerdict, Switch
 use crate::offload::{segments, Csum, Framing, VnetHdr};
 use crate::path::{Class, PathAddr, PathConfig, Paths, ProbeDue};
 use crate::reason::{HandshakeFailure, PathWhy};
+use crate::timers::Deadlines;
 use crate::tunnel::{self, Identity, Reject, TimerAction, Tunnel, TunnelConfig};
 use crate::wire::{self, kind, Inner, INNER_HEADER};
 
@@ -34,6 +35,12 @@ pub const MAX_DATAGRAM: usize = 9_216;
 const TIMER_GRID: Duration = Duration::from_millis(250);
 /// Handshake initiations go to at most this many paths of a peer.
 const MAX_HANDSHAKE_TARGETS: usize = 8;
+/// Frames held for a peer whose session is being made (on demand): per
+/// peer and in total, in frames and bytes. Beyond, a frame is dropped
+/// (counted), as a full device queue would.
+const QUEUE_PER_PEER: usize = 32;
+const QUEUE_BYTES_PER_PEER: usize = 256 * 1024;
+const QUEUE_BYTES_TOTAL: usize = 2 * 1024 * 1024;
 
 /// How the agent hands results back.
 pub trait Io {
@@ -74,6 +81,18 @@ pub struct OverlayConfig {
     pub bridge_mac: Option<[u8; 6]>,
     /// A peer without a working path for this long gets a new handshake.
     pub path_loss_rehandshake: Duration,
+    /// `Some(d)`: sessions on demand. A peer starts idle; the first frame
+    /// for it starts the handshake (frames meanwhile queued); its session
+    /// is renewed while it carried traffic within `d`, and let expire
+    /// after. `None`: every peer is handshaken at once and kept up.
+    pub keep_warm: Option<Duration>,
+    /// Traffic flows to a peer when a frame went or came within this: only
+    /// then are its paths probed (the active one only once the peer has
+    /// gone quiet: WireGuard's passive keepalive).
+    pub busy: Duration,
+    /// An up peer with nothing sent to it for this long gets a keepalive,
+    /// where a NAT is on its path (not on a path to its local candidate).
+    pub nat_keepalive: Duration,
 }
 
 impl OverlayConfig {
@@ -93,6 +112,9 @@ impl OverlayConfig {
             peer_flood_burst: 800,
             bridge_mac: None,
             path_loss_rehandshake: Duration::from_secs(4),
+            keep_warm: Some(Duration::from_secs(120)),
+            busy: Duration::from_secs(10),
+            nat_keepalive: Duration::from_secs(25),
         }
     }
 }
@@ -148,20 +170,76 @@ struct Peer {
     phase: Phase,
     /// When this peer's timers next run (on the timer grid), and why:
     /// stored, so that [`Overlay::poll_timeout`] and
-    /// [`Overlay::handle_timeout`] read the same thing.
-    deadline: Instant,
+    /// [`Overlay::handle_timeout`] read the same thing (through the
+    /// heap, [`Deadlines`]). `None`: nothing is due (an idle peer).
+    deadline: Option<Instant>,
     wake: Wake,
     stats: PeerStats,
     /// The path last reported in [`Event::PathChanged`].
     reported: Option<(PathAddr, Class)>,
+    /// Last frame to or from it (not probes, not keepalives).
+    used: Option<Instant>,
+    /// Last frame sent to it: its active path is probed only when nothing
+    /// came back since (WireGuard's passive keepalive).
+    sent_data: Option<Instant>,
+    /// Last datagram sent to it, of any kind (the NAT keepalive's clock).
+    last_tx: Option<Instant>,
+    /// Frames and bytes of it in [`Overlay::queue`].
+    queued: usize,
+    queued_bytes: usize,
+}
+
+impl Peer {
+    /// Whether it should have a session now: always without on-demand
+    /// sessions, else while it carries traffic.
+    fn wanted(&self, now: Instant, keep_warm: Option<Duration>) -> bool {
+        match keep_warm {
+            None => true,
+            Some(d) => self
+                .used
+                .is_some_and(|t| now.saturating_duration_since(t) < d),
+        }
+    }
+
+    fn busy(&self, now: Instant, busy: Duration) -> bool {
+        self.used
+            .is_some_and(|t| now.saturating_duration_since(t) < busy)
+    }
+
+    /// Its active path answered since the last frame went to it, and has
+    /// an RTT: nothing to check on it until a frame goes unanswered.
+    fn answered(&self) -> bool {
+        self.paths.active().is_some_and(|a| {
+            a.rtt.is_some()
+                && a.last_rx
+                    .is_some_and(|h| self.sent_data.is_none_or(|s| h >= s))
+        })
+    }
+
+    /// A NAT is on its path: the active path is not to its local-interface
+    /// candidate (reflexive, learned from a translated source, relayed).
+    fn behind_nat(&self) -> bool {
+        self.paths.active().is_some_and(|a| a.class != Class::Local)
+    }
+}
+
+/// A frame for a peer whose session is being made.
+struct Queued {
+    pid: PeerId,
+    kind: u8,
+    hdr: VnetHdr,
+    framing: Framing,
+    frame: Vec<u8>,
 }
 
 /// Where a peer is in its life. Stored and changed in one place
 /// ([`Overlay::refresh_phase`]); `peers` and the events follow from it.
-/// The scale work adds an idle phase here (a peer without traffic whose
-/// session is let go).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// No session, none needed (no traffic, sessions on demand): nothing
+    /// is sent to it and none of its timers run; the first frame for it
+    /// starts a handshake.
+    Idle,
     /// The peer with the larger key waits until then before its first
     /// initiation, so that two nodes meeting do not both handshake (both
     /// would work; one is enough).
@@ -192,6 +270,8 @@ pub enum Wake {
     Probe,
     /// It has been without a working path for long enough to start over.
     Pathless,
+    /// Its NAT mapping needs a keepalive.
+    Keepalive,
 }
 
 /// What happened that the layers around the overlay act on, drained with
@@ -243,6 +323,9 @@ pub const ANON_EVENTS: u32 = 20;
 pub enum PeerState {
     Connected,
     Connecting,
+    /// Valid and reachable as far as we know, without a session because
+    /// none is needed now: healthy (OVERLAY.md).
+    Idle,
     Down,
 }
 
@@ -251,8 +334,14 @@ impl PeerState {
         match self {
             PeerState::Connected => "connected",
             PeerState::Connecting => "connecting",
+            PeerState::Idle => "idle",
             PeerState::Down => "down",
         }
+    }
+
+    /// What anything waiting for a peer counts as fine.
+    pub fn healthy(self) -> bool {
+        matches!(self, PeerState::Connected | PeerState::Idle)
     }
 }
 
@@ -286,6 +375,14 @@ pub struct Stats {
     /// Handshakes let through under load on a valid mac2 (a cookie round
     /// that worked).
     pub mac2_accepted: u64,
+    /// Frames held for a peer until its session is up, and those dropped
+    /// because the queue was full (or the handshake failed).
+    pub queued: u64,
+    pub queue_drops: u64,
+    /// Runs of [`Overlay::handle_timeout`], and of one peer's timers within
+    /// them: the idle cost (issue 22) is their ratio and their rate.
+    pub wakes: u64,
+    pub peer_runs: u64,
 }
 
 /// The most sources the per-source handshake table holds. Spoofed sources
@@ -324,6 +421,15 @@ pub struct Overlay {
     stats: Stats,
     /// Node-wide timers (learned MACs, the flood tables).
     housekeeping: Instant,
+    /// Every peer's stored deadline, earliest first.
+    deadlines: Deadlines,
+    /// Peers due in this wake (reused).
+    due: Vec<PeerId>,
+    /// Free slots of `peers`.
+    free: Vec<PeerId>,
+    /// Frames for peers whose sessions are being made, oldest first.
+    queue: VecDeque<Queued>,
+    queue_bytes: usize,
     /// Origin of the timer grid.
     epoch: Instant,
     events: VecDeque<Event>,
@@ -370,6 +476,11 @@ impl Overlay {
             dead_relays: Vec::with_capacity(8),
             stats: Stats::default(),
             housekeeping: now + HOUSEKEEPING,
+            deadlines: Deadlines::default(),
+            due: Vec::with_capacity(64),
+            free: Vec::new(),
+            queue: VecDeque::new(),
+            queue_bytes: 0,
             epoch: now,
             events: VecDeque::new(),
             anon_events: TokenBucket::new(ANON_EVENTS, ANON_EVENTS),
@@ -403,11 +514,25 @@ impl Overlay {
     /// When [`Overlay::handle_timeout`] must run next: the earliest stored
     /// deadline.
     pub fn poll_timeout(&self) -> Instant {
-        self.peers
-            .iter()
-            .flatten()
-            .map(|p| p.deadline)
-            .fold(self.housekeeping, Instant::min)
+        // Every entry point that moves deadlines ends with `tidy`: the top
+        // of the heap is a current deadline.
+        self.deadlines
+            .peek()
+            .map_or(self.housekeeping, |t| t.min(self.housekeeping))
+    }
+
+    /// Drops outdated heap entries above the earliest current one, and
+    /// rebuilds a heap grown far past the peer count.
+    fn tidy(&mut self) {
+        let peers = &self.peers;
+        if self.deadlines.len() > 4 * peers.len() + 64 {
+            let live = peers.iter().enumerate().filter_map(|(i, p)| {
+                let at = p.as_ref()?.deadline?;
+                Some((at, i as PeerId))
+            });
+            self.deadlines.rebuild(live);
+        }
+        self.deadlines.earliest(|at, pid| is_due_at(peers, at, pid));
     }
 
     /// IP addresses of TURN relays, for path classification.
@@ -431,8 +556,8 @@ impl Overlay {
     pub fn set_peers(&mut self, now: Instant, infos: &[PeerInfo]) {
         let own = *self.id.keys.public();
         let shared = shared_keys(infos);
-        let ranges = self.overlay_ranges(infos);
-        let mut keep: Vec<PeerId> = Vec::new();
+        let ranges = Ranges::new(self.overlay_ranges(infos));
+        let mut keep = vec![false; self.peers.len()];
         for info in infos {
             if info.key == own
                 || !self.id.valid_peer_key(&info.key)
@@ -440,14 +565,14 @@ impl Overlay {
             {
                 continue;
             }
-            let pid = match self.by_node.get(&info.node).copied() {
+            let (pid, fresh) = match self.by_node.get(&info.node).copied() {
                 Some(pid) => {
                     let key_changed = self.peer(pid).is_some_and(|p| p.info.key != info.key);
                     if key_changed {
                         self.remove_peer(pid);
-                        self.add_peer(now, info.clone())
+                        (self.add_peer(now, info.clone()), true)
                     } else {
-                        pid
+                        (pid, false)
                     }
                 }
                 None => {
@@ -455,29 +580,27 @@ impl Overlay {
                     if let Some(old) = self.by_key.get(&info.key).copied() {
                         self.remove_peer(old);
                     }
-                    self.add_peer(now, info.clone())
+                    (self.add_peer(now, info.clone()), true)
                 }
             };
-            self.update_peer(now, pid, info, &ranges);
-            keep.push(pid);
+            self.update_peer(now, pid, info, &ranges, fresh);
+            if keep.len() <= pid as usize {
+                keep.resize(pid as usize + 1, false);
+            }
+            keep[pid as usize] = true;
         }
-        let gone: Vec<PeerId> = self
-            .peers
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| p.as_ref().map(|_| i as PeerId))
-            .filter(|pid| !keep.contains(pid))
-            .collect();
-        for pid in gone {
-            self.remove_peer(pid);
+        for pid in 0..self.peers.len() {
+            if self.peers[pid].is_some() && !keep.get(pid).copied().unwrap_or(false) {
+                self.remove_peer(pid as PeerId);
+            }
         }
+        self.tidy();
     }
 
     /// Makes peer `pid`'s timers run at the next wake-up.
     fn due_now(&mut self, now: Instant, pid: PeerId) {
         if let Some(p) = slot(&mut self.peers, pid) {
-            p.deadline = p.deadline.min(now);
-            p.wake = Wake::Changed;
+            sooner(&mut self.deadlines, p, pid, now, Wake::Changed);
         }
     }
 
@@ -488,17 +611,20 @@ impl Overlay {
     /// would be the whole cost of the restart.
     pub fn hurry(&mut self, now: Instant) {
         let tcfg = &self.cfg.tunnel;
-        for p in self.peers.iter_mut().flatten() {
-            if p.tunnel.has_session() {
+        for (pid, p) in self.peers.iter_mut().enumerate() {
+            let Some(p) = p.as_mut().filter(|p| !p.tunnel.has_session()) else {
                 continue;
-            }
-            if let Phase::Waiting { .. } = p.phase {
-                p.phase = Phase::Connecting;
+            };
+            match p.phase {
+                Phase::Waiting { .. } => p.phase = Phase::Connecting,
+                // Nobody asked for it: on demand, it stays idle.
+                Phase::Idle => continue,
+                _ => {}
             }
             p.tunnel.retry_now(tcfg);
-            p.deadline = now;
-            p.wake = Wake::Changed;
+            sooner(&mut self.deadlines, p, pid as PeerId, now, Wake::Changed);
         }
+        self.tidy();
     }
 
     fn peer(&self, pid: PeerId) -> Option<&Peer> {
@@ -512,21 +638,30 @@ impl Overlay {
         } else {
             Duration::from_secs(1)
         };
+        let phase = match self.cfg.keep_warm {
+            Some(_) => Phase::Idle,
+            None => Phase::Waiting { until: now + delay },
+        };
         let peer = Peer {
             tunnel,
             paths: Paths::default(),
             indices: Vec::new(),
-            phase: Phase::Waiting { until: now + delay },
-            deadline: now,
+            phase,
+            deadline: None,
             wake: Wake::Changed,
             stats: PeerStats::default(),
             reported: None,
             info,
+            used: None,
+            sent_data: None,
+            last_tx: None,
+            queued: 0,
+            queued_bytes: 0,
         };
-        let pid = match self.peers.iter().position(Option::is_none) {
+        let pid = match self.free.pop() {
             Some(i) => {
-                self.peers[i] = Some(peer);
-                i as PeerId
+                self.peers[i as usize] = Some(peer);
+                i
             }
             None => {
                 self.peers.push(Some(peer));
@@ -553,16 +688,29 @@ impl Overlay {
         ranges
     }
 
-    fn update_peer(&mut self, now: Instant, pid: PeerId, info: &PeerInfo, ranges: &[IpNet]) {
+    /// Takes the record of peer `pid` (`fresh`: just added). An unchanged
+    /// record changes nothing: a store update of one node does not wake
+    /// every peer.
+    fn update_peer(
+        &mut self,
+        now: Instant,
+        pid: PeerId,
+        info: &PeerInfo,
+        ranges: &Ranges,
+        fresh: bool,
+    ) {
         let relay_ips = &self.relay_ips;
         let Some(p) = slot(&mut self.peers, pid) else {
             return;
         };
+        if !fresh && p.info == *info {
+            return;
+        }
         p.info = info.clone();
         let cands: Vec<(PathAddr, Class)> = info
             .candidates
             .iter()
-            .filter(|c| !ranges.iter().any(|r| r.contains(&c.addr.ip())))
+            .filter(|c| !ranges.contains(c.addr.ip()))
             .map(|c| {
                 let a = PathAddr::direct(c.addr);
                 (a, crate::path::classify(relay_ips, a, Some(c.class)))
@@ -573,8 +721,7 @@ impl Overlay {
             // was learned): handshake on it now, not at the next retry.
             p.tunnel.retry_now(&self.cfg.tunnel);
         }
-        p.deadline = now;
-        p.wake = Wake::Changed;
+        sooner(&mut self.deadlines, p, pid, now, Wake::Changed);
         self.switch.set_peer(
             pid,
             PeerAddrs {
@@ -597,6 +744,10 @@ impl Overlay {
         for i in &p.indices {
             self.index.remove(i);
         }
+        if p.queued > 0 {
+            self.drop_queued(pid);
+        }
+        self.free.push(pid);
         self.by_key.remove(&p.info.key);
         self.by_node.remove(&p.info.node);
         self.switch.remove_peer(pid);
@@ -642,7 +793,7 @@ impl Overlay {
 
     /// A datagram from `from` authenticated as peer `pid`: the path it came
     /// by works, and the tunnel may have gained or lost sessions.
-    fn heard_from(&mut self, now: Instant, pid: PeerId, from: PathAddr) {
+    fn heard_from(&mut self, now: Instant, pid: PeerId, from: PathAddr, io: &mut dyn Io) {
         let class = self.classify(pid, from);
         let cfg = &self.cfg.paths;
         let Some(p) = slot(&mut self.peers, pid) else {
@@ -653,9 +804,8 @@ impl Overlay {
         // A new path is probed at once, a new active one on its interval:
         // neither may wait for a deadline computed before it existed.
         if learned || p.paths.active_addr() != before {
-            if let Some(t) = p.paths.next_deadline(cfg) {
-                p.deadline = p.deadline.min(t);
-                p.wake = Wake::Probe;
+            if let Some(t) = p.paths.next_deadline(cfg, false) {
+                sooner(&mut self.deadlines, p, pid, t, Wake::Probe);
             }
         }
         if p.phase != Phase::Connected {
@@ -663,6 +813,7 @@ impl Overlay {
         }
         self.sync_indices(pid);
         self.note_path(pid);
+        self.flush_queued(now, pid, io);
     }
 
     /// Tells, once, that the path carrying peer `pid`'s traffic changed.
@@ -692,19 +843,23 @@ impl Overlay {
         };
         let session = p.tunnel.has_session();
         let path = p.paths.active().is_some();
+        let wanted = p.wanted(now, self.cfg.keep_warm) || p.queued > 0;
         let next = match p.phase {
             _ if session && path => Phase::Connected,
             Phase::Pathless { since } if session => Phase::Pathless { since },
             _ if session => Phase::Pathless { since: now },
             Phase::Waiting { until } if now < until => Phase::Waiting { until },
             _ if p.info.stale => Phase::Stale,
-            _ => Phase::Connecting,
+            _ if wanted || p.tunnel.handshaking() => Phase::Connecting,
+            _ => Phase::Idle,
         };
         let was = std::mem::replace(&mut p.phase, next);
         let node = || p.info.node.clone();
-        let event = match (was == Phase::Connected, next == Phase::Connected) {
-            (false, true) => Some(Event::PeerUp { node: node() }),
-            (true, false) => Some(Event::PeerDown { node: node() }),
+        // A session let go for want of traffic is not a peer going down.
+        let event = match (was == Phase::Connected, next) {
+            (false, Phase::Connected) => Some(Event::PeerUp { node: node() }),
+            (true, Phase::Connected | Phase::Idle) => None,
+            (true, _) => Some(Event::PeerDown { node: node() }),
             _ => None,
         };
         if let Some(e) = event {
@@ -885,10 +1040,13 @@ impl Overlay {
             .tunnel;
         let rekey = tunnel.has_session();
         tunnel.respond(now, init, &network_key, (local, from), &mut msg)?;
-        self.heard_from(now, pid, from);
+        self.heard_from(now, pid, from, io);
         let out = io.datagram();
         out[..msg.len()].copy_from_slice(&msg);
         io.commit(from, msg.len());
+        if let Some(p) = slot(&mut self.peers, pid) {
+            p.last_tx = Some(now);
+        }
         self.due_now(now, pid);
         self.note_handshake(pid, from, false, rekey);
         Ok(())
@@ -907,10 +1065,14 @@ impl Overlay {
         let tunnel = &mut slot(&mut self.peers, pid).ok_or(Reject::NoSession)?.tunnel;
         let rekey = tunnel.has_session();
         tunnel.on_response(now, d)?;
-        self.heard_from(now, pid, from);
+        let sent = |peers: &mut [Option<Peer>]| slot(peers, pid).map(|p| p.stats.tx_packets);
+        let before = sent(&mut self.peers);
+        self.heard_from(now, pid, from, io);
         // The first transport message confirms the session to the
-        // responder; with nothing queued, that is a keepalive.
-        self.send_inner(now, pid, Some(from), Inner::plain(kind::KEEPALIVE), 0, io);
+        // responder: the frames queued for it, else a keepalive.
+        if sent(&mut self.peers) == before {
+            self.send_inner(now, pid, Some(from), Inner::plain(kind::KEEPALIVE), 0, io);
+        }
         self.due_now(now, pid);
         self.note_handshake(pid, from, true, rekey);
         Ok(())
@@ -964,8 +1126,13 @@ impl Overlay {
         };
         p.stats.rx_packets += 1;
         p.stats.rx_bytes += d.len() as u64;
-        self.heard_from(now, pid, from);
+        self.heard_from(now, pid, from, io);
         let inner = Inner::parse(&self.scratch[..n]).ok_or(Reject::Malformed)?;
+        if matches!(inner.kind, kind::POD_FRAME | kind::HOST_PACKET) {
+            if let Some(p) = slot(&mut self.peers, pid) {
+                p.used = Some(now);
+            }
+        }
         let body = INNER_HEADER..n;
         // A checksum position outside the frame would make the device
         // refuse the write (or the completion fail): drop it here.
@@ -1022,8 +1189,8 @@ impl Overlay {
         let cfg = &self.cfg.paths;
         if let Some(p) = slot(&mut self.peers, pid) {
             p.paths.on_probe_reply(now, cfg, id);
-            if let Some(t) = p.paths.next_deadline(cfg) {
-                p.deadline = p.deadline.min(t);
+            if let Some(t) = p.paths.next_deadline(cfg, false) {
+                sooner(&mut self.deadlines, p, pid, t, Wake::Probe);
             }
         }
         self.refresh_phase(now, pid);
@@ -1068,6 +1235,7 @@ impl Overlay {
             Some(n) => {
                 p.stats.tx_packets += 1;
                 p.stats.tx_bytes += n as u64;
+                p.last_tx = Some(now);
                 io.commit(to, n);
                 true
             }
@@ -1166,6 +1334,27 @@ impl Overlay {
         framing: Framing,
         io: &mut dyn Io,
     ) {
+        let Some(p) = slot(&mut self.peers, pid) else {
+            return;
+        };
+        let passive = self.cfg.keep_warm.is_some();
+        let recheck = passive && (!p.busy(now, self.cfg.busy) || p.answered());
+        p.used = Some(now);
+        p.sent_data = Some(now);
+        let up = p.tunnel.has_session() && p.paths.active().is_some();
+        if !up && p.phase != Phase::Stale {
+            self.enqueue(now, pid, k, hdr, frame, framing);
+            return;
+        }
+        if up && recheck {
+            // The first frame after a quiet spell, or the first since the
+            // peer last answered: if nothing comes back, its path is
+            // checked an interval from now.
+            let at = self.on_grid(now + self.cfg.paths.active_interval);
+            if let Some(p) = slot(&mut self.peers, pid) {
+                sooner(&mut self.deadlines, p, pid, at, Wake::Probe);
+            }
+        }
         let Ok(mut segs) = segments(hdr, frame, framing) else {
             self.count_drop(DropReason::Malformed);
             return;
@@ -1185,10 +1374,103 @@ impl Overlay {
         }
     }
 
+    /// Holds a frame for peer `pid` until its session is up, and has the
+    /// handshake start at the next wake (on demand).
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        pid: PeerId,
+        kind: u8,
+        hdr: &VnetHdr,
+        frame: &[u8],
+        framing: Framing,
+    ) {
+        let Some(p) = slot(&mut self.peers, pid) else {
+            return;
+        };
+        let len = frame.len();
+        let fits = p.queued < QUEUE_PER_PEER
+            && p.queued_bytes + len <= QUEUE_BYTES_PER_PEER
+            && self.queue_bytes + len <= QUEUE_BYTES_TOTAL;
+        if fits {
+            p.queued += 1;
+            p.queued_bytes += len;
+            self.queue_bytes += len;
+            self.stats.queued += 1;
+            self.queue.push_back(Queued {
+                pid,
+                kind,
+                hdr: *hdr,
+                framing,
+                frame: frame.to_vec(),
+            });
+        } else {
+            self.stats.queue_drops += 1;
+        }
+        let start = match p.phase {
+            // Traffic is reason enough not to wait for the tie-break.
+            Phase::Waiting { .. } => {
+                p.phase = Phase::Connecting;
+                true
+            }
+            Phase::Idle => true,
+            Phase::Connecting => !p.tunnel.handshaking(),
+            _ => false,
+        };
+        if start {
+            p.tunnel.retry_now(&self.cfg.tunnel);
+            sooner(&mut self.deadlines, p, pid, now, Wake::Changed);
+            self.tidy();
+        }
+    }
+
+    /// Sends the frames queued for peer `pid` once it is up, in order.
+    fn flush_queued(&mut self, now: Instant, pid: PeerId, io: &mut dyn Io) {
+        let Some(p) = slot(&mut self.peers, pid) else {
+            return;
+        };
+        if p.queued == 0 || !p.tunnel.has_session() || p.paths.active().is_none() {
+            return;
+        }
+        (p.queued, p.queued_bytes) = (0, 0);
+        for _ in 0..self.queue.len() {
+            let Some(q) = self.queue.pop_front() else {
+                break;
+            };
+            if q.pid != pid {
+                self.queue.push_back(q);
+                continue;
+            }
+            self.queue_bytes -= q.frame.len();
+            self.send_frame(now, pid, q.kind, &q.hdr, &q.frame, q.framing, io);
+        }
+    }
+
+    /// Drops the frames queued for peer `pid` (gone, or its handshake
+    /// failed).
+    fn drop_queued(&mut self, pid: PeerId) {
+        let before = self.queue.len();
+        let mut bytes = 0;
+        self.queue.retain(|q| {
+            let mine = q.pid == pid;
+            if mine {
+                bytes += q.frame.len();
+            }
+            !mine
+        });
+        self.queue_bytes -= bytes;
+        self.stats.queue_drops += (before - self.queue.len()) as u64;
+        if let Some(p) = slot(&mut self.peers, pid) {
+            (p.queued, p.queued_bytes) = (0, 0);
+        }
+    }
+
     /// Runs the timers that are due: handshakes (initial, retransmitted,
     /// rekey), path probes, expiry. Call when [`Overlay::poll_timeout`] has
     /// passed; peers whose deadline has not come are not looked at.
     pub fn handle_timeout(&mut self, now: Instant, wall: Duration, io: &mut dyn Io) {
+        self.stats.wakes += 1;
         if now >= self.housekeeping {
             tracing::trace!("overlay wake: housekeeping");
             // A full bucket is what a new source gets: forgetting it changes
@@ -1197,35 +1479,55 @@ impl Overlay {
             self.switch.expire(now);
             self.housekeeping = self.on_grid(now + HOUSEKEEPING);
         }
-        for pid in 0..self.peers.len() as PeerId {
-            let Some(p) = self.peer(pid).filter(|p| now >= p.deadline) else {
+        let mut due = std::mem::take(&mut self.due);
+        due.clear();
+        while let Some(pid) = self
+            .deadlines
+            .pop_due(now, |at, pid| is_due_at(&self.peers, at, pid))
+        {
+            due.push(pid);
+        }
+        for &pid in &due {
+            // Listed twice, or already run: its deadline moved on.
+            let Some(p) = self
+                .peer(pid)
+                .filter(|p| p.deadline.is_some_and(|d| d <= now))
+            else {
                 continue;
             };
             tracing::trace!(peer = %p.info.node, reason = ?p.wake, "overlay wake");
             self.run_peer(now, wall, pid, io);
         }
+        self.due = due;
+        self.tidy();
     }
 
     /// One peer's timers, then its next deadline.
     fn run_peer(&mut self, now: Instant, wall: Duration, pid: PeerId, io: &mut dyn Io) {
+        self.stats.peer_runs += 1;
         self.refresh_phase(now, pid);
+        let keep_warm = self.cfg.keep_warm;
         let Some(p) = slot(&mut self.peers, pid) else {
             return;
         };
         if let Phase::Pathless { since } = p.phase {
             if now.saturating_duration_since(since) >= self.cfg.path_loss_rehandshake {
                 // The peer restarted and lost its keys, or every path broke:
-                // handshake again on every path.
+                // handshake again on every path (if it is still wanted;
+                // else it is idle now).
                 p.tunnel.reset();
                 p.paths.reset(now);
             }
         }
-        let action = match p.phase {
-            Phase::Waiting { .. } | Phase::Stale => p.tunnel.tick(now, &self.cfg.tunnel, false),
-            _ => p.tunnel.tick(now, &self.cfg.tunnel, true),
-        };
+        let wanted = !matches!(p.phase, Phase::Waiting { .. } | Phase::Stale)
+            && (p.wanted(now, keep_warm) || p.queued > 0);
+        let action = p.tunnel.tick(now, &self.cfg.tunnel, wanted);
+        let gave_up = p.queued > 0 && !p.tunnel.handshaking() && !p.tunnel.has_session();
         if action == TimerAction::Initiate {
             self.send_initiation(now, wall, pid, io);
+        } else if gave_up {
+            // A handshake round ran out of time: its frames are stale.
+            self.drop_queued(pid);
         }
         self.probe_paths(now, pid, io);
         self.sync_indices(pid);
@@ -1241,6 +1543,25 @@ impl Overlay {
         };
         if !p.tunnel.has_session() {
             return;
+        }
+        if !self
+            .cfg
+            .keep_warm
+            .is_none_or(|_| p.busy(now, self.cfg.busy))
+        {
+            // No traffic: nothing is probed; a NAT on the path gets what
+            // holds its mapping.
+            let quiet = p
+                .last_tx
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.nat_keepalive);
+            if quiet && p.behind_nat() {
+                self.send_inner(now, pid, None, Inner::plain(kind::KEEPALIVE), 0, io);
+            }
+            return;
+        }
+        if self.cfg.keep_warm.is_some() && p.answered() {
+            // Heard from since the last frame went: the path works.
+            p.paths.defer_active(now, &self.cfg.paths);
         }
         self.probes.clear();
         self.dead_relays.clear();
@@ -1273,30 +1594,49 @@ impl Overlay {
         let Some(p) = self.peer(pid) else {
             return;
         };
-        let wanted = !matches!(p.phase, Phase::Waiting { .. } | Phase::Stale);
-        let mut next = (self.housekeeping, Wake::Tunnel);
+        let keep_warm = self.cfg.keep_warm;
+        let wanted = !matches!(p.phase, Phase::Waiting { .. } | Phase::Stale)
+            && (p.wanted(now, keep_warm) || p.queued > 0);
+        let busy = keep_warm.is_none() || p.busy(now, self.cfg.busy);
+        let mut next: Option<(Instant, Wake)> = None;
         let mut at = |t: Option<Instant>, why: Wake| {
-            if let Some(t) = t.filter(|t| *t < next.0) {
-                next = (t, why);
+            if let Some(t) = t.filter(|t| next.is_none_or(|(n, _)| *t < n)) {
+                next = Some((t, why));
             }
         };
         if let Phase::Waiting { until } = p.phase {
             at(Some(until), Wake::Waiting);
         }
         at(p.tunnel.next_deadline(tcfg, wanted), Wake::Tunnel);
-        if p.tunnel.has_session() {
-            at(p.paths.next_deadline(pcfg), Wake::Probe);
+        if p.tunnel.has_session() && busy {
+            // The active path waits for a frame to go unanswered
+            // (`send_frame` schedules that check).
+            let passive = keep_warm.is_some() && p.answered();
+            at(p.paths.next_deadline(pcfg, passive), Wake::Probe);
+            // When traffic stops, the NAT keepalive takes over.
+            let quiet = keep_warm.and(p.used).map(|t| t + self.cfg.busy);
+            at(quiet, Wake::Keepalive);
+        } else if p.tunnel.has_session() && p.behind_nat() {
+            let last = p.last_tx.unwrap_or(now);
+            at(Some(last + self.cfg.nat_keepalive), Wake::Keepalive);
         }
         if let Phase::Pathless { since } = p.phase {
             at(Some(since + self.cfg.path_loss_rehandshake), Wake::Pathless);
         }
         // Its timers just ran: nothing more is due before the next grid
         // step (a deadline in the past would wake the caller at once, and
-        // again).
-        let deadline = self.on_grid(next.0.max(now + Duration::from_nanos(1)));
+        // again). Nothing due at all (idle): no deadline.
+        let next = next.map(|(t, why)| (self.on_grid(t.max(now + Duration::from_nanos(1))), why));
         if let Some(p) = slot(&mut self.peers, pid) {
-            p.deadline = deadline;
-            p.wake = next.1;
+            match next {
+                Some((t, why)) if p.deadline != Some(t) => {
+                    p.deadline = Some(t);
+                    p.wake = why;
+                    self.deadlines.push(t, pid);
+                }
+                Some(_) => {}
+                None => p.deadline = None,
+            }
         }
     }
 
@@ -1360,6 +1700,7 @@ impl Overlay {
                 let active = p.paths.active();
                 let state = match p.phase {
                     Phase::Connected => PeerState::Connected,
+                    Phase::Idle => PeerState::Idle,
                     Phase::Pathless { .. } if !p.info.stale => PeerState::Connecting,
                     Phase::Connecting if p.tunnel.handshaking() => PeerState::Connecting,
                     _ => PeerState::Down,
@@ -1441,6 +1782,47 @@ pub fn shared_keys(infos: &[PeerInfo]) -> Vec<(Key, Vec<String>)> {
     shared
 }
 
+/// Moves peer `pid`'s deadline to `at` if that is sooner (or it had none).
+fn sooner(deadlines: &mut Deadlines, p: &mut Peer, pid: PeerId, at: Instant, why: Wake) {
+    if p.deadline.is_none_or(|d| at < d) {
+        p.deadline = Some(at);
+        p.wake = why;
+        deadlines.push(at, pid);
+    }
+}
+
+/// Whether a heap entry (`at`, `pid`) is peer `pid`'s current deadline.
+fn is_due_at(peers: &[Option<Peer>], at: Instant, pid: PeerId) -> bool {
+    peers
+        .get(pid as usize)
+        .and_then(Option::as_ref)
+        .is_some_and(|p| p.deadline == Some(at))
+}
+
+/// The overlay's own ranges by prefix length: an address is looked up in
+/// one set per distinct length (two or three), not against every peer's
+/// subnet, so that `set_peers` stays O(n).
+struct Ranges(HashMap<(bool, u8), std::collections::HashSet<IpNet>>);
+
+impl Ranges {
+    fn new(nets: Vec<IpNet>) -> Ranges {
+        let mut m: HashMap<(bool, u8), std::collections::HashSet<IpNet>> = HashMap::new();
+        for n in nets {
+            let n = n.trunc();
+            m.entry((n.addr().is_ipv6(), n.prefix_len()))
+                .or_default()
+                .insert(n);
+        }
+        Ranges(m)
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|((v6, len), set)| {
+            *v6 == ip.is_ipv6() && IpNet::new(ip, *len).is_ok_and(|n| set.contains(&n.trunc()))
+        })
+    }
+}
+
 /// Peer `pid`, if it is still there. A free function rather than a method so
 /// that callers can hold it while they read the engine's other fields.
 fn slot(peers: &mut [Option<Peer>], pid: PeerId) -> Option<&mut Peer> {
@@ -1517,12 +1899,16 @@ mod tests {
         drop: DropRule,
     }
 
+    /// Node `i`'s pod subnet: 10.244.(i+1).0/24, continuing into 10.245
+    /// past 254 nodes (the many-peer tests).
     fn subnet(i: usize) -> IpNet {
-        format!("10.244.{}.0/24", i + 1).parse().unwrap()
+        let [a, b] = u16::try_from(i + 1 + 244 * 256).unwrap().to_be_bytes();
+        format!("10.{a}.{b}.0/24").parse().unwrap()
     }
 
     fn pod_ip(node: usize, host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 244, node as u8 + 1, host)
+        let [a, b] = u16::try_from(node + 1 + 244 * 256).unwrap().to_be_bytes();
+        Ipv4Addr::new(10, a, b, host)
     }
 
     fn net(n: usize, tweak: impl Fn(usize, &mut OverlayConfig)) -> Net {
@@ -1540,9 +1926,15 @@ mod tests {
                 node: format!("n{i}"),
                 key: *keys.public(),
                 pod_subnet: subnet(i),
-                host_addr: Some(format!("10.10.0.{}/16", i + 1).parse().unwrap()),
+                host_addr: Some(
+                    format!("10.10.{}.{}/16", (i + 1) / 256, (i + 1) % 256)
+                        .parse()
+                        .unwrap(),
+                ),
                 candidates: vec![Candidate {
-                    addr: format!("203.0.113.{}:5800", i + 10).parse().unwrap(),
+                    addr: format!("203.0.{}.{}:5800", 113 + (i + 10) / 256, (i + 10) % 256)
+                        .parse()
+                        .unwrap(),
                     class: Class::Direct,
                 }],
                 stale: false,
@@ -1632,6 +2024,30 @@ mod tests {
                 .any(|s| s.node == format!("n{b}") && s.state == PeerState::Connected)
         }
 
+        /// Node `a` has a frame for a pod of node `b` (its first, on an idle
+        /// peer, starts the handshake); nothing is delivered yet.
+        fn kick(&mut self, a: usize, b: usize) {
+            let f = udp_frame(pod_ip(a, 2), pod_ip(b, 3), b"kick");
+            let now = self.now;
+            let x = &mut self.nodes[a];
+            x.ov.from_pod(now, &VnetHdr::default(), &f, &mut x.io);
+        }
+
+        /// [`Net::run`] with a frame each way between every pair each
+        /// second: traffic that flows.
+        fn run_busy(&mut self, d: Duration) {
+            let end = self.now + d;
+            while self.now < end {
+                let n = self.nodes.len();
+                for a in 0..n {
+                    for b in (0..n).filter(|b| *b != a) {
+                        self.kick(a, b);
+                    }
+                }
+                self.run(Duration::from_secs(1));
+            }
+        }
+
         fn send_pod(&mut self, from: usize, frame: &[u8]) {
             let now = self.now;
             let n = &mut self.nodes[from];
@@ -1652,9 +2068,23 @@ mod tests {
         std::iter::from_fn(|| ov.poll_event()).collect()
     }
 
+    /// `n` nodes, every pair brought up by a frame each way (sessions are
+    /// made on demand).
     fn connect_all(n: usize) -> Net {
         let mut net = net(n, |_, _| {});
+        // One side starts (the replies ride its sessions).
+        for a in 0..n {
+            for b in (a + 1..n).filter(|b| *b != a) {
+                let f = udp_frame(pod_ip(a, 2), pod_ip(b, 3), b"hello");
+                let now = net.now;
+                let x = &mut net.nodes[a];
+                x.ov.from_pod(now, &VnetHdr::default(), &f, &mut x.io);
+            }
+        }
         net.run(Duration::from_secs(3));
+        for x in &mut net.nodes {
+            x.io.pod.clear();
+        }
         for a in 0..n {
             for b in 0..n {
                 if a != b {
@@ -1820,6 +2250,8 @@ mod tests {
         for n in &mut net.nodes {
             n.ov.set_peers(now, &infos);
         }
+        net.kick(1, 0);
+        net.kick(0, 1);
         net.run(Duration::from_secs(10));
         assert!(!net.connected(0, 1) && !net.connected(1, 0));
         // Each side says why, naming the other by the address it came from;
@@ -1865,6 +2297,7 @@ mod tests {
         let now = net.now;
         let only0 = vec![net.nodes[0].info.clone()];
         net.nodes[0].ov.set_peers(now, &only0);
+        net.kick(1, 0);
         net.run(Duration::from_secs(3));
         assert!(!net.connected(1, 0));
         let key1 = net.nodes[1].info.key;
@@ -1928,9 +2361,9 @@ mod tests {
         let mut net = connect_all(2);
         let hs = |net: &Net| net.nodes[0].ov.status()[0].stats.handshakes;
         let before = hs(&net);
-        net.run(Duration::from_secs(125));
+        net.run_busy(Duration::from_secs(125));
         assert!(hs(&net) > before, "rekeyed after REKEY_AFTER_TIME");
-        net.run(Duration::from_secs(70));
+        net.run_busy(Duration::from_secs(70));
         assert!(
             net.connected(0, 1),
             "still connected after the first session expired"
@@ -1946,6 +2379,7 @@ mod tests {
             c.tunnel.rekey_after_messages = 50;
             c.tunnel.reject_after_messages = 80;
         });
+        net.kick(0, 1);
         net.run(Duration::from_secs(2));
         assert!(net.connected(0, 1));
         let before = net.nodes[0].ov.status()[0].stats.handshakes;
@@ -2000,6 +2434,7 @@ mod tests {
             }
             false
         });
+        net.kick(init, 1 - init);
         net.run(Duration::from_secs(1));
         assert!(
             net.connected(0, 1) && net.connected(1, 0),
@@ -2028,6 +2463,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         t.initiate(&id, &mut rng, net.now, net.wall(), 1, &mut msg)
             .unwrap();
+        net.kick(honest, victim);
         let mut flood_events = 0;
         for _ in 0..60 {
             let now = net.now;
@@ -2088,7 +2524,7 @@ mod tests {
             net.nodes[me].ov.set_peers(now, &infos);
         }
         // Past the first session's expiry (180 s): rekeyed meanwhile.
-        net.run(Duration::from_secs(200));
+        net.run_busy(Duration::from_secs(200));
         assert!(net.connected(0, 1) && net.connected(1, 0));
         let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"stale but alive");
         net.send_pod(0, &f);
@@ -2105,6 +2541,8 @@ mod tests {
             view1[0].stale = both_stale;
             fresh.nodes[0].ov.set_peers(now, &view0);
             fresh.nodes[1].ov.set_peers(now, &view1);
+            fresh.kick(0, 1);
+            fresh.kick(1, 0);
             fresh.run(Duration::from_secs(5));
             if both_stale {
                 assert!(fresh.log.is_empty(), "{} datagrams", fresh.log.len());
@@ -2131,6 +2569,8 @@ mod tests {
             let me = &n.nodes[big];
             let mut cfg = OverlayConfig::new("test", me.info.pod_subnet, 1380);
             cfg.host_addr = me.info.host_addr.map(|a| a.addr());
+            // Every peer handshaken at once (not on demand).
+            cfg.keep_warm = None;
             let id = Identity::new(
                 StaticKeys::from_private(&mut n.nodes[big].ov.identity().keys.private().to_owned()),
                 None,
@@ -2158,6 +2598,230 @@ mod tests {
         let f = udp_frame(pod_ip(2, 2), pod_ip(0, 3), b"from the removed node");
         net.send_pod(2, &f);
         assert!(net.nodes[0].io.pod.is_empty(), "its old session is gone");
+    }
+
+    /// What one node with many peers does per minute: datagrams it sends,
+    /// wake-ups, and peers whose timers ran (per-peer work).
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct Minute {
+        sent: usize,
+        received: usize,
+        wakes: u64,
+        peer_runs: u64,
+    }
+
+    impl Minute {
+        fn of(net: &mut Net, d: Duration) -> Minute {
+            let (log0, s0) = (net.log.len(), net.nodes[0].ov.stats().clone());
+            net.run(d);
+            let s = net.nodes[0].ov.stats();
+            let new = &net.log[log0..];
+            Minute {
+                sent: new.iter().filter(|(a, _, _)| *a == 0).count(),
+                received: new.iter().filter(|(_, b, _)| *b == 0).count(),
+                wakes: s.wakes - s0.wakes,
+                peer_runs: s.peer_runs - s0.peer_runs,
+            }
+        }
+    }
+
+    /// Node 0 knowing `n` peers, each of which knows only node 0 (so the
+    /// cost measured is node 0's, not n² of the simulation).
+    fn star(n: usize) -> Net {
+        let mut net = net(n + 1, |_, _| {});
+        let now = net.now;
+        let hub = net.nodes[0].info.clone();
+        for i in 1..=n {
+            let me = net.nodes[i].info.clone();
+            net.nodes[i].ov.set_peers(now, &[hub.clone(), me]);
+        }
+        net
+    }
+
+    /// Sends one frame from node 0 to every peer; how many arrived.
+    fn use_every_peer(net: &mut Net) -> usize {
+        let n = net.nodes.len();
+        let before: usize = net.nodes.iter().map(|x| x.io.pod.len()).sum();
+        for i in 1..n {
+            let f = udp_frame(pod_ip(0, 2), pod_ip(i, 3), b"first");
+            let now = net.now;
+            let hub = &mut net.nodes[0];
+            hub.ov.from_pod(now, &VnetHdr::default(), &f, &mut hub.io);
+        }
+        net.run(Duration::from_secs(2));
+        net.nodes.iter().map(|x| x.io.pod.len()).sum::<usize>() - before
+    }
+
+    /// The idle cost of one node with 256 peers (issue 22): per minute,
+    /// when nothing was ever sent, right after every peer was used once,
+    /// and minutes after that. Idle costs what traffic asked for: nothing
+    /// cold, a NAT keepalive per peer and 25 s while the sessions last,
+    /// nothing once they lapsed; a wake runs only the peers that are due.
+    #[test]
+    fn idle_cost_with_256_peers() {
+        let mut net = star(256);
+        net.run(Duration::from_secs(5));
+        let cold = Minute::of(&mut net, Duration::from_secs(60));
+        let delivered = use_every_peer(&mut net);
+        let used = Minute::of(&mut net, Duration::from_secs(60));
+        net.run(Duration::from_secs(180));
+        let later = Minute::of(&mut net, Duration::from_secs(60));
+        eprintln!("256 peers: cold {cold:?}; delivered {delivered}; minute after use {used:?}; four minutes later {later:?}");
+        assert_eq!(delivered, 256, "every first frame arrived");
+        assert_eq!((cold.sent, cold.received, cold.peer_runs), (0, 0, 0));
+        assert!(cold.wakes <= 2, "housekeeping only: {cold:?}");
+        // Every peer's path is a reflexive candidate (a NAT on it): one
+        // keepalive per 25 s each, the hub's only (the peers hear it).
+        // One probe each as well: the frame got no reply, so the path is
+        // checked once (WireGuard's passive keepalive), and the answer
+        // settles it.
+        assert!(used.sent <= 256 * 4, "{used:?}");
+        assert!(used.received <= 256 * 4, "{used:?}");
+        // Their timers coalesce on the grid: a handful of wakes, and a
+        // wake runs only the peers due (about a keepalive each).
+        assert!(used.wakes <= 20, "{used:?}");
+        assert!(used.peer_runs <= 256 * 4, "{used:?}");
+        assert_eq!((later.sent, later.received, later.peer_runs), (0, 0, 0));
+    }
+
+    /// Node 0's datagrams to node 1, and what kind (transport, handshake).
+    fn sent_by(net: &Net, from: usize, since: usize, t: u8) -> usize {
+        net.log[since..]
+            .iter()
+            .filter(|(a, _, d)| *a == from && d[0] == t)
+            .count()
+    }
+
+    #[test]
+    fn a_frame_to_an_idle_peer_makes_one_handshake_and_arrives_after_it() {
+        let mut net = net(2, |_, _| {});
+        net.run(Duration::from_secs(5));
+        assert!(net.log.is_empty(), "nothing before any traffic");
+        let st = net.nodes[0].ov.status();
+        assert_eq!(st[0].state, PeerState::Idle);
+        assert_eq!(PeerState::Idle.as_str(), "idle");
+        assert!(PeerState::Idle.healthy() && !PeerState::Down.healthy());
+        let frames: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| udp_frame(pod_ip(0, 2), pod_ip(1, 3), &[i; 20]))
+            .collect();
+        let now = net.now;
+        for f in &frames {
+            let n = &mut net.nodes[0];
+            n.ov.from_pod(now, &VnetHdr::default(), f, &mut n.io);
+        }
+        assert_eq!(net.nodes[0].ov.stats().queued, 3);
+        // The handshake leaves at the next wake: now, not on the grid.
+        assert!(net.nodes[0].ov.poll_timeout() <= now);
+        net.run(Duration::from_millis(50));
+        assert_eq!(net.nodes[1].io.pod, frames, "all three, in order");
+        assert_eq!(sent_by(&net, 0, 0, wire::INITIATION), 1);
+        assert_eq!(sent_by(&net, 1, 0, wire::INITIATION), 0);
+        assert!(net.connected(0, 1) && net.connected(1, 0));
+        // The reply needs no handshake of its own.
+        let back = udp_frame(pod_ip(1, 3), pod_ip(0, 2), b"reply");
+        net.send_pod(1, &back);
+        assert_eq!(net.nodes[0].io.pod, vec![back]);
+    }
+
+    #[test]
+    fn the_queue_of_an_idle_peer_is_bounded() {
+        let mut net = net(2, |_, _| {});
+        let now = net.now;
+        for i in 0..100u32 {
+            let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), &i.to_be_bytes());
+            let n = &mut net.nodes[0];
+            n.ov.from_pod(now, &VnetHdr::default(), &f, &mut n.io);
+        }
+        let st = net.nodes[0].ov.stats().clone();
+        assert_eq!((st.queued, st.queue_drops), (32, 68));
+        net.run(Duration::from_millis(100));
+        assert_eq!(net.nodes[1].io.pod.len(), 32);
+        // A peer whose handshakes never complete loses its queue when the
+        // round gives up, and does not hold it forever.
+        let mut lost = super::tests::net(2, |_, _| {});
+        lost.drop = Box::new(|_, _, _| true);
+        lost.kick(0, 1);
+        lost.run(Duration::from_secs(100));
+        let st = lost.nodes[0].ov.stats();
+        assert_eq!((st.queued, st.queue_drops), (1, 1));
+    }
+
+    #[test]
+    fn an_unused_session_lapses_to_idle_without_a_peer_down() {
+        let mut net = connect_all(2);
+        while net.nodes[0].ov.poll_event().is_some() {}
+        net.run(Duration::from_secs(200));
+        assert_eq!(net.nodes[0].ov.status()[0].state, PeerState::Idle);
+        assert_eq!(net.nodes[1].ov.status()[0].state, PeerState::Idle);
+        assert_eq!(net.nodes[0].ov.poll_event(), None, "idle is not down");
+        // Nothing is due for an idle peer: the next wake is housekeeping.
+        let ov = &net.nodes[0].ov;
+        assert_eq!(ov.poll_timeout(), ov.housekeeping);
+        assert!(ov.peers[0].as_ref().is_some_and(|p| p.deadline.is_none()));
+        let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"again");
+        net.kick(0, 1);
+        net.send_pod(0, &f);
+        net.run(Duration::from_millis(50));
+        assert_eq!(net.nodes[1].io.pod.last(), Some(&f));
+    }
+
+    #[test]
+    fn an_idle_up_peer_gets_only_nat_keepalives_and_the_next_wake_is_one() {
+        for local in [false, true] {
+            let mut net = net(2, |_, _| {});
+            if local {
+                // Host candidates on one segment: no NAT on the path.
+                let now = net.now;
+                let mut infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
+                for i in &mut infos {
+                    i.candidates[0].class = Class::Local;
+                }
+                for n in &mut net.nodes {
+                    n.ov.set_peers(now, &infos);
+                }
+            }
+            net.kick(0, 1);
+            net.run(Duration::from_secs(15));
+            assert!(net.connected(0, 1));
+            let since = net.log.len();
+            let now = net.now;
+            let next = net.nodes[0].ov.poll_timeout();
+            net.run(Duration::from_secs(100));
+            let sent: Vec<usize> = (0..2)
+                .map(|i| net.log[since..].iter().filter(|(a, _, _)| *a == i).count())
+                .collect();
+            if local {
+                assert_eq!(sent, vec![0, 0], "no NAT, nothing to hold");
+            } else {
+                // One keepalive per 25 s from each side, nothing else (no
+                // probes, no rekey: the session is not wanted).
+                assert!(sent.iter().all(|s| (3..=4).contains(s)), "{sent:?}");
+                let wait = next - now;
+                assert!(wait <= Duration::from_secs(25), "{wait:?}");
+                assert!(wait >= Duration::from_secs(10), "{wait:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_quiet_active_path_is_detected_within_5s_while_traffic_flows() {
+        let mut net = connect_all(2);
+        net.run(Duration::from_secs(30));
+        // Node 1 stops being heard; node 0 keeps sending.
+        net.drop = Box::new(|from, _, _| from == 1);
+        let t0 = net.now;
+        while net.now < t0 + Duration::from_secs(6) {
+            net.kick(0, 1);
+            net.run(Duration::from_millis(200));
+            let st = &net.nodes[0].ov.status()[0];
+            if st.path.is_none() {
+                let took = net.now - t0;
+                assert!(took <= Duration::from_secs(5), "{took:?}");
+                assert_ne!(st.state, PeerState::Connected);
+                return;
+            }
+        }
+        panic!("the dead path was not noticed");
     }
 
     #[test]
@@ -2209,6 +2873,7 @@ mod tests {
         let mut infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
         infos[0].stale = true;
         net.nodes[1].ov.set_peers(now, &infos);
+        net.kick(0, 1);
         net.run(Duration::from_secs(10));
         assert!(net.connected(0, 1) && net.connected(1, 0));
         assert!(net.nodes[0].ov.stats().cookies_sent > 0);
@@ -2240,6 +2905,7 @@ mod tests {
         // The impostor's record goes: node 1 is believed again.
         infos.truncate(2);
         net.nodes[0].ov.set_peers(now, &infos);
+        net.kick(0, 1);
         net.run(Duration::from_secs(3));
         assert!(net.connected(0, 1));
     }

@@ -18,5 +18,6 @@ pub mod replay;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod stack;
+mod timers;
 pub mod tunnel;
 pub mod wire;

@@ -394,11 +394,24 @@ impl Paths {
         }
     }
 
-    /// Earliest moment `poll` has something to do.
-    pub fn next_deadline(&self, cfg: &PathConfig) -> Option<Instant> {
+    /// No probe of the active path before its interval from now (it was
+    /// heard from since traffic last went to it): as traffic on it does.
+    pub fn defer_active(&mut self, now: Instant, cfg: &PathConfig) {
+        if let Some(p) = self.active.and_then(|i| self.list.get_mut(i)) {
+            if p.probe.is_none() {
+                p.next_probe = p.next_probe.max(now + cfg.active_interval);
+            }
+        }
+    }
+
+    /// Earliest moment `poll` has something to do (`skip_active`: on
+    /// paths other than the active one).
+    pub fn next_deadline(&self, cfg: &PathConfig, skip_active: bool) -> Option<Instant> {
         self.list
             .iter()
-            .map(|p| match p.probe {
+            .enumerate()
+            .filter(|(i, _)| !skip_active || self.active != Some(*i))
+            .map(|(_, p)| match p.probe {
                 // Nothing is sent on a path while its probe is out.
                 Some((_, sent)) => sent + cfg.probe_timeout,
                 None => p.next_probe,

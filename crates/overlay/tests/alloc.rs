@@ -150,6 +150,13 @@ fn steady_state_frames_allocate_nothing() {
         w.len = 0;
     }
     let wall = Duration::from_secs(1_700_000_000);
+    // Sessions are made on demand: a first frame (queued) starts them.
+    let first = tcp_frame(
+        Ipv4Addr::new(10, 244, 1, 2),
+        Ipv4Addr::new(10, 244, 2, 3),
+        10,
+    );
+    a.from_pod(now, &VnetHdr::default(), &first, &mut wa);
     for _ in 0..60 {
         now += Duration::from_millis(50);
         a.handle_timeout(now, wall + now.duration_since(start), &mut wa);

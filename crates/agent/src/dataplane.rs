@@ -643,7 +643,7 @@ impl Dataplane {
                     }
                 }
                 StackEvent::UdpClose { conn } => self.io.close_udp(conn),
-                StackEvent::Peer(e) => {
+                StackEvent::Overlay(e) => {
                     let turn = self.turn_servers();
                     self.log.peer_event(Instant::now(), &e, &turn);
                 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use evio_overlay::bucket::TokenBucket;
 use evio_overlay::engine::Event;
 use evio_overlay::nat::{TurnState, TurnTransport};
-use evio_overlay::path::{Class, PathAddr, Via};
+use evio_overlay::path::{PathAddr, Rank, Via};
 use evio_overlay::reason::PathWhy;
 
 /// Lines per peer and kind: this many at once...
@@ -71,14 +71,14 @@ impl LogLimiter {
 
 /// A path as a person reads it: its class and address, and the TURN server
 /// it goes through when it leaves through one of our allocations.
-pub fn show_path(p: Option<(PathAddr, Class)>, turn: &[SocketAddr]) -> String {
+pub fn show_path(p: Option<(PathAddr, Rank)>, turn: &[SocketAddr]) -> String {
     let Some((a, class)) = p else {
         return "none".into();
     };
     let class = match class {
-        Class::Local => "local",
-        Class::Direct => "direct",
-        Class::Relay => "relay",
+        Rank::Local => "local",
+        Rank::Direct => "direct",
+        Rank::Relay => "relay",
     };
     match a.via {
         Via::Direct => format!("{class} {}", a.remote),
@@ -91,16 +91,16 @@ pub fn show_path(p: Option<(PathAddr, Class)>, turn: &[SocketAddr]) -> String {
 
 /// Why a path changed, in the operator's words: a fall back to the relay
 /// and an upgrade from it are named as such.
-pub fn path_reason(old: Option<Class>, new: Option<Class>, why: PathWhy) -> String {
+pub fn path_reason(old: Option<Rank>, new: Option<Rank>, why: PathWhy) -> String {
     match (old, new, why) {
-        (Some(o), Some(Class::Relay), PathWhy::ProbesLost) if o != Class::Relay => {
+        (Some(o), Some(Rank::Relay), PathWhy::ProbesLost) if o != Rank::Relay => {
             "relay fallback: the direct path lost its probes".into()
         }
-        (Some(o), Some(Class::Relay), PathWhy::Roamed) if o != Class::Relay => {
+        (Some(o), Some(Rank::Relay), PathWhy::Roamed) if o != Rank::Relay => {
             "relay fallback: the direct path went quiet, the peer reaches us through a relay".into()
         }
         (_, None, PathWhy::ProbesLost) => "probes lost: no path answers".into(),
-        (Some(Class::Relay), Some(n), PathWhy::BetterClass) if n != Class::Relay => {
+        (Some(Rank::Relay), Some(n), PathWhy::BetterClass) if n != Rank::Relay => {
             "a direct path answers: upgraded from the relay".into()
         }
         _ => why.as_str().into(),
@@ -274,37 +274,35 @@ mod tests {
         };
         let turn = ["203.0.113.1:3478".parse().unwrap()];
         assert_eq!(
-            show_path(Some((relayed, Class::Relay)), &turn),
+            show_path(Some((relayed, Rank::Relay)), &turn),
             "relay 203.0.113.12:5800 via TURN 203.0.113.1:3478"
         );
         assert_eq!(
-            show_path(Some((direct, Class::Direct)), &turn),
+            show_path(Some((direct, Rank::Direct)), &turn),
             "direct 203.0.113.12:5800"
         );
         assert_eq!(show_path(None, &turn), "none");
         let r = |o, n, w| path_reason(o, n, w);
-        assert!(r(Some(Class::Local), Some(Class::Relay), PathWhy::Roamed)
-            .starts_with("relay fallback"));
         assert!(
-            r(Some(Class::Direct), Some(Class::Relay), PathWhy::ProbesLost)
+            r(Some(Rank::Local), Some(Rank::Relay), PathWhy::Roamed).starts_with("relay fallback")
+        );
+        assert!(
+            r(Some(Rank::Direct), Some(Rank::Relay), PathWhy::ProbesLost)
                 .starts_with("relay fallback")
         );
-        assert!(r(
-            Some(Class::Relay),
-            Some(Class::Direct),
-            PathWhy::BetterClass
-        )
-        .contains("upgraded"));
+        assert!(
+            r(Some(Rank::Relay), Some(Rank::Direct), PathWhy::BetterClass).contains("upgraded")
+        );
         assert_eq!(
-            r(None, Some(Class::Direct), PathWhy::First),
+            r(None, Some(Rank::Direct), PathWhy::First),
             "first path to answer"
         );
         assert_eq!(
-            r(Some(Class::Direct), None, PathWhy::ProbesLost),
+            r(Some(Rank::Direct), None, PathWhy::ProbesLost),
             "probes lost: no path answers"
         );
         assert_eq!(
-            r(Some(Class::Direct), Some(Class::Direct), PathWhy::BetterRtt),
+            r(Some(Rank::Direct), Some(Rank::Direct), PathWhy::BetterRtt),
             "better RTT"
         );
     }

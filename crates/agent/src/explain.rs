@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use evio_overlay::crypto::b64;
 use evio_overlay::engine::{PeerDetail, PeerState};
 use evio_overlay::nat::{TurnState, TurnTransport};
-use evio_overlay::path::{Class, Origin, Via};
+use evio_overlay::path::{Origin, Rank, Via};
 use serde_json::{json, Value};
 
 use crate::events::path_reason;
@@ -57,7 +57,7 @@ impl PathState {
 #[derive(Debug, Clone)]
 pub struct PathFacts {
     pub remote: SocketAddr,
-    pub class: Class,
+    pub class: Rank,
     /// The TURN server it goes through (our allocation), if any.
     pub turn: Option<SocketAddr>,
     pub state: PathState,
@@ -100,7 +100,7 @@ pub fn verdict(f: &Facts) -> String {
         .filter(|p| matches!(p.state, PathState::Dead | PathState::Unanswered))
         .collect();
     let direct_silent: Vec<&PathFacts> = (silent.iter().copied())
-        .filter(|p| p.class != Class::Relay)
+        .filter(|p| p.class != Rank::Relay)
         .collect();
     if !f.session {
         if f.stale {
@@ -130,8 +130,8 @@ pub fn verdict(f: &Facts) -> String {
         .rtt
         .map(|r| format!(", rtt {:.1} ms", r.as_secs_f64() * 1e3))
         .unwrap_or_default();
-    if active.class != Class::Relay {
-        let class = if active.class == Class::Local {
+    if active.class != Rank::Relay {
+        let class = if active.class == Rank::Local {
             "local (same LAN)"
         } else {
             "direct"
@@ -146,7 +146,7 @@ pub fn verdict(f: &Facts) -> String {
         let answering = f
             .paths
             .iter()
-            .any(|p| p.class != Class::Relay && p.state == PathState::Standby);
+            .any(|p| p.class != Rank::Relay && p.state == PathState::Standby);
         if answering {
             return format!("a direct path answers; moving to it soon; {relay}");
         }
@@ -198,11 +198,11 @@ pub fn facts(ex: &Explain) -> Facts {
     }
 }
 
-fn class_str(c: Class) -> &'static str {
+fn class_str(c: Rank) -> &'static str {
     match c {
-        Class::Local => "local",
-        Class::Direct => "direct",
-        Class::Relay => "relay",
+        Rank::Local => "local",
+        Rank::Direct => "direct",
+        Rank::Relay => "relay",
     }
 }
 
@@ -356,7 +356,7 @@ pub fn explain_text(v: &Value) -> String {
 mod tests {
     use super::*;
 
-    fn path(remote: &str, class: Class, state: PathState, quiet: u64) -> PathFacts {
+    fn path(remote: &str, class: Rank, state: PathState, quiet: u64) -> PathFacts {
         PathFacts {
             remote: remote.parse().unwrap(),
             class,
@@ -381,17 +381,12 @@ mod tests {
 
     #[test]
     fn a_relayed_pair_names_the_direct_paths_that_do_not_answer_and_the_relay() {
-        let mut relay = path("203.0.113.12:5800", Class::Relay, PathState::Active, 0);
+        let mut relay = path("203.0.113.12:5800", Rank::Relay, PathState::Active, 0);
         relay.turn = Some("203.0.113.1:3478".parse().unwrap());
         let f = connected(vec![
-            path(
-                "203.0.113.12:5800",
-                Class::Direct,
-                PathState::Unanswered,
-                10,
-            ),
+            path("203.0.113.12:5800", Rank::Direct, PathState::Unanswered, 10),
             relay,
-            path("203.0.113.1:49152", Class::Relay, PathState::Standby, 0),
+            path("203.0.113.1:49152", Rank::Relay, PathState::Standby, 0),
         ]);
         assert_eq!(
             verdict(&f),
@@ -401,7 +396,7 @@ mod tests {
         // candidate at all.
         let f = connected(vec![path(
             "203.0.113.1:49152",
-            Class::Relay,
+            Rank::Relay,
             PathState::Active,
             0,
         )]);
@@ -413,7 +408,7 @@ mod tests {
 
     #[test]
     fn a_direct_pair_says_so_with_its_rtt() {
-        let mut p = path("192.168.1.3:5800", Class::Local, PathState::Active, 0);
+        let mut p = path("192.168.1.3:5800", Rank::Local, PathState::Active, 0);
         p.rtt = Some(Duration::from_micros(400));
         assert_eq!(
             verdict(&connected(vec![p])),
@@ -424,13 +419,8 @@ mod tests {
     #[test]
     fn without_a_session_the_failure_or_the_wait_is_named() {
         let mut f = connected(vec![
-            path(
-                "203.0.113.12:5800",
-                Class::Direct,
-                PathState::Unanswered,
-                12,
-            ),
-            path("192.168.3.2:5800", Class::Local, PathState::Unanswered, 12),
+            path("203.0.113.12:5800", Rank::Direct, PathState::Unanswered, 12),
+            path("192.168.3.2:5800", Rank::Local, PathState::Unanswered, 12),
         ]);
         f.session = false;
         f.state = PeerState::Connecting;
@@ -453,7 +443,7 @@ mod tests {
     fn a_session_without_a_path_lists_what_went_quiet() {
         let mut f = connected(vec![path(
             "203.0.113.12:5800",
-            Class::Direct,
+            Rank::Direct,
             PathState::Dead,
             4,
         )]);

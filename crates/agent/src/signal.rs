@@ -25,8 +25,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use evio_overlay::crypto::{b64, parse_key, Key};
-use evio_overlay::engine::{shared_keys, Candidate, PeerInfo, PeerState};
-use evio_overlay::path::Class;
+use evio_overlay::engine::{shared_keys, PeerCandidate, PeerInfo, PeerState};
+use evio_overlay::path::Rank;
 use evio_subnet::{
     open_overlay_store, Candidate as StoreCandidate, CandidateKind, Liveness, OverlayStore,
     PeerRecord, PeerSnapshot, ReleaseRequest, StoreOptions, StoreUrl, SubnetError,
@@ -123,20 +123,20 @@ pub struct Signalling {
 // Direct, and what we publish is read back by the same table.
 
 /// The core's class of a published candidate.
-pub(crate) fn class_of(k: CandidateKind) -> Class {
+pub(crate) fn class_of(k: CandidateKind) -> Rank {
     match k {
-        CandidateKind::Local => Class::Local,
-        CandidateKind::Reflexive => Class::Direct,
-        CandidateKind::Relay => Class::Relay,
+        CandidateKind::Local => Rank::Local,
+        CandidateKind::Reflexive => Rank::Direct,
+        CandidateKind::Relay => Rank::Relay,
     }
 }
 
 /// The kind we publish for one of our candidates.
-pub(crate) fn kind_of(c: Class) -> CandidateKind {
+pub(crate) fn kind_of(c: Rank) -> CandidateKind {
     match c {
-        Class::Local => CandidateKind::Local,
-        Class::Direct => CandidateKind::Reflexive,
-        Class::Relay => CandidateKind::Relay,
+        Rank::Local => CandidateKind::Local,
+        Rank::Direct => CandidateKind::Reflexive,
+        Rank::Relay => CandidateKind::Relay,
     }
 }
 
@@ -161,11 +161,11 @@ pub fn check_record(rec: &PeerRecord, stale: bool) -> Result<PeerInfo, String> {
         .host_address
         .as_deref()
         .and_then(|h| h.parse::<IpNet>().ok());
-    let mut candidates: Vec<Candidate> = rec
+    let mut candidates: Vec<PeerCandidate> = rec
         .candidates
         .iter()
         .filter_map(|c| {
-            Some(Candidate {
+            Some(PeerCandidate {
                 addr: c.addr.parse().ok()?,
                 class: class_of(c.kind),
             })
@@ -176,9 +176,9 @@ pub fn check_record(rec: &PeerRecord, stale: bool) -> Result<PeerInfo, String> {
             .endpoints
             .iter()
             .filter_map(|e| {
-                Some(Candidate {
+                Some(PeerCandidate {
                     addr: e.parse().ok()?,
-                    class: Class::Direct,
+                    class: Rank::Direct,
                 })
             })
             .collect();
@@ -945,9 +945,9 @@ mod tests {
     #[test]
     fn candidate_kinds_and_classes_map_both_ways() {
         for (kind, class) in [
-            (CandidateKind::Local, Class::Local),
-            (CandidateKind::Reflexive, Class::Direct),
-            (CandidateKind::Relay, Class::Relay),
+            (CandidateKind::Local, Rank::Local),
+            (CandidateKind::Reflexive, Rank::Direct),
+            (CandidateKind::Relay, Rank::Relay),
         ] {
             assert_eq!(class_of(kind), class);
             assert_eq!(kind_of(class), kind);

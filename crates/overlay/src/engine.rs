@@ -19,7 +19,7 @@ use crate::bucket::TokenBucket;
 use crate::crypto::{CookieJar, Key, Seed};
 use crate::l2::{DropReason, LocalVerdict, PeerAddrs, PeerId, PeerVerdict, Switch, SwitchConfig};
 use crate::offload::{segments, Csum, Framing, VnetHdr};
-use crate::path::{Class, PathAddr, PathConfig, Paths, ProbeDue};
+use crate::path::{PathAddr, PathConfig, Paths, ProbeDue, Rank};
 use crate::reason::{HandshakeFailure, PathWhy};
 use crate::timers::Deadlines;
 use crate::tunnel::{self, Identity, Reject, TimerAction, Tunnel, TunnelConfig};
@@ -121,9 +121,9 @@ impl OverlayConfig {
 
 /// A candidate endpoint of a peer, as published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Candidate {
+pub struct PeerCandidate {
     pub addr: SocketAddr,
-    pub class: Class,
+    pub class: Rank,
 }
 
 /// A peer as the store describes it.
@@ -134,7 +134,7 @@ pub struct PeerInfo {
     pub pod_subnet: IpNet,
     /// Host-overlay address with the host CIDR's prefix.
     pub host_addr: Option<IpNet>,
-    pub candidates: Vec<Candidate>,
+    pub candidates: Vec<PeerCandidate>,
     /// The record's liveness lapsed (its lease expired, its heartbeat is
     /// old): the node lost the store or its agent is gone. Its session, if
     /// it has one, is kept (rekeys included); without one, do not
@@ -176,7 +176,7 @@ struct Peer {
     wake: Wake,
     stats: PeerStats,
     /// The path last reported in [`Event::PathChanged`].
-    reported: Option<(PathAddr, Class)>,
+    reported: Option<(PathAddr, Rank)>,
     /// Last frame to or from it (not probes, not keepalives).
     used: Option<Instant>,
     /// Last frame sent to it: its active path is probed only when nothing
@@ -219,13 +219,13 @@ impl Peer {
     /// A NAT is on its path: the active path is not to its local-interface
     /// candidate (reflexive, learned from a translated source, relayed).
     fn behind_nat(&self) -> bool {
-        self.paths.active().is_some_and(|a| a.class != Class::Local)
+        self.paths.active().is_some_and(|a| a.class != Rank::Local)
     }
 }
 
 /// A frame for a peer whose session is being made.
 struct Queued {
-    pid: PeerId,
+    peer_id: PeerId,
     kind: u8,
     hdr: VnetHdr,
     framing: Framing,
@@ -308,8 +308,8 @@ pub enum Event {
     /// The path carrying `node`'s traffic changed: `None` is no path.
     PathChanged {
         node: String,
-        old: Option<(PathAddr, Class)>,
-        new: Option<(PathAddr, Class)>,
+        old: Option<(PathAddr, Rank)>,
+        new: Option<(PathAddr, Rank)>,
         why: PathWhy,
     },
 }
@@ -532,7 +532,8 @@ impl Overlay {
             });
             self.deadlines.rebuild(live);
         }
-        self.deadlines.earliest(|at, pid| is_due_at(peers, at, pid));
+        self.deadlines
+            .earliest(|at, peer_id| is_due_at(peers, at, peer_id));
     }
 
     /// IP addresses of TURN relays, for path classification.
@@ -565,14 +566,14 @@ impl Overlay {
             {
                 continue;
             }
-            let (pid, fresh) = match self.by_node.get(&info.node).copied() {
-                Some(pid) => {
-                    let key_changed = self.peer(pid).is_some_and(|p| p.info.key != info.key);
+            let (peer_id, fresh) = match self.by_node.get(&info.node).copied() {
+                Some(peer_id) => {
+                    let key_changed = self.peer(peer_id).is_some_and(|p| p.info.key != info.key);
                     if key_changed {
-                        self.remove_peer(pid);
+                        self.remove_peer(peer_id);
                         (self.add_peer(now, info.clone()), true)
                     } else {
-                        (pid, false)
+                        (peer_id, false)
                     }
                 }
                 None => {
@@ -583,24 +584,24 @@ impl Overlay {
                     (self.add_peer(now, info.clone()), true)
                 }
             };
-            self.update_peer(now, pid, info, &ranges, fresh);
-            if keep.len() <= pid as usize {
-                keep.resize(pid as usize + 1, false);
+            self.update_peer(now, peer_id, info, &ranges, fresh);
+            if keep.len() <= peer_id as usize {
+                keep.resize(peer_id as usize + 1, false);
             }
-            keep[pid as usize] = true;
+            keep[peer_id as usize] = true;
         }
-        for pid in 0..self.peers.len() {
-            if self.peers[pid].is_some() && !keep.get(pid).copied().unwrap_or(false) {
-                self.remove_peer(pid as PeerId);
+        for peer_id in 0..self.peers.len() {
+            if self.peers[peer_id].is_some() && !keep.get(peer_id).copied().unwrap_or(false) {
+                self.remove_peer(peer_id as PeerId);
             }
         }
         self.tidy();
     }
 
-    /// Makes peer `pid`'s timers run at the next wake-up.
-    fn due_now(&mut self, now: Instant, pid: PeerId) {
-        if let Some(p) = slot(&mut self.peers, pid) {
-            sooner(&mut self.deadlines, p, pid, now, Wake::Changed);
+    /// Makes peer `peer_id`'s timers run at the next wake-up.
+    fn due_now(&mut self, now: Instant, peer_id: PeerId) {
+        if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+            sooner(&mut self.deadlines, p, peer_id, now, Wake::Changed);
         }
     }
 
@@ -611,7 +612,7 @@ impl Overlay {
     /// would be the whole cost of the restart.
     pub fn hurry(&mut self, now: Instant) {
         let tcfg = &self.cfg.tunnel;
-        for (pid, p) in self.peers.iter_mut().enumerate() {
+        for (peer_id, p) in self.peers.iter_mut().enumerate() {
             let Some(p) = p.as_mut().filter(|p| !p.tunnel.has_session()) else {
                 continue;
             };
@@ -622,13 +623,19 @@ impl Overlay {
                 _ => {}
             }
             p.tunnel.retry_now(tcfg);
-            sooner(&mut self.deadlines, p, pid as PeerId, now, Wake::Changed);
+            sooner(
+                &mut self.deadlines,
+                p,
+                peer_id as PeerId,
+                now,
+                Wake::Changed,
+            );
         }
         self.tidy();
     }
 
-    fn peer(&self, pid: PeerId) -> Option<&Peer> {
-        self.peers.get(pid as usize).and_then(Option::as_ref)
+    fn peer(&self, peer_id: PeerId) -> Option<&Peer> {
+        self.peers.get(peer_id as usize).and_then(Option::as_ref)
     }
 
     fn add_peer(&mut self, now: Instant, info: PeerInfo) -> PeerId {
@@ -658,7 +665,7 @@ impl Overlay {
             queued: 0,
             queued_bytes: 0,
         };
-        let pid = match self.free.pop() {
+        let peer_id = match self.free.pop() {
             Some(i) => {
                 self.peers[i as usize] = Some(peer);
                 i
@@ -668,11 +675,14 @@ impl Overlay {
                 (self.peers.len() - 1) as PeerId
             }
         };
-        if let Some((key, node)) = self.peer(pid).map(|p| (p.info.key, p.info.node.clone())) {
-            self.by_key.insert(key, pid);
-            self.by_node.insert(node, pid);
+        if let Some((key, node)) = self
+            .peer(peer_id)
+            .map(|p| (p.info.key, p.info.node.clone()))
+        {
+            self.by_key.insert(key, peer_id);
+            self.by_node.insert(node, peer_id);
         }
-        pid
+        peer_id
     }
 
     /// Addresses that are the overlay itself: pod subnets, host-overlay
@@ -688,26 +698,26 @@ impl Overlay {
         ranges
     }
 
-    /// Takes the record of peer `pid` (`fresh`: just added). An unchanged
+    /// Takes the record of peer `peer_id` (`fresh`: just added). An unchanged
     /// record changes nothing: a store update of one node does not wake
     /// every peer.
     fn update_peer(
         &mut self,
         now: Instant,
-        pid: PeerId,
+        peer_id: PeerId,
         info: &PeerInfo,
         ranges: &Ranges,
         fresh: bool,
     ) {
         let relay_ips = &self.relay_ips;
-        let Some(p) = slot(&mut self.peers, pid) else {
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
         if !fresh && p.info == *info {
             return;
         }
         p.info = info.clone();
-        let cands: Vec<(PathAddr, Class)> = info
+        let cands: Vec<(PathAddr, Rank)> = info
             .candidates
             .iter()
             .filter(|c| !ranges.contains(c.addr.ip()))
@@ -721,9 +731,9 @@ impl Overlay {
             // was learned): handshake on it now, not at the next retry.
             p.tunnel.retry_now(&self.cfg.tunnel);
         }
-        sooner(&mut self.deadlines, p, pid, now, Wake::Changed);
+        sooner(&mut self.deadlines, p, peer_id, now, Wake::Changed);
         self.switch.set_peer(
-            pid,
+            peer_id,
             PeerAddrs {
                 pod_subnet: info.pod_subnet,
                 host_addr: info.host_addr.map(|n| n.addr()),
@@ -732,8 +742,8 @@ impl Overlay {
         );
     }
 
-    fn remove_peer(&mut self, pid: PeerId) {
-        let Some(p) = self.peers.get_mut(pid as usize).and_then(Option::take) else {
+    fn remove_peer(&mut self, peer_id: PeerId) {
+        let Some(p) = self.peers.get_mut(peer_id as usize).and_then(Option::take) else {
             return;
         };
         if p.phase == Phase::Connected {
@@ -745,12 +755,12 @@ impl Overlay {
             self.index.remove(i);
         }
         if p.queued > 0 {
-            self.drop_queued(pid);
+            self.drop_queued(peer_id);
         }
-        self.free.push(pid);
+        self.free.push(peer_id);
         self.by_key.remove(&p.info.key);
         self.by_node.remove(&p.info.node);
-        self.switch.remove_peer(pid);
+        self.switch.remove_peer(peer_id);
     }
 
     /// A fresh random local index.
@@ -765,8 +775,8 @@ impl Overlay {
 
     /// Makes the index map agree with the peer's tunnel after sessions came
     /// or went.
-    fn sync_indices(&mut self, pid: PeerId) {
-        let Some(p) = slot(&mut self.peers, pid) else {
+    fn sync_indices(&mut self, peer_id: PeerId) {
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
         // At most four sessions/handshakes per tunnel: a fixed array keeps
@@ -785,18 +795,18 @@ impl Overlay {
             self.index.remove(i);
         }
         for &i in live {
-            self.index.insert(i, pid);
+            self.index.insert(i, peer_id);
         }
         p.indices.clear();
         p.indices.extend_from_slice(live);
     }
 
-    /// A datagram from `from` authenticated as peer `pid`: the path it came
+    /// A datagram from `from` authenticated as peer `peer_id`: the path it came
     /// by works, and the tunnel may have gained or lost sessions.
-    fn heard_from(&mut self, now: Instant, pid: PeerId, from: PathAddr, io: &mut dyn Io) {
-        let class = self.classify(pid, from);
+    fn heard_from(&mut self, now: Instant, peer_id: PeerId, from: PathAddr, io: &mut dyn Io) {
+        let class = self.classify(peer_id, from);
         let cfg = &self.cfg.paths;
-        let Some(p) = slot(&mut self.peers, pid) else {
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
         let before = p.paths.active_addr();
@@ -805,20 +815,20 @@ impl Overlay {
         // neither may wait for a deadline computed before it existed.
         if learned || p.paths.active_addr() != before {
             if let Some(t) = p.paths.next_deadline(cfg, false) {
-                sooner(&mut self.deadlines, p, pid, t, Wake::Probe);
+                sooner(&mut self.deadlines, p, peer_id, t, Wake::Probe);
             }
         }
         if p.phase != Phase::Connected {
-            self.refresh_phase(now, pid);
+            self.refresh_phase(now, peer_id);
         }
-        self.sync_indices(pid);
-        self.note_path(pid);
-        self.flush_queued(now, pid, io);
+        self.sync_indices(peer_id);
+        self.note_path(peer_id);
+        self.flush_queued(now, peer_id, io);
     }
 
-    /// Tells, once, that the path carrying peer `pid`'s traffic changed.
-    fn note_path(&mut self, pid: PeerId) {
-        let Some(p) = slot(&mut self.peers, pid) else {
+    /// Tells, once, that the path carrying peer `peer_id`'s traffic changed.
+    fn note_path(&mut self, peer_id: PeerId) {
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
         let new = p.paths.active().map(|a| (a.addr, a.class));
@@ -835,10 +845,10 @@ impl Overlay {
         });
     }
 
-    /// Moves peer `pid` to the phase its session and paths say, and tells
+    /// Moves peer `peer_id` to the phase its session and paths say, and tells
     /// when it comes up or goes down.
-    fn refresh_phase(&mut self, now: Instant, pid: PeerId) {
-        let Some(p) = slot(&mut self.peers, pid) else {
+    fn refresh_phase(&mut self, now: Instant, peer_id: PeerId) {
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
         let session = p.tunnel.has_session();
@@ -867,9 +877,9 @@ impl Overlay {
         }
     }
 
-    fn classify(&self, pid: PeerId, addr: PathAddr) -> Class {
+    fn classify(&self, peer_id: PeerId, addr: PathAddr) -> Rank {
         let published = self
-            .peer(pid)
+            .peer(peer_id)
             .and_then(|p| p.info.candidates.iter().find(|c| c.addr == addr.remote))
             .map(|c| c.class);
         crate::path::classify(&self.relay_ips, addr, published)
@@ -1024,7 +1034,7 @@ impl Overlay {
     ) -> Result<(), Reject> {
         self.handshake_gate(now, from, d, wire::INITIATION_LEN, io)?;
         let init = tunnel::read_initiation(&self.id, &mut self.rng, d)?;
-        let Some(&pid) = self.by_key.get(&init.peer) else {
+        let Some(&peer_id) = self.by_key.get(&init.peer) else {
             let why = HandshakeFailure::UnknownKey(init.peer);
             let (node, from) = (None, Some(from));
             self.push_anon(now, Event::HandshakeFailed { node, from, why });
@@ -1035,20 +1045,20 @@ impl Overlay {
         // The PSK is the key the initiator sealed its mac1 with (during a
         // rotation, either of ours).
         let network_key = *self.id.key_of(d).ok_or(Reject::Auth)?;
-        let tunnel = &mut slot(&mut self.peers, pid)
+        let tunnel = &mut peer_mut(&mut self.peers, peer_id)
             .ok_or(Reject::UnknownPeer)?
             .tunnel;
         let rekey = tunnel.has_session();
         tunnel.respond(now, init, &network_key, (local, from), &mut msg)?;
-        self.heard_from(now, pid, from, io);
+        self.heard_from(now, peer_id, from, io);
         let out = io.datagram();
         out[..msg.len()].copy_from_slice(&msg);
         io.commit(from, msg.len());
-        if let Some(p) = slot(&mut self.peers, pid) {
+        if let Some(p) = peer_mut(&mut self.peers, peer_id) {
             p.last_tx = Some(now);
         }
-        self.due_now(now, pid);
-        self.note_handshake(pid, from, false, rekey);
+        self.due_now(now, peer_id);
+        self.note_handshake(peer_id, from, false, rekey);
         Ok(())
     }
 
@@ -1061,25 +1071,35 @@ impl Overlay {
     ) -> Result<(), Reject> {
         self.handshake_gate(now, from, d, wire::RESPONSE_LEN, io)?;
         let receiver = wire::u32_at(d, 8).ok_or(Reject::Malformed)?;
-        let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
-        let tunnel = &mut slot(&mut self.peers, pid).ok_or(Reject::NoSession)?.tunnel;
+        let peer_id = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
+        let tunnel = &mut peer_mut(&mut self.peers, peer_id)
+            .ok_or(Reject::NoSession)?
+            .tunnel;
         let rekey = tunnel.has_session();
         tunnel.on_response(now, d)?;
-        let sent = |peers: &mut [Option<Peer>]| slot(peers, pid).map(|p| p.stats.tx_packets);
+        let sent =
+            |peers: &mut [Option<Peer>]| peer_mut(peers, peer_id).map(|p| p.stats.tx_packets);
         let before = sent(&mut self.peers);
-        self.heard_from(now, pid, from, io);
+        self.heard_from(now, peer_id, from, io);
         // The first transport message confirms the session to the
         // responder: the frames queued for it, else a keepalive.
         if sent(&mut self.peers) == before {
-            self.send_inner(now, pid, Some(from), Inner::plain(kind::KEEPALIVE), 0, io);
+            self.send_inner(
+                now,
+                peer_id,
+                Some(from),
+                Inner::plain(kind::KEEPALIVE),
+                0,
+                io,
+            );
         }
-        self.due_now(now, pid);
-        self.note_handshake(pid, from, true, rekey);
+        self.due_now(now, peer_id);
+        self.note_handshake(peer_id, from, true, rekey);
         Ok(())
     }
 
-    fn note_handshake(&mut self, pid: PeerId, via: PathAddr, initiator: bool, rekey: bool) {
-        if let Some(node) = self.peer(pid).map(|p| p.info.node.clone()) {
+    fn note_handshake(&mut self, peer_id: PeerId, via: PathAddr, initiator: bool, rekey: bool) {
+        if let Some(node) = self.peer(peer_id).map(|p| p.info.node.clone()) {
             self.push_event(Event::Handshake {
                 node,
                 via,
@@ -1091,8 +1111,8 @@ impl Overlay {
 
     fn on_cookie(&mut self, now: Instant, from: PathAddr, d: &[u8]) -> Result<(), Reject> {
         let receiver = wire::u32_at(d, 4).ok_or(Reject::Malformed)?;
-        let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
-        let p = slot(&mut self.peers, pid).ok_or(Reject::NoSession)?;
+        let peer_id = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
+        let p = peer_mut(&mut self.peers, peer_id).ok_or(Reject::NoSession)?;
         p.tunnel.on_cookie(now, d, from)?;
         // The peer is under load: our next handshake carries the cookie.
         let node = Some(p.info.node.clone());
@@ -1110,9 +1130,9 @@ impl Overlay {
         io: &mut dyn Io,
     ) -> Result<(), Reject> {
         let receiver = wire::u32_at(d, 4).ok_or(Reject::Malformed)?;
-        let pid = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
+        let peer_id = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
         let tcfg = &self.cfg.tunnel;
-        let p = slot(&mut self.peers, pid).ok_or(Reject::NoSession)?;
+        let p = peer_mut(&mut self.peers, peer_id).ok_or(Reject::NoSession)?;
         let n = match p.tunnel.decrypt(now, tcfg, receiver, d, &mut self.scratch) {
             Ok(n) => n,
             Err(e) => {
@@ -1126,10 +1146,10 @@ impl Overlay {
         };
         p.stats.rx_packets += 1;
         p.stats.rx_bytes += d.len() as u64;
-        self.heard_from(now, pid, from, io);
+        self.heard_from(now, peer_id, from, io);
         let inner = Inner::parse(&self.scratch[..n]).ok_or(Reject::Malformed)?;
         if matches!(inner.kind, kind::POD_FRAME | kind::HOST_PACKET) {
-            if let Some(p) = slot(&mut self.peers, pid) {
+            if let Some(p) = peer_mut(&mut self.peers, peer_id) {
                 p.used = Some(now);
             }
         }
@@ -1144,20 +1164,26 @@ impl Overlay {
         match inner.kind {
             kind::KEEPALIVE => Ok(()),
             kind::POD_FRAME => {
-                match self.switch.from_peer(now, pid, &self.scratch[body.clone()]) {
+                match self
+                    .switch
+                    .from_peer(now, peer_id, &self.scratch[body.clone()])
+                {
                     PeerVerdict::Deliver => io.pod(&mut self.scratch[body], csum_of(inner)),
-                    PeerVerdict::Drop(r) => self.drop_from_peer(pid, r),
+                    PeerVerdict::Drop(r) => self.drop_from_peer(peer_id, r),
                 }
                 Ok(())
             }
             kind::HOST_PACKET => {
-                match self.switch.host_from_peer(pid, &self.scratch[body.clone()]) {
+                match self
+                    .switch
+                    .host_from_peer(peer_id, &self.scratch[body.clone()])
+                {
                     PeerVerdict::Deliver => io.host(&mut self.scratch[body], csum_of(inner)),
-                    PeerVerdict::Drop(r) => self.drop_from_peer(pid, r),
+                    PeerVerdict::Drop(r) => self.drop_from_peer(peer_id, r),
                 }
                 Ok(())
             }
-            kind::PROBE | kind::PROBE_REPLY => self.on_probe(now, pid, from, inner.kind, n, io),
+            kind::PROBE | kind::PROBE_REPLY => self.on_probe(now, peer_id, from, inner.kind, n, io),
             // A kind from a newer version: authenticated, so not an attack;
             // ignore it.
             _ => Ok(()),
@@ -1169,7 +1195,7 @@ impl Overlay {
     fn on_probe(
         &mut self,
         now: Instant,
-        pid: PeerId,
+        peer_id: PeerId,
         from: PathAddr,
         inner_kind: u8,
         n: usize,
@@ -1183,23 +1209,23 @@ impl Overlay {
             // Answer on the path it came by: that is the path being
             // checked.
             let reply = Inner::plain(kind::PROBE_REPLY);
-            self.send_inner(now, pid, Some(from), reply, 8, io);
+            self.send_inner(now, peer_id, Some(from), reply, 8, io);
             return Ok(());
         }
         let cfg = &self.cfg.paths;
-        if let Some(p) = slot(&mut self.peers, pid) {
+        if let Some(p) = peer_mut(&mut self.peers, peer_id) {
             p.paths.on_probe_reply(now, cfg, id);
             if let Some(t) = p.paths.next_deadline(cfg, false) {
-                sooner(&mut self.deadlines, p, pid, t, Wake::Probe);
+                sooner(&mut self.deadlines, p, peer_id, t, Wake::Probe);
             }
         }
-        self.refresh_phase(now, pid);
-        self.note_path(pid);
+        self.refresh_phase(now, peer_id);
+        self.note_path(peer_id);
         Ok(())
     }
 
-    fn drop_from_peer(&mut self, pid: PeerId, r: DropReason) {
-        if let Some(p) = slot(&mut self.peers, pid) {
+    fn drop_from_peer(&mut self, peer_id: PeerId, r: DropReason) {
+        if let Some(p) = peer_mut(&mut self.peers, peer_id) {
             p.stats.dropped += 1;
             if r == DropReason::Spoofed {
                 p.stats.spoofed += 1;
@@ -1209,17 +1235,17 @@ impl Overlay {
     }
 
     /// Encrypts `scratch[..INNER_HEADER + body]` (header written here) to
-    /// peer `pid` on `to` (default: its active path) and sends it.
+    /// peer `peer_id` on `to` (default: its active path) and sends it.
     fn send_inner(
         &mut self,
         now: Instant,
-        pid: PeerId,
+        peer_id: PeerId,
         to: Option<PathAddr>,
         inner: Inner,
         body: usize,
         io: &mut dyn Io,
     ) -> bool {
-        let Some(p) = slot(&mut self.peers, pid) else {
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return false;
         };
         let Some(to) = to.or_else(|| p.paths.active_addr()) else {
@@ -1254,15 +1280,21 @@ impl Overlay {
             return;
         }
         match self.switch.from_local(now, frame, gso, &mut self.reply) {
-            LocalVerdict::Unicast(pid) => {
-                self.send_frame(now, pid, kind::POD_FRAME, hdr, frame, Framing::Ethernet, io)
-            }
+            LocalVerdict::Unicast(peer_id) => self.send_frame(
+                now,
+                peer_id,
+                kind::POD_FRAME,
+                hdr,
+                frame,
+                Framing::Ethernet,
+                io,
+            ),
             LocalVerdict::Flood => {
-                for pid in 0..self.peers.len() as PeerId {
-                    if self.peer(pid).is_some_and(|p| p.tunnel.has_session()) {
+                for peer_id in 0..self.peers.len() as PeerId {
+                    if self.peer(peer_id).is_some_and(|p| p.tunnel.has_session()) {
                         self.send_frame(
                             now,
-                            pid,
+                            peer_id,
                             kind::POD_FRAME,
                             hdr,
                             frame,
@@ -1313,9 +1345,15 @@ impl Overlay {
     /// A packet the host sent into the host-overlay interface.
     pub fn from_host(&mut self, now: Instant, hdr: &VnetHdr, packet: &[u8], io: &mut dyn Io) {
         match self.switch.host_from_local(packet) {
-            LocalVerdict::Unicast(pid) => {
-                self.send_frame(now, pid, kind::HOST_PACKET, hdr, packet, Framing::Ip, io)
-            }
+            LocalVerdict::Unicast(peer_id) => self.send_frame(
+                now,
+                peer_id,
+                kind::HOST_PACKET,
+                hdr,
+                packet,
+                Framing::Ip,
+                io,
+            ),
             LocalVerdict::Drop(r) => self.count_drop(r),
             LocalVerdict::Flood | LocalVerdict::Reply(_) => self.count_drop(DropReason::NoRoute),
         }
@@ -1327,14 +1365,14 @@ impl Overlay {
     fn send_frame(
         &mut self,
         now: Instant,
-        pid: PeerId,
+        peer_id: PeerId,
         k: u8,
         hdr: &VnetHdr,
         frame: &[u8],
         framing: Framing,
         io: &mut dyn Io,
     ) {
-        let Some(p) = slot(&mut self.peers, pid) else {
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
         let passive = self.cfg.keep_warm.is_some();
@@ -1343,7 +1381,7 @@ impl Overlay {
         p.sent_data = Some(now);
         let up = p.tunnel.has_session() && p.paths.active().is_some();
         if !up && p.phase != Phase::Stale {
-            self.enqueue(now, pid, k, hdr, frame, framing);
+            self.enqueue(now, peer_id, k, hdr, frame, framing);
             return;
         }
         if up && recheck {
@@ -1351,8 +1389,8 @@ impl Overlay {
             // peer last answered: if nothing comes back, its path is
             // checked an interval from now.
             let at = self.on_grid(now + self.cfg.paths.active_interval);
-            if let Some(p) = slot(&mut self.peers, pid) {
-                sooner(&mut self.deadlines, p, pid, at, Wake::Probe);
+            if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+                sooner(&mut self.deadlines, p, peer_id, at, Wake::Probe);
             }
         }
         let Ok(mut segs) = segments(hdr, frame, framing) else {
@@ -1368,25 +1406,25 @@ impl Overlay {
                 },
                 Csum::Complete => Inner::plain(k),
             };
-            if !self.send_inner(now, pid, None, inner, n, io) {
+            if !self.send_inner(now, peer_id, None, inner, n, io) {
                 break;
             }
         }
     }
 
-    /// Holds a frame for peer `pid` until its session is up, and has the
+    /// Holds a frame for peer `peer_id` until its session is up, and has the
     /// handshake start at the next wake (on demand).
     #[allow(clippy::too_many_arguments)]
     fn enqueue(
         &mut self,
         now: Instant,
-        pid: PeerId,
+        peer_id: PeerId,
         kind: u8,
         hdr: &VnetHdr,
         frame: &[u8],
         framing: Framing,
     ) {
-        let Some(p) = slot(&mut self.peers, pid) else {
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
         let len = frame.len();
@@ -1399,7 +1437,7 @@ impl Overlay {
             self.queue_bytes += len;
             self.stats.queued += 1;
             self.queue.push_back(Queued {
-                pid,
+                peer_id,
                 kind,
                 hdr: *hdr,
                 framing,
@@ -1420,14 +1458,14 @@ impl Overlay {
         };
         if start {
             p.tunnel.retry_now(&self.cfg.tunnel);
-            sooner(&mut self.deadlines, p, pid, now, Wake::Changed);
+            sooner(&mut self.deadlines, p, peer_id, now, Wake::Changed);
             self.tidy();
         }
     }
 
-    /// Sends the frames queued for peer `pid` once it is up, in order.
-    fn flush_queued(&mut self, now: Instant, pid: PeerId, io: &mut dyn Io) {
-        let Some(p) = slot(&mut self.peers, pid) else {
+    /// Sends the frames queued for peer `peer_id` once it is up, in order.
+    fn flush_queued(&mut self, now: Instant, peer_id: PeerId, io: &mut dyn Io) {
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
         if p.queued == 0 || !p.tunnel.has_session() || p.paths.active().is_none() {
@@ -1438,22 +1476,22 @@ impl Overlay {
             let Some(q) = self.queue.pop_front() else {
                 break;
             };
-            if q.pid != pid {
+            if q.peer_id != peer_id {
                 self.queue.push_back(q);
                 continue;
             }
             self.queue_bytes -= q.frame.len();
-            self.send_frame(now, pid, q.kind, &q.hdr, &q.frame, q.framing, io);
+            self.send_frame(now, peer_id, q.kind, &q.hdr, &q.frame, q.framing, io);
         }
     }
 
-    /// Drops the frames queued for peer `pid` (gone, or its handshake
+    /// Drops the frames queued for peer `peer_id` (gone, or its handshake
     /// failed).
-    fn drop_queued(&mut self, pid: PeerId) {
+    fn drop_queued(&mut self, peer_id: PeerId) {
         let before = self.queue.len();
         let mut bytes = 0;
         self.queue.retain(|q| {
-            let mine = q.pid == pid;
+            let mine = q.peer_id == peer_id;
             if mine {
                 bytes += q.frame.len();
             }
@@ -1461,7 +1499,7 @@ impl Overlay {
         });
         self.queue_bytes -= bytes;
         self.stats.queue_drops += (before - self.queue.len()) as u64;
-        if let Some(p) = slot(&mut self.peers, pid) {
+        if let Some(p) = peer_mut(&mut self.peers, peer_id) {
             (p.queued, p.queued_bytes) = (0, 0);
         }
     }
@@ -1481,33 +1519,33 @@ impl Overlay {
         }
         let mut due = std::mem::take(&mut self.due);
         due.clear();
-        while let Some(pid) = self
+        while let Some(peer_id) = self
             .deadlines
-            .pop_due(now, |at, pid| is_due_at(&self.peers, at, pid))
+            .pop_due(now, |at, peer_id| is_due_at(&self.peers, at, peer_id))
         {
-            due.push(pid);
+            due.push(peer_id);
         }
-        for &pid in &due {
+        for &peer_id in &due {
             // Listed twice, or already run: its deadline moved on.
             let Some(p) = self
-                .peer(pid)
+                .peer(peer_id)
                 .filter(|p| p.deadline.is_some_and(|d| d <= now))
             else {
                 continue;
             };
             tracing::trace!(peer = %p.info.node, reason = ?p.wake, "overlay wake");
-            self.run_peer(now, wall, pid, io);
+            self.run_peer(now, wall, peer_id, io);
         }
         self.due = due;
         self.tidy();
     }
 
     /// One peer's timers, then its next deadline.
-    fn run_peer(&mut self, now: Instant, wall: Duration, pid: PeerId, io: &mut dyn Io) {
+    fn run_peer(&mut self, now: Instant, wall: Duration, peer_id: PeerId, io: &mut dyn Io) {
         self.stats.peer_runs += 1;
-        self.refresh_phase(now, pid);
+        self.refresh_phase(now, peer_id);
         let keep_warm = self.cfg.keep_warm;
-        let Some(p) = slot(&mut self.peers, pid) else {
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
         if let Phase::Pathless { since } = p.phase {
@@ -1524,21 +1562,21 @@ impl Overlay {
         let action = p.tunnel.tick(now, &self.cfg.tunnel, wanted);
         let gave_up = p.queued > 0 && !p.tunnel.handshaking() && !p.tunnel.has_session();
         if action == TimerAction::Initiate {
-            self.send_initiation(now, wall, pid, io);
+            self.send_initiation(now, wall, peer_id, io);
         } else if gave_up {
             // A handshake round ran out of time: its frames are stale.
-            self.drop_queued(pid);
+            self.drop_queued(peer_id);
         }
-        self.probe_paths(now, pid, io);
-        self.sync_indices(pid);
-        self.refresh_phase(now, pid);
-        self.note_path(pid);
-        self.set_deadline(now, pid);
+        self.probe_paths(now, peer_id, io);
+        self.sync_indices(peer_id);
+        self.refresh_phase(now, peer_id);
+        self.note_path(peer_id);
+        self.set_deadline(now, peer_id);
     }
 
-    /// Sends the probes due on peer `pid`'s paths and reports what died.
-    fn probe_paths(&mut self, now: Instant, pid: PeerId, io: &mut dyn Io) {
-        let Some(p) = slot(&mut self.peers, pid) else {
+    /// Sends the probes due on peer `peer_id`'s paths and reports what died.
+    fn probe_paths(&mut self, now: Instant, peer_id: PeerId, io: &mut dyn Io) {
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
         if !p.tunnel.has_session() {
@@ -1555,7 +1593,7 @@ impl Overlay {
                 .last_tx
                 .is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.nat_keepalive);
             if quiet && p.behind_nat() {
-                self.send_inner(now, pid, None, Inner::plain(kind::KEEPALIVE), 0, io);
+                self.send_inner(now, peer_id, None, Inner::plain(kind::KEEPALIVE), 0, io);
             }
             return;
         }
@@ -1583,15 +1621,15 @@ impl Overlay {
         let probes = std::mem::take(&mut self.probes);
         for d in &probes {
             self.scratch[INNER_HEADER..INNER_HEADER + 8].copy_from_slice(&d.id.to_le_bytes());
-            self.send_inner(now, pid, Some(d.addr), Inner::plain(kind::PROBE), 8, io);
+            self.send_inner(now, peer_id, Some(d.addr), Inner::plain(kind::PROBE), 8, io);
         }
         self.probes = probes;
     }
 
-    /// Stores when peer `pid`'s timers next run, and why.
-    fn set_deadline(&mut self, now: Instant, pid: PeerId) {
+    /// Stores when peer `peer_id`'s timers next run, and why.
+    fn set_deadline(&mut self, now: Instant, peer_id: PeerId) {
         let (tcfg, pcfg) = (&self.cfg.tunnel, &self.cfg.paths);
-        let Some(p) = self.peer(pid) else {
+        let Some(p) = self.peer(peer_id) else {
             return;
         };
         let keep_warm = self.cfg.keep_warm;
@@ -1627,12 +1665,12 @@ impl Overlay {
         // step (a deadline in the past would wake the caller at once, and
         // again). Nothing due at all (idle): no deadline.
         let next = next.map(|(t, why)| (self.on_grid(t.max(now + Duration::from_nanos(1))), why));
-        if let Some(p) = slot(&mut self.peers, pid) {
+        if let Some(p) = peer_mut(&mut self.peers, peer_id) {
             match next {
                 Some((t, why)) if p.deadline != Some(t) => {
                     p.deadline = Some(t);
                     p.wake = why;
-                    self.deadlines.push(t, pid);
+                    self.deadlines.push(t, peer_id);
                 }
                 Some(_) => {}
                 None => p.deadline = None,
@@ -1651,10 +1689,10 @@ impl Overlay {
         self.epoch + Duration::from_nanos(u64::try_from(up).unwrap_or(u64::MAX))
     }
 
-    fn send_initiation(&mut self, now: Instant, wall: Duration, pid: PeerId, io: &mut dyn Io) {
+    fn send_initiation(&mut self, now: Instant, wall: Duration, peer_id: PeerId, io: &mut dyn Io) {
         let local = self.alloc_index();
         let mut msg = [0u8; wire::INITIATION_LEN];
-        let Some(p) = slot(&mut self.peers, pid) else {
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
         // A retransmission: the last initiation went unanswered. Said once
@@ -1687,7 +1725,7 @@ impl Overlay {
                 why,
             });
         }
-        self.sync_indices(pid);
+        self.sync_indices(peer_id);
     }
 
     /// The state of every peer, for `peers` and metrics.
@@ -1711,7 +1749,7 @@ impl Overlay {
                     pod_subnet: p.info.pod_subnet,
                     host_addr: p.info.host_addr,
                     state,
-                    relayed: active.map(|a| a.class == Class::Relay),
+                    relayed: active.map(|a| a.class == Rank::Relay),
                     path: active.map(|a| a.addr),
                     rtt: active.and_then(|a| a.rtt),
                     session_born: p.tunnel.session_born(),
@@ -1755,7 +1793,7 @@ pub struct PeerDetail {
     pub status: PeerStatus,
     /// What its record publishes (those inside the overlay's own ranges
     /// are not tried).
-    pub candidates: Vec<Candidate>,
+    pub candidates: Vec<PeerCandidate>,
     /// Every path known, and whether it is alive.
     pub paths: Vec<(crate::path::Path, bool)>,
     /// Why the path in use is the one (or why there is none).
@@ -1782,19 +1820,19 @@ pub fn shared_keys(infos: &[PeerInfo]) -> Vec<(Key, Vec<String>)> {
     shared
 }
 
-/// Moves peer `pid`'s deadline to `at` if that is sooner (or it had none).
-fn sooner(deadlines: &mut Deadlines, p: &mut Peer, pid: PeerId, at: Instant, why: Wake) {
+/// Moves peer `peer_id`'s deadline to `at` if that is sooner (or it had none).
+fn sooner(deadlines: &mut Deadlines, p: &mut Peer, peer_id: PeerId, at: Instant, why: Wake) {
     if p.deadline.is_none_or(|d| at < d) {
         p.deadline = Some(at);
         p.wake = why;
-        deadlines.push(at, pid);
+        deadlines.push(at, peer_id);
     }
 }
 
-/// Whether a heap entry (`at`, `pid`) is peer `pid`'s current deadline.
-fn is_due_at(peers: &[Option<Peer>], at: Instant, pid: PeerId) -> bool {
+/// Whether a heap entry (`at`, `peer_id`) is peer `peer_id`'s current deadline.
+fn is_due_at(peers: &[Option<Peer>], at: Instant, peer_id: PeerId) -> bool {
     peers
-        .get(pid as usize)
+        .get(peer_id as usize)
         .and_then(Option::as_ref)
         .is_some_and(|p| p.deadline == Some(at))
 }
@@ -1823,10 +1861,10 @@ impl Ranges {
     }
 }
 
-/// Peer `pid`, if it is still there. A free function rather than a method so
+/// Peer `peer_id`, if it is still there. A free function rather than a method so
 /// that callers can hold it while they read the engine's other fields.
-fn slot(peers: &mut [Option<Peer>], pid: PeerId) -> Option<&mut Peer> {
-    peers.get_mut(pid as usize).and_then(Option::as_mut)
+fn peer_mut(peers: &mut [Option<Peer>], peer_id: PeerId) -> Option<&mut Peer> {
+    peers.get_mut(peer_id as usize).and_then(Option::as_mut)
 }
 
 fn csum_of(inner: Inner) -> Csum {
@@ -1841,1300 +1879,4 @@ fn csum_of(inner: Inner) -> Csum {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::crypto::StaticKeys;
-    use crate::packet::{pod_ipv4_frame, pod_mac, IPPROTO_UDP};
-    use rand::{Rng, SeedableRng};
-    use std::net::Ipv4Addr;
-
-    /// Which datagrams the simulated network loses: (from, to, bytes).
-    type DropRule = Box<dyn FnMut(usize, usize, &[u8]) -> bool>;
-
-    /// A datagram in flight between simulated nodes.
-    struct Wire {
-        from: usize,
-        to: PathAddr,
-        data: Vec<u8>,
-    }
-
-    #[derive(Default)]
-    struct FakeIo {
-        buf: Vec<u8>,
-        out: Vec<(PathAddr, Vec<u8>)>,
-        pod: Vec<Vec<u8>>,
-        host: Vec<Vec<u8>>,
-    }
-
-    impl Io for FakeIo {
-        fn datagram(&mut self) -> &mut [u8] {
-            self.buf.resize(MAX_DATAGRAM, 0);
-            &mut self.buf
-        }
-        fn commit(&mut self, to: PathAddr, len: usize) {
-            self.out.push((to, self.buf[..len].to_vec()));
-        }
-        fn pod(&mut self, frame: &mut [u8], _csum: Csum) {
-            self.pod.push(frame.to_vec());
-        }
-        fn host(&mut self, packet: &mut [u8], _csum: Csum) {
-            self.host.push(packet.to_vec());
-        }
-    }
-
-    struct Node {
-        ov: Overlay,
-        io: FakeIo,
-        addr: SocketAddr,
-        info: PeerInfo,
-    }
-
-    struct Net {
-        nodes: Vec<Node>,
-        now: Instant,
-        start: Instant,
-        /// Datagrams a test wants to look at (all that crossed).
-        log: Vec<(usize, usize, Vec<u8>)>,
-        /// Drop datagrams for which this returns true.
-        drop: DropRule,
-    }
-
-    /// Node `i`'s pod subnet: 10.244.(i+1).0/24, continuing into 10.245
-    /// past 254 nodes (the many-peer tests).
-    fn subnet(i: usize) -> IpNet {
-        let [a, b] = u16::try_from(i + 1 + 244 * 256).unwrap().to_be_bytes();
-        format!("10.{a}.{b}.0/24").parse().unwrap()
-    }
-
-    fn pod_ip(node: usize, host: u8) -> Ipv4Addr {
-        let [a, b] = u16::try_from(node + 1 + 244 * 256).unwrap().to_be_bytes();
-        Ipv4Addr::new(10, a, b, host)
-    }
-
-    fn net(n: usize, tweak: impl Fn(usize, &mut OverlayConfig)) -> Net {
-        net_seeded(7, n, tweak)
-    }
-
-    /// `n` nodes whose keys and randomness all come from `seed`.
-    fn net_seeded(seed: u64, n: usize, tweak: impl Fn(usize, &mut OverlayConfig)) -> Net {
-        let now = Instant::now();
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut nodes = Vec::new();
-        for i in 0..n {
-            let keys = StaticKeys::from_rng(&mut rng);
-            let info = PeerInfo {
-                node: format!("n{i}"),
-                key: *keys.public(),
-                pod_subnet: subnet(i),
-                host_addr: Some(
-                    format!("10.10.{}.{}/16", (i + 1) / 256, (i + 1) % 256)
-                        .parse()
-                        .unwrap(),
-                ),
-                candidates: vec![Candidate {
-                    addr: format!("203.0.{}.{}:5800", 113 + (i + 10) / 256, (i + 10) % 256)
-                        .parse()
-                        .unwrap(),
-                    class: Class::Direct,
-                }],
-                stale: false,
-                bridge_mac: None,
-            };
-            let mut cfg = OverlayConfig::new("test", subnet(i), 1380);
-            cfg.host_addr = info.host_addr.map(|a| a.addr());
-            tweak(i, &mut cfg);
-            let id = Identity::new(keys, None, "test");
-            nodes.push(Node {
-                ov: Overlay::new(now, cfg, id, rng.gen()),
-                io: FakeIo::default(),
-                addr: info.candidates[0].addr,
-                info,
-            });
-        }
-        let infos: Vec<PeerInfo> = nodes.iter().map(|n| n.info.clone()).collect();
-        for n in &mut nodes {
-            n.ov.set_peers(now, &infos);
-        }
-        Net {
-            nodes,
-            now,
-            start: now,
-            log: Vec::new(),
-            drop: Box::new(|_, _, _| false),
-        }
-    }
-
-    impl Net {
-        /// Wall clock for handshake timestamps: it moves with `now`.
-        fn wall(&self) -> Duration {
-            Duration::from_secs(1_700_000_000) + self.now.duration_since(self.start)
-        }
-
-        /// Delivers everything in flight until the network is quiet.
-        fn settle(&mut self) {
-            for _ in 0..100 {
-                let mut flight = Vec::new();
-                for (i, n) in self.nodes.iter_mut().enumerate() {
-                    for (to, data) in n.io.out.drain(..) {
-                        flight.push(Wire { from: i, to, data });
-                    }
-                }
-                if flight.is_empty() {
-                    return;
-                }
-                for w in flight {
-                    let Some(dst) = self.nodes.iter().position(|n| n.addr == w.to.remote) else {
-                        continue;
-                    };
-                    if (self.drop)(w.from, dst, &w.data) {
-                        continue;
-                    }
-                    self.log.push((w.from, dst, w.data.clone()));
-                    let from = PathAddr::direct(self.nodes[w.from].addr);
-                    let now = self.now;
-                    let n = &mut self.nodes[dst];
-                    let _ = n.ov.from_network(now, from, &w.data, &mut n.io);
-                }
-            }
-            panic!("network never settled");
-        }
-
-        /// Advances time in steps, running timers and delivering.
-        fn run(&mut self, d: Duration) {
-            let end = self.now + d;
-            while self.now < end {
-                self.now += Duration::from_millis(50);
-                for i in 0..self.nodes.len() {
-                    let wall = self.wall();
-                    let now = self.now;
-                    let n = &mut self.nodes[i];
-                    if now >= n.ov.poll_timeout() {
-                        n.ov.handle_timeout(now, wall, &mut n.io);
-                    }
-                }
-                self.settle();
-            }
-        }
-
-        fn connected(&self, a: usize, b: usize) -> bool {
-            self.nodes[a]
-                .ov
-                .status()
-                .iter()
-                .any(|s| s.node == format!("n{b}") && s.state == PeerState::Connected)
-        }
-
-        /// Node `a` has a frame for a pod of node `b` (its first, on an idle
-        /// peer, starts the handshake); nothing is delivered yet.
-        fn kick(&mut self, a: usize, b: usize) {
-            let f = udp_frame(pod_ip(a, 2), pod_ip(b, 3), b"kick");
-            let now = self.now;
-            let x = &mut self.nodes[a];
-            x.ov.from_pod(now, &VnetHdr::default(), &f, &mut x.io);
-        }
-
-        /// [`Net::run`] with a frame each way between every pair each
-        /// second: traffic that flows.
-        fn run_busy(&mut self, d: Duration) {
-            let end = self.now + d;
-            while self.now < end {
-                let n = self.nodes.len();
-                for a in 0..n {
-                    for b in (0..n).filter(|b| *b != a) {
-                        self.kick(a, b);
-                    }
-                }
-                self.run(Duration::from_secs(1));
-            }
-        }
-
-        fn send_pod(&mut self, from: usize, frame: &[u8]) {
-            let now = self.now;
-            let n = &mut self.nodes[from];
-            n.ov.from_pod(now, &VnetHdr::default(), frame, &mut n.io);
-            self.settle();
-        }
-    }
-
-    /// An Ethernet/IPv4/UDP frame between two pod addresses.
-    fn udp_frame(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
-        let ulen = 8 + payload.len();
-        let mut udp = vec![0x30, 0x39, 0x30, 0x3a, (ulen >> 8) as u8, ulen as u8, 0, 0];
-        udp.extend_from_slice(payload);
-        pod_ipv4_frame(src, dst, IPPROTO_UDP, &udp).unwrap()
-    }
-
-    fn events(ov: &mut Overlay) -> Vec<Event> {
-        std::iter::from_fn(|| ov.poll_event()).collect()
-    }
-
-    /// `n` nodes, every pair brought up by a frame each way (sessions are
-    /// made on demand).
-    fn connect_all(n: usize) -> Net {
-        let mut net = net(n, |_, _| {});
-        // One side starts (the replies ride its sessions).
-        for a in 0..n {
-            for b in (a + 1..n).filter(|b| *b != a) {
-                let f = udp_frame(pod_ip(a, 2), pod_ip(b, 3), b"hello");
-                let now = net.now;
-                let x = &mut net.nodes[a];
-                x.ov.from_pod(now, &VnetHdr::default(), &f, &mut x.io);
-            }
-        }
-        net.run(Duration::from_secs(3));
-        for x in &mut net.nodes {
-            x.io.pod.clear();
-        }
-        for a in 0..n {
-            for b in 0..n {
-                if a != b {
-                    assert!(net.connected(a, b), "n{a} -> n{b} not connected");
-                }
-            }
-        }
-        net
-    }
-
-    #[test]
-    fn three_nodes_connect_and_carry_pod_frames_both_ways() {
-        let mut net = connect_all(3);
-        let f = udp_frame(pod_ip(0, 2), pod_ip(2, 7), b"hello across");
-        net.send_pod(0, &f);
-        assert_eq!(net.nodes[2].io.pod, vec![f.clone()]);
-        assert!(
-            net.nodes[1].io.pod.is_empty(),
-            "unicast went to one peer only"
-        );
-        let back = udp_frame(pod_ip(2, 7), pod_ip(0, 2), b"and back");
-        net.send_pod(2, &back);
-        assert_eq!(net.nodes[0].io.pod, vec![back]);
-        // Nothing readable crossed the wire.
-        for (_, _, d) in &net.log {
-            assert!(!d.windows(12).any(|w| w == b"hello across"));
-        }
-        let st = net.nodes[0].ov.status();
-        let p2 = st.iter().find(|s| s.node == "n2").unwrap();
-        assert_eq!(p2.relayed, Some(false));
-        let ev = events(&mut net.nodes[0].ov);
-        for n in ["n1", "n2"] {
-            assert!(ev
-                .iter()
-                .any(|e| matches!(e, Event::Handshake { node, .. } if node == n)));
-            assert!(
-                ev.iter().any(|e| matches!(e, Event::PathChanged {
-                    node, old: None, new: Some((_, Class::Direct)), why: PathWhy::First }
-                    if node == n)),
-                "{ev:?}"
-            );
-        }
-        assert!(p2.rtt.is_some());
-        assert!(p2.stats.tx_bytes > 0 && p2.stats.rx_bytes > 0);
-    }
-
-    #[test]
-    fn host_overlay_packets_go_to_the_owner_and_sources_are_enforced() {
-        let mut net = connect_all(2);
-        let mut pkt = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"x")[14..].to_vec();
-        // Host address 10.10.0.1 -> 10.10.0.2.
-        pkt[12..16].copy_from_slice(&[10, 10, 0, 1]);
-        pkt[16..20].copy_from_slice(&[10, 10, 0, 2]);
-        let now = net.now;
-        let n = &mut net.nodes[0];
-        n.ov.from_host(now, &VnetHdr::default(), &pkt, &mut n.io);
-        net.settle();
-        assert_eq!(net.nodes[1].io.host, vec![pkt.clone()]);
-        // From node 0's host address to a pod of node 1 (a hostNetwork
-        // endpoint's reply to a remote client pod): to node 1's host.
-        pkt[16..20].copy_from_slice(&[10, 244, 2, 7]);
-        let n = &mut net.nodes[0];
-        n.ov.from_host(now, &VnetHdr::default(), &pkt, &mut n.io);
-        net.settle();
-        assert_eq!(net.nodes[1].io.host.last(), Some(&pkt));
-        // Nobody's: dropped.
-        pkt[16..20].copy_from_slice(&[10, 99, 0, 1]);
-        let n = &mut net.nodes[0];
-        n.ov.from_host(now, &VnetHdr::default(), &pkt, &mut n.io);
-        net.settle();
-        assert_eq!(net.nodes[1].io.host.len(), 2);
-    }
-
-    #[test]
-    fn a_replayed_datagram_is_dropped_and_counted() {
-        let mut net = connect_all(2);
-        let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"once");
-        net.send_pod(0, &f);
-        assert_eq!(net.nodes[1].io.pod.len(), 1);
-        let (_, _, captured) = net
-            .log
-            .iter()
-            .rev()
-            .find(|(a, b, d)| *a == 0 && *b == 1 && d[0] == wire::TRANSPORT && d.len() > 60)
-            .cloned()
-            .unwrap();
-        let from = PathAddr::direct(net.nodes[0].addr);
-        let now = net.now;
-        let n = &mut net.nodes[1];
-        assert_eq!(
-            n.ov.from_network(now, from, &captured, &mut n.io),
-            Err(Reject::Replay)
-        );
-        assert_eq!(n.io.pod.len(), 1, "the replay delivered nothing");
-        assert_eq!(n.ov.stats().rejects.get("replay"), Some(&1));
-        let st = n.ov.status();
-        assert_eq!(st[0].stats.replay, 1);
-    }
-
-    #[test]
-    fn forged_and_garbage_datagrams_are_refused_and_counted() {
-        let mut net = connect_all(2);
-        let from = PathAddr::direct("198.51.100.9:4444".parse().unwrap());
-        let now = net.now;
-        let n = &mut net.nodes[1];
-        // A transport message for a real index with a bad tag.
-        let (_, _, mut d) = net
-            .log
-            .iter()
-            .rev()
-            .find(|(a, b, d)| *a == 0 && *b == 1 && d[0] == wire::TRANSPORT)
-            .cloned()
-            .unwrap();
-        let last = d.len() - 1;
-        d[last] ^= 0x55;
-        d[8] = d[8].wrapping_add(100); // a fresh counter, so not a replay
-        assert_eq!(
-            n.ov.from_network(now, from, &d, &mut n.io),
-            Err(Reject::Auth)
-        );
-        // A forged initiation (random bytes with the right length).
-        let mut init = vec![0xab; wire::INITIATION_LEN];
-        init[..4].copy_from_slice(&[wire::INITIATION, 0, 0, 0]);
-        assert_eq!(
-            n.ov.from_network(now, from, &init, &mut n.io),
-            Err(Reject::Auth)
-        );
-        // Truncated and unknown messages.
-        assert_eq!(
-            n.ov.from_network(now, from, &[0x84, 0, 0, 0, 1], &mut n.io),
-            Err(Reject::Malformed)
-        );
-        let mut unknown = vec![0x84, 0, 0, 0, 7, 7, 7, 7];
-        unknown.resize(64, 0);
-        assert_eq!(
-            n.ov.from_network(now, from, &unknown, &mut n.io),
-            Err(Reject::NoSession)
-        );
-        assert_eq!(
-            n.ov.from_network(now, from, &[0x99; 40], &mut n.io),
-            Err(Reject::Malformed)
-        );
-        assert!(n.io.out.is_empty(), "nothing answered a forgery");
-        assert!(n.io.pod.is_empty());
-        assert_eq!(n.ov.stats().rejects.get("auth"), Some(&2));
-    }
-
-    #[test]
-    fn a_node_with_the_wrong_network_key_gets_nowhere() {
-        let mut net = net(2, |_, _| {});
-        // Rebuild node 1 with a network key the other does not have.
-        let keys = StaticKeys::generate();
-        net.nodes[1].info.key = *keys.public();
-        let cfg = OverlayConfig::new("test", subnet(1), 1380);
-        net.nodes[1].ov = Overlay::new(
-            net.now,
-            cfg,
-            Identity::new(keys, Some([9; 32]), "test"),
-            crate::crypto::seed_from_u64(9),
-        );
-        let infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
-        let now = net.now;
-        for n in &mut net.nodes {
-            n.ov.set_peers(now, &infos);
-        }
-        net.kick(1, 0);
-        net.kick(0, 1);
-        net.run(Duration::from_secs(10));
-        assert!(!net.connected(0, 1) && !net.connected(1, 0));
-        // Each side says why, naming the other by the address it came from;
-        // the initiations that go unanswered time out.
-        for (at, other) in [(0, "n1"), (1, "n0")] {
-            let ev = events(&mut net.nodes[at].ov);
-            let failed = |w: &dyn Fn(&HandshakeFailure) -> bool| {
-                ev.iter().any(|e| {
-                    matches!(e, Event::HandshakeFailed { node: Some(n), why, .. }
-                        if n == other && w(why))
-                })
-            };
-            assert!(
-                failed(&|w| *w == HandshakeFailure::WrongNetworkKey),
-                "{at}: {ev:?}"
-            );
-            assert!(
-                failed(&|w| matches!(w, HandshakeFailure::Timeout { waited, .. }
-                    if *waited >= Duration::from_secs(5))),
-                "{at}: {ev:?}"
-            );
-        }
-        // Its handshakes fail mac1 before any DH work.
-        assert!(
-            net.nodes[0]
-                .ov
-                .stats()
-                .rejects
-                .get("auth")
-                .copied()
-                .unwrap_or(0)
-                > 0
-        );
-        let f = udp_frame(pod_ip(1, 2), pod_ip(0, 3), b"let me in");
-        net.send_pod(1, &f);
-        assert!(net.nodes[0].io.pod.is_empty());
-    }
-
-    #[test]
-    fn a_key_not_in_the_store_is_refused() {
-        let mut net = net(2, |_, _| {});
-        // Node 0 does not list node 1.
-        let now = net.now;
-        let only0 = vec![net.nodes[0].info.clone()];
-        net.nodes[0].ov.set_peers(now, &only0);
-        net.kick(1, 0);
-        net.run(Duration::from_secs(3));
-        assert!(!net.connected(1, 0));
-        let key1 = net.nodes[1].info.key;
-        let ev = events(&mut net.nodes[0].ov);
-        assert!(
-            ev.iter().any(|e| matches!(e, Event::HandshakeFailed {
-                node: None, why: HandshakeFailure::UnknownKey(k), from: Some(f) }
-                if *k == key1 && f.remote == net.nodes[1].addr)),
-            "{ev:?}"
-        );
-        assert!(
-            net.nodes[0]
-                .ov
-                .stats()
-                .rejects
-                .get("unknown_peer")
-                .copied()
-                .unwrap_or(0)
-                > 0
-        );
-        assert!(net.nodes[0].ov.status().is_empty());
-    }
-
-    #[test]
-    fn frames_spoofing_another_nodes_subnet_are_dropped() {
-        let mut net = connect_all(3);
-        // A pod on node 0 claims an address of node 1's subnet.
-        let f = udp_frame(pod_ip(1, 9), pod_ip(2, 3), b"spoof");
-        // It leaves node 0 (its switch routes by destination) ...
-        net.send_pod(0, &f);
-        // ... and node 2 refuses it: the source is not node 0's.
-        assert!(net.nodes[2].io.pod.is_empty());
-        let st = net.nodes[2].ov.status();
-        assert_eq!(st.iter().find(|s| s.node == "n0").unwrap().stats.spoofed, 1);
-        assert_eq!(
-            net.nodes[2].ov.stats().switch_drops.get("spoofed"),
-            Some(&1)
-        );
-    }
-
-    #[test]
-    fn arp_for_remote_pods_is_answered_locally() {
-        let mut net = connect_all(2);
-        let mut arp = Vec::new();
-        arp.extend_from_slice(&[0xff; 6]);
-        arp.extend_from_slice(&pod_mac(pod_ip(0, 2)));
-        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
-        arp.extend_from_slice(&pod_mac(pod_ip(0, 2)));
-        arp.extend_from_slice(&pod_ip(0, 2).octets());
-        arp.extend_from_slice(&[0; 6]);
-        arp.extend_from_slice(&pod_ip(1, 5).octets());
-        let before = net.log.len();
-        net.send_pod(0, &arp);
-        assert_eq!(net.log.len(), before, "nothing crossed");
-        let reply = net.nodes[0].io.pod.pop().expect("answered");
-        assert_eq!(&reply[6..12], &pod_mac(pod_ip(1, 5)));
-    }
-
-    #[test]
-    fn sessions_rekey_on_time_and_traffic_continues() {
-        let mut net = connect_all(2);
-        let hs = |net: &Net| net.nodes[0].ov.status()[0].stats.handshakes;
-        let before = hs(&net);
-        net.run_busy(Duration::from_secs(125));
-        assert!(hs(&net) > before, "rekeyed after REKEY_AFTER_TIME");
-        net.run_busy(Duration::from_secs(70));
-        assert!(
-            net.connected(0, 1),
-            "still connected after the first session expired"
-        );
-        let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"after rekey");
-        net.send_pod(0, &f);
-        assert_eq!(net.nodes[1].io.pod.last(), Some(&f));
-    }
-
-    #[test]
-    fn sessions_rekey_on_message_count() {
-        let mut net = net(2, |_, c| {
-            c.tunnel.rekey_after_messages = 50;
-            c.tunnel.reject_after_messages = 80;
-        });
-        net.kick(0, 1);
-        net.run(Duration::from_secs(2));
-        assert!(net.connected(0, 1));
-        let before = net.nodes[0].ov.status()[0].stats.handshakes;
-        for i in 0..200u32 {
-            let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), &i.to_be_bytes());
-            net.send_pod(0, &f);
-            net.run(Duration::from_millis(50));
-        }
-        assert!(net.nodes[0].ov.status()[0].stats.handshakes >= before + 2);
-        // Frames sent while a fresh session was being made may be lost,
-        // but most arrive.
-        assert!(
-            net.nodes[1].io.pod.len() > 150,
-            "{}",
-            net.nodes[1].io.pod.len()
-        );
-    }
-
-    /// The node whose key is smaller (it initiates at once; the other
-    /// waits a second).
-    fn first_initiator(net: &Net) -> usize {
-        usize::from(net.nodes[1].info.key < net.nodes[0].info.key)
-    }
-
-    /// Only `initiator` can initiate: the other knows no address of it
-    /// (it answers where initiations come from).
-    fn one_sided(net: &mut Net, initiator: usize) {
-        let other = 1 - initiator;
-        let mut infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
-        infos[initiator].candidates.clear();
-        let now = net.now;
-        net.nodes[other].ov.set_peers(now, &infos);
-    }
-
-    fn initiations_from(net: &Net, from: usize) -> usize {
-        net.log
-            .iter()
-            .filter(|(a, _, d)| *a == from && d[0] == wire::INITIATION)
-            .count()
-    }
-
-    #[test]
-    fn lost_initiations_are_retransmitted_quickly() {
-        let mut net = net(2, |_, _| {});
-        let init = first_initiator(&net);
-        one_sided(&mut net, init);
-        let mut dropped = 0;
-        net.drop = Box::new(move |_, _, d| {
-            if d[0] == wire::INITIATION && dropped < 2 {
-                dropped += 1;
-                return true;
-            }
-            false
-        });
-        net.kick(init, 1 - init);
-        net.run(Duration::from_secs(1));
-        assert!(
-            net.connected(0, 1) && net.connected(1, 0),
-            "connected within a second despite two lost initiations"
-        );
-        assert_eq!(
-            initiations_from(&net, 1 - init),
-            0,
-            "only one side initiated"
-        );
-        assert!(initiations_from(&net, init) >= 1);
-    }
-
-    #[test]
-    fn under_a_handshake_flood_cookies_are_demanded_and_honest_peers_still_connect() {
-        let mut net = net(2, |_, c| c.handshake_load = 4);
-        let victim = 1 - first_initiator(&net);
-        let honest = 1 - victim;
-        one_sided(&mut net, honest);
-        // Valid-looking initiations (right mac1, no cookie) from another
-        // address, replayed all the time: the victim stays under load.
-        let flood_src = PathAddr::direct("198.51.100.1:1".parse().unwrap());
-        let id = Identity::new(StaticKeys::from_private(&mut [3; 32]), None, "test");
-        let mut t = Tunnel::new(&id, net.nodes[victim].info.key);
-        let mut msg = [0u8; wire::INITIATION_LEN];
-        let mut rng = StdRng::seed_from_u64(3);
-        t.initiate(&id, &mut rng, net.now, net.wall(), 1, &mut msg)
-            .unwrap();
-        net.kick(honest, victim);
-        let mut flood_events = 0;
-        for _ in 0..60 {
-            let now = net.now;
-            let n = &mut net.nodes[victim];
-            for _ in 0..10 {
-                let _ = n.ov.from_network(now, flood_src, &msg, &mut n.io);
-            }
-            n.io.out.retain(|(to, _)| *to != flood_src);
-            flood_events += events(&mut n.ov)
-                .iter()
-                .filter(|e| matches!(e, Event::HandshakeFailed { from: Some(f), .. } if *f == flood_src))
-                .count();
-            net.run(Duration::from_millis(50));
-        }
-        // 600 refusals in 3 s: the events about them are bounded.
-        assert!(
-            (1..=ANON_EVENTS as usize * 4).contains(&flood_events),
-            "{flood_events}"
-        );
-        let ev = events(&mut net.nodes[honest].ov);
-        let victim_name = format!("n{victim}");
-        assert!(
-            ev.iter().any(|e| matches!(e, Event::HandshakeFailed {
-                node: Some(n), why: HandshakeFailure::CookieNeeded, .. } if *n == victim_name)),
-            "{ev:?}"
-        );
-        let cookies_to_honest = net
-            .log
-            .iter()
-            .filter(|(a, b, d)| *a == victim && *b == honest && d[0] == wire::COOKIE_REPLY)
-            .count();
-        let st = net.nodes[victim].ov.stats();
-        assert!(
-            st.cookies_sent > cookies_to_honest as u64,
-            "the flood got cookies"
-        );
-        assert!(
-            cookies_to_honest > 0,
-            "the honest peer was asked for a cookie"
-        );
-        assert!(st.mac2_accepted > 0, "its mac2 was accepted");
-        assert!(
-            net.connected(honest, victim),
-            "the honest peer connected through the cookie round"
-        );
-    }
-
-    /// A peer whose liveness lapsed in the store keeps its working session
-    /// past rekeys and expiry, both ways; without a session it is not
-    /// contacted (but answered).
-    #[test]
-    fn a_stale_peer_keeps_its_session_but_gets_no_new_one() {
-        let mut net = connect_all(2);
-        let now = net.now;
-        for (me, other) in [(0, 1), (1, 0)] {
-            let mut infos = vec![net.nodes[me].info.clone(), net.nodes[other].info.clone()];
-            infos[1].stale = true;
-            net.nodes[me].ov.set_peers(now, &infos);
-        }
-        // Past the first session's expiry (180 s): rekeyed meanwhile.
-        net.run_busy(Duration::from_secs(200));
-        assert!(net.connected(0, 1) && net.connected(1, 0));
-        let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"stale but alive");
-        net.send_pod(0, &f);
-        assert_eq!(net.nodes[1].io.pod.last(), Some(&f));
-        // Fresh nodes: one that knows its peer only as stale does not
-        // initiate, but answers the peer that does.
-        for both_stale in [true, false] {
-            let mut fresh = super::tests::net(2, |_, _| {});
-            let now = fresh.now;
-            let infos: Vec<PeerInfo> = fresh.nodes.iter().map(|n| n.info.clone()).collect();
-            let mut view0 = infos.clone();
-            view0[1].stale = true;
-            let mut view1 = infos;
-            view1[0].stale = both_stale;
-            fresh.nodes[0].ov.set_peers(now, &view0);
-            fresh.nodes[1].ov.set_peers(now, &view1);
-            fresh.kick(0, 1);
-            fresh.kick(1, 0);
-            fresh.run(Duration::from_secs(5));
-            if both_stale {
-                assert!(fresh.log.is_empty(), "{} datagrams", fresh.log.len());
-            } else {
-                assert!(fresh.connected(0, 1) && fresh.connected(1, 0));
-                assert!(fresh
-                    .log
-                    .iter()
-                    .all(|(from, _, d)| *from == 1 || d[0] != wire::INITIATION));
-            }
-        }
-    }
-
-    /// A restarted node (fresh state, its peers still holding sessions
-    /// with its previous instance) reaches them at once when hurried,
-    /// whichever key is larger.
-    #[test]
-    fn a_hurried_restart_handshakes_at_once() {
-        for hurry in [false, true] {
-            let mut n = connect_all(2);
-            // The node whose key is larger waits 1 s before it initiates.
-            let big = usize::from(n.nodes[0].info.key < n.nodes[1].info.key);
-            let now = n.now;
-            let me = &n.nodes[big];
-            let mut cfg = OverlayConfig::new("test", me.info.pod_subnet, 1380);
-            cfg.host_addr = me.info.host_addr.map(|a| a.addr());
-            // Every peer handshaken at once (not on demand).
-            cfg.keep_warm = None;
-            let id = Identity::new(
-                StaticKeys::from_private(&mut n.nodes[big].ov.identity().keys.private().to_owned()),
-                None,
-                "test",
-            );
-            let infos: Vec<PeerInfo> = n.nodes.iter().map(|x| x.info.clone()).collect();
-            let mut fresh = Overlay::new(now, cfg, id, crate::crypto::seed_from_u64(77));
-            fresh.set_peers(now, &infos);
-            if hurry {
-                fresh.hurry(now);
-            }
-            n.nodes[big].ov = fresh;
-            n.run(Duration::from_millis(300));
-            assert_eq!(n.connected(big, 1 - big), hurry, "hurry {hurry}");
-        }
-    }
-
-    #[test]
-    fn a_removed_peer_is_forgotten() {
-        let mut net = connect_all(3);
-        let now = net.now;
-        let keep: Vec<PeerInfo> = net.nodes[..2].iter().map(|n| n.info.clone()).collect();
-        net.nodes[0].ov.set_peers(now, &keep);
-        assert!(net.nodes[0].ov.status().iter().all(|s| s.node != "n2"));
-        let f = udp_frame(pod_ip(2, 2), pod_ip(0, 3), b"from the removed node");
-        net.send_pod(2, &f);
-        assert!(net.nodes[0].io.pod.is_empty(), "its old session is gone");
-    }
-
-    /// What one node with many peers does per minute: datagrams it sends,
-    /// wake-ups, and peers whose timers ran (per-peer work).
-    #[derive(Debug, Clone, Copy, PartialEq)]
-    struct Minute {
-        sent: usize,
-        received: usize,
-        wakes: u64,
-        peer_runs: u64,
-    }
-
-    impl Minute {
-        fn of(net: &mut Net, d: Duration) -> Minute {
-            let (log0, s0) = (net.log.len(), net.nodes[0].ov.stats().clone());
-            net.run(d);
-            let s = net.nodes[0].ov.stats();
-            let new = &net.log[log0..];
-            Minute {
-                sent: new.iter().filter(|(a, _, _)| *a == 0).count(),
-                received: new.iter().filter(|(_, b, _)| *b == 0).count(),
-                wakes: s.wakes - s0.wakes,
-                peer_runs: s.peer_runs - s0.peer_runs,
-            }
-        }
-    }
-
-    /// Node 0 knowing `n` peers, each of which knows only node 0 (so the
-    /// cost measured is node 0's, not n² of the simulation).
-    fn star(n: usize) -> Net {
-        let mut net = net(n + 1, |_, _| {});
-        let now = net.now;
-        let hub = net.nodes[0].info.clone();
-        for i in 1..=n {
-            let me = net.nodes[i].info.clone();
-            net.nodes[i].ov.set_peers(now, &[hub.clone(), me]);
-        }
-        net
-    }
-
-    /// Sends one frame from node 0 to every peer; how many arrived.
-    fn use_every_peer(net: &mut Net) -> usize {
-        let n = net.nodes.len();
-        let before: usize = net.nodes.iter().map(|x| x.io.pod.len()).sum();
-        for i in 1..n {
-            let f = udp_frame(pod_ip(0, 2), pod_ip(i, 3), b"first");
-            let now = net.now;
-            let hub = &mut net.nodes[0];
-            hub.ov.from_pod(now, &VnetHdr::default(), &f, &mut hub.io);
-        }
-        net.run(Duration::from_secs(2));
-        net.nodes.iter().map(|x| x.io.pod.len()).sum::<usize>() - before
-    }
-
-    /// The idle cost of one node with 256 peers (issue 22): per minute,
-    /// when nothing was ever sent, right after every peer was used once,
-    /// and minutes after that. Idle costs what traffic asked for: nothing
-    /// cold, a NAT keepalive per peer and 25 s while the sessions last,
-    /// nothing once they lapsed; a wake runs only the peers that are due.
-    #[test]
-    fn idle_cost_with_256_peers() {
-        let mut net = star(256);
-        net.run(Duration::from_secs(5));
-        let cold = Minute::of(&mut net, Duration::from_secs(60));
-        let delivered = use_every_peer(&mut net);
-        let used = Minute::of(&mut net, Duration::from_secs(60));
-        net.run(Duration::from_secs(180));
-        let later = Minute::of(&mut net, Duration::from_secs(60));
-        eprintln!("256 peers: cold {cold:?}; delivered {delivered}; minute after use {used:?}; four minutes later {later:?}");
-        assert_eq!(delivered, 256, "every first frame arrived");
-        assert_eq!((cold.sent, cold.received, cold.peer_runs), (0, 0, 0));
-        assert!(cold.wakes <= 2, "housekeeping only: {cold:?}");
-        // Every peer's path is a reflexive candidate (a NAT on it): one
-        // keepalive per 25 s each, the hub's only (the peers hear it).
-        // One probe each as well: the frame got no reply, so the path is
-        // checked once (WireGuard's passive keepalive), and the answer
-        // settles it.
-        assert!(used.sent <= 256 * 4, "{used:?}");
-        assert!(used.received <= 256 * 4, "{used:?}");
-        // Their timers coalesce on the grid: a handful of wakes, and a
-        // wake runs only the peers due (about a keepalive each).
-        assert!(used.wakes <= 20, "{used:?}");
-        assert!(used.peer_runs <= 256 * 4, "{used:?}");
-        assert_eq!((later.sent, later.received, later.peer_runs), (0, 0, 0));
-    }
-
-    /// Node 0's datagrams to node 1, and what kind (transport, handshake).
-    fn sent_by(net: &Net, from: usize, since: usize, t: u8) -> usize {
-        net.log[since..]
-            .iter()
-            .filter(|(a, _, d)| *a == from && d[0] == t)
-            .count()
-    }
-
-    #[test]
-    fn a_frame_to_an_idle_peer_makes_one_handshake_and_arrives_after_it() {
-        let mut net = net(2, |_, _| {});
-        net.run(Duration::from_secs(5));
-        assert!(net.log.is_empty(), "nothing before any traffic");
-        let st = net.nodes[0].ov.status();
-        assert_eq!(st[0].state, PeerState::Idle);
-        assert_eq!(PeerState::Idle.as_str(), "idle");
-        assert!(PeerState::Idle.healthy() && !PeerState::Down.healthy());
-        let frames: Vec<Vec<u8>> = (0..3u8)
-            .map(|i| udp_frame(pod_ip(0, 2), pod_ip(1, 3), &[i; 20]))
-            .collect();
-        let now = net.now;
-        for f in &frames {
-            let n = &mut net.nodes[0];
-            n.ov.from_pod(now, &VnetHdr::default(), f, &mut n.io);
-        }
-        assert_eq!(net.nodes[0].ov.stats().queued, 3);
-        // The handshake leaves at the next wake: now, not on the grid.
-        assert!(net.nodes[0].ov.poll_timeout() <= now);
-        net.run(Duration::from_millis(50));
-        assert_eq!(net.nodes[1].io.pod, frames, "all three, in order");
-        assert_eq!(sent_by(&net, 0, 0, wire::INITIATION), 1);
-        assert_eq!(sent_by(&net, 1, 0, wire::INITIATION), 0);
-        assert!(net.connected(0, 1) && net.connected(1, 0));
-        // The reply needs no handshake of its own.
-        let back = udp_frame(pod_ip(1, 3), pod_ip(0, 2), b"reply");
-        net.send_pod(1, &back);
-        assert_eq!(net.nodes[0].io.pod, vec![back]);
-    }
-
-    #[test]
-    fn the_queue_of_an_idle_peer_is_bounded() {
-        let mut net = net(2, |_, _| {});
-        let now = net.now;
-        for i in 0..100u32 {
-            let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), &i.to_be_bytes());
-            let n = &mut net.nodes[0];
-            n.ov.from_pod(now, &VnetHdr::default(), &f, &mut n.io);
-        }
-        let st = net.nodes[0].ov.stats().clone();
-        assert_eq!((st.queued, st.queue_drops), (32, 68));
-        net.run(Duration::from_millis(100));
-        assert_eq!(net.nodes[1].io.pod.len(), 32);
-        // A peer whose handshakes never complete loses its queue when the
-        // round gives up, and does not hold it forever.
-        let mut lost = super::tests::net(2, |_, _| {});
-        lost.drop = Box::new(|_, _, _| true);
-        lost.kick(0, 1);
-        lost.run(Duration::from_secs(100));
-        let st = lost.nodes[0].ov.stats();
-        assert_eq!((st.queued, st.queue_drops), (1, 1));
-    }
-
-    #[test]
-    fn an_unused_session_lapses_to_idle_without_a_peer_down() {
-        let mut net = connect_all(2);
-        while net.nodes[0].ov.poll_event().is_some() {}
-        net.run(Duration::from_secs(200));
-        assert_eq!(net.nodes[0].ov.status()[0].state, PeerState::Idle);
-        assert_eq!(net.nodes[1].ov.status()[0].state, PeerState::Idle);
-        assert_eq!(net.nodes[0].ov.poll_event(), None, "idle is not down");
-        // Nothing is due for an idle peer: the next wake is housekeeping.
-        let ov = &net.nodes[0].ov;
-        assert_eq!(ov.poll_timeout(), ov.housekeeping);
-        assert!(ov.peers[0].as_ref().is_some_and(|p| p.deadline.is_none()));
-        let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"again");
-        net.kick(0, 1);
-        net.send_pod(0, &f);
-        net.run(Duration::from_millis(50));
-        assert_eq!(net.nodes[1].io.pod.last(), Some(&f));
-    }
-
-    #[test]
-    fn an_idle_up_peer_gets_only_nat_keepalives_and_the_next_wake_is_one() {
-        for local in [false, true] {
-            let mut net = net(2, |_, _| {});
-            if local {
-                // Host candidates on one segment: no NAT on the path.
-                let now = net.now;
-                let mut infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
-                for i in &mut infos {
-                    i.candidates[0].class = Class::Local;
-                }
-                for n in &mut net.nodes {
-                    n.ov.set_peers(now, &infos);
-                }
-            }
-            net.kick(0, 1);
-            net.run(Duration::from_secs(15));
-            assert!(net.connected(0, 1));
-            let since = net.log.len();
-            let now = net.now;
-            let next = net.nodes[0].ov.poll_timeout();
-            net.run(Duration::from_secs(100));
-            let sent: Vec<usize> = (0..2)
-                .map(|i| net.log[since..].iter().filter(|(a, _, _)| *a == i).count())
-                .collect();
-            if local {
-                assert_eq!(sent, vec![0, 0], "no NAT, nothing to hold");
-            } else {
-                // One keepalive per 25 s from each side, nothing else (no
-                // probes, no rekey: the session is not wanted).
-                assert!(sent.iter().all(|s| (3..=4).contains(s)), "{sent:?}");
-                let wait = next - now;
-                assert!(wait <= Duration::from_secs(25), "{wait:?}");
-                assert!(wait >= Duration::from_secs(10), "{wait:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_quiet_active_path_is_detected_within_5s_while_traffic_flows() {
-        let mut net = connect_all(2);
-        net.run(Duration::from_secs(30));
-        // Node 1 stops being heard; node 0 keeps sending.
-        net.drop = Box::new(|from, _, _| from == 1);
-        let t0 = net.now;
-        while net.now < t0 + Duration::from_secs(6) {
-            net.kick(0, 1);
-            net.run(Duration::from_millis(200));
-            let st = &net.nodes[0].ov.status()[0];
-            if st.path.is_none() {
-                let took = net.now - t0;
-                assert!(took <= Duration::from_secs(5), "{took:?}");
-                assert_ne!(st.state, PeerState::Connected);
-                return;
-            }
-        }
-        panic!("the dead path was not noticed");
-    }
-
-    #[test]
-    fn idle_nodes_send_only_probes_at_a_bounded_rate() {
-        let mut net = connect_all(2);
-        let before = net.log.len();
-        net.run(Duration::from_secs(60));
-        let per_sec = (net.log.len() - before) as f64 / 60.0;
-        // Each side probes its active path once a second and answers the
-        // other's: about 4 datagrams a second for the pair.
-        assert!(per_sec <= 5.0, "{per_sec} datagrams/s when idle");
-    }
-
-    #[test]
-    fn a_probe_shorter_than_its_header_is_malformed_and_not_answered() {
-        let mut net = connect_all(2);
-        // Something secret-ish passes through node 1's plaintext scratch.
-        let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"earlier plaintext");
-        net.send_pod(0, &f);
-        let now = net.now;
-        let before = net.log.len();
-        let n = &mut net.nodes[0];
-        for (k, len) in [(kind::PROBE, 0), (kind::PROBE, 7), (kind::PROBE_REPLY, 3)] {
-            assert!(n
-                .ov
-                .send_inner(now, 0, None, Inner::plain(k), len, &mut n.io));
-        }
-        net.settle();
-        assert_eq!(
-            net.log.len(),
-            before + 3,
-            "nothing answered the short probes"
-        );
-        assert_eq!(net.nodes[1].ov.stats().rejects.get("malformed"), Some(&3));
-    }
-
-    #[test]
-    fn a_node_under_load_completes_handshakes_it_starts() {
-        // Node 0 is under load for every handshake message, responses
-        // included; node 1 only answers (as a responder that never needs
-        // to rekey does), so it holds no cookie of node 0's unless node 0's
-        // cookie reply to its response is taken.
-        let mut net = net(2, |i, c| {
-            if i == 0 {
-                c.handshake_load = 0;
-            }
-        });
-        let now = net.now;
-        let mut infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
-        infos[0].stale = true;
-        net.nodes[1].ov.set_peers(now, &infos);
-        net.kick(0, 1);
-        net.run(Duration::from_secs(10));
-        assert!(net.connected(0, 1) && net.connected(1, 0));
-        assert!(net.nodes[0].ov.stats().cookies_sent > 0);
-        // One response refused for want of a cookie, the next one taken.
-        assert!(net.nodes[1].ov.status()[0].stats.handshakes >= 2);
-    }
-
-    #[test]
-    fn a_key_claimed_by_two_records_is_refused_for_both() {
-        let mut net = connect_all(3);
-        let now = net.now;
-        let mut infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
-        // Node 2's record now names node 1's key: a store writer with an
-        // allocation of its own claims the victim's.
-        infos[2].key = infos[1].key;
-        assert_eq!(
-            shared_keys(&infos),
-            vec![(infos[1].key, vec!["n1".to_string(), "n2".to_string()])]
-        );
-        net.nodes[0].ov.set_peers(now, &infos);
-        let st = net.nodes[0].ov.status();
-        assert!(
-            st.iter().all(|p| p.node != "n1" && p.node != "n2"),
-            "{st:?}"
-        );
-        // The same list again (an update of another record) changes nothing.
-        net.nodes[0].ov.set_peers(now, &infos);
-        assert!(net.nodes[0].ov.status().is_empty());
-        // The impostor's record goes: node 1 is believed again.
-        infos.truncate(2);
-        net.nodes[0].ov.set_peers(now, &infos);
-        net.kick(0, 1);
-        net.run(Duration::from_secs(3));
-        assert!(net.connected(0, 1));
-    }
-
-    #[test]
-    fn candidates_inside_the_overlay_are_ignored() {
-        let mut net = connect_all(2);
-        let now = net.now;
-        let mut infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
-        for addr in [
-            "10.244.1.7:5800",
-            "10.244.2.9:5800",
-            "10.10.9.9:5800",
-            "10.10.0.1:5800",
-        ] {
-            infos[1].candidates.push(Candidate {
-                addr: addr.parse().unwrap(),
-                class: Class::Direct,
-            });
-        }
-        net.nodes[0].ov.set_peers(now, &infos);
-        let st = net.nodes[0].ov.status();
-        assert_eq!(st[0].paths, 1, "only the underlay candidate is a path");
-        net.run(Duration::from_secs(2));
-        assert!(net.connected(0, 1));
-        assert!(net.log.iter().all(|(_, _, d)| d.len() > 4), "sanity");
-    }
-
-    /// A Diffie-Hellman whose generated (ephemeral) key is the all-zero
-    /// point, for an initiator that sends a small-order ephemeral: its DH
-    /// results are what the other side computes, all zeros.
-    struct LowOrderEphemeral {
-        inner: Box<dyn snow::types::Dh>,
-        low: bool,
-    }
-
-    impl snow::types::Dh for LowOrderEphemeral {
-        fn name(&self) -> &'static str {
-            self.inner.name()
-        }
-        fn pub_len(&self) -> usize {
-            32
-        }
-        fn priv_len(&self) -> usize {
-            32
-        }
-        fn set(&mut self, privkey: &[u8]) {
-            self.inner.set(privkey);
-        }
-        fn generate(&mut self, _: &mut dyn snow::types::Random) -> Result<(), snow::Error> {
-            self.low = true;
-            Ok(())
-        }
-        fn pubkey(&self) -> &[u8] {
-            if self.low {
-                &[0; 32]
-            } else {
-                self.inner.pubkey()
-            }
-        }
-        fn privkey(&self) -> &[u8] {
-            self.inner.privkey()
-        }
-        fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
-            if self.low {
-                out[..32].fill(0);
-                Ok(())
-            } else {
-                self.inner.dh(pubkey, out)
-            }
-        }
-    }
-
-    struct LowOrderResolver;
-
-    impl snow::resolvers::CryptoResolver for LowOrderResolver {
-        fn resolve_rng(&self) -> Option<Box<dyn snow::types::Random>> {
-            snow::resolvers::DefaultResolver.resolve_rng()
-        }
-        fn resolve_dh(&self, c: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
-            let inner = snow::resolvers::DefaultResolver.resolve_dh(c)?;
-            Some(Box::new(LowOrderEphemeral { inner, low: false }))
-        }
-        fn resolve_hash(&self, c: &snow::params::HashChoice) -> Option<Box<dyn snow::types::Hash>> {
-            snow::resolvers::DefaultResolver.resolve_hash(c)
-        }
-        fn resolve_cipher(
-            &self,
-            c: &snow::params::CipherChoice,
-        ) -> Option<Box<dyn snow::types::Cipher>> {
-            snow::resolvers::DefaultResolver.resolve_cipher(c)
-        }
-    }
-
-    #[test]
-    fn an_initiation_with_a_small_order_ephemeral_is_refused() {
-        use snow::resolvers::CryptoResolver;
-        let mut net = net(2, |_, _| {});
-        let now = net.now;
-        let wall = net.wall();
-        let responder = net.nodes[1].info.key;
-        // A real initiation of node 0's, made with the all-zero ephemeral:
-        // it decrypts fine on the other side (both compute es = 0).
-        let id0 = net.nodes[0].ov.identity();
-        let mut hs = snow::Builder::with_resolver(
-            tunnel::NOISE_PATTERN.parse().unwrap(),
-            Box::new(LowOrderResolver),
-        )
-        .prologue(&id0.prologue)
-        .unwrap()
-        .local_private_key(id0.keys.private())
-        .unwrap()
-        .remote_public_key(&responder)
-        .unwrap()
-        .psk(2, &[0; 32])
-        .unwrap()
-        .build_initiator()
-        .unwrap();
-        let mut msg = [0u8; wire::INITIATION_LEN];
-        wire::put_prefix(&mut msg, wire::INITIATION);
-        msg[4..8].copy_from_slice(&77u32.to_le_bytes());
-        let n = hs
-            .write_message(&tunnel::tai64n(wall), &mut msg[8..8 + wire::NOISE_INIT_LEN])
-            .unwrap();
-        assert_eq!(n, wire::NOISE_INIT_LEN);
-        assert_eq!(&msg[8..40], &[0; 32]);
-        let l = msg.len();
-        let mac1 = crate::crypto::mac(
-            &crate::crypto::mac1_key(&responder, &[0; 32]),
-            &[&msg[..l - 32]],
-        );
-        msg[l - 32..l - 16].copy_from_slice(&mac1);
-        // The unpatched responder would answer it (the engine's own check
-        // stands between): prove the message is otherwise valid.
-        let mut probe = snow::Builder::new(tunnel::NOISE_PATTERN.parse().unwrap())
-            .prologue(&net.nodes[1].ov.identity().prologue)
-            .unwrap()
-            .local_private_key(net.nodes[1].ov.identity().keys.private())
-            .unwrap()
-            .build_responder()
-            .unwrap();
-        let mut ts = [0u8; 64];
-        assert!(probe
-            .read_message(&msg[8..8 + wire::NOISE_INIT_LEN], &mut ts)
-            .is_ok());
-        let _ = snow::resolvers::DefaultResolver.resolve_rng();
-        let from = PathAddr::direct(net.nodes[0].addr);
-        let node = &mut net.nodes[1];
-        assert_eq!(
-            node.ov.from_network(now, from, &msg, &mut node.io),
-            Err(Reject::Auth)
-        );
-        assert!(node.io.out.is_empty(), "no response to it");
-    }
-
-    /// Two nodes, each holding `keys` (the lines of its network key file:
-    /// the first sends, all are accepted).
-    fn pair_with_network_keys(a: &[Key], b: &[Key]) -> Net {
-        let mut net = net(2, |_, _| {});
-        for (i, ks) in [a, b].into_iter().enumerate() {
-            let keys = StaticKeys::generate();
-            net.nodes[i].info.key = *keys.public();
-            let mut id = Identity::new(keys, ks.first().copied(), "test");
-            if let Some(k) = ks.get(1) {
-                id = id.also_accepting(*k);
-            }
-            let mut cfg = OverlayConfig::new("test", subnet(i), 1380);
-            cfg.host_addr = net.nodes[i].info.host_addr.map(|a| a.addr());
-            let seed = crate::crypto::seed_from_u64(20 + i as u64);
-            net.nodes[i].ov = Overlay::new(net.now, cfg, id, seed);
-        }
-        let infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
-        let now = net.now;
-        for n in &mut net.nodes {
-            n.ov.set_peers(now, &infos);
-        }
-        net
-    }
-
-    /// Whether a pod frame from `from` reaches `to` (a handshake first if
-    /// needed).
-    fn delivers(net: &mut Net, from: usize, to: usize) -> bool {
-        let f = udp_frame(pod_ip(from, 2), pod_ip(to, 3), b"rotation");
-        net.send_pod(from, &f);
-        net.run(Duration::from_secs(3));
-        if !net.nodes[to].io.pod.contains(&f) {
-            net.send_pod(from, &f);
-        }
-        net.nodes[to].io.pod.contains(&f)
-    }
-
-    /// A rolling rotation from key A to key B in three steps, one node at a
-    /// time: "A" -> "A B" -> "B A" -> "B". At any moment nodes are on two
-    /// adjacent steps (or the same): every such pair connects both ways.
-    /// Skipping a step is what partitions, which shows the keys matter.
-    #[test]
-    fn a_rolling_network_key_rotation_never_partitions_adjacent_steps() {
-        let (a, b) = ([0xa1; 32], [0xb2; 32]);
-        let steps: [&[Key]; 4] = [&[a], &[a, b], &[b, a], &[b]];
-        for i in 0..steps.len() {
-            for j in i..(i + 2).min(steps.len()) {
-                let mut net = pair_with_network_keys(steps[i], steps[j]);
-                assert!(delivers(&mut net, 0, 1), "step {i} -> step {j}");
-                assert!(delivers(&mut net, 1, 0), "step {j} -> step {i}");
-            }
-        }
-        for (i, j) in [(0, 3), (0, 2), (1, 3)] {
-            let mut net = pair_with_network_keys(steps[i], steps[j]);
-            assert!(
-                !delivers(&mut net, 0, 1) && !delivers(&mut net, 1, 0),
-                "step {i} and step {j} should not connect"
-            );
-        }
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn random_datagrams_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
-            let mut net = net(1, |_, _| {});
-            let from = PathAddr::direct("198.51.100.9:4444".parse().unwrap());
-            let now = net.now;
-            let n = &mut net.nodes[0];
-            let mut d = data.clone();
-            let _ = n.ov.from_network(now, from, &d, &mut n.io);
-            if d.len() > 4 {
-                d[0] = 0x81 + (d[1] % 4);
-                d[1..4].fill(0);
-                let _ = n.ov.from_network(now, from, &d, &mut n.io);
-            }
-        }
-    }
-}
+mod tests;

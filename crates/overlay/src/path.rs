@@ -38,7 +38,7 @@ impl PathAddr {
 
 /// Ranking class: lower is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Class {
+pub enum Rank {
     /// To a local-interface candidate of the peer: same LAN, no hairpin.
     Local = 0,
     Direct = 1,
@@ -89,7 +89,7 @@ impl Default for PathConfig {
 #[derive(Debug, Clone)]
 pub struct Path {
     pub addr: PathAddr,
-    pub class: Class,
+    pub class: Rank,
     pub origin: Origin,
     /// Last authenticated datagram that arrived on it.
     pub last_rx: Option<Instant>,
@@ -107,7 +107,7 @@ pub struct Path {
 }
 
 impl Path {
-    fn new(addr: PathAddr, class: Class, origin: Origin, now: Instant) -> Path {
+    fn new(addr: PathAddr, class: Rank, origin: Origin, now: Instant) -> Path {
         Path {
             addr,
             class,
@@ -127,7 +127,7 @@ impl Path {
         self.last_rx.is_some() && self.lost < cfg.dead_after
     }
 
-    fn score(&self) -> (Class, Duration) {
+    fn score(&self) -> (Rank, Duration) {
         (self.class, self.rtt.unwrap_or(Duration::from_secs(1)))
     }
 }
@@ -171,7 +171,7 @@ impl Paths {
         &mut self,
         now: Instant,
         cfg: &PathConfig,
-        cands: &[(PathAddr, Class)],
+        cands: &[(PathAddr, Rank)],
     ) -> bool {
         let active = self.active_addr();
         self.list.retain(|p| {
@@ -221,7 +221,7 @@ impl Paths {
 
     /// An authenticated datagram arrived on `addr`. Returns true when the
     /// path was new (learned). `class` classifies it if new.
-    pub fn on_rx(&mut self, now: Instant, cfg: &PathConfig, addr: PathAddr, class: Class) -> bool {
+    pub fn on_rx(&mut self, now: Instant, cfg: &PathConfig, addr: PathAddr, class: Rank) -> bool {
         let is_active = self.active_addr() == Some(addr);
         let learned = match self.find(&addr) {
             Some(i) => {
@@ -457,14 +457,14 @@ impl Paths {
 /// direct otherwise. The peer's own word comes before the relay's IP: a
 /// node on the same address as a TURN server (the public node that runs
 /// coturn, in the README's bootstrap) is reached directly on its own port.
-pub fn classify(relay_ips: &[IpAddr], addr: PathAddr, published: Option<Class>) -> Class {
+pub fn classify(relay_ips: &[IpAddr], addr: PathAddr, published: Option<Rank>) -> Rank {
     if matches!(addr.via, Via::Turn(_)) {
-        return Class::Relay;
+        return Rank::Relay;
     }
     match published {
         Some(c) => c,
-        None if relay_ips.contains(&addr.remote.ip()) => Class::Relay,
-        None => Class::Direct,
+        None if relay_ips.contains(&addr.remote.ip()) => Rank::Relay,
+        None => Rank::Direct,
     }
 }
 
@@ -487,27 +487,21 @@ mod tests {
         let relay_ips: Vec<IpAddr> = vec!["203.0.113.10".parse().unwrap()];
         // The public node's own port, on the TURN server's address.
         let node = pa("203.0.113.10:5800");
-        assert_eq!(classify(&relay_ips, node, Some(Class::Local)), Class::Local);
-        assert_eq!(
-            classify(&relay_ips, node, Some(Class::Direct)),
-            Class::Direct
-        );
+        assert_eq!(classify(&relay_ips, node, Some(Rank::Local)), Rank::Local);
+        assert_eq!(classify(&relay_ips, node, Some(Rank::Direct)), Rank::Direct);
         // A peer's allocation on that server, published or only learned.
         let alloc = pa("203.0.113.10:49160");
-        assert_eq!(
-            classify(&relay_ips, alloc, Some(Class::Relay)),
-            Class::Relay
-        );
-        assert_eq!(classify(&relay_ips, alloc, None), Class::Relay);
+        assert_eq!(classify(&relay_ips, alloc, Some(Rank::Relay)), Rank::Relay);
+        assert_eq!(classify(&relay_ips, alloc, None), Rank::Relay);
         // Through our own allocation, whatever the peer says.
         let via = PathAddr {
             via: Via::Turn(0),
             remote: "203.0.113.20:5800".parse().unwrap(),
         };
-        assert_eq!(classify(&relay_ips, via, Some(Class::Direct)), Class::Relay);
+        assert_eq!(classify(&relay_ips, via, Some(Rank::Direct)), Rank::Relay);
         assert_eq!(
             classify(&relay_ips, pa("203.0.113.20:5800"), None),
-            Class::Direct
+            Rank::Direct
         );
     }
 
@@ -524,9 +518,9 @@ mod tests {
             t0,
             &cfg,
             &[
-                (pa("192.168.1.2:5800"), Class::Local),
-                (pa("203.0.113.20:5800"), Class::Direct),
-                (relay, Class::Relay),
+                (pa("192.168.1.2:5800"), Rank::Local),
+                (pa("203.0.113.20:5800"), Rank::Direct),
+                (relay, Rank::Relay),
             ],
         );
         let mut id = 0;
@@ -568,7 +562,7 @@ mod tests {
             via: Via::Turn(0),
             remote: "203.0.113.1:50000".parse().unwrap(),
         };
-        p.set_candidates(t0, &cfg, &[(direct, Class::Direct), (relay, Class::Relay)]);
+        p.set_candidates(t0, &cfg, &[(direct, Rank::Direct), (relay, Rank::Relay)]);
         let mut id = 0;
         for d in probe_all(&mut p, t0, &cfg, &mut id) {
             p.on_probe_reply(t0 + Duration::from_millis(2), &cfg, d.id);
@@ -605,17 +599,17 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Paths::default();
         let old = pa("203.0.113.20:5800");
-        p.set_candidates(t0, &cfg, &[(old, Class::Direct)]);
-        p.on_rx(t0, &cfg, old, Class::Direct);
+        p.set_candidates(t0, &cfg, &[(old, Rank::Direct)]);
+        p.on_rx(t0, &cfg, old, Rank::Direct);
         assert_eq!(p.active_addr(), Some(old));
         // Traffic from a new port while the old one is still fresh: learned
         // but not used yet.
         let new = pa("203.0.113.20:40001");
-        assert!(p.on_rx(t0 + Duration::from_millis(100), &cfg, new, Class::Direct));
+        assert!(p.on_rx(t0 + Duration::from_millis(100), &cfg, new, Rank::Direct));
         assert_eq!(p.active_addr(), Some(old));
         // The old one is quiet for a while: the next datagram from the new
         // address moves us.
-        p.on_rx(t0 + Duration::from_secs(3), &cfg, new, Class::Direct);
+        p.on_rx(t0 + Duration::from_secs(3), &cfg, new, Rank::Direct);
         assert_eq!(p.active_addr(), Some(new));
         assert_eq!(p.why, PathWhy::Roamed);
     }
@@ -629,9 +623,9 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Paths::default();
         let a = pa("203.0.113.20:5800");
-        p.set_candidates(t0, &cfg, &[(a, Class::Direct)]);
-        p.on_rx(t0, &cfg, a, Class::Direct);
-        p.set_candidates(t0, &cfg, &[(pa("203.0.113.21:5800"), Class::Direct)]);
+        p.set_candidates(t0, &cfg, &[(a, Rank::Direct)]);
+        p.on_rx(t0, &cfg, a, Rank::Direct);
+        p.set_candidates(t0, &cfg, &[(pa("203.0.113.21:5800"), Rank::Direct)]);
         // The active path stays although no longer published.
         assert_eq!(p.active_addr(), Some(a));
         for i in 0..10 {
@@ -639,7 +633,7 @@ mod tests {
                 t0,
                 &cfg,
                 pa(&format!("203.0.113.30:{}", 1000 + i)),
-                Class::Direct,
+                Rank::Direct,
             );
         }
         assert!(p.list.len() <= 4);
@@ -652,7 +646,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Paths::default();
         let a = pa("203.0.113.20:5800");
-        p.set_candidates(t0, &cfg, &[(a, Class::Direct)]);
+        p.set_candidates(t0, &cfg, &[(a, Rank::Direct)]);
         let mut id = 0;
         let d = probe_all(&mut p, t0, &cfg, &mut id);
         p.on_probe_reply(t0, &cfg, d[0].id);
@@ -670,7 +664,7 @@ mod tests {
         let mut busy = 0;
         for ms in (0..10_000).step_by(50) {
             let now = t1 + Duration::from_millis(ms);
-            p.on_rx(now, &cfg, a, Class::Direct);
+            p.on_rx(now, &cfg, a, Rank::Direct);
             busy += probe_all(&mut p, now, &cfg, &mut id).len();
         }
         assert!(busy <= 1, "{busy} probes while traffic flowed");

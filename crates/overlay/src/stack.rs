@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::engine::{Event, Io, Overlay, PeerInfo, MAX_DATAGRAM};
 use crate::nat::{Datagram, Nat, NatEvent, Sock, Transmit, TurnState, TurnTransport};
 use crate::offload::{Csum, VnetHdr};
-use crate::path::{Class, PathAddr, Via};
+use crate::path::{PathAddr, Rank, Via};
 use crate::wire::{self, Demux};
 
 /// [`Io`], plus raw transmits of the NAT layer (STUN, TURN control,
@@ -27,7 +27,7 @@ pub trait NetIo: Io {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StackEvent {
     /// Our candidates changed: publish them.
-    Candidates(Vec<(SocketAddr, Class)>),
+    Candidates(Vec<(SocketAddr, Rank)>),
     /// Open a TCP connection to TURN server `conn` at `to`.
     TcpConnect { conn: usize, to: SocketAddr },
     /// Close the TCP connection of TURN server `conn`.
@@ -40,7 +40,7 @@ pub enum StackEvent {
     UdpClose { conn: usize },
     /// What happened to a peer (up, down, handshakes, paths): for logs,
     /// `peers --explain` and tests.
-    Peer(Event),
+    Overlay(Event),
     /// TURN server `conn`'s allocation changed state.
     Turn {
         conn: usize,
@@ -274,10 +274,10 @@ impl Stack {
 
     /// Our candidates: local, announced, then reflexive and relayed, each
     /// address once.
-    pub fn candidates(&self) -> Vec<(SocketAddr, Class)> {
-        let mut all: Vec<(SocketAddr, Class)> =
-            self.local.iter().map(|a| (*a, Class::Local)).collect();
-        let announced = self.announced.iter().map(|a| (*a, Class::Direct));
+    pub fn candidates(&self) -> Vec<(SocketAddr, Rank)> {
+        let mut all: Vec<(SocketAddr, Rank)> =
+            self.local.iter().map(|a| (*a, Rank::Local)).collect();
+        let announced = self.announced.iter().map(|a| (*a, Rank::Direct));
         for c in announced.chain(self.nat.candidates()) {
             if !all.iter().any(|(a, _)| *a == c.0) {
                 all.push(c);
@@ -327,7 +327,7 @@ impl Stack {
                 | Event::PeerDown { .. }
                 | Event::Handshake { .. }
                 | Event::HandshakeFailed { .. }
-                | Event::PathChanged { .. } => self.events.push_back(StackEvent::Peer(e)),
+                | Event::PathChanged { .. } => self.events.push_back(StackEvent::Overlay(e)),
             }
         }
         if now >= self.nat.poll_timeout() {
@@ -418,11 +418,11 @@ mod tests {
         s.set_local_candidates(now, vec![lan]);
         s.events.clear();
         s.set_announced(vec![fwd, lan]);
-        assert_eq!(s.candidates(), [(lan, Class::Local), (fwd, Class::Direct)]);
+        assert_eq!(s.candidates(), [(lan, Rank::Local), (fwd, Rank::Direct)]);
         assert!(s
             .events
             .iter()
-            .any(|e| matches!(e, StackEvent::Candidates(c) if c.contains(&(fwd, Class::Direct)))));
+            .any(|e| matches!(e, StackEvent::Candidates(c) if c.contains(&(fwd, Rank::Direct)))));
         s.events.clear();
         s.set_announced(vec![fwd, lan]);
         assert!(s.events.is_empty(), "no change, nothing to publish");

@@ -16,15 +16,15 @@ pub struct Deadlines {
 }
 
 impl Deadlines {
-    pub fn push(&mut self, at: Instant, pid: PeerId) {
-        self.heap.push(Reverse((at, pid)));
+    pub fn push(&mut self, at: Instant, peer_id: PeerId) {
+        self.heap.push(Reverse((at, peer_id)));
     }
 
     /// The earliest entry that is still current, dropping outdated ones
     /// on the way, so that the caller's next wake is a real deadline.
     pub fn earliest(&mut self, current: impl Fn(Instant, PeerId) -> bool) -> Option<Instant> {
-        while let Some(Reverse((at, pid))) = self.heap.peek().copied() {
-            if current(at, pid) {
+        while let Some(Reverse((at, peer_id))) = self.heap.peek().copied() {
+            if current(at, peer_id) {
                 return Some(at);
             }
             self.heap.pop();
@@ -38,13 +38,13 @@ impl Deadlines {
         now: Instant,
         current: impl Fn(Instant, PeerId) -> bool,
     ) -> Option<PeerId> {
-        while let Some(Reverse((at, pid))) = self.heap.peek().copied() {
+        while let Some(Reverse((at, peer_id))) = self.heap.peek().copied() {
             if at > now {
                 return None;
             }
             self.heap.pop();
-            if current(at, pid) {
-                return Some(pid);
+            if current(at, peer_id) {
+                return Some(peer_id);
             }
         }
         None
@@ -84,7 +84,7 @@ mod tests {
         d.push(t0 + s(2), 1);
         d.push(t0 + s(3), 0);
         d.push(t0 + s(1), 2);
-        let current = |at: Instant, pid: PeerId| stored[pid as usize] == at;
+        let current = |at: Instant, peer_id: PeerId| stored[peer_id as usize] == at;
         assert_eq!(d.earliest(current), Some(t0 + s(1)));
         assert_eq!(d.pop_due(t0, current), None);
         let mut due = Vec::new();

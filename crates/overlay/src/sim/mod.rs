@@ -41,7 +41,7 @@ use turn_client_proto::types::attribute::Lifetime;
 use turn_client_proto::types::message::{ALLOCATE, REFRESH};
 
 use crate::crypto::{seed_from_u64, StaticKeys};
-use crate::engine::{Candidate, Io, Overlay, OverlayConfig, PeerInfo, PeerState, MAX_DATAGRAM};
+use crate::engine::{Io, Overlay, OverlayConfig, PeerCandidate, PeerInfo, PeerState, MAX_DATAGRAM};
 use crate::nat::{Nat, NatConfig, Sock, Transmit, TurnServer, TurnTransport};
 use crate::offload::Csum;
 use crate::path::PathAddr;
@@ -760,7 +760,7 @@ impl Sim {
                 StackEvent::Candidates(c) => {
                     self.nodes[i].info.candidates = c
                         .into_iter()
-                        .map(|(addr, class)| Candidate { addr, class })
+                        .map(|(addr, class)| PeerCandidate { addr, class })
                         .collect();
                     self.store_due.get_or_insert(self.now + STORE_DELAY);
                 }

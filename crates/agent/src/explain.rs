@@ -261,35 +261,60 @@ pub fn explain_json(ex: &Explain) -> Value {
 /// The explain JSON for a person (rendered from the JSON, as `peers` is,
 /// so the CLI can show what any agent version sends).
 pub fn explain_text(v: &Value) -> String {
-    let s = |x: &Value| match x {
-        Value::Null => "-".to_string(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
     let mut out = format!(
         "peer {}  key {}\nstate {}{}  path {}  endpoint {}  rtt {} ms\n",
-        s(&v["node"]),
-        s(&v["publicKey"]),
-        s(&v["state"]),
+        text(&v["node"]),
+        text(&v["publicKey"]),
+        text(&v["state"]),
         if v["stale"] == true { " (stale)" } else { "" },
-        s(&v["path"]),
-        s(&v["endpoint"]),
-        s(&v["rttMs"]),
+        text(&v["path"]),
+        text(&v["endpoint"]),
+        text(&v["rttMs"]),
     );
     let _ = writeln!(
         out,
         "last handshake {}  last packet received {}",
-        s(&v["lastHandshake"]),
-        s(&v["lastReceived"])
+        text(&v["lastHandshake"]),
+        text(&v["lastReceived"])
     );
     if let Some(h) = v["handshake"].as_object() {
         let _ = writeln!(
             out,
             "handshaking for {} s, {} initiations",
-            s(&h["seconds"]),
-            s(&h["initiations"])
+            text(&h["seconds"]),
+            text(&h["initiations"])
         );
     }
+    candidates_text(v, &mut out);
+    out.push_str(&crate::metrics::columns(&path_rows(v)));
+    for (k, f, title) in [
+        ("lastPathChange", "change", "last path change"),
+        ("lastFailure", "reason", "last handshake failure"),
+    ] {
+        if v[k].is_object() {
+            let _ = writeln!(
+                out,
+                "{title} ({} s ago): {}",
+                text(&v[k]["secondsAgo"]),
+                text(&v[k][f])
+            );
+        }
+    }
+    let _ = writeln!(out, "verdict: {}", text(&v["verdict"]));
+    out
+}
+
+/// A JSON value as a cell: `-` for null, strings without quotes.
+fn text(x: &Value) -> String {
+    match x {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// One line per side: its candidates, and which were never tried.
+fn candidates_text(v: &Value, out: &mut String) {
     for (side, title) in [("local", "our candidates"), ("peer", "its candidates")] {
         let list: Vec<String> = (v["candidates"][side].as_array().into_iter().flatten())
             .map(|c| {
@@ -298,7 +323,7 @@ pub fn explain_text(v: &Value) -> String {
                 } else {
                     ""
                 };
-                format!("{} ({}{untried})", s(&c["addr"]), s(&c["kind"]))
+                format!("{} ({}{untried})", text(&c["addr"]), text(&c["kind"]))
             })
             .collect();
         let list = if list.is_empty() {
@@ -308,6 +333,10 @@ pub fn explain_text(v: &Value) -> String {
         };
         let _ = writeln!(out, "{title}: {list}");
     }
+}
+
+/// The paths table: a header row, then one row per path.
+fn path_rows(v: &Value) -> Vec<Vec<String>> {
     let mut rows = vec![[
         "PATH",
         "VIA",
@@ -322,34 +351,19 @@ pub fn explain_text(v: &Value) -> String {
     .to_vec()];
     for p in v["paths"].as_array().into_iter().flatten() {
         rows.push(vec![
-            s(&p["addr"]),
-            s(&p["via"]),
-            s(&p["class"]),
-            s(&p["state"]),
+            text(&p["addr"]),
+            text(&p["via"]),
+            text(&p["class"]),
+            text(&p["state"]),
             p["rttMs"]
                 .as_f64()
                 .map_or("-".into(), |r| format!("{r:.2} ms")),
-            s(&p["lostProbes"]),
-            format!("{} s", s(&p["quietSeconds"])),
-            s(&p["lastReceived"]),
+            text(&p["lostProbes"]),
+            format!("{} s", text(&p["quietSeconds"])),
+            text(&p["lastReceived"]),
         ]);
     }
-    out.push_str(&crate::metrics::columns(&rows));
-    for (k, f, title) in [
-        ("lastPathChange", "change", "last path change"),
-        ("lastFailure", "reason", "last handshake failure"),
-    ] {
-        if v[k].is_object() {
-            let _ = writeln!(
-                out,
-                "{title} ({} s ago): {}",
-                s(&v[k]["secondsAgo"]),
-                s(&v[k][f])
-            );
-        }
-    }
-    let _ = writeln!(out, "verdict: {}", s(&v["verdict"]));
-    out
+    rows
 }
 
 #[cfg(test)]

@@ -587,19 +587,19 @@ pub fn usable_host(cidr: IpNet, a: IpAddr) -> bool {
     host_range(cidr).is_ok_and(|(lo, hi)| cidr.contains(&a) && (lo..=hi).contains(&addr_value(a)))
 }
 
-/// How many of the lowest free addresses a node that lost a race picks
-/// among. With every racer on the lowest one, N nodes starting together
-/// would need N rounds (one winner each); spread uniformly over this many,
-/// each round settles up to this many, so 128 racers finish in a few
-/// rounds. Small enough that addresses stay near the bottom of the CIDR.
+/// The most of the lowest free addresses a node that lost races picks
+/// among (the spread doubles per lost race up to this). With every racer on
+/// the lowest one, N nodes starting together would need N rounds (one
+/// winner each); spread over this many, each round settles up to this
+/// many. Small enough that addresses stay near the bottom of the CIDR.
 pub(crate) const HOST_SPREAD_AFTER_LOSS: u128 = 64;
 
 /// Picks the host address of `node`: exactly `requested` when given (an
 /// error naming the holder when another node has it), else one of the
 /// `spread` lowest free ones, uniformly. The first attempt passes 1, so
 /// the first node of a network gets `.1` and addresses are predictable;
-/// after a lost race the caller passes [`HOST_SPREAD_AFTER_LOSS`] so racers
-/// stop colliding. Racing nodes that pick the same one are settled by the
+/// after lost races the caller passes more, up to [`HOST_SPREAD_AFTER_LOSS`],
+/// so racers stop colliding. Racing nodes that pick the same one are settled by the
 /// store's transaction: the loser looks again. `owner` says who holds an
 /// address; `Ok(None)` when the CIDR is full.
 pub(crate) fn pick_host(

@@ -314,13 +314,10 @@ impl OverlayBackend for EtcdStore {
                 })
                 .collect();
             let holder = |a: IpAddr| used.get(&host_key(a)).cloned();
-            // Lowest free first; once a race is lost, spread out so that
-            // many nodes starting together settle in a few rounds.
-            let spread = if rounds == 0 {
-                1
-            } else {
-                HOST_SPREAD_AFTER_LOSS
-            };
+            // Lowest free first, then over 1, 2, 4 ... 64 of the lowest free
+            // after each lost race: two nodes starting together still get
+            // .1 and .2, while a hundred settle in a dozen rounds.
+            let spread = (1u128 << rounds.saturating_sub(1).min(6)).min(HOST_SPREAD_AFTER_LOSS);
             let addr =
                 pick_host(&network, &node, cidr, requested, spread, &holder)?.ok_or_else(|| {
                     SubnetError::Exhausted {

@@ -286,9 +286,10 @@ mod overlay {
     }
 
     /// 128 nodes starting together: the first attempt of each goes for
-    /// the lowest free address, losers spread over the 64 lowest free ones,
-    /// so all succeed with distinct addresses in a few rounds (with every
-    /// loser on the lowest free one, the last would need 128 rounds).
+    /// the lowest free address, losers spread over 1, 2, 4 ... 64 of the
+    /// lowest free ones, so all succeed with distinct addresses in a dozen
+    /// rounds (with every loser on the lowest free one, the last would need
+    /// 128 rounds and hit the 64-attempt cap).
     #[test]
     fn host_addresses_race_to_the_lowest_free_values_and_survive_reconnects() {
         const RACERS: usize = 128;
@@ -344,6 +345,17 @@ mod overlay {
                 .unwrap();
             let lone = s.allocate_host(&net, "late", cidr, None).await.unwrap();
             assert_eq!((lone.addr, lone.rounds), (lowest, 1));
+            // Two nodes starting together still get .1 and .2 (the one
+            // loss of the slower one spreads over 1 address).
+            let net2 = unique_name("h2");
+            let s2 = connect(e).await;
+            let (a, b) = tokio::join!(
+                s.allocate_host(&net2, "x", cidr, None),
+                s2.allocate_host(&net2, "y", cidr, None)
+            );
+            let mut two = [a.unwrap().addr, b.unwrap().addr];
+            two.sort();
+            assert_eq!(two.map(|a| a.to_string()), ["10.10.0.1", "10.10.0.2"]);
         });
     }
 

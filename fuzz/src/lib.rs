@@ -398,8 +398,8 @@ fn overlay_node() -> &'static std::sync::Mutex<OverlayNode> {
 
 fn new_overlay_node() -> OverlayNode {
     use evio_overlay::crypto::{seed_from_u64, StaticKeys};
-    use evio_overlay::engine::{Candidate, Overlay, OverlayConfig, PeerInfo};
-    use evio_overlay::path::{Class, PathAddr};
+    use evio_overlay::engine::{PeerCandidate, Overlay, OverlayConfig, PeerInfo};
+    use evio_overlay::path::{Rank, PathAddr};
     use evio_overlay::tunnel::{Identity, Tunnel};
     use rand::SeedableRng;
     let now = std::time::Instant::now();
@@ -417,9 +417,9 @@ fn new_overlay_node() -> OverlayNode {
             key: peer_key,
             pod_subnet: parse("10.244.2.0/24"),
             host_addr: Some(parse("10.10.0.2/16")),
-            candidates: vec![Candidate {
+            candidates: vec![PeerCandidate {
                 addr: peer_addr.remote,
-                class: Class::Direct,
+                class: Rank::Direct,
             }],
             stale: false,
             bridge_mac: Some([0x7a, 0x1c, 0, 0, 0, 2]),

@@ -1,6 +1,7 @@
 //! The control socket: one request line, one answer, then close.
 //! `peers` → the JSON of OVERLAY.md; `metrics` → Prometheus text;
 //! `health` → a JSON summary (`evio-node run` serves it on /healthz);
+//! `explain NODE` → one peer in depth with a verdict (explain.rs);
 //! `leave` → the agent takes the node off the network and exits
 //! (`evio-node agent --stop-and-leave`).
 //! The socket is born mode 0600 in a directory of mode 0700 (when the agent
@@ -122,6 +123,12 @@ fn serve(
         return;
     }
     let h = health.lock().map(|g| g.clone()).unwrap_or_default();
+    if let Some(node) = line.trim().strip_prefix("explain ") {
+        let answer = explain(engine, &h, node.trim());
+        let mut w = &s;
+        let _ = w.write_all(format!("{answer}\n").as_bytes());
+        return;
+    }
     let answer = match engine.snapshot(ENGINE_TIMEOUT) {
         None => json!({"error": "the engine does not answer"}).to_string(),
         Some(snap) => match line.trim() {
@@ -155,7 +162,7 @@ fn serve(
                 .to_string()
             }
             other => {
-                json!({"error": format!("unknown request {other:?}: peers, metrics, health or leave")})
+                json!({"error": format!("unknown request {other:?}: peers, explain NODE, metrics, health or leave")})
                     .to_string()
             }
         },
@@ -163,6 +170,22 @@ fn serve(
     let mut w = &s;
     let _ = w.write_all(answer.as_bytes());
     let _ = w.write_all(b"\n");
+}
+
+/// The answer to `explain NODE`: the peer in depth, or why it is none.
+fn explain(engine: &EngineHandle, h: &StoreHealth, node: &str) -> serde_json::Value {
+    match engine.explain(node, ENGINE_TIMEOUT) {
+        None => json!({"error": "the engine does not answer"}),
+        Some(Some(ex)) => crate::explain::explain_json(&ex),
+        Some(None) => match h.ignored.iter().find(|(n, _)| n == node) {
+            Some((_, why)) => {
+                json!({"error": format!("{node} is no peer: its record is ignored: {why}")})
+            }
+            None => {
+                json!({"error": format!("{node} is no peer of this node: no record of it is believed")})
+            }
+        },
+    }
 }
 
 use std::io::Read as _;

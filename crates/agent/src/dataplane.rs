@@ -25,6 +25,8 @@ use evio_overlay::path::PathAddr;
 use evio_overlay::stack::{NetIo, Stack, StackEvent};
 
 use crate::device::Device;
+use crate::events::EventLog;
+use crate::explain::Explain;
 use crate::signal::kind_of;
 use crate::udp::{RecvBatch, SendBatch, Udp};
 
@@ -58,6 +60,8 @@ pub enum Command {
     /// Local-interface candidates (from the address watcher).
     LocalCandidates(Vec<SocketAddr>),
     Status(SyncSender<Snapshot>),
+    /// One peer in depth (`peers NODE --explain`).
+    Explain(String, SyncSender<Option<Explain>>),
     Shutdown,
 }
 
@@ -349,6 +353,8 @@ pub struct Dataplane {
     dev_buf: Vec<u8>,
     tcp_buf: Vec<u8>,
     shutdown: bool,
+    /// The info-level account of peer events, rate-limited.
+    log: EventLog,
 }
 
 impl Dataplane {
@@ -377,6 +383,7 @@ impl Dataplane {
             dev_buf: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
             tcp_buf: vec![0u8; 16 * 1024],
             shutdown: false,
+            log: EventLog::default(),
         })
     }
 
@@ -555,6 +562,9 @@ impl Dataplane {
                 Command::Status(reply) => {
                     let _ = reply.send(self.snapshot(now));
                 }
+                Command::Explain(node, reply) => {
+                    let _ = reply.send(self.explain(now, &node));
+                }
                 Command::Shutdown => self.shutdown = true,
             }
         }
@@ -578,6 +588,26 @@ impl Dataplane {
             learned_macs: ov.switch_stats().learned_macs,
             taken: now,
         }
+    }
+
+    fn explain(&self, now: Instant, node: &str) -> Option<Explain> {
+        let detail = self.stack.overlay.peer_detail(node)?;
+        let snap = self.snapshot(now);
+        Some(Explain {
+            detail,
+            ours: snap.candidates,
+            turn: snap.turn,
+            last_failure: self.log.last_failure.get(node).cloned(),
+            last_path: self.log.last_path.get(node).cloned(),
+            taken: now,
+        })
+    }
+
+    /// The TURN servers' addresses, by index.
+    fn turn_servers(&self) -> Vec<SocketAddr> {
+        (0..)
+            .map_while(|i| self.stack.nat.turn_state(i).map(|t| t.0))
+            .collect()
     }
 
     fn timers(&mut self, now: Instant) {
@@ -613,7 +643,19 @@ impl Dataplane {
                     }
                 }
                 StackEvent::UdpClose { conn } => self.io.close_udp(conn),
-                StackEvent::Peer(_) => {}
+                StackEvent::Overlay(e) => {
+                    let turn = self.turn_servers();
+                    self.log.peer_event(Instant::now(), &e, &turn);
+                }
+                StackEvent::Turn {
+                    server,
+                    transport,
+                    old,
+                    new,
+                    ..
+                } => self
+                    .log
+                    .turn_event(Instant::now(), server, transport, &old, &new),
             }
         }
     }

@@ -16,7 +16,7 @@ use crate::signal::StoreHealth;
 use crate::SelfInfo;
 use evio_overlay::nat::TurnState;
 
-fn wall_of(taken: Instant, t: Instant) -> String {
+pub(crate) fn wall_of(taken: Instant, t: Instant) -> String {
     let ago = taken.saturating_duration_since(t);
     let when = SystemTime::now()
         .checked_sub(ago)
@@ -24,7 +24,7 @@ fn wall_of(taken: Instant, t: Instant) -> String {
     humantime::format_rfc3339_seconds(when).to_string()
 }
 
-fn round_ms(d: Duration) -> f64 {
+pub(crate) fn round_ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
@@ -96,6 +96,9 @@ pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value
             "fromCache": health.from_cache,
             "revokedWhy": health.revoked_why,
         },
+        // Records that are no peer of this node, and why: a key of its
+        // own, so consumers of "peers" see only peers.
+        "ignored": health.ignored.iter().map(|(n, w)| json!({"node": n, "reason": w})).collect::<Vec<_>>(),
     })
 }
 
@@ -186,6 +189,9 @@ pub fn peers_table(v: &Value) -> String {
                     .unwrap_or_default()
             );
         }
+    }
+    for i in v["ignored"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "ignored {}: {}", s(&i["node"]), s(&i["reason"]));
     }
     if v["store"]["revoked"].as_bool() == Some(true) {
         let why = v["store"]["revokedWhy"]
@@ -415,11 +421,21 @@ fn overlay_gauges(e: &mut Exposition, node: &str, snap: &Snapshot, health: &Stor
         .iter()
         .filter(|p| p.state == PeerState::Connected)
         .count();
+    let idle = snap
+        .peers
+        .iter()
+        .filter(|p| p.state == PeerState::Idle)
+        .count();
     let name = "evio_overlay_peers";
-    e.family(name, "Peers known from the store, and connected.", "gauge");
+    e.family(
+        name,
+        "Peers known from the store, connected, and idle (no session needed).",
+        "gauge",
+    );
     let known = snap.peers.len();
     e.sample(name, &[("node", node), ("state", "known")], known);
     e.sample(name, &[("node", node), ("state", "connected")], connected);
+    e.sample(name, &[("node", node), ("state", "idle")], idle);
     let name = "evio_overlay_turn_ready";
     e.family(
         name,

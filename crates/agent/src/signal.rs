@@ -25,8 +25,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use evio_overlay::crypto::{b64, parse_key, Key};
-use evio_overlay::engine::{shared_keys, Candidate, PeerInfo, PeerState};
-use evio_overlay::path::Class;
+use evio_overlay::engine::{shared_keys, PeerCandidate, PeerInfo, PeerState};
+use evio_overlay::path::Rank;
 use evio_subnet::{
     open_overlay_store, Candidate as StoreCandidate, CandidateKind, Liveness, OverlayStore,
     PeerRecord, PeerSnapshot, ReleaseRequest, StoreOptions, StoreUrl, SubnetError,
@@ -73,6 +73,9 @@ pub struct StoreHealth {
     /// When the store last confirmed this node's record (a publish or a
     /// liveness refresh that succeeded).
     pub confirmed: Option<Instant>,
+    /// Records of the network that are no peer of this node, and why
+    /// (node, reason), sorted.
+    pub ignored: Vec<(String, String)>,
 }
 
 impl StoreHealth {
@@ -120,46 +123,49 @@ pub struct Signalling {
 // Direct, and what we publish is read back by the same table.
 
 /// The core's class of a published candidate.
-pub(crate) fn class_of(k: CandidateKind) -> Class {
+pub(crate) fn class_of(k: CandidateKind) -> Rank {
     match k {
-        CandidateKind::Local => Class::Local,
-        CandidateKind::Reflexive => Class::Direct,
-        CandidateKind::Relay => Class::Relay,
+        CandidateKind::Local => Rank::Local,
+        CandidateKind::Reflexive => Rank::Direct,
+        CandidateKind::Relay => Rank::Relay,
     }
 }
 
 /// The kind we publish for one of our candidates.
-pub(crate) fn kind_of(c: Class) -> CandidateKind {
+pub(crate) fn kind_of(c: Rank) -> CandidateKind {
     match c {
-        Class::Local => CandidateKind::Local,
-        Class::Direct => CandidateKind::Reflexive,
-        Class::Relay => CandidateKind::Relay,
+        Rank::Local => CandidateKind::Local,
+        Rank::Direct => CandidateKind::Reflexive,
+        Rank::Relay => CandidateKind::Relay,
     }
 }
 
 /// The engine's view of a record; `None` for a record it cannot use (its
-/// own, or malformed: logged).
+/// own, or malformed: see [`check_record`]).
 pub fn peer_info(rec: &PeerRecord, own: &str, stale: bool) -> Option<PeerInfo> {
     if rec.node == own {
         return None;
     }
+    check_record(rec, stale).ok()
+}
+
+/// The engine's view of a record, or why it cannot be used.
+pub fn check_record(rec: &PeerRecord, stale: bool) -> Result<PeerInfo, String> {
     let Some(key) = parse_key(&rec.public_key) else {
-        tracing::warn!(node = %rec.node, "peer record: publicKey is not a base64 X25519 key; ignored");
-        return None;
+        return Err("its publicKey is not a base64 X25519 key".into());
     };
     let Ok(pod_subnet) = rec.pod_subnet.parse::<IpNet>() else {
-        tracing::warn!(node = %rec.node, "peer record: podSubnet {:?} is not a CIDR; ignored", rec.pod_subnet);
-        return None;
+        return Err(format!("its podSubnet {:?} is not a CIDR", rec.pod_subnet));
     };
     let host_addr = rec
         .host_address
         .as_deref()
         .and_then(|h| h.parse::<IpNet>().ok());
-    let mut candidates: Vec<Candidate> = rec
+    let mut candidates: Vec<PeerCandidate> = rec
         .candidates
         .iter()
         .filter_map(|c| {
-            Some(Candidate {
+            Some(PeerCandidate {
                 addr: c.addr.parse().ok()?,
                 class: class_of(c.kind),
             })
@@ -170,9 +176,9 @@ pub fn peer_info(rec: &PeerRecord, own: &str, stale: bool) -> Option<PeerInfo> {
             .endpoints
             .iter()
             .filter_map(|e| {
-                Some(Candidate {
+                Some(PeerCandidate {
                     addr: e.parse().ok()?,
-                    class: Class::Direct,
+                    class: Rank::Direct,
                 })
             })
             .collect();
@@ -183,7 +189,7 @@ pub fn peer_info(rec: &PeerRecord, own: &str, stale: bool) -> Option<PeerInfo> {
         .get(BRIDGE_MAC)
         .and_then(serde_json::Value::as_str)
         .and_then(evio_overlay::packet::parse_mac);
-    Some(PeerInfo {
+    Ok(PeerInfo {
         node: rec.node.clone(),
         key,
         pod_subnet,
@@ -198,34 +204,35 @@ pub fn peer_info(rec: &PeerRecord, own: &str, stale: bool) -> Option<PeerInfo> {
 /// the one `nodes/<node>` holds and its host address the one
 /// `hostnodes/<node>` holds, so a record cannot claim another node's
 /// addresses (and pass source enforcement for them).
-pub fn believed<'a>(snap: &'a PeerSnapshot, own: &'a str) -> Vec<&'a PeerRecord> {
-    let alloc = &snap.alloc;
+pub fn believed(snap: &PeerSnapshot) -> Vec<&PeerRecord> {
     snap.records
         .iter()
-        .filter(|r| {
-            let subnet_ok = r
-                .pod_subnet
-                .parse::<IpNet>()
-                .ok()
-                .is_some_and(|n| alloc.subnets.get(&r.node) == Some(&n));
-            let host_ok = match r.host_address.as_deref() {
-                None => true,
-                Some(h) => h
-                    .parse::<IpNet>()
-                    .ok()
-                    .is_some_and(|n| alloc.hosts.get(&r.node) == Some(&n.addr())),
-            };
-            if !(subnet_ok && host_ok) && r.node != own {
-                tracing::warn!(
-                    node = %r.node,
-                    "peer record ignored: its podSubnet {} / hostAddress {:?} are not what the store allocated to it",
-                    r.pod_subnet,
-                    r.host_address
-                );
-            }
-            subnet_ok && host_ok
-        })
+        .filter(|r| not_allocated(snap, r).is_none())
         .collect()
+}
+
+/// Why record `r` claims addresses the store did not allocate to its node.
+fn not_allocated(snap: &PeerSnapshot, r: &PeerRecord) -> Option<String> {
+    let alloc = &snap.alloc;
+    let subnet_ok = r
+        .pod_subnet
+        .parse::<IpNet>()
+        .ok()
+        .is_some_and(|n| alloc.subnets.get(&r.node) == Some(&n));
+    let host_ok = match r.host_address.as_deref() {
+        None => true,
+        Some(h) => h
+            .parse::<IpNet>()
+            .ok()
+            .is_some_and(|n| alloc.hosts.get(&r.node) == Some(&n.addr())),
+    };
+    (!(subnet_ok && host_ok)).then(|| {
+        format!(
+            "its podSubnet {} / hostAddress {} are not what the store allocated to it",
+            r.pod_subnet,
+            r.host_address.as_deref().unwrap_or("none")
+        )
+    })
 }
 
 fn set_health(h: &Mutex<StoreHealth>, f: impl FnOnce(&mut StoreHealth)) {
@@ -293,6 +300,11 @@ struct State {
     /// Keys that several records claim, as last said (one warning per
     /// change, not per update).
     shared: Vec<(Key, Vec<String>)>,
+    /// The peers and ignored records as last logged: node -> (key, stale),
+    /// and (node, reason).
+    told: HashMap<String, (Key, bool)>,
+    told_ignored: Vec<(String, String)>,
+    limiter: crate::events::LogLimiter,
 }
 
 impl Signalling {
@@ -314,8 +326,17 @@ impl Signalling {
         let mut st = State {
             sent: self.initial.clone(),
             lease: self.cache.lease,
+            told: (self.initial.iter())
+                .map(|p| (p.node.clone(), (p.key, p.stale)))
+                .collect(),
             ..State::default()
         };
+        if !self.initial.is_empty() {
+            tracing::info!(
+                peers = self.initial.len(),
+                "peers from the state cache, until the store answers"
+            );
+        }
         let mut stopped = self.stop.subscribe();
         let mut pause = Duration::from_millis(200);
         // An outage is said once, and again a minute on, not every retry.
@@ -598,7 +619,6 @@ impl Signalling {
             return;
         }
         for n in gone {
-            tracing::info!(peer = %n, "stale peer removed: its liveness lapsed and its tunnel is down");
             st.sessionless.remove(&n);
             st.dropped.insert(n);
         }
@@ -712,18 +732,28 @@ impl Signalling {
             }
         }
         let me = self.record.node.clone();
-        let believed = believed(&snap, &me);
+        let believed = believed(&snap);
         // A peer that is live again may be dropped no longer.
         st.dropped.retain(|n| !snap.live.contains_key(n));
         // Stale for the engine (no new session from us): not live in the
         // store and vouched for by no one else. Our own tunnel to it counts
         // for nothing here: it is what staleness is about.
         let engine_stale = |n: &str| !snap.live.contains_key(n) && !snap.vouched_by_others(n, &me);
-        let peers: Vec<PeerInfo> = believed
-            .iter()
-            .filter(|r| !st.dropped.contains(&r.node))
-            .filter_map(|r| peer_info(r, &me, engine_stale(&r.node)))
-            .collect();
+        let mut ignored = Vec::new();
+        let mut peers: Vec<PeerInfo> = Vec::new();
+        for r in snap.records.iter().filter(|r| r.node != me) {
+            if let Some(why) = not_allocated(&snap, r) {
+                ignored.push((r.node.clone(), why));
+            } else if st.dropped.contains(&r.node) {
+                let why = "stale: its liveness lapsed and its tunnel died; taken back when it is live again";
+                ignored.push((r.node.clone(), why.to_string()));
+            } else {
+                match check_record(r, engine_stale(&r.node)) {
+                    Ok(p) => peers.push(p),
+                    Err(why) => ignored.push((r.node.clone(), why)),
+                }
+            }
+        }
         let records: Vec<PeerRecord> = believed
             .iter()
             .filter(|r| r.node != me)
@@ -747,9 +777,13 @@ impl Signalling {
             }
             st.shared = shared;
         }
+        ignored.extend(self.refused_by_engine(&peers, &st.shared));
+        ignored.sort();
+        self.tell_changes(st, &peers, &ignored);
         set_health(&self.health, |h| {
             h.peers_seen = peers.len();
             h.stale = stale;
+            h.ignored = ignored;
         });
         if !st.revoked && peers != st.sent {
             // Not queued (the engine is behind): the next tick tries again.
@@ -763,6 +797,103 @@ impl Signalling {
             self.save_cache();
         }
         st.snap = snap;
+    }
+
+    /// Records the engine refuses although they parse: this node's own key
+    /// under another name, a key no session can be made with, a key that
+    /// several records claim.
+    fn refused_by_engine(
+        &self,
+        peers: &[PeerInfo],
+        shared: &[(Key, Vec<String>)],
+    ) -> Vec<(String, String)> {
+        let own = parse_key(&self.record.public_key);
+        let mut out = Vec::new();
+        for p in peers {
+            if Some(p.key) == own {
+                out.push((
+                    p.node.clone(),
+                    "it claims this node's public key".to_string(),
+                ));
+            } else if evio_overlay::crypto::low_order(&p.key) {
+                out.push((
+                    p.node.clone(),
+                    "its publicKey is a low-order point".to_string(),
+                ));
+            }
+        }
+        for (_, nodes) in shared {
+            for n in nodes {
+                let others: Vec<&str> = (nodes.iter().map(String::as_str))
+                    .filter(|o| o != n)
+                    .collect();
+                let why = format!("its public key is also claimed by {}", others.join(", "));
+                out.push((n.clone(), why));
+            }
+        }
+        out
+    }
+
+    /// Logs, rate-limited per node, how the peer set changed and why:
+    /// peers added or removed, keys changed, liveness lapsed or back,
+    /// records ignored.
+    fn tell_changes(&self, st: &mut State, peers: &[PeerInfo], ignored: &[(String, String)]) {
+        let now = Instant::now();
+        let why_ignored = |n: &str| {
+            ignored
+                .iter()
+                .find(|(i, _)| i == n)
+                .map(|(_, w)| w.as_str())
+        };
+        for (node, why) in ignored {
+            if !st.told_ignored.iter().any(|(n, w)| n == node && w == why)
+                && st.limiter.allow(now, node, "ignored").is_some()
+            {
+                tracing::warn!(peer = %node, reason = %why, "peer record ignored");
+            }
+        }
+        let mut told = HashMap::new();
+        for p in peers {
+            let was = st.told.get(&p.node).copied();
+            let why = match was {
+                None if st.told_ignored.iter().any(|(n, _)| *n == p.node) => {
+                    Some(("peer added", "its record is believed again".to_string()))
+                }
+                None => Some(("peer added", "new record".to_string())),
+                Some((key, _)) if key != p.key => Some((
+                    "peer key changed",
+                    "its record names a new public key: the tunnel starts over".to_string(),
+                )),
+                Some((_, false)) if p.stale => Some((
+                    "peer stale",
+                    "its liveness lapsed in the store (lease expired): kept while its tunnel works"
+                        .to_string(),
+                )),
+                Some((_, true)) if !p.stale => {
+                    Some(("peer live", "its liveness is back".to_string()))
+                }
+                Some(_) => None,
+            };
+            if let Some((what, why)) = why {
+                if st.limiter.allow(now, &p.node, what).is_some() {
+                    tracing::info!(peer = %p.node, reason = %why, "{what}");
+                }
+            }
+            told.insert(p.node.clone(), (p.key, p.stale));
+        }
+        for node in st.told.keys().filter(|n| !told.contains_key(*n)) {
+            let why = match why_ignored(node) {
+                Some(w) => format!("record ignored: {w}"),
+                None => {
+                    "record gone: deleted from the store (the node left or was released)".into()
+                }
+            };
+            if st.limiter.allow(now, node, "peer removed").is_some() {
+                tracing::info!(peer = %node, reason = %why, "peer removed");
+            }
+        }
+        st.told = told;
+        st.told_ignored = ignored.to_vec();
     }
 
     fn save_cache(&self) {
@@ -814,9 +945,9 @@ mod tests {
     #[test]
     fn candidate_kinds_and_classes_map_both_ways() {
         for (kind, class) in [
-            (CandidateKind::Local, Class::Local),
-            (CandidateKind::Reflexive, Class::Direct),
-            (CandidateKind::Relay, Class::Relay),
+            (CandidateKind::Local, Rank::Local),
+            (CandidateKind::Reflexive, Rank::Direct),
+            (CandidateKind::Relay, Rank::Relay),
         ] {
             assert_eq!(class_of(kind), class);
             assert_eq!(kind_of(class), kind);

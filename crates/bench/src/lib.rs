@@ -19,6 +19,7 @@ pub mod machine;
 pub mod node;
 pub mod overlay;
 pub mod report;
+pub mod scale;
 pub mod services;
 pub mod stats;
 
@@ -37,6 +38,9 @@ pub enum Part {
     Footprint,
     Overlay,
     Services,
+    /// Not in [`Part::ALL`]: its 128- and 256-node runs take the machine
+    /// for many minutes; `--only scale` asks for it.
+    Scale,
 }
 
 impl Part {
@@ -57,6 +61,7 @@ impl Part {
             Part::Footprint => "footprint",
             Part::Overlay => "overlay",
             Part::Services => "services",
+            Part::Scale => "scale",
         }
     }
 
@@ -70,6 +75,7 @@ impl Part {
             Part::Services => {
                 "6. Services: pod to pod vs pod to ClusterIP, and the cost of evio's Services path"
             }
+            Part::Scale => "7. Overlay at scale: routed lab, etcd store, 32 to 256 nodes",
         }
     }
 }
@@ -80,11 +86,12 @@ impl FromStr for Part {
     fn from_str(s: &str) -> std::result::Result<Part, String> {
         Part::ALL
             .into_iter()
+            .chain([Part::Scale])
             .find(|p| p.name() == s || (s == "allocation" && *p == Part::Alloc))
             .ok_or_else(|| {
                 format!(
                     "unknown section {s:?}; one of: {}",
-                    Part::ALL.map(Part::name).join(", ")
+                    Part::ALL.map(Part::name).join(", ") + ", scale"
                 )
             })
     }
@@ -101,6 +108,7 @@ pub struct Config {
     pub footprint_samples: usize,
     pub overlay: overlay::Opts,
     pub services: services::Opts,
+    pub scale: scale::Opts,
 }
 
 fn whole(r: Result<String>) -> (String, Option<BenchError>) {
@@ -126,6 +134,7 @@ pub fn run(cfg: &Config, mut each: impl FnMut(&Section)) -> Vec<Section> {
                 Part::Footprint => whole(footprint::run(&cfg.tools, cfg.footprint_samples)),
                 Part::Overlay => overlay::run(&cfg.tools, &cfg.overlay),
                 Part::Services => whole(services::run(&cfg.tools, &cfg.services)),
+                Part::Scale => scale::run(&cfg.tools, &cfg.scale),
             },
         };
         eprintln!(

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use evio_bench::node::Tools;
 use evio_bench::report::write_into;
-use evio_bench::{alloc, cleanup, datapath, latency, machine, overlay, services, Config, Part};
+use evio_bench::{
+    alloc, cleanup, datapath, latency, machine, overlay, scale, services, Config, Part,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,7 +35,7 @@ struct Cli {
     quick: bool,
 
     /// Run only these sections (comma-separated): latency, alloc, datapath, footprint, overlay,
-    /// services.
+    /// services, scale (scale runs only when named here).
     #[arg(long, value_delimiter = ',', value_name = "SECTION")]
     only: Vec<Part>,
 
@@ -129,6 +131,19 @@ struct Cli {
     #[arg(long, value_delimiter = ',', value_name = "PART")]
     overlay_parts: Vec<String>,
 
+    /// Cluster sizes of the scale section (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
+    scale_nodes: Vec<usize>,
+
+    /// Random pod pairs whose first reply the scale section times.
+    #[arg(long, default_value_t = 100)]
+    scale_pairs: usize,
+
+    /// Seconds the scale section waits for every agent to know every other
+    /// node.
+    #[arg(long, default_value_t = 300)]
+    scale_timeout: u64,
+
     /// boringtun thread counts to run (its best is compared).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     boringtun_threads: Vec<usize>,
@@ -209,6 +224,16 @@ fn main() -> ExitCode {
             repeats: q("iperf-repeats", cli.iperf_repeats, 1),
             round_trips: q("round-trips", cli.round_trips, 200),
             connects: q("connects", cli.connects, 30),
+        },
+        scale: scale::Opts {
+            nodes: if cli.quick && !explicit("scale-nodes") {
+                vec![8]
+            } else {
+                cli.scale_nodes.clone()
+            },
+            pairs: q("scale-pairs", cli.scale_pairs, 10),
+            idle_seconds: q("idle-seconds", cli.idle_seconds as usize, 2) as u32,
+            timeout: std::time::Duration::from_secs(cli.scale_timeout),
         },
         footprint_samples: q("footprint-samples", cli.footprint_samples, 2),
         overlay: overlay::Opts {

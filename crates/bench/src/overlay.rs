@@ -230,7 +230,7 @@ pub fn arp_table_fulls(stat: &str) -> u64 {
         .sum()
 }
 
-fn arp_fulls() -> u64 {
+pub fn arp_fulls() -> u64 {
     arp_table_fulls(&std::fs::read_to_string("/proc/net/stat/arp_cache").unwrap_or_default())
 }
 

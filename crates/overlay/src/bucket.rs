@@ -2,30 +2,41 @@
 //! and address resolutions, the engine's handshakes per source address), so
 //! that "how many, how often" is decided by one rule. Whole tokens in
 //! integers: no float drift, and a silent source costs nothing to forget.
+//! The agent's log lines per peer use it too, at rates below one a second
+//! ([`TokenBucket::per`]).
 
 use std::time::{Duration, Instant};
 
 /// Whole tokens; `last` advances only by the time that paid for the tokens
 /// added, so that fractions carry over when callers come often.
-#[derive(Clone, Copy)]
-pub(crate) struct TokenBucket {
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
     rate: u32,
+    /// Nanoseconds that pay for `rate` tokens.
+    period: u128,
     burst: u32,
     tokens: u32,
     last: Option<Instant>,
 }
 
 impl TokenBucket {
-    pub(crate) fn new(rate: u32, burst: u32) -> TokenBucket {
+    /// `rate` tokens a second, at most `burst` banked.
+    pub fn new(rate: u32, burst: u32) -> TokenBucket {
+        TokenBucket::per(rate, Duration::from_secs(1), burst)
+    }
+
+    /// `rate` tokens every `period` (e.g. one per ten seconds).
+    pub fn per(rate: u32, period: Duration, burst: u32) -> TokenBucket {
         TokenBucket {
             rate,
+            period: period.as_nanos().max(1),
             burst,
             tokens: burst,
             last: None,
         }
     }
 
-    pub(crate) fn take(&mut self, now: Instant) -> bool {
+    pub fn take(&mut self, now: Instant) -> bool {
         self.refill(now);
         match self.tokens.checked_sub(1) {
             Some(left) => {
@@ -37,13 +48,12 @@ impl TokenBucket {
     }
 
     /// Full again after time unused: nothing to remember.
-    pub(crate) fn idle(&mut self, now: Instant) -> bool {
+    pub fn idle(&mut self, now: Instant) -> bool {
         self.refill(now);
         self.tokens >= self.burst
     }
 
     fn refill(&mut self, now: Instant) {
-        const NANOS: u128 = 1_000_000_000;
         let last = match self.last {
             Some(last) if self.tokens < self.burst => last,
             // Time spent full must not count once tokens are taken.
@@ -57,7 +67,7 @@ impl TokenBucket {
             .saturating_duration_since(last)
             .as_nanos()
             .saturating_mul(rate)
-            / NANOS;
+            / self.period;
         if add == 0 {
             return;
         }
@@ -68,7 +78,7 @@ impl TokenBucket {
         } else {
             // add < room ≤ u32::MAX, so neither conversion saturates.
             self.tokens += u32::try_from(add).unwrap_or(0);
-            let paid = u64::try_from(add * NANOS / rate).unwrap_or(u64::MAX);
+            let paid = u64::try_from(add * self.period / rate).unwrap_or(u64::MAX);
             self.last = Some(last.checked_add(Duration::from_nanos(paid)).unwrap_or(now));
         }
     }
@@ -112,5 +122,19 @@ mod tests {
         }
         assert!(!bucket.take(later));
         assert!(!bucket.idle(later));
+    }
+
+    #[test]
+    fn a_bucket_slower_than_one_a_second_pays_by_its_period() {
+        // One log line per peer and kind every 10 s after a burst of 2.
+        let (mut bucket, t) = (
+            TokenBucket::per(1, Duration::from_secs(10), 2),
+            Instant::now(),
+        );
+        assert!(bucket.take(t) && bucket.take(t));
+        assert!(!bucket.take(t + Duration::from_secs(9)));
+        assert!(bucket.take(t + Duration::from_secs(10)));
+        assert!(!bucket.take(t + Duration::from_secs(19)));
+        assert!(bucket.take(t + Duration::from_secs(20)));
     }
 }

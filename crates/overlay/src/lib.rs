@@ -5,7 +5,7 @@
 
 #[cfg(test)]
 mod alloc_count;
-mod bucket;
+pub mod bucket;
 pub mod crypto;
 pub mod engine;
 pub mod l2;
@@ -13,9 +13,11 @@ pub mod nat;
 pub mod offload;
 pub mod packet;
 pub mod path;
+pub mod reason;
 pub mod replay;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod stack;
+mod timers;
 pub mod tunnel;
 pub mod wire;

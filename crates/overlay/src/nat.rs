@@ -122,7 +122,7 @@ impl std::fmt::Debug for TurnServer {
 }
 
 /// The state of one TURN allocation, for `peers`/metrics and logs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TurnState {
     Idle,
     Connecting,
@@ -217,7 +217,7 @@ enum Purpose {
 }
 
 /// One configured TURN server and our allocation on it.
-struct Slot {
+struct TurnSlot {
     conf: TurnServer,
     client: Option<TurnClient>,
     tcp: Option<TcpLink>,
@@ -249,9 +249,9 @@ struct Slot {
     logged: Option<String>,
 }
 
-impl Slot {
-    fn new(conf: TurnServer, now: Instant) -> Slot {
-        Slot {
+impl TurnSlot {
+    fn new(conf: TurnServer, now: Instant) -> TurnSlot {
+        TurnSlot {
             conf,
             client: None,
             tcp: None,
@@ -340,7 +340,7 @@ pub struct Nat {
     /// been unreachable, and our allocation on it is probably gone.
     stun_misses: Vec<u32>,
     next_gather: Instant,
-    slots: Vec<Slot>,
+    slots: Vec<TurnSlot>,
     peer_ips: BTreeSet<IpAddr>,
     /// Control traffic waiting for [`Nat::poll_transmit`], and the one it
     /// handed out last (borrowed by the caller until the next call).
@@ -406,7 +406,11 @@ impl Nat {
                 .build(),
             bindings: HashMap::new(),
             next_gather: now,
-            slots: cfg.turn.into_iter().map(|c| Slot::new(c, now)).collect(),
+            slots: cfg
+                .turn
+                .into_iter()
+                .map(|c| TurnSlot::new(c, now))
+                .collect(),
             peer_ips: BTreeSet::new(),
             out: VecDeque::new(),
             sent: None,
@@ -422,15 +426,15 @@ impl Nat {
 
     /// Candidates of ours the NAT layer knows: reflexive and relayed, each
     /// address once.
-    pub fn candidates(&self) -> Vec<(SocketAddr, crate::path::Class)> {
-        use crate::path::Class;
+    pub fn candidates(&self) -> Vec<(SocketAddr, crate::path::Rank)> {
+        use crate::path::Rank;
         let reflexive = self
             .reflexive
             .iter()
             .flatten()
-            .map(|(a, _)| (*a, Class::Direct));
+            .map(|(a, _)| (*a, Rank::Direct));
         let relayed = self.slots.iter().filter_map(|s| match s.state {
-            TurnState::Ready(a) => Some((a, Class::Relay)),
+            TurnState::Ready(a) => Some((a, Rank::Relay)),
             _ => None,
         });
         let mut out = Vec::new();
@@ -459,6 +463,14 @@ impl Nat {
             .iter()
             .map(|s| (s.conf.server, s.conf.transport, s.state.clone()))
             .collect()
+    }
+
+    /// The state of TURN server `idx`'s allocation, without a copy (the
+    /// stack compares it after every turn to tell changes).
+    pub fn turn_state(&self, idx: usize) -> Option<(SocketAddr, TurnTransport, &TurnState)> {
+        self.slots
+            .get(idx)
+            .map(|s| (s.conf.server, s.conf.transport, &s.state))
     }
 
     /// Where the traffic of TURN server `idx` leaves from (for status and
@@ -1352,7 +1364,7 @@ impl Nat {
         }
     }
 
-    /// Slot `idx` failed: drop its client (and connection), retry later.
+    /// TurnSlot `idx` failed: drop its client (and connection), retry later.
     fn fail(&mut self, idx: usize, now: Instant, why: String) {
         let s = &mut self.slots[idx];
         s.warn_once(why.clone());

@@ -10,6 +10,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::reason::PathWhy;
+
 /// How a datagram leaves this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Via {
@@ -36,7 +38,7 @@ impl PathAddr {
 
 /// Ranking class: lower is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Class {
+pub enum Rank {
     /// To a local-interface candidate of the peer: same LAN, no hairpin.
     Local = 0,
     Direct = 1,
@@ -87,7 +89,7 @@ impl Default for PathConfig {
 #[derive(Debug, Clone)]
 pub struct Path {
     pub addr: PathAddr,
-    pub class: Class,
+    pub class: Rank,
     pub origin: Origin,
     /// Last authenticated datagram that arrived on it.
     pub last_rx: Option<Instant>,
@@ -100,10 +102,12 @@ pub struct Path {
     pub rtt: Option<Duration>,
     /// Unanswered since it was added: backs off.
     pub tries: u32,
+    /// When it was added (how long an unanswered path has been tried).
+    pub since: Instant,
 }
 
 impl Path {
-    fn new(addr: PathAddr, class: Class, origin: Origin, now: Instant) -> Path {
+    fn new(addr: PathAddr, class: Rank, origin: Origin, now: Instant) -> Path {
         Path {
             addr,
             class,
@@ -114,6 +118,7 @@ impl Path {
             lost: 0,
             rtt: None,
             tries: 0,
+            since: now,
         }
     }
 
@@ -122,7 +127,7 @@ impl Path {
         self.last_rx.is_some() && self.lost < cfg.dead_after
     }
 
-    fn score(&self) -> (Class, Duration) {
+    fn score(&self) -> (Rank, Duration) {
         (self.class, self.rtt.unwrap_or(Duration::from_secs(1)))
     }
 }
@@ -133,8 +138,9 @@ pub struct Paths {
     pub list: Vec<Path>,
     /// Index of the path in use.
     pub active: Option<usize>,
-    /// When `active` last changed (for `peers`).
+    /// When `active` last changed (for `peers`), and why.
     pub changed: Option<Instant>,
+    pub why: PathWhy,
 }
 
 /// What [`Paths::poll`] wants sent.
@@ -165,7 +171,7 @@ impl Paths {
         &mut self,
         now: Instant,
         cfg: &PathConfig,
-        cands: &[(PathAddr, Class)],
+        cands: &[(PathAddr, Rank)],
     ) -> bool {
         let active = self.active_addr();
         self.list.retain(|p| {
@@ -215,7 +221,7 @@ impl Paths {
 
     /// An authenticated datagram arrived on `addr`. Returns true when the
     /// path was new (learned). `class` classifies it if new.
-    pub fn on_rx(&mut self, now: Instant, cfg: &PathConfig, addr: PathAddr, class: Class) -> bool {
+    pub fn on_rx(&mut self, now: Instant, cfg: &PathConfig, addr: PathAddr, class: Rank) -> bool {
         let is_active = self.active_addr() == Some(addr);
         let learned = match self.find(&addr) {
             Some(i) => {
@@ -250,6 +256,11 @@ impl Paths {
         if quiet {
             match self.find(&addr) {
                 Some(i) if self.active != Some(i) => {
+                    self.why = if self.active.is_some() {
+                        PathWhy::Roamed
+                    } else {
+                        PathWhy::First
+                    };
                     self.active = Some(i);
                     self.changed = Some(now);
                     self.list[i].next_probe = self.list[i].next_probe.min(now);
@@ -297,28 +308,31 @@ impl Paths {
             if self.active.is_some_and(|a| !self.list[a].alive(cfg)) {
                 self.active = None;
                 self.changed = Some(now);
+                self.why = PathWhy::ProbesLost;
             }
             return;
         };
         let switch = match self.active.and_then(|a| self.list.get(a).map(|p| (a, p))) {
-            None => true,
-            Some((a, _)) if a == b => false,
-            Some((_, cur)) if !cur.alive(cfg) || force => true,
+            None => Some(PathWhy::First),
+            Some((a, _)) if a == b => None,
+            Some((_, cur)) if !cur.alive(cfg) => Some(PathWhy::ProbesLost),
             Some((_, cur)) => {
                 let new = &self.list[b];
                 if new.class != cur.class {
-                    new.class < cur.class
+                    (force || new.class < cur.class).then_some(PathWhy::BetterClass)
                 } else {
-                    match (new.rtt, cur.rtt) {
+                    let faster = match (new.rtt, cur.rtt) {
                         (Some(n), Some(c)) => {
                             n.as_secs_f64() < c.as_secs_f64() * (1.0 - cfg.hysteresis)
                         }
                         _ => false,
-                    }
+                    };
+                    (force || faster).then_some(PathWhy::BetterRtt)
                 }
             }
         };
-        if switch {
+        if let Some(why) = switch {
+            self.why = why;
             self.active = Some(b);
             self.changed = Some(now);
             let p = &mut self.list[b];
@@ -380,11 +394,24 @@ impl Paths {
         }
     }
 
-    /// Earliest moment `poll` has something to do.
-    pub fn next_deadline(&self, cfg: &PathConfig) -> Option<Instant> {
+    /// No probe of the active path before its interval from now (it was
+    /// heard from since traffic last went to it): as traffic on it does.
+    pub fn defer_active(&mut self, now: Instant, cfg: &PathConfig) {
+        if let Some(p) = self.active.and_then(|i| self.list.get_mut(i)) {
+            if p.probe.is_none() {
+                p.next_probe = p.next_probe.max(now + cfg.active_interval);
+            }
+        }
+    }
+
+    /// Earliest moment `poll` has something to do (`skip_active`: on
+    /// paths other than the active one).
+    pub fn next_deadline(&self, cfg: &PathConfig, skip_active: bool) -> Option<Instant> {
         self.list
             .iter()
-            .map(|p| match p.probe {
+            .enumerate()
+            .filter(|(i, _)| !skip_active || self.active != Some(*i))
+            .map(|(_, p)| match p.probe {
                 // Nothing is sent on a path while its probe is out.
                 Some((_, sent)) => sent + cfg.probe_timeout,
                 None => p.next_probe,
@@ -419,17 +446,26 @@ impl Paths {
         self.list.retain(|p| p.origin == Origin::Candidate);
         self.active = None;
         self.changed = Some(now);
+        self.why = PathWhy::Reset;
     }
 }
 
-/// The class of a path: through a relay (our allocation, or to an address
-/// of a relay even when it leaves through our own socket), else what the
-/// peer published for that address (`published`), else direct.
-pub fn classify(relay_ips: &[IpAddr], addr: PathAddr, published: Option<Class>) -> Class {
-    if matches!(addr.via, Via::Turn(_)) || relay_ips.contains(&addr.remote.ip()) {
-        return Class::Relay;
+/// The class of a path: through a relay when it goes through our
+/// allocation; else what the peer published for that address
+/// (`published`); else, for an address it did not publish, relay when it
+/// is on a relay's IP (a peer's allocation reached from our own socket),
+/// direct otherwise. The peer's own word comes before the relay's IP: a
+/// node on the same address as a TURN server (the public node that runs
+/// coturn, in the README's bootstrap) is reached directly on its own port.
+pub fn classify(relay_ips: &[IpAddr], addr: PathAddr, published: Option<Rank>) -> Rank {
+    if matches!(addr.via, Via::Turn(_)) {
+        return Rank::Relay;
     }
-    published.unwrap_or(Class::Direct)
+    match published {
+        Some(c) => c,
+        None if relay_ips.contains(&addr.remote.ip()) => Rank::Relay,
+        None => Rank::Direct,
+    }
 }
 
 #[cfg(test)]
@@ -447,6 +483,29 @@ mod tests {
     }
 
     #[test]
+    fn a_published_candidate_on_a_relay_ip_keeps_its_class() {
+        let relay_ips: Vec<IpAddr> = vec!["203.0.113.10".parse().unwrap()];
+        // The public node's own port, on the TURN server's address.
+        let node = pa("203.0.113.10:5800");
+        assert_eq!(classify(&relay_ips, node, Some(Rank::Local)), Rank::Local);
+        assert_eq!(classify(&relay_ips, node, Some(Rank::Direct)), Rank::Direct);
+        // A peer's allocation on that server, published or only learned.
+        let alloc = pa("203.0.113.10:49160");
+        assert_eq!(classify(&relay_ips, alloc, Some(Rank::Relay)), Rank::Relay);
+        assert_eq!(classify(&relay_ips, alloc, None), Rank::Relay);
+        // Through our own allocation, whatever the peer says.
+        let via = PathAddr {
+            via: Via::Turn(0),
+            remote: "203.0.113.20:5800".parse().unwrap(),
+        };
+        assert_eq!(classify(&relay_ips, via, Some(Rank::Direct)), Rank::Relay);
+        assert_eq!(
+            classify(&relay_ips, pa("203.0.113.20:5800"), None),
+            Rank::Direct
+        );
+    }
+
+    #[test]
     fn candidates_are_probed_and_the_best_answering_one_wins() {
         let cfg = PathConfig::default();
         let t0 = Instant::now();
@@ -459,9 +518,9 @@ mod tests {
             t0,
             &cfg,
             &[
-                (pa("192.168.1.2:5800"), Class::Local),
-                (pa("203.0.113.20:5800"), Class::Direct),
-                (relay, Class::Relay),
+                (pa("192.168.1.2:5800"), Rank::Local),
+                (pa("203.0.113.20:5800"), Rank::Direct),
+                (relay, Rank::Relay),
             ],
         );
         let mut id = 0;
@@ -472,6 +531,7 @@ mod tests {
         let relay_probe = probes.iter().find(|d| d.addr == relay).unwrap().id;
         p.on_probe_reply(t0 + Duration::from_millis(5), &cfg, relay_probe);
         assert_eq!(p.active_addr(), Some(relay));
+        assert_eq!(p.why, PathWhy::First);
         // The direct reflexive path answers: it replaces the relay.
         let direct = probes
             .iter()
@@ -480,6 +540,7 @@ mod tests {
             .id;
         p.on_probe_reply(t0 + Duration::from_millis(8), &cfg, direct);
         assert_eq!(p.active_addr(), Some(pa("203.0.113.20:5800")));
+        assert_eq!(p.why, PathWhy::BetterClass);
         // The LAN candidate beats both.
         let local = probes
             .iter()
@@ -501,7 +562,7 @@ mod tests {
             via: Via::Turn(0),
             remote: "203.0.113.1:50000".parse().unwrap(),
         };
-        p.set_candidates(t0, &cfg, &[(direct, Class::Direct), (relay, Class::Relay)]);
+        p.set_candidates(t0, &cfg, &[(direct, Rank::Direct), (relay, Rank::Relay)]);
         let mut id = 0;
         for d in probe_all(&mut p, t0, &cfg, &mut id) {
             p.on_probe_reply(t0 + Duration::from_millis(2), &cfg, d.id);
@@ -523,6 +584,7 @@ mod tests {
             }
         }
         let took = switched.expect("fell back").duration_since(t0);
+        assert_eq!(p.why, PathWhy::ProbesLost);
         assert!(took <= Duration::from_secs(5), "fell back after {took:?}");
         assert!(
             took >= Duration::from_secs(2),
@@ -537,18 +599,19 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Paths::default();
         let old = pa("203.0.113.20:5800");
-        p.set_candidates(t0, &cfg, &[(old, Class::Direct)]);
-        p.on_rx(t0, &cfg, old, Class::Direct);
+        p.set_candidates(t0, &cfg, &[(old, Rank::Direct)]);
+        p.on_rx(t0, &cfg, old, Rank::Direct);
         assert_eq!(p.active_addr(), Some(old));
         // Traffic from a new port while the old one is still fresh: learned
         // but not used yet.
         let new = pa("203.0.113.20:40001");
-        assert!(p.on_rx(t0 + Duration::from_millis(100), &cfg, new, Class::Direct));
+        assert!(p.on_rx(t0 + Duration::from_millis(100), &cfg, new, Rank::Direct));
         assert_eq!(p.active_addr(), Some(old));
         // The old one is quiet for a while: the next datagram from the new
         // address moves us.
-        p.on_rx(t0 + Duration::from_secs(3), &cfg, new, Class::Direct);
+        p.on_rx(t0 + Duration::from_secs(3), &cfg, new, Rank::Direct);
         assert_eq!(p.active_addr(), Some(new));
+        assert_eq!(p.why, PathWhy::Roamed);
     }
 
     #[test]
@@ -560,9 +623,9 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Paths::default();
         let a = pa("203.0.113.20:5800");
-        p.set_candidates(t0, &cfg, &[(a, Class::Direct)]);
-        p.on_rx(t0, &cfg, a, Class::Direct);
-        p.set_candidates(t0, &cfg, &[(pa("203.0.113.21:5800"), Class::Direct)]);
+        p.set_candidates(t0, &cfg, &[(a, Rank::Direct)]);
+        p.on_rx(t0, &cfg, a, Rank::Direct);
+        p.set_candidates(t0, &cfg, &[(pa("203.0.113.21:5800"), Rank::Direct)]);
         // The active path stays although no longer published.
         assert_eq!(p.active_addr(), Some(a));
         for i in 0..10 {
@@ -570,7 +633,7 @@ mod tests {
                 t0,
                 &cfg,
                 pa(&format!("203.0.113.30:{}", 1000 + i)),
-                Class::Direct,
+                Rank::Direct,
             );
         }
         assert!(p.list.len() <= 4);
@@ -583,7 +646,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Paths::default();
         let a = pa("203.0.113.20:5800");
-        p.set_candidates(t0, &cfg, &[(a, Class::Direct)]);
+        p.set_candidates(t0, &cfg, &[(a, Rank::Direct)]);
         let mut id = 0;
         let d = probe_all(&mut p, t0, &cfg, &mut id);
         p.on_probe_reply(t0, &cfg, d[0].id);
@@ -601,7 +664,7 @@ mod tests {
         let mut busy = 0;
         for ms in (0..10_000).step_by(50) {
             let now = t1 + Duration::from_millis(ms);
-            p.on_rx(now, &cfg, a, Class::Direct);
+            p.on_rx(now, &cfg, a, Rank::Direct);
             busy += probe_all(&mut p, now, &cfg, &mut id).len();
         }
         assert!(busy <= 1, "{busy} probes while traffic flowed");

@@ -12,9 +12,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::engine::{Event, Io, Overlay, PeerInfo, MAX_DATAGRAM};
-use crate::nat::{Datagram, Nat, NatEvent, Sock, Transmit};
+use crate::nat::{Datagram, Nat, NatEvent, Sock, Transmit, TurnState, TurnTransport};
 use crate::offload::{Csum, VnetHdr};
-use crate::path::{Class, PathAddr, Via};
+use crate::path::{PathAddr, Rank, Via};
 use crate::wire::{self, Demux};
 
 /// [`Io`], plus raw transmits of the NAT layer (STUN, TURN control,
@@ -27,7 +27,7 @@ pub trait NetIo: Io {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StackEvent {
     /// Our candidates changed: publish them.
-    Candidates(Vec<(SocketAddr, Class)>),
+    Candidates(Vec<(SocketAddr, Rank)>),
     /// Open a TCP connection to TURN server `conn` at `to`.
     TcpConnect { conn: usize, to: SocketAddr },
     /// Close the TCP connection of TURN server `conn`.
@@ -38,8 +38,17 @@ pub enum StackEvent {
     UdpOpen { conn: usize, to: SocketAddr },
     /// Close the UDP socket of TURN server `conn`.
     UdpClose { conn: usize },
-    /// A peer came up or went down (for logs and tests).
-    Peer(Event),
+    /// What happened to a peer (up, down, handshakes, paths): for logs,
+    /// `peers --explain` and tests.
+    Overlay(Event),
+    /// TURN server `conn`'s allocation changed state.
+    Turn {
+        conn: usize,
+        server: SocketAddr,
+        transport: TurnTransport,
+        old: TurnState,
+        new: TurnState,
+    },
 }
 
 pub struct Stack {
@@ -54,6 +63,8 @@ pub struct Stack {
     /// Where datagrams relayed over TCP are copied out of the stream.
     tcp_buf: Vec<u8>,
     events: VecDeque<StackEvent>,
+    /// The TURN states last told (by server index).
+    turn_seen: Vec<TurnState>,
 }
 
 /// The caller's [`NetIo`] with relayed sends framed by the NAT layer.
@@ -110,6 +121,7 @@ impl Stack {
             relay_buf: vec![0; MAX_DATAGRAM + 64],
             tcp_buf: vec![0; 1 << 16],
             events: VecDeque::new(),
+            turn_seen: Vec::new(),
         }
     }
 
@@ -262,10 +274,10 @@ impl Stack {
 
     /// Our candidates: local, announced, then reflexive and relayed, each
     /// address once.
-    pub fn candidates(&self) -> Vec<(SocketAddr, Class)> {
-        let mut all: Vec<(SocketAddr, Class)> =
-            self.local.iter().map(|a| (*a, Class::Local)).collect();
-        let announced = self.announced.iter().map(|a| (*a, Class::Direct));
+    pub fn candidates(&self) -> Vec<(SocketAddr, Rank)> {
+        let mut all: Vec<(SocketAddr, Rank)> =
+            self.local.iter().map(|a| (*a, Rank::Local)).collect();
+        let announced = self.announced.iter().map(|a| (*a, Rank::Direct));
         for c in announced.chain(self.nat.candidates()) {
             if !all.iter().any(|(a, _)| *a == c.0) {
                 all.push(c);
@@ -311,15 +323,17 @@ impl Stack {
                     self.nat.check_all(now);
                 }
                 Event::RelaySuspect(i) => self.nat.renew(now, usize::from(i)),
-                Event::PeerUp { .. } | Event::PeerDown { .. } => {
-                    tracing::info!(event = ?e, "peer");
-                    self.events.push_back(StackEvent::Peer(e));
-                }
+                Event::PeerUp { .. }
+                | Event::PeerDown { .. }
+                | Event::Handshake { .. }
+                | Event::HandshakeFailed { .. }
+                | Event::PathChanged { .. } => self.events.push_back(StackEvent::Overlay(e)),
             }
         }
         if now >= self.nat.poll_timeout() {
             self.nat.handle_timeout(now);
         }
+        self.turn_changes();
         while let Some(e) = self.nat.poll_event() {
             match e {
                 NatEvent::CandidatesChanged => self.publish(),
@@ -335,6 +349,28 @@ impl Stack {
         }
         while let Some(t) = self.nat.poll_transmit() {
             io.transmit(t);
+        }
+    }
+
+    /// Tells the TURN states that changed since the last call.
+    fn turn_changes(&mut self) {
+        for conn in 0.. {
+            let Some((server, transport, state)) = self.nat.turn_state(conn) else {
+                break;
+            };
+            if self.turn_seen.len() <= conn {
+                self.turn_seen.push(TurnState::Idle);
+            }
+            if self.turn_seen[conn] != *state {
+                let old = std::mem::replace(&mut self.turn_seen[conn], state.clone());
+                self.events.push_back(StackEvent::Turn {
+                    conn,
+                    server,
+                    transport,
+                    old,
+                    new: state.clone(),
+                });
+            }
         }
     }
 
@@ -382,11 +418,11 @@ mod tests {
         s.set_local_candidates(now, vec![lan]);
         s.events.clear();
         s.set_announced(vec![fwd, lan]);
-        assert_eq!(s.candidates(), [(lan, Class::Local), (fwd, Class::Direct)]);
+        assert_eq!(s.candidates(), [(lan, Rank::Local), (fwd, Rank::Direct)]);
         assert!(s
             .events
             .iter()
-            .any(|e| matches!(e, StackEvent::Candidates(c) if c.contains(&(fwd, Class::Direct)))));
+            .any(|e| matches!(e, StackEvent::Candidates(c) if c.contains(&(fwd, Rank::Direct)))));
         s.events.clear();
         s.set_announced(vec![fwd, lan]);
         assert!(s.events.is_empty(), "no change, nothing to publish");

@@ -408,6 +408,12 @@ impl Tunnel {
         self.pending.is_some()
     }
 
+    /// When the pending handshake round started, and how many initiations
+    /// it sent.
+    pub fn pending_since(&self) -> Option<(Instant, u32)> {
+        self.pending.as_ref().map(|p| (p.started, p.attempts))
+    }
+
     /// Writes an initiation with `local_index` (fresh and unique, from the
     /// caller) into `out`. A retransmission is a new initiation, as in
     /// WireGuard, so a lost one never leaves a half-made session.

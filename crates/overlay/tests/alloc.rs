@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use evio_overlay::crypto::{seed_from_u64, StaticKeys};
-use evio_overlay::engine::{Candidate, Io, Overlay, OverlayConfig, PeerInfo, MAX_DATAGRAM};
+use evio_overlay::engine::{Io, Overlay, OverlayConfig, PeerCandidate, PeerInfo, MAX_DATAGRAM};
 use evio_overlay::offload::{Csum, VnetHdr};
 use evio_overlay::packet::{pod_ipv4_frame, IPPROTO_TCP};
-use evio_overlay::path::{Class, PathAddr};
+use evio_overlay::path::{PathAddr, Rank};
 use evio_overlay::tunnel::Identity;
 
 struct Counting;
@@ -97,9 +97,9 @@ fn info(i: u8, key: &StaticKeys) -> PeerInfo {
         key: *key.public(),
         pod_subnet: format!("10.244.{i}.0/24").parse().unwrap(),
         host_addr: None,
-        candidates: vec![Candidate {
+        candidates: vec![PeerCandidate {
             addr: format!("203.0.113.{}:5800", 10 + i).parse().unwrap(),
-            class: Class::Direct,
+            class: Rank::Direct,
         }],
         stale: false,
         bridge_mac: None,
@@ -150,6 +150,13 @@ fn steady_state_frames_allocate_nothing() {
         w.len = 0;
     }
     let wall = Duration::from_secs(1_700_000_000);
+    // Sessions are made on demand: a first frame (queued) starts them.
+    let first = tcp_frame(
+        Ipv4Addr::new(10, 244, 1, 2),
+        Ipv4Addr::new(10, 244, 2, 3),
+        10,
+    );
+    a.from_pod(now, &VnetHdr::default(), &first, &mut wa);
     for _ in 0..60 {
         now += Duration::from_millis(50);
         a.handle_timeout(now, wall + now.duration_since(start), &mut wa);

@@ -70,6 +70,8 @@ pub struct EtcdStore {
     trips: AtomicU64,
     /// The lease this process's overlay record hangs on (peers_etcd).
     pub(crate) lease: std::sync::Mutex<Option<i64>>,
+    /// The overlay's one watch and what it keeps current (peers_etcd).
+    pub(crate) watching: tokio::sync::Mutex<Option<crate::peers_etcd::Watching>>,
 }
 
 /// A secret kept in a file (a mounted Secret): its content without the
@@ -277,6 +279,7 @@ impl EtcdStore {
             timeout,
             trips: AtomicU64::new(0),
             lease: std::sync::Mutex::new(None),
+            watching: tokio::sync::Mutex::new(None),
         })
     }
 

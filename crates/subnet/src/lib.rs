@@ -7,8 +7,10 @@
 
 mod arith;
 mod choose;
+mod dirwatch;
 mod error;
 mod etcd;
+mod etcd_mirror;
 mod file;
 mod peers;
 mod peers_etcd;

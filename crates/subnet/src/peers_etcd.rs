@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    WatchOptions, WatchStream,
 };
 use ipnet::IpNet;
 
+use crate::etcd_mirror::{Mirror, KINDS};
 use crate::peers::{
     check_held, host_key, host_owner as owner, now_rfc3339, pick_host, Name, HOST_SPREAD_AFTER_LOSS,
 };
@@ -26,6 +27,49 @@ use crate::{
 
 /// Bound on create attempts that lose a race for the same address.
 const MAX_ATTEMPTS: u32 = 64;
+
+/// After a first change, how long further events are gathered into the
+/// same snapshot: a node's join is a few writes in a row, a cluster's
+/// start is hundreds, and each snapshot costs the engine an O(n) update.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// The one watch of an [`EtcdStore`] on a network, and the keys it keeps
+/// current.
+pub(crate) struct Watching {
+    mirror_of: String,
+    mirror: Mirror,
+    // Dropping it ends the watch on the server.
+    stream: WatchStream,
+}
+
+impl Watching {
+    /// The next response: `Ok(true)` when it changed something,
+    /// `Ok(false)` when the watch is over (compacted, cancelled, closed).
+    async fn next(&mut self) -> Result<bool, etcd_client::Error> {
+        loop {
+            let Some(r) = self.stream.message().await? else {
+                return Ok(false);
+            };
+            if r.canceled() || r.compact_revision() > 0 {
+                return Ok(false);
+            }
+            let mut changed = false;
+            for e in r.events() {
+                let Some(kv) = e.kv() else { continue };
+                let value = match e.event_type() {
+                    EventType::Put => Some(kv.value()),
+                    EventType::Delete => None,
+                };
+                self.mirror.apply(kv.key(), value);
+                self.mirror.rev = self.mirror.rev.max(kv.mod_revision());
+                changed = true;
+            }
+            if changed {
+                return Ok(true);
+            }
+        }
+    }
+}
 
 fn prefix(network: &str, kind: &str) -> String {
     format!("/evio/{network}/{kind}/")
@@ -110,47 +154,114 @@ impl EtcdStore {
         deadline: Instant,
         network: &str,
     ) -> Result<PeerSnapshot, SubnetError> {
-        let kinds = ["peers", "alive", "nodes", "hostnodes", "released"];
-        let gets: Vec<String> = kinds.iter().map(|k| prefix(network, k)).collect();
+        Ok(self.mirror(deadline, network).await?.snapshot())
+    }
+
+    /// The network's overlay keys in one read, at one revision.
+    async fn mirror(&self, deadline: Instant, network: &str) -> Result<Mirror, SubnetError> {
+        let gets: Vec<String> = KINDS.iter().map(|k| prefix(network, k)).collect();
         let resp = self.read(deadline, &gets).await?;
-        let token = resp.header().map(|h| h.revision()).unwrap_or(0).max(0) as u128;
-        let ops = resp.op_responses();
-        let mut snap = PeerSnapshot {
-            token,
-            ..PeerSnapshot::default()
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0).max(0);
+        let mut m = Mirror::new(network, rev);
+        // One bad value must not hide every other node: it is skipped (the
+        // agent that owns it rewrites it).
+        for (i, get) in gets.iter().enumerate() {
+            for (_, kv) in by_node(kvs(resp.op_responses().get(i)), get) {
+                m.apply(kv.key(), Some(kv.value()));
+            }
+        }
+        Ok(m)
+    }
+
+    /// Waits up to `wait` for the network to change after `since` on this
+    /// store's one watch (made on the first call, kept across calls and
+    /// across callers that give up waiting), and takes every event that
+    /// comes within [`SETTLE`] of the first into the mirror. `Ok(None)`:
+    /// nothing changed in time.
+    async fn follow(
+        &self,
+        network: &str,
+        since: u128,
+        wait: Duration,
+    ) -> Result<Option<PeerSnapshot>, SubnetError> {
+        let Ok(mut slot) = tokio::time::timeout(wait, self.watching.lock()).await else {
+            return Ok(None);
         };
-        // One bad value must not hide every other node: skip it (the agent
-        // that owns it rewrites it).
-        for (node, kv) in by_node(kvs(ops.first()), &gets[0]) {
-            match serde_json::from_slice::<PeerRecord>(kv.value()) {
-                Ok(r) if r.node == node => snap.records.push(r),
-                _ => {}
+        let fresh = match slot.as_ref() {
+            Some(w) if w.mirror_of == network && w.mirror.rev.max(0) as u128 > since => {
+                // Events the last caller took but did not live to return.
+                return Ok(Some(w.mirror.snapshot()));
+            }
+            Some(w) => !(w.mirror_of == network && w.mirror.rev.max(0) as u128 == since),
+            None => true,
+        };
+        if fresh {
+            *slot = None;
+            let deadline = Instant::now() + self.timeout;
+            let mirror = self.mirror(deadline, network).await?;
+            if mirror.rev.max(0) as u128 != since {
+                let snap = mirror.snapshot();
+                *slot = Some(self.watch_from(network, mirror).await?);
+                return Ok(Some(snap));
+            }
+            *slot = Some(self.watch_from(network, mirror).await?);
+        }
+        let Some(w) = slot.as_mut() else {
+            return Ok(None);
+        };
+        let changed = match tokio::time::timeout(wait, w.next()).await {
+            Err(_) => return Ok(None),
+            Ok(r) => r,
+        };
+        match changed {
+            Ok(true) => {
+                // A join or a restart comes as a burst: one snapshot for it.
+                let settle = tokio::time::sleep(SETTLE);
+                tokio::pin!(settle);
+                loop {
+                    tokio::select! {
+                        _ = &mut settle => break,
+                        r = w.next() => if !matches!(r, Ok(true)) { break },
+                    }
+                }
+                Ok(Some(w.mirror.snapshot()))
+            }
+            // Compacted past our revision, cancelled, or the stream ended:
+            // the next call reads afresh.
+            Ok(false) => {
+                *slot = None;
+                Ok(Some(
+                    self.snapshot(Instant::now() + self.timeout, network)
+                        .await?,
+                ))
+            }
+            Err(e) => {
+                *slot = None;
+                Err(SubnetError::Etcd {
+                    endpoints: self.endpoints.clone(),
+                    message: crate::etcd::chain(&e),
+                })
             }
         }
-        for (node, kv) in by_node(kvs(ops.get(1)), &gets[1]) {
-            if let Ok(a) = serde_json::from_slice::<Alive>(kv.value()) {
-                snap.live.insert(node.to_string(), a);
-            }
-        }
-        for (node, kv) in by_node(kvs(ops.get(2)), &gets[2]) {
-            if let Some(n) = kv.value_str().ok().and_then(|v| v.parse().ok()) {
-                snap.alloc.subnets.insert(node.to_string(), n);
-            }
-        }
-        for (node, kv) in by_node(kvs(ops.get(3)), &gets[3]) {
-            if let Some(a) = kv.value_str().ok().and_then(|v| v.parse().ok()) {
-                snap.alloc.hosts.insert(node.to_string(), a);
-            }
-        }
-        for (node, kv) in by_node(kvs(ops.get(4)), &gets[4]) {
-            if let Ok(r) = serde_json::from_slice::<Released>(kv.value()) {
-                snap.released.insert(node.to_string(), r);
-            }
-        }
-        // Liveness without a record is a leftover of a node that left.
-        let recorded: Vec<String> = snap.records.iter().map(|r| r.node.clone()).collect();
-        snap.live.retain(|n, _| recorded.contains(n));
-        Ok(snap)
+    }
+
+    async fn watch_from(&self, network: &str, mirror: Mirror) -> Result<Watching, SubnetError> {
+        let mut client = self.client.clone();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(mirror.rev + 1);
+        let stream = client
+            .watch(format!("/evio/{network}/"), Some(opts))
+            .await
+            .map_err(|e| SubnetError::Etcd {
+                endpoints: self.endpoints.clone(),
+                message: crate::etcd::chain(&e),
+            })?;
+        Ok(Watching {
+            mirror_of: network.to_string(),
+            mirror,
+            stream,
+        })
     }
 
     /// Puts our liveness on `lease`.
@@ -481,45 +592,7 @@ impl OverlayBackend for EtcdStore {
         since: &PeerSnapshot,
         wait: Duration,
     ) -> Result<Option<PeerSnapshot>, SubnetError> {
-        // The whole network: records, liveness and allocations all matter.
-        let prefix = format!("/evio/{network}/");
-        let start = i64::try_from(since.token).unwrap_or(0) + 1;
-        let waited = tokio::time::timeout(wait, async {
-            let mut client = self.client.clone();
-            let mut stream = client
-                .watch(
-                    prefix.clone(),
-                    Some(WatchOptions::new().with_prefix().with_start_revision(start)),
-                )
-                .await?;
-            loop {
-                match stream.message().await? {
-                    // Compacted past our revision or cancelled: re-read.
-                    Some(r) if r.canceled() || r.compact_revision() > 0 => return Ok(()),
-                    Some(r)
-                        if r.events().iter().any(|e| {
-                            matches!(e.event_type(), EventType::Put | EventType::Delete)
-                        }) =>
-                    {
-                        return Ok(())
-                    }
-                    Some(_) => continue,
-                    None => return Ok(()),
-                }
-            }
-        })
-        .await;
-        match waited {
-            Err(_) => Ok(None),
-            Ok(Err(e)) => Err(SubnetError::Etcd {
-                endpoints: self.endpoints.clone(),
-                message: crate::etcd::chain(&e),
-            }),
-            Ok(Ok(())) => {
-                let deadline = Instant::now() + self.timeout;
-                self.snapshot(deadline, &network).await.map(Some)
-            }
-        }
+        self.follow(&network, since.token, wait).await
     }
 
     async fn remove_peer(&self, network: Name<'_>, node: Name<'_>) -> Result<bool, SubnetError> {

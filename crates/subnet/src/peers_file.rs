@@ -119,8 +119,8 @@ fn release_from(n: &mut NetData, node: &str, req: &ReleaseRequest) -> ReleasedNo
     out
 }
 
-/// How often a watcher looks at the file. A `stat` is all it costs, and
-/// this bounds how late a new peer is seen.
+/// How often a watcher looks at the file when inotify is not available. A
+/// `stat` is all it costs, and this bounds how late a new peer is seen.
 const POLL: Duration = Duration::from_millis(200);
 
 impl FileStore {
@@ -321,6 +321,10 @@ impl OverlayBackend for FileStore {
     ) -> Result<Option<PeerSnapshot>, SubnetError> {
         let network = network.as_str();
         let deadline = Instant::now() + wait;
+        // Made before the first look, so that no change falls between the
+        // look and the wait. Without inotify (none left, say), a stat every
+        // POLL.
+        let watch = crate::dirwatch::DirWatch::new(self.path()).ok();
         loop {
             if self.version_token() != since.token {
                 return self.snapshot(network).map(Some);
@@ -329,7 +333,13 @@ impl OverlayBackend for FileStore {
             if left.is_zero() {
                 return Ok(None);
             }
-            tokio::time::sleep(POLL.min(left)).await;
+            match &watch {
+                Some(w) => {
+                    // An error of the watch: look again (bounded by `wait`).
+                    let _ = tokio::time::timeout(left, w.changed()).await;
+                }
+                None => tokio::time::sleep(POLL.min(left)).await,
+            }
         }
     }
 

@@ -495,6 +495,68 @@ mod overlay {
         });
     }
 
+    /// Issue 22: the watcher keeps one watch and applies its events to
+    /// what it read once; after puts, liveness updates and deletes by
+    /// another client, and changes made while nobody waited, what it sees
+    /// is what a fresh read sees.
+    #[test]
+    fn a_watcher_follows_puts_and_deletes_as_a_fresh_read_sees_them() {
+        let e = Etcd::shared();
+        let net = unique_name("w");
+        rt().block_on(async {
+            let s = connect(e).await;
+            let w = connect(e).await;
+            let mut seen = w.peers(&net).await.unwrap();
+            let same = |a: &evio_subnet::PeerSnapshot, b: &evio_subnet::PeerSnapshot| {
+                a.records == b.records && a.live == b.live && a.alloc == b.alloc
+            };
+            for round in 0..3 {
+                for i in 0..8 {
+                    let node = format!("n{i}");
+                    match round {
+                        0 => s
+                            .publish(
+                                &net,
+                                &now_record(&node, &format!("k{i}")),
+                                Duration::from_secs(30),
+                            )
+                            .await
+                            .unwrap(),
+                        1 => {
+                            s.refresh(&net, &node, &["n0".to_string()]).await.unwrap();
+                        }
+                        _ => {
+                            if i % 2 == 0 {
+                                s.remove_peer(&net, &node).await.unwrap();
+                            }
+                        }
+                    }
+                }
+                // Some changes land while nobody waits on the watch.
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    let want = s.peers(&net).await.unwrap();
+                    if same(&seen, &want) {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "round {round}: the watcher sees {seen:?}\nthe store has {want:?}"
+                    );
+                    if let Some(next) = w
+                        .watch_peers(&net, &seen, Duration::from_secs(2))
+                        .await
+                        .unwrap()
+                    {
+                        seen = next;
+                    }
+                }
+            }
+            assert_eq!(seen.records.len(), 4);
+            assert!(seen.live.values().all(|a| a.connected == ["n0"]));
+        });
+    }
+
     /// etcdctl's JSON output has base64 keys.
     fn base64_decode(s: &str) -> Vec<u8> {
         let out = std::process::Command::new("base64")

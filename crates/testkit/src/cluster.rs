@@ -170,6 +170,21 @@ impl OverlayOpts {
         }
     }
 
+    /// The scale lab: `n` nodes, each on its own /24 of 100.64.0.0/10
+    /// behind one router namespace (no shared segment, no NAT), the etcd
+    /// store in the internet namespace. See [`NatType::Routed`].
+    pub fn routed(n: usize) -> OverlayOpts {
+        OverlayOpts {
+            sites: vec![(NatType::Routed, n)],
+            host_cidr: "10.10.0.0/16".into(),
+            etcd: true,
+            turn: false,
+            network_key: true,
+            agent_env: Vec::new(),
+            node_netconf: Vec::new(),
+        }
+    }
+
     /// The main job's lab: sites behind different NATs, one pair that only
     /// a relay can join (symmetric-symmetric), a site where UDP cannot get
     /// out, and two nodes behind one router.

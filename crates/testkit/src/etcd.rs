@@ -463,6 +463,11 @@ impl EtcdCluster {
         self.members[i].keeper.is_some()
     }
 
+    /// The pid of member `i`'s etcd, while it runs.
+    pub fn member_pid(&self, i: usize) -> Option<i32> {
+        self.members.get(i)?.keeper.as_ref()?.job_pid("etcd")
+    }
+
     /// Kills member `i` (SIGKILL, as a crash would); its data is kept.
     pub fn stop_member(&mut self, i: usize) {
         if let Some(k) = self.members[i].keeper.take() {

@@ -16,4 +16,5 @@ pub mod ovs;
 pub mod plugin;
 pub mod process;
 pub mod raw;
+pub mod scale;
 pub mod services;

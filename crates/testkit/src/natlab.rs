@@ -12,7 +12,13 @@
 //!   NAT type, see [`NatType`]. A double NAT is two routers in series joined
 //!   by 10.200.K.0/24, the nodes sitting behind the inner one;
 //! * per node, a netns with `eth0` on its site's LAN (or, for a
-//!   [`NatType::Public`] site, directly on the internet bridge).
+//!   [`NatType::Public`] site, directly on the internet bridge);
+//! * a [`NatType::Routed`] site is the scale lab: its router forwards
+//!   without NAT and each node has its own point-to-point veth to it, with
+//!   its own /24 of 100.64.0.0/10 ([`routed_subnet`]). The kernel's
+//!   neighbour table (one table shared by every namespace, limited by the
+//!   root namespace's `gc_thresh3`, 1024 by default) then holds about two
+//!   entries per node instead of one per pair of nodes on a shared bridge.
 //!
 //! Router defaults and why (see docs/natlab.md for the experiment behind
 //! this): every router also has a stateful input firewall on its WAN side
@@ -96,6 +102,9 @@ pub enum NatType {
     UdpBlocked,
     /// Two port-restricted cone routers in series.
     DoubleNat,
+    /// No NAT, no shared segment: every node on its own /24 of
+    /// 100.64.0.0/10 behind the site's router, which forwards (the scale lab).
+    Routed,
 }
 
 impl fmt::Display for NatType {
@@ -136,6 +145,9 @@ struct Site {
     /// inside host).
     nodes: Vec<NodeId>,
     state: Mutex<SiteState>,
+    /// A routed site: its router's WAN address, where the internet
+    /// namespace routes the site's node subnets.
+    routed_via: Option<Ipv4Addr>,
 }
 
 impl Site {
@@ -275,7 +287,7 @@ fn router_rules(nat: NatType, wan: Ipv4Addr, inside: Option<Ipv4Addr>, firewall:
             }
             format!("snat to {wan}")
         }
-        NatType::Public => panic!("a router cannot be of type Public"),
+        NatType::Public | NatType::Routed => panic!("a router cannot NAT as {nat}"),
     };
     let fwd = if nat == NatType::UdpBlocked {
         format!("    oifname \"{WAN_IF}\" meta l4proto udp drop\n")
@@ -312,6 +324,19 @@ fn router_rules(nat: NatType, wan: Ipv4Addr, inside: Option<Ipv4Addr>, firewall:
 {input}  }}
 "#
         ),
+    )
+}
+
+/// A routed node's /24 of 100.64.0.0/10 (by node index, so unique in the
+/// lab): network, the router's address on it (.1) and the node's (.2).
+pub fn routed_subnet(id: NodeId) -> (Ipv4Addr, Ipv4Addr, Ipv4Addr) {
+    // 2^14 /24s in 100.64.0.0/10: far more nodes than one machine runs.
+    let i = id.0 % (1 << 14);
+    let (a, b) = (64 + (i >> 8) as u8, (i & 0xff) as u8);
+    (
+        Ipv4Addr::new(100, a, b, 0),
+        Ipv4Addr::new(100, a, b, 1),
+        Ipv4Addr::new(100, a, b, 2),
     )
 }
 
@@ -435,16 +460,26 @@ impl Lab {
             router: None,
             inner: None,
             nodes: Vec::new(),
+            routed_via: None,
             state: Mutex::new(SiteState {
                 nat: match kind {
-                    NatType::DoubleNat | NatType::Public => NatType::PortRestrictedCone,
+                    NatType::DoubleNat | NatType::Public | NatType::Routed => {
+                        NatType::PortRestrictedCone
+                    }
                     k => k,
                 },
                 wan: None,
                 firewall: true,
             }),
         };
-        if kind != NatType::Public {
+        if kind == NatType::Routed {
+            let router = Netns::new("nlr");
+            let wan = self.alloc_public();
+            self.plug_into_internet(&router, WAN_IF, &format!("r{}", id.0));
+            Lab::setup_router(&router, &format!("{wan}/24"), SERVER_ADDR);
+            site.routed_via = Some(wan);
+            site.router = Some(router);
+        } else if kind != NatType::Public {
             // Locals until the site is complete: a failing step drops them,
             // which deletes the namespaces again.
             let router = Netns::new("nlr");
@@ -513,25 +548,9 @@ impl Lab {
             .get(site.0)
             .unwrap_or_else(|| panic!("no site {site:?}"));
         let ns = Netns::new("nln");
-        let addr = match s.lan_router() {
-            None => {
-                let addr = self.alloc_public();
-                self.plug_into_internet(&ns, NODE_IF, &format!("p{}", id.0));
-                uplink(&ns, NODE_IF, &format!("{addr}/24"), SERVER_ADDR);
-                addr
-            }
-            Some(router) => {
-                let host = u8::try_from(s.nodes.len() + 2)
-                    .ok()
-                    .filter(|h| *h < 255)
-                    .unwrap_or_else(|| panic!("too many nodes on site {site:?}"));
-                let addr = Ipv4Addr::new(192, 168, s.lan, host);
-                let port = format!("n{}", id.0);
-                plug(&ns, NODE_IF, router, &port, LAN_BRIDGE);
-                let gw = Ipv4Addr::new(192, 168, s.lan, 1);
-                uplink(&ns, NODE_IF, &format!("{addr}/24"), gw);
-                addr
-            }
+        let addr = match (s.routed_via, s.router.as_ref()) {
+            (Some(via), Some(router)) => self.add_routed_node(&ns, router, via, id),
+            _ => self.add_lan_node(&ns, site, id),
         };
         self.sites[site.0].nodes.push(id);
         self.nodes.push(LabNode {
@@ -547,6 +566,74 @@ impl Lab {
         }
         self.apply_blocks();
         &self.nodes[id.0]
+    }
+
+    /// A node on its site's LAN bridge, or on the internet bridge for a
+    /// public site: its address.
+    fn add_lan_node(&self, ns: &Netns, site: SiteId, id: NodeId) -> Ipv4Addr {
+        let s = self.site(site);
+        match s.lan_router() {
+            None => {
+                let addr = self.alloc_public();
+                self.plug_into_internet(ns, NODE_IF, &format!("p{}", id.0));
+                uplink(ns, NODE_IF, &format!("{addr}/24"), SERVER_ADDR);
+                addr
+            }
+            Some(router) => {
+                let host = u8::try_from(s.nodes.len() + 2)
+                    .ok()
+                    .filter(|h| *h < 255)
+                    .unwrap_or_else(|| panic!("too many nodes on site {site:?}"));
+                let addr = Ipv4Addr::new(192, 168, s.lan, host);
+                let port = format!("n{}", id.0);
+                plug(ns, NODE_IF, router, &port, LAN_BRIDGE);
+                let gw = Ipv4Addr::new(192, 168, s.lan, 1);
+                uplink(ns, NODE_IF, &format!("{addr}/24"), gw);
+                addr
+            }
+        }
+    }
+
+    /// A node of a routed site: a veth straight to the router (no bridge,
+    /// so the router's neighbour entry for it is the only one), the node's
+    /// /24 routed to the router from the internet namespace.
+    fn add_routed_node(&self, ns: &Netns, router: &Netns, via: Ipv4Addr, id: NodeId) -> Ipv4Addr {
+        let (net, gw, addr) = routed_subnet(id);
+        let port = format!("n{}", id.0);
+        must(
+            router,
+            &[
+                "ip",
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                NODE_IF,
+                "netns",
+                ns.name(),
+            ],
+        );
+        must(
+            router,
+            &["ip", "addr", "add", &format!("{gw}/24"), "dev", &port],
+        );
+        must(router, &["ip", "link", "set", &port, "up"]);
+        uplink(ns, NODE_IF, &format!("{addr}/24"), gw);
+        must(
+            &self.internet,
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("{net}/24"),
+                "via",
+                &via.to_string(),
+            ],
+        );
+        addr
     }
 
     fn site(&self, site: SiteId) -> &Site {

@@ -99,7 +99,7 @@ fn allocates_on_a_real_server_and_relays_without_copies_into_the_heap() {
     assert!(n
         .candidates()
         .iter()
-        .any(|(_, c)| *c == crate::path::Class::Relay));
+        .any(|(_, c)| *c == crate::path::Rank::Relay));
     assert!(
         n.candidates().iter().any(|(a, _)| a.to_string() == ME),
         "reflexive from the server"

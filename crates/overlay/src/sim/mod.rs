@@ -41,7 +41,7 @@ use turn_client_proto::types::attribute::Lifetime;
 use turn_client_proto::types::message::{ALLOCATE, REFRESH};
 
 use crate::crypto::{seed_from_u64, StaticKeys};
-use crate::engine::{Candidate, Io, Overlay, OverlayConfig, PeerInfo, PeerState, MAX_DATAGRAM};
+use crate::engine::{Io, Overlay, OverlayConfig, PeerCandidate, PeerInfo, PeerState, MAX_DATAGRAM};
 use crate::nat::{Nat, NatConfig, Sock, Transmit, TurnServer, TurnTransport};
 use crate::offload::Csum;
 use crate::path::PathAddr;
@@ -256,8 +256,11 @@ impl Io for SimIo {
         self.slot = slot;
     }
 
-    fn pod(&mut self, _frame: &mut [u8], _csum: Csum) {
-        self.pods += 1;
+    fn pod(&mut self, frame: &mut [u8], _csum: Csum) {
+        // Background traffic ([`Sim::keep_busy`]) is not what a test waits for.
+        if !frame.ends_with(BUSY) {
+            self.pods += 1;
+        }
     }
 
     fn host(&mut self, _packet: &mut [u8], _csum: Csum) {}
@@ -288,7 +291,7 @@ pub struct SimNode {
     /// node last opened a socket of its own.
     pub turn_on_shared: u64,
     pub turn_on_shared_at_move: Option<u64>,
-    /// ChannelData datagrams (relayed peer traffic) the stack took, and
+    /// Relayed datagrams (ChannelData, data indications) the stack took, and
     /// the allocations it made while taking them (lib tests count them).
     #[cfg(test)]
     pub relayed_in: (u64, u64),
@@ -495,6 +498,10 @@ pub struct Sim {
     /// Node pairs whose direct datagrams are dropped (both ways).
     blocked: BTreeSet<(usize, usize)>,
     store_due: Option<Instant>,
+    /// Background traffic: a frame between every pair of nodes this often,
+    /// next at `busy_due`.
+    busy_every: Option<Duration>,
+    busy_due: Instant,
     /// A hash of every delivery (time, endpoints, size): equal for equal
     /// runs.
     trace: DefaultHasher,
@@ -526,6 +533,8 @@ impl Sim {
             seq: 0,
             blocked: BTreeSet::new(),
             store_due: Some(now),
+            busy_every: Some(Duration::from_secs(1)),
+            busy_due: now,
             trace: DefaultHasher::new(),
             deliveries: 0,
             rng: StdRng::seed_from_u64(rng.gen()),
@@ -670,6 +679,9 @@ impl Sim {
         if let Some(s) = self.store_due {
             t = t.min(s);
         }
+        if self.busy_every.is_some() {
+            t = t.min(self.busy_due);
+        }
         self.nodes
             .iter()
             .map(|n| n.stack.poll_timeout())
@@ -703,6 +715,34 @@ impl Sim {
             self.store_due = None;
             self.publish_peers();
         }
+        if let Some(every) = self.busy_every.filter(|_| now >= self.busy_due) {
+            self.busy_due = now + every;
+            self.busy_frames();
+        }
+    }
+
+    /// Background traffic between every pair of nodes (on by default,
+    /// every second: sessions are made on demand, so the path tests need
+    /// traffic that flows); `None` stops it.
+    pub fn keep_busy(&mut self, every: Option<Duration>) {
+        self.busy_every = every;
+        self.busy_due = self.now;
+    }
+
+    fn busy_frames(&mut self) {
+        let n = self.nodes.len();
+        for a in 0..n {
+            for b in (0..n).filter(|b| *b != a) {
+                let Some(frame) = pod_frame(a, b, BUSY) else {
+                    continue;
+                };
+                let now = self.now;
+                let x = &mut self.nodes[a];
+                let hdr = crate::offload::VnetHdr::default();
+                x.stack.from_pod(now, &hdr, &frame, &mut x.io);
+            }
+            self.after(a);
+        }
     }
 
     /// What node `i` sent and asked for after it ran (opening a socket
@@ -720,7 +760,7 @@ impl Sim {
                 StackEvent::Candidates(c) => {
                     self.nodes[i].info.candidates = c
                         .into_iter()
-                        .map(|(addr, class)| Candidate { addr, class })
+                        .map(|(addr, class)| PeerCandidate { addr, class })
                         .collect();
                     self.store_due.get_or_insert(self.now + STORE_DELAY);
                 }
@@ -867,8 +907,8 @@ impl Sim {
         let now = self.now;
         let node = &mut self.nodes[n];
         #[cfg(test)]
-        let relayed = (crate::wire::demux(&f.data) == crate::wire::Demux::ChannelData)
-            .then(|| (crate::alloc_count::allocations(), node.io.queue_allocs));
+        let relayed =
+            is_relayed(&f.data).then(|| (crate::alloc_count::allocations(), node.io.queue_allocs));
         node.stack
             .handle_datagram_on(now, via, f.from, &f.data, &mut node.io);
         #[cfg(test)]
@@ -1062,9 +1102,7 @@ impl Sim {
     /// Sends a pod frame from node `a` to a pod of node `b` every 200 ms
     /// until one arrives (a ping): how long that took, within `limit`.
     pub fn ping(&mut self, a: usize, b: usize, limit: Duration) -> Option<Duration> {
-        let ip = |n: usize| Ipv4Addr::new(10, 244, n as u8, 2);
-        let udp = [0x30, 0x39, 0x30, 0x3a, 0, 12, 0, 0, b'p', b'i', b'n', b'g'];
-        let frame = crate::packet::pod_ipv4_frame(ip(a), ip(b), crate::packet::IPPROTO_UDP, &udp)?;
+        let frame = pod_frame(a, b, b"ping")?;
         let (t0, before) = (self.now, self.nodes[b].io.pods);
         while self.now < t0 + limit {
             let now = self.now;
@@ -1086,6 +1124,30 @@ impl Sim {
     pub fn kind_of(&self, n: usize) -> NatKind {
         self.sites[self.nodes[n].site].router.kind
     }
+}
+
+/// Peer traffic a TURN server relayed to us: ChannelData, or a data
+/// indication (STUN method 0x0017) when we have no channel to that peer
+/// address, because we never sent to it through our own allocation.
+#[cfg(test)]
+fn is_relayed(d: &[u8]) -> bool {
+    match crate::wire::demux(d) {
+        crate::wire::Demux::ChannelData => true,
+        crate::wire::Demux::Stun => d.get(..2) == Some(&[0x00, 0x17]),
+        _ => false,
+    }
+}
+
+/// The payload of background frames.
+const BUSY: &[u8; 4] = b"busy";
+
+/// A UDP frame from a pod of node `a` to a pod of node `b` with a 4-byte
+/// payload.
+fn pod_frame(a: usize, b: usize, payload: &[u8; 4]) -> Option<Vec<u8>> {
+    let ip = |n: usize| Ipv4Addr::new(10, 244, n as u8, 2);
+    let mut udp = vec![0x30, 0x39, 0x30, 0x3a, 0, 12, 0, 0];
+    udp.extend_from_slice(payload);
+    crate::packet::pod_ipv4_frame(ip(a), ip(b), crate::packet::IPPROTO_UDP, &udp)
 }
 
 /// Whether `data` is a STUN Binding (reflexive addresses: not TURN).

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use ipnet::IpNet;
+use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::{validate_name, SubnetError};
@@ -245,6 +246,9 @@ pub struct HostAllocation {
     pub addr: IpAddr,
     /// The node already held it (a restart); nothing was written.
     pub existing: bool,
+    /// Write transactions it took: 1 unless racing nodes took the pick
+    /// first (0 when `existing`). Reported so contention is measurable.
+    pub rounds: u32,
 }
 
 /// A network or node name that passed [`validate_name`]. Backends take
@@ -583,10 +587,19 @@ pub fn usable_host(cidr: IpNet, a: IpAddr) -> bool {
     host_range(cidr).is_ok_and(|(lo, hi)| cidr.contains(&a) && (lo..=hi).contains(&addr_value(a)))
 }
 
+/// The most of the lowest free addresses a node that lost races picks
+/// among (the spread doubles per lost race up to this). With every racer on
+/// the lowest one, N nodes starting together would need N rounds (one
+/// winner each); spread over this many, each round settles up to this
+/// many. Small enough that addresses stay near the bottom of the CIDR.
+pub(crate) const HOST_SPREAD_AFTER_LOSS: u128 = 64;
+
 /// Picks the host address of `node`: exactly `requested` when given (an
-/// error naming the holder when another node has it), else the lowest free
-/// one, so that the first node of a network gets `.1` and addresses are
-/// predictable. Racing nodes that pick the same one are settled by the
+/// error naming the holder when another node has it), else one of the
+/// `spread` lowest free ones, uniformly. The first attempt passes 1, so
+/// the first node of a network gets `.1` and addresses are predictable;
+/// after lost races the caller passes more, up to [`HOST_SPREAD_AFTER_LOSS`],
+/// so racers stop colliding. Racing nodes that pick the same one are settled by the
 /// store's transaction: the loser looks again. `owner` says who holds an
 /// address; `Ok(None)` when the CIDR is full.
 pub(crate) fn pick_host(
@@ -594,6 +607,7 @@ pub(crate) fn pick_host(
     node: &str,
     cidr: IpNet,
     requested: Option<IpAddr>,
+    spread: u128,
     owner: &dyn Fn(IpAddr) -> Option<String>,
 ) -> Result<Option<IpAddr>, SubnetError> {
     let (lo, hi) = host_range(cidr)?;
@@ -610,19 +624,22 @@ pub(crate) fn pick_host(
             _ => Ok(Some(a)),
         };
     }
-    // Every step past the first is a taken address, so this ends after at
-    // most (addresses in use + 1) steps, however large the CIDR.
+    // Every step that finds no free address is a taken one, so this ends
+    // after at most (addresses in use + spread) steps, however large the CIDR.
+    let want = spread.clamp(1, HOST_SPREAD_AFTER_LOSS) as usize;
+    let mut free = Vec::with_capacity(want);
     let mut v = lo;
-    loop {
+    while free.len() < want {
         let a = addr_from(cidr, v);
         if owner(a).is_none() {
-            return Ok(Some(a));
+            free.push(a);
         }
         if v == hi {
-            return Ok(None);
+            break;
         }
         v += 1;
     }
+    Ok(free.choose(&mut rand::thread_rng()).copied())
 }
 
 /// A node that already holds `holds` asks for `requested`: moving a host
@@ -755,7 +772,7 @@ mod tests {
         held: &[(&str, &str)],
     ) -> Result<Option<String>, SubnetError> {
         let req = req.map(|r| r.parse().unwrap());
-        pick_host("net", "me", cidr.parse().unwrap(), req, &owners(held))
+        pick_host("net", "me", cidr.parse().unwrap(), req, 1, &owners(held))
             .map(|a| a.map(|a| a.to_string()))
     }
 
@@ -791,6 +808,40 @@ mod tests {
                 .as_deref(),
             Some("fd00::2")
         );
+    }
+
+    #[test]
+    fn after_a_lost_race_one_of_the_lowest_free_addresses_uniformly() {
+        let cidr: IpNet = "10.10.0.0/16".parse().unwrap();
+        let held = owners(&[("10.10.0.1", "a"), ("10.10.0.3", "b")]);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..2000 {
+            let a = pick_host("net", "me", cidr, None, HOST_SPREAD_AFTER_LOSS, &held)
+                .unwrap()
+                .unwrap();
+            assert!(held(a).is_none());
+            seen.insert(addr_value(a) - addr_value("10.10.0.0".parse().unwrap()));
+        }
+        // The 64 lowest free: .2 and .4 to .66, every one of them seen.
+        let want: std::collections::BTreeSet<u128> = std::iter::once(2).chain(4..=66).collect();
+        assert_eq!(seen, want);
+        // A requested address is not spread; a nearly full CIDR still gives
+        // its last free one.
+        let req = Some("10.10.0.9".parse().unwrap());
+        let got = pick_host("net", "me", cidr, req, HOST_SPREAD_AFTER_LOSS, &held).unwrap();
+        assert_eq!(got, req);
+        let five: Vec<(String, &str)> = (1..=5).map(|i| (format!("10.0.0.{i}"), "x")).collect();
+        let five: Vec<(&str, &str)> = five.iter().map(|(a, n)| (a.as_str(), *n)).collect();
+        let small: IpNet = "10.0.0.0/29".parse().unwrap();
+        let got = pick_host(
+            "net",
+            "me",
+            small,
+            None,
+            HOST_SPREAD_AFTER_LOSS,
+            &owners(&five),
+        );
+        assert_eq!(got.unwrap(), Some("10.0.0.6".parse().unwrap()));
     }
 
     #[test]

@@ -16,7 +16,9 @@ use etcd_client::{
 use ipnet::IpNet;
 
 use crate::etcd_mirror::{Mirror, KINDS};
-use crate::peers::{check_held, host_key, host_owner as owner, now_rfc3339, pick_host, Name};
+use crate::peers::{
+    check_held, host_key, host_owner as owner, now_rfc3339, pick_host, Name, HOST_SPREAD_AFTER_LOSS,
+};
 use crate::{
     parse_subnet_key, peers::Allocations, Alive, EtcdStore, HostAllocation, Liveness,
     OverlayBackend, OwnerRecord, PeerRecord, PeerSnapshot, ReleaseRequest, Released, ReleasedNode,
@@ -363,6 +365,7 @@ impl OverlayBackend for EtcdStore {
             ]
         };
         let mut resp = self.txn(deadline, Txn::new().and_then(snapshot())).await?;
+        let mut rounds = 0u32;
         for _ in 0..MAX_ATTEMPTS {
             let ops = resp.op_responses();
             let kvs = |i: usize| match ops.get(i) {
@@ -395,6 +398,7 @@ impl OverlayBackend for EtcdStore {
                     return Ok(HostAllocation {
                         addr,
                         existing: true,
+                        rounds: 0,
                     });
                 }
                 // The host CIDR changed: drop the old allocation first.
@@ -421,13 +425,18 @@ impl OverlayBackend for EtcdStore {
                 })
                 .collect();
             let holder = |a: IpAddr| used.get(&host_key(a)).cloned();
-            let addr = pick_host(&network, &node, cidr, requested, &holder)?.ok_or_else(|| {
-                SubnetError::Exhausted {
-                    network: network.to_string(),
-                    cidr,
-                    capacity: used.len() as u128,
-                }
-            })?;
+            // Lowest free first, then over 1, 2, 4 ... 64 of the lowest free
+            // after each lost race: two nodes starting together still get
+            // .1 and .2, while a hundred settle in a dozen rounds.
+            let spread = (1u128 << rounds.saturating_sub(1).min(6)).min(HOST_SPREAD_AFTER_LOSS);
+            let addr =
+                pick_host(&network, &node, cidr, requested, spread, &holder)?.ok_or_else(|| {
+                    SubnetError::Exhausted {
+                        network: network.to_string(),
+                        cidr,
+                        capacity: used.len() as u128,
+                    }
+                })?;
             let akey = format!("{addrs}{}", host_key(addr));
             let rec =
                 serde_json::to_string(&owner(&node, addr)).map_err(|e| SubnetError::Corrupt {
@@ -449,10 +458,12 @@ impl OverlayBackend for EtcdStore {
                         .or_else(snapshot()),
                 )
                 .await?;
+            rounds += 1;
             if resp.succeeded() {
                 return Ok(HostAllocation {
                     addr,
                     existing: false,
+                    rounds,
                 });
             }
         }

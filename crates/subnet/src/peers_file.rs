@@ -200,6 +200,7 @@ impl OverlayBackend for FileStore {
                 return Ok(HostAllocation {
                     addr,
                     existing: true,
+                    rounds: 0,
                 });
             }
             // The host CIDR changed: the old address is meaningless now.
@@ -207,7 +208,8 @@ impl OverlayBackend for FileStore {
             net.hostaddrs.remove(&host_key(addr));
         }
         let holder = |a: IpAddr| net.hostaddrs.get(&host_key(a)).map(|r| r.node.clone());
-        let addr = pick_host(network, node, cidr, requested, &holder)?.ok_or_else(|| {
+        // Under the file lock there is no race: always the lowest free.
+        let addr = pick_host(network, node, cidr, requested, 1, &holder)?.ok_or_else(|| {
             SubnetError::Exhausted {
                 network: network.to_string(),
                 cidr,
@@ -220,6 +222,7 @@ impl OverlayBackend for FileStore {
         Ok(HostAllocation {
             addr,
             existing: false,
+            rounds: 1,
         })
     }
 

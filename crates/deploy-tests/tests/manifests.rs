@@ -4,7 +4,7 @@
 // Test support: a harness that unwraps fails the test that called it, loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -6,7 +6,7 @@
 // A test that unwraps fails loudly, which is what a test should do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{behaviour_suite, host_veth, Backend, Fixture};
 use evio_testkit::plugin::Pod;

@@ -5,7 +5,7 @@
 // A test that unwraps fails loudly, which is what a test should do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{Backend, Fixture};
 use evio_testkit::plugin::{container_id, Pod, SUPPORTED_VERSIONS};

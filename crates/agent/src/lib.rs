@@ -11,6 +11,7 @@
 //! record go.
 
 pub mod cache;
+pub mod certs;
 pub mod control;
 pub mod dataplane;
 pub mod device;

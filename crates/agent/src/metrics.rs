@@ -305,7 +305,31 @@ pub fn prometheus(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Strin
     overlay_counters(&mut e, node, snap);
     peer_gauges(&mut e, node, snap);
     overlay_gauges(&mut e, node, snap, health);
+    cert_gauges(&mut e, node, health);
     e.into_text()
+}
+
+/// Each etcd certificate file's expiry, as Unix time (Prometheus' way: an
+/// alert is `... - time() < 30 * 86400`). A bundle gives its earliest
+/// certificate; a file that gave none (unreadable, no certificate) has no
+/// sample, and the log says why.
+fn cert_gauges(e: &mut Exposition, node: &str, health: &StoreHealth) {
+    let name = "evio_overlay_cert_not_after_timestamp_seconds";
+    e.family(
+        name,
+        "When each etcd TLS certificate file the agent uses expires (the earliest notAfter of a bundle), in Unix seconds.",
+        "gauge",
+    );
+    for c in &health.certs {
+        if let Ok(t) = c.not_after {
+            let file = c.path.to_string_lossy();
+            e.sample(
+                name,
+                &[("node", node), ("role", c.role), ("file", &file)],
+                t,
+            );
+        }
+    }
 }
 
 /// Traffic, handshakes and drops, per peer.
@@ -554,10 +578,20 @@ mod tests {
             learned_macs: 6,
             taken: now,
         };
+        let cert = |role, path: &str, not_after| crate::certs::CertFile {
+            role,
+            path: path.into(),
+            not_after,
+        };
         let health = StoreHealth {
             published: true,
             confirmed: Some(std::time::Instant::now()),
             stale: ["x".to_string()].into(),
+            certs: vec![
+                cert("ca", "/etc/evio/etcd/ca.crt", Ok(1_798_761_600)),
+                cert("client", "/etc/evio/etcd/tls\"x\".crt", Ok(1_767_225_600)),
+                cert("client", "/etc/evio/etcd/bad.crt", Err("no PEM".into())),
+            ],
             ..StoreHealth::default()
         };
         (me, snap, health)

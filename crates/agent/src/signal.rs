@@ -76,6 +76,9 @@ pub struct StoreHealth {
     /// Records of the network that are no peer of this node, and why
     /// (node, reason), sorted.
     pub ignored: Vec<(String, String)>,
+    /// The etcd client's certificate files and their expiry, as last read
+    /// (when they changed on disk).
+    pub certs: Vec<crate::certs::CertFile>,
 }
 
 impl StoreHealth {
@@ -305,6 +308,10 @@ struct State {
     told: HashMap<String, (Key, bool)>,
     told_ignored: Vec<(String, String)>,
     limiter: crate::events::LogLimiter,
+    /// The TLS files' stamp when their certificates were last read.
+    certs_read: Option<Vec<Option<(u64, u64, SystemTime)>>>,
+    certs: Vec<crate::certs::CertFile>,
+    expiry: crate::certs::ExpiryLog,
 }
 
 impl Signalling {
@@ -343,6 +350,7 @@ impl Signalling {
         let mut warned: Option<Instant> = None;
         while !self.stop.is_set() {
             let tls = tls_files_stamp(&self.opts);
+            self.read_certs(&mut st, &tls);
             let end = match self.connect().await {
                 Ok(store) => {
                     if let Some(l) = st.lease {
@@ -388,6 +396,22 @@ impl Signalling {
         if self.leave.load(Ordering::SeqCst) {
             self.leave_store().await;
         }
+    }
+
+    /// Reads the certificates' expiry when the files are new (at start, and
+    /// whenever a rotation makes the thread connect again), and warns of
+    /// any that ends soon.
+    fn read_certs(&self, st: &mut State, tls: &[Option<(u64, u64, SystemTime)>]) {
+        if !matches!(self.url, StoreUrl::Etcd(_)) {
+            return;
+        }
+        if st.certs_read.as_deref() != Some(tls) {
+            st.certs = crate::certs::read(&self.opts.etcd);
+            st.certs_read = Some(tls.to_vec());
+            set_health(&self.health, |h| h.certs = st.certs.clone());
+        }
+        st.expiry
+            .check(&st.certs, SystemTime::now(), Instant::now());
     }
 
     /// A fresh connection: after a failure the old one may be what hangs
@@ -467,6 +491,7 @@ impl Signalling {
                     if tls_files_stamp(&self.opts) != tls {
                         return End::Reconnect;
                     }
+                    st.expiry.check(&st.certs, SystemTime::now(), Instant::now());
                     self.tick(store, st).await
                 }
                 w = store.watch_peers(&self.network, &st.snap, Duration::from_secs(30)) => {

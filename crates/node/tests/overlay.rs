@@ -2640,3 +2640,188 @@ fn an_announced_port_forward_is_reached_directly_without_stun() {
         dump(&c)
     );
 }
+
+// Issue 24: etcd certificates rotated on disk.
+
+/// A certificate's notAfter as openssl reads it, in Unix seconds (`date`
+/// parses openssl's format).
+fn openssl_not_after(crt: &std::path::Path) -> u64 {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-enddate", "-in"])
+        .arg(crt)
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let date = text.trim().strip_prefix("notAfter=").expect("notAfter=");
+    let out = Command::new("date")
+        .args(["-u", "+%s", "-d", date])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a date")
+}
+
+/// The agent's `evio_overlay_cert_not_after_timestamp_seconds` for `role`.
+fn cert_not_after(c: &Cluster, role: &str) -> Option<u64> {
+    let text = c.agent(0)?.metrics().ok()?;
+    let line = text.lines().find(|l| {
+        l.starts_with("evio_overlay_cert_not_after_timestamp_seconds{")
+            && l.contains(&format!("role=\"{role}\""))
+    })?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
+/// Writes `from`'s bytes beside `to` and renames them over it, as the
+/// runbook says, so the agent never reads half a file.
+fn replace_file(to: &std::path::Path, bytes: &[u8]) {
+    let aside = to.with_extension("new");
+    std::fs::write(&aside, bytes).unwrap();
+    std::fs::rename(&aside, to).unwrap();
+}
+
+/// Issue 24: a CA rotation of the agent's etcd, in the runbook's order,
+/// with no agent restart. etcd first trusts a new CA next to the old one
+/// (a restart); the node's files are replaced in place with a client
+/// certificate from the new CA and a bundle of both CAs: the agent notices
+/// the change at its next tick, connects again with them, and its expiry
+/// metric shows the new dates (the bundle's earliest). Then etcd serves
+/// the new CA's certificate and refuses clients of the old one (a restart):
+/// the agent's store is working again and a record written now reaches it.
+#[test]
+fn etcd_certificates_replaced_on_disk_are_used_without_a_restart() {
+    let t0 = Instant::now();
+    let mut ov = OverlayOpts::flat(1);
+    ov.etcd = true;
+    ov.etcd_tls = true;
+    // The files are checked at every store tick: 1 s here (reclaimAfter/4)
+    // instead of the default 10 s, to keep the test short.
+    ov.node_netconf = vec![(0, json!({"reclaimAfter": "4s"}))];
+    let mut c = up(opts(BridgeType::Linux, 0, ov));
+    let files = c.etcd_client_tls().expect("TLS files");
+    let store_ok = |c: &Cluster| c.agent(0).expect("agent").metric("evio_overlay_store_ok{");
+    wait("store_ok 1 at start", Duration::from_secs(10), || {
+        store_ok(&c) == 1
+    });
+    let ca1_end = openssl_not_after(&files.ca);
+    assert_eq!(cert_not_after(&c, "ca"), Some(ca1_end));
+    let client1_end = openssl_not_after(&files.client_cert);
+    assert_eq!(cert_not_after(&c, "client"), Some(client1_end));
+
+    // 1. etcd trusts the old and the new CA (a bundle), restarted.
+    let ca2 = c.etcd().expect("etcd").new_ca("ca2");
+    let mut both = std::fs::read(&files.ca).unwrap();
+    both.extend(std::fs::read(&ca2.client.ca).unwrap());
+    let both_path = c.dir().unwrap().join("both-cas.crt");
+    std::fs::write(&both_path, &both).unwrap();
+    let old_client = c.etcd().and_then(|e| e.tls()).cloned().expect("CA1 files");
+    {
+        let e = c.etcd_mut().expect("etcd");
+        let mut server = e.server_tls().cloned().expect("server TLS");
+        server.trusted_ca = both_path.clone();
+        e.set_tls(server, old_client.clone());
+        e.stop_member(0);
+        e.start_member(0);
+    }
+    wait("store_ok 1 with both CAs", Duration::from_secs(10), || {
+        store_ok(&c) == 1
+    });
+
+    // 2. The node's files replaced in place: CA2's client certificate and
+    // key, the bundle of both CAs (etcd still shows CA1's certificate).
+    let said = &["the etcd client certificates changed on disk"];
+    let before = log_lines(c.agent(0).unwrap(), said).len();
+    let t = Instant::now();
+    replace_file(&files.ca, &both);
+    replace_file(
+        &files.client_cert,
+        &std::fs::read(&ca2.client.client_cert).unwrap(),
+    );
+    replace_file(
+        &files.client_key,
+        &std::fs::read(&ca2.client.client_key).unwrap(),
+    );
+    let client2_end = openssl_not_after(&ca2.client.client_cert);
+    let ca2_end = openssl_not_after(&ca2.client.ca);
+    let took = wait(
+        "the new client certificate's date",
+        Duration::from_secs(10),
+        || cert_not_after(&c, "client") == Some(client2_end),
+    );
+    eprintln!("rotation: new client certificate in the metrics {took:?} after the files");
+    assert_eq!(cert_not_after(&c, "ca"), Some(ca1_end.min(ca2_end)));
+    wait_logged_more(&c, 0, said, before, Duration::from_secs(5));
+    assert_eq!(store_ok(&c), 1, "{}", c.agent(0).unwrap().log_tail(20));
+
+    // 3. etcd serves CA2's certificate and accepts CA2's clients only.
+    {
+        let e = c.etcd_mut().expect("etcd");
+        e.set_tls(ca2.server.clone(), ca2.client.clone());
+        e.stop_member(0);
+        e.start_member(0);
+    }
+    let etcd = c.etcd().expect("etcd");
+    let internet = etcd.netns().expect("netns").to_path_buf();
+    let refused = Command::new("nsenter")
+        .arg(format!("--net={}", internet.display()))
+        .args(["--", "etcdctl", "--dial-timeout=2s", "--command-timeout=3s"])
+        .arg(format!("--endpoints=https://{}", etcd.endpoint()))
+        .arg(format!("--cacert={}", ca2.client.ca.display()))
+        .arg(format!("--cert={}", old_client.client_cert.display()))
+        .arg(format!("--key={}", old_client.client_key.display()))
+        .args(["get", "--prefix", "/evio/"])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "a CA1 client is still accepted");
+    let net = c.opts().network.clone();
+    let ghost = json!({
+        "node": "ghost",
+        "publicKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        "podSubnet": "10.244.250.0/24",
+        "heartbeat": "2026-01-01T00:00:00Z",
+    })
+    .to_string();
+    let out = etcd.etcdctl(&["put", &format!("/evio/{net}/peers/ghost"), &ghost]);
+    assert!(out.status.success(), "{out:?}");
+    let seen = wait(
+        "the ghost record reaches the agent",
+        Duration::from_secs(10),
+        || {
+            let v = peers(&c, 0);
+            v["ignored"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|i| i["node"] == "ghost"))
+        },
+    );
+    // And the agent's own writes get through: its liveness key, changed
+    // under its lease, is written back at its next refresh.
+    let alive = format!("/evio/{net}/alive/{}", name(0));
+    let out = etcd.etcdctl(&["get", &alive, "-w", "json"]);
+    let kv: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let lease = kv["kvs"][0]["lease"]
+        .as_i64()
+        .expect("the alive key has a lease");
+    let bogus = json!({"heartbeat": "2026-01-01T00:00:00Z", "connected": ["bogus"]});
+    let lease = format!("--lease={lease:x}");
+    let out = etcd.etcdctl(&["put", &alive, &bogus.to_string(), &lease]);
+    assert!(out.status.success(), "{out:?}");
+    wait(
+        "the agent writes its liveness again",
+        Duration::from_secs(10),
+        || {
+            let v = etcd.get_prefix(&alive);
+            v.len() == 1 && !v[0].1.contains("bogus")
+        },
+    );
+    assert_eq!(store_ok(&c), 1);
+    assert!(peers(&c, 0)["store"]["error"].is_null(), "{}", peers(&c, 0));
+    assert_eq!(cert_not_after(&c, "client"), Some(client2_end));
+    eprintln!(
+        "rotation: the record written after etcd dropped CA1 seen {seen:?} later; \
+         {:?} since the files were replaced, {:?} in all",
+        t.elapsed(),
+        t0.elapsed()
+    );
+}

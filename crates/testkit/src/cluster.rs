@@ -32,7 +32,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::agent::{Agent, AgentSpec};
-use crate::etcd::Etcd;
+use crate::etcd::{Etcd, EtcdTlsFiles};
 use crate::natlab::{Coturn, Lab, NatType, NodeId};
 use crate::netns::Netns;
 use crate::ovs::Ovs;
@@ -144,6 +144,10 @@ pub struct OverlayOpts {
     pub host_cidr: String,
     /// etcd in the internet namespace instead of the embedded file store.
     pub etcd: bool,
+    /// That etcd serves TLS and wants client certificates; every node gets
+    /// a copy of the client files ([`Cluster::etcd_client_tls`]) and
+    /// config-gen and the agents their `--etcd-ca/cert/key` flags.
+    pub etcd_tls: bool,
     /// coturn in the internet namespace as every node's STUN and TURN
     /// server (TURN over TCP for a site where UDP cannot get out).
     pub turn: bool,
@@ -163,6 +167,7 @@ impl OverlayOpts {
             sites: vec![(NatType::Public, n)],
             host_cidr: "10.10.0.0/16".into(),
             etcd: false,
+            etcd_tls: false,
             turn: false,
             network_key: true,
             agent_env: Vec::new(),
@@ -178,6 +183,7 @@ impl OverlayOpts {
             sites: vec![(NatType::Routed, n)],
             host_cidr: "10.10.0.0/16".into(),
             etcd: true,
+            etcd_tls: false,
             turn: false,
             network_key: true,
             agent_env: Vec::new(),
@@ -201,6 +207,7 @@ impl OverlayOpts {
             ],
             host_cidr: "10.10.0.0/16".into(),
             etcd: false,
+            etcd_tls: false,
             turn: true,
             network_key: true,
             agent_env: Vec::new(),
@@ -468,6 +475,44 @@ impl Cluster {
         self.etcd.as_ref()
     }
 
+    pub fn etcd_mut(&mut self) -> Option<&mut Etcd> {
+        self.etcd.as_mut()
+    }
+
+    /// The etcd client files every node's config-gen and agent use (copies
+    /// of the CA's, so a test can rotate them as an operator would, in
+    /// place): `None` without [`OverlayOpts::etcd_tls`].
+    pub fn etcd_client_tls(&self) -> Option<EtcdTlsFiles> {
+        let on = self
+            .opts
+            .overlay
+            .as_ref()
+            .is_some_and(|o| o.etcd && o.etcd_tls);
+        let dir = self.dir()?.join("etcd-tls");
+        on.then(|| EtcdTlsFiles {
+            ca: dir.join("ca.crt"),
+            client_cert: dir.join("tls.crt"),
+            client_key: dir.join("tls.key"),
+            user_cert: dir.join("tls.crt"),
+            user_key: dir.join("tls.key"),
+        })
+    }
+
+    /// `--etcd-ca/--etcd-cert/--etcd-key` for the store, when it has TLS.
+    fn store_flags(&self) -> Vec<String> {
+        let Some(t) = self.etcd_client_tls() else {
+            return Vec::new();
+        };
+        [
+            ("--etcd-ca", &t.ca),
+            ("--etcd-cert", &t.client_cert),
+            ("--etcd-key", &t.client_key),
+        ]
+        .into_iter()
+        .flat_map(|(f, p)| [f.to_string(), p.display().to_string()])
+        .collect()
+    }
+
     pub fn node_mut(&mut self, i: usize) -> Option<&mut SimNode> {
         self.nodes.get_mut(i)
     }
@@ -560,8 +605,8 @@ impl Cluster {
         let store = self.store_url();
         let conf_path = netconf_path.display().to_string();
         let conf_dir_s = conf_dir.display().to_string();
-        let cmd = ns.command(&[
-            &bin,
+        let mut args = vec![
+            bin.as_str(),
             "config-gen",
             "--config",
             &conf_path,
@@ -571,7 +616,10 @@ impl Cluster {
             &store,
             "--cni-conf-dir",
             &conf_dir_s,
-        ]);
+        ];
+        let tls = self.store_flags();
+        args.extend(tls.iter().map(String::as_str));
+        let cmd = ns.command(&args);
         let out = guarded("run config-gen", || {
             run_bounded(cmd, b"", CONFIG_GEN_TIMEOUT)
         })?;
@@ -639,7 +687,12 @@ impl Cluster {
         if ov.turn {
             self.coturn = Some(guarded("start coturn", || lab.start_coturn())?);
         }
-        if ov.etcd {
+        if ov.etcd && ov.etcd_tls {
+            let (ns, host) = (lab.internet().path(), lab.server_addr());
+            let e = guarded("start etcd", || Etcd::start_tls_in(&ns, host))?;
+            self.etcd = Some(e);
+            self.copy_etcd_client_tls()?;
+        } else if ov.etcd {
             self.etcd = Some(guarded("start etcd", || lab.start_etcd())?);
         }
         let mut plan = Vec::new();
@@ -702,6 +755,26 @@ impl Cluster {
                 self.opts.check_cancel()?;
                 self.add_pod(i, j)?;
             }
+        }
+        Ok(())
+    }
+
+    fn copy_etcd_client_tls(&self) -> Result<(), ClusterError> {
+        let (Some(to), Some(from)) = (
+            self.etcd_client_tls(),
+            self.etcd.as_ref().and_then(|e| e.tls()),
+        ) else {
+            return Ok(());
+        };
+        if let Some(d) = to.ca.parent() {
+            std::fs::create_dir_all(d).map_err(ClusterError::io(d))?;
+        }
+        for (a, b) in [
+            (&from.ca, &to.ca),
+            (&from.client_cert, &to.client_cert),
+            (&from.client_key, &to.client_key),
+        ] {
+            std::fs::copy(a, b).map_err(ClusterError::io(b))?;
         }
         Ok(())
     }
@@ -782,6 +855,7 @@ impl Cluster {
             .map(|o| o.agent_env.clone())
             .unwrap_or_default();
         let bin = self.opts.evio_node_bin.clone();
+        let extra = self.store_flags();
         let node = self
             .nodes
             .get_mut(i)
@@ -799,7 +873,7 @@ impl Cluster {
             store,
             socket: base.join("agent.sock"),
             log: base.join("agent.log"),
-            extra: Vec::new(),
+            extra,
             env,
         };
         let a = Agent::start(spec)

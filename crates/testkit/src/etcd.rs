@@ -92,6 +92,9 @@ pub struct EtcdCluster {
     token: String,
     members: Vec<Member>,
     tls: Option<EtcdTlsFiles>,
+    /// What members serve and trust: certificate, key, and the CA bundle
+    /// client certificates must chain to.
+    server_tls: Option<ServerTls>,
     auth: Option<EtcdAuth>,
     netns: Option<PathBuf>,
     host: IpAddr,
@@ -140,9 +143,25 @@ fn rand_u32() -> u32 {
     t ^ std::process::id().rotate_left(16)
 }
 
+/// A member's TLS: its certificate and key, and the CA bundle it accepts
+/// client certificates from.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub trusted_ca: PathBuf,
+}
+
+/// Certificates of one CA: the clients' files and the server's.
+#[derive(Debug, Clone)]
+pub struct EtcdCa {
+    pub client: EtcdTlsFiles,
+    pub server: ServerTls,
+}
+
 /// CA, server and client certificates (EC P-256) made with the `openssl` CLI;
 /// the server certificate is valid for 127.0.0.1 and `host`.
-fn make_certs(dir: &Path, host: IpAddr) -> (EtcdTlsFiles, PathBuf, PathBuf) {
+fn make_certs(dir: &Path, host: IpAddr, ca_cn: &str) -> (EtcdTlsFiles, PathBuf, PathBuf) {
     let server_ext = format!(
         "subjectAltName=IP:127.0.0.1,IP:{host},DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
     );
@@ -163,7 +182,7 @@ fn make_certs(dir: &Path, host: IpAddr) -> (EtcdTlsFiles, PathBuf, PathBuf) {
         "-days",
         "2",
         "-subj",
-        "/CN=evio-test-ca",
+        &format!("/CN={ca_cn}"),
     ]));
     for (name, cn, ext) in [
         ("server", "etcd-server", server_ext.as_str()),
@@ -232,7 +251,7 @@ impl EtcdCluster {
         let janitor = Keeper::spawn(JANITOR_SCRIPT, &[root.to_string_lossy().into_owned()], None);
         let host = cfg.host.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let netns = cfg.netns.clone();
-        let tls = cfg.tls.then(|| make_certs(&root, host));
+        let tls = cfg.tls.then(|| make_certs(&root, host, "evio-test-ca"));
         // Hold every listener until all ports are known so that no two
         // members (or roles) get the same port from the kernel.
         let mut held = Vec::new();
@@ -255,14 +274,18 @@ impl EtcdCluster {
             token: unique_name("evio-"),
             members,
             tls: tls.as_ref().map(|t| t.0.clone()),
+            server_tls: tls.as_ref().map(|t| ServerTls {
+                cert: t.1.clone(),
+                key: t.2.clone(),
+                trusted_ca: t.0.ca.clone(),
+            }),
             auth: None,
             netns,
             host,
             janitor: Some(janitor),
         };
-        let server = tls.map(|t| (t.1, t.2));
         for i in 0..n {
-            c.spawn_member(i, "new", server.as_ref());
+            c.spawn_member(i, "new");
         }
         for i in 0..n {
             c.wait_healthy(i)?;
@@ -289,7 +312,7 @@ impl EtcdCluster {
         )
     }
 
-    fn spawn_member(&mut self, i: usize, state: &str, server: Option<&(PathBuf, PathBuf)>) {
+    fn spawn_member(&mut self, i: usize, state: &str) {
         let initial_cluster = self
             .members
             .iter()
@@ -328,11 +351,10 @@ impl EtcdCluster {
             "--log-outputs=stderr".into(),
         ];
         args.extend(etcd_args);
-        if let Some((cert, key)) = server {
-            let ca = self.tls.as_ref().map(|t| t.ca.clone()).unwrap_or_default();
-            args.push(format!("--cert-file={}", cert.display()));
-            args.push(format!("--key-file={}", key.display()));
-            args.push(format!("--trusted-ca-file={}", ca.display()));
+        if let Some(t) = &self.server_tls {
+            args.push(format!("--cert-file={}", t.cert.display()));
+            args.push(format!("--key-file={}", t.key.display()));
+            args.push(format!("--trusted-ca-file={}", t.trusted_ca.display()));
             args.push("--client-cert-auth".into());
         }
         let log = self.root.join(format!("{}.log", m.name));
@@ -437,6 +459,11 @@ impl EtcdCluster {
         self.tls.as_ref()
     }
 
+    /// What the members serve and trust (from their next start on).
+    pub fn server_tls(&self) -> Option<&ServerTls> {
+        self.server_tls.as_ref()
+    }
+
     pub fn auth(&self) -> Option<&EtcdAuth> {
         self.auth.as_ref()
     }
@@ -503,14 +530,38 @@ impl EtcdCluster {
         if self.members[i].keeper.is_some() {
             return;
         }
-        let server = self
-            .tls
-            .as_ref()
-            .map(|_| (self.root.join("server.crt"), self.root.join("server.key")));
-        self.spawn_member(i, "existing", server.as_ref());
+        self.spawn_member(i, "existing");
         if let Err(e) = self.wait_healthy(i) {
             panic!("{e}");
         }
+    }
+
+    /// Server and client certificates from a new CA of their own (CN
+    /// `evio-test-ca-NAME`, files under `root/NAME/`), as a CA rotation
+    /// brings. Nothing trusts it until [`EtcdCluster::set_tls`] says so.
+    pub fn new_ca(&self, name: &str) -> EtcdCa {
+        assert!(self.tls.is_some(), "new_ca: this etcd has no TLS");
+        let dir = self.root.join(name);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let (client, cert, key) = make_certs(&dir, self.host, &format!("evio-test-ca-{name}"));
+        EtcdCa {
+            server: ServerTls {
+                cert,
+                key,
+                trusted_ca: client.ca.clone(),
+            },
+            client,
+        }
+    }
+
+    /// The TLS the members use from their next start on
+    /// ([`EtcdCluster::stop_member`], [`EtcdCluster::start_member`]: an
+    /// etcd restart), and the client files `etcdctl` uses from now on
+    /// (their `ca` must verify `server`).
+    pub fn set_tls(&mut self, server: ServerTls, client: EtcdTlsFiles) {
+        assert!(self.tls.is_some(), "set_tls: this etcd has no TLS");
+        self.server_tls = Some(server);
+        self.tls = Some(client);
     }
 
     fn etcdctl_at(&self, endpoints: &str, args: &[&str]) -> Output {
@@ -658,6 +709,17 @@ impl Etcd {
     pub fn start_in(netns: &Path, host: IpAddr) -> Etcd {
         Etcd(EtcdCluster::start_with(EtcdConfig {
             members: 1,
+            netns: Some(netns.to_path_buf()),
+            host: Some(host),
+            ..EtcdConfig::default()
+        }))
+    }
+
+    /// [`Etcd::start_in`] with TLS and client certificates.
+    pub fn start_tls_in(netns: &Path, host: IpAddr) -> Etcd {
+        Etcd(EtcdCluster::start_with(EtcdConfig {
+            members: 1,
+            tls: true,
             netns: Some(netns.to_path_buf()),
             host: Some(host),
             ..EtcdConfig::default()

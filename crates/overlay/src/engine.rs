@@ -550,6 +550,27 @@ impl Overlay {
         self.cfg.punch = cfg;
     }
 
+    /// Our own candidates changed (our NAT or address did): every peer's
+    /// direct paths are tried again at once, silence or not.
+    pub fn retry_direct(&mut self, now: Instant) {
+        for (peer_id, p) in self.peers.iter_mut().enumerate() {
+            let Some(p) = p.as_mut().filter(|p| p.paths.mute || p.punch.attempt > 0) else {
+                continue;
+            };
+            p.punch.reset();
+            p.paths.mute = false;
+            p.paths.wake_direct(now, &self.cfg.paths);
+            sooner(
+                &mut self.deadlines,
+                p,
+                peer_id as PeerId,
+                now,
+                Wake::Changed,
+            );
+        }
+        self.tidy();
+    }
+
     /// IP addresses of TURN relays, for path classification.
     pub fn set_relay_ips(&mut self, ips: Vec<IpAddr>) {
         self.relay_ips = ips;
@@ -741,10 +762,17 @@ impl Overlay {
                 (a, crate::path::classify(relay_ips, a, Some(c.class)))
             })
             .collect();
-        if p.paths.set_candidates(now, &self.cfg.paths, &cands) && !p.tunnel.has_session() {
+        let added = p.paths.set_candidates(now, &self.cfg.paths, &cands);
+        if added && !p.tunnel.has_session() {
             // A candidate to try (a relay allocation came up, a NAT mapping
             // was learned): handshake on it now, not at the next retry.
             p.tunnel.retry_now(&self.cfg.tunnel);
+        }
+        if added {
+            // New information (its NAT changed, a mapping appeared): no
+            // silence holds it back.
+            p.punch.reset();
+            p.paths.mute = false;
         }
         sooner(&mut self.deadlines, p, peer_id, now, Wake::Changed);
         self.switch.set_peer(

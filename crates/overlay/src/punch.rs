@@ -259,6 +259,12 @@ impl Punch {
         }
     }
 
+    /// Starts over (a new candidate, our own address changed): the next
+    /// tick tries the direct paths the usual way again.
+    pub fn reset(&mut self) {
+        *self = Punch::default();
+    }
+
     /// When an agreed attempt starts: the engine wakes at that very
     /// moment, off its timer grid (both sides must send within the path's
     /// latency of each other).
@@ -326,7 +332,11 @@ mod tests {
         let mut m = Punch::default();
         let _ = run(&mut m, t0, Duration::from_secs(30), true, &cfg);
         assert!(m.muted(t), "silent 10 s into the silence");
-        assert!(!m.muted(t0 + Duration::from_secs(5)) || m.attempt > 0);
+        assert_eq!(m.deadline(&cfg), Some(t0 + cfg.fast + cfg.silence));
+        // New candidates are new chances: tried at once.
+        m.reset();
+        assert!(!m.muted(t));
+        assert_eq!(m.deadline(&cfg), None);
     }
 
     #[test]

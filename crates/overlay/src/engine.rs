@@ -1280,6 +1280,7 @@ impl Overlay {
         let coordinator = self.id.keys.public().as_slice() < self.peer_key(peer_id).as_slice();
         let cfg = &self.cfg.punch;
         if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+            tracing::debug!(peer = %p.info.node, attempt = cue.attempt, delay = ?cue.delay, "punch: cue received");
             p.punch.on_cue(now, cue, coordinator);
             p.paths.mute = p.punch.muted(now);
             if let Some(t) = p.punch.deadline(cfg) {
@@ -1305,11 +1306,18 @@ impl Overlay {
         let pending = p.paths.direct_pending(pcfg);
         let rtt = p.paths.active().and_then(|a| a.rtt).unwrap_or_default();
         let action = p.punch.tick(now, cfg, pending, coordinator, rtt, jitter);
+        let was_muted = p.paths.mute;
         p.paths.mute = p.punch.muted(now);
         p.paths.punching = p.punch.coordinated();
+        if p.paths.mute != was_muted {
+            tracing::debug!(peer = %p.info.node, attempt = p.punch.attempt, mute = p.paths.mute, "punch");
+        }
         match action {
             Action::None => {}
-            Action::Start => p.paths.wake_direct(now, pcfg),
+            Action::Start => {
+                tracing::debug!(peer = %p.info.node, attempt = p.punch.attempt, "punch: attempt starts");
+                p.paths.wake_direct(now, pcfg)
+            }
             Action::Cue(cue) => {
                 tracing::debug!(peer = %p.info.node, attempt = cue.attempt, "punch: cue sent");
                 cue.write(&mut self.scratch[INNER_HEADER..INNER_HEADER + Cue::LEN]);

@@ -277,7 +277,8 @@ impl Paths {
         let learned = match self.find(&addr) {
             Some(i) => {
                 let p = &mut self.list[i];
-                p.punched |= self.punching && p.last_rx.is_none();
+                // Dead (or never answered) until a coordinated attempt.
+                p.punched |= self.punching && !p.alive(cfg);
                 p.last_rx = Some(now);
                 p.lost = 0;
                 p.tries = 0;
@@ -341,7 +342,7 @@ impl Paths {
                 None => sample,
             });
         }
-        p.punched |= self.punching && p.last_rx.is_none();
+        p.punched |= self.punching && !p.alive(cfg);
         p.last_rx = Some(now);
         p.lost = 0;
         p.tries = 0;

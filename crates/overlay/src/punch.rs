@@ -46,11 +46,21 @@ pub struct PunchConfig {
 
 impl Default for PunchConfig {
     fn default() -> Self {
+        PunchConfig::for_udp_timeout(Duration::from_secs(30))
+    }
+}
+
+impl PunchConfig {
+    /// The schedule for NATs that forget an unreplied UDP flow after `t`
+    /// (Linux: 30 s, giving 20 s of plain tries, 35-40 s of silence and
+    /// attempts of 10 s). Shorter timeouts shorten everything, within
+    /// bounds: a few seconds of plain tries stay.
+    pub fn for_udp_timeout(t: Duration) -> PunchConfig {
         PunchConfig {
-            fast: Duration::from_secs(20),
-            silence: Duration::from_secs(35),
-            jitter: Duration::from_secs(5),
-            attempt: Duration::from_secs(10),
+            fast: (t * 2 / 3).clamp(Duration::from_secs(5), Duration::from_secs(20)),
+            silence: t + Duration::from_secs(5),
+            jitter: t / 6,
+            attempt: (t / 3).clamp(Duration::from_secs(4), Duration::from_secs(10)),
             follow: Duration::from_millis(250),
         }
     }

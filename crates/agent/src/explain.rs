@@ -237,6 +237,7 @@ pub fn explain_json(ex: &Explain) -> Value {
         "state": d.status.state.as_str(),
         "stale": d.stale,
         "path": d.status.relayed.map(|r| if r { "relay" } else { "direct" }),
+        "method": d.status.method.map(|m| m.as_str()),
         "endpoint": d.status.path.map(|a| a.remote.to_string()),
         "rttMs": d.status.rtt.map(round_ms),
         "lastHandshake": d.status.session_born.map(|t| wall_of(ex.taken, t)),
@@ -262,12 +263,16 @@ pub fn explain_json(ex: &Explain) -> Value {
 /// so the CLI can show what any agent version sends).
 pub fn explain_text(v: &Value) -> String {
     let mut out = format!(
-        "peer {}  key {}\nstate {}{}  path {}  endpoint {}  rtt {} ms\n",
+        "peer {}  key {}\nstate {}{}  path {}{}  endpoint {}  rtt {} ms\n",
         text(&v["node"]),
         text(&v["publicKey"]),
         text(&v["state"]),
         if v["stale"] == true { " (stale)" } else { "" },
         text(&v["path"]),
+        v["method"]
+            .as_str()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default(),
         text(&v["endpoint"]),
         text(&v["rttMs"]),
     );
@@ -369,6 +374,16 @@ fn path_rows(v: &Value) -> Vec<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_names_how_the_working_path_was_found() {
+        let v = serde_json::json!({"node": "n1", "state": "connected", "path": "direct",
+            "method": "punched", "endpoint": "203.0.113.12:5800"});
+        assert!(explain_text(&v).contains("path direct (punched)  endpoint"));
+        // An older agent's answer has no method.
+        let old = serde_json::json!({"node": "n1", "state": "connected", "path": "relay"});
+        assert!(explain_text(&old).contains("path relay  endpoint"));
+    }
 
     fn path(remote: &str, class: Rank, state: PathState, quiet: u64) -> PathFacts {
         PathFacts {

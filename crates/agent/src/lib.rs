@@ -145,6 +145,8 @@ pub struct AgentConfig {
     pub turn: Vec<TurnServer>,
     /// `overlay.announce`: candidates published as they are.
     pub announce: Vec<SocketAddr>,
+    /// `overlay.natUdpTimeout`: what the punching silence must outlast.
+    pub nat_udp_timeout: Duration,
     pub private_key: Secret,
     pub network_key: Option<Secret>,
     /// The second line of a two-key network key file: accepted, not sent.
@@ -582,6 +584,7 @@ fn build_engine(
     // sending traffic first. The core's on-demand sessions (the default
     // there, `keep_warm`) are switched on here once they ping first.
     ocfg.keep_warm = None;
+    ocfg.punch = evio_overlay::punch::PunchConfig::for_udp_timeout(cfg.nat_udp_timeout);
     // Every random draw of the engine comes from this one OS-seeded stream.
     let mut overlay = Overlay::new(now, ocfg, id, evio_overlay::crypto::os_seed());
     if !initial.is_empty() {

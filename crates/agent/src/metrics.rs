@@ -49,6 +49,9 @@ pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value
                 "podSubnet": p.pod_subnet.to_string(),
                 "state": p.state.as_str(),
                 "path": path,
+                // How the working path was found: local, reflexive,
+                // learned (peer-reflexive), punched, relay.
+                "method": p.method.map(|m| m.as_str()),
                 "endpoint": p.path.map(|a| a.remote.to_string()),
                 "rttMs": p.rtt.map(round_ms),
                 "lastHandshake": p.session_born.map(|t| wall_of(snap.taken, t)),
@@ -516,6 +519,7 @@ mod tests {
             state,
             relayed,
             path: Some(PathAddr::direct("203.0.113.7:5800".parse().unwrap())),
+            method: None,
             rtt: relayed.map(|_| Duration::from_micros(1234 * n)),
             session_born: None,
             path_changed: None,

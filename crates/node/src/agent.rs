@@ -372,6 +372,7 @@ fn agent_config(
         stun,
         turn,
         announce: ov.announce.clone(),
+        nat_udp_timeout: Duration::from_secs(u64::from(ov.nat_udp_timeout)),
         private_key,
         network_key,
         network_key_also,

@@ -15,6 +15,8 @@ pub const DEFAULT_LISTEN_PORT: u16 = 5800;
 pub const DEFAULT_KEY_FILE: &str = "/var/lib/evio/agent.key";
 pub const DEFAULT_HOST_INTERFACE: &str = "evio-host";
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+/// Linux's `nf_conntrack_udp_timeout`.
+const DEFAULT_NAT_UDP_TIMEOUT: u32 = 30;
 /// What a pod frame costs on the underlay, worst case: IPv6 40 + UDP 8 +
 /// transport header 16 + inner header 4 + tag 16 + Ethernet 14 + TURN
 /// ChannelData 4 = 102 bytes, summed where the wire format is defined.
@@ -52,6 +54,10 @@ pub struct OverlayConf {
     pub key_file: PathBuf,
     pub network_key_file: Option<PathBuf>,
     pub underlay_mtu: u32,
+    /// `overlay.natUdpTimeout`: the UDP timeout of the NATs in front of
+    /// the nodes (Linux: 30 s), which the silence of hole punching must
+    /// outlast.
+    pub nat_udp_timeout: u32,
 }
 
 fn invalid(key: &str, why: impl std::fmt::Display) -> NodeError {
@@ -184,6 +190,7 @@ const OVERLAY_KEYS: &[&str] = &[
     "keyFile",
     "networkKeyFile",
     "underlayMTU",
+    "natUdpTimeout",
 ];
 
 impl OverlayConf {
@@ -308,6 +315,25 @@ impl OverlayConf {
                 ))
             }
         };
+        let nat_udp_timeout = match o.get("natUdpTimeout") {
+            None | Some(Value::Null) => DEFAULT_NAT_UDP_TIMEOUT,
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|m| u32::try_from(m).ok())
+                .filter(|m| (1..=600).contains(m))
+                .ok_or_else(|| {
+                    invalid(
+                        "overlay.natUdpTimeout",
+                        format!("{n} is not a timeout in seconds (1-600)"),
+                    )
+                })?,
+            Some(other) => {
+                return Err(invalid(
+                    "overlay.natUdpTimeout",
+                    format!("expected a number of seconds, got {other}"),
+                ))
+            }
+        };
         Ok(OverlayConf {
             configured: ov.is_some() || host_cidr.is_some(),
             host_cidr,
@@ -320,6 +346,7 @@ impl OverlayConf {
             key_file,
             network_key_file,
             underlay_mtu,
+            nat_udp_timeout,
         })
     }
 
@@ -409,6 +436,9 @@ mod tests {
                 "198.51.100.7:40000".parse().unwrap()
             ]
         );
+        assert_eq!(d.nat_udp_timeout, 30);
+        let t = parse(r#"{"overlay":{"natUdpTimeout":5}}"#).unwrap();
+        assert_eq!(t.nat_udp_timeout, 5);
         let h = parse(r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"10.10.0.1"}"#).unwrap();
         assert_eq!(h.host_address, Some("10.10.0.1".parse().unwrap()));
         assert_eq!(f.turn[0].transport, TurnTransport::Tcp);
@@ -439,6 +469,14 @@ mod tests {
                 "overlay.turn[0].transport",
             ),
             (r#"{"overlay":{"keyFile":"rel/key"}}"#, "overlay.keyFile"),
+            (
+                r#"{"overlay":{"natUdpTimeout":0}}"#,
+                "overlay.natUdpTimeout",
+            ),
+            (
+                r#"{"overlay":{"natUdpTimeout":"30"}}"#,
+                "overlay.natUdpTimeout",
+            ),
             (
                 r#"{"overlay":{"listenport":1}}"#,
                 "did you mean \"listenPort\"",

@@ -1364,6 +1364,92 @@ fn an_idle_minute_past_the_nat_timeout_costs_nothing() {
     assert_eq!(path_of(&c, 0, 1).as_deref(), Some("direct"));
 }
 
+/// Issue 25, natlab.md Decision 3: a bare Linux gateway (masquerade with
+/// an open input chain) and a firewalled one. After a blocked spell, the
+/// first side to send again decides: the firewalled side first poisons the
+/// open router (its node's mapping moves and nothing gets through for as
+/// long as anyone retries); the silence-and-alternate schedule gets the
+/// pair direct anyway. The routers forget unreplied flows after 5 s and
+/// the agents are told so (`overlay.natUdpTimeout`), which scales the
+/// schedule: 5 s of plain tries, 10-11 s of silence, attempts of 4 s.
+///
+/// Ignored: passed 1 of 3 runs. The agents' debug log shows the schedule
+/// running as designed (silence, cues, attempts 1-3 in both orders and
+/// together, each on time), yet the direct probes of attempts that should
+/// work do not get through; not understood yet (issue 25). Run it with
+/// `--ignored` to look.
+#[test]
+#[ignore = "issue 25: passes 1 of 3 runs; coordinated attempts run but the direct path does not open (open)"]
+fn a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate() {
+    use NatType::*;
+    let mut ov = OverlayOpts {
+        sites: vec![(PortRestrictedCone, 1), (PortRestrictedCone, 1)],
+        turn: true,
+        ..OverlayOpts::flat(0)
+    };
+    ov.node_netconf = (0..2)
+        .map(|i| (i, json!({"overlay": {"natUdpTimeout": 5}})))
+        .collect();
+    ov.agent_env = vec![("EVIO_LOG".into(), "info,evio_overlay=debug".into())];
+    let c = up(opts(BridgeType::Linux, 1, ov));
+    assert_all_reachable(&c);
+    let lab = c.lab().expect("lab");
+    let site = |i: usize| evio_testkit::natlab::SiteId(site_of(&c, i).1);
+    let (a, b) = (lab_node(&c, 0), lab_node(&c, 1));
+    lab.set_router_firewall(site(0), false);
+    for i in 0..2 {
+        lab.set_udp_timeout(site(i), 5);
+    }
+    let both = |want: &str| {
+        path_of(&c, 0, 1).as_deref() == Some(want) && path_of(&c, 1, 0).as_deref() == Some(want)
+    };
+    lab.block_udp_between(a, b);
+    wait("relayed while blocked", Duration::from_secs(10), || {
+        both("relay")
+    });
+    // Both sides keep retrying into the block; the old entries expire.
+    std::thread::sleep(Duration::from_secs(6));
+    lab.unblock_udp_between(a, b);
+    let t = Instant::now();
+    while !both("direct") {
+        if t.elapsed() > Duration::from_secs(45) {
+            let punch = |i: usize| log_lines(c.agent(i).expect("agent"), &["punch"]).join("\n");
+            panic!(
+                "not direct 45 s after the unblock:\n{}\n{}\n{}\n{}\n{}",
+                dump(&c),
+                punch(0),
+                punch(1),
+                lab.conntrack_list(site(0)),
+                lab.conntrack_list(site(1))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = t.elapsed();
+    let method = |i: usize, j: usize| {
+        peer(&peers(&c, i), &name(j))
+            .and_then(|p| p["method"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let entries = |i: usize| {
+        lab.conntrack_list(site(i))
+            .lines()
+            .filter(|l| l.starts_with("udp"))
+            .count()
+    };
+    eprintln!(
+        "bare + firewalled masquerade: direct {took:?} after the unblock, method {} / {}, \
+         conntrack entries {} (bare) / {} (firewalled)\n{}{}",
+        method(0, 1),
+        method(1, 0),
+        entries(0),
+        entries(1),
+        lab.conntrack_list(site(0)),
+        lab.conntrack_list(site(1)),
+    );
+    assert!(pod_ping_once(&c, 0, 1), "direct, but no ping");
+}
+
 #[test]
 fn wrong_turn_credentials_are_a_clear_error_and_direct_paths_keep_working() {
     use NatType::*;

@@ -20,6 +20,7 @@ use crate::crypto::{CookieJar, Key, Seed};
 use crate::l2::{DropReason, LocalVerdict, PeerAddrs, PeerId, PeerVerdict, Switch, SwitchConfig};
 use crate::offload::{segments, Csum, Framing, VnetHdr};
 use crate::path::{PathAddr, PathConfig, Paths, ProbeDue, Rank};
+use crate::punch::{Action, Cue, Punch, PunchConfig};
 use crate::reason::{HandshakeFailure, PathWhy};
 use crate::timers::Deadlines;
 use crate::tunnel::{self, Identity, Reject, TimerAction, Tunnel, TunnelConfig};
@@ -65,6 +66,9 @@ pub struct OverlayConfig {
     pub mtu: usize,
     pub tunnel: TunnelConfig,
     pub paths: PathConfig,
+    /// The silence-and-alternate schedule for direct paths that do not
+    /// answer ([`crate::punch`]).
+    pub punch: PunchConfig,
     /// Handshake messages per second before flood protection starts
     /// demanding cookies (mac2).
     pub handshake_load: u32,
@@ -104,6 +108,7 @@ impl OverlayConfig {
             mtu,
             tunnel: TunnelConfig::default(),
             paths: PathConfig::default(),
+            punch: PunchConfig::default(),
             handshake_load: 64,
             handshake_per_ip: 8,
             flood_rate: 200,
@@ -165,6 +170,7 @@ struct Peer {
     info: PeerInfo,
     tunnel: Tunnel,
     paths: Paths,
+    punch: Punch,
     /// Local session indices registered in the index map for this peer.
     indices: Vec<u32>,
     phase: Phase,
@@ -355,6 +361,8 @@ pub struct PeerStatus {
     /// `Some(true)` relayed, `Some(false)` direct, `None` no path.
     pub relayed: Option<bool>,
     pub path: Option<PathAddr>,
+    /// How the path in use was found.
+    pub method: Option<crate::path::Method>,
     pub rtt: Option<Duration>,
     pub session_born: Option<Instant>,
     pub path_changed: Option<Instant>,
@@ -536,6 +544,33 @@ impl Overlay {
             .earliest(|at, peer_id| is_due_at(peers, at, peer_id));
     }
 
+    /// Replaces the punching schedule (tests, and agents whose routers
+    /// have other UDP timeouts).
+    pub fn set_punch(&mut self, cfg: PunchConfig) {
+        self.cfg.punch = cfg;
+    }
+
+    /// Our own candidates changed (our NAT or address did): every peer's
+    /// direct paths are tried again at once, silence or not.
+    pub fn retry_direct(&mut self, now: Instant) {
+        for (peer_id, p) in self.peers.iter_mut().enumerate() {
+            let Some(p) = p.as_mut().filter(|p| p.paths.mute || p.punch.attempt > 0) else {
+                continue;
+            };
+            p.punch.reset();
+            p.paths.mute = false;
+            p.paths.wake_direct(now, &self.cfg.paths);
+            sooner(
+                &mut self.deadlines,
+                p,
+                peer_id as PeerId,
+                now,
+                Wake::Changed,
+            );
+        }
+        self.tidy();
+    }
+
     /// IP addresses of TURN relays, for path classification.
     pub fn set_relay_ips(&mut self, ips: Vec<IpAddr>) {
         self.relay_ips = ips;
@@ -652,6 +687,7 @@ impl Overlay {
         let peer = Peer {
             tunnel,
             paths: Paths::default(),
+            punch: Punch::default(),
             indices: Vec::new(),
             phase,
             deadline: None,
@@ -726,10 +762,17 @@ impl Overlay {
                 (a, crate::path::classify(relay_ips, a, Some(c.class)))
             })
             .collect();
-        if p.paths.set_candidates(now, &self.cfg.paths, &cands) && !p.tunnel.has_session() {
+        let added = p.paths.set_candidates(now, &self.cfg.paths, &cands);
+        if added && !p.tunnel.has_session() {
             // A candidate to try (a relay allocation came up, a NAT mapping
             // was learned): handshake on it now, not at the next retry.
             p.tunnel.retry_now(&self.cfg.tunnel);
+        }
+        if added {
+            // New information (its NAT changed, a mapping appeared): no
+            // silence holds it back.
+            p.punch.reset();
+            p.paths.mute = false;
         }
         sooner(&mut self.deadlines, p, peer_id, now, Wake::Changed);
         self.switch.set_peer(
@@ -1184,6 +1227,10 @@ impl Overlay {
                 Ok(())
             }
             kind::PROBE | kind::PROBE_REPLY => self.on_probe(now, peer_id, from, inner.kind, n, io),
+            kind::PUNCH => {
+                self.on_cue(now, peer_id, n);
+                Ok(())
+            }
             // A kind from a newer version: authenticated, so not an attack;
             // ignore it.
             _ => Ok(()),
@@ -1222,6 +1269,68 @@ impl Overlay {
         self.refresh_phase(now, peer_id);
         self.note_path(peer_id);
         Ok(())
+    }
+
+    /// The punching coordinator's cue, in the first `n` bytes of the
+    /// scratch: our silence ends when it says.
+    fn on_cue(&mut self, now: Instant, peer_id: PeerId, n: usize) {
+        let Some(cue) = self.scratch.get(INNER_HEADER..n).and_then(Cue::parse) else {
+            return;
+        };
+        let coordinator = self.id.keys.public().as_slice() < self.peer_key(peer_id).as_slice();
+        let cfg = &self.cfg.punch;
+        if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+            tracing::debug!(peer = %p.info.node, attempt = cue.attempt, delay = ?cue.delay, "punch: cue received");
+            p.punch.on_cue(now, cue, coordinator);
+            p.paths.mute = p.punch.muted(now);
+            if let Some(t) = p.punch.deadline(cfg) {
+                sooner(&mut self.deadlines, p, peer_id, t, Wake::Probe);
+            }
+        }
+    }
+
+    fn peer_key(&self, peer_id: PeerId) -> Key {
+        self.peer(peer_id).map(|p| p.info.key).unwrap_or_default()
+    }
+
+    /// Moves peer `peer_id`'s punching schedule on: mutes or wakes its
+    /// direct paths, and sends the coordinator's cue over the working path.
+    fn punch_tick(&mut self, now: Instant, peer_id: PeerId, io: &mut dyn Io) {
+        let coordinator = self.id.keys.public().as_slice() < self.peer_key(peer_id).as_slice();
+        let jitter = self.cfg.punch.jitter.mul_f64(self.rng.gen_range(0.0..=1.0));
+        // Copies (no heap): the cue is sent through `&mut self`.
+        let (pcfg, cfg) = (&self.cfg.paths.clone(), &self.cfg.punch.clone());
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
+            return;
+        };
+        let pending = p.paths.direct_pending(pcfg);
+        let rtt = p.paths.active().and_then(|a| a.rtt).unwrap_or_default();
+        let action = p.punch.tick(now, cfg, pending, coordinator, rtt, jitter);
+        let was_muted = p.paths.mute;
+        p.paths.mute = p.punch.muted(now);
+        p.paths.punching = p.punch.coordinated();
+        if p.paths.mute != was_muted {
+            tracing::debug!(peer = %p.info.node, attempt = p.punch.attempt, mute = p.paths.mute, "punch");
+        }
+        match action {
+            Action::None => {}
+            Action::Start => {
+                tracing::debug!(peer = %p.info.node, attempt = p.punch.attempt, "punch: attempt starts");
+                p.paths.wake_direct(now, pcfg)
+            }
+            Action::Cue(cue) => {
+                tracing::debug!(peer = %p.info.node, attempt = cue.attempt, "punch: cue sent");
+                cue.write(&mut self.scratch[INNER_HEADER..INNER_HEADER + Cue::LEN]);
+                self.send_inner(now, peer_id, None, Inner::plain(kind::PUNCH), Cue::LEN, io);
+                // Its own start may be now (it leads).
+                if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+                    if p.punch.tick(now, cfg, pending, coordinator, rtt, jitter) == Action::Start {
+                        p.paths.wake_direct(now, pcfg);
+                    }
+                    p.paths.mute = p.punch.muted(now);
+                }
+            }
+        }
     }
 
     fn drop_from_peer(&mut self, peer_id: PeerId, r: DropReason) {
@@ -1572,6 +1681,11 @@ impl Overlay {
         self.refresh_phase(now, peer_id);
         self.note_path(peer_id);
         self.set_deadline(now, peer_id);
+        if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+            if let Some(at) = p.punch.start_at() {
+                sooner(&mut self.deadlines, p, peer_id, at, Wake::Probe);
+            }
+        }
     }
 
     /// Sends the probes due on peer `peer_id`'s paths and reports what died.
@@ -1601,6 +1715,10 @@ impl Overlay {
             // Heard from since the last frame went: the path works.
             p.paths.defer_active(now, &self.cfg.paths);
         }
+        self.punch_tick(now, peer_id, io);
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
+            return;
+        };
         self.probes.clear();
         self.dead_relays.clear();
         let before = p.paths.active_addr();
@@ -1651,6 +1769,7 @@ impl Overlay {
             // (`send_frame` schedules that check).
             let passive = keep_warm.is_some() && p.answered();
             at(p.paths.next_deadline(pcfg, passive), Wake::Probe);
+            at(p.punch.deadline(&self.cfg.punch), Wake::Probe);
             // When traffic stops, the NAT keepalive takes over.
             let quiet = keep_warm.and(p.used).map(|t| t + self.cfg.busy);
             at(quiet, Wake::Keepalive);
@@ -1709,7 +1828,9 @@ impl Overlay {
         {
             return;
         }
-        let targets: Vec<PathAddr> = p.paths.handshake_targets(MAX_HANDSHAKE_TARGETS).collect();
+        let targets: Vec<PathAddr> = (p.paths)
+            .handshake_targets(MAX_HANDSHAKE_TARGETS, &self.cfg.paths)
+            .collect();
         for &t in &targets {
             let out = io.datagram();
             out[..msg.len()].copy_from_slice(&msg);
@@ -1751,6 +1872,7 @@ impl Overlay {
                     state,
                     relayed: active.map(|a| a.class == Rank::Relay),
                     path: active.map(|a| a.addr),
+                    method: active.map(|a| a.method()),
                     rtt: active.and_then(|a| a.rtt),
                     session_born: p.tunnel.session_born(),
                     path_changed: p.paths.changed,

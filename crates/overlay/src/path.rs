@@ -104,6 +104,9 @@ pub struct Path {
     pub tries: u32,
     /// When it was added (how long an unanswered path has been tried).
     pub since: Instant,
+    /// It first answered during a coordinated punching attempt
+    /// ([`crate::punch`]).
+    pub punched: bool,
 }
 
 impl Path {
@@ -119,6 +122,7 @@ impl Path {
             rtt: None,
             tries: 0,
             since: now,
+            punched: false,
         }
     }
 
@@ -129,6 +133,47 @@ impl Path {
 
     fn score(&self) -> (Rank, Duration) {
         (self.class, self.rtt.unwrap_or(Duration::from_secs(1)))
+    }
+
+    /// How it came to carry traffic, for `peers`: its class, and for a
+    /// direct path whether the peer published it, we learned it from a
+    /// datagram (peer-reflexive), or a coordinated punch opened it.
+    pub fn method(&self) -> Method {
+        match (self.class, self.origin) {
+            (Rank::Relay, _) => Method::Relay,
+            (Rank::Local, _) => Method::Local,
+            _ if self.punched => Method::Punched,
+            (Rank::Direct, Origin::Learned) => Method::Learned,
+            (Rank::Direct, Origin::Candidate) => Method::Reflexive,
+        }
+    }
+}
+
+/// How the working path was found (`peers --json`'s `method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// The peer's local-interface address (same LAN).
+    Local,
+    /// A reflexive (or announced) address the peer published.
+    Reflexive,
+    /// An address authenticated datagrams came from (peer-reflexive: a
+    /// full-cone peer's moved port, NAT rebinding).
+    Learned,
+    /// Opened by a coordinated silence-and-alternate attempt.
+    Punched,
+    /// Through a TURN relay.
+    Relay,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Local => "local",
+            Method::Reflexive => "reflexive",
+            Method::Learned => "learned",
+            Method::Punched => "punched",
+            Method::Relay => "relay",
+        }
     }
 }
 
@@ -141,6 +186,12 @@ pub struct Paths {
     /// When `active` last changed (for `peers`), and why.
     pub changed: Option<Instant>,
     pub why: PathWhy,
+    /// Nothing goes to the peer's own endpoints that do not answer (the
+    /// silence of [`crate::punch`]); relayed paths are not muted.
+    pub mute: bool,
+    /// A coordinated punching attempt is under way: a path that first
+    /// answers now was punched.
+    pub punching: bool,
 }
 
 /// What [`Paths::poll`] wants sent.
@@ -226,6 +277,8 @@ impl Paths {
         let learned = match self.find(&addr) {
             Some(i) => {
                 let p = &mut self.list[i];
+                // Dead (or never answered) until a coordinated attempt.
+                p.punched |= self.punching && !p.alive(cfg);
                 p.last_rx = Some(now);
                 p.lost = 0;
                 p.tries = 0;
@@ -237,6 +290,7 @@ impl Paths {
             }
             None => {
                 let mut p = Path::new(addr, class, Origin::Learned, now);
+                p.punched = self.punching;
                 p.last_rx = Some(now);
                 // Probe it right away to learn its RTT.
                 p.next_probe = now;
@@ -288,6 +342,7 @@ impl Paths {
                 None => sample,
             });
         }
+        p.punched |= self.punching && !p.alive(cfg);
         p.last_rx = Some(now);
         p.lost = 0;
         p.tries = 0;
@@ -367,7 +422,7 @@ impl Paths {
                     }
                 }
             }
-            if p.probe.is_some() || now < p.next_probe {
+            if p.probe.is_some() || now < p.next_probe || muted(self.mute, p, cfg) {
                 continue;
             }
             let interval = if Some(i) == active {
@@ -411,6 +466,7 @@ impl Paths {
             .iter()
             .enumerate()
             .filter(|(i, _)| !skip_active || self.active != Some(*i))
+            .filter(|(_, p)| p.probe.is_some() || !muted(self.mute, p, cfg))
             .map(|(_, p)| match p.probe {
                 // Nothing is sent on a path while its probe is out.
                 Some((_, sent)) => sent + cfg.probe_timeout,
@@ -421,17 +477,42 @@ impl Paths {
 
     /// Every path a handshake initiation should be sent on: all of them,
     /// the active one first (up to `max`).
-    pub fn handshake_targets(&self, max: usize) -> impl Iterator<Item = PathAddr> + '_ {
+    /// Muted paths get nothing (the silence of [`crate::punch`]).
+    pub fn handshake_targets<'a>(
+        &'a self,
+        max: usize,
+        cfg: &'a PathConfig,
+    ) -> impl Iterator<Item = PathAddr> + 'a {
         let active = self.active_addr();
         active
             .into_iter()
             .chain(
                 self.list
                     .iter()
+                    .filter(move |p| !muted(self.mute, p, cfg))
                     .map(|p| p.addr)
                     .filter(move |a| Some(*a) != active),
             )
             .take(max)
+    }
+
+    /// Whether a direct path should be found: the peer has direct
+    /// candidates (or learned addresses) and none of them answers.
+    pub fn direct_pending(&self, cfg: &PathConfig) -> bool {
+        let direct = |p: &&Path| p.class != Rank::Relay;
+        self.list.iter().filter(direct).count() > 0
+            && !self.list.iter().filter(direct).any(|p| p.alive(cfg))
+    }
+
+    /// The silence is over: the direct paths that do not answer are probed
+    /// now, from the shortest retry interval again.
+    pub fn wake_direct(&mut self, now: Instant, cfg: &PathConfig) {
+        for p in &mut self.list {
+            if p.class != Rank::Relay && !p.alive(cfg) {
+                p.next_probe = p.next_probe.min(now);
+                p.tries = 0;
+            }
+        }
     }
 
     /// Forgets RTTs and liveness (the session was reset).
@@ -448,6 +529,12 @@ impl Paths {
         self.changed = Some(now);
         self.why = PathWhy::Reset;
     }
+}
+
+/// Whether path `p` is muted (`mute`: the peer's silence is on): a path to
+/// the peer's own endpoint that does not answer.
+fn muted(mute: bool, p: &Path, cfg: &PathConfig) -> bool {
+    mute && p.class != Rank::Relay && !p.alive(cfg)
 }
 
 /// The class of a path: through a relay when it goes through our

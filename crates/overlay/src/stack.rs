@@ -65,6 +65,8 @@ pub struct Stack {
     events: VecDeque<StackEvent>,
     /// The TURN states last told (by server index).
     turn_seen: Vec<TurnState>,
+    /// Our direct (reflexive, announced) candidates when last looked at.
+    direct_seen: Vec<SocketAddr>,
 }
 
 /// The caller's [`NetIo`] with relayed sends framed by the NAT layer.
@@ -122,6 +124,24 @@ impl Stack {
             tcp_buf: vec![0; 1 << 16],
             events: VecDeque::new(),
             turn_seen: Vec::new(),
+            direct_seen: Vec::new(),
+        }
+    }
+
+    /// Our reflexive address changed (our NAT changed, or its address):
+    /// peers silent toward each other's direct endpoints try again now.
+    fn retry_if_moved(&mut self, now: Instant) {
+        let direct: Vec<SocketAddr> = (self.candidates().into_iter())
+            .filter(|(_, r)| *r == Rank::Direct)
+            .map(|(a, _)| a)
+            .collect();
+        if direct.is_empty() || direct == self.direct_seen {
+            return;
+        }
+        let moved = !self.direct_seen.is_empty();
+        self.direct_seen = direct;
+        if moved {
+            self.overlay.retry_direct(now);
         }
     }
 
@@ -336,7 +356,10 @@ impl Stack {
         self.turn_changes();
         while let Some(e) = self.nat.poll_event() {
             match e {
-                NatEvent::CandidatesChanged => self.publish(),
+                NatEvent::CandidatesChanged => {
+                    self.publish();
+                    self.retry_if_moved(now);
+                }
                 NatEvent::TcpConnect { conn, to } => {
                     self.events.push_back(StackEvent::TcpConnect { conn, to })
                 }

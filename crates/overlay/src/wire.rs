@@ -41,6 +41,9 @@ pub mod kind {
     pub const HOST_PACKET: u8 = 2;
     pub const PROBE: u8 = 3;
     pub const PROBE_REPLY: u8 = 4;
+    /// The punching coordinator's cue (`crate::punch::Cue`); older agents
+    /// ignore it.
+    pub const PUNCH: u8 = 5;
 }
 
 pub fn u32_at(b: &[u8], at: usize) -> Option<u32> {

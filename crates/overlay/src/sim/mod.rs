@@ -13,6 +13,8 @@
 //! throughout, so an IPv6 underlay is a matter of the address plan.
 
 #[cfg(test)]
+mod hard_nat;
+#[cfg(test)]
 mod tests;
 
 use std::cmp::Reverse;
@@ -99,6 +101,12 @@ pub enum NatKind {
     Symmetric,
     /// Endpoint-independent mapping and filtering.
     FullCone,
+    /// A bare Linux gateway: `masquerade` with an open input chain
+    /// (docs/natlab.md, case 1). Port-restricted, but a datagram to a port
+    /// it has no mapping for becomes a conntrack entry to the router
+    /// itself, and a later mapping whose reply would equal it gets a
+    /// random port. Entries expire as conntrack's do.
+    Masquerade,
 }
 
 /// Whether a mapping or a filter depends on the remote endpoint.
@@ -116,6 +124,8 @@ fn behaviour(kind: NatKind) -> Option<(Dependence, Dependence)> {
         NatKind::PortRestrictedCone => Some((Independent, AddressAndPort)),
         NatKind::Symmetric => Some((AddressAndPort, AddressAndPort)),
         NatKind::FullCone => Some((Independent, Independent)),
+        // Modelled by `Conntrack` instead.
+        NatKind::Masquerade => None,
     }
 }
 
@@ -154,6 +164,105 @@ struct Router {
     /// (LAN endpoint, remote if the mapping depends on it) -> public port.
     out: BTreeMap<(SocketAddr, Option<SocketAddr>), u16>,
     by_port: BTreeMap<u16, Mapping>,
+    /// The Linux connection table ([`NatKind::Masquerade`]).
+    ct: Conntrack,
+}
+
+/// conntrack's UDP timeouts: an entry that never saw a reply, and one
+/// that did.
+const CT_UNREPLIED: Duration = Duration::from_secs(30);
+const CT_REPLIED: Duration = Duration::from_secs(120);
+
+/// One conntrack entry, keyed by its reply direction (remote, our public
+/// port): where it leads (None: to the router itself), its last datagram,
+/// and whether it saw traffic both ways.
+#[derive(Debug, Clone, Copy)]
+struct CtEntry {
+    lan: Option<SocketAddr>,
+    last: Instant,
+    replied: bool,
+}
+
+impl CtEntry {
+    fn live(&self, now: Instant) -> bool {
+        let ttl = if self.replied {
+            CT_REPLIED
+        } else {
+            CT_UNREPLIED
+        };
+        now.saturating_duration_since(self.last) < ttl
+    }
+}
+
+/// A Linux router's connection table, as far as UDP masquerade with an
+/// open input chain needs it.
+#[derive(Default)]
+struct Conntrack {
+    /// (remote, public port) -> entry.
+    by_reply: BTreeMap<(SocketAddr, u16), CtEntry>,
+    /// (LAN endpoint, remote) -> public port of its entry.
+    by_orig: BTreeMap<(SocketAddr, SocketAddr), u16>,
+}
+
+impl Conntrack {
+    fn expire(&mut self, now: Instant) {
+        self.by_reply.retain(|_, e| e.live(now));
+        let live = &self.by_reply;
+        self.by_orig
+            .retain(|(lan, to), port| live.get(&(*to, *port)).is_some_and(|e| e.lan == Some(*lan)));
+    }
+
+    /// The public port of a datagram from `lan` to `to`: the entry's, or
+    /// the source port if no entry's reply uses it toward `to`, or random.
+    fn outbound(&mut self, now: Instant, lan: SocketAddr, to: SocketAddr, rng: &mut StdRng) -> u16 {
+        self.expire(now);
+        if let Some(port) = self.by_orig.get(&(lan, to)).copied() {
+            if let Some(e) = self.by_reply.get_mut(&(to, port)) {
+                e.last = now;
+                return port;
+            }
+        }
+        let mut port = lan.port();
+        while self.by_reply.contains_key(&(to, port)) {
+            port = rng.gen_range(20_000..60_000);
+        }
+        let e = CtEntry {
+            lan: Some(lan),
+            last: now,
+            replied: false,
+        };
+        self.by_reply.insert((to, port), e);
+        self.by_orig.insert((lan, to), port);
+        port
+    }
+
+    /// Where a datagram from `from` to public `port` goes: an entry's LAN
+    /// end. Anything else is for the router itself, and (open input) stays
+    /// as an entry of its own.
+    fn inbound(&mut self, now: Instant, port: u16, from: SocketAddr) -> Option<SocketAddr> {
+        self.expire(now);
+        match self.by_reply.get_mut(&(from, port)) {
+            Some(e) => {
+                e.last = now;
+                e.replied |= e.lan.is_some();
+                e.lan
+            }
+            None => {
+                let e = CtEntry {
+                    lan: None,
+                    last: now,
+                    replied: false,
+                };
+                self.by_reply.insert((from, port), e);
+                None
+            }
+        }
+    }
+
+    /// The entries, as `conntrack -L` counts them.
+    fn len(&self, now: Instant) -> usize {
+        self.by_reply.values().filter(|e| e.live(now)).count()
+    }
 }
 
 impl Router {
@@ -163,11 +272,21 @@ impl Router {
             public,
             out: BTreeMap::new(),
             by_port: BTreeMap::new(),
+            ct: Conntrack::default(),
         }
     }
 
     /// The public source of a datagram from `lan` to `to`.
-    fn outbound(&mut self, lan: SocketAddr, to: SocketAddr, rng: &mut StdRng) -> SocketAddr {
+    fn outbound(
+        &mut self,
+        now: Instant,
+        lan: SocketAddr,
+        to: SocketAddr,
+        rng: &mut StdRng,
+    ) -> SocketAddr {
+        if self.kind == NatKind::Masquerade {
+            return SocketAddr::new(self.public, self.ct.outbound(now, lan, to, rng));
+        }
         let Some((mapping, _)) = behaviour(self.kind) else {
             return lan;
         };
@@ -198,7 +317,10 @@ impl Router {
     }
 
     /// Where a datagram from `from` to our public `port` goes, if anywhere.
-    fn inbound(&self, port: u16, from: SocketAddr) -> Option<SocketAddr> {
+    fn inbound(&mut self, now: Instant, port: u16, from: SocketAddr) -> Option<SocketAddr> {
+        if self.kind == NatKind::Masquerade {
+            return self.ct.inbound(now, port, from);
+        }
         let (_, filtering) = behaviour(self.kind)?;
         let m = self.by_port.get(&port)?;
         let open = filtering == Dependence::Independent || m.sent_to.contains(&from);
@@ -209,6 +331,7 @@ impl Router {
     fn flush(&mut self) {
         self.out.clear();
         self.by_port.clear();
+        self.ct = Conntrack::default();
     }
 }
 
@@ -291,6 +414,10 @@ pub struct SimNode {
     /// node last opened a socket of its own.
     pub turn_on_shared: u64,
     pub turn_on_shared_at_move: Option<u64>,
+    /// Datagrams it sent (any socket, any kind), and those of them that
+    /// went to a peer's own endpoint (not to the TURN server).
+    pub sent: u64,
+    pub sent_direct: u64,
     /// Relayed datagrams (ChannelData, data indications) the stack took, and
     /// the allocations it made while taking them (lib tests count them).
     #[cfg(test)]
@@ -591,6 +718,8 @@ impl Sim {
             next_port: EPHEMERAL,
             turn_on_shared: 0,
             turn_on_shared_at_move: None,
+            sent: 0,
+            sent_direct: 0,
             #[cfg(test)]
             relayed_in: (0, 0),
         }
@@ -805,6 +934,10 @@ impl Sim {
         let Some(lan) = self.nodes[i].sock_addr(via) else {
             return;
         };
+        self.nodes[i].sent += 1;
+        if to != turn_addr() && !self.turn.relays.contains(&to) {
+            self.nodes[i].sent_direct += 1;
+        }
         if via == Sock::Udp && to == turn_addr() && !is_binding(&data) {
             self.nodes[i].turn_on_shared += 1;
         }
@@ -824,7 +957,10 @@ impl Sim {
         if self.lost(site) {
             return;
         }
-        let from = self.sites[site].router.outbound(lan, to, &mut self.rng);
+        let now = self.now;
+        let from = self.sites[site]
+            .router
+            .outbound(now, lan, to, &mut self.rng);
         let at = self.now + self.sites[site].spec.latency;
         self.schedule(at, Flight { from, ..flight });
     }
@@ -875,11 +1011,12 @@ impl Sim {
     }
 
     fn arrive_at_site(&mut self, site: usize, f: Flight) {
-        let router = &self.sites[site].router;
+        let now = self.now;
+        let router = &mut self.sites[site].router;
         let lan = if router.kind == NatKind::Public {
             Some(f.to)
         } else if router.public == f.to.ip() {
-            router.inbound(f.to.port(), f.from)
+            router.inbound(now, f.to.port(), f.from)
         } else {
             None
         };
@@ -1119,6 +1256,25 @@ impl Sim {
             }
         }
         None
+    }
+
+    /// Entries in node `n`'s router's connection table (a bare Linux
+    /// router's; other kinds keep none): what `conntrack -L` would count.
+    pub fn conntrack_entries(&self, n: usize) -> usize {
+        self.sites[self.nodes[n].site].router.ct.len(self.now)
+    }
+
+    /// Datagrams node `n` sent so far (overlay, STUN and TURN alike), and
+    /// those to peers' own endpoints.
+    pub fn sent_by(&self, n: usize) -> (u64, u64) {
+        (self.nodes[n].sent, self.nodes[n].sent_direct)
+    }
+
+    /// Every node's punching schedule becomes `cfg`.
+    pub fn set_punch(&mut self, cfg: &crate::punch::PunchConfig) {
+        for n in &mut self.nodes {
+            n.stack.overlay.set_punch(cfg.clone());
+        }
     }
 
     pub fn kind_of(&self, n: usize) -> NatKind {

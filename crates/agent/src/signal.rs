@@ -122,12 +122,15 @@ pub struct Signalling {
 // one place: what a peer publishes as Reflexive is what we probe as
 // Direct, and what we publish is read back by the same table.
 
-/// The core's class of a published candidate.
-pub(crate) fn class_of(k: CandidateKind) -> Rank {
+/// The core's class of a published candidate; `None` for a kind this
+/// agent does not know (a newer agent's), which is never probed.
+pub(crate) fn class_of(k: CandidateKind) -> Option<Rank> {
     match k {
-        CandidateKind::Local => Rank::Local,
-        CandidateKind::Reflexive => Rank::Direct,
-        CandidateKind::Relay => Rank::Relay,
+        CandidateKind::Local => Some(Rank::Local),
+        // A gateway's port mapping is as direct as a reflexive address.
+        CandidateKind::Reflexive | CandidateKind::Mapped => Some(Rank::Direct),
+        CandidateKind::Relay => Some(Rank::Relay),
+        CandidateKind::Unknown => None,
     }
 }
 
@@ -167,11 +170,14 @@ pub fn check_record(rec: &PeerRecord, stale: bool) -> Result<PeerInfo, String> {
         .filter_map(|c| {
             Some(PeerCandidate {
                 addr: c.addr.parse().ok()?,
-                class: class_of(c.kind),
+                class: class_of(c.kind)?,
             })
         })
         .collect();
-    if candidates.is_empty() {
+    // The flat list only stands in for a record without kinds (an older
+    // agent's): a newer one whose kinds are all unknown to us is not
+    // probed through it either.
+    if rec.candidates.is_empty() {
         candidates = rec
             .endpoints
             .iter()
@@ -949,8 +955,10 @@ mod tests {
             (CandidateKind::Reflexive, Rank::Direct),
             (CandidateKind::Relay, Rank::Relay),
         ] {
-            assert_eq!(class_of(kind), class);
+            assert_eq!(class_of(kind), Some(class));
             assert_eq!(kind_of(class), kind);
         }
+        assert_eq!(class_of(CandidateKind::Mapped), Some(Rank::Direct));
+        assert_eq!(class_of(CandidateKind::Unknown), None);
     }
 }

@@ -372,6 +372,7 @@ fn agent_config(
         stun,
         turn,
         announce: ov.announce.clone(),
+        port_mapping: ov.port_mapping,
         private_key,
         network_key,
         network_key_also,

@@ -133,7 +133,7 @@ pub struct PortMapper {
 /// An external address a mapping could be reached at: not "nowhere", not
 /// this host, not a group. Anything else (a private address of a double
 /// NAT, or a lie) is published and left to the path checks.
-fn usable(ip: Ipv4Addr) -> bool {
+pub fn usable(ip: Ipv4Addr) -> bool {
     !(ip.is_unspecified()
         || ip.is_loopback()
         || ip.is_multicast()

@@ -16,6 +16,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::keeper::{Keeper, KEEPER_SCRIPT};
@@ -54,10 +55,11 @@ pub struct MiniUpnpd {
     router_name: String,
     internet: PathBuf,
     stun: [Ipv4Addr; 2],
-    opts: UpnpOpts,
     dir: tempfile::TempDir,
     stun_keeper: Option<Keeper>,
-    keeper: Option<Keeper>,
+    /// The daemon and its options: replaced by [`MiniUpnpd::restart`],
+    /// which tests call through the lab's shared reference.
+    daemon: Mutex<(Option<Keeper>, UpnpOpts)>,
 }
 
 /// The table and chains miniupnpd 2.3.1 fills but does not create.
@@ -86,10 +88,9 @@ impl MiniUpnpd {
             router_name: router.name().to_string(),
             internet: internet.path(),
             stun,
-            opts: UpnpOpts::default(),
             dir,
             stun_keeper: None,
-            keeper: None,
+            daemon: Mutex::new((None, UpnpOpts::default())),
         };
         m.start_stun();
         let out = run_bounded(
@@ -98,7 +99,7 @@ impl MiniUpnpd {
             READY,
         );
         assert!(out.code == 0, "miniupnpd's nft table: {}", out.stderr);
-        m.start_daemon();
+        m.restart(UpnpOpts::default());
         m
     }
 
@@ -144,7 +145,7 @@ impl MiniUpnpd {
         }
     }
 
-    fn config(&self) -> String {
+    fn config(&self, opts: UpnpOpts) -> String {
         let yes = |b: bool| if b { "yes" } else { "no" };
         let d = self.dir.path();
         format!(
@@ -156,18 +157,26 @@ impl MiniUpnpd {
              upnp_table_name=miniupnpd\nupnp_nat_table_name=miniupnpd\n\
              allow 1024-65535 192.168.0.0/16 1024-65535\n\
              deny 0-65535 0.0.0.0/0 0-65535\n",
-            yes(self.opts.pcp_natpmp),
-            yes(self.opts.upnp),
+            yes(opts.pcp_natpmp),
+            yes(opts.upnp),
             self.stun[0],
-            self.opts.max_lifetime,
+            opts.max_lifetime,
             d.join("leases").display(),
         )
     }
 
-    fn start_daemon(&mut self) {
+    /// (Re)starts miniupnpd with `opts` (the mappings of a previous run
+    /// are dropped) and waits until it forwards.
+    pub fn restart(&self, opts: UpnpOpts) {
+        let mut daemon = self.daemon.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = daemon.0.take() {
+            k.stop();
+        }
+        daemon.1 = opts;
         let d = self.dir.path();
+        let _ = std::fs::remove_file(d.join("leases"));
         let conf = d.join("miniupnpd.conf");
-        std::fs::write(&conf, self.config()).unwrap_or_else(|e| panic!("write {conf:?}: {e}"));
+        std::fs::write(&conf, self.config(opts)).unwrap_or_else(|e| panic!("write {conf:?}: {e}"));
         let _ = std::fs::remove_file(d.join("miniupnpd.log"));
         let args = vec![
             "nsenter".to_string(),
@@ -181,15 +190,17 @@ impl MiniUpnpd {
             d.join("miniupnpd.pid").display().to_string(),
         ];
         let log = d.join("miniupnpd.log");
-        self.keeper = Some(Keeper::spawn(KEEPER_SCRIPT, &args, Some(&log)));
+        let keeper = daemon
+            .0
+            .insert(Keeper::spawn(KEEPER_SCRIPT, &args, Some(&log)));
         let deadline = Instant::now() + READY;
         loop {
             let text = read(&log);
-            let listening = !self.opts.pcp_natpmp || text.contains("Listening for NAT-PMP/PCP");
+            let listening = !opts.pcp_natpmp || text.contains("Listening for NAT-PMP/PCP");
             if text.contains("Port forwarding is now enabled") && listening {
                 return;
             }
-            let exited = self.keeper.as_mut().is_some_and(|k| k.exited());
+            let exited = keeper.exited();
             assert!(
                 !exited && Instant::now() < deadline,
                 "miniupnpd in {} not forwarding (exited: {exited}): {text}",
@@ -197,16 +208,6 @@ impl MiniUpnpd {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-
-    /// Restarts miniupnpd with other options (its mappings are dropped).
-    pub fn restart(&mut self, opts: UpnpOpts) {
-        if let Some(k) = self.keeper.take() {
-            k.stop();
-        }
-        self.opts = opts;
-        let _ = std::fs::remove_file(self.dir.path().join("leases"));
-        self.start_daemon();
     }
 
     /// The mappings miniupnpd holds, one lease-file line each
@@ -262,7 +263,8 @@ fn read(p: &Path) -> String {
 
 impl Drop for MiniUpnpd {
     fn drop(&mut self) {
-        if let Some(k) = self.keeper.take() {
+        let daemon = self.daemon.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = daemon.0.take() {
             k.stop();
         }
         if let Some(k) = self.stun_keeper.take() {

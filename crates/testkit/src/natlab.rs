@@ -772,11 +772,6 @@ impl Lab {
         self.site(site).upnp.as_ref()
     }
 
-    /// The same, to restart it with other options.
-    pub fn miniupnpd_mut(&mut self, site: SiteId) -> Option<&mut MiniUpnpd> {
-        self.sites.get_mut(site.0).and_then(|s| s.upnp.as_mut())
-    }
-
     /// `conntrack -F` in every router of the site: the NAT forgets every
     /// mapping (a router reboot, a mapping timeout).
     pub fn flush_conntrack(&self, site: SiteId) {

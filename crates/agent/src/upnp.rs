@@ -22,8 +22,10 @@ use crate::Stop;
 const SSDP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(239, 255, 255, 250), 1900);
 /// How long SSDP answers are waited for.
 const DISCOVER: Duration = Duration::from_secs(2);
-/// Bound for one HTTP exchange (connect, write, read).
-const HTTP: Duration = Duration::from_secs(2);
+/// Bound for one HTTP exchange (connect, write, read): a gateway on the
+/// LAN answers in milliseconds, and the agent's teardown (4.5 s) may have
+/// to wait for one exchange and the deletion's.
+const HTTP: Duration = Duration::from_millis(1500);
 /// Largest HTTP answer read (a description is a few KiB).
 const MAX_BODY: u64 = 256 * 1024;
 /// Lease asked for; renewed at half of it.
@@ -57,6 +59,11 @@ impl Upnp {
     /// external port.
     pub fn map(gw: Ipv4Addr, me: Ipv4Addr, port: u16, stop: &Stop) -> Result<Upnp, String> {
         let location = discover(gw, me, stop)?;
+        let stopped = || match stop.is_set() {
+            true => Err("stopped".to_string()),
+            false => Ok(()),
+        };
+        stopped()?;
         let desc = http(&location, "GET", &[], "")?;
         let (service, path) =
             control_url(&desc).ok_or("no WANIPConnection service in its description")?;
@@ -66,6 +73,7 @@ impl Upnp {
                 "its control URL points away from the gateway: {path}"
             ));
         }
+        stopped()?;
         let ip = soap(&control, &service, "GetExternalIPAddress", "")?;
         let ip = element(&ip, "NewExternalIPAddress")
             .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
@@ -80,6 +88,7 @@ impl Upnp {
             lease: LEASE,
             renew_at: Instant::now(),
         };
+        stopped()?;
         u.add()?;
         Ok(u)
     }
@@ -290,8 +299,8 @@ fn soap(url: &Url, service: &str, action: &str, args: &str) -> Result<String, St
 /// else an error naming the status (and the UPnP error code, if any).
 fn http(url: &Url, method: &str, headers: &[(&str, String)], body: &str) -> Result<String, String> {
     let addr = SocketAddr::new(url.host, url.port);
+    let end = Instant::now() + HTTP;
     let mut s = TcpStream::connect_timeout(&addr, HTTP).map_err(|e| format!("{addr}: {e}"))?;
-    let _ = s.set_read_timeout(Some(HTTP));
     let _ = s.set_write_timeout(Some(HTTP));
     let mut req = format!(
         "{method} {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -304,8 +313,7 @@ fn http(url: &Url, method: &str, headers: &[(&str, String)], body: &str) -> Resu
     req.push_str("\r\n");
     req.push_str(body);
     s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    let read = s.take(MAX_BODY).read_to_end(&mut raw);
+    let (raw, read) = read_until(&mut s, end);
     let text = String::from_utf8_lossy(&raw);
     let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(|| match read {
         Err(e) => format!("no answer: {e}"),
@@ -322,6 +330,25 @@ fn http(url: &Url, method: &str, headers: &[(&str, String)], body: &str) -> Resu
         return Err(format!("HTTP {status} {code} {desc}").trim().to_string());
     }
     Ok(body)
+}
+
+/// Reads until the peer closes, [`MAX_BODY`] bytes or `end`, whichever
+/// comes first (a device that drips bytes is cut off at `end`).
+fn read_until(s: &mut TcpStream, end: Instant) -> (Vec<u8>, std::io::Result<()>) {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() || raw.len() as u64 >= MAX_BODY {
+            return (raw, Err(std::io::ErrorKind::TimedOut.into()));
+        }
+        let _ = s.set_read_timeout(Some(left));
+        match s.read(&mut buf) {
+            Ok(0) => return (raw, Ok(())),
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) => return (raw, Err(e)),
+        }
+    }
 }
 
 fn dechunk(mut s: &str) -> String {

@@ -65,7 +65,7 @@ pub fn parse_map_response(b: &[u8]) -> Option<MapResponse> {
         return None;
     }
     let result = b[3];
-    if result == SUCCESS && (b.len() < RESPONSE_LEN || b.len() % 4 != 0) {
+    if result == SUCCESS && (b.len() < RESPONSE_LEN || !b.len().is_multiple_of(4)) {
         return None;
     }
     let mut full = [0u8; RESPONSE_LEN];

@@ -176,7 +176,7 @@ fn serve(
 fn explain(engine: &EngineHandle, h: &StoreHealth, node: &str) -> serde_json::Value {
     match engine.explain(node, ENGINE_TIMEOUT) {
         None => json!({"error": "the engine does not answer"}),
-        Some(Some(ex)) => crate::explain::explain_json(&ex),
+        Some(Some(ex)) => crate::explain::explain_json(&ex, h),
         Some(None) => match h.ignored.iter().find(|(n, _)| n == node) {
             Some((_, why)) => {
                 json!({"error": format!("{node} is no peer: its record is ignored: {why}")})

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use evio_overlay::engine::{Io, PeerInfo, PeerStatus, Stats, MAX_FRAME};
 use evio_overlay::nat::{Sock, Transmit, TurnState, TurnTransport};
 use evio_overlay::offload::{complete_checksum, Coalescer, Csum, Framing, VnetHdr, VNET_HDR_LEN};
-use evio_overlay::path::PathAddr;
+use evio_overlay::path::{PathAddr, Rank};
 use evio_overlay::stack::{NetIo, Stack, StackEvent};
 
 use crate::device::Device;
@@ -59,6 +59,8 @@ pub enum Command {
     Peers(Vec<PeerInfo>),
     /// Local-interface candidates (from the address watcher).
     LocalCandidates(Vec<SocketAddr>),
+    /// The gateway's port mapping for us (portmap.rs), or none any more.
+    Mapped(Option<SocketAddr>),
     Status(SyncSender<Snapshot>),
     /// One peer in depth (`peers NODE --explain`).
     Explain(String, SyncSender<Option<Explain>>),
@@ -559,6 +561,7 @@ impl Dataplane {
             match cmd {
                 Command::Peers(peers) => self.stack.set_peers(now, &peers),
                 Command::LocalCandidates(c) => self.stack.set_local_candidates(now, c),
+                Command::Mapped(m) => self.stack.set_mapped(m),
                 Command::Status(reply) => {
                     let _ = reply.send(self.snapshot(now));
                 }
@@ -576,18 +579,25 @@ impl Dataplane {
         Snapshot {
             peers: ov.status(),
             stats: ov.stats().clone(),
-            candidates: self
-                .stack
-                .candidates()
-                .into_iter()
-                .map(|(a, c)| (a, kind_of(c)))
-                .collect(),
+            candidates: self.kinds(self.stack.candidates()),
             turn: self.stack.nat.turn_states(),
             udp_dropped: self.io.send.dropped,
             nat_junk: self.stack.nat.junk,
             learned_macs: ov.switch_stats().learned_macs,
             taken: now,
         }
+    }
+
+    /// The kinds we publish our candidates with: the port mapping is a
+    /// kind of its own, which the core ranks as direct.
+    fn kinds(&self, c: Vec<(SocketAddr, Rank)>) -> Vec<(SocketAddr, evio_subnet::CandidateKind)> {
+        let mapped = self.stack.mapped();
+        c.into_iter()
+            .map(|(a, r)| match Some(a) == mapped {
+                true => (a, evio_subnet::CandidateKind::Mapped),
+                false => (a, kind_of(r)),
+            })
+            .collect()
     }
 
     fn explain(&self, now: Instant, node: &str) -> Option<Explain> {
@@ -622,8 +632,7 @@ impl Dataplane {
         while let Some(e) = self.stack.poll_event() {
             match e {
                 StackEvent::Candidates(c) => {
-                    let c = c.into_iter().map(|(a, k)| (a, kind_of(k))).collect();
-                    let _ = self.candidates_out.send(c);
+                    let _ = self.candidates_out.send(self.kinds(c));
                 }
                 StackEvent::TcpConnect { conn, to } => {
                     if let Err(e) = self.io.connect(conn, to) {

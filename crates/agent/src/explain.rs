@@ -206,8 +206,9 @@ fn class_str(c: Rank) -> &'static str {
     }
 }
 
-/// The answer of the control socket's `explain NODE`.
-pub fn explain_json(ex: &Explain) -> Value {
+/// The answer of the control socket's `explain NODE`; `h` knows the
+/// kinds the peer published.
+pub fn explain_json(ex: &Explain, h: &crate::signal::StoreHealth) -> Value {
     let d = &ex.detail;
     let f = facts(ex);
     let ago = |t: Instant| (ex.taken.saturating_duration_since(t).as_millis() as f64) / 1e3;
@@ -239,6 +240,7 @@ pub fn explain_json(ex: &Explain) -> Value {
         "path": d.status.relayed.map(|r| if r { "relay" } else { "direct" }),
         "method": d.status.method.map(|m| m.as_str()),
         "endpoint": d.status.path.map(|a| a.remote.to_string()),
+        "candidate": d.status.path.map(|a| h.path_candidate(a)),
         "rttMs": d.status.rtt.map(round_ms),
         "lastHandshake": d.status.session_born.map(|t| wall_of(ex.taken, t)),
         "lastReceived": last_rx.map(|t| wall_of(ex.taken, t)),
@@ -247,7 +249,8 @@ pub fn explain_json(ex: &Explain) -> Value {
             "local": ex.ours.iter().map(|(a, k)| json!({"addr": a.to_string(), "kind": k.as_str()})).collect::<Vec<_>>(),
             "peer": d.candidates.iter().map(|c| json!({
                 "addr": c.addr.to_string(),
-                "kind": crate::signal::kind_of(c.class).as_str(),
+                "kind": h.peer_kinds.get(&c.addr).copied()
+                    .unwrap_or(crate::signal::kind_of(c.class)).as_str(),
                 "tried": tried(c.addr),
             })).collect::<Vec<_>>(),
         },
@@ -276,6 +279,9 @@ pub fn explain_text(v: &Value) -> String {
         text(&v["endpoint"]),
         text(&v["rttMs"]),
     );
+    if let Some(kind) = v["candidate"].as_str() {
+        let _ = writeln!(out, "the path goes to its {kind} candidate");
+    }
     let _ = writeln!(
         out,
         "last handshake {}  last packet received {}",

@@ -23,8 +23,10 @@ pub mod keys;
 pub mod metrics;
 pub mod netwatch;
 pub mod port;
+pub mod portmap;
 pub mod signal;
 pub mod udp;
+pub mod upnp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -147,6 +149,8 @@ pub struct AgentConfig {
     pub announce: Vec<SocketAddr>,
     /// `overlay.natUdpTimeout`: what the punching silence must outlast.
     pub nat_udp_timeout: Duration,
+    /// `overlay.portMapping`: ask the default gateway for a mapping.
+    pub port_mapping: bool,
     pub private_key: Secret,
     pub network_key: Option<Secret>,
     /// The second line of a two-key network key file: accepted, not sent.
@@ -449,6 +453,8 @@ struct Threads {
     watch: std::thread::JoinHandle<()>,
     control: std::thread::JoinHandle<()>,
     fwd: std::thread::JoinHandle<()>,
+    /// Deletes its mapping before it ends.
+    portmap: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT (the node stays on the network: its
@@ -648,6 +654,9 @@ fn teardown(cfg: &AgentConfig, agent: Running, end: End) -> Result<(), AgentErro
     let _ = threads.watch.join();
     let _ = threads.control.join();
     let _ = threads.fwd.join();
+    if let Some(t) = threads.portmap {
+        let _ = t.join();
+    }
     let _ = std::fs::remove_file(&cfg.control_socket);
     drop(epoll);
     match (end, engine_result) {
@@ -776,6 +785,14 @@ fn spawn_threads(
         .name("evio-store".into())
         .spawn(move || sig.run())
         .map_err(AgentError::io("spawn thread"))?;
+    let portmap = match cfg.port_mapping {
+        true => Some(portmap::spawn(
+            engine.clone(),
+            stop.clone(),
+            me.listen.port(),
+        )?),
+        false => None,
+    };
     let watch = spawn_netwatch(cfg, engine, stop, me.listen.port())?;
     let control = control::spawn(
         &cfg.control_socket,
@@ -791,6 +808,7 @@ fn spawn_threads(
         watch,
         control,
         fwd,
+        portmap,
     })
 }
 

@@ -53,6 +53,8 @@ pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value
                 // learned (peer-reflexive), punched, relay.
                 "method": p.method.map(|m| m.as_str()),
                 "endpoint": p.path.map(|a| a.remote.to_string()),
+                // Which kind of the peer's candidates the path goes to.
+                "candidate": p.path.map(|a| health.path_candidate(a)),
                 "rttMs": p.rtt.map(round_ms),
                 "lastHandshake": p.session_born.map(|t| wall_of(snap.taken, t)),
                 "rxBytes": p.stats.rx_bytes,

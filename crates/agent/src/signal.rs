@@ -79,6 +79,25 @@ pub struct StoreHealth {
     /// The etcd client's certificate files and their expiry, as last read
     /// (when they changed on disk).
     pub certs: Vec<crate::certs::CertFile>,
+    /// The kind each peer published its candidates with: which kind of
+    /// candidate a working path goes to (`peers`), e.g. `mapped`, which
+    /// the core ranks as one with reflexive.
+    pub peer_kinds: HashMap<SocketAddr, CandidateKind>,
+}
+
+impl StoreHealth {
+    /// The kind of candidate a path to `addr` goes to: what the peer
+    /// published for it, else `peer-reflexive` (an address learned from
+    /// the peer's own packets, e.g. after it came in through our mapping).
+    pub fn path_candidate(&self, addr: evio_overlay::path::PathAddr) -> &'static str {
+        match addr.via {
+            evio_overlay::path::Via::Turn(_) => "relay",
+            evio_overlay::path::Via::Direct => self
+                .peer_kinds
+                .get(&addr.remote)
+                .map_or("peer-reflexive", |k| k.as_str()),
+        }
+    }
 }
 
 impl StoreHealth {
@@ -125,12 +144,15 @@ pub struct Signalling {
 // one place: what a peer publishes as Reflexive is what we probe as
 // Direct, and what we publish is read back by the same table.
 
-/// The core's class of a published candidate.
-pub(crate) fn class_of(k: CandidateKind) -> Rank {
+/// The core's class of a published candidate; `None` for a kind this
+/// agent does not know (a newer agent's), which is never probed.
+pub(crate) fn class_of(k: CandidateKind) -> Option<Rank> {
     match k {
-        CandidateKind::Local => Rank::Local,
-        CandidateKind::Reflexive => Rank::Direct,
-        CandidateKind::Relay => Rank::Relay,
+        CandidateKind::Local => Some(Rank::Local),
+        // A gateway's port mapping is as direct as a reflexive address.
+        CandidateKind::Reflexive | CandidateKind::Mapped => Some(Rank::Direct),
+        CandidateKind::Relay => Some(Rank::Relay),
+        CandidateKind::Unknown => None,
     }
 }
 
@@ -170,11 +192,14 @@ pub fn check_record(rec: &PeerRecord, stale: bool) -> Result<PeerInfo, String> {
         .filter_map(|c| {
             Some(PeerCandidate {
                 addr: c.addr.parse().ok()?,
-                class: class_of(c.kind),
+                class: class_of(c.kind)?,
             })
         })
         .collect();
-    if candidates.is_empty() {
+    // The flat list only stands in for a record without kinds (an older
+    // agent's): a newer one whose kinds are all unknown to us is not
+    // probed through it either.
+    if rec.candidates.is_empty() {
         candidates = rec
             .endpoints
             .iter()
@@ -805,10 +830,14 @@ impl Signalling {
         ignored.extend(self.refused_by_engine(&peers, &st.shared));
         ignored.sort();
         self.tell_changes(st, &peers, &ignored);
+        let kinds = (records.iter().flat_map(|r| &r.candidates))
+            .filter_map(|c| Some((c.addr.parse().ok()?, c.kind)))
+            .collect();
         set_health(&self.health, |h| {
             h.peers_seen = peers.len();
             h.stale = stale;
             h.ignored = ignored;
+            h.peer_kinds = kinds;
         });
         if !st.revoked && peers != st.sent {
             // Not queued (the engine is behind): the next tick tries again.
@@ -974,8 +1003,58 @@ mod tests {
             (CandidateKind::Reflexive, Rank::Direct),
             (CandidateKind::Relay, Rank::Relay),
         ] {
-            assert_eq!(class_of(kind), class);
+            assert_eq!(class_of(kind), Some(class));
             assert_eq!(kind_of(class), kind);
         }
+        assert_eq!(class_of(CandidateKind::Mapped), Some(Rank::Direct));
+        assert_eq!(class_of(CandidateKind::Unknown), None);
+    }
+
+    /// A newer agent's record: its mapped candidate is probed as a direct
+    /// one, a kind unknown to us is not probed at all (not even through
+    /// the flat `endpoints` list), and `peers` says which kind a path
+    /// goes to.
+    #[test]
+    fn mapped_and_unknown_kinds_in_a_record() {
+        let j = serde_json::json!({
+            "node": "n1", "publicKey": b64(&[7u8; 32]), "podSubnet": "10.244.1.0/24",
+            "endpoints": ["203.0.113.10:5800", "203.0.113.10:5801"],
+            "candidates": [{"addr": "203.0.113.10:5800", "kind": "mapped"},
+                           {"addr": "203.0.113.10:5801", "kind": "wormhole"}],
+            "heartbeat": "2026-01-01T00:00:00Z"});
+        let rec: PeerRecord = serde_json::from_value(j).unwrap();
+        let p = check_record(&rec, false).unwrap();
+        let addr: SocketAddr = "203.0.113.10:5800".parse().unwrap();
+        assert_eq!(
+            p.candidates,
+            [PeerCandidate {
+                addr,
+                class: Rank::Direct
+            }]
+        );
+        let mut only_unknown = rec.clone();
+        only_unknown.candidates.remove(0);
+        assert!(check_record(&only_unknown, false)
+            .unwrap()
+            .candidates
+            .is_empty());
+        let h = StoreHealth {
+            peer_kinds: [(addr, CandidateKind::Mapped)].into_iter().collect(),
+            ..StoreHealth::default()
+        };
+        let direct = |remote| evio_overlay::path::PathAddr {
+            remote,
+            via: evio_overlay::path::Via::Direct,
+        };
+        assert_eq!(h.path_candidate(direct(addr)), "mapped");
+        assert_eq!(
+            h.path_candidate(direct("198.51.100.9:4000".parse().unwrap())),
+            "peer-reflexive"
+        );
+        let relayed = evio_overlay::path::PathAddr {
+            remote: addr,
+            via: evio_overlay::path::Via::Turn(0),
+        };
+        assert_eq!(h.path_candidate(relayed), "relay");
     }
 }

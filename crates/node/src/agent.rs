@@ -373,6 +373,7 @@ fn agent_config(
         turn,
         announce: ov.announce.clone(),
         nat_udp_timeout: Duration::from_secs(u64::from(ov.nat_udp_timeout)),
+        port_mapping: ov.port_mapping,
         private_key,
         network_key,
         network_key_also,

@@ -51,6 +51,9 @@ pub struct OverlayConf {
     pub turn: Vec<TurnConf>,
     /// `overlay.announce`: extra candidates, published as they are.
     pub announce: Vec<SocketAddr>,
+    /// `overlay.portMapping`: ask the default gateway for a port mapping
+    /// (PCP, NAT-PMP, UPnP IGD). On unless false.
+    pub port_mapping: bool,
     pub key_file: PathBuf,
     pub network_key_file: Option<PathBuf>,
     pub underlay_mtu: u32,
@@ -185,6 +188,7 @@ fn turn_server(key: &str, t: &Value) -> Result<TurnConf, NodeError> {
 const OVERLAY_KEYS: &[&str] = &[
     "listenPort",
     "announce",
+    "portMapping",
     "stun",
     "turn",
     "keyFile",
@@ -279,6 +283,16 @@ impl OverlayConf {
         })?;
         let turn = list(o, "turn", "a list of objects", turn_server)?;
         let announce = list(o, "announce", "a list of \"ip:port\"", announced)?;
+        let port_mapping = match o.get("portMapping") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(invalid(
+                    "overlay.portMapping",
+                    format!("expected true or false, got {other}"),
+                ))
+            }
+        };
         let path = |k: &str| -> Result<Option<PathBuf>, NodeError> {
             match o.get(k) {
                 None | Some(Value::Null) => Ok(None),
@@ -343,6 +357,7 @@ impl OverlayConf {
             stun,
             turn,
             announce,
+            port_mapping,
             key_file,
             network_key_file,
             underlay_mtu,
@@ -427,6 +442,12 @@ mod tests {
         assert_eq!(f.host_cidr.unwrap().to_string(), "10.10.0.0/16");
         assert_eq!(f.host_address, None);
         assert!(f.announce.is_empty());
+        assert!(f.port_mapping, "on by default");
+        assert!(
+            !parse(r#"{"overlay":{"portMapping":false}}"#)
+                .unwrap()
+                .port_mapping
+        );
         let a =
             parse(r#"{"overlay":{"announce":["203.0.113.5:5800","198.51.100.7:40000"]}}"#).unwrap();
         assert_eq!(
@@ -508,6 +529,7 @@ mod tests {
                 "overlay.announce[0]",
             ),
             (r#"{"overlay":{"announce":[5800]}}"#, "overlay.announce[0]"),
+            (r#"{"overlay":{"portMapping":"no"}}"#, "overlay.portMapping"),
             (
                 r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"10.10.0.1/16"}"#,
                 "hostAddress",

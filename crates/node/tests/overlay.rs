@@ -2911,3 +2911,129 @@ fn etcd_certificates_replaced_on_disk_are_used_without_a_restart() {
         t0.elapsed()
     );
 }
+// ---------------------------------------------------------------------------
+// Issue 25: port mapping.
+
+/// Sets `overlay.portMapping` in node `i`'s net-conf and restarts its agent.
+fn restart_with_port_mapping(c: &mut Cluster, i: usize, on: bool) {
+    let path = c.nodes()[i].netconf_path.clone();
+    let mut conf: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    conf["overlay"]["portMapping"] = json!(on);
+    std::fs::write(&path, conf.to_string()).unwrap();
+    c.stop_agent(i);
+    c.start_agent(i).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Waits until node `from` reaches node `to` directly at a candidate of
+/// `kind`; its peers entry.
+fn wait_direct(c: &Cluster, from: usize, to: usize, kind: &str, limit: Duration) -> Value {
+    let mut last = Value::Null;
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        last = peer(&peers(c, from), &name(to))
+            .cloned()
+            .unwrap_or_default();
+        if last["path"] == "direct" && last["candidate"] == kind {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "node-{from} -> node-{to} not direct within {limit:?}: {last}\n{}",
+        dump(c)
+    );
+}
+
+/// A node behind a home router running miniupnpd (port-restricted cone)
+/// and a node behind a symmetric NAT: relayed while the first asks for no
+/// mapping (`overlay.portMapping: false`, as before issue 25); with port
+/// mapping on, it gets one over PCP, publishes it as a `mapped` candidate,
+/// and the symmetric node reaches it there directly (its packets come in
+/// through the mapping; the answers go back to where they came from). The
+/// clean exit deletes the mapping from the router. Then UPnP IGD alone
+/// (miniupnpd without PCP/NAT-PMP) gives the same, and the same clean exit.
+#[test]
+fn a_miniupnpd_router_mapping_takes_a_symmetric_nat_pair_direct() {
+    use NatType::*;
+    let t0 = Instant::now();
+    let ov = OverlayOpts {
+        sites: vec![(Upnp, 1), (Symmetric, 1)],
+        turn: true,
+        node_netconf: vec![(0, json!({"overlay": {"portMapping": false}}))],
+        ..OverlayOpts::flat(0)
+    };
+    let mut c = up(opts(BridgeType::Linux, 1, ov));
+    c.wait_overlay(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", dump(&c)));
+    let before = peer(&peers(&c, 1), &name(0)).cloned().expect("node-0");
+    assert_eq!(before["path"], "relay", "without a mapping: {before}");
+    assert_eq!(before["candidate"], "relay", "{before}");
+    let site = evio_testkit::natlab::SiteId(site_of(&c, 0).1);
+    let mapped = format!("{}:5800", c.lab().unwrap().wan_addr(site).unwrap());
+    let upnpd = |c: &Cluster| c.lab().unwrap().miniupnpd(site).unwrap().leases();
+    assert!(upnpd(&c).is_empty(), "{:?}", upnpd(&c));
+    for (protocol, opts) in [
+        ("pcp", None),
+        (
+            "upnp",
+            Some(evio_testkit::miniupnpd::UpnpOpts {
+                pcp_natpmp: false,
+                ..Default::default()
+            }),
+        ),
+    ] {
+        let t = Instant::now();
+        if let Some(o) = opts {
+            c.lab().unwrap().miniupnpd(site).unwrap().restart(o);
+        }
+        restart_with_port_mapping(&mut c, 0, true);
+        // Published by the new agent once the gateway granted it.
+        let own = |c: &Cluster| c.agent(0).and_then(|a| a.peers().ok()).unwrap_or_default();
+        let published = |v: &Value| {
+            v["candidates"].as_array().is_some_and(|a| {
+                (a.iter()).any(|x| x["addr"] == mapped.as_str() && x["kind"] == "mapped")
+            })
+        };
+        wait(
+            "the mapped candidate published",
+            Duration::from_secs(20),
+            || published(&own(&c)),
+        );
+        // The new agent reaches the symmetric node directly: only the
+        // node's packets coming in through the mapping can have told it
+        // where (node 1 may still hold the old agent's session).
+        wait_direct(&c, 0, 1, "peer-reflexive", Duration::from_secs(20));
+        let p = wait_direct(&c, 1, 0, "mapped", Duration::from_secs(20));
+        eprintln!(
+            "{protocol}: direct {:?} after the restart: {p}",
+            t.elapsed()
+        );
+        assert_eq!(p["endpoint"], mapped.as_str(), "{p}");
+        assert!(
+            pod_ping_once(&c, 1, 0) || pod_ping_once(&c, 1, 0),
+            "{}",
+            dump(&c)
+        );
+        let (text, v) = explain(&c, 1, &name(0));
+        assert_eq!(v["candidate"], "mapped", "{v}");
+        assert!(text.contains("its mapped candidate"), "{text}");
+        let log = log_lines(c.agent(0).unwrap(), &["port mapped", protocol]);
+        assert_eq!(log.len(), 1, "{}", c.agent(0).unwrap().log_tail(30));
+        let leases = upnpd(&c);
+        assert_eq!(leases.len(), 1, "{leases:?}");
+        let (status, took) = c.stop_agent(0).expect("an agent");
+        assert!(status.success(), "{status:?}");
+        let up = c.lab().unwrap().miniupnpd(site).unwrap();
+        assert!(
+            up.leases().is_empty(),
+            "{protocol} mapping left after the clean exit: {:?}",
+            up.leases()
+        );
+        assert!(up.nft_forwards().is_empty(), "{:?}", up.nft_forwards());
+        eprintln!("{protocol}: stopped in {took:?}, mapping gone");
+        // The router still forwards the flow it set up through the mapping
+        // (conntrack); forgetting it, the pair would be relayed again.
+        c.lab().unwrap().flush_conntrack(site);
+    }
+    eprintln!("took {:?}", t0.elapsed());
+}

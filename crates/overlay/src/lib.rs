@@ -13,6 +13,7 @@ pub mod nat;
 pub mod offload;
 pub mod packet;
 pub mod path;
+pub mod portmap;
 pub mod punch;
 pub mod reason;
 pub mod replay;

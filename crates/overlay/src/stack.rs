@@ -58,6 +58,9 @@ pub struct Stack {
     /// `overlay.announce`: published as they are (a port forward, a cloud
     /// VM's 1:1 NAT address), which no gathering can find.
     announced: Vec<SocketAddr>,
+    /// The port mapping the gateway granted (`portmap`): published before
+    /// the reflexive addresses, which it often equals.
+    mapped: Option<SocketAddr>,
     /// Where relayed datagrams are framed for the TURN server.
     relay_buf: Vec<u8>,
     /// Where datagrams relayed over TCP are copied out of the stream.
@@ -120,6 +123,7 @@ impl Stack {
             nat,
             local: Vec::new(),
             announced: Vec::new(),
+            mapped: None,
             relay_buf: vec![0; MAX_DATAGRAM + 64],
             tcp_buf: vec![0; 1 << 16],
             events: VecDeque::new(),
@@ -292,12 +296,26 @@ impl Stack {
         }
     }
 
-    /// Our candidates: local, announced, then reflexive and relayed, each
-    /// address once.
+    /// The gateway's port mapping for us, or none any more; peers probe
+    /// it as they probe a reflexive address.
+    pub fn set_mapped(&mut self, mapped: Option<SocketAddr>) {
+        if mapped != self.mapped {
+            self.mapped = mapped;
+            self.publish();
+        }
+    }
+
+    pub fn mapped(&self) -> Option<SocketAddr> {
+        self.mapped
+    }
+
+    /// Our candidates: local, announced, mapped, then reflexive and
+    /// relayed, each address once.
     pub fn candidates(&self) -> Vec<(SocketAddr, Rank)> {
         let mut all: Vec<(SocketAddr, Rank)> =
             self.local.iter().map(|a| (*a, Rank::Local)).collect();
-        let announced = self.announced.iter().map(|a| (*a, Rank::Direct));
+        let announced = self.announced.iter().chain(&self.mapped);
+        let announced = announced.map(|a| (*a, Rank::Direct));
         for c in announced.chain(self.nat.candidates()) {
             if !all.iter().any(|(a, _)| *a == c.0) {
                 all.push(c);
@@ -449,5 +467,26 @@ mod tests {
         s.events.clear();
         s.set_announced(vec![fwd, lan]);
         assert!(s.events.is_empty(), "no change, nothing to publish");
+    }
+
+    /// A mapping is published once, before the reflexive address it
+    /// usually equals, and withdrawn when it is lost.
+    #[test]
+    fn a_mapping_is_published_and_withdrawn() {
+        let mut s = stack();
+        let now = Instant::now();
+        let lan: SocketAddr = "192.168.1.2:5800".parse().unwrap();
+        let map: SocketAddr = "203.0.113.10:5800".parse().unwrap();
+        s.set_local_candidates(now, vec![lan]);
+        s.events.clear();
+        s.set_mapped(Some(map));
+        assert_eq!(s.candidates(), [(lan, Rank::Local), (map, Rank::Direct)]);
+        assert_eq!(s.mapped(), Some(map));
+        assert_eq!(s.events.len(), 1);
+        s.set_mapped(Some(map));
+        assert_eq!(s.events.len(), 1, "no change, nothing to publish");
+        s.set_mapped(None);
+        assert_eq!(s.candidates(), [(lan, Rank::Local)]);
+        assert_eq!(s.events.len(), 2);
     }
 }

@@ -24,6 +24,14 @@ pub enum CandidateKind {
     Reflexive,
     /// A TURN relay allocation: reachable from anywhere, costs a relay hop.
     Relay,
+    /// A port mapping the node's gateway granted (PCP, NAT-PMP or UPnP
+    /// IGD): reachable from anywhere the gateway's external address is,
+    /// ranked like a reflexive one.
+    Mapped,
+    /// A kind this agent does not know (a newer agent's record): kept
+    /// readable, never probed.
+    #[serde(other)]
+    Unknown,
 }
 
 impl CandidateKind {
@@ -32,6 +40,8 @@ impl CandidateKind {
             CandidateKind::Local => "local",
             CandidateKind::Reflexive => "reflexive",
             CandidateKind::Relay => "relay",
+            CandidateKind::Mapped => "mapped",
+            CandidateKind::Unknown => "unknown",
         }
     }
 }
@@ -737,6 +747,19 @@ mod tests {
         let r: PeerRecord = serde_json::from_str(j).unwrap();
         assert_eq!(r.candidates[0].kind, CandidateKind::Reflexive);
         assert_eq!(r.extra["zone"], "x");
+        // A newer agent's kinds: "mapped" is known, anything else is read
+        // as Unknown instead of failing the whole record.
+        let newer = j.replace(
+            r#"[{"addr":"1.2.3.4:5800","kind":"reflexive"}]"#,
+            r#"[{"addr":"1.2.3.4:5800","kind":"mapped"},{"addr":"1.2.3.4:5801","kind":"teleported"}]"#,
+        );
+        let n: PeerRecord = serde_json::from_str(&newer).unwrap();
+        assert_eq!(n.candidates[0].kind, CandidateKind::Mapped);
+        assert_eq!(n.candidates[1].kind, CandidateKind::Unknown);
+        assert_eq!(
+            serde_json::to_value(CandidateKind::Mapped).unwrap(),
+            serde_json::json!("mapped")
+        );
         let back: PeerRecord = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
         assert_eq!(back, r);
         let v = serde_json::to_value(&r).unwrap();

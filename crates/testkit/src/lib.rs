@@ -10,6 +10,7 @@ pub mod containerd;
 pub mod cri;
 pub mod etcd;
 mod keeper;
+pub mod miniupnpd;
 pub mod natlab;
 pub mod netns;
 pub mod ovs;

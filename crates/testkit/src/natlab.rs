@@ -53,6 +53,7 @@ use std::time::{Duration, Instant};
 
 use crate::etcd::Etcd;
 use crate::keeper::{Keeper, KEEPER_SCRIPT};
+use crate::miniupnpd::MiniUpnpd;
 use crate::netns::Netns;
 use crate::plugin::run_bounded;
 
@@ -105,6 +106,10 @@ pub enum NatType {
     /// No NAT, no shared segment: every node on its own /24 of
     /// 100.64.0.0/10 behind the site's router, which forwards (the scale lab).
     Routed,
+    /// A home router: port-restricted cone (as [`NatType::PortRestrictedCone`])
+    /// running Debian's miniupnpd, which grants port mappings over PCP,
+    /// NAT-PMP and UPnP IGD ([`crate::miniupnpd`]).
+    Upnp,
 }
 
 impl fmt::Display for NatType {
@@ -148,6 +153,8 @@ struct Site {
     /// A routed site: its router's WAN address, where the internet
     /// namespace routes the site's node subnets.
     routed_via: Option<Ipv4Addr>,
+    /// The port-mapping daemon of a [`NatType::Upnp`] router.
+    upnp: Option<MiniUpnpd>,
 }
 
 impl Site {
@@ -167,6 +174,9 @@ struct SiteState {
     nat: NatType,
     wan: Option<Ipv4Addr>,
     firewall: bool,
+    /// Servers whose STUN answers (ports 3478-3479) the input firewall lets
+    /// in: miniupnpd's check that nothing filters in front of it.
+    stun_open: Vec<Ipv4Addr>,
 }
 
 struct LabState {
@@ -268,10 +278,16 @@ fn public(host: u8) -> Ipv4Addr {
 /// nft rules of a router. `nat` is the WAN-side behaviour, `wan` the
 /// address a full cone snats to, `inside` the host a full cone forwards
 /// inbound UDP to (none yet: no forwarding).
-fn router_rules(nat: NatType, wan: Ipv4Addr, inside: Option<Ipv4Addr>, firewall: bool) -> String {
+fn router_rules(
+    nat: NatType,
+    wan: Ipv4Addr,
+    inside: Option<Ipv4Addr>,
+    firewall: bool,
+    stun_open: &[Ipv4Addr],
+) -> String {
     let mut pre = String::new();
     let post = match nat {
-        NatType::PortRestrictedCone | NatType::UdpBlocked | NatType::DoubleNat => {
+        NatType::PortRestrictedCone | NatType::UdpBlocked | NatType::DoubleNat | NatType::Upnp => {
             "masquerade".to_string()
         }
         NatType::Symmetric => "masquerade fully-random".to_string(),
@@ -298,8 +314,16 @@ fn router_rules(nat: NatType, wan: Ipv4Addr, inside: Option<Ipv4Addr>, firewall:
     // an early hole-punching datagram leaves no entry behind that would
     // later move the node's own mapping (docs/natlab.md).
     let input = if firewall {
+        let stun =
+            match stun_open {
+                [] => String::new(),
+                ips => format!(
+                "    iifname \"{WAN_IF}\" ip saddr {{ {} }} udp sport {{ 3478, 3479 }} accept\n",
+                ips.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+            };
         format!(
-            "    iifname \"{WAN_IF}\" ct state established,related accept\n    iifname \"{WAN_IF}\" drop\n"
+            "    iifname \"{WAN_IF}\" ct state established,related accept\n{stun}    iifname \"{WAN_IF}\" drop\n"
         )
     } else {
         String::new()
@@ -461,15 +485,17 @@ impl Lab {
             inner: None,
             nodes: Vec::new(),
             routed_via: None,
+            upnp: None,
             state: Mutex::new(SiteState {
                 nat: match kind {
-                    NatType::DoubleNat | NatType::Public | NatType::Routed => {
+                    NatType::DoubleNat | NatType::Public | NatType::Routed | NatType::Upnp => {
                         NatType::PortRestrictedCone
                     }
                     k => k,
                 },
                 wan: None,
                 firewall: true,
+                stun_open: Vec::new(),
             }),
         };
         if kind == NatType::Routed {
@@ -491,7 +517,7 @@ impl Lab {
                 st.wan = Some(wan);
                 st.nat
             };
-            nft(&router, &router_rules(nat, wan, None, true));
+            nft(&router, &router_rules(nat, wan, None, true, &[]));
             if kind == NatType::DoubleNat {
                 let inner = Netns::new("nlq");
                 let mid_outer = Ipv4Addr::new(10, 200, lan, 1);
@@ -528,11 +554,14 @@ impl Lab {
                 Lab::setup_lan_bridge(&inner, lan);
                 nft(
                     &inner,
-                    &router_rules(NatType::PortRestrictedCone, mid_inner, None, true),
+                    &router_rules(NatType::PortRestrictedCone, mid_inner, None, true, &[]),
                 );
                 site.inner = Some(inner);
             } else {
                 Lab::setup_lan_bridge(&router, lan);
+            }
+            if kind == NatType::Upnp {
+                site.upnp = Some(self.start_miniupnpd(&site, &router, wan));
             }
             site.router = Some(router);
         }
@@ -703,7 +732,10 @@ impl Lab {
             }),
         };
         let st = lock(&s.state);
-        nft(router, &router_rules(st.nat, wan, inside, st.firewall));
+        nft(
+            router,
+            &router_rules(st.nat, wan, inside, st.firewall, &st.stun_open),
+        );
         if let Some(inner) = &s.inner {
             nft(
                 inner,
@@ -712,9 +744,32 @@ impl Lab {
                     Ipv4Addr::new(10, 200, s.lan, 2),
                     None,
                     st.firewall,
+                    &[],
                 ),
             );
         }
+    }
+
+    /// A [`NatType::Upnp`] router: its STUN server's two addresses opened
+    /// in the input firewall, then miniupnpd.
+    fn start_miniupnpd(&self, site: &Site, router: &Netns, wan: Ipv4Addr) -> MiniUpnpd {
+        let ip = |a: IpAddr| match a {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(_) => panic!("server addresses are IPv4"),
+        };
+        let stun = [ip(self.add_server_addr()), ip(self.add_server_addr())];
+        let st = {
+            let mut st = lock(&site.state);
+            st.stun_open = stun.to_vec();
+            router_rules(st.nat, wan, None, st.firewall, &st.stun_open)
+        };
+        nft(router, &st);
+        MiniUpnpd::start(&self.internet, router, stun)
+    }
+
+    /// The miniupnpd of a [`NatType::Upnp`] site.
+    pub fn miniupnpd(&self, site: SiteId) -> Option<&MiniUpnpd> {
+        self.site(site).upnp.as_ref()
     }
 
     /// `conntrack -F` in every router of the site: the NAT forgets every

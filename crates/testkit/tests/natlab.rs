@@ -964,3 +964,131 @@ fn punch_full_cone_side_learns_the_moved_port() {
     assert!(o.both_ways(), "{}", o.log);
     assert!(o.got[0].iter().all(|(_, f)| f.port() != PORT), "{}", o.log);
 }
+
+// ---------------------------------------------------------------------------
+// Port mapping: the overlay core's PCP/NAT-PMP client against Debian's
+// miniupnpd in a `NatType::Upnp` router.
+
+/// Drives `pm` on `sock` until `done` says so or `within` passes.
+fn drive(
+    pm: &mut evio_overlay::portmap::PortMapper,
+    sock: &UdpSocket,
+    within: Duration,
+    done: impl Fn(&evio_overlay::portmap::PortMapper) -> bool,
+) -> Vec<evio_overlay::portmap::MapEvent> {
+    let end = Instant::now() + within;
+    let mut events = Vec::new();
+    let mut buf = [0u8; 1100];
+    while Instant::now() < end && !done(pm) {
+        while let Some(d) = pm.poll_transmit() {
+            sock.send_to(&d, pm.server()).unwrap();
+        }
+        events.extend(std::iter::from_fn(|| pm.poll_event()));
+        if done(pm) {
+            break;
+        }
+        let wake = pm.poll_timeout().unwrap_or(end).min(end);
+        let left = wake.saturating_duration_since(Instant::now());
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => pm.handle_datagram(Instant::now(), from, &buf[..n]),
+            Err(_) => pm.handle_timeout(Instant::now()),
+        }
+    }
+    events.extend(std::iter::from_fn(|| pm.poll_event()));
+    events
+}
+
+/// A `NatType::Upnp` router filters like a port-restricted cone until its
+/// miniupnpd grants a PCP mapping; then a stranger on the internet reaches
+/// the node there. The mapping is renewed (the lab grants 20 s), and gone
+/// from miniupnpd's leases and nftables after the client deletes it.
+/// NAT-PMP against the same daemon gives the same address.
+#[test]
+fn miniupnpd_router_grants_pcp_and_natpmp_mappings() {
+    use evio_overlay::portmap::{natpmp, MapEvent, PortMapConfig, PortMapper, Protocol};
+    let t0 = Instant::now();
+    let (lab, s, n) = lab_with(NatType::Upnp);
+    let node = lab.node(n);
+    let std::net::IpAddr::V4(me) = node.addr else {
+        panic!()
+    };
+    let wan = lab.wan_addr(s).unwrap();
+    let sock = udp(&node.ns, PORT);
+    let stranger = udp(lab.internet(), 0);
+    let ext = SocketAddr::new(wan, PORT);
+    assert!(!arrives(&stranger, ext, &sock, "before"), "filtered before");
+    let ctl = node.ns.udp_bind(any(0)).unwrap();
+    let cfg = PortMapConfig {
+        gateway: std::net::Ipv4Addr::new(192, 168, 1, 1),
+        client: me,
+        internal_port: PORT,
+        lifetime: 7200,
+    };
+    let mut pm = PortMapper::new(Instant::now(), cfg, [5; 12]);
+    let ev = drive(&mut pm, &ctl, Duration::from_secs(5), |p| {
+        p.mapped().is_some()
+    });
+    let up = lab.miniupnpd(s).unwrap();
+    let Some(MapEvent::Mapped {
+        protocol,
+        external,
+        lifetime,
+    }) = ev.first().cloned()
+    else {
+        panic!("{ev:?}\n{}", up.log())
+    };
+    assert_eq!((protocol, SocketAddr::V4(external)), (Protocol::Pcp, ext));
+    assert_eq!(lifetime, 20, "miniupnpd's max_lifetime");
+    assert!(
+        up.leases()
+            .iter()
+            .any(|l| l.starts_with("UDP:5800:") && l.contains("PCP")),
+        "{:?}",
+        up.leases()
+    );
+    assert!(arrives(&stranger, ext, &sock, "through the mapping"));
+    // Renewed at 10 s: still mapped, no event, past the first lifetime.
+    let ev = drive(&mut pm, &ctl, Duration::from_secs(11), |_| false);
+    assert!(ev.is_empty(), "{ev:?}");
+    assert!(arrives(&stranger, ext, &sock, "after the renewal"));
+    pm.shutdown(Instant::now());
+    drive(&mut pm, &ctl, Duration::from_secs(3), |p| p.is_done());
+    assert!(pm.is_done());
+    assert!(up.leases().is_empty(), "{:?}", up.leases());
+    assert!(up.nft_forwards().is_empty(), "{:?}", up.nft_forwards());
+    lab.flush_conntrack(s);
+    assert!(!arrives(&stranger, ext, &sock, "after"), "filtered again");
+    // NAT-PMP, by its codec: the same external address and port.
+    ctl.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let gw = pm.server();
+    let mut buf = [0u8; 64];
+    ctl.send_to(&natpmp::address_request(), gw).unwrap();
+    let (len, _) = ctl.recv_from(&mut buf).unwrap();
+    let addr = natpmp::parse_response(&buf[..len]);
+    assert!(
+        matches!(addr, Some(natpmp::Response::Address { result: 0, ip, .. }) if std::net::IpAddr::V4(ip) == wan),
+        "{addr:?}"
+    );
+    ctl.send_to(&natpmp::map_request(PORT, PORT, 60), gw)
+        .unwrap();
+    let (len, _) = ctl.recv_from(&mut buf).unwrap();
+    let map = natpmp::parse_response(&buf[..len]);
+    assert!(
+        matches!(
+            map,
+            Some(natpmp::Response::Map {
+                result: 0,
+                external_port: PORT,
+                ..
+            })
+        ),
+        "{map:?}"
+    );
+    assert!(arrives(&stranger, ext, &sock, "through NAT-PMP's mapping"));
+    ctl.send_to(&natpmp::map_request(PORT, 0, 0), gw).unwrap();
+    ctl.recv_from(&mut buf).unwrap();
+    assert!(up.leases().is_empty(), "{:?}", up.leases());
+    eprintln!("took {:?}", t0.elapsed());
+}

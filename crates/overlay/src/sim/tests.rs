@@ -489,3 +489,39 @@ fn the_first_frame_to_an_idle_peer_is_answered_within_a_second() {
         Ok(format!("first reply at worst {cold:?} cold, {warm:?} warm"))
     });
 }
+
+/// A gateway that lies about its external address: the port mapping it
+/// "granted" is published as a direct candidate that nobody answers at.
+/// The peer tries it and the pair stays on the relay, working, over every
+/// seed; the path logic never picks the dead candidate.
+#[test]
+fn a_lying_port_mapping_is_tried_and_never_picked() {
+    use NatKind::*;
+    each_seed(|seed| {
+        let sites = [
+            lossy(PortRestrictedCone, 1, seed, 0),
+            lossy(Symmetric, 1, seed, 1),
+        ];
+        let mut sim = Sim::new(seed, &sites);
+        settle(&mut sim, Duration::from_secs(30))?;
+        let lie: SocketAddr = "203.0.113.250:5800".parse().map_err(|e| format!("{e}"))?;
+        sim.nodes[0].stack.set_mapped(Some(lie));
+        sim.after(0);
+        sim.run(Duration::from_secs(30));
+        let detail = sim.nodes[1]
+            .stack
+            .overlay
+            .peer_detail("n0")
+            .ok_or("no peer n0")?;
+        let tried = detail.paths.iter().find(|(p, _)| p.addr.remote == lie);
+        match tried {
+            Some((_, false)) => {}
+            other => return Err(format!("the lie was not tried, or answered: {other:?}")),
+        }
+        if sim.path(1, 0) != Some("relay") || sim.path(0, 1) != Some("relay") {
+            return Err(format!("paths: {:#?}", wrong_paths(&sim)));
+        }
+        ping(&mut sim, 1, 0, "over the relay", Duration::from_secs(5))?;
+        Ok("relayed, the lie tried and dead".into())
+    });
+}

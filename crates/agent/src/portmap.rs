@@ -1,0 +1,258 @@
+//! The port-mapping thread: finds the default gateway in the routing table
+//! (netlink), drives the core's sans-IO PCP/NAT-PMP client
+//! ([`evio_overlay::portmap`]) on a UDP socket of its own, falls back to
+//! UPnP IGD ([`crate::upnp`]) when neither answers, and tells the engine
+//! the mapped address, which it publishes as a `mapped` candidate. On stop
+//! the mapping is deleted (bounded: well within the agent's teardown)
+//! before the thread ends; a gateway that changes gets the same.
+//!
+//! Logged once: a network without any port mapping is the common case, so
+//! "unavailable" is said once per distinct reason, at info level.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use evio_overlay::portmap::{MapEvent, PortMapConfig, PortMapper, LIFETIME};
+
+use crate::dataplane::Command;
+use crate::upnp::Upnp;
+use crate::{wait_readable, AgentError, EngineHandle, Stop};
+
+/// How often the default gateway is looked up again.
+const RECHECK: Duration = Duration::from_secs(30);
+/// After every protocol failed: try again this much later (a router whose
+/// UPnP was switched on, a new gateway).
+const RETRY: Duration = Duration::from_secs(600);
+/// Bound for the deletions on the way out.
+const DELETE_WITHIN: Duration = Duration::from_millis(1500);
+
+/// The IPv4 default route's gateway with the lowest metric, and our
+/// address on its link (the one whose subnet holds the gateway).
+pub fn default_gateway() -> Option<(Ipv4Addr, Ipv4Addr)> {
+    let mut h = evio_net::Handle::new().ok()?;
+    let routes = h.routes(evio_net::Family::V4).ok()?;
+    let route = routes
+        .iter()
+        .filter(|r| r.dst.prefix_len() == 0)
+        .filter_map(|r| match r.gateway {
+            Some(IpAddr::V4(g)) => Some((r.metric.unwrap_or(0), g, r.oif)),
+            _ => None,
+        })
+        .min()?;
+    let (_, gw, oif) = route;
+    let addrs = h.addresses(oif).ok()?;
+    let v4 = |a: &evio_net::Address| match a.addr.addr() {
+        IpAddr::V4(ip) => Some((a.addr.contains(&IpAddr::V4(gw)), ip)),
+        IpAddr::V6(_) => None,
+    };
+    // Our address in the gateway's subnet, else any of the link's.
+    let (_, me) = addrs
+        .iter()
+        .filter_map(v4)
+        .max_by_key(|(on_link, _)| *on_link)?;
+    Some((gw, me))
+}
+
+pub fn spawn(
+    engine: EngineHandle,
+    stop: Arc<Stop>,
+    port: u16,
+) -> Result<JoinHandle<()>, AgentError> {
+    std::thread::Builder::new()
+        .name("evio-portmap".into())
+        .spawn(move || {
+            let mut t = Thread {
+                engine,
+                stop,
+                port,
+                told: None,
+            };
+            t.run();
+        })
+        .map_err(AgentError::io("spawn thread"))
+}
+
+struct Thread {
+    engine: EngineHandle,
+    stop: Arc<Stop>,
+    port: u16,
+    /// The last "no mapping" reason logged.
+    told: Option<String>,
+}
+
+impl Thread {
+    fn run(&mut self) {
+        while !self.stop.is_set() {
+            match default_gateway() {
+                Some((gw, me)) => self.serve(gw, me),
+                None => {
+                    self.unavailable("no IPv4 default gateway".into());
+                    wait_readable(self.stop.fd(), &self.stop, Some(RECHECK));
+                }
+            }
+        }
+    }
+
+    fn unavailable(&mut self, why: String) {
+        if self.told.as_ref() != Some(&why) {
+            tracing::info!(%why, "no port mapping from the gateway: peers reach this node by its other candidates");
+            self.told = Some(why);
+        }
+    }
+
+    fn publish(&self, m: Option<SocketAddrV4>) {
+        self.engine.send(Command::Mapped(m.map(SocketAddr::V4)));
+    }
+
+    /// Holds a mapping on gateway `gw` until stop or until the default
+    /// gateway changes; deletes it on the way out.
+    fn serve(&mut self, gw: Ipv4Addr, me: Ipv4Addr) {
+        let sock = match UdpSocket::bind(SocketAddr::new(IpAddr::V4(me), 0)) {
+            Ok(s) => s,
+            Err(e) => {
+                self.unavailable(format!("no socket on {me}: {e}"));
+                wait_readable(self.stop.fd(), &self.stop, Some(RECHECK));
+                return;
+            }
+        };
+        let _ = sock.set_nonblocking(true);
+        let cfg = PortMapConfig {
+            gateway: gw,
+            client: me,
+            internal_port: self.port,
+            lifetime: LIFETIME,
+        };
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&evio_overlay::crypto::os_seed()[..12]);
+        let mut pm = PortMapper::new(Instant::now(), cfg, nonce);
+        let mut upnp: Option<Upnp> = None;
+        let mut retry: Option<Instant> = None;
+        let mut recheck = Instant::now() + RECHECK;
+        loop {
+            flush(&sock, &mut pm);
+            while let Some(e) = pm.poll_event() {
+                self.on_event(e, gw, me, &mut upnp, &mut retry);
+            }
+            if self.stop.is_set() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= recheck {
+                if default_gateway() != Some((gw, me)) {
+                    break;
+                }
+                recheck = now + RECHECK;
+            }
+            if let Some(u) = upnp.as_mut() {
+                if let Err(why) = u.renew_if_due(now) {
+                    tracing::warn!(%why, "UPnP port mapping lost");
+                    self.publish(None);
+                    upnp = None;
+                    retry = Some(now + RETRY);
+                }
+            }
+            if retry.is_some_and(|t| now >= t) {
+                retry = None;
+                pm.restart(now);
+                continue;
+            }
+            let wake = [pm.poll_timeout(), retry, upnp.as_ref().map(Upnp::due)]
+                .into_iter()
+                .flatten()
+                .fold(recheck, Instant::min);
+            let left = wake.saturating_duration_since(Instant::now());
+            if wait_readable(sock.as_raw_fd(), &self.stop, Some(left)) {
+                receive(&sock, &mut pm);
+            }
+            let now = Instant::now();
+            if pm.poll_timeout().is_some_and(|t| now >= t) {
+                pm.handle_timeout(now);
+            }
+        }
+        self.publish(None);
+        delete(&sock, &mut pm);
+        if let Some(u) = upnp {
+            u.delete();
+        }
+    }
+
+    fn on_event(
+        &mut self,
+        e: MapEvent,
+        gw: Ipv4Addr,
+        me: Ipv4Addr,
+        upnp: &mut Option<Upnp>,
+        retry: &mut Option<Instant>,
+    ) {
+        match e {
+            MapEvent::Mapped {
+                protocol,
+                external,
+                lifetime,
+            } => {
+                tracing::info!(protocol = protocol.as_str(), %external, gateway = %gw, lifetime, "port mapped by the gateway: published as a candidate");
+                self.told = None;
+                self.publish(Some(external));
+            }
+            MapEvent::Lost { why } => {
+                tracing::warn!(%why, gateway = %gw, "port mapping lost; asking again");
+                self.publish(None);
+            }
+            MapEvent::Unavailable { why } => match Upnp::map(gw, me, self.port, &self.stop) {
+                Ok(u) => {
+                    tracing::info!(protocol = "upnp", external = %u.external(), gateway = %gw, "port mapped by the gateway: published as a candidate");
+                    self.told = None;
+                    self.publish(Some(u.external()));
+                    *upnp = Some(u);
+                }
+                Err(upnp_why) => {
+                    self.unavailable(format!("{why}; upnp: {upnp_why}"));
+                    *retry = Some(Instant::now() + RETRY);
+                }
+            },
+        }
+    }
+}
+
+fn flush(sock: &UdpSocket, pm: &mut PortMapper) {
+    let to = pm.server();
+    while let Some(d) = pm.poll_transmit() {
+        // A send that fails is a lost datagram: the client retransmits.
+        let _ = sock.send_to(&d, to);
+    }
+}
+
+fn receive(sock: &UdpSocket, pm: &mut PortMapper) {
+    let mut buf = [0u8; 1100];
+    for _ in 0..64 {
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => pm.handle_datagram(Instant::now(), from, &buf[..n]),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Deletes the PCP/NAT-PMP mapping, bounded by [`DELETE_WITHIN`].
+fn delete(sock: &UdpSocket, pm: &mut PortMapper) {
+    let end = Instant::now() + DELETE_WITHIN;
+    pm.shutdown(Instant::now());
+    let _ = sock.set_nonblocking(false);
+    while !pm.is_done() {
+        flush(sock, pm);
+        let now = Instant::now();
+        let Some(t) = pm.poll_timeout() else { break };
+        if now >= end {
+            break;
+        }
+        let wait = t.min(end).saturating_duration_since(now);
+        let _ = sock.set_read_timeout(Some(wait.max(Duration::from_millis(1))));
+        let mut buf = [0u8; 1100];
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => pm.handle_datagram(Instant::now(), from, &buf[..n]),
+            Err(_) => pm.handle_timeout(Instant::now()),
+        }
+    }
+}

@@ -238,7 +238,7 @@ pub fn explain_json(ex: &Explain, h: &crate::signal::StoreHealth) -> Value {
         "state": d.status.state.as_str(),
         "stale": d.stale,
         "path": d.status.relayed.map(|r| if r { "relay" } else { "direct" }),
-        "method": d.status.method.map(|m| m.as_str()),
+        "method": h.path_method(d.status.method, d.status.path),
         "endpoint": d.status.path.map(|a| a.remote.to_string()),
         "candidate": d.status.path.map(|a| h.path_candidate(a)),
         "rttMs": d.status.rtt.map(round_ms),

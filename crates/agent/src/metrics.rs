@@ -50,8 +50,8 @@ pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value
                 "state": p.state.as_str(),
                 "path": path,
                 // How the working path was found: local, reflexive,
-                // learned (peer-reflexive), punched, relay.
-                "method": p.method.map(|m| m.as_str()),
+                // mapped, learned (peer-reflexive), punched, relay.
+                "method": health.path_method(p.method, p.path),
                 "endpoint": p.path.map(|a| a.remote.to_string()),
                 // Which kind of the peer's candidates the path goes to.
                 "candidate": p.path.map(|a| health.path_candidate(a)),

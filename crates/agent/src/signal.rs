@@ -89,6 +89,28 @@ impl StoreHealth {
     /// The kind of candidate a path to `addr` goes to: what the peer
     /// published for it, else `peer-reflexive` (an address learned from
     /// the peer's own packets, e.g. after it came in through our mapping).
+    /// How the working path was found, as `peers` reports it: the core's
+    /// method, except that a path to a candidate the peer published as its
+    /// gateway's port mapping is `mapped` (the core ranks it as one with
+    /// reflexive and cannot tell them apart; it may also have learned the
+    /// address from the peer's datagrams before the record came).
+    pub fn path_method(
+        &self,
+        method: Option<evio_overlay::path::Method>,
+        addr: Option<evio_overlay::path::PathAddr>,
+    ) -> Option<&'static str> {
+        let m = method?;
+        let mapped = addr.is_some_and(|a| self.path_candidate(a) == CandidateKind::Mapped.as_str());
+        use evio_overlay::path::Method;
+        Some(
+            if matches!(m, Method::Reflexive | Method::Learned) && mapped {
+                "mapped"
+            } else {
+                m.as_str()
+            },
+        )
+    }
+
     pub fn path_candidate(&self, addr: evio_overlay::path::PathAddr) -> &'static str {
         match addr.via {
             evio_overlay::path::Via::Turn(_) => "relay",
@@ -1047,6 +1069,20 @@ mod tests {
             via: evio_overlay::path::Via::Direct,
         };
         assert_eq!(h.path_candidate(direct(addr)), "mapped");
+        use evio_overlay::path::Method;
+        for m in [Method::Reflexive, Method::Learned] {
+            assert_eq!(h.path_method(Some(m), Some(direct(addr))), Some("mapped"));
+        }
+        assert_eq!(
+            h.path_method(Some(Method::Punched), Some(direct(addr))),
+            Some("punched")
+        );
+        let elsewhere = direct("198.51.100.9:4000".parse().unwrap());
+        assert_eq!(
+            h.path_method(Some(Method::Reflexive), Some(elsewhere)),
+            Some("reflexive")
+        );
+        assert_eq!(h.path_method(None, Some(elsewhere)), None);
         assert_eq!(
             h.path_candidate(direct("198.51.100.9:4000".parse().unwrap())),
             "peer-reflexive"

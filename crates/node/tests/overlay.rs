@@ -3016,6 +3016,7 @@ fn a_miniupnpd_router_mapping_takes_a_symmetric_nat_pair_direct() {
         );
         let (text, v) = explain(&c, 1, &name(0));
         assert_eq!(v["candidate"], "mapped", "{v}");
+        assert_eq!(v["method"], "mapped", "{v}");
         assert!(text.contains("its mapped candidate"), "{text}");
         let log = log_lines(c.agent(0).unwrap(), &["port mapped", protocol]);
         assert_eq!(log.len(), 1, "{}", c.agent(0).unwrap().log_tail(30));

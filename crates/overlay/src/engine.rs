@@ -379,6 +379,9 @@ pub struct Stats {
     /// because the queue was full (or the handshake failed).
     pub queued: u64,
     pub queue_drops: u64,
+    /// Flood frames not sent to a peer because it was idle (one per frame
+    /// and peer; see `Overlay::flood`).
+    pub flood_idle: u64,
     /// Runs of [`Overlay::handle_timeout`], and of one peer's timers within
     /// them: the idle cost (issue 22) is their ratio and their rate.
     pub wakes: u64,
@@ -1148,7 +1151,11 @@ impl Overlay {
         p.stats.rx_bytes += d.len() as u64;
         self.heard_from(now, peer_id, from, io);
         let inner = Inner::parse(&self.scratch[..n]).ok_or(Reject::Malformed)?;
-        if matches!(inner.kind, kind::POD_FRAME | kind::HOST_PACKET) {
+        // A broadcast or multicast frame keeps no session warm (see
+        // `Overlay::flood`): its first byte is the destination MAC's.
+        let flood = inner.kind == kind::POD_FRAME
+            && self.scratch.get(INNER_HEADER).is_some_and(|b| b & 1 == 1);
+        if matches!(inner.kind, kind::POD_FRAME | kind::HOST_PACKET) && !flood {
             if let Some(p) = peer_mut(&mut self.peers, peer_id) {
                 p.used = Some(now);
             }
@@ -1289,26 +1296,40 @@ impl Overlay {
                 Framing::Ethernet,
                 io,
             ),
-            LocalVerdict::Flood => {
-                for peer_id in 0..self.peers.len() as PeerId {
-                    if self.peer(peer_id).is_some_and(|p| p.tunnel.has_session()) {
-                        self.send_frame(
-                            now,
-                            peer_id,
-                            kind::POD_FRAME,
-                            hdr,
-                            frame,
-                            Framing::Ethernet,
-                            io,
-                        );
-                    }
-                }
-            }
+            LocalVerdict::Flood => self.flood(now, hdr, frame, io),
             LocalVerdict::Reply(n) => {
                 let n = n.min(self.reply.len());
                 io.pod(&mut self.reply[..n], Csum::Complete);
             }
             LocalVerdict::Drop(r) => self.count_drop(r),
+        }
+    }
+
+    /// A broadcast, multicast or unknown-unicast frame: to every peer in
+    /// use (up, or its handshake under way: queued), not to idle ones.
+    /// ARP and ND never come here (answered locally, or sent to the owner
+    /// of the target, which wakes that one peer); what does is IP
+    /// broadcast and multicast, which Kubernetes' network model does not
+    /// carry between nodes, and unicast to an address no peer owns, which
+    /// every peer drops as transit. Waking every idle peer for it would
+    /// cost n handshakes per broadcast, and any pod that announces itself
+    /// (mDNS, SSDP) would keep the full mesh up. For the same reason a
+    /// flood does not count as use: it keeps no session warm.
+    fn flood(&mut self, now: Instant, hdr: &VnetHdr, frame: &[u8], io: &mut dyn Io) {
+        for peer_id in 0..self.peers.len() as PeerId {
+            let Some(p) = self.peer(peer_id) else {
+                continue;
+            };
+            if !(p.tunnel.has_session() || p.tunnel.handshaking() || p.queued > 0) {
+                self.stats.flood_idle += 1;
+                continue;
+            }
+            let (used, sent) = (p.used, p.sent_data);
+            let eth = Framing::Ethernet;
+            self.send_frame(now, peer_id, kind::POD_FRAME, hdr, frame, eth, io);
+            if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+                (p.used, p.sent_data) = (used, sent);
+            }
         }
     }
 

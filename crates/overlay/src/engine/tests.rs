@@ -1295,3 +1295,86 @@ proptest::proptest! {
         }
     }
 }
+
+/// An ARP request from a pod of node `from` for `target`.
+fn arp_request(from: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut arp = Vec::new();
+    arp.extend_from_slice(&[0xff; 6]);
+    arp.extend_from_slice(&pod_mac(from));
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&pod_mac(from));
+    arp.extend_from_slice(&from.octets());
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&target.octets());
+    arp
+}
+
+/// Handshake initiations node `from` sent since log entry `since`, by
+/// receiving node.
+fn initiations_to(net: &Net, from: usize, since: usize) -> Vec<usize> {
+    let mut to: Vec<usize> = net.log[since..]
+        .iter()
+        .filter(|(a, _, d)| *a == from && d[0] == wire::INITIATION)
+        .map(|(_, b, _)| *b)
+        .collect();
+    to.sort_unstable();
+    to
+}
+
+/// The ARP that crosses (for a peer's gateway, its bridge: the one
+/// remote address the switch cannot answer for) wakes that peer alone and
+/// arrives after one handshake; ARP for a peer's pod is answered here and
+/// wakes nobody; a broadcast wakes no idle peer (no handshake storm) and
+/// reaches the peers in use without keeping their sessions warm.
+#[test]
+fn the_first_arp_to_an_idle_peer_crosses_after_one_handshake_and_floods_wake_nobody() {
+    let peers = 64;
+    let mut net = star(peers);
+    net.run(Duration::from_secs(2));
+    assert!(net.log.is_empty());
+    let gateway = pod_ip(5, 1);
+    let arp = arp_request(pod_ip(0, 2), gateway);
+    net.send_pod(0, &arp);
+    assert_eq!(net.nodes[0].ov.stats().queued, 1);
+    net.run(Duration::from_millis(50));
+    assert_eq!(
+        initiations_to(&net, 0, 0),
+        vec![5],
+        "one handshake, to the owner"
+    );
+    assert_eq!(net.nodes[5].io.pod, vec![arp], "the ARP crossed");
+    // A pod of another idle peer: answered locally, nothing crosses.
+    let since = net.log.len();
+    net.send_pod(0, &arp_request(pod_ip(0, 2), pod_ip(9, 7)));
+    assert_eq!(net.log.len(), since, "nothing crossed");
+    assert_eq!(net.nodes[0].io.pod.len(), 1, "answered here");
+    // A broadcast: to node 5 (in use), to none of the idle ones.
+    let mut bcast = udp_frame(pod_ip(0, 2), Ipv4Addr::BROADCAST, b"anyone?");
+    bcast[..6].copy_from_slice(&[0xff; 6]);
+    net.send_pod(0, &bcast);
+    net.run(Duration::from_millis(500));
+    assert_eq!(
+        initiations_to(&net, 0, since),
+        Vec::<usize>::new(),
+        "no storm"
+    );
+    assert_eq!(net.nodes[5].io.pod.last(), Some(&bcast));
+    let reached = net
+        .nodes
+        .iter()
+        .filter(|n| n.io.pod.contains(&bcast))
+        .count();
+    assert_eq!(reached, 1);
+    assert_eq!(net.nodes[0].ov.stats().flood_idle, peers as u64 - 1);
+    // Broadcasts every 10 s keep no session: both ends lapse to idle.
+    for _ in 0..20 {
+        net.send_pod(0, &bcast);
+        net.run(Duration::from_secs(10));
+    }
+    let state = |net: &Net, a: usize, b: usize| {
+        let st = net.nodes[a].ov.status();
+        st.iter().find(|s| s.node == format!("n{b}")).unwrap().state
+    };
+    assert_eq!(state(&net, 0, 5), PeerState::Idle);
+    assert_eq!(state(&net, 5, 0), PeerState::Idle);
+}

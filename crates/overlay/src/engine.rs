@@ -379,6 +379,9 @@ pub struct Stats {
     /// because the queue was full (or the handshake failed).
     pub queued: u64,
     pub queue_drops: u64,
+    /// Handshakes started because a peer sent on a session we do not know
+    /// (see `Overlay::unknown_session`).
+    pub stale_sessions: u64,
     /// Flood frames not sent to a peer because it was idle (one per frame
     /// and peer; see `Overlay::flood`).
     pub flood_idle: u64,
@@ -438,6 +441,8 @@ pub struct Overlay {
     events: VecDeque<Event>,
     /// Bounds the events about senders that are no peer.
     anon_events: TokenBucket,
+    /// Bounds the peer lookups of [`Overlay::unknown_session`].
+    stale_sessions: TokenBucket,
     /// Every random draw: indices, probe ids, ephemeral keys, cookies.
     rng: StdRng,
 }
@@ -487,6 +492,7 @@ impl Overlay {
             epoch: now,
             events: VecDeque::new(),
             anon_events: TokenBucket::new(ANON_EVENTS, ANON_EVENTS),
+            stale_sessions: TokenBucket::new(ANON_EVENTS, ANON_EVENTS),
             rng,
         }
     }
@@ -969,14 +975,49 @@ impl Overlay {
 
     /// The peer that publishes `addr` or was heard from it.
     fn node_at(&self, addr: SocketAddr) -> Option<String> {
-        self.peers
-            .iter()
-            .flatten()
-            .find(|p| {
+        let p = self.peer(self.peer_at(addr)?)?;
+        Some(p.info.node.clone())
+    }
+
+    fn peer_at(&self, addr: SocketAddr) -> Option<PeerId> {
+        let found = self.peers.iter().position(|p| {
+            p.as_ref().is_some_and(|p| {
                 p.info.candidates.iter().any(|c| c.addr == addr)
                     || p.paths.list.iter().any(|x| x.addr.remote == addr)
             })
-            .map(|p| p.info.node.clone())
+        })?;
+        PeerId::try_from(found).ok()
+    }
+
+    /// Transport for a session we do not know, from a peer we have no
+    /// session with: it still sends on one made with our previous
+    /// instance (this agent restarted). Handshake now rather than leave it
+    /// to notice by its path-loss timer (seconds of a one-way flow lost).
+    /// Bounded: the lookup scans the peers, so it runs at most
+    /// [`ANON_EVENTS`] times a second (garbage sprayed at us gets no more),
+    /// and a spoofed source costs at most one initiation to that peer.
+    fn unknown_session(&mut self, now: Instant, from: PathAddr) {
+        if !self.stale_sessions.take(now) {
+            return;
+        }
+        let Some(peer_id) = self.peer_at(from.remote) else {
+            return;
+        };
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
+            return;
+        };
+        if p.tunnel.has_session() || p.tunnel.handshaking() || p.phase == Phase::Stale {
+            return;
+        }
+        // It sends to us: as good as traffic for wanting a session.
+        p.used = Some(now);
+        if matches!(p.phase, Phase::Idle | Phase::Waiting { .. }) {
+            p.phase = Phase::Connecting;
+        }
+        p.tunnel.retry_now(&self.cfg.tunnel);
+        sooner(&mut self.deadlines, p, peer_id, now, Wake::Changed);
+        self.stats.stale_sessions += 1;
+        self.tidy();
     }
 
     /// What a handshake message of length `len` must pass before any DH
@@ -1133,7 +1174,10 @@ impl Overlay {
         io: &mut dyn Io,
     ) -> Result<(), Reject> {
         let receiver = wire::u32_at(d, 4).ok_or(Reject::Malformed)?;
-        let peer_id = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
+        let Some(&peer_id) = self.index.get(&receiver) else {
+            self.unknown_session(now, from);
+            return Err(Reject::NoSession);
+        };
         let tcfg = &self.cfg.tunnel;
         let p = peer_mut(&mut self.peers, peer_id).ok_or(Reject::NoSession)?;
         let n = match p.tunnel.decrypt(now, tcfg, receiver, d, &mut self.scratch) {

@@ -1378,3 +1378,40 @@ fn the_first_arp_to_an_idle_peer_crosses_after_one_handshake_and_floods_wake_nob
     assert_eq!(state(&net, 0, 5), PeerState::Idle);
     assert_eq!(state(&net, 5, 0), PeerState::Idle);
 }
+
+/// A restarted node (sessions on demand: its peers idle) whose peer
+/// still sends on the old session handshakes at once, instead of the
+/// flow staying one-way until the peer's path-loss timer (4 s and more).
+#[test]
+fn a_restarted_node_handshakes_at_once_with_a_peer_still_on_the_old_session() {
+    let mut n = connect_all(2);
+    let now = n.now;
+    let me = &n.nodes[1];
+    let mut cfg = OverlayConfig::new("test", me.info.pod_subnet, 1380);
+    cfg.host_addr = me.info.host_addr.map(|a| a.addr());
+    let id = Identity::new(
+        StaticKeys::from_private(&mut n.nodes[1].ov.identity().keys.private().to_owned()),
+        None,
+        "test",
+    );
+    let infos: Vec<PeerInfo> = n.nodes.iter().map(|x| x.info.clone()).collect();
+    let mut fresh = Overlay::new(now, cfg, id, crate::crypto::seed_from_u64(78));
+    fresh.set_peers(now, &infos);
+    n.nodes[1].ov = fresh;
+    n.run(Duration::from_secs(1));
+    assert!(!n.connected(1, 0), "idle until something happens");
+    let since = n.log.len();
+    for i in 0..4u8 {
+        let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), &[i; 8]);
+        n.send_pod(0, &f);
+        n.run(Duration::from_millis(100));
+    }
+    assert_eq!(
+        initiations_to(&n, 1, since),
+        vec![0],
+        "one handshake, at once"
+    );
+    assert!(n.connected(1, 0) && n.connected(0, 1));
+    assert_eq!(n.nodes[1].io.pod.len(), 3, "only the first frame was lost");
+    assert_eq!(n.nodes[1].ov.stats().stale_sessions, 1);
+}

@@ -576,11 +576,8 @@ fn build_engine(
     let mut ocfg = OverlayConfig::new(&cfg.network, cfg.pod_subnet, cfg.plugin.mtu as usize);
     ocfg.host_addr = cfg.host_addr.map(|a| a.addr());
     ocfg.bridge_mac = devices.bridge_mac;
-    // Every peer handshaken at start and kept up, as before issue 22: the
-    // lab tests, the benchmark and cluster.sh wait for "connected" without
-    // sending traffic first. The core's on-demand sessions (the default
-    // there, `keep_warm`) are switched on here once they ping first.
-    ocfg.keep_warm = None;
+    // Sessions on demand (the core's default, `keep_warm`, 120 s): a peer
+    // is idle until traffic needs it (issue 22).
     // Every random draw of the engine comes from this one OS-seeded stream.
     let mut overlay = Overlay::new(now, ocfg, id, evio_overlay::crypto::os_seed());
     if !initial.is_empty() {

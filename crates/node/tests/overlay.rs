@@ -55,6 +55,30 @@ fn name(i: usize) -> String {
     format!("node-{i}")
 }
 
+/// Waits until node `i` lists every other node with an agent connected,
+/// sending traffic first (a host-overlay ping to each, again every round:
+/// sessions are made on demand); bounded.
+fn connect_node(c: &Cluster, i: usize, limit: Duration) -> Duration {
+    let t = Instant::now();
+    let others: Vec<(usize, usize)> = (0..c.nodes().len())
+        .filter(|&j| j != i && c.agent(j).is_some())
+        .map(|j| (i, j))
+        .collect();
+    loop {
+        if connected(&peers(c, i)) >= others.len() {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < limit,
+            "node-{i} not connected to {} peers within {limit:?}\n{}",
+            others.len(),
+            dump(c)
+        );
+        c.touch(&others);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let t = Instant::now();
     loop {
@@ -66,11 +90,12 @@ fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration 
     }
 }
 
-/// Everything reachable: pods (ping + 1 MiB TCP, and their gateways),
-/// host overlay, every peer connected. Returns the overlay report.
+/// Everything reachable: every peer connected (sessions are made on
+/// demand: traffic first, then connected), pods (ping + 1 MiB TCP, and
+/// their gateways), host overlay. Returns the overlay report.
 fn assert_all_reachable(c: &Cluster) -> evio_testkit::cluster::OverlayReport {
-    c.wait_overlay(Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e}"));
+    c.connect_overlay(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", dump(c)));
     let r = c.reachability().unwrap_or_else(|e| panic!("{e}"));
     assert!(r.all_ok(), "pods:\n{}\n{:#?}", r.render(), r.failures());
     let o = c.overlay_report();
@@ -562,6 +587,11 @@ fn rogue_nodes_get_no_frames_through() {
         json!({"overlay": {"networkKeyFile": wrong.display().to_string()}}),
     )];
     let mut c = up(opts(BridgeType::Linux, 1, ov));
+    // Traffic between every pair, the rogue's included (sessions are made
+    // on demand: without it nobody would even try).
+    c.wait_overlay(Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}"));
+    c.touch_all();
     for i in 0..3 {
         c.agent(i)
             .expect("agent")
@@ -899,6 +929,7 @@ fn sigkill_then_restart_keeps_the_key_reclaims_the_port_and_traffic_resumes() {
         "node-0 connected to node-1's new key",
         Duration::from_secs(20),
         || {
+            c.touch(&[(0, 1)]);
             peer(&peers(&c, 0), &name(1))
                 .is_some_and(|p| p["state"] == "connected" && p["publicKey"] != key)
         },
@@ -2082,10 +2113,7 @@ fn a_hung_store_a_reboot_from_the_cache_and_a_restart_under_load() {
     assert_eq!(std::fs::read(&conflist_path).unwrap(), conflist);
     let t = Instant::now();
     c.start_agent(1).unwrap_or_else(|e| panic!("{e}"));
-    c.agent(1)
-        .expect("agent")
-        .wait_connected(1, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}"));
+    connect_node(&c, 1, Duration::from_secs(30));
     eprintln!(
         "reboot: agent from its cache connected in {:?}",
         t.elapsed()
@@ -2244,18 +2272,20 @@ fn nodes_release_and_reclaim_free_only_dead_nodes_and_a_returning_node_is_told()
     c.leave_agent(3)
         .expect("agent")
         .unwrap_or_else(|e| panic!("{e}"));
-    // The others vouch for the nodes they had a tunnel to until their next
-    // liveness refresh (every 2.5 s with reclaimAfter 10 s): until then the
-    // release is refused for that reason only, and then it goes through.
+    // The others stop vouching for it as soon as they see its record go
+    // (an early liveness refresh, not the next tick 10 s on): for that
+    // moment the release is refused for that reason only, and then it goes
+    // through.
     let t = std::time::Instant::now();
     let out = loop {
         let out = cli(&["release", &name(3)]);
         let vouched = text(&out).contains("has a working tunnel to it");
-        if out.status.success() || !vouched || t.elapsed() > Duration::from_secs(20) {
+        if out.status.success() || !vouched || t.elapsed() > Duration::from_secs(3) {
             break out;
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(100));
     };
+    eprintln!("released {:?} after the leave", t.elapsed());
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(node_data(&name(3)), Vec::<String>::new());
     let list = nodes_list(&here, &store, &net);
@@ -2310,10 +2340,7 @@ fn nodes_release_and_reclaim_free_only_dead_nodes_and_a_returning_node_is_told()
     );
     // node-2 comes back: told, and given a fresh allocation.
     c.start_agent(2).unwrap_or_else(|e| panic!("{e}"));
-    c.agent(2)
-        .expect("agent")
-        .wait_connected(2, Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e}"));
+    connect_node(&c, 2, Duration::from_secs(20));
     let log = c.agent(2).expect("agent").log();
     assert!(
         log.contains("were lost while it was away")
@@ -2355,12 +2382,13 @@ fn turn_state(c: &Cluster, i: usize) -> String {
 /// reach each other relayed (a pod ping each way).
 fn relayed_again(c: &Cluster, i: usize) -> bool {
     let relay = Some("relay");
+    // Pings first: an idle pair has no path until traffic brings it up.
     turn_state(c, i) == "ready"
         && (0..c.nodes().len()).filter(|p| *p != i).all(|p| {
-            path_of(c, i, p).as_deref() == relay
-                && path_of(c, p, i).as_deref() == relay
-                && pod_ping_once(c, p, i)
+            pod_ping_once(c, p, i)
                 && pod_ping_once(c, i, p)
+                && path_of(c, i, p).as_deref() == relay
+                && path_of(c, p, i).as_deref() == relay
         })
 }
 
@@ -2609,6 +2637,10 @@ fn an_announced_port_forward_is_reached_directly_without_stun() {
     let mut c = up(opts(BridgeType::Linux, 1, ov));
     let state =
         |c: &Cluster| peer(&peers(c, 0), &name(1)).map_or(Value::Null, |p| p["state"].clone());
+    // Traffic both ways, which finds no way: not connected.
+    for _ in 0..3 {
+        c.touch(&[(0, 1), (1, 0)]);
+    }
     assert_ne!(state(&c), "connected", "{}", dump(&c));
     let site = evio_testkit::natlab::SiteId(site_of(&c, 1).1);
     let lab = c.lab().expect("lab");
@@ -2621,7 +2653,7 @@ fn an_announced_port_forward_is_reached_directly_without_stun() {
     c.stop_agent(1);
     c.start_agent(1).unwrap_or_else(|e| panic!("{e}"));
     let took = c
-        .wait_overlay(Duration::from_secs(20))
+        .connect_overlay(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}\n{}", dump(&c)));
     eprintln!("connected {took:?} after the restart with overlay.announce");
     let own = peers(&c, 1);

@@ -41,6 +41,10 @@ const MAX_HANDSHAKE_TARGETS: usize = 8;
 const QUEUE_PER_PEER: usize = 32;
 const QUEUE_BYTES_PER_PEER: usize = 256 * 1024;
 const QUEUE_BYTES_TOTAL: usize = 2 * 1024 * 1024;
+/// A queued frame older than this is dropped (counted), not sent: its
+/// sender has retransmitted or given up by then, and a burst of stale
+/// frames would only delay the fresh ones.
+const QUEUE_AGE: Duration = Duration::from_secs(3);
 
 /// How the agent hands results back.
 pub trait Io {
@@ -226,6 +230,7 @@ impl Peer {
 /// A frame for a peer whose session is being made.
 struct Queued {
     peer_id: PeerId,
+    at: Instant,
     kind: u8,
     hdr: VnetHdr,
     framing: Framing,
@@ -376,9 +381,12 @@ pub struct Stats {
     /// that worked).
     pub mac2_accepted: u64,
     /// Frames held for a peer until its session is up, and those dropped
-    /// because the queue was full (or the handshake failed).
+    /// because the queue was full, the handshake failed, or they waited
+    /// longer than [`QUEUE_AGE`].
     pub queued: u64,
     pub queue_drops: u64,
+    /// Frames held now (the queue's length).
+    pub queue_len: usize,
     /// Handshakes started because a peer sent on a session we do not know
     /// (see `Overlay::unknown_session`).
     pub stale_sessions: u64,
@@ -1503,11 +1511,13 @@ impl Overlay {
             self.stats.queued += 1;
             self.queue.push_back(Queued {
                 peer_id,
+                at: now,
                 kind,
                 hdr: *hdr,
                 framing,
                 frame: frame.to_vec(),
             });
+            self.stats.queue_len = self.queue.len();
         } else {
             self.stats.queue_drops += 1;
         }
@@ -1546,7 +1556,32 @@ impl Overlay {
                 continue;
             }
             self.queue_bytes -= q.frame.len();
+            if now.saturating_duration_since(q.at) >= QUEUE_AGE {
+                self.stats.queue_drops += 1;
+                continue;
+            }
             self.send_frame(now, peer_id, q.kind, &q.hdr, &q.frame, q.framing, io);
+        }
+        self.stats.queue_len = self.queue.len();
+    }
+
+    /// Drops peer `peer_id`'s queued frames older than [`QUEUE_AGE`].
+    fn expire_queued(&mut self, now: Instant, peer_id: PeerId) {
+        let (mut frames, mut bytes) = (0, 0);
+        self.queue.retain(|q| {
+            let old = q.peer_id == peer_id && now.saturating_duration_since(q.at) >= QUEUE_AGE;
+            if old {
+                frames += 1;
+                bytes += q.frame.len();
+            }
+            !old
+        });
+        self.queue_bytes -= bytes;
+        self.stats.queue_drops += frames as u64;
+        self.stats.queue_len = self.queue.len();
+        if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+            p.queued -= frames;
+            p.queued_bytes -= bytes;
         }
     }
 
@@ -1564,6 +1599,7 @@ impl Overlay {
         });
         self.queue_bytes -= bytes;
         self.stats.queue_drops += (before - self.queue.len()) as u64;
+        self.stats.queue_len = self.queue.len();
         if let Some(p) = peer_mut(&mut self.peers, peer_id) {
             (p.queued, p.queued_bytes) = (0, 0);
         }
@@ -1608,6 +1644,9 @@ impl Overlay {
     /// One peer's timers, then its next deadline.
     fn run_peer(&mut self, now: Instant, wall: Duration, peer_id: PeerId, io: &mut dyn Io) {
         self.stats.peer_runs += 1;
+        if self.peer(peer_id).is_some_and(|p| p.queued > 0) {
+            self.expire_queued(now, peer_id);
+        }
         self.refresh_phase(now, peer_id);
         let keep_warm = self.cfg.keep_warm;
         let Some(p) = peer_mut(&mut self.peers, peer_id) else {

@@ -1415,3 +1415,25 @@ fn a_restarted_node_handshakes_at_once_with_a_peer_still_on_the_old_session() {
     assert_eq!(n.nodes[1].io.pod.len(), 3, "only the first frame was lost");
     assert_eq!(n.nodes[1].ov.stats().stale_sessions, 1);
 }
+
+/// A frame that waited 3 s for a handshake is dropped (counted), not
+/// sent late when the session finally comes up.
+#[test]
+fn a_queued_frame_older_than_3s_is_dropped_not_sent() {
+    let mut net = net(2, |_, _| {});
+    net.drop = Box::new(|_, _, _| true);
+    net.send_pod(0, &udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"old"));
+    assert_eq!(net.nodes[0].ov.stats().queue_len, 1);
+    net.run(Duration::from_millis(4500));
+    let st = net.nodes[0].ov.stats().clone();
+    assert_eq!((st.queued, st.queue_drops, st.queue_len), (1, 1, 0));
+    net.drop = Box::new(|_, _, _| false);
+    net.kick(0, 1);
+    net.run(Duration::from_secs(10));
+    assert!(net.connected(0, 1));
+    let got = &net.nodes[1].io.pod;
+    assert!(
+        got.iter().all(|f| !f.ends_with(b"old")),
+        "the old frame was sent"
+    );
+}

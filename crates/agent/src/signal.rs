@@ -316,6 +316,8 @@ struct State {
     /// A vouched-for node's record went: refresh the liveness record now,
     /// not at the next tick (`nodes release` refuses a vouched node).
     revouch: bool,
+    /// The peers that vouch for this node were woken (once, at start).
+    woke: bool,
 }
 
 impl Signalling {
@@ -808,6 +810,22 @@ impl Signalling {
             st.unsent = !self.engine.send(Command::Peers(peers.clone()));
             if !st.unsent {
                 st.sent = peers;
+            }
+        }
+        if !st.woke && !st.revoked && !st.unsent {
+            // A restart: the peers that vouch for this node had a tunnel
+            // with its previous instance and may still send on it.
+            st.woke = true;
+            let vouching: Vec<String> = (snap.live.iter())
+                .filter(|(n, a)| **n != me && a.connected.contains(&me))
+                .map(|(n, _)| n.clone())
+                .collect();
+            if !vouching.is_empty() {
+                tracing::info!(
+                    peers = vouching.len(),
+                    "handshaking at once with the peers that had a tunnel to this node"
+                );
+                self.engine.send(Command::Wake(vouching));
             }
         }
         if records != self.cache.peers && !st.revoked {

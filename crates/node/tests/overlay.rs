@@ -65,7 +65,9 @@ fn connect_node(c: &Cluster, i: usize, limit: Duration) -> Duration {
         .map(|j| (i, j))
         .collect();
     loop {
-        if connected(&peers(c, i)) >= others.len() {
+        // The agent may not answer yet (just started).
+        let up = c.agent(i).and_then(|a| a.peers().ok());
+        if up.is_some_and(|v| connected(&v) >= others.len()) {
             return t.elapsed();
         }
         assert!(
@@ -690,7 +692,7 @@ fn rogue_nodes_get_no_frames_through() {
     std::fs::write(&conf, nc.to_string()).unwrap_or_else(|e| panic!("{e}"));
     let rogue = evio_testkit::agent::Agent::start(evio_testkit::agent::AgentSpec {
         bin: NODE_BIN.into(),
-        netns: ns_name,
+        netns: ns_name.clone(),
         config: conf,
         node: "rogue".into(),
         store: format!("file://{}", copy.display()),
@@ -701,10 +703,15 @@ fn rogue_nodes_get_no_frames_through() {
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let a0 = c.agent(0).expect("agent");
+    // The rogue has traffic for node-0 (sessions are made on demand).
+    let (rogue_ns, h0) = (Netns::borrowed(&ns_name), host_ip(&c, 0));
     wait(
         "the unknown key is refused",
         Duration::from_secs(15),
-        || a0.metric("evio_overlay_rejected_total{node=\"node-0\",reason=\"unknown_peer\"}") > 0,
+        || {
+            rogue_ns.exec(&["ping", "-c", "1", "-W", "1", &h0]);
+            a0.metric("evio_overlay_rejected_total{node=\"node-0\",reason=\"unknown_peer\"}") > 0
+        },
     );
     assert_eq!(
         connected(&rogue.peers().unwrap_or_default()),
@@ -1128,6 +1135,24 @@ fn pod_ping_once(c: &Cluster, from: usize, to: usize) -> bool {
         .success()
 }
 
+/// Waits (bounded) until `from` uses path `want` to `to`, pinging across
+/// meanwhile: paths are probed, and upgraded, only while traffic flows.
+fn settle_path(c: &Cluster, from: usize, to: usize, want: &str, limit: Duration) {
+    let t = Instant::now();
+    while path_of(c, from, to).as_deref() != Some(want) {
+        assert!(
+            t.elapsed() < limit,
+            "{} -> {}: {:?}, want {want} within {limit:?}\n{}",
+            name(from),
+            name(to),
+            path_of(c, from, to),
+            dump(c)
+        );
+        c.touch(&[(from, to)]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Time until a pod ping from `from` to `to` succeeds again.
 fn recovery(c: &Cluster, from: usize, to: usize, limit: Duration) -> Duration {
     let t = Instant::now();
@@ -1176,8 +1201,33 @@ fn every_pair_of_lab_nodes_takes_the_path_its_nats_allow() {
     let t = Instant::now();
     let c = up(opts(BridgeType::Linux, 1, ov));
     let n = c.nodes().len();
-    let o = assert_all_reachable(&c);
+    assert_all_reachable(&c);
     eprintln!("9 nodes behind NATs: up and connected in {:?}", t.elapsed());
+    // Paths are probed, and upgraded, only while traffic flows: the pairs
+    // not yet on the path their NATs allow get pings until they are (or
+    // 30 s). The report below is read afterwards.
+    let want_of = |a: usize, b: usize| {
+        let ((ta, sa), (tb, sb)) = (site_of(&c, a), site_of(&c, b));
+        expected_path(ta, tb, sa == sb)
+    };
+    let settle = Instant::now();
+    loop {
+        let off: Vec<(usize, usize)> = (0..n)
+            .flat_map(|a| (0..n).filter(move |&b| b != a).map(move |b| (a, b)))
+            .filter(|&(a, b)| path_of(&c, a, b).as_deref() != Some(want_of(a, b)))
+            .collect();
+        if off.is_empty() || settle.elapsed() > Duration::from_secs(30) {
+            eprintln!(
+                "paths settled {:?} after the report ({} pairs off)",
+                settle.elapsed(),
+                off.len()
+            );
+            break;
+        }
+        c.touch(&off);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = c.overlay_report();
     let mut wrong = Vec::new();
     let mut table = String::new();
     for a in 0..n {
@@ -1242,7 +1292,9 @@ fn recovery_lab() -> Cluster {
 fn recovery_after_mapping_loss_address_change_dead_paths_relay_outage_and_nat_change() {
     let mut c = recovery_lab();
     let (x, y, s, p) = (0, 1, 2, 3);
-    assert_eq!(path_of(&c, x, y).as_deref(), Some("direct"));
+    let limit = Duration::from_secs(30);
+    settle_path(&c, x, y, "direct", limit);
+    settle_path(&c, x, p, "direct", limit);
     assert_eq!(path_of(&c, x, s).as_deref(), Some("relay"));
     let site = |c: &Cluster, i: usize| evio_testkit::natlab::SiteId(site_of(c, i).1);
     wait_logged(&c, x, &["TURN allocation: ready"], Duration::from_secs(1));
@@ -1295,6 +1347,10 @@ fn recovery_after_mapping_loss_address_change_dead_paths_relay_outage_and_nat_ch
     eprintln!("WAN address change: x->public back after {r:?}");
 
     // 3. The direct path starts dropping everything: relay within 5 s.
+    //    Traffic flows meanwhile: a dead path is noticed, and a better one
+    //    taken again, while there is traffic (sessions on demand).
+    let pod_of = |i: usize| c.nodes()[i].pods[0].pod.ns.name().to_string();
+    let flow = Pinger::start(&pod_of(x), &pod_ip(&c, p, 0).to_string(), "x -> p");
     let (nx, np) = (lab_node(&c, x), lab_node(&c, p));
     let fallback = ["path changed", "peer=node-3", "relay fallback"];
     let fallbacks = log_lines(c.agent(x).expect("agent"), &fallback).len();
@@ -1334,6 +1390,7 @@ fn recovery_after_mapping_loss_address_change_dead_paths_relay_outage_and_nat_ch
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(upgraded(&last), "{text}");
+    let _ = flow.stop();
 
     // 4. The TURN server dies: direct pairs do not notice; relayed pairs
     //    come back when it returns.
@@ -1358,6 +1415,11 @@ fn recovery_after_mapping_loss_address_change_dead_paths_relay_outage_and_nat_ch
     let lab = c.lab().expect("lab");
     lab.set_nat(site(&c, s), NatType::PortRestrictedCone);
     lab.flush_conntrack(site(&c, s));
+    let pod_of = |i: usize| c.nodes()[i].pods[0].pod.ns.name().to_string();
+    let flows = [
+        Pinger::start(&pod_of(x), &pod_ip(&c, s, 0).to_string(), "x -> s"),
+        Pinger::start(&pod_of(s), &pod_ip(&c, y, 0).to_string(), "s -> y"),
+    ];
     let t = wait(
         "s's pairs upgrade to direct",
         Duration::from_secs(30),
@@ -1367,6 +1429,9 @@ fn recovery_after_mapping_loss_address_change_dead_paths_relay_outage_and_nat_ch
         },
     );
     eprintln!("symmetric -> cone: direct after {t:?}");
+    for f in flows {
+        let _ = f.stop();
+    }
     assert!(pod_ping_once(&c, x, s) || pod_ping_once(&c, x, s));
     let _ = c.lab_mut();
 }
@@ -1387,6 +1452,7 @@ fn an_idle_minute_past_the_nat_timeout_costs_nothing() {
         lab.set_udp_timeout(evio_testkit::natlab::SiteId(site_of(&c, i).1), 30);
     }
     assert_all_reachable(&c);
+    settle_path(&c, 0, 1, "direct", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(60));
     assert!(
         pod_ping_once(&c, 0, 1),
@@ -2385,8 +2451,8 @@ fn relayed_again(c: &Cluster, i: usize) -> bool {
     // Pings first: an idle pair has no path until traffic brings it up.
     turn_state(c, i) == "ready"
         && (0..c.nodes().len()).filter(|p| *p != i).all(|p| {
-            pod_ping_once(c, p, i)
-                && pod_ping_once(c, i, p)
+            pod_ping_once(c, i, p)
+                && pod_ping_once(c, p, i)
                 && path_of(c, i, p).as_deref() == relay
                 && path_of(c, p, i).as_deref() == relay
         })

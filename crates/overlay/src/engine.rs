@@ -1011,20 +1011,41 @@ impl Overlay {
         let Some(peer_id) = self.peer_at(from.remote) else {
             return;
         };
+        if self.wake_peer(now, peer_id) {
+            self.stats.stale_sessions += 1;
+            self.tidy();
+        }
+    }
+
+    /// Has peer `peer_id` handshake now, as if traffic waited for it,
+    /// unless it has a session, one is being made, or it is stale.
+    fn wake_peer(&mut self, now: Instant, peer_id: PeerId) -> bool {
         let Some(p) = peer_mut(&mut self.peers, peer_id) else {
-            return;
+            return false;
         };
         if p.tunnel.has_session() || p.tunnel.handshaking() || p.phase == Phase::Stale {
-            return;
+            return false;
         }
-        // It sends to us: as good as traffic for wanting a session.
         p.used = Some(now);
         if matches!(p.phase, Phase::Idle | Phase::Waiting { .. }) {
             p.phase = Phase::Connecting;
         }
         p.tunnel.retry_now(&self.cfg.tunnel);
         sooner(&mut self.deadlines, p, peer_id, now, Wake::Changed);
-        self.stats.stale_sessions += 1;
+        true
+    }
+
+    /// Handshakes now with these peers (idle ones included): for a
+    /// restarted agent, the peers that still hold sessions with its
+    /// previous instance (the store says which: they vouch for this
+    /// node), so that their traffic is not one-way until their path-loss
+    /// timers run. The others stay idle.
+    pub fn wake(&mut self, now: Instant, nodes: &[String]) {
+        for n in nodes {
+            if let Some(&peer_id) = self.by_node.get(n) {
+                self.wake_peer(now, peer_id);
+            }
+        }
         self.tidy();
     }
 

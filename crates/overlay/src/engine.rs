@@ -1229,8 +1229,17 @@ impl Overlay {
         let flood = inner.kind == kind::POD_FRAME
             && self.scratch.get(INNER_HEADER).is_some_and(|b| b & 1 == 1);
         if matches!(inner.kind, kind::POD_FRAME | kind::HOST_PACKET) && !flood {
+            let busy = self.cfg.busy;
             if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+                let was_busy = p.busy(now, busy);
                 p.used = Some(now);
+                if !was_busy {
+                    // Traffic starts: its paths are probed from now on
+                    // (the responder of a new session too, whose unproven
+                    // paths must punch while the initiator's do), not
+                    // from the deadline computed while it was quiet.
+                    sooner(&mut self.deadlines, p, peer_id, now, Wake::Probe);
+                }
             }
         }
         let body = INNER_HEADER..n;

@@ -64,6 +64,8 @@ pub enum Command {
     Status(SyncSender<Snapshot>),
     /// One peer in depth (`peers NODE --explain`).
     Explain(String, SyncSender<Option<Explain>>),
+    /// Handshake now with these peers (see `Overlay::wake`).
+    Wake(Vec<String>),
     Shutdown,
 }
 
@@ -568,6 +570,7 @@ impl Dataplane {
                 Command::Explain(node, reply) => {
                     let _ = reply.send(self.explain(now, &node));
                 }
+                Command::Wake(nodes) => self.stack.overlay.wake(now, &nodes),
                 Command::Shutdown => self.shutdown = true,
             }
         }

@@ -409,6 +409,40 @@ fn overlay_counters(e: &mut Exposition, node: &str, snap: &Snapshot) {
         &node_only,
         snap.udp_dropped,
     );
+    on_demand(e, node, snap);
+}
+
+/// The cost and queue of sessions on demand (issue 22).
+fn on_demand(e: &mut Exposition, node: &str, snap: &Snapshot) {
+    let node_only = [("node", node)];
+    let s = &snap.stats;
+    e.series(
+        (
+            "evio_overlay_wakes_total",
+            "Runs of the engine's timers: the idle cost is their rate.",
+            "counter",
+        ),
+        &node_only,
+        s.wakes,
+    );
+    e.series(
+        (
+            "evio_overlay_queued_frames",
+            "Frames held now for peers whose sessions are being made.",
+            "gauge",
+        ),
+        &node_only,
+        s.queue_len,
+    );
+    e.series(
+        (
+            "evio_overlay_queue_drops_total",
+            "Frames held for a handshake and dropped: the queue was full, the handshake failed, or they waited over 3 s.",
+            "counter",
+        ),
+        &node_only,
+        s.queue_drops,
+    );
 }
 
 /// Each peer's state, relaying and RTT.
@@ -558,6 +592,7 @@ mod tests {
         stats.rejects.insert(Reject::ALL[0].as_str(), 7);
         stats.switch_drops.insert(DropReason::ALL[1].as_str(), 9);
         stats.no_path = 4;
+        (stats.wakes, stats.queue_len, stats.queue_drops) = (15, 2, 1);
         let turn_ready = TurnState::Ready("203.0.113.9:40000".parse().unwrap());
         let snap = Snapshot {
             peers: vec![

@@ -56,6 +56,12 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 pub const STALE_GRACE: Duration = Duration::from_secs(15);
 /// How long leaving may take to delete the node's record.
 const LEAVE_LIMIT: Duration = Duration::from_secs(2);
+/// A peer stays in this node's vouch list (its liveness record's
+/// `connected`) this long after it was last seen connected: sessions come
+/// and go with traffic (on demand: one lapses 2-3 minutes after the last
+/// frame), and every rewrite of the record reaches every agent's watch, so
+/// the list follows traffic episodes, not each session.
+pub const VOUCH_HOLD: Duration = Duration::from_secs(300);
 
 /// What the store thread reports to the rest of the agent.
 #[derive(Debug, Clone, Default)]
@@ -359,6 +365,13 @@ struct State {
     certs_read: Option<Vec<Option<(u64, u64, SystemTime)>>>,
     certs: Vec<crate::certs::CertFile>,
     expiry: crate::certs::ExpiryLog,
+    /// Peers this node vouches for, and when each was last seen connected.
+    vouch: HashMap<String, Instant>,
+    /// A vouched-for node's record went: refresh the liveness record now,
+    /// not at the next tick (`nodes release` refuses a vouched node).
+    revouch: bool,
+    /// The peers that vouch for this node were woken (once, at start).
+    woke: bool,
 }
 
 impl Signalling {
@@ -545,7 +558,11 @@ impl Signalling {
                     match w {
                         Ok(Some(s)) => {
                             self.apply(st, s);
-                            Ok(())
+                            if std::mem::take(&mut st.revouch) {
+                                self.tick(store, st).await
+                            } else {
+                                Ok(())
+                            }
                         }
                         Ok(None) => Ok(()),
                         Err(e) => Err(format!("watching the network: {e}")),
@@ -610,19 +627,18 @@ impl Signalling {
             self.apply(st, snap);
         }
         let status = self.engine_status().await;
-        let connected: Vec<String> = status
-            .as_ref()
-            .map(|s| {
-                let mut v: Vec<String> = s
-                    .peers
-                    .iter()
-                    .filter(|p| p.state == PeerState::Connected)
-                    .map(|p| p.node.clone())
-                    .collect();
-                v.sort();
-                v
-            })
-            .unwrap_or_default();
+        let up: Option<Vec<&str>> = status.as_ref().map(|s| {
+            (s.peers.iter())
+                .filter(|p| p.state == PeerState::Connected)
+                .map(|p| p.node.as_str())
+                .collect()
+        });
+        let connected = vouch_list(
+            &mut st.vouch,
+            up.as_deref(),
+            &st.snap.records,
+            Instant::now(),
+        );
         let live = bounded(
             "keeping this node's liveness",
             store.refresh(&self.network, &self.record.node, &connected),
@@ -805,6 +821,10 @@ impl Signalling {
         }
         let me = self.record.node.clone();
         let believed = believed(&snap);
+        let recorded = |n: &str| snap.records.iter().any(|r| r.node == n);
+        if st.vouch.keys().any(|n| !recorded(n)) {
+            st.revouch = true;
+        }
         // A peer that is live again may be dropped no longer.
         st.dropped.retain(|n| !snap.live.contains_key(n));
         // Stale for the engine (no new session from us): not live in the
@@ -866,6 +886,22 @@ impl Signalling {
             st.unsent = !self.engine.send(Command::Peers(peers.clone()));
             if !st.unsent {
                 st.sent = peers;
+            }
+        }
+        if !st.woke && !st.revoked && !st.unsent {
+            // A restart: the peers that vouch for this node had a tunnel
+            // with its previous instance and may still send on it.
+            st.woke = true;
+            let vouching: Vec<String> = (snap.live.iter())
+                .filter(|(n, a)| **n != me && a.connected.contains(&me))
+                .map(|(n, _)| n.clone())
+                .collect();
+            if !vouching.is_empty() {
+                tracing::info!(
+                    peers = vouching.len(),
+                    "handshaking at once with the peers that had a tunnel to this node"
+                );
+                self.engine.send(Command::Wake(vouching));
             }
         }
         if records != self.cache.peers && !st.revoked {
@@ -979,6 +1015,30 @@ impl Signalling {
     }
 }
 
+/// Whom this node vouches for in its liveness record (`connected`: "a
+/// working tunnel to it", which keeps a node cut off from the store from
+/// being reclaimed): the peers connected now, and those seen connected
+/// within [`VOUCH_HOLD`]; an idle peer without that is not vouched for
+/// (nothing says it is alive). A node whose record is gone (it left, or
+/// was released) is dropped at once. Without an engine answer the list
+/// stands as it was.
+fn vouch_list(
+    vouch: &mut HashMap<String, Instant>,
+    connected: Option<&[&str]>,
+    records: &[PeerRecord],
+    now: Instant,
+) -> Vec<String> {
+    for n in connected.unwrap_or_default() {
+        vouch.insert(n.to_string(), now);
+    }
+    vouch.retain(|n, seen| {
+        records.iter().any(|r| &r.node == n) && now.saturating_duration_since(*seen) < VOUCH_HOLD
+    });
+    let mut v: Vec<String> = vouch.keys().cloned().collect();
+    v.sort();
+    v
+}
+
 /// The peers of a cache as the engine takes them: not stale (the cache
 /// does not know, and a node starting from it must reach its peers).
 pub fn cached_peers(c: &Cache) -> Vec<PeerInfo> {
@@ -1016,6 +1076,38 @@ mod tests {
         assert_ne!(tls_files_stamp(&opts), moved, "a rewritten certificate");
         std::fs::remove_file(&cert).unwrap();
         assert_eq!(tls_files_stamp(&opts)[1], None);
+    }
+
+    /// The vouch list holds a peer for a while after its session lapsed
+    /// (it follows traffic episodes, not sessions), drops it when that
+    /// passed, and drops a node whose record went at once.
+    #[test]
+    fn the_vouch_list_holds_through_idle_spells_and_drops_a_gone_node_at_once() {
+        let rec = |n: &str| -> PeerRecord {
+            serde_json::from_value(serde_json::json!({
+                "node": n, "publicKey": "", "podSubnet": "", "heartbeat": ""}))
+            .unwrap()
+        };
+        let records = vec![rec("a"), rec("b"), rec("c")];
+        let mut vouch = HashMap::new();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let l = vouch_list(&mut vouch, Some(&["a", "b"]), &records, at(0));
+        assert_eq!(l, ["a", "b"]);
+        // b's session lapsed (idle), the engine did not answer once: held.
+        assert_eq!(
+            vouch_list(&mut vouch, Some(&["a"]), &records, at(200)),
+            ["a", "b"]
+        );
+        assert_eq!(vouch_list(&mut vouch, None, &records, at(210)), ["a", "b"]);
+        // Idle for longer than the hold: no longer vouched for.
+        assert_eq!(
+            vouch_list(&mut vouch, Some(&["a"]), &records, at(301)),
+            ["a"]
+        );
+        // a left: its record is gone, and so is the vouch, connected or not.
+        let left = vec![rec("b"), rec("c")];
+        assert!(vouch_list(&mut vouch, Some(&["a"]), &left, at(302)).is_empty());
     }
 
     #[test]

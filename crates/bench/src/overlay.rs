@@ -872,7 +872,11 @@ struct Connect {
 /// Stops every agent, starts them all again at once (their records are
 /// gone: each agent leaves the network, so this is a cold join) and
 /// polls every agent's `peers` every 50 ms until every pair is connected
-/// and no path changed for `settle`, or `timeout`.
+/// and no path changed for `settle`, or `timeout`. Sessions are made on
+/// demand, so traffic waits from the start: each poller pings (host
+/// overlay, one echo) every peer its agent knows and does not list
+/// connected, again every 300 ms; the time is that of a tunnel for
+/// traffic that is waiting, as the eager agent's was for none.
 fn restart_and_time(c: &mut Cluster, timeout: Duration, settle: Duration) -> Result<Connect> {
     let n = c.nodes().len();
     stop_agents(c)?;
@@ -893,19 +897,25 @@ fn restart_and_time(c: &mut Cluster, timeout: Duration, settle: Duration) -> Res
     let seen: Vec<Vec<Seen>> = std::thread::scope(|s| {
         let handles: Vec<_> = agents
             .iter()
-            .map(|a| {
+            .zip(nodes)
+            .map(|(a, node)| {
                 let names = &names;
                 s.spawn(move || {
                     let mut v = vec![Seen::default(); n];
                     let mut changed = Instant::now();
+                    let mut pings = Pings::default();
                     loop {
                         let tick = Instant::now();
+                        pings.reap();
                         if let Ok(p) = a.peers() {
                             let now = Instant::now();
                             for e in p["peers"].as_array().into_iter().flatten() {
                                 let Some(&j) = e["node"].as_str().and_then(|x| names.get(x)) else {
                                     continue;
                                 };
+                                if e["state"] != "connected" {
+                                    pings.touch(&node.ns, j, e["hostAddress"].as_str());
+                                }
                                 let path = e["path"].as_str().map(str::to_string);
                                 let w = &mut v[j];
                                 if e["state"] == "connected" {
@@ -986,6 +996,53 @@ fn restart_and_time(c: &mut Cluster, timeout: Duration, settle: Duration) -> Res
         all,
         spread,
     })
+}
+
+/// One-echo pings a connect poller has running, by peer, and when each
+/// last started; all killed when it goes.
+#[derive(Default)]
+struct Pings {
+    running: Vec<std::process::Child>,
+    last: BTreeMap<usize, Instant>,
+}
+
+impl Pings {
+    /// A ping to `host` (`a.b.c.d/len`, from `peers --json`) from `ns`,
+    /// unless one went to peer `j` within 300 ms.
+    fn touch(&mut self, ns: &Netns, j: usize, host: Option<&str>) {
+        let Some(host) = host.and_then(|h| h.split('/').next()) else {
+            return;
+        };
+        if self
+            .last
+            .get(&j)
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(300))
+        {
+            return;
+        }
+        self.last.insert(j, Instant::now());
+        let mut cmd = ns.command(&["ping", "-n", "-q", "-c", "1", "-W", "1", host]);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Ok(c) = cmd.spawn() {
+            self.running.push(c);
+        }
+    }
+
+    fn reap(&mut self) {
+        self.running
+            .retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_)) | Err(_)));
+    }
+}
+
+impl Drop for Pings {
+    fn drop(&mut self) {
+        for c in &mut self.running {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 fn secs(d: Option<Duration>) -> String {

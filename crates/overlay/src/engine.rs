@@ -42,6 +42,10 @@ const MAX_HANDSHAKE_TARGETS: usize = 8;
 const QUEUE_PER_PEER: usize = 32;
 const QUEUE_BYTES_PER_PEER: usize = 256 * 1024;
 const QUEUE_BYTES_TOTAL: usize = 2 * 1024 * 1024;
+/// A queued frame older than this is dropped (counted), not sent: its
+/// sender has retransmitted or given up by then, and a burst of stale
+/// frames would only delay the fresh ones.
+const QUEUE_AGE: Duration = Duration::from_secs(3);
 
 /// How the agent hands results back.
 pub trait Io {
@@ -232,6 +236,7 @@ impl Peer {
 /// A frame for a peer whose session is being made.
 struct Queued {
     peer_id: PeerId,
+    at: Instant,
     kind: u8,
     hdr: VnetHdr,
     framing: Framing,
@@ -384,9 +389,18 @@ pub struct Stats {
     /// that worked).
     pub mac2_accepted: u64,
     /// Frames held for a peer until its session is up, and those dropped
-    /// because the queue was full (or the handshake failed).
+    /// because the queue was full, the handshake failed, or they waited
+    /// longer than [`QUEUE_AGE`].
     pub queued: u64,
     pub queue_drops: u64,
+    /// Frames held now (the queue's length).
+    pub queue_len: usize,
+    /// Handshakes started because a peer sent on a session we do not know
+    /// (see `Overlay::unknown_session`).
+    pub stale_sessions: u64,
+    /// Flood frames not sent to a peer because it was idle (one per frame
+    /// and peer; see `Overlay::flood`).
+    pub flood_idle: u64,
     /// Runs of [`Overlay::handle_timeout`], and of one peer's timers within
     /// them: the idle cost (issue 22) is their ratio and their rate.
     pub wakes: u64,
@@ -443,6 +457,8 @@ pub struct Overlay {
     events: VecDeque<Event>,
     /// Bounds the events about senders that are no peer.
     anon_events: TokenBucket,
+    /// Bounds the peer lookups of [`Overlay::unknown_session`].
+    stale_sessions: TokenBucket,
     /// Every random draw: indices, probe ids, ephemeral keys, cookies.
     rng: StdRng,
 }
@@ -492,6 +508,7 @@ impl Overlay {
             epoch: now,
             events: VecDeque::new(),
             anon_events: TokenBucket::new(ANON_EVENTS, ANON_EVENTS),
+            stale_sessions: TokenBucket::new(ANON_EVENTS, ANON_EVENTS),
             rng,
         }
     }
@@ -1009,14 +1026,70 @@ impl Overlay {
 
     /// The peer that publishes `addr` or was heard from it.
     fn node_at(&self, addr: SocketAddr) -> Option<String> {
-        self.peers
-            .iter()
-            .flatten()
-            .find(|p| {
+        let p = self.peer(self.peer_at(addr)?)?;
+        Some(p.info.node.clone())
+    }
+
+    fn peer_at(&self, addr: SocketAddr) -> Option<PeerId> {
+        let found = self.peers.iter().position(|p| {
+            p.as_ref().is_some_and(|p| {
                 p.info.candidates.iter().any(|c| c.addr == addr)
                     || p.paths.list.iter().any(|x| x.addr.remote == addr)
             })
-            .map(|p| p.info.node.clone())
+        })?;
+        PeerId::try_from(found).ok()
+    }
+
+    /// Transport for a session we do not know, from a peer we have no
+    /// session with: it still sends on one made with our previous
+    /// instance (this agent restarted). Handshake now rather than leave it
+    /// to notice by its path-loss timer (seconds of a one-way flow lost).
+    /// Bounded: the lookup scans the peers, so it runs at most
+    /// [`ANON_EVENTS`] times a second (garbage sprayed at us gets no more),
+    /// and a spoofed source costs at most one initiation to that peer.
+    fn unknown_session(&mut self, now: Instant, from: PathAddr) {
+        if !self.stale_sessions.take(now) {
+            return;
+        }
+        let Some(peer_id) = self.peer_at(from.remote) else {
+            return;
+        };
+        if self.wake_peer(now, peer_id) {
+            self.stats.stale_sessions += 1;
+            self.tidy();
+        }
+    }
+
+    /// Has peer `peer_id` handshake now, as if traffic waited for it,
+    /// unless it has a session, one is being made, or it is stale.
+    fn wake_peer(&mut self, now: Instant, peer_id: PeerId) -> bool {
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
+            return false;
+        };
+        if p.tunnel.has_session() || p.tunnel.handshaking() || p.phase == Phase::Stale {
+            return false;
+        }
+        p.used = Some(now);
+        if matches!(p.phase, Phase::Idle | Phase::Waiting { .. }) {
+            p.phase = Phase::Connecting;
+        }
+        p.tunnel.retry_now(&self.cfg.tunnel);
+        sooner(&mut self.deadlines, p, peer_id, now, Wake::Changed);
+        true
+    }
+
+    /// Handshakes now with these peers (idle ones included): for a
+    /// restarted agent, the peers that still hold sessions with its
+    /// previous instance (the store says which: they vouch for this
+    /// node), so that their traffic is not one-way until their path-loss
+    /// timers run. The others stay idle.
+    pub fn wake(&mut self, now: Instant, nodes: &[String]) {
+        for n in nodes {
+            if let Some(&peer_id) = self.by_node.get(n) {
+                self.wake_peer(now, peer_id);
+            }
+        }
+        self.tidy();
     }
 
     /// What a handshake message of length `len` must pass before any DH
@@ -1173,7 +1246,10 @@ impl Overlay {
         io: &mut dyn Io,
     ) -> Result<(), Reject> {
         let receiver = wire::u32_at(d, 4).ok_or(Reject::Malformed)?;
-        let peer_id = *self.index.get(&receiver).ok_or(Reject::NoSession)?;
+        let Some(&peer_id) = self.index.get(&receiver) else {
+            self.unknown_session(now, from);
+            return Err(Reject::NoSession);
+        };
         let tcfg = &self.cfg.tunnel;
         let p = peer_mut(&mut self.peers, peer_id).ok_or(Reject::NoSession)?;
         let n = match p.tunnel.decrypt(now, tcfg, receiver, d, &mut self.scratch) {
@@ -1191,9 +1267,22 @@ impl Overlay {
         p.stats.rx_bytes += d.len() as u64;
         self.heard_from(now, peer_id, from, io);
         let inner = Inner::parse(&self.scratch[..n]).ok_or(Reject::Malformed)?;
-        if matches!(inner.kind, kind::POD_FRAME | kind::HOST_PACKET) {
+        // A broadcast or multicast frame keeps no session warm (see
+        // `Overlay::flood`): its first byte is the destination MAC's.
+        let flood = inner.kind == kind::POD_FRAME
+            && self.scratch.get(INNER_HEADER).is_some_and(|b| b & 1 == 1);
+        if matches!(inner.kind, kind::POD_FRAME | kind::HOST_PACKET) && !flood {
+            let busy = self.cfg.busy;
             if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+                let was_busy = p.busy(now, busy);
                 p.used = Some(now);
+                if !was_busy {
+                    // Traffic starts: its paths are probed from now on
+                    // (the responder of a new session too, whose unproven
+                    // paths must punch while the initiator's do), not
+                    // from the deadline computed while it was quiet.
+                    sooner(&mut self.deadlines, p, peer_id, now, Wake::Probe);
+                }
             }
         }
         let body = INNER_HEADER..n;
@@ -1398,26 +1487,40 @@ impl Overlay {
                 Framing::Ethernet,
                 io,
             ),
-            LocalVerdict::Flood => {
-                for peer_id in 0..self.peers.len() as PeerId {
-                    if self.peer(peer_id).is_some_and(|p| p.tunnel.has_session()) {
-                        self.send_frame(
-                            now,
-                            peer_id,
-                            kind::POD_FRAME,
-                            hdr,
-                            frame,
-                            Framing::Ethernet,
-                            io,
-                        );
-                    }
-                }
-            }
+            LocalVerdict::Flood => self.flood(now, hdr, frame, io),
             LocalVerdict::Reply(n) => {
                 let n = n.min(self.reply.len());
                 io.pod(&mut self.reply[..n], Csum::Complete);
             }
             LocalVerdict::Drop(r) => self.count_drop(r),
+        }
+    }
+
+    /// A broadcast, multicast or unknown-unicast frame: to every peer in
+    /// use (up, or its handshake under way: queued), not to idle ones.
+    /// ARP and ND never come here (answered locally, or sent to the owner
+    /// of the target, which wakes that one peer); what does is IP
+    /// broadcast and multicast, which Kubernetes' network model does not
+    /// carry between nodes, and unicast to an address no peer owns, which
+    /// every peer drops as transit. Waking every idle peer for it would
+    /// cost n handshakes per broadcast, and any pod that announces itself
+    /// (mDNS, SSDP) would keep the full mesh up. For the same reason a
+    /// flood does not count as use: it keeps no session warm.
+    fn flood(&mut self, now: Instant, hdr: &VnetHdr, frame: &[u8], io: &mut dyn Io) {
+        for peer_id in 0..self.peers.len() as PeerId {
+            let Some(p) = self.peer(peer_id) else {
+                continue;
+            };
+            if !(p.tunnel.has_session() || p.tunnel.handshaking() || p.queued > 0) {
+                self.stats.flood_idle += 1;
+                continue;
+            }
+            let (used, sent) = (p.used, p.sent_data);
+            let eth = Framing::Ethernet;
+            self.send_frame(now, peer_id, kind::POD_FRAME, hdr, frame, eth, io);
+            if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+                (p.used, p.sent_data) = (used, sent);
+            }
         }
     }
 
@@ -1547,11 +1650,13 @@ impl Overlay {
             self.stats.queued += 1;
             self.queue.push_back(Queued {
                 peer_id,
+                at: now,
                 kind,
                 hdr: *hdr,
                 framing,
                 frame: frame.to_vec(),
             });
+            self.stats.queue_len = self.queue.len();
         } else {
             self.stats.queue_drops += 1;
         }
@@ -1590,7 +1695,32 @@ impl Overlay {
                 continue;
             }
             self.queue_bytes -= q.frame.len();
+            if now.saturating_duration_since(q.at) >= QUEUE_AGE {
+                self.stats.queue_drops += 1;
+                continue;
+            }
             self.send_frame(now, peer_id, q.kind, &q.hdr, &q.frame, q.framing, io);
+        }
+        self.stats.queue_len = self.queue.len();
+    }
+
+    /// Drops peer `peer_id`'s queued frames older than [`QUEUE_AGE`].
+    fn expire_queued(&mut self, now: Instant, peer_id: PeerId) {
+        let (mut frames, mut bytes) = (0, 0);
+        self.queue.retain(|q| {
+            let old = q.peer_id == peer_id && now.saturating_duration_since(q.at) >= QUEUE_AGE;
+            if old {
+                frames += 1;
+                bytes += q.frame.len();
+            }
+            !old
+        });
+        self.queue_bytes -= bytes;
+        self.stats.queue_drops += frames as u64;
+        self.stats.queue_len = self.queue.len();
+        if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+            p.queued -= frames;
+            p.queued_bytes -= bytes;
         }
     }
 
@@ -1608,6 +1738,7 @@ impl Overlay {
         });
         self.queue_bytes -= bytes;
         self.stats.queue_drops += (before - self.queue.len()) as u64;
+        self.stats.queue_len = self.queue.len();
         if let Some(p) = peer_mut(&mut self.peers, peer_id) {
             (p.queued, p.queued_bytes) = (0, 0);
         }
@@ -1652,6 +1783,9 @@ impl Overlay {
     /// One peer's timers, then its next deadline.
     fn run_peer(&mut self, now: Instant, wall: Duration, peer_id: PeerId, io: &mut dyn Io) {
         self.stats.peer_runs += 1;
+        if self.peer(peer_id).is_some_and(|p| p.queued > 0) {
+            self.expire_queued(now, peer_id);
+        }
         self.refresh_phase(now, peer_id);
         let keep_warm = self.cfg.keep_warm;
         let Some(p) = peer_mut(&mut self.peers, peer_id) else {

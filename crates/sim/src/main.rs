@@ -232,6 +232,20 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
         started.elapsed().as_secs_f64()
     );
     println!("\n{}", cluster.summary());
+    if cluster.opts().overlay.is_some() {
+        // Sessions are made on demand: traffic between every pair first,
+        // so that a relayed pair (seconds to its first handshake through
+        // TURN) is up before the probes' 3 s pings. Not an error if some
+        // pair does not connect: the node matrix says which.
+        let t = Instant::now();
+        match cluster.connect_overlay(Duration::from_secs(30)) {
+            Ok(_) => eprintln!(
+                "evio-sim: every node pair connected in {:.1} s",
+                t.elapsed().as_secs_f64()
+            ),
+            Err(e) => eprintln!("evio-sim: {e}"),
+        }
+    }
     let probed = Instant::now();
     let reach = cluster.reachability()?;
     println!("pods:\n{}", reach.render());

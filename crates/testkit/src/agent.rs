@@ -213,14 +213,32 @@ impl Agent {
             .sum()
     }
 
-    /// Waits until `n` peers are connected; returns how long it took from
-    /// the agent's start.
+    /// Waits until `n` peers are connected (a session and a path that
+    /// answers); returns how long it took from the agent's start. With
+    /// sessions on demand a peer is connected only once traffic went to
+    /// it: send some first (e.g. [`crate::cluster::Cluster::touch`]).
     pub fn wait_connected(&self, n: usize, timeout: Duration) -> Result<Duration, String> {
+        self.wait_peers(n, timeout, connected, "connected")
+    }
+
+    /// Waits until `n` peers are healthy: `connected`, or `idle` (known and
+    /// valid, no session because no traffic needs one: OVERLAY.md).
+    pub fn wait_healthy(&self, n: usize, timeout: Duration) -> Result<Duration, String> {
+        self.wait_peers(n, timeout, healthy, "healthy (connected or idle)")
+    }
+
+    fn wait_peers(
+        &self,
+        n: usize,
+        timeout: Duration,
+        count: fn(&Value) -> usize,
+        what: &str,
+    ) -> Result<Duration, String> {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         loop {
             if let Ok(v) = self.peers() {
-                let c = connected(&v);
+                let c = count(&v);
                 if c >= n {
                     return Ok(self.started.elapsed());
                 }
@@ -228,7 +246,7 @@ impl Agent {
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "{}: not {n} peers connected within {timeout:?}: {last}\n{}",
+                    "{}: not {n} peers {what} within {timeout:?}: {last}\n{}",
                     self.spec.node,
                     self.log_tail(40)
                 ));
@@ -283,6 +301,12 @@ pub fn connected(v: &Value) -> usize {
         .as_array()
         .map(|a| a.iter().filter(|p| p["state"] == "connected").count())
         .unwrap_or(0)
+}
+
+/// How many peers a `peers --json` answer lists as healthy (`connected`
+/// or `idle`).
+pub fn healthy(v: &Value) -> usize {
+    crate::scale::known(v).0
 }
 
 /// The entry for `node` in a `peers --json` answer.

@@ -903,18 +903,116 @@ impl Cluster {
         Some(a.leave(Duration::from_secs(6)))
     }
 
-    /// Waits until every agent has every other node connected; the time it
-    /// took (or the first agent still waiting).
+    /// Waits until every agent has every other node healthy (`connected`,
+    /// or `idle`: sessions are made on demand, so a pair that exchanged
+    /// nothing has no tunnel and needs none); the time it took (or the
+    /// first agent still waiting). A test that needs live tunnels waits
+    /// with [`Cluster::connect_overlay`].
     pub fn wait_overlay(&self, timeout: Duration) -> Result<Duration, ClusterError> {
         let t = std::time::Instant::now();
         let want = self.nodes.len().saturating_sub(1);
         for n in &self.nodes {
             let Some(a) = &n.agent else { continue };
             let left = timeout.saturating_sub(t.elapsed());
-            a.wait_connected(want, left)
+            a.wait_healthy(want, left)
                 .map_err(|e| ClusterError::step(format!("overlay of {}", n.name), e))?;
         }
         Ok(t.elapsed())
+    }
+
+    /// Brings up a tunnel between every pair of nodes and waits until every
+    /// agent has every other node connected: traffic first (one ping over
+    /// the host overlay to each peer not yet connected, again every round),
+    /// because an idle pair makes no session. The time it took.
+    pub fn connect_overlay(&self, timeout: Duration) -> Result<Duration, ClusterError> {
+        let t = std::time::Instant::now();
+        self.wait_overlay(timeout)?;
+        let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+        loop {
+            let mut missing = Vec::new();
+            for (from, v) in self.peers().iter().enumerate() {
+                for to in (0..names.len()).filter(|&to| to != from) {
+                    let up = v
+                        .as_ref()
+                        .and_then(|v| crate::agent::peer(v, names[to]))
+                        .is_some_and(|p| p["state"] == "connected");
+                    if !up {
+                        missing.push((from, to));
+                    }
+                }
+            }
+            if missing.is_empty() {
+                return Ok(t.elapsed());
+            }
+            if t.elapsed() >= timeout {
+                let pairs: Vec<String> = (missing.iter())
+                    .map(|&(a, b)| format!("{} -> {}", names[a], names[b]))
+                    .collect();
+                let why = format!("not connected within {timeout:?}: {}", pairs.join(", "));
+                return Err(ClusterError::step("overlay tunnels", why));
+            }
+            self.touch(&missing);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every node's host-overlay address, as its agent says (`None`: no
+    /// agent answers, or no host overlay).
+    pub fn host_addrs(&self) -> Vec<Option<IpAddr>> {
+        self.peers()
+            .iter()
+            .map(|p| {
+                p.as_ref()
+                    .and_then(|v| v["hostAddress"].as_str())
+                    .and_then(|h| h.split('/').next())
+                    .and_then(|h| h.parse().ok())
+            })
+            .collect()
+    }
+
+    /// One ping over the host overlay for each `(from, to)` pair, all at
+    /// once (bounded: 1 s each, killed after 3 s): traffic, which is what
+    /// brings up the tunnel of an idle pair. Whether each got a reply.
+    pub fn touch(&self, pairs: &[(usize, usize)]) -> Vec<bool> {
+        let hosts = self.host_addrs();
+        let mut children: Vec<Option<std::process::Child>> = pairs
+            .iter()
+            .map(|&(from, to)| {
+                let host = hosts.get(to).copied().flatten()?.to_string();
+                let argv = ["ping", "-n", "-q", "-c", "1", "-W", "1", &host];
+                let mut cmd = self.nodes.get(from)?.ns.command(&argv);
+                cmd.stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+                cmd.spawn().ok()
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let mut ok = vec![false; pairs.len()];
+        while std::time::Instant::now() < deadline && children.iter().any(Option::is_some) {
+            for (i, slot) in children.iter_mut().enumerate() {
+                let Some(c) = slot else { continue };
+                if let Ok(Some(st)) = c.try_wait() {
+                    ok[i] = st.success();
+                    *slot = None;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for c in children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        ok
+    }
+
+    /// [`Cluster::touch`] between every ordered pair of nodes.
+    pub fn touch_all(&self) -> Vec<bool> {
+        let n = self.nodes.len();
+        let pairs: Vec<(usize, usize)> = (0..n)
+            .flat_map(|a| (0..n).filter(move |&b| b != a).map(move |b| (a, b)))
+            .collect();
+        self.touch(&pairs)
     }
 
     /// Every node's `peers --json` (None for a node without an answering
@@ -927,21 +1025,13 @@ impl Cluster {
     }
 
     /// The overlay from every node to every other: host-overlay ping and
-    /// the path its agent uses. Probes from different nodes run in parallel.
+    /// the path its agent uses, read after the pings (which bring up an
+    /// idle pair's tunnel). Probes from different nodes run in parallel.
     pub fn overlay_report(&self) -> OverlayReport {
-        let peers = self.peers();
-        let hosts: Vec<Option<IpAddr>> = peers
-            .iter()
-            .map(|p| {
-                p.as_ref()
-                    .and_then(|v| v["hostAddress"].as_str())
-                    .and_then(|h| h.split('/').next())
-                    .and_then(|h| h.parse().ok())
-            })
-            .collect();
+        let hosts = self.host_addrs();
         let n = self.nodes.len();
         let mut checks: Vec<HostCheck> = from_every_source(n, |from| {
-            let mut out = Vec::new();
+            let mut pinged = Vec::new();
             for to in (0..n).filter(|&t| t != from) {
                 if self.opts.cancelled() {
                     break;
@@ -952,7 +1042,12 @@ impl Cluster {
                     }))
                     .unwrap_or(false)
                 });
-                let entry = peers[from]
+                pinged.push((to, ping_ok));
+            }
+            let view = self.nodes[from].agent.as_ref().and_then(|a| a.peers().ok());
+            let mut out = Vec::new();
+            for (to, ping_ok) in pinged {
+                let entry = view
                     .as_ref()
                     .and_then(|v| crate::agent::peer(v, &self.nodes[to].name).cloned());
                 let get = |k: &str| {

@@ -1295,3 +1295,145 @@ proptest::proptest! {
         }
     }
 }
+
+/// An ARP request from a pod of node `from` for `target`.
+fn arp_request(from: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut arp = Vec::new();
+    arp.extend_from_slice(&[0xff; 6]);
+    arp.extend_from_slice(&pod_mac(from));
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&pod_mac(from));
+    arp.extend_from_slice(&from.octets());
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&target.octets());
+    arp
+}
+
+/// Handshake initiations node `from` sent since log entry `since`, by
+/// receiving node.
+fn initiations_to(net: &Net, from: usize, since: usize) -> Vec<usize> {
+    let mut to: Vec<usize> = net.log[since..]
+        .iter()
+        .filter(|(a, _, d)| *a == from && d[0] == wire::INITIATION)
+        .map(|(_, b, _)| *b)
+        .collect();
+    to.sort_unstable();
+    to
+}
+
+/// The ARP that crosses (for a peer's gateway, its bridge: the one
+/// remote address the switch cannot answer for) wakes that peer alone and
+/// arrives after one handshake; ARP for a peer's pod is answered here and
+/// wakes nobody; a broadcast wakes no idle peer (no handshake storm) and
+/// reaches the peers in use without keeping their sessions warm.
+#[test]
+fn the_first_arp_to_an_idle_peer_crosses_after_one_handshake_and_floods_wake_nobody() {
+    let peers = 64;
+    let mut net = star(peers);
+    net.run(Duration::from_secs(2));
+    assert!(net.log.is_empty());
+    let gateway = pod_ip(5, 1);
+    let arp = arp_request(pod_ip(0, 2), gateway);
+    net.send_pod(0, &arp);
+    assert_eq!(net.nodes[0].ov.stats().queued, 1);
+    net.run(Duration::from_millis(50));
+    assert_eq!(
+        initiations_to(&net, 0, 0),
+        vec![5],
+        "one handshake, to the owner"
+    );
+    assert_eq!(net.nodes[5].io.pod, vec![arp], "the ARP crossed");
+    // A pod of another idle peer: answered locally, nothing crosses.
+    let since = net.log.len();
+    net.send_pod(0, &arp_request(pod_ip(0, 2), pod_ip(9, 7)));
+    assert_eq!(net.log.len(), since, "nothing crossed");
+    assert_eq!(net.nodes[0].io.pod.len(), 1, "answered here");
+    // A broadcast: to node 5 (in use), to none of the idle ones.
+    let mut bcast = udp_frame(pod_ip(0, 2), Ipv4Addr::BROADCAST, b"anyone?");
+    bcast[..6].copy_from_slice(&[0xff; 6]);
+    net.send_pod(0, &bcast);
+    net.run(Duration::from_millis(500));
+    assert_eq!(
+        initiations_to(&net, 0, since),
+        Vec::<usize>::new(),
+        "no storm"
+    );
+    assert_eq!(net.nodes[5].io.pod.last(), Some(&bcast));
+    let reached = net
+        .nodes
+        .iter()
+        .filter(|n| n.io.pod.contains(&bcast))
+        .count();
+    assert_eq!(reached, 1);
+    assert_eq!(net.nodes[0].ov.stats().flood_idle, peers as u64 - 1);
+    // Broadcasts every 10 s keep no session: both ends lapse to idle.
+    for _ in 0..20 {
+        net.send_pod(0, &bcast);
+        net.run(Duration::from_secs(10));
+    }
+    let state = |net: &Net, a: usize, b: usize| {
+        let st = net.nodes[a].ov.status();
+        st.iter().find(|s| s.node == format!("n{b}")).unwrap().state
+    };
+    assert_eq!(state(&net, 0, 5), PeerState::Idle);
+    assert_eq!(state(&net, 5, 0), PeerState::Idle);
+}
+
+/// A restarted node (sessions on demand: its peers idle) whose peer
+/// still sends on the old session handshakes at once, instead of the
+/// flow staying one-way until the peer's path-loss timer (4 s and more).
+#[test]
+fn a_restarted_node_handshakes_at_once_with_a_peer_still_on_the_old_session() {
+    let mut n = connect_all(2);
+    let now = n.now;
+    let me = &n.nodes[1];
+    let mut cfg = OverlayConfig::new("test", me.info.pod_subnet, 1380);
+    cfg.host_addr = me.info.host_addr.map(|a| a.addr());
+    let id = Identity::new(
+        StaticKeys::from_private(&mut n.nodes[1].ov.identity().keys.private().to_owned()),
+        None,
+        "test",
+    );
+    let infos: Vec<PeerInfo> = n.nodes.iter().map(|x| x.info.clone()).collect();
+    let mut fresh = Overlay::new(now, cfg, id, crate::crypto::seed_from_u64(78));
+    fresh.set_peers(now, &infos);
+    n.nodes[1].ov = fresh;
+    n.run(Duration::from_secs(1));
+    assert!(!n.connected(1, 0), "idle until something happens");
+    let since = n.log.len();
+    for i in 0..4u8 {
+        let f = udp_frame(pod_ip(0, 2), pod_ip(1, 3), &[i; 8]);
+        n.send_pod(0, &f);
+        n.run(Duration::from_millis(100));
+    }
+    assert_eq!(
+        initiations_to(&n, 1, since),
+        vec![0],
+        "one handshake, at once"
+    );
+    assert!(n.connected(1, 0) && n.connected(0, 1));
+    assert_eq!(n.nodes[1].io.pod.len(), 3, "only the first frame was lost");
+    assert_eq!(n.nodes[1].ov.stats().stale_sessions, 1);
+}
+
+/// A frame that waited 3 s for a handshake is dropped (counted), not
+/// sent late when the session finally comes up.
+#[test]
+fn a_queued_frame_older_than_3s_is_dropped_not_sent() {
+    let mut net = net(2, |_, _| {});
+    net.drop = Box::new(|_, _, _| true);
+    net.send_pod(0, &udp_frame(pod_ip(0, 2), pod_ip(1, 3), b"old"));
+    assert_eq!(net.nodes[0].ov.stats().queue_len, 1);
+    net.run(Duration::from_millis(4500));
+    let st = net.nodes[0].ov.stats().clone();
+    assert_eq!((st.queued, st.queue_drops, st.queue_len), (1, 1, 0));
+    net.drop = Box::new(|_, _, _| false);
+    net.kick(0, 1);
+    net.run(Duration::from_secs(10));
+    assert!(net.connected(0, 1));
+    let got = &net.nodes[1].io.pod;
+    assert!(
+        got.iter().all(|f| !f.ends_with(b"old")),
+        "the old frame was sent"
+    );
+}

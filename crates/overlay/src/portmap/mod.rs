@@ -128,6 +128,11 @@ pub struct PortMapper {
     events: VecDeque<MapEvent>,
     /// Datagrams that were no answer to us (counted, ignored).
     pub junk: u64,
+    /// The gateway has answered us at all (a mapping, an address or a
+    /// refusal). One that never did runs no PCP/NAT-PMP server: on exit
+    /// there is nothing to delete, and waiting for its answer would hold
+    /// up a restart for the whole deletion bound.
+    heard: bool,
 }
 
 /// An external address a mapping could be reached at: not "nowhere", not
@@ -153,6 +158,7 @@ impl PortMapper {
             out: VecDeque::new(),
             events: VecDeque::new(),
             junk: 0,
+            heard: false,
         };
         m.ask(now, Protocol::Pcp);
         m
@@ -333,6 +339,7 @@ impl PortMapper {
             Protocol::Pcp => self.pcp_answer(data),
             Protocol::NatPmp => self.natpmp_answer(data),
         };
+        self.heard |= !matches!(answer, Answer::Junk);
         match answer {
             Answer::Junk => self.junk += 1,
             Answer::Refused(why) => self.refused(now, proto, why),
@@ -515,6 +522,10 @@ impl PortMapper {
     /// request still unanswered may have created one: it is deleted too.
     pub fn shutdown(&mut self, now: Instant) {
         let proto = match self.phase {
+            Phase::Asking { .. } if !self.heard => {
+                self.phase = Phase::Done;
+                return;
+            }
             Phase::Mapped { proto, .. } | Phase::Asking { proto, .. } => proto,
             Phase::Deleting { .. } => return,
             Phase::Idle | Phase::Done => {

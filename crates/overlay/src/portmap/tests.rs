@@ -192,6 +192,20 @@ fn refusals_fall_through_to_unavailable_and_a_restart_begins_again() {
 }
 
 #[test]
+fn exit_while_asking_a_gateway_that_never_answered_sends_nothing_and_is_done() {
+    let t0 = Instant::now();
+    let mut m = mapper(t0);
+    assert_eq!(sent(&mut m).len(), 1, "the first PCP request");
+    // A stranger's datagram is no answer from the gateway.
+    let stranger: SocketAddr = "198.51.100.7:5351".parse().unwrap();
+    m.handle_datagram(t0, stranger, &natpmp_map(0, 40000, 3600));
+    m.shutdown(t0 + Duration::from_millis(300));
+    assert!(sent(&mut m).is_empty(), "no deletion to a silent gateway");
+    assert!(m.is_done());
+    assert_eq!(m.poll_timeout(), None);
+}
+
+#[test]
 fn a_natpmp_only_gateway_is_recognised_at_once() {
     let t0 = Instant::now();
     let mut m = mapper(t0);

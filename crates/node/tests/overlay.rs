@@ -928,7 +928,29 @@ fn sigkill_then_restart_keeps_the_key_reclaims_the_port_and_traffic_resumes() {
     let conf: Value =
         serde_json::from_slice(&std::fs::read(&c.nodes()[1].netconf_path).unwrap()).unwrap();
     let key_file = PathBuf::from(conf["overlay"]["keyFile"].as_str().expect("keyFile"));
+    // Issue 24, readiness counts peers: healthy with its peer up; with the
+    // peer's agent gone (its record stays) degraded, 0 of 1, and healthy
+    // again once it is back (checked below).
+    let health = |c: &Cluster| -> Value {
+        let t = c.agent(0).expect("agent").request("health").unwrap();
+        serde_json::from_str(t.trim()).unwrap_or_else(|e| panic!("{e}: {t}"))
+    };
+    let h = health(&c);
+    assert_eq!(
+        (h["healthyPeers"].as_u64(), h["degraded"].as_bool()),
+        (Some(1), Some(false)),
+        "{h}"
+    );
     c.stop_agent(1).expect("an agent");
+    wait(
+        "node-0 degraded without node-1",
+        Duration::from_secs(15),
+        || {
+            c.touch(&[(0, 1)]);
+            let h = health(&c);
+            h["degraded"] == true && h["healthyPeers"] == 0 && h["peers"] == 1
+        },
+    );
     std::fs::remove_file(&key_file).unwrap();
     c.start_agent(1).unwrap_or_else(|e| panic!("{e}"));
     let took = wait(
@@ -941,6 +963,12 @@ fn sigkill_then_restart_keeps_the_key_reclaims_the_port_and_traffic_resumes() {
         },
     );
     eprintln!("node key rotation: reconnected {took:?} after the restart");
+    let h = health(&c);
+    assert_eq!(
+        (h["healthyPeers"].as_u64(), h["degraded"].as_bool()),
+        (Some(1), Some(false)),
+        "{h}"
+    );
     let rotated = peers(&c, 1)["publicKey"].clone();
     assert_ne!(rotated, key, "a new key");
     assert_eq!(peer(&peers(&c, 0), &name(1)).unwrap()["publicKey"], rotated);

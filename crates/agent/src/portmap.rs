@@ -69,6 +69,7 @@ pub fn spawn(
                 stop,
                 port,
                 told: None,
+                published: false,
             };
             t.run();
         })
@@ -81,6 +82,8 @@ struct Thread {
     port: u16,
     /// The last "no mapping" reason logged.
     told: Option<String>,
+    /// A mapped candidate is out: only then is there one to take back.
+    published: bool,
 }
 
 impl Thread {
@@ -103,7 +106,15 @@ impl Thread {
         }
     }
 
-    fn publish(&self, m: Option<SocketAddrV4>) {
+    /// Tells the engine the mapped candidate, or that there is none. No
+    /// "none" when none was out, nor on the way out: the engine is going
+    /// down, and a candidate change then is a record rewrite that holds up
+    /// the stop (a restart keeps the record anyway).
+    fn publish(&mut self, m: Option<SocketAddrV4>) {
+        if m.is_none() && (!self.published || self.stop.is_set()) {
+            return;
+        }
+        self.published = m.is_some();
         self.engine.send(Command::Mapped(m.map(SocketAddr::V4)));
     }
 

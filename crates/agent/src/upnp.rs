@@ -15,6 +15,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::Stop;
@@ -181,7 +182,11 @@ fn discover(gw: Ipv4Addr, me: Ipv4Addr, stop: &Stop) -> Result<Url, String> {
         if left.is_zero() {
             break;
         }
-        let _ = sock.set_read_timeout(Some(left));
+        // Woken by the stop too: a blocking read here held every agent
+        // stop (a restart) for the rest of the discovery window.
+        if !crate::wait_readable(sock.as_raw_fd(), stop, Some(left)) {
+            continue;
+        }
         let Ok((n, from)) = sock.recv_from(&mut buf) else {
             break;
         };

@@ -6,6 +6,7 @@
 //! direct, and the conntrack entries left on the bare routers. Replay a
 //! seed with `EVIO_SIM_SEED=<seed>`.
 
+use super::tests::each_seed;
 use super::*;
 use crate::punch::PunchConfig;
 
@@ -29,21 +30,6 @@ fn sites(seed: u64, kinds: &[NatKind]) -> Vec<SiteSpec> {
 
 fn both(sim: &Sim, want: &str) -> bool {
     sim.path(0, 1) == Some(want) && sim.path(1, 0) == Some(want)
-}
-
-fn each_seed(f: impl Fn(u64) -> Result<String, String>) {
-    let mut failed = Vec::new();
-    for seed in seeds(SEEDS) {
-        match f(seed) {
-            Ok(note) => eprintln!("seed {seed}: {note}"),
-            Err(e) => failed.push(format!("seed {seed}: {e}")),
-        }
-    }
-    assert!(
-        failed.is_empty(),
-        "failing seeds (replay one with EVIO_SIM_SEED=<seed>):\n{}",
-        failed.join("\n")
-    );
 }
 
 /// Runs a two-node pair until both say `want` (within `limit`), then

@@ -74,8 +74,9 @@ fn settle(sim: &mut Sim, limit: Duration) -> Result<Duration, String> {
         .ok_or_else(|| format!("after {:?}: {:#?}", sim.elapsed(), wrong_paths(sim)))
 }
 
-/// Runs `f` for every seed; reports every failing seed at once.
-fn each_seed(f: impl Fn(u64) -> Result<String, String>) {
+/// Runs `f` for every seed; reports every failing seed at once (also the
+/// hard-NAT matrix's).
+pub(super) fn each_seed(f: impl Fn(u64) -> Result<String, String>) {
     let mut failed = Vec::new();
     for seed in seeds(SEEDS) {
         match f(seed) {

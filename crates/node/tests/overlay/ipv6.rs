@@ -2,7 +2,8 @@
 //! IPv4 NATs (relayed over IPv4, as their NATs allow nothing else) get
 //! global IPv6 addresses behind their routers' stateful IPv6 firewalls;
 //! the agents notice the addresses, publish them and move the pair to a
-//! direct IPv6 path, which carries the traffic with the relay gone.
+//! direct IPv6 path, which carries the traffic with the relay gone, and
+//! on when one of them loses IPv4 altogether.
 
 use evio_testkit::natlab::SiteId;
 
@@ -90,6 +91,38 @@ fn a_symmetric_ipv4_pair_with_ipv6_goes_direct_over_ipv6() {
         (after["path"].as_str(), after["family"].as_str()),
         (Some("direct"), Some("ipv6")),
         "{after}"
+    );
+    // Node 1 loses IPv4 altogether (an IPv6-only node; the store is a
+    // file here, which needs no network): its address watcher drops its
+    // IPv4 candidate and the pair keeps going over IPv6.
+    lab.remove_ipv4(lab_node(&c, 1));
+    let v4_local = |v: &Value| {
+        v["candidates"].as_array().is_some_and(|a| {
+            a.iter().any(|x| {
+                x["kind"] == "local" && x["addr"].as_str().is_some_and(|s| !s.starts_with('['))
+            })
+        })
+    };
+    wait(
+        "node-1's IPv4 candidate gone",
+        Duration::from_secs(5),
+        || !v4_local(&peers(&c, 1)),
+    );
+    assert!(
+        pod_ping_once(&c, 1, 0) || pod_ping_once(&c, 1, 0),
+        "{}",
+        dump(&c)
+    );
+    assert!(
+        pod_ping_once(&c, 0, 1) || pod_ping_once(&c, 0, 1),
+        "{}",
+        dump(&c)
+    );
+    let last = peer(&peers(&c, 1), &name(0)).cloned().expect("node-0");
+    assert_eq!(
+        (last["path"].as_str(), last["family"].as_str()),
+        (Some("direct"), Some("ipv6")),
+        "{last}"
     );
     eprintln!(
         "relayed up in {up_at:?}; direct over IPv6 {took:?} after the addresses; took {:?}",

@@ -95,7 +95,7 @@ fn a_symmetric_ipv4_pair_with_ipv6_goes_direct_over_ipv6() {
     // Node 1 loses IPv4 altogether (an IPv6-only node; the store is a
     // file here, which needs no network): its address watcher drops its
     // IPv4 candidate and the pair keeps going over IPv6.
-    lab.remove_ipv4(lab_node(&c, 1));
+    c.lab().expect("lab").remove_ipv4(lab_node(&c, 1));
     let v4_local = |v: &Value| {
         v["candidates"].as_array().is_some_and(|a| {
             a.iter().any(|x| {

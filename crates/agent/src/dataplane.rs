@@ -34,6 +34,8 @@ const TOKEN_EVENT: u64 = 1;
 const TOKEN_UDP: u64 = 2;
 const TOKEN_TAP: u64 = 3;
 const TOKEN_TUN: u64 = 4;
+/// The overlay's IPv6 socket.
+const TOKEN_UDP6: u64 = 5;
 /// Tokens of the TURN TCP connections: this plus the server's index.
 const TOKEN_TCP: u64 = 100;
 /// Tokens of the TURN servers' own UDP sockets: this plus the server's
@@ -100,6 +102,11 @@ struct TcpConn {
 /// [`NetIo`].
 pub struct Devices {
     pub udp: Udp,
+    /// The overlay's IPv6 socket on the same port, if the host has IPv6
+    /// ([`Devices::with_v6`]); its own batch, as `sendmmsg` takes one
+    /// socket.
+    pub udp6: Option<Udp>,
+    send6: SendBatch,
     pub tap: Option<Device>,
     pub tun: Option<Device>,
     tcp: Vec<Option<TcpConn>>,
@@ -143,6 +150,8 @@ impl Devices {
     pub fn new(udp: Udp, tap: Option<Device>, tun: Option<Device>, epoll: RawFd) -> Devices {
         Devices {
             udp,
+            udp6: None,
+            send6: SendBatch::new(1 << 18),
             tap,
             tun,
             tcp: Vec::new(),
@@ -153,6 +162,27 @@ impl Devices {
             write_errors: 0,
             epoll,
         }
+    }
+
+    /// Adds the IPv6 socket.
+    pub fn with_v6(mut self, udp6: Option<Udp>) -> Devices {
+        self.udp6 = udp6;
+        self
+    }
+
+    /// Sends what both families' batches hold.
+    fn flush_sends(&mut self) {
+        if !self.send.is_empty() {
+            self.send.flush(&self.udp);
+        }
+        if let (false, Some(u)) = (self.send6.is_empty(), self.udp6.as_ref()) {
+            self.send6.flush(u);
+        }
+    }
+
+    /// Datagrams the kernel refused, both families.
+    fn dropped(&self) -> u64 {
+        self.send.dropped + self.send6.dropped
     }
 
     /// End of a receive batch: what the coalescers still hold goes to the
@@ -226,7 +256,15 @@ impl Devices {
         }
     }
 
-    /// The UDP socket `via` names, if open.
+    /// The UDP socket `via` names, for `to`'s family, if open.
+    fn udp_to(&self, via: Sock, to: SocketAddr) -> Option<&Udp> {
+        match (via, to.is_ipv6()) {
+            (Sock::Udp, true) => self.udp6.as_ref(),
+            _ => self.udp_of(via),
+        }
+    }
+
+    /// The UDP socket `via` names (the IPv4 one for [`Sock::Udp`]), if open.
     fn udp_of(&self, via: Sock) -> Option<&Udp> {
         match via {
             Sock::Udp => Some(&self.udp),
@@ -268,11 +306,22 @@ impl Devices {
 
 impl Io for Devices {
     fn datagram(&mut self) -> &mut [u8] {
+        // Written before `commit` says where it goes: the IPv4 batch's
+        // slot, copied into the IPv6 batch when it is for IPv6.
         self.send.slot()
     }
 
     fn commit(&mut self, to: PathAddr, len: usize) {
-        if self.send.push(to.remote, len) {
+        if to.remote.is_ipv6() {
+            // Without an IPv6 socket the core has no IPv6 path (it has no
+            // IPv6 address): nothing to send it on.
+            let Some(u) = self.udp6.as_ref() else { return };
+            let len = len.min(crate::udp::SLOT);
+            self.send6.slot()[..len].copy_from_slice(&self.send.slot()[..len]);
+            if self.send6.push(to.remote, len) {
+                self.send6.flush(u);
+            }
+        } else if self.send.push(to.remote, len) {
             self.send.flush(&self.udp);
         }
     }
@@ -292,7 +341,7 @@ impl NetIo for Devices {
     fn transmit(&mut self, t: Transmit<'_>) {
         match t.via {
             Sock::Udp | Sock::UdpOwn(_) => {
-                if let Some(udp) = self.udp_of(t.via) {
+                if let Some(udp) = self.udp_to(t.via, t.to) {
                     let _ = udp.send_to(t.data, t.to);
                 }
             }
@@ -372,6 +421,9 @@ impl Dataplane {
         let epoll = io.epoll;
         epoll_add(epoll, event_fd, TOKEN_EVENT)?;
         epoll_add(epoll, io.udp.as_raw_fd(), TOKEN_UDP)?;
+        if let Some(u) = &io.udp6 {
+            epoll_add(epoll, u.as_raw_fd(), TOKEN_UDP6)?;
+        }
         for (dev, token) in [(&io.tap, TOKEN_TAP), (&io.tun, TOKEN_TUN)] {
             if let Some(d) = dev {
                 epoll_add(epoll, d.as_raw_fd(), token)?;
@@ -405,9 +457,7 @@ impl Dataplane {
             }
             self.drain_commands(Instant::now());
             self.timers(Instant::now());
-            if !self.io.send.is_empty() {
-                self.io.send.flush(&self.io.udp);
-            }
+            self.io.flush_sends();
         }
         self.shut_down(Duration::from_millis(1500), &mut recv);
         Ok(())
@@ -443,22 +493,28 @@ impl Dataplane {
     fn dispatch(&mut self, now: Instant, token: u64, writable: bool, recv: &mut RecvBatch) {
         match token {
             TOKEN_EVENT => crate::eventfd::drain(self.event_fd),
-            TOKEN_UDP => self.on_udp(now, Sock::Udp, recv),
+            TOKEN_UDP => self.on_udp(now, Sock::Udp, false, recv),
+            TOKEN_UDP6 => self.on_udp(now, Sock::Udp, true, recv),
             TOKEN_TAP | TOKEN_TUN => self.on_device(now, token == TOKEN_TAP),
             t if t >= TOKEN_UDP_OWN => {
-                self.on_udp(now, Sock::UdpOwn((t - TOKEN_UDP_OWN) as usize), recv)
+                self.on_udp(now, Sock::UdpOwn((t - TOKEN_UDP_OWN) as usize), false, recv)
             }
             t if t >= TOKEN_TCP => self.on_tcp(now, (t - TOKEN_TCP) as usize, writable),
             _ => {}
         }
     }
 
-    /// Datagrams of UDP socket `via`: the overlay's, or a TURN server's
-    /// own (the same batches, tagged with the socket they came on).
-    fn on_udp(&mut self, now: Instant, via: Sock, recv: &mut RecvBatch) {
+    /// Datagrams of UDP socket `via` (`v6`: the overlay's IPv6 one): the
+    /// overlay's, or a TURN server's own (the same batches, tagged with
+    /// the socket they came on).
+    fn on_udp(&mut self, now: Instant, via: Sock, v6: bool, recv: &mut RecvBatch) {
         let mut taken = 0;
         while taken < UDP_BUDGET {
-            let Some(udp) = self.io.udp_of(via) else {
+            let udp = match v6 {
+                true => self.io.udp6.as_ref(),
+                false => self.io.udp_of(via),
+            };
+            let Some(udp) = udp else {
                 break;
             };
             let got = recv.recv(udp).unwrap_or_default();
@@ -584,7 +640,7 @@ impl Dataplane {
             stats: ov.stats().clone(),
             candidates: self.kinds(self.stack.candidates()),
             turn: self.stack.nat.turn_states(),
-            udp_dropped: self.io.send.dropped,
+            udp_dropped: self.io.dropped(),
             nat_junk: self.stack.nat.junk,
             learned_macs: ov.switch_stats().learned_macs,
             taken: now,
@@ -697,7 +753,7 @@ impl Dataplane {
             for ev in &events[..n.max(0) as usize] {
                 let (token, out) = (ev.u64, ev.events & libc::EPOLLOUT as u32 != 0);
                 // The overlay's socket, and the TURN servers' TCP and UDP.
-                if token == TOKEN_UDP || token >= TOKEN_TCP {
+                if token == TOKEN_UDP || token == TOKEN_UDP6 || token >= TOKEN_TCP {
                     self.dispatch(now, token, out, recv);
                 }
             }
@@ -710,6 +766,68 @@ impl Dataplane {
 mod tests {
     use super::*;
     use std::os::fd::{FromRawFd, OwnedFd};
+
+    /// One socket per family on one port: datagrams for an IPv6 address
+    /// (data batches and control sends alike) leave from the IPv6 one,
+    /// the rest from the IPv4 one, both from the overlay's port; the
+    /// IPv6 socket takes no IPv4 (V6ONLY); without it IPv6 goes nowhere.
+    #[test]
+    fn each_family_leaves_from_its_own_socket_on_the_overlay_port() {
+        // SAFETY: plain epoll_create1(2); owned below.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epoll >= 0);
+        // SAFETY: just created, owned here.
+        let _owned = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let udp = Udp::bind(0).unwrap();
+        let port = udp.port();
+        let udp6 = Udp::bind_v6(port).unwrap();
+        let mut io = Devices::new(udp, None, None, epoll).with_v6(Some(udp6));
+        let peer4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let peer6 = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        for s in [&peer4, &peer6] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        let recv = |s: &std::net::UdpSocket| {
+            let mut buf = [0u8; 64];
+            let (n, from) = s.recv_from(&mut buf).unwrap();
+            (buf[..n].to_vec(), from)
+        };
+        for (peer, data) in [(&peer6, &b"over v6"[..]), (&peer4, &b"over v4"[..])] {
+            let to = PathAddr::direct(peer.local_addr().unwrap());
+            io.datagram()[..data.len()].copy_from_slice(data);
+            io.commit(to, data.len());
+            io.flush_sends();
+            let (got, from) = recv(peer);
+            assert_eq!(got, data);
+            assert_eq!(
+                (from.is_ipv6(), from.port()),
+                (peer.local_addr().unwrap().is_ipv6(), port)
+            );
+            io.transmit(Transmit {
+                via: Sock::Udp,
+                to: to.remote,
+                data: b"stun",
+            });
+            assert_eq!(recv(peer).0, b"stun");
+        }
+        // V6ONLY: IPv4 to the port reaches the IPv4 socket, not the v6 one.
+        peer4.send_to(b"to v4", ("127.0.0.1", port)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut buf = [0u8; 64];
+        assert!(io
+            .udp6
+            .as_ref()
+            .unwrap()
+            .recv_from(&mut buf)
+            .unwrap()
+            .is_none());
+        assert_eq!(io.udp.recv_from(&mut buf).unwrap().map(|r| r.0), Some(5));
+        // Without the IPv6 socket: dropped, the IPv4 batch untouched.
+        io.udp6 = None;
+        let to = PathAddr::direct(peer6.local_addr().unwrap());
+        io.commit(to, 4);
+        assert!(io.send.is_empty() && io.send6.is_empty());
+    }
 
     /// A TURN server's own socket: opened on another port and watched by
     /// epoll under its token, its sends leave from that port, and once

@@ -241,6 +241,7 @@ pub fn explain_json(ex: &Explain, h: &crate::signal::StoreHealth) -> Value {
         "method": h.path_method(d.status.method, d.status.path),
         "endpoint": d.status.path.map(|a| a.remote.to_string()),
         "candidate": d.status.path.map(|a| h.path_candidate(a)),
+        "family": d.status.path.map(|a| crate::metrics::path_family(a, &ex.turn)),
         "rttMs": d.status.rtt.map(round_ms),
         "lastHandshake": d.status.session_born.map(|t| wall_of(ex.taken, t)),
         "lastReceived": last_rx.map(|t| wall_of(ex.taken, t)),
@@ -280,7 +281,8 @@ pub fn explain_text(v: &Value) -> String {
         text(&v["rttMs"]),
     );
     if let Some(kind) = v["candidate"].as_str() {
-        let _ = writeln!(out, "the path goes to its {kind} candidate");
+        let family = v["family"].as_str().unwrap_or("?");
+        let _ = writeln!(out, "the path goes to its {kind} candidate, over {family}");
     }
     let _ = writeln!(
         out,

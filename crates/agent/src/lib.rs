@@ -595,25 +595,28 @@ fn build_engine(
     ocfg.keep_warm = None;
     ocfg.punch = evio_overlay::punch::PunchConfig::for_udp_timeout(cfg.nat_udp_timeout);
     // Every random draw of the engine comes from this one OS-seeded stream.
-    let mut overlay = Overlay::new(now, ocfg, id, evio_overlay::crypto::os_seed());
-    if !initial.is_empty() {
-        overlay.set_peers(now, initial);
-        overlay.hurry(now);
-    }
+    let overlay = Overlay::new(now, ocfg, id, evio_overlay::crypto::os_seed());
     let nat_cfg = NatConfig {
         port: udp.port(),
         stun: cfg.stun.clone(),
         turn: cfg.turn.clone(),
     };
+    let udp6 = bind_v6(nat_cfg.port);
     let nat = Nat::new(now, nat_cfg, evio_overlay::crypto::os_seed());
     let waker = Waker::new()?;
     let (cmd_tx, cmd_rx) = mpsc::sync_channel(dataplane::COMMAND_QUEUE);
     let (cand_std_tx, cand_std_rx) = mpsc::channel();
     let mut stack = Stack::new(overlay, nat);
     stack.set_announced(cfg.announce.clone());
+    if !initial.is_empty() {
+        // Through the stack, which keeps the peer set: it gives the
+        // overlay only the candidates of our address families.
+        stack.set_peers(now, initial);
+        stack.overlay.hurry(now);
+    }
     let dp = Dataplane::new(
         stack,
-        Devices::new(udp, Some(devices.tap), devices.tun, epoll.as_raw_fd()),
+        Devices::new(udp, Some(devices.tap), devices.tun, epoll.as_raw_fd()).with_v6(udp6),
         cmd_rx,
         waker.raw(),
         cand_std_tx,
@@ -831,6 +834,19 @@ fn spawn_forwarder(
             }
         })
         .map_err(AgentError::io("spawn thread"))
+}
+
+/// The overlay's IPv6 socket on the IPv4 one's port: none where the host
+/// has no IPv6 (or the port is taken for IPv6), and the underlay stays
+/// IPv4 as before.
+fn bind_v6(port: u16) -> Option<udp::Udp> {
+    match udp::Udp::bind_v6(port) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            tracing::info!("no IPv6 underlay: [::]:{port}: {e}");
+            None
+        }
+    }
 }
 
 /// This node's record as first published (candidates follow from the

@@ -28,6 +28,23 @@ pub(crate) fn round_ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
+/// The underlay family of path `a`: its remote's, or for a relayed path
+/// that of the TURN server it goes through.
+pub fn path_family(
+    a: evio_overlay::path::PathAddr,
+    turn: &[(
+        std::net::SocketAddr,
+        evio_overlay::nat::TurnTransport,
+        TurnState,
+    )],
+) -> &'static str {
+    let on = match a.via {
+        Via::Direct => a.remote,
+        Via::Turn(i) => turn.get(usize::from(i)).map_or(a.remote, |t| t.0),
+    };
+    evio_overlay::family::name(on)
+}
+
 pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value {
     let mut peers: Vec<Value> = snap
         .peers
@@ -53,6 +70,9 @@ pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value
                 // mapped, learned (peer-reflexive), punched, relay.
                 "method": health.path_method(p.method, p.path),
                 "endpoint": p.path.map(|a| a.remote.to_string()),
+                // The underlay family the path's datagrams leave on:
+                // "ipv4" or "ipv6" (a relayed path: the TURN server's).
+                "family": p.path.map(|a| path_family(a, &snap.turn)),
                 // Which kind of the peer's candidates the path goes to.
                 "candidate": p.path.map(|a| health.path_candidate(a)),
                 "rttMs": p.rtt.map(round_ms),

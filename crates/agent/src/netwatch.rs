@@ -2,14 +2,16 @@
 //! host (a netlink subscription) and every 30 s as a backstop. The overlay's
 //! own interfaces (bridge, TAP, host-overlay TUN) and addresses inside the
 //! pod or host CIDR are never candidates: the tunnel must not route over
-//! itself.
+//! itself. IPv6 addresses follow `evio_overlay::family`'s rules (global
+//! and ULA; never link-local, IPv4-mapped, deprecated or tentative).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use evio_overlay::family::{self, AddrFlags};
 use ipnet::IpNet;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr as NlAddr};
 
@@ -18,6 +20,7 @@ use crate::{wait_readable, AgentError, EngineHandle, Stop};
 
 const RTMGRP_LINK: u32 = 0x1;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 const BACKSTOP: Duration = Duration::from_secs(30);
 
 /// The host's usable local candidates right now.
@@ -34,11 +37,13 @@ pub fn local_candidates(port: u16, exclude: &[String], nets: &[IpNet]) -> Vec<So
                 return false;
             };
             let ip = a.addr.addr();
-            let IpAddr::V4(v4) = ip else { return false };
+            let flags = AddrFlags {
+                deprecated: a.deprecated,
+                tentative: a.tentative,
+                dadfailed: a.dadfailed,
+            };
             l.up && !exclude.contains(&l.name)
-                && !v4.is_loopback()
-                && !v4.is_link_local()
-                && !v4.is_unspecified()
+                && family::local_candidate(ip, flags)
                 && !nets.iter().any(|n| n.contains(&ip))
         })
         .map(|a| SocketAddr::new(a.addr.addr(), port))
@@ -56,7 +61,8 @@ pub fn spawn(
     nets: Vec<IpNet>,
 ) -> Result<JoinHandle<()>, AgentError> {
     let mut sock = Socket::new(NETLINK_ROUTE).map_err(AgentError::io("netlink socket"))?;
-    sock.bind(&NlAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))
+    let groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
+    sock.bind(&NlAddr::new(0, groups))
         .map_err(AgentError::io("netlink subscribe"))?;
     // Non-blocking: the thread sleeps in poll() on the socket and the stop
     // fd, never on a timer of its own.

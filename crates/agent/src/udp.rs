@@ -12,7 +12,7 @@
 
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 
 use socket2::{Domain, SockAddr, SockAddrStorage, Socket, Type};
@@ -88,9 +88,22 @@ impl Udp {
     /// Binds `0.0.0.0:port` (IPv4 underlay). GSO and GRO are used when the
     /// kernel has them.
     pub fn bind(port: u16) -> io::Result<Udp> {
-        let local = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        Udp::bind_to(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+    }
+
+    /// Binds `[::]:port` for IPv6 only (IPV6_V6ONLY): the IPv4 socket keeps
+    /// IPv4, so no IPv4-mapped address ever reaches the core, and a host
+    /// without IPv6 (this fails) keeps its IPv4 underlay as it was.
+    pub fn bind_v6(port: u16) -> io::Result<Udp> {
+        Udp::bind_to(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+    }
+
+    fn bind_to(local: SocketAddr) -> io::Result<Udp> {
         // socket2 opens it close-on-exec.
         let sock = Socket::new(Domain::for_address(local), Type::DGRAM, None)?;
+        if local.is_ipv6() {
+            sock.set_only_v6(true)?;
+        }
         let raw = sock.as_raw_fd();
         // Bursts of 64 KiB at several Gbit/s: the default 200 KiB buffers
         // overflow while the engine encrypts the next batch (the receive
@@ -108,7 +121,10 @@ impl Udp {
         let gro = setsockopt_int(raw, SOL_UDP, UDP_GRO, 1).is_ok();
         // GSO is per message (a cmsg); probe that the option exists.
         let gso = setsockopt_int(raw, SOL_UDP, UDP_SEGMENT, 0).is_ok();
-        let port = sock.local_addr()?.as_socket().map_or(port, |a| a.port());
+        let port = sock
+            .local_addr()?
+            .as_socket()
+            .map_or(local.port(), |a| a.port());
         Ok(Udp {
             sock,
             gro,

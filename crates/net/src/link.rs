@@ -54,6 +54,9 @@ pub struct Address {
     pub tentative: bool,
     /// IPv6 duplicate address detection failed (IFA_F_DADFAILED).
     pub dadfailed: bool,
+    /// Its preferred lifetime ran out (IFA_F_DEPRECATED): kept for what
+    /// uses it, not for anything new.
+    pub deprecated: bool,
 }
 
 /// A unicast route in the main table.
@@ -242,6 +245,7 @@ pub(crate) fn address_from_msg(msg: &AddressMessage) -> Option<Address> {
         addr,
         tentative: flags.contains(AddressFlags::Tentative),
         dadfailed: flags.contains(AddressFlags::Dadfailed),
+        deprecated: flags.contains(AddressFlags::Deprecated),
     })
 }
 

@@ -27,6 +27,8 @@ use serde_json::{json, Value};
 
 #[path = "overlay/attacks.rs"]
 mod attacks;
+#[path = "overlay/ipv6.rs"]
+mod ipv6;
 
 const NODE_BIN: &str = env!("CARGO_BIN_EXE_evio-node");
 

@@ -131,8 +131,31 @@ impl Path {
         self.last_rx.is_some() && self.lost < cfg.dead_after
     }
 
-    fn score(&self) -> (Rank, Duration) {
-        (self.class, self.rtt.unwrap_or(Duration::from_secs(1)))
+    /// Class, then RTT; an IPv6 direct path's RTT counts `1 + hysteresis`
+    /// times less, so that it wins while it is within the hysteresis of
+    /// an IPv4 one (crate::family).
+    fn score(&self, hysteresis: f64) -> (Rank, Duration) {
+        let rtt = self.rtt.unwrap_or(Duration::from_secs(1));
+        let rtt = match self.direct_v6() {
+            true => rtt.div_f64(1.0 + hysteresis.max(0.0)),
+            false => rtt,
+        };
+        (self.select_class(), rtt)
+    }
+
+    /// The class path selection compares: a peer's host address that is
+    /// a public IPv4 one (a node without NAT) is on the internet, not on
+    /// our LAN, so it competes with IPv6 on RTT as a direct path does.
+    fn select_class(&self) -> Rank {
+        match self.class {
+            Rank::Local if crate::family::is_public_v4(self.addr.remote.ip()) => Rank::Direct,
+            c => c,
+        }
+    }
+
+    /// Leaves our own socket for an IPv6 address.
+    pub fn direct_v6(&self) -> bool {
+        self.addr.via == Via::Direct && self.addr.remote.is_ipv6()
     }
 
     /// How it came to carry traffic, for `peers`: its class, and for a
@@ -357,7 +380,7 @@ impl Paths {
             .iter()
             .enumerate()
             .filter(|(_, p)| p.alive(cfg))
-            .min_by_key(|(_, p)| p.score())
+            .min_by_key(|(_, p)| p.score(cfg.hysteresis))
             .map(|(i, _)| i);
         let Some(b) = best else {
             if self.active.is_some_and(|a| !self.list[a].alive(cfg)) {
@@ -373,12 +396,22 @@ impl Paths {
             Some((_, cur)) if !cur.alive(cfg) => Some(PathWhy::ProbesLost),
             Some((_, cur)) => {
                 let new = &self.list[b];
-                if new.class != cur.class {
-                    (force || new.class < cur.class).then_some(PathWhy::BetterClass)
+                let (nc, cc) = (new.select_class(), cur.select_class());
+                if nc != cc {
+                    (force || nc < cc).then_some(PathWhy::BetterClass)
                 } else {
+                    let h = cfg.hysteresis;
                     let faster = match (new.rtt, cur.rtt) {
-                        (Some(n), Some(c)) => {
-                            n.as_secs_f64() < c.as_secs_f64() * (1.0 - cfg.hysteresis)
+                        (Some(_), Some(_)) => {
+                            let n = new.score(h).1.as_secs_f64();
+                            let c = cur.score(h).1.as_secs_f64();
+                            // To IPv6: within the hysteresis is enough;
+                            // back to IPv4 (or within a family): faster by
+                            // the hysteresis, on the weighted RTTs.
+                            match new.direct_v6() && !cur.direct_v6() {
+                                true => n <= c,
+                                false => n < c * (1.0 - h),
+                            }
                         }
                         _ => false,
                     };
@@ -549,7 +582,7 @@ pub fn classify(relay_ips: &[IpAddr], addr: PathAddr, published: Option<Rank>) -
         return Rank::Relay;
     }
     match published {
-        Some(c) => c,
+        Some(c) => crate::family::rank_published(addr.remote.ip(), c),
         None if relay_ips.contains(&addr.remote.ip()) => Rank::Relay,
         None => Rank::Direct,
     }

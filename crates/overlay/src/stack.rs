@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::engine::{Event, Io, Overlay, PeerInfo, MAX_DATAGRAM};
+use crate::family::Families;
 use crate::nat::{Datagram, Nat, NatEvent, Sock, Transmit, TurnState, TurnTransport};
 use crate::offload::{Csum, VnetHdr};
 use crate::path::{PathAddr, Rank, Via};
@@ -70,6 +71,11 @@ pub struct Stack {
     turn_seen: Vec<TurnState>,
     /// Our direct (reflexive, announced) candidates when last looked at.
     direct_seen: Vec<SocketAddr>,
+    /// The peer set as the store gave it, and the address families we
+    /// can send on (from our local candidates): the overlay gets only the
+    /// candidates of our families ([`crate::family`]).
+    peers: Vec<PeerInfo>,
+    families: Families,
 }
 
 /// The caller's [`NetIo`] with relayed sends framed by the NAT layer.
@@ -129,6 +135,8 @@ impl Stack {
             events: VecDeque::new(),
             turn_seen: Vec::new(),
             direct_seen: Vec::new(),
+            peers: Vec::new(),
+            families: Families::of(&[]),
         }
     }
 
@@ -275,13 +283,23 @@ impl Stack {
             .filter(|ip| !is_private(ip))
             .collect();
         self.nat.set_peer_ips(now, ips);
-        self.overlay.set_peers(now, peers);
+        self.peers = peers.to_vec();
+        self.overlay
+            .set_peers(now, &self.families.filter(&self.peers));
     }
 
     /// Our local-interface candidates (from the address watcher).
     pub fn set_local_candidates(&mut self, now: Instant, local: Vec<SocketAddr>) {
         if local != self.local {
             self.local = local;
+            let families = Families::of(&self.local);
+            if families != self.families {
+                // An address family came or went: the peers' candidates
+                // of that family become usable, or stop being tried.
+                self.families = families;
+                self.overlay
+                    .set_peers(now, &self.families.filter(&self.peers));
+            }
             self.nat.gather_soon(now);
             self.publish();
         }

@@ -57,6 +57,9 @@ use crate::miniupnpd::MiniUpnpd;
 use crate::netns::Netns;
 use crate::plugin::run_bounded;
 
+mod v6;
+pub use v6::INTERNET6;
+
 /// The bridge in the internet netns that every WAN port and public node
 /// plugs into.
 pub const INTERNET_BRIDGE: &str = "inet0";
@@ -187,6 +190,8 @@ struct LabState {
     /// Whether block tables were ever loaded (until then there is nothing
     /// to keep up to date when nodes are added or addresses change).
     blocks_loaded: bool,
+    /// The IPv6 internet is on ([`Lab::enable_ipv6`]).
+    ipv6: bool,
 }
 
 /// The NAT lab. Field order is drop order: nodes, then routers, then the
@@ -393,6 +398,7 @@ impl Lab {
                 next_server: *SERVER_EXTRA.start(),
                 blocks: Vec::new(),
                 blocks_loaded: false,
+                ipv6: false,
             }),
         }
     }

@@ -833,3 +833,42 @@ fn a_release_nobody_answers_moves_to_another_port_and_a_socket_never_opened_time
     let events: Vec<NatEvent> = std::iter::from_fn(|| n.poll_event()).collect();
     assert_eq!(events, [NatEvent::UdpClose { conn: 0 }]);
 }
+
+/// STUN over IPv6 (issue 25): a server with an IPv6 address is asked like
+/// an IPv4 one (the agent sends to it from its IPv6 socket), and its answer
+/// is a reflexive candidate of that family, beside the IPv4 one.
+#[test]
+fn a_stun_server_on_ipv6_gives_an_ipv6_reflexive_candidate() {
+    let t0 = Instant::now();
+    let (s4, s6): (SocketAddr, SocketAddr) = (
+        "203.0.113.1:3478".parse().unwrap(),
+        "[2001:db8::1]:3478".parse().unwrap(),
+    );
+    let (me4, me6): (SocketAddr, SocketAddr) =
+        (ME.parse().unwrap(), "[2001:db8:1::2]:5800".parse().unwrap());
+    let cfg = NatConfig {
+        port: 5800,
+        stun: vec![s4, s6],
+        turn: Vec::new(),
+    };
+    let mut n = Nat::new(t0, cfg, crate::crypto::seed_from_u64(2));
+    n.handle_timeout(t0);
+    let mut asked = Vec::new();
+    while let Some(t) = n.poll_transmit() {
+        asked.push((t.via, t.to, t.data.to_vec()));
+    }
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    for (via, to, req) in asked {
+        assert_eq!(via, Sock::Udp);
+        let tid = Message::from_bytes(&req).unwrap().transaction_id();
+        let mapped = if to.is_ipv6() { me6 } else { me4 };
+        let mtype = MessageType::from_class_method(MessageClass::Success, BINDING);
+        let mut m = Message::builder(mtype, tid, MessageWriteVec::new());
+        m.add_attribute(&XorMappedAddress::new(mapped, tid))
+            .unwrap();
+        let answer = m.finish();
+        assert_eq!(n.handle_datagram(t0, to, &answer), Datagram::Consumed);
+    }
+    let got: Vec<SocketAddr> = n.candidates().iter().map(|c| c.0).collect();
+    assert_eq!(got, vec![me4, me6]);
+}

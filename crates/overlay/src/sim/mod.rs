@@ -15,7 +15,10 @@
 #[cfg(test)]
 mod hard_nat;
 #[cfg(test)]
+mod ipv6;
+#[cfg(test)]
 mod tests;
+mod v6net;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -338,6 +341,24 @@ impl Router {
 struct Site {
     spec: SiteSpec,
     router: Router,
+    /// Its IPv6, if it has any ([`Sim::add_ipv6`]).
+    v6: Option<V6Site>,
+}
+
+/// A site's IPv6: a routed prefix, no NAT66; with `firewall`, the
+/// router's stateful filter lets in only what answers traffic a node sent
+/// (address-and-port dependent, RFC 6092's recommendation and what home
+/// routers do), without it everything.
+struct V6Site {
+    firewall: bool,
+    /// (node address, remote) pairs a node sent to.
+    open: BTreeSet<(SocketAddr, SocketAddr)>,
+}
+
+impl V6Site {
+    fn admits(&self, to: SocketAddr, from: SocketAddr) -> bool {
+        !self.firewall || self.open.contains(&(to, from))
+    }
 }
 
 /// The NetIo of a simulated node: what it sent (from which of its UDP
@@ -402,6 +423,10 @@ pub struct SimNode {
     io: SimIo,
     pub site: usize,
     pub lan: SocketAddr,
+    /// Its global IPv6 address (same port), if its site has IPv6.
+    pub lan6: Option<SocketAddr>,
+    /// It has IPv4 (an IPv6-only node has not: [`Sim::ipv6_only`]).
+    pub v4: bool,
     pub info: PeerInfo,
     /// Its private key (kept across a restart, as the agent's key file).
     private: crate::crypto::Key,
@@ -428,10 +453,13 @@ pub struct SimNode {
 const EPHEMERAL: u16 = 40_000;
 
 impl SimNode {
-    /// The local address of its socket `via`, if open.
-    fn sock_addr(&self, via: Sock) -> Option<SocketAddr> {
+    /// The local address its socket `via` sends to `to` from, if open: the
+    /// overlay's socket of `to`'s family (the agent has one per family).
+    fn sock_addr(&self, via: Sock, to: SocketAddr) -> Option<SocketAddr> {
         match via {
-            Sock::Udp => Some(self.lan),
+            Sock::Udp if to.is_ipv6() => self.lan6,
+            Sock::Udp => self.v4.then_some(self.lan),
+            Sock::UdpOwn(_) if to.is_ipv6() => None,
             Sock::UdpOwn(c) => self.own.iter().find(|o| o.0 == c).map(|o| o.1),
             Sock::Tcp(_) => None,
         }
@@ -439,7 +467,7 @@ impl SimNode {
 
     /// Its socket bound to `addr`, if any.
     fn sock_at(&self, addr: SocketAddr) -> Option<Sock> {
-        if addr == self.lan {
+        if (addr == self.lan && self.v4) || Some(addr) == self.lan6 {
             return Some(Sock::Udp);
         }
         self.own
@@ -671,6 +699,7 @@ impl Sim {
             sim.sites.push(Site {
                 spec: *spec,
                 router: Router::new(spec.kind, public),
+                v6: None,
             });
             for _ in 0..spec.nodes {
                 let n = sim.nodes.len();
@@ -680,8 +709,8 @@ impl Sim {
         }
         let now = sim.now;
         for n in &mut sim.nodes {
-            let lan = n.lan;
-            n.stack.set_local_candidates(now, vec![lan]);
+            let local = n.local_addrs();
+            n.stack.set_local_candidates(now, local);
         }
         sim
     }
@@ -712,6 +741,8 @@ impl Sim {
             io: SimIo::default(),
             site,
             lan,
+            lan6: None,
+            v4: true,
             info,
             private,
             own: Vec::new(),
@@ -931,7 +962,7 @@ impl Sim {
 
     fn send_from_node(&mut self, i: usize, via: Sock, to: SocketAddr, data: Vec<u8>) {
         let site = self.nodes[i].site;
-        let Some(lan) = self.nodes[i].sock_addr(via) else {
+        let Some(lan) = self.nodes[i].sock_addr(via, to) else {
             return;
         };
         self.nodes[i].sent += 1;
@@ -956,6 +987,9 @@ impl Sim {
         }
         if self.lost(site) {
             return;
+        }
+        if to.is_ipv6() {
+            return self.send_v6(site, lan, flight);
         }
         let now = self.now;
         let from = self.sites[site]
@@ -983,7 +1017,7 @@ impl Sim {
             let site = self.nodes[n].site;
             let public = self.sites[site].router.kind == NatKind::Public;
             let same_site = f.sender.is_some_and(|s| self.nodes[s].site == site);
-            return match (same_site, public) {
+            return match (same_site, public || f.to.is_ipv6()) {
                 (true, _) => self.deliver(n, f),
                 (false, true) => self.cross_link(site, f),
                 // A private address of another site leads nowhere.
@@ -1011,6 +1045,9 @@ impl Sim {
     }
 
     fn arrive_at_site(&mut self, site: usize, f: Flight) {
+        if f.to.is_ipv6() {
+            return self.arrive_v6(site, f);
+        }
         let now = self.now;
         let router = &mut self.sites[site].router;
         let lan = if router.kind == NatKind::Public {
@@ -1185,8 +1222,8 @@ impl Sim {
         node.own.clear();
         node.turn_on_shared_at_move = None;
         node.info.candidates.clear();
-        let lan = node.lan;
-        node.stack.set_local_candidates(now, vec![lan]);
+        let local = node.local_addrs();
+        node.stack.set_local_candidates(now, local);
         self.after(n);
         self.store_due = Some(now);
     }

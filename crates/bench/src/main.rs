@@ -146,10 +146,15 @@ struct Cli {
     scale_timeout: u64,
 
     /// Seconds each phase (before, after) of the natpaths section watches
-    /// the NAT lab's pairs: long enough for three silence-and-alternate
-    /// attempts at the default 30 s NAT timeout.
-    #[arg(long, default_value_t = 180)]
+    /// the NAT lab's pairs: long enough for the first two silence-and-
+    /// alternate attempts (coordinator first, peer first) at the default
+    /// 30 s NAT timeout.
+    #[arg(long, default_value_t = 120)]
     nat_window: u64,
+
+    /// Rounds of both phases in the natpaths section.
+    #[arg(long, default_value_t = 2)]
+    nat_rounds: usize,
 
     /// boringtun thread counts to run (its best is compared).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
@@ -246,6 +251,7 @@ fn main() -> ExitCode {
             window: std::time::Duration::from_secs(
                 q("nat-window", cli.nat_window as usize, 30) as u64
             ),
+            rounds: q("nat-rounds", cli.nat_rounds, 1),
         },
         footprint_samples: q("footprint-samples", cli.footprint_samples, 2),
         overlay: overlay::Opts {

@@ -43,6 +43,9 @@ use crate::report::Table;
 pub struct Opts {
     /// How long each phase watches the pairs after the agents start.
     pub window: Duration,
+    /// Both phases this many times (who sends first to a bare gateway is a
+    /// race that changes from one cold join to the next).
+    pub rounds: usize,
 }
 
 /// Sites added with a bare router (no input firewall): two, so that the
@@ -137,6 +140,7 @@ struct Seen {
 /// One pair at the end of a phase.
 #[derive(Debug, Clone)]
 pub struct Pair {
+    pub round: usize,
     pub a: usize,
     pub b: usize,
     /// Both agents reported the other connected, from the later start.
@@ -174,9 +178,10 @@ pub fn run(tools: &Tools, opts: &Opts) -> (String, Option<BenchError>) {
     let r = measure(tools, opts);
     let mut out = format!(
         "Measured {date} UTC at commit {commit}; load average at the start {load0}, at the end \
-         {}; took {:.0} s (two phases of {:.0} s each plus set-up).\n\n{}",
+         {}; took {:.0} s ({} round(s) of two phases of {:.0} s each, plus set-up).\n\n{}",
         loadavg(),
         started.elapsed().as_secs_f64(),
+        opts.rounds,
         opts.window.as_secs_f64(),
         intro()
     );
@@ -196,7 +201,8 @@ fn intro() -> String {
          sites whose routers have no input firewall (*bare masquerade*: a plain Linux \
          gateway, docs/natlab.md), coturn as STUN/TURN, Linux bridges, no pods. One cluster, \
          two phases, each a cold join: every agent leaves, every router's conntrack is \
-         flushed, all agents start at once, every pair pings over the host overlay twice a \
+         flushed, all agents start at once (*rounds*: both phases again, as who sends first \
+         to a bare gateway is a race that each cold join runs anew), every pair pings over the host overlay twice a \
          second, and every agent's `peers --json` is read every 100 ms for the whole window. \
          *before*: `{BEFORE}` merged into every node's `overlay` config: no port mapping, and \
          the silence-and-alternate schedule's first coordinated attempt pushed to ~625 s, \
@@ -205,7 +211,7 @@ fn intro() -> String {
          both agents report the `direct` path at the end of the window; *method* is \
          `peers --json`'s `method` (local, reflexive, learned, punched, mapped, relay, and \
          any newer one), both views when they differ; *time to direct* is from the later of \
-         the two agents' starts until both had reported `direct`. *Forced to the relay* is \
+         the two agents' starts until both had reported `direct`. Shares count pair-rounds. *Forced to the relay* is \
          the pair's NATs' verdict (`natpaths::forbidden`): UDP blocked, or symmetric on both \
          sides with no port mapping and no IPv6.\n\n"
     )
@@ -258,10 +264,26 @@ fn measure(tools: &Tools, opts: &Opts) -> Result<Run> {
         .collect::<Result<_>>()?;
     let before: Value = serde_json::from_str(BEFORE)
         .map_err(|e| BenchError::failed("the before config", e.to_string()))?;
-    eprintln!("evio-bench: natpaths: before ({:?}) ...", opts.window);
-    let b = phase(&mut c, &confs, &before, &hosts, opts.window)?;
-    eprintln!("evio-bench: natpaths: after ({:?}) ...", opts.window);
-    let a = phase(&mut c, &confs, &json!({}), &hosts, opts.window)?;
+    let (mut b, mut a) = (Vec::new(), Vec::new());
+    for round in 1..=opts.rounds.max(1) {
+        eprintln!(
+            "evio-bench: natpaths: round {round}, before ({:?}) ...",
+            opts.window
+        );
+        b.extend(phase(&mut c, &confs, &before, &hosts, opts.window, round)?);
+        eprintln!(
+            "evio-bench: natpaths: round {round}, after ({:?}) ...",
+            opts.window
+        );
+        a.extend(phase(
+            &mut c,
+            &confs,
+            &json!({}),
+            &hosts,
+            opts.window,
+            round,
+        )?);
+    }
     drop(c);
     Ok(Run {
         nodes,
@@ -299,6 +321,7 @@ fn phase(
     overlay: &Value,
     hosts: &[Option<IpAddr>],
     window: Duration,
+    round: usize,
 ) -> Result<Vec<Pair>> {
     stop_agents(c)?;
     write_confs(c, confs, overlay)?;
@@ -347,7 +370,7 @@ fn phase(
     });
     drop(pings);
     cleanup::check()?;
-    Ok(pairs(&seen, &starts))
+    Ok(pairs(&seen, &starts, round))
 }
 
 /// Reads one agent's view of its peers until `end`.
@@ -378,7 +401,7 @@ fn watch(a: &Agent, names: &BTreeMap<String, usize>, n: usize, end: Instant) -> 
     v
 }
 
-fn pairs(seen: &[Vec<Seen>], starts: &[Instant]) -> Vec<Pair> {
+fn pairs(seen: &[Vec<Seen>], starts: &[Instant], round: usize) -> Vec<Pair> {
     let n = seen.len();
     let mut out = Vec::new();
     for a in 0..n {
@@ -390,6 +413,7 @@ fn pairs(seen: &[Vec<Seen>], starts: &[Instant]) -> Vec<Pair> {
             };
             let m = |s: &Seen| s.method.clone().unwrap_or_else(|| "down".into());
             out.push(Pair {
+                round,
                 a,
                 b,
                 connected: both(x.connected, y.connected),
@@ -525,7 +549,7 @@ fn render(r: &Run) -> String {
     }
     let mut t = Table::new([
         "pair type",
-        "pairs",
+        "pairs × rounds",
         "before: method at the end",
         "before: direct",
         "after: method at the end",
@@ -586,6 +610,7 @@ fn totals(r: &Run) -> String {
 fn relayed(r: &Run) -> String {
     let mut t = Table::new([
         "pair (after)",
+        "round",
         "type",
         "method at the end",
         "connected s",
@@ -599,6 +624,7 @@ fn relayed(r: &Run) -> String {
         };
         t.row([
             format!("{} – {}", a.name, b.name),
+            p.round.to_string(),
             r.type_of(p),
             p.method.clone(),
             p.connected

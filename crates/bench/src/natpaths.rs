@@ -122,8 +122,10 @@ pub fn layout() -> (OverlayOpts, BTreeSet<usize>) {
         }
     }
     let first = o.sites.len();
-    o.sites
-        .extend(std::iter::repeat((NatType::PortRestrictedCone, 1)).take(BARE_SITES));
+    o.sites.extend(std::iter::repeat_n(
+        (NatType::PortRestrictedCone, 1),
+        BARE_SITES,
+    ));
     let bare = (first..o.sites.len()).collect();
     (o, bare)
 }

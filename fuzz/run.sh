@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-TARGETS=(netconf cni_env cni_result node_netconf ovsdb_reply store_record overlay switch)
+TARGETS=(netconf cni_env cni_result node_netconf ovsdb_reply store_record overlay switch portmap upnp)
 SANITIZER="${EVIO_FUZZ_SANITIZER:-none}"
 
 smoke() {

@@ -3,13 +3,17 @@
 # what is missing (coturn among it), builds the plugin, evio-node and the
 # simulator, and brings up a simulated cluster on this machine: nodes on a
 # NAT lab (sites behind port-restricted cone, symmetric, full-cone, double
-# and UDP-blocked NATs, and a public node; coturn as STUN/TURN server in the
-# lab's "internet"), each a network namespace with its own Open vSwitch,
+# and UDP-blocked NATs, a public node, and a home router running Debian's
+# miniupnpd that grants port mappings over PCP/NAT-PMP/UPnP; coturn as
+# STUN/TURN server in the lab's "internet"; the sites are
+# `OverlayOpts::nat_lab()`'s, which also has the marked place for the
+# dual-stack IPv6 site), each a network namespace with its own Open vSwitch,
 # subnets from the real `evio-node config-gen`, the real `evio-node agent`
 # joining the node bridges and hosts over encrypted tunnels, pods attached by
 # the real `evio` plugin. It prints the nodes (site, NAT type, addresses),
-# the pod reachability matrix, the node matrix with each pair's path
-# (direct or relay, RTT) and a Services row (kube-proxy's own rules in every
+# the pod reachability matrix, the node matrix with how each pair's path was
+# made (peers --json's method: local, reflexive, learned, punched, mapped =
+# direct; relay) and its RTT, a count of pairs per method, and a Services row (kube-proxy's own rules in every
 # node netns: each node's pod reaches a ClusterIP backed by a pod on another
 # node, and dnsmasq behind a ClusterIP answers as the cluster DNS over UDP
 # and TCP), then tears everything down (also on Ctrl-C).

@@ -630,3 +630,123 @@ pub fn switch(data: &[u8]) {
     let st = sw.stats();
     assert!(st.learned_macs <= st.peers * 65, "{st:?}");
 }
+
+/// The port-mapping client's fixed identity, so that seeds can hold valid
+/// answers (nonce, port and client as in the requests it sends).
+pub const PORTMAP_NONCE: [u8; 12] = [9; 12];
+pub const PORTMAP_PORT: u16 = 5800;
+const PORTMAP_GW: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 168, 1, 1);
+const PORTMAP_ME: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 168, 1, 2);
+
+/// PCP and NAT-PMP from the gateway (crates/overlay/src/portmap): the input
+/// is a script of records `[op, len, len bytes]`; op 0 is a datagram from
+/// the gateway's server address, 1 from a stranger, 2 moves the clock by
+/// `len` × 100 ms, 3 restarts, 4 shuts down. Every datagram also goes
+/// through both codecs on its own. What the client sends is always one of
+/// its three request shapes, a mapping it holds has an address anyone can
+/// reach, and after a shutdown it is done within bounded time.
+pub fn portmap(data: &[u8]) {
+    use evio_overlay::portmap::{natpmp, pcp, PortMapConfig, PortMapper, SERVER_PORT};
+    use std::net::{SocketAddr, SocketAddrV4};
+    use std::time::Duration;
+    if data.len() > MAX_INPUT {
+        return;
+    }
+    let mut now = std::time::Instant::now();
+    let cfg = PortMapConfig {
+        gateway: PORTMAP_GW,
+        client: PORTMAP_ME,
+        internal_port: PORTMAP_PORT,
+        lifetime: evio_overlay::portmap::LIFETIME,
+    };
+    let mut m = PortMapper::new(now, cfg, PORTMAP_NONCE);
+    let server = SocketAddr::V4(SocketAddrV4::new(PORTMAP_GW, SERVER_PORT));
+    let stranger = SocketAddr::V4(SocketAddrV4::new(PORTMAP_ME, SERVER_PORT));
+    let check = |m: &mut PortMapper| {
+        while let Some(t) = m.poll_transmit() {
+            let shape = match t.len() {
+                pcp::REQUEST_LEN => t[0] == pcp::VERSION,
+                2 | 12 => t[0] == 0,
+                _ => false,
+            };
+            assert!(shape, "sent {t:?}");
+        }
+        while m.poll_event().is_some() {}
+        if let Some((_, ext)) = m.mapped() {
+            assert!(evio_overlay::portmap::usable(*ext.ip()) && ext.port() != 0, "{ext}");
+        }
+    };
+    let mut rest = data;
+    while let [op, len, tail @ ..] = rest {
+        let n = usize::from(*len).min(tail.len());
+        let (body, next) = tail.split_at(n);
+        rest = next;
+        match op % 5 {
+            0 | 1 => {
+                let _ = pcp::parse_map_response(body);
+                let _ = pcp::is_natpmp_version_error(body);
+                if let Some(r) = natpmp::parse_response(body) {
+                    let _ = (r.result(), r.epoch(), natpmp::result_name(r.result()));
+                }
+                m.handle_datagram(now, if op % 5 == 0 { server } else { stranger }, body);
+            }
+            2 => {
+                now += Duration::from_millis(u64::from(*len) * 100);
+                m.handle_timeout(now);
+            }
+            3 => m.restart(now),
+            _ => m.shutdown(now),
+        }
+        check(&mut m);
+    }
+    m.shutdown(now);
+    for _ in 0..64 {
+        check(&mut m);
+        if m.is_done() {
+            return;
+        }
+        match m.poll_timeout() {
+            Some(t) => now = now.max(t),
+            None => break,
+        }
+        m.handle_timeout(now);
+    }
+    check(&mut m);
+    assert!(m.is_done(), "not done after a shutdown and every timeout");
+}
+
+/// What a UPnP gateway sends (crates/agent/src/upnp.rs): the input up to
+/// the first NUL is an SSDP answer, the rest an HTTP answer, read as a
+/// description and as a SOAP answer. A location and a control URL are
+/// always on the gateway and print back to themselves, an external address
+/// is one anyone can reach, and a body is never longer than the answer.
+pub fn upnp(data: &[u8]) {
+    use std::net::IpAddr;
+    if data.len() > MAX_INPUT {
+        return;
+    }
+    let (ssdp, answer) = match data.iter().position(|&b| b == 0) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let ssdp = String::from_utf8_lossy(ssdp);
+    let r = evio_agent::upnp::read_gateway_bytes(PORTMAP_GW, &ssdp, answer);
+    if let Some((host, port, path)) = &r.location {
+        assert_eq!(*host, IpAddr::V4(PORTMAP_GW));
+        assert!(path.starts_with('/'), "{path}");
+        let again = format!("location: http://{host}:{port}{path}\r\n");
+        let back = evio_agent::upnp::read_gateway_bytes(PORTMAP_GW, &again, b"");
+        assert_eq!(back.location.as_ref(), Some(&(*host, *port, path.clone())));
+    }
+    if let Some((_, host, _, path)) = &r.control {
+        assert_eq!(*host, IpAddr::V4(PORTMAP_GW));
+        assert!(path.starts_with('/'), "{path}");
+    }
+    if let Some(ip) = r.external {
+        assert!(evio_overlay::portmap::usable(ip), "{ip}");
+    }
+    if let Ok(body) = &r.body {
+        // Lossy UTF-8 may grow each bad byte to three.
+        assert!(body.len() <= answer.len() * 3, "{} > {}", body.len(), answer.len());
+    }
+}

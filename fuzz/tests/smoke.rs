@@ -19,6 +19,8 @@ const TARGETS: &[(&str, Body)] = &[
     ("store_record", evio_fuzz::store_record),
     ("overlay", evio_fuzz::overlay),
     ("switch", evio_fuzz::switch),
+    ("portmap", evio_fuzz::portmap),
+    ("upnp", evio_fuzz::upnp),
 ];
 
 struct Rng(u64);

@@ -66,20 +66,10 @@ impl Upnp {
         };
         stopped()?;
         let desc = http(&location, "GET", &[], "")?;
-        let (service, path) =
-            control_url(&desc).ok_or("no WANIPConnection service in its description")?;
-        let control = location.join(&path);
-        if control.host != IpAddr::V4(gw) {
-            return Err(format!(
-                "its control URL points away from the gateway: {path}"
-            ));
-        }
+        let (service, control) = control_of(&location, &desc, gw)?;
         stopped()?;
         let ip = soap(&control, &service, "GetExternalIPAddress", "")?;
-        let ip = element(&ip, "NewExternalIPAddress")
-            .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
-            .filter(|ip| evio_overlay::portmap::usable(*ip))
-            .ok_or("no usable external address")?;
+        let ip = external_ip(&ip).ok_or("no usable external address")?;
         let mut u = Upnp {
             control,
             service,
@@ -193,14 +183,78 @@ fn discover(gw: Ipv4Addr, me: Ipv4Addr, stop: &Stop) -> Result<Url, String> {
         if from.ip() != IpAddr::V4(gw) {
             continue;
         }
-        let text = String::from_utf8_lossy(&buf[..n]);
-        if let Some(url) = header(&text, "location").and_then(|l| Url::parse(l.trim())) {
-            if url.host == IpAddr::V4(gw) {
-                return Ok(url);
-            }
+        if let Some(url) = location_of(&String::from_utf8_lossy(&buf[..n]), gw) {
+            return Ok(url);
         }
     }
     Err("no Internet Gateway Device answered from the gateway".into())
+}
+
+/// The LOCATION of an SSDP answer, if it is a URL on the gateway.
+fn location_of(ssdp: &str, gw: Ipv4Addr) -> Option<Url> {
+    let url = header(ssdp, "location").and_then(|l| Url::parse(l.trim()))?;
+    (url.host == IpAddr::V4(gw)).then_some(url)
+}
+
+/// The WAN connection service of a description and its control URL,
+/// which must be on the gateway too.
+fn control_of(location: &Url, desc: &str, gw: Ipv4Addr) -> Result<(String, Url), String> {
+    let (service, path) =
+        control_url(desc).ok_or("no WANIPConnection service in its description")?;
+    let control = location.join(&path);
+    if control.host != IpAddr::V4(gw) {
+        return Err(format!(
+            "its control URL points away from the gateway: {path}"
+        ));
+    }
+    Ok((service, control))
+}
+
+/// The external address of a GetExternalIPAddress answer, if anyone could
+/// reach us there.
+fn external_ip(answer: &str) -> Option<Ipv4Addr> {
+    element(answer, "NewExternalIPAddress")
+        .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
+        .filter(|ip| evio_overlay::portmap::usable(*ip))
+}
+
+/// What the client makes of a gateway's bytes, for the fuzz target
+/// (fuzz/src/lib.rs, `upnp`); the agent does not use it.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct GatewayRead {
+    /// The SSDP answer's LOCATION on the gateway: host, port, path.
+    pub location: Option<(IpAddr, u16, String)>,
+    /// The HTTP answer's body, or why it was refused.
+    pub body: Result<String, String>,
+    /// The body read as a description: the service and its control URL
+    /// (host, port, path), joined to the location.
+    pub control: Option<(String, IpAddr, u16, String)>,
+    /// The body read as a GetExternalIPAddress answer.
+    pub external: Option<Ipv4Addr>,
+}
+
+/// Every parser a gateway's bytes reach: `ssdp` as an SSDP answer,
+/// `answer` as an HTTP answer whose body is a description and a SOAP
+/// answer.
+#[doc(hidden)]
+pub fn read_gateway_bytes(gw: Ipv4Addr, ssdp: &str, answer: &[u8]) -> GatewayRead {
+    let location = location_of(ssdp, gw);
+    let body = http_answer(answer, Ok(()));
+    let text = body.as_deref().unwrap_or_default();
+    let base = location.clone().unwrap_or(Url {
+        host: IpAddr::V4(gw),
+        port: 80,
+        path: "/".into(),
+    });
+    GatewayRead {
+        location: location.map(|u| (u.host, u.port, u.path)),
+        control: control_of(&base, text, gw)
+            .ok()
+            .map(|(s, u)| (s, u.host, u.port, u.path)),
+        external: external_ip(text),
+        body,
+    }
 }
 
 /// `http://host:port/path`, IP literals only (a gateway's URLs are).
@@ -319,16 +373,30 @@ fn http(url: &Url, method: &str, headers: &[(&str, String)], body: &str) -> Resu
     req.push_str(body);
     s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
     let (raw, read) = read_until(&mut s, end);
-    let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(|| match read {
-        Err(e) => format!("no answer: {e}"),
-        Ok(_) => "no HTTP answer".to_string(),
-    })?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    let body = match header(head, "transfer-encoding") {
-        Some(te) if te.eq_ignore_ascii_case("chunked") => dechunk(rest),
-        _ => rest.to_string(),
+    http_answer(&raw, read)
+}
+
+/// The body of an HTTP answer with status 200, else an error naming the
+/// status (and the UPnP error code, if any); `read` is how reading it
+/// ended.
+fn http_answer(raw: &[u8], read: std::io::Result<()>) -> Result<String, String> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n");
+    let Some(at) = split else {
+        return Err(match read {
+            Err(e) => format!("no answer: {e}"),
+            Ok(_) => "no HTTP answer".to_string(),
+        });
     };
+    let head = String::from_utf8_lossy(&raw[..at]);
+    let rest = &raw[at + 4..];
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    // Bytes, not text, until the chunks are joined: a chunk may end inside
+    // a multi-byte character (or in bytes that are not UTF-8 at all).
+    let body = match header(&head, "transfer-encoding") {
+        Some(te) if te.eq_ignore_ascii_case("chunked") => dechunk(rest),
+        _ => rest.to_vec(),
+    };
+    let body = String::from_utf8_lossy(&body).into_owned();
     if status != "200" {
         let code = element(&body, "errorCode").unwrap_or("");
         let desc = element(&body, "errorDescription").unwrap_or("");
@@ -356,17 +424,24 @@ fn read_until(s: &mut TcpStream, end: Instant) -> (Vec<u8>, std::io::Result<()>)
     }
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+fn dechunk(mut s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = s.windows(2).position(|w| w == b"\r\n") {
+        let (size, rest) = (&s[..eol], &s[eol + 2..]);
+        let Some(n) = std::str::from_utf8(size)
+            .ok()
+            .and_then(|x| usize::from_str_radix(x.trim(), 16).ok())
+        else {
             break;
         };
         if n == 0 || rest.len() < n {
             break;
         }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
+        out.extend_from_slice(&rest[..n]);
+        s = &rest[n..];
+        while let Some(r) = s.strip_prefix(b"\r\n") {
+            s = r;
+        }
     }
     out
 }
@@ -437,10 +512,26 @@ mod tests {
             <errorDescription>ConflictInMappingEntry</errorDescription></UPnPError></detail></s:Fault>";
         assert_eq!(element(fault, "errorCode"), Some("718"));
         assert_eq!(
-            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-            "hello world"
+            dechunk(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            b"hello world"
         );
-        assert_eq!(dechunk("zz\r\nhello"), "");
-        assert_eq!(dechunk("ff\r\nshort"), "");
+        assert_eq!(dechunk(b"zz\r\nhello"), b"");
+        assert_eq!(dechunk(b"ff\r\nshort"), b"");
+    }
+
+    /// Found by the `upnp` fuzz target: a chunk that ends inside a
+    /// multi-byte character (or a body that is not UTF-8) panicked the
+    /// port-mapping thread.
+    #[test]
+    fn chunks_are_joined_as_bytes() {
+        let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n\xc3\r\n2\r\n\xa9\xff\r\n0\r\n\r\n";
+        assert_eq!(http_answer(answer, Ok(())).as_deref(), Ok("\u{e9}\u{fffd}"));
+        let r = read_gateway_bytes(
+            Ipv4Addr::new(192, 168, 1, 1),
+            "LOCATION: http://192.168.1.1:5000/d.xml\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n\xe2\x82\r\n",
+        );
+        assert_eq!(r.location.map(|l| l.1), Some(5000));
+        assert!(r.body.is_ok() && r.control.is_none());
     }
 }

@@ -16,6 +16,7 @@ pub mod footprint;
 pub mod iperf;
 pub mod latency;
 pub mod machine;
+pub mod natpaths;
 pub mod node;
 pub mod overlay;
 pub mod report;
@@ -41,6 +42,9 @@ pub enum Part {
     /// Not in [`Part::ALL`]: its 128- and 256-node runs take the machine
     /// for many minutes; `--only scale` asks for it.
     Scale,
+    /// Not in [`Part::ALL`]: two windows of minutes each (hard-NAT
+    /// traversal takes that long); `--only natpaths` asks for it.
+    Natpaths,
 }
 
 impl Part {
@@ -62,6 +66,7 @@ impl Part {
             Part::Overlay => "overlay",
             Part::Services => "services",
             Part::Scale => "scale",
+            Part::Natpaths => "natpaths",
         }
     }
 
@@ -76,6 +81,7 @@ impl Part {
                 "6. Services: pod to pod vs pod to ClusterIP, and the cost of evio's Services path"
             }
             Part::Scale => "7. Overlay at scale: routed lab, etcd store, 32 to 256 nodes",
+            Part::Natpaths => "8. NAT lab: the path of every pair type, before and after issue 25",
         }
     }
 }
@@ -86,12 +92,12 @@ impl FromStr for Part {
     fn from_str(s: &str) -> std::result::Result<Part, String> {
         Part::ALL
             .into_iter()
-            .chain([Part::Scale])
+            .chain([Part::Scale, Part::Natpaths])
             .find(|p| p.name() == s || (s == "allocation" && *p == Part::Alloc))
             .ok_or_else(|| {
                 format!(
                     "unknown section {s:?}; one of: {}",
-                    Part::ALL.map(Part::name).join(", ") + ", scale"
+                    Part::ALL.map(Part::name).join(", ") + ", scale, natpaths"
                 )
             })
     }
@@ -109,6 +115,7 @@ pub struct Config {
     pub overlay: overlay::Opts,
     pub services: services::Opts,
     pub scale: scale::Opts,
+    pub natpaths: natpaths::Opts,
 }
 
 fn whole(r: Result<String>) -> (String, Option<BenchError>) {
@@ -135,6 +142,7 @@ pub fn run(cfg: &Config, mut each: impl FnMut(&Section)) -> Vec<Section> {
                 Part::Overlay => overlay::run(&cfg.tools, &cfg.overlay),
                 Part::Services => whole(services::run(&cfg.tools, &cfg.services)),
                 Part::Scale => scale::run(&cfg.tools, &cfg.scale),
+                Part::Natpaths => natpaths::run(&cfg.tools, &cfg.natpaths),
             },
         };
         eprintln!(

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use crate::node::Tools;
 use crate::report::Table;
 
-fn first_line(program: &str, args: &[&str]) -> String {
+pub(crate) fn first_line(program: &str, args: &[&str]) -> String {
     Command::new(program)
         .args(args)
         .stdin(Stdio::null())

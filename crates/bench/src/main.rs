@@ -35,7 +35,8 @@ struct Cli {
     quick: bool,
 
     /// Run only these sections (comma-separated): latency, alloc, datapath, footprint, overlay,
-    /// services, scale (scale runs only when named here).
+    /// services, scale, natpaths (scale and natpaths run only when named here). With
+    /// `--output`, only these sections of the file are replaced.
     #[arg(long, value_delimiter = ',', value_name = "SECTION")]
     only: Vec<Part>,
 
@@ -144,6 +145,17 @@ struct Cli {
     #[arg(long, default_value_t = 300)]
     scale_timeout: u64,
 
+    /// Seconds each phase (before, after) of the natpaths section watches
+    /// the NAT lab's pairs: long enough for the first two silence-and-
+    /// alternate attempts (coordinator first, peer first) at the default
+    /// 30 s NAT timeout.
+    #[arg(long, default_value_t = 120)]
+    nat_window: u64,
+
+    /// Rounds of both phases in the natpaths section.
+    #[arg(long, default_value_t = 2)]
+    nat_rounds: usize,
+
     /// boringtun thread counts to run (its best is compared).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     boringtun_threads: Vec<usize>,
@@ -235,6 +247,12 @@ fn main() -> ExitCode {
             idle_seconds: q("idle-seconds", cli.idle_seconds as usize, 2) as u32,
             timeout: std::time::Duration::from_secs(cli.scale_timeout),
         },
+        natpaths: evio_bench::natpaths::Opts {
+            window: std::time::Duration::from_secs(
+                q("nat-window", cli.nat_window as usize, 30) as u64
+            ),
+            rounds: q("nat-rounds", cli.nat_rounds, 1),
+        },
         footprint_samples: q("footprint-samples", cli.footprint_samples, 2),
         overlay: overlay::Opts {
             seconds: q("overlay-seconds", cli.overlay_seconds as usize, 1) as u32,
@@ -277,7 +295,7 @@ fn main() -> ExitCode {
     }
     let failed = sections.iter().filter(|s| s.error.is_some()).count();
     if let Some(path) = &cli.output {
-        if let Err(e) = write_into(path, &doc) {
+        if let Err(e) = write_into(path, &doc, !cli.only.is_empty()) {
             eprintln!("evio-bench: {e}");
             return ExitCode::FAILURE;
         }

@@ -204,7 +204,7 @@ fn wait_quiet(max: Duration) -> Result<f64> {
     }
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()
@@ -241,7 +241,12 @@ fn mem_total_kib() -> Option<u64> {
 // ---------------------------------------------------------------------------
 // Clusters
 
-fn up(tools: &Tools, bridge: BridgeType, mut ov: OverlayOpts, pods: usize) -> Result<Cluster> {
+pub(crate) fn up(
+    tools: &Tools,
+    bridge: BridgeType,
+    mut ov: OverlayOpts,
+    pods: usize,
+) -> Result<Cluster> {
     // The agents log what EVIO_LOG asks for (see `logs` of the NAT run).
     if let Ok(v) = std::env::var("EVIO_LOG") {
         ov.agent_env.push(("EVIO_LOG".into(), v));
@@ -258,7 +263,7 @@ fn up(tools: &Tools, bridge: BridgeType, mut ov: OverlayOpts, pods: usize) -> Re
     Ok(c)
 }
 
-fn agent_of(n: &SimNode) -> Result<&Agent> {
+pub(crate) fn agent_of(n: &SimNode) -> Result<&Agent> {
     n.agent
         .as_ref()
         .ok_or_else(|| BenchError::failed(&n.name, "no agent"))
@@ -286,7 +291,7 @@ fn wait_all(c: &Cluster, timeout: Duration) -> Result<Duration> {
 
 /// Takes every node off the network (a stop would keep their devices on
 /// the bridges and their records in the store).
-fn stop_agents(c: &mut Cluster) -> Result<()> {
+pub(crate) fn stop_agents(c: &mut Cluster) -> Result<()> {
     for i in 0..c.nodes().len() {
         let failed = |why: String| BenchError::failed(format!("stop agent of node-{i}"), why);
         match c.leave_agent(i) {
@@ -377,7 +382,7 @@ fn ping_once(fd: &NsFd, to: &str, wait: &str) -> Result<bool> {
     .success())
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     // Infinity (never happened) counts: it is the worst sample.
     let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
     if s.is_empty() {

@@ -93,13 +93,81 @@ pub fn splice(existing: Option<&str>, generated: &str) -> String {
     }
 }
 
-pub fn write_into(path: &Path, generated: &str) -> Result<()> {
+/// The `## ` sections of a generated block, each with its heading line
+/// (the text before the first heading has an empty one), each ending in a
+/// blank line.
+fn sections(block: &str) -> Vec<(String, String)> {
+    let mut out = vec![(String::new(), String::new())];
+    for line in block.split_inclusive('\n') {
+        if line.starts_with("## ") {
+            out.push((line.trim_end().to_string(), String::new()));
+        }
+        if let Some(last) = out.last_mut() {
+            last.1.push_str(line);
+        }
+    }
+    for s in &mut out {
+        s.1 = format!("{}\n\n", s.1.trim_end());
+    }
+    out.retain(|(h, t)| !h.is_empty() || !t.trim().is_empty());
+    out
+}
+
+/// "## 8. Title" -> 8.
+fn number(heading: &str) -> Option<u32> {
+    heading
+        .strip_prefix("## ")?
+        .split('.')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Like [`splice`], but only the numbered sections `generated` has are
+/// replaced in the existing block (matched by number; new ones go in
+/// number order) and everything else in it stays: a run of some sections
+/// keeps the other sections' figures and the machine table of the last
+/// whole run.
+pub fn splice_parts(existing: Option<&str>, generated: &str) -> String {
+    let inner = existing.and_then(|old| {
+        let (b, e) = (old.find(BEGIN)?, old.find(END)?);
+        (b < e).then(|| &old[b + BEGIN.len()..e])
+    });
+    let Some(inner) = inner else {
+        return splice(existing, generated);
+    };
+    let mut secs = sections(inner.trim_start_matches('\n'));
+    for (h, text) in sections(generated) {
+        let Some(n) = number(&h) else { continue };
+        match secs.iter_mut().find(|(o, _)| number(o) == Some(n)) {
+            Some(s) => s.1 = text,
+            None => {
+                let at = secs
+                    .iter()
+                    .position(|(o, _)| number(o).is_some_and(|m| m > n))
+                    .unwrap_or(secs.len());
+                secs.insert(at, (h, text));
+            }
+        }
+    }
+    let joined: String = secs.into_iter().map(|s| s.1).collect();
+    splice(existing, &joined)
+}
+
+/// Writes the report into `path` between the markers: the whole block,
+/// or (`only_these`) just the sections this run made.
+pub fn write_into(path: &Path, generated: &str, only_these: bool) -> Result<()> {
     let old = match std::fs::read_to_string(path) {
         Ok(s) => Some(s),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(BenchError::io(format!("read {}", path.display()))(e)),
     };
-    let doc = splice(old.as_deref(), generated);
+    let doc = if only_these {
+        splice_parts(old.as_deref(), generated)
+    } else {
+        splice(old.as_deref(), generated)
+    };
     let tmp = path.with_extension("md.tmp");
     std::fs::write(&tmp, doc)
         .and_then(|()| std::fs::rename(&tmp, path))
@@ -133,5 +201,21 @@ mod tests {
         let new = splice(Some("notes\n"), "gen");
         assert!(new.starts_with(BEGIN) && new.ends_with("notes\n"));
         assert!(splice(None, "gen").contains("gen\n<!-- END"));
+    }
+
+    #[test]
+    fn a_partial_run_replaces_only_its_sections() {
+        let old = format!(
+            "intro\n{BEGIN}\nGenerated\n\n## Machine\n\nm\n## 1. A\n\na\n## 5. B\n\nb\n{END}\nend\n"
+        );
+        let run = "Generated again\n\n## Machine\n\nm2\n## 5. B\n\nb2\n## 3. C\n\nc\n";
+        assert_eq!(
+            splice_parts(Some(&old), run),
+            format!(
+                "intro\n{BEGIN}\nGenerated\n\n## Machine\n\nm\n\n## 1. A\n\na\n\n## 3. C\n\nc\n\n## 5. B\n\nb2\n{END}\nend\n"
+            )
+        );
+        // Nothing to splice into: as a whole run.
+        assert_eq!(splice_parts(None, run), splice(None, run));
     }
 }

@@ -618,7 +618,15 @@ impl Dataplane {
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
                 Command::Peers(peers) => self.stack.set_peers(now, &peers),
-                Command::LocalCandidates(c) => self.stack.set_local_candidates(now, c),
+                Command::LocalCandidates(mut c) => {
+                    // Without an IPv6 socket (none on the host, the port
+                    // taken, or `overlay.ipv6: false`) an IPv6 candidate
+                    // would be published that nothing answers on.
+                    if self.io.udp6.is_none() {
+                        c.retain(SocketAddr::is_ipv4);
+                    }
+                    self.stack.set_local_candidates(now, c)
+                }
                 Command::Mapped(m) => self.stack.set_mapped(m),
                 Command::Status(reply) => {
                     let _ = reply.send(self.snapshot(now));

@@ -151,6 +151,8 @@ pub struct AgentConfig {
     pub nat_udp_timeout: Duration,
     /// `overlay.portMapping`: ask the default gateway for a mapping.
     pub port_mapping: bool,
+    /// `overlay.ipv6`: the IPv6 socket and candidates.
+    pub ipv6: bool,
     pub private_key: Secret,
     pub network_key: Option<Secret>,
     /// The second line of a two-key network key file: accepted, not sent.
@@ -601,7 +603,12 @@ fn build_engine(
         stun: cfg.stun.clone(),
         turn: cfg.turn.clone(),
     };
-    let udp6 = bind_v6(nat_cfg.port);
+    let udp6 = if cfg.ipv6 {
+        bind_v6(nat_cfg.port)
+    } else {
+        tracing::info!("no IPv6 underlay: overlay.ipv6 is false");
+        None
+    };
     let nat = Nat::new(now, nat_cfg, evio_overlay::crypto::os_seed());
     let waker = Waker::new()?;
     let (cmd_tx, cmd_rx) = mpsc::sync_channel(dataplane::COMMAND_QUEUE);

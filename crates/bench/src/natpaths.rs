@@ -12,7 +12,7 @@
 //! exchanges pings over the host overlay (sessions may be made on demand):
 //!
 //! * *before*: every node's `overlay` config gets [`BEFORE`]: no port
-//!   mapping, and a NAT UDP timeout of 600 s, which puts the
+//!   mapping, no IPv6 underlay, and a NAT UDP timeout of 600 s, which puts the
 //!   silence-and-alternate schedule's first coordinated attempt ~625 s
 //!   after the start, far past the window: what the agents did before
 //!   issue 25 (plain retries; the pairs that retries could open are open
@@ -55,7 +55,7 @@ pub const BARE_SITES: usize = 2;
 const ALSO: [NatType; 1] = [NatType::Upnp];
 /// Merged into every node's `overlay` config in the *before* phase. An off
 /// switch of a later traversal method goes here.
-pub const BEFORE: &str = r#"{"portMapping": false, "natUdpTimeout": 600}"#;
+pub const BEFORE: &str = r#"{"portMapping": false, "natUdpTimeout": 600, "ipv6": false}"#;
 /// How often each agent's `peers --json` is read.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -65,14 +65,16 @@ pub struct Kind {
     pub nat: NatType,
     /// Router without an input firewall (only port-restricted sites here).
     pub bare: bool,
+    /// The site also has the lab's IPv6 internet (`ipv6_sites`).
+    pub ipv6: bool,
 }
 
 impl Kind {
     pub fn label(self) -> String {
-        if self.bare {
-            "bare masquerade".into()
-        } else {
-            self.nat.to_string()
+        match (self.bare, self.ipv6) {
+            (true, _) => "bare masquerade".into(),
+            (false, true) => format!("{} + IPv6", self.nat),
+            (false, false) => self.nat.to_string(),
         }
     }
 }
@@ -81,7 +83,7 @@ impl Kind {
 /// direct path. A kind this does not know (a newer site type) allows one.
 pub fn forbidden(a: Kind, b: Kind, same_site: bool) -> Option<&'static str> {
     use NatType::*;
-    if same_site {
+    if same_site || (a.ipv6 && b.ipv6) {
         return None;
     }
     if a.nat == UdpBlocked || b.nat == UdpBlocked {
@@ -206,7 +208,7 @@ fn intro() -> String {
          flushed, all agents start at once (*rounds*: both phases again, as who sends first \
          to a bare gateway is a race that each cold join runs anew), every pair pings over the host overlay twice a \
          second, and every agent's `peers --json` is read every 100 ms for the whole window. \
-         *before*: `{BEFORE}` merged into every node's `overlay` config: no port mapping, and \
+         *before*: `{BEFORE}` merged into every node's `overlay` config: no port mapping, no IPv6 underlay, and \
          the silence-and-alternate schedule's first coordinated attempt pushed to ~625 s, \
          past the window (the agents before issue 25 retried plainly; retrying never opens a \
          bare-gateway pair, docs/natlab.md). *after*: the defaults. A pair is direct when \
@@ -229,11 +231,13 @@ fn measure(tools: &Tools, opts: &Opts) -> Result<Run> {
             let k = Kind {
                 nat: *n,
                 bare: bare.contains(&i),
+                ipv6: ov.ipv6_sites.contains(&i),
             };
             format!("{c}×{}", k.label())
         })
         .collect();
     eprintln!("evio-bench: natpaths: sites {}", sites.join(", "));
+    let ipv6_sites = ov.ipv6_sites.clone();
     let mut c = up(tools, BridgeType::Linux, ov, 0)?;
     {
         let lab = c
@@ -253,6 +257,7 @@ fn measure(tools: &Tools, opts: &Opts) -> Result<Run> {
                 kind: Kind {
                     nat,
                     bare: bare.contains(&site),
+                    ipv6: ipv6_sites.contains(&site),
                 },
                 site,
             }
@@ -648,7 +653,11 @@ mod tests {
     use super::*;
 
     fn k(nat: NatType) -> Kind {
-        Kind { nat, bare: false }
+        Kind {
+            nat,
+            bare: false,
+            ipv6: false,
+        }
     }
 
     #[test]
@@ -667,9 +676,19 @@ mod tests {
         let bare = Kind {
             nat: PortRestrictedCone,
             bare: true,
+            ipv6: false,
         };
         assert!(forbidden(bare, bare, false).is_none());
         assert_eq!(bare.label(), "bare masquerade");
+        // IPv6 on both sides: the v6 firewalls are endpoint-independent
+        // filters that a simultaneous open passes.
+        let v6 = Kind {
+            ipv6: true,
+            ..k(Symmetric)
+        };
+        assert!(forbidden(v6, v6, false).is_none());
+        assert!(forbidden(v6, k(Symmetric), false).is_some());
+        assert_eq!(v6.label(), "Symmetric + IPv6");
     }
 
     #[test]
@@ -682,6 +701,7 @@ mod tests {
             .all(|&i| o.sites[i].0 == NatType::PortRestrictedCone));
         let v: Value = serde_json::from_str(BEFORE).unwrap();
         assert_eq!(v["portMapping"], false);
+        assert_eq!(v["ipv6"], false);
     }
 
     #[test]

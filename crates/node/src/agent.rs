@@ -374,6 +374,7 @@ fn agent_config(
         announce: ov.announce.clone(),
         nat_udp_timeout: Duration::from_secs(u64::from(ov.nat_udp_timeout)),
         port_mapping: ov.port_mapping,
+        ipv6: ov.ipv6,
         private_key,
         network_key,
         network_key_also,

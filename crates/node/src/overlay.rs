@@ -54,6 +54,10 @@ pub struct OverlayConf {
     /// `overlay.portMapping`: ask the default gateway for a port mapping
     /// (PCP, NAT-PMP, UPnP IGD). On unless false.
     pub port_mapping: bool,
+    /// `overlay.ipv6`: an IPv6 underlay beside the IPv4 one (a socket on
+    /// `[::]:listenPort`, global IPv6 addresses as candidates). On unless
+    /// false; off, the node is the IPv4-only agent it was before.
+    pub ipv6: bool,
     pub key_file: PathBuf,
     pub network_key_file: Option<PathBuf>,
     pub underlay_mtu: u32,
@@ -81,6 +85,18 @@ fn host_port(s: &str, key: &str) -> Result<(), NodeError> {
     match s.rsplit_once(':') {
         Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0) => Ok(()),
         _ => Err(invalid(key, format!("{s:?} is not host:port"))),
+    }
+}
+
+/// `overlay.<name>`: a switch, on when absent or null.
+fn flag(o: &serde_json::Map<String, Value>, name: &str) -> Result<bool, NodeError> {
+    match o.get(name) {
+        None | Some(Value::Null) => Ok(true),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(invalid(
+            &format!("overlay.{name}"),
+            format!("expected true or false, got {other}"),
+        )),
     }
 }
 
@@ -189,6 +205,7 @@ const OVERLAY_KEYS: &[&str] = &[
     "listenPort",
     "announce",
     "portMapping",
+    "ipv6",
     "stun",
     "turn",
     "keyFile",
@@ -283,16 +300,8 @@ impl OverlayConf {
         })?;
         let turn = list(o, "turn", "a list of objects", turn_server)?;
         let announce = list(o, "announce", "a list of \"ip:port\"", announced)?;
-        let port_mapping = match o.get("portMapping") {
-            None | Some(Value::Null) => true,
-            Some(Value::Bool(b)) => *b,
-            Some(other) => {
-                return Err(invalid(
-                    "overlay.portMapping",
-                    format!("expected true or false, got {other}"),
-                ))
-            }
-        };
+        let ipv6 = flag(o, "ipv6")?;
+        let port_mapping = flag(o, "portMapping")?;
         let path = |k: &str| -> Result<Option<PathBuf>, NodeError> {
             match o.get(k) {
                 None | Some(Value::Null) => Ok(None),
@@ -358,6 +367,7 @@ impl OverlayConf {
             turn,
             announce,
             port_mapping,
+            ipv6,
             key_file,
             network_key_file,
             underlay_mtu,
@@ -443,6 +453,8 @@ mod tests {
         assert_eq!(f.host_address, None);
         assert!(f.announce.is_empty());
         assert!(f.port_mapping, "on by default");
+        assert!(f.ipv6, "on by default");
+        assert!(!parse(r#"{"overlay":{"ipv6":false}}"#).unwrap().ipv6);
         assert!(
             !parse(r#"{"overlay":{"portMapping":false}}"#)
                 .unwrap()
@@ -530,6 +542,7 @@ mod tests {
             ),
             (r#"{"overlay":{"announce":[5800]}}"#, "overlay.announce[0]"),
             (r#"{"overlay":{"portMapping":"no"}}"#, "overlay.portMapping"),
+            (r#"{"overlay":{"ipv6":"yes"}}"#, "overlay.ipv6"),
             (
                 r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"10.10.0.1/16"}"#,
                 "hostAddress",

@@ -175,6 +175,8 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
                 sites[0].1 += left;
             }
             o.sites = sites;
+            let n = o.sites.len();
+            o.ipv6_sites.retain(|&s| s < n);
         }
         Some(o)
     };

@@ -158,6 +158,11 @@ pub struct OverlayOpts {
     /// Per node (by index): JSON merged into its net-conf.json (an
     /// `overlay` object is merged key by key), e.g. a different network key.
     pub node_netconf: Vec<(usize, Value)>,
+    /// Sites (by index into `sites`) that also get the lab's IPv6 internet
+    /// before the agents start ([`crate::natlab::Lab::add_ipv6`]): a
+    /// global 2001:db8:K::/64 behind the router's stateful firewall, or
+    /// on the internet segment for a public site. Not a double NAT.
+    pub ipv6_sites: Vec<usize>,
 }
 
 impl OverlayOpts {
@@ -172,6 +177,7 @@ impl OverlayOpts {
             network_key: true,
             agent_env: Vec::new(),
             node_netconf: Vec::new(),
+            ipv6_sites: Vec::new(),
         }
     }
 
@@ -188,6 +194,7 @@ impl OverlayOpts {
             network_key: true,
             agent_env: Vec::new(),
             node_netconf: Vec::new(),
+            ipv6_sites: Vec::new(),
         }
     }
 
@@ -207,11 +214,11 @@ impl OverlayOpts {
                 (NatType::UdpBlocked, 1),
                 (NatType::Public, 1),
                 (NatType::Upnp, 1),
-                // DUAL-STACK SITE (issue 25, to be wired once the lab's IPv6
-                // internet lands): a node behind a symmetric IPv4 NAT with a
-                // global IPv6 address, e.g. `(NatType::<dual-stack>, 1)`.
-                // Listed here, it is in cluster.sh's run and in the
-                // benchmark's section 8 (per pair type) with no other change.
+                // Dual-stack (issue 25): behind a symmetric IPv4 NAT with a
+                // global IPv6 address, as `ipv6_sites` below says, like
+                // site 2: the two go direct over IPv6, where over IPv4
+                // only the relay joins them.
+                (NatType::Symmetric, 1),
             ],
             host_cidr: "10.10.0.0/16".into(),
             etcd: false,
@@ -220,6 +227,8 @@ impl OverlayOpts {
             network_key: true,
             agent_env: Vec::new(),
             node_netconf: Vec::new(),
+            // Site 2 (symmetric), the public site and the last one.
+            ipv6_sites: vec![2, 6, 8],
         }
     }
 
@@ -715,6 +724,21 @@ impl Cluster {
                 let id = guarded("add a lab node", || lab.add_node(site).id)?;
                 plan.push((id, *nat, si));
             }
+        }
+        for &si in &ov.ipv6_sites {
+            let lab = self
+                .lab
+                .as_ref()
+                .ok_or_else(|| ClusterError::step("lab", "gone"))?;
+            if si >= ov.sites.len() {
+                return Err(ClusterError::step(
+                    "IPv6 on a lab site",
+                    format!("no site {si}"),
+                ));
+            }
+            guarded("IPv6 on a lab site", || {
+                lab.add_ipv6(crate::natlab::SiteId(si))
+            })?;
         }
         let names: Vec<String> = {
             let lab = self

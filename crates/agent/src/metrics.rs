@@ -36,6 +36,7 @@ pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value
             let path = p.relayed.map(|r| if r { "relay" } else { "direct" });
             let via = p.path.map(|a| match a.via {
                 Via::Direct => "socket".to_string(),
+                Via::Spare(_) => "spare".to_string(),
                 Via::Turn(i) => snap
                     .turn
                     .get(usize::from(i))

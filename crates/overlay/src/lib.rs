@@ -8,6 +8,7 @@ mod alloc_count;
 pub mod bucket;
 pub mod crypto;
 pub mod engine;
+pub mod hunt;
 pub mod l2;
 pub mod nat;
 pub mod offload;

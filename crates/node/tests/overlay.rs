@@ -1574,6 +1574,83 @@ fn a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate() {
     assert!(pod_ping_once(&c, 0, 1), "direct, but no ping");
 }
 
+/// Cone–symmetric (issue 25): the symmetric router (`masquerade
+/// fully-random`) gives every destination a random port, so the pair was
+/// relayed. With two STUN servers (coturn on a second address, as the
+/// agents' `stun` list names it) each node learns whether its mapping
+/// depends on the destination, and birthday probing takes the pair direct:
+/// the symmetric node opens 256 spare ports toward the cone node, which
+/// probes random ports of its router. Prints the cost: probes, time to
+/// direct, conntrack entries on both routers.
+#[test]
+fn a_cone_symmetric_pair_goes_direct_by_birthday_probing() {
+    use evio_testkit::natlab::{Coturn, SiteId, SERVER_ADDR, TURN_PORT};
+    use NatType::*;
+    // The lab's first extra server address (`Lab::add_server_addr`).
+    let stun2 = "203.0.113.2:3478";
+    let mut ov = OverlayOpts {
+        sites: vec![(PortRestrictedCone, 1), (Symmetric, 1)],
+        turn: true,
+        ..OverlayOpts::flat(0)
+    };
+    let stun = json!([format!("{SERVER_ADDR}:{TURN_PORT}"), stun2]);
+    ov.node_netconf = (0..2)
+        .map(|i| (i, json!({"overlay": {"stun": stun.clone()}})))
+        .collect();
+    let c = up(opts(BridgeType::Linux, 1, ov));
+    let lab = c.lab().expect("lab");
+    let IpAddr::V4(addr) = lab.add_server_addr() else {
+        panic!("an IPv4 server address")
+    };
+    let second = Coturn::start_in(lab.internet(), addr);
+    assert_eq!(second.addr().to_string(), stun2);
+    let t = Instant::now();
+    let both = |want: &str| {
+        path_of(&c, 0, 1).as_deref() == Some(want) && path_of(&c, 1, 0).as_deref() == Some(want)
+    };
+    while !both("direct") {
+        if t.elapsed() > Duration::from_secs(30) {
+            let hunt = |i: usize| log_lines(c.agent(i).expect("agent"), &["hunt"]).join("\n");
+            panic!(
+                "not direct 30 s after the second STUN server started:\n{}\n{}\n{}",
+                dump(&c),
+                hunt(0),
+                hunt(1)
+            );
+        }
+        pod_ping_once(&c, 0, 1);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = t.elapsed();
+    let method = |i: usize, j: usize| {
+        peer(&peers(&c, i), &name(j))
+            .and_then(|p| p["method"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        (method(0, 1), method(1, 0)),
+        ("predicted".into(), "predicted".into())
+    );
+    assert!(pod_ping_once(&c, 0, 1), "direct, but no ping");
+    let entries = |i: usize| {
+        lab.conntrack_list(SiteId(site_of(&c, i).1))
+            .lines()
+            .filter(|l| l.starts_with("udp"))
+            .count()
+    };
+    let cone = log_lines(c.agent(0).expect("agent"), &["hunt: probing ended"]);
+    let sym = log_lines(c.agent(1).expect("agent"), &["hunt: spare ports"]);
+    eprintln!(
+        "cone-symmetric: direct {took:?} after the second STUN server started; \
+         conntrack entries (udp) cone router {} / symmetric router {}\n{}\n{}",
+        entries(0),
+        entries(1),
+        cone.join("\n"),
+        sym.join("\n")
+    );
+    assert!(!cone.is_empty(), "the cone side never probed");
+}
+
 #[test]
 fn wrong_turn_credentials_are_a_clear_error_and_direct_paths_keep_working() {
     use NatType::*;

@@ -1497,13 +1497,19 @@ fn an_idle_minute_past_the_nat_timeout_costs_nothing() {
 /// the agents are told so (`overlay.natUdpTimeout`), which scales the
 /// schedule: 5 s of plain tries, 10-11 s of silence, attempts of 4 s.
 ///
-/// Ignored: passed 1 of 3 runs. The agents' debug log shows the schedule
-/// running as designed (silence, cues, attempts 1-3 in both orders and
-/// together, each on time), yet the direct probes of attempts that should
-/// work do not get through; not understood yet (issue 25). Run it with
-/// `--ignored` to look.
+/// Ignored: passes about 2 runs in 4 (1 of 3 last session; this session
+/// 2 of 3 plus one by chance). Cause, from conntrack and tcpdump on both
+/// routers during a failed run (docs/natlab.md, "Why the bare-gateway lab
+/// pair is flaky"): the bare router had moved the node's public port (an
+/// earlier datagram to an expired mapping became an entry to the router
+/// itself, so the node's next flow got a random port, 26659) and Linux gives
+/// the node's new flows that port, while its STUN flow, refreshed all along,
+/// keeps 5800, which the agent publishes. The peer aims at 5800 in every
+/// attempt, the node's probes leave from 26659, which the peer's
+/// port-restricted router drops: no order of attempts can work. The runs
+/// that pass are those where the STUN flow moved too.
 #[test]
-#[ignore = "issue 25: passes 1 of 3 runs; coordinated attempts run but the direct path does not open (open)"]
+#[ignore = "issue 25: the bare router maps the node's flow to the peer to another port than the STUN-observed one the peer aims at (docs/natlab.md)"]
 fn a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate() {
     use NatType::*;
     let mut ov = OverlayOpts {

@@ -181,6 +181,10 @@ fn symmetric_pairs_stay_relayed_and_their_direct_tries_are_bounded() {
     });
 }
 
+/// Time to the wanted path, both methods, what each node's hunt cost, and
+/// the world after.
+type HuntRun = (Duration, Vec<&'static str>, [crate::engine::HuntStats; 2], Sim);
+
 /// Runs a pair whose nodes know their NAT's mapping (two STUN servers)
 /// until both say `want`; the time, both methods, and what the hunt cost.
 fn hunt_pair(
@@ -189,15 +193,7 @@ fn hunt_pair(
     want: &str,
     limit: Duration,
     hunt: Option<&crate::hunt::HuntConfig>,
-) -> Result<
-    (
-        Duration,
-        Vec<&'static str>,
-        [crate::engine::HuntStats; 2],
-        Sim,
-    ),
-    String,
-> {
+) -> Result<HuntRun, String> {
     let mut sim = Sim::with_two_stun(seed, &sites(seed, kinds));
     if let Some(h) = hunt {
         for n in &mut sim.nodes {

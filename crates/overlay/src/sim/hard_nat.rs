@@ -183,7 +183,12 @@ fn symmetric_pairs_stay_relayed_and_their_direct_tries_are_bounded() {
 
 /// Time to the wanted path, both methods, what each node's hunt cost, and
 /// the world after.
-type HuntRun = (Duration, Vec<&'static str>, [crate::engine::HuntStats; 2], Sim);
+type HuntRun = (
+    Duration,
+    Vec<&'static str>,
+    [crate::engine::HuntStats; 2],
+    Sim,
+);
 
 /// Runs a pair whose nodes know their NAT's mapping (two STUN servers)
 /// until both say `want`; the time, both methods, and what the hunt cost.

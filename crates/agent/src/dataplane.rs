@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use evio_overlay::engine::{Io, PeerInfo, PeerStatus, Stats, MAX_FRAME};
 use evio_overlay::nat::{Sock, Transmit, TurnState, TurnTransport};
 use evio_overlay::offload::{complete_checksum, Coalescer, Csum, Framing, VnetHdr, VNET_HDR_LEN};
-use evio_overlay::path::{PathAddr, Rank};
+use evio_overlay::path::{PathAddr, Rank, Via};
 use evio_overlay::stack::{NetIo, Stack, StackEvent};
 
 use crate::device::Device;
@@ -41,6 +41,11 @@ const TOKEN_TCP: u64 = 100;
 /// Tokens of the TURN servers' own UDP sockets: this plus the server's
 /// index (above every TCP token).
 const TOKEN_UDP_OWN: u64 = 1 << 32;
+/// Tokens of the spare sockets of birthday probing: this plus the index
+/// (above every TURN server's own).
+const TOKEN_SPARE: u64 = 1 << 48;
+/// Spare sockets open at once, at most (a hunt asks for 256).
+const MAX_SPARES: usize = 1024;
 /// Frames read from a device per wake-up before the socket gets a turn.
 const DEVICE_BUDGET: usize = 64;
 const RECV_BATCH: usize = 32;
@@ -112,6 +117,8 @@ pub struct Devices {
     tcp: Vec<Option<TcpConn>>,
     /// UDP sockets of their own, by TURN server index.
     own: Vec<Option<Udp>>,
+    /// Spare sockets of birthday probing, by index.
+    spares: std::collections::BTreeMap<u32, Udp>,
     send: SendBatch,
     pod_gro: Coalescer,
     host_gro: Coalescer,
@@ -156,6 +163,7 @@ impl Devices {
             tun,
             tcp: Vec::new(),
             own: Vec::new(),
+            spares: std::collections::BTreeMap::new(),
             send: SendBatch::new(1 << 20),
             pod_gro: Coalescer::new(Framing::Ethernet, 8, 65_000),
             host_gro: Coalescer::new(Framing::Ip, 8, 65_000),
@@ -264,11 +272,38 @@ impl Devices {
         }
     }
 
+    /// Opens spare sockets `first..first + count` on ephemeral ports: how
+    /// many opened (from `first` on, stopping at the first failure).
+    fn open_spares(&mut self, first: u32, count: u32) -> u32 {
+        let mut n = 0;
+        for i in first..first.saturating_add(count) {
+            if self.spares.len() >= MAX_SPARES {
+                break;
+            }
+            let Ok(udp) = Udp::bind(0) else { break };
+            if epoll_add(self.epoll, udp.as_raw_fd(), TOKEN_SPARE + u64::from(i)).is_err() {
+                break;
+            }
+            self.spares.insert(i, udp);
+            n += 1;
+        }
+        n
+    }
+
+    fn close_spares(&mut self, which: &[u32]) {
+        for i in which {
+            if let Some(u) = self.spares.remove(i) {
+                epoll_set(self.epoll, libc::EPOLL_CTL_DEL, u.as_raw_fd(), 0, 0);
+            }
+        }
+    }
+
     /// The UDP socket `via` names (the IPv4 one for [`Sock::Udp`]), if open.
     fn udp_of(&self, via: Sock) -> Option<&Udp> {
         match via {
             Sock::Udp => Some(&self.udp),
             Sock::UdpOwn(conn) => self.own.get(conn).and_then(Option::as_ref),
+            Sock::Spare(i) => self.spares.get(&i),
             Sock::Tcp(_) => None,
         }
     }
@@ -312,6 +347,13 @@ impl Io for Devices {
     }
 
     fn commit(&mut self, to: PathAddr, len: usize) {
+        if let Via::Spare(i) = to.via {
+            // Rare (a path found by birthday probing): sent alone.
+            if let Some(udp) = self.spares.get(&i) {
+                let _ = udp.send_to(&self.send.slot()[..len], to.remote);
+            }
+            return;
+        }
         if to.remote.is_ipv6() {
             // Without an IPv6 socket the core has no IPv6 path (it has no
             // IPv6 address): nothing to send it on.
@@ -340,7 +382,7 @@ impl Io for Devices {
 impl NetIo for Devices {
     fn transmit(&mut self, t: Transmit<'_>) {
         match t.via {
-            Sock::Udp | Sock::UdpOwn(_) => {
+            Sock::Udp | Sock::UdpOwn(_) | Sock::Spare(_) => {
                 if let Some(udp) = self.udp_to(t.via, t.to) {
                     let _ = udp.send_to(t.data, t.to);
                 }
@@ -496,6 +538,10 @@ impl Dataplane {
             TOKEN_UDP => self.on_udp(now, Sock::Udp, false, recv),
             TOKEN_UDP6 => self.on_udp(now, Sock::Udp, true, recv),
             TOKEN_TAP | TOKEN_TUN => self.on_device(now, token == TOKEN_TAP),
+            t if t >= TOKEN_SPARE => {
+                let i = u32::try_from(t - TOKEN_SPARE).unwrap_or(u32::MAX);
+                self.on_udp(now, Sock::Spare(i), false, recv)
+            }
             t if t >= TOKEN_UDP_OWN => {
                 self.on_udp(now, Sock::UdpOwn((t - TOKEN_UDP_OWN) as usize), false, recv)
             }
@@ -719,6 +765,12 @@ impl Dataplane {
                     }
                 }
                 StackEvent::UdpClose { conn } => self.io.close_udp(conn),
+                StackEvent::SpareOpen { first, count } => {
+                    let n = self.io.open_spares(first, count);
+                    let now = Instant::now();
+                    self.stack.spares_opened(now, first, n, &mut self.io);
+                }
+                StackEvent::SpareClose(v) => self.io.close_spares(&v),
                 StackEvent::Overlay(e) => {
                     let turn = self.turn_servers();
                     self.log.peer_event(Instant::now(), &e, &turn);

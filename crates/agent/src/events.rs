@@ -82,6 +82,7 @@ pub fn show_path(p: Option<(PathAddr, Rank)>, turn: &[SocketAddr]) -> String {
     };
     match a.via {
         Via::Direct => format!("{class} {}", a.remote),
+        Via::Spare(i) => format!("{class} {} from spare port #{i}", a.remote),
         Via::Turn(i) => match turn.get(usize::from(i)) {
             Some(s) => format!("{class} {} via TURN {s}", a.remote),
             None => format!("{class} {} via TURN #{i}", a.remote),
@@ -195,7 +196,10 @@ impl EventLog {
                     tracing::info!(peer = %node, old = %o, new = %n, reason = %reason, held, "{what}");
                 }
             }
-            Event::ActivePathLost { .. } | Event::RelaySuspect(_) => {}
+            Event::ActivePathLost { .. }
+            | Event::RelaySuspect(_)
+            | Event::OpenSpares { .. }
+            | Event::CloseSpares(_) => {}
         }
     }
 

@@ -171,7 +171,7 @@ pub fn facts(ex: &Explain) -> Facts {
             };
             let turn = match p.addr.via {
                 Via::Turn(i) => ex.turn.get(usize::from(i)).map(|t| t.0),
-                Via::Direct => None,
+                Via::Direct | Via::Spare(_) => None,
             };
             PathFacts {
                 remote: p.addr.remote,

@@ -39,7 +39,7 @@ pub fn path_family(
     )],
 ) -> &'static str {
     let on = match a.via {
-        Via::Direct => a.remote,
+        Via::Direct | Via::Spare(_) => a.remote,
         Via::Turn(i) => turn.get(usize::from(i)).map_or(a.remote, |t| t.0),
     };
     evio_overlay::family::name(on)
@@ -53,6 +53,7 @@ pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value
             let path = p.relayed.map(|r| if r { "relay" } else { "direct" });
             let via = p.path.map(|a| match a.via {
                 Via::Direct => "socket".to_string(),
+                Via::Spare(_) => "spare".to_string(),
                 Via::Turn(i) => snap
                     .turn
                     .get(usize::from(i))

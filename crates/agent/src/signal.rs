@@ -120,7 +120,7 @@ impl StoreHealth {
     pub fn path_candidate(&self, addr: evio_overlay::path::PathAddr) -> &'static str {
         match addr.via {
             evio_overlay::path::Via::Turn(_) => "relay",
-            evio_overlay::path::Via::Direct => self
+            evio_overlay::path::Via::Direct | evio_overlay::path::Via::Spare(_) => self
                 .peer_kinds
                 .get(&addr.remote)
                 .map_or("peer-reflexive", |k| k.as_str()),

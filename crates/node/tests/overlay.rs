@@ -1499,13 +1499,19 @@ fn an_idle_minute_past_the_nat_timeout_costs_nothing() {
 /// the agents are told so (`overlay.natUdpTimeout`), which scales the
 /// schedule: 5 s of plain tries, 10-11 s of silence, attempts of 4 s.
 ///
-/// Ignored: passed 1 of 3 runs. The agents' debug log shows the schedule
-/// running as designed (silence, cues, attempts 1-3 in both orders and
-/// together, each on time), yet the direct probes of attempts that should
-/// work do not get through; not understood yet (issue 25). Run it with
-/// `--ignored` to look.
+/// Ignored: passes about 2 runs in 4 (1 of 3 last session; this session
+/// 2 of 3 plus one by chance). Cause, from conntrack and tcpdump on both
+/// routers during a failed run (docs/natlab.md, "Why the bare-gateway lab
+/// pair is flaky"): the bare router had moved the node's public port (an
+/// earlier datagram to an expired mapping became an entry to the router
+/// itself, so the node's next flow got a random port, 26659) and Linux gives
+/// the node's new flows that port, while its STUN flow, refreshed all along,
+/// keeps 5800, which the agent publishes. The peer aims at 5800 in every
+/// attempt, the node's probes leave from 26659, which the peer's
+/// port-restricted router drops: no order of attempts can work. The runs
+/// that pass are those where the STUN flow moved too.
 #[test]
-#[ignore = "issue 25: passes 1 of 3 runs; coordinated attempts run but the direct path does not open (open)"]
+#[ignore = "issue 25: the bare router maps the node's flow to the peer to another port than the STUN-observed one the peer aims at (docs/natlab.md)"]
 fn a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate() {
     use NatType::*;
     let mut ov = OverlayOpts {
@@ -1574,6 +1580,83 @@ fn a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate() {
         lab.conntrack_list(site(1)),
     );
     assert!(pod_ping_once(&c, 0, 1), "direct, but no ping");
+}
+
+/// Cone–symmetric (issue 25): the symmetric router (`masquerade
+/// fully-random`) gives every destination a random port, so the pair was
+/// relayed. With two STUN servers (coturn on a second address, as the
+/// agents' `stun` list names it) each node learns whether its mapping
+/// depends on the destination, and birthday probing takes the pair direct:
+/// the symmetric node opens 256 spare ports toward the cone node, which
+/// probes random ports of its router. Prints the cost: probes, time to
+/// direct, conntrack entries on both routers.
+#[test]
+fn a_cone_symmetric_pair_goes_direct_by_birthday_probing() {
+    use evio_testkit::natlab::{Coturn, SiteId, SERVER_ADDR, TURN_PORT};
+    use NatType::*;
+    // The lab's first extra server address (`Lab::add_server_addr`).
+    let stun2 = "203.0.113.2:3478";
+    let mut ov = OverlayOpts {
+        sites: vec![(PortRestrictedCone, 1), (Symmetric, 1)],
+        turn: true,
+        ..OverlayOpts::flat(0)
+    };
+    let stun = json!([format!("{SERVER_ADDR}:{TURN_PORT}"), stun2]);
+    ov.node_netconf = (0..2)
+        .map(|i| (i, json!({"overlay": {"stun": stun.clone()}})))
+        .collect();
+    let c = up(opts(BridgeType::Linux, 1, ov));
+    let lab = c.lab().expect("lab");
+    let IpAddr::V4(addr) = lab.add_server_addr() else {
+        panic!("an IPv4 server address")
+    };
+    let second = Coturn::start_in(lab.internet(), addr);
+    assert_eq!(second.addr().to_string(), stun2);
+    let t = Instant::now();
+    let both = |want: &str| {
+        path_of(&c, 0, 1).as_deref() == Some(want) && path_of(&c, 1, 0).as_deref() == Some(want)
+    };
+    while !both("direct") {
+        if t.elapsed() > Duration::from_secs(30) {
+            let hunt = |i: usize| log_lines(c.agent(i).expect("agent"), &["hunt"]).join("\n");
+            panic!(
+                "not direct 30 s after the second STUN server started:\n{}\n{}\n{}",
+                dump(&c),
+                hunt(0),
+                hunt(1)
+            );
+        }
+        pod_ping_once(&c, 0, 1);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = t.elapsed();
+    let method = |i: usize, j: usize| {
+        peer(&peers(&c, i), &name(j))
+            .and_then(|p| p["method"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        (method(0, 1), method(1, 0)),
+        ("predicted".into(), "predicted".into())
+    );
+    assert!(pod_ping_once(&c, 0, 1), "direct, but no ping");
+    let entries = |i: usize| {
+        lab.conntrack_list(SiteId(site_of(&c, i).1))
+            .lines()
+            .filter(|l| l.starts_with("udp"))
+            .count()
+    };
+    let cone = log_lines(c.agent(0).expect("agent"), &["hunt: probing ended"]);
+    let sym = log_lines(c.agent(1).expect("agent"), &["hunt: spare ports"]);
+    eprintln!(
+        "cone-symmetric: direct {took:?} after the second STUN server started; \
+         conntrack entries (udp) cone router {} / symmetric router {}\n{}\n{}",
+        entries(0),
+        entries(1),
+        cone.join("\n"),
+        sym.join("\n")
+    );
+    assert!(!cone.is_empty(), "the cone side never probed");
 }
 
 #[test]

@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::bucket::TokenBucket;
 use crate::crypto::{CookieJar, Key, Seed};
+use crate::hunt::{HuntConfig, PeerHunt};
 use crate::l2::{DropReason, LocalVerdict, PeerAddrs, PeerId, PeerVerdict, Switch, SwitchConfig};
 use crate::offload::{segments, Csum, Framing, VnetHdr};
 use crate::path::{PathAddr, PathConfig, Paths, ProbeDue, Rank};
@@ -73,6 +74,8 @@ pub struct OverlayConfig {
     /// The silence-and-alternate schedule for direct paths that do not
     /// answer ([`crate::punch`]).
     pub punch: PunchConfig,
+    /// Birthday probing of symmetric NATs ([`crate::hunt`]).
+    pub hunt: HuntConfig,
     /// Handshake messages per second before flood protection starts
     /// demanding cookies (mac2).
     pub handshake_load: u32,
@@ -113,6 +116,7 @@ impl OverlayConfig {
             tunnel: TunnelConfig::default(),
             paths: PathConfig::default(),
             punch: PunchConfig::default(),
+            hunt: HuntConfig::default(),
             handshake_load: 64,
             handshake_per_ip: 8,
             flood_rate: 200,
@@ -175,6 +179,7 @@ struct Peer {
     tunnel: Tunnel,
     paths: Paths,
     punch: Punch,
+    hunt: PeerHunt,
     /// Local session indices registered in the index map for this peer.
     indices: Vec<u32>,
     phase: Phase,
@@ -323,6 +328,13 @@ pub enum Event {
         new: Option<(PathAddr, Rank)>,
         why: PathWhy,
     },
+    /// Open spare UDP sockets `first..first + count` on ephemeral ports
+    /// (birthday probing, [`crate::hunt`]); tell
+    /// [`Overlay::spares_opened`]. Their datagrams come in on
+    /// [`crate::path::Via::Spare`] paths.
+    OpenSpares { first: u32, count: u32 },
+    /// Close these spare sockets.
+    CloseSpares(Vec<u32>),
 }
 
 /// Events about senders that are no peer (a bad mac1, an unknown key, a
@@ -461,6 +473,8 @@ pub struct Overlay {
     stale_sessions: TokenBucket,
     /// Every random draw: indices, probe ids, ephemeral keys, cookies.
     rng: StdRng,
+    /// Birthday probing, node-wide ([`hunting`]).
+    hunter: hunting::Hunter,
 }
 
 impl Overlay {
@@ -510,6 +524,7 @@ impl Overlay {
             anon_events: TokenBucket::new(ANON_EVENTS, ANON_EVENTS),
             stale_sessions: TokenBucket::new(ANON_EVENTS, ANON_EVENTS),
             rng,
+            hunter: hunting::Hunter::default(),
         }
     }
 
@@ -705,6 +720,7 @@ impl Overlay {
             tunnel,
             paths: Paths::default(),
             punch: Punch::default(),
+            hunt: PeerHunt::default(),
             indices: Vec::new(),
             phase,
             deadline: None,
@@ -1320,6 +1336,10 @@ impl Overlay {
                 self.on_cue(now, peer_id, n);
                 Ok(())
             }
+            kind::HUNT => {
+                self.on_hunt(now, peer_id, n, io);
+                Ok(())
+            }
             // A kind from a newer version: authenticated, so not an attack;
             // ignore it.
             _ => Ok(()),
@@ -1755,6 +1775,7 @@ impl Overlay {
             // no decision, and keeps the table to the sources still limited.
             self.hs_per_ip.retain(|_, b| !b.idle(now));
             self.switch.expire(now);
+            self.hunt_housekeeping(now);
             self.housekeeping = self.on_grid(now + HOUSEKEEPING);
         }
         let mut due = std::mem::take(&mut self.due);
@@ -1850,6 +1871,7 @@ impl Overlay {
             p.paths.defer_active(now, &self.cfg.paths);
         }
         self.punch_tick(now, peer_id, io);
+        self.hunt_tick(now, peer_id, io);
         let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
@@ -1904,6 +1926,7 @@ impl Overlay {
             let passive = keep_warm.is_some() && p.answered();
             at(p.paths.next_deadline(pcfg, passive), Wake::Probe);
             at(p.punch.deadline(&self.cfg.punch), Wake::Probe);
+            at(self.hunt_deadline(peer_id), Wake::Probe);
             // When traffic stops, the NAT keepalive takes over.
             let quiet = keep_warm.and(p.used).map(|t| t + self.cfg.busy);
             at(quiet, Wake::Keepalive);
@@ -2133,6 +2156,9 @@ fn csum_of(inner: Inner) -> Csum {
         }
     }
 }
+
+mod hunting;
+pub use hunting::HuntStats;
 
 #[cfg(test)]
 mod tests;

@@ -9,6 +9,7 @@ pub mod bucket;
 pub mod crypto;
 pub mod engine;
 pub mod family;
+pub mod hunt;
 pub mod l2;
 pub mod nat;
 pub mod offload;

@@ -148,6 +148,9 @@ pub enum Sock {
     Udp,
     Tcp(usize),
     UdpOwn(usize),
+    /// A spare socket of birthday probing ([`crate::hunt`]): overlay
+    /// datagrams only.
+    Spare(u32),
 }
 
 /// Bytes to send.
@@ -444,6 +447,14 @@ impl Nat {
             }
         }
         out
+    }
+
+    /// Whether our NAT's mapping depends on the destination, and our
+    /// public IPv4 address: from the reflexive addresses the STUN servers
+    /// gave (two or more are needed to tell).
+    pub fn mapping(&self) -> (crate::hunt::Mapping, Option<Ipv4Addr>) {
+        let seen: Vec<SocketAddr> = self.reflexive.iter().flatten().map(|(a, _)| *a).collect();
+        crate::hunt::Mapping::of(&seen)
     }
 
     /// IPs of relays: our allocations and the TURN servers.
@@ -823,7 +834,7 @@ impl Nat {
                     && s.conf.server == from
             })?,
             Sock::UdpOwn(i) => i,
-            Sock::Tcp(_) => return None,
+            Sock::Tcp(_) | Sock::Spare(_) => return None,
         };
         let s = self.slots.get(idx)?;
         (s.conf.server == from && s.via(idx) == via).then_some(idx)

@@ -19,6 +19,10 @@ pub enum Via {
     Direct,
     /// Through our allocation on TURN server `n` (index into the config).
     Turn(u8),
+    /// From the agent's spare UDP socket `n`, opened for birthday probing
+    /// ([`crate::hunt`]): the mapping of our symmetric NAT a peer's probe
+    /// found.
+    Spare(u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -107,6 +111,8 @@ pub struct Path {
     /// It first answered during a coordinated punching attempt
     /// ([`crate::punch`]).
     pub punched: bool,
+    /// Found by birthday probing ([`crate::hunt`]).
+    pub predicted: bool,
 }
 
 impl Path {
@@ -123,6 +129,7 @@ impl Path {
             tries: 0,
             since: now,
             punched: false,
+            predicted: matches!(addr.via, Via::Spare(_)),
         }
     }
 
@@ -165,6 +172,7 @@ impl Path {
         match (self.class, self.origin) {
             (Rank::Relay, _) => Method::Relay,
             (Rank::Local, _) => Method::Local,
+            _ if self.predicted => Method::Predicted,
             _ if self.punched => Method::Punched,
             (Rank::Direct, Origin::Learned) => Method::Learned,
             (Rank::Direct, Origin::Candidate) => Method::Reflexive,
@@ -184,6 +192,8 @@ pub enum Method {
     Learned,
     /// Opened by a coordinated silence-and-alternate attempt.
     Punched,
+    /// Found by birthday probing of a symmetric NAT ([`crate::hunt`]).
+    Predicted,
     /// Through a TURN relay.
     Relay,
 }
@@ -195,6 +205,7 @@ impl Method {
             Method::Reflexive => "reflexive",
             Method::Learned => "learned",
             Method::Punched => "punched",
+            Method::Predicted => "predicted",
             Method::Relay => "relay",
         }
     }
@@ -215,6 +226,9 @@ pub struct Paths {
     /// A coordinated punching attempt is under way: a path that first
     /// answers now was punched.
     pub punching: bool,
+    /// We probe the peer's symmetric NAT ([`crate::hunt`]): a path learned
+    /// now was found that way.
+    pub hunting: bool,
 }
 
 /// What [`Paths::poll`] wants sent.
@@ -314,6 +328,7 @@ impl Paths {
             None => {
                 let mut p = Path::new(addr, class, Origin::Learned, now);
                 p.punched = self.punching;
+                p.predicted |= self.hunting;
                 p.last_rx = Some(now);
                 // Probe it right away to learn its RTT.
                 p.next_probe = now;
@@ -527,6 +542,17 @@ impl Paths {
                     .filter(move |a| Some(*a) != active),
             )
             .take(max)
+    }
+
+    /// Drops the paths through spare sockets ([`crate::hunt`]) but the one
+    /// through `keep` (and the active one).
+    pub fn drop_spares_but(&mut self, keep: Option<u32>) {
+        let active = self.active_addr();
+        self.list.retain(|p| match p.addr.via {
+            Via::Spare(i) => Some(i) == keep || Some(p.addr) == active,
+            _ => true,
+        });
+        self.active = active.and_then(|a| self.find(&a));
     }
 
     /// Whether a direct path should be found: the peer has direct

@@ -30,15 +30,35 @@ pub enum StackEvent {
     /// Our candidates changed: publish them.
     Candidates(Vec<(SocketAddr, Rank)>),
     /// Open a TCP connection to TURN server `conn` at `to`.
-    TcpConnect { conn: usize, to: SocketAddr },
+    TcpConnect {
+        conn: usize,
+        to: SocketAddr,
+    },
     /// Close the TCP connection of TURN server `conn`.
-    TcpClose { conn: usize },
+    TcpClose {
+        conn: usize,
+    },
     /// Open a UDP socket on an ephemeral port for TURN server `conn` at
     /// `to`; its datagrams come back through [`Stack::handle_datagram_on`]
     /// with [`Sock::UdpOwn`]`(conn)`.
-    UdpOpen { conn: usize, to: SocketAddr },
+    UdpOpen {
+        conn: usize,
+        to: SocketAddr,
+    },
     /// Close the UDP socket of TURN server `conn`.
-    UdpClose { conn: usize },
+    UdpClose {
+        conn: usize,
+    },
+    /// Open spare UDP sockets `first..first + count` (birthday probing,
+    /// [`crate::hunt`]) and tell [`Stack::spares_opened`]; their datagrams
+    /// come back through [`Stack::handle_datagram_on`] with
+    /// [`Sock::Spare`], and [`Io::commit`] sends on them for
+    /// [`Via::Spare`] paths.
+    SpareOpen {
+        first: u32,
+        count: u32,
+    },
+    SpareClose(Vec<u32>),
     /// What happened to a peer (up, down, handshakes, paths): for logs,
     /// `peers --explain` and tests.
     Overlay(Event),
@@ -202,6 +222,15 @@ impl Stack {
                 }
                 self.pump(now, io);
             }
+            Demux::Overlay if matches!(via, Sock::Spare(_)) => {
+                let Sock::Spare(i) = via else { return };
+                let from = PathAddr {
+                    via: Via::Spare(i),
+                    remote: from,
+                };
+                let (ov, mut rio) = self.parts(now, io);
+                let _ = ov.from_network(now, from, d, &mut rio);
+            }
             _ if via != Sock::Udp => self.nat.junk += 1,
             // Ours, or garbage the overlay counts as malformed.
             Demux::Overlay | Demux::Unknown => {
@@ -253,6 +282,13 @@ impl Stack {
     /// The UDP socket of TURN server `conn` is open, bound to `local`.
     pub fn udp_opened(&mut self, now: Instant, conn: usize, local: SocketAddr, io: &mut dyn NetIo) {
         self.nat.udp_opened(now, conn, local);
+        self.pump(now, io);
+    }
+
+    /// Spare sockets `first..first + count` are open ([`StackEvent::SpareOpen`]).
+    pub fn spares_opened(&mut self, now: Instant, first: u32, count: u32, io: &mut dyn NetIo) {
+        let (ov, mut rio) = self.parts(now, io);
+        ov.spares_opened(now, first, count, &mut rio);
         self.pump(now, io);
     }
 
@@ -379,6 +415,10 @@ impl Stack {
                     self.nat.check_all(now);
                 }
                 Event::RelaySuspect(i) => self.nat.renew(now, usize::from(i)),
+                Event::OpenSpares { first, count } => self
+                    .events
+                    .push_back(StackEvent::SpareOpen { first, count }),
+                Event::CloseSpares(v) => self.events.push_back(StackEvent::SpareClose(v)),
                 Event::PeerUp { .. }
                 | Event::PeerDown { .. }
                 | Event::Handshake { .. }
@@ -393,6 +433,8 @@ impl Stack {
         while let Some(e) = self.nat.poll_event() {
             match e {
                 NatEvent::CandidatesChanged => {
+                    let (m, ip) = self.nat.mapping();
+                    self.overlay.set_mapping(m, ip);
                     self.publish();
                     self.retry_if_moved(now);
                 }

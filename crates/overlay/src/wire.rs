@@ -44,6 +44,8 @@ pub mod kind {
     /// The punching coordinator's cue (`crate::punch::Cue`); older agents
     /// ignore it.
     pub const PUNCH: u8 = 5;
+    /// Birthday probing (`crate::hunt::Msg`); older agents ignore it.
+    pub const HUNT: u8 = 6;
 }
 
 pub fn u32_at(b: &[u8], at: usize) -> Option<u32> {

@@ -180,3 +180,137 @@ fn symmetric_pairs_stay_relayed_and_their_direct_tries_are_bounded() {
         ))
     });
 }
+
+/// Time to the wanted path, both methods, what each node's hunt cost, and
+/// the world after.
+type HuntRun = (
+    Duration,
+    Vec<&'static str>,
+    [crate::engine::HuntStats; 2],
+    Sim,
+);
+
+/// Runs a pair whose nodes know their NAT's mapping (two STUN servers)
+/// until both say `want`; the time, both methods, and what the hunt cost.
+fn hunt_pair(
+    seed: u64,
+    kinds: &[NatKind],
+    want: &str,
+    limit: Duration,
+    hunt: Option<&crate::hunt::HuntConfig>,
+) -> Result<HuntRun, String> {
+    let mut sim = Sim::with_two_stun(seed, &sites(seed, kinds));
+    if let Some(h) = hunt {
+        for n in &mut sim.nodes {
+            n.stack.overlay.set_hunt(h.clone());
+        }
+    }
+    let took = sim.run_until_ok(limit, |s| both(s, want)).ok_or_else(|| {
+        format!(
+            "{kinds:?}: not {want} within {limit:?}: {:?} / {:?}; hunts {:?} / {:?}",
+            sim.path(0, 1),
+            sim.path(1, 0),
+            sim.nodes[0].stack.overlay.hunt_stats(),
+            sim.nodes[1].stack.overlay.hunt_stats(),
+        )
+    })?;
+    sim.run(Duration::from_secs(20));
+    if !both(&sim, want) {
+        return Err(format!("{kinds:?}: {want} after {took:?}, then left it"));
+    }
+    let methods = (0..2)
+        .filter_map(|n| {
+            let st = sim.nodes[n].stack.overlay.status();
+            st.first().and_then(|p| p.method).map(|m| m.as_str())
+        })
+        .collect();
+    let stats = [0, 1].map(|n| sim.nodes[n].stack.overlay.hunt_stats());
+    Ok((took, methods, stats, sim))
+}
+
+/// Cone–symmetric (both orders, 16 seeds): direct by birthday probing, the
+/// path's method `predicted` on both sides, within the hunt's bounds: the
+/// symmetric side opens 256 ports (one datagram each), the cone side sends
+/// at most `rate` probes a second for at most `limit`, and stops at the hit.
+#[test]
+fn cone_symmetric_pairs_go_direct_by_birthday_probing_within_bounds() {
+    use NatKind::*;
+    let cfg = crate::hunt::HuntConfig::default();
+    let cap = u64::from(cfg.rate) * cfg.limit.as_secs();
+    each_seed(|seed| {
+        let mut notes = Vec::new();
+        for kinds in [
+            [PortRestrictedCone, Symmetric],
+            [Symmetric, PortRestrictedCone],
+        ] {
+            let (took, methods, st, sim) =
+                hunt_pair(seed, &kinds, "direct", Duration::from_secs(60), None)?;
+            if methods != ["predicted", "predicted"] {
+                return Err(format!("{kinds:?}: direct by {methods:?}"));
+            }
+            let (hard, easy) = if kinds[0] == Symmetric {
+                (st[0], st[1])
+            } else {
+                (st[1], st[0])
+            };
+            if hard.ports != u64::from(cfg.ports) || hard.port_datagrams != hard.ports {
+                return Err(format!("{kinds:?}: hard side {hard:?}"));
+            }
+            if easy.probes == 0 || easy.probes > cap || easy.ports != 0 || hard.probes != 0 {
+                return Err(format!("{kinds:?}: probes {easy:?} / {hard:?} (cap {cap})"));
+            }
+            if sim.nodes.iter().any(|n| n.spares.len() > 1) {
+                return Err(format!("{kinds:?}: spare sockets left open"));
+            }
+            notes.push(format!(
+                "{kinds:?}: direct after {took:?}, {} probes, {} ports",
+                easy.probes, hard.ports
+            ));
+        }
+        Ok(notes.join("; "))
+    });
+}
+
+/// Symmetric on both sides, each knowing it: no hunt (a hit would need two
+/// guesses to meet), no spare socket, no probe; relayed. The same pair
+/// with a cone but the hunt switched off stays relayed: the hunt is what
+/// takes cone–symmetric direct.
+#[test]
+fn symmetric_pairs_do_not_hunt_and_without_the_hunt_cone_symmetric_stays_relayed() {
+    use NatKind::*;
+    let off = crate::hunt::HuntConfig {
+        enabled: false,
+        ..Default::default()
+    };
+    each_seed(|seed| {
+        let (_, _, st, mut sim) = hunt_pair(
+            seed,
+            &[Symmetric, Symmetric],
+            "relay",
+            Duration::from_secs(30),
+            None,
+        )?;
+        sim.run(Duration::from_secs(120));
+        let st2 = [0, 1].map(|n| sim.nodes[n].stack.overlay.hunt_stats());
+        if st != st2 || st.iter().any(|s| s.hunts + s.ports + s.probes > 0) || !both(&sim, "relay")
+        {
+            return Err(format!("symmetric pair hunted: {st2:?}"));
+        }
+        let (_, _, st, mut sim) = hunt_pair(
+            seed,
+            &[PortRestrictedCone, Symmetric],
+            "relay",
+            Duration::from_secs(30),
+            Some(&off),
+        )?;
+        sim.run(Duration::from_secs(60));
+        if !both(&sim, "relay") || st.iter().any(|s| s.probes > 0) {
+            return Err(format!(
+                "without the hunt: {:?} / {:?}",
+                sim.path(0, 1),
+                sim.path(1, 0)
+            ));
+        }
+        Ok("symmetric pair relayed, no hunt; cone-symmetric without the hunt relayed".into())
+    });
+}

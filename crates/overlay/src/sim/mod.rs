@@ -36,10 +36,10 @@ use turn_server_proto::types::prelude::DelayedTransmitBuild;
 use turn_server_proto::types::TransportType;
 
 use stun_proto::types::attribute::{
-    ErrorCode, Nonce, PasswordAlgorithmValue, PasswordAlgorithms, Realm,
+    ErrorCode, Nonce, PasswordAlgorithmValue, PasswordAlgorithms, Realm, XorMappedAddress,
 };
 use stun_proto::types::message::{
-    Message, MessageClass, MessageType, MessageWriteVec, TransactionId,
+    Message, MessageClass, MessageType, MessageWriteVec, TransactionId, BINDING,
 };
 use stun_proto::types::prelude::*;
 use turn_client_proto::types::attribute::Lifetime;
@@ -87,6 +87,11 @@ pub(crate) fn grant_sockets(
             other => return other,
         }
     }
+}
+
+/// The second STUN server of [`Sim::with_two_stun`].
+pub fn stun2_addr() -> SocketAddr {
+    SocketAddr::from(([203, 0, 113, 2], 3478))
 }
 
 pub fn turn_addr() -> SocketAddr {
@@ -396,7 +401,11 @@ impl Io for SimIo {
 
     fn commit(&mut self, to: PathAddr, len: usize) {
         let slot = std::mem::take(&mut self.slot);
-        self.queue(Sock::Udp, to.remote, &slot[..len]);
+        let sock = match to.via {
+            crate::path::Via::Spare(i) => Sock::Spare(i),
+            _ => Sock::Udp,
+        };
+        self.queue(sock, to.remote, &slot[..len]);
         self.slot = slot;
     }
 
@@ -412,7 +421,7 @@ impl Io for SimIo {
 
 impl NetIo for SimIo {
     fn transmit(&mut self, t: Transmit<'_>) {
-        if matches!(t.via, Sock::Udp | Sock::UdpOwn(_)) {
+        if matches!(t.via, Sock::Udp | Sock::UdpOwn(_) | Sock::Spare(_)) {
             self.queue(t.via, t.to, t.data);
         }
     }
@@ -434,6 +443,8 @@ pub struct SimNode {
     /// index, local address), and the next ephemeral port.
     own: Vec<(usize, SocketAddr)>,
     next_port: u16,
+    /// Spare sockets of birthday probing: (index, local address).
+    spares: Vec<(u32, SocketAddr)>,
     /// TURN traffic (anything but a STUN Binding) sent to the TURN server
     /// from the overlay's socket, and how much of it there was when the
     /// node last opened a socket of its own.
@@ -461,6 +472,7 @@ impl SimNode {
             Sock::Udp => self.v4.then_some(self.lan),
             Sock::UdpOwn(_) if to.is_ipv6() => None,
             Sock::UdpOwn(c) => self.own.iter().find(|o| o.0 == c).map(|o| o.1),
+            Sock::Spare(c) => self.spares.iter().find(|o| o.0 == c).map(|o| o.1),
             Sock::Tcp(_) => None,
         }
     }
@@ -470,10 +482,12 @@ impl SimNode {
         if (addr == self.lan && self.v4) || Some(addr) == self.lan6 {
             return Some(Sock::Udp);
         }
+        let spare = self.spares.iter().find(|o| o.1 == addr);
         self.own
             .iter()
             .find(|o| o.1 == addr)
             .map(|o| Sock::UdpOwn(o.0))
+            .or(spare.map(|o| Sock::Spare(o.0)))
     }
 }
 
@@ -661,6 +675,8 @@ pub struct Sim {
     /// runs.
     trace: DefaultHasher,
     pub deliveries: u64,
+    /// Nodes also ask [`stun2_addr`].
+    two_stun: bool,
 }
 
 /// How long the store takes to tell every node about a change.
@@ -674,6 +690,17 @@ fn sio(base: Instant, t: Instant) -> SioInstant {
 impl Sim {
     /// Sites in order; nodes are numbered site by site.
     pub fn new(seed: u64, sites: &[SiteSpec]) -> Sim {
+        Sim::build(seed, sites, false)
+    }
+
+    /// As [`Sim::new`], with a second STUN server ([`stun2_addr`]) in every
+    /// node's configuration: nodes can tell their NAT's mapping
+    /// ([`crate::hunt::Mapping`]), so symmetric ones hunt.
+    pub fn with_two_stun(seed: u64, sites: &[SiteSpec]) -> Sim {
+        Sim::build(seed, sites, true)
+    }
+
+    fn build(seed: u64, sites: &[SiteSpec], two_stun: bool) -> Sim {
         // Any fixed instant will do: only differences are used.
         let now = Instant::now();
         let mut rng = StdRng::seed_from_u64(seed);
@@ -693,6 +720,7 @@ impl Sim {
             trace: DefaultHasher::new(),
             deliveries: 0,
             rng: StdRng::seed_from_u64(rng.gen()),
+            two_stun,
         };
         for (s, spec) in sites.iter().enumerate() {
             let public = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10 + s as u8));
@@ -747,6 +775,7 @@ impl Sim {
             private,
             own: Vec::new(),
             next_port: EPHEMERAL,
+            spares: Vec::new(),
             turn_on_shared: 0,
             turn_on_shared_at_move: None,
             sent: 0,
@@ -764,7 +793,11 @@ impl Sim {
             self.now,
             NatConfig {
                 port: PORT,
-                stun: Vec::new(),
+                stun: if self.two_stun {
+                    vec![stun2_addr()]
+                } else {
+                    Vec::new()
+                },
                 turn: vec![TurnServer {
                     server: turn_addr(),
                     transport: TurnTransport::Udp,
@@ -926,6 +959,8 @@ impl Sim {
                 }
                 StackEvent::UdpOpen { conn, .. } => self.open_udp(i, conn),
                 StackEvent::UdpClose { conn } => self.nodes[i].own.retain(|o| o.0 != conn),
+                StackEvent::SpareOpen { first, count } => self.open_spares(i, first, count),
+                StackEvent::SpareClose(v) => self.nodes[i].spares.retain(|o| !v.contains(&o.0)),
                 _ => {}
             }
         }
@@ -942,6 +977,19 @@ impl Sim {
         n.own.retain(|o| o.0 != conn);
         n.own.push((conn, local));
         n.stack.udp_opened(now, conn, local, &mut n.io);
+    }
+
+    /// Node `i` binds spare sockets `first..first + count` on its next
+    /// ephemeral ports (wrapping within the ephemeral range).
+    fn open_spares(&mut self, i: usize, first: u32, count: u32) {
+        let now = self.now;
+        let n = &mut self.nodes[i];
+        for k in first..first + count {
+            let local = SocketAddr::new(n.lan.ip(), n.next_port);
+            n.next_port = n.next_port.checked_add(1).unwrap_or(EPHEMERAL);
+            n.spares.push((k, local));
+        }
+        n.stack.spares_opened(now, first, count, &mut n.io);
     }
 
     /// The store tells every node the current peer set.
@@ -1011,6 +1059,9 @@ impl Sim {
         }
         if f.to == turn_addr() || self.turn.relays.contains(&f.to) {
             return self.turn_recv(f);
+        }
+        if f.to == stun2_addr() {
+            return self.stun2_recv(f);
         }
         // A LAN delivery, a public node, or a router's public address.
         if let Some(n) = self.nodes.iter().position(|n| n.sock_at(f.to).is_some()) {
@@ -1156,6 +1207,23 @@ impl Sim {
         }
     }
 
+    /// The second STUN server: Binding requests get the sender's address.
+    fn stun2_recv(&mut self, f: Flight) {
+        let Ok(msg) = Message::from_bytes(&f.data) else {
+            return;
+        };
+        if msg.method() != BINDING || !msg.has_class(MessageClass::Request) {
+            return;
+        }
+        let mut m = Message::builder_success(&msg, MessageWriteVec::new());
+        if m.add_attribute(&XorMappedAddress::new(f.from, msg.transaction_id()))
+            .is_err()
+        {
+            return;
+        }
+        self.send_from_internet(stun2_addr(), f.from, m.finish());
+    }
+
     fn send_from_internet(&mut self, from: SocketAddr, to: SocketAddr, data: Vec<u8>) {
         let f = Flight {
             from,
@@ -1220,6 +1288,7 @@ impl Sim {
         node.io = SimIo::default();
         // Its sockets died with it.
         node.own.clear();
+        node.spares.clear();
         node.turn_on_shared_at_move = None;
         node.info.candidates.clear();
         let local = node.local_addrs();

@@ -1,0 +1,367 @@
+//! The engine's side of birthday probing ([`crate::hunt`]): the HUNT
+//! messages, the cone side's probes, the symmetric side's spare sockets
+//! (asked of the caller by index, [`Event::OpenSpares`]).
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::{peer_mut, sooner, Event, Io, Overlay, PeerId, Wake};
+use crate::hunt::{Action, Mapping, Msg};
+use crate::path::{PathAddr, Rank, Via};
+use crate::wire::{kind, Inner, INNER_HEADER};
+
+/// How long the symmetric side keeps its sockets past the cone side's
+/// probing (the Go message's trip, the last probe's answer).
+const GRACE: Duration = Duration::from_secs(3);
+/// The Go message goes over the relay, which may lose it: sent this many
+/// times, this far apart (the cone side ignores a Go while it probes).
+const GO_TIMES: u8 = 3;
+const GO_EVERY: Duration = Duration::from_secs(1);
+
+/// What birthday probing cost and found, for `peers`/metrics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HuntStats {
+    /// Hunts this node took part in (as either side).
+    pub hunts: u64,
+    /// Probes this node sent to guessed ports (cone side).
+    pub probes: u64,
+    /// Spare sockets opened, and the datagrams sent from them.
+    pub ports: u64,
+    pub port_datagrams: u64,
+    /// Hunts that found a path (either side).
+    pub found: u64,
+}
+
+/// A hunt whose sockets are asked for or out (one at a time per node).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Current {
+    peer: PeerId,
+    first: u32,
+    count: u32,
+    until: Instant,
+    ready: bool,
+    /// Go messages sent, the last when.
+    gos: u8,
+    go_at: Instant,
+}
+
+/// The node-wide state.
+#[derive(Debug, Default)]
+pub(super) struct Hunter {
+    pub(super) mapping: Mapping,
+    public: Option<Ipv4Addr>,
+    /// Spare sockets the caller has open.
+    open: BTreeSet<u32>,
+    current: Option<Current>,
+    next: u32,
+    pub(super) stats: HuntStats,
+}
+
+impl Overlay {
+    /// Our NAT's mapping and public IPv4 address, from the NAT layer's
+    /// STUN answers ([`Mapping::of`]).
+    pub fn set_mapping(&mut self, m: Mapping, public: Option<Ipv4Addr>) {
+        if m != self.hunter.mapping {
+            tracing::info!(mapping = ?m, "NAT mapping (from STUN)");
+        }
+        self.hunter.mapping = m;
+        self.hunter.public = public;
+    }
+
+    /// Replaces the hunt's bounds (tests; an agent that switches it off).
+    pub fn set_hunt(&mut self, cfg: crate::hunt::HuntConfig) {
+        self.cfg.hunt = cfg;
+    }
+
+    pub fn mapping(&self) -> Mapping {
+        self.hunter.mapping
+    }
+
+    pub fn hunt_stats(&self) -> HuntStats {
+        self.hunter.stats
+    }
+
+    /// Spare sockets `first..first + count` are open (fewer than asked if
+    /// the caller could not open them all): one datagram leaves each
+    /// toward the peer's endpoints, then the peer is told to probe.
+    pub fn spares_opened(&mut self, now: Instant, first: u32, count: u32, io: &mut dyn Io) {
+        self.hunter.open.extend(first..first.saturating_add(count));
+        let cur = self.hunter.current.as_mut();
+        let Some(cur) = cur.filter(|c| c.first == first && !c.ready && count > 0) else {
+            self.close_unused(None);
+            return;
+        };
+        cur.ready = true;
+        cur.count = count;
+        let peer_id = cur.peer;
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
+            self.close_unused(None);
+            return;
+        };
+        let targets: Vec<SocketAddr> = (p.info.candidates.iter())
+            .filter(|c| c.class == Rank::Direct && c.addr.is_ipv4())
+            .map(|c| c.addr)
+            .collect();
+        tracing::info!(peer = %p.info.node, ports = count, targets = ?targets, "hunt: spare ports out, asking the peer to probe");
+        for i in first..first + count {
+            for t in &targets {
+                let to = PathAddr {
+                    via: Via::Spare(i),
+                    remote: *t,
+                };
+                self.scratch[INNER_HEADER..INNER_HEADER + 8].fill(0);
+                if self.send_inner(now, peer_id, Some(to), Inner::plain(kind::PROBE), 8, io) {
+                    self.hunter.stats.port_datagrams += 1;
+                }
+            }
+        }
+        self.hunter.stats.ports += u64::from(count);
+        self.hunter.stats.hunts += 1;
+        self.send_go(now, io);
+    }
+
+    /// Tells the peer of the hunt under way to probe (again, while the
+    /// relay may have lost it).
+    fn send_go(&mut self, now: Instant, io: &mut dyn Io) {
+        let (Some(c), Some(ip)) = (self.hunter.current.as_mut(), self.hunter.public) else {
+            return;
+        };
+        if !c.ready || c.gos >= GO_TIMES || (c.gos > 0 && now < c.go_at + GO_EVERY) {
+            return;
+        }
+        c.gos += 1;
+        c.go_at = now;
+        let peer_id = c.peer;
+        self.send_hunt(now, peer_id, Msg::Go(ip), io);
+    }
+
+    /// A HUNT message in the first `n` bytes of the scratch.
+    pub(super) fn on_hunt(&mut self, now: Instant, peer_id: PeerId, n: usize, io: &mut dyn Io) {
+        let Some(msg) = self.scratch.get(INNER_HEADER..n).and_then(Msg::parse) else {
+            return;
+        };
+        let (cfg, ours) = (self.cfg.hunt.clone(), self.hunter.mapping);
+        let pending = self.hunt_pending(peer_id);
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
+            return;
+        };
+        match msg {
+            Msg::Hello(m) => {
+                tracing::debug!(peer = %p.info.node, mapping = ?m, "hunt: the peer's mapping");
+                p.hunt.peer = m;
+                // Answered once, so that it learns ours if it spoke first.
+                let stale =
+                    (p.hunt.hello_at).is_none_or(|t| now.saturating_duration_since(t) >= cfg.again);
+                if ours != Mapping::Unknown && cfg.enabled && stale {
+                    p.hunt.hello_at = Some(now);
+                    self.send_hunt(now, peer_id, Msg::Hello(ours), io);
+                }
+                self.open_if_due(now, peer_id);
+            }
+            Msg::Go(ip) => {
+                if p.hunt.on_go(now, ip, ours, pending) {
+                    tracing::info!(peer = %p.info.node, %ip, rate = cfg.rate, limit = ?cfg.limit, "hunt: probing the peer's ports");
+                    self.hunter.stats.hunts += 1;
+                    sooner(&mut self.deadlines, p, peer_id, now, Wake::Probe);
+                }
+            }
+        }
+    }
+
+    fn send_hunt(&mut self, now: Instant, peer_id: PeerId, msg: Msg, io: &mut dyn Io) {
+        msg.write(&mut self.scratch[INNER_HEADER..INNER_HEADER + Msg::LEN]);
+        self.send_inner(now, peer_id, None, Inner::plain(kind::HUNT), Msg::LEN, io);
+    }
+
+    /// As the symmetric side: asks for spare sockets when the peer is a
+    /// cone, nothing else is hunted, and our public IP is known.
+    fn open_if_due(&mut self, now: Instant, peer_id: PeerId) {
+        let (cfg, ours) = (&self.cfg.hunt, self.hunter.mapping);
+        let free = self.hunter.current.is_none() && self.hunter.public.is_some();
+        let pending = self.hunt_pending(peer_id);
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
+            return;
+        };
+        if !cfg.enabled || !free || !p.hunt.should_open(now, ours, pending) {
+            return;
+        }
+        let (first, count) = (self.hunter.next, cfg.ports);
+        self.hunter.next = first.wrapping_add(count);
+        p.hunt.next_round = Some(now + cfg.again);
+        self.hunter.current = Some(Current {
+            peer: peer_id,
+            first,
+            count,
+            until: now + cfg.limit + GRACE,
+            ready: false,
+            gos: 0,
+            go_at: now,
+        });
+        tracing::info!(peer = %p.info.node, count, "hunt: opening spare ports");
+        sooner(
+            &mut self.deadlines,
+            p,
+            peer_id,
+            now + cfg.limit + GRACE,
+            Wake::Probe,
+        );
+        self.push_event(Event::OpenSpares { first, count });
+    }
+
+    /// Moves peer `peer_id`'s hunt on (from its path timers).
+    pub(super) fn hunt_tick(&mut self, now: Instant, peer_id: PeerId, io: &mut dyn Io) {
+        let (cfg, ours) = (self.cfg.hunt.clone(), self.hunter.mapping);
+        let pending = self.hunt_pending(peer_id);
+        self.one_spare_path(peer_id);
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
+            return;
+        };
+        let before = p.hunt.spray;
+        let action = p.hunt.tick(now, &cfg, pending, ours);
+        p.paths.hunting = p.hunt.spray.is_some();
+        match action {
+            Action::None => {}
+            Action::Hello => {
+                self.send_hunt(now, peer_id, Msg::Hello(ours), io);
+                self.open_if_due(now, peer_id);
+            }
+            Action::Probe(n) => self.spray(now, peer_id, n, io),
+            Action::Done => {
+                let found = !pending;
+                self.hunter.stats.found += u64::from(found);
+                let (sent, took) = before.map_or((0, Duration::ZERO), |s| (s.sent, now - s.since));
+                tracing::info!(peer = %p.info.node, found, probes = sent, took = ?took, "hunt: probing ended");
+            }
+        }
+        self.end_if_done(now, peer_id);
+        if self.hunter.current.is_some_and(|c| c.peer == peer_id) {
+            self.send_go(now, io);
+        }
+    }
+
+    /// Relayed, and no direct path answers: what a hunt is for.
+    fn hunt_pending(&self, peer_id: PeerId) -> bool {
+        self.peer(peer_id).is_some_and(|p| {
+            p.paths.active().is_some_and(|a| a.class == Rank::Relay)
+                && p.paths.direct_pending(&self.cfg.paths)
+        })
+    }
+
+    /// A burst of probes can hit several of our mappings: one path through
+    /// a spare socket is kept (the active one, else the first that
+    /// answers), the others and their sockets go.
+    fn one_spare_path(&mut self, peer_id: PeerId) {
+        let pcfg = &self.cfg.paths;
+        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
+            return;
+        };
+        let spare = |a: PathAddr| match a.via {
+            Via::Spare(i) => Some(i),
+            _ => None,
+        };
+        let n = p
+            .paths
+            .list
+            .iter()
+            .filter(|x| spare(x.addr).is_some())
+            .count();
+        if n < 2 {
+            return;
+        }
+        let alive = (p.paths.list.iter())
+            .filter(|x| x.alive(pcfg))
+            .find_map(|x| spare(x.addr));
+        let keep = p.paths.active_addr().and_then(spare).or(alive);
+        p.paths.drop_spares_but(keep);
+        if self.hunter.current.is_none_or(|c| c.peer != peer_id) {
+            self.close_unused(self.hunter.current);
+        }
+    }
+
+    /// As the cone side: `n` probes to random ports of the peer's IP.
+    fn spray(&mut self, now: Instant, peer_id: PeerId, n: u32, io: &mut dyn Io) {
+        let Some(s) = self.peer(peer_id).and_then(|p| p.hunt.spray) else {
+            return;
+        };
+        for _ in 0..n {
+            let port = self.rng.gen_range(1024..=u16::MAX);
+            let to = PathAddr::direct(SocketAddr::new(s.ip.into(), port));
+            self.probe_id = self.probe_id.wrapping_add(1);
+            let id = self.probe_id.to_le_bytes();
+            self.scratch[INNER_HEADER..INNER_HEADER + 8].copy_from_slice(&id);
+            self.send_inner(now, peer_id, Some(to), Inner::plain(kind::PROBE), 8, io);
+        }
+        self.hunter.stats.probes += u64::from(n);
+        if let Some(sp) = peer_mut(&mut self.peers, peer_id).and_then(|p| p.hunt.spray.as_mut()) {
+            sp.sent += n;
+        }
+    }
+
+    /// As the symmetric side: the hunt of `peer_id` found its path or ran
+    /// out: the sockets no path uses are closed.
+    fn end_if_done(&mut self, now: Instant, peer_id: PeerId) {
+        let Some(cur) = self.hunter.current.filter(|c| c.peer == peer_id) else {
+            return;
+        };
+        let pcfg = &self.cfg.paths;
+        let found = self.peer(peer_id).is_some_and(|p| {
+            (p.paths.list.iter()).any(|x| matches!(x.addr.via, Via::Spare(_)) && x.alive(pcfg))
+        });
+        if found || now >= cur.until {
+            self.hunter.stats.found += u64::from(found && cur.ready);
+            tracing::info!(found, ports = cur.count, "hunt: spare ports done");
+            self.hunter.current = None;
+            self.one_spare_path(peer_id);
+            self.close_unused(None);
+        }
+    }
+
+    /// Closes the spare sockets no path of any peer uses (but those of the
+    /// hunt under way); a hunt whose peer went or whose time is up ends.
+    pub(super) fn hunt_housekeeping(&mut self, now: Instant) {
+        if let Some(c) = self.hunter.current {
+            let gone = self.peer(c.peer).is_none();
+            if gone || now >= c.until {
+                self.hunter.current = None;
+            }
+        }
+        self.close_unused(self.hunter.current);
+    }
+
+    fn close_unused(&mut self, keep: Option<Current>) {
+        let used: BTreeSet<u32> = (self.peers.iter().flatten())
+            .flat_map(|p| p.paths.list.iter())
+            .filter_map(|x| match x.addr.via {
+                Via::Spare(i) => Some(i),
+                _ => None,
+            })
+            .collect();
+        let keep = |i: &u32| keep.is_some_and(|c| (c.first..c.first + c.count).contains(i));
+        let close: Vec<u32> = (self.hunter.open.iter())
+            .filter(|i| !used.contains(i) && !keep(i))
+            .copied()
+            .collect();
+        if close.is_empty() {
+            return;
+        }
+        for i in &close {
+            self.hunter.open.remove(i);
+        }
+        self.push_event(Event::CloseSpares(close));
+    }
+
+    /// When peer `peer_id`'s hunt needs its timers (with its paths').
+    pub(super) fn hunt_deadline(&self, peer_id: PeerId) -> Option<Instant> {
+        let p = self.peer(peer_id)?;
+        let own = p.hunt.deadline(&self.cfg.hunt, self.hunter.mapping);
+        let cur = self.hunter.current.filter(|c| c.peer == peer_id);
+        let spares = cur.map(|c| c.until);
+        let go = cur
+            .filter(|c| c.ready && c.gos < GO_TIMES)
+            .map(|c| c.go_at + GO_EVERY);
+        own.into_iter().chain(spares).chain(go).min()
+    }
+}

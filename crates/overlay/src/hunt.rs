@@ -1,0 +1,412 @@
+//! Birthday probing: a direct path between a node behind a symmetric NAT
+//! (endpoint-dependent mapping) and one behind a cone NAT.
+//!
+//! A symmetric NAT gives every destination a mapping of its own, so the
+//! reflexive port its node learns from STUN is of no use to the peer. What
+//! that port is for a new destination decides the method:
+//! - Port prediction guesses it from the STUN-observed ports (preserved, or
+//!   the next in sequence). Linux never allocates sequentially: without
+//!   `random`/`fully-random` it keeps the source port (a cone, in effect),
+//!   and with them (what makes it symmetric: the NAT lab's `masquerade
+//!   fully-random`) and on every clash it draws a random port; pf (pfSense,
+//!   OPNsense) randomises by default too. Against those a prediction is a
+//!   scan.
+//! - Birthday probing (Tailscale's): the symmetric ("hard") side opens
+//!   [`HuntConfig::ports`] sockets and sends one datagram from each to the
+//!   cone ("easy") side's published endpoint, which makes as many mappings
+//!   on its NAT (each open to that endpoint only, the easy NAT drops the
+//!   datagrams); the easy side then sends probes to random ports of the
+//!   hard side's public IP. A probe that hits one of the mappings reaches
+//!   the hard node on that socket, and its answer goes back out through
+//!   the same mapping to an endpoint the probes opened. With `k` sockets
+//!   out of `n` ports a probe hits with `k / n` (256 of 64 512: half the
+//!   hunts end within 175 probes, 99 % within 1 160), whatever the
+//!   allocator does, so this module does that.
+//!
+//! Each side learns whether its own mapping depends on the destination
+//! from two STUN servers ([`Mapping`]; one server cannot tell) and says so
+//! to the peer over the relayed session (inner kind
+//! [`crate::wire::kind::HUNT`], [`Msg::Hello`]); older agents ignore it.
+//! Only a hard side whose peer said "independent" opens sockets (never
+//! symmetric–symmetric, where a hit needs two guesses to meet), then tells
+//! the peer its public IP ([`Msg::Go`]). The probes are bounded by
+//! [`HuntConfig::rate`] and [`HuntConfig::limit`] and stop as soon as a
+//! direct path answers. The sockets are the agent's; the core names them
+//! by index ([`crate::path::Via::Spare`]) and stays sans-IO.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+/// Bounds of a hunt.
+#[derive(Debug, Clone)]
+pub struct HuntConfig {
+    pub enabled: bool,
+    /// Sockets the hard side opens (one mapping each).
+    pub ports: u32,
+    /// Probes a second the easy side sends.
+    pub rate: u32,
+    /// How long the easy side probes; the hard side keeps its sockets a
+    /// little longer.
+    pub limit: Duration,
+    /// A relayed peer whose direct paths have not answered for this long
+    /// is hunted (most pairs are direct well within it).
+    pub after: Duration,
+    /// A hunt that found nothing is tried again after this.
+    pub again: Duration,
+}
+
+impl Default for HuntConfig {
+    fn default() -> Self {
+        HuntConfig {
+            enabled: true,
+            ports: 256,
+            rate: 200,
+            limit: Duration::from_secs(15),
+            after: Duration::from_secs(2),
+            again: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A Hello the peer did not answer goes again after this.
+const HELLO_RETRY: Duration = Duration::from_secs(10);
+
+/// Whether our NAT's mapping depends on the destination, from the
+/// reflexive addresses two or more STUN servers gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mapping {
+    /// Fewer than two answers.
+    #[default]
+    Unknown,
+    /// Every server saw the same address: a cone (or no NAT).
+    Independent,
+    /// Symmetric.
+    Dependent,
+}
+
+impl Mapping {
+    /// From the reflexive addresses of different servers (IPv4 only: the
+    /// hunt probes IPv4 ports).
+    pub fn of(reflexive: &[std::net::SocketAddr]) -> (Mapping, Option<Ipv4Addr>) {
+        let v4: Vec<_> = reflexive.iter().filter(|a| a.is_ipv4()).collect();
+        let ip = v4.first().and_then(|a| match a.ip() {
+            std::net::IpAddr::V4(ip) => Some(ip),
+            std::net::IpAddr::V6(_) => None,
+        });
+        let m = match v4.as_slice() {
+            [] | [_] => Mapping::Unknown,
+            [first, rest @ ..] if rest.iter().all(|a| a == first) => Mapping::Independent,
+            _ => Mapping::Dependent,
+        };
+        (m, ip)
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Mapping::Unknown => 0,
+            Mapping::Independent => 1,
+            Mapping::Dependent => 2,
+        }
+    }
+
+    fn from_code(c: u8) -> Mapping {
+        match c {
+            1 => Mapping::Independent,
+            2 => Mapping::Dependent,
+            _ => Mapping::Unknown,
+        }
+    }
+}
+
+/// The body of an inner HUNT message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Msg {
+    /// What our mapping is.
+    Hello(Mapping),
+    /// The hard side's sockets are out: probe ports of this IP.
+    Go(Ipv4Addr),
+}
+
+impl Msg {
+    pub const LEN: usize = 6;
+
+    pub fn write(&self, out: &mut [u8]) {
+        let Some(b) = out.get_mut(..Msg::LEN) else {
+            return;
+        };
+        b.fill(0);
+        match self {
+            Msg::Hello(m) => b[1] = m.code(),
+            Msg::Go(ip) => {
+                b[0] = 1;
+                b[2..6].copy_from_slice(&ip.octets());
+            }
+        }
+    }
+
+    pub fn parse(b: &[u8]) -> Option<Msg> {
+        let b = b.get(..Msg::LEN)?;
+        match b[0] {
+            0 => Some(Msg::Hello(Mapping::from_code(b[1]))),
+            1 => {
+                let ip = Ipv4Addr::new(b[2], b[3], b[4], b[5]);
+                // Probing such an address would spray someone's LAN.
+                let bad = ip.is_unspecified()
+                    || ip.is_loopback()
+                    || ip.is_multicast()
+                    || ip.is_broadcast()
+                    || ip.is_link_local();
+                (!bad).then_some(Msg::Go(ip))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The easy side's probing of one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spray {
+    pub ip: Ipv4Addr,
+    pub since: Instant,
+    pub sent: u32,
+}
+
+impl Spray {
+    /// How many probes may go now: `rate` a second from the start (the
+    /// first at once), at most `rate * limit` in all, none after `limit`.
+    pub fn due(&self, now: Instant, cfg: &HuntConfig) -> u32 {
+        let t = now.saturating_duration_since(self.since);
+        if t >= cfg.limit {
+            return 0;
+        }
+        let cap = (cfg.limit.as_secs_f64() * f64::from(cfg.rate)) as u32;
+        let allowed = ((t.as_secs_f64() * f64::from(cfg.rate)) as u32 + 1).min(cap);
+        allowed.saturating_sub(self.sent)
+    }
+
+    pub fn over(&self, now: Instant, cfg: &HuntConfig) -> bool {
+        now.saturating_duration_since(self.since) >= cfg.limit
+    }
+}
+
+/// The hunting state of one peer.
+#[derive(Debug, Clone, Default)]
+pub struct PeerHunt {
+    /// Since when its direct paths have not answered (while relayed).
+    pending_since: Option<Instant>,
+    /// When we last told it our mapping.
+    pub hello_at: Option<Instant>,
+    /// What it told us.
+    pub peer: Mapping,
+    pub spray: Option<Spray>,
+    /// No new hunt of this peer before then.
+    pub next_round: Option<Instant>,
+}
+
+/// What [`PeerHunt::tick`] asks of the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    None,
+    /// Tell the peer our mapping.
+    Hello,
+    /// Send this many probes to random ports of the spray's IP.
+    Probe(u32),
+    /// The spray is over (found or not).
+    Done,
+}
+
+impl PeerHunt {
+    /// `pending`: relayed, and its direct paths do not answer. `ours`: our
+    /// mapping (told only once known).
+    pub fn tick(&mut self, now: Instant, cfg: &HuntConfig, pending: bool, ours: Mapping) -> Action {
+        if !pending || !cfg.enabled {
+            self.pending_since = None;
+            return match self.spray.take() {
+                Some(_) => Action::Done,
+                None => Action::None,
+            };
+        }
+        let since = *self.pending_since.get_or_insert(now);
+        if let Some(s) = self.spray {
+            if s.over(now, cfg) {
+                self.spray = None;
+                return Action::Done;
+            }
+            return Action::Probe(s.due(now, cfg));
+        }
+        let stale = self
+            .hello_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.hello_every(cfg));
+        if ours != Mapping::Unknown && stale && now.saturating_duration_since(since) >= cfg.after {
+            self.hello_at = Some(now);
+            return Action::Hello;
+        }
+        Action::None
+    }
+
+    /// Our Hello goes again after this: soon while the peer has not
+    /// answered (the relay may lose it; an older agent never answers: a
+    /// few bytes over the relay), else once a round.
+    fn hello_every(&self, cfg: &HuntConfig) -> Duration {
+        match self.peer {
+            Mapping::Unknown => HELLO_RETRY.min(cfg.again),
+            _ => cfg.again,
+        }
+    }
+
+    /// The hard side's Go: probing starts (unless one runs). `pending` as
+    /// for [`PeerHunt::tick`] (the Go may come before our own tick saw it).
+    pub fn on_go(&mut self, now: Instant, ip: Ipv4Addr, ours: Mapping, pending: bool) -> bool {
+        if ours != Mapping::Independent || self.spray.is_some() || !pending {
+            return false;
+        }
+        self.pending_since.get_or_insert(now);
+        self.spray = Some(Spray {
+            ip,
+            since: now,
+            sent: 0,
+        });
+        true
+    }
+
+    /// Whether we, the hard side, should open sockets for this peer now
+    /// (`pending` as for [`PeerHunt::tick`]).
+    pub fn should_open(&self, now: Instant, ours: Mapping, pending: bool) -> bool {
+        ours == Mapping::Dependent
+            && self.peer == Mapping::Independent
+            && pending
+            && self.next_round.is_none_or(|t| now >= t)
+    }
+
+    /// When [`PeerHunt::tick`] has something to do next.
+    pub fn deadline(&self, cfg: &HuntConfig, ours: Mapping) -> Option<Instant> {
+        if let Some(s) = self.spray {
+            // Past: the next timer-grid step, every step while probing.
+            return Some(s.since);
+        }
+        let since = self.pending_since?;
+        if ours == Mapping::Unknown || !cfg.enabled {
+            return None;
+        }
+        let hello = match self.hello_at {
+            Some(t) => t + self.hello_every(cfg),
+            None => since + cfg.after,
+        };
+        Some(hello.max(since + cfg.after))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn two_stun_answers_tell_the_mapping() {
+        let a = sa("203.0.113.10:5800");
+        assert_eq!(Mapping::of(&[a]).0, Mapping::Unknown);
+        assert_eq!(Mapping::of(&[a, a]).0, Mapping::Independent);
+        let (m, ip) = Mapping::of(&[a, sa("203.0.113.10:41000")]);
+        assert_eq!(m, Mapping::Dependent);
+        assert_eq!(ip, Some(Ipv4Addr::new(203, 0, 113, 10)));
+        assert_eq!(Mapping::of(&[]).0, Mapping::Unknown);
+    }
+
+    #[test]
+    fn messages_round_trip_and_a_bad_ip_is_refused() {
+        let mut b = [0u8; Msg::LEN];
+        for m in [
+            Msg::Hello(Mapping::Dependent),
+            Msg::Hello(Mapping::Independent),
+            Msg::Go(Ipv4Addr::new(203, 0, 113, 9)),
+        ] {
+            m.write(&mut b);
+            assert_eq!(Msg::parse(&b), Some(m));
+        }
+        Msg::Go(Ipv4Addr::LOCALHOST).write(&mut b);
+        assert_eq!(Msg::parse(&b), None);
+        assert_eq!(Msg::parse(&b[..5]), None);
+        assert_eq!(Msg::parse(&[7, 0, 0, 0, 0, 0]), None);
+    }
+
+    /// The rate holds at every moment, the total is capped, nothing after
+    /// the limit.
+    #[test]
+    fn probes_are_bounded_by_rate_and_time() {
+        let cfg = HuntConfig::default();
+        let t0 = Instant::now();
+        let mut s = Spray {
+            ip: Ipv4Addr::new(203, 0, 113, 9),
+            since: t0,
+            sent: 0,
+        };
+        let mut t = t0;
+        while t < t0 + cfg.limit + Duration::from_secs(5) {
+            let n = s.due(t, &cfg);
+            s.sent += n;
+            let secs = t.duration_since(t0).as_secs_f64();
+            assert!(f64::from(s.sent) <= secs * f64::from(cfg.rate) + 1.0);
+            t += Duration::from_millis(250);
+        }
+        let all = cfg.rate * cfg.limit.as_secs() as u32;
+        assert!(s.sent <= all && s.sent + cfg.rate / 2 >= all, "{}", s.sent);
+    }
+
+    #[test]
+    fn hello_after_a_while_then_go_starts_the_probes_and_an_answer_ends_them() {
+        let cfg = HuntConfig::default();
+        let t0 = Instant::now();
+        let mut h = PeerHunt::default();
+        assert_eq!(h.tick(t0, &cfg, true, Mapping::Independent), Action::None);
+        assert_eq!(h.deadline(&cfg, Mapping::Independent), Some(t0 + cfg.after));
+        let t1 = t0 + cfg.after;
+        assert_eq!(h.tick(t1, &cfg, true, Mapping::Independent), Action::Hello);
+        assert_eq!(h.tick(t1, &cfg, true, Mapping::Independent), Action::None);
+        // Unknown mapping: nothing said, no hunt.
+        let mut u = PeerHunt::default();
+        u.tick(t0, &cfg, true, Mapping::Unknown);
+        assert_eq!(u.tick(t1, &cfg, true, Mapping::Unknown), Action::None);
+        let ip = Ipv4Addr::new(203, 0, 113, 9);
+        assert!(!u.on_go(t1, ip, Mapping::Unknown, true));
+        // A symmetric side never probes, nor one with a direct path.
+        assert!(!h.on_go(t1, ip, Mapping::Dependent, true));
+        assert!(!h.on_go(t1, ip, Mapping::Independent, false));
+        assert!(h.on_go(t1, ip, Mapping::Independent, true));
+        assert_eq!(
+            h.tick(t1, &cfg, true, Mapping::Independent),
+            Action::Probe(1)
+        );
+        // A path answers.
+        assert_eq!(h.tick(t1, &cfg, false, Mapping::Independent), Action::Done);
+        assert!(h.spray.is_none());
+    }
+
+    #[test]
+    fn only_a_symmetric_side_with_a_cone_peer_opens_sockets() {
+        let cfg = HuntConfig::default();
+        let t0 = Instant::now();
+        let mut h = PeerHunt::default();
+        h.tick(t0, &cfg, true, Mapping::Dependent);
+        h.peer = Mapping::Dependent;
+        assert!(
+            !h.should_open(t0, Mapping::Dependent, true),
+            "symmetric pair"
+        );
+        h.peer = Mapping::Independent;
+        assert!(h.should_open(t0, Mapping::Dependent, true));
+        assert!(
+            !h.should_open(t0, Mapping::Dependent, false),
+            "direct already"
+        );
+        assert!(!h.should_open(t0, Mapping::Independent, true), "cone pair");
+        h.next_round = Some(t0 + cfg.again);
+        assert!(
+            !h.should_open(t0, Mapping::Dependent, true),
+            "not again so soon"
+        );
+    }
+}

@@ -6,14 +6,16 @@
 # and UDP-blocked NATs, a public node, and a home router running Debian's
 # miniupnpd that grants port mappings over PCP/NAT-PMP/UPnP; coturn as
 # STUN/TURN server in the lab's "internet"; the sites are
-# `OverlayOpts::nat_lab()`'s, which also has the marked place for the
-# dual-stack IPv6 site), each a network namespace with its own Open vSwitch,
+# `OverlayOpts::nat_lab()`'s: two symmetric sites and the public one also
+# have the lab's IPv6 internet (2001:db8::/32, dual-stack), and a second
+# STUN server lets a symmetric node know it is one, for birthday probing),
+# each a network namespace with its own Open vSwitch,
 # subnets from the real `evio-node config-gen`, the real `evio-node agent`
 # joining the node bridges and hosts over encrypted tunnels, pods attached by
 # the real `evio` plugin. It prints the nodes (site, NAT type, addresses),
 # the pod reachability matrix, the node matrix with how each pair's path was
-# made (peers --json's method: local, reflexive, learned, punched, mapped =
-# direct; relay) and its RTT, a count of pairs per method, and a Services row (kube-proxy's own rules in every
+# made (peers --json's method: local, reflexive, learned, punched, mapped,
+# predicted = direct; relay; and the underlay family) and its RTT, a count of pairs per method, and a Services row (kube-proxy's own rules in every
 # node netns: each node's pod reaches a ClusterIP backed by a pod on another
 # node, and dnsmasq behind a ClusterIP answers as the cluster DNS over UDP
 # and TCP), then tears everything down (also on Ctrl-C).

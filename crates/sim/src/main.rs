@@ -76,8 +76,9 @@ struct UpArgs {
     #[arg(long)]
     plain_link: bool,
     /// Number of simulated nodes [default: one per place of the NAT lab's
-    /// sites (`OverlayOpts::nat_lab()`: 9, the last behind a miniupnpd
-    /// router), 3 otherwise]; fewer takes the first sites only.
+    /// sites (`OverlayOpts::nat_lab()`: 10, the ninth behind a miniupnpd
+    /// router, the tenth dual-stack), 3 otherwise]; fewer takes the first
+    /// sites only.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
     nodes: Option<u16>,
     /// The cluster store: the embedded file store, or etcd in the lab's

@@ -163,6 +163,11 @@ pub struct OverlayOpts {
     /// global 2001:db8:K::/64 behind the router's stateful firewall, or
     /// on the internet segment for a public site. Not a double NAT.
     pub ipv6_sites: Vec<usize>,
+    /// With `turn`: a second coturn (on the lab's first extra server
+    /// address) as every node's second STUN server, so that a node behind
+    /// a symmetric NAT sees two mappings and knows it (birthday probing
+    /// needs that; docs/natlab.md).
+    pub stun2: bool,
 }
 
 impl OverlayOpts {
@@ -178,6 +183,7 @@ impl OverlayOpts {
             agent_env: Vec::new(),
             node_netconf: Vec::new(),
             ipv6_sites: Vec::new(),
+            stun2: false,
         }
     }
 
@@ -195,6 +201,7 @@ impl OverlayOpts {
             agent_env: Vec::new(),
             node_netconf: Vec::new(),
             ipv6_sites: Vec::new(),
+            stun2: false,
         }
     }
 
@@ -229,6 +236,7 @@ impl OverlayOpts {
             node_netconf: Vec::new(),
             // Site 2 (symmetric), the public site and the last one.
             ipv6_sites: vec![2, 6, 8],
+            stun2: true,
         }
     }
 
@@ -374,6 +382,7 @@ pub struct Cluster {
     tracked: Vec<Tracked>,
     // Servers and the lab go after the nodes (field order is drop order).
     coturn: Option<Coturn>,
+    coturn2: Option<Coturn>,
     etcd: Option<Etcd>,
     lab: Option<Lab>,
 }
@@ -403,6 +412,7 @@ impl Cluster {
             dir: None,
             opts,
             coturn: None,
+            coturn2: None,
             etcd: None,
             lab: None,
         };
@@ -703,6 +713,13 @@ impl Cluster {
             .ok_or_else(|| ClusterError::step("lab", "gone"))?;
         if ov.turn {
             self.coturn = Some(guarded("start coturn", || lab.start_coturn())?);
+            if ov.stun2 {
+                let second = guarded("start a second coturn", || match lab.add_server_addr() {
+                    std::net::IpAddr::V4(a) => Coturn::start_in(lab.internet(), a),
+                    std::net::IpAddr::V6(a) => panic!("{a}: not an IPv4 server address"),
+                })?;
+                self.coturn2 = Some(second);
+            }
         }
         if ov.etcd && ov.etcd_tls {
             let (ns, host) = (lab.internet().path(), lab.server_addr());
@@ -851,7 +868,10 @@ impl Cluster {
             } else {
                 "udp"
             };
-            o["stun"] = json!([server]);
+            o["stun"] = match &self.coturn2 {
+                Some(t2) => json!([server, t2.addr().to_string()]),
+                None => json!([server]),
+            };
             o["turn"] = json!([{
                 "server": server,
                 "transport": transport,
@@ -1094,6 +1114,7 @@ impl Cluster {
                     state: get("state"),
                     path: get("path"),
                     method: get("method"),
+                    family: get("family"),
                     endpoint: get("endpoint"),
                     rtt_ms: entry.as_ref().and_then(|e| e["rttMs"].as_f64()),
                 });
@@ -1587,6 +1608,7 @@ impl Cluster {
         }
         self.fabric = None;
         self.coturn = None;
+        self.coturn2 = None;
         self.etcd = None;
         self.lab = None;
         if let Some(d) = self.dir.take() {
@@ -1991,6 +2013,8 @@ pub struct HostCheck {
     /// What produced the path (`peers --json`'s `method`: local,
     /// reflexive, learned, punched, mapped, ... for a direct path, relay).
     pub method: Option<String>,
+    /// The working path's underlay family (`ipv4`, `ipv6`).
+    pub family: Option<String>,
     pub endpoint: Option<String>,
     pub rtt_ms: Option<f64>,
 }
@@ -2089,12 +2113,17 @@ impl OverlayReport {
                 row.push(match self.get(from, to) {
                     None => "??".into(),
                     Some(c) => format!(
-                        "{} {} {}",
+                        "{} {}{} {}",
                         if c.ping { "✓" } else { "✗" },
                         c.method
                             .as_deref()
                             .or(c.path.as_deref())
                             .unwrap_or(c.state.as_deref().unwrap_or("down")),
+                        if c.family.as_deref() == Some("ipv6") {
+                            "/v6"
+                        } else {
+                            ""
+                        },
                         c.rtt_ms.map(|r| format!("{r:.2}ms")).unwrap_or_default()
                     )
                     .trim_end()
@@ -2106,7 +2135,7 @@ impl OverlayReport {
         let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
         let ok = self.checks.iter().filter(|c| c.ok()).count();
         format!(
-            "{}each cell: host-overlay ping (✓/✗), then how the source's agent made its path (local, reflexive, learned, punched, mapped: direct; relay: through TURN) and its RTT\n{ok}/{} node pairs connected and reachable; paths by method: {}\n",
+            "{}each cell: host-overlay ping (✓/✗), then how the source's agent made its path (local, reflexive, learned, punched, mapped, predicted: direct; relay: through TURN; /v6: over the IPv6 underlay) and its RTT\n{ok}/{} node pairs connected and reachable; paths by method: {}\n",
             render_table(&headers, &rows),
             n * n.saturating_sub(1),
             self.methods()

@@ -1391,7 +1391,8 @@ fn recovery_after_mapping_loss_address_change_dead_paths_relay_outage_and_nat_ch
     wait_logged_more(&c, x, &fallback, fallbacks, Duration::from_secs(12));
     assert!(
         pod_ping_once(&c, x, p) || pod_ping_once(&c, x, p),
-        "traffic over the relay"
+        "traffic over the relay\n{}",
+        dump(&c)
     );
     c.lab().expect("lab").unblock_udp_between(nx, np);
     let t = wait("x upgrades back to direct", Duration::from_secs(30), || {

@@ -3051,7 +3051,8 @@ fn restart_with_port_mapping(c: &mut Cluster, i: usize, on: bool) {
 }
 
 /// Waits until node `from` reaches node `to` directly at a candidate of
-/// `kind`; its peers entry.
+/// `kind`, pinging across meanwhile (paths are probed, and upgraded, only
+/// while traffic flows); its peers entry.
 fn wait_direct(c: &Cluster, from: usize, to: usize, kind: &str, limit: Duration) -> Value {
     let mut last = Value::Null;
     let t = Instant::now();
@@ -3062,6 +3063,7 @@ fn wait_direct(c: &Cluster, from: usize, to: usize, kind: &str, limit: Duration)
         if last["path"] == "direct" && last["candidate"] == kind {
             return last;
         }
+        c.touch(&[(from, to)]);
         std::thread::sleep(Duration::from_millis(200));
     }
     panic!(
@@ -3089,7 +3091,8 @@ fn a_miniupnpd_router_mapping_takes_a_symmetric_nat_pair_direct() {
         ..OverlayOpts::flat(0)
     };
     let mut c = up(opts(BridgeType::Linux, 1, ov));
-    c.wait_overlay(Duration::from_secs(20))
+    // Sessions on demand: traffic first.
+    c.connect_overlay(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}\n{}", dump(&c)));
     let before = peer(&peers(&c, 1), &name(0)).cloned().expect("node-0");
     assert_eq!(before["path"], "relay", "without a mapping: {before}");

@@ -314,7 +314,10 @@ impl Paths {
             a.addr != addr
                 && a.last_rx
                     .is_none_or(|t| now.saturating_duration_since(t) > cfg.active_interval)
-                && (a.lost > 0 || self.find(&addr).is_none_or(|i| self.list[i].class <= a.class))
+                && (a.lost > 0
+                    || self
+                        .find(&addr)
+                        .is_none_or(|i| self.list[i].class <= a.class))
         });
         if quiet {
             match self.find(&addr) {

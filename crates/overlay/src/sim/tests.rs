@@ -559,13 +559,32 @@ fn port_restricted_cones_stay_direct_across_quiet_spells() {
                 sim.run(secs(quiet));
                 if quiet < 120 && !both(&sim) {
                     let paths = (sim.path(0, 1), sim.path(1, 0));
-                    return Err(format!("{note} not direct after {quiet} s quiet: {paths:?}"));
+                    return Err(format!(
+                        "{note} not direct after {quiet} s quiet: {paths:?}"
+                    ));
                 }
-                let t = ping(&mut sim, 0, 1, &format!("after {quiet} s quiet"), secs(limit))?;
-                ping(&mut sim, 1, 0, &format!("back after {quiet} s quiet"), secs(limit))?;
+                let t = ping(
+                    &mut sim,
+                    0,
+                    1,
+                    &format!("after {quiet} s quiet"),
+                    secs(limit),
+                )?;
+                ping(
+                    &mut sim,
+                    1,
+                    0,
+                    &format!("back after {quiet} s quiet"),
+                    secs(limit),
+                )?;
                 // Traffic flows (as a ping does) until the pair is direct.
                 sim.keep_busy(Some(secs(1)));
-                let up = within(&mut sim, &format!("direct after {quiet} s quiet"), secs(direct), both)?;
+                let up = within(
+                    &mut sim,
+                    &format!("direct after {quiet} s quiet"),
+                    secs(direct),
+                    both,
+                )?;
                 sim.keep_busy(None);
                 note.push_str(&format!(" quiet {quiet} s: reply {t:?}, direct {up:?};"));
             }
@@ -606,7 +625,9 @@ fn a_cone_pair_whose_traffic_stops_stays_direct() {
             let direct = |s: &Sim| s.path(0, 1) == Some("direct") && s.path(1, 0) == Some("direct");
             if !direct(&sim) {
                 let paths = (sim.path(0, 1), sim.path(1, 0));
-                return Err(format!("stopped at +{off}x400 ms: after 40 s quiet {paths:?}"));
+                return Err(format!(
+                    "stopped at +{off}x400 ms: after 40 s quiet {paths:?}"
+                ));
             }
             let t = ping(&mut sim, 0, 1, "the next ping", secs(1))?;
             worst = worst.max(t);
@@ -615,6 +636,8 @@ fn a_cone_pair_whose_traffic_stops_stays_direct() {
                 return Err(format!("stopped at +{off}x400 ms: the next ping {paths:?}"));
             }
         }
-        Ok(format!("12 stops: direct throughout, next ping at worst {worst:?}"))
+        Ok(format!(
+            "12 stops: direct throughout, next ping at worst {worst:?}"
+        ))
     });
 }

@@ -587,15 +587,10 @@ fn build_engine(
     let mut ocfg = OverlayConfig::new(&cfg.network, cfg.pod_subnet, cfg.plugin.mtu as usize);
     ocfg.host_addr = cfg.host_addr.map(|a| a.addr());
     ocfg.bridge_mac = devices.bridge_mac;
-    // Every peer handshaken at start and kept up (eager), as before issue
-    // 22. Sessions on demand (the core's default, `keep_warm`) are ready in
-    // the core, the test kit, the lab tests, cluster.sh and the benchmark,
-    // but in the NAT lab a pair of port-restricted cones (or a double NAT)
-    // then stays relayed: one side initiates, and the direct path is
-    // never punched (eager, both ends initiate on every path at once).
-    // Switch (delete this line) once that pair goes direct on demand.
-    ocfg.keep_warm = None;
     ocfg.punch = evio_overlay::punch::PunchConfig::for_udp_timeout(cfg.nat_udp_timeout);
+    // Sessions on demand (the core's default): a path quiet for longer than
+    // the routers' UDP timeout is proven again when a new session begins.
+    ocfg.paths.stale_after = cfg.nat_udp_timeout;
     // Every random draw of the engine comes from this one OS-seeded stream.
     let overlay = Overlay::new(now, ocfg, id, evio_overlay::crypto::os_seed());
     let nat_cfg = NatConfig {

@@ -62,6 +62,13 @@ const LEAVE_LIMIT: Duration = Duration::from_secs(2);
 /// frame), and every rewrite of the record reaches every agent's watch, so
 /// the list follows traffic episodes, not each session.
 pub const VOUCH_HOLD: Duration = Duration::from_secs(300);
+/// A node cut off from the store this long keeps sessions with this many
+/// live peers (chosen by hash, so the load spreads) warm, renewed this
+/// often, so that they vouch for it although it may carry no traffic
+/// (sessions on demand lapse 2-3 minutes after the last frame).
+const CUT_OFF_AFTER: Duration = REFRESH;
+const WATCHERS: usize = 3;
+const WATCH_RENEW: Duration = Duration::from_secs(60);
 
 /// What the store thread reports to the rest of the agent.
 #[derive(Debug, Clone, Default)]
@@ -372,6 +379,10 @@ struct State {
     revouch: bool,
     /// The peers that vouch for this node were woken (once, at start).
     woke: bool,
+    /// The store has failed since then (None: it answers).
+    cut_off: Option<Instant>,
+    /// When the watchers' sessions were last renewed.
+    watched: Option<Instant>,
 }
 
 impl Signalling {
@@ -445,6 +456,7 @@ impl Signalling {
                         tracing::debug!("store {}: {e}", self.url);
                     }
                     set_health(&self.health, |h| h.last_error = Some(e));
+                    self.keep_watched(&mut st);
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
                         _ = stopped.changed() => {}
@@ -455,6 +467,29 @@ impl Signalling {
         }
         if self.leave.load(Ordering::SeqCst) {
             self.leave_store().await;
+        }
+    }
+
+    /// Cut off from the store for [`CUT_OFF_AFTER`]: keeps the sessions of
+    /// a few live peers warm (handshakes now if there are none), renewed
+    /// every [`WATCH_RENEW`], so that they vouch for this node in the
+    /// store and `reclaimAfter` never takes it while it is alive, traffic
+    /// or not.
+    fn keep_watched(&self, st: &mut State) {
+        let now = Instant::now();
+        let since = *st.cut_off.get_or_insert(now);
+        let renew = st
+            .watched
+            .is_none_or(|t| now.duration_since(t) >= WATCH_RENEW);
+        if now.duration_since(since) < CUT_OFF_AFTER || !renew || st.revoked {
+            return;
+        }
+        st.watched = Some(now);
+        let me = &self.record.node;
+        let w = watchers(me, st.snap.live.keys().filter(|n| *n != me), WATCHERS);
+        if !w.is_empty() {
+            tracing::debug!(peers = ?w, "cut off from the store: keeping sessions with peers that vouch for this node");
+            self.engine.send(Command::Wake(w));
         }
     }
 
@@ -526,6 +561,7 @@ impl Signalling {
             tracing::info!("store {} answers again", self.url);
         }
         *warned = None;
+        st.cut_off = None;
         set_health(&self.health, |h| {
             h.last_error = None;
             h.from_cache = false;
@@ -1039,6 +1075,22 @@ fn vouch_list(
     v
 }
 
+/// The `k` of `nodes` that watch node `me`: the highest hashes of the
+/// pair (rendezvous hashing), so every node picks others and a cluster's
+/// watching spreads evenly; the same set on every call.
+fn watchers<'a>(me: &str, nodes: impl Iterator<Item = &'a String>, k: usize) -> Vec<String> {
+    use std::hash::{Hash, Hasher};
+    let score = |n: &str| {
+        // Fixed keys: the same choice in every run and on every node.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (me, n).hash(&mut h);
+        h.finish()
+    };
+    let mut v: Vec<(u64, &String)> = nodes.map(|n| (score(n), n)).collect();
+    v.sort_unstable_by(|a, b| b.cmp(a));
+    v.into_iter().take(k).map(|(_, n)| n.clone()).collect()
+}
+
 /// The peers of a cache as the engine takes them: not stale (the cache
 /// does not know, and a node starting from it must reach its peers).
 pub fn cached_peers(c: &Cache) -> Vec<PeerInfo> {
@@ -1076,6 +1128,27 @@ mod tests {
         assert_ne!(tls_files_stamp(&opts), moved, "a rewritten certificate");
         std::fs::remove_file(&cert).unwrap();
         assert_eq!(tls_files_stamp(&opts)[1], None);
+    }
+
+    /// A cut-off node's watchers: three, stable, not itself, spread over
+    /// the cluster (every node is somebody's watcher, none of many).
+    #[test]
+    fn watchers_are_few_stable_and_spread() {
+        let nodes: Vec<String> = (0..64).map(|i| format!("node-{i}")).collect();
+        let pick = |me: &str| watchers(me, nodes.iter().filter(|n| n.as_str() != me), 3);
+        let w = pick("node-0");
+        assert_eq!(w.len(), 3);
+        assert!(!w.contains(&"node-0".to_string()));
+        assert_eq!(w, pick("node-0"));
+        let mut load: HashMap<String, usize> = HashMap::new();
+        for me in &nodes {
+            for n in pick(me) {
+                *load.entry(n).or_default() += 1;
+            }
+        }
+        let most = load.values().max().copied().unwrap_or(0);
+        assert!(most <= 12, "one node watches {most} of 64");
+        assert!(watchers("a", std::iter::empty(), 3).is_empty());
     }
 
     /// The vouch list holds a peer for a while after its session lapsed

@@ -1393,7 +1393,8 @@ fn recovery_after_mapping_loss_address_change_dead_paths_relay_outage_and_nat_ch
     wait_logged_more(&c, x, &fallback, fallbacks, Duration::from_secs(12));
     assert!(
         pod_ping_once(&c, x, p) || pod_ping_once(&c, x, p),
-        "traffic over the relay"
+        "traffic over the relay\n{}",
+        dump(&c)
     );
     c.lab().expect("lab").unblock_udp_between(nx, np);
     let t = wait("x upgrades back to direct", Duration::from_secs(30), || {
@@ -3135,7 +3136,8 @@ fn restart_with_port_mapping(c: &mut Cluster, i: usize, on: bool) {
 }
 
 /// Waits until node `from` reaches node `to` directly at a candidate of
-/// `kind`; its peers entry.
+/// `kind`, pinging across meanwhile (paths are probed, and upgraded, only
+/// while traffic flows); its peers entry.
 fn wait_direct(c: &Cluster, from: usize, to: usize, kind: &str, limit: Duration) -> Value {
     let mut last = Value::Null;
     let t = Instant::now();
@@ -3146,6 +3148,7 @@ fn wait_direct(c: &Cluster, from: usize, to: usize, kind: &str, limit: Duration)
         if last["path"] == "direct" && last["candidate"] == kind {
             return last;
         }
+        c.touch(&[(from, to)]);
         std::thread::sleep(Duration::from_millis(200));
     }
     panic!(
@@ -3173,7 +3176,8 @@ fn a_miniupnpd_router_mapping_takes_a_symmetric_nat_pair_direct() {
         ..OverlayOpts::flat(0)
     };
     let mut c = up(opts(BridgeType::Linux, 1, ov));
-    c.wait_overlay(Duration::from_secs(20))
+    // Sessions on demand: traffic first.
+    c.connect_overlay(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}\n{}", dump(&c)));
     let before = peer(&peers(&c, 1), &name(0)).cloned().expect("node-0");
     assert_eq!(before["path"], "relay", "without a mapping: {before}");

@@ -197,7 +197,9 @@ struct Peer {
     /// Last frame sent to it: its active path is probed only when nothing
     /// came back since (WireGuard's passive keepalive).
     sent_data: Option<Instant>,
-    /// Last datagram sent to it, of any kind (the NAT keepalive's clock).
+    /// Last datagram sent on its active path, of any kind (the NAT
+    /// keepalive's clock: probes of other paths hold no flow of the path
+    /// in use).
     last_tx: Option<Instant>,
     /// Frames and bytes of it in [`Overlay::queue`].
     queued: usize,
@@ -902,6 +904,18 @@ impl Overlay {
         self.flush_queued(now, peer_id, io);
     }
 
+    /// A session with peer `peer_id` begins after none: its paths not heard
+    /// from within the NATs' UDP timeout are proven again before use (on
+    /// demand, after a quiet spell, the NAT flows of a port-restricted
+    /// cone are gone; traffic on such a path would vanish until its probes
+    /// were lost). The handshake's own path carries traffic meanwhile.
+    fn revalidate(&mut self, now: Instant, peer_id: PeerId) {
+        let cfg = &self.cfg.paths;
+        if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+            p.paths.demote_stale(now, cfg);
+        }
+    }
+
     /// Tells, once, that the path carrying peer `peer_id`'s traffic changed.
     fn note_path(&mut self, peer_id: PeerId) {
         let Some(p) = peer_mut(&mut self.peers, peer_id) else {
@@ -1099,10 +1113,18 @@ impl Overlay {
     /// previous instance (the store says which: they vouch for this
     /// node), so that their traffic is not one-way until their path-loss
     /// timers run. The others stay idle.
+    /// A peer that has a session (or one on the way) is kept warm, as if
+    /// traffic went to it: for a node cut off from the store, whose
+    /// session with a few peers keeps it vouched for.
     pub fn wake(&mut self, now: Instant, nodes: &[String]) {
         for n in nodes {
             if let Some(&peer_id) = self.by_node.get(n) {
-                self.wake_peer(now, peer_id);
+                if !self.wake_peer(now, peer_id) {
+                    if let Some(p) = peer_mut(&mut self.peers, peer_id) {
+                        p.used = Some(now);
+                        sooner(&mut self.deadlines, p, peer_id, now, Wake::Changed);
+                    }
+                }
             }
         }
         self.tidy();
@@ -1182,12 +1204,17 @@ impl Overlay {
             .tunnel;
         let rekey = tunnel.has_session();
         tunnel.respond(now, init, &network_key, (local, from), &mut msg)?;
+        if !rekey {
+            self.revalidate(now, peer_id);
+        }
         self.heard_from(now, peer_id, from, io);
         let out = io.datagram();
         out[..msg.len()].copy_from_slice(&msg);
         io.commit(from, msg.len());
         if let Some(p) = peer_mut(&mut self.peers, peer_id) {
-            p.last_tx = Some(now);
+            if p.paths.active_addr() == Some(from) {
+                p.last_tx = Some(now);
+            }
         }
         self.due_now(now, peer_id);
         self.note_handshake(peer_id, from, false, rekey);
@@ -1209,6 +1236,9 @@ impl Overlay {
             .tunnel;
         let rekey = tunnel.has_session();
         tunnel.on_response(now, d)?;
+        if !rekey {
+            self.revalidate(now, peer_id);
+        }
         let sent =
             |peers: &mut [Option<Peer>]| peer_mut(peers, peer_id).map(|p| p.stats.tx_packets);
         let before = sent(&mut self.peers);
@@ -1479,7 +1509,9 @@ impl Overlay {
             Some(n) => {
                 p.stats.tx_packets += 1;
                 p.stats.tx_bytes += n as u64;
-                p.last_tx = Some(now);
+                if p.paths.active_addr() == Some(to) {
+                    p.last_tx = Some(now);
+                }
                 io.commit(to, n);
                 true
             }

@@ -77,6 +77,11 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 const RETRY_AUTH: Duration = Duration::from_secs(30);
 /// Least time between two checks of one allocation for dead paths.
 const CHECK_PAUSE: Duration = Duration::from_secs(5);
+/// Every allocation is checked this often regardless (at the next
+/// gathering): with sessions on demand no relayed path may be probed for
+/// hours, and a TURN server that restarted would leave an idle node's
+/// relayed address dead, unreachable for a peer that needs it.
+const CHECK_EVERY: Duration = Duration::from_secs(15);
 /// The lifetime turn-client-proto asks for; a check asks for the same, so
 /// that it never shortens what the client believes.
 const LIFETIME: u32 = 1800;
@@ -240,6 +245,9 @@ struct TurnSlot {
     /// When a check last started, and when we last released a leftover.
     checked: Option<Instant>,
     released: Option<Instant>,
+    /// When the periodic check ([`CHECK_EVERY`]) last ran (or its clock
+    /// started).
+    watched: Option<Instant>,
     /// Moves to another local port since the last allocation: past the
     /// first, each waits the slot's backoff, so a server that refuses on
     /// every port costs a socket and an Allocate every 10 s at most.
@@ -266,6 +274,7 @@ impl TurnSlot {
             auth_error: None,
             port: Port::Shared,
             refresh: None,
+            watched: None,
             checked: None,
             released: None,
             moves: 0,
@@ -1217,6 +1226,14 @@ impl Nat {
                 }
             }
             self.keep_own_ports_open();
+            for idx in 0..self.slots.len() {
+                let s = &mut self.slots[idx];
+                let since = *s.watched.get_or_insert(now);
+                if now.saturating_duration_since(since) >= CHECK_EVERY {
+                    s.watched = Some(now);
+                    self.renew(now, idx);
+                }
+            }
         }
         for r in self.reflexive.iter_mut() {
             if r.is_some_and(|(_, at)| now.saturating_duration_since(at) > REFLEXIVE_TTL) {

@@ -74,6 +74,9 @@ pub struct PathConfig {
     pub hysteresis: f64,
     /// Keep at most this many paths per peer.
     pub max_paths: usize,
+    /// A path not heard from for this long is not trusted when a new
+    /// session begins ([`Paths::demote_stale`]): the NATs' UDP timeout.
+    pub stale_after: Duration,
 }
 
 impl Default for PathConfig {
@@ -86,6 +89,7 @@ impl Default for PathConfig {
             dead_after: 3,
             hysteresis: 0.2,
             max_paths: 16,
+            stale_after: Duration::from_secs(30),
         }
     }
 }
@@ -338,12 +342,20 @@ impl Paths {
             }
         };
         // Roaming: the path in use went quiet while the peer reaches us on
-        // another one (its NAT mapping changed): switch now rather than
-        // after the dead-path timeout.
+        // another one (its NAT mapping changed, or it fell back to a
+        // relay): switch now rather than after the dead-path timeout. To
+        // a worse class only once the path in use lost a probe: without
+        // traffic it is always quiet (nothing probes it), and the peer's
+        // probe of its standby relay path would move an idle pair to the
+        // relay for good (issue 22).
         let quiet = self.active().is_none_or(|a| {
             a.addr != addr
                 && a.last_rx
                     .is_none_or(|t| now.saturating_duration_since(t) > cfg.active_interval)
+                && (a.lost > 0
+                    || self
+                        .find(&addr)
+                        .is_none_or(|i| self.list[i].class <= a.class))
         });
         if quiet {
             match self.find(&addr) {
@@ -574,6 +586,31 @@ impl Paths {
         }
     }
 
+    /// Paths not heard from within `stale_after` count as dead until they
+    /// answer again, and are probed at once (from the shortest retry
+    /// interval). If the path in use is one of them, there is none until a
+    /// path answers.
+    pub fn demote_stale(&mut self, now: Instant, cfg: &PathConfig) {
+        let active = self.active;
+        for (i, p) in self.list.iter_mut().enumerate() {
+            let stale = p
+                .last_rx
+                .is_some_and(|t| now.saturating_duration_since(t) >= cfg.stale_after);
+            if !stale || !p.alive(cfg) {
+                continue;
+            }
+            p.lost = cfg.dead_after;
+            p.probe = None;
+            p.tries = 0;
+            p.next_probe = now;
+            if active == Some(i) {
+                self.active = None;
+                self.changed = Some(now);
+                self.why = PathWhy::ProbesLost;
+            }
+        }
+    }
+
     /// Forgets RTTs and liveness (the session was reset).
     pub fn reset(&mut self, now: Instant) {
         for p in &mut self.list {
@@ -758,6 +795,66 @@ mod tests {
         p.on_rx(t0 + Duration::from_secs(3), &cfg, new, Rank::Direct);
         assert_eq!(p.active_addr(), Some(new));
         assert_eq!(p.why, PathWhy::Roamed);
+    }
+
+    #[test]
+    fn a_quiet_path_in_use_does_not_roam_to_a_worse_class() {
+        let cfg = PathConfig::default();
+        let t0 = Instant::now();
+        let mut p = Paths::default();
+        let direct = pa("203.0.113.20:5800");
+        let relay = PathAddr {
+            via: Via::Turn(0),
+            remote: "203.0.113.20:5800".parse().unwrap(),
+        };
+        p.set_candidates(t0, &cfg, &[(direct, Rank::Direct)]);
+        p.on_rx(t0, &cfg, direct, Rank::Direct);
+        // No traffic for a while (on demand nothing probes the path in
+        // use), then the peer's probe of its relay path arrives.
+        p.on_rx(t0 + Duration::from_secs(3), &cfg, relay, Rank::Relay);
+        assert_eq!(p.active_addr(), Some(direct));
+        // A new source of the same class still moves us (NAT rebinding).
+        let moved = pa("203.0.113.20:40001");
+        p.on_rx(t0 + Duration::from_secs(4), &cfg, moved, Rank::Direct);
+        assert_eq!(p.active_addr(), Some(moved));
+        assert_eq!(p.why, PathWhy::Roamed);
+        // Once the path in use lost a probe, the peer reaching us through
+        // the relay moves us there at once (it fell back first).
+        let i = p.find(&moved).unwrap();
+        p.list[i].lost = 1;
+        p.on_rx(t0 + Duration::from_secs(6), &cfg, relay, Rank::Relay);
+        assert_eq!(p.active_addr(), Some(relay));
+    }
+
+    #[test]
+    fn paths_quiet_past_the_nat_timeout_are_proven_again() {
+        let cfg = PathConfig::default();
+        let t0 = Instant::now();
+        let mut p = Paths::default();
+        let direct = pa("203.0.113.20:5800");
+        let relay = pa("203.0.113.1:50000");
+        p.set_candidates(t0, &cfg, &[(direct, Rank::Direct), (relay, Rank::Relay)]);
+        p.on_rx(t0, &cfg, direct, Rank::Direct);
+        p.on_rx(t0, &cfg, relay, Rank::Relay);
+        assert_eq!(p.active_addr(), Some(direct));
+        // Heard from within the timeout: nothing changes.
+        let t1 = t0 + cfg.stale_after - Duration::from_secs(1);
+        p.demote_stale(t1, &cfg);
+        assert_eq!(p.active_addr(), Some(direct));
+        // Past it: nothing is trusted; the new session's path is taken and
+        // the old direct one is probed at once.
+        let t2 = t0 + cfg.stale_after * 4;
+        p.demote_stale(t2, &cfg);
+        assert_eq!(p.active_addr(), None);
+        assert!(p.list.iter().all(|x| !x.alive(&cfg)));
+        p.on_rx(t2, &cfg, relay, Rank::Relay);
+        assert_eq!(p.active_addr(), Some(relay));
+        let mut id = 0;
+        let probes = probe_all(&mut p, t2, &cfg, &mut id);
+        let to_direct = probes.iter().find(|d| d.addr == direct).unwrap();
+        // It answers: upgraded.
+        p.on_probe_reply(t2 + Duration::from_millis(3), &cfg, to_direct.id);
+        assert_eq!(p.active_addr(), Some(direct));
     }
 
     #[test]

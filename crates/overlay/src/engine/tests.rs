@@ -923,6 +923,26 @@ fn an_unused_session_lapses_to_idle_without_a_peer_down() {
     assert_eq!(net.nodes[1].io.pod.last(), Some(&f));
 }
 
+/// A node cut off from the store keeps a few peers' sessions warm with
+/// `wake` (its agent calls it every minute while cut off): they never
+/// lapse, so those peers keep vouching for it. Without it the session
+/// lapses (the test above).
+#[test]
+fn waking_an_up_peer_keeps_its_session_warm() {
+    let mut net = connect_all(2);
+    let born = net.nodes[0].ov.status()[0].session_born;
+    for _ in 0..7 {
+        let now = net.now;
+        net.nodes[0].ov.wake(now, &["n1".to_string()]);
+        net.run(Duration::from_secs(60));
+        let st = &net.nodes[0].ov.status()[0];
+        assert_eq!(st.state, PeerState::Connected);
+        assert_eq!(net.nodes[1].ov.status()[0].state, PeerState::Connected);
+    }
+    // Rekeyed on the way (sessions last 180 s at most).
+    assert_ne!(net.nodes[0].ov.status()[0].session_born, born);
+}
+
 #[test]
 fn an_idle_up_peer_gets_only_nat_keepalives_and_the_next_wake_is_one() {
     for local in [false, true] {

@@ -162,7 +162,15 @@ impl SiteSpec {
 struct Mapping {
     lan: SocketAddr,
     /// Remote endpoints this mapping sent to (what filtering lets in).
-    sent_to: BTreeSet<SocketAddr>,
+    sent_to: BTreeMap<SocketAddr, Flow>,
+}
+
+/// One remote endpoint of a mapping, as conntrack sees the flow: its last
+/// datagram either way, and whether one came back.
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    last: Instant,
+    replied: bool,
 }
 
 /// A site's router: a NAT of one kind on one public address.
@@ -174,6 +182,10 @@ struct Router {
     by_port: BTreeMap<u16, Mapping>,
     /// The Linux connection table ([`NatKind::Masquerade`]).
     ct: Conntrack,
+    /// Idle flows of the other kinds expire after (unreplied, replied), as
+    /// conntrack's do, and a mapping with none left is gone
+    /// ([`Sim::set_udp_timeout`]); `None`: they never do.
+    timeouts: Option<(Duration, Duration)>,
 }
 
 /// conntrack's UDP timeouts: an entry that never saw a reply, and one
@@ -281,7 +293,25 @@ impl Router {
             out: BTreeMap::new(),
             by_port: BTreeMap::new(),
             ct: Conntrack::default(),
+            timeouts: None,
         }
+    }
+
+    /// Forgets the flows idle past their timeout, and mappings left without one.
+    fn expire(&mut self, now: Instant) {
+        let Some((unreplied, replied)) = self.timeouts else {
+            return;
+        };
+        let live = |f: &Flow| {
+            let ttl = if f.replied { replied } else { unreplied };
+            now.saturating_duration_since(f.last) < ttl
+        };
+        for m in self.by_port.values_mut() {
+            m.sent_to.retain(|_, f| live(f));
+        }
+        self.by_port.retain(|_, m| !m.sent_to.is_empty());
+        let by_port = &self.by_port;
+        self.out.retain(|_, port| by_port.contains_key(port));
     }
 
     /// The public source of a datagram from `lan` to `to`.
@@ -298,6 +328,7 @@ impl Router {
         let Some((mapping, _)) = behaviour(self.kind) else {
             return lan;
         };
+        self.expire(now);
         let key = (lan, (mapping == Dependence::AddressAndPort).then_some(to));
         let port = match self.out.get(&key) {
             Some(p) => *p,
@@ -313,13 +344,17 @@ impl Router {
                     };
                 }
                 self.out.insert(key, p);
-                let sent_to = BTreeSet::new();
+                let sent_to = BTreeMap::new();
                 self.by_port.insert(p, Mapping { lan, sent_to });
                 p
             }
         };
         if let Some(m) = self.by_port.get_mut(&port) {
-            m.sent_to.insert(to);
+            let f = m.sent_to.entry(to).or_insert(Flow {
+                last: now,
+                replied: false,
+            });
+            f.last = now;
         }
         SocketAddr::new(self.public, port)
     }
@@ -330,8 +365,14 @@ impl Router {
             return self.ct.inbound(now, port, from);
         }
         let (_, filtering) = behaviour(self.kind)?;
-        let m = self.by_port.get(&port)?;
-        let open = filtering == Dependence::Independent || m.sent_to.contains(&from);
+        self.expire(now);
+        let m = self.by_port.get_mut(&port)?;
+        let flow = m.sent_to.get_mut(&from);
+        let open = filtering == Dependence::Independent || flow.is_some();
+        if let Some(f) = flow {
+            f.last = now;
+            f.replied = true;
+        }
         open.then_some(m.lan)
     }
 
@@ -1260,6 +1301,15 @@ impl Sim {
         let site = self.nodes[n].site;
         self.sites[site].router.kind = kind;
         self.sites[site].router.flush();
+    }
+
+    /// Flows through node `n`'s site's router (a cone or symmetric one)
+    /// expire after `unreplied` idle, or `replied` once a datagram came
+    /// back (conntrack's `nf_conntrack_udp_timeout` and `..._stream`, the
+    /// lab's `set_udp_timeout`); by default they never do.
+    pub fn set_udp_timeout(&mut self, n: usize, unreplied: Duration, replied: Duration) {
+        let site = self.nodes[n].site;
+        self.sites[site].router.timeouts = Some((unreplied, replied));
     }
 
     /// Drops (or stops dropping) direct datagrams between `a` and `b`.

@@ -526,3 +526,118 @@ fn a_lying_port_mapping_is_tried_and_never_picked() {
         Ok("relayed, the lie tried and dead".into())
     });
 }
+
+/// Issue 22, on demand: two port-restricted cones whose routers forget an
+/// idle flow after 30 s (the lab's `an_idle_minute...` test) and a pair
+/// behind the default timeouts (30 s unreplied, 120 s replied). Traffic
+/// stops once the pair is direct. After a quiet minute (NAT keepalives
+/// only) the first frame is answered within a second on the direct path;
+/// after a quiet five minutes (the session lapsed, the mappings expired)
+/// traffic brings the pair back to direct within seconds.
+#[test]
+fn port_restricted_cones_stay_direct_across_quiet_spells() {
+    use NatKind::*;
+    each_seed(|seed| {
+        let mut notes = Vec::new();
+        for (unreplied, replied) in [(30, 30), (30, 120)] {
+            let sites = [
+                lossy(PortRestrictedCone, 1, seed, 0),
+                lossy(PortRestrictedCone, 1, seed, 1),
+            ];
+            let mut sim = Sim::new(seed, &sites);
+            let secs = Duration::from_secs;
+            for n in 0..2 {
+                sim.set_udp_timeout(n, secs(unreplied), secs(replied));
+            }
+            settle(&mut sim, secs(30))?;
+            sim.keep_busy(None);
+            let both = |s: &Sim| s.path(0, 1) == Some("direct") && s.path(1, 0) == Some("direct");
+            let mut note = format!("{unreplied}/{replied} s:");
+            // (quiet, reply within, direct within): after a minute the
+            // direct path held; after five it is punched again.
+            for (quiet, limit, direct) in [(60, 1, 1), (300, 1, 15)] {
+                sim.run(secs(quiet));
+                if quiet < 120 && !both(&sim) {
+                    let paths = (sim.path(0, 1), sim.path(1, 0));
+                    return Err(format!(
+                        "{note} not direct after {quiet} s quiet: {paths:?}"
+                    ));
+                }
+                let t = ping(
+                    &mut sim,
+                    0,
+                    1,
+                    &format!("after {quiet} s quiet"),
+                    secs(limit),
+                )?;
+                ping(
+                    &mut sim,
+                    1,
+                    0,
+                    &format!("back after {quiet} s quiet"),
+                    secs(limit),
+                )?;
+                // Traffic flows (as a ping does) until the pair is direct.
+                sim.keep_busy(Some(secs(1)));
+                let up = within(
+                    &mut sim,
+                    &format!("direct after {quiet} s quiet"),
+                    secs(direct),
+                    both,
+                )?;
+                sim.keep_busy(None);
+                note.push_str(&format!(" quiet {quiet} s: reply {t:?}, direct {up:?};"));
+            }
+            notes.push(note);
+        }
+        Ok(notes.join(" "))
+    });
+}
+
+/// Issue 22, on demand: a direct pair of port-restricted cones whose
+/// traffic stops (a ping, then nothing) at any moment of the probe cycle
+/// stays direct through a quiet spell past the NATs' 30 s timeout, and the
+/// next ping goes direct. Before the fix, the peer's standby probe of its
+/// relay path, arriving while the active path had been quiet for a second
+/// (as it always is without traffic), "roamed" the pair to the relay; no
+/// probe ran after that to bring it back, the NAT keepalives went to the
+/// relay, and the direct flows expired: 20 of 200 runs ended relayed.
+#[test]
+fn a_cone_pair_whose_traffic_stops_stays_direct() {
+    use NatKind::*;
+    each_seed(|seed| {
+        let mut worst = Duration::ZERO;
+        for off in 0..12u64 {
+            let sites = [
+                lossy(PortRestrictedCone, 1, seed, 0),
+                lossy(PortRestrictedCone, 1, seed, 1),
+            ];
+            let mut sim = Sim::new(seed, &sites);
+            let secs = Duration::from_secs;
+            for n in 0..2 {
+                sim.set_udp_timeout(n, secs(30), secs(30));
+            }
+            settle(&mut sim, secs(30))?;
+            sim.keep_busy(None);
+            sim.run(Duration::from_millis(400 * off));
+            ping(&mut sim, 0, 1, "the last ping", secs(1))?;
+            sim.run(secs(40));
+            let direct = |s: &Sim| s.path(0, 1) == Some("direct") && s.path(1, 0) == Some("direct");
+            if !direct(&sim) {
+                let paths = (sim.path(0, 1), sim.path(1, 0));
+                return Err(format!(
+                    "stopped at +{off}x400 ms: after 40 s quiet {paths:?}"
+                ));
+            }
+            let t = ping(&mut sim, 0, 1, "the next ping", secs(1))?;
+            worst = worst.max(t);
+            if !direct(&sim) {
+                let paths = (sim.path(0, 1), sim.path(1, 0));
+                return Err(format!("stopped at +{off}x400 ms: the next ping {paths:?}"));
+            }
+        }
+        Ok(format!(
+            "12 stops: direct throughout, next ping at worst {worst:?}"
+        ))
+    });
+}

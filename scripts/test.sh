@@ -18,6 +18,12 @@ cargo machete
 # Release: the same build serves the tests, the e2e binaries they exec and
 # the benchmark. Two test threads per binary match the 2-core target machine.
 cargo test --workspace --release -- --test-threads=2
-# Parsers of outside input: seed/mutation replay on stable, then 3 s of
-# coverage-guided libFuzzer per target (docs/fuzzing.md).
-fuzz/run.sh ci 3
+# Parsers of outside input: every target on its seeds, its saved corpus and
+# 3000 mutations, on stable and the workspace's build (docs/fuzzing.md).
+# Coverage-guided libFuzzer rebuilds the whole dependency tree instrumented
+# (minutes of CI for seconds of fuzzing): only when EVIO_FUZZ_SECS asks.
+if [ -n "${EVIO_FUZZ_SECS:-}" ]; then
+  fuzz/run.sh ci "$EVIO_FUZZ_SECS"
+else
+  fuzz/run.sh smoke
+fi

@@ -2135,7 +2135,7 @@ impl OverlayReport {
         let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
         let ok = self.checks.iter().filter(|c| c.ok()).count();
         format!(
-            "{}each cell: host-overlay ping (✓/✗), then how the source's agent made its path (local, reflexive, learned, punched, mapped, predicted: direct; relay: through TURN; /v6: over the IPv6 underlay) and its RTT\n{ok}/{} node pairs connected and reachable; paths by method: {}\n",
+            "{}each cell: host-overlay ping (✓/✗), then how the source's agent made its path (local, reflexive, learned, punched, mapped, predicted: direct; relay: through TURN; method/v6: over the IPv6 underlay) and its RTT\n{ok}/{} node pairs connected and reachable; paths by method: {}\n",
             render_table(&headers, &rows),
             n * n.saturating_sub(1),
             self.methods()

@@ -41,7 +41,8 @@ fn a_symmetric_ipv4_pair_with_ipv6_goes_direct_over_ipv6() {
         ..OverlayOpts::flat(0)
     };
     let mut c = up(opts(BridgeType::Linux, 1, ov));
-    c.wait_overlay(Duration::from_secs(20))
+    // Sessions are made on demand: traffic first.
+    c.connect_overlay(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}\n{}", dump(&c)));
     let before = peer(&peers(&c, 0), &name(1)).cloned().expect("node-1");
     assert_eq!(

@@ -162,7 +162,10 @@ impl Overlay {
                 self.open_if_due(now, peer_id);
             }
             Msg::Go(ip) => {
-                if p.hunt.on_go(now, ip, ours, pending) {
+                // Only an address the peer's record publishes: the message
+                // must not aim our probes at a third party.
+                let published = p.info.candidates.iter().any(|c| c.addr.ip() == ip);
+                if published && p.hunt.on_go(now, ip, ours, pending) {
                     tracing::info!(peer = %p.info.node, %ip, rate = cfg.rate, limit = ?cfg.limit, "hunt: probing the peer's ports");
                     self.hunter.stats.hunts += 1;
                     sooner(&mut self.deadlines, p, peer_id, now, Wake::Probe);

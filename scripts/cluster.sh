@@ -24,6 +24,8 @@
 #                      [--bridge-type ovs|linux] [--store file|etcd] [--keep]
 #                      [--kube-proxy iptables|nftables|none]
 #   scripts/cluster.sh --plain-link      # the pre-overlay topology
+#   scripts/cluster.sh --nodes 256       # > 32 nodes: the routed scale lab,
+#                                        # sampled pairs (README)
 #
 # Everything it creates lives in namespaces and temp dirs of its own; the
 # machine's root namespace is not touched.

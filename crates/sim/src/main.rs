@@ -78,19 +78,24 @@ struct UpArgs {
     /// Number of simulated nodes [default: one per place of the NAT lab's
     /// sites (`OverlayOpts::nat_lab()`: 10, the ninth behind a miniupnpd
     /// router, the tenth dual-stack), 3 otherwise]; fewer takes the first
-    /// sites only.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
+    /// sites only. More than 32 (up to 256, the seed's `nodeBits: 8`):
+    /// the routed scale lab instead (one /24 per node behind one router, no
+    /// NAT, etcd, Linux bridges, one pod per node unless asked otherwise),
+    /// and sampled pairs instead of the full matrices.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     nodes: Option<u16>,
     /// The cluster store: the embedded file store, or etcd in the lab's
-    /// internet namespace.
-    #[arg(long, value_enum, default_value_t = Store::File)]
-    store: Store,
-    /// Pods per node.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=32))]
-    pods: u16,
-    /// Node bridge type (the plugin's `bridgeType`).
-    #[arg(long, value_enum, default_value_t = Bridge::Ovs)]
-    bridge_type: Bridge,
+    /// internet namespace [default: file; etcd beyond 32 nodes].
+    #[arg(long, value_enum)]
+    store: Option<Store>,
+    /// Pods per node [default: 2; 1 beyond 32 nodes].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(0..=32))]
+    pods: Option<u16>,
+    /// Node bridge type (the plugin's `bridgeType`) [default: ovs; linux
+    /// beyond 32 nodes, where an Open vSwitch per node would take most of
+    /// this machine's memory and CPU before any pod exists].
+    #[arg(long, value_enum)]
+    bridge_type: Option<Bridge>,
     /// Cluster pod CIDR (`podCIDR`).
     #[arg(long, default_value = "10.244.0.0/16")]
     pod_cidr: String,
@@ -143,7 +148,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// Beyond this many nodes `up` runs the routed scale lab and probes
+/// samples: the NAT lab's sites share L2 segments (the kernel's one neighbour
+/// table, 1024 entries for every namespace, overflows at about 33 nodes on
+/// one segment), and the full matrices grow with n² (65 280 pod pairs at
+/// 256 nodes).
+const FULL_MATRIX_MAX: u16 = 32;
+/// Random pairs probed beyond [`FULL_MATRIX_MAX`] nodes (pods, and nodes
+/// over the host overlay).
+const SAMPLED_PAIRS: usize = 100;
+
 fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
+    let large = args.nodes.is_some_and(|n| n > FULL_MATRIX_MAX);
+    if large && args.plain_link {
+        eprintln!(
+            "evio-sim: --plain-link joins at most {FULL_MATRIX_MAX} nodes (one L2 segment); \
+             larger clusters need the agent"
+        );
+        return Ok(ExitCode::from(2));
+    }
     let here = std::env::current_exe()
         .map_err(SimError::SelfPath)?
         .parent()
@@ -153,8 +176,13 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
         args.evio.unwrap_or_else(|| here.join("evio")),
         args.evio_node.unwrap_or_else(|| here.join("evio-node")),
     );
-    opts.pods_per_node = usize::from(args.pods);
-    opts.overlay = if args.plain_link {
+    opts.pods_per_node = usize::from(args.pods.unwrap_or(if large { 1 } else { 2 }));
+    opts.overlay = if large {
+        // --no-nat or not: the routed lab has no NAT either way.
+        Some(OverlayOpts::routed(usize::from(
+            args.nodes.unwrap_or(FULL_MATRIX_MAX),
+        )))
+    } else if args.plain_link {
         None
     } else if args.no_nat {
         Some(OverlayOpts::flat(usize::from(args.nodes.unwrap_or(3))))
@@ -181,8 +209,11 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
         }
         Some(o)
     };
+    let store = args
+        .store
+        .unwrap_or(if large { Store::Etcd } else { Store::File });
     if let Some(o) = opts.overlay.as_mut() {
-        o.etcd = args.store == Store::Etcd;
+        o.etcd = store == Store::Etcd;
         if args.no_nat {
             o.turn = false;
         }
@@ -191,7 +222,10 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
         Some(o) => o.nodes(),
         None => usize::from(args.nodes.unwrap_or(3)),
     };
-    opts.bridge_type = match args.bridge_type {
+    let bridge = args
+        .bridge_type
+        .unwrap_or(if large { Bridge::Linux } else { Bridge::Ovs });
+    opts.bridge_type = match bridge {
         Bridge::Ovs => BridgeType::Ovs,
         Bridge::Linux => BridgeType::Linux,
     };
@@ -209,6 +243,12 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
 
     let topology = match &opts.overlay {
         None => "joined by a plain link".to_string(),
+        Some(_) if large => format!(
+            "joined by evio-node agent, routed scale lab (one /24 per node behind one router, \
+             no NAT; more than {FULL_MATRIX_MAX} nodes: {SAMPLED_PAIRS} random pod pairs and \
+             {SAMPLED_PAIRS} random node pairs are probed instead of the full matrices, and the \
+             Services row is skipped)"
+        ),
         Some(o)
             if o.sites
                 .iter()
@@ -232,10 +272,19 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
     let started = Instant::now();
     let cluster = Cluster::up(opts)?;
     eprintln!(
-        "evio-sim: up in {:.1} s; probing every pod pair…",
-        started.elapsed().as_secs_f64()
+        "evio-sim: up in {:.1} s; probing {}…",
+        started.elapsed().as_secs_f64(),
+        if large {
+            "sampled pairs"
+        } else {
+            "every pod pair"
+        }
     );
     println!("\n{}", cluster.summary());
+    if large {
+        let failures = sampled(&cluster, &cancel);
+        return finish(cluster, failures, args.keep, &cancel);
+    }
     if cluster.opts().overlay.is_some() {
         // Sessions are made on demand: traffic between every pair first,
         // so that a relayed pair (seconds to its first handshake through
@@ -260,15 +309,134 @@ fn up(args: UpArgs, cancel: Arc<AtomicBool>) -> Result<ExitCode, SimError> {
         failures.extend(overlay.failures());
     }
     failures.extend(services_row(&cluster, args.kube_proxy)?);
-    for f in &failures {
-        println!("  ✗ {f}");
-    }
     eprintln!(
         "evio-sim: probes took {:.1} s",
         probed.elapsed().as_secs_f64()
     );
+    finish(cluster, failures, args.keep, &cancel)
+}
 
-    if args.keep {
+/// Beyond [`FULL_MATRIX_MAX`] nodes: every agent knows every other node
+/// (none down), then [`SAMPLED_PAIRS`] random node pairs over the host
+/// overlay and as many random pod pairs (ping and 1 MiB over TCP). The
+/// pairs come from a printed seed, so a failing run can be redone. The
+/// failures.
+fn sampled(cluster: &Cluster, cancel: &AtomicBool) -> Vec<String> {
+    use evio_testkit::cluster::Target;
+    use evio_testkit::scale;
+    let mut failures = Vec::new();
+    let n = cluster.nodes().len();
+    let t = Instant::now();
+    let known = scale::wait_known(cluster, t, Duration::from_secs(300));
+    match known.all() {
+        Some(d) => println!(
+            "overlay: every agent knows all {} other nodes, none down, {:.1} s after the cluster was up",
+            n - 1,
+            d.as_secs_f64()
+        ),
+        None => {
+            let short = known.last.iter().filter(|&&k| k + 1 < n).count();
+            failures.push(format!(
+                "{short} agent(s) did not know every other node within 300 s (healthy peers per \
+                 agent: min {})",
+                known.last.iter().min().copied().unwrap_or(0)
+            ));
+        }
+    }
+    let seed = scale::seed();
+    println!("sampled pairs from seed {seed}:");
+    // Host overlay: one ping each, all at once (it also makes the sessions
+    // of these idle pairs); a pair whose first echo was lost gets one more.
+    let nodes = scale::random_pairs(n, SAMPLED_PAIRS, seed);
+    let mut ok = cluster.touch(&nodes);
+    let first = ok.iter().filter(|&&b| b).count();
+    let retry: Vec<usize> = (0..nodes.len()).filter(|&i| !ok[i]).collect();
+    let again = cluster.touch(&retry.iter().map(|&i| nodes[i]).collect::<Vec<_>>());
+    for (&i, r) in retry.iter().zip(again) {
+        ok[i] = r;
+    }
+    let names: Vec<&str> = cluster.nodes().iter().map(|x| x.name.as_str()).collect();
+    for (&(a, b), _) in nodes.iter().zip(&ok).filter(|(_, &o)| !o) {
+        failures.push(format!(
+            "{} -> {}: no echo over the host overlay",
+            names[a], names[b]
+        ));
+    }
+    println!(
+        "  nodes (host overlay, one ping): {}/{} answered ({first} at the first echo)",
+        ok.iter().filter(|&&b| b).count(),
+        nodes.len()
+    );
+    // Pods: four probing threads; each probe is bounded (ping 3 s, TCP
+    // 10 s per step).
+    let pods = cluster.pods();
+    let pairs = scale::random_pairs(pods.len(), SAMPLED_PAIRS, seed.rotate_left(17));
+    let checks: Vec<(usize, usize, Option<evio_testkit::cluster::Check>)> =
+        std::thread::scope(|s| {
+            let handles: Vec<_> = pairs
+                .chunks(pairs.len().div_ceil(4).max(1))
+                .map(|chunk| {
+                    s.spawn(move || {
+                        chunk
+                            .iter()
+                            .take_while(|_| !cancel.load(Ordering::Relaxed))
+                            .map(|&(a, b)| (a, b, cluster.probe(a, Target::Pod(b))))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+    let name = |i: usize| pods.get(i).map_or("?", |(_, p)| p.name.as_str());
+    let mut good = 0;
+    for (a, b, c) in &checks {
+        match c {
+            Some(c) if c.ok() => good += 1,
+            Some(c) => failures.push(format!(
+                "{} -> {}: ping {}, TCP {}",
+                name(*a),
+                name(*b),
+                if c.ping { "ok" } else { "failed" },
+                match &c.tcp {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => format!("failed: {e}"),
+                }
+            )),
+            None => failures.push(format!("{} -> {}: not probed", name(*a), name(*b))),
+        }
+    }
+    if checks.len() < pairs.len() {
+        failures.push(format!(
+            "{} pod pair(s) not probed (interrupted)",
+            pairs.len() - checks.len()
+        ));
+    }
+    println!(
+        "  pods (ping, then 1 MiB over TCP): {good}/{} pairs fully reachable",
+        pairs.len()
+    );
+    println!(
+        "  the full pod matrix ({} pairs) and node matrix are skipped beyond {FULL_MATRIX_MAX} nodes",
+        pods.len() * pods.len().saturating_sub(1)
+    );
+    failures
+}
+
+/// Prints the failures, keeps the cluster up if asked, tears it down and
+/// says what was left behind; the exit code.
+fn finish(
+    cluster: Cluster,
+    failures: Vec<String>,
+    keep: bool,
+    cancel: &AtomicBool,
+) -> Result<ExitCode, SimError> {
+    for f in &failures {
+        println!("  ✗ {f}");
+    }
+    if keep {
         println!(
             "\nThe cluster stays up until Ctrl-C (or SIGTERM). To look inside:\n{}",
             cluster.enter_hints()

@@ -20,7 +20,7 @@ use crate::crypto::{CookieJar, Key, Seed};
 use crate::hunt::{HuntConfig, PeerHunt};
 use crate::l2::{DropReason, LocalVerdict, PeerAddrs, PeerId, PeerVerdict, Switch, SwitchConfig};
 use crate::offload::{segments, Csum, Framing, VnetHdr};
-use crate::path::{PathAddr, PathConfig, Paths, ProbeDue, Rank};
+use crate::path::{PathAddr, PathConfig, Paths, ProbeDue, Rank, Via};
 use crate::punch::{Action, Cue, Punch, PunchConfig};
 use crate::reason::{HandshakeFailure, PathWhy};
 use crate::timers::Deadlines;
@@ -447,6 +447,9 @@ pub struct Overlay {
     /// published that address itself (`path::classify`: a node may share
     /// its address with a TURN server and be reached directly).
     relay_ips: Vec<IpAddr>,
+    /// Our TURN allocations that are up (by server index): each gives a
+    /// path to every peer's relayed address ([`Overlay::set_relays`]).
+    relays: Vec<u8>,
     /// Plaintext scratch: inner header + frame.
     scratch: Vec<u8>,
     reply: Vec<u8>,
@@ -509,6 +512,7 @@ impl Overlay {
             hs_window: (now, 0),
             hs_per_ip: HashMap::new(),
             relay_ips: Vec::new(),
+            relays: Vec::new(),
             scratch: vec![0; MAX_FRAME + INNER_HEADER],
             reply: vec![0; 2048],
             probe_id: rng.gen(),
@@ -608,6 +612,33 @@ impl Overlay {
     /// IP addresses of TURN relays, for path classification.
     pub fn set_relay_ips(&mut self, ips: Vec<IpAddr>) {
         self.relay_ips = ips;
+    }
+
+    /// Our TURN allocations that are up, by server index. Through each,
+    /// every peer's relayed candidate is a path: the one pairing that
+    /// needs nothing of either side's NAT. Our own socket may reach no
+    /// peer at all (a site that lets only TURN over TCP out), and on
+    /// demand a peer with no traffic for us never handshakes with our
+    /// relayed address: without these paths such a node could never
+    /// start a session (docs/benchmarks.md, finding 26).
+    pub fn set_relays(&mut self, now: Instant, relays: Vec<u8>) {
+        if relays == self.relays {
+            return;
+        }
+        self.relays = relays;
+        let infos: Vec<PeerInfo> = self
+            .peers
+            .iter()
+            .flatten()
+            .map(|p| p.info.clone())
+            .collect();
+        let ranges = Ranges::new(self.overlay_ranges(&infos));
+        for info in &infos {
+            if let Some(&peer_id) = self.by_node.get(&info.node) {
+                self.update_peer(now, peer_id, info, &ranges, true);
+            }
+        }
+        self.tidy();
     }
 
     fn count_reject(&mut self, r: Reject) {
@@ -788,15 +819,29 @@ impl Overlay {
             return;
         }
         p.info = info.clone();
-        let cands: Vec<(PathAddr, Rank)> = info
+        let usable = info
             .candidates
             .iter()
-            .filter(|c| !ranges.contains(c.addr.ip()))
+            .filter(|c| !ranges.contains(c.addr.ip()));
+        let mut cands: Vec<(PathAddr, Rank)> = usable
+            .clone()
             .map(|c| {
                 let a = PathAddr::direct(c.addr);
                 (a, crate::path::classify(relay_ips, a, Some(c.class)))
             })
             .collect();
+        // Our relayed address to theirs reaches the peer whatever either
+        // NAT lets through (our allocations are IPv4 only).
+        let relayed = usable.filter(|c| c.class == Rank::Relay && c.addr.is_ipv4());
+        for c in relayed {
+            for &i in &self.relays {
+                let a = PathAddr {
+                    via: Via::Turn(i),
+                    remote: c.addr,
+                };
+                cands.push((a, Rank::Relay));
+            }
+        }
         let added = p.paths.set_candidates(now, &self.cfg.paths, &cands);
         if added && !p.tunnel.has_session() {
             // A candidate to try (a relay allocation came up, a NAT mapping

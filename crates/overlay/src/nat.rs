@@ -478,6 +478,14 @@ impl Nat {
         v
     }
 
+    /// The indices of the TURN servers whose allocation is up.
+    pub fn ready_relays(&self) -> Vec<u8> {
+        (0..self.slots.len())
+            .filter(|&i| self.slots[i].ready())
+            .filter_map(|i| u8::try_from(i).ok())
+            .collect()
+    }
+
     pub fn turn_states(&self) -> Vec<(SocketAddr, TurnTransport, TurnState)> {
         self.slots
             .iter()

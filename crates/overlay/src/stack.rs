@@ -435,6 +435,7 @@ impl Stack {
                 NatEvent::CandidatesChanged => {
                     let (m, ip) = self.nat.mapping();
                     self.overlay.set_mapping(m, ip);
+                    self.overlay.set_relays(now, self.nat.ready_relays());
                     self.publish();
                     self.retry_if_moved(now);
                 }

@@ -115,6 +115,10 @@ pub enum NatKind {
     /// itself, and a later mapping whose reply would equal it gets a
     /// random port. Entries expire as conntrack's do.
     Masquerade,
+    /// A port-restricted cone whose firewall lets UDP out only to the TURN
+    /// server: the lab's UDP-blocked site, whose node speaks TURN over
+    /// TCP; for the overlay it is the same, its own socket reaches no peer.
+    UdpBlocked,
 }
 
 /// Whether a mapping or a filter depends on the remote endpoint.
@@ -129,7 +133,7 @@ fn behaviour(kind: NatKind) -> Option<(Dependence, Dependence)> {
     use Dependence::*;
     match kind {
         NatKind::Public => None,
-        NatKind::PortRestrictedCone => Some((Independent, AddressAndPort)),
+        NatKind::PortRestrictedCone | NatKind::UdpBlocked => Some((Independent, AddressAndPort)),
         NatKind::Symmetric => Some((AddressAndPort, AddressAndPort)),
         NatKind::FullCone => Some((Independent, Independent)),
         // Modelled by `Conntrack` instead.
@@ -1074,7 +1078,8 @@ impl Sim {
         if same_lan {
             return self.schedule(self.now + LAN_LATENCY, flight);
         }
-        if self.lost(site) {
+        let blocked = self.sites[site].router.kind == NatKind::UdpBlocked;
+        if self.lost(site) || (blocked && flight.to != turn_addr()) {
             return;
         }
         if to.is_ipv6() {

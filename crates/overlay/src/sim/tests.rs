@@ -15,6 +15,7 @@ fn expected(a: NatKind, b: NatKind, same_site: bool) -> &'static str {
     }
     let cone = |t: NatKind| t == PortRestrictedCone;
     match (a, b) {
+        (UdpBlocked, _) | (_, UdpBlocked) => "relay",
         (Symmetric, Symmetric) => "relay",
         (Symmetric, x) | (x, Symmetric) if cone(x) => "relay",
         _ => "direct",
@@ -488,6 +489,42 @@ fn the_first_frame_to_an_idle_peer_is_answered_within_a_second() {
             return Err(format!("first reply after {cold:?}"));
         }
         Ok(format!("first reply at worst {cold:?} cold, {warm:?} warm"))
+    });
+}
+
+/// A node whose site lets UDP out only to the TURN server (the lab's
+/// UDP-blocked site) sends first to idle peers of every kind, and each
+/// answers: on demand nobody else starts those sessions, and its own
+/// socket reaches no peer, so it must handshake through its allocation
+/// (finding 26 of docs/benchmarks.md: it stayed down with every peer it
+/// was the first to send to).
+#[test]
+fn a_node_that_reaches_only_turn_starts_sessions_through_its_allocation() {
+    use NatKind::*;
+    each_seed(|seed| {
+        let sites: Vec<SiteSpec> = [
+            UdpBlocked,
+            PortRestrictedCone,
+            Symmetric,
+            Public,
+            Masquerade,
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| lossy(*k, 1, seed, i as u64))
+        .collect();
+        let mut sim = Sim::new(seed, &sites);
+        sim.keep_busy(None);
+        let ready = |s: &Sim| (0..s.nodes.len()).all(|n| s.turn_ready(n));
+        within(&mut sim, "allocations", Duration::from_secs(10), ready)?;
+        sim.run(Duration::from_secs(2));
+        let mut worst = Duration::ZERO;
+        for p in 1..sim.nodes.len() {
+            let there = ping(&mut sim, 0, p, "first", Duration::from_secs(5))?;
+            let back = ping(&mut sim, p, 0, "back", Duration::from_secs(1))?;
+            worst = worst.max(there + back);
+        }
+        Ok(format!("every peer answered, at worst after {worst:?}"))
     });
 }
 

@@ -3,8 +3,8 @@
 //! router namespace, etcd in the lab's internet namespace, Linux bridges,
 //! one pod per node), for each `n` asked for:
 //!
-//! * every agent leaves the network, then all start again at once (a cold
-//!   join: their records are gone); the time until every agent reports
+//! * every agent stops and the nodes' peer records are deleted, then all
+//!   start again at once (a cold join: no agent knows a peer); the time until every agent reports
 //!   every other node `connected` or `idle` and none `down`;
 //! * the first reply between random pod pairs (ping every 0.2 s until one
 //!   answers, see [`scale::first_reply`]);
@@ -175,12 +175,31 @@ fn up(tools: &Tools, n: usize) -> Result<Cluster> {
     Ok(c)
 }
 
-/// Every agent leaves, then all start again: the cold join that is timed.
+/// Every agent stops, every node's peer record and liveness key go from
+/// the store in one call, then all agents start again: the cold join that
+/// is timed (no agent knows any peer, as after a fresh install). Not one
+/// `--stop-and-leave` per agent: that also deletes the node's devices, and
+/// at 128-256 namespaces a device deletion waits 3-10 s for the kernel's
+/// one rtnl lock (load average 80-120 of tasks waiting on it), so the leaves
+/// alone took longer than the join and one failed on its 3 s store bound.
 fn rejoin(c: &mut Cluster) -> Result<Duration> {
     let n = c.nodes().len();
     for i in 0..n {
-        if let Some(Err(e)) = c.leave_agent(i) {
-            return Err(BenchError::failed(format!("leave of node-{i}"), e));
+        cleanup::check()?;
+        c.stop_agent(i);
+    }
+    let net = c.opts().network.clone();
+    let etcd = c
+        .etcd()
+        .ok_or_else(|| BenchError::failed("cold join", "the scale lab runs without etcd"))?;
+    for what in ["peers", "alive"] {
+        let prefix = format!("/evio/{net}/{what}/");
+        let out = etcd.etcdctl(&["del", "--prefix", &prefix]);
+        if !out.status.success() {
+            return Err(BenchError::failed(
+                format!("etcdctl del --prefix {prefix}"),
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
         }
     }
     for i in 0..n {
@@ -314,8 +333,8 @@ pub fn run(tools: &Tools, opts: &Opts) -> (String, Option<BenchError>) {
          namespace with its own /24 of 100.64.0.0/10 on a veth to one router namespace (about \
          2n kernel neighbour entries, not n²), etcd in the lab's internet namespace, Linux \
          bridges, one pod per node added by the `evio` plugin, the real `evio-node config-gen` \
-         and `evio-node agent` (release build, network key). Timed: every agent leaves the \
-         network, then all start at once; \"all known\" is when the last agent first reported \
+         and `evio-node agent` (release build, network key). Timed: every agent stops, their \
+         peer records are deleted from etcd in one call, then all start at once (a cold join); \"all known\" is when the last agent first reported \
          every other node `connected` or `idle` and none `down` (agents asked one at a time, \
          about ten sweeps a second). First reply: {} random pod pairs on different or the same \
          node, ping every 0.2 s until the first reply, (its sequence number − 1) × 0.2 s + its \

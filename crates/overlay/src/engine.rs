@@ -135,7 +135,7 @@ impl OverlayConfig {
             keep_warm: Some(Duration::from_secs(120)),
             busy: Duration::from_secs(10),
             nat_keepalive: Duration::from_secs(25),
-            busy_keepalive: Duration::from_secs(1),
+            busy_keepalive: Duration::from_millis(500),
         }
     }
 }

@@ -835,9 +835,10 @@ fn idle_cost_with_256_peers() {
     // settles it.
     assert!(used.sent <= 256 * 4, "{used:?}");
     // Each peer, its hub's frame in, holds its side of the path open
-    // with a keepalive a second for the 10 s after (`busy_keepalive`),
-    // the probe's answer among them; the hub, sent nothing, holds none.
-    assert!(used.received <= 256 * 12, "{used:?}");
+    // with a keepalive every 500 ms for the 10 s after
+    // (`busy_keepalive`), the probe's answer among them; the hub, sent
+    // nothing, holds none.
+    assert!(used.received <= 256 * 23, "{used:?}");
     // Their timers coalesce on the grid: a handful of wakes, and a
     // wake runs only the peers due (about a keepalive each).
     assert!(used.wakes <= 20, "{used:?}");
@@ -986,12 +987,12 @@ fn an_idle_up_peer_gets_only_nat_keepalives_and_the_next_wake_is_one() {
 
 /// While a peer's frames come in (one within `busy`), a node holds its
 /// side of their path through a NAT open: something goes on it at least
-/// every `busy_keepalive`, so a NAT that forgot the flow (flushed) lets
+/// every `busy_keepalive` (500 ms), so a NAT that forgot the flow (flushed) lets
 /// the peer in again within that (issue 22's recovery figure). The side
 /// that only sends holds nothing extra, and once the frames stop only the
 /// NAT keepalive is left.
 #[test]
-fn while_a_peers_frames_come_in_its_path_carries_something_every_second() {
+fn while_a_peers_frames_come_in_its_path_carries_something_twice_a_second() {
     let mut net = net(2, |_, _| {});
     net.kick(0, 1);
     net.run(Duration::from_millis(500));
@@ -1012,7 +1013,7 @@ fn while_a_peers_frames_come_in_its_path_carries_something_every_second() {
     }
     gaps.push(net.now - last);
     let worst = gaps.iter().max().copied().unwrap_or_default();
-    assert!(worst <= Duration::from_millis(1300), "{gaps:?}");
+    assert!(worst <= Duration::from_millis(800), "{gaps:?}");
     // Node 0 only sent: its one passive probe (the frame got no reply),
     // no keepalives.
     assert!(sent(&net, 0) - n0 <= 1, "{}", sent(&net, 0) - n0);

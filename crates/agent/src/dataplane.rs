@@ -244,13 +244,20 @@ impl Devices {
         }
     }
 
-    /// Opens a UDP socket on an ephemeral port for TURN server `conn`
-    /// (replacing one it had): the local address it is bound to.
-    fn open_udp(&mut self, conn: usize) -> io::Result<SocketAddr> {
+    /// Opens a UDP socket on an ephemeral port for TURN server `conn` at
+    /// `to` (replacing one it had), of the server's family (an IPv6-only
+    /// node's server is an IPv6 one): the local address it is bound to.
+    fn open_udp(&mut self, conn: usize, to: SocketAddr) -> io::Result<SocketAddr> {
         self.close_udp(conn);
-        let udp = Udp::bind(0)?;
+        let udp = match to {
+            SocketAddr::V4(_) => Udp::bind(0)?,
+            SocketAddr::V6(_) => Udp::bind_v6(0)?,
+        };
         epoll_add(self.epoll, udp.as_raw_fd(), TOKEN_UDP_OWN + conn as u64)?;
-        let local = SocketAddr::from(([0, 0, 0, 0], udp.port()));
+        let local = match to {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], udp.port())),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], udp.port())),
+        };
         if self.own.len() <= conn {
             self.own.resize_with(conn + 1, || None);
         }
@@ -755,9 +762,9 @@ impl Dataplane {
                     }
                 }
                 StackEvent::TcpClose { conn } => self.io.close(conn),
-                StackEvent::UdpOpen { conn, .. } => {
+                StackEvent::UdpOpen { conn, to } => {
                     let now = Instant::now();
-                    match self.io.open_udp(conn) {
+                    match self.io.open_udp(conn, to) {
                         Ok(local) => self.stack.udp_opened(now, conn, local, &mut self.io),
                         Err(e) => self
                             .stack

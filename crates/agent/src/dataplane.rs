@@ -899,6 +899,35 @@ mod tests {
     /// A TURN server's own socket: opened on another port and watched by
     /// epoll under its token, its sends leave from that port, and once
     /// closed it is gone from epoll and sends through it go nowhere.
+    /// An IPv6 TURN server's own socket is an IPv6 one (an IPv4 socket
+    /// could not send to it).
+    #[test]
+    fn a_turn_servers_own_socket_is_of_the_servers_family() {
+        let Ok(server) = std::net::UdpSocket::bind("[::1]:0") else {
+            return; // no IPv6 on this host: nothing to check
+        };
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // SAFETY: plain epoll_create1(2); owned below.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epoll >= 0);
+        // SAFETY: just created, owned here.
+        let _owned = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let mut io = Devices::new(Udp::bind(0).unwrap(), None, None, epoll);
+        let to = server.local_addr().unwrap();
+        let local = io.open_udp(0, to).unwrap();
+        assert!(local.is_ipv6(), "{local}");
+        io.transmit(Transmit {
+            via: Sock::UdpOwn(0),
+            to,
+            data: b"allocate",
+        });
+        let mut buf = [0u8; 64];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from.port()), (&b"allocate"[..], local.port()));
+    }
+
     #[test]
     fn a_turn_servers_own_socket_is_opened_watched_used_and_closed() {
         // SAFETY: plain epoll_create1(2); owned below.
@@ -912,7 +941,7 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         let to = server.local_addr().unwrap();
-        let local = io.open_udp(1).unwrap();
+        let local = io.open_udp(1, to).unwrap();
         assert_ne!(local.port(), io.udp.port());
         io.transmit(Transmit {
             via: Sock::UdpOwn(1),

@@ -1425,15 +1425,12 @@ impl Coturn {
             UdpSocket::bind(SocketAddr::new(IpAddr::V4(self.addr), 0))
         })
         .unwrap_or_else(|e| panic!("coturn probe socket: {e}"));
-        let v6 = match self.addr6 {
-            Some(a6) => Some(
-                crate::netns::run_in_netns_path(&netns, || {
-                    UdpSocket::bind(SocketAddr::new(IpAddr::V6(a6), 0))
-                })
-                .unwrap_or_else(|e| panic!("coturn IPv6 probe socket: {e}")),
-            ),
-            None => None,
-        };
+        let v6 = self.addr6.map(|a6| {
+            crate::netns::run_in_netns_path(&netns, || {
+                UdpSocket::bind(SocketAddr::new(IpAddr::V6(a6), 0))
+            })
+            .unwrap_or_else(|e| panic!("coturn IPv6 probe socket: {e}"))
+        });
         loop {
             let ok6 = match (&v6, self.addr6()) {
                 (Some(s6), Some(server6)) => {

@@ -198,7 +198,10 @@ fn an_ipv6_only_node_uses_the_store_and_turn_over_ipv6_and_reaches_both_families
     // demand: nothing has gone between the two yet): through the relay.
     for (a, b) in [(0, 2), (2, 0)] {
         let p = peer(&peers(&c, a), &name(b)).cloned().unwrap_or_default();
-        assert_ne!(p["state"], "connected", "{a} -> {b} before any traffic: {p}");
+        assert_ne!(
+            p["state"], "connected",
+            "{a} -> {b} before any traffic: {p}"
+        );
     }
     let t = Instant::now();
     let limit = Duration::from_secs(15);

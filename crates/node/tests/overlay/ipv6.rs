@@ -188,7 +188,10 @@ fn an_ipv6_only_node_uses_the_store_and_turn_over_ipv6_and_reaches_both_families
         .unwrap_or_else(|| panic!("{turn}"));
     assert!(relayed.is_ipv4(), "{turn}");
     let up_at = t0.elapsed();
-    // (a) The dual-stack peer: direct over IPv6.
+    // (a) The dual-stack peer: direct over IPv6. Node 0 sends first; its
+    // handshake to node 1's IPv6 address meets node 1's firewall, so the
+    // first session goes through node 0's allocation to node 1's IPv4
+    // relayed address, and both then punch IPv6.
     for (a, b) in [(0, 1), (1, 0)] {
         let p = wait_direct_v6(&c, a, b, Duration::from_secs(15));
         let want = SocketAddr::new(IpAddr::V6(lab.node_addr6(lab_node(&c, b))), 5800);

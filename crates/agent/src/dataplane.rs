@@ -244,13 +244,20 @@ impl Devices {
         }
     }
 
-    /// Opens a UDP socket on an ephemeral port for TURN server `conn`
-    /// (replacing one it had): the local address it is bound to.
-    fn open_udp(&mut self, conn: usize) -> io::Result<SocketAddr> {
+    /// Opens a UDP socket on an ephemeral port for TURN server `conn` at
+    /// `to` (replacing one it had), of the server's family (an IPv6-only
+    /// node's server is an IPv6 one): the local address it is bound to.
+    fn open_udp(&mut self, conn: usize, to: SocketAddr) -> io::Result<SocketAddr> {
         self.close_udp(conn);
-        let udp = Udp::bind(0)?;
+        let udp = match to {
+            SocketAddr::V4(_) => Udp::bind(0)?,
+            SocketAddr::V6(_) => Udp::bind_v6(0)?,
+        };
         epoll_add(self.epoll, udp.as_raw_fd(), TOKEN_UDP_OWN + conn as u64)?;
-        let local = SocketAddr::from(([0, 0, 0, 0], udp.port()));
+        let local = match to {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], udp.port())),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], udp.port())),
+        };
         if self.own.len() <= conn {
             self.own.resize_with(conn + 1, || None);
         }
@@ -755,9 +762,9 @@ impl Dataplane {
                     }
                 }
                 StackEvent::TcpClose { conn } => self.io.close(conn),
-                StackEvent::UdpOpen { conn, .. } => {
+                StackEvent::UdpOpen { conn, to } => {
                     let now = Instant::now();
-                    match self.io.open_udp(conn) {
+                    match self.io.open_udp(conn, to) {
                         Ok(local) => self.stack.udp_opened(now, conn, local, &mut self.io),
                         Err(e) => self
                             .stack
@@ -892,6 +899,35 @@ mod tests {
     /// A TURN server's own socket: opened on another port and watched by
     /// epoll under its token, its sends leave from that port, and once
     /// closed it is gone from epoll and sends through it go nowhere.
+    /// An IPv6 TURN server's own socket is an IPv6 one (an IPv4 socket
+    /// could not send to it).
+    #[test]
+    fn a_turn_servers_own_socket_is_of_the_servers_family() {
+        let Ok(server) = std::net::UdpSocket::bind("[::1]:0") else {
+            return; // no IPv6 on this host: nothing to check
+        };
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // SAFETY: plain epoll_create1(2); owned below.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epoll >= 0);
+        // SAFETY: just created, owned here.
+        let _owned = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let mut io = Devices::new(Udp::bind(0).unwrap(), None, None, epoll);
+        let to = server.local_addr().unwrap();
+        let local = io.open_udp(0, to).unwrap();
+        assert!(local.is_ipv6(), "{local}");
+        io.transmit(Transmit {
+            via: Sock::UdpOwn(0),
+            to,
+            data: b"allocate",
+        });
+        let mut buf = [0u8; 64];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from.port()), (&b"allocate"[..], local.port()));
+    }
+
     #[test]
     fn a_turn_servers_own_socket_is_opened_watched_used_and_closed() {
         // SAFETY: plain epoll_create1(2); owned below.
@@ -905,7 +941,7 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         let to = server.local_addr().unwrap();
-        let local = io.open_udp(1).unwrap();
+        let local = io.open_udp(1, to).unwrap();
         assert_ne!(local.port(), io.udp.port());
         io.transmit(Transmit {
             via: Sock::UdpOwn(1),

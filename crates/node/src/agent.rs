@@ -351,7 +351,7 @@ fn agent_config(
         .stun
         .iter()
         .enumerate()
-        .map(|(i, s)| resolve(s, &format!("overlay.stun[{i}]")))
+        .map(|(i, s)| resolve(s, &format!("overlay.stun[{i}]"), ov.ipv6))
         .collect::<Result<Vec<_>, _>>()?;
     let turn = turn_servers(ov)?;
     let tap = args
@@ -395,7 +395,7 @@ fn turn_servers(ov: &OverlayConf) -> Result<Vec<TurnServer>, NodeError> {
         .enumerate()
         .map(|(i, t)| {
             Ok(TurnServer {
-                server: resolve(&t.server, &format!("overlay.turn[{i}].server"))?,
+                server: resolve(&t.server, &format!("overlay.turn[{i}].server"), ov.ipv6)?,
                 transport: t.transport,
                 username: t.username.clone(),
                 password: read_secret(

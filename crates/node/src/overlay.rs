@@ -409,17 +409,55 @@ pub fn host_address(s: &str, cidr: Option<IpNet>, key: &str) -> Result<IpAddr, N
     Ok(a)
 }
 
-/// `host:port` to an IPv4 socket address (the underlay is IPv4).
-pub fn resolve(hp: &str, key: &str) -> Result<SocketAddr, NodeError> {
-    let addrs = hp
+/// `host:port` of a STUN or TURN server to the address the agent talks
+/// to. A literal is taken as written: `"[2001:db8::1]:3478"` is asked over
+/// IPv6 (refused with `overlay.ipv6: false`, which binds no IPv6 socket).
+/// A name: its first IPv4 address, as before IPv6, unless this host has no
+/// route to it and has one to an IPv6 address of the name (an IPv6-only
+/// host); with `overlay.ipv6: false`, IPv4 only.
+pub fn resolve(hp: &str, key: &str, ipv6: bool) -> Result<SocketAddr, NodeError> {
+    if let Ok(a) = hp.parse::<SocketAddr>() {
+        if a.is_ipv6() && !ipv6 {
+            return Err(invalid(
+                key,
+                format!("{hp:?} is an IPv6 address and overlay.ipv6 is false"),
+            ));
+        }
+        return Ok(a);
+    }
+    let addrs: Vec<SocketAddr> = hp
         .to_socket_addrs()
-        .map_err(|e| invalid(key, format!("cannot resolve {hp:?}: {e}")))?;
-    addrs.into_iter().find(SocketAddr::is_ipv4).ok_or_else(|| {
+        .map_err(|e| invalid(key, format!("cannot resolve {hp:?}: {e}")))?
+        .collect();
+    let v4 = addrs.iter().find(|a| a.is_ipv4()).copied();
+    if let Some(a) = v4.filter(|a| routes(*a)) {
+        return Ok(a);
+    }
+    let mut v6 = addrs.iter().filter(|a| ipv6 && a.is_ipv6()).copied();
+    if let Some(a) = v6.clone().find(|a| routes(*a)) {
+        return Ok(a);
+    }
+    v4.or_else(|| v6.next()).ok_or_else(|| {
         invalid(
             key,
-            format!("{hp:?} has no IPv4 address (the underlay is IPv4)"),
+            match ipv6 {
+                true => format!("{hp:?} has no address"),
+                false => format!("{hp:?} has no IPv4 address (overlay.ipv6 is false)"),
+            },
         )
     })
+}
+
+/// Whether this host (its network namespace) has a route to `a`: a UDP
+/// socket's connect is the kernel's route lookup, and sends nothing.
+fn routes(a: SocketAddr) -> bool {
+    let any: SocketAddr = match a {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    std::net::UdpSocket::bind(any)
+        .and_then(|s| s.connect(a))
+        .is_ok()
 }
 
 #[cfg(test)]
@@ -559,5 +597,19 @@ mod tests {
             let e = parse(j).unwrap_err().to_string();
             assert!(e.contains(key), "{j}: {e}");
         }
+    }
+    #[test]
+    fn servers_by_literal_of_either_family_and_by_name() {
+        let v6 = resolve("[2001:db8::1]:3478", "k", true).unwrap();
+        assert_eq!(v6, "[2001:db8::1]:3478".parse().unwrap());
+        let v4 = resolve("203.0.113.1:3478", "k", true).unwrap();
+        assert_eq!(v4, "203.0.113.1:3478".parse().unwrap());
+        // No IPv6 socket with overlay.ipv6 false: nothing would answer.
+        let e = resolve("[2001:db8::1]:3478", "overlay.stun[0]", false).unwrap_err();
+        assert!(e.to_string().contains("overlay.ipv6 is false"), "{e}");
+        assert_eq!(resolve("203.0.113.1:3478", "k", false).unwrap(), v4);
+        // A name that has an IPv4 address this host routes to: that one.
+        let l = resolve("localhost:3478", "k", true).unwrap();
+        assert_eq!(l, "127.0.0.1:3478".parse().unwrap());
     }
 }

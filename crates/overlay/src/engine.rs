@@ -480,6 +480,11 @@ pub struct Overlay {
     /// Our TURN allocations that are up (by server index): each gives a
     /// path to every peer's relayed address ([`Overlay::set_relays`]).
     relays: Vec<u8>,
+    /// For an address family we cannot send on (index 0 IPv4, 1 IPv6):
+    /// our TURN allocation whose relayed address is of that family. The
+    /// peers' candidates of that family are reached through it (an
+    /// IPv6-only node's way to an IPv4-only peer); `None`: not at all.
+    cross_relays: [Option<u8>; 2],
     /// Plaintext scratch: inner header + frame.
     scratch: Vec<u8>,
     reply: Vec<u8>,
@@ -543,6 +548,7 @@ impl Overlay {
             hs_per_ip: HashMap::new(),
             relay_ips: Vec::new(),
             relays: Vec::new(),
+            cross_relays: [None; 2],
             scratch: vec![0; MAX_FRAME + INNER_HEADER],
             reply: vec![0; 2048],
             probe_id: rng.gen(),
@@ -639,6 +645,12 @@ impl Overlay {
         self.tidy();
     }
 
+    /// The allocations the candidates of a family we lack go through
+    /// ([`Overlay::set_peers_via`]).
+    pub fn cross_relays(&self) -> [Option<u8>; 2] {
+        self.cross_relays
+    }
+
     /// IP addresses of TURN relays, for path classification.
     pub fn set_relay_ips(&mut self, ips: Vec<IpAddr>) {
         self.relay_ips = ips;
@@ -685,6 +697,15 @@ impl Overlay {
     /// nobody's ([`shared_keys`] says which); candidates inside the
     /// overlay's own ranges are ignored.
     pub fn set_peers(&mut self, now: Instant, infos: &[PeerInfo]) {
+        self.set_peers_via(now, infos, self.cross_relays);
+    }
+
+    /// [`Overlay::set_peers`], with the allocations through which the
+    /// candidates of a family we cannot send on are reached (see
+    /// `cross_relays`); a change applies to every peer's candidates.
+    pub fn set_peers_via(&mut self, now: Instant, infos: &[PeerInfo], cross: [Option<u8>; 2]) {
+        let recheck = cross != self.cross_relays;
+        self.cross_relays = cross;
         let own = *self.id.keys.public();
         let shared = shared_keys(infos);
         let ranges = Ranges::new(self.overlay_ranges(infos));
@@ -714,7 +735,7 @@ impl Overlay {
                     (self.add_peer(now, info.clone()), true)
                 }
             };
-            self.update_peer(now, peer_id, info, &ranges, fresh);
+            self.update_peer(now, peer_id, info, &ranges, fresh || recheck);
             if keep.len() <= peer_id as usize {
                 keep.resize(peer_id as usize + 1, false);
             }
@@ -843,6 +864,7 @@ impl Overlay {
         fresh: bool,
     ) {
         let relay_ips = &self.relay_ips;
+        let cross = self.cross_relays;
         let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
@@ -857,7 +879,13 @@ impl Overlay {
         let mut cands: Vec<(PathAddr, Rank)> = usable
             .clone()
             .map(|c| {
-                let a = PathAddr::direct(c.addr);
+                let a = match cross[usize::from(c.addr.is_ipv6())] {
+                    Some(i) => PathAddr {
+                        via: Via::Turn(i),
+                        remote: c.addr,
+                    },
+                    None => PathAddr::direct(c.addr),
+                };
                 (a, crate::path::classify(relay_ips, a, Some(c.class)))
             })
             .collect();

@@ -132,11 +132,24 @@ impl Families {
 
     /// `peers` with only the candidates we can use.
     pub fn filter(&self, peers: &[PeerInfo]) -> Vec<PeerInfo> {
+        self.filter_via(peers, [false; 2])
+    }
+
+    /// [`Families::filter`], keeping too the candidates of a family we
+    /// cannot send on when `relayed` says we have an allocation of that
+    /// family (index 0 IPv4, 1 IPv6) to reach them through: only those on
+    /// the internet, as a relay reaches no private network.
+    pub fn filter_via(&self, peers: &[PeerInfo], relayed: [bool; 2]) -> Vec<PeerInfo> {
+        let via_relay = |a: SocketAddr| match a.ip() {
+            IpAddr::V4(_) => !self.v4 && relayed[0] && is_public_v4(a.ip()),
+            IpAddr::V6(_) => !self.v6 && relayed[1] && is_global_v6(a.ip()),
+        };
         peers
             .iter()
             .map(|p| {
                 let mut p = p.clone();
-                p.candidates.retain(|c| self.allows(c.addr));
+                p.candidates
+                    .retain(|c| self.allows(c.addr) || via_relay(c.addr));
                 p
             })
             .collect()

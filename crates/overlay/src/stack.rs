@@ -320,8 +320,39 @@ impl Stack {
             .collect();
         self.nat.set_peer_ips(now, ips);
         self.peers = peers.to_vec();
+        self.give_peers(now);
+    }
+
+    /// Gives the overlay the peers' candidates it can use: those of our
+    /// families, and those of a family we lack when one of our allocations
+    /// has a relayed address of it (reached through that allocation).
+    fn give_peers(&mut self, now: Instant) {
+        let cross = self.cross_relays();
+        let relayed = [cross[0].is_some(), cross[1].is_some()];
         self.overlay
-            .set_peers(now, &self.families.filter(&self.peers));
+            .set_peers_via(now, &self.families.filter_via(&self.peers, relayed), cross);
+    }
+
+    /// For each family we cannot send on (0 IPv4, 1 IPv6), the first of
+    /// our ready allocations with a relayed address of that family: an
+    /// IPv6-only node allocates over IPv6 and gets an IPv4 relayed address
+    /// (coturn's default when no family is asked for), its one way to
+    /// IPv4-only peers. Over TCP as over UDP.
+    fn cross_relays(&self) -> [Option<u8>; 2] {
+        let lacking = [!self.families.v4, !self.families.v6];
+        let mut out = [None; 2];
+        for i in 0..=usize::from(u8::MAX) {
+            let Some((_, _, state)) = self.nat.turn_state(i) else {
+                break;
+            };
+            if let TurnState::Ready(a) = state {
+                let fam = usize::from(a.is_ipv6());
+                if lacking[fam] && out[fam].is_none() {
+                    out[fam] = u8::try_from(i).ok();
+                }
+            }
+        }
+        out
     }
 
     /// Our local-interface candidates (from the address watcher).
@@ -333,8 +364,7 @@ impl Stack {
                 // An address family came or went: the peers' candidates
                 // of that family become usable, or stop being tried.
                 self.families = families;
-                self.overlay
-                    .set_peers(now, &self.families.filter(&self.peers));
+                self.give_peers(now);
             }
             self.nat.gather_soon(now);
             self.publish();
@@ -430,6 +460,10 @@ impl Stack {
             self.nat.handle_timeout(now);
         }
         self.turn_changes();
+        if self.cross_relays() != self.overlay.cross_relays() {
+            // An allocation of a family we lack came or went.
+            self.give_peers(now);
+        }
         while let Some(e) = self.nat.poll_event() {
             match e {
                 NatEvent::CandidatesChanged => {

@@ -168,6 +168,12 @@ pub struct OverlayOpts {
     /// a symmetric NAT sees two mappings and knows it (birthday probing
     /// needs that; docs/natlab.md).
     pub stun2: bool,
+    /// Sites (by index into `sites`) whose nodes are IPv6-only (issue 25):
+    /// the site gets the IPv6 internet as with `ipv6_sites`, its nodes lose
+    /// IPv4 before config-gen runs, and they reach the store (etcd, which
+    /// then serves on the lab internet's IPv6 address too) and coturn (it
+    /// listens there too) over IPv6. Not with `etcd_tls`.
+    pub ipv6_only_sites: Vec<usize>,
 }
 
 impl OverlayOpts {
@@ -184,6 +190,7 @@ impl OverlayOpts {
             node_netconf: Vec::new(),
             ipv6_sites: Vec::new(),
             stun2: false,
+            ipv6_only_sites: Vec::new(),
         }
     }
 
@@ -202,6 +209,7 @@ impl OverlayOpts {
             node_netconf: Vec::new(),
             ipv6_sites: Vec::new(),
             stun2: false,
+            ipv6_only_sites: Vec::new(),
         }
     }
 
@@ -237,6 +245,7 @@ impl OverlayOpts {
             // Site 2 (symmetric), the public site and the last one.
             ipv6_sites: vec![2, 6, 8],
             stun2: true,
+            ipv6_only_sites: Vec::new(),
         }
     }
 
@@ -489,6 +498,21 @@ impl Cluster {
         }
     }
 
+    /// Whether lab site `site` is IPv6-only ([`OverlayOpts::ipv6_only_sites`]).
+    fn v6_only_site(&self, site: Option<usize>) -> bool {
+        let only = self.opts.overlay.as_ref().map(|o| &o.ipv6_only_sites);
+        site.is_some_and(|s| only.is_some_and(|v| v.contains(&s)))
+    }
+
+    /// [`Cluster::store_url`] as a node of lab site `site` reaches it: etcd
+    /// over IPv6 from an IPv6-only site.
+    fn store_url_from(&self, site: Option<usize>) -> String {
+        match self.etcd.as_ref().and_then(|e| e.endpoint6()) {
+            Some(ep) if self.v6_only_site(site) => format!("etcd://{ep}"),
+            _ => self.store_url(),
+        }
+    }
+
     /// The NAT lab of an overlay cluster.
     pub fn lab(&self) -> Option<&Lab> {
         self.lab.as_ref()
@@ -610,7 +634,7 @@ impl Cluster {
             "nodeBits": self.opts.node_bits,
             "bridgeType": self.opts.bridge_type.as_str(),
             "dataDir": data_dir.display().to_string(),
-            "dataStore": self.store_url(),
+            "dataStore": self.store_url_from(lab.map(|l| l.2)),
         });
         if let Some(o) = &ovs {
             netconf["ovsdb"] = json!(o.endpoint());
@@ -622,14 +646,14 @@ impl Cluster {
             netconf[k.as_str()] = v.clone();
         }
         if let Some(ov) = self.opts.overlay.clone() {
-            self.overlay_netconf(&mut netconf, &ov, &base, lab.map(|l| l.1), i)?;
+            self.overlay_netconf(&mut netconf, &ov, &base, lab.map(|l| (l.1, l.2)), i)?;
         }
         let netconf_path = base.join("net-conf.json");
         std::fs::write(&netconf_path, netconf.to_string())
             .map_err(ClusterError::io(&netconf_path))?;
 
         let bin = self.opts.evio_node_bin.display().to_string();
-        let store = self.store_url();
+        let store = self.store_url_from(lab.map(|l| l.2));
         let conf_path = netconf_path.display().to_string();
         let conf_dir_s = conf_dir.display().to_string();
         let mut args = vec![
@@ -711,7 +735,34 @@ impl Cluster {
             .lab
             .as_ref()
             .ok_or_else(|| ClusterError::step("lab", "gone"))?;
-        if ov.turn {
+        let v6_only = !ov.ipv6_only_sites.is_empty();
+        if v6_only {
+            if ov.etcd_tls {
+                return Err(ClusterError::Option(
+                    "IPv6-only sites with etcd TLS: the certificates name the IPv4 address only"
+                        .into(),
+                ));
+            }
+            // The servers listen on the lab's IPv6 internet too: it must be
+            // there before they start.
+            guarded("the IPv6 internet", || lab.enable_ipv6())?;
+        }
+        if ov.turn && v6_only {
+            self.coturn = Some(guarded("start coturn", || {
+                Coturn::start_dual_in(
+                    lab.internet(),
+                    crate::natlab::SERVER_ADDR,
+                    crate::natlab::INTERNET6,
+                )
+            })?);
+            if ov.stun2 {
+                let second = guarded("start a second coturn", || match lab.add_server_addr() {
+                    std::net::IpAddr::V4(a) => Coturn::start_in(lab.internet(), a),
+                    std::net::IpAddr::V6(a) => panic!("{a}: not an IPv4 server address"),
+                })?;
+                self.coturn2 = Some(second);
+            }
+        } else if ov.turn {
             self.coturn = Some(guarded("start coturn", || lab.start_coturn())?);
             if ov.stun2 {
                 let second = guarded("start a second coturn", || match lab.add_server_addr() {
@@ -726,6 +777,12 @@ impl Cluster {
             let e = guarded("start etcd", || Etcd::start_tls_in(&ns, host))?;
             self.etcd = Some(e);
             self.copy_etcd_client_tls()?;
+        } else if ov.etcd && v6_only {
+            let (ns, host) = (lab.internet().path(), lab.server_addr());
+            let six = std::net::IpAddr::V6(crate::natlab::INTERNET6);
+            self.etcd = Some(guarded("start etcd", || {
+                Etcd::start_dual_in(&ns, host, six)
+            })?);
         } else if ov.etcd {
             self.etcd = Some(guarded("start etcd", || lab.start_etcd())?);
         }
@@ -742,7 +799,7 @@ impl Cluster {
                 plan.push((id, *nat, si));
             }
         }
-        for &si in &ov.ipv6_sites {
+        for &si in ov.ipv6_sites.iter().chain(&ov.ipv6_only_sites) {
             let lab = self
                 .lab
                 .as_ref()
@@ -756,6 +813,15 @@ impl Cluster {
             guarded("IPv6 on a lab site", || {
                 lab.add_ipv6(crate::natlab::SiteId(si))
             })?;
+        }
+        for (id, _, si) in &plan {
+            if ov.ipv6_only_sites.contains(si) {
+                let lab = self
+                    .lab
+                    .as_ref()
+                    .ok_or_else(|| ClusterError::step("lab", "gone"))?;
+                guarded("an IPv6-only node", || lab.remove_ipv4(*id))?;
+            }
         }
         let names: Vec<String> = {
             let lab = self
@@ -834,9 +900,11 @@ impl Cluster {
         netconf: &mut Value,
         ov: &OverlayOpts,
         base: &Path,
-        nat: Option<NatType>,
+        site: Option<(NatType, usize)>,
         index: usize,
     ) -> Result<(), ClusterError> {
+        let nat = site.map(|s| s.0);
+        let v6_only = self.v6_only_site(site.map(|s| s.1));
         let dir = self
             .dir()
             .ok_or_else(|| ClusterError::step("node dir", "cluster dir is gone"))?;
@@ -861,7 +929,12 @@ impl Cluster {
             if !pw.exists() {
                 std::fs::write(&pw, t.password()).map_err(ClusterError::io(&pw))?;
             }
-            let server = t.addr().to_string();
+            // An IPv6-only node knows the server by its IPv6 literal: STUN
+            // and TURN over IPv6 (the relayed address it gets is IPv4).
+            let server = match t.addr6() {
+                Some(a6) if v6_only => a6.to_string(),
+                _ => t.addr().to_string(),
+            };
             // UDP cannot leave that site: TURN over TCP is its only way out.
             let transport = if nat == Some(NatType::UdpBlocked) {
                 "tcp"
@@ -869,6 +942,8 @@ impl Cluster {
                 "udp"
             };
             o["stun"] = match &self.coturn2 {
+                // No NAT on IPv6: a second mapping tells nothing.
+                _ if v6_only => json!([server]),
                 Some(t2) => json!([server, t2.addr().to_string()]),
                 None => json!([server]),
             };
@@ -899,7 +974,8 @@ impl Cluster {
 
     /// Starts node `i`'s agent.
     pub fn start_agent(&mut self, i: usize) -> Result<(), ClusterError> {
-        let store = self.store_url();
+        let site = self.nodes.get(i).and_then(|n| n.lab).map(|l| l.2);
+        let store = self.store_url_from(site);
         let env = self
             .opts
             .overlay

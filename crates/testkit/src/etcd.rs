@@ -45,6 +45,10 @@ pub struct EtcdConfig {
     /// Address the members serve clients on; `None`: 127.0.0.1. Members
     /// always talk to each other over the namespace's loopback.
     pub host: Option<IpAddr>,
+    /// A second address members also serve clients on, on the same port
+    /// (the NAT lab's IPv6 internet, for IPv6-only nodes: issue 25). Not
+    /// with `tls` (the certificates name `host` only).
+    pub host6: Option<IpAddr>,
 }
 
 /// Client-side TLS material generated for the instance.
@@ -98,6 +102,7 @@ pub struct EtcdCluster {
     auth: Option<EtcdAuth>,
     netns: Option<PathBuf>,
     host: IpAddr,
+    host6: Option<IpAddr>,
     /// Removes `root` once everything else has stopped (or the process died).
     janitor: Option<Keeper>,
 }
@@ -282,6 +287,7 @@ impl EtcdCluster {
             auth: None,
             netns,
             host,
+            host6: cfg.host6,
             janitor: Some(janitor),
         };
         for i in 0..n {
@@ -320,7 +326,14 @@ impl EtcdCluster {
             .collect::<Vec<_>>()
             .join(",");
         let m = &self.members[i];
-        let client = self.client_url(i);
+        let mut client = self.client_url(i);
+        if let Some(h6) = self.host6 {
+            client = format!(
+                "{client},{}://{}",
+                self.scheme(),
+                SocketAddr::new(h6, m.client_port)
+            );
+        }
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let data = self.root.join(&m.name);
         // nsenter execs etcd in place, so the keeper's pid is etcd's.
@@ -447,6 +460,18 @@ impl EtcdCluster {
         self.members
             .iter()
             .map(|m| SocketAddr::new(self.host, m.client_port).to_string())
+            .collect()
+    }
+
+    /// `host:port` of every member on [`EtcdConfig::host6`] (none
+    /// without it), in member order.
+    pub fn endpoints6(&self) -> Vec<String> {
+        let Some(h6) = self.host6 else {
+            return Vec::new();
+        };
+        self.members
+            .iter()
+            .map(|m| SocketAddr::new(h6, m.client_port).to_string())
             .collect()
     }
 
@@ -715,6 +740,18 @@ impl Etcd {
         }))
     }
 
+    /// [`Etcd::start_in`], serving clients on `host6` too (same port):
+    /// the NAT lab's IPv6 internet, for IPv6-only nodes.
+    pub fn start_dual_in(netns: &Path, host: IpAddr, host6: IpAddr) -> Etcd {
+        Etcd(EtcdCluster::start_with(EtcdConfig {
+            members: 1,
+            netns: Some(netns.to_path_buf()),
+            host: Some(host),
+            host6: Some(host6),
+            ..EtcdConfig::default()
+        }))
+    }
+
     /// [`Etcd::start_in`] with TLS and client certificates.
     pub fn start_tls_in(netns: &Path, host: IpAddr) -> Etcd {
         Etcd(EtcdCluster::start_with(EtcdConfig {
@@ -737,6 +774,11 @@ impl Etcd {
     /// `host:port`.
     pub fn endpoint(&self) -> String {
         self.0.endpoints().remove(0)
+    }
+
+    /// `[v6]:port` with [`Etcd::start_dual_in`].
+    pub fn endpoint6(&self) -> Option<String> {
+        self.0.endpoints6().into_iter().next()
     }
 }
 

@@ -1059,7 +1059,7 @@ pub fn stun_binding_request(txid: &[u8; 12]) -> [u8; 20] {
 }
 
 /// The mapped address of a binding success response to `txid`
-/// (XOR-MAPPED-ADDRESS, else MAPPED-ADDRESS); IPv4 only.
+/// (XOR-MAPPED-ADDRESS, else MAPPED-ADDRESS; IPv6 as XOR-MAPPED-ADDRESS).
 pub fn parse_stun_binding_response(buf: &[u8], txid: &[u8; 12]) -> Option<SocketAddr> {
     if buf.len() < 20
         || u16::from_be_bytes([buf[0], buf[1]]) != STUN_BINDING_SUCCESS
@@ -1085,6 +1085,18 @@ pub fn parse_stun_binding_response(buf: &[u8], txid: &[u8; 12]) -> Option<Socket
                 return Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)));
             }
             plain = Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)));
+        }
+        if t == ATTR_XOR_MAPPED_ADDRESS && l == 20 && v[1] == 2 {
+            // IPv6: XORed with the magic cookie and the transaction ID.
+            let port = u16::from_be_bytes([v[2], v[3]]) ^ (STUN_MAGIC >> 16) as u16;
+            let mut key = [0u8; 16];
+            key[..4].copy_from_slice(&STUN_MAGIC.to_be_bytes());
+            key[4..].copy_from_slice(txid);
+            let mut ip = [0u8; 16];
+            for (k, b) in ip.iter_mut().enumerate() {
+                *b = v[4 + k] ^ key[k];
+            }
+            return Some(SocketAddr::new(IpAddr::V6(ip.into()), port));
         }
         i += 4 + l.div_ceil(4) * 4;
     }
@@ -1303,9 +1315,17 @@ impl Spoofer {
 /// credentials, UDP and TCP on [`TURN_PORT`], relay ports
 /// [`TURN_RELAY_PORTS`], relaying only to 203.0.113.0/24 peers. Killed on
 /// drop (and by its keeper if the test process dies).
+///
+/// With an IPv6 address ([`Coturn::start_dual_in`]) it also listens there
+/// (STUN and TURN over IPv6), but its relayed addresses stay IPv4: a client
+/// that asks for no family (RFC 8656 REQUESTED-ADDRESS-FAMILY absent) gets
+/// an IPv4 one whatever its own family, which is what an IPv6-only node
+/// needs to be reached by IPv4-only peers (coturn 4.6.1 does exactly this;
+/// docs/overlay-design.md, IPv6).
 pub struct Coturn {
     netns: PathBuf,
     addr: Ipv4Addr,
+    addr6: Option<std::net::Ipv6Addr>,
     user: String,
     password: String,
     realm: String,
@@ -1317,6 +1337,16 @@ impl Coturn {
     /// Starts coturn inside `ns` on `addr` and waits until it answers a
     /// STUN binding request (bounded).
     pub fn start_in(ns: &Netns, addr: Ipv4Addr) -> Coturn {
+        Coturn::start_with(ns, addr, None)
+    }
+
+    /// [`Coturn::start_in`], listening on `addr6` too (the namespace must
+    /// have it, e.g. the lab internet's [`v6::INTERNET6`]).
+    pub fn start_dual_in(ns: &Netns, addr: Ipv4Addr, addr6: std::net::Ipv6Addr) -> Coturn {
+        Coturn::start_with(ns, addr, Some(addr6))
+    }
+
+    fn start_with(ns: &Netns, addr: Ipv4Addr, addr6: Option<std::net::Ipv6Addr>) -> Coturn {
         let dir = tempfile::Builder::new()
             .prefix("evio-turn-")
             .tempdir()
@@ -1324,6 +1354,7 @@ impl Coturn {
         let mut c = Coturn {
             netns: ns.path(),
             addr,
+            addr6,
             user: "evio".into(),
             password: "evio-turn-pw".into(),
             realm: "evio.test".into(),
@@ -1337,7 +1368,7 @@ impl Coturn {
     fn args(&self) -> Vec<String> {
         let d = self.dir.path();
         let (lo, hi) = (TURN_RELAY_PORTS.start(), TURN_RELAY_PORTS.end());
-        vec![
+        let mut v = vec![
             "nsenter".into(),
             format!("--net={}", self.netns.display()),
             "--".into(),
@@ -1366,7 +1397,13 @@ impl Coturn {
             format!("--log-file={}", d.join("turn.log").display()),
             "--simple-log".into(),
             "--no-stdout-log".into(),
-        ]
+        ];
+        if let Some(a6) = self.addr6 {
+            // Listening only: no --relay-ip for it, so relayed addresses
+            // stay IPv4 (see the type's doc).
+            v.push(format!("--listening-ip={a6}"));
+        }
+        v
     }
 
     /// Starts coturn again after [`Coturn::stop`] (same address, port and
@@ -1388,8 +1425,20 @@ impl Coturn {
             UdpSocket::bind(SocketAddr::new(IpAddr::V4(self.addr), 0))
         })
         .unwrap_or_else(|e| panic!("coturn probe socket: {e}"));
+        let v6 = self.addr6.map(|a6| {
+            crate::netns::run_in_netns_path(&netns, || {
+                UdpSocket::bind(SocketAddr::new(IpAddr::V6(a6), 0))
+            })
+            .unwrap_or_else(|e| panic!("coturn IPv6 probe socket: {e}"))
+        });
         loop {
-            if stun_binding(&sock, server, Duration::from_millis(300)).is_ok() {
+            let ok6 = match (&v6, self.addr6()) {
+                (Some(s6), Some(server6)) => {
+                    stun_binding(s6, server6, Duration::from_millis(300)).is_ok()
+                }
+                _ => true,
+            };
+            if ok6 && stun_binding(&sock, server, Duration::from_millis(300)).is_ok() {
                 return;
             }
             let exited = self.keeper.as_mut().is_some_and(|k| k.exited());
@@ -1416,6 +1465,12 @@ impl Coturn {
     /// `addr:3478` (UDP and TCP).
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.addr), TURN_PORT)
+    }
+
+    /// `[addr6]:3478` when it listens on IPv6 too.
+    pub fn addr6(&self) -> Option<SocketAddr> {
+        self.addr6
+            .map(|a| SocketAddr::new(IpAddr::V6(a), TURN_PORT))
     }
 
     pub fn user(&self) -> &str {

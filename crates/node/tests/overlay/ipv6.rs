@@ -5,7 +5,7 @@
 //! direct IPv6 path, which carries the traffic with the relay gone, and
 //! on when one of them loses IPv4 altogether.
 
-use evio_testkit::natlab::SiteId;
+use evio_testkit::natlab::{SiteId, NODE_IF};
 
 use super::*;
 
@@ -129,4 +129,168 @@ fn a_symmetric_ipv4_pair_with_ipv6_goes_direct_over_ipv6() {
         "relayed up in {up_at:?}; direct over IPv6 {took:?} after the addresses; took {:?}",
         t0.elapsed()
     );
+}
+
+/// Issue 25, an IPv6-only site: node 0 has no IPv4 at all and reaches
+/// etcd and coturn over IPv6 only (both listen on the lab internet's IPv6
+/// address too). It goes direct over IPv6 to a dual-stack peer (behind a
+/// symmetric IPv4 NAT), and reaches an IPv4-only peer through its TURN
+/// allocation, made over UDP/IPv6 with an IPv4 relayed address: the one
+/// address family the two share is the relay's.
+#[test]
+fn an_ipv6_only_node_uses_the_store_and_turn_over_ipv6_and_reaches_both_families() {
+    use NatType::*;
+    let t0 = Instant::now();
+    let ov = OverlayOpts {
+        sites: vec![
+            (PortRestrictedCone, 1),
+            (Symmetric, 1),
+            (PortRestrictedCone, 1),
+        ],
+        etcd: true,
+        turn: true,
+        ipv6_sites: vec![1],
+        ipv6_only_sites: vec![0],
+        ..OverlayOpts::flat(0)
+    };
+    let c = up(opts(BridgeType::Linux, 1, ov));
+    let lab = c.lab().expect("lab");
+    let v6_server = SocketAddr::new(IpAddr::V6(evio_testkit::natlab::INTERNET6), 3478);
+    // No IPv4 underlay on node 0 (its overlay devices have IPv4, the
+    // underlay neither an address nor a route): the peer set it has came
+    // from etcd over IPv6.
+    let ns = &c.nodes()[0].ns;
+    let v4 = ns.ok(&["ip", "-4", "-o", "addr", "show", "dev", NODE_IF]);
+    let route = ns.ok(&["ip", "-4", "route", "show", "default"]);
+    assert_eq!((v4.trim(), route.trim()), ("", ""), "node-0 has IPv4");
+    wait(
+        "node-0 knows both peers from the store",
+        Duration::from_secs(10),
+        || {
+            let v = peers(&c, 0);
+            peer(&v, &name(1)).is_some() && peer(&v, &name(2)).is_some()
+        },
+    );
+    // TURN over IPv6, with an IPv4 relayed address.
+    let mut turn = Value::Null;
+    wait(
+        "node-0's allocation over IPv6",
+        Duration::from_secs(10),
+        || {
+            turn = peers(&c, 0)["turn"][0].clone();
+            turn["state"] == "ready"
+        },
+    );
+    assert_eq!(turn["server"], v6_server.to_string(), "{turn}");
+    let relayed: SocketAddr = turn["relayed"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{turn}"));
+    assert!(relayed.is_ipv4(), "{turn}");
+    let up_at = t0.elapsed();
+    // (a) The dual-stack peer: direct over IPv6. Node 0 sends first; its
+    // handshake to node 1's IPv6 address meets node 1's firewall, so the
+    // first session goes through node 0's allocation to node 1's IPv4
+    // relayed address, and both then punch IPv6.
+    for (a, b) in [(0, 1), (1, 0)] {
+        let p = wait_direct_v6(&c, a, b, Duration::from_secs(15));
+        let want = SocketAddr::new(IpAddr::V6(lab.node_addr6(lab_node(&c, b))), 5800);
+        assert_eq!(p["endpoint"], want.to_string(), "{p}");
+    }
+    // (b) The IPv4-only peer, node 0 sending first (sessions are made on
+    // demand: nothing has gone between the two yet): through the relay.
+    for (a, b) in [(0, 2), (2, 0)] {
+        let p = peer(&peers(&c, a), &name(b)).cloned().unwrap_or_default();
+        assert_ne!(
+            p["state"], "connected",
+            "{a} -> {b} before any traffic: {p}"
+        );
+    }
+    let t = Instant::now();
+    let limit = Duration::from_secs(15);
+    let mut last = Value::Null;
+    while t.elapsed() < limit {
+        c.touch(&[(0, 2)]);
+        last = peer(&peers(&c, 0), &name(2)).cloned().unwrap_or_default();
+        if last["state"] == "connected" && last["path"] == "relay" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        (last["path"].as_str(), last["via"].as_str()),
+        (Some("relay"), Some(format!("turn:{v6_server}").as_str())),
+        "{last}\n{}",
+        dump(&c)
+    );
+    let relayed_in = t.elapsed();
+    let theirs = peer(&peers(&c, 2), &name(0)).cloned().expect("node-0");
+    assert_eq!(theirs["family"], "ipv4", "{theirs}");
+    for (a, b) in [(0, 1), (1, 0), (0, 2), (2, 0)] {
+        assert!(
+            pod_ping_once(&c, a, b) || pod_ping_once(&c, a, b),
+            "pod {a} -> {b}\n{}",
+            dump(&c)
+        );
+    }
+    let host = c.touch(&[(0, 1), (1, 0), (0, 2), (2, 0)]);
+    assert!(
+        host.iter().all(|ok| *ok),
+        "host overlay: {host:?}\n{}",
+        dump(&c)
+    );
+    eprintln!(
+        "up (store and allocation over IPv6) in {up_at:?}; relayed to the IPv4-only peer {relayed_in:?} after; took {:?}",
+        t0.elapsed()
+    );
+}
+
+/// `overlay.ipv6: false` on a host with a global IPv6 address: no socket
+/// on `[::]:5800`, no IPv6 candidate published, and its peer (IPv6 on)
+/// reaches it over IPv4, directly.
+#[test]
+fn overlay_ipv6_false_keeps_the_agent_ipv4_only() {
+    let ov = OverlayOpts {
+        ipv6_sites: vec![0],
+        node_netconf: vec![(0, json!({"overlay": {"ipv6": false}}))],
+        ..OverlayOpts::flat(2)
+    };
+    let c = up(opts(BridgeType::Linux, 1, ov));
+    let lab = c.lab().expect("lab");
+    let udp = |i: usize| c.nodes()[i].ns.ok(&["ss", "-H", "-u", "-l", "-n"]);
+    assert!(
+        !udp(0).contains("[::]:5800") && udp(0).contains("0.0.0.0:5800"),
+        "{}",
+        udp(0)
+    );
+    assert!(udp(1).contains("[::]:5800"), "{}", udp(1));
+    let v6_cands = |i: usize| -> Vec<String> {
+        peers(&c, i)["candidates"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x["addr"].as_str())
+                    .filter(|s| s.starts_with('['))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mine6 = SocketAddr::new(IpAddr::V6(lab.node_addr6(lab_node(&c, 1))), 5800);
+    wait(
+        "node-1 publishes its IPv6 address",
+        Duration::from_secs(10),
+        || v6_cands(1).contains(&mine6.to_string()),
+    );
+    assert_eq!(v6_cands(0), Vec::<String>::new(), "node-0 has IPv6 off");
+    c.connect_overlay(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", dump(&c)));
+    for (a, b) in [(0, 1), (1, 0)] {
+        let p = peer(&peers(&c, a), &name(b)).cloned().expect("peer");
+        assert_eq!(
+            (p["path"].as_str(), p["family"].as_str()),
+            (Some("direct"), Some("ipv4")),
+            "{p}"
+        );
+    }
 }

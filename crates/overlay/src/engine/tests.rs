@@ -1500,3 +1500,50 @@ fn a_queued_frame_older_than_3s_is_dropped_not_sent() {
         "the old frame was sent"
     );
 }
+
+/// An IPv6-only node with an IPv4 relayed address (issue 25): the peer's
+/// IPv4 candidates are reached through that allocation, so the node can
+/// start the session itself; once the allocation is gone, directly again.
+#[test]
+fn candidates_of_a_family_we_lack_go_through_our_allocation_of_it() {
+    let mut net = net(2, |_, _| {});
+    let now = net.now;
+    let infos: Vec<PeerInfo> = net.nodes.iter().map(|n| n.info.clone()).collect();
+    let theirs = net.nodes[1].addr;
+    let relayed = PathAddr {
+        via: Via::Turn(0),
+        remote: theirs,
+    };
+    net.nodes[0].ov.set_peers_via(now, &infos, [Some(0), None]);
+    net.kick(0, 1);
+    // Node 0's timers only, nothing delivered: what it sends, and where.
+    for _ in 0..40 {
+        net.now += Duration::from_millis(50);
+        let (now, wall) = (net.now, net.wall());
+        let n = &mut net.nodes[0];
+        if now >= n.ov.poll_timeout() {
+            n.ov.handle_timeout(now, wall, &mut n.io);
+        }
+    }
+    let sent: Vec<PathAddr> = net.nodes[0].io.out.iter().map(|(to, _)| *to).collect();
+    assert!(!sent.is_empty(), "nothing sent");
+    assert!(sent.iter().all(|a| *a == relayed), "{sent:?}");
+    let d = net.nodes[0].ov.peer_detail("n1").expect("n1");
+    assert!(
+        d.paths
+            .iter()
+            .all(|(p, _)| p.addr == relayed && p.class == Rank::Relay),
+        "{:?}",
+        d.paths
+    );
+    // The allocation is gone: the same candidates, direct.
+    net.nodes[0].ov.set_peers_via(now, &infos, [None, None]);
+    let d = net.nodes[0].ov.peer_detail("n1").expect("n1");
+    assert!(
+        d.paths
+            .iter()
+            .all(|(p, _)| p.addr == PathAddr::direct(theirs)),
+        "{:?}",
+        d.paths
+    );
+}

@@ -108,6 +108,47 @@ fn a_node_uses_only_candidates_of_its_own_families() {
     assert_eq!(kept(v6_only), vec![v6]);
 }
 
+#[test]
+fn an_ipv6_only_node_with_an_ipv4_relayed_address_keeps_the_public_ipv4_candidates() {
+    let v6_only = Families::of(&[sa("[2001:db8:1::2]:5800")]);
+    let v4_only = Families::of(&[sa("192.168.1.2:5800")]);
+    let key = *crate::crypto::StaticKeys::from_rng(&mut rand::thread_rng()).public();
+    let (lan, public, relayed, v6) = (
+        sa("192.168.3.2:5800"),
+        sa("203.0.113.30:40000"),
+        sa("203.0.113.1:49200"),
+        sa("[2001:db8:2::2]:5800"),
+    );
+    let peer = PeerInfo {
+        node: "p".into(),
+        key,
+        pod_subnet: "10.244.9.0/24".parse().unwrap(),
+        host_addr: None,
+        candidates: [lan, public, relayed, v6]
+            .iter()
+            .map(|a| PeerCandidate {
+                addr: *a,
+                class: Rank::Direct,
+            })
+            .collect(),
+        stale: false,
+        bridge_mac: None,
+    };
+    let kept = |f: Families, relayed: [bool; 2]| -> Vec<SocketAddr> {
+        f.filter_via(std::slice::from_ref(&peer), relayed)[0]
+            .candidates
+            .iter()
+            .map(|c| c.addr)
+            .collect()
+    };
+    // Through the relay: the peer's internet addresses, never its LAN.
+    assert_eq!(kept(v6_only, [true, false]), vec![public, relayed, v6]);
+    // No IPv4 allocation: IPv6 only, as before.
+    assert_eq!(kept(v6_only, [false, false]), vec![v6]);
+    // A family we have is never taken through a relay (it is direct).
+    assert_eq!(kept(v4_only, [true, false]), vec![lan, public, relayed]);
+}
+
 /// Two direct paths, IPv4 and IPv6, answering with the given RTTs (ms):
 /// which one is in use after they settle, starting from `first`.
 fn settled(first_v6: bool, rtt4: u64, rtt6: u64) -> SocketAddr {

@@ -2189,8 +2189,6 @@ impl Ranges {
     }
 }
 
-/// Peer `peer_id`, if it is still there. A free function rather than a method so
-/// that callers can hold it while they read the engine's other fields.
 /// Where the peer's NAT maps its datagrams now, when a relay tells: a
 /// datagram relayed to us through our allocation from `from` that is not
 /// the peer's own allocation left the peer's socket through its NAT, and
@@ -2212,6 +2210,8 @@ fn relayed_source(relay_ips: &[IpAddr], info: &PeerInfo, from: PathAddr) -> Opti
     (ours && !known).then_some(from.remote)
 }
 
+/// Peer `peer_id`, if it is still there. A free function rather than a method so
+/// that callers can hold it while they read the engine's other fields.
 fn peer_mut(peers: &mut [Option<Peer>], peer_id: PeerId) -> Option<&mut Peer> {
     peers.get_mut(peer_id as usize).and_then(Option::as_mut)
 }

@@ -755,22 +755,15 @@ impl Cluster {
                     crate::natlab::INTERNET6,
                 )
             })?);
-            if ov.stun2 {
-                let second = guarded("start a second coturn", || match lab.add_server_addr() {
-                    std::net::IpAddr::V4(a) => Coturn::start_in(lab.internet(), a),
-                    std::net::IpAddr::V6(a) => panic!("{a}: not an IPv4 server address"),
-                })?;
-                self.coturn2 = Some(second);
-            }
         } else if ov.turn {
             self.coturn = Some(guarded("start coturn", || lab.start_coturn())?);
-            if ov.stun2 {
-                let second = guarded("start a second coturn", || match lab.add_server_addr() {
-                    std::net::IpAddr::V4(a) => Coturn::start_in(lab.internet(), a),
-                    std::net::IpAddr::V6(a) => panic!("{a}: not an IPv4 server address"),
-                })?;
-                self.coturn2 = Some(second);
-            }
+        }
+        if ov.turn && ov.stun2 {
+            let second = guarded("start a second coturn", || match lab.add_server_addr() {
+                std::net::IpAddr::V4(a) => Coturn::start_in(lab.internet(), a),
+                std::net::IpAddr::V6(a) => panic!("{a}: not an IPv4 server address"),
+            })?;
+            self.coturn2 = Some(second);
         }
         if ov.etcd && ov.etcd_tls {
             let (ns, host) = (lab.internet().path(), lab.server_addr());

@@ -1077,16 +1077,29 @@ impl Cluster {
         }
     }
 
-    /// Every node's host-overlay address, as its agent says (`None`: no
-    /// agent answers, or no host overlay).
+    /// Every node's host-overlay address, as its agent says or, when it
+    /// does not answer, as another agent lists it (`None`: no agent knows
+    /// one, or no host overlay).
     pub fn host_addrs(&self) -> Vec<Option<IpAddr>> {
-        self.peers()
+        let all = self.peers();
+        let parse = |v: &Value| -> Option<IpAddr> {
+            v["hostAddress"].as_str()?.split('/').next()?.parse().ok()
+        };
+        self.nodes
             .iter()
-            .map(|p| {
-                p.as_ref()
-                    .and_then(|v| v["hostAddress"].as_str())
-                    .and_then(|h| h.split('/').next())
-                    .and_then(|h| h.parse().ok())
+            .zip(&all)
+            .map(|(n, own)| {
+                // A node whose agent is stopped keeps its record: the other
+                // agents still list its address, and traffic to it is what
+                // has them find it gone (sessions are on demand).
+                own.as_ref().and_then(parse).or_else(|| {
+                    all.iter()
+                        .flatten()
+                        .filter_map(|v| v["peers"].as_array())
+                        .flatten()
+                        .find(|p| p["node"].as_str() == Some(n.name.as_str()))
+                        .and_then(parse)
+                })
             })
             .collect()
     }

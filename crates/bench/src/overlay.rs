@@ -1092,12 +1092,19 @@ fn nat_run(tools: &Tools, opts: &Opts) -> Result<NatRun> {
     } else {
         None
     };
-    // A direct pair, both behind NATs, on different sites.
-    let pick = connect.pairs.iter().find(|p| {
+    // A direct pair, both behind NATs, on different sites; neither
+    // symmetric if there is one (the pair the figure was first taken on,
+    // a port-restricted cone and a full cone): since birthday probing a
+    // symmetric node's pairs go direct too, through a spare socket's
+    // mapping, which is another recovery than the one measured here.
+    let direct_pair = |p: &&PairTime, cones: bool| {
         let (a, b) = (&c.nodes()[p.a], &c.nodes()[p.b]);
+        let sym = |t: NatType| cones && t == NatType::Symmetric;
         p.path.as_deref() == Some("direct")
-            && matches!((a.lab, b.lab), (Some(x), Some(y)) if x.1 != NatType::Public && y.1 != NatType::Public && x.2 != y.2)
-    });
+            && matches!((a.lab, b.lab), (Some(x), Some(y)) if x.1 != NatType::Public && y.1 != NatType::Public && x.2 != y.2 && !sym(x.1) && !sym(y.1))
+    };
+    let pick = (connect.pairs.iter().find(|p| direct_pair(p, true)))
+        .or_else(|| connect.pairs.iter().find(|p| direct_pair(p, false)));
     let Some(p) = pick.cloned() else {
         return Ok(NatRun {
             logs,

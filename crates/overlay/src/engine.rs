@@ -104,6 +104,13 @@ pub struct OverlayConfig {
     /// An up peer with nothing sent to it for this long gets a keepalive,
     /// where a NAT is on its path (not on a path to its local candidate).
     pub nat_keepalive: Duration,
+    /// On demand, while the peer's frames come in (one within `busy`):
+    /// its direct active path carries something from us at least this
+    /// often (a keepalive when nothing else went). Only our own sending
+    /// reopens a flow our NAT forgot (flushed, rebooted): every way in,
+    /// the relay's too, is closed until we send, and nothing else would
+    /// go for up to `nat_keepalive` (issue 22's recovery figure).
+    pub busy_keepalive: Duration,
 }
 
 impl OverlayConfig {
@@ -128,6 +135,7 @@ impl OverlayConfig {
             keep_warm: Some(Duration::from_secs(120)),
             busy: Duration::from_secs(10),
             nat_keepalive: Duration::from_secs(25),
+            busy_keepalive: Duration::from_millis(500),
         }
     }
 }
@@ -197,6 +205,10 @@ struct Peer {
     /// Last frame sent to it: its active path is probed only when nothing
     /// came back since (WireGuard's passive keepalive).
     sent_data: Option<Instant>,
+    /// Last frame that came from it (not a flood): while its frames come
+    /// in, our side of the path is held open tighter
+    /// ([`OverlayConfig::busy_keepalive`]).
+    got_data: Option<Instant>,
     /// Last datagram sent on its active path, of any kind (the NAT
     /// keepalive's clock: probes of other paths hold no flow of the path
     /// in use).
@@ -237,6 +249,24 @@ impl Peer {
     /// candidate (reflexive, learned from a translated source, relayed).
     fn behind_nat(&self) -> bool {
         self.paths.active().is_some_and(|a| a.class != Rank::Local)
+    }
+
+    /// How long its active path may carry nothing from us before a
+    /// keepalive goes, if one ever should: `busy_keepalive` while its
+    /// frames come in over a direct path through a NAT (sessions on
+    /// demand; eager probing holds the path anyway), else
+    /// `nat_keepalive` where a NAT is on the path. A relayed path's flows
+    /// are the TURN client's (its bindings and refreshes hold them).
+    fn keepalive_every(&self, now: Instant, cfg: &OverlayConfig) -> Option<Duration> {
+        let direct = self.paths.active().is_some_and(|a| a.class == Rank::Direct);
+        let fed = self
+            .got_data
+            .is_some_and(|t| now.saturating_duration_since(t) < cfg.busy);
+        match () {
+            _ if cfg.keep_warm.is_some() && direct && fed => Some(cfg.busy_keepalive),
+            _ if self.behind_nat() => Some(cfg.nat_keepalive),
+            _ => None,
+        }
     }
 }
 
@@ -784,6 +814,7 @@ impl Overlay {
             info,
             used: None,
             sent_data: None,
+            got_data: None,
             last_tx: None,
             queued: 0,
             queued_bytes: 0,
@@ -1395,6 +1426,7 @@ impl Overlay {
             if let Some(p) = peer_mut(&mut self.peers, peer_id) {
                 let was_busy = p.busy(now, busy);
                 p.used = Some(now);
+                p.got_data = Some(now);
                 if !was_busy {
                     // Traffic starts: its paths are probed from now on
                     // (the responder of a new session too, whose unproven
@@ -1963,12 +1995,7 @@ impl Overlay {
         {
             // No traffic: nothing is probed; a NAT on the path gets what
             // holds its mapping.
-            let quiet = p
-                .last_tx
-                .is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.nat_keepalive);
-            if quiet && p.behind_nat() {
-                self.send_inner(now, peer_id, None, Inner::plain(kind::KEEPALIVE), 0, io);
-            }
+            self.keepalive_if_due(now, peer_id, io);
             return;
         }
         if self.cfg.keep_warm.is_some() && p.answered() {
@@ -2003,6 +2030,27 @@ impl Overlay {
             self.send_inner(now, peer_id, Some(d.addr), Inner::plain(kind::PROBE), 8, io);
         }
         self.probes = probes;
+        // After the probes: one on the active path holds its flow too.
+        if self.cfg.keep_warm.is_some() {
+            self.keepalive_if_due(now, peer_id, io);
+        }
+    }
+
+    /// A keepalive on peer `peer_id`'s active path if nothing went on it
+    /// for [`Peer::keepalive_every`].
+    fn keepalive_if_due(&mut self, now: Instant, peer_id: PeerId, io: &mut dyn Io) {
+        let Some(p) = self.peer(peer_id) else {
+            return;
+        };
+        let Some(every) = p.keepalive_every(now, &self.cfg) else {
+            return;
+        };
+        let quiet = p
+            .last_tx
+            .is_none_or(|t| now.saturating_duration_since(t) >= every);
+        if quiet {
+            self.send_inner(now, peer_id, None, Inner::plain(kind::KEEPALIVE), 0, io);
+        }
     }
 
     /// Stores when peer `peer_id`'s timers next run, and why.
@@ -2035,6 +2083,12 @@ impl Overlay {
             // When traffic stops, the NAT keepalive takes over.
             let quiet = keep_warm.and(p.used).map(|t| t + self.cfg.busy);
             at(quiet, Wake::Keepalive);
+            // Meanwhile, while the peer's frames come in, our side of its
+            // path is held open tighter.
+            if let Some(d) = keep_warm.and(p.keepalive_every(now, &self.cfg)) {
+                let last = p.last_tx.unwrap_or(now);
+                at(Some(last + d), Wake::Keepalive);
+            }
         } else if p.tunnel.has_session() && p.behind_nat() {
             let last = p.last_tx.unwrap_or(now);
             at(Some(last + self.cfg.nat_keepalive), Wake::Keepalive);

@@ -678,3 +678,60 @@ fn a_cone_pair_whose_traffic_stops_stays_direct() {
         ))
     });
 }
+
+/// Issue 22, on demand, the benchmark's recovery round (docs/benchmarks.md
+/// 5.3) without loss: a direct pair, port-restricted cone (n0) and full
+/// cone (n1); a ping and its reply, a quiet moment, then n0's router
+/// forgets every flow (`conntrack -F`) and n1 pings. n1's frames get in
+/// only once n0 has sent something out again: every way in, the relay's
+/// too (n0's flow to the TURN server went with the rest), stays closed
+/// until then, so no message from n1 can ask for it. While n1's frames
+/// came in within `busy`, n0 holds its side of the path open with a
+/// keepalive every 500 ms (`OverlayConfig::busy_keepalive`): the ping
+/// (every 200 ms) gets through within a second of the flush wherever in
+/// that cycle the flush falls. Before, n1's probes had to fall back to the
+/// relay (≈ 4 s) and n0 had to send to the TURN server or n1's relay on
+/// its own (3.6-3.8 s here).
+#[test]
+fn a_far_sides_ping_gets_through_a_flushed_nat_within_a_second() {
+    use NatKind::*;
+    each_seed(|seed| {
+        let mut worst = Duration::ZERO;
+        let mut times = Vec::new();
+        for off in 0..5u64 {
+            let sites = [
+                SiteSpec {
+                    loss: 0.0,
+                    ..lossy(PortRestrictedCone, 1, seed, 0)
+                },
+                SiteSpec {
+                    loss: 0.0,
+                    ..lossy(FullCone, 1, seed, 1)
+                },
+            ];
+            let mut sim = Sim::new(seed, &sites);
+            settle(&mut sim, Duration::from_secs(30))?;
+            sim.keep_busy(None);
+            // A pod ping that works: the request and its reply.
+            ping(&mut sim, 1, 0, "before the flush", Duration::from_secs(1))?;
+            ping(&mut sim, 0, 1, "the reply", Duration::from_secs(1))?;
+            sim.run(Duration::from_millis(1500 + 200 * off));
+            sim.flush_nat(0);
+            let t = ping(&mut sim, 1, 0, "after the flush", Duration::from_secs(10))?;
+            let direct = sim.path(0, 1) == Some("direct") && sim.path(1, 0) == Some("direct");
+            if t > Duration::from_secs(1) || !direct {
+                let paths = (sim.path(0, 1), sim.path(1, 0));
+                return Err(format!(
+                    "flushed after {} ms quiet: through after {t:?}, paths {paths:?}",
+                    1500 + 200 * off
+                ));
+            }
+            worst = worst.max(t);
+            times.push(format!("{:.2}", t.as_secs_f64()));
+        }
+        Ok(format!(
+            "through after {} s (worst {worst:?})",
+            times.join(", ")
+        ))
+    });
+}

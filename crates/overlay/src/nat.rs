@@ -49,7 +49,9 @@ use turn_client_proto::api::{Transmit as TurnTransmit, TurnConfig, TurnEvent, Tu
 use turn_client_proto::api::{TurnPeerData, TurnRecvRet};
 use turn_client_proto::prelude::*;
 use turn_client_proto::tcp::TurnClientTcp;
-use turn_client_proto::types::message::ALLOCATE;
+use turn_client_proto::types::attribute::{ChannelNumber, XorPeerAddress};
+use turn_client_proto::types::channel::ChannelData;
+use turn_client_proto::types::message::{ALLOCATE, CHANNEL_BIND};
 use turn_client_proto::types::{TransportType, TurnCredentials};
 use turn_client_proto::udp::TurnClientUdp;
 
@@ -234,6 +236,12 @@ struct TurnSlot {
     retry_at: Instant,
     backoff: Duration,
     channels: HashSet<SocketAddr>,
+    /// Channel numbers this client asked the server to bind, and to whom
+    /// (from the ChannelBind requests as they leave): the server relays
+    /// on a channel as soon as it bound it, and the client drops that
+    /// ChannelData until it has the success answer itself, a second
+    /// round trip later, or a retransmission later if that answer is lost.
+    asked_channels: HashMap<u16, SocketAddr>,
     /// Why the server refused our allocation (401 and friends).
     auth_error: Option<String>,
     /// Where its UDP traffic leaves from: once moved to a socket of its
@@ -271,6 +279,7 @@ impl TurnSlot {
             retry_at: now,
             backoff: RETRY_MIN,
             channels: HashSet::new(),
+            asked_channels: HashMap::new(),
             auth_error: None,
             port: Port::Shared,
             refresh: None,
@@ -296,7 +305,8 @@ impl TurnSlot {
         }
     }
 
-    /// Remembers the transaction ID of an outgoing request.
+    /// Remembers the transaction ID of an outgoing request, and the
+    /// channel a ChannelBind asks for.
     fn note_request(&mut self, data: &[u8]) {
         if wire::demux(data) != Demux::Stun {
             return;
@@ -306,7 +316,21 @@ impl TurnSlot {
                 self.requests[self.next_request] = Some(msg.transaction_id());
                 self.next_request = (self.next_request + 1) % RECENT_REQUESTS;
             }
+            if msg.has_class(MessageClass::Request) && msg.has_method(CHANNEL_BIND) {
+                let number = msg.attribute::<ChannelNumber>();
+                let peer = msg.attribute::<XorPeerAddress>();
+                if let (Ok(n), Ok(p)) = (number, peer) {
+                    let peer = p.addr(msg.transaction_id());
+                    self.asked_channels.insert(n.channel(), peer);
+                }
+            }
         }
+    }
+
+    /// Forgets its channels (a new client, a new allocation).
+    fn forget_channels(&mut self) {
+        self.channels.clear();
+        self.asked_channels.clear();
     }
 
     /// Whether `tid` is that of one of the requests this client sent last.
@@ -700,7 +724,7 @@ impl Nat {
         s.client = None;
         s.refresh = None;
         s.released = None;
-        s.channels.clear();
+        s.forget_channels();
         s.started = now;
         s.state = TurnState::Connecting;
         let to = s.conf.server;
@@ -822,12 +846,21 @@ impl Nat {
                 // out of the input; anything else is not ours to pass on.
                 None => Datagram::Consumed,
             },
-            TurnRecvRet::Ignored(tr) => {
-                if !self.error_answer(idx, tr.data) {
-                    self.junk += 1;
+            TurnRecvRet::Ignored(tr) => match asked_channel_data(&s.asked_channels, tr.data) {
+                Some((peer, r)) => {
+                    let path = PathAddr {
+                        via: Via::Turn(idx as u8),
+                        remote: peer,
+                    };
+                    Datagram::Relayed(path, &data[r])
                 }
-                Datagram::Consumed
-            }
+                None => {
+                    if !self.error_answer(idx, tr.data) {
+                        self.junk += 1;
+                    }
+                    Datagram::Consumed
+                }
+            },
             TurnRecvRet::Handled | TurnRecvRet::PeerIcmp { .. } => Datagram::Consumed,
         };
         if !matches!(got, Datagram::Relayed(..)) {
@@ -1054,7 +1087,23 @@ impl Nat {
                         got = Some((relayed(conn, &pd), n));
                     }
                 }
-                TurnRecvRet::Ignored(_) => ignored = true,
+                TurnRecvRet::Ignored(_) => {
+                    let frame = &link.rx[..frame];
+                    match asked_channel_data(&s.asked_channels, frame) {
+                        Some((peer, r)) => {
+                            let n = r.len();
+                            if let Some(dst) = out.get_mut(..n) {
+                                dst.copy_from_slice(&frame[r]);
+                                let path = PathAddr {
+                                    via: Via::Turn(conn as u8),
+                                    remote: peer,
+                                };
+                                got = Some((path, n));
+                            }
+                        }
+                        None => ignored = true,
+                    }
+                }
                 _ => {}
             }
         }
@@ -1161,6 +1210,21 @@ impl Nat {
 }
 
 /// Where `part` lies inside `whole`, if it is a sub-slice of it.
+/// ChannelData a client ignored on a channel it asked for (`asked`,
+/// [`TurnSlot::asked_channels`]) and has no answer to yet: the server
+/// relays on a channel only once it bound it to the peer we asked for, so
+/// what comes on it is that peer's (and authenticated by the overlay's
+/// session like any relayed datagram). The peer, and where its data is in
+/// `data`.
+fn asked_channel_data(
+    asked: &HashMap<u16, SocketAddr>,
+    data: &[u8],
+) -> Option<(SocketAddr, std::ops::Range<usize>)> {
+    let cd = ChannelData::parse(data).ok()?;
+    let peer = *asked.get(&cd.id())?;
+    Some((peer, within(data, cd.data())?))
+}
+
 fn within(whole: &[u8], part: &[u8]) -> Option<std::ops::Range<usize>> {
     let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
     let end = start.checked_add(part.len())?;
@@ -1375,7 +1439,7 @@ impl Nat {
         let s = &mut self.slots[idx];
         let local = s.udp_local(self.local);
         s.started = now;
-        s.channels.clear();
+        s.forget_channels();
         s.auth_error = None;
         match s.conf.transport {
             TurnTransport::Udp => {
@@ -1417,7 +1481,7 @@ impl Nat {
         s.retry_at = now + pause;
         s.backoff = (s.backoff * 2).min(RETRY_MAX);
         s.state = TurnState::Failed(why);
-        s.channels.clear();
+        s.forget_channels();
         self.changed();
     }
 
@@ -1439,6 +1503,7 @@ impl Nat {
                         s.released = None;
                         s.moves = 0;
                         s.channels.clear();
+                        s.asked_channels.clear();
                         permit(c, &self.peer_ips, t);
                         created = true;
                     }

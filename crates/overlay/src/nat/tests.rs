@@ -872,3 +872,49 @@ fn a_stun_server_on_ipv6_gives_an_ipv6_reflexive_candidate() {
     let got: Vec<SocketAddr> = n.candidates().iter().map(|c| c.0).collect();
     assert_eq!(got, vec![me4, me6]);
 }
+
+/// The server relays on a channel once it bound it; the success answer
+/// to our ChannelBind may come later or be lost (then a retransmission,
+/// 0.5-1.5 s, brings it). Meanwhile the peer's ChannelData is the peer's
+/// data, not junk: the simulator's first frame to an idle symmetric peer
+/// waited 1.6 s for it (seed 10, the answer and the retransmission lost).
+#[test]
+fn channel_data_on_a_channel_we_asked_for_is_the_peers_before_the_answer() {
+    let t0 = Instant::now();
+    let (mut n, mut srv) = (nat(t0, "right"), server());
+    let peer: SocketAddr = "203.0.113.50:5800".parse().unwrap();
+    n.set_peer_ips(t0, [peer.ip()].into_iter().collect());
+    let now = exchange(&mut n, &mut srv, t0, |_| {});
+    let relayed: SocketAddr = "203.0.113.1:49152".parse().unwrap();
+    assert_eq!(n.turn_states()[0].2, TurnState::Ready(relayed));
+    let mut out = [0u8; 256];
+    n.relay(now, 0, peer, b"\x84\0\0\0first", &mut out).unwrap();
+    n.handle_timeout(now);
+    let bind = request_of(&sent(&mut n), CHANNEL_BIND);
+    // The server binds the channel; its answer is lost.
+    let (me, st) = (ME.parse().unwrap(), sio(t0, now));
+    let tr = TurnTransmit::new(&bind[..], TransportType::Udp, me, server_addr());
+    let answer = srv.recv(tr, st).map(|o| o.data.build());
+    assert!(
+        answer.is_some_and(
+            |a| Message::from_bytes(&a).is_ok_and(|m| m.has_class(MessageClass::Success))
+        )
+    );
+    // The peer answers: ChannelData from the server.
+    let tr = TurnTransmit::new(&b"\x84\0\0\0reply"[..], TransportType::Udp, peer, relayed);
+    let cd = srv.recv(tr, st).map(|o| o.data.build()).unwrap();
+    assert_eq!(wire::demux(&cd), Demux::ChannelData);
+    match n.handle_datagram(now, server_addr(), &cd) {
+        Datagram::Relayed(path, data) => {
+            assert_eq!(
+                path,
+                PathAddr {
+                    via: Via::Turn(0),
+                    remote: peer
+                }
+            );
+            assert_eq!(data, b"\x84\0\0\0reply");
+        }
+        other => panic!("{other:?}"),
+    }
+}

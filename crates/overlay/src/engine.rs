@@ -209,6 +209,11 @@ struct Peer {
     /// in, our side of the path is held open tighter
     /// ([`OverlayConfig::busy_keepalive`]).
     got_data: Option<Instant>,
+    /// Last datagram from it that was not a keepalive, and the path it came
+    /// by: what tells its active path works (its busy keepalives go on for
+    /// `busy` after our last frame reached it, so they would also come
+    /// while our direction of the path is dead).
+    answer: Option<(PathAddr, Instant)>,
     /// Last datagram sent on its active path, of any kind (the NAT
     /// keepalive's clock: probes of other paths hold no flow of the path
     /// in use).
@@ -240,8 +245,9 @@ impl Peer {
     fn answered(&self) -> bool {
         self.paths.active().is_some_and(|a| {
             a.rtt.is_some()
-                && a.last_rx
-                    .is_some_and(|h| self.sent_data.is_none_or(|s| h >= s))
+                && self.answer.is_some_and(|(from, h)| {
+                    from == a.addr && self.sent_data.is_none_or(|s| h >= s)
+                })
         })
     }
 
@@ -815,6 +821,7 @@ impl Overlay {
             used: None,
             sent_data: None,
             got_data: None,
+            answer: None,
             last_tx: None,
             queued: 0,
             queued_bytes: 0,
@@ -985,14 +992,25 @@ impl Overlay {
 
     /// A datagram from `from` authenticated as peer `peer_id`: the path it came
     /// by works, and the tunnel may have gained or lost sessions.
-    fn heard_from(&mut self, now: Instant, peer_id: PeerId, from: PathAddr, io: &mut dyn Io) {
+    /// `answer`: it was no keepalive ([`Peer::answer`]).
+    fn heard_from(
+        &mut self,
+        now: Instant,
+        peer_id: PeerId,
+        from: PathAddr,
+        answer: bool,
+        io: &mut dyn Io,
+    ) {
         let class = self.classify(peer_id, from);
         let cfg = &self.cfg.paths;
         let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
+        if answer {
+            p.answer = Some((from, now));
+        }
         let before = p.paths.active_addr();
-        let learned = p.paths.on_rx(now, cfg, from, class);
+        let learned = p.paths.on_rx_of(now, cfg, from, class, answer);
         // A new path is probed at once, a new active one on its interval:
         // neither may wait for a deadline computed before it existed.
         if learned || p.paths.active_addr() != before {
@@ -1311,7 +1329,7 @@ impl Overlay {
         if !rekey {
             self.revalidate(now, peer_id);
         }
-        self.heard_from(now, peer_id, from, io);
+        self.heard_from(now, peer_id, from, true, io);
         let out = io.datagram();
         out[..msg.len()].copy_from_slice(&msg);
         io.commit(from, msg.len());
@@ -1346,7 +1364,7 @@ impl Overlay {
         let sent =
             |peers: &mut [Option<Peer>]| peer_mut(peers, peer_id).map(|p| p.stats.tx_packets);
         let before = sent(&mut self.peers);
-        self.heard_from(now, peer_id, from, io);
+        self.heard_from(now, peer_id, from, true, io);
         // The first transport message confirms the session to the
         // responder: the frames queued for it, else a keepalive.
         if sent(&mut self.peers) == before {
@@ -1415,7 +1433,8 @@ impl Overlay {
         };
         p.stats.rx_packets += 1;
         p.stats.rx_bytes += d.len() as u64;
-        self.heard_from(now, peer_id, from, io);
+        let keepalive = Inner::parse(&self.scratch[..n]).is_some_and(|i| i.kind == kind::KEEPALIVE);
+        self.heard_from(now, peer_id, from, !keepalive, io);
         let inner = Inner::parse(&self.scratch[..n]).ok_or(Reject::Malformed)?;
         // A broadcast or multicast frame keeps no session warm (see
         // `Overlay::flood`): its first byte is the destination MAC's.

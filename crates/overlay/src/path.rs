@@ -314,8 +314,37 @@ impl Paths {
     /// An authenticated datagram arrived on `addr`. Returns true when the
     /// path was new (learned). `class` classifies it if new.
     pub fn on_rx(&mut self, now: Instant, cfg: &PathConfig, addr: PathAddr, class: Rank) -> bool {
+        self.on_rx_of(now, cfg, addr, class, true)
+    }
+
+    /// [`Paths::on_rx`]; `answer` false for a keepalive: the peer sends
+    /// those on its own clock (`busy_keepalive` for 10 s after our last
+    /// frame reached it), so one tells the way from the peer works and
+    /// nothing of ours: the path's lost probes stay counted, its probe
+    /// stays due, and a path found dead stays dead, or a path dead our way
+    /// would stay up on them. A new path (the peer's NAT moved) is learned
+    /// all the same, and probed at once.
+    pub fn on_rx_of(
+        &mut self,
+        now: Instant,
+        cfg: &PathConfig,
+        addr: PathAddr,
+        class: Rank,
+        answer: bool,
+    ) -> bool {
         let is_active = self.active_addr() == Some(addr);
         let learned = match self.find(&addr) {
+            Some(i) if !answer => {
+                let p = &mut self.list[i];
+                let dead = !p.alive(cfg);
+                p.last_rx = Some(now);
+                if dead {
+                    // Nor is a path found dead taken up again on one: our
+                    // frames would vanish on it until it died once more.
+                    return false;
+                }
+                false
+            }
             Some(i) => {
                 let p = &mut self.list[i];
                 // Dead (or never answered) until a coordinated attempt.

@@ -1045,6 +1045,57 @@ fn a_quiet_active_path_is_detected_within_5s_while_traffic_flows() {
     panic!("the dead path was not noticed");
 }
 
+/// Frames both ways (so both sides run `busy_keepalive`), then datagrams
+/// from `dropped` stop arriving while node 0 keeps sending: how long node
+/// 0 takes to find its path dead, and whether node 1 kept sending on it.
+fn dead_while_busy(dropped: fn(usize, usize) -> bool) -> (Option<Duration>, usize) {
+    let mut net = connect_all(2);
+    for _ in 0..15 {
+        net.kick(0, 1);
+        net.kick(1, 0);
+        net.run(Duration::from_millis(200));
+    }
+    net.drop = Box::new(move |from, to, _| dropped(from, to));
+    let (t0, n1) = (net.now, net.log.iter().filter(|w| w.0 == 1).count());
+    while net.now < t0 + Duration::from_secs(8) {
+        net.kick(0, 1);
+        net.run(Duration::from_millis(200));
+        if net.nodes[0].ov.status()[0].path.is_none() {
+            let sent = net.log.iter().filter(|w| w.0 == 1).count() - n1;
+            return (Some(net.now - t0), sent);
+        }
+    }
+    (None, net.log.iter().filter(|w| w.0 == 1).count() - n1)
+}
+
+/// Issue 22: while traffic flows a quiet active path is found dead within
+/// 5 s, also while the busy keepalives run: they hold NAT flows, they
+/// never stand in for the probes that tell a path works. The peer goes
+/// silent: nothing of it arrives.
+#[test]
+fn a_peer_gone_silent_is_found_dead_within_5s_while_busy_keepalives_run() {
+    let (took, _) = dead_while_busy(|from, _| from == 1);
+    assert!(
+        took.is_some_and(|t| t <= Duration::from_secs(5)),
+        "{took:?}"
+    );
+}
+
+/// As above, with only our direction lost: the peer, whose frames from us
+/// stopped, still sends its busy keepalives (for 10 s after our last
+/// frame came in), and they arrive. They are no answer to our frames:
+/// the path is found dead within 5 s all the same.
+#[test]
+fn a_path_dead_one_way_is_found_within_5s_though_the_peers_keepalives_arrive() {
+    let (took, sent) = dead_while_busy(|from, _| from == 0);
+    assert!(
+        took.is_some_and(|t| t <= Duration::from_secs(5)),
+        "{took:?}"
+    );
+    // The case is the one meant: node 1's keepalives came meanwhile.
+    assert!(sent >= 4, "node 1 sent {sent}");
+}
+
 #[test]
 fn idle_nodes_send_only_probes_at_a_bounded_rate() {
     let mut net = connect_all(2);

@@ -170,6 +170,10 @@ fn serve(
     let mut w = &s;
     let _ = w.write_all(answer.as_bytes());
     let _ = w.write_all(b"\n");
+    drop((answer, h));
+    // An answer about every peer was built and dropped: O(n) of the
+    // cluster, not to stay resident until the next one.
+    crate::heap::trim();
 }
 
 /// The answer to `explain NODE`: the peer in depth, or why it is none.

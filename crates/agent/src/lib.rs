@@ -18,6 +18,7 @@ pub mod device;
 pub mod eventfd;
 pub mod events;
 pub mod explain;
+pub mod heap;
 pub mod hostroute;
 pub mod keys;
 pub mod metrics;

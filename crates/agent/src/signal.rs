@@ -940,11 +940,16 @@ impl Signalling {
                 self.engine.send(Command::Wake(vouching));
             }
         }
-        if records != self.cache.peers && !st.revoked {
+        let changed = records != self.cache.peers;
+        if changed && !st.revoked {
             self.cache.peers = records;
             self.save_cache();
         }
         st.snap = snap;
+        if changed {
+            // The snapshot's copies of every record are gone.
+            crate::heap::trim();
+        }
     }
 
     /// Records the engine refuses although they parse: this node's own key

@@ -19,6 +19,7 @@ pub mod machine;
 pub mod natpaths;
 pub mod node;
 pub mod overlay;
+pub mod peermem;
 pub mod report;
 pub mod scale;
 pub mod services;
@@ -45,6 +46,9 @@ pub enum Part {
     /// Not in [`Part::ALL`]: two windows of minutes each (hard-NAT
     /// traversal takes that long); `--only natpaths` asks for it.
     Natpaths,
+    /// Not in [`Part::ALL`]: one agent's memory and idle cost against
+    /// synthetic peers (issue 22); `--only peermem` asks for it.
+    Peermem,
 }
 
 impl Part {
@@ -67,6 +71,7 @@ impl Part {
             Part::Services => "services",
             Part::Scale => "scale",
             Part::Natpaths => "natpaths",
+            Part::Peermem => "peermem",
         }
     }
 
@@ -82,6 +87,7 @@ impl Part {
             }
             Part::Scale => "7. Overlay at scale: routed lab, etcd store, 32 to 256 nodes",
             Part::Natpaths => "8. NAT lab: the path of every pair type, before and after issue 25",
+            Part::Peermem => "9. One agent's memory and idle cost per known peer (synthetic peers)",
         }
     }
 }
@@ -92,12 +98,12 @@ impl FromStr for Part {
     fn from_str(s: &str) -> std::result::Result<Part, String> {
         Part::ALL
             .into_iter()
-            .chain([Part::Scale, Part::Natpaths])
+            .chain([Part::Scale, Part::Natpaths, Part::Peermem])
             .find(|p| p.name() == s || (s == "allocation" && *p == Part::Alloc))
             .ok_or_else(|| {
                 format!(
                     "unknown section {s:?}; one of: {}",
-                    Part::ALL.map(Part::name).join(", ") + ", scale, natpaths"
+                    Part::ALL.map(Part::name).join(", ") + ", scale, natpaths, peermem"
                 )
             })
     }
@@ -116,6 +122,7 @@ pub struct Config {
     pub services: services::Opts,
     pub scale: scale::Opts,
     pub natpaths: natpaths::Opts,
+    pub peermem: peermem::Opts,
 }
 
 fn whole(r: Result<String>) -> (String, Option<BenchError>) {
@@ -143,6 +150,7 @@ pub fn run(cfg: &Config, mut each: impl FnMut(&Section)) -> Vec<Section> {
                 Part::Services => whole(services::run(&cfg.tools, &cfg.services)),
                 Part::Scale => scale::run(&cfg.tools, &cfg.scale),
                 Part::Natpaths => natpaths::run(&cfg.tools, &cfg.natpaths),
+                Part::Peermem => peermem::run(&cfg.tools, &cfg.peermem),
             },
         };
         eprintln!(

@@ -35,7 +35,7 @@ struct Cli {
     quick: bool,
 
     /// Run only these sections (comma-separated): latency, alloc, datapath, footprint, overlay,
-    /// services, scale, natpaths (scale and natpaths run only when named here). With
+    /// services, scale, natpaths, peermem (the last three run only when named here). With
     /// `--output`, only these sections of the file are replaced.
     #[arg(long, value_delimiter = ',', value_name = "SECTION")]
     only: Vec<Part>,
@@ -156,6 +156,10 @@ struct Cli {
     #[arg(long, default_value_t = 2)]
     nat_rounds: usize,
 
+    /// Synthetic peer counts of the peermem section (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "0,32,128,256,1024")]
+    peermem_peers: Vec<usize>,
+
     /// boringtun thread counts to run (its best is compared).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     boringtun_threads: Vec<usize>,
@@ -252,6 +256,14 @@ fn main() -> ExitCode {
                 q("nat-window", cli.nat_window as usize, 30) as u64
             ),
             rounds: q("nat-rounds", cli.nat_rounds, 1),
+        },
+        peermem: evio_bench::peermem::Opts {
+            peers: if cli.quick && !explicit("peermem-peers") {
+                vec![0, 32]
+            } else {
+                cli.peermem_peers.clone()
+            },
+            idle_seconds: q("idle-seconds", cli.idle_seconds as usize, 2) as u32,
         },
         footprint_samples: q("footprint-samples", cli.footprint_samples, 2),
         overlay: overlay::Opts {

@@ -1383,6 +1383,10 @@ impl Overlay {
     }
 
     fn note_handshake(&mut self, peer_id: PeerId, via: PathAddr, initiator: bool, rekey: bool) {
+        // A session is up: the peer's frames may come from now on, and
+        // learning from them must not allocate. Not earlier: a peer never
+        // spoken to costs no learning table.
+        self.switch.reserve(peer_id);
         if let Some(node) = self.peer(peer_id).map(|p| p.info.node.clone()) {
             self.push_event(Event::Handshake {
                 node,

@@ -122,7 +122,9 @@
 //! # Costs
 //!
 //! No allocation per frame: every table is reserved up front, for twice its
-//! bound (hash tables rehash in place only below half load). Subnet lookups
+//! bound (hash tables rehash in place only below half load); what a peer's
+//! frames teach, once it has a session ([`Switch::reserve`]): a peer that
+//! never sends costs no learning table. Subnet lookups
 //! hash the address once per distinct peer prefix length (one, in a cluster
 //! built by `config-gen`). The IPv6 MAC check hashes an address only for a
 //! MAC not yet learned from that source address.
@@ -495,6 +497,9 @@ pub struct Switch {
     v6_prefixes: Vec<u8>,
     hosts: HashMap<IpAddr, PeerId>,
     table: Table,
+    /// Entries of the peers' `learned` lists reserved so far: what the
+    /// tables are sized for ([`Switch::reserve`]).
+    reserved: usize,
     /// Source MACs of the local side, when last seen.
     local: HashMap<Mac, Instant>,
     /// Budgets per local source MAC, and the pair shared past the bound.
@@ -521,6 +526,7 @@ impl Switch {
             v6_prefixes: Vec::new(),
             hosts: HashMap::new(),
             table: Table::default(),
+            reserved: 0,
             local,
             sources,
         }
@@ -542,37 +548,70 @@ impl Switch {
             peer.addrs = addrs;
             peer.gateway = gateway;
         } else {
-            // Reserved here so that learning never allocates on the data
-            // path; `try_` so that an absurd bound can't abort the agent.
-            let bound = self.cfg.max_macs_per_peer.saturating_add(1);
-            let mut learned = Vec::new();
-            let _ = learned.try_reserve_exact(bound);
+            // Nothing reserved yet: most peers of a large cluster never
+            // send us a frame (sessions are made on demand), and learning
+            // reserved for every peer it knows was most of an agent's
+            // memory per peer (issue 22). `reserve` does it when a session
+            // comes up, before the peer's first frame.
             self.peers.insert(
                 id,
                 SwitchPeer {
                     addrs,
                     gateway,
-                    learned,
+                    learned: Vec::new(),
                     bridge: None,
                     flood: TokenBucket::new(self.cfg.peer_flood_rate, self.cfg.peer_flood_burst),
                 },
             );
-            let want = bound.saturating_mul(self.peers.len()).saturating_mul(2);
-            let _ = self
-                .table
-                .macs
-                .try_reserve(want.saturating_sub(self.table.macs.len()));
-            let _ = self
-                .table
-                .ips
-                .try_reserve(want.saturating_sub(self.table.ips.len()));
         }
         self.reindex();
+    }
+
+    /// Reserves what learning from peer `id` may need, so that no frame of
+    /// it allocates: its list for as many MACs as it can hold (the
+    /// addresses of its IPv4 subnet, its bridge, at most
+    /// `max_macs_per_peer` + 1), and room in the tables for twice every
+    /// reserved list (hash tables rehash in place only below half load).
+    /// The engine calls it when a session with the peer comes up: frames
+    /// only come through one. Idempotent; `try_` so that an absurd bound
+    /// can't abort the agent (learning then allocates, nothing else).
+    pub fn reserve(&mut self, id: PeerId) {
+        let bound = self.cfg.max_macs_per_peer;
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let pods = match peer.addrs.pod_subnet {
+            IpNet::V4(n) => 1usize
+                .checked_shl(u32::from(32 - n.prefix_len()))
+                .unwrap_or(usize::MAX),
+            IpNet::V6(_) => usize::MAX,
+        };
+        let want = pods.min(bound).saturating_add(1);
+        let before = peer.learned.capacity();
+        if before >= want {
+            return;
+        }
+        let _ = peer
+            .learned
+            .try_reserve_exact(want.saturating_sub(peer.learned.len()));
+        self.reserved = self
+            .reserved
+            .saturating_add(peer.learned.capacity().saturating_sub(before));
+        let room = self.reserved.saturating_mul(2);
+        let _ = self
+            .table
+            .macs
+            .try_reserve(room.saturating_sub(self.table.macs.len()));
+        let _ = self
+            .table
+            .ips
+            .try_reserve(room.saturating_sub(self.table.ips.len()));
     }
 
     /// Forgets the peer and everything learned from it.
     pub fn remove_peer(&mut self, id: PeerId) {
         if let Some(mut peer) = self.peers.remove(&id) {
+            self.reserved = self.reserved.saturating_sub(peer.learned.capacity());
             self.table.remove_all(&mut peer.learned);
             self.reindex();
         }

@@ -67,6 +67,28 @@ fn pod_ip(node: usize, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, a, b, host)
 }
 
+/// Node `i`'s record, as the store gives it.
+fn info_of(i: usize, key: Key) -> PeerInfo {
+    PeerInfo {
+        node: format!("n{i}"),
+        key,
+        pod_subnet: subnet(i),
+        host_addr: Some(
+            format!("10.10.{}.{}/16", (i + 1) / 256, (i + 1) % 256)
+                .parse()
+                .unwrap(),
+        ),
+        candidates: vec![PeerCandidate {
+            addr: format!("203.0.{}.{}:5800", 113 + (i + 10) / 256, (i + 10) % 256)
+                .parse()
+                .unwrap(),
+            class: Rank::Direct,
+        }],
+        stale: false,
+        bridge_mac: None,
+    }
+}
+
 fn net(n: usize, tweak: impl Fn(usize, &mut OverlayConfig)) -> Net {
     net_seeded(7, n, tweak)
 }
@@ -78,24 +100,7 @@ fn net_seeded(seed: u64, n: usize, tweak: impl Fn(usize, &mut OverlayConfig)) ->
     let mut nodes = Vec::new();
     for i in 0..n {
         let keys = StaticKeys::from_rng(&mut rng);
-        let info = PeerInfo {
-            node: format!("n{i}"),
-            key: *keys.public(),
-            pod_subnet: subnet(i),
-            host_addr: Some(
-                format!("10.10.{}.{}/16", (i + 1) / 256, (i + 1) % 256)
-                    .parse()
-                    .unwrap(),
-            ),
-            candidates: vec![PeerCandidate {
-                addr: format!("203.0.{}.{}:5800", 113 + (i + 10) / 256, (i + 10) % 256)
-                    .parse()
-                    .unwrap(),
-                class: Rank::Direct,
-            }],
-            stale: false,
-            bridge_mac: None,
-        };
+        let info = info_of(i, *keys.public());
         let mut cfg = OverlayConfig::new("test", subnet(i), 1380);
         cfg.host_addr = info.host_addr.map(|a| a.addr());
         tweak(i, &mut cfg);
@@ -844,6 +849,39 @@ fn idle_cost_with_256_peers() {
     assert!(used.wakes <= 20, "{used:?}");
     assert!(used.peer_runs <= 256 * 4, "{used:?}");
     assert_eq!((later.sent, later.received, later.peer_runs), (0, 0, 0));
+}
+
+/// What knowing a peer costs an engine while nothing is sent to it
+/// (issue 22): an agent's memory grew by about 35 KiB per node of the
+/// cluster, most of it the switch's learning tables, reserved for every
+/// peer it knew (a list for 1025 MACs, and twice that in two hash tables:
+/// 168 KB of heap per peer), when only a peer with a session can send a
+/// frame to learn from; and each peer carried its three session slots and
+/// its handshake inline (2.9 KiB). Heap bytes the engine holds per idle
+/// peer, with 512 of them: 1.9 KiB.
+#[test]
+fn an_idle_peer_costs_a_few_kib_of_memory() {
+    const N: usize = 512;
+    let mut rng = StdRng::seed_from_u64(11);
+    let me = StaticKeys::from_rng(&mut rng);
+    let infos: Vec<PeerInfo> = (0..=N)
+        .map(|i| match i {
+            0 => info_of(0, *me.public()),
+            _ => info_of(i, *StaticKeys::from_rng(&mut rng).public()),
+        })
+        .collect();
+    let now = Instant::now();
+    let cfg = OverlayConfig::new("test", subnet(0), 1380);
+    let mut ov = Overlay::new(now, cfg, Identity::new(me, None, "test"), [1; 32]);
+    let before = crate::alloc_count::held();
+    ov.set_peers(now, &infos);
+    let per_peer = (crate::alloc_count::held() - before) / N as i64;
+    eprintln!("{per_peer} bytes per idle peer ({N} peers)");
+    assert_eq!(ov.status().len(), N);
+    assert!(
+        per_peer < 3072,
+        "{per_peer} bytes of heap per peer that never sent anything"
+    );
 }
 
 /// Node 0's datagrams to node 1, and what kind (transport, handshake).

@@ -82,6 +82,10 @@ fn switch() -> Switch {
             bridge_mac: None,
         },
     );
+    // As the engine does when a session with each comes up.
+    for id in [1, 2, 7] {
+        sw.reserve(id);
+    }
     sw
 }
 
@@ -1448,6 +1452,49 @@ fn the_data_path_does_not_allocate() {
     sw.check_invariants();
 }
 
+/// A peer's learning is reserved when the engine says it has a session,
+/// for as many MACs as its subnet has addresses (and its bridge): every
+/// pod of a /28 and its bridge are learned without allocating, though the
+/// bound is far larger; a peer never reserved holds no list.
+#[test]
+fn learning_is_reserved_with_the_session_for_the_peers_subnet() {
+    let mut sw = Switch::new(SwitchConfig {
+        max_macs_per_peer: 1024,
+        ..cfg()
+    });
+    let small = PeerAddrs {
+        pod_subnet: net("10.244.5.0/28"),
+        host_addr: None,
+        bridge_mac: None,
+    };
+    sw.set_peer(1, small);
+    sw.set_peer(
+        2,
+        PeerAddrs {
+            pod_subnet: net("10.244.6.0/24"),
+            ..small
+        },
+    );
+    assert_eq!(sw.peers[&1].learned.capacity(), 0, "no session, no list");
+    sw.reserve(1);
+    assert_eq!(sw.peers[&1].learned.capacity(), 17);
+    assert_eq!(sw.peers[&2].learned.capacity(), 0);
+    let t = Instant::now();
+    let pod = |i: u8| Ipv4Addr::new(10, 244, 5, i);
+    let frames: Vec<Vec<u8>> = (0..16u8)
+        .filter(|&i| i != 1)
+        .map(|i| udp4(pod_mac(pod(i)), L_MAC, pod(i), L))
+        .chain([arp_frame(L_MAC, ARP_REPLY, (GW1_MAC, GW1), (L_MAC, L))])
+        .collect();
+    let before = allocations();
+    for f in &frames {
+        assert_eq!(sw.from_peer(t, 1, f), PeerVerdict::Deliver);
+    }
+    assert_eq!(allocations() - before, 0);
+    assert_eq!(counts(&sw).1, 16, "15 pods and the bridge");
+    sw.check_invariants();
+}
+
 /// Churn at full tables (entries expiring, new ones taking their place)
 /// leaves tombstones in the hash tables; the reservation must absorb
 /// their clean-up without reallocating.
@@ -1467,6 +1514,7 @@ fn learning_churn_at_the_bound_does_not_allocate() {
                 bridge_mac: None,
             },
         );
+        sw.reserve(id);
     }
     let frames: Vec<(PeerId, Vec<u8>)> = (0..3000u16)
         .map(|i| {

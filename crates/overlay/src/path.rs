@@ -375,6 +375,20 @@ impl Paths {
         learned
     }
 
+    /// A direct address of the peer that nothing came from yet and that it
+    /// did not publish (where a relay saw its datagrams come from): probed
+    /// as a candidate is, kept as a learned path. Returns whether it was
+    /// new.
+    pub fn learn_untried(&mut self, now: Instant, cfg: &PathConfig, addr: PathAddr) -> bool {
+        if self.find(&addr).is_some() {
+            return false;
+        }
+        self.list
+            .push(Path::new(addr, Rank::Direct, Origin::Learned, now));
+        self.trim(cfg);
+        self.find(&addr).is_some()
+    }
+
     /// A probe reply with `id` arrived (on any path of this peer).
     pub fn on_probe_reply(&mut self, now: Instant, cfg: &PathConfig, id: u64) {
         let Some(p) = self

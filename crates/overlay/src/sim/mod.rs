@@ -750,9 +750,13 @@ pub struct Sim {
     /// next at `busy_due`.
     busy_every: Option<Duration>,
     busy_due: Instant,
-    /// A hash of every delivery (time, endpoints, size): equal for equal
-    /// runs.
-    trace: DefaultHasher,
+    /// The sum of every delivery's hash (time, endpoints, size): equal for
+    /// equal runs. A sum, not one hash of the sequence: datagrams that
+    /// leave at the same instant may do so in another order from run to
+    /// run (stun-proto draws transaction ids from the OS's RNG and
+    /// retransmits outstanding requests in id order), with the same
+    /// outcome.
+    trace: u64,
     pub deliveries: u64,
     /// Nodes also ask [`stun2_addr`].
     two_stun: bool,
@@ -796,7 +800,7 @@ impl Sim {
             store_due: Some(now),
             busy_every: Some(Duration::from_secs(1)),
             busy_due: now,
-            trace: DefaultHasher::new(),
+            trace: 0,
             deliveries: 0,
             rng: StdRng::seed_from_u64(rng.gen()),
             two_stun,
@@ -898,9 +902,15 @@ impl Sim {
         self.now.duration_since(self.start)
     }
 
+    fn note_delivery(&mut self, f: &Flight) {
+        let mut h = DefaultHasher::new();
+        (self.elapsed(), f.from, f.to, f.data.len()).hash(&mut h);
+        self.trace = self.trace.wrapping_add(h.finish());
+    }
+
     /// A hash of the run so far: equal seeds give equal values.
     pub fn fingerprint(&self) -> u64 {
-        self.trace.finish()
+        self.trace
     }
 }
 
@@ -1207,7 +1217,7 @@ impl Sim {
         let Some(via) = self.nodes[n].sock_at(f.to) else {
             return;
         };
-        (self.elapsed(), f.from, f.to, f.data.len()).hash(&mut self.trace);
+        self.note_delivery(&f);
         self.deliveries += 1;
         let now = self.now;
         let node = &mut self.nodes[n];
@@ -1231,7 +1241,7 @@ impl Sim {
         if !self.turn.up {
             return;
         }
-        (self.elapsed(), f.from, f.to, f.data.len()).hash(&mut self.trace);
+        self.note_delivery(&f);
         let t = sio(self.start, self.now);
         if f.to == turn_addr() {
             let coturn = self.turn.coturn_mismatch(self.now, f.from, &f.data);

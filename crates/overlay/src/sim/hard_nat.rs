@@ -109,38 +109,52 @@ fn a_bare_linux_gateway_and_a_firewalled_one_go_direct_by_silence_and_alternate(
 #[test]
 fn a_bare_gateway_pair_goes_direct_after_a_block_with_short_nat_timeouts() {
     use NatKind::*;
-    let t = Duration::from_secs(5);
     each_seed(|seed| {
         let mut notes = Vec::new();
         for kinds in [
             [Masquerade, PortRestrictedCone],
             [PortRestrictedCone, Masquerade],
         ] {
-            let mut sim = Sim::new(seed, &sites(seed, &kinds));
-            sim.set_punch(&PunchConfig::for_udp_timeout(t));
-            for n in 0..2 {
-                sim.set_udp_timeout(n, t, t);
-            }
-            sim.run_until_ok(Duration::from_secs(90), |s| both(s, "direct"))
-                .ok_or(format!("{kinds:?}: not direct at first"))?;
-            sim.block(0, 1, true);
-            sim.run_until_ok(Duration::from_secs(30), |s| both(s, "relay"))
-                .ok_or(format!("{kinds:?}: not relayed while blocked"))?;
-            sim.run(Duration::from_secs(6));
-            sim.block(0, 1, false);
-            let took = sim
-                .run_until_ok(Duration::from_secs(60), |s| both(s, "direct"))
-                .ok_or_else(|| {
-                    format!(
-                        "{kinds:?}: not direct 60 s after the unblock: {:?} / {:?}",
-                        sim.path(0, 1),
-                        sim.path(1, 0)
-                    )
-                })?;
-            notes.push(format!("{kinds:?}: direct {took:?} after the unblock"));
+            notes.push(direct_after_a_block(seed, kinds)?);
         }
         Ok(notes.join("; "))
     });
+}
+
+/// Issue 25's case: bare Linux gateways on both sides, in the same test
+/// as above (the lab pair has one of each).
+#[test]
+fn two_bare_gateways_go_direct_after_a_block_with_short_nat_timeouts() {
+    use NatKind::*;
+    each_seed(|seed| direct_after_a_block(seed, [Masquerade, Masquerade]));
+}
+
+/// Direct, then blocked until relayed, then unblocked: direct again, with
+/// routers that forget flows after 5 s and agents told so.
+fn direct_after_a_block(seed: u64, kinds: [NatKind; 2]) -> Result<String, String> {
+    let t = Duration::from_secs(5);
+    let mut sim = Sim::new(seed, &sites(seed, &kinds));
+    sim.set_punch(&PunchConfig::for_udp_timeout(t));
+    for n in 0..2 {
+        sim.set_udp_timeout(n, t, t);
+    }
+    sim.run_until_ok(Duration::from_secs(90), |s| both(s, "direct"))
+        .ok_or(format!("{kinds:?}: not direct at first"))?;
+    sim.block(0, 1, true);
+    sim.run_until_ok(Duration::from_secs(30), |s| both(s, "relay"))
+        .ok_or(format!("{kinds:?}: not relayed while blocked"))?;
+    sim.run(Duration::from_secs(6));
+    sim.block(0, 1, false);
+    let took = sim
+        .run_until_ok(Duration::from_secs(60), |s| both(s, "direct"))
+        .ok_or_else(|| {
+            format!(
+                "{kinds:?}: not direct 60 s after the unblock: {:?} / {:?}",
+                sim.path(0, 1),
+                sim.path(1, 0)
+            )
+        })?;
+    Ok(format!("{kinds:?}: direct {took:?} after the unblock"))
 }
 
 /// Two bare Linux gateways: no sequential order works (case 1); the

@@ -42,7 +42,7 @@ pub const SLOW_HOLD: Duration = Duration::from_secs(20);
 
 /// Longest pause before connecting again: a store that comes back is
 /// noticed within about this.
-pub const RECONNECT_MAX: Duration = Duration::from_secs(4);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
 /// Jittered exponential backoff: the n-th pause is drawn from
 /// `[cap/2, cap]` with `cap = min(first * 2^n, max)`, so agents that failed

@@ -630,26 +630,28 @@ impl Signalling {
         }
         // A resumed watch brings what changed since the last view; without
         // one the network is read (and that read seeds the watch).
-        while !resumed {
-            match bounded("reading the network", store.peers(&self.network)).await {
-                Ok(s) => {
-                    self.apply(st, s);
-                    self.answered(st, warned, policy);
-                    break;
-                }
-                Err(e) => {
-                    if let Err(end) = self.hold(st, policy, e, &mut stopped).await {
-                        return end;
+        if !resumed {
+            loop {
+                match bounded("reading the network", store.peers(&self.network)).await {
+                    Ok(s) => {
+                        self.apply(st, s);
+                        self.answered(st, warned, policy);
+                        break;
                     }
-                }
-            }
-            // Reads that stay slow must not let the lease lapse.
-            if st.kept.is_none_or(|t| t.elapsed() >= REFRESH) {
-                match self.tick(store, st).await {
-                    Ok(()) => self.answered(st, warned, policy),
                     Err(e) => {
                         if let Err(end) = self.hold(st, policy, e, &mut stopped).await {
                             return end;
+                        }
+                    }
+                }
+                // Reads that stay slow must not let the lease lapse.
+                if st.kept.is_none_or(|t| t.elapsed() >= REFRESH) {
+                    match self.tick(store, st).await {
+                        Ok(()) => self.answered(st, warned, policy),
+                        Err(e) => {
+                            if let Err(end) = self.hold(st, policy, e, &mut stopped).await {
+                                return end;
+                            }
                         }
                     }
                 }

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod netwatch;
 pub mod port;
 pub mod portmap;
+pub mod retry;
 pub mod signal;
 pub mod udp;
 pub mod upnp;

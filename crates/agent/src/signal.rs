@@ -6,8 +6,12 @@
 //! The store is the control plane; the tunnels are the data plane and do
 //! not depend on it (docs/operations.md, "What happens when"):
 //! * a store that fails or hangs only delays this thread: every call is
-//!   bounded ([`CALL_LIMIT`]), a failure drops the connection and a fresh
-//!   one is tried within seconds, and the engine keeps the last peer set;
+//!   bounded ([`CALL_LIMIT`]) and the engine keeps the last peer set. A
+//!   call that gets no answer in time is tried again on the same session
+//!   (connection, lease, watch); a broken connection, or calls unanswered
+//!   for [`crate::retry::SLOW_HOLD`], make a new connection after a
+//!   jittered backoff, which keeps the lease and watches on from the last
+//!   revision seen (see [`crate::retry`]);
 //! * a peer whose liveness lapses (its lease expired: it lost the store)
 //!   is marked stale, not removed: its tunnel stays while the session
 //!   works, and it goes only when the session dies;
@@ -35,6 +39,7 @@ use ipnet::IpNet;
 
 use crate::cache::Cache;
 use crate::dataplane::{Command, Snapshot};
+use crate::retry::{Failure, Next, Policy, RECONNECT_MAX, SLOW_HOLD};
 use crate::EngineHandle;
 
 /// The record field naming the node bridge's MAC (kept in the record's
@@ -47,10 +52,13 @@ pub const REFRESH: Duration = Duration::from_secs(10);
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
 /// Bound of one store call (connecting included): a store that hangs holds
 /// this thread no longer, and a partition's end is noticed within about
-/// this much plus [`RETRY_MAX`].
+/// this much plus [`crate::retry::RECONNECT_MAX`].
 pub const CALL_LIMIT: Duration = Duration::from_secs(4);
-/// Longest pause between attempts to reach a store that failed.
-const RETRY_MAX: Duration = Duration::from_secs(1);
+// A loaded etcd must not expire the lease of a live agent: between two
+// renewals (a period, then slow calls tried again for up to SLOW_HOLD)
+// the lease has to outlive the slowest answer by a margin.
+const _: () = assert!(LEASE_TTL.as_secs() >= 2 * (REFRESH.as_secs() + CALL_LIMIT.as_secs()));
+const _: () = assert!(SLOW_HOLD.as_secs() + CALL_LIMIT.as_secs() < LEASE_TTL.as_secs());
 /// A stale peer without a session for this long is removed: its session
 /// died, and nothing says it will come back.
 pub const STALE_GRACE: Duration = Duration::from_secs(15);
@@ -304,22 +312,67 @@ fn set_health(h: &Mutex<StoreHealth>, f: impl FnOnce(&mut StoreHealth)) {
     }
 }
 
+/// A store call that failed, and how.
+#[derive(Debug)]
+struct CallErr {
+    msg: String,
+    failure: Failure,
+}
+
+impl std::fmt::Display for CallErr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl CallErr {
+    fn of(what: &str, e: &SubnetError) -> CallErr {
+        CallErr {
+            msg: format!("{what}: {e}"),
+            failure: if e.is_slow() {
+                Failure::Slow
+            } else {
+                Failure::Broken
+            },
+        }
+    }
+}
+
 /// Runs a store call within [`CALL_LIMIT`].
 async fn bounded<T>(
     what: &str,
     fut: impl std::future::Future<Output = Result<T, SubnetError>>,
-) -> Result<T, String> {
+) -> Result<T, CallErr> {
     match tokio::time::timeout(CALL_LIMIT, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: no answer within {CALL_LIMIT:?}")),
+        Ok(Err(e)) => Err(CallErr::of(what, &e)),
+        Err(_) => Err(CallErr {
+            msg: format!("{what}: no answer within {CALL_LIMIT:?}"),
+            failure: Failure::Slow,
+        }),
     }
+}
+
+/// A seed for this agent's backoff jitter: different on every node and
+/// every start, so agents that failed together spread out.
+fn jitter_seed(node: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    node.hash(&mut h);
+    std::process::id().hash(&mut h);
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+        .hash(&mut h);
+    h.finish()
 }
 
 /// Why a session with the store ended.
 enum End {
     Stopped,
-    Failed(String),
+    /// Connect again after the pause.
+    Failed(String, Duration),
     /// The etcd client's certificate files changed: connect again with
     /// them, at once.
     Reconnect,
@@ -383,6 +436,8 @@ struct State {
     cut_off: Option<Instant>,
     /// When the watchers' sessions were last renewed.
     watched: Option<Instant>,
+    /// When the store last renewed this node's liveness.
+    kept: Option<Instant>,
 }
 
 impl Signalling {
@@ -416,7 +471,10 @@ impl Signalling {
             );
         }
         let mut stopped = self.stop.subscribe();
-        let mut pause = Duration::from_millis(200);
+        let mut policy = Policy::new(jitter_seed(&self.record.node));
+        // What the last connection's watch knew: the next one watches on
+        // from there instead of reading the whole network again.
+        let mut followed: Option<evio_subnet::Followed> = None;
         // An outage is said once, and again a minute on, not every retry.
         let mut warned: Option<Instant> = None;
         while !self.stop.is_set() {
@@ -427,15 +485,27 @@ impl Signalling {
                     if let Some(l) = st.lease {
                         store.adopt_lease(l);
                     }
+                    let resumed = followed.take().is_some_and(|f| {
+                        store.resume_watch(f);
+                        true
+                    });
                     let end = self
-                        .session(store.as_ref(), &mut st, &mut warned, &tls)
+                        .session(
+                            store.as_ref(),
+                            &mut st,
+                            &mut warned,
+                            &tls,
+                            &mut policy,
+                            resumed,
+                        )
                         .await;
                     if let Some(l) = store.lease_id() {
                         st.lease = Some(l);
                     }
+                    followed = store.detach_watch();
                     end
                 }
-                Err(e) => End::Failed(e),
+                Err(e) => End::Failed(e.msg, policy.connect_failed()),
             };
             match end {
                 End::Stopped => break,
@@ -443,12 +513,11 @@ impl Signalling {
                     tracing::info!(
                         "the etcd client certificates changed on disk: connecting again with them"
                     );
-                    pause = Duration::from_millis(200);
                 }
-                End::Failed(e) => {
+                End::Failed(e, pause) => {
                     if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                         tracing::warn!(
-                            "store {}: {e}; the tunnels carry on, trying again every {RETRY_MAX:?}",
+                            "store {}: {e}; the tunnels carry on, connecting again (backoff up to {RECONNECT_MAX:?})",
                             self.url
                         );
                         warned = Some(Instant::now());
@@ -461,7 +530,6 @@ impl Signalling {
                         _ = tokio::time::sleep(pause) => {}
                         _ = stopped.changed() => {}
                     }
-                    pause = (pause * 2).min(RETRY_MAX);
                 }
             }
         }
@@ -512,7 +580,7 @@ impl Signalling {
     /// A fresh connection: after a failure the old one may be what hangs
     /// (a TCP connection that crossed a partition can take minutes of
     /// retransmission back-off to recover).
-    async fn connect(&self) -> Result<Box<dyn OverlayStore>, String> {
+    async fn connect(&self) -> Result<Box<dyn OverlayStore>, CallErr> {
         let mut opts = self.opts.clone();
         opts.timeout = opts.timeout.min(CALL_LIMIT);
         bounded("connecting", open_overlay_store(&self.url, &opts)).await
@@ -536,22 +604,136 @@ impl Signalling {
         }
     }
 
+    /// One session with the store: publish (unless the record stands),
+    /// read the network (unless the last connection's watch resumes),
+    /// then follow it and keep the node's liveness. A slow call is tried
+    /// again on this session; what ends it is in [`Policy`].
     async fn session(
         &mut self,
         store: &dyn OverlayStore,
         st: &mut State,
         warned: &mut Option<Instant>,
         tls: &[Option<(u64, u64, SystemTime)>],
+        policy: &mut Policy,
+        resumed: bool,
     ) -> End {
-        if !st.revoked && !st.published {
-            if let Err(e) = self.publish(store, st).await {
-                return End::Failed(e);
+        let mut stopped = self.stop.subscribe();
+        while !st.revoked && !st.published {
+            match self.publish(store, st).await {
+                Ok(()) => self.answered(st, warned, policy),
+                Err(e) => {
+                    if let Err(end) = self.hold(st, policy, e, &mut stopped).await {
+                        return end;
+                    }
+                }
             }
         }
-        match bounded("reading the network", store.peers(&self.network)).await {
-            Ok(s) => self.apply(st, s),
-            Err(e) => return End::Failed(e),
+        // A resumed watch brings what changed since the last view; without
+        // one the network is read (and that read seeds the watch).
+        if !resumed {
+            loop {
+                match bounded("reading the network", store.peers(&self.network)).await {
+                    Ok(s) => {
+                        self.apply(st, s);
+                        self.answered(st, warned, policy);
+                        break;
+                    }
+                    Err(e) => {
+                        if let Err(end) = self.hold(st, policy, e, &mut stopped).await {
+                            return end;
+                        }
+                    }
+                }
+                // Reads that stay slow must not let the lease lapse.
+                if st.kept.is_none_or(|t| t.elapsed() >= REFRESH) {
+                    match self.tick(store, st).await {
+                        Ok(()) => self.answered(st, warned, policy),
+                        Err(e) => {
+                            if let Err(end) = self.hold(st, policy, e, &mut stopped).await {
+                                return end;
+                            }
+                        }
+                    }
+                }
+            }
         }
+        // The first tick is at once: after an outage the node's liveness
+        // has probably lapsed and must be restored now, not a period later.
+        let every = self.tick_every();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A watch whose read was slow waits this long before the next try.
+        let mut watch_after: Option<tokio::time::Instant> = None;
+        loop {
+            if self.stop.is_set() {
+                return End::Stopped;
+            }
+            // Ok(true): the store answered a call.
+            let (watching, r): (bool, Result<bool, CallErr>) = tokio::select! {
+                _ = stopped.changed() => return End::Stopped,
+                c = self.candidates.recv() => {
+                    let Some(c) = c else { return End::Stopped };
+                    self.set_candidates(&c);
+                    (false, if st.revoked { Ok(false) } else { self.publish(store, st).await.map(|()| true) })
+                }
+                _ = tick.tick() => {
+                    if tls_files_stamp(&self.opts) != tls {
+                        return End::Reconnect;
+                    }
+                    st.expiry.check(&st.certs, SystemTime::now(), Instant::now());
+                    (false, self.tick(store, st).await.map(|()| true))
+                }
+                w = async {
+                    if let Some(t) = watch_after {
+                        tokio::time::sleep_until(t).await;
+                    }
+                    store.watch_peers(&self.network, &st.snap, Duration::from_secs(30)).await
+                } => {
+                    watch_after = None;
+                    let r = match w {
+                        Ok(Some(s)) => {
+                            self.apply(st, s);
+                            if std::mem::take(&mut st.revouch) {
+                                self.tick(store, st).await.map(|()| true)
+                            } else {
+                                Ok(true)
+                            }
+                        }
+                        // Waiting without news says nothing of the store:
+                        // a connection that hangs waits just as well.
+                        Ok(None) => Ok(false),
+                        Err(e) => Err(CallErr::of("watching the network", &e)),
+                    };
+                    (true, r)
+                }
+            };
+            match r {
+                Ok(true) => self.answered(st, warned, policy),
+                Ok(false) => {}
+                Err(e) => match policy.failed(e.failure, Instant::now()) {
+                    Next::Retry(d) => {
+                        tracing::debug!(
+                            "store {}: {e}; trying again in {d:?} on this connection",
+                            self.url
+                        );
+                        set_health(&self.health, |h| h.last_error = Some(e.msg));
+                        self.keep_watched(st);
+                        if watching {
+                            watch_after = Some(tokio::time::Instant::now() + d);
+                        } else {
+                            // The tick publishes what did not get out.
+                            tick.reset_after(d);
+                        }
+                    }
+                    Next::Reconnect(d) => return End::Failed(e.msg, d),
+                },
+            }
+        }
+    }
+
+    /// The store answered: the session holds, and an outage is over.
+    fn answered(&self, st: &mut State, warned: &mut Option<Instant>, policy: &mut Policy) {
+        policy.answered();
         let was_down = self
             .health
             .lock()
@@ -566,48 +748,31 @@ impl Signalling {
             h.last_error = None;
             h.from_cache = false;
         });
-        // The first tick is at once: after an outage the node's liveness
-        // has probably lapsed and must be restored now, not a period later.
-        let every = self.tick_every();
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut stopped = self.stop.subscribe();
-        loop {
-            if self.stop.is_set() {
-                return End::Stopped;
+    }
+
+    /// After a failed call before the session's loop: wait to try again on
+    /// this connection, or end the session.
+    async fn hold(
+        &self,
+        st: &mut State,
+        policy: &mut Policy,
+        e: CallErr,
+        stopped: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), End> {
+        match policy.failed(e.failure, Instant::now()) {
+            Next::Retry(d) => {
+                tracing::debug!(
+                    "store {}: {e}; trying again in {d:?} on this connection",
+                    self.url
+                );
+                set_health(&self.health, |h| h.last_error = Some(e.msg));
+                self.keep_watched(st);
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => Ok(()),
+                    _ = stopped.changed() => Err(End::Stopped),
+                }
             }
-            let r = tokio::select! {
-                _ = stopped.changed() => return End::Stopped,
-                c = self.candidates.recv() => {
-                    let Some(c) = c else { return End::Stopped };
-                    self.set_candidates(&c);
-                    if st.revoked { Ok(()) } else { self.publish(store, st).await }
-                }
-                _ = tick.tick() => {
-                    if tls_files_stamp(&self.opts) != tls {
-                        return End::Reconnect;
-                    }
-                    st.expiry.check(&st.certs, SystemTime::now(), Instant::now());
-                    self.tick(store, st).await
-                }
-                w = store.watch_peers(&self.network, &st.snap, Duration::from_secs(30)) => {
-                    match w {
-                        Ok(Some(s)) => {
-                            self.apply(st, s);
-                            if std::mem::take(&mut st.revouch) {
-                                self.tick(store, st).await
-                            } else {
-                                Ok(())
-                            }
-                        }
-                        Ok(None) => Ok(()),
-                        Err(e) => Err(format!("watching the network: {e}")),
-                    }
-                }
-            };
-            if let Err(e) = r {
-                return End::Failed(e);
-            }
+            Next::Reconnect(d) => Err(End::Failed(e.msg, d)),
         }
     }
 
@@ -629,7 +794,7 @@ impl Signalling {
         self.record.endpoints = c.iter().map(|(a, _)| a.to_string()).collect();
     }
 
-    async fn publish(&mut self, store: &dyn OverlayStore, st: &mut State) -> Result<(), String> {
+    async fn publish(&mut self, store: &dyn OverlayStore, st: &mut State) -> Result<(), CallErr> {
         self.record.stamp();
         let r = bounded(
             "publishing this node's record",
@@ -638,6 +803,7 @@ impl Signalling {
         .await;
         st.published = r.is_ok();
         if r.is_ok() {
+            st.kept = Some(Instant::now());
             set_health(&self.health, |h| {
                 h.published = true;
                 h.last_error = None;
@@ -654,9 +820,13 @@ impl Signalling {
 
     /// Keep-alive, then what follows from the engine's view: who vouches,
     /// which stale peers died, whom to reclaim.
-    async fn tick(&mut self, store: &dyn OverlayStore, st: &mut State) -> Result<(), String> {
+    async fn tick(&mut self, store: &dyn OverlayStore, st: &mut State) -> Result<(), CallErr> {
         if st.revoked {
             return Ok(());
+        }
+        if !st.published {
+            // A publish that got no answer in time, tried again.
+            return self.publish(store, st).await;
         }
         if std::mem::take(&mut st.unsent) {
             let snap = st.snap.clone();
@@ -681,6 +851,7 @@ impl Signalling {
         )
         .await?;
         if live == Liveness::Alive {
+            st.kept = Some(Instant::now());
             set_health(&self.health, |h| h.confirmed = Some(Instant::now()));
         }
         match live {

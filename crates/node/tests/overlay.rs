@@ -2484,6 +2484,118 @@ fn a_hung_store_a_reboot_from_the_cache_and_a_restart_under_load() {
     );
 }
 
+/// Issue 22: a store that answers late (etcd frozen for longer than an
+/// agent's call bound, shorter than the lease TTL) is not a dead session:
+/// the agents keep their connection, lease and watch, and after the thaw
+/// etcd has seen no new lease and no new watch (before, each agent dropped
+/// its connection, read the whole network again and made a new watch; at
+/// 256 nodes that fed a reconnect storm).
+#[test]
+fn a_slow_store_keeps_the_agents_lease_and_watch() {
+    let ov = OverlayOpts {
+        etcd: true,
+        // A tick every 5 s: a liveness refresh is certain to run into the
+        // freeze and to hit the 4 s bound within it.
+        node_netconf: vec![
+            (0, json!({"reclaimAfter": "20s"})),
+            (1, json!({"reclaimAfter": "20s"})),
+        ],
+        ..OverlayOpts::flat(2)
+    };
+    let c = up(opts(BridgeType::Linux, 0, ov));
+    c.wait_overlay(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let net = c.opts().network.clone();
+    let etcd = c.etcd().expect("etcd");
+    let leases = || -> Vec<(String, i64)> {
+        let out = etcd.etcdctl(&[
+            "get",
+            "--prefix",
+            &format!("/evio/{net}/alive/"),
+            "-w",
+            "json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let mut l: Vec<(String, i64)> = (v["kvs"].as_array().cloned().unwrap_or_default())
+            .iter()
+            .map(|kv| {
+                (
+                    kv["key"].as_str().unwrap_or("").to_string(),
+                    kv["lease"].as_i64().unwrap_or(0),
+                )
+            })
+            .collect();
+        l.sort();
+        l
+    };
+    // Settled: both published and following.
+    wait(
+        "both agents' store sessions up",
+        Duration::from_secs(20),
+        || (0..2).all(|i| peers(&c, i)["store"]["error"].is_null()),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let before = leases();
+    assert_eq!(before.len(), 2, "{before:?}");
+    let calls = etcd.grpc_calls(0);
+    etcd.freeze_member(0);
+    let frozen = Instant::now();
+    // Some agent call runs into the bound while frozen.
+    let slow = wait(
+        "an agent's store call times out",
+        Duration::from_secs(15),
+        || (0..2).any(|i| !peers(&c, i)["store"]["error"].is_null()),
+    );
+    eprintln!("frozen etcd: a store call failed after {slow:?}");
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(frozen.elapsed()));
+    etcd.thaw_member(0);
+    let took = wait(
+        "both agents' store sessions answer again",
+        Duration::from_secs(20),
+        || {
+            (0..2).all(|i| {
+                let v = peers(&c, i);
+                v["store"]["error"].is_null() && v["store"]["published"] == true
+            })
+        },
+    );
+    eprintln!("thaw: the agents' sessions answer {took:?} later");
+    // A refresh after the thaw, on the same lease.
+    std::thread::sleep(Duration::from_secs(6));
+    let after = etcd.grpc_calls(0);
+    let new = |m: &str| after.get(m).copied().unwrap_or(0) - calls.get(m).copied().unwrap_or(0);
+    eprintln!(
+        "across the freeze: LeaseGrant {}, Watch {}, Txn {}, LeaseKeepAlive {}",
+        new("LeaseGrant"),
+        new("Watch"),
+        new("Txn"),
+        new("LeaseKeepAlive")
+    );
+    assert_eq!(leases(), before, "the agents' liveness moved to new leases");
+    assert_eq!(
+        new("LeaseGrant"),
+        0,
+        "a lease was granted: {calls:?} -> {after:?}"
+    );
+    assert_eq!(
+        new("Watch"),
+        0,
+        "a watch was made again: {calls:?} -> {after:?}"
+    );
+    for i in 0..2 {
+        assert!(
+            peer(&peers(&c, i), &name(1 - i)).is_some_and(|p| p["stale"] == false),
+            "node-{i} took its peer for stale: {}",
+            peers(&c, i)
+        );
+    }
+}
+
 /// Issue 21: `nodes release` frees a stopped node's subnet, host address
 /// and record at once and refuses a live one; `reclaimAfter` frees a node
 /// absent past the limit and not one that is there; a node coming back

@@ -121,5 +121,19 @@ pub enum SubnetError {
         store: String,
         after: Duration,
         last: String,
+        /// Every attempt ran out of time (no refusal, no transport error):
+        /// the store is slow or the path to it hangs. A caller that keeps
+        /// a session (connection, lease, watch) keeps it across this and
+        /// tries again, rather than starting over, which costs a loaded
+        /// store more (see the agent's store thread).
+        slow: bool,
     },
+}
+
+impl SubnetError {
+    /// A call that got no answer in time, as opposed to one that was
+    /// refused or whose connection broke.
+    pub fn is_slow(&self) -> bool {
+        matches!(self, SubnetError::Unreachable { slow: true, .. })
+    }
 }

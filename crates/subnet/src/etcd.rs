@@ -145,6 +145,13 @@ fn retryable(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// A request the client's own per-request timeout cut short (tonic says
+/// CANCELLED "Timeout expired") or the server's DEADLINE_EXCEEDED: slow,
+/// not broken.
+fn timed_out_status(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if matches!(s.code() as i32, 1 | 4))
+}
+
 fn get_kvs(resp: &TxnOpResponse) -> &[KeyValue] {
     match resp {
         TxnOpResponse::Get(g) => g.kvs(),
@@ -170,11 +177,15 @@ where
 {
     let mut pause = Duration::from_millis(25);
     let mut last = String::new();
+    let mut slow = true;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         last = match tokio::time::timeout(remaining, attempt()).await {
             Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) if retryable(&e) => chain(&e),
+            Ok(Err(e)) if retryable(&e) => {
+                slow &= timed_out_status(&e);
+                chain(&e)
+            }
             Ok(Err(e)) => {
                 return Err(SubnetError::Etcd {
                     endpoints: endpoints.to_string(),
@@ -194,6 +205,7 @@ where
                 store: format!("etcd://{endpoints}"),
                 after: budget,
                 last,
+                slow,
             });
         }
         let jitter =

@@ -24,9 +24,9 @@ pub use error::SubnetError;
 pub use etcd::{read_secret, EtcdOptions, EtcdStore};
 pub use file::{remove_leftover_temps, write_file_atomic, FileStore};
 pub use peers::{
-    now_rfc3339, usable_host, Alive, Allocations, Candidate, CandidateKind, HostAllocation,
-    Liveness, Name, NodeInfo, OverlayBackend, OverlayStore, PeerRecord, PeerSnapshot,
-    ReleaseRequest, Released, ReleasedNode, FILE_STALE_AFTER,
+    now_rfc3339, usable_host, Alive, Allocations, Candidate, CandidateKind, Followed,
+    HostAllocation, Liveness, Name, NodeInfo, OverlayBackend, OverlayStore, PeerRecord,
+    PeerSnapshot, ReleaseRequest, Released, ReleasedNode, FILE_STALE_AFTER,
 };
 pub use record::{node_key, parse_subnet_key, subnet_key, validate_name, OwnerRecord};
 pub use store::{

@@ -8,6 +8,8 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+
+pub use crate::peers_etcd::Followed;
 use ipnet::IpNet;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -380,6 +382,18 @@ pub trait OverlayStore: Send + Sync {
     /// Takes over a lease a previous agent of the node held: if it is still
     /// alive, the node's liveness never lapses across the restart.
     fn adopt_lease(&self, _id: i64) {}
+
+    /// What this store's watch knew (etcd: the network's keys at one
+    /// revision), taken out of it to hand to the next connection with
+    /// [`OverlayStore::resume_watch`], which then watches on from that
+    /// revision instead of reading the whole network again.
+    fn detach_watch(&self) -> Option<Followed> {
+        None
+    }
+
+    /// Takes what an earlier connection's watch knew (see
+    /// [`OverlayStore::detach_watch`]).
+    fn resume_watch(&self, _f: Followed) {}
 }
 
 /// A store of overlay records (etcd, the file store). Names arrive
@@ -460,6 +474,14 @@ pub trait OverlayBackend: Send + Sync {
     }
 
     fn adopt_lease(&self, _id: i64) {}
+
+    /// See [`OverlayStore::detach_watch`].
+    fn detach_watch(&self) -> Option<Followed> {
+        None
+    }
+
+    /// See [`OverlayStore::resume_watch`].
+    fn resume_watch(&self, _f: Followed) {}
 }
 
 #[async_trait]
@@ -543,6 +565,14 @@ impl<T: OverlayBackend + ?Sized> OverlayStore for T {
 
     fn adopt_lease(&self, id: i64) {
         OverlayBackend::adopt_lease(self, id)
+    }
+
+    fn detach_watch(&self) -> Option<Followed> {
+        OverlayBackend::detach_watch(self)
+    }
+
+    fn resume_watch(&self, f: Followed) {
+        OverlayBackend::resume_watch(self, f)
     }
 }
 

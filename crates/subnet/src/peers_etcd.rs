@@ -38,20 +38,85 @@ const SETTLE: Duration = Duration::from_millis(100);
 pub(crate) struct Watching {
     mirror_of: String,
     mirror: Mirror,
-    // Dropping it ends the watch on the server.
-    stream: WatchStream,
+    // Dropping it ends the watch on the server. `None`: no watch on the
+    // server (yet, or any more) but the mirror is good up to its revision,
+    // so the next watch starts there instead of reading everything again.
+    stream: Option<WatchStream>,
+}
+
+/// What a store's watch knew, carried to the next connection (see
+/// [`crate::OverlayStore::detach_watch`]): the network's keys at one
+/// revision. Opaque to the agent.
+pub struct Followed(Watching);
+
+impl std::fmt::Debug for Followed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Followed")
+            .field("network", &self.0.mirror_of)
+            .field("rev", &self.0.mirror.rev)
+            .finish()
+    }
+}
+
+/// Why a watch stopped giving events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WatchEnd {
+    /// etcd compacted past the revision it was to start from
+    /// (`compact_revision` in the answer): the events in between are gone.
+    Compacted,
+    /// etcd cancelled it for another reason.
+    Cancelled,
+    /// The stream ended or broke (the connection went, the server
+    /// restarted): nothing says events were lost.
+    Closed,
+}
+
+/// How following a network goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// Watch from `rev + 1` of the mirror held, without reading.
+    Resume,
+    /// Read every key again, then watch from that read.
+    Read,
+}
+
+/// The plan for a network whose mirror (of `held_network` at `held_rev`)
+/// the store holds when asked for changes after `since`: resume from the
+/// mirror unless it is of another network or older than what the caller
+/// already has (its events would hand the caller an older view).
+pub(crate) fn start_plan(held: Option<(&str, i64)>, network: &str, since: u128) -> Start {
+    match held {
+        Some((n, rev)) if n == network && rev.max(0) as u128 >= since => Start::Resume,
+        _ => Start::Read,
+    }
+}
+
+/// After a watch ended: only a compaction (or a cancel whose reason we do
+/// not know) loses events; a stream that merely closed resumes where the
+/// mirror is.
+pub(crate) fn after_end(end: WatchEnd) -> Start {
+    match end {
+        WatchEnd::Closed => Start::Resume,
+        WatchEnd::Compacted | WatchEnd::Cancelled => Start::Read,
+    }
 }
 
 impl Watching {
-    /// The next response: `Ok(true)` when it changed something,
-    /// `Ok(false)` when the watch is over (compacted, cancelled, closed).
-    async fn next(&mut self) -> Result<bool, etcd_client::Error> {
+    /// The next response: `Ok(None)` when it changed something,
+    /// `Ok(Some(end))` when the watch is over. Without a stream: over.
+    async fn next(&mut self) -> Result<Option<WatchEnd>, etcd_client::Error> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(Some(WatchEnd::Closed));
+        };
         loop {
-            let Some(r) = self.stream.message().await? else {
-                return Ok(false);
+            let Some(r) = stream.message().await? else {
+                return Ok(Some(WatchEnd::Closed));
             };
-            if r.canceled() || r.compact_revision() > 0 {
-                return Ok(false);
+            if r.compact_revision() > 0 {
+                return Ok(Some(WatchEnd::Compacted));
+            }
+            if r.canceled() {
+                return Ok(Some(WatchEnd::Cancelled));
             }
             let mut changed = false;
             for e in r.events() {
@@ -65,7 +130,7 @@ impl Watching {
                 changed = true;
             }
             if changed {
-                return Ok(true);
+                return Ok(None);
             }
         }
     }
@@ -177,7 +242,10 @@ impl EtcdStore {
     /// store's one watch (made on the first call, kept across calls and
     /// across callers that give up waiting), and takes every event that
     /// comes within [`SETTLE`] of the first into the mirror. `Ok(None)`:
-    /// nothing changed in time.
+    /// nothing changed in time. A watch that has to be made again starts
+    /// from the mirror's revision (the keys are read again only when etcd
+    /// compacted past it), so a broken stream or a new connection costs
+    /// etcd one watch, not a read of the whole network.
     async fn follow(
         &self,
         network: &str,
@@ -187,56 +255,68 @@ impl EtcdStore {
         let Ok(mut slot) = tokio::time::timeout(wait, self.watching.lock()).await else {
             return Ok(None);
         };
-        let fresh = match slot.as_ref() {
-            Some(w) if w.mirror_of == network && w.mirror.rev.max(0) as u128 > since => {
-                // Events the last caller took but did not live to return.
-                return Ok(Some(w.mirror.snapshot()));
-            }
-            Some(w) => !(w.mirror_of == network && w.mirror.rev.max(0) as u128 == since),
-            None => true,
-        };
-        if fresh {
+        let held = slot.as_ref().map(|w| (w.mirror_of.as_str(), w.mirror.rev));
+        if start_plan(held, network, since) == Start::Read {
             *slot = None;
             let deadline = Instant::now() + self.timeout;
             let mirror = self.mirror(deadline, network).await?;
-            if mirror.rev.max(0) as u128 != since {
-                let snap = mirror.snapshot();
-                *slot = Some(self.watch_from(network, mirror).await?);
-                return Ok(Some(snap));
-            }
-            *slot = Some(self.watch_from(network, mirror).await?);
+            *slot = Some(Watching {
+                mirror_of: network.to_string(),
+                mirror,
+                stream: None,
+            });
         }
         let Some(w) = slot.as_mut() else {
             return Ok(None);
         };
+        if w.stream.is_none() {
+            w.stream = Some(self.watch_from(network, w.mirror.rev).await?);
+        }
+        if w.mirror.rev.max(0) as u128 > since {
+            // Events the last caller took but did not live to return, or a
+            // read newer than the caller's view.
+            return Ok(Some(w.mirror.snapshot()));
+        }
         let changed = match tokio::time::timeout(wait, w.next()).await {
             Err(_) => return Ok(None),
             Ok(r) => r,
         };
         match changed {
-            Ok(true) => {
+            Ok(None) => {
                 // A join or a restart comes as a burst: one snapshot for it.
                 let settle = tokio::time::sleep(SETTLE);
                 tokio::pin!(settle);
                 loop {
                     tokio::select! {
                         _ = &mut settle => break,
-                        r = w.next() => if !matches!(r, Ok(true)) { break },
+                        r = w.next() => if !matches!(r, Ok(None)) { break },
                     }
                 }
                 Ok(Some(w.mirror.snapshot()))
             }
-            // Compacted past our revision, cancelled, or the stream ended:
-            // the next call reads afresh.
-            Ok(false) => {
-                *slot = None;
-                Ok(Some(
-                    self.snapshot(Instant::now() + self.timeout, network)
-                        .await?,
-                ))
+            Ok(Some(end)) => {
+                match after_end(end) {
+                    // The next call watches again from the mirror.
+                    Start::Resume => {
+                        w.stream = None;
+                        Ok(None)
+                    }
+                    Start::Read => {
+                        *slot = None;
+                        let mirror = self.mirror(Instant::now() + self.timeout, network).await?;
+                        let snap = mirror.snapshot();
+                        *slot = Some(Watching {
+                            mirror_of: network.to_string(),
+                            mirror,
+                            stream: None,
+                        });
+                        Ok(Some(snap))
+                    }
+                }
             }
             Err(e) => {
-                *slot = None;
+                // The mirror is still good up to its revision.
+                w.stream = None;
                 Err(SubnetError::Etcd {
                     endpoints: self.endpoints.clone(),
                     message: crate::etcd::chain(&e),
@@ -245,23 +325,48 @@ impl EtcdStore {
         }
     }
 
-    async fn watch_from(&self, network: &str, mirror: Mirror) -> Result<Watching, SubnetError> {
+    async fn watch_from(&self, network: &str, rev: i64) -> Result<WatchStream, SubnetError> {
         let mut client = self.client.clone();
         let opts = WatchOptions::new()
             .with_prefix()
-            .with_start_revision(mirror.rev + 1);
-        let stream = client
-            .watch(format!("/evio/{network}/"), Some(opts))
-            .await
-            .map_err(|e| SubnetError::Etcd {
-                endpoints: self.endpoints.clone(),
-                message: crate::etcd::chain(&e),
-            })?;
-        Ok(Watching {
-            mirror_of: network.to_string(),
-            mirror,
-            stream,
-        })
+            .with_start_revision(rev + 1);
+        let stream = tokio::time::timeout(
+            self.timeout,
+            client.watch(format!("/evio/{network}/"), Some(opts)),
+        )
+        .await
+        .map_err(|_| SubnetError::Unreachable {
+            store: format!("etcd://{}", self.endpoints),
+            after: self.timeout,
+            last: "watch request timed out".into(),
+            slow: true,
+        })?
+        .map_err(|e| SubnetError::Etcd {
+            endpoints: self.endpoints.clone(),
+            message: crate::etcd::chain(&e),
+        })?;
+        Ok(stream)
+    }
+
+    /// The network read in full, which also seeds the watch when there is
+    /// none: the first watch then starts at this read's revision instead
+    /// of reading everything a second time.
+    async fn read_network(&self, network: &str) -> Result<PeerSnapshot, SubnetError> {
+        let mirror = self.mirror(Instant::now() + self.timeout, network).await?;
+        let snap = mirror.snapshot();
+        if let Ok(mut slot) = self.watching.try_lock() {
+            let newer = slot
+                .as_ref()
+                .is_none_or(|w| w.mirror_of != network || w.mirror.rev < mirror.rev);
+            if newer && slot.as_ref().is_none_or(|w| w.stream.is_none()) {
+                *slot = Some(Watching {
+                    mirror_of: network.to_string(),
+                    mirror,
+                    stream: None,
+                });
+            }
+        }
+        Ok(snap)
     }
 
     /// Puts our liveness on `lease`.
@@ -582,8 +687,7 @@ impl OverlayBackend for EtcdStore {
     }
 
     async fn peers(&self, network: Name<'_>) -> Result<PeerSnapshot, SubnetError> {
-        let deadline = Instant::now() + self.timeout;
-        self.snapshot(deadline, &network).await
+        self.read_network(&network).await
     }
 
     async fn watch_peers(
@@ -735,5 +839,48 @@ impl OverlayBackend for EtcdStore {
 
     fn adopt_lease(&self, id: i64) {
         self.set_lease(Some(id));
+    }
+
+    fn detach_watch(&self) -> Option<Followed> {
+        let mut slot = self.watching.try_lock().ok()?;
+        let mut w = slot.take()?;
+        w.stream = None;
+        Some(Followed(w))
+    }
+
+    fn resume_watch(&self, f: Followed) {
+        if let Ok(mut slot) = self.watching.try_lock() {
+            if slot.is_none() {
+                *slot = Some(f.0);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new connection, or a watch stream that broke, goes on from the
+    /// mirror held; the whole network is read again only when there is
+    /// none, it is of another network, or it is older than the caller's
+    /// view.
+    #[test]
+    fn a_watch_resumes_from_the_mirror_and_reads_only_without_one() {
+        assert_eq!(start_plan(None, "net", 0), Start::Read);
+        assert_eq!(start_plan(Some(("net", 40)), "net", 40), Start::Resume);
+        assert_eq!(start_plan(Some(("net", 41)), "net", 40), Start::Resume);
+        assert_eq!(start_plan(Some(("net", 39)), "net", 40), Start::Read);
+        assert_eq!(start_plan(Some(("other", 40)), "net", 40), Start::Read);
+        // A fresh agent (its view is empty, token 0) takes any mirror.
+        assert_eq!(start_plan(Some(("net", 7)), "net", 0), Start::Resume);
+    }
+
+    /// Only a compaction (or a cancel we cannot explain) loses events.
+    #[test]
+    fn only_a_compaction_or_a_cancel_reads_everything_again() {
+        assert_eq!(after_end(WatchEnd::Closed), Start::Resume);
+        assert_eq!(after_end(WatchEnd::Compacted), Start::Read);
+        assert_eq!(after_end(WatchEnd::Cancelled), Start::Read);
     }
 }

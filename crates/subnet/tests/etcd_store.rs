@@ -449,6 +449,62 @@ mod overlay {
         r
     }
 
+    /// Issue 22: a new connection takes the last one's watch and sees
+    /// what changed in between from the revision it had, without reading
+    /// the network again; only after etcd compacted past that revision does
+    /// it read everything.
+    #[test]
+    fn a_new_connection_resumes_the_watch_and_reads_again_only_after_a_compaction() {
+        let e = Etcd::shared();
+        let net = unique_name("r");
+        let names = |s: &evio_subnet::PeerSnapshot| -> Vec<String> {
+            s.records.iter().map(|r| r.node.clone()).collect()
+        };
+        let ttl = Duration::from_secs(30);
+        let wait = Duration::from_secs(10);
+        rt().block_on(async {
+            let s = connect(e).await;
+            let w = connect(e).await;
+            let empty = w.peers(&net).await.unwrap();
+            s.publish(&net, &now_record("a", "ka"), ttl).await.unwrap();
+            let seen = w.watch_peers(&net, &empty, wait).await.unwrap().expect("a");
+            assert_eq!(names(&seen), ["a"]);
+            let followed = w.detach_watch().expect("a watch to carry over");
+            drop(w);
+            // Written while no connection watched.
+            s.publish(&net, &now_record("b", "kb"), ttl).await.unwrap();
+            let w = connect(e).await;
+            w.resume_watch(followed);
+            let trips = w.round_trips();
+            let next = w.watch_peers(&net, &seen, wait).await.unwrap().expect("b");
+            assert_eq!(names(&next), ["a", "b"]);
+            assert_eq!(w.round_trips(), trips, "the resumed watch read the network");
+
+            let followed = w.detach_watch().expect("a watch to carry over");
+            drop(w);
+            s.publish(&net, &now_record("c", "kc"), ttl).await.unwrap();
+            // One revision more, outside the network, so that compacting at
+            // the newest revision removes the one the watch resumes from.
+            let other = format!("/evio-test/{net}");
+            assert!(e.etcdctl(&["put", &other, "x"]).status.success());
+            let out = e.etcdctl(&["get", &other, "-w", "json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let rev = v["header"]["revision"].as_i64().expect("a revision");
+            let out = e.etcdctl(&["compact", &rev.to_string()]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let w = connect(e).await;
+            w.resume_watch(followed);
+            let trips = w.round_trips();
+            let after = w.watch_peers(&net, &next, wait).await.unwrap().expect("c");
+            assert_eq!(names(&after), ["a", "b", "c"]);
+            assert!(w.round_trips() > trips, "compacted, yet not read again");
+        });
+    }
+
     #[test]
     fn liveness_hangs_on_a_lease_and_watchers_see_changes() {
         let e = Etcd::shared();

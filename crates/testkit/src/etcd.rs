@@ -660,6 +660,44 @@ impl EtcdCluster {
         self.etcdctl_as_at(&self.running_urls(), who, args)
     }
 
+    /// How many calls of each gRPC method member `i` has started
+    /// (`grpc_server_started_total` on its metrics endpoint), e.g.
+    /// `LeaseGrant`, `Watch`, `Txn`: a test diffs two of these to see what
+    /// clients asked for in between. Plain HTTP only (no TLS lab).
+    pub fn grpc_calls(&self, i: usize) -> std::collections::BTreeMap<String, u64> {
+        use std::io::{Read, Write};
+        assert!(self.tls.is_none(), "grpc_calls: not over TLS");
+        let addr = SocketAddr::new(self.host, self.members[i].client_port);
+        let get = move || -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        };
+        let body = match &self.netns {
+            Some(ns) => run_in_netns_path(ns, get),
+            None => get(),
+        }
+        .unwrap_or_else(|e| panic!("GET http://{addr}/metrics: {e}"));
+        let mut out = std::collections::BTreeMap::new();
+        for l in body
+            .lines()
+            .filter(|l| l.starts_with("grpc_server_started_total{"))
+        {
+            let method = l
+                .split("grpc_method=\"")
+                .nth(1)
+                .and_then(|m| m.split('"').next());
+            let n = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+            if let (Some(m), Some(n)) = (method, n) {
+                *out.entry(m.to_string()).or_insert(0) += n as u64;
+            }
+        }
+        out
+    }
+
     /// `etcdctl get --prefix KEY` as `(key, value)` pairs.
     pub fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
         let out = self.etcdctl(&["get", "--prefix", prefix]);

@@ -66,6 +66,10 @@ pub(crate) enum WatchEnd {
     Compacted,
     /// etcd cancelled it for another reason.
     Cancelled,
+    /// The store's revision is behind the mirror's: it was restored from a
+    /// snapshot (or replaced). A watch from the mirror's revision would
+    /// wait for revisions the store reuses for other changes.
+    Rewound,
     /// The stream ended or broke (the connection went, the server
     /// restarted): nothing says events were lost.
     Closed,
@@ -97,8 +101,15 @@ pub(crate) fn start_plan(held: Option<(&str, i64)>, network: &str, since: u128) 
 pub(crate) fn after_end(end: WatchEnd) -> Start {
     match end {
         WatchEnd::Closed => Start::Resume,
-        WatchEnd::Compacted | WatchEnd::Cancelled => Start::Read,
+        WatchEnd::Compacted | WatchEnd::Cancelled | WatchEnd::Rewound => Start::Read,
     }
+}
+
+/// Whether a store at revision `store` is behind a mirror at `mirror`:
+/// etcd's revision never goes back, unless the store was restored from a
+/// snapshot or is another cluster.
+pub(crate) fn rewound(store: Option<i64>, mirror: i64) -> bool {
+    store.is_some_and(|r| r < mirror)
 }
 
 impl Watching {
@@ -117,6 +128,11 @@ impl Watching {
             }
             if r.canceled() {
                 return Ok(Some(WatchEnd::Cancelled));
+            }
+            // The answer that creates the watch carries the store's
+            // revision: lower than one we have seen only after a restore.
+            if r.created() && rewound(r.header().map(|h| h.revision()), self.mirror.rev) {
+                return Ok(Some(WatchEnd::Rewound));
             }
             let mut changed = false;
             for e in r.events() {
@@ -882,5 +898,16 @@ mod tests {
         assert_eq!(after_end(WatchEnd::Closed), Start::Resume);
         assert_eq!(after_end(WatchEnd::Compacted), Start::Read);
         assert_eq!(after_end(WatchEnd::Cancelled), Start::Read);
+        assert_eq!(after_end(WatchEnd::Rewound), Start::Read);
+    }
+
+    /// A store restored from a snapshot is at a revision below the
+    /// mirror's; one that merely restarted is not.
+    #[test]
+    fn a_store_behind_the_mirror_was_restored() {
+        assert!(rewound(Some(90), 120));
+        assert!(!rewound(Some(120), 120));
+        assert!(!rewound(Some(200), 120));
+        assert!(!rewound(None, 120));
     }
 }

@@ -712,12 +712,7 @@ impl Signalling {
                 Ok(false) => {}
                 Err(e) => match policy.failed(e.failure, Instant::now()) {
                     Next::Retry(d) => {
-                        tracing::debug!(
-                            "store {}: {e}; trying again in {d:?} on this connection",
-                            self.url
-                        );
-                        set_health(&self.health, |h| h.last_error = Some(e.msg));
-                        self.keep_watched(st);
+                        self.will_retry(st, e, d);
                         if watching {
                             watch_after = Some(tokio::time::Instant::now() + d);
                         } else {
@@ -729,6 +724,17 @@ impl Signalling {
                 },
             }
         }
+    }
+
+    /// A call failed and is tried again in `d` on this connection: said,
+    /// and the session's watched state kept.
+    fn will_retry(&self, st: &mut State, e: CallErr, d: Duration) {
+        tracing::debug!(
+            "store {}: {e}; trying again in {d:?} on this connection",
+            self.url
+        );
+        set_health(&self.health, |h| h.last_error = Some(e.msg));
+        self.keep_watched(st);
     }
 
     /// The store answered: the session holds, and an outage is over.
@@ -761,12 +767,7 @@ impl Signalling {
     ) -> Result<(), End> {
         match policy.failed(e.failure, Instant::now()) {
             Next::Retry(d) => {
-                tracing::debug!(
-                    "store {}: {e}; trying again in {d:?} on this connection",
-                    self.url
-                );
-                set_health(&self.health, |h| h.last_error = Some(e.msg));
-                self.keep_watched(st);
+                self.will_retry(st, e, d);
                 tokio::select! {
                     _ = tokio::time::sleep(d) => Ok(()),
                     _ = stopped.changed() => Err(End::Stopped),

@@ -20,7 +20,6 @@
 //!
 //! Nothing here asserts a figure.
 
-use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -102,32 +101,7 @@ pub fn base64(bytes: &[u8]) -> String {
 
 /// `POST path` with a JSON body to an HTTP server reachable inside `ns`.
 fn http_post_in(ns: &Netns, addr: SocketAddr, path: &str, body: &Value) -> Result<String> {
-    let what = format!("POST http://{addr}{path}");
-    let mut s = ns
-        .tcp_connect(addr, Duration::from_secs(5))
-        .map_err(BenchError::io(what.clone()))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(BenchError::io(what.clone()))?;
-    let body = body.to_string();
-    s.write_all(
-        format!(
-            "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .map_err(BenchError::io(what.clone()))?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)
-        .map_err(BenchError::io(what.clone()))?;
-    match resp.split_once("\r\n\r\n") {
-        Some((head, b)) if head.contains(" 200 ") => Ok(b.into()),
-        _ => Err(BenchError::output(
-            what,
-            resp.chars().take(300).collect::<String>(),
-        )),
-    }
+    crate::scale::http_in(ns, addr, "POST", path, Some(&body.to_string()))
 }
 
 /// Writes `kvs` in transactions of [`BATCH`] puts.
@@ -392,21 +366,12 @@ fn render(rows: &[Row], load: (&str, &str)) -> String {
     )
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// Runs every count asked for, ascending, on one cluster.
 pub fn run(tools: &Tools, opts: &Opts) -> (String, Option<BenchError>) {
     if let Err(e) = tools.require(&[&tools.evio, &tools.evio_node]) {
         return (String::new(), Some(e));
     }
-    let load0 = loadavg();
+    let load0 = crate::overlay::loadavg();
     let mut rows = Vec::new();
     let r = (|| -> Result<()> {
         let mut c = up(tools)?;
@@ -448,7 +413,7 @@ pub fn run(tools: &Tools, opts: &Opts) -> (String, Option<BenchError>) {
         drop(c);
         Ok(())
     })();
-    let body = render(&rows, (&load0, &loadavg()));
+    let body = render(&rows, (&load0, &crate::overlay::loadavg()));
     (body, r.err())
 }
 

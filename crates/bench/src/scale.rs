@@ -83,22 +83,42 @@ fn loadavg() -> String {
 
 /// `GET path` from an HTTP server reachable inside `ns`.
 fn http_get_in(ns: &Netns, addr: SocketAddr, path: &str) -> Result<String> {
-    let what = format!("GET http://{addr}{path}");
+    http_in(ns, addr, "GET", path, None)
+}
+
+/// One HTTP/1.0 request (a JSON `body` for POST) to a server reachable
+/// inside `ns`: the body of a 200 answer, else an error with its start.
+pub(crate) fn http_in(
+    ns: &Netns,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<String> {
+    let what = format!("{method} http://{addr}{path}");
     let mut s = ns
         .tcp_connect(addr, Duration::from_secs(5))
         .map_err(BenchError::io(what.clone()))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(BenchError::io(what.clone()))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+    let req = match body {
+        Some(b) => format!(
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{b}",
+            b.len()
+        ),
+        None => format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    };
+    s.write_all(req.as_bytes())
         .map_err(BenchError::io(what.clone()))?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
         .map_err(BenchError::io(what.clone()))?;
-    match body.split_once("\r\n\r\n") {
+    match resp.split_once("\r\n\r\n") {
         Some((head, b)) if head.contains(" 200 ") => Ok(b.into()),
         _ => Err(BenchError::output(
             what,
-            body.chars().take(200).collect::<String>(),
+            resp.chars().take(300).collect::<String>(),
         )),
     }
 }

@@ -151,11 +151,16 @@ impl Overlay {
         match msg {
             Msg::Hello(m) => {
                 tracing::debug!(peer = %p.info.node, mapping = ?m, "hunt: the peer's mapping");
+                // A peer repeats its hello only while it has not heard ours
+                // (every 10 s at most): ours was lost, say it again. Without
+                // this, two hellos that crossed, one of them lost, left a
+                // side without the other's mapping for a whole round.
+                let repeated = p.hunt.peer != Mapping::Unknown;
                 p.hunt.peer = m;
                 // Answered once, so that it learns ours if it spoke first.
                 let stale =
                     (p.hunt.hello_at).is_none_or(|t| now.saturating_duration_since(t) >= cfg.again);
-                if ours != Mapping::Unknown && cfg.enabled && stale {
+                if ours != Mapping::Unknown && cfg.enabled && (stale || repeated) {
                     p.hunt.hello_at = Some(now);
                     self.send_hunt(now, peer_id, Msg::Hello(ours), io);
                 }
@@ -319,6 +324,26 @@ impl Overlay {
             self.hunter.current = None;
             self.one_spare_path(peer_id);
             self.close_unused(None);
+            self.open_next(now);
+        }
+    }
+
+    /// As the symmetric side, once a hunt is over: the next peer that
+    /// wants one. A peer that asked while another hunt ran was turned away
+    /// by [`Overlay::open_if_due`], and the Hello that would ask again
+    /// comes only once a round (5 minutes): without this, of a symmetric
+    /// node's cone peers only the first was hunted in time (natpaths
+    /// benchmark: half the cone – symmetric pairs still relayed after
+    /// 120 s).
+    fn open_next(&mut self, now: Instant) {
+        if self.hunter.current.is_some() || self.hunter.mapping != Mapping::Dependent {
+            return;
+        }
+        for peer_id in 0..self.peers.len() as PeerId {
+            self.open_if_due(now, peer_id);
+            if self.hunter.current.is_some() {
+                return;
+            }
         }
     }
 
@@ -332,6 +357,7 @@ impl Overlay {
             }
         }
         self.close_unused(self.hunter.current);
+        self.open_next(now);
     }
 
     fn close_unused(&mut self, keep: Option<Current>) {

@@ -271,6 +271,53 @@ fn cone_symmetric_pairs_go_direct_by_birthday_probing_within_bounds() {
     });
 }
 
+/// One symmetric node with three cone peers: every pair direct by
+/// birthday probing, one hunt after another (a node runs one at a time).
+/// The second and third used to wait for the next round's Hello, 5 minutes
+/// on: a peer turned away while another hunt ran was not asked again.
+#[test]
+fn a_symmetric_node_hunts_its_cone_peers_one_after_another() {
+    use NatKind::*;
+    let cfg = crate::hunt::HuntConfig::default();
+    // Three hunts of at most `limit` and the sockets' grace each, plus the
+    // time to find out the mappings and say hello.
+    let limit = (cfg.limit + Duration::from_secs(3)) * 3 + Duration::from_secs(15);
+    each_seed(|seed| {
+        let kinds = [
+            Symmetric,
+            PortRestrictedCone,
+            PortRestrictedCone,
+            PortRestrictedCone,
+        ];
+        let mut sim = Sim::with_two_stun(seed, &sites(seed, &kinds));
+        let all = |s: &Sim| {
+            (1..4).all(|j| s.path(0, j) == Some("direct") && s.path(j, 0) == Some("direct"))
+        };
+        let took = sim.run_until_ok(limit, all).ok_or_else(|| {
+            format!(
+                "not all direct within {limit:?}: {:?}; mappings {:?}; hunts {:?}",
+                (1..4)
+                    .map(|j| (sim.path(0, j), sim.path(j, 0)))
+                    .collect::<Vec<_>>(),
+                (0..4)
+                    .map(|n| sim.nodes[n].stack.overlay.mapping())
+                    .collect::<Vec<_>>(),
+                (0..4)
+                    .map(|n| sim.nodes[n].stack.overlay.hunt_stats())
+                    .collect::<Vec<_>>(),
+            )
+        })?;
+        let st = sim.nodes[0].stack.overlay.hunt_stats();
+        if st.hunts < 3 || st.ports > 3 * u64::from(cfg.ports) {
+            return Err(format!("hunts {st:?}"));
+        }
+        Ok(format!(
+            "3 cone peers direct after {took:?}, {} hunts",
+            st.hunts
+        ))
+    });
+}
+
 /// Symmetric on both sides, each knowing it: no hunt (a hit would need two
 /// guesses to meet), no spare socket, no probe; relayed. The same pair
 /// with a cone but the hunt switched off stays relayed: the hunt is what

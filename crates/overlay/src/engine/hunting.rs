@@ -151,11 +151,16 @@ impl Overlay {
         match msg {
             Msg::Hello(m) => {
                 tracing::debug!(peer = %p.info.node, mapping = ?m, "hunt: the peer's mapping");
+                // A peer repeats its hello only while it has not heard ours
+                // (every 10 s at most): ours was lost, say it again. Without
+                // this, two hellos that crossed, one of them lost, left a
+                // side without the other's mapping for a whole round.
+                let repeated = p.hunt.peer != Mapping::Unknown;
                 p.hunt.peer = m;
                 // Answered once, so that it learns ours if it spoke first.
                 let stale =
                     (p.hunt.hello_at).is_none_or(|t| now.saturating_duration_since(t) >= cfg.again);
-                if ours != Mapping::Unknown && cfg.enabled && stale {
+                if ours != Mapping::Unknown && cfg.enabled && (stale || repeated) {
                     p.hunt.hello_at = Some(now);
                     self.send_hunt(now, peer_id, Msg::Hello(ours), io);
                 }

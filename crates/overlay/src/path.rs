@@ -233,6 +233,19 @@ pub struct Paths {
     /// We probe the peer's symmetric NAT ([`crate::hunt`]): a path learned
     /// now was found that way.
     pub hunting: bool,
+    /// The last direct path that came up did so on plain probes (neither a
+    /// coordinated punching attempt nor birthday probing opened it), and
+    /// the peer's NAT has not shown a moved port since: both NATs let a
+    /// datagram in once their own side sent one, as cones do. A new
+    /// direct candidate then gets a quick second probe
+    /// ([`Paths::poll`]).
+    pub plain: bool,
+}
+
+/// What a direct path that just answered says of the pair's NATs
+/// ([`Paths::plain`]); nothing for a relayed or same-LAN one.
+fn plain_evidence(p: &Path) -> Option<bool> {
+    (p.class == Rank::Direct).then_some(!p.punched && !p.predicted)
 }
 
 /// What [`Paths::poll`] wants sent.
@@ -347,11 +360,16 @@ impl Paths {
             }
             Some(i) => {
                 let p = &mut self.list[i];
+                let up = !p.alive(cfg);
                 // Dead (or never answered) until a coordinated attempt.
-                p.punched |= self.punching && !p.alive(cfg);
+                p.punched |= self.punching && up;
                 p.last_rx = Some(now);
                 p.lost = 0;
                 p.tries = 0;
+                if up {
+                    self.plain = plain_evidence(p).unwrap_or(self.plain);
+                }
+                let p = &mut self.list[i];
                 if is_active && p.probe.is_none() {
                     // Traffic proves the path: no probe until it stops.
                     p.next_probe = p.next_probe.max(now + cfg.active_interval);
@@ -365,6 +383,7 @@ impl Paths {
                 p.last_rx = Some(now);
                 // Probe it right away to learn its RTT.
                 p.next_probe = now;
+                self.plain = plain_evidence(&p).unwrap_or(self.plain);
                 self.list.push(p);
                 self.trim(cfg);
                 true
@@ -412,6 +431,10 @@ impl Paths {
         if self.find(&addr).is_some() {
             return false;
         }
+        // The peer's NAT gave a new flow another port than the one it
+        // published: a bare Linux gateway's doing (docs/natlab.md), whose
+        // punching early datagrams upset.
+        self.plain = false;
         self.list
             .push(Path::new(addr, Rank::Direct, Origin::Learned, now));
         self.trim(cfg);
@@ -435,7 +458,11 @@ impl Paths {
                 None => sample,
             });
         }
-        p.punched |= self.punching && !p.alive(cfg);
+        let up = !p.alive(cfg);
+        p.punched |= self.punching && up;
+        if up {
+            self.plain = plain_evidence(p).unwrap_or(self.plain);
+        }
         p.last_rx = Some(now);
         p.lost = 0;
         p.tries = 0;
@@ -511,6 +538,7 @@ impl Paths {
         dead_relays: &mut Vec<u8>,
     ) {
         let active = self.active;
+        let quick = self.plain && !self.punching;
         let mut lost_any = false;
         for (i, p) in self.list.iter_mut().enumerate() {
             if let Some((_, sent)) = p.probe {
@@ -543,6 +571,16 @@ impl Paths {
                 // lost probe cost most of a pair's recovery after a TURN
                 // restart, when both sides allocate again at once (sim:
                 // 7-10 s instead of 4-5 s).
+                p.tries += 1;
+                cfg.active_interval
+            } else if quick && p.class == Rank::Direct && p.last_rx.is_none() && p.tries == 0 {
+                // A new direct candidate of a pair whose NATs are cones
+                // (the peer moved): a lost first probe would cost a whole
+                // punching interval, with the peer's datagrams filtered by
+                // our NAT until one of ours goes out. Not where punching
+                // needs silence (bare gateways): there every early
+                // datagram refreshes the flows that spoil the next
+                // attempt.
                 p.tries += 1;
                 cfg.active_interval
             } else {
@@ -821,6 +859,54 @@ mod tests {
         // off; the direct one on the punching schedule.
         assert_eq!(at(relay), vec![0, 1, 2, 3], "{sent:?}");
         assert_eq!(at(direct), vec![0, 5, 10], "{sent:?}");
+    }
+
+    /// When each probe of `addr` leaves in the first 12 s with nothing
+    /// answering, in whole seconds.
+    fn probe_seconds(p: &mut Paths, t0: Instant, cfg: &PathConfig, addr: PathAddr) -> Vec<u64> {
+        let mut id = 0;
+        let mut at = Vec::new();
+        for ms in (0..12_000).step_by(50) {
+            let now = t0 + Duration::from_millis(ms);
+            for d in probe_all(p, now, cfg, &mut id) {
+                if d.addr == addr {
+                    at.push((now - t0).as_secs());
+                }
+            }
+        }
+        at
+    }
+
+    #[test]
+    fn a_moved_peer_of_a_cone_pair_gets_a_quick_second_probe_but_not_a_bare_gateway() {
+        let cfg = PathConfig::default();
+        let t0 = Instant::now();
+        let old = pa("203.0.113.10:5800");
+        let new = pa("203.0.113.110:5800");
+        // The pair came up on plain probes; then the peer's address
+        // changed.
+        let moved = |punched: bool| {
+            let mut p = Paths::default();
+            p.set_candidates(t0, &cfg, &[(old, Rank::Direct)]);
+            p.punching = punched;
+            p.on_rx(t0, &cfg, old, Rank::Direct);
+            p.punching = false;
+            p.set_candidates(t0, &cfg, &[(new, Rank::Direct)]);
+            p
+        };
+        let mut cones = moved(false);
+        assert_eq!(probe_seconds(&mut cones, t0, &cfg, new), vec![0, 1, 6, 11]);
+        // Opened by a coordinated attempt: the punching schedule's pace.
+        let mut punched = moved(true);
+        assert_eq!(probe_seconds(&mut punched, t0, &cfg, new), vec![0, 5, 10]);
+        // The peer's NAT moved a port (what a bare gateway does): too.
+        let mut bare = moved(false);
+        bare.learn_untried(t0, &cfg, pa("203.0.113.110:31000"));
+        assert_eq!(probe_seconds(&mut bare, t0, &cfg, new), vec![0, 5, 10]);
+        // Nothing known yet (a pair's first contact): too.
+        let mut first = Paths::default();
+        first.set_candidates(t0, &cfg, &[(new, Rank::Direct)]);
+        assert_eq!(probe_seconds(&mut first, t0, &cfg, new), vec![0, 5, 10]);
     }
 
     #[test]

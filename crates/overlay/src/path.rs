@@ -164,6 +164,25 @@ impl Path {
         }
     }
 
+    /// A private IPv4 address of the peer that never answered: its host
+    /// address on a LAN that is not ours. Coordinated punching attempts
+    /// leave it out. Every datagram to it makes a flow through our NAT
+    /// beside the one to the peer's public address, and behind a bare Linux
+    /// gateway two such flows, made at the same instant in every attempt,
+    /// hand a moved port on to each other: the router gives a new flow the
+    /// port of the node's newest entry, and the other flow's entry from the
+    /// last attempt, expired but not yet reaped by conntrack's garbage
+    /// collector, still counts. The attempt in the right order then fails
+    /// too (docs/natlab.md, "Why bare-first attempts still failed"). A pair
+    /// on one LAN connects on its plain tries, before any attempt, and one
+    /// whose LAN path broke keeps trying it (it answered once).
+    fn behind_other_lan(&self) -> bool {
+        self.class == Rank::Local
+            && self.select_class() == Rank::Local
+            && self.addr.remote.is_ipv4()
+            && self.last_rx.is_none()
+    }
+
     /// Leaves our own socket for an IPv6 address.
     pub fn direct_v6(&self) -> bool {
         self.addr.via == Via::Direct && self.addr.remote.is_ipv6()
@@ -553,7 +572,7 @@ impl Paths {
                     }
                 }
             }
-            if p.probe.is_some() || now < p.next_probe || muted(self.mute, p, cfg) {
+            if p.probe.is_some() || now < p.next_probe || muted(self.mute, self.punching, p, cfg) {
                 continue;
             }
             let interval = if Some(i) == active {
@@ -620,7 +639,7 @@ impl Paths {
             .iter()
             .enumerate()
             .filter(|(i, _)| !skip_active || self.active != Some(*i))
-            .filter(|(_, p)| p.probe.is_some() || !muted(self.mute, p, cfg))
+            .filter(|(_, p)| p.probe.is_some() || !muted(self.mute, self.punching, p, cfg))
             .map(|(_, p)| match p.probe {
                 // Nothing is sent on a path while its probe is out.
                 Some((_, sent)) => sent + cfg.probe_timeout,
@@ -643,7 +662,7 @@ impl Paths {
             .chain(
                 self.list
                     .iter()
-                    .filter(move |p| !muted(self.mute, p, cfg))
+                    .filter(move |p| !muted(self.mute, self.punching, p, cfg))
                     .map(|p| p.addr)
                     .filter(move |a| Some(*a) != active),
             )
@@ -723,8 +742,8 @@ impl Paths {
 
 /// Whether path `p` is muted (`mute`: the peer's silence is on): a path to
 /// the peer's own endpoint that does not answer.
-fn muted(mute: bool, p: &Path, cfg: &PathConfig) -> bool {
-    mute && p.class != Rank::Relay && !p.alive(cfg)
+fn muted(mute: bool, punching: bool, p: &Path, cfg: &PathConfig) -> bool {
+    (mute && p.class != Rank::Relay && !p.alive(cfg)) || (punching && p.behind_other_lan())
 }
 
 /// The class of a path: through a relay when it goes through our
@@ -907,6 +926,50 @@ mod tests {
         let mut first = Paths::default();
         first.set_candidates(t0, &cfg, &[(new, Rank::Direct)]);
         assert_eq!(probe_seconds(&mut first, t0, &cfg, new), vec![0, 5, 10]);
+    }
+
+    #[test]
+    fn coordinated_attempts_leave_out_a_private_lan_address_that_never_answered() {
+        let cfg = PathConfig::default();
+        let t0 = Instant::now();
+        let lan = pa("192.168.2.2:5800");
+        let public = pa("203.0.113.11:5800");
+        let cands = [(lan, Rank::Local), (public, Rank::Direct)];
+        let probed = |p: &mut Paths, at: Duration| -> Vec<PathAddr> {
+            let mut id = 0;
+            let out = probe_all(p, t0 + at, &cfg, &mut id);
+            out.iter().map(|d| d.addr).collect()
+        };
+        let mut p = Paths::default();
+        p.set_candidates(t0, &cfg, &cands);
+        // Plain tries: both.
+        assert_eq!(probed(&mut p, Duration::ZERO), vec![lan, public]);
+        // A coordinated attempt: the public address alone.
+        p.punching = true;
+        p.wake_direct(t0 + Duration::from_secs(20), &cfg);
+        let attempt = probed(&mut p, Duration::from_secs(21));
+        assert_eq!(attempt, vec![public]);
+        assert_eq!(
+            p.handshake_targets(8, &cfg).collect::<Vec<_>>(),
+            vec![public]
+        );
+        // A LAN path that answered once (the pair shares a LAN whose path
+        // broke) is still tried.
+        let mut same = Paths::default();
+        same.set_candidates(t0, &cfg, &cands);
+        same.on_rx(t0, &cfg, lan, Rank::Local);
+        same.list.iter_mut().for_each(|x| x.lost = cfg.dead_after);
+        same.punching = true;
+        same.wake_direct(t0 + Duration::from_secs(20), &cfg);
+        let mut got = probed(&mut same, Duration::from_secs(21));
+        got.sort();
+        assert!(got.contains(&lan), "{got:?}");
+        // A public host address (a node without NAT) too.
+        let mut open = Paths::default();
+        let host = pa("203.0.113.12:5800");
+        open.set_candidates(t0, &cfg, &[(host, Rank::Local)]);
+        open.punching = true;
+        assert_eq!(probed(&mut open, Duration::ZERO), vec![host]);
     }
 
     #[test]

@@ -1510,17 +1510,14 @@ fn an_idle_minute_past_the_nat_timeout_costs_nothing() {
 /// address the relay saw the node's datagrams come from, and cues go on
 /// every working path.
 ///
-/// Still ignored in the suite: 9 of 13 runs passed on a loaded machine
-/// (branch i25f4), and a run takes up to 90 s. The failures' cause
-/// (docs/natlab.md, "Why bare-first attempts still fail"): after an
-/// attempt in the wrong order moved the bare node's port, the node's flows
-/// to the peer's reflexive and local candidates, made together in every
-/// attempt, pass the moved port on to each other through conntrack entries
-/// that expired but were not reaped yet, so the right-order attempts fail
-/// too until conntrack's garbage collector runs. The simulator's
-/// bare-gateway tests cover the logic on every run.
+/// It still failed 4 of 13 runs (docs/natlab.md, "Why bare-first attempts
+/// still failed"): after an attempt in the wrong order moved the bare
+/// node's port, the node's flows to the peer's reflexive and LAN
+/// addresses, made together in every attempt, handed the moved port on to
+/// each other through conntrack entries that had expired but were not
+/// reaped yet, so the right order failed too. Attempts now leave out a
+/// peer's private LAN address that never answered.
 #[test]
-#[ignore = "issue 25: 4 of 13 lab runs not direct within 75 s: a moved port kept by expired conntrack entries (docs/natlab.md)"]
 fn a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate() {
     use NatType::*;
     let mut ov = OverlayOpts {

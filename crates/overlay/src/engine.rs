@@ -1010,7 +1010,11 @@ impl Overlay {
             p.answer = Some((from, now));
         }
         let before = p.paths.active_addr();
-        let learned = p.paths.on_rx_of(now, cfg, from, class, answer);
+        let mut learned = p.paths.on_rx_of(now, cfg, from, class, answer);
+        let symmetric = p.hunt.peer == crate::hunt::Mapping::Dependent;
+        if let Some(seen) = relayed_source(&self.relay_ips, &p.info, from).filter(|_| !symmetric) {
+            learned |= p.paths.learn_untried(now, cfg, PathAddr::direct(seen));
+        }
         // A new path is probed at once, a new active one on its interval:
         // neither may wait for a deadline computed before it existed.
         if learned || p.paths.active_addr() != before {
@@ -1587,8 +1591,21 @@ impl Overlay {
             }
             Action::Cue(cue) => {
                 tracing::debug!(peer = %p.info.node, attempt = cue.attempt, "punch: cue sent");
+                // On every path that answers, not the active one alone: a
+                // lost cue leaves the other side retrying on its own, out
+                // of step (it then sends first into a bare router, which
+                // poisons the next attempt), and a relayed path whose NAT
+                // flow lapsed loses it silently.
+                let mut to = [None; 4];
+                let alive = p.paths.list.iter().filter(|x| x.alive(pcfg));
+                for (slot, x) in to.iter_mut().zip(alive) {
+                    *slot = Some(x.addr);
+                }
                 cue.write(&mut self.scratch[INNER_HEADER..INNER_HEADER + Cue::LEN]);
-                self.send_inner(now, peer_id, None, Inner::plain(kind::PUNCH), Cue::LEN, io);
+                for addr in to.into_iter().flatten() {
+                    let inner = Inner::plain(kind::PUNCH);
+                    self.send_inner(now, peer_id, Some(addr), inner, Cue::LEN, io);
+                }
                 // Its own start may be now (it leads).
                 if let Some(p) = peer_mut(&mut self.peers, peer_id) {
                     if p.punch.tick(now, cfg, pending, coordinator, rtt, jitter) == Action::Start {
@@ -2320,6 +2337,27 @@ impl Ranges {
             *v6 == ip.is_ipv6() && IpNet::new(ip, *len).is_ok_and(|n| set.contains(&n.trunc()))
         })
     }
+}
+
+/// Where the peer's NAT maps its datagrams now, when a relay tells: a
+/// datagram relayed to us through our allocation from `from` that is not
+/// the peer's own allocation left the peer's socket through its NAT, and
+/// the relay saw that mapping. A bare Linux gateway gives a node's new
+/// flows the port of its newest flow, which after one clash differs from
+/// the port its long-lived STUN flow shows (docs/natlab.md, "Why the
+/// bare-gateway lab pair was flaky"): the peer's published address is
+/// then wrong for every new flow, and only this address is right. Only an
+/// IP the peer publishes (a direct candidate of it) is taken: nothing
+/// aims our probes at a third party.
+fn relayed_source(relay_ips: &[IpAddr], info: &PeerInfo, from: PathAddr) -> Option<SocketAddr> {
+    if !matches!(from.via, Via::Turn(_)) || relay_ips.contains(&from.remote.ip()) {
+        return None;
+    }
+    let published = |c: &&PeerCandidate| c.class != Rank::Relay;
+    let cands = || info.candidates.iter().filter(published);
+    let ours = cands().any(|c| c.addr.ip() == from.remote.ip());
+    let known = cands().any(|c| c.addr == from.remote);
+    (ours && !known).then_some(from.remote)
 }
 
 /// Peer `peer_id`, if it is still there. A free function rather than a method so

@@ -69,6 +69,8 @@ turn_client_proto::impl_client!(TurnClient, (Udp, TurnClientUdp), (Tcp, TurnClie
 /// address is noticed well within the 30 s a relayed pair may wait for a
 /// direct path.
 pub const GATHER_INTERVAL: Duration = Duration::from_secs(10);
+/// An allocation made this long after the last gathering gathers again.
+const REGATHER_AFTER: Duration = Duration::from_secs(1);
 /// A reflexive address not confirmed for this long is dropped.
 const REFLEXIVE_TTL: Duration = Duration::from_secs(35);
 /// Retry pauses of a failed allocation: 1 s doubling to 10 s (a TURN server
@@ -1523,6 +1525,18 @@ impl Nat {
                     }
                     _ => {}
                 }
+            }
+            // An allocation made well after our reflexive addresses were
+            // last gathered (a lost one made again, or a first one that took
+            // long): it may come from a new public address, and then our
+            // published reflexive address is wrong too. Confirmed now, not
+            // at the next gathering up to 10 s away while peers punch toward
+            // the old one (sim: recovery after an address change).
+            let gathered = self.next_gather.checked_sub(GATHER_INTERVAL);
+            if created
+                && gathered.is_some_and(|g| now.saturating_duration_since(g) >= REGATHER_AFTER)
+            {
+                self.next_gather = self.next_gather.min(now);
             }
             if created {
                 self.soon = true;

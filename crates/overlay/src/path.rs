@@ -164,6 +164,25 @@ impl Path {
         }
     }
 
+    /// A private IPv4 address of the peer that never answered: its host
+    /// address on a LAN that is not ours. Coordinated punching attempts
+    /// leave it out. Every datagram to it makes a flow through our NAT
+    /// beside the one to the peer's public address, and behind a bare Linux
+    /// gateway two such flows, made at the same instant in every attempt,
+    /// hand a moved port on to each other: the router gives a new flow the
+    /// port of the node's newest entry, and the other flow's entry from the
+    /// last attempt, expired but not yet reaped by conntrack's garbage
+    /// collector, still counts. The attempt in the right order then fails
+    /// too (docs/natlab.md, "Why bare-first attempts still failed"). A pair
+    /// on one LAN connects on its plain tries, before any attempt, and one
+    /// whose LAN path broke keeps trying it (it answered once).
+    fn behind_other_lan(&self) -> bool {
+        self.class == Rank::Local
+            && self.select_class() == Rank::Local
+            && self.addr.remote.is_ipv4()
+            && self.last_rx.is_none()
+    }
+
     /// Leaves our own socket for an IPv6 address.
     pub fn direct_v6(&self) -> bool {
         self.addr.via == Via::Direct && self.addr.remote.is_ipv6()
@@ -233,6 +252,19 @@ pub struct Paths {
     /// We probe the peer's symmetric NAT ([`crate::hunt`]): a path learned
     /// now was found that way.
     pub hunting: bool,
+    /// The last direct path that came up did so on plain probes (neither a
+    /// coordinated punching attempt nor birthday probing opened it), and
+    /// the peer's NAT has not shown a moved port since: both NATs let a
+    /// datagram in once their own side sent one, as cones do. A new
+    /// direct candidate then gets a quick second probe
+    /// ([`Paths::poll`]).
+    pub plain: bool,
+}
+
+/// What a direct path that just answered says of the pair's NATs
+/// ([`Paths::plain`]); nothing for a relayed or same-LAN one.
+fn plain_evidence(p: &Path) -> Option<bool> {
+    (p.class == Rank::Direct).then_some(!p.punched && !p.predicted)
 }
 
 /// What [`Paths::poll`] wants sent.
@@ -347,11 +379,16 @@ impl Paths {
             }
             Some(i) => {
                 let p = &mut self.list[i];
+                let up = !p.alive(cfg);
                 // Dead (or never answered) until a coordinated attempt.
-                p.punched |= self.punching && !p.alive(cfg);
+                p.punched |= self.punching && up;
                 p.last_rx = Some(now);
                 p.lost = 0;
                 p.tries = 0;
+                if up {
+                    self.plain = plain_evidence(p).unwrap_or(self.plain);
+                }
+                let p = &mut self.list[i];
                 if is_active && p.probe.is_none() {
                     // Traffic proves the path: no probe until it stops.
                     p.next_probe = p.next_probe.max(now + cfg.active_interval);
@@ -365,6 +402,7 @@ impl Paths {
                 p.last_rx = Some(now);
                 // Probe it right away to learn its RTT.
                 p.next_probe = now;
+                self.plain = plain_evidence(&p).unwrap_or(self.plain);
                 self.list.push(p);
                 self.trim(cfg);
                 true
@@ -404,6 +442,24 @@ impl Paths {
         learned
     }
 
+    /// A direct address of the peer that nothing came from yet and that it
+    /// did not publish (where a relay saw its datagrams come from): probed
+    /// as a candidate is, kept as a learned path. Returns whether it was
+    /// new.
+    pub fn learn_untried(&mut self, now: Instant, cfg: &PathConfig, addr: PathAddr) -> bool {
+        if self.find(&addr).is_some() {
+            return false;
+        }
+        // The peer's NAT gave a new flow another port than the one it
+        // published: a bare Linux gateway's doing (docs/natlab.md), whose
+        // punching early datagrams upset.
+        self.plain = false;
+        self.list
+            .push(Path::new(addr, Rank::Direct, Origin::Learned, now));
+        self.trim(cfg);
+        self.find(&addr).is_some()
+    }
+
     /// A probe reply with `id` arrived (on any path of this peer).
     pub fn on_probe_reply(&mut self, now: Instant, cfg: &PathConfig, id: u64) {
         let Some(p) = self
@@ -421,7 +477,11 @@ impl Paths {
                 None => sample,
             });
         }
-        p.punched |= self.punching && !p.alive(cfg);
+        let up = !p.alive(cfg);
+        p.punched |= self.punching && up;
+        if up {
+            self.plain = plain_evidence(p).unwrap_or(self.plain);
+        }
         p.last_rx = Some(now);
         p.lost = 0;
         p.tries = 0;
@@ -497,6 +557,7 @@ impl Paths {
         dead_relays: &mut Vec<u8>,
     ) {
         let active = self.active;
+        let quick = self.plain && !self.punching;
         let mut lost_any = false;
         for (i, p) in self.list.iter_mut().enumerate() {
             if let Some((_, sent)) = p.probe {
@@ -511,13 +572,36 @@ impl Paths {
                     }
                 }
             }
-            if p.probe.is_some() || now < p.next_probe || muted(self.mute, p, cfg) {
+            if p.probe.is_some() || now < p.next_probe || muted(self.mute, self.punching, p, cfg) {
                 continue;
             }
             let interval = if Some(i) == active {
                 cfg.active_interval
             } else if p.alive(cfg) {
                 cfg.standby_interval
+            } else if p.class == Rank::Relay && p.last_rx.is_none() && p.tries < 3 {
+                // A relayed path is not punched: it works once the
+                // allocations at both ends permit each other. A fresh one
+                // loses its first datagrams while they do not yet (the
+                // TURN client sends nothing to an IP before the server
+                // confirmed its permission, paced one request per 50 ms,
+                // and the peer's new allocation drops ours until it has
+                // one for us): retried a punching interval later, that
+                // lost probe cost most of a pair's recovery after a TURN
+                // restart, when both sides allocate again at once (sim:
+                // 7-10 s instead of 4-5 s).
+                p.tries += 1;
+                cfg.active_interval
+            } else if quick && p.class == Rank::Direct && p.last_rx.is_none() && p.tries == 0 {
+                // A new direct candidate of a pair whose NATs are cones
+                // (the peer moved): a lost first probe would cost a whole
+                // punching interval, with the peer's datagrams filtered by
+                // our NAT until one of ours goes out. Not where punching
+                // needs silence (bare gateways): there every early
+                // datagram refreshes the flows that spoil the next
+                // attempt.
+                p.tries += 1;
+                cfg.active_interval
             } else {
                 // Unproven or dead: keep punching, backing off to twice
                 // the interval (a relayed pair retries direct paths at
@@ -555,7 +639,7 @@ impl Paths {
             .iter()
             .enumerate()
             .filter(|(i, _)| !skip_active || self.active != Some(*i))
-            .filter(|(_, p)| p.probe.is_some() || !muted(self.mute, p, cfg))
+            .filter(|(_, p)| p.probe.is_some() || !muted(self.mute, self.punching, p, cfg))
             .map(|(_, p)| match p.probe {
                 // Nothing is sent on a path while its probe is out.
                 Some((_, sent)) => sent + cfg.probe_timeout,
@@ -578,7 +662,7 @@ impl Paths {
             .chain(
                 self.list
                     .iter()
-                    .filter(move |p| !muted(self.mute, p, cfg))
+                    .filter(move |p| !muted(self.mute, self.punching, p, cfg))
                     .map(|p| p.addr)
                     .filter(move |a| Some(*a) != active),
             )
@@ -658,8 +742,8 @@ impl Paths {
 
 /// Whether path `p` is muted (`mute`: the peer's silence is on): a path to
 /// the peer's own endpoint that does not answer.
-fn muted(mute: bool, p: &Path, cfg: &PathConfig) -> bool {
-    mute && p.class != Rank::Relay && !p.alive(cfg)
+fn muted(mute: bool, punching: bool, p: &Path, cfg: &PathConfig) -> bool {
+    (mute && p.class != Rank::Relay && !p.alive(cfg)) || (punching && p.behind_other_lan())
 }
 
 /// The class of a path: through a relay when it goes through our
@@ -762,6 +846,130 @@ mod tests {
         p.on_probe_reply(t0 + Duration::from_millis(9), &cfg, local);
         assert_eq!(p.active_addr(), Some(pa("192.168.1.2:5800")));
         assert!(p.list.iter().all(|x| x.rtt.is_some()));
+    }
+
+    #[test]
+    fn a_new_relayed_path_that_lost_its_first_probes_is_retried_within_seconds() {
+        let cfg = PathConfig::default();
+        let t0 = Instant::now();
+        let mut p = Paths::default();
+        let relay = PathAddr {
+            via: Via::Turn(0),
+            remote: "203.0.113.1:50000".parse().unwrap(),
+        };
+        let direct = pa("203.0.113.20:5800");
+        p.set_candidates(t0, &cfg, &[(relay, Rank::Relay), (direct, Rank::Direct)]);
+        let mut id = 0;
+        // Nothing answers for a while (the allocations' permissions are
+        // being made): when is each path probed?
+        let mut sent: Vec<(PathAddr, Duration)> = Vec::new();
+        for ms in (0..12_000).step_by(50) {
+            let now = t0 + Duration::from_millis(ms);
+            for d in probe_all(&mut p, now, &cfg, &mut id) {
+                sent.push((d.addr, now - t0));
+            }
+        }
+        let at = |a: PathAddr| -> Vec<u64> {
+            (sent.iter().filter(|(x, _)| *x == a))
+                .map(|(_, t)| t.as_secs())
+                .collect()
+        };
+        // The relayed path three more times a second apart, then backing
+        // off; the direct one on the punching schedule.
+        assert_eq!(at(relay), vec![0, 1, 2, 3], "{sent:?}");
+        assert_eq!(at(direct), vec![0, 5, 10], "{sent:?}");
+    }
+
+    /// When each probe of `addr` leaves in the first 12 s with nothing
+    /// answering, in whole seconds.
+    fn probe_seconds(p: &mut Paths, t0: Instant, cfg: &PathConfig, addr: PathAddr) -> Vec<u64> {
+        let mut id = 0;
+        let mut at = Vec::new();
+        for ms in (0..12_000).step_by(50) {
+            let now = t0 + Duration::from_millis(ms);
+            for d in probe_all(p, now, cfg, &mut id) {
+                if d.addr == addr {
+                    at.push((now - t0).as_secs());
+                }
+            }
+        }
+        at
+    }
+
+    #[test]
+    fn a_moved_peer_of_a_cone_pair_gets_a_quick_second_probe_but_not_a_bare_gateway() {
+        let cfg = PathConfig::default();
+        let t0 = Instant::now();
+        let old = pa("203.0.113.10:5800");
+        let new = pa("203.0.113.110:5800");
+        // The pair came up on plain probes; then the peer's address
+        // changed.
+        let moved = |punched: bool| {
+            let mut p = Paths::default();
+            p.set_candidates(t0, &cfg, &[(old, Rank::Direct)]);
+            p.punching = punched;
+            p.on_rx(t0, &cfg, old, Rank::Direct);
+            p.punching = false;
+            p.set_candidates(t0, &cfg, &[(new, Rank::Direct)]);
+            p
+        };
+        let mut cones = moved(false);
+        assert_eq!(probe_seconds(&mut cones, t0, &cfg, new), vec![0, 1, 6, 11]);
+        // Opened by a coordinated attempt: the punching schedule's pace.
+        let mut punched = moved(true);
+        assert_eq!(probe_seconds(&mut punched, t0, &cfg, new), vec![0, 5, 10]);
+        // The peer's NAT moved a port (what a bare gateway does): too.
+        let mut bare = moved(false);
+        bare.learn_untried(t0, &cfg, pa("203.0.113.110:31000"));
+        assert_eq!(probe_seconds(&mut bare, t0, &cfg, new), vec![0, 5, 10]);
+        // Nothing known yet (a pair's first contact): too.
+        let mut first = Paths::default();
+        first.set_candidates(t0, &cfg, &[(new, Rank::Direct)]);
+        assert_eq!(probe_seconds(&mut first, t0, &cfg, new), vec![0, 5, 10]);
+    }
+
+    #[test]
+    fn coordinated_attempts_leave_out_a_private_lan_address_that_never_answered() {
+        let cfg = PathConfig::default();
+        let t0 = Instant::now();
+        let lan = pa("192.168.2.2:5800");
+        let public = pa("203.0.113.11:5800");
+        let cands = [(lan, Rank::Local), (public, Rank::Direct)];
+        let probed = |p: &mut Paths, at: Duration| -> Vec<PathAddr> {
+            let mut id = 0;
+            let out = probe_all(p, t0 + at, &cfg, &mut id);
+            out.iter().map(|d| d.addr).collect()
+        };
+        let mut p = Paths::default();
+        p.set_candidates(t0, &cfg, &cands);
+        // Plain tries: both.
+        assert_eq!(probed(&mut p, Duration::ZERO), vec![lan, public]);
+        // A coordinated attempt: the public address alone.
+        p.punching = true;
+        p.wake_direct(t0 + Duration::from_secs(20), &cfg);
+        let attempt = probed(&mut p, Duration::from_secs(21));
+        assert_eq!(attempt, vec![public]);
+        assert_eq!(
+            p.handshake_targets(8, &cfg).collect::<Vec<_>>(),
+            vec![public]
+        );
+        // A LAN path that answered once (the pair shares a LAN whose path
+        // broke) is still tried.
+        let mut same = Paths::default();
+        same.set_candidates(t0, &cfg, &cands);
+        same.on_rx(t0, &cfg, lan, Rank::Local);
+        same.list.iter_mut().for_each(|x| x.lost = cfg.dead_after);
+        same.punching = true;
+        same.wake_direct(t0 + Duration::from_secs(20), &cfg);
+        let mut got = probed(&mut same, Duration::from_secs(21));
+        got.sort();
+        assert!(got.contains(&lan), "{got:?}");
+        // A public host address (a node without NAT) too.
+        let mut open = Paths::default();
+        let host = pa("203.0.113.12:5800");
+        open.set_candidates(t0, &cfg, &[(host, Rank::Local)]);
+        open.punching = true;
+        assert_eq!(probed(&mut open, Duration::ZERO), vec![host]);
     }
 
     #[test]

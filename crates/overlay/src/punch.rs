@@ -246,6 +246,12 @@ impl Punch {
         if coordinator || self.state == State::Off {
             return;
         }
+        // The same cue again (it goes on every working path): the start
+        // it set stands.
+        let agreed = matches!(self.state, State::Starting { .. } | State::Trying { .. });
+        if agreed && cue.attempt == self.attempt && self.attempt > 0 {
+            return;
+        }
         self.attempt = cue.attempt;
         self.state = State::Starting {
             at: now + cue.delay,

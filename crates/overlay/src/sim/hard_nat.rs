@@ -95,6 +95,68 @@ fn a_bare_linux_gateway_and_a_firewalled_one_go_direct_by_silence_and_alternate(
     });
 }
 
+/// The NAT lab's case (`a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate`
+/// in crates/node/tests/overlay.rs): a bare gateway and a firewalled one
+/// whose routers forget flows after 5 s, the agents told so; direct, then
+/// blocked until relayed, then unblocked. The peer's datagrams that reach
+/// the bare router first move its node's port for new flows (Linux gives
+/// a new flow the port of the node's newest one), while the STUN flow,
+/// refreshed all along, keeps the published port; a flow made after the
+/// move and kept alive (to the peer's relayed address) pins the moved
+/// port. The peer aimed at the published port in every attempt and the
+/// pair stayed relayed; what the relay saw (the peer's datagrams to our
+/// relayed address came from the moved port) takes it direct.
+#[test]
+fn a_bare_gateway_pair_goes_direct_after_a_block_with_short_nat_timeouts() {
+    use NatKind::*;
+    each_seed(|seed| {
+        let mut notes = Vec::new();
+        for kinds in [
+            [Masquerade, PortRestrictedCone],
+            [PortRestrictedCone, Masquerade],
+        ] {
+            notes.push(direct_after_a_block(seed, kinds)?);
+        }
+        Ok(notes.join("; "))
+    });
+}
+
+/// Issue 25's case: bare Linux gateways on both sides, in the same test
+/// as above (the lab pair has one of each).
+#[test]
+fn two_bare_gateways_go_direct_after_a_block_with_short_nat_timeouts() {
+    use NatKind::*;
+    each_seed(|seed| direct_after_a_block(seed, [Masquerade, Masquerade]));
+}
+
+/// Direct, then blocked until relayed, then unblocked: direct again, with
+/// routers that forget flows after 5 s and agents told so.
+fn direct_after_a_block(seed: u64, kinds: [NatKind; 2]) -> Result<String, String> {
+    let t = Duration::from_secs(5);
+    let mut sim = Sim::new(seed, &sites(seed, &kinds));
+    sim.set_punch(&PunchConfig::for_udp_timeout(t));
+    for n in 0..2 {
+        sim.set_udp_timeout(n, t, t);
+    }
+    sim.run_until_ok(Duration::from_secs(90), |s| both(s, "direct"))
+        .ok_or(format!("{kinds:?}: not direct at first"))?;
+    sim.block(0, 1, true);
+    sim.run_until_ok(Duration::from_secs(30), |s| both(s, "relay"))
+        .ok_or(format!("{kinds:?}: not relayed while blocked"))?;
+    sim.run(Duration::from_secs(6));
+    sim.block(0, 1, false);
+    let took = sim
+        .run_until_ok(Duration::from_secs(60), |s| both(s, "direct"))
+        .ok_or_else(|| {
+            format!(
+                "{kinds:?}: not direct 60 s after the unblock: {:?} / {:?}",
+                sim.path(0, 1),
+                sim.path(1, 0)
+            )
+        })?;
+    Ok(format!("{kinds:?}: direct {took:?} after the unblock"))
+}
+
 /// Two bare Linux gateways: no sequential order works (case 1); the
 /// attempt where both send at once does, where the path has latency.
 #[test]
@@ -169,8 +231,11 @@ fn symmetric_pairs_stay_relayed_and_their_direct_tries_are_bounded() {
         let direct = direct_in_span(seed, None)?;
         let plain = direct_in_span(seed, Some(&never))?;
         // Per silence cycle (>= 45 s): an attempt of 10 s probes each of
-        // the peer's two direct paths twice, on both sides, plus rekeys.
-        if direct > 80 || direct >= plain {
+        // the peer's direct paths twice, on both sides, plus rekeys: its
+        // two published ones and the one the relay saw its datagrams come
+        // from (a random port of its symmetric NAT; a node that knows the
+        // peer is symmetric, from two STUN servers, skips that one).
+        if direct > 110 || direct >= plain {
             return Err(format!(
                 "{direct} datagrams to direct endpoints in {span:?} (plain retries: {plain})"
             ));

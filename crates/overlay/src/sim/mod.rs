@@ -113,7 +113,11 @@ pub enum NatKind {
     /// (docs/natlab.md, case 1). Port-restricted, but a datagram to a port
     /// it has no mapping for becomes a conntrack entry to the router
     /// itself, and a later mapping whose reply would equal it gets a
-    /// random port. Entries expire as conntrack's do.
+    /// random port. A new flow takes the public port of the newest flow
+    /// from the same LAN endpoint (Linux's `find_appropriate_src`), so
+    /// after such a clash the node's new flows leave from the random port
+    /// while its old ones (STUN) keep theirs. Entries expire as
+    /// conntrack's do.
     Masquerade,
     /// A port-restricted cone whose firewall lets UDP out only to the TURN
     /// server: the lab's UDP-blocked site, whose node speaks TURN over
@@ -205,15 +209,15 @@ struct CtEntry {
     lan: Option<SocketAddr>,
     last: Instant,
     replied: bool,
+    /// Creation order: the newest flow of a LAN endpoint is the first
+    /// that `find_appropriate_src` finds (its bysource chain adds at the
+    /// head).
+    born: u64,
 }
 
 impl CtEntry {
-    fn live(&self, now: Instant) -> bool {
-        let ttl = if self.replied {
-            CT_REPLIED
-        } else {
-            CT_UNREPLIED
-        };
+    fn live(&self, now: Instant, (unreplied, replied): (Duration, Duration)) -> bool {
+        let ttl = if self.replied { replied } else { unreplied };
         now.saturating_duration_since(self.last) < ttl
     }
 }
@@ -226,18 +230,30 @@ struct Conntrack {
     by_reply: BTreeMap<(SocketAddr, u16), CtEntry>,
     /// (LAN endpoint, remote) -> public port of its entry.
     by_orig: BTreeMap<(SocketAddr, SocketAddr), u16>,
+    /// Entries made so far ([`CtEntry::born`]).
+    born: u64,
+    /// (unreplied, replied) timeouts: conntrack's defaults unless
+    /// [`Sim::set_udp_timeout`] says otherwise.
+    timeouts: Option<(Duration, Duration)>,
 }
 
 impl Conntrack {
+    fn ttl(&self) -> (Duration, Duration) {
+        self.timeouts.unwrap_or((CT_UNREPLIED, CT_REPLIED))
+    }
+
     fn expire(&mut self, now: Instant) {
-        self.by_reply.retain(|_, e| e.live(now));
+        let ttl = self.ttl();
+        self.by_reply.retain(|_, e| e.live(now, ttl));
         let live = &self.by_reply;
         self.by_orig
             .retain(|(lan, to), port| live.get(&(*to, *port)).is_some_and(|e| e.lan == Some(*lan)));
     }
 
-    /// The public port of a datagram from `lan` to `to`: the entry's, or
-    /// the source port if no entry's reply uses it toward `to`, or random.
+    /// The public port of a datagram from `lan` to `to`: the entry's; for
+    /// a new flow (`get_unique_tuple`) the port of `lan`'s newest flow if
+    /// no entry's reply uses it toward `to`, else the source port if free,
+    /// else random.
     fn outbound(&mut self, now: Instant, lan: SocketAddr, to: SocketAddr, rng: &mut StdRng) -> u16 {
         self.expire(now);
         if let Some(port) = self.by_orig.get(&(lan, to)).copied() {
@@ -246,14 +262,26 @@ impl Conntrack {
                 return port;
             }
         }
-        let mut port = lan.port();
-        while self.by_reply.contains_key(&(to, port)) {
+        let newest = self
+            .by_reply
+            .iter()
+            .filter(|(_, e)| e.lan == Some(lan))
+            .max_by_key(|(_, e)| e.born)
+            .map(|((_, port), _)| *port);
+        let free = |ct: &Conntrack, p: u16| !ct.by_reply.contains_key(&(to, p));
+        let mut port = match newest {
+            Some(p) if free(self, p) => p,
+            _ => lan.port(),
+        };
+        while !free(self, port) {
             port = rng.gen_range(20_000..60_000);
         }
+        self.born += 1;
         let e = CtEntry {
             lan: Some(lan),
             last: now,
             replied: false,
+            born: self.born,
         };
         self.by_reply.insert((to, port), e);
         self.by_orig.insert((lan, to), port);
@@ -272,10 +300,12 @@ impl Conntrack {
                 e.lan
             }
             None => {
+                self.born += 1;
                 let e = CtEntry {
                     lan: None,
                     last: now,
                     replied: false,
+                    born: self.born,
                 };
                 self.by_reply.insert((from, port), e);
                 None
@@ -285,7 +315,8 @@ impl Conntrack {
 
     /// The entries, as `conntrack -L` counts them.
     fn len(&self, now: Instant) -> usize {
-        self.by_reply.values().filter(|e| e.live(now)).count()
+        let ttl = self.ttl();
+        self.by_reply.values().filter(|e| e.live(now, ttl)).count()
     }
 }
 
@@ -384,7 +415,10 @@ impl Router {
     fn flush(&mut self) {
         self.out.clear();
         self.by_port.clear();
-        self.ct = Conntrack::default();
+        self.ct = Conntrack {
+            timeouts: self.ct.timeouts,
+            ..Conntrack::default()
+        };
     }
 }
 
@@ -716,9 +750,13 @@ pub struct Sim {
     /// next at `busy_due`.
     busy_every: Option<Duration>,
     busy_due: Instant,
-    /// A hash of every delivery (time, endpoints, size): equal for equal
-    /// runs.
-    trace: DefaultHasher,
+    /// The sum of every delivery's hash (time, endpoints, size): equal for
+    /// equal runs. A sum, not one hash of the sequence: datagrams that
+    /// leave at the same instant may do so in another order from run to
+    /// run (stun-proto draws transaction ids from the OS's RNG and
+    /// retransmits outstanding requests in id order), with the same
+    /// outcome.
+    trace: u64,
     pub deliveries: u64,
     /// Nodes also ask [`stun2_addr`].
     two_stun: bool,
@@ -762,7 +800,7 @@ impl Sim {
             store_due: Some(now),
             busy_every: Some(Duration::from_secs(1)),
             busy_due: now,
-            trace: DefaultHasher::new(),
+            trace: 0,
             deliveries: 0,
             rng: StdRng::seed_from_u64(rng.gen()),
             two_stun,
@@ -864,9 +902,15 @@ impl Sim {
         self.now.duration_since(self.start)
     }
 
+    fn note_delivery(&mut self, f: &Flight) {
+        let mut h = DefaultHasher::new();
+        (self.elapsed(), f.from, f.to, f.data.len()).hash(&mut h);
+        self.trace = self.trace.wrapping_add(h.finish());
+    }
+
     /// A hash of the run so far: equal seeds give equal values.
     pub fn fingerprint(&self) -> u64 {
-        self.trace.finish()
+        self.trace
     }
 }
 
@@ -1173,7 +1217,7 @@ impl Sim {
         let Some(via) = self.nodes[n].sock_at(f.to) else {
             return;
         };
-        (self.elapsed(), f.from, f.to, f.data.len()).hash(&mut self.trace);
+        self.note_delivery(&f);
         self.deliveries += 1;
         let now = self.now;
         let node = &mut self.nodes[n];
@@ -1197,7 +1241,7 @@ impl Sim {
         if !self.turn.up {
             return;
         }
-        (self.elapsed(), f.from, f.to, f.data.len()).hash(&mut self.trace);
+        self.note_delivery(&f);
         let t = sio(self.start, self.now);
         if f.to == turn_addr() {
             let coturn = self.turn.coturn_mismatch(self.now, f.from, &f.data);
@@ -1315,6 +1359,7 @@ impl Sim {
     pub fn set_udp_timeout(&mut self, n: usize, unreplied: Duration, replied: Duration) {
         let site = self.nodes[n].site;
         self.sites[site].router.timeouts = Some((unreplied, replied));
+        self.sites[site].router.ct.timeouts = Some((unreplied, replied));
     }
 
     /// Drops (or stops dropping) direct datagrams between `a` and `b`.

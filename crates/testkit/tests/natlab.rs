@@ -922,6 +922,29 @@ fn wan_delay_adds_one_way_latency_into_the_router_and_is_removed() {
     assert_eq!(rtts.len(), 5, "ping lost packets");
     assert!(rtts.iter().all(|r| *r >= 2 * delay), "{rtts:?}");
 
+    // A ruleset change in the router drops the packets queued there (the
+    // kernel flushes its queues when a hook goes): the line must keep
+    // going. A fast ping keeps a few packets held at every change.
+    let burst = std::thread::scope(|s| {
+        let pinger = s.spawn(|| {
+            let out = run_bounded(
+                r0.command(&["ping", "-n", "-q", "-c", "300", "-i", "0.005", &wan1]),
+                b"",
+                Duration::from_secs(30),
+            );
+            out.stdout
+        });
+        for on in [true, false].repeat(5) {
+            sleep(Duration::from_millis(100));
+            lab.set_router_firewall(sites[0], on);
+        }
+        pinger.join().expect("pinger")
+    });
+    eprintln!("fast ping across ruleset changes: {burst}");
+    let rtts = ping_rtts(r0, &wan1, 3);
+    assert_eq!(rtts.len(), 3, "ping lost packets after ruleset changes");
+    assert!(rtts.iter().all(|r| *r >= 2 * delay), "{rtts:?}");
+
     let stun = StunServer::start(lab.internet(), SocketAddr::new(lab.server_addr(), 3478));
     let sock = udp(&lab.node(node).ns, PORT);
     let t = Instant::now();

@@ -110,9 +110,26 @@ impl DelayLine {
         let stop = Arc::new(AtomicBool::new(false));
         let delayed = Arc::new(AtomicU64::new(0));
         let (stop2, delayed2) = (stop.clone(), delayed.clone());
+        let router2 = Netns::borrowed(router.name());
         let thread = std::thread::Builder::new()
             .name(format!("delay-{}", router.name()))
-            .spawn(move || hold(queue, delay, &stop2, &delayed2))
+            .spawn(move || {
+                let r = hold(queue, delay, &stop2, &delayed2);
+                if let Err(e) = &r {
+                    // Children of the test process inherit the queue's
+                    // socket (the crate opens it without SOCK_CLOEXEC), so
+                    // the queue can stay bound after this thread ends and
+                    // would then hold every packet: take the rule out so
+                    // that the link passes undelayed, and say so where the
+                    // test's output shows it.
+                    let removed = iptables(&router2, "-D");
+                    eprintln!(
+                        "natlab: the WAN delay line in {} stopped: {e} (rule removed: {removed:?})",
+                        router2.name()
+                    );
+                }
+                r
+            })
             .map_err(|e| format!("delay thread: {e}"))?;
         let mut line = DelayLine {
             router: Netns::borrowed(router.name()),
@@ -170,15 +187,23 @@ impl Drop for DelayLine {
 /// The holder: queue order is arrival order and the delay is fixed, so a
 /// FIFO of (due, packet) suffices. Ends when `stop` is set, after
 /// accepting everything it holds.
+///
+/// ENOENT is not an error: when a netfilter hook is unregistered in the
+/// namespace (any nft table replaced: `set_router_firewall`,
+/// `block_udp_between`, ...) the kernel drops every packet queued there,
+/// and our verdict for one of them then fails (the kernel reports it on the
+/// socket, so it comes back from a later `recv`). Those packets are lost,
+/// as on a link that blips.
 fn hold(mut q: Queue, delay: Duration, stop: &AtomicBool, delayed: &AtomicU64) -> io::Result<()> {
     let mut held: VecDeque<(Instant, nfq::Message)> = VecDeque::new();
+    let gone = |e: &io::Error| e.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32);
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         loop {
             match q.recv() {
                 Ok(msg) => held.push_back((Instant::now() + delay, msg)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted || gone(&e) => continue,
                 Err(e) => {
                     release_all(&mut q, &mut held);
                     return Err(e);
@@ -193,11 +218,16 @@ fn hold(mut q: Queue, delay: Duration, stop: &AtomicBool, delayed: &AtomicU64) -
         while held.front().is_some_and(|(due, _)| *due <= now) {
             if let Some((_, mut msg)) = held.pop_front() {
                 msg.set_verdict(Verdict::Accept);
-                if let Err(e) = q.verdict(msg) {
-                    release_all(&mut q, &mut held);
-                    return Err(e);
+                match q.verdict(msg) {
+                    Ok(()) => {
+                        delayed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) if gone(&e) => {}
+                    Err(e) => {
+                        release_all(&mut q, &mut held);
+                        return Err(e);
+                    }
                 }
-                delayed.fetch_add(1, Ordering::Relaxed);
             }
         }
         let wait = held.front().map_or(TICK, |(due, _)| {

@@ -1601,8 +1601,15 @@ fn a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate() {
 /// gets latency here: 30 ms one way into each router (`Lab::set_wan_delay`),
 /// and the schedule's third attempt, both sides at once (the cue asks the
 /// peer to start at once and the coordinator starts half a round trip
-/// later), crosses. Same scenario as the test above: short NAT timeouts,
-/// traffic flowing, blocked until relayed, unblocked, both direct.
+/// later), crosses.
+///
+/// Same scenario as the test above (short NAT timeouts, traffic flowing,
+/// blocked until relayed), except when the block ends: not while both
+/// sides still probe into it (each router then holds its own node's flow
+/// to the other, so the first datagrams after the unblock are answers and
+/// the pair goes direct without any latency), but in a silence, once both
+/// routers have forgotten every flow between the two sites. Then only a
+/// coordinated attempt can open the pair, and without the delay none does.
 #[test]
 fn two_bare_linux_gateways_go_direct_by_silence_and_alternate() {
     use NatType::*;
@@ -1635,12 +1642,29 @@ fn two_bare_linux_gateways_go_direct_by_silence_and_alternate() {
     wait("relayed while blocked", Duration::from_secs(15), || {
         both("relay")
     });
-    std::thread::sleep(Duration::from_secs(6));
+    // Flows between the two sites in a router: either node's to the other
+    // site's public address (its own, or a moved port of it).
+    let wan = |i: usize| lab.wan_addr(site(i)).expect("wan").to_string();
+    let flows = |i: usize| {
+        let peer = format!("dst={} ", wan(1 - i));
+        lab.conntrack_list(site(i))
+            .lines()
+            .filter(|l| l.starts_with("udp") && l.contains(&peer))
+            .count()
+    };
+    // Both muted for longer than the NAT timeout: the silence is 10 s, the
+    // timeout 5 s, so such a moment comes within a cycle or two.
+    let quiet = wait(
+        "both routers without flows between the sites",
+        Duration::from_secs(60),
+        || flows(0) == 0 && flows(1) == 0,
+    );
     lab.unblock_udp_between(a, b);
     let t = Instant::now();
+    eprintln!("unblocked in a silence, {quiet:?} after the pair was relayed");
     // Attempts come every 15 s (10 s silence, 4 s attempt, jitter) in the
     // order coordinator first, peer first, together; only the third can
-    // work here, so up to three cycles plus one.
+    // work here, so up to three cycles plus the silence under way.
     let bound = Duration::from_secs(75);
     while !both("direct") {
         if t.elapsed() > bound {

@@ -1623,15 +1623,20 @@ fn two_bare_linux_gateways_go_direct_by_silence_and_alternate() {
         .collect();
     ov.agent_env = vec![("EVIO_LOG".into(), "info,evio_overlay=debug".into())];
     let c = up(opts(BridgeType::Linux, 1, ov));
-    assert_all_reachable(&c);
     let lab = c.lab().expect("lab");
     let site = |i: usize| evio_testkit::natlab::SiteId(site_of(&c, i).1);
     let (a, b) = (lab_node(&c, 0), lab_node(&c, 1));
+    // Early, so that the agents' smoothed RTT of the relayed path includes
+    // it: the coordinator starts the both-at-once attempt half that RTT
+    // after its cue, which takes one delay to reach the peer.
     let delay = Duration::from_millis(30);
+    for i in 0..2 {
+        lab.set_wan_delay(site(i), delay);
+    }
+    assert_all_reachable(&c);
     for i in 0..2 {
         lab.set_router_firewall(site(i), false);
         lab.set_udp_timeout(site(i), 5);
-        lab.set_wan_delay(site(i), delay);
     }
     let both = |want: &str| {
         path_of(&c, 0, 1).as_deref() == Some(want) && path_of(&c, 1, 0).as_deref() == Some(want)
@@ -1698,12 +1703,19 @@ fn two_bare_linux_gateways_go_direct_by_silence_and_alternate() {
             .and_then(|p| p["method"].as_str().map(str::to_string))
             .unwrap_or_default()
     };
+    let rtt = |i: usize, j: usize| {
+        peer(&peers(&c, i), &name(j))
+            .and_then(|p| p["rttMs"].as_f64())
+            .unwrap_or_default()
+    };
     let punch = |i: usize| log_lines(c.agent(i).expect("agent"), &["punch"]).join("\n");
     eprintln!(
         "two bare masquerade routers, {delay:?} one way into each: direct {took:?} after the \
-         unblock, method {} / {}, packets delayed {} / {}\n{}\n{}\n{}{}",
+         unblock, method {} / {}, rtt {} / {} ms, packets delayed {} / {}\n{}\n{}\n{}{}",
         method(0, 1),
         method(1, 0),
+        rtt(0, 1),
+        rtt(1, 0),
         lab.wan_delay(site(0)).1,
         lab.wan_delay(site(1)).1,
         punch(0),

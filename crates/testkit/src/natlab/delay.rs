@@ -15,10 +15,14 @@
 //! A thread rather than a daemon: the queue's netlink socket is created
 //! inside the router namespace (on a dedicated thread, like every socket
 //! the lab makes) and keeps it, so nothing has to be spawned, found on
-//! disk or reaped; if the test process dies the socket closes, and the
-//! rule's `--queue-bypass` lets packets through undelayed until the
-//! namespace goes. The kernel queue is fail-open for the same reason: a
-//! full queue passes packets rather than losing them.
+//! disk or reaped, and it ends with the test process (whose namespaces go
+//! with it). The kernel queue is fail-open: a full queue passes packets
+//! rather than losing them. The `nfq` crate opens the socket without
+//! `SOCK_CLOEXEC`, so processes the test spawns later hold a copy: the
+//! queue then stays bound when this thread ends, and `--queue-bypass`
+//! (which only helps once nobody holds the socket) does not apply. So the
+//! thread, if it fails, deletes its rule, and a normal stop deletes the
+//! rule before the thread ends.
 
 use std::collections::VecDeque;
 use std::io;

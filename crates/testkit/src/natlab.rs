@@ -30,6 +30,11 @@
 //! routers never succeeds. [`Lab::set_router_firewall`] turns the firewall
 //! off to reproduce that case.
 //!
+//! The lab's paths have no latency of their own (a datagram crosses both
+//! routers within the sender's `sendto`); [`Lab::set_wan_delay`] adds a
+//! one-way delay into a router, which lets hole-punching datagrams cross in
+//! flight (`natlab/delay.rs`).
+//!
 //! Everything is created inside namespaces made here and removed on drop,
 //! also when a test panics (set-up steps panic with the failing command's
 //! output). Nothing touches the caller's namespace: veths are created from

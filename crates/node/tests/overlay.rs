@@ -1601,6 +1601,139 @@ fn a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate() {
     assert!(pod_ping_once(&c, 0, 1), "direct, but no ping");
 }
 
+/// Issue 25: bare Linux gateways (`masquerade`, open input chain) on both
+/// sides. Whichever side sends first, its datagram reaches the other bare
+/// router before that router's node has sent and becomes a conntrack entry
+/// to the router itself, which moves the node's mapping (docs/natlab.md,
+/// case 1); only datagrams that cross in flight open the pair. So the lab
+/// gets latency here: 30 ms one way into each router (`Lab::set_wan_delay`),
+/// and the schedule's third attempt, both sides at once (the cue asks the
+/// peer to start at once and the coordinator starts half a round trip
+/// later), crosses.
+///
+/// Same scenario as the test above (short NAT timeouts, traffic flowing,
+/// blocked until relayed), except when the block ends: not while both
+/// sides still probe into it (each router then holds its own node's flow
+/// to the other, so the first datagrams after the unblock are answers and
+/// the pair goes direct without any latency), but in a silence, once both
+/// routers have forgotten every flow between the two sites. Then only a
+/// coordinated attempt can open the pair, and without the delay none does.
+#[test]
+fn two_bare_linux_gateways_go_direct_by_silence_and_alternate() {
+    use NatType::*;
+    let mut ov = OverlayOpts {
+        sites: vec![(PortRestrictedCone, 1), (PortRestrictedCone, 1)],
+        turn: true,
+        ..OverlayOpts::flat(0)
+    };
+    ov.node_netconf = (0..2)
+        .map(|i| (i, json!({"overlay": {"natUdpTimeout": 5}})))
+        .collect();
+    ov.agent_env = vec![("EVIO_LOG".into(), "info,evio_overlay=debug".into())];
+    let c = up(opts(BridgeType::Linux, 1, ov));
+    let lab = c.lab().expect("lab");
+    let site = |i: usize| evio_testkit::natlab::SiteId(site_of(&c, i).1);
+    let (a, b) = (lab_node(&c, 0), lab_node(&c, 1));
+    // Early, so that the agents' smoothed RTT of the relayed path includes
+    // it: the coordinator starts the both-at-once attempt half that RTT
+    // after its cue, which takes one delay to reach the peer.
+    let delay = Duration::from_millis(30);
+    for i in 0..2 {
+        lab.set_wan_delay(site(i), delay);
+    }
+    assert_all_reachable(&c);
+    for i in 0..2 {
+        lab.set_router_firewall(site(i), false);
+        lab.set_udp_timeout(site(i), 5);
+    }
+    let both = |want: &str| {
+        path_of(&c, 0, 1).as_deref() == Some(want) && path_of(&c, 1, 0).as_deref() == Some(want)
+    };
+    let pod_ns = c.nodes()[0].pods[0].pod.ns.name().to_string();
+    let flow = Pinger::start(&pod_ns, &pod_ip(&c, 1, 0).to_string(), "node-0 -> node-1");
+    lab.block_udp_between(a, b);
+    wait("relayed while blocked", Duration::from_secs(15), || {
+        both("relay")
+    });
+    // Flows between the two sites in a router: either node's to the other
+    // site's public address (its own, or a moved port of it).
+    let wan = |i: usize| lab.wan_addr(site(i)).expect("wan").to_string();
+    let flows = |i: usize| {
+        let peer = format!("dst={} ", wan(1 - i));
+        lab.conntrack_list(site(i))
+            .lines()
+            .filter(|l| l.starts_with("udp") && l.contains(&peer))
+            .count()
+    };
+    // Both muted for longer than the NAT timeout: the silence is 10 s, the
+    // timeout 5 s, so such a moment comes within a cycle or two.
+    let quiet = wait(
+        "both routers without flows between the sites",
+        Duration::from_secs(60),
+        || flows(0) == 0 && flows(1) == 0,
+    );
+    lab.unblock_udp_between(a, b);
+    let t = Instant::now();
+    eprintln!("unblocked in a silence, {quiet:?} after the pair was relayed");
+    // Attempts come every 15 s (10 s silence, 4 s attempt, jitter) in the
+    // order coordinator first, peer first, together; only the third can
+    // work here, so up to three cycles plus the silence under way.
+    let bound = Duration::from_secs(75);
+    while !both("direct") {
+        if t.elapsed() > bound {
+            let punch = |i: usize| log_lines(c.agent(i).expect("agent"), &["punch"]).join("\n");
+            let line = |i: usize| {
+                let r = lab.router(site(i)).expect("router");
+                format!(
+                    "delay {:?}\n{}{}",
+                    lab.wan_delay(site(i)),
+                    r.ok(&["cat", "/proc/net/netfilter/nfnetlink_queue"]),
+                    r.ok(&["iptables-legacy", "-w", "5", "-t", "raw", "-L", "-v", "-n"])
+                )
+            };
+            panic!(
+                "not direct {bound:?} after the unblock:\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+                dump(&c),
+                punch(0),
+                punch(1),
+                lab.conntrack_list(site(0)),
+                lab.conntrack_list(site(1)),
+                line(0),
+                line(1)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = t.elapsed();
+    let _ = flow.stop();
+    let method = |i: usize, j: usize| {
+        peer(&peers(&c, i), &name(j))
+            .and_then(|p| p["method"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let rtt = |i: usize, j: usize| {
+        peer(&peers(&c, i), &name(j))
+            .and_then(|p| p["rttMs"].as_f64())
+            .unwrap_or_default()
+    };
+    let punch = |i: usize| log_lines(c.agent(i).expect("agent"), &["punch"]).join("\n");
+    eprintln!(
+        "two bare masquerade routers, {delay:?} one way into each: direct {took:?} after the \
+         unblock, method {} / {}, rtt {} / {} ms, packets delayed {} / {}\n{}\n{}\n{}{}",
+        method(0, 1),
+        method(1, 0),
+        rtt(0, 1),
+        rtt(1, 0),
+        lab.wan_delay(site(0)).1,
+        lab.wan_delay(site(1)).1,
+        punch(0),
+        punch(1),
+        lab.conntrack_list(site(0)),
+        lab.conntrack_list(site(1)),
+    );
+    assert!(pod_ping_once(&c, 0, 1), "direct, but no ping");
+}
+
 /// Cone–symmetric (issue 25): the symmetric router (`masquerade
 /// fully-random`) gives every destination a random port, so the pair was
 /// relayed. With two STUN servers (coturn on a second address, as the

@@ -30,6 +30,11 @@
 //! routers never succeeds. [`Lab::set_router_firewall`] turns the firewall
 //! off to reproduce that case.
 //!
+//! The lab's paths have no latency of their own (a datagram crosses both
+//! routers within the sender's `sendto`); [`Lab::set_wan_delay`] adds a
+//! one-way delay into a router, which lets hole-punching datagrams cross in
+//! flight (`natlab/delay.rs`).
+//!
 //! Everything is created inside namespaces made here and removed on drop,
 //! also when a test panics (set-up steps panic with the failing command's
 //! output). Nothing touches the caller's namespace: veths are created from
@@ -57,7 +62,9 @@ use crate::miniupnpd::MiniUpnpd;
 use crate::netns::Netns;
 use crate::plugin::run_bounded;
 
+mod delay;
 mod v6;
+use delay::DelayLine;
 pub use v6::INTERNET6;
 
 /// The bridge in the internet netns that every WAN port and public node
@@ -142,6 +149,9 @@ pub struct LabNode {
 }
 
 struct Site {
+    /// The delay on the router's WAN ingress ([`Lab::set_wan_delay`]).
+    /// First, so that it goes before the router namespace on drop.
+    delay: Mutex<Option<DelayLine>>,
     kind: NatType,
     /// K of 192.168.K.0/24 (and 10.200.K.0/24 of a double NAT).
     lan: u8,
@@ -485,6 +495,7 @@ impl Lab {
             .filter(|k| *k < 255)
             .unwrap_or_else(|| panic!("too many sites"));
         let mut site = Site {
+            delay: Mutex::new(None),
             kind,
             lan,
             router: None,
@@ -910,6 +921,38 @@ impl Lab {
         self.router_or_panic(site, "set_router_firewall");
         lock(&self.site(site).state).firewall = on;
         self.apply_router(site);
+    }
+
+    /// Delays every IPv4 packet that reaches the site's (outer) router from
+    /// the internet by `delay` before the router sees it (conntrack, NAT,
+    /// firewall), or removes the delay (`Duration::ZERO`, the default).
+    /// One-way latency on the link into this router: with it on two sites,
+    /// a round trip between them grows by twice the delay, and datagrams
+    /// the two sides send less than the delay apart cross in flight, which
+    /// is what punching between two bare Linux gateways needs
+    /// (docs/natlab.md, "Latency"). Made with NFQUEUE and a holder thread
+    /// of this process, see `natlab/delay.rs`.
+    pub fn set_wan_delay(&self, site: SiteId, delay: Duration) {
+        let router = self.router_or_panic(site, "set_wan_delay");
+        let mut line = lock(&self.site(site).delay);
+        if let Some(old) = line.take() {
+            old.remove()
+                .unwrap_or_else(|e| panic!("set_wan_delay: removing the old delay: {e}"));
+        }
+        if !delay.is_zero() {
+            *line = Some(
+                DelayLine::start(router, delay)
+                    .unwrap_or_else(|e| panic!("set_wan_delay {delay:?}: {e}")),
+            );
+        }
+    }
+
+    /// The site's WAN delay ([`Lab::set_wan_delay`]) and how many packets
+    /// it has held so far.
+    pub fn wan_delay(&self, site: SiteId) -> (Duration, u64) {
+        lock(&self.site(site).delay)
+            .as_ref()
+            .map_or((Duration::ZERO, 0), |l| (l.delay(), l.delayed()))
     }
 
     /// Black-holes TCP between the site and `server:port` at the site's

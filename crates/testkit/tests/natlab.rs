@@ -864,6 +864,161 @@ fn assert_direct(p: &Pair, o: &Outcome) {
     );
 }
 
+/// Case 2 with latency (`Lab::set_wan_delay` on both routers): datagrams
+/// sent less than the one-way delay apart cross in flight, each reaches the
+/// peer's router after that router has confirmed its own node's outbound
+/// flow, and two bare Linux gateways punch through, at once or 10 ms
+/// apart. A gap longer than the delay is case 1 again. Fails without the
+/// delay (`punch_same_instant_is_still_sequential_in_the_lab`).
+#[test]
+fn punch_crosses_in_flight_between_open_routers_with_wan_delay() {
+    let delay = Duration::from_millis(40);
+    for (gap, works) in [
+        (Duration::ZERO, true),
+        (Duration::from_millis(10), true),
+        (Duration::from_millis(150), false),
+    ] {
+        let p = pair(PRC, [false, false]);
+        for s in p.sites {
+            p.lab.set_wan_delay(s, delay);
+        }
+        let o = p.punch(Order::AFirst, gap, 5, false);
+        eprintln!("gap {gap:?}:\n{}", o.log);
+        if works {
+            assert_direct(&p, &o);
+        } else {
+            assert!(o.nothing(), "{}", o.log);
+            assert!(p.unsolicited_entry_at(1), "{}", o.log);
+        }
+        for s in p.sites {
+            assert!(p.lab.wan_delay(s).1 > 0, "nothing went through the delay");
+        }
+    }
+}
+
+/// The delay line itself: a round trip between two delayed routers takes
+/// at least twice the delay, one to a server from behind one delayed
+/// router at least the delay; UDP through the NAT works; removing the
+/// delay removes the rule and the holder (and so does dropping the lab).
+#[test]
+fn wan_delay_adds_one_way_latency_into_the_router_and_is_removed() {
+    let delay = Duration::from_millis(50);
+    let mut lab = Lab::new();
+    let sites = [
+        lab.add_site(NatType::PortRestrictedCone),
+        lab.add_site(NatType::PortRestrictedCone),
+    ];
+    let node = lab.add_node(sites[0]).id;
+    // The input firewall would drop the routers' pings to each other.
+    lab.set_router_firewall(sites[1], false);
+    for s in sites {
+        lab.set_wan_delay(s, delay);
+        assert_eq!(lab.wan_delay(s).0, delay);
+    }
+    let r0 = lab.router(sites[0]).expect("router");
+    let wan1 = lab.wan_addr(sites[1]).expect("wan").to_string();
+    let rtts = ping_rtts(r0, &wan1, 5);
+    eprintln!("router-router RTT with {delay:?} each way: {rtts:?}");
+    assert_eq!(rtts.len(), 5, "ping lost packets");
+    assert!(rtts.iter().all(|r| *r >= 2 * delay), "{rtts:?}");
+
+    // A ruleset change in the router drops the packets queued there (the
+    // kernel flushes its queues when a hook goes): the line must keep
+    // going. A fast ping keeps a few packets held at every change.
+    let burst = std::thread::scope(|s| {
+        let pinger = s.spawn(|| {
+            let out = run_bounded(
+                r0.command(&["ping", "-n", "-q", "-c", "300", "-i", "0.005", &wan1]),
+                b"",
+                Duration::from_secs(30),
+            );
+            out.stdout
+        });
+        for on in [true, false].repeat(5) {
+            sleep(Duration::from_millis(100));
+            lab.set_router_firewall(sites[0], on);
+        }
+        pinger.join().expect("pinger")
+    });
+    eprintln!("fast ping across ruleset changes: {burst}");
+    let rtts = ping_rtts(r0, &wan1, 3);
+    assert_eq!(rtts.len(), 3, "ping lost packets after ruleset changes");
+    assert!(rtts.iter().all(|r| *r >= 2 * delay), "{rtts:?}");
+
+    let stun = StunServer::start(lab.internet(), SocketAddr::new(lab.server_addr(), 3478));
+    let sock = udp(&lab.node(node).ns, PORT);
+    let t = Instant::now();
+    let ext = mapped(&sock, stun.addr());
+    let took = t.elapsed();
+    eprintln!("STUN round trip behind one delayed router: {took:?}, mapped {ext}");
+    assert!(took >= delay, "{took:?}");
+    assert_eq!(ext.ip(), lab.wan_addr(sites[0]).expect("wan"));
+
+    let rules = |r: &Netns| {
+        r.ok(&[
+            "iptables-legacy",
+            "-w",
+            "5",
+            "-t",
+            "raw",
+            "-S",
+            "PREROUTING",
+        ])
+    };
+    assert!(rules(r0).contains("NFQUEUE"), "{}", rules(r0));
+    lab.set_wan_delay(sites[0], Duration::ZERO);
+    assert!(!rules(r0).contains("NFQUEUE"), "{}", rules(r0));
+    assert_eq!(lab.wan_delay(sites[0]), (Duration::ZERO, 0));
+    // Undelayed again: the answer still comes (no packet is lost on removal).
+    assert!(stun_binding(&sock, stun.addr(), STUN_TIMEOUT).is_ok());
+    let threads = |name: &str| {
+        std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim_end().starts_with(name))
+            })
+            .count()
+    };
+    // Thread names are cut to 15 bytes: "delay-" and the router's name.
+    let r1_thread = format!("delay-{}", lab.router(sites[1]).expect("router").name());
+    let r1_thread: String = r1_thread.chars().take(15).collect();
+    assert_eq!(threads(&r1_thread), 1, "the other site's holder runs");
+    drop(stun);
+    drop(lab);
+    assert_eq!(threads(&r1_thread), 0, "a holder outlived the lab");
+}
+
+/// Round-trip times of `count` pings from `ns` to `dst`, user to user
+/// (`-U`): by default ping takes the reply's receive time from the kernel's
+/// timestamp, set before the packet is queued, which leaves out a delay on
+/// the way in.
+fn ping_rtts(ns: &Netns, dst: &str, count: u32) -> Vec<Duration> {
+    let out = run_bounded(
+        ns.command(&[
+            "ping",
+            "-n",
+            "-U",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            dst,
+        ]),
+        b"",
+        Duration::from_secs(20),
+    );
+    out.stdout
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .collect()
+}
+
 /// Case 3: the default lab router, with a stateful input firewall on the
 /// WAN. The early datagram is dropped in the input hook before its
 /// conntrack entry is confirmed, so no entry remains, B's mapping keeps

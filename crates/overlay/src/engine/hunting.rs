@@ -1,6 +1,7 @@
 //! The engine's side of birthday probing ([`crate::hunt`]): the HUNT
 //! messages, the cone side's probes, the symmetric side's spare sockets
-//! (asked of the caller by index, [`Event::OpenSpares`]).
+//! (asked of the caller by index, [`Event::OpenSpares`]) in waves, each
+//! when the cone side has probed enough for it.
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -17,9 +18,14 @@ use crate::wire::{kind, Inner, INNER_HEADER};
 /// probing (the Go message's trip, the last probe's answer).
 const GRACE: Duration = Duration::from_secs(3);
 /// The Go message goes over the relay, which may lose it: sent this many
-/// times, this far apart (the cone side ignores a Go while it probes).
+/// times, this far apart (the cone side ignores a Go while it probes),
+/// until the peer asks for a wave.
 const GO_TIMES: u8 = 3;
 const GO_EVERY: Duration = Duration::from_secs(1);
+/// The first wave goes this long after the Go if the peer has not asked
+/// for it: its Fire was lost, or an older agent that probes without
+/// asking (behind a firewalled cone one wave is enough for it).
+const FIRST_WAVE_ANYWAY: Duration = Duration::from_secs(3);
 
 /// What birthday probing cost and found, for `peers`/metrics and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -35,14 +41,21 @@ pub struct HuntStats {
     pub found: u64,
 }
 
-/// A hunt whose sockets are asked for or out (one at a time per node).
+/// The symmetric side's hunt under way (one at a time per node).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Current {
     peer: PeerId,
+    /// The current wave's sockets (none before the first wave).
     first: u32,
     count: u32,
+    /// Waves opened so far.
+    wave: u32,
+    started: Instant,
     until: Instant,
+    /// The current wave's sockets are out.
     ready: bool,
+    /// The peer asked for a wave: it has the Go.
+    heard: bool,
     /// Go messages sent, the last when.
     gos: u8,
     go_at: Instant,
@@ -86,12 +99,12 @@ impl Overlay {
 
     /// Spare sockets `first..first + count` are open (fewer than asked if
     /// the caller could not open them all): one datagram leaves each
-    /// toward the peer's endpoints, then the peer is told to probe.
+    /// toward the peer's endpoints (the peer has probed for them).
     pub fn spares_opened(&mut self, now: Instant, first: u32, count: u32, io: &mut dyn Io) {
         self.hunter.open.extend(first..first.saturating_add(count));
         let cur = self.hunter.current.as_mut();
         let Some(cur) = cur.filter(|c| c.first == first && !c.ready && count > 0) else {
-            self.close_unused(None);
+            self.close_unused(self.hunter.current);
             return;
         };
         cur.ready = true;
@@ -105,7 +118,8 @@ impl Overlay {
             .filter(|c| c.class == Rank::Direct && c.addr.is_ipv4())
             .map(|c| c.addr)
             .collect();
-        tracing::info!(peer = %p.info.node, ports = count, targets = ?targets, "hunt: spare ports out, asking the peer to probe");
+        let wave = cur.wave;
+        tracing::info!(peer = %p.info.node, wave, ports = count, targets = ?targets, "hunt: spare ports out");
         for i in first..first + count {
             for t in &targets {
                 let to = PathAddr {
@@ -119,17 +133,15 @@ impl Overlay {
             }
         }
         self.hunter.stats.ports += u64::from(count);
-        self.hunter.stats.hunts += 1;
-        self.send_go(now, io);
     }
 
     /// Tells the peer of the hunt under way to probe (again, while the
-    /// relay may have lost it).
+    /// relay may have lost it and the peer has not asked for a wave).
     fn send_go(&mut self, now: Instant, io: &mut dyn Io) {
         let (Some(c), Some(ip)) = (self.hunter.current.as_mut(), self.hunter.public) else {
             return;
         };
-        if !c.ready || c.gos >= GO_TIMES || (c.gos > 0 && now < c.go_at + GO_EVERY) {
+        if c.heard || c.gos >= GO_TIMES || (c.gos > 0 && now < c.go_at + GO_EVERY) {
             return;
         }
         c.gos += 1;
@@ -164,7 +176,7 @@ impl Overlay {
                     p.hunt.hello_at = Some(now);
                     self.send_hunt(now, peer_id, Msg::Hello(ours), io);
                 }
-                self.open_if_due(now, peer_id);
+                self.open_if_due(now, peer_id, io);
             }
             Msg::Go(ip) => {
                 // Only an address the peer's record publishes: the message
@@ -176,7 +188,34 @@ impl Overlay {
                     sooner(&mut self.deadlines, p, peer_id, now, Wake::Probe);
                 }
             }
+            Msg::Fire(wave) => self.open_wave(peer_id, u32::from(wave)),
         }
+    }
+
+    /// As the symmetric side: the peer has probed enough for `wave`, or
+    /// the first wave is due anyway. The last wave's sockets no path uses
+    /// are closed (their datagrams are out: a bare cone router has made
+    /// them entries to itself, and a later probe to one of them leaves from
+    /// another port), fresh ones opened.
+    fn open_wave(&mut self, peer_id: PeerId, wave: u32) {
+        let waves = self.cfg.hunt.waves;
+        let Some(c) = self.hunter.current.as_mut().filter(|c| c.peer == peer_id) else {
+            return;
+        };
+        c.heard |= wave > 0;
+        let wave = wave.max(1);
+        if wave <= c.wave || wave > waves {
+            return;
+        }
+        let (first, count) = (self.hunter.next, self.cfg.hunt.ports);
+        self.hunter.next = first.wrapping_add(count);
+        c.wave = wave;
+        c.first = first;
+        c.count = count;
+        c.ready = false;
+        self.close_unused(None);
+        tracing::info!(peer = ?peer_id, wave, count, "hunt: opening spare ports");
+        self.push_event(Event::OpenSpares { first, count });
     }
 
     fn send_hunt(&mut self, now: Instant, peer_id: PeerId, msg: Msg, io: &mut dyn Io) {
@@ -184,9 +223,10 @@ impl Overlay {
         self.send_inner(now, peer_id, None, Inner::plain(kind::HUNT), Msg::LEN, io);
     }
 
-    /// As the symmetric side: asks for spare sockets when the peer is a
-    /// cone, nothing else is hunted, and our public IP is known.
-    fn open_if_due(&mut self, now: Instant, peer_id: PeerId) {
+    /// As the symmetric side: starts a hunt (the peer probes first, our
+    /// sockets follow in waves) when the peer is a cone, nothing else is
+    /// hunted, and our public IP is known.
+    fn open_if_due(&mut self, now: Instant, peer_id: PeerId, io: &mut dyn Io) {
         let (cfg, ours) = (&self.cfg.hunt, self.hunter.mapping);
         let free = self.hunter.current.is_none() && self.hunter.public.is_some();
         let pending = self.hunt_pending(peer_id);
@@ -196,27 +236,24 @@ impl Overlay {
         if !cfg.enabled || !free || !p.hunt.should_open(now, ours, pending) {
             return;
         }
-        let (first, count) = (self.hunter.next, cfg.ports);
-        self.hunter.next = first.wrapping_add(count);
         p.hunt.next_round = Some(now + cfg.again);
+        let first = self.hunter.next;
         self.hunter.current = Some(Current {
             peer: peer_id,
             first,
-            count,
+            count: 0,
+            wave: 0,
+            started: now,
             until: now + cfg.limit + GRACE,
             ready: false,
+            heard: false,
             gos: 0,
             go_at: now,
         });
-        tracing::info!(peer = %p.info.node, count, "hunt: opening spare ports");
-        sooner(
-            &mut self.deadlines,
-            p,
-            peer_id,
-            now + cfg.limit + GRACE,
-            Wake::Probe,
-        );
-        self.push_event(Event::OpenSpares { first, count });
+        tracing::info!(peer = %p.info.node, "hunt: asking the peer to probe");
+        sooner(&mut self.deadlines, p, peer_id, now + GO_EVERY, Wake::Probe);
+        self.hunter.stats.hunts += 1;
+        self.send_go(now, io);
     }
 
     /// Moves peer `peer_id`'s hunt on (from its path timers).
@@ -229,14 +266,17 @@ impl Overlay {
         };
         let before = p.hunt.spray;
         let action = p.hunt.tick(now, &cfg, pending, ours);
-        p.paths.hunting = p.hunt.spray.is_some();
+        p.paths.hunting = p.hunt.hunting();
         match action {
             Action::None => {}
             Action::Hello => {
                 self.send_hunt(now, peer_id, Msg::Hello(ours), io);
-                self.open_if_due(now, peer_id);
+                self.open_if_due(now, peer_id, io);
             }
-            Action::Probe(n) => self.spray(now, peer_id, n, io),
+            Action::Probe(n) => {
+                self.spray(now, peer_id, n, io);
+                self.ask_for_wave(now, peer_id, io);
+            }
             Action::Done => {
                 let found = !pending;
                 self.hunter.stats.found += u64::from(found);
@@ -245,9 +285,30 @@ impl Overlay {
             }
         }
         self.end_if_done(now, peer_id);
-        if self.hunter.current.is_some_and(|c| c.peer == peer_id) {
+        if let Some(c) = self.hunter.current.filter(|c| c.peer == peer_id) {
+            if c.wave == 0 && now >= c.started + FIRST_WAVE_ANYWAY {
+                self.open_wave(peer_id, 0);
+            }
             self.send_go(now, io);
         }
+    }
+
+    /// As the cone side: asks the peer for its next wave of sockets once
+    /// our probes add up to it (over the relay; a lost one is skipped, the
+    /// next wave asked for later).
+    fn ask_for_wave(&mut self, now: Instant, peer_id: PeerId, io: &mut dyn Io) {
+        let cfg = &self.cfg.hunt;
+        let Some(s) = peer_mut(&mut self.peers, peer_id).and_then(|p| p.hunt.spray.as_mut()) else {
+            return;
+        };
+        let Some(wave) = s.wave_due(cfg) else {
+            return;
+        };
+        s.waves = wave;
+        let sent = s.sent;
+        tracing::debug!(peer = ?peer_id, wave, probes = sent, "hunt: asking for a wave");
+        let wave = u8::try_from(wave).unwrap_or(u8::MAX);
+        self.send_hunt(now, peer_id, Msg::Fire(wave), io);
     }
 
     /// Relayed, and no direct path answers: what a hunt is for.
@@ -368,8 +429,11 @@ impl Overlay {
         let cur = self.hunter.current.filter(|c| c.peer == peer_id);
         let spares = cur.map(|c| c.until);
         let go = cur
-            .filter(|c| c.ready && c.gos < GO_TIMES)
+            .filter(|c| !c.heard && c.gos < GO_TIMES)
             .map(|c| c.go_at + GO_EVERY);
-        own.into_iter().chain(spares).chain(go).min()
+        let first_wave = cur
+            .filter(|c| c.wave == 0)
+            .map(|c| c.started + FIRST_WAVE_ANYWAY);
+        (own.into_iter().chain(spares).chain(go).chain(first_wave)).min()
     }
 }

@@ -311,14 +311,24 @@ fn cone_symmetric_pairs_go_direct_by_birthday_probing_within_bounds() {
             let (took, methods, st, sim) =
                 hunt_pair(seed, &kinds, "direct", Duration::from_secs(60), None)?;
             if methods != ["predicted", "predicted"] {
-                return Err(format!("{kinds:?}: direct by {methods:?}"));
+                let paths: Vec<_> = (0..2)
+                    .map(|n| {
+                        sim.nodes[n]
+                            .stack
+                            .overlay
+                            .status()
+                            .first()
+                            .and_then(|p| p.path)
+                    })
+                    .collect();
+                return Err(format!("{kinds:?}: direct by {methods:?} on {paths:?}"));
             }
             let (hard, easy) = if kinds[0] == Symmetric {
                 (st[0], st[1])
             } else {
                 (st[1], st[0])
             };
-            if hard.ports != u64::from(cfg.ports) || hard.port_datagrams != hard.ports {
+            if !within_waves(&hard, &cfg) {
                 return Err(format!("{kinds:?}: hard side {hard:?}"));
             }
             if easy.probes == 0 || easy.probes > cap || easy.ports != 0 || hard.probes != 0 {
@@ -334,6 +344,17 @@ fn cone_symmetric_pairs_go_direct_by_birthday_probing_within_bounds() {
         }
         Ok(notes.join("; "))
     });
+}
+
+/// The hard side opened whole waves of `ports` sockets, at least one and
+/// at most `waves`, and sent one datagram from each (the cone publishes
+/// one endpoint).
+fn within_waves(hard: &crate::engine::HuntStats, cfg: &crate::hunt::HuntConfig) -> bool {
+    let per = u64::from(cfg.ports);
+    hard.ports >= per
+        && hard.ports % per == 0
+        && hard.ports <= per * u64::from(cfg.waves)
+        && hard.port_datagrams == hard.ports
 }
 
 /// Symmetric on both sides, each knowing it: no hunt (a hit would need two
@@ -377,5 +398,55 @@ fn symmetric_pairs_do_not_hunt_and_without_the_hunt_cone_symmetric_stays_relayed
             ));
         }
         Ok("symmetric pair relayed, no hunt; cone-symmetric without the hunt relayed".into())
+    });
+}
+
+/// Issue 25: a symmetric NAT and a bare Linux gateway (a port-preserving
+/// cone whose router turns unsolicited datagrams into entries to itself,
+/// natlab.md case 1) go direct by birthday probing too, within the same
+/// bounds as with a firewalled cone.
+#[test]
+fn symmetric_and_bare_gateway_pairs_go_direct_by_birthday_probing_within_bounds() {
+    use NatKind::*;
+    let cfg = crate::hunt::HuntConfig::default();
+    let cap = u64::from(cfg.rate) * cfg.limit.as_secs();
+    each_seed(|seed| {
+        let mut notes = Vec::new();
+        for kinds in [[Masquerade, Symmetric], [Symmetric, Masquerade]] {
+            let (took, methods, st, sim) =
+                hunt_pair(seed, &kinds, "direct", Duration::from_secs(60), None)?;
+            if methods != ["predicted", "predicted"] {
+                let paths: Vec<_> = (0..2)
+                    .map(|n| {
+                        sim.nodes[n]
+                            .stack
+                            .overlay
+                            .status()
+                            .first()
+                            .and_then(|p| p.path)
+                    })
+                    .collect();
+                return Err(format!("{kinds:?}: direct by {methods:?} on {paths:?}"));
+            }
+            let (hard, easy) = if kinds[0] == Symmetric {
+                (st[0], st[1])
+            } else {
+                (st[1], st[0])
+            };
+            if !within_waves(&hard, &cfg) {
+                return Err(format!("{kinds:?}: hard side {hard:?}"));
+            }
+            if easy.probes == 0 || easy.probes > cap || easy.ports != 0 || hard.probes != 0 {
+                return Err(format!("{kinds:?}: probes {easy:?} / {hard:?} (cap {cap})"));
+            }
+            if sim.nodes.iter().any(|n| n.spares.len() > 1) {
+                return Err(format!("{kinds:?}: spare sockets left open"));
+            }
+            notes.push(format!(
+                "{kinds:?}: direct after {took:?}, {} probes, {} ports",
+                easy.probes, hard.ports
+            ));
+        }
+        Ok(notes.join("; "))
     });
 }

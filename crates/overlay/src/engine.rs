@@ -581,6 +581,12 @@ impl Overlay {
         self.events.pop_front()
     }
 
+    /// Whether [`Overlay::poll_event`] has something (cheap: for callers
+    /// that drain events only when there are some).
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     fn push_event(&mut self, e: Event) {
         if !self.events.contains(&e) {
             self.events.push_back(e);

@@ -26,6 +26,10 @@ const GO_EVERY: Duration = Duration::from_secs(1);
 /// for it: its Fire was lost, or an older agent that probes without
 /// asking (behind a firewalled cone one wave is enough for it).
 const FIRST_WAVE_ANYWAY: Duration = Duration::from_secs(3);
+/// A wave's sockets stay this long after the next wave opens: a hit's
+/// answer may still be on its way (the peer asks for the next wave
+/// without knowing whether the last one got in).
+const LAST_WAVE_KEPT: Duration = Duration::from_secs(1);
 
 /// What birthday probing cost and found, for `peers`/metrics and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +54,8 @@ pub(super) struct Current {
     count: u32,
     /// Waves opened so far.
     wave: u32,
+    /// The wave before (first, count), kept until then.
+    last: Option<(u32, u32, Instant)>,
     started: Instant,
     until: Instant,
     /// The current wave's sockets are out.
@@ -188,7 +194,7 @@ impl Overlay {
                     sooner(&mut self.deadlines, p, peer_id, now, Wake::Probe);
                 }
             }
-            Msg::Fire(wave) => self.open_wave(peer_id, u32::from(wave)),
+            Msg::Fire(wave) => self.open_wave(now, peer_id, u32::from(wave)),
         }
     }
 
@@ -197,7 +203,7 @@ impl Overlay {
     /// are closed (their datagrams are out: a bare cone router has made
     /// them entries to itself, and a later probe to one of them leaves from
     /// another port), fresh ones opened.
-    fn open_wave(&mut self, peer_id: PeerId, wave: u32) {
+    fn open_wave(&mut self, now: Instant, peer_id: PeerId, wave: u32) {
         let waves = self.cfg.hunt.waves;
         let Some(c) = self.hunter.current.as_mut().filter(|c| c.peer == peer_id) else {
             return;
@@ -209,11 +215,13 @@ impl Overlay {
         }
         let (first, count) = (self.hunter.next, self.cfg.hunt.ports);
         self.hunter.next = first.wrapping_add(count);
+        c.last = (c.wave > 0).then_some((c.first, c.count, now + LAST_WAVE_KEPT));
         c.wave = wave;
         c.first = first;
         c.count = count;
         c.ready = false;
-        self.close_unused(None);
+        let keep = *c;
+        self.close_unused(Some(keep));
         tracing::info!(peer = ?peer_id, wave, count, "hunt: opening spare ports");
         self.push_event(Event::OpenSpares { first, count });
     }
@@ -243,6 +251,7 @@ impl Overlay {
             first,
             count: 0,
             wave: 0,
+            last: None,
             started: now,
             until: now + cfg.limit + GRACE,
             ready: false,
@@ -287,7 +296,14 @@ impl Overlay {
         self.end_if_done(now, peer_id);
         if let Some(c) = self.hunter.current.filter(|c| c.peer == peer_id) {
             if c.wave == 0 && now >= c.started + FIRST_WAVE_ANYWAY {
-                self.open_wave(peer_id, 0);
+                self.open_wave(now, peer_id, 0);
+            }
+            if c.last.is_some_and(|(_, _, until)| now >= until) {
+                let cur = self.hunter.current.as_mut().map(|c| {
+                    c.last = None;
+                    *c
+                });
+                self.close_unused(cur);
             }
             self.send_go(now, io);
         }
@@ -408,7 +424,12 @@ impl Overlay {
                 _ => None,
             })
             .collect();
-        let keep = |i: &u32| keep.is_some_and(|c| (c.first..c.first + c.count).contains(i));
+        let keep = |i: &u32| {
+            keep.is_some_and(|c| {
+                let last = c.last.is_some_and(|(f, n, _)| (f..f + n).contains(i));
+                last || (c.first..c.first + c.count).contains(i)
+            })
+        };
         let close: Vec<u32> = (self.hunter.open.iter())
             .filter(|i| !used.contains(i) && !keep(i))
             .copied()
@@ -434,6 +455,12 @@ impl Overlay {
         let first_wave = cur
             .filter(|c| c.wave == 0)
             .map(|c| c.started + FIRST_WAVE_ANYWAY);
-        (own.into_iter().chain(spares).chain(go).chain(first_wave)).min()
+        let last = cur.and_then(|c| c.last).map(|(_, _, until)| until);
+        (own.into_iter()
+            .chain(spares)
+            .chain(go)
+            .chain(first_wave)
+            .chain(last))
+        .min()
     }
 }

@@ -366,7 +366,7 @@ fn found_by_the_hunt(methods: &[&str], symmetric_first: bool) -> bool {
 fn within_waves(hard: &crate::engine::HuntStats, cfg: &crate::hunt::HuntConfig) -> bool {
     let per = u64::from(cfg.ports);
     hard.ports >= per
-        && hard.ports % per == 0
+        && hard.ports.is_multiple_of(per)
         && hard.ports <= per * u64::from(cfg.waves)
         && hard.port_datagrams == hard.ports
 }

@@ -30,6 +30,8 @@ const FIRST_WAVE_ANYWAY: Duration = Duration::from_secs(3);
 /// answer may still be on its way (the peer asks for the next wave
 /// without knowing whether the last one got in).
 const LAST_WAVE_KEPT: Duration = Duration::from_secs(1);
+/// Paths through spare sockets kept per peer, at most.
+const SPARE_PATHS: usize = 4;
 
 /// What birthday probing cost and found, for `peers`/metrics and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -335,32 +337,32 @@ impl Overlay {
         })
     }
 
-    /// A burst of probes can hit several of our mappings: one path through
-    /// a spare socket is kept (the active one, else the first that
-    /// answers), the others and their sockets go.
+    /// A wave can hit several of our mappings at once (all the probes
+    /// before it count), and the peer picks its own path among those it
+    /// learned: the spare paths that answer are kept (the active one and
+    /// up to [`SPARE_PATHS`] in all), so that whichever the peer uses
+    /// still reaches a socket; the others, and those that stop answering,
+    /// go with their sockets.
     fn one_spare_path(&mut self, peer_id: PeerId) {
         let pcfg = &self.cfg.paths;
         let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
-        let spare = |a: PathAddr| match a.via {
-            Via::Spare(i) => Some(i),
-            _ => None,
-        };
-        let n = p
-            .paths
-            .list
-            .iter()
-            .filter(|x| spare(x.addr).is_some())
-            .count();
-        if n < 2 {
+        let active = p.paths.active_addr();
+        let before = p.paths.list.len();
+        let mut kept = usize::from(active.is_some_and(|a| matches!(a.via, Via::Spare(_))));
+        p.paths.list.retain(|x| {
+            if !matches!(x.addr.via, Via::Spare(_)) || Some(x.addr) == active {
+                return true;
+            }
+            let keep = x.alive(pcfg) && kept < SPARE_PATHS;
+            kept += usize::from(keep);
+            keep
+        });
+        if p.paths.list.len() == before {
             return;
         }
-        let alive = (p.paths.list.iter())
-            .filter(|x| x.alive(pcfg))
-            .find_map(|x| spare(x.addr));
-        let keep = p.paths.active_addr().and_then(spare).or(alive);
-        p.paths.drop_spares_but(keep);
+        p.paths.active = active.and_then(|a| p.paths.find(&a));
         if self.hunter.current.is_none_or(|c| c.peer != peer_id) {
             self.close_unused(self.hunter.current);
         }

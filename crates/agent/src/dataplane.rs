@@ -44,7 +44,8 @@ const TOKEN_UDP_OWN: u64 = 1 << 32;
 /// Tokens of the spare sockets of birthday probing: this plus the index
 /// (above every TURN server's own).
 const TOKEN_SPARE: u64 = 1 << 48;
-/// Spare sockets open at once, at most (a hunt asks for 256).
+/// Spare sockets open at once, at most (a hunt asks for waves of 256, two
+/// of them open for a second when the next opens).
 const MAX_SPARES: usize = 1024;
 /// Frames read from a device per wake-up before the socket gets a turn.
 const DEVICE_BUDGET: usize = 64;

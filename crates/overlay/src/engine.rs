@@ -581,6 +581,12 @@ impl Overlay {
         self.events.pop_front()
     }
 
+    /// Whether [`Overlay::poll_event`] has something (cheap: for callers
+    /// that drain events only when there are some).
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     fn push_event(&mut self, e: Event) {
         if !self.events.contains(&e) {
             self.events.push_back(e);
@@ -1952,7 +1958,7 @@ impl Overlay {
             // no decision, and keeps the table to the sources still limited.
             self.hs_per_ip.retain(|_, b| !b.idle(now));
             self.switch.expire(now);
-            self.hunt_housekeeping(now);
+            self.hunt_housekeeping(now, io);
             self.housekeeping = self.on_grid(now + HOUSEKEEPING);
         }
         let mut due = std::mem::take(&mut self.due);

@@ -238,6 +238,12 @@ impl Stack {
                 let _ = ov.from_network(now, PathAddr::direct(from), d, &mut rio);
             }
         }
+        // What a datagram asked of the caller (a hunt's spare sockets, on a
+        // message relayed through the peer's allocation) goes out now, not
+        // at the next timeout; datagrams that ask nothing skip the pump.
+        if self.overlay.has_events() {
+            self.pump(now, io);
+        }
     }
 
     /// Bytes from the TCP connection of TURN server `conn`.

@@ -1,6 +1,7 @@
 //! The engine's side of birthday probing ([`crate::hunt`]): the HUNT
 //! messages, the cone side's probes, the symmetric side's spare sockets
-//! (asked of the caller by index, [`Event::OpenSpares`]).
+//! (asked of the caller by index, [`Event::OpenSpares`]) in waves, each
+//! when the cone side has probed enough for it.
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -17,9 +18,20 @@ use crate::wire::{kind, Inner, INNER_HEADER};
 /// probing (the Go message's trip, the last probe's answer).
 const GRACE: Duration = Duration::from_secs(3);
 /// The Go message goes over the relay, which may lose it: sent this many
-/// times, this far apart (the cone side ignores a Go while it probes).
+/// times, this far apart (the cone side ignores a Go while it probes),
+/// until the peer asks for a wave.
 const GO_TIMES: u8 = 3;
 const GO_EVERY: Duration = Duration::from_secs(1);
+/// The first wave goes this long after the Go if the peer has not asked
+/// for it: its Fire was lost, or an older agent that probes without
+/// asking (behind a firewalled cone one wave is enough for it).
+const FIRST_WAVE_ANYWAY: Duration = Duration::from_secs(3);
+/// A wave's sockets stay this long after the next wave opens: a hit's
+/// answer may still be on its way (the peer asks for the next wave
+/// without knowing whether the last one got in).
+const LAST_WAVE_KEPT: Duration = Duration::from_secs(1);
+/// Paths through spare sockets kept per peer, at most.
+const SPARE_PATHS: usize = 4;
 
 /// What birthday probing cost and found, for `peers`/metrics and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -35,14 +47,23 @@ pub struct HuntStats {
     pub found: u64,
 }
 
-/// A hunt whose sockets are asked for or out (one at a time per node).
+/// The symmetric side's hunt under way (one at a time per node).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Current {
     peer: PeerId,
+    /// The current wave's sockets (none before the first wave).
     first: u32,
     count: u32,
+    /// Waves opened so far.
+    wave: u32,
+    /// The wave before (first, count), kept until then.
+    last: Option<(u32, u32, Instant)>,
+    started: Instant,
     until: Instant,
+    /// The current wave's sockets are out.
     ready: bool,
+    /// The peer asked for a wave: it has the Go.
+    heard: bool,
     /// Go messages sent, the last when.
     gos: u8,
     go_at: Instant,
@@ -86,12 +107,12 @@ impl Overlay {
 
     /// Spare sockets `first..first + count` are open (fewer than asked if
     /// the caller could not open them all): one datagram leaves each
-    /// toward the peer's endpoints, then the peer is told to probe.
+    /// toward the peer's endpoints (the peer has probed for them).
     pub fn spares_opened(&mut self, now: Instant, first: u32, count: u32, io: &mut dyn Io) {
         self.hunter.open.extend(first..first.saturating_add(count));
         let cur = self.hunter.current.as_mut();
         let Some(cur) = cur.filter(|c| c.first == first && !c.ready && count > 0) else {
-            self.close_unused(None);
+            self.close_unused(self.hunter.current);
             return;
         };
         cur.ready = true;
@@ -105,7 +126,8 @@ impl Overlay {
             .filter(|c| c.class == Rank::Direct && c.addr.is_ipv4())
             .map(|c| c.addr)
             .collect();
-        tracing::info!(peer = %p.info.node, ports = count, targets = ?targets, "hunt: spare ports out, asking the peer to probe");
+        let wave = cur.wave;
+        tracing::info!(peer = %p.info.node, wave, ports = count, targets = ?targets, "hunt: spare ports out");
         for i in first..first + count {
             for t in &targets {
                 let to = PathAddr {
@@ -119,17 +141,15 @@ impl Overlay {
             }
         }
         self.hunter.stats.ports += u64::from(count);
-        self.hunter.stats.hunts += 1;
-        self.send_go(now, io);
     }
 
     /// Tells the peer of the hunt under way to probe (again, while the
-    /// relay may have lost it).
+    /// relay may have lost it and the peer has not asked for a wave).
     fn send_go(&mut self, now: Instant, io: &mut dyn Io) {
         let (Some(c), Some(ip)) = (self.hunter.current.as_mut(), self.hunter.public) else {
             return;
         };
-        if !c.ready || c.gos >= GO_TIMES || (c.gos > 0 && now < c.go_at + GO_EVERY) {
+        if c.heard || c.gos >= GO_TIMES || (c.gos > 0 && now < c.go_at + GO_EVERY) {
             return;
         }
         c.gos += 1;
@@ -164,7 +184,7 @@ impl Overlay {
                     p.hunt.hello_at = Some(now);
                     self.send_hunt(now, peer_id, Msg::Hello(ours), io);
                 }
-                self.open_if_due(now, peer_id);
+                self.open_if_due(now, peer_id, io);
             }
             Msg::Go(ip) => {
                 // Only an address the peer's record publishes: the message
@@ -176,7 +196,36 @@ impl Overlay {
                     sooner(&mut self.deadlines, p, peer_id, now, Wake::Probe);
                 }
             }
+            Msg::Fire(wave) => self.open_wave(now, peer_id, u32::from(wave)),
         }
+    }
+
+    /// As the symmetric side: the peer has probed enough for `wave`, or
+    /// the first wave is due anyway. The last wave's sockets no path uses
+    /// are closed (their datagrams are out: a bare cone router has made
+    /// them entries to itself, and a later probe to one of them leaves from
+    /// another port), fresh ones opened.
+    fn open_wave(&mut self, now: Instant, peer_id: PeerId, wave: u32) {
+        let waves = self.cfg.hunt.waves;
+        let Some(c) = self.hunter.current.as_mut().filter(|c| c.peer == peer_id) else {
+            return;
+        };
+        c.heard |= wave > 0;
+        let wave = wave.max(1);
+        if wave <= c.wave || wave > waves {
+            return;
+        }
+        let (first, count) = (self.hunter.next, self.cfg.hunt.ports);
+        self.hunter.next = first.wrapping_add(count);
+        c.last = (c.wave > 0).then_some((c.first, c.count, now + LAST_WAVE_KEPT));
+        c.wave = wave;
+        c.first = first;
+        c.count = count;
+        c.ready = false;
+        let keep = *c;
+        self.close_unused(Some(keep));
+        tracing::info!(peer = ?peer_id, wave, count, "hunt: opening spare ports");
+        self.push_event(Event::OpenSpares { first, count });
     }
 
     fn send_hunt(&mut self, now: Instant, peer_id: PeerId, msg: Msg, io: &mut dyn Io) {
@@ -184,9 +233,10 @@ impl Overlay {
         self.send_inner(now, peer_id, None, Inner::plain(kind::HUNT), Msg::LEN, io);
     }
 
-    /// As the symmetric side: asks for spare sockets when the peer is a
-    /// cone, nothing else is hunted, and our public IP is known.
-    fn open_if_due(&mut self, now: Instant, peer_id: PeerId) {
+    /// As the symmetric side: starts a hunt (the peer probes first, our
+    /// sockets follow in waves) when the peer is a cone, nothing else is
+    /// hunted, and our public IP is known.
+    fn open_if_due(&mut self, now: Instant, peer_id: PeerId, io: &mut dyn Io) {
         let (cfg, ours) = (&self.cfg.hunt, self.hunter.mapping);
         let free = self.hunter.current.is_none() && self.hunter.public.is_some();
         let pending = self.hunt_pending(peer_id);
@@ -196,27 +246,25 @@ impl Overlay {
         if !cfg.enabled || !free || !p.hunt.should_open(now, ours, pending) {
             return;
         }
-        let (first, count) = (self.hunter.next, cfg.ports);
-        self.hunter.next = first.wrapping_add(count);
         p.hunt.next_round = Some(now + cfg.again);
+        let first = self.hunter.next;
         self.hunter.current = Some(Current {
             peer: peer_id,
             first,
-            count,
+            count: 0,
+            wave: 0,
+            last: None,
+            started: now,
             until: now + cfg.limit + GRACE,
             ready: false,
+            heard: false,
             gos: 0,
             go_at: now,
         });
-        tracing::info!(peer = %p.info.node, count, "hunt: opening spare ports");
-        sooner(
-            &mut self.deadlines,
-            p,
-            peer_id,
-            now + cfg.limit + GRACE,
-            Wake::Probe,
-        );
-        self.push_event(Event::OpenSpares { first, count });
+        tracing::info!(peer = %p.info.node, "hunt: asking the peer to probe");
+        sooner(&mut self.deadlines, p, peer_id, now + GO_EVERY, Wake::Probe);
+        self.hunter.stats.hunts += 1;
+        self.send_go(now, io);
     }
 
     /// Moves peer `peer_id`'s hunt on (from its path timers).
@@ -229,14 +277,17 @@ impl Overlay {
         };
         let before = p.hunt.spray;
         let action = p.hunt.tick(now, &cfg, pending, ours);
-        p.paths.hunting = p.hunt.spray.is_some();
+        p.paths.hunting = p.hunt.hunting();
         match action {
             Action::None => {}
             Action::Hello => {
                 self.send_hunt(now, peer_id, Msg::Hello(ours), io);
-                self.open_if_due(now, peer_id);
+                self.open_if_due(now, peer_id, io);
             }
-            Action::Probe(n) => self.spray(now, peer_id, n, io),
+            Action::Probe(n) => {
+                self.spray(now, peer_id, n, io);
+                self.ask_for_wave(now, peer_id, io);
+            }
             Action::Done => {
                 let found = !pending;
                 self.hunter.stats.found += u64::from(found);
@@ -244,10 +295,38 @@ impl Overlay {
                 tracing::info!(peer = %p.info.node, found, probes = sent, took = ?took, "hunt: probing ended");
             }
         }
-        self.end_if_done(now, peer_id);
-        if self.hunter.current.is_some_and(|c| c.peer == peer_id) {
+        self.end_if_done(now, peer_id, io);
+        if let Some(c) = self.hunter.current.filter(|c| c.peer == peer_id) {
+            if c.wave == 0 && now >= c.started + FIRST_WAVE_ANYWAY {
+                self.open_wave(now, peer_id, 0);
+            }
+            if c.last.is_some_and(|(_, _, until)| now >= until) {
+                let cur = self.hunter.current.as_mut().map(|c| {
+                    c.last = None;
+                    *c
+                });
+                self.close_unused(cur);
+            }
             self.send_go(now, io);
         }
+    }
+
+    /// As the cone side: asks the peer for its next wave of sockets once
+    /// our probes add up to it (over the relay; a lost one is skipped, the
+    /// next wave asked for later).
+    fn ask_for_wave(&mut self, now: Instant, peer_id: PeerId, io: &mut dyn Io) {
+        let cfg = &self.cfg.hunt;
+        let Some(s) = peer_mut(&mut self.peers, peer_id).and_then(|p| p.hunt.spray.as_mut()) else {
+            return;
+        };
+        let Some(wave) = s.wave_due(cfg) else {
+            return;
+        };
+        s.waves = wave;
+        let sent = s.sent;
+        tracing::debug!(peer = ?peer_id, wave, probes = sent, "hunt: asking for a wave");
+        let wave = u8::try_from(wave).unwrap_or(u8::MAX);
+        self.send_hunt(now, peer_id, Msg::Fire(wave), io);
     }
 
     /// Relayed, and no direct path answers: what a hunt is for.
@@ -258,32 +337,32 @@ impl Overlay {
         })
     }
 
-    /// A burst of probes can hit several of our mappings: one path through
-    /// a spare socket is kept (the active one, else the first that
-    /// answers), the others and their sockets go.
+    /// A wave can hit several of our mappings at once (all the probes
+    /// before it count), and the peer picks its own path among those it
+    /// learned: the spare paths that answer are kept (the active one and
+    /// up to [`SPARE_PATHS`] in all), so that whichever the peer uses
+    /// still reaches a socket; the others, and those that stop answering,
+    /// go with their sockets.
     fn one_spare_path(&mut self, peer_id: PeerId) {
         let pcfg = &self.cfg.paths;
         let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
-        let spare = |a: PathAddr| match a.via {
-            Via::Spare(i) => Some(i),
-            _ => None,
-        };
-        let n = p
-            .paths
-            .list
-            .iter()
-            .filter(|x| spare(x.addr).is_some())
-            .count();
-        if n < 2 {
+        let active = p.paths.active_addr();
+        let before = p.paths.list.len();
+        let mut kept = usize::from(active.is_some_and(|a| matches!(a.via, Via::Spare(_))));
+        p.paths.list.retain(|x| {
+            if !matches!(x.addr.via, Via::Spare(_)) || Some(x.addr) == active {
+                return true;
+            }
+            let keep = x.alive(pcfg) && kept < SPARE_PATHS;
+            kept += usize::from(keep);
+            keep
+        });
+        if p.paths.list.len() == before {
             return;
         }
-        let alive = (p.paths.list.iter())
-            .filter(|x| x.alive(pcfg))
-            .find_map(|x| spare(x.addr));
-        let keep = p.paths.active_addr().and_then(spare).or(alive);
-        p.paths.drop_spares_but(keep);
+        p.paths.active = active.and_then(|a| p.paths.find(&a));
         if self.hunter.current.is_none_or(|c| c.peer != peer_id) {
             self.close_unused(self.hunter.current);
         }
@@ -310,7 +389,7 @@ impl Overlay {
 
     /// As the symmetric side: the hunt of `peer_id` found its path or ran
     /// out: the sockets no path uses are closed.
-    fn end_if_done(&mut self, now: Instant, peer_id: PeerId) {
+    fn end_if_done(&mut self, now: Instant, peer_id: PeerId, io: &mut dyn Io) {
         let Some(cur) = self.hunter.current.filter(|c| c.peer == peer_id) else {
             return;
         };
@@ -324,7 +403,7 @@ impl Overlay {
             self.hunter.current = None;
             self.one_spare_path(peer_id);
             self.close_unused(None);
-            self.open_next(now);
+            self.open_next(now, io);
         }
     }
 
@@ -335,12 +414,12 @@ impl Overlay {
     /// node's cone peers only the first was hunted in time (natpaths
     /// benchmark: half the cone – symmetric pairs still relayed after
     /// 120 s).
-    fn open_next(&mut self, now: Instant) {
+    fn open_next(&mut self, now: Instant, io: &mut dyn Io) {
         if self.hunter.current.is_some() || self.hunter.mapping != Mapping::Dependent {
             return;
         }
         for peer_id in 0..self.peers.len() as PeerId {
-            self.open_if_due(now, peer_id);
+            self.open_if_due(now, peer_id, io);
             if self.hunter.current.is_some() {
                 return;
             }
@@ -349,7 +428,7 @@ impl Overlay {
 
     /// Closes the spare sockets no path of any peer uses (but those of the
     /// hunt under way); a hunt whose peer went or whose time is up ends.
-    pub(super) fn hunt_housekeeping(&mut self, now: Instant) {
+    pub(super) fn hunt_housekeeping(&mut self, now: Instant, io: &mut dyn Io) {
         if let Some(c) = self.hunter.current {
             let gone = self.peer(c.peer).is_none();
             if gone || now >= c.until {
@@ -357,7 +436,7 @@ impl Overlay {
             }
         }
         self.close_unused(self.hunter.current);
-        self.open_next(now);
+        self.open_next(now, io);
     }
 
     fn close_unused(&mut self, keep: Option<Current>) {
@@ -368,7 +447,12 @@ impl Overlay {
                 _ => None,
             })
             .collect();
-        let keep = |i: &u32| keep.is_some_and(|c| (c.first..c.first + c.count).contains(i));
+        let keep = |i: &u32| {
+            keep.is_some_and(|c| {
+                let last = c.last.is_some_and(|(f, n, _)| (f..f + n).contains(i));
+                last || (c.first..c.first + c.count).contains(i)
+            })
+        };
         let close: Vec<u32> = (self.hunter.open.iter())
             .filter(|i| !used.contains(i) && !keep(i))
             .copied()
@@ -389,8 +473,17 @@ impl Overlay {
         let cur = self.hunter.current.filter(|c| c.peer == peer_id);
         let spares = cur.map(|c| c.until);
         let go = cur
-            .filter(|c| c.ready && c.gos < GO_TIMES)
+            .filter(|c| !c.heard && c.gos < GO_TIMES)
             .map(|c| c.go_at + GO_EVERY);
-        own.into_iter().chain(spares).chain(go).min()
+        let first_wave = cur
+            .filter(|c| c.wave == 0)
+            .map(|c| c.started + FIRST_WAVE_ANYWAY);
+        let last = cur.and_then(|c| c.last).map(|(_, _, until)| until);
+        (own.into_iter()
+            .chain(spares)
+            .chain(go)
+            .chain(first_wave)
+            .chain(last))
+        .min()
     }
 }

@@ -146,11 +146,16 @@ struct Cli {
     scale_timeout: u64,
 
     /// Seconds each phase (before, after) of the natpaths section watches
-    /// the NAT lab's pairs: long enough for the first two silence-and-
-    /// alternate attempts (coordinator first, peer first) at the default
-    /// 30 s NAT timeout.
-    #[arg(long, default_value_t = 120)]
+    /// the NAT lab's pairs: long enough for the three silence-and-
+    /// alternate attempts (coordinator first, peer first, both at once:
+    /// the last ~150-160 s after the start) at the default 30 s NAT timeout.
+    #[arg(long, default_value_t = 180)]
     nat_window: u64,
+
+    /// One-way delay in ms into every router of the natpaths section's NAT
+    /// lab (0: none, the lab's default).
+    #[arg(long, default_value_t = 15)]
+    nat_delay_ms: u64,
 
     /// Rounds of both phases in the natpaths section.
     #[arg(long, default_value_t = 2)]
@@ -256,6 +261,7 @@ fn main() -> ExitCode {
                 q("nat-window", cli.nat_window as usize, 30) as u64
             ),
             rounds: q("nat-rounds", cli.nat_rounds, 1),
+            delay: std::time::Duration::from_millis(cli.nat_delay_ms),
         },
         peermem: evio_bench::peermem::Opts {
             peers: if cli.quick && !explicit("peermem-peers") {

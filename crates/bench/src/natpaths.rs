@@ -47,6 +47,10 @@ pub struct Opts {
     /// Both phases this many times (who sends first to a bare gateway is a
     /// race that changes from one cold join to the next).
     pub rounds: usize,
+    /// One-way delay into every router from the lab's internet
+    /// (`Lab::set_wan_delay`): the internet has latency, and two bare
+    /// gateways can only be punched by datagrams that cross in flight.
+    pub delay: Duration,
 }
 
 /// Sites added with a bare router (no input firewall): two, so that the
@@ -107,9 +111,9 @@ fn gap(a: Kind, b: Kind) -> &'static str {
         )
     };
     if (sym(a) && cone(b)) || (sym(b) && cone(a)) {
-        "NATs allow it: symmetric – port-restricted needs port prediction or birthday probing"
+        "NATs allow it: symmetric – cone, birthday probing found no path within the window"
     } else if a.bare || b.bare {
-        "NATs allow it: a bare gateway needs a coordinated attempt (silence-and-alternate)"
+        "NATs allow it: a bare gateway, silence-and-alternate opened no path within the window"
     } else {
         "NATs allow it: not explained (a finding)"
     }
@@ -188,7 +192,7 @@ pub fn run(tools: &Tools, opts: &Opts) -> (String, Option<BenchError>) {
         started.elapsed().as_secs_f64(),
         opts.rounds,
         opts.window.as_secs_f64(),
-        intro()
+        intro(opts.delay)
     );
     match r {
         Ok(run) => {
@@ -199,7 +203,22 @@ pub fn run(tools: &Tools, opts: &Opts) -> (String, Option<BenchError>) {
     }
 }
 
-fn intro() -> String {
+fn intro(delay: Duration) -> String {
+    let latency = if delay.is_zero() {
+        "No latency between the sites (`--nat-delay-ms 0`): two bare gateways cannot be \
+         punched then (docs/natlab.md, Case 2)."
+            .to_string()
+    } else {
+        format!(
+            "Every router holds what comes in from the lab's internet for {} ms \
+             (`Lab::set_wan_delay`, `--nat-delay-ms`): a round trip between two NATed sites \
+             takes about {} ms, and datagrams sent less than {} ms apart cross in flight, \
+             which two bare gateways need (docs/natlab.md, \"Latency\").",
+            delay.as_millis(),
+            2 * delay.as_millis(),
+            delay.as_millis()
+        )
+    };
     format!(
         "The main job's NAT lab (`OverlayOpts::nat_lab()`, as `scripts/cluster.sh` runs it; \
          a miniupnpd router (`Upnp`) added if it has none) plus {BARE_SITES} port-restricted \
@@ -218,7 +237,7 @@ fn intro() -> String {
          any newer one), both views when they differ; *time to direct* is from the later of \
          the two agents' starts until both had reported `direct`. Shares count pair-rounds. *Forced to the relay* is \
          the pair's NATs' verdict (`natpaths::forbidden`): UDP blocked, or symmetric on both \
-         sides with no port mapping and no IPv6.\n\n"
+         sides with no port mapping and no IPv6. {latency}\n\n"
     )
 }
 
@@ -246,6 +265,13 @@ fn measure(tools: &Tools, opts: &Opts) -> Result<Run> {
             .ok_or_else(|| BenchError::failed("NAT lab", "no lab"))?;
         for s in lab.site_ids().filter(|s| bare.contains(&s.0)) {
             lab.set_router_firewall(s, false);
+        }
+        // After the firewall changes: a ruleset change drops what the
+        // delay line holds.
+        if !opts.delay.is_zero() {
+            for s in lab.site_ids().filter(|s| lab.router(*s).is_some()) {
+                lab.set_wan_delay(s, opts.delay);
+            }
         }
     }
     let nodes: Vec<Node> = c

@@ -11,7 +11,7 @@ use rand::Rng;
 
 use super::{peer_mut, sooner, Event, Io, Overlay, PeerId, Wake};
 use crate::hunt::{Action, Mapping, Msg};
-use crate::path::{PathAddr, Rank, Via};
+use crate::path::{Origin, PathAddr, Rank, Via};
 use crate::wire::{kind, Inner, INNER_HEADER};
 
 /// How long the symmetric side keeps its sockets past the cone side's
@@ -30,6 +30,9 @@ const FIRST_WAVE_ANYWAY: Duration = Duration::from_secs(3);
 /// answer may still be on its way (the peer asks for the next wave
 /// without knowing whether the last one got in).
 const LAST_WAVE_KEPT: Duration = Duration::from_secs(1);
+/// Learned addresses of the cone peer a wave goes to besides its published
+/// ones, at most (each costs a wave's worth of datagrams).
+const MAX_LEARNED_TARGETS: usize = 2;
 /// Paths through spare sockets kept per peer, at most.
 const SPARE_PATHS: usize = 4;
 
@@ -122,10 +125,24 @@ impl Overlay {
             self.close_unused(None);
             return;
         };
-        let targets: Vec<SocketAddr> = (p.info.candidates.iter())
+        let mut targets: Vec<SocketAddr> = (p.info.candidates.iter())
             .filter(|c| c.class == Rank::Direct && c.addr.is_ipv4())
             .map(|c| c.addr)
             .collect();
+        // Where the peer's new flows really leave from, if a relay showed
+        // us (`relayed_source`): behind a bare gateway whose node talks to
+        // many peers, a clash has often moved the port of its new flows,
+        // the probes it sends us among them, away from the published one
+        // (natpaths benchmark: every symmetric – bare pair relayed while
+        // the two-node lab test went direct). At most two, newest first.
+        let learned: Vec<SocketAddr> = (p.paths.list.iter().rev())
+            .filter(|x| x.origin == Origin::Learned && matches!(x.addr.via, Via::Direct))
+            .map(|x| x.addr.remote)
+            .filter(|a| a.is_ipv4() && !targets.contains(a))
+            .filter(|a| targets.iter().any(|t| t.ip() == a.ip()))
+            .take(MAX_LEARNED_TARGETS)
+            .collect();
+        targets.extend(learned);
         let wave = cur.wave;
         tracing::info!(peer = %p.info.node, wave, ports = count, targets = ?targets, "hunt: spare ports out");
         for i in first..first + count {

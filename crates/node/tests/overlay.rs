@@ -1491,6 +1491,23 @@ fn an_idle_minute_past_the_nat_timeout_costs_nothing() {
     assert_eq!(path_of(&c, 0, 1).as_deref(), Some("direct"));
 }
 
+/// Two port-restricted sites with TURN whose agents are told of 5 s NAT
+/// timeouts (the punching schedule scales to them), overlay logs at debug
+/// for the punch lines a failure prints.
+fn two_short_timeout_sites() -> Cluster {
+    use NatType::*;
+    let mut ov = OverlayOpts {
+        sites: vec![(PortRestrictedCone, 1), (PortRestrictedCone, 1)],
+        turn: true,
+        ..OverlayOpts::flat(0)
+    };
+    ov.node_netconf = (0..2)
+        .map(|i| (i, json!({"overlay": {"natUdpTimeout": 5}})))
+        .collect();
+    ov.agent_env = vec![("EVIO_LOG".into(), "info,evio_overlay=debug".into())];
+    up(opts(BridgeType::Linux, 1, ov))
+}
+
 /// Issue 25, natlab.md Decision 3: a bare Linux gateway (masquerade with
 /// an open input chain) and a firewalled one. After a blocked spell, the
 /// first side to send again decides: the firewalled side first poisons the
@@ -1519,17 +1536,7 @@ fn an_idle_minute_past_the_nat_timeout_costs_nothing() {
 /// peer's private LAN address that never answered.
 #[test]
 fn a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate() {
-    use NatType::*;
-    let mut ov = OverlayOpts {
-        sites: vec![(PortRestrictedCone, 1), (PortRestrictedCone, 1)],
-        turn: true,
-        ..OverlayOpts::flat(0)
-    };
-    ov.node_netconf = (0..2)
-        .map(|i| (i, json!({"overlay": {"natUdpTimeout": 5}})))
-        .collect();
-    ov.agent_env = vec![("EVIO_LOG".into(), "info,evio_overlay=debug".into())];
-    let c = up(opts(BridgeType::Linux, 1, ov));
+    let c = two_short_timeout_sites();
     assert_all_reachable(&c);
     let lab = c.lab().expect("lab");
     let site = |i: usize| evio_testkit::natlab::SiteId(site_of(&c, i).1);
@@ -1620,17 +1627,7 @@ fn a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate() {
 /// coordinated attempt can open the pair, and without the delay none does.
 #[test]
 fn two_bare_linux_gateways_go_direct_by_silence_and_alternate() {
-    use NatType::*;
-    let mut ov = OverlayOpts {
-        sites: vec![(PortRestrictedCone, 1), (PortRestrictedCone, 1)],
-        turn: true,
-        ..OverlayOpts::flat(0)
-    };
-    ov.node_netconf = (0..2)
-        .map(|i| (i, json!({"overlay": {"natUdpTimeout": 5}})))
-        .collect();
-    ov.agent_env = vec![("EVIO_LOG".into(), "info,evio_overlay=debug".into())];
-    let c = up(opts(BridgeType::Linux, 1, ov));
+    let c = two_short_timeout_sites();
     let lab = c.lab().expect("lab");
     let site = |i: usize| evio_testkit::natlab::SiteId(site_of(&c, i).1);
     let (a, b) = (lab_node(&c, 0), lab_node(&c, 1));

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::{peer_mut, sooner, Event, Io, Overlay, PeerId, Wake};
+use super::{peer_mut, sooner, Event, Io, Overlay, PeerCandidate, PeerId, Wake};
 use crate::hunt::{Action, Mapping, Msg};
-use crate::path::{Origin, PathAddr, Rank, Via};
+use crate::path::{Origin, PathAddr, Paths, Rank, Via};
 use crate::wire::{kind, Inner, INNER_HEADER};
 
 /// How long the symmetric side keeps its sockets past the cone side's
@@ -125,24 +125,7 @@ impl Overlay {
             self.close_unused(None);
             return;
         };
-        let mut targets: Vec<SocketAddr> = (p.info.candidates.iter())
-            .filter(|c| c.class == Rank::Direct && c.addr.is_ipv4())
-            .map(|c| c.addr)
-            .collect();
-        // Where the peer's new flows really leave from, if a relay showed
-        // us (`relayed_source`): behind a bare gateway whose node talks to
-        // many peers, a clash has often moved the port of its new flows,
-        // the probes it sends us among them, away from the published one
-        // (natpaths benchmark: every symmetric – bare pair relayed while
-        // the two-node lab test went direct). At most two, newest first.
-        let learned: Vec<SocketAddr> = (p.paths.list.iter().rev())
-            .filter(|x| x.origin == Origin::Learned && matches!(x.addr.via, Via::Direct))
-            .map(|x| x.addr.remote)
-            .filter(|a| a.is_ipv4() && !targets.contains(a))
-            .filter(|a| targets.iter().any(|t| t.ip() == a.ip()))
-            .take(MAX_LEARNED_TARGETS)
-            .collect();
-        targets.extend(learned);
+        let targets = wave_targets(&p.info.candidates, &p.paths);
         let wave = cur.wave;
         tracing::info!(peer = %p.info.node, wave, ports = count, targets = ?targets, "hunt: spare ports out");
         for i in first..first + count {
@@ -502,5 +485,82 @@ impl Overlay {
             .chain(first_wave)
             .chain(last))
         .min()
+    }
+}
+
+/// Where a wave's datagrams go: the cone peer's published direct IPv4
+/// endpoints, and where its new flows really leave from if a relay showed
+/// us (`relayed_source`): behind a bare gateway whose node talks to many
+/// peers, a clash has often moved the port of its new flows, the probes
+/// it sends us among them, away from the published one (natpaths
+/// benchmark: every symmetric – bare pair relayed while the two-node lab
+/// test went direct). At most [`MAX_LEARNED_TARGETS`] of those, newest
+/// first, each on an IP the peer publishes.
+fn wave_targets(candidates: &[PeerCandidate], paths: &Paths) -> Vec<SocketAddr> {
+    let mut targets: Vec<SocketAddr> = candidates
+        .iter()
+        .filter(|c| c.class == Rank::Direct && c.addr.is_ipv4())
+        .map(|c| c.addr)
+        .collect();
+    let learned: Vec<SocketAddr> = (paths.list.iter().rev())
+        .filter(|x| x.origin == Origin::Learned && matches!(x.addr.via, Via::Direct))
+        .map(|x| x.addr.remote)
+        .filter(|a| a.is_ipv4() && !targets.contains(a))
+        .filter(|a| targets.iter().any(|t| t.ip() == a.ip()))
+        .take(MAX_LEARNED_TARGETS)
+        .collect();
+    targets.extend(learned);
+    targets
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::path::PathConfig;
+
+    #[test]
+    fn a_wave_also_goes_to_the_newest_learned_ports_of_a_published_ip() {
+        let now = Instant::now();
+        let cfg = PathConfig::default();
+        let a = |s: &str| -> SocketAddr { s.parse().expect("addr") };
+        let candidates = [
+            PeerCandidate {
+                addr: a("192.168.1.2:5800"),
+                class: Rank::Local,
+            },
+            PeerCandidate {
+                addr: a("203.0.113.10:5800"),
+                class: Rank::Direct,
+            },
+            PeerCandidate {
+                addr: a("203.0.113.1:49152"),
+                class: Rank::Relay,
+            },
+        ];
+        let mut paths = Paths::default();
+        for learned in [
+            "203.0.113.10:26659",
+            "198.51.100.7:4000",
+            "203.0.113.10:2792",
+            "203.0.113.10:31000",
+        ] {
+            paths.learn_untried(now, &cfg, PathAddr::direct(a(learned)));
+        }
+        assert_eq!(
+            wave_targets(&candidates, &paths),
+            [
+                a("203.0.113.10:5800"),
+                a("203.0.113.10:31000"),
+                a("203.0.113.10:2792")
+            ],
+            "published direct first, then the two newest learned on its IP; never the LAN, \
+             the relay or an IP it does not publish"
+        );
+        assert_eq!(
+            wave_targets(&candidates, &Paths::default()),
+            [a("203.0.113.10:5800")]
+        );
     }
 }

@@ -293,6 +293,54 @@ fn hunt_pair(
     Ok((took, methods, stats, sim))
 }
 
+/// One pair of a cone of kind `cone` and a symmetric node, in both key
+/// orders: direct by birthday probing (the cone side's path `predicted`),
+/// within the hunt's bounds: whole waves of spare ports on the symmetric
+/// side, at most `rate` probes a second for at most `limit` on the cone
+/// side, no spare socket left open but the kept paths'.
+fn hunt_both_orders(seed: u64, cone: NatKind) -> Result<String, String> {
+    use NatKind::*;
+    let cfg = crate::hunt::HuntConfig::default();
+    let cap = u64::from(cfg.rate) * cfg.limit.as_secs();
+    let mut notes = Vec::new();
+    for kinds in [[cone, Symmetric], [Symmetric, cone]] {
+        let (took, methods, st, sim) =
+            hunt_pair(seed, &kinds, "direct", Duration::from_secs(60), None)?;
+        if !found_by_the_hunt(&methods, kinds[0] == Symmetric) {
+            let paths: Vec<_> = (0..2)
+                .map(|n| {
+                    sim.nodes[n]
+                        .stack
+                        .overlay
+                        .status()
+                        .first()
+                        .and_then(|p| p.path)
+                })
+                .collect();
+            return Err(format!("{kinds:?}: direct by {methods:?} on {paths:?}"));
+        }
+        let (hard, easy) = if kinds[0] == Symmetric {
+            (st[0], st[1])
+        } else {
+            (st[1], st[0])
+        };
+        if !within_waves(&hard, &cfg) {
+            return Err(format!("{kinds:?}: hard side {hard:?}"));
+        }
+        if easy.probes == 0 || easy.probes > cap || easy.ports != 0 || hard.probes != 0 {
+            return Err(format!("{kinds:?}: probes {easy:?} / {hard:?} (cap {cap})"));
+        }
+        if sim.nodes.iter().any(|n| n.spares.len() > 4) {
+            return Err(format!("{kinds:?}: spare sockets left open"));
+        }
+        notes.push(format!(
+            "{kinds:?}: direct after {took:?}, {} probes, {} ports",
+            easy.probes, hard.ports
+        ));
+    }
+    Ok(notes.join("; "))
+}
+
 /// Cone–symmetric (both orders, 16 seeds): direct by birthday probing (the
 /// path's method `predicted`, [`found_by_the_hunt`]), within the hunt's
 /// bounds: the cone side sends at most `rate` probes a second for at most
@@ -300,51 +348,7 @@ fn hunt_pair(
 /// 256 ports (one datagram each), at most `waves` of them.
 #[test]
 fn cone_symmetric_pairs_go_direct_by_birthday_probing_within_bounds() {
-    use NatKind::*;
-    let cfg = crate::hunt::HuntConfig::default();
-    let cap = u64::from(cfg.rate) * cfg.limit.as_secs();
-    each_seed(|seed| {
-        let mut notes = Vec::new();
-        for kinds in [
-            [PortRestrictedCone, Symmetric],
-            [Symmetric, PortRestrictedCone],
-        ] {
-            let (took, methods, st, sim) =
-                hunt_pair(seed, &kinds, "direct", Duration::from_secs(60), None)?;
-            if !found_by_the_hunt(&methods, kinds[0] == Symmetric) {
-                let paths: Vec<_> = (0..2)
-                    .map(|n| {
-                        sim.nodes[n]
-                            .stack
-                            .overlay
-                            .status()
-                            .first()
-                            .and_then(|p| p.path)
-                    })
-                    .collect();
-                return Err(format!("{kinds:?}: direct by {methods:?} on {paths:?}"));
-            }
-            let (hard, easy) = if kinds[0] == Symmetric {
-                (st[0], st[1])
-            } else {
-                (st[1], st[0])
-            };
-            if !within_waves(&hard, &cfg) {
-                return Err(format!("{kinds:?}: hard side {hard:?}"));
-            }
-            if easy.probes == 0 || easy.probes > cap || easy.ports != 0 || hard.probes != 0 {
-                return Err(format!("{kinds:?}: probes {easy:?} / {hard:?} (cap {cap})"));
-            }
-            if sim.nodes.iter().any(|n| n.spares.len() > 4) {
-                return Err(format!("{kinds:?}: spare sockets left open"));
-            }
-            notes.push(format!(
-                "{kinds:?}: direct after {took:?}, {} probes, {} ports",
-                easy.probes, hard.ports
-            ));
-        }
-        Ok(notes.join("; "))
-    });
+    each_seed(|seed| hunt_both_orders(seed, NatKind::PortRestrictedCone));
 }
 
 /// One symmetric node with three cone peers: every pair direct by
@@ -468,46 +472,5 @@ fn symmetric_pairs_do_not_hunt_and_without_the_hunt_cone_symmetric_stays_relayed
 /// bounds as with a firewalled cone.
 #[test]
 fn symmetric_and_bare_gateway_pairs_go_direct_by_birthday_probing_within_bounds() {
-    use NatKind::*;
-    let cfg = crate::hunt::HuntConfig::default();
-    let cap = u64::from(cfg.rate) * cfg.limit.as_secs();
-    each_seed(|seed| {
-        let mut notes = Vec::new();
-        for kinds in [[Masquerade, Symmetric], [Symmetric, Masquerade]] {
-            let (took, methods, st, sim) =
-                hunt_pair(seed, &kinds, "direct", Duration::from_secs(60), None)?;
-            if !found_by_the_hunt(&methods, kinds[0] == Symmetric) {
-                let paths: Vec<_> = (0..2)
-                    .map(|n| {
-                        sim.nodes[n]
-                            .stack
-                            .overlay
-                            .status()
-                            .first()
-                            .and_then(|p| p.path)
-                    })
-                    .collect();
-                return Err(format!("{kinds:?}: direct by {methods:?} on {paths:?}"));
-            }
-            let (hard, easy) = if kinds[0] == Symmetric {
-                (st[0], st[1])
-            } else {
-                (st[1], st[0])
-            };
-            if !within_waves(&hard, &cfg) {
-                return Err(format!("{kinds:?}: hard side {hard:?}"));
-            }
-            if easy.probes == 0 || easy.probes > cap || easy.ports != 0 || hard.probes != 0 {
-                return Err(format!("{kinds:?}: probes {easy:?} / {hard:?} (cap {cap})"));
-            }
-            if sim.nodes.iter().any(|n| n.spares.len() > 4) {
-                return Err(format!("{kinds:?}: spare sockets left open"));
-            }
-            notes.push(format!(
-                "{kinds:?}: direct after {took:?}, {} probes, {} ports",
-                easy.probes, hard.ports
-            ));
-        }
-        Ok(notes.join("; "))
-    });
+    each_seed(|seed| hunt_both_orders(seed, NatKind::Masquerade));
 }

@@ -2249,35 +2249,38 @@ impl Drop for Daemon {
 
 /// `ping -i 0.1` running in a namespace until stopped.
 struct Pinger {
-    child: std::process::Child,
+    // `None` once stopped; a Pinger dropped by a failing test kills its ping,
+    // which would otherwise outlive the test (no count, it runs forever).
+    child: Option<std::process::Child>,
     what: String,
 }
 
 impl Pinger {
     fn start(ns: &str, dst: &str, what: &str) -> Pinger {
+        // `-q`: only the summary, so a long run cannot fill the unread pipe.
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{ns}"))
-            .args(["--", "ping", "-n", "-i", "0.1", "-W", "1", dst])
+            .args(["--", "ping", "-q", "-n", "-i", "0.1", "-W", "1", dst])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("ping: {e}"));
         Pinger {
-            child,
+            child: Some(child),
             what: what.to_string(),
         }
     }
 
     /// Stops it (SIGINT: it prints its summary); (sent, lost).
-    fn stop(self) -> (u64, u64) {
+    fn stop(mut self) -> (u64, u64) {
+        let Some(child) = self.child.take() else {
+            return (0, 0);
+        };
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGINT,
         );
-        let out = self
-            .child
-            .wait_with_output()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let line = text
             .lines()
@@ -2298,6 +2301,15 @@ impl Pinger {
             (sent - got) as f64 / 10.0
         );
         (sent, sent - got)
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -2597,13 +2609,16 @@ fn a_hung_store_a_reboot_from_the_cache_and_a_restart_under_load() {
     // 4. systemctl restart: SIGTERM then start, under iperf3 between the
     //    pods and a ping over the host overlay.
     let server = c.nodes()[0].pods[0].pod.ns.name().to_string();
-    let mut iperf_s = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{server}"))
-        .args(["--", "iperf3", "-s", "-1", "-p", "5201"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // A guard: with no client (a failure before it starts) `-1` never ends.
+    let iperf_s = Daemon(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{server}"))
+            .args(["--", "iperf3", "-s", "-1", "-p", "5201"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     std::thread::sleep(Duration::from_millis(500));
     let client = c.nodes()[1].pods[0].pod.ns.name().to_string();
     let iperf_c = Command::new("nsenter")
@@ -2630,8 +2645,7 @@ fn a_hung_store_a_reboot_from_the_cache_and_a_restart_under_load() {
         .unwrap_or_else(|e| panic!("{e}"));
     let restart = t.elapsed();
     let out = iperf_c.wait_with_output().unwrap();
-    let _ = iperf_s.kill();
-    let _ = iperf_s.wait();
+    drop(iperf_s);
     let (_, lost) = host_ping.stop();
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     assert!(

@@ -162,6 +162,8 @@ impl StoreHealth {
 pub struct Own {
     pub pod_subnet: IpNet,
     pub host_addr: Option<IpNet>,
+    /// The IPv6 host address of a dual-stack host CIDR (`hostnodes6/`).
+    pub host_addr6: Option<IpNet>,
 }
 
 pub struct Signalling {
@@ -229,6 +231,11 @@ pub fn check_record(rec: &PeerRecord, stale: bool) -> Result<PeerInfo, String> {
         .host_address
         .as_deref()
         .and_then(|h| h.parse::<IpNet>().ok());
+    // A dual-stack host CIDR's IPv6 address, beside an IPv4 `hostAddress`.
+    let host_addr6 = match host_addr {
+        Some(IpNet::V4(_)) => other_hosts(rec).into_iter().find(|n| n.addr().is_ipv6()),
+        _ => None,
+    };
     let mut candidates: Vec<PeerCandidate> = rec
         .candidates
         .iter()
@@ -265,10 +272,25 @@ pub fn check_record(rec: &PeerRecord, stale: bool) -> Result<PeerInfo, String> {
         key,
         pod_subnet,
         host_addr,
+        host_addr6,
         candidates,
         stale,
         bridge_mac,
     })
+}
+
+/// The record's host addresses besides `hostAddress` (`hostAddresses`,
+/// from a dual-stack node; an entry that does not parse is ignored).
+fn other_hosts(r: &PeerRecord) -> Vec<IpNet> {
+    let first = r
+        .host_address
+        .as_deref()
+        .and_then(|h| h.parse::<IpNet>().ok());
+    r.host_addresses
+        .iter()
+        .filter_map(|h| h.parse::<IpNet>().ok())
+        .filter(|n| Some(*n) != first)
+        .collect()
 }
 
 /// The records of `snap` a peer is believed for: its pod subnet must be
@@ -297,11 +319,17 @@ fn not_allocated(snap: &PeerSnapshot, r: &PeerRecord) -> Option<String> {
             .ok()
             .is_some_and(|n| alloc.hosts.get(&r.node) == Some(&n.addr())),
     };
-    (!(subnet_ok && host_ok)).then(|| {
+    // The IPv6 address beside it: what `hostnodes6/<node>` holds.
+    let others_ok = other_hosts(r)
+        .iter()
+        .all(|n| alloc.hosts6.get(&r.node) == Some(&n.addr()));
+    (!(subnet_ok && host_ok && others_ok)).then(|| {
         format!(
-            "its podSubnet {} / hostAddress {} are not what the store allocated to it",
+            "its podSubnet {} / hostAddress {} / hostAddresses {:?} are not what the store \
+             allocated to it",
             r.pod_subnet,
-            r.host_address.as_deref().unwrap_or("none")
+            r.host_address.as_deref().unwrap_or("none"),
+            r.host_addresses
         )
     })
 }
@@ -996,7 +1024,10 @@ impl Signalling {
         let host_ok = match self.own.host_addr {
             None => true,
             Some(h) => host == Some(&h.addr()),
-        };
+        } && self
+            .own
+            .host_addr6
+            .is_none_or(|h| snap.alloc.hosts6.get(me) == Some(&h.addr()));
         if subnet == Some(&self.own.pod_subnet) && host_ok {
             return None;
         }

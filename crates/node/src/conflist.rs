@@ -143,9 +143,10 @@ struct EvioPlugin {
     #[serde(skip_serializing_if = "Option::is_none")]
     ovs_run_dir: Option<String>,
     /// The host overlay, whose nodes see pods' own addresses (the plugin
-    /// never masquerades pod traffic to it).
+    /// never masquerades pod traffic to it): a string as ever, a list of
+    /// the two prefixes of a dual-stack host overlay.
     #[serde(rename = "hostCIDR", skip_serializing_if = "Option::is_none")]
-    host_cidr: Option<String>,
+    host_cidr: Option<serde_json::Value>,
     ipam: Ipam,
 }
 
@@ -356,7 +357,11 @@ impl GenConfig {
             hairpin_mode: pick_bool(o.hairpin_mode, conf, "hairpinMode")?.unwrap_or(linux),
             bridge_ipv4: pick_str(&o.bridge_ipv4, conf, "bridgeIPv4")?.filter(|s| !s.is_empty()),
             ovs_run_dir: conf.string("ovsRunDir")?.filter(|s| !s.is_empty()),
-            host_cidr: overlay.host_cidr.map(|c| c.to_string()),
+            host_cidr: match overlay.host_cidrs().as_slice() {
+                [] => None,
+                [one] => Some(one.to_string().into()),
+                all => Some(all.iter().map(|c| c.to_string()).collect::<Vec<_>>().into()),
+            },
             ipam: Ipam {
                 ipam_type: "host-local",
                 ranges: Vec::new(),

@@ -67,6 +67,12 @@ pub struct PeerRecord {
     /// e.g. `10.10.0.3/16`; absent without a host overlay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_address: Option<String>,
+    /// Every host-overlay address of the node, one per family of a
+    /// dual-stack `hostCIDR` (`hostAddress` is one of them: the IPv4 one
+    /// when there is one); absent from older agents' records, where
+    /// `hostAddress` alone is the node's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_addresses: Vec<String>,
     pub pod_subnet: String,
     /// Every candidate `ip:port`, best first (the contract's flat list).
     #[serde(default)]
@@ -263,6 +269,27 @@ pub struct HostAllocation {
     pub rounds: u32,
 }
 
+/// Which of a node's host addresses an allocation is: the one its record's
+/// `hostAddress` names (`hostnodes/<node>`: the only one, or the IPv4 one
+/// of a dual-stack host overlay), or the IPv6 one beside an IPv4 one
+/// (`hostnodes6/<node>`). Both share `hostaddrs/<ip>`, the addresses
+/// themselves never colliding; an older agent knows only the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HostSlot {
+    First,
+    Ipv6,
+}
+
+impl HostSlot {
+    /// The key kind of the node's entry: `/evio/<net>/<kind>/<node>`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            HostSlot::First => "hostnodes",
+            HostSlot::Ipv6 => "hostnodes6",
+        }
+    }
+}
+
 /// A network or node name that passed [`validate_name`]. Backends take
 /// only these, so the check that keeps a name inside its key prefix or file
 /// entry is made once, in [`OverlayStore`], and no backend can skip it.
@@ -315,6 +342,25 @@ pub trait OverlayStore: Send + Sync {
 
     /// Frees the node's host address; `None` if it had none.
     async fn release_host(&self, network: &str, node: &str) -> Result<Option<IpAddr>, SubnetError>;
+
+    /// [`OverlayStore::allocate_host`] for one slot: `HostSlot::First` is
+    /// the same call.
+    async fn allocate_host_in(
+        &self,
+        network: &str,
+        node: &str,
+        slot: HostSlot,
+        cidr: IpNet,
+        requested: Option<IpAddr>,
+    ) -> Result<HostAllocation, SubnetError>;
+
+    /// [`OverlayStore::release_host`] for one slot.
+    async fn release_host_in(
+        &self,
+        network: &str,
+        node: &str,
+        slot: HostSlot,
+    ) -> Result<Option<IpAddr>, SubnetError>;
 
     /// Creates or replaces the node's record. etcd attaches it to a lease of
     /// `ttl` that [`OverlayStore::refresh`] keeps alive, so a dead agent's
@@ -400,20 +446,22 @@ pub trait OverlayStore: Send + Sync {
 /// validated; see [`OverlayStore`] for what each method means.
 #[async_trait]
 pub trait OverlayBackend: Send + Sync {
-    /// See [`OverlayStore::allocate_host`].
+    /// See [`OverlayStore::allocate_host_in`].
     async fn allocate_host(
         &self,
         network: Name<'_>,
         node: Name<'_>,
+        slot: HostSlot,
         cidr: IpNet,
         requested: Option<IpAddr>,
     ) -> Result<HostAllocation, SubnetError>;
 
-    /// Frees the node's host address; `None` if it had none.
+    /// Frees the node's host address in `slot`; `None` if it had none.
     async fn release_host(
         &self,
         network: Name<'_>,
         node: Name<'_>,
+        slot: HostSlot,
     ) -> Result<Option<IpAddr>, SubnetError>;
 
     /// Creates or replaces the node's record. etcd attaches it to a lease of
@@ -493,13 +541,34 @@ impl<T: OverlayBackend + ?Sized> OverlayStore for T {
         cidr: IpNet,
         requested: Option<IpAddr>,
     ) -> Result<HostAllocation, SubnetError> {
-        let (network, node) = (Name::network(network)?, Name::node(node)?);
-        OverlayBackend::allocate_host(self, network, node, cidr, requested).await
+        self.allocate_host_in(network, node, HostSlot::First, cidr, requested)
+            .await
     }
 
     async fn release_host(&self, network: &str, node: &str) -> Result<Option<IpAddr>, SubnetError> {
+        self.release_host_in(network, node, HostSlot::First).await
+    }
+
+    async fn allocate_host_in(
+        &self,
+        network: &str,
+        node: &str,
+        slot: HostSlot,
+        cidr: IpNet,
+        requested: Option<IpAddr>,
+    ) -> Result<HostAllocation, SubnetError> {
         let (network, node) = (Name::network(network)?, Name::node(node)?);
-        OverlayBackend::release_host(self, network, node).await
+        OverlayBackend::allocate_host(self, network, node, slot, cidr, requested).await
+    }
+
+    async fn release_host_in(
+        &self,
+        network: &str,
+        node: &str,
+        slot: HostSlot,
+    ) -> Result<Option<IpAddr>, SubnetError> {
+        let (network, node) = (Name::network(network)?, Name::node(node)?);
+        OverlayBackend::release_host(self, network, node, slot).await
     }
 
     async fn publish(
@@ -581,6 +650,9 @@ impl<T: OverlayBackend + ?Sized> OverlayStore for T {
 pub struct Allocations {
     pub subnets: std::collections::BTreeMap<String, IpNet>,
     pub hosts: std::collections::BTreeMap<String, IpAddr>,
+    /// The IPv6 host addresses of a dual-stack host overlay
+    /// (`hostnodes6/`), beside the IPv4 ones in `hosts`.
+    pub hosts6: std::collections::BTreeMap<String, IpAddr>,
 }
 
 /// The usable host addresses of `cidr`: all but the network address and,

@@ -44,6 +44,7 @@ fn cfg() -> SwitchConfig {
     SwitchConfig {
         local_subnet: net("10.244.3.0/24"),
         host_addr: Some(HOST_LOCAL.into()),
+        host_addr6: None,
         bridge_mac: Some(L_BRIDGE),
         mtu: 1380,
         flood_rate: 10,
@@ -63,6 +64,7 @@ fn switch() -> Switch {
         PeerAddrs {
             pod_subnet: net("10.244.5.0/24"),
             host_addr: Some(HOST1.into()),
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -71,6 +73,7 @@ fn switch() -> Switch {
         PeerAddrs {
             pod_subnet: net("10.244.6.0/24"),
             host_addr: Some("10.10.0.6".parse().unwrap()),
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -79,6 +82,7 @@ fn switch() -> Switch {
         PeerAddrs {
             pod_subnet: net("fd00:0:0:7::/64"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -645,6 +649,7 @@ fn neighbour_solicitations_go_to_the_owner_of_their_target_only() {
         PeerAddrs {
             pod_subnet: net("fd00:0:0:7::/64"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -810,6 +815,7 @@ fn peer_frames_from_its_own_addresses_are_delivered_and_learned() {
         PeerAddrs {
             pod_subnet: net("fd00:0:0:7::/64"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -847,6 +853,7 @@ fn peer_ipv4_sources_outside_its_subnet_are_spoofed() {
         PeerAddrs {
             pod_subnet: net("10.244.0.0/16"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -980,6 +987,7 @@ fn ipv6_pod_macs_are_derived_from_the_whole_address() {
         PeerAddrs {
             pod_subnet: net("fd00:10:0:1::/64"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -1021,6 +1029,7 @@ fn peer_ipv6_sources_must_be_global_addresses_of_its_subnet() {
         PeerAddrs {
             pod_subnet: net("fd00:0:0:7::/64"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -1235,6 +1244,7 @@ fn a_new_subnet_for_a_peer_forgets_what_the_old_one_vouched_for() {
     let new_host = PeerAddrs {
         pod_subnet: net("10.244.5.0/24"),
         host_addr: Some("10.10.1.5".parse().unwrap()),
+        host_addr6: None,
         bridge_mac: None,
     };
     sw.set_peer(1, new_host);
@@ -1260,6 +1270,7 @@ fn a_new_subnet_for_a_peer_forgets_what_the_old_one_vouched_for() {
         PeerAddrs {
             pod_subnet: net("10.244.8.1/24"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -1280,6 +1291,7 @@ fn subnets_resolve_longest_prefix_first_and_duplicates_to_the_lowest_id() {
         PeerAddrs {
             pod_subnet: net("10.244.5.128/25"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -1288,6 +1300,7 @@ fn subnets_resolve_longest_prefix_first_and_duplicates_to_the_lowest_id() {
         PeerAddrs {
             pod_subnet: net("10.244.6.0/24"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -1465,6 +1478,7 @@ fn learning_is_reserved_with_the_session_for_the_peers_subnet() {
     let small = PeerAddrs {
         pod_subnet: net("10.244.5.0/28"),
         host_addr: None,
+        host_addr6: None,
         bridge_mac: None,
     };
     sw.set_peer(1, small);
@@ -1511,6 +1525,7 @@ fn learning_churn_at_the_bound_does_not_allocate() {
             PeerAddrs {
                 pod_subnet: subnet,
                 host_addr: None,
+                host_addr6: None,
                 bridge_mac: None,
             },
         );
@@ -1705,6 +1720,7 @@ proptest! {
                 Op::SetPeer(peer, third) => sw.set_peer(peer, PeerAddrs {
                     pod_subnet: IpNet::new(Ipv4Addr::new(10, 244, third, 0).into(), 24).unwrap(),
                     host_addr: None,
+                    host_addr6: None,
                     bridge_mac: None,
                 }),
                 Op::RemovePeer(peer) => sw.remove_peer(peer),
@@ -1764,6 +1780,7 @@ fn switch6() -> (Switch, Ipv6Addr, Ipv6Addr, Ipv6Addr, Ipv6Addr) {
         PeerAddrs {
             pod_subnet: net("fd00:10:0:1::/64"),
             host_addr: Some(HOST1.into()),
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -1866,6 +1883,7 @@ fn a_peers_bridge_named_by_its_record_may_route_for_its_pods_at_once() {
     let with_bridge = PeerAddrs {
         pod_subnet: net("10.244.5.0/24"),
         host_addr: Some(HOST1.into()),
+        host_addr6: None,
         bridge_mac: Some(GW1_MAC),
     };
     sw.set_peer(1, with_bridge);
@@ -1882,6 +1900,7 @@ fn a_peers_bridge_named_by_its_record_may_route_for_its_pods_at_once() {
         PeerAddrs {
             pod_subnet: net("10.244.6.0/24"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: Some(L_BRIDGE),
         },
     );
@@ -1891,6 +1910,7 @@ fn a_peers_bridge_named_by_its_record_may_route_for_its_pods_at_once() {
         PeerAddrs {
             pod_subnet: net("10.244.6.0/24"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: Some(GW1_MAC),
         },
     );
@@ -2168,7 +2188,7 @@ fn peer_frame() -> impl Strategy<Value = (PeerId, Vec<u8>)> {
 fn owns(sw: &Switch, peer: PeerId, ip: Ipv4Addr) -> bool {
     let p = &sw.peers[&peer];
     let ip = IpAddr::V4(ip);
-    (p.addrs.pod_subnet.contains(&ip) && !sw.is_local(ip)) || p.addrs.host_addr == Some(ip)
+    (p.addrs.pod_subnet.contains(&ip) && !sw.is_local(ip)) || p.addrs.is_host(ip)
 }
 
 proptest! {

@@ -1391,6 +1391,53 @@ mod tests {
         assert!(vouch_list(&mut vouch, Some(&["a"]), &left, at(302)).is_empty());
     }
 
+    /// Issue 25: a dual-stack node's IPv6 host address (`hostAddresses`)
+    /// reaches the engine only where the store allocated it to that node
+    /// (`hostnodes6/`), as its `hostAddress` does; an older record (no
+    /// `hostAddresses`) is believed as before.
+    #[test]
+    fn a_records_ipv6_host_address_is_believed_only_where_allocated() {
+        let rec = |host: &str, all: &[&str]| -> PeerRecord {
+            serde_json::from_value(serde_json::json!({
+                "node": "a", "publicKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                "podSubnet": "10.244.1.0/24", "heartbeat": "",
+                "hostAddress": host, "hostAddresses": all}))
+            .unwrap()
+        };
+        let mut snap = PeerSnapshot::default();
+        snap.alloc
+            .subnets
+            .insert("a".into(), "10.244.1.0/24".parse().unwrap());
+        snap.alloc
+            .hosts
+            .insert("a".into(), "10.10.0.1".parse().unwrap());
+        let dual = rec("10.10.0.1/16", &["10.10.0.1/16", "fd00:10::1/64"]);
+        let old = rec("10.10.0.1/16", &[]);
+        snap.records = vec![old.clone()];
+        assert_eq!(believed(&snap).len(), 1, "an older record");
+        let info = check_record(&old, false).unwrap();
+        assert_eq!(info.host_addr6, None);
+        // Claimed without the allocation: not believed.
+        snap.records = vec![dual.clone()];
+        assert!(believed(&snap).is_empty());
+        snap.alloc
+            .hosts6
+            .insert("a".into(), "fd00:10::2".parse().unwrap());
+        assert!(believed(&snap).is_empty(), "another node's address");
+        snap.alloc
+            .hosts6
+            .insert("a".into(), "fd00:10::1".parse().unwrap());
+        assert_eq!(believed(&snap).len(), 1);
+        let info = check_record(&dual, false).unwrap();
+        assert_eq!(info.host_addr, Some("10.10.0.1/16".parse().unwrap()));
+        assert_eq!(info.host_addr6, Some("fd00:10::1/64".parse().unwrap()));
+        // An IPv6-only node's one address is its hostAddress.
+        let v6 = rec("fd00:10::3/64", &[]);
+        let info = check_record(&v6, false).unwrap();
+        assert_eq!(info.host_addr, Some("fd00:10::3/64".parse().unwrap()));
+        assert_eq!(info.host_addr6, None);
+    }
+
     #[test]
     fn candidate_kinds_and_classes_map_both_ways() {
         for (kind, class) in [

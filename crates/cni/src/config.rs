@@ -487,6 +487,33 @@ mod tests {
         assert_eq!(c.ipam_type, "host-local");
     }
 
+    /// Issue 25: a dual-stack host overlay's two prefixes, both exempt
+    /// from masquerade; the string form as ever.
+    #[test]
+    fn host_cidr_is_a_string_or_one_prefix_per_family() {
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        let c = parse(&conf(json!({"hostCIDR": "10.10.0.0/16"}))).unwrap();
+        assert_eq!(c.host_cidrs, [n("10.10.0.0/16")]);
+        assert!(parse(&conf(json!({"hostCIDR": ""})))
+            .unwrap()
+            .host_cidrs
+            .is_empty());
+        assert!(parse(&conf(json!({}))).unwrap().host_cidrs.is_empty());
+        let c = parse(&conf(json!({"hostCIDR": ["fd00:10::/64", "10.10.0.0/16"]}))).unwrap();
+        assert_eq!(c.host_cidrs, [n("fd00:10::/64"), n("10.10.0.0/16")]);
+        for bad in [
+            json!([]),
+            json!(["10.10.0.0/16", "10.11.0.0/16"]),
+            json!(["fd00:10::/64", "fd00:11::/64"]),
+            json!(["10.10.0.0/16", "x"]),
+            json!(["10.10.0.0/16", 7]),
+            json!(7),
+        ] {
+            let e = parse(&conf(json!({ "hostCIDR": bad }))).unwrap_err();
+            assert!(e.to_string().contains("hostCIDR"), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn bridge_type_spellings_are_exact() {
         for (s, want) in [

@@ -458,6 +458,26 @@ mod tests {
         assert_eq!(p["hairpinMode"], true);
         assert_eq!(p["hostCIDR"], "10.10.0.0/16");
         assert_eq!(p["ovsRunDir"], "/run/ovs");
+        // A dual-stack host overlay: both prefixes, as a list the plugin
+        // reads back.
+        let d = gen(
+            r#"{"podCIDR":"10.244.0.0/16","nodeBits":8,"hostCIDR":["fd00:10::/64","10.10.0.0/16"]}"#,
+            Overrides::default(),
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&d.render(&d.pod.node(1).unwrap()).unwrap()).unwrap();
+        let p = &v["plugins"][0];
+        assert_eq!(
+            p["hostCIDR"],
+            serde_json::json!(["10.10.0.0/16", "fd00:10::/64"])
+        );
+        // The runtime hands the plugin its entry with the list's name and
+        // version.
+        let mut entry = p.clone();
+        entry["cniVersion"] = v["cniVersion"].clone();
+        entry["name"] = v["name"].clone();
+        let back = cni::NetConf::parse(entry.to_string().as_bytes()).unwrap();
+        assert_eq!(back.host_cidrs.len(), 2);
         let off = gen(
             r#"{"podCIDR":"10.244.0.0/16","nodeBits":8,"bridgeType":"linux","hairpinMode":false}"#,
             Overrides::default(),

@@ -648,6 +648,93 @@ mod tests {
         );
     }
 
+    /// Issue 25: `hostCIDR` as a list of one IPv4 and one IPv6 prefix, in
+    /// either order, or of one; the string form as ever.
+    #[test]
+    fn host_cidr_lists_one_prefix_per_family() {
+        let v4: IpNet = "10.10.0.0/16".parse().unwrap();
+        let v6: IpNet = "fd00:10::/64".parse().unwrap();
+        for j in [
+            r#"{"hostCIDR":["10.10.0.0/16","fd00:10::/64"]}"#,
+            r#"{"hostCIDR":["fd00:10::/64","10.10.0.0/16"]}"#,
+        ] {
+            let c = parse(j).unwrap();
+            assert_eq!((c.host_cidr, c.host_cidr6), (Some(v4), Some(v6)), "{j}");
+            assert_eq!(c.host_cidrs(), [v4, v6]);
+            assert!(c.configured);
+        }
+        // One element is the string form; an IPv6-only one is the first.
+        for (j, want) in [
+            (r#"{"hostCIDR":["10.10.0.0/16"]}"#, v4),
+            (r#"{"hostCIDR":"10.10.0.0/16"}"#, v4),
+            (r#"{"hostCIDR":["fd00:10::/64"]}"#, v6),
+            (r#"{"hostCIDR":"fd00:10::/64"}"#, v6),
+        ] {
+            let c = parse(j).unwrap();
+            assert_eq!((c.host_cidr, c.host_cidr6), (Some(want), None), "{j}");
+        }
+        // hostAddress: a string of either family, or one of each.
+        let c = parse(
+            r#"{"hostCIDR":["10.10.0.0/16","fd00:10::/64"],"hostAddress":["fd00:10::7","10.10.0.7"]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.host_address, Some("10.10.0.7".parse().unwrap()));
+        assert_eq!(c.host_address6, Some("fd00:10::7".parse().unwrap()));
+        let c = parse(r#"{"hostCIDR":["10.10.0.0/16","fd00:10::/64"],"hostAddress":"fd00:10::7"}"#)
+            .unwrap();
+        assert_eq!(
+            (c.host_address, c.host_address6),
+            (None, Some("fd00:10::7".parse().unwrap()))
+        );
+        let c = parse(r#"{"hostCIDR":"fd00:10::/64","hostAddress":"fd00:10::7"}"#).unwrap();
+        assert_eq!(
+            (c.host_address, c.host_address6),
+            (Some("fd00:10::7".parse().unwrap()), None)
+        );
+        for (j, why) in [
+            (r#"{"hostCIDR":[]}"#, "an empty list"),
+            (
+                r#"{"hostCIDR":["10.10.0.0/16","10.11.0.0/16"]}"#,
+                "two prefixes of one family",
+            ),
+            (
+                r#"{"hostCIDR":["fd00:10::/64","fd00:11::/64"]}"#,
+                "two prefixes of one family",
+            ),
+            (
+                r#"{"hostCIDR":["10.10.0.0/16","x"]}"#,
+                "\"x\" is not a CIDR",
+            ),
+            (r#"{"hostCIDR":["10.10.0.0/16",""]}"#, "hostCIDR[1]"),
+            (r#"{"hostCIDR":["10.10.0.0/16",7]}"#, "hostCIDR[1]"),
+            (r#"{"hostCIDR":["fd00:10::1/64"]}"#, "host bits set"),
+            (r#"{"hostCIDR":["fe80::/64"]}"#, "not a usable IPv6 range"),
+            (r#"{"hostCIDR":"ff00::/64"}"#, "not a usable IPv6 range"),
+            (r#"{"hostCIDR":"::/0"}"#, "not a usable IPv6 range"),
+            (r#"{"hostCIDR":"fd00:10::/121"}"#, "/120 or shorter"),
+            (r#"{"hostCIDR":"10.10.0.0/31"}"#, "no room for hosts"),
+            (
+                r#"{"hostCIDR":["10.10.0.0/16","fd00:10::/64"],"hostAddress":["10.10.0.1","10.10.0.2"]}"#,
+                "two addresses of one family",
+            ),
+            (
+                r#"{"hostCIDR":["10.10.0.0/16","fd00:10::/64"],"hostAddress":[]}"#,
+                "hostAddress: an empty list",
+            ),
+            (
+                r#"{"hostCIDR":["10.10.0.0/16","fd00:10::/64"],"hostAddress":"fd00:11::1"}"#,
+                "not a usable address of hostCIDR fd00:10::/64",
+            ),
+            (
+                r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"fd00:10::1"}"#,
+                "not a usable address of hostCIDR 10.10.0.0/16",
+            ),
+        ] {
+            let e = parse(j).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains(why), "{j}: {e:?} lacks {why:?}");
+        }
+    }
+
     #[test]
     fn bad_values_name_their_key() {
         for (j, key) in [

@@ -795,6 +795,52 @@ pub fn host_key(a: IpAddr) -> String {
 mod tests {
     use super::*;
 
+    /// Issue 25: `hostAddresses` is written only when there is one (a
+    /// dual-stack node), read as empty from an older record; and a reader
+    /// that does not know it (an older agent: the record before this
+    /// field) keeps it through a read-modify-write (`extra`).
+    #[test]
+    fn host_addresses_round_trip_and_survive_an_older_reader() {
+        let newer = serde_json::json!({
+            "node": "n1", "publicKey": "k", "hostAddress": "10.10.0.3/16",
+            "hostAddresses": ["10.10.0.3/16", "fd00:10::3/64"],
+            "podSubnet": "10.244.3.0/24", "endpoints": [], "candidates": [],
+            "heartbeat": "2026-01-01T00:00:00Z"});
+        let r: PeerRecord = serde_json::from_value(newer.clone()).unwrap();
+        assert_eq!(r.host_addresses, ["10.10.0.3/16", "fd00:10::3/64"]);
+        assert!(r.extra.is_empty());
+        assert_eq!(serde_json::to_value(&r).unwrap(), newer);
+        let mut older = newer.clone();
+        older.as_object_mut().unwrap().remove("hostAddresses");
+        let r: PeerRecord = serde_json::from_value(older.clone()).unwrap();
+        assert!(r.host_addresses.is_empty());
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            older,
+            "not written when empty"
+        );
+        // The record as an older agent has it.
+        #[derive(serde::Serialize, serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Older {
+            node: String,
+            public_key: String,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            host_address: Option<String>,
+            pod_subnet: String,
+            #[serde(default)]
+            endpoints: Vec<String>,
+            #[serde(default)]
+            candidates: Vec<Candidate>,
+            heartbeat: String,
+            #[serde(flatten)]
+            extra: serde_json::Map<String, serde_json::Value>,
+        }
+        let o: Older = serde_json::from_value(newer.clone()).unwrap();
+        assert_eq!(o.host_address.as_deref(), Some("10.10.0.3/16"));
+        assert_eq!(serde_json::to_value(&o).unwrap(), newer);
+    }
+
     /// Every method of every backend goes through the one check: a name
     /// that could leave its key prefix or file entry is refused before the
     /// store is read or written.

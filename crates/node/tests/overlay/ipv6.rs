@@ -323,7 +323,12 @@ fn a_dual_stack_host_cidr_carries_ipv6_host_addresses() {
         assert!(h.starts_with("10.10.0.") && h.ends_with("/16"), "{me}");
         let a = v6_of(me).unwrap_or_else(|| panic!("node {i} has no IPv6 host address: {me}"));
         assert!(a.starts_with("fd00:10::"), "{me}");
-        assert!(me["hostAddresses"][1].as_str().is_some_and(|s| s.ends_with("/64")), "{me}");
+        assert!(
+            me["hostAddresses"][1]
+                .as_str()
+                .is_some_and(|s| s.ends_with("/64")),
+            "{me}"
+        );
         v6.push(a);
     }
     // The lowest free of the IPv6 prefix, one each.
@@ -331,7 +336,12 @@ fn a_dual_stack_host_cidr_carries_ipv6_host_addresses() {
     sorted.sort();
     assert_eq!(sorted, ["fd00:10::1", "fd00:10::2"]);
     // The string form: one address, as before.
-    assert_eq!(own[2]["hostAddresses"].as_array().map(Vec::len), Some(1), "{}", own[2]);
+    assert_eq!(
+        own[2]["hostAddresses"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        own[2]
+    );
     assert_eq!(v6_of(&own[2]), None);
     // Each dual-stack node knows the other's IPv6 host address.
     let seen = peer(&own[0], &name(1)).cloned().expect("node-1");

@@ -1416,6 +1416,83 @@ fn host_overlay_routes_by_host_address_and_checks_sources() {
     );
 }
 
+/// Issue 25: a dual-stack host overlay. Packets to a peer's IPv6 host
+/// address go to it; from it, an IPv6 host packet is delivered when its
+/// source is that address (or in its pod subnet) and it is for our IPv6
+/// host address, with the same checks as IPv4.
+#[test]
+fn host_overlay_routes_and_checks_ipv6_host_addresses() {
+    let me6: Ipv6Addr = "fd00:10::3".parse().unwrap();
+    let p1: Ipv6Addr = "fd00:10::5".parse().unwrap();
+    let p2: Ipv6Addr = "fd00:10::6".parse().unwrap();
+    let mut sw = Switch::new(SwitchConfig {
+        host_addr6: Some(me6.into()),
+        ..cfg()
+    });
+    for (id, subnet, v4, v6) in [
+        (1, "10.244.5.0/24", HOST1, p1),
+        (2, "10.244.6.0/24", "10.10.0.6".parse().unwrap(), p2),
+    ] {
+        sw.set_peer(
+            id,
+            PeerAddrs {
+                pod_subnet: net(subnet),
+                host_addr: Some(v4.into()),
+                host_addr6: Some(v6.into()),
+                bridge_mac: None,
+            },
+        );
+        sw.reserve(id);
+    }
+    let pkt = |src: Ipv6Addr, dst: Ipv6Addr| ipv6(src, dst, IPPROTO_TCP, &[]);
+    assert_eq!(sw.host_from_local(&pkt(me6, p1)), LocalVerdict::Unicast(1));
+    assert_eq!(sw.host_from_local(&pkt(me6, p2)), LocalVerdict::Unicast(2));
+    assert_eq!(
+        sw.host_from_local(&pkt(me6, "fd00:10::99".parse().unwrap())),
+        LocalVerdict::Drop(NoRoute)
+    );
+    // IPv4 as before.
+    let v4 = ipv4(
+        "10.10.0.3".parse().unwrap(),
+        HOST1,
+        IPPROTO_TCP,
+        true,
+        &[0; 20],
+    );
+    assert_eq!(sw.host_from_local(&v4), LocalVerdict::Unicast(1));
+    assert_eq!(sw.host_from_peer(1, &pkt(p1, me6)), PeerVerdict::Deliver);
+    assert_eq!(sw.host_from_peer(2, &pkt(p2, me6)), PeerVerdict::Deliver);
+    // Another peer's address, or one of nobody's: spoofed.
+    assert_eq!(
+        sw.host_from_peer(1, &pkt(p2, me6)),
+        PeerVerdict::Drop(Spoofed)
+    );
+    assert_eq!(
+        sw.host_from_peer(1, &pkt("fd00:10::77".parse().unwrap(), me6)),
+        PeerVerdict::Drop(Spoofed)
+    );
+    // Not for us: transit.
+    assert_eq!(
+        sw.host_from_peer(1, &pkt(p1, p2)),
+        PeerVerdict::Drop(Transit)
+    );
+    // Without an IPv6 host address of our own, nothing IPv6 is for us.
+    let mut v4_only = Switch::new(cfg());
+    v4_only.set_peer(
+        1,
+        PeerAddrs {
+            pod_subnet: net("10.244.5.0/24"),
+            host_addr: Some(HOST1.into()),
+            host_addr6: Some(p1.into()),
+            bridge_mac: None,
+        },
+    );
+    assert_eq!(
+        v4_only.host_from_peer(1, &pkt(p1, me6)),
+        PeerVerdict::Drop(Transit)
+    );
+}
+
 #[test]
 fn the_data_path_does_not_allocate() {
     let mut sw = switch();

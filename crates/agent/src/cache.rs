@@ -108,6 +108,7 @@ mod tests {
             pod_subnet: "10.244.3.0/24".into(),
             host_cidr: Some("10.10.0.0/16".into()),
             host_address: Some("10.10.0.3/16".into()),
+            host_address6: Some("fd00:10::3/64".into()),
             lease: Some(7),
             peers: Vec::new(),
         };

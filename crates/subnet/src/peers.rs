@@ -199,6 +199,8 @@ pub struct NodeInfo {
     pub node: String,
     pub subnet: Option<IpNet>,
     pub host: Option<IpAddr>,
+    /// Its IPv6 host address beside `host` (a dual-stack host CIDR).
+    pub host6: Option<IpAddr>,
     pub public_key: Option<String>,
     /// The node's own last word (its alive heartbeat, else its record's).
     pub last_seen: Option<String>,
@@ -234,6 +236,7 @@ impl PeerSnapshot {
         let mut names: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
         names.extend(self.alloc.subnets.keys().map(String::as_str));
         names.extend(self.alloc.hosts.keys().map(String::as_str));
+        names.extend(self.alloc.hosts6.keys().map(String::as_str));
         names.extend(self.records.iter().map(|r| r.node.as_str()));
         names.extend(self.released.keys().map(String::as_str));
         names
@@ -245,6 +248,7 @@ impl PeerSnapshot {
                     node: n.to_string(),
                     subnet: self.alloc.subnets.get(n).copied(),
                     host: self.alloc.hosts.get(n).copied(),
+                    host6: self.alloc.hosts6.get(n).copied(),
                     public_key: rec.map(|r| r.public_key.clone()),
                     last_seen: alive
                         .map(|a| a.heartbeat.clone())

@@ -306,8 +306,12 @@ pub mod overlay {
         assert_eq!(alloc.hosts6["a"], a6.addr);
         assert_eq!(alloc.hosts6["b"], b6.addr);
         assert_eq!(alloc.hosts6.len(), 2);
-        // The snapshot the agents follow says the same.
-        assert_eq!(s.peers(net).await.unwrap().alloc, alloc);
+        // The snapshot the agents follow says the same, and so does
+        // `evio-node nodes list`.
+        let snap = s.peers(net).await.unwrap();
+        assert_eq!(snap.alloc, alloc);
+        let row = snap.nodes().into_iter().find(|n| n.node == "a").unwrap();
+        assert_eq!((row.host, row.host6), (Some(a4.addr), Some(a6.addr)));
         // One slot released leaves the other.
         assert_eq!(
             s.release_host_in(net, "a", Ipv6).await.unwrap(),

@@ -363,4 +363,13 @@ fn a_dual_stack_host_cidr_carries_ipv6_host_addresses() {
     // IPv6 address as a field it keeps without using.
     let seen2 = peer(&own[2], &name(0)).cloned().expect("node-0");
     assert_eq!(v6_of(&seen2).as_deref(), Some(v6[0].as_str()), "{seen2}");
+    // The allocations as `evio-node nodes list` shows them.
+    let net = c.opts().network.clone();
+    let rows = nodes_list(&c.nodes()[0].ns, &c.store_url(), &net);
+    let row = &rows[&name(1)];
+    assert_eq!(row["hostAddresses"][1], v6[1].as_str(), "{row}");
+    assert_eq!(
+        rows[&name(2)]["hostAddresses"].as_array().map(Vec::len),
+        Some(1)
+    );
 }

@@ -31,6 +31,10 @@ pub struct Cache {
     pub host_cidr: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_address: Option<String>,
+    /// The IPv6 host address of a dual-stack host CIDR (`host_cidr` then
+    /// names both prefixes, comma-separated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_address6: Option<String>,
     /// etcd's lease id of the node's liveness: a restart within its TTL
     /// takes it over and the node never turns stale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,6 +108,7 @@ mod tests {
             pod_subnet: "10.244.3.0/24".into(),
             host_cidr: Some("10.10.0.0/16".into()),
             host_address: Some("10.10.0.3/16".into()),
+            host_address6: Some("fd00:10::3/64".into()),
             lease: Some(7),
             peers: Vec::new(),
         };

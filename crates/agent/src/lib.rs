@@ -140,8 +140,12 @@ pub struct AgentConfig {
     pub pod_subnet: IpNet,
     /// The bridge's gateway with the pod CIDR's prefix.
     pub gateway: IpNet,
-    /// The host-overlay address with the host CIDR's prefix.
+    /// The host-overlay address with the host CIDR's prefix: the only
+    /// one, or the IPv4 one of a dual-stack host CIDR (the record's
+    /// `hostAddress`).
     pub host_addr: Option<IpNet>,
+    /// The IPv6 host-overlay address of a dual-stack host CIDR.
+    pub host_addr6: Option<IpNet>,
     pub host_interface: String,
     pub tap_name: String,
     pub listen_port: u16,
@@ -175,6 +179,13 @@ pub struct AgentConfig {
     pub reclaim_after: Option<Duration>,
 }
 
+impl AgentConfig {
+    /// Every host-overlay address, the record's `hostAddress` first.
+    pub fn host_addrs(&self) -> Vec<IpNet> {
+        self.host_addr.into_iter().chain(self.host_addr6).collect()
+    }
+}
+
 impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let turn: Vec<String> = self.turn.iter().map(|t| t.server.to_string()).collect();
@@ -183,6 +194,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("node", &self.node)
             .field("pod_subnet", &self.pod_subnet)
             .field("host_addr", &self.host_addr)
+            .field("host_addr6", &self.host_addr6)
             .field("listen_port", &self.listen_port)
             .field("stun", &self.stun)
             .field("turn", &turn)
@@ -318,6 +330,8 @@ pub struct SelfInfo {
     pub node: String,
     pub public_key: String,
     pub host_address: Option<IpNet>,
+    /// Every host address, `host_address` first.
+    pub host_addresses: Vec<IpNet>,
     pub pod_subnet: IpNet,
     pub listen: SocketAddr,
     pub started: Instant,
@@ -395,7 +409,7 @@ fn open_devices(
         tracing::info!(tap = %cfg.tap_name, "adopted the TAP of the previous agent");
     }
     let tun = match cfg.host_addr {
-        Some(addr) => Some(open_tun(cfg, host, addr, cleanup)?),
+        Some(_) => Some(open_tun(cfg, host, &cfg.host_addrs(), cleanup)?),
         None => None,
     };
     Ok(NodeDevices {
@@ -408,7 +422,7 @@ fn open_devices(
 fn open_tun(
     cfg: &AgentConfig,
     host: &mut Handle,
-    addr: IpNet,
+    addrs: &[IpNet],
     cleanup: &mut Cleanup,
 ) -> Result<Device, AgentError> {
     let name = &cfg.host_interface;
@@ -430,20 +444,36 @@ fn open_tun(
         .addresses(Some(link.index))
         .map_err(AgentError::net(format!("addresses of {name}")))?
     {
-        if a.addr != addr && addr.trunc().contains(&a.addr.addr()) {
+        let old = addrs
+            .iter()
+            .any(|addr| a.addr != *addr && addr.trunc().contains(&a.addr.addr()));
+        if old && !addrs.contains(&a.addr) {
             tracing::warn!(old = %a.addr, "removed an old host address from {name}");
             let _ = host.del_address(link.index, a.addr);
         }
     }
-    match host.add_address(link.index, addr) {
-        Ok(()) => {}
-        Err(e) if e.is_exists() => {}
-        Err(e) => return Err(AgentError::net(format!("address {addr} on {name}"))(e)),
+    // Each address with its prefix, so the kernel routes the prefix here;
+    // IPv6 without duplicate address detection: the store made it unique,
+    // and a tentative address would not answer for a second.
+    for addr in addrs {
+        match host.add_address_nodad(link.index, *addr) {
+            Ok(()) => {}
+            Err(e) if e.is_exists() => {}
+            Err(e) => return Err(AgentError::net(format!("address {addr} on {name}"))(e)),
+        }
     }
     host.set_up(link.index)
         .map_err(AgentError::net(format!("bring up {name}")))?;
-    cleanup.host_rule = Some((addr, cfg.pod_cidr));
-    hostroute::install(host, link.index, addr, cfg.pod_cidr, cfg.pod_subnet)?;
+    // The rule for replies to pods: the host address of the pods' family.
+    let addr = addrs
+        .iter()
+        .copied()
+        .find(|a| a.addr().is_ipv4() == cfg.pod_cidr.addr().is_ipv4())
+        .or(addrs.first().copied());
+    if let Some(addr) = addr {
+        cleanup.host_rule = Some((addr, cfg.pod_cidr));
+        hostroute::install(host, link.index, addr, cfg.pod_cidr, cfg.pod_subnet)?;
+    }
     if adopted {
         tracing::info!(device = %name, "adopted the host interface of the previous agent");
     }
@@ -532,6 +562,7 @@ fn start(cfg: &AgentConfig) -> Result<Running, AgentError> {
         node: cfg.node.clone(),
         public_key,
         host_address: cfg.host_addr,
+        host_addresses: cfg.host_addrs(),
         pod_subnet: cfg.pod_subnet,
         listen,
         started,
@@ -547,7 +578,7 @@ fn start(cfg: &AgentConfig) -> Result<Running, AgentError> {
     tracing::info!(
         node = %cfg.node,
         subnet = %cfg.pod_subnet,
-        host = ?cfg.host_addr.map(|a| a.to_string()),
+        host = ?cfg.host_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         port = listen.port(),
         from_cache = cfg.from_cache,
         took_ms = started.elapsed().as_millis() as u64,
@@ -588,6 +619,7 @@ fn build_engine(
     let now = Instant::now();
     let mut ocfg = OverlayConfig::new(&cfg.network, cfg.pod_subnet, cfg.plugin.mtu as usize);
     ocfg.host_addr = cfg.host_addr.map(|a| a.addr());
+    ocfg.host_addr6 = cfg.host_addr6.map(|a| a.addr());
     ocfg.bridge_mac = devices.bridge_mac;
     ocfg.punch = evio_overlay::punch::PunchConfig::for_udp_timeout(cfg.nat_udp_timeout);
     // Sessions on demand (the core's default): a path quiet for longer than
@@ -780,6 +812,7 @@ fn spawn_threads(
         own: signal::Own {
             pod_subnet: cfg.pod_subnet,
             host_addr: cfg.host_addr,
+            host_addr6: cfg.host_addr6,
         },
         engine: engine.clone(),
         stop: stop.clone(),
@@ -860,6 +893,11 @@ fn own_record(cfg: &AgentConfig, public_key: &str, bridge_mac: Option<[u8; 6]>) 
         node: cfg.node.clone(),
         public_key: public_key.to_string(),
         host_address: cfg.host_addr.map(|a| a.to_string()),
+        // Only with two: one address is `hostAddress` alone, as ever.
+        host_addresses: match cfg.host_addr6 {
+            Some(_) => cfg.host_addrs().iter().map(|a| a.to_string()).collect(),
+            None => Vec::new(),
+        },
         pod_subnet: cfg.pod_subnet.to_string(),
         endpoints: Vec::new(),
         candidates: Vec::new(),
@@ -887,9 +925,7 @@ fn spawn_netwatch(
         cfg.host_interface.clone(),
     ];
     let mut nets = vec![cfg.pod_cidr];
-    if let Some(h) = cfg.host_addr {
-        nets.push(h.trunc());
-    }
+    nets.extend(cfg.host_addrs().iter().map(IpNet::trunc));
     netwatch::spawn(engine.clone(), stop.clone(), listen, exclude, nets)
 }
 

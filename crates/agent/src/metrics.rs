@@ -64,6 +64,9 @@ pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value
                 "node": p.node,
                 "publicKey": b64(&p.key),
                 "hostAddress": p.host_addr.map(|a| a.to_string()),
+                // Every host address, `hostAddress` first (an IPv6 one
+                // beside it with a dual-stack host CIDR).
+                "hostAddresses": p.host_addr.into_iter().chain(p.host_addr6).map(|a| a.to_string()).collect::<Vec<_>>(),
                 "podSubnet": p.pod_subnet.to_string(),
                 "state": p.state.as_str(),
                 "path": path,
@@ -98,6 +101,7 @@ pub fn peers_json(me: &SelfInfo, snap: &Snapshot, health: &StoreHealth) -> Value
         "node": me.node,
         "publicKey": me.public_key,
         "hostAddress": me.host_address.map(|a| a.to_string()),
+        "hostAddresses": me.host_addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "podSubnet": me.pod_subnet.to_string(),
         "listen": me.listen.to_string(),
         "peers": peers,
@@ -573,6 +577,7 @@ mod tests {
             key: [n as u8; 32],
             pod_subnet: "10.244.1.0/24".parse().unwrap(),
             host_addr: None,
+            host_addr6: None,
             state,
             relayed,
             path: Some(PathAddr::direct("203.0.113.7:5800".parse().unwrap())),
@@ -605,6 +610,7 @@ mod tests {
             node: "node-\"a\"".to_string(),
             public_key: String::new(),
             host_address: None,
+            host_addresses: Vec::new(),
             pod_subnet: "10.244.0.0/24".parse().unwrap(),
             listen: "203.0.113.1:5800".parse().unwrap(),
             started: now,

@@ -162,6 +162,8 @@ impl StoreHealth {
 pub struct Own {
     pub pod_subnet: IpNet,
     pub host_addr: Option<IpNet>,
+    /// The IPv6 host address of a dual-stack host CIDR (`hostnodes6/`).
+    pub host_addr6: Option<IpNet>,
 }
 
 pub struct Signalling {
@@ -229,6 +231,11 @@ pub fn check_record(rec: &PeerRecord, stale: bool) -> Result<PeerInfo, String> {
         .host_address
         .as_deref()
         .and_then(|h| h.parse::<IpNet>().ok());
+    // A dual-stack host CIDR's IPv6 address, beside an IPv4 `hostAddress`.
+    let host_addr6 = match host_addr {
+        Some(IpNet::V4(_)) => other_hosts(rec).into_iter().find(|n| n.addr().is_ipv6()),
+        _ => None,
+    };
     let mut candidates: Vec<PeerCandidate> = rec
         .candidates
         .iter()
@@ -265,10 +272,25 @@ pub fn check_record(rec: &PeerRecord, stale: bool) -> Result<PeerInfo, String> {
         key,
         pod_subnet,
         host_addr,
+        host_addr6,
         candidates,
         stale,
         bridge_mac,
     })
+}
+
+/// The record's host addresses besides `hostAddress` (`hostAddresses`,
+/// from a dual-stack node; an entry that does not parse is ignored).
+fn other_hosts(r: &PeerRecord) -> Vec<IpNet> {
+    let first = r
+        .host_address
+        .as_deref()
+        .and_then(|h| h.parse::<IpNet>().ok());
+    r.host_addresses
+        .iter()
+        .filter_map(|h| h.parse::<IpNet>().ok())
+        .filter(|n| Some(*n) != first)
+        .collect()
 }
 
 /// The records of `snap` a peer is believed for: its pod subnet must be
@@ -297,11 +319,17 @@ fn not_allocated(snap: &PeerSnapshot, r: &PeerRecord) -> Option<String> {
             .ok()
             .is_some_and(|n| alloc.hosts.get(&r.node) == Some(&n.addr())),
     };
-    (!(subnet_ok && host_ok)).then(|| {
+    // The IPv6 address beside it: what `hostnodes6/<node>` holds.
+    let others_ok = other_hosts(r)
+        .iter()
+        .all(|n| alloc.hosts6.get(&r.node) == Some(&n.addr()));
+    (!(subnet_ok && host_ok && others_ok)).then(|| {
         format!(
-            "its podSubnet {} / hostAddress {} are not what the store allocated to it",
+            "its podSubnet {} / hostAddress {} / hostAddresses {:?} are not what the store \
+             allocated to it",
             r.pod_subnet,
-            r.host_address.as_deref().unwrap_or("none")
+            r.host_address.as_deref().unwrap_or("none"),
+            r.host_addresses
         )
     })
 }
@@ -996,7 +1024,10 @@ impl Signalling {
         let host_ok = match self.own.host_addr {
             None => true,
             Some(h) => host == Some(&h.addr()),
-        };
+        } && self
+            .own
+            .host_addr6
+            .is_none_or(|h| snap.alloc.hosts6.get(me) == Some(&h.addr()));
         if subnet == Some(&self.own.pod_subnet) && host_ok {
             return None;
         }
@@ -1358,6 +1389,53 @@ mod tests {
         // a left: its record is gone, and so is the vouch, connected or not.
         let left = vec![rec("b"), rec("c")];
         assert!(vouch_list(&mut vouch, Some(&["a"]), &left, at(302)).is_empty());
+    }
+
+    /// Issue 25: a dual-stack node's IPv6 host address (`hostAddresses`)
+    /// reaches the engine only where the store allocated it to that node
+    /// (`hostnodes6/`), as its `hostAddress` does; an older record (no
+    /// `hostAddresses`) is believed as before.
+    #[test]
+    fn a_records_ipv6_host_address_is_believed_only_where_allocated() {
+        let rec = |host: &str, all: &[&str]| -> PeerRecord {
+            serde_json::from_value(serde_json::json!({
+                "node": "a", "publicKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                "podSubnet": "10.244.1.0/24", "heartbeat": "",
+                "hostAddress": host, "hostAddresses": all}))
+            .unwrap()
+        };
+        let mut snap = PeerSnapshot::default();
+        snap.alloc
+            .subnets
+            .insert("a".into(), "10.244.1.0/24".parse().unwrap());
+        snap.alloc
+            .hosts
+            .insert("a".into(), "10.10.0.1".parse().unwrap());
+        let dual = rec("10.10.0.1/16", &["10.10.0.1/16", "fd00:10::1/64"]);
+        let old = rec("10.10.0.1/16", &[]);
+        snap.records = vec![old.clone()];
+        assert_eq!(believed(&snap).len(), 1, "an older record");
+        let info = check_record(&old, false).unwrap();
+        assert_eq!(info.host_addr6, None);
+        // Claimed without the allocation: not believed.
+        snap.records = vec![dual.clone()];
+        assert!(believed(&snap).is_empty());
+        snap.alloc
+            .hosts6
+            .insert("a".into(), "fd00:10::2".parse().unwrap());
+        assert!(believed(&snap).is_empty(), "another node's address");
+        snap.alloc
+            .hosts6
+            .insert("a".into(), "fd00:10::1".parse().unwrap());
+        assert_eq!(believed(&snap).len(), 1);
+        let info = check_record(&dual, false).unwrap();
+        assert_eq!(info.host_addr, Some("10.10.0.1/16".parse().unwrap()));
+        assert_eq!(info.host_addr6, Some("fd00:10::1/64".parse().unwrap()));
+        // An IPv6-only node's one address is its hostAddress.
+        let v6 = rec("fd00:10::3/64", &[]);
+        let info = check_record(&v6, false).unwrap();
+        assert_eq!(info.host_addr, Some("fd00:10::3/64".parse().unwrap()));
+        assert_eq!(info.host_addr6, None);
     }
 
     #[test]

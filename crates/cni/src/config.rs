@@ -106,9 +106,10 @@ pub struct NetConf {
     /// OpenFlow on `<bridge>.mgmt` (`ovsRunDir`); `None`: the directory of
     /// a `unix:` OVSDB socket, else /var/run/openvswitch.
     pub ovs_run_dir: Option<PathBuf>,
-    /// The host overlay (`hostCIDR`): pod traffic to it is never
-    /// masqueraded, so a hostNetwork endpoint sees the client pod's own IP.
-    pub host_cidr: Option<IpNet>,
+    /// The host overlay (`hostCIDR`: one prefix, or a list of one IPv4
+    /// and one IPv6 prefix): pod traffic to it is never masqueraded, so a
+    /// hostNetwork endpoint sees the client pod's own IP.
+    pub host_cidrs: Vec<IpNet>,
     pub valid_attachments: Option<Vec<ValidAttachment>>,
     /// The config exactly as received: what the IPAM delegate gets on stdin.
     pub raw: Vec<u8>,
@@ -298,13 +299,7 @@ impl NetConf {
             .filter(|s| !s.is_empty())
             .map(|s| checked_path("ovsRunDir", s))
             .transpose()?;
-        let host_cidr =
-            match opt_str(&o, "hostCIDR")? {
-                None | Some("") => None,
-                Some(s) => Some(s.parse::<IpNet>().map(|n| n.trunc()).map_err(|_| {
-                    CniError::invalid_config(format!("hostCIDR {s:?} is not a CIDR"))
-                })?),
-            };
+        let host_cidrs = host_cidrs(&o)?;
         let valid_attachments = match o
             .get("cni.dev/valid-attachments")
             .or_else(|| o.get("cni.dev/attachments"))
@@ -332,7 +327,7 @@ impl NetConf {
             prev_result,
             log_file,
             ovs_run_dir,
-            host_cidr,
+            host_cidrs,
             valid_attachments,
             raw: raw.to_vec(),
         })
@@ -402,6 +397,41 @@ fn req_str<'a>(o: &'a Map<String, Value>, key: &str) -> Result<&'a str> {
     }
 }
 
+/// `hostCIDR`: absent, a string (empty: none), or a list of at most one
+/// IPv4 and one IPv6 prefix (config-gen writes what net-conf.json says).
+fn host_cidrs(o: &Map<String, Value>) -> Result<Vec<IpNet>> {
+    let one = |s: &str| {
+        s.parse::<IpNet>()
+            .map(|n| n.trunc())
+            .map_err(|_| CniError::invalid_config(format!("hostCIDR {s:?} is not a CIDR")))
+    };
+    let out: Vec<IpNet> = match o.get("hostCIDR") {
+        Some(Value::Array(a)) => {
+            let out = a
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => one(s),
+                    other => Err(CniError::invalid_config(format!(
+                        "hostCIDR entries must be strings, got {other}"
+                    ))),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let v4 = out.iter().filter(|n| n.addr().is_ipv4()).count();
+            if out.is_empty() || v4 > 1 || out.len() - v4 > 1 {
+                return Err(CniError::invalid_config(format!(
+                    "hostCIDR {out:?}: give one prefix, or one IPv4 and one IPv6 prefix"
+                )));
+            }
+            out
+        }
+        _ => match opt_str(o, "hostCIDR")? {
+            None | Some("") => Vec::new(),
+            Some(s) => vec![one(s)?],
+        },
+    };
+    Ok(out)
+}
+
 fn opt_str<'a>(o: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>> {
     match o.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -455,6 +485,33 @@ mod tests {
         assert!(c.is_gateway && !c.is_default_gateway && !c.ip_masq && !c.hairpin_mode);
         assert_eq!(c.mtu, 1500);
         assert_eq!(c.ipam_type, "host-local");
+    }
+
+    /// Issue 25: a dual-stack host overlay's two prefixes, both exempt
+    /// from masquerade; the string form as ever.
+    #[test]
+    fn host_cidr_is_a_string_or_one_prefix_per_family() {
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        let c = parse(&conf(json!({"hostCIDR": "10.10.0.0/16"}))).unwrap();
+        assert_eq!(c.host_cidrs, [n("10.10.0.0/16")]);
+        assert!(parse(&conf(json!({"hostCIDR": ""})))
+            .unwrap()
+            .host_cidrs
+            .is_empty());
+        assert!(parse(&conf(json!({}))).unwrap().host_cidrs.is_empty());
+        let c = parse(&conf(json!({"hostCIDR": ["fd00:10::/64", "10.10.0.0/16"]}))).unwrap();
+        assert_eq!(c.host_cidrs, [n("fd00:10::/64"), n("10.10.0.0/16")]);
+        for bad in [
+            json!([]),
+            json!(["10.10.0.0/16", "10.11.0.0/16"]),
+            json!(["fd00:10::/64", "fd00:11::/64"]),
+            json!(["10.10.0.0/16", "x"]),
+            json!(["10.10.0.0/16", 7]),
+            json!(7),
+        ] {
+            let e = parse(&conf(json!({ "hostCIDR": bad }))).unwrap_err();
+            assert!(e.to_string().contains("hostCIDR"), "{bad}: {e}");
+        }
     }
 
     #[test]

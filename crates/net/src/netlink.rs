@@ -353,6 +353,26 @@ impl Handle {
         .map(drop)
     }
 
+    /// [`Handle::add_address`], an IPv6 address without duplicate address
+    /// detection (`nodad`: usable at once; for addresses something else
+    /// made unique). IPv4 is added as by `add_address`.
+    pub fn add_address_nodad(&mut self, index: u32, addr: IpNet) -> Result<()> {
+        let mut msg = address_msg(index, addr);
+        if addr.addr().is_ipv6() {
+            msg.attributes
+                .push(netlink_packet_route::address::AddressAttribute::Flags(
+                    netlink_packet_route::address::AddressFlags::Nodad,
+                ));
+        }
+        self.request_flags(
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+            Reply::Ack,
+            &|| format!("add address {addr} to interface index {index}"),
+        )
+        .map(drop)
+    }
+
     /// Removes an address; a missing one gives [`Error::is_not_found`].
     pub fn del_address(&mut self, index: u32, addr: IpNet) -> Result<()> {
         self.request(

@@ -12,8 +12,8 @@ use evio_agent::AgentConfig;
 use evio_overlay::nat::TurnServer;
 use evio_plugin::naming::ovs_ids;
 use evio_subnet::{
-    open_overlay_store, open_store, read_secret, NodeSubnet, Released, StoreOptions, StoreUrl,
-    SubnetError,
+    open_overlay_store, open_store, read_secret, HostAllocation, HostSlot, NodeSubnet, Released,
+    StoreOptions, StoreUrl, SubnetError,
 };
 use ipnet::IpNet;
 
@@ -128,6 +128,8 @@ pub fn unanswered(e: &NodeError) -> bool {
 struct Allocated {
     subnet: NodeSubnet,
     host: Option<IpNet>,
+    /// The IPv6 host address of a dual-stack host CIDR.
+    host6: Option<IpNet>,
     /// Why its previous allocations were freed, if they were.
     released: Option<Released>,
 }
@@ -150,24 +152,48 @@ fn allocate(plan: &Resolved, ov: &OverlayConf, budget: Duration) -> Result<Alloc
             ),
             None => None,
         };
+        // Undoes what this call allocated (best effort: the store may be
+        // what failed), so that a node gets all of its addresses or none.
+        let undo = |h: Option<HostAllocation>, slot| {
+            let ostore = &ostore;
+            async move {
+                if h.is_some_and(|h| !h.existing) {
+                    let _ = ostore.release_host_in(network, node, slot).await;
+                }
+            }
+        };
+        // The IPv6 address of a dual-stack host overlay, after the first
+        // (the one older agents know).
+        let host6 = match ov.host_cidr6 {
+            Some(cidr) => match ostore
+                .allocate_host_in(network, node, HostSlot::Ipv6, cidr, ov.host_address6)
+                .await
+            {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    undo(host, HostSlot::First).await;
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
         let store = open_store(url, &opts).await?;
         let alloc = match store.allocate(network, node, &plan.gen.pod).await {
             Ok(a) => a,
             Err(e) => {
-                if host.is_some_and(|h| !h.existing) {
-                    // Best effort: the store may be what failed.
-                    let _ = ostore.release_host(network, node).await;
-                }
+                undo(host, HostSlot::First).await;
+                undo(host6, HostSlot::Ipv6).await;
                 return Err(e.into());
             }
         };
-        let host = match (host, ov.host_cidr) {
-            (Some(h), Some(cidr)) => Some(
-                IpNet::new(h.addr, cidr.prefix_len())
-                    .map_err(|e| NodeError::Invalid(e.to_string()))?,
-            ),
-            _ => None,
+        let with_prefix = |h: Option<HostAllocation>, cidr: Option<IpNet>| match (h, cidr) {
+            (Some(h), Some(cidr)) => IpNet::new(h.addr, cidr.prefix_len())
+                .map(Some)
+                .map_err(|e| NodeError::Invalid(e.to_string())),
+            _ => Ok(None),
         };
+        let host = with_prefix(host, ov.host_cidr)?;
+        let host6 = with_prefix(host6, ov.host_cidr6)?;
         // A fresh allocation: were this node's old ones released?
         let released = if alloc.existing {
             None
@@ -181,21 +207,35 @@ fn allocate(plan: &Resolved, ov: &OverlayConf, budget: Duration) -> Result<Alloc
         Ok(Allocated {
             subnet: alloc.subnet,
             host,
+            host6,
             released,
         })
     })
 }
 
+/// A node's host addresses: the first (the record's `hostAddress`) and
+/// the IPv6 one of a dual-stack host CIDR.
+type Hosts = (Option<IpNet>, Option<IpNet>);
+
 /// The allocation a fitting cache holds.
-fn from_cache(c: &Cache, plan: &Resolved) -> Option<(NodeSubnet, Option<IpNet>)> {
+fn from_cache(c: &Cache, plan: &Resolved) -> Option<(NodeSubnet, Hosts)> {
     let subnet: IpNet = c.pod_subnet.parse().ok()?;
     let index = plan.gen.pod.index_of(&subnet)?;
     let ns = plan.gen.pod.node(index).ok()?;
-    let host = match &c.host_address {
-        Some(h) => Some(h.parse().ok()?),
-        None => None,
+    let parse = |h: &Option<String>| match h {
+        Some(h) => h.parse().ok().map(Some),
+        None => Some(None),
     };
-    Some((ns, host))
+    Some((ns, (parse(&c.host_address)?, parse(&c.host_address6)?)))
+}
+
+/// Host addresses as a person reads them.
+fn show_hosts(h: Hosts) -> String {
+    match h {
+        (None, _) => "none".to_string(),
+        (Some(a), None) => a.to_string(),
+        (Some(a), Some(b)) => format!("{a} and {b}"),
+    }
 }
 
 /// Says, once and clearly, that the node's allocation changed under it.
@@ -214,7 +254,7 @@ fn report_change(old: &Cache, new: &Allocated) {
         old.pod_subnet,
         old.host_address.as_deref().unwrap_or("none"),
         new.subnet.subnet,
-        new.host.map_or("none".to_string(), |h| h.to_string()),
+        show_hosts((new.host, new.host6)),
     );
 }
 
@@ -226,11 +266,13 @@ pub fn run(args: Args) -> Result<(), NodeError> {
     let plan = args.node.resolve()?;
     let mut ov = OverlayConf::parse(&plan.conf)?;
     if let Some(h) = &args.host_address {
-        ov.host_address = Some(crate::overlay::host_address(
-            h,
-            ov.host_cidr,
-            "--host-address",
-        )?);
+        let (slot6, a) =
+            crate::overlay::host_address_in(h, ov.host_cidr, ov.host_cidr6, "--host-address")?;
+        if slot6 {
+            ov.host_address6 = Some(a);
+        } else {
+            ov.host_address = Some(a);
+        }
     }
     let reclaim = reclaim_after(&plan.conf)?;
     let network = plan.gen.name.clone();
@@ -241,7 +283,10 @@ pub fn run(args: Args) -> Result<(), NodeError> {
         store: plan.url.to_string(),
         pod_cidr: plan.gen.pod.cidr().to_string(),
         node_bits: plan.gen.pod.node_bits(),
-        host_cidr: ov.host_cidr.map(|c| c.to_string()),
+        host_cidr: ov.host_cidr.map(|_| {
+            let all: Vec<String> = ov.host_cidrs().iter().map(|c| c.to_string()).collect();
+            all.join(",")
+        }),
         ..Cache::default()
     };
     let cached = evio_agent::cache::load(&cache_path).filter(|c| c.fits(&want));
@@ -256,7 +301,7 @@ pub fn run(args: Args) -> Result<(), NodeError> {
             let old_gw = cached.as_ref().and_then(|c| from_cache(c, &plan));
             let moved = old_gw
                 .as_ref()
-                .is_some_and(|(s, h)| s.subnet != a.subnet.subnet || *h != a.host);
+                .is_some_and(|(s, h)| s.subnet != a.subnet.subnet || *h != (a.host, a.host6));
             let mut stale_gateway = None;
             if moved || a.released.is_some() {
                 report_change(cached.as_ref().unwrap_or(&want), &a);
@@ -269,7 +314,8 @@ pub fn run(args: Args) -> Result<(), NodeError> {
             }
             cache.pod_subnet = a.subnet.subnet.to_string();
             cache.host_address = a.host.map(|h| h.to_string());
-            (a.subnet, a.host, cache, false, stale_gateway)
+            cache.host_address6 = a.host6.map(|h| h.to_string());
+            (a.subnet, (a.host, a.host6), cache, false, stale_gateway)
         }
         Err(e) if unanswered(&e) => {
             let Some((subnet, host, c)) = cached
@@ -284,7 +330,7 @@ pub fn run(args: Args) -> Result<(), NodeError> {
                 t.elapsed(),
                 cache_path.display(),
                 subnet.subnet,
-                host.map_or("none".to_string(), |h| h.to_string())
+                show_hosts(host)
             );
             (subnet, host, c, true, None)
         }
@@ -324,7 +370,7 @@ fn agent_config(
     plan: Resolved,
     ov: &OverlayConf,
     ns: NodeSubnet,
-    host: Option<IpNet>,
+    host: Hosts,
     s: Started,
 ) -> Result<AgentConfig, NodeError> {
     let Resolved {
@@ -365,7 +411,8 @@ fn agent_config(
         pod_cidr: gen.pod.cidr(),
         pod_subnet: ns.subnet,
         gateway,
-        host_addr: host,
+        host_addr: host.0,
+        host_addr6: host.1,
         host_interface: ov.host_interface.clone(),
         tap_name: tap,
         listen_port: ov.listen_port,

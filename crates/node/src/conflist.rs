@@ -143,9 +143,10 @@ struct EvioPlugin {
     #[serde(skip_serializing_if = "Option::is_none")]
     ovs_run_dir: Option<String>,
     /// The host overlay, whose nodes see pods' own addresses (the plugin
-    /// never masquerades pod traffic to it).
+    /// never masquerades pod traffic to it): a string as ever, a list of
+    /// the two prefixes of a dual-stack host overlay.
     #[serde(rename = "hostCIDR", skip_serializing_if = "Option::is_none")]
-    host_cidr: Option<String>,
+    host_cidr: Option<serde_json::Value>,
     ipam: Ipam,
 }
 
@@ -356,7 +357,11 @@ impl GenConfig {
             hairpin_mode: pick_bool(o.hairpin_mode, conf, "hairpinMode")?.unwrap_or(linux),
             bridge_ipv4: pick_str(&o.bridge_ipv4, conf, "bridgeIPv4")?.filter(|s| !s.is_empty()),
             ovs_run_dir: conf.string("ovsRunDir")?.filter(|s| !s.is_empty()),
-            host_cidr: overlay.host_cidr.map(|c| c.to_string()),
+            host_cidr: match overlay.host_cidrs().as_slice() {
+                [] => None,
+                [one] => Some(one.to_string().into()),
+                all => Some(all.iter().map(|c| c.to_string()).collect::<Vec<_>>().into()),
+            },
             ipam: Ipam {
                 ipam_type: "host-local",
                 ranges: Vec::new(),
@@ -453,6 +458,26 @@ mod tests {
         assert_eq!(p["hairpinMode"], true);
         assert_eq!(p["hostCIDR"], "10.10.0.0/16");
         assert_eq!(p["ovsRunDir"], "/run/ovs");
+        // A dual-stack host overlay: both prefixes, as a list the plugin
+        // reads back.
+        let d = gen(
+            r#"{"podCIDR":"10.244.0.0/16","nodeBits":8,"hostCIDR":["fd00:10::/64","10.10.0.0/16"]}"#,
+            Overrides::default(),
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&d.render(&d.pod.node(1).unwrap()).unwrap()).unwrap();
+        let p = &v["plugins"][0];
+        assert_eq!(
+            p["hostCIDR"],
+            serde_json::json!(["10.10.0.0/16", "fd00:10::/64"])
+        );
+        // The runtime hands the plugin its entry with the list's name and
+        // version.
+        let mut entry = p.clone();
+        entry["cniVersion"] = v["cniVersion"].clone();
+        entry["name"] = v["name"].clone();
+        let back = cni::NetConf::parse(entry.to_string().as_bytes()).unwrap();
+        assert_eq!(back.host_cidrs.len(), 2);
         let off = gen(
             r#"{"podCIDR":"10.244.0.0/16","nodeBits":8,"bridgeType":"linux","hairpinMode":false}"#,
             Overrides::default(),

@@ -67,6 +67,8 @@ fn json_of(n: &NodeInfo) -> serde_json::Value {
         "node": n.node,
         "podSubnet": n.subnet.map(|s| s.to_string()),
         "hostAddress": n.host.map(|h| h.to_string()),
+        // With a dual-stack host CIDR, the IPv6 one too.
+        "hostAddresses": n.host.into_iter().chain(n.host6).map(|h| h.to_string()).collect::<Vec<_>>(),
         "publicKey": n.public_key,
         "lastSeen": n.last_seen,
         "state": state(n),
@@ -105,7 +107,10 @@ fn list(c: Common, json: bool) -> Result<(), NodeError> {
         rows.push([
             n.node.clone(),
             dash(n.subnet.map(|s| s.to_string())),
-            dash(n.host.map(|h| h.to_string())),
+            dash(n.host.map(|h| match n.host6 {
+                Some(h6) => format!("{h},{h6}"),
+                None => h.to_string(),
+            })),
             state(n).to_string(),
             dash(n.last_seen.clone()),
             dash(n.public_key.clone()),

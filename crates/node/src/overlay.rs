@@ -42,9 +42,17 @@ pub struct OverlayConf {
     /// Whether any overlay key was present: then the conflist's MTU must
     /// fit inside the tunnel.
     pub configured: bool,
+    /// `hostCIDR`'s first prefix: the only one, or the IPv4 one of a
+    /// dual-stack list. Its address is the record's `hostAddress`.
     pub host_cidr: Option<IpNet>,
-    /// `hostAddress`: the host overlay address this node asks for.
+    /// The IPv6 prefix of a dual-stack `hostCIDR` list (beside the IPv4
+    /// `host_cidr`); `None` with one prefix, whatever its family.
+    pub host_cidr6: Option<IpNet>,
+    /// `hostAddress`: the host overlay address this node asks for in
+    /// `host_cidr`.
     pub host_address: Option<IpAddr>,
+    /// `hostAddress`'s address in `host_cidr6`.
+    pub host_address6: Option<IpAddr>,
     pub host_interface: String,
     pub listen_port: u16,
     pub stun: Vec<String>,
@@ -216,29 +224,54 @@ const OVERLAY_KEYS: &[&str] = &[
 
 impl OverlayConf {
     pub fn parse(conf: &RawConf) -> Result<OverlayConf, NodeError> {
-        let host_cidr = match conf.string("hostCIDR")? {
-            None => None,
-            Some(s) => {
-                let n: IpNet = s
-                    .parse()
-                    .map_err(|_| invalid("hostCIDR", format!("{s:?} is not a CIDR")))?;
-                if n.trunc() != n {
-                    return Err(invalid(
-                        "hostCIDR",
-                        format!("{s} has host bits set: the network is {}", n.trunc()),
-                    ));
-                }
-                let max = if n.addr().is_ipv4() { 30 } else { 126 };
-                if n.prefix_len() > max {
-                    return Err(invalid("hostCIDR", format!("{s} has no room for hosts")));
-                }
-                Some(n)
+        let cidrs: Vec<IpNet> = match conf.raw("hostCIDR") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .enumerate()
+                .map(|(i, v)| host_prefix(&string(v, &format!("hostCIDR[{i}]"))?))
+                .collect::<Result<_, _>>()?,
+            _ => conf
+                .string("hostCIDR")?
+                .map(|s| host_prefix(&s))
+                .transpose()?
+                .into_iter()
+                .collect(),
+        };
+        let (host_cidr, host_cidr6) = split_families(&cidrs, "hostCIDR", "prefix")?;
+        if conf.raw("hostCIDR").is_some() && host_cidr.is_none() {
+            return Err(invalid(
+                "hostCIDR",
+                "an empty list: give one prefix, or one IPv4 and one IPv6 prefix",
+            ));
+        }
+        let mut host_address = None;
+        let mut host_address6 = None;
+        let requested: Vec<String> = match conf.raw("hostAddress") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .enumerate()
+                .map(|(i, v)| string(v, &format!("hostAddress[{i}]")))
+                .collect::<Result<_, _>>()?,
+            _ => conf.string("hostAddress")?.into_iter().collect(),
+        };
+        if conf.raw("hostAddress").is_some() && requested.is_empty() {
+            return Err(invalid("hostAddress", "an empty list"));
+        }
+        for s in &requested {
+            let (slot6, a) = host_address_in(s, host_cidr, host_cidr6, "hostAddress")?;
+            let to = if slot6 {
+                &mut host_address6
+            } else {
+                &mut host_address
+            };
+            if to.is_some() {
+                return Err(invalid(
+                    "hostAddress",
+                    "two addresses of one family: give at most one IPv4 and one IPv6 address",
+                ));
             }
-        };
-        let host_address = match conf.string("hostAddress")? {
-            None => None,
-            Some(s) => Some(host_address(&s, host_cidr, "hostAddress")?),
-        };
+            *to = Some(a);
+        }
         let host_interface = conf
             .string("hostInterface")?
             .unwrap_or_else(|| DEFAULT_HOST_INTERFACE.into());
@@ -360,7 +393,9 @@ impl OverlayConf {
         Ok(OverlayConf {
             configured: ov.is_some() || host_cidr.is_some(),
             host_cidr,
+            host_cidr6,
             host_address,
+            host_address6,
             host_interface,
             listen_port,
             stun,
@@ -382,6 +417,100 @@ impl OverlayConf {
 
     pub fn default_mtu(&self) -> u32 {
         self.underlay_mtu - OVERHEAD - DEFAULT_MARGIN
+    }
+
+    /// Every prefix of `hostCIDR`, the first one first.
+    pub fn host_cidrs(&self) -> Vec<IpNet> {
+        self.host_cidr.into_iter().chain(self.host_cidr6).collect()
+    }
+}
+
+/// One prefix of `hostCIDR`. IPv4: room for at least two hosts (/30).
+/// IPv6: at most /120 (a host overlay smaller than 256 addresses has no
+/// use, and /64 is what operators give), and a unicast range a host can
+/// route: not link-local (every interface has its own fe80::/10, which
+/// the kernel would not route through the overlay), multicast, loopback
+/// or unspecified.
+fn host_prefix(s: &str) -> Result<IpNet, NodeError> {
+    let n: IpNet = s
+        .parse()
+        .map_err(|_| invalid("hostCIDR", format!("{s:?} is not a CIDR")))?;
+    if n.trunc() != n {
+        return Err(invalid(
+            "hostCIDR",
+            format!("{s} has host bits set: the network is {}", n.trunc()),
+        ));
+    }
+    match n {
+        IpNet::V4(_) if n.prefix_len() > 30 => {
+            Err(invalid("hostCIDR", format!("{s} has no room for hosts")))
+        }
+        IpNet::V6(_) if n.prefix_len() > 120 => Err(invalid(
+            "hostCIDR",
+            format!("{s}: an IPv6 host overlay needs a prefix of /120 or shorter (e.g. /64)"),
+        )),
+        IpNet::V6(v6)
+            if v6.prefix_len() < 10
+                || v6.addr().is_unspecified()
+                || v6.addr().is_loopback()
+                || v6.addr().is_multicast()
+                || (v6.addr().segments()[0] & 0xffc0) == 0xfe80 =>
+        {
+            Err(invalid(
+                "hostCIDR",
+                format!(
+                    "{s} is not a usable IPv6 range (link-local, multicast, loopback, or too \
+                     wide): use a unique local (fd00::/8) or global prefix"
+                ),
+            ))
+        }
+        _ => Ok(n),
+    }
+}
+
+/// Items of a list key: at most one of each family; returns the first (the
+/// IPv4 one when there are two, else the one there is) and the IPv6 one
+/// beside an IPv4 one.
+fn split_families(
+    items: &[IpNet],
+    key: &str,
+    what: &str,
+) -> Result<(Option<IpNet>, Option<IpNet>), NodeError> {
+    let v4: Vec<IpNet> = items
+        .iter()
+        .copied()
+        .filter(|n| n.addr().is_ipv4())
+        .collect();
+    let v6: Vec<IpNet> = items
+        .iter()
+        .copied()
+        .filter(|n| n.addr().is_ipv6())
+        .collect();
+    if v4.len() > 1 || v6.len() > 1 {
+        return Err(invalid(
+            key,
+            format!("two {what}es of one family: give at most one IPv4 and one IPv6 {what}"),
+        ));
+    }
+    Ok(match (v4.first(), v6.first()) {
+        (Some(a), b) => (Some(*a), b.copied()),
+        (None, b) => (b.copied(), None),
+    })
+}
+
+/// A requested host address in whichever prefix of its family there is:
+/// whether it is the IPv6 one beside an IPv4 one (`host_cidr6`), and the
+/// address.
+pub fn host_address_in(
+    s: &str,
+    cidr: Option<IpNet>,
+    cidr6: Option<IpNet>,
+    key: &str,
+) -> Result<(bool, IpAddr), NodeError> {
+    let v6 = s.parse::<IpAddr>().is_ok_and(|a| a.is_ipv6());
+    match cidr6 {
+        Some(c6) if v6 => Ok((true, host_address(s, Some(c6), key)?)),
+        _ => Ok((false, host_address(s, cidr, key)?)),
     }
 }
 
@@ -517,6 +646,93 @@ mod tests {
             f.network_key_file.as_deref(),
             Some(std::path::Path::new("/n"))
         );
+    }
+
+    /// Issue 25: `hostCIDR` as a list of one IPv4 and one IPv6 prefix, in
+    /// either order, or of one; the string form as ever.
+    #[test]
+    fn host_cidr_lists_one_prefix_per_family() {
+        let v4: IpNet = "10.10.0.0/16".parse().unwrap();
+        let v6: IpNet = "fd00:10::/64".parse().unwrap();
+        for j in [
+            r#"{"hostCIDR":["10.10.0.0/16","fd00:10::/64"]}"#,
+            r#"{"hostCIDR":["fd00:10::/64","10.10.0.0/16"]}"#,
+        ] {
+            let c = parse(j).unwrap();
+            assert_eq!((c.host_cidr, c.host_cidr6), (Some(v4), Some(v6)), "{j}");
+            assert_eq!(c.host_cidrs(), [v4, v6]);
+            assert!(c.configured);
+        }
+        // One element is the string form; an IPv6-only one is the first.
+        for (j, want) in [
+            (r#"{"hostCIDR":["10.10.0.0/16"]}"#, v4),
+            (r#"{"hostCIDR":"10.10.0.0/16"}"#, v4),
+            (r#"{"hostCIDR":["fd00:10::/64"]}"#, v6),
+            (r#"{"hostCIDR":"fd00:10::/64"}"#, v6),
+        ] {
+            let c = parse(j).unwrap();
+            assert_eq!((c.host_cidr, c.host_cidr6), (Some(want), None), "{j}");
+        }
+        // hostAddress: a string of either family, or one of each.
+        let c = parse(
+            r#"{"hostCIDR":["10.10.0.0/16","fd00:10::/64"],"hostAddress":["fd00:10::7","10.10.0.7"]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.host_address, Some("10.10.0.7".parse().unwrap()));
+        assert_eq!(c.host_address6, Some("fd00:10::7".parse().unwrap()));
+        let c = parse(r#"{"hostCIDR":["10.10.0.0/16","fd00:10::/64"],"hostAddress":"fd00:10::7"}"#)
+            .unwrap();
+        assert_eq!(
+            (c.host_address, c.host_address6),
+            (None, Some("fd00:10::7".parse().unwrap()))
+        );
+        let c = parse(r#"{"hostCIDR":"fd00:10::/64","hostAddress":"fd00:10::7"}"#).unwrap();
+        assert_eq!(
+            (c.host_address, c.host_address6),
+            (Some("fd00:10::7".parse().unwrap()), None)
+        );
+        for (j, why) in [
+            (r#"{"hostCIDR":[]}"#, "an empty list"),
+            (
+                r#"{"hostCIDR":["10.10.0.0/16","10.11.0.0/16"]}"#,
+                "two prefixes of one family",
+            ),
+            (
+                r#"{"hostCIDR":["fd00:10::/64","fd00:11::/64"]}"#,
+                "two prefixes of one family",
+            ),
+            (
+                r#"{"hostCIDR":["10.10.0.0/16","x"]}"#,
+                "\"x\" is not a CIDR",
+            ),
+            (r#"{"hostCIDR":["10.10.0.0/16",""]}"#, "hostCIDR[1]"),
+            (r#"{"hostCIDR":["10.10.0.0/16",7]}"#, "hostCIDR[1]"),
+            (r#"{"hostCIDR":["fd00:10::1/64"]}"#, "host bits set"),
+            (r#"{"hostCIDR":["fe80::/64"]}"#, "not a usable IPv6 range"),
+            (r#"{"hostCIDR":"ff00::/64"}"#, "not a usable IPv6 range"),
+            (r#"{"hostCIDR":"::/0"}"#, "not a usable IPv6 range"),
+            (r#"{"hostCIDR":"fd00:10::/121"}"#, "/120 or shorter"),
+            (r#"{"hostCIDR":"10.10.0.0/31"}"#, "no room for hosts"),
+            (
+                r#"{"hostCIDR":["10.10.0.0/16","fd00:10::/64"],"hostAddress":["10.10.0.1","10.10.0.2"]}"#,
+                "two addresses of one family",
+            ),
+            (
+                r#"{"hostCIDR":["10.10.0.0/16","fd00:10::/64"],"hostAddress":[]}"#,
+                "hostAddress: an empty list",
+            ),
+            (
+                r#"{"hostCIDR":["10.10.0.0/16","fd00:10::/64"],"hostAddress":"fd00:11::1"}"#,
+                "not a usable address of hostCIDR fd00:10::/64",
+            ),
+            (
+                r#"{"hostCIDR":"10.10.0.0/16","hostAddress":"fd00:10::1"}"#,
+                "not a usable address of hostCIDR 10.10.0.0/16",
+            ),
+        ] {
+            let e = parse(j).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains(why), "{j}: {e:?} lacks {why:?}");
+        }
     }
 
     #[test]

@@ -67,6 +67,9 @@ pub struct OverlayConfig {
     pub pod_subnet: IpNet,
     /// This node's host-overlay address, if there is a host overlay.
     pub host_addr: Option<IpAddr>,
+    /// Its IPv6 host-overlay address beside an IPv4 `host_addr` (a
+    /// dual-stack host CIDR).
+    pub host_addr6: Option<IpAddr>,
     /// Largest IP packet carried across (the pods' MTU).
     pub mtu: usize,
     pub tunnel: TunnelConfig,
@@ -119,6 +122,7 @@ impl OverlayConfig {
             network: network.to_string(),
             pod_subnet,
             host_addr: None,
+            host_addr6: None,
             mtu,
             tunnel: TunnelConfig::default(),
             paths: PathConfig::default(),
@@ -155,6 +159,9 @@ pub struct PeerInfo {
     pub pod_subnet: IpNet,
     /// Host-overlay address with the host CIDR's prefix.
     pub host_addr: Option<IpNet>,
+    /// Its IPv6 host-overlay address beside an IPv4 `host_addr` (the
+    /// record's `hostAddresses`).
+    pub host_addr6: Option<IpNet>,
     pub candidates: Vec<PeerCandidate>,
     /// The record's liveness lapsed (its lease expired, its heartbeat is
     /// old): the node lost the store or its agent is gone. Its session, if
@@ -412,6 +419,7 @@ pub struct PeerStatus {
     pub key: Key,
     pub pod_subnet: IpNet,
     pub host_addr: Option<IpNet>,
+    pub host_addr6: Option<IpNet>,
     pub state: PeerState,
     /// `Some(true)` relayed, `Some(false)` direct, `None` no path.
     pub relayed: Option<bool>,
@@ -530,6 +538,7 @@ impl Overlay {
         let switch = Switch::new(SwitchConfig {
             local_subnet: cfg.pod_subnet,
             host_addr: cfg.host_addr,
+            host_addr6: cfg.host_addr6,
             bridge_mac: cfg.bridge_mac,
             mtu: cfg.mtu,
             flood_rate: cfg.flood_rate,
@@ -858,9 +867,11 @@ impl Overlay {
     fn overlay_ranges(&self, infos: &[PeerInfo]) -> Vec<IpNet> {
         let mut ranges = vec![self.cfg.pod_subnet.trunc()];
         ranges.extend(self.cfg.host_addr.map(IpNet::from));
+        ranges.extend(self.cfg.host_addr6.map(IpNet::from));
         for i in infos {
             ranges.push(i.pod_subnet.trunc());
             ranges.extend(i.host_addr.map(|h| h.trunc()));
+            ranges.extend(i.host_addr6.map(|h| h.trunc()));
         }
         ranges
     }
@@ -932,6 +943,7 @@ impl Overlay {
             PeerAddrs {
                 pod_subnet: info.pod_subnet,
                 host_addr: info.host_addr.map(|n| n.addr()),
+                host_addr6: info.host_addr6.map(|n| n.addr()),
                 bridge_mac: info.bridge_mac,
             },
         );
@@ -2231,6 +2243,7 @@ impl Overlay {
                     key: p.info.key,
                     pod_subnet: p.info.pod_subnet,
                     host_addr: p.info.host_addr,
+                    host_addr6: p.info.host_addr6,
                     state,
                     relayed: active.map(|a| a.class == Rank::Relay),
                     path: active.map(|a| a.addr),

@@ -159,6 +159,8 @@ pub struct SwitchConfig {
     /// This node's host-overlay address: host packets from peers go there
     /// or to the pod subnet, nowhere else.
     pub host_addr: Option<IpAddr>,
+    /// Its IPv6 host-overlay address beside an IPv4 `host_addr`.
+    pub host_addr6: Option<IpAddr>,
     /// The local bridge's MAC, never a peer's.
     pub bridge_mac: Option<Mac>,
     /// The largest IP packet a frame may carry across, e.g. 1380.
@@ -180,11 +182,21 @@ pub struct SwitchConfig {
 pub struct PeerAddrs {
     pub pod_subnet: IpNet,
     pub host_addr: Option<IpAddr>,
+    /// Its IPv6 host-overlay address beside an IPv4 `host_addr` (a
+    /// dual-stack host CIDR): as much its own as `host_addr`.
+    pub host_addr6: Option<IpAddr>,
     /// Its bridge's MAC, as its record says: pinned from the start, so
     /// that what its host routes to our pods (a Service's DNAT) gets
     /// through before its bridge ever speaks for itself. `None` (an older
     /// agent): pinned when it first does.
     pub bridge_mac: Option<Mac>,
+}
+
+impl PeerAddrs {
+    /// Whether `ip` is one of the peer's host-overlay addresses.
+    pub fn is_host(&self, ip: IpAddr) -> bool {
+        self.host_addr == Some(ip) || self.host_addr6 == Some(ip)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -632,7 +644,12 @@ impl Switch {
             // claim one anyway, the lowest id wins, whatever the order of
             // arrival.
             self.subnets.entry(peer.addrs.pod_subnet).or_insert(id);
-            if let Some(host) = peer.addrs.host_addr {
+            for host in peer
+                .addrs
+                .host_addr
+                .into_iter()
+                .chain(peer.addrs.host_addr6)
+            {
                 self.hosts.entry(host).or_insert(id);
             }
             let prefixes = match peer.addrs.pod_subnet {
@@ -959,7 +976,7 @@ impl Switch {
         l3: &L3,
     ) -> Result<Option<Ipv4Addr>, DropReason> {
         let in_subnet = |ip: IpAddr| peer.addrs.pod_subnet.contains(&ip) && !self.is_local(ip);
-        let owns = |ip: IpAddr| in_subnet(ip) || peer.addrs.host_addr == Some(ip);
+        let owns = |ip: IpAddr| in_subnet(ip) || peer.addrs.is_host(ip);
         match l3 {
             L3::Arp(arp) => {
                 let sender = IpAddr::V4(arp.sender_ip);
@@ -1040,7 +1057,7 @@ impl Switch {
             L3::Arp(arp) => IpAddr::V4(arp.sender_ip),
             L3::Ip(ip) => ip.src(),
         };
-        peer.gateway == Some(src) || peer.addrs.host_addr == Some(src)
+        peer.gateway == Some(src) || peer.addrs.is_host(src)
     }
 
     fn learn(
@@ -1143,10 +1160,11 @@ impl Switch {
         };
         let (src, dst) = (ip.src(), ip.dst());
         let pod = peer.addrs.pod_subnet.contains(&src) && !self.is_local(src);
-        if !pod && peer.addrs.host_addr != Some(src) {
+        if !pod && !peer.addrs.is_host(src) {
             return PeerVerdict::Drop(Spoofed);
         }
-        if self.cfg.host_addr != Some(dst) && !self.is_local(dst) {
+        let mine = self.cfg.host_addr == Some(dst) || self.cfg.host_addr6 == Some(dst);
+        if !mine && !self.is_local(dst) {
             return PeerVerdict::Drop(Transit);
         }
         PeerVerdict::Deliver

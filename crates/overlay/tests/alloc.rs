@@ -97,6 +97,7 @@ fn info(i: u8, key: &StaticKeys) -> PeerInfo {
         key: *key.public(),
         pod_subnet: format!("10.244.{i}.0/24").parse().unwrap(),
         host_addr: None,
+        host_addr6: None,
         candidates: vec![PeerCandidate {
             addr: format!("203.0.113.{}:5800", 10 + i).parse().unwrap(),
             class: Rank::Direct,

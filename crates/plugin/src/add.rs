@@ -334,7 +334,7 @@ impl Plumbing<'_> {
         gateway::configure_gateway(host, bridge, &gateways)?;
 
         if conf.ip_masq {
-            ensure_masquerade(&conf.name, &result, conf.host_cidr)?;
+            ensure_masquerade(&conf.name, &result, &conf.host_cidrs)?;
         }
 
         let bridge_mac = host
@@ -429,11 +429,13 @@ fn mac_for(result: &CniResult) -> Option<[u8; 6]> {
 /// Pod traffic to the host overlay (`hostCIDR`) is exempt: a Service whose
 /// endpoint is another node's host address (a hostNetwork pod, the API
 /// server) must see the client pod's own address, as kube-proxy intends.
-fn ensure_masquerade(network: &str, result: &CniResult, host_cidr: Option<IpNet>) -> Result<()> {
+/// Both prefixes of a dual-stack host overlay are exempt (the chain is in
+/// an `inet` table: an IPv6 pod address is masqueraded like an IPv4 one).
+fn ensure_masquerade(network: &str, result: &CniResult, host_cidrs: &[IpNet]) -> Result<()> {
     let mut want: Vec<IpNet> = result.ips.iter().map(|ip| ip.address.trunc()).collect();
     want.sort();
     want.dedup();
-    let exempt: Vec<IpNet> = host_cidr.into_iter().collect();
+    let exempt: Vec<IpNet> = host_cidrs.to_vec();
     let have = evio_net::nft::masquerade_rules(network)
         .ok()
         .flatten()

@@ -14,7 +14,14 @@ use ipnet::IpNet;
 use crate::{Alive, PeerRecord, PeerSnapshot, Released};
 
 /// The kinds of key under `/evio/<network>/` the overlay follows.
-pub(crate) const KINDS: [&str; 5] = ["peers", "alive", "nodes", "hostnodes", "released"];
+pub(crate) const KINDS: [&str; 6] = [
+    "peers",
+    "alive",
+    "nodes",
+    "hostnodes",
+    "hostnodes6",
+    "released",
+];
 
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Mirror {
@@ -26,6 +33,7 @@ pub(crate) struct Mirror {
     live: BTreeMap<String, Alive>,
     subnets: BTreeMap<String, IpNet>,
     hosts: BTreeMap<String, IpAddr>,
+    hosts6: BTreeMap<String, IpAddr>,
     released: BTreeMap<String, Released>,
 }
 
@@ -67,6 +75,7 @@ impl Mirror {
             ),
             "nodes" => set(&mut self.subnets, node, text().and_then(|v| v.parse().ok())),
             "hostnodes" => set(&mut self.hosts, node, text().and_then(|v| v.parse().ok())),
+            "hostnodes6" => set(&mut self.hosts6, node, text().and_then(|v| v.parse().ok())),
             "released" => set(
                 &mut self.released,
                 node,
@@ -88,6 +97,7 @@ impl Mirror {
         };
         snap.alloc.subnets = self.subnets.clone();
         snap.alloc.hosts = self.hosts.clone();
+        snap.alloc.hosts6 = self.hosts6.clone();
         snap.live.retain(|n, _| self.records.contains_key(n));
         snap
     }
@@ -113,6 +123,7 @@ mod tests {
             node: node.into(),
             public_key: "k".into(),
             host_address: None,
+            host_addresses: Vec::new(),
             pod_subnet: "10.244.1.0/24".into(),
             endpoints: Vec::new(),
             candidates: Vec::new(),

@@ -51,6 +51,10 @@ pub(crate) struct NetData {
     /// node name -> host address, as `/evio/<net>/hostnodes/<node>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) hostnodes: BTreeMap<String, String>,
+    /// node name -> its IPv6 host address beside an IPv4 one (dual-stack
+    /// `hostCIDR`), as `/evio/<net>/hostnodes6/<node>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) hostnodes6: BTreeMap<String, String>,
     /// node name -> what its agent last said, as `/evio/<net>/alive/<node>`
     /// (live while the heartbeat is fresh: the file store has no leases).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -59,6 +63,9 @@ pub(crate) struct NetData {
     /// `/evio/<net>/released/<node>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) released: BTreeMap<String, crate::Released>,
+    /// Keys a newer version wrote, kept through this one's rewrites.
+    #[serde(flatten)]
+    pub(crate) extra: serde_json::Map<String, serde_json::Value>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SubnetError + '_ {

@@ -25,7 +25,7 @@ pub use etcd::{read_secret, EtcdOptions, EtcdStore};
 pub use file::{remove_leftover_temps, write_file_atomic, FileStore};
 pub use peers::{
     now_rfc3339, usable_host, Alive, Allocations, Candidate, CandidateKind, Followed,
-    HostAllocation, Liveness, Name, NodeInfo, OverlayBackend, OverlayStore, PeerRecord,
+    HostAllocation, HostSlot, Liveness, Name, NodeInfo, OverlayBackend, OverlayStore, PeerRecord,
     PeerSnapshot, ReleaseRequest, Released, ReleasedNode, FILE_STALE_AFTER,
 };
 pub use record::{node_key, parse_subnet_key, subnet_key, validate_name, OwnerRecord};

@@ -67,6 +67,12 @@ pub struct PeerRecord {
     /// e.g. `10.10.0.3/16`; absent without a host overlay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_address: Option<String>,
+    /// Every host-overlay address of the node, one per family of a
+    /// dual-stack `hostCIDR` (`hostAddress` is one of them: the IPv4 one
+    /// when there is one); absent from older agents' records, where
+    /// `hostAddress` alone is the node's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_addresses: Vec<String>,
     pub pod_subnet: String,
     /// Every candidate `ip:port`, best first (the contract's flat list).
     #[serde(default)]
@@ -193,6 +199,8 @@ pub struct NodeInfo {
     pub node: String,
     pub subnet: Option<IpNet>,
     pub host: Option<IpAddr>,
+    /// Its IPv6 host address beside `host` (a dual-stack host CIDR).
+    pub host6: Option<IpAddr>,
     pub public_key: Option<String>,
     /// The node's own last word (its alive heartbeat, else its record's).
     pub last_seen: Option<String>,
@@ -228,6 +236,7 @@ impl PeerSnapshot {
         let mut names: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
         names.extend(self.alloc.subnets.keys().map(String::as_str));
         names.extend(self.alloc.hosts.keys().map(String::as_str));
+        names.extend(self.alloc.hosts6.keys().map(String::as_str));
         names.extend(self.records.iter().map(|r| r.node.as_str()));
         names.extend(self.released.keys().map(String::as_str));
         names
@@ -239,6 +248,7 @@ impl PeerSnapshot {
                     node: n.to_string(),
                     subnet: self.alloc.subnets.get(n).copied(),
                     host: self.alloc.hosts.get(n).copied(),
+                    host6: self.alloc.hosts6.get(n).copied(),
                     public_key: rec.map(|r| r.public_key.clone()),
                     last_seen: alive
                         .map(|a| a.heartbeat.clone())
@@ -261,6 +271,27 @@ pub struct HostAllocation {
     /// Write transactions it took: 1 unless racing nodes took the pick
     /// first (0 when `existing`). Reported so contention is measurable.
     pub rounds: u32,
+}
+
+/// Which of a node's host addresses an allocation is: the one its record's
+/// `hostAddress` names (`hostnodes/<node>`: the only one, or the IPv4 one
+/// of a dual-stack host overlay), or the IPv6 one beside an IPv4 one
+/// (`hostnodes6/<node>`). Both share `hostaddrs/<ip>`, the addresses
+/// themselves never colliding; an older agent knows only the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HostSlot {
+    First,
+    Ipv6,
+}
+
+impl HostSlot {
+    /// The key kind of the node's entry: `/evio/<net>/<kind>/<node>`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            HostSlot::First => "hostnodes",
+            HostSlot::Ipv6 => "hostnodes6",
+        }
+    }
 }
 
 /// A network or node name that passed [`validate_name`]. Backends take
@@ -315,6 +346,25 @@ pub trait OverlayStore: Send + Sync {
 
     /// Frees the node's host address; `None` if it had none.
     async fn release_host(&self, network: &str, node: &str) -> Result<Option<IpAddr>, SubnetError>;
+
+    /// [`OverlayStore::allocate_host`] for one slot: `HostSlot::First` is
+    /// the same call.
+    async fn allocate_host_in(
+        &self,
+        network: &str,
+        node: &str,
+        slot: HostSlot,
+        cidr: IpNet,
+        requested: Option<IpAddr>,
+    ) -> Result<HostAllocation, SubnetError>;
+
+    /// [`OverlayStore::release_host`] for one slot.
+    async fn release_host_in(
+        &self,
+        network: &str,
+        node: &str,
+        slot: HostSlot,
+    ) -> Result<Option<IpAddr>, SubnetError>;
 
     /// Creates or replaces the node's record. etcd attaches it to a lease of
     /// `ttl` that [`OverlayStore::refresh`] keeps alive, so a dead agent's
@@ -400,20 +450,22 @@ pub trait OverlayStore: Send + Sync {
 /// validated; see [`OverlayStore`] for what each method means.
 #[async_trait]
 pub trait OverlayBackend: Send + Sync {
-    /// See [`OverlayStore::allocate_host`].
+    /// See [`OverlayStore::allocate_host_in`].
     async fn allocate_host(
         &self,
         network: Name<'_>,
         node: Name<'_>,
+        slot: HostSlot,
         cidr: IpNet,
         requested: Option<IpAddr>,
     ) -> Result<HostAllocation, SubnetError>;
 
-    /// Frees the node's host address; `None` if it had none.
+    /// Frees the node's host address in `slot`; `None` if it had none.
     async fn release_host(
         &self,
         network: Name<'_>,
         node: Name<'_>,
+        slot: HostSlot,
     ) -> Result<Option<IpAddr>, SubnetError>;
 
     /// Creates or replaces the node's record. etcd attaches it to a lease of
@@ -493,13 +545,34 @@ impl<T: OverlayBackend + ?Sized> OverlayStore for T {
         cidr: IpNet,
         requested: Option<IpAddr>,
     ) -> Result<HostAllocation, SubnetError> {
-        let (network, node) = (Name::network(network)?, Name::node(node)?);
-        OverlayBackend::allocate_host(self, network, node, cidr, requested).await
+        self.allocate_host_in(network, node, HostSlot::First, cidr, requested)
+            .await
     }
 
     async fn release_host(&self, network: &str, node: &str) -> Result<Option<IpAddr>, SubnetError> {
+        self.release_host_in(network, node, HostSlot::First).await
+    }
+
+    async fn allocate_host_in(
+        &self,
+        network: &str,
+        node: &str,
+        slot: HostSlot,
+        cidr: IpNet,
+        requested: Option<IpAddr>,
+    ) -> Result<HostAllocation, SubnetError> {
         let (network, node) = (Name::network(network)?, Name::node(node)?);
-        OverlayBackend::release_host(self, network, node).await
+        OverlayBackend::allocate_host(self, network, node, slot, cidr, requested).await
+    }
+
+    async fn release_host_in(
+        &self,
+        network: &str,
+        node: &str,
+        slot: HostSlot,
+    ) -> Result<Option<IpAddr>, SubnetError> {
+        let (network, node) = (Name::network(network)?, Name::node(node)?);
+        OverlayBackend::release_host(self, network, node, slot).await
     }
 
     async fn publish(
@@ -581,6 +654,9 @@ impl<T: OverlayBackend + ?Sized> OverlayStore for T {
 pub struct Allocations {
     pub subnets: std::collections::BTreeMap<String, IpNet>,
     pub hosts: std::collections::BTreeMap<String, IpAddr>,
+    /// The IPv6 host addresses of a dual-stack host overlay
+    /// (`hostnodes6/`), beside the IPv4 ones in `hosts`.
+    pub hosts6: std::collections::BTreeMap<String, IpAddr>,
 }
 
 /// The usable host addresses of `cidr`: all but the network address and,
@@ -722,6 +798,52 @@ pub fn host_key(a: IpAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 25: `hostAddresses` is written only when there is one (a
+    /// dual-stack node), read as empty from an older record; and a reader
+    /// that does not know it (an older agent: the record before this
+    /// field) keeps it through a read-modify-write (`extra`).
+    #[test]
+    fn host_addresses_round_trip_and_survive_an_older_reader() {
+        let newer = serde_json::json!({
+            "node": "n1", "publicKey": "k", "hostAddress": "10.10.0.3/16",
+            "hostAddresses": ["10.10.0.3/16", "fd00:10::3/64"],
+            "podSubnet": "10.244.3.0/24", "endpoints": [], "candidates": [],
+            "heartbeat": "2026-01-01T00:00:00Z"});
+        let r: PeerRecord = serde_json::from_value(newer.clone()).unwrap();
+        assert_eq!(r.host_addresses, ["10.10.0.3/16", "fd00:10::3/64"]);
+        assert!(r.extra.is_empty());
+        assert_eq!(serde_json::to_value(&r).unwrap(), newer);
+        let mut older = newer.clone();
+        older.as_object_mut().unwrap().remove("hostAddresses");
+        let r: PeerRecord = serde_json::from_value(older.clone()).unwrap();
+        assert!(r.host_addresses.is_empty());
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            older,
+            "not written when empty"
+        );
+        // The record as an older agent has it.
+        #[derive(serde::Serialize, serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Older {
+            node: String,
+            public_key: String,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            host_address: Option<String>,
+            pod_subnet: String,
+            #[serde(default)]
+            endpoints: Vec<String>,
+            #[serde(default)]
+            candidates: Vec<Candidate>,
+            heartbeat: String,
+            #[serde(flatten)]
+            extra: serde_json::Map<String, serde_json::Value>,
+        }
+        let o: Older = serde_json::from_value(newer.clone()).unwrap();
+        assert_eq!(o.host_address.as_deref(), Some("10.10.0.3/16"));
+        assert_eq!(serde_json::to_value(&o).unwrap(), newer);
+    }
 
     /// Every method of every backend goes through the one check: a name
     /// that could leave its key prefix or file entry is refused before the

@@ -17,7 +17,8 @@ use ipnet::IpNet;
 
 use crate::etcd_mirror::{Mirror, KINDS};
 use crate::peers::{
-    check_held, host_key, host_owner as owner, now_rfc3339, pick_host, Name, HOST_SPREAD_AFTER_LOSS,
+    check_held, host_key, host_owner as owner, now_rfc3339, pick_host, HostSlot, Name,
+    HOST_SPREAD_AFTER_LOSS,
 };
 use crate::{
     parse_subnet_key, peers::Allocations, Alive, EtcdStore, HostAllocation, Liveness,
@@ -439,6 +440,16 @@ impl ReleasePlan {
             }
             p.known |= *kind != "alive";
         }
+        // A dual-stack node's IPv6 entry (its address key is among the
+        // owned ones below).
+        let k6 = key(network, HostSlot::Ipv6.kind(), node);
+        let kv6 = kvs(ops.get(6)).first();
+        p.guards
+            .push((k6.clone(), kv6.map_or(0, KeyValue::mod_revision)));
+        if kv6.is_some() {
+            p.deletes.push(k6);
+            p.known = true;
+        }
         // The subnet and address keys that name this node as their owner.
         for (i, kind) in [(4, "subnets"), (5, "hostaddrs")] {
             let pre = prefix(&network, kind);
@@ -472,11 +483,12 @@ impl OverlayBackend for EtcdStore {
         &self,
         network: Name<'_>,
         node: Name<'_>,
+        slot: HostSlot,
         cidr: IpNet,
         requested: Option<IpAddr>,
     ) -> Result<HostAllocation, SubnetError> {
         let deadline = Instant::now() + self.timeout;
-        let node_key = format!("/evio/{network}/hostnodes/{node}");
+        let node_key = key(network, slot.kind(), node);
         let addrs = format!("/evio/{network}/hostaddrs/");
         let snapshot = || {
             vec![
@@ -598,9 +610,10 @@ impl OverlayBackend for EtcdStore {
         &self,
         network: Name<'_>,
         node: Name<'_>,
+        slot: HostSlot,
     ) -> Result<Option<IpAddr>, SubnetError> {
         let deadline = Instant::now() + self.timeout;
-        let node_key = format!("/evio/{network}/hostnodes/{node}");
+        let node_key = key(network, slot.kind(), node);
         let resp = self
             .call(deadline, |mut c| {
                 let k = node_key.clone();
@@ -732,8 +745,9 @@ impl OverlayBackend for EtcdStore {
         let deadline = Instant::now() + self.timeout;
         let mut out = Allocations::default();
         for (prefix, hosts) in [
-            (format!("/evio/{network}/nodes/"), false),
-            (format!("/evio/{network}/hostnodes/"), true),
+            (format!("/evio/{network}/nodes/"), None),
+            (format!("/evio/{network}/hostnodes/"), Some(HostSlot::First)),
+            (format!("/evio/{network}/hostnodes6/"), Some(HostSlot::Ipv6)),
         ] {
             let resp = self
                 .call(deadline, |mut c| {
@@ -748,9 +762,13 @@ impl OverlayBackend for EtcdStore {
                 let Some(node) = k.strip_prefix(&prefix) else {
                     continue;
                 };
-                if hosts {
+                if let Some(slot) = hosts {
                     if let Ok(a) = v.parse() {
-                        out.hosts.insert(node.to_string(), a);
+                        let m = match slot {
+                            HostSlot::First => &mut out.hosts,
+                            HostSlot::Ipv6 => &mut out.hosts6,
+                        };
+                        m.insert(node.to_string(), a);
                     }
                 } else if let Ok(n) = v.parse() {
                     out.subnets.insert(node.to_string(), n);
@@ -774,6 +792,7 @@ impl OverlayBackend for EtcdStore {
                 .collect();
             gets.push(prefix(&network, "subnets"));
             gets.push(prefix(&network, "hostaddrs"));
+            gets.push(key(network, HostSlot::Ipv6.kind(), node));
             let resp = self.read(deadline, &gets).await?;
             let plan = ReleasePlan::read(network, node, resp.op_responses().as_slice());
             if !plan.known {

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use ipnet::IpNet;
 
 use crate::file::NetData;
-use crate::peers::{check_held, host_key, host_owner as owner, now_rfc3339, pick_host, Name};
+use crate::peers::{
+    check_held, host_key, host_owner as owner, now_rfc3339, pick_host, HostSlot, Name,
+};
 use crate::{
     parse_subnet_key, peers::Allocations, subnet_key, Alive, FileStore, HostAllocation, Liveness,
     OverlayBackend, PeerRecord, PeerSnapshot, ReleaseRequest, Released, ReleasedNode, SubnetError,
@@ -53,6 +55,14 @@ fn snapshot_of(n: &NetData, token: u128, now: SystemTime) -> PeerSnapshot {
     }
 }
 
+/// The node -> address map of `slot`.
+fn nodes_of(n: &mut NetData, slot: HostSlot) -> &mut std::collections::BTreeMap<String, String> {
+    match slot {
+        HostSlot::First => &mut n.hostnodes,
+        HostSlot::Ipv6 => &mut n.hostnodes6,
+    }
+}
+
 fn allocations_of(n: &NetData) -> Allocations {
     let mut out = Allocations::default();
     for (node, v) in &n.nodes {
@@ -63,6 +73,11 @@ fn allocations_of(n: &NetData) -> Allocations {
     for (node, v) in &n.hostnodes {
         if let Ok(a) = v.parse() {
             out.hosts.insert(node.clone(), a);
+        }
+    }
+    for (node, v) in &n.hostnodes6 {
+        if let Ok(a) = v.parse() {
+            out.hosts6.insert(node.clone(), a);
         }
     }
     out
@@ -88,6 +103,7 @@ fn release_from(n: &mut NetData, node: &str, req: &ReleaseRequest) -> ReleasedNo
     if let Some(v) = n.hostnodes.remove(node) {
         out.host = v.parse().ok();
     }
+    n.hostnodes6.remove(node);
     let hosts: Vec<String> = n
         .hostaddrs
         .iter()
@@ -160,6 +176,7 @@ impl OverlayBackend for FileStore {
         &self,
         network: Name<'_>,
         node: Name<'_>,
+        slot: HostSlot,
         cidr: IpNet,
         requested: Option<IpAddr>,
     ) -> Result<HostAllocation, SubnetError> {
@@ -167,11 +184,16 @@ impl OverlayBackend for FileStore {
         let _guard = self.lock().await?;
         let mut data = self.read()?;
         let net = data.networks.entry(network.to_string()).or_default();
-        if let Some(v) = net.hostnodes.get(node) {
+        let held = match slot {
+            HostSlot::First => net.hostnodes.get(node),
+            HostSlot::Ipv6 => net.hostnodes6.get(node),
+        };
+        if let Some(v) = held {
             let addr: IpAddr = v.parse().map_err(|_| SubnetError::Corrupt {
                 location: format!(
-                    "{} networks.{network}.hostnodes.{node}",
-                    self.path().display()
+                    "{} networks.{network}.{}.{node}",
+                    self.path().display(),
+                    slot.kind()
                 ),
                 reason: format!("{v:?} is not an IP address"),
             })?;
@@ -204,7 +226,7 @@ impl OverlayBackend for FileStore {
                 });
             }
             // The host CIDR changed: the old address is meaningless now.
-            net.hostnodes.remove(node);
+            nodes_of(net, slot).remove(node);
             net.hostaddrs.remove(&host_key(addr));
         }
         let holder = |a: IpAddr| net.hostaddrs.get(&host_key(a)).map(|r| r.node.clone());
@@ -216,7 +238,7 @@ impl OverlayBackend for FileStore {
                 capacity: net.hostaddrs.len() as u128,
             }
         })?;
-        net.hostnodes.insert(node.to_string(), addr.to_string());
+        nodes_of(net, slot).insert(node.to_string(), addr.to_string());
         net.hostaddrs.insert(host_key(addr), owner(node, addr));
         self.write(&data)?;
         Ok(HostAllocation {
@@ -230,6 +252,7 @@ impl OverlayBackend for FileStore {
         &self,
         network: Name<'_>,
         node: Name<'_>,
+        slot: HostSlot,
     ) -> Result<Option<IpAddr>, SubnetError> {
         let (network, node) = (network.as_str(), node.as_str());
         let _guard = self.lock().await?;
@@ -237,7 +260,7 @@ impl OverlayBackend for FileStore {
         let Some(net) = data.networks.get_mut(network) else {
             return Ok(None);
         };
-        let Some(v) = net.hostnodes.remove(node) else {
+        let Some(v) = nodes_of(net, slot).remove(node) else {
             return Ok(None);
         };
         let addr = v.parse::<IpAddr>().ok();

@@ -674,6 +674,29 @@ mod overlay {
     /// liveness go in one transaction and a note says why; a live node, or
     /// one a live node vouches for, is refused without force.
     #[test]
+    fn dual_stack_host_addresses_in_etcd() {
+        let e = Etcd::shared();
+        let net = unique_name("d6");
+        rt().block_on(async {
+            let s = connect(e).await;
+            crate::file_store::overlay::dual_stack_host_addresses(&s, &net).await;
+        });
+        // The IPv6 literal is the key as it is (etcd keys are bytes).
+        assert_eq!(
+            e.get_prefix(&format!("/evio/{net}/hostaddrs/fd00:10::7"))
+                .len(),
+            1
+        );
+        assert_eq!(
+            e.get_prefix(&format!("/evio/{net}/hostnodes6/e")),
+            vec![(
+                format!("/evio/{net}/hostnodes6/e"),
+                "fd00:10::7".to_string()
+            )]
+        );
+    }
+
+    #[test]
     fn release_node_frees_everything_at_once_and_refuses_live_nodes() {
         let e = Etcd::shared();
         let net = unique_name("r");

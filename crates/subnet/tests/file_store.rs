@@ -248,7 +248,7 @@ fn lost_subnet_entry_is_repaired_and_orphans_are_releasable() {
     });
 }
 
-mod overlay {
+pub mod overlay {
     use super::*;
     use evio_subnet::{Liveness, OverlayStore, PeerRecord, PeerSnapshot, ReleaseRequest};
     use std::net::IpAddr;
@@ -261,6 +261,102 @@ mod overlay {
             "heartbeat": "2026-01-01T00:00:00Z"
         }))
         .unwrap()
+    }
+
+    /// Issue 25, for both stores: a dual-stack host overlay gives a node
+    /// one address per family, the IPv6 one in its own slot
+    /// (`hostnodes6/`) beside the first (`hostnodes/`, what older agents
+    /// read), from the one `hostaddrs/` space keyed by the IPv6 literal;
+    /// lowest free, requested, restart-stable, released with the node.
+    pub async fn dual_stack_host_addresses(s: &dyn OverlayStore, net: &str) {
+        use evio_subnet::HostSlot::{First, Ipv6};
+        let v4: ipnet::IpNet = "10.10.0.0/16".parse().unwrap();
+        let v6: ipnet::IpNet = "fd00:10::/64".parse().unwrap();
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let a4 = s.allocate_host_in(net, "a", First, v4, None).await.unwrap();
+        let a6 = s.allocate_host_in(net, "a", Ipv6, v6, None).await.unwrap();
+        assert_eq!((a4.addr, a6.addr), (ip("10.10.0.1"), ip("fd00:10::1")));
+        let b4 = s.allocate_host_in(net, "b", First, v4, None).await.unwrap();
+        let b6 = s
+            .allocate_host_in(net, "b", Ipv6, v6, Some(ip("fd00:10::7")))
+            .await
+            .unwrap();
+        assert_eq!((b4.addr, b6.addr), (ip("10.10.0.2"), ip("fd00:10::7")));
+        // Taken, naming the holder; nothing written for c.
+        let e = s
+            .allocate_host_in(net, "c", Ipv6, v6, Some(ip("fd00:10::7")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, SubnetError::HostAddressTaken { holder, .. } if holder == "b"),
+            "{e:?}"
+        );
+        // Restart-stable, both.
+        let again = s.allocate_host_in(net, "a", Ipv6, v6, None).await.unwrap();
+        assert_eq!((again.addr, again.existing), (a6.addr, true));
+        let again = s.allocate_host(net, "a", v4, None).await.unwrap();
+        assert_eq!((again.addr, again.existing), (a4.addr, true));
+        // An IPv6-only host overlay (one prefix) uses the first slot, from
+        // the same addresses: fd00:10::1 is a's.
+        let d = s.allocate_host(net, "d", v6, None).await.unwrap();
+        assert_eq!(d.addr, ip("fd00:10::2"));
+        let alloc = s.allocations(net).await.unwrap();
+        assert_eq!(alloc.hosts["a"], a4.addr);
+        assert_eq!(alloc.hosts["d"], d.addr);
+        assert_eq!(alloc.hosts6["a"], a6.addr);
+        assert_eq!(alloc.hosts6["b"], b6.addr);
+        assert_eq!(alloc.hosts6.len(), 2);
+        // The snapshot the agents follow says the same, and so does
+        // `evio-node nodes list`.
+        let snap = s.peers(net).await.unwrap();
+        assert_eq!(snap.alloc, alloc);
+        let row = snap.nodes().into_iter().find(|n| n.node == "a").unwrap();
+        assert_eq!((row.host, row.host6), (Some(a4.addr), Some(a6.addr)));
+        // One slot released leaves the other.
+        assert_eq!(
+            s.release_host_in(net, "a", Ipv6).await.unwrap(),
+            Some(a6.addr)
+        );
+        let alloc = s.allocations(net).await.unwrap();
+        assert!(!alloc.hosts6.contains_key("a") && alloc.hosts["a"] == a4.addr);
+        // Releasing the node frees both of its addresses.
+        let req = ReleaseRequest {
+            force: false,
+            reason: "release".into(),
+            by: "test".into(),
+        };
+        s.release_node(net, "b", &req).await.unwrap();
+        let alloc = s.allocations(net).await.unwrap();
+        assert!(!alloc.hosts.contains_key("b") && !alloc.hosts6.contains_key("b"));
+        let e6 = s
+            .allocate_host_in(net, "e", Ipv6, v6, Some(ip("fd00:10::7")))
+            .await
+            .unwrap();
+        assert_eq!(e6.addr, ip("fd00:10::7"));
+    }
+
+    #[test]
+    fn dual_stack_host_addresses_in_the_file_store() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            dual_stack_host_addresses(&store(&dir), "n").await;
+        });
+        // An older version's fields would survive a rewrite: the network
+        // keeps keys it does not know.
+        let path = dir.path().join("state/subnets.json");
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(v["networks"]["n"]["hostnodes6"]["e"] == "fd00:10::7", "{v}");
+        v["networks"]["n"]["future"] = serde_json::json!({"x": 1});
+        std::fs::write(&path, v.to_string()).unwrap();
+        rt().block_on(async {
+            let s = store(&dir);
+            s.allocate_host("n", "f", "10.10.0.0/16".parse().unwrap(), None)
+                .await
+                .unwrap();
+        });
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["networks"]["n"]["future"]["x"], 1, "{v}");
     }
 
     #[test]

@@ -294,3 +294,82 @@ fn overlay_ipv6_false_keeps_the_agent_ipv4_only() {
         );
     }
 }
+
+/// Issue 25's dual-stack host overlay: two nodes whose `hostCIDR` lists
+/// an IPv4 and an IPv6 prefix each get an address of both, publish them
+/// (`hostAddress` stays the IPv4 one) and ping each other's IPv6 host
+/// address over the host overlay; a third node with the string form lives
+/// with them over IPv4, as an older agent would.
+#[test]
+fn a_dual_stack_host_cidr_carries_ipv6_host_addresses() {
+    let mut ov = OverlayOpts::flat(3);
+    let dual = json!({"hostCIDR": ["10.10.0.0/16", "fd00:10::/64"]});
+    ov.node_netconf = vec![(0, dual.clone()), (1, dual)];
+    let c = up(opts(BridgeType::Linux, 1, ov));
+    // Pods, and every node's IPv4 host address from every node.
+    assert_all_reachable(&c);
+    let own: Vec<Value> = (0..3).map(|i| peers(&c, i)).collect();
+    let v6_of = |v: &Value| -> Option<String> {
+        v["hostAddresses"]
+            .as_array()?
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|a| a.contains(':'))
+            .map(|a| a.split('/').next().unwrap_or_default().to_string())
+    };
+    let mut v6 = Vec::new();
+    for (i, me) in own.iter().enumerate().take(2) {
+        let h = me["hostAddress"].as_str().unwrap_or_default();
+        assert!(h.starts_with("10.10.0.") && h.ends_with("/16"), "{me}");
+        let a = v6_of(me).unwrap_or_else(|| panic!("node {i} has no IPv6 host address: {me}"));
+        assert!(a.starts_with("fd00:10::"), "{me}");
+        assert!(
+            me["hostAddresses"][1]
+                .as_str()
+                .is_some_and(|s| s.ends_with("/64")),
+            "{me}"
+        );
+        v6.push(a);
+    }
+    // The lowest free of the IPv6 prefix, one each.
+    let mut sorted = v6.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["fd00:10::1", "fd00:10::2"]);
+    // The string form: one address, as before.
+    assert_eq!(
+        own[2]["hostAddresses"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        own[2]
+    );
+    assert_eq!(v6_of(&own[2]), None);
+    // Each dual-stack node knows the other's IPv6 host address.
+    let seen = peer(&own[0], &name(1)).cloned().expect("node-1");
+    assert_eq!(v6_of(&seen).as_deref(), Some(v6[1].as_str()), "{seen}");
+    for (from, to) in [(0, 1), (1, 0)] {
+        let out = c.nodes()[from]
+            .ns
+            .exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", &v6[to]]);
+        assert!(
+            out.status.success(),
+            "node {from} -> {} over the host overlay: {}\n{}",
+            v6[to],
+            String::from_utf8_lossy(&out.stdout),
+            dump(&c)
+        );
+    }
+    // The string-form node has no route there; its IPv4 peers still work
+    // (assert_all_reachable above), and the record it reads carries the
+    // IPv6 address as a field it keeps without using.
+    let seen2 = peer(&own[2], &name(0)).cloned().expect("node-0");
+    assert_eq!(v6_of(&seen2).as_deref(), Some(v6[0].as_str()), "{seen2}");
+    // The allocations as `evio-node nodes list` shows them.
+    let net = c.opts().network.clone();
+    let rows = nodes_list(&c.nodes()[0].ns, &c.store_url(), &net);
+    let row = &rows[&name(1)];
+    assert_eq!(row["hostAddresses"][1], v6[1].as_str(), "{row}");
+    assert_eq!(
+        rows[&name(2)]["hostAddresses"].as_array().map(Vec::len),
+        Some(1)
+    );
+}

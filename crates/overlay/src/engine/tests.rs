@@ -73,6 +73,7 @@ fn info_of(i: usize, key: Key) -> PeerInfo {
         node: format!("n{i}"),
         key,
         pod_subnet: subnet(i),
+        host_addr6: None,
         host_addr: Some(
             format!("10.10.{}.{}/16", (i + 1) / 256, (i + 1) % 256)
                 .parse()

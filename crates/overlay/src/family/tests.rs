@@ -86,6 +86,7 @@ fn a_node_uses_only_candidates_of_its_own_families() {
         key,
         pod_subnet: "10.244.9.0/24".parse().unwrap(),
         host_addr: None,
+        host_addr6: None,
         candidates: [v4, v6, sa("[fe80::2]:5800")]
             .iter()
             .map(|a| PeerCandidate {
@@ -124,6 +125,7 @@ fn an_ipv6_only_node_with_an_ipv4_relayed_address_keeps_the_public_ipv4_candidat
         key,
         pod_subnet: "10.244.9.0/24".parse().unwrap(),
         host_addr: None,
+        host_addr6: None,
         candidates: [lan, public, relayed, v6]
             .iter()
             .map(|a| PeerCandidate {

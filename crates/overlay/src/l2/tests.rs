@@ -44,6 +44,7 @@ fn cfg() -> SwitchConfig {
     SwitchConfig {
         local_subnet: net("10.244.3.0/24"),
         host_addr: Some(HOST_LOCAL.into()),
+        host_addr6: None,
         bridge_mac: Some(L_BRIDGE),
         mtu: 1380,
         flood_rate: 10,
@@ -63,6 +64,7 @@ fn switch() -> Switch {
         PeerAddrs {
             pod_subnet: net("10.244.5.0/24"),
             host_addr: Some(HOST1.into()),
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -71,6 +73,7 @@ fn switch() -> Switch {
         PeerAddrs {
             pod_subnet: net("10.244.6.0/24"),
             host_addr: Some("10.10.0.6".parse().unwrap()),
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -79,6 +82,7 @@ fn switch() -> Switch {
         PeerAddrs {
             pod_subnet: net("fd00:0:0:7::/64"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -645,6 +649,7 @@ fn neighbour_solicitations_go_to_the_owner_of_their_target_only() {
         PeerAddrs {
             pod_subnet: net("fd00:0:0:7::/64"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -810,6 +815,7 @@ fn peer_frames_from_its_own_addresses_are_delivered_and_learned() {
         PeerAddrs {
             pod_subnet: net("fd00:0:0:7::/64"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -847,6 +853,7 @@ fn peer_ipv4_sources_outside_its_subnet_are_spoofed() {
         PeerAddrs {
             pod_subnet: net("10.244.0.0/16"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -980,6 +987,7 @@ fn ipv6_pod_macs_are_derived_from_the_whole_address() {
         PeerAddrs {
             pod_subnet: net("fd00:10:0:1::/64"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -1021,6 +1029,7 @@ fn peer_ipv6_sources_must_be_global_addresses_of_its_subnet() {
         PeerAddrs {
             pod_subnet: net("fd00:0:0:7::/64"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -1235,6 +1244,7 @@ fn a_new_subnet_for_a_peer_forgets_what_the_old_one_vouched_for() {
     let new_host = PeerAddrs {
         pod_subnet: net("10.244.5.0/24"),
         host_addr: Some("10.10.1.5".parse().unwrap()),
+        host_addr6: None,
         bridge_mac: None,
     };
     sw.set_peer(1, new_host);
@@ -1260,6 +1270,7 @@ fn a_new_subnet_for_a_peer_forgets_what_the_old_one_vouched_for() {
         PeerAddrs {
             pod_subnet: net("10.244.8.1/24"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -1280,6 +1291,7 @@ fn subnets_resolve_longest_prefix_first_and_duplicates_to_the_lowest_id() {
         PeerAddrs {
             pod_subnet: net("10.244.5.128/25"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -1288,6 +1300,7 @@ fn subnets_resolve_longest_prefix_first_and_duplicates_to_the_lowest_id() {
         PeerAddrs {
             pod_subnet: net("10.244.6.0/24"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -1403,6 +1416,83 @@ fn host_overlay_routes_by_host_address_and_checks_sources() {
     );
 }
 
+/// Issue 25: a dual-stack host overlay. Packets to a peer's IPv6 host
+/// address go to it; from it, an IPv6 host packet is delivered when its
+/// source is that address (or in its pod subnet) and it is for our IPv6
+/// host address, with the same checks as IPv4.
+#[test]
+fn host_overlay_routes_and_checks_ipv6_host_addresses() {
+    let me6: Ipv6Addr = "fd00:10::3".parse().unwrap();
+    let p1: Ipv6Addr = "fd00:10::5".parse().unwrap();
+    let p2: Ipv6Addr = "fd00:10::6".parse().unwrap();
+    let mut sw = Switch::new(SwitchConfig {
+        host_addr6: Some(me6.into()),
+        ..cfg()
+    });
+    for (id, subnet, v4, v6) in [
+        (1, "10.244.5.0/24", HOST1, p1),
+        (2, "10.244.6.0/24", "10.10.0.6".parse().unwrap(), p2),
+    ] {
+        sw.set_peer(
+            id,
+            PeerAddrs {
+                pod_subnet: net(subnet),
+                host_addr: Some(v4.into()),
+                host_addr6: Some(v6.into()),
+                bridge_mac: None,
+            },
+        );
+        sw.reserve(id);
+    }
+    let pkt = |src: Ipv6Addr, dst: Ipv6Addr| ipv6(src, dst, IPPROTO_TCP, &[]);
+    assert_eq!(sw.host_from_local(&pkt(me6, p1)), LocalVerdict::Unicast(1));
+    assert_eq!(sw.host_from_local(&pkt(me6, p2)), LocalVerdict::Unicast(2));
+    assert_eq!(
+        sw.host_from_local(&pkt(me6, "fd00:10::99".parse().unwrap())),
+        LocalVerdict::Drop(NoRoute)
+    );
+    // IPv4 as before.
+    let v4 = ipv4(
+        "10.10.0.3".parse().unwrap(),
+        HOST1,
+        IPPROTO_TCP,
+        true,
+        &[0; 20],
+    );
+    assert_eq!(sw.host_from_local(&v4), LocalVerdict::Unicast(1));
+    assert_eq!(sw.host_from_peer(1, &pkt(p1, me6)), PeerVerdict::Deliver);
+    assert_eq!(sw.host_from_peer(2, &pkt(p2, me6)), PeerVerdict::Deliver);
+    // Another peer's address, or one of nobody's: spoofed.
+    assert_eq!(
+        sw.host_from_peer(1, &pkt(p2, me6)),
+        PeerVerdict::Drop(Spoofed)
+    );
+    assert_eq!(
+        sw.host_from_peer(1, &pkt("fd00:10::77".parse().unwrap(), me6)),
+        PeerVerdict::Drop(Spoofed)
+    );
+    // Not for us: transit.
+    assert_eq!(
+        sw.host_from_peer(1, &pkt(p1, p2)),
+        PeerVerdict::Drop(Transit)
+    );
+    // Without an IPv6 host address of our own, nothing IPv6 is for us.
+    let mut v4_only = Switch::new(cfg());
+    v4_only.set_peer(
+        1,
+        PeerAddrs {
+            pod_subnet: net("10.244.5.0/24"),
+            host_addr: Some(HOST1.into()),
+            host_addr6: Some(p1.into()),
+            bridge_mac: None,
+        },
+    );
+    assert_eq!(
+        v4_only.host_from_peer(1, &pkt(p1, me6)),
+        PeerVerdict::Drop(Transit)
+    );
+}
+
 #[test]
 fn the_data_path_does_not_allocate() {
     let mut sw = switch();
@@ -1465,6 +1555,7 @@ fn learning_is_reserved_with_the_session_for_the_peers_subnet() {
     let small = PeerAddrs {
         pod_subnet: net("10.244.5.0/28"),
         host_addr: None,
+        host_addr6: None,
         bridge_mac: None,
     };
     sw.set_peer(1, small);
@@ -1511,6 +1602,7 @@ fn learning_churn_at_the_bound_does_not_allocate() {
             PeerAddrs {
                 pod_subnet: subnet,
                 host_addr: None,
+                host_addr6: None,
                 bridge_mac: None,
             },
         );
@@ -1705,6 +1797,7 @@ proptest! {
                 Op::SetPeer(peer, third) => sw.set_peer(peer, PeerAddrs {
                     pod_subnet: IpNet::new(Ipv4Addr::new(10, 244, third, 0).into(), 24).unwrap(),
                     host_addr: None,
+                    host_addr6: None,
                     bridge_mac: None,
                 }),
                 Op::RemovePeer(peer) => sw.remove_peer(peer),
@@ -1764,6 +1857,7 @@ fn switch6() -> (Switch, Ipv6Addr, Ipv6Addr, Ipv6Addr, Ipv6Addr) {
         PeerAddrs {
             pod_subnet: net("fd00:10:0:1::/64"),
             host_addr: Some(HOST1.into()),
+            host_addr6: None,
             bridge_mac: None,
         },
     );
@@ -1866,6 +1960,7 @@ fn a_peers_bridge_named_by_its_record_may_route_for_its_pods_at_once() {
     let with_bridge = PeerAddrs {
         pod_subnet: net("10.244.5.0/24"),
         host_addr: Some(HOST1.into()),
+        host_addr6: None,
         bridge_mac: Some(GW1_MAC),
     };
     sw.set_peer(1, with_bridge);
@@ -1882,6 +1977,7 @@ fn a_peers_bridge_named_by_its_record_may_route_for_its_pods_at_once() {
         PeerAddrs {
             pod_subnet: net("10.244.6.0/24"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: Some(L_BRIDGE),
         },
     );
@@ -1891,6 +1987,7 @@ fn a_peers_bridge_named_by_its_record_may_route_for_its_pods_at_once() {
         PeerAddrs {
             pod_subnet: net("10.244.6.0/24"),
             host_addr: None,
+            host_addr6: None,
             bridge_mac: Some(GW1_MAC),
         },
     );
@@ -2168,7 +2265,7 @@ fn peer_frame() -> impl Strategy<Value = (PeerId, Vec<u8>)> {
 fn owns(sw: &Switch, peer: PeerId, ip: Ipv4Addr) -> bool {
     let p = &sw.peers[&peer];
     let ip = IpAddr::V4(ip);
-    (p.addrs.pod_subnet.contains(&ip) && !sw.is_local(ip)) || p.addrs.host_addr == Some(ip)
+    (p.addrs.pod_subnet.contains(&ip) && !sw.is_local(ip)) || p.addrs.is_host(ip)
 }
 
 proptest! {

@@ -842,6 +842,7 @@ impl Sim {
             key: *keys.public(),
             pod_subnet: subnet,
             host_addr: None,
+            host_addr6: None,
             candidates: Vec::new(),
             stale: false,
             bridge_mac: None,

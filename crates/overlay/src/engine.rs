@@ -1556,7 +1556,13 @@ impl Overlay {
             return Ok(());
         }
         if let Some(seen) = self.scratch.get(trailer).and_then(wire::read_v4) {
-            if !self.seen_self.contains(&Some(seen)) {
+            // Our public IP as STUN gave it, if known: a peer on our LAN
+            // sees our host address.
+            let public = self
+                .hunter
+                .public
+                .is_none_or(|ip| seen.ip() == IpAddr::V4(ip));
+            if public && !self.seen_self.contains(&Some(seen)) {
                 self.seen_self.rotate_right(1);
                 self.seen_self[0] = Some(seen);
             }
@@ -1576,14 +1582,17 @@ impl Overlay {
     /// The addresses the peer's probe (in `at` of the scratch) says its
     /// other peers saw it come from: the first it does not publish, on an
     /// IP it does, is where its new flows leave from
-    /// ([`crate::path::Paths::learn_advertised`]). Not for a peer known to
-    /// be symmetric: its ports differ per destination.
+    /// ([`crate::path::Paths::learn_advertised`]). Only from a peer whose
+    /// hello said its NAT maps endpoint-independently (two STUN servers
+    /// agreed): a symmetric NAT's ports differ per destination, and an
+    /// unknown one's may, so its advertised ports would be paths that never
+    /// answer.
     fn learn_advertised(&mut self, now: Instant, peer_id: PeerId, at: std::ops::Range<usize>) {
         let cfg = &self.cfg.paths;
         let Some(p) = peer_mut(&mut self.peers, peer_id) else {
             return;
         };
-        if p.hunt.peer == crate::hunt::Mapping::Dependent {
+        if p.hunt.peer != crate::hunt::Mapping::Independent {
             return;
         }
         let body = self.scratch.get(at).unwrap_or_default();
@@ -2126,7 +2135,15 @@ impl Overlay {
         for d in &probes {
             self.scratch[INNER_HEADER..INNER_HEADER + 8].copy_from_slice(&d.id.to_le_bytes());
             let mut len = 8;
-            for a in self.seen_self.iter().take(ADVERTISED).flatten() {
+            // A symmetric NAT's ports differ per destination: nothing to
+            // tell.
+            let symmetric = self.hunter.mapping == crate::hunt::Mapping::Dependent;
+            let seen = if symmetric {
+                &[][..]
+            } else {
+                &self.seen_self[..]
+            };
+            for a in seen.iter().take(ADVERTISED).flatten() {
                 let at = INNER_HEADER + len;
                 if let Some(out) = self.scratch.get_mut(at..at + wire::V4_LEN) {
                     len += wire::write_v4(out, *a);

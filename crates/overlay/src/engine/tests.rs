@@ -1657,6 +1657,15 @@ fn a_port_that_another_peer_saw_is_advertised_and_learned() {
     let moved: SocketAddr = "203.0.113.10:41311".parse().unwrap();
     assert_eq!(net.nodes[0].addr.ip(), moved.ip());
     net.moved.push((0, 2, moved));
+    // Node 0's hello said its NAT maps endpoint-independently (the hunt's
+    // STUN verdict; this harness has no STUN).
+    for n in &mut net.nodes[1..] {
+        for p in n.ov.peers.iter_mut().flatten() {
+            if p.info.node == "n0" {
+                p.hunt.peer = crate::hunt::Mapping::Independent;
+            }
+        }
+    }
     net.kick(0, 2);
     net.run(Duration::from_secs(5));
     assert!(net.connected(0, 2));

@@ -1650,7 +1650,7 @@ fn candidates_of_a_family_we_lack_go_through_our_allocation_of_it() {
 /// and node 1 has no flow of node 0's from which to see it (node 0's flow
 /// to node 1's relay predates the clash). Node 2's probe replies tell node
 /// 0 where it came from, node 0's probes tell node 1, and node 1 takes it
-/// as the one address of that IP its coordinated attempts aim at.
+/// as a direct path of node 0 (advertised), probed in its attempts.
 #[test]
 fn a_port_that_another_peer_saw_is_advertised_and_learned() {
     let mut net = net(3, |_, _| {});

@@ -496,12 +496,6 @@ pub struct Overlay {
     reply: Vec<u8>,
     probe_id: u64,
     probes: Vec<ProbeDue>,
-    /// Our own IPv4 addresses as peers saw our probes come from (their
-    /// probe replies say), newest first by when first seen: behind a bare
-    /// Linux gateway the port of our new flows, which our published
-    /// address (the STUN flow's) and what a relay saw of an older flow may
-    /// not show. The first [`ADVERTISED`] go into our probes.
-    seen_self: [Option<SocketAddr>; 4],
     /// Relays whose paths died in this run of a peer's timers (reused).
     dead_relays: Vec<u8>,
     stats: Stats,
@@ -564,7 +558,6 @@ impl Overlay {
             scratch: vec![0; MAX_FRAME + INNER_HEADER],
             reply: vec![0; 2048],
             probe_id: rng.gen(),
-            seen_self: [None; 4],
             probes: Vec::with_capacity(64),
             dead_relays: Vec::with_capacity(8),
             stats: Stats::default(),
@@ -1533,39 +1526,15 @@ impl Overlay {
         io: &mut dyn Io,
     ) -> Result<(), Reject> {
         let id = wire::u64_at(&self.scratch[..n], INNER_HEADER).ok_or(Reject::Malformed)?;
-        let trailer = INNER_HEADER + 8..n.max(INNER_HEADER + 8);
         if inner_kind == kind::PROBE {
-            self.learn_advertised(now, peer_id, trailer);
             // Within what was decrypted: the scratch beyond holds an
             // earlier plaintext, which an empty probe used to echo.
             self.scratch[INNER_HEADER..INNER_HEADER + 8].copy_from_slice(&id.to_le_bytes());
-            // Where the probe came from, as a STUN server would say: the
-            // peer's NAT mapping of that flow (older agents read the id
-            // only).
-            let mut len = 8;
-            if let Some(seen) = observed(&self.relay_ips, from) {
-                let at = INNER_HEADER + 8;
-                if let Some(out) = self.scratch.get_mut(at..at + wire::V4_LEN) {
-                    len += wire::write_v4(out, seen);
-                }
-            }
             // Answer on the path it came by: that is the path being
             // checked.
             let reply = Inner::plain(kind::PROBE_REPLY);
-            self.send_inner(now, peer_id, Some(from), reply, len, io);
+            self.send_inner(now, peer_id, Some(from), reply, 8, io);
             return Ok(());
-        }
-        if let Some(seen) = self.scratch.get(trailer).and_then(wire::read_v4) {
-            // Our public IP as STUN gave it, if known: a peer on our LAN
-            // sees our host address.
-            let public = self
-                .hunter
-                .public
-                .is_none_or(|ip| seen.ip() == IpAddr::V4(ip));
-            if public && !self.seen_self.contains(&Some(seen)) {
-                self.seen_self.rotate_right(1);
-                self.seen_self[0] = Some(seen);
-            }
         }
         let cfg = &self.cfg.paths;
         if let Some(p) = peer_mut(&mut self.peers, peer_id) {
@@ -1577,37 +1546,6 @@ impl Overlay {
         self.refresh_phase(now, peer_id);
         self.note_path(peer_id);
         Ok(())
-    }
-
-    /// The addresses the peer's probe (in `at` of the scratch) says its
-    /// other peers saw it come from: the first it does not publish, on an
-    /// IP it does, is where its new flows leave from
-    /// ([`crate::path::Paths::learn_advertised`]). Only from a peer whose
-    /// hello said its NAT maps endpoint-independently (two STUN servers
-    /// agreed): a symmetric NAT's ports differ per destination, and an
-    /// unknown one's may, so its advertised ports would be paths that never
-    /// answer.
-    fn learn_advertised(&mut self, now: Instant, peer_id: PeerId, at: std::ops::Range<usize>) {
-        let cfg = &self.cfg.paths;
-        let Some(p) = peer_mut(&mut self.peers, peer_id) else {
-            return;
-        };
-        if p.hunt.peer != crate::hunt::Mapping::Independent {
-            return;
-        }
-        let body = self.scratch.get(at).unwrap_or_default();
-        let Some(addr) = (body.chunks_exact(wire::V4_LEN).take(ADVERTISED))
-            .filter_map(wire::read_v4)
-            .find(|a| unpublished_port_of(&p.info, *a))
-        else {
-            return;
-        };
-        if p.paths.learn_advertised(now, cfg, PathAddr::direct(addr)) {
-            tracing::debug!(peer = %p.info.node, %addr, "learned the port of the peer's new flows");
-            if let Some(t) = p.paths.next_deadline(cfg, false) {
-                sooner(&mut self.deadlines, p, peer_id, t, Wake::Probe);
-            }
-        }
     }
 
     /// The punching coordinator's cue, in the first `n` bytes of the
@@ -2134,29 +2072,7 @@ impl Overlay {
         let probes = std::mem::take(&mut self.probes);
         for d in &probes {
             self.scratch[INNER_HEADER..INNER_HEADER + 8].copy_from_slice(&d.id.to_le_bytes());
-            let mut len = 8;
-            // A symmetric NAT's ports differ per destination: nothing to
-            // tell.
-            let symmetric = self.hunter.mapping == crate::hunt::Mapping::Dependent;
-            let seen = if symmetric {
-                &[][..]
-            } else {
-                &self.seen_self[..]
-            };
-            for a in seen.iter().take(ADVERTISED).flatten() {
-                let at = INNER_HEADER + len;
-                if let Some(out) = self.scratch.get_mut(at..at + wire::V4_LEN) {
-                    len += wire::write_v4(out, *a);
-                }
-            }
-            self.send_inner(
-                now,
-                peer_id,
-                Some(d.addr),
-                Inner::plain(kind::PROBE),
-                len,
-                io,
-            );
+            self.send_inner(now, peer_id, Some(d.addr), Inner::plain(kind::PROBE), 8, io);
         }
         self.probes = probes;
         // After the probes: one on the active path holds its flow too.
@@ -2442,31 +2358,11 @@ fn relayed_source(relay_ips: &[IpAddr], info: &PeerInfo, from: PathAddr) -> Opti
     if !matches!(from.via, Via::Turn(_)) || relay_ips.contains(&from.remote.ip()) {
         return None;
     }
-    unpublished_port_of(info, from.remote).then_some(from.remote)
-}
-
-/// An address on an IP the peer publishes (a direct or LAN candidate), on
-/// a port it does not: where its NAT put a flow the published address
-/// does not show. Nothing else: nothing aims our probes at a third party.
-fn unpublished_port_of(info: &PeerInfo, addr: SocketAddr) -> bool {
     let published = |c: &&PeerCandidate| c.class != Rank::Relay;
     let cands = || info.candidates.iter().filter(published);
-    let ours = cands().any(|c| c.addr.ip() == addr.ip());
-    let known = cands().any(|c| c.addr == addr);
-    ours && !known
-}
-
-/// How many of our own seen addresses ([`Overlay::seen_self`]) a probe
-/// carries, and how many of a peer's a probe is read for.
-const ADVERTISED: usize = 2;
-
-/// Where a probe came from as the peer's NAT mapped it, worth telling it:
-/// an IPv4 address that is no relay's (a probe through the peer's own
-/// allocation shows the relay), from our own socket or through our
-/// allocation (where the relay saw it), not a spare socket's.
-fn observed(relay_ips: &[IpAddr], from: PathAddr) -> Option<SocketAddr> {
-    let a = from.remote;
-    (a.is_ipv4() && !relay_ips.contains(&a.ip()) && !matches!(from.via, Via::Spare(_))).then_some(a)
+    let ours = cands().any(|c| c.addr.ip() == from.remote.ip());
+    let known = cands().any(|c| c.addr == from.remote);
+    (ours && !known).then_some(from.remote)
 }
 
 /// Peer `peer_id`, if it is still there. A free function rather than a method so

@@ -120,9 +120,6 @@ pub struct Path {
     pub punched: bool,
     /// Found by birthday probing ([`crate::hunt`]).
     pub predicted: bool,
-    /// The peer said its new flows leave from here (the newest address
-    /// its other peers saw it come from, [`Paths::learn_advertised`]).
-    pub advertised: bool,
 }
 
 impl Path {
@@ -140,7 +137,6 @@ impl Path {
             since: now,
             punched: false,
             predicted: matches!(addr.via, Via::Spare(_)),
-            advertised: false,
         }
     }
 
@@ -465,31 +461,6 @@ impl Paths {
             .push(Path::new(addr, Rank::Direct, Origin::Learned, now));
         self.trim(cfg);
         self.find(&addr).is_some()
-    }
-
-    /// The peer says its NAT gives its new flows this address (where its
-    /// other peers see its newest flows come from), on an IP it publishes
-    /// but a port it does not: a bare Linux gateway moved the node's port
-    /// (a clash with an early datagram of some peer), and its flow to our
-    /// relayed address, made before that, shows the old one. Probed as a
-    /// candidate is, kept as a learned path, beside the published and
-    /// relay-seen ports: which of them the node's NAT gives its next flow
-    /// depends on which of its entries is newest then (12-node benchmark,
-    /// run 4: the advertised port was stale and the published one right).
-    /// Only the newest advertised address is marked. Returns whether it
-    /// was new.
-    pub fn learn_advertised(&mut self, now: Instant, cfg: &PathConfig, addr: PathAddr) -> bool {
-        let new = self.find(&addr).is_none();
-        if new {
-            self.plain = false;
-            self.list
-                .push(Path::new(addr, Rank::Direct, Origin::Learned, now));
-            self.trim(cfg);
-        }
-        for p in &mut self.list {
-            p.advertised = p.addr == addr;
-        }
-        new && self.find(&addr).is_some()
     }
 
     /// A probe reply with `id` arrived (on any path of this peer).

@@ -48,31 +48,6 @@ pub mod kind {
     pub const HUNT: u8 = 6;
 }
 
-/// An IPv4 address and port in a probe or its reply: 4 bytes of address,
-/// the port little-endian.
-pub const V4_LEN: usize = 6;
-
-/// Writes `a` into `out` if it is IPv4 and fits; returns the bytes written.
-pub fn write_v4(out: &mut [u8], a: std::net::SocketAddr) -> usize {
-    match (a, out.get_mut(..V4_LEN)) {
-        (std::net::SocketAddr::V4(v4), Some(b)) => {
-            b[..4].copy_from_slice(&v4.ip().octets());
-            b[4..].copy_from_slice(&v4.port().to_le_bytes());
-            V4_LEN
-        }
-        _ => 0,
-    }
-}
-
-/// An IPv4 address and port written by [`write_v4`]; port 0 and the
-/// unspecified address are none.
-pub fn read_v4(b: &[u8]) -> Option<std::net::SocketAddr> {
-    let b = b.get(..V4_LEN)?;
-    let ip = std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]);
-    let port = u16::from_le_bytes([b[4], b[5]]);
-    (port != 0 && !ip.is_unspecified()).then(|| std::net::SocketAddr::from((ip, port)))
-}
-
 pub fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     b.get(at..at + 4)
         .and_then(|s| s.try_into().ok())

@@ -76,7 +76,7 @@ pub(super) struct Current {
 #[derive(Debug, Default)]
 pub(super) struct Hunter {
     pub(super) mapping: Mapping,
-    pub(super) public: Option<Ipv4Addr>,
+    public: Option<Ipv4Addr>,
     /// Spare sockets the caller has open.
     open: BTreeSet<u32>,
     current: Option<Current>,

@@ -1593,7 +1593,7 @@ impl Overlay {
             return;
         };
         let pending = p.paths.direct_pending(pcfg);
-        let rtt = p.paths.active().and_then(|a| a.rtt).unwrap_or_default();
+        let rtt = p.paths.cue_rtt(pcfg).unwrap_or_default();
         let action = p.punch.tick(now, cfg, pending, coordinator, rtt, jitter);
         let was_muted = p.paths.mute;
         p.paths.mute = p.punch.muted(now);
@@ -1614,9 +1614,8 @@ impl Overlay {
                 // of step (it then sends first into a bare router, which
                 // poisons the next attempt), and a relayed path whose NAT
                 // flow lapsed loses it silently.
-                let mut to = [None; 4];
-                let alive = p.paths.list.iter().filter(|x| x.alive(pcfg));
-                for (slot, x) in to.iter_mut().zip(alive) {
+                let mut to = [None; crate::path::MAX_CUE_PATHS];
+                for (slot, x) in to.iter_mut().zip(p.paths.cue_paths(pcfg)) {
                     *slot = Some(x.addr);
                 }
                 cue.write(&mut self.scratch[INNER_HEADER..INNER_HEADER + Cue::LEN]);

@@ -10,6 +10,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+/// A punching cue goes on at most this many paths that answer.
+pub const MAX_CUE_PATHS: usize = 4;
+
 use crate::reason::PathWhy;
 
 /// How a datagram leaves this node.
@@ -680,6 +683,30 @@ impl Paths {
         self.active = active.and_then(|a| self.find(&a));
     }
 
+    /// The paths a punching cue goes on: every path that answers, at most
+    /// [`MAX_CUE_PATHS`] (a lost cue leaves the two sides out of step).
+    pub fn cue_paths<'a>(&'a self, cfg: &'a PathConfig) -> impl Iterator<Item = &'a Path> + 'a {
+        self.list
+            .iter()
+            .filter(move |x| x.alive(cfg))
+            .take(MAX_CUE_PATHS)
+    }
+
+    /// How long a cue takes there and back: the least round trip measured
+    /// on the paths it goes on. The peer starts at the first cue to arrive
+    /// (a repeat is ignored), so half of this is when it starts. Not the
+    /// active path's alone: traffic proves the active path without probes,
+    /// so a busy one often has no sample at all, and a both-at-once
+    /// attempt timed with none starts the coordinator a whole one-way
+    /// latency before the peer (the 12-node benchmark's bare pair:
+    /// docs/natlab.md, "Two bare gateways among many peers").
+    pub fn cue_rtt(&self, cfg: &PathConfig) -> Option<Duration> {
+        self.cue_paths(cfg)
+            .filter_map(|x| x.rtt)
+            .min()
+            .or_else(|| self.active().and_then(|a| a.rtt))
+    }
+
     /// Whether a direct path should be found: the peer has direct
     /// candidates (or learned addresses) and none of them answers.
     pub fn direct_pending(&self, cfg: &PathConfig) -> bool {
@@ -776,6 +803,57 @@ mod tests {
         let mut v = Vec::new();
         p.poll(now, cfg, id, &mut v, &mut Vec::new());
         v
+    }
+
+    /// The benchmark's bare pair: the relayed path in use carries pings
+    /// (so it is never probed and has no RTT), the standby relayed paths
+    /// are probed. The cue's timing must come from those, not be zero.
+    #[test]
+    fn the_cue_rtt_comes_from_the_paths_the_cue_goes_on_when_the_active_has_none() {
+        let cfg = PathConfig::default();
+        let t0 = Instant::now();
+        let busy = PathAddr {
+            via: Via::Turn(0),
+            remote: "203.0.113.1:49345".parse().unwrap(),
+        };
+        let standby = pa("203.0.113.1:49345");
+        let direct = pa("203.0.113.19:5800");
+        let mut p = Paths::default();
+        p.set_candidates(
+            t0,
+            &cfg,
+            &[
+                (busy, Rank::Relay),
+                (standby, Rank::Relay),
+                (direct, Rank::Direct),
+            ],
+        );
+        p.on_rx(t0, &cfg, busy, Rank::Relay);
+        assert_eq!(p.active_addr(), Some(busy));
+        assert_eq!(p.cue_rtt(&cfg), None, "nothing measured yet");
+        let mut id = 0;
+        let probes = probe_all(&mut p, t0, &cfg, &mut id);
+        let of = |a: PathAddr| probes.iter().find(|d| d.addr == a).map(|d| d.id);
+        let standby_probe = of(standby).expect("the standby is probed");
+        p.on_probe_reply(t0 + Duration::from_millis(31), &cfg, standby_probe);
+        // Traffic keeps the busy path in use, unmeasured.
+        p.active = p.find(&busy);
+        p.list.iter_mut().for_each(|x| {
+            if x.addr == busy {
+                x.rtt = None;
+            }
+        });
+        assert_eq!(p.active().and_then(|a| a.rtt), None);
+        assert_eq!(p.cue_rtt(&cfg), Some(Duration::from_millis(31)));
+        // The least of those measured: the peer starts at the first cue.
+        let i = p.find(&busy).unwrap();
+        p.list[i].rtt = Some(Duration::from_millis(20));
+        assert_eq!(p.cue_rtt(&cfg), Some(Duration::from_millis(20)));
+        // A path that does not answer carries no cue and does not count.
+        let j = p.find(&direct).unwrap();
+        p.list[j].rtt = Some(Duration::from_millis(1));
+        assert!(!p.list[j].alive(&cfg));
+        assert_eq!(p.cue_rtt(&cfg), Some(Duration::from_millis(20)));
     }
 
     #[test]

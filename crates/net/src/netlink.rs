@@ -344,13 +344,7 @@ impl Handle {
     /// Adds an address (IPv4 with its broadcast address); an existing one
     /// is an error for which [`Error::is_exists`] holds.
     pub fn add_address(&mut self, index: u32, addr: IpNet) -> Result<()> {
-        self.request_flags(
-            RouteNetlinkMessage::NewAddress(address_msg(index, addr)),
-            NLM_F_CREATE | NLM_F_EXCL,
-            Reply::Ack,
-            &|| format!("add address {addr} to interface index {index}"),
-        )
-        .map(drop)
+        self.new_address(index, addr, address_msg(index, addr))
     }
 
     /// [`Handle::add_address`], an IPv6 address without duplicate address
@@ -364,6 +358,10 @@ impl Handle {
                     netlink_packet_route::address::AddressFlags::Nodad,
                 ));
         }
+        self.new_address(index, addr, msg)
+    }
+
+    fn new_address(&mut self, index: u32, addr: IpNet, msg: AddressMessage) -> Result<()> {
         self.request_flags(
             RouteNetlinkMessage::NewAddress(msg),
             NLM_F_CREATE | NLM_F_EXCL,

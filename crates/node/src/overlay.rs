@@ -237,7 +237,7 @@ impl OverlayConf {
                 .into_iter()
                 .collect(),
         };
-        let (host_cidr, host_cidr6) = split_families(&cidrs, "hostCIDR", "prefix")?;
+        let (host_cidr, host_cidr6) = split_families(&cidrs)?;
         if conf.raw("hostCIDR").is_some() && host_cidr.is_none() {
             return Err(invalid(
                 "hostCIDR",
@@ -468,33 +468,21 @@ fn host_prefix(s: &str) -> Result<IpNet, NodeError> {
     }
 }
 
-/// Items of a list key: at most one of each family; returns the first (the
+/// `hostCIDR`'s prefixes, at most one of each family: the first (the
 /// IPv4 one when there are two, else the one there is) and the IPv6 one
 /// beside an IPv4 one.
-fn split_families(
-    items: &[IpNet],
-    key: &str,
-    what: &str,
-) -> Result<(Option<IpNet>, Option<IpNet>), NodeError> {
-    let v4: Vec<IpNet> = items
-        .iter()
-        .copied()
-        .filter(|n| n.addr().is_ipv4())
-        .collect();
-    let v6: Vec<IpNet> = items
-        .iter()
-        .copied()
-        .filter(|n| n.addr().is_ipv6())
-        .collect();
-    if v4.len() > 1 || v6.len() > 1 {
+fn split_families(items: &[IpNet]) -> Result<(Option<IpNet>, Option<IpNet>), NodeError> {
+    let v4 = items.iter().filter(|n| n.addr().is_ipv4()).count();
+    if v4 > 1 || items.len() - v4 > 1 {
         return Err(invalid(
-            key,
-            format!("two {what}es of one family: give at most one IPv4 and one IPv6 {what}"),
+            "hostCIDR",
+            "two prefixes of one family: give at most one IPv4 and one IPv6 prefix",
         ));
     }
-    Ok(match (v4.first(), v6.first()) {
-        (Some(a), b) => (Some(*a), b.copied()),
-        (None, b) => (b.copied(), None),
+    let first = |v6: bool| items.iter().copied().find(|n| n.addr().is_ipv6() == v6);
+    Ok(match first(false) {
+        Some(a) => (Some(a), first(true)),
+        None => (first(true), None),
     })
 }
 

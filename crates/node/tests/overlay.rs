@@ -1508,6 +1508,33 @@ fn two_short_timeout_sites() -> Cluster {
     up(opts(BridgeType::Linux, 1, ov))
 }
 
+/// Whether node-0 and node-1 both report `want` ("direct", "relay") as
+/// their path to each other.
+fn pair_path_is(c: &Cluster, want: &str) -> bool {
+    path_of(c, 0, 1).as_deref() == Some(want) && path_of(c, 1, 0).as_deref() == Some(want)
+}
+
+/// Pings node-1's pod from node-0's (sessions are on demand: paths are
+/// probed, and punched, only while traffic flows), blocks UDP between the
+/// two nodes and waits until both are relayed. The ping runs until stopped.
+fn relayed_by_a_block_under_traffic(c: &Cluster) -> Pinger {
+    let lab = c.lab().expect("lab");
+    let pod_ns = c.nodes()[0].pods[0].pod.ns.name().to_string();
+    let flow = Pinger::start(&pod_ns, &pod_ip(c, 1, 0).to_string(), "node-0 -> node-1");
+    lab.block_udp_between(lab_node(c, 0), lab_node(c, 1));
+    wait("relayed while blocked", Duration::from_secs(15), || {
+        pair_path_is(c, "relay")
+    });
+    flow
+}
+
+/// `peers --json`'s `method` of node `i`'s path to node `j`.
+fn method_of(c: &Cluster, i: usize, j: usize) -> String {
+    peer(&peers(c, i), &name(j))
+        .and_then(|p| p["method"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// Issue 25, natlab.md Decision 3: a bare Linux gateway (masquerade with
 /// an open input chain) and a firewalled one. After a blocked spell, the
 /// first side to send again decides: the firewalled side first poisons the
@@ -1545,22 +1572,12 @@ fn a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate() {
     for i in 0..2 {
         lab.set_udp_timeout(site(i), 5);
     }
-    let both = |want: &str| {
-        path_of(&c, 0, 1).as_deref() == Some(want) && path_of(&c, 1, 0).as_deref() == Some(want)
-    };
-    // Sessions are on demand: paths are probed (and punched) only while
-    // traffic flows.
-    let pod_ns = c.nodes()[0].pods[0].pod.ns.name().to_string();
-    let flow = Pinger::start(&pod_ns, &pod_ip(&c, 1, 0).to_string(), "node-0 -> node-1");
-    lab.block_udp_between(a, b);
-    wait("relayed while blocked", Duration::from_secs(15), || {
-        both("relay")
-    });
+    let flow = relayed_by_a_block_under_traffic(&c);
     // Both sides keep retrying into the block; the old entries expire.
     std::thread::sleep(Duration::from_secs(6));
     lab.unblock_udp_between(a, b);
     let t = Instant::now();
-    while !both("direct") {
+    while !pair_path_is(&c, "direct") {
         // Attempts come every 15 s (silence and attempt); the third order
         // can be needed (natlab.md): up to a full cycle more than that.
         if t.elapsed() > Duration::from_secs(75) {
@@ -1584,11 +1601,6 @@ fn a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate() {
         let lines = log_lines(c.agent(i).expect("agent"), &["punch"]);
         eprintln!("node-{i} punch log:\n{}", lines.join("\n"));
     }
-    let method = |i: usize, j: usize| {
-        peer(&peers(&c, i), &name(j))
-            .and_then(|p| p["method"].as_str().map(str::to_string))
-            .unwrap_or_default()
-    };
     let entries = |i: usize| {
         lab.conntrack_list(site(i))
             .lines()
@@ -1598,8 +1610,8 @@ fn a_bare_linux_gateway_pair_goes_direct_by_silence_and_alternate() {
     eprintln!(
         "bare + firewalled masquerade: direct {took:?} after the unblock, method {} / {}, \
          conntrack entries {} (bare) / {} (firewalled)\n{}{}",
-        method(0, 1),
-        method(1, 0),
+        method_of(&c, 0, 1),
+        method_of(&c, 1, 0),
         entries(0),
         entries(1),
         lab.conntrack_list(site(0)),
@@ -1643,15 +1655,7 @@ fn two_bare_linux_gateways_go_direct_by_silence_and_alternate() {
         lab.set_router_firewall(site(i), false);
         lab.set_udp_timeout(site(i), 5);
     }
-    let both = |want: &str| {
-        path_of(&c, 0, 1).as_deref() == Some(want) && path_of(&c, 1, 0).as_deref() == Some(want)
-    };
-    let pod_ns = c.nodes()[0].pods[0].pod.ns.name().to_string();
-    let flow = Pinger::start(&pod_ns, &pod_ip(&c, 1, 0).to_string(), "node-0 -> node-1");
-    lab.block_udp_between(a, b);
-    wait("relayed while blocked", Duration::from_secs(15), || {
-        both("relay")
-    });
+    let flow = relayed_by_a_block_under_traffic(&c);
     // Flows between the two sites in a router: either node's to the other
     // site's public address (its own, or a moved port of it).
     let wan = |i: usize| lab.wan_addr(site(i)).expect("wan").to_string();
@@ -1676,7 +1680,7 @@ fn two_bare_linux_gateways_go_direct_by_silence_and_alternate() {
     // order coordinator first, peer first, together; only the third can
     // work here, so up to three cycles plus the silence under way.
     let bound = Duration::from_secs(75);
-    while !both("direct") {
+    while !pair_path_is(&c, "direct") {
         if t.elapsed() > bound {
             let punch = |i: usize| log_lines(c.agent(i).expect("agent"), &["punch"]).join("\n");
             let line = |i: usize| {
@@ -1703,11 +1707,6 @@ fn two_bare_linux_gateways_go_direct_by_silence_and_alternate() {
     }
     let took = t.elapsed();
     let _ = flow.stop();
-    let method = |i: usize, j: usize| {
-        peer(&peers(&c, i), &name(j))
-            .and_then(|p| p["method"].as_str().map(str::to_string))
-            .unwrap_or_default()
-    };
     let rtt = |i: usize, j: usize| {
         peer(&peers(&c, i), &name(j))
             .and_then(|p| p["rttMs"].as_f64())
@@ -1717,8 +1716,8 @@ fn two_bare_linux_gateways_go_direct_by_silence_and_alternate() {
     eprintln!(
         "two bare masquerade routers, {delay:?} one way into each: direct {took:?} after the \
          unblock, method {} / {}, rtt {} / {} ms, packets delayed {} / {}\n{}\n{}\n{}{}",
-        method(0, 1),
-        method(1, 0),
+        method_of(&c, 0, 1),
+        method_of(&c, 1, 0),
         rtt(0, 1),
         rtt(1, 0),
         lab.wan_delay(site(0)).1,
@@ -1780,10 +1779,7 @@ fn cone_symmetric_birthday_probing(bare: bool) {
     let second = Coturn::start_in(lab.internet(), addr);
     assert_eq!(second.addr().to_string(), stun2);
     let t = Instant::now();
-    let both = |want: &str| {
-        path_of(&c, 0, 1).as_deref() == Some(want) && path_of(&c, 1, 0).as_deref() == Some(want)
-    };
-    while !both("direct") {
+    while !pair_path_is(&c, "direct") {
         if t.elapsed() > Duration::from_secs(30) {
             let hunt = |i: usize| log_lines(c.agent(i).expect("agent"), &["hunt"]).join("\n");
             panic!(
@@ -1797,14 +1793,9 @@ fn cone_symmetric_birthday_probing(bare: bool) {
         std::thread::sleep(Duration::from_millis(200));
     }
     let took = t.elapsed();
-    let method = |i: usize, j: usize| {
-        peer(&peers(&c, i), &name(j))
-            .and_then(|p| p["method"].as_str().map(str::to_string))
-            .unwrap_or_default()
-    };
     // The symmetric side's path is its main socket's when a probe hit that
     // socket's mapping toward the cone node (it probes it too).
-    let (cone_method, sym_method) = (method(0, 1), method(1, 0));
+    let (cone_method, sym_method) = (method_of(&c, 0, 1), method_of(&c, 1, 0));
     assert!(
         cone_method == "predicted" && ["predicted", "reflexive"].contains(&sym_method.as_str()),
         "direct by {cone_method} / {sym_method}"

@@ -428,6 +428,22 @@ mod tests {
         );
     }
 
+    /// A dual-stack host overlay's two prefixes are both exempt (issue 25):
+    /// the exemption is read back for either family, and is no masquerade.
+    #[test]
+    fn exemptions_read_back_for_both_families() {
+        for n in [
+            "10.10.0.0/16",
+            "fd00:10::/64",
+            "fd00:10::/60",
+            "2001:db8::/33",
+        ] {
+            let rule = exempt(net(n));
+            assert_eq!(exempt_destination(&rule), Some(net(n)), "{n}");
+            assert_eq!(masqueraded_source(&rule), None, "{n}");
+        }
+    }
+
     #[test]
     fn masks_are_nfts() {
         let exprs = masquerade(net("10.240.16.0/20"));

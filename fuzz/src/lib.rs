@@ -417,6 +417,7 @@ fn new_overlay_node() -> OverlayNode {
             key: peer_key,
             pod_subnet: parse("10.244.2.0/24"),
             host_addr: Some(parse("10.10.0.2/16")),
+            host_addr6: Some(parse("fd00:ff::2/64")),
             candidates: vec![PeerCandidate {
                 addr: peer_addr.remote,
                 class: Rank::Direct,
@@ -562,6 +563,8 @@ fn switches() -> &'static std::sync::Mutex<Switches> {
             let mut sw = Switch::new(SwitchConfig {
                 local_subnet: net(local),
                 host_addr: Some("10.10.0.1".parse().unwrap_or_else(|e| panic!("{e}"))),
+                // A dual-stack host overlay: its IPv6 checks get fuzzed too.
+                host_addr6: Some("fd00:ff::1".parse().unwrap_or_else(|e| panic!("{e}"))),
                 bridge_mac: Some(FUZZ_BRIDGE),
                 mtu: 1380,
                 flood_rate: 100,
@@ -577,6 +580,7 @@ fn switches() -> &'static std::sync::Mutex<Switches> {
                     PeerAddrs {
                         pod_subnet: net(p),
                         host_addr: Some(format!("10.10.0.{}", i + 2).parse().unwrap_or_else(|e| panic!("{e}"))),
+                        host_addr6: Some(format!("fd00:ff::{}", i + 2).parse().unwrap_or_else(|e| panic!("{e}"))),
                         // One peer with its record's word, one without.
                         bridge_mac: (i == 0).then_some([0x7a, 0x1c, 0, 0, 0, 2]),
                     },

@@ -419,7 +419,8 @@ mod tests {
             "sleep 1000 &\necho $! > {}/child.pid\nexec sleep 1000",
             "$(dirname \"$0\")"
         ));
-        let d = d.with_timeout(Duration::from_millis(500));
+        // Long enough for a loaded machine's sh to write child.pid first.
+        let d = d.with_timeout(Duration::from_secs(2));
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(d.exec(Command::Add, b"{}"));

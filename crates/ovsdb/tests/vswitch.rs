@@ -4,13 +4,17 @@
 // A test that unwraps fails loudly, which is what a test should do.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::os::unix::net::UnixListener;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use evio_ovsdb::{Client, Error, PortSpec};
 use evio_testkit::netns::Netns;
 use evio_testkit::ovs::Ovs;
+use nix::sys::socket::{
+    bind, getsockname, socket, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrLike,
+    UnixAddr,
+};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -34,6 +38,14 @@ fn veth(ns: &Netns, a: &str, b: &str) {
     ns.ok(&["ip", "link", "add", a, "type", "veth", "peer", "name", b]);
     ns.ok(&["ip", "link", "set", a, "up"]);
     ns.ok(&["ip", "link", "set", b, "up"]);
+}
+
+/// A stream socket bound to `addr` and never listened on: a connect to it
+/// is refused for as long as it lives, whatever copies of it exist.
+fn unlistened(family: AddressFamily, addr: &dyn SockaddrLike) -> OwnedFd {
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    bind(fd.as_raw_fd(), addr).unwrap();
+    fd
 }
 
 fn lines(s: &str) -> Vec<String> {
@@ -366,9 +378,12 @@ fn missing_or_refusing_socket_fails_fast() {
     assert!(err.is_unavailable());
     assert!(err.to_string().contains(&missing), "{err}");
 
-    // A socket file nobody listens on any more (server died hard).
+    // A socket file nobody listens on any more (server died hard). Bound
+    // and never listened on, rather than a listener dropped: this binary
+    // spawns processes all the time, and a child forked while a listener
+    // was open would keep it accepting until its exec.
     let stale = dir.join("stale.sock");
-    drop(UnixListener::bind(&stale).unwrap());
+    let _bound = unlistened(AddressFamily::Unix, &UnixAddr::new(&stale).unwrap());
     let err = Client::connect(
         &format!("unix:{}", stale.display()),
         Duration::from_secs(10),
@@ -376,11 +391,9 @@ fn missing_or_refusing_socket_fails_fast() {
     .unwrap_err();
     assert!(matches!(err, Error::Connect { .. }), "{err:?}");
 
-    // A TCP port on loopback nobody listens on.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // A TCP port on loopback nobody listens on (held, so nobody can).
+    let held = unlistened(AddressFamily::Inet, &SockaddrIn::new(127, 0, 0, 1, 0));
+    let port = getsockname::<SockaddrIn>(held.as_raw_fd()).unwrap().port();
     let err =
         Client::connect(&format!("tcp:127.0.0.1:{port}"), Duration::from_secs(10)).unwrap_err();
     assert!(matches!(err, Error::Connect { .. }), "{err:?}");

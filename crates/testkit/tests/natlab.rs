@@ -268,21 +268,23 @@ fn conntrack_flush_forgets_mappings() {
 fn udp_timeout_expires_idle_mappings() {
     let root_timeout = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_udp_timeout");
     let (lab, s, n) = lab_with(NatType::PortRestrictedCone);
-    lab.set_udp_timeout(s, 1);
+    // 2 s, not 1: the fresh reply below must not race the timeout on a
+    // loaded machine.
+    lab.set_udp_timeout(s, 2);
     let router = lab.router(s).expect("router");
     let out = router.ok(&["sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout"]);
-    assert_eq!(out.trim(), "1");
+    assert_eq!(out.trim(), "2");
     let srv = udp(lab.internet(), 3479);
     let sock = udp(&lab.node(n).ns, PORT);
     sock.send_to(b"x", SocketAddr::new(lab.server_addr(), 3479))
         .expect("send");
-    let from = recv_all(&srv, ARRIVAL)
-        .first()
-        .map(|(_, f)| *f)
-        .expect("nothing arrived");
+    srv.set_read_timeout(Some(ARRIVAL))
+        .expect("set_read_timeout");
+    let mut buf = [0u8; 16];
+    let (_, from) = srv.recv_from(&mut buf).expect("nothing arrived");
     assert!(arrives(&srv, from, &sock, "fresh"));
-    // The reply made the flow "stream" (timeout 1 s as well).
-    sleep(Duration::from_millis(2500));
+    // The reply made the flow "stream" (timeout 2 s as well).
+    sleep(Duration::from_millis(4500));
     assert!(
         !arrives(&srv, from, &sock, "expired"),
         "mapping outlived its timeout"
@@ -872,11 +874,13 @@ fn assert_direct(p: &Pair, o: &Outcome) {
 /// delay (`punch_same_instant_is_still_sequential_in_the_lab`).
 #[test]
 fn punch_crosses_in_flight_between_open_routers_with_wan_delay() {
-    let delay = Duration::from_millis(40);
+    // 100 ms: a loaded machine may stall the test thread tens of ms
+    // between the two sends, and a gap past the delay is case 1.
+    let delay = Duration::from_millis(100);
     for (gap, works) in [
         (Duration::ZERO, true),
         (Duration::from_millis(10), true),
-        (Duration::from_millis(150), false),
+        (Duration::from_millis(300), false),
     ] {
         let p = pair(PRC, [false, false]);
         for s in p.sites {
@@ -976,14 +980,14 @@ fn wan_delay_adds_one_way_latency_into_the_router_and_is_removed() {
             .expect("tasks")
             .flatten()
             .filter(|t| {
-                std::fs::read_to_string(t.path().join("comm"))
-                    .is_ok_and(|c| c.trim_end().starts_with(name))
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
             })
             .count()
     };
-    // Thread names are cut to 15 bytes: "delay-" and the router's name.
-    let r1_thread = format!("delay-{}", lab.router(sites[1]).expect("router").name());
-    let r1_thread: String = r1_thread.chars().take(15).collect();
+    // Thread names are cut to 15 bytes: "d" and the router's name fit,
+    // so no other lab's delay line (tests run in parallel) is counted.
+    let r1_thread = format!("d{}", lab.router(sites[1]).expect("router").name());
+    assert!(r1_thread.len() <= 15, "{r1_thread}");
     assert_eq!(threads(&r1_thread), 1, "the other site's holder runs");
     drop(stun);
     drop(lab);
@@ -1093,6 +1097,11 @@ fn punch_retry_after_udp_timeout_in_the_other_order() {
             !after.contains(&peer_ip),
             "entries left after the timeout:\n{after}"
         );
+    }
+    // The usual timeout again, so a stalled test thread cannot let the
+    // new flows expire halfway through the punch.
+    for s in p.sites {
+        p.lab.set_udp_timeout(s, 30);
     }
     let o = p.punch(Order::BFirst, Duration::from_millis(100), 3, false);
     eprintln!("{}", o.log);

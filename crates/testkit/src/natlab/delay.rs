@@ -116,7 +116,10 @@ impl DelayLine {
         let (stop2, delayed2) = (stop.clone(), delayed.clone());
         let router2 = Netns::borrowed(router.name());
         let thread = std::thread::Builder::new()
-            .name(format!("delay-{}", router.name()))
+            // Linux keeps 15 bytes of a thread's name: "d" and a lab
+            // router's name ("nlr", 5 digits of pid, "x", the counter) fit,
+            // so each delay line's thread is told apart by name.
+            .name(format!("d{}", router.name()))
             .spawn(move || {
                 let r = hold(queue, delay, &stop2, &delayed2);
                 if let Err(e) = &r {

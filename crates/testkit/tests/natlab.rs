@@ -975,6 +975,21 @@ fn wan_delay_adds_one_way_latency_into_the_router_and_is_removed() {
     assert_eq!(lab.wan_delay(sites[0]), (Duration::ZERO, 0));
     // Undelayed again: the answer still comes (no packet is lost on removal).
     assert!(stun_binding(&sock, stun.addr(), STUN_TIMEOUT).is_ok());
+    // And delayed once more: the queue was released although a child
+    // started meanwhile (as a lab starts daemons) holds a copy of the
+    // holder's socket.
+    lab.set_wan_delay(sites[0], delay);
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("sleep");
+    let _reaped = Reap(&mut child);
+    lab.set_wan_delay(sites[0], Duration::ZERO);
+    lab.set_wan_delay(sites[0], delay);
+    let t = Instant::now();
+    assert!(stun_binding(&sock, stun.addr(), STUN_TIMEOUT).is_ok());
+    assert!(t.elapsed() >= delay, "{:?}", t.elapsed());
+    lab.set_wan_delay(sites[0], Duration::ZERO);
     let threads = |name: &str| {
         std::fs::read_dir("/proc/self/task")
             .expect("tasks")
@@ -992,6 +1007,16 @@ fn wan_delay_adds_one_way_latency_into_the_router_and_is_removed() {
     drop(stun);
     drop(lab);
     assert_eq!(threads(&r1_thread), 0, "a holder outlived the lab");
+}
+
+/// Kills and reaps a child on drop, whatever the test's outcome.
+struct Reap<'a>(&'a mut std::process::Child);
+
+impl Drop for Reap<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Round-trip times of `count` pings from `ns` to `dst`, user to user

@@ -244,9 +244,15 @@ fn hold(mut q: Queue, delay: Duration, stop: &AtomicBool, delayed: &AtomicU64) -
     }
 }
 
+/// Accepts what is held and unbinds the queue: the socket is not
+/// close-on-exec (the crate opens it so and does not expose it), so
+/// children spawned meanwhile hold copies and closing ours would leave the
+/// queue bound to them; the unbind goes by the socket's port id and
+/// releases the queue whatever copies exist.
 fn release_all(q: &mut Queue, held: &mut VecDeque<(Instant, nfq::Message)>) {
     for (_, mut msg) in held.drain(..) {
         msg.set_verdict(Verdict::Accept);
         let _ = q.verdict(msg);
     }
+    let _ = q.unbind(QUEUE_NUM);
 }

@@ -16,6 +16,14 @@
 //! garbage is counted and ignored, a refusal moves on to the next protocol,
 //! and an answer whose external address cannot be anyone's is deleted at
 //! once (a mapping we will not use must not stay on the gateway).
+//!
+//! A gateway that reboots forgets the mapping while peers still aim at it.
+//! Every answer carries the server's epoch (seconds since it started or
+//! lost its state): one that does not advance with our own clock (RFC 6887
+//! 8.5, RFC 6886 3.6) means the mapping is gone, and it is asked for again
+//! at once. The caller also feeds the servers' multicast restart
+//! announcements into [`PortMapper::handle_announcement`], so a reboot is
+//! noticed when the gateway is back, not at the next renewal.
 
 pub mod natpmp;
 pub mod pcp;
@@ -23,11 +31,16 @@ pub mod pcp;
 mod tests;
 
 use std::collections::VecDeque;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 /// Where PCP and NAT-PMP servers listen.
 pub const SERVER_PORT: u16 = 5351;
+/// Where their unsolicited announcements go (RFC 6887 14.1.3, RFC 6886
+/// 3.2.1), to [`ANNOUNCE_GROUP`].
+pub const ANNOUNCE_PORT: u16 = 5350;
+/// All hosts on the link.
+pub const ANNOUNCE_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 1);
 /// The lifetime asked for (RFC 6886's recommendation); gateways grant what
 /// they like, often less.
 pub const LIFETIME: u32 = 7200;
@@ -52,6 +65,13 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    fn index(self) -> usize {
+        match self {
+            Protocol::Pcp => 0,
+            Protocol::NatPmp => 1,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Pcp => "pcp",
@@ -81,8 +101,9 @@ pub enum MapEvent {
         external: SocketAddrV4,
         lifetime: u32,
     },
-    /// The mapping is gone (a renewal was refused or never answered):
-    /// withdraw the candidate. A new attempt follows at once.
+    /// The mapping is gone (a renewal was refused or never answered, or
+    /// the gateway lost its state): withdraw the candidate. A new attempt
+    /// follows at once.
     Lost { why: String },
     /// Neither protocol gave a mapping, and why; nothing more happens until
     /// [`PortMapper::restart`].
@@ -128,6 +149,15 @@ pub struct PortMapper {
     events: VecDeque<MapEvent>,
     /// Datagrams that were no answer to us (counted, ignored).
     pub junk: u64,
+    /// Announcements taken from the gateway.
+    pub announcements: u64,
+    /// Per protocol: the server epoch last heard from the gateway and when
+    /// (its servers may keep apart epochs, so each is checked alone).
+    epochs: [Option<(u32, Instant)>; 2],
+    /// The external port to suggest when asking: the last one granted, so
+    /// a gateway that lost its state gives the same back if it can, and
+    /// the address peers know is valid again.
+    suggest: u16,
     /// The gateway has answered us at all (a mapping, an address or a
     /// refusal). One that never did runs no PCP/NAT-PMP server: on exit
     /// there is nothing to delete, and waiting for its answer would hold
@@ -150,6 +180,7 @@ impl PortMapper {
     /// Starts asking at once with PCP. `nonce` identifies our PCP mapping
     /// (random per agent start: RFC 6887 11.1).
     pub fn new(now: Instant, cfg: PortMapConfig, nonce: [u8; 12]) -> PortMapper {
+        let cfg_port = cfg.internal_port;
         let mut m = PortMapper {
             cfg,
             nonce,
@@ -158,6 +189,9 @@ impl PortMapper {
             out: VecDeque::new(),
             events: VecDeque::new(),
             junk: 0,
+            announcements: 0,
+            epochs: [None; 2],
+            suggest: cfg_port,
             heard: false,
         };
         m.ask(now, Protocol::Pcp);
@@ -231,7 +265,7 @@ impl PortMapper {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let port = self.cfg.internal_port;
+        let port = self.suggest;
         match self.phase {
             Phase::Asking {
                 proto,
@@ -335,11 +369,20 @@ impl PortMapper {
                 return;
             }
         };
-        let answer = match proto {
+        let (answer, epoch) = match proto {
             Protocol::Pcp => self.pcp_answer(data),
             Protocol::NatPmp => self.natpmp_answer(data),
         };
         self.heard |= !matches!(answer, Answer::Junk);
+        if let (Some(e), false) = (epoch, matches!(answer, Answer::Junk)) {
+            // A refusal ends the mapping anyway (below).
+            if let (Epoch::Lost(why), false) = (
+                self.epoch(now, proto, e),
+                matches!(answer, Answer::Refused(_)),
+            ) {
+                self.state_lost(now, why);
+            }
+        }
         match answer {
             Answer::Junk => self.junk += 1,
             Answer::Refused(why) => self.refused(now, proto, why),
@@ -348,13 +391,19 @@ impl PortMapper {
         }
     }
 
-    fn pcp_answer(&self, data: &[u8]) -> Answer {
+    /// The answer, and the server epoch it carries.
+    fn pcp_answer(&self, data: &[u8]) -> (Answer, Option<u32>) {
         if pcp::is_natpmp_version_error(data) {
-            return Answer::Refused("the gateway speaks NAT-PMP only".into());
+            let refused = Answer::Refused("the gateway speaks NAT-PMP only".into());
+            return (refused, None);
         }
         let Some(r) = pcp::parse_map_response(data) else {
-            return Answer::Junk;
+            return (Answer::Junk, None);
         };
+        (self.pcp_map_answer(&r), Some(r.epoch))
+    }
+
+    fn pcp_map_answer(&self, r: &pcp::MapResponse) -> Answer {
         // An error answer may come without the payload (no nonce).
         if r.result != pcp::SUCCESS {
             let ours = r.nonce == self.nonce || r.nonce == [0; 12];
@@ -376,10 +425,14 @@ impl PortMapper {
         }
     }
 
-    fn natpmp_answer(&self, data: &[u8]) -> Answer {
-        let Some(r) = natpmp::parse_response(data) else {
-            return Answer::Junk;
-        };
+    fn natpmp_answer(&self, data: &[u8]) -> (Answer, Option<u32>) {
+        match natpmp::parse_response(data) {
+            Some(r) => (self.natpmp_response(r), Some(r.epoch())),
+            None => (Answer::Junk, None),
+        }
+    }
+
+    fn natpmp_response(&self, r: natpmp::Response) -> Answer {
         if r.result() != natpmp::SUCCESS {
             return Answer::Refused(format!(
                 "{} ({})",
@@ -500,6 +553,7 @@ impl PortMapper {
             return self.give_up(now, proto, why);
         }
         let known = self.mapped().map(|(_, e)| e);
+        self.suggest = external.port();
         let life = Duration::from_secs(u64::from(lifetime.max(MIN_LIFETIME)));
         self.phase = Phase::Mapped {
             proto,
@@ -514,6 +568,85 @@ impl PortMapper {
                 external,
                 lifetime,
             });
+        }
+    }
+
+    /// Checks `epoch`, heard from the gateway's `proto` server at `now`,
+    /// against the one heard before, and keeps it for the next check.
+    fn epoch(&mut self, now: Instant, proto: Protocol, epoch: u32) -> Epoch {
+        let Some((prev, at)) = self.epochs[proto.index()].replace((epoch, now)) else {
+            return Epoch::First;
+        };
+        match epoch_lost(proto, prev, epoch, now.saturating_duration_since(at)) {
+            true => Epoch::Lost(format!(
+                "{}: the gateway lost its mappings (epoch {epoch} s, {prev} s before)",
+                proto.as_str()
+            )),
+            false => Epoch::Consistent,
+        }
+    }
+
+    /// The gateway forgot what it held for us: whatever we have or were
+    /// told is void, so ask again at once, same protocol (the answer in
+    /// hand, parsed as one of its, may still complete the new request).
+    fn state_lost(&mut self, now: Instant, why: String) {
+        match self.phase {
+            Phase::Mapped { proto, .. } => {
+                self.events.push_back(MapEvent::Lost { why });
+                self.pcp_why = None;
+                self.ask(now, proto);
+            }
+            Phase::Asking { proto, .. } => self.ask(now, proto),
+            Phase::Idle | Phase::Deleting { .. } | Phase::Done => {}
+        }
+    }
+
+    /// A datagram from `from` on the caller's announcement socket
+    /// ([`ANNOUNCE_GROUP`]:[`ANNOUNCE_PORT`]): a PCP ANNOUNCE or a NAT-PMP
+    /// external address, unsolicited. Taken from the gateway only, and
+    /// acted on only when it says something new (a server that lost its
+    /// state, one heard for the first time, a new external address), so
+    /// that repeated ones cost nothing.
+    pub fn handle_announcement(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        // Any source port: servers differ in which socket they send from.
+        if from.ip() != IpAddr::V4(self.cfg.gateway) {
+            self.junk += 1;
+            return;
+        }
+        let (proto, epoch, ip) = match (pcp::parse_announce(data), natpmp::parse_response(data)) {
+            (Some(epoch), _) => (Protocol::Pcp, epoch, None),
+            (
+                None,
+                Some(natpmp::Response::Address {
+                    result: natpmp::SUCCESS,
+                    epoch,
+                    ip,
+                }),
+            ) => (Protocol::NatPmp, epoch, Some(ip)),
+            _ => {
+                self.junk += 1;
+                return;
+            }
+        };
+        self.announcements += 1;
+        let checked = self.epoch(now, proto, epoch);
+        match (self.phase, checked) {
+            (Phase::Mapped { external, .. }, checked) => {
+                let why = match (checked, ip) {
+                    (Epoch::Lost(why), _) => why,
+                    (_, Some(ip)) if ip != *external.ip() => format!(
+                        "{}: the gateway's external address is now {ip}",
+                        proto.as_str()
+                    ),
+                    _ => return,
+                };
+                self.state_lost(now, why);
+            }
+            // A server that just came up (or back): no need to wait for
+            // the next try, or for the caller's retry after giving up.
+            (Phase::Asking { proto, .. }, Epoch::First | Epoch::Lost(_)) => self.ask(now, proto),
+            (Phase::Idle, Epoch::First | Epoch::Lost(_)) => self.restart(now),
+            _ => {}
         }
     }
 
@@ -539,6 +672,37 @@ impl PortMapper {
             next: now,
         };
         self.handle_timeout(now);
+    }
+}
+
+/// What an epoch says.
+enum Epoch {
+    /// Nothing to compare it with.
+    First,
+    Consistent,
+    /// The server lost its state, and why we think so.
+    Lost(String),
+}
+
+/// Whether a server whose epoch was `prev` and is `curr`, `elapsed` later
+/// by our clock, lost its state in between. Whole seconds, as the RFCs
+/// count; `elapsed` is capped so that the sums cannot overflow.
+pub fn epoch_lost(proto: Protocol, prev: u32, curr: u32, elapsed: Duration) -> bool {
+    let (prev, curr) = (i64::from(prev), i64::from(curr));
+    let client = elapsed.as_secs().min(u64::from(u32::MAX)) as i64;
+    match proto {
+        // RFC 6887 8.5: back by more than a second (a reordered answer may
+        // be one behind), or the two clocks' advance differs by more than
+        // 2 s plus 1/16 of it, either way.
+        Protocol::Pcp => {
+            let server = curr - prev;
+            curr < prev - 1
+                || client + 2 < server - server / 16
+                || server + 2 < client - client / 16
+        }
+        // RFC 6886 3.6: more than 2 s behind the previous epoch plus 7/8
+        // of the time that passed here.
+        Protocol::NatPmp => curr < prev + client * 7 / 8 - 2,
     }
 }
 

@@ -54,6 +54,9 @@ const TRIES: u32 = 3;
 const DELETE_TRIES: u32 = 2;
 /// Longest pause between renewal retransmissions.
 const RENEW_RTO_MAX: Duration = Duration::from_secs(8);
+/// At most one renewal per this long on announcements that say nothing
+/// new: a sender repeating them costs a datagram per gap, no more.
+const ANNOUNCE_RENEW_GAP: Duration = Duration::from_secs(10);
 /// A granted lifetime below this is renewed as if it were this long:
 /// a gateway answering 0 or 1 s must not make us spin.
 const MIN_LIFETIME: u32 = 4;
@@ -151,6 +154,8 @@ pub struct PortMapper {
     pub junk: u64,
     /// Announcements taken from the gateway.
     pub announcements: u64,
+    /// When an announcement last made us renew at once.
+    announce_renewed: Option<Instant>,
     /// Per protocol: the server epoch last heard from the gateway and when
     /// (its servers may keep apart epochs, so each is checked alone).
     epochs: [Option<(u32, Instant)>; 2],
@@ -190,6 +195,7 @@ impl PortMapper {
             events: VecDeque::new(),
             junk: 0,
             announcements: 0,
+            announce_renewed: None,
             epochs: [None; 2],
             suggest: cfg_port,
             heard: false,
@@ -631,14 +637,42 @@ impl PortMapper {
         self.announcements += 1;
         let checked = self.epoch(now, proto, epoch);
         match (self.phase, checked) {
-            (Phase::Mapped { external, .. }, checked) => {
+            (
+                Phase::Mapped {
+                    proto: held,
+                    external,
+                    expires,
+                    ..
+                },
+                checked,
+            ) => {
                 let why = match (checked, ip) {
                     (Epoch::Lost(why), _) => why,
                     (_, Some(ip)) if ip != *external.ip() => format!(
                         "{}: the gateway's external address is now {ip}",
                         proto.as_str()
                     ),
-                    _ => return,
+                    _ => {
+                        // A server may restart and forget its mappings
+                        // without resetting its epoch (miniupnpd with
+                        // `system_uptime=yes`, its sample config): renew
+                        // now, which puts a forgotten mapping back.
+                        let recent = self
+                            .announce_renewed
+                            .is_some_and(|t| now.saturating_duration_since(t) < ANNOUNCE_RENEW_GAP);
+                        if !recent {
+                            self.announce_renewed = Some(now);
+                            self.phase = Phase::Mapped {
+                                proto: held,
+                                external,
+                                expires,
+                                next: now,
+                                tries: 0,
+                            };
+                            self.handle_timeout(now);
+                        }
+                        return;
+                    }
                 };
                 self.state_lost(now, why);
             }

@@ -520,9 +520,10 @@ fn a_pcp_announce_of_a_restarted_gateway_maps_again_at_once() {
     assert!(
         matches!(&events(&mut m)[..], [MapEvent::Mapped { external, .. }] if *external == MAPPED)
     );
-    // The same announcement again (it is repeated): nothing new.
+    // The same announcement again (it is repeated): a renewal at most.
     m.handle_announcement(t1, gw_announcing(), &announce(2));
-    assert!(events(&mut m).is_empty() && sent(&mut m).is_empty());
+    assert!(events(&mut m).is_empty());
+    assert!(sent(&mut m).len() <= 1);
 }
 
 #[test]
@@ -543,15 +544,26 @@ fn the_port_granted_is_suggested_again_after_a_loss() {
 }
 
 #[test]
-fn announcements_that_say_nothing_new_change_nothing() {
+fn announcements_that_say_nothing_new_renew_at_most_once_per_gap() {
     let t0 = Instant::now();
     let mut m = mapped_pcp(t0);
     let t1 = t0 + Duration::from_secs(600);
-    // A consistent epoch (a server that re-announces, or a second one).
+    // A consistent epoch (a server that restarted without resetting it,
+    // or re-announces): one renewal, the mapping kept meanwhile.
     m.handle_announcement(t1, gw_announcing(), &announce(EPOCH + 600));
-    // Its NAT-PMP side, first heard, at the address we have.
+    let renew = sent(&mut m);
+    assert_eq!(renew.len(), 1);
+    assert_eq!(lifetime_of_pcp(&renew[0]), LIFETIME);
+    assert!(events(&mut m).is_empty());
+    assert_eq!(m.mapped(), Some((Protocol::Pcp, MAPPED)));
+    // Its NAT-PMP side, first heard, at the address we have: within the
+    // gap, nothing more.
     m.handle_announcement(t1, gw_announcing(), &natpmp_address_at(EPOCH + 600, EXT));
     assert_eq!(m.announcements, 2);
+    assert!(sent(&mut m).is_empty());
+    let answer = pcp_answer_at(EPOCH + 600, &renew[0], 0, EXT, PORT, 7200);
+    m.handle_datagram(t1, gw(), &answer);
+    assert_eq!(m.poll_timeout(), Some(t1 + Duration::from_secs(3600)));
     // Strangers, and garbage from the gateway.
     let stranger = SocketAddr::V4(SocketAddrV4::new(ME, SERVER_PORT));
     m.handle_announcement(t1, stranger, &announce(0));
@@ -565,6 +577,10 @@ fn announcements_that_say_nothing_new_change_nothing() {
     assert_eq!(m.announcements, 2);
     assert!(events(&mut m).is_empty() && sent(&mut m).is_empty());
     assert_eq!(m.mapped(), Some((Protocol::Pcp, MAPPED)));
+    // After the gap, the next one renews again.
+    let t2 = t1 + ANNOUNCE_RENEW_GAP;
+    m.handle_announcement(t2, gw_announcing(), &announce(EPOCH + 610));
+    assert_eq!(sent(&mut m).len(), 1);
 }
 
 #[test]

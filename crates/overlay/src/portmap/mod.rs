@@ -54,8 +54,12 @@ const TRIES: u32 = 3;
 const DELETE_TRIES: u32 = 2;
 /// Longest pause between renewal retransmissions.
 const RENEW_RTO_MAX: Duration = Duration::from_secs(8);
-/// At most one renewal per this long on announcements that say nothing
-/// new: a sender repeating them costs a datagram per gap, no more.
+/// Announcements carry no nonce: any host on the LAN can send one from
+/// the gateway's address. So one makes us act (renew, or ask again) at
+/// most once per this long, later ones bringing the next renewal forward
+/// to the gap's end (deferred, not dropped: a real reboot right after a
+/// restart is still seen). Likewise a lost state, whatever told us: a
+/// withdrawn and republished candidate at most once per gap.
 const ANNOUNCE_RENEW_GAP: Duration = Duration::from_secs(10);
 /// A granted lifetime below this is renewed as if it were this long:
 /// a gateway answering 0 or 1 s must not make us spin.
@@ -154,8 +158,10 @@ pub struct PortMapper {
     pub junk: u64,
     /// Announcements taken from the gateway.
     pub announcements: u64,
-    /// When an announcement last made us renew at once.
+    /// When an announcement last made us act (or is due to).
     announce_renewed: Option<Instant>,
+    /// When the gateway was last found to have lost its state.
+    lost_at: Option<Instant>,
     /// Per protocol: the server epoch last heard from the gateway and when
     /// (its servers may keep apart epochs, so each is checked alone).
     epochs: [Option<(u32, Instant)>; 2],
@@ -196,6 +202,7 @@ impl PortMapper {
             junk: 0,
             announcements: 0,
             announce_renewed: None,
+            lost_at: None,
             epochs: [None; 2],
             suggest: cfg_port,
             heard: false,
@@ -497,6 +504,17 @@ impl PortMapper {
             if let Some((port, lifetime)) = mapped {
                 self.on_mapping(now, port, lifetime, Some(addr));
             }
+        } else if let Phase::Mapped {
+            proto: Protocol::NatPmp,
+            external,
+            ..
+        } = self.phase
+        {
+            // Asked after an announcement: the mapping's address moved.
+            if addr != *external.ip() {
+                let why = format!("nat-pmp: the gateway's external address is now {addr}");
+                self.state_lost(now, why);
+            }
         }
     }
 
@@ -596,8 +614,17 @@ impl PortMapper {
     /// told is void, so ask again at once, same protocol (the answer in
     /// hand, parsed as one of its, may still complete the new request).
     fn state_lost(&mut self, now: Instant, why: String) {
+        if let Some(t) = self
+            .lost_at
+            .filter(|t| now.saturating_duration_since(*t) < ANNOUNCE_RENEW_GAP)
+        {
+            // Again so soon: a renewal at the gap's end checks once more.
+            self.renew_by(t + ANNOUNCE_RENEW_GAP);
+            return;
+        }
         match self.phase {
             Phase::Mapped { proto, .. } => {
+                self.lost_at = Some(now);
                 self.events.push_back(MapEvent::Lost { why });
                 self.pcp_why = None;
                 self.ask(now, proto);
@@ -609,78 +636,69 @@ impl PortMapper {
 
     /// A datagram from `from` on the caller's announcement socket
     /// ([`ANNOUNCE_GROUP`]:[`ANNOUNCE_PORT`]): a PCP ANNOUNCE or a NAT-PMP
-    /// external address, unsolicited. Taken from the gateway only, and
-    /// acted on only when it says something new (a server that lost its
-    /// state, one heard for the first time, a new external address), so
-    /// that repeated ones cost nothing.
+    /// external address, unsolicited. Taken from the gateway's address
+    /// only; as it carries no nonce it is a hint, never a fact: it brings
+    /// our next request forward at most once per [`ANNOUNCE_RENEW_GAP`]
+    /// (a renewal, plus NAT-PMP's address request; a new try when asking
+    /// or idle), and what the *answers* say (their epoch, the address)
+    /// decides whether the mapping was lost. Neither its epoch nor its
+    /// address is believed or kept.
     pub fn handle_announcement(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         // Any source port: servers differ in which socket they send from.
         if from.ip() != IpAddr::V4(self.cfg.gateway) {
             self.junk += 1;
             return;
         }
-        let (proto, epoch, ip) = match (pcp::parse_announce(data), natpmp::parse_response(data)) {
-            (Some(epoch), _) => (Protocol::Pcp, epoch, None),
-            (
-                None,
+        let announced = pcp::parse_announce(data).is_some()
+            || matches!(
+                natpmp::parse_response(data),
                 Some(natpmp::Response::Address {
                     result: natpmp::SUCCESS,
-                    epoch,
-                    ip,
-                }),
-            ) => (Protocol::NatPmp, epoch, Some(ip)),
-            _ => {
-                self.junk += 1;
-                return;
-            }
-        };
-        self.announcements += 1;
-        let checked = self.epoch(now, proto, epoch);
-        match (self.phase, checked) {
-            (
-                Phase::Mapped {
-                    proto: held,
-                    external,
-                    expires,
                     ..
-                },
-                checked,
-            ) => {
-                let why = match (checked, ip) {
-                    (Epoch::Lost(why), _) => why,
-                    (_, Some(ip)) if ip != *external.ip() => format!(
-                        "{}: the gateway's external address is now {ip}",
-                        proto.as_str()
-                    ),
-                    _ => {
-                        // A server may restart and forget its mappings
-                        // without resetting its epoch (miniupnpd with
-                        // `system_uptime=yes`, its sample config): renew
-                        // now, which puts a forgotten mapping back.
-                        let recent = self
-                            .announce_renewed
-                            .is_some_and(|t| now.saturating_duration_since(t) < ANNOUNCE_RENEW_GAP);
-                        if !recent {
-                            self.announce_renewed = Some(now);
-                            self.phase = Phase::Mapped {
-                                proto: held,
-                                external,
-                                expires,
-                                next: now,
-                                tries: 0,
-                            };
-                            self.handle_timeout(now);
-                        }
-                        return;
-                    }
-                };
-                self.state_lost(now, why);
+                })
+            );
+        if !announced {
+            self.junk += 1;
+            return;
+        }
+        self.announcements += 1;
+        if let Some(last) = self
+            .announce_renewed
+            .filter(|t| now.saturating_duration_since(*t) < ANNOUNCE_RENEW_GAP)
+        {
+            self.renew_by(last + ANNOUNCE_RENEW_GAP);
+            return;
+        }
+        self.announce_renewed = Some(now);
+        match self.phase {
+            // Whatever it says: a server may also restart and forget its
+            // mappings without resetting its epoch (miniupnpd with
+            // `system_uptime=yes`, its sample config). The renewal puts a
+            // forgotten mapping back, its answer's epoch tells a reboot,
+            // and NAT-PMP's address answer a new external address.
+            Phase::Mapped { proto: held, .. } => {
+                if held == Protocol::NatPmp {
+                    self.out.push_back(natpmp::address_request().to_vec());
+                }
+                self.renew_by(now);
+                self.handle_timeout(now);
             }
             // A server that just came up (or back): no need to wait for
             // the next try, or for the caller's retry after giving up.
-            (Phase::Asking { proto, .. }, Epoch::First | Epoch::Lost(_)) => self.ask(now, proto),
-            (Phase::Idle, Epoch::First | Epoch::Lost(_)) => self.restart(now),
-            _ => {}
+            Phase::Asking { proto, .. } => self.ask(now, proto),
+            Phase::Idle => self.restart(now),
+            Phase::Deleting { .. } | Phase::Done => {}
+        }
+    }
+
+    /// Brings a held mapping's next renewal forward to `when` at the
+    /// latest.
+    fn renew_by(&mut self, when: Instant) {
+        if let Phase::Mapped { next, tries, .. } = &mut self.phase {
+            if when < *next {
+                *next = when;
+                *tries = 0;
+            }
         }
     }
 

@@ -509,17 +509,22 @@ fn a_pcp_announce_of_a_restarted_gateway_maps_again_at_once() {
     let t1 = t0 + Duration::from_secs(600);
     m.handle_announcement(t1, gw_announcing(), &announce(2));
     assert_eq!(m.announcements, 1);
-    let ev = events(&mut m);
-    assert!(matches!(&ev[..], [MapEvent::Lost { .. }]), "{ev:?}");
-    assert!(m.mapped().is_none());
+    // A hint: renewed at once, the mapping kept until the answer says.
+    assert!(events(&mut m).is_empty());
     let req = sent(&mut m);
-    assert_eq!(req.len(), 1, "asked again at once");
+    assert_eq!(req.len(), 1, "renewed at once");
     assert_eq!(&req[0][24..36], &NONCE);
     assert_eq!(&req[0][42..44], &PORT.to_be_bytes(), "the same port asked");
+    // Its epoch says the gateway lost its state: withdrawn, asked again
+    // (the answer in hand completes that), published again.
     m.handle_datagram(t1, gw(), &pcp_answer_at(2, &req[0], 0, EXT, PORT, 7200));
+    let ev = events(&mut m);
     assert!(
-        matches!(&events(&mut m)[..], [MapEvent::Mapped { external, .. }] if *external == MAPPED)
+        matches!(&ev[..], [MapEvent::Lost { .. }, MapEvent::Mapped { external, .. }]
+            if *external == MAPPED),
+        "{ev:?}"
     );
+    sent(&mut m);
     // The same announcement again (it is repeated): a renewal at most.
     m.handle_announcement(t1, gw_announcing(), &announce(2));
     assert!(events(&mut m).is_empty());
@@ -583,6 +588,118 @@ fn announcements_that_say_nothing_new_renew_at_most_once_per_gap() {
     assert_eq!(sent(&mut m).len(), 1);
 }
 
+/// Announcements carry no nonce: a host on the LAN sending them from the
+/// gateway's address, with epochs that say "rebooted" and addresses that
+/// say "moved", withdraws nothing (the real gateway's answers to what they
+/// bring forward say otherwise) and brings at most two requests per gap.
+#[test]
+fn forged_announcements_withdraw_nothing_and_bring_few_requests() {
+    for natpmp in [false, true] {
+        let t0 = Instant::now();
+        let mut m = if natpmp {
+            mapped_natpmp(t0)
+        } else {
+            mapped_pcp(t0)
+        };
+        let t1 = t0 + Duration::from_secs(600);
+        let (mut lost, mut asked) = (0, 0);
+        // 100 a second for 30 s.
+        for i in 0..3000u32 {
+            let now = t1 + Duration::from_millis(10 * u64::from(i));
+            let forged = match natpmp {
+                false => announce(i % 3),
+                true => natpmp_address_at(i % 3, Ipv4Addr::new(203, 0, 113, 66)),
+            };
+            m.handle_announcement(now, gw_announcing(), &forged);
+            while m.poll_timeout().is_some_and(|t| t <= now) {
+                m.handle_timeout(now);
+            }
+            // The real gateway answers each request, its epoch going on.
+            let epoch = EPOCH + (now - t0).as_secs() as u32;
+            for req in sent(&mut m) {
+                asked += 1;
+                let answer = match (natpmp, req.len()) {
+                    (false, _) => pcp_answer_at(epoch, &req, 0, EXT, PORT, 7200),
+                    (true, 2) => natpmp_address_at(epoch, EXT),
+                    (true, _) => natpmp_map_at(epoch, 0, PORT, 7200),
+                };
+                m.handle_datagram(now, gw(), &answer);
+            }
+            for ev in events(&mut m) {
+                lost += usize::from(matches!(ev, MapEvent::Lost { .. }));
+            }
+        }
+        assert_eq!(m.announcements, 3000);
+        assert_eq!(lost, 0, "natpmp {natpmp}");
+        // A renewal (and NAT-PMP's address request) at once, and one
+        // deferred to the gap's end, per gap of 10 s.
+        let per = if natpmp { 2 } else { 1 };
+        assert!(
+            asked <= 2 * 3 * per + per,
+            "natpmp {natpmp}: {asked} requests in 30 s"
+        );
+        let ext = if natpmp { EXT } else { *MAPPED.ip() };
+        assert_eq!(m.mapped().map(|(_, e)| *e.ip()), Some(ext));
+    }
+}
+
+/// NAT-PMP answers carry no nonce either: forged ones from the gateway's
+/// address with epochs that say "rebooted" make the candidate flap at
+/// most once per gap.
+#[test]
+fn forged_natpmp_answers_lose_the_mapping_once_per_gap_at_most() {
+    let t0 = Instant::now();
+    let mut m = mapped_natpmp(t0);
+    let t1 = t0 + Duration::from_secs(600);
+    let mut lost = 0;
+    for i in 0..3000u32 {
+        let now = t1 + Duration::from_millis(10 * u64::from(i));
+        // Far ahead, then back to near 0: "rebooted" every other time.
+        let epoch = if i % 2 == 0 { 1_000_000 } else { 5 };
+        m.handle_datagram(now, gw(), &natpmp_map_at(epoch, 0, PORT, 7200));
+        m.handle_datagram(now, gw(), &natpmp_address_at(epoch, EXT));
+        sent(&mut m);
+        for ev in events(&mut m) {
+            lost += usize::from(matches!(ev, MapEvent::Lost { .. }));
+        }
+    }
+    assert!((1..=3).contains(&lost), "{lost} losses in 30 s");
+}
+
+/// A restart that keeps the epoch (a renewal), then a real reboot a
+/// second later: that announcement waits for the gap, but is not lost:
+/// the renewal at the gap's end gets an answer whose epoch says the
+/// gateway lost its state, and the mapping is asked again.
+#[test]
+fn a_reboot_right_after_a_restart_is_seen_at_the_gaps_end() {
+    let t0 = Instant::now();
+    let mut m = mapped_pcp(t0);
+    let t1 = t0 + Duration::from_secs(600);
+    m.handle_announcement(t1, gw_announcing(), &announce(EPOCH + 600));
+    let renew = sent(&mut m);
+    assert_eq!(renew.len(), 1);
+    m.handle_datagram(
+        t1,
+        gw(),
+        &pcp_answer_at(EPOCH + 600, &renew[0], 0, EXT, PORT, 7200),
+    );
+    let t2 = t1 + Duration::from_secs(1);
+    m.handle_announcement(t2, gw_announcing(), &announce(0));
+    assert!(sent(&mut m).is_empty() && events(&mut m).is_empty());
+    assert_eq!(m.poll_timeout(), Some(t1 + ANNOUNCE_RENEW_GAP));
+    let renew = run_until(&mut m, t1 + ANNOUNCE_RENEW_GAP);
+    assert_eq!(renew.len(), 1);
+    let t3 = t1 + ANNOUNCE_RENEW_GAP;
+    // The answer in hand completes the new request at once.
+    m.handle_datagram(t3, gw(), &pcp_answer_at(9, &renew[0], 0, EXT, PORT, 7200));
+    let ev = events(&mut m);
+    assert!(
+        matches!(&ev[..], [MapEvent::Lost { .. }, MapEvent::Mapped { .. }]),
+        "{ev:?}"
+    );
+    assert_eq!(m.mapped(), Some((Protocol::Pcp, MAPPED)));
+}
+
 #[test]
 fn a_natpmp_announcement_of_a_new_external_address_maps_again() {
     let t0 = Instant::now();
@@ -591,13 +708,18 @@ fn a_natpmp_announcement_of_a_new_external_address_maps_again() {
     // The epoch is consistent, the address is not ours any more.
     let moved = Ipv4Addr::new(203, 0, 113, 99);
     m.handle_announcement(t1, gw_announcing(), &natpmp_address_at(EPOCH + 600, moved));
+    assert!(events(&mut m).is_empty(), "a hint, not believed");
+    let req = sent(&mut m);
+    assert_eq!(req.len(), 2, "address asked, mapping renewed: {req:?}");
+    // The gateway's own answer says so.
+    m.handle_datagram(t1, gw(), &natpmp_address_at(EPOCH + 600, moved));
     let ev = events(&mut m);
     assert!(
         matches!(&ev[..], [MapEvent::Lost { why }] if why.contains("203.0.113.99")),
         "{ev:?}"
     );
     let req = sent(&mut m);
-    assert_eq!(req.len(), 2, "address and mapping asked: {req:?}");
+    assert_eq!(req.len(), 2, "address and mapping asked again: {req:?}");
     m.handle_datagram(t1, gw(), &natpmp_address_at(EPOCH + 600, moved));
     m.handle_datagram(t1, gw(), &natpmp_map_at(EPOCH + 600, 0, PORT, 7200));
     assert!(

@@ -8,18 +8,29 @@
 //!
 //! Logged once: a network without any port mapping is the common case, so
 //! "unavailable" is said once per distinct reason, at info level.
+//!
+//! A second socket, best effort, hears what PCP and NAT-PMP servers
+//! multicast to 224.0.0.1:5350 when they start (miniupnpd sends a PCP
+//! ANNOUNCE) or their external address changes: a rebooted gateway has
+//! forgotten the mapping, and this gets it back at once instead of at the
+//! next renewal, up to an hour later. Without that socket (the port is
+//! taken without SO_REUSEADDR, no multicast) the renewals' epoch check is
+//! all there is.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use evio_overlay::portmap::{MapEvent, PortMapConfig, PortMapper, LIFETIME};
+use evio_overlay::portmap::{
+    MapEvent, PortMapConfig, PortMapper, ANNOUNCE_GROUP, ANNOUNCE_PORT, LIFETIME,
+};
 
 use crate::dataplane::Command;
 use crate::upnp::Upnp;
 use crate::{wait_readable, AgentError, EngineHandle, Stop};
+use socket2::{Domain, Socket, Type};
 
 /// How often the default gateway is looked up again.
 const RECHECK: Duration = Duration::from_secs(30);
@@ -70,6 +81,7 @@ pub fn spawn(
                 port,
                 told: None,
                 published: false,
+                announce_failed: false,
             };
             t.run();
         })
@@ -84,6 +96,8 @@ struct Thread {
     told: Option<String>,
     /// A mapped candidate is out: only then is there one to take back.
     published: bool,
+    /// The announcement socket could not be had (said once).
+    announce_failed: bool,
 }
 
 impl Thread {
@@ -139,6 +153,16 @@ impl Thread {
         let mut nonce = [0u8; 12];
         nonce.copy_from_slice(&evio_overlay::crypto::os_seed()[..12]);
         let mut pm = PortMapper::new(Instant::now(), cfg, nonce);
+        let announce = match announce_socket(me) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                if !self.announce_failed {
+                    tracing::info!(error = %e, "no socket for the gateway's restart announcements (224.0.0.1:{ANNOUNCE_PORT}): a rebooted gateway is noticed at the next renewal");
+                    self.announce_failed = true;
+                }
+                None
+            }
+        };
         let mut upnp: Option<Upnp> = None;
         let mut retry: Option<Instant> = None;
         let mut recheck = Instant::now() + RECHECK;
@@ -175,8 +199,14 @@ impl Thread {
                 .flatten()
                 .fold(recheck, Instant::min);
             let left = wake.saturating_duration_since(Instant::now());
-            if wait_readable(sock.as_raw_fd(), &self.stop, Some(left)) {
+            let ann_fd = announce.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+            if wait_either(sock.as_raw_fd(), ann_fd, &self.stop, left) {
                 receive(&sock, &mut pm);
+                if let Some(a) = &announce {
+                    // Not while UPnP holds the mapping: the mapper is idle
+                    // then, and would ask for a second one.
+                    receive_announcements(a, &mut pm, upnp.is_none());
+                }
             }
             let now = Instant::now();
             if pm.poll_timeout().is_some_and(|t| now >= t) {
@@ -241,6 +271,53 @@ fn receive(sock: &UdpSocket, pm: &mut PortMapper) {
     for _ in 0..64 {
         match sock.recv_from(&mut buf) {
             Ok((n, from)) => pm.handle_datagram(Instant::now(), from, &buf[..n]),
+            Err(_) => break,
+        }
+    }
+}
+
+/// A socket on 0.0.0.0:[`ANNOUNCE_PORT`] in [`ANNOUNCE_GROUP`] on the
+/// link toward the gateway (where `me` is), nonblocking, close-on-exec
+/// (socket2). Shared (SO_REUSEADDR, SO_REUSEPORT): other port-mapping
+/// clients on the host listen there too, and each gets every multicast.
+fn announce_socket(me: Ipv4Addr) -> std::io::Result<UdpSocket> {
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+    sock.set_reuse_address(true)?;
+    crate::udp::setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    sock.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, ANNOUNCE_PORT)).into())?;
+    sock.join_multicast_v4(&ANNOUNCE_GROUP, &me)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+/// Waits until `a` or `b` (negative: none) is readable, `stop` is set or
+/// `timeout` passed; whether there may be something to read.
+fn wait_either(a: RawFd, b: RawFd, stop: &Stop, timeout: Duration) -> bool {
+    let fd = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut fds = [fd(a), fd(b), fd(stop.fd())];
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: fds is a live array of three pollfd; poll skips negative fds.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
+    n > 0 && (fds[0].revents | fds[1].revents) & libc::POLLIN != 0 && !stop.is_set()
+}
+
+/// Drains the announcement socket; `feed`: into the mapper, else dropped.
+fn receive_announcements(sock: &UdpSocket, pm: &mut PortMapper, feed: bool) {
+    let mut buf = [0u8; 1100];
+    for _ in 0..64 {
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) if feed => {
+                let before = pm.announcements;
+                pm.handle_announcement(Instant::now(), from, &buf[..n]);
+                if pm.announcements != before {
+                    tracing::debug!(%from, len = n, "port-mapping announcement from the gateway");
+                }
+            }
+            Ok(_) => {}
             Err(_) => break,
         }
     }

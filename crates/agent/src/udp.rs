@@ -51,7 +51,7 @@ pub struct Udp {
     port: u16,
 }
 
-fn setsockopt_int(
+pub(crate) fn setsockopt_int(
     fd: RawFd,
     level: libc::c_int,
     opt: libc::c_int,

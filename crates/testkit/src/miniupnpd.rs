@@ -145,14 +145,16 @@ impl MiniUpnpd {
         }
     }
 
-    fn config(&self, opts: UpnpOpts) -> String {
+    /// `uptime`: its epoch counts from the host's boot (miniupnpd's
+    /// `system_uptime`), else from its own start.
+    fn config(&self, opts: UpnpOpts, uptime: bool) -> String {
         let yes = |b: bool| if b { "yes" } else { "no" };
         let d = self.dir.path();
         format!(
             "ext_ifname={WAN_IF}\nlistening_ip={LAN_BRIDGE}\nhttp_port=0\n\
              enable_natpmp={}\nenable_upnp={}\n\
              ext_perform_stun=yes\next_stun_host={}\next_stun_port={TURN_PORT}\n\
-             secure_mode=yes\nsystem_uptime=yes\nmin_lifetime=10\nmax_lifetime={}\n\
+             secure_mode=yes\nsystem_uptime={}\nmin_lifetime=10\nmax_lifetime={}\n\
              lease_file={}\nuuid=6c2a0f2e-5a1b-4e36-9d1e-0e7e10c0ffee\n\
              upnp_table_name=miniupnpd\nupnp_nat_table_name=miniupnpd\n\
              allow 1024-65535 192.168.0.0/16 1024-65535\n\
@@ -160,6 +162,7 @@ impl MiniUpnpd {
             yes(opts.pcp_natpmp),
             yes(opts.upnp),
             self.stun[0],
+            yes(uptime),
             opts.max_lifetime,
             d.join("leases").display(),
         )
@@ -168,6 +171,19 @@ impl MiniUpnpd {
     /// (Re)starts miniupnpd with `opts` (the mappings of a previous run
     /// are dropped) and waits until it forwards.
     pub fn restart(&self, opts: UpnpOpts) {
+        self.run(opts, true);
+    }
+
+    /// Restarts it as a rebooted router comes back: the same options, its
+    /// mappings gone, and its PCP/NAT-PMP epoch counting from 0 (its own
+    /// start instead of the host's boot), which it multicasts to the LAN
+    /// in a PCP ANNOUNCE.
+    pub fn reboot(&self) {
+        let opts = self.daemon.lock().unwrap_or_else(|p| p.into_inner()).1;
+        self.run(opts, false);
+    }
+
+    fn run(&self, opts: UpnpOpts, uptime: bool) {
         let mut daemon = self.daemon.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = daemon.0.take() {
             k.stop();
@@ -176,7 +192,8 @@ impl MiniUpnpd {
         let d = self.dir.path();
         let _ = std::fs::remove_file(d.join("leases"));
         let conf = d.join("miniupnpd.conf");
-        std::fs::write(&conf, self.config(opts)).unwrap_or_else(|e| panic!("write {conf:?}: {e}"));
+        std::fs::write(&conf, self.config(opts, uptime))
+            .unwrap_or_else(|e| panic!("write {conf:?}: {e}"));
         let _ = std::fs::remove_file(d.join("miniupnpd.log"));
         let args = vec![
             "nsenter".to_string(),

@@ -16,6 +16,14 @@
 //! garbage is counted and ignored, a refusal moves on to the next protocol,
 //! and an answer whose external address cannot be anyone's is deleted at
 //! once (a mapping we will not use must not stay on the gateway).
+//!
+//! A gateway that reboots forgets the mapping while peers still aim at it.
+//! Every answer carries the server's epoch (seconds since it started or
+//! lost its state): one that does not advance with our own clock (RFC 6887
+//! 8.5, RFC 6886 3.6) means the mapping is gone, and it is asked for again
+//! at once. The caller also feeds the servers' multicast restart
+//! announcements into [`PortMapper::handle_announcement`], so a reboot is
+//! noticed when the gateway is back, not at the next renewal.
 
 pub mod natpmp;
 pub mod pcp;
@@ -23,11 +31,16 @@ pub mod pcp;
 mod tests;
 
 use std::collections::VecDeque;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 /// Where PCP and NAT-PMP servers listen.
 pub const SERVER_PORT: u16 = 5351;
+/// Where their unsolicited announcements go (RFC 6887 14.1.3, RFC 6886
+/// 3.2.1), to [`ANNOUNCE_GROUP`].
+pub const ANNOUNCE_PORT: u16 = 5350;
+/// All hosts on the link.
+pub const ANNOUNCE_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 1);
 /// The lifetime asked for (RFC 6886's recommendation); gateways grant what
 /// they like, often less.
 pub const LIFETIME: u32 = 7200;
@@ -41,6 +54,13 @@ const TRIES: u32 = 3;
 const DELETE_TRIES: u32 = 2;
 /// Longest pause between renewal retransmissions.
 const RENEW_RTO_MAX: Duration = Duration::from_secs(8);
+/// Announcements carry no nonce: any host on the LAN can send one from
+/// the gateway's address. So one makes us act (renew, or ask again) at
+/// most once per this long, later ones bringing the next renewal forward
+/// to the gap's end (deferred, not dropped: a real reboot right after a
+/// restart is still seen). Likewise a lost state, whatever told us: a
+/// withdrawn and republished candidate at most once per gap.
+const ANNOUNCE_RENEW_GAP: Duration = Duration::from_secs(10);
 /// A granted lifetime below this is renewed as if it were this long:
 /// a gateway answering 0 or 1 s must not make us spin.
 const MIN_LIFETIME: u32 = 4;
@@ -52,6 +72,13 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    fn index(self) -> usize {
+        match self {
+            Protocol::Pcp => 0,
+            Protocol::NatPmp => 1,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Pcp => "pcp",
@@ -81,8 +108,9 @@ pub enum MapEvent {
         external: SocketAddrV4,
         lifetime: u32,
     },
-    /// The mapping is gone (a renewal was refused or never answered):
-    /// withdraw the candidate. A new attempt follows at once.
+    /// The mapping is gone (a renewal was refused or never answered, or
+    /// the gateway lost its state): withdraw the candidate. A new attempt
+    /// follows at once.
     Lost { why: String },
     /// Neither protocol gave a mapping, and why; nothing more happens until
     /// [`PortMapper::restart`].
@@ -128,6 +156,19 @@ pub struct PortMapper {
     events: VecDeque<MapEvent>,
     /// Datagrams that were no answer to us (counted, ignored).
     pub junk: u64,
+    /// Announcements taken from the gateway.
+    pub announcements: u64,
+    /// When an announcement last made us act (or is due to).
+    announce_renewed: Option<Instant>,
+    /// When the gateway was last found to have lost its state.
+    lost_at: Option<Instant>,
+    /// Per protocol: the server epoch last heard from the gateway and when
+    /// (its servers may keep apart epochs, so each is checked alone).
+    epochs: [Option<(u32, Instant)>; 2],
+    /// The external port to suggest when asking: the last one granted, so
+    /// a gateway that lost its state gives the same back if it can, and
+    /// the address peers know is valid again.
+    suggest: u16,
     /// The gateway has answered us at all (a mapping, an address or a
     /// refusal). One that never did runs no PCP/NAT-PMP server: on exit
     /// there is nothing to delete, and waiting for its answer would hold
@@ -150,6 +191,7 @@ impl PortMapper {
     /// Starts asking at once with PCP. `nonce` identifies our PCP mapping
     /// (random per agent start: RFC 6887 11.1).
     pub fn new(now: Instant, cfg: PortMapConfig, nonce: [u8; 12]) -> PortMapper {
+        let cfg_port = cfg.internal_port;
         let mut m = PortMapper {
             cfg,
             nonce,
@@ -158,6 +200,11 @@ impl PortMapper {
             out: VecDeque::new(),
             events: VecDeque::new(),
             junk: 0,
+            announcements: 0,
+            announce_renewed: None,
+            lost_at: None,
+            epochs: [None; 2],
+            suggest: cfg_port,
             heard: false,
         };
         m.ask(now, Protocol::Pcp);
@@ -231,7 +278,7 @@ impl PortMapper {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let port = self.cfg.internal_port;
+        let port = self.suggest;
         match self.phase {
             Phase::Asking {
                 proto,
@@ -335,11 +382,20 @@ impl PortMapper {
                 return;
             }
         };
-        let answer = match proto {
+        let (answer, epoch) = match proto {
             Protocol::Pcp => self.pcp_answer(data),
             Protocol::NatPmp => self.natpmp_answer(data),
         };
         self.heard |= !matches!(answer, Answer::Junk);
+        if let (Some(e), false) = (epoch, matches!(answer, Answer::Junk)) {
+            // A refusal ends the mapping anyway (below).
+            if let (Epoch::Lost(why), false) = (
+                self.epoch(now, proto, e),
+                matches!(answer, Answer::Refused(_)),
+            ) {
+                self.state_lost(now, why);
+            }
+        }
         match answer {
             Answer::Junk => self.junk += 1,
             Answer::Refused(why) => self.refused(now, proto, why),
@@ -348,13 +404,19 @@ impl PortMapper {
         }
     }
 
-    fn pcp_answer(&self, data: &[u8]) -> Answer {
+    /// The answer, and the server epoch it carries.
+    fn pcp_answer(&self, data: &[u8]) -> (Answer, Option<u32>) {
         if pcp::is_natpmp_version_error(data) {
-            return Answer::Refused("the gateway speaks NAT-PMP only".into());
+            let refused = Answer::Refused("the gateway speaks NAT-PMP only".into());
+            return (refused, None);
         }
         let Some(r) = pcp::parse_map_response(data) else {
-            return Answer::Junk;
+            return (Answer::Junk, None);
         };
+        (self.pcp_map_answer(&r), Some(r.epoch))
+    }
+
+    fn pcp_map_answer(&self, r: &pcp::MapResponse) -> Answer {
         // An error answer may come without the payload (no nonce).
         if r.result != pcp::SUCCESS {
             let ours = r.nonce == self.nonce || r.nonce == [0; 12];
@@ -376,10 +438,14 @@ impl PortMapper {
         }
     }
 
-    fn natpmp_answer(&self, data: &[u8]) -> Answer {
-        let Some(r) = natpmp::parse_response(data) else {
-            return Answer::Junk;
-        };
+    fn natpmp_answer(&self, data: &[u8]) -> (Answer, Option<u32>) {
+        match natpmp::parse_response(data) {
+            Some(r) => (self.natpmp_response(r), Some(r.epoch())),
+            None => (Answer::Junk, None),
+        }
+    }
+
+    fn natpmp_response(&self, r: natpmp::Response) -> Answer {
         if r.result() != natpmp::SUCCESS {
             return Answer::Refused(format!(
                 "{} ({})",
@@ -437,6 +503,17 @@ impl PortMapper {
             };
             if let Some((port, lifetime)) = mapped {
                 self.on_mapping(now, port, lifetime, Some(addr));
+            }
+        } else if let Phase::Mapped {
+            proto: Protocol::NatPmp,
+            external,
+            ..
+        } = self.phase
+        {
+            // Asked after an announcement: the mapping's address moved.
+            if addr != *external.ip() {
+                let why = format!("nat-pmp: the gateway's external address is now {addr}");
+                self.state_lost(now, why);
             }
         }
     }
@@ -500,6 +577,7 @@ impl PortMapper {
             return self.give_up(now, proto, why);
         }
         let known = self.mapped().map(|(_, e)| e);
+        self.suggest = external.port();
         let life = Duration::from_secs(u64::from(lifetime.max(MIN_LIFETIME)));
         self.phase = Phase::Mapped {
             proto,
@@ -514,6 +592,113 @@ impl PortMapper {
                 external,
                 lifetime,
             });
+        }
+    }
+
+    /// Checks `epoch`, heard from the gateway's `proto` server at `now`,
+    /// against the one heard before, and keeps it for the next check.
+    fn epoch(&mut self, now: Instant, proto: Protocol, epoch: u32) -> Epoch {
+        let Some((prev, at)) = self.epochs[proto.index()].replace((epoch, now)) else {
+            return Epoch::First;
+        };
+        match epoch_lost(proto, prev, epoch, now.saturating_duration_since(at)) {
+            true => Epoch::Lost(format!(
+                "{}: the gateway lost its mappings (epoch {epoch} s, {prev} s before)",
+                proto.as_str()
+            )),
+            false => Epoch::Consistent,
+        }
+    }
+
+    /// The gateway forgot what it held for us: whatever we have or were
+    /// told is void, so ask again at once, same protocol (the answer in
+    /// hand, parsed as one of its, may still complete the new request).
+    fn state_lost(&mut self, now: Instant, why: String) {
+        if let Some(t) = self
+            .lost_at
+            .filter(|t| now.saturating_duration_since(*t) < ANNOUNCE_RENEW_GAP)
+        {
+            // Again so soon: a renewal at the gap's end checks once more.
+            self.renew_by(t + ANNOUNCE_RENEW_GAP);
+            return;
+        }
+        match self.phase {
+            Phase::Mapped { proto, .. } => {
+                self.lost_at = Some(now);
+                self.events.push_back(MapEvent::Lost { why });
+                self.pcp_why = None;
+                self.ask(now, proto);
+            }
+            Phase::Asking { proto, .. } => self.ask(now, proto),
+            Phase::Idle | Phase::Deleting { .. } | Phase::Done => {}
+        }
+    }
+
+    /// A datagram from `from` on the caller's announcement socket
+    /// ([`ANNOUNCE_GROUP`]:[`ANNOUNCE_PORT`]): a PCP ANNOUNCE or a NAT-PMP
+    /// external address, unsolicited. Taken from the gateway's address
+    /// only; as it carries no nonce it is a hint, never a fact: it brings
+    /// our next request forward at most once per [`ANNOUNCE_RENEW_GAP`]
+    /// (a renewal, plus NAT-PMP's address request; a new try when asking
+    /// or idle), and what the *answers* say (their epoch, the address)
+    /// decides whether the mapping was lost. Neither its epoch nor its
+    /// address is believed or kept.
+    pub fn handle_announcement(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        // Any source port: servers differ in which socket they send from.
+        if from.ip() != IpAddr::V4(self.cfg.gateway) {
+            self.junk += 1;
+            return;
+        }
+        let announced = pcp::parse_announce(data).is_some()
+            || matches!(
+                natpmp::parse_response(data),
+                Some(natpmp::Response::Address {
+                    result: natpmp::SUCCESS,
+                    ..
+                })
+            );
+        if !announced {
+            self.junk += 1;
+            return;
+        }
+        self.announcements += 1;
+        if let Some(last) = self
+            .announce_renewed
+            .filter(|t| now.saturating_duration_since(*t) < ANNOUNCE_RENEW_GAP)
+        {
+            self.renew_by(last + ANNOUNCE_RENEW_GAP);
+            return;
+        }
+        self.announce_renewed = Some(now);
+        match self.phase {
+            // Whatever it says: a server may also restart and forget its
+            // mappings without resetting its epoch (miniupnpd with
+            // `system_uptime=yes`, its sample config). The renewal puts a
+            // forgotten mapping back, its answer's epoch tells a reboot,
+            // and NAT-PMP's address answer a new external address.
+            Phase::Mapped { proto: held, .. } => {
+                if held == Protocol::NatPmp {
+                    self.out.push_back(natpmp::address_request().to_vec());
+                }
+                self.renew_by(now);
+                self.handle_timeout(now);
+            }
+            // A server that just came up (or back): no need to wait for
+            // the next try, or for the caller's retry after giving up.
+            Phase::Asking { proto, .. } => self.ask(now, proto),
+            Phase::Idle => self.restart(now),
+            Phase::Deleting { .. } | Phase::Done => {}
+        }
+    }
+
+    /// Brings a held mapping's next renewal forward to `when` at the
+    /// latest.
+    fn renew_by(&mut self, when: Instant) {
+        if let Phase::Mapped { next, tries, .. } = &mut self.phase {
+            if when < *next {
+                *next = when;
+                *tries = 0;
+            }
         }
     }
 
@@ -539,6 +724,37 @@ impl PortMapper {
             next: now,
         };
         self.handle_timeout(now);
+    }
+}
+
+/// What an epoch says.
+enum Epoch {
+    /// Nothing to compare it with.
+    First,
+    Consistent,
+    /// The server lost its state, and why we think so.
+    Lost(String),
+}
+
+/// Whether a server whose epoch was `prev` and is `curr`, `elapsed` later
+/// by our clock, lost its state in between. Whole seconds, as the RFCs
+/// count; `elapsed` is capped so that the sums cannot overflow.
+pub fn epoch_lost(proto: Protocol, prev: u32, curr: u32, elapsed: Duration) -> bool {
+    let (prev, curr) = (i64::from(prev), i64::from(curr));
+    let client = elapsed.as_secs().min(u64::from(u32::MAX)) as i64;
+    match proto {
+        // RFC 6887 8.5: back by more than a second (a reordered answer may
+        // be one behind), or the two clocks' advance differs by more than
+        // 2 s plus 1/16 of it, either way.
+        Protocol::Pcp => {
+            let server = curr - prev;
+            curr < prev - 1
+                || client + 2 < server - server / 16
+                || server + 2 < client - client / 16
+        }
+        // RFC 6886 3.6: more than 2 s behind the previous epoch plus 7/8
+        // of the time that passed here.
+        Protocol::NatPmp => curr < prev + client * 7 / 8 - 2,
     }
 }
 

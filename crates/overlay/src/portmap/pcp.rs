@@ -5,6 +5,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const VERSION: u8 = 2;
 const OP_MAP: u8 = 1;
+const OP_ANNOUNCE: u8 = 0;
 /// The R bit: set in responses.
 const RESPONSE: u8 = 0x80;
 pub const REQUEST_LEN: usize = 60;
@@ -86,6 +87,18 @@ pub fn parse_map_response(b: &[u8]) -> Option<MapResponse> {
         external_port: u16_at(42),
         external_ip: Ipv6Addr::from(ip).to_ipv4_mapped(),
     })
+}
+
+/// The Epoch Time of an ANNOUNCE response (RFC 6887 14.1): what a server
+/// multicasts when it starts or lost its state, or `None` for anything
+/// else. Options may follow the header and are ignored.
+pub fn parse_announce(b: &[u8]) -> Option<u32> {
+    let ok = b.len() >= 24
+        && b.len().is_multiple_of(4)
+        && b[0] == VERSION
+        && b[1] == (RESPONSE | OP_ANNOUNCE)
+        && b[3] == SUCCESS;
+    ok.then(|| u32::from_be_bytes([b[8], b[9], b[10], b[11]]))
 }
 
 /// Whether `b` is a NAT-PMP server's "unsupported version" answer to our
@@ -176,6 +189,27 @@ mod tests {
         let r = parse_map_response(&err).unwrap();
         assert_eq!((r.result, r.external_port, r.external_ip), (2, 0, None));
         assert_eq!(result_name(r.result), "NOT_AUTHORIZED");
+    }
+
+    #[test]
+    fn parses_an_announce_and_nothing_else() {
+        // As miniupnpd's PCPSendUnsolicitedAnnounce builds it: the header
+        // alone, lifetime 0, epoch 7.
+        let mut a = [0u8; 24];
+        a[..4].copy_from_slice(&[2, 0x80, 0, 0]);
+        a[8..12].copy_from_slice(&7u32.to_be_bytes());
+        assert_eq!(parse_announce(&a), Some(7));
+        assert_eq!(parse_announce(&[a.to_vec(), vec![0; 4]].concat()), Some(7));
+        assert_eq!(parse_announce(&a[..23]), None);
+        assert_eq!(parse_announce(&[a.to_vec(), vec![0; 2]].concat()), None);
+        let mut req = a;
+        req[1] = 0; // a request, not a response
+        assert_eq!(parse_announce(&req), None);
+        let mut err = a;
+        err[3] = 7;
+        assert_eq!(parse_announce(&err), None);
+        assert_eq!(parse_announce(&unhex(MINIUPNPD)), None);
+        assert_eq!(parse_announce(&[]), None);
     }
 
     #[test]

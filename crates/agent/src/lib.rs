@@ -270,22 +270,22 @@ impl Stop {
 /// Waits until `fd` is readable or `stop` fires or `timeout` passes;
 /// true when `fd` is readable.
 pub fn wait_readable(fd: RawFd, stop: &Stop, timeout: Option<Duration>) -> bool {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+    wait_either_readable(fd, -1, stop, timeout)
+}
+
+/// [`wait_readable`] on two descriptors (`b` negative: none, which poll
+/// skips); true when either is readable.
+pub fn wait_either_readable(a: RawFd, b: RawFd, stop: &Stop, timeout: Option<Duration>) -> bool {
+    let fd = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut fds = [fd(a), fd(b), fd(stop.fd())];
     let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
-    // SAFETY: fds is a live array of two pollfd.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-    n > 0 && fds[0].revents & libc::POLLIN != 0 && !stop.is_set()
+    // SAFETY: fds is a live array of three pollfd.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
+    n > 0 && (fds[0].revents | fds[1].revents) & libc::POLLIN != 0 && !stop.is_set()
 }
 
 /// The handle other threads use to talk to the engine.

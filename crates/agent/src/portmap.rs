@@ -18,7 +18,7 @@
 //! all there is.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ use evio_overlay::portmap::{
 
 use crate::dataplane::Command;
 use crate::upnp::Upnp;
-use crate::{wait_readable, AgentError, EngineHandle, Stop};
+use crate::{wait_either_readable, wait_readable, AgentError, EngineHandle, Stop};
 use socket2::{Domain, Socket, Type};
 
 /// How often the default gateway is looked up again.
@@ -200,7 +200,7 @@ impl Thread {
                 .fold(recheck, Instant::min);
             let left = wake.saturating_duration_since(Instant::now());
             let ann_fd = announce.as_ref().map_or(-1, AsRawFd::as_raw_fd);
-            if wait_either(sock.as_raw_fd(), ann_fd, &self.stop, left) {
+            if wait_either_readable(sock.as_raw_fd(), ann_fd, &self.stop, Some(left)) {
                 receive(&sock, &mut pm);
                 if let Some(a) = &announce {
                     // Not while UPnP holds the mapping: the mapper is idle
@@ -288,21 +288,6 @@ fn announce_socket(me: Ipv4Addr) -> std::io::Result<UdpSocket> {
     sock.join_multicast_v4(&ANNOUNCE_GROUP, &me)?;
     sock.set_nonblocking(true)?;
     Ok(sock.into())
-}
-
-/// Waits until `a` or `b` (negative: none) is readable, `stop` is set or
-/// `timeout` passed; whether there may be something to read.
-fn wait_either(a: RawFd, b: RawFd, stop: &Stop, timeout: Duration) -> bool {
-    let fd = |fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let mut fds = [fd(a), fd(b), fd(stop.fd())];
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: fds is a live array of three pollfd; poll skips negative fds.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
-    n > 0 && (fds[0].revents | fds[1].revents) & libc::POLLIN != 0 && !stop.is_set()
 }
 
 /// Drains the announcement socket; `feed`: into the mapper, else dropped.

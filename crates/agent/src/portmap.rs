@@ -295,13 +295,9 @@ fn receive_announcements(sock: &UdpSocket, pm: &mut PortMapper, feed: bool) {
     let mut buf = [0u8; 1100];
     for _ in 0..64 {
         match sock.recv_from(&mut buf) {
-            Ok((n, from)) if feed => {
-                let before = pm.announcements;
-                pm.handle_announcement(Instant::now(), from, &buf[..n]);
-                if pm.announcements != before {
-                    tracing::debug!(%from, len = n, "port-mapping announcement from the gateway");
-                }
-            }
+            // No line per datagram: anyone on the LAN can send them. What
+            // they can bring about (a lost mapping) is logged, 1 per 10 s.
+            Ok((n, from)) if feed => pm.handle_announcement(Instant::now(), from, &buf[..n]),
             Ok(_) => {}
             Err(_) => break,
         }

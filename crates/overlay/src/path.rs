@@ -435,6 +435,27 @@ impl Paths {
                     } else {
                         PathWhy::First
                     };
+                    // Left for a worse class (the path in use lost a probe,
+                    // the peer fell back first): every better path that went
+                    // quiet as well is dead until it answers a probe again,
+                    // sent now. Alive on their older answers, the next
+                    // reselect took one straight back, and frames flapped
+                    // between a dead path and the relay until it lost two
+                    // probes more.
+                    let class = self.list[i].class;
+                    if self.active.is_some_and(|a| self.list[a].class < class) {
+                        for p in self.list.iter_mut().filter(|p| {
+                            p.class < class
+                                && p.last_rx.is_some_and(|t| {
+                                    now.saturating_duration_since(t) > cfg.active_interval
+                                })
+                        }) {
+                            p.lost = cfg.dead_after;
+                            p.probe = None;
+                            p.tries = 0;
+                            p.next_probe = now;
+                        }
+                    }
                     self.active = Some(i);
                     self.changed = Some(now);
                     self.list[i].next_probe = self.list[i].next_probe.min(now);
@@ -1139,6 +1160,20 @@ mod tests {
         p.list[i].lost = 1;
         p.on_rx(t0 + Duration::from_secs(6), &cfg, relay, Rank::Relay);
         assert_eq!(p.active_addr(), Some(relay));
+        // And stays there: the path it left is not taken back on its older
+        // answers (it used to be at the next reselect, flapping), only
+        // once it answers the probe now due.
+        p.reselect(t0 + Duration::from_secs(6), &cfg, false);
+        assert_eq!(p.active_addr(), Some(relay));
+        for q in [direct, moved] {
+            let q = &p.list[p.find(&q).unwrap()];
+            assert!(!q.alive(&cfg));
+            assert_eq!(q.next_probe, t0 + Duration::from_secs(6));
+        }
+        p.list[i].probe = Some((77, t0 + Duration::from_secs(6)));
+        p.on_probe_reply(t0 + Duration::from_secs(7), &cfg, 77);
+        assert_eq!(p.active_addr(), Some(moved));
+        assert_eq!(p.why, PathWhy::BetterClass);
     }
 
     #[test]
